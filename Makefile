@@ -1,0 +1,31 @@
+# LSLPN: two commands for users.
+#   make demo   set up, then run the end-to-end demo on the synthetic phantom
+#   make test   set up, then run the test suite
+PYTHON ?= python3.11
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.requirements.sha256
+
+.PHONY: setup test demo clean-demo
+
+# Idempotent: re-installs only when requirements.txt changed (its hash is stamped).
+setup:
+	@want=$$(sha256sum requirements.txt | cut -d' ' -f1); \
+	have=$$(cat $(STAMP) 2>/dev/null); \
+	if [ -x "$(PY)" ] && [ "$$want" = "$$have" ]; then \
+		echo "setup: $(VENV) is up to date with requirements.txt"; \
+	else \
+		echo "setup: installing requirements.txt into $(VENV) (first time: a few minutes)"; \
+		[ -x "$(PY)" ] || $(PYTHON) -m venv $(VENV) || exit 1; \
+		$(PY) -m pip install --disable-pip-version-check -q -r requirements.txt || exit 1; \
+		echo "$$want" > $(STAMP); \
+	fi
+
+test: setup
+	$(PY) -m pytest -q tests
+
+demo: setup
+	$(PY) scripts/demo.py
+
+clean-demo:
+	rm -rf runs/demo data/phantom data/prepared_phantom

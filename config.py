@@ -1,0 +1,133 @@
+"""Experiment configuration (Sacred), shared by train.py and test.py.
+
+Defaults reproduce the paper's set-up (method.md section 3). Named configs:
+  paper  the defaults, spelled out
+  demo   sized for 2 CPU cores and the synthetic phantom (make demo)
+  panet  the PANet global-prototype baseline: n_grid 1 with prototype alignment
+  tiny   a seconds-long run for the tests
+
+Override anything on the command line, e.g.
+  python train.py with demo fold=2 model.n_grid=4
+"""
+from sacred import Experiment
+from sacred.observers import FileStorageObserver  # noqa: F401  (attached by the entry points)
+
+ex = Experiment("LSLPN", save_git_info=False)
+
+
+@ex.config
+def default_config():
+    seed = 1234                 # controls episodes, augmentation, initialisation, evaluation
+    device = "auto"             # 'auto' (CUDA when present), 'cpu' or 'cuda'
+    amp = False                 # mixed precision on CUDA (bf16 where supported, else fp16)
+    channels_last = False       # CUDA memory format option
+    num_workers = 0             # data loader workers (0: in-process)
+
+    # Folds (method.md section 4): the test organ(s) of each fold; never sampled in its training.
+    fold = 0
+    label_sets = [["liver"], ["spleen"], ["kidney_right", "kidney_left"], ["psoas_right", "psoas_left"]]
+    class_setting = "six_organs"    # 'six_organs' or 'all_structures'
+
+    # Episodes
+    input_size = 512            # slices are resized to input_size x input_size for the model
+    n_ways = 1
+    n_shots = 1
+    n_queries = 1
+
+    # Optimisation (SGD as in the paper)
+    batch_size = 4              # episodes per step
+    n_steps = 10000
+    lr = 1e-3
+    momentum = 0.9
+    weight_decay = 5e-4
+    lr_milestones = [2500, 5000, 7500]
+    lr_gamma = 0.1
+    grad_clip = 0.0             # 0: no clipping
+
+    # Augmentation: brightness, contrast, gamma; each with probability p, factor in [low, high].
+    augment = {"p": 0.5, "brightness": [0.5, 2.0], "contrast": [0.5, 2.0], "gamma": [0.5, 2.0]}
+
+    model = {
+        "encoder": "vgg16",       # 'vgg16' (PANet), 'resnet50_lslpn' (paper), 'cnn_small' (CPU demo)
+        "n_grid": 8,              # cells per side; 1 = global prototypes (PANet)
+        "overlap": True,          # cell stride half the cell (True) or a full cell (False)
+        "vote": "max",            # 'max' (paper), 'mean', 'cover'
+        "resolution": "image",    # 'image' (paper semantics) or 'feature' (fast)
+        "min_pixels": 10,         # cells with this many or fewer class pixels get no prototype
+        "scale": 20.0,            # cosine similarity multiplier (PANet)
+        "align": False,           # PANet prototype alignment loss
+        "align_weight": 1.0,
+    }
+
+    path = {
+        "data_dir": "data/prepared",   # output of scripts/prepare_visceral.py
+        "init_path": None,             # local ImageNet checkpoint for the encoder (no download ever)
+        "log_dir": "runs",             # Sacred observer folders go under here
+    }
+
+    # Checkpoints, validation, logging
+    save_every = 1000
+    val_every = 1000            # volumetric Dice on the held-out silver volumes; keeps best.pth
+    print_every = 100
+    resume = False              # continue the latest run of this config from its last.pth
+
+    # Evaluation (test.py)
+    eval = {
+        "preset": "lslpn",        # 'lslpn', 'senet' or 'alpnet' (util/protocol.py)
+        "support": "default",     # a patient id, 'default' (10000132 if present else first gold), or 'all'
+        "n_shots": 1,
+        "snapshots": {},          # method name -> checkpoint path, e.g. {"LSLPN": "runs/.../best.pth"}
+        "split": "gold",          # 'gold' (test) or 'val'
+        "batch_size": 16,         # query slices per forward pass
+        "save_predictions": True, # NIfTI masks in each query's original geometry
+    }
+
+
+@ex.named_config
+def paper():
+    """The paper's set-up, spelled out (equal to the defaults)."""
+    input_size = 512
+    batch_size = 4
+    n_steps = 10000
+    lr = 1e-3
+    lr_milestones = [2500, 5000, 7500]
+    model = {"encoder": "vgg16", "n_grid": 8, "overlap": True, "vote": "max"}
+
+
+@ex.named_config
+def panet():
+    """PANet baseline: global prototypes with prototype alignment."""
+    model = {"n_grid": 1, "align": True}
+
+
+@ex.named_config
+def demo():
+    """Sized for 2 CPU cores and the synthetic phantom: one fold trains in about two minutes."""
+    input_size = 128
+    n_steps = 300
+    batch_size = 4
+    lr = 1e-2
+    lr_milestones = [200]
+    save_every = 100
+    val_every = 100
+    print_every = 50
+    class_setting = "all_structures"
+    model = {"encoder": "cnn_small", "resolution": "image"}
+    path = {"data_dir": "data/prepared_phantom"}
+    eval = {"batch_size": 64}
+
+
+@ex.named_config
+def tiny():
+    """A seconds-long run for the tests."""
+    input_size = 64
+    n_steps = 6
+    batch_size = 2
+    lr = 1e-2
+    lr_milestones = [4]
+    save_every = 2
+    val_every = 3
+    print_every = 2
+    class_setting = "all_structures"
+    model = {"encoder": "cnn_small", "resolution": "feature"}
+    eval = {"batch_size": 8}

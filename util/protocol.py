@@ -1,0 +1,110 @@
+"""The SENet volumetric evaluation protocol as used by the paper (method.md section 5).
+
+Volumes here are canonical arrays `X x Y x Z` with axial slices along the last axis (Z).
+For one organ: its slice range in a volume is the set of axial slices with more than `threshold`
+organ voxels, taken from the first to the last such slice (gaps inside are part of the range).
+Support range and query range are each split into `n_chunks` chunks by relative position; the
+middle slice of support chunk i segments every query slice of chunk i.
+
+Chunk rule (stated once, used everywhere): a slice at offset j (0 <= j < L) of a range of length L
+belongs to chunk floor(j * n / L). The slice that represents chunk i of a support range of length L
+is offset min(L - 1, floor((i + 0.5) * L / n)). Both are defined for L < n too: then some chunks
+hold no query slice, and neighbouring chunks may share a support slice.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from util.errors import UserError
+
+
+@dataclass(frozen=True)
+class ProtocolPreset:
+    """How a paper computes volumetric Dice."""
+    name: str
+    n_chunks: int
+    threshold: int          # a slice is in the organ range when it has MORE than this many voxels
+    aggregate: str          # 'mean' or 'median' over query volumes
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+PRESETS: dict[str, ProtocolPreset] = {
+    "lslpn": ProtocolPreset("lslpn", n_chunks=12, threshold=200, aggregate="mean"),
+    "senet": ProtocolPreset("senet", n_chunks=10, threshold=10, aggregate="median"),
+    "alpnet": ProtocolPreset("alpnet", n_chunks=3, threshold=1, aggregate="mean"),
+}
+
+
+def get_preset(name: str) -> ProtocolPreset:
+    """The preset called `name`; a clear error for an unknown one."""
+    if name not in PRESETS:
+        raise UserError(f"protocol preset '{name}' is unknown: use one of {', '.join(PRESETS)}")
+    return PRESETS[name]
+
+
+def organ_range(organ_mask: np.ndarray, threshold: int) -> tuple[int, int] | None:
+    """First and last axial slice (inclusive) with more than `threshold` organ voxels.
+
+    organ_mask: X x Y x Z binary. Returns None when no slice qualifies (organ absent).
+    """
+    counts = np.asarray(organ_mask).reshape(-1, organ_mask.shape[-1]).astype(bool).sum(axis=0)  # Z
+    slices = np.flatnonzero(counts > threshold)
+    if slices.size == 0:
+        return None
+    return int(slices[0]), int(slices[-1])
+
+
+def chunk_of_offsets(length: int, n_chunks: int) -> np.ndarray:
+    """Chunk index of every offset 0..length-1 of a range: floor(j * n / L). Shape: (length,)."""
+    if length < 1 or n_chunks < 1:
+        raise ValueError(f"range length {length} and n_chunks {n_chunks} must both be >= 1")
+    return (np.arange(length) * n_chunks) // length
+
+
+def support_offsets(length: int, n_chunks: int) -> np.ndarray:
+    """Offset of the middle slice of each support chunk: min(L-1, floor((i+0.5) L / n)). Shape: (n,)."""
+    if length < 1 or n_chunks < 1:
+        raise ValueError(f"range length {length} and n_chunks {n_chunks} must both be >= 1")
+    middles = np.floor((np.arange(n_chunks) + 0.5) * length / n_chunks).astype(int)
+    return np.minimum(middles, length - 1)
+
+
+def support_slices_for_query(support_range: tuple[int, int], query_range: tuple[int, int],
+                             n_chunks: int) -> np.ndarray:
+    """For each query slice z in query_range (inclusive), the support slice that segments it.
+
+    Returns an int array of length (query_range[1] - query_range[0] + 1), absolute support z.
+    """
+    support_length = support_range[1] - support_range[0] + 1
+    query_length = query_range[1] - query_range[0] + 1
+    chunk = chunk_of_offsets(query_length, n_chunks)                             # query offsets -> chunk
+    return support_range[0] + support_offsets(support_length, n_chunks)[chunk]
+
+
+def mask_copy(support_mask: np.ndarray, support_range: tuple[int, int], query_shape: tuple[int, ...],
+              query_range: tuple[int, int], n_chunks: int) -> np.ndarray:
+    """The no-model baseline: copy the support chunk's mask onto each query slice of that chunk.
+
+    support_mask: X x Y x Z binary (support volume). The copied slice is resized with nearest
+    neighbour to the query's in-plane size when the two differ. Slices outside query_range are 0.
+    Returns a bool array of `query_shape`.
+    """
+    prediction = np.zeros(query_shape, dtype=bool)
+    sources = support_slices_for_query(support_range, query_range, n_chunks)
+    for offset, support_z in enumerate(sources):
+        prediction[..., query_range[0] + offset] = resize_nearest(support_mask[..., support_z], query_shape[:2])
+    return prediction
+
+
+def resize_nearest(mask_2d: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Nearest-neighbour resize of a 2D mask to `shape` (pixel centres mapped, as torch 'nearest-exact')."""
+    mask_2d = np.asarray(mask_2d)
+    if mask_2d.shape == tuple(shape):
+        return mask_2d.astype(bool)
+    rows = np.minimum(((np.arange(shape[0]) + 0.5) * mask_2d.shape[0] / shape[0]).astype(int), mask_2d.shape[0] - 1)
+    cols = np.minimum(((np.arange(shape[1]) + 0.5) * mask_2d.shape[1] / shape[1]).astype(int), mask_2d.shape[1] - 1)
+    return mask_2d[np.ix_(rows, cols)].astype(bool)
