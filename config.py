@@ -85,7 +85,7 @@ def default_config():
 
 @ex.named_config
 def paper():
-    """The paper's set-up, spelled out (equal to the defaults)."""
+    # The paper's set-up, spelled out (equal to the defaults).
     input_size = 512
     batch_size = 4
     n_steps = 10000
@@ -96,13 +96,13 @@ def paper():
 
 @ex.named_config
 def panet():
-    """PANet baseline: global prototypes with prototype alignment."""
+    # PANet baseline: global prototypes with prototype alignment.
     model = {"n_grid": 1, "align": True}
 
 
 @ex.named_config
 def demo():
-    """Sized for 2 CPU cores and the synthetic phantom: one fold trains in about two minutes."""
+    # Sized for 2 CPU cores and the synthetic phantom: one fold trains in about two minutes.
     input_size = 128
     n_steps = 300
     batch_size = 4
@@ -119,7 +119,7 @@ def demo():
 
 @ex.named_config
 def tiny():
-    """A seconds-long run for the tests."""
+    # A seconds-long run for the tests.
     input_size = 64
     n_steps = 6
     batch_size = 2

@@ -1,0 +1,57 @@
+"""config.py loads, its defaults reproduce the paper (method.md section 3), and packages import."""
+import importlib
+import pkgutil
+
+import pytest
+
+from config import ex
+
+
+def _resolve(named=(), updates=None):
+    # Resolve the Sacred config without running anything.
+    from sacred.initialize import create_run
+    command = ex.default_command or "print_config"
+    run = create_run(ex, command, config_updates=updates or {}, named_configs=list(named))
+    return run.config
+
+
+@pytest.mark.parametrize("package", ["models", "dataloaders", "util"])
+def test_every_module_imports(package):
+    module = importlib.import_module(package)
+    for info in pkgutil.iter_modules(module.__path__):
+        importlib.import_module(f"{package}.{info.name}")
+
+
+def test_defaults_match_the_paper():
+    config = _resolve()
+    assert config["input_size"] == 512
+    assert (config["n_ways"], config["n_shots"], config["n_queries"]) == (1, 1, 1)
+    assert config["batch_size"] == 4
+    assert config["lr"] == pytest.approx(1e-3)
+    assert config["momentum"] == pytest.approx(0.9)
+    assert config["weight_decay"] == pytest.approx(5e-4)
+    assert config["n_steps"] == 10000
+    assert config["lr_milestones"] == [2500, 5000, 7500] and config["lr_gamma"] == pytest.approx(0.1)
+    assert config["augment"] == {"p": 0.5, "brightness": [0.5, 2.0], "contrast": [0.5, 2.0], "gamma": [0.5, 2.0]}
+    model = config["model"]
+    assert (model["n_grid"], model["overlap"], model["vote"]) == (8, True, "max")
+    assert model["min_pixels"] == 10 and model["scale"] == pytest.approx(20.0)
+    assert config["label_sets"] == [["liver"], ["spleen"], ["kidney_right", "kidney_left"],
+                                    ["psoas_right", "psoas_left"]]
+    assert config["path"]["log_dir"] == "runs" and config["path"]["init_path"] is None
+
+
+def test_named_configs_override_only_what_they_say():
+    paper = _resolve(["paper"])
+    assert paper == _resolve()  # 'paper' spells out the defaults
+    panet = _resolve(["panet"])
+    assert panet["model"]["n_grid"] == 1 and panet["model"]["align"] is True
+    assert panet["model"]["vote"] == "max"  # untouched keys keep their defaults
+    demo = _resolve(["demo"])
+    assert demo["input_size"] < 512 and demo["n_steps"] < 10000
+
+
+def test_unknown_config_key_is_rejected():
+    from sacred.utils import ConfigAddedError
+    with pytest.raises(ConfigAddedError):
+        _resolve(updates={"n_gird": 4})
