@@ -10,6 +10,10 @@ Chunk rule (stated once, used everywhere): a slice at offset j (0 <= j < L) of a
 belongs to chunk floor(j * n / L). The slice that represents chunk i of a support range of length L
 is offset min(L - 1, floor((i + 0.5) * L / n)). Both are defined for L < n too: then some chunks
 hold no query slice, and neighbouring chunks may share a support slice.
+
+k-shot (n_shots = k > 1): chunk i is represented by the k support slices at offsets
+c + d for d = -(k-1)//2 ... k//2 around its centre offset c, clipped to the range [0, L-1]
+(so near the ends, or for short ranges, a slice may repeat). k = 1 is the rule above.
 """
 from __future__ import annotations
 
@@ -71,6 +75,44 @@ def support_offsets(length: int, n_chunks: int) -> np.ndarray:
         raise ValueError(f"range length {length} and n_chunks {n_chunks} must both be >= 1")
     middles = np.floor((np.arange(n_chunks) + 0.5) * length / n_chunks).astype(int)
     return np.minimum(middles, length - 1)
+
+
+def support_shot_offsets(length: int, n_chunks: int, n_shots: int = 1) -> np.ndarray:
+    """Offsets of the k support slices of each chunk (centre +- (k-1)//2, clipped). Shape: (n, k)."""
+    if n_shots < 1:
+        raise UserError(f"n_shots {n_shots} must be >= 1")
+    centres = support_offsets(length, n_chunks)                                  # n
+    deltas = np.arange(n_shots) - (n_shots - 1) // 2                             # k
+    return np.clip(centres[:, None] + deltas[None, :], 0, length - 1)            # n x k
+
+
+def chunk_plan(support_range: tuple[int, int], query_range: tuple[int, int], n_chunks: int,
+               n_shots: int = 1) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The work of one query volume: for every chunk holding at least one query slice,
+    (support z of its k shots (k,), absolute query z of its slices (m,)), in chunk order.
+
+    Chunks without query slices (query range shorter than n_chunks) are left out.
+    """
+    support_length = support_range[1] - support_range[0] + 1
+    query_length = query_range[1] - query_range[0] + 1
+    shots = support_range[0] + support_shot_offsets(support_length, n_chunks, n_shots)  # n x k
+    chunk = chunk_of_offsets(query_length, n_chunks)                                   # query offsets
+    plan = []
+    for index in np.unique(chunk):
+        plan.append((shots[index], query_range[0] + np.flatnonzero(chunk == index)))
+    return plan
+
+
+def aggregate(values, how: str) -> float:
+    """Mean or median of per-volume values (NaN when there are none)."""
+    values = np.asarray(list(values), dtype=float)
+    if values.size == 0:
+        return float("nan")
+    if how == "mean":
+        return float(values.mean())
+    if how == "median":
+        return float(np.median(values))
+    raise UserError(f"aggregate '{how}' is unknown: use 'mean' or 'median'")
 
 
 def support_slices_for_query(support_range: tuple[int, int], query_range: tuple[int, int],

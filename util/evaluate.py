@@ -1,0 +1,258 @@
+"""The volumetric protocol over organs x query volumes x methods, and validation during training.
+
+`evaluate(...)` runs every method (the mask-copy baseline, snapshots, or models in memory) on every
+organ of every query volume of a split, for one support volume or every one in turn, and writes
+results.json, results.csv, table.md, figures and NIfTI predictions under `out_dir` (util/results.py).
+`validate(...)` is the same protocol on the held-out split, returning the mean Dice.
+
+Prepared volumes: PREP/volumes/<split>/<pid>.npz (docs/DESIGN.md); PREP/meta.json `intensity`.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from dataloaders.organs import canonical_name, organ_index
+from util.errors import UserError
+from util.inference import resolve_device, segment_query_volume
+from util.metrics import dice
+from util.protocol import get_preset, mask_copy, organ_range
+
+OFFICIAL_SUPPORT = "10000132"
+PREPARE_HINT = "run python scripts/prepare_visceral.py --out {prep} (or make demo for the phantom)"
+
+
+# ----------------------------------------------------------------------------------------- data
+def read_meta(prep_dir: str | Path) -> dict:
+    """PREP/meta.json; a clear error when the prepared folder is missing."""
+    path = Path(prep_dir) / "meta.json"
+    if not path.is_file():
+        raise UserError(f"prepared data not found: {path} is missing: {PREPARE_HINT.format(prep=prep_dir)}")
+    with open(path) as handle:
+        return json.load(handle)
+
+
+def list_volumes(prep_dir: str | Path, split: str) -> list[str]:
+    """Sorted patient ids of PREP/volumes/<split>/*.npz; a clear error when there are none."""
+    folder = Path(prep_dir) / "volumes" / split
+    pids = sorted(path.stem for path in folder.glob("*.npz")) if folder.is_dir() else []
+    if not pids:
+        raise UserError(f"no prepared {split} volumes in {folder}: {PREPARE_HINT.format(prep=prep_dir)}")
+    return pids
+
+
+def load_volume(prep_dir: str | Path, split: str, pid: str) -> dict[str, Any]:
+    """One prepared volume: image X x Y x Z (HU), label X x Y x Z (uint8), geometry fields."""
+    path = Path(prep_dir) / "volumes" / split / f"{pid}.npz"
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            volume = {key: data[key] for key in data.files}
+    except (OSError, ValueError) as error:
+        raise UserError(f"prepared volume {path} cannot be read ({error}): "
+                        f"{PREPARE_HINT.format(prep=prep_dir)}") from None
+    for key in ("image", "label"):
+        if key not in volume:
+            raise UserError(f"prepared volume {path} has no '{key}': {PREPARE_HINT.format(prep=prep_dir)}")
+    volume["pid"] = pid
+    return volume
+
+
+def choose_supports(pids: list[str], support: str | int | list) -> list[str]:
+    """Support ids: a given id, 'default' (10000132 when present, else the first), or 'all'."""
+    if isinstance(support, (list, tuple)):
+        chosen = [str(item) for item in support]
+    elif str(support) == "all":
+        return list(pids)
+    elif str(support) == "default":
+        return [OFFICIAL_SUPPORT if OFFICIAL_SUPPORT in pids else pids[0]]
+    else:
+        chosen = [str(support)]
+    missing = [pid for pid in chosen if pid not in pids]
+    if missing:
+        raise UserError(f"support volume {', '.join(missing)} is not among the prepared volumes "
+                        f"({', '.join(pids)}): pick one of them, 'default' or 'all'")
+    return chosen
+
+
+def organ_names(organs: list[str]) -> list[str]:
+    """Canonical organ names (clear error for unknown ones), order kept."""
+    for name in organs:
+        organ_index(name)
+    return [canonical_name(name) for name in organs]
+
+
+# -------------------------------------------------------------------------------------- methods
+def load_snapshot(path: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict]:
+    """Build a FewShotSegNet from a checkpoint; returns (model in eval mode, checkpoint info).
+
+    Errors: missing file, not a checkpoint of this project, weights that do not fit its config.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"snapshot {path} does not exist: pass the best.pth or last.pth of a training run")
+    try:
+        from util.checkpoint import load_checkpoint
+        state = load_checkpoint(path)
+    except ImportError:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except UserError:
+        raise
+    except Exception as error:  # noqa: BLE001  (any unreadable file is the same user error)
+        raise UserError(f"snapshot {path} cannot be read ({type(error).__name__}): "
+                        "pass a checkpoint written by train.py") from None
+    if not isinstance(state, dict) or "model" not in state or "config" not in state:
+        raise UserError(f"snapshot {path} is not an LSLPN checkpoint (no 'model'/'config'): "
+                        "pass a checkpoint written by train.py, not raw encoder weights")
+    from models.fewshot import FewShotSegNet
+    config = dict(state["config"])
+    try:
+        model = FewShotSegNet.from_config(config, None)
+        model.load_state_dict(state["model"])
+    except UserError:
+        raise
+    except (RuntimeError, KeyError, TypeError, ValueError) as error:
+        first = " ".join(str(error).split())[:160]
+        raise UserError(f"snapshot {path} does not fit its model config (encoder "
+                        f"'{config.get('encoder')}'; {first}): it is from another encoder or version, "
+                        "pass a checkpoint written by this code") from None
+    model.to(resolve_device(device)).eval()
+    info = {"snapshot": str(path), "snapshot_fold": state.get("fold"), "model_config": config,
+            "step": state.get("step")}
+    return model, info
+
+
+def prepare_method(spec, organs: list[str], device) -> dict[str, tuple[Any, dict]]:
+    """organ -> (model or None for mask copy, info). spec: None, a path, a module, or {organ: spec}."""
+    if isinstance(spec, dict):
+        unknown = [organ for organ in organs if canonical_name(organ) not in
+                   {canonical_name(key) for key in spec}]
+        if unknown:
+            raise UserError(f"method snapshots given per organ lack {', '.join(unknown)}: add them")
+        by_name = {canonical_name(key): value for key, value in spec.items()}
+        return {organ: prepare_method(by_name[organ], [organ], device)[organ] for organ in organs}
+    if spec is None:
+        entry = (None, {"snapshot": None})
+    elif isinstance(spec, torch.nn.Module):
+        entry = (spec, {"snapshot": "<in memory>"})
+    else:
+        entry = load_snapshot(spec, device)
+        check_fold(entry[1], organs)
+    return {organ: entry for organ in organs}
+
+
+def check_fold(info: dict, organs: list[str]) -> None:
+    """A snapshot may only be tested on its own fold's organs (others were training classes)."""
+    from dataloaders.organs import FOLD_ORGANS
+    fold = info.get("snapshot_fold")
+    if fold is None or not isinstance(fold, int) or fold not in range(len(FOLD_ORGANS)):
+        return
+    leaked = [organ for organ in organs if organ not in FOLD_ORGANS[fold]]
+    if leaked:
+        raise UserError(f"snapshot {info['snapshot']} was trained for fold {fold} and may have seen "
+                        f"{', '.join(leaked)} in training: evaluate it with fold={fold} "
+                        f"({', '.join(FOLD_ORGANS[fold])}) or pass that organ's fold snapshot")
+
+
+# ------------------------------------------------------------------------------------ protocol
+def predict(model, support: dict, query: dict, organ_label: int, support_range, query_range,
+            preset, input_size: int, intensity: dict, device, batch_size: int, n_shots: int) -> np.ndarray:
+    """Protocol prediction (X x Y x Z bool) of one method; model None = mask copy."""
+    support_mask = support["label"] == organ_label
+    if model is None:
+        return mask_copy(support_mask, support_range, query["label"].shape, query_range, preset.n_chunks)
+    return segment_query_volume(model, support["image"], support_mask, query["image"], support_range,
+                                query_range, preset.n_chunks, input_size, intensity, device,
+                                batch_size, n_shots)
+
+
+def run_protocol(methods: dict[str, dict], organs: list[str], prep_dir, split: str, supports: list[str],
+                 preset, input_size: int, device, batch_size: int, n_shots: int, intensity: dict,
+                 on_prediction=None, progress: bool = False) -> list[dict]:
+    """Records {method, organ, support, query, dice_range, dice_volume, ranges, skipped} of every case.
+
+    methods: name -> organ -> (model or None, info). on_prediction(record, support, query, prediction,
+    support_slices) is called for every scored prediction (to save NIfTI files and figure slices).
+    """
+    pids = list_volumes(prep_dir, split)
+    records = []
+    cases = [(sid, qid) for sid in supports for qid in pids if qid != sid]
+    if not cases:
+        raise UserError(f"split '{split}' has only the support volume {supports[0]}: "
+                        "it needs at least two volumes (one support, one query)")
+    bar = tqdm(total=len(cases) * len(organs) * len(methods), desc=f"evaluate ({preset.name})",
+               disable=not progress, leave=False)
+    support = None
+    for sid, qid in cases:
+        if support is None or support["pid"] != sid:
+            support = load_volume(prep_dir, split, sid)
+        query = load_volume(prep_dir, split, qid)
+        for organ in organs:
+            label = organ_index(organ)
+            support_range = organ_range(support["label"] == label, preset.threshold)
+            query_range = organ_range(query["label"] == label, preset.threshold)
+            reason = None
+            if support_range is None:
+                reason = f"{organ} absent from support {sid} (no slice with > {preset.threshold} voxels)"
+            elif query_range is None:
+                reason = f"{organ} absent from query {qid} (no slice with > {preset.threshold} voxels)"
+            for name, per_organ in methods.items():
+                bar.update(1)
+                record = {"method": name, "organ": organ, "support": sid, "query": qid,
+                          "preset": preset.name, "support_range": support_range,
+                          "query_range": query_range, "dice_range": None, "dice_volume": None,
+                          "skipped": reason}
+                records.append(record)
+                if reason is not None:
+                    continue
+                model = per_organ[organ][0]
+                prediction = predict(model, support, query, label, support_range, query_range, preset,
+                                     input_size, intensity, device, batch_size, n_shots)
+                target = query["label"] == label
+                lo, hi = query_range
+                record["dice_range"] = dice(prediction[:, :, lo:hi + 1], target[:, :, lo:hi + 1])
+                record["dice_volume"] = dice(prediction, target)
+                if on_prediction is not None:
+                    on_prediction(record, support, query, prediction)
+    bar.close()
+    return records
+
+
+# --------------------------------------------------------------------------------- validation
+def validate(model: torch.nn.Module, prep_dir: str | Path, split: str = "val", organs: list[str] | None = None,
+             preset: str = "lslpn", input_size: int = 512, device="cpu", batch_size: int = 16,
+             n_shots: int = 1) -> dict:
+    """Volumetric Dice of `model` on a prepared split, for model selection during training.
+
+    Support: the first volume of the split by sorted id; queries: the others. Returns
+    {'mean_dice': mean over organs of the preset's aggregate of range Dice, 'per_organ': {name: Dice},
+    'preset': name}; an organ with no scorable query gets NaN (left out of the mean; NaN if all are).
+    The model's train/eval mode is restored afterwards.
+    """
+    if not organs:
+        raise UserError("validate: no organs given: pass the fold's test organs")
+    organs = organ_names(organs)
+    protocol = get_preset(preset)
+    intensity = read_meta(prep_dir)["intensity"]
+    supports = list_volumes(prep_dir, split)[:1]
+    was_training = model.training
+    model.eval()
+    try:
+        records = run_protocol({"model": {organ: (model, {}) for organ in organs}}, organs, prep_dir, split,
+                               supports, protocol, input_size, resolve_device(device), batch_size, n_shots,
+                               intensity)
+    finally:
+        model.train(was_training)
+    from util.protocol import aggregate
+    per_organ = {}
+    for organ in organs:
+        values = [r["dice_range"] for r in records if r["organ"] == organ and r["dice_range"] is not None]
+        per_organ[organ] = aggregate(values, protocol.aggregate)
+    finite = [value for value in per_organ.values() if np.isfinite(value)]
+    mean = float(np.mean(finite)) if finite else float("nan")
+    return {"mean_dice": mean, "per_organ": per_organ, "preset": protocol.name}
