@@ -19,6 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from dataloaders.organs import canonical_name, organ_index
+from util.checkpoint import load_checkpoint
 from util.errors import UserError
 from util.inference import resolve_device, segment_query_volume
 from util.metrics import dice
@@ -96,19 +97,7 @@ def load_snapshot(path: str | Path, device: str | torch.device = "cpu") -> tuple
     path = Path(path)
     if not path.is_file():
         raise UserError(f"snapshot {path} does not exist: pass the best.pth or last.pth of a training run")
-    try:
-        from util.checkpoint import load_checkpoint
-        state = load_checkpoint(path)
-    except ImportError:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except UserError:
-        raise
-    except Exception as error:  # noqa: BLE001  (any unreadable file is the same user error)
-        raise UserError(f"snapshot {path} cannot be read ({type(error).__name__}): "
-                        "pass a checkpoint written by train.py") from None
-    if not isinstance(state, dict) or "model" not in state or "config" not in state:
-        raise UserError(f"snapshot {path} is not an LSLPN checkpoint (no 'model'/'config'): "
-                        "pass a checkpoint written by train.py, not raw encoder weights")
+    state = load_checkpoint(str(path))      # one-line errors: unreadable, not a train.py checkpoint
     from models.fewshot import FewShotSegNet
     config = dict(state["config"])
     try:
@@ -256,3 +245,117 @@ def validate(model: torch.nn.Module, prep_dir: str | Path, split: str = "val", o
     finite = [value for value in per_organ.values() if np.isfinite(value)]
     mean = float(np.mean(finite)) if finite else float("nan")
     return {"mean_dice": mean, "per_organ": per_organ, "preset": protocol.name}
+
+
+# ---------------------------------------------------------------------------------- evaluation
+def _slug(name: str) -> str:
+    """A file-system friendly form of a method name ('PANet global' -> 'panet_global')."""
+    return "".join(ch if ch.isalnum() else "_" for ch in name.strip().lower()).strip("_") or "method"
+
+
+class _Collector:
+    """Saves NIfTI predictions in original geometry and keeps one slice per organ for the figure."""
+
+    def __init__(self, out_dir: Path | None, save_predictions: bool, many_supports: bool):
+        self.out_dir, self.save, self.many = out_dir, save_predictions and out_dir is not None, many_supports
+        self.figure: dict[str, dict] = {}
+
+    def __call__(self, record: dict, support: dict, query: dict, prediction: np.ndarray) -> None:
+        if self.save:
+            self._save_nifti(record, query, prediction)
+        self._keep_slice(record, support, query, prediction)
+
+    def _save_nifti(self, record, query, prediction) -> None:
+        from dataloaders.nifti import save_nifti_atomic, to_original
+        for key in ("original_affine", "original_axcodes"):
+            if key not in query:
+                raise UserError(f"prepared volume {query['pid']} lacks '{key}': re-run "
+                                "scripts/prepare_visceral.py, or set eval.save_predictions=False")
+        folder = self.out_dir / "predictions" / _slug(record["method"])
+        if self.many:
+            folder = folder / f"support_{record['support']}"
+        folder.mkdir(parents=True, exist_ok=True)
+        array = to_original(prediction.astype(np.uint8), str(query["original_axcodes"]))
+        save_nifti_atomic(array, query["original_affine"], folder / f"{record['query']}_{record['organ']}.nii.gz")
+
+    def _keep_slice(self, record, support, query, prediction) -> None:
+        """First scored (support, query) pair of each organ: the middle slice of the query range."""
+        organ = record["organ"]
+        entry = self.figure.get(organ)
+        if entry is None:
+            from util.protocol import support_slices_for_query
+            lo, hi = record["query_range"]
+            z = (lo + hi) // 2
+            support_z = int(support_slices_for_query(record["support_range"], record["query_range"],
+                                                     get_preset(record["preset"]).n_chunks)[z - lo])
+            label = organ_index(organ)
+            entry = self.figure[organ] = {
+                "support": record["support"], "query": record["query"], "query_z": z, "support_z": support_z,
+                "support_image": support["image"][:, :, support_z], "support_mask": support["label"][:, :, support_z] == label,
+                "query_image": query["image"][:, :, z], "query_mask": query["label"][:, :, z] == label,
+                "predictions": {}}
+        if (record["support"], record["query"]) == (entry["support"], entry["query"]):
+            entry["predictions"][record["method"]] = prediction[:, :, entry["query_z"]]
+
+
+def evaluate(methods: dict, organs: list[str], prep_dir: str | Path, preset: str = "lslpn",
+             out_dir: str | Path | None = None, split: str = "gold", support="default", n_shots: int = 1,
+             input_size: int = 512, device="auto", batch_size: int = 16, save_predictions: bool = True,
+             fold: int | None = None, config: dict | None = None, progress: bool = True,
+             figures: bool = True) -> dict:
+    """Run the volumetric protocol for several methods and organs and write every output once.
+
+    methods: name -> None (mask copy, no model), a snapshot path, a model in memory, or
+             {organ: path or model} (per-fold snapshots in one table).
+    support: a patient id, 'default' (10000132 when present, else the first by sorted id) or 'all'
+             (every volume in turn; mean and std over supports).
+    Writes under out_dir (when given): results.json, results.csv, table.md, figure_data.npz,
+    results.png, misalignment.png and predictions/<method>/<query>_<organ>.nii.gz (original geometry).
+    Returns the results dict (as results.json).
+    """
+    from util.results import write_outputs
+    if not methods:
+        raise UserError("evaluate: no methods given: pass e.g. {'mask copy': None, 'LSLPN': 'runs/.../best.pth'}")
+    organs = organ_names(organs)
+    protocol = get_preset(preset)
+    intensity = read_meta(prep_dir)["intensity"]
+    supports = choose_supports(list_volumes(prep_dir, split), support)
+    device = resolve_device(device)
+    prepared = {name: prepare_method(spec, organs, device) for name, spec in methods.items()}
+    out = Path(out_dir) if out_dir is not None else None
+    collector = _Collector(out, save_predictions, len(supports) > 1)
+    records = run_protocol(prepared, organs, prep_dir, split, supports, protocol, input_size, device,
+                           batch_size, n_shots, intensity, collector, progress)
+    header = {"fold": fold, "split": split, "supports": supports, "n_shots": n_shots, "organs": organs,
+              "input_size": input_size, "prep_dir": str(prep_dir),
+              "methods": {name: {organ: info for organ, (_, info) in per_organ.items()}
+                          for name, per_organ in prepared.items()},
+              "config": config or {}}
+    if out is None:
+        from util.results import _jsonable, summarise
+        return _jsonable({**header, "preset": protocol.as_dict(), "results": summarise(records, protocol)})
+    results = write_outputs(out, records, protocol, header)
+    save_figure_data(collector.figure, out / "figure_data.npz")
+    if figures:
+        from util.figures import make_figures
+        make_figures(out)
+    return results
+
+
+def save_figure_data(figure: dict[str, dict], path: Path) -> None:
+    """Slices kept for results.png as one npz ('<organ>|<field>' keys), written atomically."""
+    arrays = {}
+    for organ, entry in figure.items():
+        for key, value in entry.items():
+            if key == "predictions":
+                for method, mask in value.items():
+                    arrays[f"{organ}|prediction|{method}"] = mask
+            else:
+                arrays[f"{organ}|{key}"] = np.asarray(value)
+    temporary = path.with_name(f"{path.stem}.tmp-{os.getpid()}.npz")
+    try:
+        np.savez_compressed(temporary, **arrays)
+        os.replace(temporary, path)
+    finally:
+        if temporary.exists():
+            temporary.unlink()

@@ -14,6 +14,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from dataloaders.transforms import resize_image, resize_label
+from util.device import resolve_device as _resolve_device_name
 from util.errors import UserError
 from util.protocol import chunk_plan
 
@@ -22,11 +24,7 @@ def resolve_device(device: str | torch.device) -> torch.device:
     """'auto' -> CUDA when available else CPU; 'cuda' without a GPU is a clear error."""
     if isinstance(device, torch.device):
         return device
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if str(device).startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"device '{device}' asked for but no CUDA GPU is visible: use device=cpu or device=auto")
-    return torch.device(device)
+    return _resolve_device_name(str(device))
 
 
 def _scale_intensity(slices_hu: np.ndarray, intensity: dict) -> np.ndarray:
@@ -54,16 +52,18 @@ def _scale_intensity_local(slices_hu: np.ndarray, intensity: dict) -> np.ndarray
 
 def images_to_input(slices_hu: np.ndarray, intensity: dict, input_size: int,
                     device: torch.device) -> torch.Tensor:
-    """N x X x Y HU slices -> N x 1 x S x S float tensor in [0, 1] on `device` (bilinear resize)."""
+    """N x X x Y HU slices -> N x 1 x S x S float tensor in [0, 1] on `device`.
+
+    The same scaling and resize (bilinear, antialiased when shrinking) as the training slices.
+    """
     scaled = torch.from_numpy(_scale_intensity(slices_hu, intensity)).to(device)  # N x X x Y
-    return F.interpolate(scaled[:, None], size=(input_size, input_size), mode="bilinear",
-                         align_corners=False)                                     # N x 1 x S x S
+    return resize_image(scaled, input_size)[:, None]                              # N x 1 x S x S
 
 
 def masks_to_input(masks: np.ndarray, input_size: int, device: torch.device) -> torch.Tensor:
     """N x X x Y binary masks -> N x S x S float 0/1 tensor on `device` (nearest resize)."""
     masks = torch.from_numpy(np.ascontiguousarray(masks, dtype=np.float32)).to(device)  # N x X x Y
-    return F.interpolate(masks[:, None], size=(input_size, input_size), mode="nearest-exact")[:, 0]
+    return resize_label(masks, input_size)                                         # N x S x S
 
 
 def _encode(model, support_images: torch.Tensor, support_fg: torch.Tensor):

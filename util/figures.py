@@ -1,0 +1,152 @@
+"""Figures of an evaluation run folder (written by util.evaluate.evaluate).
+
+- results.png: the paper's qualitative figure. One row per test organ: the support slice with its
+  mask, then for every method the query slice with ground-truth (green) and prediction (red) outlines.
+- misalignment.png: the paper's misalignment analysis. Per query volume, alignment Dice (the
+  mask-copy baseline) against segmentation Dice of each model, coloured by organ.
+
+Slices are canonical `X x Y` (row = x, patient left -> right; column = y, posterior -> anterior).
+For display only they are turned so that anterior is up and the patient's right is on the image's
+left (radiological convention): `display = flip(slice.T, both axes)`.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from util.errors import UserError
+
+MASK_COPY = "mask copy"
+ORGAN_COLOURS = {"liver": "tab:red", "spleen": "tab:purple", "kidney_right": "tab:blue",
+                 "kidney_left": "tab:cyan", "psoas_right": "tab:orange", "psoas_left": "tab:olive"}
+
+
+def display(slice_xy: np.ndarray) -> np.ndarray:
+    """Canonical X x Y slice -> Y x X display image: anterior up, patient right on the left."""
+    return np.flip(np.asarray(slice_xy).T, axis=(0, 1))
+
+
+def _pyplot():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _save(fig, path: Path) -> None:
+    """Save a figure atomically (temp file in the same folder, then os.replace)."""
+    temporary = path.with_name(f"{path.stem}.tmp-{os.getpid()}{path.suffix}")
+    try:
+        fig.savefig(temporary, dpi=110, bbox_inches="tight")
+        os.replace(temporary, path)
+    finally:
+        if temporary.exists():
+            temporary.unlink()
+
+
+def load_figure_data(path: str | Path) -> dict[str, dict]:
+    """figure_data.npz -> organ -> {support_image, support_mask, query_image, query_mask, ...,
+    predictions: {method: X x Y bool}}."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path} is missing: run test.py (or util.evaluate.evaluate with out_dir) first")
+    data: dict[str, dict] = {}
+    with np.load(path) as archive:
+        for key in archive.files:
+            parts = key.split("|")
+            entry = data.setdefault(parts[0], {"predictions": {}})
+            if parts[1] == "prediction":
+                entry["predictions"][parts[2]] = archive[key]
+            else:
+                entry[parts[1]] = archive[key]
+    return data
+
+
+def _outline(ax, mask: np.ndarray, colour: str) -> None:
+    """Draw the outline of a canonical X x Y mask on a display-oriented axis."""
+    shown = display(mask).astype(float)
+    if shown.any():
+        ax.contour(shown, levels=[0.5], colors=[colour], linewidths=1.0)
+
+
+def qualitative_figure(data: dict[str, dict], path: str | Path) -> Path:
+    """results.png: per organ, the support slice with its mask and the query slice per method."""
+    if not data:
+        raise UserError("no organ was scored, so there is nothing to draw: check the skipped cases in results.json")
+    plt = _pyplot()
+    methods = sorted({m for entry in data.values() for m in entry["predictions"]}, key=lambda m: (m != MASK_COPY, m))
+    fig, axes = plt.subplots(len(data), 1 + len(methods), figsize=(2.6 * (1 + len(methods)), 2.6 * len(data)),
+                             squeeze=False)
+    for row, (organ, entry) in enumerate(data.items()):
+        ax = axes[row, 0]
+        ax.imshow(display(entry["support_image"]), cmap="gray")
+        mask = np.ma.masked_where(~display(entry["support_mask"]).astype(bool), display(entry["support_mask"]))
+        ax.imshow(mask, cmap="autumn", alpha=0.45)
+        ax.set_title(f"{organ}: support {entry['support']} z={int(entry['support_z'])}", fontsize=7)
+        for column, method in enumerate(methods, start=1):
+            ax = axes[row, column]
+            ax.imshow(display(entry["query_image"]), cmap="gray")
+            _outline(ax, entry["query_mask"], "lime")
+            if method in entry["predictions"]:
+                _outline(ax, entry["predictions"][method], "red")
+            ax.set_title(f"{method}: query {entry['query']} z={int(entry['query_z'])}", fontsize=7)
+    for ax in axes.ravel():
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle("support mask (filled); query: ground truth (green), prediction (red)", fontsize=8)
+    path = Path(path)
+    _save(fig, path)
+    plt.close(fig)
+    return path
+
+
+def misalignment_pairs(results: dict, method: str) -> dict[str, tuple[list[float], list[float]]]:
+    """organ -> (alignment Dice of mask copy, segmentation Dice of `method`) over shared query volumes."""
+    table = results["results"]
+    pairs = {}
+    for organ, entry in table.get(method, {}).items():
+        copy = {(c["support"], c["query"]): c["dice_range"] for c in table.get(MASK_COPY, {}).get(organ, {}).get("per_volume", [])}
+        cases = [(copy[(c["support"], c["query"])], c["dice_range"]) for c in entry["per_volume"]
+                 if (c["support"], c["query"]) in copy]
+        if cases:
+            pairs[organ] = ([a for a, _ in cases], [s for _, s in cases])
+    return pairs
+
+
+def misalignment_figure(results: dict, path: str | Path) -> Path | None:
+    """misalignment.png: one panel per model method; None when there is no mask copy or no model."""
+    models = [m for m in results["results"] if m != MASK_COPY]
+    if MASK_COPY not in results["results"] or not models:
+        return None
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(models), figsize=(3.8 * len(models), 3.6), squeeze=False)
+    for ax, method in zip(axes[0], models):
+        for organ, (alignment, segmentation) in misalignment_pairs(results, method).items():
+            ax.scatter(100 * np.asarray(alignment), 100 * np.asarray(segmentation), s=16,
+                       color=ORGAN_COLOURS.get(organ, "gray"), label=organ)
+        ax.plot([0, 100], [0, 100], color="gray", linewidth=0.8, linestyle="--")
+        ax.set_xlim(0, 100)
+        ax.set_ylim(0, 100)
+        ax.set_xlabel("alignment Dice (mask copy) %")
+        ax.set_ylabel(f"{method} Dice %")
+        ax.set_title(f"{method} ({results['preset']['name']} protocol)", fontsize=9)
+        ax.legend(fontsize=7, loc="lower right")
+    path = Path(path)
+    _save(fig, path)
+    plt.close(fig)
+    return path
+
+
+def make_figures(run_dir: str | Path) -> list[Path]:
+    """Write results.png and (with a mask-copy row and a model) misalignment.png in `run_dir`."""
+    run_dir = Path(run_dir)
+    results_path = run_dir / "results.json"
+    if not results_path.is_file():
+        raise UserError(f"{results_path} is missing: point at a folder written by test.py")
+    results = json.loads(results_path.read_text())
+    written = [qualitative_figure(load_figure_data(run_dir / "figure_data.npz"), run_dir / "results.png")]
+    scatter = misalignment_figure(results, run_dir / "misalignment.png")
+    return written + ([scatter] if scatter else [])

@@ -1,0 +1,170 @@
+"""Summaries and files of an evaluation: results.json, results.csv and the paper's Table 1 (table.md).
+
+A record is one (method, organ, support, query) case from `util.evaluate.run_protocol`:
+{method, organ, support, query, preset, support_range, query_range, dice_range, dice_volume, skipped}.
+Dice values are fractions in [0, 1] in the files; the markdown table shows percentages as the paper.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+
+from dataloaders.organs import TABLE_COLUMNS
+from util.protocol import ProtocolPreset, aggregate
+
+METRICS = {"range": "dice_range", "volume": "dice_volume"}
+
+
+def write_text_atomic(text: str, path: str | Path) -> None:
+    """Write `text` to `path` via `<path>.tmp-<pid>` in the same folder and os.replace."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    try:
+        temporary.write_text(text)
+        os.replace(temporary, path)
+    finally:
+        if temporary.exists():
+            temporary.unlink()
+
+
+def _stats(values: list[float], how: str) -> dict:
+    """mean, median, std (population), n and the preset's aggregate `value` of per-volume Dice."""
+    array = np.asarray(values, dtype=float)
+    if array.size == 0:
+        return {"value": None, "mean": None, "median": None, "std": None, "n": 0}
+    return {"value": aggregate(array, how), "mean": float(array.mean()), "median": float(np.median(array)),
+            "std": float(array.std()), "n": int(array.size)}
+
+
+def summarise(records: list[dict], preset: ProtocolPreset) -> dict:
+    """method -> organ -> summary.
+
+    summary[metric] (metric 'range' or 'volume'): per-volume statistics pooled over supports, plus
+    `value` = mean over supports of the preset's aggregate (mean or median over query volumes) and
+    `std_over_supports` (0 for one support). summary['per_volume']: the scored cases;
+    summary['skipped']: the cases not scored, with the reason.
+    """
+    summary: dict = {}
+    for record in records:
+        entry = summary.setdefault(record["method"], {}).setdefault(
+            record["organ"], {"per_volume": [], "skipped": []})
+        if record["skipped"]:
+            entry["skipped"].append({key: record[key] for key in ("support", "query", "skipped")})
+        else:
+            entry["per_volume"].append({key: record[key] for key in (
+                "support", "query", "dice_range", "dice_volume", "support_range", "query_range")})
+    for organs in summary.values():
+        for entry in organs.values():
+            supports = sorted({case["support"] for case in entry["per_volume"]})
+            for metric, key in METRICS.items():
+                pooled = _stats([case[key] for case in entry["per_volume"]], preset.aggregate)
+                per_support = [aggregate([c[key] for c in entry["per_volume"] if c["support"] == s],
+                                         preset.aggregate) for s in supports]
+                pooled["value"] = float(np.mean(per_support)) if per_support else None
+                pooled["std_over_supports"] = float(np.std(per_support)) if per_support else None
+                pooled["n_supports"] = len(supports)
+                entry[metric] = pooled
+    return summary
+
+
+def table_rows(summary: dict, metric: str = "range") -> dict[str, dict[str, float | None]]:
+    """method -> Table 1 column (liver, spleen, kidney, psoas, mean) -> Dice % (None when not evaluated).
+
+    A column is the mean of its organs that were evaluated (kidney, psoas: left and right);
+    'mean' is the mean of the available columns, as the paper's mean over its four columns.
+    """
+    rows = {}
+    for method, organs in summary.items():
+        row = {}
+        for column, members in TABLE_COLUMNS.items():
+            values = [organs[o][metric]["value"] for o in members if o in organs and organs[o][metric]["value"] is not None]
+            row[column] = 100.0 * float(np.mean(values)) if values else None
+        present = [value for value in row.values() if value is not None]
+        row["mean"] = float(np.mean(present)) if present else None
+        rows[method] = row
+    return rows
+
+
+def _support_spread(summary: dict, method: str, column: str, metric: str) -> float | None:
+    """Mean over a column's organs of the std over supports, in % (None when one support)."""
+    members = TABLE_COLUMNS.get(column, [])
+    spreads = [summary[method][o][metric]["std_over_supports"] for o in members
+               if o in summary[method] and summary[method][o][metric]["n_supports"] > 1]
+    return 100.0 * float(np.mean(spreads)) if spreads else None
+
+
+def markdown_table(summary: dict, preset: ProtocolPreset, metric: str = "range", fold=None) -> str:
+    """The paper's Table 1 layout: methods as rows, liver/spleen/kidney/psoas/mean as columns."""
+    rows = table_rows(summary, metric)
+    columns = list(TABLE_COLUMNS) + ["mean"]
+    what = "organ slice range" if metric == "range" else "whole volume (stricter)"
+    lines = [f"Dice (%) over the {what}; protocol preset '{preset.name}' ({preset.n_chunks} chunks, "
+             f"slices with > {preset.threshold} voxels, {preset.aggregate} over query volumes)"
+             + (f"; fold {fold}" if fold is not None else "") + ".", "",
+             "| Method | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for method, row in rows.items():
+        cells = []
+        for column in columns:
+            value = row[column]
+            spread = _support_spread(summary, method, column, metric)
+            cell = "–" if value is None else f"{value:.1f}"
+            if value is not None and spread is not None:
+                cell += f" ± {spread:.1f}"
+            cells.append(cell)
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def records_csv(records: list[dict]) -> str:
+    """One CSV row per case: method, organ, support, query, preset, Dice (range, volume), ranges, skipped."""
+    buffer = io.StringIO()
+    fields = ["method", "organ", "support", "query", "preset", "dice_range", "dice_volume",
+              "support_range", "query_range", "skipped"]
+    writer = csv.DictWriter(buffer, fieldnames=fields, lineterminator="\n")
+    writer.writeheader()
+    for record in records:
+        row = dict(record)
+        for key in ("support_range", "query_range"):
+            row[key] = "" if row[key] is None else f"{row[key][0]}-{row[key][1]}"
+        for key in ("dice_range", "dice_volume"):
+            row[key] = "" if row[key] is None else f"{row[key]:.6f}"
+        row["skipped"] = row["skipped"] or ""
+        writer.writerow({key: row[key] for key in fields})
+    return buffer.getvalue()
+
+
+def _jsonable(value):
+    """Tuples -> lists, numpy scalars -> Python, NaN -> None (strict JSON)."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def write_outputs(out_dir: str | Path, records: list[dict], preset: ProtocolPreset, header: dict) -> dict:
+    """Write results.json, results.csv and table.md under out_dir; returns the results dict.
+
+    header: fold, split, supports, n_shots, config and methods (name -> snapshot info).
+    """
+    out_dir = Path(out_dir)
+    summary = summarise(records, preset)
+    results = _jsonable({**header, "preset": preset.as_dict(), "results": summary,
+                         "table": {m: table_rows(summary, m) for m in METRICS}})
+    write_text_atomic(json.dumps(results, indent=1, sort_keys=False) + "\n", out_dir / "results.json")
+    write_text_atomic(records_csv(records), out_dir / "results.csv")
+    fold = header.get("fold")
+    table = markdown_table(summary, preset, "range", fold) + "\n" + markdown_table(summary, preset, "volume", fold)
+    write_text_atomic(table, out_dir / "table.md")
+    return results
