@@ -1,0 +1,178 @@
+"""Training episodes drawn from a prepared data folder (docs/DESIGN.md, "Training").
+
+An episode (as the official code, method.md section 3): N distinct training classes ("ways"); for
+each way, K support slices and the way's share of the Q query slices, all DIFFERENT slices that
+contain the class, drawn from any training volume (PREP/index.json). Query q belongs to way q mod N.
+
+Item i is a deterministic function of (seed, i): its random stream is
+`numpy.random.default_rng([seed, i])`. Nothing depends on the worker count or on the order in
+which items are read, so resuming at step s and sharding a step's episodes over DDP ranks give the
+same episodes as one uninterrupted process.
+
+Slices are read from `PREP/train/<pid>_image.npy` / `<pid>_label.npy` through memory maps opened
+lazily in each process (fork-safe for DataLoader workers).
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Iterator, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Sampler
+
+from dataloaders.organs import INDEX_TO_NAME
+from dataloaders.transforms import augment_intensity, resize_image, resize_label
+from util.errors import UserError
+
+PREPARE_HINT = "run `python scripts/prepare_visceral.py --visceral-dir <VISCERAL dir> --out <PREP>` first"
+
+
+def read_slice_index(prep_dir: str) -> dict[int, list[tuple[str, int, int]]]:
+    """PREP/index.json as {label index: [(pid, row, z), ...]}; a clear error when it is missing."""
+    path = os.path.join(prep_dir, "index.json")
+    if not os.path.isfile(path):
+        raise UserError(f"prepared data '{prep_dir}': no index.json (not a prepared folder): {PREPARE_HINT}")
+    try:
+        with open(path) as handle:
+            raw = json.load(handle)["slices"]
+        return {int(label): [(str(pid), int(row), int(z)) for pid, row, z in entries]
+                for label, entries in raw.items()}
+    except (ValueError, KeyError, TypeError) as error:
+        raise UserError(f"prepared data '{prep_dir}': index.json is unreadable ({error}): {PREPARE_HINT}")
+
+
+def usable_classes(index: Mapping[int, Sequence], classes: Sequence[int], min_slices: int) -> list[int]:
+    """The classes of `classes` that have at least `min_slices` training slices in the index."""
+    return [c for c in classes if len(index.get(c, ())) >= min_slices]
+
+
+class EpisodeDataset(Dataset):
+    """Few-shot episodes; item i is a dict of tensors (H = W = input_size):
+
+        support_images  N x K x 1 x H x W  float32 in [0, 1]
+        support_fg      N x K x H x W      float32 0/1, pixels of way n's class
+        support_bg      N x K x H x W      float32 0/1, pixels of none of the episode's classes
+        query_images    Q x 1 x H x W      float32 in [0, 1]
+        query_labels    Q x H x W          int64, 0 = background, n + 1 = way n
+        classes         N                  int64 label indices (dataloaders/organs.py)
+    """
+
+    def __init__(self, prep_dir: str, classes: Sequence[int], n_ways: int, n_shots: int,
+                 n_queries: int, input_size: int, augment: Mapping | None, seed: int,
+                 length: int = 2 ** 31 - 1):
+        self.prep_dir = prep_dir
+        self.n_ways, self.n_shots, self.n_queries = int(n_ways), int(n_shots), int(n_queries)
+        self.input_size = int(input_size)
+        self.augment = dict(augment) if augment else None
+        self.seed = int(seed)
+        self.length = int(length)
+        index = read_slice_index(prep_dir)
+        # A way needs its K supports plus at most ceil(Q / N) queries, all different slices.
+        queries_per_way = -(-self.n_queries // self.n_ways)
+        self.min_slices = self.n_shots + queries_per_way
+        self.classes = usable_classes(index, [int(c) for c in classes], self.min_slices)
+        if len(self.classes) < self.n_ways:
+            names = ", ".join(INDEX_TO_NAME.get(int(c), str(c)) for c in classes)
+            raise UserError(
+                f"prepared data '{prep_dir}': only {len(self.classes)} of the training classes "
+                f"({names}) have >= {self.min_slices} slices in index.json, {self.n_ways}-way episodes "
+                f"need {self.n_ways}: use another fold/class_setting or re-prepare the data")
+        self.slices = {c: index[c] for c in self.classes}
+        self._arrays: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        self._check_files()
+
+    def _check_files(self) -> None:
+        """Every volume the index names has its image and label arrays."""
+        for pid in sorted({pid for entries in self.slices.values() for pid, _, _ in entries}):
+            for kind in ("image", "label"):
+                path = os.path.join(self.prep_dir, "train", f"{pid}_{kind}.npy")
+                if not os.path.isfile(path):
+                    raise UserError(f"prepared data '{self.prep_dir}': index.json names {path} which is "
+                                    f"missing: {PREPARE_HINT}")
+
+    def __len__(self) -> int:
+        return self.length
+
+    def _volume(self, pid: str) -> tuple[np.ndarray, np.ndarray]:
+        """Memory maps (images N x S x S float32, labels N x S x S uint8) of one training volume."""
+        if pid not in self._arrays:
+            base = os.path.join(self.prep_dir, "train", pid)
+            self._arrays[pid] = (np.load(f"{base}_image.npy", mmap_mode="r"),
+                                 np.load(f"{base}_label.npy", mmap_mode="r"))
+        return self._arrays[pid]
+
+    def _read(self, entry: tuple[str, int, int], rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """One slice at input_size: (image H x W float32, possibly augmented; label H x W int64)."""
+        pid, row, _ = entry
+        images, labels = self._volume(pid)
+        image = resize_image(np.array(images[row], dtype=np.float32), self.input_size)
+        label = resize_label(np.array(labels[row], dtype=np.int64), self.input_size)
+        if self.augment:
+            image = augment_intensity(image, self.augment, rng)
+        return image, label
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        if i < 0:
+            raise IndexError(i)
+        rng = np.random.default_rng([self.seed, int(i)])
+        N, K, Q = self.n_ways, self.n_shots, self.n_queries
+        ways = rng.choice(len(self.classes), size=N, replace=False)
+        classes = np.array([self.classes[w] for w in ways], dtype=np.int64)  # N
+
+        support_images, support_labels, query_images, query_labels = [], [], [], []
+        for n, cls in enumerate(classes):
+            n_queries_n = len(range(n, Q, N))             # queries n, n + N, ... belong to way n
+            entries = self.slices[int(cls)]
+            picks = rng.choice(len(entries), size=K + n_queries_n, replace=False)
+            for j, pick in enumerate(picks):
+                image, label = self._read(entries[pick], rng)
+                target = (support_images, support_labels) if j < K else (query_images, query_labels)
+                target[0].append(image)
+                target[1].append(label)
+        # Queries were gathered way by way; put them in order q = 0..Q-1 (query q from way q mod N).
+        query_by_way = [q for n in range(N) for q in range(n, Q, N)]
+        position = {q: k for k, q in enumerate(query_by_way)}
+        query_images = [query_images[position[q]] for q in range(Q)]
+        query_labels = [query_labels[position[q]] for q in range(Q)]
+
+        size = self.input_size
+        s_labels = np.stack(support_labels).reshape(N, K, size, size)              # N x K x H x W
+        s_fg = s_labels == classes[:, None, None, None]                              # N x K x H x W
+        s_bg = ~np.isin(s_labels, classes)
+        q_labels = np.stack(query_labels)                                            # Q x H x W
+        episode_labels = np.zeros_like(q_labels)
+        for n, cls in enumerate(classes):
+            episode_labels[q_labels == cls] = n + 1
+        return {
+            "support_images": torch.from_numpy(np.stack(support_images).reshape(N, K, 1, size, size)),
+            "support_fg": torch.from_numpy(s_fg.astype(np.float32)),
+            "support_bg": torch.from_numpy(s_bg.astype(np.float32)),
+            "query_images": torch.from_numpy(np.stack(query_images)[:, None]),
+            "query_labels": torch.from_numpy(episode_labels),
+            "classes": torch.from_numpy(classes),
+        }
+
+
+class StepBatchSampler(Sampler):
+    """Episode indices per training step: step t's global batch is t*B .. t*B + B - 1.
+
+    Rank r of W takes episodes r, r + W, ... of each global batch, so ranks together see exactly
+    the episodes of a single process. Yields steps start_step .. n_steps - 1.
+    """
+
+    def __init__(self, start_step: int, n_steps: int, batch_size: int, rank: int = 0, world_size: int = 1):
+        if batch_size % world_size:
+            raise UserError(f"batch_size {batch_size} is not divisible by the {world_size} processes: "
+                            f"use a multiple of {world_size}")
+        self.start_step, self.n_steps = int(start_step), int(n_steps)
+        self.batch_size, self.rank, self.world_size = int(batch_size), int(rank), int(world_size)
+
+    def __len__(self) -> int:
+        return max(0, self.n_steps - self.start_step)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for step in range(self.start_step, self.n_steps):
+            first = step * self.batch_size
+            yield list(range(first + self.rank, first + self.batch_size, self.world_size))

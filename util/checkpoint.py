@@ -1,0 +1,90 @@
+"""Checkpoints: atomic save, load with clear errors, and a compatibility check of model configs.
+
+A training checkpoint is a dict (docs/DESIGN.md):
+  model        the model's state_dict
+  optimizer    SGD state_dict (momentum buffers)
+  scheduler    MultiStepLR state_dict
+  scaler       GradScaler state_dict or None (fp16 AMP only)
+  step         number of optimisation steps done
+  rng          list of `util.device.get_rng_state()` snapshots, one per DDP rank
+  config       the model's config dict (`FewShotSegNet.config`): rebuilds the network
+  fold, seed   the fold trained on and the run's seed
+  config_hash  hash of the resolved run config that identifies the run for resume
+  run_config   the whole resolved Sacred config (for reference)
+  best_dice    best validation mean Dice so far (None before any validation)
+"""
+from __future__ import annotations
+
+import os
+from typing import Mapping
+
+import torch
+
+from util.errors import UserError
+
+# Model-config keys that change the network's parameters: a snapshot with other values cannot load.
+WEIGHT_KEYS = ("encoder",)
+
+
+def save_checkpoint(path: str, state: Mapping) -> None:
+    """Write `state` to `path` atomically: a temp file in the same folder, then os.replace."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        torch.save(dict(state), tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def load_checkpoint(path: str, map_location: str | torch.device = "cpu") -> dict:
+    """Load a checkpoint written by `save_checkpoint`; one-line errors for missing/corrupt files."""
+    if not os.path.isfile(path):
+        raise UserError(f"checkpoint '{path}' does not exist: give the path of a best.pth/last.pth "
+                        "written by train.py")
+    try:
+        # Our checkpoints hold numpy RNG states and plain Python objects besides tensors.
+        state = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as error:  # noqa: BLE001  (any unpickling failure means the same thing)
+        raise UserError(f"checkpoint '{path}' is unreadable ({type(error).__name__}): it is corrupt or "
+                        "not a train.py checkpoint; use another snapshot")
+    if not isinstance(state, dict) or "model" not in state or "config" not in state:
+        raise UserError(f"checkpoint '{path}' is not a train.py checkpoint (no model/config entries)")
+    return state
+
+
+def config_differences(stored: Mapping, requested: Mapping, keys=None) -> list[str]:
+    """Human-readable 'key: stored -> requested' for keys whose values differ (all keys by default)."""
+    keys = sorted(set(stored) | set(requested)) if keys is None else keys
+    return [f"{key}: {stored.get(key)!r} in the snapshot vs {requested.get(key)!r} requested"
+            for key in keys if stored.get(key) != requested.get(key)]
+
+
+def check_compatible(stored: Mapping, requested: Mapping, path: str, strict: bool = True) -> None:
+    """Raise UserError when a snapshot's model config does not match the requested one.
+
+    strict=True: every model key must agree (training resume, evaluating "the same" model);
+    strict=False: only the keys that change the parameters (WEIGHT_KEYS) must agree, so a snapshot
+    can be evaluated with, e.g., another vote or resolution.
+    """
+    diffs = config_differences(stored, requested, None if strict else WEIGHT_KEYS)
+    if diffs:
+        raise UserError(f"snapshot '{path}' was trained with another model config ({'; '.join(diffs)}): "
+                        "use a matching snapshot or set model.* to the snapshot's values")
+
+
+def load_model_state(model: torch.nn.Module, path: str, requested: Mapping | None = None,
+                     strict: bool = True) -> dict:
+    """Load a snapshot's weights into `model` after the config check; returns the checkpoint dict."""
+    state = load_checkpoint(path)
+    if requested is not None:
+        check_compatible(state["config"], requested, path, strict=strict)
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as error:
+        first = str(error).strip().splitlines()[0]
+        raise UserError(f"snapshot '{path}' does not fit the model ({first}): use a snapshot of the "
+                        "same encoder")
+    return state

@@ -1,0 +1,219 @@
+"""Validate a resolved Sacred config before anything runs (train.py and test.py).
+
+`check_config(config, command)` raises `UserError` with one line naming the key, the bad value and
+the fix. It checks ranges and vocabularies, that `path.data_dir` is a prepared folder, that the
+fold has training classes with slices (command 'train') and that validation volumes exist when
+validation is on. Nothing is loaded beyond small JSON files.
+"""
+from __future__ import annotations
+
+import json
+import numbers
+import os
+from typing import Any, Mapping
+
+from dataloaders.organs import INDEX_TO_NAME, organ_index, training_classes
+from util.errors import UserError
+from util.protocol import PRESETS
+
+ENCODERS = ("vgg16", "resnet50_lslpn", "cnn_small")
+VOTES = ("max", "mean", "cover")
+RESOLUTIONS = ("image", "feature")
+CLASS_SETTINGS = ("six_organs", "all_structures")
+DEVICES = ("auto", "cpu", "cuda")
+SPLITS = ("gold", "val")
+
+
+def prepare_command(data_dir: str) -> str:
+    """The command that makes `data_dir` a prepared folder (for error messages)."""
+    return f"`python scripts/prepare_visceral.py --visceral-dir <VISCERAL dir> --out {data_dir}`"
+
+
+def _number(config: Mapping, key: str, value: Any, low=None, high=None, integer=False,
+            low_open=False) -> None:
+    """`value` is a number (an int when `integer`) in [low, high] ((low, high] when low_open)."""
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    if integer:
+        ok = ok and float(value).is_integer()
+    if ok and low is not None:
+        ok = value > low if low_open else value >= low
+    if ok and high is not None:
+        ok = value <= high
+    if not ok:
+        kind = "an integer" if integer else "a number"
+        bound = []
+        if low is not None:
+            bound.append(f"{'>' if low_open else '>='} {low}")
+        if high is not None:
+            bound.append(f"<= {high}")
+        raise UserError(f"config {key}={value!r} is out of range: use {kind} {' and '.join(bound)}".strip())
+
+
+def _choice(key: str, value: Any, choices: tuple) -> None:
+    if value not in choices:
+        raise UserError(f"config {key}={value!r} is unknown: use one of {', '.join(map(repr, choices))}")
+
+
+def _flag(key: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise UserError(f"config {key}={value!r} must be True or False")
+
+
+def _range(key: str, value: Any, positive: bool = True) -> None:
+    """A [low, high] pair with low <= high (and low > 0 when positive)."""
+    ok = (isinstance(value, (list, tuple)) and len(value) == 2
+          and all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in value)
+          and value[0] <= value[1] and (value[0] > 0 or not positive))
+    if not ok:
+        raise UserError(f"config {key}={value!r} is not a range [low, high] with 0 < low <= high")
+
+
+def check_model(model: Mapping, prefix: str = "model") -> None:
+    """The model sub-config (encoder, grid, vote, ...)."""
+    _choice(f"{prefix}.encoder", model.get("encoder"), ENCODERS)
+    _number(model, f"{prefix}.n_grid", model.get("n_grid"), low=1, integer=True)
+    _flag(f"{prefix}.overlap", model.get("overlap"))
+    _choice(f"{prefix}.vote", model.get("vote"), VOTES)
+    _choice(f"{prefix}.resolution", model.get("resolution"), RESOLUTIONS)
+    _number(model, f"{prefix}.min_pixels", model.get("min_pixels", 0), low=0, integer=True)
+    _number(model, f"{prefix}.scale", model.get("scale", 1.0), low=0, low_open=True)
+    _flag(f"{prefix}.align", model.get("align", False))
+    _number(model, f"{prefix}.align_weight", model.get("align_weight", 0.0), low=0)
+
+
+def check_label_sets(label_sets: Any) -> None:
+    """Four folds, each a non-empty list of known organ names."""
+    if not isinstance(label_sets, (list, tuple)) or len(label_sets) != 4 or not all(
+            isinstance(s, (list, tuple)) and s for s in label_sets):
+        raise UserError(f"config label_sets={label_sets!r} must be four non-empty lists of organ names "
+                        "(fold 0-3)")
+    for organs in label_sets:
+        for name in organs:
+            organ_index(name)  # raises a clear error for an unknown name
+
+
+def fold_training_classes(config: Mapping) -> list[int]:
+    """Training label indices of the configured fold: never one of its test organs (label_sets)."""
+    fold = config["fold"]
+    held_out = {organ_index(name) for name in config["label_sets"][fold]}
+    return [c for c in training_classes(fold, config["class_setting"]) if c not in held_out]
+
+
+def read_meta(data_dir: str) -> dict:
+    """PREP/meta.json; a clear error naming the prepare command when the folder is not prepared."""
+    if not os.path.isdir(data_dir):
+        raise UserError(f"path.data_dir '{data_dir}' does not exist: prepare the data with "
+                        f"{prepare_command(data_dir)} or set path.data_dir")
+    path = os.path.join(data_dir, "meta.json")
+    if not os.path.isfile(path) or not os.path.isfile(os.path.join(data_dir, "index.json")):
+        raise UserError(f"path.data_dir '{data_dir}' is not a prepared folder (no meta.json/index.json): "
+                        f"run {prepare_command(data_dir)}")
+    try:
+        with open(path) as handle:
+            return json.load(handle)
+    except ValueError as error:
+        raise UserError(f"{path} is unreadable ({error}): re-run {prepare_command(data_dir)}")
+
+
+def check_training_data(config: Mapping) -> None:
+    """The fold has enough training classes with slices; validation volumes exist when needed."""
+    data_dir = config["path"]["data_dir"]
+    meta = read_meta(data_dir)
+    with open(os.path.join(data_dir, "index.json")) as handle:
+        try:
+            index = {int(k): v for k, v in json.load(handle)["slices"].items()}
+        except (ValueError, KeyError, TypeError, AttributeError) as error:
+            raise UserError(f"{data_dir}/index.json is unreadable ({error}): re-run "
+                            f"{prepare_command(data_dir)}")
+    classes = fold_training_classes(config)
+    need = config["n_shots"] + -(-config["n_queries"] // config["n_ways"])
+    usable = [c for c in classes if len(index.get(c, ())) >= need]
+    if len(usable) < config["n_ways"]:
+        names = ", ".join(INDEX_TO_NAME[c] for c in classes)
+        raise UserError(
+            f"fold {config['fold']} ({config['class_setting']}): {len(usable)} of its training classes "
+            f"({names}) have >= {need} slices in {data_dir}/index.json, {config['n_ways']}-way episodes "
+            "need that many: use class_setting='all_structures', another fold, or data with these organs")
+    if config.get("val_every", 0) > 0:
+        val = meta.get("splits", {}).get("val", [])
+        folder = os.path.join(data_dir, "volumes", "val")
+        if not val or not os.path.isdir(folder):
+            raise UserError(f"path.data_dir '{data_dir}' has no held-out validation volumes (volumes/val): "
+                            "re-prepare with a val split, or set val_every=0 to train without validation")
+
+
+def check_config(config: Mapping, command: str = "train") -> None:
+    """Validate the resolved config for `command` ('train' or 'test'); raise UserError on bad input."""
+    _number(config, "fold", config.get("fold"), low=0, high=3, integer=True)
+    check_label_sets(config.get("label_sets"))
+    _choice("class_setting", config.get("class_setting"), CLASS_SETTINGS)
+    _choice("device", config.get("device"), DEVICES)
+    _flag("amp", config.get("amp", False))
+    _flag("channels_last", config.get("channels_last", False))
+    _number(config, "num_workers", config.get("num_workers", 0), low=0, integer=True)
+    _number(config, "input_size", config.get("input_size"), low=16, integer=True)
+    _number(config, "seed", config.get("seed"), low=0, integer=True)
+    check_model(config.get("model", {}))
+    paths = config.get("path", {})
+    if not isinstance(paths.get("data_dir"), str) or not paths["data_dir"]:
+        raise UserError(f"config path.data_dir={paths.get('data_dir')!r} must name the prepared data folder")
+    init_path = paths.get("init_path")
+    if init_path is not None and not os.path.isfile(str(init_path)):
+        raise UserError(f"config path.init_path='{init_path}' does not exist: give a local ImageNet "
+                        "checkpoint of the encoder or None (weights are never downloaded)")
+    if config.get("device") == "cuda":
+        import torch
+        if not torch.cuda.is_available():
+            raise UserError("config device='cuda' but no CUDA GPU is available: use device=cpu or auto")
+    if command == "train":
+        check_training_config(config)
+        check_training_data(config)
+    else:
+        check_eval_config(config)
+        read_meta(paths["data_dir"])
+
+
+def check_training_config(config: Mapping) -> None:
+    """Episode, optimisation, augmentation and logging keys."""
+    for key in ("n_ways", "n_shots", "n_queries", "batch_size", "n_steps", "save_every", "print_every"):
+        _number(config, key, config.get(key), low=1, integer=True)
+    _number(config, "val_every", config.get("val_every", 0), low=0, integer=True)
+    _number(config, "lr", config.get("lr"), low=0, low_open=True)
+    _number(config, "momentum", config.get("momentum"), low=0, high=1)
+    _number(config, "weight_decay", config.get("weight_decay"), low=0)
+    _number(config, "lr_gamma", config.get("lr_gamma"), low=0, high=1, low_open=True)
+    _number(config, "grad_clip", config.get("grad_clip", 0.0), low=0)
+    _flag("resume", config.get("resume", False))
+    milestones = config.get("lr_milestones")
+    if not isinstance(milestones, (list, tuple)) or any(
+            isinstance(m, bool) or not isinstance(m, int) or m < 1 for m in milestones) \
+            or list(milestones) != sorted(set(milestones)):
+        raise UserError(f"config lr_milestones={milestones!r} must be increasing positive step numbers")
+    augment = config.get("augment")
+    if augment:
+        if not isinstance(augment, dict):
+            raise UserError(f"config augment={augment!r} must be a dict (or {{}} for none)")
+        unknown = set(augment) - {"p", "brightness", "contrast", "gamma"}
+        if unknown:
+            raise UserError(f"config augment has unknown keys {sorted(unknown)}: use p, brightness, "
+                            "contrast, gamma")
+        _number(config, "augment.p", augment.get("p", 0.0), low=0, high=1)
+        for name in ("brightness", "contrast", "gamma"):
+            if name in augment:
+                _range(f"augment.{name}", augment[name])
+
+
+def check_eval_config(config: Mapping) -> None:
+    """The eval.* keys used by test.py."""
+    evaluation = config.get("eval", {})
+    _choice("eval.preset", evaluation.get("preset"), tuple(PRESETS))
+    _choice("eval.split", evaluation.get("split"), SPLITS)
+    _number(config, "eval.n_shots", evaluation.get("n_shots"), low=1, integer=True)
+    _number(config, "eval.batch_size", evaluation.get("batch_size"), low=1, integer=True)
+    snapshots = evaluation.get("snapshots", {})
+    if not isinstance(snapshots, dict):
+        raise UserError(f"config eval.snapshots={snapshots!r} must map method names to checkpoint paths")
+    for name, path in snapshots.items():
+        if not isinstance(path, str) or not os.path.isfile(path):
+            raise UserError(f"eval.snapshots['{name}']='{path}' does not exist: give a best.pth/last.pth "
+                            "written by train.py")

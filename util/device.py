@@ -1,0 +1,131 @@
+"""Devices, mixed precision, seeding, RNG state and torch.distributed set-up.
+
+- `resolve_device('auto' | 'cpu' | 'cuda')`: 'auto' picks CUDA when present.
+- `autocast(device, amp)`: bf16 autocast where the GPU supports it, else fp16 (with a GradScaler,
+  `make_grad_scaler`); a no-op on CPU or with amp off.
+- `seed_everything`, `get_rng_state` / `set_rng_state`: Python, numpy and torch (CPU and CUDA)
+  generators, so a resumed run continues the same random streams (dropout, ...).
+- `Distributed`: RANK / WORLD_SIZE / LOCAL_RANK from torchrun; gloo on CPU, nccl on CUDA.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from util.errors import UserError
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """torch.device for 'auto' (CUDA when present, else CPU), 'cpu' or 'cuda' (error when absent)."""
+    if name not in ("auto", "cpu", "cuda"):
+        raise UserError(f"device '{name}' is unknown: use 'auto', 'cpu' or 'cuda'")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("device 'cuda' requested but no CUDA GPU is available: use device=cpu or device=auto")
+    if name == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", local_rank % torch.cuda.device_count())
+
+
+def amp_dtype(device: torch.device, amp: bool) -> torch.dtype | None:
+    """The autocast dtype: None (full precision) on CPU or when amp is off; bf16 where supported."""
+    if not amp or device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def autocast(device: torch.device, amp: bool):
+    """Autocast context for the forward pass (a null context when AMP does not apply)."""
+    dtype = amp_dtype(device, amp)
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def make_grad_scaler(device: torch.device, amp: bool) -> torch.amp.GradScaler | None:
+    """A GradScaler for fp16 autocast only (bf16 and fp32 need none)."""
+    if amp_dtype(device, amp) == torch.float16:
+        return torch.amp.GradScaler("cuda")
+    return None
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's, numpy's and torch's global generators (all CUDA devices too)."""
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.manual_seed(seed)
+
+
+def get_rng_state() -> dict:
+    """Snapshot of every global generator (for checkpoints)."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore a `get_rng_state` snapshot (CUDA states only when this machine has as many GPUs)."""
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"].cpu() if hasattr(state["torch"], "cpu") else state["torch"])
+    cuda = state.get("cuda")
+    if cuda is not None and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+
+
+@dataclass
+class Distributed:
+    """This process's place in a torchrun job (rank 0 of 1 without torchrun)."""
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.enabled:
+            dist.barrier()
+
+    def gather_objects(self, obj) -> list:
+        """Every rank's `obj`, in rank order (on all ranks)."""
+        if not self.enabled:
+            return [obj]
+        out = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+    def close(self) -> None:
+        if self.enabled and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def distributed_from_env() -> Distributed:
+    """Rank, world size and local rank from torchrun's environment variables."""
+    try:
+        return Distributed(rank=int(os.environ.get("RANK", 0)),
+                           world_size=int(os.environ.get("WORLD_SIZE", 1)),
+                           local_rank=int(os.environ.get("LOCAL_RANK", 0)))
+    except ValueError as error:
+        raise UserError(f"torchrun environment (RANK/WORLD_SIZE/LOCAL_RANK) is malformed: {error}")
+
+
+def init_distributed(ctx: Distributed, device: torch.device) -> None:
+    """Join the process group: nccl for CUDA, gloo for CPU (no-op for one process)."""
+    if not ctx.enabled or dist.is_initialized():
+        return
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
+                            rank=ctx.rank, world_size=ctx.world_size)
