@@ -1,0 +1,53 @@
+"""Evaluate few-shot snapshots on the gold volumes with the SENet volumetric protocol.
+
+    python test.py with fold=0 'eval.snapshots={"LSLPN": "runs/train/1/best.pth"}'
+    python test.py with demo fold=2 eval.preset=senet eval.support=all
+
+Every run evaluates the mask-copy baseline ("alignment Dice", no model) next to the given
+snapshots, on the fold's test organs (label_sets[fold]) or `eval.organs` when set. Outputs go to
+the Sacred run folder path.log_dir/test/<id>/: results.json, results.csv, table.md, results.png,
+misalignment.png and predictions/<method>/<query>_<organ>.nii.gz in each query's original geometry.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from config import ex
+from sacred.observers import FileStorageObserver
+from util.cli import run_sacred
+
+
+@ex.config_hook
+def attach_test_observer(config, command_name, logger):
+    """Store this command's runs under path.log_dir/test (the observer needs the resolved config)."""
+    ex.observers[:] = [o for o in ex.observers if not getattr(o, "lslpn_test", False)]
+    if command_name == "evaluate_snapshots":
+        observer = FileStorageObserver(str(Path(config["path"]["log_dir"]) / "test"))
+        observer.lslpn_test = True
+        ex.observers.append(observer)
+    return {}
+
+
+@ex.main
+def evaluate_snapshots(_config, _run, fold, label_sets, input_size, device, path):
+    """Run util.evaluate.evaluate for the mask-copy baseline and every eval.snapshots entry."""
+    from util.config_check import check_config
+    from util.evaluate import evaluate
+
+    check_config(_config, "test")
+    settings = _config["eval"]
+    organs = settings.get("organs") or label_sets[fold]
+    run_dirs = [o.dir for o in _run.observers if getattr(o, "dir", None)]
+    out_dir = Path(run_dirs[0]) if run_dirs else Path(path["log_dir"]) / "test" / "unobserved"
+    methods = {"mask copy": None, **dict(settings["snapshots"])}
+    results = evaluate(methods, organs, path["data_dir"], preset=settings["preset"], out_dir=out_dir,
+                       split=settings["split"], support=settings["support"], n_shots=settings["n_shots"],
+                       input_size=input_size, device=device, batch_size=settings["batch_size"],
+                       save_predictions=settings["save_predictions"], fold=fold, config=dict(_config))
+    print((out_dir / "table.md").read_text())
+    print(f"outputs: {out_dir}")
+    return {method: row["mean"] for method, row in results["table"]["range"].items()}
+
+
+if __name__ == "__main__":
+    run_sacred(ex)
