@@ -97,3 +97,170 @@ def test_validate_needs_prepared_data(tmp_path):
     from util.evaluate import validate
     with pytest.raises(UserError, match="prepare_visceral"):
         validate(IntensityModel(), tmp_path / "nothing", organs=["liver"], input_size=32)
+
+
+def _run(tmp_path, **overrides):
+    from util.evaluate import evaluate
+    prep = overrides.pop("prep", None) or make_prepared(tmp_path)
+    arguments = dict(methods={"mask copy": None, "toy": IntensityModel()}, organs=["liver", "spleen"],
+                     prep_dir=prep, preset="alpnet", out_dir=tmp_path / "out", input_size=32, device="cpu",
+                     batch_size=4, fold=0, progress=False)
+    arguments.update(overrides)
+    return evaluate(**arguments), tmp_path / "out"
+
+
+def test_evaluate_writes_every_output(tmp_path):
+    results, out = _run(tmp_path)
+    for name in ("results.json", "results.csv", "table.md", "results.png", "misalignment.png", "figure_data.npz"):
+        assert (out / name).is_file(), name
+    assert not list(out.rglob("*.tmp-*"))
+    stored = json.loads((out / "results.json").read_text())
+    assert stored["preset"]["name"] == "alpnet" and stored["fold"] == 0
+    assert stored["supports"] == ["10000100"]           # no 10000132: first by sorted id
+    liver = stored["results"]["toy"]["liver"]
+    assert {case["query"] for case in liver["per_volume"]} == {"10000104", "10000105"}
+    values = [case["dice_range"] for case in liver["per_volume"]]
+    assert liver["range"]["mean"] == pytest.approx(np.mean(values))
+    assert liver["range"]["median"] == pytest.approx(np.median(values))
+    assert liver["range"]["std"] == pytest.approx(np.std(values))
+    assert liver["range"]["value"] == pytest.approx(np.mean(values))   # alpnet: mean
+    # CSV: one row per (method, organ, query) with the preset
+    rows = (out / "results.csv").read_text().strip().splitlines()
+    assert len(rows) == 1 + 2 * 2 * 2 and all(",alpnet," in row for row in rows[1:])
+    # table: methods as rows, Table 1 columns, percentages
+    table = (out / "table.md").read_text()
+    assert "| Method | liver | spleen | kidney | psoas | mean |" in table
+    mask_copy_row = next(line for line in table.splitlines() if line.startswith("| mask copy |"))
+    expected = 100 * stored["results"]["mask copy"]["liver"]["range"]["value"]
+    assert f"| {expected:.1f} |" in mask_copy_row
+
+
+def test_mask_copy_dice_matches_a_direct_computation(tmp_path):
+    from util.metrics import dice
+    from util.protocol import mask_copy, organ_range
+    results, _ = _run(tmp_path, methods={"mask copy": None})
+    support, query = make_volume(0), make_volume(2)
+    s_range, q_range = organ_range(support["label"] == 1, 1), organ_range(query["label"] == 1, 1)
+    copied = mask_copy(support["label"] == 1, s_range, SHAPE, q_range, 3)
+    case = next(c for c in results["results"]["mask copy"]["liver"]["per_volume"] if c["query"] == "10000105")
+    assert case["dice_range"] == pytest.approx(dice(copied[..., q_range[0]:q_range[1] + 1],
+                                                   query["label"][..., q_range[0]:q_range[1] + 1] == 1))
+    assert case["dice_volume"] == pytest.approx(dice(copied, query["label"] == 1))
+
+
+def test_whole_volume_dice_counts_organ_outside_the_range(tmp_path):
+    # threshold 200 (lslpn) on a tiny phantom: the organ range is only the slices with > 200 voxels
+    prep = make_prepared(tmp_path)
+    folder = prep / "volumes" / "gold"
+    for shift, pid in enumerate(("10000100", "10000104", "10000105")):
+        volume = make_volume(shift)
+        volume["label"][:, :, :] = 0
+        volume["label"][0:20, 0:15, 4:8] = 1          # 300 voxels per slice: in range
+        volume["label"][0:5, 0:5, 9 + shift] = 1      # 25 voxels: outside the range, still organ
+        np.savez(folder / f"{pid}.npz", **volume)
+    results, _ = _run(tmp_path, prep=prep, preset="lslpn", methods={"mask copy": None}, organs=["liver"])
+    case = results["results"]["mask copy"]["liver"]["per_volume"][0]
+    assert case["dice_range"] == pytest.approx(1.0)
+    assert case["dice_volume"] == pytest.approx(2 * 1200 / (1200 + 1225))
+
+
+def test_predictions_are_nifti_in_the_original_geometry(tmp_path):
+    import nibabel as nib
+    from dataloaders.nifti import load_nifti
+    from util.protocol import mask_copy, organ_range
+    _run(tmp_path, methods={"mask copy": None}, organs=["liver"])
+    path = tmp_path / "out" / "predictions" / "mask_copy" / "10000105_liver.nii.gz"
+    image = nib.load(str(path))
+    assert image.shape == SHAPE
+    np.testing.assert_allclose(image.affine, LPS_AFFINE)
+    support, query = make_volume(0), make_volume(2)
+    expected = mask_copy(support["label"] == 1, organ_range(support["label"] == 1, 1), SHAPE,
+                         organ_range(query["label"] == 1, 1), 3)
+    stored = np.asarray(image.dataobj)
+    assert (stored == expected[::-1, ::-1, :]).all()           # LPS storage = canonical RAS flipped in x, y
+    assert (load_nifti(path).array.astype(bool) == expected).all()
+
+
+def test_batching_does_not_change_the_prediction_and_support_is_encoded_once_per_chunk(tmp_path):
+    from util.inference import segment_query_volume
+    support, query = make_volume(0), make_volume(1)
+    predictions = []
+    for batch_size in (1, 3, 64):
+        model = IntensityModel()
+        predictions.append(segment_query_volume(model, support["image"], support["label"] == 1, query["image"],
+                                                (3, 11), (4, 12), 3, 32, {"mode": "minmax"}, "cpu", batch_size))
+        # 9 query slices in 3 chunks of 3
+        assert model.calls == {"encode": 3, "segment": 3 * -(-3 // batch_size)}
+    assert all((p == predictions[0]).all() for p in predictions)
+    assert not predictions[0][..., :4].any() and not predictions[0][..., 13:].any()
+
+
+def test_k_shot_uses_k_support_slices(tmp_path):
+    from util.inference import segment_query_volume
+    seen = []
+
+    class Recording(IntensityModel):
+        def encode_support(self, images, fg, bg):
+            seen.append(tuple(images.shape))
+            return super().encode_support(images, fg, bg)
+
+    support, query = make_volume(0), make_volume(1)
+    segment_query_volume(Recording(), support["image"], support["label"] == 1, query["image"], (3, 11), (4, 12),
+                         3, 32, {"mode": "minmax"}, "cpu", 8, n_shots=3)
+    assert seen == [(1, 1, 3, 1, 32, 32)] * 3
+
+
+def test_support_all_reports_mean_and_std_over_supports(tmp_path):
+    results, out = _run(tmp_path, support="all", methods={"mask copy": None}, organs=["liver"])
+    liver = results["results"]["mask copy"]["liver"]
+    per_support = {}
+    for case in liver["per_volume"]:
+        per_support.setdefault(case["support"], []).append(case["dice_range"])
+    assert len(per_support) == 3 and all(len(v) == 2 for v in per_support.values())
+    means = [np.mean(v) for v in per_support.values()]
+    assert liver["range"]["value"] == pytest.approx(np.mean(means))
+    assert liver["range"]["std_over_supports"] == pytest.approx(np.std(means))
+    assert "±" in (out / "table.md").read_text()
+    assert (out / "predictions" / "mask_copy" / "support_10000104" / "10000100_liver.nii.gz").is_file()
+
+
+def test_official_support_is_the_default_when_present(tmp_path):
+    from util.evaluate import choose_supports
+    assert choose_supports(["10000100", "10000132"], "default") == ["10000132"]
+    assert choose_supports(["10000100", "10000104"], "default") == ["10000100"]
+    assert choose_supports(["10000100", "10000104"], 10000104) == ["10000104"]
+    with pytest.raises(UserError, match="10000999"):
+        choose_supports(["10000100"], "10000999")
+
+
+def test_organ_absent_from_support_or_query_is_reported_not_a_crash(tmp_path):
+    prep = make_prepared(tmp_path, absent={"10000104": ("liver",), "10000100": ("liver", "kidney_left")})
+    results, out = _run(tmp_path, prep=prep, methods={"mask copy": None}, organs=["liver", "spleen"])
+    spleen = results["results"]["mask copy"]["spleen"]
+    assert spleen["per_volume"] == [] and len(spleen["skipped"]) == 2
+    assert all("absent from support 10000100" in case["skipped"] for case in spleen["skipped"])
+    prep2 = make_prepared(tmp_path / "b", absent={"10000104": ("liver",)})
+    results, _ = _run(tmp_path / "b", prep=prep2, methods={"mask copy": None}, organs=["spleen"])
+    spleen = results["results"]["mask copy"]["spleen"]
+    assert [c["query"] for c in spleen["per_volume"]] == ["10000105"]
+    assert "absent from query 10000104" in spleen["skipped"][0]["skipped"]
+
+
+def test_bad_snapshots_are_one_line_errors(tmp_path):
+    from util.evaluate import load_snapshot
+    with pytest.raises(UserError, match="does not exist"):
+        load_snapshot(tmp_path / "missing.pth")
+    torch.save({"features.0.weight": torch.zeros(1)}, tmp_path / "imagenet.pth")
+    with pytest.raises(UserError, match="not a train.py checkpoint"):
+        load_snapshot(tmp_path / "imagenet.pth")
+    (tmp_path / "garbage.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(UserError, match="unreadable"):
+        load_snapshot(tmp_path / "garbage.pth")
+
+
+def test_unknown_organ_and_missing_gold_are_clear_errors(tmp_path):
+    with pytest.raises(UserError, match="unknown organ"):
+        _run(tmp_path, organs=["brain"])
+    prep = make_prepared(tmp_path / "v", split="val")
+    with pytest.raises(UserError, match="no prepared gold volumes.*prepare_visceral"):
+        _run(tmp_path / "v", prep=prep)
