@@ -1,0 +1,203 @@
+"""Episode sampling (dataloaders/episodes.py) on a tiny prepared folder built here.
+
+`make_train_prep` writes a PREP folder following docs/DESIGN.md (train slices, index.json, meta.json,
+held-out val volumes); the training tests reuse it (`from test_episodes import make_train_prep`).
+Every training slice carries its identity in pixel [0, 0] (image value = ID_BASE + code / 1000), so
+the tests can tell which slices an episode used.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from dataloaders.episodes import EpisodeDataset, StepBatchSampler
+from dataloaders.organs import training_classes
+from util.errors import UserError
+
+S = 32                                     # prep_size
+# label index -> box (rows, cols) in a training slice
+BOXES = {1: ((2, 14), (2, 14)), 2: ((18, 28), (4, 12)), 3: ((4, 10), (18, 30)), 13: ((20, 26), (16, 22)),
+         14: ((20, 26), (24, 30)), 17: ((12, 16), (16, 20)), 18: ((12, 16), (24, 28))}
+PIDS = ("10000100", "10000101", "10000102")
+
+
+def slice_code(volume: int, row: int) -> int:
+    return volume * 100 + row + 1
+
+
+def make_val_volume(shift: int, shape=(S, S, 12)) -> dict:
+    """Canonical X x Y x Z volume: liver, spleen, kidneys and psoas boxes at HU 60..180 on -400."""
+    label = np.zeros(shape, dtype=np.uint8)
+    for index, ((r0, r1), (c0, c1)) in BOXES.items():
+        label[r0:r1, c0:c1, 2 + shift % 2:10] = index
+    image = np.full(shape, -400, dtype=np.int16)
+    image[label > 0] = 60 + 10 * label[label > 0].astype(np.int16)
+    image[0, 0, :], image[-1, -1, :] = -1000, 400
+    return {"image": image, "label": label, "affine": np.eye(4), "original_affine": np.eye(4),
+            "original_shape": np.array(shape), "original_axcodes": np.array("RAS"),
+            "spacing": np.array([1.0, 1.0, 1.0])}
+
+
+def make_train_prep(root: Path, classes=tuple(BOXES), n_slices: int = 6, val_pids=("10000200", "10000201"),
+                    pids=PIDS) -> Path:
+    """A prepared folder: train/<pid>_{image,label}.npy (n_slices x S x S), index.json, meta.json, volumes/val."""
+    prep = Path(root) / "prep"
+    (prep / "train").mkdir(parents=True)
+    index: dict[str, list] = {}
+    for v, pid in enumerate(pids):
+        labels = np.zeros((n_slices, S, S), dtype=np.uint8)
+        for row in range(n_slices):
+            for k, index_value in enumerate(classes):
+                if (row + k + v) % 3:                 # each slice holds about two thirds of the classes
+                    (r0, r1), (c0, c1) = BOXES[index_value]
+                    labels[row, r0:r1, c0:c1] = index_value
+                    index.setdefault(str(index_value), []).append([pid, row, 40 + row])
+        images = np.where(labels > 0, 0.3 + labels / 50.0, 0.1).astype(np.float32)
+        images[:, 0, 0] = [0.5 + slice_code(v, row) / 1000 for row in range(n_slices)]
+        np.save(prep / "train" / f"{pid}_image.npy", images)
+        np.save(prep / "train" / f"{pid}_label.npy", labels)
+    (prep / "index.json").write_text(json.dumps({"slices": index}))
+    (prep / "volumes" / "val").mkdir(parents=True)
+    for shift, pid in enumerate(val_pids):
+        np.savez(prep / "volumes" / "val" / f"{pid}.npz", **make_val_volume(shift))
+    meta = {"format_version": 1, "prep_size": S, "intensity": {"mode": "minmax"}, "seed": 0,
+            "splits": {"train": list(pids), "val": list(val_pids), "gold": []}}
+    (prep / "meta.json").write_text(json.dumps(meta))
+    return prep
+
+
+def decode(image: torch.Tensor) -> int:
+    """Slice code stored in pixel [0, 0] of an unaugmented image at prep size."""
+    return int(round((float(image[..., 0, 0]) - 0.5) * 1000))
+
+
+@pytest.fixture(scope="module")
+def prep(tmp_path_factory):
+    return make_train_prep(tmp_path_factory.mktemp("episodes"))
+
+
+def test_episode_shapes_dtypes_and_masks(prep):
+    ds = EpisodeDataset(str(prep), [2, 3, 13], n_ways=2, n_shots=3, n_queries=2, input_size=S,
+                        augment=None, seed=0)
+    item = ds[5]
+    assert item["support_images"].shape == (2, 3, 1, S, S) and item["support_images"].dtype == torch.float32
+    assert item["support_fg"].shape == (2, 3, S, S) and item["support_bg"].shape == (2, 3, S, S)
+    assert item["query_images"].shape == (2, 1, S, S)
+    assert item["query_labels"].shape == (2, S, S) and item["query_labels"].dtype == torch.int64
+    classes = item["classes"].tolist()
+    assert len(set(classes)) == 2 and set(classes) <= {2, 3, 13}
+    # support fg = pixels of the way's class; bg = pixels of none of the episode's classes
+    for n, cls in enumerate(classes):
+        (r0, r1), (c0, c1) = BOXES[cls]
+        fg = item["support_fg"][n]
+        assert fg[:, r0:r1, c0:c1].all() and fg.sum() == 3 * (r1 - r0) * (c1 - c0)
+    assert (item["support_bg"] * item["support_fg"]).sum() == 0   # fg and bg never overlap
+    # query q belongs to way q mod N: it contains that way's class as label q % N + 1
+    for q in range(2):
+        assert (item["query_labels"][q] == q + 1).any()
+    assert set(item["query_labels"].unique().tolist()) <= {0, 1, 2}
+
+
+def raw_label(code: int, classes=tuple(BOXES)) -> np.ndarray:
+    """The label slice `make_train_prep` wrote for a slice code (same rule, rebuilt)."""
+    v, row = divmod(code - 1, 100)
+    label = np.zeros((S, S), dtype=np.uint8)
+    for k, index_value in enumerate(classes):
+        if (row + k + v) % 3:
+            (r0, r1), (c0, c1) = BOXES[index_value]
+            label[r0:r1, c0:c1] = index_value
+    return label
+
+
+def test_masks_and_query_labels_match_the_slices_labels(prep):
+    ds = EpisodeDataset(str(prep), [1, 2, 3], n_ways=2, n_shots=2, n_queries=3, input_size=S, augment=None,
+                        seed=3)
+    for i in range(8):
+        item = ds[i]
+        classes = item["classes"].numpy()
+        for n in range(2):
+            for k in range(2):
+                raw = raw_label(decode(item["support_images"][n, k, 0]))
+                np.testing.assert_array_equal(item["support_fg"][n, k].numpy(), raw == classes[n])
+                np.testing.assert_array_equal(item["support_bg"][n, k].numpy(), ~np.isin(raw, classes))
+        for q in range(3):
+            raw = raw_label(decode(item["query_images"][q, 0]))
+            expected = np.select([raw == classes[0], raw == classes[1]], [1, 2], 0)
+            np.testing.assert_array_equal(item["query_labels"][q].numpy(), expected)
+            assert (raw == classes[q % 2]).any()                     # query q comes from way q mod N
+        for n in range(2):  # a way's supports and queries are all different slices
+            codes = [decode(item["support_images"][n, k, 0]) for k in range(2)]
+            codes += [decode(item["query_images"][q, 0]) for q in range(n, 3, 2)]
+            assert len(set(codes)) == len(codes)
+
+
+def test_support_and_query_are_different_slices_containing_the_class(prep):
+    ds = EpisodeDataset(str(prep), training_classes(0, "six_organs"), n_ways=1, n_shots=1, n_queries=1,
+                        input_size=S, augment=None, seed=11)
+    seen_classes = set()
+    for i in range(60):
+        item = ds[i]
+        cls = int(item["classes"][0])
+        seen_classes.add(cls)
+        s_code, q_code = decode(item["support_images"][0, 0, 0]), decode(item["query_images"][0, 0])
+        assert s_code != q_code
+        (r0, r1), (c0, c1) = BOXES[cls]
+        assert item["support_fg"][0, 0, r0:r1, c0:c1].all()
+        assert (item["query_labels"][0, r0:r1, c0:c1] == 1).all()
+    assert seen_classes == set(training_classes(0, "six_organs"))   # liver (fold 0) never sampled
+    assert 1 not in seen_classes
+
+
+def test_items_are_a_function_of_seed_and_index(prep):
+    kwargs = dict(classes=[1, 2, 3], n_ways=1, n_shots=1, n_queries=1, input_size=24,
+                  augment={"p": 0.5, "brightness": [0.5, 2.0], "contrast": [0.5, 2.0], "gamma": [0.5, 2.0]})
+    a, b = EpisodeDataset(str(prep), seed=4, **kwargs), EpisodeDataset(str(prep), seed=4, **kwargs)
+    c = EpisodeDataset(str(prep), seed=5, **kwargs)
+    for i in (7, 0, 3):
+        for key in a[i]:
+            assert torch.equal(a[i][key], b[i][key])
+    assert not all(torch.equal(a[i]["query_images"], c[i]["query_images"]) for i in range(5))
+    assert not torch.equal(a[1]["query_images"], a[2]["query_images"])
+    assert a[0]["query_images"].shape[-1] == 24
+
+
+def test_loader_batches_do_not_depend_on_workers_or_ranks(prep):
+    ds = EpisodeDataset(str(prep), [1, 2, 3, 13], n_ways=1, n_shots=1, n_queries=1, input_size=S,
+                        augment={"p": 0.5, "gamma": [0.5, 2.0]}, seed=2)
+
+    def batches(workers, start=0, rank=0, world=1):
+        loader = DataLoader(ds, batch_sampler=StepBatchSampler(start, 4, 4, rank, world), num_workers=workers)
+        return [b["query_images"] for b in loader]
+
+    single = batches(0)
+    assert len(single) == 4 and single[0].shape == (4, 1, 1, S, S)
+    for x, y in zip(single, batches(2)):
+        assert torch.equal(x, y)
+    for x, y in zip(single[2:], batches(0, start=2)):           # resume at step 2
+        assert torch.equal(x, y)
+    rank0, rank1 = batches(0, rank=0, world=2), batches(0, rank=1, world=2)
+    for x, r0, r1 in zip(single, rank0, rank1):                  # rank r takes episodes r, r + W, ...
+        assert torch.equal(x[0::2], r0) and torch.equal(x[1::2], r1)
+
+
+def test_sampler_rejects_uneven_shards():
+    with pytest.raises(UserError, match="divisible"):
+        StepBatchSampler(0, 10, 3, 0, 2)
+
+
+def test_clear_errors_for_missing_or_classless_data(tmp_path, prep):
+    with pytest.raises(UserError, match="prepare_visceral.py"):
+        EpisodeDataset(str(tmp_path), [1], 1, 1, 1, S, None, 0)
+    with pytest.raises(UserError, match="only 0 of the training classes"):
+        EpisodeDataset(str(prep), [9, 10], 1, 1, 1, S, None, 0)      # bladder, L1: no slices
+    with pytest.raises(UserError, match="2-way"):
+        EpisodeDataset(str(prep), [1, 9], 2, 1, 1, S, None, 0)
+    broken = make_train_prep(tmp_path / "broken")
+    (broken / "train" / f"{PIDS[1]}_label.npy").unlink()
+    with pytest.raises(UserError, match="missing"):
+        EpisodeDataset(str(broken), [1], 1, 1, 1, S, None, 0)
