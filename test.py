@@ -10,18 +10,26 @@ misalignment.png and predictions/<method>/<query>_<organ>.nii.gz in each query's
 """
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
-from config import ex
-from sacred.observers import FileStorageObserver
-from util.cli import run_sacred
+warnings.filterwarnings("ignore", message="pkg_resources is deprecated")  # sacred 0.8.7 on setuptools 80
+
+from config import ex  # noqa: E402
+from sacred.observers import FileStorageObserver  # noqa: E402
+from util.cli import run_sacred  # noqa: E402
 
 
 @ex.config_hook
 def attach_test_observer(config, command_name, logger):
-    """Store this command's runs under path.log_dir/test (the observer needs the resolved config)."""
+    """Check the config, then store this command's runs under path.log_dir/test.
+
+    Runs before the observers start, so bad input ends as one line without an empty run folder.
+    """
     ex.observers[:] = [o for o in ex.observers if not getattr(o, "lslpn_test", False)]
     if command_name == "evaluate_snapshots":
+        from util.config_check import check_config
+        check_config(config, "test")
         observer = FileStorageObserver(str(Path(config["path"]["log_dir"]) / "test"))
         observer.lslpn_test = True
         ex.observers.append(observer)
@@ -31,10 +39,8 @@ def attach_test_observer(config, command_name, logger):
 @ex.main
 def evaluate_snapshots(_config, _run, fold, label_sets, input_size, device, path):
     """Run util.evaluate.evaluate for the mask-copy baseline and every eval.snapshots entry."""
-    from util.config_check import check_config
     from util.evaluate import evaluate
 
-    check_config(_config, "test")
     settings = _config["eval"]
     organs = settings.get("organs") or label_sets[fold]
     run_dirs = [o.dir for o in _run.observers if getattr(o, "dir", None)]

@@ -55,6 +55,7 @@ def make_prepared(root: Path, split: str = "gold", pids=("10000100", "10000104",
     meta = {"format_version": 1, "intensity": {"mode": "minmax"}, "prep_size": 32,
             "splits": {"train": [], "val": [], "gold": []} | {split: list(pids)}}
     (prep / "meta.json").write_text(json.dumps(meta))
+    (prep / "index.json").write_text(json.dumps({"slices": {}}))
     return prep
 
 
@@ -264,3 +265,36 @@ def test_unknown_organ_and_missing_gold_are_clear_errors(tmp_path):
     prep = make_prepared(tmp_path / "v", split="val")
     with pytest.raises(UserError, match="no prepared gold volumes.*prepare_visceral"):
         _run(tmp_path / "v", prep=prep)
+
+
+def _test_py(*arguments, cwd=None):
+    import subprocess
+    import sys
+    root = Path(__file__).resolve().parents[1]
+    return subprocess.run([sys.executable, str(root / "test.py"), *arguments], cwd=root,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_test_py_writes_results_in_the_sacred_run_folder(tmp_path):
+    prep = make_prepared(tmp_path)
+    done = _test_py("with", "tiny", f"path.data_dir={prep}", f"path.log_dir={tmp_path / 'runs'}",
+                    "eval.preset=senet", "fold=1", "device=cpu")
+    assert done.returncode == 0, done.stderr[-2000:]
+    run_dir = tmp_path / "runs" / "test" / "1"
+    stored = json.loads((run_dir / "results.json").read_text())
+    assert stored["preset"]["name"] == "senet" and stored["organs"] == ["spleen"] and stored["fold"] == 1
+    assert list(stored["results"]) == ["mask copy"]
+    assert (run_dir / "table.md").read_text() in done.stdout
+    assert (run_dir / "predictions" / "mask_copy" / "10000104_spleen.nii.gz").is_file()
+
+
+def test_test_py_bad_input_is_one_line(tmp_path):
+    done = _test_py("with", "tiny", f"path.data_dir={tmp_path / 'nothing'}", f"path.log_dir={tmp_path}")
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and "prepare_visceral" in lines[0]
+    prep = make_prepared(tmp_path)
+    done = _test_py("with", "tiny", f"path.data_dir={prep}", f"path.log_dir={tmp_path}",
+                    f"eval.snapshots={{'LSLPN': '{tmp_path / 'missing.pth'}'}}")
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1 and "missing.pth" in lines[0], done.stderr
