@@ -1,0 +1,136 @@
+"""Ablation of the paper (method.md section 4): grid size, overlap and vote, trained and evaluated.
+
+    python scripts/ablation.py --folds 0 1 2 3 -- demo            # demo size on a CPU
+    python scripts/ablation.py --folds 0 1 2 3 -- paper class_setting=all_structures
+
+Variants (everything else from the Sacred overrides after `--`, given to train.py as they are):
+  n_grid 16, 8, 4, 1 (overlapping cells, max vote), n_grid 8 non-overlapping, n_grid 8 mean vote.
+Each variant x fold is trained with train.py under OUT/<variant>/ (an existing best.pth/last.pth
+there is reused, so the script can be resumed), then all variants are evaluated in one run of
+util.evaluate.evaluate next to the mask-copy baseline: OUT/eval/ holds results.json, results.csv and
+the table; OUT/ablation.md is the table in the paper's ablation layout (variants as rows).
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from dataloaders.organs import FOLD_ORGANS  # noqa: E402
+from util.errors import UserError, run_cli  # noqa: E402
+from util.results import write_text_atomic  # noqa: E402
+
+# variant name -> model overrides
+VARIANTS: dict[str, dict] = {
+    "n_grid 16": {"n_grid": 16, "overlap": True, "vote": "max"},
+    "n_grid 8": {"n_grid": 8, "overlap": True, "vote": "max"},
+    "n_grid 4": {"n_grid": 4, "overlap": True, "vote": "max"},
+    "n_grid 1 (global)": {"n_grid": 1, "overlap": True, "vote": "max"},
+    "n_grid 8 non-overlapping": {"n_grid": 8, "overlap": False, "vote": "max"},
+    "n_grid 8 mean vote": {"n_grid": 8, "overlap": True, "vote": "mean"},
+}
+
+
+def _slug(name: str) -> str:
+    return "".join(ch if ch.isalnum() else "_" for ch in name).strip("_")
+
+
+def find_snapshot(log_dir: Path) -> Path | None:
+    """Newest best.pth (else last.pth) of the Sacred runs under log_dir/<name>/<id>/."""
+    for file in ("best.pth", "last.pth"):
+        found = sorted(glob.glob(str(log_dir / "*" / "*" / file)), key=os.path.getmtime)
+        if found:
+            return Path(found[-1])
+    return None
+
+
+def train_variant(variant: str, fold: int, overrides: list[str], out: Path, python: str) -> Path:
+    """Train one variant on one fold with train.py (skipped when a snapshot exists); its snapshot."""
+    log_dir = out / _slug(variant) / f"fold{fold}"
+    snapshot = find_snapshot(log_dir)
+    if snapshot is not None:
+        print(f"[{variant}, fold {fold}] reusing {snapshot}")
+        return snapshot
+    model = [f"model.{key}={value}" for key, value in VARIANTS[variant].items()]
+    command = [python, str(ROOT / "train.py"), "with", *overrides, f"fold={fold}", *model, f"path.log_dir={log_dir}"]
+    print(f"[{variant}, fold {fold}] " + " ".join(command), flush=True)
+    if subprocess.run(command, cwd=ROOT).returncode != 0:
+        raise UserError(f"training {variant} on fold {fold} failed (see above): fix it and re-run (done "
+                        "variants are reused)")
+    snapshot = find_snapshot(log_dir)
+    if snapshot is None:
+        raise UserError(f"train.py wrote no best.pth/last.pth under {log_dir}: check its output")
+    return snapshot
+
+
+def resolved_config(overrides: list[str]) -> dict:
+    """The Sacred config train.py would see for these overrides (data folder, sizes, eval keys)."""
+    warnings.filterwarnings("ignore", message="pkg_resources is deprecated")
+    from sacred.arg_parser import get_config_updates
+    from config import ex
+    updates, named = get_config_updates(overrides)
+    run = ex._create_run("print_config", updates, named_configs=named, options={"--unobserved": True})
+    return dict(run.config)
+
+
+def ablation_markdown(results: dict) -> str:
+    """The ablation table: variants as rows, Table 1 columns, Dice % over the organ range."""
+    rows = results["table"]["range"]
+    columns = ["liver", "spleen", "kidney", "psoas", "mean"]
+    preset = results["preset"]
+    lines = [f"Ablation, Dice (%) over the organ slice range (preset '{preset['name']}').", "",
+             "| Variant | n_grid | overlap | vote | " + " | ".join(columns) + " |",
+             "|---" * (len(columns) + 4) + "|"]
+    for method, row in rows.items():
+        spec = VARIANTS.get(method, {"n_grid": "–", "overlap": "–", "vote": "–"})
+        cells = ["–" if row[c] is None else f"{row[c]:.1f}" for c in columns]
+        lines.append(f"| {method} | {spec['n_grid']} | {spec['overlap']} | {spec['vote']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str]) -> int:
+    if "--" in argv:
+        split = argv.index("--")
+        argv, overrides = argv[:split], argv[split + 1:]
+    else:
+        overrides = []
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--folds", type=int, nargs="+", default=[0, 1, 2, 3])
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--out", type=Path, default=Path("runs/ablation"))
+    parser.add_argument("--python", default=sys.executable, help="interpreter that runs train.py")
+    args = parser.parse_args(argv)
+    bad = [fold for fold in args.folds if fold not in range(len(FOLD_ORGANS))]
+    if bad:
+        raise UserError(f"--folds {bad} do not exist: use 0 (liver), 1 (spleen), 2 (kidneys), 3 (psoas)")
+    config = resolved_config(overrides)
+    snapshots: dict[str, dict[str, str]] = {}
+    for variant in args.variants:
+        for fold in args.folds:
+            snapshot = train_variant(variant, fold, overrides, args.out.resolve(), args.python)
+            for organ in FOLD_ORGANS[fold]:
+                snapshots.setdefault(variant, {})[organ] = str(snapshot)
+    from util.evaluate import evaluate
+    organs = [organ for fold in args.folds for organ in FOLD_ORGANS[fold]]
+    settings = config["eval"]
+    results = evaluate({"mask copy": None, **snapshots}, organs, config["path"]["data_dir"],
+                       preset=settings["preset"], out_dir=args.out / "eval", split=settings["split"],
+                       support=settings["support"], input_size=config["input_size"], device=config["device"],
+                       batch_size=settings["batch_size"], save_predictions=False,
+                       config={"overrides": overrides, "folds": args.folds})
+    table = ablation_markdown(results)
+    write_text_atomic(table, args.out / "ablation.md")
+    print(table)
+    print(f"wrote {args.out / 'ablation.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)
