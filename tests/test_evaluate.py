@@ -298,3 +298,26 @@ def test_test_py_bad_input_is_one_line(tmp_path):
                     f"eval.snapshots={{'LSLPN': '{tmp_path / 'missing.pth'}'}}")
     lines = done.stderr.strip().splitlines()
     assert done.returncode == 2 and len(lines) == 1 and "missing.pth" in lines[0], done.stderr
+
+
+def test_snapshot_from_another_fold_or_encoder_is_refused(tmp_path):
+    from test_notebook_eval import make_tiny_snapshot
+    from util.checkpoint import load_checkpoint, save_checkpoint
+    from util.evaluate import evaluate, load_snapshot
+    prep = make_prepared(tmp_path)
+    snapshot = make_tiny_snapshot(tmp_path / "fold1.pth", fold=1)
+    with pytest.raises(UserError, match="trained for fold 1 .* liver"):
+        evaluate({"LSLPN": str(snapshot)}, ["liver"], prep, preset="alpnet", input_size=32, device="cpu",
+                 progress=False)
+    state = load_checkpoint(str(snapshot))
+    state["model"] = {("encoder.other." + k): v for k, v in state["model"].items()}
+    save_checkpoint(str(tmp_path / "other.pth"), state)
+    with pytest.raises(UserError, match="another encoder"):
+        load_snapshot(tmp_path / "other.pth")
+
+
+def test_all_queries_skipped_still_writes_outputs(tmp_path):
+    prep = make_prepared(tmp_path, absent={pid: ("liver",) for pid in ("10000100", "10000104", "10000105")})
+    results, out = _run(tmp_path, prep=prep, organs=["spleen"])
+    assert results["results"]["toy"]["spleen"]["range"]["value"] is None
+    assert "| toy | – | – |" in (out / "table.md").read_text()

@@ -124,7 +124,8 @@ def misalignment_figure(results: dict, path: str | Path) -> Path | None:
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(models), figsize=(3.8 * len(models), 3.6), squeeze=False)
     for ax, method in zip(axes[0], models):
-        for organ, (alignment, segmentation) in misalignment_pairs(results, method).items():
+        pairs = misalignment_pairs(results, method)
+        for organ, (alignment, segmentation) in pairs.items():
             ax.scatter(100 * np.asarray(alignment), 100 * np.asarray(segmentation), s=16,
                        color=ORGAN_COLOURS.get(organ, "gray"), label=organ)
         ax.plot([0, 100], [0, 100], color="gray", linewidth=0.8, linestyle="--")
@@ -133,7 +134,8 @@ def misalignment_figure(results: dict, path: str | Path) -> Path | None:
         ax.set_xlabel("alignment Dice (mask copy) %")
         ax.set_ylabel(f"{method} Dice %")
         ax.set_title(f"{method} ({results['preset']['name']} protocol)", fontsize=9)
-        ax.legend(fontsize=7, loc="lower right")
+        if pairs:
+            ax.legend(fontsize=7, loc="lower right")
     path = Path(path)
     _save(fig, path)
     plt.close(fig)
@@ -147,6 +149,7 @@ def make_figures(run_dir: str | Path) -> list[Path]:
     if not results_path.is_file():
         raise UserError(f"{results_path} is missing: point at a folder written by test.py")
     results = json.loads(results_path.read_text())
-    written = [qualitative_figure(load_figure_data(run_dir / "figure_data.npz"), run_dir / "results.png")]
+    data = load_figure_data(run_dir / "figure_data.npz")
+    written = [qualitative_figure(data, run_dir / "results.png")] if data else []  # none: nothing scored
     scatter = misalignment_figure(results, run_dir / "misalignment.png")
     return written + ([scatter] if scatter else [])
