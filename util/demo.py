@@ -1,0 +1,176 @@
+"""The end-to-end demo on the synthetic phantom (`make demo`), step by step.
+
+  1. generate the default phantom (seeded) unless it exists            data/phantom
+  2. prepare it into 2D training slices + evaluation volumes, check it  data/prepared_phantom
+  3. train LSLPN (n_grid 8, overlapping, max vote) and the PANet global
+     baseline (n_grid 1, alignment) on all four folds, `demo` config   runs/demo/train/<name>/<id>/
+  4. evaluate mask copy, PANet and LSLPN with the `lslpn` protocol
+     preset on the gold phantom volumes                                 runs/demo/
+  5. write report.md (paper's Table 1 layout), results.json, results.png, misalignment.png
+     and print the table last.
+
+Finished steps are reused (an existing phantom, prepared folder, or a training run that reached its
+last step); `redo` names steps to run again. Every step runs the same commands a user would type,
+as subprocesses, so their progress bars show.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from dataloaders.organs import FOLD_ORGANS, TEST_ORGANS
+from util.errors import UserError
+
+ROOT = Path(__file__).resolve().parents[1]
+PHANTOM_DIR = Path("data/phantom")
+PREP_DIR = Path("data/prepared_phantom")
+RUN_DIR = Path("runs/demo")
+PHANTOM = {"n_silver": 20, "n_gold": 6, "seed": 2021}
+METHODS = {  # table row -> Sacred named configs / overrides on top of `demo`
+    "PANet": ["panet"],
+    "LSLPN": [],
+}
+STEPS = ("phantom", "prepare", "train", "evaluate")
+
+
+def python_command(script: str, *args: str) -> list[str]:
+    """The command line that runs one of our entry points with this interpreter."""
+    return [sys.executable, str(ROOT / script), *args]
+
+
+def run_step(title: str, command: list[str], log: list[dict]) -> None:
+    """Run one command with its output streaming; a failure stops the demo with one line."""
+    shown = " ".join(os.path.relpath(part, Path.cwd()) if part.startswith(str(ROOT)) else part
+                     for part in command[1:])
+    print(f"\n==> {title}\n$ python {shown}", flush=True)
+    start = time.perf_counter()
+    result = subprocess.run(command, cwd=Path.cwd())
+    seconds = time.perf_counter() - start
+    log.append({"step": title, "command": f"python {shown}", "seconds": round(seconds, 1)})
+    if result.returncode != 0:
+        raise UserError(f"demo step '{title}' failed (exit {result.returncode}): fix the message above "
+                        f"and run `make demo` again; finished steps are reused")
+
+
+def finished_run(log_dir: Path, name: str, n_steps: int) -> Path | None:
+    """best.pth of the latest run under log_dir/name whose last.pth reached n_steps, else None."""
+    from util.checkpoint import load_checkpoint
+    runs = sorted((p for p in (log_dir / name).glob("*") if p.name.isdigit()), key=lambda p: int(p.name))
+    for run in reversed(runs):
+        if (run / "last.pth").exists() and (run / "best.pth").exists():
+            if int(load_checkpoint(str(run / "last.pth"))["step"]) >= n_steps:
+                return run / "best.pth"
+    return None
+
+
+def demo_n_steps() -> int:
+    """n_steps of the `demo` named config (as train.py will resolve it)."""
+    from sacred.initialize import create_run
+    from config import ex
+    return int(create_run(ex, "print_config", config_updates={}, named_configs=["demo"]).config["n_steps"])
+
+
+def train_all(log: list[dict], redo: bool, extra: list[str]) -> dict[str, dict[str, str]]:
+    """Train every method on every fold (reusing finished runs); returns method -> organ -> best.pth."""
+    log_dir = RUN_DIR / "train"
+    n_steps = demo_n_steps()
+    snapshots: dict[str, dict[str, str]] = {}
+    for method, named in METHODS.items():
+        snapshots[method] = {}
+        for fold, organs in enumerate(FOLD_ORGANS):
+            name = f"{method.lower()}_fold{fold}"
+            best = None if redo else finished_run(log_dir, name, n_steps)
+            if best is None:
+                resume = [] if redo else ["resume=True"]
+                run_step(f"train {method} fold {fold} ({', '.join(organs)})",
+                         python_command("train.py", "with", "demo", *named, f"fold={fold}", f"name={name}",
+                                        f"path.log_dir={log_dir}", f"path.data_dir={PREP_DIR}", *resume, *extra),
+                         log)
+                best = finished_run(log_dir, name, n_steps)
+                if best is None:
+                    raise UserError(f"training {name} ended without best.pth/last.pth at step {n_steps} "
+                                    f"under {log_dir / name}: see its cout.txt")
+            else:
+                print(f"==> train {method} fold {fold}: reusing {best}")
+            for organ in organs:
+                snapshots[method][organ] = str(best)
+    return snapshots
+
+
+def run_demo(redo: set[str], extra: list[str], device: str = "auto") -> dict:
+    """All steps; returns the evaluation results (as results.json)."""
+    log: list[dict] = []
+    start = time.perf_counter()
+    if "phantom" in redo or not PHANTOM_DIR.exists():
+        run_step("generate the phantom", python_command(
+            "scripts/make_phantom.py", "--out", str(PHANTOM_DIR), "--n-silver", str(PHANTOM["n_silver"]),
+            "--n-gold", str(PHANTOM["n_gold"]), "--seed", str(PHANTOM["seed"]), "--overwrite"), log)
+    else:
+        print(f"==> phantom: reusing {PHANTOM_DIR}")
+    if {"phantom", "prepare"} & redo or not (PREP_DIR / "meta.json").exists():
+        run_step("prepare the phantom", python_command(
+            "scripts/prepare_visceral.py", "--visceral-dir", str(PHANTOM_DIR), "--out", str(PREP_DIR),
+            "--overwrite"), log)
+    else:
+        print(f"==> prepare: reusing {PREP_DIR}")
+    run_step("check the prepared data", python_command("scripts/check_dataset.py", str(PREP_DIR)), log)
+    snapshots = train_all(log, bool({"phantom", "prepare", "train"} & redo), extra)
+
+    print("\n==> evaluate mask copy, PANet and LSLPN on the gold volumes (preset lslpn)", flush=True)
+    from sacred.initialize import create_run
+    from config import ex
+    config = create_run(ex, "print_config", config_updates={}, named_configs=["demo"]).config
+    from util.evaluate import evaluate
+    eval_start = time.perf_counter()
+    results = evaluate({"mask copy": None, **snapshots}, TEST_ORGANS, PREP_DIR, preset="lslpn",
+                       out_dir=RUN_DIR, split="gold", support="default", input_size=config["input_size"],
+                       device=device, batch_size=config["eval"]["batch_size"], config=dict(config))
+    log.append({"step": "evaluate", "command": "util.evaluate.evaluate (see util/demo.py)",
+                "seconds": round(time.perf_counter() - eval_start, 1)})
+    write_report(results, log, time.perf_counter() - start)
+    return results
+
+
+def write_report(results: dict, log: list[dict], seconds: float) -> Path:
+    """runs/demo/report.md: the Table 1 layout written by util/evaluate, plus how it was made."""
+    from util.results import write_text_atomic
+    table = (RUN_DIR / "table.md").read_text().strip()
+    lines = ["# LSLPN demo on the synthetic phantom", "",
+             "Volumetric Dice (preset `lslpn`: 12 chunks, organ range = slices with > 200 voxels, mean over",
+             "query volumes) on the gold phantom volumes, one fixed support volume. Kidney and psoas are",
+             "the means of left and right. Snapshots are selected on held-out silver volumes, never on gold.",
+             "", table, "", "Produced by `make demo` (`python scripts/demo.py`). Steps:", "",
+             "| step | command | seconds |", "|---|---|---|"]
+    lines += [f"| {entry['step']} | `{entry['command']}` | {entry['seconds']} |" for entry in log]
+    lines += ["", f"Total wall time of this invocation: {seconds / 60:.1f} min (reused steps take no time).",
+              "", "Figures: results.png (qualitative), misalignment.png (alignment vs segmentation Dice)."]
+    path = RUN_DIR / "report.md"
+    write_text_atomic("\n".join(lines) + "\n", path)
+    return path
+
+
+def publish(readme: Path = ROOT / "README.md", docs: Path = ROOT / "docs") -> None:
+    """Copy the finished demo's table and figures into README.md and docs/ (maintainers only)."""
+    from util.results import write_text_atomic
+    report = RUN_DIR / "report.md"
+    if not report.exists():
+        raise UserError(f"{report} does not exist: run `make demo` first, then publish")
+    for figure in ("results.png", "misalignment.png"):
+        if (RUN_DIR / figure).exists():
+            shutil.copyfile(RUN_DIR / figure, docs / f"demo_{figure}")
+    table = (RUN_DIR / "table.md").read_text().strip()
+    block = "\n".join([
+        "<!-- demo:begin -->",
+        "Volumetric Dice on the gold phantom volumes (preset `lslpn`), produced by `make demo` on 2 CPU cores",
+        "and copied here by `python scripts/demo.py --publish`; the full report is runs/demo/report.md.", "",
+        table, "", "![Support and query slices with outlines](docs/demo_results.png)", "",
+        "<!-- demo:end -->"])
+    text = readme.read_text()
+    begin, end = text.index("<!-- demo:begin -->"), text.index("<!-- demo:end -->") + len("<!-- demo:end -->")
+    write_text_atomic(text[:begin] + block + text[end:], readme)
+    print(f"published the demo table into {readme} and figures into {docs}")
