@@ -17,6 +17,7 @@ ex = Experiment("LSLPN", save_git_info=False)
 
 @ex.config
 def default_config():
+    name = None                 # run folder name under path.log_dir (None: <method>_<class_setting>_fold<F>)
     seed = 1234                 # controls episodes, augmentation, initialisation, evaluation
     device = "auto"             # 'auto' (CUDA when present), 'cpu' or 'cuda'
     amp = False                 # mixed precision on CUDA (bf16 where supported, else fp16)
