@@ -79,16 +79,23 @@ def interpolation_matrix(out_size: int, in_size: int) -> Tensor:
 
 @dataclass(frozen=True)
 class _Axis:
-    """Precomputed geometry of one axis: `size` scoring pixels over `in_size` feature cells."""
+    """Precomputed geometry of one axis: `size` scoring pixels over `in_size` feature rows.
+
+    A cell depends on a window of `window` consecutive feature rows (those with a nonzero
+    bilinear weight on its pixels); cells are `length` pixels long.
+    """
     n_cells: int
-    length: int            # pixels per cell
-    window: int            # feature rows each cell depends on
+    length: int
+    window: int
+    identity: bool         # scoring at feature resolution (no interpolation)
     pixel_index: Tensor    # (n_cells * length,) long: pixel of (cell, offset)
-    window_index: Tensor   # (n_cells * window,) long: feature row of (cell, window offset)
+    window_index: Tensor   # n_cells x window long: feature row of (cell, window offset)
     interp: Tensor         # n_cells x length x window: bilinear weights restricted to the window
-    cover_slot: Tensor     # (size * k_cover,) long: row of (cell, offset) in n_cells * length
-    cover_cell: Tensor     # size x k_cover long: covering cell id, -1 where none
-    norm_coef: Tensor      # band x in_size x size: coefficients of the per-pixel squared norm
+    cover_slot: Tensor     # (size * k,) long: (cell, offset) slot of each covering cell; the pad
+                           # slot n_cells * length where fewer than k cells cover the pixel
+    cover_cell: Tensor     # size x k long: covering cell ids, -1 for none
+    sq0: Tensor            # size x in_size: A[x, i]^2 (A: size x in_size bilinear weights)
+    sq1: Tensor            # size x (in_size - 1): A[x, i] * A[x, i + 1]
 
 
 def _build_axis(size: int, in_size: int, n_grid: int, overlap: bool) -> _Axis:
@@ -97,39 +104,49 @@ def _build_axis(size: int, in_size: int, n_grid: int, overlap: bool) -> _Axis:
     starts = torch.tensor([c[0] for c in cells])
     pixel_index = (starts[:, None] + torch.arange(length)).reshape(-1)     # n*L
     interp = interpolation_matrix(size, in_size)                            # size x in_size
-    used = interp[pixel_index].view(n_cells, length, in_size).abs().sum(1) > 0  # n x in_size
+    nonzero = interp != 0
     cols = torch.arange(in_size)
+    band = torch.where(nonzero, cols, -1).amax(1) - torch.where(nonzero, cols, in_size).amin(1)
+    assert int(band.max()) <= 1, "bilinear weights touch at most two neighbouring rows"
+    cell_interp = interp[pixel_index].view(n_cells, length, in_size)
+    used = cell_interp.abs().sum(1) > 0                                     # n x in_size
     first = torch.where(used, cols, in_size).amin(1)
     last = torch.where(used, cols, -1).amax(1)
     window = int((last - first + 1).max())
-    win_start = first.clamp(max=in_size - window)
-    window_index = (win_start[:, None] + torch.arange(window)).reshape(-1)  # n*window
-    cell_interp = interp[pixel_index].view(n_cells, length, in_size)
-    cell_interp = torch.gather(cell_interp, 2, window_index.view(n_cells, 1, window).expand(-1, length, -1))
-    # Covering cells of every pixel, padded with -1.
+    window_index = first.clamp(max=in_size - window)[:, None] + torch.arange(window)  # n x window
+    cell_interp = torch.gather(cell_interp, 2, window_index[:, None].expand(-1, length, -1))
     pix = torch.arange(size)
     covers = (pix[:, None] >= starts[None]) & (pix[:, None] < starts[None] + length)  # size x n
-    k_cover = int(covers.sum(1).max())
-    cell_ids = torch.where(covers, torch.arange(n_cells), -1)
-    cover_cell = cell_ids.sort(dim=1, descending=True).values[:, :k_cover]  # size x k
+    k = int(covers.sum(1).max())
+    cover_cell = torch.where(covers, torch.arange(n_cells), -1).sort(1, descending=True).values[:, :k]
     offset = pix[:, None] - starts[cover_cell.clamp(min=0)]
-    cover_slot = torch.where(cover_cell >= 0, cover_cell * length + offset, 0).reshape(-1)
-    # Squared norm of the column-interpolated features: sum_j sum_d coef[d, j, y] g_d[j], with
-    # g_d[j] = <f_j, f_{j+d}>; band = nonzero weights per output pixel.
-    nz = interp != 0
-    band = int((torch.where(nz, cols, -1).amax(1) - torch.where(nz, cols, in_size).amin(1)).max()) + 1
-    coef = torch.zeros(band, in_size, size, dtype=torch.float64)
-    for d in range(band):  # geometry is built once and cached; band is 1 or 2
-        prod = interp[:, : in_size - d] * interp[:, d:]
-        coef[d, : in_size - d] = (prod if d == 0 else 2 * prod).T
-    return _Axis(n_cells, length, window, pixel_index, window_index, cell_interp.float(),
-                 cover_slot, cover_cell, coef.float())
+    cover_slot = torch.where(cover_cell >= 0, cover_cell * length + offset, n_cells * length)
+    identity = size == in_size and bool((interp == torch.eye(size, dtype=interp.dtype)).all())
+    return _Axis(n_cells, length, window, identity, pixel_index, window_index, cell_interp.float(),
+                 cover_slot.reshape(-1), cover_cell, (interp ** 2).float(),
+                 (interp[:, :-1] * interp[:, 1:]).float())
 
 
 @functools.lru_cache(maxsize=64)
 def _axis(size: int, in_size: int, n_grid: int, overlap: bool, device: str) -> _Axis:
     axis = _build_axis(size, in_size, n_grid, overlap)
     return _Axis(**{k: (v.to(device) if isinstance(v, Tensor) else v) for k, v in vars(axis).items()})
+
+
+def _take(x: Tensor, dim: int, index: Tensor) -> Tensor:
+    """`x.index_select(dim, index)` through advanced indexing (much faster on CPU)."""
+    return x[(slice(None),) * dim + (index,)]
+
+
+def _last_valid(key: Tensor, values: Tensor, dim: int) -> tuple[Tensor, Tensor]:
+    """Along `dim` (the k <= 3 covering slots), the largest key and the value of its slot."""
+    best_key, best = key.select(dim, 0), values.select(dim, 0)
+    for j in range(1, key.shape[dim]):  # k <= 3 covering slots, not cells
+        k_j = key.select(dim, j)
+        better = k_j > best_key
+        best = torch.where(better, values.select(dim, j), best)
+        best_key = torch.where(better, k_j, best_key)
+    return best_key, best
 
 
 @dataclass
@@ -207,9 +224,12 @@ class LocalPrototypeHead(nn.Module):
 
     @staticmethod
     def _windows(features: Tensor, rows: _Axis, cols: _Axis) -> Tensor:
-        """M x C x h x w -> M x C x n_rows x win_r x n_cols x win_c (each cell's feature window)."""
-        win = features.index_select(2, rows.window_index).index_select(3, cols.window_index)
-        return win.unflatten(3, (cols.n_cells, cols.window)).unflatten(2, (rows.n_cells, rows.window))
+        """M x C x h x w -> M x n_rows x n_cols x (win_r * win_c) x C: each cell's feature window."""
+        M, C, h, w = features.shape
+        index = rows.window_index[:, None, :, None] * w + cols.window_index[None, :, None, :]
+        flat = features.flatten(2).transpose(1, 2)                 # M x hw x C
+        win = flat[:, index.reshape(-1)]                           # M x (nr nc wr wc) x C
+        return win.view(M, rows.n_cells, cols.n_cells, rows.window * cols.window, C)
 
     # ---- step 2: prototypes ---------------------------------------------------------------
     def compute_prototypes(self, support_features: Tensor, support_fg: Tensor, support_bg: Tensor,
@@ -222,22 +242,26 @@ class LocalPrototypeHead(nn.Module):
     def _prototypes(self, feats: Tensor, fg: Tensor, bg: Tensor, image_size) -> Prototypes:
         B, N, K, C, h, w = feats.shape
         rows, cols = self._axes(image_size, (h, w), feats.device)
-        masks = torch.stack([bg, fg], dim=3).flatten(0, 2)        # BNK x 2 x H x W
+        nr, nc, Lr, Lc = rows.n_cells, cols.n_cells, rows.length, cols.length
+        masks = torch.stack([bg, fg], dim=3).flatten(0, 2)        # M=BNK x 2 x H x W
         pixels_per_cell = 1.0
         if self.resolution == "feature":
             pixels_per_cell = image_size[0] * image_size[1] / (h * w)
-            masks = F.interpolate(masks, size=(h, w), mode="area")  # BNK x 2 x h x w (soft)
-        # Cell sums of the masks (pixel counts) and their bilinear pull-back onto feature windows.
-        m_rows = masks.index_select(2, rows.pixel_index).unflatten(2, (rows.n_cells, rows.length))
-        counts = m_rows.sum(3).index_select(3, cols.pixel_index)  # BNK x 2 x nr x (nc*Lc)
-        counts = counts.unflatten(3, (cols.n_cells, cols.length)).sum(4) * pixels_per_cell
-        pulled = torch.einsum("rxi,mtrxy->mtriy", rows.interp, m_rows)  # BNK x 2 x nr x wr x W
-        pulled = pulled.index_select(4, cols.pixel_index).unflatten(4, (cols.n_cells, cols.length))
-        weights = torch.einsum("nyj,mtriny->mtrinj", cols.interp, pulled)  # .. nr x wr x nc x wc
-        win = self._windows(feats.flatten(0, 2), rows, cols)     # BNK x C x nr x wr x nc x wc
-        sums = torch.einsum("mcrinj,mtrinj->mtrnc", win, weights) * pixels_per_cell
+            masks = F.interpolate(masks, size=(h, w), mode="area")  # M x 2 x h x w (soft)
+        M = masks.shape[0]
+        # Pixel counts of every cell, and the cell masks pulled back through the bilinear
+        # upsampling onto the cell's feature window: sum_cell m * F_up = <F_window, weights>.
+        m_rows = _take(masks, 2, rows.pixel_index).view(M, 2, nr, Lr, -1)   # M x 2 x nr x Lr x S_c
+        counts = _take(m_rows.sum(3), 3, cols.pixel_index).view(M, 2, nr, nc, Lc).sum(4)
+        counts = counts * pixels_per_cell                          # M x 2 x nr x nc
+        pulled = rows.interp.transpose(1, 2) @ m_rows              # M x 2 x nr x wr x S_c
+        pulled = _take(pulled, 4, cols.pixel_index).view(M, 2, nr, rows.window, nc, Lc)
+        weights = pulled.transpose(3, 4) @ cols.interp             # M x 2 x nr x nc x wr x wc
+        weights = weights.flatten(4).permute(0, 2, 3, 1, 4)        # M x nr x nc x 2 x (wr wc)
+        win = self._windows(feats.flatten(0, 2), rows, cols)     # M x nr x nc x (wr wc) x C
+        sums = (weights @ win).permute(0, 3, 1, 2, 4) * pixels_per_cell  # M x 2 x nr x nc x C
         # Masked averages; shots (and, for the background, ways) with too few pixels drop out.
-        valid = counts > self.min_pixels                           # BNK x 2 x nr x nc
+        valid = counts > self.min_pixels                           # M x 2 x nr x nc
         means = sums / counts.clamp_min(1e-6).unsqueeze(-1)
         means = torch.where(valid.unsqueeze(-1), means, torch.zeros_like(means))
         means = means.unflatten(0, (B, N, K))                      # B x N x K x 2 x nr x nc x C
@@ -267,60 +291,87 @@ class LocalPrototypeHead(nn.Module):
     def _score(self, prototypes: Prototypes, query: Tensor) -> Tensor:
         B, Q, C, h, w = query.shape
         rows, cols = self._axes(prototypes.image_size, (h, w), query.device)
-        vectors = F.normalize(prototypes.vectors.float(), dim=-1, eps=_EPS).expand(B, -1, -1, -1, -1)
-        present = prototypes.present.expand(B, -1, -1, -1)        # B x L x nr x nc
-        win = self._windows(query.flatten(0, 1), rows, cols).unflatten(0, (B, Q))
-        dots = torch.einsum("bqcrinj,blrnc->bqlrinj", win, vectors)  # cell windows . prototypes
-        dots = torch.einsum("rxi,bqlrinj->bqlrxnj", rows.interp, dots)
-        dots = torch.einsum("nyj,bqlrxnj->bqlrxny", cols.interp, dots)  # .. nr x Lr x nc x Lc
-        dots = dots.flatten(5, 6).flatten(3, 4)                     # B x Q x L x (nr Lr) x (nc Lc)
-        # Every location gathers the cells that cover it: B x Q x L x S_r x k_r x S_c x k_c.
-        kr, kc = rows.cover_cell.shape[1], cols.cover_cell.shape[1]
-        dots = dots.index_select(3, rows.cover_slot).index_select(4, cols.cover_slot)
-        dots = dots.unflatten(4, (-1, kc)).unflatten(3, (-1, kr))
-        norm = self._query_norm(query.flatten(0, 1), rows, cols).unflatten(0, (B, Q))
-        scores = self.scale * dots / norm.clamp_min(_EPS)[:, :, None, :, None, :, None]
-        cell_r, cell_c = rows.cover_cell, cols.cover_cell        # S_r x k_r, S_c x k_c
-        covered = (cell_r >= 0)[:, :, None, None] & (cell_c >= 0)[None, None]
-        has = present.index_select(2, cell_r.clamp(min=0).flatten()).index_select(
-            3, cell_c.clamp(min=0).flatten())
-        has = has.unflatten(3, (-1, kc)).unflatten(2, (-1, kr))   # B x L x S_r x k_r x S_c x k_c
-        valid = (has & covered).unsqueeze(1)                      # B x 1 x L x ...
-        low = torch.full_like(scores[..., 0, :, 0], -self.scale)
-        any_valid = valid.any(-1).any(-2)
-        if self.vote == "max":
-            best = scores.masked_fill(~valid, float("-inf")).amax(dim=(-3, -1))
-            voted = torch.where(any_valid, best, low)
-        elif self.vote == "mean":
-            total = torch.where(valid, scores, torch.zeros_like(scores)).sum(dim=(-3, -1))
-            voted = torch.where(any_valid, total / valid.sum(dim=(-3, -1)).clamp_min(1), low)
-        else:  # 'cover': the last prototype-bearing covering cell in row-major order wins
-            order = cell_r[:, :, None, None] * cols.n_cells + cell_c[None, None]
-            key = torch.where(valid, order, -1).movedim(-3, -2).flatten(-2)  # .. S_r x S_c x kr*kc
-            flat = scores.movedim(-3, -2).flatten(-2)           # B x Q x L x S_r x S_c x kr*kc
-            pick = key.argmax(-1, keepdim=True).expand(*flat.shape[:-1], 1)
-            voted = torch.where(any_valid, flat.gather(-1, pick).squeeze(-1), low)
+        nr, nc, Lr, Lc, wr, wc = rows.n_cells, cols.n_cells, rows.length, cols.length, rows.window, cols.window
+        vectors = F.normalize(prototypes.vectors.float(), dim=-1, eps=_EPS)  # Bp x L x nr x nc x C
+        present = prototypes.present                               # Bp x L x nr x nc
+        L = vectors.shape[1]
+        # Dot products on each cell's feature window, then bilinearly upsampled onto the cell.
+        win = self._windows(query.flatten(0, 1), rows, cols).unflatten(0, (B, Q))  # B x Q x nr x nc x ww x C
+        dots = vectors.permute(0, 2, 3, 1, 4).unsqueeze(1) @ win.transpose(-1, -2)  # B x Q x nr x nc x L x ww
+        dots = dots.view(B, Q, nr, nc, L, wr, wc)
+        dots = rows.interp.view(1, 1, nr, 1, 1, Lr, wr) @ dots
+        dots = dots @ cols.interp.transpose(1, 2).view(1, 1, 1, nc, 1, wc, Lc)  # .. x L x Lr x Lc
+        norm = self._query_norm(query.flatten(0, 1), rows, cols)    # BQ x S_r x S_c
+        norm = _take(_take(norm, 1, rows.pixel_index), 2, cols.pixel_index)
+        norm = norm.view(B, Q, nr, Lr, nc, Lc).permute(0, 1, 2, 4, 3, 5).unsqueeze(4)
+        scores = self.scale * dots / norm.clamp_min(_EPS)           # B x Q x nr x nc x L x Lr x Lc
+        has = present.permute(0, 2, 3, 1)[:, None, :, :, :, None, None]  # Bp x 1 x nr x nc x L x 1 x 1
+        low = -self.scale
+        if self.vote == "max":     # cells without a prototype score the lowest possible value
+            voted = self._vote(scores.masked_fill(~has, low), low, rows, cols, "amax")
+        elif self.vote == "mean":  # average over the covering cells that have a prototype
+            total = self._vote(scores.masked_fill(~has, 0.0), 0.0, rows, cols, "sum")
+            count = self._vote(has.expand(-1, -1, -1, -1, -1, Lr, Lc).float(), 0.0, rows, cols, "sum")
+            voted = torch.where(count > 0, total / count.clamp_min(1), torch.full_like(total, low))
+        else:  # 'cover': the last covering cell with a prototype, in row-major cell order, wins
+            voted = self._cover_vote(scores, has, low, rows, cols)
         if self.resolution == "feature":
             voted = F.interpolate(voted.flatten(0, 1), size=prototypes.image_size, mode="bilinear",
                                   align_corners=False).unflatten(0, (B, Q))
         return voted                                               # B x Q x L x H x W
 
     @staticmethod
-    def _query_norm(features: Tensor, rows: _Axis, cols: _Axis) -> Tensor:
-        """Norm of the (upsampled) features at every scoring pixel: M x C x h x w -> M x S_r x S_c.
+    def _by_rows(cell_values: Tensor, pad: float, rows: _Axis) -> Tensor:
+        """B x Q x nr x nc x L x Lr x Lc -> B x Q x L x S_r x kr x (nc Lc): per image row, the
+        values of the (up to kr) row cells covering it; `pad` where fewer cells cover it."""
+        B, Q, nr, nc, L, Lr, Lc = cell_values.shape
+        flat = cell_values.permute(0, 1, 4, 2, 5, 3, 6).reshape(B, Q, L, nr * Lr, nc * Lc)
+        flat = F.pad(flat, (0, 0, 0, 1), value=pad)                 # pad slot: row nr * Lr
+        return _take(flat, 3, rows.cover_slot).unflatten(3, (-1, rows.cover_cell.shape[1]))
 
-        Rows are interpolated explicitly (M x C x S_r x w, small); the column interpolation enters
-        through the band Gram terms g_d[j] = <f_j, f_{j+d}> so that nothing of size C x S_r x S_c
-        is formed.
+    @staticmethod
+    def _by_cols(values: Tensor, pad: float, cols: _Axis) -> Tensor:
+        """... x S_r x (nc Lc) -> ... x S_r x S_c x kc (covering column cells, `pad` if fewer)."""
+        values = F.pad(values, (0, 1), value=pad)
+        return values[..., cols.cover_slot].unflatten(-1, (-1, cols.cover_cell.shape[1]))
+
+    def _vote(self, cell_values: Tensor, pad: float, rows: _Axis, cols: _Axis, reduce: str) -> Tensor:
+        """Reduce ('amax' or 'sum') over all cells covering each location -> B x Q x L x S_r x S_c.
+
+        Separable: reduce over the covering row cells first, then over the covering column cells.
         """
-        size_r = rows.cover_cell.shape[0]
-        h, w = features.shape[-2:]
-        f_rows = features if size_r == h else F.interpolate(
-            features, size=(size_r, w), mode="bilinear", align_corners=False)
-        sq = 0
-        for d in range(cols.norm_coef.shape[0]):  # band of the interpolation: 1 or 2 terms
-            g = (f_rows[..., : w - d] * f_rows[..., d:]).sum(1)  # M x S_r x (w - d)
-            sq = sq + g @ cols.norm_coef[d, : w - d]
+        by_rows = getattr(self._by_rows(cell_values, pad, rows), reduce)(4)   # .. S_r x (nc Lc)
+        return getattr(self._by_cols(by_rows, pad, cols), reduce)(-1)
+
+    def _cover_vote(self, scores: Tensor, has: Tensor, low: float, rows: _Axis, cols: _Axis) -> Tensor:
+        """Value of the covering prototype-bearing cell (a, b) with the largest a * nc + b."""
+        B, Q, nr, nc, L, Lr, Lc = scores.shape
+        row_id = torch.arange(nr, device=scores.device).view(1, 1, nr, 1, 1, 1, 1)
+        key = torch.where(has, row_id, -1).expand(-1, -1, -1, -1, -1, Lr, Lc)
+        key, values = _last_valid(self._by_rows(key, -1, rows), self._by_rows(scores, low, rows), 4)
+        col_id = torch.arange(nc, device=scores.device).repeat_interleave(Lc)
+        key = torch.where(key >= 0, key * nc + col_id, -1)         # row-major cell order
+        key, values = _last_valid(self._by_cols(key, -1, cols), self._by_cols(values, low, cols), -1)
+        return torch.where(key >= 0, values, torch.full_like(values, low))
+
+    @staticmethod
+    def _query_norm(features: Tensor, rows: _Axis, cols: _Axis) -> Tensor:
+        """Norm of the upsampled features at every scoring pixel: M x C x h x w -> M x S_r x S_c.
+
+        With F_up(x, y) = sum_ij A[x, i] B[y, j] f_ij and at most two neighbouring rows (columns)
+        per pixel, |F_up|^2 needs only the Gram terms of neighbouring feature vectors (computed at
+        feature resolution), so nothing of size C x H x W is formed.
+        """
+        if rows.identity and cols.identity:
+            return features.norm(dim=1)
+        f = features
+        g00 = (f * f).sum(1)                                         # M x h x w
+        g10 = (f[:, :, :-1] * f[:, :, 1:]).sum(1)                    # M x (h-1) x w
+        g01 = (f[..., :-1] * f[..., 1:]).sum(1)                      # M x h x (w-1)
+        g11 = (f[:, :, :-1, :-1] * f[:, :, 1:, 1:]).sum(1) + (f[:, :, :-1, 1:] * f[:, :, 1:, :-1]).sum(1)
+        u0 = rows.sq0 @ g00 + 2 * rows.sq1 @ g10                     # M x S_r x w
+        u1 = 2 * (rows.sq0 @ g01 + rows.sq1 @ g11)                   # M x S_r x (w-1)
+        sq = u0 @ cols.sq0.T + u1 @ cols.sq1.T                       # M x S_r x S_c
         return sq.clamp_min(0).sqrt()
 
 
