@@ -106,6 +106,16 @@ class Distributed:
         dist.all_gather_object(out, obj)
         return out
 
+    def broadcast_buffers(self, model: torch.nn.Module) -> None:
+        """Copy rank 0's buffers (BatchNorm running statistics) to every rank.
+
+        DDP keeps parameters identical but each rank's forward updates its own running statistics;
+        DDP itself re-broadcasts them only at the next forward. Call before saving and at the end.
+        """
+        if self.enabled:
+            for buffer in model.buffers():
+                dist.broadcast(buffer.data, src=0)
+
     def close(self) -> None:
         if self.enabled and dist.is_initialized():
             dist.destroy_process_group()

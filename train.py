@@ -1,0 +1,55 @@
+"""Train a few-shot segmentation model on one fold (Sacred entry point).
+
+    python train.py with demo fold=2
+    python train.py with paper fold=0 path.data_dir=data/prepared
+    python train.py with paper fold=0 resume=True            # continue the latest run of this config
+    torchrun --nproc_per_node=2 train.py with paper fold=0  # DistributedDataParallel, one GPU per rank
+
+Each run is a Sacred FileStorageObserver folder path.log_dir/<name>/<id>/ (config.json, run.json
+with package versions and git commit, metrics.json, cout.txt, last.pth, best.pth); only rank 0
+writes. The config is checked before anything runs (util/config_check.py). The loop is
+util/training.py.
+"""
+from __future__ import annotations
+
+import importlib.metadata
+import os
+
+from sacred.observers import FileStorageObserver
+from sacred.utils import apply_backspaces_and_linefeeds
+
+from config import ex
+from util.cli import run_sacred
+from util.config_check import check_config
+from util.training import run_name, train
+
+ex.captured_out_filter = apply_backspaces_and_linefeeds  # tqdm redraws collapse to their last state
+for _package in ("torch", "torchvision", "numpy", "scipy", "nibabel", "tqdm"):  # versions into run.json
+    try:
+        ex.add_package_dependency(_package, importlib.metadata.version(_package))
+    except importlib.metadata.PackageNotFoundError:
+        pass
+
+
+@ex.config_hook
+def check_and_observe(config, command_name, logger):
+    """Training only: validate the resolved config, then attach the run folder's observer (rank 0)."""
+    ex.observers[:] = [o for o in ex.observers if not getattr(o, "lslpn_train", False)]
+    if command_name != "main":  # print_config etc.: nothing to check, nothing to record
+        return {}
+    check_config(config, "train")
+    if int(os.environ.get("RANK", 0)) == 0:
+        observer = FileStorageObserver(os.path.join(config["path"]["log_dir"], run_name(config)))
+        observer.lslpn_train = True
+        ex.observers.append(observer)
+    return {}
+
+
+@ex.main
+def main(_config, _run):
+    """Train one fold; returns the summary (steps, best validation Dice, seconds per step, ...)."""
+    return train(_config, _run)
+
+
+if __name__ == "__main__":
+    run_sacred(ex)
