@@ -1,0 +1,208 @@
+"""Load, validate, reorient and save NIfTI volumes.
+
+Every reader goes through `load_nifti`: it turns the many ways a file can be wrong (missing,
+corrupt, truncated, 2D/4D, NaN/inf voxels) into one-line `UserError`s that name the file and the
+fix, and it returns the array in the project's canonical orientation, RAS+ (DESIGN.md): axis 0
+patient left -> right, axis 1 posterior -> anterior, axis 2 inferior -> superior.
+
+`to_original` maps a canonical array back to the storage orientation of its source file, and
+`save_nifti_atomic` writes a `.nii.gz` deterministically (gzip mtime 0) and atomically.
+"""
+from __future__ import annotations
+
+import gzip
+import os
+import shutil
+import zlib
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import nibabel as nib
+import numpy as np
+from nibabel.orientations import apply_orientation, axcodes2ornt, ornt_transform
+
+from util.errors import UserError
+
+CANONICAL_AXCODES = ("R", "A", "S")
+AFFINE_TOLERANCE_MM = 1e-3
+
+
+@dataclass
+class NiftiVolume:
+    """A volume in canonical RAS+ orientation plus what is needed to go back to the file's geometry.
+
+    array:            X x Y x Z, canonical (dtype as stored, or as requested by the loader)
+    affine:           4 x 4 canonical voxel -> world (mm) matrix
+    original_affine:  4 x 4 affine of the file as stored
+    original_shape:   (3,) shape of the array as stored
+    original_axcodes: storage orientation, e.g. "LPS"
+    """
+    array: np.ndarray
+    affine: np.ndarray
+    original_affine: np.ndarray
+    original_shape: tuple[int, int, int]
+    original_axcodes: str
+    path: Path
+
+    @property
+    def spacing(self) -> np.ndarray:
+        """Voxel size in mm along the canonical axes, shape (3,)."""
+        return np.sqrt((self.affine[:3, :3] ** 2).sum(axis=0))
+
+
+def read_nifti(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """Voxels (as stored, scaling applied) and affine of a NIfTI file; failures are one-line UserErrors."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: file not found: check the path or regenerate the data set")
+    try:
+        image = nib.load(str(path))
+        if not isinstance(image, (nib.Nifti1Image, nib.Nifti2Image)):
+            raise UserError(f"{path}: not a NIfTI file ({type(image).__name__}): convert it to .nii.gz")
+        data = np.asanyarray(image.dataobj)  # forces decompression: truncation shows up here
+    except UserError:
+        raise
+    except (EOFError, zlib.error, gzip.BadGzipFile, OSError, ValueError,
+            nib.filebasedimages.ImageFileError) as error:
+        reason = " ".join(f"{type(error).__name__}: {error}".split())[:90]
+        raise UserError(f"{path}: cannot read NIfTI ({reason}): the file is corrupt or truncated; "
+                        "copy or export it again") from None
+    return data, np.asarray(image.affine, dtype=np.float64)
+
+
+def _check_3d(data: np.ndarray, path: Path) -> np.ndarray:
+    """Accept X x Y x Z (or X x Y x Z x 1); anything else is a one-line error."""
+    if data.ndim == 4 and data.shape[3] == 1:
+        data = data[..., 0]
+    if data.ndim != 3:
+        raise UserError(f"{path}: image has {data.ndim} dimensions {tuple(data.shape)}, expected a 3D "
+                        "volume X x Y x Z: export one 3D volume per file")
+    if min(data.shape) < 1:
+        raise UserError(f"{path}: empty volume of shape {tuple(data.shape)}: export it again")
+    return data
+
+
+def _check_finite(data: np.ndarray, path: Path) -> None:
+    """NaN or inf voxels are an error (they poison min-max scaling and Dice)."""
+    if np.issubdtype(data.dtype, np.floating) and not np.isfinite(data).all():
+        bad = int((~np.isfinite(data)).sum())
+        raise UserError(f"{path}: {bad} NaN/inf voxels: fix or re-export the volume (e.g. replace them "
+                        "with the background value)")
+
+
+def load_nifti(path: str | Path, dtype: np.dtype | type | None = None) -> NiftiVolume:
+    """Load a 3D NIfTI, validate it and reorient it to canonical RAS+.
+
+    Returns a `NiftiVolume` whose `array` is X x Y x Z canonical (cast to `dtype` when given;
+    integer casts round). Raises UserError for missing/corrupt/truncated files, 2D or 4D data,
+    NaN/inf voxels and non-invertible affines.
+    """
+    path = Path(path)
+    data, affine = read_nifti(path)
+    data = _check_3d(data, path)
+    _check_finite(data, path)
+    if not np.isfinite(affine).all() or abs(np.linalg.det(affine[:3, :3])) < 1e-9:
+        raise UserError(f"{path}: affine is not invertible or not finite: fix the NIfTI header (sform/qform)")
+    original_axcodes = "".join(nib.aff2axcodes(affine))
+    canonical = nib.as_closest_canonical(nib.Nifti1Image(data, affine))
+    array = np.asarray(canonical.dataobj)
+    if dtype is not None and array.dtype != np.dtype(dtype):
+        array = np.rint(array).astype(dtype) if np.issubdtype(np.dtype(dtype), np.integer) \
+            and np.issubdtype(array.dtype, np.floating) else array.astype(dtype)
+    return NiftiVolume(array=array, affine=np.asarray(canonical.affine, dtype=np.float64),
+                       original_affine=affine, original_shape=tuple(int(s) for s in data.shape),
+                       original_axcodes=original_axcodes, path=path)
+
+
+def check_same_grid(mask: NiftiVolume, volume: NiftiVolume) -> None:
+    """A mask must share its volume's shape and affine (in storage orientation); else one-line error."""
+    if tuple(mask.original_shape) != tuple(volume.original_shape):
+        raise UserError(f"{mask.path}: mask shape {tuple(mask.original_shape)} differs from volume "
+                        f"{volume.path.name} shape {tuple(volume.original_shape)}: resample the mask onto "
+                        "the volume grid")
+    if not np.allclose(mask.original_affine, volume.original_affine, atol=AFFINE_TOLERANCE_MM):
+        raise UserError(f"{mask.path}: mask affine differs from volume {volume.path.name} affine: resample "
+                        "the mask onto the volume grid (or fix its header)")
+
+
+def to_original(array_canonical: np.ndarray, original_axcodes: str | tuple[str, ...]) -> np.ndarray:
+    """Map a canonical RAS+ array (X x Y x Z) back to the storage orientation `original_axcodes`.
+
+    Inverse of the reorientation done by `load_nifti`: `to_original(load_nifti(p).array, codes)`
+    equals the stored array. Save the result with the volume's `original_affine`.
+    """
+    codes = tuple(original_axcodes)
+    if len(codes) != 3:
+        raise UserError(f"orientation '{''.join(codes)}' is not three axis codes like 'LPS': use the "
+                        "original_axcodes stored with the volume")
+    transform = ornt_transform(axcodes2ornt(CANONICAL_AXCODES), axcodes2ornt(codes))
+    return np.ascontiguousarray(apply_orientation(np.asarray(array_canonical), transform))
+
+
+def nifti_bytes(array: np.ndarray, affine: np.ndarray, compresslevel: int = 1) -> bytes:
+    """Gzipped single-file NIfTI-1 bytes of `array` (X x Y x Z) with `affine`; deterministic (gzip mtime 0).
+
+    The header comes from nibabel; the voxels are appended in one Fortran-order copy (nibabel's own
+    writer copies chunk by chunk, several times slower for the phantom's many masks).
+    """
+    array = np.asarray(array)
+    header = nib.Nifti1Header()
+    header.set_data_shape(array.shape)
+    header.set_data_dtype(array.dtype)
+    header.set_xyzt_units("mm", "sec")
+    affine = np.asarray(affine, dtype=np.float64)
+    header.set_qform(affine, code=1)
+    header.set_sform(affine, code=1)
+    header["vox_offset"] = 352
+    header["scl_slope"], header["scl_inter"] = 1.0, 0.0
+    raw = header.binaryblock + b"\x00" * 4 + array.tobytes(order="F")
+    return gzip.compress(raw, compresslevel=compresslevel, mtime=0)
+
+
+def write_bytes_atomic(data: bytes, path: str | Path) -> None:
+    """Write `data` to `path` via `<path>.tmp-<pid>` in the same folder and os.replace."""
+    path = Path(path)
+    temporary = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    try:
+        temporary.write_bytes(data)
+        os.replace(temporary, path)
+    finally:
+        if temporary.exists():
+            temporary.unlink()
+
+
+def save_nifti_atomic(array: np.ndarray, affine: np.ndarray, path: str | Path, compresslevel: int = 1) -> None:
+    """Save `array` with `affine` as `.nii.gz` at `path`, atomically and byte-deterministically."""
+    path = Path(path)
+    if not path.name.endswith(".nii.gz"):
+        raise UserError(f"{path}: NIfTI output must end in .nii.gz: rename the output path")
+    write_bytes_atomic(nifti_bytes(array, affine, compresslevel), path)
+
+
+@contextmanager
+def atomic_folder(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    """Build a folder in `<out>.partial-<pid>` and rename it to `out` only when the block succeeds.
+
+    An existing `out` is an error unless `overwrite`; then it is replaced only after the new folder is
+    complete. On any exception the partial folder is removed, so nothing half-written is left behind.
+    """
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise UserError(f"{out}: already exists: pass --overwrite to replace it (or --skip-existing to keep it)")
+    partial = out.with_name(f"{out.name}.partial-{os.getpid()}")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    try:
+        yield partial
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    if out.exists():
+        old = out.with_name(f"{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+        os.replace(partial, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(partial, out)
