@@ -309,6 +309,8 @@ def evaluate(methods: dict, organs: list[str], prep_dir: str | Path, preset: str
              {organ: path or model} (per-fold snapshots in one table).
     support: a patient id, 'default' (10000132 when present, else the first by sorted id) or 'all'
              (every volume in turn; mean and std over supports).
+    n_shots: k support slices around each chunk centre for the models (util/protocol.py); the
+             mask copy always copies the centre slice (the paper's alignment Dice).
     Writes under out_dir (when given): results.json, results.csv, table.md, figure_data.npz,
     results.png, misalignment.png and predictions/<method>/<query>_<organ>.nii.gz (original geometry).
     Returns the results dict (as results.json).
