@@ -78,6 +78,7 @@ def default_config():
         "support": "default",     # a patient id, 'default' (10000132 if present else first gold), or 'all'
         "n_shots": 1,
         "snapshots": {},          # method name -> checkpoint path, e.g. {"LSLPN": "runs/.../best.pth"}
+        "organs": None,           # organ names to evaluate; None: the fold's label_sets[fold]
         "split": "gold",          # 'gold' (test) or 'val'
         "batch_size": 16,         # query slices per forward pass
         "save_predictions": True, # NIfTI masks in each query's original geometry
