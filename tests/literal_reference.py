@@ -86,12 +86,14 @@ def literal_reference(support_features, support_fg, support_bg, query_features, 
             for c in range(1 + N):
                 for x in range(H):
                     for y in range(W):
+                        # every cell (a, g) that contains (x, y), in row-major cell order
+                        covering = [(a, g) for a, (r0, r1) in enumerate(rows) if r0 <= x < r1
+                                    for g, (c0, c1) in enumerate(cols) if c0 <= y < c1]
                         scores = []
-                        for a, (r0, r1) in enumerate(rows):
-                            for g, (c0, c1) in enumerate(cols):
-                                p = protos[(c, a, g)]
-                                if r0 <= x < r1 and c0 <= y < c1 and p is not None:
-                                    scores.append(scale * float(_cosine(up[q, :, x, y], p)))
+                        for a, g in covering:
+                            p = protos[(c, a, g)]
+                            if p is not None:
+                                scores.append(scale * float(_cosine(up[q, :, x, y], p)))
                         if not scores:
                             out[b, q, c, x, y] = -scale
                         elif vote == "max":
