@@ -73,3 +73,161 @@ def format_mask_copy(results: dict[str, dict], support: str, preset: str) -> str
     if means:
         lines.append(f"  {'mean':<14} {np.mean(means):.3f}")
     return "\n".join(lines)
+
+
+def _load_json(path: Path) -> dict:
+    if not path.is_file():
+        raise UserError(f"{path}: missing: re-run scripts/prepare_visceral.py for this folder")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise UserError(f"{path}: not valid JSON ({error}): re-run scripts/prepare_visceral.py") from None
+
+
+def _check_meta(prep: Path, meta: dict) -> tuple[int, dict]:
+    """Validate meta.json's keys; returns (prep_size, splits)."""
+    path = prep / "meta.json"
+    missing = [k for k in ("format_version", "prep_size", "intensity", "splits", "seed") if k not in meta]
+    if missing:
+        raise UserError(f"{path}: keys {', '.join(missing)} missing: re-run scripts/prepare_visceral.py")
+    if meta["format_version"] != 1:
+        raise UserError(f"{path}: format_version {meta['format_version']} is not 1: re-run "
+                        "scripts/prepare_visceral.py with this version of the code")
+    splits = meta["splits"]
+    if not isinstance(splits, dict) or set(splits) != {"train", "val", "gold"}:
+        raise UserError(f"{path}: splits must have exactly train, val and gold: re-run the preparation")
+    seen: dict[str, str] = {}
+    for split, pids in splits.items():
+        for pid in pids:
+            if pid in seen:
+                raise UserError(f"{path}: patient {pid} is in both {seen[pid]} and {split}: re-run the preparation")
+            seen[pid] = split
+    if not splits["train"] or not splits["gold"]:
+        raise UserError(f"{path}: the train or gold split is empty: prepare a data set with silver and gold volumes")
+    return int(meta["prep_size"]), splits
+
+
+def _check_train(prep: Path, pid: str, size: int) -> np.ndarray:
+    """Validate train/<pid>_{image,label}.npy; returns the label stack N x S x S."""
+    image_path, label_path = prep / "train" / f"{pid}_image.npy", prep / "train" / f"{pid}_label.npy"
+    arrays = []
+    for path, dtype in ((image_path, np.float32), (label_path, np.uint8)):
+        if not path.is_file():
+            raise UserError(f"{path}: missing training file: re-run scripts/prepare_visceral.py")
+        try:
+            array = np.load(path, mmap_mode="r", allow_pickle=False)
+        except (ValueError, OSError, EOFError) as error:
+            raise UserError(f"{path}: unreadable ({error}): re-run scripts/prepare_visceral.py") from None
+        if array.dtype != dtype or array.ndim != 3 or array.shape[1:] != (size, size):
+            raise UserError(f"{path}: {array.dtype} {tuple(array.shape)}, expected {np.dtype(dtype)} N x {size} x "
+                            f"{size}: re-run scripts/prepare_visceral.py")
+        arrays.append(array)
+    image, label = arrays
+    if image.shape[0] != label.shape[0]:
+        raise UserError(f"{label_path}: {label.shape[0]} label slices for {image.shape[0]} image slices: re-run "
+                        "the preparation")
+    values = np.asarray(image)
+    if not np.isfinite(values).all() or values.min(initial=0) < 0 or values.max(initial=0) > 1:
+        raise UserError(f"{image_path}: image values outside [0, 1] or not finite: re-run the preparation")
+    if label.size and int(label.max()) > 20:
+        raise UserError(f"{label_path}: label value {int(label.max())} > 20: re-run the preparation")
+    return np.asarray(label)
+
+
+def _check_volume(path: Path) -> set[int]:
+    """Validate one val/gold npz; returns the label values present."""
+    if not path.is_file():
+        raise UserError(f"{path}: missing evaluation volume: re-run scripts/prepare_visceral.py")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            missing = [key for key in VOLUME_KEYS if key not in data.files]
+            if missing:
+                raise UserError(f"{path}: keys {', '.join(missing)} missing: re-run the preparation")
+            image, label = data["image"], data["label"]
+            affine, original_affine = data["affine"], data["original_affine"]
+            axcodes, spacing = str(data["original_axcodes"]), data["spacing"]
+            original_shape = data["original_shape"]
+    except UserError:
+        raise
+    except (ValueError, OSError, EOFError, KeyError) as error:
+        raise UserError(f"{path}: unreadable ({type(error).__name__}): re-run the preparation") from None
+    if image.dtype != np.int16 or image.ndim != 3 or label.dtype != np.uint8 or label.shape != image.shape:
+        raise UserError(f"{path}: image {image.dtype} {image.shape} / label {label.dtype} {label.shape}: expected "
+                        "int16 and uint8 volumes of one shape: re-run the preparation")
+    if affine.shape != (4, 4) or original_affine.shape != (4, 4) or spacing.shape != (3,) or \
+            sorted(original_shape.tolist()) != sorted(image.shape) or len(axcodes) != 3:
+        raise UserError(f"{path}: geometry keys (affine, original_affine, original_shape, original_axcodes, "
+                        "spacing) are inconsistent: re-run the preparation")
+    values = set(np.unique(label).tolist())
+    if max(values) > 20:
+        raise UserError(f"{path}: label value {max(values)} > 20: re-run the preparation")
+    return values - {0}
+
+
+def check_prepared(prep_dir: str | Path) -> dict:
+    """Verify a prepared folder; returns {"rows": per-class table rows, "splits": sizes}.
+
+    Raises a one-line UserError on the first defect found.
+    """
+    prep = Path(prep_dir)
+    if not prep.is_dir():
+        raise UserError(f"{prep}: folder not found: run scripts/prepare_visceral.py --out {prep}")
+    meta = _load_json(prep / "meta.json")
+    size, splits = _check_meta(prep, meta)
+    index = _load_json(prep / "index.json")
+    if not isinstance(index.get("slices"), dict):
+        raise UserError(f"{prep / 'index.json'}: no 'slices' object: re-run the preparation")
+    labels = {pid: _check_train(prep, pid, size) for pid in splits["train"]}
+    volumes = {split: {pid: _check_volume(prep / "volumes" / split / f"{pid}.npz") for pid in splits[split]}
+               for split in ("val", "gold")}
+    rows = []
+    for key, entries in index["slices"].items():
+        if not key.isdigit() or not 1 <= int(key) <= 20:
+            raise UserError(f"{prep / 'index.json'}: class '{key}' is not a label index 1-20: re-run the preparation")
+        klass = int(key)
+        for entry in entries:
+            if not (isinstance(entry, list) and len(entry) == 3 and entry[0] in labels):
+                raise UserError(f"{prep / 'index.json'}: entry {entry} of class {klass} does not name a training "
+                                "volume as [pid, row, z]: re-run the preparation")
+            pid, row, z = entry
+            if not (isinstance(row, int) and 0 <= row < labels[pid].shape[0] and isinstance(z, int) and z >= 0):
+                raise UserError(f"{prep / 'index.json'}: entry {entry}: row out of range for "
+                                f"{pid} ({labels[pid].shape[0]} slices): re-run the preparation")
+            if not (labels[pid][row] == klass).any():
+                raise UserError(f"{prep / 'train' / (pid + '_label.npy')}: row {row} has no voxel of class {klass} "
+                                "listed in index.json: re-run the preparation")
+        rows.append({"index": klass, "name": INDEX_TO_NAME[klass], "slices": len(entries),
+                     "volumes": len({entry[0] for entry in entries}),
+                     "val": sum(klass in v for v in volumes["val"].values()),
+                     "gold": sum(klass in v for v in volumes["gold"].values())})
+    unexpected = sorted({p.name.split("_")[0] for p in (prep / "train").glob("*.npy")} - set(labels))
+    if unexpected:
+        raise UserError(f"{prep / 'train'}: files of {unexpected[0]} which is not in splits.train: re-run the "
+                        "preparation into an empty folder")
+    return {"rows": sorted(rows, key=lambda r: r["index"]), "prep_size": size,
+            "splits": {split: len(pids) for split, pids in splits.items()}}
+
+
+def format_table(report: dict) -> str:
+    """Per-class table of a `check_prepared` report."""
+    lines = [f"{'index':>5}  {'class':<24} {'slices':>6} {'volumes':>7} {'val vol':>7} {'gold vol':>8}"]
+    for row in report["rows"]:
+        lines.append(f"{row['index']:>5}  {row['name']:<24} {row['slices']:>6} {row['volumes']:>7} "
+                     f"{row['val']:>7} {row['gold']:>8}")
+    sizes = report["splits"]
+    lines.append(f"train {sizes['train']} volumes, val {sizes['val']}, gold {sizes['gold']}; "
+                 f"prep size {report['prep_size']}")
+    return "\n".join(lines)
+
+
+def prepared_mask_copy(prep_dir: str | Path, preset: str = "lslpn") -> str:
+    """Mask-copy Dice per test organ on the gold volumes of a prepared folder, formatted."""
+    gold = Path(prep_dir) / "volumes" / "gold"
+    labels = {}
+    for path in sorted(gold.glob("*.npz")):
+        with np.load(path, allow_pickle=False) as data:
+            labels[path.stem] = data["label"]
+    if len(labels) < 2:
+        raise UserError(f"{gold}: fewer than 2 gold volumes: the mask-copy check needs a support and a query")
+    support = default_support(list(labels))
+    return format_mask_copy(mask_copy_dice(labels, support, preset), support, preset)

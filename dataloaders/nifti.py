@@ -107,7 +107,7 @@ def load_nifti(path: str | Path, dtype: np.dtype | type | None = None) -> NiftiV
         raise UserError(f"{path}: affine is not invertible or not finite: fix the NIfTI header (sform/qform)")
     original_axcodes = "".join(nib.aff2axcodes(affine))
     canonical = nib.as_closest_canonical(nib.Nifti1Image(data, affine))
-    array = np.asarray(canonical.dataobj)
+    array = np.asfortranarray(canonical.dataobj)   # NIfTI voxel order: cheap z slabs, cheap flat views
     if dtype is not None and array.dtype != np.dtype(dtype):
         array = np.rint(array).astype(dtype) if np.issubdtype(np.dtype(dtype), np.integer) \
             and np.issubdtype(array.dtype, np.floating) else array.astype(dtype)

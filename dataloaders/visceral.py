@@ -132,14 +132,14 @@ def merge_masks(masks: dict[int, np.ndarray]) -> tuple[np.ndarray, int]:
     if not masks:
         raise ValueError("merge_masks needs at least one mask")
     shape = next(iter(masks.values())).shape
-    label = np.zeros(shape, dtype=np.uint8)
-    coverage = np.zeros(shape, dtype=np.uint8)
-    binary = {index: np.asarray(mask) > 0 for index, mask in masks.items()}
-    order = sorted(binary, key=lambda index: (-int(binary[index].sum()), index))  # large first, small last
+    label = np.zeros(int(np.prod(shape)), dtype=np.uint8)          # Fortran order, as NIfTI stores voxels
+    coverage = np.zeros(label.size, dtype=np.uint8)
+    voxels = {index: np.flatnonzero(np.ravel(mask, order="F")) for index, mask in masks.items()}
+    order = sorted(voxels, key=lambda index: (-voxels[index].size, index))  # large first, small last
     for index in order:
-        label[binary[index]] = index
-        coverage += binary[index]
-    return label, int((coverage > 1).sum())
+        label[voxels[index]] = index
+        coverage[voxels[index]] += 1
+    return label.reshape(shape, order="F"), int((coverage > 1).sum())
 
 
 def as_int16_hu(volume: NiftiVolume) -> NiftiVolume:

@@ -1,0 +1,138 @@
+"""Reader for generic multi-label data sets (TotalSegmentator, BTCV or AMOS exports and the like).
+
+A case is an image NIfTI plus a multi-label NIfTI on the same grid; a JSON map names the label
+values. Accepted map forms: {"liver": 5, ...} (name -> value), {"5": "liver", ...} (value -> name),
+either optionally wrapped as {"labels": {...}}. Names are mapped onto the project vocabulary with
+`dataloaders.organs.canonical_name` (e.g. iliopsoas_left -> psoas_left); other names are ignored.
+
+Folder layout of a split (e.g. ROOT/train, ROOT/test):
+    SPLIT/images/<case>.nii.gz + SPLIT/labels/<case>.nii.gz      (nnU-Net / AMOS / BTCV style), or
+    SPLIT/<case>/{ct,image}.nii.gz + SPLIT/<case>/{labels,label,seg}.nii.gz   (one folder per case)
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from dataloaders.nifti import check_same_grid, load_nifti
+from dataloaders.organs import NAME_TO_INDEX, canonical_name
+from dataloaders.visceral import LabeledVolume, as_int16_hu, strip_nifti_suffix
+from util.errors import UserError
+
+IMAGE_NAMES = ("ct", "image", "img")
+LABEL_NAMES = ("labels", "label", "seg", "segmentation")
+SPLIT_NAMES = {"silver": ("SilverCorpus", "train", "Tr", "training"),
+               "gold": ("GoldCorpus", "test", "Ts", "testing")}
+
+
+def read_label_map(path: str | Path) -> dict[int, str]:
+    """Label value -> name from a JSON map file (either direction, optionally under "labels")."""
+    path = Path(path)
+    try:
+        content = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"{path}: label map not found: pass --label-map with a JSON name -> value map") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise UserError(f"{path}: not valid JSON ({error}): fix the label map file") from None
+    if isinstance(content, dict) and isinstance(content.get("labels"), dict):
+        content = content["labels"]
+    if not isinstance(content, dict) or not content:
+        raise UserError(f"{path}: label map must be a non-empty JSON object name -> value: fix the file")
+    if all(str(key).strip().isdigit() for key in content):
+        pairs = {int(key): str(name) for key, name in content.items()}
+    elif all(isinstance(value, int) and not isinstance(value, bool) for value in content.values()):
+        pairs = {int(value): str(name) for name, value in content.items()}
+    else:
+        raise UserError(f"{path}: label map mixes names and values: write it as {{\"liver\": 5, ...}}")
+    if any(value <= 0 for value in pairs):
+        raise UserError(f"{path}: label values must be positive integers (0 is background): fix the map")
+    return pairs
+
+
+def vocabulary_lookup(label_map: dict[int, str]) -> dict[int, int]:
+    """Label value -> project index (1-20) for the map entries that name one of the 20 structures."""
+    lookup = {}
+    for value, name in label_map.items():
+        canonical = canonical_name(name)
+        if canonical is not None:
+            lookup[value] = NAME_TO_INDEX[canonical]
+    return lookup
+
+
+def load_multilabel_case(image_path: str | Path, label_path: str | Path, label_map: dict[int, str],
+                         pid: str | None = None, allow_missing: bool = False) -> LabeledVolume:
+    """Load one image + multi-label pair and map its labels onto the indices 1-20.
+
+    Every value named in `label_map` must occur in the label volume (else a UserError naming the
+    values: a map for another data set is the usual cause) unless `allow_missing`. Returns canonical
+    image (int16 HU) and label (uint8, 0 = background or a structure outside the vocabulary).
+    """
+    image = as_int16_hu(load_nifti(image_path))
+    labels = load_nifti(label_path)
+    check_same_grid(labels, image)
+    values = labels.array
+    if np.issubdtype(values.dtype, np.floating):
+        if not np.array_equal(values, np.rint(values)):
+            raise UserError(f"{label_path}: label volume holds non-integer values: export it as an integer "
+                            "multi-label map")
+    values = values.astype(np.int64)
+    present = set(np.unique(values).tolist())
+    missing = sorted(value for value in label_map if value not in present)
+    if missing and not allow_missing:
+        names = ", ".join(f"{value} ({label_map[value]})" for value in missing[:6])
+        raise UserError(f"{label_path}: label map names values absent from this volume: {names}: check that "
+                        "the map belongs to this data set (or pass --allow-missing-labels)")
+    lookup = vocabulary_lookup(label_map)
+    if not lookup:
+        raise UserError(f"{label_path}: the label map names none of the 20 structures (e.g. liver, spleen, "
+                        "kidney_right): fix the names in the map")
+    table = np.zeros(max(int(values.max()), max(lookup)) + 1, dtype=np.uint8)
+    for value, index in lookup.items():
+        table[value] = index
+    if values.min() < 0:
+        raise UserError(f"{label_path}: negative label values: export label values >= 0")
+    pid = pid or strip_nifti_suffix(Path(image_path).name)
+    return LabeledVolume(pid, image, table[values], 0)
+
+
+def find_multilabel_cases(split_dir: str | Path) -> list[tuple[str, Path, Path]]:
+    """(case id, image path, label path) of every case in a split folder, sorted by case id."""
+    split_dir = Path(split_dir)
+    if not split_dir.is_dir():
+        raise UserError(f"{split_dir}: folder missing: a multi-label data set needs train/ and test/ folders")
+    cases = []
+    if (split_dir / "images").is_dir() and (split_dir / "labels").is_dir():
+        for image in sorted((split_dir / "images").iterdir()):
+            stem = strip_nifti_suffix(image.name)
+            if stem is None:
+                continue
+            label = next((split_dir / "labels" / f"{stem}{s}" for s in (".nii.gz", ".nii")
+                          if (split_dir / "labels" / f"{stem}{s}").is_file()), None)
+            if label is None:
+                raise UserError(f"{image}: no label file {stem}.nii.gz in {split_dir / 'labels'}: add it or "
+                                "remove the image")
+            cases.append((stem, image, label))
+    else:
+        for folder in sorted(p for p in split_dir.iterdir() if p.is_dir()):
+            files = {strip_nifti_suffix(p.name): p for p in folder.iterdir() if strip_nifti_suffix(p.name)}
+            image = next((files[n] for n in IMAGE_NAMES if n in files), None)
+            label = next((files[n] for n in LABEL_NAMES if n in files), None)
+            if image is None or label is None:
+                raise UserError(f"{folder}: needs an image ({'/'.join(IMAGE_NAMES)}.nii.gz) and a label map "
+                                f"({'/'.join(LABEL_NAMES)}.nii.gz): add the missing file")
+            cases.append((folder.name, image, label))
+    if not cases:
+        raise UserError(f"{split_dir}: no cases found: use images/ + labels/ or one folder per case")
+    return cases
+
+
+def find_split(root: str | Path, split: str) -> Path:
+    """The folder of split 'silver' (training) or 'gold' (test) under a multi-label ROOT."""
+    root = Path(root)
+    for name in SPLIT_NAMES[split]:
+        if (root / name).is_dir():
+            return root / name
+    raise UserError(f"{root}: no {'/'.join(SPLIT_NAMES[split])} folder for the {split} split: create one "
+                    "(see dataloaders/multilabel.py for the layout)")

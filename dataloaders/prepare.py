@@ -1,0 +1,199 @@
+"""Turn a VISCERAL-layout (or multi-label) data set into the prepared folder of DESIGN.md.
+
+Silver volumes are split into training and validation volumes (seeded). Training volumes become 2D
+axial slices (canonical z): per class, the slices with more than `min_voxels` voxels of it; when more
+than `many` slices qualify, `max_per_volume` of them are drawn at random (the official rule); or all
+of them with `keep_all`. Slices are intensity-scaled (dataloaders/intensity.py) at their original
+resolution, then resized to `prep_size`. Validation and gold volumes are stored whole, canonical,
+with the original affine and orientation so predictions can be written back.
+"""
+from __future__ import annotations
+
+import io
+import json
+import multiprocessing
+import zipfile
+import zlib
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from dataloaders.intensity import scale_intensity, validate_intensity
+from dataloaders.multilabel import find_multilabel_cases, find_split, load_multilabel_case, read_label_map
+from dataloaders.nifti import atomic_folder, write_bytes_atomic
+from dataloaders.organs import INDEX_TO_NAME
+from dataloaders.transforms import resize_image, resize_label
+from dataloaders.visceral import LabeledVolume, find_cases, load_case
+from util.errors import UserError
+
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The slice selection rule (official defaults)."""
+    min_voxels: int = 150
+    max_per_volume: int = 5
+    many: int = 20
+    keep_all: bool = False
+
+
+@dataclass
+class SourceCase:
+    """One volume of the source data set and how to load it."""
+    pid: str
+    load: Callable[[], LabeledVolume]
+
+
+def list_sources(source_dir: str | Path, layout: str = "visceral", label_map: str | Path | None = None,
+                 allow_missing: bool = False) -> tuple[list[SourceCase], list[SourceCase]]:
+    """(silver cases, gold cases) of a data set in the 'visceral' or 'multilabel' layout."""
+    root = Path(source_dir)
+    if not root.is_dir():
+        raise UserError(f"{root}: data folder not found: pass --visceral-dir (make a phantom with "
+                        "scripts/make_phantom.py --out DIR)")
+    if layout == "visceral":
+        silver, gold = (find_cases(root / name) for name in ("SilverCorpus", "GoldCorpus"))
+        return ([SourceCase(c.pid, partial(load_case, c)) for c in silver],
+                [SourceCase(c.pid, partial(load_case, c)) for c in gold])
+    if layout == "multilabel":
+        if label_map is None:
+            raise UserError("--layout multilabel needs --label-map map.json (label name -> value)")
+        names = read_label_map(label_map)
+        splits = []
+        for split in ("silver", "gold"):
+            cases = find_multilabel_cases(find_split(root, split))
+            splits.append([SourceCase(pid, partial(load_multilabel_case, image, label, names, pid, allow_missing))
+                           for pid, image, label in cases])
+        return splits[0], splits[1]
+    raise UserError(f"layout '{layout}' is unknown: use 'visceral' or 'multilabel'")
+
+
+def select_slices(label: np.ndarray, index: int, rng: np.random.Generator, rule: Selection) -> np.ndarray:
+    """Sorted z of the training slices of class `index` in one label volume X x Y x Z."""
+    counts = (label == index).sum(axis=(0, 1))                                             # Z
+    qualifying = np.flatnonzero(counts > rule.min_voxels)
+    if rule.keep_all or qualifying.size <= rule.many:
+        return qualifying
+    return np.sort(rng.choice(qualifying, size=rule.max_per_volume, replace=False))
+
+
+def volume_rng(seed: int, pid: str) -> np.random.Generator:
+    """Generator for one volume: depends on (seed, pid) only, not on processing order."""
+    return np.random.default_rng([seed, zlib.crc32(pid.encode())])
+
+
+def save_npz_deterministic(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """np.savez_compressed equivalent with fixed zip timestamps (same content -> same bytes), atomic."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=1) as archive:
+        for key, value in arrays.items():
+            member = io.BytesIO()
+            np.lib.format.write_array(member, np.asanyarray(value), allow_pickle=False)
+            info = zipfile.ZipInfo(f"{key}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+            info.compress_type = zipfile.ZIP_DEFLATED
+            archive.writestr(info, member.getvalue(), compresslevel=1)
+    write_bytes_atomic(buffer.getvalue(), path)
+
+
+def save_npy(path: Path, array: np.ndarray) -> None:
+    """np.save, atomically."""
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    write_bytes_atomic(buffer.getvalue(), path)
+
+
+def volume_arrays(volume: LabeledVolume) -> dict[str, np.ndarray]:
+    """The keys of a prepared evaluation volume (DESIGN.md)."""
+    image = volume.image
+    return {"image": image.array.astype(np.int16), "label": volume.label.astype(np.uint8),
+            "affine": image.affine, "original_affine": image.original_affine,
+            "original_shape": np.asarray(image.original_shape, dtype=np.int64),
+            "original_axcodes": np.asarray(image.original_axcodes), "spacing": image.spacing}
+
+
+def process_case(case: SourceCase, split: str, out: Path, size: int, intensity: dict, rule: Selection,
+                 seed: int) -> dict:
+    """Load one case and write its prepared files; returns its summary (and slices for training)."""
+    volume = case.load()
+    present = [int(v) for v in np.unique(volume.label) if v > 0]
+    summary = {"pid": case.pid, "split": split, "shape": list(volume.label.shape), "structures": present,
+               "overlap_voxels": volume.overlap_voxels, "orientation": volume.image.original_axcodes}
+    if split != "train":
+        save_npz_deterministic(out / "volumes" / split / f"{case.pid}.npz", volume_arrays(volume))
+        return summary
+    rng = volume_rng(seed, case.pid)
+    chosen = {index: select_slices(volume.label, index, rng, rule) for index in present}
+    chosen = {index: zs for index, zs in chosen.items() if zs.size}
+    rows = np.unique(np.concatenate([np.zeros(0, int)] + list(chosen.values()))).astype(int)   # z of each row
+    images = scale_intensity(np.moveaxis(volume.image.array[:, :, rows], 2, 0), intensity)    # N x X x Y
+    labels = np.moveaxis(volume.label[:, :, rows], 2, 0)                                      # N x X x Y
+    if rows.size:
+        images = np.asarray(resize_image(images, size), dtype=np.float32).clip(0, 1)
+        labels = np.asarray(resize_label(labels, size), dtype=np.uint8)
+    else:
+        images, labels = np.zeros((0, size, size), np.float32), np.zeros((0, size, size), np.uint8)
+    save_npy(out / "train" / f"{case.pid}_image.npy", images)
+    save_npy(out / "train" / f"{case.pid}_label.npy", labels)
+    row_of = {int(z): row for row, z in enumerate(rows)}
+    summary["slices"] = {str(index): [[case.pid, row_of[int(z)], int(z)] for z in zs] for index, zs in chosen.items()}
+    return summary
+
+
+def _run(task: tuple) -> dict:
+    return process_case(*task)
+
+
+def split_silver(pids: list[str], n_val: int | None, seed: int) -> tuple[list[str], list[str]]:
+    """(train, val) patient ids: a seeded choice of n_val validation volumes (default 20%, at least 1)."""
+    if n_val is None:
+        n_val = max(1, round(0.2 * len(pids)))
+    if not 0 <= n_val < len(pids):
+        raise UserError(f"--n-val {n_val} leaves no training volume among {len(pids)} silver volumes: use "
+                        f"0 <= n-val <= {len(pids) - 1}")
+    order = np.random.default_rng([seed, 7]).permutation(len(pids))
+    val = sorted(pids[i] for i in order[:n_val])
+    return [p for p in pids if p not in val], val
+
+
+def prepare_dataset(source_dir: str | Path, out: str | Path, layout: str = "visceral",
+                    label_map: str | Path | None = None, size: int = 256, intensity: dict | None = None,
+                    n_val: int | None = None, seed: int = 1234, rule: Selection = Selection(),
+                    workers: int = 2, overwrite: bool = False, allow_missing: bool = False) -> dict:
+    """Write PREP (DESIGN.md "Prepared data folder") atomically; returns meta.json's content."""
+    intensity = validate_intensity(intensity or {"mode": "minmax"})
+    if size < 16:
+        raise UserError(f"--size {size} is too small: use at least 16 (256 for the phantom, 512 for VISCERAL)")
+    silver, gold = list_sources(source_dir, layout, label_map, allow_missing)
+    train, val = split_silver([c.pid for c in silver], n_val, seed)
+    split_of = {**{p: "train" for p in train}, **{p: "val" for p in val}}
+    with atomic_folder(out, overwrite) as partial_dir:
+        for sub in ("train", "volumes/val", "volumes/gold"):
+            (partial_dir / sub).mkdir(parents=True)
+        tasks = [(c, split_of[c.pid], partial_dir, size, intensity, rule, seed) for c in silver]
+        tasks += [(c, "gold", partial_dir, size, intensity, rule, seed) for c in gold]
+        if workers > 1 and len(tasks) > 1:
+            with multiprocessing.get_context("fork").Pool(min(workers, len(tasks))) as pool:
+                summaries = pool.map(_run, tasks, chunksize=1)
+        else:
+            summaries = [_run(task) for task in tasks]
+        index: dict[str, list] = {}
+        for summary in summaries:
+            for label, entries in summary.pop("slices", {}).items():
+                index.setdefault(label, []).extend(entries)
+        index = {label: index[label] for label in sorted(index, key=int)}
+        meta = {"format_version": FORMAT_VERSION,
+                "source": {"dir": str(Path(source_dir).resolve()), "layout": layout,
+                           "label_map": str(Path(label_map).resolve()) if label_map else None},
+                "prep_size": size, "intensity": intensity,
+                "selection": {"min_voxels": rule.min_voxels, "max_per_volume": rule.max_per_volume,
+                              "many": rule.many, "keep_all": rule.keep_all},
+                "seed": seed, "splits": {"train": train, "val": val, "gold": [c.pid for c in gold]},
+                "classes": {label: INDEX_TO_NAME[int(label)] for label in index},
+                "volumes": {s["pid"]: {k: v for k, v in s.items() if k != "pid"} for s in summaries}}
+        write_bytes_atomic(json.dumps({"slices": index}).encode(), partial_dir / "index.json")
+        write_bytes_atomic(json.dumps(meta, indent=1).encode(), partial_dir / "meta.json")
+    return meta
