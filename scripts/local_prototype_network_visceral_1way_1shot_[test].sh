@@ -23,9 +23,16 @@ METHOD=${METHOD:-LSLPN}
 SNAPSHOT=${SNAPSHOT:-best.pth}
 
 for FOLD in $FOLDS; do
-  found=$(ls -d "$LOG_DIR/${NAME}_fold$FOLD"/*/ 2>/dev/null | sed 's:/$::' | awk -F/ '{print $NF" "$0}' \
-          | sort -n | awk '{print $2}' | while read -r run; do
-              [ -f "$run/$SNAPSHOT" ] && echo "$run/$SNAPSHOT"; done | tail -n 1)
+  runs=$(ls -d "$LOG_DIR/${NAME}_fold$FOLD"/*/ 2>/dev/null | sed 's:/$::' | awk -F/ '{print $NF" "$0}' \
+         | sort -n | awk '{print $2}' || true)
+  found=""
+  for file in "$SNAPSHOT" last.pth; do     # best.pth needs validation; fall back to last.pth
+    for run in $runs; do [ -f "$run/$file" ] && found="$run/$file"; done
+    [ -n "$found" ] && break
+  done
+  if [ -n "$found" ] && [ "$(basename "$found")" != "$SNAPSHOT" ]; then
+    echo "warning: no $SNAPSHOT for fold $FOLD (no validation?): using $found" >&2
+  fi
   if [ -z "$found" ]; then
     echo "error: no $SNAPSHOT under $LOG_DIR/${NAME}_fold$FOLD/*/: train fold $FOLD first" \
          "(scripts/local_prototype_network_visceral_1way_1shot_[train].sh) or set LOG_DIR/NAME" >&2
