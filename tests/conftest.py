@@ -1,0 +1,47 @@
+"""Shared fixtures: a tiny VISCERAL-layout phantom and its prepared folder (built once per session).
+
+Kept small on purpose (6 silver + 3 gold volumes of 64 x 64 x ~24 slices, prepared at 64, a slice
+qualifies with more than 5 voxels so every class has slices) so every test that reuses them stays fast.
+"""
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+TINY_PHANTOM = {"n_silver": 6, "n_gold": 3, "seed": 7, "size": 64, "n_slices": 24}
+TINY_PREP = {"size": 64, "n_val": 1, "seed": 3, "min_voxels": 5}
+
+
+def load_script(name: str):
+    """Import scripts/<name>.py as a module (scripts/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(f"script_{name}", ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def tiny_phantom(tmp_path_factory) -> Path:
+    """ROOT of a tiny phantom: ROOT/{SilverCorpus,GoldCorpus}/{Volumes,Segmentations}/."""
+    from dataloaders.phantom import generate_phantom
+    root = tmp_path_factory.mktemp("tiny_phantom") / "phantom"
+    generate_phantom(root, TINY_PHANTOM["n_silver"], TINY_PHANTOM["n_gold"], TINY_PHANTOM["seed"],
+                     TINY_PHANTOM["size"], TINY_PHANTOM["n_slices"], workers=1)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_prepared(tiny_phantom, tmp_path_factory) -> Path:
+    """PREP of the tiny phantom (DESIGN.md layout), prepared at 64 x 64 with min-max scaling."""
+    from dataloaders.prepare import Selection, prepare_dataset
+    prep = tmp_path_factory.mktemp("tiny_prepared") / "prepared"
+    prepare_dataset(tiny_phantom, prep, size=TINY_PREP["size"], n_val=TINY_PREP["n_val"], seed=TINY_PREP["seed"],
+                    rule=Selection(min_voxels=TINY_PREP["min_voxels"]), workers=1)
+    return prep

@@ -1,0 +1,178 @@
+"""Preparation: slice selection, intensity scaling, the PREP layout, splits, layouts and atomic output."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from conftest import TINY_PHANTOM, TINY_PREP, load_script
+from dataloaders import prepare
+from dataloaders.intensity import scale_intensity
+from dataloaders.nifti import load_nifti, to_original
+from dataloaders.prepare import Selection, prepare_dataset, select_slices
+from dataloaders.visceral import find_cases, load_case
+from util.errors import UserError
+
+
+# ---------------------------------------------------------------- selection and scaling
+@pytest.mark.parametrize("n_qualifying", [0, 3, 20, 21, 40])
+def test_official_selection_rule(n_qualifying):
+    label = np.zeros((20, 20, 50), np.uint8)
+    z_qualifying = np.arange(n_qualifying) + 5
+    label[:, :8, z_qualifying] = 1                                 # 160 voxels > 150
+    label[:, :7, 2] = 1                                            # 140 voxels: not enough
+    rule = Selection()
+    chosen = select_slices(label, 1, np.random.default_rng(0), rule)
+    if n_qualifying <= 20:
+        assert chosen.tolist() == z_qualifying.tolist()
+    else:
+        assert len(chosen) == 5 and len(set(chosen)) == 5 and set(chosen) <= set(z_qualifying)
+        assert chosen.tolist() == select_slices(label, 1, np.random.default_rng(0), rule).tolist()
+    assert select_slices(label, 1, np.random.default_rng(0), Selection(keep_all=True)).tolist() == \
+        z_qualifying.tolist()
+
+
+def test_minmax_and_window_scaling_match_a_reference():
+    stack = np.random.default_rng(0).normal(0, 300, (3, 5, 6)).astype(np.float32)
+    stack[2] = 7.0                                                 # a constant slice
+    scaled = scale_intensity(stack, {"mode": "minmax"})
+    for i in range(2):
+        reference = (stack[i] - stack[i].min()) / (stack[i].max() - stack[i].min())
+        assert np.allclose(scaled[i], reference, atol=1e-6)
+        assert np.allclose(scale_intensity(stack[i], {"mode": "minmax"}), reference, atol=1e-6)
+    assert (scaled[2] == 0).all() and scaled.dtype == np.float32
+    window = scale_intensity(stack, {"mode": "window", "window": [-125, 275]})
+    assert np.allclose(window, (np.clip(stack, -125, 275) + 125) / 400, atol=1e-6)
+    for bad in ({"mode": "window", "window": [5, 5]}, {"mode": "gamma"}, {"mode": "window"}):
+        with pytest.raises(UserError):
+            scale_intensity(stack, bad)
+
+
+# ---------------------------------------------------------------- the prepared folder
+def test_prepared_layout_and_splits(tiny_prepared):
+    meta = json.loads((tiny_prepared / "meta.json").read_text())
+    assert meta["format_version"] == 1 and meta["prep_size"] == TINY_PREP["size"]
+    assert meta["intensity"] == {"mode": "minmax"} and meta["source"]["layout"] == "visceral"
+    splits = meta["splits"]
+    assert len(splits["val"]) == TINY_PREP["n_val"]
+    assert len(splits["train"]) + len(splits["val"]) == TINY_PHANTOM["n_silver"]
+    assert len(splits["gold"]) == TINY_PHANTOM["n_gold"] and not set(splits["gold"]) & set(splits["train"])
+    for pid in splits["train"]:
+        image = np.load(tiny_prepared / "train" / f"{pid}_image.npy")
+        label = np.load(tiny_prepared / "train" / f"{pid}_label.npy")
+        assert image.dtype == np.float32 and label.dtype == np.uint8 and image.shape == label.shape
+        assert image.shape[1:] == (64, 64) and 0 <= image.min() and image.max() <= 1
+    for split in ("val", "gold"):
+        assert sorted(p.stem for p in (tiny_prepared / "volumes" / split).iterdir()) == sorted(splits[split])
+    index = json.loads((tiny_prepared / "index.json").read_text())["slices"]
+    assert {"1", "2", "13", "14", "17", "18"} <= set(index)
+
+
+def test_training_rows_equal_scaled_source_slices(tiny_phantom, tiny_prepared):
+    index = json.loads((tiny_prepared / "index.json").read_text())["slices"]
+    cases = {case.pid: case for case in find_cases(tiny_phantom / "SilverCorpus")}
+    for klass in ("13", "18"):
+        pid, row, z = index[klass][0]
+        source = load_case(cases[pid])
+        image = np.load(tiny_prepared / "train" / f"{pid}_image.npy")[row]
+        label = np.load(tiny_prepared / "train" / f"{pid}_label.npy")[row]
+        expected = scale_intensity(source.image.array[:, :, z], {"mode": "minmax"})   # 64 -> 64: no resize
+        assert np.allclose(image, expected, atol=1e-6)
+        assert np.array_equal(label, source.label[:, :, z]) and (label == int(klass)).sum() > TINY_PREP["min_voxels"]
+
+
+def test_gold_volumes_keep_the_original_geometry(tiny_phantom, tiny_prepared):
+    for case in find_cases(tiny_phantom / "GoldCorpus"):
+        with np.load(tiny_prepared / "volumes" / "gold" / f"{case.pid}.npz") as data:
+            stored = load_nifti(case.volume_path)
+            source = load_case(case)
+            assert np.array_equal(data["image"], stored.array) and data["image"].dtype == np.int16
+            assert np.array_equal(data["label"], source.label)
+            assert np.allclose(data["original_affine"], nib.load(str(case.volume_path)).affine)
+            original = to_original(data["label"], str(data["original_axcodes"]))
+            assert original.shape == tuple(data["original_shape"])
+            liver_file = case.mask_paths[1]
+            assert np.array_equal(original == 1, np.asarray(nib.load(str(liver_file)).dataobj) > 0)
+
+
+def test_options_window_keep_all_and_resize(tiny_phantom, tmp_path):
+    rule = Selection(min_voxels=TINY_PREP["min_voxels"], keep_all=True)
+    meta = prepare_dataset(tiny_phantom, tmp_path / "p", size=32, intensity={"mode": "window", "window": [-125, 275]},
+                           n_val=2, rule=rule, workers=1)
+    assert meta["intensity"] == {"mode": "window", "window": [-125.0, 275.0]} and len(meta["splits"]["val"]) == 2
+    pid = meta["splits"]["train"][0]
+    image = np.load(tmp_path / "p" / "train" / f"{pid}_image.npy")
+    assert image.shape[1:] == (32, 32) and 0 <= image.min() and image.max() <= 1
+    kept = json.loads((tmp_path / "p" / "index.json").read_text())["slices"]
+    assert all(len(kept[k]) >= 1 for k in ("1", "13"))
+
+
+def test_same_seed_same_prepared_bytes(tiny_phantom, tmp_path):
+    for name in ("a", "b"):
+        prepare_dataset(tiny_phantom, tmp_path / name, size=32, n_val=1, seed=5, rule=Selection(min_voxels=5),
+                        workers=1)
+    for path in sorted((tmp_path / "a").rglob("*")):
+        if path.is_file() and path.name != "meta.json":
+            assert path.read_bytes() == (tmp_path / "b" / path.relative_to(tmp_path / "a")).read_bytes(), path
+
+
+def test_multilabel_layout_gives_the_same_labels(tiny_phantom, tmp_path):
+    root = tmp_path / "multi"
+    values = {1: 11, 2: 12, 13: 21, 14: 22, 17: 31, 18: 32}
+    names = {"liver": 11, "spleen": 12, "right_kidney": 21, "kidney_left": 22, "iliopsoas_right": 31,
+             "iliopsoas_left": 32}
+    for corpus, split in (("SilverCorpus", "train"), ("GoldCorpus", "test")):
+        for case in find_cases(tiny_phantom / corpus):
+            source = load_case(case)
+            stored = nib.load(str(case.volume_path))
+            label = np.zeros(source.label.shape, np.uint8)
+            for index, value in values.items():
+                label[source.label == index] = value
+            folder = root / split / case.pid
+            folder.mkdir(parents=True)
+            shutil.copy(case.volume_path, folder / "ct.nii.gz")
+            nib.save(nib.Nifti1Image(to_original(label, source.image.original_axcodes), stored.affine),
+                     str(folder / "labels.nii.gz"))
+    (tmp_path / "map.json").write_text(json.dumps(names))
+    meta = prepare_dataset(root, tmp_path / "p", layout="multilabel", label_map=tmp_path / "map.json", size=64,
+                           n_val=1, rule=Selection(min_voxels=5), workers=1)
+    assert meta["source"]["layout"] == "multilabel"
+    case = find_cases(tiny_phantom / "GoldCorpus")[0]
+    with np.load(tmp_path / "p" / "volumes" / "gold" / f"{case.pid}.npz") as data:
+        reference = load_case(case).label
+        expected = np.where(np.isin(reference, list(values)), reference, 0)
+        assert np.array_equal(data["label"], expected)
+
+
+def test_existing_output_bad_n_val_and_failures_leave_nothing(tiny_phantom, tmp_path):
+    out = tmp_path / "prep"
+    out.mkdir()
+    with pytest.raises(UserError, match="already exists"):
+        prepare_dataset(tiny_phantom, out, size=32, workers=1)
+    with pytest.raises(UserError, match="--n-val 6 leaves no training volume"):
+        prepare_dataset(tiny_phantom, tmp_path / "x", size=32, n_val=6, workers=1)
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_phantom, broken)
+    gold = find_cases(broken / "GoldCorpus")[-1]
+    gold.volume_path.write_bytes(gold.volume_path.read_bytes()[:100])
+    with pytest.raises(UserError, match="corrupt or truncated"):
+        prepare_dataset(broken, tmp_path / "new", size=32, workers=1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["broken", "prep"]
+
+
+def test_script_runs_and_reports(tiny_phantom, tmp_path, capsys):
+    script = load_script("prepare_visceral")
+    out = tmp_path / "p"
+    args = ["--visceral-dir", str(tiny_phantom), "--out", str(out), "--size", "32", "--min-voxels", "5",
+            "--workers", "1", "--window", "-125", "275"]
+    assert script.main(args) == 0
+    assert "train 5, val 1, gold 3" in capsys.readouterr().out
+    assert script.main(args + ["--skip-existing"]) == 0
+    with pytest.raises(UserError, match="already exists"):
+        script.main(args)
+    with pytest.raises(UserError, match="SilverCorpus/Volumes: folder missing"):
+        script.main(["--visceral-dir", str(tmp_path), "--out", str(tmp_path / "q")])
+    assert prepare.FORMAT_VERSION == 1

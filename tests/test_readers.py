@@ -1,0 +1,237 @@
+"""Readers: NIfTI validation and reorientation, the VISCERAL layout and the multi-label layout."""
+from __future__ import annotations
+
+import gzip
+import json
+import shutil
+import warnings
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from nibabel.orientations import axcodes2ornt, ornt_transform
+from scipy import ndimage
+
+from dataloaders import multilabel, visceral
+from dataloaders.nifti import load_nifti, save_nifti_atomic, to_original
+from dataloaders.organs import NAME_TO_INDEX
+from util.errors import UserError
+
+REAL_CT = Path(__file__).resolve().parents[1].parent / "shared/data/real_ct"
+AFFINE = np.diag([1.5, 1.5, 4.0, 1.0])
+
+
+def write(path: Path, array, affine=AFFINE) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(np.asarray(array), affine), str(path))
+    return path
+
+
+def small_corpus(root: Path, pid: str = "10000100") -> Path:
+    """A VISCERAL corpus with one 8 x 8 x 4 volume and liver + kidney_right masks."""
+    image = np.arange(256, dtype=np.int16).reshape(8, 8, 4)
+    write(root / "Volumes" / visceral.volume_filename(pid), image)
+    liver = np.zeros((8, 8, 4), np.uint8)
+    liver[:4] = 1
+    kidney = np.zeros((8, 8, 4), np.uint8)
+    kidney[6:, 6:] = 1
+    write(root / "Segmentations" / visceral.mask_filename(pid, 58), liver)
+    write(root / "Segmentations" / visceral.mask_filename(pid, 29662), kidney)
+    return root
+
+
+# ---------------------------------------------------------------- NIfTI
+@pytest.mark.parametrize("codes", ["RAS", "LPS", "LAS", "PSR", "ILA", "SRP"])
+def test_reorientation_round_trip(tmp_path, codes):
+    canonical = np.random.default_rng(0).integers(0, 100, (5, 6, 7)).astype(np.int16)
+    image = nib.Nifti1Image(canonical, AFFINE)
+    stored = image.as_reoriented(ornt_transform(axcodes2ornt("RAS"), axcodes2ornt(tuple(codes))))
+    nib.save(stored, str(tmp_path / "v.nii.gz"))
+    volume = load_nifti(tmp_path / "v.nii.gz")
+    assert volume.original_axcodes == codes
+    assert np.array_equal(volume.array, canonical)
+    assert np.allclose(volume.affine, AFFINE)
+    assert np.array_equal(to_original(volume.array, volume.original_axcodes), np.asarray(stored.dataobj))
+    assert np.allclose(volume.spacing, [1.5, 1.5, 4.0])
+
+
+def test_save_nifti_atomic_is_deterministic_and_leaves_no_temporary(tmp_path):
+    array = np.random.default_rng(1).integers(-5, 5, (4, 5, 6)).astype(np.int16)
+    save_nifti_atomic(array, AFFINE, tmp_path / "a.nii.gz")
+    first = (tmp_path / "a.nii.gz").read_bytes()
+    save_nifti_atomic(array, AFFINE, tmp_path / "a.nii.gz")
+    assert (tmp_path / "a.nii.gz").read_bytes() == first
+    assert [p.name for p in tmp_path.iterdir()] == ["a.nii.gz"]
+    loaded = nib.load(str(tmp_path / "a.nii.gz"))
+    assert np.array_equal(np.asarray(loaded.dataobj), array) and np.allclose(loaded.affine, AFFINE)
+
+
+def test_missing_corrupt_and_truncated_files(tmp_path):
+    with pytest.raises(UserError, match="file not found"):
+        load_nifti(tmp_path / "nope.nii.gz")
+    (tmp_path / "junk.nii.gz").write_bytes(b"this is not a nifti file")
+    with pytest.raises(UserError, match="junk.nii.gz.*corrupt or truncated"):
+        load_nifti(tmp_path / "junk.nii.gz")
+    good = write(tmp_path / "good.nii.gz", np.random.default_rng(0).normal(size=(20, 20, 20)).astype(np.float32))
+    data = good.read_bytes()
+    (tmp_path / "cut.nii.gz").write_bytes(data[: len(data) // 2])
+    with pytest.raises(UserError, match="cut.nii.gz.*corrupt or truncated"):
+        load_nifti(tmp_path / "cut.nii.gz")
+    (tmp_path / "plain.nii.gz").write_bytes(gzip.compress(gzip.decompress(data)[:200]))
+    with pytest.raises(UserError, match="plain.nii.gz"):
+        load_nifti(tmp_path / "plain.nii.gz")
+
+
+def test_nan_inf_2d_and_4d_images_are_refused(tmp_path):
+    bad = np.zeros((4, 4, 4), np.float32)
+    bad[1, 1, 1] = np.nan
+    with pytest.raises(UserError, match="nan.nii.gz: 1 NaN/inf voxels"):
+        load_nifti(write(tmp_path / "nan.nii.gz", bad))
+    bad[1, 1, 1] = np.inf
+    with pytest.raises(UserError, match="NaN/inf"):
+        load_nifti(write(tmp_path / "inf.nii.gz", bad))
+    with pytest.raises(UserError, match="flat.nii.gz: image has 2 dimensions"):
+        load_nifti(write(tmp_path / "flat.nii.gz", np.zeros((4, 4), np.int16)))
+    with pytest.raises(UserError, match="time.nii.gz: image has 4 dimensions"):
+        load_nifti(write(tmp_path / "time.nii.gz", np.zeros((4, 4, 4, 2), np.int16)))
+    assert load_nifti(write(tmp_path / "single.nii.gz", np.zeros((4, 4, 4, 1), np.int16))).array.shape == (4, 4, 4)
+
+
+# ---------------------------------------------------------------- VISCERAL
+@pytest.mark.parametrize("name, expected", [
+    ("10000100_1_CTce_ThAb_58_6.nii.gz", ("10000100", 58)),
+    ("10000100_58_6.nii.gz", ("10000100", 58)),
+    ("10000100_1_CTce_ThAb_29662_1.nii", ("10000100", 29662)),
+    ("10000100_1_CTce_ThAb.nii.gz", None),
+    ("notes.txt", None)])
+def test_mask_names_parse_both_variants(name, expected):
+    assert visceral.parse_mask_name(name) == expected
+
+
+def test_visceral_case_loads_and_merges(tmp_path):
+    corpus = small_corpus(tmp_path / "Silver")
+    (case,) = visceral.find_cases(corpus)
+    assert set(case.mask_paths) == {NAME_TO_INDEX["liver"], NAME_TO_INDEX["kidney_right"]}
+    volume = visceral.load_case(case)
+    assert volume.image.array.dtype == np.int16
+    assert (volume.label == 1).sum() == 4 * 8 * 4 and (volume.label == 13).sum() == 2 * 2 * 4
+    assert volume.overlap_voxels == 0
+
+
+def test_merge_overlap_rule_matches_reference():
+    rng = np.random.default_rng(3)
+    masks = {index: rng.random((6, 7, 5)) < p for index, p in ((1, 0.5), (2, 0.3), (13, 0.3), (17, 0.1))}
+    label, overlaps = visceral.merge_masks(masks)
+    counts = {index: int(mask.sum()) for index, mask in masks.items()}
+    expected = np.zeros((6, 7, 5), np.uint8)
+    n_overlap = 0
+    for voxel in np.ndindex(6, 7, 5):                              # slow, obviously correct
+        covering = [index for index in masks if masks[index][voxel]]
+        n_overlap += len(covering) > 1
+        if covering:
+            expected[voxel] = min(covering, key=lambda index: (counts[index], -index))
+    assert np.array_equal(label, expected) and overlaps == n_overlap
+
+
+def test_unknown_radlex_id_is_skipped_with_a_warning(tmp_path):
+    corpus = small_corpus(tmp_path / "Silver")
+    write(corpus / "Segmentations" / "10000100_1_CTce_ThAb_99999_1.nii.gz", np.ones((8, 8, 4), np.uint8))
+    with pytest.warns(UserWarning, match="RadLex id 99999 is not one of the 20"):
+        (case,) = visceral.find_cases(corpus)
+    assert len(case.mask_paths) == 2
+
+
+def test_missing_folders_and_volume_without_masks(tmp_path):
+    corpus = small_corpus(tmp_path / "Silver")
+    shutil.rmtree(corpus / "Segmentations")
+    with pytest.raises(UserError, match="Segmentations: folder missing"):
+        visceral.find_cases(corpus)
+    corpus = small_corpus(tmp_path / "Gold")
+    write(corpus / "Volumes" / visceral.volume_filename("10000101"), np.zeros((8, 8, 4), np.int16))
+    with pytest.raises(UserError, match="10000101_1_CTce_ThAb.nii.gz: no masks"):
+        visceral.find_cases(corpus)
+
+
+def test_mask_with_other_shape_or_affine_is_refused(tmp_path):
+    corpus = small_corpus(tmp_path / "A")
+    write(corpus / "Segmentations" / visceral.mask_filename("10000100", 86), np.ones((8, 8, 5), np.uint8))
+    with pytest.raises(UserError, match="_86_1.nii.gz: mask shape"):
+        visceral.load_case(visceral.find_cases(corpus)[0])
+    corpus = small_corpus(tmp_path / "B")
+    shifted = AFFINE.copy()
+    shifted[0, 3] = 10
+    write(corpus / "Segmentations" / visceral.mask_filename("10000100", 86), np.ones((8, 8, 4), np.uint8), shifted)
+    with pytest.raises(UserError, match="_86_1.nii.gz: mask affine differs"):
+        visceral.load_case(visceral.find_cases(corpus)[0])
+
+
+def test_corrupt_mask_is_a_one_line_error(tmp_path):
+    corpus = small_corpus(tmp_path / "A")
+    path = corpus / "Segmentations" / visceral.mask_filename("10000100", 58)
+    path.write_bytes(path.read_bytes()[:40])
+    with pytest.raises(UserError, match="_58_1.nii.gz: cannot read NIfTI") as error:
+        visceral.load_case(visceral.find_cases(corpus)[0])
+    assert "\n" not in str(error.value)
+
+
+# ---------------------------------------------------------------- multi-label
+def multilabel_case(folder: Path, values=(0, 5, 7, 9)) -> tuple[Path, Path]:
+    label = np.zeros((6, 6, 3), np.uint8)
+    for i, value in enumerate(values):
+        label[i] = value
+    image = write(folder / "ct.nii.gz", np.full((6, 6, 3), 40, np.int16))
+    return image, write(folder / "labels.nii.gz", label)
+
+
+def test_label_map_in_both_directions(tmp_path):
+    (tmp_path / "a.json").write_text(json.dumps({"liver": 5, "iliopsoas_left": 7, "stomach": 9}))
+    (tmp_path / "b.json").write_text(json.dumps({"labels": {"5": "liver", "7": "iliopsoas_left", "9": "stomach"}}))
+    assert multilabel.read_label_map(tmp_path / "a.json") == multilabel.read_label_map(tmp_path / "b.json")
+    image, label = multilabel_case(tmp_path / "case")
+    volume = multilabel.load_multilabel_case(image, label, multilabel.read_label_map(tmp_path / "a.json"))
+    assert volume.label[1].max() == NAME_TO_INDEX["liver"] and volume.label[2].max() == NAME_TO_INDEX["psoas_left"]
+    assert volume.label[3].max() == 0                              # stomach is not one of the 20
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(UserError, match="bad.json: not valid JSON"):
+        multilabel.read_label_map(tmp_path / "bad.json")
+
+
+def test_label_map_naming_absent_labels_is_refused(tmp_path):
+    image, label = multilabel_case(tmp_path / "case", values=(0, 5, 0, 0))
+    names = {5: "liver", 7: "spleen"}
+    with pytest.raises(UserError, match=r"labels.nii.gz: label map names values absent from this volume: 7 \(spleen\)"):
+        multilabel.load_multilabel_case(image, label, names)
+    volume = multilabel.load_multilabel_case(image, label, names, allow_missing=True)
+    assert set(np.unique(volume.label)) == {0, 1}
+
+
+def test_multilabel_folder_layouts(tmp_path):
+    multilabel_case(tmp_path / "train" / "case01")
+    multilabel_case(tmp_path / "train" / "case02")
+    cases = multilabel.find_multilabel_cases(multilabel.find_split(tmp_path, "silver"))
+    assert [c[0] for c in cases] == ["case01", "case02"]
+    for name in ("a", "b"):
+        image, label = multilabel_case(tmp_path / "flat" / name)
+        (tmp_path / "test" / "images").mkdir(parents=True, exist_ok=True)
+        (tmp_path / "test" / "labels").mkdir(parents=True, exist_ok=True)
+        shutil.copy(image, tmp_path / "test" / "images" / f"{name}.nii.gz")
+        shutil.copy(label, tmp_path / "test" / "labels" / f"{name}.nii.gz")
+    cases = multilabel.find_multilabel_cases(multilabel.find_split(tmp_path, "gold"))
+    assert [c[0] for c in cases] == ["a", "b"]
+    (tmp_path / "test" / "labels" / "b.nii.gz").unlink()
+    with pytest.raises(UserError, match="b.nii.gz: no label file"):
+        multilabel.find_multilabel_cases(tmp_path / "test")
+
+
+@pytest.mark.skipif(not REAL_CT.is_dir(), reason=f"real CT sample not present at {REAL_CT}")
+def test_real_scan_loads_with_correct_left_and_right():
+    names = multilabel.read_label_map(REAL_CT / "labels.json")
+    volume = multilabel.load_multilabel_case(REAL_CT / "ct.nii.gz", REAL_CT / "labels.nii.gz", names)
+    assert volume.image.array.dtype == np.int16 and volume.image.original_axcodes == "RAS"
+    x = {name: ndimage.center_of_mass(volume.label == NAME_TO_INDEX[name])[0]
+         for name in ("kidney_right", "kidney_left", "psoas_right", "psoas_left", "liver", "spleen")}
+    assert x["kidney_right"] > x["kidney_left"] and x["psoas_right"] > x["psoas_left"]
+    assert x["liver"] > x["spleen"]
+    liver_hu = volume.image.array[volume.label == NAME_TO_INDEX["liver"]].mean()
+    assert 20 < liver_hu < 90
