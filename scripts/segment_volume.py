@@ -1,0 +1,82 @@
+"""Segment an organ in your own CT volume from a few annotated support volumes or slices.
+
+    python scripts/segment_volume.py --checkpoint CKPT \
+        --support-image S.nii.gz --support-mask M.nii.gz [--support-label N] \
+        [--support-image S2.nii.gz --support-mask M2.nii.gz ...] \
+        --query Q.nii.gz --out PRED.nii.gz [--query-range Z0:Z1] [--n-chunks N] [--device auto|cpu|cuda]
+
+Library: util/segment.py (`segment_volume`). See docs/segment_your_scan.md.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from util.errors import UserError, run_cli  # noqa: E402
+
+EPILOG = """\
+Query range: --query-range Z0:Z1 gives the organ's axial slices in the query (half-open, like a
+Python slice: Z0 .. Z1-1, indices along the query file's axial array axis as stored). Without it
+the organ's relative position inside the support's body extent (slices with voxels > -500 HU) is
+transferred to the query's body extent. That default assumes support and query cover the same
+body region; a different field of view (e.g. abdomen-only query, whole-trunk support) shifts the
+range: then give --query-range. Slices outside the range are 0 in the output.
+
+Supports: a full annotated volume or a volume with only a few annotated slices (its annotated
+slices are the ones holding the organ; each chunk uses the nearest annotated slice). With several
+--support-image/--support-mask pairs every chunk averages the supports' prototypes (k-shot).
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True, help="best.pth / last.pth written by train.py")
+    parser.add_argument("--support-image", action="append", default=[], metavar="S.nii.gz",
+                        help="support CT volume (repeat for k-shot, paired in order with --support-mask)")
+    parser.add_argument("--support-mask", action="append", default=[], metavar="M.nii.gz",
+                        help="its mask: binary or multi-label, same grid as the support image")
+    parser.add_argument("--support-label", default=None,
+                        help="organ in a multi-label mask: a label value, or an organ name (looked up in "
+                             "--label-map, else in the project's vocabulary, e.g. liver=1)")
+    parser.add_argument("--label-map", default=None, metavar="JSON",
+                        help='JSON {"organ name": value} (or {"labels": {"value": "name"}}) for --support-label')
+    parser.add_argument("--query", required=True, metavar="Q.nii.gz", help="CT volume to segment")
+    parser.add_argument("--out", required=True, metavar="PRED.nii.gz",
+                        help="output mask (uint8, the query's shape, affine and orientation)")
+    parser.add_argument("--query-range", default=None, metavar="Z0:Z1",
+                        help="axial slices of the organ in the query (Z1 excluded); default: see below")
+    parser.add_argument("--n-chunks", type=int, default=12, help="chunks of the protocol (default 12, LSLPN)")
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--batch-size", type=int, default=16, help="query slices per forward pass")
+    parser.add_argument("--intensity", default=None, metavar="minmax|window:LO,HI",
+                        help="intensity scaling (default: the checkpoint's training data, else per-slice min-max)")
+    parser.add_argument("--input-size", type=int, default=None,
+                        help="model input size (default: the checkpoint's training input_size)")
+    parser.add_argument("--min-voxels", type=int, default=0,
+                        help="a support slice counts as annotated with more than this many organ voxels")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    if len(args.support_image) != len(args.support_mask) or not args.support_image:
+        raise UserError(f"got {len(args.support_image)} --support-image and {len(args.support_mask)} "
+                        "--support-mask: give them in pairs, at least one pair")
+    from util.segment import segment_volume
+    array, _ = segment_volume(args.checkpoint, list(zip(args.support_image, args.support_mask)), args.query,
+                              out=args.out, support_label=args.support_label, label_map=args.label_map,
+                              query_range=args.query_range, n_chunks=args.n_chunks, device=args.device,
+                              batch_size=args.batch_size, progress=not args.no_progress,
+                              intensity=args.intensity, input_size=args.input_size,
+                              min_voxels=args.min_voxels)
+    print(f"wrote {args.out}: {int(array.sum())} foreground voxels, shape {array.shape}")
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

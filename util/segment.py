@@ -1,0 +1,356 @@
+"""Segment your own scan: few-shot segmentation of a new CT volume from annotated support volumes.
+
+`segment_volume(checkpoint, supports=[(image, mask), ...], query, out=...)` runs the volumetric
+protocol (util/protocol.py) on files a user has, outside any benchmark fold:
+
+- Every file goes through `dataloaders.nifti.load_nifti` (validation, reorientation to canonical
+  RAS+); masks must share their image's grid (`check_same_grid`).
+- Support masks are binary or multi-label: the organ is picked by `support_label` (a label value,
+  or an organ name looked up in a JSON label map, or in the project's 1-20 vocabulary).
+- The ANNOTATED slices of a support are the axial slices with more than `min_voxels` organ voxels.
+  Its organ range is first..last annotated slice; a support annotated on only a few slices works:
+  the centre of each chunk picks the NEAREST annotated slice (unannotated slices are never used as
+  empty masks).
+- k supports = k shots: for each chunk every support gives one slice (its nearest annotated slice to
+  the chunk centre) and the model averages the k shots' prototypes (FewShotSegNet's k-shot rule).
+- The query's organ range: `query_range` (half-open slice indices along the query FILE's axial axis,
+  as stored) or, by default, transferred by relative position within the body's axial extent
+  (see `default_query_range`).
+- The prediction (0 outside the query range) goes back to the query's stored orientation and is
+  written as a uint8 NIfTI with the query's original shape and affine, atomically.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import nibabel as nib
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from dataloaders.nifti import NiftiVolume, check_same_grid, load_nifti, save_nifti_atomic, to_original
+from dataloaders.organs import NAME_TO_INDEX, canonical_name
+from util.checkpoint import load_checkpoint
+from util.errors import UserError
+from util.inference import images_to_input, masks_to_input, resolve_device
+from util.protocol import chunk_of_offsets, support_offsets
+
+BODY_HU = -500.0            # body voxels: above this HU (air and lung-free outside are below)
+BODY_SLICE_FRACTION = 0.1   # a slice is in the body extent with >= this fraction of the fullest slice's body voxels
+DEFAULT_INPUT_SIZE = 512
+
+
+@dataclass
+class Support:
+    """One support volume, canonical.  image X x Y x Z float32 HU; mask X x Y x Z bool (the organ);
+    annotated: sorted z of the annotated slices (> min_voxels organ voxels)."""
+    image: np.ndarray
+    mask: np.ndarray
+    annotated: np.ndarray
+    name: str
+
+    @property
+    def organ_range(self) -> tuple[int, int]:
+        return int(self.annotated[0]), int(self.annotated[-1])
+
+
+# ---------------------------------------------------------------------------------- parsing
+def parse_query_range(text: str) -> tuple[int, int]:
+    """'Z0:Z1' -> (Z0, Z1), half-open slice indices (Z1 excluded, as a Python slice)."""
+    try:
+        z0, z1 = (int(part) for part in str(text).split(":"))
+    except ValueError:
+        raise UserError(f"--query-range '{text}': expected Z0:Z1 with integer slice indices, e.g. 40:95") from None
+    return z0, z1
+
+
+def parse_intensity(spec) -> dict | None:
+    """None | dict | 'minmax' | 'window:LO,HI' -> the `scale_intensity` dict (None: from the checkpoint)."""
+    if spec is None or isinstance(spec, dict):
+        return spec
+    text = str(spec).strip().lower()
+    if text == "minmax":
+        return {"mode": "minmax"}
+    if text.startswith("window:"):
+        try:
+            lo, hi = (float(v) for v in text[len("window:"):].split(","))
+        except ValueError:
+            lo = hi = None
+        if lo is not None and hi > lo:
+            return {"mode": "window", "window": [lo, hi]}
+    raise UserError(f"--intensity '{spec}': use 'minmax' or 'window:LO,HI' with LO < HI (e.g. window:-125,275)")
+
+
+def load_label_map(label_map) -> dict[str, int]:
+    """A JSON label map (path or dict) -> {name: value}.
+
+    Accepts {name: value} and the value -> name form {"labels": {"1": "spleen", ...}} (TotalSegmentator
+    style, as ../shared/data/real_ct/labels.json).
+    """
+    if label_map is None:
+        return {}
+    if not isinstance(label_map, dict):
+        path = Path(label_map)
+        try:
+            label_map = json.loads(path.read_text())
+        except (OSError, ValueError) as error:
+            raise UserError(f"--label-map {path}: cannot read it as JSON ({type(error).__name__}): "
+                            "give a JSON file {\"organ name\": label value}") from None
+    if isinstance(label_map.get("labels"), dict):
+        label_map = {name: key for key, name in label_map["labels"].items()}
+    try:
+        return {str(name): int(value) for name, value in label_map.items() if not isinstance(value, dict)}
+    except (TypeError, ValueError):
+        raise UserError("--label-map: values must be integer label values, e.g. {\"liver\": 5}") from None
+
+
+def label_value(support_label, label_map: dict[str, int], present: np.ndarray, mask_path: str) -> int:
+    """The mask value of the organ. present: the non-zero values found in the mask."""
+    if support_label is None:
+        if len(present) == 1:
+            return int(present[0])
+        raise UserError(f"{mask_path}: multi-label mask (values {', '.join(map(str, present[:12]))}): "
+                        "pass --support-label VALUE or an organ name (with --label-map for its values)")
+    if isinstance(support_label, (int, np.integer)) or str(support_label).strip().isdigit():
+        return int(support_label)
+    name = str(support_label)
+    wanted = canonical_name(name) or name.strip().lower()
+    for key, value in label_map.items():
+        if key.strip().lower() == name.strip().lower() or canonical_name(key) == wanted:
+            return value
+    if label_map:
+        raise UserError(f"--support-label '{name}' is not in the label map (it names "
+                        f"{', '.join(sorted(label_map)[:10])}): use one of those names or a label value")
+    if wanted in NAME_TO_INDEX:
+        return NAME_TO_INDEX[wanted]
+    raise UserError(f"--support-label '{name}' is not a label value nor a known organ: pass a number, "
+                    "or an organ name with --label-map JSON")
+
+
+# --------------------------------------------------------------------------------- loading
+def load_support(image_path, mask_path, support_label, label_map: dict[str, int], min_voxels: int) -> Support:
+    """Load one support pair: validated, canonical, the organ's binary mask and its annotated slices."""
+    image = load_nifti(image_path)
+    mask = load_nifti(mask_path)
+    check_same_grid(mask, image)
+    values = np.asarray(mask.array)
+    if np.issubdtype(values.dtype, np.floating):
+        values = np.rint(values)
+    present = np.unique(values)
+    present = present[present != 0].astype(np.int64)
+    value = label_value(support_label, label_map, present, str(mask_path))
+    organ = values == value                                                  # X x Y x Z bool
+    counts = organ.reshape(-1, organ.shape[-1]).sum(axis=0)                  # Z
+    annotated = np.flatnonzero(counts > min_voxels)
+    if annotated.size == 0:
+        found = ", ".join(map(str, present[:12])) or "none"
+        raise UserError(f"{mask_path}: no slice with more than {min_voxels} voxels of label {value} "
+                        f"(labels present: {found}): pick another --support-label or annotate the organ")
+    return Support(image=np.asarray(image.array, dtype=np.float32), mask=organ, annotated=annotated,
+                   name=Path(image_path).name)
+
+
+def body_extent(image: np.ndarray) -> tuple[int, int]:
+    """First and last axial slice of the body: slices whose count of voxels > -500 HU is at least
+    10% of the fullest slice's count. image X x Y x Z HU. The whole volume when nothing is > -500 HU."""
+    counts = (image > BODY_HU).reshape(-1, image.shape[-1]).sum(axis=0)      # Z
+    if counts.max() == 0:
+        return 0, image.shape[-1] - 1
+    slices = np.flatnonzero(counts >= BODY_SLICE_FRACTION * counts.max())
+    return int(slices[0]), int(slices[-1])
+
+
+def default_query_range(supports: Sequence[Support], query_image: np.ndarray) -> tuple[int, int]:
+    """Organ range of the query (canonical z, inclusive) without --query-range.
+
+    The organ's relative position inside each support's body extent (fractions of the extent, averaged
+    over the supports) is placed at the same relative position inside the query's body extent.
+    Assumes support and query scans cover the same body region (e.g. both thorax-abdomen); a different
+    field of view (e.g. an abdomen-only query with a whole-trunk support) shifts the range.
+    """
+    fractions = []
+    for support in supports:
+        b0, b1 = body_extent(support.image)
+        length = b1 - b0 + 1
+        s0, s1 = support.organ_range
+        fractions.append(((s0 - b0) / length, (s1 + 1 - b0) / length))
+    f0, f1 = np.clip(np.mean(fractions, axis=0), 0.0, 1.0)
+    q0, q1 = body_extent(query_image)
+    length = q1 - q0 + 1
+    start = int(np.clip(np.floor(q0 + f0 * length + 0.5), q0, q1))
+    stop = int(np.clip(np.floor(q0 + f1 * length + 0.5) - 1, start, q1))
+    return start, stop
+
+
+def stored_range_to_canonical(query_range: tuple[int, int], query: NiftiVolume) -> tuple[int, int]:
+    """Half-open slice range along the query file's axial axis (as stored) -> canonical z, inclusive."""
+    ornt = nib.io_orientation(query.original_affine)
+    axis = int(np.flatnonzero(ornt[:, 0] == 2)[0])          # the stored axis that becomes canonical z
+    n = int(query.original_shape[axis])
+    z0, z1 = query_range
+    if not (0 <= z0 < z1 <= n):
+        raise UserError(f"--query-range {z0}:{z1} is outside the query volume ({n} axial slices along "
+                        f"stored axis {axis}): use 0 <= Z0 < Z1 <= {n}")
+    if ornt[axis, 1] < 0:                                   # stored superior -> inferior
+        return n - z1, n - 1 - z0
+    return z0, z1 - 1
+
+
+def load_model(checkpoint, device: torch.device, input_size: int | None, intensity: dict | None):
+    """(model in eval mode on device, input_size, intensity) from a train.py checkpoint (or a module).
+
+    input_size: given, else the checkpoint's run config, else 512. intensity: given, else the
+    checkpoint's ('intensity' entry, or meta.json of its prepared data), else per-slice min-max.
+    """
+    if isinstance(checkpoint, torch.nn.Module):
+        return checkpoint.to(device).eval(), input_size or DEFAULT_INPUT_SIZE, intensity or {"mode": "minmax"}
+    from models.fewshot import FewShotSegNet
+    path = str(checkpoint)
+    state = load_checkpoint(path)             # one-line errors: missing, unreadable, not a checkpoint
+    config = dict(state["config"])
+    try:
+        model = FewShotSegNet.from_config(config, None)
+        model.load_state_dict(state["model"])
+    except UserError:
+        raise
+    except (RuntimeError, KeyError, TypeError, ValueError) as error:
+        first = " ".join(str(error).split())[:120]
+        raise UserError(f"checkpoint {path} does not fit its model config (encoder '{config.get('encoder')}'; "
+                        f"{first}): it is from another encoder or code version; pass a checkpoint written by "
+                        "this project's train.py") from None
+    run_config = state.get("run_config") or {}
+    input_size = input_size or state.get("input_size") or run_config.get("input_size") or DEFAULT_INPUT_SIZE
+    if intensity is None:
+        intensity = state.get("intensity") or _meta_intensity(run_config) or {"mode": "minmax"}
+    return model.to(device).eval(), int(input_size), intensity
+
+
+def _meta_intensity(run_config: dict) -> dict | None:
+    """meta.json's intensity of the prepared data a checkpoint was trained on, when it is still there."""
+    data_dir = (run_config.get("path") or {}).get("data_dir")
+    try:
+        return json.loads((Path(data_dir) / "meta.json").read_text()).get("intensity") if data_dir else None
+    except (OSError, ValueError):
+        return None
+
+
+# ------------------------------------------------------------------------------- inference
+def nearest_annotated(annotated: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """For each target z, the nearest annotated z (ties: the lower one). Shapes (m,) -> (n,)."""
+    distance = np.abs(annotated[None, :] - targets[:, None])                 # n x m
+    return annotated[distance.argmin(axis=1)]
+
+
+def plan_chunks(supports: Sequence[Support], query_range: tuple[int, int], n_chunks: int
+                ) -> list[tuple[np.ndarray, np.ndarray]]:
+    """[(support z per support (k,), query z of the chunk (m,))] for the chunks holding query slices.
+
+    Chunk rule of util/protocol.py; each support's chunk centre moves to its nearest annotated slice.
+    """
+    length = query_range[1] - query_range[0] + 1
+    chunk = chunk_of_offsets(length, n_chunks)                               # query offset -> chunk
+    centres = []
+    for support in supports:
+        s0, s1 = support.organ_range
+        targets = s0 + support_offsets(s1 - s0 + 1, n_chunks)                 # n
+        centres.append(nearest_annotated(support.annotated, targets))
+    centres = np.stack(centres, axis=1)                                      # n x k
+    return [(centres[i], query_range[0] + np.flatnonzero(chunk == i)) for i in np.unique(chunk)]
+
+
+def predict_canonical(model, supports: Sequence[Support], query_image: np.ndarray,
+                      query_range: tuple[int, int], n_chunks: int, input_size: int, intensity: dict,
+                      device: torch.device, batch_size: int, progress: bool) -> np.ndarray:
+    """X x Y x Z bool prediction of the canonical query (0 outside query_range).
+
+    Per chunk: the k support slices -> prototypes once; the chunk's query slices in batches.
+    """
+    prediction = np.zeros(query_image.shape, dtype=bool)
+    out_size = tuple(query_image.shape[:2])
+    plan = plan_chunks(supports, query_range, n_chunks)
+    bar = tqdm(total=sum(len(z) for _, z in plan), desc="segment", unit="slice", disable=not progress,
+               file=sys.stderr, dynamic_ncols=True)
+    with torch.inference_mode():
+        for support_z, query_z in plan:
+            shots = torch.cat([images_to_input(s.image[:, :, z][None], intensity, input_size, device)
+                               for s, z in zip(supports, support_z)])         # K x 1 x S x S
+            fg = torch.cat([masks_to_input(s.mask[:, :, z][None], input_size, device)
+                            for s, z in zip(supports, support_z)])           # K x S x S
+            prototypes = model.encode_support(shots[None, None], fg[None, None], 1.0 - fg[None, None])
+            for start in range(0, len(query_z), batch_size):
+                batch_z = query_z[start:start + batch_size]
+                queries = np.moveaxis(query_image[:, :, batch_z], -1, 0)     # Q x X x Y
+                logits = model.segment(prototypes, images_to_input(queries, intensity, input_size, device)[None])
+                logits = F.interpolate(logits[0].float(), size=out_size, mode="bilinear",
+                                       align_corners=False)                  # Q x 2 x X x Y
+                prediction[:, :, batch_z] = (logits.argmax(dim=1) == 1).permute(1, 2, 0).cpu().numpy()
+                bar.update(len(batch_z))
+    bar.close()
+    return prediction
+
+
+def _check_out(out) -> Path | None:
+    if out is None:
+        return None
+    out = Path(out)
+    if not out.name.endswith(".nii.gz"):
+        raise UserError(f"--out {out}: the prediction is written as NIfTI: give a path ending in .nii.gz")
+    if not out.parent.is_dir():
+        raise UserError(f"--out {out}: folder {out.parent} does not exist: create it first")
+    return out
+
+
+def segment_volume(checkpoint, supports: Sequence[tuple[str, str]], query, out=None, support_label=None,
+                   label_map=None, query_range: tuple[int, int] | str | None = None, n_chunks: int = 12,
+                   device: str = "auto", batch_size: int = 16, progress: bool = True,
+                   intensity=None, input_size: int | None = None, min_voxels: int = 0
+                   ) -> tuple[np.ndarray, nib.Nifti1Image]:
+    """Segment `query` (a NIfTI path) from annotated support volumes with a few-shot checkpoint.
+
+    checkpoint:    train.py checkpoint path (or a model with encode_support/segment, for tests)
+    supports:      [(image_path, mask_path), ...]; k supports = k-shot prototypes per chunk
+    support_label: mask value (int), organ name (via label_map, else our 1-20 vocabulary), or None
+                   for a mask with a single non-zero value
+    label_map:     JSON path or dict {name: value} (or {"labels": {value: name}})
+    query_range:   (Z0, Z1) or 'Z0:Z1', half-open slice indices along the query file's axial axis as
+                   stored; None: transferred from the supports by relative body position
+    intensity:     None (the checkpoint's, else per-slice min-max), 'minmax' or 'window:LO,HI'
+    min_voxels:    a support slice is annotated when it has more than this many organ voxels
+    Returns (prediction uint8 in the query's ORIGINAL array geometry, the nibabel image written to
+    `out`, when given, atomically; nothing is written on any error).
+    """
+    out = _check_out(out)
+    if not supports:
+        raise UserError("no support given: pass --support-image S.nii.gz --support-mask M.nii.gz")
+    if int(n_chunks) < 1 or int(batch_size) < 1:
+        raise UserError(f"--n-chunks {n_chunks} / --batch-size {batch_size}: both must be >= 1")
+    if isinstance(query_range, str):
+        query_range = parse_query_range(query_range)
+    intensity = parse_intensity(intensity)
+    device = resolve_device(device)
+    labels = load_label_map(label_map)
+    query_volume = load_nifti(query)
+    support_list = [load_support(image, mask, support_label, labels, min_voxels) for image, mask in supports]
+    if query_range is not None:
+        canonical_range = stored_range_to_canonical(tuple(query_range), query_volume)
+    else:
+        canonical_range = default_query_range(support_list, np.asarray(query_volume.array, dtype=np.float32))
+    model, input_size, intensity = load_model(checkpoint, device, input_size, intensity)
+    prediction = predict_canonical(model, support_list, np.asarray(query_volume.array, dtype=np.float32),
+                                   canonical_range, int(n_chunks), input_size, intensity, device,
+                                   int(batch_size), progress)
+    array = to_original(prediction.astype(np.uint8), query_volume.original_axcodes)
+    if tuple(array.shape) != tuple(query_volume.original_shape):   # to_original must invert load_nifti
+        raise UserError(f"{query}: internal reorientation error: got {array.shape}, expected "
+                        f"{query_volume.original_shape}; please report it")
+    image = nib.Nifti1Image(array, query_volume.original_affine)
+    image.set_qform(query_volume.original_affine, code=1)
+    image.set_sform(query_volume.original_affine, code=1)
+    if out is not None:
+        save_nifti_atomic(array, query_volume.original_affine, out)
+    return array, image
