@@ -1,0 +1,197 @@
+"""Benchmarks: head speed vs the literal reference, encoder share, scaling, training, inference, memory.
+
+    python scripts/benchmark.py [--quick] [--device cpu|cuda] [--size N] --out BENCHMARKS.md
+
+Writes a markdown report. The CPU run (--device cpu) writes the CPU section; a GPU run
+(--device cuda) writes the GPU section. An existing --out file keeps the other section, so running
+both on their machines yields one report. Measurements live in util/benchmark.py; this file parses
+options and renders the tables. --quick: reduced sizes and repeats (under 2 minutes on 2 cores).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import re
+import shlex
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "tests"))  # the tests' literal reference of the head
+
+from util import benchmark as bench  # noqa: E402
+from util.errors import UserError, run_cli  # noqa: E402
+
+TITLE = "# Benchmarks\n"
+INTRO = ("Made by `scripts/benchmark.py` (its command is stated in each section). Every figure is the "
+         "median of repeated timed runs after warm-up (spread: fastest - slowest run); on CUDA the timers "
+         "synchronise the device. Forward passes run under `torch.no_grad`. Times in milliseconds "
+         "unless stated. Synthetic data (seeded): 1-way 1-shot 1-query episodes, random-weight encoders "
+         "(speed does not depend on the weights).\n")
+
+
+def ms(seconds: float) -> str:
+    value = seconds * 1000
+    return f"{value:.3g}" if value < 100 else f"{value:.0f}"
+
+
+def spread(timing) -> str:
+    return f"{ms(min(timing.runs))} - {ms(max(timing.runs))}"
+
+
+def runs_note(timing) -> str:
+    return f"{len(timing.runs)} timed after {timing.warmup} warm-up"
+
+
+def verdict(ok: bool) -> str:
+    return "met" if ok else "NOT met"
+
+
+def render_section(name: str, results: dict, machine: dict, command: str, plan) -> str:
+    """Markdown of one section ('cpu' or 'gpu') from `bench.run_measurements` results."""
+    h, gpu = results["head"], name == "gpu"
+    share = {row["encoder"]: row for row in results["encoders"]}
+    lines = [f"## {'GPU' if gpu else 'CPU'}{' (quick run)' if plan.quick else ''}", "",
+             f"Command: `{command}`  ", f"Date: {datetime.date.today().isoformat()}", "",
+             "| machine | |", "|---|---|"]
+    lines += [f"| {key} | {value} |" for key, value in machine.items()]
+    feature_share = max(share["resnet50_lslpn"]["share_feature"], share["vgg16"]["share_feature"])
+    lines += ["", "### Targets", "", "| target | measured | |", "|---|---|---|",
+              f"| 'image' mode >= 20x faster than the literal reference | {h['speedup_image']:.1f}x | "
+              f"{verdict(h['speedup_image'] >= 20)} |",
+              f"| 'feature' mode >= 100x faster than the literal reference | {h['speedup_feature']:.1f}x | "
+              f"{verdict(h['speedup_feature'] >= 100)} |",
+              f"| 'feature' mode < 5% of the encoder forward (resnet50_lslpn, vgg16) | {100 * feature_share:.1f}% "
+              f"(worst of the two) | {verdict(feature_share < 0.05)} |"]
+    if gpu:
+        d = results["dispatch"]
+        for key, label in (("train_step", "training forward+backward"), ("inference_batch", "inference batch")):
+            lines.append(f"| {label} GPU-bound (dispatch fraction well below 1) | {d[key]:.2f} | "
+                         f"{verdict(d[key] < 0.5)} |")
+    lines += ["", f"### 1. Head forward per episode ({h['size']} x {h['size']} input, {h['channels']}-channel "
+              f"{h['feature_size']} x {h['feature_size']} features, n_grid {h['n_grid']}, overlapping, max vote, k=1)",
+              "", "| implementation | median ms | spread ms | runs | speed-up vs reference |", "|---|---|---|---|---|",
+              f"| literal reference (`tests/literal_reference.py: cellwise_reference`) | {ms(h['reference'].median)} | "
+              f"{spread(h['reference'])} | {runs_note(h['reference'])} | 1.0x |"]
+    for mode in ("image", "feature"):
+        lines.append(f"| LocalPrototypeHead resolution='{mode}' | {ms(h[mode].median)} | {spread(h[mode])} | "
+                     f"{runs_note(h[mode])} | {h['speedup_' + mode]:.1f}x |")
+    lines += ["", "Agreement checks (computed by the script on this episode):", "",
+              f"- reference vs 'image': max |logit difference| = {h['max_abs_diff_image']:.2e} "
+              f"(tolerance {bench.IMAGE_TOLERANCE:g}): {'PASS' if h['image_ok'] else 'FAIL'}; "
+              f"argmax agreement {100 * h['argmax_agreement_image']:.3f}%",
+              f"- reference vs 'feature': argmax agreement = {100 * h['argmax_agreement_feature']:.2f}% of pixels "
+              f"(required >= {100 * bench.FEATURE_AGREEMENT:g}%); {h['feature_disagreements_off_boundary']} of the "
+              f"{h['feature_disagreements']} disagreeing pixels lie farther than one feature cell "
+              f"({h['size'] // h['feature_size']} px) from a boundary of the reference's argmax map (required 0): "
+              f"{'PASS' if h['feature_ok'] else 'FAIL'}",
+              "", "The literal reference is the tests' loop implementation with the official code's structure: "
+              "features upsampled to the full image, then a Python loop over grid cells (the pixel-by-pixel "
+              "`literal_reference` of the tests would take hours at this size). It computes in float64, as "
+              "written for the tests; the head computes in float32. It is run few times (see runs).", "",
+              f"### 2. Head time as a share of the encoder forward ({plan.size} x {plan.size}, one episode = "
+              "support + query image)", "",
+              "| encoder | features | encoder ms | 'image' head ms | share | 'feature' head ms | share |",
+              "|---|---|---|---|---|---|---|"]
+    for row in results["encoders"]:
+        f = row["feature_size"]
+        lines.append(f"| {row['encoder']} | {row['channels']} x {f} x {f} | {ms(row['encoder_time'].median)} | "
+                     f"{ms(row['image'].median)} | {100 * row['share_image']:.1f}% | {ms(row['feature'].median)} | "
+                     f"{100 * row['share_feature']:.1f}% |")
+    lines += ["", "The head is timed on features of each encoder's own shape (n_grid 8, overlapping, max vote).",
+              "", "### 3. Scaling of the head with n_grid and input size (256 channels, stride 8)", "",
+              "Cost per input pixel (ns) should stay roughly flat across n_grid: the head's work grows with "
+              "pixels, not with cells x pixels.", "",
+              "| mode | input | n_grid | cells | median ms | ns / pixel |", "|---|---|---|---|---|---|"]
+    for row in results["scaling"]:
+        lines.append(f"| {row['mode']} | {row['size']} | {row['n_grid']} | {row['cells']} | {ms(row['time'].median)} "
+                     f"| {row['ns_per_pixel']:.0f} |")
+    lines += ["", "### 4. Training throughput (`util.training.train`, synthetic prepared data)", "",
+              "| config | encoder | input | episodes / step | AMP | s / step | episodes / s | runs (s / step) |",
+              "|---|---|---|---|---|---|---|---|"]
+    for row in results["training"]:
+        lines.append(f"| {row['config']} | {row['encoder']} ({row['resolution']}) | {row['input_size']} | "
+                     f"{row['batch_size']} | {'on' if row['amp'] else 'off'} | {row['sec_per_step']:.3f} | "
+                     f"{row['episodes_per_s']:.2f} | {', '.join(f'{v:.3f}' for v in row['runs'])} |")
+    lines += ["", "Each run is a fresh `train()` of a few steps (no validation, no checkpoints); s / step is the "
+              "loop's own timer (mean of steps 2..n, each ended by `loss.item()`, data loading included); the "
+              "table gives the median over runs.", "",
+              "### 5. Volumetric inference throughput (`util.inference.segment_query_volume`)", "",
+              "| config | encoder | input | volume (X x Y x Z) | batch | AMP | median s / volume | query slices / s |",
+              "|---|---|---|---|---|---|---|---|"]
+    for row in results["inference"]:
+        shape = " x ".join(str(v) for v in row["volume_shape"])
+        lines.append(f"| {row['config']} | {row['encoder']} | {row['input_size']} | {shape} | {row['batch_size']} | "
+                     f"{'on' if row['amp'] else 'off'} | {row['time'].median:.3f} | {row['slices_per_s']:.1f} |")
+    lines += ["", "Phantom volumes (`dataloaders.phantom.render_subject`); support range = the liver's, protocol "
+              f"preset 'lslpn' ({results['inference'][0]['n_chunks']} chunks); every axial slice of the query "
+              "volume is segmented.", "", "### 6. Peak memory of one training step (`paper` config)", "",
+              "| input | encoder | episodes / step | AMP | process max RSS MB | RSS before the step MB | "
+              "CUDA max allocated MB | step s |", "|---|---|---|---|---|---|---|---|"]
+    for row in results["memory"]:
+        cuda = f"{row['cuda_max_allocated_mb']:.0f}" if "cuda_max_allocated_mb" in row else "-"
+        lines.append(f"| {row['input_size']} | {row['encoder']} | {row['batch_size']} | {'on' if row['amp'] else 'off'} "
+                     f"| {row['peak_rss_mb']:.0f} | {row['baseline_rss_mb']:.0f} | {cuda} | {row['step_seconds']:.1f} |")
+    lines += ["", "Measured in a fresh Python process that runs exactly one step of `util.training.train` "
+              "(`resource.getrusage` ru_maxrss, so the RSS includes the interpreter and torch; the column before "
+              "it is the same process's peak before the step). Step s is that single, cold step."]
+    return "\n".join(lines) + "\n"
+
+
+def gpu_not_measured() -> str:
+    return ("## GPU\n\nNot measured yet: no GPU was available to the run that wrote this report. On a GPU "
+            "machine, `python scripts/benchmark.py --device cuda --out BENCHMARKS.md` measures this section "
+            "(head, encoders, scaling, `paper` training and 512 x 512 inference with AMP off and on, CUDA peak "
+            "memory, GPU-bound check) and replaces it, keeping the CPU section.\n")
+
+
+def merge(existing: str | None, name: str, text: str) -> str:
+    """The report with section `name` set to `text`; the other section kept from `existing`."""
+    def block(section: str, body: str) -> str:
+        return f"<!-- begin {section} -->\n{body}<!-- end {section} -->\n"
+    sections = {"cpu": "## CPU\n\nNot measured yet.\n", "gpu": gpu_not_measured()}
+    for section in sections:
+        found = re.search(rf"<!-- begin {section} -->\n(.*?)<!-- end {section} -->", existing or "", re.S)
+        if found:
+            sections[section] = found.group(1)
+    sections[name] = text
+    return TITLE + "\n" + INTRO + "\n" + block("cpu", sections["cpu"]) + "\n" + block("gpu", sections["gpu"])
+
+
+def write_atomic(path: str, text: str) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise UserError(f"--out {path}: folder {folder} does not exist: create it or choose another path")
+    tmp = os.path.join(folder, f"{os.path.basename(path)}.tmp-{os.getpid()}")
+    with open(tmp, "w") as handle:
+        handle.write(text)
+    os.replace(tmp, path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="reduced set (under 2 minutes on 2 CPU cores)")
+    parser.add_argument("--device", default="cpu", help="cpu (writes the CPU section) or cuda (the GPU section)")
+    parser.add_argument("--size", type=int, default=None, help="input size (default 512, 256 with --quick)")
+    parser.add_argument("--out", required=True, help="markdown report to write, e.g. BENCHMARKS.md")
+    args = parser.parse_args(argv)
+    device = bench.resolve_bench_device(args.device)
+    plan = bench.make_plan(args.quick, args.size)
+    from literal_reference import cellwise_reference
+    results = bench.run_measurements(cellwise_reference, plan, device,
+                                     log=lambda message: print(f"benchmark: {message}", file=sys.stderr, flush=True))
+    command = "python scripts/benchmark.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    text = render_section(device.type if device.type == "cpu" else "gpu", results, bench.machine_description(device),
+                          command, plan)
+    existing = open(args.out).read() if os.path.isfile(args.out) else None
+    write_atomic(args.out, merge(existing, "cpu" if device.type == "cpu" else "gpu", text))
+    h = results["head"]
+    print(f"wrote {args.out}: 'image' {h['speedup_image']:.1f}x, 'feature' {h['speedup_feature']:.1f}x faster than "
+          f"the literal reference; checks image {'PASS' if h['image_ok'] else 'FAIL'}, "
+          f"feature {'PASS' if h['feature_ok'] else 'FAIL'}")
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,123 @@
+"""scripts/benchmark.py: a --quick run at a tiny size writes a well-formed report whose agreement
+checks pass; sections merge; bad options are one-line errors. No timing assertions."""
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+
+import benchmark as script  # noqa: E402  (scripts/benchmark.py)
+from literal_reference import cellwise_reference, literal_reference  # noqa: E402
+from util import benchmark as bench  # noqa: E402
+from util.errors import UserError  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "BENCH.md"
+    done = subprocess.run([sys.executable, "scripts/benchmark.py", "--quick", "--size", "64", "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return out.read_text()
+
+
+def test_quick_report_has_every_section_and_the_machine(report):
+    for heading in ("## CPU (quick run)", "### Targets", "### 1. Head forward per episode", "### 2. Head time",
+                    "### 3. Scaling", "### 4. Training throughput", "### 5. Volumetric inference",
+                    "### 6. Peak memory", "## GPU"):
+        assert heading in report, heading
+    assert "Command: `python scripts/benchmark.py --quick --size 64 --out " in report
+    assert f"| torch | {torch.__version__} |" in report
+    assert re.search(r"\| cpu \| .+ \|", report) and re.search(r"\| cores \| \d+ \|", report)
+    assert "Not measured yet" in report.split("<!-- begin gpu -->")[1]   # no GPU figures invented
+    for encoder in bench.ENCODER_SHAPES:
+        assert f"| {encoder} |" in report
+    assert "| demo | cnn_small" in report and "| 64 | vgg16 | 4 | off |" in report
+
+
+def test_quick_report_agreement_checks_pass(report):
+    image = re.search(r"reference vs 'image': max \|logit difference\| = ([0-9.e+-]+) .*: (PASS|FAIL)", report)
+    feature = re.search(r"reference vs 'feature': argmax agreement = ([0-9.]+)% .*: (PASS|FAIL)", report)
+    assert image and feature
+    assert float(image.group(1)) <= bench.IMAGE_TOLERANCE and image.group(2) == "PASS"
+    assert float(feature.group(1)) >= 100 * bench.FEATURE_AGREEMENT and feature.group(2) == "PASS"
+
+
+def test_quick_report_numbers_are_measured(report):
+    """Every timing table row carries positive numbers (no placeholders)."""
+    speedups = re.findall(r"\| ([0-9.]+)x \|$", report, re.M)
+    assert len(speedups) == 3 and all(float(v) > 0 for v in speedups)
+    scaling = re.findall(r"^\| (image|feature) \| (\d+) \| (\d+) \| (\d+) \| ([0-9.]+) \| (\d+) \|$", report, re.M)
+    assert {int(row[1]) for row in scaling} == {16, 32, 64}
+    assert all(float(row[4]) > 0 for row in scaling)
+    assert ("image", "64", "8", "225") in {row[:4] for row in scaling}
+
+
+def test_head_comparison_detects_a_wrong_head():
+    """The checks can fail: a reference that disagrees with the head makes both checks FAIL."""
+    def wrong(*args, **kwargs):
+        logits = cellwise_reference(*args, **kwargs)
+        return logits.flip(-1)
+    result = bench.head_comparison(wrong, 64, 16, 8, 4, torch.device("cpu"), repeats=1, reference_repeats=1)
+    assert not result["image_ok"] and not result["feature_ok"]
+    good = bench.head_comparison(cellwise_reference, 64, 16, 8, 4, torch.device("cpu"), repeats=1,
+                                 reference_repeats=1)
+    assert good["image_ok"] and good["feature_ok"] and good["max_abs_diff_image"] < 1e-4
+
+
+def test_cell_loop_reference_equals_the_pixel_literal_reference_on_the_benchmark_episode():
+    """The benchmark times `cellwise_reference`; on its synthetic episode it equals the pixel loop."""
+    episode = bench.synthetic_episode(32, 8, 8, torch.device("cpu"))
+    args = (*episode.values(), (32, 32), 4, True, "max")
+    assert torch.allclose(cellwise_reference(*args), literal_reference(*args), atol=1e-9)
+
+
+def test_merge_keeps_the_other_section():
+    first = script.merge(None, "cpu", "## CPU\n\ncpu figures\n")
+    assert "cpu figures" in first and "Not measured yet" in first
+    both = script.merge(first, "gpu", "## GPU\n\ngpu figures\n")
+    assert "cpu figures" in both and "gpu figures" in both and "Not measured yet" not in both
+    again = script.merge(both, "cpu", "## CPU\n\nnew cpu figures\n")
+    assert "new cpu figures" in again and "gpu figures" in again and again.count("## CPU") == 1
+
+
+def test_near_boundary_band():
+    labels = torch.zeros(1, 1, 10, 10, dtype=torch.long)
+    labels[..., :, 5:] = 1
+    band = bench.near_boundary(labels, 2)[0, 0]
+    assert band[:, 3:7].all() and not band[:, :3].any() and not band[:, 7:].any()  # columns 4 | 5
+
+
+def test_measure_reports_the_median_of_timed_runs():
+    calls = []
+    timing = bench.measure(lambda: calls.append(1), torch.device("cpu"), repeats=3, warmup=2)
+    assert len(calls) == 5 and len(timing.runs) == 3 and timing.warmup == 2
+    assert sorted(timing.runs)[1] == timing.median
+
+
+@pytest.mark.parametrize("argv, words", [(["--size", "60", "--out", "x.md"], "--size 60"),
+                                         (["--device", "tpu", "--out", "x.md"], "--device 'tpu'")])
+def test_bad_options_are_one_line_errors(argv, words, tmp_path):
+    done = subprocess.run([sys.executable, "scripts/benchmark.py", *argv], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1 and words in lines[0] and lines[0].startswith("error:")
+    assert not (ROOT / "x.md").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present")
+def test_cuda_without_a_gpu_is_a_one_line_error():
+    with pytest.raises(UserError, match="no CUDA GPU"):
+        bench.resolve_bench_device("cuda")
+
+
+def test_missing_out_folder_is_a_user_error(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        script.write_atomic(str(tmp_path / "absent" / "B.md"), "text")
