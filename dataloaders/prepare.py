@@ -139,7 +139,10 @@ def process_case(case: SourceCase, split: str, out: Path, size: int, intensity: 
     save_npy(out / "train" / f"{case.pid}_image.npy", images)
     save_npy(out / "train" / f"{case.pid}_label.npy", labels)
     row_of = {int(z): row for row, z in enumerate(rows)}
-    summary["slices"] = {str(index): [[case.pid, row_of[int(z)], int(z)] for z in zs] for index, zs in chosen.items()}
+    # a class that vanishes when its slice is shrunk to prep_size is not listed for that slice
+    summary["slices"] = {str(index): [[case.pid, row_of[int(z)], int(z)] for z in zs
+                                      if (labels[row_of[int(z)]] == index).any()] for index, zs in chosen.items()}
+    summary["slices"] = {key: entries for key, entries in summary["slices"].items() if entries}
     return summary
 
 
