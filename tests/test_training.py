@@ -8,12 +8,14 @@ from __future__ import annotations
 import glob
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -58,6 +60,7 @@ def train_cli(*overrides, log_dir, prep_dir, env=None, popen=False):
     ({"augment": {"p": 0.5, "gamma": [2.0, 0.5]}}, "augment.gamma"), ({"lr_milestones": [5, 2]}, "lr_milestones"),
     ({"momentum": 1.5}, "momentum"), ({"n_shots": 0}, "n_shots"), ({"label_sets": [["liver"]]}, "label_sets"),
     ({"path": {"init_path": "/nonexistent/vgg16.pth"}}, "path.init_path"), ({"device": "tpu"}, "device"),
+    ({"name": "a/b"}, "name"),
 ])
 def test_config_out_of_range_is_one_clear_line(prep, updates, key):
     path = {"data_dir": str(prep), **updates.pop("path", {})}
@@ -188,3 +191,34 @@ def test_killed_run_resumes_to_bitwise_identical_weights(tmp_path, prep):
     momentum = [s["momentum_buffer"] for s in final["optimizer"]["state"].values()]
     ref_momentum = [s["momentum_buffer"] for s in reference["optimizer"]["state"].values()]
     assert all(torch.equal(a, b) for a, b in zip(momentum, ref_momentum))
+
+
+# --------------------------------------------------------------------------------------- devices
+def test_device_resolution_and_amp(monkeypatch):
+    from util import device as dev
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert dev.resolve_device("auto") == torch.device("cpu")
+    with pytest.raises(UserError, match="no CUDA GPU"):
+        dev.resolve_device("cuda")
+    with pytest.raises(UserError, match="unknown"):
+        dev.resolve_device("gpu")
+    assert dev.amp_dtype(torch.device("cpu"), True) is None and dev.make_grad_scaler(torch.device("cpu"), True) is None
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert dev.resolve_device("auto", local_rank=3) == torch.device("cuda", 1)   # rank -> its GPU
+    assert dev.resolve_device("cpu") == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert dev.amp_dtype(torch.device("cuda", 0), True) == torch.bfloat16
+    assert dev.amp_dtype(torch.device("cuda", 0), False) is None
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert dev.amp_dtype(torch.device("cuda", 0), True) == torch.float16
+
+
+def test_rng_state_round_trip():
+    from util.device import get_rng_state, seed_everything, set_rng_state
+    seed_everything(5)
+    state = get_rng_state()
+    first = (torch.rand(3), np.random.rand(), random.random())
+    set_rng_state(state)
+    second = (torch.rand(3), np.random.rand(), random.random())
+    assert torch.equal(first[0], second[0]) and first[1:] == second[1:]

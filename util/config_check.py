@@ -154,6 +154,9 @@ def check_config(config: Mapping, command: str = "train") -> None:
     _number(config, "input_size", config.get("input_size"), low=16, integer=True)
     _number(config, "seed", config.get("seed"), low=0, integer=True)
     check_model(config.get("model", {}))
+    name = config.get("name")
+    if name is not None and (not isinstance(name, str) or not name or "/" in name or name in (".", "..")):
+        raise UserError(f"config name={name!r} must be None or a folder name (no '/')")
     paths = config.get("path", {})
     if not isinstance(paths.get("data_dir"), str) or not paths["data_dir"]:
         raise UserError(f"config path.data_dir={paths.get('data_dir')!r} must name the prepared data folder")
