@@ -145,6 +145,7 @@ class SmallCNN(_Encoder):
             *block(128, 128, dilation=2),
             nn.Conv2d(128, 128, 1),                               # linear projection, as PANet's conv5_3
         )
+        nn.init.zeros_(self.features[-1].bias)  # no constant offset shared by all positions
 
     def forward(self, x: Tensor) -> Tensor:
         return self.features(self.to_rgb(x))                      # B x 128 x H/4 x W/4

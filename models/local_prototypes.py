@@ -31,8 +31,9 @@ grid lives on feature cells (`grid_cells(h, n_grid, overlap)`), a cell's pixel c
 mask sum times the image pixels per feature cell, and the logits are bilinearly upsampled at the end.
 
 Vectorisation: no Python loop over cells, pixels, shots, classes or batch items on the forward
-path; a cell's window is gathered with `index_select`, pooled and scored with batched `einsum`, and
-each location gathers only the (at most 2-3 per axis) cells that cover it. The head computes in
+path. Cell windows are gathered by advanced indexing and pooled and scored by batched matmul; each
+location then gathers only the (at most 2-3 per axis) cells that cover it, and the vote reduces
+over the covering row cells, then the covering column cells (separable). The head computes in
 float32 even under autocast (it is cheap and the cosine needs the precision).
 """
 from __future__ import annotations
@@ -131,6 +132,12 @@ def _build_axis(size: int, in_size: int, n_grid: int, overlap: bool) -> _Axis:
 def _axis(size: int, in_size: int, n_grid: int, overlap: bool, device: str) -> _Axis:
     axis = _build_axis(size, in_size, n_grid, overlap)
     return _Axis(**{k: (v.to(device) if isinstance(v, Tensor) else v) for k, v in vars(axis).items()})
+
+
+def _indicator(axis: _Axis, size: int) -> Tensor:
+    """n_cells x size 0/1 matrix: pixel p lies in cell a."""
+    ind = torch.zeros(axis.n_cells, size, device=axis.pixel_index.device)
+    return ind.scatter_(1, axis.pixel_index.view(axis.n_cells, axis.length), 1.0)
 
 
 def _take(x: Tensor, dim: int, index: Tensor) -> Tensor:
@@ -249,17 +256,25 @@ class LocalPrototypeHead(nn.Module):
             pixels_per_cell = image_size[0] * image_size[1] / (h * w)
             masks = F.interpolate(masks, size=(h, w), mode="area")  # M x 2 x h x w (soft)
         M = masks.shape[0]
-        # Pixel counts of every cell, and the cell masks pulled back through the bilinear
-        # upsampling onto the cell's feature window: sum_cell m * F_up = <F_window, weights>.
+        # Pixel counts of every cell.
         m_rows = _take(masks, 2, rows.pixel_index).view(M, 2, nr, Lr, -1)   # M x 2 x nr x Lr x S_c
         counts = _take(m_rows.sum(3), 3, cols.pixel_index).view(M, 2, nr, nc, Lc).sum(4)
         counts = counts * pixels_per_cell                          # M x 2 x nr x nc
-        pulled = rows.interp.transpose(1, 2) @ m_rows              # M x 2 x nr x wr x S_c
-        pulled = _take(pulled, 4, cols.pixel_index).view(M, 2, nr, rows.window, nc, Lc)
-        weights = pulled.transpose(3, 4) @ cols.interp             # M x 2 x nr x nc x wr x wc
-        weights = weights.flatten(4).permute(0, 2, 3, 1, 4)        # M x nr x nc x 2 x (wr wc)
-        win = self._windows(feats.flatten(0, 2), rows, cols)     # M x nr x nc x (wr wc) x C
-        sums = (weights @ win).permute(0, 3, 1, 2, 4) * pixels_per_cell  # M x 2 x nr x nc x C
+        if rows.identity and cols.identity:
+            # Feature resolution: cell sums of mask * features = R (m F) C^T with 0/1 cell
+            # indicator matrices R (nr x h) and C (nc x w).
+            masked = masks.unsqueeze(2) * feats.flatten(0, 2).unsqueeze(1)  # M x 2 x C x h x w
+            sums = _indicator(rows, h) @ (masked @ _indicator(cols, w).T)   # M x 2 x C x nr x nc
+            sums = sums.permute(0, 1, 3, 4, 2) * pixels_per_cell             # M x 2 x nr x nc x C
+        else:
+            # Image resolution: the cell masks pulled back through the bilinear upsampling onto
+            # each cell's feature window: sum_cell m * F_up = <F_window, weights>.
+            pulled = rows.interp.transpose(1, 2) @ m_rows          # M x 2 x nr x wr x S_c
+            pulled = _take(pulled, 4, cols.pixel_index).view(M, 2, nr, rows.window, nc, Lc)
+            weights = pulled.transpose(3, 4) @ cols.interp         # M x 2 x nr x nc x wr x wc
+            weights = weights.flatten(4).permute(0, 2, 3, 1, 4)    # M x nr x nc x 2 x (wr wc)
+            win = self._windows(feats.flatten(0, 2), rows, cols)  # M x nr x nc x (wr wc) x C
+            sums = (weights @ win).permute(0, 3, 1, 2, 4)          # M x 2 x nr x nc x C
         # Masked averages; shots (and, for the background, ways) with too few pixels drop out.
         valid = counts > self.min_pixels                           # M x 2 x nr x nc
         means = sums / counts.clamp_min(1e-6).unsqueeze(-1)

@@ -40,14 +40,14 @@ def _cosine(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 
 
 def literal_prototypes(support_features, support_fg, support_bg, image_size, n_grid, overlap,
-                       min_pixels=10):
+                       min_pixels=10, dtype=torch.float64):
     """Per episode b: dict {(class, row cell, col cell): prototype (C,) or None} and the cells."""
     B, N, K = support_features.shape[:3]
     H, W = image_size
     rows, cols = literal_grid(H, n_grid, overlap), literal_grid(W, n_grid, overlap)
     result = []
     for b in range(B):
-        up = F.interpolate(support_features[b].flatten(0, 1).double(), size=(H, W), mode="bilinear",
+        up = F.interpolate(support_features[b].flatten(0, 1).to(dtype), size=(H, W), mode="bilinear",
                            align_corners=False).unflatten(0, (N, K))    # N x K x C x H x W
         protos = {}
         for c in range(1 + N):
@@ -59,7 +59,7 @@ def literal_prototypes(support_features, support_fg, support_bg, image_size, n_g
                 for g, (c0, c1) in enumerate(cols):
                     averages = []
                     for n, k, mask in shots:
-                        cell_mask = mask[r0:r1, c0:c1].double()
+                        cell_mask = mask[r0:r1, c0:c1].to(dtype)
                         count = cell_mask.sum()
                         if count > min_pixels:
                             cell_feats = up[n, k][:, r0:r1, c0:c1]
@@ -70,17 +70,17 @@ def literal_prototypes(support_features, support_fg, support_bg, image_size, n_g
 
 
 def literal_reference(support_features, support_fg, support_bg, query_features, image_size,
-                      n_grid, overlap, vote, min_pixels=10, scale=20.0):
-    """Logits B x Q x (1 + N) x H x W (float64) by explicit loops down to single pixels."""
+                      n_grid, overlap, vote, min_pixels=10, scale=20.0, dtype=torch.float64):
+    """Logits B x Q x (1 + N) x H x W (`dtype`, float64 by default) by loops down to single pixels."""
     B, N = support_features.shape[:2]
     Q = query_features.shape[1]
     H, W = image_size
     all_protos, rows, cols = literal_prototypes(support_features, support_fg, support_bg,
-                                                image_size, n_grid, overlap, min_pixels)
-    out = torch.empty(B, Q, 1 + N, H, W, dtype=torch.float64)
+                                                image_size, n_grid, overlap, min_pixels, dtype)
+    out = torch.empty(B, Q, 1 + N, H, W, dtype=dtype)
     for b in range(B):
         protos = all_protos[b]
-        up = F.interpolate(query_features[b].double(), size=(H, W), mode="bilinear",
+        up = F.interpolate(query_features[b].to(dtype), size=(H, W), mode="bilinear",
                            align_corners=False)                          # Q x C x H x W
         for q in range(Q):
             for c in range(1 + N):
@@ -106,23 +106,23 @@ def literal_reference(support_features, support_fg, support_bg, query_features, 
 
 
 def cellwise_reference(support_features, support_fg, support_bg, query_features, image_size,
-                       n_grid, overlap, vote, min_pixels=10, scale=20.0):
+                       n_grid, overlap, vote, min_pixels=10, scale=20.0, dtype=torch.float64):
     """As `literal_reference`, but each cell is scored as one tensor (loop over cells only)."""
     B, N = support_features.shape[:2]
     Q = query_features.shape[1]
     H, W = image_size
     all_protos, rows, cols = literal_prototypes(support_features, support_fg, support_bg,
-                                                image_size, n_grid, overlap, min_pixels)
-    out = torch.empty(B, Q, 1 + N, H, W, dtype=torch.float64)
+                                                image_size, n_grid, overlap, min_pixels, dtype)
+    out = torch.empty(B, Q, 1 + N, H, W, dtype=dtype)
     for b in range(B):
-        up = F.interpolate(query_features[b].double(), size=(H, W), mode="bilinear",
+        up = F.interpolate(query_features[b].to(dtype), size=(H, W), mode="bilinear",
                            align_corners=False)                          # Q x C x H x W
         for q in range(Q):
             for c in range(1 + N):
-                best = torch.full((H, W), float("-inf"), dtype=torch.float64)
-                total = torch.zeros(H, W, dtype=torch.float64)
-                count = torch.zeros(H, W, dtype=torch.float64)
-                last = torch.full((H, W), -scale, dtype=torch.float64)
+                best = torch.full((H, W), float("-inf"), dtype=dtype)
+                total = torch.zeros(H, W, dtype=dtype)
+                count = torch.zeros(H, W, dtype=dtype)
+                last = torch.full((H, W), -scale, dtype=dtype)
                 for a, (r0, r1) in enumerate(rows):
                     for g, (c0, c1) in enumerate(cols):
                         p = all_protos[b][(c, a, g)]
