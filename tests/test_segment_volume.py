@@ -176,22 +176,22 @@ def test_lps_query_comes_back_lps_and_matches_the_ras_result(work):
 
 
 def test_multilabel_support_by_value_by_name_and_by_label_map(work, tmp_path):
-    from util.segment import segment_volume
-    common = dict(query=work["query_ras"], n_chunks=6, device="cpu", progress=False)
-    binary, _ = segment_volume(work["checkpoint"], [(work["support"], work["liver_mask"])], **common)
-    by_value, _ = segment_volume(work["checkpoint"], [(work["support"], work["support_mask"])],
-                                 support_label=1, **common)
-    by_name, _ = segment_volume(work["checkpoint"], [(work["support"], work["support_mask"])],
-                                support_label="liver", **common)            # project vocabulary: liver = 1
+    from util.segment import load_label_map, load_support, segment_volume
     label_map = tmp_path / "map.json"
     label_map.write_text(json.dumps({"labels": {"1": "Liver", "2": "spleen"}}))
+    pairs = {"binary": (work["liver_mask"], None, None), "value": (work["support_mask"], 1, None),
+             "text value": (work["support_mask"], "1", None), "vocabulary": (work["support_mask"], "liver", None),
+             "label map": (work["support_mask"], "liver", label_map)}
+    for name, (mask, label, mapping) in pairs.items():
+        support = load_support(work["support"], mask, label, load_label_map(mapping), min_voxels=0)
+        assert np.array_equal(support.mask, work["support_label"] == 1), name
+    spleen = load_support(work["support"], work["support_mask"], "spleen", load_label_map(label_map), 0)
+    assert np.array_equal(spleen.mask, work["support_label"] == 2)
+    common = dict(query=work["query_ras"], n_chunks=6, device="cpu", progress=False)
+    binary, _ = segment_volume(work["checkpoint"], [(work["support"], work["liver_mask"])], **common)
     by_map, _ = segment_volume(work["checkpoint"], [(work["support"], work["support_mask"])],
                                support_label="liver", label_map=label_map, **common)
-    for other in (by_value, by_name, by_map):
-        assert np.array_equal(other, binary)
-    spleen, _ = segment_volume(work["checkpoint"], [(work["support"], work["support_mask"])],
-                               support_label="2", **common)
-    assert not np.array_equal(spleen, binary)
+    assert binary.any() and np.array_equal(by_map, binary)
     with pytest.raises(UserError, match="multi-label"):
         segment_volume(work["checkpoint"], [(work["support"], work["support_mask"])], **common)
 

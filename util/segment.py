@@ -22,6 +22,7 @@ protocol (util/protocol.py) on files a user has, outside any benchmark fold:
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -213,6 +214,9 @@ def load_model(checkpoint, device: torch.device, input_size: int | None, intensi
     path = str(checkpoint)
     state = load_checkpoint(path)             # one-line errors: missing, unreadable, not a checkpoint
     config = dict(state["config"])
+    quiet = logging.getLogger("lslpn")          # "random initialisation" is moot: weights load next
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
     try:
         model = FewShotSegNet.from_config(config, None)
         model.load_state_dict(state["model"])
@@ -223,6 +227,8 @@ def load_model(checkpoint, device: torch.device, input_size: int | None, intensi
         raise UserError(f"checkpoint {path} does not fit its model config (encoder '{config.get('encoder')}'; "
                         f"{first}): it is from another encoder or code version; pass a checkpoint written by "
                         "this project's train.py") from None
+    finally:
+        quiet.setLevel(level)
     run_config = state.get("run_config") or {}
     input_size = input_size or state.get("input_size") or run_config.get("input_size") or DEFAULT_INPUT_SIZE
     if intensity is None:
@@ -233,10 +239,14 @@ def load_model(checkpoint, device: torch.device, input_size: int | None, intensi
 def _meta_intensity(run_config: dict) -> dict | None:
     """meta.json's intensity of the prepared data a checkpoint was trained on, when it is still there."""
     data_dir = (run_config.get("path") or {}).get("data_dir")
-    try:
-        return json.loads((Path(data_dir) / "meta.json").read_text()).get("intensity") if data_dir else None
-    except (OSError, ValueError):
+    if not data_dir:
         return None
+    for folder in (Path(data_dir), Path(__file__).resolve().parents[1] / data_dir):  # cwd, then repo root
+        try:
+            return json.loads((folder / "meta.json").read_text()).get("intensity")
+        except (OSError, ValueError, AttributeError):
+            continue
+    return None
 
 
 # ------------------------------------------------------------------------------- inference
