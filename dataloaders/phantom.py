@@ -165,7 +165,7 @@ def sample_subject(rng: np.random.Generator, size: int, n_slices: int) -> Subjec
     """Draw a body and its scan geometry. `n_slices` is nominal: the actual count varies by +-1/8."""
     width = rng.uniform(300, 390)
     depth = width * rng.uniform(0.70, 0.84)
-    fov = max(rng.uniform(360, 480), width * 1.08)        # chosen by the technician, not by the body
+    fov = max(rng.uniform(380, 460), width * 1.08)        # chosen by the technician, not by the body
     slices = int(n_slices + rng.integers(-(n_slices // 8), n_slices // 8 + 1))
     z_fov = 560.0 * rng.uniform(0.92, 1.05)
     dz = round(z_fov / n_slices * 2) / 2
@@ -184,12 +184,12 @@ def make_grid(subject: Subject) -> Grid:
     gx = ((np.arange(nx) - (nx - 1) / 2) * sp[0]).astype(np.float32)[:, None, None]
     gy = ((np.arange(ny) - (ny - 1) / 2) * sp[1]).astype(np.float32)[None, :, None]
     gz = (subject.z0 + np.arange(nz) * sp[2]).astype(np.float32)[None, None, :]
-    offset = np.array([rng.normal(0, 12), rng.uniform(-25, 5)])        # patient position on the table
+    offset = np.array([rng.normal(0, 8), rng.uniform(-20, 5)])        # patient position on the table
     angle = np.deg2rad(rng.uniform(-6, 6))
     tilt = np.float32(np.deg2rad(rng.uniform(-3, 3)))
     c, s = np.float32(np.cos(angle)), np.float32(np.sin(angle))
     qx, qy = gx - np.float32(offset[0]), gy - np.float32(offset[1])
-    amplitude = rng.uniform(5, 10)
+    amplitude = rng.uniform(4, 8)
     coords = [c * qx + s * qy, -s * qx + c * qy, gz + tilt * qy]
     for axis in range(3):                       # separable smooth displacement, wavelengths 150-400 mm
         for _ in range(3):
@@ -285,7 +285,7 @@ def paint_thorax(g: Grid, s: Subject, depth: np.ndarray, domes, y_spine: float) 
 
 
 def paint_blobs(g: Grid, s: Subject, parts, tissue: int, label: int, allowed, domes=None,
-                modulation: float = 0.1, shift=(10.0, 9.0, 12.0)) -> tuple[tuple, np.ndarray]:
+                modulation: float = 0.1, shift=(8.0, 7.0, 12.0)) -> tuple[tuple, np.ndarray]:
     """Paint a union of jittered blobs [(centre, radii, angle), ...] sharing one organ translation.
 
     Returns (box, level) so callers can add shells or sub-regions. `domes` clips the organ below the
