@@ -15,6 +15,7 @@ import os
 import re
 import shlex
 import sys
+import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -25,7 +26,8 @@ from util.errors import UserError, run_cli  # noqa: E402
 
 TITLE = "# Benchmarks\n"
 INTRO = ("Made by `scripts/benchmark.py` (its command is stated in each section). Every figure is the "
-         "median of repeated timed runs after warm-up (spread: fastest - slowest run); on CUDA the timers "
+         "median of repeated timed runs after warm-up (spread: fastest - slowest run; in full runs, cheap head "
+         "timings repeat for 2 s, up to 25 runs); on CUDA the timers "
          "synchronise the device. Forward passes run under `torch.no_grad`. Times in milliseconds "
          "unless stated. Synthetic data (seeded): 1-way 1-shot 1-query episodes, random-weight encoders "
          "(speed does not depend on the weights).\n")
@@ -55,6 +57,7 @@ def render_section(name: str, results: dict, machine: dict, command: str, plan) 
     lines = [f"## {'GPU' if gpu else 'CPU'}{' (quick run)' if plan.quick else ''}", "",
              f"Command: `{command}`  ", f"Date: {datetime.date.today().isoformat()}", "",
              "| machine | |", "|---|---|"]
+    # The load average shows other processes sharing the machine: medians then vary between runs.
     lines += [f"| {key} | {value} |" for key, value in machine.items()]
     feature_share = max(share["resnet50_lslpn"]["share_feature"], share["vgg16"]["share_feature"])
     lines += ["", "### Targets", "", "| target | measured | |", "|---|---|---|",
@@ -178,12 +181,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     device = bench.resolve_bench_device(args.device)
     plan = bench.make_plan(args.quick, args.size)
+    machine_before = bench.machine_description(device)
     from literal_reference import cellwise_reference
-    results = bench.run_measurements(cellwise_reference, plan, device,
-                                     log=lambda message: print(f"benchmark: {message}", file=sys.stderr, flush=True))
+    start = time.perf_counter()
+    results = bench.run_measurements(cellwise_reference, plan, device, log=lambda message: print(
+        f"benchmark [{time.perf_counter() - start:5.0f} s]: {message}", file=sys.stderr, flush=True))
     command = "python scripts/benchmark.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
-    text = render_section(device.type if device.type == "cpu" else "gpu", results, bench.machine_description(device),
-                          command, plan)
+    machine = bench.machine_description(device)
+    load = "load average (1, 5, 15 min) when described"
+    if load in machine:
+        machine = {**machine, load: f"{machine_before[load]} (start); {machine[load]} (end)"}
+    text = render_section(device.type if device.type == "cpu" else "gpu", results, machine, command, plan)
     existing = open(args.out).read() if os.path.isfile(args.out) else None
     write_atomic(args.out, merge(existing, "cpu" if device.type == "cpu" else "gpu", text))
     h = results["head"]

@@ -56,13 +56,18 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int = 1) -> Timing:
-    """Median wall time of `fn()` over `repeats` runs after `warmup` runs, device-synchronised."""
+def measure(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int = 1,
+            min_seconds: float = 0.0, max_repeats: int = 25) -> Timing:
+    """Median wall time of `fn()` over at least `repeats` runs after `warmup` runs, device-synchronised.
+
+    Cheap calls repeat until `min_seconds` of timed runs (at most `max_repeats` runs), so that the
+    median resists bursts of load from other processes.
+    """
     for _ in range(warmup):
         fn()
     synchronize(device)
-    runs = []
-    for _ in range(max(1, repeats)):
+    runs: list[float] = []
+    while len(runs) < max(1, repeats) or (sum(runs) < min_seconds and len(runs) < max_repeats):
         synchronize(device)
         start = time.perf_counter()
         fn()
@@ -101,7 +106,9 @@ def machine_description(device: torch.device) -> dict:
     info = {"cpu": cpu, "cores": usable, "torch_threads": torch.get_num_threads(),
             "torch": torch.__version__, "python": platform.python_version(), "os": platform.platform()}
     if hasattr(os, "getloadavg"):
-        info["load average (1, 5, 15 min) at the end"] = ", ".join(f"{v:.2f}" for v in os.getloadavg())
+        info["load average (1, 5, 15 min) when described"] = ", ".join(f"{v:.2f}" for v in os.getloadavg())
+    from util.training import git_commit
+    info["code (git HEAD)"] = git_commit() or "unknown"
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
         info["cuda"] = torch.version.cuda
@@ -171,7 +178,7 @@ def near_boundary(labels: torch.Tensor, radius: int) -> torch.Tensor:
 
 
 def head_comparison(reference_fn: Callable, size: int, channels: int, stride: int, n_grid: int,
-                    device: torch.device, repeats: int, reference_repeats: int) -> dict:
+                    device: torch.device, repeats: int, reference_repeats: int, min_seconds: float = 0.0) -> dict:
     """Reference vs 'image' vs 'feature' head forward on one episode; times and agreement checks.
 
     reference_fn(support_features, support_fg, support_bg, query_features, image_size, n_grid,
@@ -188,7 +195,7 @@ def head_comparison(reference_fn: Callable, size: int, channels: int, stride: in
         for mode in ("image", "feature"):
             head = _head(mode, n_grid)
             outputs[mode] = _run_head(head, episode, size)
-            result[mode] = measure(lambda: _run_head(head, episode, size), device, repeats)
+            result[mode] = measure(lambda: _run_head(head, episode, size), device, repeats, min_seconds=min_seconds)
     reference = reference.to(device)
     result["max_abs_diff_image"] = float((outputs["image"].double() - reference).abs().max())
     labels = reference.argmax(2)                                             # B x Q x H x W
@@ -208,7 +215,7 @@ def head_comparison(reference_fn: Callable, size: int, channels: int, stride: in
 
 # --------------------------------------------------------------------------------- figure 2
 def encoder_share(encoders: list[str], size: int, n_grid: int, device: torch.device,
-                  repeats: int) -> list[dict]:
+                  repeats: int, min_seconds: float = 0.0) -> list[dict]:
     """Per encoder: forward time of one episode's 2 images (support + query) at size x size and the
     head time (both modes) on features of that encoder's shape; head share = head / encoder."""
     from models.encoders import build_encoder
@@ -221,10 +228,11 @@ def encoder_share(encoders: list[str], size: int, n_grid: int, device: torch.dev
         episode = synthetic_episode(size, channels, stride, device)
         row = {"encoder": name, "channels": channels, "feature_size": size // stride}
         with torch.no_grad():
-            row["encoder_time"] = measure(lambda: encoder(images), device, repeats)
+            row["encoder_time"] = measure(lambda: encoder(images), device, max(1, repeats - 2))
             for mode in ("image", "feature"):
                 head = _head(mode, n_grid)
-                row[mode] = measure(lambda: _run_head(head, episode, size), device, repeats)
+                row[mode] = measure(lambda: _run_head(head, episode, size), device, repeats,
+                                    min_seconds=min_seconds)
                 row[f"share_{mode}"] = row[mode].median / row["encoder_time"].median
         rows.append(row)
         del encoder
@@ -233,7 +241,7 @@ def encoder_share(encoders: list[str], size: int, n_grid: int, device: torch.dev
 
 # --------------------------------------------------------------------------------- figure 3
 def head_scaling(sizes: list[int], grids: list[int], modes: list[str], device: torch.device,
-                 repeats: int, channels: int = 256, stride: int = 8) -> list[dict]:
+                 repeats: int, channels: int = 256, stride: int = 8, min_seconds: float = 0.0) -> list[dict]:
     """Head forward time for every (mode, size, n_grid) with n_grid <= the feature map side."""
     from models.local_prototypes import grid_cells
     rows = []
@@ -245,7 +253,8 @@ def head_scaling(sizes: list[int], grids: list[int], modes: list[str], device: t
                     continue
                 head = _head(mode, n_grid)
                 with torch.no_grad():
-                    timing = measure(lambda: _run_head(head, episode, size), device, repeats)
+                    timing = measure(lambda: _run_head(head, episode, size), device, repeats,
+                                     min_seconds=min_seconds)
                 cells = len(grid_cells(size, n_grid, True)) ** 2
                 rows.append({"mode": mode, "size": size, "n_grid": n_grid, "cells": cells, "time": timing,
                              "ns_per_pixel": 1e9 * timing.median / size ** 2})
@@ -402,7 +411,7 @@ def inference_throughput(named: str, device: torch.device, repeats: int, volume_
             return segment_query_volume(model, support, liver, query, support_range, query_range,
                                         preset.n_chunks, config["input_size"], {"mode": "window",
                                         "window": [-200, 300]}, device, batch_size)
-    timing = measure(run, device, repeats)
+    timing = measure(run, device, max(1, repeats - 2))
     n_query = query.shape[2]
     return {"config": named, "encoder": config["model"]["encoder"], "input_size": config["input_size"],
             "batch_size": batch_size, "volume_shape": list(query.shape), "query_slices": n_query,
@@ -445,6 +454,7 @@ class Plan:
     size: int
     repeats: int
     reference_repeats: int
+    head_seconds: float         # cheap head timings repeat until this many seconds (25 runs at most)
     scaling_sizes: list[int]
     grids: list[int]
     demo_size: int | None       # None: the demo config's own input_size
@@ -460,6 +470,7 @@ def make_plan(quick: bool, size: int | None) -> Plan:
     if size < 64 or size % 8:
         raise UserError(f"--size {size}: must be a multiple of 8 and >= 64 (n_grid 8 on stride-8 features)")
     return Plan(quick=quick, size=size, repeats=2 if quick else 5, reference_repeats=1 if quick else 2,
+                head_seconds=0.0 if quick else 2.0,
                 scaling_sizes=[size // 4, size // 2, size], grids=[1, 4, 8, 16],
                 demo_size=None if size >= 128 else size, demo_steps=3 if quick else 6,
                 demo_runs=1 if quick else 3, volume_size=min(size, 128 if quick else 256),
@@ -472,11 +483,13 @@ def run_measurements(reference_fn: Callable, plan: Plan, device: torch.device,
     torch.manual_seed(0)
     cpu, out = device.type == "cpu", {}
     log("1/6 head: reference vs 'image' vs 'feature'")
-    out["head"] = head_comparison(reference_fn, plan.size, 256, 8, 8, device, plan.repeats, plan.reference_repeats)
+    out["head"] = head_comparison(reference_fn, plan.size, 256, 8, 8, device, plan.repeats, plan.reference_repeats,
+                                  plan.head_seconds)
     log("2/6 head share of the encoder forward")
-    out["encoders"] = encoder_share(list(ENCODER_SHAPES), plan.size, 8, device, plan.repeats)
+    out["encoders"] = encoder_share(list(ENCODER_SHAPES), plan.size, 8, device, plan.repeats, plan.head_seconds)
     log("3/6 head scaling with n_grid and input size")
-    out["scaling"] = head_scaling(plan.scaling_sizes, plan.grids, ["image", "feature"], device, plan.repeats)
+    out["scaling"] = head_scaling(plan.scaling_sizes, plan.grids, ["image", "feature"], device, plan.repeats,
+                                  min_seconds=plan.head_seconds)
     log("4/6 training throughput")
     if cpu:
         out["training"] = [training_throughput("demo", device, False, plan.demo_steps, plan.demo_runs,
