@@ -91,16 +91,26 @@ class EpisodeDataset(Dataset):
                 if not os.path.isfile(path):
                     raise UserError(f"prepared data '{self.prep_dir}': index.json names {path} which is "
                                     f"missing: {PREPARE_HINT}")
+            self._open(pid)  # a truncated file fails here, before training starts (maps not kept)
 
     def __len__(self) -> int:
         return self.length
 
-    def _volume(self, pid: str) -> tuple[np.ndarray, np.ndarray]:
+    def _open(self, pid: str) -> tuple[np.ndarray, np.ndarray]:
         """Memory maps (images N x S x S float32, labels N x S x S uint8) of one training volume."""
+        base = os.path.join(self.prep_dir, "train", pid)
+        try:
+            return (np.load(f"{base}_image.npy", mmap_mode="r", allow_pickle=False),
+                    np.load(f"{base}_label.npy", mmap_mode="r", allow_pickle=False))
+        except (OSError, ValueError, EOFError) as error:
+            raise UserError(f"prepared data '{self.prep_dir}': {base}_image.npy / _label.npy unreadable "
+                            f"({type(error).__name__}: {error}): the file is truncated or corrupt; "
+                            f"{PREPARE_HINT}") from None
+
+    def _volume(self, pid: str) -> tuple[np.ndarray, np.ndarray]:
+        """The cached memory maps of one training volume (see `_open`)."""
         if pid not in self._arrays:
-            base = os.path.join(self.prep_dir, "train", pid)
-            self._arrays[pid] = (np.load(f"{base}_image.npy", mmap_mode="r"),
-                                 np.load(f"{base}_label.npy", mmap_mode="r"))
+            self._arrays[pid] = self._open(pid)
         return self._arrays[pid]
 
     def _read(self, entry: tuple[str, int, int], rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:

@@ -137,9 +137,10 @@ def check_training_data(config: Mapping) -> None:
     if config.get("val_every", 0) > 0:
         val = meta.get("splits", {}).get("val", [])
         folder = os.path.join(data_dir, "volumes", "val")
-        if not val or not os.path.isdir(folder):
-            raise UserError(f"path.data_dir '{data_dir}' has no held-out validation volumes (volumes/val): "
-                            "re-prepare with a val split, or set val_every=0 to train without validation")
+        if len(val) < 2 or not os.path.isdir(folder):
+            raise UserError(f"path.data_dir '{data_dir}' has {len(val)} held-out validation volumes (volumes/val), "
+                            "validation needs 2 (a support and a query): re-prepare with --n-val 2 or more, or "
+                            "set val_every=0 to train without validation")
 
 
 def check_config(config: Mapping, command: str = "train") -> None:
@@ -174,6 +175,7 @@ def check_config(config: Mapping, command: str = "train") -> None:
     else:
         check_eval_config(config)
         read_meta(paths["data_dir"])
+        check_eval_support(config)
 
 
 def check_training_config(config: Mapping) -> None:
@@ -206,6 +208,22 @@ def check_training_config(config: Mapping) -> None:
                 _range(f"augment.{name}", augment[name])
 
 
+def check_eval_support(config: Mapping) -> None:
+    """eval.support names volumes of the evaluated split (or is 'default' / 'all')."""
+    evaluation = config.get("eval", {})
+    support, split = evaluation.get("support"), evaluation.get("split")
+    chosen = [str(s) for s in support] if isinstance(support, (list, tuple)) else [str(support)]
+    if chosen in (["default"], ["all"]):
+        return
+    folder = os.path.join(config["path"]["data_dir"], "volumes", str(split))
+    pids = sorted(name[:-4] for name in os.listdir(folder) if name.endswith(".npz")) \
+        if os.path.isdir(folder) else []
+    missing = [pid for pid in chosen if pid not in pids]
+    if missing:
+        raise UserError(f"config eval.support={support!r}: volume {', '.join(missing)} is not among the "
+                        f"prepared {split} volumes ({', '.join(pids) or 'none'}): use one of them, 'default' or 'all'")
+
+
 def check_eval_config(config: Mapping) -> None:
     """The eval.* keys used by test.py."""
     evaluation = config.get("eval", {})
@@ -213,6 +231,13 @@ def check_eval_config(config: Mapping) -> None:
     _choice("eval.split", evaluation.get("split"), SPLITS)
     _number(config, "eval.n_shots", evaluation.get("n_shots"), low=1, integer=True)
     _number(config, "eval.batch_size", evaluation.get("batch_size"), low=1, integer=True)
+    organs = evaluation.get("organs")
+    if organs is not None:
+        if not isinstance(organs, (list, tuple)) or not organs:
+            raise UserError(f"config eval.organs={organs!r} must be None or a non-empty list of organ names, "
+                            "e.g. eval.organs='[\"liver\"]'")
+        for name in organs:
+            organ_index(str(name))  # raises a clear error for an unknown name
     snapshots = evaluation.get("snapshots", {})
     if not isinstance(snapshots, dict):
         raise UserError(f"config eval.snapshots={snapshots!r} must map method names to checkpoint paths")
