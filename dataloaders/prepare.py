@@ -40,6 +40,13 @@ class Selection:
     many: int = 20
     keep_all: bool = False
 
+    def check(self) -> None:
+        """Raise a one-line UserError for an out-of-range rule (the official one is 150 / 5 / 20)."""
+        if self.min_voxels < 0 or not 1 <= self.max_per_volume <= self.many:
+            raise UserError(f"slice selection --min-voxels {self.min_voxels} / --max-per-volume "
+                            f"{self.max_per_volume} / --many {self.many} is out of range: use min-voxels >= 0 "
+                            "and 1 <= max-per-volume <= many (official: 150 / 5 / 20)")
+
 
 @dataclass
 class SourceCase:
@@ -170,6 +177,7 @@ def prepare_dataset(source_dir: str | Path, out: str | Path, layout: str = "visc
     intensity = validate_intensity(intensity or {"mode": "minmax"})
     if size < 16:
         raise UserError(f"--size {size} is too small: use at least 16 (256 for the phantom, 512 for VISCERAL)")
+    rule.check()
     silver, gold = list_sources(source_dir, layout, label_map, allow_missing)
     train, val = split_silver([c.pid for c in silver], n_val, seed)
     split_of = {**{p: "train" for p in train}, **{p: "val" for p in val}}
