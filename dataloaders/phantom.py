@@ -495,6 +495,8 @@ def generate_phantom(out: str | Path, n_silver: int, n_gold: int, seed: int, siz
     if n_silver < 1 or n_gold < 2:
         raise UserError(f"phantom: n_silver {n_silver} / n_gold {n_gold}: need at least 1 silver and 2 gold "
                         "volumes (one support, one query)")
+    if seed < 0:
+        raise UserError(f"phantom: seed {seed} is negative: use --seed >= 0")
     if size < 32 or n_slices < 8:
         raise UserError(f"phantom: size {size} / slices {n_slices} too small: use --size >= 32 and --slices >= 8")
     with atomic_folder(out, overwrite) as partial:

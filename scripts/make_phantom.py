@@ -35,6 +35,8 @@ def main(argv: list[str]) -> int:
 
     from dataloaders.check import default_support, format_mask_copy, mask_copy_dice
     from dataloaders.phantom import generate_phantom
+    from util.protocol import get_preset
+    get_preset(args.preset)  # an unknown preset fails before anything is written
     out = Path(args.out)
     if args.skip_existing and out.exists():
         print(f"{out}: exists, kept (--skip-existing)")
