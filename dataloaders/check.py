@@ -11,10 +11,12 @@ A data set on which it scores high does not test few-shot segmentation.
 from __future__ import annotations
 
 import json
+import zipfile
 from pathlib import Path
 
 import numpy as np
 
+from dataloaders.intensity import validate_intensity
 from dataloaders.organs import INDEX_TO_NAME, NAME_TO_INDEX, TEST_ORGANS
 from util.errors import UserError
 from util.metrics import dice
@@ -79,9 +81,12 @@ def _load_json(path: Path) -> dict:
     if not path.is_file():
         raise UserError(f"{path}: missing: re-run scripts/prepare_visceral.py for this folder")
     try:
-        return json.loads(path.read_text())
+        content = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise UserError(f"{path}: not valid JSON ({error}): re-run scripts/prepare_visceral.py") from None
+    if not isinstance(content, dict):
+        raise UserError(f"{path}: not a JSON object: re-run scripts/prepare_visceral.py")
+    return content
 
 
 def _check_meta(prep: Path, meta: dict) -> tuple[int, dict]:
@@ -93,6 +98,12 @@ def _check_meta(prep: Path, meta: dict) -> tuple[int, dict]:
     if meta["format_version"] != 1:
         raise UserError(f"{path}: format_version {meta['format_version']} is not 1: re-run "
                         "scripts/prepare_visceral.py with this version of the code")
+    try:
+        validate_intensity(meta["intensity"])
+    except UserError as error:
+        raise UserError(f"{path}: {error}: re-run scripts/prepare_visceral.py") from None
+    if not isinstance(meta["prep_size"], int) or meta["prep_size"] < 16:
+        raise UserError(f"{path}: prep_size {meta['prep_size']!r} is not an integer >= 16: re-run the preparation")
     splits = meta["splits"]
     if not isinstance(splits, dict) or set(splits) != {"train", "val", "gold"}:
         raise UserError(f"{path}: splits must have exactly train, val and gold: re-run the preparation")
@@ -149,7 +160,7 @@ def _check_volume(path: Path) -> set[int]:
             original_shape = data["original_shape"]
     except UserError:
         raise
-    except (ValueError, OSError, EOFError, KeyError) as error:
+    except (ValueError, OSError, EOFError, KeyError, zipfile.BadZipFile) as error:
         raise UserError(f"{path}: unreadable ({type(error).__name__}): re-run the preparation") from None
     if image.dtype != np.int16 or image.ndim != 3 or label.dtype != np.uint8 or label.shape != image.shape:
         raise UserError(f"{path}: image {image.dtype} {image.shape} / label {label.dtype} {label.shape}: expected "
