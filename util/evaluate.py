@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -35,8 +36,12 @@ def read_meta(prep_dir: str | Path) -> dict:
     path = Path(prep_dir) / "meta.json"
     if not path.is_file():
         raise UserError(f"prepared data not found: {path} is missing: {PREPARE_HINT.format(prep=prep_dir)}")
-    with open(path) as handle:
-        return json.load(handle)
+    try:
+        with open(path) as handle:
+            return json.load(handle)
+    except ValueError as error:
+        raise UserError(f"prepared data: {path} is unreadable ({error}): {PREPARE_HINT.format(prep=prep_dir)}") \
+            from None
 
 
 def list_volumes(prep_dir: str | Path, split: str) -> list[str]:
@@ -54,8 +59,8 @@ def load_volume(prep_dir: str | Path, split: str, pid: str) -> dict[str, Any]:
     try:
         with np.load(path, allow_pickle=False) as data:
             volume = {key: data[key] for key in data.files}
-    except (OSError, ValueError) as error:
-        raise UserError(f"prepared volume {path} cannot be read ({error}): "
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
+        raise UserError(f"prepared volume {path} cannot be read ({type(error).__name__}: {error}): "
                         f"{PREPARE_HINT.format(prep=prep_dir)}") from None
     for key in ("image", "label"):
         if key not in volume:
