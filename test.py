@@ -37,11 +37,15 @@ def attach_test_observer(config, command_name, logger):
 
 
 @ex.main
-def evaluate_snapshots(_config, _run, fold, label_sets, input_size, device, path):
-    """Run util.evaluate.evaluate for the mask-copy baseline and every eval.snapshots entry."""
+def evaluate_snapshots(_config, _run, fold, label_sets, input_size, device, path, eval):  # noqa: A002
+    """Run util.evaluate.evaluate for the mask-copy baseline and every eval.snapshots entry.
+
+    `eval` is a captured argument so that Sacred accepts new keys inside eval.snapshots given on the
+    command line (`'eval.snapshots={"LSLPN": "runs/.../best.pth"}'`) instead of raising ConfigAddedError.
+    """
     from util.evaluate import evaluate
 
-    settings = _config["eval"]
+    settings = eval
     organs = settings.get("organs") or label_sets[fold]
     run_dirs = [o.dir for o in _run.observers if getattr(o, "dir", None)]
     out_dir = Path(run_dirs[0]) if run_dirs else Path(path["log_dir"]) / "test" / "unobserved"
