@@ -112,12 +112,18 @@ def load_label_map(label_map) -> dict[str, int]:
 
 def label_value(support_label, label_map: dict[str, int], present: np.ndarray, mask_path: str) -> int:
     """The mask value of the organ. present: the non-zero values found in the mask."""
+    if len(present) == 0:
+        raise UserError(f"{mask_path}: the mask is empty (no non-zero voxel): annotate the organ in the support "
+                        "mask or give another mask")
     if support_label is None:
         if len(present) == 1:
             return int(present[0])
         raise UserError(f"{mask_path}: multi-label mask (values {', '.join(map(str, present[:12]))}): "
                         "pass --support-label VALUE or an organ name (with --label-map for its values)")
-    if isinstance(support_label, (int, np.integer)) or str(support_label).strip().isdigit():
+    if isinstance(support_label, (int, np.integer)) or str(support_label).strip().lstrip("-").isdigit():
+        if int(support_label) < 1:
+            raise UserError(f"--support-label {support_label}: label values start at 1 (0 is background): "
+                            f"use one of the mask's values ({', '.join(map(str, present[:12]))})")
         return int(support_label)
     name = str(support_label)
     wanted = canonical_name(name) or name.strip().lower()
@@ -308,6 +314,8 @@ def _check_out(out) -> Path | None:
     if out is None:
         return None
     out = Path(out)
+    if out.is_dir():
+        raise UserError(f"--out {out}: is a folder: give a file path ending in .nii.gz")
     if not out.name.endswith(".nii.gz"):
         raise UserError(f"--out {out}: the prediction is written as NIfTI: give a path ending in .nii.gz")
     if not out.parent.is_dir():
@@ -339,6 +347,11 @@ def segment_volume(checkpoint, supports: Sequence[tuple[str, str]], query, out=N
         raise UserError("no support given: pass --support-image S.nii.gz --support-mask M.nii.gz")
     if int(n_chunks) < 1 or int(batch_size) < 1:
         raise UserError(f"--n-chunks {n_chunks} / --batch-size {batch_size}: both must be >= 1")
+    if input_size is not None and int(input_size) < 16:
+        raise UserError(f"--input-size {input_size} is too small: use at least 16 (or leave it out: the "
+                        "checkpoint's training size)")
+    if int(min_voxels) < 0:
+        raise UserError(f"--min-voxels {min_voxels} is negative: use 0 or more")
     if isinstance(query_range, str):
         query_range = parse_query_range(query_range)
     intensity = parse_intensity(intensity)
