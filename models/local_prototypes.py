@@ -319,7 +319,9 @@ class LocalPrototypeHead(nn.Module):
         norm = self._query_norm(query.flatten(0, 1), rows, cols)    # BQ x S_r x S_c
         norm = _take(_take(norm, 1, rows.pixel_index), 2, cols.pixel_index)
         norm = norm.view(B, Q, nr, Lr, nc, Lc).permute(0, 1, 2, 4, 3, 5).unsqueeze(4)
-        scores = self.scale * dots / norm.clamp_min(_EPS)           # B x Q x nr x nc x L x Lr x Lc
+        # cosine clamped to [-1, 1]: the Gram expansion of the norm loses digits where the upsampled
+        # feature vector nearly cancels (found by tests/test_properties.py)
+        scores = self.scale * (dots / norm.clamp_min(_EPS)).clamp(-1.0, 1.0)  # B x Q x nr x nc x L x Lr x Lc
         has = present.permute(0, 2, 3, 1)[:, None, :, :, :, None, None]  # Bp x 1 x nr x nc x L x 1 x 1
         low = -self.scale
         if self.vote == "max":     # cells without a prototype score the lowest possible value
