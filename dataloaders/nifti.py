@@ -181,14 +181,44 @@ def save_nifti_atomic(array: np.ndarray, affine: np.ndarray, path: str | Path, c
     write_bytes_atomic(nifti_bytes(array, affine, compresslevel), path)
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:     # exists but belongs to someone else
+        return True
+    return True
+
+
+def _clean_stale(out: Path) -> None:
+    """Leftovers of a killed `atomic_folder` run on `out` (its process is gone): remove
+    `<out>.partial-<pid>`; put back `<out>.old-<pid>` when `out` itself is missing (killed between the
+    two renames), else remove it."""
+    if not out.parent.is_dir():
+        return
+    for kind in ("partial", "old"):
+        prefix = f"{out.name}.{kind}-"
+        for path in [p for p in out.parent.iterdir() if p.name.startswith(prefix)]:
+            pid = path.name[len(prefix):]
+            if not pid.isdigit() or _pid_alive(int(pid)):
+                continue
+            if kind == "old" and not out.exists():
+                os.replace(path, out)
+            else:
+                shutil.rmtree(path, ignore_errors=True)
+
+
 @contextmanager
 def atomic_folder(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
     """Build a folder in `<out>.partial-<pid>` and rename it to `out` only when the block succeeds.
 
     An existing `out` is an error unless `overwrite`; then it is replaced only after the new folder is
-    complete. On any exception the partial folder is removed, so nothing half-written is left behind.
+    complete. On any exception the partial folder is removed, so nothing half-written is left behind;
+    after a kill -9 the next run on the same `out` removes the dead run's partial folder.
     """
     out = Path(out)
+    _clean_stale(out)
     if out.exists() and not overwrite:
         raise UserError(f"{out}: already exists: pass --overwrite to replace it (or --skip-existing to keep it)")
     partial = out.with_name(f"{out.name}.partial-{os.getpid()}")
