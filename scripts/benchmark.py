@@ -60,6 +60,11 @@ def render_section(name: str, results: dict, machine: dict, command: str, plan) 
              "| machine | |", "|---|---|"]
     # The load average shows other processes sharing the machine: medians then vary between runs.
     lines += [f"| {key} | {value} |" for key, value in machine.items()]
+    if results.get("max_load", 0) > machine["cores"]:
+        lines += ["", f"**Caution:** the 1-minute load average reached {results['max_load']:.1f} (sampled at each stage) on "
+                  f"{machine['cores']} cores during this run: other processes shared the CPU, so the timings are "
+                  "inflated and noisy (compare the spreads; the scaling table suffers most). Rerun on an idle "
+                  "machine for publishable figures."]
     feature_share = max(share["resnet50_lslpn"]["share_feature"], share["vgg16"]["share_feature"])
     lines += ["", "### Targets", "", "| target | measured | |", "|---|---|---|",
               f"| 'image' mode >= 20x faster than the literal reference | {h['speedup_image']:.1f}x | "
@@ -183,14 +188,20 @@ def main(argv: list[str] | None = None) -> int:
     device = bench.resolve_bench_device(args.device)
     plan = bench.make_plan(args.quick, args.size)
     machine_before = bench.machine_description(device)
+    machine_before_load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
     import torch
     from literal_reference import cellwise_reference
     reference = functools.partial(cellwise_reference, dtype=torch.float32)  # the head's precision
-    start = time.perf_counter()
-    results = bench.run_measurements(reference, plan, device, log=lambda message: print(
-        f"benchmark [{time.perf_counter() - start:5.0f} s]: {message}", file=sys.stderr, flush=True))
+    start, loads = time.perf_counter(), [machine_before_load]
+
+    def log(message: str) -> None:  # progress on stderr; samples the load average at each stage
+        loads.append(os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0)
+        print(f"benchmark [{time.perf_counter() - start:5.0f} s]: {message}", file=sys.stderr, flush=True)
+    results = bench.run_measurements(reference, plan, device, log=log)
     command = "python scripts/benchmark.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     machine = bench.machine_description(device)
+    log("done")
+    results["max_load"] = max(loads)
     load = "load average (1, 5, 15 min) when described"
     if load in machine:
         machine = {**machine, load: f"{machine_before[load]} (start); {machine[load]} (end)"}
