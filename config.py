@@ -104,12 +104,12 @@ def panet():
 
 @ex.named_config
 def demo():
-    # Sized for 2 CPU cores and the synthetic phantom: one fold trains in about two minutes.
+    # Sized for 2 CPU cores and the synthetic phantom (make demo trains 8 of these).
     input_size = 128
-    n_steps = 300
+    n_steps = 400
     batch_size = 4
     lr = 1e-2
-    lr_milestones = [200]
+    lr_milestones = [300]
     save_every = 100
     val_every = 100
     print_every = 50
