@@ -117,8 +117,19 @@ def load_snapshot(path: str | Path, device: str | torch.device = "cpu") -> tuple
                         "pass a checkpoint written by this code") from None
     model.to(resolve_device(device)).eval()
     info = {"snapshot": str(path), "snapshot_fold": state.get("fold"), "model_config": config,
-            "step": state.get("step")}
+            "step": state.get("step"), "intensity": state.get("intensity")}
     return model, info
+
+
+def check_intensity(prepared: dict, intensity: dict) -> None:
+    """A snapshot must see slices scaled as in its training (checkpoints record meta.json's intensity)."""
+    for name, per_organ in prepared.items():
+        for _, info in per_organ.values():
+            trained = info.get("intensity")
+            if trained is not None and trained != intensity:
+                raise UserError(f"snapshot {info['snapshot']} ({name}) was trained on slices scaled {trained} "
+                                f"but the prepared data uses {intensity}: evaluate on data prepared the "
+                                "same way (scripts/prepare_visceral.py --window / default min-max)")
 
 
 def prepare_method(spec, organs: list[str], device) -> dict[str, tuple[Any, dict]]:
@@ -329,6 +340,7 @@ def evaluate(methods: dict, organs: list[str], prep_dir: str | Path, preset: str
     supports = choose_supports(list_volumes(prep_dir, split), support)
     device = resolve_device(device)
     prepared = {name: prepare_method(spec, organs, device) for name, spec in methods.items()}
+    check_intensity(prepared, intensity)
     out = Path(out_dir) if out_dir is not None else None
     collector = _Collector(out, save_predictions, len(supports) > 1)
     records = run_protocol(prepared, organs, prep_dir, split, supports, protocol, input_size, device,

@@ -268,7 +268,16 @@ def _state(cfg, model, optimizer, scheduler, scaler, step, rngs, chash, best_dic
             "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler else None,
             "step": step, "rng": rngs, "config": copy.deepcopy(model.config), "fold": cfg["fold"],
             "seed": cfg["seed"], "config_hash": chash, "run_config": copy.deepcopy(cfg),
-            "best_dice": best_dice}
+            "best_dice": best_dice, "input_size": cfg["input_size"], "intensity": _intensity(cfg)}
+
+
+def _intensity(cfg) -> dict | None:
+    """The intensity scaling of the prepared training data (meta.json), so inference can repeat it."""
+    try:
+        with open(os.path.join(cfg["path"]["data_dir"], "meta.json")) as handle:
+            return json.load(handle).get("intensity")
+    except (OSError, ValueError):
+        return None
 
 
 def _validate(cfg, model, device, ctx, run, run_dir, step, best_dice, make_state):
