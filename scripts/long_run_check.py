@@ -79,10 +79,10 @@ def report(samples: list[dict], code: int, seconds: float, command: str, steps: 
              f"Result: exit code {code}; {samples[-1]['step'] if samples else 0} of {steps} steps in {seconds:.0f} s; "
              f"losses {'all finite' if finite else 'NOT all finite'}.", ""]
     if len(rss) >= 2:
-        after_warmup = rss[min(2, len(rss) - 1):]
+        after_warmup = rss[2:] if len(rss) >= 4 else rss
         lines += [f"RSS (VmRSS of the train.py process, sampled at every 100-step summary line): first "
                   f"{rss[0]:.0f} MiB, last {rss[-1]:.0f} MiB, min {min(rss):.0f}, max {max(rss):.0f}; growth from "
-                  f"the 3rd sample to the last: {after_warmup[-1] - after_warmup[0]:+.0f} MiB.", ""]
+                  f"the {'3rd' if len(rss) >= 4 else '1st'} sample to the last: {after_warmup[-1] - after_warmup[0]:+.0f} MiB.", ""]
     lines += ["| step | mean loss (last 100 steps) | RSS MiB | elapsed s |", "|---:|---:|---:|---:|"]
     lines += [f"| {s['step']} | {s['loss']:.4f} | {s['rss_mb']:.0f} | {s['seconds']:.0f} |" for s in samples]
     if not complete:
