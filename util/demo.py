@@ -159,9 +159,19 @@ def write_report(results: dict, log: list[dict], seconds: float) -> Path:
     return path
 
 
-def publish(readme: Path = ROOT / "README.md", docs: Path = ROOT / "docs") -> None:
-    """Copy the finished demo's table and figures into README.md and docs/ (maintainers only)."""
+def replace_block(path: Path, marker: str, body: str) -> None:
+    """Replace the text between <!-- marker:begin --> and <!-- marker:end --> in `path` (atomic)."""
     from util.results import write_text_atomic
+    begin, end = f"<!-- {marker}:begin -->", f"<!-- {marker}:end -->"
+    text = path.read_text()
+    if begin not in text or end not in text:
+        raise UserError(f"{path} has no {begin} ... {end} block: restore the markers")
+    head, rest = text.split(begin, 1)
+    write_text_atomic(head + begin + "\n" + body.strip() + "\n" + end + rest.split(end, 1)[1], path)
+
+
+def publish(docs: Path = ROOT / "docs") -> None:
+    """Copy the finished demo's table and figures into README.md, REPRODUCTION.md and docs/ (maintainers)."""
     report = RUN_DIR / "report.md"
     if not report.exists():
         raise UserError(f"{report} does not exist: run `make demo` first, then publish")
@@ -169,13 +179,11 @@ def publish(readme: Path = ROOT / "README.md", docs: Path = ROOT / "docs") -> No
         if (RUN_DIR / figure).exists():
             shutil.copyfile(RUN_DIR / figure, docs / f"demo_{figure}")
     table = (RUN_DIR / "table.md").read_text().strip()
-    block = "\n".join([
-        "<!-- demo:begin -->",
-        "Volumetric Dice on the gold phantom volumes (preset `lslpn`), produced by `make demo` on 2 CPU cores",
-        "and copied here by `python scripts/demo.py --publish`; the full report is runs/demo/report.md.", "",
-        table, "", "![Support and query slices with outlines](docs/demo_results.png)", "",
-        "<!-- demo:end -->"])
-    text = readme.read_text()
-    begin, end = text.index("<!-- demo:begin -->"), text.index("<!-- demo:end -->") + len("<!-- demo:end -->")
-    write_text_atomic(text[:begin] + block + text[end:], readme)
-    print(f"published the demo table into {readme} and figures into {docs}")
+    made = ("Volumetric Dice on the gold phantom volumes (preset `lslpn`), produced by `make demo` on 2 CPU "
+            "cores and copied here by `python scripts/demo.py --publish`; the full report with run times is "
+            "runs/demo/report.md.")
+    replace_block(ROOT / "README.md", "demo", "\n\n".join([
+        made, table, "![Support and query slices with outlines](docs/demo_results.png)"]))
+    replace_block(ROOT / "REPRODUCTION.md", "demo", "\n\n".join([
+        made, table, "![Alignment Dice against segmentation Dice](docs/demo_misalignment.png)"]))
+    print(f"published the demo table into README.md and REPRODUCTION.md, figures into {docs}")
