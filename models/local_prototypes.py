@@ -130,8 +130,11 @@ def _build_axis(size: int, in_size: int, n_grid: int, overlap: bool) -> _Axis:
 
 @functools.lru_cache(maxsize=64)
 def _axis(size: int, in_size: int, n_grid: int, overlap: bool, device: str) -> _Axis:
-    axis = _build_axis(size, in_size, n_grid, overlap)
-    return _Axis(**{k: (v.to(device) if isinstance(v, Tensor) else v) for k, v in vars(axis).items()})
+    # Built outside inference mode: the cached tensors are reused by later training steps, and
+    # tensors created under torch.inference_mode cannot be saved for backward.
+    with torch.inference_mode(False), torch.no_grad():
+        axis = _build_axis(size, in_size, n_grid, overlap)
+        return _Axis(**{k: (v.to(device) if isinstance(v, Tensor) else v) for k, v in vars(axis).items()})
 
 
 def _indicator(axis: _Axis, size: int) -> Tensor:

@@ -107,3 +107,22 @@ def test_bad_input():
     prototypes = model.encode_support(si, fg, bg)
     with pytest.raises(UserError, match="query_images"):
         model.segment(prototypes, torch.rand(2, 1, 1, 40, 40))  # another size than the support
+
+
+def test_training_after_inference_mode_at_the_same_size():
+    """Geometry cached during an inference_mode evaluation must not break a later training step."""
+    import torch
+    from models.fewshot import FewShotSegNet
+    torch.manual_seed(0)
+    model = FewShotSegNet(encoder="cnn_small", n_grid=2)
+    support = torch.rand(1, 1, 1, 1, 36, 36)
+    fg = torch.zeros(1, 1, 1, 36, 36)
+    fg[..., 8:20, 8:20] = 1
+    query = torch.rand(1, 1, 1, 36, 36)
+    model.eval()
+    with torch.inference_mode():
+        model(support, fg, 1 - fg, query)
+    model.train()
+    logits, _ = model(support, fg, 1 - fg, query)
+    logits.sum().backward()
+    assert all(p.grad is not None for p in model.encoder.parameters() if p.requires_grad)
