@@ -23,6 +23,7 @@ import nibabel as nib
 import numpy as np
 from nibabel.orientations import apply_orientation, axcodes2ornt, ornt_transform
 
+from util.atomic import write_bytes_atomic
 from util.errors import UserError
 
 CANONICAL_AXCODES = ("R", "A", "S")
@@ -159,18 +160,6 @@ def nifti_bytes(array: np.ndarray, affine: np.ndarray, compresslevel: int = 1) -
     header["scl_slope"], header["scl_inter"] = 1.0, 0.0
     raw = header.binaryblock + b"\x00" * 4 + array.tobytes(order="F")
     return gzip.compress(raw, compresslevel=compresslevel, mtime=0)
-
-
-def write_bytes_atomic(data: bytes, path: str | Path) -> None:
-    """Write `data` to `path` via `<path>.tmp-<pid>` in the same folder and os.replace."""
-    path = Path(path)
-    temporary = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    try:
-        temporary.write_bytes(data)
-        os.replace(temporary, path)
-    finally:
-        if temporary.exists():
-            temporary.unlink()
 
 
 def save_nifti_atomic(array: np.ndarray, affine: np.ndarray, path: str | Path, compresslevel: int = 1) -> None:

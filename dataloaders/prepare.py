@@ -23,7 +23,8 @@ import numpy as np
 
 from dataloaders.intensity import scale_intensity, validate_intensity
 from dataloaders.multilabel import find_multilabel_cases, find_split, load_multilabel_case, read_label_map
-from dataloaders.nifti import atomic_folder, write_bytes_atomic
+from dataloaders.nifti import atomic_folder
+from util.atomic import write_bytes_atomic
 from dataloaders.organs import INDEX_TO_NAME
 from dataloaders.transforms import resize_image, resize_label
 from dataloaders.visceral import LabeledVolume, find_cases, load_case

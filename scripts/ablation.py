@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 
 from dataloaders.organs import FOLD_ORGANS  # noqa: E402
 from util.errors import UserError, run_cli  # noqa: E402
-from util.results import write_text_atomic  # noqa: E402
+from util.atomic import write_text_atomic  # noqa: E402
 
 # variant name -> model overrides
 VARIANTS: dict[str, dict] = {

@@ -88,3 +88,31 @@ def load_model_state(model: torch.nn.Module, path: str, requested: Mapping | Non
         raise UserError(f"snapshot '{path}' does not fit the model ({first}): use a snapshot of the "
                         "same encoder")
     return state
+
+
+def model_from_checkpoint(path: str, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict]:
+    """Rebuild a FewShotSegNet from a train.py checkpoint: (model in eval mode on `device`, checkpoint).
+
+    One-line errors: missing or unreadable file, not a train.py checkpoint, weights that do not fit
+    the stored model config (another encoder or code version).
+    """
+    import logging
+    from models.fewshot import FewShotSegNet
+    state = load_checkpoint(str(path))
+    config = dict(state["config"])
+    log = logging.getLogger("lslpn")        # "starting from random initialisation" is moot: weights load next
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        model = FewShotSegNet.from_config(config, None)
+        model.load_state_dict(state["model"])
+    except UserError:
+        raise
+    except (RuntimeError, KeyError, TypeError, ValueError) as error:
+        first = " ".join(str(error).split())[:160]
+        raise UserError(f"checkpoint {path} does not fit its model config (encoder '{config.get('encoder')}'; "
+                        f"{first}): it is from another encoder or code version; pass a checkpoint written by "
+                        "this project's train.py") from None
+    finally:
+        log.setLevel(level)
+    return model.to(device).eval(), state

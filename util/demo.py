@@ -142,7 +142,7 @@ def run_demo(redo: set[str], extra: list[str], device: str = "auto") -> dict:
 
 def write_report(results: dict, log: list[dict], seconds: float) -> Path:
     """runs/demo/report.md: the Table 1 layout written by util/evaluate, plus how it was made."""
-    from util.results import write_text_atomic
+    from util.atomic import write_text_atomic
     table = (RUN_DIR / "table.md").read_text().strip()
     lines = ["# LSLPN demo on the synthetic phantom", "",
              "Produced by `make demo` (`python scripts/demo.py`). Steps:", "",
@@ -161,7 +161,7 @@ def write_report(results: dict, log: list[dict], seconds: float) -> Path:
 
 def replace_block(path: Path, marker: str, body: str) -> None:
     """Replace the text between <!-- marker:begin --> and <!-- marker:end --> in `path` (atomic)."""
-    from util.results import write_text_atomic
+    from util.atomic import write_text_atomic
     begin, end = f"<!-- {marker}:begin -->", f"<!-- {marker}:end -->"
     text = path.read_text()
     if begin not in text or end not in text:

@@ -20,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from dataloaders.organs import canonical_name, organ_index
-from util.checkpoint import load_checkpoint
+from util.checkpoint import model_from_checkpoint
 from util.errors import UserError
 from util.inference import resolve_device, segment_query_volume
 from util.metrics import dice
@@ -102,20 +102,8 @@ def load_snapshot(path: str | Path, device: str | torch.device = "cpu") -> tuple
     path = Path(path)
     if not path.is_file():
         raise UserError(f"snapshot {path} does not exist: pass the best.pth or last.pth of a training run")
-    state = load_checkpoint(str(path))      # one-line errors: unreadable, not a train.py checkpoint
-    from models.fewshot import FewShotSegNet
+    model, state = model_from_checkpoint(str(path), resolve_device(device))
     config = dict(state["config"])
-    try:
-        model = FewShotSegNet.from_config(config, None)
-        model.load_state_dict(state["model"])
-    except UserError:
-        raise
-    except (RuntimeError, KeyError, TypeError, ValueError) as error:
-        first = " ".join(str(error).split())[:160]
-        raise UserError(f"snapshot {path} does not fit its model config (encoder "
-                        f"'{config.get('encoder')}'; {first}): it is from another encoder or version, "
-                        "pass a checkpoint written by this code") from None
-    model.to(resolve_device(device)).eval()
     info = {"snapshot": str(path), "snapshot_fold": state.get("fold"), "model_config": config,
             "step": state.get("step"), "intensity": state.get("intensity")}
     return model, info

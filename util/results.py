@@ -10,28 +10,15 @@ import csv
 import io
 import json
 import math
-import os
 from pathlib import Path
 
 import numpy as np
 
 from dataloaders.organs import TABLE_COLUMNS
+from util.atomic import write_text_atomic
 from util.protocol import ProtocolPreset, aggregate
 
 METRICS = {"range": "dice_range", "volume": "dice_volume"}
-
-
-def write_text_atomic(text: str, path: str | Path) -> None:
-    """Write `text` to `path` via `<path>.tmp-<pid>` in the same folder and os.replace."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    try:
-        temporary.write_text(text)
-        os.replace(temporary, path)
-    finally:
-        if temporary.exists():
-            temporary.unlink()
 
 
 def _stats(values: list[float], how: str) -> dict:

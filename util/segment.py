@@ -22,7 +22,6 @@ protocol (util/protocol.py) on files a user has, outside any benchmark fold:
 from __future__ import annotations
 
 import json
-import logging
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +35,7 @@ from tqdm import tqdm
 
 from dataloaders.nifti import NiftiVolume, check_same_grid, load_nifti, save_nifti_atomic, to_original
 from dataloaders.organs import NAME_TO_INDEX, canonical_name
-from util.checkpoint import load_checkpoint
+from util.checkpoint import model_from_checkpoint
 from util.errors import UserError
 from util.inference import images_to_input, masks_to_input, resolve_device
 from util.protocol import chunk_of_offsets, support_offsets
@@ -216,30 +215,12 @@ def load_model(checkpoint, device: torch.device, input_size: int | None, intensi
     """
     if isinstance(checkpoint, torch.nn.Module):
         return checkpoint.to(device).eval(), input_size or DEFAULT_INPUT_SIZE, intensity or {"mode": "minmax"}
-    from models.fewshot import FewShotSegNet
-    path = str(checkpoint)
-    state = load_checkpoint(path)             # one-line errors: missing, unreadable, not a checkpoint
-    config = dict(state["config"])
-    quiet = logging.getLogger("lslpn")          # "random initialisation" is moot: weights load next
-    level = quiet.level
-    quiet.setLevel(logging.ERROR)
-    try:
-        model = FewShotSegNet.from_config(config, None)
-        model.load_state_dict(state["model"])
-    except UserError:
-        raise
-    except (RuntimeError, KeyError, TypeError, ValueError) as error:
-        first = " ".join(str(error).split())[:120]
-        raise UserError(f"checkpoint {path} does not fit its model config (encoder '{config.get('encoder')}'; "
-                        f"{first}): it is from another encoder or code version; pass a checkpoint written by "
-                        "this project's train.py") from None
-    finally:
-        quiet.setLevel(level)
+    model, state = model_from_checkpoint(str(checkpoint), device)
     run_config = state.get("run_config") or {}
     input_size = input_size or state.get("input_size") or run_config.get("input_size") or DEFAULT_INPUT_SIZE
     if intensity is None:
         intensity = state.get("intensity") or _meta_intensity(run_config) or {"mode": "minmax"}
-    return model.to(device).eval(), int(input_size), intensity
+    return model, int(input_size), intensity
 
 
 def _meta_intensity(run_config: dict) -> dict | None:
