@@ -106,10 +106,10 @@ def panet():
 def demo():
     # Sized for 2 CPU cores and the synthetic phantom (make demo trains 8 of these).
     input_size = 128
-    n_steps = 400
+    n_steps = 600
     batch_size = 4
     lr = 1e-2
-    lr_milestones = [300]
+    lr_milestones = [450]
     save_every = 100
     val_every = 100
     print_every = 50
