@@ -354,3 +354,24 @@ make_tiny_snapshot(run / "last.pth", fold=int(args["fold"]))
     assert "| n_grid 8 mean vote | 8 | True | mean |" in table
     assert "| mask copy |" in table
     assert ablation.main(argv) == 0         # second run reuses the snapshots (no stub call needed)
+
+
+def test_snapshot_trained_on_other_intensity_scaling_is_refused(tmp_path):
+    """A checkpoint records its training data's intensity scaling; evaluating it on data scaled
+    otherwise would be a silent wrong answer, so it is a one-line error instead."""
+    from test_notebook_eval import make_tiny_snapshot
+    from util.checkpoint import load_checkpoint, save_checkpoint
+    from util.evaluate import evaluate
+    prep = make_prepared(tmp_path)                       # meta.json: per-slice min-max
+    snapshot = make_tiny_snapshot(tmp_path / "fold0.pth", fold=0)
+    state = load_checkpoint(str(snapshot))
+    state["intensity"] = {"mode": "window", "window": [-125.0, 275.0]}
+    save_checkpoint(str(snapshot), state)
+    with pytest.raises(UserError, match="trained on slices scaled .*window"):
+        evaluate({"LSLPN": str(snapshot)}, ["liver"], prep, preset="alpnet", input_size=32, device="cpu",
+                 progress=False)
+    state["intensity"] = {"mode": "minmax"}              # the same scaling: accepted
+    save_checkpoint(str(snapshot), state)
+    results = evaluate({"LSLPN": str(snapshot)}, ["liver"], prep, preset="alpnet", input_size=32,
+                       device="cpu", progress=False)
+    assert results["results"]["LSLPN"]["liver"]["range"]["value"] is not None

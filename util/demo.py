@@ -175,13 +175,13 @@ def publish(docs: Path = ROOT / "docs") -> None:
     report = RUN_DIR / "report.md"
     if not report.exists():
         raise UserError(f"{report} does not exist: run `make demo` first, then publish")
-    for figure in ("results.png", "misalignment.png"):
-        if (RUN_DIR / figure).exists():
-            shutil.copyfile(RUN_DIR / figure, docs / f"demo_{figure}")
+    for name in ("results.png", "misalignment.png", "report.md"):
+        if (RUN_DIR / name).exists():
+            shutil.copyfile(RUN_DIR / name, docs / f"demo_{name}")
     table = (RUN_DIR / "table.md").read_text().strip()
     made = ("Volumetric Dice on the gold phantom volumes (preset `lslpn`), produced by `make demo` on 2 CPU "
-            "cores and copied here by `python scripts/demo.py --publish`; the full report with run times is "
-            "runs/demo/report.md.")
+            "cores and copied here by `python scripts/demo.py --publish`; the full report with the commands and "
+            "run times of every step is [docs/demo_report.md](docs/demo_report.md).")
     replace_block(ROOT / "README.md", "demo", "\n\n".join([
         made, table, "![Support and query slices with outlines](docs/demo_results.png)"]))
     replace_block(ROOT / "REPRODUCTION.md", "demo", "\n\n".join([
