@@ -112,7 +112,6 @@ class FewShotSegNet(nn.Module):
         ways = torch.arange(1, N + 1, device=pred.device).view(1, N, 1, 1, 1)
         query_fg = (pred.unsqueeze(1) == ways).float()              # B x N x Q x H x W
         query_bg = (pred == 0).float().unsqueeze(1).expand_as(query_fg)
-        Q = query_fg.shape[2]
         qfeats = query_feats.unsqueeze(1).expand(B, N, *query_feats.shape[1:])  # B x N x Q x C x h x w
         prototypes = self.head.compute_prototypes(qfeats, query_fg, query_bg, (H, W))
         supp_logits = self.head.score(prototypes, support_feats.flatten(1, 2))  # B x NK x (1+N) x H x W

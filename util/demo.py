@@ -15,7 +15,6 @@ as subprocesses, so their progress bars show.
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
