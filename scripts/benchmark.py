@@ -23,6 +23,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))  # the tests' literal reference of the head
 
 from util import benchmark as bench  # noqa: E402
+from util import timing  # noqa: E402
 from util.errors import UserError, run_cli  # noqa: E402
 
 TITLE = "# Benchmarks\n"
@@ -185,9 +186,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=None, help="input size (default 512, 256 with --quick)")
     parser.add_argument("--out", required=True, help="markdown report to write, e.g. BENCHMARKS.md")
     args = parser.parse_args(argv)
-    device = bench.resolve_bench_device(args.device)
+    device = timing.resolve_bench_device(args.device)
     plan = bench.make_plan(args.quick, args.size)
-    machine_before = bench.machine_description(device)
+    machine_before = timing.machine_description(device)
     machine_before_load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
     import torch
     from literal_reference import cellwise_reference
@@ -199,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"benchmark [{time.perf_counter() - start:5.0f} s]: {message}", file=sys.stderr, flush=True)
     results = bench.run_measurements(reference, plan, device, log=log)
     command = "python scripts/benchmark.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
-    machine = bench.machine_description(device)
+    machine = timing.machine_description(device)
     log("done")
     results["max_load"] = max(loads)
     load = "load average (1, 5, 15 min) when described"

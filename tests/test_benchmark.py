@@ -16,6 +16,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 import benchmark as script  # noqa: E402  (scripts/benchmark.py)
 from literal_reference import cellwise_reference, literal_reference  # noqa: E402
 from util import benchmark as bench  # noqa: E402
+from util import timing  # noqa: E402
 from util.errors import UserError  # noqa: E402
 
 
@@ -97,9 +98,9 @@ def test_near_boundary_band():
 
 def test_measure_reports_the_median_of_timed_runs():
     calls = []
-    timing = bench.measure(lambda: calls.append(1), torch.device("cpu"), repeats=3, warmup=2)
-    assert len(calls) == 5 and len(timing.runs) == 3 and timing.warmup == 2
-    assert sorted(timing.runs)[1] == timing.median
+    measured = timing.measure(lambda: calls.append(1), torch.device("cpu"), repeats=3, warmup=2)
+    assert len(calls) == 5 and len(measured.runs) == 3 and measured.warmup == 2
+    assert sorted(measured.runs)[1] == measured.median
 
 
 @pytest.mark.parametrize("argv, words", [(["--size", "60", "--out", "x.md"], "--size 60"),
@@ -115,7 +116,7 @@ def test_bad_options_are_one_line_errors(argv, words, tmp_path):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present")
 def test_cuda_without_a_gpu_is_a_one_line_error():
     with pytest.raises(UserError, match="no CUDA GPU"):
-        bench.resolve_bench_device("cuda")
+        timing.resolve_bench_device("cuda")
 
 
 def test_missing_out_folder_is_a_user_error(tmp_path):

@@ -1,4 +1,4 @@
-"""Benchmark measurements for scripts/benchmark.py (BENCHMARKS.md): timers, machine, figures.
+"""Benchmark measurements for scripts/benchmark.py (BENCHMARKS.md); timers are in util/timing.py.
 
 Every figure is the median of `repeats` timed calls after `warmup` untimed ones; on CUDA the
 timer synchronises the device before starting and before stopping. Forward passes run under
@@ -18,14 +18,12 @@ import contextlib
 import io
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -33,95 +31,13 @@ import torch
 import torch.nn.functional as F
 
 from util.errors import UserError
+from util.timing import dispatch_fraction, measure
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IMAGE_TOLERANCE = 1e-3        # max |logit difference| allowed between the reference and 'image' mode
 FEATURE_AGREEMENT = 0.90      # min fraction of pixels where 'feature' mode's argmax equals the reference's,
                               # and every disagreement must lie within one feature cell of a label boundary
 ENCODER_SHAPES = {"vgg16": (512, 8), "resnet50_lslpn": (256, 8), "cnn_small": (128, 4)}  # (C, stride)
-
-
-# ----------------------------------------------------------------------------------- timing
-@dataclass
-class Timing:
-    """Median and all timed runs (seconds) of one measurement."""
-    median: float
-    runs: list[float] = field(default_factory=list)
-    warmup: int = 0
-
-
-def synchronize(device: torch.device) -> None:
-    """Wait for queued work on `device` (no-op on CPU)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def measure(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int = 1,
-            min_seconds: float = 0.0, max_repeats: int = 25) -> Timing:
-    """Median wall time of `fn()` over at least `repeats` runs after `warmup` runs, device-synchronised.
-
-    Cheap calls repeat until `min_seconds` of timed runs (at most `max_repeats` runs), so that the
-    median resists bursts of load from other processes.
-    """
-    for _ in range(warmup):
-        fn()
-    synchronize(device)
-    runs: list[float] = []
-    while len(runs) < max(1, repeats) or (sum(runs) < min_seconds and len(runs) < max_repeats):
-        synchronize(device)
-        start = time.perf_counter()
-        fn()
-        synchronize(device)
-        runs.append(time.perf_counter() - start)
-    return Timing(statistics.median(runs), runs, warmup)
-
-
-def dispatch_fraction(fn: Callable[[], object], device: torch.device, repeats: int = 3) -> float:
-    """CUDA only: (time for Python to return from `fn`) / (time until the GPU has finished it).
-
-    Well below 1: the GPU is the bottleneck (GPU-bound); close to 1: Python/launch-bound.
-    """
-    fn()
-    fractions = []
-    for _ in range(repeats):
-        synchronize(device)
-        start = time.perf_counter()
-        fn()
-        issued = time.perf_counter() - start
-        synchronize(device)
-        fractions.append(issued / (time.perf_counter() - start))
-    return statistics.median(fractions)
-
-
-def machine_description(device: torch.device) -> dict:
-    """CPU model (/proc/cpuinfo), cores, torch/python versions and the GPU name when on CUDA."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as handle:
-            names = [line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")]
-        cpu = names[0] if names else cpu
-    except OSError:
-        pass
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    info = {"cpu": cpu, "cores": usable, "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__, "python": platform.python_version(), "os": platform.platform()}
-    if hasattr(os, "getloadavg"):
-        info["load average (1, 5, 15 min) when described"] = ", ".join(f"{v:.2f}" for v in os.getloadavg())
-    from util.training import git_commit
-    info["code (git HEAD)"] = git_commit() or "unknown"
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-        info["cuda"] = torch.version.cuda
-    return info
-
-
-def resolve_bench_device(name: str) -> torch.device:
-    """'cpu' or 'cuda' (a clear error when CUDA is asked for but absent)."""
-    if name not in ("cpu", "cuda"):
-        raise UserError(f"--device {name!r}: unknown: use cpu or cuda")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: no CUDA GPU is available here: use --device cpu")
-    return torch.device(name)
 
 
 # ------------------------------------------------------------------------------ synthetic episode
