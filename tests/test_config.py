@@ -15,11 +15,23 @@ def _resolve(named=(), updates=None):
     return run.config
 
 
-@pytest.mark.parametrize("package", ["models", "dataloaders", "util"])
+# The agreed map of the packages (README layout); each module must import without side effects.
+EXPECTED = {
+    "models": {"encoders", "local_prototypes", "fewshot"},
+    "dataloaders": {"nifti", "visceral", "multilabel", "phantom", "prepare", "check", "episodes",
+                    "transforms", "intensity", "organs"},
+    "util": {"protocol", "metrics", "inference", "evaluate", "checkpoint", "figures", "training", "segment",
+             "errors", "cli"},
+}
+
+
+@pytest.mark.parametrize("package", sorted(EXPECTED))
 def test_every_module_imports(package):
     module = importlib.import_module(package)
-    for info in pkgutil.iter_modules(module.__path__):
-        importlib.import_module(f"{package}.{info.name}")
+    names = {info.name for info in pkgutil.iter_modules(module.__path__)}
+    assert EXPECTED[package] <= names, f"{package} lacks {EXPECTED[package] - names}"
+    imported = [importlib.import_module(f"{package}.{name}") for name in sorted(names)]
+    assert all(m.__name__.startswith(package + ".") for m in imported)
 
 
 def test_defaults_match_the_paper():
