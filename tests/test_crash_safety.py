@@ -59,17 +59,22 @@ def test_training_killed_at_a_random_moment_resumes_to_identical_weights(tmp_pat
     reference = load_checkpoint(glob.glob(str(tmp_path / "ref" / "*" / "1" / "last.pth"))[0])
 
     log_dir = tmp_path / "killed"
-    proc = train_cli(*settings, log_dir=log_dir, prep_dir=tiny_prepared, popen=True)
+    # Each step pauses 0.3 s after its checkpoint, so the 5 steps after the first checkpoint outlast
+    # the random delay below even on a fast, idle machine: the kill lands inside the run.
+    proc = train_cli(*settings, log_dir=log_dir, prep_dir=tiny_prepared, popen=True,
+                     env={"LSLPN_TEST_PAUSE_AFTER_SAVE": "0.3"})
     pattern = str(log_dir / "*" / "1" / "last.pth")
     assert wait_for(lambda: glob.glob(pattern), proc), f"seed {SEED}: no checkpoint before the run ended"
-    time.sleep(rng.uniform(0.0, 1.5))                         # anywhere in the following steps
+    time.sleep(rng.uniform(0.0, 1.2))                         # anywhere in the following steps
     interrupted = kill(proc)
     killed = load_checkpoint(glob.glob(pattern)[0])           # never truncated: atomic replace
     assert 1 <= killed["step"] <= 6, SEED
 
     resumed = train_cli(*settings, "resume=True", log_dir=log_dir, prep_dir=tiny_prepared)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    final = load_checkpoint(glob.glob(str(log_dir / "*" / "2" / "last.pth"))[0])
+    runs = sorted(glob.glob(str(log_dir / "*" / "*" / "last.pth")),
+                  key=lambda path: int(Path(path).parent.name))
+    final = load_checkpoint(runs[-1])                         # the resumed run (or run 1 if it had finished)
     assert final["step"] == reference["step"] == 6
     message = f"seed {SEED}: killed at step {killed['step']} (interrupted: {interrupted})"
     assert final["model"].keys() == reference["model"].keys(), message
