@@ -14,6 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from dataloaders.intensity import scale_intensity
 from dataloaders.transforms import resize_image, resize_label
 from util.device import resolve_device as _resolve_device_name
 from util.errors import UserError
@@ -27,36 +28,13 @@ def resolve_device(device: str | torch.device) -> torch.device:
     return _resolve_device_name(str(device))
 
 
-def _scale_intensity(slices_hu: np.ndarray, intensity: dict) -> np.ndarray:
-    """N x H x W HU -> N x H x W float32 in [0, 1] with the project's shared scaling."""
-    try:
-        from dataloaders.intensity import scale_intensity  # the data engineer's shared function
-    except ImportError:  # until it lands: the same rule as docs/DESIGN.md, per slice
-        scale_intensity = _scale_intensity_local
-    return np.asarray(scale_intensity(slices_hu, intensity), dtype=np.float32)
-
-
-def _scale_intensity_local(slices_hu: np.ndarray, intensity: dict) -> np.ndarray:
-    """docs/DESIGN.md rule: 'minmax' per slice, or clip to 'window' [lo, hi]; N x H x W -> [0, 1]."""
-    slices = np.asarray(slices_hu, dtype=np.float32)
-    mode = intensity.get("mode")
-    if mode == "window":
-        lo, hi = (float(v) for v in intensity["window"])
-        return np.clip((slices - lo) / max(hi - lo, 1e-6), 0.0, 1.0)
-    if mode == "minmax":
-        lo = slices.min(axis=(-2, -1), keepdims=True)
-        hi = slices.max(axis=(-2, -1), keepdims=True)
-        return (slices - lo) / np.maximum(hi - lo, 1e-6)
-    raise UserError(f"intensity mode '{mode}' in meta.json is unknown: re-run scripts/prepare_visceral.py")
-
-
 def images_to_input(slices_hu: np.ndarray, intensity: dict, input_size: int,
                     device: torch.device) -> torch.Tensor:
     """N x X x Y HU slices -> N x 1 x S x S float tensor in [0, 1] on `device`.
 
     The same scaling and resize (bilinear, antialiased when shrinking) as the training slices.
     """
-    scaled = torch.from_numpy(_scale_intensity(slices_hu, intensity)).to(device)  # N x X x Y
+    scaled = torch.from_numpy(scale_intensity(slices_hu, intensity)).to(device)  # N x X x Y
     return resize_image(scaled, input_size)[:, None]                              # N x 1 x S x S
 
 

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from dataloaders.intensity import prepared_intensity
 from dataloaders.nifti import NiftiVolume, check_same_grid, load_nifti, save_nifti_atomic, to_original
 from dataloaders.organs import NAME_TO_INDEX, canonical_name
 from util.checkpoint import model_from_checkpoint
@@ -229,10 +230,9 @@ def _meta_intensity(run_config: dict) -> dict | None:
     if not data_dir:
         return None
     for folder in (Path(data_dir), Path(__file__).resolve().parents[1] / data_dir):  # cwd, then repo root
-        try:
-            return json.loads((folder / "meta.json").read_text()).get("intensity")
-        except (OSError, ValueError, AttributeError):
-            continue
+        intensity = prepared_intensity(folder)
+        if intensity is not None:
+            return intensity
     return None
 
 

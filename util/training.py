@@ -36,6 +36,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from dataloaders.episodes import EpisodeDataset, StepBatchSampler
+from dataloaders.intensity import prepared_intensity
 from util.checkpoint import check_compatible, load_checkpoint, save_checkpoint
 from util.config_check import check_config, fold_training_classes
 from util.device import (Distributed, autocast, distributed_from_env, get_rng_state, init_distributed,
@@ -268,16 +269,8 @@ def _state(cfg, model, optimizer, scheduler, scaler, step, rngs, chash, best_dic
             "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler else None,
             "step": step, "rng": rngs, "config": copy.deepcopy(model.config), "fold": cfg["fold"],
             "seed": cfg["seed"], "config_hash": chash, "run_config": copy.deepcopy(cfg),
-            "best_dice": best_dice, "input_size": cfg["input_size"], "intensity": _intensity(cfg)}
+            "best_dice": best_dice, "input_size": cfg["input_size"], "intensity": prepared_intensity(cfg["path"]["data_dir"])}
 
-
-def _intensity(cfg) -> dict | None:
-    """The intensity scaling of the prepared training data (meta.json), so inference can repeat it."""
-    try:
-        with open(os.path.join(cfg["path"]["data_dir"], "meta.json")) as handle:
-            return json.load(handle).get("intensity")
-    except (OSError, ValueError):
-        return None
 
 
 def _validate(cfg, model, device, ctx, run, run_dir, step, best_dice, make_state):
