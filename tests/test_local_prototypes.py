@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from models.local_prototypes import LocalPrototypeHead, grid_cells
-from tests.literal_reference import cellwise_reference, literal_grid, literal_reference
+from models.reference import cellwise_reference, literal_grid, literal_reference, official_cell_loop
 from util.errors import UserError
 
 
@@ -84,6 +84,60 @@ def test_non_dividing_size_100x120(overlap, vote):
     head = LocalPrototypeHead(8, overlap, vote, "image")
     ref = literal_reference(sf, fg, bg, qf, (100, 120), 8, overlap, vote)
     assert torch.allclose(head(sf, fg, bg, qf, (100, 120)).double(), ref, atol=1e-4, rtol=0)
+
+
+ZERO_CASES = [  # image, feature map, n_grid, overlap, vote, K, ReLU features
+    ((512, 512), (64, 64), 8, True, "max", 1, False),
+    ((512, 512), (64, 64), 16, True, "mean", 3, True),
+    ((512, 512), (64, 64), 4, False, "cover", 3, False),
+    ((512, 512), (64, 64), 1, True, "max", 3, True),
+    ((417, 385), (53, 49), 8, True, "max", 3, False),
+    ((417, 385), (53, 49), 16, False, "max", 1, True),
+    ((417, 385), (53, 49), 4, True, "mean", 1, False),
+    ((417, 385), (53, 49), 1, False, "cover", 1, False),
+]
+
+
+@pytest.mark.parametrize("image,feat,n_grid,overlap,vote,K,relu", ZERO_CASES)
+def test_zero_rule_equals_the_official_cell_loop_on_every_pixel(image, feat, n_grid, overlap, vote, K, relu):
+    """'zero' rule at image resolution against the per-cell loop of method.md section 6, 1e-4 on
+    every pixel; blobs of 30% of each side leave many cells empty or nearly empty (<= 10 pixels)."""
+    sf, fg, bg, qf = _episode(n_grid + K + image[1], 1, 1, K, 1, 4, feat, image, blob=0.3)
+    if relu:  # the official ResNet's features: many exact zeros
+        sf, qf = sf.relu(), qf.relu()
+    head = LocalPrototypeHead(n_grid, overlap, vote, "image", min_pixels=10, empty_cell="zero")
+    out = head(sf, fg, bg, qf, image)
+    ref = official_cell_loop(sf, fg, bg, qf, image, n_grid, overlap, vote, min_pixels=10)
+    assert out.shape == ref.shape == (1, 1, 2, *image)
+    assert (out - ref.float()).abs().max() <= 1e-4
+    if vote == "max":
+        assert ref.min() >= -1                                  # the running maximum starts at -1
+
+
+def test_zero_rule_differs_from_skip_rule_with_signed_features():
+    """A cell with no class pixels: 'zero' scores cosine 0 there, 'skip' the floor -scale."""
+    sf, fg, bg, qf = _episode(2, 1, 1, 1, 1, 4, (8, 8), (64, 64), blob=0.3)
+    zero = LocalPrototypeHead(8, True, "max", "image", empty_cell="zero")(sf, fg, bg, qf, (64, 64))
+    skip = LocalPrototypeHead(8, True, "max", "image", empty_cell="skip")(sf, fg, bg, qf, (64, 64))
+    far = fg[0, 0, 0] == 0
+    assert (skip[0, 0, 1][far] == -20).any() and (zero[0, 0, 1] >= 0).any()
+    assert zero.min() >= -1 and not torch.equal(zero.argmax(2), skip.argmax(2))
+
+
+@pytest.mark.parametrize("vote", ["max", "mean", "cover"])
+def test_zero_rule_feature_resolution_equals_the_cell_loop_on_the_feature_map(vote):
+    """'feature' resolution with 'zero': the cell loop run on the feature map (area-downsampled
+    masks, pixel counts in image pixels), then the logits upsampled, gives the head's logits."""
+    image, feat = (48, 40), (12, 10)
+    sf, fg, bg, qf = _episode(5, 1, 2, 3, 1, 4, feat, image, blob=0.4)
+    head = LocalPrototypeHead(4, True, vote, "feature", min_pixels=10, empty_cell="zero")
+    area = 16.0                                                  # image pixels per feature cell
+    soft = lambda m: F.interpolate(m.flatten(0, 2)[:, None], size=feat, mode="area")[:, 0].view(*m.shape[:3], *feat)
+    # scaling the soft masks by `area` makes the loop's pixel counts image pixels; averages are unchanged
+    ref = official_cell_loop(sf, soft(fg) * area, soft(bg) * area, qf, feat, 4, True, vote, min_pixels=10)
+    ref = F.interpolate(ref.flatten(0, 1), size=image, mode="bilinear", align_corners=False).view(1, 1, 3, *image)
+    out = head(sf, fg, bg, qf, image)
+    assert (out - ref.float()).abs().max() <= 1e-4
 
 
 def test_cellwise_reference_equals_literal():
@@ -240,6 +294,7 @@ def test_bad_input():
         LocalPrototypeHead(8, True, "max", "image")(sf, fg, bg, qf, (24, 32))  # > 6 x 8 features
     for kwargs, key in (({"n_grid": 0}, "model.n_grid = 0"), ({"vote": "median"}, "model.vote"),
                         ({"resolution": "pixel"}, "model.resolution"),
-                        ({"min_pixels": -1}, "model.min_pixels"), ({"scale": 0}, "model.scale")):
+                        ({"min_pixels": -1}, "model.min_pixels"), ({"scale": 0}, "model.scale"),
+                        ({"empty_cell": "none"}, "model.empty_cell = 'none': unknown rule")):
         with pytest.raises(UserError, match=key):
             LocalPrototypeHead(**kwargs)
