@@ -1,0 +1,136 @@
+"""Training curves of a set of runs: loss and validation Dice against step, one panel per fold,
+one line per method, read from the runs' Sacred metrics.json.
+
+    python scripts/training_curves.py runs/demo/train --out runs/demo/training_curves.png
+
+RUNS holds one folder per trained set-up named <method>_fold<F> (as `make demo` writes them, e.g.
+lslpn_fold0, panet_fold2, senet_fold3), each with Sacred run folders <id>/metrics.json. The runs of
+one set-up are joined in id order (a resumed run continues its predecessor's steps; a later run's
+value wins at a repeated step).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from util.cli import run_cli  # noqa: E402
+from util.errors import UserError  # noqa: E402
+
+NAME = re.compile(r"^(?P<method>.+)_fold(?P<fold>\d+)$")
+LABELS = {"mask_copy": "mask copy", "panet": "PANet", "senet": "SENet", "lslpn": "LSLPN"}
+ORDER = ["mask copy", "PANet", "SENet", "LSLPN"]           # the published table's order
+METRICS = (("loss", "training loss"), ("val_dice", "validation Dice"))
+
+
+def read_metric(run_dirs: list[Path], metric: str) -> tuple[np.ndarray, np.ndarray]:
+    """(steps, values) of `metric` joined over run folders in id order; empty arrays when absent."""
+    by_step: dict[int, float] = {}
+    for run_dir in run_dirs:
+        path = run_dir / "metrics.json"
+        try:
+            with open(path) as handle:
+                entry = json.load(handle).get(metric)
+        except ValueError as error:
+            raise UserError(f"{path} is not valid JSON ({error}): delete the run folder or rerun it") from None
+        if not entry:
+            continue
+        for step, value in zip(entry["steps"], entry["values"]):
+            by_step[int(step)] = float(value)
+    steps = np.array(sorted(by_step), dtype=int)
+    return steps, np.array([by_step[s] for s in steps], dtype=float)
+
+
+def collect(runs_root: str | Path) -> dict[int, dict[str, dict[str, tuple[np.ndarray, np.ndarray]]]]:
+    """fold -> method label -> metric -> (steps, values), from RUNS/<method>_fold<F>/<id>/metrics.json."""
+    root = Path(runs_root)
+    if not root.is_dir():
+        raise UserError(f"runs folder {root} does not exist: train first (make demo) or pass the folder "
+                        "that holds <method>_fold<F>/")
+    curves: dict[int, dict[str, dict]] = {}
+    for folder in sorted(root.iterdir()):
+        match = NAME.match(folder.name)
+        if not match or not folder.is_dir():
+            continue
+        run_dirs = sorted((p for p in folder.iterdir() if p.name.isdigit() and (p / "metrics.json").is_file()),
+                          key=lambda p: int(p.name))
+        if not run_dirs:
+            continue
+        method = LABELS.get(match["method"].lower(), match["method"])
+        curves.setdefault(int(match["fold"]), {})[method] = {
+            metric: read_metric(run_dirs, metric) for metric, _ in METRICS}
+    if not curves:
+        raise UserError(f"no <method>_fold<F>/<id>/metrics.json under {root}: pass the folder of the "
+                        "training runs (e.g. runs/demo/train)")
+    return curves
+
+
+def plot(curves: dict, out: str | Path, command: str) -> Path:
+    """Two rows (loss, validation Dice) x one column per fold; written atomically."""
+    import matplotlib  # deferred: plotting only
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    folds = sorted(curves)
+    methods = sorted({m for per_fold in curves.values() for m in per_fold},
+                     key=lambda m: (ORDER.index(m) if m in ORDER else len(ORDER), m))
+    colours = {m: f"C{i}" for i, m in enumerate(methods)}
+    fig, axes = plt.subplots(len(METRICS), len(folds), figsize=(3.6 * len(folds), 5.6), squeeze=False,
+                             sharex="col")
+    for column, fold in enumerate(folds):
+        for row, (metric, title) in enumerate(METRICS):
+            ax = axes[row][column]
+            for method in methods:
+                steps, values = curves[fold].get(method, {}).get(metric, (np.array([]), np.array([])))
+                if steps.size:
+                    ax.plot(steps, values, color=colours[method], label=method,
+                            marker="o" if metric == "val_dice" else None, markersize=3,
+                            linewidth=1.0 if metric == "loss" else 1.5)
+            ax.set_title(f"fold {fold}" if row == 0 else "")
+            ax.set_ylabel(title if column == 0 else "")
+            if row == len(METRICS) - 1:
+                ax.set_xlabel("step")
+            ax.grid(alpha=0.3)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    for ax in np.ravel(axes):
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            if lab not in labels:
+                handles.append(h)
+                labels.append(lab)
+    fig.legend(handles, labels, loc="upper center", ncol=len(labels), frameon=False)
+    fig.text(0.5, -0.01, f"made by: {command}", ha="center", fontsize=7, color="grey")
+    fig.tight_layout(rect=(0, 0, 1, 0.94))
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    temporary = out.with_name(f"{out.stem}.tmp-{os.getpid()}{out.suffix}")
+    try:
+        fig.savefig(temporary, dpi=110, bbox_inches="tight")
+        os.replace(temporary, out)
+    finally:
+        plt.close(fig)
+        if temporary.exists():
+            temporary.unlink()
+    return out
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("runs", help="folder holding <method>_fold<F>/<id>/metrics.json")
+    parser.add_argument("--out", default=None, help="PNG to write (default: RUNS/../training_curves.png)")
+    args = parser.parse_args(argv)
+    out = Path(args.out) if args.out else Path(args.runs).parent / "training_curves.png"
+    command = f"python scripts/training_curves.py {args.runs} --out {out}"
+    path = plot(collect(args.runs), out, command)
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)
