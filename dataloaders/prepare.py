@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import json
 import multiprocessing
+import re
 import zipfile
 import zlib
 from dataclasses import dataclass
@@ -23,11 +24,11 @@ import numpy as np
 
 from dataloaders.intensity import scale_intensity, validate_intensity
 from dataloaders.multilabel import find_multilabel_cases, find_split, load_multilabel_case, read_label_map
-from dataloaders.nifti import atomic_folder
+from dataloaders.nifti import atomic_folder, load_nifti
 from util.atomic import write_bytes_atomic
 from dataloaders.organs import INDEX_TO_NAME
 from dataloaders.transforms import resize_image, resize_label
-from dataloaders.visceral import LabeledVolume, find_cases, load_case
+from dataloaders.visceral import LabeledVolume, as_int16_hu, find_cases, load_case, strip_nifti_suffix
 from util.errors import UserError
 
 FORMAT_VERSION = 1
@@ -51,9 +52,35 @@ class Selection:
 
 @dataclass
 class SourceCase:
-    """One volume of the source data set and how to load it."""
+    """One volume of the source data set and how to load it (`unlabeled`: layout 'images-only')."""
     pid: str
     load: Callable[[], LabeledVolume]
+    unlabeled: bool = False
+
+
+def find_image_volumes(root: Path) -> list[tuple[str, Path]]:
+    """(pid, path) of the NIfTI volumes directly in `root` (else in root/Volumes); pid = file stem."""
+    for folder in (root, root / "Volumes"):
+        paths = sorted(p for p in folder.glob("*") if p.is_file() and strip_nifti_suffix(p.name)) \
+            if folder.is_dir() else []
+        if paths:
+            break
+    if not paths:
+        raise UserError(f"{root}: no CT volumes (.nii.gz / .nii) in it or in its Volumes/ folder: point "
+                        "--visceral-dir at a folder of NIfTI CT volumes")
+    found: dict[str, Path] = {}
+    for path in paths:
+        pid = re.sub(r"[^A-Za-z0-9._-]", "_", strip_nifti_suffix(path.name))
+        if pid in found:
+            raise UserError(f"{path}: same name as {found[pid].name} once made a file name: rename one of them")
+        found[pid] = path
+    return list(found.items())
+
+
+def load_unlabeled(path: Path, pid: str) -> LabeledVolume:
+    """A CT volume without labels (canonical int16 HU; the label map is all background)."""
+    image = as_int16_hu(load_nifti(path))
+    return LabeledVolume(pid, image, np.zeros(image.array.shape, dtype=np.uint8))
 
 
 def list_sources(source_dir: str | Path, layout: str = "visceral", label_map: str | Path | None = None,
@@ -77,7 +104,10 @@ def list_sources(source_dir: str | Path, layout: str = "visceral", label_map: st
             splits.append([SourceCase(pid, partial(load_multilabel_case, image, label, names, pid, allow_missing))
                            for pid, image, label in cases])
         return splits[0], splits[1]
-    raise UserError(f"layout '{layout}' is unknown: use 'visceral' or 'multilabel'")
+    if layout == "images-only":  # every volume trains (self-supervised); no validation or test volumes
+        return [SourceCase(pid, partial(load_unlabeled, path, pid), unlabeled=True)
+                for pid, path in find_image_volumes(root)], []
+    raise UserError(f"layout '{layout}' is unknown: use 'visceral', 'multilabel' or 'images-only'")
 
 
 def select_slices(label: np.ndarray, index: int, rng: np.random.Generator, rule: Selection) -> np.ndarray:
@@ -137,6 +167,8 @@ def process_case(case: SourceCase, split: str, out: Path, size: int, intensity: 
     chosen = {index: select_slices(volume.label, index, rng, rule) for index in present}
     chosen = {index: zs for index, zs in chosen.items() if zs.size}
     rows = np.unique(np.concatenate([np.zeros(0, int)] + list(chosen.values()))).astype(int)   # z of each row
+    if case.unlabeled:  # images-only: every axial slice, row = z; no label file
+        rows = np.arange(volume.image.array.shape[2])
     images = scale_intensity(np.moveaxis(volume.image.array[:, :, rows], 2, 0), intensity)    # N x X x Y
     labels = np.moveaxis(volume.label[:, :, rows], 2, 0)                                      # N x X x Y
     if rows.size:
@@ -145,6 +177,8 @@ def process_case(case: SourceCase, split: str, out: Path, size: int, intensity: 
     else:
         images, labels = np.zeros((0, size, size), np.float32), np.zeros((0, size, size), np.uint8)
     save_npy(out / "train" / f"{case.pid}_image.npy", images)
+    if case.unlabeled:
+        return summary
     save_npy(out / "train" / f"{case.pid}_label.npy", labels)
     row_of = {int(z): row for row, z in enumerate(rows)}
     # a class that vanishes when its slice is shrunk to prep_size is not listed for that slice
@@ -180,6 +214,10 @@ def prepare_dataset(source_dir: str | Path, out: str | Path, layout: str = "visc
         raise UserError(f"--size {size} is too small: use at least 16 (256 for the phantom, 512 for VISCERAL)")
     rule.check()
     silver, gold = list_sources(source_dir, layout, label_map, allow_missing)
+    if layout == "images-only":
+        if n_val:
+            raise UserError(f"--n-val {n_val}: the images-only layout has no labels to validate on: leave --n-val out")
+        n_val = 0
     train, val = split_silver([c.pid for c in silver], n_val, seed)
     split_of = {**{p: "train" for p in train}, **{p: "val" for p in val}}
     with atomic_folder(out, overwrite) as partial_dir:

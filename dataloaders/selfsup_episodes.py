@@ -1,0 +1,124 @@
+"""Self-supervised training episodes from superpixels (SSL-ALPNet's recipe; docs/DESIGN.md "Training").
+
+An episode needs no label: one random training slice (any volume of PREP's training split), one
+random superpixel of it with at least `min_pixels` pixels (PREP/superpixels, body only) as the
+foreground "class"; the support shots and the queries are independent random views of that SAME
+slice: each view is its own geometric warp (small affine + elastic, never a flip;
+dataloaders/warp.py) followed by its own intensity augmentation (brightness / contrast / gamma,
+dataloaders/transforms.augment_intensity). Background is every other pixel.
+
+The item is the same dict as `dataloaders.episodes.EpisodeDataset` (1-way), so the training loop
+has one path; `classes` holds -1 (a pseudo-class, no organ). Item i is a deterministic function of
+(seed, i): its random stream is `numpy.random.default_rng([seed, i])`.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from dataloaders.superpixels import make_hint, open_superpixels, read_superpixel_meta, training_volumes
+from dataloaders.transforms import augment_intensity, resize_image, resize_label
+from dataloaders.warp import WarpParams, random_grid, warp
+from util.errors import UserError
+
+PSEUDO_CLASS = -1
+
+
+def eligible_superpixels(labels: np.ndarray, min_pixels: int) -> list[np.ndarray]:
+    """Per slice of a stack N x S x S: the superpixel ids (>= 1) with at least `min_pixels` pixels."""
+    out = []
+    for row in range(labels.shape[0]):
+        sizes = np.bincount(np.asarray(labels[row]).ravel().astype(np.int64))   # index 0 = outside body
+        ids = np.flatnonzero(sizes >= min_pixels)
+        out.append(ids[ids > 0])
+    return out
+
+
+class SelfSupEpisodeDataset(Dataset):
+    """Superpixel episodes; item i is the `EpisodeDataset` dict with N = 1 (H = W = input_size).
+
+    min_pixels: smallest superpixel (pixels of the PREPARED slice, prep_size) that may be a foreground.
+    warp: WarpParams fields (`selfsup.warp` config). augment: the intensity augmentation config.
+    """
+
+    def __init__(self, prep_dir: str, n_ways: int, n_shots: int, n_queries: int, input_size: int,
+                 augment: Mapping | None, warp_params: Mapping, min_pixels: int, seed: int,
+                 length: int = 2 ** 31 - 1):
+        if int(n_ways) != 1:
+            raise UserError(f"config n_ways={n_ways}: self-supervised episodes have one pseudo-class: set n_ways=1")
+        self.prep_dir = str(prep_dir)
+        self.n_shots, self.n_queries = int(n_shots), int(n_queries)
+        self.input_size = int(input_size)
+        self.augment = dict(augment) if augment else None
+        self.warp = WarpParams.from_mapping(dict(warp_params))
+        self.min_pixels = int(min_pixels)
+        self.seed, self.length = int(seed), int(length)
+        meta = read_superpixel_meta(prep_dir)
+        self.candidates: list[tuple[str, int, np.ndarray]] = []    # (pid, row, eligible superpixel ids)
+        for pid in training_volumes(prep_dir):
+            if pid not in meta.get("volumes", {}):
+                raise UserError(f"prepared data '{prep_dir}': volume {pid} has no superpixels (made before it "
+                                f"was added?): {make_hint(prep_dir)} --overwrite")
+            images, labels = self._open(pid)
+            if images.shape != labels.shape:
+                raise UserError(f"prepared data '{prep_dir}': superpixels of {pid} {labels.shape} do not match "
+                                f"its slices {images.shape}: {make_hint(prep_dir)} --overwrite")
+            for row, ids in enumerate(eligible_superpixels(labels, self.min_pixels)):
+                if ids.size:
+                    self.candidates.append((pid, row, ids))
+        if not self.candidates:
+            raise UserError(f"prepared data '{prep_dir}': no slice has a superpixel of >= {self.min_pixels} pixels "
+                            "inside the body: lower selfsup.min_pixels, or re-make the superpixels with a smaller "
+                            f"--min-size / --body-threshold ({make_hint(prep_dir)} --overwrite ...)")
+        self._arrays: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+
+    def __len__(self) -> int:
+        return self.length
+
+    def _open(self, pid: str) -> tuple[np.ndarray, np.ndarray]:
+        """Memory maps (images N x S x S float32, superpixels N x S x S uint16) of one volume."""
+        path = Path(self.prep_dir) / "train" / f"{pid}_image.npy"
+        try:
+            images = np.load(path, mmap_mode="r", allow_pickle=False)
+        except (OSError, ValueError, EOFError) as error:
+            raise UserError(f"{path} is unreadable ({type(error).__name__}): prepare the folder again") from None
+        return images, open_superpixels(self.prep_dir, pid)
+
+    def _volume(self, pid: str) -> tuple[np.ndarray, np.ndarray]:
+        if pid not in self._arrays:  # opened lazily in each process (fork-safe for DataLoader workers)
+            self._arrays[pid] = self._open(pid)
+        return self._arrays[pid]
+
+    def view(self, image: np.ndarray, mask: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """One random view: geometric warp of image and mask (H x W), then intensity augmentation."""
+        image, mask = warp(image, mask, random_grid(self.input_size, self.warp, rng))
+        image = np.clip(image, 0.0, 1.0)
+        if self.augment:
+            image = augment_intensity(image, self.augment, rng)
+        return image.astype(np.float32), mask
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        if i < 0:
+            raise IndexError(i)
+        rng = np.random.default_rng([self.seed, int(i)])
+        pid, row, ids = self.candidates[int(rng.integers(len(self.candidates)))]
+        superpixel = int(ids[int(rng.integers(ids.size))])
+        images, labels = self._volume(pid)
+        image = np.asarray(resize_image(np.array(images[row], dtype=np.float32), self.input_size))     # H x W
+        mask = np.asarray(resize_label((np.asarray(labels[row]) == superpixel).astype(np.uint8),
+                                       self.input_size))                                               # H x W
+        views = [self.view(image, mask, rng) for _ in range(self.n_shots + self.n_queries)]
+        K, size = self.n_shots, self.input_size
+        support_fg = np.stack([m for _, m in views[:K]]).astype(np.float32).reshape(1, K, size, size)
+        return {
+            "support_images": torch.from_numpy(np.stack([v for v, _ in views[:K]]).reshape(1, K, 1, size, size)),
+            "support_fg": torch.from_numpy(support_fg),                                    # 1 x K x H x W
+            "support_bg": torch.from_numpy(1.0 - support_fg),
+            "query_images": torch.from_numpy(np.stack([v for v, _ in views[K:]])[:, None]),  # Q x 1 x H x W
+            "query_labels": torch.from_numpy(np.stack([m for _, m in views[K:]]).astype(np.int64)),
+            "classes": torch.tensor([PSEUDO_CLASS], dtype=torch.int64),
+        }

@@ -1,0 +1,225 @@
+"""Superpixel pseudo-labels of prepared training slices, for self-supervised episodes.
+
+Recipe (after SSL-ALPNet, Ouyang et al. ECCV 2020; our own code around scikit-image):
+  1. body mask of a slice (intensity-scaled, in [0, 1]): pixels > `body_threshold`, the largest
+     connected component, holes filled (lungs and bowel gas inside the body belong to it);
+  2. superpixels of the whole slice with scikit-image's `felzenszwalb` (graph segmentation, the
+     SSL-ALPNet choice) or `slic`; no hand-written segmentation;
+  3. superpixels clipped to the body; ids renumbered 1..M in raster order of first appearance,
+     0 = outside the body.
+Everything is a deterministic function of the slice and the parameters (neither algorithm draws
+random numbers), so the same prepared folder and parameters give the same bytes.
+
+Storage, next to the prepared slices (docs/DESIGN.md "Prepared data folder"):
+  PREP/superpixels/<pid>.npy   N x S x S uint16, row r = superpixels of row r of
+                               PREP/train/<pid>_image.npy (0 = outside the body)
+  PREP/superpixels/meta.json   {"format_version": 1, "params": {...}, "volumes": {pid: {...}}}
+The folder is built atomically (`dataloaders.nifti.atomic_folder`).
+"""
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage
+from skimage.segmentation import felzenszwalb, slic
+
+from dataloaders.nifti import atomic_folder
+from util.atomic import write_bytes_atomic
+from util.errors import UserError
+
+FORMAT_VERSION = 1
+FOLDER = "superpixels"
+METHODS = ("felzenszwalb", "slic")
+MAX_LABEL = np.iinfo(np.uint16).max
+
+
+def make_hint(prep_dir: str | Path) -> str:
+    """The command that adds superpixels to a prepared folder (for error messages)."""
+    return f"run `python scripts/make_superpixels.py --images {prep_dir}`"
+
+
+@dataclass(frozen=True)
+class SuperpixelParams:
+    """How pseudo-labels are made. Sizes are in pixels of the prepared slice (prep_size S).
+
+    felzenszwalb: `scale` (higher: larger segments), `sigma` (Gaussian pre-smoothing), `min_size`
+    (segments below it are merged into a neighbour). slic: `n_segments`, `compactness` (for [0, 1]
+    grey images, ~0.05-0.5). `body_threshold`: scaled intensity above which a pixel may be body.
+    Defaults were chosen on the phantom at S = 256 (docs/selfsup_phantom.md shows the overlay).
+    """
+    method: str = "felzenszwalb"
+    scale: float = 100.0
+    sigma: float = 0.8
+    min_size: int = 200
+    n_segments: int = 150
+    compactness: float = 0.1
+    body_threshold: float = 0.05
+
+    def check(self) -> None:
+        """One-line UserError for an unknown method or an out-of-range parameter."""
+        if self.method not in METHODS:
+            raise UserError(f"superpixel method '{self.method}' is unknown: use {' or '.join(METHODS)}")
+        if self.scale <= 0 or self.sigma < 0 or self.min_size < 1 or self.n_segments < 2 \
+                or self.compactness <= 0 or not 0 <= self.body_threshold < 1:
+            raise UserError(f"superpixel parameters {asdict(self)} are out of range: use scale > 0, "
+                            "sigma >= 0, min_size >= 1, n_segments >= 2, compactness > 0, 0 <= body_threshold < 1")
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "SuperpixelParams":
+        known = {f.name for f in fields(cls)}
+        unknown = set(values) - known
+        if unknown:
+            raise UserError(f"superpixel parameters: unknown keys {sorted(unknown)}: use {sorted(known)}")
+        return cls(**values)
+
+
+def body_mask(image: np.ndarray, threshold: float) -> np.ndarray:
+    """H x W bool: the largest connected region of pixels > threshold, holes filled; all False if none."""
+    above = image > threshold                                                    # H x W
+    components, count = ndimage.label(above)
+    if count == 0:
+        return np.zeros(image.shape, dtype=bool)
+    sizes = np.bincount(components.ravel())[1:]                                  # count
+    largest = components == (int(np.argmax(sizes)) + 1)
+    return ndimage.binary_fill_holes(largest)
+
+
+def renumber(segments: np.ndarray, body: np.ndarray) -> np.ndarray:
+    """Segments clipped to `body`, ids 1..M in raster order of first appearance, 0 outside (uint16)."""
+    inside = body.ravel()                                                        # H*W bool
+    values, first, inverse = np.unique(segments.ravel()[inside], return_index=True, return_inverse=True)
+    if values.size > MAX_LABEL:
+        raise UserError(f"a slice has {values.size} superpixels, more than uint16 holds: raise min_size "
+                        "or lower n_segments")
+    rank = np.empty(values.size, dtype=np.int64)
+    rank[np.argsort(first, kind="stable")] = np.arange(values.size)              # by first appearance
+    labels = np.zeros(segments.size, dtype=np.uint16)
+    labels[inside] = rank[inverse.ravel()] + 1
+    return labels.reshape(segments.shape)
+
+
+def slice_superpixels(image: np.ndarray, params: SuperpixelParams) -> np.ndarray:
+    """Superpixels of one slice H x W in [0, 1] -> H x W uint16 (0 outside the body, 1..M inside)."""
+    image = np.asarray(image, dtype=np.float64)
+    body = body_mask(image, params.body_threshold)
+    if not body.any():
+        return np.zeros(image.shape, dtype=np.uint16)
+    if params.method == "felzenszwalb":
+        segments = felzenszwalb(image, scale=params.scale, sigma=params.sigma, min_size=params.min_size,
+                                channel_axis=None)
+    else:
+        segments = slic(image, n_segments=params.n_segments, compactness=params.compactness,
+                        sigma=params.sigma, channel_axis=None, mask=body, start_label=1, enforce_connectivity=True)
+    return renumber(segments, body)
+
+
+def stack_superpixels(images: np.ndarray, params: SuperpixelParams) -> np.ndarray:
+    """Superpixels of every slice of a stack N x H x W -> N x H x W uint16."""
+    out = np.zeros(images.shape, dtype=np.uint16)
+    for row in range(images.shape[0]):
+        out[row] = slice_superpixels(images[row], params)
+    return out
+
+
+def superpixel_sizes(labels: np.ndarray) -> np.ndarray:
+    """Pixels per superpixel id of one slice H x W: array of length max id + 1 (index 0 = outside)."""
+    return np.bincount(labels.ravel().astype(np.int64))
+
+
+# ------------------------------------------------------------------------------ prepared folder
+def training_volumes(prep_dir: str | Path) -> list[str]:
+    """Patient ids of the training split of a prepared folder (meta.json), checked to have slices."""
+    prep_dir = Path(prep_dir)
+    try:
+        meta = json.loads((prep_dir / "meta.json").read_text())
+        pids = [str(p) for p in meta["splits"]["train"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise UserError(f"{prep_dir}: not a prepared folder (no readable meta.json): prepare it with "
+                        "`python scripts/prepare_visceral.py --layout images-only --visceral-dir <NIfTI dir> "
+                        f"--out {prep_dir}`") from None
+    if not pids:
+        raise UserError(f"{prep_dir}: no training volumes in meta.json: prepare a folder with CT volumes")
+    for pid in pids:
+        if not (prep_dir / "train" / f"{pid}_image.npy").is_file():
+            raise UserError(f"{prep_dir}/train/{pid}_image.npy is missing: prepare the folder again")
+    return pids
+
+
+def _volume_task(task: tuple) -> tuple[str, dict]:
+    """Worker: superpixels of one training volume, written to the partial folder."""
+    prep_dir, out_dir, pid, params = task
+    images = np.load(Path(prep_dir) / "train" / f"{pid}_image.npy", mmap_mode="r")  # N x S x S
+    labels = stack_superpixels(images, params)
+    buffer_path = Path(out_dir) / f"{pid}.npy"
+    with open(f"{buffer_path}.tmp-{os.getpid()}", "wb") as handle:
+        np.save(handle, labels, allow_pickle=False)
+    os.replace(f"{buffer_path}.tmp-{os.getpid()}", buffer_path)
+    counts = [int(labels[row].max()) for row in range(labels.shape[0])]
+    return pid, {"slices": int(labels.shape[0]), "superpixels_per_slice": counts}
+
+
+def make_superpixels(prep_dir: str | Path, params: SuperpixelParams = SuperpixelParams(), workers: int = 2,
+                     overwrite: bool = False, progress: bool = True) -> dict:
+    """Write PREP/superpixels/ for every training volume of `prep_dir`; returns its meta.json content."""
+    from tqdm import tqdm  # progress bar of the command line only
+    params.check()
+    prep_dir = Path(prep_dir)
+    pids = training_volumes(prep_dir)
+    volumes: dict[str, dict] = {}
+    with atomic_folder(prep_dir / FOLDER, overwrite) as partial:
+        tasks = [(str(prep_dir), str(partial), pid, params) for pid in pids]
+        bar = tqdm(total=len(tasks), desc="superpixels", unit="volume", disable=not progress)
+        if workers > 1 and len(tasks) > 1:
+            with multiprocessing.get_context("fork").Pool(min(workers, len(tasks))) as pool:
+                for pid, info in pool.imap_unordered(_volume_task, tasks, chunksize=1):
+                    volumes[pid] = info
+                    bar.update(1)
+        else:
+            for task in tasks:
+                pid, info = _volume_task(task)
+                volumes[pid] = info
+                bar.update(1)
+        bar.close()
+        meta = {"format_version": FORMAT_VERSION, "params": asdict(params),
+                "volumes": {pid: volumes[pid] for pid in sorted(volumes)}}
+        write_bytes_atomic(json.dumps(meta, indent=1).encode(), partial / "meta.json")
+    return meta
+
+
+def read_superpixel_meta(prep_dir: str | Path) -> dict:
+    """PREP/superpixels/meta.json; a one-line error naming the command when it is missing."""
+    path = Path(prep_dir) / FOLDER / "meta.json"
+    if not path.is_file():
+        raise UserError(f"prepared data '{prep_dir}' has no superpixels ({path} missing), which self-supervised "
+                        f"training needs: {make_hint(prep_dir)}")
+    try:
+        return json.loads(path.read_text())
+    except ValueError as error:
+        raise UserError(f"{path} is unreadable ({error}): {make_hint(prep_dir)} --overwrite") from None
+
+
+def open_superpixels(prep_dir: str | Path, pid: str) -> np.ndarray:
+    """Memory map N x S x S uint16 of one volume's superpixels."""
+    path = Path(prep_dir) / FOLDER / f"{pid}.npy"
+    try:
+        return np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError, EOFError) as error:
+        raise UserError(f"{path} is unreadable ({type(error).__name__}): {make_hint(prep_dir)} --overwrite") from None
+
+
+def overlay_slices(prep_dir: str | Path, n: int) -> list[tuple[str, int, np.ndarray, np.ndarray]]:
+    """(pid, row, image S x S, superpixels S x S) of `n` slices: volumes in turn, rows spread evenly."""
+    pids = sorted(read_superpixel_meta(prep_dir)["volumes"])
+    chosen = []
+    for k in range(n):
+        pid = pids[k % len(pids)]
+        images = np.load(Path(prep_dir) / "train" / f"{pid}_image.npy", mmap_mode="r")   # N x S x S
+        labels = open_superpixels(prep_dir, pid)
+        row = min(images.shape[0] - 1, int(images.shape[0] * (k + 1) / (n + 1)))
+        chosen.append((pid, row, np.asarray(images[row]), np.asarray(labels[row])))
+    return chosen

@@ -1,0 +1,111 @@
+"""Superpixel pseudo-labels for self-supervised training (docs/DESIGN.md "Prepared data folder").
+
+    python scripts/make_superpixels.py --images PREP                       # a prepared folder
+    python scripts/make_superpixels.py --images MY_CT_DIR --out PREP       # NIfTI volumes, no labels
+    python scripts/make_superpixels.py --images PREP --figure overlay.png  # judge them before training
+
+With a prepared folder, superpixels of its training slices go to PREP/superpixels/. With a folder of
+NIfTI CT volumes, it first prepares it as `prepare_visceral.py --layout images-only` would (all
+axial slices, no labels), then adds the superpixels. Per axial slice: body mask, then scikit-image
+felzenszwalb (default) or slic, clipped to the body (dataloaders/superpixels.py). Deterministic;
+parallel over volumes (--workers).
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from dataloaders.prepare import prepare_dataset  # noqa: E402
+from dataloaders.superpixels import (SuperpixelParams, make_superpixels, overlay_slices,  # noqa: E402
+                                     read_superpixel_meta)
+from util.atomic import write_bytes_atomic  # noqa: E402
+from util.cli import run_cli  # noqa: E402
+from util.errors import UserError  # noqa: E402
+
+
+def overlay_figure(prep_dir: Path, out: Path, n: int) -> None:
+    """A grid of `n` training slices with superpixel borders (display rotated: anterior up)."""
+    import matplotlib  # deferred: only the --figure option draws
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from skimage.segmentation import find_boundaries
+    params = read_superpixel_meta(prep_dir)["params"]
+    slices = overlay_slices(prep_dir, n)
+    columns = min(4, n)
+    rows = -(-n // columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(3 * columns, 3.2 * rows), squeeze=False)
+    for axis in axes.ravel():
+        axis.axis("off")
+    for axis, (pid, row, image, labels) in zip(axes.ravel(), slices):
+        rgb = np.repeat(image[..., None], 3, axis=2)
+        rgb[find_boundaries(labels.astype(np.int64), mode="inner")] = (1.0, 0.85, 0.0)
+        axis.imshow(np.rot90(rgb), interpolation="nearest")
+        axis.set_title(f"{pid} row {row}: {int(labels.max())} superpixels", fontsize=7)
+    figure.suptitle(f"superpixels of {prep_dir.name}: {params}", fontsize=7)
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=90)
+    plt.close(figure)
+    write_bytes_atomic(buffer.getvalue(), out)
+
+
+def main(argv: list[str]) -> int:
+    defaults = SuperpixelParams()
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", required=True, help="a prepared folder, or a folder of NIfTI CT volumes")
+    parser.add_argument("--out", help="prepared folder to create from --images NIfTI volumes (default: --images)")
+    parser.add_argument("--method", default=defaults.method, choices=["felzenszwalb", "slic"])
+    parser.add_argument("--scale", type=float, default=defaults.scale, help="felzenszwalb scale")
+    parser.add_argument("--sigma", type=float, default=defaults.sigma, help="Gaussian pre-smoothing (pixels)")
+    parser.add_argument("--min-size", type=int, default=defaults.min_size, help="felzenszwalb smallest segment (px)")
+    parser.add_argument("--n-segments", type=int, default=defaults.n_segments, help="slic segments per slice")
+    parser.add_argument("--compactness", type=float, default=defaults.compactness, help="slic compactness")
+    parser.add_argument("--body-threshold", type=float, default=defaults.body_threshold,
+                        help="scaled intensity above which a pixel may be body (0-1)")
+    parser.add_argument("--size", type=int, default=256, help="NIfTI input: preparation size S")
+    parser.add_argument("--window", type=float, nargs=2, metavar=("LO", "HI"),
+                        help="NIfTI input: HU window instead of per-slice min-max scaling, e.g. -125 275")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--overwrite", action="store_true", help="replace existing superpixels")
+    parser.add_argument("--figure", help="also write an overlay PNG of a few slices here")
+    parser.add_argument("--figure-slices", type=int, default=8)
+    args = parser.parse_args(argv)
+
+    source = Path(args.images)
+    if not source.is_dir():
+        raise UserError(f"--images {source}: folder not found: give a prepared folder or a folder of NIfTI CT volumes")
+    prep = source
+    start = time.perf_counter()
+    if not (source / "meta.json").is_file():  # raw NIfTI volumes: prepare them first (images only)
+        if not args.out:
+            raise UserError(f"--images {source} is not a prepared folder: add --out PREP to prepare its NIfTI "
+                            "volumes there (images only) first")
+        prep = Path(args.out)
+        intensity = {"mode": "window", "window": list(args.window)} if args.window else {"mode": "minmax"}
+        meta = prepare_dataset(source, prep, "images-only", size=args.size, intensity=intensity,
+                               workers=args.workers, overwrite=args.overwrite)
+        print(f"prepared {len(meta['splits']['train'])} volumes (images only) into {prep}")
+    elif args.out and Path(args.out).resolve() != source.resolve():
+        raise UserError(f"--out {args.out}: superpixels are stored inside the prepared folder {source}: leave --out out")
+    params = SuperpixelParams(args.method, args.scale, args.sigma, args.min_size, args.n_segments,
+                              args.compactness, args.body_threshold)
+    meta = make_superpixels(prep, params, args.workers, args.overwrite)
+    counts = [c for v in meta["volumes"].values() for c in v["superpixels_per_slice"]]
+    print(f"wrote {prep}/superpixels in {time.perf_counter() - start:.1f} s: {len(meta['volumes'])} volumes, "
+          f"{len(counts)} slices, median {sorted(counts)[len(counts) // 2]} superpixels per slice; {asdict(params)}")
+    if args.figure:
+        overlay_figure(prep, Path(args.figure), args.figure_slices)
+        print(f"overlay figure: {args.figure}")
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,138 @@
+"""Superpixel pseudo-labels (dataloaders/superpixels.py), the images-only layout, make_superpixels.py."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from conftest import load_script
+from dataloaders.prepare import prepare_dataset
+from dataloaders.superpixels import (SuperpixelParams, body_mask, make_superpixels, read_superpixel_meta,
+                                     renumber, slice_superpixels)
+from util.errors import UserError
+
+SMALL = SuperpixelParams(scale=100.0, sigma=0.8, min_size=30)
+
+
+def reference_renumber(segments: np.ndarray, body: np.ndarray) -> np.ndarray:
+    """Slow, obviously correct: walk pixels in raster order, give each new in-body segment the next id."""
+    out = np.zeros(segments.shape, dtype=np.int64)
+    seen: dict[int, int] = {}
+    for r in range(segments.shape[0]):
+        for c in range(segments.shape[1]):
+            if body[r, c]:
+                seen.setdefault(int(segments[r, c]), len(seen) + 1)
+                out[r, c] = seen[int(segments[r, c])]
+    return out
+
+
+def phantom_slice(size: int = 64) -> np.ndarray:
+    """A disk 'body' with two brighter 'organs' and a dark 'lung' hole, plus a speck of noise outside."""
+    y, x = np.mgrid[:size, :size]
+    image = np.where((y - size / 2) ** 2 + (x - size / 2) ** 2 < (0.4 * size) ** 2, 0.4, 0.0)
+    image[(y - 0.4 * size) ** 2 + (x - 0.4 * size) ** 2 < (0.1 * size) ** 2] = 0.8
+    image[(y - 0.6 * size) ** 2 + (x - 0.65 * size) ** 2 < (0.08 * size) ** 2] = 0.6
+    image[(y - 0.5 * size) ** 2 + (x - 0.3 * size) ** 2 < (0.05 * size) ** 2] = 0.0    # air inside the body
+    image[1:3, 1:3] = 0.9                                                                 # outside the body
+    return image.astype(np.float32)
+
+
+def test_body_mask_is_largest_component_with_holes_filled():
+    image = phantom_slice()
+    body = body_mask(image, 0.05)
+    y, x = np.mgrid[:64, :64]
+    disk = (y - 32) ** 2 + (x - 32) ** 2 < (0.4 * 64) ** 2
+    assert np.array_equal(body, disk)           # hole filled, the outside speck dropped
+    assert not body_mask(np.zeros((8, 8)), 0.05).any()
+
+
+def test_renumber_matches_reference():
+    rng = np.random.default_rng(0)
+    segments = rng.integers(0, 7, size=(12, 10)) * 13
+    body = rng.random((12, 10)) > 0.3
+    assert np.array_equal(renumber(segments, body), reference_renumber(segments, body))
+
+
+@pytest.mark.parametrize("method", ["felzenszwalb", "slic"])
+def test_slice_superpixels_deterministic_and_inside_body(method):
+    image = phantom_slice()
+    params = SuperpixelParams(method=method, min_size=20, n_segments=20)
+    first, second = slice_superpixels(image, params), slice_superpixels(image.copy(), params)
+    assert first.dtype == np.uint16 and np.array_equal(first, second)
+    body = body_mask(image, params.body_threshold)
+    assert np.array_equal(first > 0, body)
+    assert np.array_equal(np.unique(first[body]), np.arange(1, first.max() + 1))  # ids 1..M, none skipped
+    assert first.max() >= 3                     # the organs are separate superpixels
+
+
+def test_params_are_checked():
+    with pytest.raises(UserError, match="unknown"):
+        SuperpixelParams(method="watershed").check()
+    with pytest.raises(UserError, match="out of range"):
+        SuperpixelParams(min_size=0).check()
+
+
+@pytest.fixture(scope="module")
+def unlabeled_prep(tiny_phantom, tmp_path_factory):
+    """The tiny phantom's silver volumes prepared images-only at 64 px, with superpixels."""
+    prep = tmp_path_factory.mktemp("unlabeled") / "prep"
+    prepare_dataset(tiny_phantom / "SilverCorpus" / "Volumes", prep, "images-only", size=64,
+                    intensity={"mode": "window", "window": [-125, 275]}, workers=1)
+    make_superpixels(prep, SMALL, workers=1, progress=False)
+    return prep
+
+
+def test_images_only_layout(unlabeled_prep, tiny_phantom):
+    meta = json.loads((unlabeled_prep / "meta.json").read_text())
+    assert meta["source"]["layout"] == "images-only"
+    assert meta["splits"]["val"] == [] and meta["splits"]["gold"] == [] and len(meta["splits"]["train"]) == 6
+    assert not list((unlabeled_prep / "train").glob("*_label.npy"))
+    for pid in meta["splits"]["train"]:
+        images = np.load(unlabeled_prep / "train" / f"{pid}_image.npy")
+        depth = nib.load(str(tiny_phantom / "SilverCorpus" / "Volumes" / f"{pid}.nii.gz")).shape[2]
+        assert images.shape == (depth, 64, 64)   # every axial slice, row = z
+
+
+def test_make_superpixels_deterministic_and_parallel(unlabeled_prep, tmp_path):
+    meta = read_superpixel_meta(unlabeled_prep)
+    assert meta["params"]["min_size"] == SMALL.min_size
+    copy = tmp_path / "copy"
+    shutil.copytree(unlabeled_prep, copy)
+    make_superpixels(copy, SMALL, workers=2, overwrite=True, progress=False)
+    for pid in meta["volumes"]:
+        a = (unlabeled_prep / "superpixels" / f"{pid}.npy").read_bytes()
+        assert a == (copy / "superpixels" / f"{pid}.npy").read_bytes()
+        labels = np.load(copy / "superpixels" / f"{pid}.npy")
+        images = np.load(copy / "train" / f"{pid}_image.npy")
+        assert labels.shape == images.shape and labels.dtype == np.uint16
+        assert np.array_equal(labels[3], slice_superpixels(images[3], SMALL))
+
+
+def test_cli_bad_inputs(tmp_path, unlabeled_prep):
+    script = load_script("make_superpixels")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(UserError, match="no CT volumes"):
+        script.main(["--images", str(empty), "--out", str(tmp_path / "prep"), "--workers", "1"])
+    with pytest.raises(UserError, match="--out PREP"):
+        script.main(["--images", str(empty)])
+    with pytest.raises(UserError, match="already exists"):
+        script.main(["--images", str(unlabeled_prep), "--workers", "1"])
+    with pytest.raises(UserError, match="has no superpixels.*make_superpixels.py"):
+        read_superpixel_meta(tmp_path)
+
+
+def test_cli_from_nifti_folder_with_figure(tiny_phantom, tmp_path):
+    script = load_script("make_superpixels")
+    volumes = tmp_path / "volumes"
+    volumes.mkdir()
+    for path in sorted((tiny_phantom / "GoldCorpus" / "Volumes").glob("*.nii.gz"))[:2]:
+        (volumes / path.name).symlink_to(path)
+    prep, figure = tmp_path / "prep", tmp_path / "overlay.png"
+    assert script.main(["--images", str(volumes), "--out", str(prep), "--size", "48", "--min-size", "20",
+                        "--workers", "1", "--figure", str(figure), "--figure-slices", "2"]) == 0
+    assert len(read_superpixel_meta(prep)["volumes"]) == 2
+    assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
