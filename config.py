@@ -9,8 +9,16 @@ Defaults reproduce the paper's set-up (method.md section 3). Named configs:
 Override anything on the command line, e.g.
   python train.py with demo fold=2 model.n_grid=4
 """
+import sys
+
+from docopt import docopt
 from sacred import Experiment
+from sacred.arg_parser import get_config_updates
 from sacred.observers import FileStorageObserver  # noqa: F401  (attached by the entry points)
+from sacred.utils import SacredError, ensure_wellformed_argv
+
+from util.cli import exit_with_message
+from util.errors import UserError
 
 ex = Experiment("LSLPN", save_git_info=False)
 
@@ -74,7 +82,7 @@ def default_config():
 
     # Evaluation (test.py)
     eval = {
-        "preset": "lslpn",        # 'lslpn', 'senet' or 'alpnet' (util/protocol.py)
+        "preset": "lslpn",        # 'lslpn', 'senet' or 'alpnet' (evaluation/protocol.py)
         "support": "default",     # a patient id, 'default' (10000132 if present else first gold), or 'all'
         "n_shots": 1,
         "snapshots": {},          # method name -> checkpoint path, e.g. {"LSLPN": "runs/.../best.pth"}
@@ -133,3 +141,34 @@ def tiny():
     class_setting = "all_structures"
     model = {"encoder": "cnn_small", "resolution": "feature"}
     eval = {"batch_size": 8}
+
+
+# Sacred's own `run_commandline` prints a traceback for any exception. The entry points call
+# `run_sacred(ex)` instead: the same command line (`python train.py with demo fold=2`), but a
+# `UserError` or a Sacred configuration error (unknown key, bad value) ends as `error: ...` on one
+# line with exit code 2. `--debug` keeps Sacred's behaviour (full traceback). It lives here, next to
+# `ex`, so that only the entry points import Sacred.
+def run_sacred(ex, argv: list[str] | None = None):
+    """Parse `argv` as Sacred does and run the experiment's main command; returns the Run."""
+    argv = ensure_wellformed_argv(sys.argv if argv is None else argv)
+    short_usage, usage, internal_usage = ex.get_usage()
+    args = docopt(internal_usage, [str(a) for a in argv[1:]], default_help=False)
+    if args["help"] or args["--help"]:
+        print(usage)
+        sys.exit(0)
+    command = args.get("COMMAND") or ex.default_command
+    if command not in ex.commands:
+        exit_with_message(f"unknown command '{command}': use one of {', '.join(ex.commands)}")
+    config_updates, named_configs = get_config_updates(args["UPDATE"])
+    try:
+        return ex.run(command, config_updates, named_configs, info={}, meta_info={}, options=args)
+    except UserError as error:
+        if args.get("--debug"):
+            raise
+        exit_with_message(str(error))
+    except SacredError as error:
+        if args.get("--debug"):
+            raise
+        exit_with_message(f"{type(error).__name__}: {error} (check the key against config.py)")
+    except KeyboardInterrupt:
+        exit_with_message("interrupted by the user", 130)

@@ -17,7 +17,7 @@ warnings.filterwarnings("ignore", message="pkg_resources is deprecated")  # sacr
 
 from config import ex  # noqa: E402
 from sacred.observers import FileStorageObserver  # noqa: E402
-from util.cli import run_sacred  # noqa: E402
+from config import run_sacred  # noqa: E402
 
 
 @ex.config_hook
@@ -28,7 +28,7 @@ def attach_test_observer(config, command_name, logger):
     """
     ex.observers[:] = [o for o in ex.observers if not getattr(o, "lslpn_test", False)]
     if command_name == "evaluate_snapshots":
-        from util.config_check import check_config
+        from training.config_check import check_config
         check_config(config, "test")
         observer = FileStorageObserver(str(Path(config["path"]["log_dir"]) / "test"))
         observer.lslpn_test = True
@@ -38,12 +38,12 @@ def attach_test_observer(config, command_name, logger):
 
 @ex.main
 def evaluate_snapshots(_config, _run, fold, label_sets, input_size, device, path, eval):  # noqa: A002
-    """Run util.evaluate.evaluate for the mask-copy baseline and every eval.snapshots entry.
+    """Run evaluation.evaluate.evaluate for the mask-copy baseline and every eval.snapshots entry.
 
     `eval` is a captured argument so that Sacred accepts new keys inside eval.snapshots given on the
     command line (`'eval.snapshots={"LSLPN": "runs/.../best.pth"}'`) instead of raising ConfigAddedError.
     """
-    from util.evaluate import evaluate
+    from evaluation.evaluate import evaluate
 
     settings = eval
     organs = settings.get("organs") or label_sets[fold]

@@ -7,8 +7,8 @@
 
 Each run is a Sacred FileStorageObserver folder path.log_dir/<name>/<id>/ (config.json, run.json
 with package versions and git commit, metrics.json, cout.txt, last.pth, best.pth); only rank 0
-writes. The config is checked before anything runs (util/config_check.py). The loop is
-util/training.py.
+writes. The config is checked before anything runs (training/config_check.py). The loop is
+training/loop.py.
 """
 from __future__ import annotations
 
@@ -19,9 +19,9 @@ from sacred.observers import FileStorageObserver
 from sacred.utils import apply_backspaces_and_linefeeds
 
 from config import ex
-from util.cli import run_sacred
-from util.config_check import check_config
-from util.training import run_name, train
+from config import run_sacred
+from training.config_check import check_config
+from training.loop import run_name, train
 
 ex.captured_out_filter = apply_backspaces_and_linefeeds  # tqdm redraws collapse to their last state
 for _package in ("torch", "torchvision", "numpy", "scipy", "nibabel", "tqdm"):  # versions into run.json

@@ -7,7 +7,7 @@ Variants (everything else from the Sacred overrides after `--`, given to train.p
   n_grid 16, 8, 4, 1 (overlapping cells, max vote), n_grid 8 non-overlapping, n_grid 8 mean vote.
 Each variant x fold is trained with train.py under OUT/<variant>/ (an existing best.pth/last.pth
 there is reused, so the script can be resumed), then all variants are evaluated in one run of
-util.evaluate.evaluate next to the mask-copy baseline: OUT/eval/ holds results.json, results.csv and
+evaluation.evaluate.evaluate next to the mask-copy baseline: OUT/eval/ holds results.json, results.csv and
 the table; OUT/ablation.md is the table in the paper's ablation layout (variants as rows).
 """
 from __future__ import annotations
@@ -24,7 +24,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from dataloaders.organs import FOLD_ORGANS  # noqa: E402
-from util.errors import UserError, run_cli  # noqa: E402
+from util.cli import run_cli  # noqa: E402
+from util.errors import UserError  # noqa: E402
 from util.atomic import write_text_atomic  # noqa: E402
 
 # variant name -> model overrides
@@ -117,7 +118,7 @@ def main(argv: list[str]) -> int:
             snapshot = train_variant(variant, fold, overrides, args.out.resolve(), args.python)
             for organ in FOLD_ORGANS[fold]:
                 snapshots.setdefault(variant, {})[organ] = str(snapshot)
-    from util.evaluate import evaluate
+    from evaluation.evaluate import evaluate
     organs = [organ for fold in args.folds for organ in FOLD_ORGANS[fold]]
     settings = config["eval"]
     results = evaluate({"mask copy": None, **snapshots}, organs, config["path"]["data_dir"],

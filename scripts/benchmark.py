@@ -4,7 +4,7 @@
 
 Writes a markdown report. The CPU run (--device cpu) writes the CPU section; a GPU run
 (--device cuda) writes the GPU section. An existing --out file keeps the other section, so running
-both on their machines yields one report. Measurements live in util/benchmark.py; this file parses
+both on their machines yields one report. Measurements live in scripts/bench_measures.py; this file parses
 options and renders the tables. --quick: reduced sizes and repeats (under 2 minutes on 2 cores).
 """
 from __future__ import annotations
@@ -20,11 +20,13 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "scripts"))  # bench_measures.py, bench_timing.py beside this script
 sys.path.insert(0, os.path.join(ROOT, "tests"))  # the tests' literal reference of the head
 
-from util import benchmark as bench  # noqa: E402
-from util import timing  # noqa: E402
-from util.errors import UserError, run_cli  # noqa: E402
+import bench_measures as bench  # noqa: E402
+import bench_timing as timing  # noqa: E402
+from util.cli import run_cli  # noqa: E402
+from util.errors import UserError  # noqa: E402
 
 TITLE = "# Benchmarks\n"
 INTRO = ("Made by `scripts/benchmark.py` (its command is stated in each section). Every figure is the "
@@ -117,7 +119,7 @@ def render_section(name: str, results: dict, machine: dict, command: str, plan) 
     for row in results["scaling"]:
         lines.append(f"| {row['mode']} | {row['size']} | {row['n_grid']} | {row['cells']} | {ms(row['time'].median)} "
                      f"| {row['ns_per_pixel']:.0f} |")
-    lines += ["", "### 4. Training throughput (`util.training.train`, synthetic prepared data)", "",
+    lines += ["", "### 4. Training throughput (`training.loop.train`, synthetic prepared data)", "",
               "| config | encoder | input | episodes / step | AMP | s / step | episodes / s | runs (s / step) |",
               "|---|---|---|---|---|---|---|---|"]
     for row in results["training"]:
@@ -127,7 +129,7 @@ def render_section(name: str, results: dict, machine: dict, command: str, plan) 
     lines += ["", "Each run is a fresh `train()` of a few steps (no validation, no checkpoints); s / step is the "
               "loop's own timer (mean of steps 2..n, each ended by `loss.item()`, data loading included); the "
               "table gives the median over runs.", "",
-              "### 5. Volumetric inference throughput (`util.inference.segment_query_volume`)", "",
+              "### 5. Volumetric inference throughput (`evaluation.inference.segment_query_volume`)", "",
               "| config | encoder | input | volume (X x Y x Z) | batch | AMP | median s / volume | query slices / s |",
               "|---|---|---|---|---|---|---|---|"]
     for row in results["inference"]:
@@ -143,7 +145,7 @@ def render_section(name: str, results: dict, machine: dict, command: str, plan) 
         cuda = f"{row['cuda_max_allocated_mb']:.0f}" if "cuda_max_allocated_mb" in row else "-"
         lines.append(f"| {row['input_size']} | {row['encoder']} | {row['batch_size']} | {'on' if row['amp'] else 'off'} "
                      f"| {row['peak_rss_mb']:.0f} | {row['baseline_rss_mb']:.0f} | {cuda} | {row['step_seconds']:.1f} |")
-    lines += ["", "Measured in a fresh Python process that runs exactly one step of `util.training.train` "
+    lines += ["", "Measured in a fresh Python process that runs exactly one step of `training.loop.train` "
               "(`resource.getrusage` ru_maxrss, so the RSS includes the interpreter and torch; the column before "
               "it is the same process's peak before the step). Step s is that single, cold step."]
     return "\n".join(lines) + "\n"

@@ -11,8 +11,10 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # demo_steps.py beside this script
 
-from util.errors import run_cli  # noqa: E402
+import demo_steps as demo  # noqa: E402
+from util.cli import run_cli  # noqa: E402
 
 
 def main(argv: list[str]) -> int:
@@ -23,7 +25,6 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--publish", action="store_true", help="copy the finished demo into README.md/docs")
     parser.add_argument("overrides", nargs="*", help="extra Sacred overrides for train.py, e.g. n_steps=100")
     args = parser.parse_args(argv)
-    from util import demo
     if args.publish:
         demo.publish()
         return 0

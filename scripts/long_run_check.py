@@ -25,7 +25,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from util.errors import UserError, run_cli  # noqa: E402
+from util.cli import run_cli  # noqa: E402
+from util.errors import UserError  # noqa: E402
 
 STEP_LINE = re.compile(r"step (\d+)/(\d+)\s+loss (\S+)")
 

@@ -15,11 +15,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from util.errors import UserError, run_cli  # noqa: E402
-from util.figures import make_figures  # noqa: E402
-from util.protocol import ProtocolPreset  # noqa: E402
+from util.cli import run_cli  # noqa: E402
+from util.errors import UserError  # noqa: E402
+from evaluation.figures import make_figures  # noqa: E402
+from evaluation.protocol import ProtocolPreset  # noqa: E402
 from util.atomic import write_text_atomic  # noqa: E402
-from util.results import markdown_table  # noqa: E402
+from evaluation.results import markdown_table  # noqa: E402
 
 
 def merged_table(run_dirs: list[Path]) -> str:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from util.errors import run_cli  # noqa: E402
+from util.cli import run_cli  # noqa: E402
 
 
 def main(argv: list[str]) -> int:
@@ -33,9 +33,9 @@ def main(argv: list[str]) -> int:
     existing.add_argument("--skip-existing", action="store_true", help="do nothing when --out exists")
     args = parser.parse_args(argv)
 
-    from dataloaders.check import default_support, format_mask_copy, mask_copy_dice
+    from evaluation.dataset_check import default_support, format_mask_copy, mask_copy_dice
     from dataloaders.phantom import generate_phantom
-    from util.protocol import get_preset
+    from evaluation.protocol import get_preset
     get_preset(args.preset)  # an unknown preset fails before anything is written
     out = Path(args.out)
     if args.skip_existing and out.exists():

@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from util.errors import run_cli  # noqa: E402
+from util.cli import run_cli  # noqa: E402
 
 
 def main(argv: list[str]) -> int:

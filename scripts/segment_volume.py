@@ -5,7 +5,7 @@
         [--support-image S2.nii.gz --support-mask M2.nii.gz ...] \
         --query Q.nii.gz --out PRED.nii.gz [--query-range Z0:Z1] [--n-chunks N] [--device auto|cpu|cuda]
 
-Library: util/segment.py (`segment_volume`). See docs/segment_your_scan.md.
+Library: evaluation/segment.py (`segment_volume`). See docs/segment_your_scan.md.
 """
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from util.errors import UserError, run_cli  # noqa: E402
+from util.cli import run_cli  # noqa: E402
+from util.errors import UserError  # noqa: E402
 
 EPILOG = """\
 Query range: --query-range Z0:Z1 gives the organ's axial slices in the query (half-open, like a
@@ -67,7 +68,7 @@ def main(argv: list[str]) -> int:
     if len(args.support_image) != len(args.support_mask) or not args.support_image:
         raise UserError(f"got {len(args.support_image)} --support-image and {len(args.support_mask)} "
                         "--support-mask: give them in pairs, at least one pair")
-    from util.segment import segment_volume
+    from evaluation.segment import segment_volume
     array, _ = segment_volume(args.checkpoint, list(zip(args.support_image, args.support_mask)), args.query,
                               out=args.out, support_label=args.support_label, label_map=args.label_map,
                               query_range=args.query_range, n_chunks=args.n_chunks, device=args.device,

@@ -2,7 +2,7 @@
 no Python traceback, and no (partial) output left behind.
 
 Scripts (make_phantom, prepare_visceral, check_dataset, segment_volume) run in-process through
-`util.errors.run_cli` (an unexpected exception would fail the test: that is the traceback case). The
+`util.cli.run_cli` (an unexpected exception would fail the test: that is the traceback case). The
 Sacred entry points (train.py, test.py) run in ONE subprocess each (`SACRED_DRIVER`) that calls
 `util.cli.run_sacred` once per case with stderr captured, so each case costs no extra torch import;
 `test_real_processes_*` run the real `python X.py` for the process contract and the --debug switch.
@@ -51,7 +51,7 @@ import pytest
 import torch
 
 from conftest import load_script
-from util.errors import run_cli
+from util.cli import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -303,7 +303,7 @@ def test_check_dataset_missing_empty_file_and_unknown_preset(tiny_prepared, tmp_
 def seg(tiny_phantom, tmp_path_factory):
     """Files for segment_volume: a gold volume + its liver mask, a random cnn_small checkpoint, bad files."""
     from models.fewshot import FewShotSegNet
-    from util.checkpoint import save_checkpoint
+    from models.checkpoint import save_checkpoint
     root = tmp_path_factory.mktemp("seg_bad")
     volume = sorted((tiny_phantom / "GoldCorpus" / "Volumes").iterdir())[0]
     pid = volume.name.split("_")[0]
@@ -385,7 +385,7 @@ SACRED_DRIVER = textwrap.dedent("""
     warnings.filterwarnings("ignore")
     entry, cases = sys.argv[1], json.loads(sys.argv[2])
     module = importlib.import_module(entry)
-    from util.cli import run_sacred
+    from config import run_sacred
     results = []
     for case in cases:
         err, out, code = io.StringIO(), io.StringIO(), None

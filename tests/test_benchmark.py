@@ -15,8 +15,8 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 import benchmark as script  # noqa: E402  (scripts/benchmark.py)
 from literal_reference import cellwise_reference, literal_reference  # noqa: E402
-from util import benchmark as bench  # noqa: E402
-from util import timing  # noqa: E402
+import bench_measures as bench  # noqa: E402
+import bench_timing as timing  # noqa: E402
 from util.errors import UserError  # noqa: E402
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from conftest import load_script
-from dataloaders.check import check_prepared, format_table
+from evaluation.dataset_check import check_prepared, format_table
 from util.errors import UserError
 
 
@@ -20,7 +20,7 @@ def prep(tiny_prepared, tmp_path):
 
 def run_checker(path, capsys):
     """Run scripts/check_dataset.py through run_cli; returns (exit code, stdout, stderr)."""
-    from util.errors import run_cli
+    from util.cli import run_cli
     script = load_script("check_dataset")
     with pytest.raises(SystemExit) as exit_info:
         run_cli(script.main, [str(path)])

@@ -17,11 +17,12 @@ def _resolve(named=(), updates=None):
 
 # The agreed map of the packages (README layout); each module must import without side effects.
 EXPECTED = {
-    "models": {"encoders", "local_prototypes", "fewshot"},
-    "dataloaders": {"nifti", "visceral", "multilabel", "phantom", "prepare", "check", "episodes",
-                    "transforms", "intensity", "organs"},
-    "util": {"protocol", "metrics", "inference", "evaluate", "checkpoint", "figures", "training", "segment",
-             "errors", "cli"},
+    "util": {"errors", "cli", "atomic", "device"},
+    "dataloaders": {"nifti", "visceral", "multilabel", "phantom", "prepare", "episodes", "transforms", "intensity",
+                    "organs"},
+    "models": {"encoders", "local_prototypes", "fewshot", "checkpoint"},
+    "evaluation": {"protocol", "metrics", "inference", "segment", "evaluate", "results", "figures", "dataset_check"},
+    "training": {"loop", "config_check"},
 }
 
 

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from test_training import train_cli
-from util.checkpoint import load_checkpoint
+from models.checkpoint import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 SEED = int(os.environ.get("LSLPN_CRASH_SEED", time.time_ns() % 100_000))
@@ -94,7 +94,7 @@ def snapshot(folder: Path) -> dict[str, bytes]:
 
 
 def test_killed_prepare_leaves_the_old_output_or_none_never_a_partial_one(tiny_phantom, tmp_path):
-    from dataloaders.check import check_prepared
+    from evaluation.dataset_check import check_prepared
     from dataloaders.prepare import Selection, prepare_dataset
     rng = random.Random(SEED + 1)
     old_out, new_out = tmp_path / "old" / "prep", tmp_path / "new" / "prep"
@@ -136,7 +136,7 @@ SLOW_WRITE_DRIVER = textwrap.dedent("""
             handle.write(data[len(data) // 2:])
         return len(data)
     pathlib.Path.write_bytes = slow_write_bytes
-    from util.errors import run_cli
+    from util.cli import run_cli
     import importlib.util
     spec = importlib.util.spec_from_file_location("segment_volume", "scripts/segment_volume.py")
     module = importlib.util.module_from_spec(spec)
@@ -147,7 +147,7 @@ SLOW_WRITE_DRIVER = textwrap.dedent("""
 
 def test_segment_killed_while_writing_keeps_the_old_output(tiny_phantom, tmp_path):
     from models.fewshot import FewShotSegNet
-    from util.checkpoint import save_checkpoint
+    from models.checkpoint import save_checkpoint
     volume = sorted((tiny_phantom / "GoldCorpus" / "Volumes").iterdir())[0]
     mask = tiny_phantom / "GoldCorpus" / "Segmentations" / f"{volume.name.split('_')[0]}_1_CTce_ThAb_58_1.nii.gz"
     model = FewShotSegNet(encoder="cnn_small", resolution="feature", n_grid=2)

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from test_episodes import make_train_prep
-from util.checkpoint import load_checkpoint
+from models.checkpoint import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 # vgg16 has no BatchNorm, so DDP's gradient average equals the single process's batch gradient.

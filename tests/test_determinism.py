@@ -28,7 +28,7 @@ PIPELINE = textwrap.dedent("""
     import torch
     from dataloaders.episodes import EpisodeDataset
     from dataloaders.prepare import Selection, prepare_dataset
-    from util.evaluate import evaluate
+    from evaluation.evaluate import evaluate
     phantom, snapshot, workers = sys.argv[2], sys.argv[3], int(sys.argv[4])
     torch.set_num_threads(1)
     prepare_dataset(phantom, "prep", size=48, n_val=1, seed=11, rule=Selection(min_voxels=5), workers=workers)
@@ -52,7 +52,7 @@ def tree_digest(folder: Path) -> dict[str, str]:
 
 def test_two_processes_give_identical_prepared_data_episodes_and_results(tiny_phantom, tmp_path):
     from models.fewshot import FewShotSegNet
-    from util.checkpoint import save_checkpoint
+    from models.checkpoint import save_checkpoint
     torch.manual_seed(3)
     model = FewShotSegNet(encoder="cnn_small", resolution="feature", n_grid=2)
     snapshot = tmp_path / "model.pth"

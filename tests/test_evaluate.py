@@ -81,7 +81,7 @@ class IntensityModel(torch.nn.Module):
 
 
 def test_validate_returns_mean_and_per_organ_and_restores_mode(tmp_path):
-    from util.evaluate import validate
+    from evaluation.evaluate import validate
     prep = make_prepared(tmp_path, split="val")
     model = IntensityModel().train()
     result = validate(model, prep, split="val", organs=["liver", "spleen"], preset="alpnet",
@@ -95,13 +95,13 @@ def test_validate_returns_mean_and_per_organ_and_restores_mode(tmp_path):
 
 
 def test_validate_needs_prepared_data(tmp_path):
-    from util.evaluate import validate
+    from evaluation.evaluate import validate
     with pytest.raises(UserError, match="prepare_visceral"):
         validate(IntensityModel(), tmp_path / "nothing", organs=["liver"], input_size=32)
 
 
 def _run(tmp_path, **overrides):
-    from util.evaluate import evaluate
+    from evaluation.evaluate import evaluate
     prep = overrides.pop("prep", None) or make_prepared(tmp_path)
     arguments = dict(methods={"mask copy": None, "toy": IntensityModel()}, organs=["liver", "spleen"],
                      prep_dir=prep, preset="alpnet", out_dir=tmp_path / "out", input_size=32, device="cpu",
@@ -137,8 +137,8 @@ def test_evaluate_writes_every_output(tmp_path):
 
 
 def test_mask_copy_dice_matches_a_direct_computation(tmp_path):
-    from util.metrics import dice
-    from util.protocol import mask_copy, organ_range
+    from evaluation.metrics import dice
+    from evaluation.protocol import mask_copy, organ_range
     results, _ = _run(tmp_path, methods={"mask copy": None})
     support, query = make_volume(0), make_volume(2)
     s_range, q_range = organ_range(support["label"] == 1, 1), organ_range(query["label"] == 1, 1)
@@ -168,7 +168,7 @@ def test_whole_volume_dice_counts_organ_outside_the_range(tmp_path):
 def test_predictions_are_nifti_in_the_original_geometry(tmp_path):
     import nibabel as nib
     from dataloaders.nifti import load_nifti
-    from util.protocol import mask_copy, organ_range
+    from evaluation.protocol import mask_copy, organ_range
     _run(tmp_path, methods={"mask copy": None}, organs=["liver"])
     path = tmp_path / "out" / "predictions" / "mask_copy" / "10000105_liver.nii.gz"
     image = nib.load(str(path))
@@ -183,7 +183,7 @@ def test_predictions_are_nifti_in_the_original_geometry(tmp_path):
 
 
 def test_batching_does_not_change_the_prediction_and_support_is_encoded_once_per_chunk(tmp_path):
-    from util.inference import segment_query_volume
+    from evaluation.inference import segment_query_volume
     support, query = make_volume(0), make_volume(1)
     predictions = []
     for batch_size in (1, 3, 64):
@@ -197,7 +197,7 @@ def test_batching_does_not_change_the_prediction_and_support_is_encoded_once_per
 
 
 def test_k_shot_uses_k_support_slices(tmp_path):
-    from util.inference import segment_query_volume
+    from evaluation.inference import segment_query_volume
     seen = []
 
     class Recording(IntensityModel):
@@ -226,7 +226,7 @@ def test_support_all_reports_mean_and_std_over_supports(tmp_path):
 
 
 def test_official_support_is_the_default_when_present(tmp_path):
-    from util.evaluate import choose_supports
+    from evaluation.evaluate import choose_supports
     assert choose_supports(["10000100", "10000132"], "default") == ["10000132"]
     assert choose_supports(["10000100", "10000104"], "default") == ["10000100"]
     assert choose_supports(["10000100", "10000104"], 10000104) == ["10000104"]
@@ -248,7 +248,7 @@ def test_organ_absent_from_support_or_query_is_reported_not_a_crash(tmp_path):
 
 
 def test_bad_snapshots_are_one_line_errors(tmp_path):
-    from util.evaluate import load_snapshot
+    from evaluation.evaluate import load_snapshot
     with pytest.raises(UserError, match="does not exist"):
         load_snapshot(tmp_path / "missing.pth")
     torch.save({"features.0.weight": torch.zeros(1)}, tmp_path / "imagenet.pth")
@@ -302,8 +302,8 @@ def test_test_py_bad_input_is_one_line(tmp_path):
 
 def test_snapshot_from_another_fold_or_encoder_is_refused(tmp_path):
     from test_notebook_eval import make_tiny_snapshot
-    from util.checkpoint import load_checkpoint, save_checkpoint
-    from util.evaluate import evaluate, load_snapshot
+    from models.checkpoint import load_checkpoint, save_checkpoint
+    from evaluation.evaluate import evaluate, load_snapshot
     prep = make_prepared(tmp_path)
     snapshot = make_tiny_snapshot(tmp_path / "fold1.pth", fold=1)
     with pytest.raises(UserError, match="trained for fold 1 .* liver"):
@@ -360,8 +360,8 @@ def test_snapshot_trained_on_other_intensity_scaling_is_refused(tmp_path):
     """A checkpoint records its training data's intensity scaling; evaluating it on data scaled
     otherwise would be a silent wrong answer, so it is a one-line error instead."""
     from test_notebook_eval import make_tiny_snapshot
-    from util.checkpoint import load_checkpoint, save_checkpoint
-    from util.evaluate import evaluate
+    from models.checkpoint import load_checkpoint, save_checkpoint
+    from evaluation.evaluate import evaluate
     prep = make_prepared(tmp_path)                       # meta.json: per-slice min-max
     snapshot = make_tiny_snapshot(tmp_path / "fold0.pth", fold=0)
     state = load_checkpoint(str(snapshot))

@@ -11,7 +11,7 @@ import pytest
 
 from test_evaluate import IntensityModel, make_prepared
 from util.errors import UserError
-from util.figures import display, misalignment_pairs
+from evaluation.figures import display, misalignment_pairs
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -37,7 +37,7 @@ def test_misalignment_pairs_match_cases_by_support_and_query():
 
 
 def _evaluated(tmp_path, organs, fold, name="out"):
-    from util.evaluate import evaluate
+    from evaluation.evaluate import evaluate
     prep = make_prepared(tmp_path / name)
     evaluate({"mask copy": None, "toy": IntensityModel()}, organs, prep, preset="alpnet",
              out_dir=tmp_path / name / "run", input_size=32, device="cpu", fold=fold, progress=False,
@@ -72,6 +72,6 @@ def test_make_figures_on_a_missing_run_is_one_line(tmp_path):
 
 
 def test_qualitative_figure_without_scored_organs_is_a_clear_error(tmp_path):
-    from util.figures import qualitative_figure
+    from evaluation.figures import qualitative_figure
     with pytest.raises(UserError, match="nothing to draw"):
         qualitative_figure({}, tmp_path / "x.png")

@@ -10,13 +10,13 @@ from scipy import ndimage
 
 from conftest import TINY_PHANTOM, load_script
 from dataloaders import phantom
-from dataloaders.check import mask_copy_dice
+from evaluation.dataset_check import mask_copy_dice
 from dataloaders.nifti import load_nifti
 from dataloaders.organs import NAME_TO_INDEX, RADLEX_TO_INDEX, TEST_ORGANS
 from dataloaders.visceral import find_cases, load_case, parse_mask_name
 from util.errors import UserError
-from util.metrics import dice
-from util.protocol import organ_range
+from evaluation.metrics import dice
+from evaluation.protocol import organ_range
 
 
 def digest(root: Path) -> dict[str, str]:

@@ -1,12 +1,12 @@
-"""The volumetric protocol against hand-worked examples (util/protocol.py, util/metrics.py)."""
+"""The volumetric protocol against hand-worked examples (evaluation/protocol.py, evaluation/metrics.py)."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
 from util.errors import UserError
-from util.metrics import dice
-from util.protocol import (PRESETS, aggregate, chunk_of_offsets, chunk_plan, get_preset, mask_copy,
+from evaluation.metrics import dice
+from evaluation.protocol import (PRESETS, aggregate, chunk_of_offsets, chunk_plan, get_preset, mask_copy,
                            organ_range, resize_nearest, support_offsets, support_shot_offsets,
                            support_slices_for_query)
 

@@ -1,4 +1,4 @@
-"""Segment your own scan (util/segment.py, scripts/segment_volume.py).
+"""Segment your own scan (evaluation/segment.py, scripts/segment_volume.py).
 
 Phantoms here are tiny hand-made CT-like volumes (air, a soft-tissue body, organs of distinct HU
 at subject-specific positions), so mask copy is imperfect while the appearance tells the organ.
@@ -19,8 +19,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from util.errors import UserError, run_cli
-from util.metrics import dice
+from util.cli import run_cli
+from util.errors import UserError
+from evaluation.metrics import dice
 
 ROOT = Path(__file__).resolve().parents[1]
 REAL_CT = ROOT.parent / "shared/data/real_ct"
@@ -90,7 +91,7 @@ def run_main(argv: list[str]) -> int:
 def train_tiny(steps: int = 40, seed: int = 0):
     """cnn_small trained on 1-way 1-shot episodes of TRAIN_CLASSES from 4 subjects (never liver)."""
     from models.fewshot import FewShotSegNet
-    from util.inference import images_to_input, masks_to_input
+    from evaluation.inference import images_to_input, masks_to_input
     subjects = [make_subject(100 + i) for i in range(4)]
     pool = {c: [(s, z) for s, (_, lab) in enumerate(subjects)
                 for z in np.flatnonzero(((lab == c).sum(axis=(0, 1))) > 4)] for c in TRAIN_CLASSES}
@@ -147,8 +148,8 @@ def work(tmp_path_factory):
 
 # --------------------------------------------------------------------- behaviour on phantoms
 def test_phantom_beats_mask_copy_and_keeps_query_geometry(work):
-    from util.protocol import mask_copy
-    from util.segment import segment_volume
+    from evaluation.protocol import mask_copy
+    from evaluation.segment import segment_volume
     liver_s, liver_q = work["support_label"] == 1, work["query_label"] == 1
     q0, q1 = organ_slices(liver_q)
     out = work["root"] / "pred_phantom.nii.gz"
@@ -167,7 +168,7 @@ def test_phantom_beats_mask_copy_and_keeps_query_geometry(work):
 
 
 def test_lps_query_comes_back_lps_and_matches_the_ras_result(work):
-    from util.segment import segment_volume
+    from evaluation.segment import segment_volume
     common = dict(supports=[(work["support"], work["liver_mask"])], n_chunks=6, device="cpu", progress=False)
     ras, _ = segment_volume(work["checkpoint"], query=work["query_ras"], **common)
     lps, _ = segment_volume(work["checkpoint"], query=work["query_lps"], **common)
@@ -176,7 +177,7 @@ def test_lps_query_comes_back_lps_and_matches_the_ras_result(work):
 
 
 def test_multilabel_support_by_value_by_name_and_by_label_map(work, tmp_path):
-    from util.segment import load_label_map, load_support, segment_volume
+    from evaluation.segment import load_label_map, load_support, segment_volume
     label_map = tmp_path / "map.json"
     label_map.write_text(json.dumps({"labels": {"1": "Liver", "2": "spleen"}}))
     pairs = {"binary": (work["liver_mask"], None, None), "value": (work["support_mask"], 1, None),
@@ -209,7 +210,7 @@ def test_cli_multilabel_support_label_writes_lps(work, tmp_path):
 
 
 def test_sparse_support_uses_only_annotated_slices():
-    from util.segment import Support, nearest_annotated, plan_chunks
+    from evaluation.segment import Support, nearest_annotated, plan_chunks
     annotated = np.array([4, 9, 10, 20])
     targets = np.arange(0, 25)
     slow = np.array([min(annotated, key=lambda a: (abs(a - t), a)) for t in targets])
@@ -225,7 +226,7 @@ def test_sparse_support_uses_only_annotated_slices():
 
 
 def test_sparse_support_volume_runs_with_k_shots(work, tmp_path):
-    from util.segment import segment_volume
+    from evaluation.segment import segment_volume
     liver = work["support_label"] == 1
     z0, z1 = organ_slices(liver)
     sparse = np.zeros_like(liver, dtype=np.uint8)
@@ -242,7 +243,7 @@ def test_sparse_support_volume_runs_with_k_shots(work, tmp_path):
 
 
 def test_query_range_is_in_stored_slice_indices(work, tmp_path):
-    from util.segment import segment_volume
+    from evaluation.segment import segment_volume
     flipped = save(tmp_path / "query_zflip.nii.gz", work["query_image_array"], flip_z=True)  # stored S -> I
     array, _ = segment_volume(work["checkpoint"], [(work["support"], work["liver_mask"])], flipped,
                               query_range="2:9", n_chunks=6, device="cpu", progress=False)
@@ -250,7 +251,7 @@ def test_query_range_is_in_stored_slice_indices(work, tmp_path):
 
 
 def test_default_query_range_follows_the_body_extent():
-    from util.segment import Support, body_extent, default_query_range
+    from evaluation.segment import Support, body_extent, default_query_range
     image, label = make_subject(1)
     annotated = np.flatnonzero((label == 1).any(axis=(0, 1)))
     support = Support(image=image.astype(np.float32), mask=label == 1, annotated=annotated, name="s")
@@ -268,7 +269,7 @@ def test_default_query_range_follows_the_body_extent():
 @pytest.mark.skipif(not (REAL_CT / "ct.nii.gz").is_file(), reason=f"real CT sample not found in {REAL_CT}")
 def test_real_scan_end_to_end_with_a_few_liver_slices(tmp_path):
     from models.fewshot import FewShotSegNet
-    from util.segment import segment_volume
+    from evaluation.segment import segment_volume
     labels_image = nib.load(str(REAL_CT / "labels.nii.gz"))
     labels = np.asarray(labels_image.dataobj)
     liver_value = int(next(k for k, v in json.loads((REAL_CT / "labels.json").read_text())["labels"].items()

@@ -20,10 +20,10 @@ import pytest
 import torch
 
 from test_episodes import make_train_prep
-from util.checkpoint import check_compatible, load_checkpoint, load_model_state, save_checkpoint
-from util.config_check import check_config
+from models.checkpoint import check_compatible, load_checkpoint, load_model_state, save_checkpoint
+from training.config_check import check_config
 from util.errors import UserError
-from util.training import PAUSE_ENV, config_hash, run_name
+from training.loop import PAUSE_ENV, config_hash, run_name
 
 ROOT = Path(__file__).resolve().parents[1]
 

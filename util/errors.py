@@ -1,39 +1,11 @@
 """Errors the user can fix, and how entry points report them.
 
 Library code raises `UserError` with one sentence that names the offending thing and the fix.
-Entry points catch it and print that sentence alone (no traceback) unless `--debug` is given.
+Entry points catch it (util/cli.py, config.run_sacred) and print that sentence alone (no traceback)
+unless `--debug` is given.
 """
 from __future__ import annotations
-
-import sys
-from typing import Callable
 
 
 class UserError(Exception):
     """Bad input or configuration: the message names the thing and the fix, in one line."""
-
-
-def exit_with_message(message: str, code: int = 2) -> None:
-    """Print `error: <message>` as one line on stderr and exit with `code`."""
-    print(f"error: {' '.join(str(message).split())}", file=sys.stderr)
-    sys.exit(code)
-
-
-def run_cli(main: Callable[[list[str]], int | None], argv: list[str] | None = None) -> None:
-    """Run an argparse-style `main(argv)`; `UserError` becomes a one-line message and exit 2.
-
-    `--debug` anywhere in argv re-raises instead, with the full traceback.
-    """
-    argv = list(sys.argv[1:] if argv is None else argv)
-    debug = "--debug" in argv
-    if debug:
-        argv.remove("--debug")
-    try:
-        code = main(argv)
-    except UserError as error:
-        if debug:
-            raise
-        exit_with_message(str(error))
-    except KeyboardInterrupt:
-        exit_with_message("interrupted by the user", 130)
-    sys.exit(code or 0)

@@ -2,7 +2,7 @@
 
 `evaluate(...)` runs every method (the mask-copy baseline, snapshots, or models in memory) on every
 organ of every query volume of a split, for one support volume or every one in turn, and writes
-results.json, results.csv, table.md, figures and NIfTI predictions under `out_dir` (util/results.py).
+results.json, results.csv, table.md, figures and NIfTI predictions under `out_dir` (evaluation/results.py).
 `validate(...)` is the same protocol on the held-out split, returning the mean Dice.
 
 Prepared volumes: PREP/volumes/<split>/<pid>.npz (docs/DESIGN.md); PREP/meta.json `intensity`.
@@ -20,11 +20,11 @@ import torch
 from tqdm.auto import tqdm
 
 from dataloaders.organs import canonical_name, organ_index
-from util.checkpoint import model_from_checkpoint
+from models.checkpoint import model_from_checkpoint
 from util.errors import UserError
-from util.inference import resolve_device, segment_query_volume
-from util.metrics import dice
-from util.protocol import get_preset, mask_copy, organ_range
+from evaluation.inference import resolve_device, segment_query_volume
+from evaluation.metrics import dice
+from evaluation.protocol import get_preset, mask_copy, organ_range
 
 OFFICIAL_SUPPORT = "10000132"
 PREPARE_HINT = "run python scripts/prepare_visceral.py --out {prep} (or make demo for the phantom)"
@@ -241,7 +241,7 @@ def validate(model: torch.nn.Module, prep_dir: str | Path, split: str = "val", o
                                intensity)
     finally:
         model.train(was_training)
-    from util.protocol import aggregate
+    from evaluation.protocol import aggregate
     per_organ = {}
     for organ in organs:
         values = [r["dice_range"] for r in records if r["organ"] == organ and r["dice_range"] is not None]
@@ -287,7 +287,7 @@ class _Collector:
         organ = record["organ"]
         entry = self.figure.get(organ)
         if entry is None:
-            from util.protocol import support_slices_for_query
+            from evaluation.protocol import support_slices_for_query
             lo, hi = record["query_range"]
             z = (lo + hi) // 2
             support_z = int(support_slices_for_query(record["support_range"], record["query_range"],
@@ -313,13 +313,13 @@ def evaluate(methods: dict, organs: list[str], prep_dir: str | Path, preset: str
              {organ: path or model} (per-fold snapshots in one table).
     support: a patient id, 'default' (10000132 when present, else the first by sorted id) or 'all'
              (every volume in turn; mean and std over supports).
-    n_shots: k support slices around each chunk centre for the models (util/protocol.py); the
+    n_shots: k support slices around each chunk centre for the models (evaluation/protocol.py); the
              mask copy always copies the centre slice (the paper's alignment Dice).
     Writes under out_dir (when given): results.json, results.csv, table.md, figure_data.npz,
     results.png, misalignment.png and predictions/<method>/<query>_<organ>.nii.gz (original geometry).
     Returns the results dict (as results.json).
     """
-    from util.results import write_outputs
+    from evaluation.results import write_outputs
     if not methods:
         raise UserError("evaluate: no methods given: pass e.g. {'mask copy': None, 'LSLPN': 'runs/.../best.pth'}")
     organs = organ_names(organs)
@@ -339,12 +339,12 @@ def evaluate(methods: dict, organs: list[str], prep_dir: str | Path, preset: str
                           for name, per_organ in prepared.items()},
               "config": config or {}}
     if out is None:
-        from util.results import _jsonable, summarise
+        from evaluation.results import _jsonable, summarise
         return _jsonable({**header, "preset": protocol.as_dict(), "results": summarise(records, protocol)})
     results = write_outputs(out, records, protocol, header)
     save_figure_data(collector.figure, out / "figure_data.npz")
     if figures:
-        from util.figures import make_figures
+        from evaluation.figures import make_figures
         make_figures(out)
     return results
 

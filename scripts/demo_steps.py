@@ -62,7 +62,7 @@ def run_step(title: str, command: list[str], log: list[dict]) -> None:
 
 def finished_run(log_dir: Path, name: str, n_steps: int) -> Path | None:
     """best.pth of the latest run under log_dir/name whose last.pth reached n_steps, else None."""
-    from util.checkpoint import load_checkpoint
+    from models.checkpoint import load_checkpoint
     runs = sorted((p for p in (log_dir / name).glob("*") if p.name.isdigit()), key=lambda p: int(p.name))
     for run in reversed(runs):
         if (run / "last.pth").exists() and (run / "best.pth").exists():
@@ -128,12 +128,12 @@ def run_demo(redo: set[str], extra: list[str], device: str = "auto") -> dict:
     from sacred.initialize import create_run
     from config import ex
     config = create_run(ex, "print_config", config_updates={}, named_configs=["demo"]).config
-    from util.evaluate import evaluate
+    from evaluation.evaluate import evaluate
     eval_start = time.perf_counter()
     results = evaluate({"mask copy": None, **snapshots}, TEST_ORGANS, PREP_DIR, preset="lslpn",
                        out_dir=RUN_DIR, split="gold", support="default", input_size=config["input_size"],
                        device=device, batch_size=config["eval"]["batch_size"], config=dict(config))
-    log.append({"step": "evaluate", "command": "util.evaluate.evaluate (see util/demo.py)",
+    log.append({"step": "evaluate", "command": "evaluation.evaluate.evaluate (see scripts/demo_steps.py)",
                 "seconds": round(time.perf_counter() - eval_start, 1)})
     write_report(results, log, time.perf_counter() - start)
     return results

@@ -1,4 +1,4 @@
-"""Segment a query volume with a few-shot model under the volumetric protocol (util/protocol.py).
+"""Segment a query volume with a few-shot model under the volumetric protocol (evaluation/protocol.py).
 
 Volumes are canonical `X x Y x Z` arrays (docs/DESIGN.md); axial slices are `volume[:, :, z]` and
 are given to the model unchanged as `H x W = X x Y`, intensity-scaled with
@@ -18,7 +18,7 @@ from dataloaders.intensity import scale_intensity
 from dataloaders.transforms import resize_image, resize_label
 from util.device import resolve_device as _resolve_device_name
 from util.errors import UserError
-from util.protocol import chunk_plan
+from evaluation.protocol import chunk_plan
 
 
 def resolve_device(device: str | torch.device) -> torch.device:

@@ -8,7 +8,7 @@
   5. per step: cross-entropy on the query logits (+ align_weight * align_loss when model.align),
      backward, SGD step, scheduler step; tqdm bar with loss and lr; a summary line every print_every
   6. every val_every steps (and at the end): volumetric Dice on the held-out silver volumes
-     (`util.evaluate.validate`, split 'val', the fold's test organs) -> best.pth on improvement;
+     (`evaluation.evaluate.validate`, split 'val', the fold's test organs) -> best.pth on improvement;
      every save_every steps (and at the end): last.pth. Only rank 0 validates and writes.
 
 "Same config" for resume: the SHA-256 of the resolved config without the keys that do not change
@@ -37,8 +37,8 @@ from tqdm import tqdm
 
 from dataloaders.episodes import EpisodeDataset, StepBatchSampler
 from dataloaders.intensity import prepared_intensity
-from util.checkpoint import check_compatible, load_checkpoint, save_checkpoint
-from util.config_check import check_config, fold_training_classes
+from models.checkpoint import check_compatible, load_checkpoint, save_checkpoint
+from training.config_check import check_config, fold_training_classes
 from util.device import (Distributed, autocast, distributed_from_env, get_rng_state, init_distributed,
                          make_grad_scaler, resolve_device, seed_everything, set_rng_state)
 from util.errors import UserError
@@ -264,7 +264,7 @@ def _train(cfg: dict, run, ctx: Distributed, device: torch.device) -> dict:
 
 
 def _state(cfg, model, optimizer, scheduler, scaler, step, rngs, chash, best_dice) -> dict:
-    """Everything a checkpoint holds (util/checkpoint.py lists the keys)."""
+    """Everything a checkpoint holds (models/checkpoint.py lists the keys)."""
     return {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler else None,
             "step": step, "rng": rngs, "config": copy.deepcopy(model.config), "fold": cfg["fold"],
@@ -277,9 +277,9 @@ def _validate(cfg, model, device, ctx, run, run_dir, step, best_dice, make_state
     """Rank 0: volumetric Dice on the 'val' split; best.pth when it improves. Returns the best Dice."""
     if ctx.is_main:
         try:
-            from util.evaluate import validate
+            from evaluation.evaluate import validate
         except ImportError as error:
-            raise UserError(f"validation needs util/evaluate.py ({error}): set val_every=0 to train without it")
+            raise UserError(f"validation needs evaluation/evaluate.py ({error}): set val_every=0 to train without it")
         organs = list(cfg["label_sets"][cfg["fold"]])
         result = validate(model, cfg["path"]["data_dir"], split="val", organs=organs,
                           preset=cfg["eval"]["preset"], input_size=cfg["input_size"], device=device,

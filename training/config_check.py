@@ -14,7 +14,7 @@ from typing import Any, Mapping
 
 from dataloaders.organs import INDEX_TO_NAME, organ_index, training_classes
 from util.errors import UserError
-from util.protocol import PRESETS
+from evaluation.protocol import PRESETS
 
 ENCODERS = ("vgg16", "resnet50_lslpn", "cnn_small")
 VOTES = ("max", "mean", "cover")

@@ -1,7 +1,7 @@
 """Segment your own scan: few-shot segmentation of a new CT volume from annotated support volumes.
 
 `segment_volume(checkpoint, supports=[(image, mask), ...], query, out=...)` runs the volumetric
-protocol (util/protocol.py) on files a user has, outside any benchmark fold:
+protocol (evaluation/protocol.py) on files a user has, outside any benchmark fold:
 
 - Every file goes through `dataloaders.nifti.load_nifti` (validation, reorientation to canonical
   RAS+); masks must share their image's grid (`check_same_grid`).
@@ -36,10 +36,10 @@ from tqdm import tqdm
 from dataloaders.intensity import prepared_intensity
 from dataloaders.nifti import NiftiVolume, check_same_grid, load_nifti, save_nifti_atomic, to_original
 from dataloaders.organs import NAME_TO_INDEX, canonical_name
-from util.checkpoint import model_from_checkpoint
+from models.checkpoint import model_from_checkpoint
 from util.errors import UserError
-from util.inference import images_to_input, masks_to_input, resolve_device
-from util.protocol import chunk_of_offsets, support_offsets
+from evaluation.inference import images_to_input, masks_to_input, resolve_device
+from evaluation.protocol import chunk_of_offsets, support_offsets
 
 BODY_HU = -500.0            # body voxels: above this HU (air and lung-free outside are below)
 BODY_SLICE_FRACTION = 0.1   # a slice is in the body extent with >= this fraction of the fullest slice's body voxels
@@ -247,7 +247,7 @@ def plan_chunks(supports: Sequence[Support], query_range: tuple[int, int], n_chu
                 ) -> list[tuple[np.ndarray, np.ndarray]]:
     """[(support z per support (k,), query z of the chunk (m,))] for the chunks holding query slices.
 
-    Chunk rule of util/protocol.py; each support's chunk centre moves to its nearest annotated slice.
+    Chunk rule of evaluation/protocol.py; each support's chunk centre moves to its nearest annotated slice.
     """
     length = query_range[1] - query_range[0] + 1
     chunk = chunk_of_offsets(length, n_chunks)                               # query offset -> chunk

@@ -1,4 +1,4 @@
-"""Benchmark measurements for scripts/benchmark.py (BENCHMARKS.md); timers are in util/timing.py.
+"""Benchmark measurements for scripts/benchmark.py (BENCHMARKS.md); timers are in scripts/bench_timing.py.
 
 Every figure is the median of `repeats` timed calls after `warmup` untimed ones; on CUDA the
 timer synchronises the device before starting and before stopping. Forward passes run under
@@ -9,8 +9,8 @@ the head (tests/literal_reference.py) is passed in by the script as `reference_f
 Synthetic data (seeded, same seed -> same tensors): an episode is 1-way 1-shot 1-query; support and
 query foreground are ellipses, and features are a smooth random field plus a foreground/background
 direction, so that argmax maps are meaningful. Training throughput runs the real training loop
-(`util.training.train`) on a small synthetic prepared folder; inference throughput runs
-`util.inference.segment_query_volume` on phantom volumes (`dataloaders.phantom.render_subject`).
+(`training.loop.train`) on a small synthetic prepared folder; inference throughput runs
+`evaluation.inference.segment_query_volume` on phantom volumes (`dataloaders.phantom.render_subject`).
 """
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from util.errors import UserError
-from util.timing import dispatch_fraction, measure
+from bench_timing import dispatch_fraction, measure
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IMAGE_TOLERANCE = 1e-3        # max |logit difference| allowed between the reference and 'image' mode
@@ -222,7 +222,7 @@ def make_synthetic_prep(folder: str, classes: list[int], size: int, n_volumes: i
 def _training_config(named: str, workdir: str, device: str, amp: bool, n_steps: int,
                      input_size: int | None) -> dict:
     """The named config for a short run on synthetic data under `workdir` (no validation, no saving)."""
-    from util.config_check import fold_training_classes
+    from training.config_check import fold_training_classes
     updates = {"device": device, "amp": amp, "n_steps": n_steps, "val_every": 0, "save_every": n_steps,
                "print_every": n_steps, "num_workers": 0,
                "path": {"data_dir": os.path.join(workdir, "prep"), "log_dir": os.path.join(workdir, "runs")}}
@@ -236,9 +236,9 @@ def _training_config(named: str, workdir: str, device: str, amp: bool, n_steps: 
 # --------------------------------------------------------------------------------- figure 4
 def training_throughput(named: str, device: torch.device, amp: bool, n_steps: int, runs: int,
                         input_size: int | None = None) -> dict:
-    """Median over `runs` short runs of util.training.train of its seconds per step (the loop's own
+    """Median over `runs` short runs of training.loop.train of its seconds per step (the loop's own
     timer: the mean over steps 2..n_steps, each ended by loss.item(), data loading included)."""
-    from util.training import train
+    from training.loop import train
     per_run = []
     with tempfile.TemporaryDirectory(prefix="lslpn-bench-") as workdir:
         config = _training_config(named, workdir, device.type, amp, n_steps, input_size)
@@ -262,7 +262,8 @@ def training_step_memory(named: str, device: torch.device, amp: bool = False,
     at the end of the step), cuda_max_allocated_mb (CUDA only) and the step's seconds.
     """
     args = json.dumps({"named": named, "device": device.type, "amp": amp, "input_size": input_size})
-    code = f"import sys; sys.path.insert(0, {ROOT!r}); from util.benchmark import _memory_child; _memory_child()"
+    code = (f"import sys; sys.path[:0] = [{ROOT!r}, {os.path.join(ROOT, 'scripts')!r}]; "
+            "from bench_measures import _memory_child; _memory_child()")
     done = subprocess.run([sys.executable, "-c", code, args], capture_output=True, text=True, timeout=timeout,
                           cwd=ROOT)
     lines = [line for line in done.stdout.splitlines() if line.startswith("BENCH_JSON ")]
@@ -273,8 +274,8 @@ def training_step_memory(named: str, device: torch.device, amp: bool = False,
 
 
 def _memory_child() -> None:
-    """Subprocess body of `training_step_memory`: one step of util.training.train, then peaks."""
-    from util.training import train
+    """Subprocess body of `training_step_memory`: one step of training.loop.train, then peaks."""
+    from training.loop import train
     args = json.loads(sys.argv[1])
     device = torch.device(args["device"])
     with tempfile.TemporaryDirectory(prefix="lslpn-bench-mem-") as workdir:
@@ -297,7 +298,7 @@ def _memory_child() -> None:
 # --------------------------------------------------------------------------------- figure 5
 def inference_throughput(named: str, device: torch.device, repeats: int, volume_size: int = 256,
                          n_slices: int = 64, input_size: int | None = None, amp: bool = False) -> dict:
-    """Query slices per second of util.inference.segment_query_volume on phantom volumes.
+    """Query slices per second of evaluation.inference.segment_query_volume on phantom volumes.
 
     Support and query are two phantom subjects (`render_subject`, volume_size x volume_size x ~n_slices);
     the support range is the liver's (protocol preset 'lslpn'), the query range is EVERY axial slice.
@@ -307,8 +308,8 @@ def inference_throughput(named: str, device: torch.device, repeats: int, volume_
     from dataloaders.phantom import render_subject
     from models.fewshot import FewShotSegNet
     from util.device import autocast
-    from util.inference import segment_query_volume
-    from util.protocol import get_preset, organ_range
+    from evaluation.inference import segment_query_volume
+    from evaluation.protocol import get_preset, organ_range
 
     config = resolve_config(named, {"input_size": input_size} if input_size else {})
     support, support_label, _, _ = render_subject(np.random.default_rng([0, 1]), volume_size, n_slices)

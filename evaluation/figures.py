@@ -1,4 +1,4 @@
-"""Figures of an evaluation run folder (written by util.evaluate.evaluate).
+"""Figures of an evaluation run folder (written by evaluation.evaluate.evaluate).
 
 - results.png: the paper's qualitative figure. One row per test organ: the support slice with its
   mask, then for every method the query slice with ground-truth (green) and prediction (red) outlines.
@@ -52,7 +52,7 @@ def load_figure_data(path: str | Path) -> dict[str, dict]:
     predictions: {method: X x Y bool}}."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"{path} is missing: run test.py (or util.evaluate.evaluate with out_dir) first")
+        raise UserError(f"{path} is missing: run test.py (or evaluation.evaluate.evaluate with out_dir) first")
     data: dict[str, dict] = {}
     with np.load(path) as archive:
         for key in archive.files:

@@ -78,7 +78,7 @@ def machine_description(device: torch.device) -> dict:
             "torch": torch.__version__, "python": platform.python_version(), "os": platform.platform()}
     if hasattr(os, "getloadavg"):
         info["load average (1, 5, 15 min) when described"] = ", ".join(f"{v:.2f}" for v in os.getloadavg())
-    from util.training import git_commit
+    from training.loop import git_commit
     info["code (git HEAD)"] = git_commit() or "unknown"
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)

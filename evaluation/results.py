@@ -1,6 +1,6 @@
 """Summaries and files of an evaluation: results.json, results.csv and the paper's Table 1 (table.md).
 
-A record is one (method, organ, support, query) case from `util.evaluate.run_protocol`:
+A record is one (method, organ, support, query) case from `evaluation.evaluate.run_protocol`:
 {method, organ, support, query, preset, support_range, query_range, dice_range, dice_volume, skipped}.
 Dice values are fractions in [0, 1] in the files; the markdown table shows percentages as the paper.
 """
@@ -16,7 +16,7 @@ import numpy as np
 
 from dataloaders.organs import TABLE_COLUMNS
 from util.atomic import write_text_atomic
-from util.protocol import ProtocolPreset, aggregate
+from evaluation.protocol import ProtocolPreset, aggregate
 
 METRICS = {"range": "dice_range", "volume": "dice_volume"}
 

@@ -5,7 +5,7 @@ dtypes, label values, splits and index consistency. Any defect is a one-line Use
 the file and the fix; on success it returns a per-class summary (`format_table` prints it).
 
 `mask_copy_dice(labels, support)` is the no-model baseline of method.md section 5: the support
-volume's organ mask is copied chunk by chunk onto every query volume (util.protocol.mask_copy).
+volume's organ mask is copied chunk by chunk onto every query volume (evaluation.protocol.mask_copy).
 A data set on which it scores high does not test few-shot segmentation.
 """
 from __future__ import annotations
@@ -19,8 +19,8 @@ import numpy as np
 from dataloaders.intensity import validate_intensity
 from dataloaders.organs import INDEX_TO_NAME, NAME_TO_INDEX, TEST_ORGANS
 from util.errors import UserError
-from util.metrics import dice
-from util.protocol import get_preset, mask_copy, organ_range
+from evaluation.metrics import dice
+from evaluation.protocol import get_preset, mask_copy, organ_range
 
 DEFAULT_SUPPORT = "10000132"
 VOLUME_KEYS = ("image", "label", "affine", "original_affine", "original_shape", "original_axcodes", "spacing")

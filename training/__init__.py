@@ -1,0 +1,1 @@
+"""Training: the episodic training loop and the checks of a training/evaluation config."""
