@@ -1,32 +1,39 @@
-"""Feature encoders: B x 1 x H x W slices in [0, 1] -> B x C x H/stride x W/stride features.
+"""Feature encoders: B x 1 x H x W slices in [0, 1] -> B x C x h x w features.
 
 - 'vgg16': PANet's VGG-16 (method.md section 2): torchvision's VGG-16 conv layers, pools 1-3 of
-  kernel 3 stride 2, pool4 of stride 1, conv5 dilated by 2, no pool5 and no ReLU after conv5_3.
-  Output stride 8, 512 channels.
-- 'resnet50_lslpn': the paper's customized ResNet-50: torchvision ResNet-50 conv1..layer3 with
-  layer3 dilated (stride 1, dilation 2); concat(layer2, layer3) -> 3x3 conv (dilation 2) to 256
-  channels -> ReLU -> Dropout2d(0.5). Output stride 8, 256 channels. BatchNorm frozen (affine
-  parameters without gradient, running statistics in eval mode), as the paper.
-- 'cnn_small': a compact conv-BN-ReLU net for the CPU demo, output stride 4, 128 channels,
-  about 0.35 GMAC per 128 x 128 slice; no coordinate channels (location comes from the head).
+  kernel 3 stride 2, pool4 of stride 1, conv5 dilated by 2, no pool5 and no ReLU after conv5_3
+  (signed features). Output stride 8, 512 channels. ImageNet mean/std on the input.
+- 'resnet50_lslpn': the authors' DeepLab-style ResNet-50 (method.md section 6, "Res_Deeplab"):
+  bottlenecks with the stride on the first 1x1 conv, stem max pool with ceil_mode (65 x 65 features
+  at 512 x 512), layer3 with stride 1 and dilation 2 in every block, a 1x1 downsample conv + BN in
+  each layer's first block; concat(layer2, layer3) -> 'layer4' = 3x3 conv (dilation 2, 1536 -> 256,
+  bias) -> ReLU -> Dropout2d(0.5). Every conv weight N(0, 0.01), BatchNorm weight 1, bias 0.
+  BatchNorm affine parameters frozen, running statistics update in train mode (the official code
+  trains in train() mode). No ImageNet mean/std on the input. Parameter names are the official
+  ones (conv1, bn1, layer1-3, layer4.0), so official snapshots load (models/fewshot.py).
+- 'resnet50_torchvision': this project's earlier variant of the paper's encoder on torchvision's
+  ResNet-50 layout (stride on the 3x3 conv, floor max pool: 64 x 64 at 512; layer3's first block
+  undilated), BatchNorm frozen in eval mode, ImageNet mean/std; keys stem.*, fuse.*.
+- 'cnn_small': a compact conv-BN-ReLU net for the CPU demo, output stride 4, 128 channels; no
+  ImageNet weights.
 
-The 1-channel input is repeated to 3 channels here (the only place). The ImageNet encoders also
-apply the ImageNet mean/std normalisation their weights expect. `init_path` loads a local
-torchvision checkpoint (vgg16-397923af.pth / resnet50-0676ba61.pth key names); never downloads.
+The 1-channel input is repeated to 3 channels here (the only place). Initial weights
+(models/weights.py): `init_path` (a local torchvision checkpoint, or for resnet50_lslpn an
+official-code snapshot) overrides `pretrained` (torchvision's ImageNet weights API).
 """
 from __future__ import annotations
 
 import logging
-import os
 
 import torch
 from torch import Tensor, nn
 from torchvision.models import resnet50
 from torchvision.models.vgg import cfgs, make_layers
 
+from models.weights import IMAGENET_WEIGHTS, imagenet_state, read_state_file, strip_prefixes
 from util.errors import UserError
 
-ENCODERS = ("vgg16", "resnet50_lslpn", "cnn_small")
+ENCODERS = ("vgg16", "resnet50_lslpn", "resnet50_torchvision", "cnn_small")
 log = logging.getLogger("lslpn")
 _MEAN = (0.485, 0.456, 0.406)
 _STD = (0.229, 0.224, 0.225)
@@ -48,6 +55,10 @@ class _Encoder(nn.Module):
             raise UserError(f"encoder input: shape {tuple(x.shape)}: expected B x 1 x H x W slices")
         x = x.expand(-1, 3, -1, -1)                               # B x 3 x H x W
         return (x - self.mean) / self.std if self.imagenet_norm else x
+
+    def load_initial(self, state: dict, source: str) -> None:
+        """Load initial weights from a state dict (`source` names it in errors)."""
+        raise UserError(f"{source}: encoder {type(self).__name__} has no pretrained weights to load")
 
 
 class VGG16Encoder(_Encoder):
@@ -72,32 +83,109 @@ class VGG16Encoder(_Encoder):
     def forward(self, x: Tensor) -> Tensor:
         return self.features(self.to_rgb(x))                      # B x 512 x H/8 x W/8
 
-    def load_imagenet(self, state: dict) -> list[str]:
-        """Load conv weights from a torchvision vgg16 state dict; returns the missing keys."""
+    def load_initial(self, state: dict, source: str) -> None:
+        """The conv weights of a torchvision vgg16 state dict (features.*)."""
         mine = {f"features.{k}": v for k, v in self.features.state_dict().items()}
-        return _load_matching(self, {k: v for k, v in state.items() if k in mine}, mine,
-                              lambda k: k.removeprefix("features."), self.features)
+        _load_matching(self, {k: v for k, v in state.items() if k in mine}, mine, source, "vgg16")
 
 
-class FrozenBNMixin:
-    """BatchNorm layers stay in eval mode with affine parameters frozen (the paper)."""
+class _DeepLabBottleneck(nn.Module):
+    """ResNet bottleneck of the official code: stride on conv1 (1x1), dilation on conv2 (3x3)."""
+    expansion = 4
 
-    def freeze_batchnorm(self):
+    def __init__(self, inplanes: int, planes: int, stride: int = 1, dilation: int = 1,
+                 downsample: nn.Module | None = None):
+        super().__init__()
+        self.conv1 = nn.Conv2d(inplanes, planes, 1, stride=stride, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, padding=dilation, dilation=dilation, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv3 = nn.Conv2d(planes, planes * 4, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(planes * 4)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        identity = x if self.downsample is None else self.downsample(x)
+        return self.relu(out + identity)
+
+
+class ResNet50LSLPN(_Encoder):
+    """The authors' DeepLab-style ResNet-50 (layer2 + dilated layer3 -> 256 channels, stride ~8)."""
+    out_channels, output_stride = 256, 8
+
+    def __init__(self):
+        super().__init__(imagenet_norm=False)
+        self.conv1 = nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(3, stride=2, padding=1, ceil_mode=True)
+        self.inplanes = 64
+        self.layer1 = self._layer(64, 3)
+        self.layer2 = self._layer(128, 4, stride=2)
+        self.layer3 = self._layer(256, 6, dilation=2)
+        self.layer4 = nn.Sequential(nn.Conv2d(512 + 1024, 256, 3, padding=2, dilation=2, bias=True),
+                                    nn.ReLU(inplace=True), nn.Dropout2d(0.5))
         for m in self.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                for p in m.parameters():
-                    p.requires_grad_(False)
+            if isinstance(m, nn.Conv2d):
+                nn.init.normal_(m.weight, 0.0, 0.01)
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+                m.weight.requires_grad_(False)  # affine frozen; running statistics still update
+                m.bias.requires_grad_(False)
 
-    def train(self, mode: bool = True):
-        super().train(mode)
-        for m in self.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.eval()
-        return self
+    def _layer(self, planes: int, blocks: int, stride: int = 1, dilation: int = 1) -> nn.Sequential:
+        downsample = nn.Sequential(nn.Conv2d(self.inplanes, planes * 4, 1, stride=stride, bias=False),
+                                   nn.BatchNorm2d(planes * 4))
+        layers = [_DeepLabBottleneck(self.inplanes, planes, stride, dilation, downsample)]
+        self.inplanes = planes * 4
+        layers += [_DeepLabBottleneck(self.inplanes, planes, dilation=dilation) for _ in range(1, blocks)]
+        return nn.Sequential(*layers)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(self.to_rgb(x)))))
+        mid = self.layer2(self.layer1(x))                         # B x 512 x h x w (65 x 65 at 512)
+        deep = self.layer3(mid)                                   # B x 1024 x h x w
+        return self.layer4(torch.cat([mid, deep], dim=1))         # B x 256 x h x w
+
+    def load_initial(self, state: dict, source: str) -> None:
+        """A torchvision resnet50 ImageNet state dict (conv1, bn1, layer1-3; layer4 and fc are
+        skipped, as the official code) or an official-code snapshot (encoder.* keys)."""
+        state = strip_prefixes(state)
+        _refuse_layout(state, source, torchvision_layout=False)
+        if any(k.startswith("encoder.") for k in state):
+            load_official_snapshot(self, state, source)
+            return
+        backbone = {k: v for k, v in self.state_dict().items() if not k.startswith("layer4.")}
+        _load_matching(self, {k: v for k, v in state.items() if k in backbone}, backbone, source,
+                       "resnet50_lslpn")
 
 
-class ResNet50LSLPN(FrozenBNMixin, _Encoder):
-    """The paper's customized ResNet-50 (layer2 + dilated layer3 -> 256 channels, stride 8)."""
+def load_official_snapshot(encoder: ResNet50LSLPN, state: dict, source: str) -> None:
+    """Every encoder.* weight of an official-code snapshot into `encoder` (missing keys: error)."""
+    given = {k.removeprefix("encoder."): v for k, v in strip_prefixes(state).items() if k.startswith("encoder.")}
+    _refuse_layout({f"encoder.{k}": v for k, v in given.items()}, source, torchvision_layout=False)
+    _load_matching(encoder, given, encoder.state_dict(), source, "resnet50_lslpn (official-code snapshot)")
+
+
+def _refuse_layout(state: dict, source: str, torchvision_layout: bool) -> None:
+    """UserError when a snapshot of the other ResNet-50 layout is given."""
+    keys = {k.removeprefix("encoder.") for k in state}
+    if not torchvision_layout and ({"stem.0.weight", "fuse.0.weight"} & keys):
+        raise UserError(f"{source}: a snapshot of the torchvision-layout ResNet-50 (keys stem.*, fuse.*), "
+                        "not of the official layout: use model.encoder=resnet50_torchvision")
+    if torchvision_layout and "layer4.0.weight" in keys and "conv1.weight" in keys \
+            and any(k.startswith("encoder.") for k in state):
+        raise UserError(f"{source}: a snapshot of the official-layout ResNet-50 (keys conv1, layer4.0), "
+                        "not of the torchvision layout: use model.encoder=resnet50_lslpn")
+
+
+class ResNet50Torchvision(_Encoder):
+    """This project's earlier torchvision-layout variant (see the module docstring)."""
     out_channels, output_stride = 256, 8
 
     def __init__(self):
@@ -107,7 +195,17 @@ class ResNet50LSLPN(FrozenBNMixin, _Encoder):
         self.layer1, self.layer2, self.layer3 = net.layer1, net.layer2, net.layer3
         self.fuse = nn.Sequential(nn.Conv2d(512 + 1024, 256, 3, padding=2, dilation=2),
                                   nn.ReLU(inplace=True), nn.Dropout2d(0.5))
-        self.freeze_batchnorm()
+        for m in self.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                for p in m.parameters():
+                    p.requires_grad_(False)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        for m in self.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.eval()                                          # running statistics frozen too
+        return self
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.layer1(self.stem(self.to_rgb(x)))
@@ -115,19 +213,20 @@ class ResNet50LSLPN(FrozenBNMixin, _Encoder):
         deep = self.layer3(mid)                                   # B x 1024 x H/8 x W/8
         return self.fuse(torch.cat([mid, deep], dim=1))           # B x 256 x H/8 x W/8
 
-    def load_imagenet(self, state: dict) -> list[str]:
-        prefix = {"conv1.": "stem.0.", "bn1.": "stem.1."}
-        def rename(k):
-            for old, new in prefix.items():
-                if k.startswith(old):
-                    return new + k[len(old):]
-            return k
-        backbone = {k: v for k, v in self.state_dict().items() if not k.startswith("fuse.")}
+    def load_initial(self, state: dict, source: str) -> None:
+        """A torchvision resnet50 ImageNet state dict (layer4 and fc skipped)."""
+        state = strip_prefixes(state)
+        _refuse_layout(state, source, torchvision_layout=True)
+        rename = {"conv1.": "stem.0.", "bn1.": "stem.1."}
         wanted = {}
-        for k in state:
-            if not k.startswith(("layer4.", "fc.")):
-                wanted[rename(k)] = state[k]
-        return _load_matching(self, wanted, backbone, lambda k: k, self)
+        for k, v in state.items():
+            for old, new in rename.items():
+                if k.startswith(old):
+                    k = new + k[len(old):]
+            wanted[k] = v
+        backbone = {k: v for k, v in self.state_dict().items() if not k.startswith("fuse.")}
+        _load_matching(self, {k: v for k, v in wanted.items() if k in backbone}, backbone, source,
+                       "resnet50_torchvision")
 
 
 class SmallCNN(_Encoder):
@@ -151,49 +250,40 @@ class SmallCNN(_Encoder):
         return self.features(self.to_rgb(x))                      # B x 128 x H/4 x W/4
 
 
-def _load_matching(model: nn.Module, given: dict, expected: dict, to_local, target: nn.Module) -> list:
-    """Copy `given` into `target` when the keys and shapes of `expected` all match; else raise."""
+def _load_matching(target: nn.Module, given: dict, expected: dict, source: str, what: str) -> None:
+    """Copy `given` into `target` when it has every key of `expected` with the same shapes."""
     expected = {k: v for k, v in expected.items() if not k.endswith("num_batches_tracked")}
     missing = sorted(k for k in expected if k not in given)
-    wrong = sorted(k for k in expected if k in given and tuple(given[k].shape) != tuple(expected[k].shape))
+    wrong = sorted(f"{k} (shape {tuple(given[k].shape)} != {tuple(expected[k].shape)})"
+                   for k in expected if k in given and tuple(given[k].shape) != tuple(expected[k].shape))
     if missing or wrong:
-        return missing + [f"{k} (shape {tuple(given[k].shape)} != {tuple(expected[k].shape)})"
-                          for k in wrong]
-    target.load_state_dict({to_local(k): given[k] for k in expected}, strict=False)
-    return []
+        problems = missing + wrong
+        raise UserError(f"{source}: does not match encoder {what}: {len(problems)} missing or "
+                        f"mismatched keys, e.g. {', '.join(problems[:4])}")
+    target.load_state_dict({k: given[k] for k in given if k in target.state_dict()}, strict=False)
 
 
-def build_encoder(name: str, init_path: str | None = None) -> nn.Module:
-    """Encoder `name` ('vgg16', 'resnet50_lslpn', 'cnn_small'), optionally ImageNet-initialised.
+def build_encoder(name: str, init_path: str | None = None, pretrained: bool = False) -> nn.Module:
+    """Encoder `name` (one of ENCODERS) with its initial weights.
 
-    `init_path`: a local torchvision checkpoint file (state dict). Missing file, unreadable file or
-    mismatching keys raise UserError; without it the encoder starts from random init (one warning).
+    `init_path` (a local state dict file) overrides `pretrained` (torchvision's ImageNet weights,
+    models/weights.py). With neither, random initialisation (one warning line).
     """
-    builders = {"vgg16": VGG16Encoder, "resnet50_lslpn": ResNet50LSLPN, "cnn_small": SmallCNN}
+    builders = {"vgg16": VGG16Encoder, "resnet50_lslpn": ResNet50LSLPN,
+                "resnet50_torchvision": ResNet50Torchvision, "cnn_small": SmallCNN}
     if name not in builders:
         raise UserError(f"model.encoder = {name!r}: unknown encoder: use one of {', '.join(ENCODERS)}")
+    if (init_path is not None or pretrained) and name not in IMAGENET_WEIGHTS:
+        which = f"path.init_path = {init_path}" if init_path is not None else "model.pretrained = True"
+        raise UserError(f"{which}: encoder {name} has no ImageNet weights: set path.init_path to null "
+                        "and model.pretrained=False, or use vgg16 / resnet50_lslpn")
     encoder = builders[name]()
-    if init_path is None:
-        log.warning("encoder %s: no init_path given: starting from random initialisation", name)
-        return encoder
-    if name == "cnn_small":
-        raise UserError(f"path.init_path = {init_path}: encoder cnn_small has no ImageNet weights: "
-                        "set init_path to null or use vgg16 / resnet50_lslpn")
-    if not os.path.isfile(init_path):
-        raise UserError(f"path.init_path = {init_path}: file not found: give a local torchvision "
-                        "checkpoint (e.g. vgg16-397923af.pth); nothing is ever downloaded")
-    try:
-        state = torch.load(init_path, map_location="cpu", weights_only=True)
-    except Exception as error:  # noqa: BLE001  (any unreadable file is the user's to fix)
-        raise UserError(f"path.init_path = {init_path}: cannot read it as a torch checkpoint "
-                        f"({type(error).__name__})") from None
-    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict):
-        raise UserError(f"path.init_path = {init_path}: not a state dict")
-    problems = encoder.load_imagenet(state)
-    if problems:
-        raise UserError(f"path.init_path = {init_path}: does not match encoder {name}: "
-                        f"{len(problems)} missing or mismatched keys, e.g. {', '.join(problems[:4])}")
-    log.info("encoder %s: ImageNet weights loaded from %s", name, init_path)
+    if init_path is not None:
+        encoder.load_initial(read_state_file(init_path), f"path.init_path = {init_path}")
+        log.info("encoder %s: initial weights loaded from %s", name, init_path)
+    elif pretrained:
+        encoder.load_initial(imagenet_state(name), f"model.pretrained ({IMAGENET_WEIGHTS[name].url})")
+        log.info("encoder %s: torchvision ImageNet weights loaded", name)
+    else:
+        log.warning("encoder %s: no init_path and pretrained=False: starting from random initialisation", name)
     return encoder

@@ -1,22 +1,65 @@
-"""FewShotSegNet: encoder + location-sensitive local prototype head (+ PANet's alignment loss).
+"""FewShotSegNet: encoder + prototype head (+ an alignment loss), and the model's option check.
 
-With `n_grid=1` it is the PANet baseline (global prototypes); `align=True` adds PANet's prototype
-alignment regularisation (PAR): in training, the query prediction (argmax masks) builds prototypes
-from the query features that segment the support images, with cross-entropy against the support
-masks (pixels in neither the support foreground nor its background are ignored).
+Heads (`head`):
+- 'local': the location-sensitive local prototype head (models/local_prototypes.py). With
+  `align=True` it adds this project's own alignment loss (PANet's idea on the local head: the
+  image-resolution argmax of the query logits builds local prototypes from the query features
+  that segment the support images; not PANet's exact rule).
+- 'panet': PANet's global prototypes exactly (models/panet.py: prototypes from upsampled
+  features, scores at feature resolution then upsampled), with PANet's alignment loss when
+  `align=True`. n_grid must be 1.
+
+`check_model_options(model_cfg)` validates the config.py `model` dict with one-line errors.
 """
 from __future__ import annotations
+
+import numbers
+from typing import Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.encoders import ENCODERS, build_encoder
-from models.local_prototypes import LocalPrototypeHead, Prototypes, check_episode, check_options
+from models.encoders import ENCODERS, build_encoder, load_official_snapshot
+from models.local_prototypes import (EMPTY_CELL_RULES, LocalPrototypeHead, Prototypes, check_episode,
+                                     check_options)
+from models.panet import PANetHead, alignment_loss, upsample
 from util.errors import UserError
 
-_CONFIG_KEYS = ("encoder", "n_grid", "overlap", "vote", "resolution", "min_pixels", "scale", "align")
+HEADS = ("local", "panet")
+# config keys the network is built from; missing keys take the constructor defaults (older snapshots)
+_CONFIG_KEYS = ("encoder", "head", "n_grid", "overlap", "vote", "resolution", "min_pixels", "scale",
+                "empty_cell", "align")
 _IGNORE = 255
+
+
+def check_model_options(model_cfg: Mapping, prefix: str = "model") -> None:
+    """UserError (one line, naming `prefix`.<key>) for an invalid model option of config.py."""
+    cfg = dict(model_cfg)
+    if cfg.get("encoder", "vgg16") not in ENCODERS:
+        raise UserError(f"{prefix}.encoder = {cfg.get('encoder')!r}: unknown encoder: use one of "
+                        f"{', '.join(ENCODERS)}")
+    head = cfg.get("head", "local")
+    if head not in HEADS:
+        raise UserError(f"{prefix}.head = {head!r}: unknown head: use 'local' (LSLPN) or 'panet'")
+    try:
+        check_options(cfg.get("n_grid", 8), cfg.get("overlap", True), cfg.get("vote", "max"),
+                      cfg.get("resolution", "image"), cfg.get("min_pixels", 10), cfg.get("scale", 20.0),
+                      cfg.get("empty_cell", "skip"))
+    except UserError as error:
+        raise UserError(str(error).replace("model.", f"{prefix}.", 1)) from None
+    if head == "panet" and cfg.get("n_grid", 8) != 1:
+        raise UserError(f"{prefix}.n_grid = {cfg.get('n_grid')}: the 'panet' head has global prototypes: "
+                        f"set {prefix}.n_grid=1")
+    for key in ("align", "pretrained"):
+        if not isinstance(cfg.get(key, False), bool):
+            raise UserError(f"{prefix}.{key} = {cfg.get(key)!r}: must be true or false")
+    weight = cfg.get("align_weight", 1.0)
+    if isinstance(weight, bool) or not isinstance(weight, numbers.Real) or weight < 0:
+        raise UserError(f"{prefix}.align_weight = {weight!r}: must be a number >= 0")
+    if cfg.get("pretrained", False) and cfg.get("encoder") == "cnn_small":
+        raise UserError(f"{prefix}.pretrained = True: encoder cnn_small has no ImageNet weights: "
+                        f"set {prefix}.pretrained=False")
 
 
 class FewShotSegNet(nn.Module):
@@ -25,27 +68,53 @@ class FewShotSegNet(nn.Module):
     forward(support_images B x N x K x 1 x H x W, support_fg B x N x K x H x W,
             support_bg B x N x K x H x W, query_images B x Q x 1 x H x W)
         -> (logits B x Q x (1 + N) x H x W, align_loss scalar)
+    `pretrained`/`init_path` choose the encoder's initial weights (models/encoders.py); they are
+    not part of `config` (a snapshot's weights replace them).
     """
 
     def __init__(self, encoder: str = "vgg16", init_path: str | None = None, n_grid: int = 8,
                  overlap: bool = True, vote: str = "max", resolution: str = "image",
-                 min_pixels: float = 10, scale: float = 20.0, align: bool = False):
+                 min_pixels: float = 10, scale: float = 20.0, align: bool = False,
+                 empty_cell: str = "skip", head: str = "local", pretrained: bool = False):
         super().__init__()
-        if encoder not in ENCODERS:
-            raise UserError(f"model.encoder = {encoder!r}: unknown encoder: use one of "
-                            f"{', '.join(ENCODERS)}")
-        check_options(n_grid, overlap, vote, resolution, min_pixels, scale)
-        self.config = {"encoder": encoder, "n_grid": n_grid, "overlap": overlap, "vote": vote,
-                       "resolution": resolution, "min_pixels": min_pixels, "scale": float(scale),
-                       "align": bool(align)}
-        self.encoder = build_encoder(encoder, init_path)
-        self.head = LocalPrototypeHead(n_grid, overlap, vote, resolution, min_pixels, scale)
+        check_model_options({"encoder": encoder, "head": head, "n_grid": n_grid, "overlap": overlap,
+                             "vote": vote, "resolution": resolution, "min_pixels": min_pixels,
+                             "scale": scale, "empty_cell": empty_cell, "align": align,
+                             "pretrained": pretrained})
+        self.config = {"encoder": encoder, "head": head, "n_grid": n_grid, "overlap": overlap,
+                       "vote": vote, "resolution": resolution, "min_pixels": min_pixels,
+                       "scale": float(scale), "empty_cell": empty_cell, "align": bool(align)}
+        self.encoder = build_encoder(encoder, init_path, pretrained)
+        self.head = PANetHead(scale) if head == "panet" else \
+            LocalPrototypeHead(n_grid, overlap, vote, resolution, min_pixels, scale, empty_cell)
         self.align = bool(align)
 
     @classmethod
-    def from_config(cls, model_cfg: dict, init_path: str | None = None) -> "FewShotSegNet":
+    def from_config(cls, model_cfg: Mapping, init_path: str | None = None) -> "FewShotSegNet":
         """Build from config.py's `model` dict (keys it does not use, e.g. align_weight, ignored)."""
-        return cls(init_path=init_path, **{k: model_cfg[k] for k in _CONFIG_KEYS if k in model_cfg})
+        keys = _CONFIG_KEYS + ("pretrained",)
+        return cls(init_path=init_path, **{k: model_cfg[k] for k in keys if k in model_cfg})
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """As nn.Module's, with a one-line error for a snapshot of the other ResNet-50 layout, and
+        official-code snapshots (module./encoder.* keys of resnet50_lslpn) accepted."""
+        keys = {k.removeprefix("module.") for k in state_dict}
+        if self.config["encoder"] == "resnet50_lslpn" and ({"encoder.stem.0.weight", "encoder.fuse.0.weight"} & keys):
+            raise UserError("snapshot: weights of the torchvision-layout ResNet-50 (encoder.stem.*, "
+                            "encoder.fuse.*): build it with model.encoder=resnet50_torchvision")
+        if self.config["encoder"] == "resnet50_torchvision" and "encoder.layer4.0.weight" in keys:
+            raise UserError("snapshot: weights of the official-layout ResNet-50 (encoder.conv1, "
+                            "encoder.layer4.0): build it with model.encoder=resnet50_lslpn")
+        if any(k.startswith("module.") for k in state_dict):
+            state_dict = {k.removeprefix("module."): v for k, v in state_dict.items()}
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    def load_official_snapshot(self, state_dict: dict, source: str) -> None:
+        """Encoder weights of a snapshot saved by the official code (resnet50_lslpn only)."""
+        if self.config["encoder"] != "resnet50_lslpn":
+            raise UserError(f"{source}: an official-code snapshot holds the resnet50_lslpn encoder: "
+                            "set model.encoder=resnet50_lslpn")
+        load_official_snapshot(self.encoder, state_dict, source)
 
     # ---- batched evaluation API -----------------------------------------------------------
     def _encode(self, images: Tensor) -> Tensor:
@@ -91,17 +160,23 @@ class FewShotSegNet(nn.Module):
         query_feats = feats[B * N * K:].unflatten(0, (B, Q))        # B x Q x C x h x w
         check_episode(support_feats, support_fg, support_bg, (H, W))
         prototypes = self.head.compute_prototypes(support_feats, support_fg, support_bg, (H, W))
+        train_align = self.align and self.training
+        if isinstance(self.head, PANetHead):
+            scores = self.head.score_features(prototypes, query_feats)  # B x Q x (1+N) x h x w
+            logits = upsample(scores, (H, W))
+            align_loss = alignment_loss(self.head, scores, query_feats, support_feats, support_fg,
+                                        support_bg) if train_align else logits.new_zeros(())
+            return logits, align_loss
         logits = self.head.score(prototypes, query_feats)           # B x Q x (1+N) x H x W
-        if self.align and self.training:
-            align_loss = self._alignment_loss(logits, query_feats, support_feats, support_fg,
-                                              support_bg)
-        else:
-            align_loss = logits.new_zeros(())
-        return logits, align_loss
+        if train_align:
+            return logits, self._local_alignment_loss(logits, query_feats, support_feats, support_fg,
+                                                      support_bg)
+        return logits, logits.new_zeros(())
 
-    def _alignment_loss(self, logits: Tensor, query_feats: Tensor, support_feats: Tensor,
-                        support_fg: Tensor, support_bg: Tensor) -> Tensor:
-        """PANet PAR: query prediction -> query prototypes -> segment the support images.
+    def _local_alignment_loss(self, logits: Tensor, query_feats: Tensor, support_feats: Tensor,
+                              support_fg: Tensor, support_bg: Tensor) -> Tensor:
+        """This project's alignment loss on the local head: query prediction -> query local
+        prototypes -> segment the support images (not PANet's exact rule; see models/panet.py).
 
         Queries act as the shots of every way; support image (n, k) is scored against the
         background and way-n prototypes only; loss averaged over ways and shots.

@@ -1,25 +1,72 @@
-"""Encoders: shapes, ImageNet checkpoint loading (fabricated files), frozen BatchNorm, gradients."""
+"""Encoders: shapes, the official DeepLab ResNet-50 layout, initial weights (fabricated files,
+torchvision's cache, offline), frozen BatchNorm, gradients. Nothing is downloaded."""
 import logging
+import urllib.error
 
 import pytest
 import torch
 import torchvision
 
-from models.encoders import build_encoder
+from models import weights
+from models.encoders import ResNet50LSLPN, build_encoder
+from models.fewshot import FewShotSegNet
 from util.errors import UserError
 
 
-@pytest.mark.parametrize("name,channels,stride", [("cnn_small", 128, 4), ("vgg16", 512, 8),
-                                                  ("resnet50_lslpn", 256, 8)])
-def test_output_shape(name, channels, stride):
+@pytest.mark.parametrize("name,channels,out_hw", [("cnn_small", 128, (8, 12)), ("vgg16", 512, (4, 6)),
+                                                  ("resnet50_lslpn", 256, (5, 7)),
+                                                  ("resnet50_torchvision", 256, (4, 6))])
+def test_output_shape(name, channels, out_hw):
     torch.manual_seed(0)
     encoder = build_encoder(name).eval()
-    assert (encoder.out_channels, encoder.output_stride) == (channels, stride)
+    assert encoder.out_channels == channels
     with torch.no_grad():
         out = encoder(torch.rand(1, 1, 32, 48))
-    assert out.shape == (1, channels, 32 // stride, 48 // stride)
+    assert out.shape == (1, channels, *out_hw)
     with pytest.raises(UserError, match="B x 1 x H x W"):
         encoder(torch.rand(2, 3, 48, 64))                     # grayscale input only
+
+
+def test_official_resnet_layout():
+    """method.md section 6: 65 x 65 features at 512 (ceil-mode pool, stride on the 1x1 conv),
+    dilation 2 in every layer3 block, official key names, N(0, 0.01) convs, no ImageNet norm."""
+    torch.manual_seed(0)
+    encoder = ResNet50LSLPN()
+    meta = encoder.to("meta").eval()
+    assert meta(torch.empty(1, 1, 512, 512, device="meta")).shape == (1, 256, 65, 65)
+    encoder = ResNet50LSLPN()
+    assert encoder.maxpool.ceil_mode and encoder.layer2[0].conv1.stride == (2, 2)
+    assert encoder.layer2[0].conv2.stride == (1, 1)
+    assert all(b.conv2.dilation == (2, 2) and b.conv2.stride == (1, 1) for b in encoder.layer3)
+    assert all(layer[0].downsample is not None for layer in (encoder.layer1, encoder.layer2, encoder.layer3))
+    assert encoder.layer4[0].dilation == (2, 2) and encoder.layer4[0].bias is not None
+    assert isinstance(encoder.layer4[2], torch.nn.Dropout2d) and encoder.layer4[2].p == 0.5
+    keys = set(encoder.state_dict())
+    assert {"conv1.weight", "bn1.running_var", "layer3.5.conv3.weight", "layer4.0.weight",
+            "layer1.0.downsample.0.weight"} <= keys
+    assert not any(k.startswith(("stem.", "fuse.", "layer4.1", "fc.")) for k in keys)
+    assert abs(encoder.layer3[2].conv2.weight.std().item() - 0.01) < 1e-3
+    assert abs(encoder.layer4[0].weight.std().item() - 0.01) < 1e-3
+    x = torch.rand(1, 1, 8, 8)
+    assert torch.equal(encoder.to_rgb(x), x.expand(-1, 3, -1, -1))  # no ImageNet mean/std
+
+
+def test_official_resnet_batchnorm_affine_frozen_statistics_update():
+    torch.manual_seed(0)
+    encoder = build_encoder("resnet50_lslpn").train()
+    bns = [m for m in encoder.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert all(not p.requires_grad for m in bns for p in m.parameters())
+    before = [m.running_mean.clone() for m in bns]
+    encoder(torch.rand(2, 1, 16, 16)).square().mean().backward()
+    assert all(m.training for m in bns)
+    assert all(not torch.equal(b, m.running_mean) for b, m in zip(before, bns))  # statistics update
+    assert all(m.weight.grad is None for m in bns)
+    assert encoder.layer4[0].weight.grad.abs().sum() > 0
+    encoder.eval()
+    frozen = [m.running_mean.clone() for m in bns]
+    with torch.no_grad():
+        encoder(torch.rand(2, 1, 16, 16))
+    assert all(torch.equal(b, m.running_mean) for b, m in zip(frozen, bns))
 
 
 def test_unknown_encoder_and_random_init_log(caplog):
@@ -29,6 +76,8 @@ def test_unknown_encoder_and_random_init_log(caplog):
         build_encoder("cnn_small")
     lines = [r for r in caplog.records if r.name == "lslpn"]
     assert len(lines) == 1 and "random initialisation" in lines[0].getMessage()
+    with pytest.raises(UserError, match="model.pretrained = True: encoder cnn_small"):
+        build_encoder("cnn_small", pretrained=True)
 
 
 def _vgg_checkpoint(path):
@@ -49,16 +98,44 @@ def test_vgg16_loads_torchvision_checkpoint(tmp_path):
     assert encoder.features[28].dilation == (2, 2)           # conv5 dilated
 
 
-def test_resnet50_loads_torchvision_checkpoint(tmp_path):
-    state = torchvision.models.resnet50(weights=None).state_dict()
+def _randomised(state):
+    return {k: (torch.randn_like(v) if v.is_floating_point() else v) for k, v in state.items()}
+
+
+def test_resnet50_loads_torchvision_imagenet_checkpoint(tmp_path):
+    state = _randomised(torchvision.models.resnet50(weights=None).state_dict())
     torch.save(state, tmp_path / "resnet50.pth")
-    encoder = build_encoder("resnet50_lslpn", str(tmp_path / "resnet50.pth"))
-    assert torch.equal(encoder.stem[0].weight, state["conv1.weight"])
-    assert torch.equal(encoder.layer3[5].bn3.running_var, state["layer3.5.bn3.running_var"])
-    assert encoder.layer3[0].conv2.dilation == (1, 1) and encoder.layer3[1].conv2.dilation == (2, 2)
+    torch.manual_seed(0)
+    official = build_encoder("resnet50_lslpn", str(tmp_path / "resnet50.pth"))
+    assert torch.equal(official.conv1.weight, state["conv1.weight"])
+    assert torch.equal(official.layer3[5].bn3.running_var, state["layer3.5.bn3.running_var"])
+    assert torch.equal(official.layer1[0].downsample[0].weight, state["layer1.0.downsample.0.weight"])
+    assert abs(official.layer4[0].weight.std().item() - 0.01) < 1e-3   # fusion conv not loaded
+    variant = build_encoder("resnet50_torchvision", str(tmp_path / "resnet50.pth"))
+    assert torch.equal(variant.stem[0].weight, state["conv1.weight"])
+    assert variant.layer3[0].conv2.dilation == (1, 1) and variant.layer3[1].conv2.dilation == (2, 2)
 
 
-def test_bad_checkpoints(tmp_path):
+def _official_snapshot(tmp_path, drop=None):
+    """A state dict with the official code's keys: DataParallel's module., the model's encoder."""
+    torch.manual_seed(1)
+    encoder_state = _randomised(ResNet50LSLPN().state_dict())
+    state = {f"module.encoder.{k}": v for k, v in encoder_state.items() if k != drop}
+    torch.save(state, tmp_path / "official.pth")
+    return encoder_state, str(tmp_path / "official.pth")
+
+
+def test_official_snapshot_loads_as_init_path_and_as_model_weights(tmp_path):
+    encoder_state, path = _official_snapshot(tmp_path)
+    encoder = build_encoder("resnet50_lslpn", path)
+    assert torch.equal(encoder.layer4[0].weight, encoder_state["layer4.0.weight"])
+    assert torch.equal(encoder.layer3[1].bn2.running_mean, encoder_state["layer3.1.bn2.running_mean"])
+    model = FewShotSegNet(encoder="resnet50_lslpn", empty_cell="zero")
+    model.load_state_dict(torch.load(path))                  # the whole snapshot, as test.py would
+    assert torch.equal(model.encoder.layer4[0].bias, encoder_state["layer4.0.bias"])
+
+
+def test_bad_snapshots_and_checkpoints(tmp_path):
     with pytest.raises(UserError, match="file not found"):
         build_encoder("vgg16", str(tmp_path / "missing.pth"))
     state = _vgg_checkpoint(tmp_path / "vgg16.pth")
@@ -71,11 +148,63 @@ def test_bad_checkpoints(tmp_path):
     (tmp_path / "junk.pth").write_text("not a checkpoint")
     with pytest.raises(UserError, match="cannot read"):
         build_encoder("vgg16", str(tmp_path / "junk.pth"))
+    _, path = _official_snapshot(tmp_path, drop="layer4.0.weight")   # official snapshot, a key missing
+    with pytest.raises(UserError, match=r"official.pth: does not match .*layer4.0.weight"):
+        build_encoder("resnet50_lslpn", path)
+    torch.manual_seed(0)
+    variant = FewShotSegNet(encoder="resnet50_torchvision")
+    torch.save(variant.state_dict(), tmp_path / "variant.pth")
+    with pytest.raises(UserError, match="torchvision-layout ResNet-50.*model.encoder=resnet50_torchvision"):
+        build_encoder("resnet50_lslpn", str(tmp_path / "variant.pth"))
+    with pytest.raises(UserError, match="torchvision-layout ResNet-50.*model.encoder=resnet50_torchvision"):
+        FewShotSegNet(encoder="resnet50_lslpn").load_state_dict(variant.state_dict())
+    _, official = _official_snapshot(tmp_path)
+    with pytest.raises(UserError, match="official-layout ResNet-50.*model.encoder=resnet50_lslpn"):
+        build_encoder("resnet50_torchvision", official)
+    with pytest.raises(UserError, match="official-layout ResNet-50.*model.encoder=resnet50_lslpn"):
+        variant.load_state_dict(torch.load(official))
 
 
-@pytest.mark.parametrize("name", ["cnn_small", "vgg16", "resnet50_lslpn"])
+class _FakeWeights:
+    """Stands in for a torchvision Weights enum: a URL naming the file, and a download that fails."""
+    def __init__(self, url):
+        self.url = url
+
+    def get_state_dict(self, progress=False, check_hash=True):
+        raise urllib.error.URLError("offline (test)")
+
+
+def test_pretrained_from_torch_hub_cache_and_offline(tmp_path, monkeypatch):
+    import hashlib
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    assert weights.cached_weights_path("vgg16") == str(tmp_path / "torch_home" / "hub" / "checkpoints"
+                                                       / "vgg16-397923af.pth")
+    state = _vgg_checkpoint(tmp_path / "vgg.pth")
+    digest = hashlib.sha256((tmp_path / "vgg.pth").read_bytes()).hexdigest()[:8]
+    name = f"vgg16-{digest}.pth"
+    monkeypatch.setitem(weights.IMAGENET_WEIGHTS, "vgg16", _FakeWeights(f"https://example.invalid/{name}"))
+    # offline, not cached: one line naming the file, its place and path.init_path; no training
+    with pytest.raises(UserError, match=rf"{name} are not in .*torch_home.hub.checkpoints .*path.init_path"):
+        FewShotSegNet(encoder="vgg16", pretrained=True)
+    # cached with the right hash: loaded
+    cache = tmp_path / "torch_home" / "hub" / "checkpoints"
+    cache.mkdir(parents=True)
+    (cache / name).write_bytes((tmp_path / "vgg.pth").read_bytes())
+    model = FewShotSegNet(encoder="vgg16", pretrained=True)
+    assert torch.equal(model.encoder.features[2].weight, state["features.2.weight"])
+    # path.init_path overrides pretrained
+    other = _vgg_checkpoint(tmp_path / "other.pth")
+    model = FewShotSegNet(encoder="vgg16", pretrained=True, init_path=str(tmp_path / "other.pth"))
+    assert torch.equal(model.encoder.features[2].weight, other["features.2.weight"])
+    # a cached file whose hash does not match its name is refused
+    (cache / name).write_bytes(b"corrupt")
+    with pytest.raises(UserError, match="SHA-256 does not match"):
+        FewShotSegNet(encoder="vgg16", pretrained=True)
+
+
+@pytest.mark.parametrize("name", ["cnn_small", "vgg16", "resnet50_torchvision"])
 def test_gradients_reach_trainable_parameters(name):
-    """Every trainable parameter gets a gradient; resnet50_lslpn's BatchNorm stays frozen."""
+    """Every trainable parameter gets a gradient; resnet50_torchvision's BatchNorm stays frozen."""
     torch.manual_seed(0)
     encoder = build_encoder(name).train()
     bns = [m for m in encoder.modules() if isinstance(m, torch.nn.BatchNorm2d)]
@@ -84,7 +213,7 @@ def test_gradients_reach_trainable_parameters(name):
     for pname, p in encoder.named_parameters():
         if p.requires_grad:
             assert p.grad is not None and p.grad.abs().sum() > 0, pname
-    if name == "resnet50_lslpn":
+    if name == "resnet50_torchvision":
         assert bns and all(not m.training for m in bns)      # eval mode even in train()
         assert all(not p.requires_grad and p.grad is None for m in bns for p in m.parameters())
         assert all(torch.equal(b, m.running_mean) for b, m in zip(before, bns))  # stats untouched

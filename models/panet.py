@@ -1,0 +1,109 @@
+"""PANet's global-prototype head and its prototype alignment loss (Wang et al., ICCV 2019), as
+kaixin96/PANet models/fewshot.py computes them (method.md section 6, "PANet"):
+
+- prototypes: masked average pooling of the support features bilinearly upsampled to the mask
+  size, sum(F_up * m) / (sum(m) + 1e-5); a way's prototype is the sum over its shots / K, the
+  background's the sum over ways and shots / (K * ways). Computed without forming F_up: the mask
+  is pulled back through the separable upsampling, sum(F_up * m) = <F, A^T m B>.
+- scores: scale * cosine(query features, prototype) at FEATURE resolution, then the logits are
+  bilinearly upsampled (align_corners=False) to the image.
+- alignment loss (PAR): see `alignment_loss`.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from models.grid import EPS, interpolation_matrix
+from models.local_prototypes import Prototypes
+
+IGNORE = 255
+MEAN_EPS = 1e-5
+
+
+class PANetHead(nn.Module):
+    """Global prototypes (no parameters); the same interface as LocalPrototypeHead."""
+
+    def __init__(self, scale: float = 20.0):
+        super().__init__()
+        self.scale = float(scale)
+
+    def extra_repr(self) -> str:
+        return f"scale={self.scale}"
+
+    def compute_prototypes(self, support_features: Tensor, support_fg: Tensor, support_bg: Tensor,
+                           image_size: tuple[int, int]) -> Prototypes:
+        """support_features B x N x K x C x h x w, masks B x N x K x H x W -> Prototypes
+        (vectors B x (1 + N) x 1 x 1 x C)."""
+        with torch.autocast(support_features.device.type, enabled=False):
+            feats = support_features.float()
+            B, N, K, C, h, w = feats.shape
+            A = interpolation_matrix(image_size[0], h).float().to(feats.device)   # H x h
+            Bm = interpolation_matrix(image_size[1], w).float().to(feats.device)  # W x w
+            masks = torch.stack([support_bg, support_fg], dim=3).float()        # B x N x K x 2 x H x W
+            pulled = A.T @ masks @ Bm                                            # B x N x K x 2 x h x w
+            sums = torch.einsum("bnklxy,bnkcxy->bnklc", pulled, feats)           # B x N x K x 2 x C
+            means = sums / (masks.sum((-2, -1)) + MEAN_EPS).unsqueeze(-1)
+            bg = means[:, :, :, 0].sum((1, 2)) / (N * K)                          # B x C
+            fg = means[:, :, :, 1].sum(2) / K                                    # B x N x C
+            vectors = torch.cat([bg.unsqueeze(1), fg], dim=1)[:, :, None, None]  # B x (1+N) x 1 x 1 x C
+            present = torch.ones(vectors.shape[:-1], dtype=torch.bool, device=vectors.device)
+            return Prototypes(vectors, present, tuple(image_size), (h, w))
+
+    def score_features(self, prototypes: Prototypes, query_features: Tensor) -> Tensor:
+        """Scores B x Q x (1 + N) x h x w at feature resolution (prototype batch 1 broadcasts)."""
+        with torch.autocast(query_features.device.type, enabled=False):
+            query = query_features.float()                                       # B x Q x C x h x w
+            protos = prototypes.vectors[:, :, 0, 0]                              # Bp x L x C
+            return self.scale * F.cosine_similarity(query.unsqueeze(2), protos[:, None, :, :, None, None],
+                                                    dim=3, eps=EPS)
+
+    def score(self, prototypes: Prototypes, query_features: Tensor) -> Tensor:
+        """Logits B x Q x (1 + N) x H x W: feature-resolution scores upsampled bilinearly."""
+        return upsample(self.score_features(prototypes, query_features), prototypes.image_size)
+
+
+def upsample(scores: Tensor, size: tuple[int, int]) -> Tensor:
+    """B x Q x L x h x w -> B x Q x L x H x W, bilinear, align_corners=False."""
+    return F.interpolate(scores.flatten(0, 1), size=size, mode="bilinear",
+                         align_corners=False).unflatten(0, scores.shape[:2])
+
+
+def alignment_loss(head: PANetHead, query_scores: Tensor, query_features: Tensor,
+                   support_features: Tensor, support_fg: Tensor, support_bg: Tensor) -> Tensor:
+    """PANet's PAR, per episode as PANet's alignLoss, averaged over the batch.
+
+    query_scores B x Q x (1 + N) x h x w (FEATURE resolution, before upsampling), query_features
+    B x Q x C x h x w, support_features B x N x K x C x h x w, masks B x N x K x H x W.
+    The query prediction is the argmax of the feature-resolution scores; query prototypes are
+    masked averages of the query features under it (all queries of the episode pooled,
+    / (pixels + 1e-5)); a way whose predicted mask has no pixel is skipped; each support image
+    (n, k) is scored against the background and way-n query prototypes at feature resolution,
+    upsampled to the mask, and cross-entropy taken against its label (1 foreground, 0 background,
+    which wins where both are set, 255 ignored elsewhere); the episode's loss is the sum over
+    ways and shots / (K * N). An image with no labelled pixel adds 0 (PANet would give NaN).
+    """
+    with torch.autocast(query_features.device.type, enabled=False):
+        B, N, K, C, h, w = support_features.shape
+        H, W = support_fg.shape[-2:]
+        L = 1 + N
+        pred = query_scores.argmax(dim=2)                                        # B x Q x h x w
+        onehot = F.one_hot(pred, L).permute(0, 1, 4, 2, 3).float()               # B x Q x L x h x w
+        sums = torch.einsum("bqlxy,bqcxy->blc", onehot, query_features.float())
+        q_protos = sums / (onehot.sum((1, 3, 4)) + MEAN_EPS).unsqueeze(-1)       # B x L x C
+        used = onehot[:, :, 1:].sum((1, 3, 4)) > 0                               # B x N: way not skipped
+        pair = torch.stack([q_protos[:, :1].expand(B, N, C), q_protos[:, 1:]], dim=2)  # B x N x 2 x C
+        supp = support_features.float()                                          # B x N x K x C x h x w
+        scores = head.scale * F.cosine_similarity(supp.unsqueeze(3), pair[:, :, None, :, :, None, None],
+                                                  dim=4, eps=EPS)               # B x N x K x 2 x h x w
+        logits = F.interpolate(scores.flatten(0, 2), size=(H, W), mode="bilinear", align_corners=False)
+        label = torch.full((B, N, K, H, W), IGNORE, dtype=torch.long, device=logits.device)
+        label[support_fg > 0.5] = 1
+        label[support_bg > 0.5] = 0
+        label = label.flatten(0, 2)                                              # BNK x H x W
+        per_pixel = F.cross_entropy(logits, label, ignore_index=IGNORE, reduction="none")
+        counted = (label != IGNORE).flatten(1).sum(1)
+        per_image = per_pixel.flatten(1).sum(1) / counted.clamp_min(1)           # BNK: PANet's mean CE
+        per_image = per_image.view(B, N, K) * used.unsqueeze(-1)
+        return (per_image.sum((1, 2)) / (K * N)).mean()
