@@ -15,7 +15,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from models.local_prototypes import VOTES, LocalPrototypeHead
+from models.local_prototypes import EMPTY_CELL_RULES, VOTES, LocalPrototypeHead
 from util.errors import UserError
 from evaluation.metrics import dice
 from evaluation.protocol import mask_copy, organ_range
@@ -48,7 +48,8 @@ def episodes(draw):
     H, W = h * stride + draw(st.integers(0, stride - 1)), w * stride + draw(st.integers(0, stride - 1))
     options = {"n_grid": draw(st.integers(1, min(h, w))), "overlap": draw(st.booleans()),
                "vote": draw(st.sampled_from(VOTES)), "resolution": draw(st.sampled_from(["image", "feature"])),
-               "min_pixels": draw(st.integers(0, 6)), "scale": draw(st.sampled_from([1.0, 20.0]))}
+               "min_pixels": draw(st.integers(0, 6)), "scale": draw(st.sampled_from([1.0, 20.0])),
+               "empty_cell": draw(st.sampled_from(EMPTY_CELL_RULES))}
     g = torch.Generator().manual_seed(draw(st.integers(0, 2 ** 31 - 1)))
     support = torch.randn(B, N, K, C, h, w, generator=g)
     query = torch.randn(B, Q, C, h, w, generator=g)
