@@ -1,0 +1,113 @@
+"""Measured effect of the fidelity options on the phantom (REPRODUCTION.md's difference table).
+
+    python scripts/compare_options.py --out runs/compare --data data/prepared_phantom
+
+Trains, with train.py, each variant x fold below (an existing snapshot under OUT/<variant>/fold<F>
+is reused, so the script can be resumed), then evaluates every snapshot next to the mask-copy
+baseline with BOTH evaluation presets, 'inclusive' and 'official', on the same snapshots:
+OUT/eval_<preset>/ holds results.json/csv; OUT/compare.md is the table (variants as rows,
+Dice % per organ and mean, one block per preset).
+
+Variants (Sacred overrides on top of the named config `demo`, i.e. cnn_small from random weights,
+128 x 128, 600 steps, all-structures classes):
+  cnn_small skip / cnn_small zero        model.empty_cell skip / zero
+  vgg16 skip / vgg16 zero                vgg16 from random weights (no ImageNet file offline),
+                                         input 64 x 64, 100 steps, lr 1e-3: a short, small check
+"""
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from ablation import find_snapshot  # noqa: E402  (scripts/ablation.py, beside this script)
+from dataloaders.organs import FOLD_ORGANS  # noqa: E402
+from util.atomic import write_text_atomic  # noqa: E402
+from util.cli import run_cli  # noqa: E402
+from util.errors import UserError  # noqa: E402
+
+VGG_SMALL = ["model.encoder=vgg16", "model.pretrained=False", "input_size=64", "n_steps=100", "lr=1e-3",
+             "lr_milestones=[80]", "val_every=50", "save_every=50", "eval.batch_size=16"]
+VARIANTS: dict[str, list[str]] = {
+    "cnn_small, empty_cell skip": ["model.empty_cell=skip"],
+    "cnn_small, empty_cell zero": ["model.empty_cell=zero"],
+    "vgg16 (64 px, 100 steps), empty_cell skip": [*VGG_SMALL, "model.empty_cell=skip"],
+    "vgg16 (64 px, 100 steps), empty_cell zero": [*VGG_SMALL, "model.empty_cell=zero"],
+}
+PRESETS = ("inclusive", "official")
+
+
+def _slug(name: str) -> str:
+    return "".join(ch if ch.isalnum() else "_" for ch in name).strip("_")
+
+
+def train(variant: str, fold: int, data: str, out: Path, python: str) -> Path:
+    log_dir = out / _slug(variant) / f"fold{fold}"
+    snapshot = find_snapshot(log_dir)
+    if snapshot is not None:
+        print(f"[{variant}, fold {fold}] reusing {snapshot}", flush=True)
+        return snapshot
+    command = [python, str(ROOT / "train.py"), "with", "demo", *VARIANTS[variant], f"fold={fold}",
+               f"path.data_dir={data}", f"path.log_dir={log_dir}"]
+    print(f"[{variant}, fold {fold}] " + " ".join(command), flush=True)
+    if subprocess.run(command, cwd=ROOT).returncode != 0:
+        raise UserError(f"training {variant} on fold {fold} failed (see above)")
+    snapshot = find_snapshot(log_dir)
+    if snapshot is None:
+        raise UserError(f"train.py wrote no snapshot under {log_dir}")
+    return snapshot
+
+
+def table(results: dict, preset: str) -> str:
+    columns = ["liver", "spleen", "kidney", "psoas", "mean"]
+    lines = [f"Preset '{preset}', Dice (%) over the organ slice range.", "",
+             "| Variant | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for method, row in results["table"]["range"].items():
+        lines.append(f"| {method} | " + " | ".join("–" if row[c] is None else f"{row[c]:.1f}" for c in columns) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--folds", type=int, nargs="+", default=[0, 2])
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--data", default="data/prepared_phantom", help="prepared phantom folder")
+    parser.add_argument("--out", type=Path, default=Path("runs/compare"))
+    parser.add_argument("--train-only", action="store_true")
+    parser.add_argument("--python", default=sys.executable)
+    args = parser.parse_args(argv)
+    snapshots: dict[str, dict[str, str]] = {}
+    for variant in args.variants:
+        for fold in args.folds:
+            snapshot = train(variant, fold, args.data, args.out.resolve(), args.python)
+            for organ in FOLD_ORGANS[fold]:
+                snapshots.setdefault(variant, {})[organ] = str(snapshot)
+    if args.train_only:
+        return 0
+    from evaluation.evaluate import evaluate
+    organs = [organ for fold in args.folds for organ in FOLD_ORGANS[fold]]
+    blocks = [f"Command: python scripts/compare_options.py {' '.join(argv)}", ""]
+    for preset in PRESETS:
+        results = {}
+        for variant, by_organ in {"mask copy": None, **snapshots}.items():
+            # each variant at its own input size (vgg16 variants train at 64 px)
+            size = 64 if variant.startswith("vgg16") else 128
+            results[variant] = evaluate({variant: by_organ}, organs, args.data, preset=preset,
+                                        out_dir=args.out / f"eval_{preset}" / _slug(variant), split="gold",
+                                        support="default", input_size=size, device="cpu", batch_size=32,
+                                        save_predictions=False, config={"argv": argv})
+        merged = {"table": {"range": {m: r["table"]["range"][m] for m, r in results.items()}}}
+        blocks.append(table(merged, preset))
+    text = "\n".join(blocks)
+    write_text_atomic(text, args.out / "compare.md")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)
