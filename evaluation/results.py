@@ -92,8 +92,10 @@ def markdown_table(summary: dict, preset: ProtocolPreset, metric: str = "range",
     rows = table_rows(summary, metric)
     columns = list(TABLE_COLUMNS) + ["mean"]
     what = "organ slice range" if metric == "range" else "whole volume (stricter)"
+    rule = ("official eval.py rule: range from z 0..Z-2 cropped to [first, last), floor(i*L/n) chunks, "
+            "Dice smoothed 0.001" if preset.rule == "official" else "inclusive range, centre slices")
     lines = [f"Dice (%) over the {what}; protocol preset '{preset.name}' ({preset.n_chunks} chunks, "
-             f"slices with > {preset.threshold} voxels, {preset.aggregate} over query volumes)"
+             f"slices with > {preset.threshold} voxels, {rule}, {preset.aggregate} over query volumes)"
              + (f"; fold {fold}" if fold is not None else "") + ".", "",
              "| Method | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
     for method, row in rows.items():
