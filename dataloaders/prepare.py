@@ -41,6 +41,7 @@ class Selection:
     max_per_volume: int = 5
     many: int = 20
     keep_all: bool = False
+    skip_last: bool = False   # True: the official notebook, axial slices 0 .. Z-2 only (the last never considered)
 
     def check(self) -> None:
         """Raise a one-line UserError for an out-of-range rule (the official one is 150 / 5 / 20)."""
@@ -113,6 +114,8 @@ def list_sources(source_dir: str | Path, layout: str = "visceral", label_map: st
 def select_slices(label: np.ndarray, index: int, rng: np.random.Generator, rule: Selection) -> np.ndarray:
     """Sorted z of the training slices of class `index` in one label volume X x Y x Z."""
     counts = (label == index).sum(axis=(0, 1))                                             # Z
+    if rule.skip_last:                                  # the official notebook's range(Z - 1)
+        counts = counts[:-1]
     qualifying = np.flatnonzero(counts > rule.min_voxels)
     if rule.keep_all or qualifying.size <= rule.many:
         return qualifying
@@ -240,7 +243,7 @@ def prepare_dataset(source_dir: str | Path, out: str | Path, layout: str = "visc
                            "label_map": str(Path(label_map).resolve()) if label_map else None},
                 "prep_size": size, "intensity": intensity,
                 "selection": {"min_voxels": rule.min_voxels, "max_per_volume": rule.max_per_volume,
-                              "many": rule.many, "keep_all": rule.keep_all},
+                              "many": rule.many, "keep_all": rule.keep_all, "skip_last": rule.skip_last},
                 "seed": seed, "splits": {"train": train, "val": val, "gold": [c.pid for c in gold]},
                 "classes": {label: INDEX_TO_NAME[int(label)] for label in index},
                 "volumes": {s["pid"]: {k: v for k, v in s.items() if k != "pid"} for s in summaries}}
