@@ -88,9 +88,11 @@ def read_label_map(source, what: str = "--label-map") -> dict[int, str]:
         raise UserError(f"{what} {path}: label map not found: check the path") from None
     except IsADirectoryError:
         raise UserError(f"{what} {path}: is a folder: give the JSON label map file") from None
-    except (OSError, ValueError) as error:
+    except ValueError as error:
         reason = " ".join(f"{type(error).__name__}: {error}".split())[:80]
-        raise UserError(f"{what} {path}: cannot read it as JSON ({reason}): fix the label map file") from None
+        raise UserError(f"{what} {path}: not valid JSON ({reason}): fix the label map file") from None
+    except OSError as error:
+        raise UserError(f"{what} {path}: cannot read it ({error.strerror}): check the path and permissions") from None
     return parse_label_map(content, f"{what} {path}")
 
 

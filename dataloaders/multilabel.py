@@ -11,11 +11,11 @@ Folder layout of a split (e.g. ROOT/train, ROOT/test):
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
+from dataloaders.label_map import read_label_map  # noqa: F401  (the one label-map parser; prepare.py imports it here)
 from dataloaders.nifti import check_same_grid, load_nifti
 from dataloaders.organs import NAME_TO_INDEX, canonical_name
 from dataloaders.visceral import LabeledVolume, as_int16_hu, strip_nifti_suffix
@@ -25,30 +25,6 @@ IMAGE_NAMES = ("ct", "image", "img")
 LABEL_NAMES = ("labels", "label", "seg", "segmentation")
 SPLIT_NAMES = {"silver": ("SilverCorpus", "train", "Tr", "training"),
                "gold": ("GoldCorpus", "test", "Ts", "testing")}
-
-
-def read_label_map(path: str | Path) -> dict[int, str]:
-    """Label value -> name from a JSON map file (either direction, optionally under "labels")."""
-    path = Path(path)
-    try:
-        content = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise UserError(f"{path}: label map not found: pass --label-map with a JSON name -> value map") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise UserError(f"{path}: not valid JSON ({error}): fix the label map file") from None
-    if isinstance(content, dict) and isinstance(content.get("labels"), dict):
-        content = content["labels"]
-    if not isinstance(content, dict) or not content:
-        raise UserError(f"{path}: label map must be a non-empty JSON object name -> value: fix the file")
-    if all(str(key).strip().isdigit() for key in content):
-        pairs = {int(key): str(name) for key, name in content.items()}
-    elif all(isinstance(value, int) and not isinstance(value, bool) for value in content.values()):
-        pairs = {int(value): str(name) for name, value in content.items()}
-    else:
-        raise UserError(f"{path}: label map mixes names and values: write it as {{\"liver\": 5, ...}}")
-    if any(value <= 0 for value in pairs):
-        raise UserError(f"{path}: label values must be positive integers (0 is background): fix the map")
-    return pairs
 
 
 def vocabulary_lookup(label_map: dict[int, str]) -> dict[int, int]:

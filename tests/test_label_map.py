@@ -44,7 +44,7 @@ def test_malformed_maps_are_one_line_errors(tmp_path, content, words):
 
 def test_unreadable_map_files(tmp_path):
     (tmp_path / "bad.json").write_text("{liver: 5")
-    with pytest.raises(UserError, match="cannot read it as JSON"):
+    with pytest.raises(UserError, match="bad.json: not valid JSON"):
         read_label_map(tmp_path / "bad.json")
     with pytest.raises(UserError, match="not found"):
         read_label_map(tmp_path / "absent.json")

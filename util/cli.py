@@ -1,6 +1,9 @@
 """Command-line runner of the argparse entry points (scripts/): one-line errors, `--debug` tracebacks.
 
 Sacred entry points (train.py, test.py) use `config.run_sacred` instead, which keeps Sacred out of the library.
+Both turn an OSError raised while writing an output (disk full, quota, read-only file system,
+permission; `util.paths.output_error_message`) into the same one-line error; the atomic writers have
+already removed their partial file. `warn` prints a one-line `warning: ...` (library code may call it).
 """
 from __future__ import annotations
 
@@ -8,12 +11,18 @@ import sys
 from typing import Callable
 
 from util.errors import UserError
+from util.paths import output_error_message
 
 
 def exit_with_message(message: str, code: int = 2) -> None:
     """Print `error: <message>` as one line on stderr and exit with `code`."""
     print(f"error: {' '.join(str(message).split())}", file=sys.stderr)
     sys.exit(code)
+
+
+def warn(message: str) -> None:
+    """Print `warning: <message>` as one line on stderr (the run goes on)."""
+    print(f"warning: {' '.join(str(message).split())}", file=sys.stderr, flush=True)
 
 
 def run_cli(main: Callable[[list[str]], int | None], argv: list[str] | None = None) -> None:
@@ -31,6 +40,11 @@ def run_cli(main: Callable[[list[str]], int | None], argv: list[str] | None = No
         if debug:
             raise
         exit_with_message(str(error))
+    except OSError as error:
+        message = output_error_message(error)
+        if debug or message is None:
+            raise
+        exit_with_message(message)
     except KeyboardInterrupt:
         exit_with_message("interrupted by the user", 130)
     sys.exit(code or 0)

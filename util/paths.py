@@ -156,10 +156,12 @@ def check_writable_folder(folder: str | Path, what: str) -> Path:
 
 
 def output_error_message(error: OSError, path: str | Path | None = None) -> str | None:
-    """One-line text for an OSError raised while writing an output; None when it is not a write failure."""
+    """One-line text for an OSError of a full disk or a denied access; None for any other OSError."""
     reason = WRITE_ERRNOS.get(error.errno)
     if reason is None:
         return None
     where = path or error.filename or "the output"
-    return (f"{where}: writing failed ({reason}): free space or choose a writable location, then run again; "
-            "no partial output was kept")
+    if error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return (f"{where}: writing failed ({reason}): free space or choose another location, then run again; "
+                "no partial output was kept")
+    return f"{where}: {reason}: check its permissions or choose a writable location"
