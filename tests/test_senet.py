@@ -1,4 +1,4 @@
-"""SENet (models/senet.py, models/senet_training.py) against references written from
+"""SENet (models/senet.py, training/senet_schedule.py) against references written from
 /work/shared/reference/senet.md sections 1-2."""
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from models.senet import N_POINTS, SENet, dice_loss, senet_loss
-from models.senet_training import build_senet_optimizer, build_senet_scheduler, epoch_of_step
+from training.senet_schedule import build_senet_optimizer, build_senet_scheduler, epoch_of_step
 from util.errors import UserError
 
 RELEASED_USED_PARAMETERS = 971_212     # senet.md section 1: used in the forward pass of the fold1 model
