@@ -28,8 +28,8 @@ def default_config():
     name = None                 # run folder name under path.log_dir (None: <method>_<class_setting>_fold<F>)
     seed = 1234                 # controls episodes, augmentation, initialisation, evaluation
     device = "auto"             # 'auto' (CUDA when present), 'cpu' or 'cuda'
-    amp = False                 # mixed precision on CUDA (bf16 where supported, else fp16)
-    channels_last = False       # CUDA memory format option
+    amp = False                 # mixed precision: True (CUDA: bf16 where supported, else fp16; CPU: off), 'bf16', 'fp16'
+    channels_last = False       # channels_last memory format for the model (CUDA and CPU)
     num_workers = 0             # data loader workers (0: in-process)
 
     # Folds (method.md section 4): the test organ(s) of each fold; never sampled in its training.

@@ -179,7 +179,12 @@ def head_scaling(sizes: list[int], grids: list[int], modes: list[str], device: t
 
 # ------------------------------------------------------------------------------ configs, data
 def resolve_config(named: str, updates: dict) -> dict:
-    """The resolved Sacred config of config.py for a named config plus updates (nothing is run)."""
+    """The resolved Sacred config of config.py for a named config plus updates (nothing is run).
+
+    Random-weight encoders (model.pretrained=False): speed does not depend on the weights, and a GPU
+    machine without network has no ImageNet weights to load.
+    """
+    updates = {**updates, "model": {**updates.get("model", {}), "pretrained": False}}
     from sacred.initialize import create_run
 
     from config import ex
@@ -239,18 +244,19 @@ def training_throughput(named: str, device: torch.device, amp: bool, n_steps: in
     """Median over `runs` short runs of training.loop.train of its seconds per step (the loop's own
     timer: the mean over steps 2..n_steps, each ended by loss.item(), data loading included)."""
     from training.loop import train
-    per_run = []
+    per_run, waits = [], []
     with tempfile.TemporaryDirectory(prefix="lslpn-bench-") as workdir:
         config = _training_config(named, workdir, device.type, amp, n_steps, input_size)
         for _ in range(runs):
             with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
                 summary = train(config)
             per_run.append(float(summary["sec_per_step"]))
+            waits.append(float(summary["data_wait_fraction"]))
     sec = statistics.median(per_run)
     return {"config": named, "input_size": config["input_size"], "batch_size": config["batch_size"],
             "encoder": config["model"]["encoder"], "resolution": config["model"]["resolution"],
             "amp": amp, "n_steps": n_steps, "runs": per_run, "sec_per_step": sec,
-            "episodes_per_s": config["batch_size"] / sec}
+            "episodes_per_s": config["batch_size"] / sec, "data_wait_fraction": statistics.median(waits)}
 
 
 # --------------------------------------------------------------------------------- figure 6

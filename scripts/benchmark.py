@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import functools
+import json
 import os
 import re
 import shlex
@@ -81,6 +82,9 @@ def render_section(name: str, results: dict, machine: dict, command: str, plan) 
         for key, label in (("train_step", "training forward+backward"), ("inference_batch", "inference batch")):
             lines.append(f"| {label} GPU-bound (dispatch fraction well below 1) | {d[key]:.2f} | "
                          f"{verdict(d[key] < 0.5)} |")
+        wait = max(row["data_wait_fraction"] for row in results["training"])
+        lines.append(f"| data loading keeps up: waiting for data < 10% of a training step (worst AMP mode) | "
+                     f"{100 * wait:.1f}% | {verdict(wait < 0.10)} |")
     lines += ["", f"### 1. Head forward per episode ({h['size']} x {h['size']} input, {h['channels']}-channel "
               f"{h['feature_size']} x {h['feature_size']} features, n_grid {h['n_grid']}, overlapping, max vote, k=1)",
               "", "| implementation | median ms | spread ms | runs | speed-up vs reference |", "|---|---|---|---|---|",
@@ -120,12 +124,13 @@ def render_section(name: str, results: dict, machine: dict, command: str, plan) 
         lines.append(f"| {row['mode']} | {row['size']} | {row['n_grid']} | {row['cells']} | {ms(row['time'].median)} "
                      f"| {row['ns_per_pixel']:.0f} |")
     lines += ["", "### 4. Training throughput (`training.loop.train`, synthetic prepared data)", "",
-              "| config | encoder | input | episodes / step | AMP | s / step | episodes / s | runs (s / step) |",
-              "|---|---|---|---|---|---|---|---|"]
+              "| config | encoder | input | episodes / step | AMP | s / step | episodes / s | data wait | runs (s / step) |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for row in results["training"]:
         lines.append(f"| {row['config']} | {row['encoder']} ({row['resolution']}) | {row['input_size']} | "
                      f"{row['batch_size']} | {'on' if row['amp'] else 'off'} | {row['sec_per_step']:.3f} | "
-                     f"{row['episodes_per_s']:.2f} | {', '.join(f'{v:.3f}' for v in row['runs'])} |")
+                     f"{row['episodes_per_s']:.2f} | {100 * row['data_wait_fraction']:.1f}% | "
+                     f"{', '.join(f'{v:.3f}' for v in row['runs'])} |")
     lines += ["", "Each run is a fresh `train()` of a few steps (no validation, no checkpoints); s / step is the "
               "loop's own timer (mean of steps 2..n, each ended by `loss.item()`, data loading included); the "
               "table gives the median over runs.", "",
@@ -171,6 +176,17 @@ def merge(existing: str | None, name: str, text: str) -> str:
     return TITLE + "\n" + INTRO + "\n" + block("cpu", sections["cpu"]) + "\n" + block("gpu", sections["gpu"])
 
 
+def plain(value):
+    """Measurement results as JSON types: a Timing becomes {median_s, runs_s, warmup}."""
+    if isinstance(value, timing.Timing):
+        return {"median_s": value.median, "runs_s": list(value.runs), "warmup": value.warmup}
+    if isinstance(value, dict):
+        return {str(key): plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(item) for item in value]
+    return value if value is None or isinstance(value, (bool, int, float, str)) else str(value)
+
+
 def write_atomic(path: str, text: str) -> None:
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
@@ -187,6 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu", help="cpu (writes the CPU section) or cuda (the GPU section)")
     parser.add_argument("--size", type=int, default=None, help="input size (default 512, 256 with --quick)")
     parser.add_argument("--out", required=True, help="markdown report to write, e.g. BENCHMARKS.md")
+    parser.add_argument("--json", default=None, help="also write the raw figures (seconds) as JSON here")
     args = parser.parse_args(argv)
     device = timing.resolve_bench_device(args.device)
     plan = bench.make_plan(args.quick, args.size)
@@ -211,6 +228,9 @@ def main(argv: list[str] | None = None) -> int:
     text = render_section(device.type if device.type == "cpu" else "gpu", results, machine, command, plan)
     existing = open(args.out).read() if os.path.isfile(args.out) else None
     write_atomic(args.out, merge(existing, "cpu" if device.type == "cpu" else "gpu", text))
+    if args.json:
+        write_atomic(args.json, json.dumps({"device": device.type, "size": plan.size, "quick": plan.quick,
+                                            "machine": machine, **plain(results)}, indent=1) + "\n")
     h = results["head"]
     print(f"wrote {args.out}: 'image' {h['speedup_image']:.1f}x, 'feature' {h['speedup_feature']:.1f}x faster than "
           f"the literal reference; checks image {'PASS' if h['image_ok'] else 'FAIL'}, "

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -45,3 +46,13 @@ def tiny_prepared(tiny_phantom, tmp_path_factory) -> Path:
     prepare_dataset(tiny_phantom, prep, size=TINY_PREP["size"], n_val=TINY_PREP["n_val"], seed=TINY_PREP["seed"],
                     rule=Selection(min_voxels=TINY_PREP["min_voxels"]), workers=1)
     return prep
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `cuda` skip without a CUDA GPU (scripts/gpu_check.sh runs them with `pytest -m cuda`)."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (marker cuda)")
+    for item in items:
+        if item.get_closest_marker("cuda") is not None:
+            item.add_marker(skip)

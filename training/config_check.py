@@ -149,7 +149,10 @@ def check_config(config: Mapping, command: str = "train") -> None:
     check_label_sets(config.get("label_sets"))
     _choice("class_setting", config.get("class_setting"), CLASS_SETTINGS)
     _choice("device", config.get("device"), DEVICES)
-    _flag("amp", config.get("amp", False))
+    amp = config.get("amp", False)
+    if not (isinstance(amp, bool) or amp in ("bf16", "fp16")):
+        raise UserError(f"config amp={amp!r} is unknown: use False, True (bf16 on GPUs that support it, else "
+                        "fp16; off on CPU), 'bf16' or 'fp16' (these two on CPU too)")
     _flag("channels_last", config.get("channels_last", False))
     _number(config, "num_workers", config.get("num_workers", 0), low=0, integer=True)
     _number(config, "input_size", config.get("input_size"), low=16, integer=True)

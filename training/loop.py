@@ -128,12 +128,12 @@ def _train(cfg: dict, run, ctx: Distributed, device: torch.device) -> dict:
     chash = config_hash(cfg)
     if run is not None:
         run.info.update({"config_hash": chash, "git_commit": git_commit(), "world_size": ctx.world_size,
-                         "device": str(device)})
+                         "device": str(device), "distributed_backend": ctx.backend})
 
     # Model, optimiser, schedule. Same seed on every rank: identical initial weights.
     seed_everything(cfg["seed"])
     model = FewShotSegNet.from_config(cfg["model"], cfg["path"]["init_path"]).to(device)
-    if cfg["channels_last"] and device.type == "cuda":
+    if cfg["channels_last"]:  # CPU too (tests/test_gpu_proxies.py checks it there)
         model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=cfg["lr"],
                                 momentum=cfg["momentum"], weight_decay=cfg["weight_decay"])
@@ -184,12 +184,15 @@ def _train(cfg: dict, run, ctx: Distributed, device: torch.device) -> dict:
     n_steps, align_weight = cfg["n_steps"], float(cfg["model"].get("align_weight", 1.0))
     align = bool(cfg["model"].get("align", False))
     bar = tqdm(total=n_steps, initial=start_step, disable=not ctx.is_main, dynamic_ncols=True, desc="train")
-    step_times, window_loss, window_n = [], 0.0, 0
+    step_times, data_waits, window_loss, window_n = [], [], 0.0, 0   # seconds per step, waiting for data
     if start_step >= n_steps:
         _say(ctx, f"nothing to do: the run already has {start_step} >= n_steps={n_steps} steps")
     model.train()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     tic = time.perf_counter()
     for step, batch in zip(range(start_step, n_steps), loader):
+        data_waits.append(time.perf_counter() - tic)  # the loader's next(): the device idles meanwhile
         batch = {key: value.to(device, non_blocking=True) for key, value in batch.items()}
         query_images = batch["query_images"]                                  # B x Q x 1 x H x W
         with autocast(device, cfg["amp"]):
@@ -227,8 +230,9 @@ def _train(cfg: dict, run, ctx: Distributed, device: torch.device) -> dict:
             run.log_scalar("lr", lr, done)
         if done % cfg["print_every"] == 0 or done == n_steps:
             recent = step_times[-window_n:]
+            waited = sum(data_waits[-window_n:]) / max(sum(recent), 1e-12)
             bar.write(f"step {done}/{n_steps}  loss {window_loss / window_n:.4f}  lr {lr:.2e}  "
-                      f"{sum(recent) / len(recent):.3f} s/step")
+                      f"{sum(recent) / len(recent):.3f} s/step  data wait {100 * waited:.0f}%")
             window_loss, window_n = 0.0, 0
 
         if (cfg["val_every"] and (done % cfg["val_every"] == 0 or done == n_steps)) \
@@ -250,14 +254,21 @@ def _train(cfg: dict, run, ctx: Distributed, device: torch.device) -> dict:
 
     timed = step_times[1:] or step_times  # the first step includes warm-up
     sec_per_step = sum(timed) / len(timed) if timed else None
+    # Data-wait fraction: time in the loader's next() / step time (steps 2..n); above ~10% on a GPU the
+    # loader starves it (raise num_workers). Peak CUDA memory since the loop started.
+    waits = data_waits[1:] if len(step_times) > 1 else data_waits
     digest = weights_digest(model)
     print(f"rank {ctx.rank}: final weights sha256 {digest}", flush=True)
     summary = {"steps": max(start_step, n_steps), "best_dice": best_dice, "run_dir": run_dir,
                "sec_per_step": sec_per_step, "weights_sha256": digest,
-               "episodes_per_s": cfg["batch_size"] / sec_per_step if sec_per_step else None}
+               "episodes_per_s": cfg["batch_size"] / sec_per_step if sec_per_step else None,
+               "data_wait_fraction": min(1.0, sum(waits) / sum(timed)) if timed and sum(timed) > 0 else None,
+               "cuda_peak_mb": torch.cuda.max_memory_allocated(device) / 2 ** 20 if device.type == "cuda" else None}
     if ctx.is_main and sec_per_step is not None:
         print(f"done: {len(step_times)} steps, {sec_per_step:.3f} s/step "
-              f"({summary['episodes_per_s']:.2f} episodes/s) on {device}; run folder {run_dir}")
+              f"({summary['episodes_per_s']:.2f} episodes/s, data wait {100 * (summary['data_wait_fraction'] or 0):.0f}%"
+              + (f", peak CUDA {summary['cuda_peak_mb']:.0f} MB" if summary["cuda_peak_mb"] is not None else "")
+              + f") on {device}; run folder {run_dir}")
     if run is not None:
         run.info.update({k: v for k, v in summary.items() if k != "run_dir"})
     return summary

@@ -1,11 +1,13 @@
 """Devices, mixed precision, seeding, RNG state and torch.distributed set-up.
 
 - `resolve_device('auto' | 'cpu' | 'cuda')`: 'auto' picks CUDA when present.
-- `autocast(device, amp)`: bf16 autocast where the GPU supports it, else fp16 (with a GradScaler,
-  `make_grad_scaler`); a no-op on CPU or with amp off.
+- `autocast(device, amp)`: the `amp` setting (AMP_MODES): False = full precision; True = bf16 where
+  the GPU supports it, else fp16, and off on CPU; 'bf16' / 'fp16' = that dtype on any device, CPU too
+  (the CPU runs the same code path as CUDA AMP). fp16 gets a GradScaler (`make_grad_scaler`).
 - `seed_everything`, `get_rng_state` / `set_rng_state`: Python, numpy and torch (CPU and CUDA)
   generators, so a resumed run continues the same random streams (dropout, ...).
-- `Distributed`: RANK / WORLD_SIZE / LOCAL_RANK from torchrun; gloo on CPU, nccl on CUDA.
+- `Distributed`: RANK / WORLD_SIZE / LOCAL_RANK from torchrun; gloo on CPU, nccl on CUDA. Under
+  torchrun the process group starts even for one process (so one GPU exercises nccl and DDP).
 """
 from __future__ import annotations
 
@@ -32,14 +34,29 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     return torch.device("cuda", local_rank % torch.cuda.device_count())
 
 
-def amp_dtype(device: torch.device, amp: bool) -> torch.dtype | None:
-    """The autocast dtype: None (full precision) on CPU or when amp is off; bf16 where supported."""
-    if not amp or device.type != "cuda":
-        return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+AMP_MODES = (False, True, "bf16", "fp16")
 
 
-def autocast(device: torch.device, amp: bool):
+def amp_dtype(device: torch.device, amp: bool | str) -> torch.dtype | None:
+    """The autocast dtype of the `amp` setting on `device`; None means full precision.
+
+    False: None. True: bf16 on a CUDA GPU that supports it, else fp16; None on CPU. 'bf16' / 'fp16':
+    that dtype on any device (CPU autocast too).
+    """
+    if amp is True:
+        if device.type != "cuda":
+            return None
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if amp == "bf16":
+        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            raise UserError("amp='bf16': this GPU does not support bf16: use amp='fp16' or amp=True")
+        return torch.bfloat16
+    if amp == "fp16":
+        return torch.float16
+    return None
+
+
+def autocast(device: torch.device, amp: bool | str):
     """Autocast context for the forward pass (a null context when AMP does not apply)."""
     dtype = amp_dtype(device, amp)
     if dtype is None:
@@ -47,10 +64,10 @@ def autocast(device: torch.device, amp: bool):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def make_grad_scaler(device: torch.device, amp: bool) -> torch.amp.GradScaler | None:
-    """A GradScaler for fp16 autocast only (bf16 and fp32 need none)."""
+def make_grad_scaler(device: torch.device, amp: bool | str) -> torch.amp.GradScaler | None:
+    """A GradScaler for fp16 autocast only (bf16 and fp32 need none); on CPU the CPU scaler."""
     if amp_dtype(device, amp) == torch.float16:
-        return torch.amp.GradScaler("cuda")
+        return torch.amp.GradScaler(device.type)
     return None
 
 
@@ -85,10 +102,16 @@ class Distributed:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    launched: bool = False      # started by torchrun (WORLD_SIZE set): a process group even for 1 rank
 
     @property
     def enabled(self) -> bool:
-        return self.world_size > 1
+        return self.world_size > 1 or self.launched
+
+    @property
+    def backend(self) -> str | None:
+        """'nccl' or 'gloo' once the process group is up, else None."""
+        return dist.get_backend() if self.enabled and dist.is_initialized() else None
 
     @property
     def is_main(self) -> bool:
@@ -126,13 +149,14 @@ def distributed_from_env() -> Distributed:
     try:
         return Distributed(rank=int(os.environ.get("RANK", 0)),
                            world_size=int(os.environ.get("WORLD_SIZE", 1)),
-                           local_rank=int(os.environ.get("LOCAL_RANK", 0)))
+                           local_rank=int(os.environ.get("LOCAL_RANK", 0)),
+                           launched="WORLD_SIZE" in os.environ)
     except ValueError as error:
         raise UserError(f"torchrun environment (RANK/WORLD_SIZE/LOCAL_RANK) is malformed: {error}")
 
 
 def init_distributed(ctx: Distributed, device: torch.device) -> None:
-    """Join the process group: nccl for CUDA, gloo for CPU (no-op for one process)."""
+    """Join the process group: nccl for CUDA, gloo for CPU (no-op outside torchrun)."""
     if not ctx.enabled or dist.is_initialized():
         return
     if device.type == "cuda":

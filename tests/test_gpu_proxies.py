@@ -1,0 +1,147 @@
+"""CPU proxies of the CUDA code paths, and the same tests on CUDA (marker `cuda`, skipped without a GPU).
+
+The training loop's GPU options run on CPU through the same code (util/device.py, training/loop.py):
+bf16 and fp16 autocast (`amp='bf16'|'fp16'`), the fp16 GradScaler (torch.amp.GradScaler('cpu') on CPU),
+channels_last, and torchrun with ONE process entering the distributed path (gloo on CPU, nccl on CUDA).
+What only CUDA can break is listed in scripts/gpu_check.sh's header; `pytest -m cuda` runs the cuda
+variants there.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from test_episodes import make_train_prep
+from models.checkpoint import load_checkpoint
+from training.config_check import check_config
+from training.loop import train
+from util.device import amp_dtype, autocast, make_grad_scaler
+from util.errors import UserError
+
+ROOT = Path(__file__).resolve().parents[1]
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
+
+
+def resolve(**updates) -> dict:
+    """The resolved `tiny` config of config.py plus updates (nothing is run)."""
+    from sacred.initialize import create_run
+
+    from config import ex
+    return dict(create_run(ex, "print_config", config_updates=updates, named_configs=["tiny"]).config)
+
+
+@pytest.fixture(scope="module")
+def prep(tmp_path_factory):
+    return make_train_prep(tmp_path_factory.mktemp("gpu_proxies"))
+
+
+class ConvRecorder:
+    """Global forward hook: every Conv2d called, in call order, its output dtype and its weight's memory
+    format as (channels_last-contiguous, plain-contiguous) pairs (a 1x1 kernel is both)."""
+
+    def __init__(self):
+        self.modules, self.out_dtypes, self.formats = [], set(), set()
+
+    def __enter__(self):
+        def hook(module, inputs, output):
+            if isinstance(module, torch.nn.Conv2d):
+                if module not in self.modules:
+                    self.modules.append(module)
+                self.out_dtypes.add(output.dtype)
+                self.formats.add((module.weight.is_contiguous(memory_format=torch.channels_last),
+                                  module.weight.is_contiguous()))
+        self.handle = torch.nn.modules.module.register_module_forward_hook(hook)
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+
+
+def train_tiny(prep, device, tmp_path, **updates) -> tuple[dict, ConvRecorder]:
+    config = resolve(device=device, n_steps=2, val_every=0, save_every=2, print_every=2,
+                     path={"data_dir": str(prep), "log_dir": str(tmp_path)}, **updates)
+    check_config(config, "train")
+    with ConvRecorder() as recorder:
+        summary = train(config)
+    return summary, recorder
+
+
+# ------------------------------------------------------------------------------------ AMP modes
+def test_amp_setting_picks_the_autocast_dtype_and_scaler():
+    cpu = torch.device("cpu")
+    assert amp_dtype(cpu, False) is None and amp_dtype(cpu, True) is None   # True: CUDA only ('auto')
+    assert amp_dtype(cpu, "bf16") == torch.bfloat16 and amp_dtype(cpu, "fp16") == torch.float16
+    assert make_grad_scaler(cpu, "bf16") is None and make_grad_scaler(cpu, False) is None
+    scaler = make_grad_scaler(cpu, "fp16")
+    assert isinstance(scaler, torch.amp.GradScaler) and scaler.is_enabled()
+    with autocast(cpu, "bf16"):
+        assert torch.nn.functional.linear(torch.ones(2, 3), torch.ones(4, 3)).dtype == torch.bfloat16
+    with autocast(cpu, True):                                              # no-op on CPU
+        assert torch.nn.functional.linear(torch.ones(2, 3), torch.ones(4, 3)).dtype == torch.float32
+
+
+@pytest.mark.parametrize("amp", ["fp8", "on", 1])
+def test_unknown_amp_setting_is_one_clear_line(prep, amp):
+    with pytest.raises(UserError, match=r"^config amp="):
+        check_config(resolve(amp=amp, path={"data_dir": str(prep)}), "train")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("amp, dtype", [("False", torch.float32), ("bf16", torch.bfloat16), ("fp16", torch.float16)])
+def test_training_step_runs_under_the_requested_autocast(prep, tmp_path, device, amp, dtype):
+    summary, recorder = train_tiny(prep, device, tmp_path, amp=False if amp == "False" else amp)
+    assert recorder.out_dtypes == {dtype}          # every conv of the real training step ran in `dtype`
+    assert summary["steps"] == 2 and summary["sec_per_step"] > 0
+    assert 0.0 <= summary["data_wait_fraction"] <= 1.0
+    assert (summary["cuda_peak_mb"] is None) == (device == "cpu")
+
+
+# -------------------------------------------------------------------------------- channels_last
+@pytest.mark.parametrize("device", DEVICES)
+def test_channels_last_trains_to_the_same_weights_as_contiguous(prep, tmp_path, device):
+    _, contiguous = train_tiny(prep, device, tmp_path / "a", channels_last=False)
+    _, last = train_tiny(prep, device, tmp_path / "b", channels_last=True)
+    assert {plain for _, plain in contiguous.formats} == {True}
+    assert {cl for cl, _ in last.formats} == {True} and (True, False) in last.formats
+    assert len(contiguous.modules) == len(last.modules) > 0
+    for a, b in zip(contiguous.modules, last.modules):      # same convs, same order, after 2 SGD steps
+        torch.testing.assert_close(a.weight.contiguous(), b.weight.contiguous(), rtol=1e-4, atol=1e-5)
+
+
+# ------------------------------------------------------------------ fp16 GradScaler and resume
+def train_cli(*overrides, log_dir, prep_dir, launcher=(sys.executable,)):
+    cmd = [*launcher, "train.py", "with", "tiny", "val_every=0", "save_every=2", f"path.data_dir={prep_dir}",
+           f"path.log_dir={log_dir}", *overrides]
+    result = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    return result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fp16_grad_scaler_state_is_saved_and_resumed(prep, tmp_path, device):
+    train_cli(f"device={device}", "amp=fp16", "n_steps=2", log_dir=tmp_path, prep_dir=prep)
+    first = load_checkpoint(glob.glob(str(tmp_path / "*" / "1" / "last.pth"))[0])
+    assert first["scaler"] and first["scaler"]["scale"] > 0          # the GradScaler's state travels
+    out = train_cli(f"device={device}", "amp=fp16", "n_steps=4", "resume=True", log_dir=tmp_path, prep_dir=prep)
+    assert "at step 2" in out
+    resumed = load_checkpoint(glob.glob(str(tmp_path / "*" / "2" / "last.pth"))[0], map_location=device)
+    assert resumed["step"] == 4 and resumed["scaler"]
+
+
+# ------------------------------------------------------------------- torchrun with one process
+@pytest.mark.parametrize("device", DEVICES)
+def test_torchrun_with_one_process_uses_the_distributed_path(prep, tmp_path, device):
+    torchrun = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1")
+    out = train_cli(f"device={device}", "n_steps=2", log_dir=tmp_path, prep_dir=prep, launcher=torchrun)
+    assert "rank 0: final weights sha256" in out
+    info = json.loads(Path(glob.glob(str(tmp_path / "*" / "1" / "info.json"))[0]).read_text())  # Sacred's run.info
+    assert info["world_size"] == 1
+    assert info["distributed_backend"] == ("nccl" if device == "cuda" else "gloo")
