@@ -13,13 +13,13 @@ has one path; `classes` holds -1 (a pseudo-class, no organ). Item i is a determi
 """
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Mapping
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from dataloaders.prepared import open_training_images
 from dataloaders.superpixels import make_hint, open_superpixels, read_superpixel_meta, training_volumes
 from dataloaders.transforms import augment_intensity, resize_image, resize_label
 from dataloaders.warp import WarpParams, random_grid, warp
@@ -81,12 +81,7 @@ class SelfSupEpisodeDataset(Dataset):
 
     def _open(self, pid: str) -> tuple[np.ndarray, np.ndarray]:
         """Memory maps (images N x S x S float32, superpixels N x S x S uint16) of one volume."""
-        path = Path(self.prep_dir) / "train" / f"{pid}_image.npy"
-        try:
-            images = np.load(path, mmap_mode="r", allow_pickle=False)
-        except (OSError, ValueError, EOFError) as error:
-            raise UserError(f"{path} is unreadable ({type(error).__name__}): prepare the folder again") from None
-        return images, open_superpixels(self.prep_dir, pid)
+        return open_training_images(self.prep_dir, pid), open_superpixels(self.prep_dir, pid)
 
     def _volume(self, pid: str) -> tuple[np.ndarray, np.ndarray]:
         if pid not in self._arrays:  # opened lazily in each process (fork-safe for DataLoader workers)

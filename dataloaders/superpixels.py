@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import multiprocessing
-import os
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -29,7 +28,8 @@ from scipy import ndimage
 from skimage.segmentation import felzenszwalb, slic
 
 from dataloaders.nifti import atomic_folder
-from util.atomic import write_bytes_atomic
+from dataloaders.prepared import open_training_images, prepare_hint, read_meta
+from util.atomic import atomic_path, write_bytes_atomic
 from util.errors import UserError
 
 FORMAT_VERSION = 1
@@ -133,32 +133,26 @@ def superpixel_sizes(labels: np.ndarray) -> np.ndarray:
 
 # ------------------------------------------------------------------------------ prepared folder
 def training_volumes(prep_dir: str | Path) -> list[str]:
-    """Patient ids of the training split of a prepared folder (meta.json), checked to have slices."""
-    prep_dir = Path(prep_dir)
+    """Patient ids of the training split of a prepared folder (meta.json), each checked to have its slices."""
     try:
-        meta = json.loads((prep_dir / "meta.json").read_text())
-        pids = [str(p) for p in meta["splits"]["train"]]
-    except (OSError, ValueError, KeyError, TypeError):
-        raise UserError(f"{prep_dir}: not a prepared folder (no readable meta.json): prepare it with "
-                        "`python scripts/prepare_visceral.py --layout images-only --visceral-dir <NIfTI dir> "
-                        f"--out {prep_dir}`") from None
+        pids = [str(p) for p in read_meta(prep_dir)["splits"]["train"]]
+    except (KeyError, TypeError):
+        raise UserError(f"prepared data '{prep_dir}': meta.json has no training split: {prepare_hint(prep_dir)}") \
+            from None
     if not pids:
-        raise UserError(f"{prep_dir}: no training volumes in meta.json: prepare a folder with CT volumes")
+        raise UserError(f"prepared data '{prep_dir}': no training volumes: prepare a folder of CT volumes "
+                        "(scripts/prepare_visceral.py --layout images-only)")
     for pid in pids:
-        if not (prep_dir / "train" / f"{pid}_image.npy").is_file():
-            raise UserError(f"{prep_dir}/train/{pid}_image.npy is missing: prepare the folder again")
+        open_training_images(prep_dir, pid)
     return pids
 
 
 def _volume_task(task: tuple) -> tuple[str, dict]:
     """Worker: superpixels of one training volume, written to the partial folder."""
     prep_dir, out_dir, pid, params = task
-    images = np.load(Path(prep_dir) / "train" / f"{pid}_image.npy", mmap_mode="r")  # N x S x S
-    labels = stack_superpixels(images, params)
-    buffer_path = Path(out_dir) / f"{pid}.npy"
-    with open(f"{buffer_path}.tmp-{os.getpid()}", "wb") as handle:
+    labels = stack_superpixels(open_training_images(prep_dir, pid), params)          # N x S x S
+    with atomic_path(Path(out_dir) / f"{pid}.npy") as temporary, open(temporary, "wb") as handle:
         np.save(handle, labels, allow_pickle=False)
-    os.replace(f"{buffer_path}.tmp-{os.getpid()}", buffer_path)
     counts = [int(labels[row].max()) for row in range(labels.shape[0])]
     return pid, {"slices": int(labels.shape[0]), "superpixels_per_slice": counts}
 
@@ -218,7 +212,7 @@ def overlay_slices(prep_dir: str | Path, n: int) -> list[tuple[str, int, np.ndar
     chosen = []
     for k in range(n):
         pid = pids[k % len(pids)]
-        images = np.load(Path(prep_dir) / "train" / f"{pid}_image.npy", mmap_mode="r")   # N x S x S
+        images = open_training_images(prep_dir, pid)                                        # N x S x S
         labels = open_superpixels(prep_dir, pid)
         row = min(images.shape[0] - 1, int(images.shape[0] * (k + 1) / (n + 1)))
         chosen.append((pid, row, np.asarray(images[row]), np.asarray(labels[row])))

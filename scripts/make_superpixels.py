@@ -2,7 +2,7 @@
 
     python scripts/make_superpixels.py --images PREP                       # a prepared folder
     python scripts/make_superpixels.py --images MY_CT_DIR --out PREP       # NIfTI volumes, no labels
-    python scripts/make_superpixels.py --images PREP --figure overlay.png  # judge them before training
+    python scripts/make_superpixels.py --images PREP --figure-only --figure overlay.png  # judge them
 
 With a prepared folder, superpixels of its training slices go to PREP/superpixels/. With a folder of
 NIfTI CT volumes, it first prepares it as `prepare_visceral.py --layout images-only` would (all
@@ -24,6 +24,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dataloaders.prepare import prepare_dataset  # noqa: E402
+from evaluation.figures import display  # noqa: E402
 from dataloaders.superpixels import (SuperpixelParams, make_superpixels, overlay_slices,  # noqa: E402
                                      read_superpixel_meta)
 from util.atomic import write_bytes_atomic  # noqa: E402
@@ -32,7 +33,7 @@ from util.errors import UserError  # noqa: E402
 
 
 def overlay_figure(prep_dir: Path, out: Path, n: int) -> None:
-    """A grid of `n` training slices with superpixel borders (display rotated: anterior up)."""
+    """A grid of `n` training slices with superpixel borders (radiological view, evaluation.figures.display)."""
     import matplotlib  # deferred: only the --figure option draws
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -45,9 +46,9 @@ def overlay_figure(prep_dir: Path, out: Path, n: int) -> None:
     for axis in axes.ravel():
         axis.axis("off")
     for axis, (pid, row, image, labels) in zip(axes.ravel(), slices):
-        rgb = np.repeat(image[..., None], 3, axis=2)
-        rgb[find_boundaries(labels.astype(np.int64), mode="inner")] = (1.0, 0.85, 0.0)
-        axis.imshow(np.rot90(rgb), interpolation="nearest")
+        rgb = np.repeat(display(image)[..., None], 3, axis=2)          # radiological view
+        rgb[find_boundaries(display(labels).astype(np.int64), mode="inner")] = (1.0, 0.85, 0.0)
+        axis.imshow(rgb, interpolation="nearest")
         axis.set_title(f"{pid} row {row}: {int(labels.max())} superpixels", fontsize=7)
     figure.suptitle(f"superpixels of {prep_dir.name}: {params}", fontsize=7)
     figure.tight_layout()
@@ -77,7 +78,14 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--overwrite", action="store_true", help="replace existing superpixels")
     parser.add_argument("--figure", help="also write an overlay PNG of a few slices here")
     parser.add_argument("--figure-slices", type=int, default=8)
+    parser.add_argument("--figure-only", action="store_true", help="only draw --figure from existing superpixels")
     args = parser.parse_args(argv)
+    if args.figure_only:
+        if not args.figure:
+            raise UserError("--figure-only needs --figure overlay.png")
+        overlay_figure(Path(args.images), Path(args.figure), args.figure_slices)
+        print(f"overlay figure: {args.figure}")
+        return 0
 
     source = Path(args.images)
     if not source.is_dir():

@@ -1,0 +1,67 @@
+"""Self-supervised training end to end: `train.py with tiny selfsup` on a tiny unlabeled phantom."""
+from __future__ import annotations
+
+import glob
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from models.checkpoint import load_checkpoint
+from test_selfsup_episodes import unlabeled_prep  # noqa: F401  (module fixture: images-only + superpixels)
+from training.config_check import check_config
+from training.loop import run_name
+from util.errors import UserError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def resolve(named, **updates) -> dict:
+    from sacred.initialize import create_run
+
+    from config import ex
+    return dict(create_run(ex, "print_config", config_updates=updates, named_configs=list(named)).config)
+
+
+def train_cli(*overrides, log_dir):
+    cmd = [sys.executable, "train.py", "with", "tiny", "device=cpu", f"path.log_dir={log_dir}", *overrides]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+def test_one_selfsup_step_then_fine_tuning(unlabeled_prep, tiny_prepared, tmp_path):  # noqa: F811
+    result = train_cli("selfsup", "n_steps=1", "selfsup.min_pixels=40", f"path.data_dir={unlabeled_prep}",
+                       log_dir=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "validation off" in result.stdout
+    (last,) = glob.glob(str(tmp_path / "lslpn_selfsup" / "*" / "last.pth"))
+    assert not os.path.exists(os.path.join(os.path.dirname(last), "best.pth"))
+    state = load_checkpoint(last)
+    assert state["step"] == 1 and state["run_config"]["episodes"] == "superpixels"
+    # fine-tuning on labeled slices starts from those weights
+    result = train_cli("n_steps=1", "val_every=0", f"path.init_from={last}", f"path.data_dir={tiny_prepared}",
+                       "name=finetune", log_dir=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"initial weights from {last}" in result.stdout
+    (tuned,) = glob.glob(str(tmp_path / "finetune" / "*" / "last.pth"))
+    before, after = state["model"], load_checkpoint(tuned)["model"]
+    changed = [k for k in before if before[k].dtype.is_floating_point and not torch.equal(before[k], after[k])]
+    assert changed   # one SGD step moved the weights it started from
+
+
+def test_selfsup_config_errors(unlabeled_prep, tiny_prepared):  # noqa: F811
+    config = resolve(["tiny", "selfsup"], path={"data_dir": str(tiny_prepared)})
+    with pytest.raises(UserError, match="has no superpixels.*make_superpixels.py --images"):
+        check_config(config, "train")
+    with pytest.raises(UserError, match="n_ways=1"):
+        check_config(resolve(["tiny", "selfsup"], n_ways=2, path={"data_dir": str(unlabeled_prep)}), "train")
+    with pytest.raises(UserError, match="selfsup.min_pixels"):
+        check_config(resolve(["tiny", "selfsup"], selfsup={"min_pixels": 0}, path={"data_dir": str(unlabeled_prep)}),
+                     "train")
+    with pytest.raises(UserError, match="path.init_from"):
+        check_config(resolve(["tiny"], path={"data_dir": str(tiny_prepared), "init_from": "missing.pth"}), "train")
+    config = resolve(["tiny", "selfsup"], path={"data_dir": str(unlabeled_prep)})
+    check_config(config, "train")   # no labeled validation volumes: allowed (validation goes off)
+    assert run_name(config) == "lslpn_selfsup"
