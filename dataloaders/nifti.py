@@ -25,6 +25,7 @@ from nibabel.orientations import apply_orientation, axcodes2ornt, ornt_transform
 
 from util.atomic import write_bytes_atomic
 from util.errors import UserError
+from util.paths import check_output_folder
 
 CANONICAL_AXCODES = ("R", "A", "S")
 AFFINE_TOLERANCE_MM = 1e-3
@@ -118,7 +119,15 @@ def load_nifti(path: str | Path, dtype: np.dtype | type | None = None) -> NiftiV
 
 
 def check_same_grid(mask: NiftiVolume, volume: NiftiVolume) -> None:
-    """A mask must share its volume's shape and affine (in storage orientation); else one-line error."""
+    """A mask must lie on its volume's voxel grid in world space; else one-line error.
+
+    Compared after both were reoriented to canonical RAS+ by `load_nifti`: a mask stored in another
+    orientation (e.g. LPS next to an RAS image) on the same world grid is accepted as it is, reoriented,
+    and never needs resampling.
+    """
+    if tuple(mask.array.shape) == tuple(volume.array.shape) and np.allclose(
+            mask.affine, volume.affine, atol=AFFINE_TOLERANCE_MM):
+        return                                              # same world grid (any storage orientation)
     if tuple(mask.original_shape) != tuple(volume.original_shape):
         raise UserError(f"{mask.path}: mask shape {tuple(mask.original_shape)} differs from volume "
                         f"{volume.path.name} shape {tuple(volume.original_shape)}: resample the mask onto "
@@ -199,17 +208,18 @@ def _clean_stale(out: Path) -> None:
 
 
 @contextmanager
-def atomic_folder(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
+def atomic_folder(out: str | Path, overwrite: bool = False, inputs=()) -> Iterator[Path]:
     """Build a folder in `<out>.partial-<pid>` and rename it to `out` only when the block succeeds.
 
-    An existing `out` is an error unless `overwrite`; then it is replaced only after the new folder is
-    complete. On any exception the partial folder is removed, so nothing half-written is left behind;
-    after a kill -9 the next run on the same `out` removes the dead run's partial folder.
+    Before the block runs, `util.paths.check_output_folder` refuses an `out` that is a file (even with
+    `overwrite`), is or holds one of `inputs`, or cannot be written; an existing folder is an error
+    unless `overwrite`, and then it is replaced only after the new folder is complete. On any
+    exception the partial folder is removed, so nothing half-written is left behind; after a kill -9
+    the next run on the same `out` removes the dead run's partial folder.
     """
     out = Path(out)
     _clean_stale(out)
-    if out.exists() and not overwrite:
-        raise UserError(f"{out}: already exists: pass --overwrite to replace it (or --skip-existing to keep it)")
+    check_output_folder(out, inputs, "--out", overwrite)
     partial = out.with_name(f"{out.name}.partial-{os.getpid()}")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
@@ -222,6 +232,6 @@ def atomic_folder(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
         old = out.with_name(f"{out.name}.old-{os.getpid()}")
         os.replace(out, old)
         os.replace(partial, out)
-        shutil.rmtree(old, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)  # no .old-<pid> left
     else:
         os.replace(partial, out)

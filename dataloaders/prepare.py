@@ -223,7 +223,7 @@ def prepare_dataset(source_dir: str | Path, out: str | Path, layout: str = "visc
         n_val = 0
     train, val = split_silver([c.pid for c in silver], n_val, seed)
     split_of = {**{p: "train" for p in train}, **{p: "val" for p in val}}
-    with atomic_folder(out, overwrite) as partial_dir:
+    with atomic_folder(out, overwrite, inputs=[source_dir, label_map]) as partial_dir:
         for sub in ("train", "volumes/val", "volumes/gold"):
             (partial_dir / sub).mkdir(parents=True)
         tasks = [(c, split_of[c.pid], partial_dir, size, intensity, rule, seed) for c in silver]
