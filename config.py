@@ -10,15 +10,18 @@ Override anything on the command line, e.g.
   python train.py with demo fold=2 model.n_grid=4
 """
 import sys
+import warnings
 
-from docopt import docopt
-from sacred import Experiment
-from sacred.arg_parser import get_config_updates
-from sacred.observers import FileStorageObserver  # noqa: F401  (attached by the entry points)
-from sacred.utils import SacredError, ensure_wellformed_argv
+warnings.filterwarnings("ignore", message="pkg_resources is deprecated")  # sacred 0.8.7 on setuptools 80
 
-from util.cli import exit_with_message
-from util.errors import UserError
+from docopt import docopt  # noqa: E402
+from sacred import Experiment  # noqa: E402
+from sacred.arg_parser import get_config_updates  # noqa: E402
+from sacred.observers import FileStorageObserver  # noqa: E402,F401  (attached by the entry points)
+from sacred.utils import SacredError, ensure_wellformed_argv  # noqa: E402
+
+from util.cli import exit_with_message  # noqa: E402
+from util.errors import UserError  # noqa: E402
 
 ex = Experiment("LSLPN", save_git_info=False)
 

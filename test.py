@@ -15,9 +15,11 @@ from pathlib import Path
 
 warnings.filterwarnings("ignore", message="pkg_resources is deprecated")  # sacred 0.8.7 on setuptools 80
 
-from config import ex  # noqa: E402
 from sacred.observers import FileStorageObserver  # noqa: E402
-from config import run_sacred  # noqa: E402
+
+from config import ex, run_sacred  # noqa: E402
+from evaluation.evaluate import evaluate  # noqa: E402
+from training.config_check import check_config  # noqa: E402
 
 
 @ex.config_hook
@@ -28,7 +30,6 @@ def attach_test_observer(config, command_name, logger):
     """
     ex.observers[:] = [o for o in ex.observers if not getattr(o, "lslpn_test", False)]
     if command_name == "evaluate_snapshots":
-        from training.config_check import check_config
         check_config(config, "test")
         observer = FileStorageObserver(str(Path(config["path"]["log_dir"]) / "test"))
         observer.lslpn_test = True
@@ -43,8 +44,6 @@ def evaluate_snapshots(_config, _run, fold, label_sets, input_size, device, path
     `eval` is a captured argument so that Sacred accepts new keys inside eval.snapshots given on the
     command line (`'eval.snapshots={"LSLPN": "runs/.../best.pth"}'`) instead of raising ConfigAddedError.
     """
-    from evaluation.evaluate import evaluate
-
     settings = eval
     organs = settings.get("organs") or label_sets[fold]
     run_dirs = [o.dir for o in _run.observers if getattr(o, "dir", None)]

@@ -15,11 +15,10 @@ from __future__ import annotations
 import importlib.metadata
 import os
 
+from config import ex, run_sacred  # first: config.py silences Sacred's pkg_resources warning before Sacred loads
 from sacred.observers import FileStorageObserver
 from sacred.utils import apply_backspaces_and_linefeeds
 
-from config import ex
-from config import run_sacred
 from training.config_check import check_config
 from training.loop import run_name, train
 

@@ -14,8 +14,6 @@ lazily in each process (fork-safe for DataLoader workers).
 """
 from __future__ import annotations
 
-import json
-import os
 from typing import Iterator, Mapping, Sequence
 
 import numpy as np
@@ -23,25 +21,9 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from dataloaders.organs import INDEX_TO_NAME
+from dataloaders.prepared import open_training_volume, read_slice_index
 from dataloaders.transforms import augment_intensity, resize_image, resize_label
 from util.errors import UserError
-
-PREPARE_HINT = "run `python scripts/prepare_visceral.py --visceral-dir <VISCERAL dir> --out <PREP>` first"
-
-
-def read_slice_index(prep_dir: str) -> dict[int, list[tuple[str, int, int]]]:
-    """PREP/index.json as {label index: [(pid, row, z), ...]}; a clear error when it is missing."""
-    path = os.path.join(prep_dir, "index.json")
-    if not os.path.isfile(path):
-        raise UserError(f"prepared data '{prep_dir}': no index.json (not a prepared folder): {PREPARE_HINT}")
-    try:
-        with open(path) as handle:
-            raw = json.load(handle)["slices"]
-        return {int(label): [(str(pid), int(row), int(z)) for pid, row, z in entries]
-                for label, entries in raw.items()}
-    except (ValueError, KeyError, TypeError) as error:
-        raise UserError(f"prepared data '{prep_dir}': index.json is unreadable ({error}): {PREPARE_HINT}")
-
 
 def usable_classes(index: Mapping[int, Sequence], classes: Sequence[int], min_slices: int) -> list[int]:
     """The classes of `classes` that have at least `min_slices` training slices in the index."""
@@ -84,33 +66,17 @@ class EpisodeDataset(Dataset):
         self._check_files()
 
     def _check_files(self) -> None:
-        """Every volume the index names has its image and label arrays."""
+        """Every volume the index names has readable image and label arrays (maps not kept)."""
         for pid in sorted({pid for entries in self.slices.values() for pid, _, _ in entries}):
-            for kind in ("image", "label"):
-                path = os.path.join(self.prep_dir, "train", f"{pid}_{kind}.npy")
-                if not os.path.isfile(path):
-                    raise UserError(f"prepared data '{self.prep_dir}': index.json names {path} which is "
-                                    f"missing: {PREPARE_HINT}")
-            self._open(pid)  # a truncated file fails here, before training starts (maps not kept)
+            open_training_volume(self.prep_dir, pid)  # a missing or truncated file fails before training
 
     def __len__(self) -> int:
         return self.length
 
-    def _open(self, pid: str) -> tuple[np.ndarray, np.ndarray]:
-        """Memory maps (images N x S x S float32, labels N x S x S uint8) of one training volume."""
-        base = os.path.join(self.prep_dir, "train", pid)
-        try:
-            return (np.load(f"{base}_image.npy", mmap_mode="r", allow_pickle=False),
-                    np.load(f"{base}_label.npy", mmap_mode="r", allow_pickle=False))
-        except (OSError, ValueError, EOFError) as error:
-            raise UserError(f"prepared data '{self.prep_dir}': {base}_image.npy / _label.npy unreadable "
-                            f"({type(error).__name__}: {error}): the file is truncated or corrupt; "
-                            f"{PREPARE_HINT}") from None
-
     def _volume(self, pid: str) -> tuple[np.ndarray, np.ndarray]:
-        """The cached memory maps of one training volume (see `_open`)."""
+        """The cached memory maps of one training volume (images N x S x S, labels N x S x S)."""
         if pid not in self._arrays:
-            self._arrays[pid] = self._open(pid)
+            self._arrays[pid] = open_training_volume(self.prep_dir, pid)
         return self._arrays[pid]
 
     def _read(self, entry: tuple[str, int, int], rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:

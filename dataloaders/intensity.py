@@ -6,9 +6,6 @@ to [lo, hi] and maps them linearly to [0, 1] (e.g. the abdominal window [-125, 2
 """
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import numpy as np
 
 from util.errors import UserError
@@ -49,11 +46,3 @@ def scale_intensity(slice_hu: np.ndarray, intensity: dict) -> np.ndarray:
     span = stack.max(axis=(1, 2), keepdims=True) - low
     scaled = np.where(span > 0, (stack - low) / np.where(span > 0, span, 1), 0).astype(np.float32)
     return scaled[0] if array.ndim == 2 else scaled
-
-
-def prepared_intensity(prep_dir: str | Path) -> dict | None:
-    """The `intensity` entry of PREP/meta.json; None when the folder or its meta.json is unreadable."""
-    try:
-        return json.loads((Path(prep_dir) / "meta.json").read_text()).get("intensity")
-    except (OSError, ValueError, AttributeError):
-        return None

@@ -18,17 +18,12 @@ import numpy as np
 
 from dataloaders.intensity import validate_intensity
 from dataloaders.organs import INDEX_TO_NAME, NAME_TO_INDEX, TEST_ORGANS
+from dataloaders.prepared import default_support
 from util.errors import UserError
 from evaluation.metrics import dice
 from evaluation.protocol import get_preset, mask_copy, organ_range
 
-DEFAULT_SUPPORT = "10000132"
 VOLUME_KEYS = ("image", "label", "affine", "original_affine", "original_shape", "original_axcodes", "spacing")
-
-
-def default_support(pids: list[str]) -> str:
-    """The paper's support volume 10000132 when present, else the first patient id in sorted order."""
-    return DEFAULT_SUPPORT if DEFAULT_SUPPORT in pids else sorted(pids)[0]
 
 
 def mask_copy_dice(labels: dict[str, np.ndarray], support: str | None = None, preset: str = "lslpn",

@@ -9,9 +9,6 @@ Prepared volumes: PREP/volumes/<split>/<pid>.npz (docs/DESIGN.md); PREP/meta.jso
 """
 from __future__ import annotations
 
-import json
-import os
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -19,56 +16,20 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from dataloaders.organs import canonical_name, organ_index
-from models.checkpoint import model_from_checkpoint
+from dataloaders.nifti import save_nifti_atomic, to_original
+from dataloaders.organs import FOLD_ORGANS, canonical_name, organ_index
+from dataloaders.prepared import default_support, list_volumes, load_volume, read_meta
+from models.checkpoint import model_from_checkpoint, model_input, trained_input
+from util.atomic import atomic_path
+from util.device import resolve_device
 from util.errors import UserError
-from evaluation.inference import resolve_device, segment_query_volume
+from evaluation.figures import make_figures
+from evaluation.inference import segment_query_volume
 from evaluation.metrics import dice
-from evaluation.protocol import get_preset, mask_copy, organ_range
-
-OFFICIAL_SUPPORT = "10000132"
-PREPARE_HINT = "run python scripts/prepare_visceral.py --out {prep} (or make demo for the phantom)"
-
+from evaluation.protocol import aggregate, get_preset, mask_copy, organ_range, support_slices_for_query
+from evaluation.results import _jsonable, summarise, write_outputs
 
 # ----------------------------------------------------------------------------------------- data
-def read_meta(prep_dir: str | Path) -> dict:
-    """PREP/meta.json; a clear error when the prepared folder is missing."""
-    path = Path(prep_dir) / "meta.json"
-    if not path.is_file():
-        raise UserError(f"prepared data not found: {path} is missing: {PREPARE_HINT.format(prep=prep_dir)}")
-    try:
-        with open(path) as handle:
-            return json.load(handle)
-    except ValueError as error:
-        raise UserError(f"prepared data: {path} is unreadable ({error}): {PREPARE_HINT.format(prep=prep_dir)}") \
-            from None
-
-
-def list_volumes(prep_dir: str | Path, split: str) -> list[str]:
-    """Sorted patient ids of PREP/volumes/<split>/*.npz; a clear error when there are none."""
-    folder = Path(prep_dir) / "volumes" / split
-    pids = sorted(path.stem for path in folder.glob("*.npz")) if folder.is_dir() else []
-    if not pids:
-        raise UserError(f"no prepared {split} volumes in {folder}: {PREPARE_HINT.format(prep=prep_dir)}")
-    return pids
-
-
-def load_volume(prep_dir: str | Path, split: str, pid: str) -> dict[str, Any]:
-    """One prepared volume: image X x Y x Z (HU), label X x Y x Z (uint8), geometry fields."""
-    path = Path(prep_dir) / "volumes" / split / f"{pid}.npz"
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            volume = {key: data[key] for key in data.files}
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
-        raise UserError(f"prepared volume {path} cannot be read ({type(error).__name__}: {error}): "
-                        f"{PREPARE_HINT.format(prep=prep_dir)}") from None
-    for key in ("image", "label"):
-        if key not in volume:
-            raise UserError(f"prepared volume {path} has no '{key}': {PREPARE_HINT.format(prep=prep_dir)}")
-    volume["pid"] = pid
-    return volume
-
-
 def choose_supports(pids: list[str], support: str | int | list) -> list[str]:
     """Support ids: a given id, 'default' (10000132 when present, else the first), or 'all'."""
     if isinstance(support, (list, tuple)):
@@ -76,7 +37,7 @@ def choose_supports(pids: list[str], support: str | int | list) -> list[str]:
     elif str(support) == "all":
         return list(pids)
     elif str(support) == "default":
-        return [OFFICIAL_SUPPORT if OFFICIAL_SUPPORT in pids else pids[0]]
+        return [default_support(pids)]
     else:
         chosen = [str(support)]
     missing = [pid for pid in chosen if pid not in pids]
@@ -94,9 +55,12 @@ def organ_names(organs: list[str]) -> list[str]:
 
 
 # -------------------------------------------------------------------------------------- methods
-def load_snapshot(path: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict]:
+def load_snapshot(path: str | Path, device: str | torch.device = "cpu", input_size: int | None = None,
+                  intensity: dict | None = None) -> tuple[torch.nn.Module, dict]:
     """Build a FewShotSegNet from a checkpoint; returns (model in eval mode, checkpoint info).
 
+    info['input'] is the input size and intensity it is run with (`models.checkpoint.model_input`
+    of the requested ones); info['input_size'] / info['intensity'] are what it was trained with.
     Errors: missing file, not a checkpoint of this project, weights that do not fit its config.
     """
     path = Path(path)
@@ -104,8 +68,11 @@ def load_snapshot(path: str | Path, device: str | torch.device = "cpu") -> tuple
         raise UserError(f"snapshot {path} does not exist: pass the best.pth or last.pth of a training run")
     model, state = model_from_checkpoint(str(path), resolve_device(device))
     config = dict(state["config"])
+    trained_size, trained_intensity = trained_input(state)
+    run_size, run_intensity = model_input(state, input_size, intensity)
     info = {"snapshot": str(path), "snapshot_fold": state.get("fold"), "model_config": config,
-            "step": state.get("step"), "intensity": state.get("intensity")}
+            "step": state.get("step"), "input_size": trained_size, "intensity": trained_intensity,
+            "input": {"input_size": run_size, "intensity": run_intensity}}
     return model, info
 
 
@@ -120,28 +87,32 @@ def check_intensity(prepared: dict, intensity: dict) -> None:
                                 "same way (scripts/prepare_visceral.py --window / default min-max)")
 
 
-def prepare_method(spec, organs: list[str], device) -> dict[str, tuple[Any, dict]]:
-    """organ -> (model or None for mask copy, info). spec: None, a path, a module, or {organ: spec}."""
+def prepare_method(spec, organs: list[str], device, input_size: int | None = None,
+                   intensity: dict | None = None) -> dict[str, tuple[Any, dict]]:
+    """organ -> (model or None for mask copy, info). spec: None, a path, a module, or {organ: spec}.
+
+    input_size, intensity: what the evaluation runs snapshots with (see `load_snapshot`).
+    """
     if isinstance(spec, dict):
         unknown = [organ for organ in organs if canonical_name(organ) not in
                    {canonical_name(key) for key in spec}]
         if unknown:
             raise UserError(f"method snapshots given per organ lack {', '.join(unknown)}: add them")
         by_name = {canonical_name(key): value for key, value in spec.items()}
-        return {organ: prepare_method(by_name[organ], [organ], device)[organ] for organ in organs}
+        return {organ: prepare_method(by_name[organ], [organ], device, input_size, intensity)[organ]
+                for organ in organs}
     if spec is None:
         entry = (None, {"snapshot": None})
     elif isinstance(spec, torch.nn.Module):
         entry = (spec, {"snapshot": "<in memory>"})
     else:
-        entry = load_snapshot(spec, device)
+        entry = load_snapshot(spec, device, input_size, intensity)
         check_fold(entry[1], organs)
     return {organ: entry for organ in organs}
 
 
 def check_fold(info: dict, organs: list[str]) -> None:
     """A snapshot may only be tested on its own fold's organs (others were training classes)."""
-    from dataloaders.organs import FOLD_ORGANS
     fold = info.get("snapshot_fold")
     if fold is None or not isinstance(fold, int) or fold not in range(len(FOLD_ORGANS)):
         return
@@ -203,9 +174,10 @@ def run_protocol(methods: dict[str, dict], organs: list[str], prep_dir, split: s
                 records.append(record)
                 if reason is not None:
                     continue
-                model = per_organ[organ][0]
+                model, info = per_organ[organ]
+                run = info.get("input", {"input_size": input_size, "intensity": intensity})
                 prediction = predict(model, support, query, label, support_range, query_range, preset,
-                                     input_size, intensity, device, batch_size, n_shots)
+                                     run["input_size"], run["intensity"], device, batch_size, n_shots)
                 target = query["label"] == label
                 lo, hi = query_range
                 record["dice_range"] = dice(prediction[:, :, lo:hi + 1], target[:, :, lo:hi + 1])
@@ -241,7 +213,6 @@ def validate(model: torch.nn.Module, prep_dir: str | Path, split: str = "val", o
                                intensity)
     finally:
         model.train(was_training)
-    from evaluation.protocol import aggregate
     per_organ = {}
     for organ in organs:
         values = [r["dice_range"] for r in records if r["organ"] == organ and r["dice_range"] is not None]
@@ -270,7 +241,6 @@ class _Collector:
         self._keep_slice(record, support, query, prediction)
 
     def _save_nifti(self, record, query, prediction) -> None:
-        from dataloaders.nifti import save_nifti_atomic, to_original
         for key in ("original_affine", "original_axcodes"):
             if key not in query:
                 raise UserError(f"prepared volume {query['pid']} lacks '{key}': re-run "
@@ -287,7 +257,6 @@ class _Collector:
         organ = record["organ"]
         entry = self.figure.get(organ)
         if entry is None:
-            from evaluation.protocol import support_slices_for_query
             lo, hi = record["query_range"]
             z = (lo + hi) // 2
             support_z = int(support_slices_for_query(record["support_range"], record["query_range"],
@@ -319,7 +288,6 @@ def evaluate(methods: dict, organs: list[str], prep_dir: str | Path, preset: str
     results.png, misalignment.png and predictions/<method>/<query>_<organ>.nii.gz (original geometry).
     Returns the results dict (as results.json).
     """
-    from evaluation.results import write_outputs
     if not methods:
         raise UserError("evaluate: no methods given: pass e.g. {'mask copy': None, 'LSLPN': 'runs/.../best.pth'}")
     organs = organ_names(organs)
@@ -327,7 +295,7 @@ def evaluate(methods: dict, organs: list[str], prep_dir: str | Path, preset: str
     intensity = read_meta(prep_dir)["intensity"]
     supports = choose_supports(list_volumes(prep_dir, split), support)
     device = resolve_device(device)
-    prepared = {name: prepare_method(spec, organs, device) for name, spec in methods.items()}
+    prepared = {name: prepare_method(spec, organs, device, input_size, intensity) for name, spec in methods.items()}
     check_intensity(prepared, intensity)
     out = Path(out_dir) if out_dir is not None else None
     collector = _Collector(out, save_predictions, len(supports) > 1)
@@ -339,12 +307,10 @@ def evaluate(methods: dict, organs: list[str], prep_dir: str | Path, preset: str
                           for name, per_organ in prepared.items()},
               "config": config or {}}
     if out is None:
-        from evaluation.results import _jsonable, summarise
         return _jsonable({**header, "preset": protocol.as_dict(), "results": summarise(records, protocol)})
     results = write_outputs(out, records, protocol, header)
     save_figure_data(collector.figure, out / "figure_data.npz")
     if figures:
-        from evaluation.figures import make_figures
         make_figures(out)
     return results
 
@@ -359,10 +325,5 @@ def save_figure_data(figure: dict[str, dict], path: Path) -> None:
                     arrays[f"{organ}|prediction|{method}"] = mask
             else:
                 arrays[f"{organ}|{key}"] = np.asarray(value)
-    temporary = path.with_name(f"{path.stem}.tmp-{os.getpid()}.npz")
-    try:
-        np.savez_compressed(temporary, **arrays)
-        os.replace(temporary, path)
-    finally:
-        if temporary.exists():
-            temporary.unlink()
+    with atomic_path(path) as temporary, open(temporary, "wb") as handle:   # a handle: no '.npz' appended
+        np.savez_compressed(handle, **arrays)

@@ -12,11 +12,11 @@ left (radiological convention): `display = flip(slice.T, both axes)`.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 
+from util.atomic import atomic_path
 from util.errors import UserError
 
 MASK_COPY = "mask copy"
@@ -30,21 +30,17 @@ def display(slice_xy: np.ndarray) -> np.ndarray:
 
 
 def _pyplot():
+    # deferred: matplotlib (heavy) is only needed when a figure is drawn
     import matplotlib
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # deferred, after choosing the Agg backend
     return plt
 
 
 def _save(fig, path: Path) -> None:
-    """Save a figure atomically (temp file in the same folder, then os.replace)."""
-    temporary = path.with_name(f"{path.stem}.tmp-{os.getpid()}{path.suffix}")
-    try:
-        fig.savefig(temporary, dpi=110, bbox_inches="tight")
-        os.replace(temporary, path)
-    finally:
-        if temporary.exists():
-            temporary.unlink()
+    """Save a figure atomically (util/atomic.py); the format is the file name's suffix."""
+    with atomic_path(path) as temporary:
+        fig.savefig(temporary, format=Path(path).suffix.lstrip("."), dpi=110, bbox_inches="tight")
 
 
 def load_figure_data(path: str | Path) -> dict[str, dict]:

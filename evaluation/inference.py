@@ -1,5 +1,8 @@
-"""Segment a query volume with a few-shot model under the volumetric protocol (evaluation/protocol.py).
+"""The one chunk loop: segment a query volume with a few-shot model, chunk by chunk.
 
+A plan (`evaluation.protocol.chunk_plan`, the one planner) says which support slices segment which
+query slices; `run_chunks` (the one runner) executes any plan, for evaluation (`segment_query_volume`,
+k shots of one support volume) and for the user's scans (evaluation/segment.py, one shot per volume).
 Volumes are canonical `X x Y x Z` arrays (docs/DESIGN.md); axial slices are `volume[:, :, z]` and
 are given to the model unchanged as `H x W = X x Y`, intensity-scaled with
 `dataloaders.intensity.scale_intensity` and resized to `input_size x input_size`
@@ -10,22 +13,19 @@ are given to the model unchanged as `H x W = X x Y`, intensity-scaled with
 """
 from __future__ import annotations
 
+import sys
+from typing import Sequence
+
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from dataloaders.intensity import scale_intensity
 from dataloaders.transforms import resize_image, resize_label
-from util.device import resolve_device as _resolve_device_name
+from util.device import resolve_device
 from util.errors import UserError
 from evaluation.protocol import chunk_plan
-
-
-def resolve_device(device: str | torch.device) -> torch.device:
-    """'auto' -> CUDA when available else CPU; 'cuda' without a GPU is a clear error."""
-    if isinstance(device, torch.device):
-        return device
-    return _resolve_device_name(str(device))
 
 
 def images_to_input(slices_hu: np.ndarray, intensity: dict, input_size: int,
@@ -44,19 +44,50 @@ def masks_to_input(masks: np.ndarray, input_size: int, device: torch.device) -> 
     return resize_label(masks, input_size)                                         # N x S x S
 
 
-def _encode(model, support_images: torch.Tensor, support_fg: torch.Tensor):
-    """Prototypes of one 1-way k-shot support. support_images K x 1 x S x S, support_fg K x S x S."""
-    images = support_images[None, None]                           # 1 x 1 x K x 1 x S x S
-    fg = support_fg[None, None]                                   # 1 x 1 x K x S x S
-    return model.encode_support(images, fg, 1.0 - fg)
-
-
 def _segment(model, prototypes, query_images: torch.Tensor) -> torch.Tensor:
     """Logits Q x 2 x S x S for query_images Q x 1 x S x S against one episode's prototypes."""
     logits = model.segment(prototypes, query_images[None])        # 1 x Q x 2 x S x S
     if isinstance(logits, (tuple, list)):
         logits = logits[0]
     return logits[0]
+
+
+def run_chunks(model, supports: Sequence[tuple[np.ndarray, np.ndarray]], plan, query_image: np.ndarray,
+               input_size: int, intensity: dict, device: str | torch.device = "cpu", batch_size: int = 16,
+               progress: bool = False) -> np.ndarray:
+    """The one chunk loop: X x Y x Z bool prediction of a canonical query, 0 outside the plan's slices.
+
+    supports: per shot j, (image X_j x Y_j x Z_j HU, organ mask of the same shape); the k shots of
+    one volume repeat the same arrays. plan: `evaluation.protocol.chunk_plan`'s list of
+    (support z (k,), query z (m,)); shot j of a chunk is slice support_z[j] of supports[j].
+    Per chunk the support prototypes are computed once and the query slices go in batches.
+    The model must be in eval mode on `device`.
+    """
+    device = resolve_device(device)
+    if batch_size < 1:
+        raise UserError(f"eval batch_size {batch_size} must be >= 1")
+    prediction = np.zeros(query_image.shape, dtype=bool)
+    out_size = tuple(query_image.shape[:2])
+    bar = tqdm(total=sum(len(z) for _, z in plan), desc="segment", unit="slice", disable=not progress,
+               file=sys.stderr, dynamic_ncols=True)
+    with torch.inference_mode():
+        for support_z, query_z in plan:
+            shots = torch.cat([images_to_input(image[:, :, z][None], intensity, input_size, device)
+                               for (image, _), z in zip(supports, support_z)])     # K x 1 x S x S
+            fg = torch.cat([masks_to_input(mask[:, :, z][None], input_size, device)
+                            for (_, mask), z in zip(supports, support_z)])        # K x S x S
+            prototypes = model.encode_support(shots[None, None], fg[None, None], 1.0 - fg[None, None])
+            for start in range(0, len(query_z), batch_size):
+                batch_z = query_z[start:start + batch_size]
+                queries = np.moveaxis(query_image[:, :, batch_z], -1, 0)         # Q x X x Y
+                logits = _segment(model, prototypes, images_to_input(queries, intensity, input_size, device))
+                logits = F.interpolate(logits.float(), size=out_size, mode="bilinear",
+                                       align_corners=False)                      # Q x 2 x X x Y
+                foreground = logits.argmax(dim=1) == 1                           # Q x X x Y
+                prediction[:, :, batch_z] = foreground.permute(1, 2, 0).cpu().numpy()
+                bar.update(len(batch_z))
+    bar.close()
+    return prediction
 
 
 def segment_query_volume(model, support_image: np.ndarray, support_mask: np.ndarray,
@@ -67,25 +98,8 @@ def segment_query_volume(model, support_image: np.ndarray, support_mask: np.ndar
     """Protocol prediction for one organ on one query volume; X x Y x Z bool, 0 outside query_range.
 
     support_image, query_image: canonical HU volumes (X x Y x Z); support_mask: X x Y x Z binary mask
-    of the organ in the support volume. The model must be in eval mode on `device`.
+    of the organ in the support volume; k = n_shots slices of it per chunk (`chunk_plan`).
     """
-    device = resolve_device(device)
-    if batch_size < 1:
-        raise UserError(f"eval batch_size {batch_size} must be >= 1")
-    prediction = np.zeros(query_image.shape, dtype=bool)
-    out_size = tuple(query_image.shape[:2])
-    with torch.inference_mode():
-        for support_z, query_z in chunk_plan(support_range, query_range, n_chunks, n_shots):
-            shots = np.moveaxis(support_image[:, :, support_z], -1, 0)          # K x X x Y
-            shot_masks = np.moveaxis(support_mask[:, :, support_z], -1, 0)     # K x X x Y
-            prototypes = _encode(model, images_to_input(shots, intensity, input_size, device),
-                                 masks_to_input(shot_masks, input_size, device))
-            for start in range(0, len(query_z), batch_size):
-                batch_z = query_z[start:start + batch_size]
-                queries = np.moveaxis(query_image[:, :, batch_z], -1, 0)         # Q x X x Y
-                logits = _segment(model, prototypes, images_to_input(queries, intensity, input_size, device))
-                logits = F.interpolate(logits.float(), size=out_size, mode="bilinear",
-                                       align_corners=False)                      # Q x 2 x X x Y
-                foreground = logits.argmax(dim=1) == 1                           # Q x X x Y
-                prediction[:, :, batch_z] = foreground.permute(1, 2, 0).cpu().numpy()
-    return prediction
+    plan = chunk_plan(support_range, query_range, n_chunks, n_shots)
+    return run_chunks(model, [(support_image, support_mask)] * n_shots, plan, query_image, input_size,
+                      intensity, device, batch_size)

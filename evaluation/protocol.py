@@ -86,16 +86,27 @@ def support_shot_offsets(length: int, n_chunks: int, n_shots: int = 1) -> np.nda
     return np.clip(centres[:, None] + deltas[None, :], 0, length - 1)            # n x k
 
 
-def chunk_plan(support_range: tuple[int, int], query_range: tuple[int, int], n_chunks: int,
+def chunk_plan(support_ranges, query_range: tuple[int, int], n_chunks: int,
                n_shots: int = 1) -> list[tuple[np.ndarray, np.ndarray]]:
-    """The work of one query volume: for every chunk holding at least one query slice,
-    (support z of its k shots (k,), absolute query z of its slices (m,)), in chunk order.
+    """The work of one query volume (the one chunk planner): for every chunk holding at least one
+    query slice, (support z of its k shots (k,), absolute query z of its slices (m,)), in chunk order.
 
+    support_ranges: one support organ range (first, last): its k = n_shots slices around each chunk
+    centre are the shots (all from that one volume); or a list of r ranges, one per support volume:
+    shot j is the chunk centre of volume j (k = r, n_shots must be 1).
     Chunks without query slices (query range shorter than n_chunks) are left out.
     """
-    support_length = support_range[1] - support_range[0] + 1
+    ranges = np.asarray(support_ranges, dtype=int)
+    if ranges.ndim == 1:                                                               # one support volume
+        first, last = ranges
+        shots = first + support_shot_offsets(last - first + 1, n_chunks, n_shots)      # n x k
+    else:                                                                              # one shot per volume
+        if n_shots != 1:
+            raise UserError(f"n_shots {n_shots} with {len(ranges)} support volumes: give one volume per shot "
+                            "or one volume with n_shots")
+        shots = np.stack([first + support_offsets(last - first + 1, n_chunks)
+                          for first, last in ranges], axis=1)                            # n x r
     query_length = query_range[1] - query_range[0] + 1
-    shots = support_range[0] + support_shot_offsets(support_length, n_chunks, n_shots)  # n x k
     chunk = chunk_of_offsets(query_length, n_chunks)                                   # query offsets
     plan = []
     for index in np.unique(chunk):

@@ -22,7 +22,6 @@ protocol (evaluation/protocol.py) on files a user has, outside any benchmark fol
 from __future__ import annotations
 
 import json
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -30,20 +29,18 @@ from typing import Sequence
 import nibabel as nib
 import numpy as np
 import torch
-import torch.nn.functional as F
-from tqdm import tqdm
 
-from dataloaders.intensity import prepared_intensity
 from dataloaders.nifti import NiftiVolume, check_same_grid, load_nifti, save_nifti_atomic, to_original
 from dataloaders.organs import NAME_TO_INDEX, canonical_name
-from models.checkpoint import model_from_checkpoint
+from dataloaders.prepared import prepared_intensity
+from models.checkpoint import model_from_checkpoint, model_input, trained_input
+from util.device import resolve_device
 from util.errors import UserError
-from evaluation.inference import images_to_input, masks_to_input, resolve_device
-from evaluation.protocol import chunk_of_offsets, support_offsets
+from evaluation.inference import run_chunks
+from evaluation.protocol import chunk_plan
 
 BODY_HU = -500.0            # body voxels: above this HU (air and lung-free outside are below)
 BODY_SLICE_FRACTION = 0.1   # a slice is in the body extent with >= this fraction of the fullest slice's body voxels
-DEFAULT_INPUT_SIZE = 512
 
 
 @dataclass
@@ -211,21 +208,20 @@ def stored_range_to_canonical(query_range: tuple[int, int], query: NiftiVolume) 
 def load_model(checkpoint, device: torch.device, input_size: int | None, intensity: dict | None):
     """(model in eval mode on device, input_size, intensity) from a train.py checkpoint (or a module).
 
-    input_size: given, else the checkpoint's run config, else 512. intensity: given, else the
-    checkpoint's ('intensity' entry, or meta.json of its prepared data), else per-slice min-max.
+    input_size and intensity: given, else what the checkpoint records (`models.checkpoint.model_input`);
+    a snapshot that predates the intensity record falls back to meta.json of its training data.
     """
     if isinstance(checkpoint, torch.nn.Module):
-        return checkpoint.to(device).eval(), input_size or DEFAULT_INPUT_SIZE, intensity or {"mode": "minmax"}
+        return (checkpoint.to(device).eval(),) + model_input({}, input_size, intensity)
     model, state = model_from_checkpoint(str(checkpoint), device)
-    run_config = state.get("run_config") or {}
-    input_size = input_size or state.get("input_size") or run_config.get("input_size") or DEFAULT_INPUT_SIZE
-    if intensity is None:
-        intensity = state.get("intensity") or _meta_intensity(run_config) or {"mode": "minmax"}
-    return model, int(input_size), intensity
+    fallback = None
+    if intensity is None and trained_input(state)[1] is None:
+        fallback = _training_data_intensity(state.get("run_config") or {})
+    return (model,) + model_input(state, input_size, intensity, fallback)
 
 
-def _meta_intensity(run_config: dict) -> dict | None:
-    """meta.json's intensity of the prepared data a checkpoint was trained on, when it is still there."""
+def _training_data_intensity(run_config: dict) -> dict | None:
+    """meta.json's intensity of the prepared data an old checkpoint was trained on, when it is still there."""
     data_dir = (run_config.get("path") or {}).get("data_dir")
     if not data_dir:
         return None
@@ -243,52 +239,10 @@ def nearest_annotated(annotated: np.ndarray, targets: np.ndarray) -> np.ndarray:
     return annotated[distance.argmin(axis=1)]
 
 
-def plan_chunks(supports: Sequence[Support], query_range: tuple[int, int], n_chunks: int
-                ) -> list[tuple[np.ndarray, np.ndarray]]:
-    """[(support z per support (k,), query z of the chunk (m,))] for the chunks holding query slices.
-
-    Chunk rule of evaluation/protocol.py; each support's chunk centre moves to its nearest annotated slice.
-    """
-    length = query_range[1] - query_range[0] + 1
-    chunk = chunk_of_offsets(length, n_chunks)                               # query offset -> chunk
-    centres = []
-    for support in supports:
-        s0, s1 = support.organ_range
-        targets = s0 + support_offsets(s1 - s0 + 1, n_chunks)                 # n
-        centres.append(nearest_annotated(support.annotated, targets))
-    centres = np.stack(centres, axis=1)                                      # n x k
-    return [(centres[i], query_range[0] + np.flatnonzero(chunk == i)) for i in np.unique(chunk)]
-
-
-def predict_canonical(model, supports: Sequence[Support], query_image: np.ndarray,
-                      query_range: tuple[int, int], n_chunks: int, input_size: int, intensity: dict,
-                      device: torch.device, batch_size: int, progress: bool) -> np.ndarray:
-    """X x Y x Z bool prediction of the canonical query (0 outside query_range).
-
-    Per chunk: the k support slices -> prototypes once; the chunk's query slices in batches.
-    """
-    prediction = np.zeros(query_image.shape, dtype=bool)
-    out_size = tuple(query_image.shape[:2])
-    plan = plan_chunks(supports, query_range, n_chunks)
-    bar = tqdm(total=sum(len(z) for _, z in plan), desc="segment", unit="slice", disable=not progress,
-               file=sys.stderr, dynamic_ncols=True)
-    with torch.inference_mode():
-        for support_z, query_z in plan:
-            shots = torch.cat([images_to_input(s.image[:, :, z][None], intensity, input_size, device)
-                               for s, z in zip(supports, support_z)])         # K x 1 x S x S
-            fg = torch.cat([masks_to_input(s.mask[:, :, z][None], input_size, device)
-                            for s, z in zip(supports, support_z)])           # K x S x S
-            prototypes = model.encode_support(shots[None, None], fg[None, None], 1.0 - fg[None, None])
-            for start in range(0, len(query_z), batch_size):
-                batch_z = query_z[start:start + batch_size]
-                queries = np.moveaxis(query_image[:, :, batch_z], -1, 0)     # Q x X x Y
-                logits = model.segment(prototypes, images_to_input(queries, intensity, input_size, device)[None])
-                logits = F.interpolate(logits[0].float(), size=out_size, mode="bilinear",
-                                       align_corners=False)                  # Q x 2 x X x Y
-                prediction[:, :, batch_z] = (logits.argmax(dim=1) == 1).permute(1, 2, 0).cpu().numpy()
-                bar.update(len(batch_z))
-    bar.close()
-    return prediction
+def snap_to_annotated(plan, supports: Sequence[Support]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """A `chunk_plan` with each support's chunk centre moved to its nearest annotated slice."""
+    return [(np.array([nearest_annotated(support.annotated, z[None])[0] for support, z in zip(supports, support_z)]),
+             query_z) for support_z, query_z in plan]
 
 
 def _check_out(out) -> Path | None:
@@ -345,9 +299,11 @@ def segment_volume(checkpoint, supports: Sequence[tuple[str, str]], query, out=N
     else:
         canonical_range = default_query_range(support_list, np.asarray(query_volume.array, dtype=np.float32))
     model, input_size, intensity = load_model(checkpoint, device, input_size, intensity)
-    prediction = predict_canonical(model, support_list, np.asarray(query_volume.array, dtype=np.float32),
-                                   canonical_range, int(n_chunks), input_size, intensity, device,
-                                   int(batch_size), progress)
+    plan = snap_to_annotated(chunk_plan([s.organ_range for s in support_list], canonical_range, int(n_chunks)),
+                             support_list)
+    prediction = run_chunks(model, [(s.image, s.mask) for s in support_list], plan,
+                            np.asarray(query_volume.array, dtype=np.float32), input_size, intensity, device,
+                            int(batch_size), progress)
     array = to_original(prediction.astype(np.uint8), query_volume.original_axcodes)
     if tuple(array.shape) != tuple(query_volume.original_shape):   # to_original must invert load_nifti
         raise UserError(f"{query}: internal reorientation error: got {array.shape}, expected "

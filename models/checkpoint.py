@@ -12,31 +12,35 @@ A training checkpoint is a dict (docs/DESIGN.md):
   config_hash  hash of the resolved run config that identifies the run for resume
   run_config   the whole resolved Sacred config (for reference)
   best_dice    best validation mean Dice so far (None before any validation)
+  input_size   the slice size the model was trained on
+  intensity    meta.json's intensity scaling of its training slices
+A snapshot describes itself: `model_from_checkpoint` rebuilds the network from `config`, and
+`model_input` answers with which input size and intensity scaling it is run. Snapshots written
+before input_size/intensity were recorded still load (their run_config gives the size; the
+intensity is then unknown and the caller's fallback applies).
 """
 from __future__ import annotations
 
+import logging
 import os
 from typing import Mapping
 
 import torch
 
+from models.fewshot import FewShotSegNet
+from util.atomic import atomic_path
 from util.errors import UserError
 
 # Model-config keys that change the network's parameters: a snapshot with other values cannot load.
 WEIGHT_KEYS = ("encoder",)
+DEFAULT_INPUT_SIZE = 512                  # the paper's input size, for snapshots that do not say
+DEFAULT_INTENSITY = {"mode": "minmax"}    # the official per-slice min-max scaling, likewise
 
 
 def save_checkpoint(path: str, state: Mapping) -> None:
-    """Write `state` to `path` atomically: a temp file in the same folder, then os.replace."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        torch.save(dict(state), tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    """Write `state` to `path` atomically (util/atomic.py)."""
+    with atomic_path(path) as temporary:
+        torch.save(dict(state), temporary)
 
 
 def load_checkpoint(path: str, map_location: str | torch.device = "cpu") -> dict:
@@ -96,8 +100,6 @@ def model_from_checkpoint(path: str, device: str | torch.device = "cpu") -> tupl
     One-line errors: missing or unreadable file, not a train.py checkpoint, weights that do not fit
     the stored model config (another encoder or code version).
     """
-    import logging
-    from models.fewshot import FewShotSegNet
     state = load_checkpoint(str(path))
     config = dict(state["config"])
     log = logging.getLogger("lslpn")        # "starting from random initialisation" is moot: weights load next
@@ -116,3 +118,24 @@ def model_from_checkpoint(path: str, device: str | torch.device = "cpu") -> tupl
     finally:
         log.setLevel(level)
     return model.to(device).eval(), state
+
+
+def trained_input(state: Mapping) -> tuple[int | None, dict | None]:
+    """(input size, intensity) a snapshot was trained with, as it records them; None where it does not say."""
+    run_config = state.get("run_config") or {}
+    size = state.get("input_size") or run_config.get("input_size")
+    return (int(size) if size else None), state.get("intensity")
+
+
+def model_input(state: Mapping, input_size: int | None = None, intensity: dict | None = None,
+                fallback_intensity: dict | None = None) -> tuple[int, dict]:
+    """The input size and intensity scaling to run a snapshot with (evaluation and segment_volume).
+
+    A value the caller gives wins (today's behaviour, also when it differs from the training
+    value); otherwise the snapshot's own record, then `fallback_intensity` (e.g. meta.json of the
+    snapshot's training data), then 512 and per-slice min-max.
+    """
+    trained_size, trained_intensity = trained_input(state)
+    size = input_size or trained_size or DEFAULT_INPUT_SIZE
+    scaling = intensity or trained_intensity or fallback_intensity or dict(DEFAULT_INTENSITY)
+    return int(size), scaling

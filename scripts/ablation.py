@@ -17,7 +17,6 @@ import glob
 import os
 import subprocess
 import sys
-import warnings
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,6 +26,9 @@ from dataloaders.organs import FOLD_ORGANS  # noqa: E402
 from util.cli import run_cli  # noqa: E402
 from util.errors import UserError  # noqa: E402
 from util.atomic import write_text_atomic  # noqa: E402
+from config import ex  # noqa: E402  (before sacred: config.py silences its import warning)
+from sacred.arg_parser import get_config_updates  # noqa: E402
+from evaluation.evaluate import evaluate  # noqa: E402
 
 # variant name -> model overrides
 VARIANTS: dict[str, dict] = {
@@ -73,9 +75,6 @@ def train_variant(variant: str, fold: int, overrides: list[str], out: Path, pyth
 
 def resolved_config(overrides: list[str]) -> dict:
     """The Sacred config train.py would see for these overrides (data folder, sizes, eval keys)."""
-    warnings.filterwarnings("ignore", message="pkg_resources is deprecated")
-    from sacred.arg_parser import get_config_updates
-    from config import ex
     updates, named = get_config_updates(overrides)
     run = ex._create_run("print_config", updates, named_configs=named, options={"--unobserved": True})
     return dict(run.config)
@@ -118,7 +117,6 @@ def main(argv: list[str]) -> int:
             snapshot = train_variant(variant, fold, overrides, args.out.resolve(), args.python)
             for organ in FOLD_ORGANS[fold]:
                 snapshots.setdefault(variant, {})[organ] = str(snapshot)
-    from evaluation.evaluate import evaluate
     organs = [organ for fold in args.folds for organ in FOLD_ORGANS[fold]]
     settings = config["eval"]
     results = evaluate({"mask copy": None, **snapshots}, organs, config["path"]["data_dir"],

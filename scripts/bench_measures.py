@@ -32,6 +32,19 @@ import torch.nn.functional as F
 
 from util.errors import UserError
 from bench_timing import dispatch_fraction, measure
+from models.local_prototypes import LocalPrototypeHead
+from models.encoders import build_encoder
+from models.local_prototypes import grid_cells
+from config import ex  # before sacred: config.py silences its import warning
+from sacred.initialize import create_run
+from training.config_check import fold_training_classes
+from training.loop import train
+from dataloaders.organs import organ_index
+from dataloaders.phantom import render_subject
+from models.fewshot import FewShotSegNet
+from util.device import autocast
+from evaluation.inference import segment_query_volume
+from evaluation.protocol import get_preset, organ_range
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IMAGE_TOLERANCE = 1e-3        # max |logit difference| allowed between the reference and 'image' mode
@@ -75,7 +88,6 @@ def synthetic_episode(size: int, channels: int, stride: int, device: torch.devic
 
 
 def _head(mode: str, n_grid: int):
-    from models.local_prototypes import LocalPrototypeHead
     return LocalPrototypeHead(n_grid=n_grid, overlap=True, vote="max", resolution=mode)
 
 
@@ -134,7 +146,6 @@ def encoder_share(encoders: list[str], size: int, n_grid: int, device: torch.dev
                   repeats: int, min_seconds: float = 0.0) -> list[dict]:
     """Per encoder: forward time of one episode's 2 images (support + query) at size x size and the
     head time (both modes) on features of that encoder's shape; head share = head / encoder."""
-    from models.encoders import build_encoder
     rows = []
     images = torch.rand(2, 1, size, size, generator=torch.Generator().manual_seed(0)).to(device)
     for name in encoders:
@@ -159,7 +170,6 @@ def encoder_share(encoders: list[str], size: int, n_grid: int, device: torch.dev
 def head_scaling(sizes: list[int], grids: list[int], modes: list[str], device: torch.device,
                  repeats: int, channels: int = 256, stride: int = 8, min_seconds: float = 0.0) -> list[dict]:
     """Head forward time for every (mode, size, n_grid) with n_grid <= the feature map side."""
-    from models.local_prototypes import grid_cells
     rows = []
     for size in sizes:
         episode = synthetic_episode(size, channels, stride, device)
@@ -185,9 +195,7 @@ def resolve_config(named: str, updates: dict) -> dict:
     machine without network has no ImageNet weights to load.
     """
     updates = {**updates, "model": {**updates.get("model", {}), "pretrained": False}}
-    from sacred.initialize import create_run
 
-    from config import ex
     return dict(create_run(ex, "print_config", config_updates=updates, named_configs=[named]).config)
 
 
@@ -227,7 +235,6 @@ def make_synthetic_prep(folder: str, classes: list[int], size: int, n_volumes: i
 def _training_config(named: str, workdir: str, device: str, amp: bool, n_steps: int,
                      input_size: int | None) -> dict:
     """The named config for a short run on synthetic data under `workdir` (no validation, no saving)."""
-    from training.config_check import fold_training_classes
     updates = {"device": device, "amp": amp, "n_steps": n_steps, "val_every": 0, "save_every": n_steps,
                "print_every": n_steps, "num_workers": 0,
                "path": {"data_dir": os.path.join(workdir, "prep"), "log_dir": os.path.join(workdir, "runs")}}
@@ -243,7 +250,6 @@ def training_throughput(named: str, device: torch.device, amp: bool, n_steps: in
                         input_size: int | None = None) -> dict:
     """Median over `runs` short runs of training.loop.train of its seconds per step (the loop's own
     timer: the mean over steps 2..n_steps, each ended by loss.item(), data loading included)."""
-    from training.loop import train
     per_run, waits = [], []
     with tempfile.TemporaryDirectory(prefix="lslpn-bench-") as workdir:
         config = _training_config(named, workdir, device.type, amp, n_steps, input_size)
@@ -281,7 +287,6 @@ def training_step_memory(named: str, device: torch.device, amp: bool = False,
 
 def _memory_child() -> None:
     """Subprocess body of `training_step_memory`: one step of training.loop.train, then peaks."""
-    from training.loop import train
     args = json.loads(sys.argv[1])
     device = torch.device(args["device"])
     with tempfile.TemporaryDirectory(prefix="lslpn-bench-mem-") as workdir:
@@ -310,12 +315,6 @@ def inference_throughput(named: str, device: torch.device, repeats: int, volume_
     the support range is the liver's (protocol preset 'lslpn'), the query range is EVERY axial slice.
     The model is the named config's (random weights: speed does not depend on them).
     """
-    from dataloaders.organs import organ_index
-    from dataloaders.phantom import render_subject
-    from models.fewshot import FewShotSegNet
-    from util.device import autocast
-    from evaluation.inference import segment_query_volume
-    from evaluation.protocol import get_preset, organ_range
 
     config = resolve_config(named, {"input_size": input_size} if input_size else {})
     support, support_label, _, _ = render_subject(np.random.default_rng([0, 1]), volume_size, n_slices)
@@ -344,7 +343,6 @@ def inference_throughput(named: str, device: torch.device, repeats: int, volume_
 def gpu_dispatch(named: str, device: torch.device, input_size: int | None = None) -> dict:
     """CUDA only: dispatch fraction (see `dispatch_fraction`) of a training forward+backward of the
     named config's model on a synthetic batch, and of one inference batch (`model.segment`)."""
-    from models.fewshot import FewShotSegNet
     config = resolve_config(named, {"input_size": input_size} if input_size else {})
     size, B = config["input_size"], config["batch_size"]
     with contextlib.redirect_stderr(io.StringIO()):

@@ -10,7 +10,7 @@ from typing import Callable
 
 import torch
 
-from util.errors import UserError
+from util.provenance import git_commit
 
 
 @dataclass
@@ -78,18 +78,8 @@ def machine_description(device: torch.device) -> dict:
             "torch": torch.__version__, "python": platform.python_version(), "os": platform.platform()}
     if hasattr(os, "getloadavg"):
         info["load average (1, 5, 15 min) when described"] = ", ".join(f"{v:.2f}" for v in os.getloadavg())
-    from training.loop import git_commit
     info["code (git HEAD)"] = git_commit() or "unknown"
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
         info["cuda"] = torch.version.cuda
     return info
-
-
-def resolve_bench_device(name: str) -> torch.device:
-    """'cpu' or 'cuda' (a clear error when CUDA is asked for but absent)."""
-    if name not in ("cpu", "cuda"):
-        raise UserError(f"--device {name!r}: unknown: use cpu or cuda")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: no CUDA GPU is available here: use --device cpu")
-    return torch.device(name)

@@ -22,11 +22,14 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "scripts"))  # bench_measures.py, bench_timing.py beside this script
-sys.path.insert(0, os.path.join(ROOT, "tests"))  # the tests' literal reference of the head
 
 import bench_measures as bench  # noqa: E402
 import bench_timing as timing  # noqa: E402
+import torch  # noqa: E402
+from models.reference import cellwise_reference  # noqa: E402
 from util.cli import run_cli  # noqa: E402
+from util.atomic import write_text_atomic  # noqa: E402
+from util.device import resolve_device  # noqa: E402
 from util.errors import UserError  # noqa: E402
 
 TITLE = "# Benchmarks\n"
@@ -88,7 +91,7 @@ def render_section(name: str, results: dict, machine: dict, command: str, plan) 
     lines += ["", f"### 1. Head forward per episode ({h['size']} x {h['size']} input, {h['channels']}-channel "
               f"{h['feature_size']} x {h['feature_size']} features, n_grid {h['n_grid']}, overlapping, max vote, k=1)",
               "", "| implementation | median ms | spread ms | runs | speed-up vs reference |", "|---|---|---|---|---|",
-              f"| literal reference (`tests/literal_reference.py: cellwise_reference`, float32) | {ms(h['reference'].median)} | "
+              f"| literal reference (`models/reference.py: cellwise_reference`, float32) | {ms(h['reference'].median)} | "
               f"{spread(h['reference'])} | {runs_note(h['reference'])} | 1.0x |"]
     for mode in ("image", "feature"):
         lines.append(f"| LocalPrototypeHead resolution='{mode}' | {ms(h[mode].median)} | {spread(h[mode])} | "
@@ -191,10 +194,7 @@ def write_atomic(path: str, text: str) -> None:
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise UserError(f"--out {path}: folder {folder} does not exist: create it or choose another path")
-    tmp = os.path.join(folder, f"{os.path.basename(path)}.tmp-{os.getpid()}")
-    with open(tmp, "w") as handle:
-        handle.write(text)
-    os.replace(tmp, path)
+    write_text_atomic(text, path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -205,12 +205,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="markdown report to write, e.g. BENCHMARKS.md")
     parser.add_argument("--json", default=None, help="also write the raw figures (seconds) as JSON here")
     args = parser.parse_args(argv)
-    device = timing.resolve_bench_device(args.device)
+    if args.device not in ("cpu", "cuda"):  # a section per kind of device: 'auto' would not say which
+        raise UserError(f"--device {args.device!r}: unknown: use cpu or cuda")
+    device = resolve_device(args.device)
     plan = bench.make_plan(args.quick, args.size)
     machine_before = timing.machine_description(device)
     machine_before_load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-    import torch
-    from literal_reference import cellwise_reference
     reference = functools.partial(cellwise_reference, dtype=torch.float32)  # the head's precision
     start, loads = time.perf_counter(), [machine_before_load]
 

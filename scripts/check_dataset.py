@@ -15,6 +15,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from util.cli import run_cli  # noqa: E402
+from evaluation.dataset_check import check_prepared, format_table, prepared_mask_copy  # noqa: E402
 
 
 def main(argv: list[str]) -> int:
@@ -24,7 +25,6 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--preset", default="lslpn")
     args = parser.parse_args(argv)
 
-    from evaluation.dataset_check import check_prepared, format_table, prepared_mask_copy
     report = check_prepared(args.prep)
     print(format_table(report))
     if args.mask_copy:

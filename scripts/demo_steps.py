@@ -24,6 +24,11 @@ from pathlib import Path
 
 from dataloaders.organs import FOLD_ORGANS, TEST_ORGANS
 from util.errors import UserError
+from models.checkpoint import load_checkpoint
+from config import ex  # before sacred: config.py silences its import warning
+from sacred.initialize import create_run
+from evaluation.evaluate import evaluate
+from util.atomic import write_text_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
 PHANTOM_DIR = Path("data/phantom")
@@ -62,7 +67,6 @@ def run_step(title: str, command: list[str], log: list[dict]) -> None:
 
 def finished_run(log_dir: Path, name: str, n_steps: int) -> Path | None:
     """best.pth of the latest run under log_dir/name whose last.pth reached n_steps, else None."""
-    from models.checkpoint import load_checkpoint
     runs = sorted((p for p in (log_dir / name).glob("*") if p.name.isdigit()), key=lambda p: int(p.name))
     for run in reversed(runs):
         if (run / "last.pth").exists() and (run / "best.pth").exists():
@@ -73,8 +77,6 @@ def finished_run(log_dir: Path, name: str, n_steps: int) -> Path | None:
 
 def demo_n_steps() -> int:
     """n_steps of the `demo` named config (as train.py will resolve it)."""
-    from sacred.initialize import create_run
-    from config import ex
     return int(create_run(ex, "print_config", config_updates={}, named_configs=["demo"]).config["n_steps"])
 
 
@@ -125,10 +127,7 @@ def run_demo(redo: set[str], extra: list[str], device: str = "auto") -> dict:
     snapshots = train_all(log, bool({"phantom", "prepare", "train"} & redo), extra)
 
     print("\n==> evaluate mask copy, PANet and LSLPN on the gold volumes (preset lslpn)", flush=True)
-    from sacred.initialize import create_run
-    from config import ex
     config = create_run(ex, "print_config", config_updates={}, named_configs=["demo"]).config
-    from evaluation.evaluate import evaluate
     eval_start = time.perf_counter()
     results = evaluate({"mask copy": None, **snapshots}, TEST_ORGANS, PREP_DIR, preset="lslpn",
                        out_dir=RUN_DIR, split="gold", support="default", input_size=config["input_size"],
@@ -141,7 +140,6 @@ def run_demo(redo: set[str], extra: list[str], device: str = "auto") -> dict:
 
 def write_report(results: dict, log: list[dict], seconds: float) -> Path:
     """runs/demo/report.md: the Table 1 layout written by util/evaluate, plus how it was made."""
-    from util.atomic import write_text_atomic
     table = (RUN_DIR / "table.md").read_text().strip()
     lines = ["# LSLPN demo on the synthetic phantom", "",
              "Produced by `make demo` (`python scripts/demo.py`). Steps:", "",
@@ -160,7 +158,6 @@ def write_report(results: dict, log: list[dict], seconds: float) -> Path:
 
 def replace_block(path: Path, marker: str, body: str) -> None:
     """Replace the text between <!-- marker:begin --> and <!-- marker:end --> in `path` (atomic)."""
-    from util.atomic import write_text_atomic
     begin, end = f"<!-- {marker}:begin -->", f"<!-- {marker}:end -->"
     text = path.read_text()
     if begin not in text or end not in text:

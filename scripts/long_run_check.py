@@ -25,6 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from util.atomic import write_text_atomic  # noqa: E402
 from util.cli import run_cli  # noqa: E402
 from util.errors import UserError  # noqa: E402
 
@@ -108,9 +109,7 @@ def main(argv: list[str]) -> int:
     out = Path(args.out)
 
     def write(text: str) -> None:
-        tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
-        tmp.write_text(text)
-        os.replace(tmp, out)
+        write_text_atomic(text, out)
 
     def partial(samples, tail, seconds):  # the report so far, marked partial, after every sample
         write(report(samples, -1, seconds, command, args.steps, tail)[0].replace(

@@ -16,6 +16,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from util.cli import run_cli  # noqa: E402
+from dataloaders.prepared import default_support  # noqa: E402
+from evaluation.dataset_check import format_mask_copy, mask_copy_dice  # noqa: E402
+from dataloaders.phantom import generate_phantom  # noqa: E402
+from evaluation.protocol import get_preset  # noqa: E402
 
 
 def main(argv: list[str]) -> int:
@@ -33,9 +37,6 @@ def main(argv: list[str]) -> int:
     existing.add_argument("--skip-existing", action="store_true", help="do nothing when --out exists")
     args = parser.parse_args(argv)
 
-    from evaluation.dataset_check import default_support, format_mask_copy, mask_copy_dice
-    from dataloaders.phantom import generate_phantom
-    from evaluation.protocol import get_preset
     get_preset(args.preset)  # an unknown preset fails before anything is written
     out = Path(args.out)
     if args.skip_existing and out.exists():

@@ -17,6 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from dataloaders.prepare import Selection, prepare_dataset  # noqa: E402
 from util.cli import run_cli  # noqa: E402
 
 
@@ -43,7 +44,6 @@ def main(argv: list[str]) -> int:
     existing.add_argument("--skip-existing", action="store_true", help="do nothing when --out exists")
     args = parser.parse_args(argv)
 
-    from dataloaders.prepare import Selection, prepare_dataset
     out = Path(args.out)
     if args.skip_existing and out.exists():
         print(f"{out}: exists, kept (--skip-existing)")

@@ -17,6 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from util.cli import run_cli  # noqa: E402
 from util.errors import UserError  # noqa: E402
+from evaluation.segment import segment_volume  # noqa: E402
 
 EPILOG = """\
 Query range: --query-range Z0:Z1 gives the organ's axial slices in the query (half-open, like a
@@ -68,7 +69,6 @@ def main(argv: list[str]) -> int:
     if len(args.support_image) != len(args.support_mask) or not args.support_image:
         raise UserError(f"got {len(args.support_image)} --support-image and {len(args.support_mask)} "
                         "--support-mask: give them in pairs, at least one pair")
-    from evaluation.segment import segment_volume
     array, _ = segment_volume(args.checkpoint, list(zip(args.support_image, args.support_mask)), args.query,
                               out=args.out, support_label=args.support_label, label_map=args.label_map,
                               query_range=args.query_range, n_chunks=args.n_chunks, device=args.device,

@@ -448,7 +448,7 @@ def test_train_py_bad_input_matrix(tiny_prepared, broken_preps, tmp_path):
         ([f"path.data_dir={broken_preps['empty']}"], ["not a prepared folder"], False),
         ([f"path.data_dir={broken_preps['bad_meta']}"], ["meta.json is unreadable"], False),
         ([f"path.data_dir={broken_preps['bad_npy']}"], ["_image.npy", "truncated or corrupt"], True),
-        ([good, "model.n_grid=0"], ["model.n_grid=0"], False),
+        ([good, "model.n_grid=0"], ["model.n_grid = 0"], False),
         ([good, "lr=-0.1"], ["lr=-0.1"], False),
         ([good, "batch_size=0"], ["batch_size=0"], False),
         ([good, "input_size=8"], ["input_size=8"], False),
@@ -487,7 +487,7 @@ def test_test_py_bad_input_matrix_and_snapshots_on_the_command_line(tiny_prepare
         ([good, "eval.batch_size=0"], ["eval.batch_size=0"], False),
         ([good, "eval.n_shots=0"], ["eval.n_shots=0"], False),
         ([good, "eval.preset=bogus"], ["eval.preset='bogus'"], False),
-        ([good, "model.n_grid=0"], ["model.n_grid=0"], False),
+        ([good, "model.n_grid=0"], ["model.n_grid = 0"], False),
     ]
     ok = [good, f"eval.snapshots={{'LSLPN': '{seg['checkpoint']}'}}", 'eval.organs=["liver"]', "input_size=32"]
     results = run_sacred_cases("test", [base + updates for updates, _, _ in cases] + [base + ok])

@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 
 import benchmark as script  # noqa: E402  (scripts/benchmark.py)
-from literal_reference import cellwise_reference, literal_reference  # noqa: E402
+from models.reference import cellwise_reference, literal_reference  # noqa: E402
 import bench_measures as bench  # noqa: E402
 import bench_timing as timing  # noqa: E402
 from util.errors import UserError  # noqa: E402
@@ -114,9 +114,9 @@ def test_bad_options_are_one_line_errors(argv, words, tmp_path):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present")
-def test_cuda_without_a_gpu_is_a_one_line_error():
+def test_cuda_without_a_gpu_is_a_one_line_error(tmp_path):
     with pytest.raises(UserError, match="no CUDA GPU"):
-        timing.resolve_bench_device("cuda")
+        script.main(["--device", "cuda", "--out", str(tmp_path / "B.md")])
 
 
 def test_missing_out_folder_is_a_user_error(tmp_path):

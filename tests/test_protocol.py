@@ -71,6 +71,14 @@ def test_chunk_plan_skips_empty_chunks_and_groups_query_slices():
     assert sorted(np.concatenate([q for _, q in plan]).tolist()) == list(range(5, 18))
 
 
+def test_chunk_plan_with_one_support_volume_per_shot():
+    # centres of (0, 11) in 3 chunks: 2, 6, 10; of (10, 21): 12, 16, 20; shot j from volume j
+    plan = chunk_plan([(0, 11), (10, 21)], (0, 5), 3)
+    assert [(s.tolist(), q.tolist()) for s, q in plan] == [([2, 12], [0, 1]), ([6, 16], [2, 3]), ([10, 20], [4, 5])]
+    with pytest.raises(UserError, match="n_shots"):
+        chunk_plan([(0, 11), (10, 21)], (0, 5), 3, n_shots=2)
+
+
 def test_k_shot_offsets_around_chunk_centres_clipped():
     # L 12, n 3, k 3: centres 2, 6, 10 -> centre-1 .. centre+1
     assert support_shot_offsets(12, 3, 3).tolist() == [[1, 2, 3], [5, 6, 7], [9, 10, 11]]

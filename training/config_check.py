@@ -7,26 +7,21 @@ validation is on. Nothing is loaded beyond small JSON files.
 """
 from __future__ import annotations
 
-import json
 import numbers
 import os
 from typing import Any, Mapping
 
+import torch
+
 from dataloaders.organs import INDEX_TO_NAME, organ_index, training_classes
+from dataloaders.prepared import list_volumes, read_meta, read_slice_index
+from models.fewshot import check_model_options
 from util.errors import UserError
 from evaluation.protocol import PRESETS
 
-ENCODERS = ("vgg16", "resnet50_lslpn", "cnn_small")
-VOTES = ("max", "mean", "cover")
-RESOLUTIONS = ("image", "feature")
 CLASS_SETTINGS = ("six_organs", "all_structures")
 DEVICES = ("auto", "cpu", "cuda")
 SPLITS = ("gold", "val")
-
-
-def prepare_command(data_dir: str) -> str:
-    """The command that makes `data_dir` a prepared folder (for error messages)."""
-    return f"`python scripts/prepare_visceral.py --visceral-dir <VISCERAL dir> --out {data_dir}`"
 
 
 def _number(config: Mapping, key: str, value: Any, low=None, high=None, integer=False,
@@ -68,19 +63,6 @@ def _range(key: str, value: Any, positive: bool = True) -> None:
         raise UserError(f"config {key}={value!r} is not a range [low, high] with 0 < low <= high")
 
 
-def check_model(model: Mapping, prefix: str = "model") -> None:
-    """The model sub-config (encoder, grid, vote, ...)."""
-    _choice(f"{prefix}.encoder", model.get("encoder"), ENCODERS)
-    _number(model, f"{prefix}.n_grid", model.get("n_grid"), low=1, integer=True)
-    _flag(f"{prefix}.overlap", model.get("overlap"))
-    _choice(f"{prefix}.vote", model.get("vote"), VOTES)
-    _choice(f"{prefix}.resolution", model.get("resolution"), RESOLUTIONS)
-    _number(model, f"{prefix}.min_pixels", model.get("min_pixels", 0), low=0, integer=True)
-    _number(model, f"{prefix}.scale", model.get("scale", 1.0), low=0, low_open=True)
-    _flag(f"{prefix}.align", model.get("align", False))
-    _number(model, f"{prefix}.align_weight", model.get("align_weight", 0.0), low=0)
-
-
 def check_label_sets(label_sets: Any) -> None:
     """Four folds, each a non-empty list of known organ names."""
     if not isinstance(label_sets, (list, tuple)) or len(label_sets) != 4 or not all(
@@ -99,32 +81,11 @@ def fold_training_classes(config: Mapping) -> list[int]:
     return [c for c in training_classes(fold, config["class_setting"]) if c not in held_out]
 
 
-def read_meta(data_dir: str) -> dict:
-    """PREP/meta.json; a clear error naming the prepare command when the folder is not prepared."""
-    if not os.path.isdir(data_dir):
-        raise UserError(f"path.data_dir '{data_dir}' does not exist: prepare the data with "
-                        f"{prepare_command(data_dir)} or set path.data_dir")
-    path = os.path.join(data_dir, "meta.json")
-    if not os.path.isfile(path) or not os.path.isfile(os.path.join(data_dir, "index.json")):
-        raise UserError(f"path.data_dir '{data_dir}' is not a prepared folder (no meta.json/index.json): "
-                        f"run {prepare_command(data_dir)}")
-    try:
-        with open(path) as handle:
-            return json.load(handle)
-    except ValueError as error:
-        raise UserError(f"{path} is unreadable ({error}): re-run {prepare_command(data_dir)}")
-
-
 def check_training_data(config: Mapping) -> None:
     """The fold has enough training classes with slices; validation volumes exist when needed."""
     data_dir = config["path"]["data_dir"]
-    meta = read_meta(data_dir)
-    with open(os.path.join(data_dir, "index.json")) as handle:
-        try:
-            index = {int(k): v for k, v in json.load(handle)["slices"].items()}
-        except (ValueError, KeyError, TypeError, AttributeError) as error:
-            raise UserError(f"{data_dir}/index.json is unreadable ({error}): re-run "
-                            f"{prepare_command(data_dir)}")
+    meta = read_meta(data_dir, "path.data_dir")
+    index = read_slice_index(data_dir, "path.data_dir")
     classes = fold_training_classes(config)
     need = config["n_shots"] + -(-config["n_queries"] // config["n_ways"])
     usable = [c for c in classes if len(index.get(c, ())) >= need]
@@ -157,7 +118,7 @@ def check_config(config: Mapping, command: str = "train") -> None:
     _number(config, "num_workers", config.get("num_workers", 0), low=0, integer=True)
     _number(config, "input_size", config.get("input_size"), low=16, integer=True)
     _number(config, "seed", config.get("seed"), low=0, integer=True)
-    check_model(config.get("model", {}))
+    check_model_options(config.get("model", {}))  # the model's own rules (models/fewshot.py)
     name = config.get("name")
     if name is not None and (not isinstance(name, str) or not name or "/" in name or name in (".", "..")):
         raise UserError(f"config name={name!r} must be None or a folder name (no '/')")
@@ -169,7 +130,6 @@ def check_config(config: Mapping, command: str = "train") -> None:
         raise UserError(f"config path.init_path='{init_path}' does not exist: give a local ImageNet "
                         "checkpoint of the encoder or None (weights are never downloaded)")
     if config.get("device") == "cuda":
-        import torch
         if not torch.cuda.is_available():
             raise UserError("config device='cuda' but no CUDA GPU is available: use device=cpu or auto")
     if command == "train":
@@ -177,7 +137,7 @@ def check_config(config: Mapping, command: str = "train") -> None:
         check_training_data(config)
     else:
         check_eval_config(config)
-        read_meta(paths["data_dir"])
+        read_meta(paths["data_dir"], "path.data_dir")
         check_eval_support(config)
 
 
@@ -218,9 +178,10 @@ def check_eval_support(config: Mapping) -> None:
     chosen = [str(s) for s in support] if isinstance(support, (list, tuple)) else [str(support)]
     if chosen in (["default"], ["all"]):
         return
-    folder = os.path.join(config["path"]["data_dir"], "volumes", str(split))
-    pids = sorted(name[:-4] for name in os.listdir(folder) if name.endswith(".npz")) \
-        if os.path.isdir(folder) else []
+    try:
+        pids = list_volumes(config["path"]["data_dir"], str(split))
+    except UserError:  # no volumes: every named support is missing, said below
+        pids = []
     missing = [pid for pid in chosen if pid not in pids]
     if missing:
         raise UserError(f"config eval.support={support!r}: volume {', '.join(missing)} is not among the "

@@ -25,7 +25,6 @@ import hashlib
 import json
 import math
 import os
-import subprocess
 import time
 from typing import Any, Mapping
 
@@ -36,12 +35,15 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from dataloaders.episodes import EpisodeDataset, StepBatchSampler
-from dataloaders.intensity import prepared_intensity
+from dataloaders.prepared import prepared_intensity
+from evaluation.evaluate import validate
 from models.checkpoint import check_compatible, load_checkpoint, save_checkpoint
+from models.fewshot import FewShotSegNet
 from training.config_check import check_config, fold_training_classes
 from util.device import (Distributed, autocast, distributed_from_env, get_rng_state, init_distributed,
                          make_grad_scaler, resolve_device, seed_everything, set_rng_state)
 from util.errors import UserError
+from util.provenance import git_commit, weights_digest
 
 HASH_EXCLUDED = ("resume", "n_steps", "save_every", "val_every", "print_every", "num_workers", "device",
                  "eval", "path.log_dir")
@@ -86,28 +88,6 @@ def find_resume_checkpoint(log_dir: str, name: str, wanted_hash: str) -> str | N
     return max(candidates)[1] if candidates else None
 
 
-def git_commit() -> str | None:
-    """HEAD commit of the code's repository ('+dirty' when modified), None outside git."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
-                              timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return head + ("+dirty" if dirty else "")
-
-
-def weights_digest(model: torch.nn.Module) -> str:
-    """SHA-256 (16 hex digits) of all parameters and buffers, in state_dict order."""
-    digest = hashlib.sha256()
-    for key, value in model.state_dict().items():
-        digest.update(key.encode())
-        digest.update(value.detach().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()[:16]
-
-
 # ---------------------------------------------------------------------------------- the loop
 def train(config: Mapping[str, Any], run=None) -> dict:
     """Train one fold as configured; `run` is the Sacred Run (metrics, info, run folder) or None."""
@@ -122,8 +102,6 @@ def train(config: Mapping[str, Any], run=None) -> dict:
 
 
 def _train(cfg: dict, run, ctx: Distributed, device: torch.device) -> dict:
-    from models.fewshot import FewShotSegNet  # the model engineer's module
-
     run_dir = run.observers[0].dir if (run is not None and run.observers and ctx.is_main) else None
     chash = config_hash(cfg)
     if run is not None:
@@ -287,10 +265,6 @@ def _state(cfg, model, optimizer, scheduler, scaler, step, rngs, chash, best_dic
 def _validate(cfg, model, device, ctx, run, run_dir, step, best_dice, make_state):
     """Rank 0: volumetric Dice on the 'val' split; best.pth when it improves. Returns the best Dice."""
     if ctx.is_main:
-        try:
-            from evaluation.evaluate import validate
-        except ImportError as error:
-            raise UserError(f"validation needs evaluation/evaluate.py ({error}): set val_every=0 to train without it")
         organs = list(cfg["label_sets"][cfg["fold"]])
         result = validate(model, cfg["path"]["data_dir"], split="val", organs=organs,
                           preset=cfg["eval"]["preset"], input_size=cfg["input_size"], device=device,

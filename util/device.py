@@ -23,8 +23,13 @@ import torch.distributed as dist
 from util.errors import UserError
 
 
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    """torch.device for 'auto' (CUDA when present, else CPU), 'cpu' or 'cuda' (error when absent)."""
+def resolve_device(name: str | torch.device, local_rank: int = 0) -> torch.device:
+    """torch.device for 'auto' (CUDA when present, else CPU), 'cpu' or 'cuda' (error when absent).
+
+    The project's one device resolver; a torch.device is returned unchanged.
+    """
+    if isinstance(name, torch.device):
+        return name
     if name not in ("auto", "cpu", "cuda"):
         raise UserError(f"device '{name}' is unknown: use 'auto', 'cpu' or 'cuda'")
     if name == "cuda" and not torch.cuda.is_available():

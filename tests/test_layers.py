@@ -1,0 +1,69 @@
+"""The package layering of docs/DESIGN.md ("Module map"), read from the source with `ast`.
+
+Every import points down: training -> evaluation -> models / dataloaders -> util; no library module
+imports config.py, Sacred, scripts/ or tests/; nothing outside tests/ imports a tests/ module.
+"""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+LEVEL = {"util": 0, "dataloaders": 1, "models": 1, "evaluation": 2, "training": 3}
+FORBIDDEN_IN_LIBRARY = {"config", "sacred", "train", "test", "tests", "scripts"}
+TEST_MODULES = {path.stem for path in (ROOT / "tests").glob("*.py")}
+
+
+def imported_modules(path: Path) -> list[tuple[int, str]]:
+    """(line, top-level dotted name) of every absolute import in one file, at any depth."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, alias.name) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            found.append((node.lineno, node.module))
+    return found
+
+
+def library_files() -> list[Path]:
+    return sorted(path for package in LEVEL for path in (ROOT / package).glob("*.py"))
+
+
+@pytest.mark.parametrize("path", library_files(), ids=lambda p: str(p.relative_to(ROOT)))
+def test_library_imports_point_down(path):
+    package = path.parent.name
+    wrong = []
+    for line, module in imported_modules(path):
+        top = module.split(".")[0]
+        if top in FORBIDDEN_IN_LIBRARY or top in TEST_MODULES:
+            wrong.append(f"line {line}: {module} (library code may not import it)")
+        elif top in LEVEL and top != package and LEVEL[top] >= LEVEL[package]:
+            wrong.append(f"line {line}: {module} (not below {package}/)")
+    assert not wrong, f"{path.relative_to(ROOT)}: " + "; ".join(wrong)
+
+
+def test_nothing_outside_tests_imports_a_test_module():
+    outside = [path for path in ROOT.glob("*.py")] + sorted((ROOT / "scripts").glob("*.py")) + library_files()
+    wrong = [f"{path.relative_to(ROOT)} line {line}: {module}" for path in outside
+             for line, module in imported_modules(path) if module.split(".")[0] in TEST_MODULES | {"tests"}]
+    assert not wrong, "; ".join(wrong)
+
+
+def inner_imports(path: Path) -> list[int]:
+    """Line numbers of the imports inside function bodies of one file."""
+    lines = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            lines += [sub.lineno for sub in ast.walk(node) if isinstance(sub, (ast.Import, ast.ImportFrom))]
+    return sorted(set(lines))
+
+
+@pytest.mark.parametrize("path", library_files(), ids=lambda p: str(p.relative_to(ROOT)))
+def test_an_import_inside_a_function_says_why(path):
+    source = path.read_text().splitlines()
+    silent = [line for line in inner_imports(path)
+              if "#" not in source[line - 1] and not source[line - 2].strip().startswith("#")]
+    assert not silent, (f"{path.relative_to(ROOT)}: imports inside functions at lines {silent} without a comment "
+                        "saying why (a cycle, or a heavy optional dependency): move them to the top")
