@@ -10,6 +10,7 @@ misalignment.png and predictions/<method>/<query>_<organ>.nii.gz in each query's
 """
 from __future__ import annotations
 
+import time
 import warnings
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from sacred.observers import FileStorageObserver  # noqa: E402
 from config import ex, run_sacred  # noqa: E402
 from evaluation.evaluate import evaluate  # noqa: E402
 from training.config_check import check_config  # noqa: E402
+from util.device import autocast, resolve_device  # noqa: E402
 
 
 @ex.config_hook
@@ -38,21 +40,25 @@ def attach_test_observer(config, command_name, logger):
 
 
 @ex.main
-def evaluate_snapshots(_config, _run, fold, label_sets, input_size, device, path, eval):  # noqa: A002
+def evaluate_snapshots(_config, _run, fold, label_sets, input_size, device, amp, path, eval):  # noqa: A002
     """Run evaluation.evaluate.evaluate for the mask-copy baseline and every eval.snapshots entry.
 
     `eval` is a captured argument so that Sacred accepts new keys inside eval.snapshots given on the
     command line (`'eval.snapshots={"LSLPN": "runs/.../best.pth"}'`) instead of raising ConfigAddedError.
+    `amp` (as in training) runs the models' forward passes under autocast.
     """
     settings = eval
     organs = settings.get("organs") or label_sets[fold]
     run_dirs = [o.dir for o in _run.observers if getattr(o, "dir", None)]
     out_dir = Path(run_dirs[0]) if run_dirs else Path(path["log_dir"]) / "test" / "unobserved"
     methods = {"mask copy": None, **dict(settings["snapshots"])}
-    results = evaluate(methods, organs, path["data_dir"], preset=settings["preset"], out_dir=out_dir,
-                       split=settings["split"], support=settings["support"], n_shots=settings["n_shots"],
-                       input_size=input_size, device=device, batch_size=settings["batch_size"],
-                       save_predictions=settings["save_predictions"], fold=fold, config=dict(_config))
+    tic = time.perf_counter()
+    with autocast(resolve_device(device), amp):
+        results = evaluate(methods, organs, path["data_dir"], preset=settings["preset"], out_dir=out_dir,
+                           split=settings["split"], support=settings["support"], n_shots=settings["n_shots"],
+                           input_size=input_size, device=device, batch_size=settings["batch_size"],
+                           save_predictions=settings["save_predictions"], fold=fold, config=dict(_config))
+    _run.info["evaluate_seconds"] = time.perf_counter() - tic  # loading, mask copy and outputs included
     print((out_dir / "table.md").read_text())
     print(f"outputs: {out_dir}")
     return {method: row["mean"] for method, row in results["table"]["range"].items()}
