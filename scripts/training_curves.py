@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import sys
 from pathlib import Path
@@ -21,6 +20,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from util.atomic import atomic_path  # noqa: E402
 from util.cli import run_cli  # noqa: E402
 from util.errors import UserError  # noqa: E402
 
@@ -108,15 +108,11 @@ def plot(curves: dict, out: str | Path, command: str) -> Path:
     fig.text(0.5, -0.01, f"made by: {command}", ha="center", fontsize=7, color="grey")
     fig.tight_layout(rect=(0, 0, 1, 0.94))
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    temporary = out.with_name(f"{out.stem}.tmp-{os.getpid()}{out.suffix}")
     try:
-        fig.savefig(temporary, dpi=110, bbox_inches="tight")
-        os.replace(temporary, out)
+        with atomic_path(out) as temporary:
+            fig.savefig(temporary, format=out.suffix.lstrip(".") or "png", dpi=110, bbox_inches="tight")
     finally:
         plt.close(fig)
-        if temporary.exists():
-            temporary.unlink()
     return out
 
 
