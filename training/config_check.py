@@ -11,11 +11,10 @@ import numbers
 import os
 from typing import Any, Mapping
 
-import torch
-
 from dataloaders.organs import INDEX_TO_NAME, organ_index, training_classes
 from dataloaders.prepared import list_volumes, read_meta, read_slice_index
 from models.fewshot import check_model_options
+from util.device import resolve_device
 from util.errors import UserError
 from evaluation.protocol import PRESETS
 
@@ -129,9 +128,7 @@ def check_config(config: Mapping, command: str = "train") -> None:
     if init_path is not None and not os.path.isfile(str(init_path)):
         raise UserError(f"config path.init_path='{init_path}' does not exist: give a local ImageNet "
                         "checkpoint of the encoder or None (weights are never downloaded)")
-    if config.get("device") == "cuda":
-        if not torch.cuda.is_available():
-            raise UserError("config device='cuda' but no CUDA GPU is available: use device=cpu or auto")
+    resolve_device(config["device"])  # 'cuda' without a GPU: the one resolver's one-line error
     if command == "train":
         check_training_config(config)
         check_training_data(config)
