@@ -27,6 +27,16 @@ from models.panet import PANetHead, alignment_loss, upsample
 from util.errors import UserError
 
 HEADS = ("local", "panet")
+# The model of the authors' code (method.md section 6): the config an official-code snapshot is run with.
+OFFICIAL_MODEL_CONFIG = {"encoder": "resnet50_lslpn", "head": "local", "n_grid": 8, "overlap": True,
+                         "vote": "max", "resolution": "image", "min_pixels": 10, "scale": 20.0,
+                         "empty_cell": "zero", "align": False}
+
+
+def is_official_snapshot(state) -> bool:
+    """A raw state dict saved by the official code: tensors under encoder.* (or module.encoder.*)."""
+    return isinstance(state, dict) and bool(state) and all(isinstance(v, torch.Tensor) for v in state.values()) \
+        and all(k.removeprefix("module.").startswith("encoder.") for k in state)
 # config keys the network is built from; missing keys take the constructor defaults (older snapshots)
 _CONFIG_KEYS = ("encoder", "head", "n_grid", "overlap", "vote", "resolution", "min_pixels", "scale",
                 "empty_cell", "align")

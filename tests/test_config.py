@@ -20,7 +20,7 @@ EXPECTED = {
     "util": {"errors", "cli", "atomic", "device"},
     "dataloaders": {"nifti", "visceral", "multilabel", "phantom", "prepare", "episodes", "transforms", "intensity",
                     "organs"},
-    "models": {"encoders", "local_prototypes", "fewshot", "checkpoint"},
+    "models": {"encoders", "grid", "local_prototypes", "reference", "panet", "weights", "fewshot", "checkpoint"},
     "evaluation": {"protocol", "metrics", "inference", "segment", "evaluate", "results", "figures", "dataset_check"},
     "training": {"loop", "config_check"},
 }
@@ -35,7 +35,7 @@ def test_every_module_imports(package):
     assert all(m.__name__.startswith(package + ".") for m in imported)
 
 
-def test_defaults_match_the_paper():
+def test_defaults_grid_and_folds():
     config = _resolve()
     assert config["input_size"] == 512
     assert (config["n_ways"], config["n_shots"], config["n_queries"]) == (1, 1, 1)
@@ -55,10 +55,21 @@ def test_defaults_match_the_paper():
 
 
 def test_named_configs_override_only_what_they_say():
-    paper = _resolve(["paper"])
-    assert paper == _resolve()  # 'paper' spells out the defaults
+    from config import differences_from_default
+    official, paper = _resolve(["official"]), _resolve(["paper"])
+    # 'paper' is the authors' code with the paper's text where they differ: the milestones only
+    assert differences_from_default(paper) == {k: v for k, v in differences_from_default(official).items()
+                                               if k != "lr_milestones"}
+    assert official["lr_milestones"] == [800, 1600, 2400] and paper["lr_milestones"] == [2500, 5000, 7500]
+    model = official["model"]
+    assert (model["encoder"], model["empty_cell"], model["vote"], model["align"], model["pretrained"]) == \
+        ("resnet50_lslpn", "zero", "max", False, True)
+    assert official["eval"]["preset"] == "official" and official["val_split"] == "val"
+    assert set(differences_from_default(official)) <= {"model.encoder", "model.empty_cell", "lr_milestones",
+                                                       "eval.preset"}
     panet = _resolve(["panet"])
     assert panet["model"]["n_grid"] == 1 and panet["model"]["align"] is True
+    assert panet["model"]["head"] == "panet"
     assert panet["model"]["vote"] == "max"  # untouched keys keep their defaults
     demo = _resolve(["demo"])
     assert demo["input_size"] < 512 and demo["n_steps"] < 10000

@@ -220,3 +220,15 @@ def test_gradients_reach_trainable_parameters(name):
         assert encoder.fuse.training                         # dropout follows train()
     elif name == "cnn_small":
         assert any(not torch.equal(b, m.running_mean) for b, m in zip(before, bns))  # BN trains
+
+
+def test_official_snapshot_as_a_test_snapshot(tmp_path):
+    """test.py / evaluate load a raw official-code state dict with the official model config."""
+    from models.checkpoint import model_from_checkpoint
+    encoder_state, path = _official_snapshot(tmp_path)
+    model, state = model_from_checkpoint(path)
+    assert state["official_snapshot"] and model.config["empty_cell"] == "zero"
+    assert torch.equal(model.encoder.layer4[0].weight, encoder_state["layer4.0.weight"])
+    _, partial = _official_snapshot(tmp_path, drop="layer2.1.conv2.weight")
+    with pytest.raises(UserError, match=r"official.pth \(official-code snapshot\): does not match .*layer2.1.conv2"):
+        model_from_checkpoint(partial)
