@@ -139,7 +139,7 @@ def run_demo(redo: set[str], extra: list[str], device: str = "auto") -> dict:
 
 
 def write_report(results: dict, log: list[dict], seconds: float) -> Path:
-    """runs/demo/report.md: the Table 1 layout written by util/evaluate, plus how it was made."""
+    """runs/demo/report.md: the Table 1 layout written by evaluation/evaluate.py, plus how it was made."""
     table = (RUN_DIR / "table.md").read_text().strip()
     lines = ["# LSLPN demo on the synthetic phantom", "",
              "Produced by `make demo` (`python scripts/demo.py`). Steps:", "",

@@ -4,7 +4,7 @@ no Python traceback, and no (partial) output left behind.
 Scripts (make_phantom, prepare_visceral, check_dataset, segment_volume) run in-process through
 `util.cli.run_cli` (an unexpected exception would fail the test: that is the traceback case). The
 Sacred entry points (train.py, test.py) run in ONE subprocess each (`SACRED_DRIVER`) that calls
-`util.cli.run_sacred` once per case with stderr captured, so each case costs no extra torch import;
+`config.run_sacred` once per case with stderr captured, so each case costs no extra torch import;
 `test_real_processes_*` run the real `python X.py` for the process contract and the --debug switch.
 
 Cases already covered elsewhere are not repeated here (column "elsewhere"); "ok" rows are input that
