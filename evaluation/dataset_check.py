@@ -21,7 +21,7 @@ from dataloaders.organs import INDEX_TO_NAME, NAME_TO_INDEX, TEST_ORGANS
 from dataloaders.prepared import default_support
 from util.errors import UserError
 from evaluation.metrics import dice
-from evaluation.protocol import get_preset, mask_copy, organ_range
+from evaluation.protocol import get_preset, mask_copy, preset_range
 
 VOLUME_KEYS = ("image", "label", "affine", "original_affine", "original_shape", "original_axcodes", "spacing")
 
@@ -42,18 +42,19 @@ def mask_copy_dice(labels: dict[str, np.ndarray], support: str | None = None, pr
     for organ in organs or TEST_ORGANS:
         index = NAME_TO_INDEX[organ]
         support_mask = labels[support] == index
-        support_range = organ_range(support_mask, rule.threshold)
+        support_range = preset_range(support_mask, rule)
         per_query = {}
         for pid, label in sorted(labels.items()):
             if pid == support or support_range is None:
                 continue
             query_mask = label == index
-            query_range = organ_range(query_mask, rule.threshold)
+            query_range = preset_range(query_mask, rule, role="query")
             if query_range is None:
                 continue
-            prediction = mask_copy(support_mask, support_range, query_mask.shape, query_range, rule.n_chunks)
+            prediction = mask_copy(support_mask, support_range, query_mask.shape, query_range, rule.n_chunks,
+                                   rule.rule)
             z = slice(query_range[0], query_range[1] + 1)
-            per_query[pid] = dice(prediction[..., z], query_mask[..., z])
+            per_query[pid] = dice(prediction[..., z], query_mask[..., z], rule.dice_smooth, rule.dice_eps)
         values = list(per_query.values())
         results[organ] = {"mean": float(np.mean(values)) if values else float("nan"),
                           "median": float(np.median(values)) if values else float("nan"),

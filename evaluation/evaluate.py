@@ -19,14 +19,15 @@ from tqdm.auto import tqdm
 from dataloaders.nifti import save_nifti_atomic, to_original
 from dataloaders.organs import FOLD_ORGANS, canonical_name, organ_index
 from dataloaders.prepared import default_support, list_volumes, load_volume, read_meta
-from models.checkpoint import model_from_checkpoint, model_input, trained_input
+from models.checkpoint import DEFAULT_INPUT_SIZE, model_from_checkpoint, model_input, trained_input
+from models.factory import PROTOTYPE, SENET, check_method
 from util.atomic import atomic_path
 from util.device import resolve_device
 from util.errors import UserError
 from evaluation.figures import make_figures
 from evaluation.inference import segment_query_volume
 from evaluation.metrics import dice
-from evaluation.protocol import aggregate, get_preset, mask_copy, organ_range, support_slices_for_query
+from evaluation.protocol import aggregate, get_preset, mask_copy, preset_range, support_slices_for_query
 from evaluation.results import _jsonable, summarise, write_outputs
 
 # ----------------------------------------------------------------------------------------- data
@@ -57,7 +58,7 @@ def organ_names(organs: list[str]) -> list[str]:
 # -------------------------------------------------------------------------------------- methods
 def load_snapshot(path: str | Path, device: str | torch.device = "cpu", input_size: int | None = None,
                   intensity: dict | None = None) -> tuple[torch.nn.Module, dict]:
-    """Build a FewShotSegNet from a checkpoint; returns (model in eval mode, checkpoint info).
+    """Build a FewShotSegNet or SENet from a checkpoint; returns (model in eval mode, checkpoint info).
 
     info['input'] is the input size and intensity it is run with (`models.checkpoint.model_input`
     of the requested ones); info['input_size'] / info['intensity'] are what it was trained with.
@@ -69,11 +70,27 @@ def load_snapshot(path: str | Path, device: str | torch.device = "cpu", input_si
     model, state = model_from_checkpoint(str(path), resolve_device(device))
     config = dict(state["config"])
     trained_size, trained_intensity = trained_input(state)
-    run_size, run_intensity = model_input(state, input_size, intensity)
+    # the data's intensity is a fallback here, not an override: a snapshot trained otherwise is refused
+    # by check_intensity with one line (no warning first)
+    run_size, run_intensity = model_input(state, input_size, None, intensity, name=f"snapshot {path}")
     info = {"snapshot": str(path), "snapshot_fold": state.get("fold"), "model_config": config,
             "step": state.get("step"), "input_size": trained_size, "intensity": trained_intensity,
             "input": {"input_size": run_size, "intensity": run_intensity}}
     return model, info
+
+
+# A method listed under one of these names must hold that kind of model (the demo's and test.py's names).
+EXPECTED_METHOD = {"senet": SENET, "lslpn": PROTOTYPE, "panet": PROTOTYPE}
+
+
+def check_methods(prepared: dict) -> None:
+    """A snapshot listed as SENet must hold SENet, one listed as LSLPN/PANet a prototype model."""
+    for name, per_organ in prepared.items():
+        words = "".join(ch if ch.isalnum() else " " for ch in name.lower()).split()
+        expected = next((EXPECTED_METHOD[w] for w in words if w in EXPECTED_METHOD), None)
+        for _, info in per_organ.values():
+            if expected is not None and info.get("model_config") is not None:
+                check_method(info["model_config"], expected, f"{info['snapshot']} ({name})")
 
 
 def check_intensity(prepared: dict, intensity: dict) -> None:
@@ -129,10 +146,11 @@ def predict(model, support: dict, query: dict, organ_label: int, support_range, 
     """Protocol prediction (X x Y x Z bool) of one method; model None = mask copy."""
     support_mask = support["label"] == organ_label
     if model is None:
-        return mask_copy(support_mask, support_range, query["label"].shape, query_range, preset.n_chunks)
+        return mask_copy(support_mask, support_range, query["label"].shape, query_range, preset.n_chunks,
+                         preset.rule)
     return segment_query_volume(model, support["image"], support_mask, query["image"], support_range,
                                 query_range, preset.n_chunks, input_size, intensity, device,
-                                batch_size, n_shots)
+                                batch_size, n_shots, preset.rule)
 
 
 def run_protocol(methods: dict[str, dict], organs: list[str], prep_dir, split: str, supports: list[str],
@@ -158,8 +176,8 @@ def run_protocol(methods: dict[str, dict], organs: list[str], prep_dir, split: s
         query = load_volume(prep_dir, split, qid)
         for organ in organs:
             label = organ_index(organ)
-            support_range = organ_range(support["label"] == label, preset.threshold)
-            query_range = organ_range(query["label"] == label, preset.threshold)
+            support_range = preset_range(support["label"] == label, preset)
+            query_range = preset_range(query["label"] == label, preset, role="query")
             reason = None
             if support_range is None:
                 reason = f"{organ} absent from support {sid} (no slice with > {preset.threshold} voxels)"
@@ -175,12 +193,13 @@ def run_protocol(methods: dict[str, dict], organs: list[str], prep_dir, split: s
                 if reason is not None:
                     continue
                 model, info = per_organ[organ]
-                run = info.get("input", {"input_size": input_size, "intensity": intensity})
+                run = info.get("input", {"input_size": input_size or DEFAULT_INPUT_SIZE, "intensity": intensity})
                 prediction = predict(model, support, query, label, support_range, query_range, preset,
                                      run["input_size"], run["intensity"], device, batch_size, n_shots)
                 target = query["label"] == label
                 lo, hi = query_range
-                record["dice_range"] = dice(prediction[:, :, lo:hi + 1], target[:, :, lo:hi + 1])
+                record["dice_range"] = dice(prediction[:, :, lo:hi + 1], target[:, :, lo:hi + 1],
+                                            preset.dice_smooth, preset.dice_eps)  # 'official'/'senet': smoothed
                 record["dice_volume"] = dice(prediction, target)
                 if on_prediction is not None:
                     on_prediction(record, support, query, prediction)
@@ -260,7 +279,9 @@ class _Collector:
             lo, hi = record["query_range"]
             z = (lo + hi) // 2
             support_z = int(support_slices_for_query(record["support_range"], record["query_range"],
-                                                     get_preset(record["preset"]).n_chunks)[z - lo])
+                                                     get_preset(record["preset"]).n_chunks,
+                                                     get_preset(record["preset"]).rule,
+                                                     support["label"] == organ_index(organ))[z - lo])
             label = organ_index(organ)
             entry = self.figure[organ] = {
                 "support": record["support"], "query": record["query"], "query_z": z, "support_z": support_z,
@@ -273,7 +294,7 @@ class _Collector:
 
 def evaluate(methods: dict, organs: list[str], prep_dir: str | Path, preset: str = "lslpn",
              out_dir: str | Path | None = None, split: str = "gold", support="default", n_shots: int = 1,
-             input_size: int = 512, device="auto", batch_size: int = 16, save_predictions: bool = True,
+             input_size: int | None = None, device="auto", batch_size: int = 16, save_predictions: bool = True,
              fold: int | None = None, config: dict | None = None, progress: bool = True,
              figures: bool = True) -> dict:
     """Run the volumetric protocol for several methods and organs and write every output once.
@@ -297,6 +318,7 @@ def evaluate(methods: dict, organs: list[str], prep_dir: str | Path, preset: str
     device = resolve_device(device)
     prepared = {name: prepare_method(spec, organs, device, input_size, intensity) for name, spec in methods.items()}
     check_intensity(prepared, intensity)
+    check_methods(prepared)
     out = Path(out_dir) if out_dir is not None else None
     collector = _Collector(out, save_predictions, len(supports) > 1)
     records = run_protocol(prepared, organs, prep_dir, split, supports, protocol, input_size, device,

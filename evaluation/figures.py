@@ -11,15 +11,17 @@ left (radiological convention): `display = flip(slice.T, both axes)`.
 """
 from __future__ import annotations
 
-import json
+import zipfile
 from pathlib import Path
 
 import numpy as np
 
 from util.atomic import atomic_path
 from util.errors import UserError
+from evaluation.results import read_results
 
 MASK_COPY = "mask copy"
+METHOD_ORDER = (MASK_COPY, "PANet", "SENet", "LSLPN")   # the published table's order; others after, by name
 ORGAN_COLOURS = {"liver": "tab:red", "spleen": "tab:purple", "kidney_right": "tab:blue",
                  "kidney_left": "tab:cyan", "psoas_right": "tab:orange", "psoas_left": "tab:olive"}
 
@@ -50,14 +52,19 @@ def load_figure_data(path: str | Path) -> dict[str, dict]:
     if not path.is_file():
         raise UserError(f"{path} is missing: run test.py (or evaluation.evaluate.evaluate with out_dir) first")
     data: dict[str, dict] = {}
-    with np.load(path) as archive:
-        for key in archive.files:
-            parts = key.split("|")
-            entry = data.setdefault(parts[0], {"predictions": {}})
-            if parts[1] == "prediction":
-                entry["predictions"][parts[2]] = archive[key]
-            else:
-                entry[parts[1]] = archive[key]
+    try:
+        with np.load(path) as archive:
+            for key in archive.files:
+                parts = key.split("|")
+                entry = data.setdefault(parts[0], {"predictions": {}})
+                if parts[1] == "prediction":
+                    entry["predictions"][parts[2]] = archive[key]
+                else:
+                    entry[parts[1]] = archive[key]
+    except (ValueError, OSError, EOFError, IndexError, zipfile.BadZipFile) as error:
+        reason = " ".join(f"{type(error).__name__}: {error}".split())[:80]
+        raise UserError(f"{path}: unreadable ({reason}): the file is corrupt or truncated; run test.py again "
+                        "for this folder") from None
     return data
 
 
@@ -73,7 +80,8 @@ def qualitative_figure(data: dict[str, dict], path: str | Path) -> Path:
     if not data:
         raise UserError("no organ was scored, so there is nothing to draw: check the skipped cases in results.json")
     plt = _pyplot()
-    methods = sorted({m for entry in data.values() for m in entry["predictions"]}, key=lambda m: (m != MASK_COPY, m))
+    methods = sorted({m for entry in data.values() for m in entry["predictions"]},
+                     key=lambda m: (METHOD_ORDER.index(m) if m in METHOD_ORDER else len(METHOD_ORDER), m))
     fig, axes = plt.subplots(len(data), 1 + len(methods), figsize=(2.6 * (1 + len(methods)), 2.6 * len(data)),
                              squeeze=False)
     for row, (organ, entry) in enumerate(data.items()):
@@ -141,10 +149,7 @@ def misalignment_figure(results: dict, path: str | Path) -> Path | None:
 def make_figures(run_dir: str | Path) -> list[Path]:
     """Write results.png and (with a mask-copy row and a model) misalignment.png in `run_dir`."""
     run_dir = Path(run_dir)
-    results_path = run_dir / "results.json"
-    if not results_path.is_file():
-        raise UserError(f"{results_path} is missing: point at a folder written by test.py")
-    results = json.loads(results_path.read_text())
+    results = read_results(run_dir)
     data = load_figure_data(run_dir / "figure_data.npz")
     written = [qualitative_figure(data, run_dir / "results.png")] if data else []  # none: nothing scored
     scatter = misalignment_figure(results, run_dir / "misalignment.png")

@@ -94,12 +94,12 @@ def segment_query_volume(model, support_image: np.ndarray, support_mask: np.ndar
                          query_image: np.ndarray, support_range: tuple[int, int],
                          query_range: tuple[int, int], n_chunks: int, input_size: int,
                          intensity: dict, device: str | torch.device = "cpu", batch_size: int = 16,
-                         n_shots: int = 1) -> np.ndarray:
+                         n_shots: int = 1, rule: str = "inclusive") -> np.ndarray:
     """Protocol prediction for one organ on one query volume; X x Y x Z bool, 0 outside query_range.
 
     support_image, query_image: canonical HU volumes (X x Y x Z); support_mask: X x Y x Z binary mask
     of the organ in the support volume; k = n_shots slices of it per chunk (`chunk_plan`).
     """
-    plan = chunk_plan(support_range, query_range, n_chunks, n_shots)
+    plan = chunk_plan(support_range, query_range, n_chunks, n_shots, rule, support_mask)  # rule: the preset's chunking
     return run_chunks(model, [(support_image, support_mask)] * n_shots, plan, query_image, input_size,
                       intensity, device, batch_size)

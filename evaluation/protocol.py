@@ -14,6 +14,22 @@ hold no query slice, and neighbouring chunks may share a support slice.
 k-shot (n_shots = k > 1): chunk i is represented by the k support slices at offsets
 c + d for d = -(k-1)//2 ... k//2 around its centre offset c, clipped to the range [0, L-1]
 (so near the ends, or for short ranges, a slice may repeat). k = 1 is the rule above.
+
+Two rule sets (a preset names its own, and every results file names the preset):
+- 'inclusive' (this project's rule above, preset 'inclusive'; 'lslpn' is its older name): the
+  range is first..last qualifying slice over all Z slices, inclusive; plain Dice.
+- 'official' (the authors' eval.py, method.md section 6, preset 'official'): qualifying slices
+  are looked for in z = 0 .. Z-2 only, and the range is cropped to [first, last) (the last
+  qualifying slice is dropped); chunk i of a range of L slices is offsets floor(i L / n) ..
+  floor((i + 1) L / n) - 1, its support slice the chunk's middle element (index len // 2); Dice
+  smoothed, (2|A.B| + 0.001) / (|A| + |B| + 0.001). For L < n some chunks are empty; the
+  official code would index an empty support chunk (an error) when its query chunk is not empty;
+  we then take the support slice where the empty chunk starts, offset min(floor(i L / n), L - 1).
+- 'senet' (the official SENet evaluator, senet.md section 3, preset 'senet'; evaluation/senet_pairing.py):
+  10 support slices by linspace over the support's slices with > 10 organ voxels; the query cropped
+  from 1 slice before its first such slice to the end of their first contiguous run, cut into chunks
+  by linspace; Dice 2|A.B| / (|A| + |B| + 1e-4); median over query volumes. Its planner needs the
+  support mask (`support_mask` arguments below), not only the support range.
 """
 from __future__ import annotations
 
@@ -21,6 +37,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from evaluation import senet_pairing
 from util.errors import UserError
 
 
@@ -31,14 +48,22 @@ class ProtocolPreset:
     n_chunks: int
     threshold: int          # a slice is in the organ range when it has MORE than this many voxels
     aggregate: str          # 'mean' or 'median' over query volumes
+    rule: str = "inclusive"  # 'inclusive' or 'official': organ range, chunks, Dice (module docstring)
+    dice_smooth: float = 0.0  # added to numerator and denominator of the Dice
+    dice_eps: float = 0.0     # added to the denominator only (SENet's evaluator: 1e-4)
 
     def as_dict(self) -> dict:
         return asdict(self)
 
 
+_INCLUSIVE = ProtocolPreset("inclusive", n_chunks=12, threshold=200, aggregate="mean")
 PRESETS: dict[str, ProtocolPreset] = {
-    "lslpn": ProtocolPreset("lslpn", n_chunks=12, threshold=200, aggregate="mean"),
-    "senet": ProtocolPreset("senet", n_chunks=10, threshold=10, aggregate="median"),
+    "inclusive": _INCLUSIVE,
+    "lslpn": _INCLUSIVE,    # older name of 'inclusive' (results record the name 'inclusive')
+    "official": ProtocolPreset("official", n_chunks=12, threshold=200, aggregate="mean", rule="official",
+                               dice_smooth=0.001),
+    "senet": ProtocolPreset("senet", n_chunks=10, threshold=10, aggregate="median", rule="senet",
+                            dice_eps=1e-4),
     "alpnet": ProtocolPreset("alpnet", n_chunks=3, threshold=1, aggregate="mean"),
 }
 
@@ -62,6 +87,45 @@ def organ_range(organ_mask: np.ndarray, threshold: int) -> tuple[int, int] | Non
     return int(slices[0]), int(slices[-1])
 
 
+def preset_range(organ_mask: np.ndarray, preset: ProtocolPreset, role: str = "support") -> tuple[int, int] | None:
+    """The organ range (first, last), inclusive, under the preset's rule; None when empty.
+
+    'official': slices z = 0 .. Z-2 with more than `threshold` voxels, cropped to [first, last).
+    'senet': role 'query' gives SENet's query crop (senet_pairing.query_crop); role 'support' the
+    first and last qualifying slice (its support slices come from the mask: `chunk_plan`).
+    """
+    if preset.rule == "senet" and role == "query":
+        return senet_pairing.query_crop(organ_mask, preset.threshold)
+    if preset.rule != "official":
+        return organ_range(organ_mask, preset.threshold)
+    found = organ_range(np.asarray(organ_mask)[..., :-1], preset.threshold)
+    if found is None or found[1] - 1 < found[0]:
+        return None
+    return found[0], found[1] - 1
+
+
+def official_bounds(length: int, n_chunks: int) -> np.ndarray:
+    """Chunk boundaries floor(i * L / n), i = 0..n, of the official eval.py. Shape: (n + 1,)."""
+    if length < 1 or n_chunks < 1:
+        raise ValueError(f"range length {length} and n_chunks {n_chunks} must both be >= 1")
+    return (np.arange(n_chunks + 1) * length) // n_chunks
+
+
+def chunk_offsets(length: int, n_chunks: int, rule: str = "inclusive") -> np.ndarray:
+    """Chunk index of every offset 0..L-1 of a query range under `rule`. Shape: (L,)."""
+    if rule != "official":
+        return chunk_of_offsets(length, n_chunks)
+    return np.searchsorted(official_bounds(length, n_chunks), np.arange(length), side="right") - 1
+
+
+def centre_offsets(length: int, n_chunks: int, rule: str = "inclusive") -> np.ndarray:
+    """Offset of the support slice of each chunk under `rule`. Shape: (n,)."""
+    if rule != "official":
+        return support_offsets(length, n_chunks)
+    bounds = official_bounds(length, n_chunks)
+    return np.minimum(bounds[:-1] + (bounds[1:] - bounds[:-1]) // 2, length - 1)
+
+
 def chunk_of_offsets(length: int, n_chunks: int) -> np.ndarray:
     """Chunk index of every offset 0..length-1 of a range: floor(j * n / L). Shape: (length,)."""
     if length < 1 or n_chunks < 1:
@@ -77,41 +141,59 @@ def support_offsets(length: int, n_chunks: int) -> np.ndarray:
     return np.minimum(middles, length - 1)
 
 
-def support_shot_offsets(length: int, n_chunks: int, n_shots: int = 1) -> np.ndarray:
+def support_shot_offsets(length: int, n_chunks: int, n_shots: int = 1, rule: str = "inclusive") -> np.ndarray:
     """Offsets of the k support slices of each chunk (centre +- (k-1)//2, clipped). Shape: (n, k)."""
     if n_shots < 1:
         raise UserError(f"n_shots {n_shots} must be >= 1")
-    centres = support_offsets(length, n_chunks)                                  # n
+    centres = centre_offsets(length, n_chunks, rule)                             # n
     deltas = np.arange(n_shots) - (n_shots - 1) // 2                             # k
     return np.clip(centres[:, None] + deltas[None, :], 0, length - 1)            # n x k
 
 
 def chunk_plan(support_ranges, query_range: tuple[int, int], n_chunks: int,
-               n_shots: int = 1) -> list[tuple[np.ndarray, np.ndarray]]:
+               n_shots: int = 1, rule: str = "inclusive",
+               support_mask: np.ndarray | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
     """The work of one query volume (the one chunk planner): for every chunk holding at least one
     query slice, (support z of its k shots (k,), absolute query z of its slices (m,)), in chunk order.
 
     support_ranges: one support organ range (first, last): its k = n_shots slices around each chunk
     centre are the shots (all from that one volume); or a list of r ranges, one per support volume:
     shot j is the chunk centre of volume j (k = r, n_shots must be 1).
-    Chunks without query slices (query range shorter than n_chunks) are left out.
+    Chunks without query slices (query range shorter than n_chunks) are left out. `rule`:
+    'inclusive' or 'official' chunking, or 'senet' (module docstring; needs `support_mask`,
+    the X x Y x Z organ mask of the one support volume).
     """
+    if rule == "senet":
+        return _senet_plan(support_mask, query_range, n_chunks, n_shots)
     ranges = np.asarray(support_ranges, dtype=int)
     if ranges.ndim == 1:                                                               # one support volume
         first, last = ranges
-        shots = first + support_shot_offsets(last - first + 1, n_chunks, n_shots)      # n x k
+        shots = first + support_shot_offsets(last - first + 1, n_chunks, n_shots, rule)  # n x k
     else:                                                                              # one shot per volume
         if n_shots != 1:
             raise UserError(f"n_shots {n_shots} with {len(ranges)} support volumes: give one volume per shot "
                             "or one volume with n_shots")
-        shots = np.stack([first + support_offsets(last - first + 1, n_chunks)
+        shots = np.stack([first + centre_offsets(last - first + 1, n_chunks, rule)
                           for first, last in ranges], axis=1)                            # n x r
     query_length = query_range[1] - query_range[0] + 1
-    chunk = chunk_of_offsets(query_length, n_chunks)                                   # query offsets
+    chunk = chunk_offsets(query_length, n_chunks, rule)                                # query offsets
     plan = []
     for index in np.unique(chunk):
         plan.append((shots[index], query_range[0] + np.flatnonzero(chunk == index)))
     return plan
+
+
+def _senet_plan(support_mask, query_range: tuple[int, int], n_chunks: int,
+                n_shots: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """chunk_plan of rule 'senet' (evaluation/senet_pairing.py) for a query range (its crop)."""
+    if support_mask is None:
+        raise UserError("protocol rule 'senet' needs the support mask: pass support_mask to chunk_plan")
+    shots = senet_pairing.support_shots(support_mask, n_chunks, senet_pairing.THRESHOLD, n_shots)  # n x k
+    if shots is None:
+        raise UserError("protocol rule 'senet': the support has no slice with more than "
+                        f"{senet_pairing.THRESHOLD} organ voxels")
+    chunks = senet_pairing.query_chunks(query_range[1] - query_range[0] + 1, n_chunks)
+    return [(shots[i], query_range[0] + offsets) for i, offsets in enumerate(chunks) if offsets.size]
 
 
 def aggregate(values, how: str) -> float:
@@ -127,19 +209,26 @@ def aggregate(values, how: str) -> float:
 
 
 def support_slices_for_query(support_range: tuple[int, int], query_range: tuple[int, int],
-                             n_chunks: int) -> np.ndarray:
+                             n_chunks: int, rule: str = "inclusive",
+                             support_mask: np.ndarray | None = None) -> np.ndarray:
     """For each query slice z in query_range (inclusive), the support slice that segments it.
 
     Returns an int array of length (query_range[1] - query_range[0] + 1), absolute support z.
+    Rule 'senet' needs `support_mask` (the X x Y x Z organ mask of the support volume).
     """
+    if rule == "senet":
+        sources = np.empty(query_range[1] - query_range[0] + 1, dtype=int)
+        for shots, query_z in _senet_plan(support_mask, query_range, n_chunks, 1):
+            sources[query_z - query_range[0]] = shots[0]
+        return sources
     support_length = support_range[1] - support_range[0] + 1
     query_length = query_range[1] - query_range[0] + 1
-    chunk = chunk_of_offsets(query_length, n_chunks)                             # query offsets -> chunk
-    return support_range[0] + support_offsets(support_length, n_chunks)[chunk]
+    chunk = chunk_offsets(query_length, n_chunks, rule)                          # query offsets -> chunk
+    return support_range[0] + centre_offsets(support_length, n_chunks, rule)[chunk]
 
 
 def mask_copy(support_mask: np.ndarray, support_range: tuple[int, int], query_shape: tuple[int, ...],
-              query_range: tuple[int, int], n_chunks: int) -> np.ndarray:
+              query_range: tuple[int, int], n_chunks: int, rule: str = "inclusive") -> np.ndarray:
     """The no-model baseline: copy the support chunk's mask onto each query slice of that chunk.
 
     support_mask: X x Y x Z binary (support volume). The copied slice is resized with nearest
@@ -147,7 +236,7 @@ def mask_copy(support_mask: np.ndarray, support_range: tuple[int, int], query_sh
     Returns a bool array of `query_shape`.
     """
     prediction = np.zeros(query_shape, dtype=bool)
-    sources = support_slices_for_query(support_range, query_range, n_chunks)
+    sources = support_slices_for_query(support_range, query_range, n_chunks, rule, support_mask)
     for offset, support_z in enumerate(sources):
         prediction[..., query_range[0] + offset] = resize_nearest(support_mask[..., support_z], query_shape[:2])
     return prediction

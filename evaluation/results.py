@@ -16,6 +16,7 @@ import numpy as np
 
 from dataloaders.organs import TABLE_COLUMNS
 from util.atomic import write_text_atomic
+from util.errors import UserError
 from evaluation.protocol import ProtocolPreset, aggregate
 
 METRICS = {"range": "dice_range", "volume": "dice_volume"}
@@ -92,8 +93,11 @@ def markdown_table(summary: dict, preset: ProtocolPreset, metric: str = "range",
     rows = table_rows(summary, metric)
     columns = list(TABLE_COLUMNS) + ["mean"]
     what = "organ slice range" if metric == "range" else "whole volume (stricter)"
-    rule = ("official eval.py rule: range from z 0..Z-2 cropped to [first, last), floor(i*L/n) chunks, "
-            "Dice smoothed 0.001" if preset.rule == "official" else "inclusive range, centre slices")
+    rule = {"official": "official eval.py rule: range from z 0..Z-2 cropped to [first, last), floor(i*L/n) "
+                        "chunks, Dice smoothed 0.001",
+            "senet": "official SENet evaluator rule: support slices by linspace over its qualifying slices, "
+                     "query cropped from 1 slice before its first qualifying slice to the end of that run, "
+                     "linspace chunks, Dice 2|A.B|/(|A|+|B|+1e-4)"}.get(preset.rule, "inclusive range, centre slices")
     lines = [f"Dice (%) over the {what}; protocol preset '{preset.name}' ({preset.n_chunks} chunks, "
              f"slices with > {preset.threshold} voxels, {rule}, {preset.aggregate} over query volumes)"
              + (f"; fold {fold}" if fold is not None else "") + ".", "",
@@ -108,7 +112,31 @@ def markdown_table(summary: dict, preset: ProtocolPreset, metric: str = "range",
                 cell += f" ± {spread:.1f}"
             cells.append(cell)
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    notes = unscored_notes(summary)
+    return "\n".join(lines + ([""] + [f"- {note}" for note in notes] if notes else [])) + "\n"
+
+
+def unscored_notes(summary: dict) -> list[str]:
+    """Why an organ has no score ('–' in the table) or fewer volumes than the others: one line per organ.
+
+    Skips do not depend on the method (the organ's slices decide), so the first method that has the
+    organ speaks for all.
+    """
+    notes, seen = [], set()
+    for organs in summary.values():
+        for organ, entry in organs.items():
+            if organ in seen or not entry["skipped"]:
+                continue
+            seen.add(organ)
+            reasons = sorted({case["skipped"] for case in entry["skipped"]})
+            shown = "; ".join(reasons[:2]) + (f"; and {len(reasons) - 2} more" if len(reasons) > 2 else "")
+            total = len(entry["skipped"]) + len(entry["per_volume"])
+            if not entry["per_volume"]:
+                notes.append(f"{organ}: not scored ('–'): none of its {total} cases can be scored ({shown}); "
+                             "per case in results.csv")
+            else:
+                notes.append(f"{organ}: {len(entry['skipped'])} of {total} cases not scored ({shown})")
+    return notes
 
 
 def records_csv(records: list[dict]) -> str:
@@ -140,6 +168,24 @@ def _jsonable(value):
     if isinstance(value, float) and not math.isfinite(value):
         return None
     return value
+
+
+def read_results(run_dir: str | Path) -> dict:
+    """results.json of an evaluation run folder; missing, corrupt or foreign files are one-line UserErrors."""
+    path = Path(run_dir) / "results.json"
+    if not path.is_file():
+        raise UserError(f"{path} is missing: point at a folder written by test.py")
+    try:
+        results = json.loads(path.read_text())
+    except (ValueError, OSError) as error:
+        reason = " ".join(f"{type(error).__name__}: {error}".split())[:80]
+        raise UserError(f"{path}: unreadable ({reason}): the file is corrupt or truncated; run test.py again "
+                        "for this folder") from None
+    if not isinstance(results, dict) or not isinstance(results.get("results"), dict) \
+            or not isinstance(results.get("preset"), dict):
+        raise UserError(f"{path}: not a results.json written by test.py (no 'results'/'preset' entries): "
+                        "point at an evaluation run folder")
+    return results
 
 
 def write_outputs(out_dir: str | Path, records: list[dict], preset: ProtocolPreset, header: dict) -> dict:

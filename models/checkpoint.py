@@ -7,7 +7,8 @@ A training checkpoint is a dict (docs/DESIGN.md):
   scaler       GradScaler state_dict or None (fp16 AMP only)
   step         number of optimisation steps done
   rng          list of `util.device.get_rng_state()` snapshots, one per DDP rank
-  config       the model's config dict (`FewShotSegNet.config`): rebuilds the network
+  config       the model's config dict (`FewShotSegNet.config` or `SENet.config`, whose
+               'method' is 'senet'): rebuilds the network (models/factory.py)
   fold, seed   the fold trained on and the run's seed
   config_hash  hash of the resolved run config that identifies the run for resume
   run_config   the whole resolved Sacred config (for reference)
@@ -27,8 +28,10 @@ from typing import Mapping
 
 import torch
 
-from models.fewshot import FewShotSegNet
+from models.factory import METHOD_NAMES, build_model, method_of
+from models.fewshot import OFFICIAL_MODEL_CONFIG, is_official_snapshot
 from util.atomic import atomic_path
+from util.cli import warn
 from util.errors import UserError
 
 # Model-config keys that change the network's parameters: a snapshot with other values cannot load.
@@ -54,6 +57,10 @@ def load_checkpoint(path: str, map_location: str | torch.device = "cpu") -> dict
     except Exception as error:  # noqa: BLE001  (any unpickling failure means the same thing)
         raise UserError(f"checkpoint '{path}' is unreadable ({type(error).__name__}): it is corrupt or "
                         "not a train.py checkpoint; use another snapshot")
+    if is_official_snapshot(state):  # saved by the authors' code: run with their model and input
+        return {"model": {k.removeprefix("module."): v for k, v in state.items()},
+                "config": dict(OFFICIAL_MODEL_CONFIG), "official_snapshot": True, "input_size": 512,
+                "intensity": {"mode": "minmax"}}
     if not isinstance(state, dict) or "model" not in state or "config" not in state:
         raise UserError(f"checkpoint '{path}' is not a train.py checkpoint (no model/config entries)")
     return state
@@ -73,6 +80,10 @@ def check_compatible(stored: Mapping, requested: Mapping, path: str, strict: boo
     strict=False: only the keys that change the parameters (WEIGHT_KEYS) must agree, so a snapshot
     can be evaluated with, e.g., another vote or resolution.
     """
+    held, wanted = method_of(stored), method_of(requested)
+    if held != wanted:
+        raise UserError(f"snapshot '{path}' holds a {METHOD_NAMES[held]} model, but a {METHOD_NAMES[wanted]} "
+                        f"model is requested: use a {METHOD_NAMES[wanted]} snapshot or model.method={held}")
     diffs = config_differences(stored, requested, None if strict else WEIGHT_KEYS)
     if diffs:
         raise UserError(f"snapshot '{path}' was trained with another model config ({'; '.join(diffs)}): "
@@ -95,7 +106,7 @@ def load_model_state(model: torch.nn.Module, path: str, requested: Mapping | Non
 
 
 def model_from_checkpoint(path: str, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict]:
-    """Rebuild a FewShotSegNet from a train.py checkpoint: (model in eval mode on `device`, checkpoint).
+    """Rebuild a FewShotSegNet or SENet from a train.py checkpoint: (model in eval mode on `device`, checkpoint).
 
     One-line errors: missing or unreadable file, not a train.py checkpoint, weights that do not fit
     the stored model config (another encoder or code version).
@@ -106,8 +117,11 @@ def model_from_checkpoint(path: str, device: str | torch.device = "cpu") -> tupl
     level = log.level
     log.setLevel(logging.ERROR)
     try:
-        model = FewShotSegNet.from_config(config, None)
-        model.load_state_dict(state["model"])
+        model = build_model(config, None)
+        if state.get("official_snapshot"):
+            model.load_official_snapshot(state["model"], f"checkpoint {path} (official-code snapshot)")
+        else:
+            model.load_state_dict(state["model"])
     except UserError:
         raise
     except (RuntimeError, KeyError, TypeError, ValueError) as error:
@@ -128,14 +142,30 @@ def trained_input(state: Mapping) -> tuple[int | None, dict | None]:
 
 
 def model_input(state: Mapping, input_size: int | None = None, intensity: dict | None = None,
-                fallback_intensity: dict | None = None) -> tuple[int, dict]:
+                fallback_intensity: dict | None = None, name: str = "snapshot") -> tuple[int, dict]:
     """The input size and intensity scaling to run a snapshot with (evaluation and segment_volume).
 
-    A value the caller gives wins (today's behaviour, also when it differs from the training
-    value); otherwise the snapshot's own record, then `fallback_intensity` (e.g. meta.json of the
-    snapshot's training data), then 512 and per-slice min-max.
+    The snapshot decides: its own record, then `fallback_intensity` (e.g. meta.json of the snapshot's
+    training data), then 512 and per-slice min-max. A value the caller gives explicitly wins, and
+    when it differs from the snapshot's record a one-line warning names both values.
     """
     trained_size, trained_intensity = trained_input(state)
+    if input_size and trained_size and int(input_size) != trained_size:
+        _warn_once(f"{name}: trained at input size {trained_size}, run at {int(input_size)} as requested "
+                   f"(leave the size out to use {trained_size})")
+    if intensity and trained_intensity and dict(intensity) != dict(trained_intensity):
+        _warn_once(f"{name}: trained on slices scaled {trained_intensity}, run with {intensity} as requested "
+                   "(leave the intensity out to use the snapshot's)")
     size = input_size or trained_size or DEFAULT_INPUT_SIZE
     scaling = intensity or trained_intensity or fallback_intensity or dict(DEFAULT_INTENSITY)
     return int(size), scaling
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    """One `warning:` line per distinct message and process (evaluation loads a snapshot per organ)."""
+    if message not in _WARNED:
+        _WARNED.add(message)
+        warn(message)

@@ -4,7 +4,9 @@
     python scripts/ablation.py --folds 0 1 2 3 -- paper class_setting=all_structures
 
 Variants (everything else from the Sacred overrides after `--`, given to train.py as they are):
-  n_grid 16, 8, 4, 1 (overlapping cells, max vote), n_grid 8 non-overlapping, n_grid 8 mean vote.
+  n_grid 16, 8, 4, 1 (overlapping cells, max vote), n_grid 8 non-overlapping, n_grid 8 mean vote,
+  and SENet as the comparison method (named config `senet`, plus `senet_demo` when the overrides
+  name `demo`). Snapshots are evaluated at the input size each was trained at.
 Each variant x fold is trained with train.py under OUT/<variant>/ (an existing best.pth/last.pth
 there is reused, so the script can be resumed), then all variants are evaluated in one run of
 evaluation.evaluate.evaluate next to the mask-copy baseline: OUT/eval/ holds results.json, results.csv and
@@ -38,7 +40,11 @@ VARIANTS: dict[str, dict] = {
     "n_grid 1 (global)": {"n_grid": 1, "overlap": True, "vote": "max"},
     "n_grid 8 non-overlapping": {"n_grid": 8, "overlap": False, "vote": "max"},
     "n_grid 8 mean vote": {"n_grid": 8, "overlap": True, "vote": "mean"},
+    "SENet": {},
 }
+# variant name -> named configs after the overrides (and extra ones when the overrides name `demo`)
+VARIANT_CONFIGS: dict[str, list[str]] = {"SENet": ["senet"]}
+DEMO_CONFIGS: dict[str, list[str]] = {"SENet": ["senet_demo"]}
 
 
 def _slug(name: str) -> str:
@@ -62,7 +68,9 @@ def train_variant(variant: str, fold: int, overrides: list[str], out: Path, pyth
         print(f"[{variant}, fold {fold}] reusing {snapshot}")
         return snapshot
     model = [f"model.{key}={value}" for key, value in VARIANTS[variant].items()]
-    command = [python, str(ROOT / "train.py"), "with", *overrides, f"fold={fold}", *model, f"path.log_dir={log_dir}"]
+    named = VARIANT_CONFIGS.get(variant, []) + (DEMO_CONFIGS.get(variant, []) if "demo" in overrides else [])
+    command = [python, str(ROOT / "train.py"), "with", *overrides, *named, f"fold={fold}", *model,
+               f"path.log_dir={log_dir}"]
     print(f"[{variant}, fold {fold}] " + " ".join(command), flush=True)
     if subprocess.run(command, cwd=ROOT).returncode != 0:
         raise UserError(f"training {variant} on fold {fold} failed (see above): fix it and re-run (done "
@@ -89,9 +97,10 @@ def ablation_markdown(results: dict) -> str:
              "| Variant | n_grid | overlap | vote | " + " | ".join(columns) + " |",
              "|---" * (len(columns) + 4) + "|"]
     for method, row in rows.items():
-        spec = VARIANTS.get(method, {"n_grid": "–", "overlap": "–", "vote": "–"})
+        spec = VARIANTS.get(method, {})
         cells = ["–" if row[c] is None else f"{row[c]:.1f}" for c in columns]
-        lines.append(f"| {method} | {spec['n_grid']} | {spec['overlap']} | {spec['vote']} | " + " | ".join(cells) + " |")
+        lines.append(f"| {method} | {spec.get('n_grid', '–')} | {spec.get('overlap', '–')} | {spec.get('vote', '–')} | "
+                     + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -121,7 +130,8 @@ def main(argv: list[str]) -> int:
     settings = config["eval"]
     results = evaluate({"mask copy": None, **snapshots}, organs, config["path"]["data_dir"],
                        preset=settings["preset"], out_dir=args.out / "eval", split=settings["split"],
-                       support=settings["support"], input_size=config["input_size"], device=config["device"],
+                       support=settings["support"], device=config["device"],
+                       input_size=None if "SENet" in args.variants else config["input_size"],  # SENet: its own
                        batch_size=settings["batch_size"], save_predictions=False,
                        config={"overrides": overrides, "folds": args.folds})
     table = ablation_markdown(results)

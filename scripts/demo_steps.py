@@ -2,11 +2,14 @@
 
   1. generate the default phantom (seeded) unless it exists            data/phantom
   2. prepare it into 2D training slices + evaluation volumes, check it  data/prepared_phantom
-  3. train LSLPN (n_grid 8, overlapping, max vote) and the PANet global
-     baseline (n_grid 1, alignment) on all four folds, `demo` config   runs/demo/train/<name>/<id>/
-  4. evaluate mask copy, PANet and LSLPN with the `lslpn` protocol
-     preset on the gold phantom volumes                                 runs/demo/
-  5. write report.md (paper's Table 1 layout), results.json, results.png, misalignment.png
+  3. train LSLPN (n_grid 8, overlapping, max vote), the PANet global
+     baseline (n_grid 1, alignment) and SENet (`senet senet_demo`: its
+     schedule shortened, at 64 x 64) on all four folds, `demo` config   runs/demo/train/<name>/<id>/
+  4. evaluate mask copy, PANet, SENet and LSLPN with the `inclusive`
+     protocol preset on the gold phantom volumes, each snapshot at the
+     input size it was trained at                                       runs/demo/
+  5. draw the training curves (scripts/training_curves.py)              runs/demo/training_curves.png
+  6. write report.md (paper's Table 1 layout), results.json, results.png, misalignment.png
      and print the table last.
 
 Finished steps are reused (an existing phantom, prepared folder, or a training run that reached its
@@ -22,12 +25,17 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 from dataloaders.organs import FOLD_ORGANS, TEST_ORGANS
+from dataloaders.prepared import read_meta
 from util.errors import UserError
 from models.checkpoint import load_checkpoint
 from config import ex  # before sacred: config.py silences its import warning
+from sacred.arg_parser import get_config_updates
 from sacred.initialize import create_run
 from evaluation.evaluate import evaluate
+from training.loop import config_hash
 from util.atomic import write_text_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,6 +45,7 @@ RUN_DIR = Path("runs/demo")
 PHANTOM = {"n_silver": 20, "n_gold": 6, "seed": 2021}
 METHODS = {  # table row -> Sacred named configs / overrides on top of `demo`
     "PANet": ["panet"],
+    "SENet": ["senet", "senet_demo"],      # config.py senet_demo: SENet scaled to ~1 CPU minute per fold
     "LSLPN": [],
 }
 # The phantom's soft tissues differ by tens of HU; per-slice min-max scaling (the official default)
@@ -65,38 +74,63 @@ def run_step(title: str, command: list[str], log: list[dict]) -> None:
                         f"and run `make demo` again; finished steps are reused")
 
 
-def finished_run(log_dir: Path, name: str, n_steps: int) -> Path | None:
-    """best.pth of the latest run under log_dir/name whose last.pth reached n_steps, else None."""
+def prepared_as_demo() -> bool:
+    """PREP_DIR exists and was prepared with the demo's intensity window (a stale folder is prepared again)."""
+    window = [float(v) for v in PREPARE_OPTIONS[PREPARE_OPTIONS.index("--window") + 1:][:2]]
+    try:
+        return read_meta(PREP_DIR).get("intensity") == {"mode": "window", "window": window}
+    except UserError:
+        return False
+
+
+def finished_run(log_dir: Path, name: str, n_steps: int, wanted_hash: str | None = None) -> Path | None:
+    """best.pth of the latest run under log_dir/name whose last.pth reached n_steps, else None.
+
+    With `wanted_hash`, only a run trained with that config (`training.loop.config_hash`, as resume
+    uses) counts: a run left by an older config (other milestones, model options, data) is not reused.
+    """
     runs = sorted((p for p in (log_dir / name).glob("*") if p.name.isdigit()), key=lambda p: int(p.name))
     for run in reversed(runs):
         if (run / "last.pth").exists() and (run / "best.pth").exists():
-            if int(load_checkpoint(str(run / "last.pth"))["step"]) >= n_steps:
+            state = load_checkpoint(str(run / "last.pth"))
+            if wanted_hash is not None and state.get("config_hash") != wanted_hash:
+                continue
+            if int(state["step"]) >= n_steps:
                 return run / "best.pth"
     return None
 
 
-def demo_n_steps() -> int:
-    """n_steps of the `demo` named config (as train.py will resolve it)."""
-    return int(create_run(ex, "print_config", config_updates={}, named_configs=["demo"]).config["n_steps"])
+def training_hash(overrides: list[str], named: list[str] | tuple[str, ...]) -> str:
+    """config_hash of the config `train.py with demo <named> <overrides>` resolves (what its checkpoints record)."""
+    updates, more_named = get_config_updates(list(overrides))
+    config = create_run(ex, "print_config", config_updates=updates, named_configs=["demo", *named, *more_named]).config
+    return config_hash(config)
+
+
+def demo_n_steps(named: list[str] | tuple[str, ...] = ()) -> int:
+    """n_steps of the `demo` named config followed by `named` (as train.py will resolve it)."""
+    return int(create_run(ex, "print_config", config_updates={},
+                          named_configs=["demo", *named]).config["n_steps"])
 
 
 def train_all(log: list[dict], redo: bool, extra: list[str]) -> dict[str, dict[str, str]]:
     """Train every method on every fold (reusing finished runs); returns method -> organ -> best.pth."""
     log_dir = RUN_DIR / "train"
-    n_steps = demo_n_steps()
     snapshots: dict[str, dict[str, str]] = {}
     for method, named in METHODS.items():
+        n_steps = demo_n_steps(named)
         snapshots[method] = {}
         for fold, organs in enumerate(FOLD_ORGANS):
             name = f"{method.lower()}_fold{fold}"
-            best = None if redo else finished_run(log_dir, name, n_steps)
+            overrides = [f"fold={fold}", f"name={name}", f"path.log_dir={log_dir}", f"path.data_dir={PREP_DIR}",
+                         *extra]
+            wanted = training_hash(overrides, named)
+            best = None if redo else finished_run(log_dir, name, n_steps, wanted)
             if best is None:
                 resume = [] if redo else ["resume=True"]
                 run_step(f"train {method} fold {fold} ({', '.join(organs)})",
-                         python_command("train.py", "with", "demo", *named, f"fold={fold}", f"name={name}",
-                                        f"path.log_dir={log_dir}", f"path.data_dir={PREP_DIR}", *resume, *extra),
-                         log)
-                best = finished_run(log_dir, name, n_steps)
+                         python_command("train.py", "with", "demo", *named, *overrides, *resume), log)
+                best = finished_run(log_dir, name, n_steps, wanted)
                 if best is None:
                     raise UserError(f"training {name} ended without best.pth/last.pth at step {n_steps} "
                                     f"under {log_dir / name}: see its cout.txt")
@@ -117,7 +151,7 @@ def run_demo(redo: set[str], extra: list[str], device: str = "auto") -> dict:
             "--n-gold", str(PHANTOM["n_gold"]), "--seed", str(PHANTOM["seed"]), "--overwrite"), log)
     else:
         print(f"==> phantom: reusing {PHANTOM_DIR}")
-    if {"phantom", "prepare"} & redo or not (PREP_DIR / "meta.json").exists():
+    if {"phantom", "prepare"} & redo or not prepared_as_demo():
         run_step("prepare the phantom", python_command(
             "scripts/prepare_visceral.py", "--visceral-dir", str(PHANTOM_DIR), "--out", str(PREP_DIR),
             *PREPARE_OPTIONS, "--overwrite"), log)
@@ -126,14 +160,16 @@ def run_demo(redo: set[str], extra: list[str], device: str = "auto") -> dict:
     run_step("check the prepared data", python_command("scripts/check_dataset.py", str(PREP_DIR)), log)
     snapshots = train_all(log, bool({"phantom", "prepare", "train"} & redo), extra)
 
-    print("\n==> evaluate mask copy, PANet and LSLPN on the gold volumes (preset lslpn)", flush=True)
+    print(f"\n==> evaluate mask copy, {', '.join(METHODS)} on the gold volumes (preset inclusive)", flush=True)
     config = create_run(ex, "print_config", config_updates={}, named_configs=["demo"]).config
     eval_start = time.perf_counter()
-    results = evaluate({"mask copy": None, **snapshots}, TEST_ORGANS, PREP_DIR, preset="lslpn",
-                       out_dir=RUN_DIR, split="gold", support="default", input_size=config["input_size"],
+    results = evaluate({"mask copy": None, **snapshots}, TEST_ORGANS, PREP_DIR, preset="inclusive",
+                       out_dir=RUN_DIR, split="gold", support="default", input_size=None,  # each its own
                        device=device, batch_size=config["eval"]["batch_size"], config=dict(config))
     log.append({"step": "evaluate", "command": "evaluation.evaluate.evaluate (see scripts/demo_steps.py)",
                 "seconds": round(time.perf_counter() - eval_start, 1)})
+    run_step("training curves", python_command("scripts/training_curves.py", str(RUN_DIR / "train"),
+                                               "--out", str(RUN_DIR / "training_curves.png")), log)
     write_report(results, log, time.perf_counter() - start)
     return results
 
@@ -145,9 +181,18 @@ def write_report(results: dict, log: list[dict], seconds: float) -> Path:
              "Produced by `make demo` (`python scripts/demo.py`). Steps:", "",
              "| step | command | seconds |", "|---|---|---|"]
     lines += [f"| {entry['step']} | `{entry['command']}` | {entry['seconds']} |" for entry in log]
+    numerics = ", ".join(f"{key}={os.environ.get(key, 'unset')}" for key in
+                         ("ONEDNN_MAX_CPU_ISA", "OMP_NUM_THREADS", "MKL_NUM_THREADS"))
     lines += ["", f"Total wall time of this invocation: {seconds / 60:.1f} min (reused steps take no time).",
-              "Figures: results.png (qualitative), misalignment.png (alignment vs segmentation Dice).", "",
-              "Volumetric Dice (preset `lslpn`: 12 chunks, organ range = slices with > 200 voxels, mean over",
+              f"CPU numerics (pinned by scripts/demo.py for bit-reproducible runs): {numerics}; torch "
+              f"{torch.__version__}, {torch.get_num_threads()} intra-op threads.",
+              "Figures: results.png (qualitative), misalignment.png (alignment vs segmentation Dice),",
+              "training_curves.png (loss and validation Dice against step, per fold and method).", "",
+              "SENet runs `with demo senet senet_demo`: its own architecture, Dice loss and per-arm SGD, but its",
+              "20-epoch schedule squeezed into 200 steps of 2 episodes at 64 x 64 slices with lr 1e-2 (config.py",
+              "senet_demo), about a tenth of its full schedule: on 2 CPU cores the full one takes hours. It is",
+              "evaluated at 64 x 64, the others at 128 x 128 (each snapshot at its training size).", "",
+              "Volumetric Dice (preset `inclusive`: 12 chunks, organ range = first to last slice with > 200 voxels, mean over",
               "query volumes) on the gold phantom volumes, one fixed support volume. Kidney and psoas are",
               "the means of left and right. Snapshots are selected on held-out silver volumes, never on gold.",
               "", table]
@@ -171,11 +216,11 @@ def publish(docs: Path = ROOT / "docs") -> None:
     report = RUN_DIR / "report.md"
     if not report.exists():
         raise UserError(f"{report} does not exist: run `make demo` first, then publish")
-    for name in ("results.png", "misalignment.png", "report.md"):
+    for name in ("results.png", "misalignment.png", "training_curves.png", "report.md"):
         if (RUN_DIR / name).exists():
             shutil.copyfile(RUN_DIR / name, docs / f"demo_{name}")
     table = (RUN_DIR / "table.md").read_text().strip()
-    made = ("Volumetric Dice on the gold phantom volumes (preset `lslpn`), produced by `make demo` on 2 CPU "
+    made = ("Volumetric Dice on the gold phantom volumes (preset `inclusive`), produced by `make demo` on 2 CPU "
             "cores and copied here by `python scripts/demo.py --publish`; the full report with the commands and "
             "run times of every step is [docs/demo_report.md](docs/demo_report.md).")
     replace_block(ROOT / "README.md", "demo", "\n\n".join([

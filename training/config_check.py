@@ -3,7 +3,7 @@
 `check_config(config, command)` raises `UserError` with one line naming the key, the bad value and
 the fix. It checks ranges and vocabularies, that `path.data_dir` is a prepared folder, that the
 fold has training classes with slices (command 'train') and that validation volumes exist when
-validation is on. Nothing is loaded beyond small JSON files.
+validation is on (self-supervised episodes: that PREP/superpixels exists; validation is optional). Nothing is loaded beyond small JSON files.
 """
 from __future__ import annotations
 
@@ -13,22 +13,30 @@ from typing import Any, Mapping
 
 from dataloaders.organs import INDEX_TO_NAME, organ_index, training_classes
 from dataloaders.prepared import list_volumes, read_meta, read_slice_index
+from dataloaders.superpixels import read_superpixel_meta
+from dataloaders.warp import WarpParams
 from models.fewshot import check_model_options
+from training.objective import check_senet_config
 from util.device import resolve_device
 from util.errors import UserError
+from util.paths import check_writable_folder
 from evaluation.protocol import PRESETS
 
 CLASS_SETTINGS = ("six_organs", "all_structures")
 DEVICES = ("auto", "cpu", "cuda")
 SPLITS = ("gold", "val")
+EPISODES = ("labels", "superpixels")
 
 
 def _number(config: Mapping, key: str, value: Any, low=None, high=None, integer=False,
             low_open=False) -> None:
     """`value` is a number (an int when `integer`) in [low, high] ((low, high] when low_open)."""
+    if integer and isinstance(value, numbers.Real) and not isinstance(value, (bool, numbers.Integral)):
+        # 1.0 where an integer is wanted passed here once and failed later as a traceback (list index,
+        # range()): refuse every non-int here, before the run starts
+        raise UserError(f"config {key}={value!r} must be an integer: write {int(value) if float(value).is_integer() else 'an integer'}"
+                        f"{'' if not float(value).is_integer() else ' (no decimal point)'}")
     ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
-    if integer:
-        ok = ok and float(value).is_integer()
     if ok and low is not None:
         ok = value > low if low_open else value >= low
     if ok and high is not None:
@@ -80,10 +88,32 @@ def fold_training_classes(config: Mapping) -> list[int]:
     return [c for c in training_classes(fold, config["class_setting"]) if c not in held_out]
 
 
+def labeled_validation(config: Mapping) -> bool:
+    """path.data_dir has the >= 2 labeled held-out volumes that validation needs (a support and a query)."""
+    data_dir = config["path"]["data_dir"]
+    val = read_meta(data_dir, "path.data_dir").get("splits", {}).get("val", [])
+    return len(val) >= 2 and os.path.isdir(os.path.join(data_dir, "volumes", "val"))
+
+
+def check_selfsup_data(config: Mapping) -> None:
+    """Self-supervised episodes: 1-way, PREP/superpixels present, and the episode options in range."""
+    if config["n_ways"] != 1:
+        raise UserError(f"config n_ways={config['n_ways']}: self-supervised episodes have one pseudo-class "
+                        "(a superpixel): set n_ways=1")
+    selfsup = config.get("selfsup") or {}
+    _number(config, "selfsup.min_pixels", selfsup.get("min_pixels"), low=1, integer=True)
+    WarpParams.from_mapping(selfsup.get("warp") or {})
+    read_meta(config["path"]["data_dir"], "path.data_dir")
+    read_superpixel_meta(config["path"]["data_dir"])   # the one-line error names make_superpixels.py
+
+
 def check_training_data(config: Mapping) -> None:
     """The fold has enough training classes with slices; validation volumes exist when needed."""
     data_dir = config["path"]["data_dir"]
     meta = read_meta(data_dir, "path.data_dir")
+    if config.get("episodes", "labels") == "superpixels":
+        check_selfsup_data(config)   # validation is optional there (off without labeled volumes)
+        return
     index = read_slice_index(data_dir, "path.data_dir")
     classes = fold_training_classes(config)
     need = config["n_shots"] + -(-config["n_queries"] // config["n_ways"])
@@ -94,7 +124,7 @@ def check_training_data(config: Mapping) -> None:
             f"fold {config['fold']} ({config['class_setting']}): {len(usable)} of its training classes "
             f"({names}) have >= {need} slices in {data_dir}/index.json, {config['n_ways']}-way episodes "
             "need that many: use class_setting='all_structures', another fold, or data with these organs")
-    if config.get("val_every", 0) > 0:
+    if config.get("val_every", 0) > 0 and config.get("val_split", "val") == "val":
         val = meta.get("splits", {}).get("val", [])
         folder = os.path.join(data_dir, "volumes", "val")
         if len(val) < 2 or not os.path.isdir(folder):
@@ -118,12 +148,20 @@ def check_config(config: Mapping, command: str = "train") -> None:
     _number(config, "input_size", config.get("input_size"), low=16, integer=True)
     _number(config, "seed", config.get("seed"), low=0, integer=True)
     check_model_options(config.get("model", {}))  # the model's own rules (models/fewshot.py)
+    check_senet_config(config)                    # model.method and the SENet options
     name = config.get("name")
     if name is not None and (not isinstance(name, str) or not name or "/" in name or name in (".", "..")):
         raise UserError(f"config name={name!r} must be None or a folder name (no '/')")
     paths = config.get("path", {})
     if not isinstance(paths.get("data_dir"), str) or not paths["data_dir"]:
         raise UserError(f"config path.data_dir={paths.get('data_dir')!r} must name the prepared data folder")
+    if not isinstance(paths.get("log_dir"), str) or not paths["log_dir"]:
+        raise UserError(f"config path.log_dir={paths.get('log_dir')!r} must name the folder for run records")
+    check_writable_folder(paths["log_dir"], "config path.log_dir")   # before any run folder or compute
+    init_from = paths.get("init_from")
+    if init_from is not None and not os.path.isfile(str(init_from)):
+        raise UserError(f"config path.init_from='{init_from}' does not exist: give a last.pth/best.pth written "
+                        "by train.py, or None")
     init_path = paths.get("init_path")
     if init_path is not None and not os.path.isfile(str(init_path)):
         raise UserError(f"config path.init_path='{init_path}' does not exist: give a local ImageNet "
@@ -143,6 +181,8 @@ def check_training_config(config: Mapping) -> None:
     for key in ("n_ways", "n_shots", "n_queries", "batch_size", "n_steps", "save_every", "print_every"):
         _number(config, key, config.get(key), low=1, integer=True)
     _number(config, "val_every", config.get("val_every", 0), low=0, integer=True)
+    _choice("val_split", config.get("val_split", "val"), SPLITS)
+    _choice("episodes", config.get("episodes", "labels"), EPISODES)
     _number(config, "lr", config.get("lr"), low=0, low_open=True)
     _number(config, "momentum", config.get("momentum"), low=0, high=1)
     _number(config, "weight_decay", config.get("weight_decay"), low=0)

@@ -1,15 +1,19 @@
 """The training loop (train.py calls `train(config, run)`), readable top to bottom.
 
   1. validate the config, join the torchrun process group if any, pick the device, seed
-  2. build the model, SGD and MultiStepLR (and a GradScaler for fp16 AMP)
+  2. build the model, its optimiser and schedule (training/objective.py: SGD + MultiStepLR for the
+     prototype models, SENet's per-arm SGD + scaled StepLR for SENet; a GradScaler for fp16 AMP)
   3. resume=True: load last.pth of the latest run of the same config (see `config_hash`)
-  4. episodes: step t uses episodes t*B .. t*B+B-1 of `EpisodeDataset` (a function of seed and index);
+  4. episodes: step t uses episodes t*B .. t*B+B-1 of `EpisodeDataset` (organ slices) or, with
+     episodes='superpixels', `SelfSupEpisodeDataset` (self-supervised; a function of seed and index);
      DDP rank r of W takes episodes r, r+W, ... of them
-  5. per step: cross-entropy on the query logits (+ align_weight * align_loss when model.align),
-     backward, SGD step, scheduler step; tqdm bar with loss and lr; a summary line every print_every
+  5. per step: the method's loss (training/objective.py: cross-entropy on the query logits
+     (+ align_weight * align_loss when model.align), or SENet's Dice loss), backward, SGD step, scheduler step; tqdm bar with loss and lr; a summary line every print_every
   6. every val_every steps (and at the end): volumetric Dice on the held-out silver volumes
      (`evaluation.evaluate.validate`, split 'val', the fold's test organs) -> best.pth on improvement;
      every save_every steps (and at the end): last.pth. Only rank 0 validates and writes.
+     Self-supervised runs on a folder without labeled held-out volumes skip validation (said at start):
+     their snapshot is last.pth. path.init_from starts from another run's weights (fine-tuning).
 
 "Same config" for resume: the SHA-256 of the resolved config without the keys that do not change
 the trained weights' trajectory (`HASH_EXCLUDED`): resume, n_steps (so a run can be extended),
@@ -29,17 +33,17 @@ import time
 from typing import Any, Mapping
 
 import torch
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from dataloaders.episodes import EpisodeDataset, StepBatchSampler
+from dataloaders.selfsup_episodes import SelfSupEpisodeDataset
 from dataloaders.prepared import prepared_intensity
 from evaluation.evaluate import validate
 from models.checkpoint import check_compatible, load_checkpoint, save_checkpoint
-from models.fewshot import FewShotSegNet
-from training.config_check import check_config, fold_training_classes
+from training.config_check import check_config, fold_training_classes, labeled_validation
+from training.objective import build_model, build_optimisation, episode_loss
 from util.device import (Distributed, autocast, distributed_from_env, get_rng_state, init_distributed,
                          make_grad_scaler, resolve_device, seed_everything, set_rng_state)
 from util.errors import UserError
@@ -55,8 +59,23 @@ def run_name(config: Mapping) -> str:
     """Folder under path.log_dir that holds this set-up's Sacred runs, e.g. 'lslpn_six_organs_fold0'."""
     if config.get("name"):
         return str(config["name"])
-    method = "panet" if config["model"]["n_grid"] == 1 else "lslpn"
+    if config["model"].get("method") == "senet":
+        method = "senet"
+    else:
+        method = "panet" if config["model"]["n_grid"] == 1 else "lslpn"
+    if config.get("episodes") == "superpixels":  # no organ is seen: one run serves every fold
+        return f"{method}_selfsup"
     return f"{method}_{config['class_setting']}_fold{config['fold']}"
+
+
+def build_episodes(cfg: Mapping):
+    """The episode dataset of the config: organ slices ('labels') or superpixels ('superpixels')."""
+    if cfg.get("episodes", "labels") == "superpixels":
+        return SelfSupEpisodeDataset(cfg["path"]["data_dir"], cfg["n_ways"], cfg["n_shots"], cfg["n_queries"],
+                                     cfg["input_size"], cfg["augment"], cfg["selfsup"]["warp"],
+                                     cfg["selfsup"]["min_pixels"], cfg["seed"])
+    return EpisodeDataset(cfg["path"]["data_dir"], fold_training_classes(cfg), cfg["n_ways"],
+                          cfg["n_shots"], cfg["n_queries"], cfg["input_size"], cfg["augment"], cfg["seed"])
 
 
 def config_hash(config: Mapping) -> str:
@@ -72,8 +91,9 @@ def config_hash(config: Mapping) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def find_resume_checkpoint(log_dir: str, name: str, wanted_hash: str) -> str | None:
-    """last.pth of the latest (highest Sacred id) run under log_dir/name whose config hashes the same."""
+def find_resume_checkpoint(log_dir: str, name: str, wanted_hash: str, skip: tuple[str, ...] = ()) -> str | None:
+    """last.pth of the latest (highest Sacred id) run under log_dir/name whose config hashes the same
+    (runs whose last.pth is in `skip` are passed over)."""
     candidates = []
     for path in glob.glob(os.path.join(log_dir, name, "*", "last.pth")):
         run_dir = os.path.dirname(path)
@@ -83,9 +103,28 @@ def find_resume_checkpoint(log_dir: str, name: str, wanted_hash: str) -> str | N
             run_id = int(os.path.basename(run_dir))
         except (OSError, ValueError):
             continue
-        if same:
+        if same and path not in skip:
             candidates.append((run_id, path))
     return max(candidates)[1] if candidates else None
+
+
+def unreadable_resume_error(path: str, log_dir: str, name: str, wanted_hash: str) -> UserError:
+    """The one-line error for a resume from an unreadable (e.g. truncated) last.pth, with the way out."""
+    earlier = find_resume_checkpoint(log_dir, name, wanted_hash, skip=(path,))
+    step = None
+    if earlier is not None:
+        try:
+            step = int(load_checkpoint(earlier)["step"])
+        except UserError:
+            earlier = None
+    moved = f"{path}.unreadable"
+    if earlier is not None:
+        how = (f"move it aside (mv {path} {moved}) and run again with resume=True: it then continues the earlier "
+               f"run {earlier} at step {step}")
+    else:
+        how = (f"no earlier readable last.pth of this config exists; move it aside (mv {path} {moved}) and run "
+               "again with resume=False to start fresh")
+    return UserError(f"resume: {path} is unreadable (truncated or corrupt): {how}")
 
 
 # ---------------------------------------------------------------------------------- the loop
@@ -110,15 +149,22 @@ def _train(cfg: dict, run, ctx: Distributed, device: torch.device) -> dict:
 
     # Model, optimiser, schedule. Same seed on every rank: identical initial weights.
     seed_everything(cfg["seed"])
-    model = FewShotSegNet.from_config(cfg["model"], cfg["path"]["init_path"]).to(device)
+    model = build_model(cfg).to(device)
     if cfg["channels_last"]:  # CPU too (tests/test_gpu_proxies.py checks it there)
         model = model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=cfg["lr"],
-                                momentum=cfg["momentum"], weight_decay=cfg["weight_decay"])
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(cfg["lr_milestones"]),
-                                                     gamma=cfg["lr_gamma"])
+    optimizer, scheduler = build_optimisation(cfg, model)
     scaler = make_grad_scaler(device, cfg["amp"])
     start_step, best_dice, rng_state = 0, None, None
+    if cfg["path"].get("init_from"):  # fine-tuning: weights only (a resumed run's last.pth replaces them)
+        state = load_checkpoint(cfg["path"]["init_from"], map_location=device)
+        check_compatible(state["config"], model.config, cfg["path"]["init_from"])
+        model.load_state_dict(state["model"])
+        _say(ctx, f"initial weights from {cfg['path']['init_from']} (step {state.get('step')})")
+    if cfg.get("episodes") == "superpixels" and cfg["val_every"] and cfg.get("val_split", "val") == "val" \
+            and not labeled_validation(cfg):
+        cfg["val_every"] = 0
+        _say(ctx, f"validation off: {cfg['path']['data_dir']} has no labeled held-out volumes; the snapshot is "
+                  f"last.pth after n_steps={cfg['n_steps']} (no best.pth)")
 
     if cfg["resume"]:
         path = find_resume_checkpoint(cfg["path"]["log_dir"], run_name(cfg), chash)
@@ -126,7 +172,10 @@ def _train(cfg: dict, run, ctx: Distributed, device: torch.device) -> dict:
             _say(ctx, f"resume: no earlier run of this config under {cfg['path']['log_dir']}/{run_name(cfg)}; "
                       "starting at step 0")
         else:
-            state = load_checkpoint(path, map_location=device)
+            try:
+                state = load_checkpoint(path, map_location=device)
+            except UserError:
+                raise unreadable_resume_error(path, cfg["path"]["log_dir"], run_name(cfg), chash) from None
             check_compatible(state["config"], model.config, path)
             if state.get("config_hash") not in (None, chash):
                 raise UserError(f"resume: {path} belongs to another config: start a new run (resume=False)")
@@ -152,19 +201,20 @@ def _train(cfg: dict, run, ctx: Distributed, device: torch.device) -> dict:
         net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
     # Episodes: a deterministic function of (seed, index); sharded per step across ranks.
-    dataset = EpisodeDataset(cfg["path"]["data_dir"], fold_training_classes(cfg), cfg["n_ways"],
-                             cfg["n_shots"], cfg["n_queries"], cfg["input_size"], cfg["augment"], cfg["seed"])
+    dataset = build_episodes(cfg)
     sampler = StepBatchSampler(start_step, cfg["n_steps"], cfg["batch_size"], ctx.rank, ctx.world_size)
     loader = DataLoader(dataset, batch_sampler=sampler, num_workers=cfg["num_workers"],
                         pin_memory=device.type == "cuda",
                         generator=torch.Generator().manual_seed(cfg["seed"]))  # spares the global RNG
 
-    n_steps, align_weight = cfg["n_steps"], float(cfg["model"].get("align_weight", 1.0))
-    align = bool(cfg["model"].get("align", False))
+    n_steps = cfg["n_steps"]
     bar = tqdm(total=n_steps, initial=start_step, disable=not ctx.is_main, dynamic_ncols=True, desc="train")
     step_times, data_waits, window_loss, window_n = [], [], 0.0, 0   # seconds per step, waiting for data
     if start_step >= n_steps:
         _say(ctx, f"nothing to do: the run already has {start_step} >= n_steps={n_steps} steps")
+    if cfg["val_every"] and cfg.get("val_split", "val") == "gold":
+        _say(ctx, "warning: val_split='gold' selects best.pth on the TEST volumes (test-set model selection, "
+                  "as the official code); its test Dice is optimistic")
     model.train()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -176,9 +226,7 @@ def _train(cfg: dict, run, ctx: Distributed, device: torch.device) -> dict:
         with autocast(device, cfg["amp"]):
             logits, align_loss = net(batch["support_images"], batch["support_fg"], batch["support_bg"],
                                      query_images)                            # B x Q x (1+N) x H x W
-        loss = F.cross_entropy(logits.float().flatten(0, 1), batch["query_labels"].flatten(0, 1))
-        if align:
-            loss = loss + align_weight * align_loss.float()
+        loss = episode_loss(cfg, logits, batch["query_labels"], align_loss)
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(loss).backward()
@@ -256,17 +304,19 @@ def _state(cfg, model, optimizer, scheduler, scaler, step, rngs, chash, best_dic
     """Everything a checkpoint holds (models/checkpoint.py lists the keys)."""
     return {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler else None,
-            "step": step, "rng": rngs, "config": copy.deepcopy(model.config), "fold": cfg["fold"],
+            "step": step, "rng": rngs, "config": copy.deepcopy(model.config),
+            "fold": None if cfg.get("episodes") == "superpixels" else cfg["fold"],   # selfsup: no organ seen
             "seed": cfg["seed"], "config_hash": chash, "run_config": copy.deepcopy(cfg),
             "best_dice": best_dice, "input_size": cfg["input_size"], "intensity": prepared_intensity(cfg["path"]["data_dir"])}
 
 
 
 def _validate(cfg, model, device, ctx, run, run_dir, step, best_dice, make_state):
-    """Rank 0: volumetric Dice on the 'val' split; best.pth when it improves. Returns the best Dice."""
+    """Rank 0: volumetric Dice on the `val_split` split ('val': held-out silver volumes; 'gold': the
+    test volumes, as the official code); best.pth when it improves. Returns the best Dice."""
     if ctx.is_main:
         organs = list(cfg["label_sets"][cfg["fold"]])
-        result = validate(model, cfg["path"]["data_dir"], split="val", organs=organs,
+        result = validate(model, cfg["path"]["data_dir"], split=cfg.get("val_split", "val"), organs=organs,
                           preset=cfg["eval"]["preset"], input_size=cfg["input_size"], device=device,
                           batch_size=cfg["eval"]["batch_size"])
         dice = float(result["mean_dice"])
