@@ -15,7 +15,7 @@ from __future__ import annotations
 import importlib.metadata
 import os
 
-from config import ex, run_sacred  # first: config.py silences Sacred's pkg_resources warning before Sacred loads
+from config import differences_from_default, ex, run_sacred  # first: config.py silences Sacred's pkg_resources warning before Sacred loads
 from sacred.observers import FileStorageObserver
 from sacred.utils import apply_backspaces_and_linefeeds
 
@@ -47,6 +47,7 @@ def check_and_observe(config, command_name, logger):
 @ex.main
 def main(_config, _run):
     """Train one fold; returns the summary (steps, best validation Dice, seconds per step, ...)."""
+    _run.info["differs_from_default"] = differences_from_default(_config)  # -> info.json
     return train(_config, _run)
 
 
