@@ -226,14 +226,20 @@ def _check_support(support_images: Tensor, support_fg: Tensor) -> None:
 
 # ---- loss -------------------------------------------------------------------------------------
 DICE_EPS = 1e-4
+IGNORE_LABEL = 255
 
 
 def dice_loss(probabilities: Tensor, labels: Tensor, eps: float = DICE_EPS) -> Tensor:
     """SENet's Dice loss: mean over classes c of 1 - 2 sum(p_c g_c) / (sum(p_c + g_c) + eps).
 
     probabilities M x C x H x W, labels M x H x W (int, 0..C-1); sums over batch and pixels.
+    Pixels labelled 255 take no part (as the training's cross-entropy ignore_index).
     """
-    target = F.one_hot(labels.long(), probabilities.shape[1]).permute(0, 3, 1, 2).to(probabilities.dtype)
+    labels = labels.long()
+    valid = (labels != IGNORE_LABEL).unsqueeze(1).to(probabilities.dtype)  # M x 1 x H x W
+    target = F.one_hot(labels.where(labels != IGNORE_LABEL, 0), probabilities.shape[1])
+    target = target.permute(0, 3, 1, 2).to(probabilities.dtype) * valid  # M x C x H x W
+    probabilities = probabilities * valid
     dims = (0, 2, 3)
     numerator = 2 * (probabilities * target).sum(dims)                  # C
     denominator = (probabilities + target).sum(dims) + eps              # C

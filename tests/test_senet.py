@@ -240,6 +240,18 @@ def test_dice_loss_matches_the_loop_reference():
     assert float(dice_loss(probabilities, labels)) == pytest.approx(expected, rel=1e-12)
 
 
+def test_dice_loss_ignores_label_255():
+    g = torch.Generator().manual_seed(2)
+    probabilities = torch.softmax(torch.randn(2, 2, 4, 5, generator=g, dtype=torch.float64), dim=1)
+    labels = (torch.rand(2, 4, 5, generator=g) > 0.5).long()
+    labels[0, :2] = 255
+    keep = labels[0, 2:], labels[1]
+    expected_p = torch.cat([probabilities[0, :, 2:].flatten(1), probabilities[1].flatten(1)], 1)  # C x n
+    expected_l = torch.cat([keep[0].flatten(), keep[1].flatten()])
+    expected = _dice_loss_loops(expected_p[None, :, None].numpy(), expected_l[None, None].numpy())
+    assert float(dice_loss(probabilities, labels)) == pytest.approx(expected, rel=1e-12)
+
+
 def test_senet_loss_single_and_double_softmax():
     g = torch.Generator().manual_seed(1)
     logits = torch.randn(2, 1, 2, 8, 8, generator=g, dtype=torch.float64)
