@@ -269,7 +269,7 @@ def test_gradients_and_autocast(resolution):
     assert low.dtype == torch.float32 and torch.isfinite(low).all()
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.cuda  # skipped without a GPU (conftest.py); scripts/gpu_check.sh runs it
 def test_cuda_matches_cpu():
     sf, fg, bg, qf = _episode(13, 2, 2, 2, 2, 6, (8, 9), (30, 34))
     head = LocalPrototypeHead(8, True, "max", "image", min_pixels=3)
