@@ -88,6 +88,9 @@ def render_section(name: str, results: dict, machine: dict, command: str, plan) 
         wait = max(row["data_wait_fraction"] for row in results["training"])
         lines.append(f"| data loading keeps up: waiting for data < 10% of a training step (worst AMP mode) | "
                      f"{100 * wait:.1f}% | {verdict(wait < 0.10)} |")
+        wait = max(row["data_wait_fraction"] for row in results["training"])
+        lines.append(f"| data loading keeps up: waiting for data < 10% of a training step (worst AMP mode) | "
+                     f"{100 * wait:.1f}% | {verdict(wait < 0.10)} |")
     lines += ["", f"### 1. Head forward per episode ({h['size']} x {h['size']} input, {h['channels']}-channel "
               f"{h['feature_size']} x {h['feature_size']} features, n_grid {h['n_grid']}, overlapping, max vote, k=1)",
               "", "| implementation | median ms | spread ms | runs | speed-up vs reference |", "|---|---|---|---|---|",
@@ -163,7 +166,8 @@ def gpu_not_measured() -> str:
     return ("## GPU\n\nNot measured yet: no GPU was available to the run that wrote this report. On a GPU "
             "machine, `python scripts/benchmark.py --device cuda --out BENCHMARKS.md` measures this section "
             "(head, encoders, scaling, `paper` training and 512 x 512 inference with AMP off and on, CUDA peak "
-            "memory, GPU-bound check) and replaces it, keeping the CPU section.\n")
+            "memory, GPU-bound check) and replaces it, keeping the CPU section; `scripts/gpu_check.sh` runs it "
+            "with the other GPU checks (docs/gpu_check.md).\n")
 
 
 def merge(existing: str | None, name: str, text: str) -> str:
@@ -177,6 +181,17 @@ def merge(existing: str | None, name: str, text: str) -> str:
             sections[section] = found.group(1)
     sections[name] = text
     return TITLE + "\n" + INTRO + "\n" + block("cpu", sections["cpu"]) + "\n" + block("gpu", sections["gpu"])
+
+
+def plain(value):
+    """Measurement results as JSON types: a Timing becomes {median_s, runs_s, warmup}."""
+    if isinstance(value, timing.Timing):
+        return {"median_s": value.median, "runs_s": list(value.runs), "warmup": value.warmup}
+    if isinstance(value, dict):
+        return {str(key): plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(item) for item in value]
+    return value if value is None or isinstance(value, (bool, int, float, str)) else str(value)
 
 
 def plain(value):
@@ -228,6 +243,9 @@ def main(argv: list[str] | None = None) -> int:
     text = render_section(device.type if device.type == "cpu" else "gpu", results, machine, command, plan)
     existing = open(args.out).read() if os.path.isfile(args.out) else None
     write_atomic(args.out, merge(existing, "cpu" if device.type == "cpu" else "gpu", text))
+    if args.json:
+        write_atomic(args.json, json.dumps({"device": device.type, "size": plan.size, "quick": plan.quick,
+                                            "machine": machine, **plain(results)}, indent=1) + "\n")
     if args.json:
         write_atomic(args.json, json.dumps({"device": device.type, "size": plan.size, "quick": plan.quick,
                                             "machine": machine, **plain(results)}, indent=1) + "\n")
