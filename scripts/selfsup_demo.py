@@ -37,6 +37,7 @@ import numpy as np  # noqa: E402
 
 from dataloaders.nifti import save_nifti_atomic  # noqa: E402
 from dataloaders.organs import FOLD_ORGANS, TEST_ORGANS  # noqa: E402
+from evaluation.protocol import chunk_of_offsets, support_offsets  # noqa: E402
 from models.checkpoint import load_checkpoint  # noqa: E402
 from util.atomic import write_text_atomic  # noqa: E402
 from util.cli import run_cli  # noqa: E402
@@ -157,16 +158,19 @@ def phantom_part(log: list, device: str, steps: dict, train_supervised: bool) ->
     return results
 
 
-def sparse_support(labels: np.ndarray, value: int, n: int) -> tuple[np.ndarray, tuple[int, int]]:
-    """Mask of `n` annotated axial slices (the centres of n equal parts of the organ's range, stored z axis 2)
-    and the organ's half-open range (z0, z1) along that axis."""
+def sparse_support(labels: np.ndarray, value: int, n: int) -> tuple[np.ndarray, tuple[int, int], np.ndarray]:
+    """(mask of `n` annotated axial slices: the middle slices of n equal chunks of the organ's range along
+    stored axis 2 (evaluation.protocol.support_offsets), the organ's half-open range (z0, z1), mask copy:
+    every slice of the range gets its chunk's annotated slice, as the protocol's no-model baseline)."""
     organ = labels == value
     zs = np.flatnonzero(organ.reshape(-1, organ.shape[2]).sum(axis=0) > 0)
     z0, z1 = int(zs[0]), int(zs[-1]) + 1
-    picks = [z0 + int((2 * i + 1) * (z1 - z0) / (2 * n)) for i in range(n)]
+    picks = z0 + support_offsets(z1 - z0, n)                                          # n
     support = np.zeros(organ.shape, dtype=np.uint8)
     support[:, :, picks] = organ[:, :, picks]
-    return support, (z0, z1)
+    copy = np.zeros(organ.shape, dtype=bool)
+    copy[:, :, z0:z1] = organ[:, :, picks[chunk_of_offsets(z1 - z0, n)]]
+    return support, (z0, z1), copy
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:
@@ -200,11 +204,11 @@ def real_part(log: list, supervised: dict, phantom_selfsup: Path, steps: int, de
     rows, start = {}, time.perf_counter()
     for organ in REAL_ORGANS:
         value = int(names[organ])
-        support, organ_range = sparse_support(labels, value, REAL_SUPPORT_SLICES)
+        support, organ_range, copy = sparse_support(labels, value, REAL_SUPPORT_SLICES)
         mask_path = out_dir / f"support_{organ}.nii.gz"
         save_nifti_atomic(support, label_image.affine, mask_path)
         rows[organ] = {"support_slices": [int(z) for z in np.flatnonzero(support.sum(axis=(0, 1)))],
-                       "range": list(organ_range)}
+                       "range": list(organ_range), "mask copy": dice(copy, labels == value)}
         for method, snapshot in (("phantom-supervised LSLPN", supervised.get(organ)),
                                  ("self-supervised on the scan", str(selfsup))):
             if snapshot is None:
@@ -213,14 +217,14 @@ def real_part(log: list, supervised: dict, phantom_selfsup: Path, steps: int, de
                                            str(REAL_CT / "ct.nii.gz"), support_label=1, query_range=organ_range,
                                            n_chunks=REAL_SUPPORT_SLICES, device=device, progress=False)
             rows[organ][method] = dice(prediction > 0, labels == value)
-    log.append({"step": "segment the real scan (8 runs)", "command": "evaluation.segment.segment_volume "
+    log.append({"step": "segment the real scan (4 organs x 2 snapshots)", "command": "evaluation.segment.segment_volume "
                 "(scripts/selfsup_demo.py)", "seconds": round(time.perf_counter() - start, 1)})
     write_text_atomic(json.dumps(rows, indent=1) + "\n", out_dir / "results.json")
     return rows
 
 
 def real_table(rows: dict) -> str:
-    methods = ["phantom-supervised LSLPN", "self-supervised on the scan"]
+    methods = ["mask copy", "phantom-supervised LSLPN", "self-supervised on the scan"]
     lines = ["| organ | support slices (z) | " + " | ".join(methods) + " |", "|---" * (len(methods) + 2) + "|"]
     for organ, row in rows.items():
         lines.append(f"| {organ} | {', '.join(map(str, row['support_slices']))} | "
@@ -253,6 +257,8 @@ def write_report(results: dict, real: dict | None, log: list, seconds: float, st
     if (RUN_DIR / "phantom_partial" / "table.md").exists():
         lines += ["", "Rows available for some folds only, on their organs:", "",
                   (RUN_DIR / "phantom_partial" / "table.md").read_text().strip()]
+    lines += ["", "Pseudo-labels (felzenszwalb defaults, overlay by `make_superpixels.py --figure`): "
+              "![superpixels of phantom slices](selfsup_superpixels.png)"]
     lines += ["", f"Self-supervised vs mask copy (organ range): better on {len(beats)} of 4 columns "
               f"({', '.join(beats) or 'none'})."]
     if "LSLPN supervised" in rows:
@@ -269,8 +275,9 @@ def write_report(results: dict, real: dict | None, log: list, seconds: float, st
                   f"segmented from {REAL_SUPPORT_SLICES} of its annotated slices (centres of thirds of its axial range; "
                   f"the range is given from the labels, {REAL_SUPPORT_SLICES} chunks). Whole-volume Dice (%) against "
                   "labels.nii.gz (automatic TotalSegmentator labels; the 3 support slices are inside the scored "
-                  "volume). The phantom-supervised snapshot is the demo fold that held the organ out.", "",
-                  real_table(real)]
+                  "volume). Mask copy: each slice of the range gets its chunk's annotated slice (no model). The "
+                  "phantom-supervised snapshot is the demo fold that held the organ out.", "",
+                  real_table(real), "", "![superpixels of the real scan](selfsup_superpixels_real.png)"]
     path = RUN_DIR / "report.md"
     write_text_atomic("\n".join(lines) + "\n", path)
     return path
@@ -281,9 +288,9 @@ def publish(docs: Path = ROOT / "docs") -> None:
     if not report.exists():
         raise UserError(f"{report} does not exist: run `python scripts/selfsup_demo.py` first, then --publish")
     shutil.copyfile(report, docs / "selfsup_phantom.md")
-    overlay = UNLABELED / "superpixels_overlay.png"
-    if overlay.exists():
-        shutil.copyfile(overlay, docs / "selfsup_superpixels.png")
+    for folder, name in ((UNLABELED, "selfsup_superpixels.png"), (WORK_DIR / "real_unlabeled", "selfsup_superpixels_real.png")):
+        if (folder / "superpixels_overlay.png").exists():
+            shutil.copyfile(folder / "superpixels_overlay.png", docs / name)
     print(f"published {report} as {docs / 'selfsup_phantom.md'}")
 
 

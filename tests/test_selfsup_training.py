@@ -65,3 +65,23 @@ def test_selfsup_config_errors(unlabeled_prep, tiny_prepared):  # noqa: F811
     config = resolve(["tiny", "selfsup"], path={"data_dir": str(unlabeled_prep)})
     check_config(config, "train")   # no labeled validation volumes: allowed (validation goes off)
     assert run_name(config) == "lslpn_selfsup"
+
+
+def test_real_scan_support_and_mask_copy():
+    """scripts/selfsup_demo.py: 3 annotated slices at the chunk middles; mask copy fills each chunk from its slice."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from conftest import load_script
+    import numpy as np
+    demo = load_script("selfsup_demo")
+    labels = np.zeros((4, 4, 12), dtype=np.int64)
+    labels[1:3, 1:3, 2:11] = 5                     # organ on slices 2..10 (range 2:11, 9 slices)
+    labels[1, 1, 2:11] = np.arange(9) + 10          # slice-specific pixel values (other labels) to trace copies
+    labels[0, 0, 2:11] = 5
+    support, organ_range, copy = demo.sparse_support(labels, 5, 3)
+    assert organ_range == (2, 11)
+    annotated = np.flatnonzero(support.sum(axis=(0, 1)))
+    assert annotated.tolist() == [3, 6, 9]           # middles of chunks 2-4, 5-7, 8-10
+    for z in range(12):
+        expected = labels[:, :, [3, 6, 9][(z - 2) // 3]] == 5 if 2 <= z < 11 else np.zeros((4, 4), bool)
+        assert np.array_equal(copy[:, :, z], expected)
+    assert demo.dice(copy, labels == 5) == 1.0
