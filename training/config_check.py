@@ -131,6 +131,11 @@ def check_training_data(config: Mapping) -> None:
             raise UserError(f"path.data_dir '{data_dir}' has {len(val)} held-out validation volumes (volumes/val), "
                             "validation needs 2 (a support and a query): re-prepare with --n-val 2 or more, or "
                             "set val_every=0 to train without validation")
+    if config.get("val_every", 0) > 0 and config.get("val_split", "val") == "gold":
+        gold = meta.get("splits", {}).get("gold", [])
+        if len(gold) < 2 or not os.path.isdir(os.path.join(data_dir, "volumes", "gold")):
+            raise UserError(f"val_split='gold': path.data_dir '{data_dir}' has {len(gold)} gold volumes "
+                            "(volumes/gold), selection on them needs 2: use val_split='val' or prepared gold volumes")
 
 
 def check_config(config: Mapping, command: str = "train") -> None:
