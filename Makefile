@@ -6,7 +6,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.requirements.sha256
 
-.PHONY: setup test demo clean-demo
+.PHONY: setup test demo clean-demo gpu-check
 
 # Idempotent: re-installs only when requirements.txt changed (its hash is stamped).
 setup:
@@ -26,6 +26,10 @@ test: setup
 
 demo: setup
 	$(PY) scripts/demo.py
+
+# On a GPU machine (no `make setup` needed there; docs/gpu_check.md). ARGS=--dry-run on a CPU.
+gpu-check:
+	scripts/gpu_check.sh $(ARGS)
 
 clean-demo:
 	rm -rf runs/demo data/phantom data/prepared_phantom
