@@ -210,10 +210,12 @@ def senet_demo():
     # Use after `demo senet` (make demo: `with demo senet senet_demo`). SENet scaled for 2 CPU cores so
     # that its 4 folds add at most ~5 minutes to the demo (budget: 25 min with install). Its 20-epoch
     # schedule is squeezed into 200 steps (10 per "epoch") at 64 x 64 slices, lr 1e-2 instead of 1e-3
-    # (at 1e-3 the loss did not move in 40 steps at 128 x 128). Sizing, single-thread CPU seconds per
-    # step (/tmp timing script, 17:50 UTC): SENet here 0.125, LSLPN demo 0.346 (600 steps, ~100 s per
-    # fold in the published demo), SENet at 128 x 128 0.45; so a SENet fold costs well under half an
-    # LSLPN fold. A real fold-0 run on this (heavily shared) machine: validation Dice 0.58 at step 100.
+    # (at 1e-3 the loss did not move in 40 steps at 128 x 128). Sizing (fold 0, same machine and load,
+    # 18:10 UTC): SENet here 2.8 s/step and 31 s per validation vs LSLPN `demo` 5.4 s/step and 70 s per
+    # validation, so a SENet fold (200 steps, 2 validations) costs ~0.17 of an LSLPN fold (600 steps,
+    # 6 validations; ~100 s in the published demo): estimated ~20-30 s per fold, ~2 min for 4 folds with
+    # evaluation. Single-thread CPU s/step: SENet here 0.125, at 128 x 128 0.45, LSLPN demo 0.346.
+    # A 200-step fold-0 run: validation Dice 0.58 at step 100 (best.pth), 0.43 at 200.
     # Evaluation runs each snapshot at its own input size (SENet at 64, the others at 128).
     input_size = 64
     n_steps = 200
