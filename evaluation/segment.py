@@ -5,8 +5,9 @@ protocol (evaluation/protocol.py) on files a user has, outside any benchmark fol
 
 - Every file goes through `dataloaders.nifti.load_nifti` (validation, reorientation to canonical
   RAS+); masks must share their image's grid (`check_same_grid`).
-- Support masks are binary or multi-label: the organ is picked by `support_label` (a label value,
-  or an organ name looked up in a JSON label map, or in the project's 1-20 vocabulary).
+- Support masks are binary or multi-label: the organ is picked by `support_label` (a label value, or
+  an organ name looked up in the mask's own labels: `dataloaders.label_map`; unknown labels are an
+  error, never a guess). Implausible files are refused or warned about (`dataloaders.plausibility`).
 - The ANNOTATED slices of a support are the axial slices with more than `min_voxels` organ voxels.
   Its organ range is first..last annotated slice; a support annotated on only a few slices works:
   the centre of each chunk picks the NEAREST annotated slice (unannotated slices are never used as
@@ -21,7 +22,6 @@ protocol (evaluation/protocol.py) on files a user has, outside any benchmark fol
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -30,12 +30,16 @@ import nibabel as nib
 import numpy as np
 import torch
 
+from dataloaders.label_map import mask_label_map, read_label_map, resolve_support_label, visceral_mask_structure
 from dataloaders.nifti import NiftiVolume, check_same_grid, load_nifti, save_nifti_atomic, to_original
-from dataloaders.organs import NAME_TO_INDEX, canonical_name
+from dataloaders.organs import INDEX_TO_NAME, canonical_name
+from dataloaders.plausibility import field_of_view_warning, image_problems, mask_labels, support_size_warning
 from dataloaders.prepared import prepared_intensity
 from models.checkpoint import model_from_checkpoint, model_input, trained_input
 from util.device import resolve_device
+from util.cli import warn
 from util.errors import UserError
+from util.paths import check_output_file
 from evaluation.inference import run_chunks
 from evaluation.protocol import chunk_plan
 
@@ -51,6 +55,8 @@ class Support:
     mask: np.ndarray
     annotated: np.ndarray
     name: str
+    label: str = ""                 # how the organ's label value was found (printed)
+    spacing: np.ndarray | None = None   # (3,) mm, canonical axes
 
     @property
     def organ_range(self) -> tuple[int, int]:
@@ -84,70 +90,31 @@ def parse_intensity(spec) -> dict | None:
     raise UserError(f"--intensity '{spec}': use 'minmax' or 'window:LO,HI' with LO < HI (e.g. window:-125,275)")
 
 
-def load_label_map(label_map) -> dict[str, int]:
-    """A JSON label map (path or dict) -> {name: value}.
-
-    Accepts {name: value} and the value -> name form {"labels": {"1": "spleen", ...}} (TotalSegmentator
-    style, as ../shared/data/real_ct/labels.json).
-    """
-    if label_map is None:
-        return {}
-    if not isinstance(label_map, dict):
-        path = Path(label_map)
-        try:
-            label_map = json.loads(path.read_text())
-        except (OSError, ValueError) as error:
-            raise UserError(f"--label-map {path}: cannot read it as JSON ({type(error).__name__}): "
-                            "give a JSON file {\"organ name\": label value}") from None
-    if isinstance(label_map.get("labels"), dict):
-        label_map = {name: key for key, name in label_map["labels"].items()}
-    try:
-        return {str(name): int(value) for name, value in label_map.items() if not isinstance(value, dict)}
-    except (TypeError, ValueError):
-        raise UserError("--label-map: values must be integer label values, e.g. {\"liver\": 5}") from None
-
-
-def label_value(support_label, label_map: dict[str, int], present: np.ndarray, mask_path: str) -> int:
-    """The mask value of the organ. present: the non-zero values found in the mask."""
-    if len(present) == 0:
-        raise UserError(f"{mask_path}: the mask is empty (no non-zero voxel): annotate the organ in the support "
-                        "mask or give another mask")
-    if support_label is None:
-        if len(present) == 1:
-            return int(present[0])
-        raise UserError(f"{mask_path}: multi-label mask (values {', '.join(map(str, present[:12]))}): "
-                        "pass --support-label VALUE or an organ name (with --label-map for its values)")
-    if isinstance(support_label, (int, np.integer)) or str(support_label).strip().lstrip("-").isdigit():
-        if int(support_label) < 1:
-            raise UserError(f"--support-label {support_label}: label values start at 1 (0 is background): "
-                            f"use one of the mask's values ({', '.join(map(str, present[:12]))})")
-        return int(support_label)
-    name = str(support_label)
-    wanted = canonical_name(name) or name.strip().lower()
-    for key, value in label_map.items():
-        if key.strip().lower() == name.strip().lower() or canonical_name(key) == wanted:
-            return value
-    if label_map:
-        raise UserError(f"--support-label '{name}' is not in the label map (it names "
-                        f"{', '.join(sorted(label_map)[:10])}): use one of those names or a label value")
-    if wanted in NAME_TO_INDEX:
-        return NAME_TO_INDEX[wanted]
-    raise UserError(f"--support-label '{name}' is not a label value nor a known organ: pass a number, "
-                    "or an organ name with --label-map JSON")
-
-
 # --------------------------------------------------------------------------------- loading
-def load_support(image_path, mask_path, support_label, label_map: dict[str, int], min_voxels: int) -> Support:
-    """Load one support pair: validated, canonical, the organ's binary mask and its annotated slices."""
+def load_support(image_path, mask_path, support_label, label_map, min_voxels: int,
+                 vocabulary: str | None = None) -> Support:
+    """Load one support pair: validated, canonical, the organ's binary mask and its annotated slices.
+
+    The organ's label value comes from `dataloaders.label_map.resolve_support_label` (an organ name
+    needs known labels: label_map, a sidecar JSON, vocabulary='visceral' or a VISCERAL file name);
+    implausible pairs (swapped image and mask, constant image) are one-line errors, doubtful ones
+    (soft mask, tiny organ) print a warning.
+    """
     image = load_nifti(image_path)
     mask = load_nifti(mask_path)
     check_same_grid(mask, image)
-    values = np.asarray(mask.array)
-    if np.issubdtype(values.dtype, np.floating):
-        values = np.rint(values)
+    values, note = mask_labels(mask.array, mask_path)                        # X x Y x Z int labels
+    for problem in image_problems(image.array, image_path, "support image"):
+        warn(problem)
+    if note:
+        warn(note)
     present = np.unique(values)
-    present = present[present != 0].astype(np.int64)
-    value = label_value(support_label, label_map, present, str(mask_path))
+    present = present[present != 0]
+    if present.size == 0:
+        rule = " (soft mask: foreground = values >= 0.5)" if note else ""
+        raise UserError(f"{mask_path}: the mask is empty (no foreground voxel{rule}): annotate the organ in the "
+                        "support mask or give another mask")
+    value, how = resolve_support_label(support_label, mask_path, present, label_map, vocabulary)
     organ = values == value                                                  # X x Y x Z bool
     counts = organ.reshape(-1, organ.shape[-1]).sum(axis=0)                  # Z
     annotated = np.flatnonzero(counts > min_voxels)
@@ -155,8 +122,16 @@ def load_support(image_path, mask_path, support_label, label_map: dict[str, int]
         found = ", ".join(map(str, present[:12])) or "none"
         raise UserError(f"{mask_path}: no slice with more than {min_voxels} voxels of label {value} "
                         f"(labels present: {found}): pick another --support-label or annotate the organ")
+    label_map_known = mask_label_map(mask_path, label_map, vocabulary)[0] or {}
+    organ_name = canonical_name(label_map_known.get(value, "")) if label_map_known else None
+    organ_name = organ_name or (INDEX_TO_NAME.get(visceral_mask_structure(mask_path) or 0))
+    spacing = image.spacing
+    small = support_size_warning(int(counts.max()), float(spacing[0] * spacing[1]), organ_name,
+                                 Path(mask_path).name, how)
+    if small:
+        warn(small)
     return Support(image=np.asarray(image.array, dtype=np.float32), mask=organ, annotated=annotated,
-                   name=Path(image_path).name)
+                   name=Path(image_path).name, label=how, spacing=np.asarray(spacing, dtype=float))
 
 
 def body_extent(image: np.ndarray) -> tuple[int, int]:
@@ -189,6 +164,17 @@ def default_query_range(supports: Sequence[Support], query_image: np.ndarray) ->
     start = int(np.clip(np.floor(q0 + f0 * length + 0.5), q0, q1))
     stop = int(np.clip(np.floor(q0 + f1 * length + 0.5) - 1, start, q1))
     return start, stop
+
+
+def canonical_to_stored_range(canonical_range: tuple[int, int], query: NiftiVolume) -> tuple[int, int]:
+    """Inclusive canonical z range -> half-open range along the query file's axial axis (as --query-range)."""
+    ornt = nib.io_orientation(query.original_affine)
+    axis = int(np.flatnonzero(ornt[:, 0] == 2)[0])
+    n = int(query.original_shape[axis])
+    z0, z1 = canonical_range
+    if ornt[axis, 1] < 0:                                   # stored superior -> inferior
+        return n - 1 - z1, n - z0
+    return z0, z1 + 1
 
 
 def stored_range_to_canonical(query_range: tuple[int, int], query: NiftiVolume) -> tuple[int, int]:
@@ -245,31 +231,21 @@ def snap_to_annotated(plan, supports: Sequence[Support]) -> list[tuple[np.ndarra
              query_z) for support_z, query_z in plan]
 
 
-def _check_out(out) -> Path | None:
-    if out is None:
-        return None
-    out = Path(out)
-    if out.is_dir():
-        raise UserError(f"--out {out}: is a folder: give a file path ending in .nii.gz")
-    if not out.name.endswith(".nii.gz"):
-        raise UserError(f"--out {out}: the prediction is written as NIfTI: give a path ending in .nii.gz")
-    if not out.parent.is_dir():
-        raise UserError(f"--out {out}: folder {out.parent} does not exist: create it first")
-    return out
-
-
 def segment_volume(checkpoint, supports: Sequence[tuple[str, str]], query, out=None, support_label=None,
                    label_map=None, query_range: tuple[int, int] | str | None = None, n_chunks: int = 12,
                    device: str = "auto", batch_size: int = 16, progress: bool = True,
-                   intensity=None, input_size: int | None = None, min_voxels: int = 0
-                   ) -> tuple[np.ndarray, nib.Nifti1Image]:
+                   intensity=None, input_size: int | None = None, min_voxels: int = 0,
+                   vocabulary: str | None = None) -> tuple[np.ndarray, nib.Nifti1Image]:
     """Segment `query` (a NIfTI path) from annotated support volumes with a few-shot checkpoint.
 
     checkpoint:    train.py checkpoint path (or a model with encode_support/segment, for tests)
     supports:      [(image_path, mask_path), ...]; k supports = k-shot prototypes per chunk
-    support_label: mask value (int), organ name (via label_map, else our 1-20 vocabulary), or None
-                   for a mask with a single non-zero value
-    label_map:     JSON path or dict {name: value} (or {"labels": {value: name}})
+    support_label: mask value (int), organ name, or None for a mask with a single non-zero value. A
+                   name needs known labels: label_map, a sidecar <mask>.json, vocabulary='visceral'
+                   (the project's 1-20) or a VISCERAL mask file name (dataloaders/label_map.py)
+    label_map:     JSON path or dict, any form of dataloaders.label_map ({"liver": 5}, {"5": "liver"},
+                   {"labels": {...}})
+    vocabulary:    'visceral' when the mask uses the project's indices 1-20, else None
     query_range:   (Z0, Z1) or 'Z0:Z1', half-open slice indices along the query file's axial axis as
                    stored; None: transferred from the supports by relative body position
     intensity:     None (the checkpoint's, else per-slice min-max), 'minmax' or 'window:LO,HI'
@@ -277,7 +253,11 @@ def segment_volume(checkpoint, supports: Sequence[tuple[str, str]], query, out=N
     Returns (prediction uint8 in the query's ORIGINAL array geometry, the nibabel image written to
     `out`, when given, atomically; nothing is written on any error).
     """
-    out = _check_out(out)
+    if out is not None:   # before any compute: never an input (path, symlink, hard link), writable, a file
+        inputs = [query, *(path for pair in supports for path in pair)]
+        inputs += [checkpoint] if isinstance(checkpoint, (str, Path)) else []
+        inputs += [label_map] if isinstance(label_map, (str, Path)) else []
+        out = check_output_file(out, inputs, "--out", suffixes=(".nii.gz",))
     if not supports:
         raise UserError("no support given: pass --support-image S.nii.gz --support-mask M.nii.gz")
     if int(n_chunks) < 1 or int(batch_size) < 1:
@@ -291,13 +271,26 @@ def segment_volume(checkpoint, supports: Sequence[tuple[str, str]], query, out=N
         query_range = parse_query_range(query_range)
     intensity = parse_intensity(intensity)
     device = resolve_device(device)
-    labels = load_label_map(label_map)
+    if label_map is not None:
+        read_label_map(label_map)                      # a malformed map fails before any volume is read
     query_volume = load_nifti(query)
-    support_list = [load_support(image, mask, support_label, labels, min_voxels) for image, mask in supports]
+    query_warnings = image_problems(query_volume.array, query, "query")
+    support_list = [load_support(image, mask, support_label, label_map, min_voxels, vocabulary)
+                    for image, mask in supports]
+    fov = field_of_view_warning(query_volume.array.shape, query_volume.spacing,
+                                [s.image.shape for s in support_list], [s.spacing for s in support_list],
+                                Path(str(query)).name)
+    for message in query_warnings + ([fov] if fov else []):
+        warn(message)
     if query_range is not None:
         canonical_range = stored_range_to_canonical(tuple(query_range), query_volume)
+        how = "given by --query-range"
     else:
         canonical_range = default_query_range(support_list, np.asarray(query_volume.array, dtype=np.float32))
+        how = "transferred from the support by relative body position; give --query-range to set it"
+    stored = canonical_to_stored_range(canonical_range, query_volume)
+    print(f"support organ: {', '.join(f'{s.name}: {s.label}' for s in support_list)}; query range "
+          f"{stored[0]}:{stored[1]} (slices along the query file's axial axis, {how})", flush=True)
     model, input_size, intensity = load_model(checkpoint, device, input_size, intensity)
     plan = snap_to_annotated(chunk_plan([s.organ_range for s in support_list], canonical_range, int(n_chunks)),
                              support_list)
@@ -313,4 +306,7 @@ def segment_volume(checkpoint, supports: Sequence[tuple[str, str]], query, out=N
     image.set_sform(query_volume.original_affine, code=1)
     if out is not None:
         save_nifti_atomic(array, query_volume.original_affine, out)
+    if not array.any():
+        warn(f"the output mask is empty: no voxel of {Path(str(query)).name} was segmented in query slices "
+             f"{stored[0]}:{stored[1]}: check the support label, the query range and the checkpoint's organ")
     return array, image

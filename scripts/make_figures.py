@@ -20,7 +20,8 @@ from util.errors import UserError  # noqa: E402
 from evaluation.figures import make_figures  # noqa: E402
 from evaluation.protocol import ProtocolPreset  # noqa: E402
 from util.atomic import write_text_atomic  # noqa: E402
-from evaluation.results import markdown_table  # noqa: E402
+from evaluation.results import markdown_table, read_results  # noqa: E402
+from util.paths import check_output_file, check_writable_folder  # noqa: E402
 
 
 def merged_table(run_dirs: list[Path]) -> str:
@@ -28,10 +29,7 @@ def merged_table(run_dirs: list[Path]) -> str:
     summary: dict = {}
     presets = set()
     for run in run_dirs:
-        path = run / "results.json"
-        if not path.is_file():
-            raise UserError(f"{path} is missing: point at folders written by test.py")
-        results = json.loads(path.read_text())
+        results = read_results(run)
         presets.add(json.dumps(results["preset"], sort_keys=True))
         for method, organs in results["results"].items():
             for organ, entry in organs.items():
@@ -50,6 +48,12 @@ def main(argv: list[str]) -> int:
     parser.add_argument("runs", nargs="+", type=Path, help="evaluation run folders (results.json inside)")
     parser.add_argument("--table", type=Path, help="write the merged Table 1 markdown here")
     args = parser.parse_args(argv)
+    for run in args.runs:     # before drawing anything: every results.json readable, every output writable
+        read_results(run)
+        check_writable_folder(run, "run folder")
+    if args.table:
+        check_output_file(args.table, [run / name for run in args.runs for name in ("results.json", "table.md")],
+                          "--table")
     for run in args.runs:
         for path in make_figures(run):
             print(f"wrote {path}")

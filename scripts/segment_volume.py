@@ -42,10 +42,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--support-mask", action="append", default=[], metavar="M.nii.gz",
                         help="its mask: binary or multi-label, same grid as the support image")
     parser.add_argument("--support-label", default=None,
-                        help="organ in a multi-label mask: a label value, or an organ name (looked up in "
-                             "--label-map, else in the project's vocabulary, e.g. liver=1)")
+                        help="organ in a multi-label mask: a label value, or an organ name; a name needs the "
+                             "mask's labels: --label-map, a sidecar <mask>.json, --vocabulary visceral, or a "
+                             "VISCERAL mask file name")
     parser.add_argument("--label-map", default=None, metavar="JSON",
-                        help='JSON {"organ name": value} (or {"labels": {"value": "name"}}) for --support-label')
+                        help='JSON {"organ name": value}, {"value": "name"} or {"labels": {...}} for --support-label')
+    parser.add_argument("--vocabulary", default=None, choices=("visceral",),
+                        help="the mask uses the project's label values 1-20 (liver=1, spleen=2, ...; "
+                             "dataloaders/organs.py)")
     parser.add_argument("--query", required=True, metavar="Q.nii.gz", help="CT volume to segment")
     parser.add_argument("--out", required=True, metavar="PRED.nii.gz",
                         help="output mask (uint8, the query's shape, affine and orientation)")
@@ -74,7 +78,7 @@ def main(argv: list[str]) -> int:
                               query_range=args.query_range, n_chunks=args.n_chunks, device=args.device,
                               batch_size=args.batch_size, progress=not args.no_progress,
                               intensity=args.intensity, input_size=args.input_size,
-                              min_voxels=args.min_voxels)
+                              min_voxels=args.min_voxels, vocabulary=args.vocabulary)
     print(f"wrote {args.out}: {int(array.sum())} foreground voxels, shape {array.shape}")
     return 0
 

@@ -40,7 +40,8 @@ def test_quick_report_has_every_section_and_the_machine(report):
     assert "Not measured yet" in report.split("<!-- begin gpu -->")[1]   # no GPU figures invented
     for encoder in bench.ENCODER_SHAPES:
         assert f"| {encoder} |" in report
-    assert "| demo | cnn_small" in report and "| 64 | vgg16 | 4 | off |" in report
+    # the `paper` config trains the authors' ResNet-50 (config.py)
+    assert "| demo | cnn_small" in report and "| 64 | resnet50_lslpn | 4 | off |" in report
 
 
 def test_quick_report_agreement_checks_pass(report):
@@ -119,6 +120,8 @@ def test_cuda_without_a_gpu_is_a_one_line_error(tmp_path):
         script.main(["--device", "cuda", "--out", str(tmp_path / "B.md")])
 
 
-def test_missing_out_folder_is_a_user_error(tmp_path):
+def test_missing_out_folder_or_a_folder_as_out_is_a_user_error_before_measuring(tmp_path):
     with pytest.raises(UserError, match="does not exist"):
-        script.write_atomic(str(tmp_path / "absent" / "B.md"), "text")
+        script.main(["--quick", "--out", str(tmp_path / "absent" / "B.md")])
+    with pytest.raises(UserError, match="is a folder"):
+        script.main(["--quick", "--out", str(tmp_path)])

@@ -4,12 +4,14 @@ give the same bits whatever the machine's thread count and vector ISA.
 Measured (README "Reproducibility of the demo"): unpinned, the same tiny training gives different
 weights with 1 thread than with 2+, and on an AVX-512 machine than on an AVX2 one (oneDNN kernels);
 2, 3, 4 and 8 threads agree. Here: under the pins, 2 and 3 threads train to identical weights, and
-the pins reach the demo's step subprocesses (they are set in the demo's environment, inherited).
+the pins reach the demo's step subprocesses (they are set in the demo's environment, inherited); the
+demo reuses a finished training run only when it was trained with the config it would train now.
 """
 from __future__ import annotations
 
 import hashlib
 import os
+from pathlib import Path
 
 from conftest import load_script
 from models.checkpoint import load_checkpoint
@@ -33,14 +35,33 @@ def test_pins_are_set_in_the_environment_the_steps_inherit():
 
 
 def test_pinned_training_is_bitwise_the_same_with_2_and_3_threads(tiny_prepared, tmp_path):
+    """Separate processes, as the demo's steps (one process per training run)."""
     demo = load_script("demo")
     before = os.environ.get("ONEDNN_MAX_CPU_ISA")
-    digests = []
-    for threads in ("2", "3"):
+    procs = {}
+    for threads in ("2", "3"):                                  # both at once: the wall time of one
         env = {**demo.PINNED_NUMERICS, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
-        done = train_cli("n_steps=4", "val_every=0", "save_every=4", "model.resolution=image", "name=pin",
-                         log_dir=tmp_path / threads, prep_dir=tiny_prepared, env=env)
-        assert done.returncode == 0, done.stderr[-2000:]
-        digests.append(digest(tmp_path / threads / "pin" / "1" / "last.pth"))
+        procs[threads] = train_cli("n_steps=3", "val_every=0", "save_every=3", "model.resolution=image", "name=pin",
+                                   log_dir=tmp_path / threads, prep_dir=tiny_prepared, env=env, popen=True)
+    for proc in procs.values():
+        output = proc.communicate(timeout=600)[0]
+        assert proc.returncode == 0, output[-2000:]
+    digests = [digest(tmp_path / threads / "pin" / "1" / "last.pth") for threads in procs]
     assert digests[0] == digests[1]
     assert os.environ.get("ONEDNN_MAX_CPU_ISA") == before            # loading the script pins nothing here
+
+
+def test_the_demo_reuses_only_runs_of_its_own_config(tmp_path):
+    """A finished run left by an older config (other milestones, model options, data) is not reused."""
+    import sys
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    import demo_steps
+    from models.checkpoint import save_checkpoint
+    run = tmp_path / "lslpn_fold0" / "1"
+    run.mkdir(parents=True)
+    for name in ("last.pth", "best.pth"):
+        save_checkpoint(str(run / name), {"model": {}, "config": {}, "step": 600, "config_hash": "old"})
+    assert demo_steps.finished_run(tmp_path, "lslpn_fold0", 600, "new") is None
+    assert demo_steps.finished_run(tmp_path, "lslpn_fold0", 600, "old") == run / "best.pth"
+    overrides = ["fold=0", "name=lslpn_fold0", "path.log_dir=runs/demo/train", "path.data_dir=data/prepared_phantom"]
+    assert demo_steps.training_hash(overrides, []) != demo_steps.training_hash(overrides, ["panet"])

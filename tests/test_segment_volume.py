@@ -177,16 +177,19 @@ def test_lps_query_comes_back_lps_and_matches_the_ras_result(work):
 
 
 def test_multilabel_support_by_value_by_name_and_by_label_map(work, tmp_path):
-    from evaluation.segment import load_label_map, load_support, segment_volume
+    from evaluation.segment import load_support, segment_volume
     label_map = tmp_path / "map.json"
     label_map.write_text(json.dumps({"labels": {"1": "Liver", "2": "spleen"}}))
-    pairs = {"binary": (work["liver_mask"], None, None), "value": (work["support_mask"], 1, None),
-             "text value": (work["support_mask"], "1", None), "vocabulary": (work["support_mask"], "liver", None),
-             "label map": (work["support_mask"], "liver", label_map)}
-    for name, (mask, label, mapping) in pairs.items():
-        support = load_support(work["support"], mask, label, load_label_map(mapping), min_voxels=0)
+    pairs = {"binary": (work["liver_mask"], None, None, None), "value": (work["support_mask"], 1, None, None),
+             "text value": (work["support_mask"], "1", None, None),
+             "vocabulary": (work["support_mask"], "liver", None, "visceral"),
+             "label map": (work["support_mask"], "liver", label_map, None)}
+    for name, (mask, label, mapping, vocabulary) in pairs.items():
+        support = load_support(work["support"], mask, label, mapping, min_voxels=0, vocabulary=vocabulary)
         assert np.array_equal(support.mask, work["support_label"] == 1), name
-    spleen = load_support(work["support"], work["support_mask"], "spleen", load_label_map(label_map), 0)
+    with pytest.raises(UserError, match="labels of .* are unknown"):      # a name without known labels
+        load_support(work["support"], work["support_mask"], "liver", None, min_voxels=0)
+    spleen = load_support(work["support"], work["support_mask"], "spleen", label_map, 0)
     assert np.array_equal(spleen.mask, work["support_label"] == 2)
     common = dict(query=work["query_ras"], n_chunks=6, device="cpu", progress=False)
     binary, _ = segment_volume(work["checkpoint"], [(work["support"], work["liver_mask"])], **common)

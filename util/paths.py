@@ -115,9 +115,9 @@ def check_output_file(out: str | Path, inputs: Iterable = (), what: str = "--out
     if out.is_dir():
         raise UserError(f"{what} {out}: is a folder: give a file path"
                         + (f" ending in {suffixes[0]}" if suffixes else ""))
+    _check_not_input(out, inputs, what, folder=False)
     if suffixes and not out.name.endswith(tuple(suffixes)):
         raise UserError(f"{what} {out}: give a path ending in {' or '.join(suffixes)}")
-    _check_not_input(out, inputs, what, folder=False)
     _check_parent(out, what, create_parent)
     return out
 
