@@ -12,7 +12,7 @@ import pytest
 
 from evaluation.evaluate import evaluate
 from evaluation.metrics import dice
-from evaluation.protocol import chunk_plan, get_preset, mask_copy, preset_range
+from evaluation.protocol import PRESETS, chunk_plan, get_preset, mask_copy, preset_range
 from models.checkpoint import check_compatible, load_checkpoint, model_from_checkpoint, save_checkpoint
 from models.fewshot import FewShotSegNet
 from models.senet import SENet
@@ -48,11 +48,11 @@ def test_train_py_trains_senet_through_the_one_loop(senet_run):
 
 def test_senet_snapshot_evaluates_with_every_preset(senet_run, tiny_prepared):
     snapshot = str(senet_run / "last.pth")
-    for preset in ("senet", "lslpn"):
+    for preset in PRESETS:
         results = evaluate({"mask copy": None, "SENet": snapshot}, ["liver"], tiny_prepared, preset=preset,
                            out_dir=None, split="gold", input_size=64, device="cpu", batch_size=8,
                            progress=False)
-        assert results["preset"]["rule"] == ("senet" if preset == "senet" else "inclusive")
+        assert results["preset"]["rule"] == PRESETS[preset].rule
         cases = results["results"]["SENet"]["liver"]["per_volume"]
         assert len(cases) == 2 and all(0.0 <= case["dice_range"] <= 1.0 for case in cases)
         copied = results["results"]["mask copy"]["liver"]["per_volume"]
