@@ -65,6 +65,13 @@ def finished_last(log_dir: Path, name: str, n_steps: int) -> Path | None:
     return None
 
 
+def model_overrides(snapshot: Path) -> list[str]:
+    """`model.<key>=<value>` of the options a run started from `snapshot` must share with it (path.init_from
+    refuses another model config; the defaults may have changed since the snapshot was trained)."""
+    model = load_checkpoint(str(snapshot))["config"]
+    return [f"model.{key}={model[key]}" for key in ("empty_cell",) if key in model]
+
+
 def train_once(log: list, title: str, log_dir: Path, name: str, n_steps: int, overrides: list[str],
                want: str = "best") -> Path:
     """Train `name` with `train.py with demo <overrides>` unless a finished run exists; its snapshot."""
@@ -129,7 +136,7 @@ def phantom_part(log: list, device: str, steps: dict, train_supervised: bool) ->
     for fold in steps["finetune_folds"]:
         best = train_once(log, f"self-supervised + fine-tuning fold {fold}", log_dir, f"selfsup_ft_fold{fold}",
                           steps["finetune"], [f"fold={fold}", f"path.data_dir={demo.PREP_DIR}",
-                                              f"path.init_from={selfsup}", f"val_every={max(1, steps['finetune'] // 2)}",
+                                              f"path.init_from={selfsup}", *model_overrides(selfsup), f"val_every={max(1, steps['finetune'] // 2)}",
                                               f"lr_milestones=[{steps['finetune'] * 3 // 4}]"])
         for organ in FOLD_ORGANS[fold]:
             finetuned[organ] = str(best)
@@ -193,7 +200,7 @@ def real_part(log: list, supervised: dict, phantom_selfsup: Path, steps: int, de
     selfsup = train_once(log, "self-supervised LSLPN continued on the real scan (no labels)",
                          RUN_DIR / "train", "selfsup_real", steps,
                          ["selfsup", f"path.data_dir={WORK_DIR / 'real_unlabeled'}", f"path.init_from={phantom_selfsup}",
-                          f"lr_milestones=[{steps * 3 // 4}]"], want="last")
+                          *model_overrides(phantom_selfsup), f"lr_milestones=[{steps * 3 // 4}]"], want="last")
     names = {v: k for k, v in json.loads((REAL_CT / "labels.json").read_text())["labels"].items()}
     label_image = nib.load(str(REAL_CT / "labels.nii.gz"))
     if nib.aff2axcodes(label_image.affine)[2] not in ("S", "I"):
@@ -253,7 +260,7 @@ def write_report(results: dict, real: dict | None, log: list, seconds: float, st
               f"Fine-tuning: {steps['finetune']} supervised `demo` steps per fold (folds {steps['finetune_folds']}) "
               "from those weights, best.pth on the held-out silver volumes as the supervised runs. Supervised LSLPN "
               "and PANet: the demo's runs (600 steps), when present.", "",
-              (RUN_DIR / "phantom" / "table.md").read_text().strip()]
+              options_line(steps), "", (RUN_DIR / "phantom" / "table.md").read_text().strip()]
     if (RUN_DIR / "phantom_partial" / "table.md").exists():
         lines += ["", "Rows available for some folds only, on their organs:", "",
                   (RUN_DIR / "phantom_partial" / "table.md").read_text().strip()]
@@ -281,6 +288,18 @@ def write_report(results: dict, real: dict | None, log: list, seconds: float, st
     path = RUN_DIR / "report.md"
     write_text_atomic("\n".join(lines) + "\n", path)
     return path
+
+
+def options_line(steps: dict) -> str:
+    """Which model options the snapshots of the table were trained with (the defaults changed during the project)."""
+    parts = []
+    selfsup = finished_last(RUN_DIR / "train", "selfsup", steps["selfsup"])
+    for name, path in (("self-supervised", selfsup), ("supervised LSLPN", _supervised_snapshots().get("liver"))):
+        if path is not None:
+            model = load_checkpoint(str(path))["config"]
+            parts.append(f"{name}: encoder {model.get('encoder')}, n_grid {model.get('n_grid')}, "
+                         f"empty_cell '{model.get('empty_cell', 'skip')}'")
+    return "Model options of the snapshots: " + "; ".join(parts) + " (fine-tuning keeps the self-supervised ones)."
 
 
 def publish(docs: Path = ROOT / "docs") -> None:
