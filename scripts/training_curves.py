@@ -27,7 +27,7 @@ from util.errors import UserError  # noqa: E402
 NAME = re.compile(r"^(?P<method>.+)_fold(?P<fold>\d+)$")
 LABELS = {"mask_copy": "mask copy", "panet": "PANet", "senet": "SENet", "lslpn": "LSLPN"}
 ORDER = ["mask copy", "PANet", "SENet", "LSLPN"]           # the published table's order
-METRICS = (("loss", "training loss"), ("val_dice", "validation Dice"))
+METRICS = (("loss", "training loss\n(each method's own)"), ("val_dice", "validation Dice"))
 
 
 def read_metric(run_dirs: list[Path], metric: str) -> tuple[np.ndarray, np.ndarray]:
