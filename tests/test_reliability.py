@@ -9,14 +9,14 @@ code 2, no traceback, nothing written; warnings are one `warning:` line and the 
 |   (util.paths.check_output_file/_folder)            | link / mask / checkpoint; make_phantom --out a   |                                              |
 |                                                     | file + --overwrite; prepare --out = / holds the  |                                              |
 |                                                     | source; make_figures --table = results.json      |                                              |
-| 2 the wrong organ, silently                          | segment: organ name without known labels (liver, | n/a (prepared data use the 1-20 indices)     |
-|   (dataloaders.label_map, output/size warnings)     | kidney_right), --label-map both forms, sidecar,  |                                              |
-|                                                     | JSON list; empty output and tiny organ warnings; |                                              |
+| 2 the wrong organ, silently                          | segment: organ name without known labels (liver, | evaluation (test.py, validation): a model    |
+|   (dataloaders.label_map, output/size warnings)     | kidney_right), --label-map both forms, sidecar,  | that predicts nothing warns (prepared data   |
+|                                                     | JSON list; empty output and tiny organ warnings; | use the 1-20 indices: no names to resolve)   |
 |                                                     | prepare --label-map a JSON list                  |                                              |
 | 3 output and filesystem errors                       | segment: unwritable --out checked before the     | path.log_dir unwritable (train, test)        |
 |   (util.paths checks before compute; run_cli /      | checkpoint is read; disk full mid-write (segment,|                                              |
 |   run_sacred turn write OSErrors into one line)     | make_phantom: no partial file/folder, no .tmp);  |                                              |
-|                                                     | make_figures corrupt results.json / npz          |                                              |
+|                                                     | make_figures: corrupt or foreign results.json    |                                              |
 | 4 implausible inputs (dataloaders.plausibility,     | segment: image/mask swapped, constant query,     | n/a                                          |
 |   nifti.check_same_grid on the world grid)          | all-air query, soft 0/0.5 mask, mask stored LPS, |                                              |
 |                                                     | small query field of view; prepare: LPS mask     |                                              |
@@ -28,10 +28,10 @@ code 2, no traceback, nothing written; warnings are one `warning:` line and the 
 | 8 resume from a truncated last.pth                  | n/a                                              | train.py resume=True: the way out named      |
 | 9 demo reproducibility                              | tests/test_demo_numerics.py (pinned numerics)    |                                              |
 
-Counted: 42 cases here (a parametrized id or a case inside a test, each with its own assertions) over
-6 entry points (segment_volume as a script and through its Python API, make_phantom, prepare_visceral,
-make_figures, train.py, test.py), plus 3 in tests/test_demo_numerics.py (scripts/demo.py). With
-tests/test_bad_inputs.py (85 cases, 6 entry points): 130 cases over 8 entry points (make_phantom,
+Counted: 43 cases here (a parametrized id or a case inside a test, each with its own assertions) over
+7 entry points (segment_volume as a script and through its Python API, make_phantom, prepare_visceral,
+make_figures, train.py, test.py, evaluation.evaluate), plus 3 in tests/test_demo_numerics.py (scripts/demo.py). With
+tests/test_bad_inputs.py (85 cases, 6 entry points): 131 cases over 8 entry points (make_phantom,
 prepare_visceral, check_dataset, segment_volume, make_figures, train.py, test.py, demo.py). Unit tests
 of the root checks: tests/test_output_paths.py (util/paths.py), tests/test_label_map.py (label maps,
 plausibility). benchmark's before-measuring output check: tests/test_benchmark.py.
@@ -213,17 +213,29 @@ def test_a_label_map_list_is_a_one_line_error_in_segment_and_prepare(work, tiny_
     assert tree(tmp_path) == []
 
 
+class Background(torch.nn.Module):
+    """A model that never finds the organ."""
+
+    def encode_support(self, images, fg, bg):
+        return None
+
+    def segment(self, prototypes, queries):             # 1 x Q x 1 x S x S -> 1 x Q x 2 x S x S
+        logits = torch.zeros(*queries.shape[:2], 2, *queries.shape[-2:])
+        logits[:, :, 0] = 1.0
+        return logits
+
+
+def test_evaluation_warns_when_a_model_predicts_nothing(tiny_prepared, capsys):
+    from evaluation.evaluate import evaluate
+    capsys.readouterr()
+    evaluate({"mask copy": None, "LSLPN": Background()}, ["liver"], tiny_prepared, input_size=32, device="cpu",
+             progress=False, figures=False)
+    lines = warnings_in(capsys.readouterr().err)
+    assert len(lines) == 1 and "LSLPN predicted no liver voxel in 2 of 2 query volumes" in lines[0], lines
+
+
 def test_empty_output_and_tiny_support_organ_end_with_a_warning(work, tmp_path, capsys):
     from evaluation.segment import segment_volume
-
-    class Background(torch.nn.Module):                  # a model that never finds the organ
-        def encode_support(self, images, fg, bg):
-            return None
-
-        def segment(self, prototypes, queries):         # 1 x Q x 1 x S x S -> 1 x Q x 2 x S x S
-            logits = torch.zeros(*queries.shape[:2], 2, *queries.shape[-2:])
-            logits[:, :, 0] = 1.0
-            return logits
     capsys.readouterr()
     array, _ = segment_volume(Background(), [(work["ct"], work["liver_mask"])], work["ct"], out=tmp_path / "e.nii.gz",
                               input_size=32, n_chunks=3, device="cpu", progress=False)
