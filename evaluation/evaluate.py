@@ -23,6 +23,7 @@ from models.checkpoint import DEFAULT_INPUT_SIZE, model_from_checkpoint, model_i
 from models.factory import PROTOTYPE, SENET, check_method
 from util.atomic import atomic_path
 from util.device import resolve_device
+from util.cli import warn
 from util.errors import UserError
 from evaluation.figures import make_figures
 from evaluation.inference import segment_query_volume
@@ -201,6 +202,7 @@ def run_protocol(methods: dict[str, dict], organs: list[str], prep_dir, split: s
                 record["dice_range"] = dice(prediction[:, :, lo:hi + 1], target[:, :, lo:hi + 1],
                                             preset.dice_smooth, preset.dice_eps)  # 'official'/'senet': smoothed
                 record["dice_volume"] = dice(prediction, target)
+                record["empty"] = not prediction.any()
                 if on_prediction is not None:
                     on_prediction(record, support, query, prediction)
     bar.close()
@@ -292,6 +294,21 @@ class _Collector:
             entry["predictions"][record["method"]] = prediction[:, :, entry["query_z"]]
 
 
+def warn_empty_predictions(records: list[dict]) -> None:
+    """One warning line per method and organ whose prediction came out empty on some query volume."""
+    empty: dict[tuple[str, str], list[str]] = {}
+    scored: dict[tuple[str, str], int] = {}
+    for record in records:
+        if record["skipped"] is None and record["method"] != "mask copy":
+            key = (record["method"], record["organ"])
+            scored[key] = scored.get(key, 0) + 1
+            if record.get("empty"):
+                empty.setdefault(key, []).append(str(record["query"]))
+    for (method, organ), queries in empty.items():
+        warn(f"{method} predicted no {organ} voxel in {len(queries)} of {scored[(method, organ)]} query volumes "
+             f"({', '.join(sorted(set(queries))[:4])}): Dice 0 there; check the snapshot's fold and input")
+
+
 def evaluate(methods: dict, organs: list[str], prep_dir: str | Path, preset: str = "lslpn",
              out_dir: str | Path | None = None, split: str = "gold", support="default", n_shots: int = 1,
              input_size: int | None = None, device="auto", batch_size: int = 16, save_predictions: bool = True,
@@ -323,6 +340,7 @@ def evaluate(methods: dict, organs: list[str], prep_dir: str | Path, preset: str
     collector = _Collector(out, save_predictions, len(supports) > 1)
     records = run_protocol(prepared, organs, prep_dir, split, supports, protocol, input_size, device,
                            batch_size, n_shots, intensity, collector, progress)
+    warn_empty_predictions(records)
     header = {"fold": fold, "split": split, "supports": supports, "n_shots": n_shots, "organs": organs,
               "input_size": input_size, "prep_dir": str(prep_dir),
               "methods": {name: {organ: info for organ, (_, info) in per_organ.items()}
