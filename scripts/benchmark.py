@@ -29,6 +29,7 @@ import torch  # noqa: E402
 from models.reference import cellwise_reference  # noqa: E402
 from util.cli import run_cli  # noqa: E402
 from util.atomic import write_text_atomic  # noqa: E402
+from util.paths import check_output_file  # noqa: E402
 from util.device import resolve_device  # noqa: E402
 from util.errors import UserError  # noqa: E402
 
@@ -205,13 +206,6 @@ def plain(value):
     return value if value is None or isinstance(value, (bool, int, float, str)) else str(value)
 
 
-def write_atomic(path: str, text: str) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise UserError(f"--out {path}: folder {folder} does not exist: create it or choose another path")
-    write_text_atomic(text, path)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="reduced set (under 2 minutes on 2 CPU cores)")
@@ -222,6 +216,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.device not in ("cpu", "cuda"):  # a section per kind of device: 'auto' would not say which
         raise UserError(f"--device {args.device!r}: unknown: use cpu or cuda")
+    check_output_file(args.out, [], "--out")   # before minutes of measuring: a file, in a writable folder
+    if args.json:
+        check_output_file(args.json, [args.out], "--json")
     device = resolve_device(args.device)
     plan = bench.make_plan(args.quick, args.size)
     machine_before = timing.machine_description(device)
@@ -242,13 +239,13 @@ def main(argv: list[str] | None = None) -> int:
         machine = {**machine, load: f"{machine_before[load]} (start); {machine[load]} (end)"}
     text = render_section(device.type if device.type == "cpu" else "gpu", results, machine, command, plan)
     existing = open(args.out).read() if os.path.isfile(args.out) else None
-    write_atomic(args.out, merge(existing, "cpu" if device.type == "cpu" else "gpu", text))
+    write_text_atomic(merge(existing, "cpu" if device.type == "cpu" else "gpu", text), args.out)
     if args.json:
-        write_atomic(args.json, json.dumps({"device": device.type, "size": plan.size, "quick": plan.quick,
-                                            "machine": machine, **plain(results)}, indent=1) + "\n")
+        write_text_atomic(json.dumps({"device": device.type, "size": plan.size, "quick": plan.quick,
+                                            "machine": machine, **plain(results)}, indent=1) + "\n", args.json)
     if args.json:
-        write_atomic(args.json, json.dumps({"device": device.type, "size": plan.size, "quick": plan.quick,
-                                            "machine": machine, **plain(results)}, indent=1) + "\n")
+        write_text_atomic(json.dumps({"device": device.type, "size": plan.size, "quick": plan.quick,
+                                            "machine": machine, **plain(results)}, indent=1) + "\n", args.json)
     h = results["head"]
     print(f"wrote {args.out}: 'image' {h['speedup_image']:.1f}x, 'feature' {h['speedup_feature']:.1f}x faster than "
           f"the literal reference; checks image {'PASS' if h['image_ok'] else 'FAIL'}, "
