@@ -215,7 +215,8 @@ def validate(model: torch.nn.Module, prep_dir: str | Path, split: str = "val", o
              n_shots: int = 1) -> dict:
     """Volumetric Dice of `model` on a prepared split, for model selection during training.
 
-    Support: the first volume of the split by sorted id; queries: the others. Returns
+    Support: the first volume of the split by sorted id ('gold', i.e. test-set selection as the
+    official code: 10000132 when present, as the evaluation); queries: the others. Returns
     {'mean_dice': mean over organs of the preset's aggregate of range Dice, 'per_organ': {name: Dice},
     'preset': name}; an organ with no scorable query gets NaN (left out of the mean; NaN if all are).
     The model's train/eval mode is restored afterwards.
@@ -225,7 +226,8 @@ def validate(model: torch.nn.Module, prep_dir: str | Path, split: str = "val", o
     organs = organ_names(organs)
     protocol = get_preset(preset)
     intensity = read_meta(prep_dir)["intensity"]
-    supports = list_volumes(prep_dir, split)[:1]
+    volumes = list_volumes(prep_dir, split)
+    supports = [default_support(volumes)] if split == "gold" and volumes else volumes[:1]
     was_training = model.training
     model.eval()
     try:
