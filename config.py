@@ -273,10 +273,10 @@ def differences_from_default(config: dict) -> dict:
     def flat(tree: dict, prefix: str = "") -> dict:
         out = {}
         for key, value in tree.items():
-            if isinstance(value, dict) and value:
+            if isinstance(value, dict):       # an empty dict adds no key (its entries would show)
                 out.update(flat(value, f"{prefix}{key}."))
-            else:
-                out[f"{prefix}{key}"] = value
+            else:   # Sacred's read-only containers as plain JSON values
+                out[f"{prefix}{key}"] = list(value) if isinstance(value, (list, tuple)) else value
         return out
     default, current = flat(ex.configurations[0]()), flat(dict(config))
     return {key: [default.get(key), current.get(key)] for key in sorted(set(default) | set(current))
