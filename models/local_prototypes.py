@@ -17,8 +17,9 @@ Empty cells (`empty_cell`): a shot whose cell holds <= `min_pixels` class pixels
 - 'skip' (this project's earlier rule): only shots with enough pixels are averaged; a cell where
   no shot qualifies has NO prototype and never takes part in the vote of its class; a location
   that no prototype-bearing cell covers gets the lowest score, -scale.
-With ReLU features (the official ResNet) the two rules rarely change the argmax; with signed
-features (vgg16, cnn_small) they do (REPRODUCTION.md has the measured effect).
+With ReLU features (the official ResNet) the two rules rarely change the argmax; on random signed
+features they disagree on many pixels (method.md section 6), yet on the phantom's trained cnn_small
+and vgg16 snapshots switching the rule changed no Dice digit (REPRODUCTION.md, measured).
 
 Resolution. 'image' (the authors' semantics): support and query features are bilinearly upsampled
 (align_corners=False) to the input size before pooling and scoring; the grid, the pixel counts and
