@@ -48,6 +48,9 @@ def evaluate_snapshots(_config, _run, fold, label_sets, input_size, device, amp,
     `amp` (as in training) runs the models' forward passes under autocast.
     """
     settings = eval
+    # The snapshot decides its input size; input_size set by the user (command line or a named config)
+    # overrides it, with a warning when the two differ (models.checkpoint.model_input).
+    requested_size = input_size if "input_size" in _run.config_modifications.modified else None
     organs = settings.get("organs") or label_sets[fold]
     run_dirs = [o.dir for o in _run.observers if getattr(o, "dir", None)]
     out_dir = Path(run_dirs[0]) if run_dirs else Path(path["log_dir"]) / "test" / "unobserved"
@@ -56,7 +59,7 @@ def evaluate_snapshots(_config, _run, fold, label_sets, input_size, device, amp,
     with autocast(resolve_device(device), amp):
         results = evaluate(methods, organs, path["data_dir"], preset=settings["preset"], out_dir=out_dir,
                            split=settings["split"], support=settings["support"], n_shots=settings["n_shots"],
-                           input_size=input_size, device=device, batch_size=settings["batch_size"],
+                           input_size=requested_size, device=device, batch_size=settings["batch_size"],
                            save_predictions=settings["save_predictions"], fold=fold, config=dict(_config))
     _run.info["evaluate_seconds"] = time.perf_counter() - tic  # loading, mask copy and outputs included
     print((out_dir / "table.md").read_text())
