@@ -22,6 +22,7 @@ intensity is then unknown and the caller's fallback applies).
 """
 from __future__ import annotations
 
+import io
 import logging
 import os
 from typing import Mapping
@@ -41,9 +42,17 @@ DEFAULT_INTENSITY = {"mode": "minmax"}    # the official per-slice min-max scali
 
 
 def save_checkpoint(path: str, state: Mapping) -> None:
-    """Write `state` to `path` atomically (util/atomic.py)."""
+    """Write `state` to `path` atomically (util/atomic.py).
+
+    Serialised in memory first: torch's own file writer turns a full disk into an opaque RuntimeError
+    ("unexpected pos"), a plain write raises OSError (ENOSPC/EFBIG), which the entry points report in
+    one line (util.paths.output_error_message); the temp file is removed either way.
+    """
+    buffer = io.BytesIO()
+    torch.save(dict(state), buffer)
     with atomic_path(path) as temporary:
-        torch.save(dict(state), temporary)
+        with open(temporary, "wb") as handle:
+            handle.write(buffer.getbuffer())
 
 
 def load_checkpoint(path: str, map_location: str | torch.device = "cpu") -> dict:

@@ -33,7 +33,7 @@ snapshots on the command line; fold=1.0), real processes 3 (check_dataset, its -
 No case leaves a FAILED Sacred record, Sacred's "Failed after" banner or the pkg_resources warning.
 Issue 16's classes (data loss, wrong organ, output/filesystem errors, implausible inputs, config types,
 snapshot input size, silent gaps, truncated resume, demo reproducibility) continue in
-tests/test_reliability.py (43 cases) and tests/test_demo_numerics.py (3): 131 cases over 8 entry points.
+tests/test_reliability.py (44 cases) and tests/test_demo_numerics.py (3): 132 cases over 8 entry points.
 Existing tests that cover the other cells: tests/test_readers.py (NIfTI reader: missing, corrupt,
 truncated, NaN/inf, 2D/4D, mask grid), tests/test_segment_volume.py (BAD_CASES), tests/test_check_dataset.py
 (damaged prepared folders), tests/test_training.py (config ranges), tests/test_evaluate.py (snapshots,

@@ -15,7 +15,7 @@ code 2, no traceback, nothing written; warnings are one `warning:` line and the 
 |                                                     | prepare --label-map a JSON list                  |                                              |
 | 3 output and filesystem errors                       | segment: unwritable --out checked before the     | path.log_dir unwritable (train, test)        |
 |   (util.paths checks before compute; run_cli /      | checkpoint is read; disk full mid-write (segment,|                                              |
-|   run_sacred turn write OSErrors into one line)     | make_phantom: no partial file/folder, no .tmp);  |                                              |
+|   run_sacred turn write OSErrors into one line)     | make_phantom: no partial file/folder, no .tmp);  | disk full while train.py writes a checkpoint |
 |                                                     | make_figures: corrupt or foreign results.json    |                                              |
 | 4 implausible inputs (dataloaders.plausibility,     | segment: image/mask swapped, constant query,     | n/a                                          |
 |   nifti.check_same_grid on the world grid)          | all-air query, soft 0/0.5 mask, mask stored LPS, |                                              |
@@ -28,10 +28,10 @@ code 2, no traceback, nothing written; warnings are one `warning:` line and the 
 | 8 resume from a truncated last.pth                  | n/a                                              | train.py resume=True: the way out named      |
 | 9 demo reproducibility                              | tests/test_demo_numerics.py (pinned numerics)    |                                              |
 
-Counted: 43 cases here (a parametrized id or a case inside a test, each with its own assertions) over
+Counted: 44 cases here (a parametrized id or a case inside a test, each with its own assertions) over
 7 entry points (segment_volume as a script and through its Python API, make_phantom, prepare_visceral,
 make_figures, train.py, test.py, evaluation.evaluate), plus 3 in tests/test_demo_numerics.py (scripts/demo.py). With
-tests/test_bad_inputs.py (85 cases, 6 entry points): 131 cases over 8 entry points (make_phantom,
+tests/test_bad_inputs.py (85 cases, 6 entry points): 132 cases over 8 entry points (make_phantom,
 prepare_visceral, check_dataset, segment_volume, make_figures, train.py, test.py, demo.py). Unit tests
 of the root checks: tests/test_output_paths.py (util/paths.py), tests/test_label_map.py (label maps,
 plausibility). benchmark's before-measuring output check: tests/test_benchmark.py.
@@ -254,23 +254,30 @@ def test_an_unwritable_out_is_refused_before_the_checkpoint_is_read(work, tmp_pa
     assert_one_line_error(code, err, "cannot write in")                 # not the truncated checkpoint
 
 
-def _limit_file_size():
-    resource.setrlimit(resource.RLIMIT_FSIZE, (600, 600))          # any file beyond 600 bytes: EFBIG ("disk full")
+def _limit_file_size(limit: int):
+    """preexec_fn: any file beyond `limit` bytes fails with EFBIG, as a full disk fails with ENOSPC."""
+    return lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 
 
-@pytest.mark.parametrize("entry", ["segment_volume", "make_phantom"])
-def test_disk_full_mid_write_is_one_line_and_leaves_no_partial_output(work, tmp_path, entry):
+@pytest.mark.parametrize("entry", ["segment_volume", "make_phantom", "train.py"])
+def test_disk_full_mid_write_is_one_line_and_leaves_no_partial_output(work, tiny_prepared, tmp_path, entry):
+    limit = 600
     if entry == "segment_volume":
         argv = ["scripts/segment_volume.py", *seg_args(work, tmp_path / "p.nii.gz")]
-    else:
+    elif entry == "make_phantom":
         argv = ["scripts/make_phantom.py", "--out", str(tmp_path / "ph"), "--size", "32", "--slices", "8",
                 "--n-silver", "1", "--n-gold", "2", "--workers", "1"]
+    else:                                  # Sacred's small records fit, the checkpoint does not
+        limit = 60_000
+        argv = ["train.py", "with", "tiny", "device=cpu", f"path.data_dir={tiny_prepared}", f"path.log_dir={tmp_path}",
+                "n_steps=2", "save_every=2", "val_every=0", "name=full"]
     done = subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True, timeout=300,
-                          preexec_fn=_limit_file_size, env=dict(os.environ, PYTHONDONTWRITEBYTECODE="1"))
-    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+                          preexec_fn=_limit_file_size(limit), env=dict(os.environ, PYTHONDONTWRITEBYTECODE="1"))
+    errors = [line[line.index("error: "):] for line in done.stderr.splitlines() if "error: " in line]  # after tqdm
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
-    assert len(errors) == 1 and "writing failed (the file size limit was reached)" in errors[0]
-    assert tree(tmp_path) == []                                         # no partial file, no .tmp-<pid>, no .partial
+    assert len(errors) == 1 and "writing failed (the file size limit was reached)" in errors[0], errors
+    left = [name for name in tree(tmp_path) if "_sources" not in name]
+    assert left in ([], ["full"])          # no partial file, no .tmp-<pid>, no .partial, no FAILED run record
 
 
 def test_make_figures_corrupt_results_and_a_folder_as_table(tmp_path, capsys):

@@ -25,6 +25,10 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     try:
         yield temporary
         os.replace(temporary, path)
+    except OSError as error:          # e.g. a full disk: name the output in the one-line message
+        if error.filename is None:
+            error.filename = str(path)
+        raise
     finally:
         if temporary.exists():
             temporary.unlink()
