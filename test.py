@@ -18,7 +18,7 @@ warnings.filterwarnings("ignore", message="pkg_resources is deprecated")  # sacr
 
 from sacred.observers import FileStorageObserver  # noqa: E402
 
-from config import ex, run_sacred  # noqa: E402
+from config import differences_from_default, ex, run_sacred  # noqa: E402
 from evaluation.evaluate import evaluate  # noqa: E402
 from training.config_check import check_config  # noqa: E402
 from util.device import autocast, resolve_device  # noqa: E402
@@ -51,6 +51,7 @@ def evaluate_snapshots(_config, _run, fold, label_sets, input_size, device, amp,
     # The snapshot decides its input size; input_size set by the user (command line or a named config)
     # overrides it, with a warning when the two differ (models.checkpoint.model_input).
     requested_size = input_size if "input_size" in _run.config_modifications.modified else None
+    _run.info["differs_from_default"] = differences_from_default(_config)  # -> info.json
     organs = settings.get("organs") or label_sets[fold]
     run_dirs = [o.dir for o in _run.observers if getattr(o, "dir", None)]
     out_dir = Path(run_dirs[0]) if run_dirs else Path(path["log_dir"]) / "test" / "unobserved"
