@@ -3,6 +3,7 @@
     python scripts/prepare_visceral.py --visceral-dir data/phantom --out data/prepared_phantom
     python scripts/prepare_visceral.py --visceral-dir VISCERAL --out data/prepared --size 512
     python scripts/prepare_visceral.py --visceral-dir AMOS --layout multilabel --label-map map.json --out PREP
+    python scripts/prepare_visceral.py --visceral-dir MY_CT_DIR --layout images-only --out PREP   # no labels
 
 Silver -> 2D training slices per class (official rule: > 150 organ voxels, at most 5 random slices
 per organ and volume when more than 20 qualify) plus held-out validation volumes; gold ->
@@ -17,15 +18,17 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dataloaders.prepare import Selection, prepare_dataset  # noqa: E402
 from util.cli import run_cli  # noqa: E402
+from dataloaders.prepare import Selection, prepare_dataset  # noqa: E402
 
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--visceral-dir", required=True, help="source ROOT (SilverCorpus/, GoldCorpus/)")
     parser.add_argument("--out", required=True, help="prepared folder to create")
-    parser.add_argument("--layout", default="visceral", choices=["visceral", "multilabel"])
+    parser.add_argument("--layout", default="visceral", choices=["visceral", "multilabel", "images-only"],
+                        help="images-only: a folder of NIfTI CT volumes, all slices, no labels (self-supervised "
+                             "training; add superpixels with scripts/make_superpixels.py)")
     parser.add_argument("--label-map", help="JSON label name -> value map (multilabel layout)")
     parser.add_argument("--allow-missing-labels", action="store_true",
                         help="multilabel: accept map values absent from a volume")
@@ -38,6 +41,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--max-per-volume", type=int, default=5, help="slices drawn when many qualify")
     parser.add_argument("--many", type=int, default=20, help="'many' qualifying slices")
     parser.add_argument("--keep-all-slices", action="store_true", help="keep every qualifying slice")
+    parser.add_argument("--official-slices", action="store_true",
+                        help="as the official notebook: the last axial slice of a volume is never considered")
     parser.add_argument("--workers", type=int, default=2)
     existing = parser.add_mutually_exclusive_group()
     existing.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
@@ -49,7 +54,7 @@ def main(argv: list[str]) -> int:
         print(f"{out}: exists, kept (--skip-existing)")
         return 0
     intensity = {"mode": "window", "window": list(args.window)} if args.window else {"mode": "minmax"}
-    rule = Selection(args.min_voxels, args.max_per_volume, args.many, args.keep_all_slices)
+    rule = Selection(args.min_voxels, args.max_per_volume, args.many, args.keep_all_slices, args.official_slices)
     start = time.perf_counter()
     meta = prepare_dataset(args.visceral_dir, out, args.layout, args.label_map, args.size, intensity, args.n_val,
                            args.seed, rule, args.workers, args.overwrite, args.allow_missing_labels)
