@@ -253,10 +253,15 @@ def write_report(results: dict, real: dict | None, log: list, seconds: float, st
              "Steps of this invocation (reused steps are not listed):", "",
              "| step | command | seconds |", "|---|---|---|"]
     lines += [f"| {e['step']} | `{e['command']}` | {e['seconds']} |" for e in log]
-    lines += ["", f"Wall time of this invocation: {seconds / 60:.1f} min.", "",
+    when = (f"Wall time of this invocation: {seconds / 60:.1f} min." if seconds else
+            "Report rewritten with --report-only from the last invocation's saved results and log.")
+    lines += ["", when + " The training runs behind the tables "
+              "(full commands in each run's config.json under runs/selfsup_demo/train/; 2 CPU cores shared with "
+              "other jobs, load 10-15, so the times are pessimistic):", "", *training_times(steps), "",
               f"Self-supervised: one run of {steps['selfsup']} steps (`demo selfsup`: cnn_small, 128 px, batch 4, "
               "lr 1e-2) on the 20 phantom silver volumes prepared images-only: no label is read anywhere (no labeled "
               "validation either: the snapshot is last.pth), and the one snapshot serves all four folds. "
+              "(It was trained while the default model.empty_cell was 'skip'; runs started from it keep that.) "
               f"Fine-tuning: {steps['finetune']} supervised `demo` steps per fold (folds {steps['finetune_folds']}) "
               "from those weights, best.pth on the held-out silver volumes as the supervised runs. Supervised LSLPN "
               "and PANet: the demo's runs (600 steps), when present.", "",
@@ -290,6 +295,31 @@ def write_report(results: dict, real: dict | None, log: list, seconds: float, st
     return path
 
 
+def training_times(steps: dict) -> list[str]:
+    """Markdown rows: each training run behind the table (reused or not), its command and wall time (run.json)."""
+    from datetime import datetime
+    runs = [("self-supervised", "selfsup", steps["selfsup"], finished_last)]
+    runs += [(f"fine-tuning fold {f}", f"selfsup_ft_fold{f}", steps["finetune"], demo.finished_run)
+             for f in steps["finetune_folds"]]
+    runs += [("self-supervised, real scan", "selfsup_real", steps["real"], finished_last)]
+    rows = ["| run | command | minutes | s/step |", "|---|---|---|---|"]
+    for title, name, n_steps, find in runs:
+        snapshot = find(RUN_DIR / "train", name, n_steps)
+        if snapshot is None:
+            continue
+        folder = snapshot.parent
+        run = json.loads((folder / "run.json").read_text())
+        config = json.loads((folder / "config.json").read_text())
+        info = json.loads((folder / "info.json").read_text()) if (folder / "info.json").exists() else {}
+        minutes = (datetime.fromisoformat(run["stop_time"]) - datetime.fromisoformat(run["start_time"])).seconds / 60
+        command = (f"python train.py with demo{' selfsup' if config.get('episodes') == 'superpixels' else ''} "
+                   f"fold={config['fold']} n_steps={n_steps} path.data_dir={config['path']['data_dir']}"
+                   + (f" path.init_from={config['path']['init_from']}" if config["path"].get("init_from") else "")
+                   + f" model.empty_cell={config['model'].get('empty_cell')} ...")
+        rows.append(f"| {title} | `{command}` | {minutes:.1f} | {info.get('sec_per_step', float('nan')):.2f} |")
+    return rows
+
+
 def options_line(steps: dict) -> str:
     """Which model options the snapshots of the table were trained with (the defaults changed during the project)."""
     parts = []
@@ -318,6 +348,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     parser.add_argument("--publish", action="store_true", help="copy the finished report into docs/")
     parser.add_argument("--skip-real", action="store_true", help="phantom only")
+    parser.add_argument("--report-only", action="store_true",
+                        help="rewrite report.md from the last invocation's results (no training, no evaluation)")
     parser.add_argument("--selfsup-steps", type=int, default=SELFSUP_STEPS)
     parser.add_argument("--finetune-steps", type=int, default=FINETUNE_STEPS)
     parser.add_argument("--finetune-folds", type=int, nargs="*", default=[0, 1, 2, 3])
@@ -328,6 +360,15 @@ def main(argv: list[str]) -> int:
     if args.publish:
         publish()
         return 0
+    if args.report_only:
+        results = json.loads((RUN_DIR / "phantom" / "results.json").read_text())
+        real_path = RUN_DIR / "real" / "results.json"
+        real = None if args.skip_real or not real_path.exists() else json.loads(real_path.read_text())
+        log = json.loads((RUN_DIR / "log.json").read_text()) if (RUN_DIR / "log.json").exists() else []
+        steps = {"selfsup": args.selfsup_steps, "finetune": args.finetune_steps, "finetune_folds": args.finetune_folds,
+                 "real": args.real_steps, "argv": [a for a in argv if a != "--report-only"]}
+        print(write_report(results, real, log, 0.0, steps).read_text())
+        return 0
     log: list[dict] = []
     start = time.perf_counter()
     steps = {"selfsup": args.selfsup_steps, "finetune": args.finetune_steps, "finetune_folds": args.finetune_folds,
@@ -335,6 +376,7 @@ def main(argv: list[str]) -> int:
     results = phantom_part(log, args.device, steps, args.train_supervised)
     selfsup = finished_last(RUN_DIR / "train", "selfsup", args.selfsup_steps)
     real = None if args.skip_real else real_part(log, _supervised_snapshots(), selfsup, args.real_steps, args.device)
+    write_text_atomic(json.dumps(log, indent=1) + "\n", RUN_DIR / "log.json")
     report = write_report(results, real, log, time.perf_counter() - start, steps)
     print("\n" + report.read_text())
     return 0
