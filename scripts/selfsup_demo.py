@@ -54,6 +54,7 @@ REAL_STEPS = 300              # self-supervised continuation on the real scan
 SUPERPIXEL_OPTIONS = ["--window", "-125", "275"]   # same intensity as the demo's labeled folder
 REAL_ORGANS = ["liver", "spleen", "kidney_right", "kidney_left"]
 REAL_SUPPORT_SLICES = 3
+DEMO_RUNS = [demo.RUN_DIR / "train"]   # where `make demo` keeps its runs (--demo-runs)
 
 
 def finished_last(log_dir: Path, name: str, n_steps: int) -> Path | None:
@@ -115,13 +116,13 @@ def phantom_part(log: list, device: str, steps: dict, train_supervised: bool) ->
     n_demo = demo.demo_n_steps()
     supervised, panet = {}, {}
     for fold, organs in enumerate(FOLD_ORGANS):
-        best = demo.finished_run(demo.RUN_DIR / "train", f"lslpn_fold{fold}", n_demo) \
+        best = demo.finished_run(DEMO_RUNS[0], f"lslpn_fold{fold}", n_demo) \
             or demo.finished_run(RUN_DIR / "train", f"lslpn_fold{fold}", n_demo)
         if best is None and train_supervised:
             best = train_once(log, f"supervised LSLPN fold {fold} (the demo's command; no demo run yet)",
                               RUN_DIR / "train", f"lslpn_fold{fold}", n_demo,
                               [f"fold={fold}", f"path.data_dir={demo.PREP_DIR}"])
-        panet_best = demo.finished_run(demo.RUN_DIR / "train", f"panet_fold{fold}", n_demo)
+        panet_best = demo.finished_run(DEMO_RUNS[0], f"panet_fold{fold}", n_demo)
         for organ in organs:
             if best is not None:
                 supervised[organ] = str(best)
@@ -264,7 +265,7 @@ def write_report(results: dict, real: dict | None, log: list, seconds: float, st
               "(It was trained while the default model.empty_cell was 'skip'; runs started from it keep that.) "
               f"Fine-tuning: {steps['finetune']} supervised `demo` steps per fold (folds {steps['finetune_folds']}) "
               "from those weights, best.pth on the held-out silver volumes as the supervised runs. Supervised LSLPN "
-              "and PANet: the demo's runs (600 steps), when present.", "",
+              f"and PANet: the demo's runs (600 steps, {DEMO_RUNS[0]}), when present.", "",
               options_line(steps), "", (RUN_DIR / "phantom" / "table.md").read_text().strip()]
     if (RUN_DIR / "phantom_partial" / "table.md").exists():
         lines += ["", "Rows available for some folds only, on their organs:", "",
@@ -348,6 +349,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     parser.add_argument("--publish", action="store_true", help="copy the finished report into docs/")
     parser.add_argument("--skip-real", action="store_true", help="phantom only")
+    parser.add_argument("--demo-runs", default=str(demo.RUN_DIR / "train"),
+                        help="folder of the demo's training runs (lslpn_fold<F>, panet_fold<F>)")
     parser.add_argument("--report-only", action="store_true",
                         help="rewrite report.md from the last invocation's results (no training, no evaluation)")
     parser.add_argument("--selfsup-steps", type=int, default=SELFSUP_STEPS)
@@ -357,6 +360,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--train-supervised", action="store_true",
                         help="train the supervised LSLPN folds here when the demo's runs are missing")
     args = parser.parse_args(argv)
+    DEMO_RUNS[0] = Path(args.demo_runs)
     if args.publish:
         publish()
         return 0
@@ -387,7 +391,7 @@ def _supervised_snapshots() -> dict[str, str]:
     n_demo = demo.demo_n_steps()
     snapshots = {}
     for fold, organs in enumerate(FOLD_ORGANS):
-        best = demo.finished_run(demo.RUN_DIR / "train", f"lslpn_fold{fold}", n_demo) \
+        best = demo.finished_run(DEMO_RUNS[0], f"lslpn_fold{fold}", n_demo) \
             or demo.finished_run(RUN_DIR / "train", f"lslpn_fold{fold}", n_demo)
         snapshots.update({organ: str(best) for organ in organs if best is not None})
     return snapshots
