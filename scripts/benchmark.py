@@ -25,13 +25,13 @@ sys.path.insert(0, os.path.join(ROOT, "scripts"))  # bench_measures.py, bench_ti
 
 import bench_measures as bench  # noqa: E402
 import bench_timing as timing  # noqa: E402
-import torch  # noqa: E402
-from models.reference import cellwise_reference  # noqa: E402
 from util.cli import run_cli  # noqa: E402
+from util.device import resolve_device  # noqa: E402
 from util.atomic import write_text_atomic  # noqa: E402
 from util.paths import check_output_file  # noqa: E402
-from util.device import resolve_device  # noqa: E402
 from util.errors import UserError  # noqa: E402
+import torch  # noqa: E402
+from models.reference import cellwise_reference  # noqa: E402
 
 TITLE = "# Benchmarks\n"
 INTRO = ("Made by `scripts/benchmark.py` (its command is stated in each section). Every figure is the "
@@ -89,9 +89,6 @@ def render_section(name: str, results: dict, machine: dict, command: str, plan) 
         wait = max(row["data_wait_fraction"] for row in results["training"])
         lines.append(f"| data loading keeps up: waiting for data < 10% of a training step (worst AMP mode) | "
                      f"{100 * wait:.1f}% | {verdict(wait < 0.10)} |")
-        wait = max(row["data_wait_fraction"] for row in results["training"])
-        lines.append(f"| data loading keeps up: waiting for data < 10% of a training step (worst AMP mode) | "
-                     f"{100 * wait:.1f}% | {verdict(wait < 0.10)} |")
     lines += ["", f"### 1. Head forward per episode ({h['size']} x {h['size']} input, {h['channels']}-channel "
               f"{h['feature_size']} x {h['feature_size']} features, n_grid {h['n_grid']}, overlapping, max vote, k=1)",
               "", "| implementation | median ms | spread ms | runs | speed-up vs reference |", "|---|---|---|---|---|",
@@ -109,10 +106,13 @@ def render_section(name: str, results: dict, machine: dict, command: str, plan) 
               f"{h['feature_disagreements']} disagreeing pixels lie farther than one feature cell "
               f"({h['size'] // h['feature_size']} px) from a boundary of the reference's argmax map (required 0): "
               f"{'PASS' if h['feature_ok'] else 'FAIL'}",
-              "", "The literal reference is the tests' loop implementation with the official code's structure: "
-              "features upsampled to the full image, then a Python loop over grid cells (the pixel-by-pixel "
-              "`literal_reference` of the tests would take hours at this size). It runs in float32, as the head "
-              "(the tests use it in float64). It is run few times (see runs).", "",
+              "", "The literal reference is this project's own loop implementation of the head "
+              "(`models/reference.py: cellwise_reference`, the 'skip' empty-cell rule), written from method.md "
+              "with the structure of the official code (features upsampled to the full image, then a Python "
+              "loop over grid cells); it is not the official code (`official_cell_loop` in the same file "
+              "follows the official code's rules and is what the tests compare the 'zero' rule with). The "
+              "pixel-by-pixel `literal_reference` would take hours at this size. It runs in float32, as the "
+              "head (the tests use it in float64). It is run few times (see runs).", "",
               f"### 2. Head time as a share of the encoder forward ({plan.size} x {plan.size}, one episode = "
               "support + query image)", "",
               "| encoder | features | encoder ms | 'image' head ms | share | 'feature' head ms | share |",
@@ -195,17 +195,6 @@ def plain(value):
     return value if value is None or isinstance(value, (bool, int, float, str)) else str(value)
 
 
-def plain(value):
-    """Measurement results as JSON types: a Timing becomes {median_s, runs_s, warmup}."""
-    if isinstance(value, timing.Timing):
-        return {"median_s": value.median, "runs_s": list(value.runs), "warmup": value.warmup}
-    if isinstance(value, dict):
-        return {str(key): plain(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [plain(item) for item in value]
-    return value if value is None or isinstance(value, (bool, int, float, str)) else str(value)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="reduced set (under 2 minutes on 2 CPU cores)")
@@ -242,10 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     write_text_atomic(merge(existing, "cpu" if device.type == "cpu" else "gpu", text), args.out)
     if args.json:
         write_text_atomic(json.dumps({"device": device.type, "size": plan.size, "quick": plan.quick,
-                                            "machine": machine, **plain(results)}, indent=1) + "\n", args.json)
-    if args.json:
-        write_text_atomic(json.dumps({"device": device.type, "size": plan.size, "quick": plan.quick,
-                                            "machine": machine, **plain(results)}, indent=1) + "\n", args.json)
+                                      "machine": machine, **plain(results)}, indent=1) + "\n", args.json)
     h = results["head"]
     print(f"wrote {args.out}: 'image' {h['speedup_image']:.1f}x, 'feature' {h['speedup_feature']:.1f}x faster than "
           f"the literal reference; checks image {'PASS' if h['image_ok'] else 'FAIL'}, "
