@@ -111,7 +111,7 @@ def default_config():
         "pretrained": True,       # ImageNet weights via torchvision (cached in TORCH_HOME); False: random
     }
 
-    # SENet baseline options (used with model.method='senet'; /work/shared/reference/senet.md)
+    # SENet baseline options (used with model.method='senet'; ../shared/reference/senet.md)
     senet = {
         "official_bug": False,      # True: the official conditioner's 4th encoder call reuses encode3 (issue #16)
         "double_softmax": False,    # True: Dice loss on softmax(softmax(logits)), as the official training
@@ -152,6 +152,12 @@ def default_config():
     }
 
 
+# The authors' network and head (method.md section 6), shared by the `official` and `paper` configs.
+AUTHORS_MODEL = {"encoder": "resnet50_lslpn", "head": "local", "n_grid": 8, "overlap": True, "vote": "max",
+                 "resolution": "image", "min_pixels": 10, "scale": 20.0, "empty_cell": "zero",
+                 "align": False, "pretrained": True}
+
+
 @ex.named_config
 def official():
     # The authors' code (method.md section 6; REPRODUCTION.md has the differences of the default).
@@ -162,9 +168,7 @@ def official():
     momentum = 0.9
     weight_decay = 5e-4
     lr_milestones = [800, 1600, 2400]
-    model = {"encoder": "resnet50_lslpn", "head": "local", "n_grid": 8, "overlap": True, "vote": "max",
-             "resolution": "image", "min_pixels": 10, "scale": 20.0, "empty_cell": "zero",
-             "align": False, "pretrained": True}
+    model = dict(AUTHORS_MODEL)
     eval = {"preset": "official"}
 
 
@@ -178,9 +182,7 @@ def paper():
     momentum = 0.9
     weight_decay = 5e-4
     lr_milestones = [2500, 5000, 7500]
-    model = {"encoder": "resnet50_lslpn", "head": "local", "n_grid": 8, "overlap": True, "vote": "max",
-             "resolution": "image", "min_pixels": 10, "scale": 20.0, "empty_cell": "zero",
-             "align": False, "pretrained": True}
+    model = dict(AUTHORS_MODEL)
     eval = {"preset": "official"}
 
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +31,7 @@ from dataloaders.nifti import atomic_folder
 from dataloaders.prepared import open_training_images, prepare_hint, read_meta
 from util.atomic import atomic_path, write_bytes_atomic
 from util.errors import UserError
+from util.options import options_from_mapping
 
 FORMAT_VERSION = 1
 FOLDER = "superpixels"
@@ -71,11 +72,7 @@ class SuperpixelParams:
 
     @classmethod
     def from_dict(cls, values: dict) -> "SuperpixelParams":
-        known = {f.name for f in fields(cls)}
-        unknown = set(values) - known
-        if unknown:
-            raise UserError(f"superpixel parameters: unknown keys {sorted(unknown)}: use {sorted(known)}")
-        return cls(**values)
+        return options_from_mapping(cls, values, "superpixel parameters")
 
 
 def body_mask(image: np.ndarray, threshold: float) -> np.ndarray:

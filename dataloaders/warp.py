@@ -14,7 +14,7 @@ the warped image: alpha 30, sigma 5 move pixels by about 1 pixel (rarely 3).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Mapping
 
 import numpy as np
@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from scipy.ndimage import gaussian_filter
 
 from util.errors import UserError
+from util.options import options_from_mapping
 
 
 @dataclass(frozen=True)
@@ -36,11 +37,8 @@ class WarpParams:
 
     @classmethod
     def from_mapping(cls, values: Mapping) -> "WarpParams":
-        known = {f.name for f in fields(cls)}
-        unknown = set(values) - known
-        if unknown:
-            raise UserError(f"config selfsup.warp has unknown keys {sorted(unknown)}: use {sorted(known)}")
-        params = cls(**{k: (tuple(v) if k == "scale" else v) for k, v in values.items()})
+        params = options_from_mapping(cls, {k: (tuple(v) if k == "scale" else v) for k, v in values.items()},
+                                      "config selfsup.warp")
         low, high = params.scale
         if not (0 < low <= high) or not 0 <= params.rotate < 90 or not 0 <= params.shear < 45 \
                 or not 0 <= params.translate < 0.5 or params.elastic_alpha < 0 or params.elastic_sigma <= 0:

@@ -1,4 +1,4 @@
-"""The official SENet evaluator's slice pairing (/work/shared/reference/senet.md section 3).
+"""The official SENet evaluator's slice pairing (../shared/reference/senet.md section 3).
 
 Volumes are canonical `X x Y x Z` arrays with axial slices along the last axis; "qualifying" slices
 hold MORE than `threshold` (10) organ voxels.

@@ -13,7 +13,7 @@ Phantom (data/phantom, the demo's; generated and prepared as `make demo` does wh
      (path.init_from), fewer steps, selected on the held-out silver volumes as the demo
   5. evaluation on the gold volumes (preset lslpn) beside mask copy, and PANet when the demo's
      PANet runs exist                                                    runs/selfsup_demo/phantom/
-Real scan (/work/shared/data/real_ct, when present): self-supervised training on that unlabeled
+Real scan (../shared/data/real_ct, when present): self-supervised training on that unlabeled
 volume plus the phantom's unlabeled silver volumes, then liver, spleen and kidneys of the SAME scan
 segmented from 3 annotated slices each (organ range from the labels, 3 chunks), whole-volume Dice,
 beside the phantom-supervised snapshot of the fold that held the organ out. One patient, test-time

@@ -1,5 +1,5 @@
 """SENet (models/senet.py, training/senet_schedule.py) against references written from
-/work/shared/reference/senet.md sections 1-2."""
+../shared/reference/senet.md sections 1-2."""
 from __future__ import annotations
 
 import warnings

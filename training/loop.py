@@ -261,14 +261,15 @@ def _train(cfg: dict, run, ctx: Distributed, device: torch.device) -> dict:
                       f"{sum(recent) / len(recent):.3f} s/step  data wait {100 * waited:.0f}%")
             window_loss, window_n = 0.0, 0
 
-        if (cfg["val_every"] and (done % cfg["val_every"] == 0 or done == n_steps)) \
-                or done % cfg["save_every"] == 0 or done == n_steps:
+        validate_now = bool(cfg["val_every"]) and (done % cfg["val_every"] == 0 or done == n_steps)
+        save_now = done % cfg["save_every"] == 0 or done == n_steps
+        if validate_now or save_now:
             ctx.broadcast_buffers(model)  # all ranks validate/save rank 0's BatchNorm statistics
-        if cfg["val_every"] and (done % cfg["val_every"] == 0 or done == n_steps):
+        if validate_now:
             best_dice = _validate(cfg, model, device, ctx, run, run_dir, done, best_dice,
                                   lambda: _state(cfg, model, optimizer, scheduler, scaler, done, None,
                                                  chash, best_dice))
-        if done % cfg["save_every"] == 0 or done == n_steps:
+        if save_now:
             rngs = ctx.gather_objects(get_rng_state())  # collective: every rank takes part
             if run_dir is not None:
                 save_checkpoint(os.path.join(run_dir, "last.pth"),
