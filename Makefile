@@ -29,7 +29,7 @@ demo: setup
 
 # On a GPU machine (no `make setup` needed there; docs/gpu_check.md). ARGS=--dry-run on a CPU.
 gpu-check:
-	scripts/gpu_check.sh $(ARGS)
+	tools/gpu_check.sh $(ARGS)
 
 clean-demo:
 	rm -rf runs/demo data/phantom data/prepared_phantom

@@ -103,7 +103,7 @@ def default_config():
         # Empty cells (<= min_pixels class pixels): 'zero' = the authors' code (zero prototype, cosine
         # 0, takes part in every vote; max vote floored at -1); 'skip' = the cell takes no part (this
         # project's earlier rule; snapshots without the key were trained with it). Default 'zero' for
-        # every config: measured on the phantom (REPRODUCTION.md, scripts/compare_options.py, fold 0)
+        # every config: measured on the phantom (REPRODUCTION.md, tools/compare_options.py, fold 0)
         # the two rules differ by less than the run-to-run noise (cnn_small, 200 steps: Dice 77.0 zero vs
         # 77.6 skip; switching the rule of a trained snapshot at evaluation changed no digit; a short
         # random-init vgg16 run: 58.1 both), so the default takes the authors' rule: one difference fewer.

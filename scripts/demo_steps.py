@@ -8,7 +8,7 @@
   4. evaluate mask copy, PANet, SENet and LSLPN with the `inclusive`
      protocol preset on the gold phantom volumes, each snapshot at the
      input size it was trained at                                       runs/demo/
-  5. draw the training curves (scripts/training_curves.py)              runs/demo/training_curves.png
+  5. draw the training curves (tools/training_curves.py)                runs/demo/training_curves.png
   6. write report.md (paper's Table 1 layout), results.json, results.png, misalignment.png
      and print the table last.
 
@@ -168,7 +168,7 @@ def run_demo(redo: set[str], extra: list[str], device: str = "auto") -> dict:
                        device=device, batch_size=config["eval"]["batch_size"], config=dict(config))
     log.append({"step": "evaluate", "command": "evaluation.evaluate.evaluate (see scripts/demo_steps.py)",
                 "seconds": round(time.perf_counter() - eval_start, 1)})
-    run_step("training curves", python_command("scripts/training_curves.py", str(RUN_DIR / "train"),
+    run_step("training curves", python_command("tools/training_curves.py", str(RUN_DIR / "train"),
                                                "--out", str(RUN_DIR / "training_curves.png")), log)
     write_report(results, log, time.perf_counter() - start)
     return results

@@ -21,8 +21,10 @@ TINY_PREP = {"size": 64, "n_val": 1, "seed": 3, "min_voxels": 5}
 
 
 def load_script(name: str):
-    """Import scripts/<name>.py as a module (scripts/ is not a package)."""
-    spec = importlib.util.spec_from_file_location(f"script_{name}", ROOT / "scripts" / f"{name}.py")
+    """Import scripts/<name>.py or tools/<name>.py as a module (neither folder is a package)."""
+    path = ROOT / "scripts" / f"{name}.py"
+    path = path if path.is_file() else ROOT / "tools" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"script_{name}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -49,7 +51,7 @@ def tiny_prepared(tiny_phantom, tmp_path_factory) -> Path:
 
 
 def pytest_collection_modifyitems(config, items):
-    """Tests marked `cuda` skip without a CUDA GPU (scripts/gpu_check.sh runs them with `pytest -m cuda`)."""
+    """Tests marked `cuda` skip without a CUDA GPU (tools/gpu_check.sh runs them with `pytest -m cuda`)."""
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU (marker cuda)")

@@ -1,4 +1,4 @@
-"""scripts/benchmark.py: a --quick run at a tiny size writes a well-formed report whose agreement
+"""tools/benchmark.py: a --quick run at a tiny size writes a well-formed report whose agreement
 checks pass; sections merge; bad options are one-line errors. No timing assertions."""
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))
+sys.path.insert(0, str(ROOT / "tools"))
 
-import benchmark as script  # noqa: E402  (scripts/benchmark.py)
+import benchmark as script  # noqa: E402  (tools/benchmark.py)
 from models.reference import cellwise_reference, literal_reference  # noqa: E402
 import bench_measures as bench  # noqa: E402
 import bench_timing as timing  # noqa: E402
@@ -23,7 +23,7 @@ from util.errors import UserError  # noqa: E402
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "BENCH.md"
-    done = subprocess.run([sys.executable, "scripts/benchmark.py", "--quick", "--size", "64", "--out", str(out)],
+    done = subprocess.run([sys.executable, "tools/benchmark.py", "--quick", "--size", "64", "--out", str(out)],
                           cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     return out.read_text()
@@ -34,7 +34,7 @@ def test_quick_report_has_every_section_and_the_machine(report):
                     "### 3. Scaling", "### 4. Training throughput", "### 5. Volumetric inference",
                     "### 6. Peak memory", "## GPU"):
         assert heading in report, heading
-    assert "Command: `python scripts/benchmark.py --quick --size 64 --out " in report
+    assert "Command: `python tools/benchmark.py --quick --size 64 --out " in report
     assert f"| torch | {torch.__version__} |" in report
     assert re.search(r"\| cpu \| .+ \|", report) and re.search(r"\| cores \| \d+ \|", report)
     assert "Not measured yet" in report.split("<!-- begin gpu -->")[1]   # no GPU figures invented
@@ -107,7 +107,7 @@ def test_measure_reports_the_median_of_timed_runs():
 @pytest.mark.parametrize("argv, words", [(["--size", "60", "--out", "x.md"], "--size 60"),
                                          (["--device", "tpu", "--out", "x.md"], "--device 'tpu'")])
 def test_bad_options_are_one_line_errors(argv, words, tmp_path):
-    done = subprocess.run([sys.executable, "scripts/benchmark.py", *argv], cwd=ROOT,
+    done = subprocess.run([sys.executable, "tools/benchmark.py", *argv], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
     lines = done.stderr.strip().splitlines()
     assert done.returncode == 2 and len(lines) == 1 and words in lines[0] and lines[0].startswith("error:")

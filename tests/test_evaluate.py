@@ -327,7 +327,7 @@ def test_ablation_script_trains_each_variant_and_writes_the_table(tmp_path):
     import importlib.util
     import sys
     root = Path(__file__).resolve().parents[1]
-    spec = importlib.util.spec_from_file_location("ablation_script", root / "scripts" / "ablation.py")
+    spec = importlib.util.spec_from_file_location("ablation_script", root / "tools" / "ablation.py")
     ablation = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(ablation)
     prep = make_prepared(tmp_path)

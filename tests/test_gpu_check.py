@@ -1,4 +1,4 @@
-"""scripts/gpu_check.sh --dry-run --quick end to end on CPU: every step runs and the summary is complete.
+"""tools/gpu_check.sh --dry-run --quick end to end on CPU: every step runs and the summary is complete.
 
 The real check runs on a GPU machine (docs/gpu_check.md); this guards the script itself in CI.
 """
@@ -17,7 +17,7 @@ def test_dry_run_passes_every_step_and_writes_the_summary(tmp_path):
     out = tmp_path / "out"
     env = dict(os.environ, PYTHON=sys.executable, OMP_NUM_THREADS="1")
     env.pop("OUT", None)
-    done = subprocess.run(["bash", "scripts/gpu_check.sh", "--dry-run", "--quick", "--out", str(out)], cwd=ROOT,
+    done = subprocess.run(["bash", "tools/gpu_check.sh", "--dry-run", "--quick", "--out", str(out)], cwd=ROOT,
                           env=env, capture_output=True, text=True, timeout=600)
     log = (out / "log.txt").read_text()[-4000:] if (out / "log.txt").is_file() else ""
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:] + log

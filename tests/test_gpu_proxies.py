@@ -3,7 +3,7 @@
 The training loop's GPU options run on CPU through the same code (util/device.py, training/loop.py):
 bf16 and fp16 autocast (`amp='bf16'|'fp16'`), the fp16 GradScaler (torch.amp.GradScaler('cpu') on CPU),
 channels_last, and torchrun with ONE process entering the distributed path (gloo on CPU, nccl on CUDA).
-What only CUDA can break is listed in scripts/gpu_check.sh's header; `pytest -m cuda` runs the cuda
+What only CUDA can break is listed in tools/gpu_check.sh's header; `pytest -m cuda` runs the cuda
 variants there.
 """
 from __future__ import annotations

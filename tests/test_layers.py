@@ -1,7 +1,8 @@
 """The package layering of docs/DESIGN.md ("Module map"), read from the source with `ast`.
 
 Every import points down: training -> evaluation -> models / dataloaders -> util; no library module
-imports config.py, Sacred, scripts/ or tests/; nothing outside tests/ imports a tests/ module.
+imports config.py, Sacred, scripts/, tools/ or tests/ (scripts/ and tools/ are the top of the graph, beside
+the entry points); nothing outside tests/ imports a tests/ module.
 """
 from __future__ import annotations
 
@@ -12,8 +13,11 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 LEVEL = {"util": 0, "dataloaders": 1, "models": 1, "evaluation": 2, "training": 3}
-FORBIDDEN_IN_LIBRARY = {"config", "sacred", "train", "test", "tests", "scripts"}
+FORBIDDEN_IN_LIBRARY = {"config", "sacred", "train", "test", "tests", "scripts", "tools"}
 TEST_MODULES = {path.stem for path in (ROOT / "tests").glob("*.py")}
+# scripts/ and tools/ put their own folder on sys.path, so their modules are imported by bare name
+TOP_FILES = sorted((ROOT / "scripts").glob("*.py")) + sorted((ROOT / "tools").glob("*.py"))
+TOP_MODULES = {path.stem for path in TOP_FILES}
 
 
 def imported_modules(path: Path) -> list[tuple[int, str]]:
@@ -37,7 +41,7 @@ def test_library_imports_point_down(path):
     wrong = []
     for line, module in imported_modules(path):
         top = module.split(".")[0]
-        if top in FORBIDDEN_IN_LIBRARY or top in TEST_MODULES:
+        if top in FORBIDDEN_IN_LIBRARY or top in TEST_MODULES or top in TOP_MODULES:
             wrong.append(f"line {line}: {module} (library code may not import it)")
         elif top in LEVEL and top != package and LEVEL[top] >= LEVEL[package]:
             wrong.append(f"line {line}: {module} (not below {package}/)")
@@ -45,7 +49,7 @@ def test_library_imports_point_down(path):
 
 
 def test_nothing_outside_tests_imports_a_test_module():
-    outside = [path for path in ROOT.glob("*.py")] + sorted((ROOT / "scripts").glob("*.py")) + library_files()
+    outside = [path for path in ROOT.glob("*.py")] + TOP_FILES + library_files()
     wrong = [f"{path.relative_to(ROOT)} line {line}: {module}" for path in outside
              for line, module in imported_modules(path) if module.split(".")[0] in TEST_MODULES | {"tests"}]
     assert not wrong, "; ".join(wrong)

@@ -269,7 +269,7 @@ def test_gradients_and_autocast(resolution):
     assert low.dtype == torch.float32 and torch.isfinite(low).all()
 
 
-@pytest.mark.cuda  # skipped without a GPU (conftest.py); scripts/gpu_check.sh runs it
+@pytest.mark.cuda  # skipped without a GPU (conftest.py); tools/gpu_check.sh runs it
 def test_cuda_matches_cpu():
     sf, fg, bg, qf = _episode(13, 2, 2, 2, 2, 6, (8, 9), (30, 34))
     head = LocalPrototypeHead(8, True, "max", "image", min_pixels=3)

@@ -68,7 +68,7 @@ def test_selfsup_config_errors(unlabeled_prep, tiny_prepared):  # noqa: F811
 
 
 def test_real_scan_support_and_mask_copy():
-    """scripts/selfsup_demo.py: 3 annotated slices at the chunk middles; mask copy fills each chunk from its slice."""
+    """tools/selfsup_demo.py: 3 annotated slices at the chunk middles; mask copy fills each chunk from its slice."""
     sys.path.insert(0, str(ROOT / "scripts"))
     from conftest import load_script
     import numpy as np

@@ -1,4 +1,4 @@
-"""scripts/training_curves.py on fabricated Sacred metrics.json files."""
+"""tools/training_curves.py on fabricated Sacred metrics.json files."""
 from __future__ import annotations
 
 import json

@@ -3,14 +3,14 @@
 # figures, in at most 8 minutes on one H100; everything goes under $OUT (or --out, default
 # runs/gpu_check): summary.md (also printed), results.json, log.txt, BENCHMARKS.md, benchmark.json.
 #
-#   scripts/gpu_check.sh              on a machine with a CUDA GPU
-#   scripts/gpu_check.sh --dry-run    on CPU at 64 x 64, a few steps: same steps, same summary (CI)
-#   scripts/gpu_check.sh --dry-run --quick   the dry-run without the benchmark and `official` runs
+#   tools/gpu_check.sh              on a machine with a CUDA GPU
+#   tools/gpu_check.sh --dry-run    on CPU at 64 x 64, a few steps: same steps, same summary (CI)
+#   tools/gpu_check.sh --dry-run --quick   the dry-run without the benchmark and `official` runs
 #
 # Runs on a bare python3 with torch >= 2.11 (no `make setup`): wheels of the packages that machine
-# lacks (scripts/gpu_wheels.txt: sacred, nibabel, ...) are carried in .whl/ (scripts/fetch_gpu_wheels.sh
+# lacks (tools/gpu_wheels.txt: sacred, nibabel, ...) are carried in .whl/ (tools/fetch_gpu_wheels.sh
 # downloads them here) and installed first with `pip install --no-index --target`. The steps are
-# listed in scripts/gpu_check.py. PYTHON=... picks the interpreter (default .venv/bin/python when it
+# listed in tools/gpu_check.py. PYTHON=... picks the interpreter (default .venv/bin/python when it
 # exists, else python3).
 #
 # What only a CUDA run can prove (the CPU proxies in tests/test_gpu_proxies.py and this script's
@@ -32,7 +32,7 @@ fi
 export PYTHONUNBUFFERED=1
 if ! "$PYTHON" -c "import sacred, nibabel, pkg_resources" 2>/dev/null; then
     if ! ls .whl/*.whl >/dev/null 2>&1; then
-        echo "gpu_check: $PYTHON lacks sacred/nibabel and no wheels are in .whl/: run scripts/fetch_gpu_wheels.sh" \
+        echo "gpu_check: $PYTHON lacks sacred/nibabel and no wheels are in .whl/: run tools/fetch_gpu_wheels.sh" \
              "where PyPI is reachable and carry .whl" >&2
         exit 2
     fi
@@ -42,4 +42,4 @@ if ! "$PYTHON" -c "import sacred, nibabel, pkg_resources" 2>/dev/null; then
         .whl/*.whl || { echo "gpu_check: FAIL installing the carried wheels" >&2; exit 2; }
     export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
 fi
-exec "$PYTHON" scripts/gpu_check.py "$@"
+exec "$PYTHON" tools/gpu_check.py "$@"

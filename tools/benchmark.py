@@ -1,10 +1,10 @@
 """Benchmarks: head speed vs the literal reference, encoder share, scaling, training, inference, memory.
 
-    python scripts/benchmark.py [--quick] [--device cpu|cuda] [--size N] --out BENCHMARKS.md
+    python tools/benchmark.py [--quick] [--device cpu|cuda] [--size N] --out BENCHMARKS.md
 
 Writes a markdown report. The CPU run (--device cpu) writes the CPU section; a GPU run
 (--device cuda) writes the GPU section. An existing --out file keeps the other section, so running
-both on their machines yields one report. Measurements live in scripts/bench_measures.py; this file parses
+both on their machines yields one report. Measurements live in tools/bench_measures.py; this file parses
 options and renders the tables. --quick: reduced sizes and repeats (under 2 minutes on 2 cores).
 """
 from __future__ import annotations
@@ -21,7 +21,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, "scripts"))  # bench_measures.py, bench_timing.py beside this script
+sys.path.insert(0, os.path.join(ROOT, "tools"))  # bench_measures.py, bench_timing.py beside this script
 
 import bench_measures as bench  # noqa: E402
 import bench_timing as timing  # noqa: E402
@@ -34,7 +34,7 @@ import torch  # noqa: E402
 from models.reference import cellwise_reference  # noqa: E402
 
 TITLE = "# Benchmarks\n"
-INTRO = ("Made by `scripts/benchmark.py` (its command is stated in each section). Every figure is the "
+INTRO = ("Made by `tools/benchmark.py` (its command is stated in each section). Every figure is the "
          "median of repeated timed runs after warm-up (spread: fastest - slowest run; in full runs, cheap head "
          "timings repeat for 2 s, up to 25 runs); on CUDA the timers "
          "synchronise the device. Forward passes run under `torch.no_grad`. Times in milliseconds "
@@ -165,9 +165,9 @@ def render_section(name: str, results: dict, machine: dict, command: str, plan) 
 
 def gpu_not_measured() -> str:
     return ("## GPU\n\nNot measured yet: no GPU was available to the run that wrote this report. On a GPU "
-            "machine, `python scripts/benchmark.py --device cuda --out BENCHMARKS.md` measures this section "
+            "machine, `python tools/benchmark.py --device cuda --out BENCHMARKS.md` measures this section "
             "(head, encoders, scaling, `paper` training and 512 x 512 inference with AMP off and on, CUDA peak "
-            "memory, GPU-bound check) and replaces it, keeping the CPU section; `scripts/gpu_check.sh` runs it "
+            "memory, GPU-bound check) and replaces it, keeping the CPU section; `tools/gpu_check.sh` runs it "
             "with the other GPU checks (docs/gpu_check.md).\n")
 
 
@@ -219,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
         loads.append(os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0)
         print(f"benchmark [{time.perf_counter() - start:5.0f} s]: {message}", file=sys.stderr, flush=True)
     results = bench.run_measurements(reference, plan, device, log=log)
-    command = "python scripts/benchmark.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    command = "python tools/benchmark.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     machine = timing.machine_description(device)
     log("done")
     results["max_load"] = max(loads)

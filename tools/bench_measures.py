@@ -1,4 +1,4 @@
-"""Benchmark measurements for scripts/benchmark.py (BENCHMARKS.md); timers are in scripts/bench_timing.py.
+"""Benchmark measurements for tools/benchmark.py (BENCHMARKS.md); timers are in tools/bench_timing.py.
 
 Every figure is the median of `repeats` timed calls after `warmup` untimed ones; on CUDA the
 timer synchronises the device before starting and before stopping. Forward passes run under
@@ -274,7 +274,7 @@ def training_step_memory(named: str, device: torch.device, amp: bool = False,
     at the end of the step), cuda_max_allocated_mb (CUDA only) and the step's seconds.
     """
     args = json.dumps({"named": named, "device": device.type, "amp": amp, "input_size": input_size})
-    code = (f"import sys; sys.path[:0] = [{ROOT!r}, {os.path.join(ROOT, 'scripts')!r}]; "
+    code = (f"import sys; sys.path[:0] = [{ROOT!r}, {os.path.join(ROOT, 'tools')!r}]; "
             "from bench_measures import _memory_child; _memory_child()")
     done = subprocess.run([sys.executable, "-c", code, args], capture_output=True, text=True, timeout=timeout,
                           cwd=ROOT)

@@ -1,6 +1,6 @@
 """Measured effect of the fidelity options on the phantom (REPRODUCTION.md's difference table).
 
-    python scripts/compare_options.py --out runs/compare --data data/prepared_phantom
+    python tools/compare_options.py --out runs/compare --data data/prepared_phantom
 
 Trains, with train.py, each variant x fold below (an existing snapshot under OUT/<variant>/fold<F>
 is reused, so the script can be resumed), then evaluates every snapshot next to the mask-copy
@@ -24,9 +24,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "scripts"))
+sys.path.insert(0, str(ROOT / "tools"))
 
-from ablation import find_snapshot  # noqa: E402  (scripts/ablation.py, beside this script)
+from ablation import find_snapshot  # noqa: E402  (tools/ablation.py, beside this script)
 from dataloaders.organs import FOLD_ORGANS  # noqa: E402
 from util.atomic import write_text_atomic  # noqa: E402
 from util.cli import run_cli  # noqa: E402
@@ -94,7 +94,7 @@ def main(argv: list[str]) -> int:
     from evaluation.evaluate import evaluate
     from models.checkpoint import model_from_checkpoint
     organs = [organ for fold in args.folds for organ in FOLD_ORGANS[fold]]
-    blocks = [f"Command: python scripts/compare_options.py {' '.join(argv)}", ""]
+    blocks = [f"Command: python tools/compare_options.py {' '.join(argv)}", ""]
 
     def run(preset: str, name: str, spec, size: int) -> dict:
         out = args.out / f"eval_{preset}" / _slug(name)

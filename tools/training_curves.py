@@ -1,7 +1,7 @@
 """Training curves of a set of runs: loss and validation Dice against step, one panel per fold,
 one line per method, read from the runs' Sacred metrics.json.
 
-    python scripts/training_curves.py runs/demo/train --out runs/demo/training_curves.png
+    python tools/training_curves.py runs/demo/train --out runs/demo/training_curves.png
 
 RUNS holds one folder per trained set-up named <method>_fold<F> (as `make demo` writes them, e.g.
 lslpn_fold0, panet_fold2, senet_fold3), each with Sacred run folders <id>/metrics.json. The runs of
@@ -122,7 +122,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--out", default=None, help="PNG to write (default: RUNS/../training_curves.png)")
     args = parser.parse_args(argv)
     out = Path(args.out) if args.out else Path(args.runs).parent / "training_curves.png"
-    command = f"python scripts/training_curves.py {args.runs} --out {out}"
+    command = f"python tools/training_curves.py {args.runs} --out {out}"
     path = plot(collect(args.runs), out, command)
     print(f"wrote {path}")
     return 0

@@ -1,6 +1,6 @@
 """How well do superpixels fit organs? Best single-superpixel Dice per organ slice, 2D vs 3D.
 
-    python scripts/superpixel_quality.py --phantom data/phantom --volumes 2
+    python tools/superpixel_quality.py --phantom data/phantom --volumes 2
 
 For labeled gold phantom volumes (HU window [-125, 275], slices resized to --size as training does):
 per test organ and per axial slice holding more than 200 of its voxels, the Dice of the ONE superpixel

@@ -1,7 +1,7 @@
 """One prepared GPU check: every CUDA code path once, and the paper-scale figures (issue 18).
 
-    scripts/gpu_check.sh [--dry-run] [--quick] [--out DIR]   # the wrapper installs carried wheels first
-    python scripts/gpu_check.py [--dry-run] [--quick] [--out DIR] [--budget SECONDS]
+    tools/gpu_check.sh [--dry-run] [--quick] [--out DIR]   # the wrapper installs carried wheels first
+    python tools/gpu_check.py [--dry-run] [--quick] [--out DIR] [--budget SECONDS]
 
 Steps, in order; none stops the run, each prints PASS / FAIL / SKIP / INFO lines:
   1. the suite's CUDA tests (`pytest -m cuda` on the files that mark some; they skip without CUDA)
@@ -12,7 +12,7 @@ Steps, in order; none stops the run, each prints PASS / FAIL / SKIP / INFO lines
   5. torchrun on every GPU (nccl; one process on CPU with gloo in --dry-run), channels_last on
   6. test.py on the gold phantom with AMP: query slices/s
   7. scripts/segment_volume.py on one gold volume
-  8. scripts/benchmark.py --device cuda: OUT/BENCHMARKS.md (the GPU section) and OUT/benchmark.json
+  8. tools/benchmark.py --device cuda: OUT/BENCHMARKS.md (the GPU section) and OUT/benchmark.json
   9. targets and the projection of the paper's 4 folds x 10,000 steps in GPU-hours
 Outputs under --out (default $OUT, else runs/gpu_check): summary.md (also printed), results.json,
 log.txt (every command and its output), BENCHMARKS.md, benchmark.json. Exit status 1 when a check FAILs.
@@ -371,7 +371,7 @@ def benchmark(r: Runner) -> dict:
         return {}
     report = r.out / "BENCHMARKS.md"
     shutil.copyfile(ROOT / "BENCHMARKS.md", report)  # keeps the other section
-    cmd = [sys.executable, "scripts/benchmark.py", "--device", r.plan.device, "--out", report,
+    cmd = [sys.executable, "tools/benchmark.py", "--device", r.plan.device, "--out", report,
            "--json", r.out / "benchmark.json"]
     if quick:
         cmd += ["--quick", "--size", str(r.plan.size)]
@@ -437,7 +437,7 @@ def summary(r: Runner, rows: list, projected: list[str], description: str) -> st
     mode = "dry-run on CPU" if r.plan.dry_run else "GPU"
     when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     lines = [f"# GPU check ({mode}{', quick' if r.plan.quick else ''}), {when}", "",
-             f"Machine: {description}  ", f"Command: `scripts/gpu_check.sh {' '.join(sys.argv[1:])}`  ",
+             f"Machine: {description}  ", f"Command: `tools/gpu_check.sh {' '.join(sys.argv[1:])}`  ",
              f"Wall time: {time.perf_counter() - r.start:.0f} s of a {r.plan.budget:.0f} s budget; input {r.plan.size} px, "
              f"{r.plan.steps} steps per training run"
              + (f" ({', '.join(r.plan.overrides)})" if r.plan.overrides else ""), "",
@@ -462,7 +462,7 @@ def main(argv: list[str] | None = None) -> int:
     plan = Plan.make(args.dry_run, args.quick, args.budget)
     import torch
     if plan.device == "cuda" and not torch.cuda.is_available():
-        print("gpu_check: no CUDA GPU here: run `scripts/gpu_check.sh --dry-run` on a CPU machine", file=sys.stderr)
+        print("gpu_check: no CUDA GPU here: run `tools/gpu_check.sh --dry-run` on a CPU machine", file=sys.stderr)
         return 2
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -1,6 +1,6 @@
 """Long-run reliability check (not in CI): many demo training steps, RSS sampled every 100 steps.
 
-    python scripts/long_run_check.py --steps 2000 --out docs/long_run_check.md
+    python tools/long_run_check.py --steps 2000 --out docs/long_run_check.md
 
 Runs the real entry point, `python train.py with demo n_steps=STEPS print_every=100 ...`, in a
 subprocess, reads every "step N/STEPS  loss L ..." summary line it prints (the mean loss of the last
@@ -105,7 +105,7 @@ def main(argv: list[str]) -> int:
     if not (ROOT / args.data_dir / "meta.json").is_file() and not Path(args.data_dir, "meta.json").is_file():
         raise UserError(f"--data-dir {args.data_dir}: not a prepared folder: run `make demo` (or "
                         "scripts/prepare_visceral.py) first")
-    command = "python scripts/long_run_check.py " + " ".join(argv)
+    command = "python tools/long_run_check.py " + " ".join(argv)
     out = Path(args.out)
 
     def write(text: str) -> None:

@@ -1,7 +1,7 @@
 """Ablation of the paper (method.md section 4): grid size, overlap and vote, trained and evaluated.
 
-    python scripts/ablation.py --folds 0 1 2 3 -- demo            # demo size on a CPU
-    python scripts/ablation.py --folds 0 1 2 3 -- paper class_setting=all_structures
+    python tools/ablation.py --folds 0 1 2 3 -- demo            # demo size on a CPU
+    python tools/ablation.py --folds 0 1 2 3 -- paper class_setting=all_structures
 
 Variants (everything else from the Sacred overrides after `--`, given to train.py as they are):
   n_grid 16, 8, 4, 1 (overlapping cells, max vote), n_grid 8 non-overlapping, n_grid 8 mean vote,

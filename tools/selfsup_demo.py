@@ -1,7 +1,7 @@
 """Self-supervised LSLPN on the phantom (and on the real scan when present); not part of `make demo`.
 
-    python scripts/selfsup_demo.py              # run (finished steps are reused), print the tables
-    python scripts/selfsup_demo.py --publish    # copy the report and figures into docs/
+    python tools/selfsup_demo.py              # run (finished steps are reused), print the tables
+    python tools/selfsup_demo.py --publish    # copy the report and figures into docs/
 
 Phantom (data/phantom, the demo's; generated and prepared as `make demo` does when missing):
   1. images-only prepared folder of the 20 silver volumes + superpixels   data/selfsup/phantom_unlabeled
@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))  # demo_steps.py
 
 import demo_steps as demo  # noqa: E402
 import nibabel as nib  # noqa: E402
@@ -162,7 +163,7 @@ def phantom_part(log: list, device: str, steps: dict, train_supervised: bool) ->
     elif (RUN_DIR / "phantom_partial").exists():
         shutil.rmtree(RUN_DIR / "phantom_partial")
     log.append({"step": "evaluate on the gold phantom volumes", "command": "evaluation.evaluate.evaluate "
-                "(scripts/selfsup_demo.py)", "seconds": round(time.perf_counter() - start, 1)})
+                "(tools/selfsup_demo.py)", "seconds": round(time.perf_counter() - start, 1)})
     return results
 
 
@@ -226,7 +227,7 @@ def real_part(log: list, supervised: dict, phantom_selfsup: Path, steps: int, de
                                            n_chunks=REAL_SUPPORT_SLICES, device=device, progress=False)
             rows[organ][method] = dice(prediction > 0, labels == value)
     log.append({"step": "segment the real scan (4 organs x 2 snapshots)", "command": "evaluation.segment.segment_volume "
-                "(scripts/selfsup_demo.py)", "seconds": round(time.perf_counter() - start, 1)})
+                "(tools/selfsup_demo.py)", "seconds": round(time.perf_counter() - start, 1)})
     write_text_atomic(json.dumps(rows, indent=1) + "\n", out_dir / "results.json")
     return rows
 
@@ -250,7 +251,7 @@ def write_report(results: dict, real: dict | None, log: list, seconds: float, st
     columns = ("liver", "spleen", "kidney", "psoas")
     beats = [c for c in columns if ss[c] is not None and copy[c] is not None and ss[c] > copy[c]]
     lines = ["# Self-supervised LSLPN (superpixel episodes) on the phantom", "",
-             "Produced by `python scripts/selfsup_demo.py " + " ".join(steps["argv"]) + "` (not part of `make demo`). "
+             "Produced by `python tools/selfsup_demo.py " + " ".join(steps["argv"]) + "` (not part of `make demo`). "
              "Steps of this invocation (reused steps are not listed):", "",
              "| step | command | seconds |", "|---|---|---|"]
     lines += [f"| {e['step']} | `{e['command']}` | {e['seconds']} |" for e in log]
@@ -336,7 +337,7 @@ def options_line(steps: dict) -> str:
 def publish(docs: Path = ROOT / "docs") -> None:
     report = RUN_DIR / "report.md"
     if not report.exists():
-        raise UserError(f"{report} does not exist: run `python scripts/selfsup_demo.py` first, then --publish")
+        raise UserError(f"{report} does not exist: run `python tools/selfsup_demo.py` first, then --publish")
     shutil.copyfile(report, docs / "selfsup_phantom.md")
     for folder, name in ((UNLABELED, "selfsup_superpixels.png"), (WORK_DIR / "real_unlabeled", "selfsup_superpixels_real.png")):
         if (folder / "superpixels_overlay.png").exists():
