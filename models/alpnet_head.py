@@ -1,0 +1,218 @@
+"""SSL-ALPNet's adaptive local prototype head (Ouyang et al., ECCV 2020; its official code, models/
+alpmodule.py MultiProtoAsConv and models/grid_proto_fewshot.py FewShotSeg), vectorised.
+
+Rules, as the official code computes them:
+- Support masks are resized bilinearly (align_corners=False) to the feature map and stay soft.
+- Local prototype candidates: features and soft masks are average-pooled with kernel = stride =
+  `window` (4 in training, 2 at test: the official proto_grid_size 8 on 32 x 32 features and
+  val_wsize 2). A candidate is kept iff its pooled mask is > 0.95 (strict).
+- Foreground of a way, per episode: 'gridconv+' (the kept local candidates of every shot plus one
+  global masked-average prototype per shot, sum(F m) / (sum(m) + 1e-5)) when the maximum of
+  avg_pool(soft fg mask, 4) over its shots is >= 0.95 (window 4 at test time too); otherwise 'mask':
+  the global prototype only (the mean over shots). An empty foreground gives a zero prototype (score 0).
+- Background: 'gridconv', the kept local candidates of every shot of every way; no global fallback
+  (no candidate at all scores 0, as the official convolution with no prototype sums to 0).
+- Score of a candidate k at a query location: 20 * cos, prototypes and query features divided by
+  their L2 norm clamped at >= 1e-4. A class's score is the softmax-weighted sum over its candidates,
+  S = sum_k softmax_k(s_k) s_k (not a max). Scores at feature resolution are upsampled bilinearly.
+- Loss: cross-entropy of the query with class weights background 0.05, foreground 1.0 (`query_loss`),
+  plus the alignment loss (`ALPNetHead.alignment_loss`): the query's predicted mask at feature
+  resolution is the support that segments each support image (same rules, window 4), upsampled,
+  unweighted cross-entropy against the support masks.
+
+Beyond the official code (which is 1-way, 1-query, batch 1): a batch of episodes, N ways (the
+background pools the candidates of every way's shots) and Q queries (the alignment loss uses the Q
+queries as the shots of its prototypes). For 1 way, 1 query, batch 1 it is the official computation.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from util.errors import UserError
+
+THRESHOLD = 0.95        # FG_THRESH = BG_THRESH of the official code
+TRAIN_WINDOW = 4        # pooling window of the candidates in training
+TEST_WINDOW = 2         # ... at test time (val_wsize)
+MODE_WINDOW = 4         # window of the 'gridconv+' / 'mask' decision, training and test
+NORM_EPS = 1e-4         # safe_norm's clamp
+MEAN_EPS = 1e-5         # masked average: sum(F m) / (sum(m) + 1e-5)
+BG_WEIGHT = 0.05        # query cross-entropy class weight of the background (foreground 1.0)
+IGNORE = 255
+
+
+@dataclass
+class ALPPrototypes:
+    """Prototype candidates of an episode batch (output of `ALPNetHead.compute_prototypes`).
+
+    vectors  B x (1 + N) x P x C   candidates per class (class 0 = background), zero-padded
+    present  B x (1 + N) x P       bool: the candidate takes part in its class's score
+    image_size (H, W) and feature_size (h, w) of the support it was computed from.
+    """
+    vectors: Tensor
+    present: Tensor
+    image_size: tuple[int, int]
+    feature_size: tuple[int, int]
+
+    def to(self, device) -> "ALPPrototypes":
+        return ALPPrototypes(self.vectors.to(device), self.present.to(device), self.image_size,
+                             self.feature_size)
+
+
+def query_loss(logits: Tensor, labels: Tensor) -> Tensor:
+    """ALPNet's query loss: logits B x Q x (1 + N) x H x W, labels B x Q x H x W (long, 255 ignored);
+    cross-entropy with class weights background 0.05, every foreground way 1.0."""
+    n_classes = logits.shape[2]
+    weight = torch.ones(n_classes, dtype=torch.float32, device=logits.device)
+    weight[0] = BG_WEIGHT
+    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(0, 1), weight=weight,
+                           ignore_index=IGNORE)
+
+
+def _unit(x: Tensor, dim: int) -> Tensor:
+    """x / max(||x||_2, 1e-4) along `dim` (the official safe_norm)."""
+    return x / x.norm(dim=dim, keepdim=True).clamp_min(NORM_EPS)
+
+
+def upsample(scores: Tensor, size: tuple[int, int]) -> Tensor:
+    """B x Q x L x h x w -> B x Q x L x H x W, bilinear, align_corners=False."""
+    return F.interpolate(scores.flatten(0, 1), size=size, mode="bilinear",
+                         align_corners=False).unflatten(0, scores.shape[:2])
+
+
+class ALPNetHead(nn.Module):
+    """ALPNet's head (no parameters); the same interface as the other heads (see module docstring).
+
+    `compute_prototypes(support_features B x N x K x C x h x w, support_fg / support_bg
+    B x N x K x H x W, image_size)` -> ALPPrototypes; `score_features(prototypes, query_features
+    B x Q x C x h x w)` -> B x Q x (1 + N) x h x w; `score` upsamples it to the image.
+    The candidate window follows the module's mode: TRAIN_WINDOW in train(), TEST_WINDOW in eval().
+    """
+
+    def __init__(self, scale: float = 20.0):
+        super().__init__()
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
+            raise UserError(f"model.scale = {scale!r}: must be a number > 0")
+        self.scale = float(scale)
+
+    def extra_repr(self) -> str:
+        return f"scale={self.scale}, windows train {TRAIN_WINDOW} / test {TEST_WINDOW}, threshold {THRESHOLD}"
+
+    @property
+    def window(self) -> int:
+        return TRAIN_WINDOW if self.training else TEST_WINDOW
+
+    # ---- prototypes -----------------------------------------------------------------------
+    def compute_prototypes(self, support_features: Tensor, support_fg: Tensor, support_bg: Tensor,
+                           image_size: tuple[int, int]) -> ALPPrototypes:
+        """Candidates of every class from support features and image-resolution masks."""
+        with torch.autocast(support_features.device.type, enabled=False):
+            feats = support_features.float()                                    # B x N x K x C x h x w
+            h, w = feats.shape[-2:]
+            masks = torch.stack([support_bg, support_fg], dim=3).float()         # B x N x K x 2 x H x W
+            small = F.interpolate(masks.flatten(0, 2), size=(h, w), mode="bilinear",
+                                  align_corners=False).unflatten(0, masks.shape[:3])  # B x N x K x 2 x h x w
+            return self.prototypes_from_feature_masks(feats, small[:, :, :, 1], small[:, :, :, 0],
+                                                      tuple(image_size), self.window)
+
+    def prototypes_from_feature_masks(self, feats: Tensor, fg: Tensor, bg: Tensor,
+                                      image_size: tuple[int, int], window: int) -> ALPPrototypes:
+        """feats B x N x K x C x h x w, soft masks fg / bg B x N x K x h x w at feature resolution."""
+        B, N, K, C, h, w = feats.shape
+        if min(h, w) < max(window, MODE_WINDOW):
+            raise UserError(f"feature map {h} x {w}: the alpnet head pools windows of {max(window, MODE_WINDOW)} "
+                            "feature cells: use a larger input_size")
+        cells = F.avg_pool2d(feats.flatten(0, 2), window)                       # BNK x C x h' x w'
+        local = cells.flatten(2).transpose(1, 2).unflatten(0, (B, N, K))        # B x N x K x c x C
+        pooled = F.avg_pool2d(torch.stack([bg, fg], dim=3).flatten(0, 2), window)  # BNK x 2 x h' x w'
+        kept = (pooled.flatten(2) > THRESHOLD).unflatten(0, (B, N, K))          # B x N x K x 2 x c
+        sums = torch.einsum("bnkxy,bnkcxy->bnkc", fg, feats)                    # B x N x K x C
+        glob = sums / (fg.sum((-2, -1)) + MEAN_EPS).unsqueeze(-1)               # per-shot global prototypes
+        mode_cells = F.avg_pool2d(fg.flatten(0, 2).unsqueeze(1), MODE_WINDOW)   # BNK x 1 x . x .
+        plus = mode_cells.flatten(1).amax(1).view(B, N, K).amax(2) >= THRESHOLD  # B x N: 'gridconv+'
+        n_cells = local.shape[3]
+        # foreground slots: K * c local, K global (gridconv+), 1 mean global ('mask')
+        fg_vectors = torch.cat([local.flatten(2, 3), glob, glob.mean(2, keepdim=True)], dim=2)
+        fg_present = torch.cat([kept[:, :, :, 1].flatten(2) & plus.unsqueeze(-1),
+                                plus.unsqueeze(-1).expand(B, N, K), ~plus.unsqueeze(-1)], dim=2)
+        # background slots: the local candidates of every way and shot
+        bg_vectors = local.flatten(1, 3)                                        # B x NKc x C
+        bg_present = kept[:, :, :, 0].flatten(1)                                # B x NKc
+        slots = max(N * K * n_cells, K * n_cells + K + 1)
+        vectors = feats.new_zeros(B, 1 + N, slots, C)
+        present = torch.zeros(B, 1 + N, slots, dtype=torch.bool, device=feats.device)
+        vectors[:, 0, : bg_vectors.shape[1]] = bg_vectors
+        present[:, 0, : bg_present.shape[1]] = bg_present
+        vectors[:, 1:, : fg_vectors.shape[2]] = fg_vectors
+        present[:, 1:, : fg_present.shape[2]] = fg_present
+        return ALPPrototypes(vectors, present, tuple(image_size), (h, w))
+
+    # ---- scoring --------------------------------------------------------------------------
+    def score_features(self, prototypes: ALPPrototypes, query_features: Tensor) -> Tensor:
+        """Scores B x Q x (1 + N) x h x w at feature resolution (prototype batch 1 broadcasts)."""
+        Bq, Bp = query_features.shape[0], prototypes.vectors.shape[0]
+        if query_features.dim() != 5 or tuple(query_features.shape[-2:]) != prototypes.feature_size \
+                or query_features.shape[2] != prototypes.vectors.shape[-1] or Bp not in (1, Bq):
+            raise UserError(f"query_features: shape {tuple(query_features.shape)} does not match the "
+                            f"prototypes (batch {Bp}, {prototypes.vectors.shape[-1]} channels, "
+                            f"feature map {prototypes.feature_size}): expected B x Q x C x h x w")
+        with torch.autocast(query_features.device.type, enabled=False):
+            query = _unit(query_features.float(), dim=2)                        # B x Q x C x h x w
+            protos = _unit(prototypes.vectors.float(), dim=-1).expand(Bq, -1, -1, -1)  # B x L x P x C
+            present = prototypes.present.expand(Bq, -1, -1)[:, None, :, :, None, None]  # B x 1 x L x P x 1 x 1
+            sims = self.scale * torch.einsum("blpc,bqcxy->bqlpxy", protos, query)  # B x Q x L x P x h x w
+            # absent candidates get the lowest finite value (not -inf: a class without any candidate
+            # would give NaN weights and NaN gradients), then weight 0: no candidate scores 0
+            lowest = torch.finfo(sims.dtype).min
+            weights = torch.softmax(sims.masked_fill(~present, lowest), dim=3)
+            weights = torch.where(present, weights, torch.zeros_like(weights))
+            return (weights * sims).sum(3)                                      # B x Q x L x h x w
+
+    def score(self, prototypes: ALPPrototypes, query_features: Tensor) -> Tensor:
+        """Logits B x Q x (1 + N) x H x W: feature-resolution scores upsampled bilinearly."""
+        return upsample(self.score_features(prototypes, query_features), prototypes.image_size)
+
+    def forward(self, support_features: Tensor, support_fg: Tensor, support_bg: Tensor,
+                query_features: Tensor, image_size: tuple[int, int]) -> Tensor:
+        prototypes = self.compute_prototypes(support_features, support_fg, support_bg, image_size)
+        return self.score(prototypes, query_features)
+
+    # ---- alignment loss -------------------------------------------------------------------
+    def alignment_loss(self, query_scores: Tensor, query_features: Tensor, support_features: Tensor,
+                       support_fg: Tensor, support_bg: Tensor) -> Tensor:
+        """ALPNet's alignLoss, averaged over the batch.
+
+        query_scores B x Q x (1 + N) x h x w (feature resolution), query_features B x Q x C x h x w,
+        support_features B x N x K x C x h x w, masks B x N x K x H x W. The argmax of the query
+        scores gives hard masks (no way is skipped, an empty prediction gives the 'mask' mode's zero
+        prototype); the queries act as shots (window 4); each support image (n, k) is scored
+        against the background and way n, upsampled to H x W, and cross-entropy taken against its
+        label (1 foreground, 0 background, which wins where both are set, 255 elsewhere, ignored);
+        the mean over ways and shots (the official sum of CE / n_shots / n_ways).
+        """
+        with torch.autocast(query_features.device.type, enabled=False):
+            B, N, K, C, h, w = support_features.shape
+            H, W = support_fg.shape[-2:]
+            pred = query_scores.argmax(dim=2)                                   # B x Q x h x w
+            ways = torch.arange(1, N + 1, device=pred.device).view(1, N, 1, 1, 1)
+            query_fg = (pred.unsqueeze(1) == ways).float()                      # B x N x Q x h x w
+            query_bg = (pred == 0).float().unsqueeze(1).expand_as(query_fg)
+            qfeats = query_features.float().unsqueeze(1).expand(B, N, *query_features.shape[1:])
+            prototypes = self.prototypes_from_feature_masks(qfeats, query_fg, query_bg, (H, W), TRAIN_WINDOW)
+            scores = self.score_features(prototypes, support_features.float().flatten(1, 2))  # B x NK x L x h x w
+            scores = scores.unflatten(1, (N, K))                                # B x N x K x L x h x w
+            fg_channel = torch.arange(1, N + 1, device=pred.device).view(1, N, 1, 1, 1, 1)
+            fg_scores = scores.gather(3, fg_channel.expand(B, N, K, 1, h, w))
+            pair = torch.cat([scores[:, :, :, :1], fg_scores], dim=3)           # B x N x K x 2 x h x w
+            logits = F.interpolate(pair.flatten(0, 2), size=(H, W), mode="bilinear", align_corners=False)
+            label = torch.full((B, N, K, H, W), IGNORE, dtype=torch.long, device=logits.device)
+            label[support_fg > 0.5] = 1
+            label[support_bg > 0.5] = 0
+            label = label.flatten(0, 2)                                         # BNK x H x W
+            per_pixel = F.cross_entropy(logits, label, ignore_index=IGNORE, reduction="none")
+            counted = (label != IGNORE).flatten(1).sum(1).clamp_min(1)
+            per_image = per_pixel.flatten(1).sum(1) / counted                   # BNK
+            return per_image.view(B, N * K).mean(1).mean()
