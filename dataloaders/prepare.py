@@ -6,12 +6,22 @@ than `many` slices qualify, `max_per_volume` of them are drawn at random (the of
 of them with `keep_all`. Slices are intensity-scaled (dataloaders/intensity.py) at their original
 resolution, then resized to `prep_size`. Validation and gold volumes are stored whole, canonical,
 with the original affine and orientation so predictions can be written back.
+
+Nothing is stored inexactly: an image is kept as int16 when int16 holds every voxel (integer
+Hounsfield units, the usual CT file), else as float32 (a float image in [0, 1], non-integer or
+out-of-int16 values), so the stored values equal the file's (`exact_image`). An HU window that maps
+a volume into less than 5% of [0, 1] (an image not in Hounsfield units) is refused.
+
+Case ids: `case_id` turns a source name into the id that names the prepared files
+(PREP/train/<id>_image.npy, PREP/volumes/<split>/<id>.npz); `train_file_case` reads it back. The data
+set checker (evaluation/dataset_check.py) uses the same two functions, so what is written is accepted.
 """
 from __future__ import annotations
 
 import io
 import json
 import multiprocessing
+import os
 import re
 import zipfile
 import zlib
@@ -20,6 +30,7 @@ from functools import partial
 from pathlib import Path
 from typing import Callable
 
+import nibabel as nib
 import numpy as np
 
 from dataloaders.intensity import scale_intensity, validate_intensity
@@ -30,8 +41,39 @@ from dataloaders.organs import INDEX_TO_NAME
 from dataloaders.transforms import resize_image, resize_label
 from dataloaders.visceral import LabeledVolume, as_int16_hu, find_cases, load_case, strip_nifti_suffix
 from util.errors import UserError
+from util.paths import check_output_folder
 
 FORMAT_VERSION = 1
+TRAIN_FILE_KINDS = ("image", "label")     # PREP/train/<id>_image.npy, PREP/train/<id>_label.npy
+MIN_WINDOW_COVER = 0.05                   # a volume must fill at least 5% of [0, 1] under an HU window
+
+
+def case_id(name: str) -> str:
+    """The id of a source case as prepared file names use it: characters other than letters, digits,
+    '.', '_' and '-' become '_' (e.g. 'case 1' -> 'case_1'; 'image_1' stays 'image_1')."""
+    return re.sub(r"[^A-Za-z0-9._-]", "_", name)
+
+
+def is_case_id(pid: str) -> bool:
+    """True when `pid` can name prepared files: non-empty, unchanged by `case_id`, not hidden ('.x')."""
+    return isinstance(pid, str) and bool(pid) and case_id(pid) == pid and not pid.startswith(".")
+
+
+def train_file_name(pid: str, kind: str) -> str:
+    """File name of a training volume's images ('image') or labels ('label') in PREP/train."""
+    return f"{pid}_{kind}.npy"
+
+
+def train_file_case(name: str) -> str | None:
+    """The case id of a PREP/train file name (inverse of `train_file_name`); None for other names.
+
+    Only the LAST '_image.npy' / '_label.npy' is the suffix: 'image_1_image.npy' is case 'image_1'.
+    """
+    for kind in TRAIN_FILE_KINDS:
+        suffix = f"_{kind}.npy"
+        if name.endswith(suffix) and len(name) > len(suffix):
+            return name[: -len(suffix)]
+    return None
 
 
 @dataclass(frozen=True)
@@ -62,8 +104,8 @@ class SourceCase:
 def find_image_volumes(root: Path) -> list[tuple[str, Path]]:
     """(pid, path) of the NIfTI volumes directly in `root` (else in root/Volumes); pid = file stem."""
     for folder in (root, root / "Volumes"):
-        paths = sorted(p for p in folder.glob("*") if p.is_file() and strip_nifti_suffix(p.name)) \
-            if folder.is_dir() else []
+        paths = sorted(p for p in folder.glob("*") if p.is_file() and strip_nifti_suffix(p.name)
+                       and not p.name.startswith(".")) if folder.is_dir() else []   # '._x.nii.gz': macOS metadata
         if paths:
             break
     if not paths:
@@ -71,7 +113,7 @@ def find_image_volumes(root: Path) -> list[tuple[str, Path]]:
                         "--visceral-dir at a folder of NIfTI CT volumes")
     found: dict[str, Path] = {}
     for path in paths:
-        pid = re.sub(r"[^A-Za-z0-9._-]", "_", strip_nifti_suffix(path.name))
+        pid = case_id(strip_nifti_suffix(path.name))
         if pid in found:
             raise UserError(f"{path}: same name as {found[pid].name} once made a file name: rename one of them")
         found[pid] = path
@@ -101,7 +143,8 @@ def list_sources(source_dir: str | Path, layout: str = "visceral", label_map: st
         names = read_label_map(label_map)
         splits = []
         for split in ("silver", "gold"):
-            cases = find_multilabel_cases(find_split(root, split))
+            cases = [(case_id(name), image, label) for name, image, label in find_multilabel_cases(
+                find_split(root, split))]                       # 'case 1' -> 'case_1': the id of the files
             splits.append([SourceCase(pid, partial(load_multilabel_case, image, label, names, pid, allow_missing))
                            for pid, image, label in cases])
         return splits[0], splits[1]
@@ -147,10 +190,52 @@ def save_npy(path: Path, array: np.ndarray) -> None:
     write_bytes_atomic(buffer.getvalue(), path)
 
 
-def volume_arrays(volume: LabeledVolume) -> dict[str, np.ndarray]:
-    """The keys of a prepared evaluation volume (DESIGN.md)."""
+def exact_image(volume: LabeledVolume) -> LabeledVolume:
+    """The volume with an image equal to its file: int16 when int16 holds every voxel, else float32.
+
+    The readers round a CT to int16 Hounsfield units (dataloaders/visceral.as_int16_hu). That is exact
+    for integer voxels within int16 (the usual CT file) but would turn a float image in [0, 1] into 0s
+    and 1s, round non-integer values and clip a uint16 scan above 32767: such a file is read again and
+    its image kept as float32. An image that is not the rounded file (another reader's own array) is
+    left as it is.
+    """
     image = volume.image
-    return {"image": image.array.astype(np.int16), "label": volume.label.astype(np.uint8),
+    path = getattr(image, "path", None)
+    if image.array.dtype != np.int16 or path is None or not Path(path).is_file():
+        return volume
+    header = nib.load(str(path))
+    proxy = header.dataobj
+    if header.get_data_dtype() in (np.int8, np.uint8, np.int16) and getattr(proxy, "slope", 1) == 1 \
+            and getattr(proxy, "inter", 0) == 0:
+        return volume                                                  # integers within int16: exact
+    stored = load_nifti(path).array                                    # X x Y x Z, canonical as `image`
+    rounded = np.clip(np.rint(stored), -32768, 32767)
+    if stored.shape != image.array.shape or not np.array_equal(rounded, image.array) \
+            or np.array_equal(rounded, stored):
+        return volume
+    image.array = np.asfortranarray(stored.astype(np.float32))
+    return volume
+
+
+def check_window_fits(volume: LabeledVolume, intensity: dict) -> None:
+    """Refuse an HU window that maps the whole volume into less than 5% of [0, 1] (not HU, e.g. [0, 1])."""
+    if intensity["mode"] != "window":
+        return
+    low, high = intensity["window"]
+    values = volume.image.array
+    vmin, vmax = float(values.min()), float(values.max())
+    covered = (min(vmax, high) - max(vmin, low)) / (high - low)
+    if covered < MIN_WINDOW_COVER:
+        raise UserError(f"{volume.image.path}: voxel values span [{vmin:g}, {vmax:g}], which the HU window "
+                        f"[{low:g}, {high:g}] maps into less than {MIN_WINDOW_COVER:.0%} of [0, 1] (not Hounsfield "
+                        "units?): leave --window out (per-slice min-max scaling) or convert the volume to HU")
+
+
+def volume_arrays(volume: LabeledVolume) -> dict[str, np.ndarray]:
+    """The keys of a prepared evaluation volume (DESIGN.md); image int16, or float32 when int16 is inexact."""
+    image = volume.image
+    stored = image.array if image.array.dtype == np.int16 else image.array.astype(np.float32)
+    return {"image": stored, "label": volume.label.astype(np.uint8),
             "affine": image.affine, "original_affine": image.original_affine,
             "original_shape": np.asarray(image.original_shape, dtype=np.int64),
             "original_axcodes": np.asarray(image.original_axcodes), "spacing": image.spacing}
@@ -159,9 +244,11 @@ def volume_arrays(volume: LabeledVolume) -> dict[str, np.ndarray]:
 def process_case(case: SourceCase, split: str, out: Path, size: int, intensity: dict, rule: Selection,
                  seed: int) -> dict:
     """Load one case and write its prepared files; returns its summary (and slices for training)."""
-    volume = case.load()
+    volume = exact_image(case.load())
+    check_window_fits(volume, intensity)
     present = [int(v) for v in np.unique(volume.label) if v > 0]
     summary = {"pid": case.pid, "split": split, "shape": list(volume.label.shape), "structures": present,
+               "image_dtype": "int16" if volume.image.array.dtype == np.int16 else "float32",
                "overlap_voxels": volume.overlap_voxels, "orientation": volume.image.original_axcodes}
     if split != "train":
         save_npz_deterministic(out / "volumes" / split / f"{case.pid}.npz", volume_arrays(volume))
@@ -179,10 +266,10 @@ def process_case(case: SourceCase, split: str, out: Path, size: int, intensity: 
         labels = np.asarray(resize_label(labels, size), dtype=np.uint8)
     else:
         images, labels = np.zeros((0, size, size), np.float32), np.zeros((0, size, size), np.uint8)
-    save_npy(out / "train" / f"{case.pid}_image.npy", images)
+    save_npy(out / "train" / train_file_name(case.pid, "image"), images)
     if case.unlabeled:
         return summary
-    save_npy(out / "train" / f"{case.pid}_label.npy", labels)
+    save_npy(out / "train" / train_file_name(case.pid, "label"), labels)
     row_of = {int(z): row for row, z in enumerate(rows)}
     # a class that vanishes when its slice is shrunk to prep_size is not listed for that slice
     summary["slices"] = {str(index): [[case.pid, row_of[int(z)], int(z)] for z in zs
@@ -207,6 +294,35 @@ def split_silver(pids: list[str], n_val: int | None, seed: int) -> tuple[list[st
     return [p for p in pids if p not in val], val
 
 
+def check_out_location(out: str | Path, source_dir: str | Path, label_map: str | Path | None,
+                       overwrite: bool) -> None:
+    """Before anything is read: `out` is not the source, does not hold it and does not lie inside it
+    (prepared files in the source tree would be read as cases by a later run), and `--overwrite`
+    replaces only a prepared folder (one with meta.json) or an empty one, never another folder."""
+    out, source = Path(out), Path(source_dir)
+    if source.is_dir() and Path(os.path.realpath(source)) in Path(os.path.realpath(out)).parents:
+        raise UserError(f"--out {out} lies inside the input folder {source}: prepared files would mix with the "
+                        f"source data (a later run reads them as cases): give an --out outside {source}")
+    check_output_folder(out, [source_dir, label_map], "--out", overwrite)
+    if out.is_dir() and not (out / "meta.json").is_file() and any(out.iterdir()):
+        raise UserError(f"--out {out}: --overwrite replaces only a prepared folder (with meta.json) or an empty "
+                        "one, and this folder holds other files: give a new folder, or remove it yourself")
+
+
+def check_case_ids(source_dir: str | Path, silver: list[SourceCase], gold: list[SourceCase]) -> None:
+    """Every case id can name prepared files (`is_case_id`) and names one case only, over both splits."""
+    seen: dict[str, str] = {}
+    for split, cases in (("silver (training)", silver), ("gold (test)", gold)):
+        for case in cases:
+            if not is_case_id(case.pid):
+                raise UserError(f"{source_dir}: case id {case.pid!r} cannot name prepared files: rename the "
+                                "case with letters, digits, '.', '_' or '-' only")
+            if case.pid in seen:
+                raise UserError(f"{source_dir}: case id {case.pid} names two volumes ({seen[case.pid]} and "
+                                f"{split}): give every case its own id")
+            seen[case.pid] = split
+
+
 def prepare_dataset(source_dir: str | Path, out: str | Path, layout: str = "visceral",
                     label_map: str | Path | None = None, size: int = 256, intensity: dict | None = None,
                     n_val: int | None = None, seed: int = 1234, rule: Selection = Selection(),
@@ -216,7 +332,9 @@ def prepare_dataset(source_dir: str | Path, out: str | Path, layout: str = "visc
     if size < 16:
         raise UserError(f"--size {size} is too small: use at least 16 (256 for the phantom, 512 for VISCERAL)")
     rule.check()
+    check_out_location(out, source_dir, label_map, overwrite)
     silver, gold = list_sources(source_dir, layout, label_map, allow_missing)
+    check_case_ids(source_dir, silver, gold)
     if layout == "images-only":
         if n_val:
             raise UserError(f"--n-val {n_val}: the images-only layout has no labels to validate on: leave --n-val out")

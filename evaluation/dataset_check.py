@@ -2,11 +2,16 @@
 
 `check_prepared(prep_dir)` verifies a PREP folder (DESIGN.md "Prepared data folder"): files, shapes,
 dtypes, label values, splits and index consistency. Any defect is a one-line UserError that names
-the file and the fix; on success it returns a per-class summary (`format_table` prints it).
+the file and the fix; on success it returns a per-class summary (`format_table` prints it). Case ids
+and training file names follow the writer's own rule (dataloaders.prepare.is_case_id /
+train_file_case), so every folder that prepare writes passes; an images-only folder (no labels,
+for self-supervised training) is checked for its images only.
 
 `mask_copy_dice(labels, support)` is the no-model baseline of method.md section 5: the support
 volume's organ mask is copied chunk by chunk onto every query volume (evaluation.protocol.mask_copy).
-A data set on which it scores high does not test few-shot segmentation.
+A data set on which it scores high does not test few-shot segmentation. `format_mask_copy` prints
+each organ side and then the mean over the 4 organs of the README / paper table (liver, spleen,
+kidney, psoas; kidney and psoas are each the mean of right and left, as evaluation.results.table_rows).
 """
 from __future__ import annotations
 
@@ -17,16 +22,19 @@ from pathlib import Path
 import numpy as np
 
 from dataloaders.intensity import validate_intensity
-from dataloaders.organs import INDEX_TO_NAME, NAME_TO_INDEX, TEST_ORGANS
+from dataloaders.organs import INDEX_TO_NAME, NAME_TO_INDEX, TABLE_COLUMNS, TEST_ORGANS
+from dataloaders.prepare import is_case_id, train_file_case, train_file_name
 from dataloaders.prepared import default_support
 from util.errors import UserError
 from evaluation.metrics import dice
 from evaluation.protocol import get_preset, mask_copy, preset_range
 
 VOLUME_KEYS = ("image", "label", "affine", "original_affine", "original_shape", "original_axcodes", "spacing")
+IMAGES_ONLY = "images-only"
+DEFAULT_PRESET = "inclusive"
 
 
-def mask_copy_dice(labels: dict[str, np.ndarray], support: str | None = None, preset: str = "lslpn",
+def mask_copy_dice(labels: dict[str, np.ndarray], support: str | None = None, preset: str = DEFAULT_PRESET,
                    organs: list[str] | None = None) -> dict[str, dict]:
     """Mask-copy Dice per organ over the query volumes (all volumes but the support).
 
@@ -62,14 +70,30 @@ def mask_copy_dice(labels: dict[str, np.ndarray], support: str | None = None, pr
     return results
 
 
+def table_organ_means(results: dict[str, dict]) -> dict[str, float]:
+    """Mask-copy Dice per organ of the README / paper table (liver, spleen, kidney, psoas): a column is
+    the mean of its scored sides (kidney, psoas: right and left); a column with no scored side is left out."""
+    columns = {}
+    for column, sides in TABLE_COLUMNS.items():
+        values = [results[side]["mean"] for side in sides
+                  if side in results and np.isfinite(results[side]["mean"])]
+        if values:
+            columns[column] = float(np.mean(values))
+    return columns
+
+
 def format_mask_copy(results: dict[str, dict], support: str, preset: str) -> str:
-    """Human-readable lines of a `mask_copy_dice` result."""
+    """Human-readable lines of a `mask_copy_dice` result: each organ side, then the 4 table organs and
+    their mean (the README table's 'mean' column: kidney and psoas count once each, not per side)."""
     lines = [f"mask-copy Dice (no model; support {support}, preset {preset}, mean over query volumes):"]
     for organ, result in results.items():
         lines.append(f"  {organ:<14} {result['mean']:.3f}  (median {result['median']:.3f}, n={result['n']})")
-    means = [r["mean"] for r in results.values() if np.isfinite(r["mean"])]
-    if means:
-        lines.append(f"  {'mean':<14} {np.mean(means):.3f}")
+    columns = table_organ_means(results)
+    if columns:
+        lines.append("  organs as in the README table (kidney, psoas: mean of right and left): "
+                     + ", ".join(f"{column} {value:.3f}" for column, value in columns.items()))
+        lines.append(f"  {'mean':<14} {np.mean(list(columns.values())):.3f}  (mean of the {len(columns)} organs "
+                     f"{', '.join(columns)}, each side pair counted once)")
     return "\n".join(lines)
 
 
@@ -83,6 +107,12 @@ def _load_json(path: Path) -> dict:
     if not isinstance(content, dict):
         raise UserError(f"{path}: not a JSON object: re-run scripts/prepare_visceral.py")
     return content
+
+
+def _layout(meta: dict) -> str | None:
+    """meta.json's source layout ('visceral', 'multilabel', 'images-only', ...); None when not recorded."""
+    source = meta.get("source")
+    return source.get("layout") if isinstance(source, dict) else None
 
 
 def _check_meta(prep: Path, meta: dict) -> tuple[int, dict]:
@@ -105,20 +135,27 @@ def _check_meta(prep: Path, meta: dict) -> tuple[int, dict]:
         raise UserError(f"{path}: splits must have exactly train, val and gold: re-run the preparation")
     seen: dict[str, str] = {}
     for split, pids in splits.items():
+        if not isinstance(pids, list):
+            raise UserError(f"{path}: splits.{split} is not a list of case ids: re-run the preparation")
         for pid in pids:
+            if not is_case_id(pid):
+                raise UserError(f"{path}: case id {pid!r} in splits.{split} cannot name prepared files "
+                                "(letters, digits, '.', '_', '-'): re-run scripts/prepare_visceral.py")
             if pid in seen:
                 raise UserError(f"{path}: patient {pid} is in both {seen[pid]} and {split}: re-run the preparation")
             seen[pid] = split
-    if not splits["train"] or not splits["gold"]:
-        raise UserError(f"{path}: the train or gold split is empty: prepare a data set with silver and gold volumes")
+    if not splits["train"]:
+        raise UserError(f"{path}: the train split is empty: prepare a data set with training volumes")
+    if not splits["gold"] and _layout(meta) != IMAGES_ONLY:
+        raise UserError(f"{path}: the gold split is empty: prepare a data set with silver and gold volumes")
     return int(meta["prep_size"]), splits
 
 
-def _check_train(prep: Path, pid: str, size: int) -> np.ndarray:
-    """Validate train/<pid>_{image,label}.npy; returns the label stack N x S x S."""
-    image_path, label_path = prep / "train" / f"{pid}_image.npy", prep / "train" / f"{pid}_label.npy"
+def _check_train(prep: Path, pid: str, size: int, labeled: bool = True) -> np.ndarray:
+    """Validate train/<pid>_{image,label}.npy; returns the label stack N x S x S (all 0 when not `labeled`)."""
+    image_path, label_path = (prep / "train" / train_file_name(pid, kind) for kind in ("image", "label"))
     arrays = []
-    for path, dtype in ((image_path, np.float32), (label_path, np.uint8)):
+    for path, dtype in ((image_path, np.float32), (label_path, np.uint8))[: 2 if labeled else 1]:
         if not path.is_file():
             raise UserError(f"{path}: missing training file: re-run scripts/prepare_visceral.py")
         try:
@@ -129,6 +166,8 @@ def _check_train(prep: Path, pid: str, size: int) -> np.ndarray:
             raise UserError(f"{path}: {array.dtype} {tuple(array.shape)}, expected {np.dtype(dtype)} N x {size} x "
                             f"{size}: re-run scripts/prepare_visceral.py")
         arrays.append(array)
+    if not labeled:
+        arrays.append(np.zeros(arrays[0].shape, np.uint8))
     image, label = arrays
     if image.shape[0] != label.shape[0]:
         raise UserError(f"{label_path}: {label.shape[0]} label slices for {image.shape[0]} image slices: re-run "
@@ -158,9 +197,13 @@ def _check_volume(path: Path) -> set[int]:
         raise
     except (ValueError, OSError, EOFError, KeyError, zipfile.BadZipFile) as error:
         raise UserError(f"{path}: unreadable ({type(error).__name__}): re-run the preparation") from None
-    if image.dtype != np.int16 or image.ndim != 3 or label.dtype != np.uint8 or label.shape != image.shape:
+    if image.dtype not in (np.int16, np.float32) or image.ndim != 3 or label.dtype != np.uint8 \
+            or label.shape != image.shape:
         raise UserError(f"{path}: image {image.dtype} {image.shape} / label {label.dtype} {label.shape}: expected "
-                        "int16 and uint8 volumes of one shape: re-run the preparation")
+                        "int16 and uint8 volumes of one shape (a float32 image where int16 was inexact): "
+                        "re-run the preparation")
+    if image.dtype == np.float32 and not np.isfinite(image).all():
+        raise UserError(f"{path}: image values not finite: re-run the preparation")
     if affine.shape != (4, 4) or original_affine.shape != (4, 4) or spacing.shape != (3,) or \
             sorted(original_shape.tolist()) != sorted(image.shape) or len(axcodes) != 3:
         raise UserError(f"{path}: geometry keys (affine, original_affine, original_shape, original_axcodes, "
@@ -184,7 +227,8 @@ def check_prepared(prep_dir: str | Path) -> dict:
     index = _load_json(prep / "index.json")
     if not isinstance(index.get("slices"), dict):
         raise UserError(f"{prep / 'index.json'}: no 'slices' object: re-run the preparation")
-    labels = {pid: _check_train(prep, pid, size) for pid in splits["train"]}
+    labeled = _layout(meta) != IMAGES_ONLY
+    labels = {pid: _check_train(prep, pid, size, labeled) for pid in splits["train"]}
     volumes = {split: {pid: _check_volume(prep / "volumes" / split / f"{pid}.npz") for pid in splits[split]}
                for split in ("val", "gold")}
     rows = []
@@ -207,11 +251,16 @@ def check_prepared(prep_dir: str | Path) -> dict:
                      "volumes": len({entry[0] for entry in entries}),
                      "val": sum(klass in v for v in volumes["val"].values()),
                      "gold": sum(klass in v for v in volumes["gold"].values())})
-    unexpected = sorted({p.name.split("_")[0] for p in (prep / "train").glob("*.npy")} - set(labels))
-    if unexpected:
-        raise UserError(f"{prep / 'train'}: files of {unexpected[0]} which is not in splits.train: re-run the "
-                        "preparation into an empty folder")
-    return {"rows": sorted(rows, key=lambda r: r["index"]), "prep_size": size,
+    for path in sorted((prep / "train").glob("*.npy")):
+        pid = train_file_case(path.name)           # the writer's own file-name rule (dataloaders/prepare.py)
+        if pid not in labels:
+            what = (f"files of {pid} which is not in splits.train" if pid
+                    else "a file that is not <id>_image.npy / <id>_label.npy")
+            raise UserError(f"{prep / 'train'}: {path.name}: {what}: re-run the preparation into an empty folder")
+    if not labeled and index["slices"]:
+        raise UserError(f"{prep / 'index.json'}: an images-only folder lists training slices: re-run the "
+                        "preparation")
+    return {"rows": sorted(rows, key=lambda r: r["index"]), "prep_size": size, "labeled": labeled,
             "splits": {split: len(pids) for split, pids in splits.items()}}
 
 
@@ -222,13 +271,16 @@ def format_table(report: dict) -> str:
         lines.append(f"{row['index']:>5}  {row['name']:<24} {row['slices']:>6} {row['volumes']:>7} "
                      f"{row['val']:>7} {row['gold']:>8}")
     sizes = report["splits"]
+    if not report.get("labeled", True):
+        lines.append("images only (no labels): for self-supervised training (scripts/make_superpixels.py)")
     lines.append(f"train {sizes['train']} volumes, val {sizes['val']}, gold {sizes['gold']}; "
                  f"prep size {report['prep_size']}")
     return "\n".join(lines)
 
 
-def prepared_mask_copy(prep_dir: str | Path, preset: str = "lslpn") -> str:
+def prepared_mask_copy(prep_dir: str | Path, preset: str = DEFAULT_PRESET) -> str:
     """Mask-copy Dice per test organ on the gold volumes of a prepared folder, formatted."""
+    get_preset(preset)                                       # an unknown preset before any volume is read
     gold = Path(prep_dir) / "volumes" / "gold"
     labels = {}
     for path in sorted(gold.glob("*.npz")):

@@ -8,15 +8,20 @@
 Slices are canonical `X x Y` (row = x, patient left -> right; column = y, posterior -> anterior).
 For display only they are turned so that anterior is up and the patient's right is on the image's
 left (radiological convention): `display = flip(slice.T, both axes)`.
+
+Check first, then write: `render_figures(run_dir)` reads results.json and figure_data.npz and draws
+every figure into PNG bytes, so a missing, corrupt or malformed input is a one-line UserError before
+any file is touched; `make_figures` then writes each file atomically (util/atomic.py).
 """
 from __future__ import annotations
 
+import io
 import zipfile
 from pathlib import Path
 
 import numpy as np
 
-from util.atomic import atomic_path
+from util.atomic import write_bytes_atomic
 from util.errors import UserError
 from evaluation.results import read_results
 
@@ -39,10 +44,16 @@ def _pyplot():
     return plt
 
 
-def _save(fig, path: Path) -> None:
-    """Save a figure atomically (util/atomic.py); the format is the file name's suffix."""
-    with atomic_path(path) as temporary:
-        fig.savefig(temporary, format=Path(path).suffix.lstrip("."), dpi=110, bbox_inches="tight")
+FIGURE_NAMES = ("results.png", "misalignment.png")   # what make_figures writes in a run folder
+
+
+def _png(fig) -> bytes:
+    """A drawn figure as PNG bytes (closed afterwards)."""
+    plt = _pyplot()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return buffer.getvalue()
 
 
 def load_figure_data(path: str | Path) -> dict[str, dict]:
@@ -75,8 +86,8 @@ def _outline(ax, mask: np.ndarray, colour: str) -> None:
         ax.contour(shown, levels=[0.5], colors=[colour], linewidths=1.0)
 
 
-def qualitative_figure(data: dict[str, dict], path: str | Path) -> Path:
-    """results.png: per organ, the support slice with its mask and the query slice per method."""
+def qualitative_png(data: dict[str, dict]) -> bytes:
+    """results.png's bytes: per organ, the support slice with its mask and the query slice per method."""
     if not data:
         raise UserError("no organ was scored, so there is nothing to draw: check the skipped cases in results.json")
     plt = _pyplot()
@@ -101,10 +112,13 @@ def qualitative_figure(data: dict[str, dict], path: str | Path) -> Path:
         ax.set_xticks([])
         ax.set_yticks([])
     fig.suptitle("support mask (filled); query: ground truth (green), prediction (red)", fontsize=8)
-    path = Path(path)
-    _save(fig, path)
-    plt.close(fig)
-    return path
+    return _png(fig)
+
+
+def qualitative_figure(data: dict[str, dict], path: str | Path) -> Path:
+    """Write results.png (`qualitative_png`) atomically at `path`."""
+    write_bytes_atomic(qualitative_png(data), Path(path))
+    return Path(path)
 
 
 def misalignment_pairs(results: dict, method: str) -> dict[str, tuple[list[float], list[float]]]:
@@ -120,8 +134,8 @@ def misalignment_pairs(results: dict, method: str) -> dict[str, tuple[list[float
     return pairs
 
 
-def misalignment_figure(results: dict, path: str | Path) -> Path | None:
-    """misalignment.png: one panel per model method; None when there is no mask copy or no model."""
+def misalignment_png(results: dict) -> bytes | None:
+    """misalignment.png's bytes: one panel per model method; None when there is no mask copy or no model."""
     models = [m for m in results["results"] if m != MASK_COPY]
     if MASK_COPY not in results["results"] or not models:
         return None
@@ -140,17 +154,44 @@ def misalignment_figure(results: dict, path: str | Path) -> Path | None:
         ax.set_title(f"{method} ({results['preset']['name']} protocol)", fontsize=9)
         if pairs:
             ax.legend(fontsize=7, loc="lower right")
-    path = Path(path)
-    _save(fig, path)
-    plt.close(fig)
-    return path
+    return _png(fig)
 
 
-def make_figures(run_dir: str | Path) -> list[Path]:
-    """Write results.png and (with a mask-copy row and a model) misalignment.png in `run_dir`."""
+def misalignment_figure(results: dict, path: str | Path) -> Path | None:
+    """Write misalignment.png (`misalignment_png`) atomically at `path`; None when there is nothing to draw."""
+    png = misalignment_png(results)
+    if png is None:
+        return None
+    write_bytes_atomic(png, Path(path))
+    return Path(path)
+
+
+def render_figures(run_dir: str | Path) -> dict[Path, bytes]:
+    """{path: PNG bytes} of results.png and (with a mask-copy row and a model) misalignment.png of a run
+    folder, drawn in memory: nothing is written, so every input is checked before any figure is replaced."""
     run_dir = Path(run_dir)
     results = read_results(run_dir)
     data = load_figure_data(run_dir / "figure_data.npz")
-    written = [qualitative_figure(data, run_dir / "results.png")] if data else []  # none: nothing scored
-    scatter = misalignment_figure(results, run_dir / "misalignment.png")
-    return written + ([scatter] if scatter else [])
+    try:
+        figures = {run_dir / "results.png": qualitative_png(data)} if data else {}   # none: nothing scored
+        scatter = misalignment_png(results)
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as error:
+        reason = " ".join(f"{type(error).__name__}: {error}".split())[:80]
+        raise UserError(f"{run_dir}: results.json / figure_data.npz hold entries of an unexpected form ({reason}): "
+                        "run test.py again for this folder") from None
+    if scatter is not None:
+        figures[run_dir / "misalignment.png"] = scatter
+    return figures
+
+
+def write_figures(figures: dict[Path, bytes]) -> list[Path]:
+    """Write rendered figures (`render_figures`), each atomically; returns their paths."""
+    for path, png in figures.items():
+        write_bytes_atomic(png, path)
+    return list(figures)
+
+
+def make_figures(run_dir: str | Path) -> list[Path]:
+    """Write results.png and (with a mask-copy row and a model) misalignment.png in `run_dir`: all drawn
+    first (`render_figures`), then written."""
+    return write_figures(render_figures(run_dir))

@@ -5,6 +5,9 @@
 
 With --table, the runs (e.g. one per fold) are merged into one table in the paper's Table 1 layout
 (organs as columns, methods as rows); they must share the protocol preset.
+
+Everything is read, checked and drawn before the first file is written: a bad run folder, a table
+that cannot be merged or an output that is one of the inputs leaves every existing file as it was.
 """
 from __future__ import annotations
 
@@ -17,11 +20,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from util.cli import run_cli  # noqa: E402
 from util.errors import UserError  # noqa: E402
-from evaluation.figures import make_figures  # noqa: E402
+from evaluation.figures import FIGURE_NAMES, render_figures, write_figures  # noqa: E402
 from evaluation.protocol import ProtocolPreset  # noqa: E402
 from util.atomic import write_text_atomic  # noqa: E402
 from evaluation.results import markdown_table, read_results  # noqa: E402
-from util.paths import check_output_file, check_writable_folder  # noqa: E402
+from util.paths import check_output_file, check_writable_folder, same_file  # noqa: E402
 
 
 def merged_table(run_dirs: list[Path]) -> str:
@@ -32,6 +35,9 @@ def merged_table(run_dirs: list[Path]) -> str:
         results = read_results(run)
         presets.add(json.dumps(results["preset"], sort_keys=True))
         for method, organs in results["results"].items():
+            if not isinstance(organs, dict):
+                raise UserError(f"{run / 'results.json'}: method '{method}' holds no organ entries: run test.py "
+                                "again for this folder")
             for organ, entry in organs.items():
                 if organ in summary.setdefault(method, {}):
                     raise UserError(f"{organ} of '{method}' appears in two runs (second: {run}): "
@@ -39,8 +45,13 @@ def merged_table(run_dirs: list[Path]) -> str:
                 summary[method][organ] = entry
     if len(presets) != 1:
         raise UserError("the runs use different protocol presets: merge runs of one preset only")
-    preset = ProtocolPreset(**json.loads(presets.pop()))
-    return markdown_table(summary, preset, "range") + "\n" + markdown_table(summary, preset, "volume")
+    try:
+        preset = ProtocolPreset(**json.loads(presets.pop()))
+        return markdown_table(summary, preset, "range") + "\n" + markdown_table(summary, preset, "volume")
+    except (KeyError, TypeError, ValueError, AttributeError) as error:
+        reason = " ".join(f"{type(error).__name__}: {error}".split())[:80]
+        raise UserError(f"results.json of {', '.join(map(str, run_dirs))}: entries of an unexpected form "
+                        f"({reason}): run test.py again for these folders") from None
 
 
 def main(argv: list[str]) -> int:
@@ -52,13 +63,19 @@ def main(argv: list[str]) -> int:
         read_results(run)
         check_writable_folder(run, "run folder")
     if args.table:
-        check_output_file(args.table, [run / name for run in args.runs for name in ("results.json", "table.md")],
-                          "--table")
-    for run in args.runs:
-        for path in make_figures(run):
-            print(f"wrote {path}")
-    if args.table:
-        write_text_atomic(merged_table(args.runs), args.table)
+        check_output_file(args.table, [run / name for run in args.runs for name in ("results.json", "table.md",
+                                                                                    "figure_data.npz")], "--table")
+        figure = next((run / name for run in args.runs for name in FIGURE_NAMES
+                       if same_file(args.table, run / name)), None)
+        if figure is not None:
+            raise UserError(f"--table {args.table} is the figure {figure} that this run writes: give another path")
+    # read and draw everything first (any error leaves every file as it was), then write
+    figures = {path: png for run in args.runs for path, png in render_figures(run).items()}
+    table = merged_table(args.runs) if args.table else None
+    for path in write_figures(figures):
+        print(f"wrote {path}")
+    if table is not None:
+        write_text_atomic(table, args.table)
         print(f"wrote {args.table}")
     return 0
 

@@ -173,6 +173,7 @@ def test_script_runs_and_reports(tiny_phantom, tmp_path, capsys):
     assert script.main(args + ["--skip-existing"]) == 0
     with pytest.raises(UserError, match="already exists"):
         script.main(args)
+    (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="SilverCorpus/Volumes: folder missing"):
-        script.main(["--visceral-dir", str(tmp_path), "--out", str(tmp_path / "q")])
+        script.main(["--visceral-dir", str(tmp_path / "empty"), "--out", str(tmp_path / "q")])
     assert prepare.FORMAT_VERSION == 1
