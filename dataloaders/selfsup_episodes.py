@@ -1,15 +1,38 @@
-"""Self-supervised training episodes from superpixels (SSL-ALPNet's recipe; docs/DESIGN.md "Training").
+"""Self-supervised training episodes from superpixels (after SSL-ALPNet; docs/DESIGN.md "Training").
 
 An episode needs no label: one random training slice (any volume of PREP's training split), one
-random superpixel of it with at least `min_pixels` pixels (PREP/superpixels, body only) as the
-foreground "class"; the support shots and the queries are independent random views of that SAME
-slice: each view is its own geometric warp (small affine + elastic, never a flip;
-dataloaders/warp.py) followed by its own intensity augmentation (brightness / contrast / gamma,
-dataloaders/transforms.augment_intensity). Background is every other pixel.
+superpixel of it (PREP/superpixels, body only) as the foreground "class"; the support shots and the
+queries are independent random views of that SAME slice. Background is every other pixel.
+Two recipes (`episodes`, config `selfsup.episodes`):
 
-The item is the same dict as `dataloaders.episodes.EpisodeDataset` (1-way), so the training loop
-has one path; `classes` holds -1 (a pseudo-class, no organ). Item i is a deterministic function of
-(seed, i): its random stream is `numpy.random.default_rng([seed, i])`.
+- 'project' (this project's, the default): a superpixel with at least `min_pixels` pixels of the
+  prepared slice, drawn uniformly among those; each view is this project's warp (dataloaders/warp.py
+  `random_grid`: rotation +-10 deg, scale 0.9-1.1, shear +-5 deg, translation +-5 % of the side,
+  elastic alpha 30 / sigma 5, all set by `selfsup.warp`; nearest-neighbour mask) followed by the
+  `augment` intensity augmentation (brightness / contrast / gamma with probability p).
+- 'alpnet' (SSL-ALPNet's, Ouyang et al. ECCV 2020, GenericSuperDatasetv2 + sabs_aug): the superpixel
+  id uniform over {1, ..., max_id - 1} of the slice (its top id is never drawn, no minimum size;
+  `min_pixels`, `selfsup.warp` and `augment` are not used); each view is SSL-ALPNet's pipeline
+  (dataloaders/warp.py `alpnet_view`: affine rotation/shear U(-5, 5) deg, shift U(-5, 5) px, scale
+  U(0.9, 1.2), constant border 0; elastic 21 x 21 Gaussian sigma 5 of U(-1, 1) noise x 10 px; labels
+  rint + argmax; gamma U(0.5, 1.5) on the image only). SSL-ALPNet runs 1 way, 1 shot, 1 query.
+  Where this still differs from SSL-ALPNet: slices are this project's prepared ones (intensity
+  scaled to [0, 1] per slice or by a window, not z-scored per volume, so the border fill 0 is the
+  darkest value instead of the volume mean), resized to input_size (SSL-ALPNet: the stored 256 x 256),
+  superpixels are this project's (dataloaders/superpixels.py: renumbered without empty ids), slices
+  are drawn uniformly per episode (SSL-ALPNet: shuffled epochs, 1000 draws per epoch on CHAOS), and an
+  episode whose support foreground is empty is redrawn (below); SSL-ALPNet trains on it ('mask' mode,
+  zero prototype).
+
+Both recipes: a chosen superpixel can vanish from the support under resize or warp (a superpixel on
+the image border moves out of the field). The model refuses a way whose support masks are all
+empty, so such a draw is redrawn from the same random stream, at most MAX_DRAWS times (then a
+one-line error); the item's "redraws" entry counts the extra draws (the training loop reports the
+total). An empty query foreground is kept (the model accepts it).
+
+The item is the same dict as `dataloaders.episodes.EpisodeDataset` (1-way) plus "redraws", so the
+training loop has one path; `classes` holds -1 (a pseudo-class, no organ). Item i is a deterministic
+function of (seed, i): its random stream is `numpy.random.default_rng([seed, i])`.
 """
 from __future__ import annotations
 
@@ -22,10 +45,20 @@ from torch.utils.data import Dataset
 from dataloaders.prepared import open_training_images
 from dataloaders.superpixels import make_hint, open_superpixels, read_superpixel_meta, training_volumes
 from dataloaders.transforms import augment_intensity, resize_image, resize_label
-from dataloaders.warp import WarpParams, random_grid, warp
+from dataloaders.warp import WarpParams, alpnet_view, random_grid, warp
 from util.errors import UserError
 
 PSEUDO_CLASS = -1
+RECIPES = ("project", "alpnet")
+MAX_DRAWS = 50          # draws per item before giving up (an empty support is redrawn)
+REDRAWS_KEY = "redraws"
+
+
+def check_recipe(recipe: str) -> None:
+    """One-line UserError for an unknown `selfsup.episodes`."""
+    if recipe not in RECIPES:
+        raise UserError(f"config selfsup.episodes={recipe!r} is unknown: use 'project' (this project's warps) "
+                        "or 'alpnet' (SSL-ALPNet's episodes)")
 
 
 def eligible_superpixels(labels: np.ndarray, min_pixels: int) -> list[np.ndarray]:
@@ -43,11 +76,14 @@ class SelfSupEpisodeDataset(Dataset):
 
     min_pixels: smallest superpixel (pixels of the PREPARED slice, prep_size) that may be a foreground.
     warp: WarpParams fields (`selfsup.warp` config). augment: the intensity augmentation config.
+    recipe: 'project' or 'alpnet' (`selfsup.episodes`; the module docstring says what each does).
     """
 
     def __init__(self, prep_dir: str, n_ways: int, n_shots: int, n_queries: int, input_size: int,
                  augment: Mapping | None, warp_params: Mapping, min_pixels: int, seed: int,
-                 length: int = 2 ** 31 - 1):
+                 length: int = 2 ** 31 - 1, recipe: str = "project"):
+        check_recipe(recipe)
+        self.recipe = recipe
         if int(n_ways) != 1:
             raise UserError(f"config n_ways={n_ways}: self-supervised episodes have one pseudo-class: set n_ways=1")
         self.prep_dir = str(prep_dir)
@@ -67,9 +103,13 @@ class SelfSupEpisodeDataset(Dataset):
             if images.shape != labels.shape:
                 raise UserError(f"prepared data '{prep_dir}': superpixels of {pid} {labels.shape} do not match "
                                 f"its slices {images.shape}: {make_hint(prep_dir)} --overwrite")
-            for row, ids in enumerate(eligible_superpixels(labels, self.min_pixels)):
+            for row, ids in enumerate(self._eligible(labels)):
                 if ids.size:
                     self.candidates.append((pid, row, ids))
+        if not self.candidates and recipe == "alpnet":
+            raise UserError(f"prepared data '{prep_dir}': no slice has 2 or more superpixels (SSL-ALPNet draws an "
+                            "id below the slice's top one): re-make the superpixels with a smaller --min-size "
+                            f"({make_hint(prep_dir)} --overwrite ...)")
         if not self.candidates:
             raise UserError(f"prepared data '{prep_dir}': no slice has a superpixel of >= {self.min_pixels} pixels "
                             "inside the body: lower selfsup.min_pixels, or re-make the superpixels with a smaller "
@@ -78,6 +118,12 @@ class SelfSupEpisodeDataset(Dataset):
 
     def __len__(self) -> int:
         return self.length
+
+    def _eligible(self, labels: np.ndarray) -> list[np.ndarray]:
+        """Per slice of a superpixel stack N x S x S, the ids a draw picks from (uniformly)."""
+        if self.recipe == "alpnet":   # SSL-ALPNet: randint(1, max_id), i.e. {1, ..., max_id - 1}
+            return [np.arange(1, int(np.asarray(labels[row]).max()), dtype=np.int64) for row in range(labels.shape[0])]
+        return eligible_superpixels(labels, self.min_pixels)
 
     def _open(self, pid: str) -> tuple[np.ndarray, np.ndarray]:
         """Memory maps (images N x S x S float32, superpixels N x S x S uint16) of one volume."""
@@ -96,17 +142,30 @@ class SelfSupEpisodeDataset(Dataset):
             image = augment_intensity(image, self.augment, rng)
         return image.astype(np.float32), mask
 
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        if i < 0:
-            raise IndexError(i)
-        rng = np.random.default_rng([self.seed, int(i)])
+    def draw(self, rng: np.random.Generator) -> list[tuple[np.ndarray, np.ndarray]]:
+        """One draw: a slice, a superpixel, then K + Q views [(image H x W float32, fg H x W)]."""
         pid, row, ids = self.candidates[int(rng.integers(len(self.candidates)))]
         superpixel = int(ids[int(rng.integers(ids.size))])
         images, labels = self._volume(pid)
         image = np.asarray(resize_image(np.array(images[row], dtype=np.float32), self.input_size))     # H x W
         mask = np.asarray(resize_label((np.asarray(labels[row]) == superpixel).astype(np.uint8),
                                        self.input_size))                                               # H x W
-        views = [self.view(image, mask, rng) for _ in range(self.n_shots + self.n_queries)]
+        view = (lambda: alpnet_view(image, mask, rng)) if self.recipe == "alpnet" else \
+            (lambda: self.view(image, mask, rng))
+        return [view() for _ in range(self.n_shots + self.n_queries)]
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        if i < 0:
+            raise IndexError(i)
+        rng = np.random.default_rng([self.seed, int(i)])
+        for redraws in range(MAX_DRAWS):
+            views = self.draw(rng)
+            if any(mask.any() for _, mask in views[: self.n_shots]):   # the model refuses an empty support
+                break
+        else:
+            raise UserError(f"self-supervised episode {i}: {MAX_DRAWS} draws in a row lost the superpixel from "
+                            f"every support view (prepared data '{self.prep_dir}'): raise selfsup.min_pixels or "
+                            "make the superpixels with a larger --min-size")
         K, size = self.n_shots, self.input_size
         support_fg = np.stack([m for _, m in views[:K]]).astype(np.float32).reshape(1, K, size, size)
         return {
@@ -116,4 +175,5 @@ class SelfSupEpisodeDataset(Dataset):
             "query_images": torch.from_numpy(np.stack([v for v, _ in views[K:]])[:, None]),  # Q x 1 x H x W
             "query_labels": torch.from_numpy(np.stack([m for _, m in views[K:]]).astype(np.int64)),
             "classes": torch.tensor([PSEUDO_CLASS], dtype=torch.int64),
+            REDRAWS_KEY: torch.tensor(redraws, dtype=torch.int64),   # draws discarded before this one
         }

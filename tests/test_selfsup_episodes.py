@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ from dataloaders.episodes import EpisodeDataset
 from dataloaders.prepare import prepare_dataset
 from dataloaders.selfsup_episodes import SelfSupEpisodeDataset
 from dataloaders.superpixels import SuperpixelParams, make_superpixels, open_superpixels
+from dataloaders.transforms import resize_image, resize_label
 from dataloaders.warp import WarpParams, affine_matrix, random_grid, warp
 from util.errors import UserError
 
@@ -36,8 +38,9 @@ def dataset(prep, warp_params=None, augment=AUGMENT, shots=1, queries=1, seed=5,
 def test_item_has_the_supervised_layout(unlabeled_prep, tiny_prepared):
     item = dataset(unlabeled_prep, shots=2, queries=3)[0]
     supervised = EpisodeDataset(str(tiny_prepared), [1, 2, 3], 1, 2, 3, 64, None, 0)[0]
-    assert set(item) == set(supervised)
-    for key in item:
+    assert set(item) == set(supervised) | {"redraws"}            # + the count of discarded draws
+    assert item["redraws"].dtype == torch.int64 and item["redraws"].shape == ()
+    for key in supervised:
         assert item[key].shape == supervised[key].shape and item[key].dtype == supervised[key].dtype, key
     assert torch.equal(item["support_bg"], 1 - item["support_fg"])
     assert set(torch.unique(item["query_labels"]).tolist()) <= {0, 1}
@@ -112,3 +115,69 @@ def test_bad_inputs(unlabeled_prep, tiny_prepared, tmp_path):
         SelfSupEpisodeDataset(str(unlabeled_prep), 2, 1, 1, 64, None, {}, MIN_PIXELS, 0)
     with pytest.raises(UserError, match="unknown keys"):
         dataset(unlabeled_prep, {"flip": True})
+
+
+CHAOS = Path("/work/shared/data/chaos_mr_t2")
+BORDER_VOLUME = "image_38"   # its slice 3 has a 404-pixel superpixel in rows 0-7 (the body touches the border)
+
+
+@pytest.fixture(scope="module")
+def chaos_prep(tmp_path_factory):
+    """One real CHAOS-T2 volume, prepared as the reported command sequence (images-only, 256 px, superpixels)."""
+    if not (CHAOS / f"{BORDER_VOLUME}.nii.gz").is_file():
+        pytest.skip(f"real CHAOS-T2 data not present ({CHAOS}/{BORDER_VOLUME}.nii.gz): the real-scan check is skipped")
+    source = tmp_path_factory.mktemp("chaos") / "volumes"
+    source.mkdir()
+    (source / f"{BORDER_VOLUME}.nii.gz").symlink_to(CHAOS / f"{BORDER_VOLUME}.nii.gz")
+    prep = source.parent / "prep"
+    prepare_dataset(source, prep, "images-only", size=256, intensity={"mode": "minmax"}, workers=1)
+    make_superpixels(prep, SuperpixelParams(), workers=1, progress=False)
+    return prep
+
+
+DEMO_WARP = {"rotate": 10.0, "scale": [0.9, 1.1], "shear": 5.0, "translate": 0.05, "elastic_alpha": 30.0,
+             "elastic_sigma": 5.0}
+
+
+@pytest.mark.parametrize("recipe", ["project", "alpnet"])
+def test_real_mri_episodes_never_have_an_empty_support(chaos_prep, recipe):
+    """The demo's episodes on a real CHAOS-T2 scan (128 px, min_pixels 400): border superpixels can leave
+    the field under the warp; such draws are redrawn and counted, and no item has an empty support."""
+    wide = dict(DEMO_WARP, translate=0.45)                       # more border losses, so redraws happen
+    data = SelfSupEpisodeDataset(str(chaos_prep), 1, 1, 1, 128, AUGMENT, wide, 400, 1234, recipe=recipe)
+    redraws = 0
+    for i in range(40 if recipe == "project" else 20):
+        item = data[i]
+        assert item["support_fg"].sum() > 0, i
+        redraws += int(item["redraws"])
+    if recipe == "project":
+        assert redraws > 0                                       # seed 1234: items 19 and 33 are redrawn
+    again = SelfSupEpisodeDataset(str(chaos_prep), 1, 1, 1, 128, AUGMENT, wide, 400, 1234, recipe=recipe)
+    assert all(torch.equal(value, again[0][key]) for key, value in data[0].items())
+
+
+def test_border_superpixel_draw_is_redrawn_and_counted(chaos_prep, monkeypatch):
+    """Force the first draw onto the border superpixel of slice 3 with a shift that moves it out: the item is
+    the next draw of the same stream, with redraws = 1; if every draw is lost, one line names the fix."""
+    data = SelfSupEpisodeDataset(str(chaos_prep), 1, 1, 1, 128, None, DEMO_WARP, 400, 1234)
+    labels = np.asarray(open_superpixels(chaos_prep, BORDER_VOLUME)[3])
+    border = [int(v) for v in np.unique(labels[:4]) if v and (labels == v).sum() >= 400
+              and np.flatnonzero((labels == v).any(axis=1)).max() < 12]
+    assert border, "the real slice no longer has a border superpixel"
+    original, calls = data.draw, []
+
+    def first_draw_on_the_border(rng):
+        calls.append(1)
+        if len(calls) > 1:
+            return original(rng)
+        image = np.asarray(resize_image(np.array(data._volume(BORDER_VOLUME)[0][3], dtype=np.float32), 128))
+        mask = np.asarray(resize_label((labels == border[0]).astype(np.uint8), 128))
+        shifted = np.zeros_like(mask)
+        shifted[:-20] = mask[20:]                                # the superpixel moves 20 rows up: out
+        return [(image, shifted), (image, shifted)]
+    monkeypatch.setattr(data, "draw", first_draw_on_the_border)
+    item = data[0]
+    assert int(item["redraws"]) == 1 and item["support_fg"].sum() > 0 and len(calls) == 2
+    monkeypatch.setattr(data, "draw", lambda rng: [(np.zeros((128, 128), np.float32), np.zeros((128, 128), np.uint8))] * 2)
+    with pytest.raises(UserError, match="50 draws in a row lost the superpixel"):
+        data[0]
