@@ -1,13 +1,37 @@
 """Reader for generic multi-label data sets (TotalSegmentator, BTCV or AMOS exports and the like).
 
 A case is an image NIfTI plus a multi-label NIfTI on the same grid; a JSON map names the label
-values. Accepted map forms: {"liver": 5, ...} (name -> value), {"5": "liver", ...} (value -> name),
-either optionally wrapped as {"labels": {...}}. Names are mapped onto the project vocabulary with
-`dataloaders.organs.canonical_name` (e.g. iliopsoas_left -> psoas_left); other names are ignored.
+values. Prepare such a data set with
 
-Folder layout of a split (e.g. ROOT/train, ROOT/test):
-    SPLIT/images/<case>.nii.gz + SPLIT/labels/<case>.nii.gz      (nnU-Net / AMOS / BTCV style), or
-    SPLIT/<case>/{ct,image}.nii.gz + SPLIT/<case>/{labels,label,seg}.nii.gz   (one folder per case)
+    python scripts/prepare_visceral.py --layout multilabel --visceral-dir ROOT --label-map map.json --out PREP
+
+Folder layout. ROOT holds one training split and one test split, found by name (first match wins):
+    training (silver: training + validation volumes): ROOT/SilverCorpus, ROOT/train, ROOT/Tr, ROOT/training
+    test     (gold: evaluation volumes):               ROOT/GoldCorpus, ROOT/test, ROOT/Ts, ROOT/testing
+Each split is laid out in one of two ways:
+    a) nnU-Net / AMOS / BTCV style: SPLIT/images/<case>.nii.gz with SPLIT/labels/<case>.nii.gz (the
+       same file name in both folders, .nii.gz or .nii; every image needs its label file; nnU-Net's own
+       imagesTr/ labelsTr/ with the _0000 channel suffix must be renamed to images/ labels/ first);
+    b) TotalSegmentator style, one folder per case: SPLIT/<case>/ct.nii.gz (or image / img) with
+       SPLIT/<case>/labels.nii.gz (or label / seg / segmentation).
+for example
+    ROOT/train/images/amos_0001.nii.gz   ROOT/train/labels/amos_0001.nii.gz
+    ROOT/test/s0011/ct.nii.gz            ROOT/test/s0011/labels.nii.gz
+The case id is the file stem (a) or the folder name (b), with characters other than letters, digits,
+'.', '_' and '-' replaced by '_' (dataloaders.prepare.case_id); ids must differ over both splits.
+
+Images: CT in Hounsfield units, any storage type; prepare stores them exactly (int16 when int16 is
+exact, else float32). Labels: integer values >= 0 (a float file holding integers is accepted), on
+the image's world grid (another storage orientation, e.g. LPS next to RAS, is fine; a different shape
+or affine is an error: resample first).
+
+The label map (`--label-map map.json`, read by dataloaders/label_map.py): {"liver": 5, ...}
+(name -> value) or {"5": "liver", ...} (value -> name), either optionally wrapped as
+{"labels": {...}} (TotalSegmentator / nnU-Net dataset.json style). Names are mapped onto the project
+vocabulary with `dataloaders.organs.canonical_name` (e.g. iliopsoas_left -> psoas_left, right_kidney
+-> kidney_right); values whose names are not among the 20 structures become background. Every value
+named in the map must occur in each label volume (a map of another data set is the usual cause)
+unless --allow-missing-labels.
 """
 from __future__ import annotations
 

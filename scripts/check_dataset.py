@@ -3,8 +3,10 @@
     python scripts/check_dataset.py data/prepared_phantom
 
 Verifies files, shapes, dtypes, label values, splits and index.json consistency; exits 2 with a
-one-line message naming the defect and the fix. --mask-copy also prints the mask-copy Dice per test
-organ on the gold volumes (the honesty check).
+one-line message naming the defect and the fix. Every folder that scripts/prepare_visceral.py writes
+passes (case ids such as image_1, float32 images, images-only folders). --mask-copy also prints the
+mask-copy Dice per test organ on the gold volumes (the honesty check): each organ side, then the mean
+over the README table's 4 organs (liver, spleen, kidney, psoas; kidney and psoas = mean of right and left).
 """
 from __future__ import annotations
 
@@ -14,17 +16,22 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from evaluation.protocol import get_preset  # noqa: E402
 from util.cli import run_cli  # noqa: E402
-from evaluation.dataset_check import check_prepared, format_table, prepared_mask_copy  # noqa: E402
+from evaluation.dataset_check import (DEFAULT_PRESET, check_prepared, format_table,  # noqa: E402
+                                      prepared_mask_copy)
 
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("prep", help="prepared folder (scripts/prepare_visceral.py --out)")
     parser.add_argument("--mask-copy", action="store_true", help="also print the mask-copy Dice on gold")
-    parser.add_argument("--preset", default="lslpn")
+    parser.add_argument("--preset", default=DEFAULT_PRESET,
+                        help="protocol preset of the mask-copy check (evaluation/protocol.py)")
     args = parser.parse_args(argv)
 
+    if args.mask_copy:
+        get_preset(args.preset)                    # an unknown preset before the folder is read
     report = check_prepared(args.prep)
     print(format_table(report))
     if args.mask_copy:

@@ -9,11 +9,16 @@ NIfTI CT volumes, it first prepares it as `prepare_visceral.py --layout images-o
 axial slices, no labels), then adds the superpixels. Per axial slice: body mask, then scikit-image
 felzenszwalb (default) or slic, clipped to the body (dataloaders/superpixels.py). Deterministic;
 parallel over volumes (--workers).
+
+Every option is checked before anything is read or written (`check_options`): superpixel parameters,
+--figure (a .png file in an existing folder, or in the --out folder about to be made), --figure-slices,
+--out; so a bad option never leaves a half-made prepared folder behind.
 """
 from __future__ import annotations
 
 import argparse
 import io
+import os
 import sys
 import time
 from dataclasses import asdict
@@ -30,6 +35,7 @@ from dataloaders.superpixels import (SuperpixelParams, make_superpixels, overlay
 from util.atomic import write_bytes_atomic  # noqa: E402
 from util.cli import run_cli  # noqa: E402
 from util.errors import UserError  # noqa: E402
+from util.paths import check_output_file  # noqa: E402
 
 
 def overlay_figure(prep_dir: Path, out: Path, n: int) -> None:
@@ -58,6 +64,27 @@ def overlay_figure(prep_dir: Path, out: Path, n: int) -> None:
     write_bytes_atomic(buffer.getvalue(), out)
 
 
+def _inside(path: Path, folder: Path) -> bool:
+    """True when `path` lies in `folder` (or below it), by resolved paths."""
+    return Path(os.path.realpath(folder)) in Path(os.path.realpath(path)).parents
+
+
+def check_options(args: argparse.Namespace) -> SuperpixelParams:
+    """Every option checked before any compute; returns the superpixel parameters."""
+    params = SuperpixelParams(args.method, args.scale, args.sigma, args.min_size, args.n_segments,
+                              args.compactness, args.body_threshold)
+    params.check()
+    if args.figure_slices < 1:
+        raise UserError(f"--figure-slices {args.figure_slices}: give at least 1 slice")
+    if args.figure_only and not args.figure:
+        raise UserError("--figure-only needs --figure overlay.png")
+    if args.figure:
+        # the overlay may go into the prepared folder this run creates (--out): its folder appears then
+        new_folder = bool(args.out) and not Path(args.out).is_dir() and _inside(Path(args.figure), Path(args.out))
+        check_output_file(args.figure, [], "--figure", suffixes=(".png",), create_parent=new_folder)
+    return params
+
+
 def main(argv: list[str]) -> int:
     defaults = SuperpixelParams()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -80,9 +107,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--figure-slices", type=int, default=8)
     parser.add_argument("--figure-only", action="store_true", help="only draw --figure from existing superpixels")
     args = parser.parse_args(argv)
+    params = check_options(args)
     if args.figure_only:
-        if not args.figure:
-            raise UserError("--figure-only needs --figure overlay.png")
         overlay_figure(Path(args.images), Path(args.figure), args.figure_slices)
         print(f"overlay figure: {args.figure}")
         return 0
@@ -102,9 +128,8 @@ def main(argv: list[str]) -> int:
                                workers=args.workers, overwrite=args.overwrite)
         print(f"prepared {len(meta['splits']['train'])} volumes (images only) into {prep}")
     elif args.out and Path(args.out).resolve() != source.resolve():
-        raise UserError(f"--out {args.out}: superpixels are stored inside the prepared folder {source}: leave --out out")
-    params = SuperpixelParams(args.method, args.scale, args.sigma, args.min_size, args.n_segments,
-                              args.compactness, args.body_threshold)
+        raise UserError(f"--out {args.out}: superpixels are stored inside the prepared folder {source}: "
+                        "leave --out out")
     meta = make_superpixels(prep, params, args.workers, args.overwrite)
     counts = [c for v in meta["volumes"].values() for c in v["superpixels_per_slice"]]
     print(f"wrote {prep}/superpixels in {time.perf_counter() - start:.1f} s: {len(meta['volumes'])} volumes, "
