@@ -7,7 +7,7 @@ model selection on held-out volumes; the empty-cell rule is the authors' ('zero'
 measurement: see model.empty_cell). REPRODUCTION.md lists every difference and the option that
 switches it.
 Named configs:
-  official  the authors' code (method.md section 6): resnet50_lslpn, empty_cell 'zero', max vote,
+  official  the authors' code (docs/method.md): resnet50_lslpn, empty_cell 'zero', max vote,
             milestones 800/1600/2400, 512 x 512, batch 4, 10,000 steps, ImageNet init, no alignment,
             evaluation preset 'official' (their eval.py)
   paper     the paper's text where it differs from their code: milestones 2500/5000/7500
@@ -38,6 +38,7 @@ from sacred.observers import FileStorageObserver  # noqa: E402,F401  (attached b
 from sacred.utils import SacredError, ensure_wellformed_argv  # noqa: E402
 
 from util.cli import exit_with_message  # noqa: E402
+from util.config_schema import OPEN_MAPPINGS  # noqa: E402
 from util.errors import UserError  # noqa: E402
 from util.paths import output_error_message  # noqa: E402
 
@@ -49,11 +50,12 @@ def default_config():
     name = None                 # run folder name under path.log_dir (None: <method>_<class_setting>_fold<F>)
     seed = 1234                 # controls episodes, augmentation, initialisation, evaluation
     device = "auto"             # 'auto' (CUDA when present), 'cpu' or 'cuda'
-    amp = False                 # mixed precision: True (CUDA: bf16 where supported, else fp16; CPU: off), 'bf16', 'fp16'
+    amp = False                 # mixed precision: True (CUDA: bf16 where supported, else fp16; CPU: off),
+                                # 'bf16', 'fp16'
     channels_last = False       # channels_last memory format for the model (CUDA and CPU)
     num_workers = 0             # data loader workers (0: in-process)
 
-    # Folds (method.md section 4): the test organ(s) of each fold; never sampled in its training.
+    # Folds (the paper's four folds, docs/method.md): the test organ(s) of each fold, never trained on.
     fold = 0
     label_sets = [["liver"], ["spleen"], ["kidney_right", "kidney_left"], ["psoas_right", "psoas_left"]]
     class_setting = "six_organs"    # 'six_organs' or 'all_structures'
@@ -103,17 +105,16 @@ def default_config():
         # Empty cells (<= min_pixels class pixels): 'zero' = the authors' code (zero prototype, cosine
         # 0, takes part in every vote; max vote floored at -1); 'skip' = the cell takes no part (this
         # project's earlier rule; snapshots without the key were trained with it). Default 'zero' for
-        # every config: measured on the phantom (REPRODUCTION.md, tools/compare_options.py, fold 0)
-        # the two rules differ by less than the run-to-run noise (cnn_small, 200 steps: Dice 77.0 zero vs
-        # 77.6 skip; switching the rule of a trained snapshot at evaluation changed no digit; a short
-        # random-init vgg16 run: 58.1 both), so the default takes the authors' rule: one difference fewer.
+        # every config: on the phantom the two rules differ by less than the run-to-run noise (the
+        # measurement, tools/compare_options.py, is in REPRODUCTION.md), so the default takes the
+        # authors' rule: one difference fewer.
         "empty_cell": "zero",
         "pretrained": True,       # ImageNet weights via torchvision (cached in TORCH_HOME); False: random
     }
 
-    # SENet baseline options (used with model.method='senet'; ../shared/reference/senet.md)
+    # SENet baseline options (used with model.method='senet'; Roy et al. 2020 and its official code)
     senet = {
-        "official_bug": False,      # True: the official conditioner's 4th encoder call reuses encode3 (issue #16)
+        "official_bug": False,      # True: the official conditioner's 4th encoder call reuses encode3
         "double_softmax": False,    # True: Dice loss on softmax(softmax(logits)), as the official training
         "epochs": 20,               # n_steps are split into this many epochs for the schedule
         "lr_step_epochs": 10,       # StepLR step size in epochs, stepped at each epoch's start
@@ -140,8 +141,9 @@ def default_config():
 
     # Evaluation (test.py)
     eval = {
-        "preset": "inclusive",    # 'inclusive' (this project: inclusive organ range, centre slices), 'official'
-                                  # (the authors' eval.py exactly), 'senet', 'alpnet' (evaluation/protocol.py)
+        "preset": "inclusive",    # 'inclusive' (this project: inclusive organ range, centre slices),
+                                  # 'official' (the authors' eval.py exactly), 'senet', 'alpnet', 'thirds'
+                                  # (evaluation/protocol.py)
         "support": "default",     # a patient id, 'default' (10000132 if present else first gold), or 'all'
         "n_shots": 1,
         "snapshots": {},          # method name -> checkpoint path, e.g. {"LSLPN": "runs/.../best.pth"}
@@ -152,7 +154,7 @@ def default_config():
     }
 
 
-# The authors' network and head (method.md section 6), shared by the `official` and `paper` configs.
+# The authors' network and head (docs/method.md), shared by the `official` and `paper` configs.
 AUTHORS_MODEL = {"encoder": "resnet50_lslpn", "head": "local", "n_grid": 8, "overlap": True, "vote": "max",
                  "resolution": "image", "min_pixels": 10, "scale": 20.0, "empty_cell": "zero",
                  "align": False, "pretrained": True}
@@ -160,7 +162,7 @@ AUTHORS_MODEL = {"encoder": "resnet50_lslpn", "head": "local", "n_grid": 8, "ove
 
 @ex.named_config
 def official():
-    # The authors' code (method.md section 6; REPRODUCTION.md has the differences of the default).
+    # The authors' code (docs/method.md; REPRODUCTION.md has the differences of the default).
     input_size = 512
     batch_size = 4
     n_steps = 10000
@@ -195,8 +197,9 @@ def panet():
 
 @ex.named_config
 def senet():
-    # SENet baseline (senet.md section 2): 20 epochs x 101 batches of 2 one-shot episodes, SGD lr 1e-3,
-    # momentum 0.99, weight decay 1e-4 per arm, StepLR per `senet`, Dice loss, no augmentation.
+    # SENet baseline (the SENet paper's protocol, docs/method.md): 20 epochs x 101 batches of 2
+    # one-shot episodes, SGD lr 1e-3, momentum 0.99, weight decay 1e-4 per arm, StepLR per `senet`,
+    # Dice loss, no augmentation.
     # VISCERAL: the released models saw 256 x 256 slices (add input_size=256); H, W divisible by 16.
     model = {"method": "senet"}
     batch_size = 2
@@ -210,15 +213,10 @@ def senet():
 @ex.named_config
 def senet_demo():
     # Use after `demo senet` (make demo: `with demo senet senet_demo`). SENet scaled for 2 CPU cores so
-    # that its 4 folds add at most ~5 minutes to the demo (budget: 25 min with install). Its 20-epoch
-    # schedule is squeezed into 200 steps (10 per "epoch") at 64 x 64 slices, lr 1e-2 instead of 1e-3
-    # (at 1e-3 the loss did not move in 40 steps at 128 x 128). Sizing (fold 0, same machine and load,
-    # 18:10 UTC): SENet here 2.8 s/step and 31 s per validation vs LSLPN `demo` 5.4 s/step and 70 s per
-    # validation, so a SENet fold (200 steps, 2 validations) costs ~0.17 of an LSLPN fold (600 steps,
-    # 6 validations; ~100 s in the published demo): estimated ~20-30 s per fold, ~2 min for 4 folds with
-    # evaluation. Single-thread CPU s/step: SENet here 0.125, at 128 x 128 0.45, LSLPN demo 0.346.
-    # A 200-step fold-0 run: validation Dice 0.58 at step 100 (best.pth), 0.43 at 200.
-    # Evaluation runs each snapshot at its own input size (SENet at 64, the others at 128).
+    # that its 4 folds add a few minutes to the demo: its 20-epoch schedule is squeezed into 200 steps
+    # (10 per "epoch") at 64 x 64 slices, lr 1e-2 instead of 1e-3 (at 1e-3 the loss did not move in a
+    # short run); the sizing measurements are in REPRODUCTION.md. Evaluation runs each snapshot at its
+    # own input size (SENet at 64, the others at 128).
     input_size = 64
     n_steps = 200
     lr = 1e-2
@@ -304,6 +302,20 @@ class _NoFailedBanner(logging.Filter):
 NO_FAILED_BANNER = _NoFailedBanner()
 
 
+class _CheckedEntries(logging.Filter):
+    """Drop Sacred's 'Added new config entry' warning for the entries of an open mapping (a method name
+    under eval.snapshots): the schema (util/config_schema.py) checked them before Sacred warns, and any
+    other new key has already stopped the run with a one-line error naming the nearest known key."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = str(record.msg)
+        return not any(message.startswith(f'Added new config entry: "{section}.')
+                       for section in OPEN_MAPPINGS)
+
+
+CHECKED_ENTRIES = _CheckedEntries()
+
+
 def _drop_unstarted_runs(ex) -> None:
     """Remove the run folders of a run that failed with a bad-input error before it produced anything.
 
@@ -320,6 +332,12 @@ def _drop_unstarted_runs(ex) -> None:
                 shutil.rmtree(parent, ignore_errors=True)
 
 
+def install_log_filters(ex) -> None:
+    """Sacred's failure banner (the one-line error says it) and its warnings about checked entries go."""
+    logging.getLogger(ex.path).addFilter(NO_FAILED_BANNER)
+    logging.getLogger().addFilter(CHECKED_ENTRIES)    # Sacred's config warnings come from the root logger
+
+
 def run_sacred(ex, argv: list[str] | None = None):
     """Parse `argv` as Sacred does and run the experiment's main command; returns the Run."""
     argv = ensure_wellformed_argv(sys.argv if argv is None else argv)
@@ -332,7 +350,7 @@ def run_sacred(ex, argv: list[str] | None = None):
     if command not in ex.commands:
         exit_with_message(f"unknown command '{command}': use one of {', '.join(ex.commands)}")
     config_updates, named_configs = get_config_updates(args["UPDATE"])
-    logging.getLogger(ex.path).addFilter(NO_FAILED_BANNER)  # the error line says it; Sacred's banner is noise
+    install_log_filters(ex)
     try:
         return ex.run(command, config_updates, named_configs, info={}, meta_info={}, options=args)
     except UserError as error:

@@ -26,14 +26,15 @@ is legitimate and must give the RIGHT answer instead of an error (asserted too).
 | 12 | out-of-range value                    | size/gold/seed| size/n-val/many/max| meta intensity/size| n_grid 0, lr<0, ... | batch 0, shots 0,... | input-size, min-vox,  |
 |    |                                       |              | /window            | index not an object| input 8, 1 val vol  | support id           | n-chunks/batch 0, out |
 
-Counted: 85 cases in this file (a parametrized test id, or a case inside a driver test, each with its
+Counted: 90 cases in this file (a parametrized test id, or a case inside a driver test, each with its
 own assertions): make_phantom 8, prepare_visceral 19 (2 of them 'ok'), check_dataset 11,
-segment_volume 16 (1 'ok'), train.py 14 (fold=1.0, n_steps=4.0 among them), test.py 14 (1 'ok':
-snapshots on the command line; fold=1.0), real processes 3 (check_dataset, its --debug traceback, test.py).
+segment_volume 16 (1 'ok'), train.py 17 (fold=1.0, n_steps=4.0, fold='0', n_steps='abc', the key typo
+model.n_gird among them), test.py 16 (1 'ok': snapshots on the command line; fold=1.0; the key typos
+eval.prest and eval.snapshot), real processes 3 (check_dataset, its --debug traceback, test.py).
 No case leaves a FAILED Sacred record, Sacred's "Failed after" banner or the pkg_resources warning.
 Issue 16's classes (data loss, wrong organ, output/filesystem errors, implausible inputs, config types,
 snapshot input size, silent gaps, truncated resume, demo reproducibility) continue in
-tests/test_reliability.py (44 cases) and tests/test_demo_numerics.py (3): 132 cases over 8 entry points.
+tests/test_reliability.py (44 cases) and tests/test_demo_numerics.py (3): 137 cases over 8 entry points.
 Existing tests that cover the other cells: tests/test_readers.py (NIfTI reader: missing, corrupt,
 truncated, NaN/inf, 2D/4D, mask grid), tests/test_segment_volume.py (BAD_CASES), tests/test_check_dataset.py
 (damaged prepared folders), tests/test_training.py (config ranges), tests/test_evaluate.py (snapshots,
@@ -453,16 +454,19 @@ def test_train_py_bad_input_matrix(tiny_prepared, broken_preps, tmp_path):
         ([f"path.data_dir={broken_preps['bad_meta']}"], ["meta.json is unreadable"], False),
         ([f"path.data_dir={broken_preps['bad_npy']}"], ["_image.npy", "truncated or corrupt"], True),
         ([good, "model.n_grid=0"], ["model.n_grid = 0"], False),
-        ([good, "lr=-0.1"], ["lr=-0.1"], False),
-        ([good, "batch_size=0"], ["batch_size=0"], False),
-        ([good, "input_size=8"], ["input_size=8"], False),
-        ([good, "lr=nan"], ["lr="], False),
+        ([good, "lr=-0.1"], ["lr = -0.1"], False),
+        ([good, "batch_size=0"], ["batch_size = 0"], False),
+        ([good, "input_size=8"], ["input_size = 8"], False),
+        ([good, "lr=nan"], ["lr = 'nan': must be a number, not a string"], False),
         ([good, 'label_sets=[["liver"], ["spleen"], ["kidney_left"], ["pancreas_tail"]]'], ["unknown organ 'pancreas_tail'"],
          False),
         ([good, "val_every=3"], ["1 held-out validation volumes", "val_every=0"], False),   # tiny_prepared: n_val 1
         ([good, "model.nonsense=1"], ["model.nonsense"], False),
-        ([good, "fold=1.0"], ["fold=1.0 must be an integer", "write 1"], False),        # issue 16 class 5
-        ([good, "n_steps=4.0"], ["n_steps=4.0 must be an integer"], False),
+        ([good, "model.n_gird=4"], ["model.n_gird = 4: unknown key", "did you mean model.n_grid?"], False),
+        ([good, "fold=1.0"], ["fold = 1.0: must be an integer", "write 1"], False),        # issue 16 class 5
+        ([good, "n_steps=4.0"], ["n_steps = 4.0: must be an integer"], False),
+        ([good, "n_steps='abc'"], ["n_steps = 'abc': must be an integer, not a string"], False),
+        ([good, "fold='0'"], ["fold = '0': must be an integer, not a string", "fold=0"], False),
     ]
     results = run_sacred_cases("train", [base + updates for updates, _, _ in cases])
     for (updates, words, allowed), result in zip(cases, results):
@@ -487,13 +491,16 @@ def test_test_py_bad_input_matrix_and_snapshots_on_the_command_line(tiny_prepare
         ([f"path.data_dir={broken_preps['bad_npz']}"], [".npz cannot be read", "BadZipFile"], True),
         ([good, truncated], ["truncated.pth", "unreadable"], True),
         ([good, 'eval.organs=["pancreas_tail"]'], ["unknown organ 'pancreas_tail'"], False),
-        ([good, 'eval.organs="liver"'], ["eval.organs='liver'", "list"], False),
+        ([good, 'eval.organs="liver"'], ["eval.organs = 'liver'", "list"], False),
         ([good, "eval.support=99999999"], ["eval.support", "99999999"], False),
-        ([good, "eval.batch_size=0"], ["eval.batch_size=0"], False),
-        ([good, "eval.n_shots=0"], ["eval.n_shots=0"], False),
-        ([good, "eval.preset=bogus"], ["eval.preset='bogus'"], False),
+        ([good, "eval.batch_size=0"], ["eval.batch_size = 0"], False),
+        ([good, "eval.n_shots=0"], ["eval.n_shots = 0"], False),
+        ([good, "eval.preset=bogus"], ["eval.preset = 'bogus'"], False),
+        ([good, "eval.prest=official"], ["eval.prest = 'official': unknown key", "did you mean eval.preset?"], False),
+        ([good, f"eval.snapshot={{'LSLPN': '{seg['checkpoint']}'}}"], ["eval.snapshot = ", "did you mean eval.snapshots?"],
+         False),
         ([good, "model.n_grid=0"], ["model.n_grid = 0"], False),
-        ([good, "fold=1.0"], ["fold=1.0 must be an integer"], False),                   # issue 16 class 5
+        ([good, "fold=1.0"], ["fold = 1.0: must be an integer"], False),                 # issue 16 class 5
     ]
     ok = [good, f"eval.snapshots={{'LSLPN': '{seg['checkpoint']}'}}", 'eval.organs=["liver"]', "input_size=32"]
     results = run_sacred_cases("test", [base + updates for updates, _, _ in cases] + [base + ok])

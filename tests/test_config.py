@@ -1,6 +1,8 @@
-"""config.py loads, its defaults reproduce the paper (method.md section 3), and packages import."""
+"""config.py loads, its defaults reproduce the paper's settings, and packages import."""
 import importlib
 import pkgutil
+import shlex
+from pathlib import Path
 
 import pytest
 
@@ -17,12 +19,12 @@ def _resolve(named=(), updates=None):
 
 # The agreed map of the packages (README layout); each module must import without side effects.
 EXPECTED = {
-    "util": {"errors", "cli", "atomic", "device"},
+    "util": {"errors", "cli", "atomic", "device", "config_schema"},
     "dataloaders": {"nifti", "visceral", "multilabel", "phantom", "prepare", "episodes", "transforms", "intensity",
                     "organs"},
-    "models": {"encoders", "grid", "local_prototypes", "reference", "panet", "weights", "fewshot", "checkpoint"},
+    "models": {"encoders", "grid", "local_prototypes", "panet", "weights", "fewshot", "checkpoint", "factory"},
     "evaluation": {"protocol", "metrics", "inference", "segment", "evaluate", "results", "figures", "dataset_check"},
-    "training": {"loop", "config_check"},
+    "training": {"loop", "config_check", "objective"},
 }
 
 
@@ -79,3 +81,44 @@ def test_unknown_config_key_is_rejected():
     from sacred.utils import ConfigAddedError
     with pytest.raises(ConfigAddedError):
         _resolve(updates={"n_gird": 4})
+
+
+def test_check_config_refuses_a_typo_before_sacred_does():
+    from training.config_check import check_config
+    from util.errors import UserError
+    config = dict(_resolve(["tiny"]))
+    config["eval"] = {**config["eval"], "snapshot": {"LSLPN": "a.pth"}}   # as test.py would receive it
+    with pytest.raises(UserError, match=r"^eval\.snapshot = .*unknown key: did you mean eval\.snapshots\?"):
+        check_config(config, "test")
+
+
+@pytest.mark.parametrize("layout, episodes, command", [
+    ("visceral", "labels", "prepare_visceral.py --visceral-dir"),
+    ("nifti", "superpixels", "make_superpixels.py --images"),
+    ("other", "labels", "prepare_visceral.py --visceral-dir <VISCERAL dir>"),
+])
+def test_a_raw_data_dir_gets_a_prepare_command_that_writes_beside_it(tmp_path, layout, episodes, command):
+    """path.data_dir = a folder that is not prepared: the suggested --out is a new folder beside it."""
+    from training.config_check import check_config
+    from util.errors import UserError
+    raw = tmp_path / "raw data"
+    if layout == "visceral":
+        (raw / "SilverCorpus" / "Volumes").mkdir(parents=True)
+    elif layout == "nifti":
+        raw.mkdir()
+        (raw / "case1.nii.gz").write_bytes(b"")
+    else:
+        raw.mkdir()
+        (raw / "notes.txt").write_text("keep")
+    before = sorted(p.relative_to(raw) for p in raw.rglob("*"))
+    config = _resolve(["tiny"], {"episodes": episodes, "device": "cpu",
+                                 "path": {"data_dir": str(raw), "log_dir": str(tmp_path / "runs")}})
+    with pytest.raises(UserError) as caught:
+        check_config(config, "train")
+    message = str(caught.value)
+    beside = str(tmp_path / "raw data_prepared")
+    assert message.startswith(f"path.data_dir = '{raw}': not a prepared folder") and "\n" not in message
+    assert command in message and f"--out {shlex.quote(beside)}`" in message
+    assert f"path.data_dir={shlex.quote(beside)}" in message
+    assert f"--out {shlex.quote(str(raw))}`" not in message and f"--out {shlex.quote(str(raw))} " not in message
+    assert sorted(p.relative_to(raw) for p in raw.rglob("*")) == before and not Path(beside).exists()

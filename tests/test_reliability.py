@@ -31,7 +31,7 @@ code 2, no traceback, nothing written; warnings are one `warning:` line and the 
 Counted: 44 cases here (a parametrized id or a case inside a test, each with its own assertions) over
 7 entry points (segment_volume as a script and through its Python API, make_phantom, prepare_visceral,
 make_figures, train.py, test.py, evaluation.evaluate), plus 3 in tests/test_demo_numerics.py (scripts/demo.py). With
-tests/test_bad_inputs.py (85 cases, 6 entry points): 132 cases over 8 entry points (make_phantom,
+tests/test_bad_inputs.py (90 cases, 6 entry points): 137 cases over 8 entry points (make_phantom,
 prepare_visceral, check_dataset, segment_volume, make_figures, train.py, test.py, demo.py). Unit tests
 of the root checks: tests/test_output_paths.py (util/paths.py), tests/test_label_map.py (label maps,
 plausibility). benchmark's before-measuring output check: tests/test_benchmark.py.
@@ -344,7 +344,7 @@ def test_prepare_accepts_a_mask_stored_in_another_orientation(tiny_phantom, tmp_
 # ----------------------------------------------------------- 5. config types, real process
 def test_real_train_process_float_fold_is_one_clean_line(tiny_prepared, tmp_path):
     done = train_cli("fold=1.0", log_dir=tmp_path / "runs", prep_dir=tiny_prepared)
-    assert_one_line_error(done.returncode, done.stderr, "fold=1.0 must be an integer")   # no pkg_resources warning
+    assert_one_line_error(done.returncode, done.stderr, "fold = 1.0: must be an integer")   # no pkg_resources warning
     assert not (tmp_path / "runs").exists()
 
 

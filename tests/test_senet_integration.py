@@ -129,14 +129,14 @@ def test_senet_named_configs():
 
 
 @pytest.mark.parametrize("updates, message", [
-    ({"n_ways": 2}, "n_ways=2: SENet segments one class"),
-    ({"input_size": 100}, "input_size=100: SENet needs a multiple of 16"),
-    ({"senet": {"epochs": 0}}, "senet.epochs=0"),
-    ({"senet": {"official_bug": "yes"}}, "senet.official_bug='yes'"),
+    ({"n_ways": 2}, "n_ways = 2: SENet segments one class"),
+    ({"input_size": 100}, "input_size = 100: SENet needs a multiple of 16"),
+    ({"senet": {"epochs": 0}}, "senet.epochs = 0"),
+    ({"senet": {"official_bug": "yes"}}, "senet.official_bug = 'yes'"),
     ({"model": {"method": "unet"}}, "model.method = 'unet'"),
 ])
 def test_bad_senet_options_are_one_line_errors(updates, message):
-    from training.objective import check_senet_config
+    from util.config_schema import check_run_config
     config = _resolve("senet", **updates)
     with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        check_senet_config(config)
+        check_run_config(config)

@@ -21,7 +21,6 @@ from torch import Tensor
 from models.factory import SENET, build_model as _build, method_of
 from models.senet import senet_loss
 from training.senet_schedule import build_senet_optimizer, build_senet_scheduler
-from util.errors import UserError
 
 SENET_DEFAULTS = {"official_bug": False, "double_softmax": False, "epochs": 20, "lr_step_epochs": 10,
                   "gamma_segmenter": 0.1, "gamma_conditioner": 0.001}
@@ -69,32 +68,3 @@ def episode_loss(cfg: Mapping, logits: Tensor, labels: Tensor, aux_loss: Tensor)
     if cfg["model"].get("align", False):
         loss = loss + float(cfg["model"].get("align_weight", 1.0)) * aux_loss.float()
     return loss
-
-
-def check_senet_config(config: Mapping) -> None:
-    """UserError (one line) for an invalid model.method or senet.* option of a run config."""
-    method = method_of(config.get("model", {}))
-    options = dict(config.get("senet") or {})
-    unknown = sorted(set(options) - set(SENET_DEFAULTS))
-    if unknown:
-        raise UserError(f"config senet has unknown keys {unknown}: use {', '.join(SENET_DEFAULTS)}")
-    options = {**SENET_DEFAULTS, **options}
-    for key in ("official_bug", "double_softmax"):
-        if not isinstance(options[key], bool):
-            raise UserError(f"config senet.{key}={options[key]!r} must be True or False")
-    for key in ("epochs", "lr_step_epochs"):
-        value = options[key]
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise UserError(f"config senet.{key}={value!r} must be an integer >= 1")
-    for key in ("gamma_segmenter", "gamma_conditioner"):
-        value = options[key]
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
-            raise UserError(f"config senet.{key}={value!r} must be a number in (0, 1]")
-    if method != SENET:
-        return
-    if config.get("n_ways", 1) != 1:
-        raise UserError(f"config n_ways={config.get('n_ways')}: SENet segments one class at a time: set n_ways=1")
-    size = config.get("input_size")
-    if isinstance(size, int) and size % 16:
-        raise UserError(f"config input_size={size}: SENet needs a multiple of 16 (4 poolings): e.g. "
-                        f"input_size={max(16, size // 16 * 16)}")

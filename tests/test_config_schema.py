@@ -1,0 +1,284 @@
+"""util/config_schema.py: the one description of config.py, checked in one pass.
+
+The schema describes config.py exactly (both directions), its literal registries equal their sources,
+every key's bad value is a one-line "<key> = <value>: ..." error, unknown keys name the nearest known
+key, the cross-key rules hold for their methods only, and the README's own train.py / test.py command
+lines resolve without Sacred "Added new config entry" / "Changed type of config entry" warnings.
+"""
+import copy
+import json
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from config import ex
+from util import config_schema as schema
+from util.config_schema import (SCHEMA, check_model_config, check_run_config, keys_for, methods_of,
+                                nearest_key)
+from util.errors import UserError
+
+ROOT = Path(__file__).resolve().parent.parent
+NAMED = [(), ("official",), ("paper",), ("panet",), ("senet",), ("demo",), ("tiny",), ("demo", "panet"),
+         ("demo", "senet", "senet_demo"), ("demo", "selfsup"), ("tiny", "selfsup"), ("tiny", "panet")]
+
+
+def resolve(named=(), **updates):
+    from sacred.initialize import create_run
+    return create_run(ex, "print_config", config_updates=updates, named_configs=list(named)).config
+
+
+def flat_keys(tree, prefix=""):
+    """Dotted keys of a config tree; the entries of an open mapping are not keys."""
+    keys = []
+    for name, value in tree.items():
+        key = f"{prefix}{name}"
+        if isinstance(value, dict) and key not in schema.OPEN_MAPPINGS and key not in SCHEMA:
+            keys += flat_keys(value, key + ".")
+        else:
+            keys.append(key)
+    return keys
+
+
+def with_value(config, key, value):
+    """A deep copy of `config` with the dotted `key` set to `value`."""
+    changed = copy.deepcopy(dict(config))
+    node = changed
+    *sections, leaf = key.split(".")
+    for section in sections:
+        node[section] = dict(node[section])
+        node = node[section]
+    node[leaf] = value
+    return changed
+
+
+def one_line_error(config):
+    with pytest.raises(UserError) as caught:
+        check_run_config(config)
+    message = str(caught.value)
+    assert "\n" not in message
+    return message
+
+
+# ------------------------------------------------------------------ the schema is config.py's
+def test_schema_describes_every_key_of_config_py_and_nothing_else():
+    assert sorted(flat_keys(resolve())) == sorted(SCHEMA)
+    for named in NAMED:
+        assert set(flat_keys(resolve(named))) <= set(SCHEMA), named
+
+
+def test_literal_registries_equal_their_sources():
+    from evaluation import protocol
+    from models import encoders, fewshot, local_prototypes
+    from models.factory import METHODS
+    from models.weights import IMAGENET_WEIGHTS
+    try:
+        from models import removed_options
+        removed = {(f"{'eval' if option == 'preset' else 'model'}.{option}", value): fix
+                   for (option, value), fix in removed_options.REMOVED.items()}
+        assert (schema.LAST_COMMIT, schema.LAST_VERSION) == (removed_options.LAST_COMMIT,
+                                                             removed_options.LAST_VERSION)
+        assert schema.REMOVED_VALUES == removed
+    except ImportError:                 # before models/removed_options.py: nothing removed yet
+        removed = {}
+
+    def current(key, values):
+        return tuple(v for v in values if (key, v) not in removed)
+    assert schema.ENCODERS == current("model.encoder", encoders.ENCODERS)
+    assert schema.IMAGENET_ENCODERS == current("model.encoder", IMAGENET_WEIGHTS)
+    assert schema.HEADS == tuple(fewshot.HEADS)
+    assert schema.EMPTY_CELL_RULES == current("model.empty_cell", local_prototypes.EMPTY_CELL_RULES)
+    assert schema.MODEL_METHODS == METHODS
+    assert schema.PRESETS == current("eval.preset", protocol.PRESETS)
+    classes = {"vgg16": encoders.VGG16Encoder, "resnet50_lslpn": encoders.ResNet50LSLPN,
+               "cnn_small": encoders.SmallCNN}
+    assert schema.ENCODER_STRIDES == {name: classes[name].output_stride for name in schema.ENCODERS}
+
+
+def test_removed_values_say_when_they_went_and_what_to_use():
+    message = one_line_error(resolve(model={"empty_cell": "skip"}))
+    assert message == ("model.empty_cell = 'skip': this option was removed after commit b9c8bb5 "
+                       "(2026-11-27): retrain with empty_cell='zero' or check out b9c8bb5")
+    assert "this option was removed" in one_line_error(resolve(eval={"preset": "lslpn"}))
+
+
+@pytest.mark.parametrize("named", NAMED, ids=lambda n: "+".join(n) or "default")
+def test_every_named_config_passes(named):
+    check_run_config(resolve(named))
+
+
+# ------------------------------------------------------------------ one value
+@pytest.mark.parametrize("key", sorted(SCHEMA))
+def test_every_key_refuses_a_wrong_value_in_one_line_naming_it(key):
+    message = one_line_error(with_value(resolve(), key, {"x": object()}))
+    assert message.startswith(f"{key} = "), message
+
+
+@pytest.mark.parametrize("updates, expected", [
+    ({"fold": "0"}, "fold = '0': must be an integer, not a string: write fold=0 (no quotes)"),
+    ({"n_steps": "abc"}, "n_steps = 'abc': must be an integer, not a string: e.g. n_steps=10000"),
+    ({"fold": 1.0}, "fold = 1.0: must be an integer: write 1 (no decimal point)"),
+    ({"fold": 1.5}, "fold = 1.5: must be an integer: use an integer in 0..3"),
+    ({"fold": 4}, "fold = 4: out of range: use an integer in 0..3"),
+    ({"fold": True}, "fold = True: must be an integer, not True/False"),
+    ({"lr": -0.1}, "lr = -0.1: out of range: use a number > 0"),
+    ({"lr": float("nan")}, "lr = nan: not a finite number: use a number > 0"),
+    ({"lr": "1e-3"}, "lr = '1e-3': must be a number, not a string"),
+    ({"momentum": 1.5}, "momentum = 1.5: out of range: use a number in [0, 1]"),
+    ({"lr_gamma": 0}, "lr_gamma = 0: out of range: use a number in (0, 1]"),
+    ({"model": {"vote": "maxx"}}, "model.vote = 'maxx': unknown: use one of 'max', 'mean', 'cover' "
+                                  "(did you mean 'max'?)"),
+    ({"model": {"align": "yes"}}, "model.align = 'yes': must be True or False"),
+    ({"selfsup": {"warp": {"rotate": 90}}},
+     "selfsup.warp.rotate = 90: out of range: use a number in [0, 90)"),
+    ({"augment": {"gamma": [2.0, 0.5]}}, "augment.gamma = [2.0, 0.5]: not a range [low, high]"),
+    ({"eval": {"organs": "liver"}}, "eval.organs = 'liver': must be a non-empty list of organ names"),
+    ({"amp": "fp8"}, "amp = 'fp8': unknown: use False, True"),
+])
+def test_wrong_type_and_out_of_range_are_told_apart(updates, expected):
+    assert one_line_error(resolve(**updates)).startswith(expected)
+
+
+# ------------------------------------------------------------------ unknown keys
+@pytest.mark.parametrize("key, nearest", [
+    ("eval.snapshot", "eval.snapshots"), ("eval.prest", "eval.preset"), ("model.n_gird", "model.n_grid"),
+    ("n_gird", "model.n_grid"), ("path.data", "path.data_dir"), ("senet.epoch", "senet.epochs"),
+    ("selfsup.min_pixel", "selfsup.min_pixels"), ("selfsup.warp.rotation", "selfsup.warp.rotate"),
+    ("augment.gama", "augment.gamma"), ("lr_milestone", "lr_milestones"), ("modle", "model"),
+])
+def test_unknown_key_in_any_section_names_the_nearest_known_key(key, nearest):
+    message = one_line_error(with_value(resolve(), key, "x"))
+    assert message.startswith(f"{key} = 'x': unknown key: did you mean {nearest}?"), message
+    assert nearest_key(key) == nearest
+
+
+def test_unknown_key_without_a_near_one_lists_its_section():
+    message = one_line_error(with_value(resolve(), "selfsup.warp.flip", True))
+    assert "unknown key: the known selfsup.warp keys are elastic_alpha, elastic_sigma, rotate" in message
+
+
+def test_snapshot_names_are_free_but_their_paths_are_checked():
+    check_run_config(with_value(resolve(), "eval.snapshots", {"any name": "a.pth", "LSLPN": "b.pth"}))
+    message = one_line_error(with_value(resolve(), "eval.snapshots", {"LSLPN": 3}))
+    assert message.startswith("eval.snapshots = {'LSLPN': 3}: must map method names to checkpoint paths")
+
+
+# ------------------------------------------------------------------ cross-key rules, per method
+def test_methods_and_the_keys_that_apply_to_them():
+    assert methods_of(resolve()) == {"lslpn"} and methods_of(resolve(["panet"])) == {"panet"}
+    assert methods_of(resolve(["demo", "senet", "senet_demo"])) == {"senet"}
+    assert methods_of(resolve(["tiny", "selfsup"])) == {"lslpn", "selfsup"}
+    senet, lslpn = keys_for(frozenset({"senet"})), keys_for(frozenset({"lslpn"}))
+    assert "senet.epochs" in senet and "model.vote" not in senet and "lr_milestones" not in senet
+    assert "model.vote" in lslpn and "senet.epochs" not in lslpn and "selfsup.min_pixels" not in lslpn
+
+
+@pytest.mark.parametrize("named, updates, expected", [
+    (["panet"], {"model": {"n_grid": 4}}, "model.n_grid = 4: the 'panet' head has global prototypes"),
+    (["senet"], {"n_ways": 2}, "n_ways = 2: SENet segments one class at a time: set n_ways=1"),
+    (["senet"], {"input_size": 100}, "input_size = 100: SENet needs a multiple of 16"),
+    (["tiny", "selfsup"], {"n_ways": 2}, "n_ways = 2: self-supervised episodes have one pseudo-class"),
+    (["tiny"], {"model": {"pretrained": True}}, "model.pretrained = True: encoder cnn_small has no ImageNet"),
+    (["tiny"], {"model": {"n_grid": 17}}, "model.n_grid = 17: larger than the 16 x 16 feature map"),
+])
+def test_cross_key_rules(named, updates, expected):
+    assert one_line_error(resolve(named, **updates)).startswith(expected)
+
+
+def test_rules_hold_only_for_their_method():
+    check_run_config(resolve(["senet"], model={"encoder": "cnn_small", "pretrained": True}))  # no encoder
+    check_run_config(resolve(["tiny"], n_ways=2))                                  # LSLPN: 2-way is fine
+
+
+def test_the_largest_n_grid_the_schema_accepts_runs_through_the_model():
+    """The n_grid rule (input_size // output stride) never refuses a grid the head can run."""
+    import torch
+    from models.factory import build_model
+    config = resolve(["tiny"], model={"n_grid": 16})
+    check_run_config(config)
+    model = build_model(dict(config["model"])).eval()
+    size = config["input_size"]
+    fg = torch.zeros(1, 1, 1, size, size)
+    fg[..., 8:40, 8:40] = 1
+    with torch.no_grad():
+        logits, _ = model(torch.rand(1, 1, 1, 1, size, size), fg, 1 - fg, torch.rand(1, 1, 1, size, size))
+    assert logits.shape == (1, 1, 2, size, size) and torch.isfinite(logits).all()
+
+
+# ------------------------------------------------------------------ a model section alone (snapshots)
+def test_snapshot_model_configs():
+    from models.fewshot import FewShotSegNet
+    check_model_config(FewShotSegNet(encoder="cnn_small", n_grid=4).config)
+    check_model_config({"method": "senet", "official_bug": True})
+    check_model_config({"encoder": "vgg16"})                       # older snapshots: keys missing
+    with pytest.raises(UserError, match=r"^snapshot a\.pth: model\.vote = 'median': unknown"):
+        check_model_config({"vote": "median"}, source="snapshot a.pth")
+    with pytest.raises(UserError, match=r"^eval\.model\.empty_cell = 0: unknown"):
+        check_model_config({"empty_cell": 0}, prefix="eval.model")
+    with pytest.raises(UserError, match=r"model\.n_grid = 20: larger than the 16 x 16"):
+        check_model_config({"encoder": "cnn_small", "n_grid": 20}, input_size=64)
+
+
+# ------------------------------------------------------------------ the README's commands
+README_DRIVER = r"""
+import importlib, json, logging, shlex, sys, warnings
+warnings.filterwarnings("ignore")
+entry, commands = sys.argv[1], json.loads(sys.argv[2])
+module = importlib.import_module(entry)
+from sacred.arg_parser import get_config_updates
+from sacred.initialize import create_run
+from config import install_log_filters
+from util.config_schema import check_run_config
+module.check_config = lambda config, command: check_run_config(config)   # the schema, not the disk
+install_log_filters(module.ex)
+records = []
+class Keep(logging.Handler):
+    def emit(self, record):
+        records.append(record.getMessage())
+logging.getLogger().addHandler(Keep())
+results = []
+for words in commands:
+    del records[:]
+    updates, named = get_config_updates(words)
+    try:
+        create_run(module.ex, module.ex.default_command, config_updates=updates, named_configs=named)
+        error = None
+    except Exception as caught:
+        error = f"{type(caught).__name__}: {caught}"
+    results.append({"error": error, "warnings": [r for r in records if "config entry" in r]})
+print("RESULTS" + json.dumps(results))
+"""
+
+
+def readme_commands(entry: str) -> list[list[str]]:
+    """The words after `with` of every `<entry>.py with ...` command line in README.md."""
+    commands = []
+    for line in (ROOT / "README.md").read_text().splitlines():
+        match = re.search(rf"\b{entry}\.py with (.*)", line)
+        if match:
+            commands.append(shlex.split(match.group(1), comments=True))
+    return commands
+
+
+def run_readme_driver(entry: str, commands: list[list[str]]) -> list[dict]:
+    done = subprocess.run([sys.executable, "-c", README_DRIVER, entry, json.dumps(commands)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert "RESULTS" in done.stdout, done.stderr[-3000:]
+    return json.loads(done.stdout.split("RESULTS", 1)[1])
+
+
+@pytest.mark.parametrize("entry", ["train", "test"])
+def test_readme_commands_resolve_without_sacred_config_warnings(entry):
+    commands = readme_commands(entry)
+    assert len(commands) >= 3
+    # controls: a type change is seen by the capture; a typo stops with the schema's line
+    controls = [["eval.support=99999999"], ["eval.snapshot={'LSLPN': 'a.pth'}"]]
+    results = run_readme_driver(entry, commands + controls)
+    for words, result in zip(commands, results):
+        assert result == {"error": None, "warnings": []}, (words, result)
+    type_change, typo = results[len(commands):]
+    assert any("Changed type of config entry" in w for w in type_change["warnings"])
+    assert "eval.snapshot = {'LSLPN': 'a.pth'}: unknown key: did you mean eval.snapshots?" in typo["error"]

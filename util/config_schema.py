@@ -1,0 +1,462 @@
+"""The one declarative description of the run configuration (config.py) and its one-pass check.
+
+`SCHEMA` maps every dotted config key to an `Option`: its kind (type), range or choices, and the
+methods it applies to ('lslpn', 'panet', 'senet'; 'selfsup' for the superpixel episodes).
+`check_run_config(config)` walks a resolved config once: every key must be known (an unknown key is
+named with the nearest known one), every value of the right type and in range, then the cross-key
+`RULES` of the methods the run uses. Each error is one line, "<key> = <value>: <what is wrong>: <fix>".
+`check_model_config(model, prefix)` checks a model section alone (a snapshot's stored config).
+
+File-system facts (does path.data_dir hold prepared data, does a snapshot exist) are not here: the
+entry points check them right after this pass (training/config_check.py). Choices that come from a
+registry of a higher package (encoders, presets) are literal here; tests/test_config_schema.py asserts
+that they equal the registries.
+"""
+from __future__ import annotations
+
+import difflib
+import math
+import numbers
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
+
+from util.errors import UserError
+
+LSLPN, PANET, SENET, SELFSUP = "lslpn", "panet", "senet", "selfsup"
+PROTOTYPE_METHODS = frozenset({LSLPN, PANET})
+ALL_METHODS = frozenset({LSLPN, PANET, SENET})
+
+# Literal copies of registries (tests/test_config_schema.py compares them with their sources).
+# Option values this project once had and removed (models/removed_options.py): the last version that
+# had them, and per (dotted key, value) what to do instead.
+LAST_COMMIT = "b9c8bb5"
+LAST_VERSION = f"commit {LAST_COMMIT} (2026-11-27)"
+REMOVED_VALUES = {
+    ("model.empty_cell", "skip"): "retrain with empty_cell='zero'",
+    ("model.encoder", "resnet50_torchvision"):
+        "retrain with encoder='resnet50_lslpn' (the authors' ResNet-50)",
+    ("eval.preset", "lslpn"): "use preset 'inclusive' (the same rule under its current name)",
+}
+ENCODERS = ("vgg16", "resnet50_lslpn", "cnn_small")                                   # models/encoders.py
+ENCODER_STRIDES = {"vgg16": 8, "resnet50_lslpn": 8, "cnn_small": 4}
+IMAGENET_ENCODERS = ("vgg16", "resnet50_lslpn")                                       # models/weights.py
+HEADS = ("local", "panet")                                                            # models/fewshot.py
+EMPTY_CELL_RULES = ("zero",)                                                  # models/local_prototypes.py
+MODEL_METHODS = ("prototype", "senet")                                                # models/factory.py
+PRESETS = ("inclusive", "official", "senet", "alpnet", "thirds")                      # evaluation/protocol.py
+
+
+def _removed(key: str) -> dict[str, str]:
+    return {value: fix for (name, value), fix in REMOVED_VALUES.items() if name == key}
+
+
+# Kinds of value
+INT, NUMBER, BOOL, CHOICE, TEXT, NAME, FILE = "int", "number", "bool", "choice", "text", "name", "file"
+PAIR, MILESTONES, ORGAN_SETS, ORGANS, AMP, SUPPORT, SNAPSHOTS = (
+    "pair", "milestones", "organ_sets", "organs", "amp", "support", "snapshots")
+
+
+@dataclass(frozen=True)
+class Option:
+    """One config key: `kind`, bounds (`low`/`high`, open ends), `choices`, the methods it applies to."""
+    kind: str
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    choices: tuple = ()
+    nullable: bool = False
+    removed: Mapping[str, str] | None = None   # choices that existed once -> why they went and what to use
+    applies: frozenset = ALL_METHODS
+    example: str = ""          # a valid value for the fix text, e.g. "10000"
+
+
+def _int(low=None, high=None, **kw) -> Option:
+    return Option(INT, low, high, **kw)
+
+
+def _num(low=None, high=None, **kw) -> Option:
+    return Option(NUMBER, low, high, **kw)
+
+
+_BOOL = Option(BOOL)
+_SELFSUP = frozenset({SELFSUP})
+
+SCHEMA: dict[str, Option] = {
+    "name": Option(NAME, nullable=True),
+    "seed": _int(0, example="1234"),
+    "device": Option(CHOICE, choices=("auto", "cpu", "cuda")),
+    "amp": Option(AMP),
+    "channels_last": _BOOL,
+    "num_workers": _int(0, example="0"),
+    "fold": _int(0, 3, example="0"),
+    "label_sets": Option(ORGAN_SETS),
+    "class_setting": Option(CHOICE, choices=("six_organs", "all_structures")),
+    "input_size": _int(16, example="512"),
+    "n_ways": _int(1, example="1"),
+    "n_shots": _int(1, example="1"),
+    "n_queries": _int(1, example="1"),
+    "batch_size": _int(1, example="4"),
+    "n_steps": _int(1, example="10000"),
+    "lr": _num(0, low_open=True, example="1e-3"),
+    "momentum": _num(0, 1, example="0.9"),
+    "weight_decay": _num(0, example="5e-4"),
+    "lr_milestones": Option(MILESTONES, applies=PROTOTYPE_METHODS),
+    "lr_gamma": _num(0, 1, low_open=True, applies=PROTOTYPE_METHODS, example="0.1"),
+    "grad_clip": _num(0, example="0.0"),
+    "augment.p": _num(0, 1, example="0.5"),
+    "augment.brightness": Option(PAIR, 0, low_open=True),
+    "augment.contrast": Option(PAIR, 0, low_open=True),
+    "augment.gamma": Option(PAIR, 0, low_open=True),
+    "episodes": Option(CHOICE, choices=("labels", "superpixels")),
+    "selfsup.min_pixels": _int(1, applies=_SELFSUP, example="400"),
+    "selfsup.warp.rotate": _num(0, 90, high_open=True, applies=_SELFSUP, example="10.0"),
+    "selfsup.warp.scale": Option(PAIR, 0, low_open=True, applies=_SELFSUP),
+    "selfsup.warp.shear": _num(0, 45, high_open=True, applies=_SELFSUP, example="5.0"),
+    "selfsup.warp.translate": _num(0, 0.5, high_open=True, applies=_SELFSUP, example="0.05"),
+    "selfsup.warp.elastic_alpha": _num(0, applies=_SELFSUP, example="30.0"),
+    "selfsup.warp.elastic_sigma": _num(0, low_open=True, applies=_SELFSUP, example="5.0"),
+    "model.method": Option(CHOICE, choices=MODEL_METHODS),
+    "model.encoder": Option(CHOICE, choices=ENCODERS, removed=_removed("model.encoder"),
+                            applies=PROTOTYPE_METHODS),
+    "model.n_grid": _int(1, applies=PROTOTYPE_METHODS, example="8"),
+    "model.overlap": Option(BOOL, applies=frozenset({LSLPN})),
+    "model.vote": Option(CHOICE, choices=("max", "mean", "cover"), applies=frozenset({LSLPN})),
+    "model.resolution": Option(CHOICE, choices=("image", "feature"), applies=frozenset({LSLPN})),
+    "model.min_pixels": _num(0, applies=frozenset({LSLPN}), example="10"),
+    "model.scale": _num(0, low_open=True, applies=PROTOTYPE_METHODS, example="20.0"),
+    "model.align": Option(BOOL, applies=PROTOTYPE_METHODS),
+    "model.align_weight": _num(0, applies=PROTOTYPE_METHODS, example="1.0"),
+    "model.head": Option(CHOICE, choices=HEADS, applies=PROTOTYPE_METHODS),
+    "model.empty_cell": Option(CHOICE, choices=EMPTY_CELL_RULES, removed=_removed("model.empty_cell"),
+                               applies=frozenset({LSLPN})),
+    "model.pretrained": Option(BOOL, applies=PROTOTYPE_METHODS),
+    "senet.official_bug": Option(BOOL, applies=frozenset({SENET})),
+    "senet.double_softmax": Option(BOOL, applies=frozenset({SENET})),
+    "senet.epochs": _int(1, applies=frozenset({SENET}), example="20"),
+    "senet.lr_step_epochs": _int(1, applies=frozenset({SENET}), example="10"),
+    "senet.gamma_segmenter": _num(0, 1, low_open=True, applies=frozenset({SENET}), example="0.1"),
+    "senet.gamma_conditioner": _num(0, 1, low_open=True, applies=frozenset({SENET}), example="0.001"),
+    "path.data_dir": Option(TEXT),
+    "path.init_path": Option(FILE, nullable=True, applies=PROTOTYPE_METHODS),
+    "path.init_from": Option(FILE, nullable=True),
+    "path.log_dir": Option(TEXT),
+    "save_every": _int(1, example="1000"),
+    "val_every": _int(0, example="1000"),
+    "val_split": Option(CHOICE, choices=("val", "gold")),
+    "print_every": _int(1, example="100"),
+    "resume": _BOOL,
+    "eval.preset": Option(CHOICE, choices=PRESETS, removed=_removed("eval.preset")),
+    "eval.support": Option(SUPPORT),
+    "eval.n_shots": _int(1, example="1"),
+    "eval.snapshots": Option(SNAPSHOTS),
+    "eval.organs": Option(ORGANS, nullable=True),
+    "eval.split": Option(CHOICE, choices=("gold", "val")),
+    "eval.batch_size": _int(1, example="16"),
+    "eval.save_predictions": _BOOL,
+}
+# Mappings whose entries the user names (method name -> checkpoint): their keys are not config keys.
+OPEN_MAPPINGS = ("eval.snapshots",)
+# Sections: mappings of further keys (an empty `augment` means no augmentation).
+SECTIONS = sorted({key.rsplit(".", 1)[0] for key in SCHEMA if "." in key}
+                  | {"selfsup"})
+# Keys a snapshot's stored model config may hold besides the model.* keys (SENet's switch).
+SNAPSHOT_MODEL_EXTRA = {"official_bug": _BOOL}
+
+
+# ------------------------------------------------------------------------------ messages
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def fail(key: str, value: Any, what: str, fix: str, source: str = "") -> UserError:
+    """The one message shape: "<key> = <value>: <what is wrong>: <fix>" (after "<source>: " when given)."""
+    return UserError(f"{source + ': ' if source else ''}{key} = {_show(value)}: {what}: {fix}")
+
+
+def _type_word(value: Any) -> str:
+    if value is None:
+        return "None"
+    if isinstance(value, bool):
+        return "True/False"
+    return {str: "a string", list: "a list", tuple: "a list", dict: "a mapping"}.get(type(value),
+                                                                                    type(value).__name__)
+
+
+def _bounds(option: Option, integer: bool) -> str:
+    low, high = option.low, option.high
+    if integer and low is not None and high is not None:
+        return f"in {low}..{high}"
+    if low is not None and high is not None:
+        return f"in {'(' if option.low_open else '['}{low}, {high}{')' if option.high_open else ']'}"
+    if low is not None:
+        return f"{'>' if option.low_open else '>='} {low}"
+    if high is not None:
+        return f"{'<' if option.high_open else '<='} {high}"
+    return ""
+
+
+def _in_bounds(value: float, option: Option) -> bool:
+    if option.low is not None and not (value > option.low if option.low_open else value >= option.low):
+        return False
+    return option.high is None or (value < option.high if option.high_open else value <= option.high)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _example(key: str, option: Option, fallback: str) -> str:
+    return f"e.g. {key}={option.example}" if option.example else fallback
+
+
+# ------------------------------------------------------------------------------ one value
+def _check_integer(key: str, value: Any, option: Option) -> None:
+    kind = f"an integer {_bounds(option, True)}".strip()
+    if not _is_number(value):
+        if isinstance(value, str) and value.strip().lstrip("+-").isdigit():
+            raise fail(key, value, "must be an integer, not a string",
+                       f"write {key}={int(value)} (no quotes)")
+        raise fail(key, value, f"must be an integer, not {_type_word(value)}",
+                   _example(key, option, f"use {kind}"))
+    if not isinstance(value, numbers.Integral):
+        if math.isfinite(value) and float(value).is_integer():
+            raise fail(key, value, "must be an integer", f"write {int(value)} (no decimal point)")
+        raise fail(key, value, "must be an integer", f"use {kind}")
+    if not _in_bounds(value, option):
+        raise fail(key, value, "out of range", f"use {kind}")
+
+
+def _check_number(key: str, value: Any, option: Option) -> None:
+    kind = f"a number {_bounds(option, False)}".strip()
+    if not _is_number(value):
+        raise fail(key, value, f"must be a number, not {_type_word(value)}",
+                   _example(key, option, f"use {kind}"))
+    if not math.isfinite(value):
+        raise fail(key, value, "not a finite number", f"use {kind}")
+    if not _in_bounds(value, option):
+        raise fail(key, value, "out of range", f"use {kind}")
+
+
+def _check_choice(key: str, value: Any, option: Option) -> None:
+    if isinstance(value, str) and value in option.choices:
+        return
+    if isinstance(value, str) and value in (option.removed or {}):
+        raise fail(key, value, f"this option was removed after {LAST_VERSION}",
+                   f"{option.removed[value]} or check out {LAST_COMMIT}")
+    near = difflib.get_close_matches(str(value), [str(c) for c in option.choices], n=1, cutoff=0.6)
+    hint = f" (did you mean {near[0]!r}?)" if near else ""
+    raise fail(key, value, "unknown", f"use one of {', '.join(map(repr, option.choices))}{hint}")
+
+
+def _check_pair(key: str, value: Any, option: Option) -> None:
+    ok = (isinstance(value, (list, tuple)) and len(value) == 2 and all(_is_number(v) for v in value)
+          and value[0] <= value[1] and _in_bounds(value[0], option) and math.isfinite(value[1]))
+    if not ok:
+        raise fail(key, value, "not a range [low, high]",
+                   "use two numbers with 0 < low <= high, e.g. [0.5, 2.0]")
+
+
+def _check_organ_list(key: str, value: Any) -> None:
+    if not isinstance(value, (list, tuple)) or not value or not all(isinstance(v, str) and v for v in value):
+        raise fail(key, value, "must be a non-empty list of organ names", f"e.g. {key}='[\"liver\"]'")
+
+
+def check_value(key: str, value: Any, option: Option) -> None:
+    """UserError (one line) when `value` is not valid for `option`."""
+    if value is None and option.nullable:
+        return
+    kind = option.kind
+    if kind == INT:
+        _check_integer(key, value, option)
+    elif kind == NUMBER:
+        _check_number(key, value, option)
+    elif kind == BOOL:
+        if not isinstance(value, bool):
+            raise fail(key, value, "must be True or False", f"write {key}=True or {key}=False")
+    elif kind == CHOICE:
+        _check_choice(key, value, option)
+    elif kind in (TEXT, FILE):
+        if not isinstance(value, str) or not value:
+            raise fail(key, value, "must name a path", f"give a path{' or None' if option.nullable else ''}")
+    elif kind == NAME:
+        if not isinstance(value, str) or not value or "/" in value or value in (".", ".."):
+            raise fail(key, value, "must be a folder name", "use a name without '/', or None")
+    elif kind == PAIR:
+        _check_pair(key, value, option)
+    elif kind == MILESTONES:
+        if not isinstance(value, (list, tuple)) or any(isinstance(m, bool) or not isinstance(m, int) or m < 1
+                                                       for m in value) or list(value) != sorted(set(value)):
+            raise fail(key, value, "must be increasing positive step numbers", "e.g. [2500, 5000, 7500]")
+    elif kind == ORGAN_SETS:
+        if not isinstance(value, (list, tuple)) or len(value) != 4:
+            raise fail(key, value, "must be four lists of organ names (fold 0-3)",
+                       "e.g. [['liver'], ['spleen'], ['kidney_right', 'kidney_left'], "
+                       "['psoas_right', 'psoas_left']]")
+        for fold, organs in enumerate(value):
+            _check_organ_list(f"{key}[{fold}]", organs)
+    elif kind == ORGANS:
+        _check_organ_list(key, value)
+    elif kind == AMP:
+        if not (isinstance(value, bool) or value in ("bf16", "fp16")):
+            raise fail(key, value, "unknown", "use False, True (bf16 on GPUs that support it, else fp16; "
+                       "off on CPU), 'bf16' or 'fp16' (these two on CPU too)")
+    elif kind == SUPPORT:
+        items = value if isinstance(value, (list, tuple)) else [value]
+        if not items or not all(isinstance(v, (str, int)) and not isinstance(v, bool) for v in items):
+            raise fail(key, value, "must be a patient id, a list of them, 'default' or 'all'",
+                       f"e.g. {key}=default")
+    elif kind == SNAPSHOTS:
+        if not isinstance(value, Mapping) or not all(isinstance(k, str) and isinstance(v, str) and v
+                                                     for k, v in value.items()):
+            raise fail(key, value, "must map method names to checkpoint paths",
+                       f"e.g. '{key}={{\"LSLPN\": \"runs/.../best.pth\"}}'")
+    else:  # pragma: no cover  (a kind added to SCHEMA without a check)
+        raise AssertionError(f"no check for kind {kind!r}")
+
+
+# ------------------------------------------------------------------------------ unknown keys
+def nearest_key(key: str, known: list[str] | None = None) -> str | None:
+    """The known dotted key closest to `key`: a sibling with a similar name, else any key whose last
+    part is similar (difflib); None when nothing is close."""
+    known = sorted(SCHEMA) + SECTIONS if known is None else known
+    section, _, leaf = key.rpartition(".")
+    siblings = [k.rsplit(".", 1)[-1] for k in known if k.rpartition(".")[0] == section]
+    match = difflib.get_close_matches(leaf, siblings, n=1, cutoff=0.6)
+    if match:
+        return f"{section}.{match[0]}" if section else match[0]
+    leaves = {k.rsplit(".", 1)[-1]: k for k in reversed(known)}
+    match = difflib.get_close_matches(leaf, list(leaves), n=1, cutoff=0.75)
+    return leaves[match[0]] if match else None
+
+
+def _unknown(key: str, value: Any, known: list[str], source: str = "") -> UserError:
+    near = nearest_key(key, known)
+    section = key.rpartition(".")[0]
+    listed = sorted(k.rsplit(".", 1)[-1] for k in known if k.rpartition(".")[0] == section)
+    fix = f"did you mean {near}?" if near else \
+        f"the known {section or 'top-level'} keys are {', '.join(listed)}"
+    return fail(key, value, "unknown key", fix + " (config.py lists every key)", source)
+
+
+def _walk(tree: Mapping, prefix: str, schema: Mapping[str, Option], sections: list[str]) -> None:
+    known = sorted(schema) + sections
+    for name, value in tree.items():
+        key = f"{prefix}{name}"
+        if key in schema:
+            check_value(key, value, schema[key])
+        elif key in sections:
+            if value is None and key == "augment":
+                continue
+            if not isinstance(value, Mapping):
+                raise fail(key, value, f"must be a mapping of {key}.* options", "see config.py")
+            _walk(value, f"{key}.", schema, sections)
+        else:
+            raise _unknown(key, value, known)
+
+
+# ------------------------------------------------------------------------------ cross-key rules
+def methods_of(config: Mapping) -> frozenset:
+    """The methods a run config uses: one of lslpn / panet / senet, plus selfsup for superpixel episodes."""
+    model = config.get("model") or {}
+    method = SENET if model.get("method") == "senet" else PANET if model.get("head") == "panet" else LSLPN
+    return frozenset({method} | ({SELFSUP} if config.get("episodes") == "superpixels" else set()))
+
+
+def _panet_global(config: Mapping, prefix: str) -> None:
+    model = config.get("model") or {}
+    if model.get("head") == "panet" and model.get("n_grid", 1) != 1:
+        raise fail(f"{prefix}.n_grid", model["n_grid"], "the 'panet' head has global prototypes",
+                   f"set {prefix}.n_grid=1")
+
+
+def _grid_fits(config: Mapping, prefix: str) -> None:
+    model, size = config.get("model") or {}, config.get("input_size")
+    encoder, n_grid = model.get("encoder", "vgg16"), model.get("n_grid", 8)
+    if not isinstance(size, int) or encoder not in ENCODER_STRIDES:
+        return
+    side = size // ENCODER_STRIDES[encoder]
+    if n_grid > side:
+        raise fail(f"{prefix}.n_grid", n_grid, f"larger than the {side} x {side} feature map of encoder "
+                   f"{encoder} at input_size {size}", f"use {prefix}.n_grid <= {side} or a larger input_size")
+
+
+def _weights_exist(config: Mapping, prefix: str) -> None:
+    model = config.get("model") or {}
+    encoder = model.get("encoder", "vgg16")
+    if model.get("pretrained", False) and encoder not in IMAGENET_ENCODERS:
+        raise fail(f"{prefix}.pretrained", True, f"encoder {encoder} has no ImageNet weights",
+                   f"set {prefix}.pretrained=False")
+    init_path = (config.get("path") or {}).get("init_path")
+    if init_path is not None and encoder not in IMAGENET_ENCODERS:
+        raise fail("path.init_path", init_path, f"encoder {encoder} has no ImageNet layout to load",
+                   "set path.init_path=None, or use vgg16 / resnet50_lslpn")
+
+
+def _senet_shape(config: Mapping, prefix: str) -> None:
+    if config.get("n_ways", 1) != 1:
+        raise fail("n_ways", config.get("n_ways"), "SENet segments one class at a time", "set n_ways=1")
+    size = config.get("input_size")
+    if isinstance(size, int) and size % 16:
+        raise fail("input_size", size, "SENet needs a multiple of 16 (4 poolings)",
+                   f"e.g. input_size={max(16, size // 16 * 16)}")
+
+
+def _selfsup_one_way(config: Mapping, prefix: str) -> None:
+    if config.get("n_ways", 1) != 1:
+        raise fail("n_ways", config.get("n_ways"),
+                   "self-supervised episodes have one pseudo-class (a superpixel)", "set n_ways=1")
+
+
+# (rule, the methods it applies to); run in this order after every single value passed
+RULES: list[tuple[Callable[[Mapping, str], None], frozenset]] = [
+    (_panet_global, frozenset({PANET})),
+    (_weights_exist, PROTOTYPE_METHODS),
+    (_grid_fits, PROTOTYPE_METHODS),
+    (_senet_shape, frozenset({SENET})),
+    (_selfsup_one_way, _SELFSUP),
+]
+
+
+# ------------------------------------------------------------------------------ entry points
+def check_run_config(config: Mapping) -> None:
+    """The one pass over a resolved run config: known keys, types, ranges, then the cross-key rules."""
+    _walk(config, "", SCHEMA, SECTIONS)
+    used = methods_of(config)
+    for rule, applies in RULES:
+        if used & applies:
+            rule(config, "model")
+
+
+def check_model_config(model: Mapping, prefix: str = "model", input_size: int | None = None,
+                       source: str = "") -> None:
+    """Check a model section alone, e.g. the config a snapshot stores (missing keys are allowed: they
+    mean the model's defaults). Messages name `prefix`.<key>, after "`source`: " when given (the
+    snapshot's path). With `input_size`, n_grid must fit the encoder's feature map."""
+    if not isinstance(model, Mapping):
+        raise fail(prefix, model, "must be a mapping of model options", "use a snapshot written by train.py",
+                   source)
+    schema = {f"{prefix}.{key.split('.', 1)[1]}": option for key, option in SCHEMA.items()
+              if key.startswith("model.")}
+    schema.update({f"{prefix}.{key}": option for key, option in SNAPSHOT_MODEL_EXTRA.items()})
+    known = sorted(schema)
+    try:
+        for name, value in model.items():
+            key = f"{prefix}.{name}"
+            if key not in schema:
+                raise _unknown(key, value, known)
+            check_value(key, value, schema[key])
+        config = {"model": model, "input_size": input_size}
+        if methods_of(config) & PROTOTYPE_METHODS:
+            _panet_global(config, prefix)
+            _grid_fits(config, prefix)
+    except UserError as error:
+        if not source:
+            raise
+        raise UserError(f"{source}: {error}") from None
+
+
+def keys_for(methods: frozenset) -> list[str]:
+    """The config keys that matter to a run of `methods` (e.g. methods_of(config)), in SCHEMA order."""
+    return [key for key, option in SCHEMA.items() if option.applies & methods]
