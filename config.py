@@ -97,17 +97,14 @@ def default_config():
         "overlap": True,          # cell stride half the cell (True) or a full cell (False)
         "vote": "max",            # 'max' (paper), 'mean', 'cover'
         "resolution": "image",    # 'image' (paper semantics) or 'feature' (fast)
-        "min_pixels": 10,         # cells with this many or fewer class pixels get no prototype
+        "min_pixels": 10,         # cells with this many or fewer class pixels get the zero prototype
         "scale": 20.0,            # cosine similarity multiplier (PANet)
         "align": False,           # alignment loss ('panet' head: PANet's; 'local' head: this project's)
         "align_weight": 1.0,
         "head": "local",          # 'local' (LSLPN) or 'panet' (PANet's global prototypes, exactly)
-        # Empty cells (<= min_pixels class pixels): 'zero' = the authors' code (zero prototype, cosine
-        # 0, takes part in every vote; max vote floored at -1); 'skip' = the cell takes no part (this
-        # project's earlier rule; snapshots without the key were trained with it). Default 'zero' for
-        # every config: on the phantom the two rules differ by less than the run-to-run noise (the
-        # measurement, tools/compare_options.py, is in REPRODUCTION.md), so the default takes the
-        # authors' rule: one difference fewer.
+        # Empty cells (<= min_pixels class pixels): 'zero', the authors' rule and the only one (zero
+        # prototype, cosine 0, takes part in every vote; max vote floored at -1). The earlier 'skip'
+        # was removed after commit b9c8bb5 (models/removed_options.py).
         "empty_cell": "zero",
         "pretrained": True,       # ImageNet weights via torchvision (cached in TORCH_HOME); False: random
     }
