@@ -2,7 +2,8 @@
 
 The training loop's GPU options run on CPU through the same code (util/device.py, training/loop.py):
 bf16 and fp16 autocast (`amp='bf16'|'fp16'`), the fp16 GradScaler (torch.amp.GradScaler('cpu') on CPU),
-channels_last, and torchrun with ONE process entering the distributed path (gloo on CPU, nccl on CUDA).
+channels_last, torchrun entering the distributed path (one process with gloo on CPU; one per GPU with nccl
+on CUDA), test.py under autocast and scripts/segment_volume.py on the device.
 What only CUDA can break is listed in tools/gpu_check.sh's header; `pytest -m cuda` runs the cuda
 variants there.
 """
@@ -11,10 +12,12 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
+import nibabel as nib
 import pytest
 import torch
 
@@ -139,10 +142,39 @@ def test_fp16_grad_scaler_state_is_saved_and_resumed(prep, tmp_path, device):
 
 # ------------------------------------------------------------------- torchrun with one process
 @pytest.mark.parametrize("device", DEVICES)
-def test_torchrun_with_one_process_uses_the_distributed_path(prep, tmp_path, device):
-    torchrun = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1")
-    out = train_cli(f"device={device}", "n_steps=2", log_dir=tmp_path, prep_dir=prep, launcher=torchrun)
-    assert "rank 0: final weights sha256" in out
+def test_torchrun_uses_the_distributed_path_and_ranks_agree(prep, tmp_path, device):
+    """One process on CPU (gloo); on CUDA one per GPU (nccl) in bf16 with channels_last, as a paper run."""
+    gpus = torch.cuda.device_count() if device == "cuda" else 1
+    torchrun = (sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}")
+    extra = ("amp=bf16", "channels_last=True") if device == "cuda" else ()
+    out = train_cli(f"device={device}", "n_steps=2", *extra, log_dir=tmp_path, prep_dir=prep, launcher=torchrun)
+    digests = dict(re.findall(r"rank (\d+): final weights sha256 ([0-9a-f]+)", out))  # tqdm may precede it
+    assert len(digests) == gpus and len(set(digests.values())) == 1, out[-2000:]
     info = json.loads(Path(glob.glob(str(tmp_path / "*" / "1" / "info.json"))[0]).read_text())  # Sacred's run.info
-    assert info["world_size"] == 1
+    assert info["world_size"] == gpus
     assert info["distributed_backend"] == ("nccl" if device == "cuda" else "gloo")
+
+
+# --------------------------------------------------- evaluation and segment_volume on the device
+@pytest.mark.parametrize("device", DEVICES)
+def test_test_py_and_segment_volume_run_on_the_device_under_autocast(tiny_phantom, tiny_prepared, tmp_path, device):
+    train_cli(f"device={device}", "n_steps=2", log_dir=tmp_path / "runs", prep_dir=tiny_prepared)
+    snapshot = glob.glob(str(tmp_path / "runs" / "*" / "1" / "last.pth"))[0]
+    done = subprocess.run([sys.executable, "test.py", "with", "tiny", "fold=0", f"device={device}", "amp=bf16",
+                           f"eval.snapshots={json.dumps({'LSLPN': snapshot})}", "eval.save_predictions=False",
+                           f"path.data_dir={tiny_prepared}", f"path.log_dir={tmp_path / 'runs'}"], cwd=ROOT,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    rows = (Path(glob.glob(str(tmp_path / "runs" / "test" / "*" / "results.csv"))[0]).read_text()).splitlines()
+    assert any(row.startswith("LSLPN,") or ",LSLPN," in row for row in rows[1:]), rows[:3]
+    gold = tiny_phantom / "GoldCorpus"
+    volumes = sorted((gold / "Volumes").glob("*.nii.gz"))
+    support_pid = volumes[0].name.split("_")[0]
+    liver = sorted((gold / "Segmentations").glob(f"{support_pid}_*_58_*.nii.gz"))[0]   # RadLex 58: liver
+    out_file = tmp_path / "pred.nii.gz"
+    done = subprocess.run([sys.executable, "scripts/segment_volume.py", "--checkpoint", snapshot, "--support-image",
+                           str(volumes[0]), "--support-mask", str(liver), "--query", str(volumes[1]), "--out",
+                           str(out_file), "--device", device, "--no-progress"], cwd=ROOT,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    assert nib.load(str(out_file)).shape == nib.load(str(volumes[1])).shape
