@@ -139,9 +139,8 @@ class StepBatchSampler(Sampler):
     """
 
     def __init__(self, start_step: int, n_steps: int, batch_size: int, rank: int = 0, world_size: int = 1):
-        if batch_size % world_size:
-            raise UserError(f"batch_size {batch_size} is not divisible by the {world_size} processes: "
-                            f"use a multiple of {world_size}")
+        # the config check refuses such a batch_size for torchrun's WORLD_SIZE (training/config_check.py)
+        assert batch_size % world_size == 0, f"batch_size {batch_size} over {world_size} processes"
         self.start_step, self.n_steps = int(start_step), int(n_steps)
         self.batch_size, self.rank, self.world_size = int(batch_size), int(rank), int(world_size)
 

@@ -185,8 +185,17 @@ def test_loader_batches_do_not_depend_on_workers_or_ranks(prep):
         assert torch.equal(x[0::2], r0) and torch.equal(x[1::2], r1)
 
 
-def test_sampler_rejects_uneven_shards():
-    with pytest.raises(UserError, match="divisible"):
+def test_uneven_shards_are_refused_by_the_config_check(monkeypatch):
+    from config import ex
+    from sacred.initialize import create_run
+    from training.config_check import check_world_size
+    config = create_run(ex, "print_config", config_updates={"batch_size": 3}, named_configs=["tiny"]).config
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(UserError, match=r"^batch_size = 3: not divisible by the 2 processes: use a multiple of 2"):
+        check_world_size(config)
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    check_world_size(config)
+    with pytest.raises(AssertionError):     # the sampler trusts its input
         StepBatchSampler(0, 10, 3, 0, 2)
 
 
