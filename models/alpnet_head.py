@@ -181,12 +181,13 @@ class ALPNetHead(nn.Module):
         return self.score(prototypes, query_features)
 
     # ---- alignment loss -------------------------------------------------------------------
-    def alignment_loss(self, query_scores: Tensor, query_features: Tensor, support_features: Tensor,
-                       support_fg: Tensor, support_bg: Tensor) -> Tensor:
-        """ALPNet's alignLoss, averaged over the batch.
+    def alignment_loss(self, prototypes: ALPPrototypes, query_logits: Tensor, query_features: Tensor,
+                       support_features: Tensor, support_fg: Tensor, support_bg: Tensor) -> Tensor:
+        """ALPNet's alignLoss, averaged over the batch (the heads' common signature: `query_logits`,
+        at image resolution, is not used: ALPNet predicts the query mask at feature resolution).
 
-        query_scores B x Q x (1 + N) x h x w (feature resolution), query_features B x Q x C x h x w,
-        support_features B x N x K x C x h x w, masks B x N x K x H x W. The argmax of the query
+        prototypes of the support, query_features B x Q x C x h x w, support_features
+        B x N x K x C x h x w, masks B x N x K x H x W. The argmax of the query's feature-resolution
         scores gives hard masks (no way is skipped, an empty prediction gives the 'mask' mode's zero
         prototype); the queries act as shots (window 4); each support image (n, k) is scored
         against the background and way n, upsampled to H x W, and cross-entropy taken against its
@@ -196,7 +197,7 @@ class ALPNetHead(nn.Module):
         with torch.autocast(query_features.device.type, enabled=False):
             B, N, K, C, h, w = support_features.shape
             H, W = support_fg.shape[-2:]
-            pred = query_scores.argmax(dim=2)                                   # B x Q x h x w
+            pred = self.score_features(prototypes, query_features).argmax(dim=2)  # B x Q x h x w
             ways = torch.arange(1, N + 1, device=pred.device).view(1, N, 1, 1, 1)
             query_fg = (pred.unsqueeze(1) == ways).float()                      # B x N x Q x h x w
             query_bg = (pred == 0).float().unsqueeze(1).expand_as(query_fg)

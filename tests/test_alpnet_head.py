@@ -166,13 +166,17 @@ def test_alignment_loss_matches_the_slow_loop():
     support_feats = torch.randn(B, N, K, C, h, w)
     query_feats = torch.randn(B, Q, C, h, w)
     fg, bg = masks_of_every_kind()
-    query_scores = torch.randn(B, Q, 1 + N, h, w) * 3
-    query_scores[0, :, 1, :4, :4] = 50.0                          # a confident 4 x 4 block: gridconv+
+    query_feats[0, 0, :, :4, :4] = support_feats[0, 0, 0, :, 0, 0, None, None]  # a 4 x 4 block like way 0
     head = ALPNetHead().train()
-    got = head.alignment_loss(query_scores, query_feats, support_feats, fg, bg)
+    prototypes = head.compute_prototypes(support_feats, fg, bg, (H, W))
+    logits = head.score(prototypes, query_feats)
+    got = head.alignment_loss(prototypes, logits, query_feats, support_feats, fg, bg)
+    want_scores = ref_logits(support_feats, fg, bg, query_feats, 4)    # to check the predicted masks
     per_batch = []
     for b in range(B):
-        pred = query_scores[b, 0].argmax(0)                      # h x w
+        pred = head.score_features(prototypes, query_feats)[b, 0].argmax(0)  # h x w
+        assert bool((pred == 1).any()) and bool((pred == 0).any())
+        torch.testing.assert_close(logits[b].double(), want_scores[b], atol=1e-4, rtol=1e-4)
         qbg = (pred == 0).float()[None]
         bg_cands = ref_candidates(query_feats[b], qbg, 4, "bg")
         terms = []
