@@ -1,9 +1,10 @@
 """Windowed grid geometry: the cells of the location-sensitive head and their vectorised kernels.
 
-Cells (method.md section 1): each axis of `size` pixels is covered by cells of `size // n_grid`
-pixels; with `overlap` the stride is half a cell (2 * n_grid - 1 cells per side when the size
-divides), otherwise a full cell; when the regular cells stop short of the far border one last
-cell flush with it is added. A 2D cell is a (row cell, column cell) pair, numbered row-major.
+Cells (Yu et al., ISBI 2021, as the official code builds them): each axis of `size` pixels is
+covered by cells of `size // n_grid` pixels; with `overlap` the stride is half a cell (2 * n_grid - 1
+cells per side when the size divides), otherwise a full cell; when the regular cells stop short of
+the far border one last cell flush with it is added. A 2D cell is a (row cell, column cell) pair,
+numbered row-major.
 
 Bilinear upsampling (align_corners=False) is linear and separable: F_up = A F B^T with sparse
 interpolation matrices A (H x h) and B (W x w). Every masked cell sum, every dot product and
@@ -181,7 +182,7 @@ def cell_cosines(unit_vectors: Tensor, query: Tensor, rows: Axis, cols: Axis) ->
         unit_vectors, query = unit_vectors.double(), query.double()
     # Dot products on each cell's feature window, then bilinearly upsampled onto the cell.
     win = windows(query.flatten(0, 1), rows, cols).unflatten(0, (B, Q))  # B x Q x nr x nc x ww x C
-    dots = unit_vectors.permute(0, 2, 3, 1, 4).unsqueeze(1) @ win.transpose(-1, -2)  # B x Q x nr x nc x L x ww
+    dots = unit_vectors.permute(0, 2, 3, 1, 4).unsqueeze(1) @ win.transpose(-1, -2)  # B Q nr nc L ww
     dots = dots.view(B, Q, nr, nc, L, wr, wc)
     dots = rows.interp.to(dots.dtype).view(1, 1, nr, 1, 1, Lr, wr) @ dots
     dots = dots @ cols.interp.to(dots.dtype).transpose(1, 2).view(1, 1, 1, nc, 1, wc, Lc)  # .. x L x Lr x Lc
@@ -232,36 +233,17 @@ def _by_cols(values: Tensor, pad: float, cols: Axis) -> Tensor:
     return values[..., cols.cover_slot].unflatten(-1, (-1, cols.cover_cell.shape[1]))
 
 
-def reduce_covering(cell_values: Tensor, pad: float, rows: Axis, cols: Axis, reduce: str) -> Tensor:
-    """Reduce ('amax' or 'sum') over all cells covering each location.
+def reduce_covering(cell_values: Tensor, pad: float, rows: Axis, cols: Axis, reduce) -> Tensor:
+    """Reduce over all cells covering each location: `reduce(values, dim)` (torch.amax, torch.sum,
+    ...) over the covering row cells first, then over the covering column cells.
 
-    cell_values B x Q x nr x nc x L x Lr x Lc -> B x Q x L x S_r x S_c; separable: over the
-    covering row cells first, then over the covering column cells. `pad` is the neutral value.
+    cell_values B x Q x nr x nc x L x Lr x Lc -> B x Q x L x S_r x S_c. Covering slots are ordered
+    by decreasing cell index (slot 0: the last covering cell); `pad` fills the slots of locations
+    covered by fewer cells, so it must be neutral for `reduce`.
     """
-    by_rows = getattr(_by_rows(cell_values, pad, rows), reduce)(4)   # .. S_r x (nc Lc)
-    return getattr(_by_cols(by_rows, pad, cols), reduce)(-1)
+    return reduce(_by_cols(reduce(_by_rows(cell_values, pad, rows), 4), pad, cols), -1)
 
 
-def _last_valid(key: Tensor, values: Tensor, dim: int) -> tuple[Tensor, Tensor]:
-    """Along `dim` (the k <= 3 covering slots), the largest key and the value of its slot."""
-    best_key, best = key.select(dim, 0), values.select(dim, 0)
-    for j in range(1, key.shape[dim]):  # k <= 3 covering slots, not cells
-        k_j = key.select(dim, j)
-        better = k_j > best_key
-        best = torch.where(better, values.select(dim, j), best)
-        best_key = torch.where(better, k_j, best_key)
-    return best_key, best
-
-
-def last_covering(cell_values: Tensor, valid: Tensor, low: float, rows: Axis, cols: Axis) -> Tensor:
-    """Value of the covering cell (a, b) with valid[a, b] and the largest a * nc + b (row-major);
-    `low` where no valid cell covers the location. Shapes as `reduce_covering`; `valid`
-    broadcasts to cell_values."""
-    B, Q, nr, nc, L, Lr, Lc = cell_values.shape
-    row_id = torch.arange(nr, device=cell_values.device).view(1, 1, nr, 1, 1, 1, 1)
-    key = torch.where(valid, row_id, -1).expand(B, Q, -1, -1, L, Lr, Lc)
-    key, values = _last_valid(_by_rows(key, -1, rows), _by_rows(cell_values, low, rows), 4)
-    col_id = torch.arange(nc, device=cell_values.device).repeat_interleave(Lc)
-    key = torch.where(key >= 0, key * nc + col_id, -1)         # row-major cell order
-    key, values = _last_valid(_by_cols(key, -1, cols), _by_cols(values, low, cols), -1)
-    return torch.where(key >= 0, values, torch.full_like(values, low))
+def covering_count(rows: Axis, cols: Axis) -> Tensor:
+    """S_r x S_c float: the number of cells covering each location."""
+    return (rows.cover_cell >= 0).sum(1).float()[:, None] * (cols.cover_cell >= 0).sum(1).float()[None]

@@ -1,32 +1,15 @@
-"""Location-sensitive local prototypes (Yu et al., ISBI 2021), method.md section 1, in three steps.
+"""Location-sensitive local prototypes (Yu et al., ISBI 2021): the head of LSLPN.
 
-1. Cells (models/grid.py): each axis is covered by cells of `size // n_grid` pixels, stride half
-   a cell with `overlap` (else a cell), plus one cell flush with the far border when needed.
-2. `LocalPrototypeHead.compute_prototypes`: the local prototype of class c in cell g is the masked
-   average of the support features over the pixels of g that belong to c, averaged over the
-   shots. Class 0 is the background (mask `support_bg` of every support image of the episode).
-3. `LocalPrototypeHead.score`: the score of class c at location (x, y) is `scale * cosine(F_q(x, y),
-   p_{c,g})` for the cells g that contain (x, y), combined by the vote: 'max' (the paper), 'mean'
-   (average over the covering cells) or 'cover' (the last covering cell in row-major order wins).
+The method, with the rules of the authors' code, is `official_cell_loop` below, a plain loop over
+grid cells: (1) the support and query features are bilinearly upsampled to the image; (2) in each
+cell, the local prototype of a class is the masked average of the support features over the
+cell's pixels of that class, averaged over the shots; (3) each query pixel of the cell scores
+scale x cosine against it; (4) a pixel covered by several cells takes their vote ('max', the
+paper's; 'mean'; 'cover': the last covering cell in row-major order).
 
-Empty cells (`empty_cell`): a shot whose cell holds <= `min_pixels` class pixels gives no average.
-- 'zero' (the authors' code, method.md section 6): the shot's cell prototype is the zero vector;
-  the prototype is (sum over shots) / K (background: / (K * ways)), and every cell takes part in
-  every vote, a zero prototype with cosine 0. Averages divide by (pixel count + 1e-5). The 'max'
-  vote is a running maximum that starts at -1, so no logit is below -1.
-- 'skip' (this project's earlier rule): only shots with enough pixels are averaged; a cell where
-  no shot qualifies has NO prototype and never takes part in the vote of its class; a location
-  that no prototype-bearing cell covers gets the lowest score, -scale.
-With ReLU features (the official ResNet) the two rules rarely change the argmax; on random signed
-features they disagree on many pixels (method.md section 6), yet on the phantom's trained cnn_small
-and vgg16 snapshots switching the rule changed no Dice digit (REPRODUCTION.md, measured).
-
-Resolution. 'image' (the authors' semantics): support and query features are bilinearly upsampled
-(align_corners=False) to the input size before pooling and scoring; the grid, the pixel counts and
-the scores live on image pixels. The upsampled features are never formed (models/grid.py). 'feature'
-(fast): masks are area-downsampled to the feature map (soft masks), the grid lives on feature cells,
-a cell's pixel count is its soft mask sum times the image pixels per feature cell, and the logits are
-bilinearly upsampled at the end. The head computes in float32 even under autocast.
+`LocalPrototypeHead` computes the same logits without the loop and without ever forming the
+upsampled features: the cell geometry, the windowed kernels and their derivation are in
+models/grid.py; the tests hold the two equal on every pixel.
 """
 from __future__ import annotations
 
@@ -37,75 +20,128 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models import grid
-from models.grid import grid_cells  # noqa: F401  (re-exported: the cell geometry of the head)
+from models.grid import grid_cells
 from util.errors import UserError
 
-VOTES = ("max", "mean", "cover")
 RESOLUTIONS = ("image", "feature")
-EMPTY_CELL_RULES = ("zero", "skip")
-MAX_VOTE_FLOOR = -1.0   # 'zero' rule: the official running maximum starts at -1
-MEAN_EPS = 1e-5         # 'zero' rule: masked averages divide by (pixel count + 1e-5)
+EMPTY_CELL_RULES = ("zero",)  # the authors' rule; 'skip' was removed (models/removed_options.py)
+MAX_VOTE_FLOOR = -1.0         # the official running maximum starts at -1
+MEAN_EPS = 1e-5               # the official masked averages divide by (pixel count + 1e-5)
+_IGNORE = 255
 
 
+# ---- the method, plainly (the reference the fast head equals) ------------------------------
+def official_cell_loop(support_features, support_fg, support_bg, query_features, image_size,
+                       n_grid, overlap, vote, min_pixels=10, scale=20.0, dtype=torch.float64):
+    """Logits B x Q x (1 + N) x H x W, cell by cell in row-major order as the official code loops.
+
+    Shapes as `LocalPrototypeHead.forward`. In a cell with <= min_pixels class pixels a shot's
+    average is the zero vector (cosine 0: the cell still votes); averages divide by (pixels +
+    1e-5); a way's prototype is the sum over its shots / K, the background's the sum over all
+    ways and shots / (K * ways); the 'max' vote is a running maximum from -1.
+    """
+    B, N, K = support_features.shape[:3]
+    H, W = image_size
+
+    def upsample(features):  # ... x C x h x w -> ... x C x H x W
+        flat = features.flatten(0, -4).to(dtype)
+        up = F.interpolate(flat, size=(H, W), mode="bilinear", align_corners=False)
+        return up.unflatten(0, features.shape[:-3])
+
+    cells = [(r, c) for r in grid_cells(H, n_grid, overlap) for c in grid_cells(W, n_grid, overlap)]
+    out = []
+    for b in range(B):
+        supp, query = upsample(support_features[b]), upsample(query_features[b])  # N x K x C x H x W
+        Q = query.shape[0]
+        running = torch.full((Q, 1 + N, H, W), MAX_VOTE_FLOOR, dtype=dtype)    # 'max'
+        total, count, last = (torch.zeros(Q, 1 + N, H, W, dtype=dtype) for _ in range(3))
+        for (r0, r1), (c0, c1) in cells:
+            def average(n, k, mask):
+                m = mask[r0:r1, c0:c1].to(dtype)
+                if m.sum() <= min_pixels:
+                    return torch.zeros(supp.shape[2], dtype=dtype)
+                return (supp[n, k, :, r0:r1, c0:c1] * m).sum((1, 2)) / (m.sum() + MEAN_EPS)
+            background = sum(average(n, k, support_bg[b, n, k]) for n in range(N) for k in range(K)) / (K * N)
+            prototypes = [background] + [sum(average(n, k, support_fg[b, n, k]) for k in range(K)) / K
+                                         for n in range(N)]
+            for c, p in enumerate(prototypes):
+                s = scale * F.cosine_similarity(query[:, :, r0:r1, c0:c1], p[None, :, None, None],
+                                                dim=1, eps=grid.EPS)                 # Q x Lr x Lc
+                running[:, c, r0:r1, c0:c1] = torch.maximum(running[:, c, r0:r1, c0:c1], s)
+                total[:, c, r0:r1, c0:c1] += s
+                count[:, c, r0:r1, c0:c1] += 1
+                last[:, c, r0:r1, c0:c1] = s
+        out.append({"max": running, "mean": total / count, "cover": last}[vote])
+    return torch.stack(out)
+
+
+# ---- the vectorised head --------------------------------------------------------------------
 @dataclass
 class Prototypes:
-    """Local prototypes of an episode batch (output of `compute_prototypes`).
+    """Prototypes of an episode batch (output of a head's `compute_prototypes`).
 
-    vectors  B x (1 + N) x n_rows x n_cols x C  prototypes (class 0 = background)
-    present  B x (1 + N) x n_rows x n_cols      bool: the cell takes part in the vote of the class
+    vectors  B x (1 + N) x n_rows x n_cols x C  local prototypes (class 0 = background)
     image_size (H, W) and feature_size (h, w) of the support it was computed from.
     """
     vectors: Tensor
-    present: Tensor
     image_size: tuple[int, int]
     feature_size: tuple[int, int]
 
     def to(self, device) -> "Prototypes":
-        return Prototypes(self.vectors.to(device), self.present.to(device), self.image_size,
-                          self.feature_size)
+        return Prototypes(self.vectors.to(device), self.image_size, self.feature_size)
 
 
-def check_options(n_grid: int, overlap: bool, vote: str, resolution: str, min_pixels: float,
-                  scale: float, empty_cell: str = "skip") -> None:
-    """UserError naming the model.* key for an invalid head option."""
-    if not isinstance(n_grid, int) or isinstance(n_grid, bool) or n_grid < 1:
-        raise UserError(f"model.n_grid = {n_grid!r}: must be an integer >= 1")
-    if vote not in VOTES:
-        raise UserError(f"model.vote = {vote!r}: unknown vote: use one of {', '.join(VOTES)}")
-    if resolution not in RESOLUTIONS:
-        raise UserError(f"model.resolution = {resolution!r}: unknown: use 'image' or 'feature'")
-    if empty_cell not in EMPTY_CELL_RULES:
-        raise UserError(f"model.empty_cell = {empty_cell!r}: unknown rule: use 'zero' (the official "
-                        "code) or 'skip'")
-    if isinstance(min_pixels, bool) or not isinstance(min_pixels, (int, float)) or min_pixels < 0:
-        raise UserError(f"model.min_pixels = {min_pixels!r}: must be a number >= 0")
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
-        raise UserError(f"model.scale = {scale!r}: must be a number > 0")
-    if not isinstance(overlap, bool):
-        raise UserError(f"model.overlap = {overlap!r}: must be true or false")
+# ---- votes: cell scores B x Q x nr x nc x L x Lr x Lc -> B x Q x L x S_r x S_c -------------
+def max_vote(scores: Tensor, rows: grid.Axis, cols: grid.Axis, scale: float) -> Tensor:
+    """The paper's vote: the maximum over the covering cells, floored at -1 as the official code."""
+    return grid.reduce_covering(scores, -scale, rows, cols, torch.amax).clamp_min(MAX_VOTE_FLOOR)
+
+
+def mean_vote(scores: Tensor, rows: grid.Axis, cols: grid.Axis, scale: float) -> Tensor:
+    """The average over the covering cells."""
+    return grid.reduce_covering(scores, 0.0, rows, cols, torch.sum) / grid.covering_count(rows, cols)
+
+
+def cover_vote(scores: Tensor, rows: grid.Axis, cols: grid.Axis, scale: float) -> Tensor:
+    """The last covering cell in row-major order (covering slot 0 on both axes) wins."""
+    return grid.reduce_covering(scores, 0.0, rows, cols, lambda values, dim: values.select(dim, 0))
+
+
+VOTES = {"max": max_vote, "mean": mean_vote, "cover": cover_vote}
 
 
 class LocalPrototypeHead(nn.Module):
-    """Local prototypes and voting (no parameters). See the module docstring for the method.
+    """Local prototypes and voting (no parameters): the logits of `official_cell_loop`, fast.
 
     forward(support_features B x N x K x C x h x w, support_fg B x N x K x H x W,
             support_bg B x N x K x H x W, query_features B x Q x C x h x w, image_size (H, W))
         -> logits B x Q x (1 + N) x H x W (channel 0 background).
+
+    resolution 'image' (the authors' semantics): the grid, the pixel counts and the scores live on
+    image pixels. Derivation: bilinear upsampling is linear and separable, F_up = A F B^T (A: H x h,
+    B: W x w, at most two nonzero weights per row), so on the pixels of a cell g
+      sum_g m F_up = <F, A_g^T m_g B_g>: the mask pulled back onto the cell's small feature
+                     window (grid.cell_sums);
+      p . F_up     = A_g (p . F) B_g^T: dot products on the window, upsampled onto the cell
+                     (grid.cell_cosines);
+      |F_up|^2     needs only Gram terms of neighbouring feature vectors (grid.query_norm);
+    and the vote over the (at most 2-3 per axis) cells covering a pixel is separable: over the
+    covering row cells, then the column cells (grid.reduce_covering). 'feature' (fast): the masks are
+    area-downsampled to the feature map (soft masks), the grid lives on feature cells, a cell's
+    pixel count is its soft mask sum times the image pixels per feature cell, and the logits are
+    bilinearly upsampled at the end. The head computes in float32 even under autocast.
     """
 
     def __init__(self, n_grid: int = 8, overlap: bool = True, vote: str = "max",
-                 resolution: str = "image", min_pixels: float = 10, scale: float = 20.0,
-                 empty_cell: str = "skip"):
+                 resolution: str = "image", min_pixels: float = 10, scale: float = 20.0):
         super().__init__()
-        check_options(n_grid, overlap, vote, resolution, min_pixels, scale, empty_cell)
+        check_options(n_grid, overlap, vote, resolution, min_pixels, scale)
         self.n_grid, self.overlap, self.vote = n_grid, overlap, vote
         self.resolution, self.min_pixels, self.scale = resolution, float(min_pixels), float(scale)
-        self.empty_cell = empty_cell
 
     def extra_repr(self) -> str:
         return (f"n_grid={self.n_grid}, overlap={self.overlap}, vote={self.vote!r}, "
-                f"resolution={self.resolution!r}, min_pixels={self.min_pixels}, scale={self.scale}, "
-                f"empty_cell={self.empty_cell!r}")
+                f"resolution={self.resolution!r}, min_pixels={self.min_pixels}, scale={self.scale}")
 
     def forward(self, support_features: Tensor, support_fg: Tensor, support_bg: Tensor,
                 query_features: Tensor, image_size: tuple[int, int]) -> Tensor:
@@ -125,45 +161,28 @@ class LocalPrototypeHead(nn.Module):
         return (grid.axis(size[0], h, self.n_grid, self.overlap, str(device)),
                 grid.axis(size[1], w, self.n_grid, self.overlap, str(device)))
 
-    # ---- step 2: prototypes ---------------------------------------------------------------
     def compute_prototypes(self, support_features: Tensor, support_fg: Tensor, support_bg: Tensor,
                            image_size: tuple[int, int]) -> Prototypes:
-        """Local prototypes of every class and cell; shapes as `forward`. Returns `Prototypes`."""
+        """Local prototypes of every class and cell; shapes as `forward`."""
         with torch.autocast(support_features.device.type, enabled=False):
-            return self._prototypes(support_features.float(), support_fg.float(),
-                                    support_bg.float(), tuple(image_size))
-
-    def _prototypes(self, feats: Tensor, fg: Tensor, bg: Tensor, image_size) -> Prototypes:
-        B, N, K, C, h, w = feats.shape
-        rows, cols = self._axes(image_size, (h, w), feats.device)
-        masks = torch.stack([bg, fg], dim=3).flatten(0, 2)        # M=BNK x 2 x H x W
-        pixels_per_cell = 1.0
-        if self.resolution == "feature":
-            pixels_per_cell = image_size[0] * image_size[1] / (h * w)
-            masks = F.interpolate(masks, size=(h, w), mode="area")  # M x 2 x h x w (soft)
-        counts = grid.cell_counts(masks, rows, cols) * pixels_per_cell               # M x 2 x nr x nc
-        sums = grid.cell_sums(masks, feats.flatten(0, 2), rows, cols) * pixels_per_cell  # .. x C
-        valid = counts > self.min_pixels                           # M x 2 x nr x nc
-        if self.empty_cell == "zero":
+            feats, fg, bg = support_features.float(), support_fg.float(), support_bg.float()
+            B, N, K, C, h, w = feats.shape
+            rows, cols = self._axes(image_size, (h, w), feats.device)
+            masks = torch.stack([bg, fg], dim=3).flatten(0, 2)        # M=BNK x 2 x H x W
+            pixels_per_cell = 1.0
+            if self.resolution == "feature":
+                pixels_per_cell = image_size[0] * image_size[1] / (h * w)
+                masks = F.interpolate(masks, size=(h, w), mode="area")  # M x 2 x h x w (soft)
+            counts = grid.cell_counts(masks, rows, cols) * pixels_per_cell               # M x 2 x nr x nc
+            sums = grid.cell_sums(masks, feats.flatten(0, 2), rows, cols) * pixels_per_cell  # .. x C
             means = sums / (counts + MEAN_EPS).unsqueeze(-1)
-        else:
-            means = sums / counts.clamp_min(1e-6).unsqueeze(-1)
-        means = torch.where(valid.unsqueeze(-1), means, torch.zeros_like(means))
-        means = means.unflatten(0, (B, N, K))                      # B x N x K x 2 x nr x nc x C
-        valid = valid.unflatten(0, (B, N, K)).to(means.dtype)
-        fg_sum, fg_n = means[:, :, :, 1].sum(2), valid[:, :, :, 1].sum(2)   # B x N x nr x nc (x C)
-        bg_sum, bg_n = means[:, :, :, 0].sum((1, 2)), valid[:, :, :, 0].sum((1, 2))
-        total = torch.cat([bg_sum.unsqueeze(1), fg_sum], dim=1)    # B x (1+N) x nr x nc x C
-        if self.empty_cell == "zero":  # every shot counts, zero prototypes included
+            means = torch.where((counts > self.min_pixels).unsqueeze(-1), means, torch.zeros_like(means))
+            means = means.unflatten(0, (B, N, K))                      # B x N x K x 2 x nr x nc x C
+            total = torch.cat([means[:, :, :, 0].sum((1, 2)).unsqueeze(1), means[:, :, :, 1].sum(2)],
+                              dim=1)                                   # B x (1+N) x nr x nc x C
             divisor = torch.tensor([N * K] + [K] * N, dtype=total.dtype, device=total.device)
-            vectors = total / divisor.view(1, -1, 1, 1, 1)
-            present = torch.ones(total.shape[:-1], dtype=torch.bool, device=total.device)
-            return Prototypes(vectors, present, tuple(image_size), (h, w))
-        n_valid = torch.cat([bg_n.unsqueeze(1), fg_n], dim=1)      # B x (1+N) x nr x nc
-        vectors = total / n_valid.clamp_min(1).unsqueeze(-1)
-        return Prototypes(vectors, n_valid > 0, tuple(image_size), (h, w))
+            return Prototypes(total / divisor.view(1, -1, 1, 1, 1), tuple(image_size), (h, w))
 
-    # ---- step 3: scoring and voting -------------------------------------------------------
     def score(self, prototypes: Prototypes, query_features: Tensor) -> Tensor:
         """Logits B x Q x (1 + N) x H x W of query features B x Q x C x h x w.
 
@@ -176,31 +195,48 @@ class LocalPrototypeHead(nn.Module):
                             f"prototypes (batch {Bp}, {prototypes.vectors.shape[-1]} channels, "
                             f"feature map {prototypes.feature_size}): expected B x Q x C x h x w")
         with torch.autocast(query_features.device.type, enabled=False):
-            return self._score(prototypes, query_features.float())
+            query = query_features.float()
+            B, Q = query.shape[:2]
+            rows, cols = self._axes(prototypes.image_size, query.shape[-2:], query.device)
+            # cosine with a unit prototype; a zero prototype stays zero (cosine 0)
+            unit = F.normalize(prototypes.vectors.float(), dim=-1, eps=grid.EPS)  # Bp x L x nr x nc x C
+            scores = self.scale * grid.cell_cosines(unit, query, rows, cols)  # B x Q x nr x nc x L x Lr x Lc
+            voted = VOTES[self.vote](scores, rows, cols, self.scale)        # B x Q x L x S_r x S_c
+            if self.resolution == "feature":
+                voted = F.interpolate(voted.flatten(0, 1), size=prototypes.image_size, mode="bilinear",
+                                      align_corners=False).unflatten(0, (B, Q))
+            return voted                                               # B x Q x L x H x W
 
-    def _score(self, prototypes: Prototypes, query: Tensor) -> Tensor:
-        B, Q = query.shape[:2]
-        rows, cols = self._axes(prototypes.image_size, query.shape[-2:], query.device)
-        # cosine with a unit prototype; a zero prototype stays zero (cosine 0)
-        unit = F.normalize(prototypes.vectors.float(), dim=-1, eps=grid.EPS)  # Bp x L x nr x nc x C
-        scores = self.scale * grid.cell_cosines(unit, query, rows, cols)  # B x Q x nr x nc x L x Lr x Lc
-        has = prototypes.present.permute(0, 2, 3, 1)[:, None, :, :, :, None, None]  # Bp x 1 x nr x nc x L x 1 x 1
-        low = -self.scale
-        if self.vote == "max":     # cells without a prototype score the lowest possible value
-            voted = grid.reduce_covering(scores.masked_fill(~has, low), low, rows, cols, "amax")
-            if self.empty_cell == "zero":
-                voted = voted.clamp_min(MAX_VOTE_FLOOR)
-        elif self.vote == "mean":  # average over the covering cells that take part
-            total = grid.reduce_covering(scores.masked_fill(~has, 0.0), 0.0, rows, cols, "sum")
-            ones = has.expand(-1, -1, -1, -1, -1, rows.length, cols.length).float()
-            count = grid.reduce_covering(ones, 0.0, rows, cols, "sum")
-            voted = torch.where(count > 0, total / count.clamp_min(1), torch.full_like(total, low))
-        else:  # 'cover': the last covering cell that takes part, in row-major cell order, wins
-            voted = grid.last_covering(scores, has, low, rows, cols)
-        if self.resolution == "feature":
-            voted = F.interpolate(voted.flatten(0, 1), size=prototypes.image_size, mode="bilinear",
-                                  align_corners=False).unflatten(0, (B, Q))
-        return voted                                               # B x Q x L x H x W
+    def alignment_loss(self, prototypes: Prototypes, query_logits: Tensor, query_features: Tensor,
+                       support_features: Tensor, support_fg: Tensor, support_bg: Tensor) -> Tensor:
+        """This project's alignment loss on the local head (PANet's idea, not PANet's exact rule):
+        the image-resolution argmax of the query logits B x Q x (1 + N) x H x W builds local
+        prototypes from the query features B x Q x C x h x w that segment the support images.
+
+        Queries act as the shots of every way; support image (n, k) is scored against the
+        background and way-n prototypes only; cross-entropy on its labelled pixels, averaged over
+        ways and shots. `prototypes` (the support's) are not needed here.
+        """
+        B, N, K = support_features.shape[:3]
+        H, W = query_logits.shape[-2:]
+        pred = query_logits.argmax(dim=2)                           # B x Q x H x W
+        ways = torch.arange(1, N + 1, device=pred.device).view(1, N, 1, 1, 1)
+        query_fg = (pred.unsqueeze(1) == ways).float()              # B x N x Q x H x W
+        query_bg = (pred == 0).float().unsqueeze(1).expand_as(query_fg)
+        qfeats = query_features.unsqueeze(1).expand(B, N, *query_features.shape[1:])  # B x N x Q x C x h x w
+        query_prototypes = self.compute_prototypes(qfeats, query_fg, query_bg, (H, W))
+        supp_logits = self.score(query_prototypes, support_features.flatten(1, 2))  # B x NK x (1+N) x H x W
+        supp_logits = supp_logits.unflatten(1, (N, K))              # B x N x K x (1+N) x H x W
+        fg_channel = torch.arange(1, N + 1, device=pred.device).view(1, N, 1, 1, 1, 1)
+        fg_logits = supp_logits.gather(3, fg_channel.expand(B, N, K, 1, H, W))
+        pair = torch.cat([supp_logits[:, :, :, :1], fg_logits], dim=3)  # B x N x K x 2 x H x W
+        target = torch.full(support_fg.shape, _IGNORE, dtype=torch.long, device=pred.device)
+        target[support_bg > 0.5] = 0
+        target[support_fg > 0.5] = 1
+        loss = F.cross_entropy(pair.flatten(0, 2).float(), target.flatten(0, 2),
+                               ignore_index=_IGNORE, reduction="none")  # BNK x H x W
+        counted = (target.flatten(0, 2) != _IGNORE).flatten(1).sum(1).clamp_min(1)
+        return (loss.flatten(1).sum(1) / counted).mean()            # mean over BNK images
 
 
 def check_episode(support_features: Tensor, support_fg: Tensor, support_bg: Tensor,
@@ -219,3 +255,22 @@ def check_episode(support_features: Tensor, support_fg: Tensor, support_bg: Tens
         b, n = (int(i) for i in empty.nonzero()[0])
         raise UserError(f"support_fg: episode {b}, way {n} has an empty mask in every shot: "
                         "give each way at least one shot with foreground pixels")
+
+
+def check_options(n_grid: int, overlap: bool, vote: str, resolution: str, min_pixels: float,
+                  scale: float, empty_cell: str = "zero") -> None:
+    """UserError naming the model.* key for an invalid head option."""
+    if not isinstance(n_grid, int) or isinstance(n_grid, bool) or n_grid < 1:
+        raise UserError(f"model.n_grid = {n_grid!r}: must be an integer >= 1")
+    if vote not in VOTES:
+        raise UserError(f"model.vote = {vote!r}: unknown vote: use one of {', '.join(VOTES)}")
+    if resolution not in RESOLUTIONS:
+        raise UserError(f"model.resolution = {resolution!r}: unknown: use 'image' or 'feature'")
+    if empty_cell not in EMPTY_CELL_RULES:
+        raise UserError(f"model.empty_cell = {empty_cell!r}: unknown rule: use 'zero' (the official code)")
+    if isinstance(min_pixels, bool) or not isinstance(min_pixels, (int, float)) or min_pixels < 0:
+        raise UserError(f"model.min_pixels = {min_pixels!r}: must be a number >= 0")
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
+        raise UserError(f"model.scale = {scale!r}: must be a number > 0")
+    if not isinstance(overlap, bool):
+        raise UserError(f"model.overlap = {overlap!r}: must be true or false")

@@ -1,5 +1,5 @@
 """PANet's global-prototype head and its prototype alignment loss (Wang et al., ICCV 2019), as
-kaixin96/PANet models/fewshot.py computes them (method.md section 6, "PANet"):
+PANet's official code (kaixin96/PANet, models/fewshot.py) computes them:
 
 - prototypes: masked average pooling of the support features bilinearly upsampled to the mask
   size, sum(F_up * m) / (sum(m) + 1e-5); a way's prototype is the sum over its shots / K, the
@@ -7,7 +7,7 @@ kaixin96/PANet models/fewshot.py computes them (method.md section 6, "PANet"):
   is pulled back through the separable upsampling, sum(F_up * m) = <F, A^T m B>.
 - scores: scale * cosine(query features, prototype) at FEATURE resolution, then the logits are
   bilinearly upsampled (align_corners=False) to the image.
-- alignment loss (PAR): see `alignment_loss`.
+- alignment loss (PAR): see `PANetHead.alignment_loss`.
 """
 from __future__ import annotations
 
@@ -23,7 +23,8 @@ MEAN_EPS = 1e-5
 
 
 class PANetHead(nn.Module):
-    """Global prototypes (no parameters); the same interface as LocalPrototypeHead."""
+    """Global prototypes (no parameters); the same interface as LocalPrototypeHead (vectors
+    B x (1 + N) x 1 x 1 x C: one cell)."""
 
     def __init__(self, scale: float = 20.0):
         super().__init__()
@@ -48,8 +49,7 @@ class PANetHead(nn.Module):
             bg = means[:, :, :, 0].sum((1, 2)) / (N * K)                          # B x C
             fg = means[:, :, :, 1].sum(2) / K                                    # B x N x C
             vectors = torch.cat([bg.unsqueeze(1), fg], dim=1)[:, :, None, None]  # B x (1+N) x 1 x 1 x C
-            present = torch.ones(vectors.shape[:-1], dtype=torch.bool, device=vectors.device)
-            return Prototypes(vectors, present, tuple(image_size), (h, w))
+            return Prototypes(vectors, tuple(image_size), (h, w))
 
     def score_features(self, prototypes: Prototypes, query_features: Tensor) -> Tensor:
         """Scores B x Q x (1 + N) x h x w at feature resolution (prototype batch 1 broadcasts)."""
@@ -63,47 +63,48 @@ class PANetHead(nn.Module):
         """Logits B x Q x (1 + N) x H x W: feature-resolution scores upsampled bilinearly."""
         return upsample(self.score_features(prototypes, query_features), prototypes.image_size)
 
+    def alignment_loss(self, prototypes: Prototypes, query_logits: Tensor, query_features: Tensor,
+                       support_features: Tensor, support_fg: Tensor, support_bg: Tensor) -> Tensor:
+        """PANet's PAR, per episode as PANet's alignLoss, averaged over the batch.
+
+        prototypes: the support's (`compute_prototypes`); query_logits (upsampled) are not used:
+        PANet's query prediction is the argmax of the FEATURE-resolution scores, recomputed here.
+        query_features B x Q x C x h x w, support_features B x N x K x C x h x w, masks
+        B x N x K x H x W. Query prototypes are masked averages of the query features under the
+        prediction (all queries of the episode pooled, / (pixels + 1e-5)); a way whose predicted
+        mask has no pixel is skipped; each support image (n, k) is scored against the background
+        and way-n query prototypes at feature resolution, upsampled to the mask, and cross-entropy
+        taken against its label (1 foreground, 0 background, which wins where both are set, 255
+        ignored elsewhere); the episode's loss is the sum over ways and shots / (K * N). An image
+        with no labelled pixel adds 0 (PANet would give NaN).
+        """
+        with torch.autocast(query_features.device.type, enabled=False):
+            B, N, K, C, h, w = support_features.shape
+            H, W = support_fg.shape[-2:]
+            L = 1 + N
+            with torch.no_grad():  # only the argmax is used
+                pred = self.score_features(prototypes, query_features).argmax(dim=2)  # B x Q x h x w
+            onehot = F.one_hot(pred, L).permute(0, 1, 4, 2, 3).float()               # B x Q x L x h x w
+            sums = torch.einsum("bqlxy,bqcxy->blc", onehot, query_features.float())
+            q_protos = sums / (onehot.sum((1, 3, 4)) + MEAN_EPS).unsqueeze(-1)       # B x L x C
+            used = onehot[:, :, 1:].sum((1, 3, 4)) > 0                               # B x N: way not skipped
+            pair = torch.stack([q_protos[:, :1].expand(B, N, C), q_protos[:, 1:]], dim=2)  # B x N x 2 x C
+            supp = support_features.float()                                          # B x N x K x C x h x w
+            scores = self.scale * F.cosine_similarity(supp.unsqueeze(3), pair[:, :, None, :, :, None, None],
+                                                      dim=4, eps=EPS)               # B x N x K x 2 x h x w
+            logits = F.interpolate(scores.flatten(0, 2), size=(H, W), mode="bilinear", align_corners=False)
+            label = torch.full((B, N, K, H, W), IGNORE, dtype=torch.long, device=logits.device)
+            label[support_fg > 0.5] = 1
+            label[support_bg > 0.5] = 0
+            label = label.flatten(0, 2)                                              # BNK x H x W
+            per_pixel = F.cross_entropy(logits, label, ignore_index=IGNORE, reduction="none")
+            counted = (label != IGNORE).flatten(1).sum(1)
+            per_image = per_pixel.flatten(1).sum(1) / counted.clamp_min(1)           # BNK: PANet's mean CE
+            per_image = per_image.view(B, N, K) * used.unsqueeze(-1)
+            return (per_image.sum((1, 2)) / (K * N)).mean()
+
 
 def upsample(scores: Tensor, size: tuple[int, int]) -> Tensor:
     """B x Q x L x h x w -> B x Q x L x H x W, bilinear, align_corners=False."""
     return F.interpolate(scores.flatten(0, 1), size=size, mode="bilinear",
                          align_corners=False).unflatten(0, scores.shape[:2])
-
-
-def alignment_loss(head: PANetHead, query_scores: Tensor, query_features: Tensor,
-                   support_features: Tensor, support_fg: Tensor, support_bg: Tensor) -> Tensor:
-    """PANet's PAR, per episode as PANet's alignLoss, averaged over the batch.
-
-    query_scores B x Q x (1 + N) x h x w (FEATURE resolution, before upsampling), query_features
-    B x Q x C x h x w, support_features B x N x K x C x h x w, masks B x N x K x H x W.
-    The query prediction is the argmax of the feature-resolution scores; query prototypes are
-    masked averages of the query features under it (all queries of the episode pooled,
-    / (pixels + 1e-5)); a way whose predicted mask has no pixel is skipped; each support image
-    (n, k) is scored against the background and way-n query prototypes at feature resolution,
-    upsampled to the mask, and cross-entropy taken against its label (1 foreground, 0 background,
-    which wins where both are set, 255 ignored elsewhere); the episode's loss is the sum over
-    ways and shots / (K * N). An image with no labelled pixel adds 0 (PANet would give NaN).
-    """
-    with torch.autocast(query_features.device.type, enabled=False):
-        B, N, K, C, h, w = support_features.shape
-        H, W = support_fg.shape[-2:]
-        L = 1 + N
-        pred = query_scores.argmax(dim=2)                                        # B x Q x h x w
-        onehot = F.one_hot(pred, L).permute(0, 1, 4, 2, 3).float()               # B x Q x L x h x w
-        sums = torch.einsum("bqlxy,bqcxy->blc", onehot, query_features.float())
-        q_protos = sums / (onehot.sum((1, 3, 4)) + MEAN_EPS).unsqueeze(-1)       # B x L x C
-        used = onehot[:, :, 1:].sum((1, 3, 4)) > 0                               # B x N: way not skipped
-        pair = torch.stack([q_protos[:, :1].expand(B, N, C), q_protos[:, 1:]], dim=2)  # B x N x 2 x C
-        supp = support_features.float()                                          # B x N x K x C x h x w
-        scores = head.scale * F.cosine_similarity(supp.unsqueeze(3), pair[:, :, None, :, :, None, None],
-                                                  dim=4, eps=EPS)               # B x N x K x 2 x h x w
-        logits = F.interpolate(scores.flatten(0, 2), size=(H, W), mode="bilinear", align_corners=False)
-        label = torch.full((B, N, K, H, W), IGNORE, dtype=torch.long, device=logits.device)
-        label[support_fg > 0.5] = 1
-        label[support_bg > 0.5] = 0
-        label = label.flatten(0, 2)                                              # BNK x H x W
-        per_pixel = F.cross_entropy(logits, label, ignore_index=IGNORE, reduction="none")
-        counted = (label != IGNORE).flatten(1).sum(1)
-        per_image = per_pixel.flatten(1).sum(1) / counted.clamp_min(1)           # BNK: PANet's mean CE
-        per_image = per_image.view(B, N, K) * used.unsqueeze(-1)
-        return (per_image.sum((1, 2)) / (K * N)).mean()

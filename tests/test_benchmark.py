@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
 
 import benchmark as script  # noqa: E402  (tools/benchmark.py)
-from models.reference import cellwise_reference, literal_reference  # noqa: E402
+from models.local_prototypes import official_cell_loop  # noqa: E402
 import bench_measures as bench  # noqa: E402
 import bench_timing as timing  # noqa: E402
 from util.errors import UserError  # noqa: E402
@@ -65,20 +65,13 @@ def test_quick_report_numbers_are_measured(report):
 def test_head_comparison_detects_a_wrong_head():
     """The checks can fail: a reference that disagrees with the head makes both checks FAIL."""
     def wrong(*args, **kwargs):
-        logits = cellwise_reference(*args, **kwargs)
+        logits = official_cell_loop(*args, **kwargs)
         return logits.flip(-1)
     result = bench.head_comparison(wrong, 64, 16, 8, 4, torch.device("cpu"), repeats=1, reference_repeats=1)
     assert not result["image_ok"] and not result["feature_ok"]
-    good = bench.head_comparison(cellwise_reference, 64, 16, 8, 4, torch.device("cpu"), repeats=1,
+    good = bench.head_comparison(official_cell_loop, 64, 16, 8, 4, torch.device("cpu"), repeats=1,
                                  reference_repeats=1)
     assert good["image_ok"] and good["feature_ok"] and good["max_abs_diff_image"] < 1e-4
-
-
-def test_cell_loop_reference_equals_the_pixel_literal_reference_on_the_benchmark_episode():
-    """The benchmark times `cellwise_reference`; on its synthetic episode it equals the pixel loop."""
-    episode = bench.synthetic_episode(32, 8, 8, torch.device("cpu"))
-    args = (*episode.values(), (32, 32), 4, True, "max")
-    assert torch.allclose(cellwise_reference(*args), literal_reference(*args), atol=1e-9)
 
 
 def test_merge_keeps_the_other_section():

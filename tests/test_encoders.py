@@ -152,17 +152,15 @@ def test_bad_snapshots_and_checkpoints(tmp_path):
     with pytest.raises(UserError, match=r"official.pth: does not match .*layer4.0.weight"):
         build_encoder("resnet50_lslpn", path)
     torch.manual_seed(0)
-    variant = FewShotSegNet(encoder="resnet50_torchvision")
-    torch.save(variant.state_dict(), tmp_path / "variant.pth")
+    variant = {f"encoder.{k}": v for k, v in build_encoder("resnet50_torchvision").state_dict().items()}
+    torch.save(variant, tmp_path / "variant.pth")
     with pytest.raises(UserError, match="torchvision-layout ResNet-50.*model.encoder=resnet50_torchvision"):
         build_encoder("resnet50_lslpn", str(tmp_path / "variant.pth"))
-    with pytest.raises(UserError, match="torchvision-layout ResNet-50.*model.encoder=resnet50_torchvision"):
-        FewShotSegNet(encoder="resnet50_lslpn").load_state_dict(variant.state_dict())
+    with pytest.raises(UserError, match="model.encoder = 'resnet50_torchvision' .*removed after commit b9c8bb5"):
+        FewShotSegNet(encoder="resnet50_lslpn").load_state_dict(variant)
     _, official = _official_snapshot(tmp_path)
     with pytest.raises(UserError, match="official-layout ResNet-50.*model.encoder=resnet50_lslpn"):
         build_encoder("resnet50_torchvision", official)
-    with pytest.raises(UserError, match="official-layout ResNet-50.*model.encoder=resnet50_lslpn"):
-        variant.load_state_dict(torch.load(official))
 
 
 class _FakeWeights:

@@ -1,4 +1,5 @@
-"""FewShotSegNet: shapes, config round trip, batched evaluation API, PANet alignment, bad input."""
+"""FewShotSegNet: shapes, config round trip, batched evaluation API, PANet alignment, bad input,
+removed options."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -118,6 +119,7 @@ def test_bad_input():
 def test_training_after_inference_mode_at_the_same_size():
     """Geometry cached during an inference_mode evaluation must not break a later training step."""
     import torch
+
     from models.fewshot import FewShotSegNet
     torch.manual_seed(0)
     model = FewShotSegNet(encoder="cnn_small", n_grid=2)
@@ -145,7 +147,7 @@ def test_check_model_options_names_the_key():
             check_model_options(cfg, prefix="eval.model" if "vote" in cfg else "model")
 
 
-# ---- PANet, exactly as kaixin96/PANet models/fewshot.py (literal loops written from method.md s.6)
+# ---- PANet, exactly as kaixin96/PANet models/fewshot.py (literal loops written from PANet's code)
 def _panet_reference(sf, fg, bg, qf, size, scale=20.0):
     """Per episode: prototypes of upsampled features, cosine x scale at feature resolution, then
     the logits upsampled; returns (logits B x Q x (1+N) x H x W, feature scores B x Q x (1+N) x h x w)."""
@@ -181,7 +183,8 @@ def _panet_align_reference(scores, qf, sf, fg, bg, scale=20.0):
                 continue
             for shot in range(K):
                 img = sf[b, way, [shot]].double()
-                dist = [F.cosine_similarity(img, p[None, :, None, None], dim=1) * scale for p in (qp[0], qp[way + 1])]
+                dist = [F.cosine_similarity(img, p[None, :, None, None], dim=1) * scale
+                        for p in (qp[0], qp[way + 1])]
                 supp_pred = F.interpolate(torch.stack(dist, dim=1), size=fg.shape[-2:], mode="bilinear",
                                           align_corners=False)
                 label = torch.full(fg.shape[-2:], 255, dtype=torch.long)
@@ -194,7 +197,7 @@ def _panet_align_reference(scores, qf, sf, fg, bg, scale=20.0):
 
 @pytest.mark.parametrize("N,K,Q", [(1, 1, 1), (2, 3, 2)])
 def test_panet_head_and_alignment_equal_the_panet_loops(N, K, Q):
-    from models.panet import PANetHead, alignment_loss
+    from models.panet import PANetHead
     g = torch.Generator().manual_seed(N * 10 + K)
     sf, qf = torch.randn(2, N, K, 6, 5, 7, generator=g), torch.randn(2, Q, 6, 5, 7, generator=g)
     fg = (torch.rand(2, N, K, 19, 26, generator=g) > 0.6).float()
@@ -205,7 +208,7 @@ def test_panet_head_and_alignment_equal_the_panet_loops(N, K, Q):
     ref_logits, ref_scores = _panet_reference(sf, fg, bg, qf, (19, 26))
     assert torch.allclose(scores.double(), ref_scores, atol=1e-4)
     assert torch.allclose(head.score(protos, qf).double(), ref_logits, atol=1e-4)
-    loss = alignment_loss(head, scores, qf, sf, fg, bg)
+    loss = head.alignment_loss(protos, head.score(protos, qf), qf, sf, fg, bg)
     assert float(loss) == pytest.approx(float(_panet_align_reference(scores, qf, sf, fg, bg)), abs=1e-5)
 
 
@@ -218,5 +221,58 @@ def test_panet_model_forward_uses_panet_rules():
     with torch.no_grad():
         logits, align = model(si, fg, bg, qi)
         feats = model.encoder(torch.cat([si.flatten(0, 2), qi.flatten(0, 1)]))
-    ref, _ = _panet_reference(feats[:8].unflatten(0, (2, 2, 2)), fg, bg, feats[8:].unflatten(0, (2, 2)), (32, 32))
+    ref, _ = _panet_reference(feats[:8].unflatten(0, (2, 2, 2)), fg, bg, feats[8:].unflatten(0, (2, 2)),
+                              (32, 32))
     assert float(align) == 0 and torch.allclose(logits.double(), ref, atol=1e-4)
+
+
+# ---- removed options: a config or snapshot that uses one gets one line naming the last version
+REMOVED_CASES = [
+    ({"empty_cell": "skip"}, "model.empty_cell = 'skip' (in {}): this option was removed after commit "
+     "b9c8bb5 (2026-11-27): retrain with empty_cell='zero' or check out b9c8bb5"),
+    ({"encoder": "resnet50_torchvision"}, "model.encoder = 'resnet50_torchvision' (in {}): this option was "
+     "removed after commit b9c8bb5 (2026-11-27): retrain with encoder='resnet50_lslpn' (the authors' "
+     "ResNet-50) or check out b9c8bb5"),
+]
+
+
+@pytest.mark.parametrize("option,message", REMOVED_CASES)
+def test_a_snapshot_with_a_removed_option_is_one_line_naming_the_last_version(tmp_path, option, message):
+    from models.checkpoint import model_from_checkpoint, save_checkpoint
+    from models.fewshot import check_model_options
+    from models.removed_options import refuse_removed_options
+    config = {**_model().config, **option}
+    refuse_removed_options(_model().config, "runs/x/best.pth")      # today's options pass
+    with pytest.raises(UserError) as caught:
+        refuse_removed_options(config, "runs/x/best.pth")
+    assert str(caught.value) == message.format("runs/x/best.pth")
+    with pytest.raises(UserError) as caught:
+        FewShotSegNet.from_config(config)
+    assert str(caught.value) == message.format("the model config")
+    with pytest.raises(UserError) as caught:
+        check_model_options(config)
+    assert str(caught.value) == message.format("the config")
+    save_checkpoint(str(tmp_path / "best.pth"), {"model": {}, "config": config})
+    head, tail = message.split("{}")
+    with pytest.raises(UserError) as caught:                        # the stored config is refused
+        model_from_checkpoint(str(tmp_path / "best.pth"))
+    assert str(caught.value).startswith(head) and str(caught.value).endswith(tail)
+
+
+def test_an_old_snapshot_without_empty_cell_used_the_removed_rule():
+    """Snapshots written before model.empty_cell existed were trained with 'skip'."""
+    from models.removed_options import refuse_removed_options
+    config = {k: v for k, v in _model().config.items() if k != "empty_cell"}
+    with pytest.raises(UserError, match=r"^model.empty_cell missing \(in old.pth\): the snapshot predates .*"
+                                        r"empty_cell='skip', which was removed after commit b9c8bb5"):
+        refuse_removed_options(config, "old.pth", snapshot=True)
+    refuse_removed_options(config, "a config")                      # a config: the default applies
+    refuse_removed_options({"method": "senet", "official_bug": False}, "senet.pth", snapshot=True)
+    assert FewShotSegNet.from_config({"encoder": "cnn_small", "n_grid": 2}).config["empty_cell"] == "zero"
+
+
+def test_torchvision_layout_weights_name_the_removed_encoder():
+    weights = {"encoder.stem.0.weight": torch.zeros(1), "encoder.fuse.0.weight": torch.zeros(1)}
+    with pytest.raises(UserError, match=r"^model.encoder = 'resnet50_torchvision' \(in the snapshot's "
+                                        r"weights: encoder.stem.\*, encoder.fuse.\*\): this option was "):
+        _model().load_state_dict(weights)

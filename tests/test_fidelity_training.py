@@ -35,7 +35,7 @@ def test_bad_fidelity_options_are_one_line_errors(tiny_prepared, updates, messag
 
 def test_test_set_selection_warns_and_the_run_records_its_differences(tiny_prepared, tmp_path):
     cmd = [sys.executable, "train.py", "with", "tiny", "device=cpu", "n_steps=1", "val_every=1", "save_every=1",
-           "val_split=gold", "model.empty_cell=skip", f"path.data_dir={tiny_prepared}",
+           "val_split=gold", "model.vote=mean", f"path.data_dir={tiny_prepared}",
            f"path.log_dir={tmp_path / 'runs'}"]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -43,5 +43,5 @@ def test_test_set_selection_warns_and_the_run_records_its_differences(tiny_prepa
     assert len(warnings) == 1 and "test-set model selection" in warnings[0]
     info = json.loads(next((tmp_path / "runs").glob("*/1/info.json")).read_text())
     differs = info["differs_from_default"]
-    assert differs["val_split"] == ["val", "gold"] and differs["model.empty_cell"] == ["zero", "skip"]
+    assert differs["val_split"] == ["val", "gold"] and differs["model.vote"] == ["max", "mean"]
     assert differs["model.encoder"] == ["vgg16", "cnn_small"] and "model.n_grid" not in differs

@@ -1,11 +1,64 @@
-"""The local prototype head against the literal loop reference, and its behaviour."""
+"""The local prototype head against its plain per-cell loop (official_cell_loop) and a pixel-by-pixel
+loop written here, and its behaviour."""
 import pytest
 import torch
 import torch.nn.functional as F
 
-from models.local_prototypes import LocalPrototypeHead, grid_cells
-from models.reference import cellwise_reference, literal_grid, literal_reference, official_cell_loop
+from models.local_prototypes import LocalPrototypeHead, grid_cells, official_cell_loop
 from util.errors import UserError
+
+
+def literal_grid(size: int, n_grid: int, overlap: bool) -> list[tuple[int, int]]:
+    """Cells along one axis: length size // n_grid, stride half a cell or a cell, border cell."""
+    length = size // n_grid
+    stride = max(length // 2, 1) if overlap else length
+    cells = []
+    start = 0
+    while start + length <= size:
+        cells.append((start, start + length))
+        start += stride
+    if cells[-1][1] < size:
+        cells.append((size - length, size))
+    return cells
+
+
+def pixel_reference(sf, fg, bg, qf, image_size, n_grid, overlap, vote, min_pixels=10, scale=20.0):
+    """The head's logits by loops down to single pixels (float64, 1 episode of batch 1, 1 query):
+    per covering cell, per shot, the masked average (zero when <= min_pixels pixels), summed / K
+    (background / (K * N)); per pixel the covering cells' scaled cosines and their vote."""
+    N, K = sf.shape[1:3]
+    H, W = image_size
+
+    def up(f):
+        return F.interpolate(f.double(), size=(H, W), mode="bilinear", align_corners=False)
+
+    supp, query = up(sf[0].flatten(0, 1)).unflatten(0, (N, K)), up(qf[0])[0]   # N x K x C x H x W
+    rows, cols = literal_grid(H, n_grid, overlap), literal_grid(W, n_grid, overlap)
+
+    def average(n, k, mask, r0, r1, c0, c1):
+        m = mask[r0:r1, c0:c1].double()
+        if m.sum() <= min_pixels:
+            return torch.zeros(supp.shape[2], dtype=torch.float64)
+        return (supp[n, k, :, r0:r1, c0:c1] * m).sum((1, 2)) / (m.sum() + 1e-5)
+
+    prototypes = {}
+    for r0, r1 in rows:
+        for c0, c1 in cols:
+            cell = (r0, r1, c0, c1)
+            background = sum(average(n, k, bg[0, n, k], *cell) for n in range(N) for k in range(K)) / (K * N)
+            prototypes[cell] = [background] + [sum(average(n, k, fg[0, n, k], *cell) for k in range(K)) / K
+                                               for n in range(N)]
+    out = torch.empty(1, 1, 1 + N, H, W, dtype=torch.float64)
+    for x in range(H):
+        for y in range(W):
+            covering = [(r0, r1, c0, c1) for r0, r1 in rows if r0 <= x < r1
+                        for c0, c1 in cols if c0 <= y < c1]      # row-major cell order
+            for c in range(1 + N):
+                scores = [scale * float(F.cosine_similarity(query[:, x, y], prototypes[cell][c], dim=0,
+                                                            eps=1e-8)) for cell in covering]
+                out[0, 0, c, x, y] = {"max": max([-1.0] + scores), "mean": sum(scores) / len(scores),
+                                      "cover": scores[-1]}[vote]
+    return out
 
 
 def _episode(seed, B, N, K, Q, C, feat, image, blob=0.5):
@@ -50,7 +103,7 @@ def test_grid_cells_examples():
         grid_cells(4, 8, True)
 
 
-CASES = [  # image, feature map, n_grid, overlap, vote, K, N
+CASES = [  # image, feature map, n_grid, overlap, vote, K, N (batch 2, min_pixels 3)
     ((24, 32), (6, 8), 4, True, "max", 1, 1),
     ((24, 32), (6, 8), 4, False, "mean", 3, 2),
     ((26, 30), (7, 8), 2, True, "cover", 3, 2),
@@ -65,16 +118,23 @@ CASES = [  # image, feature map, n_grid, overlap, vote, K, N
 
 
 @pytest.mark.parametrize("image,feat,n_grid,overlap,vote,K,N", CASES)
-def test_image_mode_equals_literal_reference(image, feat, n_grid, overlap, vote, K, N):
+def test_head_equals_the_cell_loop_with_ways_shots_and_batches(image, feat, n_grid, overlap, vote, K, N):
     sf, fg, bg, qf = _episode(sum(image) + n_grid + K, 2, N, K, 1, 6, feat, image)
     head = LocalPrototypeHead(n_grid, overlap, vote, "image", min_pixels=3, scale=20.0)
     out = head(sf, fg, bg, qf, image)
-    ref = literal_reference(sf, fg, bg, qf, image, n_grid, overlap, vote, min_pixels=3)
+    ref = official_cell_loop(sf, fg, bg, qf, image, n_grid, overlap, vote, min_pixels=3)
     assert out.shape == ref.shape == (2, 1, 1 + N, *image)
-    assert (ref > -20).any()
-    if n_grid >= 4:
-        assert (ref == -20).any()                           # locations without any prototype occur
     assert torch.allclose(out.double(), ref, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("vote", ["max", "mean", "cover"])
+def test_cell_loop_equals_the_pixel_loop(vote):
+    """The per-cell loop against loops down to single pixels (2 ways, 2 shots, border cells)."""
+    sf, fg, bg, qf = _episode(3, 1, 2, 2, 1, 5, (6, 7), (22, 27))
+    for n_grid, overlap in ((4, True), (3, False)):
+        loop = official_cell_loop(sf, fg, bg, qf, (22, 27), n_grid, overlap, vote, min_pixels=2)
+        pixels = pixel_reference(sf, fg, bg, qf, (22, 27), n_grid, overlap, vote, min_pixels=2)
+        assert torch.allclose(loop, pixels, atol=1e-9)
 
 
 @pytest.mark.parametrize("overlap,vote", [(True, "max"), (False, "cover")])
@@ -82,7 +142,7 @@ def test_non_dividing_size_100x120(overlap, vote):
     """100 x 120 with n_grid 8: cells of 12 x 15 pixels and a border cell on both axes."""
     sf, fg, bg, qf = _episode(7, 1, 1, 1, 1, 8, (25, 30), (100, 120))
     head = LocalPrototypeHead(8, overlap, vote, "image")
-    ref = literal_reference(sf, fg, bg, qf, (100, 120), 8, overlap, vote)
+    ref = official_cell_loop(sf, fg, bg, qf, (100, 120), 8, overlap, vote)
     assert torch.allclose(head(sf, fg, bg, qf, (100, 120)).double(), ref, atol=1e-4, rtol=0)
 
 
@@ -99,13 +159,13 @@ ZERO_CASES = [  # image, feature map, n_grid, overlap, vote, K, ReLU features
 
 
 @pytest.mark.parametrize("image,feat,n_grid,overlap,vote,K,relu", ZERO_CASES)
-def test_zero_rule_equals_the_official_cell_loop_on_every_pixel(image, feat, n_grid, overlap, vote, K, relu):
-    """'zero' rule at image resolution against the per-cell loop of method.md section 6, 1e-4 on
-    every pixel; blobs of 30% of each side leave many cells empty or nearly empty (<= 10 pixels)."""
+def test_head_equals_the_cell_loop_on_every_pixel_at_full_size(image, feat, n_grid, overlap, vote, K, relu):
+    """Image resolution at the paper's size and a non-dividing one, 1e-4 on every pixel; blobs of
+    30% of each side leave many cells empty or nearly empty (<= 10 pixels)."""
     sf, fg, bg, qf = _episode(n_grid + K + image[1], 1, 1, K, 1, 4, feat, image, blob=0.3)
     if relu:  # the official ResNet's features: many exact zeros
         sf, qf = sf.relu(), qf.relu()
-    head = LocalPrototypeHead(n_grid, overlap, vote, "image", min_pixels=10, empty_cell="zero")
+    head = LocalPrototypeHead(n_grid, overlap, vote, "image", min_pixels=10)
     out = head(sf, fg, bg, qf, image)
     ref = official_cell_loop(sf, fg, bg, qf, image, n_grid, overlap, vote, min_pixels=10)
     assert out.shape == ref.shape == (1, 1, 2, *image)
@@ -114,42 +174,28 @@ def test_zero_rule_equals_the_official_cell_loop_on_every_pixel(image, feat, n_g
         assert ref.min() >= -1                                  # the running maximum starts at -1
 
 
-def test_zero_rule_differs_from_skip_rule_with_signed_features():
-    """A cell with no class pixels: 'zero' scores cosine 0 there, 'skip' the floor -scale."""
-    sf, fg, bg, qf = _episode(2, 1, 1, 1, 1, 4, (8, 8), (64, 64), blob=0.3)
-    zero = LocalPrototypeHead(8, True, "max", "image", empty_cell="zero")(sf, fg, bg, qf, (64, 64))
-    skip = LocalPrototypeHead(8, True, "max", "image", empty_cell="skip")(sf, fg, bg, qf, (64, 64))
-    far = fg[0, 0, 0] == 0
-    assert (skip[0, 0, 1][far] == -20).any() and (zero[0, 0, 1] >= 0).any()
-    assert zero.min() >= -1 and not torch.equal(zero.argmax(2), skip.argmax(2))
-
-
 @pytest.mark.parametrize("vote", ["max", "mean", "cover"])
-def test_zero_rule_feature_resolution_equals_the_cell_loop_on_the_feature_map(vote):
-    """'feature' resolution with 'zero': the cell loop run on the feature map (area-downsampled
+def test_feature_resolution_equals_the_cell_loop_on_the_feature_map(vote):
+    """'feature' resolution: the cell loop run on the feature map (area-downsampled
     masks, pixel counts in image pixels), then the logits upsampled, gives the head's logits."""
     image, feat = (48, 40), (12, 10)
     sf, fg, bg, qf = _episode(5, 1, 2, 3, 1, 4, feat, image, blob=0.4)
-    head = LocalPrototypeHead(4, True, vote, "feature", min_pixels=10, empty_cell="zero")
+    head = LocalPrototypeHead(4, True, vote, "feature", min_pixels=10)
     area = 16.0                                                  # image pixels per feature cell
-    soft = lambda m: F.interpolate(m.flatten(0, 2)[:, None], size=feat, mode="area")[:, 0].view(*m.shape[:3], *feat)
+
+    def soft(m):
+        return F.interpolate(m.flatten(0, 2)[:, None], size=feat, mode="area")[:, 0].view(*m.shape[:3], *feat)
+
     # scaling the soft masks by `area` makes the loop's pixel counts image pixels; averages are unchanged
     ref = official_cell_loop(sf, soft(fg) * area, soft(bg) * area, qf, feat, 4, True, vote, min_pixels=10)
-    ref = F.interpolate(ref.flatten(0, 1), size=image, mode="bilinear", align_corners=False).view(1, 1, 3, *image)
+    ref = F.interpolate(ref.flatten(0, 1), size=image, mode="bilinear", align_corners=False)
+    ref = ref.view(1, 1, 3, *image)
     out = head(sf, fg, bg, qf, image)
     assert (out - ref.float()).abs().max() <= 1e-4
 
 
-def test_cellwise_reference_equals_literal():
-    sf, fg, bg, qf = _episode(3, 1, 2, 2, 1, 5, (6, 7), (22, 27))
-    for vote in ("max", "mean", "cover"):
-        a = literal_reference(sf, fg, bg, qf, (22, 27), 4, True, vote, min_pixels=2)
-        b = cellwise_reference(sf, fg, bg, qf, (22, 27), 4, True, vote, min_pixels=2)
-        assert torch.allclose(a, b, atol=1e-9)
-
-
 def test_min_pixels_threshold():
-    """A cell gets a prototype only with MORE than min_pixels class pixels."""
+    """A shot's cell average counts only with MORE than min_pixels class pixels (else zero)."""
     C, H, W = 3, 16, 16
     sf = torch.rand(1, 1, 1, C, 4, 4) + 0.1
     qf = torch.rand(1, 1, C, 4, 4) + 0.1
@@ -158,29 +204,40 @@ def test_min_pixels_threshold():
         fg.view(-1)[torch.arange(n_pixels)] = 1              # pixels of the first row, cell (0, 0)
         head = LocalPrototypeHead(1, True, "max", "image", min_pixels=10)
         protos = head.compute_prototypes(sf, fg, 1 - fg, (H, W))
-        assert bool(protos.present[0, 1, 0, 0]) is has_fg
+        assert bool(protos.vectors[0, 1, 0, 0].abs().sum() > 0) is has_fg
         logits = head.score(protos, qf)
-        assert bool((logits[0, 0, 1] > -20).all()) is has_fg
+        assert bool((logits[0, 0, 1] > 0).all()) is has_fg    # zero prototype: cosine 0 everywhere
+        assert has_fg or bool((logits[0, 0, 1] == 0).all())
 
 
-def test_empty_cell_never_wins_the_vote():
-    """All scored cosines are negative; an empty covering cell (zero prototype in the official
-    code, cosine 0) must not win the max: the pixel keeps its negative score."""
+def test_empty_cells_vote_with_cosine_zero():
+    """The official rule, by hand: a cell without class pixels has the zero prototype, scores 0 and
+    takes part in every vote; the max vote is floored at -1.
+
+    8 x 8 image, n_grid 2 with overlap: cells of 4 pixels at 0, 2, 4 on both axes; foreground only
+    in the 2 x 2 pixels that only cell (0, 0) covers, where the query cosine with it is negative.
+    """
     H = W = 8
     sf = torch.zeros(1, 1, 1, 2, H, W)
     sf[:, :, :, 0] = 1.0                                     # support feature (1, 0)
     qf = torch.zeros(1, 1, 2, H, W)
     qf[:, :, 0], qf[:, :, 1] = -1.0, 0.2                    # query cosine with (1, 0) < 0
     fg = torch.zeros(1, 1, 1, H, W)
-    fg[..., :4, :4] = 1                                      # foreground only in the top-left cell
-    head = LocalPrototypeHead(2, True, "max", "image", min_pixels=2)
-    logits = head(sf, fg, 1 - fg, qf, (H, W))[0, 0, 1]
-    expected = 20 * torch.nn.functional.cosine_similarity(torch.tensor([1.0, 0]),
-                                                           torch.tensor([-1.0, 0.2]), dim=0)
-    assert torch.allclose(logits[:4, :4], expected.expand(4, 4), atol=1e-5)  # not 0
-    assert torch.all(logits[6:, 6:] == -20)                 # covered by no prototype-bearing cell
-    mean = LocalPrototypeHead(2, True, "mean", "image", min_pixels=2)(sf, fg, 1 - fg, qf, (H, W))
-    assert torch.allclose(mean[0, 0, 1, :4, :4], expected.expand(4, 4), atol=1e-5)
+    fg[..., :2, :2] = 1
+    cosine = 20 * F.cosine_similarity(torch.tensor([1.0, 0]), torch.tensor([-1.0, 0.2]), dim=0)  # -19.6
+    heads = {vote: LocalPrototypeHead(2, True, vote, "image", min_pixels=2)
+             for vote in ("max", "mean", "cover")}
+    logits = {vote: head(sf, fg, 1 - fg, qf, (H, W))[0, 0, 1] for vote, head in heads.items()}
+    expected = {  # (pixels covered by cell (0, 0) only, by 2 cells, by 4 cells of which (0, 0), by none)
+        "max": (-1.0, 0.0, 0.0, 0.0),
+        "mean": (cosine, cosine / 2, cosine / 4, 0.0),
+        "cover": (cosine, 0.0, 0.0, 0.0),                    # the last covering cell is empty
+    }
+    for vote, (alone, two, four, none) in expected.items():
+        got = logits[vote]
+        for region, value in (((slice(0, 2), slice(0, 2)), alone), ((slice(0, 2), slice(2, 4)), two),
+                              ((slice(2, 4), slice(2, 4)), four), ((slice(6, 8), slice(6, 8)), none)):
+            assert torch.allclose(got[region], torch.full((2, 2), float(value)), atol=1e-5), (vote, region)
 
 
 def _smooth(g, shape, size):
@@ -190,12 +247,12 @@ def _smooth(g, shape, size):
 
 
 def test_feature_mode_agrees_with_image_mode_on_smooth_inputs():
-    """'feature' and 'image' mode share the argmax on >= 97% of pixels for smooth inputs.
+    """'feature' and 'image' mode share the argmax on >= 94% of pixels for smooth inputs.
 
     Measured (128 x 128 images, 32 x 32 features as the cnn_small demo, 16 channels, features
-    bicubic from 4-8 point noise, two disc masks, n_grid 1/4/8, overlap on/off, seeds 0-3):
-    mean 98.0-98.4%, worst case 97.0-97.7%. With coarser 24 x 24 feature maps (96 x 96 input)
-    the worst case drops to 95.7-96.9% (mean 97.2-97.9%).
+    bicubic from 4-8 point noise, two disc masks, n_grid 1, 8 with overlap and 4, 8 without, seeds
+    0-3): mean 95.7%, worst case 93.9% (seed 0, tested here: 95.2-96.0%). With coarser 24 x 24
+    feature maps (96 x 96 input): mean 93.2%, worst case 89.2%.
     """
     g = torch.Generator().manual_seed(0)
     H = W = 128
@@ -209,7 +266,7 @@ def test_feature_mode_agrees_with_image_mode_on_smooth_inputs():
         a = LocalPrototypeHead(n_grid, overlap, "max", "image")(sf, fg, 1 - fg, qf, (H, W))
         b = LocalPrototypeHead(n_grid, overlap, "max", "feature")(sf, fg, 1 - fg, qf, (H, W))
         agreement = (a.argmax(2) == b.argmax(2)).float().mean().item()
-        assert agreement >= 0.97, (n_grid, overlap, agreement)
+        assert agreement >= 0.94, (n_grid, overlap, agreement)
 
 
 def test_location_sensitivity_two_identical_blobs():
@@ -294,7 +351,6 @@ def test_bad_input():
         LocalPrototypeHead(8, True, "max", "image")(sf, fg, bg, qf, (24, 32))  # > 6 x 8 features
     for kwargs, key in (({"n_grid": 0}, "model.n_grid = 0"), ({"vote": "median"}, "model.vote"),
                         ({"resolution": "pixel"}, "model.resolution"),
-                        ({"min_pixels": -1}, "model.min_pixels"), ({"scale": 0}, "model.scale"),
-                        ({"empty_cell": "none"}, "model.empty_cell = 'none': unknown rule")):
+                        ({"min_pixels": -1}, "model.min_pixels"), ({"scale": 0}, "model.scale")):
         with pytest.raises(UserError, match=key):
             LocalPrototypeHead(**kwargs)

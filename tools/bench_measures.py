@@ -3,8 +3,9 @@
 Every figure is the median of `repeats` timed calls after `warmup` untimed ones; on CUDA the
 timer synchronises the device before starting and before stopping. Forward passes run under
 `torch.no_grad` (not inference_mode: the head caches geometry tensors per size, and tensors made in
-inference mode would break a later training step of the same size in this process). Nothing here imports tests or entry points: the slow literal reference of
-the head (models/reference.py) is passed in by the script as `reference_fn`.
+inference mode would break a later training step of the same size in this process). Nothing here imports
+tests or entry points: the slow literal reference of the head (models/local_prototypes.py:
+official_cell_loop) is passed in by the script as `reference_fn`.
 
 Synthetic data (seeded, same seed -> same tensors): an episode is 1-way 1-shot 1-query; support and
 query foreground are ellipses, and features are a smooth random field plus a foreground/background

@@ -31,7 +31,7 @@ from util.atomic import write_text_atomic  # noqa: E402
 from util.paths import check_output_file  # noqa: E402
 from util.errors import UserError  # noqa: E402
 import torch  # noqa: E402
-from models.reference import cellwise_reference  # noqa: E402
+from models.local_prototypes import official_cell_loop  # noqa: E402
 
 TITLE = "# Benchmarks\n"
 INTRO = ("Made by `tools/benchmark.py` (its command is stated in each section). Every figure is the "
@@ -92,7 +92,8 @@ def render_section(name: str, results: dict, machine: dict, command: str, plan) 
     lines += ["", f"### 1. Head forward per episode ({h['size']} x {h['size']} input, {h['channels']}-channel "
               f"{h['feature_size']} x {h['feature_size']} features, n_grid {h['n_grid']}, overlapping, max vote, k=1)",
               "", "| implementation | median ms | spread ms | runs | speed-up vs reference |", "|---|---|---|---|---|",
-              f"| literal reference (`models/reference.py: cellwise_reference`, float32) | {ms(h['reference'].median)} | "
+              f"| literal reference (`models/local_prototypes.py: official_cell_loop`, float32) | "
+              f"{ms(h['reference'].median)} | "
               f"{spread(h['reference'])} | {runs_note(h['reference'])} | 1.0x |"]
     for mode in ("image", "feature"):
         lines.append(f"| LocalPrototypeHead resolution='{mode}' | {ms(h[mode].median)} | {spread(h[mode])} | "
@@ -106,13 +107,11 @@ def render_section(name: str, results: dict, machine: dict, command: str, plan) 
               f"{h['feature_disagreements']} disagreeing pixels lie farther than one feature cell "
               f"({h['size'] // h['feature_size']} px) from a boundary of the reference's argmax map (required 0): "
               f"{'PASS' if h['feature_ok'] else 'FAIL'}",
-              "", "The literal reference is this project's own loop implementation of the head "
-              "(`models/reference.py: cellwise_reference`, the 'skip' empty-cell rule), written from method.md "
-              "with the structure of the official code (features upsampled to the full image, then a Python "
-              "loop over grid cells); it is not the official code (`official_cell_loop` in the same file "
-              "follows the official code's rules and is what the tests compare the 'zero' rule with). The "
-              "pixel-by-pixel `literal_reference` would take hours at this size. It runs in float32, as the "
-              "head (the tests use it in float64). It is run few times (see runs).", "",
+              "", "The literal reference is this project's plain loop implementation of the head "
+              "(`models/local_prototypes.py: official_cell_loop`), with the rules and the structure of the "
+              "official code (features upsampled to the full image, then a Python loop over grid cells); it "
+              "is not the official code itself. It runs in float32, as the head (the tests use it in "
+              "float64). It is run few times (see runs).", "",
               f"### 2. Head time as a share of the encoder forward ({plan.size} x {plan.size}, one episode = "
               "support + query image)", "",
               "| encoder | features | encoder ms | 'image' head ms | share | 'feature' head ms | share |",
@@ -212,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     plan = bench.make_plan(args.quick, args.size)
     machine_before = timing.machine_description(device)
     machine_before_load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-    reference = functools.partial(cellwise_reference, dtype=torch.float32)  # the head's precision
+    reference = functools.partial(official_cell_loop, dtype=torch.float32)  # the head's precision
     start, loads = time.perf_counter(), [machine_before_load]
 
     def log(message: str) -> None:  # progress on stderr; samples the load average at each stage
