@@ -36,10 +36,10 @@ import numpy as np
 from dataloaders.intensity import scale_intensity, validate_intensity
 from dataloaders.multilabel import find_multilabel_cases, find_split, load_multilabel_case, read_label_map
 from dataloaders.nifti import atomic_folder, load_nifti
-from util.atomic import write_bytes_atomic
 from dataloaders.organs import INDEX_TO_NAME
 from dataloaders.transforms import resize_image, resize_label
 from dataloaders.visceral import LabeledVolume, as_int16_hu, find_cases, load_case, strip_nifti_suffix
+from util.atomic import write_bytes_atomic
 from util.errors import UserError
 from util.paths import check_output_folder
 
@@ -83,14 +83,14 @@ class Selection:
     max_per_volume: int = 5
     many: int = 20
     keep_all: bool = False
-    skip_last: bool = False   # True: the official notebook, axial slices 0 .. Z-2 only (the last never considered)
+    skip_last: bool = False   # True: the official notebook, axial slices 0 .. Z-2 only (never the last)
 
     def check(self) -> None:
         """Raise a one-line UserError for an out-of-range rule (the official one is 150 / 5 / 20)."""
         if self.min_voxels < 0 or not 1 <= self.max_per_volume <= self.many:
             raise UserError(f"slice selection --min-voxels {self.min_voxels} / --max-per-volume "
-                            f"{self.max_per_volume} / --many {self.many} is out of range: use min-voxels >= 0 "
-                            "and 1 <= max-per-volume <= many (official: 150 / 5 / 20)")
+                            f"{self.max_per_volume} / --many {self.many} is out of range: use "
+                            "min-voxels >= 0 and 1 <= max-per-volume <= many (official: 150 / 5 / 20)")
 
 
 @dataclass
@@ -105,7 +105,7 @@ def find_image_volumes(root: Path) -> list[tuple[str, Path]]:
     """(pid, path) of the NIfTI volumes directly in `root` (else in root/Volumes); pid = file stem."""
     for folder in (root, root / "Volumes"):
         paths = sorted(p for p in folder.glob("*") if p.is_file() and strip_nifti_suffix(p.name)
-                       and not p.name.startswith(".")) if folder.is_dir() else []   # '._x.nii.gz': macOS metadata
+                       and not p.name.startswith(".")) if folder.is_dir() else []   # '._x.nii.gz': macOS
         if paths:
             break
     if not paths:
@@ -115,7 +115,8 @@ def find_image_volumes(root: Path) -> list[tuple[str, Path]]:
     for path in paths:
         pid = case_id(strip_nifti_suffix(path.name))
         if pid in found:
-            raise UserError(f"{path}: same name as {found[pid].name} once made a file name: rename one of them")
+            raise UserError(f"{path}: same name as {found[pid].name} once made a file name: rename one of "
+                            "them")
         found[pid] = path
     return list(found.items())
 
@@ -145,8 +146,8 @@ def list_sources(source_dir: str | Path, layout: str = "visceral", label_map: st
         for split in ("silver", "gold"):
             cases = [(case_id(name), image, label) for name, image, label in find_multilabel_cases(
                 find_split(root, split))]                       # 'case 1' -> 'case_1': the id of the files
-            splits.append([SourceCase(pid, partial(load_multilabel_case, image, label, names, pid, allow_missing))
-                           for pid, image, label in cases])
+            splits.append([SourceCase(pid, partial(load_multilabel_case, image, label, names, pid,
+                                                   allow_missing)) for pid, image, label in cases])
         return splits[0], splits[1]
     if layout == "images-only":  # every volume trains (self-supervised); no validation or test volumes
         return [SourceCase(pid, partial(load_unlabeled, path, pid), unlabeled=True)
@@ -227,8 +228,9 @@ def check_window_fits(volume: LabeledVolume, intensity: dict) -> None:
     covered = (min(vmax, high) - max(vmin, low)) / (high - low)
     if covered < MIN_WINDOW_COVER:
         raise UserError(f"{volume.image.path}: voxel values span [{vmin:g}, {vmax:g}], which the HU window "
-                        f"[{low:g}, {high:g}] maps into less than {MIN_WINDOW_COVER:.0%} of [0, 1] (not Hounsfield "
-                        "units?): leave --window out (per-slice min-max scaling) or convert the volume to HU")
+                        f"[{low:g}, {high:g}] maps into less than {MIN_WINDOW_COVER:.0%} of [0, 1] (not "
+                        "Hounsfield units?): leave --window out (per-slice min-max scaling) or convert the "
+                        "volume to HU")
 
 
 def volume_arrays(volume: LabeledVolume) -> dict[str, np.ndarray]:
@@ -273,7 +275,8 @@ def process_case(case: SourceCase, split: str, out: Path, size: int, intensity: 
     row_of = {int(z): row for row, z in enumerate(rows)}
     # a class that vanishes when its slice is shrunk to prep_size is not listed for that slice
     summary["slices"] = {str(index): [[case.pid, row_of[int(z)], int(z)] for z in zs
-                                      if (labels[row_of[int(z)]] == index).any()] for index, zs in chosen.items()}
+                                      if (labels[row_of[int(z)]] == index).any()]
+                         for index, zs in chosen.items()}
     summary["slices"] = {key: entries for key, entries in summary["slices"].items() if entries}
     return summary
 
@@ -301,12 +304,13 @@ def check_out_location(out: str | Path, source_dir: str | Path, label_map: str |
     replaces only a prepared folder (one with meta.json) or an empty one, never another folder."""
     out, source = Path(out), Path(source_dir)
     if source.is_dir() and Path(os.path.realpath(source)) in Path(os.path.realpath(out)).parents:
-        raise UserError(f"--out {out} lies inside the input folder {source}: prepared files would mix with the "
-                        f"source data (a later run reads them as cases): give an --out outside {source}")
+        raise UserError(f"--out {out} lies inside the input folder {source}: prepared files would mix with "
+                        f"the source data (a later run reads them as cases): give an --out outside {source}")
     check_output_folder(out, [source_dir, label_map], "--out", overwrite)
     if out.is_dir() and not (out / "meta.json").is_file() and any(out.iterdir()):
-        raise UserError(f"--out {out}: --overwrite replaces only a prepared folder (with meta.json) or an empty "
-                        "one, and this folder holds other files: give a new folder, or remove it yourself")
+        raise UserError(f"--out {out}: --overwrite replaces only a prepared folder (with meta.json) or an "
+                        "empty one, and this folder holds other files: give a new folder, or remove it "
+                        "yourself")
 
 
 def check_case_ids(source_dir: str | Path, silver: list[SourceCase], gold: list[SourceCase]) -> None:
@@ -330,14 +334,16 @@ def prepare_dataset(source_dir: str | Path, out: str | Path, layout: str = "visc
     """Write PREP (DESIGN.md "Prepared data folder") atomically; returns meta.json's content."""
     intensity = validate_intensity(intensity or {"mode": "minmax"})
     if size < 16:
-        raise UserError(f"--size {size} is too small: use at least 16 (256 for the phantom, 512 for VISCERAL)")
+        raise UserError(f"--size {size} is too small: use at least 16 (256 for the phantom, 512 for "
+                        "VISCERAL)")
     rule.check()
     check_out_location(out, source_dir, label_map, overwrite)
     silver, gold = list_sources(source_dir, layout, label_map, allow_missing)
     check_case_ids(source_dir, silver, gold)
     if layout == "images-only":
         if n_val:
-            raise UserError(f"--n-val {n_val}: the images-only layout has no labels to validate on: leave --n-val out")
+            raise UserError(f"--n-val {n_val}: the images-only layout has no labels to validate on: leave "
+                            "--n-val out")
         n_val = 0
     train, val = split_silver([c.pid for c in silver], n_val, seed)
     split_of = {**{p: "train" for p in train}, **{p: "val" for p in val}}

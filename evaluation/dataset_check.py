@@ -25,9 +25,9 @@ from dataloaders.intensity import validate_intensity
 from dataloaders.organs import INDEX_TO_NAME, NAME_TO_INDEX, TABLE_COLUMNS, TEST_ORGANS
 from dataloaders.prepare import is_case_id, train_file_case, train_file_name
 from dataloaders.prepared import default_support
-from util.errors import UserError
 from evaluation.metrics import dice
 from evaluation.protocol import get_preset, mask_copy, preset_range
+from util.errors import UserError
 
 VOLUME_KEYS = ("image", "label", "affine", "original_affine", "original_shape", "original_axcodes", "spacing")
 IMAGES_ONLY = "images-only"
@@ -92,8 +92,9 @@ def format_mask_copy(results: dict[str, dict], support: str, preset: str) -> str
     if columns:
         lines.append("  organs as in the README table (kidney, psoas: mean of right and left): "
                      + ", ".join(f"{column} {value:.3f}" for column, value in columns.items()))
-        lines.append(f"  {'mean':<14} {np.mean(list(columns.values())):.3f}  (mean of the {len(columns)} organs "
-                     f"{', '.join(columns)}, each side pair counted once)")
+        mean = np.mean(list(columns.values()))
+        lines.append(f"  {'mean':<14} {mean:.3f}  (mean of the {len(columns)} organs {', '.join(columns)}, "
+                     "each side pair counted once)")
     return "\n".join(lines)
 
 
@@ -129,7 +130,8 @@ def _check_meta(prep: Path, meta: dict) -> tuple[int, dict]:
     except UserError as error:
         raise UserError(f"{path}: {error}: re-run scripts/prepare_visceral.py") from None
     if not isinstance(meta["prep_size"], int) or meta["prep_size"] < 16:
-        raise UserError(f"{path}: prep_size {meta['prep_size']!r} is not an integer >= 16: re-run the preparation")
+        raise UserError(f"{path}: prep_size {meta['prep_size']!r} is not an integer >= 16: re-run the "
+                        "preparation")
     splits = meta["splits"]
     if not isinstance(splits, dict) or set(splits) != {"train", "val", "gold"}:
         raise UserError(f"{path}: splits must have exactly train, val and gold: re-run the preparation")
@@ -142,7 +144,8 @@ def _check_meta(prep: Path, meta: dict) -> tuple[int, dict]:
                 raise UserError(f"{path}: case id {pid!r} in splits.{split} cannot name prepared files "
                                 "(letters, digits, '.', '_', '-'): re-run scripts/prepare_visceral.py")
             if pid in seen:
-                raise UserError(f"{path}: patient {pid} is in both {seen[pid]} and {split}: re-run the preparation")
+                raise UserError(f"{path}: patient {pid} is in both {seen[pid]} and {split}: re-run the "
+                                "preparation")
             seen[pid] = split
     if not splits["train"]:
         raise UserError(f"{path}: the train split is empty: prepare a data set with training volumes")
@@ -152,7 +155,7 @@ def _check_meta(prep: Path, meta: dict) -> tuple[int, dict]:
 
 
 def _check_train(prep: Path, pid: str, size: int, labeled: bool = True) -> np.ndarray:
-    """Validate train/<pid>_{image,label}.npy; returns the label stack N x S x S (all 0 when not `labeled`)."""
+    """Validate train/<pid>_{image,label}.npy; returns the label stack N x S x S (0 when not `labeled`)."""
     image_path, label_path = (prep / "train" / train_file_name(pid, kind) for kind in ("image", "label"))
     arrays = []
     for path, dtype in ((image_path, np.float32), (label_path, np.uint8))[: 2 if labeled else 1]:
@@ -163,15 +166,15 @@ def _check_train(prep: Path, pid: str, size: int, labeled: bool = True) -> np.nd
         except (ValueError, OSError, EOFError) as error:
             raise UserError(f"{path}: unreadable ({error}): re-run scripts/prepare_visceral.py") from None
         if array.dtype != dtype or array.ndim != 3 or array.shape[1:] != (size, size):
-            raise UserError(f"{path}: {array.dtype} {tuple(array.shape)}, expected {np.dtype(dtype)} N x {size} x "
-                            f"{size}: re-run scripts/prepare_visceral.py")
+            raise UserError(f"{path}: {array.dtype} {tuple(array.shape)}, expected {np.dtype(dtype)} "
+                            f"N x {size} x {size}: re-run scripts/prepare_visceral.py")
         arrays.append(array)
     if not labeled:
         arrays.append(np.zeros(arrays[0].shape, np.uint8))
     image, label = arrays
     if image.shape[0] != label.shape[0]:
-        raise UserError(f"{label_path}: {label.shape[0]} label slices for {image.shape[0]} image slices: re-run "
-                        "the preparation")
+        raise UserError(f"{label_path}: {label.shape[0]} label slices for {image.shape[0]} image slices: "
+                        "re-run the preparation")
     values = np.asarray(image)
     if not np.isfinite(values).all() or values.min(initial=0) < 0 or values.max(initial=0) > 1:
         raise UserError(f"{image_path}: image values outside [0, 1] or not finite: re-run the preparation")
@@ -199,9 +202,9 @@ def _check_volume(path: Path) -> set[int]:
         raise UserError(f"{path}: unreadable ({type(error).__name__}): re-run the preparation") from None
     if image.dtype not in (np.int16, np.float32) or image.ndim != 3 or label.dtype != np.uint8 \
             or label.shape != image.shape:
-        raise UserError(f"{path}: image {image.dtype} {image.shape} / label {label.dtype} {label.shape}: expected "
-                        "int16 and uint8 volumes of one shape (a float32 image where int16 was inexact): "
-                        "re-run the preparation")
+        raise UserError(f"{path}: image {image.dtype} {image.shape} / label {label.dtype} {label.shape}: "
+                        "expected int16 and uint8 volumes of one shape (a float32 image where int16 was "
+                        "inexact): re-run the preparation")
     if image.dtype == np.float32 and not np.isfinite(image).all():
         raise UserError(f"{path}: image values not finite: re-run the preparation")
     if affine.shape != (4, 4) or original_affine.shape != (4, 4) or spacing.shape != (3,) or \
@@ -234,19 +237,22 @@ def check_prepared(prep_dir: str | Path) -> dict:
     rows = []
     for key, entries in index["slices"].items():
         if not key.isdigit() or not 1 <= int(key) <= 20:
-            raise UserError(f"{prep / 'index.json'}: class '{key}' is not a label index 1-20: re-run the preparation")
+            raise UserError(f"{prep / 'index.json'}: class '{key}' is not a label index 1-20: re-run the "
+                            "preparation")
         klass = int(key)
         for entry in entries:
             if not (isinstance(entry, list) and len(entry) == 3 and entry[0] in labels):
-                raise UserError(f"{prep / 'index.json'}: entry {entry} of class {klass} does not name a training "
-                                "volume as [pid, row, z]: re-run the preparation")
+                raise UserError(f"{prep / 'index.json'}: entry {entry} of class {klass} does not name a "
+                                "training volume as [pid, row, z]: re-run the preparation")
             pid, row, z = entry
-            if not (isinstance(row, int) and 0 <= row < labels[pid].shape[0] and isinstance(z, int) and z >= 0):
+            if not (isinstance(row, int) and 0 <= row < labels[pid].shape[0]
+                    and isinstance(z, int) and z >= 0):
                 raise UserError(f"{prep / 'index.json'}: entry {entry}: row out of range for "
                                 f"{pid} ({labels[pid].shape[0]} slices): re-run the preparation")
             if not (labels[pid][row] == klass).any():
-                raise UserError(f"{prep / 'train' / (pid + '_label.npy')}: row {row} has no voxel of class {klass} "
-                                "listed in index.json: re-run the preparation")
+                label_file = prep / "train" / train_file_name(pid, "label")
+                raise UserError(f"{label_file}: row {row} has no voxel of class {klass} listed in "
+                                "index.json: re-run the preparation")
         rows.append({"index": klass, "name": INDEX_TO_NAME[klass], "slices": len(entries),
                      "volumes": len({entry[0] for entry in entries}),
                      "val": sum(klass in v for v in volumes["val"].values()),
@@ -256,7 +262,8 @@ def check_prepared(prep_dir: str | Path) -> dict:
         if pid not in labels:
             what = (f"files of {pid} which is not in splits.train" if pid
                     else "a file that is not <id>_image.npy / <id>_label.npy")
-            raise UserError(f"{prep / 'train'}: {path.name}: {what}: re-run the preparation into an empty folder")
+            raise UserError(f"{prep / 'train'}: {path.name}: {what}: re-run the preparation into an empty "
+                            "folder")
     if not labeled and index["slices"]:
         raise UserError(f"{prep / 'index.json'}: an images-only folder lists training slices: re-run the "
                         "preparation")

@@ -21,9 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
+from evaluation.results import read_results
 from util.atomic import write_bytes_atomic
 from util.errors import UserError
-from evaluation.results import read_results
 
 MASK_COPY = "mask copy"
 METHOD_ORDER = (MASK_COPY, "PANet", "SENet", "LSLPN")   # the published table's order; others after, by name
@@ -61,7 +61,8 @@ def load_figure_data(path: str | Path) -> dict[str, dict]:
     predictions: {method: X x Y bool}}."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"{path} is missing: run test.py (or evaluation.evaluate.evaluate with out_dir) first")
+        raise UserError(f"{path} is missing: run test.py (or evaluation.evaluate.evaluate with out_dir) "
+                        "first")
     data: dict[str, dict] = {}
     try:
         with np.load(path) as archive:
@@ -89,7 +90,8 @@ def _outline(ax, mask: np.ndarray, colour: str) -> None:
 def qualitative_png(data: dict[str, dict]) -> bytes:
     """results.png's bytes: per organ, the support slice with its mask and the query slice per method."""
     if not data:
-        raise UserError("no organ was scored, so there is nothing to draw: check the skipped cases in results.json")
+        raise UserError("no organ was scored, so there is nothing to draw: check the skipped cases in "
+                        "results.json")
     plt = _pyplot()
     methods = sorted({m for entry in data.values() for m in entry["predictions"]},
                      key=lambda m: (METHOD_ORDER.index(m) if m in METHOD_ORDER else len(METHOD_ORDER), m))
@@ -98,7 +100,8 @@ def qualitative_png(data: dict[str, dict]) -> bytes:
     for row, (organ, entry) in enumerate(data.items()):
         ax = axes[row, 0]
         ax.imshow(display(entry["support_image"]), cmap="gray")
-        mask = np.ma.masked_where(~display(entry["support_mask"]).astype(bool), display(entry["support_mask"]))
+        shown_mask = display(entry["support_mask"])
+        mask = np.ma.masked_where(~shown_mask.astype(bool), shown_mask)
         ax.imshow(mask, cmap="autumn", alpha=0.45)
         ax.set_title(f"{organ}: support {entry['support']} z={int(entry['support_z'])}", fontsize=7)
         for column, method in enumerate(methods, start=1):
@@ -126,7 +129,8 @@ def misalignment_pairs(results: dict, method: str) -> dict[str, tuple[list[float
     table = results["results"]
     pairs = {}
     for organ, entry in table.get(method, {}).items():
-        copy = {(c["support"], c["query"]): c["dice_range"] for c in table.get(MASK_COPY, {}).get(organ, {}).get("per_volume", [])}
+        copied = table.get(MASK_COPY, {}).get(organ, {}).get("per_volume", [])
+        copy = {(c["support"], c["query"]): c["dice_range"] for c in copied}
         cases = [(copy[(c["support"], c["query"])], c["dice_range"]) for c in entry["per_volume"]
                  if (c["support"], c["query"]) in copy]
         if cases:
@@ -158,7 +162,7 @@ def misalignment_png(results: dict) -> bytes | None:
 
 
 def misalignment_figure(results: dict, path: str | Path) -> Path | None:
-    """Write misalignment.png (`misalignment_png`) atomically at `path`; None when there is nothing to draw."""
+    """Write misalignment.png (`misalignment_png`) atomically at `path`; None when nothing is drawn."""
     png = misalignment_png(results)
     if png is None:
         return None
@@ -177,8 +181,8 @@ def render_figures(run_dir: str | Path) -> dict[Path, bytes]:
         scatter = misalignment_png(results)
     except (KeyError, TypeError, ValueError, IndexError, AttributeError) as error:
         reason = " ".join(f"{type(error).__name__}: {error}".split())[:80]
-        raise UserError(f"{run_dir}: results.json / figure_data.npz hold entries of an unexpected form ({reason}): "
-                        "run test.py again for this folder") from None
+        raise UserError(f"{run_dir}: results.json / figure_data.npz hold entries of an unexpected form "
+                        f"({reason}): run test.py again for this folder") from None
     if scatter is not None:
         figures[run_dir / "misalignment.png"] = scatter
     return figures

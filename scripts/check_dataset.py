@@ -16,14 +16,19 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from evaluation.dataset_check import (  # noqa: E402
+    DEFAULT_PRESET,
+    check_prepared,
+    format_table,
+    prepared_mask_copy,
+)
 from evaluation.protocol import get_preset  # noqa: E402
 from util.cli import run_cli  # noqa: E402
-from evaluation.dataset_check import (DEFAULT_PRESET, check_prepared, format_table,  # noqa: E402
-                                      prepared_mask_copy)
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("prep", help="prepared folder (scripts/prepare_visceral.py --out)")
     parser.add_argument("--mask-copy", action="store_true", help="also print the mask-copy Dice on gold")
     parser.add_argument("--preset", default=DEFAULT_PRESET,

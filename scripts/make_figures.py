@@ -18,12 +18,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from util.cli import run_cli  # noqa: E402
-from util.errors import UserError  # noqa: E402
 from evaluation.figures import FIGURE_NAMES, render_figures, write_figures  # noqa: E402
 from evaluation.protocol import ProtocolPreset  # noqa: E402
-from util.atomic import write_text_atomic  # noqa: E402
 from evaluation.results import markdown_table, read_results  # noqa: E402
+from util.atomic import write_text_atomic  # noqa: E402
+from util.cli import run_cli  # noqa: E402
+from util.errors import UserError  # noqa: E402
 from util.paths import check_output_file, check_writable_folder, same_file  # noqa: E402
 
 
@@ -36,8 +36,8 @@ def merged_table(run_dirs: list[Path]) -> str:
         presets.add(json.dumps(results["preset"], sort_keys=True))
         for method, organs in results["results"].items():
             if not isinstance(organs, dict):
-                raise UserError(f"{run / 'results.json'}: method '{method}' holds no organ entries: run test.py "
-                                "again for this folder")
+                raise UserError(f"{run / 'results.json'}: method '{method}' holds no organ entries: run "
+                                "test.py again for this folder")
             for organ, entry in organs.items():
                 if organ in summary.setdefault(method, {}):
                     raise UserError(f"{organ} of '{method}' appears in two runs (second: {run}): "
@@ -55,7 +55,8 @@ def merged_table(run_dirs: list[Path]) -> str:
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", type=Path, help="evaluation run folders (results.json inside)")
     parser.add_argument("--table", type=Path, help="write the merged Table 1 markdown here")
     args = parser.parse_args(argv)
@@ -63,12 +64,13 @@ def main(argv: list[str]) -> int:
         read_results(run)
         check_writable_folder(run, "run folder")
     if args.table:
-        check_output_file(args.table, [run / name for run in args.runs for name in ("results.json", "table.md",
-                                                                                    "figure_data.npz")], "--table")
+        inputs = [run / name for run in args.runs for name in ("results.json", "table.md", "figure_data.npz")]
+        check_output_file(args.table, inputs, "--table")
         figure = next((run / name for run in args.runs for name in FIGURE_NAMES
                        if same_file(args.table, run / name)), None)
         if figure is not None:
-            raise UserError(f"--table {args.table} is the figure {figure} that this run writes: give another path")
+            raise UserError(f"--table {args.table} is the figure {figure} that this run writes: give another "
+                            "path")
     # read and draw everything first (any error leaves every file as it was), then write
     figures = {path: png for run in args.runs for path, png in render_figures(run).items()}
     table = merged_table(args.runs) if args.table else None

@@ -29,9 +29,13 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dataloaders.prepare import prepare_dataset  # noqa: E402
+from dataloaders.superpixels import (  # noqa: E402
+    SuperpixelParams,
+    make_superpixels,
+    overlay_slices,
+    read_superpixel_meta,
+)
 from evaluation.figures import display  # noqa: E402
-from dataloaders.superpixels import (SuperpixelParams, make_superpixels, overlay_slices,  # noqa: E402
-                                     read_superpixel_meta)
 from util.atomic import write_bytes_atomic  # noqa: E402
 from util.cli import run_cli  # noqa: E402
 from util.errors import UserError  # noqa: E402
@@ -39,7 +43,7 @@ from util.paths import check_output_file  # noqa: E402
 
 
 def overlay_figure(prep_dir: Path, out: Path, n: int) -> None:
-    """A grid of `n` training slices with superpixel borders (radiological view, evaluation.figures.display)."""
+    """A grid of `n` training slices with superpixel borders (radiological view, figures.display)."""
     import matplotlib  # deferred: only the --figure option draws
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -80,20 +84,24 @@ def check_options(args: argparse.Namespace) -> SuperpixelParams:
         raise UserError("--figure-only needs --figure overlay.png")
     if args.figure:
         # the overlay may go into the prepared folder this run creates (--out): its folder appears then
-        new_folder = bool(args.out) and not Path(args.out).is_dir() and _inside(Path(args.figure), Path(args.out))
+        new_folder = bool(args.out) and not Path(args.out).is_dir() \
+            and _inside(Path(args.figure), Path(args.out))
         check_output_file(args.figure, [], "--figure", suffixes=(".png",), create_parent=new_folder)
     return params
 
 
 def main(argv: list[str]) -> int:
     defaults = SuperpixelParams()
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", required=True, help="a prepared folder, or a folder of NIfTI CT volumes")
-    parser.add_argument("--out", help="prepared folder to create from --images NIfTI volumes (default: --images)")
+    parser.add_argument("--out",
+                        help="prepared folder to create from --images NIfTI volumes (default: --images)")
     parser.add_argument("--method", default=defaults.method, choices=["felzenszwalb", "slic"])
     parser.add_argument("--scale", type=float, default=defaults.scale, help="felzenszwalb scale")
     parser.add_argument("--sigma", type=float, default=defaults.sigma, help="Gaussian pre-smoothing (pixels)")
-    parser.add_argument("--min-size", type=int, default=defaults.min_size, help="felzenszwalb smallest segment (px)")
+    parser.add_argument("--min-size", type=int, default=defaults.min_size,
+                        help="felzenszwalb smallest segment (px)")
     parser.add_argument("--n-segments", type=int, default=defaults.n_segments, help="slic segments per slice")
     parser.add_argument("--compactness", type=float, default=defaults.compactness, help="slic compactness")
     parser.add_argument("--body-threshold", type=float, default=defaults.body_threshold,
@@ -105,7 +113,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--overwrite", action="store_true", help="replace existing superpixels")
     parser.add_argument("--figure", help="also write an overlay PNG of a few slices here")
     parser.add_argument("--figure-slices", type=int, default=8)
-    parser.add_argument("--figure-only", action="store_true", help="only draw --figure from existing superpixels")
+    parser.add_argument("--figure-only", action="store_true",
+                        help="only draw --figure from existing superpixels")
     args = parser.parse_args(argv)
     params = check_options(args)
     if args.figure_only:
@@ -115,13 +124,14 @@ def main(argv: list[str]) -> int:
 
     source = Path(args.images)
     if not source.is_dir():
-        raise UserError(f"--images {source}: folder not found: give a prepared folder or a folder of NIfTI CT volumes")
+        raise UserError(f"--images {source}: folder not found: give a prepared folder or a folder of NIfTI "
+                        "CT volumes")
     prep = source
     start = time.perf_counter()
     if not (source / "meta.json").is_file():  # raw NIfTI volumes: prepare them first (images only)
         if not args.out:
-            raise UserError(f"--images {source} is not a prepared folder: add --out PREP to prepare its NIfTI "
-                            "volumes there (images only) first")
+            raise UserError(f"--images {source} is not a prepared folder: add --out PREP to prepare its "
+                            "NIfTI volumes there (images only) first")
         prep = Path(args.out)
         intensity = {"mode": "window", "window": list(args.window)} if args.window else {"mode": "minmax"}
         meta = prepare_dataset(source, prep, "images-only", size=args.size, intensity=intensity,
@@ -133,7 +143,8 @@ def main(argv: list[str]) -> int:
     meta = make_superpixels(prep, params, args.workers, args.overwrite)
     counts = [c for v in meta["volumes"].values() for c in v["superpixels_per_slice"]]
     print(f"wrote {prep}/superpixels in {time.perf_counter() - start:.1f} s: {len(meta['volumes'])} volumes, "
-          f"{len(counts)} slices, median {sorted(counts)[len(counts) // 2]} superpixels per slice; {asdict(params)}")
+          f"{len(counts)} slices, median {sorted(counts)[len(counts) // 2]} superpixels per slice; "
+          f"{asdict(params)}")
     if args.figure:
         overlay_figure(prep, Path(args.figure), args.figure_slices)
         print(f"overlay figure: {args.figure}")

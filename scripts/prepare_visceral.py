@@ -18,24 +18,26 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from util.cli import run_cli  # noqa: E402
 from dataloaders.prepare import Selection, prepare_dataset  # noqa: E402
+from util.cli import run_cli  # noqa: E402
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--visceral-dir", required=True, help="source ROOT (SilverCorpus/, GoldCorpus/)")
     parser.add_argument("--out", required=True, help="prepared folder to create")
     parser.add_argument("--layout", default="visceral", choices=["visceral", "multilabel", "images-only"],
-                        help="images-only: a folder of NIfTI CT volumes, all slices, no labels (self-supervised "
-                             "training; add superpixels with scripts/make_superpixels.py)")
+                        help="images-only: a folder of NIfTI CT volumes, all slices, no labels "
+                             "(self-supervised training; add superpixels with scripts/make_superpixels.py)")
     parser.add_argument("--label-map", help="JSON label name -> value map (multilabel layout)")
     parser.add_argument("--allow-missing-labels", action="store_true",
                         help="multilabel: accept map values absent from a volume")
     parser.add_argument("--size", type=int, default=256, help="preparation size S of training slices")
     parser.add_argument("--window", type=float, nargs=2, metavar=("LO", "HI"),
                         help="HU window instead of per-slice min-max scaling, e.g. -125 275")
-    parser.add_argument("--n-val", type=int, help="silver volumes held out for validation (default 20%%, >= 1)")
+    parser.add_argument("--n-val", type=int,
+                        help="silver volumes held out for validation (default 20%%, >= 1)")
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--min-voxels", type=int, default=150, help="a slice qualifies with MORE voxels")
     parser.add_argument("--max-per-volume", type=int, default=5, help="slices drawn when many qualify")
@@ -54,10 +56,12 @@ def main(argv: list[str]) -> int:
         print(f"{out}: exists, kept (--skip-existing)")
         return 0
     intensity = {"mode": "window", "window": list(args.window)} if args.window else {"mode": "minmax"}
-    rule = Selection(args.min_voxels, args.max_per_volume, args.many, args.keep_all_slices, args.official_slices)
+    rule = Selection(args.min_voxels, args.max_per_volume, args.many, args.keep_all_slices,
+                     args.official_slices)
     start = time.perf_counter()
-    meta = prepare_dataset(args.visceral_dir, out, args.layout, args.label_map, args.size, intensity, args.n_val,
-                           args.seed, rule, args.workers, args.overwrite, args.allow_missing_labels)
+    meta = prepare_dataset(args.visceral_dir, out, args.layout, args.label_map, args.size, intensity,
+                           args.n_val, args.seed, rule, args.workers, args.overwrite,
+                           args.allow_missing_labels)
     splits = meta["splits"]
     overlaps = sum(v["overlap_voxels"] for v in meta["volumes"].values())
     print(f"wrote {out} in {time.perf_counter() - start:.1f} s: train {len(splits['train'])}, val "

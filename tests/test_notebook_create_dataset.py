@@ -33,8 +33,10 @@ def _settings_cell() -> str:
     return "".join(next(c for c in notebook["cells"] if c["cell_type"] == "code")["source"])
 
 
-@pytest.mark.parametrize("work_dir, allowed", [(None, True), ("data", True), ("notebooks/x", False), ("", False)])
-def test_create_dataset_notebook_writes_outside_the_repository_unless_data_is_chosen(tmp_path, work_dir, allowed):
+@pytest.mark.parametrize("work_dir, allowed", [(None, True), ("data", True), ("notebooks/x", False),
+                                               ("", False)])
+def test_create_dataset_notebook_writes_outside_the_repository_unless_data_is_chosen(tmp_path, work_dir,
+                                                                                      allowed):
     """The settings cell alone: default WORK_DIR outside the repository; under data/ only when chosen;
     anywhere else inside the repository refused before anything is written."""
     import os

@@ -2,31 +2,33 @@
 root check and tested for several inputs of that class (same contract as tests/test_bad_inputs.py: one
 `error:` line, exit code 2, no traceback, nothing written or changed).
 
-| class (root check)                                         | cases                                          |
-|------------------------------------------------------------|------------------------------------------------|
-| A stored image != file (dataloaders.prepare.exact_image,   | float [0, 1] CT (visceral, multilabel, images- |
-|   check_window_fits)                                       | only), non-integer HU, float holding integers, |
-|                                                            | uint16 above 32767, int16 with scl_slope 0.5;  |
-|                                                            | HU window on a [0, 1] image / on a mask image  |
-| B --out inside the input tree, --overwrite of a foreign    | out in ROOT, in ROOT/SilverCorpus/Volumes,     |
-|   folder (prepare.check_out_location)                      | through a symlink, images-only, make_super-    |
-|                                                            | pixels --out in --images; --overwrite a folder |
-|                                                            | that is not a prepared one                     |
-| C figures replaced before failing (evaluation.figures      | 2nd run corrupt, presets differ, malformed     |
-|   .render_figures, scripts/make_figures.py)                | results.json, --table = a figure, a run twice  |
-| D make_superpixels checks after preparing                  | bad parameter, --figure a folder / not .png /  |
-|   (scripts/make_superpixels.check_options)                 | in a missing folder, --figure-slices 0; ok:    |
-|                                                            | --figure inside the new --out (README example) |
-| E writer and checker disagree on case ids (prepare.case_id | ids image_1 (multilabel, images-only), 'case 1'|
-|   / train_file_case, dataset_check)                        | sanitised; same id in both splits; two names   |
-|                                                            | one id; stray train file; unusable id in meta; |
-|                                                            | ok: hidden ._x.nii.gz skipped                  |
-| F mask-copy mean over 6 sides vs the README's 4 organs     | the printed mean = 4-organ reference; a side   |
-|   (evaluation.dataset_check.format_mask_copy)              | missing; default preset 'inclusive'            |
+| class (root check)                                 | cases                                          |
+|----------------------------------------------------|------------------------------------------------|
+| A stored image != file (dataloaders.prepare        | float [0, 1] CT (visceral, multilabel, images- |
+|   .exact_image, .check_window_fits)                | only), non-integer HU, float holding integers, |
+|                                                    | uint16 above 32767, int16 with scl_slope 0.5;  |
+|                                                    | HU window on a [0, 1] image / on a mask image  |
+| B --out inside the input tree, --overwrite of a    | out in ROOT, in ROOT/SilverCorpus/Volumes,     |
+|   foreign folder (prepare.check_out_location)      | through a symlink, images-only, make_super-    |
+|                                                    | pixels --out in --images; --overwrite a folder |
+|                                                    | that is not a prepared one                     |
+| C figures replaced before failing (evaluation      | 2nd run corrupt, presets differ, malformed     |
+|   .figures.render_figures, make_figures.py)        | results.json, --table = a figure, a run twice  |
+| D make_superpixels checks after preparing          | bad parameter, --figure a folder / not .png /  |
+|   (make_superpixels.check_options)                 | in a missing folder, --figure-slices 0; ok:    |
+|                                                    | --figure inside the new --out (README example) |
+| E writer and checker disagree on case ids          | ids image_1 (multilabel, images-only), 'case 1'|
+|   (prepare.case_id / train_file_case)              | sanitised; same id in both splits; two names   |
+|                                                    | one id; stray train file; unusable id in meta; |
+|                                                    | ok: hidden ._x.nii.gz skipped                  |
+| F mask-copy mean over 6 sides, not 4 organs        | the printed mean = 4-organ reference; a side   |
+|   (dataset_check.format_mask_copy)                 | missing                                        |
 
-Counted: 37 cases (a parametrized id or a case inside a test, each with its own assertions), 30 of them
-unusual or hostile inputs and 7 'ok' inputs that must give the right answer, over 4 entry points
-(prepare_visceral, check_dataset, make_superpixels, make_figures).
+Counted: 35 cases (one parametrized id each, each with its own assertions): 33 unusual inputs over 4
+entry points (prepare_visceral, check_dataset, make_superpixels, make_figures), 22 of them refused with
+one line and 11 accepted with the right answer (classes A, E and the README's make_superpixels
+example), plus 2 checks of the mask-copy mean (class F). The create-dataset notebook's output
+location: tests/test_notebook_create_dataset.py (4 cases, 2 refused).
 """
 from __future__ import annotations
 
@@ -37,12 +39,12 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-
 from conftest import TINY_PHANTOM
+from test_bad_inputs import assert_one_line_error, mini_source, run_script, tree
+
 from dataloaders.nifti import load_nifti, to_original
 from dataloaders.visceral import find_cases, load_case
 from evaluation.dataset_check import format_mask_copy, mask_copy_dice
-from test_bad_inputs import assert_one_line_error, mini_source, run_script, tree
 
 PREP_ARGS = ["--size", str(TINY_PHANTOM["size"]), "--n-val", "0", "--min-voxels", "5", "--workers", "1"]
 
@@ -136,7 +138,8 @@ def test_prepare_stores_every_image_exactly(tiny_phantom, tmp_path, capsys, case
 
 @pytest.mark.parametrize("layout", ["multilabel", "images-only"])
 def test_a_unit_float_ct_is_kept_exact_in_the_other_layouts(tiny_phantom, tmp_path, capsys, layout):
-    cases = {"silver": find_cases(tiny_phantom / "SilverCorpus")[:2], "gold": find_cases(tiny_phantom / "GoldCorpus")[:2]}
+    cases = {"silver": find_cases(tiny_phantom / "SilverCorpus")[:2],
+             "gold": find_cases(tiny_phantom / "GoldCorpus")[:2]}
     root = tmp_path / "src"
     sources = {}
     for split, folder in (("silver", "train"), ("gold", "test")):
@@ -177,15 +180,16 @@ def test_a_unit_float_ct_is_kept_exact_in_the_other_layouts(tiny_phantom, tmp_pa
 
 
 @pytest.mark.parametrize("change, words", [
-    (to_unit, ["not Hounsfield units", "leave --window out"]),                    # the line's end (paths are long)
-    (lambda a, f: nib.Nifti1Image((a > 0).astype(np.uint8), f), ["not Hounsfield units", "convert the volume"]),
+    (to_unit, ["not Hounsfield units", "leave --window out"]),            # the line's end (paths are long)
+    (lambda a, f: nib.Nifti1Image((a > 0).astype(np.uint8), f),         # a 0/1 mask given as the image
+     ["not Hounsfield units", "convert the volume"]),
 ])
 def test_an_hu_window_on_an_image_not_in_hu_is_one_line(tiny_phantom, tmp_path, capsys, change, words):
     source = mini_source(tiny_phantom, tmp_path / "src")
     rewrite_volumes(source, change)
     before = tree(tmp_path)
-    code, err = run_script("prepare_visceral", ["--visceral-dir", source, "--out", tmp_path / "prep", *PREP_ARGS,
-                                                "--window", "-125", "275"], capsys)
+    code, err = run_script("prepare_visceral", ["--visceral-dir", source, "--out", tmp_path / "prep",
+                                                *PREP_ARGS, "--window", "-125", "275"], capsys)
     assert_one_line_error(code, err, *words)
     assert tree(tmp_path) == before
 
@@ -205,7 +209,8 @@ def test_prepare_refuses_an_out_inside_its_input(tiny_phantom, tmp_path, capsys,
     else:
         out = source / where / "prep" if where != "root" else source / "prep"
     before = tree(tmp_path)
-    code, err = run_script("prepare_visceral", ["--visceral-dir", source, "--out", out, *layout, *PREP_ARGS], capsys)
+    code, err = run_script("prepare_visceral", ["--visceral-dir", source, "--out", out, *layout, *PREP_ARGS],
+                           capsys)
     assert_one_line_error(code, err, "lies inside the input folder", "give an --out outside")
     assert tree(tmp_path) == before
 
@@ -224,8 +229,8 @@ def test_overwrite_replaces_only_a_prepared_folder(tiny_phantom, tmp_path, capsy
     mine = tmp_path / "my_documents"
     mine.mkdir()
     (mine / "thesis.txt").write_text("keep me")
-    code, err = run_script("prepare_visceral", ["--visceral-dir", source, "--out", mine, "--overwrite", *PREP_ARGS],
-                           capsys)
+    code, err = run_script("prepare_visceral", ["--visceral-dir", source, "--out", mine, "--overwrite",
+                                                *PREP_ARGS], capsys)
     assert_one_line_error(code, err, "--overwrite replaces only a prepared folder")
     assert tree(mine) == ["thesis.txt"] and (mine / "thesis.txt").read_text() == "keep me"
 
@@ -260,7 +265,8 @@ def _malformed_results(run: Path) -> None:
 
 
 FIGURE_CASES = {
-    "second run: truncated figure_data.npz": (_corrupt_figure_data, [], ["figure_data.npz", "corrupt or truncated"]),
+    "second run: truncated figure_data.npz": (_corrupt_figure_data, [],
+                                              ["figure_data.npz", "corrupt or truncated"]),
     "runs of two presets": (_other_preset, ["--table", "TABLE"], ["different protocol presets"]),
     "malformed results.json": (_malformed_results, [], ["unexpected form", "run test.py again"]),
     "--table is a figure of a run": (None, ["--table", "A/results.png"], ["is the figure", "results.png"]),
@@ -302,25 +308,28 @@ def _images_dir(tiny_phantom: Path, root: Path) -> Path:
     (["--figure", "missing/overlay.png"], ["--figure", "does not exist"]),
     (["--figure", "overlay.png", "--figure-slices", "0"], ["--figure-slices 0"]),
 ])
-def test_make_superpixels_bad_option_is_one_line_before_preparing(tiny_phantom, tmp_path, capsys, extra, words):
+def test_make_superpixels_bad_option_is_one_line_before_preparing(tiny_phantom, tmp_path, capsys, extra,
+                                                                   words):
     images = _images_dir(tiny_phantom, tmp_path / "ct")
     (tmp_path / "FOLDER").mkdir()
     extra = [str(tmp_path / x) if x in ("FOLDER", "overlay.txt", "missing/overlay.png", "overlay.png") else x
              for x in extra]
     before = tree(tmp_path)
-    code, err = run_script("make_superpixels", ["--images", images, "--out", tmp_path / "prep", "--size", "32",
-                                                "--workers", "1", *extra], capsys)
+    code, err = run_script("make_superpixels", ["--images", images, "--out", tmp_path / "prep",
+                                                "--size", "32", "--workers", "1", *extra], capsys)
     assert_one_line_error(code, err, *words)
     assert tree(tmp_path) == before                          # no prepared folder left behind
 
 
 def test_make_superpixels_figure_inside_the_new_out_folder(tiny_phantom, tmp_path, capsys):
-    """README's example: --figure data/my_unlabeled/overlay.png with --out data/my_unlabeled (made by the run)."""
+    """README's example: --figure data/my_unlabeled/overlay.png with --out data/my_unlabeled (made by
+    the run)."""
     images = _images_dir(tiny_phantom, tmp_path / "ct")
     out = tmp_path / "unlabeled"
-    code, err = run_script("make_superpixels", ["--images", images, "--out", out, "--size", "32", "--workers", "1",
-                                                "--min-size", "20", "--figure", out / "overlay.png",
-                                                "--figure-slices", "2"], capsys)
+    code, err = run_script("make_superpixels", ["--images", images, "--out", out, "--size", "32",
+                                                "--workers", "1", "--min-size", "20",
+                                                "--figure", out / "overlay.png", "--figure-slices", "2"],
+                           capsys)
     assert code == 0, err
     assert (out / "overlay.png").read_bytes()[:4] == b"\x89PNG"
     assert (out / "superpixels" / "image_1.npy").is_file()
@@ -328,8 +337,9 @@ def test_make_superpixels_figure_inside_the_new_out_folder(tiny_phantom, tmp_pat
     assert code == 0, err
 
 
-# ------------------------------------------------------------------ E. one case-id rule for writer and checker
-def _multilabel_tree(tiny_phantom: Path, root: Path, names: dict[str, list[str]], per_case_folder: bool) -> None:
+# ------------------------------------------------------------------ E. one case-id rule (writer, checker)
+def _multilabel_tree(tiny_phantom: Path, root: Path, names: dict[str, list[str]],
+                     per_case_folder: bool) -> None:
     """A multi-label data set: names = {'train': [case names], 'test': [...]} made from phantom cases."""
     cases = find_cases(tiny_phantom / "SilverCorpus") + find_cases(tiny_phantom / "GoldCorpus")
     for split, case_names in names.items():
@@ -337,7 +347,8 @@ def _multilabel_tree(tiny_phantom: Path, root: Path, names: dict[str, list[str]]
             stored = nib.load(str(case.volume_path))
             label = to_original(load_case(case).label, load_nifti(case.volume_path).original_axcodes)
             if per_case_folder:
-                image_path, label_path = root / split / name / "ct.nii.gz", root / split / name / "labels.nii.gz"
+                image_path = root / split / name / "ct.nii.gz"
+                label_path = root / split / name / "labels.nii.gz"
             else:
                 image_path = root / split / "images" / f"{name}.nii.gz"
                 label_path = root / split / "labels" / f"{name}.nii.gz"
@@ -372,13 +383,15 @@ def test_check_dataset_accepts_an_images_only_folder_and_skips_hidden_files(tiny
     images = _images_dir(tiny_phantom, tmp_path / "ct")
     (images / "._image_1.nii.gz").write_bytes(b"\x00\x05\x16\x07 macOS metadata")    # an AppleDouble file
     out = tmp_path / "prep"
-    code, err = run_script("prepare_visceral", ["--visceral-dir", images, "--out", out, "--layout", "images-only",
-                                                "--size", "32", "--workers", "1"], capsys)
+    code, err = run_script("prepare_visceral", ["--visceral-dir", images, "--out", out,
+                                                "--layout", "images-only", "--size", "32", "--workers", "1"],
+                           capsys)
     assert code == 0, err
     assert json.loads((out / "meta.json").read_text())["splits"]["train"] == ["image_1"]
     capsys.readouterr()
-    from util.cli import run_cli
     from conftest import load_script
+
+    from util.cli import run_cli
     with pytest.raises(SystemExit) as exit_info:
         run_cli(load_script("check_dataset").main, [str(out)])
     captured = capsys.readouterr()
@@ -407,8 +420,10 @@ def _bad_id_in_meta(prep: Path) -> None:
     (prep / "meta.json").write_text(json.dumps(meta))
 
 
-@pytest.mark.parametrize("damage, words", [(_stray_file, ["notes.npy", "not <id>_image.npy"]),
-                                           (_bad_id_in_meta, ["case id '../evil'", "cannot name prepared files"])])
+@pytest.mark.parametrize("damage, words", [
+    (_stray_file, ["notes.npy", "not <id>_image.npy"]),
+    (_bad_id_in_meta, ["case id '../evil'", "cannot name prepared files"]),
+])
 def test_check_dataset_names_files_and_ids_outside_the_rule(tiny_prepared, tmp_path, capsys, damage, words):
     prep = shutil.copytree(tiny_prepared, tmp_path / "prep")
     damage(prep)
@@ -418,8 +433,9 @@ def test_check_dataset_names_files_and_ids_outside_the_rule(tiny_prepared, tmp_p
 
 # ------------------------------------------------------------------ F. mask copy over the README's 4 organs
 def test_mask_copy_mean_is_over_the_four_table_organs(tiny_prepared, capsys):
-    from util.cli import run_cli
     from conftest import load_script
+
+    from util.cli import run_cli
     with pytest.raises(SystemExit) as exit_info:
         run_cli(load_script("check_dataset").main, [str(tiny_prepared), "--mask-copy", "--preset", "alpnet"])
     out = capsys.readouterr().out
@@ -439,7 +455,8 @@ def test_mask_copy_mean_is_over_the_four_table_organs(tiny_prepared, capsys):
 
 
 def test_mask_copy_table_organ_with_one_side_scored():
-    results = {"liver": {"mean": 0.5, "median": 0.5, "n": 2}, "spleen": {"mean": float("nan"), "median": 0, "n": 0},
+    results = {"liver": {"mean": 0.5, "median": 0.5, "n": 2},
+               "spleen": {"mean": float("nan"), "median": 0, "n": 0},
                "kidney_right": {"mean": float("nan"), "median": 0, "n": 0},
                "kidney_left": {"mean": 0.3, "median": 0.3, "n": 2}}
     text = format_mask_copy(results, "s", "inclusive")
