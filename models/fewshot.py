@@ -29,10 +29,11 @@ from models.panet import PANetHead
 from models.removed_options import refuse_removed_options, removed_option_error
 from util.errors import UserError
 
-HEADS = {
-    "local": lambda o: LocalPrototypeHead(o["n_grid"], o["overlap"], o["vote"], o["resolution"],
-                                          o["min_pixels"], o["scale"]),
-    "panet": lambda o: PANetHead(o["scale"]),
+HEADS = {  # model.head -> the head built from the model options
+    "local": lambda options: LocalPrototypeHead(
+        options["n_grid"], options["overlap"], options["vote"], options["resolution"], options["min_pixels"],
+        options["scale"]),
+    "panet": lambda options: PANetHead(options["scale"]),
 }
 # The model of the authors' code: the config an official-code snapshot is run with.
 OFFICIAL_MODEL_CONFIG = {"encoder": "resnet50_lslpn", "head": "local", "n_grid": 8, "overlap": True,
@@ -47,7 +48,8 @@ def is_official_snapshot(state) -> bool:
         and all(k.removeprefix("module.").startswith("encoder.") for k in state)
 
 
-# config keys the network is built from; missing keys take the constructor defaults (older snapshots)
+# config keys the network is built from; missing keys take the constructor defaults (older snapshots;
+# one without empty_cell predates the key and used the removed 'skip': refuse_removed_options)
 _CONFIG_KEYS = ("encoder", "head", "n_grid", "overlap", "vote", "resolution", "min_pixels", "scale",
                 "empty_cell", "align")
 

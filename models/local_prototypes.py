@@ -1,15 +1,18 @@
 """Location-sensitive local prototypes (Yu et al., ISBI 2021): the head of LSLPN.
 
-The method, with the rules of the authors' code, is `official_cell_loop` below, a plain loop over
-grid cells: (1) the support and query features are bilinearly upsampled to the image; (2) in each
-cell, the local prototype of a class is the masked average of the support features over the
-cell's pixels of that class, averaged over the shots; (3) each query pixel of the cell scores
-scale x cosine against it; (4) a pixel covered by several cells takes their vote ('max', the
-paper's; 'mean'; 'cover': the last covering cell in row-major order).
+The method, with the rules of the authors' code, is `official_cell_loop` below, a plain loop:
+  1. grid cells: each image axis is covered by cells of 1/n_grid of its length, with stride half
+     a cell when overlapping (`grid_cells`);
+  2. local prototypes: in each cell, the masked average of the (bilinearly upsampled) support
+     features over the cell's pixels of a class, averaged over the shots; the background is a
+     class of its own;
+  3. scores: each query pixel of the cell scores scale x cosine against the cell's prototypes;
+  4. vote: a pixel covered by several cells takes the maximum of their scores (the paper; the
+     official code also has 'mean' and 'cover': the last covering cell in row-major order).
 
 `LocalPrototypeHead` computes the same logits without the loop and without ever forming the
-upsampled features: the cell geometry, the windowed kernels and their derivation are in
-models/grid.py; the tests hold the two equal on every pixel.
+upsampled features (derivation in its docstring, kernels in models/grid.py); the tests hold the
+two equal on every pixel.
 """
 from __future__ import annotations
 
