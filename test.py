@@ -26,9 +26,11 @@ from util.device import autocast, resolve_device  # noqa: E402
 
 @ex.config_hook
 def attach_test_observer(config, command_name, logger):
-    """Check the config, then store this command's runs under path.log_dir/test.
+    """Check the config (once: util/config_schema.py, then training/config_check.py), then store this
+    command's runs under path.log_dir/test.
 
-    Runs before the observers start, so bad input ends as one line without an empty run folder.
+    Runs before the observers start, so bad input ends as one line without an empty run folder, and
+    before Sacred's own key checks: a typo such as eval.snapshot is refused here, naming eval.snapshots.
     """
     ex.observers[:] = [o for o in ex.observers if not getattr(o, "lslpn_test", False)]
     if command_name == "evaluate_snapshots":
@@ -44,7 +46,9 @@ def evaluate_snapshots(_config, _run, fold, label_sets, input_size, device, amp,
     """Run evaluation.evaluate.evaluate for the mask-copy baseline and every eval.snapshots entry.
 
     `eval` is a captured argument so that Sacred accepts new keys inside eval.snapshots given on the
-    command line (`'eval.snapshots={"LSLPN": "runs/.../best.pth"}'`) instead of raising ConfigAddedError.
+    command line (`'eval.snapshots={"LSLPN": "runs/.../best.pth"}'`) instead of raising ConfigAddedError;
+    every other new key under eval was refused by the config check (config.run_sacred drops Sacred's
+    warning for the eval.snapshots entries).
     `amp` (as in training) runs the models' forward passes under autocast.
     """
     settings = eval
