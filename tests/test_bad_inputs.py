@@ -514,6 +514,7 @@ def test_test_py_bad_input_matrix_and_snapshots_on_the_command_line(tiny_prepare
     assert [json.loads((r / "run.json").read_text())["status"] for r in runs] == ["COMPLETED"]
     # the documented command line `'eval.snapshots={"LSLPN": "..."}'` works (was a Sacred ConfigAddedError)
     assert results[-1]["code"] == 0, results[-1]["err"][-2000:]
+    assert "config entry" not in results[-1]["err"]   # no Sacred "Added new config entry: eval.snapshots.LSLPN"
     stored = json.loads((runs[0] / "results.json").read_text())
     assert list(stored["results"]) == ["mask copy", "LSLPN"]
 
