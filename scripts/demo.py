@@ -22,9 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # demo_steps.py beside
 from util.cli import run_cli  # noqa: E402
 
 # oneDNN's kernel ISA capped at AVX2 (every x86-64 CPU of the last decade has it) and 2 intra-op
-# threads (1 thread takes other kernels; 2, 3, 4 and 8 give identical bits). Measured: 12 tiny
-# training steps give weights 174f30cd on this AVX-512 machine unpinned, 58c16b74 with the ISA capped
-# at AVX2, 61903304 with one thread; 58c16b74 again with 2, 3 or 4 threads under the pin.
+# threads (1 thread takes other kernels; 2 or more give identical bits). The measurements behind
+# this choice are in BENCHMARKS.md; tests/test_demo_numerics.py checks the pins.
 PINNED_NUMERICS = {"ONEDNN_MAX_CPU_ISA": "AVX2", "OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2"}
 
 

@@ -30,12 +30,11 @@ import torch
 from dataloaders.organs import FOLD_ORGANS, TEST_ORGANS
 from dataloaders.prepared import read_meta
 from util.errors import UserError
-from models.checkpoint import load_checkpoint
 from config import ex  # before sacred: config.py silences its import warning
 from sacred.arg_parser import get_config_updates
 from sacred.initialize import create_run
 from evaluation.evaluate import evaluate
-from training.loop import config_hash
+from training.runs import config_hash, finished_snapshot
 from util.atomic import write_text_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,12 +44,12 @@ RUN_DIR = Path("runs/demo")
 PHANTOM = {"n_silver": 20, "n_gold": 6, "seed": 2021}
 METHODS = {  # table row -> Sacred named configs / overrides on top of `demo`
     "PANet": ["panet"],
-    "SENet": ["senet", "senet_demo"],      # config.py senet_demo: SENet scaled to ~1 CPU minute per fold
+    "SENet": ["senet", "senet_demo"],      # config.py senet_demo: SENet's schedule shortened for the CPU
     "LSLPN": [],
 }
 # The phantom's soft tissues differ by tens of HU; per-slice min-max scaling (the official default)
-# lets bone and air set the range and leaves them a few grey levels apart, which a model trained for
-# two CPU minutes from random initialisation cannot separate. The demo therefore prepares with the
+# lets bone and air set the range and leaves them a few grey levels apart, which the demo's short
+# training from random initialisation cannot separate. The demo therefore prepares with the
 # abdominal HU window [-125, 275] (REPRODUCTION.md lists this difference).
 PREPARE_OPTIONS = ["--window", "-125", "275"]
 
@@ -86,24 +85,18 @@ def prepared_as_demo() -> bool:
 def finished_run(log_dir: Path, name: str, n_steps: int, wanted_hash: str | None = None) -> Path | None:
     """best.pth of the latest run under log_dir/name whose last.pth reached n_steps, else None.
 
-    With `wanted_hash`, only a run trained with that config (`training.loop.config_hash`, as resume
+    With `wanted_hash`, only a run trained with that config (`training.runs.config_hash`, as resume
     uses) counts: a run left by an older config (other milestones, model options, data) is not reused.
     """
-    runs = sorted((p for p in (log_dir / name).glob("*") if p.name.isdigit()), key=lambda p: int(p.name))
-    for run in reversed(runs):
-        if (run / "last.pth").exists() and (run / "best.pth").exists():
-            state = load_checkpoint(str(run / "last.pth"))
-            if wanted_hash is not None and state.get("config_hash") != wanted_hash:
-                continue
-            if int(state["step"]) >= n_steps:
-                return run / "best.pth"
-    return None
+    return finished_snapshot(log_dir, name, n_steps, "best.pth", wanted_hash)
 
 
 def training_hash(overrides: list[str], named: list[str] | tuple[str, ...]) -> str:
-    """config_hash of the config `train.py with demo <named> <overrides>` resolves (what its checkpoints record)."""
+    """config_hash of the config `train.py with demo <named> <overrides>` resolves (what its checkpoints
+    record)."""
     updates, more_named = get_config_updates(list(overrides))
-    config = create_run(ex, "print_config", config_updates=updates, named_configs=["demo", *named, *more_named]).config
+    config = create_run(ex, "print_config", config_updates=updates,
+                        named_configs=["demo", *named, *more_named]).config
     return config_hash(config)
 
 

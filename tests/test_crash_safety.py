@@ -14,7 +14,6 @@ The random kill moments come from a seed printed in the assertion message.
 from __future__ import annotations
 
 import glob
-import json
 import os
 import random
 import signal
@@ -61,8 +60,7 @@ def test_training_killed_at_a_random_moment_resumes_to_identical_weights(tmp_pat
     log_dir = tmp_path / "killed"
     # Each step pauses 0.3 s after its checkpoint, so the 5 steps after the first checkpoint outlast
     # the random delay below even on a fast, idle machine: the kill lands inside the run.
-    proc = train_cli(*settings, log_dir=log_dir, prep_dir=tiny_prepared, popen=True,
-                     env={"LSLPN_TEST_PAUSE_AFTER_SAVE": "0.3"})
+    proc = train_cli(*settings, log_dir=log_dir, prep_dir=tiny_prepared, popen=True, pause_after_save=0.3)
     pattern = str(log_dir / "*" / "1" / "last.pth")
     assert wait_for(lambda: glob.glob(pattern), proc), f"seed {SEED}: no checkpoint before the run ended"
     time.sleep(rng.uniform(0.0, 1.2))                         # anywhere in the following steps

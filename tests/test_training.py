@@ -9,9 +9,11 @@ import glob
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -22,8 +24,9 @@ import torch
 from test_episodes import make_train_prep
 from models.checkpoint import check_compatible, load_checkpoint, load_model_state, save_checkpoint
 from training.config_check import check_config
+from util.device import Distributed
 from util.errors import UserError
-from training.loop import PAUSE_ENV, config_hash, run_name
+from training.runs import config_hash, run_name
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -41,10 +44,30 @@ def prep(tmp_path_factory):
     return make_train_prep(tmp_path_factory.mktemp("training"))
 
 
-def train_cli(*overrides, log_dir, prep_dir, env=None, popen=False):
-    """Run `python train.py with tiny device=cpu ...` in a subprocess."""
-    cmd = [sys.executable, "train.py", "with", "tiny", "device=cpu", f"path.data_dir={prep_dir}",
-           f"path.log_dir={log_dir}", *overrides]
+# train.py with models.checkpoint.save_checkpoint patched (before anything imports it) to sleep after
+# each last.pth write, so a test can kill the process at a known step.
+PAUSED_SAVE_DRIVER = textwrap.dedent("""
+    import runpy, sys, time
+    sys.path.insert(0, ".")
+    import models.checkpoint as checkpoint
+    pause, original = float(sys.argv.pop(1)), checkpoint.save_checkpoint
+    def save_then_pause(path, state):
+        original(path, state)
+        if str(path).endswith("last.pth"):
+            time.sleep(pause)
+    checkpoint.save_checkpoint = save_then_pause
+    sys.argv[0] = "train.py"
+    runpy.run_path("train.py", run_name="__main__")
+""")
+
+
+def train_cli(*overrides, log_dir, prep_dir, env=None, popen=False, pause_after_save: float | None = None):
+    """Run `python train.py with tiny device=cpu ...` in a subprocess (pausing `pause_after_save`
+    seconds after every last.pth write when given)."""
+    launcher = [sys.executable, "train.py"] if pause_after_save is None else \
+        [sys.executable, "-c", PAUSED_SAVE_DRIVER, str(pause_after_save)]
+    cmd = [*launcher, "with", "tiny", "device=cpu", f"path.data_dir={prep_dir}", f"path.log_dir={log_dir}",
+           *overrides]
     full_env = dict(os.environ, **(env or {}))
     if popen:
         return subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -100,6 +123,65 @@ def test_config_hash_ignores_bookkeeping_keys_only():
     assert config_hash(base) != config_hash(resolve(model={"n_grid": 4}))
     assert run_name(base) == "lslpn_all_structures_fold0"
     assert run_name(resolve(named=("tiny", "panet"), fold=2)) == "panet_all_structures_fold2"
+
+
+def test_run_folder_walker(tmp_path):
+    from training.runs import finished_snapshot, iter_runs, latest_run
+    for name, run_id in (("b", "10"), ("b", "2"), ("b", "1"), ("a", "3")):
+        (tmp_path / name / run_id).mkdir(parents=True)
+    (tmp_path / "b" / "_sources").mkdir()                     # Sacred's own folder: not a run
+    (tmp_path / "b" / "7").write_text("a file, not a run")
+    assert [p.name for p in iter_runs(tmp_path, "b")] == ["1", "2", "10"]   # numeric, not text order
+    assert [f"{p.parent.name}/{p.name}" for p in iter_runs(tmp_path)] == ["a/3", "b/1", "b/2", "b/10"]
+    assert list(iter_runs(tmp_path, "absent")) == [] and latest_run(tmp_path / "none", "b") is None
+    assert latest_run(tmp_path, "b").name == "10"
+    assert latest_run(tmp_path, "b", accept=lambda run: run.name != "10").name == "2"
+    for run_id, step, digest in (("1", 6, "old"), ("2", 6, "new"), ("10", 3, "new")):   # 10: unfinished
+        for file in ("last.pth", "best.pth"):
+            save_checkpoint(str(tmp_path / "b" / run_id / file), {"model": {}, "config": {}, "step": step,
+                                                                   "config_hash": digest})
+    assert finished_snapshot(tmp_path, "b", 6) == tmp_path / "b" / "2" / "best.pth"
+    oldest = finished_snapshot(tmp_path, "b", 6, "last.pth", wanted_hash="old")
+    assert oldest == tmp_path / "b" / "1" / "last.pth"
+    assert finished_snapshot(tmp_path, "b", 7) is None
+
+
+def write_run(log_dir: Path, name: str, run_id: int, config: dict) -> Path:
+    """A run folder as train.py leaves it: config.json and a last.pth (content unread here)."""
+    run_dir = log_dir / name / str(run_id)
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.json").write_text(json.dumps(config, default=str))
+    (run_dir / "last.pth").write_bytes(b"not read")
+    return run_dir
+
+
+def test_resume_continues_across_harmless_keys_only(tmp_path, prep):
+    """Decision: keys outside the config hash (n_steps, frequencies, device, eval.*, ...) may change on
+    resume; any other key (lr, seed, model.*, data) means another run, and the line says which keys."""
+    from training.runs import config_mismatch, find_resume_checkpoint
+    base = resolve(path={"data_dir": str(prep), "log_dir": str(tmp_path)})
+    name = run_name(base)
+    run_dir = write_run(tmp_path, name, 1, base)
+    extended = resolve(n_steps=60, val_every=5, print_every=1, device="cpu", eval={"batch_size": 2},
+                       path={"data_dir": str(prep), "log_dir": str(tmp_path)})
+    assert find_resume_checkpoint(str(tmp_path), name, config_hash(extended)) == str(run_dir / "last.pth")
+    changed = resolve(lr=0.5, seed=3, model={"n_grid": 4},
+                      path={"data_dir": str(prep), "log_dir": str(tmp_path)})
+    assert find_resume_checkpoint(str(tmp_path), name, config_hash(changed)) is None
+    line = config_mismatch(changed, str(tmp_path), name)
+    assert "\n" not in line and str(run_dir) in line and "starting a new run at step 0" in line
+    assert "lr: 0.01 -> 0.5" in line and "model.n_grid: 8 -> 4" in line and "seed: " in line
+    assert "n_steps" not in line
+
+
+def test_resume_after_a_config_change_says_so_and_starts_a_new_run(tmp_path, prep, capsys):
+    from training.loop import train
+    paths = {"data_dir": str(prep), "log_dir": str(tmp_path)}
+    write_run(tmp_path, "lslpn_all_structures_fold0", 1, resolve(lr=0.5, path=paths))
+    summary = train(resolve(resume=True, n_steps=1, val_every=0, path=paths), None)
+    out = capsys.readouterr().out
+    assert "resume: the config differs from the latest run" in out and "lr: 0.5 -> 0.01" in out
+    assert "continuing" not in out and summary["steps"] == 1
 
 
 # ---------------------------------------------------------------------------------- checkpoints
@@ -168,7 +250,7 @@ def test_killed_run_resumes_to_bitwise_identical_weights(tmp_path, prep):
 
     # The same run, killed with SIGKILL right after its step-2 checkpoint, then resumed.
     log_dir = tmp_path / "killed"
-    proc = train_cli(log_dir=log_dir, prep_dir=prep, env={PAUSE_ENV: "120"}, popen=True)
+    proc = train_cli(log_dir=log_dir, prep_dir=prep, pause_after_save=120, popen=True)
     deadline = time.time() + 120
     pattern = str(log_dir / "*" / "*" / "last.pth")
     while not glob.glob(pattern) and proc.poll() is None and time.time() < deadline:
@@ -191,6 +273,63 @@ def test_killed_run_resumes_to_bitwise_identical_weights(tmp_path, prep):
     momentum = [s["momentum_buffer"] for s in final["optimizer"]["state"].values()]
     ref_momentum = [s["momentum_buffer"] for s in reference["optimizer"]["state"].values()]
     assert all(torch.equal(a, b) for a, b in zip(momentum, ref_momentum))
+
+
+def test_diverging_training_stops_with_one_line_and_keeps_the_last_good_checkpoint(tmp_path, prep):
+    result = train_cli("lr=1e6", "n_steps=8", "save_every=1", "val_every=0", "print_every=1",
+                       log_dir=tmp_path, prep_dir=prep)
+    assert result.returncode == 2, result.stdout + result.stderr[-2000:]
+    errors = [line for line in result.stderr.replace("\r", "\n").splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    match = re.match(r"error: training diverged at step (\d+) \((loss nan|loss inf|non-finite weights)\): "
+                     r"lower lr \(now 1e\+06\)", errors[0])
+    assert match, errors[0]
+    assert "done:" not in result.stdout and "final weights" not in result.stdout
+    last = tmp_path / "lslpn_all_structures_fold0" / "1" / "last.pth"
+    state = load_checkpoint(str(last))
+    assert state["step"] == int(match[1]) - 1 and f"{last} (step {state['step']})" in errors[0]
+    assert all(torch.isfinite(value).all() for value in state["model"].values() if value.is_floating_point())
+
+
+def test_non_finite_loss_names_its_step(tmp_path, prep, monkeypatch):
+    import training.loop as loop
+    real_loss, calls = loop.episode_loss, []
+
+    def loss_nan_at_step_2(*args):
+        calls.append(1)
+        loss = real_loss(*args)
+        return loss * float("nan") if len(calls) == 2 else loss
+
+    monkeypatch.setattr(loop, "episode_loss", loss_nan_at_step_2)
+    config = resolve(n_steps=4, val_every=0, path={"data_dir": str(prep), "log_dir": str(tmp_path)})
+    with pytest.raises(UserError) as error:
+        loop.train(config, None)
+    assert str(error.value) == ("training diverged at step 2 (loss nan): lower lr (now 0.01) or set "
+                                "grad_clip (e.g. 1.0); no checkpoint of this run was written")
+    message = str(loop._divergence_error(dict(config, amp="fp16", grad_clip=1.0), Distributed(), 5,
+                                         "loss inf", ("run/last.pth", 4)))
+    assert message == ("training diverged at step 5 (loss inf): lower lr (now 0.01) or turn amp off; "
+                       "run/last.pth (step 4) stays the last good checkpoint")
+
+
+def test_step_meter_against_hand_computed_times():
+    from training.meter import StepMeter
+    clock = iter([0.0,              # created
+                  1.0, 3.0, 3.5,    # step 1: data after 1 s, done at 3 s; restart at 3.5
+                  3.6, 4.5, 5.0,    # step 2: wait 0.1, step 1.0
+                  5.3, 6.0])        # step 3: wait 0.3, step 1.0
+    meter = StepMeter(clock=lambda: next(clock))
+    for loss in (0.9, 0.6, 0.3):
+        meter.batch_arrived()
+        meter.step_finished(loss)
+        if loss == 0.6:   # the window of steps 1-2: waits 1.0 + 0.1 s of 3.0 + 1.0 s
+            assert meter.window() == pytest.approx((0.75, 2.0, 1.1 / 4.0))
+        if loss != 0.3:
+            meter.restart()
+    assert meter.window() == pytest.approx((0.3, 1.0, 0.3))
+    summary = meter.summary(batch_size=4)                      # steps 2..3 (the first is warm-up)
+    assert summary == pytest.approx({"sec_per_step": 1.0, "episodes_per_s": 4.0, "data_wait_fraction": 0.2})
+    assert StepMeter().summary(4) == {"sec_per_step": None, "episodes_per_s": None, "data_wait_fraction": None}
 
 
 # --------------------------------------------------------------------------------------- devices
