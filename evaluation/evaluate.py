@@ -69,7 +69,7 @@ def load_snapshot(path: str | Path, device: str | torch.device = "cpu", input_si
     if not path.is_file():
         raise UserError(f"snapshot {path} does not exist: pass the best.pth or last.pth of a training run")
     model, state = model_from_checkpoint(str(path), resolve_device(device))
-    config = dict(state["config"])
+    config = dict(state["model_config"])
     trained_size, trained_intensity = trained_input(state)
     # the data's intensity is a fallback here, not an override: a snapshot trained otherwise is refused
     # by check_intensity with one line (no warning first)
@@ -272,7 +272,10 @@ class _Collector:
         if self.many:
             folder = folder / f"support_{record['support']}"
         folder.mkdir(parents=True, exist_ok=True)
-        array = to_original(prediction.astype(np.uint8), str(query["original_axcodes"]))
+        axcodes = str(query["original_axcodes"])
+        # 'as stored': the volume was prepared in its file's orientation (SSL-ALPNet layout, e.g. LAS MR)
+        labels = prediction.astype(np.uint8)
+        array = labels if axcodes == "as stored" else to_original(labels, axcodes)
         save_nifti_atomic(array, query["original_affine"], folder / f"{record['query']}_{record['organ']}.nii.gz")
 
     def _keep_slice(self, record, support, query, prediction) -> None:

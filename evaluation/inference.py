@@ -5,7 +5,8 @@ query slices; `run_chunks` (the one runner) executes any plan, for evaluation (`
 k shots of one support volume) and for the user's scans (evaluation/segment.py, one shot per volume).
 Volumes are canonical `X x Y x Z` arrays (docs/DESIGN.md); axial slices are `volume[:, :, z]` and
 are given to the model unchanged as `H x W = X x Y`, intensity-scaled with
-`dataloaders.intensity.scale_intensity` and resized to `input_size x input_size`
+`dataloaders.intensity.scale_intensity` (a per-volume z-score uses the statistics of each whole
+volume, `volume_intensity`, never of a slice) and resized to `input_size x input_size`
 (bilinear for images, nearest for masks). For every chunk the support prototypes are computed once
 (`model.encode_support`) and all query slices of the chunk go through `model.segment` in batches of
 `batch_size`. Logits are resized back to `X x Y` BILINEARLY and the foreground is
@@ -21,11 +22,11 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from dataloaders.intensity import scale_intensity
+from dataloaders.intensity import scale_intensity, volume_intensity
 from dataloaders.transforms import resize_image, resize_label
+from evaluation.protocol import chunk_plan
 from util.device import resolve_device
 from util.errors import UserError
-from evaluation.protocol import chunk_plan
 
 
 def images_to_input(slices_hu: np.ndarray, intensity: dict, input_size: int,
@@ -66,13 +67,17 @@ def run_chunks(model, supports: Sequence[tuple[np.ndarray, np.ndarray]], plan, q
     device = resolve_device(device)
     if batch_size < 1:
         raise UserError(f"eval batch_size {batch_size} must be >= 1")
+    by_volume: dict[int, dict] = {}                    # id(volume) -> its scaling (k shots share a volume)
+    for role, image in [("query", query_image)] + [("support", image) for image, _ in supports]:
+        if id(image) not in by_volume:
+            by_volume[id(image)] = volume_intensity(image, intensity, f"{role} image")
     prediction = np.zeros(query_image.shape, dtype=bool)
     out_size = tuple(query_image.shape[:2])
     bar = tqdm(total=sum(len(z) for _, z in plan), desc="segment", unit="slice", disable=not progress,
                file=sys.stderr, dynamic_ncols=True)
     with torch.inference_mode():
         for support_z, query_z in plan:
-            shots = torch.cat([images_to_input(image[:, :, z][None], intensity, input_size, device)
+            shots = torch.cat([images_to_input(image[:, :, z][None], by_volume[id(image)], input_size, device)
                                for (image, _), z in zip(supports, support_z)])     # K x 1 x S x S
             fg = torch.cat([masks_to_input(mask[:, :, z][None], input_size, device)
                             for (_, mask), z in zip(supports, support_z)])        # K x S x S
@@ -80,7 +85,8 @@ def run_chunks(model, supports: Sequence[tuple[np.ndarray, np.ndarray]], plan, q
             for start in range(0, len(query_z), batch_size):
                 batch_z = query_z[start:start + batch_size]
                 queries = np.moveaxis(query_image[:, :, batch_z], -1, 0)         # Q x X x Y
-                logits = _segment(model, prototypes, images_to_input(queries, intensity, input_size, device))
+                logits = _segment(model, prototypes,
+                                  images_to_input(queries, by_volume[id(query_image)], input_size, device))
                 logits = F.interpolate(logits.float(), size=out_size, mode="bilinear",
                                        align_corners=False)                      # Q x 2 x X x Y
                 foreground = logits.argmax(dim=1) == 1                           # Q x X x Y
@@ -100,6 +106,6 @@ def segment_query_volume(model, support_image: np.ndarray, support_mask: np.ndar
     support_image, query_image: canonical HU volumes (X x Y x Z); support_mask: X x Y x Z binary mask
     of the organ in the support volume; k = n_shots slices of it per chunk (`chunk_plan`).
     """
-    plan = chunk_plan(support_range, query_range, n_chunks, n_shots, rule, support_mask)  # rule: the preset's chunking
+    plan = chunk_plan(support_range, query_range, n_chunks, n_shots, rule, support_mask)  # the preset's rule
     return run_chunks(model, [(support_image, support_mask)] * n_shots, plan, query_image, input_size,
                       intensity, device, batch_size)

@@ -15,14 +15,21 @@ protocol (evaluation/protocol.py) on files a user has, outside any benchmark fol
 - k supports = k shots: for each chunk every support gives one slice (its nearest annotated slice to
   the chunk centre) and the model averages the k shots' prototypes (FewShotSegNet's k-shot rule).
 - The query's organ range: `query_range` (half-open slice indices along the query FILE's axial axis,
-  as stored) or, by default, transferred by relative position within the body's axial extent
-  (see `default_query_range`).
+  as stored) or, by default, transferred from the supports (evaluation/query_range.py: by physical
+  z when the query is part of a support's scan, else by relative position within the body's axial
+  extent, CT in HU only; a difference in axial coverage warns or is refused).
+- A query range shorter than `n_chunks`: each query slice gets the support chunk covering its centre
+  (`evaluation.query_range.segment_plan`).
+- Intensity: the checkpoint's scaling (or `intensity`). A CT window needs CT in Hounsfield units:
+  a volume without air (float CT in [0, 1], uint16 without rescale, int8, MR) is refused, never
+  windowed silently; 'minmax' scales any modality per slice, 'zscore' per volume (MR).
+- Arguments of the wrong type (a number where a path is wanted, an array, ...) are one-line
+  UserErrors, as from the command line (`check_arguments`).
 - The prediction (0 outside the query range) goes back to the query's stored orientation and is
   written as a uint8 NIfTI with the query's original shape and affine, atomically.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -30,37 +37,41 @@ import nibabel as nib
 import numpy as np
 import torch
 
-from dataloaders.label_map import mask_label_map, read_label_map, resolve_support_label, visceral_mask_structure
-from dataloaders.nifti import NiftiVolume, check_same_grid, load_nifti, save_nifti_atomic, to_original
+from dataloaders.intensity import needs_hounsfield
+from dataloaders.label_map import (
+    mask_label_map,
+    read_label_map,
+    resolve_support_label,
+    visceral_mask_structure,
+)
+from dataloaders.nifti import check_same_grid, load_nifti, save_nifti_atomic, to_original
 from dataloaders.organs import INDEX_TO_NAME, canonical_name
-from dataloaders.plausibility import field_of_view_warning, image_problems, mask_labels, support_size_warning
+from dataloaders.plausibility import (
+    field_of_view_warning,
+    hounsfield_problem,
+    image_problems,
+    mask_labels,
+    support_size_warning,
+)
 from dataloaders.prepared import prepared_intensity
-from models.checkpoint import model_from_checkpoint, model_input, trained_input
-from util.device import resolve_device
+from evaluation.inference import run_chunks
+from evaluation.query_range import (  # noqa: F401
+    BODY_HU,
+    Support,
+    body_extent,
+    canonical_to_stored_range,
+    default_query_range,
+    nearest_annotated,
+    segment_plan,
+    snap_to_annotated,
+    stored_range_to_canonical,
+    transfer_query_range,
+)
+from models.checkpoint import check_input_size, model_from_checkpoint, model_input, trained_input
 from util.cli import warn
+from util.device import resolve_device
 from util.errors import UserError
 from util.paths import check_output_file
-from evaluation.inference import run_chunks
-from evaluation.protocol import chunk_plan
-
-BODY_HU = -500.0            # body voxels: above this HU (air and lung-free outside are below)
-BODY_SLICE_FRACTION = 0.1   # a slice is in the body extent with >= this fraction of the fullest slice's body voxels
-
-
-@dataclass
-class Support:
-    """One support volume, canonical.  image X x Y x Z float32 HU; mask X x Y x Z bool (the organ);
-    annotated: sorted z of the annotated slices (> min_voxels organ voxels)."""
-    image: np.ndarray
-    mask: np.ndarray
-    annotated: np.ndarray
-    name: str
-    label: str = ""                 # how the organ's label value was found (printed)
-    spacing: np.ndarray | None = None   # (3,) mm, canonical axes
-
-    @property
-    def organ_range(self) -> tuple[int, int]:
-        return int(self.annotated[0]), int(self.annotated[-1])
 
 
 # ---------------------------------------------------------------------------------- parsing
@@ -69,17 +80,20 @@ def parse_query_range(text: str) -> tuple[int, int]:
     try:
         z0, z1 = (int(part) for part in str(text).split(":"))
     except ValueError:
-        raise UserError(f"--query-range '{text}': expected Z0:Z1 with integer slice indices, e.g. 40:95") from None
+        raise UserError(f"--query-range '{text}': expected Z0:Z1 with integer slice indices, e.g. "
+                        "40:95") from None
     return z0, z1
 
 
 def parse_intensity(spec) -> dict | None:
-    """None | dict | 'minmax' | 'window:LO,HI' -> the `scale_intensity` dict (None: from the checkpoint)."""
+    """None | dict | 'minmax' | 'zscore' | 'window:LO,HI' -> the `scale_intensity` dict.
+
+    None: the checkpoint's own scaling."""
     if spec is None or isinstance(spec, dict):
         return spec
     text = str(spec).strip().lower()
-    if text == "minmax":
-        return {"mode": "minmax"}
+    if text in ("minmax", "zscore"):
+        return {"mode": text}
     if text.startswith("window:"):
         try:
             lo, hi = (float(v) for v in text[len("window:"):].split(","))
@@ -87,7 +101,67 @@ def parse_intensity(spec) -> dict | None:
             lo = hi = None
         if lo is not None and hi > lo:
             return {"mode": "window", "window": [lo, hi]}
-    raise UserError(f"--intensity '{spec}': use 'minmax' or 'window:LO,HI' with LO < HI (e.g. window:-125,275)")
+    raise UserError(f"--intensity '{spec}': use 'minmax', 'zscore' or 'window:LO,HI' with LO < HI "
+                    "(e.g. window:-125,275)")
+
+
+PATH_TYPES = (str, Path)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def check_arguments(checkpoint, supports, query, out, support_label, label_map, query_range, n_chunks,
+                    batch_size, min_voxels, input_size, intensity, device, vocabulary) -> None:
+    """One-line UserError for an argument of `segment_volume` of the wrong type or value (before any I/O)."""
+    def refuse(name: str, value, wanted: str):
+        if isinstance(value, (list, tuple)) and any(isinstance(item, np.ndarray) for item in value):
+            shown = "(" + ", ".join(type(item).__name__ for item in value) + ")"
+        elif isinstance(value, np.ndarray):
+            shown = f"an array of shape {value.shape}"
+        else:
+            shown = " ".join(repr(value).split())
+            shown = shown if len(shown) <= 60 else shown[:57] + "..."
+        raise UserError(f"{name}: got {shown} ({type(value).__name__}): give {wanted}")
+
+    if not isinstance(checkpoint, PATH_TYPES + (torch.nn.Module,)):
+        refuse("checkpoint", checkpoint, "the path (str or Path) of a train.py checkpoint")
+    if isinstance(supports, PATH_TYPES) or not isinstance(supports, Sequence):
+        refuse("supports", supports, "a list of (image path, mask path) pairs")
+    for pair in supports:
+        if isinstance(pair, PATH_TYPES) or not isinstance(pair, Sequence) or len(pair) != 2 \
+                or not all(isinstance(path, PATH_TYPES) for path in pair):
+            refuse("supports", pair,
+                   "(image path, mask path) pairs of str or Path, e.g. [('s.nii.gz', 'm.nii.gz')]")
+    if not isinstance(query, PATH_TYPES):
+        refuse("query", query, "the path (str or Path) of a NIfTI volume")
+    if out is not None and not isinstance(out, PATH_TYPES):
+        refuse("out", out, "the path (str or Path) of the .nii.gz to write, or None")
+    if support_label is not None and not (_is_int(support_label) or isinstance(support_label, str)):
+        refuse("support_label", support_label, "a label value (int), an organ name (str) or None")
+    if label_map is not None and not isinstance(label_map, PATH_TYPES + (dict,)):
+        refuse("label_map", label_map, "a JSON path or a dict such as {'liver': 5}")
+    if query_range is not None and not isinstance(query_range, str) and not (
+            isinstance(query_range, Sequence) and len(query_range) == 2 and all(map(_is_int, query_range))):
+        refuse("query_range", query_range, "(Z0, Z1) integer slice indices or 'Z0:Z1'")
+    counts = (("n_chunks", n_chunks, 1), ("batch_size", batch_size, 1), ("min_voxels", min_voxels, 0))
+    for name, value, low in counts:
+        if not _is_int(value):
+            refuse(name, value, "an integer")
+        if value < low:
+            flag = name.replace("_", "-")
+            raise UserError(f"--{flag} {value}: must be >= {low}")
+    if input_size is not None:
+        if not _is_int(input_size):
+            refuse("input_size", input_size, "an integer slice size, or None for the checkpoint's")
+        check_input_size(input_size, "--input-size")
+    if intensity is not None and not isinstance(intensity, (str, dict)):
+        refuse("intensity", intensity, "'minmax', 'zscore', 'window:LO,HI', a dict, or None")
+    if not isinstance(device, (str, torch.device)):
+        refuse("device", device, "'auto', 'cpu' or 'cuda'")
+    if vocabulary is not None and not isinstance(vocabulary, str):
+        refuse("vocabulary", vocabulary, "'visceral' or None")
 
 
 # --------------------------------------------------------------------------------- loading
@@ -112,8 +186,8 @@ def load_support(image_path, mask_path, support_label, label_map, min_voxels: in
     present = present[present != 0]
     if present.size == 0:
         rule = " (soft mask: foreground = values >= 0.5)" if note else ""
-        raise UserError(f"{mask_path}: the mask is empty (no foreground voxel{rule}): annotate the organ in the "
-                        "support mask or give another mask")
+        raise UserError(f"{mask_path}: the mask is empty (no foreground voxel{rule}): annotate the organ in "
+                        "the support mask or give another mask")
     value, how = resolve_support_label(support_label, mask_path, present, label_map, vocabulary)
     organ = values == value                                                  # X x Y x Z bool
     counts = organ.reshape(-1, organ.shape[-1]).sum(axis=0)                  # Z
@@ -131,64 +205,8 @@ def load_support(image_path, mask_path, support_label, label_map, min_voxels: in
     if small:
         warn(small)
     return Support(image=np.asarray(image.array, dtype=np.float32), mask=organ, annotated=annotated,
-                   name=Path(image_path).name, label=how, spacing=np.asarray(spacing, dtype=float))
-
-
-def body_extent(image: np.ndarray) -> tuple[int, int]:
-    """First and last axial slice of the body: slices whose count of voxels > -500 HU is at least
-    10% of the fullest slice's count. image X x Y x Z HU. The whole volume when nothing is > -500 HU."""
-    counts = (image > BODY_HU).reshape(-1, image.shape[-1]).sum(axis=0)      # Z
-    if counts.max() == 0:
-        return 0, image.shape[-1] - 1
-    slices = np.flatnonzero(counts >= BODY_SLICE_FRACTION * counts.max())
-    return int(slices[0]), int(slices[-1])
-
-
-def default_query_range(supports: Sequence[Support], query_image: np.ndarray) -> tuple[int, int]:
-    """Organ range of the query (canonical z, inclusive) without --query-range.
-
-    The organ's relative position inside each support's body extent (fractions of the extent, averaged
-    over the supports) is placed at the same relative position inside the query's body extent.
-    Assumes support and query scans cover the same body region (e.g. both thorax-abdomen); a different
-    field of view (e.g. an abdomen-only query with a whole-trunk support) shifts the range.
-    """
-    fractions = []
-    for support in supports:
-        b0, b1 = body_extent(support.image)
-        length = b1 - b0 + 1
-        s0, s1 = support.organ_range
-        fractions.append(((s0 - b0) / length, (s1 + 1 - b0) / length))
-    f0, f1 = np.clip(np.mean(fractions, axis=0), 0.0, 1.0)
-    q0, q1 = body_extent(query_image)
-    length = q1 - q0 + 1
-    start = int(np.clip(np.floor(q0 + f0 * length + 0.5), q0, q1))
-    stop = int(np.clip(np.floor(q0 + f1 * length + 0.5) - 1, start, q1))
-    return start, stop
-
-
-def canonical_to_stored_range(canonical_range: tuple[int, int], query: NiftiVolume) -> tuple[int, int]:
-    """Inclusive canonical z range -> half-open range along the query file's axial axis (as --query-range)."""
-    ornt = nib.io_orientation(query.original_affine)
-    axis = int(np.flatnonzero(ornt[:, 0] == 2)[0])
-    n = int(query.original_shape[axis])
-    z0, z1 = canonical_range
-    if ornt[axis, 1] < 0:                                   # stored superior -> inferior
-        return n - 1 - z1, n - z0
-    return z0, z1 + 1
-
-
-def stored_range_to_canonical(query_range: tuple[int, int], query: NiftiVolume) -> tuple[int, int]:
-    """Half-open slice range along the query file's axial axis (as stored) -> canonical z, inclusive."""
-    ornt = nib.io_orientation(query.original_affine)
-    axis = int(np.flatnonzero(ornt[:, 0] == 2)[0])          # the stored axis that becomes canonical z
-    n = int(query.original_shape[axis])
-    z0, z1 = query_range
-    if not (0 <= z0 < z1 <= n):
-        raise UserError(f"--query-range {z0}:{z1} is outside the query volume ({n} axial slices along "
-                        f"stored axis {axis}): use 0 <= Z0 < Z1 <= {n}")
-    if ornt[axis, 1] < 0:                                   # stored superior -> inferior
-        return n - z1, n - 1 - z0
-    return z0, z1 - 1
+                   name=Path(image_path).name, label=how, spacing=np.asarray(spacing, dtype=float),
+                   affine=np.asarray(image.affine, dtype=float))
 
 
 def load_model(checkpoint, device: torch.device, input_size: int | None, intensity: dict | None):
@@ -218,17 +236,19 @@ def _training_data_intensity(run_config: dict) -> dict | None:
     return None
 
 
-# ------------------------------------------------------------------------------- inference
-def nearest_annotated(annotated: np.ndarray, targets: np.ndarray) -> np.ndarray:
-    """For each target z, the nearest annotated z (ties: the lower one). Shapes (m,) -> (n,)."""
-    distance = np.abs(annotated[None, :] - targets[:, None])                 # n x m
-    return annotated[distance.argmin(axis=1)]
+def check_hounsfield(intensity: dict, volumes) -> None:
+    """UserError when a volume that a CT window would scale is not in Hounsfield units.
 
-
-def snap_to_annotated(plan, supports: Sequence[Support]) -> list[tuple[np.ndarray, np.ndarray]]:
-    """A `chunk_plan` with each support's chunk centre moved to its nearest annotated slice."""
-    return [(np.array([nearest_annotated(support.annotated, z[None])[0] for support, z in zip(supports, support_z)]),
-             query_z) for support_z, query_z in plan]
+    volumes: (array, path, role) triples. Float CT in [0, 1], uint16 stored without rescale, int8 or
+    MR would be clipped to a constant by the window, and the model would see nothing.
+    """
+    lo, hi = intensity["window"]
+    for array, path, role in volumes:
+        problem = hounsfield_problem(array, path, role)
+        if problem:
+            raise UserError(f"{problem}: the checkpoint scales its input by the CT window [{lo:g}, {hi:g}] "
+                            "HU; convert the volume to HU (apply the DICOM rescale slope and intercept), or "
+                            "pass --intensity minmax to scale each slice by its own range instead")
 
 
 def segment_volume(checkpoint, supports: Sequence[tuple[str, str]], query, out=None, support_label=None,
@@ -247,12 +267,15 @@ def segment_volume(checkpoint, supports: Sequence[tuple[str, str]], query, out=N
                    {"labels": {...}})
     vocabulary:    'visceral' when the mask uses the project's indices 1-20, else None
     query_range:   (Z0, Z1) or 'Z0:Z1', half-open slice indices along the query file's axial axis as
-                   stored; None: transferred from the supports by relative body position
-    intensity:     None (the checkpoint's, else per-slice min-max), 'minmax' or 'window:LO,HI'
+                   stored; None: transferred from the supports (evaluation/query_range.py; refused for
+                   MR / non-HU volumes and for scans of different axial coverage)
+    intensity:     None (the checkpoint's, else per-slice min-max), 'minmax', 'zscore' or 'window:LO,HI'
     min_voxels:    a support slice is annotated when it has more than this many organ voxels
     Returns (prediction uint8 in the query's ORIGINAL array geometry, the nibabel image written to
     `out`, when given, atomically; nothing is written on any error).
     """
+    check_arguments(checkpoint, supports, query, out, support_label, label_map, query_range, n_chunks,
+                    batch_size, min_voxels, input_size, intensity, device, vocabulary)
     if out is not None:   # before any compute: never an input (path, symlink, hard link), writable, a file
         inputs = [query, *(path for pair in supports for path in pair)]
         inputs += [checkpoint] if isinstance(checkpoint, (str, Path)) else []
@@ -260,13 +283,6 @@ def segment_volume(checkpoint, supports: Sequence[tuple[str, str]], query, out=N
         out = check_output_file(out, inputs, "--out", suffixes=(".nii.gz",))
     if not supports:
         raise UserError("no support given: pass --support-image S.nii.gz --support-mask M.nii.gz")
-    if int(n_chunks) < 1 or int(batch_size) < 1:
-        raise UserError(f"--n-chunks {n_chunks} / --batch-size {batch_size}: both must be >= 1")
-    if input_size is not None and int(input_size) < 16:
-        raise UserError(f"--input-size {input_size} is too small: use at least 16 (or leave it out: the "
-                        "checkpoint's training size)")
-    if int(min_voxels) < 0:
-        raise UserError(f"--min-voxels {min_voxels} is negative: use 0 or more")
     if isinstance(query_range, str):
         query_range = parse_query_range(query_range)
     intensity = parse_intensity(intensity)
@@ -274,29 +290,36 @@ def segment_volume(checkpoint, supports: Sequence[tuple[str, str]], query, out=N
     if label_map is not None:
         read_label_map(label_map)                      # a malformed map fails before any volume is read
     query_volume = load_nifti(query)
+    query_name = Path(str(query)).name
     query_warnings = image_problems(query_volume.array, query, "query")
+    canonical_range = None
+    if query_range is not None:                        # a range outside the query: before the supports load
+        canonical_range = stored_range_to_canonical(tuple(int(z) for z in query_range), query_volume)
     support_list = [load_support(image, mask, support_label, label_map, min_voxels, vocabulary)
                     for image, mask in supports]
+    model, input_size, intensity = load_model(checkpoint, device, input_size, intensity)
+    query_image = np.asarray(query_volume.array, dtype=np.float32)
+    if needs_hounsfield(intensity):                    # a CT window on non-HU data is never applied silently
+        check_hounsfield(intensity, [(query_image, query, "query")]
+                         + [(s.image, path, "support image") for s, (path, _) in zip(support_list, supports)])
     fov = field_of_view_warning(query_volume.array.shape, query_volume.spacing,
                                 [s.image.shape for s in support_list], [s.spacing for s in support_list],
-                                Path(str(query)).name)
+                                query_name)
     for message in query_warnings + ([fov] if fov else []):
         warn(message)
-    if query_range is not None:
-        canonical_range = stored_range_to_canonical(tuple(query_range), query_volume)
+    if canonical_range is not None:
         how = "given by --query-range"
     else:
-        canonical_range = default_query_range(support_list, np.asarray(query_volume.array, dtype=np.float32))
-        how = "transferred from the support by relative body position; give --query-range to set it"
+        canonical_range, how, notes = transfer_query_range(support_list, query_volume, query_image,
+                                                           query_name)
+        for message in notes:
+            warn(message)
     stored = canonical_to_stored_range(canonical_range, query_volume)
     print(f"support organ: {', '.join(f'{s.name}: {s.label}' for s in support_list)}; query range "
           f"{stored[0]}:{stored[1]} (slices along the query file's axial axis, {how})", flush=True)
-    model, input_size, intensity = load_model(checkpoint, device, input_size, intensity)
-    plan = snap_to_annotated(chunk_plan([s.organ_range for s in support_list], canonical_range, int(n_chunks)),
-                             support_list)
-    prediction = run_chunks(model, [(s.image, s.mask) for s in support_list], plan,
-                            np.asarray(query_volume.array, dtype=np.float32), input_size, intensity, device,
-                            int(batch_size), progress)
+    plan = segment_plan(support_list, canonical_range, int(n_chunks))
+    prediction = run_chunks(model, [(s.image, s.mask) for s in support_list], plan, query_image, input_size,
+                            intensity, device, int(batch_size), progress)
     array = to_original(prediction.astype(np.uint8), query_volume.original_axcodes)
     if tuple(array.shape) != tuple(query_volume.original_shape):   # to_original must invert load_nifti
         raise UserError(f"{query}: internal reorientation error: got {array.shape}, expected "

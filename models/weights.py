@@ -71,11 +71,8 @@ def read_state_file(path: str, key: str = "path.init_path") -> dict:
     if not os.path.isfile(path):
         raise UserError(f"{key} = {path}: file not found: give a local torchvision checkpoint "
                         "(e.g. vgg16-397923af.pth) or an official-code snapshot")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # noqa: BLE001  (any unreadable file is the user's to fix)
-        raise UserError(f"{key} = {path}: cannot read it as a torch checkpoint "
-                        f"({type(error).__name__})") from None
+    from models.checkpoint import safe_torch_load   # not at the top: models.checkpoint imports this module
+    state = safe_torch_load(path, "cpu", what=key)   # weights_only: pickled code is refused, never run
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
