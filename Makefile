@@ -6,7 +6,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.requirements.sha256
 
-.PHONY: setup test demo clean-demo gpu-check
+.PHONY: setup test demo clean-demo gpu-check bench-chaos
 
 # Idempotent: re-installs only when requirements.txt changed (its hash is stamped).
 setup:
@@ -26,6 +26,10 @@ test: setup
 
 demo: setup
 	$(PY) scripts/demo.py
+
+# CHAOS-T2 MRI under SSL-ALPNet's protocol (docs/bench_chaos.md); DATA=your copy, ARGS=e.g. --folds 0
+bench-chaos: setup
+	$(PY) scripts/bench_chaos.py $(if $(DATA),--data $(DATA)) $(ARGS)
 
 # On a GPU machine (no `make setup` needed there; docs/gpu_check.md). ARGS=--dry-run on a CPU.
 gpu-check:

@@ -42,7 +42,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from dataloaders.prepared import open_training_images
+from dataloaders.prepared import open_training_images, read_meta
 from dataloaders.superpixels import make_hint, open_superpixels, read_superpixel_meta, training_volumes
 from dataloaders.transforms import augment_intensity, resize_image, resize_label
 from dataloaders.warp import WarpParams, alpnet_view, random_grid, warp
@@ -94,6 +94,8 @@ class SelfSupEpisodeDataset(Dataset):
         self.min_pixels = int(min_pixels)
         self.seed, self.length = int(seed), int(length)
         meta = read_superpixel_meta(prep_dir)
+        # z-scored slices (SSL-ALPNet layout, dataloaders/alpnet_prepare.py) are not in [0, 1]: no clip
+        self.clip = (read_meta(prep_dir).get("intensity") or {}).get("mode") != "zscore"
         self.candidates: list[tuple[str, int, np.ndarray]] = []    # (pid, row, eligible superpixel ids)
         for pid in training_volumes(prep_dir):
             if pid not in meta.get("volumes", {}):
@@ -137,7 +139,7 @@ class SelfSupEpisodeDataset(Dataset):
     def view(self, image: np.ndarray, mask: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         """One random view: geometric warp of image and mask (H x W), then intensity augmentation."""
         image, mask = warp(image, mask, random_grid(self.input_size, self.warp, rng))
-        image = np.clip(image, 0.0, 1.0)
+        image = np.clip(image, 0.0, 1.0) if self.clip else image
         if self.augment:
             image = augment_intensity(image, self.augment, rng)
         return image.astype(np.float32), mask

@@ -211,7 +211,7 @@ def run_protocol(methods: dict[str, dict], organs: list[str], prep_dir, split: s
 
 # --------------------------------------------------------------------------------- validation
 def validate(model: torch.nn.Module, prep_dir: str | Path, split: str = "val", organs: list[str] | None = None,
-             preset: str = "lslpn", input_size: int = 512, device="cpu", batch_size: int = 16,
+             preset: str = "inclusive", input_size: int = 512, device="cpu", batch_size: int = 16,
              n_shots: int = 1) -> dict:
     """Volumetric Dice of `model` on a prepared split, for model selection during training.
 
@@ -314,7 +314,7 @@ def warn_empty_predictions(records: list[dict]) -> None:
              f"({', '.join(sorted(set(queries))[:4])}): Dice 0 there; check the snapshot's fold and input")
 
 
-def evaluate(methods: dict, organs: list[str], prep_dir: str | Path, preset: str = "lslpn",
+def evaluate(methods: dict, organs: list[str], prep_dir: str | Path, preset: str = "inclusive",
              out_dir: str | Path | None = None, split: str = "gold", support="default", n_shots: int = 1,
              input_size: int | None = None, device="auto", batch_size: int = 16, save_predictions: bool = True,
              fold: int | None = None, config: dict | None = None, progress: bool = True,

@@ -16,8 +16,10 @@ c + d for d = -(k-1)//2 ... k//2 around its centre offset c, clipped to the rang
 (so near the ends, or for short ranges, a slice may repeat). k = 1 is the rule above.
 
 Two rule sets (a preset names its own, and every results file names the preset):
-- 'inclusive' (this project's rule above, preset 'inclusive'; 'lslpn' is its older name): the
-  range is first..last qualifying slice over all Z slices, inclusive; plain Dice.
+- 'inclusive' (this project's rule above, presets 'inclusive' and 'thirds'): the range is
+  first..last qualifying slice over all Z slices, inclusive; plain Dice. ('lslpn', the older name
+  of 'inclusive', was removed after commit b9c8bb5; 'thirds' is what was called 'alpnet' until then:
+  3 chunks of this rule, an approximation of SSL-ALPNet's protocol.)
 - 'official' (the authors' eval.py, method.md section 6, preset 'official'): qualifying slices
   are looked for in z = 0 .. Z-2 only, and the range is cropped to [first, last) (the last
   qualifying slice is dropped); chunk i of a range of L slices is offsets floor(i L / n) ..
@@ -30,6 +32,11 @@ Two rule sets (a preset names its own, and every results file names the preset):
   from 1 slice before its first such slice to the end of their first contiguous run, cut into chunks
   by linspace; Dice 2|A.B| / (|A| + |B| + 1e-4); median over query volumes. Its planner needs the
   support mask (`support_mask` arguments below), not only the support range.
+- 'alpnet' (SSL-ALPNet's validation.py exactly, preset 'alpnet'; evaluation/alpnet_protocol.py): the
+  organ range is the first..last slice with >= 1 voxel; support slice of part p = the support's
+  organ-slice list at int(pct_p * count), pct = 1/6, 1/2, 5/6; query part of z =
+  int((z - first) // ((last - first) / 3)) clipped to [0, 2]; plain 3D Dice over the query range; mean.
+  1 shot of one support volume only. Its planner needs the support mask too.
 """
 from __future__ import annotations
 
@@ -37,7 +44,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from evaluation import senet_pairing
+from evaluation import alpnet_protocol, senet_pairing
 from util.errors import UserError
 
 
@@ -56,20 +63,23 @@ class ProtocolPreset:
         return asdict(self)
 
 
-_INCLUSIVE = ProtocolPreset("inclusive", n_chunks=12, threshold=200, aggregate="mean")
 PRESETS: dict[str, ProtocolPreset] = {
-    "inclusive": _INCLUSIVE,
-    "lslpn": _INCLUSIVE,    # older name of 'inclusive' (results record the name 'inclusive')
+    "inclusive": ProtocolPreset("inclusive", n_chunks=12, threshold=200, aggregate="mean"),
     "official": ProtocolPreset("official", n_chunks=12, threshold=200, aggregate="mean", rule="official",
                                dice_smooth=0.001),
     "senet": ProtocolPreset("senet", n_chunks=10, threshold=10, aggregate="median", rule="senet",
                             dice_eps=1e-4),
-    "alpnet": ProtocolPreset("alpnet", n_chunks=3, threshold=1, aggregate="mean"),
+    "alpnet": ProtocolPreset("alpnet", n_chunks=3, threshold=0, aggregate="mean", rule="alpnet"),
+    "thirds": ProtocolPreset("thirds", n_chunks=3, threshold=1, aggregate="mean"),   # 'alpnet' until b9c8bb5
 }
+REMOVED_PRESETS = {"lslpn": "it was the older name of 'inclusive' (last in commit b9c8bb5, 2026-11-27): use "
+                            "'inclusive', the same rule"}
 
 
 def get_preset(name: str) -> ProtocolPreset:
-    """The preset called `name`; a clear error for an unknown one."""
+    """The preset called `name`; a clear error for an unknown or removed one."""
+    if name in REMOVED_PRESETS:
+        raise UserError(f"protocol preset '{name}' was removed: {REMOVED_PRESETS[name]}")
     if name not in PRESETS:
         raise UserError(f"protocol preset '{name}' is unknown: use one of {', '.join(PRESETS)}")
     return PRESETS[name]
@@ -165,6 +175,8 @@ def chunk_plan(support_ranges, query_range: tuple[int, int], n_chunks: int,
     """
     if rule == "senet":
         return _senet_plan(support_mask, query_range, n_chunks, n_shots)
+    if rule == "alpnet":
+        return _alpnet_plan(support_mask, support_ranges, query_range, n_chunks, n_shots)
     ranges = np.asarray(support_ranges, dtype=int)
     if ranges.ndim == 1:                                                               # one support volume
         first, last = ranges
@@ -196,6 +208,20 @@ def _senet_plan(support_mask, query_range: tuple[int, int], n_chunks: int,
     return [(shots[i], query_range[0] + offsets) for i, offsets in enumerate(chunks) if offsets.size]
 
 
+def _alpnet_plan(support_mask, support_ranges, query_range: tuple[int, int], n_chunks: int,
+                 n_shots: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """chunk_plan of rule 'alpnet' (evaluation/alpnet_protocol.py): percentile support slices, query thirds."""
+    if support_mask is None:
+        raise UserError("protocol rule 'alpnet' needs the support mask: pass support_mask to chunk_plan")
+    if n_shots != 1 or np.asarray(support_ranges).ndim != 1:
+        raise UserError("protocol preset 'alpnet' is 1-shot from one support volume (SSL-ALPNet): set "
+                        "eval.n_shots=1 and one eval.support")
+    shots = alpnet_protocol.support_slices(alpnet_protocol.organ_slice_list(support_mask), n_chunks)
+    parts = alpnet_protocol.query_parts(query_range[0], query_range[1], n_chunks)
+    zs = np.arange(query_range[0], query_range[1] + 1)
+    return [(np.array([shots[p]]), zs[parts == p]) for p in range(n_chunks) if (parts == p).any()]
+
+
 def aggregate(values, how: str) -> float:
     """Mean or median of per-volume values (NaN when there are none)."""
     values = np.asarray(list(values), dtype=float)
@@ -216,9 +242,11 @@ def support_slices_for_query(support_range: tuple[int, int], query_range: tuple[
     Returns an int array of length (query_range[1] - query_range[0] + 1), absolute support z.
     Rule 'senet' needs `support_mask` (the X x Y x Z organ mask of the support volume).
     """
-    if rule == "senet":
+    if rule in ("senet", "alpnet"):
         sources = np.empty(query_range[1] - query_range[0] + 1, dtype=int)
-        for shots, query_z in _senet_plan(support_mask, query_range, n_chunks, 1):
+        plan = _senet_plan(support_mask, query_range, n_chunks, 1) if rule == "senet" else \
+            _alpnet_plan(support_mask, support_range, query_range, n_chunks, 1)
+        for shots, query_z in plan:
             sources[query_z - query_range[0]] = shots[0]
         return sources
     support_length = support_range[1] - support_range[0] + 1

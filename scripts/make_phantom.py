@@ -31,7 +31,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--size", type=int, default=256, help="in-plane pixels (X = Y)")
     parser.add_argument("--slices", type=int, default=64, help="nominal slice count (varies by +-1/8)")
     parser.add_argument("--workers", type=int, default=2, help="processes")
-    parser.add_argument("--preset", default="lslpn", help="protocol preset of the mask-copy check")
+    parser.add_argument("--preset", default="inclusive", help="protocol preset of the mask-copy check")
     existing = parser.add_mutually_exclusive_group()
     existing.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
     existing.add_argument("--skip-existing", action="store_true", help="do nothing when --out exists")

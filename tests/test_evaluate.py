@@ -84,11 +84,11 @@ def test_validate_returns_mean_and_per_organ_and_restores_mode(tmp_path):
     from evaluation.evaluate import validate
     prep = make_prepared(tmp_path, split="val")
     model = IntensityModel().train()
-    result = validate(model, prep, split="val", organs=["liver", "spleen"], preset="alpnet",
+    result = validate(model, prep, split="val", organs=["liver", "spleen"], preset="thirds",
                       input_size=32, device="cpu", batch_size=4)
     assert model.training
     assert set(result["per_organ"]) == {"liver", "spleen"}
-    assert result["preset"] == "alpnet"
+    assert result["preset"] == "thirds"
     # the stand-in separates the bright organs from the dark body, but liver and spleen are both bright
     assert 0.0 < result["per_organ"]["liver"] <= 1.0
     assert result["mean_dice"] == pytest.approx(np.mean(list(result["per_organ"].values())))
@@ -104,7 +104,7 @@ def _run(tmp_path, **overrides):
     from evaluation.evaluate import evaluate
     prep = overrides.pop("prep", None) or make_prepared(tmp_path)
     arguments = dict(methods={"mask copy": None, "toy": IntensityModel()}, organs=["liver", "spleen"],
-                     prep_dir=prep, preset="alpnet", out_dir=tmp_path / "out", input_size=32, device="cpu",
+                     prep_dir=prep, preset="thirds", out_dir=tmp_path / "out", input_size=32, device="cpu",
                      batch_size=4, fold=0, progress=False)
     arguments.update(overrides)
     return evaluate(**arguments), tmp_path / "out"
@@ -116,7 +116,7 @@ def test_evaluate_writes_every_output(tmp_path):
         assert (out / name).is_file(), name
     assert not list(out.rglob("*.tmp-*"))
     stored = json.loads((out / "results.json").read_text())
-    assert stored["preset"]["name"] == "alpnet" and stored["fold"] == 0
+    assert stored["preset"]["name"] == "thirds" and stored["fold"] == 0
     assert stored["supports"] == ["10000100"]           # no 10000132: first by sorted id
     liver = stored["results"]["toy"]["liver"]
     assert {case["query"] for case in liver["per_volume"]} == {"10000104", "10000105"}
@@ -124,10 +124,10 @@ def test_evaluate_writes_every_output(tmp_path):
     assert liver["range"]["mean"] == pytest.approx(np.mean(values))
     assert liver["range"]["median"] == pytest.approx(np.median(values))
     assert liver["range"]["std"] == pytest.approx(np.std(values))
-    assert liver["range"]["value"] == pytest.approx(np.mean(values))   # alpnet: mean
+    assert liver["range"]["value"] == pytest.approx(np.mean(values))   # thirds: mean
     # CSV: one row per (method, organ, query) with the preset
     rows = (out / "results.csv").read_text().strip().splitlines()
-    assert len(rows) == 1 + 2 * 2 * 2 and all(",alpnet," in row for row in rows[1:])
+    assert len(rows) == 1 + 2 * 2 * 2 and all(",thirds," in row for row in rows[1:])
     # table: methods as rows, Table 1 columns, percentages
     table = (out / "table.md").read_text()
     assert "| Method | liver | spleen | kidney | psoas | mean |" in table
@@ -159,7 +159,7 @@ def test_whole_volume_dice_counts_organ_outside_the_range(tmp_path):
         volume["label"][0:20, 0:15, 4:8] = 1          # 300 voxels per slice: in range
         volume["label"][0:5, 0:5, 9 + shift] = 1      # 25 voxels: outside the range, still organ
         np.savez(folder / f"{pid}.npz", **volume)
-    results, _ = _run(tmp_path, prep=prep, preset="lslpn", methods={"mask copy": None}, organs=["liver"])
+    results, _ = _run(tmp_path, prep=prep, preset="inclusive", methods={"mask copy": None}, organs=["liver"])
     case = results["results"]["mask copy"]["liver"]["per_volume"][0]
     assert case["dice_range"] == pytest.approx(1.0)
     assert case["dice_volume"] == pytest.approx(2 * 1200 / (1200 + 1225))
@@ -307,7 +307,7 @@ def test_snapshot_from_another_fold_or_encoder_is_refused(tmp_path):
     prep = make_prepared(tmp_path)
     snapshot = make_tiny_snapshot(tmp_path / "fold1.pth", fold=1)
     with pytest.raises(UserError, match="trained for fold 1 .* liver"):
-        evaluate({"LSLPN": str(snapshot)}, ["liver"], prep, preset="alpnet", input_size=32, device="cpu",
+        evaluate({"LSLPN": str(snapshot)}, ["liver"], prep, preset="thirds", input_size=32, device="cpu",
                  progress=False)
     state = load_checkpoint(str(snapshot))
     state["model"] = {("encoder.other." + k): v for k, v in state["model"].items()}
@@ -368,10 +368,10 @@ def test_snapshot_trained_on_other_intensity_scaling_is_refused(tmp_path):
     state["intensity"] = {"mode": "window", "window": [-125.0, 275.0]}
     save_checkpoint(str(snapshot), state)
     with pytest.raises(UserError, match="trained on slices scaled .*window"):
-        evaluate({"LSLPN": str(snapshot)}, ["liver"], prep, preset="alpnet", input_size=32, device="cpu",
+        evaluate({"LSLPN": str(snapshot)}, ["liver"], prep, preset="thirds", input_size=32, device="cpu",
                  progress=False)
     state["intensity"] = {"mode": "minmax"}              # the same scaling: accepted
     save_checkpoint(str(snapshot), state)
-    results = evaluate({"LSLPN": str(snapshot)}, ["liver"], prep, preset="alpnet", input_size=32,
+    results = evaluate({"LSLPN": str(snapshot)}, ["liver"], prep, preset="thirds", input_size=32,
                        device="cpu", progress=False)
     assert results["results"]["LSLPN"]["liver"]["range"]["value"] is not None

@@ -151,7 +151,7 @@ def test_mask_copy_matches_a_slow_reference():
         x0 = rng.integers(2, 6)
         label[x0:x0 + 12, 4:16, start:stop] = NAME_TO_INDEX["liver"]
         labels[pid] = label
-    result = mask_copy_dice(labels, "10000132", "alpnet", organs=["liver"])["liver"]
+    result = mask_copy_dice(labels, "10000132", "thirds", organs=["liver"])["liver"]
     support = labels["10000132"] == 1
     s0, s1 = organ_range(support, 1)
     for pid in ("10000133", "10000134"):
@@ -164,7 +164,7 @@ def test_mask_copy_matches_a_slow_reference():
             prediction[..., z] = support[..., source]
         expected = dice(prediction[..., q0:q1 + 1], query[..., q0:q1 + 1])
         assert result["per_query"][pid] == pytest.approx(expected)
-    assert mask_copy_dice({"a": labels["10000133"], "b": labels["10000133"]}, "a", "alpnet",
+    assert mask_copy_dice({"a": labels["10000133"], "b": labels["10000133"]}, "a", "thirds",
                           organs=["liver"])["liver"]["mean"] == 1
 
 

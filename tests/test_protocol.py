@@ -22,11 +22,15 @@ def _mask_with_counts(counts, shape_xy=(8, 8)):
 
 
 def test_presets_match_the_papers():
-    assert (PRESETS["lslpn"].n_chunks, PRESETS["lslpn"].threshold, PRESETS["lslpn"].aggregate) == (12, 200, "mean")
+    assert (PRESETS["inclusive"].n_chunks, PRESETS["inclusive"].threshold, PRESETS["inclusive"].aggregate) \
+        == (12, 200, "mean")
     assert (PRESETS["senet"].n_chunks, PRESETS["senet"].threshold, PRESETS["senet"].aggregate) == (10, 10, "median")
-    assert (PRESETS["alpnet"].n_chunks, PRESETS["alpnet"].threshold, PRESETS["alpnet"].aggregate) == (3, 1, "mean")
-    with pytest.raises(UserError, match="lslpn"):
+    assert (PRESETS["alpnet"].n_chunks, PRESETS["alpnet"].threshold, PRESETS["alpnet"].rule) == (3, 0, "alpnet")
+    assert (PRESETS["thirds"].n_chunks, PRESETS["thirds"].threshold, PRESETS["thirds"].aggregate) == (3, 1, "mean")
+    with pytest.raises(UserError, match="inclusive"):
         get_preset("nnunet")
+    with pytest.raises(UserError, match="b9c8bb5.*inclusive"):   # removed alias: one line naming its last commit
+        get_preset("lslpn")
 
 
 def test_organ_range_threshold_is_strict_and_gaps_are_inside():
