@@ -11,15 +11,21 @@
   BatchNorm affine parameters frozen, running statistics update in train mode (the official code
   trains in train() mode). No ImageNet mean/std on the input. Parameter names are the official
   ones (conv1, bn1, layer1-3, layer4.0), so official snapshots load (models/fewshot.py).
-- 'resnet50_torchvision': this project's earlier variant of the paper's encoder on torchvision's
-  ResNet-50 layout (stride on the 3x3 conv, floor max pool: 64 x 64 at 512; layer3's first block
-  undilated), BatchNorm frozen in eval mode, ImageNet mean/std; keys stem.*, fuse.*.
+- 'deeplabv3_resnet101': SSL-ALPNet's backbone (its models/backbone/torchvision_backbones.py
+  TVDeeplabRes101Encoder): torchvision's deeplabv3_resnet101 without its ASPP head, i.e. the
+  dilated ResNet-101 (layer3 and layer4 dilated, output stride 8, layer4 = 2048 channels), then a
+  new 1x1 conv 2048 -> 256 without bias (PyTorch's default init). 32 x 32 features at 256 x 256.
+  BatchNorm trains as usual (train mode, affine trainable), as SSL-ALPNet. No ImageNet mean/std on
+  the input (SSL-ALPNet feeds its z-scored slices tiled to 3 channels). Initial weights: torchvision's
+  COCO weights (DeepLabV3_ResNet101_Weights.COCO_WITH_VOC_LABELS_V1, backbone.* only).
+  (The earlier 'resnet50_torchvision' variant was removed: models/removed_options.py.)
 - 'cnn_small': a compact conv-BN-ReLU net for the CPU demo, output stride 4, 128 channels; no
   ImageNet weights.
 
 The 1-channel input is repeated to 3 channels here (the only place). Initial weights
 (models/weights.py): `init_path` (a local torchvision checkpoint, or for resnet50_lslpn an
-official-code snapshot) overrides `pretrained` (torchvision's ImageNet weights API).
+official-code snapshot) overrides `pretrained` (torchvision's weights API: ImageNet, or COCO for
+deeplabv3_resnet101).
 """
 from __future__ import annotations
 
@@ -27,13 +33,15 @@ import logging
 
 import torch
 from torch import Tensor, nn
-from torchvision.models import resnet50
+from torchvision.models import resnet101
+from torchvision.models._utils import IntermediateLayerGetter
 from torchvision.models.vgg import cfgs, make_layers
 
-from models.weights import IMAGENET_WEIGHTS, imagenet_state, read_state_file, strip_prefixes
+from models.removed_options import removed_option_error
+from models.weights import IMAGENET_WEIGHTS, imagenet_state, read_state_file, strip_prefixes, weights_name
 from util.errors import UserError
 
-ENCODERS = ("vgg16", "resnet50_lslpn", "resnet50_torchvision", "cnn_small")
+ENCODERS = ("vgg16", "resnet50_lslpn", "deeplabv3_resnet101", "cnn_small")
 log = logging.getLogger("lslpn")
 _MEAN = (0.485, 0.456, 0.406)
 _STD = (0.229, 0.224, 0.225)
@@ -156,7 +164,7 @@ class ResNet50LSLPN(_Encoder):
         """A torchvision resnet50 ImageNet state dict (conv1, bn1, layer1-3; layer4 and fc are
         skipped, as the official code) or an official-code snapshot (encoder.* keys)."""
         state = strip_prefixes(state)
-        _refuse_layout(state, source, torchvision_layout=False)
+        _refuse_layout(state, source)
         if any(k.startswith("encoder.") for k in state):
             load_official_snapshot(self, state, source)
             return
@@ -168,65 +176,39 @@ class ResNet50LSLPN(_Encoder):
 def load_official_snapshot(encoder: ResNet50LSLPN, state: dict, source: str) -> None:
     """Every encoder.* weight of an official-code snapshot into `encoder` (missing keys: error)."""
     given = {k.removeprefix("encoder."): v for k, v in strip_prefixes(state).items() if k.startswith("encoder.")}
-    _refuse_layout({f"encoder.{k}": v for k, v in given.items()}, source, torchvision_layout=False)
+    _refuse_layout(given, source)
     _load_matching(encoder, given, encoder.state_dict(), source, "resnet50_lslpn (official-code snapshot)")
 
 
-def _refuse_layout(state: dict, source: str, torchvision_layout: bool) -> None:
-    """UserError when a snapshot of the other ResNet-50 layout is given."""
+def _refuse_layout(state: dict, source: str) -> None:
+    """UserError when weights of the removed torchvision-layout ResNet-50 (keys stem.*, fuse.*) are given."""
     keys = {k.removeprefix("encoder.") for k in state}
-    if not torchvision_layout and ({"stem.0.weight", "fuse.0.weight"} & keys):
-        raise UserError(f"{source}: a snapshot of the torchvision-layout ResNet-50 (keys stem.*, fuse.*), "
-                        "not of the official layout: use model.encoder=resnet50_torchvision")
-    if torchvision_layout and "layer4.0.weight" in keys and "conv1.weight" in keys \
-            and any(k.startswith("encoder.") for k in state):
-        raise UserError(f"{source}: a snapshot of the official-layout ResNet-50 (keys conv1, layer4.0), "
-                        "not of the torchvision layout: use model.encoder=resnet50_lslpn")
+    if {"stem.0.weight", "fuse.0.weight"} & keys:
+        raise removed_option_error("encoder", "resnet50_torchvision", f"{source}: keys stem.*, fuse.*")
 
 
-class ResNet50Torchvision(_Encoder):
-    """This project's earlier torchvision-layout variant (see the module docstring)."""
+class DeepLabV3ResNet101(_Encoder):
+    """SSL-ALPNet's encoder: deeplabv3_resnet101's dilated ResNet-101 + a 1x1 conv 2048 -> 256 (no bias)."""
     out_channels, output_stride = 256, 8
 
     def __init__(self):
-        super().__init__(imagenet_norm=True)
-        net = resnet50(weights=None, replace_stride_with_dilation=[False, True, False])
-        self.stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)
-        self.layer1, self.layer2, self.layer3 = net.layer1, net.layer2, net.layer3
-        self.fuse = nn.Sequential(nn.Conv2d(512 + 1024, 256, 3, padding=2, dilation=2),
-                                  nn.ReLU(inplace=True), nn.Dropout2d(0.5))
-        for m in self.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                for p in m.parameters():
-                    p.requires_grad_(False)
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        for m in self.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.eval()                                          # running statistics frozen too
-        return self
+        super().__init__(imagenet_norm=False)
+        # torchvision's deeplabv3_resnet101 backbone: resnet101 with layer3 and layer4 dilated, up to layer4
+        net = resnet101(weights=None, replace_stride_with_dilation=[False, True, True])
+        self.backbone = IntermediateLayerGetter(net, return_layers={"layer4": "out"})
+        self.localconv = nn.Conv2d(2048, 256, kernel_size=1, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        x = self.layer1(self.stem(self.to_rgb(x)))
-        mid = self.layer2(x)                                      # B x 512 x H/8 x W/8
-        deep = self.layer3(mid)                                   # B x 1024 x H/8 x W/8
-        return self.fuse(torch.cat([mid, deep], dim=1))           # B x 256 x H/8 x W/8
+        deep = self.backbone(self.to_rgb(x))["out"]                # B x 2048 x H/8 x W/8
+        return self.localconv(deep)                               # B x 256 x H/8 x W/8
 
     def load_initial(self, state: dict, source: str) -> None:
-        """A torchvision resnet50 ImageNet state dict (layer4 and fc skipped)."""
+        """The backbone.* weights of a torchvision deeplabv3_resnet101 state dict (its classifier.*
+        and aux_classifier.* are skipped); the 1x1 conv keeps its initialisation."""
         state = strip_prefixes(state)
-        _refuse_layout(state, source, torchvision_layout=True)
-        rename = {"conv1.": "stem.0.", "bn1.": "stem.1."}
-        wanted = {}
-        for k, v in state.items():
-            for old, new in rename.items():
-                if k.startswith(old):
-                    k = new + k[len(old):]
-            wanted[k] = v
-        backbone = {k: v for k, v in self.state_dict().items() if not k.startswith("fuse.")}
-        _load_matching(self, {k: v for k, v in wanted.items() if k in backbone}, backbone, source,
-                       "resnet50_torchvision")
+        backbone = {k: v for k, v in self.state_dict().items() if k.startswith("backbone.")}
+        _load_matching(self, {k: v for k, v in state.items() if k in backbone}, backbone, source,
+                       "deeplabv3_resnet101")
 
 
 class SmallCNN(_Encoder):
@@ -260,30 +242,34 @@ def _load_matching(target: nn.Module, given: dict, expected: dict, source: str, 
         problems = missing + wrong
         raise UserError(f"{source}: does not match encoder {what}: {len(problems)} missing or "
                         f"mismatched keys, e.g. {', '.join(problems[:4])}")
-    target.load_state_dict({k: given[k] for k in given if k in target.state_dict()}, strict=False)
+    own = target.state_dict()                                      # once: it is rebuilt on every call
+    target.load_state_dict({k: given[k] for k in given if k in own}, strict=False)
 
 
 def build_encoder(name: str, init_path: str | None = None, pretrained: bool = False) -> nn.Module:
     """Encoder `name` (one of ENCODERS) with its initial weights.
 
-    `init_path` (a local state dict file) overrides `pretrained` (torchvision's ImageNet weights,
-    models/weights.py). With neither, random initialisation (one warning line).
+    `init_path` (a local state dict file) overrides `pretrained` (torchvision's ImageNet or COCO
+    weights, models/weights.py). With neither, random initialisation (one warning line).
     """
     builders = {"vgg16": VGG16Encoder, "resnet50_lslpn": ResNet50LSLPN,
-                "resnet50_torchvision": ResNet50Torchvision, "cnn_small": SmallCNN}
+                "deeplabv3_resnet101": DeepLabV3ResNet101, "cnn_small": SmallCNN}
     if name not in builders:
         raise UserError(f"model.encoder = {name!r}: unknown encoder: use one of {', '.join(ENCODERS)}")
     if (init_path is not None or pretrained) and name not in IMAGENET_WEIGHTS:
         which = f"path.init_path = {init_path}" if init_path is not None else "model.pretrained = True"
-        raise UserError(f"{which}: encoder {name} has no ImageNet weights: set path.init_path to null "
-                        "and model.pretrained=False, or use vgg16 / resnet50_lslpn")
-    encoder = builders[name]()
+        raise UserError(f"{which}: encoder {name} has no pretrained weights: set path.init_path to null "
+                        "and model.pretrained=False, or use vgg16 / resnet50_lslpn / deeplabv3_resnet101")
+    # the weights are read before the network is built: a missing file stops at once (no RNG is drawn)
     if init_path is not None:
-        encoder.load_initial(read_state_file(init_path), f"path.init_path = {init_path}")
-        log.info("encoder %s: initial weights loaded from %s", name, init_path)
+        state, source = read_state_file(init_path), f"path.init_path = {init_path}"
     elif pretrained:
-        encoder.load_initial(imagenet_state(name), f"model.pretrained ({IMAGENET_WEIGHTS[name].url})")
-        log.info("encoder %s: torchvision ImageNet weights loaded", name)
+        state, source = imagenet_state(name), f"model.pretrained ({IMAGENET_WEIGHTS[name].url})"
+    encoder = builders[name]()
+    if init_path is not None or pretrained:
+        encoder.load_initial(state, source)
+        log.info("encoder %s: initial weights loaded from %s", name, init_path if init_path is not None
+                 else f"torchvision's {weights_name(name)} weights")
     else:
         log.warning("encoder %s: no init_path and pretrained=False: starting from random initialisation", name)
     return encoder

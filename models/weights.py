@@ -1,7 +1,8 @@
-"""Encoder initial weights: ImageNet through torchvision's weights API, local files, official snapshots.
+"""Encoder initial weights: ImageNet / COCO through torchvision's weights API, local files, official snapshots.
 
-- `imagenet_state(encoder)`: the torchvision ImageNet state dict of an encoder (VGG16_Weights.
-  IMAGENET1K_V1 or ResNet50_Weights.IMAGENET1K_V1), read from torch.hub's cache
+- `imagenet_state(encoder)`: the torchvision state dict of an encoder (VGG16_Weights.IMAGENET1K_V1,
+  ResNet50_Weights.IMAGENET1K_V1, or for deeplabv3_resnet101 SSL-ALPNet's COCO initialisation
+  DeepLabV3_ResNet101_Weights.COCO_WITH_VOC_LABELS_V1), read from torch.hub's cache
   ($TORCH_HOME/hub/checkpoints, default ~/.cache/torch/hub/checkpoints) after checking the SHA-256
   prefix in its file name. When the file is not cached, torchvision downloads it (hash-checked);
   when that fails (offline) a one-line UserError names the file, its expected place and the
@@ -17,19 +18,26 @@ import re
 
 import torch
 from torchvision.models import ResNet50_Weights, VGG16_Weights
+from torchvision.models.segmentation import DeepLabV3_ResNet101_Weights
 
 from util.errors import UserError
 
 IMAGENET_WEIGHTS = {
     "vgg16": VGG16_Weights.IMAGENET1K_V1,
     "resnet50_lslpn": ResNet50_Weights.IMAGENET1K_V1,
-    "resnet50_torchvision": ResNet50_Weights.IMAGENET1K_V1,
+    "deeplabv3_resnet101": DeepLabV3_ResNet101_Weights.COCO_WITH_VOC_LABELS_V1,
 }
+_TRAINED_ON = {"deeplabv3_resnet101": "COCO"}   # the others: ImageNet
 _HASH = re.compile(r"-([a-f0-9]+)\.")
 
 
+def weights_name(encoder: str) -> str:
+    """'ImageNet' or 'COCO': what the encoder's torchvision weights were trained on."""
+    return _TRAINED_ON.get(encoder, "ImageNet")
+
+
 def cached_weights_path(encoder: str) -> str:
-    """Where torch.hub keeps (or would keep) the ImageNet file of `encoder`."""
+    """Where torch.hub keeps (or would keep) the weights file of `encoder`."""
     url = IMAGENET_WEIGHTS[encoder].url
     return os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url))
 
@@ -49,17 +57,17 @@ def _check_hash(path: str) -> None:
 
 
 def imagenet_state(encoder: str) -> dict:
-    """torchvision's ImageNet state dict for `encoder` (cached, hash-checked); UserError offline."""
+    """torchvision's ImageNet (COCO) state dict for `encoder` (cached, hash-checked); UserError offline."""
     if encoder not in IMAGENET_WEIGHTS:
-        raise UserError(f"model.pretrained = True: encoder {encoder} has no ImageNet weights: "
+        raise UserError(f"model.pretrained = True: encoder {encoder} has no pretrained weights: "
                         "set model.pretrained=False")
     path = cached_weights_path(encoder)
     if not os.path.isfile(path):
         try:
             return IMAGENET_WEIGHTS[encoder].get_state_dict(progress=False, check_hash=True)
         except (OSError, RuntimeError, ValueError) as error:  # URLError is an OSError
-            raise UserError(f"model.pretrained = True: ImageNet weights {os.path.basename(path)} are not "
-                            f"in {os.path.dirname(path)} and could not be downloaded "
+            raise UserError(f"model.pretrained = True: {weights_name(encoder)} weights "
+                            f"{os.path.basename(path)} are not in {os.path.dirname(path)} and could not be downloaded "
                             f"({type(error).__name__}): copy the file there, or set path.init_path to a "
                             "local copy, or model.pretrained=False to train from random weights") from None
     _check_hash(path)

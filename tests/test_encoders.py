@@ -1,5 +1,5 @@
-"""Encoders: shapes, the official DeepLab ResNet-50 layout, initial weights (fabricated files,
-torchvision's cache, offline), frozen BatchNorm, gradients. Nothing is downloaded."""
+"""Encoders: shapes, the official DeepLab ResNet-50 layout, SSL-ALPNet's DeepLabv3 ResNet-101, initial
+weights (fabricated files, torchvision's cache, offline), frozen BatchNorm, gradients. Nothing is downloaded."""
 import logging
 import urllib.error
 
@@ -8,14 +8,13 @@ import torch
 import torchvision
 
 from models import weights
-from models.encoders import ResNet50LSLPN, build_encoder
+from models.encoders import DeepLabV3ResNet101, ResNet50LSLPN, build_encoder
 from models.fewshot import FewShotSegNet
 from util.errors import UserError
 
 
 @pytest.mark.parametrize("name,channels,out_hw", [("cnn_small", 128, (8, 12)), ("vgg16", 512, (4, 6)),
-                                                  ("resnet50_lslpn", 256, (5, 7)),
-                                                  ("resnet50_torchvision", 256, (4, 6))])
+                                                  ("resnet50_lslpn", 256, (5, 7))])
 def test_output_shape(name, channels, out_hw):
     torch.manual_seed(0)
     encoder = build_encoder(name).eval()
@@ -111,9 +110,6 @@ def test_resnet50_loads_torchvision_imagenet_checkpoint(tmp_path):
     assert torch.equal(official.layer3[5].bn3.running_var, state["layer3.5.bn3.running_var"])
     assert torch.equal(official.layer1[0].downsample[0].weight, state["layer1.0.downsample.0.weight"])
     assert abs(official.layer4[0].weight.std().item() - 0.01) < 1e-3   # fusion conv not loaded
-    variant = build_encoder("resnet50_torchvision", str(tmp_path / "resnet50.pth"))
-    assert torch.equal(variant.stem[0].weight, state["conv1.weight"])
-    assert variant.layer3[0].conv2.dilation == (1, 1) and variant.layer3[1].conv2.dilation == (2, 2)
 
 
 def _official_snapshot(tmp_path, drop=None):
@@ -151,16 +147,16 @@ def test_bad_snapshots_and_checkpoints(tmp_path):
     _, path = _official_snapshot(tmp_path, drop="layer4.0.weight")   # official snapshot, a key missing
     with pytest.raises(UserError, match=r"official.pth: does not match .*layer4.0.weight"):
         build_encoder("resnet50_lslpn", path)
-    torch.manual_seed(0)
-    variant = {f"encoder.{k}": v for k, v in build_encoder("resnet50_torchvision").state_dict().items()}
+    # weights of the removed torchvision-layout variant (keys stem.*, fuse.*): one line, retrain
+    variant = {"encoder.stem.0.weight": torch.zeros(64, 3, 7, 7), "encoder.fuse.0.weight": torch.zeros(256, 1536, 3, 3)}
     torch.save(variant, tmp_path / "variant.pth")
-    with pytest.raises(UserError, match="torchvision-layout ResNet-50.*model.encoder=resnet50_torchvision"):
+    removed = "model.encoder = 'resnet50_torchvision' .*removed after commit b9c8bb5"
+    with pytest.raises(UserError, match=rf"{removed}.*encoder='resnet50_lslpn'"):
         build_encoder("resnet50_lslpn", str(tmp_path / "variant.pth"))
-    with pytest.raises(UserError, match="model.encoder = 'resnet50_torchvision' .*removed after commit b9c8bb5"):
+    with pytest.raises(UserError, match=removed):
         FewShotSegNet(encoder="resnet50_lslpn").load_state_dict(variant)
-    _, official = _official_snapshot(tmp_path)
-    with pytest.raises(UserError, match="official-layout ResNet-50.*model.encoder=resnet50_lslpn"):
-        build_encoder("resnet50_torchvision", official)
+    with pytest.raises(UserError, match="model.encoder = 'resnet50_torchvision': unknown encoder"):
+        build_encoder("resnet50_torchvision")
 
 
 class _FakeWeights:
@@ -200,9 +196,9 @@ def test_pretrained_from_torch_hub_cache_and_offline(tmp_path, monkeypatch):
         FewShotSegNet(encoder="vgg16", pretrained=True)
 
 
-@pytest.mark.parametrize("name", ["cnn_small", "vgg16", "resnet50_torchvision"])
+@pytest.mark.parametrize("name", ["cnn_small", "vgg16"])
 def test_gradients_reach_trainable_parameters(name):
-    """Every trainable parameter gets a gradient; resnet50_torchvision's BatchNorm stays frozen."""
+    """Every trainable parameter gets a gradient; cnn_small's BatchNorm trains."""
     torch.manual_seed(0)
     encoder = build_encoder(name).train()
     bns = [m for m in encoder.modules() if isinstance(m, torch.nn.BatchNorm2d)]
@@ -211,12 +207,7 @@ def test_gradients_reach_trainable_parameters(name):
     for pname, p in encoder.named_parameters():
         if p.requires_grad:
             assert p.grad is not None and p.grad.abs().sum() > 0, pname
-    if name == "resnet50_torchvision":
-        assert bns and all(not m.training for m in bns)      # eval mode even in train()
-        assert all(not p.requires_grad and p.grad is None for m in bns for p in m.parameters())
-        assert all(torch.equal(b, m.running_mean) for b, m in zip(before, bns))  # stats untouched
-        assert encoder.fuse.training                         # dropout follows train()
-    elif name == "cnn_small":
+    if name == "cnn_small":
         assert any(not torch.equal(b, m.running_mean) for b, m in zip(before, bns))  # BN trains
 
 
@@ -230,3 +221,63 @@ def test_official_snapshot_as_a_test_snapshot(tmp_path):
     _, partial = _official_snapshot(tmp_path, drop="layer2.1.conv2.weight")
     with pytest.raises(UserError, match=r"official.pth \(official-code snapshot\): does not match .*layer2.1.conv2"):
         model_from_checkpoint(partial)
+
+
+def test_deeplabv3_resnet101_is_ssl_alpnets_backbone():
+    """torchvision's deeplabv3_resnet101 backbone (same keys, layer3/4 dilated, stride 8, no ASPP) + a
+    1x1 conv 2048 -> 256 without bias; no ImageNet mean/std; 32 x 32 features at 256."""
+    from torchvision.models.segmentation import deeplabv3_resnet101
+    with torch.device("meta"):
+        reference = deeplabv3_resnet101(weights=None, weights_backbone=None, aux_loss=True)
+        encoder = DeepLabV3ResNet101()           # (the full network is slow on a CPU: shapes on 'meta')
+        assert encoder(torch.empty(1, 1, 256, 256)).shape == (1, 256, 32, 32)
+    bns = [m for m in encoder.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert bns and all(p.requires_grad for m in bns for p in m.parameters())  # BatchNorm trains, not frozen
+    assert all(m.training for m in encoder.train().modules())
+    mine = {k for k in encoder.state_dict() if k.startswith("backbone.")}
+    theirs = {k: v.shape for k, v in reference.state_dict().items() if k.startswith("backbone.")}
+    assert mine == set(theirs) and all(encoder.state_dict()[k].shape == theirs[k] for k in mine)
+    assert set(encoder.state_dict()) - mine == {"localconv.weight"} and encoder.localconv.bias is None
+    assert encoder.localconv.weight.shape == (256, 2048, 1, 1)
+    layer2, layer3, layer4 = encoder.backbone.layer2, encoder.backbone.layer3, encoder.backbone.layer4
+    assert layer4[0].conv2.dilation == (2, 2) and layer4[2].conv2.dilation == (4, 4)
+    assert layer3[1].conv2.dilation == (2, 2) and layer2[0].conv2.stride == (2, 2)
+    x = torch.rand(1, 1, 8, 8)
+    assert torch.equal(encoder.to_rgb(x), x.expand(-1, 3, -1, -1))
+
+
+def test_deeplabv3_resnet101_loads_the_coco_layout_and_offline_is_one_line(tmp_path, monkeypatch):
+    """load_initial takes backbone.* of a deeplabv3_resnet101 state dict (classifier.* skipped, localconv
+    kept); the COCO file is looked up in TORCH_HOME by its torchvision name; offline it is one line."""
+    import hashlib
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        encoder = DeepLabV3ResNet101()
+    encoder = encoder.to_empty(device="cpu")                  # storage only: random init is slow on a CPU
+    conv = encoder.localconv.weight.clone()
+    state = {k: (torch.randn_like(v) if v.is_floating_point() else v) for k, v in encoder.state_dict().items()
+             if k.startswith("backbone.")}
+    state["classifier.4.weight"] = torch.zeros(21, 256, 1, 1)
+    encoder.load_initial(state, "test")
+    assert torch.equal(encoder.backbone.layer4[2].conv3.weight, state["backbone.layer4.2.conv3.weight"])
+    assert torch.equal(encoder.localconv.weight, conv)
+    del state["backbone.layer3.22.bn2.weight"]
+    with pytest.raises(UserError, match="does not match encoder deeplabv3_resnet101.*layer3.22.bn2.weight"):
+        encoder.load_initial(state, "test")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    assert weights.cached_weights_path("deeplabv3_resnet101").endswith(
+        "hub/checkpoints/deeplabv3_resnet101_coco-586e9e4e.pth")
+    torch.save({"backbone.conv1.weight": torch.zeros(64, 3, 7, 7)}, tmp_path / "small.pth")
+    digest = hashlib.sha256((tmp_path / "small.pth").read_bytes()).hexdigest()[:8]
+    name = f"deeplabv3_resnet101_coco-{digest}.pth"
+    fake = _FakeWeights(f"https://example.invalid/{name}")
+    monkeypatch.setitem(weights.IMAGENET_WEIGHTS, "deeplabv3_resnet101", fake)
+    with pytest.raises(UserError, match=rf"COCO weights {name} are not in .*torch_home.hub.checkpoints .*init_path"):
+        build_encoder("deeplabv3_resnet101", pretrained=True)              # offline, not cached: no training
+    cache = tmp_path / "torch_home" / "hub" / "checkpoints"
+    cache.mkdir(parents=True)
+    (cache / name).write_bytes((tmp_path / "small.pth").read_bytes())   # read from the cache, hash checked
+    assert set(weights.imagenet_state("deeplabv3_resnet101")) == {"backbone.conv1.weight"}
+    (cache / name).write_bytes(b"corrupt")
+    with pytest.raises(UserError, match="SHA-256 does not match"):
+        build_encoder("deeplabv3_resnet101", pretrained=True)
