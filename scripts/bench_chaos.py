@@ -47,6 +47,10 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--out", type=Path, default=Path("runs/bench_chaos"), help="prepared folders, runs, results")
     parser.add_argument("--folds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--settings", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--label-sets", type=int, nargs="+", default=[0, 1], choices=[0, 1],
+                        help="0: kidneys tested, 1: liver and spleen tested")
+    parser.add_argument("--methods", nargs="+", default=None,
+                        help="table rows to train (default all), e.g. LSLPN 'PANet head'; mask copy always runs")
     parser.add_argument("--rule", choices=["or", "and"], default="or",
                         help="Setting 2 exclusion: 'or' (SSL-ALPNet: any test organ) or 'and' (Q-Net lineage)")
     parser.add_argument("--steps", type=int, default=None, help="training steps per run (CPU default 150)")
@@ -99,7 +103,8 @@ def main(argv: list[str]) -> int:
         report.write_report(results, args.doc, figure, seconds, command, exclusion, environment)
 
     results = steps.run_bench(data, args.out, args.folds, sorted(args.settings), args.rule, budget, args.device,
-                              include_alpnet=not args.no_alpnet_head, figure_hook=collector, progress=publish)
+                              include_alpnet=not args.no_alpnet_head, figure_hook=collector, progress=publish,
+                              label_sets=args.label_sets, only=args.methods)
     publish(results, final=True)
     seconds = results["seconds"]
     print(f"\nwrote {args.doc} ({seconds / 60:.1f} min)")

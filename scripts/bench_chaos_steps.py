@@ -50,12 +50,23 @@ def head_available(head: str) -> bool:
         return False
 
 
+def alpnet_episodes_available() -> bool:
+    """Does this checkout's config have selfsup.episodes (SSL-ALPNet's own episode recipe, 'alpnet')?"""
+    config = create_run(ex, "print_config", config_updates={}, named_configs=["selfsup"]).config
+    return "episodes" in (config.get("selfsup") or {})
+
+
 def methods(include_alpnet: bool = True) -> dict[str, dict]:
-    """Table row -> how it trains: named configs and overrides on top of the budget's base."""
-    rows = {"LSLPN": {"named": ["selfsup"], "overrides": []},
-            "PANet head": {"named": ["selfsup", "panet"], "overrides": []}}
+    """Table row -> how it trains: named configs and overrides on top of the budget's base.
+
+    Self-supervised rows use SSL-ALPNet's episode recipe (selfsup.episodes=alpnet) where the checkout has it,
+    else this project's ('selfsup' config); the report names which.
+    """
+    recipe = ["selfsup.episodes=alpnet"] if alpnet_episodes_available() else []
+    rows = {"LSLPN": {"named": ["selfsup"], "overrides": [*recipe]},
+            "PANet head": {"named": ["selfsup", "panet"], "overrides": [*recipe]}}
     if include_alpnet and head_available("alpnet"):
-        rows["ALPNet head"] = {"named": ["selfsup"], "overrides": ["model.head=alpnet", "model.align=True"]}
+        rows["ALPNet head"] = {"named": ["selfsup"], "overrides": ["model.head=alpnet", "model.align=True", *recipe]}
     rows["LSLPN, supervised"] = {"named": [], "overrides": ["class_setting=all_structures", "val_every=0"],
                                  "supervised": True}
     return rows
@@ -183,7 +194,8 @@ def evaluate_method(snapshot: Path | None, folder: Path, organs: list[str], devi
 
 
 def run_bench(data_dir: Path, out: Path, folds: list[int], settings: list[int], rule: str, budget: dict,
-              device: str, include_alpnet: bool = True, figure_hook=None, progress=None) -> dict:
+              device: str, include_alpnet: bool = True, figure_hook=None, progress=None,
+              label_sets: list[int] = (0, 1), only: list[str] | None = None) -> dict:
     """Every fold x setting x label set x method; returns (and writes OUT/results.json) the results.
 
     Order (what a short budget finishes first): Setting 2 before Setting 1, fold by fold; each method is
@@ -192,14 +204,20 @@ def run_bench(data_dir: Path, out: Path, folds: list[int], settings: list[int], 
     dataset = layout.detect_dataset(data_dir)
     named_base, base = budget_overrides(budget["steps"], budget["input_size"], budget["batch_size"], budget["full"])
     rows = methods(include_alpnet)
+    if only is not None:
+        unknown = [name for name in only if name not in rows]
+        if unknown:
+            raise UserError(f"--methods {unknown[0]!r} is not a row of this benchmark: use {', '.join(rows)}")
+        rows = {name: how for name, how in rows.items() if name in only}
     log: list[dict] = []
     results = {"dataset": dataset.name, "data": str(data_dir), "rule": rule, "budget": budget,
-               "methods": [MASK_COPY, *rows], "cells": [], "log": log}
+               "methods": [MASK_COPY, *rows], "cells": [], "log": log,
+               "episodes": "alpnet" if alpnet_episodes_available() else "project"}
     for setting in sorted(settings, reverse=True):
         for fold in folds:
             shared = prepared(data_dir, out, fold, setting, None, rule, log) if setting == 1 else None
             selfsup_snapshots: dict[str, Path] = {}
-            for label_set in (0, 1):
+            for label_set in label_sets:
                 folder = shared or prepared(data_dir, out, fold, setting, label_set, rule, log)
                 organs = dataset.test_organs(label_set)
                 kept = read_meta(folder)["alpnet"]["kept"]

@@ -1,0 +1,204 @@
+"""The SSL-ALPNet layout reader and its per-fold prepared folders (dataloaders/alpnet_layout.py, alpnet_prepare.py).
+
+Synthetic folders in that layout are written here from tiny arrays (CHAOS-T2 values, or SABS with the BTCV
+ids); the real CHAOS-T2 folder is used when present ($CHAOS_T2_DIR or ../shared/data/chaos_mr_t2 beside the
+repository), else those tests skip.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from dataloaders import alpnet_layout as layout
+from dataloaders.alpnet_prepare import prepare_alpnet
+from dataloaders.organs import NAME_TO_INDEX
+from util.errors import UserError
+
+ROOT = Path(__file__).resolve().parents[1]
+REAL = Path(os.environ.get("CHAOS_T2_DIR") or ROOT.parent / "shared" / "data" / "chaos_mr_t2")
+needs_real = pytest.mark.skipif(not (REAL / "classmap_1.json").is_file(),
+                                reason=f"CHAOS-T2 in SSL-ALPNet's layout not found at {REAL} (set CHAOS_T2_DIR)")
+AFFINE = np.diag([-1.25, 1.25, 7.7, 1.0])
+
+
+def _save(array: np.ndarray, path: Path) -> None:
+    nib.save(nib.Nifti1Image(np.asarray(array, dtype=np.float64), AFFINE), str(path))
+
+
+def write_alpnet_folder(folder: Path, ids, dataset=layout.CHAOS_T2, size: int = 24, depth: int = 12,
+                        seed: int = 0) -> Path:
+    """A folder in SSL-ALPNet's layout: every evaluated organ as a box at its own slices, superpixels in a 4 x 4
+    grid inside the body, classmap_1.json from the labels. Arrays are nibabel X x Y x Z."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    classmap = {name: {} for name in dataset.class_names.values()}
+    boxes = {v: (slice(2 + 5 * (i % 4), 6 + 5 * (i % 4)), slice(3 + 8 * (i // 4), 10 + 8 * (i // 4)))
+             for i, v in enumerate(dataset.evaluated)}
+    for n, sid in enumerate(ids):
+        image = rng.uniform(0, 50, (size, size, depth)) + (200.0 if dataset.modality == "MR" else 0.0)
+        label = np.zeros((size, size, depth))
+        for k, value in enumerate(dataset.evaluated):
+            first = 1 + (k + n) % 3
+            label[boxes[value][0], boxes[value][1], first:first + 7] = value
+        image[label > 0] += 300.0
+        grid = (np.arange(size)[:, None] // 6) * 4 + np.arange(size)[None, :] // 6 + 1       # 16 superpixels
+        superpixels = np.repeat(grid[:, :, None], depth, axis=2).astype(float)
+        _save(image, folder / f"image_{sid}.nii.gz")
+        _save(label, folder / f"label_{sid}.nii.gz")
+        _save(superpixels, folder / f"superpix-MIDDLE_{sid}.nii.gz")
+        for value, name in dataset.class_names.items():
+            zs = (np.flatnonzero((label > 0).any(axis=(0, 1))) if value == 0 else
+                  np.flatnonzero((label == value).any(axis=(0, 1))))
+            if zs.size:
+                classmap[name][str(sid)] = zs.tolist()
+    (folder / "classmap_1.json").write_text(json.dumps(classmap))
+    return folder
+
+
+def test_detect_dataset_and_ids_sorted_as_integers(tmp_path):
+    chaos = write_alpnet_folder(tmp_path / "chaos", [10, 2, 1, 3, 5, 8])
+    assert layout.detect_dataset(chaos) is layout.CHAOS_T2
+    assert layout.scan_ids(chaos) == [1, 2, 3, 5, 8, 10]          # not lexicographic (1, 10, 2, ...)
+    sabs = write_alpnet_folder(tmp_path / "sabs", range(6), dataset=layout.SABS)
+    assert layout.detect_dataset(sabs) is layout.SABS
+    (tmp_path / "other").mkdir()
+    with pytest.raises(UserError, match="no image_<id>"):
+        layout.detect_dataset(tmp_path / "other")
+    (chaos / "classmap_1.json").write_text(json.dumps({"BG": {}, "HEART": {}}))
+    with pytest.raises(UserError, match="classmap_1.json: class names .* neither"):
+        layout.detect_dataset(chaos)
+
+
+def test_ids_that_do_not_pair_name_the_file(tmp_path):
+    folder = write_alpnet_folder(tmp_path / "d", [1, 2, 3])
+    (folder / "label_2.nii.gz").unlink()
+    with pytest.raises(UserError, match=r"image_2\.nii\.gz: no label_2\.nii\.gz"):
+        layout.scan_ids(folder)
+    write_alpnet_folder(tmp_path / "e", [1, 2])
+    (tmp_path / "e" / "image_1.nii.gz").unlink()
+    with pytest.raises(UserError, match=r"label_1\.nii\.gz: no image_1"):
+        layout.scan_ids(tmp_path / "e")
+
+
+def test_reading_follows_simpleitk_order_and_checks_grid_and_classmap(tmp_path):
+    folder = write_alpnet_folder(tmp_path / "d", [1, 2])
+    stored = np.asarray(nib.load(str(folder / "image_1.nii.gz")).dataobj)                 # X x Y x Z
+    scan = layout.load_scan(folder, 1, layout.CHAOS_T2, superpixels=True, classmap=layout.read_classmap(folder))
+    assert np.array_equal(scan.image, stored.transpose(1, 0, 2))         # SimpleITK [Z,Y,X] -> [Y,X,Z]
+    assert scan.superpixels.dtype == np.int32 and scan.superpixels.max() == 16
+    _save(np.zeros((20, 24, 12)), folder / "label_2.nii.gz")
+    with pytest.raises(UserError, match=r"label_2\.nii\.gz: on another grid"):
+        layout.load_scan(folder, 2, layout.CHAOS_T2)
+    classmap = layout.read_classmap(folder)
+    classmap["LIVER"]["1"] = classmap["LIVER"]["1"][1:]
+    with pytest.raises(UserError, match="classmap_1.json: LIVER of scan 1 lists slices"):
+        layout.load_scan(folder, 1, layout.CHAOS_T2, classmap=classmap)
+
+
+def test_fold_split_is_circular_with_the_next_scan_as_support():
+    chaos = [1, 2, 3, 5, 8, 10, 13, 15, 19, 20, 21, 22, 31, 32, 33, 34, 36, 37, 38, 39]
+    assert layout.fold_scans(chaos, 0, layout.CHAOS_T2)[:2] == ([1, 2, 3, 5], 8)
+    assert layout.fold_scans(chaos, 2, layout.CHAOS_T2)[:2] == ([19, 20, 21, 22], 31)
+    test, support, training = layout.fold_scans(chaos, 4, layout.CHAOS_T2)
+    assert (test, support) == ([36, 37, 38, 39], 1) and len(training) == 15 and 1 not in training
+    test, support, training = layout.fold_scans(list(range(30)), 4, layout.SABS)
+    assert (test, support, len(training)) == ([24, 25, 26, 27, 28, 29], 0, 23)
+    for bad in (5, -1, 1.0):
+        with pytest.raises(UserError, match="use 0-4"):
+            layout.fold_scans(chaos, bad, layout.CHAOS_T2)
+
+
+def test_or_and_rules_on_the_worked_example():
+    label = np.zeros((4, 4, 37), np.uint8)
+    label[0, 0, 12:26] = 2                      # RK 12-25
+    label[1, 1, 14:30] = 3                      # LK 14-29
+    dropped_or = np.flatnonzero(~layout.kept_slices(label, [2, 3], "or"))
+    dropped_and = np.flatnonzero(~layout.kept_slices(label, [2, 3], "and"))
+    assert dropped_or.tolist() == list(range(12, 30))          # 18 slices
+    assert dropped_and.tolist() == list(range(14, 26))         # 12 slices
+    assert layout.kept_slices(label, [], "or").all()           # Setting 1
+    with pytest.raises(UserError, match="'or'"):
+        layout.kept_slices(label, [2], "xor")
+
+
+def test_mr_zscore_has_no_eps_and_labels_map_to_the_vocabulary():
+    image = np.arange(24, dtype=float).reshape(2, 3, 4)
+    expected = (image - image.mean()) / image.std()
+    assert np.allclose(layout.zscore(image), expected)
+    with pytest.raises(UserError, match="constant"):
+        layout.zscore(np.ones((2, 2, 2)))
+    mapped = layout.to_vocabulary(np.array([0, 1, 2, 3, 4], np.uint8), layout.CHAOS_T2)
+    assert mapped.tolist() == [0, NAME_TO_INDEX["liver"], NAME_TO_INDEX["kidney_right"],
+                               NAME_TO_INDEX["kidney_left"], NAME_TO_INDEX["spleen"]]
+    sabs = layout.to_vocabulary(np.array([1, 5, 6, 7, 9], np.uint8), layout.SABS)   # esophagus, stomach, IVC -> 0
+    assert sabs.tolist() == [NAME_TO_INDEX["spleen"], 0, NAME_TO_INDEX["liver"], 0, 0]
+
+
+def test_setting2_leaves_no_training_slice_with_a_test_organ(tmp_path):
+    folder = write_alpnet_folder(tmp_path / "d", [1, 2, 3, 5, 8, 10, 13])
+    for label_set, rule in ((0, "or"), (1, "or"), (1, "and")):
+        out = tmp_path / f"prep{label_set}{rule}"
+        meta = prepare_alpnet(folder, out, fold=0, setting=2, label_set=label_set, rule=rule)
+        assert meta["splits"]["train"] == ["10", "13"] and meta["alpnet"]["support"] == "8"
+        test = [NAME_TO_INDEX[o] for o in layout.CHAOS_T2.test_organs(label_set)]
+        for sid in meta["splits"]["train"]:
+            labels = np.load(out / "train" / f"{sid}_label.npy")                 # N x 256 x 256
+            superpixels = np.load(out / "superpixels" / f"{sid}.npy")
+            assert superpixels.shape == labels.shape
+            holds = np.stack([(labels == t).any(axis=(1, 2)) for t in test])    # T x N
+            assert not (holds.any(axis=0) if rule == "or" else holds.all(axis=0)).any()
+            assert labels.shape[0] == meta["alpnet"]["kept"][sid]["kept"] < meta["alpnet"]["kept"][sid]["slices"]
+    meta = prepare_alpnet(folder, tmp_path / "s1", fold=0, setting=1)
+    assert all(v["kept"] == v["slices"] for v in meta["alpnet"]["kept"].values())
+    images = np.load(tmp_path / "s1" / "train" / "10_image.npy")
+    raw = np.asarray(nib.load(str(folder / "image_10.nii.gz")).dataobj).transpose(1, 0, 2)
+    assert np.allclose(images, np.moveaxis((raw - raw.mean()) / raw.std(), 2, 0), atol=1e-5)   # MR z-score
+
+
+def test_ct_uses_the_training_scans_global_statistics(tmp_path):
+    folder = write_alpnet_folder(tmp_path / "sabs", range(8), dataset=layout.SABS)
+    meta = prepare_alpnet(folder, tmp_path / "p", fold=0, setting=1)
+    training = [int(s) for s in meta["splits"]["train"]]
+    assert training == [7]                                      # 0-5 test, 6 support
+    raws = [np.asarray(nib.load(str(folder / f"image_{s}.nii.gz")).dataobj).transpose(1, 0, 2) for s in training]
+    mean, std = np.concatenate([r.ravel() for r in raws]).mean(), np.concatenate([r.ravel() for r in raws]).std()
+    assert meta["intensity"]["mean"] == pytest.approx(mean) and meta["intensity"]["std"] == pytest.approx(std)
+    gold = np.load(tmp_path / "p" / "volumes" / "gold" / "0.npz")
+    raw0 = np.asarray(nib.load(str(folder / "image_0.nii.gz")).dataobj).transpose(1, 0, 2)
+    assert np.allclose(gold["image"], (raw0 - mean) / std, atol=1e-4)   # test scans reuse the training statistics
+
+
+def test_bad_input_leaves_nothing_half_written(tmp_path):
+    folder = write_alpnet_folder(tmp_path / "d", [1, 2, 3, 5, 8, 10])
+    label = np.asarray(nib.load(str(folder / "label_8.nii.gz")).dataobj).copy()
+    label[label == 2] = 0                                       # the support loses its right kidney
+    _save(label, folder / "label_8.nii.gz")
+    classmap = json.loads((folder / "classmap_1.json").read_text())
+    classmap["RK"].pop("8")
+    (folder / "classmap_1.json").write_text(json.dumps(classmap))
+    with pytest.raises(UserError, match=r"label_8\.nii\.gz: the support scan of fold 0 holds no RK"):
+        prepare_alpnet(folder, tmp_path / "out", fold=0, setting=2, label_set=0)
+    assert not list(tmp_path.glob("out*"))
+    with pytest.raises(UserError, match="setting 3"):
+        prepare_alpnet(folder, tmp_path / "out", fold=0, setting=3)
+    small = write_alpnet_folder(tmp_path / "small", [1, 2, 3, 5, 8])       # 4 test + 1 support, none to train
+    with pytest.raises(UserError, match="fold 0 of chaos_t2 needs 6 distinct scans"):
+        prepare_alpnet(small, tmp_path / "out", fold=0, setting=1)
+    assert not list(tmp_path.glob("out*"))
+
+
+@needs_real
+def test_real_scan_1_or_and_counts_and_classmap():
+    dataset = layout.detect_dataset(REAL)
+    assert dataset is layout.CHAOS_T2 and len(layout.scan_ids(REAL)) == 20
+    scan = layout.load_scan(REAL, 1, dataset, superpixels=True, classmap=layout.read_classmap(REAL))
+    assert scan.label.shape[2] == 37
+    assert np.flatnonzero(~layout.kept_slices(scan.label, [2, 3], "or")).tolist() == list(range(12, 30))
+    assert np.flatnonzero(~layout.kept_slices(scan.label, [2, 3], "and")).tolist() == list(range(14, 26))
+    assert (~layout.kept_slices(scan.label, [1, 4], "or")).sum() == 24
+    assert (~layout.kept_slices(scan.label, [1, 4], "and")).sum() == 14
