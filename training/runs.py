@@ -8,6 +8,7 @@ best.pth. This module is the repository's one walker of those folders:
   latest_run(log_dir, name, accept=None) the newest run folder (that `accept` takes)
   finished_snapshot(log_dir, name, n_steps, snapshot="best.pth", wanted_hash=None)
                                          snapshot of the newest run whose last.pth reached n_steps
+  read_run_config(run_dir)               the run's config.json (None when absent or unreadable)
   find_resume_checkpoint / unreadable_resume_error / config_mismatch   what resume=True continues
 
 "Same config" (resume, reuse of finished runs): `config_hash`, the SHA-256 of the resolved config
