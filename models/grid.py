@@ -23,7 +23,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from util.errors import UserError
 
 
 def grid_cells(size: int, n_grid: int, overlap: bool) -> list[tuple[int, int]]:
@@ -32,12 +31,10 @@ def grid_cells(size: int, n_grid: int, overlap: bool) -> list[tuple[int, int]]:
     Cell length `size // n_grid`; stride half a cell (at least 1) with `overlap`, else a cell;
     one extra cell `(size - length, size)` when the regular cells stop short of the border.
     """
-    if n_grid < 1:
-        raise UserError(f"model.n_grid = {n_grid}: must be >= 1")
+    # n_grid >= 1 and at most the feature map's side: the config schema (util/config_schema.py) and
+    # the head (LocalPrototypeHead._axes, for the input size of the run) refuse the rest in one line
+    assert 1 <= n_grid <= size, f"n_grid {n_grid} over {size} pixels"
     length = size // n_grid
-    if length < 1:
-        raise UserError(f"model.n_grid = {n_grid}: larger than the map it divides ({size} pixels): "
-                        "use a smaller n_grid or a larger input")
     stride = max(length // 2, 1) if overlap else length
     cells = [(start, start + length) for start in range(0, size - length + 1, stride)]
     if cells[-1][1] < size:

@@ -138,7 +138,10 @@ class LocalPrototypeHead(nn.Module):
     def __init__(self, n_grid: int = 8, overlap: bool = True, vote: str = "max",
                  resolution: str = "image", min_pixels: float = 10, scale: float = 20.0):
         super().__init__()
-        check_options(n_grid, overlap, vote, resolution, min_pixels, scale)
+        # validated by the config schema (util/config_schema.py) before any model is built
+        assert isinstance(n_grid, int) and n_grid >= 1 and vote in VOTES and resolution in RESOLUTIONS, \
+            (n_grid, vote, resolution)
+        assert min_pixels >= 0 and scale > 0, (min_pixels, scale)
         self.n_grid, self.overlap, self.vote = n_grid, overlap, vote
         self.resolution, self.min_pixels, self.scale = resolution, float(min_pixels), float(scale)
 
@@ -258,22 +261,3 @@ def check_episode(support_features: Tensor, support_fg: Tensor, support_bg: Tens
         b, n = (int(i) for i in empty.nonzero()[0])
         raise UserError(f"support_fg: episode {b}, way {n} has an empty mask in every shot: "
                         "give each way at least one shot with foreground pixels")
-
-
-def check_options(n_grid: int, overlap: bool, vote: str, resolution: str, min_pixels: float,
-                  scale: float, empty_cell: str = "zero") -> None:
-    """UserError naming the model.* key for an invalid head option."""
-    if not isinstance(n_grid, int) or isinstance(n_grid, bool) or n_grid < 1:
-        raise UserError(f"model.n_grid = {n_grid!r}: must be an integer >= 1")
-    if vote not in VOTES:
-        raise UserError(f"model.vote = {vote!r}: unknown vote: use one of {', '.join(VOTES)}")
-    if resolution not in RESOLUTIONS:
-        raise UserError(f"model.resolution = {resolution!r}: unknown: use 'image' or 'feature'")
-    if empty_cell not in EMPTY_CELL_RULES:
-        raise UserError(f"model.empty_cell = {empty_cell!r}: unknown rule: use 'zero' (the official code)")
-    if isinstance(min_pixels, bool) or not isinstance(min_pixels, (int, float)) or min_pixels < 0:
-        raise UserError(f"model.min_pixels = {min_pixels!r}: must be a number >= 0")
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
-        raise UserError(f"model.scale = {scale!r}: must be a number > 0")
-    if not isinstance(overlap, bool):
-        raise UserError(f"model.overlap = {overlap!r}: must be true or false")

@@ -85,17 +85,25 @@ def test_autocast_bfloat16():
     assert logits.dtype == torch.float32 and torch.isfinite(logits).all()
 
 
-def test_config_errors():
-    for kwargs, message in (({"n_grid": 0}, "model.n_grid = 0: must be"),
+def test_config_errors_are_the_schemas_and_the_model_trusts_its_options():
+    from config import ex
+    from sacred.initialize import create_run
+    from util.config_schema import check_run_config
+    run_config = create_run(ex, "print_config", config_updates={}, named_configs=["tiny"]).config
+    for kwargs, message in (({"n_grid": 0}, "model.n_grid = 0: out of range"),
                             ({"vote": "median"}, "model.vote = 'median'"),
                             ({"resolution": "pixel"}, "model.resolution = 'pixel'"),
                             ({"encoder": "alexnet"}, "model.encoder = 'alexnet'"),
-                            ({"empty_cell": "drop"}, "model.empty_cell = 'drop': unknown rule"),
+                            ({"empty_cell": "drop"}, "model.empty_cell = 'drop': unknown"),
                             ({"head": "global"}, "model.head = 'global'"),
-                            ({"head": "panet"}, "model.n_grid = 4: the 'panet' head"),
+                            ({"head": "panet", "n_grid": 4}, "model.n_grid = 4: the 'panet' head"),
                             ({"pretrained": True}, "model.pretrained = True: encoder cnn_small")):
+        config = {**run_config, "model": {**run_config["model"], **kwargs}}
         with pytest.raises(UserError, match=message):
-            _model(**kwargs)
+            check_run_config(config)
+        if "pretrained" not in kwargs:
+            with pytest.raises((AssertionError, UserError)):   # what passed the schema is trusted: asserts
+                _model(**kwargs)
 
 
 def test_bad_input():
@@ -136,15 +144,16 @@ def test_training_after_inference_mode_at_the_same_size():
     assert all(p.grad is not None for p in model.encoder.parameters() if p.requires_grad)
 
 
-def test_check_model_options_names_the_key():
-    from models.fewshot import check_model_options
-    check_model_options({"encoder": "vgg16", "n_grid": 8, "empty_cell": "zero", "pretrained": True})
+def test_the_schema_checks_model_options_naming_the_key():
+    from util.config_schema import check_model_config
+    check_model_config({"encoder": "vgg16", "n_grid": 8, "empty_cell": "zero", "pretrained": True})
+    check_model_config(_model().config)                         # what a snapshot stores passes
     for cfg, message in (({"empty_cell": 0}, "model.empty_cell = 0"),
                          ({"align_weight": -1}, "model.align_weight = -1"),
                          ({"pretrained": "yes"}, "model.pretrained = 'yes'"),
                          ({"vote": "median"}, "eval.model.vote = 'median'")):
         with pytest.raises(UserError, match=message):
-            check_model_options(cfg, prefix="eval.model" if "vote" in cfg else "model")
+            check_model_config(cfg, prefix="eval.model" if "vote" in cfg else "model")
 
 
 # ---- PANet, exactly as kaixin96/PANet models/fewshot.py (literal loops written from PANet's code)
@@ -239,8 +248,8 @@ REMOVED_CASES = [
 @pytest.mark.parametrize("option,message", REMOVED_CASES)
 def test_a_snapshot_with_a_removed_option_is_one_line_naming_the_last_version(tmp_path, option, message):
     from models.checkpoint import model_from_checkpoint, save_checkpoint
-    from models.fewshot import check_model_options
     from models.removed_options import refuse_removed_options
+    from util.config_schema import check_model_config
     config = {**_model().config, **option}
     refuse_removed_options(_model().config, "runs/x/best.pth")      # today's options pass
     with pytest.raises(UserError) as caught:
@@ -249,9 +258,9 @@ def test_a_snapshot_with_a_removed_option_is_one_line_naming_the_last_version(tm
     with pytest.raises(UserError) as caught:
         FewShotSegNet.from_config(config)
     assert str(caught.value) == message.format("the model config")
-    with pytest.raises(UserError) as caught:
-        check_model_options(config)
-    assert str(caught.value) == message.format("the config")
+    with pytest.raises(UserError) as caught:                        # the config schema: the same line
+        check_model_config(config)
+    assert str(caught.value) == message.replace(" (in {})", "")
     save_checkpoint(str(tmp_path / "best.pth"), {"model": {}, "config": config})
     head, tail = message.split("{}")
     with pytest.raises(UserError) as caught:                        # the stored config is refused
