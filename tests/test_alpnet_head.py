@@ -210,3 +210,30 @@ def test_prototype_batch_one_broadcasts_and_feature_map_too_small():
     torch.testing.assert_close(batched[1:2], one)
     with pytest.raises(UserError, match="alpnet head pools windows of 4"):
         head.compute_prototypes(torch.randn(1, 1, 1, 3, 3, 3), fg, 1 - fg, (H, W))
+
+
+def test_fewshot_network_with_the_alpnet_head():
+    """model.head 'alpnet' plugs into FewShotSegNet: training forward with the alignment loss, the batched
+    evaluation API equals the forward in eval mode, and the training objective uses the weighted CE."""
+    from models.fewshot import FewShotSegNet
+    from training.objective import episode_loss
+    torch.manual_seed(6)
+    model = FewShotSegNet(encoder="cnn_small", head="alpnet", align=True)
+    support = torch.rand(1, 1, 1, 1, 64, 64)
+    fg = torch.zeros(1, 1, 1, 64, 64)
+    fg[..., 16:48, 8:40] = 1.0
+    query = torch.rand(1, 1, 1, 64, 64)
+    logits, align = model.train()(support, fg, 1 - fg, query)
+    assert logits.shape == (1, 1, 2, 64, 64) and float(align.detach()) > 0
+    labels = (torch.rand(1, 1, 64, 64) > 0.7).long()
+    cfg = {"model": {"head": "alpnet", "align": True, "align_weight": 1.0}}
+    loss = episode_loss(cfg, logits, labels, align)
+    assert math.isclose(float(loss.detach()), float((query_loss(logits, labels) + align).detach()), rel_tol=1e-6)
+    loss.backward()
+    assert all(p.grad is not None for p in model.encoder.parameters() if p.requires_grad)
+    model.eval()
+    with torch.no_grad():
+        direct, zero = model(support, fg, 1 - fg, query)
+        batched = model.segment(model.encode_support(support, fg, 1 - fg), query)
+    assert float(zero) == 0.0
+    torch.testing.assert_close(direct, batched)

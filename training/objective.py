@@ -2,7 +2,8 @@
 
   prototype (LSLPN, PANet; model.method 'prototype'): SGD(lr, momentum, weight_decay) over all
       trainable parameters, MultiStepLR(lr_milestones, lr_gamma), cross-entropy on the query logits
-      (+ model.align_weight x the alignment loss when model.align).
+      (model.head 'alpnet': SSL-ALPNet's, background weight 0.05) (+ model.align_weight x the
+      alignment loss when model.align).
   senet (model.method 'senet'): SENet's own optimisation (training/senet_schedule.py): per-arm
       SGD parameter groups with lr, momentum, weight_decay, the 20-epoch StepLR schedule scaled to
       n_steps (senet.epochs, senet.lr_step_epochs, senet.gamma_segmenter, senet.gamma_conditioner;
@@ -18,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from models.alpnet_head import query_loss as alpnet_query_loss
 from models.factory import SENET, build_model as _build, method_of
 from models.senet import senet_loss
 from training.senet_schedule import build_senet_optimizer, build_senet_scheduler
@@ -63,8 +65,10 @@ def episode_loss(cfg: Mapping, logits: Tensor, labels: Tensor, aux_loss: Tensor)
     """The training loss of one batch: logits B x Q x C x H x W, labels B x Q x H x W (int)."""
     if method_of(cfg["model"]) == SENET:
         return senet_loss(logits, labels, bool(senet_options(cfg)["double_softmax"]))
-    # ignore_index 255 as the official code (our query labels are 0..N: no pixel is ignored)
-    loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(0, 1), ignore_index=255)
+    if cfg["model"].get("head") == "alpnet":   # SSL-ALPNet's query loss: background weight 0.05
+        loss = alpnet_query_loss(logits, labels)
+    else:  # ignore_index 255 as the official code (our query labels are 0..N: no pixel is ignored)
+        loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(0, 1), ignore_index=255)
     if cfg["model"].get("align", False):
         loss = loss + float(cfg["model"].get("align_weight", 1.0)) * aux_loss.float()
     return loss
