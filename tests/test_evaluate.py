@@ -323,39 +323,6 @@ def test_all_queries_skipped_still_writes_outputs(tmp_path):
     assert "| toy | – | – |" in (out / "table.md").read_text()
 
 
-def test_ablation_script_trains_each_variant_and_writes_the_table(tmp_path):
-    import importlib.util
-    import sys
-    root = Path(__file__).resolve().parents[1]
-    spec = importlib.util.spec_from_file_location("ablation_script", root / "tools" / "ablation.py")
-    ablation = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(ablation)
-    prep = make_prepared(tmp_path)
-    stub = tmp_path / "fake_python"        # stands in for `python train.py ...`: writes a tiny snapshot
-    stub.write_text(f"""#!{sys.executable}
-import sys
-from pathlib import Path
-sys.path[:0] = [{str(root)!r}, {str(root / 'tests')!r}]
-from test_notebook_eval import make_tiny_snapshot
-args = dict(a.split("=", 1) for a in sys.argv[2:] if "=" in a)
-run = Path(args["path.log_dir"]) / "stub" / "1"
-run.mkdir(parents=True)
-(run / "argv.txt").write_text(" ".join(sys.argv[1:]))
-make_tiny_snapshot(run / "last.pth", fold=int(args["fold"]))
-""")
-    stub.chmod(0o755)
-    out = tmp_path / "ablation"
-    argv = ["--folds", "0", "--variants", "n_grid 8 mean vote", "--out", str(out), "--python", str(stub),
-            "--", "tiny", f"path.data_dir={prep}", "device=cpu", "eval.preset=alpnet", "input_size=32"]
-    assert ablation.main(argv) == 0
-    argv_seen = (out / "n_grid_8_mean_vote" / "fold0" / "stub" / "1" / "argv.txt").read_text()
-    assert "model.vote=mean" in argv_seen and "model.n_grid=8" in argv_seen and "fold=0" in argv_seen
-    table = (out / "ablation.md").read_text()
-    assert "| n_grid 8 mean vote | 8 | True | mean |" in table
-    assert "| mask copy |" in table
-    assert ablation.main(argv) == 0         # second run reuses the snapshots (no stub call needed)
-
-
 def test_snapshot_trained_on_other_intensity_scaling_is_refused(tmp_path):
     """A checkpoint records its training data's intensity scaling; evaluating it on data scaled
     otherwise would be a silent wrong answer, so it is a one-line error instead."""

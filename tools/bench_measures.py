@@ -10,7 +10,8 @@ official_cell_loop) is passed in by the script as `reference_fn`.
 Synthetic data (seeded, same seed -> same tensors): an episode is 1-way 1-shot 1-query; support and
 query foreground are ellipses, and features are a smooth random field plus a foreground/background
 direction, so that argmax maps are meaningful. Training throughput runs the real training loop
-(`training.loop.train`) on a small synthetic prepared folder; inference throughput runs
+(`training.loop.train`) on a small phantom prepared by `dataloaders.prepare` (`make_phantom_prep`); inference
+throughput runs
 `evaluation.inference.segment_query_volume` on phantom volumes (`dataloaders.phantom.render_subject`).
 """
 from __future__ import annotations
@@ -38,10 +39,10 @@ from models.encoders import build_encoder
 from models.local_prototypes import grid_cells
 from config import ex  # before sacred: config.py silences its import warning
 from sacred.initialize import create_run
-from training.config_check import fold_training_classes
 from training.loop import train
 from dataloaders.organs import organ_index
-from dataloaders.phantom import render_subject
+from dataloaders.phantom import generate_phantom, render_subject
+from dataloaders.prepare import Selection, prepare_dataset
 from models.fewshot import FewShotSegNet
 from util.device import autocast
 from evaluation.inference import segment_query_volume
@@ -200,49 +201,27 @@ def resolve_config(named: str, updates: dict) -> dict:
     return dict(create_run(ex, "print_config", config_updates=updates, named_configs=[named]).config)
 
 
-def make_synthetic_prep(folder: str, classes: list[int], size: int, n_volumes: int = 2,
-                        n_slices: int = 4, seed: int = 0) -> str:
-    """A prepared folder (docs/DESIGN.md layout, training part only) with every class in every slice.
-
-    train/<pid>_image.npy n_slices x size x size float32 in [0, 1]; train/<pid>_label.npy uint8 with
-    one box per class; index.json listing every (pid, row, z); meta.json with the splits.
-    """
-    rng = np.random.default_rng(seed)
-    os.makedirs(os.path.join(folder, "train"), exist_ok=True)
-    index: dict[str, list] = {}
-    pids = [f"{10001000 + v}" for v in range(n_volumes)]
-    for pid in pids:
-        labels = np.zeros((n_slices, size, size), dtype=np.uint8)
-        for row in range(n_slices):
-            for k, label in enumerate(classes):          # boxes on a grid, jittered per slice
-                side = max(2, size // (2 * int(np.ceil(np.sqrt(len(classes))))))
-                per_row = max(1, size // (2 * side))
-                r0 = (k // per_row) * 2 * side + int(rng.integers(0, side // 2 + 1))
-                c0 = (k % per_row) * 2 * side + int(rng.integers(0, side // 2 + 1))
-                labels[row, r0:r0 + side, c0:c0 + side] = label
-                index.setdefault(str(label), []).append([pid, row, row])
-        images = (0.2 + labels / 40.0 + 0.05 * rng.standard_normal(labels.shape)).clip(0, 1)
-        np.save(os.path.join(folder, "train", f"{pid}_image.npy"), images.astype(np.float32))
-        np.save(os.path.join(folder, "train", f"{pid}_label.npy"), labels)
-    with open(os.path.join(folder, "index.json"), "w") as handle:
-        json.dump({"slices": index}, handle)
-    meta = {"format_version": 1, "prep_size": size, "intensity": {"mode": "minmax"}, "seed": seed,
-            "selection": "synthetic benchmark data", "splits": {"train": pids, "val": [], "gold": []}}
-    with open(os.path.join(folder, "meta.json"), "w") as handle:
-        json.dump(meta, handle)
+def make_phantom_prep(folder: str, size: int, seed: int = 0) -> str:
+    """A prepared folder written the library's way: a small seeded phantom (2 silver + 2 gold volumes of
+    64 x 64 x 16, dataloaders.phantom) through dataloaders.prepare.prepare_dataset at `size` (no validation
+    volumes; a slice qualifies with more than 5 organ voxels). Training reads it as it reads real data."""
+    phantom = os.path.join(os.path.dirname(os.path.abspath(folder)), "phantom")
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        generate_phantom(phantom, n_silver=2, n_gold=2, seed=seed, size=64, n_slices=16, workers=1)
+        prepare_dataset(phantom, folder, size=size, n_val=0, seed=seed, rule=Selection(min_voxels=5), workers=1)
     return folder
 
 
 def _training_config(named: str, workdir: str, device: str, amp: bool, n_steps: int,
                      input_size: int | None) -> dict:
-    """The named config for a short run on synthetic data under `workdir` (no validation, no saving)."""
+    """The named config for a short run on a small prepared phantom under `workdir` (no validation, no saving)."""
     updates = {"device": device, "amp": amp, "n_steps": n_steps, "val_every": 0, "save_every": n_steps,
                "print_every": n_steps, "num_workers": 0,
                "path": {"data_dir": os.path.join(workdir, "prep"), "log_dir": os.path.join(workdir, "runs")}}
     if input_size:
         updates["input_size"] = input_size
     config = resolve_config(named, updates)
-    make_synthetic_prep(config["path"]["data_dir"], fold_training_classes(config), config["input_size"])
+    make_phantom_prep(config["path"]["data_dir"], config["input_size"])
     return config
 
 
@@ -313,7 +292,7 @@ def inference_throughput(named: str, device: torch.device, repeats: int, volume_
     """Query slices per second of evaluation.inference.segment_query_volume on phantom volumes.
 
     Support and query are two phantom subjects (`render_subject`, volume_size x volume_size x ~n_slices);
-    the support range is the liver's (protocol preset 'lslpn'), the query range is EVERY axial slice.
+    the support range is the liver's (protocol preset 'inclusive'), the query range is EVERY axial slice.
     The model is the named config's (random weights: speed does not depend on them).
     """
 
@@ -321,7 +300,7 @@ def inference_throughput(named: str, device: torch.device, repeats: int, volume_
     support, support_label, _, _ = render_subject(np.random.default_rng([0, 1]), volume_size, n_slices)
     query, _, _, _ = render_subject(np.random.default_rng([0, 2]), volume_size, n_slices)
     liver = support_label == organ_index("liver")
-    preset = get_preset("lslpn")
+    preset = get_preset("inclusive")
     support_range = organ_range(liver, min(preset.threshold, int(liver.sum(axis=(0, 1)).max()) - 1))
     query_range = (0, query.shape[2] - 1)
     torch.manual_seed(0)

@@ -148,7 +148,7 @@ def render_section(name: str, results: dict, machine: dict, command: str, plan) 
         lines.append(f"| {row['config']} | {row['encoder']} | {row['input_size']} | {shape} | {row['batch_size']} | "
                      f"{'on' if row['amp'] else 'off'} | {row['time'].median:.3f} | {row['slices_per_s']:.1f} |")
     lines += ["", "Phantom volumes (`dataloaders.phantom.render_subject`); support range = the liver's, protocol "
-              f"preset 'lslpn' ({results['inference'][0]['n_chunks']} chunks); every axial slice of the query "
+              f"preset 'inclusive' ({results['inference'][0]['n_chunks']} chunks); every axial slice of the query "
               "volume is segmented.", "", "### 6. Peak memory of one training step (`paper` config)", "",
               "| input | encoder | episodes / step | AMP | process max RSS MB | RSS before the step MB | "
               "CUDA max allocated MB | step s |", "|---|---|---|---|---|---|---|---|"]

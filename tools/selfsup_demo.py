@@ -38,8 +38,10 @@ import numpy as np  # noqa: E402
 
 from dataloaders.nifti import save_nifti_atomic  # noqa: E402
 from dataloaders.organs import FOLD_ORGANS, TEST_ORGANS  # noqa: E402
-from evaluation.protocol import chunk_of_offsets, support_offsets  # noqa: E402
+from evaluation.metrics import dice  # noqa: E402
+from evaluation.protocol import mask_copy, support_offsets  # noqa: E402
 from models.checkpoint import load_checkpoint  # noqa: E402
+from training.runs import finished_snapshot  # noqa: E402
 from util.atomic import write_text_atomic  # noqa: E402
 from util.cli import run_cli  # noqa: E402
 from util.errors import UserError  # noqa: E402
@@ -60,11 +62,7 @@ DEMO_RUNS = [demo.RUN_DIR / "train"]   # where `make demo` keeps its runs (--dem
 
 def finished_last(log_dir: Path, name: str, n_steps: int) -> Path | None:
     """last.pth of the latest run under log_dir/name that reached n_steps (no validation: no best.pth)."""
-    runs = sorted((p for p in (log_dir / name).glob("*") if p.name.isdigit()), key=lambda p: int(p.name))
-    for run in reversed(runs):
-        if (run / "last.pth").exists() and int(load_checkpoint(str(run / "last.pth"))["step"]) >= n_steps:
-            return run / "last.pth"
-    return None
+    return finished_snapshot(log_dir, name, n_steps, snapshot="last.pth")
 
 
 def model_overrides(snapshot: Path) -> list[str]:
@@ -150,7 +148,7 @@ def phantom_part(log: list, device: str, steps: dict, train_supervised: bool) ->
                "LSLPN self-supervised": str(selfsup),
                **({"LSLPN self-sup. + fine-tuning": finetuned} if len(finetuned) == complete else {})}
     start = time.perf_counter()
-    results = evaluate(methods, TEST_ORGANS, demo.PREP_DIR, preset="lslpn", out_dir=RUN_DIR / "phantom",
+    results = evaluate(methods, TEST_ORGANS, demo.PREP_DIR, preset="inclusive", out_dir=RUN_DIR / "phantom",
                        split="gold", support="default", input_size=128, device=device, batch_size=64,
                        save_predictions=False)
     partial = {name: rows for name, rows in (("LSLPN supervised", supervised),
@@ -158,7 +156,7 @@ def phantom_part(log: list, device: str, steps: dict, train_supervised: bool) ->
     organs = sorted({organ for rows in partial.values() for organ in rows}, key=TEST_ORGANS.index)
     if partial:  # rows with some folds only: a second table on the organs they cover
         evaluate({"mask copy": None, "LSLPN self-supervised": str(selfsup), **partial}, organs, demo.PREP_DIR,
-                 preset="lslpn", out_dir=RUN_DIR / "phantom_partial", split="gold", support="default",
+                 preset="inclusive", out_dir=RUN_DIR / "phantom_partial", split="gold", support="default",
                  input_size=128, device=device, batch_size=64, save_predictions=False)
     elif (RUN_DIR / "phantom_partial").exists():
         shutil.rmtree(RUN_DIR / "phantom_partial")
@@ -170,20 +168,16 @@ def phantom_part(log: list, device: str, steps: dict, train_supervised: bool) ->
 def sparse_support(labels: np.ndarray, value: int, n: int) -> tuple[np.ndarray, tuple[int, int], np.ndarray]:
     """(mask of `n` annotated axial slices: the middle slices of n equal chunks of the organ's range along
     stored axis 2 (evaluation.protocol.support_offsets), the organ's half-open range (z0, z1), mask copy:
-    every slice of the range gets its chunk's annotated slice, as the protocol's no-model baseline)."""
+    every slice of the range gets its chunk's annotated slice, the protocol's no-model baseline
+    evaluation.protocol.mask_copy with the organ's range as both support and query range)."""
     organ = labels == value
     zs = np.flatnonzero(organ.reshape(-1, organ.shape[2]).sum(axis=0) > 0)
     z0, z1 = int(zs[0]), int(zs[-1]) + 1
     picks = z0 + support_offsets(z1 - z0, n)                                          # n
     support = np.zeros(organ.shape, dtype=np.uint8)
     support[:, :, picks] = organ[:, :, picks]
-    copy = np.zeros(organ.shape, dtype=bool)
-    copy[:, :, z0:z1] = organ[:, :, picks[chunk_of_offsets(z1 - z0, n)]]
+    copy = mask_copy(organ, (z0, z1 - 1), organ.shape, (z0, z1 - 1), n)                # X x Y x Z
     return support, (z0, z1), copy
-
-
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    return float(2 * np.logical_and(a, b).sum() / max(1, a.sum() + b.sum()))
 
 
 def real_part(log: list, supervised: dict, phantom_selfsup: Path, steps: int, device: str) -> dict | None:

@@ -20,6 +20,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from training.runs import iter_runs  # noqa: E402
 from util.atomic import atomic_path  # noqa: E402
 from util.cli import run_cli  # noqa: E402
 from util.errors import UserError  # noqa: E402
@@ -59,8 +60,7 @@ def collect(runs_root: str | Path) -> dict[int, dict[str, dict[str, tuple[np.nda
         match = NAME.match(folder.name)
         if not match or not folder.is_dir():
             continue
-        run_dirs = sorted((p for p in folder.iterdir() if p.name.isdigit() and (p / "metrics.json").is_file()),
-                          key=lambda p: int(p.name))
+        run_dirs = [run for run in iter_runs(root, folder.name) if (run / "metrics.json").is_file()]
         if not run_dirs:
             continue
         method = LABELS.get(match["method"].lower(), match["method"])

@@ -1,0 +1,94 @@
+"""tools/ablation.py: trains each variant through train.py (a stub here), reuses a snapshot only when its run's
+config equals the one it would train with, and turns a config typo or a missing interpreter into one line."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import load_script
+from test_evaluate import make_prepared
+from util.errors import UserError
+
+ROOT = Path(__file__).resolve().parents[1]
+ablation = load_script("ablation")
+
+# Stands in for `python train.py with ...`: writes the run's config.json as Sacred would (the config resolved
+# from the same overrides), the argv it saw and a tiny snapshot.
+STUB = f"""#!{sys.executable}
+import json, sys
+from pathlib import Path
+sys.path[:0] = [{str(ROOT)!r}, {str(ROOT / 'tests')!r}]
+from config import ex
+from sacred.arg_parser import get_config_updates
+from test_notebook_eval import make_tiny_snapshot
+updates, named = get_config_updates(sys.argv[3:])
+config = dict(ex._create_run("print_config", updates, named_configs=named, options={{"--unobserved": True}}).config)
+runs = Path(config["path"]["log_dir"]) / "stub"
+run = runs / str(len(list(runs.glob("*"))) + 1 if runs.is_dir() else 1)
+run.mkdir(parents=True)
+(run / "config.json").write_text(json.dumps(config, default=str))
+(run / "argv.txt").write_text(" ".join(sys.argv[1:]))
+make_tiny_snapshot(run / "last.pth", fold=int(config["fold"]))
+"""
+
+
+@pytest.fixture
+def stub(tmp_path) -> Path:
+    path = tmp_path / "fake_python"
+    path.write_text(STUB)
+    path.chmod(0o755)
+    return path
+
+
+def argv(tmp_path, stub, *overrides) -> list[str]:
+    return ["--folds", "0", "--variants", "n_grid 8 mean vote", "--out", str(tmp_path / "ablation"), "--python",
+            str(stub), "--", "tiny", f"path.data_dir={make_prepared(tmp_path)}", "device=cpu",
+            "eval.preset=thirds", "input_size=32", *overrides]
+
+
+def test_trains_each_variant_writes_the_table_and_reuses_a_snapshot_of_the_same_config(tmp_path, stub, capsys):
+    assert ablation.main(argv(tmp_path, stub)) == 0
+    fold_dir = tmp_path / "ablation" / "n_grid_8_mean_vote" / "fold0"
+    argv_seen = (fold_dir / "stub" / "1" / "argv.txt").read_text()
+    assert "model.vote=mean" in argv_seen and "model.n_grid=8" in argv_seen and "fold=0" in argv_seen
+    table = (tmp_path / "ablation" / "ablation.md").read_text()
+    assert "| n_grid 8 mean vote | 8 | True | mean |" in table and "| mask copy |" in table
+    capsys.readouterr()
+    assert ablation.main(argv(tmp_path, stub, "device=cpu")) == 0      # same config (device does not count)
+    assert "reusing" in capsys.readouterr().out
+    assert sorted(p.name for p in (fold_dir / "stub").iterdir()) == ["1"]  # nothing retrained
+
+
+def train(tmp_path, stub, *overrides) -> Path:
+    """Only the training part of the ablation (no evaluation): the snapshot of n_grid 8 mean vote, fold 0."""
+    base = ["tiny", f"path.data_dir={tmp_path / 'prep'}", "device=cpu", "input_size=32"]
+    return ablation.train_variant("n_grid 8 mean vote", 0, [*base, *overrides], tmp_path / "ablation", str(stub))
+
+
+def test_a_snapshot_trained_under_other_settings_is_refused_with_the_keys_that_differ(tmp_path, stub):
+    first = train(tmp_path, stub)
+    assert train(tmp_path, stub, "eval.batch_size=3", "num_workers=1") == first   # neither changes the weights
+    with pytest.raises(UserError, match=r"trained under other settings .*lr: 0\.01 -> 0\.5.*: delete "):
+        train(tmp_path, stub, "lr=0.5")
+    with pytest.raises(UserError, match=r"n_steps: 6 -> 7"):            # more steps: another snapshot
+        train(tmp_path, stub, "n_steps=7")
+
+
+def test_a_snapshot_without_its_run_config_is_refused(tmp_path, stub):
+    (train(tmp_path, stub).parent / "config.json").unlink()
+    with pytest.raises(UserError, match=r"no readable config\.json, so the settings .* are unknown"):
+        train(tmp_path, stub)
+
+
+@pytest.mark.parametrize("typo, message", [("n_stesp=5", r"n_stesp"), ("tinny", r"tinny")])
+def test_a_config_typo_is_one_line(tmp_path, stub, typo, message):
+    with pytest.raises(UserError, match=rf"^overrides after --: .*{message}.*check the spelling") as error:
+        ablation.main(argv(tmp_path, stub, typo))
+    assert "\n" not in str(error.value)
+
+
+def test_a_missing_interpreter_is_one_line(tmp_path):
+    with pytest.raises(UserError, match=r"^--python .*nope: no such executable"):
+        ablation.main(argv(tmp_path, tmp_path / "nope"))
