@@ -47,6 +47,7 @@ from models.fewshot import OFFICIAL_MODEL_CONFIG, is_official_snapshot
 from models.removed_options import refuse_removed_options
 from util.atomic import atomic_path
 from util.cli import warn
+from util.config_schema import check_model_config
 from util.errors import UserError
 
 # Model-config keys that change the network's parameters: a snapshot with other values cannot load.
@@ -258,6 +259,7 @@ def model_from_checkpoint(path: str, device: str | torch.device = "cpu") -> tupl
     state = load_checkpoint(str(path))
     config = dict(state["model_config"])
     refuse_removed_options(config, f"snapshot {path}", snapshot=True)
+    check_model_config(config, source=f"snapshot {path}")   # the config schema: the model trusts its options
     log = logging.getLogger("lslpn")        # "starting from random initialisation" is moot: weights load next
     level = log.level
     log.setLevel(logging.ERROR)

@@ -93,8 +93,8 @@ def test_literal_registries_equal_their_sources():
     assert schema.EMPTY_CELL_RULES == current("model.empty_cell", local_prototypes.EMPTY_CELL_RULES)
     assert schema.MODEL_METHODS == METHODS
     assert schema.PRESETS == current("eval.preset", protocol.PRESETS)
-    classes = {"vgg16": "VGG16Encoder", "resnet50_lslpn": "ResNet50LSLPN", "deeplabv3_resnet101": "DeepLabV3ResNet101",
-               "cnn_small": "SmallCNN"}     # a new encoder: add its class here and its stride to the schema
+    classes = {"vgg16": "VGG16Encoder", "resnet50_lslpn": "ResNet50LSLPN",
+               "deeplabv3_resnet101": "DeepLabV3ResNet101", "cnn_small": "SmallCNN"}     # a new encoder: add its class here and its stride to the schema
     assert schema.ENCODER_STRIDES == {name: getattr(encoders, classes[name]).output_stride
                                       for name in schema.ENCODERS}
 
@@ -221,6 +221,17 @@ def test_snapshot_model_configs():
         check_model_config({"empty_cell": 0}, prefix="eval.model")
     with pytest.raises(UserError, match=r"model\.n_grid = 20: larger than the 16 x 16"):
         check_model_config({"encoder": "cnn_small", "n_grid": 20}, input_size=64)
+
+
+def test_a_snapshot_is_checked_through_the_schema_when_it_is_loaded(tmp_path):
+    from models.checkpoint import model_from_checkpoint, save_checkpoint
+    from models.fewshot import FewShotSegNet
+    config = {**FewShotSegNet(encoder="cnn_small", n_grid=4).config, "vote": "median"}
+    save_checkpoint(str(tmp_path / "best.pth"), {"model": {}, "model_config": config})
+    with pytest.raises(UserError) as caught:
+        model_from_checkpoint(str(tmp_path / "best.pth"))
+    message = str(caught.value)
+    assert message.startswith(f"snapshot {tmp_path / 'best.pth'}: model.vote = 'median': unknown: use one")
 
 
 # ------------------------------------------------------------------ the README's commands
