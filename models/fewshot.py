@@ -1,4 +1,4 @@
-"""FewShotSegNet: encoder + prototype head (+ the head's alignment loss), and the model's option check.
+"""FewShotSegNet: encoder + prototype head (+ the head's alignment loss).
 
 Heads (`model.head`, the registry `HEADS`: name -> builder from the model options):
 - 'local': the location-sensitive local prototype head (models/local_prototypes.py). With
@@ -17,11 +17,13 @@ support_bg, image_size) -> prototypes`, `score(prototypes, query_features) -> lo
 `alignment_loss(prototypes, query_logits, query_features, support_features, support_fg,
 support_bg) -> scalar`.
 
-`check_model_options(model_cfg)` validates the config.py `model` dict with one-line errors.
+The options are validated before a model is built, by the one config schema (util/config_schema.py):
+a run config by check_config (train.py, test.py), a snapshot's stored config when the snapshot is
+loaded (models/checkpoint.py). The constructor trusts them (asserts only); removed option values
+still get their one-line error (models/removed_options.py).
 """
 from __future__ import annotations
 
-import numbers
 from typing import Mapping
 
 import torch
@@ -29,7 +31,7 @@ from torch import Tensor, nn
 
 from models.alpnet_head import ALPNetHead
 from models.encoders import ENCODERS, build_encoder, load_official_snapshot
-from models.local_prototypes import LocalPrototypeHead, Prototypes, check_episode, check_options
+from models.local_prototypes import EMPTY_CELL_RULES, LocalPrototypeHead, Prototypes, check_episode
 from models.panet import PANetHead
 from models.removed_options import refuse_removed_options, removed_option_error
 from util.errors import UserError
@@ -79,7 +81,8 @@ class FewShotSegNet(nn.Module):
                    "resolution": resolution, "min_pixels": min_pixels, "scale": scale,
                    "empty_cell": empty_cell, "align": align}
         refuse_removed_options(options, "the model config")
-        check_model_options({**options, "pretrained": pretrained})
+        assert encoder in ENCODERS and head in HEADS and empty_cell in EMPTY_CELL_RULES, options
+        assert head != "panet" or n_grid == 1, "the 'panet' head has global prototypes (n_grid 1)"
         self.config = {**options, "scale": float(scale), "align": bool(align)}
         self.encoder = build_encoder(encoder, init_path, pretrained)
         self.head = HEADS[head](options)
@@ -164,33 +167,3 @@ def _check_images(name: str, images: Tensor, dims: int) -> None:
     shape = "B x N x K x 1 x H x W" if dims == 6 else "B x Q x 1 x H x W"
     if images.dim() != dims or images.shape[-3] != 1:
         raise UserError(f"{name}: shape {tuple(images.shape)}: expected {shape} (one channel)")
-
-
-def check_model_options(model_cfg: Mapping, prefix: str = "model") -> None:
-    """UserError (one line, naming `prefix`.<key>) for an invalid model option of config.py."""
-    cfg = dict(model_cfg)
-    refuse_removed_options(cfg, "the config", prefix)
-    if cfg.get("encoder", "vgg16") not in ENCODERS:
-        raise UserError(f"{prefix}.encoder = {cfg.get('encoder')!r}: unknown encoder: use one of "
-                        f"{', '.join(ENCODERS)}")
-    head = cfg.get("head", "local")
-    if head not in HEADS:
-        raise UserError(f"{prefix}.head = {head!r}: unknown head: use one of {', '.join(HEADS)}")
-    try:
-        check_options(cfg.get("n_grid", 8), cfg.get("overlap", True), cfg.get("vote", "max"),
-                      cfg.get("resolution", "image"), cfg.get("min_pixels", 10), cfg.get("scale", 20.0),
-                      cfg.get("empty_cell", "zero"))
-    except UserError as error:
-        raise UserError(str(error).replace("model.", f"{prefix}.", 1)) from None
-    if head == "panet" and cfg.get("n_grid", 8) != 1:
-        raise UserError(f"{prefix}.n_grid = {cfg.get('n_grid')}: the 'panet' head has global prototypes: "
-                        f"set {prefix}.n_grid=1")
-    for key in ("align", "pretrained"):
-        if not isinstance(cfg.get(key, False), bool):
-            raise UserError(f"{prefix}.{key} = {cfg.get(key)!r}: must be true or false")
-    weight = cfg.get("align_weight", 1.0)
-    if isinstance(weight, bool) or not isinstance(weight, numbers.Real) or weight < 0:
-        raise UserError(f"{prefix}.align_weight = {weight!r}: must be a number >= 0")
-    if cfg.get("pretrained", False) and cfg.get("encoder") == "cnn_small":
-        raise UserError(f"{prefix}.pretrained = True: encoder cnn_small has no ImageNet weights: "
-                        f"set {prefix}.pretrained=False")
