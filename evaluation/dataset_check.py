@@ -31,6 +31,7 @@ from util.errors import UserError
 
 VOLUME_KEYS = ("image", "label", "affine", "original_affine", "original_shape", "original_axcodes", "spacing")
 IMAGES_ONLY = "images-only"
+AS_STORED = "as stored"        # original_axcodes of a volume kept as read, not reoriented (SSL-ALPNet layout)
 DEFAULT_PRESET = "inclusive"
 
 
@@ -154,8 +155,16 @@ def _check_meta(prep: Path, meta: dict) -> tuple[int, dict]:
     return int(meta["prep_size"]), splits
 
 
-def _check_train(prep: Path, pid: str, size: int, labeled: bool = True) -> np.ndarray:
-    """Validate train/<pid>_{image,label}.npy; returns the label stack N x S x S (0 when not `labeled`)."""
+def _scaled_to_unit(meta: dict) -> bool:
+    """True when meta.json's intensity puts training slices in [0, 1] (minmax, window); a z-score
+    (SSL-ALPNet's normalisation, stored as such) gives any finite value."""
+    return meta["intensity"].get("mode") != "zscore"
+
+
+def _check_train(prep: Path, pid: str, size: int, labeled: bool = True, unit: bool = True) -> np.ndarray:
+    """Validate train/<pid>_{image,label}.npy; returns the label stack N x S x S (0 when not `labeled`).
+
+    `unit`: image values must lie in [0, 1] (else only finite)."""
     image_path, label_path = (prep / "train" / train_file_name(pid, kind) for kind in ("image", "label"))
     arrays = []
     for path, dtype in ((image_path, np.float32), (label_path, np.uint8))[: 2 if labeled else 1]:
@@ -176,8 +185,11 @@ def _check_train(prep: Path, pid: str, size: int, labeled: bool = True) -> np.nd
         raise UserError(f"{label_path}: {label.shape[0]} label slices for {image.shape[0]} image slices: "
                         "re-run the preparation")
     values = np.asarray(image)
-    if not np.isfinite(values).all() or values.min(initial=0) < 0 or values.max(initial=0) > 1:
-        raise UserError(f"{image_path}: image values outside [0, 1] or not finite: re-run the preparation")
+    if not np.isfinite(values).all():
+        raise UserError(f"{image_path}: image values not finite: re-run the preparation")
+    if unit and (values.min(initial=0) < 0 or values.max(initial=0) > 1):
+        raise UserError(f"{image_path}: image values outside [0, 1] (intensity scaled to [0, 1] in "
+                        "meta.json): re-run the preparation")
     if label.size and int(label.max()) > 20:
         raise UserError(f"{label_path}: label value {int(label.max())} > 20: re-run the preparation")
     return np.asarray(label)
@@ -207,8 +219,11 @@ def _check_volume(path: Path) -> set[int]:
                         "inexact): re-run the preparation")
     if image.dtype == np.float32 and not np.isfinite(image).all():
         raise UserError(f"{path}: image values not finite: re-run the preparation")
-    if affine.shape != (4, 4) or original_affine.shape != (4, 4) or spacing.shape != (3,) or \
-            sorted(original_shape.tolist()) != sorted(image.shape) or len(axcodes) != 3:
+    if axcodes == AS_STORED:     # kept as read (possibly cropped): each stored size >= the volume's
+        shape_ok = len(original_shape) == 3 and all(int(o) >= s for o, s in zip(original_shape, image.shape))
+    else:
+        shape_ok = sorted(original_shape.tolist()) == sorted(image.shape) and len(axcodes) == 3
+    if affine.shape != (4, 4) or original_affine.shape != (4, 4) or spacing.shape != (3,) or not shape_ok:
         raise UserError(f"{path}: geometry keys (affine, original_affine, original_shape, original_axcodes, "
                         "spacing) are inconsistent: re-run the preparation")
     values = set(np.unique(label).tolist())
@@ -231,7 +246,7 @@ def check_prepared(prep_dir: str | Path) -> dict:
     if not isinstance(index.get("slices"), dict):
         raise UserError(f"{prep / 'index.json'}: no 'slices' object: re-run the preparation")
     labeled = _layout(meta) != IMAGES_ONLY
-    labels = {pid: _check_train(prep, pid, size, labeled) for pid in splits["train"]}
+    labels = {pid: _check_train(prep, pid, size, labeled, _scaled_to_unit(meta)) for pid in splits["train"]}
     volumes = {split: {pid: _check_volume(prep / "volumes" / split / f"{pid}.npz") for pid in splits[split]}
                for split in ("val", "gold")}
     rows = []

@@ -20,13 +20,14 @@ root check and tested for several inputs of that class (same contract as tests/t
 | E writer and checker disagree on case ids          | ids image_1 (multilabel, images-only), 'case 1'|
 |   (prepare.case_id / train_file_case)              | sanitised; same id in both splits; two names   |
 |                                                    | one id; stray train file; unusable id in meta; |
-|                                                    | ok: hidden ._x.nii.gz skipped                  |
+|                                                    | ok: hidden ._x.nii.gz skipped; z-scored slices |
+|                                                    | (SSL-ALPNet writer) ok, refused under minmax   |
 | F mask-copy mean over 6 sides, not 4 organs        | the printed mean = 4-organ reference; a side   |
 |   (dataset_check.format_mask_copy)                 | missing                                        |
 
-Counted: 35 cases (one parametrized id each, each with its own assertions): 33 unusual inputs over 4
-entry points (prepare_visceral, check_dataset, make_superpixels, make_figures), 22 of them refused with
-one line and 11 accepted with the right answer (classes A, E and the README's make_superpixels
+Counted: 37 cases (one parametrized id each, each with its own assertions): 35 unusual inputs over 4
+entry points (prepare_visceral, check_dataset, make_superpixels, make_figures), 23 of them refused with
+one line and 12 accepted with the right answer (classes A, E and the README's make_superpixels
 example), plus 2 checks of the mask-copy mean (class F). The create-dataset notebook's output
 location: tests/test_notebook_create_dataset.py (4 cases, 2 refused).
 """
@@ -429,6 +430,35 @@ def test_check_dataset_names_files_and_ids_outside_the_rule(tiny_prepared, tmp_p
     damage(prep)
     code, err = run_script("check_dataset", [prep], capsys)
     assert_one_line_error(code, err, *words, "re-run")
+
+
+def _as_zscore_folder(prep: Path, mode: str) -> None:
+    """Training slices and gold images stored normalised, not in [0, 1], as the SSL-ALPNet writer
+    (dataloaders/alpnet_prepare.py) stores them; gold volumes kept as read ('as stored', cropped)."""
+    meta = json.loads((prep / "meta.json").read_text())
+    meta["intensity"] = {"mode": mode}
+    (prep / "meta.json").write_text(json.dumps(meta))
+    for path in (prep / "train").glob("*_image.npy"):
+        np.save(path, (np.load(path) * 4 - 2).astype(np.float32))              # z-like values in [-2, 2]
+    for path in (prep / "volumes" / "gold").glob("*.npz"):
+        with np.load(path) as data:
+            arrays = {key: data[key] for key in data.files}
+        arrays["image"] = (arrays["image"] / 500.0).astype(np.float32)
+        arrays["original_axcodes"] = np.asarray("as stored")
+        arrays["original_shape"] = np.asarray(arrays["image"].shape) + np.array([1, 1, 0])   # a crop
+        np.savez(path, **arrays)
+
+
+@pytest.mark.parametrize("mode, accepted", [("zscore", True), ("minmax", False)])
+def test_check_dataset_on_normalised_slices_follows_the_recorded_intensity(tiny_prepared, tmp_path, capsys,
+                                                                           mode, accepted):
+    prep = shutil.copytree(tiny_prepared, tmp_path / "prep")
+    _as_zscore_folder(prep, mode)
+    code, err = run_script("check_dataset", [prep], capsys)
+    if accepted:
+        assert code == 0, err
+    else:
+        assert_one_line_error(code, err, "image values outside [0, 1]", "re-run")
 
 
 # ------------------------------------------------------------------ F. mask copy over the README's 4 organs
