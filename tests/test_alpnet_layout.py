@@ -31,9 +31,9 @@ def _save(array: np.ndarray, path: Path) -> None:
 
 
 def write_alpnet_folder(folder: Path, ids, dataset=layout.CHAOS_T2, size: int = 24, depth: int = 12,
-                        seed: int = 0) -> Path:
-    """A folder in SSL-ALPNet's layout: every evaluated organ as a box at its own slices, superpixels in a 4 x 4
-    grid inside the body, classmap_1.json from the labels. Arrays are nibabel X x Y x Z."""
+                        seed: int = 0, cell: int = 6) -> Path:
+    """A folder in SSL-ALPNet's layout: every evaluated organ as a box at its own slices, superpixels in a grid
+    of cell x cell squares, classmap_1.json from the labels. Arrays are nibabel X x Y x Z."""
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     classmap = {name: {} for name in dataset.class_names.values()}
@@ -46,7 +46,8 @@ def write_alpnet_folder(folder: Path, ids, dataset=layout.CHAOS_T2, size: int = 
             first = 1 + (k + n) % 3
             label[boxes[value][0], boxes[value][1], first:first + 7] = value
         image[label > 0] += 300.0
-        grid = (np.arange(size)[:, None] // 6) * 4 + np.arange(size)[None, :] // 6 + 1       # 16 superpixels
+        per_row = -(-size // cell)
+        grid = (np.arange(size)[:, None] // cell) * per_row + np.arange(size)[None, :] // cell + 1   # superpixels
         superpixels = np.repeat(grid[:, :, None], depth, axis=2).astype(float)
         _save(image, folder / f"image_{sid}.nii.gz")
         _save(label, folder / f"label_{sid}.nii.gz")

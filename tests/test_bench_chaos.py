@@ -1,0 +1,61 @@
+"""scripts/bench_chaos.py end to end on a synthetic 6-scan folder in SSL-ALPNet's layout (a few training steps)."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from test_alpnet_layout import write_alpnet_folder
+from util.errors import UserError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_bench():
+    sys.path.insert(0, str(ROOT / "scripts"))
+    spec = importlib.util.spec_from_file_location("bench_chaos", ROOT / "scripts" / "bench_chaos.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_trains_evaluates_reports_and_reuses(tmp_path, capsys, monkeypatch):
+    bench = load_bench()
+    monkeypatch.setattr(bench, "PINNED_NUMERICS", {})        # the pins would leak into later tests' subprocesses
+    data = write_alpnet_folder(tmp_path / "chaos", [1, 2, 3, 5, 8, 10], size=48, depth=10, cell=24)
+    out, doc = tmp_path / "out", tmp_path / "docs" / "bench.md"
+    argv = ["--data", str(data), "--folds", "0", "--settings", "2", "--label-sets", "0", "--methods", "LSLPN",
+            "--steps", "2", "--input-size", "32", "--batch-size", "1", "--out", str(out), "--doc", str(doc)]
+    assert bench.main(argv) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["complete"] and {c["method"] for c in results["cells"]} == {"mask copy", "LSLPN"}
+    cell = next(c for c in results["cells"] if c["method"] == "LSLPN")
+    assert set(cell["dice"]) == {"kidney_right", "kidney_left"} and set(cell["dice"]["kidney_left"]) == {"1", "2", "3", "5"}
+    assert cell["kept_slices"] < cell["all_slices"]              # Setting 2 dropped the kidney slices of scan 10
+    text = doc.read_text()
+    assert "## Setting 2" in text and "| LSLPN |" in text and "published SSL-ALPNet" in text
+    assert "kept, OR" in text and doc.with_suffix(".png").is_file()
+    trained = [e for e in results["log"] if e["step"].startswith("train")]
+    assert len(trained) == 1
+    assert bench.main(argv) == 0                                  # second run: the finished run is reused
+    again = json.loads((out / "results.json").read_text())
+    assert not [e for e in again["log"] if e["step"].startswith(("train", "prepare"))]
+    assert "reusing" in capsys.readouterr().out
+
+
+def test_bench_refuses_bad_arguments_in_one_line(tmp_path, monkeypatch):
+    bench = load_bench()
+    monkeypatch.setattr(bench, "PINNED_NUMERICS", {})
+    with pytest.raises(UserError, match="folds 7"):
+        bench.main(["--folds", "7"])
+    with pytest.raises(UserError, match="not one"):
+        bench.main(["--data", str(tmp_path)])
+    data = write_alpnet_folder(tmp_path / "chaos", [1, 2, 3, 5, 8, 10], size=24, depth=8)
+    with pytest.raises(UserError, match="--methods 'SENet'"):
+        bench.main(["--data", str(data), "--folds", "0", "--methods", "SENet", "--out", str(tmp_path / "o"),
+                    "--doc", str(tmp_path / "d.md")])
+    with pytest.raises(UserError, match="no results yet"):
+        bench.main(["--report-only", "--out", str(tmp_path / "none")])
