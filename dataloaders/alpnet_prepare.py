@@ -7,7 +7,9 @@ The prepared folder (docs/DESIGN.md "Prepared data folder") holds, for fold k of
   train/<id>_label.npy     their labels in this project's organ vocabulary (uint8)
   superpixels/<id>.npy     SSL-ALPNet's own superpix-MIDDLE superpixels of the same rows (uint16)
   index.json               per organ, the training slices holding >= 1 voxel of it (supervised episodes)
-  volumes/gold/<id>.npz    the fold's test scans and its support scan: normalised image, label, geometry
+  volumes/gold/<id>.npz    the fold's test scans and its support scan: image as stored (cropped, float32),
+                           label, geometry; meta.json's `intensity` says how to normalise it
+                           (`normalised_volume`: MR per-volume z-score, CT the training statistics)
 Setting 2 keeps only the training slices without any test organ (`kept_slices`, rule 'or' as
 SSL-ALPNet; 'and' = the Q-Net lineage); Setting 1 keeps every slice. The rows of the training arrays
 are the kept slices (their z are in index.json and meta.json). Built atomically (dataloaders.nifti.atomic_folder).
@@ -20,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from dataloaders import alpnet_layout as layout
+from dataloaders.intensity import volume_intensity
 from dataloaders.nifti import atomic_folder
 from dataloaders.organs import INDEX_TO_NAME, NAME_TO_INDEX
 from dataloaders.prepare import FORMAT_VERSION, save_npy, save_npz_deterministic
@@ -31,10 +34,17 @@ RULES = ("or", "and")
 
 
 def intensity_record(dataset: layout.AlpnetDataset, ct_stats: tuple[float, float] | None) -> dict:
-    """meta.json's `intensity`: how the stored slices were normalised (they are stored normalised)."""
+    """meta.json's `intensity` (dataloaders/intensity.py): MR z-score per volume; CT with the training scans'
+    mean and std. The training slices are stored already normalised; evaluation volumes as stored."""
     if dataset.modality == "MR":
         return {"mode": "zscore"}
-    return {"mode": "zscore", "scope": "training scans", "mean": ct_stats[0], "std": ct_stats[1]}
+    return {"mode": "zscore", "mean": ct_stats[0], "std": ct_stats[1]}
+
+
+def normalised_volume(image: np.ndarray, intensity: dict) -> np.ndarray:
+    """An evaluation volume (Y x X x Z as stored) normalised by meta.json's `intensity`, float32."""
+    resolved = volume_intensity(image, intensity, "evaluation volume")
+    return ((np.asarray(image, np.float64) - resolved["mean"]) / resolved["std"]).astype(np.float32)
 
 
 def prepare_alpnet(data_dir: str | Path, out: str | Path, fold: int, setting: int = 2, label_set: int = 0,
@@ -86,7 +96,7 @@ def prepare_alpnet(data_dir: str | Path, out: str | Path, fold: int, setting: in
         for sid in test + [support]:
             scan = scans[sid]
             save_npz_deterministic(partial / "volumes" / "gold" / f"{sid}.npz", {
-                "image": layout.normalise(scan.image, dataset, ct_stats),
+                "image": layout.crop(scan.image).astype(np.float32),
                 "label": layout.crop(layout.to_vocabulary(scan.label, dataset)),
                 "affine": scan.affine, "original_affine": scan.affine,
                 "original_shape": np.asarray(scan.image.shape, dtype=np.int64),
@@ -104,7 +114,7 @@ def prepare_alpnet(data_dir: str | Path, out: str | Path, fold: int, setting: in
                 "seed": 0, "splits": {"train": [str(s) for s in training], "val": [],
                                       "gold": [str(s) for s in test + [support]]},
                 "classes": {key: INDEX_TO_NAME[int(key)] for key in index},
-                "alpnet": {"fold": fold, "setting": setting, "label_set": label_set if setting == 2 else None,
+                "alpnet": {"gold_image": "as stored", "fold": fold, "setting": setting, "label_set": label_set if setting == 2 else None,
                            "rule": rule,
                            "test": [str(s) for s in test], "support": str(support),
                            "test_organs": test_organs, "excluded": [INDEX_TO_NAME[NAME_TO_INDEX[

@@ -97,7 +97,9 @@ def markdown_table(summary: dict, preset: ProtocolPreset, metric: str = "range",
                         "chunks, Dice smoothed 0.001",
             "senet": "official SENet evaluator rule: support slices by linspace over its qualifying slices, "
                      "query cropped from 1 slice before its first qualifying slice to the end of that run, "
-                     "linspace chunks, Dice 2|A.B|/(|A|+|B|+1e-4)"}.get(preset.rule, "inclusive range, centre slices")
+                     "linspace chunks, Dice 2|A.B|/(|A|+|B|+1e-4)",
+            "alpnet": "SSL-ALPNet's rule: support slices at 1/6, 1/2, 5/6 of its organ slices, query thirds of "
+                      "its own ground-truth range, plain Dice"}.get(preset.rule, "inclusive range, centre slices")
     lines = [f"Dice (%) over the {what}; protocol preset '{preset.name}' ({preset.n_chunks} chunks, "
              f"slices with > {preset.threshold} voxels, {rule}, {preset.aggregate} over query volumes)"
              + (f"; fold {fold}" if fold is not None else "") + ".", "",

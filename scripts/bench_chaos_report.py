@@ -127,7 +127,8 @@ class OverlayCollector:
 
     def __call__(self, method: str, fold: int, setting: int, label_set: int, folder: Path, predictions: dict):
         from dataloaders.organs import NAME_TO_INDEX
-        from dataloaders.prepared import load_volume, read_meta
+        from dataloaders.prepared import read_meta
+        from bench_chaos_steps import gold_volume
         from evaluation.alpnet_protocol import organ_slice_list, support_slices
         if setting != self.setting:
             return
@@ -136,8 +137,8 @@ class OverlayCollector:
             row = self.rows.get(organ)
             if row is None:
                 qid = meta["test"][0]
-                query = load_volume(folder, "gold", qid)
-                support = load_volume(folder, "gold", meta["support"])
+                query = gold_volume(folder, qid)
+                support = gold_volume(folder, meta["support"])
                 index = NAME_TO_INDEX[organ]
                 zs = organ_slice_list(query["label"] == index)
                 z = int(zs[len(zs) // 2])

@@ -26,7 +26,7 @@ from config import ex  # before sacred: config.py silences its import warning
 from sacred.arg_parser import get_config_updates
 from sacred.initialize import create_run
 from dataloaders import alpnet_layout as layout
-from dataloaders.alpnet_prepare import prepare_alpnet
+from dataloaders.alpnet_prepare import normalised_volume, prepare_alpnet
 from dataloaders.organs import NAME_TO_INDEX
 from dataloaders.prepared import load_volume, read_meta
 from evaluation.alpnet_protocol import evaluate_query, mask_copy_predictor, model_predictor
@@ -41,13 +41,13 @@ MASK_COPY = "mask copy"
 
 
 def head_available(head: str) -> bool:
-    """Does this checkout's model accept model.head=`head` (the ALPNet head is wired in by another change)?"""
-    from models.fewshot import check_model_options  # the model's own option rules
+    """Does this checkout's model have model.head=`head` (the ALPNet head is another change's)?"""
+    from models import fewshot  # the model's head registry
     try:
-        check_model_options({"head": head, "n_grid": 1 if head == "panet" else 8})
-        return True
-    except UserError:
-        return False
+        from util import config_schema  # the one place that validates config options
+    except ImportError:
+        return head in getattr(fewshot, "HEADS", ())
+    return head in getattr(fewshot, "HEADS", ()) and head in getattr(config_schema, "HEADS", ())
 
 
 def alpnet_episodes_available() -> bool:
@@ -98,7 +98,8 @@ def prepared(data_dir: Path, out: Path, fold: int, setting: int, label_set: int 
     folder = out / "prepared" / tag(fold, setting, label_set, rule)
     try:
         meta = read_meta(folder)["alpnet"]
-        if (meta["fold"], meta["setting"], meta["rule"]) == (fold, setting, rule) and \
+        if (meta["fold"], meta["setting"], meta["rule"], meta.get("gold_image")) == (fold, setting, rule, "as stored") \
+                and (setting == 1 or meta["label_set"] == label_set) and \
                 read_meta(folder)["source"]["dir"] == str(data_dir.resolve()):
             return folder
     except (UserError, KeyError, TypeError):
@@ -167,7 +168,9 @@ def gold_volume(folder: Path, pid: str) -> dict:
     """A prepared evaluation volume, read once per process (every method and organ reuses it)."""
     key = (str(folder), str(pid))
     if key not in _VOLUMES:
-        _VOLUMES[key] = load_volume(folder, "gold", pid)
+        volume = load_volume(folder, "gold", pid)
+        volume["image"] = normalised_volume(volume["image"], read_meta(folder)["intensity"])   # as SSL-ALPNet's loader
+        _VOLUMES[key] = volume
     return _VOLUMES[key]
 
 

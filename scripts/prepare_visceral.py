@@ -4,6 +4,8 @@
     python scripts/prepare_visceral.py --visceral-dir VISCERAL --out data/prepared --size 512
     python scripts/prepare_visceral.py --visceral-dir AMOS --layout multilabel --label-map map.json --out PREP
     python scripts/prepare_visceral.py --visceral-dir MY_CT_DIR --layout images-only --out PREP   # no labels
+    python scripts/prepare_visceral.py --visceral-dir CHAOST2 --layout alpnet --fold 0 --setting 2 --out PREP
+        # SSL-ALPNet's layout (CHAOS-T2 MRI or SABS CT): one fold of its split (dataloaders/alpnet_prepare.py)
 
 Silver -> 2D training slices per class (official rule: > 150 organ voxels, at most 5 random slices
 per organ and volume when more than 20 qualify) plus held-out validation volumes; gold ->
@@ -20,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dataloaders.prepare import Selection, prepare_dataset  # noqa: E402
 from util.cli import run_cli  # noqa: E402
+from util.errors import UserError  # noqa: E402
 
 
 def main(argv: list[str]) -> int:
@@ -27,9 +30,14 @@ def main(argv: list[str]) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--visceral-dir", required=True, help="source ROOT (SilverCorpus/, GoldCorpus/)")
     parser.add_argument("--out", required=True, help="prepared folder to create")
-    parser.add_argument("--layout", default="visceral", choices=["visceral", "multilabel", "images-only"],
+    parser.add_argument("--layout", default="visceral", choices=["visceral", "multilabel", "images-only", "alpnet"],
                         help="images-only: a folder of NIfTI CT volumes, all slices, no labels "
-                             "(self-supervised training; add superpixels with scripts/make_superpixels.py)")
+                             "(self-supervised training; add superpixels with scripts/make_superpixels.py); "
+                             "alpnet: SSL-ALPNet's layout (CHAOS-T2 / SABS), one fold (--fold, --setting)")
+    parser.add_argument("--fold", type=int, default=0, help="alpnet layout: SSL-ALPNet fold 0-4")
+    parser.add_argument("--setting", type=int, default=2, help="alpnet layout: 1 or 2 (test-organ slices dropped)")
+    parser.add_argument("--label-set", type=int, default=0, help="alpnet layout: 0 kidneys, 1 liver + spleen tested")
+    parser.add_argument("--rule", default="or", help="alpnet layout, Setting 2: 'or' (SSL-ALPNet) or 'and'")
     parser.add_argument("--label-map", help="JSON label name -> value map (multilabel layout)")
     parser.add_argument("--allow-missing-labels", action="store_true",
                         help="multilabel: accept map values absent from a volume")
@@ -55,6 +63,8 @@ def main(argv: list[str]) -> int:
     if args.skip_existing and out.exists():
         print(f"{out}: exists, kept (--skip-existing)")
         return 0
+    if args.layout == "alpnet":
+        return prepare_alpnet_layout(args, out)
     intensity = {"mode": "window", "window": list(args.window)} if args.window else {"mode": "minmax"}
     rule = Selection(args.min_voxels, args.max_per_volume, args.many, args.keep_all_slices,
                      args.official_slices)
@@ -67,6 +77,30 @@ def main(argv: list[str]) -> int:
     print(f"wrote {out} in {time.perf_counter() - start:.1f} s: train {len(splits['train'])}, val "
           f"{len(splits['val'])}, gold {len(splits['gold'])} volumes; prep size {args.size}; intensity "
           f"{meta['intensity']}; {overlaps} overlapping mask voxels resolved (smaller structure wins)")
+    return 0
+
+
+def prepare_alpnet_layout(args, out: Path) -> int:
+    """--layout alpnet: SSL-ALPNet's normalisation (MR z-score, CT training statistics), never an HU window."""
+    from dataloaders.alpnet_layout import detect_dataset
+    from dataloaders.alpnet_prepare import prepare_alpnet
+    dataset = detect_dataset(args.visceral_dir)
+    if args.window:
+        what = "an HU window on MR volumes (no Hounsfield units)" if dataset.modality == "MR" else \
+            "an HU window instead of SSL-ALPNet's CT normalisation"
+        raise UserError(f"--window {args.window[0]:g} {args.window[1]:g}: {args.visceral_dir} is {dataset.name} "
+                        f"({dataset.modality}); {what} is refused: leave --window out (the layout is normalised "
+                        "as SSL-ALPNet's loader)")
+    if args.size != 256:
+        raise UserError(f"--size {args.size}: the SSL-ALPNet layout is used at its stored 256 x 256: leave --size out "
+                        "(train at another input_size instead)")
+    start = time.perf_counter()
+    meta = prepare_alpnet(args.visceral_dir, out, args.fold, args.setting, args.label_set, args.rule, args.overwrite)
+    kept = meta["alpnet"]["kept"]
+    print(f"wrote {out} in {time.perf_counter() - start:.1f} s: {dataset.name} fold {args.fold} setting {args.setting}"
+          f"; train {len(meta['splits']['train'])} scans ({sum(v['kept'] for v in kept.values())} of "
+          f"{sum(v['slices'] for v in kept.values())} slices kept), test {', '.join(meta['alpnet']['test'])}, "
+          f"support {meta['alpnet']['support']}; intensity {meta['intensity']}")
     return 0
 
 
