@@ -70,6 +70,10 @@ def prepare_alpnet(data_dir: str | Path, out: str | Path, fold: int, setting: in
         if not layout.organ_slices(scans[support].label, value).size:
             raise UserError(f"{data_dir / f'label_{support}.nii.gz'}: the support scan of fold {fold} holds no "
                             f"{dataset.class_names[value]}: use the data set's complete labels")
+    sizes = {tuple(layout.crop(scan.image).shape[:2]) for scan in scans.values()}
+    if len(sizes) != 1 or len(set(next(iter(sizes)))) != 1:
+        raise UserError(f"{data_dir}: scans have in-plane sizes {sorted(sizes)} after the [:256, :256] crop, "
+                        "one square size is needed: use the data set as SSL-ALPNet's preprocessing wrote it")
     ct_stats = layout.ct_statistics([scans[s].image for s in training]) if dataset.modality == "CT" else None
     kept_counts, index = {}, {}
     with atomic_folder(out, overwrite, inputs=[data_dir]) as partial:
@@ -109,7 +113,7 @@ def prepare_alpnet(data_dir: str | Path, out: str | Path, fold: int, setting: in
         test_organs = [dataset.vocabulary[v] for v in test_values]
         meta = {"format_version": FORMAT_VERSION,
                 "source": {"dir": str(data_dir.resolve()), "layout": "alpnet", "dataset": dataset.name},
-                "prep_size": layout.CROP, "intensity": intensity_record(dataset, ct_stats),
+                "prep_size": next(iter(sizes))[0], "intensity": intensity_record(dataset, ct_stats),
                 "selection": {"rule": "every slice" if setting == 1 else f"setting 2 ({rule} rule)"},
                 "seed": 0, "splits": {"train": [str(s) for s in training], "val": [],
                                       "gold": [str(s) for s in test + [support]]},
