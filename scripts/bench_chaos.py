@@ -40,6 +40,20 @@ def default_data() -> Path:
     return Path(os.environ.get(DATA_ENV) or DEFAULT_DATA)
 
 
+def display_command(argv: list[str]) -> str:
+    """The command line as the report shows it: no machine paths (--data DIR, --out relative when inside cwd)."""
+    shown = list(argv)
+    for flag in ("--data", "--out", "--doc"):
+        if flag in shown[:-1]:
+            value = Path(shown[shown.index(flag) + 1]).resolve()
+            try:
+                text = str(value.relative_to(Path.cwd().resolve()))
+            except ValueError:
+                text = {"--data": "DIR", "--out": "OUT", "--doc": "DOC"}[flag]
+            shown[shown.index(flag) + 1] = text
+    return " ".join(["python scripts/bench_chaos.py", *shown])
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=None, help=f"SSL-ALPNet-layout folder (default ${DATA_ENV} "
@@ -72,8 +86,9 @@ def main(argv: list[str]) -> int:
     os.environ.update(PINNED_NUMERICS)
     import bench_chaos_report as report   # after the pins: torch loads below
     import bench_chaos_steps as steps
+    from util.provenance import git_commit
     from dataloaders.alpnet_layout import detect_dataset
-    command = "python scripts/bench_chaos.py " + " ".join(argv)
+    command = display_command(argv)
     results_path = args.out / "results.json"
     if args.report_only:
         if not results_path.is_file():
@@ -98,6 +113,7 @@ def main(argv: list[str]) -> int:
         seconds = time.perf_counter() - start
         figure = collector.draw(args.doc.with_suffix(".png"))
         results.update({"seconds": seconds, "command": command, "exclusion": exclusion, "complete": final,
+                        "commit": git_commit(),
                         "environment": environment, "dataset": dataset.name})
         write_text_atomic(json.dumps(results, indent=1), results_path)
         report.write_report(results, args.doc, figure, seconds, command, exclusion, environment)
