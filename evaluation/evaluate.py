@@ -273,9 +273,10 @@ class _Collector:
             folder = folder / f"support_{record['support']}"
         folder.mkdir(parents=True, exist_ok=True)
         axcodes = str(query["original_axcodes"])
-        # 'as stored': the volume was prepared in its file's orientation (SSL-ALPNet layout, e.g. LAS MR)
         labels = prediction.astype(np.uint8)
-        array = labels if axcodes == "as stored" else to_original(labels, axcodes)
+        # 'as stored': an SSL-ALPNet-layout volume (dataloaders/alpnet_prepare.py), held in SSL-ALPNet's
+        # Y x X x Z transpose of the file's array: transposed back, it lies on the file's grid again
+        array = labels.transpose(1, 0, 2) if axcodes == "as stored" else to_original(labels, axcodes)
         save_nifti_atomic(array, query["original_affine"], folder / f"{record['query']}_{record['organ']}.nii.gz")
 
     def _keep_slice(self, record, support, query, prediction) -> None:

@@ -119,18 +119,17 @@ def safe_torch_load(path: str, map_location: str | torch.device = "cpu", what: s
         with torch.serialization.safe_globals(_old_rng_globals()):
             return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as error:
-        text = " ".join(str(error).split())
-        if "weights only" in text.lower() or "weightsunpickler" in text.lower():
-            found = _GLOBAL.search(text)
-            name = (found.group(1) or found.group(2)) if found else "an object that is not plain data"
+        found = _GLOBAL.search(" ".join(str(error).split()))    # an object to import or build: code
+        if found:
+            name = found.group(1) or found.group(2)
             raise UserError(f"{path}: refused: the file holds pickled code ({name}), not only tensors and "
                             "plain data: it was not written by this project's train.py (or was altered); "
                             "nothing of it was run. Use a snapshot from a source you trust") from None
-        raise UserError(f"{what} '{path}' is unreadable (UnpicklingError): it is corrupt or not a "
-                        "train.py checkpoint; use another snapshot") from None
+        reason = "UnpicklingError"
     except Exception as error:  # noqa: BLE001  (any other unpickling failure means the same thing)
-        raise UserError(f"{what} '{path}' is unreadable ({type(error).__name__}): it is corrupt or not a "
-                        "train.py checkpoint; use another snapshot") from None
+        reason = type(error).__name__
+    raise UserError(f"{what} '{path}' is unreadable ({reason}): cannot read it as a torch checkpoint "
+                    "(corrupt, truncated or not a checkpoint); use another snapshot")
 
 
 @functools.lru_cache(maxsize=1)
@@ -141,6 +140,14 @@ def _official_encoder_keys() -> frozenset:
     with torch.device("meta"):
         keys = ResNet50LSLPN().state_dict()
     return frozenset(f"encoder.{key}" for key in keys if not key.endswith("num_batches_tracked"))
+
+
+def _official_layout(keys: set) -> bool:
+    """Keys of the official network: most of its encoder.* keys (a few missing ones are reported by the
+    encoder's loader, key by key), or the removed torchvision-layout variant's stem/fuse (refused there)."""
+    official = _official_encoder_keys()
+    variant = {"encoder.stem.0.weight", "encoder.fuse.0.weight"}
+    return len(official & keys) >= len(official) // 2 or variant <= keys
 
 
 def _bare_state_dict(state) -> bool:
@@ -169,7 +176,7 @@ def load_checkpoint(path: str, map_location: str | torch.device = "cpu") -> dict
     state = safe_torch_load(path, map_location)
     if _bare_state_dict(state):
         keys = {k.removeprefix("module.") for k in state}
-        if is_official_snapshot(state) and _official_encoder_keys() <= keys:  # the authors' code saved it
+        if is_official_snapshot(state) and _official_layout(keys):    # the authors' code saved it
             state = {"model": {k.removeprefix("module."): v for k, v in state.items()},
                      "model_config": dict(OFFICIAL_MODEL_CONFIG), "official_snapshot": True,
                      "input_size": 512, "intensity": {"mode": "minmax"}}

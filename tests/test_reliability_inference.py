@@ -493,3 +493,35 @@ def test_real_chaos_t2_volumes(tmp_path):
     with pytest.raises(UserError, match="looks like an image"):
         segment_volume(Threshold(), [(support[0], support[0])], query, intensity="zscore", query_range="3:17",
                        **common)
+
+
+def test_test_py_evaluation_of_mr_volumes_in_the_ssl_alpnet_layout(tmp_path):
+    """evaluate() (test.py's library) on z-scored MR volumes held in SSL-ALPNet's Y x X x Z order ('as
+    stored'): the per-volume statistics reach the model, and predictions are written on the file's grid."""
+    from dataloaders.prepare import save_npz_deterministic
+    from evaluation.evaluate import evaluate
+    prep = tmp_path / "prep"
+    (prep / "volumes" / "gold").mkdir(parents=True)
+    (prep / "meta.json").write_text('{"format_version": 1, "intensity": {"mode": "zscore"}, "prep_size": 32}')
+    affine = np.diag([-1.25, 1.25, 7.7, 1.0])                                  # LAS, 7.7 mm slices
+    file_labels = {}
+    for pid, shift in (("1", 0), ("2", 3)):
+        rng = np.random.default_rng(int(pid))
+        label = np.zeros((32, 28, 10), np.uint8)                               # X x Y x Z of the file
+        label[4 + shift:20 + shift, 6:22, 2:8] = 1                             # liver, 256 voxels a slice
+        image = np.where(label == 1, 900.0, 300.0) + rng.normal(0, 10, label.shape)
+        file_labels[pid] = label.astype(bool)
+        save_npz_deterministic(prep / "volumes" / "gold" / f"{pid}.npz", {
+            "image": image.transpose(1, 0, 2).astype(np.float32), "label": label.transpose(1, 0, 2),
+            "affine": affine, "original_affine": affine, "original_shape": np.asarray(label.shape),
+            "original_axcodes": np.asarray("as stored"), "spacing": np.array([1.25, 1.25, 7.7])})
+    model = Threshold(1.5)                                                     # z-score of 900 among 300s: ~2
+    results = evaluate({"mask copy": None, "LSLPN": model}, ["liver"], prep, preset="inclusive",
+                       out_dir=tmp_path / "out", support="1", input_size=32, device="cpu", progress=False,
+                       figures=False)
+    assert results["table"]["range"]["LSLPN"]["liver"] == pytest.approx(100.0)
+    seen = torch.cat(model.seen)
+    assert seen.max() > 1.5 and seen.min() < 0                                 # z-scored, not [0, 1]
+    written = nib.load(str(tmp_path / "out" / "predictions" / "lslpn" / "2_liver.nii.gz"))
+    assert written.shape == (32, 28, 10) and np.allclose(written.affine, affine)
+    assert np.array_equal(np.asarray(written.dataobj).astype(bool), file_labels["2"])

@@ -314,8 +314,8 @@ def bad_files(work):
     shifted = np.diag([*SPACING, 1.0])
     shifted[0, 3] = 15.0
     nib.save(nib.Nifti1Image(label, shifted), str(files["shifted_mask"]))
-    state = torch.load(work["checkpoint"], weights_only=False)
-    state["config"] = dict(state["config"], encoder="vgg16")
+    state = torch.load(work["checkpoint"], weights_only=True)          # our checkpoints are plain data
+    state["config"] = dict(state["config"], encoder="vgg16")            # the old key name still loads
     files["vgg_checkpoint"] = root / "other_encoder.pth"
     torch.save(state, files["vgg_checkpoint"])
     return files

@@ -39,3 +39,17 @@ def test_an_old_format_checkpoint_loads_and_describes_itself(tmp_path):
     assert model_input(state) == (32, {"mode": "minmax"})
     assert load_checkpoint(str(path))["step"] == 6
     assert not list(tmp_path.glob("*.tmp-*"))                    # written atomically, nothing left behind
+
+
+def test_model_config_is_the_stored_key_and_the_old_config_key_still_loads(tmp_path):
+    torch.manual_seed(0)
+    model = FewShotSegNet(encoder="cnn_small", resolution="feature", n_grid=2)
+    for key in ("config", "model_config"):                       # 'config': snapshots before the rename
+        path = tmp_path / f"{key}.pth"
+        torch.save({"model": model.state_dict(), key: model.config, "input_size": 32}, path)
+        rebuilt, state = model_from_checkpoint(str(path))
+        assert state["model_config"] == model.config and model_input(state) == (32, {"mode": "minmax"})
+        assert all(torch.equal(a, b) for a, b in zip(rebuilt.state_dict().values(), model.state_dict().values()))
+        save_checkpoint(str(tmp_path / "again.pth"), state)      # written back under the new name only
+        stored = torch.load(tmp_path / "again.pth", weights_only=True)
+        assert stored["model_config"] == model.config and "config" not in stored
