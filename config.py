@@ -83,8 +83,11 @@ def default_config():
     # (self-supervised, no label read: PREP/superpixels from scripts/make_superpixels.py; named config
     # `selfsup`). selfsup.min_pixels: smallest superpixel (pixels of the prepared slice) that may be the
     # foreground; selfsup.warp: each view's random affine + elastic warp, never a flip (dataloaders/warp.py).
+    # selfsup.episodes: 'project' (this project's recipe: min_pixels, warp, augment) or 'alpnet' (SSL-ALPNet's
+    # own: id below the slice's top one, its affine + elastic + gamma; min_pixels / warp / augment unused).
     episodes = "labels"
     selfsup = {
+        "episodes": "project",
         "min_pixels": 400,
         "warp": {"rotate": 10.0, "scale": [0.9, 1.1], "shear": 5.0, "translate": 0.05,
                  "elastic_alpha": 30.0, "elastic_sigma": 5.0},

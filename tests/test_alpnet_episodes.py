@@ -171,3 +171,20 @@ def test_alpnet_item_layout_views_and_determinism(unlabeled_prep):
     assert all(torch.equal(value, again[key]) for key, value in item.items())
     with pytest.raises(UserError, match="selfsup.episodes='ssl'"):
         selfsup.SelfSupEpisodeDataset(str(unlabeled_prep), 1, 1, 1, 64, None, {}, 10, 0, recipe="ssl")
+
+
+def test_train_py_with_ssl_alpnet_episodes_and_head(unlabeled_prep, tmp_path):
+    """`train.py with tiny selfsup selfsup.episodes=alpnet model.head=alpnet model.align=True`: two steps run
+    and the loop reports the redraw count; an unknown recipe is one line."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    common = [sys.executable, "train.py", "with", "tiny", "selfsup", "device=cpu", f"path.log_dir={tmp_path}",
+              f"path.data_dir={unlabeled_prep}", "n_steps=2", "model.head=alpnet", "model.align=True"]
+    result = subprocess.run(common + ["selfsup.episodes=alpnet"], cwd=root, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "episodes redrawn: " in result.stdout
+    bad = subprocess.run(common + ["selfsup.episodes=ssl"], cwd=root, capture_output=True, text=True, timeout=300)
+    assert bad.returncode != 0 and "selfsup.episodes" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1

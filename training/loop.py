@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 from dataloaders.episodes import EpisodeDataset, StepBatchSampler
 from dataloaders.prepared import prepared_intensity
-from dataloaders.selfsup_episodes import SelfSupEpisodeDataset
+from dataloaders.selfsup_episodes import REDRAWS_KEY, SelfSupEpisodeDataset
 from evaluation.evaluate import validate
 from models.checkpoint import check_compatible, load_checkpoint, save_checkpoint
 from training.config_check import check_config, fold_training_classes, labeled_validation
@@ -96,12 +96,14 @@ def train(config: Mapping[str, Any], run=None) -> dict:
         bar = tqdm(total=n_steps, initial=start_step, disable=not dist.is_main, dynamic_ncols=True,
                    desc="train")
         meter, last_saved = StepMeter(), None
+        redraws = 0   # self-supervised draws discarded because the support lost its superpixel
         model.train()
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         try:
             for step, batch in zip(range(start_step, n_steps), loader):
                 meter.batch_arrived()
+                redraws += int(batch.pop(REDRAWS_KEY).sum()) if REDRAWS_KEY in batch else 0
                 loss, lr = _optimisation_step(cfg, net, model, batch, device, optimizer, scheduler, scaler)
                 done = step + 1
                 if not math.isfinite(loss):
@@ -127,6 +129,11 @@ def train(config: Mapping[str, Any], run=None) -> dict:
                 meter.restart()
         finally:
             bar.close()   # an error line then starts on a line of its own
+        if cfg.get("episodes") == "superpixels":
+            _say(dist, f"episodes redrawn: {redraws} (the support lost its superpixel under resize or warp; "
+                       "dataloaders/selfsup_episodes.py)")
+            if run is not None:
+                run.info["episode_redraws"] = redraws
         return _finish(cfg, run, dist, device, model, meter, start_step, best_dice, run_dir)
 
 
@@ -148,7 +155,8 @@ def build_episodes(cfg: Mapping):
     if cfg.get("episodes", "labels") == "superpixels":
         return SelfSupEpisodeDataset(cfg["path"]["data_dir"], cfg["n_ways"], cfg["n_shots"], cfg["n_queries"],
                                      cfg["input_size"], cfg["augment"], cfg["selfsup"]["warp"],
-                                     cfg["selfsup"]["min_pixels"], cfg["seed"])
+                                     cfg["selfsup"]["min_pixels"], cfg["seed"],
+                                     recipe=cfg["selfsup"].get("episodes", "project"))
     return EpisodeDataset(cfg["path"]["data_dir"], fold_training_classes(cfg), cfg["n_ways"],
                           cfg["n_shots"], cfg["n_queries"], cfg["input_size"], cfg["augment"], cfg["seed"])
 

@@ -39,7 +39,8 @@ REMOVED_VALUES = {
 ENCODERS = ("vgg16", "resnet50_lslpn", "deeplabv3_resnet101", "cnn_small")            # models/encoders.py
 ENCODER_STRIDES = {"vgg16": 8, "resnet50_lslpn": 8, "deeplabv3_resnet101": 8, "cnn_small": 4}
 IMAGENET_ENCODERS = ("vgg16", "resnet50_lslpn", "deeplabv3_resnet101")  # pretrained weights: models/weights.py
-HEADS = ("local", "panet")                                                            # models/fewshot.py
+HEADS = ("local", "panet", "alpnet")                                                  # models/fewshot.py
+SELFSUP_RECIPES = ("project", "alpnet")                                 # dataloaders/selfsup_episodes.py
 EMPTY_CELL_RULES = ("zero",)                                                  # models/local_prototypes.py
 MODEL_METHODS = ("prototype", "senet")                                                # models/factory.py
 PRESETS = ("inclusive", "official", "senet", "alpnet", "thirds")                      # evaluation/protocol.py
@@ -89,6 +90,7 @@ SCHEMA: dict[str, Option] = {
     "augment.contrast": Option(PAIR, 0, low_open=True),
     "augment.gamma": Option(PAIR, 0, low_open=True),
     "episodes": Option(CHOICE, choices=("labels", "superpixels")),
+    "selfsup.episodes": Option(CHOICE, choices=SELFSUP_RECIPES, applies=_SELFSUP),
     "selfsup.min_pixels": _int(1, applies=_SELFSUP, example="400"),
     "selfsup.warp.rotate": _num(0, 90, high_open=True, applies=_SELFSUP, example="10.0"),
     "selfsup.warp.scale": Option(PAIR, 0, low_open=True, applies=_SELFSUP),
