@@ -93,7 +93,8 @@ def write_report(results: dict, doc: Path, figure: Path | None, seconds: float, 
              f"Training: {regime}. Self-supervised rows train on SSL-ALPNet's own superpixels through the same "
              "loop (train.py, `selfsup`: one superpixel of a random training slice as the foreground, two random "
              f"views) with {episodes}; 'LSLPN, supervised' trains on the other label set's organ labels (the paper's regime). "
-             "Mask copy has no model. The published row is SSL-ALPNet's ECCV 2020 Table 1 (pretrained "
+             "'LSLPN, untrained' is the LSLPN run's network at step 0 (its seeded random initial weights, no training): "
+             "what the local-prototype matching gives before any learning. Mask copy has no model. The published row is SSL-ALPNet's ECCV 2020 Table 1 (pretrained "
              "ResNet-101, GPU, 100k iterations): a different regime from this CPU run, beside it for scale only.",
              ""]
     for setting in (1, 2):

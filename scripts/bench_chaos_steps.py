@@ -67,6 +67,7 @@ def methods(include_alpnet: bool = True) -> dict[str, dict]:
             "PANet head": {"named": ["selfsup", "panet"], "overrides": [*recipe]}}
     if include_alpnet and head_available("alpnet"):
         rows["ALPNet head"] = {"named": ["selfsup"], "overrides": ["model.head=alpnet", "model.align=True", *recipe]}
+    rows["LSLPN, untrained"] = {"untrained_of": "LSLPN"}      # the LSLPN run's initial weights (step 0)
     rows["LSLPN, supervised"] = {"named": [], "overrides": ["class_setting=all_structures", "val_every=0"],
                                  "supervised": True}
     return rows
@@ -138,6 +139,17 @@ def finished(log_dir: Path, name: str, wanted: str, n_steps: int) -> Path | None
     return None
 
 
+def run_seconds(run_dir: Path) -> float | None:
+    """Wall time of a finished Sacred run (run.json start_time .. stop_time), None when not recorded."""
+    from datetime import datetime
+    try:
+        record = json.loads((run_dir / "run.json").read_text())
+        start, stop = (datetime.fromisoformat(record[key]) for key in ("start_time", "stop_time"))
+        return round((stop - start).total_seconds(), 1)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def train(name: str, named: list[str], overrides: list[str], log_dir: Path, log: list, device: str) -> Path:
     """Train one run through train.py (reused when finished); returns its last.pth."""
     overrides = [*overrides, f"name={name}", f"path.log_dir={log_dir}", f"device={device}"]
@@ -145,6 +157,8 @@ def train(name: str, named: list[str], overrides: list[str], log_dir: Path, log:
     snapshot = finished(log_dir, name, wanted, n_steps)
     if snapshot is not None:
         print(f"==> train {name}: reusing {snapshot}", flush=True)
+        log.append({"step": f"train {name} (reused: its Sacred run time)", "seconds": run_seconds(snapshot.parent),
+                    "n_steps": n_steps, "reused": True})
         return snapshot
     command = [sys.executable, str(ROOT / "train.py"), "with", *named, *overrides, "resume=True"]
     print(f"\n==> train {name}\n$ python train.py with {' '.join(named + overrides)} resume=True", flush=True)
@@ -174,12 +188,27 @@ def gold_volume(folder: Path, pid: str) -> dict:
     return _VOLUMES[key]
 
 
-def evaluate_method(snapshot: Path | None, folder: Path, organs: list[str], device: str) -> tuple[dict, dict, float]:
-    """({organ: {query id: Dice}}, {organ: {query id: prediction}}, seconds) of one method on one fold."""
+def initial_model(snapshot: Path, device: str):
+    """The model a run started from: its config built under its seed (as training.loop builds it)."""
+    from models.factory import build_model
+    from util.device import seed_everything
+    state = load_checkpoint(str(snapshot))
+    seed_everything(int(state["seed"]))
+    return build_model(dict(state["config"])).to(device).eval(), int(state["input_size"])
+
+
+def evaluate_method(snapshot: Path | None, folder: Path, organs: list[str], device: str,
+                    untrained: bool = False) -> tuple[dict, dict, float]:
+    """({organ: {query id: Dice}}, {organ: {query id: prediction}}, seconds) of one method on one fold.
+
+    untrained: the snapshot's run at step 0 (its initial weights), a control for what training added."""
     start = time.perf_counter()
     meta = read_meta(folder)["alpnet"]
     if snapshot is None:
         predict = mask_copy_predictor
+    elif untrained:
+        model, size = initial_model(snapshot, device)
+        predict = model_predictor(model, size, device)
     else:
         model, info = load_snapshot(snapshot, device)
         predict = model_predictor(model, int(info["input"]["input_size"]), device)
@@ -211,7 +240,8 @@ def run_bench(data_dir: Path, out: Path, folds: list[int], settings: list[int], 
         unknown = [name for name in only if name not in rows]
         if unknown:
             raise UserError(f"--methods {unknown[0]!r} is not a row of this benchmark: use {', '.join(rows)}")
-        rows = {name: how for name, how in rows.items() if name in only}
+        rows = {name: how for name, how in rows.items() if name in only
+                or how.get("untrained_of") in only}
     log: list[dict] = []
     results = {"dataset": dataset.name, "data": str(data_dir), "rule": rule, "budget": budget,
                "methods": [MASK_COPY, *rows], "cells": [], "log": log,
@@ -224,11 +254,16 @@ def run_bench(data_dir: Path, out: Path, folds: list[int], settings: list[int], 
                 folder = shared or prepared(data_dir, out, fold, setting, label_set, rule, log)
                 organs = dataset.test_organs(label_set)
                 kept = read_meta(folder)["alpnet"]["kept"]
+                done: dict[str, Path | None] = {}
                 for row in [MASK_COPY, *rows]:
                     how = rows.get(row, {})
                     key = row.lower().replace(", ", "_").replace(" ", "_")
                     if row == MASK_COPY:
                         snapshot = None
+                    elif "untrained_of" in how:
+                        snapshot = done.get(how["untrained_of"])
+                        if snapshot is None:
+                            continue
                     elif setting == 1 and row in selfsup_snapshots:   # no label read: one run serves both sets
                         snapshot = selfsup_snapshots[row]
                     else:
@@ -241,7 +276,9 @@ def run_bench(data_dir: Path, out: Path, folds: list[int], settings: list[int], 
                                          out / "train", log, device)
                         if setting == 1 and not supervised:
                             selfsup_snapshots[row] = snapshot
-                    dice, predictions, seconds = evaluate_method(snapshot, folder, organs, device)
+                    done[row] = snapshot
+                    dice, predictions, seconds = evaluate_method(snapshot, folder, organs, device,
+                                                                 untrained="untrained_of" in how)
                     log.append({"step": f"evaluate {row} fold {fold} setting {setting} labels {label_set}",
                                 "seconds": round(seconds, 1)})
                     results["cells"].append({"method": row, "fold": fold, "setting": setting, "label_set": label_set,

@@ -31,7 +31,7 @@ def test_bench_trains_evaluates_reports_and_reuses(tmp_path, capsys, monkeypatch
             "--steps", "2", "--input-size", "32", "--batch-size", "1", "--out", str(out), "--doc", str(doc)]
     assert bench.main(argv) == 0
     results = json.loads((out / "results.json").read_text())
-    assert results["complete"] and {c["method"] for c in results["cells"]} == {"mask copy", "LSLPN"}
+    assert results["complete"] and {c["method"] for c in results["cells"]} == {"mask copy", "LSLPN", "LSLPN, untrained"}
     cell = next(c for c in results["cells"] if c["method"] == "LSLPN")
     assert set(cell["dice"]) == {"kidney_right", "kidney_left"} and set(cell["dice"]["kidney_left"]) == {"1", "2", "3", "5"}
     assert cell["kept_slices"] < cell["all_slices"]              # Setting 2 dropped the kidney slices of scan 10
@@ -39,10 +39,13 @@ def test_bench_trains_evaluates_reports_and_reuses(tmp_path, capsys, monkeypatch
     assert "## Setting 2" in text and "| LSLPN |" in text and "published SSL-ALPNet" in text
     assert "kept, OR" in text and doc.with_suffix(".png").is_file()
     trained = [e for e in results["log"] if e["step"].startswith("train")]
-    assert len(trained) == 1
+    assert len(trained) == 1 and not trained[0].get("reused")
+    untrained = next(c for c in results["cells"] if c["method"] == "LSLPN, untrained")
+    assert untrained["snapshot"] == cell["snapshot"]              # the same run, at its initial weights
     assert bench.main(argv) == 0                                  # second run: the finished run is reused
     again = json.loads((out / "results.json").read_text())
-    assert not [e for e in again["log"] if e["step"].startswith(("train", "prepare"))]
+    assert not [e for e in again["log"] if e["step"].startswith("prepare")]
+    assert [e["reused"] for e in again["log"] if e["step"].startswith("train")] == [True]
     assert "reusing" in capsys.readouterr().out
 
 
