@@ -54,6 +54,15 @@ def display_command(argv: list[str]) -> str:
     return " ".join(["python scripts/bench_chaos.py", *shown])
 
 
+def compared(path: Path | None) -> dict | None:
+    """The other rule's results.json (--compare), or None."""
+    if path is None:
+        return None
+    if not path.is_file():
+        raise UserError(f"--compare {path}: not found: run the benchmark with the other --rule first")
+    return json.loads(path.read_text())
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=None, help=f"SSL-ALPNet-layout folder (default ${DATA_ENV} "
@@ -75,6 +84,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--device", default="cpu", help="cpu, cuda or auto")
     parser.add_argument("--doc", type=Path, default=ROOT / "docs" / "bench_chaos.md")
     parser.add_argument("--report-only", action="store_true", help="rewrite the report from OUT/results.json")
+    parser.add_argument("--compare", type=Path, default=None,
+                        help="results.json of a run with the other --rule: the report adds the Dice of both rules")
     args = parser.parse_args(argv)
     bad = [f for f in args.folds if f not in range(5)]
     if bad:
@@ -96,13 +107,14 @@ def main(argv: list[str]) -> int:
         saved = json.loads(results_path.read_text())
         figure = args.doc.with_suffix(".png")
         report.write_report(saved, args.doc, figure, saved.get("seconds", 0.0), saved.get("command", command),
-                            saved.get("exclusion"), saved.get("environment", ""))
+                            saved.get("exclusion"), saved.get("environment", ""), compared(args.compare))
         print(f"wrote {args.doc}")
         return 0
     dataset = detect_dataset(data)          # one line for a folder that is not in the layout
     budget = {"steps": args.steps if args.steps is not None else (100000 if args.full else 150),
               "input_size": 256 if args.full else args.input_size,
               "batch_size": 1 if args.full else args.batch_size, "full": args.full}
+    other = compared(args.compare)
     start = time.perf_counter()
     collector = report.OverlayCollector(setting=2 if 2 in args.settings else 1)
     exclusion = steps.exclusion_counts(data, args.folds) if 2 in args.settings else None
@@ -116,7 +128,7 @@ def main(argv: list[str]) -> int:
                         "commit": git_commit(),
                         "environment": environment, "dataset": dataset.name})
         write_text_atomic(json.dumps(results, indent=1), results_path)
-        report.write_report(results, args.doc, figure, seconds, command, exclusion, environment)
+        report.write_report(results, args.doc, figure, seconds, command, exclusion, environment, other)
 
     results = steps.run_bench(data, args.out, args.folds, sorted(args.settings), args.rule, budget, args.device,
                               include_alpnet=not args.no_alpnet_head, figure_hook=collector, progress=publish,
