@@ -49,7 +49,7 @@ def check_and_observe(config, command_name, logger):
 def main(_config, _run):
     """Train one fold; returns the summary (steps, best validation Dice, seconds per step, ...)."""
     _run.info["differs_from_default"] = differences_from_default(_config)  # -> info.json
-    return train(_config, _run)
+    return train(_config, _run, checked=True)   # check_and_observe checked this config
 
 
 if __name__ == "__main__":

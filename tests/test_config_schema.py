@@ -90,6 +90,8 @@ def test_literal_registries_equal_their_sources():
     assert schema.ENCODERS == current("model.encoder", encoders.ENCODERS)
     assert schema.IMAGENET_ENCODERS == current("model.encoder", IMAGENET_WEIGHTS)
     assert schema.HEADS == tuple(fewshot.HEADS)
+    from dataloaders.selfsup_episodes import RECIPES
+    assert schema.SELFSUP_RECIPES == RECIPES
     assert schema.EMPTY_CELL_RULES == current("model.empty_cell", local_prototypes.EMPTY_CELL_RULES)
     assert schema.MODEL_METHODS == METHODS
     assert schema.PRESETS == current("eval.preset", protocol.PRESETS)
@@ -294,3 +296,35 @@ def test_readme_commands_resolve_without_sacred_config_warnings(entry):
     type_change, typo = results[len(commands):]
     assert any("Changed type of config entry" in w for w in type_change["warnings"])
     assert "eval.snapshot = {'LSLPN': 'a.pth'}: unknown key: did you mean eval.snapshots?" in typo["error"]
+
+
+ONCE_DRIVER = r"""
+import json, sys, warnings
+warnings.filterwarnings("ignore")
+import train
+from config import run_sacred
+from training import config_check
+calls = []
+original = config_check.check_config
+def counting(config, command="train"):
+    calls.append(command)
+    return original(config, command)
+train.check_config = config_check.check_config = counting
+import training.loop
+training.loop.check_config = counting
+try:
+    run_sacred(train.ex, ["train.py", "with", *sys.argv[1:]])
+except SystemExit as stop:
+    print("EXIT", stop.code)
+print("CALLS" + json.dumps(calls))
+"""
+
+
+def test_train_py_checks_the_config_once(tiny_prepared, tmp_path):
+    words = ["tiny", "device=cpu", "n_steps=1", "val_every=0", "save_every=1", f"path.data_dir={tiny_prepared}",
+             f"path.log_dir={tmp_path / 'runs'}"]
+    done = subprocess.run([sys.executable, "-c", ONCE_DRIVER, *words], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600)
+    assert "CALLS" in done.stdout, done.stderr[-3000:]
+    assert json.loads(done.stdout.split("CALLS", 1)[1]) == ["train"], done.stdout[-2000:]
+    assert list((tmp_path / "runs").rglob("last.pth"))        # the run did train

@@ -50,9 +50,11 @@ from util.provenance import git_commit, weights_digest
 RANK_SEED_STRIDE = 100_003   # rank r's dropout stream starts from seed + r * stride
 
 
-def train(config: Mapping[str, Any], run=None) -> dict:
-    """Train one fold as configured; `run` is the Sacred Run (metrics, info, run folder) or None."""
-    check_config(config, "train")
+def train(config: Mapping[str, Any], run=None, checked: bool = False) -> dict:
+    """Train one fold as configured; `run` is the Sacred Run (metrics, info, run folder) or None.
+    checked=True: the caller ran check_config on this config already (train.py, once per command)."""
+    if not checked:
+        check_config(config, "train")
     cfg = dict(config)
     with _process_group(cfg["device"]) as (dist, device):
         # ---- build (same seed on every rank: identical initial weights)
