@@ -16,10 +16,12 @@ Two recipes (`episodes`, config `selfsup.episodes`):
   (dataloaders/warp.py `alpnet_view`: affine rotation/shear U(-5, 5) deg, shift U(-5, 5) px, scale
   U(0.9, 1.2), constant border 0; elastic 21 x 21 Gaussian sigma 5 of U(-1, 1) noise x 10 px; labels
   rint + argmax; gamma U(0.5, 1.5) on the image only). SSL-ALPNet runs 1 way, 1 shot, 1 query.
-  Where this still differs from SSL-ALPNet: slices are this project's prepared ones (intensity
+  Where this still differs from SSL-ALPNet: in a folder made by prepare_visceral.py the slices are
   scaled to [0, 1] per slice or by a window, not z-scored per volume, so the border fill 0 is the
-  darkest value instead of the volume mean), resized to input_size (SSL-ALPNet: the stored 256 x 256),
-  superpixels are this project's (dataloaders/superpixels.py: renumbered without empty ids), slices
+  darkest value instead of the volume mean (a folder in SSL-ALPNet's layout, dataloaders/
+  alpnet_prepare.py, is z-scored as SSL-ALPNet); slices are resized to input_size (SSL-ALPNet: the
+  stored 256 x 256); superpixels made by make_superpixels.py are this project's (dataloaders/
+  superpixels.py: renumbered without empty ids, so every drawn id is a real superpixel); slices
   are drawn uniformly per episode (SSL-ALPNet: shuffled epochs, 1000 draws per epoch on CHAOS), and an
   episode whose support foreground is empty is redrawn (below); SSL-ALPNet trains on it ('mask' mode,
   zero prototype).
@@ -57,8 +59,8 @@ REDRAWS_KEY = "redraws"
 def check_recipe(recipe: str) -> None:
     """One-line UserError for an unknown `selfsup.episodes`."""
     if recipe not in RECIPES:
-        raise UserError(f"config selfsup.episodes={recipe!r} is unknown: use 'project' (this project's warps) "
-                        "or 'alpnet' (SSL-ALPNet's episodes)")
+        raise UserError(f"config selfsup.episodes={recipe!r} is unknown: use 'project' (this project's "
+                        "warps) or 'alpnet' (SSL-ALPNet's episodes)")
 
 
 def eligible_superpixels(labels: np.ndarray, min_pixels: int) -> list[np.ndarray]:
@@ -85,7 +87,8 @@ class SelfSupEpisodeDataset(Dataset):
         check_recipe(recipe)
         self.recipe = recipe
         if int(n_ways) != 1:
-            raise UserError(f"config n_ways={n_ways}: self-supervised episodes have one pseudo-class: set n_ways=1")
+            raise UserError(f"config n_ways={n_ways}: self-supervised episodes have one pseudo-class: "
+                            "set n_ways=1")
         self.prep_dir = str(prep_dir)
         self.n_shots, self.n_queries = int(n_shots), int(n_queries)
         self.input_size = int(input_size)
@@ -99,23 +102,24 @@ class SelfSupEpisodeDataset(Dataset):
         self.candidates: list[tuple[str, int, np.ndarray]] = []    # (pid, row, eligible superpixel ids)
         for pid in training_volumes(prep_dir):
             if pid not in meta.get("volumes", {}):
-                raise UserError(f"prepared data '{prep_dir}': volume {pid} has no superpixels (made before it "
-                                f"was added?): {make_hint(prep_dir)} --overwrite")
+                raise UserError(f"prepared data '{prep_dir}': volume {pid} has no superpixels (made before "
+                                f"it was added?): {make_hint(prep_dir)} --overwrite")
             images, labels = self._open(pid)
             if images.shape != labels.shape:
-                raise UserError(f"prepared data '{prep_dir}': superpixels of {pid} {labels.shape} do not match "
-                                f"its slices {images.shape}: {make_hint(prep_dir)} --overwrite")
+                raise UserError(f"prepared data '{prep_dir}': superpixels of {pid} {labels.shape} do not "
+                                f"match its slices {images.shape}: {make_hint(prep_dir)} --overwrite")
             for row, ids in enumerate(self._eligible(labels)):
                 if ids.size:
                     self.candidates.append((pid, row, ids))
         if not self.candidates and recipe == "alpnet":
-            raise UserError(f"prepared data '{prep_dir}': no slice has 2 or more superpixels (SSL-ALPNet draws an "
-                            "id below the slice's top one): re-make the superpixels with a smaller --min-size "
-                            f"({make_hint(prep_dir)} --overwrite ...)")
+            raise UserError(f"prepared data '{prep_dir}': no slice has 2 or more superpixels (SSL-ALPNet "
+                            "draws an id below the slice's top one): re-make the superpixels with a smaller "
+                            f"--min-size ({make_hint(prep_dir)} --overwrite ...)")
         if not self.candidates:
-            raise UserError(f"prepared data '{prep_dir}': no slice has a superpixel of >= {self.min_pixels} pixels "
-                            "inside the body: lower selfsup.min_pixels, or re-make the superpixels with a smaller "
-                            f"--min-size / --body-threshold ({make_hint(prep_dir)} --overwrite ...)")
+            raise UserError(f"prepared data '{prep_dir}': no slice has a superpixel of >= {self.min_pixels} "
+                            "pixels inside the body: lower selfsup.min_pixels, or re-make the superpixels "
+                            f"with a smaller --min-size / --body-threshold ({make_hint(prep_dir)} "
+                            "--overwrite ...)")
         self._arrays: dict[str, tuple[np.ndarray, np.ndarray]] = {}
 
     def __len__(self) -> int:
@@ -124,7 +128,8 @@ class SelfSupEpisodeDataset(Dataset):
     def _eligible(self, labels: np.ndarray) -> list[np.ndarray]:
         """Per slice of a superpixel stack N x S x S, the ids a draw picks from (uniformly)."""
         if self.recipe == "alpnet":   # SSL-ALPNet: randint(1, max_id), i.e. {1, ..., max_id - 1}
-            return [np.arange(1, int(np.asarray(labels[row]).max()), dtype=np.int64) for row in range(labels.shape[0])]
+            return [np.arange(1, int(np.asarray(labels[row]).max()), dtype=np.int64)
+                    for row in range(labels.shape[0])]
         return eligible_superpixels(labels, self.min_pixels)
 
     def _open(self, pid: str) -> tuple[np.ndarray, np.ndarray]:
@@ -136,7 +141,8 @@ class SelfSupEpisodeDataset(Dataset):
             self._arrays[pid] = self._open(pid)
         return self._arrays[pid]
 
-    def view(self, image: np.ndarray, mask: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    def view(self, image: np.ndarray, mask: np.ndarray,
+             rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         """One random view: geometric warp of image and mask (H x W), then intensity augmentation."""
         image, mask = warp(image, mask, random_grid(self.input_size, self.warp, rng))
         image = np.clip(image, 0.0, 1.0) if self.clip else image
@@ -165,13 +171,14 @@ class SelfSupEpisodeDataset(Dataset):
             if any(mask.any() for _, mask in views[: self.n_shots]):   # the model refuses an empty support
                 break
         else:
-            raise UserError(f"self-supervised episode {i}: {MAX_DRAWS} draws in a row lost the superpixel from "
-                            f"every support view (prepared data '{self.prep_dir}'): raise selfsup.min_pixels or "
-                            "make the superpixels with a larger --min-size")
+            raise UserError(f"self-supervised episode {i}: {MAX_DRAWS} draws in a row lost the superpixel "
+                            f"from every support view (prepared data '{self.prep_dir}'): raise "
+                            "selfsup.min_pixels or make the superpixels with a larger --min-size")
         K, size = self.n_shots, self.input_size
+        support_images = np.stack([v for v, _ in views[:K]]).reshape(1, K, 1, size, size)
         support_fg = np.stack([m for _, m in views[:K]]).astype(np.float32).reshape(1, K, size, size)
         return {
-            "support_images": torch.from_numpy(np.stack([v for v, _ in views[:K]]).reshape(1, K, 1, size, size)),
+            "support_images": torch.from_numpy(support_images),                            # 1 x K x 1 x H x W
             "support_fg": torch.from_numpy(support_fg),                                    # 1 x K x H x W
             "support_bg": torch.from_numpy(1.0 - support_fg),
             "query_images": torch.from_numpy(np.stack([v for v, _ in views[K:]])[:, None]),  # Q x 1 x H x W

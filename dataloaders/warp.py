@@ -74,12 +74,13 @@ def random_grid(size: int, params: WarpParams, rng: np.random.Generator) -> torc
     noise = rng.uniform(-1.0, 1.0, size=(2, size, size))                     # 2 x H x W
     linear = affine_matrix(angle, scale, shear)
     # grid_sample's (x, y) = (column, row); the matrix acts on (x, y) pairs.
-    coords = (torch.arange(size, dtype=torch.float64) * 2 + 1) / size - 1    # pixel centres, align_corners False
+    coords = (torch.arange(size, dtype=torch.float64) * 2 + 1) / size - 1    # pixel centres, no align_corners
     y, x = torch.meshgrid(coords, coords, indexing="ij")                      # H x W each
     points = torch.stack([x, y], dim=-1)                                      # H x W x 2
     grid = points @ torch.from_numpy(linear.T) + torch.from_numpy(shift)      # H x W x 2
     if params.elastic_alpha > 0:  # Simard et al.: alpha x Gaussian-smoothed U(-1, 1) noise, in pixels
-        field = params.elastic_alpha * np.stack([gaussian_filter(noise[k], params.elastic_sigma) for k in range(2)])
+        smooth = [gaussian_filter(noise[k], params.elastic_sigma) for k in range(2)]
+        field = params.elastic_alpha * np.stack(smooth)                       # 2 x H x W
         grid = grid + torch.from_numpy(field.transpose(1, 2, 0) * 2 / size)   # pixels -> normalised
     return grid[None].float()
 
@@ -144,7 +145,8 @@ def alpnet_elastic(stack: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     dy = ndimage.gaussian_filter(rng.uniform(-1.0, 1.0, size), sigma, truncate=2.0, mode="mirror") * alpha
     rows, cols = np.meshgrid(np.arange(size[0]), np.arange(size[1]), indexing="ij")   # H x W each
     coordinates = np.stack([rows + dy, cols + dx])                                    # 2 x H x W
-    return np.stack([ndimage.map_coordinates(channel, coordinates, order=1, mode="reflect") for channel in stack])
+    return np.stack([ndimage.map_coordinates(channel, coordinates, order=1, mode="reflect")
+                     for channel in stack])
 
 
 def alpnet_gamma(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:

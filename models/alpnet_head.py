@@ -123,8 +123,8 @@ class ALPNetHead(nn.Module):
         """feats B x N x K x C x h x w, soft masks fg / bg B x N x K x h x w at feature resolution."""
         B, N, K, C, h, w = feats.shape
         if min(h, w) < max(window, MODE_WINDOW):
-            raise UserError(f"feature map {h} x {w}: the alpnet head pools windows of {max(window, MODE_WINDOW)} "
-                            "feature cells: use a larger input_size")
+            raise UserError(f"feature map {h} x {w}: the alpnet head pools windows of "
+                            f"{max(window, MODE_WINDOW)} feature cells: use a larger input_size")
         cells = F.avg_pool2d(feats.flatten(0, 2), window)                       # BNK x C x h' x w'
         local = cells.flatten(2).transpose(1, 2).unflatten(0, (B, N, K))        # B x N x K x c x C
         pooled = F.avg_pool2d(torch.stack([bg, fg], dim=3).flatten(0, 2), window)  # BNK x 2 x h' x w'
@@ -162,7 +162,8 @@ class ALPNetHead(nn.Module):
         with torch.autocast(query_features.device.type, enabled=False):
             query = _unit(query_features.float(), dim=2)                        # B x Q x C x h x w
             protos = _unit(prototypes.vectors.float(), dim=-1).expand(Bq, -1, -1, -1)  # B x L x P x C
-            present = prototypes.present.expand(Bq, -1, -1)[:, None, :, :, None, None]  # B x 1 x L x P x 1 x 1
+            present = prototypes.present.expand(Bq, -1, -1)                    # B x L x P
+            present = present[:, None, :, :, None, None]                        # B x 1 x L x P x 1 x 1
             sims = self.scale * torch.einsum("blpc,bqcxy->bqlpxy", protos, query)  # B x Q x L x P x h x w
             # absent candidates get the lowest finite value (not -inf: a class without any candidate
             # would give NaN weights and NaN gradients), then weight 0: no candidate scores 0
@@ -203,7 +204,8 @@ class ALPNetHead(nn.Module):
             query_bg = (pred == 0).float().unsqueeze(1).expand_as(query_fg)
             qfeats = query_features.float().unsqueeze(1).expand(B, N, *query_features.shape[1:])
             prototypes = self.prototypes_from_feature_masks(qfeats, query_fg, query_bg, (H, W), TRAIN_WINDOW)
-            scores = self.score_features(prototypes, support_features.float().flatten(1, 2))  # B x NK x L x h x w
+            support = support_features.float().flatten(1, 2)                   # B x NK x C x h x w
+            scores = self.score_features(prototypes, support)                   # B x NK x L x h x w
             scores = scores.unflatten(1, (N, K))                                # B x N x K x L x h x w
             fg_channel = torch.arange(1, N + 1, device=pred.device).view(1, N, 1, 1, 1, 1)
             fg_scores = scores.gather(3, fg_channel.expand(B, N, K, 1, h, w))

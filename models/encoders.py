@@ -175,7 +175,8 @@ class ResNet50LSLPN(_Encoder):
 
 def load_official_snapshot(encoder: ResNet50LSLPN, state: dict, source: str) -> None:
     """Every encoder.* weight of an official-code snapshot into `encoder` (missing keys: error)."""
-    given = {k.removeprefix("encoder."): v for k, v in strip_prefixes(state).items() if k.startswith("encoder.")}
+    given = {k.removeprefix("encoder."): v for k, v in strip_prefixes(state).items()
+             if k.startswith("encoder.")}
     _refuse_layout(given, source)
     _load_matching(encoder, given, encoder.state_dict(), source, "resnet50_lslpn (official-code snapshot)")
 
@@ -271,5 +272,6 @@ def build_encoder(name: str, init_path: str | None = None, pretrained: bool = Fa
         log.info("encoder %s: initial weights loaded from %s", name, init_path if init_path is not None
                  else f"torchvision's {weights_name(name)} weights")
     else:
-        log.warning("encoder %s: no init_path and pretrained=False: starting from random initialisation", name)
+        log.warning("encoder %s: no init_path and pretrained=False: starting from random initialisation",
+                    name)
     return encoder

@@ -1,4 +1,4 @@
-"""Encoder initial weights: ImageNet / COCO through torchvision's weights API, local files, official snapshots.
+"""Encoder initial weights: ImageNet / COCO via torchvision's weights API, local files, official snapshots.
 
 - `imagenet_state(encoder)`: the torchvision state dict of an encoder (VGG16_Weights.IMAGENET1K_V1,
   ResNet50_Weights.IMAGENET1K_V1, or for deeplabv3_resnet101 SSL-ALPNet's COCO initialisation
@@ -67,7 +67,8 @@ def imagenet_state(encoder: str) -> dict:
             return IMAGENET_WEIGHTS[encoder].get_state_dict(progress=False, check_hash=True)
         except (OSError, RuntimeError, ValueError) as error:  # URLError is an OSError
             raise UserError(f"model.pretrained = True: {weights_name(encoder)} weights "
-                            f"{os.path.basename(path)} are not in {os.path.dirname(path)} and could not be downloaded "
+                            f"{os.path.basename(path)} are not in {os.path.dirname(path)} and could not be "
+                            "downloaded "
                             f"({type(error).__name__}): copy the file there, or set path.init_path to a "
                             "local copy, or model.pretrained=False to train from random weights") from None
     _check_hash(path)

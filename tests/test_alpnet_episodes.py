@@ -44,7 +44,7 @@ def _bilinear_reflect(image, r, c):
 
 
 def test_affine_matrix_is_the_official_composition():
-    """M = Scale . Shear . Trans . Rot with OpenCV's rotation about (H/2, W//2); draw order rot, tx, ty, shear, s."""
+    """M = Scale . Shear . Trans . Rot, OpenCV's rotation about (H/2, W//2); draws rot, tx, ty, shear, s."""
     size = (20, 20)
     rng, replay = np.random.default_rng(7), np.random.default_rng(7)
     got = alpnet_affine_matrix(size, rng)
@@ -92,7 +92,8 @@ def test_elastic_matches_a_pixel_loop():
         return out
     dx = blur(replay.uniform(-1, 1, image.shape)) * 10
     dy = blur(replay.uniform(-1, 1, image.shape)) * 10
-    want = np.array([[_bilinear_reflect(image, r + dy[r, c], c + dx[r, c]) for c in range(18)] for r in range(16)])
+    want = np.array([[_bilinear_reflect(image, r + dy[r, c], c + dx[r, c]) for c in range(18)]
+                     for r in range(16)])
     np.testing.assert_allclose(got, want, atol=1e-9)
     assert np.abs(dx).max() > 0.05                               # the field does move pixels
 
@@ -116,7 +117,8 @@ def test_gamma_formula_and_labels():
     assert not np.array_equal(views[0][1], views[1][1])          # fresh parameters per view
     edge = np.zeros((32, 32), np.uint8)
     edge[0, :] = 1                                               # one row on the border
-    lost = sum(int(alpnet_view(np.ones((32, 32)), edge, np.random.default_rng(s))[1].sum() == 0) for s in range(20))
+    lost = sum(int(alpnet_view(np.ones((32, 32)), edge, np.random.default_rng(s))[1].sum() == 0)
+               for s in range(20))
     assert lost > 0                                              # why episodes are redrawn
 
 
@@ -130,7 +132,8 @@ def unlabeled_prep(tiny_phantom, tmp_path_factory):
 
 
 def alpnet_dataset(prep, seed=5, shots=1, queries=1):
-    return selfsup.SelfSupEpisodeDataset(str(prep), 1, shots, queries, 64, None, {}, 10 ** 6, seed, recipe="alpnet")
+    return selfsup.SelfSupEpisodeDataset(str(prep), 1, shots, queries, 64, None, {}, 10 ** 6, seed,
+                                         recipe="alpnet")
 
 
 def test_pseudo_label_drawn_below_the_top_id(unlabeled_prep, monkeypatch):
@@ -186,5 +189,7 @@ def test_train_py_with_ssl_alpnet_episodes_and_head(unlabeled_prep, tmp_path):
                             timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "episodes redrawn: " in result.stdout
-    bad = subprocess.run(common + ["selfsup.episodes=ssl"], cwd=root, capture_output=True, text=True, timeout=300)
-    assert bad.returncode != 0 and "selfsup.episodes" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+    bad = subprocess.run(common + ["selfsup.episodes=ssl"], cwd=root, capture_output=True, text=True,
+                         timeout=300)
+    assert bad.returncode != 0 and "selfsup.episodes" in bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1

@@ -70,7 +70,8 @@ def ref_logits(support_feats, support_fg, support_bg, query_feats, window):
         for q in range(Q):
             for c, candidates in enumerate(classes):
                 out[b, q, c] = ref_score_map(candidates, query_feats[b, q])
-    return F.interpolate(out.flatten(0, 1), size=(H, W), mode="bilinear", align_corners=False).view(B, Q, 1 + N, H, W)
+    up = F.interpolate(out.flatten(0, 1), size=(H, W), mode="bilinear", align_corners=False)
+    return up.view(B, Q, 1 + N, H, W)
 
 
 def masks_of_every_kind():
@@ -228,7 +229,8 @@ def test_fewshot_network_with_the_alpnet_head():
     labels = (torch.rand(1, 1, 64, 64) > 0.7).long()
     cfg = {"model": {"head": "alpnet", "align": True, "align_weight": 1.0}}
     loss = episode_loss(cfg, logits, labels, align)
-    assert math.isclose(float(loss.detach()), float((query_loss(logits, labels) + align).detach()), rel_tol=1e-6)
+    expected = (query_loss(logits, labels) + align).detach()
+    assert math.isclose(float(loss.detach()), float(expected), rel_tol=1e-6)
     loss.backward()
     assert all(p.grad is not None for p in model.encoder.parameters() if p.requires_grad)
     model.eval()

@@ -1,5 +1,5 @@
 """Encoders: shapes, the official DeepLab ResNet-50 layout, SSL-ALPNet's DeepLabv3 ResNet-101, initial
-weights (fabricated files, torchvision's cache, offline), frozen BatchNorm, gradients. Nothing is downloaded."""
+weights (fabricated files, torchvision's cache, offline), frozen BatchNorm, gradients. Nothing downloaded."""
 import logging
 import urllib.error
 
@@ -148,7 +148,8 @@ def test_bad_snapshots_and_checkpoints(tmp_path):
     with pytest.raises(UserError, match=r"official.pth: does not match .*layer4.0.weight"):
         build_encoder("resnet50_lslpn", path)
     # weights of the removed torchvision-layout variant (keys stem.*, fuse.*): one line, retrain
-    variant = {"encoder.stem.0.weight": torch.zeros(64, 3, 7, 7), "encoder.fuse.0.weight": torch.zeros(256, 1536, 3, 3)}
+    variant = {"encoder.stem.0.weight": torch.zeros(64, 3, 7, 7),
+               "encoder.fuse.0.weight": torch.zeros(256, 1536, 3, 3)}
     torch.save(variant, tmp_path / "variant.pth")
     removed = "model.encoder = 'resnet50_torchvision' .*removed after commit b9c8bb5"
     with pytest.raises(UserError, match=rf"{removed}.*encoder='resnet50_lslpn'"):
@@ -219,7 +220,8 @@ def test_official_snapshot_as_a_test_snapshot(tmp_path):
     assert state["official_snapshot"] and model.config["empty_cell"] == "zero"
     assert torch.equal(model.encoder.layer4[0].weight, encoder_state["layer4.0.weight"])
     _, partial = _official_snapshot(tmp_path, drop="layer2.1.conv2.weight")
-    with pytest.raises(UserError, match=r"official.pth \(official-code snapshot\): does not match .*layer2.1.conv2"):
+    partial_error = r"official.pth \(official-code snapshot\): does not match .*layer2.1.conv2"
+    with pytest.raises(UserError, match=partial_error):
         model_from_checkpoint(partial)
 
 
@@ -272,7 +274,8 @@ def test_deeplabv3_resnet101_loads_the_coco_layout_and_offline_is_one_line(tmp_p
     name = f"deeplabv3_resnet101_coco-{digest}.pth"
     fake = _FakeWeights(f"https://example.invalid/{name}")
     monkeypatch.setitem(weights.IMAGENET_WEIGHTS, "deeplabv3_resnet101", fake)
-    with pytest.raises(UserError, match=rf"COCO weights {name} are not in .*torch_home.hub.checkpoints .*init_path"):
+    offline = rf"COCO weights {name} are not in .*torch_home.hub.checkpoints .*init_path"
+    with pytest.raises(UserError, match=offline):
         build_encoder("deeplabv3_resnet101", pretrained=True)              # offline, not cached: no training
     cache = tmp_path / "torch_home" / "hub" / "checkpoints"
     cache.mkdir(parents=True)

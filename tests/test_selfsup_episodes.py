@@ -1,4 +1,4 @@
-"""Self-supervised superpixel episodes (dataloaders/selfsup_episodes.py) and their warps (dataloaders/warp.py)."""
+"""Self-supervised superpixel episodes (dataloaders/selfsup_episodes.py), warps (dataloaders/warp.py)."""
 from __future__ import annotations
 
 import math
@@ -32,7 +32,8 @@ def unlabeled_prep(tiny_phantom, tmp_path_factory):
 
 
 def dataset(prep, warp_params=None, augment=AUGMENT, shots=1, queries=1, seed=5, min_pixels=MIN_PIXELS):
-    return SelfSupEpisodeDataset(str(prep), 1, shots, queries, 64, augment, warp_params or {}, min_pixels, seed)
+    return SelfSupEpisodeDataset(str(prep), 1, shots, queries, 64, augment, warp_params or {}, min_pixels,
+                                 seed)
 
 
 def test_item_has_the_supervised_layout(unlabeled_prep, tiny_prepared):
@@ -91,8 +92,7 @@ def test_episodes_are_deterministic(unlabeled_prep):
 
 def test_affine_part_never_flips():
     rng = np.random.default_rng(0)
-    params = WarpParams(rotate=89, scale=(0.5, 2.0), shear=44)
-    for _ in range(200):
+    for _ in range(200):   # the widest ranges WarpParams allows (rotate < 90, shear < 45)
         matrix = affine_matrix(math.radians(rng.uniform(-89, 89)), rng.uniform(0.5, 2.0),
                                math.radians(rng.uniform(-44, 44)))
         assert np.linalg.det(matrix) > 0
@@ -118,14 +118,15 @@ def test_bad_inputs(unlabeled_prep, tiny_prepared, tmp_path):
 
 
 CHAOS = Path("/work/shared/data/chaos_mr_t2")
-BORDER_VOLUME = "image_38"   # its slice 3 has a 404-pixel superpixel in rows 0-7 (the body touches the border)
+BORDER_VOLUME = "image_38"   # slice 3: a 404-pixel superpixel in rows 0-7 (the body touches the border)
 
 
 @pytest.fixture(scope="module")
 def chaos_prep(tmp_path_factory):
-    """One real CHAOS-T2 volume, prepared as the reported command sequence (images-only, 256 px, superpixels)."""
+    """One real CHAOS-T2 volume, prepared as the reported commands (images-only, 256 px, superpixels)."""
     if not (CHAOS / f"{BORDER_VOLUME}.nii.gz").is_file():
-        pytest.skip(f"real CHAOS-T2 data not present ({CHAOS}/{BORDER_VOLUME}.nii.gz): the real-scan check is skipped")
+        pytest.skip(f"real CHAOS-T2 data not present ({CHAOS}/{BORDER_VOLUME}.nii.gz): the real-scan "
+                    "check is skipped")
     source = tmp_path_factory.mktemp("chaos") / "volumes"
     source.mkdir()
     (source / f"{BORDER_VOLUME}.nii.gz").symlink_to(CHAOS / f"{BORDER_VOLUME}.nii.gz")
@@ -178,6 +179,7 @@ def test_border_superpixel_draw_is_redrawn_and_counted(chaos_prep, monkeypatch):
     monkeypatch.setattr(data, "draw", first_draw_on_the_border)
     item = data[0]
     assert int(item["redraws"]) == 1 and item["support_fg"].sum() > 0 and len(calls) == 2
-    monkeypatch.setattr(data, "draw", lambda rng: [(np.zeros((128, 128), np.float32), np.zeros((128, 128), np.uint8))] * 2)
+    empty = (np.zeros((128, 128), np.float32), np.zeros((128, 128), np.uint8))
+    monkeypatch.setattr(data, "draw", lambda rng: [empty, empty])
     with pytest.raises(UserError, match="50 draws in a row lost the superpixel"):
         data[0]
