@@ -45,7 +45,7 @@ def setting_tables(results: dict, setting: int) -> list[str]:
             continue
         cells, organ_means = [], []
         for organ in ORGANS:
-            values = np.array([per_fold[f].get(organ, np.nan) for f in folds], float)
+            values = np.array([per_fold.get(f, {}).get(organ, np.nan) for f in folds], float)
             values = values[np.isfinite(values)]
             mean = float(values.mean()) if values.size else float("nan")
             organ_means.append(mean)
