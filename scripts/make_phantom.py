@@ -23,7 +23,8 @@ from evaluation.protocol import get_preset  # noqa: E402
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="phantom ROOT folder to create")
     parser.add_argument("--n-silver", type=int, default=20, help="training (silver corpus) volumes")
     parser.add_argument("--n-gold", type=int, default=6, help="test (gold corpus) volumes, at least 2")

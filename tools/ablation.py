@@ -61,7 +61,8 @@ def find_snapshot(log_dir: Path) -> Path | None:
     """Newest best.pth (else last.pth) of the Sacred runs under log_dir/<name>/<id>/."""
     runs = list(iter_runs(log_dir))
     for file in ("best.pth", "last.pth"):
-        found = sorted((run / file for run in runs if (run / file).is_file()), key=lambda p: p.stat().st_mtime)
+        found = sorted((run / file for run in runs if (run / file).is_file()),
+                       key=lambda p: p.stat().st_mtime)
         if found:
             return found[-1]
     return None
@@ -74,14 +75,17 @@ def check_reusable(snapshot: Path, planned: dict) -> None:
     stored = read_run_config(snapshot.parent)
     fix = f"delete {snapshot.parent} (or pass another --out) and re-run"
     if stored is None:
-        raise UserError(f"{snapshot}: its run has no readable config.json, so the settings it was trained under "
-                        f"are unknown: {fix}")
-    differences = [line for line in trajectory_differences(stored, planned) if not line.startswith("name:")] + [
+        raise UserError(f"{snapshot}: its run has no readable config.json, so the settings it was trained "
+                        f"under are unknown: {fix}")
+    differences = [line for line in trajectory_differences(stored, planned)
+                   if not line.startswith("name:")] + [
         f"{key}: {stored.get(key)} -> {planned.get(key)}" for key in ("n_steps", "val_every")
         if stored.get(key) != planned.get(key)]
     if differences:
-        shown = "; ".join(differences[:6]) + (f"; and {len(differences) - 6} more" if len(differences) > 6 else "")
-        raise UserError(f"{snapshot}: trained under other settings than this ablation asks for ({shown}): {fix}")
+        shown = "; ".join(differences[:6]) + (f"; and {len(differences) - 6} more" if len(differences) > 6
+                                              else "")
+        raise UserError(f"{snapshot}: trained under other settings than this ablation asks for ({shown}): "
+                        f"{fix}")
 
 
 def train_variant(variant: str, fold: int, overrides: list[str], out: Path, python: str) -> Path:
@@ -114,9 +118,11 @@ def resolved_config(overrides: list[str]) -> dict:
     try:
         run = ex._create_run("print_config", updates, named_configs=named, options={"--unobserved": True})
     except (SacredError, KeyError) as error:
-        what = "; ".join(line.strip() for line in str(error).splitlines() if line.strip()) or type(error).__name__
+        what = "; ".join(line.strip() for line in str(error).splitlines()
+                         if line.strip()) or type(error).__name__
         raise UserError(f"overrides after --: {what}: check the spelling against config.py (named configs: "
-                        f"{', '.join(sorted(ex.named_configs))}; keys: python train.py print_config)") from None
+                        f"{', '.join(sorted(ex.named_configs))}; keys: python train.py "
+                        "print_config)") from None
     return json.loads(json.dumps(dict(run.config), default=str))
 
 
@@ -131,7 +137,8 @@ def ablation_markdown(results: dict) -> str:
     for method, row in rows.items():
         spec = VARIANTS.get(method, {})
         cells = ["–" if row[c] is None else f"{row[c]:.1f}" for c in columns]
-        lines.append(f"| {method} | {spec.get('n_grid', '–')} | {spec.get('overlap', '–')} | {spec.get('vote', '–')} | "
+        lines.append(f"| {method} | {spec.get('n_grid', '–')} | {spec.get('overlap', '–')} | "
+                     f"{spec.get('vote', '–')} | "
                      + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -142,7 +149,8 @@ def main(argv: list[str]) -> int:
         argv, overrides = argv[:split], argv[split + 1:]
     else:
         overrides = []
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--folds", type=int, nargs="+", default=[0, 1, 2, 3])
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--out", type=Path, default=Path("runs/ablation"))
@@ -166,7 +174,8 @@ def main(argv: list[str]) -> int:
     results = evaluate({"mask copy": None, **snapshots}, organs, config["path"]["data_dir"],
                        preset=settings["preset"], out_dir=args.out / "eval", split=settings["split"],
                        support=settings["support"], device=config["device"],
-                       input_size=None if "SENet" in args.variants else config["input_size"],  # SENet: its own
+                       input_size=None if "SENet" in args.variants else config["input_size"],
+                       # SENet: its own
                        batch_size=settings["batch_size"], save_predictions=False,
                        config={"overrides": overrides, "folds": args.folds})
     table = ablation_markdown(results)

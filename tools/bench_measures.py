@@ -108,7 +108,8 @@ def near_boundary(labels: torch.Tensor, radius: int) -> torch.Tensor:
 
 
 def head_comparison(reference_fn: Callable, size: int, channels: int, stride: int, n_grid: int,
-                    device: torch.device, repeats: int, reference_repeats: int, min_seconds: float = 0.0) -> dict:
+                    device: torch.device, repeats: int, reference_repeats: int,
+                    min_seconds: float = 0.0) -> dict:
     """Reference vs 'image' vs 'feature' head forward on one episode; times and agreement checks.
 
     reference_fn(support_features, support_fg, support_bg, query_features, image_size, n_grid,
@@ -125,7 +126,8 @@ def head_comparison(reference_fn: Callable, size: int, channels: int, stride: in
         for mode in ("image", "feature"):
             head = _head(mode, n_grid)
             outputs[mode] = _run_head(head, episode, size)
-            result[mode] = measure(lambda: _run_head(head, episode, size), device, repeats, min_seconds=min_seconds)
+            result[mode] = measure(lambda: _run_head(head, episode, size), device, repeats,
+                                   min_seconds=min_seconds)
     reference = reference.to(device)
     result["max_abs_diff_image"] = float((outputs["image"].double() - reference).abs().max())
     labels = reference.argmax(2)                                             # B x Q x H x W
@@ -208,13 +210,15 @@ def make_phantom_prep(folder: str, size: int, seed: int = 0) -> str:
     phantom = os.path.join(os.path.dirname(os.path.abspath(folder)), "phantom")
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         generate_phantom(phantom, n_silver=2, n_gold=2, seed=seed, size=64, n_slices=16, workers=1)
-        prepare_dataset(phantom, folder, size=size, n_val=0, seed=seed, rule=Selection(min_voxels=5), workers=1)
+        prepare_dataset(phantom, folder, size=size, n_val=0, seed=seed, rule=Selection(min_voxels=5),
+                        workers=1)
     return folder
 
 
 def _training_config(named: str, workdir: str, device: str, amp: bool, n_steps: int,
                      input_size: int | None) -> dict:
-    """The named config for a short run on a small prepared phantom under `workdir` (no validation, no saving)."""
+    """The named config for a short run on a small prepared phantom under `workdir` (no validation, no
+    saving)."""
     updates = {"device": device, "amp": amp, "n_steps": n_steps, "val_every": 0, "save_every": n_steps,
                "print_every": n_steps, "num_workers": 0,
                "path": {"data_dir": os.path.join(workdir, "prep"), "log_dir": os.path.join(workdir, "runs")}}
@@ -276,7 +280,8 @@ def _memory_child() -> None:
             torch.cuda.reset_peak_memory_stats(device)
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
             summary = train(config)
-        out = {"config": args["named"], "input_size": config["input_size"], "batch_size": config["batch_size"],
+        out = {"config": args["named"], "input_size": config["input_size"],
+               "batch_size": config["batch_size"],
                "encoder": config["model"]["encoder"], "amp": args["amp"],
                "baseline_rss_mb": baseline,
                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
@@ -384,10 +389,12 @@ def run_measurements(reference_fn: Callable, plan: Plan, device: torch.device,
     torch.manual_seed(0)
     cpu, out = device.type == "cpu", {}
     log("1/6 head: reference vs 'image' vs 'feature'")
-    out["head"] = head_comparison(reference_fn, plan.size, 256, 8, 8, device, plan.repeats, plan.reference_repeats,
+    out["head"] = head_comparison(reference_fn, plan.size, 256, 8, 8, device, plan.repeats,
+                                  plan.reference_repeats,
                                   plan.head_seconds)
     log("2/6 head share of the encoder forward")
-    out["encoders"] = encoder_share(list(ENCODER_SHAPES), plan.size, 8, device, plan.repeats, plan.head_seconds)
+    out["encoders"] = encoder_share(list(ENCODER_SHAPES), plan.size, 8, device, plan.repeats,
+                                    plan.head_seconds)
     log("3/6 head scaling with n_grid and input size")
     out["scaling"] = head_scaling(plan.scaling_sizes, plan.grids, ["image", "feature"], device, plan.repeats,
                                   min_seconds=plan.head_seconds)
@@ -396,17 +403,21 @@ def run_measurements(reference_fn: Callable, plan: Plan, device: torch.device,
         out["training"] = [training_throughput("demo", device, False, plan.demo_steps, plan.demo_runs,
                                                plan.demo_size)]
     else:
-        out["training"] = [training_throughput("paper", device, amp, plan.demo_steps, plan.demo_runs, plan.size)
+        out["training"] = [training_throughput("paper", device, amp, plan.demo_steps, plan.demo_runs,
+                                               plan.size)
                            for amp in (False, True)]
     if not cpu:  # before inference: segment_query_volume's inference_mode would fill the head's cache
         out["dispatch"] = gpu_dispatch("paper", device, plan.size)
     log("5/6 volumetric inference throughput")
     if cpu:
-        out["inference"] = [inference_throughput("demo", device, plan.repeats, plan.volume_size, plan.n_slices,
+        out["inference"] = [inference_throughput("demo", device, plan.repeats, plan.volume_size,
+                                                 plan.n_slices,
                                                  plan.demo_size)]
     else:
-        out["inference"] = [inference_throughput("paper", device, plan.repeats, plan.volume_size, plan.n_slices,
+        out["inference"] = [inference_throughput("paper", device, plan.repeats, plan.volume_size,
+                                                 plan.n_slices,
                                                  plan.size, amp) for amp in (False, True)]
     log("6/6 peak memory of one training step (paper config, fresh process)")
-    out["memory"] = [training_step_memory("paper", device, amp, plan.size) for amp in ((False,) if cpu else (False, True))]
+    out["memory"] = [training_step_memory("paper", device, amp, plan.size) for amp in ((False,) if cpu
+                                                                                       else (False, True))]
     return out

@@ -70,12 +70,14 @@ def table(results: dict, preset: str) -> str:
     lines = [f"Preset '{preset}', Dice (%) over the organ slice range.", "",
              "| Variant | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
     for method, row in results["table"]["range"].items():
-        lines.append(f"| {method} | " + " | ".join("–" if row[c] is None else f"{row[c]:.1f}" for c in columns) + " |")
+        lines.append(f"| {method} | " + " | ".join("–" if row[c] is None else f"{row[c]:.1f}"
+                                                   for c in columns) + " |")
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--folds", type=int, nargs="+", default=[0, 2])
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--data", default="data/prepared_phantom", help="prepared phantom folder")
@@ -120,7 +122,8 @@ def main(argv: list[str]) -> int:
         trained = "zero" if variant.endswith("zero") else "skip"
         other = "skip" if trained == "zero" else "zero"
         name = f"{variant}, evaluated with empty_cell {other}"
-        rows[name] = run("inclusive", name, {organ: switched(path, other) for organ, path in by_organ.items()},
+        rows[name] = run("inclusive", name, {organ: switched(path, other) for organ,
+                                             path in by_organ.items()},
                          size_of(variant))
     blocks.append(table({"table": {"range": rows}}, "inclusive"))
     # 2. the same snapshots under the official evaluation preset

@@ -9,12 +9,13 @@ Steps (none stops the run; each prints PASS / FAIL / SKIP lines):
      CUDA (on a GPU none may skip; on CPU all skip, their CPU twins run in the suite)
   2. a phantom (6 silver + 3 gold, scripts/make_phantom.py) prepared at SIZE (scripts/prepare_visceral.py)
   3. train.py with `paper` and `official` x AMP off / bf16 / fp16, STEPS steps each, random init: s/step,
-     episodes/s, peak CUDA memory, data-wait fraction, loss first vs last quarter; a data wait > 10% runs paper
-     bf16 again with num_workers=4 (the remedy, measured; the dry-run runs it unless --quick)
-  4. tools/benchmark.py --device cuda: OUT/BENCHMARKS.md (its GPU section), OUT/benchmark.json (query slices/s)
+     episodes/s, peak CUDA memory, data-wait fraction, loss first vs last quarter; a data wait > 10% runs
+     paper bf16 again with num_workers=4 (the remedy, measured; the dry-run runs it unless --quick)
+  4. tools/benchmark.py --device cuda: OUT/BENCHMARKS.md (its GPU section), OUT/benchmark.json (with the
+     query slices/s of inference)
   5. targets and the projection of the paper's 4 folds x 10,000 steps in GPU-hours
-Outputs under --out (default $OUT, else runs/gpu_check): summary.md (also printed), results.json, log.txt (every
-command and its output), BENCHMARKS.md, benchmark.json. Exit status 1 when a check FAILs.
+Outputs under --out (default $OUT, else runs/gpu_check): summary.md (also printed), results.json, log.txt
+(every command and its output), BENCHMARKS.md, benchmark.json. Exit status 1 when a check FAILs.
 --dry-run: CPU at 64 x 64, a few steps, the same summary (tests/test_gpu_check.py); --quick: no benchmark, no
 `official` runs.
 """
@@ -80,7 +81,8 @@ class Runner:
 
     def add(self, step: str, name: str, ok: bool | str, figures: str = "", data: dict | None = None) -> None:
         status = ok if isinstance(ok, str) else ("PASS" if ok else "FAIL")
-        self.checks.append({"step": step, "name": name, "status": status, "figures": figures, "data": data or {}})
+        self.checks.append({"step": step, "name": name, "status": status, "figures": figures, "data": data
+                            or {}})
         line = f"{status:4s} {step} {name}" + (f": {figures}" if figures else "")
         print(line, flush=True)
         self.log.write(f"### {line}\n")
@@ -93,12 +95,14 @@ class Runner:
         self.log.flush()
         tic = time.perf_counter()
         try:
-            done = subprocess.run([str(c) for c in cmd], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            done = subprocess.run([str(c) for c in cmd], cwd=ROOT, stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT,
                                   timeout=timeout)
             code, output = done.returncode, done.stdout.decode(errors="replace")
         except subprocess.TimeoutExpired as error:
             code = 124
-            output = (error.stdout or b"").decode(errors="replace") + f"\n[gpu_check: killed after {timeout:.0f} s]"
+            output = (error.stdout
+                      or b"").decode(errors="replace") + f"\n[gpu_check: killed after {timeout:.0f} s]"
         seconds = time.perf_counter() - tic
         self.log.write(output + f"\n[exit {code} after {seconds:.1f} s]\n")
         self.log.flush()
@@ -138,12 +142,15 @@ def cuda_tests(r: Runner) -> None:
 def phantom(r: Runner) -> Path | None:
     (pixels, slices, min_voxels), phantom_dir, prep = r.plan.phantom, r.work / "phantom", r.work / "prepared"
     workers = max(1, min(8, (os.cpu_count() or 2) // 2))
-    code, output, seconds = r.run([sys.executable, "scripts/make_phantom.py", "--out", phantom_dir, "--n-silver", 6,
+    code, output, seconds = r.run([sys.executable, "scripts/make_phantom.py", "--out", phantom_dir,
+                                   "--n-silver", 6,
                                    "--n-gold", 3, "--size", pixels, "--slices", slices, "--workers", workers,
                                    "--seed", 18], cap=180)
     if code == 0:
-        code, output, more = r.run([sys.executable, "scripts/prepare_visceral.py", "--visceral-dir", phantom_dir,
-                                    "--out", prep, "--size", r.plan.size, "--n-val", 1, "--min-voxels", min_voxels],
+        code, output, more = r.run([sys.executable, "scripts/prepare_visceral.py", "--visceral-dir",
+                                    phantom_dir,
+                                    "--out", prep, "--size", r.plan.size, "--n-val", 1, "--min-voxels",
+                                    min_voxels],
                                    cap=180)
         seconds += more
     ok = code == 0 and (prep / "meta.json").is_file()
@@ -153,13 +160,15 @@ def phantom(r: Runner) -> Path | None:
 
 
 def train(r: Runner, prep: Path, setup: str, amp: str, label: str, *extra: str) -> dict | None:
-    """One timed train.py run; its result (s/step, ...) with loss trend and wall time, or None (a FAIL line)."""
+    """One timed train.py run: its result (s/step, ...) with loss trend and wall time, or None (a FAIL
+    line)."""
     name = f"gpucheck_{setup}_{amp.lower()}" + "".join(f"_{e.split('=')[1]}" for e in extra)
     steps = r.plan.steps
     code, output, seconds = r.run(
         [sys.executable, "train.py", "with", setup, f"device={r.plan.device}", f"amp={amp}",
          f"input_size={r.plan.size}", f"n_steps={steps}", "val_every=0", f"save_every={steps}",
-         f"print_every={max(1, steps // 4)}", "model.pretrained=False", "class_setting=all_structures", "fold=0",
+         f"print_every={max(1, steps // 4)}", "model.pretrained=False", "class_setting=all_structures",
+         "fold=0",
          f"name={name}", f"path.data_dir={prep}", f"path.log_dir={r.runs}", *r.plan.overrides, *extra],
         cap=max(60.0, r.plan.budget / 6))
     folder = latest_run(r.runs, name) if code == 0 else None
@@ -191,7 +200,8 @@ def training(r: Runner, prep: Path, setups: list[str]) -> dict:
     results = {}
     for setup in setups:
         for amp in AMP_MODES:
-            label = f"train {setup} amp={'off' if amp == 'False' else amp}, {r.plan.steps} steps at {r.plan.size}"
+            mode = "off" if amp == "False" else amp
+            label = f"train {setup} amp={mode}, {r.plan.steps} steps at {r.plan.size}"
             if not r.enough_time("3", label, 30) or (result := train(r, prep, setup, amp, label)) is None:
                 continue
             trend = result["loss_first_last"]
@@ -203,8 +213,8 @@ def training(r: Runner, prep: Path, setups: list[str]) -> dict:
     starved = [f"{setup} amp={amp}" for (setup, amp), res in results.items()
                if (res.get("data_wait_fraction") or 0) > MAX_DATA_WAIT and not r.plan.dry_run]
     if starved:
-        r.add("3", "data loading", False, f"{', '.join(starved)}: over {100 * MAX_DATA_WAIT:.0f}% of the step waits "
-              "for data: raise num_workers in the GPU set-ups")
+        r.add("3", "data loading", False, f"{', '.join(starved)}: over {100 * MAX_DATA_WAIT:.0f}% of the "
+              "step waits for data: raise num_workers in the GPU set-ups")
     label = "train paper amp=bf16 num_workers=4 (data loading remedy)"
     if (starved or (r.plan.dry_run and not r.plan.quick)) and r.enough_time("3", label, 30) and (
             res := train(r, prep, "paper", "bf16", label, "num_workers=4")):
@@ -224,8 +234,10 @@ def benchmark(r: Runner) -> dict:
         return {}
     report, data_file = r.out / "BENCHMARKS.md", r.out / "benchmark.json"
     shutil.copyfile(ROOT / "BENCHMARKS.md", report)  # keeps the other section
-    code, output, seconds = r.run([sys.executable, "tools/benchmark.py", "--device", r.plan.device, "--out", report,
-                                   "--json", data_file] + (["--quick", "--size", r.plan.size] if quick else []),
+    code, output, seconds = r.run([sys.executable, "tools/benchmark.py", "--device", r.plan.device, "--out",
+                                   report,
+                                   "--json", data_file] + (["--quick", "--size", r.plan.size] if quick
+                                                           else []),
                                   cap=r.left())
     data = read_json(data_file)
     r.add("4", label + (" --quick" if quick else ""), code == 0 and bool(data),
@@ -241,12 +253,13 @@ def targets(r: Runner, trained: dict, bench: dict) -> list[tuple[str, str, str]]
     row = next((row for row in bench.get("encoders", []) if row.get("encoder") == encoder), None)
     rows = [(f"head 'image' < 5% of a paper step at 512 ({encoder})", "not measured", "-"),
             ("paper step bf16 >= 1.8x faster than fp32", "not measured", "-")]
-    if fp32 and row and bench.get("size") == r.plan.size and not r.plan.overrides:  # the dry-run trains cnn_small
+    # the dry-run trains cnn_small: no head-share figure there
+    if fp32 and row and bench.get("size") == r.plan.size and not r.plan.overrides:
         batch, head = fp32.get("batch_size") or 4, row["image"]["median_s"]
         share = batch * head / fp32["sec_per_step"]
         rows[0] = (rows[0][0], f"{100 * share:.1f}% ({batch} episodes x {1000 * head:.2f} ms head forward on "
-                   f"{encoder}-shaped features / {1000 * fp32['sec_per_step']:.1f} ms fp32 step; backward not "
-                   "included)", judge(share < TARGET_HEAD_SHARE))
+                   f"{encoder}-shaped features / {1000 * fp32['sec_per_step']:.1f} ms fp32 step; backward "
+                   "not included)", judge(share < TARGET_HEAD_SHARE))
     if fp32 and bf16:
         speedup = fp32["sec_per_step"] / bf16["sec_per_step"]
         rows[1] = (rows[1][0], f"{speedup:.2f}x", judge(speedup >= TARGET_BF16_SPEEDUP))
@@ -259,10 +272,12 @@ def targets(r: Runner, trained: dict, bench: dict) -> list[tuple[str, str, str]]
 
 
 def projection(r: Runner, trained: dict) -> list[str]:
-    lines = [f"- {setup}, amp={'off' if amp == 'False' else amp}: {res['sec_per_step']:.4f} s/step -> {PAPER_FOLDS} "
-             f"folds x {PAPER_STEPS:,} steps = {PAPER_FOLDS * PAPER_STEPS * res['sec_per_step'] / 3600:.2f} "
+    lines = [f"- {setup}, amp={'off' if amp == 'False' else amp}: {res['sec_per_step']:.4f} s/step -> "
+             f"{PAPER_FOLDS} folds x {PAPER_STEPS:,} steps = "
+             f"{PAPER_FOLDS * PAPER_STEPS * res['sec_per_step'] / 3600:.2f} "
              "GPU-hours (training steps only)" for (setup, amp), res in sorted(trained.items())]
-    return lines + (["- (dry-run: CPU at 64 px; these hours say nothing about a GPU)"] if r.plan.dry_run and lines
+    return lines + (["- (dry-run: CPU at 64 px; these hours say nothing about a GPU)"] if r.plan.dry_run
+                    and lines
                     else [])
 
 
@@ -271,9 +286,10 @@ def machine(plan: Plan) -> str:
     import torch  # here, not at the top: --help and the wrapper's checks stay fast
     where = (torch.cuda.get_device_name(0) if plan.device == "cuda" and torch.cuda.is_available()
              else platform.processor() or platform.machine())
-    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout
-    return (f"{where}; torch {torch.__version__} (CUDA {torch.version.cuda}); python {platform.python_version()}; "
-            f"{os.cpu_count()} CPUs; code {head.strip() or 'unknown'}")
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                          text=True).stdout
+    return (f"{where}; torch {torch.__version__} (CUDA {torch.version.cuda}); python "
+            f"{platform.python_version()}; {os.cpu_count()} CPUs; code {head.strip() or 'unknown'}")
 
 
 def summary(r: Runner, rows: list, projected: list[str], description: str) -> str:
@@ -286,8 +302,10 @@ def summary(r: Runner, rows: list, projected: list[str], description: str) -> st
              f"{r.plan.size} px, {r.plan.steps} steps per training run{models}", "",
              "| step | check | status | figures |", "|---|---|---|---|"]
     lines += [f"| {c['step']} | {c['name']} | {c['status']} | {c['figures']} |" for c in r.checks]
-    lines += ["", "| target (one H100) | measured | |", "|---|---|---|"] + [f"| {a} | {b} | {c} |" for a, b, c in rows]
-    lines += ["", "Projection (measured s/step x 4 folds x 10,000 steps; validation not included):"] + projected
+    lines += ["", "| target (one H100) | measured | |", "|---|---|---|"] + [f"| {a} | {b} | {c} |" for a, b,
+                                                                            c in rows]
+    lines += ["", "Projection (measured s/step x 4 folds x 10,000 steps; validation not "
+              "included):"] + projected
     fails = [c for c in r.checks if c["status"] == "FAIL"]
     lines += ["", f"{len(fails)} FAIL" + ("" if fails else " (all checks passed or skipped)")]
     return "\n".join(lines + [f"FAIL {c['step']} {c['name']}: {c['figures']}" for c in fails]) + "\n"
@@ -304,7 +322,8 @@ def main(argv: list[str] | None = None) -> int:
     plan = make_plan(args.dry_run, args.quick, args.budget)
     import torch  # after argparse: --help stays fast
     if plan.device == "cuda" and not torch.cuda.is_available():
-        print("gpu_check: no CUDA GPU here: run `tools/gpu_check.sh --dry-run` on a CPU machine", file=sys.stderr)
+        print("gpu_check: no CUDA GPU here: run `tools/gpu_check.sh --dry-run` on a CPU machine",
+              file=sys.stderr)
         return 2
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

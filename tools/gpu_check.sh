@@ -32,8 +32,8 @@ fi
 export PYTHONUNBUFFERED=1
 if ! "$PYTHON" -c "import sacred, nibabel, pkg_resources" 2>/dev/null; then
     if ! ls .whl/*.whl >/dev/null 2>&1; then
-        echo "gpu_check: $PYTHON lacks sacred/nibabel and no wheels are in .whl/: run tools/fetch_gpu_wheels.sh" \
-             "where PyPI is reachable and carry .whl" >&2
+        echo "gpu_check: $PYTHON lacks sacred/nibabel and no wheels are in .whl/:" \
+             "run tools/fetch_gpu_wheels.sh where PyPI is reachable and carry .whl" >&2
         exit 2
     fi
     SITE="${GPU_CHECK_SITE:-/tmp/lslpn-gpu-site}"

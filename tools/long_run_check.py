@@ -50,7 +50,8 @@ def run_training(steps: int, data_dir: str, log_dir: str, extra: list[str], on_s
            f"path.data_dir={data_dir}", f"path.log_dir={log_dir}", "device=cpu", *extra]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True,
                             bufsize=1)
     samples, tail = [], []
     for raw in proc.stdout:
@@ -58,7 +59,8 @@ def run_training(steps: int, data_dir: str, log_dir: str, extra: list[str], on_s
             tail = (tail + [line])[-20:]
             match = STEP_LINE.search(line)
             if match:
-                sample = {"step": int(match.group(1)), "loss": float(match.group(3)), "rss_mb": rss_mb(proc.pid),
+                sample = {"step": int(match.group(1)), "loss": float(match.group(3)),
+                          "rss_mb": rss_mb(proc.pid),
                           "seconds": time.perf_counter() - start}
                 samples.append(sample)
                 print(f"step {sample['step']:>5}  loss {sample['loss']:.4f}  RSS {sample['rss_mb']:.0f} MiB  "
@@ -69,7 +71,8 @@ def run_training(steps: int, data_dir: str, log_dir: str, extra: list[str], on_s
     return samples, code, "\n".join(tail), time.perf_counter() - start
 
 
-def report(samples: list[dict], code: int, seconds: float, command: str, steps: int, tail: str) -> tuple[str, bool]:
+def report(samples: list[dict], code: int, seconds: float, command: str, steps: int,
+           tail: str) -> tuple[str, bool]:
     """Markdown report and whether the check passed."""
     finite = all(math.isfinite(s["loss"]) for s in samples)
     complete = code == 0 and bool(samples) and samples[-1]["step"] == steps
@@ -78,13 +81,14 @@ def report(samples: list[dict], code: int, seconds: float, command: str, steps: 
              f"Command: `{command}`", "",
              f"Machine: {platform.platform()}, Python {platform.python_version()}, {os.cpu_count()} CPUs "
              "(shared with other work while it ran).", "",
-             f"Result: exit code {code}; {samples[-1]['step'] if samples else 0} of {steps} steps in {seconds:.0f} s; "
-             f"losses {'all finite' if finite else 'NOT all finite'}.", ""]
+             f"Result: exit code {code}; {samples[-1]['step'] if samples else 0} of {steps} steps in "
+             f"{seconds:.0f} s; losses {'all finite' if finite else 'NOT all finite'}.", ""]
     if len(rss) >= 2:
         after_warmup = rss[2:] if len(rss) >= 4 else rss
         lines += [f"RSS (VmRSS of the train.py process, sampled at every 100-step summary line): first "
-                  f"{rss[0]:.0f} MiB, last {rss[-1]:.0f} MiB, min {min(rss):.0f}, max {max(rss):.0f}; growth from "
-                  f"the {'3rd' if len(rss) >= 4 else '1st'} sample to the last: {after_warmup[-1] - after_warmup[0]:+.0f} MiB.", ""]
+                  f"{rss[0]:.0f} MiB, last {rss[-1]:.0f} MiB, min {min(rss):.0f}, max {max(rss):.0f}; growth "
+                  f"from the {'3rd' if len(rss) >= 4 else '1st'} sample to the last: "
+                  f"{after_warmup[-1] - after_warmup[0]:+.0f} MiB.", ""]
     lines += ["| step | mean loss (last 100 steps) | RSS MiB | elapsed s |", "|---:|---:|---:|---:|"]
     lines += [f"| {s['step']} | {s['loss']:.4f} | {s['rss_mb']:.0f} | {s['seconds']:.0f} |" for s in samples]
     if not complete:
@@ -93,7 +97,8 @@ def report(samples: list[dict], code: int, seconds: float, command: str, steps: 
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--data-dir", default="data/prepared_phantom", help="prepared phantom (make demo)")
     parser.add_argument("--log-dir", default=None, help="run folder root (default: a temporary folder)")
@@ -116,7 +121,8 @@ def main(argv: list[str]) -> int:
             "Result: exit code -1", "Result: STILL RUNNING (partial report)"))
 
     with tempfile.TemporaryDirectory() as scratch:
-        samples, code, tail, seconds = run_training(args.steps, args.data_dir, args.log_dir or scratch, args.extra,
+        samples, code, tail, seconds = run_training(args.steps, args.data_dir, args.log_dir or scratch,
+                                                    args.extra,
                                                     partial)
     text, ok = report(samples, code, seconds, command, args.steps, tail)
     write(text)

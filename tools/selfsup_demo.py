@@ -79,10 +79,12 @@ def train_once(log: list, title: str, log_dir: Path, name: str, n_steps: int, ov
     snapshot = find(log_dir, name, n_steps)
     if snapshot is None:
         demo.run_step(title, demo.python_command("train.py", "with", "demo", *overrides, f"name={name}",
-                                                 f"path.log_dir={log_dir}", f"n_steps={n_steps}", "resume=True"), log)
+                                                 f"path.log_dir={log_dir}", f"n_steps={n_steps}",
+                                                 "resume=True"), log)
         snapshot = find(log_dir, name, n_steps)
         if snapshot is None:
-            raise UserError(f"training {name} ended without its snapshot at step {n_steps} under {log_dir / name}: "
+            raise UserError(f"training {name} ended without its snapshot at step {n_steps} under "
+                            f"{log_dir / name}: "
                             "see its cout.txt")
     else:
         print(f"==> {title}: reusing {snapshot}")
@@ -103,11 +105,13 @@ def phantom_part(log: list, device: str, steps: dict, train_supervised: bool) ->
     """Steps 1-5 on the phantom; returns the evaluation results."""
     if not demo.PHANTOM_DIR.exists():
         demo.run_step("generate the phantom (as make demo)", demo.python_command(
-            "scripts/make_phantom.py", "--out", str(demo.PHANTOM_DIR), "--n-silver", str(demo.PHANTOM["n_silver"]),
+            "scripts/make_phantom.py", "--out", str(demo.PHANTOM_DIR), "--n-silver",
+            str(demo.PHANTOM["n_silver"]),
             "--n-gold", str(demo.PHANTOM["n_gold"]), "--seed", str(demo.PHANTOM["seed"])), log)
     if not (demo.PREP_DIR / "meta.json").exists():
         demo.run_step("prepare the phantom (as make demo)", demo.python_command(
-            "scripts/prepare_visceral.py", "--visceral-dir", str(demo.PHANTOM_DIR), "--out", str(demo.PREP_DIR),
+            "scripts/prepare_visceral.py", "--visceral-dir", str(demo.PHANTOM_DIR), "--out",
+            str(demo.PREP_DIR),
             *demo.PREPARE_OPTIONS), log)
     unlabeled_folder(log, "unlabeled phantom: images-only + superpixels",
                      demo.PHANTOM_DIR / "SilverCorpus" / "Volumes", UNLABELED)
@@ -130,13 +134,16 @@ def phantom_part(log: list, device: str, steps: dict, train_supervised: bool) ->
 
     log_dir = RUN_DIR / "train"
     selfsup = train_once(log, "self-supervised LSLPN (no labels)", log_dir, "selfsup", steps["selfsup"],
-                         ["selfsup", f"path.data_dir={UNLABELED}", f"lr_milestones=[{steps['selfsup'] * 3 // 4}]"],
+                         ["selfsup", f"path.data_dir={UNLABELED}",
+                          f"lr_milestones=[{steps['selfsup'] * 3 // 4}]"],
                          want="last")
     finetuned = {}
     for fold in steps["finetune_folds"]:
-        best = train_once(log, f"self-supervised + fine-tuning fold {fold}", log_dir, f"selfsup_ft_fold{fold}",
+        best = train_once(log, f"self-supervised + fine-tuning fold {fold}", log_dir,
+                          f"selfsup_ft_fold{fold}",
                           steps["finetune"], [f"fold={fold}", f"path.data_dir={demo.PREP_DIR}",
-                                              f"path.init_from={selfsup}", *model_overrides(selfsup), f"val_every={max(1, steps['finetune'] // 2)}",
+                                              f"path.init_from={selfsup}", *model_overrides(selfsup),
+                                              f"val_every={max(1, steps['finetune'] // 2)}",
                                               f"lr_milestones=[{steps['finetune'] * 3 // 4}]"])
         for organ in FOLD_ORGANS[fold]:
             finetuned[organ] = str(best)
@@ -152,7 +159,8 @@ def phantom_part(log: list, device: str, steps: dict, train_supervised: bool) ->
                        split="gold", support="default", input_size=128, device=device, batch_size=64,
                        save_predictions=False)
     partial = {name: rows for name, rows in (("LSLPN supervised", supervised),
-                                             ("LSLPN self-sup. + fine-tuning", finetuned)) if 0 < len(rows) < complete}
+                                             ("LSLPN self-sup. + fine-tuning", finetuned))
+                                             if 0 < len(rows) < complete}
     organs = sorted({organ for rows in partial.values() for organ in rows}, key=TEST_ORGANS.index)
     if partial:  # rows with some folds only: a second table on the organs they cover
         evaluate({"mask copy": None, "LSLPN self-supervised": str(selfsup), **partial}, organs, demo.PREP_DIR,
@@ -195,12 +203,15 @@ def real_part(log: list, supervised: dict, phantom_selfsup: Path, steps: int, de
     unlabeled_folder(log, "real scan: images-only + superpixels", sources, WORK_DIR / "real_unlabeled")
     selfsup = train_once(log, "self-supervised LSLPN continued on the real scan (no labels)",
                          RUN_DIR / "train", "selfsup_real", steps,
-                         ["selfsup", f"path.data_dir={WORK_DIR / 'real_unlabeled'}", f"path.init_from={phantom_selfsup}",
-                          *model_overrides(phantom_selfsup), f"lr_milestones=[{steps * 3 // 4}]"], want="last")
+                         ["selfsup", f"path.data_dir={WORK_DIR / 'real_unlabeled'}",
+                          f"path.init_from={phantom_selfsup}",
+                          *model_overrides(phantom_selfsup), f"lr_milestones=[{steps * 3 // 4}]"],
+                          want="last")
     names = {v: k for k, v in json.loads((REAL_CT / "labels.json").read_text())["labels"].items()}
     label_image = nib.load(str(REAL_CT / "labels.nii.gz"))
     if nib.aff2axcodes(label_image.affine)[2] not in ("S", "I"):
-        raise UserError(f"{REAL_CT}/labels.nii.gz: the stored third axis is not axial: this script assumes it is")
+        raise UserError(f"{REAL_CT}/labels.nii.gz: the stored third axis is not axial: this script assumes "
+                        "it is")
     labels = np.asarray(label_image.dataobj).astype(np.int64)
     out_dir = RUN_DIR / "real"
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -217,10 +228,12 @@ def real_part(log: list, supervised: dict, phantom_selfsup: Path, steps: int, de
             if snapshot is None:
                 continue
             prediction, _ = segment_volume(snapshot, [(str(REAL_CT / "ct.nii.gz"), str(mask_path))],
-                                           str(REAL_CT / "ct.nii.gz"), support_label=1, query_range=organ_range,
+                                           str(REAL_CT / "ct.nii.gz"), support_label=1,
+                                           query_range=organ_range,
                                            n_chunks=REAL_SUPPORT_SLICES, device=device, progress=False)
             rows[organ][method] = dice(prediction > 0, labels == value)
-    log.append({"step": "segment the real scan (4 organs x 2 snapshots)", "command": "evaluation.segment.segment_volume "
+    log.append({"step": "segment the real scan (4 organs x 2 snapshots)",
+                "command": "evaluation.segment.segment_volume "
                 "(tools/selfsup_demo.py)", "seconds": round(time.perf_counter() - start, 1)})
     write_text_atomic(json.dumps(rows, indent=1) + "\n", out_dir / "results.json")
     return rows
@@ -228,7 +241,8 @@ def real_part(log: list, supervised: dict, phantom_selfsup: Path, steps: int, de
 
 def real_table(rows: dict) -> str:
     methods = ["mask copy", "phantom-supervised LSLPN", "self-supervised on the scan"]
-    lines = ["| organ | support slices (z) | " + " | ".join(methods) + " |", "|---" * (len(methods) + 2) + "|"]
+    lines = ["| organ | support slices (z) | " + " | ".join(methods) + " |", "|---" * (len(methods) + 2)
+             + "|"]
     for organ, row in rows.items():
         lines.append(f"| {organ} | {', '.join(map(str, row['support_slices']))} | "
                      + " | ".join(f"{100 * row[m]:.1f}" if m in row else "–" for m in methods) + " |")
@@ -239,28 +253,30 @@ def real_table(rows: dict) -> str:
 
 
 def write_report(results: dict, real: dict | None, log: list, seconds: float, steps: dict) -> Path:
-    """runs/selfsup_demo/report.md: steps with commands and seconds, the phantom table, the real-scan table."""
+    """runs/selfsup_demo/report.md: steps with commands and seconds, the phantom table, the real-scan
+    table."""
     rows = results["table"]["range"]
     ss, copy = rows["LSLPN self-supervised"], rows["mask copy"]
     columns = ("liver", "spleen", "kidney", "psoas")
     beats = [c for c in columns if ss[c] is not None and copy[c] is not None and ss[c] > copy[c]]
     lines = ["# Self-supervised LSLPN (superpixel episodes) on the phantom", "",
-             "Produced by `python tools/selfsup_demo.py " + " ".join(steps["argv"]) + "` (not part of `make demo`). "
-             "Steps of this invocation (reused steps are not listed):", "",
+             "Produced by `python tools/selfsup_demo.py " + " ".join(steps["argv"]) + "` (not part of `make "
+             "demo`). Steps of this invocation (reused steps are not listed):", "",
              "| step | command | seconds |", "|---|---|---|"]
     lines += [f"| {e['step']} | `{e['command']}` | {e['seconds']} |" for e in log]
     when = (f"Wall time of this invocation: {seconds / 60:.1f} min." if seconds else
             "Report rewritten with --report-only from the last invocation's saved results and log.")
     lines += ["", when + " The training runs behind the tables "
-              "(full commands in each run's config.json under runs/selfsup_demo/train/; 2 CPU cores shared with "
-              "other jobs, load 10-15, so the times are pessimistic):", "", *training_times(steps), "",
-              f"Self-supervised: one run of {steps['selfsup']} steps (`demo selfsup`: cnn_small, 128 px, batch 4, "
-              "lr 1e-2) on the 20 phantom silver volumes prepared images-only: no label is read anywhere (no labeled "
-              "validation either: the snapshot is last.pth), and the one snapshot serves all four folds. "
-              "(It was trained while the default model.empty_cell was 'skip'; runs started from it keep that.) "
-              f"Fine-tuning: {steps['finetune']} supervised `demo` steps per fold (folds {steps['finetune_folds']}) "
-              "from those weights, best.pth on the held-out silver volumes as the supervised runs. Supervised LSLPN "
-              f"and PANet: the demo's runs (600 steps, {DEMO_RUNS[0]}), when present.", "",
+              "(full commands in each run's config.json under runs/selfsup_demo/train/; 2 CPU cores shared "
+              "with other jobs, load 10-15, so the times are pessimistic):", "", *training_times(steps), "",
+              f"Self-supervised: one run of {steps['selfsup']} steps (`demo selfsup`: cnn_small, 128 px, "
+              "batch 4, lr 1e-2) on the 20 phantom silver volumes prepared images-only: no label is read "
+              "anywhere (no labeled validation either: the snapshot is last.pth), and the one snapshot "
+              "serves all four folds. (It was trained while the default model.empty_cell was 'skip'; runs "
+              f"started from it keep that.) Fine-tuning: {steps['finetune']} supervised `demo` steps per "
+              f"fold (folds {steps['finetune_folds']}) "
+              "from those weights, best.pth on the held-out silver volumes as the supervised runs. "
+              f"Supervised LSLPN and PANet: the demo's runs (600 steps, {DEMO_RUNS[0]}), when present.", "",
               options_line(steps), "", (RUN_DIR / "phantom" / "table.md").read_text().strip()]
     if (RUN_DIR / "phantom_partial" / "table.md").exists():
         lines += ["", "Rows available for some folds only, on their organs:", "",
@@ -271,20 +287,23 @@ def write_report(results: dict, real: dict | None, log: list, seconds: float, st
               f"({', '.join(beats) or 'none'})."]
     if "LSLPN supervised" in rows:
         sup = rows["LSLPN supervised"]
-        lines[-1] += (f" Self-supervised mean = {100 * ss['mean'] / sup['mean']:.0f}% of the supervised LSLPN mean "
-                      f"({ss['mean']:.1f} vs {sup['mean']:.1f}). Target: beat mask copy on every organ and >= 85%.")
+        lines[-1] += (f" Self-supervised mean = {100 * ss['mean'] / sup['mean']:.0f}% of the supervised "
+                      f"LSLPN mean ({ss['mean']:.1f} vs {sup['mean']:.1f}). Target: beat mask copy on every "
+                      "organ and >= 85%.")
     else:
-        lines[-1] += " No supervised LSLPN run was available to this invocation (the 85% target is not assessed)."
+        lines[-1] += (" No supervised LSLPN run was available to this invocation (the 85% target is not "
+                      "assessed).")
     if real is not None:
         lines += ["", "## Real scan (one patient: test-time adaptation, not a benchmark)", "",
-                  f"Self-supervised training continued for {steps['real']} steps on the unlabeled real scan alone "
-                  "(../shared/data/real_ct/ct.nii.gz, 30 slices), starting from the phantom self-supervised weights "
-                  "above (which saw the 20 unlabeled phantom silver volumes). Then each organ of the SAME scan is "
-                  f"segmented from {REAL_SUPPORT_SLICES} of its annotated slices (centres of thirds of its axial range; "
-                  f"the range is given from the labels, {REAL_SUPPORT_SLICES} chunks). Whole-volume Dice (%) against "
-                  "labels.nii.gz (automatic TotalSegmentator labels; the 3 support slices are inside the scored "
-                  "volume). Mask copy: each slice of the range gets its chunk's annotated slice (no model). The "
-                  "phantom-supervised snapshot is the demo fold that held the organ out.", "",
+                  f"Self-supervised training continued for {steps['real']} steps on the unlabeled real scan "
+                  "alone (../shared/data/real_ct/ct.nii.gz, 30 slices), starting from the phantom "
+                  "self-supervised weights above (which saw the 20 unlabeled phantom silver volumes). Then "
+                  f"each organ of the SAME scan is segmented from {REAL_SUPPORT_SLICES} of its annotated "
+                  "slices (centres of thirds of its axial range; the range is given from the labels, "
+                  f"{REAL_SUPPORT_SLICES} chunks). Whole-volume Dice (%) against "
+                  "labels.nii.gz (automatic TotalSegmentator labels; the 3 support slices are inside the "
+                  "scored volume). Mask copy: each slice of the range gets its chunk's annotated slice (no "
+                  "model). The phantom-supervised snapshot is the demo fold that held the organ out.", "",
                   real_table(real), "", "![superpixels of the real scan](selfsup_superpixels_real.png)"]
     path = RUN_DIR / "report.md"
     write_text_atomic("\n".join(lines) + "\n", path)
@@ -292,7 +311,8 @@ def write_report(results: dict, real: dict | None, log: list, seconds: float, st
 
 
 def training_times(steps: dict) -> list[str]:
-    """Markdown rows: each training run behind the table (reused or not), its command and wall time (run.json)."""
+    """Markdown rows: each training run behind the table (reused or not), its command and wall time
+    (run.json)."""
     from datetime import datetime
     runs = [("self-supervised", "selfsup", steps["selfsup"], finished_last)]
     runs += [(f"fine-tuning fold {f}", f"selfsup_ft_fold{f}", steps["finetune"], demo.finished_run)
@@ -307,25 +327,32 @@ def training_times(steps: dict) -> list[str]:
         run = json.loads((folder / "run.json").read_text())
         config = json.loads((folder / "config.json").read_text())
         info = json.loads((folder / "info.json").read_text()) if (folder / "info.json").exists() else {}
-        minutes = (datetime.fromisoformat(run["stop_time"]) - datetime.fromisoformat(run["start_time"])).seconds / 60
-        command = (f"python train.py with demo{' selfsup' if config.get('episodes') == 'superpixels' else ''} "
+        start, stop = (datetime.fromisoformat(run[key]) for key in ("start_time", "stop_time"))
+        minutes = (stop - start).seconds / 60
+        command = ("python train.py with "
+                   f"demo{' selfsup' if config.get('episodes') == 'superpixels' else ''} "
                    f"fold={config['fold']} n_steps={n_steps} path.data_dir={config['path']['data_dir']}"
-                   + (f" path.init_from={config['path']['init_from']}" if config["path"].get("init_from") else "")
+                   + (f" path.init_from={config['path']['init_from']}" if config["path"].get("init_from")
+                      else "")
                    + f" model.empty_cell={config['model'].get('empty_cell')} ...")
-        rows.append(f"| {title} | `{command}` | {minutes:.1f} | {info.get('sec_per_step', float('nan')):.2f} |")
+        rows.append(f"| {title} | `{command}` | {minutes:.1f} | {info.get('sec_per_step', float('nan')):.2f} "
+                    "|")
     return rows
 
 
 def options_line(steps: dict) -> str:
-    """Which model options the snapshots of the table were trained with (the defaults changed during the project)."""
+    """Which model options the snapshots of the table were trained with (the defaults changed during the
+    project)."""
     parts = []
     selfsup = finished_last(RUN_DIR / "train", "selfsup", steps["selfsup"])
-    for name, path in (("self-supervised", selfsup), ("supervised LSLPN", _supervised_snapshots().get("liver"))):
+    for name, path in (("self-supervised", selfsup), ("supervised LSLPN",
+                                                      _supervised_snapshots().get("liver"))):
         if path is not None:
             model = load_checkpoint(str(path))["config"]
             parts.append(f"{name}: encoder {model.get('encoder')}, n_grid {model.get('n_grid')}, "
                          f"empty_cell '{model.get('empty_cell', 'skip')}'")
-    return "Model options of the snapshots: " + "; ".join(parts) + " (fine-tuning keeps the self-supervised ones)."
+    return ("Model options of the snapshots: " + "; ".join(parts)
+            + " (fine-tuning keeps the self-supervised ones).")
 
 
 def publish(docs: Path = ROOT / "docs") -> None:
@@ -333,21 +360,24 @@ def publish(docs: Path = ROOT / "docs") -> None:
     if not report.exists():
         raise UserError(f"{report} does not exist: run `python tools/selfsup_demo.py` first, then --publish")
     shutil.copyfile(report, docs / "selfsup_phantom.md")
-    for folder, name in ((UNLABELED, "selfsup_superpixels.png"), (WORK_DIR / "real_unlabeled", "selfsup_superpixels_real.png")):
+    for folder, name in ((UNLABELED, "selfsup_superpixels.png"), (WORK_DIR / "real_unlabeled",
+                                                                  "selfsup_superpixels_real.png")):
         if (folder / "superpixels_overlay.png").exists():
             shutil.copyfile(folder / "superpixels_overlay.png", docs / name)
     print(f"published {report} as {docs / 'selfsup_phantom.md'}")
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     parser.add_argument("--publish", action="store_true", help="copy the finished report into docs/")
     parser.add_argument("--skip-real", action="store_true", help="phantom only")
     parser.add_argument("--demo-runs", default=str(demo.RUN_DIR / "train"),
                         help="folder of the demo's training runs (lslpn_fold<F>, panet_fold<F>)")
     parser.add_argument("--report-only", action="store_true",
-                        help="rewrite report.md from the last invocation's results (no training, no evaluation)")
+                        help="rewrite report.md from the last invocation's results (no training, no "
+                        "evaluation)")
     parser.add_argument("--selfsup-steps", type=int, default=SELFSUP_STEPS)
     parser.add_argument("--finetune-steps", type=int, default=FINETUNE_STEPS)
     parser.add_argument("--finetune-folds", type=int, nargs="*", default=[0, 1, 2, 3])
@@ -364,17 +394,20 @@ def main(argv: list[str]) -> int:
         real_path = RUN_DIR / "real" / "results.json"
         real = None if args.skip_real or not real_path.exists() else json.loads(real_path.read_text())
         log = json.loads((RUN_DIR / "log.json").read_text()) if (RUN_DIR / "log.json").exists() else []
-        steps = {"selfsup": args.selfsup_steps, "finetune": args.finetune_steps, "finetune_folds": args.finetune_folds,
+        steps = {"selfsup": args.selfsup_steps, "finetune": args.finetune_steps,
+                 "finetune_folds": args.finetune_folds,
                  "real": args.real_steps, "argv": [a for a in argv if a != "--report-only"]}
         print(write_report(results, real, log, 0.0, steps).read_text())
         return 0
     log: list[dict] = []
     start = time.perf_counter()
-    steps = {"selfsup": args.selfsup_steps, "finetune": args.finetune_steps, "finetune_folds": args.finetune_folds,
+    steps = {"selfsup": args.selfsup_steps, "finetune": args.finetune_steps,
+             "finetune_folds": args.finetune_folds,
              "real": args.real_steps, "argv": argv}
     results = phantom_part(log, args.device, steps, args.train_supervised)
     selfsup = finished_last(RUN_DIR / "train", "selfsup", args.selfsup_steps)
-    real = None if args.skip_real else real_part(log, _supervised_snapshots(), selfsup, args.real_steps, args.device)
+    real = None if args.skip_real else real_part(log, _supervised_snapshots(), selfsup, args.real_steps,
+                                                 args.device)
     write_text_atomic(json.dumps(log, indent=1) + "\n", RUN_DIR / "log.json")
     report = write_report(results, real, log, time.perf_counter() - start, steps)
     print("\n" + report.read_text())

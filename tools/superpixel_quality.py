@@ -43,17 +43,20 @@ def supervoxels_3d(images: np.ndarray, n_per_slice: int, params: SuperpixelParam
     """3D slic on a stack N x S x S (body only), ids > 0; about n_per_slice supervoxels per slice."""
     from skimage.segmentation import slic  # deferred: the 3D variant is only measured here
     body = np.stack([body_mask(image, params.body_threshold) for image in images])
-    return slic(images.astype(np.float64), n_segments=n_per_slice * images.shape[0], compactness=params.compactness,
+    return slic(images.astype(np.float64), n_segments=n_per_slice * images.shape[0],
+                compactness=params.compactness,
                 sigma=params.sigma, channel_axis=None, mask=body, start_label=1)
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--phantom", default="data/phantom")
     parser.add_argument("--volumes", type=int, default=2, help="gold volumes measured")
     parser.add_argument("--size", type=int, default=256)
     args = parser.parse_args(argv)
-    methods = {"felzenszwalb 2D": SuperpixelParams(), "slic 2D": SuperpixelParams(method="slic"), "slic 3D": None}
+    methods = {"felzenszwalb 2D": SuperpixelParams(), "slic 2D": SuperpixelParams(method="slic"),
+               "slic 3D": None}
     scores = {m: {o: [] for o in TEST_ORGANS} for m in methods}
     seconds = {m: 0.0 for m in methods}
     cases = find_cases(Path(args.phantom) / "GoldCorpus")[:args.volumes]
@@ -73,8 +76,8 @@ def main(argv: list[str]) -> int:
             for z in zs[mask.sum(axis=(1, 2)) > 200]:
                 for method in methods:
                     scores[method][organ].append(best_dice(mask[z], segments[method][z]))
-    print(f"best single-superpixel Dice (%) per organ slice (> 200 voxels), {len(cases)} gold phantom volumes, "
-          f"{args.size} px")
+    print(f"best single-superpixel Dice (%) per organ slice (> 200 voxels), {len(cases)} gold phantom "
+          f"volumes, {args.size} px")
     print("| method | " + " | ".join(TEST_ORGANS) + " | mean | s/volume |")
     print("|---" * (len(TEST_ORGANS) + 3) + "|")
     for method in methods:

@@ -40,7 +40,8 @@ def read_metric(run_dirs: list[Path], metric: str) -> tuple[np.ndarray, np.ndarr
             with open(path) as handle:
                 entry = json.load(handle).get(metric)
         except ValueError as error:
-            raise UserError(f"{path} is not valid JSON ({error}): delete the run folder or rerun it") from None
+            raise UserError(f"{path} is not valid JSON ({error}): delete the run folder or rerun "
+                            "it") from None
         if not entry:
             continue
         for step, value in zip(entry["steps"], entry["values"]):
@@ -117,7 +118,8 @@ def plot(curves: dict, out: str | Path, command: str) -> Path:
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", help="folder holding <method>_fold<F>/<id>/metrics.json")
     parser.add_argument("--out", default=None, help="PNG to write (default: RUNS/../training_curves.png)")
     args = parser.parse_args(argv)
