@@ -62,3 +62,17 @@ def test_bench_refuses_bad_arguments_in_one_line(tmp_path, monkeypatch):
                     "--doc", str(tmp_path / "d.md")])
     with pytest.raises(UserError, match="no results yet"):
         bench.main(["--report-only", "--out", str(tmp_path / "none")])
+
+
+def test_partial_report_and_fold_statistics(tmp_path):
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import bench_chaos_report as report
+    cells = [{"method": "mask copy", "fold": f, "setting": 2, "label_set": 0,
+              "dice": {"kidney_left": {"1": 0.4 + 0.1 * f, "2": 0.6 + 0.1 * f}}} for f in (0, 1)]
+    cells.append({"method": "LSLPN", "fold": 0, "setting": 2, "label_set": 0, "dice": {"kidney_left": {"1": 0.9}}})
+    results = {"methods": ["mask copy", "LSLPN"], "cells": cells, "rule": "or", "complete": False, "log": [],
+               "budget": {"full": False, "steps": 2, "batch_size": 1, "input_size": 32}}
+    text = report.write_report(results, tmp_path / "r.md", None, 60.0, "python x", None, "cpu").read_text()
+    assert "**Partial**" in text
+    assert "| mask copy | - | - | 55.0 (5.0) | - |" in text      # fold means 50 and 60: mean 55, std 5
+    assert "| LSLPN | - | - | 90.0 | - |" in text                 # one fold so far: no std
