@@ -68,7 +68,8 @@ class SuperpixelParams:
         if self.scale <= 0 or self.sigma < 0 or self.min_size < 1 or self.n_segments < 2 \
                 or self.compactness <= 0 or not 0 <= self.body_threshold < 1:
             raise UserError(f"superpixel parameters {asdict(self)} are out of range: use scale > 0, "
-                            "sigma >= 0, min_size >= 1, n_segments >= 2, compactness > 0, 0 <= body_threshold < 1")
+                            "sigma >= 0, min_size >= 1, n_segments >= 2, compactness > 0, "
+                            "0 <= body_threshold < 1")
 
     @classmethod
     def from_dict(cls, values: dict) -> "SuperpixelParams":
@@ -111,7 +112,8 @@ def slice_superpixels(image: np.ndarray, params: SuperpixelParams) -> np.ndarray
                                 channel_axis=None)
     else:
         segments = slic(image, n_segments=params.n_segments, compactness=params.compactness,
-                        sigma=params.sigma, channel_axis=None, mask=body, start_label=1, enforce_connectivity=True)
+                        sigma=params.sigma, channel_axis=None, mask=body, start_label=1,
+                        enforce_connectivity=True)
     return renumber(segments, body)
 
 
@@ -134,8 +136,8 @@ def training_volumes(prep_dir: str | Path) -> list[str]:
     try:
         pids = [str(p) for p in read_meta(prep_dir)["splits"]["train"]]
     except (KeyError, TypeError):
-        raise UserError(f"prepared data '{prep_dir}': meta.json has no training split: {prepare_hint(prep_dir)}") \
-            from None
+        raise UserError(f"prepared data '{prep_dir}': meta.json has no training split: "
+                        f"{prepare_hint(prep_dir)}") from None
     if not pids:
         raise UserError(f"prepared data '{prep_dir}': no training volumes: prepare a folder of CT volumes "
                         "(scripts/prepare_visceral.py --layout images-only)")
@@ -186,8 +188,8 @@ def read_superpixel_meta(prep_dir: str | Path) -> dict:
     """PREP/superpixels/meta.json; a one-line error naming the command when it is missing."""
     path = Path(prep_dir) / FOLDER / "meta.json"
     if not path.is_file():
-        raise UserError(f"prepared data '{prep_dir}' has no superpixels ({path} missing), which self-supervised "
-                        f"training needs: {make_hint(prep_dir)}")
+        raise UserError(f"prepared data '{prep_dir}' has no superpixels ({path} missing), which "
+                        f"self-supervised training needs: {make_hint(prep_dir)}")
     try:
         return json.loads(path.read_text())
     except ValueError as error:
@@ -200,7 +202,8 @@ def open_superpixels(prep_dir: str | Path, pid: str) -> np.ndarray:
     try:
         return np.load(path, mmap_mode="r", allow_pickle=False)
     except (OSError, ValueError, EOFError) as error:
-        raise UserError(f"{path} is unreadable ({type(error).__name__}): {make_hint(prep_dir)} --overwrite") from None
+        raise UserError(f"{path} is unreadable ({type(error).__name__}): {make_hint(prep_dir)} "
+                        "--overwrite") from None
 
 
 def overlay_slices(prep_dir: str | Path, n: int) -> list[tuple[str, int, np.ndarray, np.ndarray]]:
