@@ -182,9 +182,9 @@ def load_checkpoint(path: str, map_location: str | torch.device = "cpu") -> dict
                      "input_size": 512, "intensity": {"mode": "minmax"}}
         else:
             example = ", ".join(sorted(keys)[:3])
-            raise UserError(f"checkpoint '{path}' is a bare state dict of {len(keys)} tensors (keys "
-                            f"{example}, ...), neither a train.py checkpoint (a dict with 'model' and "
-                            "'model_config') nor an official-code snapshot (every key of the authors' "
+            raise UserError(f"checkpoint '{path}' is a bare state dict of {len(keys)} tensor(s) (keys "
+                            f"{example}, ...): not a train.py checkpoint (a dict with 'model' and "
+                            "'model_config'), and not an official-code snapshot (every key of the authors' "
                             "resnet50_lslpn network, encoder.conv1.weight ... encoder.layer4.0.weight): pass "
                             "best.pth/last.pth of train.py, or load the weights with path.init_path")
     if not isinstance(state, dict) or "model" not in state or not (
