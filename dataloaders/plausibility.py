@@ -39,7 +39,7 @@ AIR_HU = -500.0                 # CT: body voxels above this, air below (as eval
 _SAMPLE = 200_000               # voxels looked at first (a strided sample) before a full count
 FOV_RATIO = 0.6                 # query in-plane extent below this fraction of the support's: warning
 # Largest support slice below this area (mm^2): warning. About a tenth of the largest cross-section of
-# the organ on the real CT sample (../shared/reference/anatomy_real_ct.md: ellipse of its in-plane
+# the organ on the real CT sample the project was checked on (an ellipse of the organ's in-plane
 # extent); 50 mm^2 for any other structure.
 MIN_SLICE_AREA_MM2 = {"liver": 2800.0, "spleen": 860.0, "kidney_right": 370.0, "kidney_left": 370.0,
                       "psoas_right": 55.0, "psoas_left": 55.0}
