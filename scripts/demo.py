@@ -5,9 +5,11 @@
     python scripts/demo.py --publish          # copy the finished table/figures into README.md, docs/
 
 CPU numerics are pinned for every step (PINNED_NUMERICS, set before torch loads and inherited by the
-step subprocesses), so the demo gives the same bits on every x86-64 machine with AVX2: oneDNN's
-convolution kernels otherwise follow the machine's vector ISA (AVX-512 and AVX2 machines train to
-different weights) and one intra-op thread takes other kernels than two or more.
+step subprocesses). torch picks CPU kernels in three places by the machine's vector ISA and vendor:
+oneDNN (convolutions), ATen's own vectorised kernels (softmax, reductions, ...) and MKL (matrix
+products). All three are capped at AVX2, so an AVX-512 machine runs the kernels an AVX2 machine
+runs; and 2 intra-op threads, because one thread takes other kernels than two or more. What this
+does and does not make reproducible is stated in README.md ("Reproducibility of these figures").
 """
 from __future__ import annotations
 
@@ -21,10 +23,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # demo_steps.py beside
 
 from util.cli import run_cli  # noqa: E402
 
-# oneDNN's kernel ISA capped at AVX2 (every x86-64 CPU of the last decade has it) and 2 intra-op
-# threads (1 thread takes other kernels; 2 or more give identical bits). The measurements behind
-# this choice are in BENCHMARKS.md; tests/test_demo_numerics.py checks the pins.
-PINNED_NUMERICS = {"ONEDNN_MAX_CPU_ISA": "AVX2", "OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2"}
+# Kernel choice capped at AVX2 (every x86-64 CPU of the last decade has it) in oneDNN, ATen and MKL
+# (MKL_CBWR: MKL's conditional numerical reproducibility, the same code path on Intel and AMD CPUs),
+# and 2 intra-op threads (1 thread takes other kernels; 2 or more give identical bits). The
+# measurements behind this choice are in BENCHMARKS.md; tests/test_demo_numerics.py checks the pins.
+PINNED_NUMERICS = {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2",
+                   "OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2"}
 
 
 def pin_cpu_numerics(environ=os.environ) -> dict:

@@ -175,7 +175,8 @@ def write_report(results: dict, log: list[dict], seconds: float) -> Path:
              "| step | command | seconds |", "|---|---|---|"]
     lines += [f"| {entry['step']} | `{entry['command']}` | {entry['seconds']} |" for entry in log]
     numerics = ", ".join(f"{key}={os.environ.get(key, 'unset')}" for key in
-                         ("ONEDNN_MAX_CPU_ISA", "OMP_NUM_THREADS", "MKL_NUM_THREADS"))
+                         ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY", "MKL_CBWR", "OMP_NUM_THREADS",
+                          "MKL_NUM_THREADS"))
     lines += ["", f"Total wall time of this invocation: {seconds / 60:.1f} min (reused steps take no time).",
               f"CPU numerics (pinned by scripts/demo.py for bit-reproducible runs): {numerics}; torch "
               f"{torch.__version__}, {torch.get_num_threads()} intra-op threads.",

@@ -1,4 +1,4 @@
-"""Issue 16 item 9: the demo's CPU numerics are pinned (scripts/demo.py PINNED_NUMERICS), so its runs
+"""The demo's CPU numerics are pinned (scripts/demo.py PINNED_NUMERICS), so its runs
 give the same bits whatever the machine's thread count and vector ISA.
 
 Measured (README "Reproducibility of the demo"): unpinned, the same tiny training gives different
@@ -31,7 +31,24 @@ def test_pins_are_set_in_the_environment_the_steps_inherit():
     environ = {"OMP_NUM_THREADS": "1"}                      # a user's setting is overridden
     pinned = demo.pin_cpu_numerics(environ)
     assert environ["OMP_NUM_THREADS"] == "2" and environ["ONEDNN_MAX_CPU_ISA"] == "AVX2"
+    assert environ["ATEN_CPU_CAPABILITY"] == "avx2" and environ["MKL_CBWR"] == "AVX2"
     assert pinned == demo.PINNED_NUMERICS
+
+
+def test_a_pinned_process_runs_avx2_kernels_whatever_the_cpu():
+    """ATen's own kernels follow the CPU (AVX-512 here, where present) unless capped: the capped
+    process reports AVX2 (or less on a CPU without AVX2), never AVX-512; an uncapped one reports the CPU's."""
+    import subprocess
+    import sys
+    demo = load_script("demo")
+    probe = "import torch; print(torch.backends.cpu.get_cpu_capability())"
+    pinned = subprocess.run([sys.executable, "-c", probe], env={**os.environ, **demo.PINNED_NUMERICS},
+                            capture_output=True, text=True, timeout=120).stdout.strip()
+    assert pinned in ("AVX2", "DEFAULT"), pinned
+    free_env = {k: v for k, v in os.environ.items() if k != "ATEN_CPU_CAPABILITY"}
+    free = subprocess.run([sys.executable, "-c", probe], env=free_env, capture_output=True, text=True,
+                          timeout=120).stdout.strip()
+    assert free in ("AVX512", "AVX2", "DEFAULT", "ZVECTOR", "VSX", "SVE256"), free
 
 
 def test_pinned_training_is_bitwise_the_same_with_2_and_3_threads(tiny_prepared, tmp_path):
