@@ -16,7 +16,10 @@ from __future__ import annotations
 import importlib.metadata
 import os
 
-from config import differences_from_default, ex, run_sacred  # first: config.py silences Sacred's pkg_resources warning before Sacred loads
+# first: config.py silences Sacred's pkg_resources warning before Sacred loads
+from config import differences_from_default, ex, run_sacred
+
+# isort: split
 from sacred.observers import FileStorageObserver
 from sacred.utils import apply_backspaces_and_linefeeds
 

@@ -25,6 +25,7 @@ from dataloaders.prepared import open_training_volume, read_slice_index
 from dataloaders.transforms import augment_intensity, resize_image, resize_label
 from util.errors import UserError
 
+
 def usable_classes(index: Mapping[int, Sequence], classes: Sequence[int], min_slices: int) -> list[int]:
     """The classes of `classes` that have at least `min_slices` training slices in the index."""
     return [c for c in classes if len(index.get(c, ())) >= min_slices]

@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 
 from dataloaders.organs import TABLE_COLUMNS
+from evaluation.protocol import ProtocolPreset, aggregate
 from util.atomic import write_text_atomic
 from util.errors import UserError
-from evaluation.protocol import ProtocolPreset, aggregate
 
 METRICS = {"range": "dice_range", "volume": "dice_volume"}
 

@@ -24,7 +24,6 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
-
 def grid_cells(size: int, n_grid: int, overlap: bool) -> list[tuple[int, int]]:
     """Cells along one axis of `size` pixels: a list of (start, stop), stop exclusive.
 

@@ -27,15 +27,18 @@ from pathlib import Path
 
 import torch
 
-from dataloaders.organs import FOLD_ORGANS, TEST_ORGANS
-from dataloaders.prepared import read_meta
-from util.errors import UserError
 from config import ex  # before sacred: config.py silences its import warning
+
+# isort: split
 from sacred.arg_parser import get_config_updates
 from sacred.initialize import create_run
+
+from dataloaders.organs import FOLD_ORGANS, TEST_ORGANS
+from dataloaders.prepared import read_meta
 from evaluation.evaluate import evaluate
 from training.runs import config_hash, finished_snapshot
 from util.atomic import write_text_atomic
+from util.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 PHANTOM_DIR = Path("data/phantom")

@@ -6,9 +6,9 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import load_script
 from test_evaluate import make_prepared
+
 from util.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]

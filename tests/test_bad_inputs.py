@@ -54,8 +54,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-
 from conftest import load_script
+
 from util.cli import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -307,8 +307,8 @@ def test_check_dataset_missing_empty_file_and_unknown_preset(tiny_prepared, tmp_
 @pytest.fixture(scope="module")
 def seg(tiny_phantom, tmp_path_factory):
     """Files for segment_volume: a gold volume + its liver mask, a random cnn_small checkpoint, bad files."""
-    from models.fewshot import FewShotSegNet
     from models.checkpoint import save_checkpoint
+    from models.fewshot import FewShotSegNet
     root = tmp_path_factory.mktemp("seg_bad")
     volume = sorted((tiny_phantom / "GoldCorpus" / "Volumes").iterdir())[0]
     pid = volume.name.split("_")[0]

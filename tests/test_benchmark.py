@@ -13,10 +13,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
 
-import benchmark as script  # noqa: E402  (tools/benchmark.py)
-from models.local_prototypes import official_cell_loop  # noqa: E402
 import bench_measures as bench  # noqa: E402
 import bench_timing as timing  # noqa: E402
+import benchmark as script  # noqa: E402  (tools/benchmark.py)
+
+from models.local_prototypes import official_cell_loop  # noqa: E402
 from util.errors import UserError  # noqa: E402
 
 

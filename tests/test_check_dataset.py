@@ -6,8 +6,8 @@ import shutil
 
 import numpy as np
 import pytest
-
 from conftest import load_script
+
 from evaluation.dataset_check import check_prepared, format_table
 from util.errors import UserError
 

@@ -17,8 +17,7 @@ import pytest
 
 from config import ex
 from util import config_schema as schema
-from util.config_schema import (SCHEMA, check_model_config, check_run_config, keys_for, methods_of,
-                                nearest_key)
+from util.config_schema import SCHEMA, check_model_config, check_run_config, keys_for, methods_of, nearest_key
 from util.errors import UserError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -199,6 +198,7 @@ def test_rules_hold_only_for_their_method():
 def test_the_largest_n_grid_the_schema_accepts_runs_through_the_model():
     """The n_grid rule (input_size // output stride) never refuses a grid the head can run."""
     import torch
+
     from models.factory import build_model
     config = resolve(["tiny"], model={"n_grid": 16})
     check_run_config(config)

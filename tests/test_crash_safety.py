@@ -24,8 +24,8 @@ import time
 from pathlib import Path
 
 import torch
-
 from test_training import train_cli
+
 from models.checkpoint import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -92,8 +92,8 @@ def snapshot(folder: Path) -> dict[str, bytes]:
 
 
 def test_killed_prepare_leaves_the_old_output_or_none_never_a_partial_one(tiny_phantom, tmp_path):
-    from evaluation.dataset_check import check_prepared
     from dataloaders.prepare import Selection, prepare_dataset
+    from evaluation.dataset_check import check_prepared
     rng = random.Random(SEED + 1)
     old_out, new_out = tmp_path / "old" / "prep", tmp_path / "new" / "prep"
     prepare_dataset(tiny_phantom, old_out, size=32, n_val=1, rule=Selection(min_voxels=5), workers=1)
@@ -144,8 +144,8 @@ SLOW_WRITE_DRIVER = textwrap.dedent("""
 
 
 def test_segment_killed_while_writing_keeps_the_old_output(tiny_phantom, tmp_path):
-    from models.fewshot import FewShotSegNet
     from models.checkpoint import save_checkpoint
+    from models.fewshot import FewShotSegNet
     volume = sorted((tiny_phantom / "GoldCorpus" / "Volumes").iterdir())[0]
     mask = tiny_phantom / "GoldCorpus" / "Segmentations" / f"{volume.name.split('_')[0]}_1_CTce_ThAb_58_1.nii.gz"
     model = FewShotSegNet(encoder="cnn_small", resolution="feature", n_grid=2)

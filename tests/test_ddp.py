@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from test_episodes import make_train_prep
+
 from models.checkpoint import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -14,8 +14,9 @@ import os
 from pathlib import Path
 
 from conftest import load_script
-from models.checkpoint import load_checkpoint
 from test_training import train_cli
+
+from models.checkpoint import load_checkpoint
 
 
 def digest(path) -> str:
@@ -73,6 +74,7 @@ def test_the_demo_reuses_only_runs_of_its_own_config(tmp_path):
     import sys
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
     import demo_steps
+
     from models.checkpoint import save_checkpoint
     run = tmp_path / "lslpn_fold0" / "1"
     run.mkdir(parents=True)

@@ -51,8 +51,8 @@ def tree_digest(folder: Path) -> dict[str, str]:
 
 
 def test_two_processes_give_identical_prepared_data_episodes_and_results(tiny_phantom, tmp_path):
-    from models.fewshot import FewShotSegNet
     from models.checkpoint import save_checkpoint
+    from models.fewshot import FewShotSegNet
     torch.manual_seed(3)
     model = FewShotSegNet(encoder="cnn_small", resolution="feature", n_grid=2)
     snapshot = tmp_path / "model.pth"

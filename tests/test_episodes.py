@@ -186,8 +186,9 @@ def test_loader_batches_do_not_depend_on_workers_or_ranks(prep):
 
 
 def test_uneven_shards_are_refused_by_the_config_check(monkeypatch):
-    from config import ex
     from sacred.initialize import create_run
+
+    from config import ex
     from training.config_check import check_world_size
     config = create_run(ex, "print_config", config_updates={"batch_size": 3}, named_configs=["tiny"]).config
     monkeypatch.setenv("WORLD_SIZE", "2")

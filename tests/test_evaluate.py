@@ -167,6 +167,7 @@ def test_whole_volume_dice_counts_organ_outside_the_range(tmp_path):
 
 def test_predictions_are_nifti_in_the_original_geometry(tmp_path):
     import nibabel as nib
+
     from dataloaders.nifti import load_nifti
     from evaluation.protocol import mask_copy, organ_range
     _run(tmp_path, methods={"mask copy": None}, organs=["liver"])
@@ -302,8 +303,9 @@ def test_test_py_bad_input_is_one_line(tmp_path):
 
 def test_snapshot_from_another_fold_or_encoder_is_refused(tmp_path):
     from test_notebook_eval import make_tiny_snapshot
-    from models.checkpoint import load_checkpoint, save_checkpoint
+
     from evaluation.evaluate import evaluate, load_snapshot
+    from models.checkpoint import load_checkpoint, save_checkpoint
     prep = make_prepared(tmp_path)
     snapshot = make_tiny_snapshot(tmp_path / "fold1.pth", fold=1)
     with pytest.raises(UserError, match="trained for fold 1 .* liver"):
@@ -327,8 +329,9 @@ def test_snapshot_trained_on_other_intensity_scaling_is_refused(tmp_path):
     """A checkpoint records its training data's intensity scaling; evaluating it on data scaled
     otherwise would be a silent wrong answer, so it is a one-line error instead."""
     from test_notebook_eval import make_tiny_snapshot
-    from models.checkpoint import load_checkpoint, save_checkpoint
+
     from evaluation.evaluate import evaluate
+    from models.checkpoint import load_checkpoint, save_checkpoint
     prep = make_prepared(tmp_path)                       # meta.json: per-slice min-max
     snapshot = make_tiny_snapshot(tmp_path / "fold0.pth", fold=0)
     state = load_checkpoint(str(snapshot))

@@ -86,8 +86,9 @@ def test_autocast_bfloat16():
 
 
 def test_config_errors_are_the_schemas_and_the_model_trusts_its_options():
-    from config import ex
     from sacred.initialize import create_run
+
+    from config import ex
     from util.config_schema import check_run_config
     run_config = create_run(ex, "print_config", config_updates={}, named_configs=["tiny"]).config
     for kwargs, message in (({"n_grid": 0}, "model.n_grid = 0: out of range"),

@@ -17,6 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def resolve(**updates) -> dict:
     from sacred.initialize import create_run
+
     from config import ex
     return dict(create_run(ex, "print_config", config_updates=updates, named_configs=["tiny"]).config)
 

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from test_evaluate import IntensityModel, make_prepared
-from util.errors import UserError
+
 from evaluation.figures import display, misalignment_pairs
+from util.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 

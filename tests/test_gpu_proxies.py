@@ -20,8 +20,8 @@ from pathlib import Path
 import nibabel as nib
 import pytest
 import torch
-
 from test_episodes import make_train_prep
+
 from models.checkpoint import load_checkpoint
 from training.config_check import check_config
 from training.loop import train

@@ -5,7 +5,6 @@ import json
 from pathlib import Path
 
 import pytest
-
 from test_evaluate import make_prepared
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -14,8 +13,9 @@ ROOT = Path(__file__).resolve().parents[1]
 def make_tiny_snapshot(path: Path, fold: int = 0) -> Path:
     """A train.py-style checkpoint of a random cnn_small FewShotSegNet (seeded)."""
     import torch
-    from models.fewshot import FewShotSegNet
+
     from models.checkpoint import save_checkpoint
+    from models.fewshot import FewShotSegNet
     torch.manual_seed(0)
     model = FewShotSegNet.from_config({"encoder": "cnn_small", "n_grid": 2, "resolution": "feature"})
     save_checkpoint(str(path), {"model": model.state_dict(), "config": model.config, "fold": fold, "step": 0})

@@ -4,8 +4,17 @@ import numpy as np
 import pytest
 
 from evaluation.metrics import dice
-from evaluation.protocol import (PRESETS, centre_offsets, chunk_offsets, chunk_plan, get_preset, mask_copy,
-                                 official_bounds, preset_range, support_slices_for_query)
+from evaluation.protocol import (
+    PRESETS,
+    centre_offsets,
+    chunk_offsets,
+    chunk_plan,
+    get_preset,
+    mask_copy,
+    official_bounds,
+    preset_range,
+    support_slices_for_query,
+)
 
 
 def test_presets_name_their_rule():

@@ -8,8 +8,13 @@ from pathlib import Path
 import pytest
 
 from util.errors import UserError
-from util.paths import (check_output_file, check_output_folder, check_writable_folder, output_error_message,
-                        same_file)
+from util.paths import (
+    check_output_file,
+    check_output_folder,
+    check_writable_folder,
+    output_error_message,
+    same_file,
+)
 
 
 def unwritable_folder(tmp_path: Path) -> Path:

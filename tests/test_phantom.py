@@ -6,17 +6,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import TINY_PHANTOM, load_script
 from scipy import ndimage
 
-from conftest import TINY_PHANTOM, load_script
 from dataloaders import phantom
-from evaluation.dataset_check import mask_copy_dice
 from dataloaders.nifti import load_nifti
 from dataloaders.organs import NAME_TO_INDEX, RADLEX_TO_INDEX, TEST_ORGANS
 from dataloaders.visceral import find_cases, load_case, parse_mask_name
-from util.errors import UserError
+from evaluation.dataset_check import mask_copy_dice
 from evaluation.metrics import dice
 from evaluation.protocol import organ_range
+from util.errors import UserError
 
 
 def digest(root: Path) -> dict[str, str]:

@@ -7,8 +7,8 @@ import shutil
 import nibabel as nib
 import numpy as np
 import pytest
-
 from conftest import TINY_PHANTOM, TINY_PREP, load_script
+
 from dataloaders import prepare
 from dataloaders.intensity import scale_intensity
 from dataloaders.nifti import load_nifti, to_original

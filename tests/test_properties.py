@@ -15,10 +15,10 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from models.local_prototypes import VOTES, LocalPrototypeHead
-from util.errors import UserError
 from evaluation.metrics import dice
 from evaluation.protocol import mask_copy, organ_range
+from models.local_prototypes import VOTES, LocalPrototypeHead
+from util.errors import UserError
 
 SETTINGS = settings(max_examples=40, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 MASK_KINDS = ("random", "empty", "full", "one_pixel", "sparse")

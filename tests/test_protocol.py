@@ -4,11 +4,21 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from util.errors import UserError
 from evaluation.metrics import dice
-from evaluation.protocol import (PRESETS, aggregate, chunk_of_offsets, chunk_plan, get_preset, mask_copy,
-                           organ_range, resize_nearest, support_offsets, support_shot_offsets,
-                           support_slices_for_query)
+from evaluation.protocol import (
+    PRESETS,
+    aggregate,
+    chunk_of_offsets,
+    chunk_plan,
+    get_preset,
+    mask_copy,
+    organ_range,
+    resize_nearest,
+    support_offsets,
+    support_shot_offsets,
+    support_slices_for_query,
+)
+from util.errors import UserError
 
 
 def _mask_with_counts(counts, shape_xy=(8, 8)):

@@ -50,9 +50,19 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-
-from test_bad_inputs import (assert_one_line_error, first_volume, liver_mask, mini_source, only_error_line,  # noqa: F401
-                             rewrite_nifti, run_sacred_cases, run_script, seg, segment_argv, tree)
+from test_bad_inputs import (  # noqa: F401
+    assert_one_line_error,
+    first_volume,
+    liver_mask,
+    mini_source,
+    only_error_line,
+    rewrite_nifti,
+    run_sacred_cases,
+    run_script,
+    seg,
+    segment_argv,
+    tree,
+)
 from test_output_paths import unwritable_folder
 from test_training import train_cli
 
@@ -72,7 +82,7 @@ def warnings_in(err: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def work(seg, tmp_path_factory):
+def work(seg, tmp_path_factory):  # noqa: F811  (the fixture `seg` imported above)
     """Private copies of the query volume and liver mask (data-loss tests must not risk shared files),
     a TotalSegmentator-style multi-label mask (spleen 1, kidney_right 2, liver 5) and variants."""
     root = tmp_path_factory.mktemp("reliability")
@@ -130,6 +140,7 @@ def seg_args(work, out, **changes) -> list[str]:
 def run_segment(work, out, capsys, **changes) -> tuple[int, str, str]:
     """(exit code, stdout, stderr) of scripts/segment_volume.py in-process."""
     from conftest import load_script
+
     from util.cli import run_cli
     module = load_script("segment_volume")
     capsys.readouterr()
@@ -368,7 +379,7 @@ def assert_log_dir_errors(results: list[dict], afile: Path) -> None:
     assert afile.read_text() == "keep"
 
 
-def test_test_py_log_dir_snapshot_input_size_and_unscored_organs(tiny_prepared, seg, tmp_path):
+def test_test_py_log_dir_snapshot_input_size_and_unscored_organs(tiny_prepared, seg, tmp_path):  # noqa: F811
     bad, afile = log_dir_cases(tmp_path)
     common = [f"path.data_dir={tiny_prepared}", "device=cpu", "eval.save_predictions=False",
               f"eval.snapshots={{'LSLPN': '{seg['checkpoint']}'}}", 'eval.organs=["liver", "psoas_left"]',

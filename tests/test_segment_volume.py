@@ -19,9 +19,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from evaluation.metrics import dice
 from util.cli import run_cli
 from util.errors import UserError
-from evaluation.metrics import dice
 
 ROOT = Path(__file__).resolve().parents[1]
 REAL_CT = ROOT.parent / "shared/data/real_ct"
@@ -90,8 +90,8 @@ def run_main(argv: list[str]) -> int:
 
 def train_tiny(steps: int = 40, seed: int = 0):
     """cnn_small trained on 1-way 1-shot episodes of TRAIN_CLASSES from 4 subjects (never liver)."""
-    from models.fewshot import FewShotSegNet
     from evaluation.inference import images_to_input, masks_to_input
+    from models.fewshot import FewShotSegNet
     subjects = [make_subject(100 + i) for i in range(4)]
     pool = {c: [(s, z) for s, (_, lab) in enumerate(subjects)
                 for z in np.flatnonzero(((lab == c).sum(axis=(0, 1))) > 4)] for c in TRAIN_CLASSES}
@@ -272,8 +272,8 @@ def test_default_query_range_follows_the_body_extent():
 # ------------------------------------------------------------------------------ the real scan
 @pytest.mark.skipif(not (REAL_CT / "ct.nii.gz").is_file(), reason=f"real CT sample not found in {REAL_CT}")
 def test_real_scan_end_to_end_with_a_few_liver_slices(tmp_path):
-    from models.fewshot import FewShotSegNet
     from evaluation.segment import segment_volume
+    from models.fewshot import FewShotSegNet
     labels_image = nib.load(str(REAL_CT / "labels.nii.gz"))
     labels = np.asarray(labels_image.dataobj)
     liver_value = int(next(k for k, v in json.loads((REAL_CT / "labels.json").read_text())["labels"].items()

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_selfsup_episodes import unlabeled_prep  # noqa: F401  (module fixture: images-only + superpixels)
 
 from models.checkpoint import load_checkpoint
-from test_selfsup_episodes import unlabeled_prep  # noqa: F401  (module fixture: images-only + superpixels)
 from training.config_check import check_config
 from training.loop import run_name
 from util.errors import UserError
@@ -70,8 +70,8 @@ def test_selfsup_config_errors(unlabeled_prep, tiny_prepared):  # noqa: F811
 def test_real_scan_support_and_mask_copy():
     """tools/selfsup_demo.py: 3 annotated slices at the chunk middles; mask copy fills each chunk from its slice."""
     sys.path.insert(0, str(ROOT / "scripts"))
-    from conftest import load_script
     import numpy as np
+    from conftest import load_script
     demo = load_script("selfsup_demo")
     labels = np.zeros((4, 4, 12), dtype=np.int64)
     labels[1:3, 1:3, 2:11] = 5                     # organ on slices 2..10 (range 2:11, 9 slices)

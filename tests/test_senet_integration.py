@@ -113,6 +113,7 @@ def test_senet_preset_is_the_official_evaluator_rule():
 # ------------------------------------------------------------------------------------ config
 def _resolve(*named, **updates) -> dict:
     from sacred.initialize import create_run
+
     from config import ex
     return dict(create_run(ex, "print_config", config_updates=updates, named_configs=list(named)).config)
 

@@ -7,7 +7,13 @@ from __future__ import annotations
 
 import torch
 
-from models.checkpoint import load_checkpoint, model_from_checkpoint, model_input, save_checkpoint, trained_input
+from models.checkpoint import (
+    load_checkpoint,
+    model_from_checkpoint,
+    model_input,
+    save_checkpoint,
+    trained_input,
+)
 from models.fewshot import FewShotSegNet
 
 WINDOW = {"mode": "window", "window": [-125.0, 275.0]}

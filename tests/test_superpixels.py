@@ -7,11 +7,17 @@ import shutil
 import nibabel as nib
 import numpy as np
 import pytest
-
 from conftest import load_script
+
 from dataloaders.prepare import prepare_dataset
-from dataloaders.superpixels import (SuperpixelParams, body_mask, make_superpixels, read_superpixel_meta,
-                                     renumber, slice_superpixels)
+from dataloaders.superpixels import (
+    SuperpixelParams,
+    body_mask,
+    make_superpixels,
+    read_superpixel_meta,
+    renumber,
+    slice_superpixels,
+)
 from util.errors import UserError
 
 SMALL = SuperpixelParams(scale=100.0, sigma=0.8, min_size=30)

@@ -20,13 +20,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from test_episodes import make_train_prep
+
 from models.checkpoint import check_compatible, load_checkpoint, load_model_state, save_checkpoint
 from training.config_check import check_config
+from training.runs import config_hash, run_name
 from util.device import Distributed
 from util.errors import UserError
-from training.runs import config_hash, run_name
 
 ROOT = Path(__file__).resolve().parents[1]
 

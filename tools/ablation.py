@@ -28,15 +28,18 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from dataloaders.organs import FOLD_ORGANS  # noqa: E402
-from util.cli import run_cli  # noqa: E402
-from util.errors import UserError  # noqa: E402
-from util.atomic import write_text_atomic  # noqa: E402
 from config import ex  # noqa: E402  (before sacred: config.py silences its import warning)
+
+# isort: split
 from sacred.arg_parser import get_config_updates  # noqa: E402
 from sacred.utils import SacredError  # noqa: E402
+
+from dataloaders.organs import FOLD_ORGANS  # noqa: E402
 from evaluation.evaluate import evaluate  # noqa: E402
 from training.runs import iter_runs, read_run_config, trajectory_differences  # noqa: E402
+from util.atomic import write_text_atomic  # noqa: E402
+from util.cli import run_cli  # noqa: E402
+from util.errors import UserError  # noqa: E402
 
 # variant name -> model overrides
 VARIANTS: dict[str, dict] = {

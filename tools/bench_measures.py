@@ -31,22 +31,24 @@ from typing import Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
-
-from util.errors import UserError
 from bench_timing import dispatch_fraction, measure
-from models.local_prototypes import LocalPrototypeHead
-from models.encoders import build_encoder
-from models.local_prototypes import grid_cells
+
 from config import ex  # before sacred: config.py silences its import warning
+
+# isort: split
 from sacred.initialize import create_run
-from training.loop import train
+
 from dataloaders.organs import organ_index
 from dataloaders.phantom import generate_phantom, render_subject
 from dataloaders.prepare import Selection, prepare_dataset
-from models.fewshot import FewShotSegNet
-from util.device import autocast
 from evaluation.inference import segment_query_volume
 from evaluation.protocol import get_preset, organ_range
+from models.encoders import build_encoder
+from models.fewshot import FewShotSegNet
+from models.local_prototypes import LocalPrototypeHead, grid_cells
+from training.loop import train
+from util.device import autocast
+from util.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IMAGE_TOLERANCE = 1e-3        # max |logit difference| allowed between the reference and 'image' mode
@@ -159,7 +161,8 @@ def encoder_share(encoders: list[str], size: int, n_grid: int, device: torch.dev
         episode = synthetic_episode(size, channels, stride, device)
         row = {"encoder": name, "channels": channels, "feature_size": size // stride}
         with torch.no_grad():
-            row["encoder_time"] = measure(lambda: encoder(images), device, max(1, repeats - 2))
+            # F821 is a false alarm (pyflakes sees `del encoder` below): measure() runs the lambda here
+            row["encoder_time"] = measure(lambda: encoder(images), device, max(1, repeats - 2))  # noqa: F821
             for mode in ("image", "feature"):
                 head = _head(mode, n_grid)
                 row[mode] = measure(lambda: _run_head(head, episode, size), device, repeats,

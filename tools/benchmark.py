@@ -25,13 +25,14 @@ sys.path.insert(0, os.path.join(ROOT, "tools"))  # bench_measures.py, bench_timi
 
 import bench_measures as bench  # noqa: E402
 import bench_timing as timing  # noqa: E402
+import torch  # noqa: E402
+
+from models.local_prototypes import official_cell_loop  # noqa: E402
+from util.atomic import write_text_atomic  # noqa: E402
 from util.cli import run_cli  # noqa: E402
 from util.device import resolve_device  # noqa: E402
-from util.atomic import write_text_atomic  # noqa: E402
-from util.paths import check_output_file  # noqa: E402
 from util.errors import UserError  # noqa: E402
-import torch  # noqa: E402
-from models.local_prototypes import official_cell_loop  # noqa: E402
+from util.paths import check_output_file  # noqa: E402
 
 TITLE = "# Benchmarks\n"
 INTRO = ("Made by `tools/benchmark.py` (its command is stated in each section). Every figure is the "

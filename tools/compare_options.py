@@ -27,6 +27,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 
 from ablation import find_snapshot  # noqa: E402  (tools/ablation.py, beside this script)
+
 from dataloaders.organs import FOLD_ORGANS  # noqa: E402
 from util.atomic import write_text_atomic  # noqa: E402
 from util.cli import run_cli  # noqa: E402

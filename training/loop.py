@@ -40,10 +40,24 @@ from models.checkpoint import check_compatible, load_checkpoint, save_checkpoint
 from training.config_check import check_config, fold_training_classes, labeled_validation
 from training.meter import StepMeter
 from training.objective import build_model, build_optimisation, episode_loss
-from training.runs import (config_hash, config_mismatch, find_resume_checkpoint, run_name,
-                           unreadable_resume_error)
-from util.device import (Distributed, amp_dtype, autocast, distributed_from_env, get_rng_state,
-                         init_distributed, resolve_device, seed_everything, set_rng_state)
+from training.runs import (
+    config_hash,
+    config_mismatch,
+    find_resume_checkpoint,
+    run_name,
+    unreadable_resume_error,
+)
+from util.device import (
+    Distributed,
+    amp_dtype,
+    autocast,
+    distributed_from_env,
+    get_rng_state,
+    init_distributed,
+    resolve_device,
+    seed_everything,
+    set_rng_state,
+)
 from util.errors import UserError
 from util.provenance import git_commit, weights_digest
 

@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from models.alpnet_head import query_loss as alpnet_query_loss
-from models.factory import SENET, build_model as _build, method_of
+from models.factory import SENET, method_of
+from models.factory import build_model as _build
 from models.senet import senet_loss
 from training.senet_schedule import build_senet_optimizer, build_senet_scheduler
 
