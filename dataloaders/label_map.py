@@ -61,7 +61,8 @@ def parse_label_map(content, source: str = "--label-map") -> dict[int, str]:
     elif values_are_values and not keys_are_values:
         pairs = [(_as_value(value), str(name)) for name, value in content.items()]
     else:
-        raise UserError(f"{source}: the label map mixes names and values (or has non-integer values): {example}")
+        raise UserError(f"{source}: the label map mixes names and values (or has non-integer values): "
+                        f"{example}")
     result: dict[int, str] = {}
     for value, name in pairs:
         if value == 0 or name.strip().lower() in BACKGROUND_NAMES:
@@ -92,7 +93,8 @@ def read_label_map(source, what: str = "--label-map") -> dict[int, str]:
         reason = " ".join(f"{type(error).__name__}: {error}".split())[:80]
         raise UserError(f"{what} {path}: not valid JSON ({reason}): fix the label map file") from None
     except OSError as error:
-        raise UserError(f"{what} {path}: cannot read it ({error.strerror}): check the path and permissions") from None
+        raise UserError(f"{what} {path}: cannot read it ({error.strerror}): "
+                        "check the path and permissions") from None
     return parse_label_map(content, f"{what} {path}")
 
 
@@ -121,12 +123,14 @@ def sidecar_path(mask_path: str | Path) -> Path:
 
 
 def visceral_mask_structure(mask_path: str | Path) -> int | None:
-    """Project index (1-20) of a VISCERAL mask file name `<pid>_1_CTce_ThAb_<RadLex>_<n>.nii.gz`; else None."""
+    """Project index (1-20) of a VISCERAL mask file name `<pid>_1_CTce_ThAb_<RadLex>_<n>.nii.gz`;
+    else None."""
     name = Path(mask_path).name
-    stem = name[: -len(".nii.gz")] if name.endswith(".nii.gz") else name[: -len(".nii")] if name.endswith(".nii") \
-        else None
+    stem = (name[: -len(".nii.gz")] if name.endswith(".nii.gz")
+            else name[: -len(".nii")] if name.endswith(".nii") else None)
     fields = stem.split("_") if stem else []
-    if len(fields) < 6 or fields[2:4] != ["CTce", "ThAb"] or not fields[-2].isdigit() or not fields[-1].isdigit():
+    if (len(fields) < 6 or fields[2:4] != ["CTce", "ThAb"] or not fields[-2].isdigit()
+            or not fields[-1].isdigit()):
         return None
     return RADLEX_TO_INDEX.get(int(fields[-2]))
 
@@ -177,17 +181,17 @@ def resolve_support_label(support_label, mask_path: str | Path, present: np.ndar
         found = value_of(name, mapping)
         if found is None:
             names = ", ".join(sorted(mapping.values())[:10])
-            raise UserError(f"--support-label '{name}' is not in {how} (it names {names}): use one of those names "
-                            "or a label value")
+            raise UserError(f"--support-label '{name}' is not in {how} (it names {names}): use one of those "
+                            "names or a label value")
         return found, f"label {found} ({name}, from {how})"
     structure = visceral_mask_structure(mask_path)
     if structure is not None and len(present) == 1:
         organ = INDEX_TO_NAME[structure]
         if canonical_name(name) != organ:
-            raise UserError(f"--support-label '{name}': {Path(mask_path).name} is the VISCERAL mask of {organ} "
-                            f"(RadLex id in its name): drop --support-label or give the {name} mask")
+            raise UserError(f"--support-label '{name}': {Path(mask_path).name} is the VISCERAL mask of "
+                            f"{organ} (RadLex id in its name): drop --support-label or give the {name} mask")
         return int(present[0]), f"label {int(present[0])} ({organ}, from the VISCERAL file name)"
-    raise UserError(f"--support-label '{name}': the labels of {Path(mask_path).name} are unknown (values {shown}), "
-                    "so an organ name cannot be looked up: pass --label-map map.json, put a sidecar "
-                    f"{sidecar_path(mask_path).name} next to the mask, use --vocabulary visceral if the mask "
-                    "uses the project's indices 1-20, or give the label VALUE")
+    raise UserError(f"--support-label '{name}': the labels of {Path(mask_path).name} are unknown (values "
+                    f"{shown}), so an organ name cannot be looked up: pass --label-map map.json, put a "
+                    f"sidecar {sidecar_path(mask_path).name} next to the mask, use --vocabulary visceral if "
+                    "the mask uses the project's indices 1-20, or give the label VALUE")

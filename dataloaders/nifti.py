@@ -171,7 +171,8 @@ def nifti_bytes(array: np.ndarray, affine: np.ndarray, compresslevel: int = 1) -
     return gzip.compress(raw, compresslevel=compresslevel, mtime=0)
 
 
-def save_nifti_atomic(array: np.ndarray, affine: np.ndarray, path: str | Path, compresslevel: int = 1) -> None:
+def save_nifti_atomic(array: np.ndarray, affine: np.ndarray, path: str | Path,
+                      compresslevel: int = 1) -> None:
     """Save `array` with `affine` as `.nii.gz` at `path`, atomically and byte-deterministically."""
     path = Path(path)
     if not path.name.endswith(".nii.gz"):
@@ -232,6 +233,7 @@ def atomic_folder(out: str | Path, overwrite: bool = False, inputs=()) -> Iterat
         old = out.with_name(f"{out.name}.old-{os.getpid()}")
         os.replace(out, old)
         os.replace(partial, out)
-        shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)  # no .old-<pid> left
+        # no .old-<pid> left
+        shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
     else:
         os.replace(partial, out)

@@ -49,7 +49,8 @@ def write_subject(task: tuple) -> tuple[str, str, np.ndarray | None, dict]:
     present = np.flatnonzero(np.bincount(label.reshape(-1), minlength=len(STRUCTURES) + 1))
     for structure in present[present > 0]:
         mask, _ = storage_orientation((label == structure).astype(np.uint8), affine, subject.lps)
-        save_nifti_atomic(mask, stored_affine, folder / "Segmentations" / mask_filename(pid, STRUCTURES[structure][1]))
+        save_nifti_atomic(mask, stored_affine,
+                          folder / "Segmentations" / mask_filename(pid, STRUCTURES[structure][1]))
     info = {"shape": list(image.shape), "spacing": [round(float(v), 3) for v in subject.spacing],
             "orientation": "LPS" if subject.lps else "RAS", "structures": int((present > 0).sum())}
     return corpus, pid, (label if keep_label else None), info
@@ -67,7 +68,8 @@ def generate_phantom(out: str | Path, n_silver: int, n_gold: int, seed: int, siz
     if seed < 0:
         raise UserError(f"phantom: seed {seed} is negative: use --seed >= 0")
     if size < 32 or n_slices < 8:
-        raise UserError(f"phantom: size {size} / slices {n_slices} too small: use --size >= 32 and --slices >= 8")
+        raise UserError(f"phantom: size {size} / slices {n_slices} too small: use --size >= 32 and --slices "
+                        ">= 8")
     with atomic_folder(out, overwrite) as partial:
         for corpus in CORPORA:
             for sub in ("Volumes", "Segmentations"):

@@ -70,7 +70,8 @@ class Grid:
 
     def paint(self, level: np.ndarray, box: tuple, tissue: int, label: int = 0,
               allowed: tuple[int, ...] | None = None, threshold: float = 1.0) -> np.ndarray:
-        """Set tissue (and label) where level < threshold inside `box`, optionally only over `allowed` tissues.
+        """Set tissue (and label) where level < threshold inside `box`, optionally only over `allowed`
+        tissues.
 
         level: array of the box's shape (implicit shape, inside < 1). Returns the painted boolean mask.
         """
@@ -116,8 +117,10 @@ def tube_level(g: Grid, box: tuple, knots_z, cx, cy, rx, ry, roundness: float = 
     """
     pz = g.pz[box]
     flat = pz.reshape(-1)
-    ex = (g.px[box] - np.interp(flat, knots_z, cx).reshape(pz.shape)) / np.interp(flat, knots_z, rx).reshape(pz.shape)
-    ey = (g.py[box] - np.interp(flat, knots_z, cy).reshape(pz.shape)) / np.interp(flat, knots_z, ry).reshape(pz.shape)
+    ex = ((g.px[box] - np.interp(flat, knots_z, cx).reshape(pz.shape))
+          / np.interp(flat, knots_z, rx).reshape(pz.shape))
+    ey = ((g.py[box] - np.interp(flat, knots_z, cy).reshape(pz.shape))
+          / np.interp(flat, knots_z, ry).reshape(pz.shape))
     half = (knots_z[-1] - knots_z[0]) / 2
     ez = np.abs(pz - (knots_z[0] + knots_z[-1]) / 2) / half
     inplane = np.sqrt(ex * ex + ey * ey)
@@ -190,7 +193,8 @@ def make_grid(subject: Subject) -> Grid:
         for _ in range(3):
             k = (2 * np.pi / rng.uniform(150, 400, size=3)).astype(np.float32)
             phase = rng.uniform(0, 2 * np.pi, size=3).astype(np.float32)
-            term = (np.cos(k[0] * gx + phase[0]) * np.cos(k[1] * gy + phase[1])) * np.cos(k[2] * gz + phase[2])
+            term = ((np.cos(k[0] * gx + phase[0]) * np.cos(k[1] * gy + phase[1]))
+                    * np.cos(k[2] * gz + phase[2]))
             coords[axis] = coords[axis] + np.float32(amplitude / 2) * term
     px, py, pz = (np.broadcast_to(a, (nx, ny, nz)).astype(np.float32) for a in coords)
     return Grid(px=px, py=py, pz=pz, spacing=sp, offset=offset, z0=subject.z0, angle=angle,
@@ -210,12 +214,14 @@ def jitter(subject: Subject, centre, radii, shift=(10.0, 9.0, 12.0), scale_sd: f
     """Random translation (mm sd per axis) and per-axis scale of one organ, scaled with body size."""
     rng, size = subject.rng, (subject.width / 345.0) ** 0.7
     centre = np.asarray(centre, dtype=np.float32) + rng.normal(0, shift).astype(np.float32)
-    radii = np.asarray(radii, dtype=np.float32) * np.float32(size) * np.exp(rng.normal(0, scale_sd, 3)).astype(np.float32)
+    radii = (np.asarray(radii, dtype=np.float32) * np.float32(size)
+             * np.exp(rng.normal(0, scale_sd, 3)).astype(np.float32))
     return centre, radii
 
 
 def paint_body(g: Grid, subject: Subject) -> np.ndarray:
-    """Skin outline, subcutaneous fat, muscle wall, cavity and rectus abdominis; returns depth from skin (mm)."""
+    """Skin outline, subcutaneous fat, muscle wall, cavity and rectus abdominis; returns depth from
+    skin (mm)."""
     half_w, half_d = body_profile(g.pz, subject)
     half_d = np.where(g.py < 0, half_d * np.float32(0.93), half_d)       # flatter back
     p = np.float32(subject.exponent)
@@ -252,7 +258,8 @@ def paint_thorax(g: Grid, s: Subject, depth: np.ndarray, domes, y_spine: float) 
     box = g.box((-W / 2, W / 2), (-D / 2, D / 2), (min(domes) - 120, 700))
     px, py, pz = g.px[box], g.py[box], g.pz[box]
     above = pz > diaphragm(px, py, domes, W) + 3
-    mediastinum = np.float32(0.035 * W) + np.float32(0.04 * W) * (py > y_spine - 10) + np.float32(rng.normal(0, 3))
+    mediastinum = (np.float32(0.035 * W) + np.float32(0.04 * W) * (py > y_spine - 10)
+                   + np.float32(rng.normal(0, 3)))
     centre = np.float32(-0.03 * W)
     lung_level = np.where(above & (pz < 650) & (depth[box] > s.fat + s.wall + 8), 0.0, 2.0).astype(np.float32)
     g.paint(np.where(px - centre > mediastinum, lung_level, 2), box, T["lung"], LBL["lung_right"], INTERIOR)
@@ -295,7 +302,8 @@ def paint_blobs(g: Grid, s: Subject, parts, tissue: int, label: int, allowed, do
     lo = np.min([c - 1.5 * r.max() for c, r, _ in placed], axis=0)
     hi = np.max([c + 1.5 * r.max() for c, r, _ in placed], axis=0)
     box = g.box((lo[0], hi[0]), (lo[1], hi[1]), (lo[2], hi[2]))
-    level = np.min([blob_level(g, box, c, r, a, shape_modulation(rng, modulation)) for c, r, a in placed], axis=0)
+    level = np.min([blob_level(g, box, c, r, a, shape_modulation(rng, modulation)) for c, r, a in placed],
+                   axis=0)
     if domes is not None:
         level = np.where(g.pz[box] < diaphragm(g.px[box], g.py[box], domes, s.width), level, 2)
     g.paint(level, box, tissue, label, allowed)
@@ -310,16 +318,19 @@ def paint_abdomen(g: Grid, s: Subject, domes, y_spine: float) -> None:
     inside = (level < 0.85) & (g.tissue[box] == T["bowel_wall"])
     g.tissue[box][inside] = T["bowel_content"]
     g.tissue[box][inside & (g.py[box] > np.float32(0.2 * D + 15))] = T["gas"]
-    paint_blobs(g, s, [((0.06 * W, 0.1 * D, 318), (24, 20, 28), 0.0), ((-0.07 * W, 0.12 * D, 330), (36, 14, 18), 0.2),
-                       ((-0.2 * W, 0.03 * D, 342), (30, 13, 16), 0.6)], T["pancreas"], LBL["pancreas"], INTERIOR)
+    paint_blobs(g, s, [((0.06 * W, 0.1 * D, 318), (24, 20, 28), 0.0),
+                       ((-0.07 * W, 0.12 * D, 330), (36, 14, 18), 0.2),
+                       ((-0.2 * W, 0.03 * D, 342), (30, 13, 16), 0.6)], T["pancreas"], LBL["pancreas"],
+                INTERIOR)
     left_lobe, tip = rng.uniform(0.6, 1.25), rng.uniform(0.5, 1.3)      # variable lobe sizes
     paint_blobs(g, s, [((0.17 * W, 0.05 * D, 380), (0.21 * W, 0.3 * D, 75), 0.0),
                        ((-0.06 * W, 0.22 * D, 410), (0.2 * W * left_lobe, 0.13 * D, 45), -0.2),
                        ((0.24 * W, 0.02 * D, 310), (0.11 * W * tip, 0.2 * D, 55 * tip), 0.0)],
                 T["liver"], LBL["liver"], INTERIOR, domes, modulation=0.14, shift=(15.0, 13.0, 12.0))
-    paint_blobs(g, s, [((0.17 * W, 0.2 * D, 318), (17, 24, 34), 0.3)], T["gallbladder"], LBL["gallbladder"], INTERIOR)
-    box, level = paint_blobs(g, s, [((-0.32 * W, -0.11 * D, 385), (58, 30, 55), 0.8)], T["spleen"], LBL["spleen"],
-                             INTERIOR, domes, modulation=0.12)
+    paint_blobs(g, s, [((0.17 * W, 0.2 * D, 318), (17, 24, 34), 0.3)], T["gallbladder"], LBL["gallbladder"],
+                INTERIOR)
+    box, level = paint_blobs(g, s, [((-0.32 * W, -0.11 * D, 385), (58, 30, 55), 0.8)], T["spleen"],
+                             LBL["spleen"], INTERIOR, domes, modulation=0.12)
     for side, name, fx, z in ((1, "right", 0.17, 265), (-1, "left", -0.22, 282)):
         index = LBL[f"kidney_{name}"]
         box, level = paint_blobs(g, s, [((fx * W, -0.10 * D, z), (31, 28, 55), side * -0.5)],
@@ -329,7 +340,8 @@ def paint_abdomen(g: Grid, s: Subject, domes, y_spine: float) -> None:
         hilum_c = np.array([fx * W - side * 26, -0.10 * D + 8, z]) + rng.normal(0, 2, 3)
         level = blob_level(g, box, hilum_c.astype(np.float32), np.float32([13, 12, 24]))
         g.paint(level, box, T["sinus_fat"], 0, (T["kidney_cortex"], T["kidney_medulla"]))
-        paint_blobs(g, s, [((side * (0.08 if side > 0 else 0.13) * W, -0.01 * D, z + 68), (6, 15, 22), side * 0.6)],
+        paint_blobs(g, s, [((side * (0.08 if side > 0 else 0.13) * W, -0.01 * D, z + 68), (6, 15, 22),
+                            side * 0.6)],
                     T["adrenal"], LBL[f"adrenal_{name}"], INTERIOR, modulation=0.05)
         knots = np.array([45, 110, 180, 250, 300, 335]) + rng.normal(0, 8)
         scale = np.float32(np.exp(rng.normal(0, 0.1)) * (W / 345) ** 0.7)
@@ -344,8 +356,9 @@ def paint_abdomen(g: Grid, s: Subject, domes, y_spine: float) -> None:
     # aorta, iliac arteries and inferior vena cava (not among the labelled organs except the aorta)
     ya, r_a = y_spine + 32 + rng.normal(0, 4), 12 * rng.uniform(0.85, 1.2)
     abox = g.box((-0.15 * W, 0.1 * W), (ya - 40, ya + 40), (200, 580))
-    g.paint(tube_level(g, abox, [210, 300, 420, 520, 560], [-0.04 * W] * 3 + [-0.07 * W] * 2, [ya, ya, ya - 5, ya - 12,
-            ya - 12], [r_a] * 5, [r_a] * 5), abox, T["aorta"], LBL["aorta"], INTERIOR + (T["lung"],))
+    g.paint(tube_level(g, abox, [210, 300, 420, 520, 560], [-0.04 * W] * 3 + [-0.07 * W] * 2,
+                       [ya, ya, ya - 5, ya - 12, ya - 12], [r_a] * 5, [r_a] * 5),
+            abox, T["aorta"], LBL["aorta"], INTERIOR + (T["lung"],))
     for side in (1, -1):
         ibox = g.box((-0.25 * W, 0.25 * W), (ya - 50, ya + 30), (40, 240))
         g.paint(tube_level(g, ibox, [50, 140, 225], [side * 0.16 * W, side * 0.09 * W, -0.03 * W],
@@ -386,7 +399,8 @@ def paint_skeleton(g: Grid, s: Subject, depth: np.ndarray, y_spine: float) -> No
     for centre, radii, angle in (((0, y_spine - 15, 60), (45, 14, 50), 0.0),
                                  ((0.3 * W, -0.12 * D, 110), (10, 55, 50), 0.6),
                                  ((-0.3 * W, -0.12 * D, 110), (10, 55, 50), -0.6),
-                                 ((0.3 * W, 0.0, 5), (24, 24, 24), 0.0), ((-0.3 * W, 0.0, 5), (24, 24, 24), 0.0)):
+                                 ((0.3 * W, 0.0, 5), (24, 24, 24), 0.0),
+                                 ((-0.3 * W, 0.0, 5), (24, 24, 24), 0.0)):
         c, r = jitter(s, centre, radii, shift=(4, 4, 6), scale_sd=0.05)
         bbox = g.box((c[0] - 80, c[0] + 80), (c[1] - 80, c[1] + 80), (c[2] - 70, c[2] + 70))
         level = blob_level(g, bbox, c, r, angle)

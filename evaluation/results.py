@@ -72,7 +72,8 @@ def table_rows(summary: dict, metric: str = "range") -> dict[str, dict[str, floa
     for method, organs in summary.items():
         row = {}
         for column, members in TABLE_COLUMNS.items():
-            values = [organs[o][metric]["value"] for o in members if o in organs and organs[o][metric]["value"] is not None]
+            values = [organs[o][metric]["value"] for o in members if o in organs
+                      and organs[o][metric]["value"] is not None]
             row[column] = 100.0 * float(np.mean(values)) if values else None
         present = [value for value in row.values() if value is not None]
         row["mean"] = float(np.mean(present)) if present else None
@@ -98,8 +99,9 @@ def markdown_table(summary: dict, preset: ProtocolPreset, metric: str = "range",
             "senet": "official SENet evaluator rule: support slices by linspace over its qualifying slices, "
                      "query cropped from 1 slice before its first qualifying slice to the end of that run, "
                      "linspace chunks, Dice 2|A.B|/(|A|+|B|+1e-4)",
-            "alpnet": "SSL-ALPNet's rule: support slices at 1/6, 1/2, 5/6 of its organ slices, query thirds of "
-                      "its own ground-truth range, plain Dice"}.get(preset.rule, "inclusive range, centre slices")
+            "alpnet": "SSL-ALPNet's rule: support slices at 1/6, 1/2, 5/6 of its organ slices, query thirds "
+                      "of its own ground-truth range, plain Dice",
+            }.get(preset.rule, "inclusive range, centre slices")
     lines = [f"Dice (%) over the {what}; protocol preset '{preset.name}' ({preset.n_chunks} chunks, "
              f"slices with > {preset.threshold} voxels, {rule}, {preset.aggregate} over query volumes)"
              + (f"; fold {fold}" if fold is not None else "") + ".", "",
@@ -202,6 +204,7 @@ def write_outputs(out_dir: str | Path, records: list[dict], preset: ProtocolPres
     write_text_atomic(json.dumps(results, indent=1, sort_keys=False) + "\n", out_dir / "results.json")
     write_text_atomic(records_csv(records), out_dir / "results.csv")
     fold = header.get("fold")
-    table = markdown_table(summary, preset, "range", fold) + "\n" + markdown_table(summary, preset, "volume", fold)
+    table = (markdown_table(summary, preset, "range", fold) + "\n"
+             + markdown_table(summary, preset, "volume", fold))
     write_text_atomic(table, out_dir / "table.md")
     return results

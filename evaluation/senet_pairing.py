@@ -74,7 +74,8 @@ def query_chunks(length: int, n: int = N_SLICES) -> list[np.ndarray]:
 
 
 def plan(support_mask: np.ndarray, query_mask: np.ndarray, n: int = N_SLICES, threshold: int = THRESHOLD,
-         n_shots: int = 1) -> tuple[tuple[int, int], tuple[int, int], list[tuple[np.ndarray, np.ndarray]]] | None:
+         n_shots: int = 1) -> tuple[tuple[int, int], tuple[int, int],
+                                    list[tuple[np.ndarray, np.ndarray]]] | None:
     """(support range, query crop, [(support z (k,), query z (m,)) per non-empty chunk]).
 
     The support range (first and last qualifying slice) is for records and figures only.

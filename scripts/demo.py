@@ -38,7 +38,8 @@ def pin_cpu_numerics(environ=os.environ) -> dict:
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--redo", nargs="*", default=[], choices=["phantom", "prepare", "train"],
                         help="steps to run again instead of reusing their outputs")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")

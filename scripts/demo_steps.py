@@ -77,7 +77,8 @@ def run_step(title: str, command: list[str], log: list[dict]) -> None:
 
 
 def prepared_as_demo() -> bool:
-    """PREP_DIR exists and was prepared with the demo's intensity window (a stale folder is prepared again)."""
+    """PREP_DIR exists and was prepared with the demo's intensity window (a stale folder is prepared
+    again)."""
     window = [float(v) for v in PREPARE_OPTIONS[PREPARE_OPTIONS.index("--window") + 1:][:2]]
     try:
         return read_meta(PREP_DIR).get("intensity") == {"mode": "window", "window": window}
@@ -118,7 +119,8 @@ def train_all(log: list[dict], redo: bool, extra: list[str]) -> dict[str, dict[s
         snapshots[method] = {}
         for fold, organs in enumerate(FOLD_ORGANS):
             name = f"{method.lower()}_fold{fold}"
-            overrides = [f"fold={fold}", f"name={name}", f"path.log_dir={log_dir}", f"path.data_dir={PREP_DIR}",
+            overrides = [f"fold={fold}", f"name={name}", f"path.log_dir={log_dir}",
+                         f"path.data_dir={PREP_DIR}",
                          *extra]
             wanted = training_hash(overrides, named)
             best = None if redo else finished_run(log_dir, name, n_steps, wanted)
@@ -156,7 +158,8 @@ def run_demo(redo: set[str], extra: list[str], device: str = "auto") -> dict:
     run_step("check the prepared data", python_command("scripts/check_dataset.py", str(PREP_DIR)), log)
     snapshots = train_all(log, bool({"phantom", "prepare", "train"} & redo), extra)
 
-    print(f"\n==> evaluate mask copy, {', '.join(METHODS)} on the gold volumes (preset inclusive)", flush=True)
+    print(f"\n==> evaluate mask copy, {', '.join(METHODS)} on the gold volumes (preset inclusive)",
+          flush=True)
     config = create_run(ex, "print_config", config_updates={}, named_configs=["demo"]).config
     eval_start = time.perf_counter()
     results = evaluate({"mask copy": None, **snapshots}, TEST_ORGANS, PREP_DIR, preset="inclusive",
@@ -185,13 +188,18 @@ def write_report(results: dict, log: list[dict], seconds: float) -> Path:
               f"{torch.__version__}, {torch.get_num_threads()} intra-op threads.",
               "Figures: results.png (qualitative), misalignment.png (alignment vs segmentation Dice),",
               "training_curves.png (loss and validation Dice against step, per fold and method).", "",
-              "SENet runs `with demo senet senet_demo`: its own architecture, Dice loss and per-arm SGD, but its",
-              "20-epoch schedule squeezed into 200 steps of 2 episodes at 64 x 64 slices with lr 1e-2 (config.py",
-              "senet_demo), about a tenth of its full schedule: on 2 CPU cores the full one takes hours. It is",
+              "SENet runs `with demo senet senet_demo`: its own architecture, Dice loss and per-arm SGD, "
+              "but its",
+              "20-epoch schedule squeezed into 200 steps of 2 episodes at 64 x 64 slices with lr 1e-2 "
+              "(config.py",
+              "senet_demo), about a tenth of its full schedule: on 2 CPU cores the full one takes hours. "
+              "It is",
               "evaluated at 64 x 64, the others at 128 x 128 (each snapshot at its training size).", "",
-              "Volumetric Dice (preset `inclusive`: 12 chunks, organ range = first to last slice with > 200 voxels, mean over",
+              "Volumetric Dice (preset `inclusive`: 12 chunks, organ range = first to last slice with "
+              "> 200 voxels, mean over",
               "query volumes) on the gold phantom volumes, one fixed support volume. Kidney and psoas are",
-              "the means of left and right. Snapshots are selected on held-out silver volumes, never on gold.",
+              "the means of left and right. Snapshots are selected on held-out silver volumes, "
+              "never on gold.",
               "", table]
     path = RUN_DIR / "report.md"
     write_text_atomic("\n".join(lines) + "\n", path)
@@ -217,9 +225,9 @@ def publish(docs: Path = ROOT / "docs") -> None:
         if (RUN_DIR / name).exists():
             shutil.copyfile(RUN_DIR / name, docs / f"demo_{name}")
     table = (RUN_DIR / "table.md").read_text().strip()
-    made = ("Volumetric Dice on the gold phantom volumes (preset `inclusive`), produced by `make demo` on 2 CPU "
-            "cores and copied here by `python scripts/demo.py --publish`; the full report with the commands and "
-            "run times of every step is [docs/demo_report.md](docs/demo_report.md).")
+    made = ("Volumetric Dice on the gold phantom volumes (preset `inclusive`), produced by `make demo` on 2 "
+            "CPU cores and copied here by `python scripts/demo.py --publish`; the full report with the "
+            "commands and run times of every step is [docs/demo_report.md](docs/demo_report.md).")
     replace_block(ROOT / "README.md", "demo", "\n\n".join([
         made, table, "![Support and query slices with outlines](docs/demo_results.png)"]))
     replace_block(ROOT / "REPRODUCTION.md", "demo", "\n\n".join([

@@ -30,13 +30,16 @@ def main(argv: list[str]) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--visceral-dir", required=True, help="source ROOT (SilverCorpus/, GoldCorpus/)")
     parser.add_argument("--out", required=True, help="prepared folder to create")
-    parser.add_argument("--layout", default="visceral", choices=["visceral", "multilabel", "images-only", "alpnet"],
+    parser.add_argument("--layout", default="visceral", choices=["visceral", "multilabel", "images-only",
+                                                                 "alpnet"],
                         help="images-only: a folder of NIfTI CT volumes, all slices, no labels "
                              "(self-supervised training; add superpixels with scripts/make_superpixels.py); "
                              "alpnet: SSL-ALPNet's layout (CHAOS-T2 / SABS), one fold (--fold, --setting)")
     parser.add_argument("--fold", type=int, default=0, help="alpnet layout: SSL-ALPNet fold 0-4")
-    parser.add_argument("--setting", type=int, default=2, help="alpnet layout: 1 or 2 (test-organ slices dropped)")
-    parser.add_argument("--label-set", type=int, default=0, help="alpnet layout: 0 kidneys, 1 liver + spleen tested")
+    parser.add_argument("--setting", type=int, default=2, help="alpnet layout: 1 or 2 (test-organ slices "
+                                                               "dropped)")
+    parser.add_argument("--label-set", type=int, default=0, help="alpnet layout: 0 kidneys, 1 liver + spleen "
+                                                                 "tested")
     parser.add_argument("--rule", default="or", help="alpnet layout, Setting 2: 'or' (SSL-ALPNet) or 'and'")
     parser.add_argument("--label-map", help="JSON label name -> value map (multilabel layout)")
     parser.add_argument("--allow-missing-labels", action="store_true",
@@ -81,26 +84,29 @@ def main(argv: list[str]) -> int:
 
 
 def prepare_alpnet_layout(args, out: Path) -> int:
-    """--layout alpnet: SSL-ALPNet's normalisation (MR z-score, CT training statistics), never an HU window."""
+    """--layout alpnet: SSL-ALPNet's normalisation (MR z-score, CT training statistics), never an HU
+    window."""
     from dataloaders.alpnet_layout import detect_dataset
     from dataloaders.alpnet_prepare import prepare_alpnet
     dataset = detect_dataset(args.visceral_dir)
     if args.window:
         what = "an HU window on MR volumes (no Hounsfield units)" if dataset.modality == "MR" else \
             "an HU window instead of SSL-ALPNet's CT normalisation"
-        raise UserError(f"--window {args.window[0]:g} {args.window[1]:g}: {args.visceral_dir} is {dataset.name} "
-                        f"({dataset.modality}); {what} is refused: leave --window out (the layout is normalised "
-                        "as SSL-ALPNet's loader)")
+        raise UserError(f"--window {args.window[0]:g} {args.window[1]:g}: {args.visceral_dir} is "
+                        f"{dataset.name} ({dataset.modality}); {what} is refused: leave --window out (the "
+                        "layout is normalised as SSL-ALPNet's loader)")
     if args.size != 256:
-        raise UserError(f"--size {args.size}: the SSL-ALPNet layout is used at its stored 256 x 256: leave --size out "
-                        "(train at another input_size instead)")
+        raise UserError(f"--size {args.size}: the SSL-ALPNet layout is used at its stored 256 x 256: leave "
+                        "--size out (train at another input_size instead)")
     start = time.perf_counter()
-    meta = prepare_alpnet(args.visceral_dir, out, args.fold, args.setting, args.label_set, args.rule, args.overwrite)
+    meta = prepare_alpnet(args.visceral_dir, out, args.fold, args.setting, args.label_set, args.rule,
+                          args.overwrite)
     kept = meta["alpnet"]["kept"]
-    print(f"wrote {out} in {time.perf_counter() - start:.1f} s: {dataset.name} fold {args.fold} setting {args.setting}"
-          f"; train {len(meta['splits']['train'])} scans ({sum(v['kept'] for v in kept.values())} of "
-          f"{sum(v['slices'] for v in kept.values())} slices kept), test {', '.join(meta['alpnet']['test'])}, "
-          f"support {meta['alpnet']['support']}; intensity {meta['intensity']}")
+    print(f"wrote {out} in {time.perf_counter() - start:.1f} s: {dataset.name} fold {args.fold} setting "
+          f"{args.setting}; train {len(meta['splits']['train'])} scans "
+          f"({sum(v['kept'] for v in kept.values())} of {sum(v['slices'] for v in kept.values())} slices "
+          f"kept), test {', '.join(meta['alpnet']['test'])}, support {meta['alpnet']['support']}; intensity "
+          f"{meta['intensity']}")
     return 0
 
 

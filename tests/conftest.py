@@ -45,7 +45,8 @@ def tiny_prepared(tiny_phantom, tmp_path_factory) -> Path:
     """PREP of the tiny phantom (DESIGN.md layout), prepared at 64 x 64 with min-max scaling."""
     from dataloaders.prepare import Selection, prepare_dataset
     prep = tmp_path_factory.mktemp("tiny_prepared") / "prepared"
-    prepare_dataset(tiny_phantom, prep, size=TINY_PREP["size"], n_val=TINY_PREP["n_val"], seed=TINY_PREP["seed"],
+    prepare_dataset(tiny_phantom, prep, size=TINY_PREP["size"], n_val=TINY_PREP["n_val"],
+                    seed=TINY_PREP["seed"],
                     rule=Selection(min_voxels=TINY_PREP["min_voxels"]), workers=1)
     return prep
 

@@ -1,5 +1,6 @@
-"""tools/ablation.py: trains each variant through train.py (a stub here), reuses a snapshot only when its run's
-config equals the one it would train with, and turns a config typo or a missing interpreter into one line."""
+"""tools/ablation.py: trains each variant through train.py (a stub here), reuses a snapshot only when
+its run's config equals the one it would train with, and turns a config typo or a missing interpreter
+into one line."""
 from __future__ import annotations
 
 import sys
@@ -31,7 +32,7 @@ run.mkdir(parents=True)
 (run / "config.json").write_text(json.dumps(config, default=str))
 (run / "argv.txt").write_text(" ".join(sys.argv[1:]))
 make_tiny_snapshot(run / "last.pth", fold=int(config["fold"]))
-"""
+"""  # noqa: E501  (the stub script's own lines)
 
 
 @pytest.fixture
@@ -43,12 +44,14 @@ def stub(tmp_path) -> Path:
 
 
 def argv(tmp_path, stub, *overrides) -> list[str]:
-    return ["--folds", "0", "--variants", "n_grid 8 mean vote", "--out", str(tmp_path / "ablation"), "--python",
+    return ["--folds", "0", "--variants", "n_grid 8 mean vote", "--out", str(tmp_path / "ablation"),
+            "--python",
             str(stub), "--", "tiny", f"path.data_dir={make_prepared(tmp_path)}", "device=cpu",
             "eval.preset=thirds", "input_size=32", *overrides]
 
 
-def test_trains_each_variant_writes_the_table_and_reuses_a_snapshot_of_the_same_config(tmp_path, stub, capsys):
+def test_trains_each_variant_writes_the_table_and_reuses_a_snapshot_of_the_same_config(tmp_path, stub,
+                                                                                       capsys):
     assert ablation.main(argv(tmp_path, stub)) == 0
     fold_dir = tmp_path / "ablation" / "n_grid_8_mean_vote" / "fold0"
     argv_seen = (fold_dir / "stub" / "1" / "argv.txt").read_text()
@@ -64,12 +67,14 @@ def test_trains_each_variant_writes_the_table_and_reuses_a_snapshot_of_the_same_
 def train(tmp_path, stub, *overrides) -> Path:
     """Only the training part of the ablation (no evaluation): the snapshot of n_grid 8 mean vote, fold 0."""
     base = ["tiny", f"path.data_dir={tmp_path / 'prep'}", "device=cpu", "input_size=32"]
-    return ablation.train_variant("n_grid 8 mean vote", 0, [*base, *overrides], tmp_path / "ablation", str(stub))
+    return ablation.train_variant("n_grid 8 mean vote", 0, [*base, *overrides], tmp_path / "ablation",
+                                  str(stub))
 
 
 def test_a_snapshot_trained_under_other_settings_is_refused_with_the_keys_that_differ(tmp_path, stub):
     first = train(tmp_path, stub)
-    assert train(tmp_path, stub, "eval.batch_size=3", "num_workers=1") == first   # neither changes the weights
+    # neither changes the weights
+    assert train(tmp_path, stub, "eval.batch_size=3", "num_workers=1") == first
     with pytest.raises(UserError, match=r"trained under other settings .*lr: 0\.01 -> 0\.5.*: delete "):
         train(tmp_path, stub, "lr=0.5")
     with pytest.raises(UserError, match=r"n_steps: 6 -> 7"):            # more steps: another snapshot

@@ -39,7 +39,7 @@ Existing tests that cover the other cells: tests/test_readers.py (NIfTI reader: 
 truncated, NaN/inf, 2D/4D, mask grid), tests/test_segment_volume.py (BAD_CASES), tests/test_check_dataset.py
 (damaged prepared folders), tests/test_training.py (config ranges), tests/test_evaluate.py (snapshots,
 absent organs).
-"""
+"""  # noqa: E501  (the matrix is a table)
 from __future__ import annotations
 
 import json
@@ -105,7 +105,8 @@ PHANTOM_ARGS = ["--size", "32", "--slices", "8", "--n-silver", "1", "--n-gold", 
 
 
 @pytest.mark.parametrize("extra, words", [
-    (["--size", "0"], ["--size >= 32"]), (["--n-gold", "1"], ["n_gold 1"]), (["--slices", "0"], ["--slices >= 8"]),
+    (["--size", "0"], ["--size >= 32"]), (["--n-gold", "1"], ["n_gold 1"]), (["--slices",
+                                                                              "0"], ["--slices >= 8"]),
     (["--n-silver", "-1"], ["n_silver -1"]), (["--seed", "-1"], ["seed -1"]),
     (["--preset", "bogus"], ["preset 'bogus'", "lslpn"]),
 ])
@@ -160,9 +161,11 @@ def _nan(array, affine):
 
 
 PREPARE_DAMAGE = {
-    "truncated volume": (lambda r: truncate(first_volume(r)), ["corrupt or truncated", "_1_CTce_ThAb.nii.gz"]),
+    "truncated volume": (lambda r: truncate(first_volume(r)), ["corrupt or truncated",
+                                                               "_1_CTce_ThAb.nii.gz"]),
     "truncated mask": (lambda r: truncate(liver_mask(r)), ["corrupt or truncated", "_58_1.nii.gz"]),
-    "mask shape": (lambda r: rewrite_nifti(liver_mask(r), lambda a, f: (a[:-3], f)), ["mask shape", "resample"]),
+    "mask shape": (lambda r: rewrite_nifti(liver_mask(r), lambda a, f: (a[:-3], f)), ["mask shape",
+                                                                                      "resample"]),
     "mask affine": (lambda r: rewrite_nifti(liver_mask(r), _shift), ["mask affine", "resample"]),
     "NaN volume": (lambda r: rewrite_nifti(first_volume(r), _nan), ["1 NaN/inf voxels"]),
     "2D volume": (lambda r: rewrite_nifti(first_volume(r), lambda a, f: (a[:, :, 0], f)), ["2 dimensions"]),
@@ -200,7 +203,8 @@ def test_prepare_missing_source_and_out_of_range_options(tiny_phantom, tmp_path,
 
 def test_prepare_empty_source_folder(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
-    code, err = run_script("prepare_visceral", ["--visceral-dir", tmp_path / "empty", "--out", tmp_path / "p"], capsys)
+    code, err = run_script("prepare_visceral", ["--visceral-dir", tmp_path / "empty", "--out",
+                                                tmp_path / "p"], capsys)
     assert_one_line_error(code, err, "SilverCorpus/Volumes: folder missing")
     assert tree(tmp_path) == ["empty"]
 
@@ -218,13 +222,15 @@ def test_prepare_label_map_without_known_organ_names(tiny_phantom, tmp_path, cap
                 tiny_phantom / corpus / "Segmentations" / f"{pid}_1_CTce_ThAb_58_1.nii.gz")
     (tmp_path / "map.json").write_text(json.dumps({"hepar": 1}))
     code, err = run_script("prepare_visceral", ["--visceral-dir", root, "--out", tmp_path / "p", "--layout",
-                                                "multilabel", "--label-map", tmp_path / "map.json", "--n-val", "0",
+                                                "multilabel", "--label-map", tmp_path / "map.json", "--n-val",
+                                                "0",
                                                 "--workers", "1"], capsys)
     assert_one_line_error(code, err, "names none of the 20 structures")
     assert not (tmp_path / "p").exists()
 
 
-def test_prepare_accepts_empty_masks_and_0_255_float_masks_with_the_right_labels(tiny_phantom, tmp_path, capsys):
+def test_prepare_accepts_empty_masks_and_0_255_float_masks_with_the_right_labels(tiny_phantom, tmp_path,
+                                                                                 capsys):
     """An all-empty mask means 'structure absent'; a float 0/255 mask is binary: same labels as 0/1."""
     args = ["--size", "32", "--n-val", "0", "--workers", "1", "--min-voxels", "5"]
     reference = mini_source(tiny_phantom, tmp_path / "ref", n_silver=1)
@@ -271,8 +277,10 @@ def _meta(prep: Path, **changes) -> None:
 
 
 CHECK_DAMAGE = {
-    "truncated npy": (lambda p: truncate(sorted((p / "train").glob("*_image.npy"))[0]), "_image.npy: unreadable"),
-    "truncated npz": (lambda p: truncate(sorted((p / "volumes" / "gold").glob("*.npz"))[0]), ".npz: unreadable"),
+    "truncated npy": (lambda p: truncate(sorted((p / "train").glob("*_image.npy"))[0]),
+                      "_image.npy: unreadable"),
+    "truncated npz": (lambda p: truncate(sorted((p / "volumes" / "gold").glob("*.npz"))[0]),
+                      ".npz: unreadable"),
     "gold label shape": (_npz_label_shape, "expected int16 and uint8 volumes of one shape"),
     "NaN in training image": (_nan_train, "not finite"),
     "unknown intensity mode": (lambda p: _meta(p, intensity={"mode": "bogus"}), "intensity"),
@@ -339,9 +347,11 @@ def seg(tiny_phantom, tmp_path_factory):
 
 
 def segment_argv(seg: dict, out: Path, **changes) -> list[str]:
-    args = {"--checkpoint": seg["checkpoint"], "--support-image": seg["volume"], "--support-mask": seg["mask"],
+    args = {"--checkpoint": seg["checkpoint"], "--support-image": seg["volume"],
+            "--support-mask": seg["mask"],
             "--query": seg["volume"], "--out": out, "--input-size": 32}
-    args.update({key: seg.get(value, value) if isinstance(value, str) else value for key, value in changes.items()})
+    args.update({key: seg.get(value, value) if isinstance(value, str) else value for key,
+                 value in changes.items()})
     return [str(item) for pair in args.items() for item in pair if item is not None] + \
         ["--device", "cpu", "--no-progress", "--n-chunks", "3"]
 
@@ -378,7 +388,8 @@ def test_segment_volume_bad_input_is_one_line_without_output(seg, tmp_path, caps
 
 def test_segment_volume_0_255_float_mask_gives_the_same_prediction_as_0_1(seg, tmp_path, capsys):
     for name, mask in (("a", "mask"), ("b", "mask_255")):
-        code, _ = run_script("segment_volume", segment_argv(seg, tmp_path / f"{name}.nii.gz", **{"--support-mask": mask}),
+        code, _ = run_script("segment_volume", segment_argv(seg, tmp_path / f"{name}.nii.gz",
+                                                            **{"--support-mask": mask}),
                              capsys)
         assert code == 0
     assert (tmp_path / "a.nii.gz").read_bytes() == (tmp_path / "b.nii.gz").read_bytes()
@@ -458,9 +469,10 @@ def test_train_py_bad_input_matrix(tiny_prepared, broken_preps, tmp_path):
         ([good, "batch_size=0"], ["batch_size = 0"], False),
         ([good, "input_size=8"], ["input_size = 8"], False),
         ([good, "lr=nan"], ["lr = 'nan': must be a number, not a string"], False),
-        ([good, 'label_sets=[["liver"], ["spleen"], ["kidney_left"], ["pancreas_tail"]]'], ["unknown organ 'pancreas_tail'"],
-         False),
-        ([good, "val_every=3"], ["1 held-out validation volumes", "val_every=0"], False),   # tiny_prepared: n_val 1
+        ([good, 'label_sets=[["liver"], ["spleen"], ["kidney_left"], ["pancreas_tail"]]'],
+         ["unknown organ 'pancreas_tail'"], False),
+        # tiny_prepared: n_val 1
+        ([good, "val_every=3"], ["1 held-out validation volumes", "val_every=0"], False),
         ([good, "model.nonsense=1"], ["model.nonsense"], False),
         ([good, "model.n_gird=4"], ["model.n_gird = 4: unknown key", "did you mean model.n_grid?"], False),
         ([good, "fold=1.0"], ["fold = 1.0: must be an integer", "write 1"], False),        # issue 16 class 5
@@ -479,7 +491,8 @@ def test_train_py_bad_input_matrix(tiny_prepared, broken_preps, tmp_path):
     assert not list(log.rglob("*.pth"))
 
 
-def test_test_py_bad_input_matrix_and_snapshots_on_the_command_line(tiny_prepared, broken_preps, seg, tmp_path):
+def test_test_py_bad_input_matrix_and_snapshots_on_the_command_line(tiny_prepared, broken_preps, seg,
+                                                                    tmp_path):
     log = tmp_path / "runs"
     base = ["tiny", "device=cpu", f"path.log_dir={log}", "eval.save_predictions=False"]
     good = f"path.data_dir={tiny_prepared}"
@@ -496,13 +509,16 @@ def test_test_py_bad_input_matrix_and_snapshots_on_the_command_line(tiny_prepare
         ([good, "eval.batch_size=0"], ["eval.batch_size = 0"], False),
         ([good, "eval.n_shots=0"], ["eval.n_shots = 0"], False),
         ([good, "eval.preset=bogus"], ["eval.preset = 'bogus'"], False),
-        ([good, "eval.prest=official"], ["eval.prest = 'official': unknown key", "did you mean eval.preset?"], False),
-        ([good, f"eval.snapshot={{'LSLPN': '{seg['checkpoint']}'}}"], ["eval.snapshot = ", "did you mean eval.snapshots?"],
+        ([good, "eval.prest=official"], ["eval.prest = 'official': unknown key", "did you mean eval.preset?"],
+         False),
+        ([good, f"eval.snapshot={{'LSLPN': '{seg['checkpoint']}'}}"], ["eval.snapshot = ",
+                                                                       "did you mean eval.snapshots?"],
          False),
         ([good, "model.n_grid=0"], ["model.n_grid = 0"], False),
         ([good, "fold=1.0"], ["fold = 1.0: must be an integer"], False),                 # issue 16 class 5
     ]
-    ok = [good, f"eval.snapshots={{'LSLPN': '{seg['checkpoint']}'}}", 'eval.organs=["liver"]', "input_size=32"]
+    ok = [good, f"eval.snapshots={{'LSLPN': '{seg['checkpoint']}'}}", 'eval.organs=["liver"]',
+          "input_size=32"]
     results = run_sacred_cases("test", [base + updates for updates, _, _ in cases] + [base + ok])
     for (updates, words, allowed), result in zip(cases, results):
         assert_one_line_error(result["code"], only_error_line(result["err"]), *words)
@@ -514,7 +530,8 @@ def test_test_py_bad_input_matrix_and_snapshots_on_the_command_line(tiny_prepare
     assert [json.loads((r / "run.json").read_text())["status"] for r in runs] == ["COMPLETED"]
     # the documented command line `'eval.snapshots={"LSLPN": "..."}'` works (was a Sacred ConfigAddedError)
     assert results[-1]["code"] == 0, results[-1]["err"][-2000:]
-    assert "config entry" not in results[-1]["err"]   # no Sacred "Added new config entry: eval.snapshots.LSLPN"
+    # no Sacred "Added new config entry: eval.snapshots.LSLPN"
+    assert "config entry" not in results[-1]["err"]
     stored = json.loads((runs[0] / "results.json").read_text())
     assert list(stored["results"]) == ["mask copy", "LSLPN"]
 
@@ -530,6 +547,7 @@ def test_real_processes_one_line_without_traceback_and_debug_shows_it(tmp_path):
     assert debug.returncode != 0 and "Traceback" in debug.stderr and "UserError" in debug.stderr
     done = subprocess.run([sys.executable, "test.py", "with", "tiny", f"path.data_dir={tmp_path}",
                            f"path.log_dir={tmp_path / 'runs'}"], cwd=ROOT,
-                          capture_output=True, text=True, timeout=300, env=dict(os.environ, PYTHONWARNINGS="ignore"))
+                          capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, PYTHONWARNINGS="ignore"))
     assert_one_line_error(done.returncode, done.stderr, "not a prepared folder")
     assert not (tmp_path / "runs").exists()

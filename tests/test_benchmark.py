@@ -24,14 +24,16 @@ from util.errors import UserError  # noqa: E402
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "BENCH.md"
-    done = subprocess.run([sys.executable, "tools/benchmark.py", "--quick", "--size", "64", "--out", str(out)],
+    done = subprocess.run([sys.executable, "tools/benchmark.py", "--quick", "--size", "64", "--out",
+                           str(out)],
                           cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     return out.read_text()
 
 
 def test_quick_report_has_every_section_and_the_machine(report):
-    for heading in ("## CPU (quick run)", "### Targets", "### 1. Head forward per episode", "### 2. Head time",
+    for heading in ("## CPU (quick run)", "### Targets", "### 1. Head forward per episode",
+                    "### 2. Head time",
                     "### 3. Scaling", "### 4. Training throughput", "### 5. Volumetric inference",
                     "### 6. Peak memory", "## GPU"):
         assert heading in report, heading
@@ -46,7 +48,8 @@ def test_quick_report_has_every_section_and_the_machine(report):
 
 
 def test_quick_report_agreement_checks_pass(report):
-    image = re.search(r"reference vs 'image': max \|logit difference\| = ([0-9.e+-]+) .*: (PASS|FAIL)", report)
+    image = re.search(r"reference vs 'image': max \|logit difference\| = ([0-9.e+-]+) .*: (PASS|FAIL)",
+                      report)
     feature = re.search(r"reference vs 'feature': argmax agreement = ([0-9.]+)% .*: (PASS|FAIL)", report)
     assert image and feature
     assert float(image.group(1)) <= bench.IMAGE_TOLERANCE and image.group(2) == "PASS"
@@ -57,7 +60,8 @@ def test_quick_report_numbers_are_measured(report):
     """Every timing table row carries positive numbers (no placeholders)."""
     speedups = re.findall(r"\| ([0-9.]+)x \|$", report, re.M)
     assert len(speedups) == 3 and all(float(v) > 0 for v in speedups)
-    scaling = re.findall(r"^\| (image|feature) \| (\d+) \| (\d+) \| (\d+) \| ([0-9.]+) \| (\d+) \|$", report, re.M)
+    scaling = re.findall(r"^\| (image|feature) \| (\d+) \| (\d+) \| (\d+) \| ([0-9.]+) \| (\d+) \|$", report,
+                         re.M)
     assert {int(row[1]) for row in scaling} == {16, 32, 64}
     assert all(float(row[4]) > 0 for row in scaling)
     assert ("image", "64", "8", "225") in {row[:4] for row in scaling}

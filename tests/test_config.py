@@ -20,10 +20,13 @@ def _resolve(named=(), updates=None):
 # The agreed map of the packages (README layout); each module must import without side effects.
 EXPECTED = {
     "util": {"errors", "cli", "atomic", "device", "config_schema"},
-    "dataloaders": {"nifti", "visceral", "multilabel", "phantom", "prepare", "episodes", "transforms", "intensity",
+    "dataloaders": {"nifti", "visceral", "multilabel", "phantom", "prepare", "episodes", "transforms",
+                    "intensity",
                     "organs"},
-    "models": {"encoders", "grid", "local_prototypes", "panet", "weights", "fewshot", "checkpoint", "factory"},
-    "evaluation": {"protocol", "metrics", "inference", "segment", "evaluate", "results", "figures", "dataset_check"},
+    "models": {"encoders", "grid", "local_prototypes", "panet", "weights", "fewshot", "checkpoint",
+               "factory"},
+    "evaluation": {"protocol", "metrics", "inference", "segment", "evaluate", "results", "figures",
+                   "dataset_check"},
     "training": {"loop", "config_check", "objective"},
 }
 
@@ -47,7 +50,8 @@ def test_defaults_grid_and_folds():
     assert config["weight_decay"] == pytest.approx(5e-4)
     assert config["n_steps"] == 10000
     assert config["lr_milestones"] == [2500, 5000, 7500] and config["lr_gamma"] == pytest.approx(0.1)
-    assert config["augment"] == {"p": 0.5, "brightness": [0.5, 2.0], "contrast": [0.5, 2.0], "gamma": [0.5, 2.0]}
+    assert config["augment"] == {"p": 0.5, "brightness": [0.5, 2.0], "contrast": [0.5, 2.0],
+                                 "gamma": [0.5, 2.0]}
     model = config["model"]
     assert (model["n_grid"], model["overlap"], model["vote"]) == (8, True, "max")
     assert model["min_pixels"] == 10 and model["scale"] == pytest.approx(20.0)
@@ -120,5 +124,6 @@ def test_a_raw_data_dir_gets_a_prepare_command_that_writes_beside_it(tmp_path, l
     assert message.startswith(f"path.data_dir = '{raw}': not a prepared folder") and "\n" not in message
     assert command in message and f"--out {shlex.quote(beside)}`" in message
     assert f"path.data_dir={shlex.quote(beside)}" in message
-    assert f"--out {shlex.quote(str(raw))}`" not in message and f"--out {shlex.quote(str(raw))} " not in message
+    assert (f"--out {shlex.quote(str(raw))}`" not in message
+            and f"--out {shlex.quote(str(raw))} " not in message)
     assert sorted(p.relative_to(raw) for p in raw.rglob("*")) == before and not Path(beside).exists()

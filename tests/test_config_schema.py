@@ -95,7 +95,8 @@ def test_literal_registries_equal_their_sources():
     assert schema.MODEL_METHODS == METHODS
     assert schema.PRESETS == current("eval.preset", protocol.PRESETS)
     classes = {"vgg16": "VGG16Encoder", "resnet50_lslpn": "ResNet50LSLPN",
-               "deeplabv3_resnet101": "DeepLabV3ResNet101", "cnn_small": "SmallCNN"}     # a new encoder: add its class here and its stride to the schema
+               # a new encoder: add its class here and its stride to the schema
+               "deeplabv3_resnet101": "DeepLabV3ResNet101", "cnn_small": "SmallCNN"}
     assert schema.ENCODER_STRIDES == {name: getattr(encoders, classes[name]).output_stride
                                       for name in schema.ENCODERS}
 
@@ -321,9 +322,11 @@ print("CALLS" + json.dumps(calls))
 
 
 def test_train_py_checks_the_config_once(tiny_prepared, tmp_path):
-    words = ["tiny", "device=cpu", "n_steps=1", "val_every=0", "save_every=1", f"path.data_dir={tiny_prepared}",
+    words = ["tiny", "device=cpu", "n_steps=1", "val_every=0", "save_every=1",
+             f"path.data_dir={tiny_prepared}",
              f"path.log_dir={tmp_path / 'runs'}"]
-    done = subprocess.run([sys.executable, "-c", ONCE_DRIVER, *words], cwd=ROOT, capture_output=True, text=True,
+    done = subprocess.run([sys.executable, "-c", ONCE_DRIVER, *words], cwd=ROOT, capture_output=True,
+                          text=True,
                           timeout=600)
     assert "CALLS" in done.stdout, done.stderr[-3000:]
     assert json.loads(done.stdout.split("CALLS", 1)[1]) == ["train"], done.stdout[-2000:]

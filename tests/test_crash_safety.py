@@ -147,14 +147,16 @@ def test_segment_killed_while_writing_keeps_the_old_output(tiny_phantom, tmp_pat
     from models.checkpoint import save_checkpoint
     from models.fewshot import FewShotSegNet
     volume = sorted((tiny_phantom / "GoldCorpus" / "Volumes").iterdir())[0]
-    mask = tiny_phantom / "GoldCorpus" / "Segmentations" / f"{volume.name.split('_')[0]}_1_CTce_ThAb_58_1.nii.gz"
+    mask = (tiny_phantom / "GoldCorpus" / "Segmentations"
+            / f"{volume.name.split('_')[0]}_1_CTce_ThAb_58_1.nii.gz")
     model = FewShotSegNet(encoder="cnn_small", resolution="feature", n_grid=2)
     save_checkpoint(str(tmp_path / "m.pth"), {"model": model.state_dict(), "config": model.config})
     out = tmp_path / "out" / "pred.nii.gz"
     out.parent.mkdir()
     out.write_bytes(b"old prediction")
     proc = subprocess.Popen([sys.executable, "-c", SLOW_WRITE_DRIVER, "--checkpoint", str(tmp_path / "m.pth"),
-                             "--support-image", str(volume), "--support-mask", str(mask), "--query", str(volume),
+                             "--support-image", str(volume), "--support-mask", str(mask), "--query",
+                             str(volume),
                              "--out", str(out), "--input-size", "32", "--device", "cpu", "--no-progress"],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     line = proc.stdout.readline()                          # blocks until the write is half done

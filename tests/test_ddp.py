@@ -26,7 +26,8 @@ OVERRIDES = ["tiny", "device=cpu", "n_steps=2", "batch_size=2", "save_every=2", 
 
 
 def run(launcher, log_dir, prep, *extra):
-    cmd = [*launcher, "train.py", "with", *OVERRIDES, *extra, f"path.data_dir={prep}", f"path.log_dir={log_dir}"]
+    cmd = [*launcher, "train.py", "with", *OVERRIDES, *extra, f"path.data_dir={prep}",
+           f"path.log_dir={log_dir}"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]

@@ -59,7 +59,8 @@ def test_pinned_training_is_bitwise_the_same_with_2_and_3_threads(tiny_prepared,
     procs = {}
     for threads in ("2", "3"):                                  # both at once: the wall time of one
         env = {**demo.PINNED_NUMERICS, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
-        procs[threads] = train_cli("n_steps=3", "val_every=0", "save_every=3", "model.resolution=image", "name=pin",
+        procs[threads] = train_cli("n_steps=3", "val_every=0", "save_every=3", "model.resolution=image",
+                                   "name=pin",
                                    log_dir=tmp_path / threads, prep_dir=tiny_prepared, env=env, popen=True)
     for proc in procs.values():
         output = proc.communicate(timeout=600)[0]
@@ -82,5 +83,6 @@ def test_the_demo_reuses_only_runs_of_its_own_config(tmp_path):
         save_checkpoint(str(run / name), {"model": {}, "config": {}, "step": 600, "config_hash": "old"})
     assert demo_steps.finished_run(tmp_path, "lslpn_fold0", 600, "new") is None
     assert demo_steps.finished_run(tmp_path, "lslpn_fold0", 600, "old") == run / "best.pth"
-    overrides = ["fold=0", "name=lslpn_fold0", "path.log_dir=runs/demo/train", "path.data_dir=data/prepared_phantom"]
+    overrides = ["fold=0", "name=lslpn_fold0", "path.log_dir=runs/demo/train",
+                 "path.data_dir=data/prepared_phantom"]
     assert demo_steps.training_hash(overrides, []) != demo_steps.training_hash(overrides, ["panet"])

@@ -45,7 +45,8 @@ def make_val_volume(shift: int, shape=(2 * S, 2 * S, 12)) -> dict:
 
 def make_train_prep(root: Path, classes=tuple(BOXES), n_slices: int = 6, val_pids=("10000200", "10000201"),
                     pids=PIDS) -> Path:
-    """A prepared folder: train/<pid>_{image,label}.npy (n_slices x S x S), index.json, meta.json, volumes/val."""
+    """A prepared folder: train/<pid>_{image,label}.npy (n_slices x S x S), index.json, meta.json,
+    volumes/val."""
     prep = Path(root) / "prep"
     (prep / "train").mkdir(parents=True)
     index: dict[str, list] = {}
@@ -192,7 +193,8 @@ def test_uneven_shards_are_refused_by_the_config_check(monkeypatch):
     from training.config_check import check_world_size
     config = create_run(ex, "print_config", config_updates={"batch_size": 3}, named_configs=["tiny"]).config
     monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(UserError, match=r"^batch_size = 3: not divisible by the 2 processes: use a multiple of 2"):
+    with pytest.raises(UserError, match=r"^batch_size = 3: not divisible by the 2 processes: use a multiple "
+                                        r"of 2"):
         check_world_size(config)
     monkeypatch.setenv("WORLD_SIZE", "3")
     check_world_size(config)

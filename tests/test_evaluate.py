@@ -112,7 +112,8 @@ def _run(tmp_path, **overrides):
 
 def test_evaluate_writes_every_output(tmp_path):
     results, out = _run(tmp_path)
-    for name in ("results.json", "results.csv", "table.md", "results.png", "misalignment.png", "figure_data.npz"):
+    for name in ("results.json", "results.csv", "table.md", "results.png", "misalignment.png",
+                 "figure_data.npz"):
         assert (out / name).is_file(), name
     assert not list(out.rglob("*.tmp-*"))
     stored = json.loads((out / "results.json").read_text())
@@ -189,8 +190,10 @@ def test_batching_does_not_change_the_prediction_and_support_is_encoded_once_per
     predictions = []
     for batch_size in (1, 3, 64):
         model = IntensityModel()
-        predictions.append(segment_query_volume(model, support["image"], support["label"] == 1, query["image"],
-                                                (3, 11), (4, 12), 3, 32, {"mode": "minmax"}, "cpu", batch_size))
+        predictions.append(segment_query_volume(model, support["image"], support["label"] == 1,
+                                                query["image"],
+                                                (3, 11), (4, 12), 3, 32, {"mode": "minmax"}, "cpu",
+                                                batch_size))
         # 9 query slices in 3 chunks of 3
         assert model.calls == {"encode": 3, "segment": 3 * -(-3 // batch_size)}
     assert all((p == predictions[0]).all() for p in predictions)
@@ -207,7 +210,8 @@ def test_k_shot_uses_k_support_slices(tmp_path):
             return super().encode_support(images, fg, bg)
 
     support, query = make_volume(0), make_volume(1)
-    segment_query_volume(Recording(), support["image"], support["label"] == 1, query["image"], (3, 11), (4, 12),
+    segment_query_volume(Recording(), support["image"], support["label"] == 1,
+                         query["image"], (3, 11), (4, 12),
                          3, 32, {"mode": "minmax"}, "cpu", 8, n_shots=3)
     assert seen == [(1, 1, 3, 1, 32, 32)] * 3
 

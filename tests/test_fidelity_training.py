@@ -35,7 +35,8 @@ def test_bad_fidelity_options_are_one_line_errors(tiny_prepared, updates, messag
 
 
 def test_test_set_selection_warns_and_the_run_records_its_differences(tiny_prepared, tmp_path):
-    cmd = [sys.executable, "train.py", "with", "tiny", "device=cpu", "n_steps=1", "val_every=1", "save_every=1",
+    cmd = [sys.executable, "train.py", "with", "tiny", "device=cpu", "n_steps=1", "val_every=1",
+           "save_every=1",
            "val_split=gold", "model.vote=mean", f"path.data_dir={tiny_prepared}",
            f"path.log_dir={tmp_path / 'runs'}"]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)

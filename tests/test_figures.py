@@ -51,7 +51,8 @@ def test_figures_are_written_and_make_figures_merges_fold_runs(tmp_path):
     for run in (liver, spleen):
         (run / "results.png").unlink()
     done = subprocess.run([sys.executable, str(ROOT / "scripts" / "make_figures.py"), str(liver), str(spleen),
-                           "--table", str(tmp_path / "table.md")], capture_output=True, text=True, timeout=120)
+                           "--table", str(tmp_path / "table.md")], capture_output=True, text=True,
+                          timeout=120)
     assert done.returncode == 0, done.stderr
     image = matplotlib.image.imread(liver / "results.png")
     assert image.shape[0] > 100 and image.std() > 0.01

@@ -97,7 +97,8 @@ def test_unknown_amp_setting_is_one_clear_line(prep, amp):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("amp, dtype", [("False", torch.float32), ("bf16", torch.bfloat16), ("fp16", torch.float16)])
+@pytest.mark.parametrize("amp, dtype", [("False", torch.float32), ("bf16", torch.bfloat16), ("fp16",
+                                                                                             torch.float16)])
 def test_training_step_runs_under_the_requested_autocast(prep, tmp_path, device, amp, dtype):
     summary, recorder = train_tiny(prep, device, tmp_path, amp=False if amp == "False" else amp)
     assert recorder.out_dtypes == {dtype}          # every conv of the real training step ran in `dtype`
@@ -134,7 +135,8 @@ def test_fp16_grad_scaler_state_is_saved_and_resumed(prep, tmp_path, device):
     train_cli(f"device={device}", "amp=fp16", "n_steps=2", log_dir=tmp_path, prep_dir=prep)
     first = load_checkpoint(glob.glob(str(tmp_path / "*" / "1" / "last.pth"))[0])
     assert first["scaler"] and first["scaler"]["scale"] > 0          # the GradScaler's state travels
-    out = train_cli(f"device={device}", "amp=fp16", "n_steps=4", "resume=True", log_dir=tmp_path, prep_dir=prep)
+    out = train_cli(f"device={device}", "amp=fp16", "n_steps=4", "resume=True", log_dir=tmp_path,
+                    prep_dir=prep)
     assert "at step 2" in out
     resumed = load_checkpoint(glob.glob(str(tmp_path / "*" / "2" / "last.pth"))[0], map_location=device)
     assert resumed["step"] == 4 and resumed["scaler"]
@@ -147,34 +149,42 @@ def test_torchrun_uses_the_distributed_path_and_ranks_agree(prep, tmp_path, devi
     gpus = torch.cuda.device_count() if device == "cuda" else 1
     torchrun = (sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}")
     extra = ("amp=bf16", "channels_last=True") if device == "cuda" else ()
-    out = train_cli(f"device={device}", "n_steps=2", *extra, log_dir=tmp_path, prep_dir=prep, launcher=torchrun)
+    out = train_cli(f"device={device}", "n_steps=2", *extra, log_dir=tmp_path, prep_dir=prep,
+                    launcher=torchrun)
     digests = dict(re.findall(r"rank (\d+): final weights sha256 ([0-9a-f]+)", out))  # tqdm may precede it
     assert len(digests) == gpus and len(set(digests.values())) == 1, out[-2000:]
-    info = json.loads(Path(glob.glob(str(tmp_path / "*" / "1" / "info.json"))[0]).read_text())  # Sacred's run.info
+    # Sacred's run.info
+    info = json.loads(Path(glob.glob(str(tmp_path / "*" / "1" / "info.json"))[0]).read_text())
     assert info["world_size"] == gpus
     assert info["distributed_backend"] == ("nccl" if device == "cuda" else "gloo")
 
 
 # --------------------------------------------------- evaluation and segment_volume on the device
 @pytest.mark.parametrize("device", DEVICES)
-def test_test_py_and_segment_volume_run_on_the_device_under_autocast(tiny_phantom, tiny_prepared, tmp_path, device):
+def test_test_py_and_segment_volume_run_on_the_device_under_autocast(tiny_phantom, tiny_prepared, tmp_path,
+                                                                     device):
     train_cli(f"device={device}", "n_steps=2", log_dir=tmp_path / "runs", prep_dir=tiny_prepared)
     snapshot = glob.glob(str(tmp_path / "runs" / "*" / "1" / "last.pth"))[0]
-    done = subprocess.run([sys.executable, "test.py", "with", "tiny", "fold=0", f"device={device}", "amp=bf16",
+    done = subprocess.run([sys.executable, "test.py", "with", "tiny", "fold=0", f"device={device}",
+                           "amp=bf16",
                            f"eval.snapshots={json.dumps({'LSLPN': snapshot})}", "eval.save_predictions=False",
                            f"path.data_dir={tiny_prepared}", f"path.log_dir={tmp_path / 'runs'}"], cwd=ROOT,
-                          env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300)
+                          env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
+                          timeout=300)
     assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
-    rows = (Path(glob.glob(str(tmp_path / "runs" / "test" / "*" / "results.csv"))[0]).read_text()).splitlines()
+    rows = (Path(glob.glob(str(tmp_path / "runs" / "test" / "*"
+                               / "results.csv"))[0]).read_text()).splitlines()
     assert any(row.startswith("LSLPN,") or ",LSLPN," in row for row in rows[1:]), rows[:3]
     gold = tiny_phantom / "GoldCorpus"
     volumes = sorted((gold / "Volumes").glob("*.nii.gz"))
     support_pid = volumes[0].name.split("_")[0]
     liver = sorted((gold / "Segmentations").glob(f"{support_pid}_*_58_*.nii.gz"))[0]   # RadLex 58: liver
     out_file = tmp_path / "pred.nii.gz"
-    done = subprocess.run([sys.executable, "scripts/segment_volume.py", "--checkpoint", snapshot, "--support-image",
+    done = subprocess.run([sys.executable, "scripts/segment_volume.py", "--checkpoint", snapshot,
+                           "--support-image",
                            str(volumes[0]), "--support-mask", str(liver), "--query", str(volumes[1]), "--out",
                            str(out_file), "--device", device, "--no-progress"], cwd=ROOT,
-                          env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300)
+                          env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
+                          timeout=300)
     assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
     assert nib.load(str(out_file)).shape == nib.load(str(volumes[1])).shape

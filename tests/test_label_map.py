@@ -11,7 +11,8 @@ from dataloaders.label_map import mask_label_map, read_label_map, resolve_suppor
 from dataloaders.plausibility import field_of_view_warning, image_problems, mask_labels, support_size_warning
 from util.errors import UserError
 
-TOTALSEG = {"description": "values of labels.nii.gz", "labels": {"1": "spleen", "2": "kidney_right", "5": "liver"}}
+TOTALSEG = {"description": "values of labels.nii.gz", "labels": {"1": "spleen", "2": "kidney_right",
+                                                                 "5": "liver"}}
 
 
 @pytest.mark.parametrize("content", [
@@ -58,7 +59,8 @@ PRESENT = np.array([1, 2, 3, 5, 13, 52])                 # a TotalSegmentator-st
 def test_an_organ_name_without_known_labels_is_an_error_not_the_project_vocabulary(tmp_path):
     mask = tmp_path / "seg.nii.gz"                      # no sidecar, no map: labels unknown
     for name in ("liver", "kidney_right"):
-        with pytest.raises(UserError, match="labels of seg.nii.gz are unknown.*--label-map.*sidecar seg.json"):
+        with pytest.raises(UserError,
+                           match="labels of seg.nii.gz are unknown.*--label-map.*sidecar seg.json"):
             resolve_support_label(name, mask, PRESENT)
     assert resolve_support_label("5", mask, PRESENT)[0] == 5           # a VALUE needs no map
     assert resolve_support_label(None, mask, np.array([7]))[0] == 7     # a binary mask needs no label
@@ -67,7 +69,8 @@ def test_an_organ_name_without_known_labels_is_an_error_not_the_project_vocabula
 def test_names_resolve_through_map_sidecar_or_explicit_vocabulary(tmp_path):
     mask = tmp_path / "labels.nii.gz"
     assert resolve_support_label("liver", mask, PRESENT, label_map=TOTALSEG)[0] == 5
-    assert resolve_support_label("right_kidney", mask, PRESENT, label_map={"kidney_right": 2})[0] == 2  # alias
+    # alias
+    assert resolve_support_label("right_kidney", mask, PRESENT, label_map={"kidney_right": 2})[0] == 2
     with pytest.raises(UserError, match="'psoas_left' is not in the --label-map"):
         resolve_support_label("psoas_left", mask, PRESENT, label_map=TOTALSEG)
     sidecar_path(mask).write_text(json.dumps(TOTALSEG))                  # labels.json next to labels.nii.gz
@@ -92,7 +95,8 @@ def test_soft_and_swapped_masks():
     soft[1:3, 1:3, 1] = 0.5
     labels, note = mask_labels(soft, "soft.nii.gz")
     assert labels.sum() == 4 and "values >= 0.5" in note                # not "empty (no non-zero voxel)"
-    assert mask_labels(soft * 0.9, "low.nii.gz")[0].sum() == 0           # 0.45 < 0.5: empty, and the note says so
+    # 0.45 < 0.5: empty, and the note says so
+    assert mask_labels(soft * 0.9, "low.nii.gz")[0].sum() == 0
     assert "foreground = values >= 0.5 (0 voxels)" in mask_labels(soft * 0.9, "low.nii.gz")[1]
     assert mask_labels(soft * 510, "x")[0].max() == 255                  # integer-valued float: plain labels
     ct = np.random.default_rng(0).integers(-1000, 1500, size=(20, 20, 10)).astype(np.int16)
@@ -124,5 +128,6 @@ def test_field_of_view_and_support_size_warnings():
     warning = field_of_view_warning((128, 256, 60), (1.0, 1.5, 3), [(256, 256, 70)], [(1.6, 1.6, 3)])
     assert "128 x 384 mm is much smaller than the support's 410 x 410 mm" in warning
     assert support_size_warning(5000, 0.6, "liver", "m.nii.gz", "label 1") is None
-    assert "far fewer than expected for a liver" in support_size_warning(300, 0.6, "liver", "m.nii.gz", "label 1")
+    assert "far fewer than expected for a liver" in support_size_warning(300, 0.6, "liver", "m.nii.gz",
+                                                                         "label 1")
     assert "abdominal structure" in support_size_warning(10, 1.0, None, "m.nii.gz", "label 13")

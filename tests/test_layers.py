@@ -69,5 +69,5 @@ def test_an_import_inside_a_function_says_why(path):
     source = path.read_text().splitlines()
     silent = [line for line in inner_imports(path)
               if "#" not in source[line - 1] and not source[line - 2].strip().startswith("#")]
-    assert not silent, (f"{path.relative_to(ROOT)}: imports inside functions at lines {silent} without a comment "
-                        "saying why (a cycle, or a heavy optional dependency): move them to the top")
+    assert not silent, (f"{path.relative_to(ROOT)}: imports inside functions at lines {silent} without a "
+                        "comment saying why (a cycle, or a heavy optional dependency): move them to the top")

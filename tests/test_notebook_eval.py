@@ -28,7 +28,8 @@ def test_eval_notebook_executes(tmp_path, monkeypatch):
     prep = make_prepared(tmp_path)
     snapshot = make_tiny_snapshot(tmp_path / "best.pth")
     out = tmp_path / "nb_out"
-    for key, value in {"LSLPN_PREP": prep, "LSLPN_SNAPSHOT": snapshot, "LSLPN_FOLD": 0, "LSLPN_PRESET": "thirds",
+    for key, value in {"LSLPN_PREP": prep, "LSLPN_SNAPSHOT": snapshot, "LSLPN_FOLD": 0,
+                       "LSLPN_PRESET": "thirds",
                        "LSLPN_INPUT_SIZE": 32, "LSLPN_OUT": out, "LSLPN_DEVICE": "cpu"}.items():
         monkeypatch.setenv(key, str(value))
     notebook = nbformat.read(ROOT / "notebooks" / "eval_dice.ipynb", as_version=4)

@@ -192,7 +192,8 @@ def test_existing_output_is_refused_and_failures_leave_nothing(tmp_path, monkeyp
 def test_script_prints_mask_copy_and_skips_existing(tmp_path, capsys):
     script = load_script("make_phantom")
     out = tmp_path / "ph"
-    args = ["--out", str(out), "--n-silver", "1", "--n-gold", "2", "--size", "48", "--slices", "12", "--workers", "1"]
+    args = ["--out", str(out), "--n-silver", "1", "--n-gold", "2", "--size", "48", "--slices", "12",
+            "--workers", "1"]
     assert script.main(args) == 0
     printed = capsys.readouterr().out
     assert "mask-copy Dice" in printed and "kidney_left" in printed

@@ -81,7 +81,8 @@ def test_training_rows_equal_scaled_source_slices(tiny_phantom, tiny_prepared):
         label = np.load(tiny_prepared / "train" / f"{pid}_label.npy")[row]
         expected = scale_intensity(source.image.array[:, :, z], {"mode": "minmax"})   # 64 -> 64: no resize
         assert np.allclose(image, expected, atol=1e-6)
-        assert np.array_equal(label, source.label[:, :, z]) and (label == int(klass)).sum() > TINY_PREP["min_voxels"]
+        assert (np.array_equal(label, source.label[:, :, z])
+                and (label == int(klass)).sum() > TINY_PREP["min_voxels"])
 
 
 def test_gold_volumes_keep_the_original_geometry(tiny_phantom, tiny_prepared):
@@ -100,9 +101,11 @@ def test_gold_volumes_keep_the_original_geometry(tiny_phantom, tiny_prepared):
 
 def test_options_window_keep_all_and_resize(tiny_phantom, tmp_path):
     rule = Selection(min_voxels=TINY_PREP["min_voxels"], keep_all=True)
-    meta = prepare_dataset(tiny_phantom, tmp_path / "p", size=32, intensity={"mode": "window", "window": [-125, 275]},
+    meta = prepare_dataset(tiny_phantom, tmp_path / "p", size=32,
+                           intensity={"mode": "window", "window": [-125, 275]},
                            n_val=2, rule=rule, workers=1)
-    assert meta["intensity"] == {"mode": "window", "window": [-125.0, 275.0]} and len(meta["splits"]["val"]) == 2
+    assert meta["intensity"] == {"mode": "window", "window": [-125.0,
+                                                              275.0]} and len(meta["splits"]["val"]) == 2
     pid = meta["splits"]["train"][0]
     image = np.load(tmp_path / "p" / "train" / f"{pid}_image.npy")
     assert image.shape[1:] == (32, 32) and 0 <= image.min() and image.max() <= 1
@@ -137,7 +140,8 @@ def test_multilabel_layout_gives_the_same_labels(tiny_phantom, tmp_path):
             nib.save(nib.Nifti1Image(to_original(label, source.image.original_axcodes), stored.affine),
                      str(folder / "labels.nii.gz"))
     (tmp_path / "map.json").write_text(json.dumps(names))
-    meta = prepare_dataset(root, tmp_path / "p", layout="multilabel", label_map=tmp_path / "map.json", size=64,
+    meta = prepare_dataset(root, tmp_path / "p", layout="multilabel", label_map=tmp_path / "map.json",
+                           size=64,
                            n_val=1, rule=Selection(min_voxels=5), workers=1)
     assert meta["source"]["layout"] == "multilabel"
     case = find_cases(tiny_phantom / "GoldCorpus")[0]

@@ -93,7 +93,8 @@ def test_head_gradients_are_finite(episode):
 
 @settings(max_examples=6, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 @given(n_grid=st.integers(1, 4), vote=st.sampled_from(list(VOTES)),
-       resolution=st.sampled_from(["image", "feature"]), fg_kind=st.sampled_from(["random", "full", "one_pixel"]),
+       resolution=st.sampled_from(["image", "feature"]), fg_kind=st.sampled_from(["random", "full",
+                                                                                  "one_pixel"]),
        seed=st.integers(0, 1000))
 def test_fewshot_net_outputs_are_finite_for_any_mask(n_grid, vote, resolution, fg_kind, seed):
     from models.fewshot import FewShotSegNet
@@ -146,8 +147,10 @@ def test_dice_refuses_shape_mismatch():
 
 
 @settings(max_examples=40, deadline=None, derandomize=True)
-@given(shape=st.tuples(st.integers(2, 8), st.integers(2, 8), st.integers(3, 20)), seed=st.integers(0, 10 ** 6),
-       n_chunks=st.integers(1, 12), threshold=st.integers(0, 3), query_xy=st.tuples(st.integers(1, 9), st.integers(1, 9)))
+@given(shape=st.tuples(st.integers(2, 8), st.integers(2, 8), st.integers(3, 20)),
+       seed=st.integers(0, 10 ** 6),
+       n_chunks=st.integers(1, 12), threshold=st.integers(0, 3),
+       query_xy=st.tuples(st.integers(1, 9), st.integers(1, 9)))
 def test_mask_copy_shapes_range_and_identity(shape, seed, n_chunks, threshold, query_xy):
     g = np.random.default_rng(seed)
     mask = g.random(shape) < 0.5

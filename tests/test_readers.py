@@ -72,7 +72,8 @@ def test_missing_corrupt_and_truncated_files(tmp_path):
     (tmp_path / "junk.nii.gz").write_bytes(b"this is not a nifti file")
     with pytest.raises(UserError, match="junk.nii.gz.*corrupt or truncated"):
         load_nifti(tmp_path / "junk.nii.gz")
-    good = write(tmp_path / "good.nii.gz", np.random.default_rng(0).normal(size=(20, 20, 20)).astype(np.float32))
+    good = write(tmp_path / "good.nii.gz", np.random.default_rng(0).normal(size=(20, 20,
+                                                                                 20)).astype(np.float32))
     data = good.read_bytes()
     (tmp_path / "cut.nii.gz").write_bytes(data[: len(data) // 2])
     with pytest.raises(UserError, match="cut.nii.gz.*corrupt or truncated"):
@@ -94,7 +95,9 @@ def test_nan_inf_2d_and_4d_images_are_refused(tmp_path):
         load_nifti(write(tmp_path / "flat.nii.gz", np.zeros((4, 4), np.int16)))
     with pytest.raises(UserError, match="time.nii.gz: image has 4 dimensions"):
         load_nifti(write(tmp_path / "time.nii.gz", np.zeros((4, 4, 4, 2), np.int16)))
-    assert load_nifti(write(tmp_path / "single.nii.gz", np.zeros((4, 4, 4, 1), np.int16))).array.shape == (4, 4, 4)
+    assert load_nifti(write(tmp_path / "single.nii.gz", np.zeros((4, 4, 4, 1), np.int16))).array.shape == (4,
+                                                                                                           4,
+                                                                                                           4)
 
 
 # ---------------------------------------------------------------- VISCERAL
@@ -160,7 +163,8 @@ def test_mask_with_other_shape_or_affine_is_refused(tmp_path):
     corpus = small_corpus(tmp_path / "B")
     shifted = AFFINE.copy()
     shifted[0, 3] = 10
-    write(corpus / "Segmentations" / visceral.mask_filename("10000100", 86), np.ones((8, 8, 4), np.uint8), shifted)
+    write(corpus / "Segmentations" / visceral.mask_filename("10000100", 86), np.ones((8, 8, 4), np.uint8),
+          shifted)
     with pytest.raises(UserError, match="_86_1.nii.gz: mask affine differs"):
         visceral.load_case(visceral.find_cases(corpus)[0])
 
@@ -185,11 +189,13 @@ def multilabel_case(folder: Path, values=(0, 5, 7, 9)) -> tuple[Path, Path]:
 
 def test_label_map_in_both_directions(tmp_path):
     (tmp_path / "a.json").write_text(json.dumps({"liver": 5, "iliopsoas_left": 7, "stomach": 9}))
-    (tmp_path / "b.json").write_text(json.dumps({"labels": {"5": "liver", "7": "iliopsoas_left", "9": "stomach"}}))
+    (tmp_path / "b.json").write_text(json.dumps({"labels": {"5": "liver", "7": "iliopsoas_left",
+                                                            "9": "stomach"}}))
     assert multilabel.read_label_map(tmp_path / "a.json") == multilabel.read_label_map(tmp_path / "b.json")
     image, label = multilabel_case(tmp_path / "case")
     volume = multilabel.load_multilabel_case(image, label, multilabel.read_label_map(tmp_path / "a.json"))
-    assert volume.label[1].max() == NAME_TO_INDEX["liver"] and volume.label[2].max() == NAME_TO_INDEX["psoas_left"]
+    assert (volume.label[1].max() == NAME_TO_INDEX["liver"]
+            and volume.label[2].max() == NAME_TO_INDEX["psoas_left"])
     assert volume.label[3].max() == 0                              # stomach is not one of the 20
     (tmp_path / "bad.json").write_text("{not json")
     with pytest.raises(UserError, match="bad.json: not valid JSON"):
@@ -199,7 +205,8 @@ def test_label_map_in_both_directions(tmp_path):
 def test_label_map_naming_absent_labels_is_refused(tmp_path):
     image, label = multilabel_case(tmp_path / "case", values=(0, 5, 0, 0))
     names = {5: "liver", 7: "spleen"}
-    with pytest.raises(UserError, match=r"labels.nii.gz: label map names values absent from this volume: 7 \(spleen\)"):
+    with pytest.raises(UserError, match=r"labels.nii.gz: label map names values absent from this volume: 7 "
+                                        r"\(spleen\)"):
         multilabel.load_multilabel_case(image, label, names)
     volume = multilabel.load_multilabel_case(image, label, names, allow_missing=True)
     assert set(np.unique(volume.label)) == {0, 1}

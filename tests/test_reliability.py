@@ -30,12 +30,12 @@ code 2, no traceback, nothing written; warnings are one `warning:` line and the 
 
 Counted: 44 cases here (a parametrized id or a case inside a test, each with its own assertions) over
 7 entry points (segment_volume as a script and through its Python API, make_phantom, prepare_visceral,
-make_figures, train.py, test.py, evaluation.evaluate), plus 3 in tests/test_demo_numerics.py (scripts/demo.py). With
-tests/test_bad_inputs.py (90 cases, 6 entry points): 137 cases over 8 entry points (make_phantom,
+make_figures, train.py, test.py, evaluation.evaluate), plus 3 in tests/test_demo_numerics.py
+(scripts/demo.py). With tests/test_bad_inputs.py (90 cases, 6 entry points): 137 cases over 8 entry points (make_phantom,
 prepare_visceral, check_dataset, segment_volume, make_figures, train.py, test.py, demo.py). Unit tests
 of the root checks: tests/test_output_paths.py (util/paths.py), tests/test_label_map.py (label maps,
 plausibility). benchmark's before-measuring output check: tests/test_benchmark.py.
-"""
+"""  # noqa: E501  (the class table above)
 from __future__ import annotations
 
 import json
@@ -70,7 +70,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def assert_error_line(code, err: str, *words: str) -> None:
-    """A run that had started (Sacred's INFO lines are fine): exit 2, one `error:` line with `words`, no traceback."""
+    """A run that had started (Sacred's INFO lines are fine): exit 2, one `error:` line with `words`,
+    no traceback."""
     errors = [line for line in err.splitlines() if line.startswith("error: ")]
     assert code == 2 and "Traceback" not in err and len(errors) == 1, err
     for word in words:
@@ -130,10 +131,13 @@ def work(seg, tmp_path_factory):  # noqa: F811  (the fixture `seg` imported abov
 
 def seg_args(work, out, **changes) -> list[str]:
     """segment_volume argv on the private copies (query = support image = ct, liver mask)."""
-    args = {"--checkpoint": work["checkpoint"], "--support-image": work["ct"], "--support-mask": work["liver_mask"],
+    args = {"--checkpoint": work["checkpoint"], "--support-image": work["ct"],
+            "--support-mask": work["liver_mask"],
             "--query": work["ct"], "--out": out, "--input-size": 32}
-    args.update({key: work.get(value, value) if isinstance(value, str) else value for key, value in changes.items()})
-    return [str(i) for pair in args.items() for i in pair if i is not None] + ["--device", "cpu", "--no-progress",
+    args.update({key: work.get(value, value) if isinstance(value, str) else value for key,
+                 value in changes.items()})
+    return [str(i) for pair in args.items() for i in pair if i is not None] + ["--device", "cpu",
+                                                                               "--no-progress",
                                                                               "--n-chunks", "3"]
 
 
@@ -167,7 +171,8 @@ def test_segment_never_writes_over_an_input(work, tmp_path, capsys, target):
 
 def test_make_phantom_does_not_replace_a_file_by_a_folder(tmp_path, capsys):
     (tmp_path / "out").write_text("keep me")
-    code, err = run_script("make_phantom", ["--out", tmp_path / "out", "--overwrite", "--size", "32", "--slices", "8",
+    code, err = run_script("make_phantom", ["--out", tmp_path / "out", "--overwrite", "--size", "32",
+                                            "--slices", "8",
                                             "--n-silver", "1", "--n-gold", "2", "--workers", "1"], capsys)
     assert_one_line_error(code, err, "is a file, not a folder", "--overwrite replaces only a folder")
     assert tree(tmp_path) == ["out"] and (tmp_path / "out").read_text() == "keep me"      # no out.old-<pid>
@@ -195,7 +200,8 @@ def test_an_organ_name_without_known_labels_is_an_error(work, tmp_path, capsys, 
 
 @pytest.mark.parametrize("how", ["--label-map {value: name}", "--label-map {name: value}", "sidecar json"])
 def test_the_organ_name_is_looked_up_in_the_mask_s_own_labels(work, tmp_path, capsys, how):
-    code, _, _ = run_segment(work, tmp_path / "binary.nii.gz", capsys)                   # the binary liver mask
+    # the binary liver mask
+    code, _, _ = run_segment(work, tmp_path / "binary.nii.gz", capsys)
     assert code == 0
     changes = {"--support-mask": "ts_labels", "--support-label": "liver"}
     if how.startswith("--label-map"):
@@ -219,7 +225,8 @@ def test_a_label_map_list_is_a_one_line_error_in_segment_and_prepare(work, tiny_
                                                                        "--label-map": "list_map"})
     assert_one_line_error(code, err, "list_map.json", "JSON list")
     code, err = run_script("prepare_visceral", ["--visceral-dir", tiny_phantom, "--out", tmp_path / "prep",
-                                                "--layout", "multilabel", "--label-map", work["list_map"]], capsys)
+                                                "--layout", "multilabel", "--label-map", work["list_map"]],
+                           capsys)
     assert_one_line_error(code, err, "list_map.json", "JSON list")
     assert tree(tmp_path) == []
 
@@ -239,7 +246,8 @@ class Background(torch.nn.Module):
 def test_evaluation_warns_when_a_model_predicts_nothing(tiny_prepared, capsys):
     from evaluation.evaluate import evaluate
     capsys.readouterr()
-    evaluate({"mask copy": None, "LSLPN": Background()}, ["liver"], tiny_prepared, input_size=32, device="cpu",
+    evaluate({"mask copy": None, "LSLPN": Background()}, ["liver"], tiny_prepared, input_size=32,
+             device="cpu",
              progress=False, figures=False)
     lines = warnings_in(capsys.readouterr().err)
     assert len(lines) == 1 and "LSLPN predicted no liver voxel in 2 of 2 query volumes" in lines[0], lines
@@ -248,7 +256,8 @@ def test_evaluation_warns_when_a_model_predicts_nothing(tiny_prepared, capsys):
 def test_empty_output_and_tiny_support_organ_end_with_a_warning(work, tmp_path, capsys):
     from evaluation.segment import segment_volume
     capsys.readouterr()
-    array, _ = segment_volume(Background(), [(work["ct"], work["liver_mask"])], work["ct"], out=tmp_path / "e.nii.gz",
+    array, _ = segment_volume(Background(), [(work["ct"], work["liver_mask"])], work["ct"],
+                              out=tmp_path / "e.nii.gz",
                               input_size=32, n_chunks=3, device="cpu", progress=False)
     err = capsys.readouterr().err
     assert not array.any() and (tmp_path / "e.nii.gz").exists()
@@ -280,11 +289,14 @@ def test_disk_full_mid_write_is_one_line_and_leaves_no_partial_output(work, tiny
                 "--n-silver", "1", "--n-gold", "2", "--workers", "1"]
     else:                                  # Sacred's small records fit, the checkpoint does not
         limit = 60_000
-        argv = ["train.py", "with", "tiny", "device=cpu", f"path.data_dir={tiny_prepared}", f"path.log_dir={tmp_path}",
+        argv = ["train.py", "with", "tiny", "device=cpu", f"path.data_dir={tiny_prepared}",
+                f"path.log_dir={tmp_path}",
                 "n_steps=2", "save_every=2", "val_every=0", "name=full"]
     done = subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True, timeout=300,
-                          preexec_fn=_limit_file_size(limit), env=dict(os.environ, PYTHONDONTWRITEBYTECODE="1"))
-    errors = [line[line.index("error: "):] for line in done.stderr.splitlines() if "error: " in line]  # after tqdm
+                          preexec_fn=_limit_file_size(limit),
+                          env=dict(os.environ, PYTHONDONTWRITEBYTECODE="1"))
+    # after tqdm
+    errors = [line[line.index("error: "):] for line in done.stderr.splitlines() if "error: " in line]
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
     assert len(errors) == 1 and "writing failed (the file size limit was reached)" in errors[0], errors
     left = [name for name in tree(tmp_path) if "_sources" not in name]
@@ -307,7 +319,8 @@ def test_make_figures_corrupt_results_and_a_folder_as_table(tmp_path, capsys):
 
 # -------------------------------------------------------------------------- 4. implausible inputs
 @pytest.mark.parametrize("case, changes, words", [
-    ("image and mask swapped", {"--support-image": "liver_mask", "--support-mask": "ct"}, ["check the order"]),
+    ("image and mask swapped", {"--support-image": "liver_mask",
+                                "--support-mask": "ct"}, ["check the order"]),
     ("constant query", {"--query": "constant"}, ["constant", "nothing to segment"]),
 ])
 def test_meaningless_inputs_are_errors(work, tmp_path, capsys, case, changes, words):
@@ -317,7 +330,8 @@ def test_meaningless_inputs_are_errors(work, tmp_path, capsys, case, changes, wo
 
 
 def test_doubtful_inputs_warn_and_go_on(work, tmp_path, capsys):
-    code, _, err = run_segment(work, tmp_path / "air.nii.gz", capsys, **{"--query": "air", "--query-range": "2:6"})
+    code, _, err = run_segment(work, tmp_path / "air.nii.gz", capsys,
+                               **{"--query": "air", "--query-range": "2:6"})
     assert code == 0 and any("all air" in line for line in warnings_in(err)), err
     code, _, err = run_segment(work, tmp_path / "narrow.nii.gz", capsys, **{"--query": "narrow"})
     assert code == 0 and any("field of view" in line for line in warnings_in(err)), err
@@ -345,7 +359,8 @@ def test_prepare_accepts_a_mask_stored_in_another_orientation(tiny_phantom, tmp_
         flip[:3, 3] = np.array([array.shape[0] - 1, array.shape[1] - 1, 0])
         return array[::-1, ::-1].copy(), affine @ flip
     rewrite_nifti(liver_mask(changed), to_lps)
-    code, err = run_script("prepare_visceral", ["--visceral-dir", changed, "--out", tmp_path / "p_new", *args], capsys)
+    code, err = run_script("prepare_visceral", ["--visceral-dir", changed, "--out", tmp_path / "p_new",
+                                                *args], capsys)
     assert code == 0, err
     pid = first_volume(changed).name.split("_")[0]
     assert np.array_equal(np.load(tmp_path / "p_ref" / "train" / f"{pid}_label.npy"),
@@ -355,7 +370,8 @@ def test_prepare_accepts_a_mask_stored_in_another_orientation(tiny_phantom, tmp_
 # ----------------------------------------------------------- 5. config types, real process
 def test_real_train_process_float_fold_is_one_clean_line(tiny_prepared, tmp_path):
     done = train_cli("fold=1.0", log_dir=tmp_path / "runs", prep_dir=tiny_prepared)
-    assert_one_line_error(done.returncode, done.stderr, "fold = 1.0: must be an integer")   # no pkg_resources warning
+    # no pkg_resources warning
+    assert_one_line_error(done.returncode, done.stderr, "fold = 1.0: must be an integer")
     assert not (tmp_path / "runs").exists()
 
 
@@ -403,7 +419,8 @@ def test_test_py_log_dir_snapshot_input_size_and_unscored_organs(tiny_prepared, 
 def test_train_py_log_dir_and_resume_from_a_truncated_last_pth(tiny_prepared, tmp_path):
     bad, afile = log_dir_cases(tmp_path)
     log = tmp_path / "runs"
-    base = ["tiny", "device=cpu", f"path.data_dir={tiny_prepared}", "n_steps=2", "save_every=2", "val_every=0"]
+    base = ["tiny", "device=cpu", f"path.data_dir={tiny_prepared}", "n_steps=2", "save_every=2",
+            "val_every=0"]
     results = run_sacred_cases("train", [base + case for case in bad] + [
         base + [f"path.log_dir={log}", "name=r"], base + [f"path.log_dir={log}", "name=fresh"]])
     assert_log_dir_errors(results[:len(bad)], afile)
@@ -417,7 +434,8 @@ def test_train_py_log_dir_and_resume_from_a_truncated_last_pth(tiny_prepared, tm
                       "move it aside", str(log / "r" / "1" / "last.pth"), "at step 2", "resume=True")
     assert_error_line(results[1]["code"], results[1]["err"], "no earlier readable last.pth",
                       "resume=False to start fresh")
-    assert sorted(p.name for p in (log / "r").iterdir() if p.name.isdigit()) == ["1", "2"]   # no FAILED record
+    # no FAILED record
+    assert sorted(p.name for p in (log / "r").iterdir() if p.name.isdigit()) == ["1", "2"]
 
 
 def test_segment_warns_on_an_input_size_override_and_prints_its_query_range(work, tmp_path, capsys):

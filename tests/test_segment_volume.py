@@ -29,7 +29,8 @@ SHAPE = (40, 36, 18)                       # X x Y x Z canonical
 SPACING = (2.0, 2.0, 4.0)
 INPUT_SIZE = 48
 # label -> (HU, centre x, centre y, radii x y z (voxels), first z); liver (1) is never trained on.
-ORGANS = {1: (130, 11, 18, (6, 7, 4.5), 6), 2: (200, 29, 14, (4, 5, 3.0), 7), 13: (-60, 12, 10, (3, 3, 3.0), 3),
+ORGANS = {1: (130, 11, 18, (6, 7, 4.5), 6), 2: (200, 29, 14, (4, 5, 3.0), 7),
+          13: (-60, 12, 10, (3, 3, 3.0), 3),
           14: (260, 28, 26, (3, 4, 3.0), 4), 17: (10, 20, 7, (4, 2, 5.0), 2)}
 TRAIN_CLASSES = (2, 13, 14, 17)
 
@@ -158,7 +159,8 @@ def test_phantom_beats_mask_copy_and_keeps_query_geometry(work):
                                   n_chunks=6, device="cpu", progress=False)
     written, stored = nib.load(str(out)), nib.load(str(work["query_lps"]))
     assert written.shape == stored.shape and written.get_data_dtype() == np.uint8
-    assert np.array_equal(written.affine, stored.affine) and nib.aff2axcodes(written.affine) == ("L", "P", "S")
+    assert np.array_equal(written.affine, stored.affine) and nib.aff2axcodes(written.affine) == ("L", "P",
+                                                                                                 "S")
     assert np.array_equal(np.asarray(written.dataobj), array) and np.array_equal(image.affine, stored.affine)
     predicted = array[::-1, ::-1, :].astype(bool)                     # LPS storage -> canonical
     assert not predicted[..., :q0].any() and not predicted[..., q1 + 1:].any()
@@ -285,9 +287,11 @@ def test_real_scan_end_to_end_with_a_few_liver_slices(tmp_path):
     mask_path = tmp_path / "few_liver_slices.nii.gz"
     nib.save(nib.Nifti1Image(few, labels_image.affine), str(mask_path))
     torch.manual_seed(0)
-    checkpoint = write_checkpoint(tmp_path / "random.pth", FewShotSegNet(encoder="cnn_small", resolution="feature"))
+    checkpoint = write_checkpoint(tmp_path / "random.pth", FewShotSegNet(encoder="cnn_small",
+                                                                         resolution="feature"))
     out = tmp_path / "liver.nii.gz"
-    array, _ = segment_volume(checkpoint, [(REAL_CT / "ct.nii.gz", mask_path)], REAL_CT / "ct.nii.gz", out=out,
+    array, _ = segment_volume(checkpoint, [(REAL_CT / "ct.nii.gz", mask_path)], REAL_CT / "ct.nii.gz",
+                              out=out,
                               support_label="liver", label_map=REAL_CT / "labels.json", device="cpu",
                               progress=False, input_size=64)
     query, written = nib.load(str(REAL_CT / "ct.nii.gz")), nib.load(str(out))
@@ -310,7 +314,8 @@ def bad_files(work):
              "image_2d": root / "image_2d.nii.gz", "image_4d": root / "image_4d.nii.gz",
              "shifted_mask": root / "shifted_mask.nii.gz"}
     nib.save(nib.Nifti1Image(image[:, :, 0], np.diag([*SPACING, 1.0])), str(files["image_2d"]))
-    nib.save(nib.Nifti1Image(np.stack([image, image], axis=-1), np.diag([*SPACING, 1.0])), str(files["image_4d"]))
+    nib.save(nib.Nifti1Image(np.stack([image, image], axis=-1), np.diag([*SPACING, 1.0])),
+             str(files["image_4d"]))
     shifted = np.diag([*SPACING, 1.0])
     shifted[0, 3] = 15.0
     nib.save(nib.Nifti1Image(label, shifted), str(files["shifted_mask"]))
@@ -354,9 +359,11 @@ def test_bad_input_one_line_error_and_no_output(case, work, bad_files, tmp_path,
 
 def test_unpaired_support_files_and_bad_out_path(work, tmp_path, capsys):
     base = ["--checkpoint", str(work["checkpoint"]), "--query", str(work["query_ras"])]
-    assert run_main(base + ["--support-image", str(work["support"]), "--out", str(tmp_path / "p.nii.gz")]) == 2
+    assert run_main(base + ["--support-image", str(work["support"]), "--out",
+                            str(tmp_path / "p.nii.gz")]) == 2
     assert "pairs" in capsys.readouterr().err
-    assert run_main(base + ["--support-image", str(work["support"]), "--support-mask", str(work["liver_mask"]),
+    assert run_main(base + ["--support-image", str(work["support"]), "--support-mask",
+                            str(work["liver_mask"]),
                             "--out", str(tmp_path / "p.nii")]) == 2
     assert ".nii.gz" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())
@@ -365,8 +372,10 @@ def test_unpaired_support_files_and_bad_out_path(work, tmp_path, capsys):
 def test_cli_subprocess_reports_one_line(work, tmp_path):
     out = tmp_path / "pred.nii.gz"
     result = subprocess.run([sys.executable, str(ROOT / "scripts/segment_volume.py"), "--checkpoint",
-                             str(work["checkpoint"]), "--support-image", str(work["support"]), "--support-mask",
-                             str(work["support_mask"]), "--support-label", "12", "--query", str(work["query_ras"]),
+                             str(work["checkpoint"]), "--support-image", str(work["support"]),
+                             "--support-mask",
+                             str(work["support_mask"]), "--support-label", "12", "--query",
+                             str(work["query_ras"]),
                              "--out", str(out)], capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 2
     assert result.stderr.strip().startswith("error: ") and "Traceback" not in result.stderr

@@ -47,7 +47,8 @@ def test_one_selfsup_step_then_fine_tuning(unlabeled_prep, tiny_prepared, tmp_pa
     assert f"initial weights from {last}" in result.stdout
     (tuned,) = glob.glob(str(tmp_path / "finetune" / "*" / "last.pth"))
     before, after = state["model"], load_checkpoint(tuned)["model"]
-    changed = [k for k in before if before[k].dtype.is_floating_point and not torch.equal(before[k], after[k])]
+    changed = [k for k in before if before[k].dtype.is_floating_point and not torch.equal(before[k],
+                                                                                          after[k])]
     assert changed   # one SGD step moved the weights it started from
 
 
@@ -58,24 +59,28 @@ def test_selfsup_config_errors(unlabeled_prep, tiny_prepared):  # noqa: F811
     with pytest.raises(UserError, match="n_ways=1"):
         check_config(resolve(["tiny", "selfsup"], n_ways=2, path={"data_dir": str(unlabeled_prep)}), "train")
     with pytest.raises(UserError, match="selfsup.min_pixels"):
-        check_config(resolve(["tiny", "selfsup"], selfsup={"min_pixels": 0}, path={"data_dir": str(unlabeled_prep)}),
+        check_config(resolve(["tiny", "selfsup"], selfsup={"min_pixels": 0},
+                             path={"data_dir": str(unlabeled_prep)}),
                      "train")
     with pytest.raises(UserError, match="path.init_from"):
-        check_config(resolve(["tiny"], path={"data_dir": str(tiny_prepared), "init_from": "missing.pth"}), "train")
+        check_config(resolve(["tiny"], path={"data_dir": str(tiny_prepared), "init_from": "missing.pth"}),
+                     "train")
     config = resolve(["tiny", "selfsup"], path={"data_dir": str(unlabeled_prep)})
     check_config(config, "train")   # no labeled validation volumes: allowed (validation goes off)
     assert run_name(config) == "lslpn_selfsup"
 
 
 def test_real_scan_support_and_mask_copy():
-    """tools/selfsup_demo.py: 3 annotated slices at the chunk middles; mask copy fills each chunk from its slice."""
+    """tools/selfsup_demo.py: 3 annotated slices at the chunk middles; mask copy fills each chunk from
+    its slice."""
     sys.path.insert(0, str(ROOT / "scripts"))
     import numpy as np
     from conftest import load_script
     demo = load_script("selfsup_demo")
     labels = np.zeros((4, 4, 12), dtype=np.int64)
     labels[1:3, 1:3, 2:11] = 5                     # organ on slices 2..10 (range 2:11, 9 slices)
-    labels[1, 1, 2:11] = np.arange(9) + 10          # slice-specific pixel values (other labels) to trace copies
+    # slice-specific pixel values (other labels) to trace copies
+    labels[1, 1, 2:11] = np.arange(9) + 10
     labels[0, 0, 2:11] = 5
     support, organ_range, copy = demo.sparse_support(labels, 5, 3)
     assert organ_range == (2, 11)

@@ -26,7 +26,8 @@ def senet_run(tiny_prepared, tmp_path_factory) -> Path:
     """last.pth of a 3-step SENet run (tiny config) on the tiny phantom, fold 0."""
     log_dir = tmp_path_factory.mktemp("senet_runs")
     cmd = [sys.executable, "train.py", "with", "tiny", "senet", "device=cpu", "n_steps=3", "batch_size=2",
-           "val_every=0", "save_every=3", "fold=0", f"path.data_dir={tiny_prepared}", f"path.log_dir={log_dir}"]
+           "val_every=0", "save_every=3", "fold=0", f"path.data_dir={tiny_prepared}",
+           f"path.log_dir={log_dir}"]
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     run_dir = log_dir / "senet_all_structures_fold0" / "1"
@@ -72,11 +73,13 @@ def test_method_mismatch_is_a_one_line_error(senet_run, tiny_prepared, tmp_path)
         evaluate({"LSLPN": senet_snapshot}, ["liver"], tiny_prepared, preset="senet", out_dir=None,
                  input_size=64, device="cpu", progress=False)
     proto = _prototype_snapshot(tmp_path / "proto.pth")
-    with pytest.raises(UserError, match=r"proto.pth \(SENet\) holds a prototype \(LSLPN/PANet\) model, but a SENet"):
+    with pytest.raises(UserError, match=r"proto.pth \(SENet\) holds a prototype \(LSLPN/PANet\) model, but a "
+                                        r"SENet"):
         evaluate({"SENet": proto}, ["liver"], tiny_prepared, preset="senet", out_dir=None, input_size=64,
                  device="cpu", progress=False)
     with pytest.raises(UserError, match="holds a SENet model, but a prototype"):
-        check_compatible(SENet().config, FewShotSegNet(encoder="cnn_small", pretrained=False).config, senet_snapshot)
+        check_compatible(SENet().config, FewShotSegNet(encoder="cnn_small", pretrained=False).config,
+                         senet_snapshot)
 
 
 # --------------------------------------------------------------------------- the 'senet' preset
@@ -97,7 +100,8 @@ def test_senet_preset_is_the_official_evaluator_rule():
     query_range = preset_range(query, preset, role="query")
     assert support_range == (100, 124) and query_range == (20, 24)                # crop: 1 slice before
     plan = chunk_plan(support_range, query_range, preset.n_chunks, 1, preset.rule, support)
-    kept = 100 + np.array([1, 3, 6, 8, 11, 13, 15, 18, 20, 23])                   # hand-worked: test_senet_pairing
+    # hand-worked: test_senet_pairing
+    kept = 100 + np.array([1, 3, 6, 8, 11, 13, 15, 18, 20, 23])
     assert [(int(s[0]), q.tolist()) for s, q in plan] == [
         (kept[1], [20]), (kept[3], [21]), (kept[5], [22]), (kept[7], [23]), (kept[9], [24])]
     copied = mask_copy(support, support_range, query.shape, query_range, preset.n_chunks, preset.rule)
@@ -121,11 +125,13 @@ def _resolve(*named, **updates) -> dict:
 def test_senet_named_configs():
     config = _resolve("senet")
     assert config["model"]["method"] == "senet"
-    assert (config["batch_size"], config["n_steps"], config["lr"], config["momentum"], config["weight_decay"]) == \
+    assert (config["batch_size"], config["n_steps"], config["lr"], config["momentum"],
+            config["weight_decay"]) == \
         (2, 2020, 1e-3, 0.99, 1e-4)
     assert config["augment"]["p"] == 0.0 and config["senet"]["official_bug"] is False
     demo = _resolve("demo", "senet", "senet_demo")
-    assert demo["model"]["method"] == "senet" and demo["n_steps"] < config["n_steps"] and demo["input_size"] % 16 == 0
+    assert (demo["model"]["method"] == "senet" and demo["n_steps"] < config["n_steps"]
+            and demo["input_size"] % 16 == 0)
     assert _resolve()["model"]["method"] == "prototype"
 
 

@@ -15,7 +15,8 @@ def _mask(counts: dict[int, int], n_slices: int = 40) -> np.ndarray:
 
 
 def test_support_indices_by_hand():
-    # Ns = 25: linspace(0, 24, 11) = 0 2.4 4.8 7.2 9.6 12 14.4 16.8 19.2 21.6 24 -> round 0 2 5 7 10 12 14 17 19 22 24;
+    # Ns = 25: linspace(0, 24, 11) = 0 2.4 4.8 7.2 9.6 12 14.4 16.8 19.2 21.6 24 -> round 0 2 5 7 10 12 14 17
+    # 19 22 24;
     # + (25 // 10) // 2 = 1; first 10 kept.
     assert support_indices(25).tolist() == [1, 3, 6, 8, 11, 13, 15, 18, 20, 23]
     # Ns = 6: 0 .5 1 1.5 2 2.5 3 3.5 4 4.5 5 -> np.round (halves to even) 0 0 1 2 2 2 3 4 4 4 5; + 0.

@@ -24,11 +24,13 @@ def test_recorded_values_win_over_defaults_and_requested_values_win_over_recorde
     assert trained_input(state) == (128, WINDOW)
     assert model_input(state) == (128, WINDOW)
     assert model_input(state, input_size=96, intensity={"mode": "minmax"}) == (96, {"mode": "minmax"})
-    assert model_input(state, fallback_intensity={"mode": "minmax"}) == (128, WINDOW)   # a record beats a guess
+    # a record beats a guess
+    assert model_input(state, fallback_intensity={"mode": "minmax"}) == (128, WINDOW)
 
 
 def test_a_snapshot_older_than_the_records_uses_its_run_config_then_the_fallback_then_defaults():
-    old = {"run_config": {"input_size": 64}}                      # written before input_size/intensity were kept
+    # written before input_size/intensity were kept
+    old = {"run_config": {"input_size": 64}}
     assert trained_input(old) == (64, None)
     assert model_input(old, fallback_intensity=WINDOW) == (64, WINDOW)
     assert model_input({}) == (512, {"mode": "minmax"})
@@ -55,7 +57,8 @@ def test_model_config_is_the_stored_key_and_the_old_config_key_still_loads(tmp_p
         torch.save({"model": model.state_dict(), key: model.config, "input_size": 32}, path)
         rebuilt, state = model_from_checkpoint(str(path))
         assert state["model_config"] == model.config and model_input(state) == (32, {"mode": "minmax"})
-        assert all(torch.equal(a, b) for a, b in zip(rebuilt.state_dict().values(), model.state_dict().values()))
+        assert all(torch.equal(a, b) for a, b in zip(rebuilt.state_dict().values(),
+                                                     model.state_dict().values()))
         save_checkpoint(str(tmp_path / "again.pth"), state)      # written back under the new name only
         stored = torch.load(tmp_path / "again.pth", weights_only=True)
         assert stored["model_config"] == model.config and "config" not in stored

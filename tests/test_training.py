@@ -80,7 +80,8 @@ def train_cli(*overrides, log_dir, prep_dir, env=None, popen=False, pause_after_
     ({"n_steps": 0}, "n_steps"), ({"fold": 4}, "fold"), ({"model": {"encoder": "resnet18"}}, "model.encoder"),
     ({"model": {"vote": "median"}}, "model.vote"), ({"model": {"resolution": "half"}}, "model.resolution"),
     ({"class_setting": "some"}, "class_setting"), ({"augment": {"p": 2.0}}, "augment.p"),
-    ({"augment": {"p": 0.5, "gamma": [2.0, 0.5]}}, "augment.gamma"), ({"lr_milestones": [5, 2]}, "lr_milestones"),
+    ({"augment": {"p": 0.5, "gamma": [2.0, 0.5]}}, "augment.gamma"), ({"lr_milestones": [5, 2]},
+                                                                      "lr_milestones"),
     ({"momentum": 1.5}, "momentum"), ({"n_shots": 0}, "n_shots"), ({"label_sets": [["liver"]]}, "label_sets"),
     ({"path": {"init_path": "/nonexistent/vgg16.pth"}}, "path.init_path"), ({"device": "tpu"}, "device"),
     ({"name": "a/b"}, "name"),
@@ -187,7 +188,8 @@ def test_resume_after_a_config_change_says_so_and_starts_a_new_run(tmp_path, pre
 # ---------------------------------------------------------------------------------- checkpoints
 def test_checkpoint_save_is_atomic_and_loads_back(tmp_path):
     path = tmp_path / "sub" / "last.pth"
-    save_checkpoint(str(path), {"model": {"w": torch.arange(3.0)}, "config": {"encoder": "cnn_small"}, "step": 4})
+    save_checkpoint(str(path), {"model": {"w": torch.arange(3.0)}, "config": {"encoder": "cnn_small"},
+                                "step": 4})
     assert load_checkpoint(str(path))["step"] == 4
     assert os.listdir(path.parent) == ["last.pth"]
     with pytest.raises(Exception):
@@ -329,7 +331,8 @@ def test_step_meter_against_hand_computed_times():
     assert meter.window() == pytest.approx((0.3, 1.0, 0.3))
     summary = meter.summary(batch_size=4)                      # steps 2..3 (the first is warm-up)
     assert summary == pytest.approx({"sec_per_step": 1.0, "episodes_per_s": 4.0, "data_wait_fraction": 0.2})
-    assert StepMeter().summary(4) == {"sec_per_step": None, "episodes_per_s": None, "data_wait_fraction": None}
+    assert StepMeter().summary(4) == {"sec_per_step": None, "episodes_per_s": None,
+                                      "data_wait_fraction": None}
 
 
 # --------------------------------------------------------------------------------------- devices
@@ -341,7 +344,8 @@ def test_device_resolution_and_amp(monkeypatch):
         dev.resolve_device("cuda")
     with pytest.raises(UserError, match="unknown"):
         dev.resolve_device("gpu")
-    assert dev.amp_dtype(torch.device("cpu"), True) is None and dev.make_grad_scaler(torch.device("cpu"), True) is None
+    assert dev.amp_dtype(torch.device("cpu"), True) is None and dev.make_grad_scaler(torch.device("cpu"),
+                                                                                     True) is None
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     assert dev.resolve_device("auto", local_rank=3) == torch.device("cuda", 1)   # rank -> its GPU

@@ -72,7 +72,8 @@ def test_augmentation_formulas_with_fixed_factors():
     rng = np.random.default_rng(0)
     np.testing.assert_allclose(augment_intensity(image, {"p": 1, "brightness": [2, 2]}, rng),
                                np.clip(image * 2, 0, 1), atol=1e-6)
-    np.testing.assert_allclose(augment_intensity(image, {"p": 1, "gamma": [2, 2]}, rng), image ** 2, atol=1e-6)
+    np.testing.assert_allclose(augment_intensity(image, {"p": 1, "gamma": [2, 2]}, rng), image ** 2,
+                               atol=1e-6)
     mean = image.mean()
     np.testing.assert_allclose(augment_intensity(image, {"p": 1, "contrast": [0.5, 0.5]}, rng),
                                (image - mean) * 0.5 + mean, atol=1e-6)

@@ -52,7 +52,8 @@ def build_optimisation(cfg: Mapping, model: torch.nn.Module):
     if method_of(cfg["model"]) == SENET:
         options = senet_options(cfg)
         optimizer = build_senet_optimizer(model, cfg["lr"], cfg["momentum"], cfg["weight_decay"])
-        scheduler = build_senet_scheduler(optimizer, cfg["n_steps"], options["epochs"], options["lr_step_epochs"],
+        scheduler = build_senet_scheduler(optimizer, cfg["n_steps"], options["epochs"],
+                                          options["lr_step_epochs"],
                                           options["gamma_segmenter"], options["gamma_conditioner"])
         return optimizer, scheduler
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=cfg["lr"],

@@ -1,7 +1,7 @@
 """Command-line runner of the argparse entry points (scripts/): one-line errors, `--debug` tracebacks.
 
-Sacred entry points (train.py, test.py) use `config.run_sacred` instead, which keeps Sacred out of the library.
-Both turn an OSError raised while writing an output (disk full, quota, read-only file system,
+Sacred entry points (train.py, test.py) use `config.run_sacred` instead, which keeps Sacred out of the
+library. Both turn an OSError raised while writing an output (disk full, quota, read-only file system,
 permission; `util.paths.output_error_message`) into the same one-line error; the atomic writers have
 already removed their partial file. `warn` prints a one-line `warning: ...` (library code may call it).
 """

@@ -103,7 +103,8 @@ def _check_not_input(out: Path, inputs: Iterable, what: str, folder: bool) -> No
                             "give another output folder")
 
 
-def check_output_file(out: str | Path, inputs: Iterable = (), what: str = "--out", suffixes: tuple[str, ...] = (),
+def check_output_file(out: str | Path, inputs: Iterable = (), what: str = "--out",
+                      suffixes: tuple[str, ...] = (),
                       create_parent: bool = False) -> Path:
     """Check a file output before any compute; returns it as a Path.
 
@@ -136,7 +137,8 @@ def check_output_folder(out: str | Path, inputs: Iterable = (), what: str = "--o
                         "(--overwrite replaces only a folder)")
     _check_not_input(out, inputs, what, folder=True)
     if out.is_dir() and not overwrite:
-        raise UserError(f"{out}: already exists: pass --overwrite to replace it (or --skip-existing to keep it)")
+        raise UserError(f"{out}: already exists: pass --overwrite to replace it (or --skip-existing to keep "
+                        "it)")
     _check_parent(out, what, create_parent)
     return out
 
