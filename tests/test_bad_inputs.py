@@ -105,8 +105,8 @@ PHANTOM_ARGS = ["--size", "32", "--slices", "8", "--n-silver", "1", "--n-gold", 
 
 
 @pytest.mark.parametrize("extra, words", [
-    (["--size", "0"], ["--size >= 32"]), (["--n-gold", "1"], ["n_gold 1"]), (["--slices",
-                                                                              "0"], ["--slices >= 8"]),
+    (["--size", "0"], ["--size >= 32"]), (["--n-gold", "1"], ["n_gold 1"]),
+    (["--slices", "0"], ["--slices >= 8"]),
     (["--n-silver", "-1"], ["n_silver -1"]), (["--seed", "-1"], ["seed -1"]),
     (["--preset", "bogus"], ["preset 'bogus'", "lslpn"]),
 ])
@@ -161,11 +161,11 @@ def _nan(array, affine):
 
 
 PREPARE_DAMAGE = {
-    "truncated volume": (lambda r: truncate(first_volume(r)), ["corrupt or truncated",
-                                                               "_1_CTce_ThAb.nii.gz"]),
+    "truncated volume": (lambda r: truncate(first_volume(r)),
+                         ["corrupt or truncated", "_1_CTce_ThAb.nii.gz"]),
     "truncated mask": (lambda r: truncate(liver_mask(r)), ["corrupt or truncated", "_58_1.nii.gz"]),
-    "mask shape": (lambda r: rewrite_nifti(liver_mask(r), lambda a, f: (a[:-3], f)), ["mask shape",
-                                                                                      "resample"]),
+    "mask shape": (lambda r: rewrite_nifti(liver_mask(r), lambda a, f: (a[:-3], f)),
+                   ["mask shape", "resample"]),
     "mask affine": (lambda r: rewrite_nifti(liver_mask(r), _shift), ["mask affine", "resample"]),
     "NaN volume": (lambda r: rewrite_nifti(first_volume(r), _nan), ["1 NaN/inf voxels"]),
     "2D volume": (lambda r: rewrite_nifti(first_volume(r), lambda a, f: (a[:, :, 0], f)), ["2 dimensions"]),
@@ -350,8 +350,8 @@ def segment_argv(seg: dict, out: Path, **changes) -> list[str]:
     args = {"--checkpoint": seg["checkpoint"], "--support-image": seg["volume"],
             "--support-mask": seg["mask"],
             "--query": seg["volume"], "--out": out, "--input-size": 32}
-    args.update({key: seg.get(value, value) if isinstance(value, str) else value for key,
-                 value in changes.items()})
+    args.update({key: seg.get(value, value) if isinstance(value, str) else value
+                 for key, value in changes.items()})
     return [str(item) for pair in args.items() for item in pair if item is not None] + \
         ["--device", "cpu", "--no-progress", "--n-chunks", "3"]
 
@@ -511,8 +511,8 @@ def test_test_py_bad_input_matrix_and_snapshots_on_the_command_line(tiny_prepare
         ([good, "eval.preset=bogus"], ["eval.preset = 'bogus'"], False),
         ([good, "eval.prest=official"], ["eval.prest = 'official': unknown key", "did you mean eval.preset?"],
          False),
-        ([good, f"eval.snapshot={{'LSLPN': '{seg['checkpoint']}'}}"], ["eval.snapshot = ",
-                                                                       "did you mean eval.snapshots?"],
+        ([good, f"eval.snapshot={{'LSLPN': '{seg['checkpoint']}'}}"],
+         ["eval.snapshot = ", "did you mean eval.snapshots?"],
          False),
         ([good, "model.n_grid=0"], ["model.n_grid = 0"], False),
         ([good, "fold=1.0"], ["fold = 1.0: must be an integer"], False),                 # issue 16 class 5

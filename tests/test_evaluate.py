@@ -191,9 +191,8 @@ def test_batching_does_not_change_the_prediction_and_support_is_encoded_once_per
     for batch_size in (1, 3, 64):
         model = IntensityModel()
         predictions.append(segment_query_volume(model, support["image"], support["label"] == 1,
-                                                query["image"],
-                                                (3, 11), (4, 12), 3, 32, {"mode": "minmax"}, "cpu",
-                                                batch_size))
+                                                query["image"], (3, 11), (4, 12), 3, 32, {"mode": "minmax"},
+                                                "cpu", batch_size))
         # 9 query slices in 3 chunks of 3
         assert model.calls == {"encode": 3, "segment": 3 * -(-3 // batch_size)}
     assert all((p == predictions[0]).all() for p in predictions)

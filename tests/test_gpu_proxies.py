@@ -97,8 +97,8 @@ def test_unknown_amp_setting_is_one_clear_line(prep, amp):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("amp, dtype", [("False", torch.float32), ("bf16", torch.bfloat16), ("fp16",
-                                                                                             torch.float16)])
+@pytest.mark.parametrize("amp, dtype", [("False", torch.float32), ("bf16", torch.bfloat16),
+                                        ("fp16", torch.float16)])
 def test_training_step_runs_under_the_requested_autocast(prep, tmp_path, device, amp, dtype):
     summary, recorder = train_tiny(prep, device, tmp_path, amp=False if amp == "False" else amp)
     assert recorder.out_dtypes == {dtype}          # every conv of the real training step ran in `dtype`
@@ -172,8 +172,8 @@ def test_test_py_and_segment_volume_run_on_the_device_under_autocast(tiny_phanto
                           env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
-    rows = (Path(glob.glob(str(tmp_path / "runs" / "test" / "*"
-                               / "results.csv"))[0]).read_text()).splitlines()
+    rows = (Path(glob.glob(str(tmp_path / "runs" / "test" / "*" / "results.csv"))[0])
+            .read_text()).splitlines()
     assert any(row.startswith("LSLPN,") or ",LSLPN," in row for row in rows[1:]), rows[:3]
     gold = tiny_phantom / "GoldCorpus"
     volumes = sorted((gold / "Volumes").glob("*.nii.gz"))

@@ -21,8 +21,8 @@ def test_presets_name_their_rule():
     official, inclusive = get_preset("official"), get_preset("inclusive")
     assert (official.n_chunks, official.threshold, official.aggregate) == (12, 200, "mean")
     assert (official.rule, official.dice_smooth) == ("official", 0.001)
-    assert (inclusive.rule, inclusive.dice_smooth, inclusive.n_chunks, inclusive.threshold) == ("inclusive",
-                                                                                                0.0, 12, 200)
+    assert ((inclusive.rule, inclusive.dice_smooth, inclusive.n_chunks, inclusive.threshold)
+            == ("inclusive", 0.0, 12, 200))
     assert PRESETS["lslpn"].name == "inclusive"            # older name; results record 'inclusive'
 
 

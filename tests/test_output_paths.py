@@ -54,14 +54,14 @@ def test_an_output_that_is_an_input_is_refused_by_path_symlink_or_hard_link(file
 def test_a_new_file_next_to_the_input_is_fine_and_nothing_is_left(files):
     folder, ct = files
     before = sorted(os.listdir(folder))
-    assert check_output_file(folder / "mask.nii.gz", inputs=[ct],
-                             suffixes=(".nii.gz",)) == folder / "mask.nii.gz"
+    assert (check_output_file(folder / "mask.nii.gz", inputs=[ct], suffixes=(".nii.gz",))
+            == folder / "mask.nii.gz")
     assert sorted(os.listdir(folder)) == before                         # the write probe is removed
 
 
 @pytest.mark.parametrize("case, words", [
-    ("folder", "is a folder"), ("missing parent", "does not exist"), ("parent is a file",
-                                                                      "is a file, not a folder"),
+    ("folder", "is a folder"), ("missing parent", "does not exist"),
+    ("parent is a file", "is a file, not a folder"),
     ("suffix", "ending in .nii.gz"),
 ])
 def test_file_output_kinds(tmp_path, case, words):

@@ -104,8 +104,8 @@ def test_options_window_keep_all_and_resize(tiny_phantom, tmp_path):
     meta = prepare_dataset(tiny_phantom, tmp_path / "p", size=32,
                            intensity={"mode": "window", "window": [-125, 275]},
                            n_val=2, rule=rule, workers=1)
-    assert meta["intensity"] == {"mode": "window", "window": [-125.0,
-                                                              275.0]} and len(meta["splits"]["val"]) == 2
+    assert (meta["intensity"] == {"mode": "window", "window": [-125.0, 275.0]}
+            and len(meta["splits"]["val"]) == 2)
     pid = meta["splits"]["train"][0]
     image = np.load(tmp_path / "p" / "train" / f"{pid}_image.npy")
     assert image.shape[1:] == (32, 32) and 0 <= image.min() and image.max() <= 1

@@ -93,8 +93,8 @@ def test_head_gradients_are_finite(episode):
 
 @settings(max_examples=6, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 @given(n_grid=st.integers(1, 4), vote=st.sampled_from(list(VOTES)),
-       resolution=st.sampled_from(["image", "feature"]), fg_kind=st.sampled_from(["random", "full",
-                                                                                  "one_pixel"]),
+       resolution=st.sampled_from(["image", "feature"]),
+       fg_kind=st.sampled_from(["random", "full", "one_pixel"]),
        seed=st.integers(0, 1000))
 def test_fewshot_net_outputs_are_finite_for_any_mask(n_grid, vote, resolution, fg_kind, seed):
     from models.fewshot import FewShotSegNet

@@ -34,12 +34,12 @@ def _mask_with_counts(counts, shape_xy=(8, 8)):
 def test_presets_match_the_papers():
     assert (PRESETS["inclusive"].n_chunks, PRESETS["inclusive"].threshold, PRESETS["inclusive"].aggregate) \
         == (12, 200, "mean")
-    assert (PRESETS["senet"].n_chunks, PRESETS["senet"].threshold, PRESETS["senet"].aggregate) == (10, 10,
-                                                                                                   "median")
-    assert (PRESETS["alpnet"].n_chunks, PRESETS["alpnet"].threshold, PRESETS["alpnet"].rule) == (3, 0,
-                                                                                                 "alpnet")
-    assert (PRESETS["thirds"].n_chunks, PRESETS["thirds"].threshold, PRESETS["thirds"].aggregate) == (3, 1,
-                                                                                                      "mean")
+    assert ((PRESETS["senet"].n_chunks, PRESETS["senet"].threshold, PRESETS["senet"].aggregate)
+            == (10, 10, "median"))
+    assert ((PRESETS["alpnet"].n_chunks, PRESETS["alpnet"].threshold, PRESETS["alpnet"].rule)
+            == (3, 0, "alpnet"))
+    assert ((PRESETS["thirds"].n_chunks, PRESETS["thirds"].threshold, PRESETS["thirds"].aggregate)
+            == (3, 1, "mean"))
     with pytest.raises(UserError, match="inclusive"):
         get_preset("nnunet")
     # removed alias: one line naming its last commit
@@ -92,9 +92,8 @@ def test_chunk_plan_skips_empty_chunks_and_groups_query_slices():
 def test_chunk_plan_with_one_support_volume_per_shot():
     # centres of (0, 11) in 3 chunks: 2, 6, 10; of (10, 21): 12, 16, 20; shot j from volume j
     plan = chunk_plan([(0, 11), (10, 21)], (0, 5), 3)
-    assert [(s.tolist(), q.tolist()) for s, q in plan] == [([2, 12], [0, 1]), ([6, 16], [2, 3]), ([10,
-                                                                                                   20], [4,
-                                                                                                         5])]
+    assert ([(s.tolist(), q.tolist()) for s, q in plan]
+            == [([2, 12], [0, 1]), ([6, 16], [2, 3]), ([10, 20], [4, 5])])
     with pytest.raises(UserError, match="n_shots"):
         chunk_plan([(0, 11), (10, 21)], (0, 5), 3, n_shots=2)
 

@@ -72,8 +72,8 @@ def test_missing_corrupt_and_truncated_files(tmp_path):
     (tmp_path / "junk.nii.gz").write_bytes(b"this is not a nifti file")
     with pytest.raises(UserError, match="junk.nii.gz.*corrupt or truncated"):
         load_nifti(tmp_path / "junk.nii.gz")
-    good = write(tmp_path / "good.nii.gz", np.random.default_rng(0).normal(size=(20, 20,
-                                                                                 20)).astype(np.float32))
+    good = write(tmp_path / "good.nii.gz",
+                 np.random.default_rng(0).normal(size=(20, 20, 20)).astype(np.float32))
     data = good.read_bytes()
     (tmp_path / "cut.nii.gz").write_bytes(data[: len(data) // 2])
     with pytest.raises(UserError, match="cut.nii.gz.*corrupt or truncated"):
@@ -95,9 +95,8 @@ def test_nan_inf_2d_and_4d_images_are_refused(tmp_path):
         load_nifti(write(tmp_path / "flat.nii.gz", np.zeros((4, 4), np.int16)))
     with pytest.raises(UserError, match="time.nii.gz: image has 4 dimensions"):
         load_nifti(write(tmp_path / "time.nii.gz", np.zeros((4, 4, 4, 2), np.int16)))
-    assert load_nifti(write(tmp_path / "single.nii.gz", np.zeros((4, 4, 4, 1), np.int16))).array.shape == (4,
-                                                                                                           4,
-                                                                                                           4)
+    assert (load_nifti(write(tmp_path / "single.nii.gz", np.zeros((4, 4, 4, 1), np.int16))).array.shape
+            == (4, 4, 4))
 
 
 # ---------------------------------------------------------------- VISCERAL

@@ -31,9 +31,9 @@ code 2, no traceback, nothing written; warnings are one `warning:` line and the 
 Counted: 44 cases here (a parametrized id or a case inside a test, each with its own assertions) over
 7 entry points (segment_volume as a script and through its Python API, make_phantom, prepare_visceral,
 make_figures, train.py, test.py, evaluation.evaluate), plus 3 in tests/test_demo_numerics.py
-(scripts/demo.py). With tests/test_bad_inputs.py (90 cases, 6 entry points): 137 cases over 8 entry points (make_phantom,
-prepare_visceral, check_dataset, segment_volume, make_figures, train.py, test.py, demo.py). Unit tests
-of the root checks: tests/test_output_paths.py (util/paths.py), tests/test_label_map.py (label maps,
+(scripts/demo.py). With tests/test_bad_inputs.py (90 cases, 6 entry points): 137 cases over 8 entry
+points (make_phantom, prepare_visceral, check_dataset, segment_volume, make_figures, train.py, test.py,
+demo.py). Unit tests of the root checks: tests/test_output_paths.py (util/paths.py), tests/test_label_map.py (label maps,
 plausibility). benchmark's before-measuring output check: tests/test_benchmark.py.
 """  # noqa: E501  (the class table above)
 from __future__ import annotations
@@ -134,8 +134,8 @@ def seg_args(work, out, **changes) -> list[str]:
     args = {"--checkpoint": work["checkpoint"], "--support-image": work["ct"],
             "--support-mask": work["liver_mask"],
             "--query": work["ct"], "--out": out, "--input-size": 32}
-    args.update({key: work.get(value, value) if isinstance(value, str) else value for key,
-                 value in changes.items()})
+    args.update({key: work.get(value, value) if isinstance(value, str) else value
+                 for key, value in changes.items()})
     return [str(i) for pair in args.items() for i in pair if i is not None] + ["--device", "cpu",
                                                                                "--no-progress",
                                                                               "--n-chunks", "3"]
@@ -319,8 +319,8 @@ def test_make_figures_corrupt_results_and_a_folder_as_table(tmp_path, capsys):
 
 # -------------------------------------------------------------------------- 4. implausible inputs
 @pytest.mark.parametrize("case, changes, words", [
-    ("image and mask swapped", {"--support-image": "liver_mask",
-                                "--support-mask": "ct"}, ["check the order"]),
+    ("image and mask swapped", {"--support-image": "liver_mask", "--support-mask": "ct"},
+     ["check the order"]),
     ("constant query", {"--query": "constant"}, ["constant", "nothing to segment"]),
 ])
 def test_meaningless_inputs_are_errors(work, tmp_path, capsys, case, changes, words):

@@ -159,8 +159,8 @@ def test_phantom_beats_mask_copy_and_keeps_query_geometry(work):
                                   n_chunks=6, device="cpu", progress=False)
     written, stored = nib.load(str(out)), nib.load(str(work["query_lps"]))
     assert written.shape == stored.shape and written.get_data_dtype() == np.uint8
-    assert np.array_equal(written.affine, stored.affine) and nib.aff2axcodes(written.affine) == ("L", "P",
-                                                                                                 "S")
+    assert (np.array_equal(written.affine, stored.affine)
+            and nib.aff2axcodes(written.affine) == ("L", "P", "S"))
     assert np.array_equal(np.asarray(written.dataobj), array) and np.array_equal(image.affine, stored.affine)
     predicted = array[::-1, ::-1, :].astype(bool)                     # LPS storage -> canonical
     assert not predicted[..., :q0].any() and not predicted[..., q1 + 1:].any()

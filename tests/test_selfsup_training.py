@@ -47,8 +47,8 @@ def test_one_selfsup_step_then_fine_tuning(unlabeled_prep, tiny_prepared, tmp_pa
     assert f"initial weights from {last}" in result.stdout
     (tuned,) = glob.glob(str(tmp_path / "finetune" / "*" / "last.pth"))
     before, after = state["model"], load_checkpoint(tuned)["model"]
-    changed = [k for k in before if before[k].dtype.is_floating_point and not torch.equal(before[k],
-                                                                                          after[k])]
+    changed = [k for k in before
+               if before[k].dtype.is_floating_point and not torch.equal(before[k], after[k])]
     assert changed   # one SGD step moved the weights it started from
 
 

@@ -335,8 +335,8 @@ def test_one_training_step_lowers_the_loss_on_a_tiny_phantom():
     g = torch.Generator().manual_seed(0)
     masks = torch.stack([disc(12, 14, 6), disc(18, 16, 7)])          # 2 x H x W
     images = 0.2 * torch.rand(2, size, size, generator=g) + 0.7 * masks
-    support, fg = images[:1, None, None, None].repeat(2, 1, 1, 1, 1, 1), masks[:1, None, None].repeat(2, 1, 1,
-                                                                                                      1, 1)
+    support, fg = (images[:1, None, None, None].repeat(2, 1, 1, 1, 1, 1),
+                   masks[:1, None, None].repeat(2, 1, 1, 1, 1))
     query, labels = images[:, None, None], masks[:, None].long()
     model = SENet().train()
     optimizer = build_senet_optimizer(model, lr=1e-2, momentum=0.99, weight_decay=1e-4)
