@@ -1,7 +1,7 @@
 """Training episodes drawn from a prepared data folder (docs/DESIGN.md, "Training").
 
-An episode (as the official code, method.md section 3): N distinct training classes ("ways"); for
-each way, K support slices and the way's share of the Q query slices, all DIFFERENT slices that
+An episode (as the official code; docs/method.md, "Training setup"): N distinct training classes
+("ways"); for each way, K support slices and the way's share of the Q query slices, all DIFFERENT slices that
 contain the class, drawn from any training volume (PREP/index.json). Query q belongs to way q mod N.
 
 Item i is a deterministic function of (seed, i): its random stream is

@@ -1,6 +1,7 @@
 """One organ vocabulary for the whole project.
 
-The official LSLPN code numbers the 20 VISCERAL Anatomy3 structures 1-20 (method.md section 4).
+The official LSLPN code numbers the 20 VISCERAL Anatomy3 structures 1-20
+(docs/method.md, "VISCERAL data, folds and the paper's figures").
 Every reader maps its own names or RadLex ids onto these indices, so prepared data, models and
 evaluation speak the same language whatever layout the data came from.
 """
@@ -36,7 +37,8 @@ NAME_TO_INDEX: dict[str, int] = {name: index for index, (name, _) in STRUCTURES.
 INDEX_TO_NAME: dict[int, str] = {index: name for index, (name, _) in STRUCTURES.items()}
 RADLEX_TO_INDEX: dict[int, int] = {radlex: index for index, (_, radlex) in STRUCTURES.items()}
 
-# The six test organs of the paper, in Table 1 order, and the four folds (method.md section 4).
+# The six test organs of the paper, in Table 1 order, and the four folds
+# (docs/method.md, "VISCERAL data, folds and the paper's figures").
 TEST_ORGANS: list[str] = ["liver", "spleen", "kidney_right", "kidney_left", "psoas_right", "psoas_left"]
 FOLD_ORGANS: list[list[str]] = [["liver"], ["spleen"], ["kidney_right", "kidney_left"],
                                 ["psoas_right", "psoas_left"]]
@@ -88,7 +90,8 @@ def organ_index(name: str) -> int:
 
 
 def training_classes(fold: int, class_setting: str) -> list[int]:
-    """Label indices a model of `fold` may train on (method.md section 4).
+    """Label indices a model of `fold` may train on (docs/method.md, "VISCERAL data, folds and the
+    paper's figures").
 
     'six_organs': the other folds' test organs only; 'all_structures': all 20 structures minus the
     fold's test organs. The fold's own test organs are never among them.

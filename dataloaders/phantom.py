@@ -1,6 +1,6 @@
 """Synthetic contrast CT of thorax and abdomen written in the VISCERAL Anatomy3 layout.
 
-The anatomy of one subject (organ layout from ../shared/reference/anatomy_real_ct.md, contrast-CT
+The anatomy of one subject (organ layout measured on one real abdominal CT, contrast-CT
 Hounsfield units, variation between subjects) is dataloaders/phantom_anatomy.py; this module
 stores subjects as VISCERAL files (some in LPS orientation, so readers must reorient) and builds a
 whole phantom folder atomically. Same seed -> same bytes.

@@ -3,8 +3,8 @@
 `render_subject` is the entry point (dataloaders/phantom.py writes subjects in the VISCERAL layout).
 Each subject is an analytic body model evaluated on its own voxel grid. Body frame (mm): x from the
 patient's left to right (0 = midline), y from back to front (0 = body centre), z upwards (0 = pelvic
-floor). Organ positions, sizes and intensities follow ../shared/reference/anatomy_real_ct.md
-(centroids as fractions of body width W and depth D) and contrast-CT Hounsfield units.
+floor). Organ positions, sizes and intensities follow the organ layout measured on one real
+abdominal CT (centroids as fractions of body width W and depth D) and contrast-CT Hounsfield units.
 
 Between subjects vary: body width/depth/fat, organ translation (~1 cm sd), scale, in-plane rotation,
 smooth shape modulation, a smooth elastic displacement of the whole body, a small body rotation and

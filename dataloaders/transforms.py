@@ -4,8 +4,8 @@ Images are float32 slices scaled to [0, 1] (`dataloaders/intensity.py`), labels 
 Both resize functions take one slice `H x W` or a stack `N x H x W`, as numpy arrays or torch
 tensors, and return the same kind (numpy in -> numpy out) at `size x size`.
 
-Augmentation (method.md section 3): brightness, contrast and gamma, each applied with probability
-`p`, with a factor drawn uniformly from its [low, high] range. No flips (left and right organs
+Augmentation (docs/method.md, "Training setup"): brightness, contrast and gamma, each applied with
+probability `p`, with a factor drawn uniformly from its [low, high] range. No flips (left and right organs
 differ) and no geometric change, so labels are untouched. Randomness comes only from the numpy
 Generator passed in, so an episode is a deterministic function of its seed.
 """

@@ -1,4 +1,4 @@
-"""Reader for the VISCERAL Anatomy3 layout (method.md section 4).
+"""Reader for the VISCERAL Anatomy3 layout (docs/method.md, "VISCERAL data, folds and the paper's figures").
 
     CORPUS/Volumes/<pid>_1_CTce_ThAb.nii.gz                      one CT volume per patient
     CORPUS/Segmentations/<pid>_1_CTce_ThAb_<RadLexID>_<n>.nii.gz  one binary mask per structure

@@ -7,7 +7,7 @@ and training file names follow the writer's own rule (dataloaders.prepare.is_cas
 train_file_case), so every folder that prepare writes passes; an images-only folder (no labels,
 for self-supervised training) is checked for its images only.
 
-`mask_copy_dice(labels, support)` is the no-model baseline of method.md section 5: the support
+`mask_copy_dice(labels, support)` is the no-model baseline (docs/method.md, "Mask copy"): the support
 volume's organ mask is copied chunk by chunk onto every query volume (evaluation.protocol.mask_copy).
 A data set on which it scores high does not test few-shot segmentation. `format_mask_copy` prints
 each organ side and then the mean over the 4 organs of the README / paper table (liver, spleen,

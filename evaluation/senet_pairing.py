@@ -1,4 +1,4 @@
-"""The official SENet evaluator's slice pairing (../shared/reference/senet.md section 3).
+"""The official SENet evaluator's slice pairing (docs/method.md, "The SENet evaluator's own pairing").
 
 Volumes are canonical `X x Y x Z` arrays with axial slices along the last axis; "qualifying" slices
 hold MORE than `threshold` (10) organ voxels.
@@ -8,7 +8,7 @@ hold MORE than `threshold` (10) organ voxels.
   to Ns - 1 (only reachable for Ns < n).
 - Query: cropped from 1 slice before its first qualifying slice to the end of the first contiguous
   run of qualifying slices (inclusive; the start is clipped at slice 0). This is the official crop
-  under torch < 1.2 (senet.md: computed on transitions a[i] != a[i+1]). A gap inside the organ
+  under torch < 1.2 (the released code computes it on transitions a[i] != a[i+1]). A gap inside the organ
   ends the crop.
 - Pairing: q = round(linspace(0, Nq-1, n)) over the Nq cropped query slices; query chunk i =
   offsets [q_i, q_{i+1}) for i < n-1, paired with support slice i; the last chunk is the single

@@ -1,16 +1,16 @@
 """Feature encoders: B x 1 x H x W slices in [0, 1] -> B x C x h x w features.
 
-- 'vgg16': PANet's VGG-16 (method.md section 2): torchvision's VGG-16 conv layers, pools 1-3 of
+- 'vgg16': PANet's VGG-16 (docs/method.md, "Encoders"): torchvision's VGG-16 conv layers, pools 1-3 of
   kernel 3 stride 2, pool4 of stride 1, conv5 dilated by 2, no pool5 and no ReLU after conv5_3
   (signed features). Output stride 8, 512 channels. ImageNet mean/std on the input.
-- 'resnet50_lslpn': the authors' DeepLab-style ResNet-50 (method.md section 6, "Res_Deeplab"):
-  bottlenecks with the stride on the first 1x1 conv, stem max pool with ceil_mode (65 x 65 features
-  at 512 x 512), layer3 with stride 1 and dilation 2 in every block, a 1x1 downsample conv + BN in
-  each layer's first block; concat(layer2, layer3) -> 'layer4' = 3x3 conv (dilation 2, 1536 -> 256,
-  bias) -> ReLU -> Dropout2d(0.5). Every conv weight N(0, 0.01), BatchNorm weight 1, bias 0.
-  BatchNorm affine parameters frozen, running statistics update in train mode (the official code
-  trains in train() mode). No ImageNet mean/std on the input. Parameter names are the official
-  ones (conv1, bn1, layer1-3, layer4.0), so official snapshots load (models/fewshot.py).
+- 'resnet50_lslpn': the authors' DeepLab-style ResNet-50 "Res_Deeplab" (docs/method.md, "The official
+  code's rules"): bottlenecks with the stride on the first 1x1 conv, stem max pool with ceil_mode (65 x
+  65 features at 512 x 512), layer3 with stride 1 and dilation 2 in every block, a 1x1 downsample conv +
+  BN in each layer's first block; concat(layer2, layer3) -> 'layer4' = 3x3 conv (dilation 2, 1536 ->
+  256, bias) -> ReLU -> Dropout2d(0.5). Every conv weight N(0, 0.01), BatchNorm weight 1, bias 0.
+  BatchNorm affine parameters frozen, running statistics update in train mode (the official code trains
+  in train() mode). No ImageNet mean/std on the input. Parameter names are the official ones (conv1,
+  bn1, layer1-3, layer4.0), so official snapshots load (models/fewshot.py).
 - 'deeplabv3_resnet101': SSL-ALPNet's backbone (its models/backbone/torchvision_backbones.py
   TVDeeplabRes101Encoder): torchvision's deeplabv3_resnet101 without its ASPP head, i.e. the
   dilated ResNet-101 (layer3 and layer4 dilated, output stride 8, layer4 = 2048 channels), then a

@@ -1,7 +1,7 @@
 """SENet few-shot segmentation (Roy et al., MedIA 2020): the comparison method of the paper's Table 1.
 
-Layout as ../shared/reference/senet.md section 1 (tests/test_senet.py checks it against a
-functional reference written from that text):
+Layout as the released SENet code (tests/test_senet.py checks it against a functional reference
+written from that layout):
   - two arms with the same layout: 4 encoder blocks, a bottleneck, 4 decoder blocks;
     conditioner on the support image + its binary organ mask (2 channels, 16 filters per block),
     segmenter on the query image (1 channel, 64 filters per block);

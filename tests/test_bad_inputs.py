@@ -475,7 +475,7 @@ def test_train_py_bad_input_matrix(tiny_prepared, broken_preps, tmp_path):
         ([good, "val_every=3"], ["1 held-out validation volumes", "val_every=0"], False),
         ([good, "model.nonsense=1"], ["model.nonsense"], False),
         ([good, "model.n_gird=4"], ["model.n_gird = 4: unknown key", "did you mean model.n_grid?"], False),
-        ([good, "fold=1.0"], ["fold = 1.0: must be an integer", "write 1"], False),        # issue 16 class 5
+        ([good, "fold=1.0"], ["fold = 1.0: must be an integer", "write 1"], False),  # reliability class 5
         ([good, "n_steps=4.0"], ["n_steps = 4.0: must be an integer"], False),
         ([good, "n_steps='abc'"], ["n_steps = 'abc': must be an integer, not a string"], False),
         ([good, "fold='0'"], ["fold = '0': must be an integer, not a string", "fold=0"], False),
@@ -515,7 +515,7 @@ def test_test_py_bad_input_matrix_and_snapshots_on_the_command_line(tiny_prepare
          ["eval.snapshot = ", "did you mean eval.snapshots?"],
          False),
         ([good, "model.n_grid=0"], ["model.n_grid = 0"], False),
-        ([good, "fold=1.0"], ["fold = 1.0: must be an integer"], False),                 # issue 16 class 5
+        ([good, "fold=1.0"], ["fold = 1.0: must be an integer"], False),                 # reliability class 5
     ]
     ok = [good, f"eval.snapshots={{'LSLPN': '{seg['checkpoint']}'}}", 'eval.organs=["liver"]',
           "input_size=32"]

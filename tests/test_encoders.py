@@ -27,8 +27,9 @@ def test_output_shape(name, channels, out_hw):
 
 
 def test_official_resnet_layout():
-    """method.md section 6: 65 x 65 features at 512 (ceil-mode pool, stride on the 1x1 conv),
-    dilation 2 in every layer3 block, official key names, N(0, 0.01) convs, no ImageNet norm."""
+    """The authors' ResNet (docs/method.md, "The official code's rules"): 65 x 65 features at 512
+    (ceil-mode pool, stride on the 1x1 conv), dilation 2 in every layer3 block, official key names,
+    N(0, 0.01) convs, no ImageNet norm."""
     torch.manual_seed(0)
     encoder = ResNet50LSLPN()
     meta = encoder.to("meta").eval()

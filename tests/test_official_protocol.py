@@ -1,5 +1,5 @@
-"""Protocol preset 'official' (the authors' eval.py, method.md section 6), hand-worked cases, and
-the 'inclusive' preset kept as this project's rule."""
+"""Protocol preset 'official' (the authors' eval.py; docs/method.md, "The official code's rules"),
+hand-worked cases, and the 'inclusive' preset kept as this project's rule."""
 import numpy as np
 import pytest
 

@@ -1,4 +1,5 @@
-"""The organ vocabulary: indices, RadLex ids, aliases and fold class pools (method.md section 4)."""
+"""The organ vocabulary: indices, RadLex ids, aliases and fold class pools (docs/method.md, "VISCERAL
+data, folds and the paper's figures")."""
 import pytest
 
 from dataloaders import organs

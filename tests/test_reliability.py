@@ -1,4 +1,4 @@
-"""Reliability (issue 16): the classes of failure found by a new user's ~170 unusual inputs, each fixed
+"""Reliability: the classes of failure found by a new user's ~170 unusual inputs, each fixed
 at one root check and tested here for every entry-point family it touches. Successor of the
 bad-input matrix in tests/test_bad_inputs.py (same helpers, same contract: one `error:` line, exit
 code 2, no traceback, nothing written; warnings are one `warning:` line and the run goes on).

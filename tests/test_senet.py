@@ -1,5 +1,5 @@
-"""SENet (models/senet.py, training/senet_schedule.py) against references written from
-../shared/reference/senet.md sections 1-2."""
+"""SENet (models/senet.py, training/senet_schedule.py) against references written from the released
+SENet code's layout and optimisation (docs/method.md, "The SENet volumetric protocol")."""
 from __future__ import annotations
 
 import warnings
@@ -13,7 +13,7 @@ from models.senet import N_POINTS, SENet, dice_loss, senet_loss
 from training.senet_schedule import build_senet_optimizer, build_senet_scheduler, epoch_of_step
 from util.errors import UserError
 
-RELEASED_USED_PARAMETERS = 971_212     # senet.md section 1: used in the forward pass of the fold1 model
+RELEASED_USED_PARAMETERS = 971_212     # parameters the released fold1 model uses in its forward pass
 
 
 def _episode(B=2, K=1, Q=1, size=32, seed=0):
@@ -24,7 +24,7 @@ def _episode(B=2, K=1, Q=1, size=32, seed=0):
     return support, fg, 1 - fg, query
 
 
-# ------------------------------------------------------------------ functional reference (senet.md s.1)
+# ------------------------------------------------------- functional reference (the released SENet layout)
 def _block(x, block):
     """conv 5x5 pad 2 -> PReLU (one slope) -> BatchNorm (eval statistics)."""
     y = F.conv2d(x, block.conv.weight, block.conv.bias, stride=1, padding=2)
@@ -34,7 +34,8 @@ def _block(x, block):
 
 
 def _reference(model, support_image, support_mask, query_image, official_bug=False):
-    """SENet forward written literally from senet.md (M x 1 x H x W image and mask, M x 1 x H x W query)."""
+    """SENet forward written literally from the released layout (M x 1 x H x W image and mask,
+    M x 1 x H x W query)."""
     c, s = model.conditioner, model.segmenter
     # Conditioner: e1 e2 e3 e4 (the 4th reuses encode3 under the official bug), bn, d4 d3 d2 d1.
     x = torch.cat([support_image, support_mask], 1)

@@ -1,4 +1,5 @@
-"""The official SENet evaluator's pairing (evaluation/senet_pairing.py), hand-worked from senet.md s.3."""
+"""The official SENet evaluator's pairing (evaluation/senet_pairing.py), hand-worked from the released
+SENet evaluator (docs/method.md, "The SENet evaluator's own pairing")."""
 from __future__ import annotations
 
 import numpy as np

@@ -1,4 +1,5 @@
-"""SENet's optimisation (../shared/reference/senet.md section 2), scaled to any number of steps.
+"""SENet's optimisation (the released SENet code; docs/method.md, "The SENet volumetric protocol"),
+scaled to any number of steps.
 
 - Two SGD optimisers, one per arm, both lr 1e-3, momentum 0.99, weight decay 1e-4: here ONE
   torch.optim.SGD with one parameter group per arm ('segmenter', 'conditioner'). SGD updates every
