@@ -42,6 +42,7 @@ from typing import Mapping
 import numpy as np
 import torch
 
+from models.encoders import ResNet50LSLPN
 from models.factory import METHOD_NAMES, build_model, method_of
 from models.fewshot import OFFICIAL_MODEL_CONFIG, is_official_snapshot
 from models.removed_options import refuse_removed_options
@@ -136,7 +137,6 @@ def safe_torch_load(path: str, map_location: str | torch.device = "cpu", what: s
 def _official_encoder_keys() -> frozenset:
     """Parameter keys of the official code's network (encoder.* of resnet50_lslpn), built on the meta
     device (no memory, no time)."""
-    from models.encoders import ResNet50LSLPN
     with torch.device("meta"):
         keys = ResNet50LSLPN().state_dict()
     return frozenset(f"encoder.{key}" for key in keys if not key.endswith("num_batches_tracked"))

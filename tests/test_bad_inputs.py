@@ -108,7 +108,7 @@ PHANTOM_ARGS = ["--size", "32", "--slices", "8", "--n-silver", "1", "--n-gold", 
     (["--size", "0"], ["--size >= 32"]), (["--n-gold", "1"], ["n_gold 1"]),
     (["--slices", "0"], ["--slices >= 8"]),
     (["--n-silver", "-1"], ["n_silver -1"]), (["--seed", "-1"], ["seed -1"]),
-    (["--preset", "bogus"], ["preset 'bogus'", "lslpn"]),
+    (["--preset", "bogus"], ["preset 'bogus'", "inclusive"]),
 ])
 def test_make_phantom_out_of_range_or_unknown_leaves_nothing(tmp_path, capsys, extra, words):
     code, err = run_script("make_phantom", ["--out", tmp_path / "ph", *PHANTOM_ARGS, *extra], capsys)

@@ -257,6 +257,8 @@ def test_deeplabv3_resnet101_loads_the_coco_layout_and_offline_is_one_line(tmp_p
     with torch.device("meta"):
         encoder = DeepLabV3ResNet101()
     encoder = encoder.to_empty(device="cpu")                  # storage only: random init is slow on a CPU
+    with torch.no_grad():                      # to_empty leaves garbage (NaN possible): give the conv values
+        encoder.localconv.weight.normal_()
     conv = encoder.localconv.weight.clone()
     state = {k: (torch.randn_like(v) if v.is_floating_point() else v) for k, v in encoder.state_dict().items()
              if k.startswith("backbone.")}
