@@ -40,7 +40,8 @@ SUPERPIXELS = "superpix-MIDDLE"             # the only superpixel mode SSL-ALPNe
 class AlpnetDataset:
     """One data set of the SSL-ALPNet layout: modality, label values, folds and label sets."""
     name: str
-    modality: str                               # 'MR' (z-score per volume) or 'CT' (global training statistics)
+    # 'MR' (z-score per volume) or 'CT' (global training statistics)
+    modality: str
     class_names: dict[int, str]                 # label value -> classmap name (every value of the data set)
     vocabulary: dict[int, str]                  # label value -> organ name of dataloaders/organs.py
     separators: tuple[int, ...]                 # fold k = ids[sep[k] : sep[k + 1]] (+ the next id as support)
@@ -111,8 +112,9 @@ def detect_dataset(folder: str | Path) -> AlpnetDataset:
     for dataset in DATASETS.values():
         if {dataset.class_names[v] for v in dataset.evaluated} <= names:
             return dataset
-    raise UserError(f"{folder / CLASSMAP}: class names {sorted(names)} are neither CHAOS-T2's (LIVER, RK, LK, "
-                    "SPLEEN) nor SABS's (SPLEEN, KID_R, KID_l, LIVER): use SSL-ALPNet's classmap of that data set")
+    raise UserError(f"{folder / CLASSMAP}: class names {sorted(names)} are neither CHAOS-T2's "
+                    "(LIVER, RK, LK, SPLEEN) nor SABS's (SPLEEN, KID_R, KID_l, LIVER): "
+                    "use SSL-ALPNet's classmap of that data set")
 
 
 def _digits(path: Path) -> int:
@@ -136,8 +138,8 @@ def scan_ids(folder: str | Path) -> list[int]:
                         f"{lonely}): add the label volumes or remove those images")
     orphans = sorted(set(labels) - set(images))
     if orphans:
-        raise UserError(f"{labels[orphans[0]]}: no image_{orphans[0]}.nii.gz beside it (labels without images: "
-                        f"{orphans}): add the images or remove those labels")
+        raise UserError(f"{labels[orphans[0]]}: no image_{orphans[0]}.nii.gz beside it "
+                        f"(labels without images: {orphans}): add the images or remove those labels")
     return sorted(images)
 
 
@@ -149,7 +151,8 @@ def _read(path: Path) -> tuple[np.ndarray, np.ndarray]:
         image = nib.load(str(path))
         data = np.asarray(image.dataobj, dtype=np.float64)
     except Exception as error:  # nibabel raises many kinds for corrupt files
-        raise UserError(f"{path}: cannot read NIfTI ({type(error).__name__}): copy or export it again") from None
+        raise UserError(f"{path}: cannot read NIfTI ({type(error).__name__}): "
+                        "copy or export it again") from None
     if data.ndim != 3:
         raise UserError(f"{path}: {data.ndim} dimensions {data.shape}, expected one 3D scan: export it again")
     if not np.isfinite(data).all():
@@ -189,8 +192,8 @@ def load_scan(folder: str | Path, sid: int, dataset: AlpnetDataset, superpixels:
     if superpixels:
         sp_path = folder / f"{SUPERPIXELS}_{sid}.nii.gz"
         if not sp_path.is_file():
-            raise UserError(f"{sp_path}: missing, self-supervised training needs SSL-ALPNet's superpixels: make "
-                            "them with its pseudolabel_gen notebook, or train with labels")
+            raise UserError(f"{sp_path}: missing, self-supervised training needs SSL-ALPNet's superpixels: "
+                            "make them with its pseudolabel_gen notebook, or train with labels")
         sp, _ = _read(sp_path)
         if sp.shape != image.shape:
             raise UserError(f"{sp_path}: shape {sp.shape} differs from image_{sid}.nii.gz {image.shape}: "
@@ -214,8 +217,9 @@ def check_classmap(classmap: dict, scan: AlpnetScan, dataset: AlpnetDataset, pat
             continue
         if listed != actual:
             raise UserError(f"{path}: {name} of scan {scan.sid} lists slices {_span(listed)} but "
-                            f"label_{scan.sid}.nii.gz holds it in {_span(actual)}: regenerate {CLASSMAP} from the "
-                            "labels (SSL-ALPNet's class_slice_index_gen notebook)")
+                            f"label_{scan.sid}.nii.gz holds it in {_span(actual)}: "
+                            f"regenerate {CLASSMAP} from the labels "
+                            "(SSL-ALPNet's class_slice_index_gen notebook)")
 
 
 def _span(zs) -> str:
@@ -241,7 +245,8 @@ def ct_statistics(images: list[np.ndarray]) -> tuple[float, float]:
     return mean, float(np.sqrt(var))
 
 
-def normalise(image: np.ndarray, dataset: AlpnetDataset, ct_stats: tuple[float, float] | None = None) -> np.ndarray:
+def normalise(image: np.ndarray, dataset: AlpnetDataset,
+              ct_stats: tuple[float, float] | None = None) -> np.ndarray:
     """Normalised and cropped Y x X x Z float32: MR z-score per volume, CT by the training statistics."""
     if dataset.modality == "MR":
         out = zscore(image)

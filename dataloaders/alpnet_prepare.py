@@ -12,7 +12,8 @@ The prepared folder (docs/DESIGN.md "Prepared data folder") holds, for fold k of
                            (`normalised_volume`: MR per-volume z-score, CT the training statistics)
 Setting 2 keeps only the training slices without any test organ (`kept_slices`, rule 'or' as
 SSL-ALPNet; 'and' = the Q-Net lineage); Setting 1 keeps every slice. The rows of the training arrays
-are the kept slices (their z are in index.json and meta.json). Built atomically (dataloaders.nifti.atomic_folder).
+are the kept slices (their z are in index.json and meta.json). Built atomically
+(dataloaders.nifti.atomic_folder).
 """
 from __future__ import annotations
 
@@ -68,8 +69,8 @@ def prepare_alpnet(data_dir: str | Path, out: str | Path, fold: int, setting: in
              or sid == support}
     for value in test_values:                          # the support must show every test organ
         if not layout.organ_slices(scans[support].label, value).size:
-            raise UserError(f"{data_dir / f'label_{support}.nii.gz'}: the support scan of fold {fold} holds no "
-                            f"{dataset.class_names[value]}: use the data set's complete labels")
+            raise UserError(f"{data_dir / f'label_{support}.nii.gz'}: the support scan of fold {fold} "
+                            f"holds no {dataset.class_names[value]}: use the data set's complete labels")
     sizes = {tuple(layout.crop(scan.image).shape[:2]) for scan in scans.values()}
     if len(sizes) != 1 or len(set(next(iter(sizes)))) != 1:
         raise UserError(f"{data_dir}: scans have in-plane sizes {sorted(sizes)} after the [:256, :256] crop, "
@@ -89,7 +90,8 @@ def prepare_alpnet(data_dir: str | Path, out: str | Path, fold: int, setting: in
             save_npy(partial / "train" / f"{sid}_label.npy", np.moveaxis(label[:, :, rows], 2, 0).copy())
             if with_superpixels:
                 sp = layout.crop(scan.superpixels)[:, :, rows]
-                save_npy(partial / "superpixels" / f"{sid}.npy", np.moveaxis(sp, 2, 0).astype(np.uint16).copy())
+                save_npy(partial / "superpixels" / f"{sid}.npy",
+                         np.moveaxis(sp, 2, 0).astype(np.uint16).copy())
             kept_counts[str(sid)] = {"slices": int(keep.size), "kept": int(rows.size)}
             for organ_index in np.unique(label[:, :, rows]):
                 if organ_index == 0:
@@ -106,7 +108,8 @@ def prepare_alpnet(data_dir: str | Path, out: str | Path, fold: int, setting: in
                 "original_shape": np.asarray(scan.image.shape, dtype=np.int64),
                 "original_axcodes": np.asarray("as stored"), "spacing": np.abs(np.diag(scan.affine)[:3])})
         if with_superpixels:
-            write_bytes_atomic(json.dumps({"format_version": 1, "params": {"method": "ssl-alpnet superpix-MIDDLE"},
+            write_bytes_atomic(json.dumps({"format_version": 1,
+                                           "params": {"method": "ssl-alpnet superpix-MIDDLE"},
                                            "volumes": {str(s): {} for s in training}}).encode(),
                                partial / "superpixels" / "meta.json")
         index = {key: index[key] for key in sorted(index, key=int)}
@@ -118,7 +121,8 @@ def prepare_alpnet(data_dir: str | Path, out: str | Path, fold: int, setting: in
                 "seed": 0, "splits": {"train": [str(s) for s in training], "val": [],
                                       "gold": [str(s) for s in test + [support]]},
                 "classes": {key: INDEX_TO_NAME[int(key)] for key in index},
-                "alpnet": {"gold_image": "as stored", "fold": fold, "setting": setting, "label_set": label_set if setting == 2 else None,
+                "alpnet": {"gold_image": "as stored", "fold": fold, "setting": setting,
+                           "label_set": label_set if setting == 2 else None,
                            "rule": rule,
                            "test": [str(s) for s in test], "support": str(support),
                            "test_organs": test_organs, "excluded": [INDEX_TO_NAME[NAME_TO_INDEX[

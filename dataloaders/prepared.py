@@ -37,18 +37,21 @@ def _read_json(prep_dir: str | Path, name: str, what: str) -> Any:
     try:
         return json.loads(path.read_text())
     except (ValueError, UnicodeDecodeError) as error:
-        raise UserError(f"{what} '{prep_dir}': {name} is unreadable ({error}): {prepare_hint(prep_dir)}") from None
+        raise UserError(f"{what} '{prep_dir}': {name} is unreadable ({error}): "
+                        f"{prepare_hint(prep_dir)}") from None
 
 
 def read_meta(prep_dir: str | Path, what: str = "prepared data") -> dict:
     """PREP/meta.json. `what` names the folder in messages (e.g. 'path.data_dir')."""
     meta = _read_json(prep_dir, "meta.json", what)
     if not isinstance(meta, dict):
-        raise UserError(f"{what} '{prep_dir}': meta.json is unreadable (not a JSON object): {prepare_hint(prep_dir)}")
+        raise UserError(f"{what} '{prep_dir}': meta.json is unreadable (not a JSON object): "
+                        f"{prepare_hint(prep_dir)}")
     return meta
 
 
-def read_slice_index(prep_dir: str | Path, what: str = "prepared data") -> dict[int, list[tuple[str, int, int]]]:
+def read_slice_index(prep_dir: str | Path,
+                     what: str = "prepared data") -> dict[int, list[tuple[str, int, int]]]:
     """PREP/index.json as {label index: [(pid, row, z), ...]} (the training slices)."""
     raw = _read_json(prep_dir, "index.json", what)
     try:
@@ -117,7 +120,8 @@ def open_training_volume(prep_dir: str | Path, pid: str) -> tuple[np.ndarray, np
 
 
 def open_training_images(prep_dir: str | Path, pid: str) -> np.ndarray:
-    """Memory map of PREP/train/<pid>_image.npy alone (N x S x S float32; an images-only folder has no labels)."""
+    """Memory map of PREP/train/<pid>_image.npy alone (N x S x S float32; an images-only folder has no
+    labels)."""
     path = Path(prep_dir) / "train" / f"{pid}_image.npy"
     if not path.is_file():
         raise UserError(f"prepared data '{prep_dir}': {path} is missing: {prepare_hint(prep_dir)}")

@@ -40,7 +40,8 @@ def percentiles(n_part: int = N_PART) -> np.ndarray:
 
 
 def support_positions(n_slices: int, n_part: int = N_PART) -> list[int]:
-    """Positions int(pct * n) in the support's organ-slice list (14 -> 2, 7, 11; 24 -> 4, 12, 20; 2 -> 0, 1, 1)."""
+    """Positions int(pct * n) in the support's organ-slice list (14 -> 2, 7, 11; 24 -> 4, 12, 20;
+    2 -> 0, 1, 1)."""
     if n_slices < 1:
         raise UserError("support scan does not hold the organ (no slice): pick another support scan")
     return [int(p * n_slices) for p in percentiles(n_part)]
@@ -77,7 +78,8 @@ def dice_3d(prediction: np.ndarray, truth: np.ndarray) -> float:
     """2 TP / (2 TP + FP + FN) over all voxels given (no smoothing); NaN when both are empty."""
     prediction, truth = np.asarray(prediction, bool), np.asarray(truth, bool)
     tp = float(np.logical_and(prediction, truth).sum())
-    denominator = 2 * tp + float(np.logical_and(prediction, ~truth).sum()) + float(np.logical_and(~prediction, truth).sum())
+    denominator = (2 * tp + float(np.logical_and(prediction, ~truth).sum())
+                   + float(np.logical_and(~prediction, truth).sum()))
     return 2 * tp / denominator if denominator > 0 else float("nan")
 
 
@@ -105,12 +107,14 @@ def evaluate_query(predict: Predictor, support_image: np.ndarray, support_mask: 
     return dice_3d(prediction[:, :, scored], np.asarray(query_mask, bool)[:, :, scored]), prediction
 
 
-def mask_copy_predictor(support_image: np.ndarray, support_mask: np.ndarray, queries: np.ndarray) -> np.ndarray:
+def mask_copy_predictor(support_image: np.ndarray, support_mask: np.ndarray,
+                        queries: np.ndarray) -> np.ndarray:
     """The no-model baseline: the support slice's mask for every query slice of its part."""
     return np.repeat(np.asarray(support_mask, bool)[None], queries.shape[0], axis=0)
 
 
-def model_predictor(model, input_size: int, device: str | torch.device = "cpu", batch_size: int = 16) -> Predictor:
+def model_predictor(model, input_size: int, device: str | torch.device = "cpu",
+                    batch_size: int = 16) -> Predictor:
     """Predictor of a few-shot model (eval mode): slices resized to input_size, logits resized back
     bilinearly to the stored size, foreground = argmax == 1."""
     device = torch.device(device)
@@ -143,5 +147,6 @@ def summarise_folds(per_fold: dict[int, dict[str, float]]) -> dict[str, dict[str
         values = np.array([per_fold[f][organ] for f in sorted(per_fold) if organ in per_fold[f]], float)
         values = values[np.isfinite(values)]
         out[organ] = {"mean": float(values.mean()) if values.size else float("nan"),
-                      "std": float(values.std()) if values.size else float("nan"), "n_folds": int(values.size)}
+                      "std": float(values.std()) if values.size else float("nan"),
+                      "n_folds": int(values.size)}
     return out

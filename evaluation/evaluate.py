@@ -19,17 +19,18 @@ from tqdm.auto import tqdm
 from dataloaders.nifti import save_nifti_atomic, to_original
 from dataloaders.organs import FOLD_ORGANS, canonical_name, organ_index
 from dataloaders.prepared import default_support, list_volumes, load_volume, read_meta
-from models.checkpoint import DEFAULT_INPUT_SIZE, model_from_checkpoint, model_input, trained_input
-from models.factory import PROTOTYPE, SENET, check_method
-from util.atomic import atomic_path
-from util.device import resolve_device
-from util.cli import warn
-from util.errors import UserError
 from evaluation.figures import make_figures
 from evaluation.inference import segment_query_volume
 from evaluation.metrics import dice
 from evaluation.protocol import aggregate, get_preset, mask_copy, preset_range, support_slices_for_query
 from evaluation.results import _jsonable, summarise, write_outputs
+from models.checkpoint import DEFAULT_INPUT_SIZE, model_from_checkpoint, model_input, trained_input
+from models.factory import PROTOTYPE, SENET, check_method
+from util.atomic import atomic_path
+from util.cli import warn
+from util.device import resolve_device
+from util.errors import UserError
+
 
 # ----------------------------------------------------------------------------------------- data
 def choose_supports(pids: list[str], support: str | int | list) -> list[str]:
@@ -100,8 +101,9 @@ def check_intensity(prepared: dict, intensity: dict) -> None:
         for _, info in per_organ.values():
             trained = info.get("intensity")
             if trained is not None and trained != intensity:
-                raise UserError(f"snapshot {info['snapshot']} ({name}) was trained on slices scaled {trained} "
-                                f"but the prepared data uses {intensity}: evaluate on data prepared the "
+                raise UserError(f"snapshot {info['snapshot']} ({name}) was trained on slices scaled "
+                                f"{trained} but the prepared data uses {intensity}: "
+                                "evaluate on data prepared the "
                                 "same way (scripts/prepare_visceral.py --window / default min-max)")
 
 
@@ -194,13 +196,15 @@ def run_protocol(methods: dict[str, dict], organs: list[str], prep_dir, split: s
                 if reason is not None:
                     continue
                 model, info = per_organ[organ]
-                run = info.get("input", {"input_size": input_size or DEFAULT_INPUT_SIZE, "intensity": intensity})
+                run = info.get("input", {"input_size": input_size or DEFAULT_INPUT_SIZE,
+                                         "intensity": intensity})
                 prediction = predict(model, support, query, label, support_range, query_range, preset,
                                      run["input_size"], run["intensity"], device, batch_size, n_shots)
                 target = query["label"] == label
                 lo, hi = query_range
                 record["dice_range"] = dice(prediction[:, :, lo:hi + 1], target[:, :, lo:hi + 1],
-                                            preset.dice_smooth, preset.dice_eps)  # 'official'/'senet': smoothed
+                                            # 'official'/'senet': smoothed
+                                            preset.dice_smooth, preset.dice_eps)
                 record["dice_volume"] = dice(prediction, target)
                 record["empty"] = not prediction.any()
                 if on_prediction is not None:
@@ -210,8 +214,9 @@ def run_protocol(methods: dict[str, dict], organs: list[str], prep_dir, split: s
 
 
 # --------------------------------------------------------------------------------- validation
-def validate(model: torch.nn.Module, prep_dir: str | Path, split: str = "val", organs: list[str] | None = None,
-             preset: str = "inclusive", input_size: int = 512, device="cpu", batch_size: int = 16,
+def validate(model: torch.nn.Module, prep_dir: str | Path, split: str = "val",
+             organs: list[str] | None = None, preset: str = "inclusive", input_size: int = 512,
+             device="cpu", batch_size: int = 16,
              n_shots: int = 1) -> dict:
     """Volumetric Dice of `model` on a prepared split, for model selection during training.
 
@@ -277,7 +282,8 @@ class _Collector:
         # 'as stored': an SSL-ALPNet-layout volume (dataloaders/alpnet_prepare.py), held in SSL-ALPNet's
         # Y x X x Z transpose of the file's array: transposed back, it lies on the file's grid again
         array = labels.transpose(1, 0, 2) if axcodes == "as stored" else to_original(labels, axcodes)
-        save_nifti_atomic(array, query["original_affine"], folder / f"{record['query']}_{record['organ']}.nii.gz")
+        save_nifti_atomic(array, query["original_affine"],
+                          folder / f"{record['query']}_{record['organ']}.nii.gz")
 
     def _keep_slice(self, record, support, query, prediction) -> None:
         """First scored (support, query) pair of each organ: the middle slice of the query range."""
@@ -293,7 +299,8 @@ class _Collector:
             label = organ_index(organ)
             entry = self.figure[organ] = {
                 "support": record["support"], "query": record["query"], "query_z": z, "support_z": support_z,
-                "support_image": support["image"][:, :, support_z], "support_mask": support["label"][:, :, support_z] == label,
+                "support_image": support["image"][:, :, support_z],
+                "support_mask": support["label"][:, :, support_z] == label,
                 "query_image": query["image"][:, :, z], "query_mask": query["label"][:, :, z] == label,
                 "predictions": {}}
         if (record["support"], record["query"]) == (entry["support"], entry["query"]):
@@ -311,13 +318,15 @@ def warn_empty_predictions(records: list[dict]) -> None:
             if record.get("empty"):
                 empty.setdefault(key, []).append(str(record["query"]))
     for (method, organ), queries in empty.items():
-        warn(f"{method} predicted no {organ} voxel in {len(queries)} of {scored[(method, organ)]} query volumes "
-             f"({', '.join(sorted(set(queries))[:4])}): Dice 0 there; check the snapshot's fold and input")
+        warn(f"{method} predicted no {organ} voxel in {len(queries)} of {scored[(method, organ)]} "
+             f"query volumes ({', '.join(sorted(set(queries))[:4])}): Dice 0 there; "
+             "check the snapshot's fold and input")
 
 
 def evaluate(methods: dict, organs: list[str], prep_dir: str | Path, preset: str = "inclusive",
              out_dir: str | Path | None = None, split: str = "gold", support="default", n_shots: int = 1,
-             input_size: int | None = None, device="auto", batch_size: int = 16, save_predictions: bool = True,
+             input_size: int | None = None, device="auto", batch_size: int = 16,
+             save_predictions: bool = True,
              fold: int | None = None, config: dict | None = None, progress: bool = True,
              figures: bool = True) -> dict:
     """Run the volumetric protocol for several methods and organs and write every output once.
@@ -333,13 +342,15 @@ def evaluate(methods: dict, organs: list[str], prep_dir: str | Path, preset: str
     Returns the results dict (as results.json).
     """
     if not methods:
-        raise UserError("evaluate: no methods given: pass e.g. {'mask copy': None, 'LSLPN': 'runs/.../best.pth'}")
+        raise UserError("evaluate: no methods given: pass e.g. "
+                        "{'mask copy': None, 'LSLPN': 'runs/.../best.pth'}")
     organs = organ_names(organs)
     protocol = get_preset(preset)
     intensity = read_meta(prep_dir)["intensity"]
     supports = choose_supports(list_volumes(prep_dir, split), support)
     device = resolve_device(device)
-    prepared = {name: prepare_method(spec, organs, device, input_size, intensity) for name, spec in methods.items()}
+    prepared = {name: prepare_method(spec, organs, device, input_size, intensity)
+                for name, spec in methods.items()}
     check_intensity(prepared, intensity)
     check_methods(prepared)
     out = Path(out_dir) if out_dir is not None else None

@@ -97,7 +97,8 @@ def organ_range(organ_mask: np.ndarray, threshold: int) -> tuple[int, int] | Non
     return int(slices[0]), int(slices[-1])
 
 
-def preset_range(organ_mask: np.ndarray, preset: ProtocolPreset, role: str = "support") -> tuple[int, int] | None:
+def preset_range(organ_mask: np.ndarray, preset: ProtocolPreset,
+                 role: str = "support") -> tuple[int, int] | None:
     """The organ range (first, last), inclusive, under the preset's rule; None when empty.
 
     'official': slices z = 0 .. Z-2 with more than `threshold` voxels, cropped to [first, last).
@@ -210,7 +211,8 @@ def _senet_plan(support_mask, query_range: tuple[int, int], n_chunks: int,
 
 def _alpnet_plan(support_mask, support_ranges, query_range: tuple[int, int], n_chunks: int,
                  n_shots: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    """chunk_plan of rule 'alpnet' (evaluation/alpnet_protocol.py): percentile support slices, query thirds."""
+    """chunk_plan of rule 'alpnet' (evaluation/alpnet_protocol.py): percentile support slices, query
+    thirds."""
     if support_mask is None:
         raise UserError("protocol rule 'alpnet' needs the support mask: pass support_mask to chunk_plan")
     if n_shots != 1 or np.asarray(support_ranges).ndim != 1:
@@ -266,7 +268,8 @@ def mask_copy(support_mask: np.ndarray, support_range: tuple[int, int], query_sh
     prediction = np.zeros(query_shape, dtype=bool)
     sources = support_slices_for_query(support_range, query_range, n_chunks, rule, support_mask)
     for offset, support_z in enumerate(sources):
-        prediction[..., query_range[0] + offset] = resize_nearest(support_mask[..., support_z], query_shape[:2])
+        prediction[..., query_range[0] + offset] = resize_nearest(support_mask[..., support_z],
+                                                                  query_shape[:2])
     return prediction
 
 
@@ -275,6 +278,8 @@ def resize_nearest(mask_2d: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     mask_2d = np.asarray(mask_2d)
     if mask_2d.shape == tuple(shape):
         return mask_2d.astype(bool)
-    rows = np.minimum(((np.arange(shape[0]) + 0.5) * mask_2d.shape[0] / shape[0]).astype(int), mask_2d.shape[0] - 1)
-    cols = np.minimum(((np.arange(shape[1]) + 0.5) * mask_2d.shape[1] / shape[1]).astype(int), mask_2d.shape[1] - 1)
+    rows = np.minimum(((np.arange(shape[0]) + 0.5) * mask_2d.shape[0] / shape[0]).astype(int),
+                      mask_2d.shape[0] - 1)
+    cols = np.minimum(((np.arange(shape[1]) + 0.5) * mask_2d.shape[1] / shape[1]).astype(int),
+                      mask_2d.shape[1] - 1)
     return mask_2d[np.ix_(rows, cols)].astype(bool)

@@ -41,7 +41,8 @@ def default_data() -> Path:
 
 
 def display_command(argv: list[str]) -> str:
-    """The command line as the report shows it: no machine paths (--data DIR, --out relative when inside cwd)."""
+    """The command line as the report shows it: no machine paths (--data DIR, --out relative when inside
+    cwd)."""
     shown = list(argv)
     for flag in ("--data", "--out", "--doc"):
         if flag in shown[:-1]:
@@ -64,18 +65,23 @@ def compared(path: Path | None) -> dict | None:
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", type=Path, default=None, help=f"SSL-ALPNet-layout folder (default ${DATA_ENV} "
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, default=None,
+                        help=f"SSL-ALPNet-layout folder (default ${DATA_ENV} "
                         "or ../shared/data/chaos_mr_t2 beside the repository)")
-    parser.add_argument("--out", type=Path, default=Path("runs/bench_chaos"), help="prepared folders, runs, results")
+    parser.add_argument("--out", type=Path, default=Path("runs/bench_chaos"),
+                        help="prepared folders, runs, results")
     parser.add_argument("--folds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--settings", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--label-sets", type=int, nargs="+", default=[0, 1], choices=[0, 1],
                         help="0: kidneys tested, 1: liver and spleen tested")
     parser.add_argument("--methods", nargs="+", default=None,
-                        help="table rows to train (default all), e.g. LSLPN 'PANet head'; mask copy always runs")
+                        help="table rows to train (default all), e.g. LSLPN 'PANet head'; "
+                        "mask copy always runs")
     parser.add_argument("--rule", choices=["or", "and"], default="or",
-                        help="Setting 2 exclusion: 'or' (SSL-ALPNet: any test organ) or 'and' (Q-Net lineage)")
+                        help="Setting 2 exclusion: 'or' (SSL-ALPNet: any test organ) "
+                        "or 'and' (Q-Net lineage)")
     parser.add_argument("--steps", type=int, default=None, help="training steps per run (CPU default 150)")
     parser.add_argument("--input-size", type=int, default=64, help="model input size of the CPU budget")
     parser.add_argument("--batch-size", type=int, default=2, help="episodes per step of the CPU budget")
@@ -85,7 +91,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--doc", type=Path, default=ROOT / "docs" / "bench_chaos.md")
     parser.add_argument("--report-only", action="store_true", help="rewrite the report from OUT/results.json")
     parser.add_argument("--compare", type=Path, default=None,
-                        help="results.json of a run with the other --rule: the report adds the Dice of both rules")
+                        help="results.json of a run with the other --rule: "
+                        "the report adds the Dice of both rules")
     args = parser.parse_args(argv)
     bad = [f for f in args.folds if f not in range(5)]
     if bad:
@@ -95,15 +102,17 @@ def main(argv: list[str]) -> int:
         raise UserError(f"--settings {bad[0]}: use 1 and/or 2")
     data = args.data or default_data()
     os.environ.update(PINNED_NUMERICS)
-    import bench_chaos_report as report   # after the pins: torch loads below
+    import bench_chaos_report as report  # after the pins: torch loads below
     import bench_chaos_steps as steps
-    from util.provenance import git_commit
+
     from dataloaders.alpnet_layout import detect_dataset
+    from util.provenance import git_commit
     command = display_command(argv)
     results_path = args.out / "results.json"
     if args.report_only:
         if not results_path.is_file():
-            raise UserError(f"{results_path}: no results yet: run the benchmark first (without --report-only)")
+            raise UserError(f"{results_path}: no results yet: "
+                            "run the benchmark first (without --report-only)")
         saved = json.loads(results_path.read_text())
         figure = args.doc.with_suffix(".png")
         report.write_report(saved, args.doc, figure, saved.get("seconds", 0.0), saved.get("command", command),
@@ -130,7 +139,8 @@ def main(argv: list[str]) -> int:
         write_text_atomic(json.dumps(results, indent=1), results_path)
         report.write_report(results, args.doc, figure, seconds, command, exclusion, environment, other)
 
-    results = steps.run_bench(data, args.out, args.folds, sorted(args.settings), args.rule, budget, args.device,
+    results = steps.run_bench(data, args.out, args.folds, sorted(args.settings), args.rule, budget,
+                              args.device,
                               include_alpnet=not args.no_alpnet_head, figure_hook=collector, progress=publish,
                               label_sets=args.label_sets, only=args.methods)
     publish(results, final=True)

@@ -1,4 +1,5 @@
-"""The CHAOS-T2 benchmark's steps (scripts/bench_chaos.py): prepare, train, evaluate, under SSL-ALPNet's protocol.
+"""The CHAOS-T2 benchmark's steps (scripts/bench_chaos.py): prepare, train, evaluate, under SSL-ALPNet's
+protocol.
 
   1. per fold k and setting: a prepared folder (dataloaders/alpnet_prepare.py); Setting 1 one per fold
      (no slice dropped), Setting 2 one per label set (every training slice holding a test organ dropped,
@@ -23,8 +24,11 @@ from pathlib import Path
 import numpy as np
 
 from config import ex  # before sacred: config.py silences its import warning
+
+# isort: split
 from sacred.arg_parser import get_config_updates
 from sacred.initialize import create_run
+
 from dataloaders import alpnet_layout as layout
 from dataloaders.alpnet_prepare import normalised_volume, prepare_alpnet
 from dataloaders.organs import NAME_TO_INDEX
@@ -66,7 +70,8 @@ def methods(include_alpnet: bool = True) -> dict[str, dict]:
     rows = {"LSLPN": {"named": ["selfsup"], "overrides": [*recipe]},
             "PANet head": {"named": ["selfsup", "panet"], "overrides": [*recipe]}}
     if include_alpnet and head_available("alpnet"):
-        rows["ALPNet head"] = {"named": ["selfsup"], "overrides": ["model.head=alpnet", "model.align=True", *recipe]}
+        rows["ALPNet head"] = {"named": ["selfsup"],
+                               "overrides": ["model.head=alpnet", "model.align=True", *recipe]}
     rows["LSLPN, untrained"] = {"untrained_of": "LSLPN"}      # the LSLPN run's initial weights (step 0)
     rows["LSLPN, supervised"] = {"named": [], "overrides": ["class_setting=all_structures", "val_every=0"],
                                  "supervised": True}
@@ -75,14 +80,17 @@ def methods(include_alpnet: bool = True) -> dict[str, dict]:
 
 def budget_overrides(steps: int, input_size: int, batch_size: int, full: bool) -> tuple[list[str], list[str]]:
     """(named configs, overrides) of the run budget: the CPU budget on `demo`, or the published settings."""
-    if full:   # SSL-ALPNet's schedule (alpnet.md-style: 100k iterations, batch 1, 256 x 256, lr 1e-3 x0.95/1k)
+    # SSL-ALPNet's schedule (docs/method.md, "The SSL-ALPNet protocol": 100k iterations, batch 1,
+    # 256 x 256, lr 1e-3 x0.95/1k)
+    if full:
         milestones = list(range(1000, 100000, 1000))
         return [], [f"n_steps={steps or 100000}", "input_size=256", "batch_size=1", "lr=1e-3",
                     f"lr_milestones={milestones}", "lr_gamma=0.95", "save_every=25000", "val_every=0",
                     "augment.p=0.0"]
     n = steps
     return ["demo"], [f"n_steps={n}", f"input_size={input_size}", f"batch_size={batch_size}",
-                      f"lr_milestones=[{max(1, (3 * n) // 4)}]", f"save_every={n}", f"print_every={max(1, n // 4)}",
+                      f"lr_milestones=[{max(1, (3 * n) // 4)}]", f"save_every={n}",
+                      f"print_every={max(1, n // 4)}",
                       "val_every=0", "augment.p=0.0"]
 
 
@@ -99,7 +107,8 @@ def prepared(data_dir: Path, out: Path, fold: int, setting: int, label_set: int 
     folder = out / "prepared" / tag(fold, setting, label_set, rule)
     try:
         meta = read_meta(folder)["alpnet"]
-        if (meta["fold"], meta["setting"], meta["rule"], meta.get("gold_image")) == (fold, setting, rule, "as stored") \
+        if (meta["fold"], meta["setting"], meta["rule"], meta.get("gold_image")) \
+                == (fold, setting, rule, "as stored") \
                 and (setting == 1 or meta["label_set"] == label_set) and \
                 read_meta(folder)["source"]["dir"] == str(data_dir.resolve()):
             return folder
@@ -113,7 +122,8 @@ def prepared(data_dir: Path, out: Path, fold: int, setting: int, label_set: int 
 
 
 def supervised_fold(dataset: layout.AlpnetDataset, label_set: int) -> list[str]:
-    """fold / label_sets overrides that make config's fold_training_classes the label set's training organs."""
+    """fold / label_sets overrides that make config's fold_training_classes the label set's training
+    organs."""
     test = dataset.test_organs(label_set)
     sets = [["liver"], ["spleen"], ["kidney_right", "kidney_left"], ["psoas_right", "psoas_left"]]
     fold = 2 if set(test) == {"kidney_right", "kidney_left"} else 0
@@ -157,7 +167,8 @@ def train(name: str, named: list[str], overrides: list[str], log_dir: Path, log:
     snapshot = finished(log_dir, name, wanted, n_steps)
     if snapshot is not None:
         print(f"==> train {name}: reusing {snapshot}", flush=True)
-        log.append({"step": f"train {name} (reused: its Sacred run time)", "seconds": run_seconds(snapshot.parent),
+        log.append({"step": f"train {name} (reused: its Sacred run time)",
+                    "seconds": run_seconds(snapshot.parent),
                     "n_steps": n_steps, "reused": True})
         return snapshot
     command = [sys.executable, str(ROOT / "train.py"), "with", *named, *overrides, "resume=True"]
@@ -166,8 +177,8 @@ def train(name: str, named: list[str], overrides: list[str], log_dir: Path, log:
     result = subprocess.run(command, cwd=Path.cwd())
     seconds = time.perf_counter() - start
     if result.returncode != 0:
-        raise UserError(f"benchmark training '{name}' failed (exit {result.returncode}): fix the message above and "
-                        "run again; finished runs are reused")
+        raise UserError(f"benchmark training '{name}' failed (exit {result.returncode}): "
+                        "fix the message above and run again; finished runs are reused")
     snapshot = finished(log_dir, name, wanted, n_steps)
     if snapshot is None:
         raise UserError(f"training {name} ended without last.pth at step {n_steps} under {log_dir / name}")
@@ -183,7 +194,8 @@ def gold_volume(folder: Path, pid: str) -> dict:
     key = (str(folder), str(pid))
     if key not in _VOLUMES:
         volume = load_volume(folder, "gold", pid)
-        volume["image"] = normalised_volume(volume["image"], read_meta(folder)["intensity"])   # as SSL-ALPNet's loader
+        # as SSL-ALPNet's loader
+        volume["image"] = normalised_volume(volume["image"], read_meta(folder)["intensity"])
         _VOLUMES[key] = volume
     return _VOLUMES[key]
 
@@ -234,7 +246,8 @@ def run_bench(data_dir: Path, out: Path, folds: list[int], settings: list[int], 
     evaluated right after its training; `progress(results)` runs after every evaluated cell.
     """
     dataset = layout.detect_dataset(data_dir)
-    named_base, base = budget_overrides(budget["steps"], budget["input_size"], budget["batch_size"], budget["full"])
+    named_base, base = budget_overrides(budget["steps"], budget["input_size"], budget["batch_size"],
+                                        budget["full"])
     rows = methods(include_alpnet)
     if only is not None:
         unknown = [name for name in only if name not in rows]
@@ -264,7 +277,8 @@ def run_bench(data_dir: Path, out: Path, folds: list[int], settings: list[int], 
                         snapshot = done.get(how["untrained_of"])
                         if snapshot is None:
                             continue
-                    elif setting == 1 and row in selfsup_snapshots:   # no label read: one run serves both sets
+                    # no label read: one run serves both sets
+                    elif setting == 1 and row in selfsup_snapshots:
                         snapshot = selfsup_snapshots[row]
                     else:
                         supervised = how.get("supervised", False)
@@ -281,7 +295,8 @@ def run_bench(data_dir: Path, out: Path, folds: list[int], settings: list[int], 
                                                                  untrained="untrained_of" in how)
                     log.append({"step": f"evaluate {row} fold {fold} setting {setting} labels {label_set}",
                                 "seconds": round(seconds, 1)})
-                    results["cells"].append({"method": row, "fold": fold, "setting": setting, "label_set": label_set,
+                    results["cells"].append({"method": row, "fold": fold, "setting": setting,
+                                             "label_set": label_set,
                                              "snapshot": str(snapshot) if snapshot else None, "dice": dice,
                                              "kept_slices": sum(v["kept"] for v in kept.values()),
                                              "all_slices": sum(v["slices"] for v in kept.values())})
@@ -318,6 +333,8 @@ def exclusion_counts(data_dir: Path, folds: list[int]) -> dict:
 def environment_note() -> str:
     """One line on the machine the benchmark ran on."""
     import platform
+
     import torch
-    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores visible, torch {torch.__version__}, "
+    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores visible, "
+            f"torch {torch.__version__}, "
             f"{torch.get_num_threads()} intra-op threads")

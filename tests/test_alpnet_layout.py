@@ -1,4 +1,5 @@
-"""The SSL-ALPNet layout reader and its per-fold prepared folders (dataloaders/alpnet_layout.py, alpnet_prepare.py).
+"""The SSL-ALPNet layout reader and its per-fold prepared folders (dataloaders/alpnet_layout.py,
+alpnet_prepare.py).
 
 Synthetic folders in that layout are written here from tiny arrays (CHAOS-T2 values, or SABS with the BTCV
 ids); the real CHAOS-T2 folder is used when present ($CHAOS_T2_DIR or ../shared/data/chaos_mr_t2 beside the
@@ -22,7 +23,8 @@ from util.errors import UserError
 ROOT = Path(__file__).resolve().parents[1]
 REAL = Path(os.environ.get("CHAOS_T2_DIR") or ROOT.parent / "shared" / "data" / "chaos_mr_t2")
 needs_real = pytest.mark.skipif(not (REAL / "classmap_1.json").is_file(),
-                                reason=f"CHAOS-T2 in SSL-ALPNet's layout not found at {REAL} (set CHAOS_T2_DIR)")
+                                reason=f"CHAOS-T2 in SSL-ALPNet's layout not found at {REAL} "
+                                "(set CHAOS_T2_DIR)")
 AFFINE = np.diag([-1.25, 1.25, 7.7, 1.0])
 
 
@@ -32,8 +34,8 @@ def _save(array: np.ndarray, path: Path) -> None:
 
 def write_alpnet_folder(folder: Path, ids, dataset=layout.CHAOS_T2, size: int = 24, depth: int = 12,
                         seed: int = 0, cell: int = 6) -> Path:
-    """A folder in SSL-ALPNet's layout: every evaluated organ as a box at its own slices, superpixels in a grid
-    of cell x cell squares, classmap_1.json from the labels. Arrays are nibabel X x Y x Z."""
+    """A folder in SSL-ALPNet's layout: every evaluated organ as a box at its own slices, superpixels in a
+    grid of cell x cell squares, classmap_1.json from the labels. Arrays are nibabel X x Y x Z."""
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     classmap = {name: {} for name in dataset.class_names.values()}
@@ -47,7 +49,8 @@ def write_alpnet_folder(folder: Path, ids, dataset=layout.CHAOS_T2, size: int = 
             label[boxes[value][0], boxes[value][1], first:first + 7] = value
         image[label > 0] += 300.0
         per_row = -(-size // cell)
-        grid = (np.arange(size)[:, None] // cell) * per_row + np.arange(size)[None, :] // cell + 1   # superpixels
+        # superpixels
+        grid = (np.arange(size)[:, None] // cell) * per_row + np.arange(size)[None, :] // cell + 1
         superpixels = np.repeat(grid[:, :, None], depth, axis=2).astype(float)
         _save(image, folder / f"image_{sid}.nii.gz")
         _save(label, folder / f"label_{sid}.nii.gz")
@@ -89,7 +92,8 @@ def test_ids_that_do_not_pair_name_the_file(tmp_path):
 def test_reading_follows_simpleitk_order_and_checks_grid_and_classmap(tmp_path):
     folder = write_alpnet_folder(tmp_path / "d", [1, 2])
     stored = np.asarray(nib.load(str(folder / "image_1.nii.gz")).dataobj)                 # X x Y x Z
-    scan = layout.load_scan(folder, 1, layout.CHAOS_T2, superpixels=True, classmap=layout.read_classmap(folder))
+    scan = layout.load_scan(folder, 1, layout.CHAOS_T2, superpixels=True,
+                            classmap=layout.read_classmap(folder))
     assert np.array_equal(scan.image, stored.transpose(1, 0, 2))         # SimpleITK [Z,Y,X] -> [Y,X,Z]
     assert scan.superpixels.dtype == np.int32 and scan.superpixels.max() == 16
     _save(np.zeros((20, 24, 12)), folder / "label_2.nii.gz")
@@ -136,7 +140,8 @@ def test_mr_zscore_has_no_eps_and_labels_map_to_the_vocabulary():
     mapped = layout.to_vocabulary(np.array([0, 1, 2, 3, 4], np.uint8), layout.CHAOS_T2)
     assert mapped.tolist() == [0, NAME_TO_INDEX["liver"], NAME_TO_INDEX["kidney_right"],
                                NAME_TO_INDEX["kidney_left"], NAME_TO_INDEX["spleen"]]
-    sabs = layout.to_vocabulary(np.array([1, 5, 6, 7, 9], np.uint8), layout.SABS)   # esophagus, stomach, IVC -> 0
+    # esophagus, stomach, IVC -> 0
+    sabs = layout.to_vocabulary(np.array([1, 5, 6, 7, 9], np.uint8), layout.SABS)
     assert sabs.tolist() == [NAME_TO_INDEX["spleen"], 0, NAME_TO_INDEX["liver"], 0, 0]
 
 
@@ -153,7 +158,8 @@ def test_setting2_leaves_no_training_slice_with_a_test_organ(tmp_path):
             assert superpixels.shape == labels.shape
             holds = np.stack([(labels == t).any(axis=(1, 2)) for t in test])    # T x N
             assert not (holds.any(axis=0) if rule == "or" else holds.all(axis=0)).any()
-            assert labels.shape[0] == meta["alpnet"]["kept"][sid]["kept"] < meta["alpnet"]["kept"][sid]["slices"]
+            assert labels.shape[0] == meta["alpnet"]["kept"][sid]["kept"] \
+                < meta["alpnet"]["kept"][sid]["slices"]
     meta = prepare_alpnet(folder, tmp_path / "s1", fold=0, setting=1)
     assert all(v["kept"] == v["slices"] for v in meta["alpnet"]["kept"].values())
     images = np.load(tmp_path / "s1" / "train" / "10_image.npy")
@@ -166,14 +172,17 @@ def test_ct_uses_the_training_scans_global_statistics(tmp_path):
     meta = prepare_alpnet(folder, tmp_path / "p", fold=0, setting=1)
     training = [int(s) for s in meta["splits"]["train"]]
     assert training == [7]                                      # 0-5 test, 6 support
-    raws = [np.asarray(nib.load(str(folder / f"image_{s}.nii.gz")).dataobj).transpose(1, 0, 2) for s in training]
-    mean, std = np.concatenate([r.ravel() for r in raws]).mean(), np.concatenate([r.ravel() for r in raws]).std()
+    raws = [np.asarray(nib.load(str(folder / f"image_{s}.nii.gz")).dataobj).transpose(1, 0, 2)
+            for s in training]
+    mean, std = (np.concatenate([r.ravel() for r in raws]).mean(),
+                 np.concatenate([r.ravel() for r in raws]).std())
     assert meta["intensity"]["mean"] == pytest.approx(mean) and meta["intensity"]["std"] == pytest.approx(std)
     gold = np.load(tmp_path / "p" / "volumes" / "gold" / "0.npz")
     raw0 = np.asarray(nib.load(str(folder / "image_0.nii.gz")).dataobj).transpose(1, 0, 2)
     assert np.allclose(gold["image"], raw0, atol=1e-3)                  # evaluation volumes as stored
     normalised = normalised_volume(gold["image"], meta["intensity"])
-    assert np.allclose(normalised, (raw0 - mean) / std, atol=1e-4)      # test scans reuse the training statistics
+    # test scans reuse the training statistics
+    assert np.allclose(normalised, (raw0 - mean) / std, atol=1e-4)
 
 
 def test_bad_input_leaves_nothing_half_written(tmp_path):
@@ -222,7 +231,8 @@ def test_prepare_script_alpnet_layout_refuses_an_hu_window_on_mr(tmp_path):
         prepare.main(["--visceral-dir", str(folder), "--layout", "alpnet", "--window", "-125", "275",
                       "--out", str(tmp_path / "p")])
     assert not list(tmp_path.glob("p*"))
-    assert prepare.main(["--visceral-dir", str(folder), "--layout", "alpnet", "--setting", "2", "--label-set", "1",
+    assert prepare.main(["--visceral-dir", str(folder), "--layout", "alpnet", "--setting", "2",
+                         "--label-set", "1",
                          "--out", str(tmp_path / "p")]) == 0
     meta = json.loads((tmp_path / "p" / "meta.json").read_text())
     assert meta["intensity"] == {"mode": "zscore"} and meta["alpnet"]["test_organs"] == ["liver", "spleen"]

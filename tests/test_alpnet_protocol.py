@@ -17,7 +17,8 @@ def test_support_percentile_positions_worked_examples():
     assert ap.support_positions(24) == [4, 12, 20]
     assert ap.support_positions(2) == [0, 1, 1]
     assert ap.support_positions(5, n_part=1) == [2]
-    assert ap.support_slices([10, 11, 12, 20, 21, 22]) == [11, 20, 22]    # positions 1, 3, 5 of a list with a gap
+    # positions 1, 3, 5 of a list with a gap
+    assert ap.support_slices([10, 11, 12, 20, 21, 22]) == [11, 20, 22]
     with pytest.raises(UserError, match="odd"):
         ap.percentiles(2)
     with pytest.raises(UserError, match="does not hold the organ"):
@@ -83,14 +84,16 @@ def test_mask_copy_matches_the_literal_loop_and_the_preset():
         support, query = _random_organ(rng), _random_organ(rng)
         query[:, :, -1] = False
         query_image = rng.random(query.shape).astype(np.float32)
-        value, prediction = ap.evaluate_query(ap.mask_copy_predictor, query_image, support, query_image, query)
+        value, prediction = ap.evaluate_query(ap.mask_copy_predictor, query_image, support, query_image,
+                                              query)
         assert value == pytest.approx(_literal_alpnet_mask_copy(support, query))
         lo, hi = ap.organ_slice_list(query)[[0, -1]]
         assert not prediction[:, :, :lo].any() and not prediction[:, :, hi + 1:].any()   # only the range
         # the same protocol through the project's planner (preset 'alpnet', evaluation/protocol.py)
         liver = NAME_TO_INDEX["liver"]
         labels = {"s": support.astype(np.uint8) * liver, "q": query.astype(np.uint8) * liver}
-        assert mask_copy_dice(labels, "s", "alpnet", organs=["liver"])["liver"]["mean"] == pytest.approx(value)
+        assert mask_copy_dice(labels, "s", "alpnet",
+                              organs=["liver"])["liver"]["mean"] == pytest.approx(value)
 
 
 def test_false_positives_outside_the_query_range_are_not_scored():
@@ -117,7 +120,8 @@ def test_preset_alpnet_plan_and_refusals():
     assert [int(s[0]) for s, _ in plan] == [7, 12, 16]
     assert [(int(q[0]), int(q[-1])) for _, q in plan] == [(12, 19), (20, 27), (28, 35)]
     with pytest.raises(UserError, match="1-shot"):
-        chunk_plan(preset_range(support, preset), query_range, 3, n_shots=3, rule="alpnet", support_mask=support)
+        chunk_plan(preset_range(support, preset), query_range, 3, n_shots=3, rule="alpnet",
+                   support_mask=support)
     with pytest.raises(UserError, match="support mask"):
         chunk_plan(preset_range(support, preset), query_range, 3, rule="alpnet")
 
@@ -143,6 +147,7 @@ def test_model_predictor_resizes_and_takes_the_argmax():
 
 
 def test_summarise_folds_mean_and_std_of_fold_means():
-    summary = ap.summarise_folds({0: {"liver": 0.5, "spleen": 0.2}, 1: {"liver": 0.7, "spleen": float("nan")}})
+    summary = ap.summarise_folds({0: {"liver": 0.5, "spleen": 0.2},
+                                  1: {"liver": 0.7, "spleen": float("nan")}})
     assert summary["liver"] == {"mean": pytest.approx(0.6), "std": pytest.approx(0.1), "n_folds": 2}
     assert summary["spleen"]["n_folds"] == 1

@@ -1,4 +1,5 @@
-"""scripts/bench_chaos.py end to end on a synthetic 6-scan folder in SSL-ALPNet's layout (a few training steps)."""
+"""scripts/bench_chaos.py end to end on a synthetic 6-scan folder in SSL-ALPNet's layout (a few training
+steps)."""
 from __future__ import annotations
 
 import importlib.util
@@ -7,8 +8,8 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from test_alpnet_layout import write_alpnet_folder
+
 from util.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,17 +25,21 @@ def load_bench():
 
 def test_bench_trains_evaluates_reports_and_reuses(tmp_path, capsys, monkeypatch):
     bench = load_bench()
-    monkeypatch.setattr(bench, "PINNED_NUMERICS", {})        # the pins would leak into later tests' subprocesses
+    # the pins would leak into later tests' subprocesses
+    monkeypatch.setattr(bench, "PINNED_NUMERICS", {})
     data = write_alpnet_folder(tmp_path / "chaos", [1, 2, 3, 5, 8, 10], size=48, depth=10, cell=24)
     out, doc = tmp_path / "out", tmp_path / "docs" / "bench.md"
     argv = ["--data", str(data), "--folds", "0", "--settings", "2", "--label-sets", "0", "--methods", "LSLPN",
             "--steps", "2", "--input-size", "32", "--batch-size", "1", "--out", str(out), "--doc", str(doc)]
     assert bench.main(argv) == 0
     results = json.loads((out / "results.json").read_text())
-    assert results["complete"] and {c["method"] for c in results["cells"]} == {"mask copy", "LSLPN", "LSLPN, untrained"}
+    assert results["complete"] and {c["method"] for c in results["cells"]} \
+        == {"mask copy", "LSLPN", "LSLPN, untrained"}
     cell = next(c for c in results["cells"] if c["method"] == "LSLPN")
-    assert set(cell["dice"]) == {"kidney_right", "kidney_left"} and set(cell["dice"]["kidney_left"]) == {"1", "2", "3", "5"}
-    assert cell["kept_slices"] < cell["all_slices"]              # Setting 2 dropped the kidney slices of scan 10
+    assert set(cell["dice"]) == {"kidney_right", "kidney_left"} \
+        and set(cell["dice"]["kidney_left"]) == {"1", "2", "3", "5"}
+    # Setting 2 dropped the kidney slices of scan 10
+    assert cell["kept_slices"] < cell["all_slices"]
     text = doc.read_text()
     assert "## Setting 2" in text and "| LSLPN |" in text and "published SSL-ALPNet" in text
     assert "kept, OR" in text and doc.with_suffix(".png").is_file()
@@ -69,7 +74,8 @@ def test_partial_report_and_fold_statistics(tmp_path):
     import bench_chaos_report as report
     cells = [{"method": "mask copy", "fold": f, "setting": 2, "label_set": 0,
               "dice": {"kidney_left": {"1": 0.4 + 0.1 * f, "2": 0.6 + 0.1 * f}}} for f in (0, 1)]
-    cells.append({"method": "LSLPN", "fold": 0, "setting": 2, "label_set": 0, "dice": {"kidney_left": {"1": 0.9}}})
+    cells.append({"method": "LSLPN", "fold": 0, "setting": 2, "label_set": 0,
+                  "dice": {"kidney_left": {"1": 0.9}}})
     results = {"methods": ["mask copy", "LSLPN"], "cells": cells, "rule": "or", "complete": False, "log": [],
                "budget": {"full": False, "steps": 2, "batch_size": 1, "input_size": 32}}
     text = report.write_report(results, tmp_path / "r.md", None, 60.0, "python x", None, "cpu").read_text()

@@ -18,9 +18,29 @@ from __future__ import annotations
 import difflib
 from typing import Any, Callable, Mapping
 
-from util.config_values import (ALL_METHODS, AMP, BOOL, CHOICE, FILE, INT, LSLPN, MILESTONES, NAME,
-                                NUMBER, ORGAN_SETS, ORGANS, PAIR, PANET, SELFSUP, SENET, SNAPSHOTS, SUPPORT,
-                                TEXT, Option, check_value, fail)
+from util.config_values import (
+    AMP,
+    BOOL,
+    CHOICE,
+    FILE,
+    INT,
+    LSLPN,
+    MILESTONES,
+    NAME,
+    NUMBER,
+    ORGAN_SETS,
+    ORGANS,
+    PAIR,
+    PANET,
+    SELFSUP,
+    SENET,
+    SNAPSHOTS,
+    SUPPORT,
+    TEXT,
+    Option,
+    check_value,
+    fail,
+)
 from util.errors import UserError
 
 PROTOTYPE_METHODS = frozenset({LSLPN, PANET})
@@ -38,7 +58,8 @@ REMOVED_VALUES = {
 }
 ENCODERS = ("vgg16", "resnet50_lslpn", "deeplabv3_resnet101", "cnn_small")            # models/encoders.py
 ENCODER_STRIDES = {"vgg16": 8, "resnet50_lslpn": 8, "deeplabv3_resnet101": 8, "cnn_small": 4}
-IMAGENET_ENCODERS = ("vgg16", "resnet50_lslpn", "deeplabv3_resnet101")  # pretrained weights: models/weights.py
+# pretrained weights: models/weights.py
+IMAGENET_ENCODERS = ("vgg16", "resnet50_lslpn", "deeplabv3_resnet101")
 HEADS = ("local", "panet", "alpnet")                                                  # models/fewshot.py
 SELFSUP_RECIPES = ("project", "alpnet")                                 # dataloaders/selfsup_episodes.py
 EMPTY_CELL_RULES = ("zero",)                                                  # models/local_prototypes.py
