@@ -1,4 +1,5 @@
-"""docs/bench_chaos.md and its overlay figure from the CHAOS-T2 benchmark's results.json (scripts/bench_chaos.py)."""
+"""docs/bench_chaos.md and its overlay figure from the CHAOS-T2 benchmark's results.json
+(scripts/bench_chaos.py)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,8 +10,8 @@ from util.atomic import atomic_path, write_text_atomic
 
 ORGANS = ["liver", "spleen", "kidney_left", "kidney_right"]      # the published tables' order
 HEAD = {"liver": "liver", "spleen": "spleen", "kidney_left": "LK", "kidney_right": "RK"}
-# SSL-ALPNet (ECCV 2020) Table 1 as reproduced by the FoB-SAM README (commit 40d0e23): liver / spleen / LK / RK
-# / mean, Abd-MRI (CHAOS-T2), pretrained ResNet-101 (COCO DeepLabv3), GPU, 100k iterations.
+# SSL-ALPNet (ECCV 2020) Table 1 as reproduced by the FoB-SAM README (commit 40d0e23): liver / spleen / LK
+# / RK / mean, Abd-MRI (CHAOS-T2), pretrained ResNet-101 (COCO DeepLabv3), GPU, 100k iterations.
 PUBLISHED = {1: [76.10, 72.18, 81.92, 85.18, 78.84], 2: [73.05, 67.02, 73.63, 78.39, 73.02]}
 
 
@@ -36,8 +37,8 @@ def setting_tables(results: dict, setting: int) -> list[str]:
     if not folds:
         return lines
     cols = " | ".join(HEAD[o] for o in ORGANS)
-    lines += [f"Over {len(folds)} fold(s) ({', '.join(map(str, folds))}): mean (std over folds) of the per-fold mean "
-              "Dice (%) over each fold's 4 query scans.", "", f"| Method | {cols} | mean |",
+    lines += [f"Over {len(folds)} fold(s) ({', '.join(map(str, folds))}): mean (std over folds) of the "
+              "per-fold mean Dice (%) over each fold's 4 query scans.", "", f"| Method | {cols} | mean |",
               "|---" * (len(ORGANS) + 2) + "|"]
     for method in results["methods"]:
         per_fold = fold_means(results["cells"], method, setting)
@@ -52,19 +53,21 @@ def setting_tables(results: dict, setting: int) -> list[str]:
             cells.append(f"{_fmt(mean)} ({_fmt(float(values.std()))})" if values.size > 1 else _fmt(mean))
         lines.append(f"| {method} | " + " | ".join(cells) + f" | {_fmt(float(np.nanmean(organ_means)))} |")
     published = PUBLISHED[setting]
-    lines.append(f"| *published SSL-ALPNet (pretrained ResNet-101, GPU, 100k iterations, 5 folds)* | "
+    lines.append("| *published SSL-ALPNet (pretrained ResNet-101, GPU, 100k iterations, 5 folds)* | "
                  + " | ".join(f"*{v:.1f}*" for v in published[:4]) + f" | *{published[4]:.1f}* |")
     lines += ["", "Per fold (Dice %):", "", f"| Method | fold | {cols} |", "|---" * (len(ORGANS) + 2) + "|"]
     for method in results["methods"]:
         per_fold = fold_means(results["cells"], method, setting)
         for fold in sorted(per_fold):
-            lines.append(f"| {method} | {fold} | " + " | ".join(_fmt(per_fold[fold].get(o, np.nan)) for o in ORGANS)
+            lines.append(f"| {method} | {fold} | "
+                         + " | ".join(_fmt(per_fold[fold].get(o, np.nan)) for o in ORGANS)
                          + " |")
     return lines + [""]
 
 
 def rule_comparison(results: dict, other: dict) -> list[str]:
-    """Markdown: Setting-2 Dice of the methods both runs have, this run's rule against the other's, per fold."""
+    """Markdown: Setting-2 Dice of the methods both runs have, this run's rule against the other's, per
+    fold."""
     lines = []
     rule, other_rule = results["rule"].upper(), other["rule"].upper()
     shared = [m for m in results["methods"] if m in other["methods"] and m != "mask copy"]
@@ -73,13 +76,14 @@ def rule_comparison(results: dict, other: dict) -> list[str]:
         for fold in sorted(set(mine) & set(theirs)):
             a = [mine[fold].get(o, np.nan) for o in ORGANS]
             b = [theirs[fold].get(o, np.nan) for o in ORGANS]
-            lines.append(f"| {method} | {fold} | " + " | ".join(f"{_fmt(x)} / {_fmt(y)}" for x, y in zip(a, b))
+            lines.append(f"| {method} | {fold} | "
+                         + " | ".join(f"{_fmt(x)} / {_fmt(y)}" for x, y in zip(a, b))
                          + f" | {_fmt(float(np.nanmean(a)))} / {_fmt(float(np.nanmean(b)))} |")
     if not lines:
         return []
     head = " | ".join(HEAD[o] for o in ORGANS)
-    return [f"Setting 2 Dice (%), {rule} rule / {other_rule} rule (`--rule {other['rule']}`, same budget and seed; "
-            "one run each, run-to-run spread not measured):", "",
+    return [f"Setting 2 Dice (%), {rule} rule / {other_rule} rule (`--rule {other['rule']}`, "
+            "same budget and seed; one run each, run-to-run spread not measured):", "",
             f"| Method | fold | {head} | mean |", "|---" * (len(ORGANS) + 3) + "|", *lines, ""]
 
 
@@ -88,34 +92,44 @@ def write_report(results: dict, doc: Path, figure: Path | None, seconds: float, 
     """docs/bench_chaos.md from results.json."""
     budget = results["budget"]
     regime = ("the published settings (`--full`)" if budget["full"] else
-              f"a CPU budget: `demo` config (cnn_small encoder from random initialisation), {budget['steps']} steps, "
-              f"batch {budget['batch_size']}, input {budget['input_size']} x {budget['input_size']} (predictions "
-              "upsampled to the stored 256 x 256 for scoring), no intensity augmentation")
-    episodes = ("SSL-ALPNet's own episode recipe (selfsup.episodes=alpnet: its id draw, affine, elastic and gamma)"
+              "a CPU budget: `demo` config (cnn_small encoder from random initialisation), "
+              f"{budget['steps']} steps, "
+              f"batch {budget['batch_size']}, input {budget['input_size']} x {budget['input_size']} "
+              "(predictions upsampled to the stored 256 x 256 for scoring), no intensity augmentation")
+    episodes = ("SSL-ALPNet's own episode recipe (selfsup.episodes=alpnet: its id draw, affine, elastic "
+                "and gamma)"
                 if results.get("episodes") == "alpnet" else
-                "this project's episode recipe (dataloaders/selfsup_episodes.py: superpixels of >= 400 pixels, this "
-                "project's affine + elastic warp; SSL-ALPNet's own recipe was not yet in this checkout)")
+                "this project's episode recipe (dataloaders/selfsup_episodes.py: superpixels of >= 400 "
+                "pixels, this project's affine + elastic warp; SSL-ALPNet's own recipe was not yet in this "
+                "checkout)")
     lines = ["# CHAOS-T2 abdominal MRI under SSL-ALPNet's protocol", "",
              f"Generated by `{command}` (scripts/bench_chaos.py)"
              + (f" at commit {results['commit']}" if results.get("commit") else "")
-             + f"; total wall time {seconds / 60:.1f} min on {environment}." + ("" if results.get("complete", True) else
-                                  " **Partial**: written while the run was still going (or after it stopped); "
-                                  "only the cells below were finished."), "",
+             + f"; total wall time {seconds / 60:.1f} min on {environment}."
+             + ("" if results.get("complete", True) else
+                " **Partial**: written while the run was still going (or after it stopped); "
+                "only the cells below were finished."), "",
              "Data: CHAOS T2-SPIR MRI, 20 scans in SSL-ALPNet's preprocessed layout (image / label / "
              "superpix-MIDDLE / classmap_1.json), read as its loader: z-scored per volume, slices as stored, "
-             "[:256, :256]. Protocol (evaluation/alpnet_protocol.py, preset `alpnet`): SSL-ALPNet's 5-fold circular "
-             "split (4 query scans per fold, the next scan in sorted order as the support, left out of training); "
-             "support slices at the percentiles 1/6, 1/2, 5/6 of the support's organ slices; query thirds over the "
-             "query's own ground-truth range, only that range scored; 3D Dice without smoothing; mean over the "
-             "fold's query scans, then mean and std over the folds. Label set 0 tests the kidneys, 1 liver and "
-             "spleen. Setting 1: training slices may show the test organs; Setting 2: every training slice "
+             "[:256, :256]. Protocol (evaluation/alpnet_protocol.py, preset `alpnet`): SSL-ALPNet's 5-fold "
+             "circular split (4 query scans per fold, the next scan in sorted order as the support, left out "
+             "of training); support slices at the percentiles 1/6, 1/2, 5/6 of the support's organ slices; "
+             "query thirds over the query's own ground-truth range, only that range scored; 3D Dice without "
+             "smoothing; mean over the fold's query scans, then mean and std over the folds. Label set 0 "
+             "tests the kidneys, 1 liver and spleen. Setting 1: training slices may show the test organs; "
+             "Setting 2: every training slice "
              f"holding ANY test organ is dropped ({results['rule'].upper()} rule).", "",
-             f"Training: {regime}. Self-supervised rows train on SSL-ALPNet's own superpixels through the same "
-             "loop (train.py, `selfsup`: one superpixel of a random training slice as the foreground, two random "
-             f"views) with {episodes}; 'LSLPN, supervised' trains on the other label set's organ labels (the paper's regime). "
-             "'LSLPN, untrained' is the LSLPN run's network at step 0 (its seeded random initial weights, no training): "
-             "what the local-prototype matching gives before any learning. Mask copy has no model. The published row is SSL-ALPNet's ECCV 2020 Table 1 (pretrained "
-             "ResNet-101, GPU, 100k iterations): a different regime from this CPU run, beside it for scale only.",
+             f"Training: {regime}. Self-supervised rows train on SSL-ALPNet's own superpixels through "
+             "the same loop (train.py, `selfsup`: one superpixel of a random training slice as the "
+             "foreground, "
+             f"two random views) with {episodes}; 'LSLPN, supervised' trains on the other label set's organ "
+             "labels (the paper's regime). "
+             "'LSLPN, untrained' is the LSLPN run's network at step 0 (its seeded random initial weights, "
+             "no training): "
+             "what the local-prototype matching gives before any learning. Mask copy has no model. "
+             "The published row is SSL-ALPNet's ECCV 2020 Table 1 (pretrained "
+             "ResNet-101, GPU, 100k iterations): a different regime from this CPU run, beside it for scale "
+             "only.",
              ""]
     for setting in (1, 2):
         body = setting_tables(results, setting)
@@ -123,18 +137,21 @@ def write_report(results: dict, doc: Path, figure: Path | None, seconds: float, 
             lines += [f"## Setting {setting}", ""] + body
     if exclusion:
         lines += ["## Setting 2: training slices kept, OR rule (SSL-ALPNet) vs AND rule (Q-Net lineage)", "",
-                  "| fold | label set (test organs) | all slices | kept, OR | kept, AND |", "|---|---|---|---|---|"]
+                  "| fold | label set (test organs) | all slices | kept, OR | kept, AND |",
+                  "|---|---|---|---|---|"]
         for key, counts in exclusion.items():
             fold, label_set = key.split("/")
             organs = "kidneys" if label_set == "0" else "liver, spleen"
-            lines.append(f"| {fold} | {label_set} ({organs}) | {counts['all']} | {counts['or']} | {counts['and']} |")
+            lines.append(f"| {fold} | {label_set} ({organs}) | {counts['all']} | {counts['or']} "
+                         f"| {counts['and']} |")
         lines.append("")
         if other_rule is not None:
             lines += rule_comparison(results, other_rule)
     if figure is not None and figure.exists():
         lines += ["## Overlays", "", f"![support, query, ground truth and predictions]({figure.name})", "",
-                  "Each row: the support slice with its mask, the query slice with the ground truth, then each "
-                  "method's prediction (fold 0, Setting 2 when run, the query's middle organ slice).", ""]
+                  "Each row: the support slice with its mask, the query slice with the ground truth, "
+                  "then each method's prediction (fold 0, Setting 2 when run, the query's middle organ "
+                  "slice).", ""]
     lines += ["## Wall time of every step", "", "| step | seconds |", "|---|---|"]
     lines += [f"| {entry['step']} | {entry['seconds']} |" for entry in results["log"]]
     lines.append("")
@@ -150,9 +167,10 @@ class OverlayCollector:
         self.rows: dict[str, dict] = {}
 
     def __call__(self, method: str, fold: int, setting: int, label_set: int, folder: Path, predictions: dict):
+        from bench_chaos_steps import gold_volume
+
         from dataloaders.organs import NAME_TO_INDEX
         from dataloaders.prepared import read_meta
-        from bench_chaos_steps import gold_volume
         from evaluation.alpnet_protocol import organ_slice_list, support_slices
         if setting != self.setting:
             return
@@ -182,7 +200,8 @@ class OverlayCollector:
         import matplotlib.pyplot as plt
         methods = list(next(iter(self.rows.values()))["methods"])
         organs = [o for o in ORGANS if o in self.rows]
-        fig, axes = plt.subplots(len(organs), 2 + len(methods), figsize=(2.2 * (2 + len(methods)), 2.3 * len(organs)),
+        fig, axes = plt.subplots(len(organs), 2 + len(methods),
+                                 figsize=(2.2 * (2 + len(methods)), 2.3 * len(organs)),
                                  squeeze=False)
         for r, organ in enumerate(organs):
             row = self.rows[organ]
