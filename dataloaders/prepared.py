@@ -16,7 +16,8 @@ import numpy as np
 
 from util.errors import UserError
 
-OFFICIAL_SUPPORT = "10000132"   # the support volume of the official evaluation (method.md section 5)
+# the support volume of the official evaluation (docs/method.md, "The SENet volumetric protocol")
+OFFICIAL_SUPPORT = "10000132"
 
 
 def prepare_hint(prep_dir: str | Path) -> str:

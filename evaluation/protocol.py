@@ -1,4 +1,5 @@
-"""The SENet volumetric evaluation protocol as used by the paper (method.md section 5).
+"""The SENet volumetric evaluation protocol as used by the paper (docs/method.md, "The SENet volumetric
+protocol").
 
 Volumes here are canonical arrays `X x Y x Z` with axial slices along the last axis (Z).
 For one organ: its slice range in a volume is the set of axial slices with more than `threshold`
@@ -20,14 +21,15 @@ Two rule sets (a preset names its own, and every results file names the preset):
   first..last qualifying slice over all Z slices, inclusive; plain Dice. ('lslpn', the older name
   of 'inclusive', was removed after commit b9c8bb5; 'thirds' is what was called 'alpnet' until then:
   3 chunks of this rule, an approximation of SSL-ALPNet's protocol.)
-- 'official' (the authors' eval.py, method.md section 6, preset 'official'): qualifying slices
-  are looked for in z = 0 .. Z-2 only, and the range is cropped to [first, last) (the last
-  qualifying slice is dropped); chunk i of a range of L slices is offsets floor(i L / n) ..
+- 'official' (the authors' eval.py, docs/method.md, "The official code's rules"; preset 'official'):
+  qualifying slices are looked for in z = 0 .. Z-2 only, and the range is cropped to [first, last)
+  (the last qualifying slice is dropped); chunk i of a range of L slices is offsets floor(i L / n) ..
   floor((i + 1) L / n) - 1, its support slice the chunk's middle element (index len // 2); Dice
   smoothed, (2|A.B| + 0.001) / (|A| + |B| + 0.001). For L < n some chunks are empty; the
   official code would index an empty support chunk (an error) when its query chunk is not empty;
   we then take the support slice where the empty chunk starts, offset min(floor(i L / n), L - 1).
-- 'senet' (the official SENet evaluator, senet.md section 3, preset 'senet'; evaluation/senet_pairing.py):
+- 'senet' (the official SENet evaluator, docs/method.md, "The SENet evaluator's own pairing"; preset
+  'senet'; evaluation/senet_pairing.py):
   10 support slices by linspace over the support's slices with > 10 organ voxels; the query cropped
   from 1 slice before its first such slice to the end of their first contiguous run, cut into chunks
   by linspace; Dice 2|A.B| / (|A| + |B| + 1e-4); median over query volumes. Its planner needs the
