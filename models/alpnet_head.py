@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from models.panet import support_cross_entropy
 from util.errors import UserError
 
 THRESHOLD = 0.95        # FG_THRESH = BG_THRESH of the official code
@@ -210,12 +211,4 @@ class ALPNetHead(nn.Module):
             fg_channel = torch.arange(1, N + 1, device=pred.device).view(1, N, 1, 1, 1, 1)
             fg_scores = scores.gather(3, fg_channel.expand(B, N, K, 1, h, w))
             pair = torch.cat([scores[:, :, :, :1], fg_scores], dim=3)           # B x N x K x 2 x h x w
-            logits = F.interpolate(pair.flatten(0, 2), size=(H, W), mode="bilinear", align_corners=False)
-            label = torch.full((B, N, K, H, W), IGNORE, dtype=torch.long, device=logits.device)
-            label[support_fg > 0.5] = 1
-            label[support_bg > 0.5] = 0
-            label = label.flatten(0, 2)                                         # BNK x H x W
-            per_pixel = F.cross_entropy(logits, label, ignore_index=IGNORE, reduction="none")
-            counted = (label != IGNORE).flatten(1).sum(1).clamp_min(1)
-            per_image = per_pixel.flatten(1).sum(1) / counted                   # BNK
-            return per_image.view(B, N * K).mean(1).mean()
+            return support_cross_entropy(pair, support_fg, support_bg).mean()  # mean over B, N, K

@@ -92,16 +92,24 @@ class PANetHead(nn.Module):
             supp = support_features.float()                                          # B x N x K x C x h x w
             scores = self.scale * F.cosine_similarity(supp.unsqueeze(3), pair[:, :, None, :, :, None, None],
                                                       dim=4, eps=EPS)               # B x N x K x 2 x h x w
-            logits = F.interpolate(scores.flatten(0, 2), size=(H, W), mode="bilinear", align_corners=False)
-            label = torch.full((B, N, K, H, W), IGNORE, dtype=torch.long, device=logits.device)
-            label[support_fg > 0.5] = 1
-            label[support_bg > 0.5] = 0
-            label = label.flatten(0, 2)                                              # BNK x H x W
-            per_pixel = F.cross_entropy(logits, label, ignore_index=IGNORE, reduction="none")
-            counted = (label != IGNORE).flatten(1).sum(1)
-            per_image = per_pixel.flatten(1).sum(1) / counted.clamp_min(1)           # BNK: PANet's mean CE
-            per_image = per_image.view(B, N, K) * used.unsqueeze(-1)
+            per_image = support_cross_entropy(scores, support_fg, support_bg)       # B x N x K
+            per_image = per_image * used.unsqueeze(-1)
             return (per_image.sum((1, 2)) / (K * N)).mean()
+
+
+def support_cross_entropy(scores: Tensor, support_fg: Tensor, support_bg: Tensor) -> Tensor:
+    """Mean cross-entropy per support image of the alignment step: scores B x N x K x 2 x h x w
+    (background, the way's foreground) upsampled bilinearly to the masks' B x N x K x H x W; pixels in
+    neither mask are ignored. Returns B x N x K."""
+    B, N, K, H, W = support_fg.shape
+    logits = F.interpolate(scores.flatten(0, 2), size=(H, W), mode="bilinear", align_corners=False)
+    label = torch.full((B, N, K, H, W), IGNORE, dtype=torch.long, device=logits.device)
+    label[support_fg > 0.5] = 1
+    label[support_bg > 0.5] = 0
+    label = label.flatten(0, 2)                                                      # BNK x H x W
+    per_pixel = F.cross_entropy(logits, label, ignore_index=IGNORE, reduction="none")
+    counted = (label != IGNORE).flatten(1).sum(1).clamp_min(1)
+    return (per_pixel.flatten(1).sum(1) / counted).view(B, N, K)
 
 
 def upsample(scores: Tensor, size: tuple[int, int]) -> Tensor:
