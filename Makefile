@@ -1,12 +1,13 @@
 # LSLPN: two commands for users.
 #   make demo   set up, then run the end-to-end demo on the synthetic phantom
 #   make test   set up, then run the test suite
+#   make lint   set up, then run ruff (pyproject.toml: pycodestyle, pyflakes, import order, line length 110)
 PYTHON ?= python3.11
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.requirements.sha256
 
-.PHONY: setup test demo clean-demo gpu-check bench-chaos
+.PHONY: setup test demo clean-demo gpu-check bench-chaos lint
 
 # Idempotent: re-installs only when requirements.txt changed (its hash is stamped).
 setup:
@@ -20,6 +21,9 @@ setup:
 		$(PY) -m pip install --disable-pip-version-check -q -r requirements.txt || exit 1; \
 		echo "$$want" > $(STAMP); \
 	fi
+
+lint: setup
+	$(VENV)/bin/ruff check .
 
 test: setup
 	$(PY) -m pytest -q tests
