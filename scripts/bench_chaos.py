@@ -82,7 +82,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--rule", choices=["or", "and"], default="or",
                         help="Setting 2 exclusion: 'or' (SSL-ALPNet: any test organ) "
                         "or 'and' (Q-Net lineage)")
-    parser.add_argument("--steps", type=int, default=None, help="training steps per run (CPU default 150)")
+    parser.add_argument("--steps", type=int, default=None, help="training steps per run (CPU default 100, the committed table)")
     parser.add_argument("--input-size", type=int, default=64, help="model input size of the CPU budget")
     parser.add_argument("--batch-size", type=int, default=2, help="episodes per step of the CPU budget")
     parser.add_argument("--full", action="store_true", help="SSL-ALPNet's published settings (GPU)")
@@ -120,7 +120,7 @@ def main(argv: list[str]) -> int:
         print(f"wrote {args.doc}")
         return 0
     dataset = detect_dataset(data)          # one line for a folder that is not in the layout
-    budget = {"steps": args.steps if args.steps is not None else (100000 if args.full else 150),
+    budget = {"steps": args.steps if args.steps is not None else (100000 if args.full else 100),
               "input_size": 256 if args.full else args.input_size,
               "batch_size": 1 if args.full else args.batch_size, "full": args.full}
     other = compared(args.compare)
