@@ -82,7 +82,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--rule", choices=["or", "and"], default="or",
                         help="Setting 2 exclusion: 'or' (SSL-ALPNet: any test organ) "
                         "or 'and' (Q-Net lineage)")
-    parser.add_argument("--steps", type=int, default=None, help="training steps per run (CPU default 100, the committed table)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="training steps per run (CPU default 100, the committed table)")
     parser.add_argument("--input-size", type=int, default=64, help="model input size of the CPU budget")
     parser.add_argument("--batch-size", type=int, default=2, help="episodes per step of the CPU budget")
     parser.add_argument("--full", action="store_true", help="SSL-ALPNet's published settings (GPU)")
