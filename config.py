@@ -110,6 +110,12 @@ def default_config():
         # was removed after commit b9c8bb5 (models/removed_options.py).
         "empty_cell": "zero",
         "pretrained": True,       # ImageNet weights via torchvision (cached in TORCH_HOME); False: random
+        # LSLPN+ (beyond the paper, models/lslpn_plus.py, docs/lslpn_plus.md), off by default:
+        "grids": [],              # multi-scale: n_grid of every scale, e.g. [4, 8, 16]; [] = n_grid alone
+        "grid_fusion": "mean",    # how the scales' logits combine: 'mean' or 'max'
+        "query_rounds": 0,        # query-informed prototype rounds (0: off)
+        "query_weight": 0.5,      # weight of the query's own cell prototypes in the mix
+        "query_confidence": 0.0,  # softmax probability a query pixel needs to join its own prototypes
     }
 
     # SENet baseline options (used with model.method='senet'; Roy et al. 2020 and its official code)

@@ -301,6 +301,16 @@ def fold_scans(ids: list[int], fold: int, dataset: AlpnetDataset) -> tuple[list[
     return test, support, training
 
 
+def validation_scan(ids: list[int], fold: int, dataset: AlpnetDataset) -> int:
+    """This project's validation scan of a fold (not SSL-ALPNet's: it has none): the first training scan
+    after the support in circular sorted order. Options are chosen on it, never on the test scans."""
+    test, support, training = fold_scans(ids, fold, dataset)
+    ordered = sorted(int(i) for i in ids)
+    start = ordered.index(support)
+    return next(ordered[(start + step) % len(ordered)] for step in range(1, len(ordered) + 1)
+                if ordered[(start + step) % len(ordered)] in training)
+
+
 def kept_slices(label: np.ndarray, excluded: list[int], rule: str = "or") -> np.ndarray:
     """Bool per z of a Y x X x Z label volume: may the slice train under Setting 2?
 

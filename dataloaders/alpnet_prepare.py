@@ -49,8 +49,12 @@ def normalised_volume(image: np.ndarray, intensity: dict) -> np.ndarray:
 
 
 def prepare_alpnet(data_dir: str | Path, out: str | Path, fold: int, setting: int = 2, label_set: int = 0,
-                   rule: str = "or", overwrite: bool = False, with_superpixels: bool = True) -> dict:
-    """Write the prepared folder of one (fold, setting, label set); returns its meta.json content."""
+                   rule: str = "or", overwrite: bool = False, with_superpixels: bool = True,
+                   validation: bool = False) -> dict:
+    """Write the prepared folder of one (fold, setting, label set); returns its meta.json content.
+
+    validation: hold the fold's validation scan (layout.validation_scan) out of training and store it
+    with the evaluation volumes (meta alpnet.validation), for choosing options without the test scans."""
     data_dir = Path(data_dir)
     if setting not in SETTINGS:
         raise UserError(f"setting {setting!r} does not exist: use 1 (test organs in training slices) or 2 "
@@ -61,12 +65,14 @@ def prepare_alpnet(data_dir: str | Path, out: str | Path, fold: int, setting: in
     classmap = layout.read_classmap(data_dir)
     ids = layout.scan_ids(data_dir)
     test, support, training = layout.fold_scans(ids, fold, dataset)
+    held_out = [layout.validation_scan(ids, fold, dataset)] if validation else []
+    training = [sid for sid in training if sid not in held_out]
     # Setting 1 trains one model for both label sets: every evaluated organ is a test organ of it
     test_values = dataset.test_values(label_set) if setting == 2 else list(dataset.evaluated)
     excluded = test_values if setting == 2 else []
     scans = {sid: layout.load_scan(data_dir, sid, dataset, superpixels=with_superpixels and sid in training,
                                    classmap=classmap) for sid in ids if sid in training or sid in test
-             or sid == support}
+             or sid == support or sid in held_out}
     for value in test_values:                          # the support must show every test organ
         if not layout.organ_slices(scans[support].label, value).size:
             raise UserError(f"{data_dir / f'label_{support}.nii.gz'}: the support scan of fold {fold} "
@@ -99,7 +105,7 @@ def prepare_alpnet(data_dir: str | Path, out: str | Path, fold: int, setting: in
                 present = np.flatnonzero((label[:, :, rows] == organ_index).any(axis=(0, 1)))
                 index.setdefault(str(int(organ_index)), []).extend(
                     [str(sid), int(row), int(rows[row])] for row in present)
-        for sid in test + [support]:
+        for sid in test + [support] + held_out:
             scan = scans[sid]
             save_npz_deterministic(partial / "volumes" / "gold" / f"{sid}.npz", {
                 "image": layout.crop(scan.image).astype(np.float32),
@@ -119,12 +125,13 @@ def prepare_alpnet(data_dir: str | Path, out: str | Path, fold: int, setting: in
                 "prep_size": next(iter(sizes))[0], "intensity": intensity_record(dataset, ct_stats),
                 "selection": {"rule": "every slice" if setting == 1 else f"setting 2 ({rule} rule)"},
                 "seed": 0, "splits": {"train": [str(s) for s in training], "val": [],
-                                      "gold": [str(s) for s in test + [support]]},
+                                      "gold": [str(s) for s in test + [support] + held_out]},
                 "classes": {key: INDEX_TO_NAME[int(key)] for key in index},
                 "alpnet": {"gold_image": "as stored", "fold": fold, "setting": setting,
                            "label_set": label_set if setting == 2 else None,
                            "rule": rule,
                            "test": [str(s) for s in test], "support": str(support),
+                           "validation": [str(s) for s in held_out],
                            "test_organs": test_organs, "excluded": [INDEX_TO_NAME[NAME_TO_INDEX[
                                dataset.vocabulary[v]]] for v in excluded], "kept": kept_counts}}
         write_bytes_atomic(json.dumps({"slices": index}).encode(), partial / "index.json")

@@ -42,3 +42,13 @@ def check_method(stored: Mapping, expected: str, snapshot: str) -> None:
         raise UserError(f"snapshot {snapshot} holds a {METHOD_NAMES[held]} model, but a "
                         f"{METHOD_NAMES[expected]} model is expected here: pass a {METHOD_NAMES[expected]} "
                         "snapshot (or list it under its own method name)")
+
+
+def with_head_options(model: nn.Module, options: Mapping) -> nn.Module:
+    """A copy of a trained prototype model whose head is rebuilt with other head options (e.g. the LSLPN+
+    options of models/lslpn_plus.py, which have no parameters); the encoder weights are the model's."""
+    config = {**model.config, **dict(options)}
+    rebuilt = build_model(config)
+    rebuilt.load_state_dict(model.state_dict())
+    device = next(model.parameters()).device
+    return rebuilt.to(device).train(model.training)

@@ -32,14 +32,28 @@ from torch import Tensor, nn
 from models.alpnet_head import ALPNetHead
 from models.encoders import ENCODERS, build_encoder, load_official_snapshot
 from models.local_prototypes import EMPTY_CELL_RULES, LocalPrototypeHead, Prototypes, check_episode
+from models.lslpn_plus import LSLPNPlusHead
 from models.panet import PANetHead
 from models.removed_options import refuse_removed_options, removed_option_error
 from util.errors import UserError
 
+
+def local_head(options: Mapping) -> nn.Module:
+    """The local head; with LSLPN+ options (grids, query_rounds: models/lslpn_plus.py) the LSLPN+ head."""
+    grids = list(options.get("grids") or [options["n_grid"]])
+
+    def at(n_grid: int) -> LocalPrototypeHead:
+        return LocalPrototypeHead(n_grid, options["overlap"], options["vote"], options["resolution"],
+                                  options["min_pixels"], options["scale"])
+    if grids == [options["n_grid"]] and not options.get("query_rounds"):
+        return at(options["n_grid"])
+    return LSLPNPlusHead([at(n) for n in grids], options.get("grid_fusion", "mean"),
+                         options.get("query_rounds", 0), options.get("query_weight", 0.5),
+                         options.get("query_confidence", 0.0))
+
+
 HEADS = {  # model.head -> the head built from the model options
-    "local": lambda options: LocalPrototypeHead(
-        options["n_grid"], options["overlap"], options["vote"], options["resolution"], options["min_pixels"],
-        options["scale"]),
+    "local": local_head,
     "panet": lambda options: PANetHead(options["scale"]),
     "alpnet": lambda options: ALPNetHead(options["scale"]),
 }
@@ -60,6 +74,9 @@ def is_official_snapshot(state) -> bool:
 # one without empty_cell predates the key and used the removed 'skip': refuse_removed_options)
 _CONFIG_KEYS = ("encoder", "head", "n_grid", "overlap", "vote", "resolution", "min_pixels", "scale",
                 "empty_cell", "align")
+# LSLPN+ options of the local head (models/lslpn_plus.py), in a snapshot's config only when set
+PLUS_DEFAULTS = {"grids": [], "grid_fusion": "mean", "query_rounds": 0, "query_weight": 0.5,
+                 "query_confidence": 0.0}
 
 
 class FewShotSegNet(nn.Module):
@@ -75,11 +92,15 @@ class FewShotSegNet(nn.Module):
     def __init__(self, encoder: str = "vgg16", init_path: str | None = None, n_grid: int = 8,
                  overlap: bool = True, vote: str = "max", resolution: str = "image",
                  min_pixels: float = 10, scale: float = 20.0, align: bool = False,
-                 empty_cell: str = "zero", head: str = "local", pretrained: bool = False):
+                 empty_cell: str = "zero", head: str = "local", pretrained: bool = False, **plus):
         super().__init__()
         options = {"encoder": encoder, "head": head, "n_grid": n_grid, "overlap": overlap, "vote": vote,
                    "resolution": resolution, "min_pixels": min_pixels, "scale": scale,
                    "empty_cell": empty_cell, "align": align}
+        assert set(plus) <= set(PLUS_DEFAULTS), sorted(set(plus) - set(PLUS_DEFAULTS))
+        # LSLPN+ options join the config only when they differ from the defaults (the faithful
+        # configurations' snapshots are unchanged)
+        options.update({k: v for k, v in plus.items() if v != PLUS_DEFAULTS[k]})
         refuse_removed_options(options, "the model config")
         assert encoder in ENCODERS and head in HEADS and empty_cell in EMPTY_CELL_RULES, options
         assert head != "panet" or n_grid == 1, "the 'panet' head has global prototypes (n_grid 1)"
@@ -91,7 +112,7 @@ class FewShotSegNet(nn.Module):
     @classmethod
     def from_config(cls, model_cfg: Mapping, init_path: str | None = None) -> "FewShotSegNet":
         """Build from config.py's `model` dict (keys it does not use, e.g. align_weight, ignored)."""
-        keys = _CONFIG_KEYS + ("pretrained",)
+        keys = _CONFIG_KEYS + tuple(PLUS_DEFAULTS) + ("pretrained",)
         return cls(init_path=init_path, **{k: model_cfg[k] for k in keys if k in model_cfg})
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):

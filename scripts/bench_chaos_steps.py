@@ -94,28 +94,33 @@ def budget_overrides(steps: int, input_size: int, batch_size: int, full: bool) -
                       "val_every=0", "augment.p=0.0"]
 
 
-def tag(fold: int, setting: int, label_set: int | None, rule: str) -> str:
-    """Prepared-folder name of one fold / setting / label set."""
+def tag(fold: int, setting: int, label_set: int | None, rule: str, validation: bool = False) -> str:
+    """Prepared-folder name of one fold / setting / label set (validation: its validation scan held out)."""
+    held = "_validation" if validation else ""
     if setting == 1:
-        return f"fold{fold}_setting1"
-    return f"fold{fold}_setting2_labels{label_set}" + ("" if rule == "or" else f"_{rule}")
+        return f"fold{fold}_setting1{held}"
+    return f"fold{fold}_setting2_labels{label_set}" + ("" if rule == "or" else f"_{rule}") + held
 
 
 def prepared(data_dir: Path, out: Path, fold: int, setting: int, label_set: int | None, rule: str,
-             log: list) -> Path:
-    """The prepared folder of (fold, setting, label set), made unless one with the same meta exists."""
-    folder = out / "prepared" / tag(fold, setting, label_set, rule)
+             log: list, validation: bool = False) -> Path:
+    """The prepared folder of (fold, setting, label set), made unless one with the same meta exists.
+
+    validation: the fold's validation scan is held out of training (dataloaders/alpnet_prepare.py)."""
+    folder = out / "prepared" / tag(fold, setting, label_set, rule, validation)
     try:
         meta = read_meta(folder)["alpnet"]
-        if (meta["fold"], meta["setting"], meta["rule"], meta.get("gold_image")) \
-                == (fold, setting, rule, "as stored") \
+        held = bool(meta.get("validation"))
+        if (meta["fold"], meta["setting"], meta["rule"], meta.get("gold_image"), held) \
+                == (fold, setting, rule, "as stored", validation) \
                 and (setting == 1 or meta["label_set"] == label_set) and \
                 read_meta(folder)["source"]["dir"] == str(data_dir.resolve()):
             return folder
     except (UserError, KeyError, TypeError):
         pass
     start = time.perf_counter()
-    prepare_alpnet(data_dir, folder, fold, setting, label_set or 0, rule, overwrite=True)
+    prepare_alpnet(data_dir, folder, fold, setting, label_set or 0, rule, overwrite=True,
+                   validation=validation)
     log.append({"step": f"prepare {folder.name}", "seconds": round(time.perf_counter() - start, 1)})
     print(f"==> prepared {folder} ({log[-1]['seconds']} s)", flush=True)
     return folder

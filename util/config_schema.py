@@ -23,6 +23,7 @@ from util.config_values import (
     BOOL,
     CHOICE,
     FILE,
+    GRIDS,
     INT,
     LSLPN,
     MILESTONES,
@@ -134,6 +135,12 @@ SCHEMA: dict[str, Option] = {
     "model.empty_cell": Option(CHOICE, choices=EMPTY_CELL_RULES, removed=_removed("model.empty_cell"),
                                applies=frozenset({LSLPN})),
     "model.pretrained": Option(BOOL, applies=PROTOTYPE_METHODS),
+    # LSLPN+ (models/lslpn_plus.py)
+    "model.grids": Option(GRIDS, applies=frozenset({LSLPN})),
+    "model.grid_fusion": Option(CHOICE, choices=("mean", "max"), applies=frozenset({LSLPN})),
+    "model.query_rounds": _int(0, applies=frozenset({LSLPN}), example="1"),
+    "model.query_weight": _num(0, 1, applies=frozenset({LSLPN}), example="0.5"),
+    "model.query_confidence": _num(0, 1, applies=frozenset({LSLPN}), example="0.0"),
     "senet.official_bug": Option(BOOL, applies=frozenset({SENET})),
     "senet.double_softmax": Option(BOOL, applies=frozenset({SENET})),
     "senet.epochs": _int(1, applies=frozenset({SENET}), example="20"),
@@ -231,6 +238,11 @@ def _grid_fits(config: Mapping, prefix: str) -> None:
     if n_grid > side:
         raise fail(f"{prefix}.n_grid", n_grid, f"larger than the {side} x {side} feature map of encoder "
                    f"{encoder} at input_size {size}", f"use {prefix}.n_grid <= {side} or a larger input_size")
+    grids = model.get("grids") or []
+    if isinstance(grids, (list, tuple)) and grids and max(grids) > side:
+        raise fail(f"{prefix}.grids", list(grids), f"grid {max(grids)} is larger than the {side} x {side} "
+                   f"feature map of encoder {encoder} at input_size {size}",
+                   f"use grids <= {side} or a larger input_size")
 
 
 def _weights_exist(config: Mapping, prefix: str) -> None:
@@ -260,11 +272,22 @@ def _selfsup_one_way(config: Mapping, prefix: str) -> None:
                    "self-supervised episodes have one pseudo-class (a superpixel)", "set n_ways=1")
 
 
+def _plus_on_local(config: Mapping, prefix: str) -> None:
+    model = config.get("model") or {}
+    head = model.get("head", "local")
+    for key in ("grids", "query_rounds"):
+        if head != "local" and model.get(key):
+            raise fail(f"{prefix}.{key}", model[key], f"an LSLPN+ option of the local head, not of the "
+                       f"'{head}' head", f"set {prefix}.head=local or {prefix}.{key}="
+                       f"{'[]' if key == 'grids' else '0'}")
+
+
 # (rule, the methods it applies to); run in this order after every single value passed
 RULES: list[tuple[Callable[[Mapping, str], None], frozenset]] = [
     (_panet_global, frozenset({PANET})),
     (_weights_exist, PROTOTYPE_METHODS),
     (_grid_fits, PROTOTYPE_METHODS),
+    (_plus_on_local, PROTOTYPE_METHODS),
     (_senet_shape, frozenset({SENET})),
     (_selfsup_one_way, _SELFSUP),
 ]
@@ -302,6 +325,7 @@ def check_model_config(model: Mapping, prefix: str = "model", input_size: int | 
         if methods_of(config) & PROTOTYPE_METHODS:
             _panet_global(config, prefix)
             _grid_fits(config, prefix)
+            _plus_on_local(config, prefix)
     except UserError as error:
         if not source:
             raise

@@ -18,8 +18,8 @@ ALL_METHODS = frozenset({LSLPN, PANET, SENET})
 
 # Kinds of value
 INT, NUMBER, BOOL, CHOICE, TEXT, NAME, FILE = "int", "number", "bool", "choice", "text", "name", "file"
-PAIR, MILESTONES, ORGAN_SETS, ORGANS, AMP, SUPPORT, SNAPSHOTS = (
-    "pair", "milestones", "organ_sets", "organs", "amp", "support", "snapshots")
+PAIR, MILESTONES, ORGAN_SETS, ORGANS, AMP, SUPPORT, SNAPSHOTS, GRIDS = (
+    "pair", "milestones", "organ_sets", "organs", "amp", "support", "snapshots", "grids")
 
 
 @dataclass(frozen=True)
@@ -163,6 +163,11 @@ def check_value(key: str, value: Any, option: Option) -> None:
         if not isinstance(value, (list, tuple)) or any(isinstance(m, bool) or not isinstance(m, int) or m < 1
                                                        for m in value) or list(value) != sorted(set(value)):
             raise fail(key, value, "must be increasing positive step numbers", "e.g. [2500, 5000, 7500]")
+    elif kind == GRIDS:
+        if not isinstance(value, (list, tuple)) or any(isinstance(g, bool) or not isinstance(g, int) or g < 1
+                                                       for g in value) or list(value) != sorted(set(value)):
+            raise fail(key, value, "must be increasing positive grid sizes (cells per side)",
+                       "e.g. [4, 8, 16], or [] for model.n_grid alone")
     elif kind == ORGAN_SETS:
         if not isinstance(value, (list, tuple)) or len(value) != 4:
             raise fail(key, value, "must be four lists of organ names (fold 0-3)",

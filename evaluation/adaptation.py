@@ -1,0 +1,106 @@
+"""Test-time adaptation on the support (an LSLPN+ option, docs/lslpn_plus.md; the idea of ProtoSAM's
+and others' test-time encoder fine-tuning).
+
+Before a support slice segments its queries, a copy of the model is fine-tuned for `steps` SGD steps on
+episodes made from that slice alone: two random SSL-ALPNet views of it (dataloaders/warp.alpnet_view:
+affine, elastic, gamma), one as the support and one as the query, the query's warped mask as the target
+(cross-entropy, as training). BatchNorm keeps its running statistics (eval mode); the encoder's weights
+move. The model passed in, and so any snapshot it was loaded from, is never changed: the copy is
+thrown away after use. Views are drawn at the stored resolution, then resized to the model's input.
+"""
+from __future__ import annotations
+
+import copy
+import time
+import zlib
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dataloaders.transforms import resize_image, resize_label
+from dataloaders.warp import alpnet_view
+from evaluation.alpnet_protocol import Predictor, model_predictor
+
+MAX_VIEW_DRAWS = 20   # a view whose foreground left the field is redrawn, at most this often per view
+
+
+def slice_seed(seed: int, image: np.ndarray, mask: np.ndarray) -> int:
+    """A seed of (seed, the slice's bytes): the same support slice always gets the same episodes."""
+    data = np.ascontiguousarray(image, np.float32).tobytes() + np.ascontiguousarray(mask, bool).tobytes()
+    return (int(seed) * 1_000_003 + zlib.crc32(data)) % (2 ** 32)
+
+
+def support_views(image: np.ndarray, mask: np.ndarray, count: int, input_size: int,
+                  rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """`count` views of a slice H x W and its mask H x W with foreground: images count x S x S (float32)
+    and masks count x S x S (float 0/1), S = input_size. A view keeps its draw only when its mask still
+    has foreground at the input size (else it is redrawn; after MAX_VIEW_DRAWS, the unwarped slice)."""
+    images, masks = [], []
+    for _ in range(count):
+        for _ in range(MAX_VIEW_DRAWS):
+            view_image, view_mask = alpnet_view(image, mask, rng)
+            small_mask = resize_label(torch.from_numpy(view_mask.astype(np.float32)), input_size)
+            if float(small_mask.sum()) > 0:
+                break
+        else:
+            view_image = np.asarray(image, np.float32)
+            small_mask = resize_label(torch.from_numpy(np.asarray(mask, np.float32)), input_size)
+        view = torch.from_numpy(np.ascontiguousarray(view_image, np.float32))
+        images.append(resize_image(view, input_size))
+        masks.append(small_mask)
+    return torch.stack(images), torch.stack(masks)
+
+
+def adapt_to_support(model: nn.Module, image: np.ndarray, mask: np.ndarray, input_size: int, steps: int,
+                     lr: float = 1e-3, batch_size: int = 2, seed: int = 0,
+                     device: str | torch.device = "cpu") -> nn.Module:
+    """A fine-tuned copy of `model` (eval mode) after `steps` steps on views of one support slice.
+
+    image H x W (normalised as the model's input), mask H x W (bool, with foreground)."""
+    adapted = copy.deepcopy(model).to(device).eval()     # BatchNorm statistics stay as trained
+    if steps <= 0:
+        return adapted
+    optimiser = torch.optim.SGD([p for p in adapted.parameters() if p.requires_grad], lr=lr, momentum=0.9)
+    rng = np.random.default_rng(slice_seed(seed, image, mask))
+    for _ in range(steps):
+        images, masks = support_views(image, mask, 2 * batch_size, input_size, rng)   # 2B x S x S
+        images, masks = images.to(device), masks.to(device)
+        support_images = images[:batch_size, None, None, None]                      # B x 1 x 1 x 1 x S x S
+        support_fg = masks[:batch_size, None, None]                                 # B x 1 x 1 x S x S
+        query_images = images[batch_size:, None, None]                              # B x 1 x 1 x S x S
+        target = masks[batch_size:].long()                                          # B x S x S
+        with torch.enable_grad():
+            logits, _ = adapted(support_images, support_fg, 1.0 - support_fg, query_images)
+            loss = F.cross_entropy(logits[:, 0].float(), target)                    # B x 2 x S x S
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            optimiser.step()
+    return adapted.eval()
+
+
+class AdaptingPredictor:
+    """A Predictor (evaluation/alpnet_protocol.py) that adapts a copy of the model to each support slice
+    first, once per distinct slice (a fold's queries share their support slices), and counts the time.
+
+    seconds_adapting: total fine-tuning time; adaptations: how many support slices were adapted to."""
+
+    def __init__(self, model: nn.Module, input_size: int, device: str | torch.device = "cpu",
+                 steps: int = 20, lr: float = 1e-3, batch_size: int = 2, seed: int = 0):
+        self.model, self.input_size, self.device = model, int(input_size), device
+        self.steps, self.lr, self.batch_size, self.seed = int(steps), float(lr), int(batch_size), int(seed)
+        self._predictors: dict[int, Predictor] = {}
+        self.seconds_adapting, self.adaptations = 0.0, 0
+
+    def __call__(self, support_image: np.ndarray, support_mask: np.ndarray,
+                 queries: np.ndarray) -> np.ndarray:
+        key = slice_seed(self.seed, support_image, support_mask)
+        if key not in self._predictors:
+            start = time.perf_counter()
+            adapted = adapt_to_support(self.model, support_image, support_mask, self.input_size, self.steps,
+                                       self.lr, self.batch_size, self.seed, self.device)
+            self.seconds_adapting += time.perf_counter() - start
+            self.adaptations += 1
+            self._predictors[key] = model_predictor(adapted, self.input_size, self.device)
+        return self._predictors[key](support_image, support_mask, queries)

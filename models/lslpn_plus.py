@@ -1,0 +1,134 @@
+"""LSLPN+: options on the local head that go beyond the paper (all off by default; docs/lslpn_plus.md).
+
+Two options, neither with parameters, both acting wherever the head scores (training and inference):
+
+- multi-scale grids (`grids`, e.g. [4, 8, 16]): the local head of docs/method.md at each n_grid, the
+  logits fused over the scales by their mean or maximum (`grid_fusion`). One grid is the plain head.
+- query-informed prototypes (`query_rounds`, `query_weight`, `query_confidence`; the Q-Net / ADNet
+  idea on local prototypes): after a pass, each query's own pixels predicted as class c with softmax
+  probability >= query_confidence are pooled per grid cell into the query's local prototypes of c (the
+  same masked average per cell as the support's). In every cell where the query has them, the
+  prototype becomes the mix (1 - w) u_s + w u_q of the unit support and query prototypes (w =
+  query_weight); where the query has none (too few confident pixels) the support's is kept. The query
+  is scored again with its own mixed prototypes; `query_rounds` repeats it.
+
+`LSLPNPlusHead` has the interface of the other heads (models/fewshot.py): compute_prototypes, score,
+alignment_loss. With grids [n_grid] and query_rounds 0 it returns exactly the plain head's logits.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from models import grid
+from models.local_prototypes import LocalPrototypeHead, Prototypes
+
+FUSIONS = ("mean", "max")
+
+
+@dataclass
+class ScalePrototypes:
+    """The local prototypes of every grid scale (`Prototypes` of each, in the head's grid order)."""
+    scales: list[Prototypes]
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        return self.scales[0].image_size
+
+    @property
+    def feature_size(self) -> tuple[int, int]:
+        return self.scales[0].feature_size
+
+    def to(self, device) -> "ScalePrototypes":
+        return ScalePrototypes([p.to(device) for p in self.scales])
+
+
+def fuse(logits: list[Tensor], fusion: str) -> Tensor:
+    """Logits of several grid scales (each B x Q x L x H x W) -> their mean or element-wise maximum."""
+    stacked = torch.stack(logits)                                   # S x B x Q x L x H x W
+    return stacked.mean(0) if fusion == "mean" else stacked.amax(0)
+
+
+def query_masks(logits: Tensor, confidence: float) -> Tensor:
+    """Confident class masks B x Q x L x H x W (float 0/1) of logits B x Q x L x H x W: pixel of class c
+    when c is its argmax and its softmax probability is >= confidence."""
+    probability = logits.float().softmax(dim=2)
+    top, predicted = probability.max(dim=2)                          # B x Q x H x W
+    classes = torch.arange(logits.shape[2], device=logits.device).view(1, 1, -1, 1, 1)
+    return ((predicted.unsqueeze(2) == classes) & (top >= confidence).unsqueeze(2)).float()
+
+
+def mix_prototypes(support: Tensor, own: Tensor, weight: float) -> Tensor:
+    """(1 - w) u_support + w u_own in the cells where the query has a prototype (a nonzero vector),
+    u_support elsewhere; u = unit vector (a zero vector stays zero). Shapes ... x C."""
+    unit_support = F.normalize(support, dim=-1, eps=grid.EPS)
+    unit_own = F.normalize(own, dim=-1, eps=grid.EPS)
+    present = own.abs().sum(dim=-1, keepdim=True) > 0
+    return torch.where(present, (1.0 - weight) * unit_support + weight * unit_own, unit_support)
+
+
+class LSLPNPlusHead(nn.Module):
+    """Local prototype heads at several grid scales, fused, with query-informed prototype rounds.
+
+    heads: one `LocalPrototypeHead` per grid scale (same vote, resolution, min_pixels and scale).
+    Shapes as LocalPrototypeHead.forward; logits B x Q x (1 + N) x H x W.
+    """
+
+    def __init__(self, heads: list[LocalPrototypeHead], fusion: str = "mean", query_rounds: int = 0,
+                 query_weight: float = 0.5, query_confidence: float = 0.0):
+        super().__init__()
+        # validated by the config schema (util/config_schema.py) before any model is built
+        assert heads and fusion in FUSIONS and query_rounds >= 0 and 0 <= query_weight <= 1 \
+            and 0 <= query_confidence <= 1, (fusion, query_rounds, query_weight, query_confidence)
+        self.heads = nn.ModuleList(heads)
+        self.fusion, self.query_rounds = fusion, int(query_rounds)
+        self.query_weight, self.query_confidence = float(query_weight), float(query_confidence)
+
+    def extra_repr(self) -> str:
+        return (f"grids={[h.n_grid for h in self.heads]}, fusion={self.fusion!r}, "
+                f"query_rounds={self.query_rounds}, query_weight={self.query_weight}, "
+                f"query_confidence={self.query_confidence}")
+
+    def compute_prototypes(self, support_features: Tensor, support_fg: Tensor, support_bg: Tensor,
+                           image_size: tuple[int, int]) -> ScalePrototypes:
+        return ScalePrototypes([head.compute_prototypes(support_features, support_fg, support_bg, image_size)
+                                for head in self.heads])
+
+    def score(self, prototypes: ScalePrototypes, query_features: Tensor) -> Tensor:
+        """Logits B x Q x (1 + N) x H x W of query features B x Q x C x h x w."""
+        logits = fuse([head.score(p, query_features) for head, p in zip(self.heads, prototypes.scales)],
+                      self.fusion)
+        for _ in range(self.query_rounds):
+            logits = self.query_informed(prototypes, query_features, logits)
+        return logits
+
+    def query_informed(self, prototypes: ScalePrototypes, query_features: Tensor, logits: Tensor) -> Tensor:
+        """One round: every query scored against its own mixed prototypes (module docstring)."""
+        B, Q, C, h, w = query_features.shape
+        L = logits.shape[2]
+        masks = query_masks(logits.detach(), self.query_confidence)     # B x Q x L x H x W
+        H, W = masks.shape[-2:]
+        own_fg = masks[:, :, 1:].flatten(0, 1).unsqueeze(2)             # BQ x N x 1 x H x W
+        own_bg = masks[:, :, :1].flatten(0, 1).unsqueeze(2).expand_as(own_fg)
+        # each query is an episode of its own: its features are the one shot of every way
+        own_features = query_features.flatten(0, 1)[:, None, None].expand(B * Q, L - 1, 1, C, h, w)
+        queries = query_features.flatten(0, 1).unsqueeze(1)             # BQ x 1 x C x h x w
+        rescored = []
+        for head, support in zip(self.heads, prototypes.scales):
+            # BQ x L x nr x nc x C
+            own = head.compute_prototypes(own_features, own_fg, own_bg, (H, W)).vectors
+            per_query = support.vectors.expand(B, *support.vectors.shape[1:])          # B x L x nr x nc x C
+            per_query = per_query.unsqueeze(1).expand(B, Q, *per_query.shape[1:]).flatten(0, 1)
+            mixed = Prototypes(mix_prototypes(per_query.float(), own, self.query_weight),
+                               support.image_size, support.feature_size)
+            rescored.append(head.score(mixed, queries).squeeze(1).unflatten(0, (B, Q)))
+        return fuse(rescored, self.fusion)                              # B x Q x L x H x W
+
+    def alignment_loss(self, prototypes: ScalePrototypes, query_logits: Tensor, query_features: Tensor,
+                       support_features: Tensor, support_fg: Tensor, support_bg: Tensor) -> Tensor:
+        """The local head's alignment loss (models/local_prototypes.py) at the first grid scale."""
+        return self.heads[0].alignment_loss(prototypes.scales[0], query_logits, query_features,
+                                            support_features, support_fg, support_bg)

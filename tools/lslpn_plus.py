@@ -1,0 +1,224 @@
+"""LSLPN+ on CHAOS-T2 (docs/lslpn_plus.md): each option chosen on validation scans, then the ablation on the
+test scans of SSL-ALPNet's 5 folds, Settings 1 and 2, at the LSLPN row's budget of docs/bench_chaos.md.
+
+    python tools/lslpn_plus.py                  # everything, reusing finished runs and evaluations
+    python tools/lslpn_plus.py --folds 0        # one fold (a quick look; the report says so)
+    python tools/lslpn_plus.py --report-only    # rewrite docs/lslpn_plus.md from OUT/lslpn_plus.json
+
+1. Selection (never the test scans). Per fold, setting and label set, LSLPN is trained on a prepared folder
+   whose validation scan (dataloaders.alpnet_layout.validation_scan) is held out of training; every
+   candidate setting of every option segments that scan from the fold's support. Per option the candidate
+   with the best mean validation Dice wins; the options are then combined greedily (in order of their
+   validation gain, each kept only when it raises the combination's validation Dice): that is `lslpn_plus`.
+2. Test. The LSLPN runs of the benchmark itself (same names, budget and seeds as scripts/bench_chaos.py:
+   reused when it already ran under the same OUT) are evaluated with: no option (the LSLPN row), each chosen
+   option alone, the combination, and the combination without each of its options. The LSLPN+ options have
+   no parameters and act on the trained network's head at test time (models.factory.with_head_options),
+   test-time adaptation on a copy of it (evaluation/adaptation.py); the training is LSLPN's.
+Seconds per query volume (one organ of one scan, inference only) and the head's share of a forward pass
+are measured beside every row; test-time adaptation reports its own time.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))   # the benchmark's steps (scripts/bench_chaos_steps.py)
+
+from util.atomic import write_text_atomic  # noqa: E402
+from util.cli import run_cli  # noqa: E402
+from util.errors import UserError  # noqa: E402
+
+PINNED_NUMERICS = {"ONEDNN_MAX_CPU_ISA": "AVX2", "OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2"}
+DOC = ROOT / "docs" / "lslpn_plus.md"
+
+# option -> candidate settings tried on the validation scans (LSLPN+ model options, or adapt_* for
+# test-time adaptation)
+CANDIDATES: dict[str, list[dict]] = {
+    "query-informed prototypes": [{"query_rounds": r, "query_weight": w, "query_confidence": c}
+                                  for r in (1, 2) for w in (0.3, 0.5, 0.7) for c in (0.0, 0.9)],
+    "multi-scale grids": [{"grids": g, "grid_fusion": f} for g in ([4, 8], [8, 16], [4, 8, 16])
+                          for f in ("mean", "max")],
+    "test-time adaptation": [{"adapt_steps": 20, "adapt_lr": lr} for lr in (1e-3, 1e-2)],
+}
+LSLPN = "LSLPN"
+
+
+def key_of(options: dict) -> str:
+    """A stable text key of an option set ('' for none)."""
+    return json.dumps(options, sort_keys=True) if options else ""
+
+
+def describe(options: dict) -> str:
+    """Short text of an option set for tables."""
+    return ", ".join(f"{k}={v}" for k, v in sorted(options.items())) or "none"
+
+
+class Bench:
+    """Cells (fold, setting, label set) with their prepared folders and LSLPN snapshots, and the cached
+    evaluations (OUT/lslpn_plus.json)."""
+
+    def __init__(self, data: Path, out: Path, folds: list[int], device: str, budget: dict):
+        import bench_chaos_steps as steps
+        self.steps, self.data, self.out, self.folds, self.device = steps, data, out, folds, device
+        self.dataset = steps.layout.detect_dataset(data)
+        self.named_base, self.base = steps.budget_overrides(budget["steps"], budget["input_size"],
+                                                            budget["batch_size"], False)
+        self.how = steps.methods(include_alpnet=False)[LSLPN]
+        self.budget, self.log = budget, []
+        self.path = out / "lslpn_plus.json"
+        self.saved = json.loads(self.path.read_text()) if self.path.is_file() else {"evaluations": {}}
+
+    def cells(self, validation: bool) -> list[dict]:
+        """Every (fold, setting, label set) with its folder, snapshot and organs (Setting 2 first)."""
+        cells = []
+        for setting in (2, 1):
+            for fold in self.folds:
+                shared_snapshot = None
+                for label_set in (0, 1):
+                    folder = self.steps.prepared(self.data, self.out, fold, setting,
+                                                 label_set if setting == 2 else None, "or", self.log,
+                                                 validation=validation)
+                    name = (f"lslpn_fold{fold}_setting{setting}"
+                            + (f"_labels{label_set}" if setting == 2 else "")
+                            + ("_validation" if validation else ""))
+                    snapshot = shared_snapshot or self.steps.train(
+                        name, [*self.named_base, *self.how["named"]],
+                        [*self.base, *self.how["overrides"], f"path.data_dir={folder}"],
+                        self.out / "train", self.log, self.device)
+                    if setting == 1:
+                        shared_snapshot = snapshot
+                    meta = self.steps.read_meta(folder)["alpnet"]
+                    cells.append({"fold": fold, "setting": setting, "label_set": label_set, "folder": folder,
+                                  "snapshot": snapshot, "organs": self.dataset.test_organs(label_set),
+                                  "queries": meta["validation"] if validation else meta["test"]})
+        return cells
+
+    def evaluate(self, options: dict, cell: dict, stage: str) -> dict:
+        """{dice: {organ: {query: Dice}}, seconds, adapt_seconds, volumes} of one option set on one cell,
+        cached under (stage, options, cell)."""
+        from lslpn_plus_eval import evaluate_cell
+        key = "|".join([stage, key_of(options), str(cell["fold"]), str(cell["setting"]),
+                        str(cell["label_set"]), str(cell["snapshot"])])
+        if key not in self.saved["evaluations"]:
+            result = evaluate_cell(self.steps, options, cell, self.device)
+            self.saved["evaluations"][key] = result
+            write_text_atomic(json.dumps(self.saved, indent=1), self.path)
+        return self.saved["evaluations"][key]
+
+
+def mean_dice(bench: Bench, options: dict, cells: list[dict], stage: str) -> float:
+    """Mean over cells and organs of the mean Dice over the cell's query scans."""
+    import numpy as np
+    values = []
+    for cell in cells:
+        for per_query in bench.evaluate(options, cell, stage)["dice"].values():
+            finite = [v for v in per_query.values() if v is not None and np.isfinite(v)]
+            if finite:
+                values.append(float(np.mean(finite)))
+    return float(np.mean(values))
+
+
+def select(bench: Bench, cells: list[dict]) -> dict:
+    """Validation Dice of every candidate, the winner per option and the greedy combination."""
+    baseline = mean_dice(bench, {}, cells, "validation")
+    table, best = [], {}
+    for option, candidates in CANDIDATES.items():
+        for candidate in candidates:
+            value = mean_dice(bench, candidate, cells, "validation")
+            table.append({"option": option, "settings": candidate, "validation": value})
+            print(f"    validation {option}: {describe(candidate)}: {100 * value:.1f} "
+                  f"(LSLPN {100 * baseline:.1f})", flush=True)
+            if option not in best or value > best[option]["validation"]:
+                best[option] = {"settings": candidate, "validation": value}
+    order = sorted((o for o in best if best[o]["validation"] > baseline),
+                   key=lambda o: -best[o]["validation"])
+    combination, combined, steps = {}, baseline, []
+    for option in order:
+        trial = {**combination, **best[option]["settings"]}
+        value = mean_dice(bench, trial, cells, "validation")
+        kept = value > combined
+        steps.append({"option": option, "validation": value, "kept": kept})
+        if kept:
+            combination, combined = trial, value
+    chosen = [s["option"] for s in steps if s["kept"]]
+    return {"baseline": baseline, "candidates": table, "best": best, "greedy": steps,
+            "combination": combination, "combination_validation": combined, "chosen": chosen}
+
+
+def test_rows(selection: dict) -> dict[str, dict]:
+    """Row name -> option set of the test ablation."""
+    rows = {LSLPN: {}}
+    for option, best in selection["best"].items():
+        rows[f"+ {option}"] = dict(best["settings"])
+    chosen = selection["chosen"]
+    if chosen:
+        rows["LSLPN+"] = dict(selection["combination"])
+        if len(chosen) > 1:
+            for option in chosen:
+                rows[f"LSLPN+ without {option}"] = {k: v for other in chosen if other != option
+                                                    for k, v in selection["best"][other]["settings"].items()}
+    return rows
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, default=None, help="SSL-ALPNet-layout folder "
+                        "(default $CHAOS_T2_DIR or ../shared/data/chaos_mr_t2 beside the repository)")
+    parser.add_argument("--out", type=Path, default=Path("runs/bench_chaos"),
+                        help="the benchmark's folder (its LSLPN runs are reused)")
+    parser.add_argument("--folds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--doc", type=Path, default=DOC)
+    parser.add_argument("--report-only", action="store_true")
+    args = parser.parse_args(argv)
+    if any(f not in range(5) for f in args.folds):
+        raise UserError(f"--folds {args.folds}: SSL-ALPNet has folds 0-4: pick among them")
+    os.environ.update(PINNED_NUMERICS)
+    import bench_chaos
+    import lslpn_plus_report as report
+    results_path = args.out / "lslpn_plus_results.json"
+    if args.report_only:
+        if not results_path.is_file():
+            raise UserError(f"{results_path}: no results yet: run tools/lslpn_plus.py first")
+        report.write(json.loads(results_path.read_text()), args.doc)
+        print(f"wrote {args.doc}")
+        return 0
+    data = args.data or bench_chaos.default_data()
+    start = time.perf_counter()
+    bench = Bench(data, args.out, args.folds, args.device,
+                  {"steps": 100, "input_size": 64, "batch_size": 2})
+    print("==> selection on the validation scans", flush=True)
+    selection = select(bench, bench.cells(validation=True))
+    print(f"==> chosen: {selection['chosen']} ({describe(selection['combination'])})", flush=True)
+    cells = bench.cells(validation=False)
+    rows = test_rows(selection)
+    from lslpn_plus_eval import head_share
+    evaluations = {}
+    for row, options in rows.items():
+        evaluations[row] = {"options": options, "cells": [
+            {"fold": c["fold"], "setting": c["setting"], "label_set": c["label_set"],
+             **bench.evaluate(options, c, "test")} for c in cells],
+            "head_share": head_share(cells[0]["snapshot"], options, args.device)}
+        print(f"    test {row}: {100 * mean_dice(bench, options, cells, 'test'):.1f}", flush=True)
+    from util.provenance import git_commit
+    results = {"selection": selection, "rows": evaluations, "folds": args.folds,
+               "seconds": time.perf_counter() - start, "commit": git_commit(),
+               "command": " ".join(["python tools/lslpn_plus.py", *argv]),
+               "environment": bench.steps.environment_note(), "log": bench.log}
+    write_text_atomic(json.dumps(results, indent=1), results_path)
+    report.write(results, args.doc)
+    print(f"\nwrote {args.doc} ({results['seconds'] / 60:.1f} min)")
+    print(args.doc.read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,77 @@
+"""Evaluation of LSLPN+ option sets for tools/lslpn_plus.py: one cell under SSL-ALPNet's protocol, timed, and
+the head's share of a forward pass."""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+
+from dataloaders.organs import NAME_TO_INDEX
+from evaluation.adaptation import AdaptingPredictor
+from evaluation.alpnet_protocol import evaluate_query, model_predictor
+from evaluation.evaluate import load_snapshot
+from models.factory import with_head_options
+
+ADAPT_KEYS = ("adapt_steps", "adapt_lr")
+
+
+def model_with(snapshot, options: dict, device: str):
+    """(model in eval mode with the option set's head options, its input size)."""
+    model, info = load_snapshot(snapshot, device)
+    head = {k: v for k, v in options.items() if k not in ADAPT_KEYS}
+    if head:
+        model = with_head_options(model, head).eval()
+    return model, int(info["input"]["input_size"])
+
+
+def evaluate_cell(steps, options: dict, cell: dict, device: str) -> dict:
+    """{dice: {organ: {query id: Dice}}, seconds (inference, all volumes), adapt_seconds, adaptations,
+    volumes (query scans x organs)} of one option set on one cell (query ids of cell['queries'])."""
+    model, size = model_with(cell["snapshot"], options, device)
+    if options.get("adapt_steps"):
+        predict = AdaptingPredictor(model, size, device, options["adapt_steps"], options["adapt_lr"])
+    else:
+        predict = model_predictor(model, size, device)
+    meta = steps.read_meta(cell["folder"])["alpnet"]
+    support = steps.gold_volume(cell["folder"], meta["support"])
+    dice, start = {}, time.perf_counter()
+    for organ in cell["organs"]:
+        index = NAME_TO_INDEX[organ]
+        dice[organ] = {}
+        for qid in cell["queries"]:
+            query = steps.gold_volume(cell["folder"], qid)
+            dice[organ][qid], _ = evaluate_query(predict, support["image"], support["label"] == index,
+                                                 query["image"], query["label"] == index)
+    seconds = time.perf_counter() - start
+    adapt_seconds = getattr(predict, "seconds_adapting", 0.0)
+    return {"dice": dice, "seconds": seconds - adapt_seconds, "adapt_seconds": adapt_seconds,
+            "adaptations": getattr(predict, "adaptations", 0),
+            "volumes": len(cell["organs"]) * len(cell["queries"])}
+
+
+def head_share(snapshot, options: dict, device: str, n_queries: int = 16, repeats: int = 5) -> dict:
+    """Median seconds of the encoder and of the head for 1 support + n_queries query slices, and the
+    head's share of the two (the time of one inference step)."""
+    model, size = model_with(snapshot, options, device)
+    generator = torch.Generator().manual_seed(0)
+    support = torch.randn(1, 1, 1, 1, size, size, generator=generator).to(device)
+    fg = torch.zeros(1, 1, 1, size, size, device=device)
+    fg[..., size // 4: size // 2, size // 4: size // 2] = 1
+    queries = torch.randn(1, n_queries, 1, size, size, generator=generator).to(device)
+    encoder_times, head_times = [], []
+    with torch.inference_mode():
+        for repeat in range(repeats + 1):
+            start = time.perf_counter()
+            support_features = model.encoder(support.flatten(0, 2)).unflatten(0, (1, 1, 1))
+            query_features = model.encoder(queries.flatten(0, 1)).unflatten(0, (1, n_queries))
+            middle = time.perf_counter()
+            prototypes = model.head.compute_prototypes(support_features, fg, 1 - fg, (size, size))
+            model.head.score(prototypes, query_features)
+            end = time.perf_counter()
+            if repeat:                     # the first is a warm-up
+                encoder_times.append(middle - start)
+                head_times.append(end - middle)
+    encoder, head = float(np.median(encoder_times)), float(np.median(head_times))
+    return {"encoder_seconds": encoder, "head_seconds": head, "share": head / (encoder + head),
+            "n_queries": n_queries, "input_size": size}
