@@ -157,6 +157,10 @@ def default_config():
         "split": "gold",          # 'gold' (test) or 'val'
         "batch_size": 16,         # query slices per forward pass
         "save_predictions": True, # NIfTI masks in each query's original geometry
+        # LSLPN+ at test time (docs/lslpn_plus.md), off by default:
+        "plus_head": False,       # evaluate snapshots with this config's model.grids / grid_fusion / query_*
+        "adapt_steps": 0,         # test-time adaptation: SGD steps on views of each support slice (0: off)
+        "adapt_lr": 1e-2,         # its learning rate
     }
 
 
@@ -192,6 +196,17 @@ def paper():
     lr_milestones = [2500, 5000, 7500]
     model = dict(AUTHORS_MODEL)
     eval = {"preset": "official"}
+
+
+@ex.named_config
+def lslpn_plus():
+    # LSLPN+ (beyond the paper; docs/lslpn_plus.md): the options chosen on CHAOS-T2 validation scans by
+    # tools/lslpn_plus.py. test.py applies them to the snapshots it evaluates (eval.plus_head: the
+    # multi-scale, query-informed head; eval.adapt_steps: test-time adaptation on each support slice);
+    # training with this config trains with the LSLPN+ head as well.
+    model = {"grids": [4, 8], "grid_fusion": "mean", "query_rounds": 1, "query_weight": 0.3,
+             "query_confidence": 0.9}
+    eval = {"plus_head": True, "adapt_steps": 20, "adapt_lr": 1e-2}
 
 
 @ex.named_config

@@ -59,9 +59,16 @@ def adapt_to_support(model: nn.Module, image: np.ndarray, mask: np.ndarray, inpu
     """A fine-tuned copy of `model` (eval mode) after `steps` steps on views of one support slice.
 
     image H x W (normalised as the model's input), mask H x W (bool, with foreground)."""
-    adapted = copy.deepcopy(model).to(device).eval()     # BatchNorm statistics stay as trained
-    if steps <= 0:
-        return adapted
+    # outside inference mode even when called under it: the copy's weights must be trainable tensors
+    with torch.inference_mode(False), torch.enable_grad():
+        adapted = copy.deepcopy(model).to(device).eval()     # BatchNorm statistics stay as trained
+        if steps > 0:
+            _fine_tune(adapted, image, mask, input_size, steps, lr, batch_size, seed, device)
+    return adapted.eval()
+
+
+def _fine_tune(adapted: nn.Module, image: np.ndarray, mask: np.ndarray, input_size: int, steps: int,
+               lr: float, batch_size: int, seed: int, device) -> None:
     optimiser = torch.optim.SGD([p for p in adapted.parameters() if p.requires_grad], lr=lr, momentum=0.9)
     rng = np.random.default_rng(slice_seed(seed, image, mask))
     for _ in range(steps):
@@ -71,13 +78,11 @@ def adapt_to_support(model: nn.Module, image: np.ndarray, mask: np.ndarray, inpu
         support_fg = masks[:batch_size, None, None]                                 # B x 1 x 1 x S x S
         query_images = images[batch_size:, None, None]                              # B x 1 x 1 x S x S
         target = masks[batch_size:].long()                                          # B x S x S
-        with torch.enable_grad():
-            logits, _ = adapted(support_images, support_fg, 1.0 - support_fg, query_images)
-            loss = F.cross_entropy(logits[:, 0].float(), target)                    # B x 2 x S x S
-            optimiser.zero_grad(set_to_none=True)
-            loss.backward()
-            optimiser.step()
-    return adapted.eval()
+        logits, _ = adapted(support_images, support_fg, 1.0 - support_fg, query_images)
+        loss = F.cross_entropy(logits[:, 0].float(), target)                        # B x 2 x S x S
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        optimiser.step()
 
 
 class AdaptingPredictor:
@@ -104,3 +109,49 @@ class AdaptingPredictor:
             self.adaptations += 1
             self._predictors[key] = model_predictor(adapted, self.input_size, self.device)
         return self._predictors[key](support_image, support_mask, queries)
+
+
+class SupportAdaptedModel(nn.Module):
+    """A prototype model that adapts a copy of itself to every support it is given (the model interface
+    of evaluation/inference.py: encode_support, then segment with the adapted copy).
+
+    The views are drawn from the support slice at the model's input size (the SENet-protocol path
+    resizes before the model sees a slice); with k shots the middle shot is used. One way only.
+    """
+
+    def __init__(self, model: nn.Module, steps: int, lr: float = 1e-2, batch_size: int = 2, seed: int = 0):
+        super().__init__()
+        self.model, self.config = model, model.config
+        self.steps, self.lr, self.batch_size, self.seed = int(steps), float(lr), int(batch_size), int(seed)
+        self._adapted: nn.Module | None = None
+        self.seconds_adapting, self.adaptations = 0.0, 0
+
+    def encode_support(self, support_images, support_fg, support_bg):
+        """As FewShotSegNet.encode_support (B x N x K x 1 x S x S), after adapting a copy to the shot."""
+        B, N, K = support_images.shape[:3]
+        assert B == 1 and N == 1, "test-time adaptation segments one way of one episode at a time"
+        image = support_images[0, 0, K // 2, 0].float().cpu().numpy()
+        mask = support_fg[0, 0, K // 2].float().cpu().numpy() > 0.5
+        start = time.perf_counter()
+        self._adapted = adapt_to_support(self.model, image, mask, image.shape[-1], self.steps, self.lr,
+                                         self.batch_size, self.seed, support_images.device)
+        self.seconds_adapting += time.perf_counter() - start
+        self.adaptations += 1
+        return self._adapted.encode_support(support_images, support_fg, support_bg)
+
+    def segment(self, prototypes, query_images):
+        assert self._adapted is not None, "encode_support first"
+        return self._adapted.segment(prototypes, query_images)
+
+
+def test_time_model(model: nn.Module, head_options: dict | None = None, adapt_steps: int = 0,
+                    adapt_lr: float = 1e-2) -> nn.Module:
+    """The model a test run evaluates with LSLPN+ options: its head rebuilt with `head_options`
+    (models.factory.with_head_options), then wrapped for test-time adaptation when adapt_steps > 0.
+    SENet and heads other than 'local' are returned unchanged."""
+    from models.factory import PROTOTYPE, method_of, with_head_options
+    if method_of(model.config) != PROTOTYPE or model.config.get("head", "local") != "local":
+        return model
+    if head_options:
+        model = with_head_options(model, head_options).eval()
+    return SupportAdaptedModel(model, adapt_steps, adapt_lr) if adapt_steps > 0 else model

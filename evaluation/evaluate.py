@@ -328,13 +328,14 @@ def evaluate(methods: dict, organs: list[str], prep_dir: str | Path, preset: str
              input_size: int | None = None, device="auto", batch_size: int = 16,
              save_predictions: bool = True,
              fold: int | None = None, config: dict | None = None, progress: bool = True,
-             figures: bool = True) -> dict:
+             figures: bool = True, model_transform=None) -> dict:
     """Run the volumetric protocol for several methods and organs and write every output once.
 
     methods: name -> None (mask copy, no model), a snapshot path, a model in memory, or
              {organ: path or model} (per-fold snapshots in one table).
     support: a patient id, 'default' (10000132 when present, else the first by sorted id) or 'all'
              (every volume in turn; mean and std over supports).
+    model_transform: applied to every loaded model (None: the snapshots as they are).
     n_shots: k support slices around each chunk centre for the models (evaluation/protocol.py); the
              mask copy always copies the centre slice (the paper's alignment Dice).
     Writes under out_dir (when given): results.json, results.csv, table.md, figure_data.npz,
@@ -351,6 +352,10 @@ def evaluate(methods: dict, organs: list[str], prep_dir: str | Path, preset: str
     device = resolve_device(device)
     prepared = {name: prepare_method(spec, organs, device, input_size, intensity)
                 for name, spec in methods.items()}
+    if model_transform is not None:   # e.g. LSLPN+ test-time options (evaluation/adaptation.test_time_model)
+        prepared = {name: {organ: (model if model is None else model_transform(model), info)
+                           for organ, (model, info) in per_organ.items()}
+                    for name, per_organ in prepared.items()}
     check_intensity(prepared, intensity)
     check_methods(prepared)
     out = Path(out_dir) if out_dir is not None else None

@@ -216,3 +216,28 @@ def test_adaptation_never_changes_the_snapshot_and_is_deterministic(tmp_path):
     images, masks = support_views(image, mask, 4, 32, np.random.default_rng(0))
     assert images.shape == (4, 32, 32) and masks.shape == (4, 32, 32)
     assert bool((masks.flatten(1).sum(1) > 0).all())
+
+
+def test_support_adapted_model_runs_the_volumetric_protocol_and_leaves_the_model_alone():
+    from evaluation.adaptation import SupportAdaptedModel, test_time_model
+    from evaluation.inference import segment_query_volume
+    torch.manual_seed(0)
+    model = FewShotSegNet("cnn_small", n_grid=4, min_pixels=3).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rng = np.random.default_rng(1)
+    volume = rng.normal(0, 200, (40, 40, 10)).astype(np.float32)
+    mask = np.zeros(volume.shape, bool)
+    mask[10:25, 12:28, 2:8] = True
+    volume[mask] += 400
+    wrapped = test_time_model(model, {"grids": [2, 4], "query_rounds": 1}, adapt_steps=2, adapt_lr=1e-2)
+    assert isinstance(wrapped, SupportAdaptedModel) and wrapped.config["grids"] == [2, 4]
+    intensity = {"mode": "window", "window": [-200.0, 600.0]}
+    args = (volume, mask, volume, (2, 7), (2, 7), 2, 32, intensity)
+    first = segment_query_volume(wrapped, *args)
+    second = segment_query_volume(test_time_model(model, {"grids": [2, 4], "query_rounds": 1}, 2, 1e-2), *args)
+    assert first.shape == volume.shape and np.array_equal(first, second)   # deterministic
+    assert wrapped.adaptations == 2                                       # one per chunk's support slice
+    plain = segment_query_volume(model, *args)
+    assert not np.array_equal(first, plain) or first.any()
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert test_time_model(model) is model                               # off by default

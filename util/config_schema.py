@@ -164,6 +164,9 @@ SCHEMA: dict[str, Option] = {
     "eval.split": Option(CHOICE, choices=("gold", "val")),
     "eval.batch_size": _int(1, example="16"),
     "eval.save_predictions": _BOOL,
+    "eval.plus_head": _BOOL,
+    "eval.adapt_steps": _int(0, example="20"),
+    "eval.adapt_lr": _num(0, low_open=True, example="1e-2"),
 }
 # Mappings whose entries the user names (method name -> checkpoint): their keys are not config keys.
 OPEN_MAPPINGS = ("eval.snapshots",)
