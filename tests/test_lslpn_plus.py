@@ -234,7 +234,8 @@ def test_support_adapted_model_runs_the_volumetric_protocol_and_leaves_the_model
     intensity = {"mode": "window", "window": [-200.0, 600.0]}
     args = (volume, mask, volume, (2, 7), (2, 7), 2, 32, intensity)
     first = segment_query_volume(wrapped, *args)
-    second = segment_query_volume(test_time_model(model, {"grids": [2, 4], "query_rounds": 1}, 2, 1e-2), *args)
+    again = test_time_model(model, {"grids": [2, 4], "query_rounds": 1}, 2, 1e-2)
+    second = segment_query_volume(again, *args)
     assert first.shape == volume.shape and np.array_equal(first, second)   # deterministic
     assert wrapped.adaptations == 2                                       # one per chunk's support slice
     plain = segment_query_volume(model, *args)

@@ -167,6 +167,10 @@ def test_rows(selection: dict) -> dict[str, dict]:
     return rows
 
 
+def adapts(options: dict) -> bool:
+    return bool(options.get("adapt_steps"))
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -176,6 +180,8 @@ def main(argv: list[str]) -> int:
                         help="the benchmark's folder (its LSLPN runs are reused)")
     parser.add_argument("--folds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--adapt-folds", type=int, nargs="+", default=[0, 1],
+                        help="folds of Setting 2 the test-time adaptation rows are tested on")
     parser.add_argument("--doc", type=Path, default=DOC)
     parser.add_argument("--report-only", action="store_true")
     args = parser.parse_args(argv)
@@ -203,13 +209,20 @@ def main(argv: list[str]) -> int:
     from lslpn_plus_eval import head_share
     evaluations = {}
     for row, options in rows.items():
+        # test-time adaptation costs minutes per cell on 2 CPU cores: its rows run on --adapt-folds of
+        # Setting 2 only, the option-removal rows that keep adaptation are left out (the report says so)
+        if adapts(options) and row not in ("+ test-time adaptation", "LSLPN+"):
+            continue
+        row_cells = [c for c in cells if c["setting"] == 2 and c["fold"] in args.adapt_folds] \
+            if adapts(options) else cells
         evaluations[row] = {"options": options, "cells": [
             {"fold": c["fold"], "setting": c["setting"], "label_set": c["label_set"],
-             **bench.evaluate(options, c, "test")} for c in cells],
+             **bench.evaluate(options, c, "test")} for c in row_cells],
             "head_share": head_share(cells[0]["snapshot"], options, args.device)}
-        print(f"    test {row}: {100 * mean_dice(bench, options, cells, 'test'):.1f}", flush=True)
+        print(f"    test {row}: {100 * mean_dice(bench, options, row_cells, 'test'):.1f}", flush=True)
     from util.provenance import git_commit
     results = {"selection": selection, "rows": evaluations, "folds": args.folds,
+               "adapt_folds": args.adapt_folds,
                "seconds": time.perf_counter() - start, "commit": git_commit(),
                "command": " ".join(["python tools/lslpn_plus.py", *argv]),
                "environment": bench.steps.environment_note(), "log": bench.log}
