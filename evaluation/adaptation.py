@@ -22,6 +22,7 @@ from torch import nn
 from dataloaders.transforms import resize_image, resize_label
 from dataloaders.warp import alpnet_view
 from evaluation.alpnet_protocol import Predictor, model_predictor
+from models.factory import PROTOTYPE, method_of, with_head_options
 
 MAX_VIEW_DRAWS = 20   # a view whose foreground left the field is redrawn, at most this often per view
 
@@ -149,7 +150,6 @@ def test_time_model(model: nn.Module, head_options: dict | None = None, adapt_st
     """The model a test run evaluates with LSLPN+ options: its head rebuilt with `head_options`
     (models.factory.with_head_options), then wrapped for test-time adaptation when adapt_steps > 0.
     SENet and heads other than 'local' are returned unchanged."""
-    from models.factory import PROTOTYPE, method_of, with_head_options
     if method_of(model.config) != PROTOTYPE or model.config.get("head", "local") != "local":
         return model
     if head_options:

@@ -130,6 +130,14 @@ def write(results: dict, doc: Path) -> None:
              "time (they have no parameters; test-time adaptation fine-tunes a copy per support slice). "
              "Seconds per query volume: inference of one organ in one scan (2 CPU cores), adaptation apart; "
              "head share: the head's part of one forward pass (1 support + 16 queries).", "",
+             "Read with care: (1) the timings were taken while other jobs shared the 2 cores (a test-suite "
+             "run, a demo run), so seconds and ratios are loose, in particular any row faster than LSLPN; "
+             "(2) test-time adaptation costs minutes per cell here, so its rows were tested on Setting 2 of "
+             f"folds {', '.join(map(str, results.get('adapt_folds', [])))} only (each row is compared with "
+             "LSLPN on the same folds), and the option-removal rows that keep adaptation were not run; "
+             "(3) the LSLPN runs were retrained for this report with the benchmark's config and seeds; "
+             "their Setting-2 mean differs from docs/bench_chaos.md's (another machine and checkout: "
+             "README, 'Reproducibility', says what varies).", "",
              "## Target", "", *target_lines(results), "",
              "## Selection on validation scans (never the test scans)", "",
              "Per fold, LSLPN was retrained with the fold's validation scan held out "
