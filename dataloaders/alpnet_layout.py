@@ -304,11 +304,10 @@ def fold_scans(ids: list[int], fold: int, dataset: AlpnetDataset) -> tuple[list[
 def validation_scan(ids: list[int], fold: int, dataset: AlpnetDataset) -> int:
     """This project's validation scan of a fold (not SSL-ALPNet's: it has none): the first training scan
     after the support in circular sorted order. Options are chosen on it, never on the test scans."""
-    test, support, training = fold_scans(ids, fold, dataset)
+    _, support, training = fold_scans(ids, fold, dataset)
     ordered = sorted(int(i) for i in ids)
-    start = ordered.index(support)
-    return next(ordered[(start + step) % len(ordered)] for step in range(1, len(ordered) + 1)
-                if ordered[(start + step) % len(ordered)] in training)
+    after = ordered.index(support) + 1
+    return next(sid for sid in ordered[after:] + ordered[:after] if sid in training)
 
 
 def kept_slices(label: np.ndarray, excluded: list[int], rule: str = "or") -> np.ndarray:

@@ -21,7 +21,7 @@ from torch import nn
 
 from dataloaders.transforms import resize_image, resize_label
 from dataloaders.warp import alpnet_view
-from evaluation.alpnet_protocol import Predictor, model_predictor
+from evaluation.alpnet_protocol import model_predictor
 from models.factory import PROTOTYPE, method_of, with_head_options
 
 MAX_VIEW_DRAWS = 20   # a view whose foreground left the field is redrawn, at most this often per view
@@ -86,58 +86,87 @@ def _fine_tune(adapted: nn.Module, image: np.ndarray, mask: np.ndarray, input_si
         optimiser.step()
 
 
-class AdaptingPredictor:
-    """A Predictor (evaluation/alpnet_protocol.py) that adapts a copy of the model to each support slice
-    first, once per distinct slice (a fold's queries share their support slices), and counts the time.
+class AdaptedCopies:
+    """Adapted copies of one model, one per distinct support slice (keyed by `slice_seed`), kept for reuse:
+    a protocol meets the same support slice once per query scan, and adapting again would give the same
+    copy. At most `max_copies` are kept (the oldest is dropped first; a copy of a large encoder is large).
 
-    seconds_adapting: total fine-tuning time; adaptations: how many support slices were adapted to."""
+    seconds_adapting: total fine-tuning time; adaptations: how many copies were made."""
+
+    def __init__(self, model: nn.Module, steps: int, lr: float, batch_size: int = 2, seed: int = 0,
+                 max_copies: int = 96):
+        self.model, self.steps, self.lr = model, int(steps), float(lr)
+        self.batch_size, self.seed, self.max_copies = int(batch_size), int(seed), int(max_copies)
+        self._copies: dict[int, nn.Module] = {}
+        self.seconds_adapting, self.adaptations = 0.0, 0
+
+    def get(self, image: np.ndarray, mask: np.ndarray, input_size: int, device) -> nn.Module:
+        """The copy adapted to this slice H x W and mask H x W (made on first use)."""
+        key = slice_seed(self.seed, image, mask)
+        if key not in self._copies:
+            start = time.perf_counter()
+            self._copies[key] = adapt_to_support(self.model, image, mask, input_size, self.steps, self.lr,
+                                                 self.batch_size, self.seed, device)
+            self.seconds_adapting += time.perf_counter() - start
+            self.adaptations += 1
+            if len(self._copies) > self.max_copies:
+                self._copies.pop(next(iter(self._copies)))
+        return self._copies[key]
+
+
+class AdaptingPredictor:
+    """A Predictor (evaluation/alpnet_protocol.py) that segments with the copy of the model adapted to the
+    support slice (`AdaptedCopies`: once per distinct slice; views drawn at the stored resolution)."""
 
     def __init__(self, model: nn.Module, input_size: int, device: str | torch.device = "cpu",
                  steps: int = 20, lr: float = 1e-3, batch_size: int = 2, seed: int = 0):
-        self.model, self.input_size, self.device = model, int(input_size), device
-        self.steps, self.lr, self.batch_size, self.seed = int(steps), float(lr), int(batch_size), int(seed)
-        self._predictors: dict[int, Predictor] = {}
-        self.seconds_adapting, self.adaptations = 0.0, 0
+        self.input_size, self.device = int(input_size), device
+        self.copies = AdaptedCopies(model, steps, lr, batch_size, seed)
+
+    @property
+    def seconds_adapting(self) -> float:
+        return self.copies.seconds_adapting
+
+    @property
+    def adaptations(self) -> int:
+        return self.copies.adaptations
 
     def __call__(self, support_image: np.ndarray, support_mask: np.ndarray,
                  queries: np.ndarray) -> np.ndarray:
-        key = slice_seed(self.seed, support_image, support_mask)
-        if key not in self._predictors:
-            start = time.perf_counter()
-            adapted = adapt_to_support(self.model, support_image, support_mask, self.input_size, self.steps,
-                                       self.lr, self.batch_size, self.seed, self.device)
-            self.seconds_adapting += time.perf_counter() - start
-            self.adaptations += 1
-            self._predictors[key] = model_predictor(adapted, self.input_size, self.device)
-        return self._predictors[key](support_image, support_mask, queries)
+        adapted = self.copies.get(support_image, support_mask, self.input_size, self.device)
+        return model_predictor(adapted, self.input_size, self.device)(support_image, support_mask, queries)
 
 
 class SupportAdaptedModel(nn.Module):
-    """A prototype model that adapts a copy of itself to every support it is given (the model interface
-    of evaluation/inference.py: encode_support, then segment with the adapted copy).
+    """A prototype model that segments with a copy of itself adapted to each support it is given (the
+    model interface of evaluation/inference.py: encode_support, then segment with that copy).
 
     The views are drawn from the support slice at the model's input size (the SENet-protocol path
-    resizes before the model sees a slice); with k shots the middle shot is used. One way only.
+    resizes before the model sees a slice); with k shots the middle shot is used. One way only. Copies
+    are made once per distinct support slice (`AdaptedCopies`).
     """
 
     def __init__(self, model: nn.Module, steps: int, lr: float = 1e-2, batch_size: int = 2, seed: int = 0):
         super().__init__()
         self.model, self.config = model, model.config
-        self.steps, self.lr, self.batch_size, self.seed = int(steps), float(lr), int(batch_size), int(seed)
+        self.copies = AdaptedCopies(model, steps, lr, batch_size, seed)
         self._adapted: nn.Module | None = None
-        self.seconds_adapting, self.adaptations = 0.0, 0
+
+    @property
+    def seconds_adapting(self) -> float:
+        return self.copies.seconds_adapting
+
+    @property
+    def adaptations(self) -> int:
+        return self.copies.adaptations
 
     def encode_support(self, support_images, support_fg, support_bg):
-        """As FewShotSegNet.encode_support (B x N x K x 1 x S x S), after adapting a copy to the shot."""
+        """As FewShotSegNet.encode_support (B x N x K x 1 x S x S), with the copy adapted to the shot."""
         B, N, K = support_images.shape[:3]
         assert B == 1 and N == 1, "test-time adaptation segments one way of one episode at a time"
         image = support_images[0, 0, K // 2, 0].float().cpu().numpy()
         mask = support_fg[0, 0, K // 2].float().cpu().numpy() > 0.5
-        start = time.perf_counter()
-        self._adapted = adapt_to_support(self.model, image, mask, image.shape[-1], self.steps, self.lr,
-                                         self.batch_size, self.seed, support_images.device)
-        self.seconds_adapting += time.perf_counter() - start
-        self.adaptations += 1
+        self._adapted = self.copies.get(image, mask, image.shape[-1], support_images.device)
         return self._adapted.encode_support(support_images, support_fg, support_bg)
 
     def segment(self, prototypes, query_images):

@@ -37,19 +37,23 @@ from models.panet import PANetHead
 from models.removed_options import refuse_removed_options, removed_option_error
 from util.errors import UserError
 
+# LSLPN+ options of the local head (models/lslpn_plus.py), in a snapshot's config only when set
+PLUS_DEFAULTS = {"grids": [], "grid_fusion": "mean", "query_rounds": 0, "query_weight": 0.5,
+                 "query_confidence": 0.0}
+
 
 def local_head(options: Mapping) -> nn.Module:
     """The local head; with LSLPN+ options (grids, query_rounds: models/lslpn_plus.py) the LSLPN+ head."""
-    grids = list(options.get("grids") or [options["n_grid"]])
+    options = {**PLUS_DEFAULTS, **options}
+    grids = list(options["grids"] or [options["n_grid"]])
 
     def at(n_grid: int) -> LocalPrototypeHead:
         return LocalPrototypeHead(n_grid, options["overlap"], options["vote"], options["resolution"],
                                   options["min_pixels"], options["scale"])
-    if grids == [options["n_grid"]] and not options.get("query_rounds"):
+    if grids == [options["n_grid"]] and not options["query_rounds"]:
         return at(options["n_grid"])
-    return LSLPNPlusHead([at(n) for n in grids], options.get("grid_fusion", "mean"),
-                         options.get("query_rounds", 0), options.get("query_weight", 0.5),
-                         options.get("query_confidence", 0.0))
+    return LSLPNPlusHead([at(n) for n in grids], options["grid_fusion"], options["query_rounds"],
+                         options["query_weight"], options["query_confidence"])
 
 
 HEADS = {  # model.head -> the head built from the model options
@@ -74,9 +78,6 @@ def is_official_snapshot(state) -> bool:
 # one without empty_cell predates the key and used the removed 'skip': refuse_removed_options)
 _CONFIG_KEYS = ("encoder", "head", "n_grid", "overlap", "vote", "resolution", "min_pixels", "scale",
                 "empty_cell", "align")
-# LSLPN+ options of the local head (models/lslpn_plus.py), in a snapshot's config only when set
-PLUS_DEFAULTS = {"grids": [], "grid_fusion": "mean", "query_rounds": 0, "query_weight": 0.5,
-                 "query_confidence": 0.0}
 
 
 class FewShotSegNet(nn.Module):

@@ -229,17 +229,24 @@ def evaluate_method(snapshot: Path | None, folder: Path, organs: list[str], devi
     else:
         model, info = load_snapshot(snapshot, device)
         predict = model_predictor(model, int(info["input"]["input_size"]), device)
-    support = gold_volume(folder, meta["support"])
+    dice, predictions = evaluate_predictor(predict, folder, organs, meta["test"])
+    return dice, predictions, time.perf_counter() - start
+
+
+def evaluate_predictor(predict, folder: Path, organs: list[str], queries: list[str]) -> tuple[dict, dict]:
+    """({organ: {query id: Dice}}, {organ: {query id: prediction}}) of a Predictor on the given query
+    scans of a prepared folder, against its support scan (SSL-ALPNet's protocol)."""
+    support = gold_volume(folder, read_meta(folder)["alpnet"]["support"])
     dice, predictions = {}, {}
     for organ in organs:
         index = NAME_TO_INDEX[organ]
         dice[organ], predictions[organ] = {}, {}
-        for qid in meta["test"]:
+        for qid in queries:
             query = gold_volume(folder, qid)
             value, prediction = evaluate_query(predict, support["image"], support["label"] == index,
                                                query["image"], query["label"] == index)
             dice[organ][qid], predictions[organ][qid] = value, prediction
-    return dice, predictions, time.perf_counter() - start
+    return dice, predictions
 
 
 def run_bench(data_dir: Path, out: Path, folds: list[int], settings: list[int], rule: str, budget: dict,

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import time
 
-import numpy as np
 import torch
+from bench_timing import measure
 
-from dataloaders.organs import NAME_TO_INDEX
 from evaluation.adaptation import AdaptingPredictor
-from evaluation.alpnet_protocol import evaluate_query, model_predictor
+from evaluation.alpnet_protocol import model_predictor
 from evaluation.evaluate import load_snapshot
 from models.factory import with_head_options
 
@@ -33,16 +32,8 @@ def evaluate_cell(steps, options: dict, cell: dict, device: str) -> dict:
         predict = AdaptingPredictor(model, size, device, options["adapt_steps"], options["adapt_lr"])
     else:
         predict = model_predictor(model, size, device)
-    meta = steps.read_meta(cell["folder"])["alpnet"]
-    support = steps.gold_volume(cell["folder"], meta["support"])
-    dice, start = {}, time.perf_counter()
-    for organ in cell["organs"]:
-        index = NAME_TO_INDEX[organ]
-        dice[organ] = {}
-        for qid in cell["queries"]:
-            query = steps.gold_volume(cell["folder"], qid)
-            dice[organ][qid], _ = evaluate_query(predict, support["image"], support["label"] == index,
-                                                 query["image"], query["label"] == index)
+    start = time.perf_counter()
+    dice, _ = steps.evaluate_predictor(predict, cell["folder"], cell["organs"], cell["queries"])
     seconds = time.perf_counter() - start
     adapt_seconds = getattr(predict, "seconds_adapting", 0.0)
     return {"dice": dice, "seconds": seconds - adapt_seconds, "adapt_seconds": adapt_seconds,
@@ -51,27 +42,25 @@ def evaluate_cell(steps, options: dict, cell: dict, device: str) -> dict:
 
 
 def head_share(snapshot, options: dict, device: str, n_queries: int = 16, repeats: int = 5) -> dict:
-    """Median seconds of the encoder and of the head for 1 support + n_queries query slices, and the
-    head's share of the two (the time of one inference step)."""
+    """Median seconds (tools/bench_timing.measure) of the encoder and of the head for 1 support +
+    n_queries query slices, and the head's share of the two (the time of one inference step)."""
     model, size = model_with(snapshot, options, device)
     generator = torch.Generator().manual_seed(0)
     support = torch.randn(1, 1, 1, 1, size, size, generator=generator).to(device)
     fg = torch.zeros(1, 1, 1, size, size, device=device)
     fg[..., size // 4: size // 2, size // 4: size // 2] = 1
     queries = torch.randn(1, n_queries, 1, size, size, generator=generator).to(device)
-    encoder_times, head_times = [], []
     with torch.inference_mode():
-        for repeat in range(repeats + 1):
-            start = time.perf_counter()
-            support_features = model.encoder(support.flatten(0, 2)).unflatten(0, (1, 1, 1))
-            query_features = model.encoder(queries.flatten(0, 1)).unflatten(0, (1, n_queries))
-            middle = time.perf_counter()
+        def encode():
+            return (model.encoder(support.flatten(0, 2)).unflatten(0, (1, 1, 1)),
+                    model.encoder(queries.flatten(0, 1)).unflatten(0, (1, n_queries)))
+        support_features, query_features = encode()
+
+        def head_pass():
             prototypes = model.head.compute_prototypes(support_features, fg, 1 - fg, (size, size))
-            model.head.score(prototypes, query_features)
-            end = time.perf_counter()
-            if repeat:                     # the first is a warm-up
-                encoder_times.append(middle - start)
-                head_times.append(end - middle)
-    encoder, head = float(np.median(encoder_times)), float(np.median(head_times))
+            return model.head.score(prototypes, query_features)
+        device_type = torch.device(device)
+        encoder = measure(encode, device_type, repeats).median
+        head = measure(head_pass, device_type, repeats).median
     return {"encoder_seconds": encoder, "head_seconds": head, "share": head / (encoder + head),
             "n_queries": n_queries, "input_size": size}

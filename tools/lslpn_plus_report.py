@@ -1,31 +1,21 @@
-"""docs/lslpn_plus.md from the results of tools/lslpn_plus.py."""
+"""docs/lslpn_plus.md from the results of tools/lslpn_plus.py (scripts/ on the path, as that tool sets it)."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
+from bench_chaos_report import HEAD, ORGANS, _fmt  # the benchmark report's organ order, headers, format
+from bench_chaos_report import fold_means as method_fold_means
 
 from evaluation.alpnet_protocol import summarise_folds
 from util.atomic import write_text_atomic
 
-ORGANS = ["liver", "spleen", "kidney_left", "kidney_right"]       # the published tables' order
-HEAD = {"liver": "liver", "spleen": "spleen", "kidney_left": "LK", "kidney_right": "RK"}
 TARGET_GAIN, MAX_ORGAN_LOSS, MAX_TIME_RATIO = 5.0, 1.0, 2.0       # docs/lslpn_plus.md's target, Dice points
 
 
-def _fmt(value: float) -> str:
-    return "-" if value is None or not np.isfinite(value) else f"{100 * value:.1f}"
-
-
 def fold_means(cells: list[dict], setting: int) -> dict[int, dict[str, float]]:
-    """{fold: {organ: mean Dice over the fold's query scans}} of one row in one setting."""
-    out: dict[int, dict[str, float]] = {}
-    for cell in cells:
-        if cell["setting"] == setting:
-            for organ, per_query in cell["dice"].items():
-                values = [v for v in per_query.values() if v is not None and np.isfinite(v)]
-                out.setdefault(cell["fold"], {})[organ] = float(np.mean(values)) if values else float("nan")
-    return out
+    """{fold: {organ: mean Dice over the fold's query scans}} of one row's cells in one setting."""
+    return method_fold_means([{**cell, "method": "row"} for cell in cells], "row", setting)
 
 
 def same_cells(row: dict, other: dict) -> dict:
