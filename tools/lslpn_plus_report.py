@@ -127,7 +127,8 @@ def write(results: dict, doc: Path) -> None:
              "LSLPN on the same folds), and the option-removal rows that keep adaptation were not run; "
              "(3) the LSLPN runs were retrained for this report with the benchmark's config and seeds; "
              "their Setting-2 mean differs from docs/bench_chaos.md's (another machine and checkout: "
-             "README's paragraph 'Reproducibility of these figures' says what varies); (4) every evaluation is cached in "
+             "README's paragraph 'Reproducibility of these figures' says what varies); "
+             "(4) every evaluation is cached in "
              "OUT/lslpn_plus.json and reused by later runs of the command, so the wall time above is that "
              "of the last run, not of the whole measurement.", "",
              "## Target", "", *target_lines(results), "",
