@@ -15,8 +15,12 @@ test scans of SSL-ALPNet's 5 folds, Settings 1 and 2, at the LSLPN row's budget 
    option alone, the combination, and the combination without each of its options. The LSLPN+ options have
    no parameters and act on the trained network's head at test time (models.factory.with_head_options),
    test-time adaptation on a copy of it (evaluation/adaptation.py); the training is LSLPN's.
-Seconds per query volume (one organ of one scan, inference only) and the head's share of a forward pass
-are measured beside every row; test-time adaptation reports its own time.
+   Every row runs on every fold of both settings. An option set with options that change training
+   (TRAINING_KEYS: 2.5D input, the boundary loss) is evaluated on its own runs: the LSLPN row's training
+   plus those options.
+3. Timing. Seconds per query volume (one organ of one scan, inference only; test-time adaptation apart)
+   and the head's share of a forward pass, per row, in one pass on one cell; `--retime` measures them
+   again on a quiet machine (the report says whether they were).
 """
 from __future__ import annotations
 
@@ -47,7 +51,21 @@ CANDIDATES: dict[str, list[dict]] = {
                           for f in ("mean", "max")],
     "test-time adaptation": [{"adapt_steps": 20, "adapt_lr": lr} for lr in (1e-3, 1e-2)],
 }
+# options that change training (the others act on a trained LSLPN at test time): option -> its train.py
+# config key. An option set holding them is evaluated on its own LSLPN runs (same budget, names and seeds
+# as the LSLPN row, plus these overrides; the run name says which).
+TRAINING_KEYS: dict[str, str] = {}
 LSLPN = "LSLPN"
+
+
+def training_options(options: dict) -> dict:
+    """The part of an option set that changes training."""
+    return {k: v for k, v in options.items() if k in TRAINING_KEYS}
+
+
+def run_suffix(train_options: dict) -> str:
+    """Run-name suffix of a training option set ('' for LSLPN's own runs), e.g. '_input_slices3'."""
+    return "".join(f"_{key}{value}" for key, value in sorted(train_options.items()))
 
 
 def key_of(options: dict) -> str:
@@ -88,22 +106,34 @@ class Bench:
                     name = (f"lslpn_fold{fold}_setting{setting}"
                             + (f"_labels{label_set}" if setting == 2 else "")
                             + ("_validation" if validation else ""))
-                    snapshot = shared_snapshot or self.steps.train(
-                        name, [*self.named_base, *self.how["named"]],
-                        [*self.base, *self.how["overrides"], f"path.data_dir={folder}"],
-                        self.out / "train", self.log, self.device)
+                    cell = {"fold": fold, "setting": setting, "label_set": label_set, "folder": folder,
+                            "name": name, "organs": self.dataset.test_organs(label_set),
+                            "queries": self.steps.read_meta(folder)["alpnet"][
+                                "validation" if validation else "test"]}
+                    # Setting 1: one run serves both label sets (no label is read in training)
+                    cell["snapshot"] = shared_snapshot or self.snapshot(cell, {})
                     if setting == 1:
-                        shared_snapshot = snapshot
-                    meta = self.steps.read_meta(folder)["alpnet"]
-                    cells.append({"fold": fold, "setting": setting, "label_set": label_set, "folder": folder,
-                                  "snapshot": snapshot, "organs": self.dataset.test_organs(label_set),
-                                  "queries": meta["validation"] if validation else meta["test"]})
+                        shared_snapshot = cell["snapshot"]
+                    cells.append(cell)
         return cells
+
+    def snapshot(self, cell: dict, train_options: dict) -> Path:
+        """last.pth of the cell's LSLPN run trained with `train_options` (trained unless finished)."""
+        if not train_options and "snapshot" in cell:
+            return cell["snapshot"]
+        overrides = [f"{TRAINING_KEYS[key]}={json.dumps(value)}"
+                     for key, value in sorted(train_options.items())]
+        return self.steps.train(cell["name"] + run_suffix(train_options),
+                                [*self.named_base, *self.how["named"]],
+                                [*self.base, *self.how["overrides"], *overrides,
+                                 f"path.data_dir={cell['folder']}"],
+                                self.out / "train", self.log, self.device)
 
     def evaluate(self, options: dict, cell: dict, stage: str) -> dict:
         """{dice: {organ: {query: Dice}}, seconds, adapt_seconds, volumes} of one option set on one cell,
         cached under (stage, options, cell)."""
         from lslpn_plus_eval import evaluate_cell
+        cell = {**cell, "snapshot": self.snapshot(cell, training_options(options))}
         key = "|".join([stage, key_of(options), str(cell["fold"]), str(cell["setting"]),
                         str(cell["label_set"]), str(cell["snapshot"])])
         if key not in self.saved["evaluations"]:
@@ -167,8 +197,32 @@ def test_rows(selection: dict) -> dict[str, dict]:
     return rows
 
 
-def adapts(options: dict) -> bool:
-    return bool(options.get("adapt_steps"))
+def timing_pass(bench: Bench, rows: dict[str, dict], cells: list[dict], retime: bool) -> dict:
+    """Per row: seconds per query volume (inference; adaptation apart) on one cell (the first: Setting 2,
+    first fold, label set 0) and the head's share of a forward pass, measured one row after the other in
+    one pass. Cached; retime: measured again from scratch, on a machine the caller keeps quiet (the Dice
+    evaluations run for hours beside other jobs; these figures should not)."""
+    from lslpn_plus_eval import evaluate_cell, head_share
+    cell = cells[0]
+    where = {k: cell[k] for k in ("fold", "setting", "label_set")}
+    if retime or "timing" not in bench.saved:
+        bench.saved["timing"] = {"quiet": retime, "rows": {}}
+    saved = bench.saved["timing"]
+    keys = {row: "|".join([key_of(options), str(where)]) for row, options in rows.items()}
+    for row, options in rows.items():
+        if keys[row] not in saved["rows"]:
+            saved["quiet"] = saved["quiet"] and retime       # a row timed by a plain run is not quiet
+            snapshot = bench.snapshot(cell, training_options(options))
+            result = evaluate_cell(bench.steps, options, {**cell, "snapshot": snapshot}, bench.device)
+            saved["rows"][keys[row]] = {
+                "seconds": result["seconds"] / result["volumes"],
+                "adapt_seconds": result["adapt_seconds"] / result["volumes"],
+                "per_adaptation": result["adapt_seconds"] / max(1, result["adaptations"]),
+                "head_share": head_share(snapshot, options, bench.device)}
+            write_text_atomic(json.dumps(bench.saved, indent=1), bench.path)
+        print(f"    timing {row}: {saved['rows'][keys[row]]['seconds']:.3f} s per query volume", flush=True)
+    return {"cell": where, "rows": {row: saved["rows"][keys[row]] for row in rows}, "quiet": saved["quiet"],
+            "environment": bench.steps.environment_note()}
 
 
 def main(argv: list[str]) -> int:
@@ -180,8 +234,9 @@ def main(argv: list[str]) -> int:
                         help="the benchmark's folder (its LSLPN runs are reused)")
     parser.add_argument("--folds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--adapt-folds", type=int, nargs="+", default=[0, 1],
-                        help="folds of Setting 2 the test-time adaptation rows are tested on")
+    parser.add_argument("--retime", action="store_true",
+                        help="measure the timing pass again, on a quiet machine (nothing else on the cores: "
+                             "the report says the timings are quiet)")
     parser.add_argument("--doc", type=Path, default=DOC)
     parser.add_argument("--report-only", action="store_true")
     args = parser.parse_args(argv)
@@ -206,23 +261,15 @@ def main(argv: list[str]) -> int:
     print(f"==> chosen: {selection['chosen']} ({describe(selection['combination'])})", flush=True)
     cells = bench.cells(validation=False)
     rows = test_rows(selection)
-    from lslpn_plus_eval import head_share
     evaluations = {}
     for row, options in rows.items():
-        # test-time adaptation costs minutes per cell on 2 CPU cores: its rows run on --adapt-folds of
-        # Setting 2 only, the option-removal rows that keep adaptation are left out (the report says so)
-        if adapts(options) and row not in ("+ test-time adaptation", "LSLPN+"):
-            continue
-        row_cells = [c for c in cells if c["setting"] == 2 and c["fold"] in args.adapt_folds] \
-            if adapts(options) else cells
         evaluations[row] = {"options": options, "cells": [
             {"fold": c["fold"], "setting": c["setting"], "label_set": c["label_set"],
-             **bench.evaluate(options, c, "test")} for c in row_cells],
-            "head_share": head_share(cells[0]["snapshot"], options, args.device)}
-        print(f"    test {row}: {100 * mean_dice(bench, options, row_cells, 'test'):.1f}", flush=True)
+             **bench.evaluate(options, c, "test")} for c in cells]}
+        print(f"    test {row}: {100 * mean_dice(bench, options, cells, 'test'):.1f}", flush=True)
+    timing = timing_pass(bench, rows, cells, args.retime)
     from util.provenance import git_commit
-    results = {"selection": selection, "rows": evaluations, "folds": args.folds,
-               "adapt_folds": args.adapt_folds,
+    results = {"selection": selection, "rows": evaluations, "folds": args.folds, "timing": timing,
                "seconds": time.perf_counter() - start, "commit": git_commit(),
                "command": " ".join(["python tools/lslpn_plus.py", *argv]),
                "environment": bench.steps.environment_note(), "log": bench.log}

@@ -11,14 +11,14 @@ from evaluation.adaptation import AdaptingPredictor
 from evaluation.alpnet_protocol import model_predictor
 from evaluation.evaluate import load_snapshot
 from models.factory import with_head_options
-
-ADAPT_KEYS = ("adapt_steps", "adapt_lr")
+from models.fewshot import PLUS_DEFAULTS
 
 
 def model_with(snapshot, options: dict, device: str):
-    """(model in eval mode with the option set's head options, its input size)."""
+    """(model in eval mode with the option set's head options, its input size); the set's other options
+    (test-time adaptation, training options) are not the head's."""
     model, info = load_snapshot(snapshot, device)
-    head = {k: v for k, v in options.items() if k not in ADAPT_KEYS}
+    head = {k: v for k, v in options.items() if k in PLUS_DEFAULTS}
     if head:
         model = with_head_options(model, head).eval()
     return model, int(info["input"]["input_size"])

@@ -26,23 +26,17 @@ def same_cells(row: dict, other: dict) -> dict:
 
 
 def summary(row: dict, setting: int) -> dict | None:
-    """Per organ mean/std over folds, the mean of the organ means, seconds per query volume
-    (None: no cell in that setting)."""
+    """Per organ mean/std over folds and the mean of the organ means (None: no cell in that setting)."""
     cells = [c for c in row["cells"] if c["setting"] == setting]
     if not cells:
         return None
     folds = summarise_folds(fold_means(row["cells"], setting))
-    volumes = sum(c["volumes"] for c in cells)
-    adapt = sum(c["adapt_seconds"] for c in cells)
     return {"organs": folds, "mean": float(np.mean([folds[o]["mean"] for o in ORGANS if o in folds])),
-            "folds": sorted({c["fold"] for c in cells}),
-            "seconds": sum(c["seconds"] for c in cells) / volumes,
-            "adapt_seconds": adapt / volumes,
-            "per_adaptation": adapt / max(1, sum(c["adaptations"] for c in cells))}
+            "folds": sorted({c["fold"] for c in cells})}
 
 
 def setting_table(results: dict, setting: int) -> list[str]:
-    rows = results["rows"]
+    rows, timing = results["rows"], results["timing"]["rows"]
     cols = " | ".join(HEAD[o] for o in ORGANS)
     lines = [f"| Method | folds | {cols} | mean | vs LSLPN (same folds) | s / query volume "
              "| adaptation s / query volume | head share |", "|---" * 11 + "|"]
@@ -53,29 +47,30 @@ def setting_table(results: dict, setting: int) -> list[str]:
         base = summary(same_cells(row, rows["LSLPN"]), setting)
         organs = " | ".join(f"{_fmt(s['organs'][o]['mean'])} ({_fmt(s['organs'][o]['std'])})" for o in ORGANS)
         delta = 100 * (s["mean"] - base["mean"])
-        adapt = f"{s['adapt_seconds']:.2f} ({s['per_adaptation']:.1f} per support slice)" \
-            if s["adapt_seconds"] else "-"
+        t = timing[name]
+        adapt = f"{t['adapt_seconds']:.2f} ({t['per_adaptation']:.1f} per support slice)" \
+            if t["adapt_seconds"] else "-"
         folds = ", ".join(map(str, s["folds"]))
-        lines.append(f"| {name} | {folds} | {organs} | {_fmt(s['mean'])} | {delta:+.1f} | {s['seconds']:.3f} "
-                     f"| {adapt} | {100 * row['head_share']['share']:.0f}% |")
+        lines.append(f"| {name} | {folds} | {organs} | {_fmt(s['mean'])} | {delta:+.1f} | {t['seconds']:.3f} "
+                     f"| {adapt} | {100 * t['head_share']['share']:.0f}% |")
     return lines
 
 
 def _against_lslpn(results: dict, name: str) -> str:
-    rows = results["rows"]
+    rows, timing = results["rows"], results["timing"]["rows"]
     plus = summary(rows[name], 2)
     base = summary(same_cells(rows[name], rows["LSLPN"]), 2)
     gain = 100 * (plus["mean"] - base["mean"])
     worst = min(100 * (plus["organs"][o]["mean"] - base["organs"][o]["mean"]) for o in ORGANS)
-    ratio = plus["seconds"] / base["seconds"]
+    ratio = timing[name]["seconds"] / timing["LSLPN"]["seconds"]
     met = gain >= TARGET_GAIN and worst >= -MAX_ORGAN_LOSS and ratio <= MAX_TIME_RATIO
     return (f"- {name}, Setting 2, folds {', '.join(map(str, plus['folds']))}: {_fmt(plus['mean'])} against "
             f"LSLPN {_fmt(base['mean'])} on the same folds: {gain:+.1f} Dice points "
             f"(target +{TARGET_GAIN:.0f}); "
             f"worst organ {worst:+.1f} (target >= -{MAX_ORGAN_LOSS:.0f}); inference {ratio:.2f}x LSLPN's "
             f"time per query volume (target <= {MAX_TIME_RATIO:.0f}x)"
-            + (f", adaptation {plus['adapt_seconds']:.1f} s per query volume on top"
-               if plus["adapt_seconds"] else "")
+            + (f", adaptation {timing[name]['adapt_seconds']:.1f} s per query volume on top"
+               if timing[name]["adapt_seconds"] else "")
             + f". Target {'met' if met else 'not met'}.")
 
 
@@ -106,6 +101,17 @@ def selection_lines(selection: dict) -> list[str]:
     return lines
 
 
+def timing_note(timing: dict) -> str:
+    """What the seconds and head-share columns are and where they were measured."""
+    cell = timing["cell"]
+    return ("seconds per query volume (inference of one organ in one scan; adaptation apart, in its own "
+            "column) and the head's share of one forward pass (1 support + 16 queries) were measured in one "
+            f"pass, row after row, on fold {cell['fold']}, Setting {cell['setting']}, label set "
+            f"{cell['label_set']} ({timing.get('environment', '2 CPU cores')}), "
+            + ("with nothing else running on the cores." if timing.get("quiet")
+               else "while other jobs shared the cores: seconds and ratios are loose."))
+
+
 def write(results: dict, doc: Path) -> None:
     folds = results["folds"]
     lines = ["# LSLPN+ on CHAOS-T2 MRI: options beyond the paper, chosen on validation scans", "",
@@ -113,24 +119,18 @@ def write(results: dict, doc: Path) -> None:
              f"({results['seconds'] / 60:.1f} min on {results['environment']}).", "",
              "Budget and protocol: the LSLPN row of docs/bench_chaos.md (its runs, names and seeds: "
              "`demo selfsup selfsup.episodes=alpnet`, cnn_small from random initialisation, 100 steps, "
-             "batch 2, "
-             "64 x 64 input), SSL-ALPNet's protocol (preset `alpnet`), "
-             f"folds {', '.join(map(str, folds))}. The LSLPN+ options act on the trained LSLPN network "
-             "at test "
-             "time (they have no parameters; test-time adaptation fine-tunes a copy per support slice). "
-             "Seconds per query volume: inference of one organ in one scan (2 CPU cores), adaptation apart; "
-             "head share: the head's part of one forward pass (1 support + 16 queries).", "",
-             "Read with care: (1) the timings were taken while other jobs shared the 2 cores (a test-suite "
-             "run, a demo run), so seconds and ratios are loose, in particular any row faster than LSLPN; "
-             "(2) test-time adaptation costs minutes per cell here, so its rows were tested on Setting 2 of "
-             f"folds {', '.join(map(str, results.get('adapt_folds', [])))} only (each row is compared with "
-             "LSLPN on the same folds), and the option-removal rows that keep adaptation were not run; "
-             "(3) the LSLPN runs were retrained for this report with the benchmark's config and seeds; "
-             "their Setting-2 mean differs from docs/bench_chaos.md's (another machine and checkout: "
-             "README's paragraph 'Reproducibility of these figures' says what varies); "
-             "(4) every evaluation is cached in "
-             "OUT/lslpn_plus.json and reused by later runs of the command, so the wall time above is that "
-             "of the last run, not of the whole measurement.", "",
+             "batch 2, 64 x 64 input), SSL-ALPNet's protocol (preset `alpnet`), "
+             f"folds {', '.join(map(str, folds))}, Settings 1 and 2, every row on every fold. Options that "
+             "act at test time (the head options have no parameters; test-time adaptation fine-tunes a copy "
+             "of the network per support slice) are applied to the LSLPN row's own runs; options that change "
+             "training (2.5D input, the boundary loss) have their own runs, trained exactly as the LSLPN row "
+             "plus that option.", "",
+             f"Timing: {timing_note(results['timing'])}", "",
+             "Read with care: (1) the LSLPN runs were retrained for this report with the benchmark's config "
+             "and seeds; their means differ from docs/bench_chaos.md's by about a point (another machine "
+             "and checkout: README's paragraph 'Reproducibility of these figures' says what varies); "
+             "(2) every evaluation is cached in OUT/lslpn_plus.json and reused by later runs of the command, "
+             "so the wall time above is that of the last run, not of the whole measurement.", "",
              "## Target", "", *target_lines(results), "",
              "## Selection on validation scans (never the test scans)", "",
              "Per fold, LSLPN was retrained with the fold's validation scan held out "
