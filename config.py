@@ -75,6 +75,9 @@ def default_config():
     lr_milestones = [2500, 5000, 7500]
     lr_gamma = 0.1
     grad_clip = 0.0             # 0: no clipping
+    # Boundary loss (Kervadec et al., MIDL 2019; models/boundary_loss.py), beyond the paper: the prototype
+    # methods train on L_query + boundary_weight * L_B (+ the alignment loss); 0: off (SENet: unused).
+    boundary_weight = 0.0
 
     # Augmentation: brightness, contrast, gamma; each with probability p, factor in [low, high].
     augment = {"p": 0.5, "brightness": [0.5, 2.0], "contrast": [0.5, 2.0], "gamma": [0.5, 2.0]}

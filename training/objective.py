@@ -2,8 +2,9 @@
 
   prototype (LSLPN, PANet; model.method 'prototype'): SGD(lr, momentum, weight_decay) over all
       trainable parameters, MultiStepLR(lr_milestones, lr_gamma), cross-entropy on the query logits
-      (model.head 'alpnet': SSL-ALPNet's, background weight 0.05) (+ model.align_weight x the
-      alignment loss when model.align).
+      (model.head 'alpnet': SSL-ALPNet's, background weight 0.05) (+ boundary_weight x the boundary
+      loss of Kervadec et al., models/boundary_loss.py, when boundary_weight > 0; beyond the paper)
+      (+ model.align_weight x the alignment loss when model.align).
   senet (model.method 'senet'): SENet's own optimisation (training/senet_schedule.py): per-arm
       SGD parameter groups with lr, momentum, weight_decay, the 20-epoch StepLR schedule scaled to
       n_steps (senet.epochs, senet.lr_step_epochs, senet.gamma_segmenter, senet.gamma_conditioner;
@@ -20,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from models.alpnet_head import query_loss as alpnet_query_loss
+from models.boundary_loss import boundary_loss
 from models.factory import SENET, method_of
 from models.factory import build_model as _build
 from models.senet import senet_loss
@@ -71,6 +73,9 @@ def episode_loss(cfg: Mapping, logits: Tensor, labels: Tensor, aux_loss: Tensor)
         loss = alpnet_query_loss(logits, labels)
     else:  # ignore_index 255 as the official code (our query labels are 0..N: no pixel is ignored)
         loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(0, 1), ignore_index=255)
+    boundary_weight = float(cfg.get("boundary_weight", 0.0))
+    if boundary_weight:      # 0 (the default): not computed, the loss is bit-equal to the loss without it
+        loss = loss + boundary_weight * boundary_loss(logits, labels)
     if cfg["model"].get("align", False):
         loss = loss + float(cfg["model"].get("align_weight", 1.0)) * aux_loss.float()
     return loss

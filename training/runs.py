@@ -15,8 +15,10 @@ best.pth. This module is the repository's one walker of those folders:
 without the keys that leave the trained weights' trajectory unchanged (HASH_EXCLUDED): resume,
 n_steps (so a run can be extended), the save / validation / print frequencies, num_workers, device,
 eval.* and path.log_dir. A resumed run takes the new values of those keys. Any other difference
-(lr, seed, model.*, data, ...) means another run: resume=True then starts a new run at step 0 and
-says which keys differ from the latest run found (`config_mismatch`).
+(lr, seed, model.*, data, boundary_weight, ...) means another run: resume=True then starts a new run at
+step 0 and says which keys differ from the latest run found (`config_mismatch`). A key added after runs
+existed whose off value trains as before it existed (HASH_ABSENT_WHEN_OFF) is hashed only when it is
+on, so the runs from before it keep their digest.
 """
 from __future__ import annotations
 
@@ -32,6 +34,9 @@ from util.errors import UserError
 
 HASH_EXCLUDED = ("resume", "n_steps", "save_every", "val_every", "print_every", "num_workers", "device",
                  "eval", "path.log_dir")
+# Keys hashed only when on: their off value trains exactly as the code before the key (runs from then
+# have no such key in config.json and keep their digest for resume and the reuse of finished runs).
+HASH_ABSENT_WHEN_OFF = {"boundary_weight": 0.0}
 RUN_ID = re.compile(r"[0-9]+")
 SHOWN_DIFFERENCES = 6   # a mismatch line names at most this many keys (then "and N more")
 
@@ -50,14 +55,16 @@ def run_name(config: Mapping) -> str:
 
 
 def _trajectory_config(config: Mapping) -> dict:
-    """The config as plain JSON types (a deep copy) without the HASH_EXCLUDED keys."""
+    """The config as plain JSON types (a deep copy) without the HASH_EXCLUDED keys and without the
+    HASH_ABSENT_WHEN_OFF keys that hold their off value."""
     kept = json.loads(json.dumps(dict(config), default=str))
-    for key in HASH_EXCLUDED:
+    for key in (*HASH_EXCLUDED, *HASH_ABSENT_WHEN_OFF):
         *parents, leaf = key.split(".")
         node = kept
         for parent in parents:
             node = node.get(parent, {})
-        node.pop(leaf, None)
+        if key in HASH_EXCLUDED or (leaf in node and node[leaf] == HASH_ABSENT_WHEN_OFF[key]):
+            node.pop(leaf, None)
     return kept
 
 
@@ -156,11 +163,16 @@ def unreadable_resume_error(path: str, log_dir: str, name: str, wanted_hash: str
 
 
 def trajectory_differences(stored: Mapping, requested: Mapping) -> list[str]:
-    """'key: stored -> requested' (dotted keys) for the trajectory keys whose values differ."""
+    """'key: stored -> requested' (dotted keys) for the trajectory keys whose values differ (an absent
+    HASH_ABSENT_WHEN_OFF key shows its off value)."""
     old, new = _flatten(_trajectory_config(stored)), _flatten(_trajectory_config(requested))
     missing = "(absent)"
-    return [f"{key}: {_short(old.get(key, missing))} -> {_short(new.get(key, missing))}"
-            for key in sorted(set(old) | set(new)) if old.get(key, missing) != new.get(key, missing)]
+
+    def value(flat: dict, key: str):
+        return flat.get(key, HASH_ABSENT_WHEN_OFF.get(key, missing))
+
+    return [f"{key}: {_short(value(old, key))} -> {_short(value(new, key))}"
+            for key in sorted(set(old) | set(new)) if value(old, key) != value(new, key)]
 
 
 def config_mismatch(config: Mapping, log_dir: str, name: str) -> str | None:

@@ -107,6 +107,7 @@ SCHEMA: dict[str, Option] = {
     "lr_milestones": Option(MILESTONES, applies=PROTOTYPE_METHODS),
     "lr_gamma": _num(0, 1, low_open=True, applies=PROTOTYPE_METHODS, example="0.1"),
     "grad_clip": _num(0, example="0.0"),
+    "boundary_weight": _num(0, applies=PROTOTYPE_METHODS, example="0.5"),
     "augment.p": _num(0, 1, example="0.5"),
     "augment.brightness": Option(PAIR, 0, low_open=True),
     "augment.contrast": Option(PAIR, 0, low_open=True),
