@@ -50,11 +50,12 @@ CANDIDATES: dict[str, list[dict]] = {
     "multi-scale grids": [{"grids": g, "grid_fusion": f} for g in ([4, 8], [8, 16], [4, 8, 16])
                           for f in ("mean", "max")],
     "test-time adaptation": [{"adapt_steps": 20, "adapt_lr": lr} for lr in (1e-3, 1e-2)],
+    "boundary loss": [{"boundary_weight": w} for w in (0.1, 0.3, 1.0)],
 }
 # options that change training (the others act on a trained LSLPN at test time): option -> its train.py
 # config key. An option set holding them is evaluated on its own LSLPN runs (same budget, names and seeds
 # as the LSLPN row, plus these overrides; the run name says which).
-TRAINING_KEYS: dict[str, str] = {}
+TRAINING_KEYS: dict[str, str] = {"boundary_weight": "boundary_weight"}
 LSLPN = "LSLPN"
 
 
