@@ -14,9 +14,11 @@ best.pth. This module is the repository's one walker of those folders:
 "Same config" (resume, reuse of finished runs): `config_hash`, the SHA-256 of the resolved config
 without the keys that leave the trained weights' trajectory unchanged (HASH_EXCLUDED): resume,
 n_steps (so a run can be extended), the save / validation / print frequencies, num_workers, device,
-eval.* and path.log_dir. A resumed run takes the new values of those keys. Any other difference
-(lr, seed, model.*, data, ...) means another run: resume=True then starts a new run at step 0 and
-says which keys differ from the latest run found (`config_mismatch`).
+eval.* and path.log_dir. A resumed run takes the new values of those keys. An option added after runs
+existed (HASH_LATER_OPTIONS) leaves the digest when it has its default, off value, so a run made before
+the option keeps its digest. Any other difference (lr, seed, model.*, data, ...) means another run:
+resume=True then starts a new run at step 0 and says which keys differ from the latest run found
+(`config_mismatch`).
 """
 from __future__ import annotations
 
@@ -32,6 +34,8 @@ from util.errors import UserError
 
 HASH_EXCLUDED = ("resume", "n_steps", "save_every", "val_every", "print_every", "num_workers", "device",
                  "eval", "path.log_dir")
+# options added later: dropped from the digest at this (default, off) value, so earlier runs keep theirs
+HASH_LATER_OPTIONS = {"model.input_slices": 1}
 RUN_ID = re.compile(r"[0-9]+")
 SHOWN_DIFFERENCES = 6   # a mismatch line names at most this many keys (then "and N more")
 
@@ -50,14 +54,16 @@ def run_name(config: Mapping) -> str:
 
 
 def _trajectory_config(config: Mapping) -> dict:
-    """The config as plain JSON types (a deep copy) without the HASH_EXCLUDED keys."""
+    """The config as plain JSON types (a deep copy) without the HASH_EXCLUDED keys, and without the
+    HASH_LATER_OPTIONS that have their default value."""
     kept = json.loads(json.dumps(dict(config), default=str))
-    for key in HASH_EXCLUDED:
+    for key in (*HASH_EXCLUDED, *HASH_LATER_OPTIONS):
         *parents, leaf = key.split(".")
         node = kept
         for parent in parents:
             node = node.get(parent, {})
-        node.pop(leaf, None)
+        if key in HASH_EXCLUDED or (leaf in node and node[leaf] == HASH_LATER_OPTIONS[key]):
+            node.pop(leaf, None)
     return kept
 
 
