@@ -113,6 +113,11 @@ def default_config():
         # was removed after commit b9c8bb5 (models/removed_options.py).
         "empty_cell": "zero",
         "pretrained": True,       # ImageNet weights via torchvision (cached in TORCH_HOME); False: random
+        # 2.5D input (beyond the paper, off by default; prototype methods only): 1 = each image is one
+        # axial slice (the paper), 3 = slices z - 1, z, z + 1 as the encoder's 3 channels
+        # (dataloaders/neighbours.py: a neighbour outside the volume or not available for training is the
+        # centre slice; needs a prepared folder with train/<id>_neighbours.npy)
+        "input_slices": 1,
         # LSLPN+ (beyond the paper, models/lslpn_plus.py, docs/lslpn_plus.md), off by default:
         "grids": [],              # multi-scale: n_grid of every scale, e.g. [4, 8, 16]; [] = n_grid alone
         "grid_fusion": "mean",    # how the scales' logits combine: 'mean' or 'max'

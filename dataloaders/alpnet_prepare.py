@@ -5,6 +5,9 @@ The prepared folder (docs/DESIGN.md "Prepared data folder") holds, for fold k of
                            per volume; CT by the training scans' global mean and std), cropped to 256 x 256,
                            float32 (N x 256 x 256; not in [0, 1])
   train/<id>_label.npy     their labels in this project's organ vocabulary (uint8)
+  train/<id>_neighbours.npy  N x 2 x 256 x 256 float32: each row's slices z - 1 and z + 1 for 2.5D input
+                           (dataloaders/neighbours.py: edge replicate; a slice Setting 2 dropped is
+                           replaced by the centre slice, so no excluded image enters training)
   superpixels/<id>.npy     SSL-ALPNet's own superpix-MIDDLE superpixels of the same rows (uint16)
   index.json               per organ, the training slices holding >= 1 voxel of it (supervised episodes)
   volumes/gold/<id>.npz    the fold's test scans and its support scan: image as stored (cropped, float32),
@@ -24,9 +27,10 @@ import numpy as np
 
 from dataloaders import alpnet_layout as layout
 from dataloaders.intensity import volume_intensity
+from dataloaders.neighbours import neighbour_stack
 from dataloaders.nifti import atomic_folder
 from dataloaders.organs import INDEX_TO_NAME, NAME_TO_INDEX
-from dataloaders.prepare import FORMAT_VERSION, save_npy, save_npz_deterministic
+from dataloaders.prepare import FORMAT_VERSION, NEIGHBOURS, save_npy, save_npz_deterministic, train_file_name
 from util.atomic import write_bytes_atomic
 from util.errors import UserError
 
@@ -93,6 +97,9 @@ def prepare_alpnet(data_dir: str | Path, out: str | Path, fold: int, setting: in
             image = layout.normalise(scan.image, dataset, ct_stats)                          # 256 x 256 x Z
             label = layout.crop(layout.to_vocabulary(scan.label, dataset))                   # 256 x 256 x Z
             save_npy(partial / "train" / f"{sid}_image.npy", np.moveaxis(image[:, :, rows], 2, 0).copy())
+            # 2.5D input: each kept row's (z - 1, z + 1), a dropped slice replaced by the centre itself
+            save_npy(partial / "train" / train_file_name(str(sid), NEIGHBOURS),
+                     np.ascontiguousarray(neighbour_stack(image, rows, 3, available=keep)[:, [0, 2]]))
             save_npy(partial / "train" / f"{sid}_label.npy", np.moveaxis(label[:, :, rows], 2, 0).copy())
             if with_superpixels:
                 sp = layout.crop(scan.superpixels)[:, :, rows]

@@ -10,7 +10,10 @@ which items are read, so resuming at step s and sharding a step's episodes over 
 same episodes as one uninterrupted process.
 
 Slices are read from `PREP/train/<pid>_image.npy` / `<pid>_label.npy` through memory maps opened
-lazily in each process (fork-safe for DataLoader workers).
+lazily in each process (fork-safe for DataLoader workers). With `input_slices` = 3 (2.5D input,
+dataloaders/neighbours.py) every image is the stack (z - 1, z, z + 1) of the slice and its stored
+neighbours (`<pid>_neighbours.npy`); labels are the centre slice's, and the intensity augmentation is one
+draw applied to the 3 channels alike, so the random stream (and every other draw) is that of 1 slice.
 """
 from __future__ import annotations
 
@@ -20,8 +23,14 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from dataloaders.neighbours import INPUT_SLICES
 from dataloaders.organs import INDEX_TO_NAME
-from dataloaders.prepared import open_training_volume, read_slice_index
+from dataloaders.prepared import (
+    open_training_neighbours,
+    open_training_volume,
+    read_slice_index,
+    training_slices,
+)
 from dataloaders.transforms import augment_intensity, resize_image, resize_label
 from util.errors import UserError
 
@@ -32,20 +41,22 @@ def usable_classes(index: Mapping[int, Sequence], classes: Sequence[int], min_sl
 
 
 class EpisodeDataset(Dataset):
-    """Few-shot episodes; item i is a dict of tensors (H = W = input_size):
+    """Few-shot episodes; item i is a dict of tensors (H = W = input_size, C = input_slices, 1 or 3):
 
-        support_images  N x K x 1 x H x W  float32 in [0, 1]
+        support_images  N x K x C x H x W  float32 in [0, 1] (C = 3: slices z - 1, z, z + 1)
         support_fg      N x K x H x W      float32 0/1, pixels of way n's class
         support_bg      N x K x H x W      float32 0/1, pixels of none of the episode's classes
-        query_images    Q x 1 x H x W      float32 in [0, 1]
+        query_images    Q x C x H x W      float32 in [0, 1]
         query_labels    Q x H x W          int64, 0 = background, n + 1 = way n
         classes         N                  int64 label indices (dataloaders/organs.py)
     """
 
     def __init__(self, prep_dir: str, classes: Sequence[int], n_ways: int, n_shots: int,
                  n_queries: int, input_size: int, augment: Mapping | None, seed: int,
-                 length: int = 2 ** 31 - 1):
+                 length: int = 2 ** 31 - 1, input_slices: int = 1):
+        assert input_slices in INPUT_SLICES, input_slices   # checked by the config schema
         self.prep_dir = prep_dir
+        self.input_slices = int(input_slices)
         self.n_ways, self.n_shots, self.n_queries = int(n_ways), int(n_shots), int(n_queries)
         self.input_size = int(input_size)
         self.augment = dict(augment) if augment else None
@@ -63,28 +74,34 @@ class EpisodeDataset(Dataset):
                 f"({names}) have >= {self.min_slices} slices in index.json, {self.n_ways}-way episodes "
                 f"need {self.n_ways}: use another fold/class_setting or re-prepare the data")
         self.slices = {c: index[c] for c in self.classes}
-        self._arrays: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        self._arrays: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray | None]] = {}
         self._check_files()
 
     def _check_files(self) -> None:
-        """Every volume the index names has readable image and label arrays (maps not kept)."""
+        """Every volume the index names has readable image and label arrays, and its neighbours with 3
+        input slices (maps not kept)."""
         for pid in sorted({pid for entries in self.slices.values() for pid, _, _ in entries}):
             open_training_volume(self.prep_dir, pid)  # a missing or truncated file fails before training
+            if self.input_slices == 3:                # a folder prepared before neighbours were stored too
+                open_training_neighbours(self.prep_dir, pid)
 
     def __len__(self) -> int:
         return self.length
 
-    def _volume(self, pid: str) -> tuple[np.ndarray, np.ndarray]:
-        """The cached memory maps of one training volume (images N x S x S, labels N x S x S)."""
+    def _volume(self, pid: str) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """The cached memory maps of one training volume (images N x S x S, labels N x S x S, neighbours
+        N x 2 x S x S with 3 input slices, else None)."""
         if pid not in self._arrays:
-            self._arrays[pid] = open_training_volume(self.prep_dir, pid)
+            neighbours = open_training_neighbours(self.prep_dir, pid) if self.input_slices == 3 else None
+            self._arrays[pid] = (*open_training_volume(self.prep_dir, pid), neighbours)
         return self._arrays[pid]
 
     def _read(self, entry: tuple[str, int, int], rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-        """One slice at input_size: (image H x W float32, possibly augmented; label H x W int64)."""
+        """One slice at input_size: (image H x W float32, or the 3 x H x W stack with 3 input slices,
+        possibly augmented; label H x W int64 of the centre slice)."""
         pid, row, _ = entry
-        images, labels = self._volume(pid)
-        image = resize_image(np.array(images[row], dtype=np.float32), self.input_size)
+        images, labels, neighbours = self._volume(pid)
+        image = resize_image(training_slices(images, neighbours, row), self.input_size)
         label = resize_label(np.array(labels[row], dtype=np.int64), self.input_size)
         if self.augment:
             image = augment_intensity(image, self.augment, rng)
@@ -114,7 +131,7 @@ class EpisodeDataset(Dataset):
         query_images = [query_images[position[q]] for q in range(Q)]
         query_labels = [query_labels[position[q]] for q in range(Q)]
 
-        size = self.input_size
+        size, C = self.input_size, self.input_slices
         s_labels = np.stack(support_labels).reshape(N, K, size, size)              # N x K x H x W
         s_fg = s_labels == classes[:, None, None, None]                              # N x K x H x W
         s_bg = ~np.isin(s_labels, classes)
@@ -123,10 +140,10 @@ class EpisodeDataset(Dataset):
         for n, cls in enumerate(classes):
             episode_labels[q_labels == cls] = n + 1
         return {
-            "support_images": torch.from_numpy(np.stack(support_images).reshape(N, K, 1, size, size)),
+            "support_images": torch.from_numpy(np.stack(support_images).reshape(N, K, C, size, size)),
             "support_fg": torch.from_numpy(s_fg.astype(np.float32)),
             "support_bg": torch.from_numpy(s_bg.astype(np.float32)),
-            "query_images": torch.from_numpy(np.stack(query_images)[:, None]),
+            "query_images": torch.from_numpy(np.stack(query_images).reshape(Q, C, size, size)),
             "query_labels": torch.from_numpy(episode_labels),
             "classes": torch.from_numpy(classes),
         }

@@ -4,8 +4,10 @@ Silver volumes are split into training and validation volumes (seeded). Training
 axial slices (canonical z): per class, the slices with more than `min_voxels` voxels of it; when more
 than `many` slices qualify, `max_per_volume` of them are drawn at random (the official rule); or all
 of them with `keep_all`. Slices are intensity-scaled (dataloaders/intensity.py) at their original
-resolution, then resized to `prep_size`. Validation and gold volumes are stored whole, canonical,
-with the original affine and orientation so predictions can be written back.
+resolution, then resized to `prep_size`. Each training slice's two neighbours (z - 1, z + 1; the edge
+rule of dataloaders/neighbours.py) are stored beside it the same way, for 2.5D input
+(`model.input_slices` = 3). Validation and gold volumes are stored whole, canonical, with the original
+affine and orientation so predictions can be written back.
 
 Nothing is stored inexactly: an image is kept as int16 when int16 holds every voxel (integer
 Hounsfield units, the usual CT file), else as float32 (a float image in [0, 1], non-integer or
@@ -33,8 +35,9 @@ from typing import Callable
 import nibabel as nib
 import numpy as np
 
-from dataloaders.intensity import scale_intensity, validate_intensity
+from dataloaders.intensity import scale_intensity, validate_intensity, volume_intensity
 from dataloaders.multilabel import find_multilabel_cases, find_split, load_multilabel_case, read_label_map
+from dataloaders.neighbours import neighbour_indices
 from dataloaders.nifti import atomic_folder, load_nifti
 from dataloaders.organs import INDEX_TO_NAME
 from dataloaders.transforms import resize_image, resize_label
@@ -44,7 +47,9 @@ from util.errors import UserError
 from util.paths import check_output_folder
 
 FORMAT_VERSION = 1
-TRAIN_FILE_KINDS = ("image", "label")     # PREP/train/<id>_image.npy, PREP/train/<id>_label.npy
+NEIGHBOURS = "neighbours"
+# PREP/train/<id>_image.npy, <id>_label.npy, <id>_neighbours.npy (2.5D input: dataloaders/neighbours.py)
+TRAIN_FILE_KINDS = ("image", "label", NEIGHBOURS)
 MIN_WINDOW_COVER = 0.05                   # a volume must fill at least 5% of [0, 1] under an HU window
 
 
@@ -243,6 +248,30 @@ def volume_arrays(volume: LabeledVolume) -> dict[str, np.ndarray]:
             "original_axcodes": np.asarray(image.original_axcodes), "spacing": image.spacing}
 
 
+def training_images(image: np.ndarray, rows: np.ndarray, intensity: dict,
+                    size: int) -> tuple[np.ndarray, np.ndarray]:
+    """The training slices `rows` (z, (N,)) of a volume X x Y x Z and their neighbours, intensity-scaled,
+    resized to size x size and clipped to [0, 1]: (images N x S x S, neighbours N x 2 x S x S float32).
+
+    Neighbours are (z - 1, z + 1) after the rule of dataloaders/neighbours.py (the whole training volume
+    is available: only the edge rule applies); every needed slice is scaled and resized once. A per-volume
+    z-score without statistics takes those of the training rows (as before neighbours were stored).
+    """
+    rows = np.asarray(rows, dtype=int)
+    if not rows.size:
+        return np.zeros((0, size, size), np.float32), np.zeros((0, 2, size, size), np.float32)
+    around = neighbour_indices(rows, image.shape[2])                                    # N x 3
+    needed, position = np.unique(around, return_inverse=True)                           # M, N*3
+    position = position.reshape(around.shape)                                           # N x 3
+    scaling = intensity
+    if intensity.get("mode") == "zscore" and "mean" not in intensity:
+        scaling = volume_intensity(np.asarray(np.moveaxis(image[:, :, rows], 2, 0), np.float32), intensity,
+                                   "training slices")
+    slices = scale_intensity(np.moveaxis(image[:, :, needed], 2, 0), scaling)          # M x X x Y
+    slices = np.asarray(resize_image(slices, size), dtype=np.float32).clip(0, 1)        # M x S x S
+    return slices[position[:, 1]], slices[position[:, [0, 2]]]      # N x S x S, N x 2 x S x S
+
+
 def process_case(case: SourceCase, split: str, out: Path, size: int, intensity: dict, rule: Selection,
                  seed: int) -> dict:
     """Load one case and write its prepared files; returns its summary (and slices for training)."""
@@ -261,14 +290,14 @@ def process_case(case: SourceCase, split: str, out: Path, size: int, intensity: 
     rows = np.unique(np.concatenate([np.zeros(0, int)] + list(chosen.values()))).astype(int)   # z of each row
     if case.unlabeled:  # images-only: every axial slice, row = z; no label file
         rows = np.arange(volume.image.array.shape[2])
-    images = scale_intensity(np.moveaxis(volume.image.array[:, :, rows], 2, 0), intensity)    # N x X x Y
+    images, neighbours = training_images(volume.image.array, rows, intensity, size)  # N(x 2) x S x S
     labels = np.moveaxis(volume.label[:, :, rows], 2, 0)                                      # N x X x Y
     if rows.size:
-        images = np.asarray(resize_image(images, size), dtype=np.float32).clip(0, 1)
         labels = np.asarray(resize_label(labels, size), dtype=np.uint8)
     else:
-        images, labels = np.zeros((0, size, size), np.float32), np.zeros((0, size, size), np.uint8)
+        labels = np.zeros((0, size, size), np.uint8)
     save_npy(out / "train" / train_file_name(case.pid, "image"), images)
+    save_npy(out / "train" / train_file_name(case.pid, NEIGHBOURS), neighbours)
     if case.unlabeled:
         return summary
     save_npy(out / "train" / train_file_name(case.pid, "label"), labels)

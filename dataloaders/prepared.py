@@ -1,9 +1,10 @@
 """The one reader of a prepared folder (docs/DESIGN.md, "Prepared data folder").
 
-meta.json, index.json, the evaluation volumes, the intensity the folder was scaled with and the
-default support volume. Every error is one line that names the folder and the prepare command.
-Only the data set checker (evaluation/dataset_check.py) opens these files itself, to report every
-defect of a folder instead of the first one.
+meta.json, index.json, the training slices (and their stored neighbours for 2.5D input), the evaluation
+volumes, the intensity the folder was scaled with and the default support volume. Every error is one
+line that names the folder and the prepare command. Only the data set checker
+(evaluation/dataset_check.py) opens these files itself, to report every defect of a folder instead of
+the first one.
 """
 from __future__ import annotations
 
@@ -131,3 +132,70 @@ def open_training_images(prep_dir: str | Path, pid: str) -> np.ndarray:
     except (OSError, ValueError, EOFError) as error:
         raise UserError(f"prepared data '{prep_dir}': {path} unreadable ({type(error).__name__}: {error}): "
                         f"the file is truncated or corrupt; {prepare_hint(prep_dir)}") from None
+
+
+NEIGHBOURS = "neighbours"    # PREP/train/<pid>_neighbours.npy: N x 2 x S x S, each row's (z - 1, z + 1)
+
+
+def reprepare_hint(prep_dir: str | Path) -> str:
+    """The command that writes `prep_dir` again with the same source and options (from its meta.json)."""
+    try:
+        meta = read_meta(prep_dir)
+    except UserError:
+        return prepare_hint(prep_dir)
+    source = meta.get("source") or {}
+    layout, folder = source.get("layout", "visceral"), source.get("dir", "<source dir>")
+    options = f"--layout {layout}" if layout != "visceral" else ""
+    if layout == "alpnet":
+        alpnet = meta.get("alpnet") or {}
+        options += f" --fold {alpnet.get('fold')} --setting {alpnet.get('setting')}"
+        if alpnet.get("setting") == 2:
+            options += f" --label-set {alpnet.get('label_set')} --rule {alpnet.get('rule')}"
+    elif layout == "images-only":
+        return (f"re-run `python scripts/make_superpixels.py --images {folder} --out {prep_dir} --overwrite` "
+                "(with the options that made it)")
+    return (f"re-run the prepare command, `python scripts/prepare_visceral.py --visceral-dir {folder} "
+            f"{options + ' ' if options else ''}--out {prep_dir} --overwrite` (with the options that made "
+            "it)")
+
+
+def _neighbours_path(prep_dir: str | Path, pid: str) -> Path:
+    return Path(prep_dir) / "train" / f"{pid}_{NEIGHBOURS}.npy"
+
+
+def check_training_neighbours(prep_dir: str | Path, pids: list[str], what: str = "prepared data") -> None:
+    """Every training volume of `pids` has its stored neighbours (2.5D input, model.input_slices = 3);
+    a folder written before they were stored gets one line naming the command that writes it again."""
+    missing = [pid for pid in pids if not _neighbours_path(prep_dir, pid).is_file()]
+    if missing:
+        raise UserError(f"{what} '{prep_dir}' has no neighbour slices (train/{missing[0]}_{NEIGHBOURS}.npy "
+                        "missing; the folder predates them), which model.input_slices=3 needs: "
+                        f"{reprepare_hint(prep_dir)}, or set model.input_slices=1")
+
+
+def open_training_neighbours(prep_dir: str | Path, pid: str) -> np.ndarray:
+    """Memory map of PREP/train/<pid>_neighbours.npy: N x 2 x S x S float32, row r's (z - 1, z + 1)
+    images after the neighbour rule (dataloaders/neighbours.py: edge replicate, a slice not available
+    for training replaced by the centre)."""
+    check_training_neighbours(prep_dir, [pid])
+    path = _neighbours_path(prep_dir, pid)
+    try:
+        neighbours = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError, EOFError) as error:
+        raise UserError(f"prepared data '{prep_dir}': {path} unreadable ({type(error).__name__}: {error}): "
+                        f"the file is truncated or corrupt; {reprepare_hint(prep_dir)}") from None
+    images = open_training_images(prep_dir, pid)
+    if neighbours.shape != (images.shape[0], 2, *images.shape[1:]):
+        raise UserError(f"prepared data '{prep_dir}': {path} has shape {neighbours.shape}, expected "
+                        f"{(images.shape[0], 2, *images.shape[1:])} (N x 2 x S x S for {images.shape[0]} "
+                        f"rows): {reprepare_hint(prep_dir)}")
+    return neighbours
+
+
+def training_slices(images: np.ndarray, neighbours: np.ndarray | None, row: int) -> np.ndarray:
+    """Training row `row` as the model input sees it, float32: the slice S x S of `images` (N x S x S) when
+    `neighbours` is None (input_slices 1), else the stack 3 x S x S (z - 1, z, z + 1) with the row's stored
+    neighbours (N x 2 x S x S)."""
+    if neighbours is None:
+        return np.array(images[row], dtype=np.float32)                               # S x S
+    return np.stack([neighbours[row, 0], images[row], neighbours[row, 1]]).astype(np.float32)   # 3 x S x S

@@ -32,6 +32,11 @@ empty, so such a draw is redrawn from the same random stream, at most MAX_DRAWS 
 one-line error); the item's "redraws" entry counts the extra draws (the training loop reports the
 total). An empty query foreground is kept (the model accepts it).
 
+2.5D input (`input_slices` = 3, dataloaders/neighbours.py): every view's image is the stack (z - 1, z,
+z + 1) of the slice and its stored neighbours, warped through the same grid (the same random draws) and
+augmented with the same draw on every channel; the superpixel comes from the centre slice. The random
+stream is that of 1 slice, so the centre channel is the 1-slice view.
+
 The item is the same dict as `dataloaders.episodes.EpisodeDataset` (1-way) plus "redraws", so the
 training loop has one path; `classes` holds -1 (a pseudo-class, no organ). Item i is a deterministic
 function of (seed, i): its random stream is `numpy.random.default_rng([seed, i])`.
@@ -44,7 +49,14 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from dataloaders.prepared import open_training_images, read_meta
+from dataloaders.neighbours import INPUT_SLICES
+from dataloaders.prepared import (
+    check_training_neighbours,
+    open_training_images,
+    open_training_neighbours,
+    read_meta,
+    training_slices,
+)
 from dataloaders.superpixels import make_hint, open_superpixels, read_superpixel_meta, training_volumes
 from dataloaders.transforms import augment_intensity, resize_image, resize_label
 from dataloaders.warp import WarpParams, alpnet_view, random_grid, warp
@@ -79,13 +91,15 @@ class SelfSupEpisodeDataset(Dataset):
     min_pixels: smallest superpixel (pixels of the PREPARED slice, prep_size) that may be a foreground.
     warp: WarpParams fields (`selfsup.warp` config). augment: the intensity augmentation config.
     recipe: 'project' or 'alpnet' (`selfsup.episodes`; the module docstring says what each does).
+    input_slices: 1, or 3 for 2.5D images (support_images 1 x K x 3 x H x W, query_images Q x 3 x H x W).
     """
 
     def __init__(self, prep_dir: str, n_ways: int, n_shots: int, n_queries: int, input_size: int,
                  augment: Mapping | None, warp_params: Mapping, min_pixels: int, seed: int,
-                 length: int = 2 ** 31 - 1, recipe: str = "project"):
+                 length: int = 2 ** 31 - 1, recipe: str = "project", input_slices: int = 1):
         check_recipe(recipe)
-        self.recipe = recipe
+        assert input_slices in INPUT_SLICES, input_slices   # checked by the config schema
+        self.recipe, self.input_slices = recipe, int(input_slices)
         if int(n_ways) != 1:
             raise UserError(f"config n_ways={n_ways}: self-supervised episodes have one pseudo-class: "
                             "set n_ways=1")
@@ -100,6 +114,8 @@ class SelfSupEpisodeDataset(Dataset):
         # z-scored slices (SSL-ALPNet layout, dataloaders/alpnet_prepare.py) are not in [0, 1]: no clip
         self.clip = (read_meta(prep_dir).get("intensity") or {}).get("mode") != "zscore"
         self.candidates: list[tuple[str, int, np.ndarray]] = []    # (pid, row, eligible superpixel ids)
+        if self.input_slices == 3:     # a folder prepared before neighbours were stored: one line, at once
+            check_training_neighbours(prep_dir, training_volumes(prep_dir))
         for pid in training_volumes(prep_dir):
             if pid not in meta.get("volumes", {}):
                 raise UserError(f"prepared data '{prep_dir}': volume {pid} has no superpixels (made before "
@@ -120,7 +136,7 @@ class SelfSupEpisodeDataset(Dataset):
                             "pixels inside the body: lower selfsup.min_pixels, or re-make the superpixels "
                             f"with a smaller --min-size / --body-threshold ({make_hint(prep_dir)} "
                             "--overwrite ...)")
-        self._arrays: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        self._arrays: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray | None]] = {}
 
     def __len__(self) -> int:
         return self.length
@@ -136,14 +152,17 @@ class SelfSupEpisodeDataset(Dataset):
         """Memory maps (images N x S x S float32, superpixels N x S x S uint16) of one volume."""
         return open_training_images(self.prep_dir, pid), open_superpixels(self.prep_dir, pid)
 
-    def _volume(self, pid: str) -> tuple[np.ndarray, np.ndarray]:
+    def _volume(self, pid: str) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """Memory maps (images, superpixels, neighbours N x 2 x S x S with 3 input slices else None)."""
         if pid not in self._arrays:  # opened lazily in each process (fork-safe for DataLoader workers)
-            self._arrays[pid] = self._open(pid)
+            neighbours = open_training_neighbours(self.prep_dir, pid) if self.input_slices == 3 else None
+            self._arrays[pid] = (*self._open(pid), neighbours)
         return self._arrays[pid]
 
     def view(self, image: np.ndarray, mask: np.ndarray,
              rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-        """One random view: geometric warp of image and mask (H x W), then intensity augmentation."""
+        """One random view: geometric warp of image (H x W, or the stack C x H x W) and mask (H x W), then
+        intensity augmentation."""
         image, mask = warp(image, mask, random_grid(self.input_size, self.warp, rng))
         image = np.clip(image, 0.0, 1.0) if self.clip else image
         if self.augment:
@@ -151,11 +170,13 @@ class SelfSupEpisodeDataset(Dataset):
         return image.astype(np.float32), mask
 
     def draw(self, rng: np.random.Generator) -> list[tuple[np.ndarray, np.ndarray]]:
-        """One draw: a slice, a superpixel, then K + Q views [(image H x W float32, fg H x W)]."""
+        """One draw: a slice, a superpixel, then K + Q views [(image H x W float32 (3 x H x W with 3 input
+        slices), fg H x W)]."""
         pid, row, ids = self.candidates[int(rng.integers(len(self.candidates)))]
         superpixel = int(ids[int(rng.integers(ids.size))])
-        images, labels = self._volume(pid)
-        image = np.asarray(resize_image(np.array(images[row], dtype=np.float32), self.input_size))     # H x W
+        images, labels, neighbours = self._volume(pid)
+        image = training_slices(images, neighbours, row)                                # (C x) S x S
+        image = np.asarray(resize_image(image, self.input_size))                        # (C x) H x W
         mask = np.asarray(resize_label((np.asarray(labels[row]) == superpixel).astype(np.uint8),
                                        self.input_size))                                               # H x W
         view = (lambda: alpnet_view(image, mask, rng)) if self.recipe == "alpnet" else \
@@ -174,14 +195,14 @@ class SelfSupEpisodeDataset(Dataset):
             raise UserError(f"self-supervised episode {i}: {MAX_DRAWS} draws in a row lost the superpixel "
                             f"from every support view (prepared data '{self.prep_dir}'): raise "
                             "selfsup.min_pixels or make the superpixels with a larger --min-size")
-        K, size = self.n_shots, self.input_size
-        support_images = np.stack([v for v, _ in views[:K]]).reshape(1, K, 1, size, size)
+        K, Q, C, size = self.n_shots, self.n_queries, self.input_slices, self.input_size
+        support_images = np.stack([v for v, _ in views[:K]]).reshape(1, K, C, size, size)
         support_fg = np.stack([m for _, m in views[:K]]).astype(np.float32).reshape(1, K, size, size)
         return {
-            "support_images": torch.from_numpy(support_images),                            # 1 x K x 1 x H x W
+            "support_images": torch.from_numpy(support_images),                            # 1 x K x C x H x W
             "support_fg": torch.from_numpy(support_fg),                                    # 1 x K x H x W
             "support_bg": torch.from_numpy(1.0 - support_fg),
-            "query_images": torch.from_numpy(np.stack([v for v, _ in views[K:]])[:, None]),  # Q x 1 x H x W
+            "query_images": torch.from_numpy(np.stack([v for v, _ in views[K:]]).reshape(Q, C, size, size)),
             "query_labels": torch.from_numpy(np.stack([m for _, m in views[K:]]).astype(np.int64)),
             "classes": torch.tensor([PSEUDO_CLASS], dtype=torch.int64),
             REDRAWS_KEY: torch.tensor(redraws, dtype=torch.int64),   # draws discarded before this one

@@ -68,7 +68,8 @@ def resize_label(label: ArrayLike, size: int) -> ArrayLike:
 
 def augment_intensity(image: np.ndarray, params: Mapping[str, Sequence[float] | float],
                       rng: np.random.Generator) -> np.ndarray:
-    """Random brightness, contrast and gamma of one image `H x W` in [0, 1]; returns float32 `H x W`.
+    """Random brightness, contrast and gamma of one image `H x W` in [0, 1], or of a 2.5D stack `C x H x W`
+    (dataloaders/neighbours.py); returns float32 of the same shape.
 
     params: {"p": probability of each transform, "brightness": [low, high], "contrast": [low, high],
              "gamma": [low, high]}; a missing transform is skipped. In this order, each applied
@@ -78,17 +79,30 @@ def augment_intensity(image: np.ndarray, params: Mapping[str, Sequence[float] | 
       gamma       x ** f
     The result is clipped to [0, 1] after each transform. Exactly the same draws are taken from
     `rng` whatever the outcome (one uniform for the coin and one for the factor per transform), so
-    the stream stays aligned across episodes.
+    the stream stays aligned across episodes. A stack gets ONE draw, applied to every channel as to a
+    single image (contrast about each channel's own mean), so its centre channel equals the single
+    slice's augmentation and the stream takes the same draws as for one slice.
     """
-    out = np.asarray(image, dtype=np.float32)
+    draws = []                                                  # (transform, factor) to apply, in order
     p = float(params.get("p", 0.0))
     for name in AUGMENTATIONS:
         if name not in params:
             continue
         low, high = (float(v) for v in params[name])
         coin, factor = rng.random(), rng.uniform(low, high)
-        if coin >= p:
-            continue
+        if coin < p:
+            draws.append((name, factor))
+    image = np.asarray(image, dtype=np.float32)
+    if image.ndim == 3:
+        channels = [np.ascontiguousarray(channel) for channel in image]                # C x (H x W)
+        return np.stack([_apply_intensity(channel, draws) for channel in channels])    # C x H x W
+    return _apply_intensity(image, draws)
+
+
+def _apply_intensity(image: np.ndarray, draws: list[tuple[str, float]]) -> np.ndarray:
+    """`augment_intensity`'s drawn transforms applied to one image H x W (float32)."""
+    out = np.asarray(image, dtype=np.float32)
+    for name, factor in draws:
         if name == "brightness":
             out = out * np.float32(factor)
         elif name == "contrast":

@@ -86,11 +86,16 @@ def random_grid(size: int, params: WarpParams, rng: np.random.Generator) -> torc
 
 
 def warp(image: np.ndarray, mask: np.ndarray, grid: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-    """Resample image H x W (bilinear, zeros outside) and mask H x W (nearest) through `grid`."""
-    stack = torch.from_numpy(np.stack([image, mask]).astype(np.float32))[:, None]   # 2 x 1 x H x W
-    image_out = F.grid_sample(stack[:1], grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    mask_out = F.grid_sample(stack[1:], grid, mode="nearest", padding_mode="zeros", align_corners=False)
-    return image_out[0, 0].numpy(), mask_out[0, 0].numpy().astype(mask.dtype)
+    """Resample image H x W, or a 2.5D stack C x H x W (every channel through the same grid), bilinearly
+    (zeros outside) and mask H x W with nearest neighbour through `grid`; the image keeps its shape."""
+    planes = image[None] if image.ndim == 2 else image                                 # C x H x W
+    stack = np.concatenate([planes, mask[None]]).astype(np.float32)                    # C+1 x H x W
+    stack = torch.from_numpy(stack)[:, None]                                           # C+1 x 1 x H x W
+    image_out = F.grid_sample(stack[:-1], grid.expand(len(planes), -1, -1, -1), mode="bilinear",
+                              padding_mode="zeros", align_corners=False)              # C x 1 x H x W
+    mask_out = F.grid_sample(stack[-1:], grid, mode="nearest", padding_mode="zeros", align_corners=False)
+    image_out = image_out[0, 0] if image.ndim == 2 else image_out[:, 0]
+    return image_out.numpy(), mask_out[0, 0].numpy().astype(mask.dtype)
 
 
 # ------------------------------------------------------------------ SSL-ALPNet's augmentation
@@ -150,20 +155,25 @@ def alpnet_elastic(stack: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 
 def alpnet_gamma(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """x' = r ((x - m + 1e-5) / r)^g + m, g ~ U(0.5, 1.5), m = min, r = max - m + 1e-5 (image only)."""
+    """x' = r ((x - m + 1e-5) / r)^g + m, g ~ U(0.5, 1.5), m = min, r = max - m + 1e-5 (image only).
+    image H x W, or a 2.5D stack C x H x W: one draw of g for every channel, m and r of each channel."""
     gamma = rng.uniform(*ALPNET_GAMMA)
-    low = image.min()
-    spread = image.max() - low + 1e-5
+    low = image.min(axis=(-2, -1), keepdims=True)                                    # (C x) 1 x 1
+    spread = image.max(axis=(-2, -1), keepdims=True) - low + 1e-5
     return spread * np.power((image - low + 1e-5) / spread, gamma) + low
 
 
 def alpnet_view(image: np.ndarray, fg: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """One SSL-ALPNet view of a slice H x W and its binary foreground H x W: the stack [image,
-    one-hot bg, one-hot fg] through the affine then the elastic warp, label channels rounded (rint)
-    and argmax'ed (pixels that leave the field become background), then gamma on the image.
-    Returns (image float32 H x W, fg uint8 H x W)."""
+    """One SSL-ALPNet view of a slice H x W (or a 2.5D stack C x H x W) and its binary foreground H x W:
+    the stack [image channels, one-hot bg, one-hot fg] through the affine then the elastic warp (the same
+    draws for every channel), label channels rounded (rint) and argmax'ed (pixels that leave the field
+    become background), then gamma on the image. Returns (image float32 of the input's shape, fg uint8
+    H x W)."""
     fg = (np.asarray(fg) > 0).astype(np.float64)
-    stack = np.stack([np.asarray(image, dtype=np.float64), 1.0 - fg, fg])            # 3 x H x W
+    planes = np.asarray(image, dtype=np.float64)
+    planes = planes[None] if planes.ndim == 2 else planes                            # C x H x W
+    stack = np.concatenate([planes, (1.0 - fg)[None], fg[None]])                     # C+2 x H x W
     stack = alpnet_elastic(apply_affine(stack, alpnet_affine_matrix(fg.shape, rng)), rng)
-    label = np.argmax(np.rint(stack[1:]), axis=0).astype(np.uint8)                   # H x W, 1 = fg
-    return alpnet_gamma(stack[0], rng).astype(np.float32), label
+    label = np.argmax(np.rint(stack[-2:]), axis=0).astype(np.uint8)                  # H x W, 1 = fg
+    views = alpnet_gamma(stack[:-2], rng).astype(np.float32)                         # C x H x W
+    return (views[0] if np.ndim(image) == 2 else views), label

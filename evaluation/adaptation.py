@@ -7,6 +7,8 @@ affine, elastic, gamma), one as the support and one as the query, the query's wa
 (cross-entropy, as training). BatchNorm keeps its running statistics (eval mode); the encoder's weights
 move. The model passed in, and so any snapshot it was loaded from, is never changed: the copy is
 thrown away after use. Views are drawn at the stored resolution, then resized to the model's input.
+A 2.5D model (input_slices 3) is adapted on views of the support slice's stack (z - 1, z, z + 1), every
+channel through the same warp and gamma draw (dataloaders/warp.alpnet_view); the mask is the centre's.
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ from torch import nn
 from dataloaders.transforms import resize_image, resize_label
 from dataloaders.warp import alpnet_view
 from evaluation.alpnet_protocol import model_predictor
-from models.factory import PROTOTYPE, method_of, with_head_options
+from models.factory import PROTOTYPE, method_of, model_input_slices, with_head_options
 
 MAX_VIEW_DRAWS = 20   # a view whose foreground left the field is redrawn, at most this often per view
 
@@ -35,9 +37,10 @@ def slice_seed(seed: int, image: np.ndarray, mask: np.ndarray) -> int:
 
 def support_views(image: np.ndarray, mask: np.ndarray, count: int, input_size: int,
                   rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """`count` views of a slice H x W and its mask H x W with foreground: images count x S x S (float32)
-    and masks count x S x S (float 0/1), S = input_size. A view keeps its draw only when its mask still
-    has foreground at the input size (else it is redrawn; after MAX_VIEW_DRAWS, the unwarped slice)."""
+    """`count` views of a slice H x W (or a 2.5D stack C x H x W) and its mask H x W with foreground:
+    images count x S x S (count x C x S x S for a stack; float32) and masks count x S x S (float 0/1),
+    S = input_size. A view keeps its draw only when its mask still has foreground at the input size (else
+    it is redrawn; after MAX_VIEW_DRAWS, the unwarped slice)."""
     images, masks = [], []
     for _ in range(count):
         for _ in range(MAX_VIEW_DRAWS):
@@ -59,7 +62,8 @@ def adapt_to_support(model: nn.Module, image: np.ndarray, mask: np.ndarray, inpu
                      device: str | torch.device = "cpu") -> nn.Module:
     """A fine-tuned copy of `model` (eval mode) after `steps` steps on views of one support slice.
 
-    image H x W (normalised as the model's input), mask H x W (bool, with foreground)."""
+    image H x W, or C x H x W for a 2.5D model (normalised as the model's input), mask H x W (bool, with
+    foreground)."""
     # outside inference mode even when called under it: the copy's weights must be trainable tensors
     with torch.inference_mode(False), torch.enable_grad():
         adapted = copy.deepcopy(model).to(device).eval()     # BatchNorm statistics stay as trained
@@ -73,11 +77,12 @@ def _fine_tune(adapted: nn.Module, image: np.ndarray, mask: np.ndarray, input_si
     optimiser = torch.optim.SGD([p for p in adapted.parameters() if p.requires_grad], lr=lr, momentum=0.9)
     rng = np.random.default_rng(slice_seed(seed, image, mask))
     for _ in range(steps):
-        images, masks = support_views(image, mask, 2 * batch_size, input_size, rng)   # 2B x S x S
+        images, masks = support_views(image, mask, 2 * batch_size, input_size, rng)   # 2B (x C) x S x S
+        images = images if images.dim() == 4 else images[:, None]                   # 2B x C x S x S
         images, masks = images.to(device), masks.to(device)
-        support_images = images[:batch_size, None, None, None]                      # B x 1 x 1 x 1 x S x S
+        support_images = images[:batch_size, None, None]                            # B x 1 x 1 x C x S x S
         support_fg = masks[:batch_size, None, None]                                 # B x 1 x 1 x S x S
-        query_images = images[batch_size:, None, None]                              # B x 1 x 1 x S x S
+        query_images = images[batch_size:, None]                                    # B x 1 x C x S x S
         target = masks[batch_size:].long()                                          # B x S x S
         logits, _ = adapted(support_images, support_fg, 1.0 - support_fg, query_images)
         loss = F.cross_entropy(logits[:, 0].float(), target)                        # B x 2 x S x S
@@ -101,7 +106,8 @@ class AdaptedCopies:
         self.seconds_adapting, self.adaptations = 0.0, 0
 
     def get(self, image: np.ndarray, mask: np.ndarray, input_size: int, device) -> nn.Module:
-        """The copy adapted to this slice H x W and mask H x W (made on first use)."""
+        """The copy adapted to this slice H x W (or 2.5D stack C x H x W) and mask H x W (made on first
+        use)."""
         key = slice_seed(self.seed, image, mask)
         if key not in self._copies:
             start = time.perf_counter()
@@ -121,6 +127,7 @@ class AdaptingPredictor:
     def __init__(self, model: nn.Module, input_size: int, device: str | torch.device = "cpu",
                  steps: int = 20, lr: float = 1e-3, batch_size: int = 2, seed: int = 0):
         self.input_size, self.device = int(input_size), device
+        self.input_slices = model_input_slices(model)   # evaluate_query gives a 2.5D model slice stacks
         self.copies = AdaptedCopies(model, steps, lr, batch_size, seed)
 
     @property
@@ -161,10 +168,11 @@ class SupportAdaptedModel(nn.Module):
         return self.copies.adaptations
 
     def encode_support(self, support_images, support_fg, support_bg):
-        """As FewShotSegNet.encode_support (B x N x K x 1 x S x S), with the copy adapted to the shot."""
+        """As FewShotSegNet.encode_support (B x N x K x C x S x S), with the copy adapted to the shot."""
         B, N, K = support_images.shape[:3]
         assert B == 1 and N == 1, "test-time adaptation segments one way of one episode at a time"
-        image = support_images[0, 0, K // 2, 0].float().cpu().numpy()
+        shot = support_images[0, 0, K // 2]                                        # C x S x S
+        image = (shot[0] if shot.shape[0] == 1 else shot).float().cpu().numpy()     # S x S, or C x S x S
         mask = support_fg[0, 0, K // 2].float().cpu().numpy() > 0.5
         self._adapted = self.copies.get(image, mask, image.shape[-1], support_images.device)
         return self._adapted.encode_support(support_images, support_fg, support_bg)

@@ -12,6 +12,9 @@ scan in sorted order is the support. Per test organ c:
   per organ       mean (and std) over the fold's query scans; over folds: mean and std of the fold means.
 All at the stored 256 x 256 resolution. Volumes here are Y x X x Z arrays (SSL-ALPNet's order,
 dataloaders/alpnet_layout.py), already normalised.
+A Predictor with an `input_slices` attribute of 3 (a 2.5D model's `model_predictor`) is given every
+support and query slice as the stack (z - 1, z, z + 1) of its volume (dataloaders/neighbours.py
+`neighbour_stack`, edge rule); any other Predictor gets the slices alone, as before.
 """
 from __future__ import annotations
 
@@ -21,13 +24,21 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from dataloaders.neighbours import neighbour_stack
 from dataloaders.transforms import resize_image, resize_label
+from models.factory import model_input_slices
 from util.errors import UserError
 
 N_PART = 3
 
-# predict(support image H x W, support mask H x W, query images N x H x W) -> N x H x W bool
+# predict(support image H x W, support mask H x W, query images N x H x W) -> N x H x W bool; a Predictor
+# whose `input_slices` is 3 gets support C x H x W and queries N x C x H x W (C = 3: z - 1, z, z + 1)
 Predictor = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
+
+
+def predictor_slices(predict: Predictor) -> int:
+    """Slices per image a Predictor takes: its `input_slices` attribute, 1 where it has none."""
+    return int(getattr(predict, "input_slices", 1))
 
 
 def percentiles(n_part: int = N_PART) -> np.ndarray:
@@ -99,10 +110,16 @@ def evaluate_query(predict: Predictor, support_image: np.ndarray, support_mask: 
     prediction = np.zeros(query_mask.shape, dtype=bool)
     if query_list.size == 0:
         return float("nan"), prediction
+    slices = predictor_slices(predict)
     for support_z, query_z in alpnet_plan(support_list, query_list, n_part):
-        queries = np.moveaxis(query_image[:, :, query_z], -1, 0)                    # m x H x W
+        if slices == 1:
+            shot = support_image[:, :, support_z]                                    # H x W
+            queries = np.moveaxis(query_image[:, :, query_z], -1, 0)                 # m x H x W
+        else:   # 2.5D: the slices with their neighbours in their whole volumes (edge rule)
+            shot = neighbour_stack(support_image, [support_z], slices)[0]            # C x H x W
+            queries = neighbour_stack(query_image, query_z, slices)                  # m x C x H x W
         prediction[:, :, query_z] = np.moveaxis(
-            predict(support_image[:, :, support_z], support_mask[:, :, support_z], queries), 0, -1)
+            predict(shot, support_mask[:, :, support_z], queries), 0, -1)
     scored = slice(int(query_list[0]), int(query_list[-1]) + 1)
     return dice_3d(prediction[:, :, scored], np.asarray(query_mask, bool)[:, :, scored]), prediction
 
@@ -116,26 +133,39 @@ def mask_copy_predictor(support_image: np.ndarray, support_mask: np.ndarray,
 def model_predictor(model, input_size: int, device: str | torch.device = "cpu",
                     batch_size: int = 16) -> Predictor:
     """Predictor of a few-shot model (eval mode): slices resized to input_size, logits resized back
-    bilinearly to the stored size, foreground = argmax == 1."""
+    bilinearly to the stored size, foreground = argmax == 1. Its `input_slices` is the model's (2.5D
+    models take support C x H x W and queries N x C x H x W, each channel resized as a slice)."""
     device = torch.device(device)
+    slices = model_input_slices(model)
+
+    def as_input(images: np.ndarray) -> torch.Tensor:
+        """Resized to S x S per slice: H x W -> S x S, C x H x W (one stack) or N x H x W -> C or N x S x S,
+        N x C x H x W -> N x C x S x S."""
+        array = torch.from_numpy(np.ascontiguousarray(images, np.float32))
+        if array.dim() == 4:
+            n, c = array.shape[:2]
+            return resize_image(array.flatten(0, 1), input_size).unflatten(0, (n, c))
+        return resize_image(array, input_size)
 
     def predict(support_image: np.ndarray, support_mask: np.ndarray, queries: np.ndarray) -> np.ndarray:
-        out_size = tuple(queries.shape[1:])
-        shot = resize_image(torch.from_numpy(np.ascontiguousarray(support_image, np.float32)), input_size)
+        out_size = tuple(queries.shape[-2:])
+        shot = as_input(support_image).to(device)                                  # (C x) S x S
         fg = resize_label(torch.from_numpy(np.ascontiguousarray(support_mask, np.float32)), input_size)
-        shot, fg = shot.to(device)[None, None, None, None], fg.to(device)[None, None, None]   # 1x1x1x1xSxS
-        result = np.zeros(queries.shape, dtype=bool)
+        shot = shot.reshape(1, 1, 1, slices, input_size, input_size)               # 1 x 1 x 1 x C x S x S
+        fg = fg.to(device)[None, None, None]                                       # 1 x 1 x 1 x S x S
+        result = np.zeros((queries.shape[0], *out_size), dtype=bool)
         with torch.inference_mode():
             prototypes = model.encode_support(shot, fg, 1.0 - fg)
             for start in range(0, queries.shape[0], batch_size):
-                batch = torch.from_numpy(np.ascontiguousarray(queries[start:start + batch_size], np.float32))
-                batch = resize_image(batch, input_size).to(device)[None, :, None]       # 1 x Q x 1 x S x S
+                batch = as_input(queries[start:start + batch_size]).to(device)     # Q (x C) x S x S
+                batch = batch.reshape(1, -1, slices, input_size, input_size)       # 1 x Q x C x S x S
                 logits = model.segment(prototypes, batch)
                 logits = (logits[0] if isinstance(logits, (tuple, list)) else logits)[0]  # Q x 2 x S x S
                 logits = F.interpolate(logits.float(), size=out_size, mode="bilinear", align_corners=False)
                 result[start:start + batch.shape[1]] = (logits.argmax(dim=1) == 1).cpu().numpy()
         return result
 
+    predict.input_slices = slices
     return predict
 
 

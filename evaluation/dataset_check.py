@@ -23,7 +23,7 @@ import numpy as np
 
 from dataloaders.intensity import validate_intensity
 from dataloaders.organs import INDEX_TO_NAME, NAME_TO_INDEX, TABLE_COLUMNS, TEST_ORGANS
-from dataloaders.prepare import is_case_id, train_file_case, train_file_name
+from dataloaders.prepare import NEIGHBOURS, is_case_id, train_file_case, train_file_name
 from dataloaders.prepared import default_support
 from evaluation.metrics import dice
 from evaluation.protocol import get_preset, mask_copy, preset_range
@@ -162,7 +162,8 @@ def _scaled_to_unit(meta: dict) -> bool:
 
 
 def _check_train(prep: Path, pid: str, size: int, labeled: bool = True, unit: bool = True) -> np.ndarray:
-    """Validate train/<pid>_{image,label}.npy; returns the label stack N x S x S (0 when not `labeled`).
+    """Validate train/<pid>_{image,label}.npy (and _neighbours.npy when present); returns the label stack
+    N x S x S (0 when not `labeled`).
 
     `unit`: image values must lie in [0, 1] (else only finite)."""
     image_path, label_path = (prep / "train" / train_file_name(pid, kind) for kind in ("image", "label"))
@@ -192,7 +193,27 @@ def _check_train(prep: Path, pid: str, size: int, labeled: bool = True, unit: bo
                         "meta.json): re-run the preparation")
     if label.size and int(label.max()) > 20:
         raise UserError(f"{label_path}: label value {int(label.max())} > 20: re-run the preparation")
+    _check_neighbours(prep / "train" / train_file_name(pid, NEIGHBOURS), image.shape, unit)
     return np.asarray(label)
+
+
+def _check_neighbours(path: Path, image_shape: tuple, unit: bool) -> None:
+    """train/<pid>_neighbours.npy (2.5D input, optional: folders prepared before it lack it) is N x 2 x S x S
+    float32 for the N x S x S images, finite, in [0, 1] where the images are."""
+    if not path.is_file():
+        return
+    try:
+        array = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError, EOFError) as error:
+        raise UserError(f"{path}: unreadable ({error}): re-run the preparation") from None
+    expected = (image_shape[0], 2, *image_shape[1:])
+    if array.dtype != np.float32 or array.shape != expected:
+        raise UserError(f"{path}: {array.dtype} {tuple(array.shape)}, expected float32 {expected} (the z - 1 "
+                        "and z + 1 slices of each image row): re-run the preparation")
+    values = np.asarray(array)
+    if not np.isfinite(values).all() or (unit and (values.min(initial=0) < 0 or values.max(initial=0) > 1)):
+        raise UserError(f"{path}: neighbour values not finite{' or outside [0, 1]' if unit else ''}: re-run "
+                        "the preparation")
 
 
 def _check_volume(path: Path) -> set[int]:
@@ -276,7 +297,7 @@ def check_prepared(prep_dir: str | Path) -> dict:
         pid = train_file_case(path.name)           # the writer's own file-name rule (dataloaders/prepare.py)
         if pid not in labels:
             what = (f"files of {pid} which is not in splits.train" if pid
-                    else "a file that is not <id>_image.npy / <id>_label.npy")
+                    else "a file that is not <id>_image.npy / <id>_label.npy / <id>_neighbours.npy")
             raise UserError(f"{prep / 'train'}: {path.name}: {what}: re-run the preparation into an empty "
                             "folder")
     if not labeled and index["slices"]:

@@ -11,6 +11,11 @@ volume, `volume_intensity`, never of a slice) and resized to `input_size x input
 (`model.encode_support`) and all query slices of the chunk go through `model.segment` in batches of
 `batch_size`. Logits are resized back to `X x Y` BILINEARLY and the foreground is
 `argmax == 1` (1-way) on the resized logits.
+
+2.5D input (a model whose config has input_slices 3): every support and query slice z is given as the
+stack (z - 1, z, z + 1) of its volume, `dataloaders.neighbours.neighbour_stack` (the edge rule: the
+volume's first and last slice stand for their missing neighbour); each channel is scaled and resized as
+a slice.
 """
 from __future__ import annotations
 
@@ -23,20 +28,31 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from dataloaders.intensity import scale_intensity, volume_intensity
+from dataloaders.neighbours import neighbour_stack
 from dataloaders.transforms import resize_image, resize_label
 from evaluation.protocol import chunk_plan
+from models.factory import model_input_slices
 from util.device import resolve_device
 from util.errors import UserError
 
 
 def images_to_input(slices_hu: np.ndarray, intensity: dict, input_size: int,
                     device: torch.device) -> torch.Tensor:
-    """N x X x Y HU slices -> N x 1 x S x S float tensor in [0, 1] on `device`.
+    """N x X x Y HU slices -> N x 1 x S x S, or N x C x X x Y stacks (`neighbour_stack`) -> N x C x S x S:
+    float tensor in [0, 1] on `device`.
 
-    The same scaling and resize (bilinear, antialiased when shrinking) as the training slices.
+    The same scaling and resize (bilinear, antialiased when shrinking) as the training slices, slice by
+    slice (a stack's channels each as a slice).
     """
-    scaled = torch.from_numpy(scale_intensity(slices_hu, intensity)).to(device)  # N x X x Y
-    return resize_image(scaled, input_size)[:, None]                              # N x 1 x S x S
+    if slices_hu.ndim == 4 and slices_hu.shape[1] == 1:
+        slices_hu = slices_hu[:, 0]                                                 # N x X x Y
+    if slices_hu.ndim == 3:
+        scaled = torch.from_numpy(scale_intensity(slices_hu, intensity)).to(device)  # N x X x Y
+        return resize_image(scaled, input_size)[:, None]                              # N x 1 x S x S
+    n, c = slices_hu.shape[:2]
+    scaled = scale_intensity(slices_hu.reshape(n * c, *slices_hu.shape[2:]), intensity)   # N*C x X x Y
+    resized = resize_image(torch.from_numpy(scaled).to(device), input_size)              # N*C x S x S
+    return resized.reshape(n, c, input_size, input_size)                                  # N x C x S x S
 
 
 def masks_to_input(masks: np.ndarray, input_size: int, device: torch.device) -> torch.Tensor:
@@ -46,7 +62,7 @@ def masks_to_input(masks: np.ndarray, input_size: int, device: torch.device) -> 
 
 
 def _segment(model, prototypes, query_images: torch.Tensor) -> torch.Tensor:
-    """Logits Q x 2 x S x S for query_images Q x 1 x S x S against one episode's prototypes."""
+    """Logits Q x 2 x S x S for query_images Q x C x S x S against one episode's prototypes."""
     logits = model.segment(prototypes, query_images[None])        # 1 x Q x 2 x S x S
     if isinstance(logits, (tuple, list)):
         logits = logits[0]
@@ -62,7 +78,8 @@ def run_chunks(model, supports: Sequence[tuple[np.ndarray, np.ndarray]], plan, q
     one volume repeat the same arrays. plan: `evaluation.protocol.chunk_plan`'s list of
     (support z (k,), query z (m,)); shot j of a chunk is slice support_z[j] of supports[j].
     Per chunk the support prototypes are computed once and the query slices go in batches.
-    The model must be in eval mode on `device`.
+    The model must be in eval mode on `device`. Its images are `neighbour_stack`s of model_input_slices(model)
+    slices (1: the slice itself).
     """
     device = resolve_device(device)
     if batch_size < 1:
@@ -73,18 +90,20 @@ def run_chunks(model, supports: Sequence[tuple[np.ndarray, np.ndarray]], plan, q
             by_volume[id(image)] = volume_intensity(image, intensity, f"{role} image")
     prediction = np.zeros(query_image.shape, dtype=bool)
     out_size = tuple(query_image.shape[:2])
+    slices = model_input_slices(model)
     bar = tqdm(total=sum(len(z) for _, z in plan), desc="segment", unit="slice", disable=not progress,
                file=sys.stderr, dynamic_ncols=True)
     with torch.inference_mode():
         for support_z, query_z in plan:
-            shots = torch.cat([images_to_input(image[:, :, z][None], by_volume[id(image)], input_size, device)
-                               for (image, _), z in zip(supports, support_z)])     # K x 1 x S x S
+            shots = torch.cat([images_to_input(neighbour_stack(image, [z], slices), by_volume[id(image)],
+                                               input_size, device)
+                               for (image, _), z in zip(supports, support_z)])     # K x C x S x S
             fg = torch.cat([masks_to_input(mask[:, :, z][None], input_size, device)
                             for (_, mask), z in zip(supports, support_z)])        # K x S x S
             prototypes = model.encode_support(shots[None, None], fg[None, None], 1.0 - fg[None, None])
             for start in range(0, len(query_z), batch_size):
                 batch_z = query_z[start:start + batch_size]
-                queries = np.moveaxis(query_image[:, :, batch_z], -1, 0)         # Q x X x Y
+                queries = neighbour_stack(query_image, batch_z, slices)          # Q x C x X x Y
                 logits = _segment(model, prototypes,
                                   images_to_input(queries, by_volume[id(query_image)], input_size, device))
                 logits = F.interpolate(logits.float(), size=out_size, mode="bilinear",

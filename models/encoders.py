@@ -1,4 +1,4 @@
-"""Feature encoders: B x 1 x H x W slices in [0, 1] -> B x C x h x w features.
+"""Feature encoders: B x C_in x H x W slices in [0, 1] (C_in 1, or 3 for 2.5D) -> B x C x h x w features.
 
 - 'vgg16': PANet's VGG-16 (docs/method.md, "Encoders"): torchvision's VGG-16 conv layers, pools 1-3 of
   kernel 3 stride 2, pool4 of stride 1, conv5 dilated by 2, no pool5 and no ReLU after conv5_3
@@ -22,7 +22,9 @@
 - 'cnn_small': a compact conv-BN-ReLU net for the CPU demo, output stride 4, 128 channels; no
   ImageNet weights.
 
-The 1-channel input is repeated to 3 channels here (the only place). Initial weights
+The 1-channel input is repeated to 3 channels here (the only place); a 3-channel input (2.5D: slices
+z - 1, z, z + 1, model.input_slices = 3) is taken as it is. ImageNet normalisation, where an encoder uses
+it, applies to either. Initial weights
 (models/weights.py): `init_path` (a local torchvision checkpoint, or for resnet50_lslpn an
 official-code snapshot) overrides `pretrained` (torchvision's weights API: ImageNet, or COCO for
 deeplabv3_resnet101).
@@ -48,7 +50,8 @@ _STD = (0.229, 0.224, 0.225)
 
 
 class _Encoder(nn.Module):
-    """Common input handling: B x 1 x H x W in [0, 1] -> 3 channels (optionally ImageNet-normalised)."""
+    """Common input handling: B x 1 x H x W (repeated) or B x 3 x H x W (2.5D, as is) in [0, 1] ->
+    B x 3 x H x W (optionally ImageNet-normalised)."""
     out_channels: int
     output_stride: int
 
@@ -59,9 +62,11 @@ class _Encoder(nn.Module):
         self.register_buffer("std", torch.tensor(_STD).view(1, 3, 1, 1), persistent=False)
 
     def to_rgb(self, x: Tensor) -> Tensor:
-        if x.dim() != 4 or x.shape[1] != 1:
-            raise UserError(f"encoder input: shape {tuple(x.shape)}: expected B x 1 x H x W slices")
-        x = x.expand(-1, 3, -1, -1)                               # B x 3 x H x W
+        """B x 1 x H x W or B x 3 x H x W -> B x 3 x H x W (the network's input)."""
+        if x.dim() != 4 or x.shape[1] not in (1, 3):
+            raise UserError(f"encoder input: shape {tuple(x.shape)}: expected B x 1 x H x W slices or "
+                            "B x 3 x H x W slice stacks (2.5D)")
+        x = x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x    # B x 3 x H x W
         return (x - self.mean) / self.std if self.imagenet_norm else x
 
     def load_initial(self, state: dict, source: str) -> None:

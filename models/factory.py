@@ -35,6 +35,13 @@ def build_model(model_config: Mapping, init_path: str | None = None) -> nn.Modul
     return FewShotSegNet.from_config(dict(model_config), init_path)
 
 
+def model_input_slices(model) -> int:
+    """Slices per image a model takes (model.input_slices, dataloaders/neighbours.py): its config's
+    input_slices, 1 where absent (1-slice models, SENet, snapshots older than the option, test doubles
+    without a config)."""
+    return int((getattr(model, "config", None) or {}).get("input_slices", 1))
+
+
 def check_method(stored: Mapping, expected: str, snapshot: str) -> None:
     """One-line error when a snapshot holds another method than the one expected."""
     held = method_of(stored)

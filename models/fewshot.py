@@ -17,6 +17,11 @@ support_bg, image_size) -> prototypes`, `score(prototypes, query_features) -> lo
 `alignment_loss(prototypes, query_logits, query_features, support_features, support_fg,
 support_bg) -> scalar`.
 
+Input (`input_slices`, model.input_slices): 1 (each image one slice; the encoder repeats it to 3
+channels) or 3 (2.5D: each image the slice and its two neighbours, z - 1, z, z + 1, as the encoder's 3
+channels; dataloaders/neighbours.py builds them). The key joins `config` only when it is 3, so snapshots
+of one slice are unchanged and a snapshot without it is a 1-slice model.
+
 The options are validated before a model is built, by the one config schema (util/config_schema.py):
 a run config by check_config (train.py, test.py), a snapshot's stored config when the snapshot is
 loaded (models/checkpoint.py). The constructor trusts them (asserts only); removed option values
@@ -36,6 +41,8 @@ from models.lslpn_plus import LSLPNPlusHead
 from models.panet import PANetHead
 from models.removed_options import refuse_removed_options, removed_option_error
 from util.errors import UserError
+
+INPUT_SLICES = (1, 3)   # model.input_slices (dataloaders/neighbours.py builds the 3-slice stacks)
 
 # LSLPN+ options of the local head (models/lslpn_plus.py), in a snapshot's config only when set
 PLUS_DEFAULTS = {"grids": [], "grid_fusion": "mean", "query_rounds": 0, "query_weight": 0.5,
@@ -83,9 +90,10 @@ _CONFIG_KEYS = ("encoder", "head", "n_grid", "overlap", "vote", "resolution", "m
 class FewShotSegNet(nn.Module):
     """Few-shot segmentation network.
 
-    forward(support_images B x N x K x 1 x H x W, support_fg B x N x K x H x W,
-            support_bg B x N x K x H x W, query_images B x Q x 1 x H x W)
+    forward(support_images B x N x K x C x H x W, support_fg B x N x K x H x W,
+            support_bg B x N x K x H x W, query_images B x Q x C x H x W)
         -> (logits B x Q x (1 + N) x H x W, align_loss scalar)
+    with C = input_slices (1, or 3 for 2.5D input: slices z - 1, z, z + 1).
     `pretrained`/`init_path` choose the encoder's initial weights (models/encoders.py); they are
     not part of `config` (a snapshot's weights replace them).
     """
@@ -93,7 +101,8 @@ class FewShotSegNet(nn.Module):
     def __init__(self, encoder: str = "vgg16", init_path: str | None = None, n_grid: int = 8,
                  overlap: bool = True, vote: str = "max", resolution: str = "image",
                  min_pixels: float = 10, scale: float = 20.0, align: bool = False,
-                 empty_cell: str = "zero", head: str = "local", pretrained: bool = False, **plus):
+                 empty_cell: str = "zero", head: str = "local", pretrained: bool = False,
+                 input_slices: int = 1, **plus):
         super().__init__()
         options = {"encoder": encoder, "head": head, "n_grid": n_grid, "overlap": overlap, "vote": vote,
                    "resolution": resolution, "min_pixels": min_pixels, "scale": scale,
@@ -102,8 +111,12 @@ class FewShotSegNet(nn.Module):
         # LSLPN+ options join the config only when they differ from the defaults (the faithful
         # configurations' snapshots are unchanged)
         options.update({k: v for k, v in plus.items() if v != PLUS_DEFAULTS[k]})
+        if input_slices != 1:   # in the config only when set: 1-slice snapshots are unchanged
+            options["input_slices"] = int(input_slices)
         refuse_removed_options(options, "the model config")
         assert encoder in ENCODERS and head in HEADS and empty_cell in EMPTY_CELL_RULES, options
+        assert input_slices in INPUT_SLICES, f"input_slices {input_slices}: one of {INPUT_SLICES}"
+        self.input_slices = int(input_slices)
         assert head != "panet" or n_grid == 1, "the 'panet' head has global prototypes (n_grid 1)"
         self.config = {**options, "scale": float(scale), "align": bool(align)}
         self.encoder = build_encoder(encoder, init_path, pretrained)
@@ -113,7 +126,7 @@ class FewShotSegNet(nn.Module):
     @classmethod
     def from_config(cls, model_cfg: Mapping, init_path: str | None = None) -> "FewShotSegNet":
         """Build from config.py's `model` dict (keys it does not use, e.g. align_weight, ignored)."""
-        keys = _CONFIG_KEYS + tuple(PLUS_DEFAULTS) + ("pretrained",)
+        keys = _CONFIG_KEYS + tuple(PLUS_DEFAULTS) + ("pretrained", "input_slices")
         return cls(init_path=init_path, **{k: model_cfg[k] for k in keys if k in model_cfg})
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
@@ -136,13 +149,14 @@ class FewShotSegNet(nn.Module):
 
     # ---- batched evaluation API -----------------------------------------------------------
     def _encode(self, images: Tensor) -> Tensor:
-        """M x 1 x H x W -> M x C x h x w."""
+        """M x input_slices x H x W -> M x C x h x w."""
         return self.encoder(images)
 
     def encode_support(self, support_images: Tensor, support_fg: Tensor,
                        support_bg: Tensor) -> Prototypes:
-        """Prototypes of support images B x N x K x 1 x H x W with masks B x N x K x H x W."""
-        _check_images("support_images", support_images, 6)
+        """Prototypes of support images B x N x K x C x H x W (C = input_slices) with masks
+        B x N x K x H x W."""
+        self._check_images("support_images", support_images, 6)
         B, N, K, _, H, W = support_images.shape
         feats = self._encode(support_images.flatten(0, 2))
         feats = feats.unflatten(0, (B, N, K))                     # B x N x K x C x h x w
@@ -150,11 +164,11 @@ class FewShotSegNet(nn.Module):
         return self.head.compute_prototypes(feats, support_fg, support_bg, (H, W))
 
     def segment(self, prototypes: Prototypes, query_images: Tensor) -> Tensor:
-        """Logits B x Q x (1 + N) x H x W of query images B x Q x 1 x H x W.
+        """Logits B x Q x (1 + N) x H x W of query images B x Q x C x H x W (C = input_slices).
 
         Prototypes of batch 1 are broadcast over any query batch.
         """
-        _check_images("query_images", query_images, 5)
+        self._check_images("query_images", query_images, 5)
         if tuple(query_images.shape[-2:]) != prototypes.image_size:
             raise UserError(f"query_images: size {tuple(query_images.shape[-2:])} differs from the "
                             f"support size {prototypes.image_size}: resize both to input_size")
@@ -165,12 +179,12 @@ class FewShotSegNet(nn.Module):
     # ---- training forward -----------------------------------------------------------------
     def forward(self, support_images: Tensor, support_fg: Tensor, support_bg: Tensor,
                 query_images: Tensor) -> tuple[Tensor, Tensor]:
-        _check_images("support_images", support_images, 6)
-        _check_images("query_images", query_images, 5)
+        self._check_images("support_images", support_images, 6)
+        self._check_images("query_images", query_images, 5)
         B, N, K, _, H, W = support_images.shape
         Bq, Q = query_images.shape[:2]
         if Bq != B or tuple(query_images.shape[-2:]) != (H, W):
-            raise UserError(f"query_images: shape {tuple(query_images.shape)}: expected B x Q x 1 x H x W "
+            raise UserError(f"query_images: shape {tuple(query_images.shape)}: expected B x Q x C x H x W "
                             f"with B = {B} and H x W = {H} x {W} as the support images")
         # One encoder pass over support and query images (PANet), shared BatchNorm statistics.
         feats = self._encode(torch.cat([support_images.flatten(0, 2), query_images.flatten(0, 1)]))
@@ -184,8 +198,12 @@ class FewShotSegNet(nn.Module):
         return logits, self.head.alignment_loss(prototypes, logits, query_feats, support_feats,
                                                 support_fg, support_bg)
 
-
-def _check_images(name: str, images: Tensor, dims: int) -> None:
-    shape = "B x N x K x 1 x H x W" if dims == 6 else "B x Q x 1 x H x W"
-    if images.dim() != dims or images.shape[-3] != 1:
-        raise UserError(f"{name}: shape {tuple(images.shape)}: expected {shape} (one channel)")
+    def _check_images(self, name: str, images: Tensor, dims: int) -> None:
+        """One line when `images` is not B x N x K x C x H x W (dims 6) / B x Q x C x H x W (dims 5),
+        C = input_slices."""
+        C = self.input_slices
+        shape = f"B x N x K x {C} x H x W" if dims == 6 else f"B x Q x {C} x H x W"
+        if images.dim() != dims or images.shape[-3] != C:
+            what = "one slice per image" if C == 1 else "3 slices per image (z - 1, z, z + 1)"
+            raise UserError(f"{name}: shape {tuple(images.shape)}: expected {shape} ({what}: "
+                            f"model.input_slices = {C})")

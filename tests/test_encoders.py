@@ -23,7 +23,7 @@ def test_output_shape(name, channels, out_hw):
         out = encoder(torch.rand(1, 1, 32, 48))
     assert out.shape == (1, channels, *out_hw)
     with pytest.raises(UserError, match="B x 1 x H x W"):
-        encoder(torch.rand(2, 3, 48, 64))                     # grayscale input only
+        encoder(torch.rand(2, 2, 48, 64))                     # one slice, or a 3-slice stack (2.5D), only
 
 
 def test_official_resnet_layout():

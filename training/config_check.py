@@ -5,10 +5,11 @@ One pass: the declarative schema (util/config_schema.py: every key known, its ty
 the cross-key rules of the run's method), the organ names, then the facts on disk that the command
 needs: `path.data_dir` is a prepared folder (a raw data folder gets a prepare command that writes
 beside it, never into it), the log folder is writable, files named by the config exist, the fold has
-training classes with slices and validation volumes exist when validation is on (command 'train';
-self-supervised episodes: PREP/superpixels, validation optional), and eval.support names prepared
-volumes (command 'test'). Nothing is loaded beyond small JSON files. Every error is one line,
-`util.errors.UserError`; the models and loaders trust what passed here.
+training classes with slices and validation volumes exist when validation is on, the neighbour slices
+of 2.5D input are stored (command 'train'; self-supervised episodes: PREP/superpixels, validation
+optional), and eval.support names prepared volumes (command 'test'). Nothing is loaded beyond small
+JSON files. Every error is one line, `util.errors.UserError`; the models and loaders trust what
+passed here.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from pathlib import Path
 from typing import Mapping
 
 from dataloaders.organs import INDEX_TO_NAME, organ_index, training_classes
-from dataloaders.prepared import list_volumes, read_meta, read_slice_index
+from dataloaders.prepared import check_training_neighbours, list_volumes, read_meta, read_slice_index
 from dataloaders.superpixels import read_superpixel_meta
 from util.config_schema import check_run_config, fail
 from util.device import resolve_device
@@ -123,9 +124,13 @@ def check_selfsup_data(config: Mapping) -> None:
 
 
 def check_training_data(config: Mapping) -> None:
-    """The fold has enough training classes with slices; validation volumes exist when needed."""
+    """The fold has enough training classes with slices; validation volumes exist when needed; with
+    model.input_slices=3 the training volumes' neighbour slices are stored."""
     data_dir = config["path"]["data_dir"]
     meta = read_meta(data_dir, "path.data_dir")
+    if int(config["model"].get("input_slices", 1)) == 3:   # 2.5D input: the stored neighbour slices
+        check_training_neighbours(data_dir, [str(pid) for pid in meta.get("splits", {}).get("train", [])],
+                                  "path.data_dir")
     if config["episodes"] == "superpixels":
         check_selfsup_data(config)   # validation is optional there (off without labeled volumes)
         return

@@ -167,14 +167,18 @@ def _process_group(device_name: str) -> Iterator[tuple[Distributed, torch.device
 
 
 def build_episodes(cfg: Mapping):
-    """The episode dataset of the config: organ slices ('labels') or superpixels ('superpixels')."""
+    """The episode dataset of the config: organ slices ('labels') or superpixels ('superpixels'), with
+    model.input_slices channels per image (1, or 3 for 2.5D input)."""
+    input_slices = int(cfg["model"].get("input_slices", 1))
     if cfg.get("episodes", "labels") == "superpixels":
         return SelfSupEpisodeDataset(cfg["path"]["data_dir"], cfg["n_ways"], cfg["n_shots"], cfg["n_queries"],
                                      cfg["input_size"], cfg["augment"], cfg["selfsup"]["warp"],
                                      cfg["selfsup"]["min_pixels"], cfg["seed"],
-                                     recipe=cfg["selfsup"].get("episodes", "project"))
+                                     recipe=cfg["selfsup"].get("episodes", "project"),
+                                     input_slices=input_slices)
     return EpisodeDataset(cfg["path"]["data_dir"], fold_training_classes(cfg), cfg["n_ways"],
-                          cfg["n_shots"], cfg["n_queries"], cfg["input_size"], cfg["augment"], cfg["seed"])
+                          cfg["n_shots"], cfg["n_queries"], cfg["input_size"], cfg["augment"], cfg["seed"],
+                          input_slices=input_slices)
 
 
 def _episode_loader(cfg: Mapping, dist: Distributed, device: torch.device, start_step: int) -> DataLoader:

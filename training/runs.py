@@ -36,7 +36,7 @@ HASH_EXCLUDED = ("resume", "n_steps", "save_every", "val_every", "print_every", 
                  "eval", "path.log_dir")
 # Keys hashed only when on: their off value trains exactly as the code before the key (runs from then
 # have no such key in config.json and keep their digest for resume and the reuse of finished runs).
-HASH_ABSENT_WHEN_OFF = {"boundary_weight": 0.0}
+HASH_ABSENT_WHEN_OFF = {"boundary_weight": 0.0, "model.input_slices": 1}
 RUN_ID = re.compile(r"[0-9]+")
 SHOWN_DIFFERENCES = 6   # a mismatch line names at most this many keys (then "and N more")
 

@@ -66,6 +66,7 @@ SELFSUP_RECIPES = ("project", "alpnet")                                 # datalo
 EMPTY_CELL_RULES = ("zero",)                                                  # models/local_prototypes.py
 MODEL_METHODS = ("prototype", "senet")                                                # models/factory.py
 PRESETS = ("inclusive", "official", "senet", "alpnet", "thirds")                      # evaluation/protocol.py
+INPUT_SLICES = (1, 3)                                   # models/fewshot.py, dataloaders/neighbours.py
 
 
 def _removed(key: str) -> dict[str, tuple[str, str]]:
@@ -136,6 +137,8 @@ SCHEMA: dict[str, Option] = {
     "model.empty_cell": Option(CHOICE, choices=EMPTY_CELL_RULES, removed=_removed("model.empty_cell"),
                                applies=frozenset({LSLPN})),
     "model.pretrained": Option(BOOL, applies=PROTOTYPE_METHODS),
+    # 2.5D input (beyond the paper; dataloaders/neighbours.py): slices z - 1, z, z + 1 as the 3 channels
+    "model.input_slices": Option(CHOICE, choices=INPUT_SLICES, applies=PROTOTYPE_METHODS),
     # LSLPN+ (models/lslpn_plus.py)
     "model.grids": Option(GRIDS, applies=frozenset({LSLPN})),
     "model.grid_fusion": Option(CHOICE, choices=("mean", "max"), applies=frozenset({LSLPN})),
@@ -270,6 +273,14 @@ def _senet_shape(config: Mapping, prefix: str) -> None:
                    f"e.g. input_size={max(16, size // 16 * 16)}")
 
 
+def _senet_one_slice(config: Mapping, prefix: str) -> None:
+    model = config.get("model") or {}
+    if model.get("input_slices", 1) != 1:
+        raise fail(f"{prefix}.input_slices", model["input_slices"], "SENet takes one slice per image (2.5D "
+                   "input is an option of the prototype methods)",
+                   f"set {prefix}.input_slices=1, or {prefix}.method=prototype")
+
+
 def _selfsup_one_way(config: Mapping, prefix: str) -> None:
     if config.get("n_ways", 1) != 1:
         raise fail("n_ways", config.get("n_ways"),
@@ -293,6 +304,7 @@ RULES: list[tuple[Callable[[Mapping, str], None], frozenset]] = [
     (_grid_fits, PROTOTYPE_METHODS),
     (_plus_on_local, PROTOTYPE_METHODS),
     (_senet_shape, frozenset({SENET})),
+    (_senet_one_slice, frozenset({SENET})),
     (_selfsup_one_way, _SELFSUP),
 ]
 
@@ -330,6 +342,8 @@ def check_model_config(model: Mapping, prefix: str = "model", input_size: int | 
             _panet_global(config, prefix)
             _grid_fits(config, prefix)
             _plus_on_local(config, prefix)
+        else:
+            _senet_one_slice(config, prefix)
     except UserError as error:
         if not source:
             raise

@@ -115,13 +115,18 @@ def _check_number(key: str, value: Any, option: Option) -> None:
 
 
 def _check_choice(key: str, value: Any, option: Option) -> None:
-    if isinstance(value, str) and value in option.choices:
+    """Choices are strings or integers (e.g. model.input_slices: 1 or 3); True/False is never an integer."""
+    integer = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    if (isinstance(value, str) or integer) and value in option.choices:
         return
     if isinstance(value, str) and value in (option.removed or {}):
         raise fail(key, value, *option.removed[value])
+    if isinstance(value, str) and value in [str(c) for c in option.choices if not isinstance(c, str)]:
+        raise fail(key, value, "must be an integer, not a string", f"write {key}={value} (no quotes)")
     near = difflib.get_close_matches(str(value), [str(c) for c in option.choices], n=1, cutoff=0.6)
     hint = f" (did you mean {near[0]!r}?)" if near else ""
-    raise fail(key, value, "unknown", f"use one of {', '.join(map(repr, option.choices))}{hint}")
+    what = "unknown" if all(isinstance(c, str) for c in option.choices) else "not one of the choices"
+    raise fail(key, value, what, f"use one of {', '.join(map(repr, option.choices))}{hint}")
 
 
 def _check_pair(key: str, value: Any, option: Option) -> None:
