@@ -458,7 +458,7 @@ def test_runs_made_before_the_option_keep_their_digest():
         assert config_hash(config) == config_hash(before) and trajectory_differences(before, config) == []
         three = resolve(named, model={"input_slices": 3})
         assert config_hash(three) != config_hash(before)
-        assert trajectory_differences(before, three) == ['model.input_slices: 1 -> 3']   # absent: its off value
+        assert trajectory_differences(before, three) == ['model.input_slices: 1 -> 3']  # absent: off value
 
 
 def test_a_3_slice_run_on_a_folder_without_neighbours_is_one_line(without_neighbours, images_only, tmp_path):
