@@ -51,11 +51,12 @@ CANDIDATES: dict[str, list[dict]] = {
                           for f in ("mean", "max")],
     "test-time adaptation": [{"adapt_steps": 20, "adapt_lr": lr} for lr in (1e-3, 1e-2)],
     "boundary loss": [{"boundary_weight": w} for w in (0.1, 0.3, 1.0)],
+    "2.5D input": [{"input_slices": 3}],
 }
 # options that change training (the others act on a trained LSLPN at test time): option -> its train.py
 # config key. An option set holding them is evaluated on its own LSLPN runs (same budget, names and seeds
 # as the LSLPN row, plus these overrides; the run name says which).
-TRAINING_KEYS: dict[str, str] = {"boundary_weight": "boundary_weight"}
+TRAINING_KEYS: dict[str, str] = {"boundary_weight": "boundary_weight", "input_slices": "model.input_slices"}
 LSLPN = "LSLPN"
 
 
