@@ -1,0 +1,97 @@
+"""tools/lslpn_plus.py's ablation logic and its report (docs/lslpn_plus.md), on made-up evaluations: which
+rows exist, which need their own training runs, and what the report computes from the cells."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tools"))
+sys.path.insert(0, str(ROOT / "scripts"))
+
+import lslpn_plus as tool  # noqa: E402  (tools/lslpn_plus.py)
+import lslpn_plus_report as report  # noqa: E402
+
+ADAPT = {"adapt_steps": 20, "adapt_lr": 0.01}
+GRIDS = {"grids": [4, 8], "grid_fusion": "mean"}
+BOUNDARY = {"boundary_weight": 0.3}
+
+
+def selection(chosen: list[str]) -> dict:
+    best = {"test-time adaptation": {"settings": ADAPT, "validation": 0.6},
+            "multi-scale grids": {"settings": GRIDS, "validation": 0.55},
+            "boundary loss": {"settings": BOUNDARY, "validation": 0.52}}
+    combination = {k: v for option in chosen for k, v in best[option]["settings"].items()}
+    return {"best": best, "chosen": chosen, "combination": combination}
+
+
+def test_rows_are_lslpn_each_option_alone_the_combination_and_each_removal():
+    rows = tool.test_rows(selection(["test-time adaptation", "multi-scale grids", "boundary loss"]))
+    assert rows["LSLPN"] == {}
+    assert rows["+ multi-scale grids"] == GRIDS and rows["+ boundary loss"] == BOUNDARY
+    assert rows["LSLPN+"] == {**ADAPT, **GRIDS, **BOUNDARY}
+    assert rows["LSLPN+ without test-time adaptation"] == {**GRIDS, **BOUNDARY}
+    assert rows["LSLPN+ without boundary loss"] == {**ADAPT, **GRIDS}
+    assert len(rows) == 1 + 3 + 1 + 3
+    single = tool.test_rows(selection(["test-time adaptation"]))      # one option: no removal rows
+    assert set(single) == {"LSLPN", "+ test-time adaptation", "+ multi-scale grids", "+ boundary loss",
+                           "LSLPN+"}
+
+
+def test_only_training_options_get_their_own_runs():
+    assert tool.training_options({**ADAPT, **GRIDS}) == {}
+    assert tool.training_options({**ADAPT, **BOUNDARY, "input_slices": 3}) == {**BOUNDARY, "input_slices": 3}
+    assert tool.run_suffix({}) == ""
+    assert tool.run_suffix({"input_slices": 3, "boundary_weight": 0.3}) == "_boundary_weight0.3_input_slices3"
+    # every training option names a key of the config schema (what train.py is given)
+    from util.config_schema import SCHEMA
+    assert all(key in SCHEMA for key in tool.TRAINING_KEYS.values())
+
+
+def cell(fold: int, setting: int, label_set: int, organs: dict[str, list[float]]) -> dict:
+    return {"fold": fold, "setting": setting, "label_set": label_set,
+            "dice": {organ: {f"q{i}": v for i, v in enumerate(values)} for organ, values in organs.items()}}
+
+
+def row(options: dict, shift: float) -> dict:
+    cells = []
+    for setting in (1, 2):
+        for fold in (0, 1):
+            cells.append(cell(fold, setting, 0, {"liver": [0.6 + shift, 0.62 + shift],
+                                                 "spleen": [0.5 + shift, 0.5 + shift]}))
+            cells.append(cell(fold, setting, 1, {"kidney_left": [0.55 + shift, 0.55 + shift],
+                                                 "kidney_right": [0.58 + shift, 0.6 + shift]}))
+    return {"options": options, "cells": cells}
+
+
+def timing(seconds: float, adapt: float = 0.0) -> dict:
+    return {"seconds": seconds, "adapt_seconds": adapt, "per_adaptation": 2 * adapt,
+            "head_share": {"share": 0.5}}
+
+
+@pytest.mark.parametrize("quiet", [True, False])
+def test_report_compares_each_row_with_lslpn_and_takes_timings_from_the_timing_pass(tmp_path, quiet):
+    results = {"command": "python tools/lslpn_plus.py", "commit": "abc", "seconds": 60.0,
+               "environment": "test", "folds": [0, 1],
+               "selection": {"baseline": 0.5, "candidates": [], "best": {}, "greedy": [], "chosen": []},
+               "rows": {"LSLPN": row({}, 0.0), "+ test-time adaptation": row(ADAPT, 0.07),
+                        "LSLPN+": row({**ADAPT, **GRIDS}, 0.071)},
+               "timing": {"cell": {"fold": 0, "setting": 2, "label_set": 0}, "quiet": quiet,
+                          "environment": "2 cores",
+                          "rows": {"LSLPN": timing(2.0), "+ test-time adaptation": timing(1.0, 10.0),
+                                   "LSLPN+": timing(5.0, 12.0)}}}
+    doc = tmp_path / "lslpn_plus.md"
+    report.write(results, doc)
+    text = doc.read_text()
+    # every organ up by 7 points: the +5 target is met on Dice, and the time ratios come from the timing pass
+    assert "+ test-time adaptation, Setting 2, folds 0, 1: 63.3 against LSLPN 56.2 on the same folds: " \
+           "+7.0 Dice points" in text
+    assert "inference 0.50x LSLPN's time per query volume (target <= 2x), adaptation 10.0 s" in text
+    assert "Target met." in text
+    assert "inference 2.50x LSLPN's time" in text and "Target not met." in text      # LSLPN+: 5 s vs 2 s
+    assert ("with nothing else running on the cores." in text) == quiet
+    assert ("seconds and ratios are loose" in text) == (not quiet)
+    setting1 = text.split("## Setting 1: test scans")[1]
+    assert "| LSLPN+ | 0, 1 |" in setting1 and "| 5.000 | 12.00 (24.0 per support slice) | 50% |" in setting1
