@@ -6,11 +6,20 @@ qualifies with more than 5 voxels so every class has slices) so every test that 
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
 from pathlib import Path
 
-import pytest
-import torch
+# One intra-op thread for the tests and the processes they start (set before torch is imported): their
+# tensors are tiny, and on a 2-core machine two OpenMP threads per process mostly wait for each other
+# (worst when a training subprocess or another program shares the cores). A test that is about thread
+# counts sets its own (tests/test_demo_numerics.py); OMP_NUM_THREADS in the environment wins.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
