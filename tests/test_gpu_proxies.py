@@ -132,12 +132,19 @@ def train_cli(*overrides, log_dir, prep_dir, launcher=(sys.executable,)):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_fp16_grad_scaler_state_is_saved_and_resumed(prep, tmp_path, device):
-    train_cli(f"device={device}", "amp=fp16", "n_steps=2", log_dir=tmp_path, prep_dir=prep)
+    """The 2-step run and its resume to 4 steps: two train.py commands in one process, one after the other
+    (test_bad_inputs.run_sacred_cases)."""
+    from test_bad_inputs import run_sacred_cases
+    common = ["tiny", "val_every=0", "save_every=2", f"path.data_dir={prep}", f"path.log_dir={tmp_path}",
+              f"device={device}", "amp=fp16"]
+    first_run, resumed_run = run_sacred_cases("train", [common + ["n_steps=2"],
+                                                        common + ["n_steps=4", "resume=True"]])
+    for result in (first_run, resumed_run):
+        assert result["code"] == 0, (result["out"] + result["err"])[-3000:]
     first = load_checkpoint(glob.glob(str(tmp_path / "*" / "1" / "last.pth"))[0])
+    assert first["step"] == 2                                        # run 1 stopped at 2 (resume: run 2)
     assert first["scaler"] and first["scaler"]["scale"] > 0          # the GradScaler's state travels
-    out = train_cli(f"device={device}", "amp=fp16", "n_steps=4", "resume=True", log_dir=tmp_path,
-                    prep_dir=prep)
-    assert "at step 2" in out
+    assert "at step 2" in resumed_run["out"] + resumed_run["err"]
     resumed = load_checkpoint(glob.glob(str(tmp_path / "*" / "2" / "last.pth"))[0], map_location=device)
     assert resumed["step"] == 4 and resumed["scaler"]
 

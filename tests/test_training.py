@@ -236,21 +236,18 @@ def _state_dicts_equal(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_killed_run_resumes_to_bitwise_identical_weights(tmp_path, prep):
-    # Uninterrupted reference run.
-    ref = train_cli(log_dir=tmp_path / "ref", prep_dir=prep)
-    assert ref.returncode == 0, ref.stderr[-2000:]
-    ref_dir = tmp_path / "ref" / "lslpn_all_structures_fold0" / "1"
-    for name in ("config.json", "run.json", "metrics.json", "last.pth", "best.pth"):
-        assert (ref_dir / name).is_file(), name
-    info = json.loads((ref_dir / "info.json").read_text())
-    assert info["config_hash"] and "git_commit" in info
-    assert any(dep.startswith("torch==") for dep in json.loads((ref_dir / "run.json").read_text())
-               ["experiment"]["dependencies"])
-    metrics = json.loads((ref_dir / "metrics.json").read_text())
-    assert metrics["loss"]["steps"] == [1, 2, 3, 4, 5, 6] and metrics["val_dice"]["steps"] == [3, 6]
+def train_then_resume(reference_log_dir, resumed_log_dir, prep_dir, *overrides) -> tuple[dict, dict]:
+    """An uninterrupted reference run and the resume (resume=True) of a killed run, both `train.py with
+    tiny device=cpu ...`, in one process one after the other (test_bad_inputs.run_sacred_cases:
+    train.py's run_sacred once per command); their results {code, out, err}."""
+    from test_bad_inputs import run_sacred_cases
+    common = ["tiny", "device=cpu", f"path.data_dir={prep_dir}", *overrides]
+    return run_sacred_cases("train", [common + [f"path.log_dir={reference_log_dir}"],
+                                      common + ["resume=True", f"path.log_dir={resumed_log_dir}"]])
 
-    # The same run, killed with SIGKILL right after its step-2 checkpoint, then resumed.
+
+def test_killed_run_resumes_to_bitwise_identical_weights(tmp_path, prep):
+    # The run, killed with SIGKILL right after its step-2 checkpoint.
     log_dir = tmp_path / "killed"
     proc = train_cli(log_dir=log_dir, prep_dir=prep, pause_after_save=120, popen=True)
     deadline = time.time() + 120
@@ -264,9 +261,21 @@ def test_killed_run_resumes_to_bitwise_identical_weights(tmp_path, prep):
     assert load_checkpoint(str(killed_dir / "last.pth"))["step"] == 2
     assert not glob.glob(str(killed_dir / "*.tmp-*"))
 
-    resumed = train_cli("resume=True", log_dir=log_dir, prep_dir=prep)
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert "continuing" in resumed.stdout and "at step 2" in resumed.stdout
+    # An uninterrupted reference run, and the killed run resumed.
+    ref, resumed = train_then_resume(tmp_path / "ref", log_dir, prep)
+    assert ref["code"] == 0, ref["err"][-2000:]
+    ref_dir = tmp_path / "ref" / "lslpn_all_structures_fold0" / "1"
+    for name in ("config.json", "run.json", "metrics.json", "last.pth", "best.pth"):
+        assert (ref_dir / name).is_file(), name
+    info = json.loads((ref_dir / "info.json").read_text())
+    assert info["config_hash"] and "git_commit" in info
+    assert any(dep.startswith("torch==") for dep in json.loads((ref_dir / "run.json").read_text())
+               ["experiment"]["dependencies"])
+    metrics = json.loads((ref_dir / "metrics.json").read_text())
+    assert metrics["loss"]["steps"] == [1, 2, 3, 4, 5, 6] and metrics["val_dice"]["steps"] == [3, 6]
+
+    assert resumed["code"] == 0, resumed["err"][-2000:]
+    assert "continuing" in resumed["out"] and "at step 2" in resumed["out"]
     final = load_checkpoint(str(log_dir / "lslpn_all_structures_fold0" / "2" / "last.pth"))
     reference = load_checkpoint(str(ref_dir / "last.pth"))
     assert final["step"] == reference["step"] == 6
