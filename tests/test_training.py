@@ -223,13 +223,18 @@ def test_snapshot_of_another_encoder_is_refused(tmp_path):
 
 # ------------------------------------------------------------------------------- train.py runs
 def test_bad_config_on_the_command_line_fails_before_any_run(tmp_path, prep):
-    result = train_cli("model.n_grid=0", log_dir=tmp_path / "runs", prep_dir=prep)
-    assert result.returncode == 2
-    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    """Both commands in one process (test_bad_inputs.run_sacred_cases: train.py's run_sacred once per
+    command); the real `python train.py` process contract is test_reliability's
+    test_real_train_process_float_fold_is_one_clean_line."""
+    from test_bad_inputs import run_sacred_cases
+    common = ["tiny", "device=cpu", f"path.log_dir={tmp_path / 'runs'}"]
+    result, no_data = run_sacred_cases("train", [common + [f"path.data_dir={prep}", "model.n_grid=0"],
+                                                 common + [f"path.data_dir={tmp_path / 'nothing'}"]])
+    assert result["code"] == 2
+    lines = [line for line in result["err"].splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and "model.n_grid" in lines[0]
-    assert "Traceback" not in result.stderr and not (tmp_path / "runs").exists()
-    result = train_cli(log_dir=tmp_path / "runs", prep_dir=tmp_path / "nothing")
-    assert result.returncode == 2 and "prepare_visceral.py" in result.stderr
+    assert "Traceback" not in result["err"] and not (tmp_path / "runs").exists()
+    assert no_data["code"] == 2 and "prepare_visceral.py" in no_data["err"]
 
 
 def _state_dicts_equal(a: dict, b: dict) -> bool:
