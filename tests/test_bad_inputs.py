@@ -403,6 +403,9 @@ SACRED_DRIVER = textwrap.dedent("""
     from config import run_sacred
     results = []
     for case in cases:
+        if isinstance(case, dict):                 # {"python": code}: a step between commands, no result
+            exec(case["python"], {})
+            continue
         err, out, code = io.StringIO(), io.StringIO(), None
         with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
             try:
@@ -418,7 +421,10 @@ SACRED_DRIVER = textwrap.dedent("""
 """)
 
 
-def run_sacred_cases(entry: str, cases: list[list[str]]) -> list[dict]:
+def run_sacred_cases(entry: str, cases: list[list[str] | dict]) -> list[dict]:
+    """{code, out, err} of each command (the words after `with`) of `entry`.py, run one after the other in
+    one process; a {"python": code} entry instead runs that code there (e.g. damages a file a later command
+    reads) and gives no result."""
     done = subprocess.run([sys.executable, "-c", SACRED_DRIVER, entry, json.dumps(cases)], cwd=ROOT,
                           capture_output=True, text=True, timeout=600)
     assert "RESULTS" in done.stdout, done.stderr[-3000:]
