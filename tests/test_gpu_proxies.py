@@ -186,12 +186,15 @@ def test_test_py_and_segment_volume_run_on_the_device_under_autocast(tiny_phanto
     volumes = sorted((gold / "Volumes").glob("*.nii.gz"))
     support_pid = volumes[0].name.split("_")[0]
     liver = sorted((gold / "Segmentations").glob(f"{support_pid}_*_58_*.nii.gz"))[0]   # RadLex 58: liver
+    # scripts/segment_volume.py's main in-process, as its command line runs it (run_cli); its real process
+    # is tests/test_segment_volume.py's test_cli_subprocess_reports_one_line
+    from conftest import load_script
+
+    from util.cli import run_cli
     out_file = tmp_path / "pred.nii.gz"
-    done = subprocess.run([sys.executable, "scripts/segment_volume.py", "--checkpoint", snapshot,
-                           "--support-image",
-                           str(volumes[0]), "--support-mask", str(liver), "--query", str(volumes[1]), "--out",
-                           str(out_file), "--device", device, "--no-progress"], cwd=ROOT,
-                          env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
-                          timeout=300)
-    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    with pytest.raises(SystemExit) as stop:
+        run_cli(load_script("segment_volume").main,
+                ["--checkpoint", snapshot, "--support-image", str(volumes[0]), "--support-mask", str(liver),
+                 "--query", str(volumes[1]), "--out", str(out_file), "--device", device, "--no-progress"])
+    assert stop.value.code == 0
     assert nib.load(str(out_file)).shape == nib.load(str(volumes[1])).shape
