@@ -60,6 +60,20 @@ def tiny_prepared(tiny_phantom, tmp_path_factory) -> Path:
     return prep
 
 
+@pytest.fixture(scope="session")
+def unlabeled_prep(tiny_phantom, tmp_path_factory) -> Path:
+    """The tiny phantom's silver volumes, images only, 64 px, window [-125, 275], with superpixels (min_size
+    30): the self-supervised episodes' folder (tests/test_selfsup_*.py, tests/test_alpnet_episodes.py;
+    read only)."""
+    from dataloaders.prepare import prepare_dataset
+    from dataloaders.superpixels import SuperpixelParams, make_superpixels
+    prep = tmp_path_factory.mktemp("selfsup") / "prep"
+    prepare_dataset(tiny_phantom / "SilverCorpus" / "Volumes", prep, "images-only", size=64,
+                    intensity={"mode": "window", "window": [-125, 275]}, workers=1)
+    make_superpixels(prep, SuperpixelParams(min_size=30), workers=1, progress=False)
+    return prep
+
+
 def pytest_collection_modifyitems(config, items):
     """Tests marked `cuda` skip without a CUDA GPU (tools/gpu_check.sh runs them with `pytest -m cuda`)."""
     if torch.cuda.is_available():

@@ -10,8 +10,7 @@ import pytest
 import torch
 
 import dataloaders.selfsup_episodes as selfsup
-from dataloaders.prepare import prepare_dataset
-from dataloaders.superpixels import SuperpixelParams, make_superpixels, open_superpixels
+from dataloaders.superpixels import open_superpixels
 from dataloaders.warp import alpnet_affine_matrix, alpnet_elastic, alpnet_gamma, alpnet_view, apply_affine
 from util.errors import UserError
 
@@ -122,13 +121,7 @@ def test_gamma_formula_and_labels():
     assert lost > 0                                              # why episodes are redrawn
 
 
-@pytest.fixture(scope="module")
-def unlabeled_prep(tiny_phantom, tmp_path_factory):
-    prep = tmp_path_factory.mktemp("alpnet_episodes") / "prep"
-    prepare_dataset(tiny_phantom / "SilverCorpus" / "Volumes", prep, "images-only", size=64,
-                    intensity={"mode": "window", "window": [-125, 275]}, workers=1)
-    make_superpixels(prep, SuperpixelParams(min_size=30), workers=1, progress=False)
-    return prep
+# unlabeled_prep: tests/conftest.py (session fixture)
 
 
 def alpnet_dataset(prep, seed=5, shots=1, queries=1):

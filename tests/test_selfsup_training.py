@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_selfsup_episodes import unlabeled_prep  # noqa: F401  (module fixture: images-only + superpixels)
 
 from models.checkpoint import load_checkpoint
 from training.config_check import check_config
@@ -25,7 +24,7 @@ def resolve(named, **updates) -> dict:
     return dict(create_run(ex, "print_config", config_updates=updates, named_configs=list(named)).config)
 
 
-def test_one_selfsup_step_then_fine_tuning(unlabeled_prep, tiny_prepared, tmp_path):  # noqa: F811
+def test_one_selfsup_step_then_fine_tuning(unlabeled_prep, tiny_prepared, tmp_path):
     """Both train.py commands in one process, one after the other (test_bad_inputs.run_sacred_cases:
     train.py's run_sacred once per command); the second starts from the first one's last.pth."""
     from test_bad_inputs import run_sacred_cases
@@ -51,7 +50,7 @@ def test_one_selfsup_step_then_fine_tuning(unlabeled_prep, tiny_prepared, tmp_pa
     assert changed   # one SGD step moved the weights it started from
 
 
-def test_selfsup_config_errors(unlabeled_prep, tiny_prepared):  # noqa: F811
+def test_selfsup_config_errors(unlabeled_prep, tiny_prepared):
     config = resolve(["tiny", "selfsup"], path={"data_dir": str(tiny_prepared)})
     with pytest.raises(UserError, match="has no superpixels.*make_superpixels.py --images"):
         check_config(config, "train")
