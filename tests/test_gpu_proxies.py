@@ -2,8 +2,8 @@
 
 The training loop's GPU options run on CPU through the same code (util/device.py, training/loop.py):
 bf16 and fp16 autocast (`amp='bf16'|'fp16'`), the fp16 GradScaler (torch.amp.GradScaler('cpu') on CPU),
-channels_last, torchrun entering the distributed path (one process with gloo on CPU; one per GPU with nccl
-on CUDA), test.py under autocast and scripts/segment_volume.py on the device.
+channels_last, torchrun entering the distributed path (on CPU: tests/test_ddp.py's two gloo ranks; here one
+process per GPU with nccl on CUDA), test.py under autocast and scripts/segment_volume.py on the device.
 What only CUDA can break is listed in tools/gpu_check.sh's header; `pytest -m cuda` runs the cuda
 variants there.
 """
@@ -149,10 +149,11 @@ def test_fp16_grad_scaler_state_is_saved_and_resumed(prep, tmp_path, device):
     assert resumed["step"] == 4 and resumed["scaler"]
 
 
-# ------------------------------------------------------------------- torchrun with one process
-@pytest.mark.parametrize("device", DEVICES)
+# -------------------------------------------------------------------------------- torchrun on CUDA
+@pytest.mark.parametrize("device", [pytest.param("cuda", marks=pytest.mark.cuda)])
 def test_torchrun_uses_the_distributed_path_and_ranks_agree(prep, tmp_path, device):
-    """One process on CPU (gloo); on CUDA one per GPU (nccl) in bf16 with channels_last, as a paper run."""
+    """One process per GPU (nccl) in bf16 with channels_last, as a paper run. The CPU proxy (gloo: ranks
+    agree, run.info's world size and backend) is tests/test_ddp.py's two-rank run."""
     gpus = torch.cuda.device_count() if device == "cuda" else 1
     torchrun = (sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}")
     extra = ("amp=bf16", "channels_last=True") if device == "cuda" else ()
