@@ -6,11 +6,20 @@ qualifies with more than 5 voxels so every class has slices) so every test that 
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
 from pathlib import Path
 
-import pytest
-import torch
+# One intra-op thread for the tests and the processes they start (set before torch is imported): their
+# tensors are tiny, and on a 2-core machine two OpenMP threads per process mostly wait for each other
+# (worst when a training subprocess or another program shares the cores). A test that is about thread
+# counts sets its own (tests/test_demo_numerics.py); OMP_NUM_THREADS in the environment wins.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -48,6 +57,20 @@ def tiny_prepared(tiny_phantom, tmp_path_factory) -> Path:
     prepare_dataset(tiny_phantom, prep, size=TINY_PREP["size"], n_val=TINY_PREP["n_val"],
                     seed=TINY_PREP["seed"],
                     rule=Selection(min_voxels=TINY_PREP["min_voxels"]), workers=1)
+    return prep
+
+
+@pytest.fixture(scope="session")
+def unlabeled_prep(tiny_phantom, tmp_path_factory) -> Path:
+    """The tiny phantom's silver volumes, images only, 64 px, window [-125, 275], with superpixels (min_size
+    30): the self-supervised episodes' folder (tests/test_selfsup_*.py, tests/test_alpnet_episodes.py;
+    read only)."""
+    from dataloaders.prepare import prepare_dataset
+    from dataloaders.superpixels import SuperpixelParams, make_superpixels
+    prep = tmp_path_factory.mktemp("selfsup") / "prep"
+    prepare_dataset(tiny_phantom / "SilverCorpus" / "Volumes", prep, "images-only", size=64,
+                    intensity={"mode": "window", "window": [-125, 275]}, workers=1)
+    make_superpixels(prep, SuperpixelParams(min_size=30), workers=1, progress=False)
     return prep
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from conftest import load_script
 from test_evaluate import make_prepared
+from test_notebook_eval import make_tiny_snapshot
 
 from util.errors import UserError
 
@@ -16,14 +17,15 @@ ROOT = Path(__file__).resolve().parents[1]
 ablation = load_script("ablation")
 
 # Stands in for `python train.py with ...`: writes the run's config.json as Sacred would (the config resolved
-# from the same overrides), the argv it saw and a tiny snapshot.
+# from the same overrides), the argv it saw and a tiny snapshot: a copy of the one make_tiny_snapshot made
+# for that fold in the test process (TEMPLATES/fold<F>.pth), else made here (without torch to import, the
+# stub starts in a fraction of a second).
 STUB = f"""#!{sys.executable}
-import json, sys
+import json, shutil, sys
 from pathlib import Path
 sys.path[:0] = [{str(ROOT)!r}, {str(ROOT / 'tests')!r}]
 from config import ex
 from sacred.arg_parser import get_config_updates
-from test_notebook_eval import make_tiny_snapshot
 updates, named = get_config_updates(sys.argv[3:])
 config = dict(ex._create_run("print_config", updates, named_configs=named, options={{"--unobserved": True}}).config)
 runs = Path(config["path"]["log_dir"]) / "stub"
@@ -31,14 +33,27 @@ run = runs / str(len(list(runs.glob("*"))) + 1 if runs.is_dir() else 1)
 run.mkdir(parents=True)
 (run / "config.json").write_text(json.dumps(config, default=str))
 (run / "argv.txt").write_text(" ".join(sys.argv[1:]))
-make_tiny_snapshot(run / "last.pth", fold=int(config["fold"]))
+template = Path(TEMPLATES) / f"fold{{int(config['fold'])}}.pth"
+if template.is_file():
+    shutil.copyfile(template, run / "last.pth")
+else:
+    from test_notebook_eval import make_tiny_snapshot
+    make_tiny_snapshot(run / "last.pth", fold=int(config["fold"]))
 """  # noqa: E501  (the stub script's own lines)
 
 
+@pytest.fixture(scope="module")
+def templates(tmp_path_factory) -> Path:
+    """make_tiny_snapshot's fold-0 snapshot, made once: the stub copies it."""
+    folder = tmp_path_factory.mktemp("ablation_templates")
+    make_tiny_snapshot(folder / "fold0.pth", fold=0)
+    return folder
+
+
 @pytest.fixture
-def stub(tmp_path) -> Path:
+def stub(tmp_path, templates) -> Path:
     path = tmp_path / "fake_python"
-    path.write_text(STUB)
+    path.write_text(STUB.replace("Path(TEMPLATES)", f"Path({str(templates)!r})"))
     path.chmod(0o755)
     return path
 

@@ -10,8 +10,7 @@ import pytest
 import torch
 
 import dataloaders.selfsup_episodes as selfsup
-from dataloaders.prepare import prepare_dataset
-from dataloaders.superpixels import SuperpixelParams, make_superpixels, open_superpixels
+from dataloaders.superpixels import open_superpixels
 from dataloaders.warp import alpnet_affine_matrix, alpnet_elastic, alpnet_gamma, alpnet_view, apply_affine
 from util.errors import UserError
 
@@ -122,13 +121,7 @@ def test_gamma_formula_and_labels():
     assert lost > 0                                              # why episodes are redrawn
 
 
-@pytest.fixture(scope="module")
-def unlabeled_prep(tiny_phantom, tmp_path_factory):
-    prep = tmp_path_factory.mktemp("alpnet_episodes") / "prep"
-    prepare_dataset(tiny_phantom / "SilverCorpus" / "Volumes", prep, "images-only", size=64,
-                    intensity={"mode": "window", "window": [-125, 275]}, workers=1)
-    make_superpixels(prep, SuperpixelParams(min_size=30), workers=1, progress=False)
-    return prep
+# unlabeled_prep: tests/conftest.py (session fixture)
 
 
 def alpnet_dataset(prep, seed=5, shots=1, queries=1):
@@ -178,18 +171,14 @@ def test_alpnet_item_layout_views_and_determinism(unlabeled_prep):
 
 def test_train_py_with_ssl_alpnet_episodes_and_head(unlabeled_prep, tmp_path):
     """`train.py with tiny selfsup selfsup.episodes=alpnet model.head=alpnet model.align=True`: two steps run
-    and the loop reports the redraw count; an unknown recipe is one line."""
-    import subprocess
-    import sys
-    from pathlib import Path
-    root = Path(__file__).resolve().parents[1]
-    common = [sys.executable, "train.py", "with", "tiny", "selfsup", "device=cpu", f"path.log_dir={tmp_path}",
-              f"path.data_dir={unlabeled_prep}", "n_steps=2", "model.head=alpnet", "model.align=True"]
-    result = subprocess.run(common + ["selfsup.episodes=alpnet"], cwd=root, capture_output=True, text=True,
-                            timeout=300)
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "episodes redrawn: " in result.stdout
-    bad = subprocess.run(common + ["selfsup.episodes=ssl"], cwd=root, capture_output=True, text=True,
-                         timeout=300)
-    assert bad.returncode != 0 and "selfsup.episodes" in bad.stderr
-    assert len(bad.stderr.strip().splitlines()) == 1
+    and the loop reports the redraw count; an unknown recipe is one line. Both commands in one process
+    (test_bad_inputs.run_sacred_cases: train.py's run_sacred once per command, stdout/stderr captured)."""
+    from test_bad_inputs import run_sacred_cases
+    common = ["tiny", "selfsup", "device=cpu", f"path.log_dir={tmp_path}", f"path.data_dir={unlabeled_prep}",
+              "n_steps=2", "model.head=alpnet", "model.align=True"]
+    bad, result = run_sacred_cases("train", [common + ["selfsup.episodes=ssl"],
+                                             common + ["selfsup.episodes=alpnet"]], own_log_stream=True)
+    assert result["code"] == 0, result["out"] + result["err"][-3000:]
+    assert "episodes redrawn: " in result["out"]
+    assert bad["code"] != 0 and "selfsup.episodes" in bad["err"]
+    assert len(bad["err"].strip().splitlines()) == 1

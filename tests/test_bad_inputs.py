@@ -43,7 +43,6 @@ absent organs).
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -397,14 +396,22 @@ def test_segment_volume_0_255_float_mask_gives_the_same_prediction_as_0_1(seg, t
 
 # --------------------------------------------------------------------- train.py / test.py
 SACRED_DRIVER = textwrap.dedent("""
-    import contextlib, importlib, io, json, sys, traceback, warnings
+    import contextlib, importlib, io, json, logging, sys, traceback, warnings
     warnings.filterwarnings("ignore")
     entry, cases = sys.argv[1], json.loads(sys.argv[2])
+    own_log_stream = sys.argv[3:] == ["own-log-stream"]
     module = importlib.import_module(entry)
     from config import run_sacred
     results = []
     for case in cases:
+        if isinstance(case, dict):                 # {"python": code}: a step between commands, no result
+            exec(case["python"], {})
+            continue
         err, out, code = io.StringIO(), io.StringIO(), None
+        if own_log_stream:    # the root logger's handler (made by the first run) writes to this err too
+            for handler in logging.getLogger().handlers:
+                if type(handler) is logging.StreamHandler:
+                    handler.setStream(err)
         with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
             try:
                 run_sacred(module.ex, [entry + ".py", "with", *case])
@@ -414,13 +421,21 @@ SACRED_DRIVER = textwrap.dedent("""
             except BaseException:
                 traceback.print_exc()
                 code = "exception"
-        results.append({"code": code, "err": err.getvalue(), "out": out.getvalue()[-3000:]})
+        results.append({"code": code, "err": err.getvalue(), "out": out.getvalue()[-20000:]})
     print("RESULTS" + json.dumps(results))
 """)
 
 
-def run_sacred_cases(entry: str, cases: list[list[str]]) -> list[dict]:
-    done = subprocess.run([sys.executable, "-c", SACRED_DRIVER, entry, json.dumps(cases)], cwd=ROOT,
+def run_sacred_cases(entry: str, cases: list[list[str] | dict], own_log_stream: bool = False) -> list[dict]:
+    """{code, out, err} of each command (the words after `with`) of `entry`.py, run one after the other in
+    one process; a {"python": code} entry instead runs that code there (e.g. damages a file a later command
+    reads) and gives no result.
+
+    Sacred's log lines (the root logger's stream handler, made by the process's first run) land in the
+    first command's err; own_log_stream=True points that handler at each command's own err, so every err
+    holds what that command's own process would print on stderr."""
+    done = subprocess.run([sys.executable, "-c", SACRED_DRIVER, entry, json.dumps(cases),
+                           *(["own-log-stream"] if own_log_stream else [])], cwd=ROOT,
                           capture_output=True, text=True, timeout=600)
     assert "RESULTS" in done.stdout, done.stderr[-3000:]
     return json.loads(done.stdout.split("RESULTS", 1)[1])
@@ -545,9 +560,9 @@ def test_real_processes_one_line_without_traceback_and_debug_shows_it(tmp_path):
     debug = subprocess.run([sys.executable, "scripts/check_dataset.py", str(tmp_path / "absent"), "--debug"],
                            cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert debug.returncode != 0 and "Traceback" in debug.stderr and "UserError" in debug.stderr
+    # no PYTHONWARNINGS: the process itself keeps library warnings off stderr (config.py's filter)
     done = subprocess.run([sys.executable, "test.py", "with", "tiny", f"path.data_dir={tmp_path}",
                            f"path.log_dir={tmp_path / 'runs'}"], cwd=ROOT,
-                          capture_output=True, text=True, timeout=300,
-                          env=dict(os.environ, PYTHONWARNINGS="ignore"))
+                          capture_output=True, text=True, timeout=300)
     assert_one_line_error(done.returncode, done.stderr, "not a prepared folder")
     assert not (tmp_path / "runs").exists()

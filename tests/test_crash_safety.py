@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 import torch
-from test_training import train_cli
+from test_training import train_cli, train_then_resume
 
 from models.checkpoint import load_checkpoint
 
@@ -53,10 +53,6 @@ def kill(proc) -> bool:
 def test_training_killed_at_a_random_moment_resumes_to_identical_weights(tmp_path, tiny_prepared):
     rng = random.Random(SEED)
     settings = ["n_steps=6", "save_every=1", "val_every=0", "print_every=1"]
-    ref = train_cli(*settings, log_dir=tmp_path / "ref", prep_dir=tiny_prepared)
-    assert ref.returncode == 0, ref.stderr[-2000:]
-    reference = load_checkpoint(glob.glob(str(tmp_path / "ref" / "*" / "1" / "last.pth"))[0])
-
     log_dir = tmp_path / "killed"
     # Each step pauses 0.3 s after its checkpoint, so the 5 steps after the first checkpoint outlast
     # the random delay below even on a fast, idle machine: the kill lands inside the run.
@@ -68,8 +64,11 @@ def test_training_killed_at_a_random_moment_resumes_to_identical_weights(tmp_pat
     killed = load_checkpoint(glob.glob(pattern)[0])           # never truncated: atomic replace
     assert 1 <= killed["step"] <= 6, SEED
 
-    resumed = train_cli(*settings, "resume=True", log_dir=log_dir, prep_dir=tiny_prepared)
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    # the uninterrupted reference run, then the resume (one process, one after the other)
+    ref, resumed = train_then_resume(tmp_path / "ref", log_dir, tiny_prepared, *settings)
+    assert ref["code"] == 0, ref["err"][-2000:]
+    reference = load_checkpoint(glob.glob(str(tmp_path / "ref" / "*" / "1" / "last.pth"))[0])
+    assert resumed["code"] == 0, resumed["err"][-2000:]
     runs = sorted(glob.glob(str(log_dir / "*" / "*" / "last.pth")),
                   key=lambda path: int(Path(path).parent.name))
     final = load_checkpoint(runs[-1])                         # the resumed run (or run 1 if it had finished)

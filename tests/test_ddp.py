@@ -1,12 +1,14 @@
 """DistributedDataParallel: `torchrun --nproc_per_node=2 train.py` on CPU (gloo).
 
 Both ranks must end with identical weights (each prints its weights' SHA-256), only rank 0 writes a
-run folder, and the result matches a single process that sees the same episodes (rank r takes
-episodes r, r + W, ... of each step's batch; DDP averages the gradients).
+run folder (its run.info: world size 2, backend gloo), and the result matches a single process that sees
+the same episodes (rank r takes episodes r, r + W, ... of each step's batch; DDP averages the gradients).
+This is also the CPU proxy of tests/test_gpu_proxies.py's torchrun test (CUDA only there).
 """
 from __future__ import annotations
 
 import glob
+import json
 import os
 import re
 import subprocess
@@ -46,6 +48,8 @@ def test_two_cpu_ranks_end_with_identical_weights(tmp_path):
 
     run_dirs = glob.glob(str(tmp_path / "ddp" / "*" / "[0-9]*"))
     assert len(run_dirs) == 1                                   # rank 0 alone records the run
+    info = json.loads(Path(run_dirs[0], "info.json").read_text())              # Sacred's run.info
+    assert info["world_size"] == 2 and info["distributed_backend"] == "gloo"
     ddp = load_checkpoint(os.path.join(run_dirs[0], "last.pth"))
     assert ddp["step"] == 2 and len(ddp["rng"]) == 2           # every rank's RNG state is kept
 

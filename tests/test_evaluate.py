@@ -271,37 +271,44 @@ def test_unknown_organ_and_missing_gold_are_clear_errors(tmp_path):
         _run(tmp_path / "v", prep=prep)
 
 
-def _test_py(*arguments, cwd=None):
-    import subprocess
-    import sys
-    root = Path(__file__).resolve().parents[1]
-    return subprocess.run([sys.executable, str(root / "test.py"), *arguments], cwd=root,
-                          capture_output=True, text=True, timeout=300)
+@pytest.fixture(scope="module")
+def test_py_runs(tmp_path_factory) -> dict:
+    """The test.py commands of the two tests below, in one process one after the other
+    (test_bad_inputs.run_sacred_cases: test.py's run_sacred once per command, stdout/stderr captured;
+    the real `python test.py` process contract is test_bad_inputs.test_real_processes_*):
+    {name: ({code, out, err}, its folder)}."""
+    from test_bad_inputs import run_sacred_cases
+    roots = {name: tmp_path_factory.mktemp(name) for name in ("no_data", "missing_snapshot", "writes")}
+    commands = {
+        "no_data": [f"path.data_dir={roots['no_data'] / 'nothing'}", f"path.log_dir={roots['no_data']}"],
+        "missing_snapshot": [f"path.data_dir={make_prepared(roots['missing_snapshot'])}",
+                             f"path.log_dir={roots['missing_snapshot']}",
+                             f"eval.snapshots={{'LSLPN': '{roots['missing_snapshot'] / 'missing.pth'}'}}"],
+        "writes": [f"path.data_dir={make_prepared(roots['writes'])}",
+                   f"path.log_dir={roots['writes'] / 'runs'}", "eval.preset=senet", "fold=1", "device=cpu"]}
+    results = run_sacred_cases("test", [["tiny", *words] for words in commands.values()], own_log_stream=True)
+    return {name: (result, roots[name]) for name, result in zip(commands, results)}
 
 
-def test_test_py_writes_results_in_the_sacred_run_folder(tmp_path):
-    prep = make_prepared(tmp_path)
-    done = _test_py("with", "tiny", f"path.data_dir={prep}", f"path.log_dir={tmp_path / 'runs'}",
-                    "eval.preset=senet", "fold=1", "device=cpu")
-    assert done.returncode == 0, done.stderr[-2000:]
-    run_dir = tmp_path / "runs" / "test" / "1"
+def test_test_py_writes_results_in_the_sacred_run_folder(test_py_runs):
+    done, root = test_py_runs["writes"]
+    assert done["code"] == 0, done["err"][-2000:]
+    run_dir = root / "runs" / "test" / "1"
     stored = json.loads((run_dir / "results.json").read_text())
     assert stored["preset"]["name"] == "senet" and stored["organs"] == ["spleen"] and stored["fold"] == 1
     assert list(stored["results"]) == ["mask copy"]
-    assert (run_dir / "table.md").read_text() in done.stdout
+    assert (run_dir / "table.md").read_text() in done["out"]
     assert (run_dir / "predictions" / "mask_copy" / "10000104_spleen.nii.gz").is_file()
 
 
-def test_test_py_bad_input_is_one_line(tmp_path):
-    done = _test_py("with", "tiny", f"path.data_dir={tmp_path / 'nothing'}", f"path.log_dir={tmp_path}")
-    assert done.returncode == 2
-    lines = done.stderr.strip().splitlines()
+def test_test_py_bad_input_is_one_line(test_py_runs):
+    done, _ = test_py_runs["no_data"]
+    assert done["code"] == 2
+    lines = done["err"].strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and "prepare_visceral" in lines[0]
-    prep = make_prepared(tmp_path)
-    done = _test_py("with", "tiny", f"path.data_dir={prep}", f"path.log_dir={tmp_path}",
-                    f"eval.snapshots={{'LSLPN': '{tmp_path / 'missing.pth'}'}}")
-    lines = done.stderr.strip().splitlines()
-    assert done.returncode == 2 and len(lines) == 1 and "missing.pth" in lines[0], done.stderr
+    done, _ = test_py_runs["missing_snapshot"]
+    lines = done["err"].strip().splitlines()
+    assert done["code"] == 2 and len(lines) == 1 and "missing.pth" in lines[0], done["err"]
 
 
 def test_snapshot_from_another_fold_or_encoder_is_refused(tmp_path):

@@ -65,11 +65,12 @@ def test_figures_are_written_and_make_figures_merges_fold_runs(tmp_path):
     assert cells[5] == f"{(liver_value + spleen_value) / 2:.1f}"
 
 
-def test_make_figures_on_a_missing_run_is_one_line(tmp_path):
-    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "make_figures.py"), str(tmp_path)],
-                          capture_output=True, text=True, timeout=120)
-    lines = done.stderr.strip().splitlines()
-    assert done.returncode == 2 and len(lines) == 1 and "results.json is missing" in lines[0]
+def test_make_figures_on_a_missing_run_is_one_line(tmp_path, capsys):
+    """main in-process through run_cli, as the command line runs it (the test above runs the real process)."""
+    from test_bad_inputs import run_script
+    code, err = run_script("make_figures", [tmp_path], capsys)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and "results.json is missing" in lines[0]
 
 
 def test_qualitative_figure_without_scored_organs_is_a_clear_error(tmp_path):

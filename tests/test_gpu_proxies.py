@@ -2,8 +2,8 @@
 
 The training loop's GPU options run on CPU through the same code (util/device.py, training/loop.py):
 bf16 and fp16 autocast (`amp='bf16'|'fp16'`), the fp16 GradScaler (torch.amp.GradScaler('cpu') on CPU),
-channels_last, torchrun entering the distributed path (one process with gloo on CPU; one per GPU with nccl
-on CUDA), test.py under autocast and scripts/segment_volume.py on the device.
+channels_last, torchrun entering the distributed path (on CPU: tests/test_ddp.py's two gloo ranks; here one
+process per GPU with nccl on CUDA), test.py under autocast and scripts/segment_volume.py on the device.
 What only CUDA can break is listed in tools/gpu_check.sh's header; `pytest -m cuda` runs the cuda
 variants there.
 """
@@ -132,20 +132,29 @@ def train_cli(*overrides, log_dir, prep_dir, launcher=(sys.executable,)):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_fp16_grad_scaler_state_is_saved_and_resumed(prep, tmp_path, device):
-    train_cli(f"device={device}", "amp=fp16", "n_steps=2", log_dir=tmp_path, prep_dir=prep)
+    """The 2-step run and its resume to 4 steps: two train.py commands in one process, one after the other
+    (test_bad_inputs.run_sacred_cases)."""
+    from test_bad_inputs import run_sacred_cases
+    common = ["tiny", "val_every=0", "save_every=2", f"path.data_dir={prep}", f"path.log_dir={tmp_path}",
+              f"device={device}", "amp=fp16"]
+    first_run, resumed_run = run_sacred_cases("train", [common + ["n_steps=2"],
+                                                        common + ["n_steps=4", "resume=True"]],
+                                                 own_log_stream=True)
+    for result in (first_run, resumed_run):
+        assert result["code"] == 0, (result["out"] + result["err"])[-3000:]
     first = load_checkpoint(glob.glob(str(tmp_path / "*" / "1" / "last.pth"))[0])
+    assert first["step"] == 2                                        # run 1 stopped at 2 (resume: run 2)
     assert first["scaler"] and first["scaler"]["scale"] > 0          # the GradScaler's state travels
-    out = train_cli(f"device={device}", "amp=fp16", "n_steps=4", "resume=True", log_dir=tmp_path,
-                    prep_dir=prep)
-    assert "at step 2" in out
+    assert "at step 2" in resumed_run["out"] + resumed_run["err"]
     resumed = load_checkpoint(glob.glob(str(tmp_path / "*" / "2" / "last.pth"))[0], map_location=device)
     assert resumed["step"] == 4 and resumed["scaler"]
 
 
-# ------------------------------------------------------------------- torchrun with one process
-@pytest.mark.parametrize("device", DEVICES)
+# -------------------------------------------------------------------------------- torchrun on CUDA
+@pytest.mark.parametrize("device", [pytest.param("cuda", marks=pytest.mark.cuda)])
 def test_torchrun_uses_the_distributed_path_and_ranks_agree(prep, tmp_path, device):
-    """One process on CPU (gloo); on CUDA one per GPU (nccl) in bf16 with channels_last, as a paper run."""
+    """One process per GPU (nccl) in bf16 with channels_last, as a paper run. The CPU proxy (gloo: ranks
+    agree, run.info's world size and backend) is tests/test_ddp.py's two-rank run."""
     gpus = torch.cuda.device_count() if device == "cuda" else 1
     torchrun = (sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}")
     extra = ("amp=bf16", "channels_last=True") if device == "cuda" else ()
@@ -179,12 +188,15 @@ def test_test_py_and_segment_volume_run_on_the_device_under_autocast(tiny_phanto
     volumes = sorted((gold / "Volumes").glob("*.nii.gz"))
     support_pid = volumes[0].name.split("_")[0]
     liver = sorted((gold / "Segmentations").glob(f"{support_pid}_*_58_*.nii.gz"))[0]   # RadLex 58: liver
+    # scripts/segment_volume.py's main in-process, as its command line runs it (run_cli); its real process
+    # is tests/test_segment_volume.py's test_cli_subprocess_reports_one_line
+    from conftest import load_script
+
+    from util.cli import run_cli
     out_file = tmp_path / "pred.nii.gz"
-    done = subprocess.run([sys.executable, "scripts/segment_volume.py", "--checkpoint", snapshot,
-                           "--support-image",
-                           str(volumes[0]), "--support-mask", str(liver), "--query", str(volumes[1]), "--out",
-                           str(out_file), "--device", device, "--no-progress"], cwd=ROOT,
-                          env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
-                          timeout=300)
-    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    with pytest.raises(SystemExit) as stop:
+        run_cli(load_script("segment_volume").main,
+                ["--checkpoint", snapshot, "--support-image", str(volumes[0]), "--support-mask", str(liver),
+                 "--query", str(volumes[1]), "--out", str(out_file), "--device", device, "--no-progress"])
+    assert stop.value.code == 0
     assert nib.load(str(out_file)).shape == nib.load(str(volumes[1])).shape

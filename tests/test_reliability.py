@@ -421,15 +421,21 @@ def test_train_py_log_dir_and_resume_from_a_truncated_last_pth(tiny_prepared, tm
     log = tmp_path / "runs"
     base = ["tiny", "device=cpu", f"path.data_dir={tiny_prepared}", "n_steps=2", "save_every=2",
             "val_every=0"]
+    # between the two runs and their resumes (same process): a second run of r, a copy of the first, and
+    # the newest last.pth of each truncated
+    damage = (f"import pathlib, shutil\nlog = pathlib.Path({str(log)!r})\n"
+              "shutil.copytree(log / 'r' / '1', log / 'r' / '2')\n"
+              "for last in (log / 'r' / '2' / 'last.pth', log / 'fresh' / '1' / 'last.pth'):\n"
+              "    last.write_bytes(last.read_bytes()[:2000])\n")
     results = run_sacred_cases("train", [base + case for case in bad] + [
-        base + [f"path.log_dir={log}", "name=r"], base + [f"path.log_dir={log}", "name=fresh"]])
+        base + [f"path.log_dir={log}", "name=r"], base + [f"path.log_dir={log}", "name=fresh"],
+        {"python": damage},
+        base + [f"path.log_dir={log}", "name=r", "resume=True"],
+        base + [f"path.log_dir={log}", "name=fresh", "resume=True"]], own_log_stream=True)
     assert_log_dir_errors(results[:len(bad)], afile)
-    assert [r["code"] for r in results[len(bad):]] == [0, 0]
-    shutil.copytree(log / "r" / "1", log / "r" / "2")                   # a second run of the same config
-    for last in (log / "r" / "2" / "last.pth", log / "fresh" / "1" / "last.pth"):
-        last.write_bytes(last.read_bytes()[:2000])                      # truncated
-    results = run_sacred_cases("train", [base + [f"path.log_dir={log}", "name=r", "resume=True"],
-                                         base + [f"path.log_dir={log}", "name=fresh", "resume=True"]])
+    assert [r["code"] for r in results[len(bad):len(bad) + 2]] == [0, 0]
+    assert (log / "r" / "2" / "last.pth").stat().st_size == 2000                     # the step ran
+    results = results[len(bad) + 2:]
     assert_error_line(results[0]["code"], results[0]["err"], f"{log / 'r' / '2' / 'last.pth'} is unreadable",
                       "move it aside", str(log / "r" / "1" / "last.pth"), "at step 2", "resume=True")
     assert_error_line(results[1]["code"], results[1]["err"], "no earlier readable last.pth",

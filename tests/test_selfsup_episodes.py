@@ -21,14 +21,7 @@ IDENTITY = {"rotate": 0.0, "scale": [1.0, 1.0], "shear": 0.0, "translate": 0.0, 
 MIN_PIXELS = 40
 
 
-@pytest.fixture(scope="module")
-def unlabeled_prep(tiny_phantom, tmp_path_factory):
-    """The tiny phantom's silver volumes, images only, 64 px, with superpixels."""
-    prep = tmp_path_factory.mktemp("selfsup") / "prep"
-    prepare_dataset(tiny_phantom / "SilverCorpus" / "Volumes", prep, "images-only", size=64,
-                    intensity={"mode": "window", "window": [-125, 275]}, workers=1)
-    make_superpixels(prep, SuperpixelParams(min_size=30), workers=1, progress=False)
-    return prep
+# unlabeled_prep: tests/conftest.py (session fixture)
 
 
 def dataset(prep, warp_params=None, augment=AUGMENT, shots=1, queries=1, seed=5, min_pixels=MIN_PIXELS):

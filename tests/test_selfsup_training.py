@@ -3,13 +3,11 @@ from __future__ import annotations
 
 import glob
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from test_selfsup_episodes import unlabeled_prep  # noqa: F401  (module fixture: images-only + superpixels)
 
 from models.checkpoint import load_checkpoint
 from training.config_check import check_config
@@ -26,25 +24,25 @@ def resolve(named, **updates) -> dict:
     return dict(create_run(ex, "print_config", config_updates=updates, named_configs=list(named)).config)
 
 
-def train_cli(*overrides, log_dir):
-    cmd = [sys.executable, "train.py", "with", "tiny", "device=cpu", f"path.log_dir={log_dir}", *overrides]
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
-
-
-def test_one_selfsup_step_then_fine_tuning(unlabeled_prep, tiny_prepared, tmp_path):  # noqa: F811
-    result = train_cli("selfsup", "n_steps=1", "selfsup.min_pixels=40", f"path.data_dir={unlabeled_prep}",
-                       log_dir=tmp_path)
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "validation off" in result.stdout
-    (last,) = glob.glob(str(tmp_path / "lslpn_selfsup" / "*" / "last.pth"))
+def test_one_selfsup_step_then_fine_tuning(unlabeled_prep, tiny_prepared, tmp_path):
+    """Both train.py commands in one process, one after the other (test_bad_inputs.run_sacred_cases:
+    train.py's run_sacred once per command); the second starts from the first one's last.pth."""
+    from test_bad_inputs import run_sacred_cases
+    last = str(tmp_path / "lslpn_selfsup" / "1" / "last.pth")            # where the first run writes it
+    common = ["tiny", "device=cpu", f"path.log_dir={tmp_path}"]
+    selfsup_run, finetune_run = run_sacred_cases("train", [
+        common + ["selfsup", "n_steps=1", "selfsup.min_pixels=40", f"path.data_dir={unlabeled_prep}"],
+        # fine-tuning on labeled slices starts from those weights
+        common + ["n_steps=1", "val_every=0", f"path.init_from={last}", f"path.data_dir={tiny_prepared}",
+                  "name=finetune"]], own_log_stream=True)
+    assert selfsup_run["code"] == 0, selfsup_run["out"] + selfsup_run["err"][-3000:]
+    assert "validation off" in selfsup_run["out"]
+    assert glob.glob(str(tmp_path / "lslpn_selfsup" / "*" / "last.pth")) == [last]
     assert not os.path.exists(os.path.join(os.path.dirname(last), "best.pth"))
     state = load_checkpoint(last)
     assert state["step"] == 1 and state["run_config"]["episodes"] == "superpixels"
-    # fine-tuning on labeled slices starts from those weights
-    result = train_cli("n_steps=1", "val_every=0", f"path.init_from={last}", f"path.data_dir={tiny_prepared}",
-                       "name=finetune", log_dir=tmp_path)
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert f"initial weights from {last}" in result.stdout
+    assert finetune_run["code"] == 0, finetune_run["out"] + finetune_run["err"][-3000:]
+    assert f"initial weights from {last}" in finetune_run["out"]
     (tuned,) = glob.glob(str(tmp_path / "finetune" / "*" / "last.pth"))
     before, after = state["model"], load_checkpoint(tuned)["model"]
     changed = [k for k in before
@@ -52,7 +50,7 @@ def test_one_selfsup_step_then_fine_tuning(unlabeled_prep, tiny_prepared, tmp_pa
     assert changed   # one SGD step moved the weights it started from
 
 
-def test_selfsup_config_errors(unlabeled_prep, tiny_prepared):  # noqa: F811
+def test_selfsup_config_errors(unlabeled_prep, tiny_prepared):
     config = resolve(["tiny", "selfsup"], path={"data_dir": str(tiny_prepared)})
     with pytest.raises(UserError, match="has no superpixels.*make_superpixels.py --images"):
         check_config(config, "train")

@@ -222,35 +222,52 @@ def test_snapshot_of_another_encoder_is_refused(tmp_path):
 
 
 # ------------------------------------------------------------------------------- train.py runs
-def test_bad_config_on_the_command_line_fails_before_any_run(tmp_path, prep):
-    result = train_cli("model.n_grid=0", log_dir=tmp_path / "runs", prep_dir=prep)
-    assert result.returncode == 2
-    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+@pytest.fixture(scope="module")
+def cli_runs(prep, tmp_path_factory) -> dict:
+    """The train.py commands of the two tests below, in one process one after the other
+    (test_bad_inputs.run_sacred_cases: train.py's run_sacred once per command, stdout/stderr captured; the
+    real `python train.py` process contract is test_reliability's test_real_train_process_float_fold_*):
+    {name: ({code, out, err}, its log_dir)}."""
+    from test_bad_inputs import run_sacred_cases
+    roots = {name: tmp_path_factory.mktemp(name) for name in ("bad_grid", "no_data", "diverging")}
+    commands = {
+        "bad_grid": [f"path.data_dir={prep}", "model.n_grid=0", f"path.log_dir={roots['bad_grid'] / 'runs'}"],
+        "no_data": [f"path.data_dir={roots['no_data'] / 'nothing'}",
+                    f"path.log_dir={roots['no_data'] / 'runs'}"],
+        "diverging": [f"path.data_dir={prep}", f"path.log_dir={roots['diverging']}", "lr=1e6", "n_steps=8",
+                      "save_every=1", "val_every=0", "print_every=1"]}
+    results = run_sacred_cases("train", [["tiny", "device=cpu", *words] for words in commands.values()],
+                               own_log_stream=True)
+    return {name: (result, roots[name]) for name, result in zip(commands, results)}
+
+
+def test_bad_config_on_the_command_line_fails_before_any_run(cli_runs):
+    result, root = cli_runs["bad_grid"]
+    assert result["code"] == 2
+    lines = [line for line in result["err"].splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and "model.n_grid" in lines[0]
-    assert "Traceback" not in result.stderr and not (tmp_path / "runs").exists()
-    result = train_cli(log_dir=tmp_path / "runs", prep_dir=tmp_path / "nothing")
-    assert result.returncode == 2 and "prepare_visceral.py" in result.stderr
+    assert "Traceback" not in result["err"] and not (root / "runs").exists()
+    no_data, root = cli_runs["no_data"]
+    assert no_data["code"] == 2 and "prepare_visceral.py" in no_data["err"] and not (root / "runs").exists()
 
 
 def _state_dicts_equal(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_killed_run_resumes_to_bitwise_identical_weights(tmp_path, prep):
-    # Uninterrupted reference run.
-    ref = train_cli(log_dir=tmp_path / "ref", prep_dir=prep)
-    assert ref.returncode == 0, ref.stderr[-2000:]
-    ref_dir = tmp_path / "ref" / "lslpn_all_structures_fold0" / "1"
-    for name in ("config.json", "run.json", "metrics.json", "last.pth", "best.pth"):
-        assert (ref_dir / name).is_file(), name
-    info = json.loads((ref_dir / "info.json").read_text())
-    assert info["config_hash"] and "git_commit" in info
-    assert any(dep.startswith("torch==") for dep in json.loads((ref_dir / "run.json").read_text())
-               ["experiment"]["dependencies"])
-    metrics = json.loads((ref_dir / "metrics.json").read_text())
-    assert metrics["loss"]["steps"] == [1, 2, 3, 4, 5, 6] and metrics["val_dice"]["steps"] == [3, 6]
+def train_then_resume(reference_log_dir, resumed_log_dir, prep_dir, *overrides) -> tuple[dict, dict]:
+    """An uninterrupted reference run and the resume (resume=True) of a killed run, both `train.py with
+    tiny device=cpu ...`, in one process one after the other (test_bad_inputs.run_sacred_cases:
+    train.py's run_sacred once per command); their results {code, out, err}."""
+    from test_bad_inputs import run_sacred_cases
+    common = ["tiny", "device=cpu", f"path.data_dir={prep_dir}", *overrides]
+    return run_sacred_cases("train", [common + [f"path.log_dir={reference_log_dir}"],
+                                      common + ["resume=True", f"path.log_dir={resumed_log_dir}"]],
+                            own_log_stream=True)
 
-    # The same run, killed with SIGKILL right after its step-2 checkpoint, then resumed.
+
+def test_killed_run_resumes_to_bitwise_identical_weights(tmp_path, prep):
+    # The run, killed with SIGKILL right after its step-2 checkpoint.
     log_dir = tmp_path / "killed"
     proc = train_cli(log_dir=log_dir, prep_dir=prep, pause_after_save=120, popen=True)
     deadline = time.time() + 120
@@ -264,9 +281,21 @@ def test_killed_run_resumes_to_bitwise_identical_weights(tmp_path, prep):
     assert load_checkpoint(str(killed_dir / "last.pth"))["step"] == 2
     assert not glob.glob(str(killed_dir / "*.tmp-*"))
 
-    resumed = train_cli("resume=True", log_dir=log_dir, prep_dir=prep)
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert "continuing" in resumed.stdout and "at step 2" in resumed.stdout
+    # An uninterrupted reference run, and the killed run resumed.
+    ref, resumed = train_then_resume(tmp_path / "ref", log_dir, prep)
+    assert ref["code"] == 0, ref["err"][-2000:]
+    ref_dir = tmp_path / "ref" / "lslpn_all_structures_fold0" / "1"
+    for name in ("config.json", "run.json", "metrics.json", "last.pth", "best.pth"):
+        assert (ref_dir / name).is_file(), name
+    info = json.loads((ref_dir / "info.json").read_text())
+    assert info["config_hash"] and "git_commit" in info
+    assert any(dep.startswith("torch==") for dep in json.loads((ref_dir / "run.json").read_text())
+               ["experiment"]["dependencies"])
+    metrics = json.loads((ref_dir / "metrics.json").read_text())
+    assert metrics["loss"]["steps"] == [1, 2, 3, 4, 5, 6] and metrics["val_dice"]["steps"] == [3, 6]
+
+    assert resumed["code"] == 0, resumed["err"][-2000:]
+    assert "continuing" in resumed["out"] and "at step 2" in resumed["out"]
     final = load_checkpoint(str(log_dir / "lslpn_all_structures_fold0" / "2" / "last.pth"))
     reference = load_checkpoint(str(ref_dir / "last.pth"))
     assert final["step"] == reference["step"] == 6
@@ -277,17 +306,16 @@ def test_killed_run_resumes_to_bitwise_identical_weights(tmp_path, prep):
     assert all(torch.equal(a, b) for a, b in zip(momentum, ref_momentum))
 
 
-def test_diverging_training_stops_with_one_line_and_keeps_the_last_good_checkpoint(tmp_path, prep):
-    result = train_cli("lr=1e6", "n_steps=8", "save_every=1", "val_every=0", "print_every=1",
-                       log_dir=tmp_path, prep_dir=prep)
-    assert result.returncode == 2, result.stdout + result.stderr[-2000:]
-    errors = [line for line in result.stderr.replace("\r", "\n").splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+def test_diverging_training_stops_with_one_line_and_keeps_the_last_good_checkpoint(cli_runs):
+    result, log_dir = cli_runs["diverging"]
+    assert result["code"] == 2, result["out"] + result["err"][-2000:]
+    errors = [line for line in result["err"].replace("\r", "\n").splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in result["err"], result["err"][-2000:]
     match = re.match(r"error: training diverged at step (\d+) \((loss nan|loss inf|non-finite weights)\): "
                      r"lower lr \(now 1e\+06\)", errors[0])
     assert match, errors[0]
-    assert "done:" not in result.stdout and "final weights" not in result.stdout
-    last = tmp_path / "lslpn_all_structures_fold0" / "1" / "last.pth"
+    assert "done:" not in result["out"] and "final weights" not in result["out"]
+    last = log_dir / "lslpn_all_structures_fold0" / "1" / "last.pth"
     state = load_checkpoint(str(last))
     assert state["step"] == int(match[1]) - 1 and f"{last} (step {state['step']})" in errors[0]
     assert all(torch.isfinite(value).all() for value in state["model"].values() if value.is_floating_point())
