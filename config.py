@@ -23,6 +23,7 @@ Named configs:
 Override anything on the command line, e.g.
   python train.py with demo fold=2 model.n_grid=4
 """
+import io
 import logging
 import os
 import shutil
@@ -35,7 +36,7 @@ from docopt import docopt  # noqa: E402
 from sacred import Experiment  # noqa: E402
 from sacred.arg_parser import get_config_updates  # noqa: E402
 from sacred.observers import FileStorageObserver  # noqa: E402,F401  (attached by the entry points)
-from sacred.utils import SacredError, ensure_wellformed_argv  # noqa: E402
+from sacred.utils import SacredError, create_basic_stream_logger, ensure_wellformed_argv  # noqa: E402
 
 from util.cli import exit_with_message  # noqa: E402
 from util.config_schema import OPEN_MAPPINGS  # noqa: E402
@@ -367,8 +368,63 @@ def install_log_filters(ex) -> None:
     logging.getLogger().addFilter(CHECKED_ENTRIES)    # Sacred's config warnings come from the root logger
 
 
+class _HeldLogLines:
+    """The log lines of a run (Sacred's "Running command" / "Started run with ID", the project's log
+    warnings), held back until the run prints something of its own (`release`), or dropped when bad input
+    stops it first (`drop`): such a run leaves its one `error:` line alone on stderr, as an error found
+    before the run started (and its run folder, holding Sacred's files only, is removed too).
+
+    The holding: the root logger's stream handlers (Sacred's basicConfig, made here if no run made it yet)
+    write to a buffer of their own meanwhile. `release` gives them their stream back and writes what they
+    held to it; a run's first print, progress bar or `warning:` line calls it (`_ReleasingStream`)."""
+
+    def __init__(self, ex):
+        if ex.logger is None:
+            create_basic_stream_logger()        # what ex.run does first (a no-op once the root has handlers)
+        self.held = []                          # (handler, its stream, the buffer it writes to meanwhile)
+        for handler in logging.getLogger().handlers:
+            if type(handler) is logging.StreamHandler:
+                buffer = io.StringIO()
+                self.held.append((handler, handler.setStream(buffer), buffer))
+
+    def release(self) -> None:
+        held, self.held = self.held, []
+        for handler, stream, buffer in held:
+            handler.setStream(stream)
+            if buffer.getvalue():
+                stream.write(buffer.getvalue())
+                stream.flush()
+
+    def drop(self) -> None:
+        held, self.held = self.held, []
+        for handler, stream, _ in held:
+            handler.setStream(stream)
+
+
+class _ReleasingStream:
+    """sys.stdout / sys.stderr during a run: the first write releases the held log lines, then writes."""
+
+    def __init__(self, stream, held: _HeldLogLines):
+        self._stream, self._held = stream, held
+
+    def write(self, text):
+        if text:
+            self._held.release()
+        return self._stream.write(text)
+
+    def writelines(self, lines):
+        self._held.release()
+        return self._stream.writelines(lines)
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
 def run_sacred(ex, argv: list[str] | None = None):
-    """Parse `argv` as Sacred does and run the experiment's main command; returns the Run."""
+    """Parse `argv` as Sacred does and run the experiment's main command; returns the Run.
+
+    Bad input (UserError, an output OSError, a Sacred config error) ends as one `error:` line, exit 2:
+    the log lines held back so far are dropped (`_HeldLogLines`), a run folder without outputs removed."""
     argv = ensure_wellformed_argv(sys.argv if argv is None else argv)
     short_usage, usage, internal_usage = ex.get_usage()
     args = docopt(internal_usage, [str(a) for a in argv[1:]], default_help=False)
@@ -380,22 +436,31 @@ def run_sacred(ex, argv: list[str] | None = None):
         exit_with_message(f"unknown command '{command}': use one of {', '.join(ex.commands)}")
     config_updates, named_configs = get_config_updates(args["UPDATE"])
     install_log_filters(ex)
+    held = _HeldLogLines(ex)
+    streams = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = _ReleasingStream(sys.stdout, held), _ReleasingStream(sys.stderr, held)
     try:
         return ex.run(command, config_updates, named_configs, info={}, meta_info={}, options=args)
     except UserError as error:
         if args.get("--debug"):
             raise
+        held.drop()
         _drop_unstarted_runs(ex)
         exit_with_message(str(error))
     except OSError as error:
         message = output_error_message(error)
         if args.get("--debug") or message is None:
             raise
+        held.drop()
         _drop_unstarted_runs(ex)
         exit_with_message(message)
     except SacredError as error:
         if args.get("--debug"):
             raise
+        held.drop()
         exit_with_message(f"{type(error).__name__}: {error} (check the key against config.py)")
     except KeyboardInterrupt:
         exit_with_message("interrupted by the user", 130)
+    finally:
+        sys.stdout, sys.stderr = streams
+        held.release()              # a completed run, a traceback (a bug, --debug): every line shows

@@ -84,20 +84,34 @@ def list_volumes(prep_dir: str | Path, split: str) -> list[str]:
     return pids
 
 
-def load_volume(prep_dir: str | Path, split: str, pid: str) -> dict[str, Any]:
-    """One prepared volume: image X x Y x Z (HU), label X x Y x Z (uint8), geometry fields, 'pid'."""
+def _read_volume(prep_dir: str | Path, split: str, pid: str, arrays: bool) -> dict[str, Any]:
+    """PREP/volumes/<split>/<pid>.npz: its arrays (arrays=True), else only its list of entries (the
+    archive's directory: no array is read); one-line errors for an unreadable file or a missing entry."""
     path = Path(prep_dir) / "volumes" / split / f"{pid}.npz"
     try:
         with np.load(path, allow_pickle=False) as data:
-            volume = {key: data[key] for key in data.files}
+            volume = {key: data[key] if arrays else None for key in data.files}
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
         raise UserError(f"prepared volume {path} cannot be read ({type(error).__name__}: {error}): "
                         f"{prepare_hint(prep_dir)}") from None
     for key in ("image", "label"):
         if key not in volume:
             raise UserError(f"prepared volume {path} has no '{key}': {prepare_hint(prep_dir)}")
+    return volume
+
+
+def load_volume(prep_dir: str | Path, split: str, pid: str) -> dict[str, Any]:
+    """One prepared volume: image X x Y x Z (HU), label X x Y x Z (uint8), geometry fields, 'pid'."""
+    volume = _read_volume(prep_dir, split, pid, arrays=True)
     volume["pid"] = pid
     return volume
+
+
+def check_volumes(prep_dir: str | Path, split: str, pids: list[str]) -> None:
+    """Every volume of `pids` opens and holds an image and a label (load_volume's one-line errors), found
+    before a long evaluation starts instead of at the volume's turn; reads each archive's directory only."""
+    for pid in pids:
+        _read_volume(prep_dir, split, pid, arrays=False)
 
 
 def default_support(pids: list[str]) -> str:

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from dataloaders.nifti import save_nifti_atomic, to_original
 from dataloaders.organs import FOLD_ORGANS, canonical_name, organ_index
-from dataloaders.prepared import default_support, list_volumes, load_volume, read_meta
+from dataloaders.prepared import check_volumes, default_support, list_volumes, load_volume, read_meta
 from evaluation.figures import make_figures
 from evaluation.inference import segment_query_volume
 from evaluation.metrics import dice
@@ -170,6 +170,7 @@ def run_protocol(methods: dict[str, dict], organs: list[str], prep_dir, split: s
     if not cases:
         raise UserError(f"split '{split}' has only the support volume {supports[0]}: "
                         "it needs at least two volumes (one support, one query)")
+    check_volumes(prep_dir, split, sorted({pid for case in cases for pid in case}))
     bar = tqdm(total=len(cases) * len(organs) * len(methods), desc=f"evaluate ({preset.name})",
                disable=not progress, leave=False)
     support = None
