@@ -177,7 +177,7 @@ def test_train_py_with_ssl_alpnet_episodes_and_head(unlabeled_prep, tmp_path):
     common = ["tiny", "selfsup", "device=cpu", f"path.log_dir={tmp_path}", f"path.data_dir={unlabeled_prep}",
               "n_steps=2", "model.head=alpnet", "model.align=True"]
     bad, result = run_sacred_cases("train", [common + ["selfsup.episodes=ssl"],
-                                             common + ["selfsup.episodes=alpnet"]], own_log_stream=True)
+                                             common + ["selfsup.episodes=alpnet"]])
     assert result["code"] == 0, result["out"] + result["err"][-3000:]
     assert "episodes redrawn: " in result["out"]
     assert bad["code"] != 0 and "selfsup.episodes" in bad["err"]

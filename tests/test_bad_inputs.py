@@ -399,7 +399,6 @@ SACRED_DRIVER = textwrap.dedent("""
     import contextlib, importlib, io, json, logging, sys, traceback, warnings
     warnings.filterwarnings("ignore")
     entry, cases = sys.argv[1], json.loads(sys.argv[2])
-    own_log_stream = sys.argv[3:] == ["own-log-stream"]
     module = importlib.import_module(entry)
     from config import run_sacred
     results = []
@@ -408,10 +407,10 @@ SACRED_DRIVER = textwrap.dedent("""
             exec(case["python"], {})
             continue
         err, out, code = io.StringIO(), io.StringIO(), None
-        if own_log_stream:    # the root logger's handler (made by the first run) writes to this err too
-            for handler in logging.getLogger().handlers:
-                if type(handler) is logging.StreamHandler:
-                    handler.setStream(err)
+        # Sacred's log lines: the root logger's handler (made by the first run) writes to this err too
+        for handler in logging.getLogger().handlers:
+            if type(handler) is logging.StreamHandler:
+                handler.setStream(err)
         with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
             try:
                 run_sacred(module.ex, [entry + ".py", "with", *case])
@@ -426,16 +425,15 @@ SACRED_DRIVER = textwrap.dedent("""
 """)
 
 
-def run_sacred_cases(entry: str, cases: list[list[str] | dict], own_log_stream: bool = False) -> list[dict]:
+def run_sacred_cases(entry: str, cases: list[list[str] | dict]) -> list[dict]:
     """{code, out, err} of each command (the words after `with`) of `entry`.py, run one after the other in
     one process; a {"python": code} entry instead runs that code there (e.g. damages a file a later command
     reads) and gives no result.
 
-    Sacred's log lines (the root logger's stream handler, made by the process's first run) land in the
-    first command's err; own_log_stream=True points that handler at each command's own err, so every err
-    holds what that command's own process would print on stderr."""
-    done = subprocess.run([sys.executable, "-c", SACRED_DRIVER, entry, json.dumps(cases),
-                           *(["own-log-stream"] if own_log_stream else [])], cwd=ROOT,
+    Each err holds what that command's own process would print on stderr, Sacred's log lines included:
+    the root logger's stream handler (made by the process's first run, so it would write to the first
+    command's err) is pointed at each command's own err before it runs."""
+    done = subprocess.run([sys.executable, "-c", SACRED_DRIVER, entry, json.dumps(cases)], cwd=ROOT,
                           capture_output=True, text=True, timeout=600)
     assert "RESULTS" in done.stdout, done.stderr[-3000:]
     return json.loads(done.stdout.split("RESULTS", 1)[1])
@@ -547,6 +545,10 @@ def test_test_py_bad_input_matrix_and_snapshots_on_the_command_line(tiny_prepare
     assert results[-1]["code"] == 0, results[-1]["err"][-2000:]
     # no Sacred "Added new config entry: eval.snapshots.LSLPN"
     assert "config entry" not in results[-1]["err"]
+    # a run that goes on still shows Sacred's log lines (held until its first output: config.run_sacred),
+    # before its progress bar
+    err = results[-1]["err"]
+    assert 0 <= err.find("Started run with ID") < err.find("evaluate (") < err.find("Completed after"), err
     stored = json.loads((runs[0] / "results.json").read_text())
     assert list(stored["results"]) == ["mask copy", "LSLPN"]
 

@@ -138,8 +138,7 @@ def test_fp16_grad_scaler_state_is_saved_and_resumed(prep, tmp_path, device):
     common = ["tiny", "val_every=0", "save_every=2", f"path.data_dir={prep}", f"path.log_dir={tmp_path}",
               f"device={device}", "amp=fp16"]
     first_run, resumed_run = run_sacred_cases("train", [common + ["n_steps=2"],
-                                                        common + ["n_steps=4", "resume=True"]],
-                                                 own_log_stream=True)
+                                                        common + ["n_steps=4", "resume=True"]])
     for result in (first_run, resumed_run):
         assert result["code"] == 0, (result["out"] + result["err"])[-3000:]
     first = load_checkpoint(glob.glob(str(tmp_path / "*" / "1" / "last.pth"))[0])

@@ -431,7 +431,7 @@ def test_train_py_log_dir_and_resume_from_a_truncated_last_pth(tiny_prepared, tm
         base + [f"path.log_dir={log}", "name=r"], base + [f"path.log_dir={log}", "name=fresh"],
         {"python": damage},
         base + [f"path.log_dir={log}", "name=r", "resume=True"],
-        base + [f"path.log_dir={log}", "name=fresh", "resume=True"]], own_log_stream=True)
+        base + [f"path.log_dir={log}", "name=fresh", "resume=True"]])
     assert_log_dir_errors(results[:len(bad)], afile)
     assert [r["code"] for r in results[len(bad):len(bad) + 2]] == [0, 0]
     assert (log / "r" / "2" / "last.pth").stat().st_size == 2000                     # the step ran

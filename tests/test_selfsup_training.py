@@ -34,7 +34,7 @@ def test_one_selfsup_step_then_fine_tuning(unlabeled_prep, tiny_prepared, tmp_pa
         common + ["selfsup", "n_steps=1", "selfsup.min_pixels=40", f"path.data_dir={unlabeled_prep}"],
         # fine-tuning on labeled slices starts from those weights
         common + ["n_steps=1", "val_every=0", f"path.init_from={last}", f"path.data_dir={tiny_prepared}",
-                  "name=finetune"]], own_log_stream=True)
+                  "name=finetune"]])
     assert selfsup_run["code"] == 0, selfsup_run["out"] + selfsup_run["err"][-3000:]
     assert "validation off" in selfsup_run["out"]
     assert glob.glob(str(tmp_path / "lslpn_selfsup" / "*" / "last.pth")) == [last]

@@ -236,8 +236,7 @@ def cli_runs(prep, tmp_path_factory) -> dict:
                     f"path.log_dir={roots['no_data'] / 'runs'}"],
         "diverging": [f"path.data_dir={prep}", f"path.log_dir={roots['diverging']}", "lr=1e6", "n_steps=8",
                       "save_every=1", "val_every=0", "print_every=1"]}
-    results = run_sacred_cases("train", [["tiny", "device=cpu", *words] for words in commands.values()],
-                               own_log_stream=True)
+    results = run_sacred_cases("train", [["tiny", "device=cpu", *words] for words in commands.values()])
     return {name: (result, roots[name]) for name, result in zip(commands, results)}
 
 
@@ -262,8 +261,7 @@ def train_then_resume(reference_log_dir, resumed_log_dir, prep_dir, *overrides) 
     from test_bad_inputs import run_sacred_cases
     common = ["tiny", "device=cpu", f"path.data_dir={prep_dir}", *overrides]
     return run_sacred_cases("train", [common + [f"path.log_dir={reference_log_dir}"],
-                                      common + ["resume=True", f"path.log_dir={resumed_log_dir}"]],
-                            own_log_stream=True)
+                                      common + ["resume=True", f"path.log_dir={resumed_log_dir}"]])
 
 
 def test_killed_run_resumes_to_bitwise_identical_weights(tmp_path, prep):
