@@ -35,9 +35,6 @@ import logging
 
 import torch
 from torch import Tensor, nn
-from torchvision.models import resnet101
-from torchvision.models._utils import IntermediateLayerGetter
-from torchvision.models.vgg import cfgs, make_layers
 
 from models.removed_options import removed_option_error
 from models.weights import IMAGENET_WEIGHTS, imagenet_state, read_state_file, strip_prefixes, weights_name
@@ -80,6 +77,9 @@ class VGG16Encoder(_Encoder):
 
     def __init__(self):
         super().__init__(imagenet_norm=True)
+        # heavy optional dependency: importing torchvision loads torch._dynamo (~1.5-2 s of CPU per process),
+        # which a process that never builds a torchvision-based encoder (cnn_small, a config error) skips
+        from torchvision.models.vgg import cfgs, make_layers
         features = make_layers(cfgs["D"], batch_norm=False)  # torchvision's vgg16().features
         for i in (4, 9, 16):
             features[i] = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
@@ -199,6 +199,9 @@ class DeepLabV3ResNet101(_Encoder):
 
     def __init__(self):
         super().__init__(imagenet_norm=False)
+        # heavy optional dependency (torchvision loads torch._dynamo; VGG16Encoder says more)
+        from torchvision.models import resnet101
+        from torchvision.models._utils import IntermediateLayerGetter  # torchvision: as above
         # torchvision's deeplabv3_resnet101 backbone: resnet101 with layer3 and layer4 dilated, up to layer4
         net = resnet101(weights=None, replace_stride_with_dilation=[False, True, True])
         self.backbone = IntermediateLayerGetter(net, return_layers={"layer4": "out"})

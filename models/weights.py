@@ -17,16 +17,35 @@ import os
 import re
 
 import torch
-from torchvision.models import ResNet50_Weights, VGG16_Weights
-from torchvision.models.segmentation import DeepLabV3_ResNet101_Weights
 
 from util.errors import UserError
 
-IMAGENET_WEIGHTS = {
-    "vgg16": VGG16_Weights.IMAGENET1K_V1,
-    "resnet50_lslpn": ResNet50_Weights.IMAGENET1K_V1,
-    "deeplabv3_resnet101": DeepLabV3_ResNet101_Weights.COCO_WITH_VOC_LABELS_V1,
-}
+
+class _TorchvisionWeights:
+    """One of torchvision's weights enums (its `url` and `get_state_dict`), looked up when first used."""
+
+    def __init__(self, encoder: str):
+        self.encoder = encoder
+
+    def _weights(self):
+        # heavy optional dependency: importing torchvision loads torch._dynamo (~1.5-2 s of CPU per process),
+        # which a process that looks up no torchvision weights (cnn_small, a config error) need not pay
+        from torchvision.models import ResNet50_Weights, VGG16_Weights
+        from torchvision.models.segmentation import DeepLabV3_ResNet101_Weights  # torchvision: as above
+        return {"vgg16": VGG16_Weights.IMAGENET1K_V1,
+                "resnet50_lslpn": ResNet50_Weights.IMAGENET1K_V1,
+                "deeplabv3_resnet101": DeepLabV3_ResNet101_Weights.COCO_WITH_VOC_LABELS_V1}[self.encoder]
+
+    @property
+    def url(self) -> str:
+        return self._weights().url
+
+    def get_state_dict(self, *args, **kwargs) -> dict:
+        return self._weights().get_state_dict(*args, **kwargs)
+
+
+IMAGENET_WEIGHTS = {encoder: _TorchvisionWeights(encoder)
+                    for encoder in ("vgg16", "resnet50_lslpn", "deeplabv3_resnet101")}
 _TRAINED_ON = {"deeplabv3_resnet101": "COCO"}   # the others: ImageNet
 _HASH = re.compile(r"-([a-f0-9]+)\.")
 

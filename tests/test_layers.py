@@ -2,7 +2,8 @@
 
 Every import points down: training -> evaluation -> models / dataloaders -> util; no library module
 imports config.py, Sacred, scripts/, tools/ or tests/ (scripts/ and tools/ are the top of the graph, beside
-the entry points); nothing outside tests/ imports a tests/ module.
+the entry points); nothing outside tests/ imports a tests/ module; an import inside a function says why;
+torchvision and matplotlib are imported only inside the functions that use them.
 """
 from __future__ import annotations
 
@@ -71,3 +72,17 @@ def test_an_import_inside_a_function_says_why(path):
               if "#" not in source[line - 1] and not source[line - 2].strip().startswith("#")]
     assert not silent, (f"{path.relative_to(ROOT)}: imports inside functions at lines {silent} without a "
                         "comment saying why (a cycle, or a heavy optional dependency): move them to the top")
+
+
+# imported only where used: torchvision loads torch._dynamo (~1.5-2 s of CPU per process), which test.py,
+# scripts/segment_volume.py and any config error would pay without building a torchvision network
+HEAVY_AT_USE = {"torchvision", "matplotlib"}
+
+
+@pytest.mark.parametrize("path", library_files(), ids=lambda p: str(p.relative_to(ROOT)))
+def test_heavy_dependencies_are_imported_where_used(path):
+    inner = set(inner_imports(path))
+    wrong = [f"line {line}: {module}" for line, module in imported_modules(path)
+             if module.split(".")[0] in HEAVY_AT_USE and line not in inner]
+    assert not wrong, (f"{path.relative_to(ROOT)}: a module-level import of a heavy dependency ("
+                       + "; ".join(wrong) + "): import it inside the function that needs it, with a comment")
