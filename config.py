@@ -168,6 +168,9 @@ def default_config():
         "save_predictions": True, # NIfTI masks in each query's original geometry
         # LSLPN+ at test time (docs/lslpn_plus.md), off by default:
         "plus_head": False,       # evaluate snapshots with this config's model.grids / grid_fusion / query_*
+        # or these LSLPN+ head options, at test time only (a value other than the plain head's below)
+        "head_options": {"grids": [], "grid_fusion": "mean", "query_rounds": 0, "query_weight": 0.5,
+                         "query_confidence": 0.0},
         "adapt_steps": 0,         # test-time adaptation: SGD steps on views of each support slice (0: off)
         "adapt_lr": 1e-2,         # its learning rate
     }
@@ -210,12 +213,11 @@ def paper():
 @ex.named_config
 def lslpn_plus():
     # LSLPN+ (beyond the paper; docs/lslpn_plus.md): the options chosen on CHAOS-T2 validation scans by
-    # tools/lslpn_plus.py. test.py applies them to the snapshots it evaluates (eval.plus_head: the
-    # multi-scale, query-informed head; eval.adapt_steps: test-time adaptation on each support slice);
-    # training with this config trains with the LSLPN+ head as well.
-    model = {"grids": [4, 8], "grid_fusion": "mean", "query_rounds": 1, "query_weight": 0.3,
-             "query_confidence": 0.9}
-    eval = {"plus_head": True, "adapt_steps": 20, "adapt_lr": 1e-2}
+    # tools/lslpn_plus.py, used as they were measured. Training: LSLPN plus the boundary loss. test.py:
+    # the multi-scale head (eval.head_options, applied to the snapshots it evaluates; not used in
+    # training) and test-time adaptation on each support slice (eval.adapt_steps).
+    boundary_weight = 0.3
+    eval = {"head_options": {"grids": [4, 8], "grid_fusion": "mean"}, "adapt_steps": 20, "adapt_lr": 1e-2}
 
 
 @ex.named_config

@@ -19,9 +19,8 @@ warnings.filterwarnings("ignore", message="pkg_resources is deprecated")  # sacr
 from sacred.observers import FileStorageObserver  # noqa: E402
 
 from config import differences_from_default, ex, run_sacred  # noqa: E402
-from evaluation.adaptation import test_time_model  # noqa: E402
+from evaluation.adaptation import test_time_head_options, test_time_model  # noqa: E402
 from evaluation.evaluate import evaluate  # noqa: E402
-from models.fewshot import PLUS_DEFAULTS  # noqa: E402
 from training.config_check import check_config  # noqa: E402
 from util.device import autocast, resolve_device  # noqa: E402
 
@@ -62,7 +61,7 @@ def evaluate_snapshots(_config, _run, fold, label_sets, input_size, device, amp,
     run_dirs = [o.dir for o in _run.observers if getattr(o, "dir", None)]
     out_dir = Path(run_dirs[0]) if run_dirs else Path(path["log_dir"]) / "test" / "unobserved"
     methods = {"mask copy": None, **dict(settings["snapshots"])}
-    head_options = {k: _config["model"][k] for k in PLUS_DEFAULTS} if settings["plus_head"] else None
+    head_options = test_time_head_options(settings, _config["model"])
 
     def model_transform(model):   # LSLPN+ at test time (docs/lslpn_plus.md); identity by default
         return test_time_model(model, head_options, settings["adapt_steps"], settings["adapt_lr"])

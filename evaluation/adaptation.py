@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import time
 import zlib
+from typing import Mapping
 
 import numpy as np
 import torch
@@ -25,6 +26,7 @@ from dataloaders.transforms import resize_image, resize_label
 from dataloaders.warp import alpnet_view
 from evaluation.alpnet_protocol import model_predictor
 from models.factory import PROTOTYPE, method_of, model_input_slices, with_head_options
+from models.fewshot import PLUS_DEFAULTS
 
 MAX_VIEW_DRAWS = 20   # a view whose foreground left the field is redrawn, at most this often per view
 
@@ -180,6 +182,20 @@ class SupportAdaptedModel(nn.Module):
     def segment(self, prototypes, query_images):
         assert self._adapted is not None, "encode_support first"
         return self._adapted.segment(prototypes, query_images)
+
+
+def test_time_head_options(eval_settings: Mapping, model_settings: Mapping) -> dict | None:
+    """The LSLPN+ head options a test run applies (config `eval`, `model` sections): the entries of
+    eval.head_options that differ from the plain head's (PLUS_DEFAULTS; test time only) when there are
+    any, else with eval.plus_head the run's own model.* head options, else None (the snapshots' own
+    heads: an eval.head_options value equal to the plain head's changes nothing)."""
+    given = {key: value for key, value in (eval_settings.get("head_options") or {}).items()
+             if value != PLUS_DEFAULTS[key]}
+    if given:
+        return given
+    if eval_settings.get("plus_head"):
+        return {key: model_settings[key] for key in PLUS_DEFAULTS if key in model_settings}
+    return None
 
 
 def test_time_model(model: nn.Module, head_options: dict | None = None, adapt_steps: int = 0,

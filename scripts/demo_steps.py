@@ -110,11 +110,13 @@ def demo_n_steps(named: list[str] | tuple[str, ...] = ()) -> int:
                           named_configs=["demo", *named]).config["n_steps"])
 
 
-def train_all(log: list[dict], redo: bool, extra: list[str]) -> dict[str, dict[str, str]]:
-    """Train every method on every fold (reusing finished runs); returns method -> organ -> best.pth."""
+def train_all(log: list[dict], redo: bool, extra: list[str],
+              methods: dict[str, list[str]] = METHODS) -> dict[str, dict[str, str]]:
+    """Train every method (table row -> named configs on top of `demo`) on every fold, reusing finished
+    runs (run name: <row in lower case>_fold<F>); returns method -> organ -> best.pth."""
     log_dir = RUN_DIR / "train"
     snapshots: dict[str, dict[str, str]] = {}
-    for method, named in METHODS.items():
+    for method, named in methods.items():
         n_steps = demo_n_steps(named)
         snapshots[method] = {}
         for fold, organs in enumerate(FOLD_ORGANS):

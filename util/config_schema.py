@@ -172,6 +172,10 @@ SCHEMA: dict[str, Option] = {
     "eval.adapt_steps": _int(0, example="20"),
     "eval.adapt_lr": _num(0, low_open=True, example="1e-2"),
 }
+# eval.head_options: the LSLPN+ head options (models/lslpn_plus.py) set at test time only, each checked as
+# the model.* key of the same name; their defaults are the plain head's (models.fewshot.PLUS_DEFAULTS)
+HEAD_OPTIONS = ("grids", "grid_fusion", "query_rounds", "query_weight", "query_confidence")
+SCHEMA.update({f"eval.head_options.{name}": SCHEMA[f"model.{name}"] for name in HEAD_OPTIONS})
 # Mappings whose entries the user names (method name -> checkpoint): their keys are not config keys.
 OPEN_MAPPINGS = ("eval.snapshots",)
 # Sections: mappings of further keys (an empty `augment` means no augmentation).
