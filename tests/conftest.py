@@ -29,6 +29,15 @@ TINY_PHANTOM = {"n_silver": 6, "n_gold": 3, "seed": 7, "size": 64, "n_slices": 2
 TINY_PREP = {"size": 64, "n_val": 1, "seed": 3, "min_voxels": 5}
 
 
+def resolve_config(named=("tiny",), **updates) -> dict:
+    """The resolved Sacred config of config.py with these named configs and updates, without running
+    anything."""
+    from sacred.initialize import create_run
+
+    from config import ex
+    return dict(create_run(ex, "print_config", config_updates=updates, named_configs=list(named)).config)
+
+
 def load_script(name: str):
     """Import scripts/<name>.py or tools/<name>.py as a module (neither folder is a package)."""
     path = ROOT / "scripts" / f"{name}.py"

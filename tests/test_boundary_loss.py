@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import resolve_config
 from test_episodes import make_train_prep
 
 from models.alpnet_head import query_loss as alpnet_query_loss
@@ -23,14 +24,6 @@ from training.objective import episode_loss
 from training.runs import config_hash, trajectory_differences
 from util.config_schema import check_run_config, keys_for
 from util.errors import UserError
-
-
-def resolve(named=("tiny",), **updates) -> dict:
-    """The resolved Sacred config of config.py, without running anything."""
-    from sacred.initialize import create_run
-
-    from config import ex
-    return dict(create_run(ex, "print_config", config_updates=updates, named_configs=list(named)).config)
 
 
 # ------------------------------------------------------------------ slow references
@@ -209,22 +202,22 @@ def test_senet_ignores_the_weight():
 ])
 def test_a_wrong_weight_is_one_line(value, expected):
     with pytest.raises(UserError) as caught:
-        check_run_config(resolve(boundary_weight=value))
+        check_run_config(resolve_config(boundary_weight=value))
     assert str(caught.value) == expected
 
 
 def test_the_weight_is_a_prototype_option_off_by_default():
     for named in [(), ("official",), ("paper",), ("panet",), ("tiny",)]:
-        assert resolve(named)["boundary_weight"] == 0.0
-    check_run_config(resolve(boundary_weight=0.5))
+        assert resolve_config(named)["boundary_weight"] == 0.0
+    check_run_config(resolve_config(boundary_weight=0.5))
     assert "boundary_weight" in keys_for(frozenset({"lslpn"})) and "boundary_weight" in keys_for(
         frozenset({"panet"}))
     assert "boundary_weight" not in keys_for(frozenset({"senet"}))
 
 
 def test_the_weight_is_in_the_config_hash_only_when_on():
-    off, on = resolve(), resolve(boundary_weight=0.5)
-    assert config_hash(on) != config_hash(off) != config_hash(resolve(boundary_weight=0.25))
+    off, on = resolve_config(), resolve_config(boundary_weight=0.5)
+    assert config_hash(on) != config_hash(off) != config_hash(resolve_config(boundary_weight=0.25))
     before_the_key = {key: value for key, value in off.items() if key != "boundary_weight"}
     assert config_hash(off) == config_hash(before_the_key)            # earlier runs keep their digest
     assert trajectory_differences(before_the_key, on) == ["boundary_weight: 0.0 -> 0.5"]
@@ -245,7 +238,7 @@ def logged_losses(config: dict) -> list[float]:
 
 def test_two_training_steps_with_the_boundary_loss_log_other_losses(tmp_path):
     prep = make_train_prep(tmp_path)
-    config = resolve(n_steps=2, val_every=0, save_every=2, print_every=1,
+    config = resolve_config(n_steps=2, val_every=0, save_every=2, print_every=1,
                      path={"data_dir": str(prep), "log_dir": str(tmp_path / "runs")})
     without_key = {key: value for key, value in config.items() if key != "boundary_weight"}
     off, before_the_key = logged_losses(config), logged_losses(without_key)

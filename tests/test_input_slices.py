@@ -16,6 +16,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from conftest import resolve_config
 from test_alpnet_layout import write_alpnet_folder
 
 from dataloaders import alpnet_layout as layout
@@ -36,12 +37,6 @@ AUGMENT = {"p": 0.5, "brightness": [0.5, 2.0], "contrast": [0.5, 2.0], "gamma": 
 CLASSES = [2, 3, 11, 12, 13, 14]     # training classes of fold 0 present in the tiny phantom
 
 
-def resolve(named=("tiny",), **updates) -> dict:
-    """The resolved Sacred config of config.py, without running anything."""
-    from sacred.initialize import create_run
-
-    from config import ex
-    return dict(create_run(ex, "print_config", config_updates=updates, named_configs=list(named)).config)
 
 
 def slow_stack(volume: np.ndarray, z: int, available=None) -> np.ndarray:
@@ -417,7 +412,7 @@ def test_test_time_adaptation_of_a_3_slice_model_on_both_protocols():
 
 def test_a_3_slice_model_trains_two_steps_and_validates_on_volumes(tiny_prepared, tmp_path, capsys):
     from training.loop import train
-    config = resolve(n_steps=2, val_every=2, val_split="gold", save_every=2, eval={"batch_size": 16},
+    config = resolve_config(n_steps=2, val_every=2, val_split="gold", save_every=2, eval={"batch_size": 16},
                      model={"input_slices": 3, "n_grid": 4},
                      path={"data_dir": str(tiny_prepared), "log_dir": str(tmp_path)})
     summary = train(config, None)
@@ -436,16 +431,16 @@ def one_line(callable_, *args, **kwargs) -> str:
 
 def test_schema_refuses_senet_and_values_other_than_1_and_3():
     from util.config_schema import check_run_config
-    check_run_config(resolve(model={"input_slices": 3}))
-    check_run_config(resolve(("tiny", "panet"), model={"input_slices": 3}))
-    check_run_config(resolve(("tiny", "selfsup"), model={"input_slices": 3, "head": "alpnet"}))
-    assert one_line(check_run_config, resolve(model={"input_slices": 2})) == \
+    check_run_config(resolve_config(model={"input_slices": 3}))
+    check_run_config(resolve_config(("tiny", "panet"), model={"input_slices": 3}))
+    check_run_config(resolve_config(("tiny", "selfsup"), model={"input_slices": 3, "head": "alpnet"}))
+    assert one_line(check_run_config, resolve_config(model={"input_slices": 2})) == \
         "model.input_slices = 2: not one of the choices: use one of 1, 3"
-    assert one_line(check_run_config, resolve(model={"input_slices": "3"})).startswith(
+    assert one_line(check_run_config, resolve_config(model={"input_slices": "3"})).startswith(
         "model.input_slices = '3': must be an integer, not a string")
-    assert one_line(check_run_config, resolve(("tiny", "senet"), model={"input_slices": 3})).startswith(
-        "model.input_slices = 3: SENet takes one slice per image")
-    check_run_config(resolve(("tiny", "senet")))                         # the default (1) is fine for SENet
+    senet_3 = resolve_config(("tiny", "senet"), model={"input_slices": 3})
+    assert one_line(check_run_config, senet_3).startswith("model.input_slices = 3: SENet takes one slice per image")
+    check_run_config(resolve_config(("tiny", "senet")))                 # the default (1) is fine for SENet
 
 
 def test_runs_made_before_the_option_keep_their_digest():
@@ -453,17 +448,17 @@ def test_runs_made_before_the_option_keep_their_digest():
     without the key (written before it existed) is the same run as input_slices 1, not as 3."""
     from training.runs import config_hash, trajectory_differences
     for named in (("tiny",), ("official",), ("tiny", "senet")):
-        config = resolve(named)
+        config = resolve_config(named)
         before = {**config, "model": {k: v for k, v in config["model"].items() if k != "input_slices"}}
         assert config_hash(config) == config_hash(before) and trajectory_differences(before, config) == []
-        three = resolve(named, model={"input_slices": 3})
+        three = resolve_config(named, model={"input_slices": 3})
         assert config_hash(three) != config_hash(before)
         assert trajectory_differences(before, three) == ['model.input_slices: 1 -> 3']  # absent: off value
 
 
 def test_a_3_slice_run_on_a_folder_without_neighbours_is_one_line(without_neighbours, images_only, tmp_path):
     from training.config_check import check_config
-    config = resolve(model={"input_slices": 3}, val_split="gold",
+    config = resolve_config(model={"input_slices": 3}, val_split="gold",
                      path={"data_dir": str(without_neighbours), "log_dir": str(tmp_path)})
     message = one_line(check_config, config, "train")
     assert message.startswith(f"path.data_dir '{without_neighbours}' has no neighbour slices")

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import resolve_config
 
 from models.factory import with_head_options
 from models.fewshot import FewShotSegNet, local_head
@@ -245,21 +246,13 @@ def test_support_adapted_model_runs_the_volumetric_protocol_and_leaves_the_model
 
 
 # ---- the named config and eval.head_options ------------------------------------------------------------
-def resolved(named: tuple[str, ...], **updates) -> dict:
-    """The resolved Sacred config of config.py, without running anything."""
-    from sacred.initialize import create_run
-
-    from config import ex
-    return dict(create_run(ex, "print_config", config_updates=updates, named_configs=list(named)).config)
-
-
 def test_lslpn_plus_trains_lslpn_with_the_boundary_loss_and_tests_with_its_options():
     """`train.py with lslpn_plus` trains what docs/lslpn_plus.md measured (LSLPN's training plus the boundary
     loss, the plain head), `test.py with lslpn_plus` applies the test-time options to the snapshots."""
     from evaluation.adaptation import test_time_head_options
     from training.runs import config_hash, trajectory_differences
     from util.config_schema import check_run_config
-    plain, plus = resolved(("demo",)), resolved(("demo", "lslpn_plus"))
+    plain, plus = resolve_config(("demo",)), resolve_config(("demo", "lslpn_plus"))
     check_run_config(plus)
     assert plus["model"] == plain["model"]                                  # no head option in training
     assert trajectory_differences(plain, plus) == ["boundary_weight: 0.0 -> 0.3"]
@@ -271,8 +264,8 @@ def test_lslpn_plus_trains_lslpn_with_the_boundary_loss_and_tests_with_its_optio
 
 def test_test_time_head_options_come_from_eval_else_from_the_model_section_with_plus_head():
     from evaluation.adaptation import test_time_head_options
-    model = {**resolved(("tiny",))["model"], "grids": [2, 4], "query_rounds": 1}
-    plain = resolved(("tiny",))["eval"]["head_options"]
+    model = {**resolve_config(("tiny",))["model"], "grids": [2, 4], "query_rounds": 1}
+    plain = resolve_config(("tiny",))["eval"]["head_options"]
     assert test_time_head_options({"head_options": plain, "plus_head": False}, model) is None
     from_model = test_time_head_options({"head_options": plain, "plus_head": True}, model)
     assert from_model == {"grids": [2, 4], "grid_fusion": "mean", "query_rounds": 1, "query_weight": 0.5,
@@ -289,7 +282,7 @@ def test_test_time_head_options_come_from_eval_else_from_the_model_section_with_
 ])
 def test_head_options_are_checked_as_the_model_keys_they_name(update, message):
     from util.config_schema import check_run_config
-    config = resolved(("tiny",))
+    config = resolve_config(("tiny",))
     config["eval"] = {**config["eval"], "head_options": {**config["eval"]["head_options"], **update}}
     with pytest.raises(UserError) as caught:
         check_run_config(config)
