@@ -439,7 +439,8 @@ def test_schema_refuses_senet_and_values_other_than_1_and_3():
     assert one_line(check_run_config, resolve_config(model={"input_slices": "3"})).startswith(
         "model.input_slices = '3': must be an integer, not a string")
     senet_3 = resolve_config(("tiny", "senet"), model={"input_slices": 3})
-    assert one_line(check_run_config, senet_3).startswith("model.input_slices = 3: SENet takes one slice per image")
+    assert one_line(check_run_config, senet_3).startswith(
+        "model.input_slices = 3: SENet takes one slice per image")
     check_run_config(resolve_config(("tiny", "senet")))                 # the default (1) is fine for SENet
 
 
