@@ -287,3 +287,27 @@ def test_head_options_are_checked_as_the_model_keys_they_name(update, message):
     with pytest.raises(UserError) as caught:
         check_run_config(config)
     assert str(caught.value).startswith(message) and "\n" not in str(caught.value)
+
+
+def test_lslpn_plus_holds_the_combination_that_docs_lslpn_plus_md_measured():
+    """The named config is the 'LSLPN+' row of the committed report (its Options list), nothing more."""
+    import re
+    from pathlib import Path
+
+    from evaluation.adaptation import test_time_head_options
+    from training.runs import trajectory_differences
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "lslpn_plus.md").read_text()
+    line = re.search(r"^- LSLPN\+: (.+)$", doc, flags=re.MULTILINE)
+    assert line, "docs/lslpn_plus.md has no '- LSLPN+: ...' line in its Options list"
+    measured = dict(item.split("=", 1) for item in re.split(r", (?=\w+=)", line.group(1)))
+    plain, plus = resolve_config(("demo",)), resolve_config(("demo", "lslpn_plus"))
+    head = {**plus["eval"]["head_options"], **(test_time_head_options(plus["eval"], plus["model"]) or {})}
+    used = {key.split(":")[0].split(".")[-1] for key in trajectory_differences(plain, plus)}   # training
+    used |= set(test_time_head_options(plus["eval"], plus["model"]) or {})
+    used |= {"adapt_steps", "adapt_lr"} if plus["eval"]["adapt_steps"] else set()
+    if "grids" in used:
+        used.add("grid_fusion")                  # the report names the fusion of the grids it used
+    assert used == set(measured)
+    values = {"boundary_weight": plus["boundary_weight"], "input_slices": plus["model"].get("input_slices"),
+              "adapt_steps": plus["eval"]["adapt_steps"], "adapt_lr": plus["eval"]["adapt_lr"], **head}
+    assert {key: str(values[key]) for key in measured} == measured

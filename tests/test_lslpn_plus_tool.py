@@ -95,3 +95,46 @@ def test_report_compares_each_row_with_lslpn_and_takes_timings_from_the_timing_p
     assert ("seconds and ratios are loose" in text) == (not quiet)
     setting1 = text.split("## Setting 1: test scans")[1]
     assert "| LSLPN+ | 0, 1 |" in setting1 and "| 5.000 | 12.00 (24.0 per support slice) | 50% |" in setting1
+
+
+def test_timing_pass_warms_up_keeps_each_rows_fastest_pass_and_caches(tmp_path, monkeypatch):
+    import lslpn_plus_eval
+    slow_first = iter([100.0, 4.0, 8.0, 6.0, 2.0])    # warm-up, then LSLPN and LSLPN+ in pass 1, pass 2
+    calls = []
+
+    def fake_evaluate(steps, options, cell, device):
+        calls.append(dict(options))
+        return {"seconds": next(slow_first), "adapt_seconds": 3.0 if options else 0.0, "adaptations": 2,
+                "volumes": 2, "dice": {}}
+    monkeypatch.setattr(lslpn_plus_eval, "evaluate_cell", fake_evaluate)
+    monkeypatch.setattr(lslpn_plus_eval, "head_share", lambda snapshot, options, device: {"share": 0.5})
+
+    class FakeBench:
+        steps = type("Steps", (), {"environment_note": staticmethod(lambda: "test machine")})
+        device, path, saved = "cpu", tmp_path / "lslpn_plus.json", {"evaluations": {}}
+
+        def snapshot(self, cell, training):
+            return f"run{tool.run_suffix(training)}.pth"
+    bench, rows = FakeBench(), {"LSLPN": {}, "LSLPN+": {**ADAPT, **BOUNDARY}}
+    cells = [{"fold": 0, "setting": 2, "label_set": 0}]
+    assert tool.TIMING_PASSES == 2
+    timing = tool.timing_pass(bench, rows, cells, retime=True)
+    assert calls == [{}, {}, rows["LSLPN+"], {}, rows["LSLPN+"]]             # warm-up first, untimed
+    assert timing["rows"]["LSLPN"]["seconds"] == 4.0 / 2                      # min(4, 6) per volume
+    assert timing["rows"]["LSLPN+"]["seconds"] == 2.0 / 2                     # min(8, 2)
+    assert timing["rows"]["LSLPN+"]["per_adaptation"] == 3.0 / 2 and timing["quiet"]
+    assert tool.timing_pass(bench, rows, cells, retime=False) == timing       # cached: nothing evaluated
+    assert len(calls) == 5 and bench.path.is_file()
+
+
+def test_report_names_the_rows_that_differ_only_in_training_as_the_timing_noise():
+    rows = {"LSLPN": {}, "+ boundary loss": BOUNDARY, "LSLPN+": {**ADAPT, **BOUNDARY},
+            "LSLPN+ without boundary loss": ADAPT, "+ multi-scale grids": GRIDS}
+    results = {"rows": {name: {"options": options} for name, options in rows.items()},
+               "timing": {"rows": {name: timing(1.0 + i / 10) for i, name in enumerate(rows)}}}
+    note = report.noise_note(results)
+    assert "LSLPN 1.000 s and + boundary loss 1.100 s" in note
+    assert "LSLPN+ 1.200 s and LSLPN+ without boundary loss 1.300 s" in note
+    assert "multi-scale" not in note
+    del results["rows"]["+ boundary loss"], results["rows"]["LSLPN+ without boundary loss"]
+    assert report.noise_note(results) == ""

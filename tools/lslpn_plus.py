@@ -58,6 +58,7 @@ CANDIDATES: dict[str, list[dict]] = {
 # as the LSLPN row, plus these overrides; the run name says which).
 TRAINING_KEYS: dict[str, str] = {"boundary_weight": "boundary_weight", "input_slices": "model.input_slices"}
 LSLPN = "LSLPN"
+TIMING_PASSES = 2       # timing passes over all rows; each row keeps its fastest (timing_pass)
 
 
 def training_options(options: dict) -> dict:
@@ -201,30 +202,43 @@ def test_rows(selection: dict) -> dict[str, dict]:
 
 def timing_pass(bench: Bench, rows: dict[str, dict], cells: list[dict], retime: bool) -> dict:
     """Per row: seconds per query volume (inference; adaptation apart) on one cell (the first: Setting 2,
-    first fold, label set 0) and the head's share of a forward pass, measured one row after the other in
-    one pass. Cached; retime: measured again from scratch, on a machine the caller keeps quiet (the Dice
-    evaluations run for hours beside other jobs; these figures should not)."""
+    first fold, label set 0) and the head's share of a forward pass. After one untimed warm-up evaluation
+    (the process's first pays one-time costs), TIMING_PASSES passes over all rows, one row after the other;
+    each row keeps its fastest pass. Cached; retime: measured again from scratch, on a machine the caller
+    keeps quiet (the Dice evaluations run for hours beside other jobs; these figures should not)."""
     from lslpn_plus_eval import evaluate_cell, head_share
     cell = cells[0]
     where = {k: cell[k] for k in ("fold", "setting", "label_set")}
     if retime or "timing" not in bench.saved:
         bench.saved["timing"] = {"quiet": retime, "rows": {}}
     saved = bench.saved["timing"]
-    keys = {row: "|".join([key_of(options), str(where)]) for row, options in rows.items()}
-    for row, options in rows.items():
-        if keys[row] not in saved["rows"]:
-            saved["quiet"] = saved["quiet"] and retime       # a row timed by a plain run is not quiet
+    keys = {row: "|".join([key_of(options), str(where), f"passes{TIMING_PASSES}"])
+            for row, options in rows.items()}
+    todo = {row: options for row, options in rows.items() if keys[row] not in saved["rows"]}
+    if todo:
+        saved["quiet"] = saved["quiet"] and retime           # a row timed by a plain run is not quiet
+        warm_up = {**cell, "snapshot": bench.snapshot(cell, {})}        # untimed: one-time costs
+        evaluate_cell(bench.steps, {}, warm_up, bench.device)
+    fastest: dict[str, dict] = {}
+    for _ in range(TIMING_PASSES if todo else 0):
+        for row, options in todo.items():
             snapshot = bench.snapshot(cell, training_options(options))
             result = evaluate_cell(bench.steps, options, {**cell, "snapshot": snapshot}, bench.device)
-            saved["rows"][keys[row]] = {
-                "seconds": result["seconds"] / result["volumes"],
-                "adapt_seconds": result["adapt_seconds"] / result["volumes"],
-                "per_adaptation": result["adapt_seconds"] / max(1, result["adaptations"]),
-                "head_share": head_share(snapshot, options, bench.device)}
-            write_text_atomic(json.dumps(bench.saved, indent=1), bench.path)
+            if row not in fastest or result["seconds"] < fastest[row]["seconds"]:
+                fastest[row] = result
+    for row, result in fastest.items():
+        snapshot = bench.snapshot(cell, training_options(rows[row]))
+        saved["rows"][keys[row]] = {
+            "seconds": result["seconds"] / result["volumes"],
+            "adapt_seconds": result["adapt_seconds"] / result["volumes"],
+            "per_adaptation": result["adapt_seconds"] / max(1, result["adaptations"]),
+            "head_share": head_share(snapshot, rows[row], bench.device)}
+    if todo:
+        write_text_atomic(json.dumps(bench.saved, indent=1), bench.path)
+    for row in rows:
         print(f"    timing {row}: {saved['rows'][keys[row]]['seconds']:.3f} s per query volume", flush=True)
     return {"cell": where, "rows": {row: saved["rows"][keys[row]] for row in rows}, "quiet": saved["quiet"],
-            "environment": bench.steps.environment_note()}
+            "passes": TIMING_PASSES, "environment": bench.steps.environment_note()}
 
 
 def main(argv: list[str]) -> int:

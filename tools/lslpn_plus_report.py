@@ -105,11 +105,30 @@ def timing_note(timing: dict) -> str:
     """What the seconds and head-share columns are and where they were measured."""
     cell = timing["cell"]
     return ("seconds per query volume (inference of one organ in one scan; adaptation apart, in its own "
-            "column) and the head's share of one forward pass (1 support + 16 queries) were measured in one "
-            f"pass, row after row, on fold {cell['fold']}, Setting {cell['setting']}, label set "
+            "column) and the head's share of one forward pass (1 support + 16 queries) were measured after "
+            f"one untimed warm-up evaluation, in {timing.get('passes', 1)} pass(es) over all rows, row after "
+            f"row (each row's fastest pass), on fold {cell['fold']}, Setting {cell['setting']}, label set "
             f"{cell['label_set']} ({timing.get('environment', '2 CPU cores')}), "
             + ("with nothing else running on the cores." if timing.get("quiet")
                else "while other jobs shared the cores: seconds and ratios are loose."))
+
+
+def noise_note(results: dict) -> str:
+    """The timing pairs that run the same computation at test time (their option sets differ only in
+    training options), whose differences show the noise of the seconds column; '' when there are none."""
+    from lslpn_plus import TRAINING_KEYS  # tools/lslpn_plus.py (imported here: it imports this module)
+    timing, rows = results["timing"]["rows"], results["rows"]
+
+    def at_test_time(name: str) -> dict:
+        return {k: v for k, v in rows[name]["options"].items() if k not in TRAINING_KEYS}
+    names = list(rows)
+    pairs = [(a, b) for i, a in enumerate(names) for b in names[i + 1:] if at_test_time(a) == at_test_time(b)]
+    if not pairs:
+        return ""
+    text = "; ".join(f"{a} {timing[a]['seconds']:.3f} s and {b} {timing[b]['seconds']:.3f} s"
+                     for a, b in pairs)
+    return (" Rows that differ only in training run the same computation at test time; their seconds show "
+            f"the noise of the column: {text}.")
 
 
 def write(results: dict, doc: Path) -> None:
@@ -125,7 +144,7 @@ def write(results: dict, doc: Path) -> None:
              "of the network per support slice) are applied to the LSLPN row's own runs; options that change "
              "training (2.5D input, the boundary loss) have their own runs, trained exactly as the LSLPN row "
              "plus that option.", "",
-             f"Timing: {timing_note(results['timing'])}", "",
+             f"Timing: {timing_note(results['timing'])}{noise_note(results)}", "",
              "Read with care: (1) the LSLPN runs were retrained for this report with the benchmark's config "
              "and seeds; their means differ from docs/bench_chaos.md's by about a point (another machine "
              "and checkout: README's paragraph 'Reproducibility of these figures' says what varies); "
