@@ -267,13 +267,12 @@ def write_report(results: dict, real: dict | None, log: list, seconds: float, st
     when = (f"Wall time of this invocation: {seconds / 60:.1f} min." if seconds else
             "Report rewritten with --report-only from the last invocation's saved results and log.")
     lines += ["", when + " The training runs behind the tables "
-              "(full commands in each run's config.json under runs/selfsup_demo/train/; 2 CPU cores shared "
-              "with other jobs, load 10-15, so the times are pessimistic):", "", *training_times(steps), "",
+              "(full commands in each run's config.json under runs/selfsup_demo/train/; 2 CPU cores, and any "
+              "other job on them slows these times: read them as upper bounds):", "", *training_times(steps), "",
               f"Self-supervised: one run of {steps['selfsup']} steps (`demo selfsup`: cnn_small, 128 px, "
               "batch 4, lr 1e-2) on the 20 phantom silver volumes prepared images-only: no label is read "
               "anywhere (no labeled validation either: the snapshot is last.pth), and the one snapshot "
-              "serves all four folds. (It was trained while the default model.empty_cell was 'skip'; runs "
-              f"started from it keep that.) Fine-tuning: {steps['finetune']} supervised `demo` steps per "
+              f"serves all four folds. Fine-tuning: {steps['finetune']} supervised `demo` steps per "
               f"fold (folds {steps['finetune_folds']}) "
               "from those weights, best.pth on the held-out silver volumes as the supervised runs. "
               f"Supervised LSLPN and PANet: the demo's runs (600 steps, {DEMO_RUNS[0]}), when present.", "",
