@@ -268,7 +268,8 @@ def write_report(results: dict, real: dict | None, log: list, seconds: float, st
             "Report rewritten with --report-only from the last invocation's saved results and log.")
     lines += ["", when + " The training runs behind the tables "
               "(full commands in each run's config.json under runs/selfsup_demo/train/; 2 CPU cores, and any "
-              "other job on them slows these times: read them as upper bounds):", "", *training_times(steps), "",
+              "other job on them slows these times: read them as upper bounds):", "",
+              *training_times(steps), "",
               f"Self-supervised: one run of {steps['selfsup']} steps (`demo selfsup`: cnn_small, 128 px, "
               "batch 4, lr 1e-2) on the 20 phantom silver volumes prepared images-only: no label is read "
               "anywhere (no labeled validation either: the snapshot is last.pth), and the one snapshot "
