@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from models.local_prototypes import check_query_features
 from models.panet import support_cross_entropy
 from util.errors import UserError
 
@@ -154,12 +155,8 @@ class ALPNetHead(nn.Module):
     # ---- scoring --------------------------------------------------------------------------
     def score_features(self, prototypes: ALPPrototypes, query_features: Tensor) -> Tensor:
         """Scores B x Q x (1 + N) x h x w at feature resolution (prototype batch 1 broadcasts)."""
-        Bq, Bp = query_features.shape[0], prototypes.vectors.shape[0]
-        if query_features.dim() != 5 or tuple(query_features.shape[-2:]) != prototypes.feature_size \
-                or query_features.shape[2] != prototypes.vectors.shape[-1] or Bp not in (1, Bq):
-            raise UserError(f"query_features: shape {tuple(query_features.shape)} does not match the "
-                            f"prototypes (batch {Bp}, {prototypes.vectors.shape[-1]} channels, "
-                            f"feature map {prototypes.feature_size}): expected B x Q x C x h x w")
+        check_query_features(prototypes, query_features)
+        Bq = query_features.shape[0]
         with torch.autocast(query_features.device.type, enabled=False):
             query = _unit(query_features.float(), dim=2)                        # B x Q x C x h x w
             protos = _unit(prototypes.vectors.float(), dim=-1).expand(Bq, -1, -1, -1)  # B x L x P x C

@@ -113,6 +113,17 @@ def cover_vote(scores: Tensor, rows: grid.Axis, cols: grid.Axis, scale: float) -
 VOTES = {"max": max_vote, "mean": mean_vote, "cover": cover_vote}
 
 
+def check_query_features(prototypes, query_features: Tensor) -> None:
+    """One-line error unless query_features B x Q x C x h x w fit the prototypes (vectors with batch 1 or
+    B and C channels last, computed on an h x w feature map): the local and the ALPNet head's check."""
+    Bq, Bp = query_features.shape[0], prototypes.vectors.shape[0]
+    if query_features.dim() != 5 or tuple(query_features.shape[-2:]) != prototypes.feature_size \
+            or query_features.shape[2] != prototypes.vectors.shape[-1] or Bp not in (1, Bq):
+        raise UserError(f"query_features: shape {tuple(query_features.shape)} does not match the "
+                        f"prototypes (batch {Bp}, {prototypes.vectors.shape[-1]} channels, "
+                        f"feature map {prototypes.feature_size}): expected B x Q x C x h x w")
+
+
 class LocalPrototypeHead(nn.Module):
     """Local prototypes and voting (no parameters): the logits of `official_cell_loop`, fast.
 
@@ -194,12 +205,7 @@ class LocalPrototypeHead(nn.Module):
 
         Prototypes with batch 1 are broadcast over a larger query batch.
         """
-        Bq, Bp = query_features.shape[0], prototypes.vectors.shape[0]
-        if query_features.dim() != 5 or tuple(query_features.shape[-2:]) != prototypes.feature_size \
-                or query_features.shape[2] != prototypes.vectors.shape[-1] or Bp not in (1, Bq):
-            raise UserError(f"query_features: shape {tuple(query_features.shape)} does not match the "
-                            f"prototypes (batch {Bp}, {prototypes.vectors.shape[-1]} channels, "
-                            f"feature map {prototypes.feature_size}): expected B x Q x C x h x w")
+        check_query_features(prototypes, query_features)
         with torch.autocast(query_features.device.type, enabled=False):
             query = query_features.float()
             B, Q = query.shape[:2]
