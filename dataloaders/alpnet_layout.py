@@ -81,12 +81,6 @@ def _hint(folder: Path) -> str:
             f"{CLASSMAP}), e.g. its chaos_MR_T2_normalized or sabs_CT_normalized folder; {folder} is not one")
 
 
-def is_alpnet_folder(folder: str | Path) -> bool:
-    """True when `folder` holds image_*.nii.gz files and a classmap_1.json."""
-    folder = Path(folder)
-    return folder.is_dir() and (folder / CLASSMAP).is_file() and any(folder.glob("image_*.nii.gz"))
-
-
 def read_classmap(folder: str | Path) -> dict[str, dict[str, list[int]]]:
     """classmap_1.json of the folder; one-line errors for a missing or malformed file."""
     path = Path(folder) / CLASSMAP
@@ -269,15 +263,6 @@ def to_vocabulary(label: np.ndarray, dataset: AlpnetDataset) -> np.ndarray:
     for value, organ in dataset.vocabulary.items():
         table[value] = NAME_TO_INDEX[organ]
     return table[label]
-
-
-def value_of_organ(dataset: AlpnetDataset, organ: str) -> int:
-    """The data set's label value of an organ name of this project's vocabulary."""
-    for value, name in dataset.vocabulary.items():
-        if name == organ:
-            return value
-    raise UserError(f"organ '{organ}' is not labelled in {dataset.name}: use one of "
-                    f"{', '.join(dataset.vocabulary[v] for v in dataset.evaluated)}")
 
 
 def fold_scans(ids: list[int], fold: int, dataset: AlpnetDataset) -> tuple[list[int], int, list[int]]:

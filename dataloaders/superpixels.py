@@ -125,11 +125,6 @@ def stack_superpixels(images: np.ndarray, params: SuperpixelParams) -> np.ndarra
     return out
 
 
-def superpixel_sizes(labels: np.ndarray) -> np.ndarray:
-    """Pixels per superpixel id of one slice H x W: array of length max id + 1 (index 0 = outside)."""
-    return np.bincount(labels.ravel().astype(np.int64))
-
-
 # ------------------------------------------------------------------------------ prepared folder
 def training_volumes(prep_dir: str | Path) -> list[str]:
     """Patient ids of the training split of a prepared folder (meta.json), each checked to have its slices."""

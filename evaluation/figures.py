@@ -161,15 +161,6 @@ def misalignment_png(results: dict) -> bytes | None:
     return _png(fig)
 
 
-def misalignment_figure(results: dict, path: str | Path) -> Path | None:
-    """Write misalignment.png (`misalignment_png`) atomically at `path`; None when nothing is drawn."""
-    png = misalignment_png(results)
-    if png is None:
-        return None
-    write_bytes_atomic(png, Path(path))
-    return Path(path)
-
-
 def render_figures(run_dir: str | Path) -> dict[Path, bytes]:
     """{path: PNG bytes} of results.png and (with a mask-copy row and a model) misalignment.png of a run
     folder, drawn in memory: nothing is written, so every input is checked before any figure is replaced."""
