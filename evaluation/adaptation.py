@@ -60,7 +60,7 @@ def support_views(image: np.ndarray, mask: np.ndarray, count: int, input_size: i
 
 
 def adapt_to_support(model: nn.Module, image: np.ndarray, mask: np.ndarray, input_size: int, steps: int,
-                     lr: float = 1e-3, batch_size: int = 2, seed: int = 0,
+                     lr: float = 1e-2, batch_size: int = 2, seed: int = 0,
                      device: str | torch.device = "cpu") -> nn.Module:
     """A fine-tuned copy of `model` (eval mode) after `steps` steps on views of one support slice.
 
@@ -127,7 +127,7 @@ class AdaptingPredictor:
     support slice (`AdaptedCopies`: once per distinct slice; views drawn at the stored resolution)."""
 
     def __init__(self, model: nn.Module, input_size: int, device: str | torch.device = "cpu",
-                 steps: int = 20, lr: float = 1e-3, batch_size: int = 2, seed: int = 0):
+                 steps: int = 20, lr: float = 1e-2, batch_size: int = 2, seed: int = 0):
         self.input_size, self.device = int(input_size), device
         self.input_slices = model_input_slices(model)   # evaluate_query gives a 2.5D model slice stacks
         self.copies = AdaptedCopies(model, steps, lr, batch_size, seed)
