@@ -301,9 +301,10 @@ def test_lslpn_plus_holds_the_combination_that_docs_lslpn_plus_md_measured():
     assert line, "docs/lslpn_plus.md has no '- LSLPN+: ...' line in its Options list"
     measured = dict(item.split("=", 1) for item in re.split(r", (?=\w+=)", line.group(1)))
     plain, plus = resolve_config(("demo",)), resolve_config(("demo", "lslpn_plus"))
-    head = {**plus["eval"]["head_options"], **(test_time_head_options(plus["eval"], plus["model"]) or {})}
+    test_time = test_time_head_options(plus["eval"], plus["model"]) or {}
+    head = {**plus["eval"]["head_options"], **test_time}
     used = {key.split(":")[0].split(".")[-1] for key in trajectory_differences(plain, plus)}   # training
-    used |= set(test_time_head_options(plus["eval"], plus["model"]) or {})
+    used |= set(test_time)
     used |= {"adapt_steps", "adapt_lr"} if plus["eval"]["adapt_steps"] else set()
     if "grids" in used:
         used.add("grid_fusion")                  # the report names the fusion of the grids it used
@@ -311,3 +312,14 @@ def test_lslpn_plus_holds_the_combination_that_docs_lslpn_plus_md_measured():
     values = {"boundary_weight": plus["boundary_weight"], "input_slices": plus["model"].get("input_slices"),
               "adapt_steps": plus["eval"]["adapt_steps"], "adapt_lr": plus["eval"]["adapt_lr"], **head}
     assert {key: str(values[key]) for key in measured} == measured
+
+
+def test_the_plain_head_defaults_are_written_alike_in_config_schema_and_model():
+    """config.py's eval.head_options default, util.config_schema.HEAD_OPTIONS and models.fewshot.PLUS_DEFAULTS
+    and the model section (layers that may not import each other) agree on the plain head."""
+    from models.fewshot import PLUS_DEFAULTS
+    from util.config_schema import HEAD_OPTIONS
+    config = resolve_config(("tiny",))
+    assert config["eval"]["head_options"] == PLUS_DEFAULTS
+    assert set(HEAD_OPTIONS) == set(PLUS_DEFAULTS)
+    assert {key: config["model"].get(key) for key in PLUS_DEFAULTS} == PLUS_DEFAULTS   # model.* defaults
