@@ -2,8 +2,9 @@
 
 The schema describes config.py exactly (both directions), its literal registries equal their sources,
 every key's bad value is a one-line "<key> = <value>: ..." error, unknown keys name the nearest known
-key, the cross-key rules hold for their methods only, and the README's own train.py / test.py command
-lines resolve without Sacred "Added new config entry" / "Changed type of config entry" warnings.
+key, the cross-key rules hold for their methods only, and the train.py / test.py command lines of
+README.md and docs/usage.md resolve without Sacred "Added new config entry" / "Changed type of config
+entry" warnings.
 """
 import copy
 import json
@@ -269,9 +270,10 @@ print("RESULTS" + json.dumps(results))
 
 
 def readme_commands(entry: str) -> list[list[str]]:
-    """The words after `with` of every `<entry>.py with ...` command line in README.md."""
+    """The words after `with` of every `<entry>.py with ...` command line in README.md and docs/usage.md."""
     commands = []
-    for line in (ROOT / "README.md").read_text().splitlines():
+    text = (ROOT / "README.md").read_text() + (ROOT / "docs" / "usage.md").read_text()
+    for line in text.splitlines():
         match = re.search(rf"\b{entry}\.py with (.*)", line)
         if match:
             commands.append(shlex.split(match.group(1), comments=True))
