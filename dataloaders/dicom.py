@@ -4,7 +4,7 @@
 normal; rescale slope and intercept applied) and a 4 x 4 affine in nibabel's RAS convention, so that
 `nib.Nifti1Image(volume, affine)` has the series' geometry. Every way a folder can be wrong (no DICOM,
 no image, several series, missing or unevenly spaced slices, mixed sizes or orientations) is a
-one-line UserError that names the folder and the fix. `is_dicom_path` says whether a path is DICOM.
+one-line UserError naming the folder (or file) and the fix. `is_dicom_path` says whether a path is DICOM.
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from util.errors import UserError
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])   # DICOM patient space is LPS, NIfTI's is RAS
 SPACING_TOLERANCE = 0.01                        # a slice step may differ from the spacing by 1 %
-ORIENTATION_TOLERANCE = 1e-4
+ORIENTATION_TOLERANCE = 1e-4                    # direction cosines of one stack agree to this
 READ_ERRORS = (InvalidDicomError, struct.error, OSError, EOFError, ValueError, KeyError, TypeError,
                AttributeError)
 
