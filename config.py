@@ -130,7 +130,6 @@ def default_config():
         **PLUS_DEFAULTS,
     }
 
-    # SENet baseline options (used with model.method='senet'; Roy et al. 2020 and its official code)
     # SENet baseline options (used with model.method='senet'; Roy et al. 2020 and its official code;
     # training/objective.py SENET_DEFAULTS): official_bug (True: the official conditioner's 4th encoder
     # call reuses encode3), double_softmax (True: Dice loss on softmax(softmax(logits)), as the official
