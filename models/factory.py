@@ -3,7 +3,8 @@
 
 `model.method` says which: 'prototype' (the default; configs and checkpoints without the key) or
 'senet'. Both models share one interface (forward, encode_support, segment, config), so the
-training loop and the evaluation call them the same way.
+training loop and the evaluation call them the same way. `MODEL_OPTIONS` declares the model.* options
+(checked once: `check_model_config`, and training/config_check.py for a run's config).
 """
 from __future__ import annotations
 

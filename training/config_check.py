@@ -12,7 +12,7 @@ import shlex
 from pathlib import Path
 from typing import Mapping
 
-from dataloaders.organs import INDEX_TO_NAME, organ_index, training_classes
+from dataloaders.organs import FOLD_ORGANS, INDEX_TO_NAME, organ_index, training_classes
 from dataloaders.prepared import check_training_neighbours, list_volumes, read_meta, read_slice_index
 from dataloaders.selfsup_episodes import SELFSUP_OPTIONS
 from dataloaders.superpixels import read_superpixel_meta
@@ -48,7 +48,7 @@ RUN_OPTIONS: dict[str, Option] = {
     "amp": Option(AMP),
     "channels_last": Option(BOOL),
     "num_workers": integer(0, example="0"),
-    "fold": integer(0, 3, example="0"),
+    "fold": integer(0, len(FOLD_ORGANS) - 1, example="0"),
     "label_sets": Option(ORGAN_SETS),
     "class_setting": choice("six_organs", "all_structures"),
     "input_size": integer(16, example="512"),
