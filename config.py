@@ -38,6 +38,7 @@ from sacred.arg_parser import get_config_updates  # noqa: E402
 from sacred.observers import FileStorageObserver  # noqa: E402,F401  (attached by the entry points)
 from sacred.utils import SacredError, create_basic_stream_logger, ensure_wellformed_argv  # noqa: E402
 
+from dataloaders.selfsup_episodes import WARP_DEFAULTS  # noqa: E402
 from models.fewshot import OFFICIAL_MODEL_CONFIG, PLUS_DEFAULTS  # noqa: E402
 from training.config_check import OPEN_MAPPINGS  # noqa: E402
 from training.objective import SENET_DEFAULTS  # noqa: E402
@@ -95,8 +96,8 @@ def default_config():
     selfsup = {
         "episodes": "project",
         "min_pixels": 400,
-        "warp": {"rotate": 10.0, "scale": [0.9, 1.1], "shear": 5.0, "translate": 0.05,
-                 "elastic_alpha": 30.0, "elastic_sigma": 5.0},
+        "warp": dict(WARP_DEFAULTS),   # dataloaders/warp.py WarpParams: rotate, scale, shear, translate,
+                                       # elastic_alpha, elastic_sigma
     }
 
     model = {

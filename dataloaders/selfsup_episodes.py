@@ -43,6 +43,7 @@ function of (seed, i): its random stream is `numpy.random.default_rng([seed, i])
 """
 from __future__ import annotations
 
+from dataclasses import asdict
 from typing import Mapping
 
 import numpy as np
@@ -201,6 +202,8 @@ class SelfSupEpisodeDataset(Dataset):
 # config.py's selfsup.* keys, checked once by training/config_check.py (imports kept with the block).
 from util.options import PAIR, Option, choice, integer, number  # noqa: E402
 
+WARP_DEFAULTS = {name: list(value) if isinstance(value, tuple) else value   # config.py's selfsup.warp
+                 for name, value in asdict(WarpParams()).items()}
 SELFSUP_OPTIONS = {
     "episodes": choice(*RECIPES),
     "min_pixels": integer(1, example="400"),
