@@ -27,7 +27,7 @@ from util.device import autocast, resolve_device  # noqa: E402
 
 @ex.config_hook
 def attach_test_observer(config, command_name, logger):
-    """Check the config (once: util/config_schema.py, then training/config_check.py), then store this
+    """Check the config (once: training/config_check.py), then store this
     command's runs under path.log_dir/test.
 
     Runs before the observers start, so bad input ends as one line without an empty run folder, and

@@ -43,13 +43,13 @@ function of (seed, i): its random stream is `numpy.random.default_rng([seed, i])
 """
 from __future__ import annotations
 
+from dataclasses import asdict
 from typing import Mapping
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from dataloaders.neighbours import INPUT_SLICES
 from dataloaders.prepared import (
     check_training_neighbours,
     open_training_images,
@@ -66,13 +66,6 @@ PSEUDO_CLASS = -1
 RECIPES = ("project", "alpnet")
 MAX_DRAWS = 50          # draws per item before giving up (an empty support is redrawn)
 REDRAWS_KEY = "redraws"
-
-
-def check_recipe(recipe: str) -> None:
-    """One-line UserError for an unknown `selfsup.episodes`."""
-    if recipe not in RECIPES:
-        raise UserError(f"config selfsup.episodes={recipe!r} is unknown: use 'project' (this project's "
-                        "warps) or 'alpnet' (SSL-ALPNet's episodes)")
 
 
 def eligible_superpixels(labels: np.ndarray, min_pixels: int) -> list[np.ndarray]:
@@ -97,12 +90,8 @@ class SelfSupEpisodeDataset(Dataset):
     def __init__(self, prep_dir: str, n_ways: int, n_shots: int, n_queries: int, input_size: int,
                  augment: Mapping | None, warp_params: Mapping, min_pixels: int, seed: int,
                  length: int = 2 ** 31 - 1, recipe: str = "project", input_slices: int = 1):
-        check_recipe(recipe)
-        assert input_slices in INPUT_SLICES, input_slices   # checked by the config schema
+        assert int(n_ways) == 1, n_ways    # one pseudo-class (training/config_check.py says so first)
         self.recipe, self.input_slices = recipe, int(input_slices)
-        if int(n_ways) != 1:
-            raise UserError(f"config n_ways={n_ways}: self-supervised episodes have one pseudo-class: "
-                            "set n_ways=1")
         self.prep_dir = str(prep_dir)
         self.n_shots, self.n_queries = int(n_shots), int(n_queries)
         self.input_size = int(input_size)
@@ -207,3 +196,21 @@ class SelfSupEpisodeDataset(Dataset):
             "classes": torch.tensor([PSEUDO_CLASS], dtype=torch.int64),
             REDRAWS_KEY: torch.tensor(redraws, dtype=torch.int64),   # draws discarded before this one
         }
+
+
+# ------------------------------------------------------------------------------ the options (selfsup.*)
+# config.py's selfsup.* keys, checked once by training/config_check.py (imports kept with the block).
+from util.options import PAIR, Option, choice, integer, number  # noqa: E402
+
+WARP_DEFAULTS = {name: list(value) if isinstance(value, tuple) else value   # config.py's selfsup.warp
+                 for name, value in asdict(WarpParams()).items()}
+SELFSUP_OPTIONS = {
+    "episodes": choice(*RECIPES),
+    "min_pixels": integer(1, example="400"),
+    "warp.rotate": number(0, 90, high_open=True, example="10.0"),
+    "warp.scale": Option(PAIR, 0, low_open=True),
+    "warp.shear": number(0, 45, high_open=True, example="5.0"),
+    "warp.translate": number(0, 0.5, high_open=True, example="0.05"),
+    "warp.elastic_alpha": number(0, example="30.0"),
+    "warp.elastic_sigma": number(0, low_open=True, example="5.0"),
+}

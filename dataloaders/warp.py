@@ -28,7 +28,6 @@ import torch.nn.functional as F
 from scipy import ndimage
 from scipy.ndimage import gaussian_filter
 
-from util.errors import UserError
 from util.options import options_from_mapping
 
 
@@ -43,15 +42,9 @@ class WarpParams:
 
     @classmethod
     def from_mapping(cls, values: Mapping) -> "WarpParams":
-        params = options_from_mapping(cls, {k: (tuple(v) if k == "scale" else v) for k, v in values.items()},
-                                      "config selfsup.warp")
-        low, high = params.scale
-        if not (0 < low <= high) or not 0 <= params.rotate < 90 or not 0 <= params.shear < 45 \
-                or not 0 <= params.translate < 0.5 or params.elastic_alpha < 0 or params.elastic_sigma <= 0:
-            raise UserError(f"config selfsup.warp={dict(values)} is out of range: use 0 < scale low <= high, "
-                            "0 <= rotate < 90, 0 <= shear < 45, 0 <= translate < 0.5, elastic_alpha >= 0, "
-                            "elastic_sigma > 0")
-        return params
+        """The `selfsup.warp` config (its ranges: selfsup_episodes.SELFSUP_OPTIONS, checked once)."""
+        return options_from_mapping(cls, {k: (tuple(v) if k == "scale" else v) for k, v in values.items()},
+                                    "config selfsup.warp")
 
 
 def affine_matrix(angle: float, scale: float, shear: float) -> np.ndarray:

@@ -25,7 +25,6 @@ from evaluation.metrics import dice
 from evaluation.protocol import aggregate, get_preset, mask_copy, preset_range, support_slices_for_query
 from evaluation.results import _jsonable, summarise, write_outputs
 from models.checkpoint import DEFAULT_INPUT_SIZE, model_from_checkpoint, model_input, trained_input
-from models.factory import PROTOTYPE, SENET, check_method
 from util.atomic import atomic_path
 from util.cli import warn
 from util.device import resolve_device
@@ -36,18 +35,10 @@ from util.errors import UserError
 def choose_supports(pids: list[str], support: str | int | list) -> list[str]:
     """Support ids: a given id, 'default' (10000132 when present, else the first), or 'all'."""
     if isinstance(support, (list, tuple)):
-        chosen = [str(item) for item in support]
-    elif str(support) == "all":
+        return [str(item) for item in support]
+    if str(support) == "all":
         return list(pids)
-    elif str(support) == "default":
-        return [default_support(pids)]
-    else:
-        chosen = [str(support)]
-    missing = [pid for pid in chosen if pid not in pids]
-    if missing:
-        raise UserError(f"support volume {', '.join(missing)} is not among the prepared volumes "
-                        f"({', '.join(pids)}): pick one of them, 'default' or 'all'")
-    return chosen
+    return [default_support(pids)] if str(support) == "default" else [str(support)]
 
 
 def organ_names(organs: list[str]) -> list[str]:
@@ -79,20 +70,6 @@ def load_snapshot(path: str | Path, device: str | torch.device = "cpu", input_si
             "step": state.get("step"), "input_size": trained_size, "intensity": trained_intensity,
             "input": {"input_size": run_size, "intensity": run_intensity}}
     return model, info
-
-
-# A method listed under one of these names must hold that kind of model (the demo's and test.py's names).
-EXPECTED_METHOD = {"senet": SENET, "lslpn": PROTOTYPE, "panet": PROTOTYPE}
-
-
-def check_methods(prepared: dict) -> None:
-    """A snapshot listed as SENet must hold SENet, one listed as LSLPN/PANet a prototype model."""
-    for name, per_organ in prepared.items():
-        words = "".join(ch if ch.isalnum() else " " for ch in name.lower()).split()
-        expected = next((EXPECTED_METHOD[w] for w in words if w in EXPECTED_METHOD), None)
-        for _, info in per_organ.values():
-            if expected is not None and info.get("model_config") is not None:
-                check_method(info["model_config"], expected, f"{info['snapshot']} ({name})")
 
 
 def check_intensity(prepared: dict, intensity: dict) -> None:
@@ -358,7 +335,6 @@ def evaluate(methods: dict, organs: list[str], prep_dir: str | Path, preset: str
                            for organ, (model, info) in per_organ.items()}
                     for name, per_organ in prepared.items()}
     check_intensity(prepared, intensity)
-    check_methods(prepared)
     out = Path(out_dir) if out_dir is not None else None
     collector = _Collector(out, save_predictions, len(supports) > 1)
     records = run_protocol(prepared, organs, prep_dir, split, supports, protocol, input_size, device,

@@ -285,3 +285,26 @@ def resize_nearest(mask_2d: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     cols = np.minimum(((np.arange(shape[1]) + 0.5) * mask_2d.shape[1] / shape[1]).astype(int),
                       mask_2d.shape[1] - 1)
     return mask_2d[np.ix_(rows, cols)].astype(bool)
+
+
+# ------------------------------------------------------------------------------ test.py's options
+# config.py's eval.* keys, checked once by training/config_check.py (imports kept here, with the block).
+from models.factory import MODEL_OPTIONS  # noqa: E402
+from models.fewshot import PLUS_DEFAULTS  # noqa: E402
+from util.options import BOOL, ORGANS, SNAPSHOTS, SUPPORT, Option, choice, integer, number  # noqa: E402
+
+EVAL_OPTIONS = {
+    "preset": choice(*PRESETS),
+    "support": Option(SUPPORT),
+    "n_shots": integer(1, example="1"),
+    "snapshots": Option(SNAPSHOTS),     # method name -> checkpoint: its entries are not config keys
+    "organs": Option(ORGANS, nullable=True),
+    "split": choice("gold", "val"),
+    "batch_size": integer(1, example="16"),
+    "save_predictions": Option(BOOL),
+    "plus_head": Option(BOOL),
+    "adapt_steps": integer(0, example="20"),
+    "adapt_lr": number(0, low_open=True, example="1e-2"),
+    # the LSLPN+ head options at test time, each checked as the model.* key of the same name
+    **{f"head_options.{name}": MODEL_OPTIONS[name] for name in PLUS_DEFAULTS},
+}

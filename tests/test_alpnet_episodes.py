@@ -12,7 +12,6 @@ import torch
 import dataloaders.selfsup_episodes as selfsup
 from dataloaders.superpixels import open_superpixels
 from dataloaders.warp import alpnet_affine_matrix, alpnet_elastic, alpnet_gamma, alpnet_view, apply_affine
-from util.errors import UserError
 
 
 def _bilinear_zero_border(image, r, c):
@@ -165,8 +164,6 @@ def test_alpnet_item_layout_views_and_determinism(unlabeled_prep):
     assert not torch.equal(item["support_images"][0, 0, 0], item["query_images"][0, 0])
     again = alpnet_dataset(unlabeled_prep)[0]
     assert all(torch.equal(value, again[key]) for key, value in item.items())
-    with pytest.raises(UserError, match="selfsup.episodes='ssl'"):
-        selfsup.SelfSupEpisodeDataset(str(unlabeled_prep), 1, 1, 1, 64, None, {}, 10, 0, recipe="ssl")
 
 
 def test_train_py_with_ssl_alpnet_episodes_and_head(unlabeled_prep, tmp_path):

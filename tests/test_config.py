@@ -19,7 +19,7 @@ def _resolve(named=(), updates=None):
 
 # The agreed map of the packages (README layout); each module must import without side effects.
 EXPECTED = {
-    "util": {"errors", "cli", "atomic", "device", "config_schema"},
+    "util": {"errors", "cli", "atomic", "device", "options"},
     "dataloaders": {"nifti", "visceral", "multilabel", "phantom", "prepare", "episodes", "transforms",
                     "intensity",
                     "organs"},

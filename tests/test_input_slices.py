@@ -97,8 +97,7 @@ def test_neighbour_stack_equals_a_slow_construction_at_the_first_middle_and_last
 def test_the_registries_agree():
     from dataloaders import neighbours
     from models import fewshot
-    from util import config_schema
-    assert neighbours.INPUT_SLICES == fewshot.INPUT_SLICES == config_schema.INPUT_SLICES == (1, 3)
+    assert neighbours.INPUT_SLICES == fewshot.INPUT_SLICES == (1, 3)
 
 
 # ------------------------------------------------------------------ what the writers store
@@ -430,7 +429,7 @@ def one_line(callable_, *args, **kwargs) -> str:
 
 
 def test_schema_refuses_senet_and_values_other_than_1_and_3():
-    from util.config_schema import check_run_config
+    from training.config_check import check_run_config
     check_run_config(resolve_config(model={"input_slices": 3}))
     check_run_config(resolve_config(("tiny", "panet"), model={"input_slices": 3}))
     check_run_config(resolve_config(("tiny", "selfsup"), model={"input_slices": 3, "head": "alpnet"}))

@@ -11,11 +11,10 @@ import torch
 import torch.nn.functional as F
 from conftest import resolve_config
 
-from models.factory import with_head_options
+from models.factory import check_model_config, with_head_options
 from models.fewshot import FewShotSegNet, local_head
 from models.local_prototypes import MEAN_EPS, LocalPrototypeHead, grid_cells, official_cell_loop
 from models.lslpn_plus import LSLPNPlusHead, fuse, mix_prototypes
-from util.config_schema import check_model_config
 from util.errors import UserError
 
 OPTIONS = {"n_grid": 4, "overlap": True, "vote": "max", "resolution": "image", "min_pixels": 3, "scale": 20.0}
@@ -250,8 +249,8 @@ def test_lslpn_plus_trains_lslpn_with_the_boundary_loss_and_tests_with_its_optio
     """`train.py with lslpn_plus` trains what docs/lslpn_plus.md measured (LSLPN's training plus the boundary
     loss, the plain head), `test.py with lslpn_plus` applies the test-time options to the snapshots."""
     from evaluation.adaptation import test_time_head_options
+    from training.config_check import check_run_config
     from training.runs import config_hash, trajectory_differences
-    from util.config_schema import check_run_config
     plain, plus = resolve_config(("demo",)), resolve_config(("demo", "lslpn_plus"))
     check_run_config(plus)
     assert plus["model"] == plain["model"]                                  # no head option in training
@@ -281,7 +280,7 @@ def test_test_time_head_options_come_from_eval_else_from_the_model_section_with_
     ({"grid_fusion": "sum"}, "eval.head_options.grid_fusion = 'sum': unknown: use one of 'mean', 'max'"),
 ])
 def test_head_options_are_checked_as_the_model_keys_they_name(update, message):
-    from util.config_schema import check_run_config
+    from training.config_check import check_run_config
     config = resolve_config(("tiny",))
     config["eval"] = {**config["eval"], "head_options": {**config["eval"]["head_options"], **update}}
     with pytest.raises(UserError) as caught:
@@ -312,14 +311,3 @@ def test_lslpn_plus_holds_the_combination_that_docs_lslpn_plus_md_measured():
     values = {"boundary_weight": plus["boundary_weight"], "input_slices": plus["model"].get("input_slices"),
               "adapt_steps": plus["eval"]["adapt_steps"], "adapt_lr": plus["eval"]["adapt_lr"], **head}
     assert {key: str(values[key]) for key in measured} == measured
-
-
-def test_the_plain_head_defaults_are_written_alike_in_config_schema_and_model():
-    """config.py's eval.head_options default, util.config_schema.HEAD_OPTIONS and models.fewshot.PLUS_DEFAULTS
-    and the model section (layers that may not import each other) agree on the plain head."""
-    from models.fewshot import PLUS_DEFAULTS
-    from util.config_schema import HEAD_OPTIONS
-    config = resolve_config(("tiny",))
-    assert config["eval"]["head_options"] == PLUS_DEFAULTS
-    assert set(HEAD_OPTIONS) == set(PLUS_DEFAULTS)
-    assert {key: config["model"].get(key) for key in PLUS_DEFAULTS} == PLUS_DEFAULTS   # model.* defaults

@@ -46,7 +46,7 @@ def test_only_training_options_get_their_own_runs():
     assert tool.run_suffix({}) == ""
     assert tool.run_suffix({"input_slices": 3, "boundary_weight": 0.3}) == "_boundary_weight0.3_input_slices3"
     # every training option names a key of the config schema (what train.py is given)
-    from util.config_schema import SCHEMA
+    from training.config_check import SCHEMA
     assert all(key in SCHEMA for key in tool.TRAINING_KEYS.values())
 
 
