@@ -2,8 +2,8 @@
 
 The assembled options describe config.py exactly (both directions), every key's bad value is a one-line
 "<key> = <value>: ..." error, unknown keys name the nearest known key, the cross-key rules hold for
-their methods only, and the train.py / test.py command lines of README.md and docs/usage.md resolve without Sacred
-"Added new config entry" / "Changed type of config entry" warnings.
+their methods only, and the train.py / test.py command lines of README.md and docs/usage.md resolve
+without Sacred "Added new config entry" / "Changed type of config entry" warnings.
 """
 import copy
 import json
