@@ -35,11 +35,10 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from training.runs import latest_run
+from util.atomic import write_text_atomic
 
-from training.runs import latest_run  # noqa: E402
-from util.atomic import write_text_atomic  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 PAPER_FOLDS, PAPER_STEPS = 4, 10_000
 TARGET_BF16_SPEEDUP, TARGET_GPU_HOURS, TARGET_HEAD_SHARE, MAX_DATA_WAIT = 1.8, 2.0, 0.05, 0.10

@@ -1,8 +1,8 @@
-"""The end-to-end demo on the synthetic phantom (what `make demo` runs).
+"""The end-to-end demo on the synthetic phantom (what `make demo` runs; the steps are in demo/run.py).
 
-    python scripts/demo.py                    # run, reusing finished steps
-    python scripts/demo.py --redo train       # retrain (also: phantom, prepare)
-    python scripts/demo.py --publish          # copy the finished table/figures into README.md, docs/
+    python -m demo                    # run, reusing finished steps
+    python -m demo --redo train       # retrain (also: phantom, prepare)
+    python -m demo --publish          # copy the finished table/figures into README.md, docs/
 
 CPU numerics are pinned for every step (PINNED_NUMERICS, set before torch loads and inherited by the
 step subprocesses). torch picks CPU kernels in three places by the machine's vector ISA and vendor:
@@ -15,13 +15,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # demo_steps.py beside this script
-
-from util.cli import run_cli  # noqa: E402
+from util.cli import run_cli
 
 # Kernel choice capped at AVX2 (every x86-64 CPU of the last decade has it) in oneDNN, ATen and MKL
 # (MKL_CBWR: MKL's conditional numerical reproducibility, the same code path on Intel and AMD CPUs),
@@ -38,7 +33,7 @@ def pin_cpu_numerics(environ=os.environ) -> dict:
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--redo", nargs="*", default=[], choices=["phantom", "prepare", "train"],
                         help="steps to run again instead of reusing their outputs")
@@ -47,7 +42,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("overrides", nargs="*", help="extra Sacred overrides for train.py, e.g. n_steps=100")
     args = parser.parse_args(argv)
     pinned = pin_cpu_numerics()
-    import demo_steps as demo  # after pin_cpu_numerics: oneDNN/OpenMP read these variables when torch loads
+    # after pin_cpu_numerics: oneDNN/OpenMP read these variables when torch loads
+    from demo import run as demo
     if args.publish:
         demo.publish()
         return 0
