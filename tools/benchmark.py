@@ -420,27 +420,24 @@ def ms(seconds: float) -> str:
     return f"{value:.3g}" if value < 100 else f"{value:.0f}"
 
 
-def spread(timing) -> str:
-    return f"{ms(min(timing.runs))} - {ms(max(timing.runs))}"
+def row(*cells) -> str:
+    return "| " + " | ".join(map(str, cells)) + " |"
 
 
-def runs_note(timing) -> str:
-    return f"{len(timing.runs)} timed after {timing.warmup} warm-up"
-
-
-def verdict(ok: bool) -> str:
-    return "met" if ok else "NOT met"
+def table(*header: str) -> list[str]:
+    return [row(*header), "|---" * len(header) + "|"]
 
 
 def render_section(name: str, results: dict, machine: dict, command: str, plan: Plan) -> str:
     """Markdown of one section ('cpu' or 'gpu') from `run_measurements` results."""
     h, gpu = results["head"], name == "gpu"
-    share = {row["encoder"]: row for row in results["encoders"]}
+    share = {r["encoder"]: r for r in results["encoders"]}
+    verdict = {True: "met", False: "NOT met"}
+    on = {True: "on", False: "off"}
     lines = [f"## {'GPU' if gpu else 'CPU'}{' (quick run)' if plan.quick else ''}", "",
              f"Command: `{command}`  ", f"Date: {datetime.date.today().isoformat()}", "",
-             "| machine | |", "|---|---|"]
+             "| machine | |", "|---|---|", *[row(key, value) for key, value in machine.items()]]
     # The load average shows other processes sharing the machine: medians then vary between runs.
-    lines += [f"| {key} | {value} |" for key, value in machine.items()]
     if results.get("max_load", 0) > machine["cores"]:
         lines += ["", f"**Caution:** the 1-minute load average reached {results['max_load']:.1f} (sampled at "
                   f"each stage) on {machine['cores']} cores during this run: other processes shared the CPU, "
@@ -448,33 +445,34 @@ def render_section(name: str, results: dict, machine: dict, command: str, plan: 
                   "most). Rerun on an idle machine for publishable figures."]
     feature_share = max(share["resnet50_lslpn"]["share_feature"], share["vgg16"]["share_feature"])
     lines += ["", "### Targets", "", "| target | measured | |", "|---|---|---|",
-              f"| 'image' mode >= 20x faster than the literal reference | {h['speedup_image']:.1f}x | "
-              f"{verdict(h['speedup_image'] >= 20)} |",
-              f"| 'feature' mode >= 100x faster than the literal reference | {h['speedup_feature']:.1f}x | "
-              f"{verdict(h['speedup_feature'] >= 100)} |",
-              "| 'feature' mode < 5% of the encoder forward (resnet50_lslpn, vgg16) | "
-              f"{100 * feature_share:.1f}% (worst of the two) | {verdict(feature_share < 0.05)} |"]
+              row("'image' mode >= 20x faster than the literal reference", f"{h['speedup_image']:.1f}x",
+                  verdict[h["speedup_image"] >= 20]),
+              row("'feature' mode >= 100x faster than the literal reference", f"{h['speedup_feature']:.1f}x",
+                  verdict[h["speedup_feature"] >= 100]),
+              row("'feature' mode < 5% of the encoder forward (resnet50_lslpn, vgg16)",
+                  f"{100 * feature_share:.1f}% (worst of the two)", verdict[feature_share < 0.05])]
     if gpu:
         d = results["dispatch"]
-        for key, label in (("train_step", "training forward+backward"), ("inference_batch",
-                                                                         "inference batch")):
-            lines.append(f"| {label} GPU-bound (dispatch fraction well below 1) | {d[key]:.2f} | "
-                         f"{verdict(d[key] < 0.5)} |")
-        wait = max(row["data_wait_fraction"] for row in results["training"])
-        lines.append(f"| data loading keeps up: waiting for data < 10% of a training step (worst AMP mode) | "
-                     f"{100 * wait:.1f}% | {verdict(wait < 0.10)} |")
+        for key, label in (("train_step", "training forward+backward"),
+                           ("inference_batch", "inference batch")):
+            lines.append(row(f"{label} GPU-bound (dispatch fraction well below 1)", f"{d[key]:.2f}",
+                             verdict[d[key] < 0.5]))
+        wait = max(r["data_wait_fraction"] for r in results["training"])
+        lines.append(row("data loading keeps up: waiting for data < 10% of a training step (worst AMP mode)",
+                         f"{100 * wait:.1f}%", verdict[wait < 0.10]))
+
+    def timed(label: str, timing: Timing, speedup: float) -> str:
+        return row(label, ms(timing.median), f"{ms(min(timing.runs))} - {ms(max(timing.runs))}",
+                   f"{len(timing.runs)} timed after {timing.warmup} warm-up", f"{speedup:.1f}x")
     lines += ["", f"### 1. Head forward per episode ({h['size']} x {h['size']} input, "
               f"{h['channels']}-channel {h['feature_size']} x {h['feature_size']} features, n_grid "
-              f"{h['n_grid']}, overlapping, max vote, k=1)",
-              "", "| implementation | median ms | spread ms | runs | speed-up vs reference |",
-              "|---|---|---|---|---|",
-              f"| literal reference (`models/local_prototypes.py: official_cell_loop`, float32) | "
-              f"{ms(h['reference'].median)} | "
-              f"{spread(h['reference'])} | {runs_note(h['reference'])} | 1.0x |"]
-    for mode in ("image", "feature"):
-        lines.append(f"| LocalPrototypeHead resolution='{mode}' | {ms(h[mode].median)} | {spread(h[mode])} | "
-                     f"{runs_note(h[mode])} | {h['speedup_' + mode]:.1f}x |")
-    lines += ["", "Agreement checks (computed by the script on this episode):", "",
+              f"{h['n_grid']}, overlapping, max vote, k=1)", "",
+              *table("implementation", "median ms", "spread ms", "runs", "speed-up vs reference"),
+              timed("literal reference (`models/local_prototypes.py: official_cell_loop`, float32)",
+                    h["reference"], 1.0),
+              *[timed(f"LocalPrototypeHead resolution='{mode}'", h[mode], h["speedup_" + mode])
+                for mode in ("image", "feature")],
+              "", "Agreement checks (computed by the script on this episode):", "",
               f"- reference vs 'image': max |logit difference| = {h['max_abs_diff_image']:.2e} "
               f"(tolerance {IMAGE_TOLERANCE:g}): {'PASS' if h['image_ok'] else 'FAIL'}; "
               f"argmax agreement {100 * h['argmax_agreement_image']:.3f}%",
@@ -490,55 +488,47 @@ def render_section(name: str, results: dict, machine: dict, command: str, plan: 
               "float64). It is run few times (see runs).", "",
               f"### 2. Head time as a share of the encoder forward ({plan.size} x {plan.size}, one episode = "
               "support + query image)", "",
-              "| encoder | features | encoder ms | 'image' head ms | share | 'feature' head ms | share |",
-              "|---|---|---|---|---|---|---|"]
-    for row in results["encoders"]:
-        f = row["feature_size"]
-        lines.append(f"| {row['encoder']} | {row['channels']} x {f} x {f} | {ms(row['encoder_time'].median)} "
-                     f"| {ms(row['image'].median)} | {100 * row['share_image']:.1f}% | "
-                     f"{ms(row['feature'].median)} | {100 * row['share_feature']:.1f}% |")
-    lines += ["", "The head is timed on features of each encoder's own shape (n_grid 8, overlapping, max "
-              "vote).",
-              "", "### 3. Scaling of the head with n_grid and input size (256 channels, stride 8)", "",
+              *table("encoder", "features", "encoder ms", "'image' head ms", "share", "'feature' head ms",
+                     "share"),
+              *[row(r["encoder"], f"{r['channels']} x {r['feature_size']} x {r['feature_size']}",
+                    ms(r["encoder_time"].median), ms(r["image"].median), f"{100 * r['share_image']:.1f}%",
+                    ms(r["feature"].median), f"{100 * r['share_feature']:.1f}%")
+                for r in results["encoders"]],
+              "", "The head is timed on features of each encoder's own shape (n_grid 8, overlapping, max "
+              "vote).", "",
+              "### 3. Scaling of the head with n_grid and input size (256 channels, stride 8)", "",
               "Cost per input pixel (ns) should stay roughly flat across n_grid: the head's work grows with "
               "pixels, not with cells x pixels.", "",
-              "| mode | input | n_grid | cells | median ms | ns / pixel |", "|---|---|---|---|---|---|"]
-    for row in results["scaling"]:
-        lines.append(f"| {row['mode']} | {row['size']} | {row['n_grid']} | {row['cells']} | "
-                     f"{ms(row['time'].median)} | {row['ns_per_pixel']:.0f} |")
-    lines += ["", "### 4. Training throughput (`training.loop.train`, synthetic prepared data)", "",
-              "| config | encoder | input | episodes / step | AMP | s / step | episodes / s | data wait | "
-              "runs (s / step) |",
-              "|---|---|---|---|---|---|---|---|---|"]
-    for row in results["training"]:
-        lines.append(f"| {row['config']} | {row['encoder']} ({row['resolution']}) | {row['input_size']} | "
-                     f"{row['batch_size']} | {'on' if row['amp'] else 'off'} | {row['sec_per_step']:.3f} | "
-                     f"{row['episodes_per_s']:.2f} | {100 * row['data_wait_fraction']:.1f}% | "
-                     f"{', '.join(f'{v:.3f}' for v in row['runs'])} |")
-    lines += ["", "Each run is a fresh `train()` of a few steps (no validation, no checkpoints); s / step is "
+              *table("mode", "input", "n_grid", "cells", "median ms", "ns / pixel"),
+              *[row(r["mode"], r["size"], r["n_grid"], r["cells"], ms(r["time"].median),
+                    f"{r['ns_per_pixel']:.0f}") for r in results["scaling"]],
+              "", "### 4. Training throughput (`training.loop.train`, synthetic prepared data)", "",
+              *table("config", "encoder", "input", "episodes / step", "AMP", "s / step", "episodes / s",
+                     "data wait", "runs (s / step)"),
+              *[row(r["config"], f"{r['encoder']} ({r['resolution']})", r["input_size"], r["batch_size"],
+                    on[r["amp"]], f"{r['sec_per_step']:.3f}", f"{r['episodes_per_s']:.2f}",
+                    f"{100 * r['data_wait_fraction']:.1f}%", ", ".join(f"{v:.3f}" for v in r["runs"]))
+                for r in results["training"]],
+              "", "Each run is a fresh `train()` of a few steps (no validation, no checkpoints); s / step is "
               "the loop's own timer (mean of steps 2..n, each ended by `loss.item()`, data loading "
               "included); the table gives the median over runs.", "",
               "### 5. Volumetric inference throughput (`evaluation.inference.segment_query_volume`)", "",
-              "| config | encoder | input | volume (X x Y x Z) | batch | AMP | median s / volume | query "
-              "slices / s |",
-              "|---|---|---|---|---|---|---|---|"]
-    for row in results["inference"]:
-        shape = " x ".join(str(v) for v in row["volume_shape"])
-        lines.append(f"| {row['config']} | {row['encoder']} | {row['input_size']} | {shape} | "
-                     f"{row['batch_size']} | {'on' if row['amp'] else 'off'} | {row['time'].median:.3f} | "
-                     f"{row['slices_per_s']:.1f} |")
-    lines += ["", "Phantom volumes (`dataloaders.phantom.render_subject`); support range = the liver's, "
+              *table("config", "encoder", "input", "volume (X x Y x Z)", "batch", "AMP", "median s / volume",
+                     "query slices / s"),
+              *[row(r["config"], r["encoder"], r["input_size"], " x ".join(map(str, r["volume_shape"])),
+                    r["batch_size"], on[r["amp"]], f"{r['time'].median:.3f}", f"{r['slices_per_s']:.1f}")
+                for r in results["inference"]],
+              "", "Phantom volumes (`dataloaders.phantom.render_subject`); support range = the liver's, "
               f"protocol preset 'inclusive' ({results['inference'][0]['n_chunks']} chunks); every axial "
-              "slice of the query volume is segmented.", "", "### 6. Peak memory of one training step "
-              "(`paper` config)", "",
-              "| input | encoder | episodes / step | AMP | process max RSS MB | RSS before the step MB | "
-              "CUDA max allocated MB | step s |", "|---|---|---|---|---|---|---|---|"]
-    for row in results["memory"]:
-        cuda = f"{row['cuda_max_allocated_mb']:.0f}" if "cuda_max_allocated_mb" in row else "-"
-        lines.append(f"| {row['input_size']} | {row['encoder']} | {row['batch_size']} | "
-                     f"{'on' if row['amp'] else 'off'} | {row['peak_rss_mb']:.0f} | "
-                     f"{row['baseline_rss_mb']:.0f} | {cuda} | {row['step_seconds']:.1f} |")
-    lines += ["", "Measured in a fresh Python process that runs exactly one step of `training.loop.train` "
+              "slice of the query volume is segmented.", "",
+              "### 6. Peak memory of one training step (`paper` config)", "",
+              *table("input", "encoder", "episodes / step", "AMP", "process max RSS MB",
+                     "RSS before the step MB", "CUDA max allocated MB", "step s"),
+              *[row(r["input_size"], r["encoder"], r["batch_size"], on[r["amp"]], f"{r['peak_rss_mb']:.0f}",
+                    f"{r['baseline_rss_mb']:.0f}",
+                    f"{r['cuda_max_allocated_mb']:.0f}" if "cuda_max_allocated_mb" in r else "-",
+                    f"{r['step_seconds']:.1f}") for r in results["memory"]],
+              "", "Measured in a fresh Python process that runs exactly one step of `training.loop.train` "
               "(`resource.getrusage` ru_maxrss, so the RSS includes the interpreter and torch; the column "
               "before it is the same process's peak before the step). Step s is that single, cold step."]
     return "\n".join(lines) + "\n"
