@@ -4,12 +4,8 @@
     python -m demo --redo train       # retrain (also: phantom, prepare)
     python -m demo --publish          # copy the finished table/figures into README.md, docs/
 
-CPU numerics are pinned for every step (PINNED_NUMERICS, set before torch loads and inherited by the
-step subprocesses). torch picks CPU kernels in three places by the machine's vector ISA and vendor:
-oneDNN (convolutions), ATen's own vectorised kernels (softmax, reductions, ...) and MKL (matrix
-products). All three are capped at AVX2, so an AVX-512 machine runs the kernels an AVX2 machine
-runs; and 2 intra-op threads, because one thread takes other kernels than two or more. What this
-does and does not make reproducible is stated in README.md ("Reproducibility of these figures").
+CPU numerics are pinned for every step (PINNED_NUMERICS below, set before torch loads and inherited by the
+step subprocesses; README.md, "Reproducibility of these figures").
 """
 from __future__ import annotations
 

@@ -1,20 +1,10 @@
-"""The end-to-end demo on the synthetic phantom (`make demo`, `python -m demo`), step by step.
-
-  1. generate the default phantom (seeded) unless it exists            data/phantom
-  2. prepare it into 2D training slices + evaluation volumes, check it  data/prepared_phantom
-  3. train LSLPN (n_grid 8, overlapping, max vote), the PANet global
-     baseline (n_grid 1, alignment) and SENet (`senet senet_demo`: its
-     schedule shortened, at 64 x 64) on all four folds, `demo` config   runs/demo/train/<name>/<id>/
-  4. evaluate mask copy, PANet, SENet and LSLPN with the `inclusive`
-     protocol preset on the gold phantom volumes, each snapshot at the
-     input size it was trained at                                       runs/demo/
-  5. draw the training curves (tools/training_curves.py)                runs/demo/training_curves.png
-  6. write report.md (paper's Table 1 layout), results.json, results.png, misalignment.png
-     and print the table last.
-
-Finished steps are reused (an existing phantom, prepared folder, or a training run that reached its
-last step); `redo` names steps to run again. Every step runs the same commands a user would type,
-as subprocesses, so their progress bars show.
+"""The end-to-end demo on the synthetic phantom (`make demo`, `python -m demo`), step by step: generate
+the phantom (data/phantom), prepare and check it (data/prepared_phantom), train PANet, SENet (`senet
+senet_demo`, 64 x 64) and LSLPN on the four folds with the `demo` config (runs/demo/train/<name>/<id>/),
+evaluate them beside mask copy on the gold volumes (preset inclusive, each snapshot at its training size),
+draw the training curves and write runs/demo/report.md in the paper's Table 1 layout. Finished steps are
+reused (experiments/runner.py); `redo` names steps to run again. Every step runs the command a user would
+type, as a subprocess.
 """
 from __future__ import annotations
 
