@@ -102,3 +102,13 @@ def test_a_config_typo_is_one_line(tmp_path, stub, typo, message):
 def test_a_missing_interpreter_is_one_line(tmp_path):
     with pytest.raises(UserError, match=r"^--python .*nope: no such executable"):
         ablation.main(argv(tmp_path, tmp_path / "nope"))
+
+
+def test_a_failed_training_is_one_line(tmp_path):
+    failing = tmp_path / "failing_python"
+    failing.write_text("#!/bin/sh\nexit 3\n")
+    failing.chmod(0o755)
+    expected = (r"^step 'train n_grid 8 mean vote, fold 0' failed \(exit 3\): fix the message above and "
+                r"run it again; finished steps are reused$")
+    with pytest.raises(UserError, match=expected):
+        train(tmp_path, failing)
