@@ -24,6 +24,9 @@ torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+# The scripts, tools and entry points the tests start import this checkout's packages (before an editable
+# install of another checkout).
+os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
 
 TINY_PHANTOM = {"n_silver": 6, "n_gold": 3, "seed": 7, "size": 64, "n_slices": 24}
 TINY_PREP = {"size": 64, "n_val": 1, "seed": 3, "min_voxels": 5}
@@ -44,6 +47,7 @@ def load_script(name: str):
     path = path if path.is_file() else ROOT / "tools" / f"{name}.py"
     spec = importlib.util.spec_from_file_location(f"script_{name}", path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module   # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
