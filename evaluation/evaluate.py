@@ -50,6 +50,15 @@ def choose_supports(pids: list[str], support: str | int | list) -> list[str]:
     return chosen
 
 
+def own_split(prep_dir: str | Path) -> dict | None:
+    """An SSL-ALPNet-prepared folder's own split (dataloaders/alpnet_prepare.py): its support scan, test
+    scans and test organs, as SSL-ALPNet evaluates it; None for any other prepared folder."""
+    meta = read_meta(prep_dir).get("alpnet")
+    if meta is None:
+        return None
+    return {"support": meta["support"], "queries": list(meta["test"]), "organs": list(meta["test_organs"])}
+
+
 def organ_names(organs: list[str]) -> list[str]:
     """Canonical organ names (clear error for unknown ones), order kept."""
     for name in organs:
@@ -75,7 +84,10 @@ def load_snapshot(path: str | Path, device: str | torch.device = "cpu", input_si
     # the data's intensity is a fallback here, not an override: a snapshot trained otherwise is refused
     # by check_intensity with one line (no warning first)
     run_size, run_intensity = model_input(state, input_size, None, intensity, name=f"snapshot {path}")
-    info = {"snapshot": str(path), "snapshot_fold": state.get("fold"), "model_config": config,
+    fold = state.get("fold")
+    fold_sets = (state.get("run_config") or {}).get("label_sets", FOLD_ORGANS)   # the run's test organs
+    own = list(fold_sets[fold]) if isinstance(fold, int) and fold in range(len(fold_sets)) else None
+    info = {"snapshot": str(path), "snapshot_fold": fold, "model_config": config, "snapshot_organs": own,
             "step": state.get("step"), "input_size": trained_size, "intensity": trained_intensity,
             "input": {"input_size": run_size, "intensity": run_intensity}}
     return model, info
@@ -133,14 +145,12 @@ def prepare_method(spec, organs: list[str], device, input_size: int | None = Non
 
 def check_fold(info: dict, organs: list[str]) -> None:
     """A snapshot may only be tested on its own fold's organs (others were training classes)."""
-    fold = info.get("snapshot_fold")
-    if fold is None or not isinstance(fold, int) or fold not in range(len(FOLD_ORGANS)):
-        return
-    leaked = [organ for organ in organs if organ not in FOLD_ORGANS[fold]]
+    fold, own = info.get("snapshot_fold"), info.get("snapshot_organs")
+    leaked = [organ for organ in organs if own is not None and organ not in own]
     if leaked:
         raise UserError(f"snapshot {info['snapshot']} was trained for fold {fold} and may have seen "
                         f"{', '.join(leaked)} in training: evaluate it with fold={fold} "
-                        f"({', '.join(FOLD_ORGANS[fold])}) or pass that organ's fold snapshot")
+                        f"({', '.join(own)}) or pass that organ's fold snapshot")
 
 
 # ------------------------------------------------------------------------------------ protocol
@@ -158,13 +168,14 @@ def predict(model, support: dict, query: dict, organ_label: int, support_range, 
 
 def run_protocol(methods: dict[str, dict], organs: list[str], prep_dir, split: str, supports: list[str],
                  preset, input_size: int, device, batch_size: int, n_shots: int, intensity: dict,
-                 on_prediction=None, progress: bool = False) -> list[dict]:
+                 on_prediction=None, progress: bool = False, queries: list[str] | None = None) -> list[dict]:
     """Records {method, organ, support, query, dice_range, dice_volume, ranges, skipped} of every case.
 
     methods: name -> organ -> (model or None, info). on_prediction(record, support, query, prediction,
     support_slices) is called for every scored prediction (to save NIfTI files and figure slices).
+    queries: the query ids (None: every volume of the split but the support).
     """
-    pids = list_volumes(prep_dir, split)
+    pids = list_volumes(prep_dir, split) if queries is None else list(queries)
     records = []
     cases = [(sid, qid) for sid in supports for qid in pids if qid != sid]
     if not cases:
@@ -329,14 +340,18 @@ def evaluate(methods: dict, organs: list[str], prep_dir: str | Path, preset: str
              input_size: int | None = None, device="auto", batch_size: int = 16,
              save_predictions: bool = True,
              fold: int | None = None, config: dict | None = None, progress: bool = True,
-             figures: bool = True, model_transform=None) -> dict:
+             figures: bool = True, model_transform=None, queries: list[str] | None = None,
+             on_prediction=None) -> dict:
     """Run the volumetric protocol for several methods and organs and write every output once.
 
     methods: name -> None (mask copy, no model), a snapshot path, a model in memory, or
              {organ: path or model} (per-fold snapshots in one table).
     support: a patient id, 'default' (10000132 when present, else the first by sorted id) or 'all'
              (every volume in turn; mean and std over supports).
+    An SSL-ALPNet-prepared folder is evaluated on its own split (`own_split`): support 'default' is its
+    support scan, the queries its test scans (or `queries`), organs must be its test organs.
     model_transform: applied to every loaded model (None: the snapshots as they are).
+    on_prediction(record, support, query, prediction): called for every scored prediction.
     n_shots: k support slices around each chunk centre for the models (evaluation/protocol.py); the
              mask copy always copies the centre slice (the paper's alignment Dice).
     Writes under out_dir (when given): results.json, results.csv, table.md, figure_data.npz,
@@ -349,7 +364,16 @@ def evaluate(methods: dict, organs: list[str], prep_dir: str | Path, preset: str
     organs = organ_names(organs)
     protocol = get_preset(preset)
     intensity = read_meta(prep_dir)["intensity"]
-    supports = choose_supports(list_volumes(prep_dir, split), support)
+    pids = list_volumes(prep_dir, split)
+    own = own_split(prep_dir) if split == "gold" else None
+    if own is not None:
+        foreign = [organ for organ in organs if organ not in own["organs"]]
+        if foreign:
+            raise UserError(f"{', '.join(foreign)} is not a test organ of the SSL-ALPNet folder {prep_dir} "
+                            f"(it may be in its training slices): evaluate {', '.join(own['organs'])}")
+        support = own["support"] if str(support) == "default" else support
+        queries = own["queries"] if queries is None else queries
+    supports = choose_supports(pids, support)
     device = resolve_device(device)
     prepared = {name: prepare_method(spec, organs, device, input_size, intensity)
                 for name, spec in methods.items()}
@@ -361,8 +385,12 @@ def evaluate(methods: dict, organs: list[str], prep_dir: str | Path, preset: str
     check_methods(prepared)
     out = Path(out_dir) if out_dir is not None else None
     collector = _Collector(out, save_predictions, len(supports) > 1)
+    def collect(*args) -> None:
+        collector(*args)
+        if on_prediction is not None:
+            on_prediction(*args)
     records = run_protocol(prepared, organs, prep_dir, split, supports, protocol, input_size, device,
-                           batch_size, n_shots, intensity, collector, progress)
+                           batch_size, n_shots, intensity, collect, progress, queries)
     warn_empty_predictions(records)
     header = {"fold": fold, "split": split, "supports": supports, "n_shots": n_shots, "organs": organs,
               "input_size": input_size, "prep_dir": str(prep_dir),
