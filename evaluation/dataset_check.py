@@ -8,7 +8,7 @@ train_file_case), so every folder that prepare writes passes; an images-only fol
 for self-supervised training) is checked for its images only.
 
 `mask_copy_dice(labels, support)` is the no-model baseline (docs/method.md, "Mask copy"): the support
-volume's organ mask is copied chunk by chunk onto every query volume (evaluation.protocol.mask_copy).
+volume's organ mask is copied chunk by chunk onto every query volume (evaluation.protocols.mask_copy).
 A data set on which it scores high does not test few-shot segmentation. `format_mask_copy` prints
 each organ side and then the mean over the 4 organs of the README / paper table (liver, spleen,
 kidney, psoas; kidney and psoas are each the mean of right and left, as evaluation.results.table_rows).
@@ -25,8 +25,7 @@ from dataloaders.intensity import validate_intensity
 from dataloaders.organs import INDEX_TO_NAME, NAME_TO_INDEX, TABLE_COLUMNS, TEST_ORGANS
 from dataloaders.prepare import NEIGHBOURS, is_case_id, train_file_case, train_file_name
 from dataloaders.prepared import default_support
-from evaluation.metrics import dice
-from evaluation.protocol import get_preset, mask_copy, preset_range
+from evaluation.protocols import dice, get_preset, mask_copy, preset_range
 from util.errors import UserError
 
 VOLUME_KEYS = ("image", "label", "affine", "original_affine", "original_shape", "original_axcodes", "spacing")

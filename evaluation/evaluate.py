@@ -20,12 +20,18 @@ from dataloaders.nifti import save_nifti_atomic, to_original
 from dataloaders.organs import FOLD_ORGANS, canonical_name, organ_index
 from dataloaders.prepared import check_volumes, default_support, list_volumes, load_volume, read_meta
 from evaluation.figures import make_figures
-from evaluation.inference import segment_query_volume
-from evaluation.metrics import dice
-from evaluation.protocol import aggregate, get_preset, mask_copy, preset_range, support_slices_for_query
+from evaluation.inference import run_chunks
+from evaluation.protocols import (
+    aggregate,
+    chunk_plan,
+    dice,
+    get_preset,
+    mask_copy,
+    preset_range,
+    support_slices_for_query,
+)
 from evaluation.results import _jsonable, summarise, write_outputs
 from models.checkpoint import DEFAULT_INPUT_SIZE, model_from_checkpoint, model_input, trained_input
-from models.factory import PROTOTYPE, SENET, check_method
 from util.atomic import atomic_path
 from util.cli import warn
 from util.device import resolve_device
@@ -93,20 +99,6 @@ def load_snapshot(path: str | Path, device: str | torch.device = "cpu", input_si
     return model, info
 
 
-# A method listed under one of these names must hold that kind of model (the demo's and test.py's names).
-EXPECTED_METHOD = {"senet": SENET, "lslpn": PROTOTYPE, "panet": PROTOTYPE}
-
-
-def check_methods(prepared: dict) -> None:
-    """A snapshot listed as SENet must hold SENet, one listed as LSLPN/PANet a prototype model."""
-    for name, per_organ in prepared.items():
-        words = "".join(ch if ch.isalnum() else " " for ch in name.lower()).split()
-        expected = next((EXPECTED_METHOD[w] for w in words if w in EXPECTED_METHOD), None)
-        for _, info in per_organ.values():
-            if expected is not None and info.get("model_config") is not None:
-                check_method(info["model_config"], expected, f"{info['snapshot']} ({name})")
-
-
 def check_intensity(prepared: dict, intensity: dict) -> None:
     """A snapshot must see slices scaled as in its training (checkpoints record meta.json's intensity)."""
     for name, per_organ in prepared.items():
@@ -161,9 +153,9 @@ def predict(model, support: dict, query: dict, organ_label: int, support_range, 
     if model is None:
         return mask_copy(support_mask, support_range, query["label"].shape, query_range, preset.n_chunks,
                          preset.rule)
-    return segment_query_volume(model, support["image"], support_mask, query["image"], support_range,
-                                query_range, preset.n_chunks, input_size, intensity, device,
-                                batch_size, n_shots, preset.rule)
+    plan = chunk_plan(support_range, query_range, preset.n_chunks, n_shots, preset.rule, support_mask)
+    return run_chunks(model, [(support["image"], support_mask)] * n_shots, plan, query["image"], input_size,
+                      intensity, device, batch_size)
 
 
 def run_protocol(methods: dict[str, dict], organs: list[str], prep_dir, split: str, supports: list[str],
@@ -352,7 +344,7 @@ def evaluate(methods: dict, organs: list[str], prep_dir: str | Path, preset: str
     support scan, the queries its test scans (or `queries`), organs must be its test organs.
     model_transform: applied to every loaded model (None: the snapshots as they are).
     on_prediction(record, support, query, prediction): called for every scored prediction.
-    n_shots: k support slices around each chunk centre for the models (evaluation/protocol.py); the
+    n_shots: k support slices around each chunk centre for the models (evaluation/protocols.py); the
              mask copy always copies the centre slice (the paper's alignment Dice).
     Writes under out_dir (when given): results.json, results.csv, table.md, figure_data.npz,
     results.png, misalignment.png and predictions/<method>/<query>_<organ>.nii.gz (original geometry).
@@ -382,7 +374,6 @@ def evaluate(methods: dict, organs: list[str], prep_dir: str | Path, preset: str
                            for organ, (model, info) in per_organ.items()}
                     for name, per_organ in prepared.items()}
     check_intensity(prepared, intensity)
-    check_methods(prepared)
     out = Path(out_dir) if out_dir is not None else None
     collector = _Collector(out, save_predictions, len(supports) > 1)
     def collect(*args) -> None:

@@ -28,7 +28,7 @@ import numpy as np
 
 from dataloaders.nifti import NiftiVolume
 from dataloaders.plausibility import hounsfield_problem
-from evaluation.protocol import centre_offsets, chunk_plan
+from evaluation.protocols import centre_offsets, chunk_plan
 from util.errors import UserError
 
 BODY_HU = -500.0            # body voxels: above this HU (air and lung-free outside are below)
@@ -199,7 +199,7 @@ def segment_plan(supports: Sequence[Support], canonical_range: tuple[int, int],
                  n_chunks: int) -> list[tuple[np.ndarray, np.ndarray]]:
     """Which support slices segment which query slices: (support z (k,), query z (m,)) per chunk.
 
-    A query range of at least n_chunks slices: the protocol's plan (`evaluation.protocol.chunk_plan`).
+    A query range of at least n_chunks slices: the protocol's plan (`evaluation.protocols.chunk_plan`).
     A shorter one: query slice j (0 <= j < L) covers the relative interval [j / L, (j + 1) / L) of the
     range and gets the support chunk that covers its centre, floor((j + 0.5) n / L), instead of the
     chunk where that slice would start under the protocol's rule (which pairs it with a chunk near

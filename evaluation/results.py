@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from dataloaders.organs import TABLE_COLUMNS
-from evaluation.protocol import ProtocolPreset, aggregate
+from evaluation.protocols import ProtocolPreset, aggregate
 from util.atomic import write_text_atomic
 from util.errors import UserError
 

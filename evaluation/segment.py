@@ -1,7 +1,7 @@
 """Segment your own scan: few-shot segmentation of a new CT volume from annotated support volumes.
 
 `segment_volume(checkpoint, supports=[(image, mask), ...], query, out=...)` runs the volumetric
-protocol (evaluation/protocol.py) on files a user has, outside any benchmark fold:
+protocol (evaluation/protocols.py) on files a user has, outside any benchmark fold:
 
 - Every file goes through `dataloaders.nifti.load_nifti` (validation, reorientation to canonical
   RAS+); masks must share their image's grid (`check_same_grid`).

@@ -111,7 +111,7 @@ def write_report(results: dict, doc: Path, figure: Path | None, seconds: float, 
                 "only the cells below were finished."), "",
              "Data: CHAOS T2-SPIR MRI, 20 scans in SSL-ALPNet's preprocessed layout (image / label / "
              "superpix-MIDDLE / classmap_1.json), read as its loader: z-scored per volume, slices as stored, "
-             "[:256, :256]. Protocol (evaluation/alpnet_protocol.py, preset `alpnet`): SSL-ALPNet's 5-fold "
+             "[:256, :256]. Protocol (evaluation/protocols.py, preset `alpnet`): SSL-ALPNet's 5-fold "
              "circular split (4 query scans per fold, the next scan in sorted order as the support, left out "
              "of training); support slices at the percentiles 1/6, 1/2, 5/6 of the support's organ slices; "
              "query thirds over the query's own ground-truth range, only that range scored; 3D Dice without "
@@ -171,7 +171,7 @@ class OverlayCollector:
 
         from dataloaders.organs import NAME_TO_INDEX
         from dataloaders.prepared import read_meta
-        from evaluation.alpnet_protocol import organ_slice_list, support_slices
+        from evaluation.protocols import organ_slice_list, support_slices
         if setting != self.setting:
             return
         meta = read_meta(folder)["alpnet"]

@@ -7,8 +7,8 @@ protocol.
   2. per method, the same training loop (train.py, a subprocess as a user would run it): self-supervised
      on SSL-ALPNet's own superpixels (LSLPN, PANet's head, the ALPNet head when this checkout has it), and
      LSLPN supervised on the other organs' labels (the paper's regime)          OUT/train/<name>/<id>/
-  3. SSL-ALPNet's evaluation (evaluation/alpnet_protocol.py) of every method and mask copy on the fold's
-     query scans against its support scan                                      OUT/results.json
+  3. SSL-ALPNet's evaluation (evaluation.evaluate.evaluate, preset 'alpnet', as test.py) of every method
+     and mask copy on the fold's query scans against its support scan          OUT/results.json
 Finished steps are reused: a prepared folder whose meta.json says the same fold/setting/rule, a run whose
 last.pth reached n_steps with the same config (training.loop.config_hash, as resume uses).
 """
@@ -31,10 +31,8 @@ from sacred.initialize import create_run
 
 from dataloaders import alpnet_layout as layout
 from dataloaders.alpnet_prepare import normalised_volume, prepare_alpnet
-from dataloaders.organs import NAME_TO_INDEX
 from dataloaders.prepared import load_volume, read_meta
-from evaluation.alpnet_protocol import evaluate_query, mask_copy_predictor, model_predictor
-from evaluation.evaluate import load_snapshot
+from evaluation.evaluate import evaluate
 from models.checkpoint import load_checkpoint
 from training.loop import config_hash
 from util.atomic import write_text_atomic
@@ -215,38 +213,30 @@ def initial_model(snapshot: Path, device: str):
 
 
 def evaluate_method(snapshot: Path | None, folder: Path, organs: list[str], device: str,
-                    untrained: bool = False) -> tuple[dict, dict, float]:
-    """({organ: {query id: Dice}}, {organ: {query id: prediction}}, seconds) of one method on one fold.
+                    untrained: bool = False, queries: list[str] | None = None,
+                    model_transform=None) -> tuple[dict, dict, float]:
+    """({organ: {query id: Dice}}, {organ: {query id: prediction}}, seconds) of one method on one fold,
+    through test.py's `evaluate` (preset 'alpnet'; queries: the folder's test scans unless given).
 
     untrained: the snapshot's run at step 0 (its initial weights), a control for what training added."""
     start = time.perf_counter()
-    meta = read_meta(folder)["alpnet"]
-    if snapshot is None:
-        predict = mask_copy_predictor
-    elif untrained:
-        model, size = initial_model(snapshot, device)
-        predict = model_predictor(model, size, device)
-    else:
-        model, info = load_snapshot(snapshot, device)
-        predict = model_predictor(model, int(info["input"]["input_size"]), device)
-    dice, predictions = evaluate_predictor(predict, folder, organs, meta["test"])
-    return dice, predictions, time.perf_counter() - start
+    spec, size = snapshot, None
+    if untrained:
+        spec, size = initial_model(snapshot, device)
+    queries = list(queries or read_meta(folder)["alpnet"]["test"])
+    predictions: dict[str, dict] = {organ: {} for organ in organs}
 
-
-def evaluate_predictor(predict, folder: Path, organs: list[str], queries: list[str]) -> tuple[dict, dict]:
-    """({organ: {query id: Dice}}, {organ: {query id: prediction}}) of a Predictor on the given query
-    scans of a prepared folder, against its support scan (SSL-ALPNet's protocol)."""
-    support = gold_volume(folder, read_meta(folder)["alpnet"]["support"])
-    dice, predictions = {}, {}
+    def keep(record, _support, _query, prediction) -> None:
+        predictions[record["organ"]][record["query"]] = prediction
+    name = MASK_COPY if snapshot is None else "method"
+    results = evaluate({name: spec}, organs, folder, preset="alpnet", queries=queries, input_size=size,
+                       device=device, progress=False, figures=False, save_predictions=False,
+                       model_transform=model_transform, on_prediction=keep)["results"][name]
+    dice = {organ: {qid: float("nan") for qid in queries} for organ in organs}
     for organ in organs:
-        index = NAME_TO_INDEX[organ]
-        dice[organ], predictions[organ] = {}, {}
-        for qid in queries:
-            query = gold_volume(folder, qid)
-            value, prediction = evaluate_query(predict, support["image"], support["label"] == index,
-                                               query["image"], query["label"] == index)
-            dice[organ][qid], predictions[organ][qid] = value, prediction
-    return dice, predictions
+        for case in results[organ]["per_volume"]:
+            dice[organ][case["query"]] = case["dice_range"]
+    return dice, predictions, time.perf_counter() - start
 
 
 def run_bench(data_dir: Path, out: Path, folds: list[int], settings: list[int], rule: str, budget: dict,

@@ -19,7 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from evaluation.figures import FIGURE_NAMES, render_figures, write_figures  # noqa: E402
-from evaluation.protocol import ProtocolPreset  # noqa: E402
+from evaluation.protocols import ProtocolPreset  # noqa: E402
 from evaluation.results import markdown_table, read_results  # noqa: E402
 from util.atomic import write_text_atomic  # noqa: E402
 from util.cli import run_cli  # noqa: E402

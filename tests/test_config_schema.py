@@ -70,7 +70,7 @@ def test_schema_describes_every_key_of_config_py_and_nothing_else():
 
 
 def test_literal_registries_equal_their_sources():
-    from evaluation import protocol
+    from evaluation import protocols as protocol
     from models import encoders, fewshot, local_prototypes
     from models.factory import METHODS
     from models.weights import IMAGENET_WEIGHTS

@@ -83,7 +83,7 @@ def test_report_compares_each_row_with_lslpn_and_takes_timings_from_the_timing_p
                           "rows": {"LSLPN": timing(2.0), "+ test-time adaptation": timing(1.0, 10.0),
                                    "LSLPN+": timing(5.0, 12.0)}}}
     doc = tmp_path / "lslpn_plus.md"
-    report.write(results, doc)
+    report.write(results, doc, tool.TRAINING_KEYS)
     text = doc.read_text()
     # every organ up by 7 points: the +5 target is met on Dice, and the time ratios come from the timing pass
     assert "+ test-time adaptation, Setting 2, folds 0, 1: 63.3 against LSLPN 56.2 on the same folds: " \
@@ -132,9 +132,9 @@ def test_report_names_the_rows_that_differ_only_in_training_as_the_timing_noise(
             "LSLPN+ without boundary loss": ADAPT, "+ multi-scale grids": GRIDS}
     results = {"rows": {name: {"options": options} for name, options in rows.items()},
                "timing": {"rows": {name: timing(1.0 + i / 10) for i, name in enumerate(rows)}}}
-    note = report.noise_note(results)
+    note = report.noise_note(results, tool.TRAINING_KEYS)
     assert "LSLPN 1.000 s and + boundary loss 1.100 s" in note
     assert "LSLPN+ 1.200 s and LSLPN+ without boundary loss 1.300 s" in note
     assert "multi-scale" not in note
     del results["rows"]["+ boundary loss"], results["rows"]["LSLPN+ without boundary loss"]
-    assert report.noise_note(results) == ""
+    assert report.noise_note(results, tool.TRAINING_KEYS) == ""

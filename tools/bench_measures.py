@@ -12,7 +12,7 @@ query foreground are ellipses, and features are a smooth random field plus a for
 direction, so that argmax maps are meaningful. Training throughput runs the real training loop
 (`training.loop.train`) on a small phantom prepared by `dataloaders.prepare` (`make_phantom_prep`); inference
 throughput runs
-`evaluation.inference.segment_query_volume` on phantom volumes (`dataloaders.phantom.render_subject`).
+`evaluation.inference.run_chunks` on phantom volumes (`dataloaders.phantom.render_subject`).
 """
 from __future__ import annotations
 
@@ -41,8 +41,8 @@ from sacred.initialize import create_run
 from dataloaders.organs import organ_index
 from dataloaders.phantom import generate_phantom, render_subject
 from dataloaders.prepare import Selection, prepare_dataset
-from evaluation.inference import segment_query_volume
-from evaluation.protocol import get_preset, organ_range
+from evaluation.inference import run_chunks
+from evaluation.protocols import chunk_plan, get_preset, organ_range
 from models.encoders import build_encoder
 from models.fewshot import FewShotSegNet
 from models.local_prototypes import LocalPrototypeHead, grid_cells
@@ -297,7 +297,7 @@ def _memory_child() -> None:
 # --------------------------------------------------------------------------------- figure 5
 def inference_throughput(named: str, device: torch.device, repeats: int, volume_size: int = 256,
                          n_slices: int = 64, input_size: int | None = None, amp: bool = False) -> dict:
-    """Query slices per second of evaluation.inference.segment_query_volume on phantom volumes.
+    """Query slices per second of evaluation.inference.run_chunks on phantom volumes.
 
     Support and query are two phantom subjects (`render_subject`, volume_size x volume_size x ~n_slices);
     the support range is the liver's (protocol preset 'inclusive'), the query range is EVERY axial slice.
@@ -318,9 +318,9 @@ def inference_throughput(named: str, device: torch.device, repeats: int, volume_
 
     def run():
         with autocast(device, amp):
-            return segment_query_volume(model, support, liver, query, support_range, query_range,
-                                        preset.n_chunks, config["input_size"], {"mode": "window",
-                                        "window": [-200, 300]}, device, batch_size)
+            plan = chunk_plan(support_range, query_range, preset.n_chunks)
+            return run_chunks(model, [(support, liver)], plan, query, config["input_size"],
+                              {"mode": "window", "window": [-200, 300]}, device, batch_size)
     timing = measure(run, device, max(1, repeats - 2))
     n_query = query.shape[2]
     return {"config": named, "encoder": config["model"]["encoder"], "input_size": config["input_size"],
@@ -409,7 +409,7 @@ def run_measurements(reference_fn: Callable, plan: Plan, device: torch.device,
         out["training"] = [training_throughput("paper", device, amp, plan.demo_steps, plan.demo_runs,
                                                plan.size)
                            for amp in (False, True)]
-    if not cpu:  # before inference: segment_query_volume's inference_mode would fill the head's cache
+    if not cpu:  # before inference: run_chunks's inference_mode would fill the head's cache
         out["dispatch"] = gpu_dispatch("paper", device, plan.size)
     log("5/6 volumetric inference throughput")
     if cpu:

@@ -146,7 +146,7 @@ def render_section(name: str, results: dict, machine: dict, command: str, plan) 
     lines += ["", "Each run is a fresh `train()` of a few steps (no validation, no checkpoints); s / step is "
               "the loop's own timer (mean of steps 2..n, each ended by `loss.item()`, data loading "
               "included); the table gives the median over runs.", "",
-              "### 5. Volumetric inference throughput (`evaluation.inference.segment_query_volume`)", "",
+              "### 5. Volumetric inference throughput (`evaluation.inference.run_chunks`)", "",
               "| config | encoder | input | volume (X x Y x Z) | batch | AMP | median s / volume | query "
               "slices / s |",
               "|---|---|---|---|---|---|---|---|"]

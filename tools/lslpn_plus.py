@@ -265,7 +265,7 @@ def main(argv: list[str]) -> int:
     if args.report_only:
         if not results_path.is_file():
             raise UserError(f"{results_path}: no results yet: run tools/lslpn_plus.py first")
-        report.write(json.loads(results_path.read_text()), args.doc)
+        report.write(json.loads(results_path.read_text()), args.doc, TRAINING_KEYS)
         print(f"wrote {args.doc}")
         return 0
     data = args.data or bench_chaos.default_data()
@@ -290,7 +290,7 @@ def main(argv: list[str]) -> int:
                "command": " ".join(["python tools/lslpn_plus.py", *argv]),
                "environment": bench.steps.environment_note(), "log": bench.log}
     write_text_atomic(json.dumps(results, indent=1), results_path)
-    report.write(results, args.doc)
+    report.write(results, args.doc, TRAINING_KEYS)
     print(f"\nwrote {args.doc} ({results['seconds'] / 60:.1f} min)")
     print(args.doc.read_text())
     return 0

@@ -2,13 +2,10 @@
 the head's share of a forward pass."""
 from __future__ import annotations
 
-import time
-
 import torch
 from bench_timing import measure
 
-from evaluation.adaptation import AdaptingPredictor
-from evaluation.alpnet_protocol import model_predictor
+from evaluation.adaptation import test_time_model
 from evaluation.evaluate import load_snapshot
 from models.factory import with_head_options
 from models.fewshot import PLUS_DEFAULTS
@@ -27,17 +24,19 @@ def model_with(snapshot, options: dict, device: str):
 def evaluate_cell(steps, options: dict, cell: dict, device: str) -> dict:
     """{dice: {organ: {query id: Dice}}, seconds (inference, all volumes), adapt_seconds, adaptations,
     volumes (query scans x organs)} of one option set on one cell (query ids of cell['queries'])."""
-    model, size = model_with(cell["snapshot"], options, device)
-    if options.get("adapt_steps"):
-        predict = AdaptingPredictor(model, size, device, options["adapt_steps"], options["adapt_lr"])
-    else:
-        predict = model_predictor(model, size, device)
-    start = time.perf_counter()
-    dice, _ = steps.evaluate_predictor(predict, cell["folder"], cell["organs"], cell["queries"])
-    seconds = time.perf_counter() - start
-    adapt_seconds = getattr(predict, "seconds_adapting", 0.0)
+    head = {k: v for k, v in options.items() if k in PLUS_DEFAULTS}
+    adapted = []
+
+    def transform(model):   # the LSLPN+ test-time options, test-time adaptation on stored-resolution views
+        model = test_time_model(model, head, options.get("adapt_steps", 0), options.get("adapt_lr", 1e-2),
+                                stored_views=True)
+        adapted.append(model)
+        return model
+    dice, _, seconds = steps.evaluate_method(cell["snapshot"], cell["folder"], cell["organs"], device,
+                                             queries=cell["queries"], model_transform=transform)
+    adapt_seconds = sum(getattr(model, "seconds_adapting", 0.0) for model in adapted)
     return {"dice": dice, "seconds": seconds - adapt_seconds, "adapt_seconds": adapt_seconds,
-            "adaptations": getattr(predict, "adaptations", 0),
+            "adaptations": sum(getattr(model, "adaptations", 0) for model in adapted),
             "volumes": len(cell["organs"]) * len(cell["queries"])}
 
 

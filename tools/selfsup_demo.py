@@ -38,8 +38,7 @@ import numpy as np  # noqa: E402
 
 from dataloaders.nifti import save_nifti_atomic  # noqa: E402
 from dataloaders.organs import FOLD_ORGANS, TEST_ORGANS  # noqa: E402
-from evaluation.metrics import dice  # noqa: E402
-from evaluation.protocol import mask_copy, support_offsets  # noqa: E402
+from evaluation.protocols import dice, mask_copy, support_offsets  # noqa: E402
 from models.checkpoint import load_checkpoint  # noqa: E402
 from training.runs import finished_snapshot  # noqa: E402
 from util.atomic import write_text_atomic  # noqa: E402
@@ -175,9 +174,9 @@ def phantom_part(log: list, device: str, steps: dict, train_supervised: bool) ->
 
 def sparse_support(labels: np.ndarray, value: int, n: int) -> tuple[np.ndarray, tuple[int, int], np.ndarray]:
     """(mask of `n` annotated axial slices: the middle slices of n equal chunks of the organ's range along
-    stored axis 2 (evaluation.protocol.support_offsets), the organ's half-open range (z0, z1), mask copy:
+    stored axis 2 (evaluation.protocols.support_offsets), the organ's half-open range (z0, z1), mask copy:
     every slice of the range gets its chunk's annotated slice, the protocol's no-model baseline
-    evaluation.protocol.mask_copy with the organ's range as both support and query range)."""
+    evaluation.protocols.mask_copy with the organ's range as both support and query range)."""
     organ = labels == value
     zs = np.flatnonzero(organ.reshape(-1, organ.shape[2]).sum(axis=0) > 0)
     z0, z1 = int(zs[0]), int(zs[-1]) + 1

@@ -65,7 +65,7 @@ HEADS = ("local", "panet", "alpnet")                                            
 SELFSUP_RECIPES = ("project", "alpnet")                                 # dataloaders/selfsup_episodes.py
 EMPTY_CELL_RULES = ("zero",)                                                  # models/local_prototypes.py
 MODEL_METHODS = ("prototype", "senet")                                                # models/factory.py
-PRESETS = ("inclusive", "official", "senet", "alpnet", "thirds")                      # evaluation/protocol.py
+PRESETS = ("inclusive", "official", "senet", "alpnet", "thirds")                     # evaluation/protocols
 INPUT_SLICES = (1, 3)                                   # models/fewshot.py, dataloaders/neighbours.py
 
 
