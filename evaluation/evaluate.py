@@ -1,11 +1,9 @@
 """The volumetric protocol over organs x query volumes x methods, and validation during training.
 
-`evaluate(...)` runs every method (the mask-copy baseline, snapshots, or models in memory) on every
-organ of every query volume of a split, for one support volume or every one in turn, and writes
-results.json, results.csv, table.md, figures and NIfTI predictions under `out_dir` (evaluation/results.py).
+`evaluate(...)` runs every method (mask copy, snapshots, models in memory) on every organ of every query
+volume of a prepared split (PREP/volumes/<split>/<pid>.npz, docs/DESIGN.md) against one support or each in
+turn, and writes results.json, results.csv, table.md, figures and NIfTI predictions (evaluation/results.py).
 `validate(...)` is the same protocol on the held-out split, returning the mean Dice.
-
-Prepared volumes: PREP/volumes/<split>/<pid>.npz (docs/DESIGN.md); PREP/meta.json `intensity`.
 """
 from __future__ import annotations
 
@@ -75,12 +73,9 @@ def organ_names(organs: list[str]) -> list[str]:
 # -------------------------------------------------------------------------------------- methods
 def load_snapshot(path: str | Path, device: str | torch.device = "cpu", input_size: int | None = None,
                   intensity: dict | None = None) -> tuple[torch.nn.Module, dict]:
-    """Build a FewShotSegNet or SENet from a checkpoint; returns (model in eval mode, checkpoint info).
-
-    info['input'] is the input size and intensity it is run with (`models.checkpoint.model_input`
-    of the requested ones); info['input_size'] / info['intensity'] are what it was trained with.
-    Errors: missing file, not a checkpoint of this project, weights that do not fit its config.
-    """
+    """(model in eval mode, info) of a checkpoint (FewShotSegNet or SENet). info['input']: the input size
+    and intensity it is run with (models.checkpoint.model_input); info['input_size'] / ['intensity']: its
+    training's. One-line errors: missing file, not a checkpoint of this project, weights that do not fit."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"snapshot {path} does not exist: pass the best.pth or last.pth of a training run")
@@ -162,10 +157,8 @@ def run_protocol(methods: dict[str, dict], organs: list[str], prep_dir, split: s
                  preset, input_size: int, device, batch_size: int, n_shots: int, intensity: dict,
                  on_prediction=None, progress: bool = False, queries: list[str] | None = None) -> list[dict]:
     """Records {method, organ, support, query, dice_range, dice_volume, ranges, skipped} of every case.
-
-    methods: name -> organ -> (model or None, info). on_prediction(record, support, query, prediction,
-    support_slices) is called for every scored prediction (to save NIfTI files and figure slices).
-    queries: the query ids (None: every volume of the split but the support).
+    methods: name -> organ -> (model or None, info); on_prediction(record, support, query, prediction) is
+    called for every scored prediction; queries: the query ids (None: the split's volumes but the support).
     """
     pids = list_volumes(prep_dir, split) if queries is None else list(queries)
     records = []
@@ -222,14 +215,9 @@ def validate(model: torch.nn.Module, prep_dir: str | Path, split: str = "val",
              organs: list[str] | None = None, preset: str = "inclusive", input_size: int = 512,
              device="cpu", batch_size: int = 16,
              n_shots: int = 1) -> dict:
-    """Volumetric Dice of `model` on a prepared split, for model selection during training.
-
-    Support: the first volume of the split by sorted id ('gold', i.e. test-set selection as the
-    official code: 10000132 when present, as the evaluation); queries: the others. Returns
-    {'mean_dice': mean over organs of the preset's aggregate of range Dice, 'per_organ': {name: Dice},
-    'preset': name}; an organ with no scorable query gets NaN (left out of the mean; NaN if all are).
-    The model's train/eval mode is restored afterwards.
-    """
+    """{'mean_dice', 'per_organ', 'preset'} of `model` on a prepared split, for model selection: support
+    the split's first volume ('gold': 10000132 when present, as the official code), queries the others;
+    mean over organs of the preset's aggregate of range Dice, NaN organs left out. Mode restored after."""
     if not organs:
         raise UserError("validate: no organs given: pass the fold's test organs")
     organs = organ_names(organs)
@@ -296,9 +284,9 @@ class _Collector:
         if entry is None:
             lo, hi = record["query_range"]
             z = (lo + hi) // 2
+            preset = get_preset(record["preset"])
             support_z = int(support_slices_for_query(record["support_range"], record["query_range"],
-                                                     get_preset(record["preset"]).n_chunks,
-                                                     get_preset(record["preset"]).rule,
+                                                     preset.n_chunks, preset.rule,
                                                      support["label"] == organ_index(organ))[z - lo])
             label = organ_index(organ)
             entry = self.figure[organ] = {
@@ -334,22 +322,11 @@ def evaluate(methods: dict, organs: list[str], prep_dir: str | Path, preset: str
              fold: int | None = None, config: dict | None = None, progress: bool = True,
              figures: bool = True, model_transform=None, queries: list[str] | None = None,
              on_prediction=None) -> dict:
-    """Run the volumetric protocol for several methods and organs and write every output once.
-
-    methods: name -> None (mask copy, no model), a snapshot path, a model in memory, or
-             {organ: path or model} (per-fold snapshots in one table).
-    support: a patient id, 'default' (10000132 when present, else the first by sorted id) or 'all'
-             (every volume in turn; mean and std over supports).
-    An SSL-ALPNet-prepared folder is evaluated on its own split (`own_split`): support 'default' is its
-    support scan, the queries its test scans (or `queries`), organs must be its test organs.
-    model_transform: applied to every loaded model (None: the snapshots as they are).
-    on_prediction(record, support, query, prediction): called for every scored prediction.
-    n_shots: k support slices around each chunk centre for the models (evaluation/protocols.py); the
-             mask copy always copies the centre slice (the paper's alignment Dice).
-    Writes under out_dir (when given): results.json, results.csv, table.md, figure_data.npz,
-    results.png, misalignment.png and predictions/<method>/<query>_<organ>.nii.gz (original geometry).
-    Returns the results dict (as results.json).
-    """
+    """Run the protocol for every method (name -> None for mask copy, a snapshot path, a model, or {organ:
+    either}) and organ; returns results.json's content, written with table.md, figures and predictions
+    under out_dir when given. support: an id, 'default' (10000132, else the first) or 'all'; an SSL-ALPNet
+    folder uses its own split (`own_split`). n_shots: k slices per chunk for models (mask copy: 1);
+    model_transform: applied to every loaded model; on_prediction(record, support, query, prediction)."""
     if not methods:
         raise UserError("evaluate: no methods given: pass e.g. "
                         "{'mask copy': None, 'LSLPN': 'runs/.../best.pth'}")
