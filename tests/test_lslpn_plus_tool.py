@@ -98,7 +98,6 @@ def test_report_compares_each_row_with_lslpn_and_takes_timings_from_the_timing_p
 
 
 def test_timing_pass_warms_up_keeps_each_rows_fastest_pass_and_caches(tmp_path, monkeypatch):
-    import lslpn_plus_eval
     slow_first = iter([100.0, 4.0, 8.0, 6.0, 2.0])    # warm-up, then LSLPN and LSLPN+ in pass 1, pass 2
     calls = []
 
@@ -106,8 +105,8 @@ def test_timing_pass_warms_up_keeps_each_rows_fastest_pass_and_caches(tmp_path, 
         calls.append(dict(options))
         return {"seconds": next(slow_first), "adapt_seconds": 3.0 if options else 0.0, "adaptations": 2,
                 "volumes": 2, "dice": {}}
-    monkeypatch.setattr(lslpn_plus_eval, "evaluate_cell", fake_evaluate)
-    monkeypatch.setattr(lslpn_plus_eval, "head_share", lambda snapshot, options, device: {"share": 0.5})
+    monkeypatch.setattr(tool, "evaluate_cell", fake_evaluate)
+    monkeypatch.setattr(tool, "head_share", lambda snapshot, options, device: {"share": 0.5})
 
     class FakeBench:
         steps = type("Steps", (), {"environment_note": staticmethod(lambda: "test machine")})
