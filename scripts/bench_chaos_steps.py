@@ -42,32 +42,13 @@ ROOT = Path(__file__).resolve().parents[1]
 MASK_COPY = "mask copy"
 
 
-def head_available(head: str) -> bool:
-    """Does this checkout's model have model.head=`head` (the ALPNet head is another change's)?"""
-    from models import fewshot  # the model's head registry
-    try:
-        from util import config_schema  # the one place that validates config options
-    except ImportError:
-        return head in getattr(fewshot, "HEADS", ())
-    return head in getattr(fewshot, "HEADS", ()) and head in getattr(config_schema, "HEADS", ())
-
-
-def alpnet_episodes_available() -> bool:
-    """Does this checkout's config have selfsup.episodes (SSL-ALPNet's own episode recipe, 'alpnet')?"""
-    config = create_run(ex, "print_config", config_updates={}, named_configs=["selfsup"]).config
-    return "episodes" in (config.get("selfsup") or {})
-
-
 def methods(include_alpnet: bool = True) -> dict[str, dict]:
     """Table row -> how it trains: named configs and overrides on top of the budget's base.
-
-    Self-supervised rows use SSL-ALPNet's episode recipe (selfsup.episodes=alpnet) where the checkout has it,
-    else this project's ('selfsup' config); the report names which.
-    """
-    recipe = ["selfsup.episodes=alpnet"] if alpnet_episodes_available() else []
+    Self-supervised rows use SSL-ALPNet's episode recipe (selfsup.episodes=alpnet)."""
+    recipe = ["selfsup.episodes=alpnet"]
     rows = {"LSLPN": {"named": ["selfsup"], "overrides": [*recipe]},
             "PANet head": {"named": ["selfsup", "panet"], "overrides": [*recipe]}}
-    if include_alpnet and head_available("alpnet"):
+    if include_alpnet:
         rows["ALPNet head"] = {"named": ["selfsup"],
                                "overrides": ["model.head=alpnet", "model.align=True", *recipe]}
     rows["LSLPN, untrained"] = {"untrained_of": "LSLPN"}      # the LSLPN run's initial weights (step 0)
@@ -259,8 +240,7 @@ def run_bench(data_dir: Path, out: Path, folds: list[int], settings: list[int], 
                 or how.get("untrained_of") in only}
     log: list[dict] = []
     results = {"dataset": dataset.name, "data": str(data_dir), "rule": rule, "budget": budget,
-               "methods": [MASK_COPY, *rows], "cells": [], "log": log,
-               "episodes": "alpnet" if alpnet_episodes_available() else "project"}
+               "methods": [MASK_COPY, *rows], "cells": [], "log": log}
     for setting in sorted(settings, reverse=True):
         for fold in folds:
             shared = prepared(data_dir, out, fold, setting, None, rule, log) if setting == 1 else None
