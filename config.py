@@ -160,7 +160,7 @@ def default_config():
     eval = {
         "preset": "inclusive",    # 'inclusive' (this project: inclusive organ range, centre slices),
                                   # 'official' (the authors' eval.py exactly), 'senet', 'alpnet', 'thirds'
-                                  # (evaluation/protocol.py)
+                                  # (evaluation/protocols.py)
         "support": "default",     # a patient id, 'default' (10000132 if present else first gold), or 'all'
         "n_shots": 1,
         "snapshots": {},          # method name -> checkpoint path, e.g. {"LSLPN": "runs/.../best.pth"}

@@ -3,7 +3,7 @@
 The one place of the neighbour rule (`neighbour_indices`) and of the stack built from a volume
 (`neighbour_stack`): the prepared-folder writers (dataloaders/prepare.py, dataloaders/alpnet_prepare.py)
 use them for the stored training neighbours, the evaluation paths (evaluation/inference.py,
-evaluation/alpnet_protocol.py) for whole volumes. Channel order: (z - 1, z, z + 1), the centre in the
+evaluation/protocols.py) for whole volumes. Channel order: (z - 1, z, z + 1), the centre in the
 middle; with input_slices = 1 the stack is the slice alone (one channel), as before 2.5D existed.
 """
 from __future__ import annotations

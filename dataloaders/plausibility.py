@@ -35,7 +35,7 @@ MAX_MASK_LABELS = 256           # a mask with more distinct values than this is 
 MANY_LABELS = 8                 # a "mask" with more distinct values than this over most of its voxels:
 IMAGE_FOREGROUND_FRACTION = 0.5  # (more than this fraction non-zero) is an image
 MAX_IMAGE_LABELS = 64           # an "image" of at most this many distinct whole values >= 0 is a label volume
-AIR_HU = -500.0                 # CT: body voxels above this, air below (as evaluation/query_range.BODY_HU)
+AIR_HU = -500.0                 # CT: body voxels above this, air below (as evaluation/segment.BODY_HU)
 _SAMPLE = 200_000               # voxels looked at first (a strided sample) before a full count
 FOV_RATIO = 0.6                 # query in-plane extent below this fraction of the support's: warning
 # Largest support slice below this area (mm^2): warning. About a tenth of the largest cross-section of

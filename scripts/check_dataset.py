@@ -18,7 +18,7 @@ from evaluation.dataset_check import (
     format_table,
     prepared_mask_copy,
 )
-from evaluation.protocol import get_preset
+from evaluation.protocols import get_preset
 from util.cli import run_cli
 
 
@@ -28,7 +28,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("prep", help="prepared folder (scripts/prepare_visceral.py --out)")
     parser.add_argument("--mask-copy", action="store_true", help="also print the mask-copy Dice on gold")
     parser.add_argument("--preset", default=DEFAULT_PRESET,
-                        help="protocol preset of the mask-copy check (evaluation/protocol.py)")
+                        help="protocol preset of the mask-copy check (evaluation/protocols.py)")
     args = parser.parse_args(argv)
 
     if args.mask_copy:

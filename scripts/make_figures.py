@@ -16,7 +16,7 @@ import json
 from pathlib import Path
 
 from evaluation.figures import FIGURE_NAMES, render_figures, write_figures
-from evaluation.protocol import ProtocolPreset
+from evaluation.protocols import ProtocolPreset
 from evaluation.results import markdown_table, read_results
 from util.atomic import write_text_atomic
 from util.cli import run_cli

@@ -15,7 +15,7 @@ from pathlib import Path
 from dataloaders.phantom import generate_phantom
 from dataloaders.prepared import default_support
 from evaluation.dataset_check import format_mask_copy, mask_copy_dice
-from evaluation.protocol import get_preset
+from evaluation.protocols import get_preset
 from util.cli import run_cli
 
 

@@ -11,8 +11,7 @@ import numpy as np
 import pytest
 
 from evaluation.evaluate import evaluate
-from evaluation.metrics import dice
-from evaluation.protocol import PRESETS, chunk_plan, get_preset, mask_copy, preset_range
+from evaluation.protocols import PRESETS, chunk_plan, dice, get_preset, mask_copy, preset_range
 from models.checkpoint import check_compatible, load_checkpoint, model_from_checkpoint
 from models.fewshot import FewShotSegNet
 from models.senet import SENet
@@ -84,7 +83,7 @@ def test_senet_preset_is_the_official_evaluator_rule():
     query_range = preset_range(query, preset, role="query")
     assert support_range == (100, 124) and query_range == (20, 24)                # crop: 1 slice before
     plan = chunk_plan(support_range, query_range, preset.n_chunks, 1, preset.rule, support)
-    # hand-worked: test_senet_pairing
+    # hand-worked: test_protocols
     kept = 100 + np.array([1, 3, 6, 8, 11, 13, 15, 18, 20, 23])
     assert [(int(s[0]), q.tolist()) for s, q in plan] == [
         (kept[1], [20]), (kept[3], [21]), (kept[5], [22]), (kept[7], [23]), (kept[9], [24])]

@@ -40,8 +40,8 @@ from sacred.initialize import create_run
 from dataloaders.organs import organ_index
 from dataloaders.phantom import generate_phantom, render_subject
 from dataloaders.prepare import Selection, prepare_dataset
-from evaluation.inference import segment_query_volume
-from evaluation.protocol import get_preset, organ_range
+from evaluation.inference import run_chunks
+from evaluation.protocols import chunk_plan, get_preset, organ_range
 from models.encoders import build_encoder
 from models.fewshot import FewShotSegNet
 from models.local_prototypes import LocalPrototypeHead, grid_cells, official_cell_loop
@@ -321,7 +321,7 @@ def _memory_child(args: dict) -> None:
 
 def inference_throughput(named: str, device: torch.device, repeats: int, volume_size: int, n_slices: int,
                          input_size: int | None = None, amp: bool = False) -> dict:
-    """Query slices per second of evaluation.inference.segment_query_volume: two phantom subjects
+    """Query slices per second of evaluation.inference.run_chunks: two phantom subjects
     (render_subject), support range the liver's (preset 'inclusive'), EVERY axial slice of the query."""
     config = resolve_config(named, {"input_size": input_size} if input_size else {})
     support, support_label, _, _ = render_subject(np.random.default_rng([0, 1]), volume_size, n_slices)
@@ -336,9 +336,9 @@ def inference_throughput(named: str, device: torch.device, repeats: int, volume_
 
     def run():
         with autocast(device, amp):
-            return segment_query_volume(model, support, liver, query, support_range, (0, query.shape[2] - 1),
-                                        preset.n_chunks, config["input_size"],
-                                        {"mode": "window", "window": [-200, 300]}, device, batch_size)
+            plan = chunk_plan(support_range, (0, query.shape[2] - 1), preset.n_chunks)
+            return run_chunks(model, [(support, liver)], plan, query, config["input_size"],
+                              {"mode": "window", "window": [-200, 300]}, device, batch_size)
     timing = measure(run, device, max(1, repeats - 2))
     return {"config": named, "encoder": config["model"]["encoder"], "input_size": config["input_size"],
             "batch_size": batch_size, "volume_shape": list(query.shape), "query_slices": query.shape[2],
@@ -404,7 +404,7 @@ def run_measurements(plan: Plan, device: torch.device, log: Callable[[str], None
     named, size, amps = ("demo", plan.demo_size, (False,)) if cpu else ("paper", plan.size, (False, True))
     out["training"] = [training_throughput(named, device, amp, plan.demo_steps, plan.demo_runs, size)
                        for amp in amps]
-    if not cpu:  # before inference: segment_query_volume's inference_mode would fill the head's cache
+    if not cpu:  # before inference: run_chunks's inference_mode would fill the head's cache
         out["dispatch"] = gpu_dispatch("paper", device, plan.size)
     log("5/6 volumetric inference throughput")
     out["inference"] = [inference_throughput(named, device, plan.repeats, plan.volume_size, plan.n_slices,
@@ -512,7 +512,7 @@ def render_section(name: str, results: dict, machine: dict, command: str, plan: 
               "", "Each run is a fresh `train()` of a few steps (no validation, no checkpoints); s / step is "
               "the loop's own timer (mean of steps 2..n, each ended by `loss.item()`, data loading "
               "included); the table gives the median over runs.", "",
-              "### 5. Volumetric inference throughput (`evaluation.inference.segment_query_volume`)", "",
+              "### 5. Volumetric inference throughput (`evaluation.inference.run_chunks`)", "",
               *table("config", "encoder", "input", "volume (X x Y x Z)", "batch", "AMP", "median s / volume",
                      "query slices / s"),
               *[row(r["config"], r["encoder"], r["input_size"], " x ".join(map(str, r["volume_shape"])),

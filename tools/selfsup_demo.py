@@ -32,8 +32,7 @@ from dataloaders.nifti import save_nifti_atomic
 from dataloaders.organs import FOLD_ORGANS, TEST_ORGANS
 from demo import run as demo
 from evaluation.evaluate import evaluate
-from evaluation.metrics import dice
-from evaluation.protocol import mask_copy, support_offsets
+from evaluation.protocols import dice, mask_copy, support_offsets
 from experiments.runner import ROOT, finished, python_command, run_step, train_or_reuse
 from util.atomic import write_text_atomic
 from util.cli import run_cli

@@ -1,7 +1,7 @@
 """Validate a resolved Sacred config before anything runs: `check_config(config, command)`, once per
 command (train.py, test.py). It assembles the options each component declares (the run's own here,
 model.* from models/factory.py, selfsup.* from dataloaders/selfsup_episodes.py, eval.* from
-evaluation/protocol.py), checks them with util/options.py, then the rules between keys and the facts on
+evaluation/protocols.py), checks them with util/options.py, then the rules between keys and the facts on
 disk the command needs (prepared data, files named, training classes, validation volumes, neighbour
 slices, eval.support). Every error is one line (`UserError`); models and loaders trust what passed.
 """
@@ -16,7 +16,7 @@ from dataloaders.organs import FOLD_ORGANS, INDEX_TO_NAME, organ_index, training
 from dataloaders.prepared import check_training_neighbours, list_volumes, read_meta, read_slice_index
 from dataloaders.selfsup_episodes import SELFSUP_OPTIONS
 from dataloaders.superpixels import read_superpixel_meta
-from evaluation.protocol import EVAL_OPTIONS
+from evaluation.protocols import EVAL_OPTIONS
 from models.factory import MODEL_OPTIONS, SENET, check_model_rules
 from models.weights import IMAGENET_WEIGHTS
 from util.device import resolve_device
