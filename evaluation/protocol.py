@@ -18,9 +18,8 @@ c + d for d = -(k-1)//2 ... k//2 around its centre offset c, clipped to the rang
 
 Two rule sets (a preset names its own, and every results file names the preset):
 - 'inclusive' (this project's rule above, presets 'inclusive' and 'thirds'): the range is
-  first..last qualifying slice over all Z slices, inclusive; plain Dice. ('lslpn', the older name
-  of 'inclusive', was removed after commit b9c8bb5; 'thirds' is what was called 'alpnet' until then:
-  3 chunks of this rule, an approximation of SSL-ALPNet's protocol.)
+  first..last qualifying slice over all Z slices, inclusive; plain Dice. ('thirds': 3 chunks of this
+  rule, an approximation of SSL-ALPNet's protocol.)
 - 'official' (the authors' eval.py, docs/method.md, "The official code's rules"; preset 'official'):
   qualifying slices are looked for in z = 0 .. Z-2 only, and the range is cropped to [first, last)
   (the last qualifying slice is dropped); chunk i of a range of L slices is offsets floor(i L / n) ..
@@ -72,16 +71,12 @@ PRESETS: dict[str, ProtocolPreset] = {
     "senet": ProtocolPreset("senet", n_chunks=10, threshold=10, aggregate="median", rule="senet",
                             dice_eps=1e-4),
     "alpnet": ProtocolPreset("alpnet", n_chunks=3, threshold=0, aggregate="mean", rule="alpnet"),
-    "thirds": ProtocolPreset("thirds", n_chunks=3, threshold=1, aggregate="mean"),   # 'alpnet' until b9c8bb5
+    "thirds": ProtocolPreset("thirds", n_chunks=3, threshold=1, aggregate="mean"),
 }
-REMOVED_PRESETS = {"lslpn": "it was the older name of 'inclusive' (last in commit b9c8bb5, 2026-11-27): use "
-                            "'inclusive', the same rule"}
 
 
 def get_preset(name: str) -> ProtocolPreset:
-    """The preset called `name`; a clear error for an unknown or removed one."""
-    if name in REMOVED_PRESETS:
-        raise UserError(f"protocol preset '{name}' was removed: {REMOVED_PRESETS[name]}")
+    """The preset called `name`; a clear error for an unknown one."""
     if name not in PRESETS:
         raise UserError(f"protocol preset '{name}' is unknown: use one of {', '.join(PRESETS)}")
     return PRESETS[name]

@@ -8,9 +8,7 @@ A training checkpoint is a dict (docs/DESIGN.md):
   step         number of optimisation steps done
   rng          list of `util.device.get_rng_state()` snapshots, one per DDP rank
   model_config the model's config dict (`FewShotSegNet.config` or `SENet.config`, whose
-               'method' is 'senet'): rebuilds the network (models/factory.py). Snapshots written
-               before the rename call it `config`; `load_checkpoint` accepts both and returns both
-               names (`config` is kept as an alias for older callers)
+               'method' is 'senet'): rebuilds the network (models/factory.py)
   fold, seed   the fold trained on and the run's seed
   config_hash  hash of the resolved run config that identifies the run for resume
   run_config   the whole resolved Sacred config (for reference)
@@ -18,13 +16,10 @@ A training checkpoint is a dict (docs/DESIGN.md):
   input_size   the slice size the model was trained on
   intensity    meta.json's intensity scaling of its training slices
 A snapshot describes itself: `model_from_checkpoint` rebuilds the network from `config`, and
-`model_input` answers with which input size and intensity scaling it is run. Snapshots written
-before input_size/intensity were recorded still load (their run_config gives the size; the
-intensity is then unknown and the caller's fallback applies).
+`model_input` answers with which input size and intensity scaling it is run.
 
 Loading never runs code from the file: every `torch.load` of the project goes through
-`safe_torch_load` (weights_only=True: tensors, containers, numbers, strings; plus exactly the numpy
-types of an RNG state of snapshots written before `save_checkpoint` stored it as plain lists). A file
+`safe_torch_load` (weights_only=True: tensors, containers, numbers, strings). A file
 that holds any other pickled object (a class, a function call) is refused in one line before anything
 of it runs. A checkpoint whose weights hold NaN/inf is refused too (it would segment nothing).
 """
@@ -45,7 +40,6 @@ import torch
 from models.encoders import ResNet50LSLPN
 from models.factory import METHOD_NAMES, build_model, method_of
 from models.fewshot import OFFICIAL_MODEL_CONFIG, is_official_snapshot
-from models.removed_options import refuse_removed_options
 from util.atomic import atomic_path
 from util.cli import warn
 from util.config_schema import check_model_config
@@ -79,29 +73,15 @@ def plain_data(value):
 def save_checkpoint(path: str, state: Mapping) -> None:
     """Write `state` to `path` atomically (util/atomic.py), as plain data (`plain_data`).
 
-    The model settings are stored as `model_config` (a `config` entry of the caller is renamed).
     Serialised in memory first: torch's own file writer turns a full disk into an opaque RuntimeError
     ("unexpected pos"), a plain write raises OSError (ENOSPC/EFBIG), which the entry points report in
     one line (util.paths.output_error_message); the temp file is removed either way.
     """
-    state = dict(state)
-    if "config" in state:                      # the old name (or load_checkpoint's alias)
-        state.setdefault("model_config", state["config"])
-        del state["config"]
     buffer = io.BytesIO()
     torch.save(plain_data(state), buffer)
     with atomic_path(path) as temporary:
         with open(temporary, "wb") as handle:
             handle.write(buffer.getbuffer())
-
-
-def _old_rng_globals() -> list:
-    """The numpy objects a pickled `np.random.get_state()` needs (numpy 1 and 2 names), nothing else."""
-    core = np._core if hasattr(np, "_core") else np.core
-    reconstruct = core.multiarray._reconstruct
-    return [np.ndarray, np.dtype, np.dtypes.UInt32DType, reconstruct,
-            (reconstruct, "numpy.core.multiarray._reconstruct"),
-            (reconstruct, "numpy._core.multiarray._reconstruct")]
 
 
 _GLOBAL = re.compile(r"GLOBAL\s+([\w.]+)|but got <class '([\w.]+)'>")   # torch's names for the object
@@ -117,8 +97,7 @@ def safe_torch_load(path: str, map_location: str | torch.device = "cpu", what: s
         raise UserError(f"{what} '{path}' does not exist: give the path of a best.pth/last.pth "
                         "written by train.py")
     try:
-        with torch.serialization.safe_globals(_old_rng_globals()):
-            return torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as error:
         found = _GLOBAL.search(" ".join(str(error).split()))    # an object to import or build: code
         if found:
@@ -144,10 +123,9 @@ def _official_encoder_keys() -> frozenset:
 
 def _official_layout(keys: set) -> bool:
     """Keys of the official network: most of its encoder.* keys (a few missing ones are reported by the
-    encoder's loader, key by key), or the removed torchvision-layout variant's stem/fuse (refused there)."""
+    encoder's loader, key by key)."""
     official = _official_encoder_keys()
-    variant = {"encoder.stem.0.weight", "encoder.fuse.0.weight"}
-    return len(official & keys) >= len(official) // 2 or variant <= keys
+    return len(official & keys) >= len(official) // 2
 
 
 def _bare_state_dict(state) -> bool:
@@ -168,7 +146,7 @@ def _check_finite_weights(weights: Mapping, path: str) -> None:
 def load_checkpoint(path: str, map_location: str | torch.device = "cpu") -> dict:
     """Load a checkpoint written by `save_checkpoint` (or an official-code snapshot); one-line errors.
 
-    Returns the checkpoint dict with `model_config` (and its alias `config`). Refused: pickled code
+    Returns the checkpoint dict. Refused: pickled code
     (`safe_torch_load`), a bare state dict that is not of the official layout, a dict without model
     weights and model config, NaN/inf weights.
     """
@@ -187,18 +165,15 @@ def load_checkpoint(path: str, map_location: str | torch.device = "cpu") -> dict
                             "'model_config'), and not an official-code snapshot (every key of the authors' "
                             "resnet50_lslpn network, encoder.conv1.weight ... encoder.layer4.0.weight): pass "
                             "best.pth/last.pth of train.py, or load the weights with path.init_path")
-    if not isinstance(state, dict) or "model" not in state or not (
-            "model_config" in state or "config" in state):
+    if not isinstance(state, dict) or "model" not in state or "model_config" not in state:
         found = ", ".join(sorted(map(str, state))[:6]) if isinstance(state, dict) else type(state).__name__
         raise UserError(f"checkpoint '{path}' is not a train.py checkpoint (no model/model_config entries; "
                         f"found {found or 'nothing'}): pass best.pth/last.pth of train.py")
-    state = dict(state)
-    model_config = state.get("model_config", state.get("config"))
+    model_config = state["model_config"]
     if not isinstance(model_config, Mapping) or not isinstance(state["model"], Mapping):
         raise UserError(f"checkpoint '{path}': 'model_config' and 'model' must be dicts, got "
                         f"{type(model_config).__name__} and {type(state['model']).__name__}: the file is "
                         "not a train.py checkpoint")
-    state["model_config"] = state["config"] = dict(model_config)
     _check_finite_weights(state["model"], path)
     trained_input(state, path)                                  # a malformed input_size record: one line
     return state
@@ -244,7 +219,6 @@ def load_model_state(model: torch.nn.Module, path: str, requested: Mapping | Non
                      strict: bool = True) -> dict:
     """Load a snapshot's weights into `model` after the config check; returns the checkpoint dict."""
     state = load_checkpoint(path)
-    refuse_removed_options(state["model_config"], f"snapshot {path}", snapshot=True)
     if requested is not None:
         check_compatible(state["model_config"], requested, path, strict=strict)
     try:
@@ -265,7 +239,6 @@ def model_from_checkpoint(path: str, device: str | torch.device = "cpu") -> tupl
     """
     state = load_checkpoint(str(path))
     config = dict(state["model_config"])
-    refuse_removed_options(config, f"snapshot {path}", snapshot=True)
     check_model_config(config, source=f"snapshot {path}")   # the config schema: the model trusts its options
     log = logging.getLogger("lslpn")        # "starting from random initialisation" is moot: weights load next
     level = log.level
@@ -294,11 +267,7 @@ def trained_input(state: Mapping, name: str = "snapshot") -> tuple[int | None, d
 
     A recorded size that is not a whole number in MIN_INPUT_SIZE..MAX_INPUT_SIZE is a one-line error.
     """
-    run_config = state.get("run_config") or {}
-    size = state.get("input_size")
-    if size is None and isinstance(run_config, Mapping):
-        size = run_config.get("input_size")
-    return check_input_size(size, f"{name}: recorded input_size"), state.get("intensity")
+    return check_input_size(state.get("input_size"), f"{name}: recorded input_size"), state.get("intensity")
 
 
 def model_input(state: Mapping, input_size: int | None = None, intensity: dict | None = None,

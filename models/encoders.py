@@ -18,7 +18,6 @@
   BatchNorm trains as usual (train mode, affine trainable), as SSL-ALPNet. No ImageNet mean/std on
   the input (SSL-ALPNet feeds its z-scored slices tiled to 3 channels). Initial weights: torchvision's
   COCO weights (DeepLabV3_ResNet101_Weights.COCO_WITH_VOC_LABELS_V1, backbone.* only).
-  (The earlier 'resnet50_torchvision' variant was removed: models/removed_options.py.)
 - 'cnn_small': a compact conv-BN-ReLU net for the CPU demo, output stride 4, 128 channels; no
   ImageNet weights.
 
@@ -36,7 +35,6 @@ import logging
 import torch
 from torch import Tensor, nn
 
-from models.removed_options import removed_option_error
 from models.weights import IMAGENET_WEIGHTS, imagenet_state, read_state_file, strip_prefixes, weights_name
 from util.errors import UserError
 
@@ -169,7 +167,6 @@ class ResNet50LSLPN(_Encoder):
         """A torchvision resnet50 ImageNet state dict (conv1, bn1, layer1-3; layer4 and fc are
         skipped, as the official code) or an official-code snapshot (encoder.* keys)."""
         state = strip_prefixes(state)
-        _refuse_layout(state, source)
         if any(k.startswith("encoder.") for k in state):
             load_official_snapshot(self, state, source)
             return
@@ -182,15 +179,7 @@ def load_official_snapshot(encoder: ResNet50LSLPN, state: dict, source: str) -> 
     """Every encoder.* weight of an official-code snapshot into `encoder` (missing keys: error)."""
     given = {k.removeprefix("encoder."): v for k, v in strip_prefixes(state).items()
              if k.startswith("encoder.")}
-    _refuse_layout(given, source)
     _load_matching(encoder, given, encoder.state_dict(), source, "resnet50_lslpn (official-code snapshot)")
-
-
-def _refuse_layout(state: dict, source: str) -> None:
-    """UserError when weights of the removed torchvision-layout ResNet-50 (keys stem.*, fuse.*) are given."""
-    keys = {k.removeprefix("encoder.") for k in state}
-    if {"stem.0.weight", "fuse.0.weight"} & keys:
-        raise removed_option_error("encoder", "resnet50_torchvision", f"{source}: keys stem.*, fuse.*")
 
 
 class DeepLabV3ResNet101(_Encoder):

@@ -27,7 +27,6 @@ from models.grid import grid_cells
 from util.errors import UserError
 
 RESOLUTIONS = ("image", "feature")
-EMPTY_CELL_RULES = ("zero",)  # the authors' rule; 'skip' was removed (models/removed_options.py)
 MAX_VOTE_FLOOR = -1.0         # the official running maximum starts at -1
 MEAN_EPS = 1e-5               # the official masked averages divide by (pixel count + 1e-5)
 _IGNORE = 255

@@ -71,41 +71,21 @@ def test_schema_describes_every_key_of_config_py_and_nothing_else():
 
 def test_literal_registries_equal_their_sources():
     from evaluation import protocol
-    from models import encoders, fewshot, local_prototypes
+    from models import encoders, fewshot
     from models.factory import METHODS
     from models.weights import IMAGENET_WEIGHTS
-    try:
-        from models import removed_options
-        removed = {(f"{'eval' if option == 'preset' else 'model'}.{option}", value): fix
-                   for (option, value), fix in removed_options.REMOVED.items()}
-        assert (schema.LAST_COMMIT, schema.LAST_VERSION) == (removed_options.LAST_COMMIT,
-                                                             removed_options.LAST_VERSION)
-        assert schema.REMOVED_VALUES == removed
-    except ImportError:                 # before models/removed_options.py: nothing removed yet
-        removed = {}
-
-    def current(key, values):
-        return tuple(v for v in values if (key, v) not in removed)
-    assert schema.ENCODERS == current("model.encoder", encoders.ENCODERS)
-    assert schema.IMAGENET_ENCODERS == current("model.encoder", IMAGENET_WEIGHTS)
+    assert schema.ENCODERS == encoders.ENCODERS
+    assert schema.IMAGENET_ENCODERS == tuple(IMAGENET_WEIGHTS)
     assert schema.HEADS == tuple(fewshot.HEADS)
     from dataloaders.selfsup_episodes import RECIPES
     assert schema.SELFSUP_RECIPES == RECIPES
-    assert schema.EMPTY_CELL_RULES == current("model.empty_cell", local_prototypes.EMPTY_CELL_RULES)
     assert schema.MODEL_METHODS == METHODS
-    assert schema.PRESETS == current("eval.preset", protocol.PRESETS)
+    assert schema.PRESETS == tuple(protocol.PRESETS)
     classes = {"vgg16": "VGG16Encoder", "resnet50_lslpn": "ResNet50LSLPN",
                # a new encoder: add its class here and its stride to the schema
                "deeplabv3_resnet101": "DeepLabV3ResNet101", "cnn_small": "SmallCNN"}
     assert schema.ENCODER_STRIDES == {name: getattr(encoders, classes[name]).output_stride
                                       for name in schema.ENCODERS}
-
-
-def test_removed_values_say_when_they_went_and_what_to_use():
-    message = one_line_error(resolve(model={"empty_cell": "skip"}))
-    assert message == ("model.empty_cell = 'skip': this option was removed after commit b9c8bb5 "
-                       "(2026-11-27): retrain with empty_cell='zero' or check out b9c8bb5")
-    assert "this option was removed" in one_line_error(resolve(eval={"preset": "lslpn"}))
 
 
 @pytest.mark.parametrize("named", NAMED, ids=lambda n: "+".join(n) or "default")
@@ -220,8 +200,8 @@ def test_snapshot_model_configs():
     check_model_config({"encoder": "vgg16"})                       # older snapshots: keys missing
     with pytest.raises(UserError, match=r"^snapshot a\.pth: model\.vote = 'median': unknown"):
         check_model_config({"vote": "median"}, source="snapshot a.pth")
-    with pytest.raises(UserError, match=r"^eval\.model\.empty_cell = 0: unknown"):
-        check_model_config({"empty_cell": 0}, prefix="eval.model")
+    with pytest.raises(UserError, match=r"^eval\.model\.vote = 0: "):
+        check_model_config({"vote": 0}, prefix="eval.model")
     with pytest.raises(UserError, match=r"model\.n_grid = 20: larger than the 16 x 16"):
         check_model_config({"encoder": "cnn_small", "n_grid": 20}, input_size=64)
 

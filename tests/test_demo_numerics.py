@@ -80,7 +80,7 @@ def test_the_demo_reuses_only_runs_of_its_own_config(tmp_path):
     run = tmp_path / "lslpn_fold0" / "1"
     run.mkdir(parents=True)
     for name in ("last.pth", "best.pth"):
-        save_checkpoint(str(run / name), {"model": {}, "config": {}, "step": 600, "config_hash": "old"})
+        save_checkpoint(str(run / name), {"model": {}, "model_config": {}, "step": 600, "config_hash": "old"})
     assert demo_steps.finished_run(tmp_path, "lslpn_fold0", 600, "new") is None
     assert demo_steps.finished_run(tmp_path, "lslpn_fold0", 600, "old") == run / "best.pth"
     overrides = ["fold=0", "name=lslpn_fold0", "path.log_dir=runs/demo/train",

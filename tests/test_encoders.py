@@ -127,7 +127,7 @@ def test_official_snapshot_loads_as_init_path_and_as_model_weights(tmp_path):
     encoder = build_encoder("resnet50_lslpn", path)
     assert torch.equal(encoder.layer4[0].weight, encoder_state["layer4.0.weight"])
     assert torch.equal(encoder.layer3[1].bn2.running_mean, encoder_state["layer3.1.bn2.running_mean"])
-    model = FewShotSegNet(encoder="resnet50_lslpn", empty_cell="zero")
+    model = FewShotSegNet(encoder="resnet50_lslpn")
     model.load_state_dict(torch.load(path))                  # the whole snapshot, as test.py would
     assert torch.equal(model.encoder.layer4[0].bias, encoder_state["layer4.0.bias"])
 
@@ -148,17 +148,8 @@ def test_bad_snapshots_and_checkpoints(tmp_path):
     _, path = _official_snapshot(tmp_path, drop="layer4.0.weight")   # official snapshot, a key missing
     with pytest.raises(UserError, match=r"official.pth: does not match .*layer4.0.weight"):
         build_encoder("resnet50_lslpn", path)
-    # weights of the removed torchvision-layout variant (keys stem.*, fuse.*): one line, retrain
-    variant = {"encoder.stem.0.weight": torch.zeros(64, 3, 7, 7),
-               "encoder.fuse.0.weight": torch.zeros(256, 1536, 3, 3)}
-    torch.save(variant, tmp_path / "variant.pth")
-    removed = "model.encoder = 'resnet50_torchvision' .*removed after commit b9c8bb5"
-    with pytest.raises(UserError, match=rf"{removed}.*encoder='resnet50_lslpn'"):
-        build_encoder("resnet50_lslpn", str(tmp_path / "variant.pth"))
-    with pytest.raises(UserError, match=removed):
-        FewShotSegNet(encoder="resnet50_lslpn").load_state_dict(variant)
-    with pytest.raises(UserError, match="model.encoder = 'resnet50_torchvision': unknown encoder"):
-        build_encoder("resnet50_torchvision")
+    with pytest.raises(UserError, match="model.encoder = 'alexnet': unknown encoder"):
+        build_encoder("alexnet")
 
 
 class _FakeWeights:
@@ -218,7 +209,7 @@ def test_official_snapshot_as_a_test_snapshot(tmp_path):
     from models.checkpoint import model_from_checkpoint
     encoder_state, path = _official_snapshot(tmp_path)
     model, state = model_from_checkpoint(path)
-    assert state["official_snapshot"] and model.config["empty_cell"] == "zero"
+    assert state["official_snapshot"] and model.config["encoder"] == "resnet50_lslpn"
     assert torch.equal(model.encoder.layer4[0].weight, encoder_state["layer4.0.weight"])
     _, partial = _official_snapshot(tmp_path, drop="layer2.1.conv2.weight")
     partial_error = r"official.pth \(official-code snapshot\): does not match .*layer2.1.conv2"

@@ -5,7 +5,6 @@ import pytest
 
 from evaluation.metrics import dice
 from evaluation.protocol import (
-    PRESETS,
     centre_offsets,
     chunk_offsets,
     chunk_plan,
@@ -15,7 +14,6 @@ from evaluation.protocol import (
     preset_range,
     support_slices_for_query,
 )
-from util.errors import UserError
 
 
 def test_presets_name_their_rule():
@@ -24,9 +22,6 @@ def test_presets_name_their_rule():
     assert (official.rule, official.dice_smooth) == ("official", 0.001)
     assert ((inclusive.rule, inclusive.dice_smooth, inclusive.n_chunks, inclusive.threshold)
             == ("inclusive", 0.0, 12, 200))
-    assert "lslpn" not in PRESETS        # the older name of 'inclusive', removed after commit b9c8bb5
-    with pytest.raises(UserError, match="lslpn.*b9c8bb5.*inclusive"):
-        get_preset("lslpn")
 
 
 def test_official_chunks_of_24_slices():

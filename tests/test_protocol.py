@@ -42,9 +42,6 @@ def test_presets_match_the_papers():
             == (3, 1, "mean"))
     with pytest.raises(UserError, match="inclusive"):
         get_preset("nnunet")
-    # removed alias: one line naming its last commit
-    with pytest.raises(UserError, match="b9c8bb5.*inclusive"):
-        get_preset("lslpn")
 
 
 def test_organ_range_threshold_is_strict_and_gaps_are_inside():

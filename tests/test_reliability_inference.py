@@ -3,7 +3,7 @@
 Each test is a CLASS of hostile input, with several cases:
  1 pickled code in a checkpoint (load_checkpoint, model_from_checkpoint, read_state_file, segment_volume.py,
    test.py): refused in one line and nothing of it runs (the payload would create a file)
- 2 checkpoint records: old 'config' key and new 'model_config' key, numpy RNG states of old snapshots,
+ 2 checkpoint records: the 'model_config' key, RNG states as plain lists,
    a bare state dict that is not the official layout, NaN/inf weights, a malformed input_size
  3 volumes not in Hounsfield units under a CT window (float [0, 1], uint16 without rescale, int8, MR)
  4 axial coverage: a crop of the same scan (physical z), another field of view (refused), a moderate
@@ -190,25 +190,20 @@ def test_pickled_code_through_segment_volume_and_test_py(scans, tiny_prepared, t
 
 
 # ---------------------------------------------------------------------------- 2 checkpoint records
-def test_old_and_new_checkpoint_records_load_and_damaged_ones_are_refused(tmp_path):
+def test_checkpoint_records_load_and_damaged_ones_are_refused(tmp_path):
     from models.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
     from models.fewshot import FewShotSegNet
     from util.device import get_rng_state, set_rng_state
     torch.manual_seed(0)
     model = FewShotSegNet(encoder="cnn_small", resolution="feature", n_grid=2)
     weights = model.state_dict()
-    # old snapshot: 'config' key, numpy RNG state pickled as an array (written with plain torch.save)
-    torch.save({"model": weights, "config": model.config, "rng": [get_rng_state()], "step": 3},
-               tmp_path / "old.pth")
-    old = load_checkpoint(str(tmp_path / "old.pth"))
-    assert old["model_config"] == model.config and old["config"] == model.config
-    assert isinstance(old["rng"][0]["numpy"][1], np.ndarray)             # exactly the numpy types allowed
     np.random.seed(5)
     snapshot = get_rng_state()
     expected = np.random.rand()
-    save_checkpoint(str(tmp_path / "new.pth"), dict(old, rng=[snapshot]))
+    save_checkpoint(str(tmp_path / "new.pth"), {"model": weights, "model_config": model.config,
+                                                "rng": [snapshot], "step": 3})
     raw = torch.load(tmp_path / "new.pth", weights_only=True)                    # plain data, no numpy needed
-    assert "model_config" in raw and "config" not in raw and isinstance(raw["rng"][0]["numpy"][1], list)
+    assert "model_config" in raw and isinstance(raw["rng"][0]["numpy"][1], list)
     set_rng_state(load_checkpoint(str(tmp_path / "new.pth"))["rng"][0])
     assert np.random.rand() == expected                                   # the list form restores the RNG
     set_rng_state(snapshot)

@@ -65,13 +65,6 @@ def finished_last(log_dir: Path, name: str, n_steps: int) -> Path | None:
     return finished_snapshot(log_dir, name, n_steps, snapshot="last.pth")
 
 
-def model_overrides(snapshot: Path) -> list[str]:
-    """`model.<key>=<value>` of the options a run started from `snapshot` must share with it (path.init_from
-    refuses another model config; the defaults may have changed since the snapshot was trained)."""
-    model = load_checkpoint(str(snapshot))["config"]
-    return [f"model.{key}={model[key]}" for key in ("empty_cell",) if key in model]
-
-
 def train_once(log: list, title: str, log_dir: Path, name: str, n_steps: int, overrides: list[str],
                want: str = "best") -> Path:
     """Train `name` with `train.py with demo <overrides>` unless a finished run exists; its snapshot."""
@@ -142,7 +135,7 @@ def phantom_part(log: list, device: str, steps: dict, train_supervised: bool) ->
         best = train_once(log, f"self-supervised + fine-tuning fold {fold}", log_dir,
                           f"selfsup_ft_fold{fold}",
                           steps["finetune"], [f"fold={fold}", f"path.data_dir={demo.PREP_DIR}",
-                                              f"path.init_from={selfsup}", *model_overrides(selfsup),
+                                              f"path.init_from={selfsup}",
                                               f"val_every={max(1, steps['finetune'] // 2)}",
                                               f"lr_milestones=[{steps['finetune'] * 3 // 4}]"])
         for organ in FOLD_ORGANS[fold]:
@@ -205,7 +198,7 @@ def real_part(log: list, supervised: dict, phantom_selfsup: Path, steps: int, de
                          RUN_DIR / "train", "selfsup_real", steps,
                          ["selfsup", f"path.data_dir={WORK_DIR / 'real_unlabeled'}",
                           f"path.init_from={phantom_selfsup}",
-                          *model_overrides(phantom_selfsup), f"lr_milestones=[{steps * 3 // 4}]"],
+                          f"lr_milestones=[{steps * 3 // 4}]"],
                           want="last")
     names = {v: k for k, v in json.loads((REAL_CT / "labels.json").read_text())["labels"].items()}
     label_image = nib.load(str(REAL_CT / "labels.nii.gz"))
@@ -334,7 +327,7 @@ def training_times(steps: dict) -> list[str]:
                    f"fold={config['fold']} n_steps={n_steps} path.data_dir={config['path']['data_dir']}"
                    + (f" path.init_from={config['path']['init_from']}" if config["path"].get("init_from")
                       else "")
-                   + f" model.empty_cell={config['model'].get('empty_cell')} ...")
+                   + " ...")
         rows.append(f"| {title} | `{command}` | {minutes:.1f} | {info.get('sec_per_step', float('nan')):.2f} "
                     "|")
     return rows
@@ -348,9 +341,8 @@ def options_line(steps: dict) -> str:
     for name, path in (("self-supervised", selfsup), ("supervised LSLPN",
                                                       _supervised_snapshots().get("liver"))):
         if path is not None:
-            model = load_checkpoint(str(path))["config"]
-            parts.append(f"{name}: encoder {model.get('encoder')}, n_grid {model.get('n_grid')}, "
-                         f"empty_cell '{model.get('empty_cell', 'skip')}'")
+            model = load_checkpoint(str(path))["model_config"]
+            parts.append(f"{name}: encoder {model.get('encoder')}, n_grid {model.get('n_grid')}")
     return ("Model options of the snapshots: " + "; ".join(parts)
             + " (fine-tuning keeps the self-supervised ones).")
 

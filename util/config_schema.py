@@ -47,32 +47,15 @@ from util.errors import UserError
 PROTOTYPE_METHODS = frozenset({LSLPN, PANET})
 
 # Literal copies of registries (tests/test_config_schema.py compares them with their sources).
-# Option values this project once had and removed (models/removed_options.py): the last version that
-# had them, and per (dotted key, value) what to do instead.
-LAST_COMMIT = "b9c8bb5"
-LAST_VERSION = f"commit {LAST_COMMIT} (2026-11-27)"
-REMOVED_VALUES = {
-    ("model.empty_cell", "skip"): "retrain with empty_cell='zero'",
-    ("model.encoder", "resnet50_torchvision"):
-        "retrain with encoder='resnet50_lslpn' (the authors' ResNet-50)",
-    ("eval.preset", "lslpn"): "use preset 'inclusive' (the same rule under its current name)",
-}
 ENCODERS = ("vgg16", "resnet50_lslpn", "deeplabv3_resnet101", "cnn_small")            # models/encoders.py
 ENCODER_STRIDES = {"vgg16": 8, "resnet50_lslpn": 8, "deeplabv3_resnet101": 8, "cnn_small": 4}
 # pretrained weights: models/weights.py
 IMAGENET_ENCODERS = ("vgg16", "resnet50_lslpn", "deeplabv3_resnet101")
 HEADS = ("local", "panet", "alpnet")                                                  # models/fewshot.py
 SELFSUP_RECIPES = ("project", "alpnet")                                 # dataloaders/selfsup_episodes.py
-EMPTY_CELL_RULES = ("zero",)                                                  # models/local_prototypes.py
 MODEL_METHODS = ("prototype", "senet")                                                # models/factory.py
 PRESETS = ("inclusive", "official", "senet", "alpnet", "thirds")                      # evaluation/protocol.py
 INPUT_SLICES = (1, 3)                                   # models/fewshot.py, dataloaders/neighbours.py
-
-
-def _removed(key: str) -> dict[str, tuple[str, str]]:
-    """Option.removed of `key`: removed value -> (what is wrong, fix)."""
-    return {value: (f"this option was removed after {LAST_VERSION}", f"{fix} or check out {LAST_COMMIT}")
-            for (name, value), fix in REMOVED_VALUES.items() if name == key}
 
 
 def _int(low=None, high=None, **kw) -> Option:
@@ -123,8 +106,7 @@ SCHEMA: dict[str, Option] = {
     "selfsup.warp.elastic_alpha": _num(0, applies=_SELFSUP, example="30.0"),
     "selfsup.warp.elastic_sigma": _num(0, low_open=True, applies=_SELFSUP, example="5.0"),
     "model.method": Option(CHOICE, choices=MODEL_METHODS),
-    "model.encoder": Option(CHOICE, choices=ENCODERS, removed=_removed("model.encoder"),
-                            applies=PROTOTYPE_METHODS),
+    "model.encoder": Option(CHOICE, choices=ENCODERS, applies=PROTOTYPE_METHODS),
     "model.n_grid": _int(1, applies=PROTOTYPE_METHODS, example="8"),
     "model.overlap": Option(BOOL, applies=frozenset({LSLPN})),
     "model.vote": Option(CHOICE, choices=("max", "mean", "cover"), applies=frozenset({LSLPN})),
@@ -134,8 +116,6 @@ SCHEMA: dict[str, Option] = {
     "model.align": Option(BOOL, applies=PROTOTYPE_METHODS),
     "model.align_weight": _num(0, applies=PROTOTYPE_METHODS, example="1.0"),
     "model.head": Option(CHOICE, choices=HEADS, applies=PROTOTYPE_METHODS),
-    "model.empty_cell": Option(CHOICE, choices=EMPTY_CELL_RULES, removed=_removed("model.empty_cell"),
-                               applies=frozenset({LSLPN})),
     "model.pretrained": Option(BOOL, applies=PROTOTYPE_METHODS),
     # 2.5D input (beyond the paper; dataloaders/neighbours.py): slices z - 1, z, z + 1 as the 3 channels
     "model.input_slices": Option(CHOICE, choices=INPUT_SLICES, applies=PROTOTYPE_METHODS),
@@ -160,7 +140,7 @@ SCHEMA: dict[str, Option] = {
     "val_split": Option(CHOICE, choices=("val", "gold")),
     "print_every": _int(1, example="100"),
     "resume": _BOOL,
-    "eval.preset": Option(CHOICE, choices=PRESETS, removed=_removed("eval.preset")),
+    "eval.preset": Option(CHOICE, choices=PRESETS),
     "eval.support": Option(SUPPORT),
     "eval.n_shots": _int(1, example="1"),
     "eval.snapshots": Option(SNAPSHOTS),
@@ -168,7 +148,6 @@ SCHEMA: dict[str, Option] = {
     "eval.split": Option(CHOICE, choices=("gold", "val")),
     "eval.batch_size": _int(1, example="16"),
     "eval.save_predictions": _BOOL,
-    "eval.plus_head": _BOOL,
     "eval.adapt_steps": _int(0, example="20"),
     "eval.adapt_lr": _num(0, low_open=True, example="1e-2"),
 }

@@ -32,7 +32,6 @@ class Option:
     high_open: bool = False
     choices: tuple = ()
     nullable: bool = False
-    removed: Mapping[str, tuple[str, str]] | None = None   # a value that existed once -> (what, fix)
     applies: frozenset = ALL_METHODS
     example: str = ""          # a valid value for the fix text, e.g. "10000"
 
@@ -119,8 +118,6 @@ def _check_choice(key: str, value: Any, option: Option) -> None:
     integer = isinstance(value, numbers.Integral) and not isinstance(value, bool)
     if (isinstance(value, str) or integer) and value in option.choices:
         return
-    if isinstance(value, str) and value in (option.removed or {}):
-        raise fail(key, value, *option.removed[value])
     if isinstance(value, str) and value in [str(c) for c in option.choices if not isinstance(c, str)]:
         raise fail(key, value, "must be an integer, not a string", f"write {key}={value} (no quotes)")
     near = difflib.get_close_matches(str(value), [str(c) for c in option.choices], n=1, cutoff=0.6)
