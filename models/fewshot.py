@@ -52,13 +52,6 @@ OFFICIAL_MODEL_CONFIG = {"encoder": "resnet50_lslpn", "head": "local", "n_grid":
                          "align": False, "input_slices": 1, **PLUS_DEFAULTS}
 
 
-def is_official_snapshot(state) -> bool:
-    """A raw state dict saved by the official code: tensors under encoder.* (or module.encoder.*)."""
-    return isinstance(state, dict) and bool(state) \
-        and all(isinstance(v, torch.Tensor) for v in state.values()) \
-        and all(k.removeprefix("module.").startswith("encoder.") for k in state)
-
-
 # config keys the network is built from
 _CONFIG_KEYS = ("encoder", "head", "n_grid", "overlap", "vote", "resolution", "min_pixels", "scale", "align",
                 "input_slices", *PLUS_DEFAULTS)

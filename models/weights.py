@@ -19,6 +19,7 @@ import re
 import torch
 
 from util.errors import UserError
+from util.io import safe_torch_load
 
 
 class _TorchvisionWeights:
@@ -99,7 +100,6 @@ def read_state_file(path: str, key: str = "path.init_path") -> dict:
     if not os.path.isfile(path):
         raise UserError(f"{key} = {path}: file not found: give a local torchvision checkpoint "
                         "(e.g. vgg16-397923af.pth) or an official-code snapshot")
-    from models.checkpoint import safe_torch_load  # not at the top: models.checkpoint imports this module
     state = safe_torch_load(path, "cpu", what=key)   # weights_only: pickled code is refused, never run
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]

@@ -22,7 +22,7 @@ import pytest
 import torch
 from test_episodes import make_train_prep
 
-from models.checkpoint import check_compatible, load_checkpoint, load_model_state, save_checkpoint
+from models.checkpoint import check_compatible, load_checkpoint, model_from_checkpoint, save_checkpoint
 from training.config_check import check_config
 from training.runs import config_hash, run_name
 from util.device import Distributed
@@ -216,9 +216,14 @@ def test_snapshot_of_another_encoder_is_refused(tmp_path):
     small = FewShotSegNet.from_config({"encoder": "cnn_small", "n_grid": 2}, None)
     save_checkpoint(str(tmp_path / "s.pth"), {"model": small.state_dict(), "model_config": small.config})
     other = FewShotSegNet.from_config({"encoder": "cnn_small", "n_grid": 4}, None)
+    loaded, state = model_from_checkpoint(str(tmp_path / "s.pth"))
     with pytest.raises(UserError, match="n_grid"):
-        load_model_state(other, str(tmp_path / "s.pth"), other.config)
-    load_model_state(other, str(tmp_path / "s.pth"), other.config, strict=False)  # same weights: loads
+        check_compatible(state["model_config"], other.config, str(tmp_path / "s.pth"))
+    check_compatible(state["model_config"], other.config, str(tmp_path / "s.pth"), strict=False)
+    other.load_state_dict(loaded.state_dict())                                   # same weights: loads
+    vgg = dict(small.config, encoder="vgg16")
+    with pytest.raises(UserError, match="encoder"):
+        check_compatible(state["model_config"], vgg, str(tmp_path / "s.pth"), strict=False)
 
 
 # ------------------------------------------------------------------------------- train.py runs
