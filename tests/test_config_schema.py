@@ -73,7 +73,7 @@ def test_literal_registries_equal_their_sources():
     from evaluation import protocol
     from models import encoders, fewshot
     from models.factory import METHODS
-    from models.weights import IMAGENET_WEIGHTS
+    from models.encoders import IMAGENET_WEIGHTS
     assert schema.ENCODERS == encoders.ENCODERS
     assert schema.IMAGENET_ENCODERS == tuple(IMAGENET_WEIGHTS)
     assert schema.HEADS == tuple(fewshot.HEADS)

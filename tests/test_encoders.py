@@ -7,7 +7,7 @@ import pytest
 import torch
 import torchvision
 
-from models import weights
+from models import encoders
 from models.encoders import DeepLabV3ResNet101, ResNet50LSLPN, build_encoder
 from models.fewshot import FewShotSegNet
 from util.errors import UserError
@@ -164,12 +164,12 @@ class _FakeWeights:
 def test_pretrained_from_torch_hub_cache_and_offline(tmp_path, monkeypatch):
     import hashlib
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
-    assert weights.cached_weights_path("vgg16") == str(tmp_path / "torch_home" / "hub" / "checkpoints"
+    assert encoders.cached_weights_path("vgg16") == str(tmp_path / "torch_home" / "hub" / "checkpoints"
                                                        / "vgg16-397923af.pth")
     state = _vgg_checkpoint(tmp_path / "vgg.pth")
     digest = hashlib.sha256((tmp_path / "vgg.pth").read_bytes()).hexdigest()[:8]
     name = f"vgg16-{digest}.pth"
-    monkeypatch.setitem(weights.IMAGENET_WEIGHTS, "vgg16", _FakeWeights(f"https://example.invalid/{name}"))
+    monkeypatch.setitem(encoders.IMAGENET_WEIGHTS, "vgg16", _FakeWeights(f"https://example.invalid/{name}"))
     # offline, not cached: one line naming the file, its place and path.init_path; no training
     with pytest.raises(UserError, match=rf"{name} are not in .*torch_home.hub.checkpoints .*path.init_path"):
         FewShotSegNet(encoder="vgg16", pretrained=True)
@@ -261,20 +261,20 @@ def test_deeplabv3_resnet101_loads_the_coco_layout_and_offline_is_one_line(tmp_p
     with pytest.raises(UserError, match="does not match encoder deeplabv3_resnet101.*layer3.22.bn2.weight"):
         encoder.load_initial(state, "test")
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
-    assert weights.cached_weights_path("deeplabv3_resnet101").endswith(
+    assert encoders.cached_weights_path("deeplabv3_resnet101").endswith(
         "hub/checkpoints/deeplabv3_resnet101_coco-586e9e4e.pth")
     torch.save({"backbone.conv1.weight": torch.zeros(64, 3, 7, 7)}, tmp_path / "small.pth")
     digest = hashlib.sha256((tmp_path / "small.pth").read_bytes()).hexdigest()[:8]
     name = f"deeplabv3_resnet101_coco-{digest}.pth"
     fake = _FakeWeights(f"https://example.invalid/{name}")
-    monkeypatch.setitem(weights.IMAGENET_WEIGHTS, "deeplabv3_resnet101", fake)
+    monkeypatch.setitem(encoders.IMAGENET_WEIGHTS, "deeplabv3_resnet101", fake)
     offline = rf"COCO weights {name} are not in .*torch_home.hub.checkpoints .*init_path"
     with pytest.raises(UserError, match=offline):
         build_encoder("deeplabv3_resnet101", pretrained=True)              # offline, not cached: no training
     cache = tmp_path / "torch_home" / "hub" / "checkpoints"
     cache.mkdir(parents=True)
     (cache / name).write_bytes((tmp_path / "small.pth").read_bytes())   # read from the cache, hash checked
-    assert set(weights.imagenet_state("deeplabv3_resnet101")) == {"backbone.conv1.weight"}
+    assert set(encoders.imagenet_state("deeplabv3_resnet101")) == {"backbone.conv1.weight"}
     (cache / name).write_bytes(b"corrupt")
     with pytest.raises(UserError, match="SHA-256 does not match"):
         build_encoder("deeplabv3_resnet101", pretrained=True)

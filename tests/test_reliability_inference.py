@@ -147,7 +147,7 @@ def base_argv(scans, out: Path, **changes) -> list[str]:
 # ------------------------------------------------------------------- 1 pickled code in a checkpoint
 def test_pickled_code_is_refused_by_every_loader_and_never_runs(tmp_path):
     from models.checkpoint import load_checkpoint, model_from_checkpoint
-    from models.weights import read_state_file
+    from models.encoders import read_state_file
     marker = tmp_path / "payload_ran"
     cases = {   # file -> loader
         "top.pth": (Payload(marker), load_checkpoint),

@@ -49,7 +49,7 @@ PROTOTYPE_METHODS = frozenset({LSLPN, PANET})
 # Literal copies of registries (tests/test_config_schema.py compares them with their sources).
 ENCODERS = ("vgg16", "resnet50_lslpn", "deeplabv3_resnet101", "cnn_small")            # models/encoders.py
 ENCODER_STRIDES = {"vgg16": 8, "resnet50_lslpn": 8, "deeplabv3_resnet101": 8, "cnn_small": 4}
-# pretrained weights: models/weights.py
+# pretrained weights: models/encoders.py
 IMAGENET_ENCODERS = ("vgg16", "resnet50_lslpn", "deeplabv3_resnet101")
 HEADS = ("local", "panet", "alpnet")                                                  # models/fewshot.py
 SELFSUP_RECIPES = ("project", "alpnet")                                 # dataloaders/selfsup_episodes.py
