@@ -58,12 +58,10 @@ _CONFIG_KEYS = ("encoder", "head", "n_grid", "overlap", "vote", "resolution", "m
 
 
 class FewShotSegNet(nn.Module):
-    """Few-shot segmentation network.
-
-    forward(support_images B x N x K x C x H x W, support_fg B x N x K x H x W,
-            support_bg B x N x K x H x W, query_images B x Q x C x H x W)
-        -> (logits B x Q x (1 + N) x H x W, align_loss scalar)
-    with C = input_slices. `pretrained`/`init_path` choose the encoder's initial weights (not in `config`).
+    """Few-shot segmentation network: forward(support_images B x N x K x C x H x W, support_fg and
+    support_bg B x N x K x H x W, query_images B x Q x C x H x W) -> (logits B x Q x (1 + N) x H x W,
+    align_loss scalar), C = input_slices. `pretrained`/`init_path` choose the encoder's initial
+    weights (not in `config`: a snapshot's weights replace them).
     """
 
     def __init__(self, encoder: str = "vgg16", init_path: str | None = None, n_grid: int = 8,
