@@ -186,11 +186,4 @@ def model_input(state: Mapping, input_size: int | None = None, intensity: dict |
     return int(size), scaling
 
 
-_WARNED: set[str] = set()
-
-
-def _warn_once(message: str) -> None:
-    """One `warning:` line per distinct message and process (evaluation loads a snapshot per organ)."""
-    if message not in _WARNED:
-        _WARNED.add(message)
-        warn(message)
+_warn_once = functools.lru_cache(maxsize=None)(warn)   # one line per message (a snapshot is loaded per organ)

@@ -1,5 +1,5 @@
 """The one place that builds a few-shot model from a model config dict (config.py's `model`, or the
-`config` a checkpoint stores): a prototype network (FewShotSegNet: LSLPN, PANet) or SENet.
+`model_config` a checkpoint stores): a prototype network (FewShotSegNet: LSLPN, PANet) or SENet.
 
 `model.method` says which: 'prototype' (the default; configs and checkpoints without the key) or
 'senet'. Both models share one interface (forward, encode_support, segment, config), so the
@@ -36,9 +36,8 @@ def build_model(model_config: Mapping, init_path: str | None = None) -> nn.Modul
 
 
 def model_input_slices(model) -> int:
-    """Slices per image a model takes (model.input_slices, dataloaders/neighbours.py): its config's
-    input_slices, 1 where absent (1-slice models, SENet, snapshots older than the option, test doubles
-    without a config)."""
+    """Slices per image a model takes (model.input_slices): its config's, 1 where absent (SENet, test
+    doubles without a config)."""
     return int((getattr(model, "config", None) or {}).get("input_slices", 1))
 
 

@@ -101,17 +101,13 @@ class FewShotSegNet(nn.Module):
         load_official_snapshot(self.encoder, state_dict, source)
 
     # ---- batched evaluation API -----------------------------------------------------------
-    def _encode(self, images: Tensor) -> Tensor:
-        """M x input_slices x H x W -> M x C x h x w."""
-        return self.encoder(images)
-
     def encode_support(self, support_images: Tensor, support_fg: Tensor,
                        support_bg: Tensor) -> Prototypes:
         """Prototypes of support images B x N x K x C x H x W (C = input_slices) with masks
         B x N x K x H x W."""
         self._check_images("support_images", support_images, 6)
         B, N, K, _, H, W = support_images.shape
-        feats = self._encode(support_images.flatten(0, 2))
+        feats = self.encoder(support_images.flatten(0, 2))
         feats = feats.unflatten(0, (B, N, K))                     # B x N x K x C x h x w
         check_episode(feats, support_fg, support_bg, (H, W))
         return self.head.compute_prototypes(feats, support_fg, support_bg, (H, W))
@@ -126,7 +122,7 @@ class FewShotSegNet(nn.Module):
             raise UserError(f"query_images: size {tuple(query_images.shape[-2:])} differs from the "
                             f"support size {prototypes.image_size}: resize both to input_size")
         B, Q = query_images.shape[:2]
-        feats = self._encode(query_images.flatten(0, 1)).unflatten(0, (B, Q))
+        feats = self.encoder(query_images.flatten(0, 1)).unflatten(0, (B, Q))
         return self.head.score(prototypes, feats)
 
     # ---- training forward -----------------------------------------------------------------
@@ -140,7 +136,7 @@ class FewShotSegNet(nn.Module):
             raise UserError(f"query_images: shape {tuple(query_images.shape)}: expected B x Q x C x H x W "
                             f"with B = {B} and H x W = {H} x {W} as the support images")
         # One encoder pass over support and query images (PANet), shared BatchNorm statistics.
-        feats = self._encode(torch.cat([support_images.flatten(0, 2), query_images.flatten(0, 1)]))
+        feats = self.encoder(torch.cat([support_images.flatten(0, 2), query_images.flatten(0, 1)]))
         support_feats = feats[: B * N * K].unflatten(0, (B, N, K))  # B x N x K x C x h x w
         query_feats = feats[B * N * K:].unflatten(0, (B, Q))        # B x Q x C x h x w
         check_episode(support_feats, support_fg, support_bg, (H, W))
