@@ -257,7 +257,9 @@ def load_official_snapshot(encoder: ResNet50LSLPN, state: dict, source: str) -> 
 
 
 class DeepLabV3ResNet101(_Encoder):
-    """SSL-ALPNet's encoder: deeplabv3_resnet101's dilated ResNet-101 + a 1x1 conv 2048 -> 256 (no bias)."""
+    """SSL-ALPNet's encoder: deeplabv3_resnet101's dilated ResNet-101 + a 1x1 conv 2048 -> 256 (no bias).
+    BatchNorm trains as usual; no ImageNet mean/std (SSL-ALPNet feeds z-scored slices); initial weights:
+    torchvision's COCO weights, backbone.* only."""
     out_channels, output_stride = 256, 8
 
     def __init__(self):
