@@ -72,8 +72,8 @@ def test_schema_describes_every_key_of_config_py_and_nothing_else():
 def test_literal_registries_equal_their_sources():
     from evaluation import protocol
     from models import encoders, fewshot
-    from models.factory import METHODS
     from models.encoders import IMAGENET_WEIGHTS
+    from models.factory import METHODS
     assert schema.ENCODERS == encoders.ENCODERS
     assert schema.IMAGENET_ENCODERS == tuple(IMAGENET_WEIGHTS)
     assert schema.HEADS == tuple(fewshot.HEADS)
