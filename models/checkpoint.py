@@ -28,7 +28,7 @@ from util.errors import UserError
 from util.io import safe_torch_load
 
 WEIGHT_KEYS = ("encoder",)                # model-config keys that change the network's parameters
-DEFAULT_INPUT_SIZE = 512                  # the paper's input size, for snapshots that do not say
+DEFAULT_INPUT_SIZE = 512                  # the paper's input size (official-code snapshots, or unrecorded)
 DEFAULT_INTENSITY = {"mode": "minmax"}    # the official per-slice min-max scaling, likewise
 MIN_INPUT_SIZE, MAX_INPUT_SIZE = 16, 2048  # model input sizes accepted (2048^2 slices: ~16 MB per image)
 
@@ -92,7 +92,7 @@ def load_checkpoint(path: str, map_location: str | torch.device = "cpu") -> dict
                             "weights with path.init_path")
         state = {"model": {k.removeprefix("module."): v for k, v in state.items()},
                  "model_config": dict(OFFICIAL_MODEL_CONFIG), "official_snapshot": True,
-                 "input_size": 512, "intensity": {"mode": "minmax"}}
+                 "input_size": DEFAULT_INPUT_SIZE, "intensity": dict(DEFAULT_INTENSITY)}
     if not isinstance(state, dict) or "model" not in state or "model_config" not in state:
         found = ", ".join(sorted(map(str, state))[:6]) if isinstance(state, dict) else type(state).__name__
         raise UserError(f"checkpoint '{path}' is not a train.py checkpoint (no model/model_config entries; "
