@@ -8,7 +8,7 @@
     python scripts/bench_chaos.py --rule and            # Setting 2 with the Q-Net lineage's AND rule
     python scripts/bench_chaos.py --report-only         # rewrite docs/bench_chaos.md from OUT/results.json
 
-Trains and evaluates everything (scripts/bench_chaos_steps.py), reusing finished runs, then writes
+Trains and evaluates everything (experiments/chaos.py), reusing finished runs, then writes
 docs/bench_chaos.md (per-organ tables per Setting, per fold and over the folds, the published SSL-ALPNet
 numbers beside them, the wall time of every step) and docs/bench_chaos.png (overlays). CPU numerics are
 pinned as in scripts/demo.py.
@@ -18,26 +18,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # helpers beside this script
-
-from util.atomic import write_text_atomic  # noqa: E402
-from util.cli import run_cli  # noqa: E402
-from util.errors import UserError  # noqa: E402
+from util.atomic import write_text_atomic
+from util.cli import run_cli
+from util.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA_ENV = "CHAOS_T2_DIR"
-DEFAULT_DATA = ROOT.parent / "shared" / "data" / "chaos_mr_t2"   # a checkout next to the shared data folder
 PINNED_NUMERICS = {"ONEDNN_MAX_CPU_ISA": "AVX2", "OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2"}
-
-
-def default_data() -> Path:
-    """$CHAOS_T2_DIR, else ../shared/data/chaos_mr_t2 beside the repository."""
-    return Path(os.environ.get(DATA_ENV) or DEFAULT_DATA)
 
 
 def display_command(argv: list[str]) -> str:
@@ -68,7 +57,7 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=None,
-                        help=f"SSL-ALPNet-layout folder (default ${DATA_ENV} "
+                        help="SSL-ALPNet-layout folder (default $CHAOS_T2_DIR "
                         "or ../shared/data/chaos_mr_t2 beside the repository)")
     parser.add_argument("--out", type=Path, default=Path("runs/bench_chaos"),
                         help="prepared folders, runs, results")
@@ -101,11 +90,10 @@ def main(argv: list[str]) -> int:
     bad = [s for s in args.settings if s not in (1, 2)]
     if bad:
         raise UserError(f"--settings {bad[0]}: use 1 and/or 2")
-    data = args.data or default_data()
     os.environ.update(PINNED_NUMERICS)
-    import bench_chaos_report as report  # after the pins: torch loads below
-    import bench_chaos_steps as steps
-
+    from experiments import chaos as steps  # after the pins: torch loads here
+    from experiments import chaos_report as report
+    data = args.data or steps.default_data()
     from dataloaders.alpnet_layout import detect_dataset
     from util.provenance import git_commit
     command = display_command(argv)

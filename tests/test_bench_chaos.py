@@ -2,25 +2,17 @@
 steps)."""
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
+from conftest import load_script
 from test_alpnet_layout import write_alpnet_folder
 
 from util.errors import UserError
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 def load_bench():
-    sys.path.insert(0, str(ROOT / "scripts"))
-    spec = importlib.util.spec_from_file_location("bench_chaos", ROOT / "scripts" / "bench_chaos.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("bench_chaos")
 
 
 def test_bench_trains_evaluates_reports_and_reuses(tmp_path, capsys, monkeypatch):
@@ -70,8 +62,7 @@ def test_bench_refuses_bad_arguments_in_one_line(tmp_path, monkeypatch):
 
 
 def test_partial_report_and_fold_statistics(tmp_path):
-    sys.path.insert(0, str(ROOT / "scripts"))
-    import bench_chaos_report as report
+    from experiments import chaos_report as report
     cells = [{"method": "mask copy", "fold": f, "setting": 2, "label_set": 0,
               "dice": {"kidney_left": {"1": 0.4 + 0.1 * f, "2": 0.6 + 0.1 * f}}} for f in (0, 1)]
     cells.append({"method": "LSLPN", "fold": 0, "setting": 2, "label_set": 0,
@@ -91,17 +82,16 @@ def test_test_py_alpnet_preset_scores_as_the_benchmark(tmp_path):
     from test_bad_inputs import run_sacred_cases
 
     from dataloaders.alpnet_prepare import prepare_alpnet
+    from experiments import chaos as steps
     from models.checkpoint import save_checkpoint
     from models.fewshot import FewShotSegNet
-    sys.path.insert(0, str(ROOT / "scripts"))
-    import bench_chaos_steps as steps
     data = write_alpnet_folder(tmp_path / "chaos", [1, 2, 3, 5, 8, 10], size=32, depth=12)
     folder = tmp_path / "prep"
     prepare_alpnet(data, folder, fold=0, setting=2, label_set=0)       # support 8, test 1 2 3 5, kidneys
     torch.manual_seed(0)
     model = FewShotSegNet.from_config({"encoder": "cnn_small", "n_grid": 2, "resolution": "feature"})
     snapshot = tmp_path / "best.pth"
-    save_checkpoint(str(snapshot), {"model": model.state_dict(), "config": model.config, "fold": None,
+    save_checkpoint(str(snapshot), {"model": model.state_dict(), "model_config": model.config, "fold": None,
                                     "step": 0, "input_size": 32})
     organs = ["kidney_right", "kidney_left"]
     done, = run_sacred_cases("test", [["tiny", f"path.data_dir={folder}", f"path.log_dir={tmp_path / 'runs'}",

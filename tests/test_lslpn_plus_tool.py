@@ -2,17 +2,11 @@
 rows exist, which need their own training runs, and what the report computes from the cells."""
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
+from conftest import load_script
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tools"))
-sys.path.insert(0, str(ROOT / "scripts"))
-
-import lslpn_plus as tool  # noqa: E402  (tools/lslpn_plus.py)
-import lslpn_plus_report as report  # noqa: E402
+tool = load_script("lslpn_plus")              # tools/lslpn_plus.py
+report = load_script("lslpn_plus_report")
 
 ADAPT = {"adapt_steps": 20, "adapt_lr": 0.01}
 GRIDS = {"grids": [4, 8], "grid_fusion": "mean"}

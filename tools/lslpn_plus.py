@@ -27,17 +27,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "scripts"))   # the benchmark's steps (scripts/bench_chaos_steps.py)
+from util.atomic import write_text_atomic
+from util.cli import run_cli
+from util.errors import UserError
 
-from util.atomic import write_text_atomic  # noqa: E402
-from util.cli import run_cli  # noqa: E402
-from util.errors import UserError  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 PINNED_NUMERICS = {"ONEDNN_MAX_CPU_ISA": "AVX2", "OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2"}
 DOC = ROOT / "docs" / "lslpn_plus.md"
@@ -86,7 +83,7 @@ class Bench:
     evaluations (OUT/lslpn_plus.json)."""
 
     def __init__(self, data: Path, out: Path, folds: list[int], device: str, budget: dict):
-        import bench_chaos_steps as steps
+        from experiments import chaos as steps
         self.steps, self.data, self.out, self.folds, self.device = steps, data, out, folds, device
         self.dataset = steps.layout.detect_dataset(data)
         self.named_base, self.base = steps.budget_overrides(budget["steps"], budget["input_size"],
@@ -275,10 +272,10 @@ def evaluate_cell(steps, options: dict, cell: dict, device: str) -> dict:
 
 
 def head_share(snapshot, options: dict, device: str, n_queries: int = 16, repeats: int = 5) -> dict:
-    """Median seconds (tools/bench_timing.measure) of the encoder and of the head for 1 support +
+    """Median seconds (tools/benchmark.measure) of the encoder and of the head for 1 support +
     n_queries query slices, and the head's share of the two (the time of one inference step)."""
     import torch
-    from bench_timing import measure
+    from benchmark import measure  # tools/benchmark.py, beside this tool
     model, size = model_with(snapshot, options, device)
     generator = torch.Generator().manual_seed(0)
     support = torch.randn(1, 1, 1, 1, size, size, generator=generator).to(device)
@@ -319,8 +316,9 @@ def main(argv: list[str]) -> int:
     if any(f not in range(5) for f in args.folds):
         raise UserError(f"--folds {args.folds}: SSL-ALPNet has folds 0-4: pick among them")
     os.environ.update(PINNED_NUMERICS)
-    import bench_chaos
-    import lslpn_plus_report as report
+    import lslpn_plus_report as report  # beside this tool
+
+    from experiments.chaos import default_data
     results_path = args.out / "lslpn_plus_results.json"
     if args.report_only:
         if not results_path.is_file():
@@ -328,7 +326,7 @@ def main(argv: list[str]) -> int:
         report.write(json.loads(results_path.read_text()), args.doc, TRAINING_KEYS)
         print(f"wrote {args.doc}")
         return 0
-    data = args.data or bench_chaos.default_data()
+    data = args.data or default_data()
     start = time.perf_counter()
     bench = Bench(data, args.out, args.folds, args.device,
                   {"steps": 100, "input_size": 64, "batch_size": 2})

@@ -1,5 +1,5 @@
-"""The CHAOS-T2 benchmark's steps (scripts/bench_chaos.py): prepare, train, evaluate, under SSL-ALPNet's
-protocol.
+"""The CHAOS-T2 benchmark's steps (scripts/bench_chaos.py, tools/lslpn_plus.py): prepare, train, evaluate,
+under SSL-ALPNet's protocol.
 
   1. per fold k and setting: a prepared folder (dataloaders/alpnet_prepare.py); Setting 1 one per fold
      (no slice dropped), Setting 2 one per label set (every training slice holding a test organ dropped,
@@ -10,36 +10,34 @@ protocol.
   3. SSL-ALPNet's evaluation (evaluation.evaluate.evaluate, preset 'alpnet', as test.py) of every method
      and mask copy on the fold's query scans against its support scan          OUT/results.json
 Finished steps are reused: a prepared folder whose meta.json says the same fold/setting/rule, a run whose
-last.pth reached n_steps with the same config (training.loop.config_hash, as resume uses).
+last.pth reached n_steps with the same config (experiments.runner.train_or_reuse).
 """
 from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-from config import ex  # before sacred: config.py silences its import warning
-
-# isort: split
-from sacred.arg_parser import get_config_updates
-from sacred.initialize import create_run
-
 from dataloaders import alpnet_layout as layout
 from dataloaders.alpnet_prepare import normalised_volume, prepare_alpnet
 from dataloaders.prepared import load_volume, read_meta
 from evaluation.evaluate import evaluate
+from experiments.runner import ROOT, train_or_reuse
 from models.checkpoint import load_checkpoint
-from training.loop import config_hash
 from util.atomic import write_text_atomic
 from util.errors import UserError
 
-ROOT = Path(__file__).resolve().parents[1]
 MASK_COPY = "mask copy"
+DATA_ENV = "CHAOS_T2_DIR"
+DEFAULT_DATA = ROOT.parent / "shared" / "data" / "chaos_mr_t2"   # a checkout next to the shared data folder
+
+
+def default_data() -> Path:
+    """$CHAOS_T2_DIR, else ../shared/data/chaos_mr_t2 beside the repository."""
+    return Path(os.environ.get(DATA_ENV) or DEFAULT_DATA)
 
 
 def methods(include_alpnet: bool = True) -> dict[str, dict]:
@@ -115,24 +113,6 @@ def supervised_fold(dataset: layout.AlpnetDataset, label_set: int) -> list[str]:
     return [f"fold={fold}", f"label_sets={json.dumps(sets)}"]
 
 
-def resolved_hash(named: list[str], overrides: list[str]) -> tuple[str, int]:
-    """(config_hash, n_steps) of the config `train.py with <named> <overrides>` resolves."""
-    updates, more = get_config_updates(list(overrides))
-    config = create_run(ex, "print_config", config_updates=updates, named_configs=[*named, *more]).config
-    return config_hash(config), int(config["n_steps"])
-
-
-def finished(log_dir: Path, name: str, wanted: str, n_steps: int) -> Path | None:
-    """last.pth of the latest run under log_dir/name that reached n_steps with config hash `wanted`."""
-    runs = sorted((p for p in (log_dir / name).glob("*") if p.name.isdigit()), key=lambda p: int(p.name))
-    for run in reversed(runs):
-        if (run / "last.pth").exists():
-            state = load_checkpoint(str(run / "last.pth"))
-            if state.get("config_hash") == wanted and int(state["step"]) >= n_steps:
-                return run / "last.pth"
-    return None
-
-
 def run_seconds(run_dir: Path) -> float | None:
     """Wall time of a finished Sacred run (run.json start_time .. stop_time), None when not recorded."""
     from datetime import datetime
@@ -145,28 +125,14 @@ def run_seconds(run_dir: Path) -> float | None:
 
 
 def train(name: str, named: list[str], overrides: list[str], log_dir: Path, log: list, device: str) -> Path:
-    """Train one run through train.py (reused when finished); returns its last.pth."""
-    overrides = [*overrides, f"name={name}", f"path.log_dir={log_dir}", f"device={device}"]
-    wanted, n_steps = resolved_hash(named, overrides)
-    snapshot = finished(log_dir, name, wanted, n_steps)
-    if snapshot is not None:
-        print(f"==> train {name}: reusing {snapshot}", flush=True)
+    """last.pth of the run `train.py with <named> <overrides>` (experiments.runner.train_or_reuse); a
+    reused run enters the log with its Sacred run time."""
+    logged = len(log)
+    snapshot = train_or_reuse([*named, *overrides, f"name={name}", f"path.log_dir={log_dir}",
+                               f"device={device}"], snapshot="last.pth", title=f"train {name}", log=log)
+    if len(log) == logged:
         log.append({"step": f"train {name} (reused: its Sacred run time)",
-                    "seconds": run_seconds(snapshot.parent),
-                    "n_steps": n_steps, "reused": True})
-        return snapshot
-    command = [sys.executable, str(ROOT / "train.py"), "with", *named, *overrides, "resume=True"]
-    print(f"\n==> train {name}\n$ python train.py with {' '.join(named + overrides)} resume=True", flush=True)
-    start = time.perf_counter()
-    result = subprocess.run(command, cwd=Path.cwd())
-    seconds = time.perf_counter() - start
-    if result.returncode != 0:
-        raise UserError(f"benchmark training '{name}' failed (exit {result.returncode}): "
-                        "fix the message above and run again; finished runs are reused")
-    snapshot = finished(log_dir, name, wanted, n_steps)
-    if snapshot is None:
-        raise UserError(f"training {name} ended without last.pth at step {n_steps} under {log_dir / name}")
-    log.append({"step": f"train {name}", "seconds": round(seconds, 1), "n_steps": n_steps})
+                    "seconds": run_seconds(snapshot.parent), "reused": True})
     return snapshot
 
 

@@ -1,4 +1,4 @@
-"""docs/bench_chaos.md and its overlay figure from the CHAOS-T2 benchmark's results.json
+"""The CHAOS-T2 benchmark's report (docs/bench_chaos.md) and overlay figure from its results.json
 (scripts/bench_chaos.py)."""
 from __future__ import annotations
 
@@ -163,11 +163,10 @@ class OverlayCollector:
         self.rows: dict[str, dict] = {}
 
     def __call__(self, method: str, fold: int, setting: int, label_set: int, folder: Path, predictions: dict):
-        from bench_chaos_steps import gold_volume
-
         from dataloaders.organs import NAME_TO_INDEX
         from dataloaders.prepared import read_meta
         from evaluation.protocols import organ_slice_list, support_slices
+        from experiments.chaos import gold_volume
         if setting != self.setting:
             return
         meta = read_meta(folder)["alpnet"]
