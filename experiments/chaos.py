@@ -14,6 +14,7 @@ last.pth reached n_steps with the same config (experiments.runner.train_or_reuse
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -23,11 +24,12 @@ import numpy as np
 
 from dataloaders import alpnet_layout as layout
 from dataloaders.alpnet_prepare import normalised_volume, prepare_alpnet
+from dataloaders.nifti import _clean_stale
 from dataloaders.prepared import load_volume, read_meta
 from evaluation.evaluate import evaluate
 from experiments.runner import ROOT, train_or_reuse
 from models.checkpoint import load_checkpoint
-from util.atomic import write_text_atomic
+from util.atomic import atomic_path, write_text_atomic
 from util.errors import UserError
 
 MASK_COPY = "mask copy"
@@ -38,6 +40,32 @@ DEFAULT_DATA = ROOT.parent / "shared" / "data" / "chaos_mr_t2"   # a checkout ne
 def default_data() -> Path:
     """$CHAOS_T2_DIR, else ../shared/data/chaos_mr_t2 beside the repository."""
     return Path(os.environ.get(DATA_ENV) or DEFAULT_DATA)
+
+
+def describe_data(data_dir: Path, folds: list[int]) -> dict:
+    """What the report says the benchmark ran on: data set, modality, scan count, query scans per fold,
+    the folder, and whether it is the whole data set of the published figures (all its scans)."""
+    dataset = layout.detect_dataset(data_dir)
+    ids = layout.scan_ids(data_dir)
+    return {"name": dataset.name, "modality": dataset.modality, "scans": len(ids),
+            "queries_per_fold": sorted({len(layout.fold_scans(ids, fold, dataset)[0]) for fold in folds}),
+            "folder": str(Path(data_dir).resolve()), "published": len(ids) == dataset.separators[-1]}
+
+
+def clean_leftovers(out: Path) -> None:
+    """Prepared folders a stopped benchmark left half-built (`<tag>.partial-<pid>`, `<tag>.old-<pid>` under
+    OUT/prepared): removed or put back by atomic_folder's rule; one a live process still builds is named."""
+    for path in sorted((out / "prepared").glob("*.*-*")):
+        tag, _, suffix = path.name.rpartition(".")
+        kind, _, pid = suffix.partition("-")
+        if kind not in ("partial", "old") or not pid.isdigit():
+            continue
+        _clean_stale(path.with_name(tag))
+        if path.exists():
+            print(f"==> {path}: still being written by process {pid} (another benchmark on this --out?): "
+                  "left alone", flush=True)
+        else:
+            print(f"==> {path}: left by a stopped run: cleaned up", flush=True)
 
 
 def methods(include_alpnet: bool = True) -> dict[str, dict]:
@@ -186,6 +214,36 @@ def evaluate_method(snapshot: Path | None, folder: Path, organs: list[str], devi
     return dice, predictions, time.perf_counter() - start
 
 
+def file_digest(path: Path) -> str:
+    """SHA-256 (16 hex digits) of a file's bytes."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+
+
+def evaluate_cached(out: Path, snapshot: Path | None, folder: Path, organs: list[str], device: str,
+                    untrained: bool = False) -> tuple[dict, dict, float, bool]:
+    """(Dice, predictions of the first query scan, seconds, reused) of `evaluate_method`, reused from
+    OUT/evaluations/<digest>.json when one exists for the same inputs: the snapshot's bytes, untrained,
+    the preset, the prepared folder's meta.json, organs, query scans and device."""
+    queries = list(read_meta(folder)["alpnet"]["test"])
+    inputs = {"snapshot": None if snapshot is None else file_digest(snapshot), "untrained": untrained,
+              "preset": "alpnet", "meta": file_digest(folder / "meta.json"), "organs": list(organs),
+              "queries": queries, "device": device}
+    path = out / "evaluations" / (hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
+                                  + ".json")
+    if path.is_file():             # written last: a complete evaluation
+        saved = json.loads(path.read_text())
+        with np.load(path.with_suffix(".npz")) as arrays:
+            first = {organ: {queries[0]: arrays[organ]} for organ in arrays.files}
+        return saved["dice"], first, saved["seconds"], True
+    dice, predictions, seconds = evaluate_method(snapshot, folder, organs, device, untrained=untrained)
+    first = {organ: {queries[0]: per_query[queries[0]]} for organ, per_query in predictions.items()
+             if queries[0] in per_query}
+    with atomic_path(path.with_suffix(".npz")) as temporary, open(temporary, "wb") as handle:
+        np.savez_compressed(handle, **{organ: per_query[queries[0]] for organ, per_query in first.items()})
+    write_text_atomic(json.dumps({"inputs": inputs, "dice": dice, "seconds": seconds}, indent=1), path)
+    return dice, first, seconds, False
+
+
 def run_bench(data_dir: Path, out: Path, folds: list[int], settings: list[int], rule: str, budget: dict,
               device: str, include_alpnet: bool = True, figure_hook=None, progress=None,
               label_sets: list[int] = (0, 1), only: list[str] | None = None) -> dict:
@@ -195,6 +253,7 @@ def run_bench(data_dir: Path, out: Path, folds: list[int], settings: list[int], 
     evaluated right after its training; `progress(results)` runs after every evaluated cell.
     """
     dataset = layout.detect_dataset(data_dir)
+    clean_leftovers(out)
     named_base, base = budget_overrides(budget["steps"], budget["input_size"], budget["batch_size"],
                                         budget["full"])
     rows = methods(include_alpnet)
@@ -205,7 +264,7 @@ def run_bench(data_dir: Path, out: Path, folds: list[int], settings: list[int], 
         rows = {name: how for name, how in rows.items() if name in only
                 or how.get("untrained_of") in only}
     log: list[dict] = []
-    results = {"dataset": dataset.name, "data": str(data_dir), "rule": rule, "budget": budget,
+    results = {"data_set": describe_data(data_dir, folds), "rule": rule, "budget": budget,
                "methods": [MASK_COPY, *rows], "cells": [], "log": log}
     for setting in sorted(settings, reverse=True):
         for fold in folds:
@@ -239,10 +298,11 @@ def run_bench(data_dir: Path, out: Path, folds: list[int], settings: list[int], 
                         if setting == 1 and not supervised:
                             selfsup_snapshots[row] = snapshot
                     done[row] = snapshot
-                    dice, predictions, seconds = evaluate_method(snapshot, folder, organs, device,
-                                                                 untrained="untrained_of" in how)
-                    log.append({"step": f"evaluate {row} fold {fold} setting {setting} labels {label_set}",
-                                "seconds": round(seconds, 1)})
+                    dice, predictions, seconds, reused = evaluate_cached(
+                        out, snapshot, folder, organs, device, untrained="untrained_of" in how)
+                    log.append({"step": f"evaluate {row} fold {fold} setting {setting} labels {label_set}"
+                                + (" (reused)" if reused else ""), "seconds": round(seconds, 1)}
+                               | ({"reused": True} if reused else {}))
                     results["cells"].append({"method": row, "fold": fold, "setting": setting,
                                              "label_set": label_set,
                                              "snapshot": str(snapshot) if snapshot else None, "dice": dice,

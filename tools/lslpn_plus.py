@@ -27,12 +27,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import time
 from pathlib import Path
 
 from util.atomic import write_text_atomic
 from util.cli import run_cli
 from util.errors import UserError
+from util.paths import check_output_file, check_writable_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -315,6 +317,9 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     if any(f not in range(5) for f in args.folds):
         raise UserError(f"--folds {args.folds}: SSL-ALPNet has folds 0-4: pick among them")
+    check_output_file(args.doc, what="--doc", suffixes=(".md",), create_parent=True)   # before any compute
+    if not args.report_only:
+        check_writable_folder(args.out, "--out")
     os.environ.update(PINNED_NUMERICS)
     import lslpn_plus_report as report  # beside this tool
 
@@ -345,7 +350,7 @@ def main(argv: list[str]) -> int:
     from util.provenance import git_commit
     results = {"selection": selection, "rows": evaluations, "folds": args.folds, "timing": timing,
                "seconds": time.perf_counter() - start, "commit": git_commit(),
-               "command": " ".join(["python tools/lslpn_plus.py", *argv]),
+               "command": shlex.join(["python", "tools/lslpn_plus.py", *argv]),
                "environment": bench.steps.environment_note(), "log": bench.log}
     write_text_atomic(json.dumps(results, indent=1), results_path)
     report.write(results, args.doc, TRAINING_KEYS)
