@@ -1,16 +1,9 @@
-"""The CHAOS-T2 benchmark's steps (scripts/bench_chaos.py, tools/lslpn_plus.py): prepare, train, evaluate,
-under SSL-ALPNet's protocol.
-
-  1. per fold k and setting: a prepared folder (dataloaders/alpnet_prepare.py); Setting 1 one per fold
-     (no slice dropped), Setting 2 one per label set (every training slice holding a test organ dropped,
-     OR rule of SSL-ALPNet; `--rule and` for the Q-Net lineage's AND rule)      OUT/prepared/<tag>
-  2. per method, the same training loop (train.py, a subprocess as a user would run it): self-supervised
-     on SSL-ALPNet's own superpixels (LSLPN, PANet's head, the ALPNet head when this checkout has it), and
-     LSLPN supervised on the other organs' labels (the paper's regime)          OUT/train/<name>/<id>/
-  3. SSL-ALPNet's evaluation (evaluation.evaluate.evaluate, preset 'alpnet', as test.py) of every method
-     and mask copy on the fold's query scans against its support scan          OUT/results.json
-Finished steps are reused: a prepared folder whose meta.json says the same fold/setting/rule, a run whose
-last.pth reached n_steps with the same config (experiments.runner.train_or_reuse).
+"""The steps of SSL-ALPNet's protocol benchmark (scripts/bench_chaos.py, tools/lslpn_plus.py), each reused
+when finished with the same inputs (docs/bench_chaos.md says what each row is):
+  prepare   one folder per fold and Setting (and label set in Setting 2)     OUT/prepared/<tag>
+  train     every method through experiments.runner.train_or_reuse           OUT/train/<name>/<id>/
+  evaluate  test.py's `evaluate` (preset 'alpnet') on the fold's query scans  OUT/evaluations/<digest>.json
+Results per cell in OUT/results.json.
 """
 from __future__ import annotations
 

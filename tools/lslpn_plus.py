@@ -133,10 +133,12 @@ class Bench:
 
     def evaluate(self, options: dict, cell: dict, stage: str) -> dict:
         """{dice: {organ: {query: Dice}}, seconds, adapt_seconds, volumes} of one option set on one cell,
-        cached under (stage, options, cell)."""
+        cached under what it depends on: stage, options, cell, the snapshot's bytes, the prepared folder's
+        meta.json and the device."""
         cell = {**cell, "snapshot": self.snapshot(cell, training_options(options))}
         key = "|".join([stage, key_of(options), str(cell["fold"]), str(cell["setting"]),
-                        str(cell["label_set"]), str(cell["snapshot"])])
+                        str(cell["label_set"]), self.steps.file_digest(cell["snapshot"]),
+                        self.steps.file_digest(cell["folder"] / "meta.json"), self.device])
         if key not in self.saved["evaluations"]:
             result = evaluate_cell(self.steps, options, cell, self.device)
             self.saved["evaluations"][key] = result
