@@ -17,7 +17,7 @@ import numpy as np
 
 from dataloaders import alpnet_layout as layout
 from dataloaders.alpnet_prepare import normalised_volume, prepare_alpnet
-from dataloaders.nifti import _clean_stale
+from dataloaders.nifti import _clean_stale, _pid_alive
 from dataloaders.prepared import load_volume, read_meta
 from evaluation.evaluate import evaluate
 from experiments.runner import ROOT, train_or_reuse
@@ -46,14 +46,19 @@ def describe_data(data_dir: Path, folds: list[int]) -> dict:
 
 
 def clean_leftovers(out: Path) -> None:
-    """Prepared folders a stopped benchmark left half-built (`<tag>.partial-<pid>`, `<tag>.old-<pid>` under
-    OUT/prepared): removed or put back by atomic_folder's rule; one a live process still builds is named."""
-    for path in sorted((out / "prepared").glob("*.*-*")):
+    """What a stopped benchmark left half-written: prepared folders (`<tag>.partial-<pid>`, `.old-<pid>`,
+    atomic_folder's rule) and temporary files (`<file>.tmp-<pid>`) of ended processes are removed (or put
+    back); those of a live process are named."""
+    found = [*(out / "prepared").glob("*.*-*"), *out.glob("*.tmp-*"), *(out / "evaluations").glob("*.tmp-*")]
+    for path in sorted(found):
         tag, _, suffix = path.name.rpartition(".")
         kind, _, pid = suffix.partition("-")
-        if kind not in ("partial", "old") or not pid.isdigit():
+        if kind not in ("partial", "old", "tmp") or not pid.isdigit():
             continue
-        _clean_stale(path.with_name(tag))
+        if kind != "tmp":
+            _clean_stale(path.with_name(tag))
+        elif not _pid_alive(int(pid)):
+            path.unlink()
         if path.exists():
             print(f"==> {path}: still being written by process {pid} (another benchmark on this --out?): "
                   "left alone", flush=True)

@@ -41,6 +41,8 @@ def test_bench_trains_evaluates_reports_and_reuses(tmp_path, capsys, monkeypatch
     for folder in (*stale, live):
         folder.mkdir(parents=True)
         (folder / "meta.json").write_text("{}")
+    stale.append(out / f"results.json.tmp-{dead_pid()}")                  # a killed atomic write
+    stale[-1].write_text("{")
     argv = ["--data", str(data), "--folds", "0", "--settings", "2", "--label-sets", "0", "--methods", "LSLPN",
             "--steps", "2", "--input-size", "32", "--batch-size", "1", "--out", str(out)]
     assert bench.main(argv) == 0
