@@ -1,26 +1,11 @@
-"""LSLPN+ on CHAOS-T2 (docs/lslpn_plus.md): each option chosen on validation scans, then the ablation on the
-test scans of SSL-ALPNet's 5 folds, Settings 1 and 2, at the LSLPN row's budget of docs/bench_chaos.md.
+"""LSLPN+ on CHAOS-T2 (docs/lslpn_plus.md, which says how each step runs): every option chosen on each fold's
+validation scan (held out of training), combined greedily; then the ablation (LSLPN, each option alone, the
+combination, the combination without each option) on the test scans of the benchmark's own LSLPN runs
+(experiments/chaos.py; options that change training get their own runs); then a timing pass.
 
     python tools/lslpn_plus.py                  # everything, reusing finished runs and evaluations
     python tools/lslpn_plus.py --folds 0        # one fold (a quick look; the report says so)
     python tools/lslpn_plus.py --report-only    # rewrite docs/lslpn_plus.md from OUT/lslpn_plus.json
-
-1. Selection (never the test scans). Per fold, setting and label set, LSLPN is trained on a prepared folder
-   whose validation scan (dataloaders.alpnet_layout.validation_scan) is held out of training; every
-   candidate setting of every option segments that scan from the fold's support. Per option the candidate
-   with the best mean validation Dice wins; the options are then combined greedily (in order of their
-   validation gain, each kept only when it raises the combination's validation Dice): that is `lslpn_plus`.
-2. Test. The LSLPN runs of the benchmark itself (same names, budget and seeds as scripts/bench_chaos.py:
-   reused when it already ran under the same OUT) are evaluated with: no option (the LSLPN row), each chosen
-   option alone, the combination, and the combination without each of its options. The LSLPN+ options have
-   no parameters and act on the trained network's head at test time (models.factory.with_head_options),
-   test-time adaptation on a copy of it (evaluation/adaptation.py); the training is LSLPN's.
-   Every row runs on every fold of both settings. An option set with options that change training
-   (TRAINING_KEYS: 2.5D input, the boundary loss) is evaluated on its own runs: the LSLPN row's training
-   plus those options.
-3. Timing. Seconds per query volume (one organ of one scan, inference only; test-time adaptation apart)
-   and the head's share of a forward pass, per row, in one pass on one cell; `--retime` measures them
-   again on a quiet machine (the report says whether they were).
 """
 from __future__ import annotations
 
