@@ -5,7 +5,7 @@ combination, the combination without each option) on the test scans of the bench
 
     python tools/lslpn_plus.py                  # everything, reusing finished runs and evaluations
     python tools/lslpn_plus.py --folds 0        # one fold (a quick look; the report says so)
-    python tools/lslpn_plus.py --report-only    # rewrite docs/lslpn_plus.md from OUT/lslpn_plus.json
+    python tools/lslpn_plus.py --report-only    # rewrite docs/lslpn_plus.md from OUT/lslpn_plus_results.json
 """
 from __future__ import annotations
 
