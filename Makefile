@@ -33,9 +33,10 @@ test: setup
 demo: setup
 	$(PY) -m demo
 
-# CHAOS-T2 MRI under SSL-ALPNet's protocol (docs/bench_chaos.md); DATA=your copy, ARGS=e.g. --folds 0
+# CHAOS-T2 MRI under SSL-ALPNet's protocol (writes docs/bench_chaos.md); DATA=your copy (report under
+# runs/bench_chaos/), ARGS=e.g. --folds 0
 bench-chaos: setup
-	$(PY) scripts/bench_chaos.py $(if $(DATA),--data $(DATA)) $(ARGS)
+	$(PY) scripts/bench_chaos.py $(if $(DATA),--data $(DATA),--publish) $(ARGS)
 
 # On a GPU machine (no `make setup` needed there; docs/gpu_check.md). ARGS=--dry-run on a CPU.
 gpu-check:

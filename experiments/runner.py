@@ -7,6 +7,7 @@ the commands a user would type, so their progress shows; `log` collects (step, c
 from __future__ import annotations
 
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -34,14 +35,15 @@ def python_command(script: str, *args: str, python: str = sys.executable) -> lis
 
 
 def run_step(title: str, command: list[str], log: list[dict] | None = None, failed: str = FAILED) -> None:
-    """Run one command with its output streaming; a failure is the one line `failed` (title, code)."""
-    shown = " ".join(os.path.relpath(part, Path.cwd()) if part.startswith(str(ROOT)) else part
-                     for part in command[1:])
-    print(f"\n==> {title}\n$ python {shown}", flush=True)
+    """Run one command with its output streaming; a failure is the one line `failed` (title, code).
+    The command is shown and logged as a shell line that runs when pasted (shlex quoting)."""
+    shown = shlex.join(["python", *(os.path.relpath(part, Path.cwd()) if part.startswith(str(ROOT)) else part
+                                    for part in command[1:])])
+    print(f"\n==> {title}\n$ {shown}", flush=True)
     start = time.perf_counter()
     code = subprocess.run(command).returncode
     if log is not None:
-        log.append({"step": title, "command": f"python {shown}",
+        log.append({"step": title, "command": shown,
                     "seconds": round(time.perf_counter() - start, 1)})
     if code != 0:
         raise UserError(failed.format(title=title, code=code))

@@ -1,58 +1,39 @@
-"""CHAOS-T2 abdominal MRI under SSL-ALPNet's protocol: 5 folds, Settings 1 and 2, every method, one command.
+"""SSL-ALPNet's protocol on a folder of its layout (CHAOS-T2 MRI, SABS CT): 5 folds, Settings 1 and 2.
 
-    python scripts/bench_chaos.py                       # the committed CPU-budget table (make bench-chaos)
-    python scripts/bench_chaos.py --folds 0             # one fold (about 20 minutes on 2 cores)
-    python scripts/bench_chaos.py --data DIR            # your own copy (SSL-ALPNet's chaos_MR_T2_normalized
-                                                        # layout; SABS's sabs_CT_normalized works too)
+    python scripts/bench_chaos.py --publish             # the committed docs/bench_chaos.md (make bench-chaos)
+    python scripts/bench_chaos.py --data DIR --folds 0  # your folder: OUT/bench_chaos.md and .png
     python scripts/bench_chaos.py --full --device cuda  # the published settings (100k iterations, 256 x 256)
     python scripts/bench_chaos.py --rule and            # Setting 2 with the Q-Net lineage's AND rule
-    python scripts/bench_chaos.py --report-only         # rewrite docs/bench_chaos.md from OUT/results.json
-
-Trains and evaluates everything (scripts/bench_chaos_steps.py), reusing finished runs, then writes
-docs/bench_chaos.md (per-organ tables per Setting, per fold and over the folds, the published SSL-ALPNet
-numbers beside them, the wall time of every step) and docs/bench_chaos.png (overlays). CPU numerics are
-pinned as in scripts/demo.py.
+    python scripts/bench_chaos.py --report-only         # rewrite the report from OUT/results.json
+Steps (prepare, train, evaluate; finished ones reused): experiments/chaos.py; report: chaos_report.py.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import sys
+import shlex
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # helpers beside this script
-
-from util.atomic import write_text_atomic  # noqa: E402
-from util.cli import run_cli  # noqa: E402
-from util.errors import UserError  # noqa: E402
+from util.atomic import write_text_atomic
+from util.cli import run_cli
+from util.errors import UserError
+from util.paths import check_output_file, check_writable_folder
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA_ENV = "CHAOS_T2_DIR"
-DEFAULT_DATA = ROOT.parent / "shared" / "data" / "chaos_mr_t2"   # a checkout next to the shared data folder
+PUBLISHED_DOC = ROOT / "docs" / "bench_chaos.md"
 PINNED_NUMERICS = {"ONEDNN_MAX_CPU_ISA": "AVX2", "OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2"}
 
 
-def default_data() -> Path:
-    """$CHAOS_T2_DIR, else ../shared/data/chaos_mr_t2 beside the repository."""
-    return Path(os.environ.get(DATA_ENV) or DEFAULT_DATA)
-
-
-def display_command(argv: list[str]) -> str:
-    """The command line as the report shows it: no machine paths (--data DIR, --out relative when inside
-    cwd)."""
-    shown = list(argv)
-    for flag in ("--data", "--out", "--doc"):
-        if flag in shown[:-1]:
-            value = Path(shown[shown.index(flag) + 1]).resolve()
-            try:
-                text = str(value.relative_to(Path.cwd().resolve()))
-            except ValueError:
-                text = {"--data": "DIR", "--out": "OUT", "--doc": "DOC"}[flag]
-            shown[shown.index(flag) + 1] = text
-    return " ".join(["python scripts/bench_chaos.py", *shown])
+def command_line(argv: list[str]) -> str:
+    """The command line as the report records it: a shell line that runs when pasted (from this cwd)."""
+    script = Path(__file__).resolve()
+    try:
+        shown = str(script.relative_to(Path.cwd().resolve()))
+    except ValueError:
+        shown = str(script)
+    return shlex.join(["python", shown, *argv])
 
 
 def compared(path: Path | None) -> dict | None:
@@ -68,7 +49,7 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=None,
-                        help=f"SSL-ALPNet-layout folder (default ${DATA_ENV} "
+                        help="SSL-ALPNet-layout folder (default $CHAOS_T2_DIR "
                         "or ../shared/data/chaos_mr_t2 beside the repository)")
     parser.add_argument("--out", type=Path, default=Path("runs/bench_chaos"),
                         help="prepared folders, runs, results")
@@ -89,7 +70,10 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--full", action="store_true", help="SSL-ALPNet's published settings (GPU)")
     parser.add_argument("--no-alpnet-head", action="store_true", help="leave the ALPNet head row out")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or auto")
-    parser.add_argument("--doc", type=Path, default=ROOT / "docs" / "bench_chaos.md")
+    parser.add_argument("--publish", action="store_true",
+                        help=f"write the committed report docs/{PUBLISHED_DOC.name} and its .png "
+                        "(default: OUT/bench_chaos.md)")
+    parser.add_argument("--doc", type=Path, default=None, help="write the report here instead (a .md file)")
     parser.add_argument("--report-only", action="store_true", help="rewrite the report from OUT/results.json")
     parser.add_argument("--compare", type=Path, default=None,
                         help="results.json of a run with the other --rule: "
@@ -101,26 +85,36 @@ def main(argv: list[str]) -> int:
     bad = [s for s in args.settings if s not in (1, 2)]
     if bad:
         raise UserError(f"--settings {bad[0]}: use 1 and/or 2")
-    data = args.data or default_data()
-    os.environ.update(PINNED_NUMERICS)
-    import bench_chaos_report as report  # after the pins: torch loads below
-    import bench_chaos_steps as steps
-
-    from dataloaders.alpnet_layout import detect_dataset
-    from util.provenance import git_commit
-    command = display_command(argv)
+    if args.publish and args.doc is not None:
+        raise UserError(f"--publish writes docs/{PUBLISHED_DOC.name}: give --publish or --doc, "
+                        "not both")
+    doc = PUBLISHED_DOC if args.publish else args.doc or args.out / "bench_chaos.md"
     results_path = args.out / "results.json"
+    # every output location before any compute
+    check_output_file(doc, what="--doc", suffixes=(".md",), create_parent=True)
+    check_output_file(doc.with_suffix(".png"), what="--doc", create_parent=True)
     if args.report_only:
         if not results_path.is_file():
             raise UserError(f"{results_path}: no results yet: "
                             "run the benchmark first (without --report-only)")
+    else:
+        check_writable_folder(args.out, "--out")
+        for folder in ("prepared", "train", "evaluations"):
+            check_writable_folder(args.out / folder, "--out")
+        check_output_file(results_path, what="--out", create_parent=True)
+    os.environ.update(PINNED_NUMERICS)
+    from experiments import chaos as steps  # after the pins: torch loads here
+    from experiments import chaos_report as report
+    from util.provenance import git_commit
+    command = command_line(argv)
+    if args.report_only:
         saved = json.loads(results_path.read_text())
-        figure = args.doc.with_suffix(".png")
-        report.write_report(saved, args.doc, figure, saved.get("seconds", 0.0), saved.get("command", command),
-                            saved.get("exclusion"), saved.get("environment", ""), compared(args.compare))
-        print(f"wrote {args.doc}")
+        report.write_report(saved, doc, doc.with_suffix(".png"), saved["seconds"], saved["command"],
+                            saved["exclusion"], saved["environment"], compared(args.compare))
+        print(f"wrote {doc}")
         return 0
-    dataset = detect_dataset(data)          # one line for a folder that is not in the layout
+    data = args.data or steps.default_data()
+    steps.layout.detect_dataset(data)       # one line for a folder that is not in the layout
     budget = {"steps": args.steps if args.steps is not None else (100000 if args.full else 100),
               "input_size": 256 if args.full else args.input_size,
               "batch_size": 1 if args.full else args.batch_size, "full": args.full}
@@ -133,12 +127,11 @@ def main(argv: list[str]) -> int:
     def publish(results: dict, final: bool = False) -> None:
         """results.json and the report (after every cell: a stopped run still leaves its finished part)."""
         seconds = time.perf_counter() - start
-        figure = collector.draw(args.doc.with_suffix(".png"))
+        figure = collector.draw(doc.with_suffix(".png"))
         results.update({"seconds": seconds, "command": command, "exclusion": exclusion, "complete": final,
-                        "commit": git_commit(),
-                        "environment": environment, "dataset": dataset.name})
+                        "commit": git_commit(), "environment": environment})
         write_text_atomic(json.dumps(results, indent=1), results_path)
-        report.write_report(results, args.doc, figure, seconds, command, exclusion, environment, other)
+        report.write_report(results, doc, figure, seconds, command, exclusion, environment, other)
 
     results = steps.run_bench(data, args.out, args.folds, sorted(args.settings), args.rule, budget,
                               args.device,
@@ -146,8 +139,8 @@ def main(argv: list[str]) -> int:
                               label_sets=args.label_sets, only=args.methods)
     publish(results, final=True)
     seconds = results["seconds"]
-    print(f"\nwrote {args.doc} ({seconds / 60:.1f} min)")
-    print(args.doc.read_text())
+    print(f"\nwrote {doc} ({seconds / 60:.1f} min)")
+    print(doc.read_text())
     return 0
 
 

@@ -2,17 +2,11 @@
 rows exist, which need their own training runs, and what the report computes from the cells."""
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
+from conftest import load_script
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tools"))
-sys.path.insert(0, str(ROOT / "scripts"))
-
-import lslpn_plus as tool  # noqa: E402  (tools/lslpn_plus.py)
-import lslpn_plus_report as report  # noqa: E402
+tool = load_script("lslpn_plus")              # tools/lslpn_plus.py
+report = load_script("lslpn_plus_report")
 
 ADAPT = {"adapt_steps": 20, "adapt_lr": 0.01}
 GRIDS = {"grids": [4, 8], "grid_fusion": "mean"}
@@ -137,3 +131,23 @@ def test_report_names_the_rows_that_differ_only_in_training_as_the_timing_noise(
     assert "multi-scale" not in note
     del results["rows"]["+ boundary loss"], results["rows"]["LSLPN+ without boundary loss"]
     assert report.noise_note(results, tool.TRAINING_KEYS) == ""
+
+
+def test_evaluations_are_reused_until_the_snapshot_or_the_prepared_folder_changes(tmp_path, monkeypatch):
+    from experiments import chaos as steps
+    calls = []
+    monkeypatch.setattr(tool, "evaluate_cell", lambda *args: calls.append(1) or {"dice": {}})
+    bench = tool.Bench.__new__(tool.Bench)          # no data: only the cache is exercised
+    bench.steps, bench.device, bench.path = steps, "cpu", tmp_path / "plus.json"
+    bench.saved = {"evaluations": {}}
+    (tmp_path / "meta.json").write_text("{}")
+    (tmp_path / "last.pth").write_bytes(b"weights")
+    cell = {"fold": 0, "setting": 2, "label_set": 0, "folder": tmp_path, "snapshot": tmp_path / "last.pth"}
+    for _ in range(2):
+        bench.evaluate(ADAPT, cell, "test")
+    assert len(calls) == 1
+    (tmp_path / "last.pth").write_bytes(b"retrained")
+    bench.evaluate(ADAPT, cell, "test")
+    (tmp_path / "meta.json").write_text('{"prepared": "again"}')
+    bench.evaluate(ADAPT, cell, "test")
+    assert len(calls) == 3

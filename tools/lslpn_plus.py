@@ -1,43 +1,27 @@
-"""LSLPN+ on CHAOS-T2 (docs/lslpn_plus.md): each option chosen on validation scans, then the ablation on the
-test scans of SSL-ALPNet's 5 folds, Settings 1 and 2, at the LSLPN row's budget of docs/bench_chaos.md.
+"""LSLPN+ on CHAOS-T2 (docs/lslpn_plus.md, which says how each step runs): every option chosen on each fold's
+validation scan (held out of training), combined greedily; then the ablation (LSLPN, each option alone, the
+combination, the combination without each option) on the test scans of the benchmark's own LSLPN runs
+(experiments/chaos.py; options that change training get their own runs); then a timing pass.
 
     python tools/lslpn_plus.py                  # everything, reusing finished runs and evaluations
     python tools/lslpn_plus.py --folds 0        # one fold (a quick look; the report says so)
-    python tools/lslpn_plus.py --report-only    # rewrite docs/lslpn_plus.md from OUT/lslpn_plus.json
-
-1. Selection (never the test scans). Per fold, setting and label set, LSLPN is trained on a prepared folder
-   whose validation scan (dataloaders.alpnet_layout.validation_scan) is held out of training; every
-   candidate setting of every option segments that scan from the fold's support. Per option the candidate
-   with the best mean validation Dice wins; the options are then combined greedily (in order of their
-   validation gain, each kept only when it raises the combination's validation Dice): that is `lslpn_plus`.
-2. Test. The LSLPN runs of the benchmark itself (same names, budget and seeds as scripts/bench_chaos.py:
-   reused when it already ran under the same OUT) are evaluated with: no option (the LSLPN row), each chosen
-   option alone, the combination, and the combination without each of its options. The LSLPN+ options have
-   no parameters and act on the trained network's head at test time (models.factory.with_head_options),
-   test-time adaptation on a copy of it (evaluation/adaptation.py); the training is LSLPN's.
-   Every row runs on every fold of both settings. An option set with options that change training
-   (TRAINING_KEYS: 2.5D input, the boundary loss) is evaluated on its own runs: the LSLPN row's training
-   plus those options.
-3. Timing. Seconds per query volume (one organ of one scan, inference only; test-time adaptation apart)
-   and the head's share of a forward pass, per row, in one pass on one cell; `--retime` measures them
-   again on a quiet machine (the report says whether they were).
+    python tools/lslpn_plus.py --report-only    # rewrite docs/lslpn_plus.md from OUT/lslpn_plus_results.json
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import sys
+import shlex
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "scripts"))   # the benchmark's steps (scripts/bench_chaos_steps.py)
+from util.atomic import write_text_atomic
+from util.cli import run_cli
+from util.errors import UserError
+from util.paths import check_output_file, check_writable_folder
 
-from util.atomic import write_text_atomic  # noqa: E402
-from util.cli import run_cli  # noqa: E402
-from util.errors import UserError  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 PINNED_NUMERICS = {"ONEDNN_MAX_CPU_ISA": "AVX2", "OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2"}
 DOC = ROOT / "docs" / "lslpn_plus.md"
@@ -86,7 +70,7 @@ class Bench:
     evaluations (OUT/lslpn_plus.json)."""
 
     def __init__(self, data: Path, out: Path, folds: list[int], device: str, budget: dict):
-        import bench_chaos_steps as steps
+        from experiments import chaos as steps
         self.steps, self.data, self.out, self.folds, self.device = steps, data, out, folds, device
         self.dataset = steps.layout.detect_dataset(data)
         self.named_base, self.base = steps.budget_overrides(budget["steps"], budget["input_size"],
@@ -134,10 +118,12 @@ class Bench:
 
     def evaluate(self, options: dict, cell: dict, stage: str) -> dict:
         """{dice: {organ: {query: Dice}}, seconds, adapt_seconds, volumes} of one option set on one cell,
-        cached under (stage, options, cell)."""
+        cached under what it depends on: stage, options, cell, the snapshot's bytes, the prepared folder's
+        meta.json and the device."""
         cell = {**cell, "snapshot": self.snapshot(cell, training_options(options))}
         key = "|".join([stage, key_of(options), str(cell["fold"]), str(cell["setting"]),
-                        str(cell["label_set"]), str(cell["snapshot"])])
+                        str(cell["label_set"]), self.steps.file_digest(cell["snapshot"]),
+                        self.steps.file_digest(cell["folder"] / "meta.json"), self.device])
         if key not in self.saved["evaluations"]:
             result = evaluate_cell(self.steps, options, cell, self.device)
             self.saved["evaluations"][key] = result
@@ -275,10 +261,10 @@ def evaluate_cell(steps, options: dict, cell: dict, device: str) -> dict:
 
 
 def head_share(snapshot, options: dict, device: str, n_queries: int = 16, repeats: int = 5) -> dict:
-    """Median seconds (tools/bench_timing.measure) of the encoder and of the head for 1 support +
+    """Median seconds (tools/benchmark.measure) of the encoder and of the head for 1 support +
     n_queries query slices, and the head's share of the two (the time of one inference step)."""
     import torch
-    from bench_timing import measure
+    from benchmark import measure  # tools/benchmark.py, beside this tool
     model, size = model_with(snapshot, options, device)
     generator = torch.Generator().manual_seed(0)
     support = torch.randn(1, 1, 1, 1, size, size, generator=generator).to(device)
@@ -318,9 +304,13 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     if any(f not in range(5) for f in args.folds):
         raise UserError(f"--folds {args.folds}: SSL-ALPNet has folds 0-4: pick among them")
+    check_output_file(args.doc, what="--doc", suffixes=(".md",), create_parent=True)   # before any compute
+    if not args.report_only:
+        check_writable_folder(args.out, "--out")
     os.environ.update(PINNED_NUMERICS)
-    import bench_chaos
-    import lslpn_plus_report as report
+    import lslpn_plus_report as report  # beside this tool
+
+    from experiments.chaos import default_data
     results_path = args.out / "lslpn_plus_results.json"
     if args.report_only:
         if not results_path.is_file():
@@ -328,7 +318,7 @@ def main(argv: list[str]) -> int:
         report.write(json.loads(results_path.read_text()), args.doc, TRAINING_KEYS)
         print(f"wrote {args.doc}")
         return 0
-    data = args.data or bench_chaos.default_data()
+    data = args.data or default_data()
     start = time.perf_counter()
     bench = Bench(data, args.out, args.folds, args.device,
                   {"steps": 100, "input_size": 64, "batch_size": 2})
@@ -347,7 +337,7 @@ def main(argv: list[str]) -> int:
     from util.provenance import git_commit
     results = {"selection": selection, "rows": evaluations, "folds": args.folds, "timing": timing,
                "seconds": time.perf_counter() - start, "commit": git_commit(),
-               "command": " ".join(["python tools/lslpn_plus.py", *argv]),
+               "command": shlex.join(["python", "tools/lslpn_plus.py", *argv]),
                "environment": bench.steps.environment_note(), "log": bench.log}
     write_text_atomic(json.dumps(results, indent=1), results_path)
     report.write(results, args.doc, TRAINING_KEYS)

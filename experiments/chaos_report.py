@@ -1,4 +1,4 @@
-"""docs/bench_chaos.md and its overlay figure from the CHAOS-T2 benchmark's results.json
+"""The CHAOS-T2 benchmark's report (docs/bench_chaos.md) and overlay figure from its results.json
 (scripts/bench_chaos.py)."""
 from __future__ import annotations
 
@@ -11,8 +11,20 @@ from util.atomic import atomic_path, write_text_atomic
 ORGANS = ["liver", "spleen", "kidney_left", "kidney_right"]      # the published tables' order
 HEAD = {"liver": "liver", "spleen": "spleen", "kidney_left": "LK", "kidney_right": "RK"}
 # SSL-ALPNet (ECCV 2020) Table 1 as reproduced by the FoB-SAM README (commit 40d0e23): liver / spleen / LK
-# / RK / mean, Abd-MRI (CHAOS-T2), pretrained ResNet-101 (COCO DeepLabv3), GPU, 100k iterations.
-PUBLISHED = {1: [76.10, 72.18, 81.92, 85.18, 78.84], 2: [73.05, 67.02, 73.63, 78.39, 73.02]}
+# / RK / mean per (data set, Setting), pretrained ResNet-101 (COCO DeepLabv3), GPU, 100k iterations.
+PUBLISHED = {("chaos_t2", 1): [76.10, 72.18, 81.92, 85.18, 78.84],
+             ("chaos_t2", 2): [73.05, 67.02, 73.63, 78.39, 73.02],
+             ("sabs", 1): [78.29, 70.96, 72.36, 71.81, 73.35],
+             ("sabs", 2): [73.67, 60.25, 63.34, 54.82, 63.02]}
+TITLE = {"chaos_t2": "CHAOS-T2 abdominal MRI", "sabs": "SABS (BTCV) abdominal CT"}
+NORMALISATION = {"MR": "z-scored per volume",
+                 "CT": "one mean and std over every voxel of the fold's training scans (SSL-ALPNet's rule)"}
+
+
+def queries_text(data_set: dict) -> str:
+    """'4' (or '4-5' when folds differ) query scans per fold."""
+    counts = data_set["queries_per_fold"]
+    return str(counts[0]) if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
 
 
 def fold_means(cells: list[dict], method: str, setting: int) -> dict[int, dict[str, float]]:
@@ -30,6 +42,12 @@ def _fmt(value: float) -> str:
     return "-" if value is None or not np.isfinite(value) else f"{100 * value:.1f}"
 
 
+def published_row(data_set: dict, setting: int) -> list[float] | None:
+    """SSL-ALPNet's published figures for this data set and Setting; None unless the folder holds the
+    whole data set those figures are for."""
+    return PUBLISHED.get((data_set["name"], setting)) if data_set["published"] else None
+
+
 def setting_tables(results: dict, setting: int) -> list[str]:
     """Markdown: over the folds (mean and std of fold means) and per fold, one row per method."""
     lines = []
@@ -38,7 +56,8 @@ def setting_tables(results: dict, setting: int) -> list[str]:
         return lines
     cols = " | ".join(HEAD[o] for o in ORGANS)
     lines += [f"Over {len(folds)} fold(s) ({', '.join(map(str, folds))}): mean (std over folds) of the "
-              "per-fold mean Dice (%) over each fold's 4 query scans.", "", f"| Method | {cols} | mean |",
+              f"per-fold mean Dice (%) over each fold's {queries_text(results['data_set'])} query scans.", "",
+              f"| Method | {cols} | mean |",
               "|---" * (len(ORGANS) + 2) + "|"]
     for method in results["methods"]:
         per_fold = fold_means(results["cells"], method, setting)
@@ -52,9 +71,10 @@ def setting_tables(results: dict, setting: int) -> list[str]:
             organ_means.append(mean)
             cells.append(f"{_fmt(mean)} ({_fmt(float(values.std()))})" if values.size > 1 else _fmt(mean))
         lines.append(f"| {method} | " + " | ".join(cells) + f" | {_fmt(float(np.nanmean(organ_means)))} |")
-    published = PUBLISHED[setting]
-    lines.append("| *published SSL-ALPNet (pretrained ResNet-101, GPU, 100k iterations, 5 folds)* | "
-                 + " | ".join(f"*{v:.1f}*" for v in published[:4]) + f" | *{published[4]:.1f}* |")
+    published = published_row(results["data_set"], setting)
+    if published is not None:
+        lines.append("| *published SSL-ALPNet (pretrained ResNet-101, GPU, 100k iterations, 5 folds)* | "
+                     + " | ".join(f"*{v:.1f}*" for v in published[:4]) + f" | *{published[4]:.1f}* |")
     lines += ["", "Per fold (Dice %):", "", f"| Method | fold | {cols} |", "|---" * (len(ORGANS) + 2) + "|"]
     for method in results["methods"]:
         per_fold = fold_means(results["cells"], method, setting)
@@ -98,17 +118,28 @@ def write_report(results: dict, doc: Path, figure: Path | None, seconds: float, 
               "(predictions upsampled to the stored 256 x 256 for scoring), no intensity augmentation")
     episodes = ("SSL-ALPNet's own episode recipe (selfsup.episodes=alpnet: its id draw, affine, elastic "
                 "and gamma)")
-    lines = ["# CHAOS-T2 abdominal MRI under SSL-ALPNet's protocol", "",
+    data_set = results["data_set"]
+    title = TITLE[data_set["name"]]
+    if any(published_row(data_set, setting) for setting in (1, 2)):
+        scale = ("The published row is SSL-ALPNet's ECCV 2020 Table 1 for this data set (pretrained "
+                 "ResNet-101, GPU, 100k iterations): a different regime from this CPU run, beside it for "
+                 "scale only.")
+    else:
+        scale = (f"No published row: SSL-ALPNet's figures are for the whole data set ({title}), and this "
+                 f"folder holds {data_set['scans']} scans.")
+    lines = [f"# {title} under SSL-ALPNet's protocol", "",
              f"Generated by `{command}` (scripts/bench_chaos.py)"
              + (f" at commit {results['commit']}" if results.get("commit") else "")
              + f"; total wall time {seconds / 60:.1f} min on {environment}."
              + ("" if results.get("complete", True) else
                 " **Partial**: written while the run was still going (or after it stopped); "
                 "only the cells below were finished."), "",
-             "Data: CHAOS T2-SPIR MRI, 20 scans in SSL-ALPNet's preprocessed layout (image / label / "
-             "superpix-MIDDLE / classmap_1.json), read as its loader: z-scored per volume, slices as stored, "
-             "[:256, :256]. Protocol (evaluation/protocols.py, preset `alpnet`): SSL-ALPNet's 5-fold "
-             "circular split (4 query scans per fold, the next scan in sorted order as the support, left out "
+             f"Data: {title} ({data_set['modality']}), {data_set['scans']} scans in `{data_set['folder']}`, "
+             "SSL-ALPNet's preprocessed layout (image / label / superpix-MIDDLE / classmap_1.json), read as "
+             f"its loader: {NORMALISATION[data_set['modality']]}, slices as stored, [:256, :256]. Protocol "
+             "(evaluation/protocols.py, preset `alpnet`): SSL-ALPNet's 5-fold circular split "
+             f"({queries_text(data_set)} query scans per fold, the next scan in sorted order as the support, "
+             "left out "
              "of training); support slices at the percentiles 1/6, 1/2, 5/6 of the support's organ slices; "
              "query thirds over the query's own ground-truth range, only that range scored; 3D Dice without "
              "smoothing; mean over the fold's query scans, then mean and std over the folds. Label set 0 "
@@ -123,9 +154,7 @@ def write_report(results: dict, doc: Path, figure: Path | None, seconds: float, 
              "'LSLPN, untrained' is the LSLPN run's network at step 0 (its seeded random initial weights, "
              "no training): "
              "what the local-prototype matching gives before any learning. Mask copy has no model. "
-             "The published row is SSL-ALPNet's ECCV 2020 Table 1 (pretrained "
-             "ResNet-101, GPU, 100k iterations): a different regime from this CPU run, beside it for scale "
-             "only.",
+             + scale,
              ""]
     for setting in (1, 2):
         body = setting_tables(results, setting)
@@ -163,11 +192,10 @@ class OverlayCollector:
         self.rows: dict[str, dict] = {}
 
     def __call__(self, method: str, fold: int, setting: int, label_set: int, folder: Path, predictions: dict):
-        from bench_chaos_steps import gold_volume
-
         from dataloaders.organs import NAME_TO_INDEX
         from dataloaders.prepared import read_meta
         from evaluation.protocols import organ_slice_list, support_slices
+        from experiments.chaos import gold_volume
         if setting != self.setting:
             return
         meta = read_meta(folder)["alpnet"]

@@ -1,45 +1,69 @@
-"""The CHAOS-T2 benchmark's steps (scripts/bench_chaos.py): prepare, train, evaluate, under SSL-ALPNet's
-protocol.
-
-  1. per fold k and setting: a prepared folder (dataloaders/alpnet_prepare.py); Setting 1 one per fold
-     (no slice dropped), Setting 2 one per label set (every training slice holding a test organ dropped,
-     OR rule of SSL-ALPNet; `--rule and` for the Q-Net lineage's AND rule)      OUT/prepared/<tag>
-  2. per method, the same training loop (train.py, a subprocess as a user would run it): self-supervised
-     on SSL-ALPNet's own superpixels (LSLPN, PANet's head, the ALPNet head when this checkout has it), and
-     LSLPN supervised on the other organs' labels (the paper's regime)          OUT/train/<name>/<id>/
-  3. SSL-ALPNet's evaluation (evaluation.evaluate.evaluate, preset 'alpnet', as test.py) of every method
-     and mask copy on the fold's query scans against its support scan          OUT/results.json
-Finished steps are reused: a prepared folder whose meta.json says the same fold/setting/rule, a run whose
-last.pth reached n_steps with the same config (training.loop.config_hash, as resume uses).
+"""The steps of SSL-ALPNet's protocol benchmark (scripts/bench_chaos.py, tools/lslpn_plus.py), each reused
+when finished with the same inputs (docs/bench_chaos.md says what each row is):
+  prepare   one folder per fold and Setting (and label set in Setting 2)     OUT/prepared/<tag>
+  train     every method through experiments.runner.train_or_reuse           OUT/train/<name>/<id>/
+  evaluate  test.py's `evaluate` (preset 'alpnet') on the fold's query scans  OUT/evaluations/<digest>.json
+Results per cell in OUT/results.json.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-from config import ex  # before sacred: config.py silences its import warning
-
-# isort: split
-from sacred.arg_parser import get_config_updates
-from sacred.initialize import create_run
-
 from dataloaders import alpnet_layout as layout
 from dataloaders.alpnet_prepare import normalised_volume, prepare_alpnet
+from dataloaders.nifti import _clean_stale, _pid_alive
 from dataloaders.prepared import load_volume, read_meta
 from evaluation.evaluate import evaluate
+from experiments.runner import ROOT, train_or_reuse
 from models.checkpoint import load_checkpoint
-from training.loop import config_hash
-from util.atomic import write_text_atomic
+from util.atomic import atomic_path, write_text_atomic
 from util.errors import UserError
 
-ROOT = Path(__file__).resolve().parents[1]
 MASK_COPY = "mask copy"
+DATA_ENV = "CHAOS_T2_DIR"
+DEFAULT_DATA = ROOT.parent / "shared" / "data" / "chaos_mr_t2"   # a checkout next to the shared data folder
+
+
+def default_data() -> Path:
+    """$CHAOS_T2_DIR, else ../shared/data/chaos_mr_t2 beside the repository."""
+    return Path(os.environ.get(DATA_ENV) or DEFAULT_DATA)
+
+
+def describe_data(data_dir: Path, folds: list[int]) -> dict:
+    """What the report says the benchmark ran on: data set, modality, scan count, query scans per fold,
+    the folder, and whether it is the whole data set of the published figures (all its scans)."""
+    dataset = layout.detect_dataset(data_dir)
+    ids = layout.scan_ids(data_dir)
+    return {"name": dataset.name, "modality": dataset.modality, "scans": len(ids),
+            "queries_per_fold": sorted({len(layout.fold_scans(ids, fold, dataset)[0]) for fold in folds}),
+            "folder": str(Path(data_dir).resolve()), "published": len(ids) == dataset.separators[-1]}
+
+
+def clean_leftovers(out: Path) -> None:
+    """What a stopped benchmark left half-written: prepared folders (`<tag>.partial-<pid>`, `.old-<pid>`,
+    atomic_folder's rule) and temporary files (`<file>.tmp-<pid>`) of ended processes are removed (or put
+    back); those of a live process are named."""
+    found = [*(out / "prepared").glob("*.*-*"), *out.glob("*.tmp-*"), *(out / "evaluations").glob("*.tmp-*")]
+    for path in sorted(found):
+        tag, _, suffix = path.name.rpartition(".")
+        kind, _, pid = suffix.partition("-")
+        if kind not in ("partial", "old", "tmp") or not pid.isdigit():
+            continue
+        if kind != "tmp":
+            _clean_stale(path.with_name(tag))
+        elif not _pid_alive(int(pid)):
+            path.unlink()
+        if path.exists():
+            print(f"==> {path}: still being written by process {pid} (another benchmark on this --out?): "
+                  "left alone", flush=True)
+        else:
+            print(f"==> {path}: left by a stopped run: cleaned up", flush=True)
 
 
 def methods(include_alpnet: bool = True) -> dict[str, dict]:
@@ -115,24 +139,6 @@ def supervised_fold(dataset: layout.AlpnetDataset, label_set: int) -> list[str]:
     return [f"fold={fold}", f"label_sets={json.dumps(sets)}"]
 
 
-def resolved_hash(named: list[str], overrides: list[str]) -> tuple[str, int]:
-    """(config_hash, n_steps) of the config `train.py with <named> <overrides>` resolves."""
-    updates, more = get_config_updates(list(overrides))
-    config = create_run(ex, "print_config", config_updates=updates, named_configs=[*named, *more]).config
-    return config_hash(config), int(config["n_steps"])
-
-
-def finished(log_dir: Path, name: str, wanted: str, n_steps: int) -> Path | None:
-    """last.pth of the latest run under log_dir/name that reached n_steps with config hash `wanted`."""
-    runs = sorted((p for p in (log_dir / name).glob("*") if p.name.isdigit()), key=lambda p: int(p.name))
-    for run in reversed(runs):
-        if (run / "last.pth").exists():
-            state = load_checkpoint(str(run / "last.pth"))
-            if state.get("config_hash") == wanted and int(state["step"]) >= n_steps:
-                return run / "last.pth"
-    return None
-
-
 def run_seconds(run_dir: Path) -> float | None:
     """Wall time of a finished Sacred run (run.json start_time .. stop_time), None when not recorded."""
     from datetime import datetime
@@ -145,28 +151,14 @@ def run_seconds(run_dir: Path) -> float | None:
 
 
 def train(name: str, named: list[str], overrides: list[str], log_dir: Path, log: list, device: str) -> Path:
-    """Train one run through train.py (reused when finished); returns its last.pth."""
-    overrides = [*overrides, f"name={name}", f"path.log_dir={log_dir}", f"device={device}"]
-    wanted, n_steps = resolved_hash(named, overrides)
-    snapshot = finished(log_dir, name, wanted, n_steps)
-    if snapshot is not None:
-        print(f"==> train {name}: reusing {snapshot}", flush=True)
+    """last.pth of the run `train.py with <named> <overrides>` (experiments.runner.train_or_reuse); a
+    reused run enters the log with its Sacred run time."""
+    logged = len(log)
+    snapshot = train_or_reuse([*named, *overrides, f"name={name}", f"path.log_dir={log_dir}",
+                               f"device={device}"], snapshot="last.pth", title=f"train {name}", log=log)
+    if len(log) == logged:
         log.append({"step": f"train {name} (reused: its Sacred run time)",
-                    "seconds": run_seconds(snapshot.parent),
-                    "n_steps": n_steps, "reused": True})
-        return snapshot
-    command = [sys.executable, str(ROOT / "train.py"), "with", *named, *overrides, "resume=True"]
-    print(f"\n==> train {name}\n$ python train.py with {' '.join(named + overrides)} resume=True", flush=True)
-    start = time.perf_counter()
-    result = subprocess.run(command, cwd=Path.cwd())
-    seconds = time.perf_counter() - start
-    if result.returncode != 0:
-        raise UserError(f"benchmark training '{name}' failed (exit {result.returncode}): "
-                        "fix the message above and run again; finished runs are reused")
-    snapshot = finished(log_dir, name, wanted, n_steps)
-    if snapshot is None:
-        raise UserError(f"training {name} ended without last.pth at step {n_steps} under {log_dir / name}")
-    log.append({"step": f"train {name}", "seconds": round(seconds, 1), "n_steps": n_steps})
+                    "seconds": run_seconds(snapshot.parent), "reused": True})
     return snapshot
 
 
@@ -220,6 +212,36 @@ def evaluate_method(snapshot: Path | None, folder: Path, organs: list[str], devi
     return dice, predictions, time.perf_counter() - start
 
 
+def file_digest(path: Path) -> str:
+    """SHA-256 (16 hex digits) of a file's bytes."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+
+
+def evaluate_cached(out: Path, snapshot: Path | None, folder: Path, organs: list[str], device: str,
+                    untrained: bool = False) -> tuple[dict, dict, float, bool]:
+    """(Dice, predictions of the first query scan, seconds, reused) of `evaluate_method`, reused from
+    OUT/evaluations/<digest>.json when one exists for the same inputs: the snapshot's bytes, untrained,
+    the preset, the prepared folder's meta.json, organs, query scans and device."""
+    queries = list(read_meta(folder)["alpnet"]["test"])
+    inputs = {"snapshot": None if snapshot is None else file_digest(snapshot), "untrained": untrained,
+              "preset": "alpnet", "meta": file_digest(folder / "meta.json"), "organs": list(organs),
+              "queries": queries, "device": device}
+    path = out / "evaluations" / (hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
+                                  + ".json")
+    if path.is_file():             # written last: a complete evaluation
+        saved = json.loads(path.read_text())
+        with np.load(path.with_suffix(".npz")) as arrays:
+            first = {organ: {queries[0]: arrays[organ]} for organ in arrays.files}
+        return saved["dice"], first, saved["seconds"], True
+    dice, predictions, seconds = evaluate_method(snapshot, folder, organs, device, untrained=untrained)
+    first = {organ: {queries[0]: per_query[queries[0]]} for organ, per_query in predictions.items()
+             if queries[0] in per_query}
+    with atomic_path(path.with_suffix(".npz")) as temporary, open(temporary, "wb") as handle:
+        np.savez_compressed(handle, **{organ: per_query[queries[0]] for organ, per_query in first.items()})
+    write_text_atomic(json.dumps({"inputs": inputs, "dice": dice, "seconds": seconds}, indent=1), path)
+    return dice, first, seconds, False
+
+
 def run_bench(data_dir: Path, out: Path, folds: list[int], settings: list[int], rule: str, budget: dict,
               device: str, include_alpnet: bool = True, figure_hook=None, progress=None,
               label_sets: list[int] = (0, 1), only: list[str] | None = None) -> dict:
@@ -229,6 +251,7 @@ def run_bench(data_dir: Path, out: Path, folds: list[int], settings: list[int], 
     evaluated right after its training; `progress(results)` runs after every evaluated cell.
     """
     dataset = layout.detect_dataset(data_dir)
+    clean_leftovers(out)
     named_base, base = budget_overrides(budget["steps"], budget["input_size"], budget["batch_size"],
                                         budget["full"])
     rows = methods(include_alpnet)
@@ -239,7 +262,7 @@ def run_bench(data_dir: Path, out: Path, folds: list[int], settings: list[int], 
         rows = {name: how for name, how in rows.items() if name in only
                 or how.get("untrained_of") in only}
     log: list[dict] = []
-    results = {"dataset": dataset.name, "data": str(data_dir), "rule": rule, "budget": budget,
+    results = {"data_set": describe_data(data_dir, folds), "rule": rule, "budget": budget,
                "methods": [MASK_COPY, *rows], "cells": [], "log": log}
     for setting in sorted(settings, reverse=True):
         for fold in folds:
@@ -273,10 +296,11 @@ def run_bench(data_dir: Path, out: Path, folds: list[int], settings: list[int], 
                         if setting == 1 and not supervised:
                             selfsup_snapshots[row] = snapshot
                     done[row] = snapshot
-                    dice, predictions, seconds = evaluate_method(snapshot, folder, organs, device,
-                                                                 untrained="untrained_of" in how)
-                    log.append({"step": f"evaluate {row} fold {fold} setting {setting} labels {label_set}",
-                                "seconds": round(seconds, 1)})
+                    dice, predictions, seconds, reused = evaluate_cached(
+                        out, snapshot, folder, organs, device, untrained="untrained_of" in how)
+                    log.append({"step": f"evaluate {row} fold {fold} setting {setting} labels {label_set}"
+                                + (" (reused)" if reused else ""), "seconds": round(seconds, 1)}
+                               | ({"reused": True} if reused else {}))
                     results["cells"].append({"method": row, "fold": fold, "setting": setting,
                                              "label_set": label_set,
                                              "snapshot": str(snapshot) if snapshot else None, "dice": dice,
