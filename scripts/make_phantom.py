@@ -15,8 +15,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dataloaders.phantom import generate_phantom  # noqa: E402
 from dataloaders.prepared import default_support  # noqa: E402
+from demo.phantom import generate_phantom  # noqa: E402
 from evaluation.dataset_check import format_mask_copy, mask_copy_dice  # noqa: E402
 from evaluation.protocol import get_preset  # noqa: E402
 from util.cli import run_cli  # noqa: E402

@@ -14,7 +14,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 LEVEL = {"util": 0, "dataloaders": 1, "models": 1, "evaluation": 2, "training": 3}
-FORBIDDEN_IN_LIBRARY = {"config", "sacred", "train", "test", "tests", "scripts", "tools"}
+FORBIDDEN_IN_LIBRARY = {"config", "sacred", "train", "test", "tests", "scripts", "tools", "demo"}
 TEST_MODULES = {path.stem for path in (ROOT / "tests").glob("*.py")}
 # scripts/ and tools/ put their own folder on sys.path, so their modules are imported by bare name
 TOP_FILES = sorted((ROOT / "scripts").glob("*.py")) + sorted((ROOT / "tools").glob("*.py"))

@@ -39,8 +39,8 @@ from config import ex  # before sacred: config.py silences its import warning
 from sacred.initialize import create_run
 
 from dataloaders.organs import organ_index
-from dataloaders.phantom import generate_phantom, render_subject
 from dataloaders.prepare import Selection, prepare_dataset
+from demo.phantom import generate_phantom, render_subject
 from evaluation.inference import segment_query_volume
 from evaluation.protocol import get_preset, organ_range
 from models.encoders import build_encoder
