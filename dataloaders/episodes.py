@@ -23,7 +23,6 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from dataloaders.neighbours import INPUT_SLICES
 from dataloaders.organs import INDEX_TO_NAME
 from dataloaders.prepared import (
     open_training_neighbours,
@@ -31,7 +30,7 @@ from dataloaders.prepared import (
     read_slice_index,
     training_slices,
 )
-from dataloaders.transforms import augment_intensity, resize_image, resize_label
+from dataloaders.transforms import INPUT_SLICES, augment_intensity, resize_image, resize_label
 from util.errors import UserError
 
 

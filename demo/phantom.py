@@ -15,10 +15,10 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
+from dataloaders.layouts import mask_filename, volume_filename
 from dataloaders.nifti import atomic_folder, save_nifti_atomic
 from dataloaders.organs import NAME_TO_INDEX as LBL
 from dataloaders.organs import STRUCTURES
-from dataloaders.visceral import mask_filename, volume_filename
 from util.errors import UserError
 
 # tissue id -> (name, mean HU, texture amplitude HU). Tissues set intensity; labels are separate.

@@ -24,8 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dataloaders.neighbours import neighbour_stack
-from dataloaders.transforms import resize_image, resize_label
+from dataloaders.transforms import neighbour_stack, resize_image, resize_label
 from models.factory import model_input_slices
 from util.errors import UserError
 

@@ -26,8 +26,8 @@ from typing import Sequence
 import nibabel as nib
 import numpy as np
 
+from dataloaders.label_map import hounsfield_problem
 from dataloaders.nifti import NiftiVolume
-from dataloaders.plausibility import hounsfield_problem
 from evaluation.protocol import centre_offsets, chunk_plan
 from util.errors import UserError
 

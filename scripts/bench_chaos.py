@@ -106,7 +106,7 @@ def main(argv: list[str]) -> int:
     import bench_chaos_report as report  # after the pins: torch loads below
     import bench_chaos_steps as steps
 
-    from dataloaders.alpnet_layout import detect_dataset
+    from dataloaders.layouts import detect_dataset
     from util.provenance import git_commit
     command = display_command(argv)
     results_path = args.out / "results.json"

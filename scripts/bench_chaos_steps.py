@@ -29,9 +29,9 @@ from config import ex  # before sacred: config.py silences its import warning
 from sacred.arg_parser import get_config_updates
 from sacred.initialize import create_run
 
-from dataloaders import alpnet_layout as layout
-from dataloaders.alpnet_prepare import normalised_volume, prepare_alpnet
+from dataloaders import layouts as layout
 from dataloaders.organs import NAME_TO_INDEX
+from dataloaders.prepare import normalised_volume, prepare_alpnet
 from dataloaders.prepared import load_volume, read_meta
 from evaluation.alpnet_protocol import evaluate_query, mask_copy_predictor, model_predictor
 from evaluation.evaluate import load_snapshot

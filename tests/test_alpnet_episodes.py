@@ -10,8 +10,14 @@ import pytest
 import torch
 
 import dataloaders.selfsup_episodes as selfsup
+from dataloaders.selfsup_episodes import (
+    alpnet_affine_matrix,
+    alpnet_elastic,
+    alpnet_gamma,
+    alpnet_view,
+    apply_affine,
+)
 from dataloaders.superpixels import open_superpixels
-from dataloaders.warp import alpnet_affine_matrix, alpnet_elastic, alpnet_gamma, alpnet_view, apply_affine
 from util.errors import UserError
 
 

@@ -15,9 +15,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from dataloaders import alpnet_layout as layout
-from dataloaders.alpnet_prepare import normalised_volume, prepare_alpnet
+from dataloaders import layouts as layout
 from dataloaders.organs import NAME_TO_INDEX
+from dataloaders.prepare import normalised_volume, prepare_alpnet
 from util.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -7,8 +7,16 @@ import json
 import numpy as np
 import pytest
 
-from dataloaders.label_map import mask_label_map, read_label_map, resolve_support_label, sidecar_path
-from dataloaders.plausibility import field_of_view_warning, image_problems, mask_labels, support_size_warning
+from dataloaders.label_map import (
+    field_of_view_warning,
+    image_problems,
+    mask_label_map,
+    mask_labels,
+    read_label_map,
+    resolve_support_label,
+    sidecar_path,
+    support_size_warning,
+)
 from util.errors import UserError
 
 TOTALSEG = {"description": "values of labels.nii.gz", "labels": {"1": "spleen", "2": "kidney_right",

@@ -1,36 +1,264 @@
-"""Reader of the SSL-ALPNet data layout (Ouyang et al., ECCV 2020): CHAOS-T2 abdominal MRI and SABS CT.
+"""Readers of the source layouts, labels mapped onto the organ indices of dataloaders/organs.py.
 
-A folder in that layout (SSL-ALPNet's `chaos_MR_T2_normalized` / `sabs_CT_normalized`) holds
-  image_<id>.nii.gz            the scan, already resampled by SSL-ALPNet's preprocessing notebooks
-  label_<id>.nii.gz            organ labels on the same grid (the data set's own label values)
-  superpix-MIDDLE_<id>.nii.gz  SSL-ALPNet's 2D Felzenszwalb superpixels per axial slice (optional)
-  classmap_1.json              {class name: {str(id): [slices holding >= 1 voxel of the class]}}
-Ids: the last run of digits of each image file name, sorted as integers (as SSL-ALPNet's loaders).
-
-Read as SSL-ALPNet's loaders read it: SimpleITK's array [Z, Y, X] transposed to [Y, X, Z], i.e. the
-nibabel array X x Y x Z with its first two axes swapped; no reorientation, no flip, no resize; a 2D
-sample is `volume[:, :, z]` (rows Y, columns X) cropped to [:256, :256]. Normalisation before the
-crop: MR z-scored per volume, (x - mean) / std over the whole volume, no eps; CT with one global mean
-and std over every voxel of the fold's training scans (`ct_statistics`). Nothing here assumes
-Hounsfield units.
-
-Labels are mapped onto this project's organ vocabulary (dataloaders/organs.py) by `to_vocabulary`;
-data set label values without a vocabulary entry (SABS esophagus, stomach, IVC, portal/splenic vein)
-become background (0).
+VISCERAL Anatomy3 (`find_cases`, `load_case`), generic multi-label data sets such as TotalSegmentator,
+BTCV or AMOS exports (`find_multilabel_cases`, `load_multilabel_case`; layout in the comment above them)
+and SSL-ALPNet's preprocessed CHAOS-T2 / SABS folders (`detect_dataset`, `load_scan`, `fold_scans`),
+read as its loaders read them. Layout values without a vocabulary entry become background (0).
+docs/DESIGN.md "Prepared data folder" says what prepare.py makes of them.
 """
 from __future__ import annotations
 
 import json
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 
-from dataloaders.organs import NAME_TO_INDEX
+from dataloaders.nifti import NiftiVolume, check_same_grid, load_nifti
+from dataloaders.organs import NAME_TO_INDEX, RADLEX_TO_INDEX, canonical_name
 from util.errors import UserError
 
+# ------------------------------------------------------------------------------ VISCERAL Anatomy3
+# CORPUS/Volumes/<pid>_1_CTce_ThAb.nii.gz, CORPUS/Segmentations/<pid>_1_CTce_ThAb_<RadLexID>_<n>.nii.gz:
+# the RadLex id is the second-to-last field, the patient id the first (`<pid>_<RadLexID>_<n>` reads alike).
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+
+
+def volume_filename(pid: str) -> str:
+    """VISCERAL volume file name of patient `pid` (8 digits)."""
+    return f"{pid}_1_CTce_ThAb.nii.gz"
+
+
+def mask_filename(pid: str, radlex: int, annotator: int = 1) -> str:
+    """VISCERAL mask file name of structure `radlex` of patient `pid`."""
+    return f"{pid}_1_CTce_ThAb_{radlex}_{annotator}.nii.gz"
+
+
+def strip_nifti_suffix(name: str) -> str | None:
+    """File name without .nii.gz / .nii; None when it is not a NIfTI name."""
+    for suffix in NIFTI_SUFFIXES:
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return None
+
+
+def parse_mask_name(name: str) -> tuple[str, int] | None:
+    """(patient id, RadLex id) of a mask file name; None when the name does not fit the pattern."""
+    stem = strip_nifti_suffix(name)
+    fields = stem.split("_") if stem else []
+    if len(fields) < 3 or not fields[-2].isdigit() or not fields[-1].isdigit():
+        return None
+    return fields[0], int(fields[-2])
+
+
+@dataclass
+class Case:
+    """One patient of a VISCERAL corpus: its volume and its masks by label index (1-20)."""
+    pid: str
+    volume_path: Path
+    mask_paths: dict[int, Path] = field(default_factory=dict)
+
+
+@dataclass
+class LabeledVolume:
+    """A canonical CT volume (image.array X x Y x Z int16 HU, RAS+) and its label map X x Y x Z uint8 0-20."""
+    pid: str
+    image: NiftiVolume
+    label: np.ndarray
+    overlap_voxels: int = 0
+
+
+def _nifti_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and strip_nifti_suffix(p.name))
+
+
+def find_cases(corpus_dir: str | Path) -> list[Case]:
+    """Cases of one corpus folder (e.g. ROOT/SilverCorpus), sorted by patient id; unknown RadLex ids and
+    masks without a volume are skipped with a warning."""
+    corpus_dir = Path(corpus_dir)
+    volume_dir, mask_dir = corpus_dir / "Volumes", corpus_dir / "Segmentations"
+    for folder in (volume_dir, mask_dir):
+        if not folder.is_dir():
+            raise UserError(f"{folder}: folder missing: a VISCERAL corpus needs Volumes/ and Segmentations/ "
+                            "(or generate a phantom with scripts/make_phantom.py)")
+    cases: dict[str, Case] = {}
+    for path in _nifti_files(volume_dir):
+        pid = strip_nifti_suffix(path.name).split("_")[0]
+        if pid in cases:
+            raise UserError(f"{path}: a second volume for patient {pid} ({cases[pid].volume_path.name}): "
+                            "keep one volume per patient in Volumes/")
+        cases[pid] = Case(pid, path)
+    if not cases:
+        raise UserError(f"{volume_dir}: no .nii.gz volumes: copy the corpus volumes here")
+    for path in _nifti_files(mask_dir):
+        parsed = parse_mask_name(path.name)
+        if parsed is None:
+            warnings.warn(f"{path}: not a VISCERAL mask name <pid>_..._<RadLexID>_<n>.nii.gz: skipped")
+            continue
+        pid, radlex = parsed
+        if radlex not in RADLEX_TO_INDEX:
+            warnings.warn(f"{path}: RadLex id {radlex} is not one of the 20 VISCERAL structures: skipped")
+            continue
+        if pid not in cases:
+            warnings.warn(f"{path}: no volume for patient {pid} in {volume_dir}: mask skipped")
+            continue
+        index = RADLEX_TO_INDEX[radlex]
+        if index in cases[pid].mask_paths:
+            warnings.warn(f"{path}: a second mask of RadLex {radlex} for {pid}: kept "
+                          f"{cases[pid].mask_paths[index].name}")
+            continue
+        cases[pid].mask_paths[index] = path
+    for case in cases.values():
+        if not case.mask_paths:
+            raise UserError(f"{case.volume_path}: no masks in {mask_dir} for patient {case.pid}: add its "
+                            f"{case.pid}_..._<RadLexID>_<n>.nii.gz masks or remove the volume")
+    return [cases[pid] for pid in sorted(cases)]
+
+
+def merge_masks(masks: dict[int, np.ndarray]) -> tuple[np.ndarray, int]:
+    """Binary masks {label index: X x Y x Z} -> (label X x Y x Z uint8, voxels covered twice or more).
+
+    Overlaps: the structure with fewer voxels wins (a small one is not erased by a large neighbour), ties
+    to the higher index."""
+    if not masks:
+        raise ValueError("merge_masks needs at least one mask")
+    shape = next(iter(masks.values())).shape
+    label = np.zeros(int(np.prod(shape)), dtype=np.uint8)          # Fortran order, as NIfTI stores voxels
+    coverage = np.zeros(label.size, dtype=np.uint8)
+    voxels = {index: np.flatnonzero(np.ravel(mask, order="F")) for index, mask in masks.items()}
+    order = sorted(voxels, key=lambda index: (-voxels[index].size, index))  # large first, small last
+    for index in order:
+        label[voxels[index]] = index
+        coverage[voxels[index]] += 1
+    return label.reshape(shape, order="F"), int((coverage > 1).sum())
+
+
+def as_int16_hu(volume: NiftiVolume) -> NiftiVolume:
+    """The volume with its array rounded and clipped to int16 (CT stored as float is accepted)."""
+    if volume.array.dtype != np.int16:
+        volume.array = np.clip(np.rint(volume.array), -32768, 32767).astype(np.int16)
+    return volume
+
+
+def load_case(case: Case) -> LabeledVolume:
+    """Load a VISCERAL case: canonical int16 image and merged uint8 label map (indices 1-20)."""
+    image = as_int16_hu(load_nifti(case.volume_path))
+    masks = {}
+    for index, path in sorted(case.mask_paths.items()):
+        mask = load_nifti(path)
+        check_same_grid(mask, image)
+        masks[index] = mask.array
+    label, overlaps = merge_masks(masks)
+    return LabeledVolume(case.pid, image, label, overlaps)
+
+# ------------------------------------------------------------------------------ multi-label data sets
+# ROOT holds a training split (SilverCorpus, train, Tr or training) and a test split (GoldCorpus, test,
+# Ts or testing), each laid out as
+#   a) SPLIT/images/<case>.nii.gz + SPLIT/labels/<case>.nii.gz (nnU-Net / AMOS / BTCV; nnU-Net's
+#      imagesTr/ labelsTr/ with the _0000 suffix must be renamed first), or
+#   b) SPLIT/<case>/ct.nii.gz (image, img) + SPLIT/<case>/labels.nii.gz (label, seg, segmentation)
+#      (TotalSegmentator).
+# Case id: the file stem (a) or folder name (b), made a file name by dataloaders.prepare.case_id; unique
+# over both splits. Labels: integers >= 0 on the image's world grid (any storage orientation). The
+# label map (dataloaders/label_map.py) names values; names become indices by organs.canonical_name,
+# others background; every named value must occur in each volume unless --allow-missing-labels.
+IMAGE_NAMES = ("ct", "image", "img")
+LABEL_NAMES = ("labels", "label", "seg", "segmentation")
+SPLIT_NAMES = {"silver": ("SilverCorpus", "train", "Tr", "training"),
+               "gold": ("GoldCorpus", "test", "Ts", "testing")}
+
+
+def vocabulary_lookup(label_map: dict[int, str]) -> dict[int, int]:
+    """Label value -> project index (1-20) for the map entries that name one of the 20 structures."""
+    lookup = {}
+    for value, name in label_map.items():
+        canonical = canonical_name(name)
+        if canonical is not None:
+            lookup[value] = NAME_TO_INDEX[canonical]
+    return lookup
+
+
+def load_multilabel_case(image_path: str | Path, label_path: str | Path, label_map: dict[int, str],
+                         pid: str | None = None, allow_missing: bool = False) -> LabeledVolume:
+    """One image + multi-label pair, labels mapped onto the indices 1-20 (0: background or outside the
+    vocabulary); every value the map names must occur unless `allow_missing`."""
+    image = as_int16_hu(load_nifti(image_path))
+    labels = load_nifti(label_path)
+    check_same_grid(labels, image)
+    values = labels.array
+    if np.issubdtype(values.dtype, np.floating):
+        if not np.array_equal(values, np.rint(values)):
+            raise UserError(f"{label_path}: label volume holds non-integer values: export it as an integer "
+                            "multi-label map")
+    values = values.astype(np.int64)
+    present = set(np.unique(values).tolist())
+    missing = sorted(value for value in label_map if value not in present)
+    if missing and not allow_missing:
+        names = ", ".join(f"{value} ({label_map[value]})" for value in missing[:6])
+        raise UserError(f"{label_path}: label map names values absent from this volume: {names}: check that "
+                        "the map belongs to this data set (or pass --allow-missing-labels)")
+    lookup = vocabulary_lookup(label_map)
+    if not lookup:
+        raise UserError(f"{label_path}: the label map names none of the 20 structures (e.g. liver, spleen, "
+                        "kidney_right): fix the names in the map")
+    table = np.zeros(max(int(values.max()), max(lookup)) + 1, dtype=np.uint8)
+    for value, index in lookup.items():
+        table[value] = index
+    if values.min() < 0:
+        raise UserError(f"{label_path}: negative label values: export label values >= 0")
+    pid = pid or strip_nifti_suffix(Path(image_path).name)
+    return LabeledVolume(pid, image, table[values], 0)
+
+
+def find_multilabel_cases(split_dir: str | Path) -> list[tuple[str, Path, Path]]:
+    """(case id, image path, label path) of every case in a split folder, sorted by case id."""
+    split_dir = Path(split_dir)
+    if not split_dir.is_dir():
+        raise UserError(f"{split_dir}: folder missing: a multi-label data set needs train/ and test/ folders")
+    cases = []
+    if (split_dir / "images").is_dir() and (split_dir / "labels").is_dir():
+        for image in sorted((split_dir / "images").iterdir()):
+            stem = strip_nifti_suffix(image.name)
+            if stem is None:
+                continue
+            label = next((split_dir / "labels" / f"{stem}{s}" for s in (".nii.gz", ".nii")
+                          if (split_dir / "labels" / f"{stem}{s}").is_file()), None)
+            if label is None:
+                raise UserError(f"{image}: no label file {stem}.nii.gz in {split_dir / 'labels'}: add it or "
+                                "remove the image")
+            cases.append((stem, image, label))
+    else:
+        for folder in sorted(p for p in split_dir.iterdir() if p.is_dir()):
+            files = {strip_nifti_suffix(p.name): p for p in folder.iterdir() if strip_nifti_suffix(p.name)}
+            image = next((files[n] for n in IMAGE_NAMES if n in files), None)
+            label = next((files[n] for n in LABEL_NAMES if n in files), None)
+            if image is None or label is None:
+                raise UserError(f"{folder}: needs an image ({'/'.join(IMAGE_NAMES)}.nii.gz) and a label map "
+                                f"({'/'.join(LABEL_NAMES)}.nii.gz): add the missing file")
+            cases.append((folder.name, image, label))
+    if not cases:
+        raise UserError(f"{split_dir}: no cases found: use images/ + labels/ or one folder per case")
+    return cases
+
+
+def find_split(root: str | Path, split: str) -> Path:
+    """The folder of split 'silver' (training) or 'gold' (test) under a multi-label ROOT."""
+    root = Path(root)
+    for name in SPLIT_NAMES[split]:
+        if (root / name).is_dir():
+            return root / name
+    raise UserError(f"{root}: no {'/'.join(SPLIT_NAMES[split])} folder for the {split} split: create one "
+                    "(see dataloaders/multilabel.py for the layout)")
+
+# ------------------------------------------------------------------------------ SSL-ALPNet's layout
+# image_<id>.nii.gz, label_<id>.nii.gz (the data set's own values), superpix-MIDDLE_<id>.nii.gz (optional),
+# classmap_1.json {class: {str(id): [slices holding it]}}; ids = last digit run, sorted as integers.
+# Read as SSL-ALPNet: nibabel's X x Y x Z with axes 0 and 1 swapped (its SimpleITK [Z, Y, X].T), no
+# reorientation or resize, cropped [:256, :256]; MR z-scored per volume, CT by the global mean and std of
+# the fold's training scans (`ct_statistics`). Nothing here assumes Hounsfield units.
 CROP = 256                                  # both loaders crop [:256, :256] (SABS is stored 257 x 257)
 CLASSMAP = "classmap_1.json"
 SUPERPIXELS = "superpix-MIDDLE"             # the only superpixel mode SSL-ALPNet has
@@ -40,8 +268,7 @@ SUPERPIXELS = "superpix-MIDDLE"             # the only superpixel mode SSL-ALPNe
 class AlpnetDataset:
     """One data set of the SSL-ALPNet layout: modality, label values, folds and label sets."""
     name: str
-    # 'MR' (z-score per volume) or 'CT' (global training statistics)
-    modality: str
+    modality: str                               # 'MR' (z-score per volume) or 'CT' (global statistics)
     class_names: dict[int, str]                 # label value -> classmap name (every value of the data set)
     vocabulary: dict[int, str]                  # label value -> organ name of dataloaders/organs.py
     separators: tuple[int, ...]                 # fold k = ids[sep[k] : sep[k + 1]] (+ the next id as support)
@@ -268,10 +495,8 @@ def to_vocabulary(label: np.ndarray, dataset: AlpnetDataset) -> np.ndarray:
 def fold_scans(ids: list[int], fold: int, dataset: AlpnetDataset) -> tuple[list[int], int, list[int]]:
     """(test ids, support id, training ids) of a fold: SSL-ALPNet's circular split.
 
-    Ids sorted as integers in a circular list; fold k = ids[sep[k] : sep[k + 1] + 1] with wrap-around:
-    the fold's test scans plus the next scan in sorted order as the support. Training uses every
-    other scan (the support is left out of training too).
-    """
+    Fold k = sorted ids[sep[k] : sep[k + 1] + 1] with wrap-around: its test scans plus the next scan as the
+    support; training is every other scan (not the support)."""
     if not isinstance(fold, int) or fold not in range(N_FOLDS):
         raise UserError(f"fold {fold!r} does not exist: use 0-{N_FOLDS - 1} (SSL-ALPNet's five folds)")
     ordered = sorted(int(i) for i in ids)
@@ -296,11 +521,8 @@ def validation_scan(ids: list[int], fold: int, dataset: AlpnetDataset) -> int:
 
 
 def kept_slices(label: np.ndarray, excluded: list[int], rule: str = "or") -> np.ndarray:
-    """Bool per z of a Y x X x Z label volume: may the slice train under Setting 2?
-
-    'or' (SSL-ALPNet): dropped when ANY excluded value has >= 1 voxel in it; 'and' (the Q-Net lineage):
-    dropped only when ALL of them do. No excluded value (Setting 1): every slice is kept.
-    """
+    """Bool per z of a Y x X x Z label volume: may the slice train under Setting 2? 'or' (SSL-ALPNet): not
+    when ANY excluded value is in it; 'and' (Q-Net lineage): not when ALL are. None excluded: every slice."""
     present = np.stack([(label == v).any(axis=(0, 1)) for v in excluded]) if excluded else None  # E x Z
     if present is None:
         return np.ones(label.shape[2], dtype=bool)
