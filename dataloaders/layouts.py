@@ -123,8 +123,7 @@ def merge_masks(masks: dict[int, np.ndarray]) -> tuple[np.ndarray, int]:
 
     Overlaps: the structure with fewer voxels wins (a small one is not erased by a large neighbour), ties
     to the higher index."""
-    if not masks:
-        raise ValueError("merge_masks needs at least one mask")
+    assert masks, "merge_masks needs at least one mask"
     shape = next(iter(masks.values())).shape
     label = np.zeros(int(np.prod(shape)), dtype=np.uint8)          # Fortran order, as NIfTI stores voxels
     coverage = np.zeros(label.size, dtype=np.uint8)
@@ -154,6 +153,7 @@ def load_case(case: Case) -> LabeledVolume:
     label, overlaps = merge_masks(masks)
     return LabeledVolume(case.pid, image, label, overlaps)
 
+
 # ------------------------------------------------------------------------------ multi-label data sets
 # ROOT holds a training split (SilverCorpus, train, Tr or training) and a test split (GoldCorpus, test,
 # Ts or testing), each laid out as
@@ -173,12 +173,8 @@ SPLIT_NAMES = {"silver": ("SilverCorpus", "train", "Tr", "training"),
 
 def vocabulary_lookup(label_map: dict[int, str]) -> dict[int, int]:
     """Label value -> project index (1-20) for the map entries that name one of the 20 structures."""
-    lookup = {}
-    for value, name in label_map.items():
-        canonical = canonical_name(name)
-        if canonical is not None:
-            lookup[value] = NAME_TO_INDEX[canonical]
-    return lookup
+    canonical = {value: canonical_name(name) for value, name in label_map.items()}
+    return {value: NAME_TO_INDEX[name] for value, name in canonical.items() if name is not None}
 
 
 def load_multilabel_case(image_path: str | Path, label_path: str | Path, label_map: dict[int, str],
@@ -189,10 +185,9 @@ def load_multilabel_case(image_path: str | Path, label_path: str | Path, label_m
     labels = load_nifti(label_path)
     check_same_grid(labels, image)
     values = labels.array
-    if np.issubdtype(values.dtype, np.floating):
-        if not np.array_equal(values, np.rint(values)):
-            raise UserError(f"{label_path}: label volume holds non-integer values: export it as an integer "
-                            "multi-label map")
+    if np.issubdtype(values.dtype, np.floating) and not np.array_equal(values, np.rint(values)):
+        raise UserError(f"{label_path}: label volume holds non-integer values: export it as an integer "
+                        "multi-label map")
     values = values.astype(np.int64)
     present = set(np.unique(values).tolist())
     missing = sorted(value for value in label_map if value not in present)
@@ -205,8 +200,7 @@ def load_multilabel_case(image_path: str | Path, label_path: str | Path, label_m
         raise UserError(f"{label_path}: the label map names none of the 20 structures (e.g. liver, spleen, "
                         "kidney_right): fix the names in the map")
     table = np.zeros(max(int(values.max()), max(lookup)) + 1, dtype=np.uint8)
-    for value, index in lookup.items():
-        table[value] = index
+    table[list(lookup)] = list(lookup.values())
     if values.min() < 0:
         raise UserError(f"{label_path}: negative label values: export label values >= 0")
     pid = pid or strip_nifti_suffix(Path(image_path).name)
@@ -251,7 +245,8 @@ def find_split(root: str | Path, split: str) -> Path:
         if (root / name).is_dir():
             return root / name
     raise UserError(f"{root}: no {'/'.join(SPLIT_NAMES[split])} folder for the {split} split: create one "
-                    "(see dataloaders/multilabel.py for the layout)")
+                    "(see dataloaders/layouts.py for the layout)")
+
 
 # ------------------------------------------------------------------------------ SSL-ALPNet's layout
 # image_<id>.nii.gz, label_<id>.nii.gz (the data set's own values), superpix-MIDDLE_<id>.nii.gz (optional),
@@ -434,9 +429,7 @@ def check_classmap(classmap: dict, scan: AlpnetScan, dataset: AlpnetDataset, pat
         name = dataset.class_names[value]
         listed = classmap.get(name, {}).get(str(scan.sid))
         actual = organ_slices(scan.label, value).tolist()
-        if listed is None and not actual:
-            continue
-        if listed != actual:
+        if (listed is not None or actual) and listed != actual:
             raise UserError(f"{path}: {name} of scan {scan.sid} lists slices {_span(listed)} but "
                             f"label_{scan.sid}.nii.gz holds it in {_span(actual)}: "
                             f"regenerate {CLASSMAP} from the labels "
@@ -444,9 +437,7 @@ def check_classmap(classmap: dict, scan: AlpnetScan, dataset: AlpnetDataset, pat
 
 
 def _span(zs) -> str:
-    if not zs:
-        return "none"
-    return f"{zs[0]}-{zs[-1]} ({len(zs)} slices)"
+    return f"{zs[0]}-{zs[-1]} ({len(zs)} slices)" if zs else "none"
 
 
 def zscore(image: np.ndarray) -> np.ndarray:
@@ -470,13 +461,9 @@ def normalise(image: np.ndarray, dataset: AlpnetDataset,
               ct_stats: tuple[float, float] | None = None) -> np.ndarray:
     """Normalised and cropped Y x X x Z float32: MR z-score per volume, CT by the training statistics."""
     if dataset.modality == "MR":
-        out = zscore(image)
-    else:
-        if ct_stats is None:
-            raise UserError(f"{dataset.name}: CT normalisation needs the training scans' mean and std "
-                            "(ct_statistics)")
-        out = ((image - ct_stats[0]) / ct_stats[1]).astype(np.float32)
-    return crop(out)
+        return crop(zscore(image))
+    assert ct_stats is not None, "CT normalisation needs the training scans' ct_statistics"
+    return crop(((image - ct_stats[0]) / ct_stats[1]).astype(np.float32))
 
 
 def crop(volume: np.ndarray) -> np.ndarray:
@@ -523,9 +510,9 @@ def validation_scan(ids: list[int], fold: int, dataset: AlpnetDataset) -> int:
 def kept_slices(label: np.ndarray, excluded: list[int], rule: str = "or") -> np.ndarray:
     """Bool per z of a Y x X x Z label volume: may the slice train under Setting 2? 'or' (SSL-ALPNet): not
     when ANY excluded value is in it; 'and' (Q-Net lineage): not when ALL are. None excluded: every slice."""
-    present = np.stack([(label == v).any(axis=(0, 1)) for v in excluded]) if excluded else None  # E x Z
-    if present is None:
+    if not excluded:
         return np.ones(label.shape[2], dtype=bool)
+    present = np.stack([(label == v).any(axis=(0, 1)) for v in excluded])                      # E x Z
     if rule == "or":
         return ~present.any(axis=0)
     if rule == "and":

@@ -15,7 +15,7 @@ import os
 import re
 import zipfile
 import zlib
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
 from typing import Callable
@@ -36,7 +36,7 @@ from dataloaders.layouts import (
     strip_nifti_suffix,
 )
 from dataloaders.nifti import atomic_folder, load_nifti
-from dataloaders.organs import INDEX_TO_NAME, NAME_TO_INDEX
+from dataloaders.organs import INDEX_TO_NAME
 from dataloaders.prepared import NEIGHBOURS
 from dataloaders.transforms import (
     neighbour_indices,
@@ -275,11 +275,9 @@ def process_case(case: SourceCase, split: str, out: Path, size: int, intensity: 
     if case.unlabeled:  # images-only: every axial slice, row = z; no label file
         rows = np.arange(volume.image.array.shape[2])
     images, neighbours = training_images(volume.image.array, rows, intensity, size)  # N(x 2) x S x S
-    labels = np.moveaxis(volume.label[:, :, rows], 2, 0)                                      # N x X x Y
+    labels = np.zeros((0, size, size), np.uint8)                                              # N x S x S
     if rows.size:
-        labels = np.asarray(resize_label(labels, size), dtype=np.uint8)
-    else:
-        labels = np.zeros((0, size, size), np.uint8)
+        labels = np.asarray(resize_label(np.moveaxis(volume.label[:, :, rows], 2, 0), size), dtype=np.uint8)
     save_npy(out / "train" / train_file_name(case.pid, "image"), images)
     save_npy(out / "train" / train_file_name(case.pid, NEIGHBOURS), neighbours)
     if case.unlabeled:
@@ -379,8 +377,7 @@ def prepare_dataset(source_dir: str | Path, out: str | Path, layout: str = "visc
                 "source": {"dir": str(Path(source_dir).resolve()), "layout": layout,
                            "label_map": str(Path(label_map).resolve()) if label_map else None},
                 "prep_size": size, "intensity": intensity,
-                "selection": {"min_voxels": rule.min_voxels, "max_per_volume": rule.max_per_volume,
-                              "many": rule.many, "keep_all": rule.keep_all, "skip_last": rule.skip_last},
+                "selection": asdict(rule),
                 "seed": seed, "splits": {"train": train, "val": val, "gold": [c.pid for c in gold]},
                 "classes": {label: INDEX_TO_NAME[int(label)] for label in index},
                 "volumes": {s["pid"]: {k: v for k, v in s.items() if k != "pid"} for s in summaries}}
@@ -395,13 +392,6 @@ def prepare_dataset(source_dir: str | Path, out: str | Path, layout: str = "visc
 # (and validation) scans are stored as stored, cropped, and normalised at evaluation (`normalised_volume`).
 SETTINGS = (1, 2)
 RULES = ("or", "and")
-
-
-def intensity_record(dataset: layouts.AlpnetDataset, ct_stats: tuple[float, float] | None) -> dict:
-    """meta.json's `intensity`: MR z-score per volume; CT with the training scans' mean and std."""
-    if dataset.modality == "MR":
-        return {"mode": "zscore"}
-    return {"mode": "zscore", "mean": ct_stats[0], "std": ct_stats[1]}
 
 
 def normalised_volume(image: np.ndarray, intensity: dict) -> np.ndarray:
@@ -444,6 +434,9 @@ def prepare_alpnet(data_dir: str | Path, out: str | Path, fold: int, setting: in
         raise UserError(f"{data_dir}: scans have in-plane sizes {sorted(sizes)} after the [:256, :256] crop, "
                         "one square size is needed: use the data set as SSL-ALPNet's preprocessing wrote it")
     ct_stats = layouts.ct_statistics([scans[s].image for s in training]) if dataset.modality == "CT" else None
+    # meta.json's `intensity`: MR z-score per volume; CT with the training scans' mean and std
+    intensity = {"mode": "zscore"} if ct_stats is None else {"mode": "zscore", "mean": ct_stats[0],
+                                                             "std": ct_stats[1]}
     kept_counts, index = {}, {}
     with atomic_folder(out, overwrite, inputs=[data_dir]) as partial:
         for sub in ("train", "volumes/gold", "superpixels"):
@@ -464,9 +457,7 @@ def prepare_alpnet(data_dir: str | Path, out: str | Path, fold: int, setting: in
                 save_npy(partial / "superpixels" / f"{sid}.npy",
                          np.moveaxis(sp, 2, 0).astype(np.uint16).copy())
             kept_counts[str(sid)] = {"slices": int(keep.size), "kept": int(rows.size)}
-            for organ_index in np.unique(label[:, :, rows]):
-                if organ_index == 0:
-                    continue
+            for organ_index in np.setdiff1d(label[:, :, rows], [0]):
                 present = np.flatnonzero((label[:, :, rows] == organ_index).any(axis=(0, 1)))
                 index.setdefault(str(int(organ_index)), []).extend(
                     [str(sid), int(row), int(rows[row])] for row in present)
@@ -487,18 +478,17 @@ def prepare_alpnet(data_dir: str | Path, out: str | Path, fold: int, setting: in
         test_organs = [dataset.vocabulary[v] for v in test_values]
         meta = {"format_version": FORMAT_VERSION,
                 "source": {"dir": str(data_dir.resolve()), "layout": "alpnet", "dataset": dataset.name},
-                "prep_size": next(iter(sizes))[0], "intensity": intensity_record(dataset, ct_stats),
+                "prep_size": next(iter(sizes))[0], "intensity": intensity,
                 "selection": {"rule": "every slice" if setting == 1 else f"setting 2 ({rule} rule)"},
                 "seed": 0, "splits": {"train": [str(s) for s in training], "val": [],
                                       "gold": [str(s) for s in test + [support] + held_out]},
                 "classes": {key: INDEX_TO_NAME[int(key)] for key in index},
                 "alpnet": {"gold_image": "as stored", "fold": fold, "setting": setting,
-                           "label_set": label_set if setting == 2 else None,
-                           "rule": rule,
+                           "label_set": label_set if setting == 2 else None, "rule": rule,
                            "test": [str(s) for s in test], "support": str(support),
                            "validation": [str(s) for s in held_out],
-                           "test_organs": test_organs, "excluded": [INDEX_TO_NAME[NAME_TO_INDEX[
-                               dataset.vocabulary[v]]] for v in excluded], "kept": kept_counts}}
+                           "test_organs": test_organs, "excluded": [dataset.vocabulary[v] for v in excluded],
+                           "kept": kept_counts}}
         write_bytes_atomic(json.dumps({"slices": index}).encode(), partial / "index.json")
         write_bytes_atomic(json.dumps(meta, indent=1).encode(), partial / "meta.json")
     return meta
