@@ -26,9 +26,7 @@ def _as_value(item) -> int | None:
     """An integer label value from an int or a digit string; None otherwise."""
     if isinstance(item, bool):
         return None
-    if isinstance(item, (int, np.integer)):
-        return int(item)
-    if isinstance(item, float) and item.is_integer():
+    if isinstance(item, (int, np.integer)) or (isinstance(item, float) and item.is_integer()):
         return int(item)
     if isinstance(item, str) and item.strip().lstrip("-").isdigit():
         return int(item.strip())
@@ -90,15 +88,11 @@ def read_label_map(source, what: str = "--label-map") -> dict[int, str]:
 
 def value_of(name: str, label_map: dict[int, str]) -> int | None:
     """The value a map gives to organ `name` (exact, or the same structure under an alias); None if absent."""
-    wanted = name.strip().lower()
     canonical = canonical_name(name)
-    for value, mapped in label_map.items():
-        if mapped.strip().lower() == wanted:
-            return value
-    for value, mapped in label_map.items():
-        if canonical is not None and canonical_name(mapped) == canonical:
-            return value
-    return None
+    exact = [value for value, mapped in label_map.items() if mapped.strip().lower() == name.strip().lower()]
+    alias = [value for value, mapped in label_map.items()
+             if canonical is not None and canonical_name(mapped) == canonical]
+    return (exact + alias + [None])[0]
 
 
 def sidecar_path(mask_path: str | Path) -> Path:
@@ -268,10 +262,9 @@ def hounsfield_problem(array: np.ndarray, path: str | Path, role: str = "image")
     always holds air, so no voxel at or below AIR_HU means [0, 1] CT, uint16 without its rescale, MR..."""
     values = np.asarray(array)
     low, high = float(values.min()), float(values.max())
-    if low <= AIR_HU:
-        return None
-    return (f"{path}: the {role} is not CT in Hounsfield units (values {low:g} .. {high:g}, {values.dtype}; "
-            f"no voxel at or below {AIR_HU:g} HU, where air is)")
+    return None if low <= AIR_HU else (f"{path}: the {role} is not CT in Hounsfield units (values {low:g} .. "
+                                       f"{high:g}, {values.dtype}; no voxel at or below {AIR_HU:g} HU, where "
+                                       "air is)")
 
 
 def field_of_view_warning(query_shape, query_spacing, support_shapes, support_spacings,
@@ -280,12 +273,11 @@ def field_of_view_warning(query_shape, query_spacing, support_shapes, support_sp
     query_fov = np.asarray(query_shape[:2], dtype=float) * np.asarray(query_spacing[:2], dtype=float)
     for shape, spacing in zip(support_shapes, support_spacings):
         support_fov = np.asarray(shape[:2], dtype=float) * np.asarray(spacing[:2], dtype=float)
-        ratio = query_fov / np.maximum(support_fov, 1e-6)
-        if (ratio < FOV_RATIO).any():
+        if (query_fov / np.maximum(support_fov, 1e-6) < FOV_RATIO).any():
             return (f"{query_name}: in-plane field of view {query_fov[0]:.0f} x {query_fov[1]:.0f} mm is "
                     f"much smaller than the support's {support_fov[0]:.0f} x {support_fov[1]:.0f} mm: "
-                    "position-based "
-                    "chunks assume comparable scans; crop the support alike or check the result")
+                    "position-based chunks assume comparable scans; crop the support alike or check the "
+                    "result")
     return None
 
 

@@ -1,11 +1,8 @@
-"""Load, validate, reorient and save NIfTI volumes.
+"""Load, validate, reorient and save NIfTI volumes; build output folders atomically.
 
-Every reader goes through `load_nifti`: it turns the many ways a file can be wrong (missing,
-corrupt, truncated, 2D/4D, NaN/inf voxels) into one-line `UserError`s that name the file and the
-fix, and it returns the array in the project's canonical orientation, RAS+ (DESIGN.md): axis 0
-patient left -> right, axis 1 posterior -> anterior, axis 2 inferior -> superior.
-
-`to_original` maps a canonical array back to the storage orientation of its source file, and
+`load_nifti` turns every way a file can be wrong (missing, corrupt, truncated, 2D/4D, NaN/inf) into a
+one-line UserError and returns the array in canonical RAS+ (DESIGN.md: axis 0 left -> right, 1 posterior
+-> anterior, 2 inferior -> superior); `to_original` maps it back to the file's storage orientation;
 `save_nifti_atomic` writes a `.nii.gz` deterministically (gzip mtime 0) and atomically.
 """
 from __future__ import annotations
@@ -33,19 +30,12 @@ AFFINE_TOLERANCE_MM = 1e-3
 
 @dataclass
 class NiftiVolume:
-    """A volume in canonical RAS+ orientation plus what is needed to go back to the file's geometry.
-
-    array:            X x Y x Z, canonical (dtype as stored, or as requested by the loader)
-    affine:           4 x 4 canonical voxel -> world (mm) matrix
-    original_affine:  4 x 4 affine of the file as stored
-    original_shape:   (3,) shape of the array as stored
-    original_axcodes: storage orientation, e.g. "LPS"
-    """
-    array: np.ndarray
-    affine: np.ndarray
-    original_affine: np.ndarray
-    original_shape: tuple[int, int, int]
-    original_axcodes: str
+    """A volume in canonical RAS+ orientation plus what is needed to go back to the file's geometry."""
+    array: np.ndarray                       # X x Y x Z canonical (dtype as stored, or as the loader asked)
+    affine: np.ndarray                      # 4 x 4 canonical voxel -> world (mm)
+    original_affine: np.ndarray             # 4 x 4 as stored
+    original_shape: tuple[int, int, int]    # as stored
+    original_axcodes: str                   # storage orientation, e.g. "LPS"
     path: Path
 
     @property
@@ -95,12 +85,8 @@ def _check_finite(data: np.ndarray, path: Path) -> None:
 
 
 def load_nifti(path: str | Path, dtype: np.dtype | type | None = None) -> NiftiVolume:
-    """Load a 3D NIfTI, validate it and reorient it to canonical RAS+.
-
-    Returns a `NiftiVolume` whose `array` is X x Y x Z canonical (cast to `dtype` when given;
-    integer casts round). Raises UserError for missing/corrupt/truncated files, 2D or 4D data,
-    NaN/inf voxels and non-invertible affines.
-    """
+    """A 3D NIfTI, validated and reoriented to canonical RAS+ (array cast to `dtype` when given; integer
+    casts round); one-line UserErrors for missing/corrupt files, 2D/4D data, NaN/inf, bad affines."""
     path = Path(path)
     data, affine = read_nifti(path)
     data = _check_3d(data, path)
@@ -119,12 +105,8 @@ def load_nifti(path: str | Path, dtype: np.dtype | type | None = None) -> NiftiV
 
 
 def check_same_grid(mask: NiftiVolume, volume: NiftiVolume) -> None:
-    """A mask must lie on its volume's voxel grid in world space; else one-line error.
-
-    Compared after both were reoriented to canonical RAS+ by `load_nifti`: a mask stored in another
-    orientation (e.g. LPS next to an RAS image) on the same world grid is accepted as it is, reoriented,
-    and never needs resampling.
-    """
+    """A mask must lie on its volume's voxel grid in world space (compared after reorientation, so another
+    storage orientation, e.g. LPS next to RAS, is accepted); else a one-line error."""
     if tuple(mask.array.shape) == tuple(volume.array.shape) and np.allclose(
             mask.affine, volume.affine, atol=AFFINE_TOLERANCE_MM):
         return                                              # same world grid (any storage orientation)
@@ -138,11 +120,8 @@ def check_same_grid(mask: NiftiVolume, volume: NiftiVolume) -> None:
 
 
 def to_original(array_canonical: np.ndarray, original_axcodes: str | tuple[str, ...]) -> np.ndarray:
-    """Map a canonical RAS+ array (X x Y x Z) back to the storage orientation `original_axcodes`.
-
-    Inverse of the reorientation done by `load_nifti`: `to_original(load_nifti(p).array, codes)`
-    equals the stored array. Save the result with the volume's `original_affine`.
-    """
+    """A canonical RAS+ array X x Y x Z in the storage orientation `original_axcodes` (inverse of
+    `load_nifti`'s reorientation; save it with the volume's `original_affine`)."""
     codes = tuple(original_axcodes)
     if len(codes) != 3:
         raise UserError(f"orientation '{''.join(codes)}' is not three axis codes like 'LPS': use the "
@@ -153,10 +132,7 @@ def to_original(array_canonical: np.ndarray, original_axcodes: str | tuple[str, 
 
 def nifti_bytes(array: np.ndarray, affine: np.ndarray, compresslevel: int = 1) -> bytes:
     """Gzipped single-file NIfTI-1 bytes of `array` (X x Y x Z) with `affine`; deterministic (gzip mtime 0).
-
-    The header comes from nibabel; the voxels are appended in one Fortran-order copy (nibabel's own
-    writer copies chunk by chunk, several times slower for the phantom's many masks).
-    """
+    nibabel's header, then the voxels in one Fortran-order copy (nibabel's writer is several times slower)."""
     array = np.asarray(array)
     header = nib.Nifti1Header()
     header.set_data_shape(array.shape)
@@ -212,12 +188,9 @@ def _clean_stale(out: Path) -> None:
 def atomic_folder(out: str | Path, overwrite: bool = False, inputs=()) -> Iterator[Path]:
     """Build a folder in `<out>.partial-<pid>` and rename it to `out` only when the block succeeds.
 
-    Before the block runs, `util.paths.check_output_folder` refuses an `out` that is a file (even with
-    `overwrite`), is or holds one of `inputs`, or cannot be written; an existing folder is an error
-    unless `overwrite`, and then it is replaced only after the new folder is complete. On any
-    exception the partial folder is removed, so nothing half-written is left behind; after a kill -9
-    the next run on the same `out` removes the dead run's partial folder.
-    """
+    `out` is checked first (util.paths.check_output_folder; an existing folder only with `overwrite`, and
+    replaced only once the new one is complete); on any exception the partial folder is removed, and a
+    killed run's leftovers are cleaned by the next run on the same `out`."""
     out = Path(out)
     _clean_stale(out)
     check_output_folder(out, inputs, "--out", overwrite)
