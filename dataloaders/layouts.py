@@ -64,7 +64,7 @@ class Case:
 
 @dataclass
 class LabeledVolume:
-    """A canonical CT volume (image.array X x Y x Z int16 HU, RAS+) and its label map X x Y x Z uint8 0-20."""
+    """A canonical volume (image.array X x Y x Z, RAS+, see `exact_image`) and its labels X x Y x Z uint8."""
     pid: str
     image: NiftiVolume
     label: np.ndarray
@@ -135,16 +135,19 @@ def merge_masks(masks: dict[int, np.ndarray]) -> tuple[np.ndarray, int]:
     return label.reshape(shape, order="F"), int((coverage > 1).sum())
 
 
-def as_int16_hu(volume: NiftiVolume) -> NiftiVolume:
-    """The volume with its array rounded and clipped to int16 (CT stored as float is accepted)."""
+def exact_image(volume: NiftiVolume) -> NiftiVolume:
+    """The volume with its array as int16 when int16 holds every voxel exactly (the usual CT file), else as
+    float32 (a [0, 1] image, fractional HU, uint16 above 32767), so stored values equal the file's."""
     if volume.array.dtype != np.int16:
-        volume.array = np.clip(np.rint(volume.array), -32768, 32767).astype(np.int16)
+        rounded = np.clip(np.rint(volume.array), -32768, 32767)
+        exact = np.array_equal(rounded, volume.array)
+        volume.array = rounded.astype(np.int16) if exact else np.asfortranarray(volume.array, np.float32)
     return volume
 
 
 def load_case(case: Case) -> LabeledVolume:
     """Load a VISCERAL case: canonical int16 image and merged uint8 label map (indices 1-20)."""
-    image = as_int16_hu(load_nifti(case.volume_path))
+    image = exact_image(load_nifti(case.volume_path))
     masks = {}
     for index, path in sorted(case.mask_paths.items()):
         mask = load_nifti(path)
@@ -181,7 +184,7 @@ def load_multilabel_case(image_path: str | Path, label_path: str | Path, label_m
                          pid: str | None = None, allow_missing: bool = False) -> LabeledVolume:
     """One image + multi-label pair, labels mapped onto the indices 1-20 (0: background or outside the
     vocabulary); every value the map names must occur unless `allow_missing`."""
-    image = as_int16_hu(load_nifti(image_path))
+    image = exact_image(load_nifti(image_path))
     labels = load_nifti(label_path)
     check_same_grid(labels, image)
     values = labels.array

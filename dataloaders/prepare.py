@@ -20,14 +20,13 @@ from functools import partial
 from pathlib import Path
 from typing import Callable
 
-import nibabel as nib
 import numpy as np
 
 from dataloaders import layouts
 from dataloaders.label_map import read_label_map
 from dataloaders.layouts import (
     LabeledVolume,
-    as_int16_hu,
+    exact_image,
     find_cases,
     find_multilabel_cases,
     find_split,
@@ -129,7 +128,7 @@ def find_image_volumes(root: Path) -> list[tuple[str, Path]]:
 
 def load_unlabeled(path: Path, pid: str) -> LabeledVolume:
     """A CT volume without labels (canonical int16 HU; the label map is all background)."""
-    image = as_int16_hu(load_nifti(path))
+    image = exact_image(load_nifti(path))
     return LabeledVolume(pid, image, np.zeros(image.array.shape, dtype=np.uint8))
 
 
@@ -197,22 +196,8 @@ def save_npy(path: Path, array: np.ndarray) -> None:
     write_bytes_atomic(buffer.getvalue(), path)
 
 
-def check_volume(volume: LabeledVolume, intensity: dict) -> LabeledVolume:
-    """The volume with an image equal to its file (int16 when int16 holds every voxel, else the file read
-    again as float32: the readers' int16 rounding would spoil a [0, 1] or uint16 image); refuses an HU
-    window that maps the volume into less than 5% of [0, 1] (not Hounsfield units)."""
-    image = volume.image
-    path = getattr(image, "path", None)
-    if image.array.dtype == np.int16 and path is not None and Path(path).is_file():
-        header = nib.load(str(path))
-        proxy = header.dataobj
-        if header.get_data_dtype() not in (np.int8, np.uint8, np.int16) or getattr(proxy, "slope", 1) != 1 \
-                or getattr(proxy, "inter", 0) != 0:                    # else integers within int16: exact
-            stored = load_nifti(path).array                            # X x Y x Z, canonical as `image`
-            rounded = np.clip(np.rint(stored), -32768, 32767)
-            if stored.shape == image.array.shape and np.array_equal(rounded, image.array) \
-                    and not np.array_equal(rounded, stored):
-                image.array = np.asfortranarray(stored.astype(np.float32))
+def check_window(volume: LabeledVolume, intensity: dict) -> LabeledVolume:
+    """Refuse an HU window that maps the volume into less than 5% of [0, 1] (not Hounsfield units)."""
     if intensity["mode"] != "window":
         return volume
     low, high = intensity["window"]
@@ -260,7 +245,7 @@ def training_images(image: np.ndarray, rows: np.ndarray, intensity: dict,
 def process_case(case: SourceCase, split: str, out: Path, size: int, intensity: dict, rule: Selection,
                  seed: int) -> dict:
     """Load one case and write its prepared files; returns its summary (and slices for training)."""
-    volume = check_volume(case.load(), intensity)
+    volume = check_window(case.load(), intensity)
     present = [int(v) for v in np.unique(volume.label) if v > 0]
     summary = {"pid": case.pid, "split": split, "shape": list(volume.label.shape), "structures": present,
                "image_dtype": "int16" if volume.image.array.dtype == np.int16 else "float32",
