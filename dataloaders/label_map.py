@@ -4,9 +4,8 @@ A label map is {"liver": 5} (name -> value), {"5": "liver"} (value -> name), eit
 {"labels": {...}}; value 0 / 'background' is dropped. A support mask's labels come from, in this order,
 --label-map, a sidecar `<mask stem>.json`, --vocabulary visceral (indices 1-20) or a VISCERAL mask file
 name; else an organ NAME as --support-label is an error (a VALUE still works). Plausibility: UserErrors
-where a result would be meaningless (an image as mask or mask as image, a constant volume), one-line
-warnings (returned strings) where it would be doubtful. None of the mask/image rules needs HU.
-"""
+where a result would be meaningless (image and mask swapped, a constant volume), one-line warnings
+(returned strings) where it would be doubtful."""
 from __future__ import annotations
 
 import json

@@ -90,12 +90,8 @@ def organ_index(name: str) -> int:
 
 
 def training_classes(fold: int, class_setting: str) -> list[int]:
-    """Label indices a model of `fold` may train on (docs/method.md, "VISCERAL data, folds and the
-    paper's figures").
-
-    'six_organs': the other folds' test organs only; 'all_structures': all 20 structures minus the
-    fold's test organs. The fold's own test organs are never among them.
-    """
+    """Label indices a model of `fold` may train on (docs/method.md, "VISCERAL data, folds and the paper's
+    figures"): 'six_organs' the other folds' test organs, 'all_structures' all 20 minus the fold's."""
     if fold not in range(len(FOLD_ORGANS)):
         raise UserError(f"fold {fold} does not exist: use 0 (liver), 1 (spleen), 2 (kidneys) or 3 (psoas)")
     test = {NAME_TO_INDEX[name] for name in FOLD_ORGANS[fold]}
