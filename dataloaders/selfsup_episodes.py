@@ -45,15 +45,9 @@ class WarpParams:
 
     @classmethod
     def from_mapping(cls, values: Mapping) -> "WarpParams":
-        params = options_from_mapping(cls, {k: (tuple(v) if k == "scale" else v) for k, v in values.items()},
-                                      "config selfsup.warp")
-        low, high = params.scale
-        if not (0 < low <= high) or not 0 <= params.rotate < 90 or not 0 <= params.shear < 45 \
-                or not 0 <= params.translate < 0.5 or params.elastic_alpha < 0 or params.elastic_sigma <= 0:
-            raise UserError(f"config selfsup.warp={dict(values)} is out of range: use 0 < scale low <= high, "
-                            "0 <= rotate < 90, 0 <= shear < 45, 0 <= translate < 0.5, elastic_alpha >= 0, "
-                            "elastic_sigma > 0")
-        return params
+        """The `selfsup.warp` config (its ranges checked by the config check) as WarpParams."""
+        return options_from_mapping(cls, {k: (tuple(v) if k == "scale" else v) for k, v in values.items()},
+                                    "config selfsup.warp")
 
 
 def affine_matrix(angle: float, scale: float, shear: float) -> np.ndarray:
@@ -183,13 +177,6 @@ MAX_DRAWS = 50          # draws per item before giving up (an empty support is r
 REDRAWS_KEY = "redraws"
 
 
-def check_recipe(recipe: str) -> None:
-    """One-line UserError for an unknown `selfsup.episodes`."""
-    if recipe not in RECIPES:
-        raise UserError(f"config selfsup.episodes={recipe!r} is unknown: use 'project' (this project's "
-                        "warps) or 'alpnet' (SSL-ALPNet's episodes)")
-
-
 def eligible_superpixels(labels: np.ndarray, min_pixels: int) -> list[np.ndarray]:
     """Per slice of a stack N x S x S: the superpixel ids (>= 1) with at least `min_pixels` pixels."""
     out = []
@@ -208,12 +195,9 @@ class SelfSupEpisodeDataset(Dataset):
     def __init__(self, prep_dir: str, n_ways: int, n_shots: int, n_queries: int, input_size: int,
                  augment: Mapping | None, warp_params: Mapping, min_pixels: int, seed: int,
                  length: int = 2 ** 31 - 1, recipe: str = "project", input_slices: int = 1):
-        check_recipe(recipe)
-        assert input_slices in INPUT_SLICES, input_slices   # checked by the config schema
+        # checked by the config check: one of the recipes, one pseudo-class, 1 or 3 input slices
+        assert recipe in RECIPES and int(n_ways) == 1 and input_slices in INPUT_SLICES, (recipe, n_ways)
         self.recipe, self.input_slices = recipe, int(input_slices)
-        if int(n_ways) != 1:
-            raise UserError(f"config n_ways={n_ways}: self-supervised episodes have one pseudo-class: "
-                            "set n_ways=1")
         self.prep_dir = str(prep_dir)
         self.n_shots, self.n_queries = int(n_shots), int(n_queries)
         self.input_size = int(input_size)

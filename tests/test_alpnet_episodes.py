@@ -18,7 +18,6 @@ from dataloaders.selfsup_episodes import (
     apply_affine,
 )
 from dataloaders.superpixels import open_superpixels
-from util.errors import UserError
 
 
 def _bilinear_zero_border(image, r, c):
@@ -171,8 +170,6 @@ def test_alpnet_item_layout_views_and_determinism(unlabeled_prep):
     assert not torch.equal(item["support_images"][0, 0, 0], item["query_images"][0, 0])
     again = alpnet_dataset(unlabeled_prep)[0]
     assert all(torch.equal(value, again[key]) for key, value in item.items())
-    with pytest.raises(UserError, match="selfsup.episodes='ssl'"):
-        selfsup.SelfSupEpisodeDataset(str(unlabeled_prep), 1, 1, 1, 64, None, {}, 10, 0, recipe="ssl")
 
 
 def test_train_py_with_ssl_alpnet_episodes_and_head(unlabeled_prep, tmp_path):

@@ -94,8 +94,6 @@ def test_affine_part_never_flips():
     for _ in range(50):
         _, out = warp(np.zeros((64, 64), np.float32), mask, random_grid(64, WarpParams(), rng))
         assert np.flatnonzero(out.any(axis=0)).max() < 32
-    with pytest.raises(UserError, match="out of range"):
-        WarpParams.from_mapping({"scale": [-1.0, 1.0]})
 
 
 def test_bad_inputs(unlabeled_prep, tiny_prepared, tmp_path):
@@ -103,8 +101,6 @@ def test_bad_inputs(unlabeled_prep, tiny_prepared, tmp_path):
         dataset(unlabeled_prep, min_pixels=10 ** 6)
     with pytest.raises(UserError, match="has no superpixels.*make_superpixels.py --images"):
         dataset(tiny_prepared)
-    with pytest.raises(UserError, match="n_ways=1"):
-        SelfSupEpisodeDataset(str(unlabeled_prep), 2, 1, 1, 64, None, {}, MIN_PIXELS, 0)
     with pytest.raises(UserError, match="unknown keys"):
         dataset(unlabeled_prep, {"flip": True})
 
