@@ -127,7 +127,7 @@ def find_image_volumes(root: Path) -> list[tuple[str, Path]]:
 
 
 def load_unlabeled(path: Path, pid: str) -> LabeledVolume:
-    """A CT volume without labels (canonical int16 HU; the label map is all background)."""
+    """A CT volume without labels (canonical, `exact_image`; the label map is all background)."""
     image = exact_image(load_nifti(path))
     return LabeledVolume(pid, image, np.zeros(image.array.shape, dtype=np.uint8))
 
