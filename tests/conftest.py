@@ -25,6 +25,9 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+# imported now: scripts/demo.py, which some tests load, puts scripts/ first on sys.path, where `demo` is it
+from demo.phantom import generate_phantom  # noqa: E402
+
 TINY_PHANTOM = {"n_silver": 6, "n_gold": 3, "seed": 7, "size": 64, "n_slices": 24}
 TINY_PREP = {"size": 64, "n_val": 1, "seed": 3, "min_voxels": 5}
 
@@ -51,7 +54,6 @@ def load_script(name: str):
 @pytest.fixture(scope="session")
 def tiny_phantom(tmp_path_factory) -> Path:
     """ROOT of a tiny phantom: ROOT/{SilverCorpus,GoldCorpus}/{Volumes,Segmentations}/."""
-    from demo.phantom import generate_phantom
     root = tmp_path_factory.mktemp("tiny_phantom") / "phantom"
     generate_phantom(root, TINY_PHANTOM["n_silver"], TINY_PHANTOM["n_gold"], TINY_PHANTOM["seed"],
                      TINY_PHANTOM["size"], TINY_PHANTOM["n_slices"], workers=1)
