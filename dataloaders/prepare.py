@@ -38,6 +38,7 @@ from dataloaders.nifti import atomic_folder, load_nifti
 from dataloaders.organs import INDEX_TO_NAME
 from dataloaders.prepared import NEIGHBOURS
 from dataloaders.transforms import (
+    DEFAULT_INTENSITY,
     neighbour_indices,
     neighbour_stack,
     resize_image,
@@ -277,10 +278,6 @@ def process_case(case: SourceCase, split: str, out: Path, size: int, intensity: 
     return summary
 
 
-def _run(task: tuple) -> dict:
-    return process_case(*task)
-
-
 def split_silver(pids: list[str], n_val: int | None, seed: int) -> tuple[list[str], list[str]]:
     """(train, val) patient ids: a seeded choice of n_val validation volumes (default 20%, at least 1)."""
     if n_val is None:
@@ -328,7 +325,7 @@ def prepare_dataset(source_dir: str | Path, out: str | Path, layout: str = "visc
                     n_val: int | None = None, seed: int = 1234, rule: Selection = Selection(),
                     workers: int = 2, overwrite: bool = False, allow_missing: bool = False) -> dict:
     """Write PREP (DESIGN.md "Prepared data folder") atomically; returns meta.json's content."""
-    intensity = validate_intensity(intensity or {"mode": "minmax"})
+    intensity = validate_intensity(intensity or DEFAULT_INTENSITY)
     if size < 16:
         raise UserError(f"--size {size} is too small: use at least 16 (256 for the phantom, 512 for "
                         "VISCERAL)")
@@ -350,9 +347,9 @@ def prepare_dataset(source_dir: str | Path, out: str | Path, layout: str = "visc
         tasks += [(c, "gold", partial_dir, size, intensity, rule, seed) for c in gold]
         if workers > 1 and len(tasks) > 1:
             with multiprocessing.get_context("fork").Pool(min(workers, len(tasks))) as pool:
-                summaries = pool.map(_run, tasks, chunksize=1)
+                summaries = pool.starmap(process_case, tasks, chunksize=1)
         else:
-            summaries = [_run(task) for task in tasks]
+            summaries = [process_case(*task) for task in tasks]
         index: dict[str, list] = {}
         for summary in summaries:
             for label, entries in summary.pop("slices", {}).items():

@@ -17,7 +17,6 @@ import torch.nn.functional as F
 from util.errors import UserError
 
 DEFAULT_INTENSITY = {"mode": "minmax"}
-MODES = ("minmax", "window", "zscore")
 
 
 def _number(value) -> bool:
