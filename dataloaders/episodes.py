@@ -25,11 +25,6 @@ from dataloaders.transforms import INPUT_SLICES, augment_intensity, resize_image
 from util.errors import UserError
 
 
-def usable_classes(index: Mapping[int, Sequence], classes: Sequence[int], min_slices: int) -> list[int]:
-    """The classes of `classes` that have at least `min_slices` training slices in the index."""
-    return [c for c in classes if len(index.get(c, ())) >= min_slices]
-
-
 class EpisodeDataset(Dataset):
     """Few-shot episodes; item i is a dict of tensors (H = W = input_size, C = input_slices, 1 or 3):
 
@@ -56,7 +51,7 @@ class EpisodeDataset(Dataset):
         # A way needs its K supports plus at most ceil(Q / N) queries, all different slices.
         queries_per_way = -(-self.n_queries // self.n_ways)
         self.min_slices = self.n_shots + queries_per_way
-        self.classes = usable_classes(index, [int(c) for c in classes], self.min_slices)
+        self.classes = [int(c) for c in classes if len(index.get(int(c), ())) >= self.min_slices]
         if len(self.classes) < self.n_ways:
             names = ", ".join(INDEX_TO_NAME.get(int(c), str(c)) for c in classes)
             raise UserError(

@@ -177,16 +177,6 @@ MAX_DRAWS = 50          # draws per item before giving up (an empty support is r
 REDRAWS_KEY = "redraws"
 
 
-def eligible_superpixels(labels: np.ndarray, min_pixels: int) -> list[np.ndarray]:
-    """Per slice of a stack N x S x S: the superpixel ids (>= 1) with at least `min_pixels` pixels."""
-    out = []
-    for row in range(labels.shape[0]):
-        sizes = np.bincount(np.asarray(labels[row]).ravel().astype(np.int64))   # index 0 = outside body
-        ids = np.flatnonzero(sizes >= min_pixels)
-        out.append(ids[ids > 0])
-    return out
-
-
 class SelfSupEpisodeDataset(Dataset):
     """Superpixel episodes; item i is the `EpisodeDataset` dict with N = 1 (C = input_slices) plus
     "redraws"; `classes` holds PSEUDO_CLASS. min_pixels: smallest foreground superpixel (pixels of the
@@ -237,11 +227,17 @@ class SelfSupEpisodeDataset(Dataset):
         return self.length
 
     def _eligible(self, labels: np.ndarray) -> list[np.ndarray]:
-        """Per slice of a superpixel stack N x S x S, the ids a draw picks from (uniformly)."""
+        """Per slice of a superpixel stack N x S x S, the ids a draw picks from (uniformly): 'project' those
+        (>= 1) with at least min_pixels pixels."""
         if self.recipe == "alpnet":   # SSL-ALPNet: randint(1, max_id), i.e. {1, ..., max_id - 1}
             return [np.arange(1, int(np.asarray(labels[row]).max()), dtype=np.int64)
                     for row in range(labels.shape[0])]
-        return eligible_superpixels(labels, self.min_pixels)
+        out = []
+        for row in range(labels.shape[0]):
+            sizes = np.bincount(np.asarray(labels[row]).ravel().astype(np.int64))   # index 0 = outside body
+            ids = np.flatnonzero(sizes >= self.min_pixels)
+            out.append(ids[ids > 0])
+        return out
 
     def _open(self, pid: str) -> tuple[np.ndarray, np.ndarray]:
         """Memory maps (images N x S x S float32, superpixels N x S x S uint16) of one volume."""
