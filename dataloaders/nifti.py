@@ -64,8 +64,11 @@ def read_nifti(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     return data, np.asarray(image.affine, dtype=np.float64)
 
 
-def _check_3d(data: np.ndarray, path: Path) -> np.ndarray:
-    """Accept X x Y x Z (or X x Y x Z x 1); anything else is a one-line error."""
+def load_nifti(path: str | Path) -> NiftiVolume:
+    """A 3D NIfTI (X x Y x Z, or X x Y x Z x 1), validated and reoriented to canonical RAS+; one-line
+    UserErrors for missing/corrupt files, 2D/4D or empty data, NaN/inf voxels, bad affines."""
+    path = Path(path)
+    data, affine = read_nifti(path)
     if data.ndim == 4 and data.shape[3] == 1:
         data = data[..., 0]
     if data.ndim != 3:
@@ -73,32 +76,14 @@ def _check_3d(data: np.ndarray, path: Path) -> np.ndarray:
                         "volume X x Y x Z: export one 3D volume per file")
     if min(data.shape) < 1:
         raise UserError(f"{path}: empty volume of shape {tuple(data.shape)}: export it again")
-    return data
-
-
-def _check_finite(data: np.ndarray, path: Path) -> None:
-    """NaN or inf voxels are an error (they poison min-max scaling and Dice)."""
-    if np.issubdtype(data.dtype, np.floating) and not np.isfinite(data).all():
-        bad = int((~np.isfinite(data)).sum())
-        raise UserError(f"{path}: {bad} NaN/inf voxels: fix or re-export the volume (e.g. replace them "
-                        "with the background value)")
-
-
-def load_nifti(path: str | Path, dtype: np.dtype | type | None = None) -> NiftiVolume:
-    """A 3D NIfTI, validated and reoriented to canonical RAS+ (array cast to `dtype` when given; integer
-    casts round); one-line UserErrors for missing/corrupt files, 2D/4D data, NaN/inf, bad affines."""
-    path = Path(path)
-    data, affine = read_nifti(path)
-    data = _check_3d(data, path)
-    _check_finite(data, path)
+    if np.issubdtype(data.dtype, np.floating) and not np.isfinite(data).all():   # poisons scaling and Dice
+        raise UserError(f"{path}: {int((~np.isfinite(data)).sum())} NaN/inf voxels: fix or re-export the "
+                        "volume (e.g. replace them with the background value)")
     if not np.isfinite(affine).all() or abs(np.linalg.det(affine[:3, :3])) < 1e-9:
         raise UserError(f"{path}: affine is not invertible or not finite: fix the NIfTI header (sform/qform)")
     original_axcodes = "".join(nib.aff2axcodes(affine))
     canonical = nib.as_closest_canonical(nib.Nifti1Image(data, affine))
     array = np.asfortranarray(canonical.dataobj)   # NIfTI voxel order: cheap z slabs, cheap flat views
-    if dtype is not None and array.dtype != np.dtype(dtype):
-        array = np.rint(array).astype(dtype) if np.issubdtype(np.dtype(dtype), np.integer) \
-            and np.issubdtype(array.dtype, np.floating) else array.astype(dtype)
     return NiftiVolume(array=array, affine=np.asarray(canonical.affine, dtype=np.float64),
                        original_affine=affine, original_shape=tuple(int(s) for s in data.shape),
                        original_axcodes=original_axcodes, path=path)
