@@ -115,7 +115,7 @@ def to_original(array_canonical: np.ndarray, original_axcodes: str | tuple[str, 
     return np.ascontiguousarray(apply_orientation(np.asarray(array_canonical), transform))
 
 
-def nifti_bytes(array: np.ndarray, affine: np.ndarray, compresslevel: int = 1) -> bytes:
+def nifti_bytes(array: np.ndarray, affine: np.ndarray) -> bytes:
     """Gzipped single-file NIfTI-1 bytes of `array` (X x Y x Z) with `affine`; deterministic (gzip mtime 0).
     nibabel's header, then the voxels in one Fortran-order copy (nibabel's writer is several times slower)."""
     array = np.asarray(array)
@@ -129,16 +129,15 @@ def nifti_bytes(array: np.ndarray, affine: np.ndarray, compresslevel: int = 1) -
     header["vox_offset"] = 352
     header["scl_slope"], header["scl_inter"] = 1.0, 0.0
     raw = header.binaryblock + b"\x00" * 4 + array.tobytes(order="F")
-    return gzip.compress(raw, compresslevel=compresslevel, mtime=0)
+    return gzip.compress(raw, compresslevel=1, mtime=0)
 
 
-def save_nifti_atomic(array: np.ndarray, affine: np.ndarray, path: str | Path,
-                      compresslevel: int = 1) -> None:
+def save_nifti_atomic(array: np.ndarray, affine: np.ndarray, path: str | Path) -> None:
     """Save `array` with `affine` as `.nii.gz` at `path`, atomically and byte-deterministically."""
     path = Path(path)
     if not path.name.endswith(".nii.gz"):
         raise UserError(f"{path}: NIfTI output must end in .nii.gz: rename the output path")
-    write_bytes_atomic(nifti_bytes(array, affine, compresslevel), path)
+    write_bytes_atomic(nifti_bytes(array, affine), path)
 
 
 def _pid_alive(pid: int) -> bool:

@@ -383,8 +383,7 @@ def normalised_volume(image: np.ndarray, intensity: dict) -> np.ndarray:
 
 
 def prepare_alpnet(data_dir: str | Path, out: str | Path, fold: int, setting: int = 2, label_set: int = 0,
-                   rule: str = "or", overwrite: bool = False, with_superpixels: bool = True,
-                   validation: bool = False) -> dict:
+                   rule: str = "or", overwrite: bool = False, validation: bool = False) -> dict:
     """Write the prepared folder of one (fold, setting, label set); returns its meta.json content.
 
     validation: hold the fold's validation scan (layouts.validation_scan) out of training and store it
@@ -404,7 +403,7 @@ def prepare_alpnet(data_dir: str | Path, out: str | Path, fold: int, setting: in
     # Setting 1 trains one model for both label sets: every evaluated organ is a test organ of it
     test_values = dataset.test_values(label_set) if setting == 2 else list(dataset.evaluated)
     excluded = test_values if setting == 2 else []
-    scans = {sid: layouts.load_scan(data_dir, sid, dataset, superpixels=with_superpixels and sid in training,
+    scans = {sid: layouts.load_scan(data_dir, sid, dataset, superpixels=sid in training,
                                    classmap=classmap) for sid in ids if sid in training or sid in test
              or sid == support or sid in held_out}
     for value in test_values:                          # the support must show every test organ
@@ -434,10 +433,8 @@ def prepare_alpnet(data_dir: str | Path, out: str | Path, fold: int, setting: in
             save_npy(partial / "train" / train_file_name(str(sid), NEIGHBOURS),
                      np.ascontiguousarray(neighbour_stack(image, rows, 3, available=keep)[:, [0, 2]]))
             save_npy(partial / "train" / f"{sid}_label.npy", np.moveaxis(label[:, :, rows], 2, 0).copy())
-            if with_superpixels:
-                sp = layouts.crop(scan.superpixels)[:, :, rows]
-                save_npy(partial / "superpixels" / f"{sid}.npy",
-                         np.moveaxis(sp, 2, 0).astype(np.uint16).copy())
+            sp = layouts.crop(scan.superpixels)[:, :, rows]
+            save_npy(partial / "superpixels" / f"{sid}.npy", np.moveaxis(sp, 2, 0).astype(np.uint16).copy())
             kept_counts[str(sid)] = {"slices": int(keep.size), "kept": int(rows.size)}
             for organ_index in np.setdiff1d(label[:, :, rows], [0]):
                 present = np.flatnonzero((label[:, :, rows] == organ_index).any(axis=(0, 1)))
@@ -451,11 +448,9 @@ def prepare_alpnet(data_dir: str | Path, out: str | Path, fold: int, setting: in
                 "affine": scan.affine, "original_affine": scan.affine,
                 "original_shape": np.asarray(scan.image.shape, dtype=np.int64),
                 "original_axcodes": np.asarray("as stored"), "spacing": np.abs(np.diag(scan.affine)[:3])})
-        if with_superpixels:
-            write_bytes_atomic(json.dumps({"format_version": 1,
-                                           "params": {"method": "ssl-alpnet superpix-MIDDLE"},
-                                           "volumes": {str(s): {} for s in training}}).encode(),
-                               partial / "superpixels" / "meta.json")
+        superpixel_meta = {"format_version": 1, "params": {"method": "ssl-alpnet superpix-MIDDLE"},
+                           "volumes": {str(s): {} for s in training}}
+        write_bytes_atomic(json.dumps(superpixel_meta).encode(), partial / "superpixels" / "meta.json")
         index = {key: index[key] for key in sorted(index, key=int)}
         test_organs = [dataset.vocabulary[v] for v in test_values]
         meta = {"format_version": FORMAT_VERSION,
