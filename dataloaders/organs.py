@@ -52,25 +52,15 @@ TABLE_COLUMNS: dict[str, list[str]] = {
 
 # Names used by other data sets (TotalSegmentator, BTCV, AMOS, ...) for the same structures.
 ALIASES: dict[str, str] = {
-    "iliopsoas_right": "psoas_right",
-    "iliopsoas_left": "psoas_left",
-    "psoas_major_right": "psoas_right",
-    "psoas_major_left": "psoas_left",
-    "right_psoas": "psoas_right",
-    "left_psoas": "psoas_left",
-    "right_kidney": "kidney_right",
-    "left_kidney": "kidney_left",
-    "adrenal_gland_right": "adrenal_right",
-    "adrenal_gland_left": "adrenal_left",
-    "right_adrenal_gland": "adrenal_right",
-    "left_adrenal_gland": "adrenal_left",
-    "right_lung": "lung_right",
-    "left_lung": "lung_left",
-    "bladder": "urinary_bladder",
-    "urinary_bladder": "urinary_bladder",
-    "vertebrae_l1": "lumbar_vertebra_1",
-    "l1": "lumbar_vertebra_1",
-    "gall_bladder": "gallbladder",
+    "iliopsoas_right": "psoas_right", "iliopsoas_left": "psoas_left",
+    "psoas_major_right": "psoas_right", "psoas_major_left": "psoas_left",
+    "right_psoas": "psoas_right", "left_psoas": "psoas_left",
+    "right_kidney": "kidney_right", "left_kidney": "kidney_left",
+    "adrenal_gland_right": "adrenal_right", "adrenal_gland_left": "adrenal_left",
+    "right_adrenal_gland": "adrenal_right", "left_adrenal_gland": "adrenal_left",
+    "right_lung": "lung_right", "left_lung": "lung_left",
+    "bladder": "urinary_bladder", "urinary_bladder": "urinary_bladder",
+    "vertebrae_l1": "lumbar_vertebra_1", "l1": "lumbar_vertebra_1", "gall_bladder": "gallbladder",
 }
 
 
