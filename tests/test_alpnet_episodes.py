@@ -1,5 +1,5 @@
 """SSL-ALPNet's self-supervised episodes (selfsup.episodes 'alpnet'): its augmentation
-(dataloaders/warp.py alpnet_*) against slow literal versions written here from its rules, and the
+(dataloaders/selfsup_episodes.py alpnet_*) against slow literal versions written here from its rules, and the
 episode's pseudo-label draw (dataloaders/selfsup_episodes.py)."""
 from __future__ import annotations
 

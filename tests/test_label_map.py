@@ -1,5 +1,5 @@
-"""dataloaders/label_map.py (one label-map parser, how a mask's labels are known) and
-dataloaders/plausibility.py (swapped image/mask, soft masks, constant or all-air scans, field of view)."""
+"""dataloaders/label_map.py: one label-map parser, how a mask's labels are known, and plausibility
+(swapped image/mask, soft masks, constant or all-air scans, field of view)."""
 from __future__ import annotations
 
 import json

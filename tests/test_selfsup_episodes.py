@@ -1,4 +1,4 @@
-"""Self-supervised superpixel episodes (dataloaders/selfsup_episodes.py), warps (dataloaders/warp.py)."""
+"""Self-supervised superpixel episodes (dataloaders/selfsup_episodes.py), with its warps."""
 from __future__ import annotations
 
 import math
