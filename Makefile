@@ -9,16 +9,18 @@ STAMP  := $(VENV)/.requirements.sha256
 
 .PHONY: setup test demo clean-demo gpu-check bench-chaos lint
 
-# Idempotent: re-installs only when requirements.txt changed (its hash is stamped).
+# Idempotent: re-installs only when requirements.txt or pyproject.toml changed (their hash is stamped).
+# The repository itself is installed in editable mode, so its packages import from any folder.
 setup:
-	@want=$$(sha256sum requirements.txt | cut -d' ' -f1); \
+	@want=$$(cat requirements.txt pyproject.toml | sha256sum | cut -d' ' -f1); \
 	have=$$(cat $(STAMP) 2>/dev/null); \
 	if [ -x "$(PY)" ] && [ "$$want" = "$$have" ]; then \
-		echo "setup: $(VENV) is up to date with requirements.txt"; \
+		echo "setup: $(VENV) is up to date with requirements.txt and pyproject.toml"; \
 	else \
 		echo "setup: installing requirements.txt into $(VENV) (first time: a few minutes)"; \
 		[ -x "$(PY)" ] || $(PYTHON) -m venv $(VENV) || exit 1; \
 		$(PY) -m pip install --disable-pip-version-check -q -r requirements.txt || exit 1; \
+		$(PY) -m pip install --disable-pip-version-check -q --no-deps --no-build-isolation -e . || exit 1; \
 		echo "$$want" > $(STAMP); \
 	fi
 
@@ -29,7 +31,7 @@ test: setup
 	$(PY) -m pytest -q tests
 
 demo: setup
-	$(PY) scripts/demo.py
+	$(PY) -m demo
 
 # CHAOS-T2 MRI under SSL-ALPNet's protocol (docs/bench_chaos.md); DATA=your copy, ARGS=e.g. --folds 0
 bench-chaos: setup

@@ -38,8 +38,11 @@ from sacred.arg_parser import get_config_updates  # noqa: E402
 from sacred.observers import FileStorageObserver  # noqa: E402,F401  (attached by the entry points)
 from sacred.utils import SacredError, create_basic_stream_logger, ensure_wellformed_argv  # noqa: E402
 
+from dataloaders.selfsup_episodes import WARP_DEFAULTS  # noqa: E402
+from models.fewshot import OFFICIAL_MODEL_CONFIG, PLUS_DEFAULTS  # noqa: E402
+from training.config_check import OPEN_MAPPINGS  # noqa: E402
+from training.objective import SENET_DEFAULTS  # noqa: E402
 from util.cli import exit_with_message  # noqa: E402
-from util.config_schema import OPEN_MAPPINGS  # noqa: E402
 from util.errors import UserError  # noqa: E402
 from util.paths import output_error_message  # noqa: E402
 
@@ -93,8 +96,8 @@ def default_config():
     selfsup = {
         "episodes": "project",
         "min_pixels": 400,
-        "warp": {"rotate": 10.0, "scale": [0.9, 1.1], "shear": 5.0, "translate": 0.05,
-                 "elastic_alpha": 30.0, "elastic_sigma": 5.0},
+        "warp": dict(WARP_DEFAULTS),   # dataloaders/warp.py WarpParams: rotate, scale, shear, translate,
+                                       # elastic_alpha, elastic_sigma
     }
 
     model = {
@@ -119,23 +122,22 @@ def default_config():
         # (dataloaders/neighbours.py: a neighbour outside the volume or not available for training is the
         # centre slice; needs a prepared folder with train/<id>_neighbours.npy)
         "input_slices": 1,
-        # LSLPN+ (beyond the paper, models/lslpn_plus.py, docs/lslpn_plus.md), off by default:
-        "grids": [],              # multi-scale: n_grid of every scale, e.g. [4, 8, 16]; [] = n_grid alone
-        "grid_fusion": "mean",    # how the scales' logits combine: 'mean' or 'max'
-        "query_rounds": 0,        # query-informed prototype rounds (0: off)
-        "query_weight": 0.5,      # weight of the query's own cell prototypes in the mix
-        "query_confidence": 0.0,  # softmax probability a query pixel needs to join its own prototypes
+        # LSLPN+ (beyond the paper, models/lslpn_plus.py, docs/lslpn_plus.md), off by default
+        # (models.fewshot.PLUS_DEFAULTS): grids (multi-scale: n_grid of every scale, e.g. [4, 8, 16];
+        # [] = n_grid alone), grid_fusion (how the scales' logits combine: 'mean' or 'max'), query_rounds
+        # (query-informed prototype rounds, 0: off), query_weight (weight of the query's own cell
+        # prototypes in the mix), query_confidence (softmax probability a query pixel needs to join its
+        # own prototypes)
+        **PLUS_DEFAULTS,
     }
 
-    # SENet baseline options (used with model.method='senet'; Roy et al. 2020 and its official code)
-    senet = {
-        "official_bug": False,      # True: the official conditioner's 4th encoder call reuses encode3
-        "double_softmax": False,    # True: Dice loss on softmax(softmax(logits)), as the official training
-        "epochs": 20,               # n_steps are split into this many epochs for the schedule
-        "lr_step_epochs": 10,       # StepLR step size in epochs, stepped at each epoch's start
-        "gamma_segmenter": 0.1,     # StepLR gamma of the segmenter arm
-        "gamma_conditioner": 0.001,  # StepLR gamma of the conditioner arm
-    }
+    # SENet baseline options (used with model.method='senet'; Roy et al. 2020 and its official code;
+    # training/objective.py SENET_DEFAULTS): official_bug (True: the official conditioner's 4th encoder
+    # call reuses encode3), double_softmax (True: Dice loss on softmax(softmax(logits)), as the official
+    # training), epochs (n_steps are split into this many epochs for the schedule), lr_step_epochs (StepLR
+    # step size in epochs, stepped at each epoch's start), gamma_segmenter / gamma_conditioner (StepLR
+    # gamma of each arm)
+    senet = dict(SENET_DEFAULTS)
 
     path = {
         "data_dir": "data/prepared",   # output of scripts/prepare_visceral.py
@@ -158,7 +160,7 @@ def default_config():
     eval = {
         "preset": "inclusive",    # 'inclusive' (this project: inclusive organ range, centre slices),
                                   # 'official' (the authors' eval.py exactly), 'senet', 'alpnet', 'thirds'
-                                  # (evaluation/protocol.py)
+                                  # (evaluation/protocols.py)
         "support": "default",     # a patient id, 'default' (10000132 if present else first gold), or 'all'
         "n_shots": 1,
         "snapshots": {},          # method name -> checkpoint path, e.g. {"LSLPN": "runs/.../best.pth"}
@@ -168,18 +170,15 @@ def default_config():
         "save_predictions": True, # NIfTI masks in each query's original geometry
         # LSLPN+ at test time (docs/lslpn_plus.md), off by default:
         "plus_head": False,       # evaluate snapshots with this config's model.grids / grid_fusion / query_*
-        # or these LSLPN+ head options, at test time only (a value other than the plain head's below)
-        "head_options": {"grids": [], "grid_fusion": "mean", "query_rounds": 0, "query_weight": 0.5,
-                         "query_confidence": 0.0},
+        # or these LSLPN+ head options, at test time only (a value other than the plain head's)
+        "head_options": dict(PLUS_DEFAULTS),
         "adapt_steps": 0,         # test-time adaptation: SGD steps on views of each support slice (0: off)
         "adapt_lr": 1e-2,         # its learning rate
     }
 
 
 # The authors' network and head (docs/method.md), shared by the `official` and `paper` configs.
-AUTHORS_MODEL = {"encoder": "resnet50_lslpn", "head": "local", "n_grid": 8, "overlap": True, "vote": "max",
-                 "resolution": "image", "min_pixels": 10, "scale": 20.0, "empty_cell": "zero",
-                 "align": False, "pretrained": True}
+AUTHORS_MODEL = {**OFFICIAL_MODEL_CONFIG, "pretrained": True}
 
 
 @ex.named_config
@@ -336,7 +335,7 @@ NO_FAILED_BANNER = _NoFailedBanner()
 
 class _CheckedEntries(logging.Filter):
     """Drop Sacred's 'Added new config entry' warning for the entries of an open mapping (a method name
-    under eval.snapshots): the schema (util/config_schema.py) checked them before Sacred warns, and any
+    under eval.snapshots): training/config_check.py checked them before Sacred warns, and any
     other new key has already stopped the run with a one-line error naming the nearest known key."""
 
     def filter(self, record: logging.LogRecord) -> bool:

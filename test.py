@@ -20,14 +20,14 @@ from sacred.observers import FileStorageObserver  # noqa: E402
 
 from config import differences_from_default, ex, run_sacred  # noqa: E402
 from evaluation.adaptation import test_time_head_options, test_time_model  # noqa: E402
-from evaluation.evaluate import evaluate  # noqa: E402
+from evaluation.evaluate import evaluate, own_split  # noqa: E402
 from training.config_check import check_config  # noqa: E402
 from util.device import autocast, resolve_device  # noqa: E402
 
 
 @ex.config_hook
 def attach_test_observer(config, command_name, logger):
-    """Check the config (once: util/config_schema.py, then training/config_check.py), then store this
+    """Check the config (once: training/config_check.py), then store this
     command's runs under path.log_dir/test.
 
     Runs before the observers start, so bad input ends as one line without an empty run folder, and
@@ -57,7 +57,8 @@ def evaluate_snapshots(_config, _run, fold, label_sets, input_size, device, amp,
     # overrides it, with a warning when the two differ (models.checkpoint.model_input).
     requested_size = input_size if "input_size" in _run.config_modifications.modified else None
     _run.info["differs_from_default"] = differences_from_default(_config)  # -> info.json
-    organs = settings.get("organs") or label_sets[fold]
+    own = own_split(path["data_dir"])   # an SSL-ALPNet folder: its own test organs, support and queries
+    organs = settings.get("organs") or (own["organs"] if own else label_sets[fold])
     run_dirs = [o.dir for o in _run.observers if getattr(o, "dir", None)]
     out_dir = Path(run_dirs[0]) if run_dirs else Path(path["log_dir"]) / "test" / "unobserved"
     methods = {"mask copy": None, **dict(settings["snapshots"])}

@@ -7,9 +7,8 @@
 
 Each run is a Sacred FileStorageObserver folder path.log_dir/<name>/<id>/ (config.json, run.json
 with package versions and git commit, metrics.json, cout.txt, last.pth, best.pth); only rank 0
-writes. The config is checked once, before anything runs: every key against the schema
-(util/config_schema.py: unknown keys, types, ranges, the method's rules), then the data on disk
-(training/config_check.py). The loop is training/loop.py.
+writes. The config is checked once, before anything runs (training/config_check.py: unknown keys,
+types, ranges, the method's rules, then the data on disk). The loop is training/loop.py.
 """
 from __future__ import annotations
 

@@ -9,7 +9,7 @@ support that lost its superpixel is redrawn from the same stream (at most MAX_DR
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Mapping
 
 import numpy as np
@@ -296,3 +296,21 @@ class SelfSupEpisodeDataset(Dataset):
             "classes": torch.tensor([PSEUDO_CLASS], dtype=torch.int64),
             REDRAWS_KEY: torch.tensor(redraws, dtype=torch.int64),   # draws discarded before this one
         }
+
+
+# ------------------------------------------------------------------------------ the options (selfsup.*)
+# config.py's selfsup.* keys, checked once by training/config_check.py (imports kept with the block).
+from util.options import PAIR, Option, choice, integer, number  # noqa: E402
+
+WARP_DEFAULTS = {name: list(value) if isinstance(value, tuple) else value   # config.py's selfsup.warp
+                 for name, value in asdict(WarpParams()).items()}
+SELFSUP_OPTIONS = {
+    "episodes": choice(*RECIPES),
+    "min_pixels": integer(1, example="400"),
+    "warp.rotate": number(0, 90, high_open=True, example="10.0"),
+    "warp.scale": Option(PAIR, 0, low_open=True),
+    "warp.shear": number(0, 45, high_open=True, example="5.0"),
+    "warp.translate": number(0, 0.5, high_open=True, example="0.05"),
+    "warp.elastic_alpha": number(0, example="30.0"),
+    "warp.elastic_sigma": number(0, low_open=True, example="5.0"),
+}

@@ -1,14 +1,9 @@
-"""Test-time adaptation on the support (an LSLPN+ option, docs/lslpn_plus.md; the idea of ProtoSAM's
-and others' test-time encoder fine-tuning).
+"""Test-time adaptation on the support (an LSLPN+ option, docs/lslpn_plus.md).
 
 Before a support slice segments its queries, a copy of the model is fine-tuned for `steps` SGD steps on
-episodes made from that slice alone: two random SSL-ALPNet views of it (dataloaders/warp.alpnet_view:
-affine, elastic, gamma), one as the support and one as the query, the query's warped mask as the target
-(cross-entropy, as training). BatchNorm keeps its running statistics (eval mode); the encoder's weights
-move. The model passed in, and so any snapshot it was loaded from, is never changed: the copy is
-thrown away after use. Views are drawn at the stored resolution, then resized to the model's input.
-A 2.5D model (input_slices 3) is adapted on views of the support slice's stack (z - 1, z, z + 1), every
-channel through the same warp and gamma draw (dataloaders/warp.alpnet_view); the mask is the centre's.
+two random SSL-ALPNet views of that slice (dataloaders/warp.alpnet_view), one as support and one as
+query (cross-entropy, BatchNorm statistics kept). The model passed in is never changed. A 2.5D model is
+adapted on views of the slice's stack, every channel through the same draw; the mask is the centre's.
 """
 from __future__ import annotations
 
@@ -24,8 +19,7 @@ from torch import nn
 
 from dataloaders.selfsup_episodes import alpnet_view
 from dataloaders.transforms import resize_image, resize_label
-from evaluation.alpnet_protocol import model_predictor
-from models.factory import PROTOTYPE, method_of, model_input_slices, with_head_options
+from models.factory import PROTOTYPE, method_of, with_head_options
 from models.fewshot import PLUS_DEFAULTS
 
 MAX_VIEW_DRAWS = 20   # a view whose foreground left the field is redrawn, at most this often per view
@@ -39,10 +33,9 @@ def slice_seed(seed: int, image: np.ndarray, mask: np.ndarray) -> int:
 
 def support_views(image: np.ndarray, mask: np.ndarray, count: int, input_size: int,
                   rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """`count` views of a slice H x W (or a 2.5D stack C x H x W) and its mask H x W with foreground:
-    images count x S x S (count x C x S x S for a stack; float32) and masks count x S x S (float 0/1),
-    S = input_size. A view keeps its draw only when its mask still has foreground at the input size (else
-    it is redrawn; after MAX_VIEW_DRAWS, the unwarped slice)."""
+    """`count` views of a slice H x W (or stack C x H x W) and its mask H x W, resized to S = input_size:
+    images count (x C) x S x S, masks count x S x S (float 0/1). A view whose mask lost its foreground
+    at size S is redrawn (after MAX_VIEW_DRAWS, the unwarped slice)."""
     images, masks = [], []
     for _ in range(count):
         for _ in range(MAX_VIEW_DRAWS):
@@ -62,10 +55,8 @@ def support_views(image: np.ndarray, mask: np.ndarray, count: int, input_size: i
 def adapt_to_support(model: nn.Module, image: np.ndarray, mask: np.ndarray, input_size: int, steps: int,
                      lr: float = 1e-2, batch_size: int = 2, seed: int = 0,
                      device: str | torch.device = "cpu") -> nn.Module:
-    """A fine-tuned copy of `model` (eval mode) after `steps` steps on views of one support slice.
-
-    image H x W, or C x H x W for a 2.5D model (normalised as the model's input), mask H x W (bool, with
-    foreground)."""
+    """A fine-tuned copy of `model` (eval mode) after `steps` steps on views of one support slice:
+    image H x W (C x H x W for a 2.5D model, scaled as the model's input), mask H x W (bool)."""
     # outside inference mode even when called under it: the copy's weights must be trainable tensors
     with torch.inference_mode(False), torch.enable_grad():
         adapted = copy.deepcopy(model).to(device).eval()     # BatchNorm statistics stay as trained
@@ -94,10 +85,8 @@ def _fine_tune(adapted: nn.Module, image: np.ndarray, mask: np.ndarray, input_si
 
 
 class AdaptedCopies:
-    """Adapted copies of one model, one per distinct support slice (keyed by `slice_seed`), kept for reuse:
-    a protocol meets the same support slice once per query scan, and adapting again would give the same
-    copy. At most `max_copies` are kept (the oldest is dropped first; a copy of a large encoder is large).
-
+    """Adapted copies of one model, one per distinct support slice (`slice_seed`), kept for reuse (a
+    protocol meets a support slice once per query scan); at most `max_copies`, the oldest dropped first.
     seconds_adapting: total fine-tuning time; adaptations: how many copies were made."""
 
     def __init__(self, model: nn.Module, steps: int, lr: float, batch_size: int = 2, seed: int = 0,
@@ -108,8 +97,7 @@ class AdaptedCopies:
         self.seconds_adapting, self.adaptations = 0.0, 0
 
     def get(self, image: np.ndarray, mask: np.ndarray, input_size: int, device) -> nn.Module:
-        """The copy adapted to this slice H x W (or 2.5D stack C x H x W) and mask H x W (made on first
-        use)."""
+        """The copy adapted to this slice H x W (or stack C x H x W) and mask H x W (made on first use)."""
         key = slice_seed(self.seed, image, mask)
         if key not in self._copies:
             start = time.perf_counter()
@@ -122,42 +110,16 @@ class AdaptedCopies:
         return self._copies[key]
 
 
-class AdaptingPredictor:
-    """A Predictor (evaluation/alpnet_protocol.py) that segments with the copy of the model adapted to the
-    support slice (`AdaptedCopies`: once per distinct slice; views drawn at the stored resolution)."""
-
-    def __init__(self, model: nn.Module, input_size: int, device: str | torch.device = "cpu",
-                 steps: int = 20, lr: float = 1e-2, batch_size: int = 2, seed: int = 0):
-        self.input_size, self.device = int(input_size), device
-        self.input_slices = model_input_slices(model)   # evaluate_query gives a 2.5D model slice stacks
-        self.copies = AdaptedCopies(model, steps, lr, batch_size, seed)
-
-    @property
-    def seconds_adapting(self) -> float:
-        return self.copies.seconds_adapting
-
-    @property
-    def adaptations(self) -> int:
-        return self.copies.adaptations
-
-    def __call__(self, support_image: np.ndarray, support_mask: np.ndarray,
-                 queries: np.ndarray) -> np.ndarray:
-        adapted = self.copies.get(support_image, support_mask, self.input_size, self.device)
-        return model_predictor(adapted, self.input_size, self.device)(support_image, support_mask, queries)
-
-
 class SupportAdaptedModel(nn.Module):
     """A prototype model that segments with a copy of itself adapted to each support it is given (the
-    model interface of evaluation/inference.py: encode_support, then segment with that copy).
+    model interface of evaluation/inference.run_chunks). Views are drawn from the shot at the model's
+    input size (the middle of k shots), or with `stored_views` from the slice at the stored resolution
+    that run_chunks passes (then resized to the input). One way only; one copy per distinct slice."""
 
-    The views are drawn from the support slice at the model's input size (the SENet-protocol path
-    resizes before the model sees a slice); with k shots the middle shot is used. One way only. Copies
-    are made once per distinct support slice (`AdaptedCopies`).
-    """
-
-    def __init__(self, model: nn.Module, steps: int, lr: float = 1e-2, batch_size: int = 2, seed: int = 0):
+    def __init__(self, model: nn.Module, steps: int, lr: float = 1e-2, batch_size: int = 2, seed: int = 0,
+                 stored_views: bool = False):
         super().__init__()
-        self.model, self.config = model, model.config
+        self.model, self.config, self.stored_views = model, model.config, stored_views
         self.copies = AdaptedCopies(model, steps, lr, batch_size, seed)
         self._adapted: nn.Module | None = None
 
@@ -169,14 +131,16 @@ class SupportAdaptedModel(nn.Module):
     def adaptations(self) -> int:
         return self.copies.adaptations
 
-    def encode_support(self, support_images, support_fg, support_bg):
-        """As FewShotSegNet.encode_support (B x N x K x C x S x S), with the copy adapted to the shot."""
+    def encode_support(self, support_images, support_fg, support_bg, stored=None):
+        """As FewShotSegNet.encode_support (B x N x K x C x S x S), with the copy adapted to the shot;
+        stored: (image H x W or C x H x W, mask H x W) of the shot at the stored resolution."""
         B, N, K = support_images.shape[:3]
         assert B == 1 and N == 1, "test-time adaptation segments one way of one episode at a time"
-        shot = support_images[0, 0, K // 2]                                        # C x S x S
-        image = (shot[0] if shot.shape[0] == 1 else shot).float().cpu().numpy()     # S x S, or C x S x S
-        mask = support_fg[0, 0, K // 2].float().cpu().numpy() > 0.5
-        self._adapted = self.copies.get(image, mask, image.shape[-1], support_images.device)
+        if stored is None:
+            shot = support_images[0, 0, K // 2]                                    # C x S x S
+            image = (shot[0] if shot.shape[0] == 1 else shot).float().cpu().numpy()  # S x S, or C x S x S
+            stored = (image, support_fg[0, 0, K // 2].float().cpu().numpy() > 0.5)
+        self._adapted = self.copies.get(*stored, support_images.shape[-1], support_images.device)
         return self._adapted.encode_support(support_images, support_fg, support_bg)
 
     def segment(self, prototypes, query_images):
@@ -199,7 +163,7 @@ def test_time_head_options(eval_settings: Mapping, model_settings: Mapping) -> d
 
 
 def test_time_model(model: nn.Module, head_options: dict | None = None, adapt_steps: int = 0,
-                    adapt_lr: float = 1e-2) -> nn.Module:
+                    adapt_lr: float = 1e-2, stored_views: bool = False) -> nn.Module:
     """The model a test run evaluates with LSLPN+ options: its head rebuilt with `head_options`
     (models.factory.with_head_options), then wrapped for test-time adaptation when adapt_steps > 0.
     SENet and heads other than 'local' are returned unchanged."""
@@ -207,4 +171,5 @@ def test_time_model(model: nn.Module, head_options: dict | None = None, adapt_st
         return model
     if head_options:
         model = with_head_options(model, head_options).eval()
-    return SupportAdaptedModel(model, adapt_steps, adapt_lr) if adapt_steps > 0 else model
+    return SupportAdaptedModel(model, adapt_steps, adapt_lr, stored_views=stored_views) if adapt_steps > 0 \
+        else model

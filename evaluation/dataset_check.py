@@ -1,17 +1,9 @@
 """Dataset checks: the prepared-folder checker and the mask-copy honesty check.
 
-`check_prepared(prep_dir)` verifies a PREP folder (DESIGN.md "Prepared data folder"): files, shapes,
-dtypes, label values, splits and index consistency. Any defect is a one-line UserError that names
-the file and the fix; on success it returns a per-class summary (`format_table` prints it). Case ids
-and training file names follow the writer's own rule (dataloaders.prepare.is_case_id /
-train_file_case), so every folder that prepare writes passes; an images-only folder (no labels,
-for self-supervised training) is checked for its images only.
-
-`mask_copy_dice(labels, support)` is the no-model baseline (docs/method.md, "Mask copy"): the support
-volume's organ mask is copied chunk by chunk onto every query volume (evaluation.protocol.mask_copy).
-A data set on which it scores high does not test few-shot segmentation. `format_mask_copy` prints
-each organ side and then the mean over the 4 organs of the README / paper table (liver, spleen,
-kidney, psoas; kidney and psoas are each the mean of right and left, as evaluation.results.table_rows).
+`check_prepared(prep_dir)` verifies a PREP folder (DESIGN.md "Prepared data folder": files, shapes, dtypes,
+labels, splits, index); a defect is a one-line UserError naming the file and the fix. `mask_copy_dice` is
+the no-model baseline (docs/method.md, "Mask copy"): a data set on which it scores high does not test
+few-shot segmentation; `format_mask_copy` prints it per organ and as the paper table's 4-organ mean.
 """
 from __future__ import annotations
 
@@ -25,8 +17,7 @@ from dataloaders.organs import INDEX_TO_NAME, NAME_TO_INDEX, TABLE_COLUMNS, TEST
 from dataloaders.prepare import NEIGHBOURS, is_case_id, train_file_case, train_file_name
 from dataloaders.prepared import default_support
 from dataloaders.transforms import validate_intensity
-from evaluation.metrics import dice
-from evaluation.protocol import get_preset, mask_copy, preset_range
+from evaluation.protocols import dice, get_preset, mask_copy, preset_range
 from util.errors import UserError
 
 VOLUME_KEYS = ("image", "label", "affine", "original_affine", "original_shape", "original_axcodes", "spacing")
@@ -37,12 +28,9 @@ DEFAULT_PRESET = "inclusive"
 
 def mask_copy_dice(labels: dict[str, np.ndarray], support: str | None = None, preset: str = DEFAULT_PRESET,
                    organs: list[str] | None = None) -> dict[str, dict]:
-    """Mask-copy Dice per organ over the query volumes (all volumes but the support).
-
-    labels: {pid: X x Y x Z uint8 canonical label volume}. Dice is 3D over each query's organ range
-    (the protocol's scoring). Returns {organ: {"mean": float or nan, "median": ..., "n": queries
-    scored, "per_query": {pid: dice}}}; a volume where the organ has no range is not scored.
-    """
+    """Mask-copy Dice per organ over the query volumes (all but the support), 3D over each query's organ
+    range. labels: {pid: X x Y x Z uint8}. Returns {organ: {"mean", "median", "n", "per_query": {pid:
+    dice}}}; a volume where the organ has no range is not scored."""
     rule = get_preset(preset)
     support = support or default_support(list(labels))
     if support not in labels:

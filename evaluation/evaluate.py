@@ -1,11 +1,9 @@
 """The volumetric protocol over organs x query volumes x methods, and validation during training.
 
-`evaluate(...)` runs every method (the mask-copy baseline, snapshots, or models in memory) on every
-organ of every query volume of a split, for one support volume or every one in turn, and writes
-results.json, results.csv, table.md, figures and NIfTI predictions under `out_dir` (evaluation/results.py).
+`evaluate(...)` runs every method (mask copy, snapshots, models in memory) on every organ of every query
+volume of a prepared split (PREP/volumes/<split>/<pid>.npz, docs/DESIGN.md) against one support or each in
+turn, and writes results.json, results.csv, table.md, figures and NIfTI predictions (evaluation/results.py).
 `validate(...)` is the same protocol on the held-out split, returning the mean Dice.
-
-Prepared volumes: PREP/volumes/<split>/<pid>.npz (docs/DESIGN.md); PREP/meta.json `intensity`.
 """
 from __future__ import annotations
 
@@ -20,12 +18,18 @@ from dataloaders.nifti import save_nifti_atomic, to_original
 from dataloaders.organs import FOLD_ORGANS, canonical_name, organ_index
 from dataloaders.prepared import check_volumes, default_support, list_volumes, load_volume, read_meta
 from evaluation.figures import make_figures
-from evaluation.inference import segment_query_volume
-from evaluation.metrics import dice
-from evaluation.protocol import aggregate, get_preset, mask_copy, preset_range, support_slices_for_query
+from evaluation.inference import run_chunks
+from evaluation.protocols import (
+    aggregate,
+    chunk_plan,
+    dice,
+    get_preset,
+    mask_copy,
+    preset_range,
+    support_slices_for_query,
+)
 from evaluation.results import _jsonable, summarise, write_outputs
 from models.checkpoint import DEFAULT_INPUT_SIZE, model_from_checkpoint, model_input, trained_input
-from models.factory import PROTOTYPE, SENET, check_method
 from util.atomic import atomic_path
 from util.cli import warn
 from util.device import resolve_device
@@ -36,18 +40,19 @@ from util.errors import UserError
 def choose_supports(pids: list[str], support: str | int | list) -> list[str]:
     """Support ids: a given id, 'default' (10000132 when present, else the first), or 'all'."""
     if isinstance(support, (list, tuple)):
-        chosen = [str(item) for item in support]
-    elif str(support) == "all":
+        return [str(item) for item in support]
+    if str(support) == "all":
         return list(pids)
-    elif str(support) == "default":
-        return [default_support(pids)]
-    else:
-        chosen = [str(support)]
-    missing = [pid for pid in chosen if pid not in pids]
-    if missing:
-        raise UserError(f"support volume {', '.join(missing)} is not among the prepared volumes "
-                        f"({', '.join(pids)}): pick one of them, 'default' or 'all'")
-    return chosen
+    return [default_support(pids)] if str(support) == "default" else [str(support)]
+
+
+def own_split(prep_dir: str | Path) -> dict | None:
+    """An SSL-ALPNet-prepared folder's own split (dataloaders/alpnet_prepare.py): its support scan, test
+    scans and test organs, as SSL-ALPNet evaluates it; None for any other prepared folder."""
+    meta = read_meta(prep_dir).get("alpnet")
+    if meta is None:
+        return None
+    return {"support": meta["support"], "queries": list(meta["test"]), "organs": list(meta["test_organs"])}
 
 
 def organ_names(organs: list[str]) -> list[str]:
@@ -60,12 +65,9 @@ def organ_names(organs: list[str]) -> list[str]:
 # -------------------------------------------------------------------------------------- methods
 def load_snapshot(path: str | Path, device: str | torch.device = "cpu", input_size: int | None = None,
                   intensity: dict | None = None) -> tuple[torch.nn.Module, dict]:
-    """Build a FewShotSegNet or SENet from a checkpoint; returns (model in eval mode, checkpoint info).
-
-    info['input'] is the input size and intensity it is run with (`models.checkpoint.model_input`
-    of the requested ones); info['input_size'] / info['intensity'] are what it was trained with.
-    Errors: missing file, not a checkpoint of this project, weights that do not fit its config.
-    """
+    """(model in eval mode, info) of a checkpoint (FewShotSegNet or SENet). info['input']: the input size
+    and intensity it is run with (models.checkpoint.model_input); info['input_size'] / ['intensity']: its
+    training's. One-line errors: missing file, not a checkpoint of this project, weights that do not fit."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"snapshot {path} does not exist: pass the best.pth or last.pth of a training run")
@@ -75,24 +77,13 @@ def load_snapshot(path: str | Path, device: str | torch.device = "cpu", input_si
     # the data's intensity is a fallback here, not an override: a snapshot trained otherwise is refused
     # by check_intensity with one line (no warning first)
     run_size, run_intensity = model_input(state, input_size, None, intensity, name=f"snapshot {path}")
-    info = {"snapshot": str(path), "snapshot_fold": state.get("fold"), "model_config": config,
+    fold = state.get("fold")
+    fold_sets = (state.get("run_config") or {}).get("label_sets", FOLD_ORGANS)   # the run's test organs
+    own = list(fold_sets[fold]) if isinstance(fold, int) and fold in range(len(fold_sets)) else None
+    info = {"snapshot": str(path), "snapshot_fold": fold, "model_config": config, "snapshot_organs": own,
             "step": state.get("step"), "input_size": trained_size, "intensity": trained_intensity,
             "input": {"input_size": run_size, "intensity": run_intensity}}
     return model, info
-
-
-# A method listed under one of these names must hold that kind of model (the demo's and test.py's names).
-EXPECTED_METHOD = {"senet": SENET, "lslpn": PROTOTYPE, "panet": PROTOTYPE}
-
-
-def check_methods(prepared: dict) -> None:
-    """A snapshot listed as SENet must hold SENet, one listed as LSLPN/PANet a prototype model."""
-    for name, per_organ in prepared.items():
-        words = "".join(ch if ch.isalnum() else " " for ch in name.lower()).split()
-        expected = next((EXPECTED_METHOD[w] for w in words if w in EXPECTED_METHOD), None)
-        for _, info in per_organ.values():
-            if expected is not None and info.get("model_config") is not None:
-                check_method(info["model_config"], expected, f"{info['snapshot']} ({name})")
 
 
 def check_intensity(prepared: dict, intensity: dict) -> None:
@@ -133,14 +124,12 @@ def prepare_method(spec, organs: list[str], device, input_size: int | None = Non
 
 def check_fold(info: dict, organs: list[str]) -> None:
     """A snapshot may only be tested on its own fold's organs (others were training classes)."""
-    fold = info.get("snapshot_fold")
-    if fold is None or not isinstance(fold, int) or fold not in range(len(FOLD_ORGANS)):
-        return
-    leaked = [organ for organ in organs if organ not in FOLD_ORGANS[fold]]
+    fold, own = info.get("snapshot_fold"), info.get("snapshot_organs")
+    leaked = [organ for organ in organs if own is not None and organ not in own]
     if leaked:
         raise UserError(f"snapshot {info['snapshot']} was trained for fold {fold} and may have seen "
                         f"{', '.join(leaked)} in training: evaluate it with fold={fold} "
-                        f"({', '.join(FOLD_ORGANS[fold])}) or pass that organ's fold snapshot")
+                        f"({', '.join(own)}) or pass that organ's fold snapshot")
 
 
 # ------------------------------------------------------------------------------------ protocol
@@ -151,20 +140,19 @@ def predict(model, support: dict, query: dict, organ_label: int, support_range, 
     if model is None:
         return mask_copy(support_mask, support_range, query["label"].shape, query_range, preset.n_chunks,
                          preset.rule)
-    return segment_query_volume(model, support["image"], support_mask, query["image"], support_range,
-                                query_range, preset.n_chunks, input_size, intensity, device,
-                                batch_size, n_shots, preset.rule)
+    plan = chunk_plan(support_range, query_range, preset.n_chunks, n_shots, preset.rule, support_mask)
+    return run_chunks(model, [(support["image"], support_mask)] * n_shots, plan, query["image"], input_size,
+                      intensity, device, batch_size)
 
 
 def run_protocol(methods: dict[str, dict], organs: list[str], prep_dir, split: str, supports: list[str],
                  preset, input_size: int, device, batch_size: int, n_shots: int, intensity: dict,
-                 on_prediction=None, progress: bool = False) -> list[dict]:
+                 on_prediction=None, progress: bool = False, queries: list[str] | None = None) -> list[dict]:
     """Records {method, organ, support, query, dice_range, dice_volume, ranges, skipped} of every case.
-
-    methods: name -> organ -> (model or None, info). on_prediction(record, support, query, prediction,
-    support_slices) is called for every scored prediction (to save NIfTI files and figure slices).
+    methods: name -> organ -> (model or None, info); on_prediction(record, support, query, prediction) is
+    called for every scored prediction; queries: the query ids (None: the split's volumes but the support).
     """
-    pids = list_volumes(prep_dir, split)
+    pids = list_volumes(prep_dir, split) if queries is None else list(queries)
     records = []
     cases = [(sid, qid) for sid in supports for qid in pids if qid != sid]
     if not cases:
@@ -219,14 +207,9 @@ def validate(model: torch.nn.Module, prep_dir: str | Path, split: str = "val",
              organs: list[str] | None = None, preset: str = "inclusive", input_size: int = 512,
              device="cpu", batch_size: int = 16,
              n_shots: int = 1) -> dict:
-    """Volumetric Dice of `model` on a prepared split, for model selection during training.
-
-    Support: the first volume of the split by sorted id ('gold', i.e. test-set selection as the
-    official code: 10000132 when present, as the evaluation); queries: the others. Returns
-    {'mean_dice': mean over organs of the preset's aggregate of range Dice, 'per_organ': {name: Dice},
-    'preset': name}; an organ with no scorable query gets NaN (left out of the mean; NaN if all are).
-    The model's train/eval mode is restored afterwards.
-    """
+    """{'mean_dice', 'per_organ', 'preset'} of `model` on a prepared split, for model selection: support
+    the split's first volume ('gold': 10000132 when present, as the official code), queries the others;
+    mean over organs of the preset's aggregate of range Dice, NaN organs left out. Mode restored after."""
     if not organs:
         raise UserError("validate: no organs given: pass the fold's test organs")
     organs = organ_names(organs)
@@ -293,9 +276,9 @@ class _Collector:
         if entry is None:
             lo, hi = record["query_range"]
             z = (lo + hi) // 2
+            preset = get_preset(record["preset"])
             support_z = int(support_slices_for_query(record["support_range"], record["query_range"],
-                                                     get_preset(record["preset"]).n_chunks,
-                                                     get_preset(record["preset"]).rule,
+                                                     preset.n_chunks, preset.rule,
                                                      support["label"] == organ_index(organ))[z - lo])
             label = organ_index(organ)
             entry = self.figure[organ] = {
@@ -329,27 +312,29 @@ def evaluate(methods: dict, organs: list[str], prep_dir: str | Path, preset: str
              input_size: int | None = None, device="auto", batch_size: int = 16,
              save_predictions: bool = True,
              fold: int | None = None, config: dict | None = None, progress: bool = True,
-             figures: bool = True, model_transform=None) -> dict:
-    """Run the volumetric protocol for several methods and organs and write every output once.
-
-    methods: name -> None (mask copy, no model), a snapshot path, a model in memory, or
-             {organ: path or model} (per-fold snapshots in one table).
-    support: a patient id, 'default' (10000132 when present, else the first by sorted id) or 'all'
-             (every volume in turn; mean and std over supports).
-    model_transform: applied to every loaded model (None: the snapshots as they are).
-    n_shots: k support slices around each chunk centre for the models (evaluation/protocol.py); the
-             mask copy always copies the centre slice (the paper's alignment Dice).
-    Writes under out_dir (when given): results.json, results.csv, table.md, figure_data.npz,
-    results.png, misalignment.png and predictions/<method>/<query>_<organ>.nii.gz (original geometry).
-    Returns the results dict (as results.json).
-    """
+             figures: bool = True, model_transform=None, queries: list[str] | None = None,
+             on_prediction=None) -> dict:
+    """Run the protocol for every method (name -> None for mask copy, a snapshot path, a model, or {organ:
+    either}) and organ; returns results.json's content, written with table.md, figures and predictions
+    under out_dir when given. support: an id, 'default' (10000132, else the first) or 'all'; an SSL-ALPNet
+    folder uses its own split (`own_split`). n_shots: k slices per chunk for models (mask copy: 1);
+    model_transform: applied to every loaded model; on_prediction(record, support, query, prediction)."""
     if not methods:
         raise UserError("evaluate: no methods given: pass e.g. "
                         "{'mask copy': None, 'LSLPN': 'runs/.../best.pth'}")
     organs = organ_names(organs)
     protocol = get_preset(preset)
     intensity = read_meta(prep_dir)["intensity"]
-    supports = choose_supports(list_volumes(prep_dir, split), support)
+    pids = list_volumes(prep_dir, split)
+    own = own_split(prep_dir) if split == "gold" else None
+    if own is not None:
+        foreign = [organ for organ in organs if organ not in own["organs"]]
+        if foreign:
+            raise UserError(f"{', '.join(foreign)} is not a test organ of the SSL-ALPNet folder {prep_dir} "
+                            f"(it may be in its training slices): evaluate {', '.join(own['organs'])}")
+        support = own["support"] if str(support) == "default" else support
+        queries = own["queries"] if queries is None else queries
+    supports = choose_supports(pids, support)
     device = resolve_device(device)
     prepared = {name: prepare_method(spec, organs, device, input_size, intensity)
                 for name, spec in methods.items()}
@@ -358,11 +343,14 @@ def evaluate(methods: dict, organs: list[str], prep_dir: str | Path, preset: str
                            for organ, (model, info) in per_organ.items()}
                     for name, per_organ in prepared.items()}
     check_intensity(prepared, intensity)
-    check_methods(prepared)
     out = Path(out_dir) if out_dir is not None else None
     collector = _Collector(out, save_predictions, len(supports) > 1)
+    def collect(*args) -> None:
+        collector(*args)
+        if on_prediction is not None:
+            on_prediction(*args)
     records = run_protocol(prepared, organs, prep_dir, split, supports, protocol, input_size, device,
-                           batch_size, n_shots, intensity, collector, progress)
+                           batch_size, n_shots, intensity, collect, progress, queries)
     warn_empty_predictions(records)
     header = {"fold": fold, "split": split, "supports": supports, "n_shots": n_shots, "organs": organs,
               "input_size": input_size, "prep_dir": str(prep_dir),

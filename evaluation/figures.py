@@ -1,17 +1,10 @@
 """Figures of an evaluation run folder (written by evaluation.evaluate.evaluate).
 
-- results.png: the paper's qualitative figure. One row per test organ: the support slice with its
-  mask, then for every method the query slice with ground-truth (green) and prediction (red) outlines.
-- misalignment.png: the paper's misalignment analysis. Per query volume, alignment Dice (the
-  mask-copy baseline) against segmentation Dice of each model, coloured by organ.
-
-Slices are canonical `X x Y` (row = x, patient left -> right; column = y, posterior -> anterior).
-For display only they are turned so that anterior is up and the patient's right is on the image's
-left (radiological convention): `display = flip(slice.T, both axes)`.
-
-Check first, then write: `render_figures(run_dir)` reads results.json and figure_data.npz and draws
-every figure into PNG bytes, so a missing, corrupt or malformed input is a one-line UserError before
-any file is touched; `make_figures` then writes each file atomically (util/atomic.py).
+results.png: per test organ, the support slice with its mask and every method's query slice with truth
+(green) and prediction (red) outlines; misalignment.png: per query volume, alignment Dice (mask copy)
+against each model's Dice. Canonical `X x Y` slices are shown radiologically (`display`). Check first,
+then write: `render_figures` draws every PNG in memory (bad input: one-line UserError before any file is
+touched), `make_figures` writes them atomically.
 """
 from __future__ import annotations
 

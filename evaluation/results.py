@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from dataloaders.organs import TABLE_COLUMNS
-from evaluation.protocol import ProtocolPreset, aggregate
+from evaluation.protocols import ProtocolPreset, aggregate
 from util.atomic import write_text_atomic
 from util.errors import UserError
 
@@ -32,13 +32,9 @@ def _stats(values: list[float], how: str) -> dict:
 
 
 def summarise(records: list[dict], preset: ProtocolPreset) -> dict:
-    """method -> organ -> summary.
-
-    summary[metric] (metric 'range' or 'volume'): per-volume statistics pooled over supports, plus
-    `value` = mean over supports of the preset's aggregate (mean or median over query volumes) and
-    `std_over_supports` (0 for one support). summary['per_volume']: the scored cases;
-    summary['skipped']: the cases not scored, with the reason.
-    """
+    """method -> organ -> {'range' / 'volume': per-volume statistics pooled over supports, with `value` =
+    mean over supports of the preset's aggregate and `std_over_supports`; 'per_volume': the scored
+    cases; 'skipped': the others, with the reason}."""
     summary: dict = {}
     for record in records:
         entry = summary.setdefault(record["method"], {}).setdefault(

@@ -1,35 +1,14 @@
-"""Segment your own scan: few-shot segmentation of a new CT volume from annotated support volumes.
+"""Segment your own scan: few-shot segmentation of a new volume from annotated support volumes.
 
-`segment_volume(checkpoint, supports=[(image, mask), ...], query, out=...)` runs the volumetric
-protocol (evaluation/protocol.py) on files a user has, outside any benchmark fold:
-
-- Every file goes through `dataloaders.nifti.load_nifti` (validation, reorientation to canonical
-  RAS+); masks must share their image's grid (`check_same_grid`).
-- Support masks are binary or multi-label: the organ is picked by `support_label` (a label value, or
-  an organ name looked up in the mask's own labels: `dataloaders.label_map`; unknown labels are an
-  error, never a guess). Implausible files are refused or warned about (`dataloaders.plausibility`).
-- The ANNOTATED slices of a support are the axial slices with more than `min_voxels` organ voxels.
-  Its organ range is first..last annotated slice; a support annotated on only a few slices works:
-  the centre of each chunk picks the NEAREST annotated slice (unannotated slices are never used as
-  empty masks).
-- k supports = k shots: for each chunk every support gives one slice (its nearest annotated slice to
-  the chunk centre) and the model averages the k shots' prototypes (FewShotSegNet's k-shot rule).
-- The query's organ range: `query_range` (half-open slice indices along the query FILE's axial axis,
-  as stored) or, by default, transferred from the supports (evaluation/query_range.py: by physical
-  z when the query is part of a support's scan, else by relative position within the body's axial
-  extent, CT in HU only; a difference in axial coverage warns or is refused).
-- A query range shorter than `n_chunks`: each query slice gets the support chunk covering its centre
-  (`evaluation.query_range.segment_plan`).
-- Intensity: the checkpoint's scaling (or `intensity`). A CT window needs CT in Hounsfield units:
-  a volume without air (float CT in [0, 1], uint16 without rescale, int8, MR) is refused, never
-  windowed silently; 'minmax' scales any modality per slice, 'zscore' per volume (MR).
-- Arguments of the wrong type (a number where a path is wanted, an array, ...) are one-line
-  UserErrors, as from the command line (`check_arguments`).
-- The prediction (0 outside the query range) goes back to the query's stored orientation and is
-  written as a uint8 NIfTI with the query's original shape and affine, atomically.
-"""
+`segment_volume(checkpoint, supports=[(image, mask), ...], query, out=...)` runs the volumetric protocol
+on a user's NIfTI files: loading and checks (dataloaders.nifti, label_map, plausibility), the support's
+annotated slices, the query's organ range (given, or transferred from the supports: `transfer_query_range`,
+same scan by physical z, else relative position in the body's axial extent, CT in HU only), the plan
+(`segment_plan`), evaluation.inference.run_chunks, and the prediction written in the query's geometry.
+README "Segment your own scan" has the rules."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -48,28 +27,208 @@ from dataloaders.label_map import (
     support_size_warning,
     visceral_mask_structure,
 )
-from dataloaders.nifti import check_same_grid, load_nifti, save_nifti_atomic, to_original
+from dataloaders.nifti import NiftiVolume, check_same_grid, load_nifti, save_nifti_atomic, to_original
 from dataloaders.organs import INDEX_TO_NAME, canonical_name
 from dataloaders.prepared import prepared_intensity
 from dataloaders.transforms import needs_hounsfield
 from evaluation.inference import run_chunks
-from evaluation.query_range import (  # noqa: F401
-    BODY_HU,
-    Support,
-    body_extent,
-    canonical_to_stored_range,
-    default_query_range,
-    nearest_annotated,
-    segment_plan,
-    snap_to_annotated,
-    stored_range_to_canonical,
-    transfer_query_range,
-)
+from evaluation.protocols import centre_offsets, chunk_plan
 from models.checkpoint import check_input_size, model_from_checkpoint, model_input, trained_input
 from util.cli import warn
 from util.device import resolve_device
 from util.errors import UserError
 from util.paths import check_output_file
+
+# ----------------------------------------------------------------- the query range and the plan
+BODY_HU = -500.0            # body voxels: above this HU (air and lung-free outside are below)
+BODY_SLICE_FRACTION = 0.1   # a body slice has >= this fraction of the fullest slice's body voxels
+COVERAGE_WARN = 0.10        # body extents (mm) of query and support differ by more than this: warning
+COVERAGE_REFUSE = 0.25      # ... by more than this: the relative transfer is refused (give --query-range)
+GRID_TOLERANCE_MM = 1e-3    # same-scan test: world positions agree to this
+
+
+@dataclass
+class Support:
+    """One support volume, canonical.  image X x Y x Z float32; mask X x Y x Z bool (the organ);
+    annotated: sorted z of the annotated slices (> min_voxels organ voxels)."""
+    image: np.ndarray
+    mask: np.ndarray
+    annotated: np.ndarray
+    name: str
+    label: str = ""                     # how the organ's label value was found (printed)
+    spacing: np.ndarray | None = None   # (3,) mm, canonical axes
+    affine: np.ndarray | None = None    # 4 x 4 canonical voxel -> world (mm)
+
+    @property
+    def organ_range(self) -> tuple[int, int]:
+        return int(self.annotated[0]), int(self.annotated[-1])
+
+
+# ------------------------------------------------------------------------ stored <-> canonical
+def _axial_axis(query: NiftiVolume) -> tuple[int, int, bool]:
+    """(stored axis that becomes canonical z, its length, stored superior -> inferior)."""
+    ornt = nib.io_orientation(query.original_affine)
+    axis = int(np.flatnonzero(ornt[:, 0] == 2)[0])
+    return axis, int(query.original_shape[axis]), bool(ornt[axis, 1] < 0)
+
+
+def canonical_to_stored_range(canonical_range: tuple[int, int], query: NiftiVolume) -> tuple[int, int]:
+    """Inclusive canonical z range -> half-open range along the query file's axial axis (as --query-range)."""
+    _, n, reversed_z = _axial_axis(query)
+    z0, z1 = canonical_range
+    return (n - 1 - z1, n - z0) if reversed_z else (z0, z1 + 1)
+
+
+def stored_range_to_canonical(query_range: tuple[int, int], query: NiftiVolume) -> tuple[int, int]:
+    """Half-open slice range along the query file's axial axis (as stored) -> canonical z, inclusive."""
+    axis, n, reversed_z = _axial_axis(query)
+    z0, z1 = query_range
+    if not (0 <= z0 < z1 <= n):
+        raise UserError(f"--query-range {z0}:{z1} is outside the query volume ({n} axial slices along "
+                        f"stored axis {axis}): use 0 <= Z0 < Z1 <= {n}")
+    return (n - z1, n - 1 - z0) if reversed_z else (z0, z1 - 1)
+
+
+# ----------------------------------------------------------------------------- relative transfer
+def body_extent(image: np.ndarray) -> tuple[int, int]:
+    """First and last axial slice of the body: slices whose count of voxels > -500 HU is at least
+    10% of the fullest slice's count. image X x Y x Z HU. The whole volume when nothing is > -500 HU."""
+    counts = (image > BODY_HU).reshape(-1, image.shape[-1]).sum(axis=0)      # Z
+    if counts.max() == 0:
+        return 0, image.shape[-1] - 1
+    slices = np.flatnonzero(counts >= BODY_SLICE_FRACTION * counts.max())
+    return int(slices[0]), int(slices[-1])
+
+
+def default_query_range(supports: Sequence[Support], query_image: np.ndarray) -> tuple[int, int]:
+    """Organ range of the query (canonical z, inclusive): the organ's relative position in the supports'
+    body extents (averaged) placed in the query's body extent. CT in HU, same body region (both checked
+    by `transfer_query_range`)."""
+    fractions = []
+    for support in supports:
+        b0, b1 = body_extent(support.image)
+        length = b1 - b0 + 1
+        s0, s1 = support.organ_range
+        fractions.append(((s0 - b0) / length, (s1 + 1 - b0) / length))
+    f0, f1 = np.clip(np.mean(fractions, axis=0), 0.0, 1.0)
+    q0, q1 = body_extent(query_image)
+    length = q1 - q0 + 1
+    start = int(np.clip(np.floor(q0 + f0 * length + 0.5), q0, q1))
+    stop = int(np.clip(np.floor(q0 + f1 * length + 0.5) - 1, start, q1))
+    return start, stop
+
+
+def _extent_mm(image: np.ndarray, spacing_z: float) -> float:
+    b0, b1 = body_extent(image)
+    return (b1 - b0 + 1) * float(spacing_z)
+
+
+# ----------------------------------------------------------------------------- same scan
+def same_scan_offset(support: Support, query: NiftiVolume, query_image: np.ndarray) -> int | None:
+    """k such that query slice z is support slice z + k of the same scan, or None.
+
+    Same scan: identical in-plane grid and axis directions, origins apart by a whole number of axial
+    slices, and a shared slice identical voxel for voxel (a crop of the scan, or the scan itself).
+    """
+    if support.affine is None or support.image.shape[:2] != query_image.shape[:2]:
+        return None
+    if not np.allclose(support.affine[:3, :3], query.affine[:3, :3], atol=1e-6, rtol=1e-6):
+        return None
+    shift = np.linalg.solve(support.affine[:3, :3], query.affine[:3, 3] - support.affine[:3, 3])  # voxels
+    k = int(np.rint(shift[2]))
+    step = np.abs(support.affine[:3, :3]).max()
+    if np.abs(shift - (0, 0, k)).max() * step > GRID_TOLERANCE_MM:
+        return None
+    shared = np.arange(max(0, -k), min(query_image.shape[2], support.image.shape[2] - k))   # query z
+    if shared.size == 0:
+        return None
+    z = int(shared[shared.size // 2])
+    same = np.array_equal(np.asarray(query_image[:, :, z], dtype=np.float32), support.image[:, :, z + k])
+    return k if same else None
+
+
+# ------------------------------------------------------------------------------ the transfer
+def transfer_query_range(supports: Sequence[Support], query: NiftiVolume, query_image: np.ndarray,
+                         query_name: str) -> tuple[tuple[int, int], str, list[str]]:
+    """(canonical inclusive range, how it was found, warnings) without --query-range; module docstring.
+
+    UserError when the transfer is not trustworthy: non-HU volumes, body extents too far apart, an organ
+    outside the query's coverage.
+    """
+    n_query = query_image.shape[2]
+    for support in supports:
+        k = same_scan_offset(support, query, query_image)
+        if k is None:
+            continue
+        s0, s1 = support.organ_range
+        start, stop = max(s0 - k, 0), min(s1 - k, n_query - 1)
+        if start > stop:
+            raise UserError(f"{query_name}: part of the same scan as {support.name}, but its slices do not "
+                            f"reach the support organ (support slices {s0}..{s1}): give --query-range or a "
+                            "query that covers the organ")
+        notes = []
+        if (start, stop) != (s0 - k, s1 - k):
+            notes.append(f"{query_name}: covers only part of the support organ's slices ({stop - start + 1} "
+                         f"of {s1 - s0 + 1}): the rest lies outside the query")
+        how = ("transferred from the support by physical z position: the query is part of the scan of "
+               f"{support.name}")
+        return (start, stop), how, notes
+    for image, name, role in [(query_image, query_name, "query")] + [(s.image, s.name, "support image")
+                                                                    for s in supports]:
+        problem = hounsfield_problem(image, name, role)
+        if problem:
+            raise UserError(f"{problem}: the default query range is found from the body's axial extent "
+                            f"(voxels above {BODY_HU:g} HU), which needs CT in HU, and fields of view differ "
+                            "from scan to scan: give --query-range Z0:Z1 (the organ's slices in the "
+                            "query file)")
+    query_spacing_z = float(np.sqrt((query.affine[:3, 2] ** 2).sum()))
+    query_mm = _extent_mm(query_image, query_spacing_z)
+    warnings = []
+    for support in supports:
+        spacing_z = float(support.spacing[2]) if support.spacing is not None else query_spacing_z
+        support_mm = _extent_mm(support.image, spacing_z)
+        difference = abs(query_mm - support_mm) / max(query_mm, support_mm)
+        text = (f"{query_name}: its body covers {query_mm:.0f} mm axially, {support.name}'s "
+                f"{support_mm:.0f} mm ({100 * difference:.0f}% apart)")
+        if difference > COVERAGE_REFUSE:
+            raise UserError(f"{text}: the scans cover different body regions (a crop or another field of "
+                            "view), so the organ's relative position cannot be transferred: give "
+                            "--query-range Z0:Z1 (the organ's slices in the query file)")
+        if difference > COVERAGE_WARN:
+            warnings.append(f"{text}: the transferred range may be shifted; check it or give --query-range")
+    return default_query_range(supports, query_image), \
+        "transferred from the support by relative body position; give --query-range to set it", warnings
+
+
+# --------------------------------------------------------------------------------- the plan
+def segment_plan(supports: Sequence[Support], canonical_range: tuple[int, int],
+                 n_chunks: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(support z (k,), query z (m,)) per chunk: the protocol's plan (chunk_plan) for a query range of at
+    least n_chunks slices; for a shorter one, query slice j gets the support chunk covering its centre,
+    floor((j + 0.5) n / L). Then each support's slice moves to its nearest annotated slice."""
+    q0, q1 = canonical_range
+    length = q1 - q0 + 1
+    ranges = [s.organ_range for s in supports]
+    if length >= n_chunks:
+        plan = chunk_plan(ranges, canonical_range, n_chunks)
+    else:
+        centres = np.stack([first + centre_offsets(last - first + 1, n_chunks)
+                            for first, last in ranges], axis=1)                        # n x k
+        chunks = ((2 * np.arange(length) + 1) * n_chunks) // (2 * length)             # L
+        plan = [(centres[chunk], np.array([q0 + j])) for j, chunk in enumerate(chunks)]
+    return snap_to_annotated(plan, supports)
+
+
+def nearest_annotated(annotated: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """For each target z, the nearest annotated z (ties: the lower one). Shapes (m,) -> (n,)."""
+    distance = np.abs(annotated[None, :] - targets[:, None])                 # n x m
+    return annotated[distance.argmin(axis=1)]
+
+
+def snap_to_annotated(plan, supports: Sequence[Support]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """A plan with each support's chunk centre moved to its nearest annotated slice."""
+    return [(np.array([nearest_annotated(support.annotated, z[None])[0]
+                       for support, z in zip(supports, support_z)]), query_z) for support_z, query_z in plan]
 
 
 # ---------------------------------------------------------------------------------- parsing
@@ -165,13 +324,9 @@ def check_arguments(checkpoint, supports, query, out, support_label, label_map, 
 # --------------------------------------------------------------------------------- loading
 def load_support(image_path, mask_path, support_label, label_map, min_voxels: int,
                  vocabulary: str | None = None) -> Support:
-    """Load one support pair: validated, canonical, the organ's binary mask and its annotated slices.
-
-    The organ's label value comes from `dataloaders.label_map.resolve_support_label` (an organ name
-    needs known labels: label_map, a sidecar JSON, vocabulary='visceral' or a VISCERAL file name);
-    implausible pairs (swapped image and mask, constant image) are one-line errors, doubtful ones
-    (soft mask, tiny organ) print a warning.
-    """
+    """One support pair: validated, canonical, the organ's mask and annotated slices. The label value comes
+    from dataloaders.label_map.resolve_support_label; implausible pairs (swapped, constant image) are
+    one-line errors, doubtful ones (soft mask, tiny organ) warnings."""
     image = load_nifti(image_path)
     mask = load_nifti(mask_path)
     check_same_grid(mask, image)
@@ -254,24 +409,11 @@ def segment_volume(checkpoint, supports: Sequence[tuple[str, str]], query, out=N
                    device: str = "auto", batch_size: int = 16, progress: bool = True,
                    intensity=None, input_size: int | None = None, min_voxels: int = 0,
                    vocabulary: str | None = None) -> tuple[np.ndarray, nib.Nifti1Image]:
-    """Segment `query` (a NIfTI path) from annotated support volumes with a few-shot checkpoint.
-
-    checkpoint:    train.py checkpoint path (or a model with encode_support/segment, for tests)
-    supports:      [(image_path, mask_path), ...]; k supports = k-shot prototypes per chunk
-    support_label: mask value (int), organ name, or None for a mask with a single non-zero value. A
-                   name needs known labels: label_map, a sidecar <mask>.json, vocabulary='visceral'
-                   (the project's 1-20) or a VISCERAL mask file name (dataloaders/label_map.py)
-    label_map:     JSON path or dict, any form of dataloaders.label_map ({"liver": 5}, {"5": "liver"},
-                   {"labels": {...}})
-    vocabulary:    'visceral' when the mask uses the project's indices 1-20, else None
-    query_range:   (Z0, Z1) or 'Z0:Z1', half-open slice indices along the query file's axial axis as
-                   stored; None: transferred from the supports (evaluation/query_range.py; refused for
-                   MR / non-HU volumes and for scans of different axial coverage)
-    intensity:     None (the checkpoint's, else per-slice min-max), 'minmax', 'zscore' or 'window:LO,HI'
-    min_voxels:    a support slice is annotated when it has more than this many organ voxels
-    Returns (prediction uint8 in the query's ORIGINAL array geometry, the nibabel image written to
-    `out`, when given, atomically; nothing is written on any error).
-    """
+    """(uint8 prediction in the query's original geometry, the NIfTI image written to `out` atomically) of
+    `query` segmented from [(image, mask), ...] supports (k-shot) with a checkpoint. support_label: a mask
+    value, an organ name (known labels: label_map, sidecar JSON, vocabulary='visceral') or None (single
+    value); query_range: half-open stored indices, 'Z0:Z1', or None (`transfer_query_range`); intensity:
+    None (the checkpoint's), 'minmax', 'zscore' or 'window:LO,HI'. README "Segment your own scan"."""
     check_arguments(checkpoint, supports, query, out, support_label, label_map, query_range, n_chunks,
                     batch_size, min_voxels, input_size, intensity, device, vocabulary)
     if out is not None:   # before any compute: never an input (path, symlink, hard link), writable, a file

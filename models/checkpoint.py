@@ -43,12 +43,11 @@ import numpy as np
 import torch
 
 from models.encoders import ResNet50LSLPN
-from models.factory import METHOD_NAMES, build_model, method_of
+from models.factory import METHOD_NAMES, build_model, check_model_config, method_of
 from models.fewshot import OFFICIAL_MODEL_CONFIG, is_official_snapshot
 from models.removed_options import refuse_removed_options
 from util.atomic import atomic_path
 from util.cli import warn
-from util.config_schema import check_model_config
 from util.errors import UserError
 
 # Model-config keys that change the network's parameters: a snapshot with other values cannot load.

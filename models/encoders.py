@@ -255,15 +255,17 @@ def _load_matching(target: nn.Module, given: dict, expected: dict, source: str, 
     target.load_state_dict({k: given[k] for k in given if k in own}, strict=False)
 
 
+ENCODER_CLASSES = {"vgg16": VGG16Encoder, "resnet50_lslpn": ResNet50LSLPN,   # model.encoder -> class
+                   "deeplabv3_resnet101": DeepLabV3ResNet101, "cnn_small": SmallCNN}
+
+
 def build_encoder(name: str, init_path: str | None = None, pretrained: bool = False) -> nn.Module:
     """Encoder `name` (one of ENCODERS) with its initial weights.
 
     `init_path` (a local state dict file) overrides `pretrained` (torchvision's ImageNet or COCO
     weights, models/weights.py). With neither, random initialisation (one warning line).
     """
-    builders = {"vgg16": VGG16Encoder, "resnet50_lslpn": ResNet50LSLPN,
-                "deeplabv3_resnet101": DeepLabV3ResNet101, "cnn_small": SmallCNN}
-    if name not in builders:
+    if name not in ENCODER_CLASSES:
         raise UserError(f"model.encoder = {name!r}: unknown encoder: use one of {', '.join(ENCODERS)}")
     if (init_path is not None or pretrained) and name not in IMAGENET_WEIGHTS:
         which = f"path.init_path = {init_path}" if init_path is not None else "model.pretrained = True"
@@ -274,7 +276,7 @@ def build_encoder(name: str, init_path: str | None = None, pretrained: bool = Fa
         state, source = read_state_file(init_path), f"path.init_path = {init_path}"
     elif pretrained:
         state, source = imagenet_state(name), f"model.pretrained ({IMAGENET_WEIGHTS[name].url})"
-    encoder = builders[name]()
+    encoder = ENCODER_CLASSES[name]()
     if init_path is not None or pretrained:
         encoder.load_initial(state, source)
         log.info("encoder %s: initial weights loaded from %s", name, init_path if init_path is not None

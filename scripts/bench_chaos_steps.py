@@ -7,8 +7,8 @@ protocol.
   2. per method, the same training loop (train.py, a subprocess as a user would run it): self-supervised
      on SSL-ALPNet's own superpixels (LSLPN, PANet's head, the ALPNet head when this checkout has it), and
      LSLPN supervised on the other organs' labels (the paper's regime)          OUT/train/<name>/<id>/
-  3. SSL-ALPNet's evaluation (evaluation/alpnet_protocol.py) of every method and mask copy on the fold's
-     query scans against its support scan                                      OUT/results.json
+  3. SSL-ALPNet's evaluation (evaluation.evaluate.evaluate, preset 'alpnet', as test.py) of every method
+     and mask copy on the fold's query scans against its support scan          OUT/results.json
 Finished steps are reused: a prepared folder whose meta.json says the same fold/setting/rule, a run whose
 last.pth reached n_steps with the same config (training.loop.config_hash, as resume uses).
 """
@@ -30,11 +30,9 @@ from sacred.arg_parser import get_config_updates
 from sacred.initialize import create_run
 
 from dataloaders import layouts as layout
-from dataloaders.organs import NAME_TO_INDEX
 from dataloaders.prepare import normalised_volume, prepare_alpnet
 from dataloaders.prepared import load_volume, read_meta
-from evaluation.alpnet_protocol import evaluate_query, mask_copy_predictor, model_predictor
-from evaluation.evaluate import load_snapshot
+from evaluation.evaluate import evaluate
 from models.checkpoint import load_checkpoint
 from training.loop import config_hash
 from util.atomic import write_text_atomic
@@ -44,32 +42,13 @@ ROOT = Path(__file__).resolve().parents[1]
 MASK_COPY = "mask copy"
 
 
-def head_available(head: str) -> bool:
-    """Does this checkout's model have model.head=`head` (the ALPNet head is another change's)?"""
-    from models import fewshot  # the model's head registry
-    try:
-        from util import config_schema  # the one place that validates config options
-    except ImportError:
-        return head in getattr(fewshot, "HEADS", ())
-    return head in getattr(fewshot, "HEADS", ()) and head in getattr(config_schema, "HEADS", ())
-
-
-def alpnet_episodes_available() -> bool:
-    """Does this checkout's config have selfsup.episodes (SSL-ALPNet's own episode recipe, 'alpnet')?"""
-    config = create_run(ex, "print_config", config_updates={}, named_configs=["selfsup"]).config
-    return "episodes" in (config.get("selfsup") or {})
-
-
 def methods(include_alpnet: bool = True) -> dict[str, dict]:
     """Table row -> how it trains: named configs and overrides on top of the budget's base.
-
-    Self-supervised rows use SSL-ALPNet's episode recipe (selfsup.episodes=alpnet) where the checkout has it,
-    else this project's ('selfsup' config); the report names which.
-    """
-    recipe = ["selfsup.episodes=alpnet"] if alpnet_episodes_available() else []
+    Self-supervised rows use SSL-ALPNet's episode recipe (selfsup.episodes=alpnet)."""
+    recipe = ["selfsup.episodes=alpnet"]
     rows = {"LSLPN": {"named": ["selfsup"], "overrides": [*recipe]},
             "PANet head": {"named": ["selfsup", "panet"], "overrides": [*recipe]}}
-    if include_alpnet and head_available("alpnet"):
+    if include_alpnet:
         rows["ALPNet head"] = {"named": ["selfsup"],
                                "overrides": ["model.head=alpnet", "model.align=True", *recipe]}
     rows["LSLPN, untrained"] = {"untrained_of": "LSLPN"}      # the LSLPN run's initial weights (step 0)
@@ -215,38 +194,30 @@ def initial_model(snapshot: Path, device: str):
 
 
 def evaluate_method(snapshot: Path | None, folder: Path, organs: list[str], device: str,
-                    untrained: bool = False) -> tuple[dict, dict, float]:
-    """({organ: {query id: Dice}}, {organ: {query id: prediction}}, seconds) of one method on one fold.
+                    untrained: bool = False, queries: list[str] | None = None,
+                    model_transform=None) -> tuple[dict, dict, float]:
+    """({organ: {query id: Dice}}, {organ: {query id: prediction}}, seconds) of one method on one fold,
+    through test.py's `evaluate` (preset 'alpnet'; queries: the folder's test scans unless given).
 
     untrained: the snapshot's run at step 0 (its initial weights), a control for what training added."""
     start = time.perf_counter()
-    meta = read_meta(folder)["alpnet"]
-    if snapshot is None:
-        predict = mask_copy_predictor
-    elif untrained:
-        model, size = initial_model(snapshot, device)
-        predict = model_predictor(model, size, device)
-    else:
-        model, info = load_snapshot(snapshot, device)
-        predict = model_predictor(model, int(info["input"]["input_size"]), device)
-    dice, predictions = evaluate_predictor(predict, folder, organs, meta["test"])
-    return dice, predictions, time.perf_counter() - start
+    spec, size = snapshot, None
+    if untrained:
+        spec, size = initial_model(snapshot, device)
+    queries = list(queries or read_meta(folder)["alpnet"]["test"])
+    predictions: dict[str, dict] = {organ: {} for organ in organs}
 
-
-def evaluate_predictor(predict, folder: Path, organs: list[str], queries: list[str]) -> tuple[dict, dict]:
-    """({organ: {query id: Dice}}, {organ: {query id: prediction}}) of a Predictor on the given query
-    scans of a prepared folder, against its support scan (SSL-ALPNet's protocol)."""
-    support = gold_volume(folder, read_meta(folder)["alpnet"]["support"])
-    dice, predictions = {}, {}
+    def keep(record, _support, _query, prediction) -> None:
+        predictions[record["organ"]][record["query"]] = prediction
+    name = MASK_COPY if snapshot is None else "method"
+    results = evaluate({name: spec}, organs, folder, preset="alpnet", queries=queries, input_size=size,
+                       device=device, progress=False, figures=False, save_predictions=False,
+                       model_transform=model_transform, on_prediction=keep)["results"][name]
+    dice = {organ: {qid: float("nan") for qid in queries} for organ in organs}
     for organ in organs:
-        index = NAME_TO_INDEX[organ]
-        dice[organ], predictions[organ] = {}, {}
-        for qid in queries:
-            query = gold_volume(folder, qid)
-            value, prediction = evaluate_query(predict, support["image"], support["label"] == index,
-                                               query["image"], query["label"] == index)
-            dice[organ][qid], predictions[organ][qid] = value, prediction
-    return dice, predictions
+        for case in results[organ]["per_volume"]:
+            dice[organ][case["query"]] = case["dice_range"]
+    return dice, predictions, time.perf_counter() - start
 
 
 def run_bench(data_dir: Path, out: Path, folds: list[int], settings: list[int], rule: str, budget: dict,
@@ -269,8 +240,7 @@ def run_bench(data_dir: Path, out: Path, folds: list[int], settings: list[int], 
                 or how.get("untrained_of") in only}
     log: list[dict] = []
     results = {"dataset": dataset.name, "data": str(data_dir), "rule": rule, "budget": budget,
-               "methods": [MASK_COPY, *rows], "cells": [], "log": log,
-               "episodes": "alpnet" if alpnet_episodes_available() else "project"}
+               "methods": [MASK_COPY, *rows], "cells": [], "log": log}
     for setting in sorted(settings, reverse=True):
         for fold in folds:
             shared = prepared(data_dir, out, fold, setting, None, rule, log) if setting == 1 else None

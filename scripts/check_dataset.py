@@ -11,19 +11,15 @@ over the README table's 4 organs (liver, spleen, kidney, psoas; kidney and psoas
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from evaluation.dataset_check import (  # noqa: E402
+from evaluation.dataset_check import (
     DEFAULT_PRESET,
     check_prepared,
     format_table,
     prepared_mask_copy,
 )
-from evaluation.protocol import get_preset  # noqa: E402
-from util.cli import run_cli  # noqa: E402
+from evaluation.protocols import get_preset
+from util.cli import run_cli
 
 
 def main(argv: list[str]) -> int:
@@ -32,7 +28,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("prep", help="prepared folder (scripts/prepare_visceral.py --out)")
     parser.add_argument("--mask-copy", action="store_true", help="also print the mask-copy Dice on gold")
     parser.add_argument("--preset", default=DEFAULT_PRESET,
-                        help="protocol preset of the mask-copy check (evaluation/protocol.py)")
+                        help="protocol preset of the mask-copy check (evaluation/protocols.py)")
     args = parser.parse_args(argv)
 
     if args.mask_copy:

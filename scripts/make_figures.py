@@ -13,18 +13,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from evaluation.figures import FIGURE_NAMES, render_figures, write_figures  # noqa: E402
-from evaluation.protocol import ProtocolPreset  # noqa: E402
-from evaluation.results import markdown_table, read_results  # noqa: E402
-from util.atomic import write_text_atomic  # noqa: E402
-from util.cli import run_cli  # noqa: E402
-from util.errors import UserError  # noqa: E402
-from util.paths import check_output_file, check_writable_folder, same_file  # noqa: E402
+from evaluation.figures import FIGURE_NAMES, render_figures, write_figures
+from evaluation.protocols import ProtocolPreset
+from evaluation.results import markdown_table, read_results
+from util.atomic import write_text_atomic
+from util.cli import run_cli
+from util.errors import UserError
+from util.paths import check_output_file, check_writable_folder, same_file
 
 
 def merged_table(run_dirs: list[Path]) -> str:

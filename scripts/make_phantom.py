@@ -9,17 +9,14 @@ the gold volumes: the honesty check that the data set does not solve itself. Sam
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from dataloaders.prepared import default_support  # noqa: E402
-from demo.phantom import generate_phantom  # noqa: E402
-from evaluation.dataset_check import format_mask_copy, mask_copy_dice  # noqa: E402
-from evaluation.protocol import get_preset  # noqa: E402
-from util.cli import run_cli  # noqa: E402
+from dataloaders.prepared import default_support
+from demo.phantom import generate_phantom
+from evaluation.dataset_check import format_mask_copy, mask_copy_dice
+from evaluation.protocols import get_preset
+from util.cli import run_cli
 
 
 def main(argv: list[str]) -> int:

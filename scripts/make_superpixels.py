@@ -19,27 +19,24 @@ from __future__ import annotations
 import argparse
 import io
 import os
-import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from dataloaders.prepare import prepare_dataset  # noqa: E402
-from dataloaders.superpixels import (  # noqa: E402
+from dataloaders.prepare import prepare_dataset
+from dataloaders.superpixels import (
     SuperpixelParams,
     make_superpixels,
     overlay_slices,
     read_superpixel_meta,
 )
-from evaluation.figures import display  # noqa: E402
-from util.atomic import write_bytes_atomic  # noqa: E402
-from util.cli import run_cli  # noqa: E402
-from util.errors import UserError  # noqa: E402
-from util.paths import check_output_file  # noqa: E402
+from evaluation.figures import display
+from util.atomic import write_bytes_atomic
+from util.cli import run_cli
+from util.errors import UserError
+from util.paths import check_output_file
 
 
 def overlay_figure(prep_dir: Path, out: Path, n: int) -> None:

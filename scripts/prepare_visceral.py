@@ -14,15 +14,12 @@ evaluation volumes. Layout of PREP: docs/DESIGN.md "Prepared data folder".
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from dataloaders.prepare import Selection, prepare_dataset  # noqa: E402
-from util.cli import run_cli  # noqa: E402
-from util.errors import UserError  # noqa: E402
+from dataloaders.prepare import Selection, prepare_dataset
+from util.cli import run_cli
+from util.errors import UserError
 
 
 def main(argv: list[str]) -> int:

@@ -10,14 +10,10 @@ Library: evaluation/segment.py (`segment_volume`). See README.md, section "Segme
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from evaluation.segment import segment_volume  # noqa: E402
-from util.cli import run_cli  # noqa: E402
-from util.errors import UserError  # noqa: E402
+from evaluation.segment import segment_volume
+from util.cli import run_cli
+from util.errors import UserError
 
 EPILOG = """\
 Query range: --query-range Z0:Z1 gives the organ's axial slices in the query (half-open, like a

@@ -24,9 +24,9 @@ torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
-
-# imported now: scripts/demo.py, which some tests load, puts scripts/ first on sys.path, where `demo` is it
-from demo.phantom import generate_phantom  # noqa: E402
+# The scripts, tools and entry points the tests start import this checkout's packages (before an editable
+# install of another checkout).
+os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
 
 TINY_PHANTOM = {"n_silver": 6, "n_gold": 3, "seed": 7, "size": 64, "n_slices": 24}
 TINY_PREP = {"size": 64, "n_val": 1, "seed": 3, "min_voxels": 5}
@@ -47,6 +47,7 @@ def load_script(name: str):
     path = path if path.is_file() else ROOT / "tools" / f"{name}.py"
     spec = importlib.util.spec_from_file_location(f"script_{name}", path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module   # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
@@ -54,6 +55,7 @@ def load_script(name: str):
 @pytest.fixture(scope="session")
 def tiny_phantom(tmp_path_factory) -> Path:
     """ROOT of a tiny phantom: ROOT/{SilverCorpus,GoldCorpus}/{Volumes,Segmentations}/."""
+    from demo.phantom import generate_phantom
     root = tmp_path_factory.mktemp("tiny_phantom") / "phantom"
     generate_phantom(root, TINY_PHANTOM["n_silver"], TINY_PHANTOM["n_gold"], TINY_PHANTOM["seed"],
                      TINY_PHANTOM["size"], TINY_PHANTOM["n_slices"], workers=1)

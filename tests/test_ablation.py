@@ -1,6 +1,6 @@
-"""tools/ablation.py: trains each variant through train.py (a stub here), reuses a snapshot only when
-its run's config equals the one it would train with, and turns a config typo or a missing interpreter
-into one line."""
+"""tools/ablation.py: trains each variant through train.py (a stub here), reuses a finished run only when
+it records the config digest it would train with (experiments/runner.py), and turns a config typo or a
+missing interpreter into one line."""
 from __future__ import annotations
 
 import sys
@@ -13,33 +13,29 @@ from test_notebook_eval import make_tiny_snapshot
 
 from util.errors import UserError
 
-ROOT = Path(__file__).resolve().parents[1]
 ablation = load_script("ablation")
 
 # Stands in for `python train.py with ...`: writes the run's config.json as Sacred would (the config resolved
-# from the same overrides), the argv it saw and a tiny snapshot: a copy of the one make_tiny_snapshot made
-# for that fold in the test process (TEMPLATES/fold<F>.pth), else made here (without torch to import, the
-# stub starts in a fraction of a second).
+# from the same overrides), the argv it saw and, as last.pth and best.pth, the fold-0 snapshot that
+# make_tiny_snapshot made in the test process (TEMPLATES/fold0.pth) with the step and config digest train.py
+# would record. The test process's PYTHONPATH (conftest.py) finds the packages.
 STUB = f"""#!{sys.executable}
-import json, shutil, sys
+import json, sys
 from pathlib import Path
-sys.path[:0] = [{str(ROOT)!r}, {str(ROOT / 'tests')!r}]
-from config import ex
-from sacred.arg_parser import get_config_updates
-updates, named = get_config_updates(sys.argv[3:])
-config = dict(ex._create_run("print_config", updates, named_configs=named, options={{"--unobserved": True}}).config)
-runs = Path(config["path"]["log_dir"]) / "stub"
+from experiments.runner import resolved_config
+from models.checkpoint import load_checkpoint, save_checkpoint
+from training.runs import config_hash, run_name
+config = resolved_config(sys.argv[3:])
+runs = Path(config["path"]["log_dir"]) / run_name(config)
 run = runs / str(len(list(runs.glob("*"))) + 1 if runs.is_dir() else 1)
 run.mkdir(parents=True)
 (run / "config.json").write_text(json.dumps(config, default=str))
 (run / "argv.txt").write_text(" ".join(sys.argv[1:]))
-template = Path(TEMPLATES) / f"fold{{int(config['fold'])}}.pth"
-if template.is_file():
-    shutil.copyfile(template, run / "last.pth")
-else:
-    from test_notebook_eval import make_tiny_snapshot
-    make_tiny_snapshot(run / "last.pth", fold=int(config["fold"]))
-"""  # noqa: E501  (the stub script's own lines)
+state = load_checkpoint(str(Path(TEMPLATES) / "fold0.pth"))
+state.update(step=config["n_steps"], config_hash=config_hash(config))
+for name in ("last.pth", "best.pth"):
+    save_checkpoint(str(run / name), state)
+"""
 
 
 @pytest.fixture(scope="module")
@@ -65,18 +61,18 @@ def argv(tmp_path, stub, *overrides) -> list[str]:
             "eval.preset=thirds", "input_size=32", *overrides]
 
 
-def test_trains_each_variant_writes_the_table_and_reuses_a_snapshot_of_the_same_config(tmp_path, stub,
-                                                                                       capsys):
+def test_trains_each_variant_writes_the_table_and_reuses_a_run_of_the_same_config(tmp_path, stub, capsys):
     assert ablation.main(argv(tmp_path, stub)) == 0
     fold_dir = tmp_path / "ablation" / "n_grid_8_mean_vote" / "fold0"
-    argv_seen = (fold_dir / "stub" / "1" / "argv.txt").read_text()
+    (argv_file,) = fold_dir.glob("*/1/argv.txt")
+    argv_seen = argv_file.read_text()
     assert "model.vote=mean" in argv_seen and "model.n_grid=8" in argv_seen and "fold=0" in argv_seen
     table = (tmp_path / "ablation" / "ablation.md").read_text()
     assert "| n_grid 8 mean vote | 8 | True | mean |" in table and "| mask copy |" in table
     capsys.readouterr()
     assert ablation.main(argv(tmp_path, stub, "device=cpu")) == 0      # same config (device does not count)
     assert "reusing" in capsys.readouterr().out
-    assert sorted(p.name for p in (fold_dir / "stub").iterdir()) == ["1"]  # nothing retrained
+    assert sorted(p.name for p in argv_file.parents[1].iterdir()) == ["1"]  # nothing retrained
 
 
 def train(tmp_path, stub, *overrides) -> Path:
@@ -86,20 +82,14 @@ def train(tmp_path, stub, *overrides) -> Path:
                                   str(stub))
 
 
-def test_a_snapshot_trained_under_other_settings_is_refused_with_the_keys_that_differ(tmp_path, stub):
+def test_a_run_of_other_settings_is_not_reused(tmp_path, stub):
     first = train(tmp_path, stub)
     # neither changes the weights
     assert train(tmp_path, stub, "eval.batch_size=3", "num_workers=1") == first
-    with pytest.raises(UserError, match=r"trained under other settings .*lr: 0\.01 -> 0\.5.*: delete "):
-        train(tmp_path, stub, "lr=0.5")
-    with pytest.raises(UserError, match=r"n_steps: 6 -> 7"):            # more steps: another snapshot
-        train(tmp_path, stub, "n_steps=7")
-
-
-def test_a_snapshot_without_its_run_config_is_refused(tmp_path, stub):
-    (train(tmp_path, stub).parent / "config.json").unlink()
-    with pytest.raises(UserError, match=r"no readable config\.json, so the settings .* are unknown"):
-        train(tmp_path, stub)
+    other = train(tmp_path, stub, "lr=0.5")
+    assert other != first and other.parent.name == "2"
+    assert train(tmp_path, stub) == first                              # the run of that config again
+    assert train(tmp_path, stub, "n_steps=7").parent.name == "3"        # more steps: another snapshot
 
 
 @pytest.mark.parametrize("typo, message", [("n_stesp=5", r"n_stesp"), ("tinny", r"tinny")])
@@ -112,3 +102,13 @@ def test_a_config_typo_is_one_line(tmp_path, stub, typo, message):
 def test_a_missing_interpreter_is_one_line(tmp_path):
     with pytest.raises(UserError, match=r"^--python .*nope: no such executable"):
         ablation.main(argv(tmp_path, tmp_path / "nope"))
+
+
+def test_a_failed_training_is_one_line(tmp_path):
+    failing = tmp_path / "failing_python"
+    failing.write_text("#!/bin/sh\nexit 3\n")
+    failing.chmod(0o755)
+    expected = (r"^step 'train n_grid 8 mean vote, fold 0' failed \(exit 3\): fix the message above and "
+                r"run it again; finished steps are reused$")
+    with pytest.raises(UserError, match=expected):
+        train(tmp_path, failing)

@@ -82,3 +82,36 @@ def test_partial_report_and_fold_statistics(tmp_path):
     assert "**Partial**" in text
     assert "| mask copy | - | - | 55.0 (5.0) | - |" in text      # fold means 50 and 60: mean 55, std 5
     assert "| LSLPN | - | - | 90.0 | - |" in text                 # one fold so far: no std
+
+
+def test_test_py_alpnet_preset_scores_as_the_benchmark(tmp_path):
+    """test.py's preset 'alpnet' on an SSL-ALPNet-prepared folder: the folder's own support scan, test scans
+    and test organs, and the benchmark's Dice to the last digit (mask copy and a snapshot)."""
+    import torch
+    from test_bad_inputs import run_sacred_cases
+
+    from dataloaders.prepare import prepare_alpnet
+    from models.checkpoint import save_checkpoint
+    from models.fewshot import FewShotSegNet
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import bench_chaos_steps as steps
+    data = write_alpnet_folder(tmp_path / "chaos", [1, 2, 3, 5, 8, 10], size=32, depth=12)
+    folder = tmp_path / "prep"
+    prepare_alpnet(data, folder, fold=0, setting=2, label_set=0)       # support 8, test 1 2 3 5, kidneys
+    torch.manual_seed(0)
+    model = FewShotSegNet.from_config({"encoder": "cnn_small", "n_grid": 2, "resolution": "feature"})
+    snapshot = tmp_path / "best.pth"
+    save_checkpoint(str(snapshot), {"model": model.state_dict(), "config": model.config, "fold": None,
+                                    "step": 0, "input_size": 32})
+    organs = ["kidney_right", "kidney_left"]
+    done, = run_sacred_cases("test", [["tiny", f"path.data_dir={folder}", f"path.log_dir={tmp_path / 'runs'}",
+                                       "eval.preset=alpnet", "eval.batch_size=16", "input_size=32",
+                                       "device=cpu", f"eval.snapshots={{'LSLPN': '{snapshot}'}}"]])
+    assert done["code"] == 0, done["err"][-2000:]
+    stored = json.loads((tmp_path / "runs" / "test" / "1" / "results.json").read_text())
+    assert stored["supports"] == ["8"] and stored["organs"] == organs
+    for method, spec in (("mask copy", None), ("LSLPN", snapshot)):
+        bench, _, _ = steps.evaluate_method(spec, folder, organs, "cpu")
+        for organ in organs:
+            cases = stored["results"][method][organ]["per_volume"]
+            assert {c["query"]: c["dice_range"] for c in cases} == bench[organ]

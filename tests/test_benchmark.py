@@ -9,16 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import load_script
+
+from models.local_prototypes import official_cell_loop
+from util.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tools"))
-
-import bench_measures as bench  # noqa: E402
-import bench_timing as timing  # noqa: E402
-import benchmark as script  # noqa: E402  (tools/benchmark.py)
-
-from models.local_prototypes import official_cell_loop  # noqa: E402
-from util.errors import UserError  # noqa: E402
+benchmark = load_script("benchmark")   # tools/benchmark.py
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +40,7 @@ def test_quick_report_has_every_section_and_the_machine(report):
     assert f"| torch | {torch.__version__} |" in report
     assert re.search(r"\| cpu \| .+ \|", report) and re.search(r"\| cores \| \d+ \|", report)
     assert "Not measured yet" in report.split("<!-- begin gpu -->")[1]   # no GPU figures invented
-    for encoder in bench.ENCODER_SHAPES:
+    for encoder in benchmark.ENCODER_SHAPES:
         assert f"| {encoder} |" in report
     # the `paper` config trains the authors' ResNet-50 (config.py)
     assert "| demo | cnn_small" in report and "| 64 | resnet50_lslpn | 4 | off |" in report
@@ -54,8 +51,8 @@ def test_quick_report_agreement_checks_pass(report):
                       report)
     feature = re.search(r"reference vs 'feature': argmax agreement = ([0-9.]+)% .*: (PASS|FAIL)", report)
     assert image and feature
-    assert float(image.group(1)) <= bench.IMAGE_TOLERANCE and image.group(2) == "PASS"
-    assert float(feature.group(1)) >= 100 * bench.FEATURE_AGREEMENT and feature.group(2) == "PASS"
+    assert float(image.group(1)) <= benchmark.IMAGE_TOLERANCE and image.group(2) == "PASS"
+    assert float(feature.group(1)) >= 100 * benchmark.FEATURE_AGREEMENT and feature.group(2) == "PASS"
 
 
 def test_quick_report_numbers_are_measured(report):
@@ -74,32 +71,33 @@ def test_head_comparison_detects_a_wrong_head():
     def wrong(*args, **kwargs):
         logits = official_cell_loop(*args, **kwargs)
         return logits.flip(-1)
-    result = bench.head_comparison(wrong, 64, 16, 8, 4, torch.device("cpu"), repeats=1, reference_repeats=1)
+    result = benchmark.head_comparison(wrong, 64, 16, 8, 4, torch.device("cpu"), repeats=1,
+                                       reference_repeats=1)
     assert not result["image_ok"] and not result["feature_ok"]
-    good = bench.head_comparison(official_cell_loop, 64, 16, 8, 4, torch.device("cpu"), repeats=1,
+    good = benchmark.head_comparison(official_cell_loop, 64, 16, 8, 4, torch.device("cpu"), repeats=1,
                                  reference_repeats=1)
     assert good["image_ok"] and good["feature_ok"] and good["max_abs_diff_image"] < 1e-4
 
 
 def test_merge_keeps_the_other_section():
-    first = script.merge(None, "cpu", "## CPU\n\ncpu figures\n")
+    first = benchmark.merge(None, "cpu", "## CPU\n\ncpu figures\n")
     assert "cpu figures" in first and "Not measured yet" in first
-    both = script.merge(first, "gpu", "## GPU\n\ngpu figures\n")
+    both = benchmark.merge(first, "gpu", "## GPU\n\ngpu figures\n")
     assert "cpu figures" in both and "gpu figures" in both and "Not measured yet" not in both
-    again = script.merge(both, "cpu", "## CPU\n\nnew cpu figures\n")
+    again = benchmark.merge(both, "cpu", "## CPU\n\nnew cpu figures\n")
     assert "new cpu figures" in again and "gpu figures" in again and again.count("## CPU") == 1
 
 
 def test_near_boundary_band():
     labels = torch.zeros(1, 1, 10, 10, dtype=torch.long)
     labels[..., :, 5:] = 1
-    band = bench.near_boundary(labels, 2)[0, 0]
+    band = benchmark.near_boundary(labels, 2)[0, 0]
     assert band[:, 3:7].all() and not band[:, :3].any() and not band[:, 7:].any()  # columns 4 | 5
 
 
 def test_measure_reports_the_median_of_timed_runs():
     calls = []
-    measured = timing.measure(lambda: calls.append(1), torch.device("cpu"), repeats=3, warmup=2)
+    measured = benchmark.measure(lambda: calls.append(1), torch.device("cpu"), repeats=3, warmup=2)
     assert len(calls) == 5 and len(measured.runs) == 3 and measured.warmup == 2
     assert sorted(measured.runs)[1] == measured.median
 
@@ -113,7 +111,7 @@ def test_bad_options_are_one_line_errors(argv, words, capsys, monkeypatch):
     monkeypatch.chdir(ROOT)
     capsys.readouterr()
     with pytest.raises(SystemExit) as stop:
-        run_cli(script.main, argv)
+        run_cli(benchmark.main, argv)
     lines = capsys.readouterr().err.strip().splitlines()
     assert stop.value.code == 2 and len(lines) == 1 and words in lines[0] and lines[0].startswith("error:")
     assert not (ROOT / "x.md").exists()
@@ -122,11 +120,11 @@ def test_bad_options_are_one_line_errors(argv, words, capsys, monkeypatch):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present")
 def test_cuda_without_a_gpu_is_a_one_line_error(tmp_path):
     with pytest.raises(UserError, match="no CUDA GPU"):
-        script.main(["--device", "cuda", "--out", str(tmp_path / "B.md")])
+        benchmark.main(["--device", "cuda", "--out", str(tmp_path / "B.md")])
 
 
 def test_missing_out_folder_or_a_folder_as_out_is_a_user_error_before_measuring(tmp_path):
     with pytest.raises(UserError, match="does not exist"):
-        script.main(["--quick", "--out", str(tmp_path / "absent" / "B.md")])
+        benchmark.main(["--quick", "--out", str(tmp_path / "absent" / "B.md")])
     with pytest.raises(UserError, match="is a folder"):
-        script.main(["--quick", "--out", str(tmp_path)])
+        benchmark.main(["--quick", "--out", str(tmp_path)])

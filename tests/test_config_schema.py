@@ -1,9 +1,9 @@
-"""util/config_schema.py: the one description of config.py, checked in one pass.
+"""The config check (training/config_check.py over util/options.py and the options each owner declares).
 
-The schema describes config.py exactly (both directions), its literal registries equal their sources,
-every key's bad value is a one-line "<key> = <value>: ..." error, unknown keys name the nearest known
-key, the cross-key rules hold for their methods only, and the README's own train.py / test.py command
-lines resolve without Sacred "Added new config entry" / "Changed type of config entry" warnings.
+The assembled options describe config.py exactly (both directions), every key's bad value is a one-line
+"<key> = <value>: ..." error, unknown keys name the nearest known key, the cross-key rules hold for
+their methods only, and the train.py / test.py command lines of README.md and docs/usage.md resolve
+without Sacred "Added new config entry" / "Changed type of config entry" warnings.
 """
 import copy
 import json
@@ -16,9 +16,10 @@ from pathlib import Path
 import pytest
 
 from config import ex
-from util import config_schema as schema
-from util.config_schema import SCHEMA, check_model_config, check_run_config, keys_for, methods_of, nearest_key
+from models.factory import check_model_config
+from training.config_check import OPEN_MAPPINGS, SCHEMA, check_run_config, methods_of
 from util.errors import UserError
+from util.options import nearest_key, sections_of
 
 ROOT = Path(__file__).resolve().parent.parent
 NAMED = [(), ("official",), ("paper",), ("panet",), ("senet",), ("demo",), ("tiny",), ("demo", "panet"),
@@ -35,7 +36,7 @@ def flat_keys(tree, prefix=""):
     keys = []
     for name, value in tree.items():
         key = f"{prefix}{name}"
-        if isinstance(value, dict) and key not in schema.OPEN_MAPPINGS and key not in SCHEMA:
+        if isinstance(value, dict) and key not in OPEN_MAPPINGS and key not in SCHEMA:
             keys += flat_keys(value, key + ".")
         else:
             keys.append(key)
@@ -67,45 +68,6 @@ def test_schema_describes_every_key_of_config_py_and_nothing_else():
     assert sorted(flat_keys(resolve())) == sorted(SCHEMA)
     for named in NAMED:
         assert set(flat_keys(resolve(named))) <= set(SCHEMA), named
-
-
-def test_literal_registries_equal_their_sources():
-    from evaluation import protocol
-    from models import encoders, fewshot, local_prototypes
-    from models.factory import METHODS
-    from models.weights import IMAGENET_WEIGHTS
-    try:
-        from models import removed_options
-        removed = {(f"{'eval' if option == 'preset' else 'model'}.{option}", value): fix
-                   for (option, value), fix in removed_options.REMOVED.items()}
-        assert (schema.LAST_COMMIT, schema.LAST_VERSION) == (removed_options.LAST_COMMIT,
-                                                             removed_options.LAST_VERSION)
-        assert schema.REMOVED_VALUES == removed
-    except ImportError:                 # before models/removed_options.py: nothing removed yet
-        removed = {}
-
-    def current(key, values):
-        return tuple(v for v in values if (key, v) not in removed)
-    assert schema.ENCODERS == current("model.encoder", encoders.ENCODERS)
-    assert schema.IMAGENET_ENCODERS == current("model.encoder", IMAGENET_WEIGHTS)
-    assert schema.HEADS == tuple(fewshot.HEADS)
-    from dataloaders.selfsup_episodes import RECIPES
-    assert schema.SELFSUP_RECIPES == RECIPES
-    assert schema.EMPTY_CELL_RULES == current("model.empty_cell", local_prototypes.EMPTY_CELL_RULES)
-    assert schema.MODEL_METHODS == METHODS
-    assert schema.PRESETS == current("eval.preset", protocol.PRESETS)
-    classes = {"vgg16": "VGG16Encoder", "resnet50_lslpn": "ResNet50LSLPN",
-               # a new encoder: add its class here and its stride to the schema
-               "deeplabv3_resnet101": "DeepLabV3ResNet101", "cnn_small": "SmallCNN"}
-    assert schema.ENCODER_STRIDES == {name: getattr(encoders, classes[name]).output_stride
-                                      for name in schema.ENCODERS}
-
-
-def test_removed_values_say_when_they_went_and_what_to_use():
-    message = one_line_error(resolve(model={"empty_cell": "skip"}))
-    assert message == ("model.empty_cell = 'skip': this option was removed after commit b9c8bb5 "
-                       "(2026-11-27): retrain with empty_cell='zero' or check out b9c8bb5")
-    assert "this option was removed" in one_line_error(resolve(eval={"preset": "lslpn"}))
 
 
 @pytest.mark.parametrize("named", NAMED, ids=lambda n: "+".join(n) or "default")
@@ -155,7 +117,7 @@ def test_wrong_type_and_out_of_range_are_told_apart(updates, expected):
 def test_unknown_key_in_any_section_names_the_nearest_known_key(key, nearest):
     message = one_line_error(with_value(resolve(), key, "x"))
     assert message.startswith(f"{key} = 'x': unknown key: did you mean {nearest}?"), message
-    assert nearest_key(key) == nearest
+    assert nearest_key(key, sorted(SCHEMA) + sections_of(SCHEMA)) == nearest
 
 
 def test_unknown_key_without_a_near_one_lists_its_section():
@@ -170,13 +132,10 @@ def test_snapshot_names_are_free_but_their_paths_are_checked():
 
 
 # ------------------------------------------------------------------ cross-key rules, per method
-def test_methods_and_the_keys_that_apply_to_them():
+def test_methods_of_a_config():
     assert methods_of(resolve()) == {"lslpn"} and methods_of(resolve(["panet"])) == {"panet"}
     assert methods_of(resolve(["demo", "senet", "senet_demo"])) == {"senet"}
     assert methods_of(resolve(["tiny", "selfsup"])) == {"lslpn", "selfsup"}
-    senet, lslpn = keys_for(frozenset({"senet"})), keys_for(frozenset({"lslpn"}))
-    assert "senet.epochs" in senet and "model.vote" not in senet and "lr_milestones" not in senet
-    assert "model.vote" in lslpn and "senet.epochs" not in lslpn and "selfsup.min_pixels" not in lslpn
 
 
 @pytest.mark.parametrize("named, updates, expected", [
@@ -246,8 +205,8 @@ module = importlib.import_module(entry)
 from sacred.arg_parser import get_config_updates
 from sacred.initialize import create_run
 from config import install_log_filters
-from util.config_schema import check_run_config
-module.check_config = lambda config, command: check_run_config(config)   # the schema, not the disk
+from training.config_check import check_run_config
+module.check_config = lambda config, command: check_run_config(config)   # the options, not the disk
 install_log_filters(module.ex)
 records = []
 class Keep(logging.Handler):
@@ -269,9 +228,10 @@ print("RESULTS" + json.dumps(results))
 
 
 def readme_commands(entry: str) -> list[list[str]]:
-    """The words after `with` of every `<entry>.py with ...` command line in README.md."""
+    """The words after `with` of every `<entry>.py with ...` command line in README.md and docs/usage.md."""
     commands = []
-    for line in (ROOT / "README.md").read_text().splitlines():
+    text = (ROOT / "README.md").read_text() + (ROOT / "docs" / "usage.md").read_text()
+    for line in text.splitlines():
         match = re.search(rf"\b{entry}\.py with (.*)", line)
         if match:
             commands.append(shlex.split(match.group(1), comments=True))

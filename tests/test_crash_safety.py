@@ -120,7 +120,6 @@ def test_killed_prepare_leaves_the_old_output_or_none_never_a_partial_one(tiny_p
 # -------------------------------------------------------------------------------- segment
 SLOW_WRITE_DRIVER = textwrap.dedent("""
     import pathlib, sys, time
-    sys.path.insert(0, ".")
     original = pathlib.Path.write_bytes
     def slow_write_bytes(self, data):
         if ".tmp-" not in self.name:

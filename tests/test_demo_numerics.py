@@ -1,4 +1,4 @@
-"""The demo's CPU numerics are pinned (scripts/demo.py PINNED_NUMERICS), so its runs
+"""The demo's CPU numerics are pinned (demo/__main__.py PINNED_NUMERICS), so its runs
 give the same bits whatever the machine's thread count and vector ISA.
 
 Measured (README "Reproducibility of the demo"): unpinned, the same tiny training gives different
@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import hashlib
 import os
-from pathlib import Path
 
-from conftest import load_script
 from test_training import train_cli
 
+import demo.__main__ as demo
 from models.checkpoint import load_checkpoint
 
 
@@ -28,7 +27,6 @@ def digest(path) -> str:
 
 
 def test_pins_are_set_in_the_environment_the_steps_inherit():
-    demo = load_script("demo")
     environ = {"OMP_NUM_THREADS": "1"}                      # a user's setting is overridden
     pinned = demo.pin_cpu_numerics(environ)
     assert environ["OMP_NUM_THREADS"] == "2" and environ["ONEDNN_MAX_CPU_ISA"] == "AVX2"
@@ -41,7 +39,6 @@ def test_a_pinned_process_runs_avx2_kernels_whatever_the_cpu():
     process reports AVX2 (or less on a CPU without AVX2), never AVX-512; an uncapped one reports the CPU's."""
     import subprocess
     import sys
-    demo = load_script("demo")
     probe = "import torch; print(torch.backends.cpu.get_cpu_capability())"
     pinned = subprocess.run([sys.executable, "-c", probe], env={**os.environ, **demo.PINNED_NUMERICS},
                             capture_output=True, text=True, timeout=120).stdout.strip()
@@ -54,7 +51,6 @@ def test_a_pinned_process_runs_avx2_kernels_whatever_the_cpu():
 
 def test_pinned_training_is_bitwise_the_same_with_2_and_3_threads(tiny_prepared, tmp_path):
     """Separate processes, as the demo's steps (one process per training run)."""
-    demo = load_script("demo")
     before = os.environ.get("ONEDNN_MAX_CPU_ISA")
     procs = {}
     for threads in ("2", "3"):                                  # both at once: the wall time of one
@@ -72,17 +68,17 @@ def test_pinned_training_is_bitwise_the_same_with_2_and_3_threads(tiny_prepared,
 
 def test_the_demo_reuses_only_runs_of_its_own_config(tmp_path):
     """A finished run left by an older config (other milestones, model options, data) is not reused."""
-    import sys
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-    import demo_steps
-
+    from demo.run import training_overrides
+    from experiments.runner import finished, resolved_config
     from models.checkpoint import save_checkpoint
+    from training.runs import config_hash
+    arguments = ["demo", *training_overrides("LSLPN", 0), f"path.log_dir={tmp_path}"]
+    config = resolved_config(arguments)
     run = tmp_path / "lslpn_fold0" / "1"
     run.mkdir(parents=True)
-    for name in ("last.pth", "best.pth"):
-        save_checkpoint(str(run / name), {"model": {}, "config": {}, "step": 600, "config_hash": "old"})
-    assert demo_steps.finished_run(tmp_path, "lslpn_fold0", 600, "new") is None
-    assert demo_steps.finished_run(tmp_path, "lslpn_fold0", 600, "old") == run / "best.pth"
-    overrides = ["fold=0", "name=lslpn_fold0", "path.log_dir=runs/demo/train",
-                 "path.data_dir=data/prepared_phantom"]
-    assert demo_steps.training_hash(overrides, []) != demo_steps.training_hash(overrides, ["panet"])
+    for digest_ in ("old", config_hash(config)):
+        for name in ("last.pth", "best.pth"):
+            save_checkpoint(str(run / name), {"model": {}, "config": {}, "step": config["n_steps"],
+                                              "config_hash": digest_})
+        assert finished(arguments) == (None if digest_ == "old" else run / "best.pth")
+    assert config_hash(config) != config_hash(resolved_config(["demo", "panet", *arguments[1:]]))

@@ -19,17 +19,14 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-
 PIPELINE = textwrap.dedent("""
     import hashlib, json, sys, warnings
     warnings.filterwarnings("ignore")
-    sys.path.insert(0, sys.argv[1])
     import torch
     from dataloaders.episodes import EpisodeDataset
     from dataloaders.prepare import Selection, prepare_dataset
     from evaluation.evaluate import evaluate
-    phantom, snapshot, workers = sys.argv[2], sys.argv[3], int(sys.argv[4])
+    phantom, snapshot, workers = sys.argv[1], sys.argv[2], int(sys.argv[3])
     torch.set_num_threads(1)
     prepare_dataset(phantom, "prep", size=48, n_val=1, seed=11, rule=Selection(min_voxels=5), workers=workers)
     dataset = EpisodeDataset("prep", [2, 3, 11, 12, 13, 14], n_ways=2, n_shots=1, n_queries=2, input_size=48,
@@ -62,7 +59,7 @@ def test_two_processes_give_identical_prepared_data_episodes_and_results(tiny_ph
         cwd = tmp_path / f"run{run}"
         cwd.mkdir()
         env = dict(os.environ, PYTHONHASHSEED=hash_seed, OMP_NUM_THREADS="1")
-        procs.append((cwd, subprocess.Popen([sys.executable, "-c", PIPELINE, str(ROOT), str(tiny_phantom),
+        procs.append((cwd, subprocess.Popen([sys.executable, "-c", PIPELINE, str(tiny_phantom),
                                              str(snapshot), str(workers)], cwd=cwd, env=env,
                                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)))
     outputs = []

@@ -89,7 +89,7 @@ def test_config_errors_are_the_schemas_and_the_model_trusts_its_options():
     from sacred.initialize import create_run
 
     from config import ex
-    from util.config_schema import check_run_config
+    from training.config_check import check_run_config
     run_config = create_run(ex, "print_config", config_updates={}, named_configs=["tiny"]).config
     for kwargs, message in (({"n_grid": 0}, "model.n_grid = 0: out of range"),
                             ({"vote": "median"}, "model.vote = 'median'"),
@@ -146,7 +146,7 @@ def test_training_after_inference_mode_at_the_same_size():
 
 
 def test_the_schema_checks_model_options_naming_the_key():
-    from util.config_schema import check_model_config
+    from models.factory import check_model_config
     check_model_config({"encoder": "vgg16", "n_grid": 8, "empty_cell": "zero", "pretrained": True})
     check_model_config(_model().config)                         # what a snapshot stores passes
     for cfg, message in (({"empty_cell": 0}, "model.empty_cell = 0"),
@@ -250,7 +250,6 @@ REMOVED_CASES = [
 def test_a_snapshot_with_a_removed_option_is_one_line_naming_the_last_version(tmp_path, option, message):
     from models.checkpoint import model_from_checkpoint, save_checkpoint
     from models.removed_options import refuse_removed_options
-    from util.config_schema import check_model_config
     config = {**_model().config, **option}
     refuse_removed_options(_model().config, "runs/x/best.pth")      # today's options pass
     with pytest.raises(UserError) as caught:
@@ -259,9 +258,6 @@ def test_a_snapshot_with_a_removed_option_is_one_line_naming_the_last_version(tm
     with pytest.raises(UserError) as caught:
         FewShotSegNet.from_config(config)
     assert str(caught.value) == message.format("the model config")
-    with pytest.raises(UserError) as caught:                        # the config schema: the same line
-        check_model_config(config)
-    assert str(caught.value) == message.replace(" (in {})", "")
     save_checkpoint(str(tmp_path / "best.pth"), {"model": {}, "config": config})
     head, tail = message.split("{}")
     with pytest.raises(UserError) as caught:                        # the stored config is refused

@@ -94,8 +94,7 @@ def test_neighbour_stack_equals_a_slow_construction_at_the_first_middle_and_last
 def test_the_registries_agree():
     from dataloaders import transforms
     from models import fewshot
-    from util import config_schema
-    assert transforms.INPUT_SLICES == fewshot.INPUT_SLICES == config_schema.INPUT_SLICES == (1, 3)
+    assert transforms.INPUT_SLICES == fewshot.INPUT_SLICES == (1, 3)
 
 
 # ------------------------------------------------------------------ what the writers store
@@ -355,8 +354,9 @@ def test_the_chunk_loop_feeds_neighbour_stacks_of_the_whole_volume():
     assert torch.equal(model.supports[0][0, 0], images_to_input(support[:, :, 3][None], intensity, 16, cpu))
 
 
-def test_ssl_alpnet_protocol_gives_a_3_slice_predictor_stacks():
-    from evaluation.alpnet_protocol import evaluate_query, model_predictor
+def test_ssl_alpnet_protocol_runs_a_3_slice_model():
+    from evaluation.inference import run_chunks
+    from evaluation.protocols import chunk_plan, organ_range
     rng = np.random.default_rng(2)
     support = rng.normal(0, 1, (24, 24, 9)).astype(np.float32)
     query = rng.normal(0, 1, (24, 24, 7)).astype(np.float32)
@@ -364,29 +364,19 @@ def test_ssl_alpnet_protocol_gives_a_3_slice_predictor_stacks():
     support_mask[6:18, 6:18, 1:8] = True
     query_mask = np.zeros(query.shape, bool)
     query_mask[6:18, 6:18, 0:7] = True                                  # the scored range reaches both edges
-    seen = []
-
-    def predict(shot, mask, queries):
-        seen.append((shot, queries))
-        return np.zeros((queries.shape[0], *mask.shape), bool)
-    predict.input_slices = 3
-    evaluate_query(predict, support, support_mask, query, query_mask)
-    assert len(seen) == 3
-    scored = np.concatenate([q for _, q in seen])                                          # 7 x 3 x H x W
-    np.testing.assert_array_equal(scored, np.stack([slow_stack(query, z) for z in range(7)]))
-    for shot, _ in seen:
-        z = [k for k in range(9) if np.array_equal(support[:, :, k], shot[1])][0]
-        np.testing.assert_array_equal(shot, slow_stack(support, z))
+    plan = chunk_plan(organ_range(support_mask, 0), organ_range(query_mask, 0), 3, rule="alpnet",
+                      support_mask=support_mask)
+    assert [s.tolist() for s, _ in plan] == [[2], [4], [6]]
     torch.manual_seed(0)
     model = FewShotSegNet("cnn_small", n_grid=2, min_pixels=3, input_slices=3).eval()
-    dice, prediction = evaluate_query(model_predictor(model, 32), support, support_mask, query, query_mask)
-    assert prediction.shape == query.shape and np.isfinite(dice)
+    prediction = run_chunks(model, [(support, support_mask)], plan, query, 32, {"mode": "zscore"}, "cpu")
+    assert prediction.shape == query.shape
 
 
-def test_test_time_adaptation_of_a_3_slice_model_on_both_protocols():
-    from evaluation.adaptation import AdaptingPredictor, support_views, test_time_model
-    from evaluation.alpnet_protocol import evaluate_query
-    from evaluation.inference import segment_query_volume
+def test_test_time_adaptation_of_a_3_slice_model_at_both_resolutions():
+    from evaluation.adaptation import support_views, test_time_model
+    from evaluation.inference import run_chunks
+    from evaluation.protocols import chunk_plan
     torch.manual_seed(0)
     model = FewShotSegNet("cnn_small", n_grid=2, min_pixels=3, input_slices=3).eval()
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -397,13 +387,11 @@ def test_test_time_adaptation_of_a_3_slice_model_on_both_protocols():
     volume[mask] += 2.0
     images, masks = support_views(neighbour_stack(volume, [4])[0], mask[:, :, 4], 4, 24, rng)
     assert images.shape == (4, 3, 24, 24) and masks.shape == (4, 24, 24)
-    predictor = AdaptingPredictor(model, 24, steps=1, lr=1e-2)
-    dice, _ = evaluate_query(predictor, volume, mask, volume, mask)
-    assert np.isfinite(dice) and predictor.adaptations == 3
-    wrapped = test_time_model(model, None, adapt_steps=1, adapt_lr=1e-2)
-    prediction = segment_query_volume(wrapped, volume, mask, volume, (1, 7), (1, 7), 2, 24,
-                                      {"mode": "zscore"}, "cpu", 4)
-    assert prediction.shape == volume.shape and wrapped.adaptations == 2
+    for stored_views, plan in ((True, chunk_plan((1, 6), (1, 6), 3, rule="alpnet", support_mask=mask)),
+                               (False, chunk_plan((1, 7), (1, 7), 2))):
+        wrapped = test_time_model(model, None, adapt_steps=1, adapt_lr=1e-2, stored_views=stored_views)
+        prediction = run_chunks(wrapped, [(volume, mask)], plan, volume, 24, {"mode": "zscore"}, "cpu", 4)
+        assert prediction.shape == volume.shape and wrapped.adaptations == len(plan)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
@@ -427,7 +415,7 @@ def one_line(callable_, *args, **kwargs) -> str:
 
 
 def test_schema_refuses_senet_and_values_other_than_1_and_3():
-    from util.config_schema import check_run_config
+    from training.config_check import check_run_config
     check_run_config(resolve_config(model={"input_slices": 3}))
     check_run_config(resolve_config(("tiny", "panet"), model={"input_slices": 3}))
     check_run_config(resolve_config(("tiny", "selfsup"), model={"input_slices": 3, "head": "alpnet"}))

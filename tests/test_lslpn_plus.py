@@ -11,11 +11,10 @@ import torch
 import torch.nn.functional as F
 from conftest import resolve_config
 
-from models.factory import with_head_options
+from models.factory import check_model_config, with_head_options
 from models.fewshot import FewShotSegNet, local_head
 from models.local_prototypes import MEAN_EPS, LocalPrototypeHead, grid_cells, official_cell_loop
 from models.lslpn_plus import LSLPNPlusHead, fuse, mix_prototypes
-from util.config_schema import check_model_config
 from util.errors import UserError
 
 OPTIONS = {"n_grid": 4, "overlap": True, "vote": "max", "resolution": "image", "min_pixels": 3, "scale": 20.0}
@@ -191,8 +190,9 @@ def _slice(seed=0, size=48):
 
 
 def test_adaptation_never_changes_the_snapshot_and_is_deterministic(tmp_path):
-    from evaluation.adaptation import AdaptingPredictor, adapt_to_support, support_views
+    from evaluation.adaptation import SupportAdaptedModel, adapt_to_support, support_views
     from evaluation.evaluate import load_snapshot
+    from evaluation.inference import run_chunks
     from models.checkpoint import save_checkpoint
     torch.manual_seed(0)
     model = FewShotSegNet("cnn_small", n_grid=4, min_pixels=3)
@@ -208,11 +208,12 @@ def test_adaptation_never_changes_the_snapshot_and_is_deterministic(tmp_path):
     assert all(torch.equal(before[k], v) for k, v in loaded.state_dict().items())
     again = adapt_to_support(loaded, image, mask, 32, steps=3, lr=1e-2)
     assert all(torch.equal(a, b) for a, b in zip(adapted.state_dict().values(), again.state_dict().values()))
-    predictor = AdaptingPredictor(loaded, 32, steps=2, lr=1e-2)
-    queries = np.stack([image, image])
-    first = predictor(image, mask, queries)
-    second = predictor(image, mask, queries)
-    assert first.shape == (2, 48, 48) and np.array_equal(first, second) and predictor.adaptations == 1
+    wrapped = SupportAdaptedModel(loaded, 2, 1e-2, stored_views=True)       # views at the stored 48 x 48
+    volume, masks = np.repeat(image[..., None], 3, axis=2), np.repeat(mask[..., None], 3, axis=2)
+    plan = [(np.array([1]), np.array([0, 2]))]
+    first = run_chunks(wrapped, [(volume, masks)], plan, volume, 32, {"mode": "zscore"})
+    second = run_chunks(wrapped, [(volume, masks)], plan, volume, 32, {"mode": "zscore"})
+    assert first.shape == (48, 48, 3) and np.array_equal(first, second) and wrapped.adaptations == 1
     assert hashlib.sha256(path.read_bytes()).hexdigest() == digest
     images, masks = support_views(image, mask, 4, 32, np.random.default_rng(0))
     assert images.shape == (4, 32, 32) and masks.shape == (4, 32, 32)
@@ -221,7 +222,8 @@ def test_adaptation_never_changes_the_snapshot_and_is_deterministic(tmp_path):
 
 def test_support_adapted_model_runs_the_volumetric_protocol_and_leaves_the_model_alone():
     from evaluation.adaptation import SupportAdaptedModel, test_time_model
-    from evaluation.inference import segment_query_volume
+    from evaluation.inference import run_chunks
+    from evaluation.protocols import chunk_plan
     torch.manual_seed(0)
     model = FewShotSegNet("cnn_small", n_grid=4, min_pixels=3).eval()
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -233,13 +235,13 @@ def test_support_adapted_model_runs_the_volumetric_protocol_and_leaves_the_model
     wrapped = test_time_model(model, {"grids": [2, 4], "query_rounds": 1}, adapt_steps=2, adapt_lr=1e-2)
     assert isinstance(wrapped, SupportAdaptedModel) and wrapped.config["grids"] == [2, 4]
     intensity = {"mode": "window", "window": [-200.0, 600.0]}
-    args = (volume, mask, volume, (2, 7), (2, 7), 2, 32, intensity)
-    first = segment_query_volume(wrapped, *args)
+    args = ([(volume, mask)], chunk_plan((2, 7), (2, 7), 2), volume, 32, intensity)
+    first = run_chunks(wrapped, *args)
     again = test_time_model(model, {"grids": [2, 4], "query_rounds": 1}, 2, 1e-2)
-    second = segment_query_volume(again, *args)
+    second = run_chunks(again, *args)
     assert first.shape == volume.shape and np.array_equal(first, second)   # deterministic
     assert wrapped.adaptations == 2                                       # one per chunk's support slice
-    plain = segment_query_volume(model, *args)
+    plain = run_chunks(model, *args)
     assert not np.array_equal(first, plain) or first.any()
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert test_time_model(model) is model                               # off by default
@@ -250,8 +252,8 @@ def test_lslpn_plus_trains_lslpn_with_the_boundary_loss_and_tests_with_its_optio
     """`train.py with lslpn_plus` trains what docs/lslpn_plus.md measured (LSLPN's training plus the boundary
     loss, the plain head), `test.py with lslpn_plus` applies the test-time options to the snapshots."""
     from evaluation.adaptation import test_time_head_options
+    from training.config_check import check_run_config
     from training.runs import config_hash, trajectory_differences
-    from util.config_schema import check_run_config
     plain, plus = resolve_config(("demo",)), resolve_config(("demo", "lslpn_plus"))
     check_run_config(plus)
     assert plus["model"] == plain["model"]                                  # no head option in training
@@ -281,7 +283,7 @@ def test_test_time_head_options_come_from_eval_else_from_the_model_section_with_
     ({"grid_fusion": "sum"}, "eval.head_options.grid_fusion = 'sum': unknown: use one of 'mean', 'max'"),
 ])
 def test_head_options_are_checked_as_the_model_keys_they_name(update, message):
-    from util.config_schema import check_run_config
+    from training.config_check import check_run_config
     config = resolve_config(("tiny",))
     config["eval"] = {**config["eval"], "head_options": {**config["eval"]["head_options"], **update}}
     with pytest.raises(UserError) as caught:
@@ -312,14 +314,3 @@ def test_lslpn_plus_holds_the_combination_that_docs_lslpn_plus_md_measured():
     values = {"boundary_weight": plus["boundary_weight"], "input_slices": plus["model"].get("input_slices"),
               "adapt_steps": plus["eval"]["adapt_steps"], "adapt_lr": plus["eval"]["adapt_lr"], **head}
     assert {key: str(values[key]) for key in measured} == measured
-
-
-def test_the_plain_head_defaults_are_written_alike_in_config_schema_and_model():
-    """config.py's eval.head_options default, util.config_schema.HEAD_OPTIONS and models.fewshot.PLUS_DEFAULTS
-    and the model section (layers that may not import each other) agree on the plain head."""
-    from models.fewshot import PLUS_DEFAULTS
-    from util.config_schema import HEAD_OPTIONS
-    config = resolve_config(("tiny",))
-    assert config["eval"]["head_options"] == PLUS_DEFAULTS
-    assert set(HEAD_OPTIONS) == set(PLUS_DEFAULTS)
-    assert {key: config["model"].get(key) for key in PLUS_DEFAULTS} == PLUS_DEFAULTS   # model.* defaults

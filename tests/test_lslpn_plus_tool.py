@@ -46,7 +46,7 @@ def test_only_training_options_get_their_own_runs():
     assert tool.run_suffix({}) == ""
     assert tool.run_suffix({"input_slices": 3, "boundary_weight": 0.3}) == "_boundary_weight0.3_input_slices3"
     # every training option names a key of the config schema (what train.py is given)
-    from util.config_schema import SCHEMA
+    from training.config_check import SCHEMA
     assert all(key in SCHEMA for key in tool.TRAINING_KEYS.values())
 
 
@@ -83,7 +83,7 @@ def test_report_compares_each_row_with_lslpn_and_takes_timings_from_the_timing_p
                           "rows": {"LSLPN": timing(2.0), "+ test-time adaptation": timing(1.0, 10.0),
                                    "LSLPN+": timing(5.0, 12.0)}}}
     doc = tmp_path / "lslpn_plus.md"
-    report.write(results, doc)
+    report.write(results, doc, tool.TRAINING_KEYS)
     text = doc.read_text()
     # every organ up by 7 points: the +5 target is met on Dice, and the time ratios come from the timing pass
     assert "+ test-time adaptation, Setting 2, folds 0, 1: 63.3 against LSLPN 56.2 on the same folds: " \
@@ -98,7 +98,6 @@ def test_report_compares_each_row_with_lslpn_and_takes_timings_from_the_timing_p
 
 
 def test_timing_pass_warms_up_keeps_each_rows_fastest_pass_and_caches(tmp_path, monkeypatch):
-    import lslpn_plus_eval
     slow_first = iter([100.0, 4.0, 8.0, 6.0, 2.0])    # warm-up, then LSLPN and LSLPN+ in pass 1, pass 2
     calls = []
 
@@ -106,8 +105,8 @@ def test_timing_pass_warms_up_keeps_each_rows_fastest_pass_and_caches(tmp_path, 
         calls.append(dict(options))
         return {"seconds": next(slow_first), "adapt_seconds": 3.0 if options else 0.0, "adaptations": 2,
                 "volumes": 2, "dice": {}}
-    monkeypatch.setattr(lslpn_plus_eval, "evaluate_cell", fake_evaluate)
-    monkeypatch.setattr(lslpn_plus_eval, "head_share", lambda snapshot, options, device: {"share": 0.5})
+    monkeypatch.setattr(tool, "evaluate_cell", fake_evaluate)
+    monkeypatch.setattr(tool, "head_share", lambda snapshot, options, device: {"share": 0.5})
 
     class FakeBench:
         steps = type("Steps", (), {"environment_note": staticmethod(lambda: "test machine")})
@@ -132,9 +131,9 @@ def test_report_names_the_rows_that_differ_only_in_training_as_the_timing_noise(
             "LSLPN+ without boundary loss": ADAPT, "+ multi-scale grids": GRIDS}
     results = {"rows": {name: {"options": options} for name, options in rows.items()},
                "timing": {"rows": {name: timing(1.0 + i / 10) for i, name in enumerate(rows)}}}
-    note = report.noise_note(results)
+    note = report.noise_note(results, tool.TRAINING_KEYS)
     assert "LSLPN 1.000 s and + boundary loss 1.100 s" in note
     assert "LSLPN+ 1.200 s and LSLPN+ without boundary loss 1.300 s" in note
     assert "multi-scale" not in note
     del results["rows"]["+ boundary loss"], results["rows"]["LSLPN+ without boundary loss"]
-    assert report.noise_note(results) == ""
+    assert report.noise_note(results, tool.TRAINING_KEYS) == ""

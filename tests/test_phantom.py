@@ -14,8 +14,7 @@ from dataloaders.nifti import load_nifti
 from dataloaders.organs import NAME_TO_INDEX, RADLEX_TO_INDEX, TEST_ORGANS
 from demo import phantom
 from evaluation.dataset_check import mask_copy_dice
-from evaluation.metrics import dice
-from evaluation.protocol import organ_range
+from evaluation.protocols import dice, organ_range
 from util.errors import UserError
 
 

@@ -15,8 +15,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from evaluation.metrics import dice
-from evaluation.protocol import mask_copy, organ_range
+from evaluation.protocols import dice, mask_copy, organ_range
 from models.local_prototypes import VOTES, LocalPrototypeHead
 from util.errors import UserError
 

@@ -31,7 +31,7 @@ code 2, no traceback, nothing written; warnings are one `warning:` line and the 
 Counted: 44 cases here (a parametrized id or a case inside a test, each with its own assertions) over
 7 entry points (segment_volume as a script and through its Python API, make_phantom, prepare_visceral,
 make_figures, train.py, test.py, evaluation.evaluate), plus 3 in tests/test_demo_numerics.py
-(scripts/demo.py). With tests/test_bad_inputs.py (90 cases, 6 entry points): 137 cases over 8 entry
+(demo/__main__.py). With tests/test_bad_inputs.py (90 cases, 6 entry points): 137 cases over 8 entry
 points (make_phantom, prepare_visceral, check_dataset, segment_volume, make_figures, train.py, test.py,
 demo.py). Unit tests of the root checks: tests/test_output_paths.py (util/paths.py), tests/test_label_map.py (label maps,
 plausibility). benchmark's before-measuring output check: tests/test_benchmark.py.

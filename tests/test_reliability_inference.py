@@ -313,8 +313,8 @@ def test_query_range_transfer_by_coverage(scans, tmp_path, capsys):
 
 # -------------------------------------------------------------------------- 5 short query ranges
 def test_a_query_range_shorter_than_n_chunks_pairs_each_slice_with_the_chunk_covering_it():
-    from evaluation.protocol import chunk_plan
-    from evaluation.query_range import Support, segment_plan
+    from evaluation.protocols import chunk_plan
+    from evaluation.segment import Support, segment_plan
 
     def support(first, last):
         z = np.arange(first, last + 1)

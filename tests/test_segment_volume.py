@@ -19,7 +19,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from evaluation.metrics import dice
+from evaluation.protocols import dice
 from util.cli import run_cli
 from util.errors import UserError
 
@@ -149,7 +149,7 @@ def work(tmp_path_factory):
 
 # --------------------------------------------------------------------- behaviour on phantoms
 def test_phantom_beats_mask_copy_and_keeps_query_geometry(work):
-    from evaluation.protocol import mask_copy
+    from evaluation.protocols import mask_copy
     from evaluation.segment import segment_volume
     liver_s, liver_q = work["support_label"] == 1, work["query_label"] == 1
     q0, q1 = organ_slices(liver_q)
@@ -215,7 +215,7 @@ def test_cli_multilabel_support_label_writes_lps(work, tmp_path):
 
 
 def test_sparse_support_uses_only_annotated_slices():
-    from evaluation.protocol import chunk_plan
+    from evaluation.protocols import chunk_plan
     from evaluation.segment import Support, nearest_annotated, snap_to_annotated
     annotated = np.array([4, 9, 10, 20])
     targets = np.arange(0, 25)

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import glob
 import os
-import sys
 from pathlib import Path
 
 import pytest
@@ -71,7 +70,6 @@ def test_selfsup_config_errors(unlabeled_prep, tiny_prepared):
 def test_real_scan_support_and_mask_copy():
     """tools/selfsup_demo.py: 3 annotated slices at the chunk middles; mask copy fills each chunk from
     its slice."""
-    sys.path.insert(0, str(ROOT / "scripts"))
     import numpy as np
     from conftest import load_script
     demo = load_script("selfsup_demo")

@@ -11,9 +11,8 @@ import numpy as np
 import pytest
 
 from evaluation.evaluate import evaluate
-from evaluation.metrics import dice
-from evaluation.protocol import PRESETS, chunk_plan, get_preset, mask_copy, preset_range
-from models.checkpoint import check_compatible, load_checkpoint, model_from_checkpoint, save_checkpoint
+from evaluation.protocols import PRESETS, chunk_plan, dice, get_preset, mask_copy, preset_range
+from models.checkpoint import check_compatible, load_checkpoint, model_from_checkpoint
 from models.fewshot import FewShotSegNet
 from models.senet import SENet
 from util.errors import UserError
@@ -60,26 +59,10 @@ def test_senet_snapshot_evaluates_with_every_preset(senet_run, tiny_prepared):
         assert [c["query_range"] for c in cases] == [c["query_range"] for c in copied]
 
 
-def _prototype_snapshot(path: Path) -> str:
-    net = FewShotSegNet(encoder="cnn_small", pretrained=False)
-    save_checkpoint(str(path), {"model": net.state_dict(), "config": net.config, "fold": 0, "step": 1,
-                                "input_size": 64, "intensity": None})
-    return str(path)
-
-
-def test_method_mismatch_is_a_one_line_error(senet_run, tiny_prepared, tmp_path):
-    senet_snapshot = str(senet_run / "last.pth")
-    with pytest.raises(UserError, match=r"last.pth \(LSLPN\) holds a SENet model, but a prototype"):
-        evaluate({"LSLPN": senet_snapshot}, ["liver"], tiny_prepared, preset="senet", out_dir=None,
-                 input_size=64, device="cpu", progress=False)
-    proto = _prototype_snapshot(tmp_path / "proto.pth")
-    with pytest.raises(UserError, match=r"proto.pth \(SENet\) holds a prototype \(LSLPN/PANet\) model, but a "
-                                        r"SENet"):
-        evaluate({"SENet": proto}, ["liver"], tiny_prepared, preset="senet", out_dir=None, input_size=64,
-                 device="cpu", progress=False)
+def test_method_mismatch_is_a_one_line_error(senet_run):
     with pytest.raises(UserError, match="holds a SENet model, but a prototype"):
         check_compatible(SENet().config, FewShotSegNet(encoder="cnn_small", pretrained=False).config,
-                         senet_snapshot)
+                         str(senet_run / "last.pth"))
 
 
 # --------------------------------------------------------------------------- the 'senet' preset
@@ -100,7 +83,7 @@ def test_senet_preset_is_the_official_evaluator_rule():
     query_range = preset_range(query, preset, role="query")
     assert support_range == (100, 124) and query_range == (20, 24)                # crop: 1 slice before
     plan = chunk_plan(support_range, query_range, preset.n_chunks, 1, preset.rule, support)
-    # hand-worked: test_senet_pairing
+    # hand-worked: test_protocols
     kept = 100 + np.array([1, 3, 6, 8, 11, 13, 15, 18, 20, 23])
     assert [(int(s[0]), q.tolist()) for s, q in plan] == [
         (kept[1], [20]), (kept[3], [21]), (kept[5], [22]), (kept[7], [23]), (kept[9], [24])]
@@ -143,7 +126,7 @@ def test_senet_named_configs():
     ({"model": {"method": "unet"}}, "model.method = 'unet'"),
 ])
 def test_bad_senet_options_are_one_line_errors(updates, message):
-    from util.config_schema import check_run_config
+    from training.config_check import check_run_config
     config = _resolve("senet", **updates)
     with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
         check_run_config(config)

@@ -48,7 +48,6 @@ def prep(tmp_path_factory):
 # each last.pth write, so a test can kill the process at a known step.
 PAUSED_SAVE_DRIVER = textwrap.dedent("""
     import runpy, sys, time
-    sys.path.insert(0, ".")
     import models.checkpoint as checkpoint
     pause, original = float(sys.argv.pop(1)), checkpoint.save_checkpoint
     def save_then_pause(path, state):

@@ -1,39 +1,62 @@
 """Benchmarks: head speed vs the literal reference, encoder share, scaling, training, inference, memory.
 
-    python tools/benchmark.py [--quick] [--device cpu|cuda] [--size N] --out BENCHMARKS.md
+    python tools/benchmark.py [--quick] [--device cpu|cuda] [--size N] --out BENCHMARKS.md [--json FILE]
 
-Writes a markdown report. The CPU run (--device cpu) writes the CPU section; a GPU run
-(--device cuda) writes the GPU section. An existing --out file keeps the other section, so running
-both on their machines yields one report. Measurements live in tools/bench_measures.py; this file parses
-options and renders the tables. --quick: reduced sizes and repeats (under 2 minutes on 2 cores).
+--device cpu writes the CPU section of the markdown report, cuda the GPU section; an existing --out keeps
+the other one. Every figure is the median of timed runs after warm-up, device-synchronised on CUDA; forward
+passes run under torch.no_grad (not inference_mode: the head caches geometry per size, and inference-mode
+tensors would break a later training step). --quick: reduced sizes and repeats (under 2 minutes on 2 cores).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import functools
+import io
 import json
 import os
+import platform
 import re
+import resource
 import shlex
+import statistics
+import subprocess
 import sys
+import tempfile
 import time
+from dataclasses import dataclass, field
+from typing import Callable
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, "tools"))  # bench_measures.py, bench_timing.py beside this script
+import numpy as np
+import torch
+import torch.nn.functional as F
 
-import bench_measures as bench  # noqa: E402
-import bench_timing as timing  # noqa: E402
-import torch  # noqa: E402
+from config import ex  # before sacred: config.py silences its import warning
 
-from models.local_prototypes import official_cell_loop  # noqa: E402
-from util.atomic import write_text_atomic  # noqa: E402
-from util.cli import run_cli  # noqa: E402
-from util.device import resolve_device  # noqa: E402
-from util.errors import UserError  # noqa: E402
-from util.paths import check_output_file  # noqa: E402
+# isort: split
+from sacred.initialize import create_run
 
+from dataloaders.organs import organ_index
+from dataloaders.prepare import Selection, prepare_dataset
+from demo.phantom import generate_phantom, render_subject
+from evaluation.inference import run_chunks
+from evaluation.protocols import chunk_plan, get_preset, organ_range
+from models.encoders import build_encoder
+from models.fewshot import FewShotSegNet
+from models.local_prototypes import LocalPrototypeHead, grid_cells, official_cell_loop
+from training.loop import train
+from util.atomic import write_text_atomic
+from util.cli import run_cli
+from util.device import autocast, resolve_device
+from util.errors import UserError
+from util.paths import check_output_file
+from util.provenance import git_commit
+
+IMAGE_TOLERANCE = 1e-3        # max |logit difference| allowed between the reference and 'image' mode
+FEATURE_AGREEMENT = 0.90      # min fraction of pixels where 'feature' mode's argmax equals the reference's,
+                              # and every disagreement must lie within one feature cell of a label boundary
+ENCODER_SHAPES = {"vgg16": (512, 8), "resnet50_lslpn": (256, 8), "cnn_small": (128, 4)}  # (C, stride)
 TITLE = "# Benchmarks\n"
 INTRO = ("Made by `tools/benchmark.py` (its command is stated in each section). Every figure is the "
          "median of repeated timed runs after warm-up (spread: fastest - slowest run; in full runs, cheap "
@@ -43,32 +66,378 @@ INTRO = ("Made by `tools/benchmark.py` (its command is stated in each section). 
          "(speed does not depend on the weights).\n")
 
 
+# ----------------------------------------------------------------------------------------- timers
+@dataclass
+class Timing:
+    """Median and all timed runs (seconds) of one measurement."""
+    median: float
+    runs: list[float] = field(default_factory=list)
+    warmup: int = 0
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int = 1,
+            min_seconds: float = 0.0, max_repeats: int = 25) -> Timing:
+    """Median wall time of `fn()` over at least `repeats` runs after `warmup` runs; cheap calls repeat until
+    `min_seconds` of timed runs (at most `max_repeats`), so that the median resists bursts of load."""
+    for _ in range(warmup):
+        fn()
+    runs: list[float] = []
+    while len(runs) < max(1, repeats) or (sum(runs) < min_seconds and len(runs) < max_repeats):
+        synchronize(device)
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        runs.append(time.perf_counter() - start)
+    return Timing(statistics.median(runs), runs, warmup)
+
+
+def dispatch_fraction(fn: Callable[[], object], device: torch.device, repeats: int = 3) -> float:
+    """CUDA: (time for Python to return from `fn`) / (time until the GPU finished it); well below 1 means
+    GPU-bound, close to 1 launch-bound."""
+    fn()
+    fractions = []
+    for _ in range(repeats):
+        synchronize(device)
+        start = time.perf_counter()
+        fn()
+        issued = time.perf_counter() - start
+        synchronize(device)
+        fractions.append(issued / (time.perf_counter() - start))
+    return statistics.median(fractions)
+
+
+def machine_description(device: torch.device) -> dict:
+    """CPU model (/proc/cpuinfo), cores, torch/python versions and the GPU name when on CUDA."""
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as handle:
+        cpu = next((line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")), cpu)
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    info = {"cpu": cpu, "cores": usable, "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__, "python": platform.python_version(), "os": platform.platform()}
+    if hasattr(os, "getloadavg"):
+        info["load average (1, 5, 15 min) when described"] = ", ".join(f"{v:.2f}" for v in os.getloadavg())
+    info["code (git HEAD)"] = git_commit() or "unknown"
+    if device.type == "cuda":
+        info.update(gpu=torch.cuda.get_device_name(device), cuda=torch.version.cuda)
+    return info
+
+
+# ------------------------------------------------------------------------------ synthetic episode
+def _ellipse(size: int, centre: tuple[float, float], radii: tuple[float, float]) -> torch.Tensor:
+    """size x size float 0/1 mask of an axis-aligned ellipse (centre, radii as fractions of size)."""
+    axis = (torch.arange(size, dtype=torch.float32) + 0.5) / size
+    rows, cols = axis[:, None], axis[None, :]
+    return (((rows - centre[0]) / radii[0]) ** 2 + ((cols - centre[1]) / radii[1]) ** 2 <= 1).float()
+
+
+def synthetic_episode(size: int, channels: int, stride: int, device: torch.device,
+                      seed: int = 0) -> dict[str, torch.Tensor]:
+    """A 1-way 1-shot 1-query episode: ellipse masks; features = smooth random field + a fg/bg direction.
+    support_features 1 x 1 x 1 x C x h x w, support_fg/bg 1 x 1 x 1 x H x W, query 1 x 1 x C x h x w."""
+    g = torch.Generator().manual_seed(seed)
+    h = size // stride
+    direction = torch.randn(2, channels, 1, 1, generator=g)            # bg, fg directions: 2 x C x 1 x 1
+
+    def features(mask: torch.Tensor) -> torch.Tensor:                   # H x W -> C x h x w
+        soft = F.interpolate(mask[None, None], size=(h, h), mode="area")[0]  # 1 x h x w
+        coarse = torch.randn(1, channels, max(2, h // 4), max(2, h // 4), generator=g)
+        field_ = F.interpolate(coarse, size=(h, h), mode="bilinear", align_corners=False)[0]
+        return field_ + 1.5 * (soft * direction[1] + (1 - soft) * direction[0])
+
+    support_fg = _ellipse(size, (0.45, 0.5), (0.22, 0.28))
+    query_fg = _ellipse(size, (0.5, 0.53), (0.2, 0.3))
+    return {"support_features": features(support_fg)[None, None, None].to(device),
+            "support_fg": support_fg[None, None, None].to(device),
+            "support_bg": (1 - support_fg)[None, None, None].to(device),
+            "query_features": features(query_fg)[None, None].to(device)}
+
+
+def _time_head(mode: str, n_grid: int, episode: dict, size: int, device, repeats: int,
+               min_seconds: float = 0.0) -> tuple[torch.Tensor, Timing]:
+    """(logits, Timing) of the vectorised head in `mode` (overlapping, max vote) on `episode`."""
+    head = LocalPrototypeHead(n_grid=n_grid, overlap=True, vote="max", resolution=mode)
+
+    def run():
+        return head(episode["support_features"], episode["support_fg"], episode["support_bg"],
+                    episode["query_features"], (size, size))
+    with torch.no_grad():
+        return run(), measure(run, device, repeats, min_seconds=min_seconds)
+
+
+# ------------------------------------------------------------------------------ figures 1 to 3
+def near_boundary(labels: torch.Tensor, radius: int) -> torch.Tensor:
+    """B x Q x H x W bool: pixels within `radius` pixels (Chebyshev) of a change of label."""
+    flat = labels.flatten(0, 1).double()[:, None]                            # M x 1 x H x W
+    high = F.max_pool2d(flat, 2 * radius + 1, stride=1, padding=radius)
+    low = -F.max_pool2d(-flat, 2 * radius + 1, stride=1, padding=radius)
+    return (high != low)[:, 0].unflatten(0, labels.shape[:2])
+
+
+def head_comparison(reference_fn: Callable, size: int, channels: int, stride: int, n_grid: int,
+                    device: torch.device, repeats: int, reference_repeats: int,
+                    min_seconds: float = 0.0) -> dict:
+    """Reference vs 'image' vs 'feature' head forward on one episode: times and agreement checks.
+    reference_fn(*episode, image_size, n_grid, overlap, vote) -> logits B x Q x (1 + N) x H x W."""
+    episode = synthetic_episode(size, channels, stride, device)
+    result = {"size": size, "channels": channels, "feature_size": size // stride, "n_grid": n_grid}
+    with torch.no_grad():
+        reference = reference_fn(*episode.values(), (size, size), n_grid, True, "max")
+        result["reference"] = measure(lambda: reference_fn(*episode.values(), (size, size), n_grid, True,
+                                                           "max"), device, reference_repeats, warmup=0)
+        result["reference"].warmup = 1  # the call above, whose output is checked
+    outputs = {}
+    for mode in ("image", "feature"):
+        outputs[mode], result[mode] = _time_head(mode, n_grid, episode, size, device, repeats, min_seconds)
+    reference = reference.to(device)
+    result["max_abs_diff_image"] = float((outputs["image"].double() - reference).abs().max())
+    labels = reference.argmax(2)                                             # B x Q x H x W
+    agree = outputs["feature"].argmax(2) == labels
+    result["argmax_agreement_feature"] = float(agree.double().mean())
+    result["argmax_agreement_image"] = float((outputs["image"].argmax(2) == labels).double().mean())
+    result["feature_disagreements"] = int((~agree).sum())
+    result["feature_disagreements_off_boundary"] = int((~agree & ~near_boundary(labels, stride)).sum())
+    result["image_ok"] = result["max_abs_diff_image"] <= IMAGE_TOLERANCE
+    result["feature_ok"] = (result["argmax_agreement_feature"] >= FEATURE_AGREEMENT
+                            and result["feature_disagreements_off_boundary"] == 0)
+    for mode in ("image", "feature"):
+        result[f"speedup_{mode}"] = result["reference"].median / result[mode].median
+    return result
+
+
+def encoder_share(size: int, n_grid: int, device: torch.device, repeats: int, min_seconds: float) -> list:
+    """Per encoder: forward time of one episode's 2 images at size x size, and the head time (both modes) on
+    features of that encoder's shape; share = head / encoder."""
+    rows = []
+    images = torch.rand(2, 1, size, size, generator=torch.Generator().manual_seed(0)).to(device)
+    for name, (channels, stride) in ENCODER_SHAPES.items():
+        with contextlib.redirect_stderr(io.StringIO()):
+            encoder = build_encoder(name).to(device).eval()
+        episode = synthetic_episode(size, channels, stride, device)
+        row = {"encoder": name, "channels": channels, "feature_size": size // stride}
+        with torch.no_grad():
+            row["encoder_time"] = measure(lambda: encoder(images), device, max(1, repeats - 2))
+        for mode in ("image", "feature"):
+            row[mode] = _time_head(mode, n_grid, episode, size, device, repeats, min_seconds)[1]
+            row[f"share_{mode}"] = row[mode].median / row["encoder_time"].median
+        rows.append(row)
+    return rows
+
+
+def head_scaling(sizes: list[int], grids: list[int], device: torch.device, repeats: int,
+                 min_seconds: float, channels: int = 256, stride: int = 8) -> list[dict]:
+    """Head forward time for every (mode, size, n_grid) with n_grid <= the feature map side."""
+    rows = []
+    for size in sizes:
+        episode = synthetic_episode(size, channels, stride, device)
+        for mode in ("image", "feature"):
+            for n_grid in (g for g in grids if g <= size // stride):
+                timing = _time_head(mode, n_grid, episode, size, device, repeats, min_seconds)[1]
+                rows.append({"mode": mode, "size": size, "n_grid": n_grid,
+                             "cells": len(grid_cells(size, n_grid, True)) ** 2, "time": timing,
+                             "ns_per_pixel": 1e9 * timing.median / size ** 2})
+    return rows
+
+
+# ------------------------------------------------------------------ figures 4 to 6 and the GPU check
+def resolve_config(named: str, updates: dict) -> dict:
+    """config.py's named config plus updates, random-weight encoders (speed does not depend on weights)."""
+    updates = {**updates, "model": {**updates.get("model", {}), "pretrained": False}}
+    return dict(create_run(ex, "print_config", config_updates=updates, named_configs=[named]).config)
+
+
+def _training_config(named: str, workdir: str, device: str, amp: bool, n_steps: int,
+                     input_size: int | None) -> dict:
+    """The named config for a short run (no validation, no saving) on a small seeded phantom (2 silver + 2
+    gold volumes of 64 x 64 x 16) prepared under `workdir` by dataloaders.prepare, as real data is."""
+    updates = {"device": device, "amp": amp, "n_steps": n_steps, "val_every": 0, "save_every": n_steps,
+               "print_every": n_steps, "num_workers": 0,
+               "path": {"data_dir": os.path.join(workdir, "prep"), "log_dir": os.path.join(workdir, "runs")}}
+    config = resolve_config(named, {**updates, **({"input_size": input_size} if input_size else {})})
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        phantom = os.path.join(workdir, "phantom")
+        generate_phantom(phantom, n_silver=2, n_gold=2, seed=0, size=64, n_slices=16, workers=1)
+        prepare_dataset(phantom, config["path"]["data_dir"], size=config["input_size"], n_val=0, seed=0,
+                        rule=Selection(min_voxels=5), workers=1)
+    return config
+
+
+def _quiet_train(config: dict) -> dict:
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        return train(config)
+
+
+def training_throughput(named: str, device: torch.device, amp: bool, n_steps: int, runs: int,
+                        input_size: int | None = None) -> dict:
+    """Median over `runs` short runs of training.loop.train of its own s/step timer (steps 2..n, each ended
+    by loss.item(), data loading included)."""
+    with tempfile.TemporaryDirectory(prefix="lslpn-bench-") as workdir:
+        config = _training_config(named, workdir, device.type, amp, n_steps, input_size)
+        summaries = [_quiet_train(config) for _ in range(runs)]
+    per_run = [float(s["sec_per_step"]) for s in summaries]
+    sec = statistics.median(per_run)
+    return {"config": named, "input_size": config["input_size"], "batch_size": config["batch_size"],
+            "encoder": config["model"]["encoder"], "resolution": config["model"]["resolution"],
+            "amp": amp, "n_steps": n_steps, "runs": per_run, "sec_per_step": sec,
+            "episodes_per_s": config["batch_size"] / sec,
+            "data_wait_fraction": statistics.median(float(s["data_wait_fraction"]) for s in summaries)}
+
+
+def training_step_memory(named: str, device: torch.device, amp: bool, input_size: int | None,
+                         timeout: float = 1200) -> dict:
+    """Peak memory of ONE training step of `named` in a fresh process (this script with --memory-child)."""
+    args = json.dumps({"named": named, "device": device.type, "amp": amp, "input_size": input_size})
+    done = subprocess.run([sys.executable, os.path.abspath(__file__), "--memory-child", args],
+                          capture_output=True, text=True, timeout=timeout)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("BENCH_JSON ")]
+    if done.returncode != 0 or not lines:
+        tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        raise UserError(f"training-step memory subprocess failed (exit {done.returncode}): {tail}")
+    return json.loads(lines[-1][len("BENCH_JSON "):])
+
+
+def _memory_child(args: dict) -> None:
+    """One step of training.loop.train; prints the process's peaks (ru_maxrss includes torch)."""
+    device = torch.device(args["device"])
+    with tempfile.TemporaryDirectory(prefix="lslpn-bench-mem-") as workdir:
+        config = _training_config(args["named"], workdir, device.type, args["amp"], 1, args["input_size"])
+        baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        summary = _quiet_train(config)
+        out = {"config": args["named"], "input_size": config["input_size"], "amp": args["amp"],
+               "batch_size": config["batch_size"], "encoder": config["model"]["encoder"],
+               "baseline_rss_mb": baseline,
+               "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+               "step_seconds": summary["sec_per_step"]}
+        if device.type == "cuda":
+            out["cuda_max_allocated_mb"] = torch.cuda.max_memory_allocated(device) / 2 ** 20
+    print("BENCH_JSON " + json.dumps(out), flush=True)
+
+
+def inference_throughput(named: str, device: torch.device, repeats: int, volume_size: int, n_slices: int,
+                         input_size: int | None = None, amp: bool = False) -> dict:
+    """Query slices per second of evaluation.inference.run_chunks: two phantom subjects
+    (render_subject), support range the liver's (preset 'inclusive'), EVERY axial slice of the query."""
+    config = resolve_config(named, {"input_size": input_size} if input_size else {})
+    support, support_label, _, _ = render_subject(np.random.default_rng([0, 1]), volume_size, n_slices)
+    query, _, _, _ = render_subject(np.random.default_rng([0, 2]), volume_size, n_slices)
+    liver = support_label == organ_index("liver")
+    preset = get_preset("inclusive")
+    support_range = organ_range(liver, min(preset.threshold, int(liver.sum(axis=(0, 1)).max()) - 1))
+    torch.manual_seed(0)
+    with contextlib.redirect_stderr(io.StringIO()):
+        model = FewShotSegNet.from_config(config["model"]).to(device).eval()
+    batch_size = config["eval"]["batch_size"]
+
+    def run():
+        with autocast(device, amp):
+            plan = chunk_plan(support_range, (0, query.shape[2] - 1), preset.n_chunks)
+            return run_chunks(model, [(support, liver)], plan, query, config["input_size"],
+                              {"mode": "window", "window": [-200, 300]}, device, batch_size)
+    timing = measure(run, device, max(1, repeats - 2))
+    return {"config": named, "encoder": config["model"]["encoder"], "input_size": config["input_size"],
+            "batch_size": batch_size, "volume_shape": list(query.shape), "query_slices": query.shape[2],
+            "n_chunks": preset.n_chunks, "amp": amp, "time": timing,
+            "slices_per_s": query.shape[2] / timing.median}
+
+
+def gpu_dispatch(named: str, device: torch.device, input_size: int) -> dict:
+    """CUDA: dispatch fraction of a training forward+backward of the named config's model on a synthetic
+    batch, and of one inference batch (`model.segment`)."""
+    config = resolve_config(named, {"input_size": input_size})
+    size, B = config["input_size"], config["batch_size"]
+    with contextlib.redirect_stderr(io.StringIO()):
+        model = FewShotSegNet.from_config(config["model"]).to(device)
+    g = torch.Generator().manual_seed(0)
+    fg = _ellipse(size, (0.45, 0.5), (0.22, 0.28)).expand(B, 1, 1, size, size).contiguous().to(device)
+    support = torch.rand(B, 1, 1, 1, size, size, generator=g).to(device)
+    query = torch.rand(B, 1, 1, size, size, generator=g).to(device)
+    labels = (_ellipse(size, (0.5, 0.53), (0.2, 0.3)).long().expand(B, 1, size, size)).to(device)
+
+    def step():
+        logits, _ = model(support, fg, 1 - fg, query)
+        F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(0, 1)).backward()
+
+    out = {"train_step": dispatch_fraction(step, device)}
+    model.eval()
+    batch = torch.rand(1, config["eval"]["batch_size"], 1, size, size, generator=g).to(device)
+    with torch.no_grad():
+        prototypes = model.encode_support(support[:1], fg[:1], 1 - fg[:1])
+        out["inference_batch"] = dispatch_fraction(lambda: model.segment(prototypes, batch), device)
+    return out
+
+
+# ------------------------------------------------------------------------------------ plan, run
+@dataclass
+class Plan:
+    """What a run measures: full (512 x 512, 5 timed runs, reference 2) or --quick (256 or --size, 2, 1)."""
+    quick: bool
+    size: int
+
+    def __post_init__(self):
+        q, size = self.quick, self.size
+        self.repeats, self.reference_repeats, self.head_seconds = (2, 1, 0.0) if q else (5, 2, 2.0)
+        self.scaling_sizes, self.grids = [size // 4, size // 2, size], [1, 4, 8, 16]
+        self.demo_size = None if size >= 128 else size      # None: the demo config's own input_size
+        self.demo_steps, self.demo_runs = (3, 1) if q else (6, 3)
+        self.volume_size, self.n_slices = min(size, 128 if q else 256), 32 if (q or size < 256) else 64
+
+
+def run_measurements(plan: Plan, device: torch.device, log: Callable[[str], None] = print) -> dict:
+    """All figures of one section (CPU or GPU)."""
+    torch.manual_seed(0)
+    cpu, out = device.type == "cpu", {}
+    reference = functools.partial(official_cell_loop, dtype=torch.float32)  # the head's precision
+    log("1/6 head: reference vs 'image' vs 'feature'")
+    out["head"] = head_comparison(reference, plan.size, 256, 8, 8, device, plan.repeats,
+                                  plan.reference_repeats, plan.head_seconds)
+    log("2/6 head share of the encoder forward")
+    out["encoders"] = encoder_share(plan.size, 8, device, plan.repeats, plan.head_seconds)
+    log("3/6 head scaling with n_grid and input size")
+    out["scaling"] = head_scaling(plan.scaling_sizes, plan.grids, device, plan.repeats, plan.head_seconds)
+    log("4/6 training throughput")
+    named, size, amps = ("demo", plan.demo_size, (False,)) if cpu else ("paper", plan.size, (False, True))
+    out["training"] = [training_throughput(named, device, amp, plan.demo_steps, plan.demo_runs, size)
+                       for amp in amps]
+    if not cpu:  # before inference: run_chunks's inference_mode would fill the head's cache
+        out["dispatch"] = gpu_dispatch("paper", device, plan.size)
+    log("5/6 volumetric inference throughput")
+    out["inference"] = [inference_throughput(named, device, plan.repeats, plan.volume_size, plan.n_slices,
+                                             size, amp) for amp in amps]
+    log("6/6 peak memory of one training step (paper config, fresh process)")
+    out["memory"] = [training_step_memory("paper", device, amp, plan.size) for amp in amps]
+    return out
+
+
+# ------------------------------------------------------------------------------------ report
 def ms(seconds: float) -> str:
     value = seconds * 1000
     return f"{value:.3g}" if value < 100 else f"{value:.0f}"
 
 
-def spread(timing) -> str:
-    return f"{ms(min(timing.runs))} - {ms(max(timing.runs))}"
+def row(*cells) -> str:
+    return "| " + " | ".join(map(str, cells)) + " |"
 
 
-def runs_note(timing) -> str:
-    return f"{len(timing.runs)} timed after {timing.warmup} warm-up"
+def table(*header: str) -> list[str]:
+    return [row(*header), "|---" * len(header) + "|"]
 
 
-def verdict(ok: bool) -> str:
-    return "met" if ok else "NOT met"
-
-
-def render_section(name: str, results: dict, machine: dict, command: str, plan) -> str:
-    """Markdown of one section ('cpu' or 'gpu') from `bench.run_measurements` results."""
+def render_section(name: str, results: dict, machine: dict, command: str, plan: Plan) -> str:
+    """Markdown of one section ('cpu' or 'gpu') from `run_measurements` results."""
     h, gpu = results["head"], name == "gpu"
-    share = {row["encoder"]: row for row in results["encoders"]}
+    share = {r["encoder"]: r for r in results["encoders"]}
+    verdict = {True: "met", False: "NOT met"}
+    on = {True: "on", False: "off"}
     lines = [f"## {'GPU' if gpu else 'CPU'}{' (quick run)' if plan.quick else ''}", "",
              f"Command: `{command}`  ", f"Date: {datetime.date.today().isoformat()}", "",
-             "| machine | |", "|---|---|"]
+             "| machine | |", "|---|---|", *[row(key, value) for key, value in machine.items()]]
     # The load average shows other processes sharing the machine: medians then vary between runs.
-    lines += [f"| {key} | {value} |" for key, value in machine.items()]
     if results.get("max_load", 0) > machine["cores"]:
         lines += ["", f"**Caution:** the 1-minute load average reached {results['max_load']:.1f} (sampled at "
                   f"each stage) on {machine['cores']} cores during this run: other processes shared the CPU, "
@@ -76,38 +445,39 @@ def render_section(name: str, results: dict, machine: dict, command: str, plan) 
                   "most). Rerun on an idle machine for publishable figures."]
     feature_share = max(share["resnet50_lslpn"]["share_feature"], share["vgg16"]["share_feature"])
     lines += ["", "### Targets", "", "| target | measured | |", "|---|---|---|",
-              f"| 'image' mode >= 20x faster than the literal reference | {h['speedup_image']:.1f}x | "
-              f"{verdict(h['speedup_image'] >= 20)} |",
-              f"| 'feature' mode >= 100x faster than the literal reference | {h['speedup_feature']:.1f}x | "
-              f"{verdict(h['speedup_feature'] >= 100)} |",
-              "| 'feature' mode < 5% of the encoder forward (resnet50_lslpn, vgg16) | "
-              f"{100 * feature_share:.1f}% (worst of the two) | {verdict(feature_share < 0.05)} |"]
+              row("'image' mode >= 20x faster than the literal reference", f"{h['speedup_image']:.1f}x",
+                  verdict[h["speedup_image"] >= 20]),
+              row("'feature' mode >= 100x faster than the literal reference", f"{h['speedup_feature']:.1f}x",
+                  verdict[h["speedup_feature"] >= 100]),
+              row("'feature' mode < 5% of the encoder forward (resnet50_lslpn, vgg16)",
+                  f"{100 * feature_share:.1f}% (worst of the two)", verdict[feature_share < 0.05])]
     if gpu:
         d = results["dispatch"]
-        for key, label in (("train_step", "training forward+backward"), ("inference_batch",
-                                                                         "inference batch")):
-            lines.append(f"| {label} GPU-bound (dispatch fraction well below 1) | {d[key]:.2f} | "
-                         f"{verdict(d[key] < 0.5)} |")
-        wait = max(row["data_wait_fraction"] for row in results["training"])
-        lines.append(f"| data loading keeps up: waiting for data < 10% of a training step (worst AMP mode) | "
-                     f"{100 * wait:.1f}% | {verdict(wait < 0.10)} |")
+        for key, label in (("train_step", "training forward+backward"),
+                           ("inference_batch", "inference batch")):
+            lines.append(row(f"{label} GPU-bound (dispatch fraction well below 1)", f"{d[key]:.2f}",
+                             verdict[d[key] < 0.5]))
+        wait = max(r["data_wait_fraction"] for r in results["training"])
+        lines.append(row("data loading keeps up: waiting for data < 10% of a training step (worst AMP mode)",
+                         f"{100 * wait:.1f}%", verdict[wait < 0.10]))
+
+    def timed(label: str, timing: Timing, speedup: float) -> str:
+        return row(label, ms(timing.median), f"{ms(min(timing.runs))} - {ms(max(timing.runs))}",
+                   f"{len(timing.runs)} timed after {timing.warmup} warm-up", f"{speedup:.1f}x")
     lines += ["", f"### 1. Head forward per episode ({h['size']} x {h['size']} input, "
               f"{h['channels']}-channel {h['feature_size']} x {h['feature_size']} features, n_grid "
-              f"{h['n_grid']}, overlapping, max vote, k=1)",
-              "", "| implementation | median ms | spread ms | runs | speed-up vs reference |",
-              "|---|---|---|---|---|",
-              f"| literal reference (`models/local_prototypes.py: official_cell_loop`, float32) | "
-              f"{ms(h['reference'].median)} | "
-              f"{spread(h['reference'])} | {runs_note(h['reference'])} | 1.0x |"]
-    for mode in ("image", "feature"):
-        lines.append(f"| LocalPrototypeHead resolution='{mode}' | {ms(h[mode].median)} | {spread(h[mode])} | "
-                     f"{runs_note(h[mode])} | {h['speedup_' + mode]:.1f}x |")
-    lines += ["", "Agreement checks (computed by the script on this episode):", "",
+              f"{h['n_grid']}, overlapping, max vote, k=1)", "",
+              *table("implementation", "median ms", "spread ms", "runs", "speed-up vs reference"),
+              timed("literal reference (`models/local_prototypes.py: official_cell_loop`, float32)",
+                    h["reference"], 1.0),
+              *[timed(f"LocalPrototypeHead resolution='{mode}'", h[mode], h["speedup_" + mode])
+                for mode in ("image", "feature")],
+              "", "Agreement checks (computed by the script on this episode):", "",
               f"- reference vs 'image': max |logit difference| = {h['max_abs_diff_image']:.2e} "
-              f"(tolerance {bench.IMAGE_TOLERANCE:g}): {'PASS' if h['image_ok'] else 'FAIL'}; "
+              f"(tolerance {IMAGE_TOLERANCE:g}): {'PASS' if h['image_ok'] else 'FAIL'}; "
               f"argmax agreement {100 * h['argmax_agreement_image']:.3f}%",
               f"- reference vs 'feature': argmax agreement = {100 * h['argmax_agreement_feature']:.2f}% of "
-              f"pixels (required >= {100 * bench.FEATURE_AGREEMENT:g}%); "
+              f"pixels (required >= {100 * FEATURE_AGREEMENT:g}%); "
               f"{h['feature_disagreements_off_boundary']} of the {h['feature_disagreements']} disagreeing "
               f"pixels lie farther than one feature cell ({h['size'] // h['feature_size']} px) from a "
               f"boundary of the reference's argmax map (required 0): {'PASS' if h['feature_ok'] else 'FAIL'}",
@@ -118,55 +488,47 @@ def render_section(name: str, results: dict, machine: dict, command: str, plan) 
               "float64). It is run few times (see runs).", "",
               f"### 2. Head time as a share of the encoder forward ({plan.size} x {plan.size}, one episode = "
               "support + query image)", "",
-              "| encoder | features | encoder ms | 'image' head ms | share | 'feature' head ms | share |",
-              "|---|---|---|---|---|---|---|"]
-    for row in results["encoders"]:
-        f = row["feature_size"]
-        lines.append(f"| {row['encoder']} | {row['channels']} x {f} x {f} | {ms(row['encoder_time'].median)} "
-                     f"| {ms(row['image'].median)} | {100 * row['share_image']:.1f}% | "
-                     f"{ms(row['feature'].median)} | {100 * row['share_feature']:.1f}% |")
-    lines += ["", "The head is timed on features of each encoder's own shape (n_grid 8, overlapping, max "
-              "vote).",
-              "", "### 3. Scaling of the head with n_grid and input size (256 channels, stride 8)", "",
+              *table("encoder", "features", "encoder ms", "'image' head ms", "share", "'feature' head ms",
+                     "share"),
+              *[row(r["encoder"], f"{r['channels']} x {r['feature_size']} x {r['feature_size']}",
+                    ms(r["encoder_time"].median), ms(r["image"].median), f"{100 * r['share_image']:.1f}%",
+                    ms(r["feature"].median), f"{100 * r['share_feature']:.1f}%")
+                for r in results["encoders"]],
+              "", "The head is timed on features of each encoder's own shape (n_grid 8, overlapping, max "
+              "vote).", "",
+              "### 3. Scaling of the head with n_grid and input size (256 channels, stride 8)", "",
               "Cost per input pixel (ns) should stay roughly flat across n_grid: the head's work grows with "
               "pixels, not with cells x pixels.", "",
-              "| mode | input | n_grid | cells | median ms | ns / pixel |", "|---|---|---|---|---|---|"]
-    for row in results["scaling"]:
-        lines.append(f"| {row['mode']} | {row['size']} | {row['n_grid']} | {row['cells']} | "
-                     f"{ms(row['time'].median)} | {row['ns_per_pixel']:.0f} |")
-    lines += ["", "### 4. Training throughput (`training.loop.train`, synthetic prepared data)", "",
-              "| config | encoder | input | episodes / step | AMP | s / step | episodes / s | data wait | "
-              "runs (s / step) |",
-              "|---|---|---|---|---|---|---|---|---|"]
-    for row in results["training"]:
-        lines.append(f"| {row['config']} | {row['encoder']} ({row['resolution']}) | {row['input_size']} | "
-                     f"{row['batch_size']} | {'on' if row['amp'] else 'off'} | {row['sec_per_step']:.3f} | "
-                     f"{row['episodes_per_s']:.2f} | {100 * row['data_wait_fraction']:.1f}% | "
-                     f"{', '.join(f'{v:.3f}' for v in row['runs'])} |")
-    lines += ["", "Each run is a fresh `train()` of a few steps (no validation, no checkpoints); s / step is "
+              *table("mode", "input", "n_grid", "cells", "median ms", "ns / pixel"),
+              *[row(r["mode"], r["size"], r["n_grid"], r["cells"], ms(r["time"].median),
+                    f"{r['ns_per_pixel']:.0f}") for r in results["scaling"]],
+              "", "### 4. Training throughput (`training.loop.train`, synthetic prepared data)", "",
+              *table("config", "encoder", "input", "episodes / step", "AMP", "s / step", "episodes / s",
+                     "data wait", "runs (s / step)"),
+              *[row(r["config"], f"{r['encoder']} ({r['resolution']})", r["input_size"], r["batch_size"],
+                    on[r["amp"]], f"{r['sec_per_step']:.3f}", f"{r['episodes_per_s']:.2f}",
+                    f"{100 * r['data_wait_fraction']:.1f}%", ", ".join(f"{v:.3f}" for v in r["runs"]))
+                for r in results["training"]],
+              "", "Each run is a fresh `train()` of a few steps (no validation, no checkpoints); s / step is "
               "the loop's own timer (mean of steps 2..n, each ended by `loss.item()`, data loading "
               "included); the table gives the median over runs.", "",
-              "### 5. Volumetric inference throughput (`evaluation.inference.segment_query_volume`)", "",
-              "| config | encoder | input | volume (X x Y x Z) | batch | AMP | median s / volume | query "
-              "slices / s |",
-              "|---|---|---|---|---|---|---|---|"]
-    for row in results["inference"]:
-        shape = " x ".join(str(v) for v in row["volume_shape"])
-        lines.append(f"| {row['config']} | {row['encoder']} | {row['input_size']} | {shape} | "
-                     f"{row['batch_size']} | {'on' if row['amp'] else 'off'} | {row['time'].median:.3f} | "
-                     f"{row['slices_per_s']:.1f} |")
-    lines += ["", "Phantom volumes (`dataloaders.phantom.render_subject`); support range = the liver's, "
+              "### 5. Volumetric inference throughput (`evaluation.inference.run_chunks`)", "",
+              *table("config", "encoder", "input", "volume (X x Y x Z)", "batch", "AMP", "median s / volume",
+                     "query slices / s"),
+              *[row(r["config"], r["encoder"], r["input_size"], " x ".join(map(str, r["volume_shape"])),
+                    r["batch_size"], on[r["amp"]], f"{r['time'].median:.3f}", f"{r['slices_per_s']:.1f}")
+                for r in results["inference"]],
+              "", "Phantom volumes (`dataloaders.phantom.render_subject`); support range = the liver's, "
               f"protocol preset 'inclusive' ({results['inference'][0]['n_chunks']} chunks); every axial "
-              "slice of the query volume is segmented.", "", "### 6. Peak memory of one training step "
-              "(`paper` config)", "",
-              "| input | encoder | episodes / step | AMP | process max RSS MB | RSS before the step MB | "
-              "CUDA max allocated MB | step s |", "|---|---|---|---|---|---|---|---|"]
-    for row in results["memory"]:
-        cuda = f"{row['cuda_max_allocated_mb']:.0f}" if "cuda_max_allocated_mb" in row else "-"
-        lines.append(f"| {row['input_size']} | {row['encoder']} | {row['batch_size']} | "
-                     f"{'on' if row['amp'] else 'off'} | {row['peak_rss_mb']:.0f} | "
-                     f"{row['baseline_rss_mb']:.0f} | {cuda} | {row['step_seconds']:.1f} |")
-    lines += ["", "Measured in a fresh Python process that runs exactly one step of `training.loop.train` "
+              "slice of the query volume is segmented.", "",
+              "### 6. Peak memory of one training step (`paper` config)", "",
+              *table("input", "encoder", "episodes / step", "AMP", "process max RSS MB",
+                     "RSS before the step MB", "CUDA max allocated MB", "step s"),
+              *[row(r["input_size"], r["encoder"], r["batch_size"], on[r["amp"]], f"{r['peak_rss_mb']:.0f}",
+                    f"{r['baseline_rss_mb']:.0f}",
+                    f"{r['cuda_max_allocated_mb']:.0f}" if "cuda_max_allocated_mb" in r else "-",
+                    f"{r['step_seconds']:.1f}") for r in results["memory"]],
+              "", "Measured in a fresh Python process that runs exactly one step of `training.loop.train` "
               "(`resource.getrusage` ru_maxrss, so the RSS includes the interpreter and torch; the column "
               "before it is the same process's peak before the step). Step s is that single, cold step."]
     return "\n".join(lines) + "\n"
@@ -195,7 +557,7 @@ def merge(existing: str | None, name: str, text: str) -> str:
 
 def plain(value):
     """Measurement results as JSON types: a Timing becomes {median_s, runs_s, warmup}."""
-    if isinstance(value, timing.Timing):
+    if isinstance(value, Timing):
         return {"median_s": value.median, "runs_s": list(value.runs), "warmup": value.warmup}
     if isinstance(value, dict):
         return {str(key): plain(item) for key, item in value.items()}
@@ -219,27 +581,29 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         check_output_file(args.json, [args.out], "--json")
     device = resolve_device(args.device)
-    plan = bench.make_plan(args.quick, args.size)
-    machine_before = timing.machine_description(device)
-    machine_before_load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-    reference = functools.partial(official_cell_loop, dtype=torch.float32)  # the head's precision
-    start, loads = time.perf_counter(), [machine_before_load]
+    plan = Plan(args.quick, args.size or (256 if args.quick else 512))
+    if plan.size < 64 or plan.size % 8:
+        raise UserError(f"--size {plan.size}: must be a multiple of 8 and >= 64 (n_grid 8 on stride-8 "
+                        "features)")
+    machine_before = machine_description(device)
+    start, loads = time.perf_counter(), [os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0]
 
     def log(message: str) -> None:  # progress on stderr; samples the load average at each stage
         loads.append(os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0)
         print(f"benchmark [{time.perf_counter() - start:5.0f} s]: {message}", file=sys.stderr, flush=True)
-    results = bench.run_measurements(reference, plan, device, log=log)
+    results = run_measurements(plan, device, log)
     command = "python tools/benchmark.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None
                                                                                else sys.argv[1:]))
-    machine = timing.machine_description(device)
+    machine = machine_description(device)
     log("done")
     results["max_load"] = max(loads)
     load = "load average (1, 5, 15 min) when described"
     if load in machine:
         machine = {**machine, load: f"{machine_before[load]} (start); {machine[load]} (end)"}
-    text = render_section(device.type if device.type == "cpu" else "gpu", results, machine, command, plan)
+    section = "cpu" if device.type == "cpu" else "gpu"
+    text = render_section(section, results, machine, command, plan)
     existing = open(args.out).read() if os.path.isfile(args.out) else None
-    write_text_atomic(merge(existing, "cpu" if device.type == "cpu" else "gpu", text), args.out)
+    write_text_atomic(merge(existing, section, text), args.out)
     if args.json:
         write_text_atomic(json.dumps({"device": device.type, "size": plan.size, "quick": plan.quick,
                                       "machine": machine, **plain(results)}, indent=1) + "\n", args.json)
@@ -251,4 +615,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    if sys.argv[1:2] == ["--memory-child"]:   # training_step_memory's fresh process
+        _memory_child(json.loads(sys.argv[2]))
+    else:
+        run_cli(main)

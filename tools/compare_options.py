@@ -2,9 +2,9 @@
 
     python tools/compare_options.py --out runs/compare --data data/prepared_phantom
 
-Trains, with train.py, each variant x fold below (an existing snapshot under OUT/<variant>/fold<F>
-is reused, so the script can be resumed), then evaluates every snapshot next to the mask-copy
-baseline under preset 'inclusive' and under preset 'official' (the same snapshots). The empty-cell
+Trains, with train.py, each variant x fold below (a finished run of the same config under
+OUT/<variant>/fold<F> is reused, so the script can be resumed), then evaluates every snapshot next to the
+mask-copy baseline under preset 'inclusive' and under preset 'official' (the same snapshots). The empty-cell
 comparison it also made (rule 'skip' against 'zero') ended with the removal of 'skip' after commit
 b9c8bb5; its figures are in docs/fidelity_phantom.md.
 OUT/eval_<preset>/<variant>/ holds results.json/csv; OUT/compare.md is the table (variants as rows,
@@ -19,20 +19,13 @@ Variants (Sacred overrides on top of the named config `demo`, i.e. cnn_small fro
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tools"))
-
-from ablation import find_snapshot  # noqa: E402  (tools/ablation.py, beside this script)
-
-from dataloaders.organs import FOLD_ORGANS  # noqa: E402
-from util.atomic import write_text_atomic  # noqa: E402
-from util.cli import run_cli  # noqa: E402
-from util.errors import UserError  # noqa: E402
+from dataloaders.organs import FOLD_ORGANS
+from experiments.runner import train_or_reuse
+from util.atomic import write_text_atomic
+from util.cli import run_cli
 
 VGG_SMALL = ["model.encoder=vgg16", "model.pretrained=False", "input_size=64", "n_steps=100", "lr=1e-3",
              "lr_milestones=[80]", "val_every=50", "save_every=50", "eval.batch_size=16"]
@@ -49,20 +42,9 @@ def _slug(name: str) -> str:
 
 
 def train(variant: str, fold: int, data: str, out: Path, python: str) -> Path:
-    log_dir = out / _slug(variant) / f"fold{fold}"
-    snapshot = find_snapshot(log_dir)
-    if snapshot is not None:
-        print(f"[{variant}, fold {fold}] reusing {snapshot}", flush=True)
-        return snapshot
-    command = [python, str(ROOT / "train.py"), "with", "demo", *VARIANTS[variant], f"fold={fold}",
-               f"path.data_dir={data}", f"path.log_dir={log_dir}"]
-    print(f"[{variant}, fold {fold}] " + " ".join(command), flush=True)
-    if subprocess.run(command, cwd=ROOT).returncode != 0:
-        raise UserError(f"training {variant} on fold {fold} failed (see above)")
-    snapshot = find_snapshot(log_dir)
-    if snapshot is None:
-        raise UserError(f"train.py wrote no snapshot under {log_dir}")
-    return snapshot
+    return train_or_reuse(["demo", *VARIANTS[variant], f"fold={fold}", f"path.data_dir={data}",
+                           f"path.log_dir={out / _slug(variant) / f'fold{fold}'}"],
+                          title=f"train {variant}, fold {fold}", python=python)
 
 
 def table(results: dict, preset: str) -> str:

@@ -3,21 +3,12 @@
     tools/gpu_check.sh [--dry-run] [--quick] [--out DIR]   # the wrapper installs carried wheels first
     python tools/gpu_check.py [--dry-run] [--quick] [--out DIR] [--budget SECONDS] [--keep]
 
-Steps (none stops the run; each prints PASS / FAIL / SKIP lines):
-  1. `pytest -m cuda` on the test files that mark some: AMP training steps, channels_last, the fp16 GradScaler
-     resumed, torchrun with nccl on every GPU, test.py under autocast, scripts/segment_volume.py, the head on
-     CUDA (on a GPU none may skip; on CPU all skip, their CPU twins run in the suite)
-  2. a phantom (6 silver + 3 gold, scripts/make_phantom.py) prepared at SIZE (scripts/prepare_visceral.py)
-  3. train.py with `paper` and `official` x AMP off / bf16 / fp16, STEPS steps each, random init: s/step,
-     episodes/s, peak CUDA memory, data-wait fraction, loss first vs last quarter; a data wait > 10% runs
-     paper bf16 again with num_workers=4 (the remedy, measured; the dry-run runs it unless --quick)
-  4. tools/benchmark.py --device cuda: OUT/BENCHMARKS.md (its GPU section), OUT/benchmark.json (with the
-     query slices/s of inference)
-  5. targets and the projection of the paper's 4 folds x 10,000 steps in GPU-hours
-Outputs under --out (default $OUT, else runs/gpu_check): summary.md (also printed), results.json, log.txt
-(every command and its output), BENCHMARKS.md, benchmark.json. Exit status 1 when a check FAILs.
---dry-run: CPU at 64 x 64, a few steps, the same summary (tests/test_gpu_check.py); --quick: no benchmark, no
-`official` runs.
+Steps (docs/gpu_check.md; none stops the run, each prints PASS / FAIL / SKIP): 1. `pytest -m cuda`; 2. a
+phantom prepared at SIZE; 3. train.py `paper` and `official` x AMP off / bf16 / fp16 (a data wait > 10% runs
+paper bf16 again with num_workers=4); 4. tools/benchmark.py --device cuda; 5. targets and the GPU-hours of
+the paper's 4 folds x 10,000 steps. Outputs under --out (default $OUT, else runs/gpu_check): summary.md,
+results.json, log.txt, BENCHMARKS.md, benchmark.json; exit 1 when a check FAILs. --dry-run: CPU at 64 x 64,
+a few steps; --quick: no benchmark, no `official` runs.
 """
 from __future__ import annotations
 
@@ -35,11 +26,11 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from training.runs import latest_run
+from util.atomic import write_text_atomic
+from util.provenance import git_commit
 
-from training.runs import latest_run  # noqa: E402
-from util.atomic import write_text_atomic  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 PAPER_FOLDS, PAPER_STEPS = 4, 10_000
 TARGET_BF16_SPEEDUP, TARGET_GPU_HOURS, TARGET_HEAD_SHARE, MAX_DATA_WAIT = 1.8, 2.0, 0.05, 0.10
@@ -72,40 +63,38 @@ class Runner:
 
     def __init__(self, plan: Plan, out: Path, work: Path):
         self.plan, self.out, self.work, self.runs = plan, out, work, work / "runs"
-        self.start = time.perf_counter()
-        self.checks: list[dict] = []
-        self.log = open(out / "log.txt", "w")
+        self.start, self.checks, self.log = time.perf_counter(), [], open(out / "log.txt", "w")
 
     def left(self) -> float:
         return self.plan.budget - (time.perf_counter() - self.start)
 
     def add(self, step: str, name: str, ok: bool | str, figures: str = "", data: dict | None = None) -> None:
         status = ok if isinstance(ok, str) else ("PASS" if ok else "FAIL")
-        self.checks.append({"step": step, "name": name, "status": status, "figures": figures, "data": data
-                            or {}})
+        self.checks.append({"step": step, "name": name, "status": status, "figures": figures,
+                            "data": data or {}})
         line = f"{status:4s} {step} {name}" + (f": {figures}" if figures else "")
         print(line, flush=True)
-        self.log.write(f"### {line}\n")
+        self.write(f"### {line}\n")
+
+    def write(self, text: str) -> None:
+        self.log.write(text)
         self.log.flush()
 
     def run(self, cmd: list, cap: float) -> tuple[int, str, float]:
         """(exit status, output, seconds); status 124 when it ran past min(cap, time left - 20 s)."""
         timeout = max(1.0, min(cap, self.left() - 20))
-        self.log.write(f"\n$ {' '.join(shlex.quote(str(c)) for c in cmd)}   (timeout {timeout:.0f} s)\n")
-        self.log.flush()
+        self.write(f"\n$ {' '.join(shlex.quote(str(c)) for c in cmd)}   (timeout {timeout:.0f} s)\n")
         tic = time.perf_counter()
         try:
             done = subprocess.run([str(c) for c in cmd], cwd=ROOT, stdout=subprocess.PIPE,
-                                  stderr=subprocess.STDOUT,
-                                  timeout=timeout)
+                                  stderr=subprocess.STDOUT, timeout=timeout)
             code, output = done.returncode, done.stdout.decode(errors="replace")
         except subprocess.TimeoutExpired as error:
             code = 124
-            output = (error.stdout
-                      or b"").decode(errors="replace") + f"\n[gpu_check: killed after {timeout:.0f} s]"
+            output = ((error.stdout or b"").decode(errors="replace")
+                      + f"\n[gpu_check: killed after {timeout:.0f} s]")
         seconds = time.perf_counter() - tic
-        self.log.write(output + f"\n[exit {code} after {seconds:.1f} s]\n")
-        self.log.flush()
+        self.write(output + f"\n[exit {code} after {seconds:.1f} s]\n")
         return code, output, seconds
 
     def enough_time(self, step: str, name: str, need: float) -> bool:
@@ -143,15 +132,12 @@ def phantom(r: Runner) -> Path | None:
     (pixels, slices, min_voxels), phantom_dir, prep = r.plan.phantom, r.work / "phantom", r.work / "prepared"
     workers = max(1, min(8, (os.cpu_count() or 2) // 2))
     code, output, seconds = r.run([sys.executable, "scripts/make_phantom.py", "--out", phantom_dir,
-                                   "--n-silver", 6,
-                                   "--n-gold", 3, "--size", pixels, "--slices", slices, "--workers", workers,
-                                   "--seed", 18], cap=180)
+                                   "--n-silver", 6, "--n-gold", 3, "--size", pixels, "--slices", slices,
+                                   "--workers", workers, "--seed", 18], cap=180)
     if code == 0:
         code, output, more = r.run([sys.executable, "scripts/prepare_visceral.py", "--visceral-dir",
-                                    phantom_dir,
-                                    "--out", prep, "--size", r.plan.size, "--n-val", 1, "--min-voxels",
-                                    min_voxels],
-                                   cap=180)
+                                    phantom_dir, "--out", prep, "--size", r.plan.size, "--n-val", 1,
+                                    "--min-voxels", min_voxels], cap=180)
         seconds += more
     ok = code == 0 and (prep / "meta.json").is_file()
     r.add("2", f"phantom 6 silver + 3 gold ({pixels} px) prepared at {r.plan.size}", ok,
@@ -168,8 +154,8 @@ def train(r: Runner, prep: Path, setup: str, amp: str, label: str, *extra: str) 
         [sys.executable, "train.py", "with", setup, f"device={r.plan.device}", f"amp={amp}",
          f"input_size={r.plan.size}", f"n_steps={steps}", "val_every=0", f"save_every={steps}",
          f"print_every={max(1, steps // 4)}", "model.pretrained=False", "class_setting=all_structures",
-         "fold=0",
-         f"name={name}", f"path.data_dir={prep}", f"path.log_dir={r.runs}", *r.plan.overrides, *extra],
+         "fold=0", f"name={name}", f"path.data_dir={prep}", f"path.log_dir={r.runs}", *r.plan.overrides,
+         *extra],
         cap=max(60.0, r.plan.budget / 6))
     folder = latest_run(r.runs, name) if code == 0 else None
     result = read_json(folder / "run.json").get("result") or {} if folder else {}
@@ -234,11 +220,9 @@ def benchmark(r: Runner) -> dict:
         return {}
     report, data_file = r.out / "BENCHMARKS.md", r.out / "benchmark.json"
     shutil.copyfile(ROOT / "BENCHMARKS.md", report)  # keeps the other section
+    quick_options = ["--quick", "--size", r.plan.size] if quick else []
     code, output, seconds = r.run([sys.executable, "tools/benchmark.py", "--device", r.plan.device, "--out",
-                                   report,
-                                   "--json", data_file] + (["--quick", "--size", r.plan.size] if quick
-                                                           else []),
-                                  cap=r.left())
+                                   report, "--json", data_file, *quick_options], cap=r.left())
     data = read_json(data_file)
     r.add("4", label + (" --quick" if quick else ""), code == 0 and bool(data),
           f"{seconds:.0f} s; {tail(output, 1)}" if code == 0 and data else tail(output))
@@ -276,9 +260,8 @@ def projection(r: Runner, trained: dict) -> list[str]:
              f"{PAPER_FOLDS} folds x {PAPER_STEPS:,} steps = "
              f"{PAPER_FOLDS * PAPER_STEPS * res['sec_per_step'] / 3600:.2f} "
              "GPU-hours (training steps only)" for (setup, amp), res in sorted(trained.items())]
-    return lines + (["- (dry-run: CPU at 64 px; these hours say nothing about a GPU)"] if r.plan.dry_run
-                    and lines
-                    else [])
+    return lines + (["- (dry-run: CPU at 64 px; these hours say nothing about a GPU)"]
+                    if r.plan.dry_run and lines else [])
 
 
 # --------------------------------------------------------------------------------------- summary
@@ -286,10 +269,8 @@ def machine(plan: Plan) -> str:
     import torch  # here, not at the top: --help and the wrapper's checks stay fast
     where = (torch.cuda.get_device_name(0) if plan.device == "cuda" and torch.cuda.is_available()
              else platform.processor() or platform.machine())
-    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                          text=True).stdout
     return (f"{where}; torch {torch.__version__} (CUDA {torch.version.cuda}); python "
-            f"{platform.python_version()}; {os.cpu_count()} CPUs; code {head.strip() or 'unknown'}")
+            f"{platform.python_version()}; {os.cpu_count()} CPUs; code {(git_commit() or 'unknown')[:7]}")
 
 
 def summary(r: Runner, rows: list, projected: list[str], description: str) -> str:
@@ -302,8 +283,8 @@ def summary(r: Runner, rows: list, projected: list[str], description: str) -> st
              f"{r.plan.size} px, {r.plan.steps} steps per training run{models}", "",
              "| step | check | status | figures |", "|---|---|---|---|"]
     lines += [f"| {c['step']} | {c['name']} | {c['status']} | {c['figures']} |" for c in r.checks]
-    lines += ["", "| target (one H100) | measured | |", "|---|---|---|"] + [f"| {a} | {b} | {c} |" for a, b,
-                                                                            c in rows]
+    lines += ["", "| target (one H100) | measured | |", "|---|---|---|"] + [f"| {a} | {b} | {c} |"
+                                                                            for a, b, c in rows]
     lines += ["", "Projection (measured s/step x 4 folds x 10,000 steps; validation not "
               "included):"] + projected
     fails = [c for c in r.checks if c["status"] == "FAIL"]

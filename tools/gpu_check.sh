@@ -9,7 +9,8 @@
 #
 # Runs on a bare python3 with torch >= 2.11 (no `make setup`): wheels of the packages that machine
 # lacks (tools/gpu_wheels.txt: sacred, nibabel, ...) are carried in .whl/ (tools/fetch_gpu_wheels.sh
-# downloads them here) and installed first with `pip install --no-index --target`. The steps are
+# downloads them here) and installed first with `pip install --no-index --target`; the repository's own
+# packages import through PYTHONPATH (no `pip install -e .` there). The steps are
 # listed in tools/gpu_check.py. PYTHON=... picks the interpreter (default .venv/bin/python when it
 # exists, else python3).
 #
@@ -30,6 +31,7 @@ if [ -z "${PYTHON:-}" ]; then
     if [ -x .venv/bin/python ]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
 fi
 export PYTHONUNBUFFERED=1
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 if ! "$PYTHON" -c "import sacred, nibabel, pkg_resources" 2>/dev/null; then
     if ! ls .whl/*.whl >/dev/null 2>&1; then
         echo "gpu_check: $PYTHON lacks sacred/nibabel and no wheels are in .whl/:" \

@@ -22,12 +22,11 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from util.atomic import write_text_atomic
+from util.cli import run_cli
+from util.errors import UserError
 
-from util.atomic import write_text_atomic  # noqa: E402
-from util.cli import run_cli  # noqa: E402
-from util.errors import UserError  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 STEP_LINE = re.compile(r"step (\d+)/(\d+)\s+loss (\S+)")
 

@@ -12,32 +12,25 @@
 """
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "scripts"))
+from util.atomic import write_text_atomic
+from util.cli import run_cli
 
-from util.atomic import write_text_atomic  # noqa: E402
-from util.cli import run_cli  # noqa: E402
-
-DOC = ROOT / "docs" / "lslpn_plus_phantom.md"
+DOC = Path(__file__).resolve().parents[1] / "docs" / "lslpn_plus_phantom.md"
 ORGANS = ["liver", "spleen", "kidney", "psoas"]
 
 
 def main(argv: list[str]) -> int:
-    import demo  # its pins, set before torch loads
-    demo.pin_cpu_numerics()
-    import demo_steps as steps
-    from sacred.initialize import create_run
-
-    from config import ex
+    from demo.__main__ import pin_cpu_numerics
+    pin_cpu_numerics()  # the demo's pins, set before torch loads
     from dataloaders.organs import TEST_ORGANS
+    from demo import run as steps
     from evaluation.adaptation import test_time_head_options, test_time_model
     from evaluation.evaluate import evaluate
     from evaluation.results import table_rows
+    from experiments.runner import resolved_config
     from util.provenance import git_commit
     start, log = time.perf_counter(), []
     if not (steps.RUN_DIR / "train" / "lslpn_fold0").is_dir():
@@ -45,7 +38,7 @@ def main(argv: list[str]) -> int:
         raise UserError(f"no demo runs under {steps.RUN_DIR / 'train'}: run `make demo` first")
     plain = steps.train_all(log, False, [], {"LSLPN": []})["LSLPN"]            # reused: the demo's runs
     plus = steps.train_all(log, False, [], {"LSLPN_plus": ["lslpn_plus"]})["LSLPN_plus"]
-    config = create_run(ex, "print_config", config_updates={}, named_configs=["demo", "lslpn_plus"]).config
+    config = resolved_config(["demo", "lslpn_plus"])
     settings = config["eval"]
     head = test_time_head_options(settings, config["model"])
 

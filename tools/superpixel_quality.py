@@ -12,23 +12,16 @@ the best supervoxel's cross-section on that slice). Also the seconds per volume.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from dataloaders.layouts import find_cases, load_case  # noqa: E402
-from dataloaders.organs import NAME_TO_INDEX, TEST_ORGANS  # noqa: E402
-from dataloaders.superpixels import SuperpixelParams, body_mask, stack_superpixels  # noqa: E402
-from dataloaders.transforms import (  # noqa: E402
-    resize_image,
-    resize_label,
-    scale_intensity,  # noqa: E402
-)
-from util.cli import run_cli  # noqa: E402
+from dataloaders.layouts import find_cases, load_case
+from dataloaders.organs import NAME_TO_INDEX, TEST_ORGANS
+from dataloaders.superpixels import SuperpixelParams, body_mask, stack_superpixels
+from dataloaders.transforms import resize_image, resize_label, scale_intensity
+from util.cli import run_cli
 
 WINDOW = {"mode": "window", "window": [-125.0, 275.0]}
 

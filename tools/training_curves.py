@@ -13,17 +13,14 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import sys
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from training.runs import iter_runs  # noqa: E402
-from util.atomic import atomic_path  # noqa: E402
-from util.cli import run_cli  # noqa: E402
-from util.errors import UserError  # noqa: E402
+from training.runs import iter_runs
+from util.atomic import atomic_path
+from util.cli import run_cli
+from util.errors import UserError
 
 NAME = re.compile(r"^(?P<method>.+)_fold(?P<fold>\d+)$")
 LABELS = {"mask_copy": "mask copy", "panet": "PANet", "senet": "SENet", "lslpn": "LSLPN"}

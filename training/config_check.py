@@ -1,15 +1,9 @@
 """Validate a resolved Sacred config before anything runs: `check_config(config, command)`, once per
-command (train.py, test.py).
-
-One pass: the declarative schema (util/config_schema.py: every key known, its type, range or choices,
-the cross-key rules of the run's method), the organ names, then the facts on disk that the command
-needs: `path.data_dir` is a prepared folder (a raw data folder gets a prepare command that writes
-beside it, never into it), the log folder is writable, files named by the config exist, the fold has
-training classes with slices and validation volumes exist when validation is on, the neighbour slices
-of 2.5D input are stored (command 'train'; self-supervised episodes: PREP/superpixels, validation
-optional), and eval.support names prepared volumes (command 'test'). Nothing is loaded beyond small
-JSON files. Every error is one line, `util.errors.UserError`; the models and loaders trust what
-passed here.
+command (train.py, test.py). It assembles the options each component declares (the run's own here,
+model.* from models/factory.py, selfsup.* from dataloaders/selfsup_episodes.py, eval.* from
+evaluation/protocols.py), checks them with util/options.py, then the rules between keys and the facts on
+disk the command needs (prepared data, files named, training classes, validation volumes, neighbour
+slices, eval.support). Every error is one line (`UserError`); models and loaders trust what passed.
 """
 from __future__ import annotations
 
@@ -18,13 +12,114 @@ import shlex
 from pathlib import Path
 from typing import Mapping
 
-from dataloaders.organs import INDEX_TO_NAME, organ_index, training_classes
+from dataloaders.organs import FOLD_ORGANS, INDEX_TO_NAME, organ_index, training_classes
 from dataloaders.prepared import check_training_neighbours, list_volumes, read_meta, read_slice_index
+from dataloaders.selfsup_episodes import SELFSUP_OPTIONS
 from dataloaders.superpixels import read_superpixel_meta
-from util.config_schema import check_run_config, fail
+from evaluation.protocols import EVAL_OPTIONS
+from models.factory import MODEL_OPTIONS, SENET, check_model_rules
+from models.weights import IMAGENET_WEIGHTS
 from util.device import resolve_device
 from util.errors import UserError
+from util.options import (
+    AMP,
+    BOOL,
+    FILE,
+    MILESTONES,
+    NAME,
+    ORGAN_SETS,
+    PAIR,
+    SNAPSHOTS,
+    TEXT,
+    Option,
+    check_options,
+    choice,
+    fail,
+    integer,
+    number,
+)
 from util.paths import check_writable_folder
+
+# The run's own options (config.py's top level and augment / senet / path sections).
+RUN_OPTIONS: dict[str, Option] = {
+    "name": Option(NAME, nullable=True),
+    "seed": integer(0, example="1234"),
+    "device": choice("auto", "cpu", "cuda"),
+    "amp": Option(AMP),
+    "channels_last": Option(BOOL),
+    "num_workers": integer(0, example="0"),
+    "fold": integer(0, len(FOLD_ORGANS) - 1, example="0"),
+    "label_sets": Option(ORGAN_SETS),
+    "class_setting": choice("six_organs", "all_structures"),
+    "input_size": integer(16, example="512"),
+    "n_ways": integer(1, example="1"),
+    "n_shots": integer(1, example="1"),
+    "n_queries": integer(1, example="1"),
+    "batch_size": integer(1, example="4"),
+    "n_steps": integer(1, example="10000"),
+    "lr": number(0, low_open=True, example="1e-3"),
+    "momentum": number(0, 1, example="0.9"),
+    "weight_decay": number(0, example="5e-4"),
+    "lr_milestones": Option(MILESTONES),
+    "lr_gamma": number(0, 1, low_open=True, example="0.1"),
+    "grad_clip": number(0, example="0.0"),
+    "boundary_weight": number(0, example="0.5"),
+    "augment.p": number(0, 1, example="0.5"),
+    "augment.brightness": Option(PAIR, 0, low_open=True),
+    "augment.contrast": Option(PAIR, 0, low_open=True),
+    "augment.gamma": Option(PAIR, 0, low_open=True),
+    "episodes": choice("labels", "superpixels"),
+    "senet.official_bug": Option(BOOL),
+    "senet.double_softmax": Option(BOOL),
+    "senet.epochs": integer(1, example="20"),
+    "senet.lr_step_epochs": integer(1, example="10"),
+    "senet.gamma_segmenter": number(0, 1, low_open=True, example="0.1"),
+    "senet.gamma_conditioner": number(0, 1, low_open=True, example="0.001"),
+    "path.data_dir": Option(TEXT),
+    "path.init_path": Option(FILE, nullable=True),
+    "path.init_from": Option(FILE, nullable=True),
+    "path.log_dir": Option(TEXT),
+    "save_every": integer(1, example="1000"),
+    "val_every": integer(0, example="1000"),
+    "val_split": choice("val", "gold"),
+    "print_every": integer(1, example="100"),
+    "resume": Option(BOOL),
+}
+# Every key of config.py: the run's, then each owner's section.
+SCHEMA: dict[str, Option] = {**RUN_OPTIONS, **{f"model.{k}": o for k, o in MODEL_OPTIONS.items()},
+                             **{f"selfsup.{k}": o for k, o in SELFSUP_OPTIONS.items()},
+                             **{f"eval.{k}": o for k, o in EVAL_OPTIONS.items()}}
+# Mappings whose entries the user names (method name -> checkpoint): their keys are not config keys.
+OPEN_MAPPINGS = tuple(key for key, option in SCHEMA.items() if option.kind == SNAPSHOTS)
+LSLPN, PANET, SELFSUP = "lslpn", "panet", "selfsup"
+
+
+def methods_of(config: Mapping) -> frozenset:
+    """The methods a run config uses: one of lslpn / panet / senet, plus selfsup for superpixel episodes."""
+    model = config.get("model") or {}
+    method = SENET if model.get("method") == SENET else PANET if model.get("head") == "panet" else LSLPN
+    return frozenset({method} | ({SELFSUP} if config.get("episodes") == "superpixels" else set()))
+
+
+def check_run_config(config: Mapping) -> None:
+    """The one pass over a resolved run config: known keys, types, ranges, then the rules between keys."""
+    check_options(config, SCHEMA, "config.py", nullable_sections=("augment",))
+    model, methods = config["model"], methods_of(config)
+    check_model_rules(model, "model", config["input_size"])
+    init_path = config["path"]["init_path"]
+    if SENET not in methods and init_path is not None and model["encoder"] not in IMAGENET_WEIGHTS:
+        raise fail("path.init_path", init_path, f"encoder {model['encoder']} has no ImageNet layout to load",
+                   "set path.init_path=None, or use vgg16 / resnet50_lslpn")
+    if SENET in methods:
+        if config["n_ways"] != 1:
+            raise fail("n_ways", config["n_ways"], "SENet segments one class at a time", "set n_ways=1")
+        if config["input_size"] % 16:
+            raise fail("input_size", config["input_size"], "SENet needs a multiple of 16 (4 poolings)",
+                       f"e.g. input_size={max(16, config['input_size'] // 16 * 16)}")
+    if SELFSUP in methods and config["n_ways"] != 1:
+        raise fail("n_ways", config["n_ways"], "self-supervised episodes have one pseudo-class "
+                   "(a superpixel)", "set n_ways=1")
+
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 

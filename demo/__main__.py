@@ -1,27 +1,18 @@
-"""The end-to-end demo on the synthetic phantom (what `make demo` runs).
+"""The end-to-end demo on the synthetic phantom (what `make demo` runs; the steps are in demo/run.py).
 
-    python scripts/demo.py                    # run, reusing finished steps
-    python scripts/demo.py --redo train       # retrain (also: phantom, prepare)
-    python scripts/demo.py --publish          # copy the finished table/figures into README.md, docs/
+    python -m demo                    # run, reusing finished steps
+    python -m demo --redo train       # retrain (also: phantom, prepare)
+    python -m demo --publish          # copy the finished table/figures into README.md, docs/
 
-CPU numerics are pinned for every step (PINNED_NUMERICS, set before torch loads and inherited by the
-step subprocesses). torch picks CPU kernels in three places by the machine's vector ISA and vendor:
-oneDNN (convolutions), ATen's own vectorised kernels (softmax, reductions, ...) and MKL (matrix
-products). All three are capped at AVX2, so an AVX-512 machine runs the kernels an AVX2 machine
-runs; and 2 intra-op threads, because one thread takes other kernels than two or more. What this
-does and does not make reproducible is stated in README.md ("Reproducibility of these figures").
+CPU numerics are pinned for every step (PINNED_NUMERICS below, set before torch loads and inherited by the
+step subprocesses; README.md, "Reproducibility of these figures").
 """
 from __future__ import annotations
 
 import argparse
 import os
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # demo_steps.py beside this script
-
-from util.cli import run_cli  # noqa: E402
+from util.cli import run_cli
 
 # Kernel choice capped at AVX2 (every x86-64 CPU of the last decade has it) in oneDNN, ATen and MKL
 # (MKL_CBWR: MKL's conditional numerical reproducibility, the same code path on Intel and AMD CPUs),
@@ -38,7 +29,7 @@ def pin_cpu_numerics(environ=os.environ) -> dict:
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--redo", nargs="*", default=[], choices=["phantom", "prepare", "train"],
                         help="steps to run again instead of reusing their outputs")
@@ -47,7 +38,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("overrides", nargs="*", help="extra Sacred overrides for train.py, e.g. n_steps=100")
     args = parser.parse_args(argv)
     pinned = pin_cpu_numerics()
-    import demo_steps as demo  # after pin_cpu_numerics: oneDNN/OpenMP read these variables when torch loads
+    # after pin_cpu_numerics: oneDNN/OpenMP read these variables when torch loads
+    from demo import run as demo
     if args.publish:
         demo.publish()
         return 0

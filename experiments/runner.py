@@ -1,0 +1,91 @@
+"""The experiment runner: train a set-up with train.py unless a finished run of the same config exists.
+
+One reuse rule: a run counts when its last.pth reached the config's n_steps and records the config digest
+(training.runs.config_hash) that the same train.py arguments resolve to now. Steps run as subprocesses,
+the commands a user would type, so their progress shows; `log` collects (step, command, seconds).
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+from config import ex  # before sacred: config.py silences its import warning
+
+# isort: split
+from sacred.arg_parser import get_config_updates
+from sacred.initialize import create_run
+from sacred.utils import SacredError
+
+from training.runs import config_hash, finished_snapshot, run_name
+from util.errors import UserError
+
+ROOT = Path(__file__).resolve().parents[1]
+FAILED = ("step '{title}' failed (exit {code}): fix the message above and run it again; finished steps are "
+          "reused")
+
+
+def python_command(script: str, *args: str, python: str = sys.executable) -> list[str]:
+    """The command line that runs one of the repository's entry points (a path from its root)."""
+    return [python, str(ROOT / script), *args]
+
+
+def run_step(title: str, command: list[str], log: list[dict] | None = None, failed: str = FAILED) -> None:
+    """Run one command with its output streaming; a failure is the one line `failed` (title, code)."""
+    shown = " ".join(os.path.relpath(part, Path.cwd()) if part.startswith(str(ROOT)) else part
+                     for part in command[1:])
+    print(f"\n==> {title}\n$ python {shown}", flush=True)
+    start = time.perf_counter()
+    code = subprocess.run(command).returncode
+    if log is not None:
+        log.append({"step": title, "command": f"python {shown}",
+                    "seconds": round(time.perf_counter() - start, 1)})
+    if code != 0:
+        raise UserError(failed.format(title=title, code=code))
+
+
+def resolved_config(arguments: Sequence[str], what: str = "train.py settings") -> dict:
+    """The config `train.py with <arguments>` runs with (nothing is run); a typo is one line."""
+    updates, named = get_config_updates(list(arguments))
+    try:
+        return dict(create_run(ex, "print_config", config_updates=updates, named_configs=named).config)
+    except (SacredError, KeyError) as error:
+        found = "; ".join(line.strip() for line in str(error).splitlines() if line.strip())
+        raise UserError(f"{what}: {found or type(error).__name__}: check the spelling against config.py "
+                        f"(named configs: {', '.join(sorted(ex.named_configs))}; keys: python train.py "
+                        "print_config)") from None
+
+
+def finished(arguments: Sequence[str], snapshot: str = "best.pth") -> Path | None:
+    """`snapshot` of the newest finished run of `train.py with <arguments>` (the reuse rule), else None."""
+    config = resolved_config(arguments)
+    return finished_snapshot(config["path"]["log_dir"], run_name(config), int(config["n_steps"]), snapshot,
+                             config_hash(config))
+
+
+def train_or_reuse(arguments: Sequence[str], *, snapshot: str = "best.pth", redo: bool = False,
+                   title: str | None = None, log: list[dict] | None = None, failed: str = FAILED,
+                   python: str = sys.executable) -> Path:
+    """`snapshot` of a finished run of `train.py with <arguments>`, trained here first unless one exists.
+
+    The run's folder is path.log_dir/<run name> of the resolved config. redo=True trains a new run from
+    step 0; otherwise train.py resumes an unfinished run of the same config (resume=True).
+    """
+    config = resolved_config(arguments)
+    name, log_dir, n_steps = run_name(config), Path(config["path"]["log_dir"]), int(config["n_steps"])
+    title = title or f"train {name}"
+    digest = config_hash(config)
+    found = None if redo else finished_snapshot(log_dir, name, n_steps, snapshot, digest)
+    if found is not None:
+        print(f"==> {title}: reusing {found}", flush=True)
+        return found
+    run_step(title, python_command("train.py", "with", *arguments, *([] if redo else ["resume=True"]),
+                                   python=python), log, failed)
+    found = finished_snapshot(log_dir, name, n_steps, snapshot, digest)
+    if found is None:
+        raise UserError(f"training {name} ended without {snapshot} at step {n_steps} under {log_dir / name}: "
+                        "see its cout.txt")
+    return found
