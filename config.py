@@ -3,11 +3,10 @@
 The DEFAULT is the network this project's users asked for: the local prototype head on PANet's
 VGG-16 (ImageNet weights), not the authors' ResNet-50; it differs from the authors' code in the
 encoder, the learning-rate milestones (the paper's text), the evaluation preset ('inclusive') and
-model selection on held-out volumes; the empty-cell rule is the authors' ('zero', chosen by a
-measurement: see model.empty_cell). REPRODUCTION.md lists every difference and the option that
+model selection on held-out volumes. REPRODUCTION.md lists every difference and the option that
 switches it.
 Named configs:
-  official  the authors' code (docs/method.md): resnet50_lslpn, empty_cell 'zero', max vote,
+  official  the authors' code (docs/method.md): resnet50_lslpn, max vote,
             milestones 800/1600/2400, 512 x 512, batch 4, 10,000 steps, ImageNet init, no alignment,
             evaluation preset 'official' (their eval.py)
   paper     the paper's text where it differs from their code: milestones 2500/5000/7500
@@ -112,10 +111,6 @@ def default_config():
         "align": False,           # alignment loss ('panet' head: PANet's; 'local' head: this project's)
         "align_weight": 1.0,
         "head": "local",          # 'local' (LSLPN) or 'panet' (PANet's global prototypes, exactly)
-        # Empty cells (<= min_pixels class pixels): 'zero', the authors' rule and the only one (zero
-        # prototype, cosine 0, takes part in every vote; max vote floored at -1). The earlier 'skip'
-        # was removed after commit b9c8bb5 (models/removed_options.py).
-        "empty_cell": "zero",
         "pretrained": True,       # ImageNet weights via torchvision (cached in TORCH_HOME); False: random
         # 2.5D input (beyond the paper, off by default; prototype methods only): 1 = each image is one
         # axial slice (the paper), 3 = slices z - 1, z, z + 1 as the encoder's 3 channels
@@ -168,9 +163,7 @@ def default_config():
         "split": "gold",          # 'gold' (test) or 'val'
         "batch_size": 16,         # query slices per forward pass
         "save_predictions": True, # NIfTI masks in each query's original geometry
-        # LSLPN+ at test time (docs/lslpn_plus.md), off by default:
-        "plus_head": False,       # evaluate snapshots with this config's model.grids / grid_fusion / query_*
-        # or these LSLPN+ head options, at test time only (a value other than the plain head's)
+        # LSLPN+ head options at test time only (docs/lslpn_plus.md; a value other than the plain head's)
         "head_options": dict(PLUS_DEFAULTS),
         "adapt_steps": 0,         # test-time adaptation: SGD steps on views of each support slice (0: off)
         "adapt_lr": 1e-2,         # its learning rate

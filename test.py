@@ -62,7 +62,7 @@ def evaluate_snapshots(_config, _run, fold, label_sets, input_size, device, amp,
     run_dirs = [o.dir for o in _run.observers if getattr(o, "dir", None)]
     out_dir = Path(run_dirs[0]) if run_dirs else Path(path["log_dir"]) / "test" / "unobserved"
     methods = {"mask copy": None, **dict(settings["snapshots"])}
-    head_options = test_time_head_options(settings, _config["model"])
+    head_options = test_time_head_options(settings)
 
     def model_transform(model):   # LSLPN+ at test time (docs/lslpn_plus.md); identity by default
         return test_time_model(model, head_options, settings["adapt_steps"], settings["adapt_lr"])

@@ -148,18 +148,12 @@ class SupportAdaptedModel(nn.Module):
         return self._adapted.segment(prototypes, query_images)
 
 
-def test_time_head_options(eval_settings: Mapping, model_settings: Mapping) -> dict | None:
-    """The LSLPN+ head options a test run applies (config `eval`, `model` sections): the entries of
-    eval.head_options that differ from the plain head's (PLUS_DEFAULTS; test time only) when there are
-    any, else with eval.plus_head the run's own model.* head options, else None (the snapshots' own
-    heads: an eval.head_options value equal to the plain head's changes nothing)."""
+def test_time_head_options(eval_settings: Mapping) -> dict | None:
+    """The LSLPN+ head options a test run applies: the entries of eval.head_options that differ from
+    the plain head's (PLUS_DEFAULTS), or None (the snapshots' own heads)."""
     given = {key: value for key, value in (eval_settings.get("head_options") or {}).items()
              if value != PLUS_DEFAULTS[key]}
-    if given:
-        return given
-    if eval_settings.get("plus_head"):
-        return {key: model_settings[key] for key in PLUS_DEFAULTS if key in model_settings}
-    return None
+    return given or None
 
 
 def test_time_model(model: nn.Module, head_options: dict | None = None, adapt_steps: int = 0,

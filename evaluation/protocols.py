@@ -347,7 +347,6 @@ EVAL_OPTIONS = {
     "split": choice("gold", "val"),
     "batch_size": integer(1, example="16"),
     "save_predictions": Option(BOOL),
-    "plus_head": Option(BOOL),
     "adapt_steps": integer(0, example="20"),
     "adapt_lr": number(0, low_open=True, example="1e-2"),
     # the LSLPN+ head options at test time, each checked as the model.* key of the same name

@@ -29,11 +29,10 @@ from dataloaders.label_map import (
 )
 from dataloaders.nifti import NiftiVolume, check_same_grid, load_nifti, save_nifti_atomic, to_original
 from dataloaders.organs import INDEX_TO_NAME, canonical_name
-from dataloaders.prepared import prepared_intensity
 from dataloaders.transforms import needs_hounsfield
 from evaluation.inference import run_chunks
 from evaluation.protocols import centre_offsets, chunk_plan
-from models.checkpoint import check_input_size, model_from_checkpoint, model_input, trained_input
+from models.checkpoint import check_input_size, model_from_checkpoint, model_input
 from util.cli import warn
 from util.device import resolve_device
 from util.errors import UserError
@@ -365,28 +364,12 @@ def load_support(image_path, mask_path, support_label, label_map, min_voxels: in
 def load_model(checkpoint, device: torch.device, input_size: int | None, intensity: dict | None):
     """(model in eval mode on device, input_size, intensity) from a train.py checkpoint (or a module).
 
-    input_size and intensity: given, else what the checkpoint records (`models.checkpoint.model_input`);
-    a snapshot that predates the intensity record falls back to meta.json of its training data.
+    input_size and intensity: given, else what the checkpoint records (`models.checkpoint.model_input`).
     """
     if isinstance(checkpoint, torch.nn.Module):
         return (checkpoint.to(device).eval(),) + model_input({}, input_size, intensity)
     model, state = model_from_checkpoint(str(checkpoint), device)
-    fallback = None
-    if intensity is None and trained_input(state)[1] is None:
-        fallback = _training_data_intensity(state.get("run_config") or {})
-    return (model,) + model_input(state, input_size, intensity, fallback)
-
-
-def _training_data_intensity(run_config: dict) -> dict | None:
-    """meta.json's intensity of the prepared data an old checkpoint was trained on, when it is still there."""
-    data_dir = (run_config.get("path") or {}).get("data_dir")
-    if not data_dir:
-        return None
-    for folder in (Path(data_dir), Path(__file__).resolve().parents[1] / data_dir):  # cwd, then repo root
-        intensity = prepared_intensity(folder)
-        if intensity is not None:
-            return intensity
-    return None
+    return (model,) + model_input(state, input_size, intensity)
 
 
 def check_hounsfield(intensity: dict, volumes) -> None:

@@ -1,28 +1,10 @@
-"""SSL-ALPNet's adaptive local prototype head (Ouyang et al., ECCV 2020; its official code, models/
-alpmodule.py MultiProtoAsConv and models/grid_proto_fewshot.py FewShotSeg), vectorised.
+"""SSL-ALPNet's adaptive local prototype head (Ouyang et al., ECCV 2020), vectorised.
 
-Rules, as the official code computes them:
-- Support masks are resized bilinearly (align_corners=False) to the feature map and stay soft.
-- Local prototype candidates: features and soft masks are average-pooled with kernel = stride =
-  `window` (4 in training, 2 at test: the official proto_grid_size 8 on 32 x 32 features and
-  val_wsize 2). A candidate is kept iff its pooled mask is > 0.95 (strict).
-- Foreground of a way, per episode: 'gridconv+' (the kept local candidates of every shot plus one
-  global masked-average prototype per shot, sum(F m) / (sum(m) + 1e-5)) when the maximum of
-  avg_pool(soft fg mask, 4) over its shots is >= 0.95 (window 4 at test time too); otherwise 'mask':
-  the global prototype only (the mean over shots). An empty foreground gives a zero prototype (score 0).
-- Background: 'gridconv', the kept local candidates of every shot of every way; no global fallback
-  (no candidate at all scores 0, as the official convolution with no prototype sums to 0).
-- Score of a candidate k at a query location: 20 * cos, prototypes and query features divided by
-  their L2 norm clamped at >= 1e-4. A class's score is the softmax-weighted sum over its candidates,
-  S = sum_k softmax_k(s_k) s_k (not a max). Scores at feature resolution are upsampled bilinearly.
-- Loss: cross-entropy of the query with class weights background 0.05, foreground 1.0 (`query_loss`),
-  plus the alignment loss (`ALPNetHead.alignment_loss`): the query's predicted mask at feature
-  resolution is the support that segments each support image (same rules, window 4), upsampled,
-  unweighted cross-entropy against the support masks.
-
-Beyond the official code (which is 1-way, 1-query, batch 1): a batch of episodes, N ways (the
-background pools the candidates of every way's shots) and Q queries (the alignment loss uses the Q
-queries as the shots of its prototypes). For 1 way, 1 query, batch 1 it is the official computation.
+Its rules, as the official code computes them (pooled candidates kept above 0.95, 'gridconv+' /
+'mask' foreground, softmax-weighted scores at feature resolution, query loss with background weight
+0.05, alignment loss) are in docs/method.md, "SSL-ALPNet's head". Beyond the official code (1-way,
+1-query, batch 1): batches of episodes, N ways and Q queries; for 1 way, 1 query, batch 1 it is the
+official computation.
 """
 from __future__ import annotations
 
@@ -86,12 +68,10 @@ def upsample(scores: Tensor, size: tuple[int, int]) -> Tensor:
 
 
 class ALPNetHead(nn.Module):
-    """ALPNet's head (no parameters); the same interface as the other heads (see module docstring).
-
-    `compute_prototypes(support_features B x N x K x C x h x w, support_fg / support_bg
-    B x N x K x H x W, image_size)` -> ALPPrototypes; `score_features(prototypes, query_features
-    B x Q x C x h x w)` -> B x Q x (1 + N) x h x w; `score` upsamples it to the image.
-    The candidate window follows the module's mode: TRAIN_WINDOW in train(), TEST_WINDOW in eval().
+    """ALPNet's head (no parameters), the interface of the other heads: `compute_prototypes(support
+    features B x N x K x C x h x w, masks B x N x K x H x W, image_size)` -> ALPPrototypes;
+    `score_features(prototypes, query features B x Q x C x h x w)` -> B x Q x (1 + N) x h x w, which
+    `score` upsamples. Candidate window: TRAIN_WINDOW in train(), TEST_WINDOW in eval().
     """
 
     def __init__(self, scale: float = 20.0):
@@ -182,16 +162,10 @@ class ALPNetHead(nn.Module):
     # ---- alignment loss -------------------------------------------------------------------
     def alignment_loss(self, prototypes: ALPPrototypes, query_logits: Tensor, query_features: Tensor,
                        support_features: Tensor, support_fg: Tensor, support_bg: Tensor) -> Tensor:
-        """ALPNet's alignLoss, averaged over the batch (the heads' common signature: `query_logits`,
-        at image resolution, is not used: ALPNet predicts the query mask at feature resolution).
-
-        prototypes of the support, query_features B x Q x C x h x w, support_features
-        B x N x K x C x h x w, masks B x N x K x H x W. The argmax of the query's feature-resolution
-        scores gives hard masks (no way is skipped, an empty prediction gives the 'mask' mode's zero
-        prototype); the queries act as shots (window 4); each support image (n, k) is scored
-        against the background and way n, upsampled to H x W, and cross-entropy taken against its
-        label (1 foreground, 0 background, which wins where both are set, 255 elsewhere, ignored);
-        the mean over ways and shots (the official sum of CE / n_shots / n_ways).
+        """ALPNet's alignLoss averaged over the batch (docs/method.md); `query_logits` is unused: the
+        query mask is the argmax of the feature-resolution scores (no way skipped). The queries act as
+        shots (window 4); each support image (n, k) is scored against the background and way n,
+        upsampled, cross-entropy against its label; the mean over ways and shots.
         """
         with torch.autocast(query_features.device.type, enabled=False):
             B, N, K, C, h, w = support_features.shape

@@ -1,24 +1,9 @@
-"""The boundary loss of Kervadec et al., "Boundary loss for highly unbalanced segmentation", MIDL 2019
-(extended in Medical Image Analysis 67, 2021): beyond the paper, off by default (config `boundary_weight`,
-used by training/objective.py for the prototype methods).
+"""Kervadec et al.'s boundary loss (MIDL 2019): beyond the paper, off by default (config
+`boundary_weight`, training/objective.py, prototype methods only).
 
-For every foreground class c (way c = logit channel c, 1..N; channel 0 is the background) of a query
-with label map L:
-
-    L_B = mean over queries, classes c and pixels p of  phi_c(p) * softmax(logits)_c(p)
-
-phi_c is the signed Euclidean distance map of the mask M_c = (L == c), the convention of the authors'
-reference code (`one_hot2dist` of LIVIA-ETS/boundary-loss), distances in pixels between pixel centres:
-
-    p outside M_c:  phi_c(p) = distance from p to the nearest pixel of M_c           (>= 1)
-    p inside M_c:   phi_c(p) = -(distance from p to the nearest pixel outside M_c - 1)  (<= 0; the
-                    mask's own boundary pixels are 0)
-
-An empty mask or one that fills the whole slice has phi_c = 0 (it has no boundary). A pixel labelled
-255 ("ignore") counts as outside every class. `class_distance_maps` divides phi by the image side H, so
-that the loss (and the weight that multiplies it) does not grow with the input size. The loss is
-minimised by putting the foreground probability inside the mask, most of all deep inside it, and
-none outside, most of all far from it.
+L_B = mean over queries, classes c and pixels p of phi_c(p) * softmax(logits)_c(p), phi_c the signed
+distance map of the class mask in pixels (outside >= 1, inside <= 0, boundary pixels 0; empty or full
+masks 0), divided by the image side H. docs/method.md, "Boundary loss", gives the full convention.
 """
 from __future__ import annotations
 
@@ -29,13 +14,11 @@ from torch import Tensor
 
 
 def signed_distance_maps(masks: np.ndarray) -> np.ndarray:
-    """masks M x H x W (bool) -> phi M x H x W float64, each slice's signed distance map in pixels
-    (the module docstring's convention; empty and full slices 0).
+    """masks M x H x W (bool) -> phi M x H x W float64, each slice's signed distance map in pixels.
 
-    One exact Euclidean distance transform for all slices at once: the slice axis is sampled at H + W
-    pixels per step, more than any distance within a slice (the diagonal), so the nearest pixel of the
-    other kind is always found in the pixel's own slice. That holds only for slices that have both
-    kinds of pixel; empty and full slices are left out of the transform (their phi is 0).
+    One exact distance transform for all slices: the slice axis is sampled at H + W pixels per step
+    (more than any in-slice distance), so the nearest pixel is always in the pixel's own slice; empty
+    and full slices are left out (phi 0).
     """
     masks = np.asarray(masks, dtype=bool)
     n_slices, height, width = masks.shape

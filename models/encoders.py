@@ -1,44 +1,23 @@
-"""Feature encoders: B x C_in x H x W slices in [0, 1] (C_in 1, or 3 for 2.5D) -> B x C x h x w features.
-
-- 'vgg16': PANet's VGG-16 (docs/method.md, "Encoders"): torchvision's VGG-16 conv layers, pools 1-3 of
-  kernel 3 stride 2, pool4 of stride 1, conv5 dilated by 2, no pool5 and no ReLU after conv5_3
-  (signed features). Output stride 8, 512 channels. ImageNet mean/std on the input.
-- 'resnet50_lslpn': the authors' DeepLab-style ResNet-50 "Res_Deeplab" (docs/method.md, "The official
-  code's rules"): bottlenecks with the stride on the first 1x1 conv, stem max pool with ceil_mode (65 x
-  65 features at 512 x 512), layer3 with stride 1 and dilation 2 in every block, a 1x1 downsample conv +
-  BN in each layer's first block; concat(layer2, layer3) -> 'layer4' = 3x3 conv (dilation 2, 1536 ->
-  256, bias) -> ReLU -> Dropout2d(0.5). Every conv weight N(0, 0.01), BatchNorm weight 1, bias 0.
-  BatchNorm affine parameters frozen, running statistics update in train mode (the official code trains
-  in train() mode). No ImageNet mean/std on the input. Parameter names are the official ones (conv1,
-  bn1, layer1-3, layer4.0), so official snapshots load (models/fewshot.py).
-- 'deeplabv3_resnet101': SSL-ALPNet's backbone (its models/backbone/torchvision_backbones.py
-  TVDeeplabRes101Encoder): torchvision's deeplabv3_resnet101 without its ASPP head, i.e. the
-  dilated ResNet-101 (layer3 and layer4 dilated, output stride 8, layer4 = 2048 channels), then a
-  new 1x1 conv 2048 -> 256 without bias (PyTorch's default init). 32 x 32 features at 256 x 256.
-  BatchNorm trains as usual (train mode, affine trainable), as SSL-ALPNet. No ImageNet mean/std on
-  the input (SSL-ALPNet feeds its z-scored slices tiled to 3 channels). Initial weights: torchvision's
-  COCO weights (DeepLabV3_ResNet101_Weights.COCO_WITH_VOC_LABELS_V1, backbone.* only).
-  (The earlier 'resnet50_torchvision' variant was removed: models/removed_options.py.)
-- 'cnn_small': a compact conv-BN-ReLU net for the CPU demo, output stride 4, 128 channels; no
-  ImageNet weights.
-
-The 1-channel input is repeated to 3 channels here (the only place); a 3-channel input (2.5D: slices
-z - 1, z, z + 1, model.input_slices = 3) is taken as it is. ImageNet normalisation, where an encoder uses
-it, applies to either. Initial weights
-(models/weights.py): `init_path` (a local torchvision checkpoint, or for resnet50_lslpn an
-official-code snapshot) overrides `pretrained` (torchvision's weights API: ImageNet, or COCO for
-deeplabv3_resnet101).
+"""Feature encoders, B x C_in x H x W slices in [0, 1] (C_in 1, or 3 for 2.5D) -> B x C x h x w, and
+their initial weights. 'vgg16' (PANet's, stride 8, 512 channels, ImageNet mean/std), 'resnet50_lslpn'
+(the authors' DeepLab ResNet-50, stride 8, 256 channels, BN affine frozen), 'deeplabv3_resnet101'
+(SSL-ALPNet's, stride 8, 256 channels, COCO weights) and 'cnn_small' (CPU demo, stride 4, 128
+channels); docs/method.md, "Encoders", gives their exact rules. A 1-channel input is repeated to 3
+channels here (the only place). Initial weights: `init_path` (a local torchvision checkpoint or, for
+resnet50_lslpn, an official-code snapshot) overrides `pretrained` (torchvision's weights, hash-checked).
 """
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
+import re
 
 import torch
 from torch import Tensor, nn
 
-from models.removed_options import removed_option_error
-from models.weights import IMAGENET_WEIGHTS, imagenet_state, read_state_file, strip_prefixes, weights_name
 from util.errors import UserError
+from util.io import safe_torch_load
 
 ENCODERS = ("vgg16", "resnet50_lslpn", "deeplabv3_resnet101", "cnn_small")
 log = logging.getLogger("lslpn")
@@ -46,6 +25,99 @@ _MEAN = (0.485, 0.456, 0.406)
 _STD = (0.229, 0.224, 0.225)
 
 
+# ---- initial weights ------------------------------------------------------------------------------
+class _TorchvisionWeights:
+    """One of torchvision's weights enums (its `url` and `get_state_dict`), looked up when first used."""
+
+    def __init__(self, encoder: str):
+        self.encoder = encoder
+
+    def _weights(self):
+        # heavy optional dependency: importing torchvision loads torch._dynamo (~1.5-2 s of CPU per process),
+        # which a process that looks up no torchvision weights (cnn_small, a config error) need not pay
+        from torchvision.models import ResNet50_Weights, VGG16_Weights
+        from torchvision.models.segmentation import DeepLabV3_ResNet101_Weights  # torchvision: as above
+        return {"vgg16": VGG16_Weights.IMAGENET1K_V1,
+                "resnet50_lslpn": ResNet50_Weights.IMAGENET1K_V1,
+                "deeplabv3_resnet101": DeepLabV3_ResNet101_Weights.COCO_WITH_VOC_LABELS_V1}[self.encoder]
+
+    @property
+    def url(self) -> str:
+        return self._weights().url
+
+    def get_state_dict(self, *args, **kwargs) -> dict:
+        return self._weights().get_state_dict(*args, **kwargs)
+
+
+IMAGENET_WEIGHTS = {encoder: _TorchvisionWeights(encoder)
+                    for encoder in ("vgg16", "resnet50_lslpn", "deeplabv3_resnet101")}
+_TRAINED_ON = {"deeplabv3_resnet101": "COCO"}   # the others: ImageNet
+_HASH = re.compile(r"-([a-f0-9]+)\.")
+
+
+def weights_name(encoder: str) -> str:
+    """'ImageNet' or 'COCO': what the encoder's torchvision weights were trained on."""
+    return _TRAINED_ON.get(encoder, "ImageNet")
+
+
+def cached_weights_path(encoder: str) -> str:
+    """Where torch.hub keeps (or would keep) the weights file of `encoder`."""
+    url = IMAGENET_WEIGHTS[encoder].url
+    return os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url))
+
+
+def _check_hash(path: str) -> None:
+    """The file's SHA-256 starts with the hex digits in its name (torch.hub's convention)."""
+    match = _HASH.search(os.path.basename(path))
+    if match is None:
+        return
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    if not digest.hexdigest().startswith(match.group(1)):
+        raise UserError(f"{path}: SHA-256 does not match the hash in its name (corrupt or partial "
+                        "download): delete it and retry, or set path.init_path to a good copy")
+
+
+def imagenet_state(encoder: str) -> dict:
+    """torchvision's ImageNet (COCO) state dict for `encoder` (cached, hash-checked); UserError offline."""
+    if encoder not in IMAGENET_WEIGHTS:
+        raise UserError(f"model.pretrained = True: encoder {encoder} has no pretrained weights: "
+                        "set model.pretrained=False")
+    path = cached_weights_path(encoder)
+    if not os.path.isfile(path):
+        try:
+            return IMAGENET_WEIGHTS[encoder].get_state_dict(progress=False, check_hash=True)
+        except (OSError, RuntimeError, ValueError) as error:  # URLError is an OSError
+            raise UserError(f"model.pretrained = True: {weights_name(encoder)} weights "
+                            f"{os.path.basename(path)} are not in {os.path.dirname(path)} and could not be "
+                            "downloaded "
+                            f"({type(error).__name__}): copy the file there, or set path.init_path to a "
+                            "local copy, or model.pretrained=False to train from random weights") from None
+    _check_hash(path)
+    return read_state_file(path, key="model.pretrained")
+
+
+def read_state_file(path: str, key: str = "path.init_path") -> dict:
+    """A state dict from a local file (a {'state_dict': ...} wrapper is unwrapped)."""
+    if not os.path.isfile(path):
+        raise UserError(f"{key} = {path}: file not found: give a local torchvision checkpoint "
+                        "(e.g. vgg16-397923af.pth) or an official-code snapshot")
+    state = safe_torch_load(path, "cpu", what=key)   # weights_only: pickled code is refused, never run
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UserError(f"{key} = {path}: not a state dict of tensors")
+    return state
+
+
+def strip_prefixes(state: dict) -> dict:
+    """Drop DataParallel's 'module.' prefix from every key."""
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+# ---- encoders -------------------------------------------------------------------------------------
 class _Encoder(nn.Module):
     """Common input handling: B x 1 x H x W (repeated) or B x 3 x H x W (2.5D, as is) in [0, 1] ->
     B x 3 x H x W (optionally ImageNet-normalised)."""
@@ -169,7 +241,6 @@ class ResNet50LSLPN(_Encoder):
         """A torchvision resnet50 ImageNet state dict (conv1, bn1, layer1-3; layer4 and fc are
         skipped, as the official code) or an official-code snapshot (encoder.* keys)."""
         state = strip_prefixes(state)
-        _refuse_layout(state, source)
         if any(k.startswith("encoder.") for k in state):
             load_official_snapshot(self, state, source)
             return
@@ -182,19 +253,13 @@ def load_official_snapshot(encoder: ResNet50LSLPN, state: dict, source: str) -> 
     """Every encoder.* weight of an official-code snapshot into `encoder` (missing keys: error)."""
     given = {k.removeprefix("encoder."): v for k, v in strip_prefixes(state).items()
              if k.startswith("encoder.")}
-    _refuse_layout(given, source)
     _load_matching(encoder, given, encoder.state_dict(), source, "resnet50_lslpn (official-code snapshot)")
 
 
-def _refuse_layout(state: dict, source: str) -> None:
-    """UserError when weights of the removed torchvision-layout ResNet-50 (keys stem.*, fuse.*) are given."""
-    keys = {k.removeprefix("encoder.") for k in state}
-    if {"stem.0.weight", "fuse.0.weight"} & keys:
-        raise removed_option_error("encoder", "resnet50_torchvision", f"{source}: keys stem.*, fuse.*")
-
-
 class DeepLabV3ResNet101(_Encoder):
-    """SSL-ALPNet's encoder: deeplabv3_resnet101's dilated ResNet-101 + a 1x1 conv 2048 -> 256 (no bias)."""
+    """SSL-ALPNet's encoder: deeplabv3_resnet101's dilated ResNet-101 + a 1x1 conv 2048 -> 256 (no bias).
+    BatchNorm trains as usual; no ImageNet mean/std (SSL-ALPNet feeds z-scored slices); initial weights:
+    torchvision's COCO weights, backbone.* only."""
     out_channels, output_stride = 256, 8
 
     def __init__(self):
@@ -263,7 +328,7 @@ def build_encoder(name: str, init_path: str | None = None, pretrained: bool = Fa
     """Encoder `name` (one of ENCODERS) with its initial weights.
 
     `init_path` (a local state dict file) overrides `pretrained` (torchvision's ImageNet or COCO
-    weights, models/weights.py). With neither, random initialisation (one warning line).
+    weights). With neither, random initialisation (one warning line).
     """
     if name not in ENCODER_CLASSES:
         raise UserError(f"model.encoder = {name!r}: unknown encoder: use one of {', '.join(ENCODERS)}")

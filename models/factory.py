@@ -1,5 +1,5 @@
 """The one place that builds a few-shot model from a model config dict (config.py's `model`, or the
-`config` a checkpoint stores): a prototype network (FewShotSegNet: LSLPN, PANet) or SENet.
+`model_config` a checkpoint stores): a prototype network (FewShotSegNet: LSLPN, PANet) or SENet.
 
 `model.method` says which: 'prototype' (the default; configs and checkpoints without the key) or
 'senet'. Both models share one interface (forward, encode_support, segment, config), so the
@@ -12,12 +12,11 @@ from typing import Mapping
 
 from torch import nn
 
-from models.encoders import ENCODER_CLASSES, ENCODERS
+from models.encoders import ENCODER_CLASSES, ENCODERS, IMAGENET_WEIGHTS
 from models.fewshot import HEADS, INPUT_SLICES, FewShotSegNet
-from models.local_prototypes import EMPTY_CELL_RULES, RESOLUTIONS, VOTES
+from models.local_prototypes import RESOLUTIONS, VOTES
 from models.lslpn_plus import FUSIONS
 from models.senet import SENet
-from models.weights import IMAGENET_WEIGHTS
 from util.errors import UserError
 from util.options import BOOL, GRIDS, Option, check_options, choice, fail, integer, number
 
@@ -42,9 +41,8 @@ def build_model(model_config: Mapping, init_path: str | None = None) -> nn.Modul
 
 
 def model_input_slices(model) -> int:
-    """Slices per image a model takes (model.input_slices, dataloaders/neighbours.py): its config's
-    input_slices, 1 where absent (1-slice models, SENet, snapshots older than the option, test doubles
-    without a config)."""
+    """Slices per image a model takes (model.input_slices): its config's, 1 where absent (SENet, test
+    doubles without a config)."""
     return int((getattr(model, "config", None) or {}).get("input_slices", 1))
 
 
@@ -73,7 +71,6 @@ MODEL_OPTIONS = {
     "align": Option(BOOL),
     "align_weight": number(0, example="1.0"),
     "head": choice(*HEADS),
-    "empty_cell": choice(*EMPTY_CELL_RULES),
     "pretrained": Option(BOOL),
     "input_slices": choice(*INPUT_SLICES),
     # LSLPN+ (models/lslpn_plus.py; defaults models.fewshot.PLUS_DEFAULTS)

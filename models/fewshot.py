@@ -1,31 +1,10 @@
-"""FewShotSegNet: encoder + prototype head (+ the head's alignment loss).
+"""FewShotSegNet: encoder + parameter-free prototype head (+ the head's alignment loss).
 
-Heads (`model.head`, the registry `HEADS`: name -> builder from the model options):
-- 'local': the location-sensitive local prototype head (models/local_prototypes.py). With
-  `align=True` it adds this project's own alignment loss (PANet's idea on the local head: the
-  image-resolution argmax of the query logits builds local prototypes from the query features
-  that segment the support images; not PANet's exact rule).
-- 'panet': PANet's global prototypes exactly (models/panet.py: prototypes from upsampled
-  features, scores at feature resolution then upsampled), with PANet's alignment loss when
-  `align=True`. n_grid must be 1.
-- 'alpnet': SSL-ALPNet's adaptive local prototypes (models/alpnet_head.py: pooled candidates,
-  'gridconv+' / 'mask' foreground, softmax-weighted scores at feature resolution, then upsampled),
-  with SSL-ALPNet's alignment loss when `align=True`; its query loss is `alpnet_head.query_loss`
-  (background weight 0.05). Only `scale` of the head options is used.
-A head has no parameters and three methods: `compute_prototypes(support_features, support_fg,
-support_bg, image_size) -> prototypes`, `score(prototypes, query_features) -> logits` and
-`alignment_loss(prototypes, query_logits, query_features, support_features, support_fg,
-support_bg) -> scalar`.
-
-Input (`input_slices`, model.input_slices): 1 (each image one slice; the encoder repeats it to 3
-channels) or 3 (2.5D: each image the slice and its two neighbours, z - 1, z, z + 1, as the encoder's 3
-channels; dataloaders/neighbours.py builds them). The key joins `config` only when it is 3, so snapshots
-of one slice are unchanged and a snapshot without it is a 1-slice model.
-
-The options are validated before a model is built, by the one config schema (util/config_schema.py):
-a run config by check_config (train.py, test.py), a snapshot's stored config when the snapshot is
-loaded (models/checkpoint.py). The constructor trusts them (asserts only); removed option values
-still get their one-line error (models/removed_options.py).
+Heads (`model.head`, registry `HEADS`): 'local' (LSLPN, models/local_prototypes.py; LSLPN+ with
+grids / query_rounds, models/lslpn_plus.py), 'panet' (PANet's global prototypes, n_grid 1) and
+'alpnet' (SSL-ALPNet's adaptive local prototypes). A head has `compute_prototypes`, `score` and
+`alignment_loss` (docs/method.md). `input_slices` is 1 (one slice per image) or 3 (2.5D: z - 1,
+z, z + 1 as the encoder's channels). The options are checked before a model is built.
 """
 from __future__ import annotations
 
@@ -36,15 +15,14 @@ from torch import Tensor, nn
 
 from models.alpnet_head import ALPNetHead
 from models.encoders import ENCODERS, build_encoder, load_official_snapshot
-from models.local_prototypes import EMPTY_CELL_RULES, LocalPrototypeHead, Prototypes, check_episode
+from models.local_prototypes import LocalPrototypeHead, Prototypes, check_episode
 from models.lslpn_plus import LSLPNPlusHead
 from models.panet import PANetHead
-from models.removed_options import refuse_removed_options, removed_option_error
 from util.errors import UserError
 
 INPUT_SLICES = (1, 3)   # model.input_slices (dataloaders/neighbours.py builds the 3-slice stacks)
 
-# LSLPN+ options of the local head (models/lslpn_plus.py), in a snapshot's config only when set
+# LSLPN+ options of the local head (models/lslpn_plus.py) and their plain-head values
 PLUS_DEFAULTS = {"grids": [], "grid_fusion": "mean", "query_rounds": 0, "query_weight": 0.5,
                  "query_confidence": 0.0}
 
@@ -71,73 +49,48 @@ HEADS = {  # model.head -> the head built from the model options
 # The model of the authors' code: the config an official-code snapshot is run with.
 OFFICIAL_MODEL_CONFIG = {"encoder": "resnet50_lslpn", "head": "local", "n_grid": 8, "overlap": True,
                          "vote": "max", "resolution": "image", "min_pixels": 10, "scale": 20.0,
-                         "empty_cell": "zero", "align": False}
+                         "align": False, "input_slices": 1, **PLUS_DEFAULTS}
 
 
-def is_official_snapshot(state) -> bool:
-    """A raw state dict saved by the official code: tensors under encoder.* (or module.encoder.*)."""
-    return isinstance(state, dict) and bool(state) \
-        and all(isinstance(v, torch.Tensor) for v in state.values()) \
-        and all(k.removeprefix("module.").startswith("encoder.") for k in state)
-
-
-# config keys the network is built from; missing keys take the constructor defaults (older snapshots;
-# one without empty_cell predates the key and used the removed 'skip': refuse_removed_options)
-_CONFIG_KEYS = ("encoder", "head", "n_grid", "overlap", "vote", "resolution", "min_pixels", "scale",
-                "empty_cell", "align")
+# config keys the network is built from
+_CONFIG_KEYS = ("encoder", "head", "n_grid", "overlap", "vote", "resolution", "min_pixels", "scale", "align",
+                "input_slices", *PLUS_DEFAULTS)
 
 
 class FewShotSegNet(nn.Module):
-    """Few-shot segmentation network.
-
-    forward(support_images B x N x K x C x H x W, support_fg B x N x K x H x W,
-            support_bg B x N x K x H x W, query_images B x Q x C x H x W)
-        -> (logits B x Q x (1 + N) x H x W, align_loss scalar)
-    with C = input_slices (1, or 3 for 2.5D input: slices z - 1, z, z + 1).
-    `pretrained`/`init_path` choose the encoder's initial weights (models/encoders.py); they are
-    not part of `config` (a snapshot's weights replace them).
+    """Few-shot segmentation network: forward(support_images B x N x K x C x H x W, support_fg and
+    support_bg B x N x K x H x W, query_images B x Q x C x H x W) -> (logits B x Q x (1 + N) x H x W,
+    align_loss scalar), C = input_slices. `pretrained`/`init_path` choose the encoder's initial
+    weights (not in `config`: a snapshot's weights replace them).
     """
 
     def __init__(self, encoder: str = "vgg16", init_path: str | None = None, n_grid: int = 8,
                  overlap: bool = True, vote: str = "max", resolution: str = "image",
                  min_pixels: float = 10, scale: float = 20.0, align: bool = False,
-                 empty_cell: str = "zero", head: str = "local", pretrained: bool = False,
-                 input_slices: int = 1, **plus):
+                 head: str = "local", pretrained: bool = False, input_slices: int = 1, **plus):
         super().__init__()
-        options = {"encoder": encoder, "head": head, "n_grid": n_grid, "overlap": overlap, "vote": vote,
-                   "resolution": resolution, "min_pixels": min_pixels, "scale": scale,
-                   "empty_cell": empty_cell, "align": align}
         assert set(plus) <= set(PLUS_DEFAULTS), sorted(set(plus) - set(PLUS_DEFAULTS))
-        # LSLPN+ options join the config only when they differ from the defaults (the faithful
-        # configurations' snapshots are unchanged)
-        options.update({k: v for k, v in plus.items() if v != PLUS_DEFAULTS[k]})
-        if input_slices != 1:   # in the config only when set: 1-slice snapshots are unchanged
-            options["input_slices"] = int(input_slices)
-        refuse_removed_options(options, "the model config")
-        assert encoder in ENCODERS and head in HEADS and empty_cell in EMPTY_CELL_RULES, options
-        assert input_slices in INPUT_SLICES, f"input_slices {input_slices}: one of {INPUT_SLICES}"
-        self.input_slices = int(input_slices)
+        assert encoder in ENCODERS and head in HEADS and input_slices in INPUT_SLICES
         assert head != "panet" or n_grid == 1, "the 'panet' head has global prototypes (n_grid 1)"
-        self.config = {**options, "scale": float(scale), "align": bool(align)}
+        plus = {**PLUS_DEFAULTS, **plus}
+        self.config = {"encoder": encoder, "head": head, "n_grid": n_grid, "overlap": overlap, "vote": vote,
+                       "resolution": resolution, "min_pixels": min_pixels, "scale": float(scale),
+                       "align": bool(align), "input_slices": int(input_slices),
+                       **plus, "grids": list(plus["grids"])}
+        self.input_slices = int(input_slices)
         self.encoder = build_encoder(encoder, init_path, pretrained)
-        self.head = HEADS[head](options)
+        self.head = HEADS[head](self.config)
         self.align = bool(align)
 
     @classmethod
     def from_config(cls, model_cfg: Mapping, init_path: str | None = None) -> "FewShotSegNet":
         """Build from config.py's `model` dict (keys it does not use, e.g. align_weight, ignored)."""
-        keys = _CONFIG_KEYS + tuple(PLUS_DEFAULTS) + ("pretrained", "input_slices")
+        keys = _CONFIG_KEYS + ("pretrained",)
         return cls(init_path=init_path, **{k: model_cfg[k] for k in keys if k in model_cfg})
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        """As nn.Module's, with a one-line error for a snapshot of the removed torchvision-layout
-        ResNet-50, and official-code snapshots (module./encoder.* keys of resnet50_lslpn) accepted."""
-        keys = {k.removeprefix("module.") for k in state_dict}
-        if {"encoder.stem.0.weight", "encoder.fuse.0.weight"} & keys:
-            raise removed_option_error("encoder", "resnet50_torchvision", "the snapshot's weights: "
-                                       "encoder.stem.*, encoder.fuse.*")
-        if any(k.startswith("module.") for k in state_dict):
-            state_dict = {k.removeprefix("module."): v for k, v in state_dict.items()}
+        """As nn.Module's; DataParallel's 'module.' prefixes are dropped."""
+        state_dict = {k.removeprefix("module."): v for k, v in state_dict.items()}
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     def load_official_snapshot(self, state_dict: dict, source: str) -> None:
@@ -148,17 +101,13 @@ class FewShotSegNet(nn.Module):
         load_official_snapshot(self.encoder, state_dict, source)
 
     # ---- batched evaluation API -----------------------------------------------------------
-    def _encode(self, images: Tensor) -> Tensor:
-        """M x input_slices x H x W -> M x C x h x w."""
-        return self.encoder(images)
-
     def encode_support(self, support_images: Tensor, support_fg: Tensor,
                        support_bg: Tensor) -> Prototypes:
         """Prototypes of support images B x N x K x C x H x W (C = input_slices) with masks
         B x N x K x H x W."""
         self._check_images("support_images", support_images, 6)
         B, N, K, _, H, W = support_images.shape
-        feats = self._encode(support_images.flatten(0, 2))
+        feats = self.encoder(support_images.flatten(0, 2))
         feats = feats.unflatten(0, (B, N, K))                     # B x N x K x C x h x w
         check_episode(feats, support_fg, support_bg, (H, W))
         return self.head.compute_prototypes(feats, support_fg, support_bg, (H, W))
@@ -173,7 +122,7 @@ class FewShotSegNet(nn.Module):
             raise UserError(f"query_images: size {tuple(query_images.shape[-2:])} differs from the "
                             f"support size {prototypes.image_size}: resize both to input_size")
         B, Q = query_images.shape[:2]
-        feats = self._encode(query_images.flatten(0, 1)).unflatten(0, (B, Q))
+        feats = self.encoder(query_images.flatten(0, 1)).unflatten(0, (B, Q))
         return self.head.score(prototypes, feats)
 
     # ---- training forward -----------------------------------------------------------------
@@ -187,7 +136,7 @@ class FewShotSegNet(nn.Module):
             raise UserError(f"query_images: shape {tuple(query_images.shape)}: expected B x Q x C x H x W "
                             f"with B = {B} and H x W = {H} x {W} as the support images")
         # One encoder pass over support and query images (PANet), shared BatchNorm statistics.
-        feats = self._encode(torch.cat([support_images.flatten(0, 2), query_images.flatten(0, 1)]))
+        feats = self.encoder(torch.cat([support_images.flatten(0, 2), query_images.flatten(0, 1)]))
         support_feats = feats[: B * N * K].unflatten(0, (B, N, K))  # B x N x K x C x h x w
         query_feats = feats[B * N * K:].unflatten(0, (B, Q))        # B x Q x C x h x w
         check_episode(support_feats, support_fg, support_bg, (H, W))

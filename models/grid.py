@@ -1,18 +1,10 @@
 """Windowed grid geometry: the cells of the location-sensitive head and their vectorised kernels.
 
-Cells (Yu et al., ISBI 2021, as the official code builds them): each axis of `size` pixels is
-covered by cells of `size // n_grid` pixels; with `overlap` the stride is half a cell (2 * n_grid - 1
-cells per side when the size divides), otherwise a full cell; when the regular cells stop short of
-the far border one last cell flush with it is added. A 2D cell is a (row cell, column cell) pair,
-numbered row-major.
-
-Bilinear upsampling (align_corners=False) is linear and separable: F_up = A F B^T with sparse
-interpolation matrices A (H x h) and B (W x w). Every masked cell sum, every dot product and
-every per-pixel norm of the upsampled features is therefore computed on the small feature window
-each cell depends on, and equals the upsample-then-pool result (up to float rounding), without
-ever forming a C x H x W tensor. An `Axis` holds that geometry for one axis; the functions below
-gather cell windows, pull masks back onto them, and reduce over the (at most 2-3 per axis) cells
-that cover each location, separably (rows first, then columns). No Python loop over cells.
+Cells as the official code builds them (`grid_cells`). Bilinear upsampling is linear and separable
+(F_up = A F B^T), so every masked cell sum, dot product and per-pixel norm of the upsampled features
+is computed on the small feature window each cell depends on, never forming a C x H x W tensor; an
+`Axis` holds that geometry for one axis and the votes reduce over the covering cells separably.
+docs/method.md, "Vectorised cell kernels", has the details. No Python loop over cells.
 """
 from __future__ import annotations
 
@@ -30,7 +22,7 @@ def grid_cells(size: int, n_grid: int, overlap: bool) -> list[tuple[int, int]]:
     Cell length `size // n_grid`; stride half a cell (at least 1) with `overlap`, else a cell;
     one extra cell `(size - length, size)` when the regular cells stop short of the border.
     """
-    # n_grid >= 1 and at most the feature map's side: the config schema (util/config_schema.py) and
+    # n_grid >= 1 and at most the feature map's side: the config check (training/config_check.py) and
     # the head (LocalPrototypeHead._axes, for the input size of the run) refuse the rest in one line
     assert 1 <= n_grid <= size, f"n_grid {n_grid} over {size} pixels"
     length = size // n_grid
@@ -230,12 +222,11 @@ def _by_cols(values: Tensor, pad: float, cols: Axis) -> Tensor:
 
 
 def reduce_covering(cell_values: Tensor, pad: float, rows: Axis, cols: Axis, reduce) -> Tensor:
-    """Reduce over all cells covering each location: `reduce(values, dim)` (torch.amax, torch.sum,
-    ...) over the covering row cells first, then over the covering column cells.
+    """`reduce(values, dim)` (torch.amax, torch.sum, ...) over the covering row cells, then columns.
 
-    cell_values B x Q x nr x nc x L x Lr x Lc -> B x Q x L x S_r x S_c. Covering slots are ordered
-    by decreasing cell index (slot 0: the last covering cell); `pad` fills the slots of locations
-    covered by fewer cells, so it must be neutral for `reduce`.
+    cell_values B x Q x nr x nc x L x Lr x Lc -> B x Q x L x S_r x S_c. Slots are ordered by
+    decreasing cell index (slot 0: the last covering cell); `pad` (neutral for `reduce`) fills the
+    slots of locations covered by fewer cells.
     """
     return reduce(_by_cols(reduce(_by_rows(cell_values, pad, rows), 4), pad, cols), -1)
 

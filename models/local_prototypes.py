@@ -1,18 +1,9 @@
 """Location-sensitive local prototypes (Yu et al., ISBI 2021): the head of LSLPN.
 
-The method, with the rules of the authors' code, is `official_cell_loop` below, a plain loop:
-  1. grid cells: each image axis is covered by cells of 1/n_grid of its length, with stride half
-     a cell when overlapping (`grid_cells`);
-  2. local prototypes: in each cell, the masked average of the (bilinearly upsampled) support
-     features over the cell's pixels of a class, averaged over the shots; the background is a
-     class of its own;
-  3. scores: each query pixel of the cell scores scale x cosine against the cell's prototypes;
-  4. vote: a pixel covered by several cells takes the maximum of their scores (the paper; the
-     official code also has 'mean' and 'cover': the last covering cell in row-major order).
-
-`LocalPrototypeHead` computes the same logits without the loop and without ever forming the
-upsampled features (derivation in its docstring, kernels in models/grid.py); the tests hold the
-two equal on every pixel.
+The method with the rules of the authors' code is `official_cell_loop` below, a plain loop over grid
+cells (docs/method.md: cells, local prototypes, scale x cosine, vote). `LocalPrototypeHead` computes
+the same logits without the loop and without forming the upsampled features (derivation in its
+docstring, kernels in models/grid.py); the tests hold the two equal on every pixel.
 """
 from __future__ import annotations
 
@@ -27,7 +18,6 @@ from models.grid import grid_cells
 from util.errors import UserError
 
 RESOLUTIONS = ("image", "feature")
-EMPTY_CELL_RULES = ("zero",)  # the authors' rule; 'skip' was removed (models/removed_options.py)
 MAX_VOTE_FLOOR = -1.0         # the official running maximum starts at -1
 MEAN_EPS = 1e-5               # the official masked averages divide by (pixel count + 1e-5)
 _IGNORE = 255
@@ -38,10 +28,9 @@ def official_cell_loop(support_features, support_fg, support_bg, query_features,
                        n_grid, overlap, vote, min_pixels=10, scale=20.0, dtype=torch.float64):
     """Logits B x Q x (1 + N) x H x W, cell by cell in row-major order as the official code loops.
 
-    Shapes as `LocalPrototypeHead.forward`. In a cell with <= min_pixels class pixels a shot's
-    average is the zero vector (cosine 0: the cell still votes); averages divide by (pixels +
-    1e-5); a way's prototype is the sum over its shots / K, the background's the sum over all
-    ways and shots / (K * ways); the 'max' vote is a running maximum from -1.
+    Shapes as `LocalPrototypeHead.forward`. <= min_pixels class pixels: a zero prototype (cosine 0,
+    the cell still votes); averages / (pixels + 1e-5); a way's prototype is the sum over shots / K,
+    the background's / (K * ways); the 'max' vote is a running maximum from -1.
     """
     B, N, K = support_features.shape[:3]
     H, W = image_size
@@ -149,7 +138,7 @@ class LocalPrototypeHead(nn.Module):
     def __init__(self, n_grid: int = 8, overlap: bool = True, vote: str = "max",
                  resolution: str = "image", min_pixels: float = 10, scale: float = 20.0):
         super().__init__()
-        # validated by the config schema (util/config_schema.py) before any model is built
+        # validated by the config check (training/config_check.py) before any model is built
         assert isinstance(n_grid, int) and n_grid >= 1 and vote in VOTES and resolution in RESOLUTIONS, \
             (n_grid, vote, resolution)
         assert min_pixels >= 0 and scale > 0, (min_pixels, scale)
@@ -221,13 +210,10 @@ class LocalPrototypeHead(nn.Module):
 
     def alignment_loss(self, prototypes: Prototypes, query_logits: Tensor, query_features: Tensor,
                        support_features: Tensor, support_fg: Tensor, support_bg: Tensor) -> Tensor:
-        """This project's alignment loss on the local head (PANet's idea, not PANet's exact rule):
-        the image-resolution argmax of the query logits B x Q x (1 + N) x H x W builds local
-        prototypes from the query features B x Q x C x h x w that segment the support images.
-
-        Queries act as the shots of every way; support image (n, k) is scored against the
-        background and way-n prototypes only; cross-entropy on its labelled pixels, averaged over
-        ways and shots. `prototypes` (the support's) are not needed here.
+        """This project's alignment loss on the local head (PANet's idea, not its exact rule): the
+        argmax of the query logits B x Q x (1 + N) x H x W builds local prototypes from the query
+        features B x Q x C x h x w (queries as the shots of every way); support image (n, k) is
+        scored against the background and way n; cross-entropy on its labelled pixels, averaged.
         """
         B, N, K = support_features.shape[:3]
         H, W = query_logits.shape[-2:]

@@ -1,19 +1,9 @@
-"""LSLPN+: options on the local head that go beyond the paper (all off by default; docs/lslpn_plus.md).
+"""LSLPN+: options on the local head beyond the paper (all off by default; docs/lslpn_plus.md).
 
-Two options, neither with parameters, both acting wherever the head scores (training and inference):
-
-- multi-scale grids (`grids`, e.g. [4, 8, 16]): the local head of docs/method.md at each n_grid, the
-  logits fused over the scales by their mean or maximum (`grid_fusion`). One grid is the plain head.
-- query-informed prototypes (`query_rounds`, `query_weight`, `query_confidence`; the Q-Net / ADNet
-  idea on local prototypes): after a pass, each query's own pixels predicted as class c with softmax
-  probability >= query_confidence are pooled per grid cell into the query's local prototypes of c (the
-  same masked average per cell as the support's). In every cell where the query has them, the
-  prototype becomes the mix (1 - w) u_s + w u_q of the unit support and query prototypes (w =
-  query_weight); where the query has none (too few confident pixels) the support's is kept. The query
-  is scored again with its own mixed prototypes; `query_rounds` repeats it.
-
-`LSLPNPlusHead` has the interface of the other heads (models/fewshot.py): compute_prototypes, score,
-alignment_loss. With grids [n_grid] and query_rounds 0 it returns exactly the plain head's logits.
+Multi-scale grids (`grids`, fused by `grid_fusion`) and query-informed prototypes (`query_rounds`,
+`query_weight`, `query_confidence`): docs/method.md, "LSLPN+ head options". Neither has parameters.
+`LSLPNPlusHead` has the interface of the other heads; with grids [n_grid] and query_rounds 0 it
+returns exactly the plain head's logits.
 """
 from __future__ import annotations
 
@@ -80,7 +70,7 @@ class LSLPNPlusHead(nn.Module):
     def __init__(self, heads: list[LocalPrototypeHead], fusion: str = "mean", query_rounds: int = 0,
                  query_weight: float = 0.5, query_confidence: float = 0.0):
         super().__init__()
-        # validated by the config schema (util/config_schema.py) before any model is built
+        # validated by the config check (training/config_check.py) before any model is built
         assert heads and fusion in FUSIONS and query_rounds >= 0 and 0 <= query_weight <= 1 \
             and 0 <= query_confidence <= 1, (fusion, query_rounds, query_weight, query_confidence)
         self.heads = nn.ModuleList(heads)

@@ -1,13 +1,9 @@
 """PANet's global-prototype head and its prototype alignment loss (Wang et al., ICCV 2019), as
-PANet's official code (kaixin96/PANet, models/fewshot.py) computes them:
-
-- prototypes: masked average pooling of the support features bilinearly upsampled to the mask
-  size, sum(F_up * m) / (sum(m) + 1e-5); a way's prototype is the sum over its shots / K, the
-  background's the sum over ways and shots / (K * ways). Computed without forming F_up: the mask
-  is pulled back through the separable upsampling, sum(F_up * m) = <F, A^T m B>.
-- scores: scale * cosine(query features, prototype) at FEATURE resolution, then the logits are
-  bilinearly upsampled (align_corners=False) to the image.
-- alignment loss (PAR): see `PANetHead.alignment_loss`.
+PANet's official code (kaixin96/PANet, models/fewshot.py) computes them: masked average pooling of
+the upsampled support features, sum(F_up m) / (sum(m) + 1e-5), computed as <F, A^T m B> without
+forming F_up; a way's prototype is the mean over its shots, the background's over ways and shots;
+scale x cosine at FEATURE resolution, then the logits upsampled (align_corners=False). Alignment
+loss: `PANetHead.alignment_loss` (docs/method.md, "Prototype alignment").
 """
 from __future__ import annotations
 
@@ -65,18 +61,11 @@ class PANetHead(nn.Module):
 
     def alignment_loss(self, prototypes: Prototypes, query_logits: Tensor, query_features: Tensor,
                        support_features: Tensor, support_fg: Tensor, support_bg: Tensor) -> Tensor:
-        """PANet's PAR, per episode as PANet's alignLoss, averaged over the batch.
+        """PANet's PAR per episode (its alignLoss), averaged over the batch; docs/method.md.
 
-        prototypes: the support's (`compute_prototypes`); query_logits (upsampled) are not used:
-        PANet's query prediction is the argmax of the FEATURE-resolution scores, recomputed here.
-        query_features B x Q x C x h x w, support_features B x N x K x C x h x w, masks
-        B x N x K x H x W. Query prototypes are masked averages of the query features under the
-        prediction (all queries of the episode pooled, / (pixels + 1e-5)); a way whose predicted
-        mask has no pixel is skipped; each support image (n, k) is scored against the background
-        and way-n query prototypes at feature resolution, upsampled to the mask, and cross-entropy
-        taken against its label (1 foreground, 0 background, which wins where both are set, 255
-        ignored elsewhere); the episode's loss is the sum over ways and shots / (K * N). An image
-        with no labelled pixel adds 0 (PANet would give NaN).
+        The query prediction is the argmax of the FEATURE-resolution scores (query_logits unused);
+        a way with an empty prediction is skipped; the loss is the sum over ways and shots / (K * N);
+        an image with no labelled pixel adds 0 (PANet would give NaN).
         """
         with torch.autocast(query_features.device.type, enabled=False):
             B, N, K, C, h, w = support_features.shape

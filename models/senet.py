@@ -1,32 +1,9 @@
 """SENet few-shot segmentation (Roy et al., MedIA 2020): the comparison method of the paper's Table 1.
 
-Layout as the released SENet code (tests/test_senet.py checks it against a functional reference
-written from that layout):
-  - two arms with the same layout: 4 encoder blocks, a bottleneck, 4 decoder blocks;
-    conditioner on the support image + its binary organ mask (2 channels, 16 filters per block),
-    segmenter on the query image (1 channel, 64 filters per block);
-  - block = 5x5 conv (stride 1, padding 2) -> PReLU (one shared slope) -> BatchNorm; encoder
-    blocks then 2x2 max-pool with indices, decoder blocks start with max-unpool by the same arm's
-    indices of the same level;
-  - one skip only, in the segmenter at the deepest level: decode4 input = cat(out4, unpool(bottleneck)),
-    out4 = encode4's output before pooling and before modulation (the released models);
-  - interaction ("channel squeeze & spatial excitation") at 9 points: after each pooled encoder
-    output, the bottleneck and each decoder output; the conditioner feature -> 1x1 conv 16 -> 1
-    (bias) -> sigmoid -> N x 1 x h x w gate that multiplies the same-size segmenter feature;
-  - classifier: 1x1 conv 64 -> 2 (not modulated).
-The model returns the classifier's scores as logits (the official Softmax2d is left to the loss,
-`senet_loss`; argmax is unchanged by it).
-
-official_bug=True reproduces the official conditioner (its issue #16): the 4th encoder call reuses
-encode3, so encode4 is never used; it is then not built at all (971,212 parameters, the released
-model's used parameters; 977,661 without the bug). Default off.
-
-Interface shared with FewShotSegNet (training loop and evaluation call both the same way):
-  forward(support_images, support_fg, support_bg, query_images) -> (logits, aux_loss = 0)
-  encode_support(...) -> SupportGates (the conditioner's 9 gates; computed once per support)
-  segment(gates, query_images) -> logits
-1-way only (2 output classes). k > 1 shots: the gates of the k shots are averaged (the project's
-choice; SENet's own k-shot evaluators are not reproduced).
+Two arms as the released code (conditioner on support + mask, segmenter on the query; 4 encoder
+blocks, bottleneck, 4 decoder blocks) joined by 9 channel-squeeze & spatial-excitation gates; the
+layout, `official_bug` and k-shot rule are in docs/method.md, "SENet". 1-way only. The interface is
+FewShotSegNet's: forward -> (logits, 0), encode_support -> SupportGates, segment(gates, queries).
 """
 from __future__ import annotations
 

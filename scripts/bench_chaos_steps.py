@@ -190,7 +190,7 @@ def initial_model(snapshot: Path, device: str):
     from util.device import seed_everything
     state = load_checkpoint(str(snapshot))
     seed_everything(int(state["seed"]))
-    return build_model(dict(state["config"])).to(device).eval(), int(state["input_size"])
+    return build_model(dict(state["model_config"])).to(device).eval(), int(state["input_size"])
 
 
 def evaluate_method(snapshot: Path | None, folder: Path, organs: list[str], device: str,

@@ -323,8 +323,8 @@ def seg(tiny_phantom, tmp_path_factory):
     torch.manual_seed(0)
     model = FewShotSegNet(encoder="cnn_small", resolution="feature", n_grid=2)
     checkpoint = root / "model.pth"
-    save_checkpoint(str(checkpoint), {"model": model.state_dict(), "config": model.config,
-                                      "run_config": {"input_size": 32}})
+    save_checkpoint(str(checkpoint), {"model": model.state_dict(), "model_config": model.config,
+                                      "input_size": 32})
     image = nib.load(str(volume))
     array, affine = np.asarray(image.dataobj), image.affine
     liver = np.asarray(nib.load(str(mask)).dataobj)

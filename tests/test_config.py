@@ -55,10 +55,10 @@ def test_named_configs_override_only_what_they_say():
                                                if k != "lr_milestones"}
     assert official["lr_milestones"] == [800, 1600, 2400] and paper["lr_milestones"] == [2500, 5000, 7500]
     model = official["model"]
-    assert (model["encoder"], model["empty_cell"], model["vote"], model["align"], model["pretrained"]) == \
-        ("resnet50_lslpn", "zero", "max", False, True)
+    assert (model["encoder"], model["vote"], model["align"], model["pretrained"]) == \
+        ("resnet50_lslpn", "max", False, True)
     assert official["eval"]["preset"] == "official" and official["val_split"] == "val"
-    assert set(differences_from_default(official)) <= {"model.encoder", "model.empty_cell", "lr_milestones",
+    assert set(differences_from_default(official)) <= {"model.encoder", "lr_milestones",
                                                        "eval.preset"}
     panet = _resolve(["panet"])
     assert panet["model"]["n_grid"] == 1 and panet["model"]["align"] is True

@@ -179,8 +179,8 @@ def test_snapshot_model_configs():
     check_model_config({"encoder": "vgg16"})                       # older snapshots: keys missing
     with pytest.raises(UserError, match=r"^snapshot a\.pth: model\.vote = 'median': unknown"):
         check_model_config({"vote": "median"}, source="snapshot a.pth")
-    with pytest.raises(UserError, match=r"^eval\.model\.empty_cell = 0: unknown"):
-        check_model_config({"empty_cell": 0}, prefix="eval.model")
+    with pytest.raises(UserError, match=r"^eval\.model\.vote = 0: "):
+        check_model_config({"vote": 0}, prefix="eval.model")
     with pytest.raises(UserError, match=r"model\.n_grid = 20: larger than the 16 x 16"):
         check_model_config({"encoder": "cnn_small", "n_grid": 20}, input_size=64)
 

@@ -148,7 +148,7 @@ def test_segment_killed_while_writing_keeps_the_old_output(tiny_phantom, tmp_pat
     mask = (tiny_phantom / "GoldCorpus" / "Segmentations"
             / f"{volume.name.split('_')[0]}_1_CTce_ThAb_58_1.nii.gz")
     model = FewShotSegNet(encoder="cnn_small", resolution="feature", n_grid=2)
-    save_checkpoint(str(tmp_path / "m.pth"), {"model": model.state_dict(), "config": model.config})
+    save_checkpoint(str(tmp_path / "m.pth"), {"model": model.state_dict(), "model_config": model.config})
     out = tmp_path / "out" / "pred.nii.gz"
     out.parent.mkdir()
     out.write_bytes(b"old prediction")

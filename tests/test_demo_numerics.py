@@ -78,7 +78,7 @@ def test_the_demo_reuses_only_runs_of_its_own_config(tmp_path):
     run.mkdir(parents=True)
     for digest_ in ("old", config_hash(config)):
         for name in ("last.pth", "best.pth"):
-            save_checkpoint(str(run / name), {"model": {}, "config": {}, "step": config["n_steps"],
+            save_checkpoint(str(run / name), {"model": {}, "model_config": {}, "step": config["n_steps"],
                                               "config_hash": digest_})
         assert finished(arguments) == (None if digest_ == "old" else run / "best.pth")
     assert config_hash(config) != config_hash(resolved_config(["demo", "panet", *arguments[1:]]))

@@ -53,7 +53,7 @@ def test_two_processes_give_identical_prepared_data_episodes_and_results(tiny_ph
     torch.manual_seed(3)
     model = FewShotSegNet(encoder="cnn_small", resolution="feature", n_grid=2)
     snapshot = tmp_path / "model.pth"
-    save_checkpoint(str(snapshot), {"model": model.state_dict(), "config": model.config})
+    save_checkpoint(str(snapshot), {"model": model.state_dict(), "model_config": model.config})
     procs = []
     for run, (hash_seed, workers) in enumerate((("1", 1), ("987", 2))):
         cwd = tmp_path / f"run{run}"

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torchvision
 
-from models import weights
+from models import encoders
 from models.encoders import DeepLabV3ResNet101, ResNet50LSLPN, build_encoder
 from models.fewshot import FewShotSegNet
 from util.errors import UserError
@@ -127,7 +127,7 @@ def test_official_snapshot_loads_as_init_path_and_as_model_weights(tmp_path):
     encoder = build_encoder("resnet50_lslpn", path)
     assert torch.equal(encoder.layer4[0].weight, encoder_state["layer4.0.weight"])
     assert torch.equal(encoder.layer3[1].bn2.running_mean, encoder_state["layer3.1.bn2.running_mean"])
-    model = FewShotSegNet(encoder="resnet50_lslpn", empty_cell="zero")
+    model = FewShotSegNet(encoder="resnet50_lslpn")
     model.load_state_dict(torch.load(path))                  # the whole snapshot, as test.py would
     assert torch.equal(model.encoder.layer4[0].bias, encoder_state["layer4.0.bias"])
 
@@ -148,17 +148,8 @@ def test_bad_snapshots_and_checkpoints(tmp_path):
     _, path = _official_snapshot(tmp_path, drop="layer4.0.weight")   # official snapshot, a key missing
     with pytest.raises(UserError, match=r"official.pth: does not match .*layer4.0.weight"):
         build_encoder("resnet50_lslpn", path)
-    # weights of the removed torchvision-layout variant (keys stem.*, fuse.*): one line, retrain
-    variant = {"encoder.stem.0.weight": torch.zeros(64, 3, 7, 7),
-               "encoder.fuse.0.weight": torch.zeros(256, 1536, 3, 3)}
-    torch.save(variant, tmp_path / "variant.pth")
-    removed = "model.encoder = 'resnet50_torchvision' .*removed after commit b9c8bb5"
-    with pytest.raises(UserError, match=rf"{removed}.*encoder='resnet50_lslpn'"):
-        build_encoder("resnet50_lslpn", str(tmp_path / "variant.pth"))
-    with pytest.raises(UserError, match=removed):
-        FewShotSegNet(encoder="resnet50_lslpn").load_state_dict(variant)
-    with pytest.raises(UserError, match="model.encoder = 'resnet50_torchvision': unknown encoder"):
-        build_encoder("resnet50_torchvision")
+    with pytest.raises(UserError, match="model.encoder = 'alexnet': unknown encoder"):
+        build_encoder("alexnet")
 
 
 class _FakeWeights:
@@ -173,12 +164,12 @@ class _FakeWeights:
 def test_pretrained_from_torch_hub_cache_and_offline(tmp_path, monkeypatch):
     import hashlib
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
-    assert weights.cached_weights_path("vgg16") == str(tmp_path / "torch_home" / "hub" / "checkpoints"
+    assert encoders.cached_weights_path("vgg16") == str(tmp_path / "torch_home" / "hub" / "checkpoints"
                                                        / "vgg16-397923af.pth")
     state = _vgg_checkpoint(tmp_path / "vgg.pth")
     digest = hashlib.sha256((tmp_path / "vgg.pth").read_bytes()).hexdigest()[:8]
     name = f"vgg16-{digest}.pth"
-    monkeypatch.setitem(weights.IMAGENET_WEIGHTS, "vgg16", _FakeWeights(f"https://example.invalid/{name}"))
+    monkeypatch.setitem(encoders.IMAGENET_WEIGHTS, "vgg16", _FakeWeights(f"https://example.invalid/{name}"))
     # offline, not cached: one line naming the file, its place and path.init_path; no training
     with pytest.raises(UserError, match=rf"{name} are not in .*torch_home.hub.checkpoints .*path.init_path"):
         FewShotSegNet(encoder="vgg16", pretrained=True)
@@ -218,7 +209,7 @@ def test_official_snapshot_as_a_test_snapshot(tmp_path):
     from models.checkpoint import model_from_checkpoint
     encoder_state, path = _official_snapshot(tmp_path)
     model, state = model_from_checkpoint(path)
-    assert state["official_snapshot"] and model.config["empty_cell"] == "zero"
+    assert state["official_snapshot"] and model.config["encoder"] == "resnet50_lslpn"
     assert torch.equal(model.encoder.layer4[0].weight, encoder_state["layer4.0.weight"])
     _, partial = _official_snapshot(tmp_path, drop="layer2.1.conv2.weight")
     partial_error = r"official.pth \(official-code snapshot\): does not match .*layer2.1.conv2"
@@ -270,20 +261,20 @@ def test_deeplabv3_resnet101_loads_the_coco_layout_and_offline_is_one_line(tmp_p
     with pytest.raises(UserError, match="does not match encoder deeplabv3_resnet101.*layer3.22.bn2.weight"):
         encoder.load_initial(state, "test")
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
-    assert weights.cached_weights_path("deeplabv3_resnet101").endswith(
+    assert encoders.cached_weights_path("deeplabv3_resnet101").endswith(
         "hub/checkpoints/deeplabv3_resnet101_coco-586e9e4e.pth")
     torch.save({"backbone.conv1.weight": torch.zeros(64, 3, 7, 7)}, tmp_path / "small.pth")
     digest = hashlib.sha256((tmp_path / "small.pth").read_bytes()).hexdigest()[:8]
     name = f"deeplabv3_resnet101_coco-{digest}.pth"
     fake = _FakeWeights(f"https://example.invalid/{name}")
-    monkeypatch.setitem(weights.IMAGENET_WEIGHTS, "deeplabv3_resnet101", fake)
+    monkeypatch.setitem(encoders.IMAGENET_WEIGHTS, "deeplabv3_resnet101", fake)
     offline = rf"COCO weights {name} are not in .*torch_home.hub.checkpoints .*init_path"
     with pytest.raises(UserError, match=offline):
         build_encoder("deeplabv3_resnet101", pretrained=True)              # offline, not cached: no training
     cache = tmp_path / "torch_home" / "hub" / "checkpoints"
     cache.mkdir(parents=True)
     (cache / name).write_bytes((tmp_path / "small.pth").read_bytes())   # read from the cache, hash checked
-    assert set(weights.imagenet_state("deeplabv3_resnet101")) == {"backbone.conv1.weight"}
+    assert set(encoders.imagenet_state("deeplabv3_resnet101")) == {"backbone.conv1.weight"}
     (cache / name).write_bytes(b"corrupt")
     with pytest.raises(UserError, match="SHA-256 does not match"):
         build_encoder("deeplabv3_resnet101", pretrained=True)

@@ -1,5 +1,4 @@
-"""FewShotSegNet: shapes, config round trip, batched evaluation API, PANet alignment, bad input,
-removed options."""
+"""FewShotSegNet: shapes, config round trip, batched evaluation API, PANet alignment, bad input."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -42,7 +41,7 @@ def test_forward_shapes_and_loss(resolution, vote):
 def test_config_round_trip():
     cfg = ex.configurations[0]()["model"]                    # config.py's model dict (has align_weight)
     cfg = {**cfg, "encoder": "cnn_small", "n_grid": 2, "vote": "mean", "align": True,
-           "empty_cell": "zero", "head": "local", "pretrained": False}
+           "head": "local", "pretrained": False}
     model = FewShotSegNet.from_config(cfg)
     assert model.config == {k: cfg[k] for k in model.config}
     assert "align_weight" not in model.config and "init_path" not in model.config
@@ -95,7 +94,6 @@ def test_config_errors_are_the_schemas_and_the_model_trusts_its_options():
                             ({"vote": "median"}, "model.vote = 'median'"),
                             ({"resolution": "pixel"}, "model.resolution = 'pixel'"),
                             ({"encoder": "alexnet"}, "model.encoder = 'alexnet'"),
-                            ({"empty_cell": "drop"}, "model.empty_cell = 'drop': unknown"),
                             ({"head": "global"}, "model.head = 'global'"),
                             ({"head": "panet", "n_grid": 4}, "model.n_grid = 4: the 'panet' head"),
                             ({"pretrained": True}, "model.pretrained = True: encoder cnn_small")):
@@ -147,10 +145,9 @@ def test_training_after_inference_mode_at_the_same_size():
 
 def test_the_schema_checks_model_options_naming_the_key():
     from models.factory import check_model_config
-    check_model_config({"encoder": "vgg16", "n_grid": 8, "empty_cell": "zero", "pretrained": True})
+    check_model_config({"encoder": "vgg16", "n_grid": 8, "pretrained": True})
     check_model_config(_model().config)                         # what a snapshot stores passes
-    for cfg, message in (({"empty_cell": 0}, "model.empty_cell = 0"),
-                         ({"align_weight": -1}, "model.align_weight = -1"),
+    for cfg, message in (({"align_weight": -1}, "model.align_weight = -1"),
                          ({"pretrained": "yes"}, "model.pretrained = 'yes'"),
                          ({"vote": "median"}, "eval.model.vote = 'median'")):
         with pytest.raises(UserError, match=message):
@@ -234,51 +231,3 @@ def test_panet_model_forward_uses_panet_rules():
     ref, _ = _panet_reference(feats[:8].unflatten(0, (2, 2, 2)), fg, bg, feats[8:].unflatten(0, (2, 2)),
                               (32, 32))
     assert float(align) == 0 and torch.allclose(logits.double(), ref, atol=1e-4)
-
-
-# ---- removed options: a config or snapshot that uses one gets one line naming the last version
-REMOVED_CASES = [
-    ({"empty_cell": "skip"}, "model.empty_cell = 'skip' (in {}): this option was removed after commit "
-     "b9c8bb5 (2026-11-27): retrain with empty_cell='zero' or check out b9c8bb5"),
-    ({"encoder": "resnet50_torchvision"}, "model.encoder = 'resnet50_torchvision' (in {}): this option was "
-     "removed after commit b9c8bb5 (2026-11-27): retrain with encoder='resnet50_lslpn' (the authors' "
-     "ResNet-50) or check out b9c8bb5"),
-]
-
-
-@pytest.mark.parametrize("option,message", REMOVED_CASES)
-def test_a_snapshot_with_a_removed_option_is_one_line_naming_the_last_version(tmp_path, option, message):
-    from models.checkpoint import model_from_checkpoint, save_checkpoint
-    from models.removed_options import refuse_removed_options
-    config = {**_model().config, **option}
-    refuse_removed_options(_model().config, "runs/x/best.pth")      # today's options pass
-    with pytest.raises(UserError) as caught:
-        refuse_removed_options(config, "runs/x/best.pth")
-    assert str(caught.value) == message.format("runs/x/best.pth")
-    with pytest.raises(UserError) as caught:
-        FewShotSegNet.from_config(config)
-    assert str(caught.value) == message.format("the model config")
-    save_checkpoint(str(tmp_path / "best.pth"), {"model": {}, "config": config})
-    head, tail = message.split("{}")
-    with pytest.raises(UserError) as caught:                        # the stored config is refused
-        model_from_checkpoint(str(tmp_path / "best.pth"))
-    assert str(caught.value).startswith(head) and str(caught.value).endswith(tail)
-
-
-def test_an_old_snapshot_without_empty_cell_used_the_removed_rule():
-    """Snapshots written before model.empty_cell existed were trained with 'skip'."""
-    from models.removed_options import refuse_removed_options
-    config = {k: v for k, v in _model().config.items() if k != "empty_cell"}
-    with pytest.raises(UserError, match=r"^model.empty_cell missing \(in old.pth\): the snapshot predates .*"
-                                        r"empty_cell='skip', which was removed after commit b9c8bb5"):
-        refuse_removed_options(config, "old.pth", snapshot=True)
-    refuse_removed_options(config, "a config")                      # a config: the default applies
-    refuse_removed_options({"method": "senet", "official_bug": False}, "senet.pth", snapshot=True)
-    assert FewShotSegNet.from_config({"encoder": "cnn_small", "n_grid": 2}).config["empty_cell"] == "zero"
-
-
-def test_torchvision_layout_weights_name_the_removed_encoder():
-    weights = {"encoder.stem.0.weight": torch.zeros(1), "encoder.fuse.0.weight": torch.zeros(1)}
-    with pytest.raises(UserError, match=r"^model.encoder = 'resnet50_torchvision' \(in the snapshot's "
-                                        r"weights: encoder.stem.\*, encoder.fuse.\*\): this option was "):
-        _model().load_state_dict(weights)

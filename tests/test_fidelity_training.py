@@ -24,7 +24,7 @@ def resolve(**updates) -> dict:
 
 @pytest.mark.parametrize("updates, message", [
     ({"val_split": "test"}, "val_split = 'test'"),
-    ({"model": {"empty_cell": "none"}}, "model.empty_cell = 'none'"),
+    ({"model": {"vote": "none"}}, "model.vote = 'none'"),
     ({"model": {"head": "panet"}}, "model.n_grid = 8: the 'panet' head"),
     ({"model": {"encoder": "cnn_small", "pretrained": True}}, "model.pretrained = True"),
 ])

@@ -56,6 +56,32 @@ def test_nothing_outside_tests_imports_a_test_module():
     assert not wrong, "; ".join(wrong)
 
 
+def test_no_import_circle_in_the_library():
+    """Module-level and inner imports between library modules form no circle (e.g. models.checkpoint <->
+    models.encoders once did, through a weights-only loader)."""
+    names = {f"{path.parent.name}.{path.stem}": path for path in library_files()}
+    graph = {}
+    for name, path in names.items():
+        targets = set()
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                targets |= {f"{node.module}.{alias.name}" for alias in node.names} | {node.module}
+            elif isinstance(node, ast.Import):
+                targets |= {alias.name for alias in node.names}
+        graph[name] = sorted(targets & set(names) - {name})
+
+    done = set()
+
+    def walk(name, stack):
+        for target in graph[name]:
+            assert target not in stack, "circle: " + " -> ".join(stack[stack.index(target):] + [target])
+            if target not in done:
+                walk(target, stack + [target])
+        done.add(name)
+    for name in graph:
+        walk(name, [name])
+
+
 def inner_imports(path: Path) -> list[int]:
     """Line numbers of the imports inside function bodies of one file."""
     lines = []

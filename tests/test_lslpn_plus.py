@@ -128,7 +128,6 @@ def test_full_model_with_plus_options_is_deterministic_and_trains():
     torch.manual_seed(0)
     model = FewShotSegNet("cnn_small", n_grid=4, grids=[2, 4], query_rounds=2, min_pixels=3)
     assert model.config["grids"] == [2, 4] and model.config["query_rounds"] == 2
-    assert "query_weight" not in model.config             # defaults stay out of the stored config
     images = torch.rand(1, 1, 1, 1, 32, 32)
     fg = torch.zeros(1, 1, 1, 32, 32)
     fg[..., 8:20, 8:20] = 1
@@ -141,7 +140,7 @@ def test_full_model_with_plus_options_is_deterministic_and_trains():
     with torch.no_grad():
         assert torch.equal(model(images, fg, 1 - fg, queries)[0], model(images, fg, 1 - fg, queries)[0])
     plain = with_head_options(model, {"grids": [], "query_rounds": 0})
-    assert type(plain.head) is LocalPrototypeHead and "grids" not in plain.config
+    assert type(plain.head) is LocalPrototypeHead and plain.config["grids"] == []
     for a, b in zip(plain.parameters(), model.parameters()):
         assert torch.equal(a, b)
 
@@ -197,7 +196,7 @@ def test_adaptation_never_changes_the_snapshot_and_is_deterministic(tmp_path):
     torch.manual_seed(0)
     model = FewShotSegNet("cnn_small", n_grid=4, min_pixels=3)
     path = tmp_path / "snap.pth"
-    save_checkpoint(str(path), {"model": model.state_dict(), "config": model.config, "step": 1,
+    save_checkpoint(str(path), {"model": model.state_dict(), "model_config": model.config, "step": 1,
                                 "input_size": 32})
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
     loaded, _ = load_snapshot(path)
@@ -259,22 +258,17 @@ def test_lslpn_plus_trains_lslpn_with_the_boundary_loss_and_tests_with_its_optio
     assert plus["model"] == plain["model"]                                  # no head option in training
     assert trajectory_differences(plain, plus) == ["boundary_weight: 0.0 -> 0.3"]
     assert config_hash(plain) != config_hash(plus)
-    assert test_time_head_options(plus["eval"], plus["model"]) == {"grids": [4, 8]}    # fusion: mean
+    assert test_time_head_options(plus["eval"]) == {"grids": [4, 8]}    # fusion: mean
     assert (plus["eval"]["adapt_steps"], plus["eval"]["adapt_lr"]) == (20, 1e-2)
-    assert test_time_head_options(plain["eval"], plain["model"]) is None   # off by default
+    assert test_time_head_options(plain["eval"]) is None   # off by default
 
 
-def test_test_time_head_options_come_from_eval_else_from_the_model_section_with_plus_head():
+def test_test_time_head_options_are_the_eval_entries_that_differ_from_the_plain_head():
     from evaluation.adaptation import test_time_head_options
-    model = {**resolve_config(("tiny",))["model"], "grids": [2, 4], "query_rounds": 1}
     plain = resolve_config(("tiny",))["eval"]["head_options"]
-    assert test_time_head_options({"head_options": plain, "plus_head": False}, model) is None
-    from_model = test_time_head_options({"head_options": plain, "plus_head": True}, model)
-    assert from_model == {"grids": [2, 4], "grid_fusion": "mean", "query_rounds": 1, "query_weight": 0.5,
-                          "query_confidence": 0.0}
+    assert test_time_head_options({"head_options": plain}) is None
     given = {**plain, "grids": [4, 8], "query_weight": 0.3}
-    assert test_time_head_options({"head_options": given, "plus_head": True}, model) == \
-        {"grids": [4, 8], "query_weight": 0.3}
+    assert test_time_head_options({"head_options": given}) == {"grids": [4, 8], "query_weight": 0.3}
 
 
 @pytest.mark.parametrize("update, message", [
@@ -303,7 +297,7 @@ def test_lslpn_plus_holds_the_combination_that_docs_lslpn_plus_md_measured():
     assert line, "docs/lslpn_plus.md has no '- LSLPN+: ...' line in its Options list"
     measured = dict(item.split("=", 1) for item in re.split(r", (?=\w+=)", line.group(1)))
     plain, plus = resolve_config(("demo",)), resolve_config(("demo", "lslpn_plus"))
-    test_time = test_time_head_options(plus["eval"], plus["model"]) or {}
+    test_time = test_time_head_options(plus["eval"]) or {}
     head = {**plus["eval"]["head_options"], **test_time}
     used = {key.split(":")[0].split(".")[-1] for key in trajectory_differences(plain, plus)}   # training
     used |= set(test_time)

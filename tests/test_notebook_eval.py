@@ -18,7 +18,8 @@ def make_tiny_snapshot(path: Path, fold: int = 0) -> Path:
     from models.fewshot import FewShotSegNet
     torch.manual_seed(0)
     model = FewShotSegNet.from_config({"encoder": "cnn_small", "n_grid": 2, "resolution": "feature"})
-    save_checkpoint(str(path), {"model": model.state_dict(), "config": model.config, "fold": fold, "step": 0})
+    save_checkpoint(str(path), {"model": model.state_dict(), "model_config": model.config, "fold": fold,
+                                "step": 0})
     return path
 
 

@@ -3,7 +3,7 @@
 Each test is a CLASS of hostile input, with several cases:
  1 pickled code in a checkpoint (load_checkpoint, model_from_checkpoint, read_state_file, segment_volume.py,
    test.py): refused in one line and nothing of it runs (the payload would create a file)
- 2 checkpoint records: old 'config' key and new 'model_config' key, numpy RNG states of old snapshots,
+ 2 checkpoint records: the 'model_config' key, RNG states as plain lists,
    a bare state dict that is not the official layout, NaN/inf weights, a malformed input_size
  3 volumes not in Hounsfield units under a CT window (float [0, 1], uint16 without rescale, int8, MR)
  4 axial coverage: a crop of the same scan (physical z), another field of view (refused), a moderate
@@ -147,7 +147,7 @@ def base_argv(scans, out: Path, **changes) -> list[str]:
 # ------------------------------------------------------------------- 1 pickled code in a checkpoint
 def test_pickled_code_is_refused_by_every_loader_and_never_runs(tmp_path):
     from models.checkpoint import load_checkpoint, model_from_checkpoint
-    from models.weights import read_state_file
+    from models.encoders import read_state_file
     marker = tmp_path / "payload_ran"
     cases = {   # file -> loader
         "top.pth": (Payload(marker), load_checkpoint),
@@ -160,13 +160,9 @@ def test_pickled_code_is_refused_by_every_loader_and_never_runs(tmp_path):
         with pytest.raises(UserError) as error:
             loader(str(tmp_path / name))
         message = str(error.value)
-        assert message.startswith(f"{tmp_path / name}: refused: the file holds pickled code (")
-        assert "\n" not in message
-        assert "not only tensors and plain data" in message
+        assert f"'{tmp_path / name}' is unreadable or refused (UnpicklingError)" in message
+        assert "\n" not in message and "pickled code, which was not run" in message
         assert not marker.exists(), name
-    with pytest.raises(UserError) as error:
-        load_checkpoint(str(tmp_path / "system.pth"))
-    assert "(posix.system)" in str(error.value) or os.name != "posix"           # names what it would run
 
 
 def test_pickled_code_through_segment_volume_and_test_py(scans, tiny_prepared, tmp_path, capsys):
@@ -174,7 +170,7 @@ def test_pickled_code_through_segment_volume_and_test_py(scans, tiny_prepared, t
     evil = tmp_path / "evil.pth"
     torch.save({"model": {}, "model_config": {}, "step": Payload(marker)}, evil)
     code, _, err = run_segment_cli(base_argv(scans, tmp_path / "p.nii.gz", **{"--checkpoint": evil}), capsys)
-    one_error_line(code, err, "refused: the file holds pickled code")
+    one_error_line(code, err, "pickled code, which was not run")
     assert not marker.exists() and not (tmp_path / "p.nii.gz").exists()
     log = f"path.log_dir={tmp_path / 'runs'}"
     data = f"path.data_dir={tiny_prepared}"
@@ -185,30 +181,25 @@ def test_pickled_code_through_segment_volume_and_test_py(scans, tiny_prepared, t
                                          train + ["model.encoder=vgg16", "model.pretrained=False",
                                                   f"path.init_path='{evil}'"]])
     for result in tested + trained:   # the whole stderr is the one line (no Sacred INFO line before it)
-        one_error_line(result["code"], result["err"], "refused: the file holds pickled code")
+        one_error_line(result["code"], result["err"], "pickled code, which was not run")
     assert not marker.exists()
 
 
 # ---------------------------------------------------------------------------- 2 checkpoint records
-def test_old_and_new_checkpoint_records_load_and_damaged_ones_are_refused(tmp_path):
+def test_checkpoint_records_load_and_damaged_ones_are_refused(tmp_path):
     from models.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
     from models.fewshot import FewShotSegNet
     from util.device import get_rng_state, set_rng_state
     torch.manual_seed(0)
     model = FewShotSegNet(encoder="cnn_small", resolution="feature", n_grid=2)
     weights = model.state_dict()
-    # old snapshot: 'config' key, numpy RNG state pickled as an array (written with plain torch.save)
-    torch.save({"model": weights, "config": model.config, "rng": [get_rng_state()], "step": 3},
-               tmp_path / "old.pth")
-    old = load_checkpoint(str(tmp_path / "old.pth"))
-    assert old["model_config"] == model.config and old["config"] == model.config
-    assert isinstance(old["rng"][0]["numpy"][1], np.ndarray)             # exactly the numpy types allowed
     np.random.seed(5)
     snapshot = get_rng_state()
     expected = np.random.rand()
-    save_checkpoint(str(tmp_path / "new.pth"), dict(old, rng=[snapshot]))
+    save_checkpoint(str(tmp_path / "new.pth"), {"model": weights, "model_config": model.config,
+                                                "rng": [snapshot], "step": 3})
     raw = torch.load(tmp_path / "new.pth", weights_only=True)                    # plain data, no numpy needed
-    assert "model_config" in raw and "config" not in raw and isinstance(raw["rng"][0]["numpy"][1], list)
+    assert "model_config" in raw and isinstance(raw["rng"][0]["numpy"][1], list)
     set_rng_state(load_checkpoint(str(tmp_path / "new.pth"))["rng"][0])
     assert np.random.rand() == expected                                   # the list form restores the RNG
     set_rng_state(snapshot)

@@ -125,8 +125,8 @@ def train_tiny(steps: int = 40, seed: int = 0):
 
 
 def write_checkpoint(path: Path, model, **extra) -> Path:
-    torch.save({"model": model.state_dict(), "config": model.config, "step": 0, "fold": 0,
-                "run_config": {"input_size": INPUT_SIZE}, **extra}, path)
+    torch.save({"model": model.state_dict(), "model_config": model.config, "step": 0, "fold": 0,
+                "input_size": INPUT_SIZE, **extra}, path)
     return path
 
 
@@ -320,7 +320,7 @@ def bad_files(work):
     shifted[0, 3] = 15.0
     nib.save(nib.Nifti1Image(label, shifted), str(files["shifted_mask"]))
     state = torch.load(work["checkpoint"], weights_only=True)          # our checkpoints are plain data
-    state["config"] = dict(state["config"], encoder="vgg16")            # the old key name still loads
+    state["model_config"] = dict(state["model_config"], encoder="vgg16")
     files["vgg_checkpoint"] = root / "other_encoder.pth"
     torch.save(state, files["vgg_checkpoint"])
     return files

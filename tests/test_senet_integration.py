@@ -36,7 +36,7 @@ def senet_run(tiny_prepared, tmp_path_factory) -> Path:
 
 def test_train_py_trains_senet_through_the_one_loop(senet_run):
     state = load_checkpoint(str(senet_run / "last.pth"))
-    assert state["config"] == {"method": "senet", "official_bug": False} and state["step"] == 3
+    assert state["model_config"] == {"method": "senet", "official_bug": False} and state["step"] == 3
     assert [g["name"] for g in state["optimizer"]["param_groups"]] == ["segmenter", "conditioner"]
     assert state["optimizer"]["param_groups"][0]["momentum"] == 0.99
     metrics = json.loads((senet_run / "metrics.json").read_text())

@@ -1,7 +1,7 @@
 """A snapshot describes itself (models/checkpoint.py): with which input size and intensity it runs.
 
-The caller's value wins, then what the snapshot records, then (old snapshots) the run config's
-input size and the caller's fallback intensity, then the defaults 512 and per-slice min-max.
+The caller's value wins, then what the snapshot records, then the caller's fallback intensity, then
+the defaults 512 and per-slice min-max.
 """
 from __future__ import annotations
 
@@ -20,45 +20,29 @@ WINDOW = {"mode": "window", "window": [-125.0, 275.0]}
 
 
 def test_recorded_values_win_over_defaults_and_requested_values_win_over_recorded():
-    state = {"input_size": 128, "intensity": WINDOW, "run_config": {"input_size": 64}}
+    state = {"input_size": 128, "intensity": WINDOW}
     assert trained_input(state) == (128, WINDOW)
     assert model_input(state) == (128, WINDOW)
-    assert model_input(state, input_size=96, intensity={"mode": "minmax"}) == (96, {"mode": "minmax"})
+    requested = model_input(state, input_size=96, intensity={"mode": "minmax"}, name="s.pth")   # own warning
+    assert requested == (96, {"mode": "minmax"})
     # a record beats a guess
     assert model_input(state, fallback_intensity={"mode": "minmax"}) == (128, WINDOW)
 
 
-def test_a_snapshot_older_than_the_records_uses_its_run_config_then_the_fallback_then_defaults():
-    # written before input_size/intensity were kept
-    old = {"run_config": {"input_size": 64}}
-    assert trained_input(old) == (64, None)
-    assert model_input(old, fallback_intensity=WINDOW) == (64, WINDOW)
+def test_a_snapshot_without_records_uses_the_fallback_then_defaults():
+    assert trained_input({}) == (None, None)
+    assert model_input({}, fallback_intensity=WINDOW) == (512, WINDOW)
     assert model_input({}) == (512, {"mode": "minmax"})
 
 
-def test_an_old_format_checkpoint_loads_and_describes_itself(tmp_path):
+def test_a_checkpoint_loads_and_describes_itself(tmp_path):
     torch.manual_seed(0)
     model = FewShotSegNet(encoder="cnn_small", resolution="feature", n_grid=2)
-    path = tmp_path / "old.pth"
-    save_checkpoint(str(path), {"model": model.state_dict(), "config": model.config, "step": 6, "fold": 0,
-                                "run_config": {"input_size": 32}})
+    path = tmp_path / "snapshot.pth"
+    save_checkpoint(str(path), {"model": model.state_dict(), "model_config": model.config, "step": 6,
+                                "fold": 0, "input_size": 32})
     rebuilt, state = model_from_checkpoint(str(path))
     assert all(torch.equal(a, b) for a, b in zip(rebuilt.state_dict().values(), model.state_dict().values()))
-    assert model_input(state) == (32, {"mode": "minmax"})
+    assert state["model_config"] == model.config and model_input(state) == (32, {"mode": "minmax"})
     assert load_checkpoint(str(path))["step"] == 6
     assert not list(tmp_path.glob("*.tmp-*"))                    # written atomically, nothing left behind
-
-
-def test_model_config_is_the_stored_key_and_the_old_config_key_still_loads(tmp_path):
-    torch.manual_seed(0)
-    model = FewShotSegNet(encoder="cnn_small", resolution="feature", n_grid=2)
-    for key in ("config", "model_config"):                       # 'config': snapshots before the rename
-        path = tmp_path / f"{key}.pth"
-        torch.save({"model": model.state_dict(), key: model.config, "input_size": 32}, path)
-        rebuilt, state = model_from_checkpoint(str(path))
-        assert state["model_config"] == model.config and model_input(state) == (32, {"mode": "minmax"})
-        assert all(torch.equal(a, b) for a, b in zip(rebuilt.state_dict().values(),
-                                                     model.state_dict().values()))
-        save_checkpoint(str(tmp_path / "again.pth"), state)      # written back under the new name only
-        stored = torch.load(tmp_path / "again.pth", weights_only=True)
-        assert stored["model_config"] == model.config and "config" not in stored

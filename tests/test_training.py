@@ -22,7 +22,7 @@ import pytest
 import torch
 from test_episodes import make_train_prep
 
-from models.checkpoint import check_compatible, load_checkpoint, load_model_state, save_checkpoint
+from models.checkpoint import check_compatible, load_checkpoint, model_from_checkpoint, save_checkpoint
 from training.config_check import check_config
 from training.runs import config_hash, run_name
 from util.device import Distributed
@@ -138,8 +138,8 @@ def test_run_folder_walker(tmp_path):
     assert latest_run(tmp_path, "b", accept=lambda run: run.name != "10").name == "2"
     for run_id, step, digest in (("1", 6, "old"), ("2", 6, "new"), ("10", 3, "new")):   # 10: unfinished
         for file in ("last.pth", "best.pth"):
-            save_checkpoint(str(tmp_path / "b" / run_id / file), {"model": {}, "config": {}, "step": step,
-                                                                   "config_hash": digest})
+            save_checkpoint(str(tmp_path / "b" / run_id / file), {"model": {}, "model_config": {},
+                                                                   "step": step, "config_hash": digest})
     assert finished_snapshot(tmp_path, "b", 6) == tmp_path / "b" / "2" / "best.pth"
     oldest = finished_snapshot(tmp_path, "b", 6, "last.pth", wanted_hash="old")
     assert oldest == tmp_path / "b" / "1" / "last.pth"
@@ -187,12 +187,12 @@ def test_resume_after_a_config_change_says_so_and_starts_a_new_run(tmp_path, pre
 # ---------------------------------------------------------------------------------- checkpoints
 def test_checkpoint_save_is_atomic_and_loads_back(tmp_path):
     path = tmp_path / "sub" / "last.pth"
-    save_checkpoint(str(path), {"model": {"w": torch.arange(3.0)}, "config": {"encoder": "cnn_small"},
+    save_checkpoint(str(path), {"model": {"w": torch.arange(3.0)}, "model_config": {"encoder": "cnn_small"},
                                 "step": 4})
     assert load_checkpoint(str(path))["step"] == 4
     assert os.listdir(path.parent) == ["last.pth"]
     with pytest.raises(Exception):
-        save_checkpoint(str(path), {"model": {}, "config": {}, "bad": lambda: 0})  # unpicklable
+        save_checkpoint(str(path), {"model": {}, "model_config": {}, "bad": lambda: 0})  # unpicklable
     assert os.listdir(path.parent) == ["last.pth"] and load_checkpoint(str(path))["step"] == 4
 
 
@@ -213,11 +213,16 @@ def test_checkpoint_errors_are_clear(tmp_path):
 def test_snapshot_of_another_encoder_is_refused(tmp_path):
     from models.fewshot import FewShotSegNet
     small = FewShotSegNet.from_config({"encoder": "cnn_small", "n_grid": 2}, None)
-    save_checkpoint(str(tmp_path / "s.pth"), {"model": small.state_dict(), "config": small.config})
+    save_checkpoint(str(tmp_path / "s.pth"), {"model": small.state_dict(), "model_config": small.config})
     other = FewShotSegNet.from_config({"encoder": "cnn_small", "n_grid": 4}, None)
+    loaded, state = model_from_checkpoint(str(tmp_path / "s.pth"))
     with pytest.raises(UserError, match="n_grid"):
-        load_model_state(other, str(tmp_path / "s.pth"), other.config)
-    load_model_state(other, str(tmp_path / "s.pth"), other.config, strict=False)  # same weights: loads
+        check_compatible(state["model_config"], other.config, str(tmp_path / "s.pth"))
+    check_compatible(state["model_config"], other.config, str(tmp_path / "s.pth"), strict=False)
+    other.load_state_dict(loaded.state_dict())                                   # same weights: loads
+    vgg = dict(small.config, encoder="vgg16")
+    with pytest.raises(UserError, match="encoder"):
+        check_compatible(state["model_config"], vgg, str(tmp_path / "s.pth"), strict=False)
 
 
 # ------------------------------------------------------------------------------- train.py runs

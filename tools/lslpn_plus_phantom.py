@@ -40,7 +40,7 @@ def main(argv: list[str]) -> int:
     plus = steps.train_all(log, False, [], {"LSLPN_plus": ["lslpn_plus"]})["LSLPN_plus"]
     config = resolved_config(["demo", "lslpn_plus"])
     settings = config["eval"]
-    head = test_time_head_options(settings, config["model"])
+    head = test_time_head_options(settings)
 
     def test_time(model):
         return test_time_model(model, head, settings["adapt_steps"], settings["adapt_lr"])

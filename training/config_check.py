@@ -17,8 +17,8 @@ from dataloaders.prepared import check_training_neighbours, list_volumes, read_m
 from dataloaders.selfsup_episodes import SELFSUP_OPTIONS
 from dataloaders.superpixels import read_superpixel_meta
 from evaluation.protocols import EVAL_OPTIONS
+from models.encoders import IMAGENET_WEIGHTS
 from models.factory import MODEL_OPTIONS, SENET, check_model_rules
-from models.weights import IMAGENET_WEIGHTS
 from util.device import resolve_device
 from util.errors import UserError
 from util.options import (

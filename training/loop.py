@@ -206,7 +206,7 @@ def _plan_validation(cfg: dict, dist: Distributed) -> None:
 def _load_initial_weights(path: str, model: torch.nn.Module, device: torch.device, dist: Distributed) -> None:
     """path.init_from: the model weights of another run's checkpoint (optimiser and step start fresh)."""
     state = load_checkpoint(path, map_location=device)
-    check_compatible(state["config"], model.config, path)
+    check_compatible(state["model_config"], model.config, path)
     model.load_state_dict(state["model"])
     _say(dist, f"initial weights from {path} (step {state.get('step')})")
 
@@ -225,7 +225,7 @@ def _resume(cfg, run, dist, device, config_digest, model, optimizer, scheduler, 
         state = load_checkpoint(path, map_location=device)
     except UserError:
         raise unreadable_resume_error(path, log_dir, name, config_digest) from None
-    check_compatible(state["config"], model.config, path)
+    check_compatible(state["model_config"], model.config, path)
     if state.get("config_hash") not in (None, config_digest):
         raise UserError(f"resume: {path} belongs to another config: start a new run (resume=False)")
     model.load_state_dict(state["model"])
@@ -303,7 +303,7 @@ def _state(cfg, model, optimizer, scheduler, scaler, step, rngs, config_digest, 
     return {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
             "scaler": scaler.state_dict() if scaler.is_enabled() else None,
-            "step": step, "rng": rngs, "config": copy.deepcopy(model.config),
+            "step": step, "rng": rngs, "model_config": copy.deepcopy(model.config),
             "fold": None if cfg.get("episodes") == "superpixels" else cfg["fold"],   # selfsup: no organ seen
             "seed": cfg["seed"], "config_hash": config_digest, "run_config": copy.deepcopy(cfg),
             "best_dice": best_dice, "input_size": cfg["input_size"],
