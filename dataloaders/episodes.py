@@ -1,19 +1,10 @@
-"""Training episodes drawn from a prepared data folder (docs/DESIGN.md, "Training").
+"""Training episodes drawn from a prepared data folder (docs/DESIGN.md "Training", docs/method.md "Episodes").
 
-An episode (as the official code; docs/method.md, "Training setup"): N distinct training classes
-("ways"); for each way, K support slices and the way's share of the Q query slices, all DIFFERENT slices that
-contain the class, drawn from any training volume (PREP/index.json). Query q belongs to way q mod N.
-
-Item i is a deterministic function of (seed, i): its random stream is
-`numpy.random.default_rng([seed, i])`. Nothing depends on the worker count or on the order in
-which items are read, so resuming at step s and sharding a step's episodes over DDP ranks give the
-same episodes as one uninterrupted process.
-
-Slices are read from `PREP/train/<pid>_image.npy` / `<pid>_label.npy` through memory maps opened
-lazily in each process (fork-safe for DataLoader workers). With `input_slices` = 3 (2.5D input,
-dataloaders/neighbours.py) every image is the stack (z - 1, z, z + 1) of the slice and its stored
-neighbours (`<pid>_neighbours.npy`); labels are the centre slice's, and the intensity augmentation is one
-draw applied to the 3 channels alike, so the random stream (and every other draw) is that of 1 slice.
+N distinct training classes ("ways"); per way K support slices and its share of the Q queries (query q
+belongs to way q mod N), all DIFFERENT slices holding the class (PREP/index.json). Item i is a function
+of (seed, i) alone (`default_rng([seed, i])`), so resume and DDP sharding give the episodes of one
+uninterrupted process. Slices are memory-mapped lazily per process; with 3 input slices an image is the
+stored (z - 1, z, z + 1) stack, labelled and augmented as its centre slice (same random stream).
 """
 from __future__ import annotations
 
@@ -23,7 +14,6 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from dataloaders.neighbours import INPUT_SLICES
 from dataloaders.organs import INDEX_TO_NAME
 from dataloaders.prepared import (
     open_training_neighbours,
@@ -31,13 +21,8 @@ from dataloaders.prepared import (
     read_slice_index,
     training_slices,
 )
-from dataloaders.transforms import augment_intensity, resize_image, resize_label
+from dataloaders.transforms import INPUT_SLICES, augment_intensity, resize_image, resize_label
 from util.errors import UserError
-
-
-def usable_classes(index: Mapping[int, Sequence], classes: Sequence[int], min_slices: int) -> list[int]:
-    """The classes of `classes` that have at least `min_slices` training slices in the index."""
-    return [c for c in classes if len(index.get(c, ())) >= min_slices]
 
 
 class EpisodeDataset(Dataset):
@@ -66,7 +51,7 @@ class EpisodeDataset(Dataset):
         # A way needs its K supports plus at most ceil(Q / N) queries, all different slices.
         queries_per_way = -(-self.n_queries // self.n_ways)
         self.min_slices = self.n_shots + queries_per_way
-        self.classes = usable_classes(index, [int(c) for c in classes], self.min_slices)
+        self.classes = [int(c) for c in classes if len(index.get(int(c), ())) >= self.min_slices]
         if len(self.classes) < self.n_ways:
             names = ", ".join(INDEX_TO_NAME.get(int(c), str(c)) for c in classes)
             raise UserError(
@@ -115,21 +100,18 @@ class EpisodeDataset(Dataset):
         ways = rng.choice(len(self.classes), size=N, replace=False)
         classes = np.array([self.classes[w] for w in ways], dtype=np.int64)  # N
 
-        support_images, support_labels, query_images, query_labels = [], [], [], []
+        support_images, support_labels, queries = [], [], [None] * Q
         for n, cls in enumerate(classes):
-            n_queries_n = len(range(n, Q, N))             # queries n, n + N, ... belong to way n
-            entries = self.slices[int(cls)]
-            picks = rng.choice(len(entries), size=K + n_queries_n, replace=False)
+            entries = self.slices[int(cls)]             # way n draws its supports, then queries n, n + N, ...
+            picks = rng.choice(len(entries), size=K + len(range(n, Q, N)), replace=False)
             for j, pick in enumerate(picks):
                 image, label = self._read(entries[pick], rng)
-                target = (support_images, support_labels) if j < K else (query_images, query_labels)
-                target[0].append(image)
-                target[1].append(label)
-        # Queries were gathered way by way; put them in order q = 0..Q-1 (query q from way q mod N).
-        query_by_way = [q for n in range(N) for q in range(n, Q, N)]
-        position = {q: k for k, q in enumerate(query_by_way)}
-        query_images = [query_images[position[q]] for q in range(Q)]
-        query_labels = [query_labels[position[q]] for q in range(Q)]
+                if j < K:
+                    support_images.append(image)
+                    support_labels.append(label)
+                else:
+                    queries[n + (j - K) * N] = image, label
+        query_images, query_labels = [image for image, _ in queries], [label for _, label in queries]
 
         size, C = self.input_size, self.input_slices
         s_labels = np.stack(support_labels).reshape(N, K, size, size)              # N x K x H x W

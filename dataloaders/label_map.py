@@ -1,23 +1,11 @@
-"""Label maps: which mask value is which organ. One parser for every entry point.
+"""Which mask value is which organ (label maps), and is an input what it claims to be (plausibility).
 
-Accepted JSON forms (a file, or the same content as a dict):
-    {"liver": 5, "spleen": 1}                      name -> value
-    {"5": "liver", "1": "spleen"}                  value -> name
-    {"labels": {...either form...}, ...}          TotalSegmentator / nnU-Net dataset.json style
-Value 0 is background: an entry 0 (or named 'background') is dropped; negative values, non-integer
-values, an empty map, a JSON list and a map that mixes both directions are one-line UserErrors.
-
-How the labels of a support mask are known (`mask_label_map`), in this order:
-    1. `--label-map FILE` given by the user;
-    2. a sidecar JSON next to the mask: `<mask name without .nii/.nii.gz>.json`
-       (e.g. labels.nii.gz + labels.json, as TotalSegmentator exports);
-    3. `--vocabulary visceral`: the mask uses the project's indices 1-20 (dataloaders/organs.py),
-       as prepared label volumes do;
-    4. a VISCERAL mask file name `<pid>_1_CTce_ThAb_<RadLexID>_<n>.nii.gz`: a binary mask of the
-       structure with that RadLex id.
-Otherwise the labels are unknown, and an organ NAME as `--support-label` is an error (a label
-VALUE, or no label for a binary mask, still works): guessing would silently segment another organ.
-"""
+A label map is {"liver": 5} (name -> value), {"5": "liver"} (value -> name), either optionally wrapped as
+{"labels": {...}}; value 0 / 'background' is dropped. A support mask's labels come from, in this order,
+--label-map, a sidecar `<mask stem>.json`, --vocabulary visceral (indices 1-20) or a VISCERAL mask file
+name; else an organ NAME as --support-label is an error (a VALUE still works). Plausibility: UserErrors
+where a result would be meaningless (image and mask swapped, a constant volume), one-line warnings
+(returned strings) where it would be doubtful."""
 from __future__ import annotations
 
 import json
@@ -25,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dataloaders.layouts import strip_nifti_suffix
 from dataloaders.organs import INDEX_TO_NAME, RADLEX_TO_INDEX, canonical_name
 from util.errors import UserError
 
@@ -36,9 +25,7 @@ def _as_value(item) -> int | None:
     """An integer label value from an int or a digit string; None otherwise."""
     if isinstance(item, bool):
         return None
-    if isinstance(item, (int, np.integer)):
-        return int(item)
-    if isinstance(item, float) and item.is_integer():
+    if isinstance(item, (int, np.integer)) or (isinstance(item, float) and item.is_integer()):
         return int(item)
     if isinstance(item, str) and item.strip().lstrip("-").isdigit():
         return int(item.strip())
@@ -100,34 +87,23 @@ def read_label_map(source, what: str = "--label-map") -> dict[int, str]:
 
 def value_of(name: str, label_map: dict[int, str]) -> int | None:
     """The value a map gives to organ `name` (exact, or the same structure under an alias); None if absent."""
-    wanted = name.strip().lower()
     canonical = canonical_name(name)
-    for value, mapped in label_map.items():
-        if mapped.strip().lower() == wanted:
-            return value
-    for value, mapped in label_map.items():
-        if canonical is not None and canonical_name(mapped) == canonical:
-            return value
-    return None
+    exact = [value for value, mapped in label_map.items() if mapped.strip().lower() == name.strip().lower()]
+    alias = [value for value, mapped in label_map.items()
+             if canonical is not None and canonical_name(mapped) == canonical]
+    return (exact + alias + [None])[0]
 
 
 def sidecar_path(mask_path: str | Path) -> Path:
     """`<mask name without .nii.gz/.nii>.json` in the mask's folder."""
     mask_path = Path(mask_path)
-    name = mask_path.name
-    for suffix in (".nii.gz", ".nii"):
-        if name.endswith(suffix):
-            name = name[: -len(suffix)]
-            break
-    return mask_path.with_name(name + ".json")
+    stem = strip_nifti_suffix(mask_path.name)
+    return mask_path.with_name((mask_path.name if stem is None else stem) + ".json")
 
 
 def visceral_mask_structure(mask_path: str | Path) -> int | None:
-    """Project index (1-20) of a VISCERAL mask file name `<pid>_1_CTce_ThAb_<RadLex>_<n>.nii.gz`;
-    else None."""
-    name = Path(mask_path).name
-    stem = (name[: -len(".nii.gz")] if name.endswith(".nii.gz")
-            else name[: -len(".nii")] if name.endswith(".nii") else None)
+    """Project index (1-20) of a VISCERAL mask name `<pid>_1_CTce_ThAb_<RadLex>_<n>.nii.gz`; else None."""
+    stem = strip_nifti_suffix(Path(mask_path).name)
     fields = stem.split("_") if stem else []
     if (len(fields) < 6 or fields[2:4] != ["CTce", "ThAb"] or not fields[-2].isdigit()
             or not fields[-1].isdigit()):
@@ -137,10 +113,7 @@ def visceral_mask_structure(mask_path: str | Path) -> int | None:
 
 def mask_label_map(mask_path: str | Path, label_map=None, vocabulary: str | None = None
                    ) -> tuple[dict[int, str] | None, str]:
-    """(value -> name map or None, how it is known) for a support mask; see the module docstring.
-
-    For a VISCERAL mask file the map is {None: organ}: the organ of its (binary) non-zero value.
-    """
+    """(value -> name map or None, how it is known) for a support mask (the order of the module docstring)."""
     if vocabulary is not None and vocabulary not in VOCABULARIES:
         raise UserError(f"--vocabulary {vocabulary}: unknown: use {' or '.join(VOCABULARIES)} "
                         "(or give --label-map)")
@@ -158,9 +131,8 @@ def resolve_support_label(support_label, mask_path: str | Path, present: np.ndar
                           vocabulary: str | None = None) -> tuple[int, str]:
     """(mask value of the support organ, a description for the console) or a one-line UserError.
 
-    present: the non-zero values found in the mask (sorted). support_label: None (binary mask), a
-    label value (int or digit string) or an organ name, which needs known labels (module docstring).
-    """
+    present: the mask's sorted non-zero values. support_label: None (binary mask), a label value (int or
+    digit string) or an organ name, which needs known labels."""
     present = np.asarray(present, dtype=np.int64)
     shown = ", ".join(map(str, present[:12])) + (" ..." if len(present) > 12 else "")
     mapping, how = mask_label_map(mask_path, label_map, vocabulary)
@@ -195,3 +167,127 @@ def resolve_support_label(support_label, mask_path: str | Path, present: np.ndar
                     f"{shown}), so an organ name cannot be looked up: pass --label-map map.json, put a "
                     f"sidecar {sidecar_path(mask_path).name} next to the mask, use --vocabulary visceral if "
                     "the mask uses the project's indices 1-20, or give the label VALUE")
+
+
+# ------------------------------------------------------------------------------ plausibility
+SOFT_MASK_THRESHOLD = 0.5       # soft masks (values in [0, 1]): foreground = value >= this
+MAX_MASK_LABELS = 256           # a mask with more distinct values than this is an image
+MANY_LABELS = 8                 # a "mask" with more distinct values than this over most of its voxels:
+IMAGE_FOREGROUND_FRACTION = 0.5  # (more than this fraction non-zero) is an image
+MAX_IMAGE_LABELS = 64           # an "image" of at most this many distinct whole values >= 0 is a label volume
+AIR_HU = -500.0                 # CT: body voxels above this, air below (as evaluation/query_range.BODY_HU)
+_SAMPLE = 200_000               # voxels looked at first (a strided sample) before a full count
+FOV_RATIO = 0.6                 # query in-plane extent below this fraction of the support's: warning
+# Largest support slice below this area (mm^2): warning. About a tenth of the organ's largest cross-section
+# on the real CT sample the project was checked on; 50 mm^2 for any other structure.
+MIN_SLICE_AREA_MM2 = {"liver": 2800.0, "spleen": 860.0, "kidney_right": 370.0, "kidney_left": 370.0,
+                      "psoas_right": 55.0, "psoas_left": 55.0}
+DEFAULT_MIN_SLICE_AREA_MM2 = 50.0
+
+
+def mask_labels(array: np.ndarray, path: str | Path) -> tuple[np.ndarray, str | None]:
+    """(integer label array of the mask's shape, note or None); a UserError for image-like content
+    (negative values, too many distinct values). A float mask in [0, 1] is soft: foreground >= 0.5."""
+    values = np.asarray(array)
+    name = Path(path).name
+    if np.issubdtype(values.dtype, np.floating):
+        rounded = np.rint(values)
+        if not np.array_equal(values, rounded):
+            low, high = float(values.min()), float(values.max())
+            if 0.0 <= low and high <= 1.0:
+                foreground = values >= SOFT_MASK_THRESHOLD
+                note = (f"{name}: soft mask (non-integer values in [{low:g}, {high:g}]): foreground = values "
+                        f">= {SOFT_MASK_THRESHOLD:g} ({int(foreground.sum())} voxels)")
+                return foreground.astype(np.uint8), note
+            distinct = np.unique(values).size
+            if distinct > MAX_MASK_LABELS:
+                raise UserError(f"{path}: {distinct} distinct non-integer values: this looks like an image, "
+                                "not a mask: check the order of the image and mask arguments")
+            raise UserError(f"{path}: non-integer mask values outside [0, 1] ({low:g} .. {high:g}): export "
+                            "integer labels, or a soft mask in [0, 1] "
+                            f"(foreground >= {SOFT_MASK_THRESHOLD:g})")
+        values = rounded
+    if values.size and values.min() < 0:
+        raise UserError(f"{path}: negative values (min {values.min():g}): this looks like an image (CT in "
+                        "HU), not a mask: check the order of the image and mask arguments")
+    distinct = np.unique(values).size
+    if distinct > MAX_MASK_LABELS:
+        raise UserError(f"{path}: {distinct} distinct values: this looks like an image, not a mask: check "
+                        "the order of the image and mask arguments")
+    foreground = float(np.count_nonzero(values)) / max(values.size, 1)
+    if distinct > MANY_LABELS and foreground > IMAGE_FOREGROUND_FRACTION:
+        raise UserError(f"{path}: {distinct} distinct values over {100 * foreground:.0f}% of the voxels: "
+                        "this looks like an image, not a mask: check the order of the image and mask "
+                        "arguments")
+    return values.astype(np.int64), None
+
+
+def image_problems(array: np.ndarray, path: str | Path, role: str = "image") -> list[str]:
+    """Warnings about a CT volume (all air); UserError when it cannot be an image at all (constant, or at
+    most MAX_IMAGE_LABELS distinct whole values >= 0: a label volume)."""
+    values = np.asarray(array)
+    low, high = float(values.min()), float(values.max())
+    if low == high:
+        raise UserError(f"{path}: the {role} is constant (every voxel {low:g}): nothing to segment; give "
+                        "the CT or MR volume")
+    labels = label_values(values) if low >= 0 else None
+    if labels is not None:
+        shown = ", ".join(f"{v:g}" for v in labels[:8]) + (", ..." if labels.size > 8 else "")
+        raise UserError(f"{path}: the {role} holds only {labels.size} distinct whole values ({shown}): "
+                        "this looks like a mask (a label volume), not an image: check the order of the image "
+                        "and mask arguments")
+    if high <= AIR_HU:
+        return [f"{path}: no voxel above {AIR_HU:g} HU (max {high:g}): the {role} is all air, or not CT in "
+                "Hounsfield units; the result will not mean much"]
+    return []
+
+
+def label_values(values: np.ndarray) -> np.ndarray | None:
+    """The sorted distinct values when `values` holds at most MAX_IMAGE_LABELS distinct whole numbers >= 0
+    (a label volume), else None. A strided sample is looked at first, so an image costs little."""
+    flat = np.asarray(values).reshape(-1)
+    sample = flat[::max(1, flat.size // _SAMPLE)]
+    for part in (sample, flat):
+        if part.size and (part.min() < 0 or not np.array_equal(part, np.rint(part))):
+            return None
+        distinct = np.unique(part)
+        if distinct.size > MAX_IMAGE_LABELS:
+            return None
+    return distinct
+
+
+def hounsfield_problem(array: np.ndarray, path: str | Path, role: str = "image") -> str | None:
+    """Why the volume is not CT in Hounsfield units (one clause naming its value range), or None: CT in HU
+    always holds air, so no voxel at or below AIR_HU means [0, 1] CT, uint16 without its rescale, MR..."""
+    values = np.asarray(array)
+    low, high = float(values.min()), float(values.max())
+    return None if low <= AIR_HU else (f"{path}: the {role} is not CT in Hounsfield units (values {low:g} .. "
+                                       f"{high:g}, {values.dtype}; no voxel at or below {AIR_HU:g} HU, where "
+                                       "air is)")
+
+
+def field_of_view_warning(query_shape, query_spacing, support_shapes, support_spacings,
+                          query_name: str = "query") -> str | None:
+    """A warning when the query's in-plane field of view (mm, X and Y) is much smaller than a support's."""
+    query_fov = np.asarray(query_shape[:2], dtype=float) * np.asarray(query_spacing[:2], dtype=float)
+    for shape, spacing in zip(support_shapes, support_spacings):
+        support_fov = np.asarray(shape[:2], dtype=float) * np.asarray(spacing[:2], dtype=float)
+        if (query_fov / np.maximum(support_fov, 1e-6) < FOV_RATIO).any():
+            return (f"{query_name}: in-plane field of view {query_fov[0]:.0f} x {query_fov[1]:.0f} mm is "
+                    f"much smaller than the support's {support_fov[0]:.0f} x {support_fov[1]:.0f} mm: "
+                    "position-based chunks assume comparable scans; crop the support alike or check the "
+                    "result")
+    return None
+
+
+def support_size_warning(largest_slice_voxels: int, voxel_area_mm2: float, organ: str | None, mask_name: str,
+                         label_text: str) -> str | None:
+    """A warning when the support organ's largest slice is far smaller than expected (wrong label?)."""
+    minimum = MIN_SLICE_AREA_MM2.get(organ or "", DEFAULT_MIN_SLICE_AREA_MM2)
+    area = float(largest_slice_voxels) * float(voxel_area_mm2)
+    if area < minimum:
+        expected = f"a {organ}" if organ in MIN_SLICE_AREA_MM2 else "an abdominal structure"
+        return (f"{mask_name}: {label_text} covers at most {largest_slice_voxels} voxels ({area:.0f} mm^2) "
+                f"in any slice, far fewer than expected for {expected} (>= {minimum:.0f} mm^2): check "
+                "--support-label / the label map")
+    return None

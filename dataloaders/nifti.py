@@ -1,11 +1,8 @@
-"""Load, validate, reorient and save NIfTI volumes.
+"""Load, validate, reorient and save NIfTI volumes; build output folders atomically.
 
-Every reader goes through `load_nifti`: it turns the many ways a file can be wrong (missing,
-corrupt, truncated, 2D/4D, NaN/inf voxels) into one-line `UserError`s that name the file and the
-fix, and it returns the array in the project's canonical orientation, RAS+ (DESIGN.md): axis 0
-patient left -> right, axis 1 posterior -> anterior, axis 2 inferior -> superior.
-
-`to_original` maps a canonical array back to the storage orientation of its source file, and
+`load_nifti` turns every way a file can be wrong (missing, corrupt, truncated, 2D/4D, NaN/inf) into a
+one-line UserError and returns the array in canonical RAS+ (DESIGN.md: axis 0 left -> right, 1 posterior
+-> anterior, 2 inferior -> superior); `to_original` maps it back to the file's storage orientation;
 `save_nifti_atomic` writes a `.nii.gz` deterministically (gzip mtime 0) and atomically.
 """
 from __future__ import annotations
@@ -33,19 +30,12 @@ AFFINE_TOLERANCE_MM = 1e-3
 
 @dataclass
 class NiftiVolume:
-    """A volume in canonical RAS+ orientation plus what is needed to go back to the file's geometry.
-
-    array:            X x Y x Z, canonical (dtype as stored, or as requested by the loader)
-    affine:           4 x 4 canonical voxel -> world (mm) matrix
-    original_affine:  4 x 4 affine of the file as stored
-    original_shape:   (3,) shape of the array as stored
-    original_axcodes: storage orientation, e.g. "LPS"
-    """
-    array: np.ndarray
-    affine: np.ndarray
-    original_affine: np.ndarray
-    original_shape: tuple[int, int, int]
-    original_axcodes: str
+    """A volume in canonical RAS+ orientation plus what is needed to go back to the file's geometry."""
+    array: np.ndarray                       # X x Y x Z canonical (dtype as stored, or as the loader asked)
+    affine: np.ndarray                      # 4 x 4 canonical voxel -> world (mm)
+    original_affine: np.ndarray             # 4 x 4 as stored
+    original_shape: tuple[int, int, int]    # as stored
+    original_axcodes: str                   # storage orientation, e.g. "LPS"
     path: Path
 
     @property
@@ -74,8 +64,11 @@ def read_nifti(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     return data, np.asarray(image.affine, dtype=np.float64)
 
 
-def _check_3d(data: np.ndarray, path: Path) -> np.ndarray:
-    """Accept X x Y x Z (or X x Y x Z x 1); anything else is a one-line error."""
+def load_nifti(path: str | Path) -> NiftiVolume:
+    """A 3D NIfTI (X x Y x Z, or X x Y x Z x 1), validated and reoriented to canonical RAS+; one-line
+    UserErrors for missing/corrupt files, 2D/4D or empty data, NaN/inf voxels, bad affines."""
+    path = Path(path)
+    data, affine = read_nifti(path)
     if data.ndim == 4 and data.shape[3] == 1:
         data = data[..., 0]
     if data.ndim != 3:
@@ -83,48 +76,22 @@ def _check_3d(data: np.ndarray, path: Path) -> np.ndarray:
                         "volume X x Y x Z: export one 3D volume per file")
     if min(data.shape) < 1:
         raise UserError(f"{path}: empty volume of shape {tuple(data.shape)}: export it again")
-    return data
-
-
-def _check_finite(data: np.ndarray, path: Path) -> None:
-    """NaN or inf voxels are an error (they poison min-max scaling and Dice)."""
-    if np.issubdtype(data.dtype, np.floating) and not np.isfinite(data).all():
-        bad = int((~np.isfinite(data)).sum())
-        raise UserError(f"{path}: {bad} NaN/inf voxels: fix or re-export the volume (e.g. replace them "
-                        "with the background value)")
-
-
-def load_nifti(path: str | Path, dtype: np.dtype | type | None = None) -> NiftiVolume:
-    """Load a 3D NIfTI, validate it and reorient it to canonical RAS+.
-
-    Returns a `NiftiVolume` whose `array` is X x Y x Z canonical (cast to `dtype` when given;
-    integer casts round). Raises UserError for missing/corrupt/truncated files, 2D or 4D data,
-    NaN/inf voxels and non-invertible affines.
-    """
-    path = Path(path)
-    data, affine = read_nifti(path)
-    data = _check_3d(data, path)
-    _check_finite(data, path)
+    if np.issubdtype(data.dtype, np.floating) and not np.isfinite(data).all():   # poisons scaling and Dice
+        raise UserError(f"{path}: {int((~np.isfinite(data)).sum())} NaN/inf voxels: fix or re-export the "
+                        "volume (e.g. replace them with the background value)")
     if not np.isfinite(affine).all() or abs(np.linalg.det(affine[:3, :3])) < 1e-9:
         raise UserError(f"{path}: affine is not invertible or not finite: fix the NIfTI header (sform/qform)")
     original_axcodes = "".join(nib.aff2axcodes(affine))
     canonical = nib.as_closest_canonical(nib.Nifti1Image(data, affine))
     array = np.asfortranarray(canonical.dataobj)   # NIfTI voxel order: cheap z slabs, cheap flat views
-    if dtype is not None and array.dtype != np.dtype(dtype):
-        array = np.rint(array).astype(dtype) if np.issubdtype(np.dtype(dtype), np.integer) \
-            and np.issubdtype(array.dtype, np.floating) else array.astype(dtype)
     return NiftiVolume(array=array, affine=np.asarray(canonical.affine, dtype=np.float64),
                        original_affine=affine, original_shape=tuple(int(s) for s in data.shape),
                        original_axcodes=original_axcodes, path=path)
 
 
 def check_same_grid(mask: NiftiVolume, volume: NiftiVolume) -> None:
-    """A mask must lie on its volume's voxel grid in world space; else one-line error.
-
-    Compared after both were reoriented to canonical RAS+ by `load_nifti`: a mask stored in another
-    orientation (e.g. LPS next to an RAS image) on the same world grid is accepted as it is, reoriented,
-    and never needs resampling.
-    """
+    """A mask must lie on its volume's voxel grid in world space (compared after reorientation, so another
+    storage orientation, e.g. LPS next to RAS, is accepted); else a one-line error."""
     if tuple(mask.array.shape) == tuple(volume.array.shape) and np.allclose(
             mask.affine, volume.affine, atol=AFFINE_TOLERANCE_MM):
         return                                              # same world grid (any storage orientation)
@@ -138,11 +105,8 @@ def check_same_grid(mask: NiftiVolume, volume: NiftiVolume) -> None:
 
 
 def to_original(array_canonical: np.ndarray, original_axcodes: str | tuple[str, ...]) -> np.ndarray:
-    """Map a canonical RAS+ array (X x Y x Z) back to the storage orientation `original_axcodes`.
-
-    Inverse of the reorientation done by `load_nifti`: `to_original(load_nifti(p).array, codes)`
-    equals the stored array. Save the result with the volume's `original_affine`.
-    """
+    """A canonical RAS+ array X x Y x Z in the storage orientation `original_axcodes` (inverse of
+    `load_nifti`'s reorientation; save it with the volume's `original_affine`)."""
     codes = tuple(original_axcodes)
     if len(codes) != 3:
         raise UserError(f"orientation '{''.join(codes)}' is not three axis codes like 'LPS': use the "
@@ -151,12 +115,9 @@ def to_original(array_canonical: np.ndarray, original_axcodes: str | tuple[str, 
     return np.ascontiguousarray(apply_orientation(np.asarray(array_canonical), transform))
 
 
-def nifti_bytes(array: np.ndarray, affine: np.ndarray, compresslevel: int = 1) -> bytes:
+def nifti_bytes(array: np.ndarray, affine: np.ndarray) -> bytes:
     """Gzipped single-file NIfTI-1 bytes of `array` (X x Y x Z) with `affine`; deterministic (gzip mtime 0).
-
-    The header comes from nibabel; the voxels are appended in one Fortran-order copy (nibabel's own
-    writer copies chunk by chunk, several times slower for the phantom's many masks).
-    """
+    nibabel's header, then the voxels in one Fortran-order copy (nibabel's writer is several times slower)."""
     array = np.asarray(array)
     header = nib.Nifti1Header()
     header.set_data_shape(array.shape)
@@ -168,16 +129,15 @@ def nifti_bytes(array: np.ndarray, affine: np.ndarray, compresslevel: int = 1) -
     header["vox_offset"] = 352
     header["scl_slope"], header["scl_inter"] = 1.0, 0.0
     raw = header.binaryblock + b"\x00" * 4 + array.tobytes(order="F")
-    return gzip.compress(raw, compresslevel=compresslevel, mtime=0)
+    return gzip.compress(raw, compresslevel=1, mtime=0)
 
 
-def save_nifti_atomic(array: np.ndarray, affine: np.ndarray, path: str | Path,
-                      compresslevel: int = 1) -> None:
+def save_nifti_atomic(array: np.ndarray, affine: np.ndarray, path: str | Path) -> None:
     """Save `array` with `affine` as `.nii.gz` at `path`, atomically and byte-deterministically."""
     path = Path(path)
     if not path.name.endswith(".nii.gz"):
         raise UserError(f"{path}: NIfTI output must end in .nii.gz: rename the output path")
-    write_bytes_atomic(nifti_bytes(array, affine, compresslevel), path)
+    write_bytes_atomic(nifti_bytes(array, affine), path)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -212,12 +172,9 @@ def _clean_stale(out: Path) -> None:
 def atomic_folder(out: str | Path, overwrite: bool = False, inputs=()) -> Iterator[Path]:
     """Build a folder in `<out>.partial-<pid>` and rename it to `out` only when the block succeeds.
 
-    Before the block runs, `util.paths.check_output_folder` refuses an `out` that is a file (even with
-    `overwrite`), is or holds one of `inputs`, or cannot be written; an existing folder is an error
-    unless `overwrite`, and then it is replaced only after the new folder is complete. On any
-    exception the partial folder is removed, so nothing half-written is left behind; after a kill -9
-    the next run on the same `out` removes the dead run's partial folder.
-    """
+    `out` is checked first (util.paths.check_output_folder; an existing folder only with `overwrite`, and
+    replaced only once the new one is complete); on any exception the partial folder is removed, and a
+    killed run's leftovers are cleaned by the next run on the same `out`."""
     out = Path(out)
     _clean_stale(out)
     check_output_folder(out, inputs, "--out", overwrite)

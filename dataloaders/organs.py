@@ -52,25 +52,15 @@ TABLE_COLUMNS: dict[str, list[str]] = {
 
 # Names used by other data sets (TotalSegmentator, BTCV, AMOS, ...) for the same structures.
 ALIASES: dict[str, str] = {
-    "iliopsoas_right": "psoas_right",
-    "iliopsoas_left": "psoas_left",
-    "psoas_major_right": "psoas_right",
-    "psoas_major_left": "psoas_left",
-    "right_psoas": "psoas_right",
-    "left_psoas": "psoas_left",
-    "right_kidney": "kidney_right",
-    "left_kidney": "kidney_left",
-    "adrenal_gland_right": "adrenal_right",
-    "adrenal_gland_left": "adrenal_left",
-    "right_adrenal_gland": "adrenal_right",
-    "left_adrenal_gland": "adrenal_left",
-    "right_lung": "lung_right",
-    "left_lung": "lung_left",
-    "bladder": "urinary_bladder",
-    "urinary_bladder": "urinary_bladder",
-    "vertebrae_l1": "lumbar_vertebra_1",
-    "l1": "lumbar_vertebra_1",
-    "gall_bladder": "gallbladder",
+    "iliopsoas_right": "psoas_right", "iliopsoas_left": "psoas_left",
+    "psoas_major_right": "psoas_right", "psoas_major_left": "psoas_left",
+    "right_psoas": "psoas_right", "left_psoas": "psoas_left",
+    "right_kidney": "kidney_right", "left_kidney": "kidney_left",
+    "adrenal_gland_right": "adrenal_right", "adrenal_gland_left": "adrenal_left",
+    "right_adrenal_gland": "adrenal_right", "left_adrenal_gland": "adrenal_left",
+    "right_lung": "lung_right", "left_lung": "lung_left",
+    "bladder": "urinary_bladder", "urinary_bladder": "urinary_bladder",
+    "vertebrae_l1": "lumbar_vertebra_1", "l1": "lumbar_vertebra_1", "gall_bladder": "gallbladder",
 }
 
 
@@ -90,12 +80,8 @@ def organ_index(name: str) -> int:
 
 
 def training_classes(fold: int, class_setting: str) -> list[int]:
-    """Label indices a model of `fold` may train on (docs/method.md, "VISCERAL data, folds and the
-    paper's figures").
-
-    'six_organs': the other folds' test organs only; 'all_structures': all 20 structures minus the
-    fold's test organs. The fold's own test organs are never among them.
-    """
+    """Label indices a model of `fold` may train on (docs/method.md, "VISCERAL data, folds and the paper's
+    figures"): 'six_organs' the other folds' test organs, 'all_structures' all 20 minus the fold's."""
     if fold not in range(len(FOLD_ORGANS)):
         raise UserError(f"fold {fold} does not exist: use 0 (liver), 1 (spleen), 2 (kidneys) or 3 (psoas)")
     test = {NAME_TO_INDEX[name] for name in FOLD_ORGANS[fold]}

@@ -1,22 +1,10 @@
-"""Turn a VISCERAL-layout (or multi-label) data set into the prepared folder of DESIGN.md.
+"""Any source layout -> the prepared folder of docs/DESIGN.md ("Prepared data folder"), built atomically.
 
-Silver volumes are split into training and validation volumes (seeded). Training volumes become 2D
-axial slices (canonical z): per class, the slices with more than `min_voxels` voxels of it; when more
-than `many` slices qualify, `max_per_volume` of them are drawn at random (the official rule); or all
-of them with `keep_all`. Slices are intensity-scaled (dataloaders/intensity.py) at their original
-resolution, then resized to `prep_size`. Each training slice's two neighbours (z - 1, z + 1; the edge
-rule of dataloaders/neighbours.py) are stored beside it the same way, for 2.5D input
-(`model.input_slices` = 3). Validation and gold volumes are stored whole, canonical, with the original
-affine and orientation so predictions can be written back.
-
-Nothing is stored inexactly: an image is kept as int16 when int16 holds every voxel (integer
-Hounsfield units, the usual CT file), else as float32 (a float image in [0, 1], non-integer or
-out-of-int16 values), so the stored values equal the file's (`exact_image`). An HU window that maps
-a volume into less than 5% of [0, 1] (an image not in Hounsfield units) is refused.
-
-Case ids: `case_id` turns a source name into the id that names the prepared files
-(PREP/train/<id>_image.npy, PREP/volumes/<split>/<id>.npz); `train_file_case` reads it back. The data
-set checker (evaluation/dataset_check.py) uses the same two functions, so what is written is accepted.
+`prepare_dataset` (VISCERAL, multi-label, images-only): silver volumes split into training and validation
+(seeded); training volumes become axial slices chosen per class by `Selection` (the official rule),
+intensity-scaled then resized, stored with their (z - 1, z + 1) neighbours; validation and gold volumes
+are stored whole and exactly (int16 when int16 holds every voxel, else float32). `prepare_alpnet`: one
+fold, setting and label set of an SSL-ALPNet folder, normalised as its loader. `case_id` names the files.
 """
 from __future__ import annotations
 
@@ -27,28 +15,43 @@ import os
 import re
 import zipfile
 import zlib
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
 from typing import Callable
 
-import nibabel as nib
 import numpy as np
 
-from dataloaders.intensity import scale_intensity, validate_intensity, volume_intensity
-from dataloaders.multilabel import find_multilabel_cases, find_split, load_multilabel_case, read_label_map
-from dataloaders.neighbours import neighbour_indices
+from dataloaders import layouts
+from dataloaders.label_map import read_label_map
+from dataloaders.layouts import (
+    LabeledVolume,
+    exact_image,
+    find_cases,
+    find_multilabel_cases,
+    find_split,
+    load_case,
+    load_multilabel_case,
+    strip_nifti_suffix,
+)
 from dataloaders.nifti import atomic_folder, load_nifti
 from dataloaders.organs import INDEX_TO_NAME
-from dataloaders.transforms import resize_image, resize_label
-from dataloaders.visceral import LabeledVolume, as_int16_hu, find_cases, load_case, strip_nifti_suffix
+from dataloaders.prepared import NEIGHBOURS
+from dataloaders.transforms import (
+    DEFAULT_INTENSITY,
+    neighbour_indices,
+    neighbour_stack,
+    resize_image,
+    resize_label,
+    scale_intensity,
+    validate_intensity,
+    volume_intensity,
+)
 from util.atomic import write_bytes_atomic
 from util.errors import UserError
 from util.paths import check_output_folder
 
 FORMAT_VERSION = 1
-NEIGHBOURS = "neighbours"
-# PREP/train/<id>_image.npy, <id>_label.npy, <id>_neighbours.npy (2.5D input: dataloaders/neighbours.py)
 TRAIN_FILE_KINDS = ("image", "label", NEIGHBOURS)
 MIN_WINDOW_COVER = 0.05                   # a volume must fill at least 5% of [0, 1] under an HU window
 
@@ -70,10 +73,8 @@ def train_file_name(pid: str, kind: str) -> str:
 
 
 def train_file_case(name: str) -> str | None:
-    """The case id of a PREP/train file name (inverse of `train_file_name`); None for other names.
-
-    Only the LAST '_image.npy' / '_label.npy' is the suffix: 'image_1_image.npy' is case 'image_1'.
-    """
+    """The case id of a PREP/train file name (inverse of `train_file_name`, only the LAST suffix counts:
+    'image_1_image.npy' is case 'image_1'); None for other names."""
     for kind in TRAIN_FILE_KINDS:
         suffix = f"_{kind}.npy"
         if name.endswith(suffix) and len(name) > len(suffix):
@@ -127,8 +128,8 @@ def find_image_volumes(root: Path) -> list[tuple[str, Path]]:
 
 
 def load_unlabeled(path: Path, pid: str) -> LabeledVolume:
-    """A CT volume without labels (canonical int16 HU; the label map is all background)."""
-    image = as_int16_hu(load_nifti(path))
+    """A CT volume without labels (canonical, `exact_image`; the label map is all background)."""
+    image = exact_image(load_nifti(path))
     return LabeledVolume(pid, image, np.zeros(image.array.shape, dtype=np.uint8))
 
 
@@ -196,37 +197,10 @@ def save_npy(path: Path, array: np.ndarray) -> None:
     write_bytes_atomic(buffer.getvalue(), path)
 
 
-def exact_image(volume: LabeledVolume) -> LabeledVolume:
-    """The volume with an image equal to its file: int16 when int16 holds every voxel, else float32.
-
-    The readers round a CT to int16 Hounsfield units (dataloaders/visceral.as_int16_hu). That is exact
-    for integer voxels within int16 (the usual CT file) but would turn a float image in [0, 1] into 0s
-    and 1s, round non-integer values and clip a uint16 scan above 32767: such a file is read again and
-    its image kept as float32. An image that is not the rounded file (another reader's own array) is
-    left as it is.
-    """
-    image = volume.image
-    path = getattr(image, "path", None)
-    if image.array.dtype != np.int16 or path is None or not Path(path).is_file():
-        return volume
-    header = nib.load(str(path))
-    proxy = header.dataobj
-    if header.get_data_dtype() in (np.int8, np.uint8, np.int16) and getattr(proxy, "slope", 1) == 1 \
-            and getattr(proxy, "inter", 0) == 0:
-        return volume                                                  # integers within int16: exact
-    stored = load_nifti(path).array                                    # X x Y x Z, canonical as `image`
-    rounded = np.clip(np.rint(stored), -32768, 32767)
-    if stored.shape != image.array.shape or not np.array_equal(rounded, image.array) \
-            or np.array_equal(rounded, stored):
-        return volume
-    image.array = np.asfortranarray(stored.astype(np.float32))
-    return volume
-
-
-def check_window_fits(volume: LabeledVolume, intensity: dict) -> None:
-    """Refuse an HU window that maps the whole volume into less than 5% of [0, 1] (not HU, e.g. [0, 1])."""
+def check_window(volume: LabeledVolume, intensity: dict) -> LabeledVolume:
+    """Refuse an HU window that maps the volume into less than 5% of [0, 1] (not Hounsfield units)."""
     if intensity["mode"] != "window":
-        return
+        return volume
     low, high = intensity["window"]
     values = volume.image.array
     vmin, vmax = float(values.min()), float(values.max())
@@ -236,6 +210,7 @@ def check_window_fits(volume: LabeledVolume, intensity: dict) -> None:
                         f"[{low:g}, {high:g}] maps into less than {MIN_WINDOW_COVER:.0%} of [0, 1] (not "
                         "Hounsfield units?): leave --window out (per-slice min-max scaling) or convert the "
                         "volume to HU")
+    return volume
 
 
 def volume_arrays(volume: LabeledVolume) -> dict[str, np.ndarray]:
@@ -250,13 +225,9 @@ def volume_arrays(volume: LabeledVolume) -> dict[str, np.ndarray]:
 
 def training_images(image: np.ndarray, rows: np.ndarray, intensity: dict,
                     size: int) -> tuple[np.ndarray, np.ndarray]:
-    """The training slices `rows` (z, (N,)) of a volume X x Y x Z and their neighbours, intensity-scaled,
-    resized to size x size and clipped to [0, 1]: (images N x S x S, neighbours N x 2 x S x S float32).
-
-    Neighbours are (z - 1, z + 1) after the rule of dataloaders/neighbours.py (the whole training volume
-    is available: only the edge rule applies); every needed slice is scaled and resized once. A per-volume
-    z-score without statistics takes those of the training rows (as before neighbours were stored).
-    """
+    """Training slices `rows` (z, (N,)) of a volume X x Y x Z and their (z - 1, z + 1) neighbours (edge rule
+    only), scaled, resized to size x size and clipped to [0, 1]: (N x S x S, N x 2 x S x S float32). Each
+    needed slice is scaled once; a per-volume z-score without statistics takes the training rows'."""
     rows = np.asarray(rows, dtype=int)
     if not rows.size:
         return np.zeros((0, size, size), np.float32), np.zeros((0, 2, size, size), np.float32)
@@ -275,8 +246,7 @@ def training_images(image: np.ndarray, rows: np.ndarray, intensity: dict,
 def process_case(case: SourceCase, split: str, out: Path, size: int, intensity: dict, rule: Selection,
                  seed: int) -> dict:
     """Load one case and write its prepared files; returns its summary (and slices for training)."""
-    volume = exact_image(case.load())
-    check_window_fits(volume, intensity)
+    volume = check_window(case.load(), intensity)
     present = [int(v) for v in np.unique(volume.label) if v > 0]
     summary = {"pid": case.pid, "split": split, "shape": list(volume.label.shape), "structures": present,
                "image_dtype": "int16" if volume.image.array.dtype == np.int16 else "float32",
@@ -291,11 +261,9 @@ def process_case(case: SourceCase, split: str, out: Path, size: int, intensity: 
     if case.unlabeled:  # images-only: every axial slice, row = z; no label file
         rows = np.arange(volume.image.array.shape[2])
     images, neighbours = training_images(volume.image.array, rows, intensity, size)  # N(x 2) x S x S
-    labels = np.moveaxis(volume.label[:, :, rows], 2, 0)                                      # N x X x Y
+    labels = np.zeros((0, size, size), np.uint8)                                              # N x S x S
     if rows.size:
-        labels = np.asarray(resize_label(labels, size), dtype=np.uint8)
-    else:
-        labels = np.zeros((0, size, size), np.uint8)
+        labels = np.asarray(resize_label(np.moveaxis(volume.label[:, :, rows], 2, 0), size), dtype=np.uint8)
     save_npy(out / "train" / train_file_name(case.pid, "image"), images)
     save_npy(out / "train" / train_file_name(case.pid, NEIGHBOURS), neighbours)
     if case.unlabeled:
@@ -308,10 +276,6 @@ def process_case(case: SourceCase, split: str, out: Path, size: int, intensity: 
                          for index, zs in chosen.items()}
     summary["slices"] = {key: entries for key, entries in summary["slices"].items() if entries}
     return summary
-
-
-def _run(task: tuple) -> dict:
-    return process_case(*task)
 
 
 def split_silver(pids: list[str], n_val: int | None, seed: int) -> tuple[list[str], list[str]]:
@@ -361,7 +325,7 @@ def prepare_dataset(source_dir: str | Path, out: str | Path, layout: str = "visc
                     n_val: int | None = None, seed: int = 1234, rule: Selection = Selection(),
                     workers: int = 2, overwrite: bool = False, allow_missing: bool = False) -> dict:
     """Write PREP (DESIGN.md "Prepared data folder") atomically; returns meta.json's content."""
-    intensity = validate_intensity(intensity or {"mode": "minmax"})
+    intensity = validate_intensity(intensity or DEFAULT_INTENSITY)
     if size < 16:
         raise UserError(f"--size {size} is too small: use at least 16 (256 for the phantom, 512 for "
                         "VISCERAL)")
@@ -383,9 +347,9 @@ def prepare_dataset(source_dir: str | Path, out: str | Path, layout: str = "visc
         tasks += [(c, "gold", partial_dir, size, intensity, rule, seed) for c in gold]
         if workers > 1 and len(tasks) > 1:
             with multiprocessing.get_context("fork").Pool(min(workers, len(tasks))) as pool:
-                summaries = pool.map(_run, tasks, chunksize=1)
+                summaries = pool.starmap(process_case, tasks, chunksize=1)
         else:
-            summaries = [_run(task) for task in tasks]
+            summaries = [process_case(*task) for task in tasks]
         index: dict[str, list] = {}
         for summary in summaries:
             for label, entries in summary.pop("slices", {}).items():
@@ -395,11 +359,113 @@ def prepare_dataset(source_dir: str | Path, out: str | Path, layout: str = "visc
                 "source": {"dir": str(Path(source_dir).resolve()), "layout": layout,
                            "label_map": str(Path(label_map).resolve()) if label_map else None},
                 "prep_size": size, "intensity": intensity,
-                "selection": {"min_voxels": rule.min_voxels, "max_per_volume": rule.max_per_volume,
-                              "many": rule.many, "keep_all": rule.keep_all, "skip_last": rule.skip_last},
+                "selection": asdict(rule),
                 "seed": seed, "splits": {"train": train, "val": val, "gold": [c.pid for c in gold]},
                 "classes": {label: INDEX_TO_NAME[int(label)] for label in index},
                 "volumes": {s["pid"]: {k: v for k, v in s.items() if k != "pid"} for s in summaries}}
         write_bytes_atomic(json.dumps({"slices": index}).encode(), partial_dir / "index.json")
         write_bytes_atomic(json.dumps(meta, indent=1).encode(), partial_dir / "meta.json")
+    return meta
+
+
+# ------------------------------------------------------------------------------ SSL-ALPNet folders
+# Training slices (the kept slices of Setting 1 or 2) are stored normalised as SSL-ALPNet's loader and
+# cropped to 256 x 256 (not in [0, 1]), with its own superpix-MIDDLE superpixels; the fold's test, support
+# (and validation) scans are stored as stored, cropped, and normalised at evaluation (`normalised_volume`).
+SETTINGS = (1, 2)
+RULES = ("or", "and")
+
+
+def normalised_volume(image: np.ndarray, intensity: dict) -> np.ndarray:
+    """An evaluation volume (Y x X x Z as stored) normalised by meta.json's `intensity`, float32."""
+    resolved = volume_intensity(image, intensity, "evaluation volume")
+    return ((np.asarray(image, np.float64) - resolved["mean"]) / resolved["std"]).astype(np.float32)
+
+
+def prepare_alpnet(data_dir: str | Path, out: str | Path, fold: int, setting: int = 2, label_set: int = 0,
+                   rule: str = "or", overwrite: bool = False, validation: bool = False) -> dict:
+    """Write the prepared folder of one (fold, setting, label set); returns its meta.json content.
+
+    validation: hold the fold's validation scan (layouts.validation_scan) out of training and store it
+    with the evaluation volumes (meta alpnet.validation), for choosing options without the test scans."""
+    data_dir = Path(data_dir)
+    if setting not in SETTINGS:
+        raise UserError(f"setting {setting!r} does not exist: use 1 (test organs in training slices) or 2 "
+                        "(every slice holding a test organ dropped)")
+    if rule not in RULES:
+        raise UserError(f"exclusion rule '{rule}' is unknown: use 'or' (SSL-ALPNet) or 'and' (Q-Net lineage)")
+    dataset = layouts.detect_dataset(data_dir)
+    classmap = layouts.read_classmap(data_dir)
+    ids = layouts.scan_ids(data_dir)
+    test, support, training = layouts.fold_scans(ids, fold, dataset)
+    held_out = [layouts.validation_scan(ids, fold, dataset)] if validation else []
+    training = [sid for sid in training if sid not in held_out]
+    # Setting 1 trains one model for both label sets: every evaluated organ is a test organ of it
+    test_values = dataset.test_values(label_set) if setting == 2 else list(dataset.evaluated)
+    excluded = test_values if setting == 2 else []
+    scans = {sid: layouts.load_scan(data_dir, sid, dataset, superpixels=sid in training,
+                                   classmap=classmap) for sid in ids if sid in training or sid in test
+             or sid == support or sid in held_out}
+    for value in test_values:                          # the support must show every test organ
+        if not layouts.organ_slices(scans[support].label, value).size:
+            raise UserError(f"{data_dir / f'label_{support}.nii.gz'}: the support scan of fold {fold} "
+                            f"holds no {dataset.class_names[value]}: use the data set's complete labels")
+    sizes = {tuple(layouts.crop(scan.image).shape[:2]) for scan in scans.values()}
+    if len(sizes) != 1 or len(set(next(iter(sizes)))) != 1:
+        raise UserError(f"{data_dir}: scans have in-plane sizes {sorted(sizes)} after the [:256, :256] crop, "
+                        "one square size is needed: use the data set as SSL-ALPNet's preprocessing wrote it")
+    ct_stats = layouts.ct_statistics([scans[s].image for s in training]) if dataset.modality == "CT" else None
+    # meta.json's `intensity`: MR z-score per volume; CT with the training scans' mean and std
+    intensity = {"mode": "zscore"} if ct_stats is None else {"mode": "zscore", "mean": ct_stats[0],
+                                                             "std": ct_stats[1]}
+    kept_counts, index = {}, {}
+    with atomic_folder(out, overwrite, inputs=[data_dir]) as partial:
+        for sub in ("train", "volumes/gold", "superpixels"):
+            (partial / sub).mkdir(parents=True)
+        for sid in training:
+            scan = scans[sid]
+            keep = layouts.kept_slices(scan.label, excluded, rule)                           # Z
+            rows = np.flatnonzero(keep)
+            image = layouts.normalise(scan.image, dataset, ct_stats)                          # 256 x 256 x Z
+            label = layouts.crop(layouts.to_vocabulary(scan.label, dataset))                   # 256 x 256 x Z
+            save_npy(partial / "train" / f"{sid}_image.npy", np.moveaxis(image[:, :, rows], 2, 0).copy())
+            # 2.5D input: each kept row's (z - 1, z + 1), a dropped slice replaced by the centre itself
+            save_npy(partial / "train" / train_file_name(str(sid), NEIGHBOURS),
+                     np.ascontiguousarray(neighbour_stack(image, rows, 3, available=keep)[:, [0, 2]]))
+            save_npy(partial / "train" / f"{sid}_label.npy", np.moveaxis(label[:, :, rows], 2, 0).copy())
+            sp = layouts.crop(scan.superpixels)[:, :, rows]
+            save_npy(partial / "superpixels" / f"{sid}.npy", np.moveaxis(sp, 2, 0).astype(np.uint16).copy())
+            kept_counts[str(sid)] = {"slices": int(keep.size), "kept": int(rows.size)}
+            for organ_index in np.setdiff1d(label[:, :, rows], [0]):
+                present = np.flatnonzero((label[:, :, rows] == organ_index).any(axis=(0, 1)))
+                index.setdefault(str(int(organ_index)), []).extend(
+                    [str(sid), int(row), int(rows[row])] for row in present)
+        for sid in test + [support] + held_out:
+            scan = scans[sid]
+            save_npz_deterministic(partial / "volumes" / "gold" / f"{sid}.npz", {
+                "image": layouts.crop(scan.image).astype(np.float32),
+                "label": layouts.crop(layouts.to_vocabulary(scan.label, dataset)),
+                "affine": scan.affine, "original_affine": scan.affine,
+                "original_shape": np.asarray(scan.image.shape, dtype=np.int64),
+                "original_axcodes": np.asarray("as stored"), "spacing": np.abs(np.diag(scan.affine)[:3])})
+        superpixel_meta = {"format_version": 1, "params": {"method": "ssl-alpnet superpix-MIDDLE"},
+                           "volumes": {str(s): {} for s in training}}
+        write_bytes_atomic(json.dumps(superpixel_meta).encode(), partial / "superpixels" / "meta.json")
+        index = {key: index[key] for key in sorted(index, key=int)}
+        test_organs = [dataset.vocabulary[v] for v in test_values]
+        meta = {"format_version": FORMAT_VERSION,
+                "source": {"dir": str(data_dir.resolve()), "layout": "alpnet", "dataset": dataset.name},
+                "prep_size": next(iter(sizes))[0], "intensity": intensity,
+                "selection": {"rule": "every slice" if setting == 1 else f"setting 2 ({rule} rule)"},
+                "seed": 0, "splits": {"train": [str(s) for s in training], "val": [],
+                                      "gold": [str(s) for s in test + [support] + held_out]},
+                "classes": {key: INDEX_TO_NAME[int(key)] for key in index},
+                "alpnet": {"gold_image": "as stored", "fold": fold, "setting": setting,
+                           "label_set": label_set if setting == 2 else None, "rule": rule,
+                           "test": [str(s) for s in test], "support": str(support),
+                           "validation": [str(s) for s in held_out],
+                           "test_organs": test_organs, "excluded": [dataset.vocabulary[v] for v in excluded],
+                           "kept": kept_counts}}
+        write_bytes_atomic(json.dumps({"slices": index}).encode(), partial / "index.json")
+        write_bytes_atomic(json.dumps(meta, indent=1).encode(), partial / "meta.json")
     return meta

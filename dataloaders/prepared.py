@@ -2,9 +2,7 @@
 
 meta.json, index.json, the training slices (and their stored neighbours for 2.5D input), the evaluation
 volumes, the intensity the folder was scaled with and the default support volume. Every error is one
-line that names the folder and the prepare command. Only the data set checker
-(evaluation/dataset_check.py) opens these files itself, to report every defect of a folder instead of
-the first one.
+line that names the folder and the prepare command.
 """
 from __future__ import annotations
 
@@ -65,10 +63,7 @@ def read_slice_index(prep_dir: str | Path,
 
 
 def prepared_intensity(prep_dir: str | Path) -> dict | None:
-    """meta.json's `intensity` of `prep_dir`; None when the folder or its meta.json is unreadable.
-
-    For records (checkpoints note the scaling they were trained on), where a missing folder is no error.
-    """
+    """meta.json's `intensity` of `prep_dir`; None when unreadable (for records, where that is no error)."""
     try:
         return read_meta(prep_dir).get("intensity")
     except UserError:
@@ -136,8 +131,7 @@ def open_training_volume(prep_dir: str | Path, pid: str) -> tuple[np.ndarray, np
 
 
 def open_training_images(prep_dir: str | Path, pid: str) -> np.ndarray:
-    """Memory map of PREP/train/<pid>_image.npy alone (N x S x S float32; an images-only folder has no
-    labels)."""
+    """Memory map of PREP/train/<pid>_image.npy alone, N x S x S float32 (images-only folders: no labels)."""
     path = Path(prep_dir) / "train" / f"{pid}_image.npy"
     if not path.is_file():
         raise UserError(f"prepared data '{prep_dir}': {path} is missing: {prepare_hint(prep_dir)}")
@@ -188,9 +182,8 @@ def check_training_neighbours(prep_dir: str | Path, pids: list[str], what: str =
 
 
 def open_training_neighbours(prep_dir: str | Path, pid: str) -> np.ndarray:
-    """Memory map of PREP/train/<pid>_neighbours.npy: N x 2 x S x S float32, row r's (z - 1, z + 1)
-    images after the neighbour rule (dataloaders/neighbours.py: edge replicate, a slice not available
-    for training replaced by the centre)."""
+    """Memory map of PREP/train/<pid>_neighbours.npy: N x 2 x S x S float32, row r's (z - 1, z + 1) after
+    `transforms.neighbour_indices`' rule."""
     check_training_neighbours(prep_dir, [pid])
     path = _neighbours_path(prep_dir, pid)
     try:
@@ -207,9 +200,8 @@ def open_training_neighbours(prep_dir: str | Path, pid: str) -> np.ndarray:
 
 
 def training_slices(images: np.ndarray, neighbours: np.ndarray | None, row: int) -> np.ndarray:
-    """Training row `row` as the model input sees it, float32: the slice S x S of `images` (N x S x S) when
-    `neighbours` is None (input_slices 1), else the stack 3 x S x S (z - 1, z, z + 1) with the row's stored
-    neighbours (N x 2 x S x S)."""
+    """Training row `row` as model input, float32: the slice S x S of `images` (N x S x S), or with stored
+    `neighbours` (N x 2 x S x S) the stack 3 x S x S (z - 1, z, z + 1)."""
     if neighbours is None:
         return np.array(images[row], dtype=np.float32)                               # S x S
     return np.stack([neighbours[row, 0], images[row], neighbours[row, 1]]).astype(np.float32)   # 3 x S x S

@@ -1,53 +1,21 @@
-"""Self-supervised training episodes from superpixels (after SSL-ALPNet; docs/DESIGN.md "Training").
+"""Self-supervised episodes from superpixels (after SSL-ALPNet; docs/DESIGN.md "Training").
 
-An episode needs no label: one random training slice (any volume of PREP's training split), one
-superpixel of it (PREP/superpixels, body only) as the foreground "class"; the support shots and the
-queries are independent random views of that SAME slice. Background is every other pixel.
-Two recipes (`episodes`, config `selfsup.episodes`):
-
-- 'project' (this project's, the default): a superpixel with at least `min_pixels` pixels of the
-  prepared slice, drawn uniformly among those; each view is this project's warp (dataloaders/warp.py
-  `random_grid`: rotation +-10 deg, scale 0.9-1.1, shear +-5 deg, translation +-5 % of the side,
-  elastic alpha 30 / sigma 5, all set by `selfsup.warp`; nearest-neighbour mask) followed by the
-  `augment` intensity augmentation (brightness / contrast / gamma with probability p).
-- 'alpnet' (SSL-ALPNet's, Ouyang et al. ECCV 2020, GenericSuperDatasetv2 + sabs_aug): the superpixel
-  id uniform over {1, ..., max_id - 1} of the slice (its top id is never drawn, no minimum size;
-  `min_pixels`, `selfsup.warp` and `augment` are not used); each view is SSL-ALPNet's pipeline
-  (dataloaders/warp.py `alpnet_view`: affine rotation/shear U(-5, 5) deg, shift U(-5, 5) px, scale
-  U(0.9, 1.2), constant border 0; elastic 21 x 21 Gaussian sigma 5 of U(-1, 1) noise x 10 px; labels
-  rint + argmax; gamma U(0.5, 1.5) on the image only). SSL-ALPNet runs 1 way, 1 shot, 1 query.
-  Where this still differs from SSL-ALPNet: in a folder made by prepare_visceral.py the slices are
-  scaled to [0, 1] per slice or by a window, not z-scored per volume, so the border fill 0 is the
-  darkest value instead of the volume mean (a folder in SSL-ALPNet's layout, dataloaders/
-  alpnet_prepare.py, is z-scored as SSL-ALPNet); slices are resized to input_size (SSL-ALPNet: the
-  stored 256 x 256); superpixels made by make_superpixels.py are this project's (dataloaders/
-  superpixels.py: renumbered without empty ids, so every drawn id is a real superpixel); slices
-  are drawn uniformly per episode (SSL-ALPNet: shuffled epochs, 1000 draws per epoch on CHAOS), and an
-  episode whose support foreground is empty is redrawn (below); SSL-ALPNet trains on it ('mask' mode,
-  zero prototype).
-
-Both recipes: a chosen superpixel can vanish from the support under resize or warp (a superpixel on
-the image border moves out of the field). The model refuses a way whose support masks are all
-empty, so such a draw is redrawn from the same random stream, at most MAX_DRAWS times (then a
-one-line error); the item's "redraws" entry counts the extra draws (the training loop reports the
-total). An empty query foreground is kept (the model accepts it).
-
-2.5D input (`input_slices` = 3, dataloaders/neighbours.py): every view's image is the stack (z - 1, z,
-z + 1) of the slice and its stored neighbours, warped through the same grid (the same random draws) and
-augmented with the same draw on every channel; the superpixel comes from the centre slice. The random
-stream is that of 1 slice, so the centre channel is the 1-slice view.
-
-The item is the same dict as `dataloaders.episodes.EpisodeDataset` (1-way) plus "redraws", so the
-training loop has one path; `classes` holds -1 (a pseudo-class, no organ). Item i is a deterministic
-function of (seed, i): its random stream is `numpy.random.default_rng([seed, i])`.
+One random training slice, one superpixel of it as the foreground; support shots and queries are
+independent random views of that slice (recipe 'project': `random_grid` warp + intensity augmentation;
+'alpnet': SSL-ALPNet's own pipeline, `alpnet_view`; REPRODUCTION.md lists how both differ from it). A
+support that lost its superpixel is redrawn from the same stream (at most MAX_DRAWS). Warps never flip
+(determinant > 0). Item i is a function of (seed, i); with 3 input slices the stack shares one draw.
 """
 from __future__ import annotations
 
-from dataclasses import asdict
+import math
+from dataclasses import asdict, dataclass
 from typing import Mapping
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+from scipy import ndimage
 from torch.utils.data import Dataset
 
 from dataloaders.prepared import (
@@ -58,39 +26,167 @@ from dataloaders.prepared import (
     training_slices,
 )
 from dataloaders.superpixels import make_hint, open_superpixels, read_superpixel_meta, training_volumes
-from dataloaders.transforms import augment_intensity, resize_image, resize_label
-from dataloaders.warp import WarpParams, alpnet_view, random_grid, warp
+from dataloaders.transforms import INPUT_SLICES, augment_intensity, resize_image, resize_label
 from util.errors import UserError
+from util.options import options_from_mapping
 
+
+# ------------------------------------------------------------------------------ warps
+@dataclass(frozen=True)
+class WarpParams:
+    """`selfsup.warp`: rotate, shear (+- degrees), scale range, translate (+- fraction of the side), elastic
+    displacement (Simard et al. 2003) alpha x U(-1, 1) noise smoothed by a Gaussian of sigma px."""
+    rotate: float = 10.0
+    scale: tuple[float, float] = (0.9, 1.1)
+    shear: float = 5.0
+    translate: float = 0.05
+    elastic_alpha: float = 30.0
+    elastic_sigma: float = 5.0
+
+    @classmethod
+    def from_mapping(cls, values: Mapping) -> "WarpParams":
+        """The `selfsup.warp` config (its ranges checked by the config check) as WarpParams."""
+        return options_from_mapping(cls, {k: (tuple(v) if k == "scale" else v) for k, v in values.items()},
+                                    "config selfsup.warp")
+
+
+def affine_matrix(angle: float, scale: float, shear: float) -> np.ndarray:
+    """2 x 2 linear part: rotation(angle) @ shear(shear) @ scale (radians); determinant scale**2 > 0."""
+    rotation = np.array([[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]])
+    shearing = np.array([[1.0, math.tan(shear)], [0.0, 1.0]])
+    return rotation @ shearing * scale
+
+
+def random_grid(size: int, params: WarpParams, rng: np.random.Generator) -> torch.Tensor:
+    """A sampling grid 1 x H x W x 2 (grid_sample coordinates, H = W = size) of one random warp: output pixel
+    p samples the input at A p + t + d(p), A from `affine_matrix`, t the shift, d the elastic field."""
+    angle = math.radians(rng.uniform(-params.rotate, params.rotate))
+    scale = rng.uniform(*params.scale)
+    shear = math.radians(rng.uniform(-params.shear, params.shear))
+    shift = rng.uniform(-params.translate, params.translate, size=2) * 2     # normalised units (side = 2)
+    noise = rng.uniform(-1.0, 1.0, size=(2, size, size))                     # 2 x H x W
+    linear = affine_matrix(angle, scale, shear)
+    # grid_sample's (x, y) = (column, row); the matrix acts on (x, y) pairs.
+    coords = (torch.arange(size, dtype=torch.float64) * 2 + 1) / size - 1    # pixel centres, no align_corners
+    y, x = torch.meshgrid(coords, coords, indexing="ij")                      # H x W each
+    points = torch.stack([x, y], dim=-1)                                      # H x W x 2
+    grid = points @ torch.from_numpy(linear.T) + torch.from_numpy(shift)      # H x W x 2
+    if params.elastic_alpha > 0:  # Simard et al.: alpha x Gaussian-smoothed U(-1, 1) noise, in pixels
+        smooth = [ndimage.gaussian_filter(noise[k], params.elastic_sigma) for k in range(2)]
+        field = params.elastic_alpha * np.stack(smooth)                       # 2 x H x W
+        grid = grid + torch.from_numpy(field.transpose(1, 2, 0) * 2 / size)   # pixels -> normalised
+    return grid[None].float()
+
+
+def warp(image: np.ndarray, mask: np.ndarray, grid: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """Resample image H x W, or a 2.5D stack C x H x W (every channel through the same grid), bilinearly
+    (zeros outside) and mask H x W with nearest neighbour through `grid`; the image keeps its shape."""
+    planes = image[None] if image.ndim == 2 else image                                 # C x H x W
+    stack = np.concatenate([planes, mask[None]]).astype(np.float32)                    # C+1 x H x W
+    stack = torch.from_numpy(stack)[:, None]                                           # C+1 x 1 x H x W
+    image_out = F.grid_sample(stack[:-1], grid.expand(len(planes), -1, -1, -1), mode="bilinear",
+                              padding_mode="zeros", align_corners=False)              # C x 1 x H x W
+    mask_out = F.grid_sample(stack[-1:], grid, mode="nearest", padding_mode="zeros", align_corners=False)
+    image_out = image_out[0, 0] if image.ndim == 2 else image_out[:, 0]
+    return image_out.numpy(), mask_out[0, 0].numpy().astype(mask.dtype)
+
+
+# ------------------------------------------------------------------ SSL-ALPNet's augmentation
+ALPNET_ROTATE = 5.0            # degrees, U(-5, 5)
+ALPNET_SHIFT = 5.0             # pixels per axis, U(-5, 5)
+ALPNET_SHEAR = 5.0             # degrees, U(-5, 5)
+ALPNET_SCALE = (0.9, 1.2)      # isotropic, about the centre (> 1 enlarges)
+ALPNET_ELASTIC = (10.0, 5.0)   # alpha (pixels), sigma of the 21 x 21 Gaussian
+ALPNET_GAMMA = (0.5, 1.5)
+
+
+def _rotation_about(center: tuple[float, float], degrees: float, scale: float) -> np.ndarray:
+    """3 x 3 (x, y) matrix of OpenCV's getRotationMatrix2D(center, degrees, scale)."""
+    a, b = scale * math.cos(math.radians(degrees)), scale * math.sin(math.radians(degrees))
+    cx, cy = center
+    return np.array([[a, b, (1 - a) * cx - b * cy], [-b, a, b * cx + (1 - a) * cy], [0.0, 0.0, 1.0]])
+
+
+def alpnet_affine_matrix(size: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
+    """SSL-ALPNet's random affine map (RandomAffine.build_M): 3 x 3 on (x = column, y = row) pixel
+    coordinates, forward (source -> output), M = Scale . Shear . Trans . Rot; draws rotation, shift x,
+    shift y, shear, scale in that order. The centre is (H / 2, W // 2) as the official code."""
+    center = (size[0] / 2, float(size[1] // 2))
+    rotation = _rotation_about(center, rng.uniform(-ALPNET_ROTATE, ALPNET_ROTATE), 1.0)
+    tx, ty = rng.uniform(-ALPNET_SHIFT, ALPNET_SHIFT), rng.uniform(-ALPNET_SHIFT, ALPNET_SHIFT)
+    translation = np.array([[1.0, 0.0, tx], [0.0, 1.0, ty], [0.0, 0.0, 1.0]])
+    angle = math.radians(rng.uniform(-ALPNET_SHEAR, ALPNET_SHEAR))
+    shear = np.array([[1.0, -math.sin(angle), 0.0], [0.0, math.cos(angle), 0.0], [0.0, 0.0, 1.0]])
+    zoom = _rotation_about(center, 0.0, rng.uniform(*ALPNET_SCALE))
+    return zoom @ shear @ translation @ rotation
+
+
+def apply_affine(stack: np.ndarray, matrix: np.ndarray) -> np.ndarray:
+    """C x H x W through a forward (x, y) 3 x 3 map, bilinear, constant border 0 (OpenCV's
+    warpAffine with INTER_LINEAR and BORDER_CONSTANT: output(p) = input(M^-1 p))."""
+    inverse = np.linalg.inv(matrix)
+    swap = np.array([[0.0, 1.0], [1.0, 0.0]])                                # (x, y) <-> (row, col)
+    linear = swap @ inverse[:2, :2] @ swap
+    offset = swap @ inverse[:2, 2]
+    return np.stack([ndimage.affine_transform(channel, linear, offset=offset, order=1, mode="grid-constant",
+                                              cval=0.0) for channel in stack])
+
+
+def alpnet_elastic(stack: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """SSL-ALPNet's elastic_transform_nd on C x H x W: dx, dy = GaussianBlur(U(-1, 1) noise, 21 x 21,
+    sigma 5) x 10 pixels (dx drawn first; reflect-101 border as OpenCV's blur), output(r, c) =
+    input(r + dy, c + dx), linear interpolation, 'reflect' border."""
+    alpha, sigma = ALPNET_ELASTIC
+    size = stack.shape[1:]
+    # truncate 2.0: radius int(2 * 5 + 0.5) = 10, a 21-tap kernel; 'mirror' is OpenCV's BORDER_REFLECT_101
+    dx = ndimage.gaussian_filter(rng.uniform(-1.0, 1.0, size), sigma, truncate=2.0, mode="mirror") * alpha
+    dy = ndimage.gaussian_filter(rng.uniform(-1.0, 1.0, size), sigma, truncate=2.0, mode="mirror") * alpha
+    rows, cols = np.meshgrid(np.arange(size[0]), np.arange(size[1]), indexing="ij")   # H x W each
+    coordinates = np.stack([rows + dy, cols + dx])                                    # 2 x H x W
+    return np.stack([ndimage.map_coordinates(channel, coordinates, order=1, mode="reflect")
+                     for channel in stack])
+
+
+def alpnet_gamma(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """x' = r ((x - m + 1e-5) / r)^g + m, g ~ U(0.5, 1.5), m = min, r = max - m + 1e-5 (image only).
+    image H x W, or a 2.5D stack C x H x W: one draw of g for every channel, m and r of each channel."""
+    gamma = rng.uniform(*ALPNET_GAMMA)
+    low = image.min(axis=(-2, -1), keepdims=True)                                    # (C x) 1 x 1
+    spread = image.max(axis=(-2, -1), keepdims=True) - low + 1e-5
+    return spread * np.power((image - low + 1e-5) / spread, gamma) + low
+
+
+def alpnet_view(image: np.ndarray, fg: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """One SSL-ALPNet view (its augutils sabs_aug) of a slice H x W (or stack C x H x W) and its foreground
+    H x W: [image channels, one-hot bg, fg] through the affine then the elastic warp (same draws for every
+    channel), labels rint + argmax, then gamma on the image. Returns (image float32, fg uint8 H x W)."""
+    fg = (np.asarray(fg) > 0).astype(np.float64)
+    planes = np.asarray(image, dtype=np.float64)
+    planes = planes[None] if planes.ndim == 2 else planes                            # C x H x W
+    stack = np.concatenate([planes, (1.0 - fg)[None], fg[None]])                     # C+2 x H x W
+    stack = alpnet_elastic(apply_affine(stack, alpnet_affine_matrix(fg.shape, rng)), rng)
+    label = np.argmax(np.rint(stack[-2:]), axis=0).astype(np.uint8)                  # H x W, 1 = fg
+    views = alpnet_gamma(stack[:-2], rng).astype(np.float32)                         # C x H x W
+    return (views[0] if np.ndim(image) == 2 else views), label
+
+
+# ------------------------------------------------------------------------------ episodes
 PSEUDO_CLASS = -1
 RECIPES = ("project", "alpnet")
 MAX_DRAWS = 50          # draws per item before giving up (an empty support is redrawn)
 REDRAWS_KEY = "redraws"
 
 
-def eligible_superpixels(labels: np.ndarray, min_pixels: int) -> list[np.ndarray]:
-    """Per slice of a stack N x S x S: the superpixel ids (>= 1) with at least `min_pixels` pixels."""
-    out = []
-    for row in range(labels.shape[0]):
-        sizes = np.bincount(np.asarray(labels[row]).ravel().astype(np.int64))   # index 0 = outside body
-        ids = np.flatnonzero(sizes >= min_pixels)
-        out.append(ids[ids > 0])
-    return out
-
-
 class SelfSupEpisodeDataset(Dataset):
-    """Superpixel episodes; item i is the `EpisodeDataset` dict with N = 1 (H = W = input_size).
-
-    min_pixels: smallest superpixel (pixels of the PREPARED slice, prep_size) that may be a foreground.
-    warp: WarpParams fields (`selfsup.warp` config). augment: the intensity augmentation config.
-    recipe: 'project' or 'alpnet' (`selfsup.episodes`; the module docstring says what each does).
-    input_slices: 1, or 3 for 2.5D images (support_images 1 x K x 3 x H x W, query_images Q x 3 x H x W).
-    """
+    """Superpixel episodes; item i is the `EpisodeDataset` dict with N = 1 (C = input_slices) plus
+    "redraws"; `classes` holds PSEUDO_CLASS. min_pixels: smallest foreground superpixel (pixels of the
+    prepared slice); warp_params: `selfsup.warp`; recipe: `selfsup.episodes`."""
 
     def __init__(self, prep_dir: str, n_ways: int, n_shots: int, n_queries: int, input_size: int,
                  augment: Mapping | None, warp_params: Mapping, min_pixels: int, seed: int,
                  length: int = 2 ** 31 - 1, recipe: str = "project", input_slices: int = 1):
-        assert int(n_ways) == 1, n_ways    # one pseudo-class (training/config_check.py says so first)
+        # checked by the config check: one of the recipes, one pseudo-class, 1 or 3 input slices
+        assert recipe in RECIPES and int(n_ways) == 1 and input_slices in INPUT_SLICES, (recipe, n_ways)
         self.recipe, self.input_slices = recipe, int(input_slices)
         self.prep_dir = str(prep_dir)
         self.n_shots, self.n_queries = int(n_shots), int(n_queries)
@@ -100,7 +196,7 @@ class SelfSupEpisodeDataset(Dataset):
         self.min_pixels = int(min_pixels)
         self.seed, self.length = int(seed), int(length)
         meta = read_superpixel_meta(prep_dir)
-        # z-scored slices (SSL-ALPNet layout, dataloaders/alpnet_prepare.py) are not in [0, 1]: no clip
+        # z-scored slices (SSL-ALPNet layout, prepare.prepare_alpnet) are not in [0, 1]: no clip
         self.clip = (read_meta(prep_dir).get("intensity") or {}).get("mode") != "zscore"
         self.candidates: list[tuple[str, int, np.ndarray]] = []    # (pid, row, eligible superpixel ids)
         if self.input_slices == 3:     # a folder prepared before neighbours were stored: one line, at once
@@ -131,11 +227,17 @@ class SelfSupEpisodeDataset(Dataset):
         return self.length
 
     def _eligible(self, labels: np.ndarray) -> list[np.ndarray]:
-        """Per slice of a superpixel stack N x S x S, the ids a draw picks from (uniformly)."""
+        """Per slice of a superpixel stack N x S x S, the ids a draw picks from (uniformly): 'project' those
+        (>= 1) with at least min_pixels pixels."""
         if self.recipe == "alpnet":   # SSL-ALPNet: randint(1, max_id), i.e. {1, ..., max_id - 1}
             return [np.arange(1, int(np.asarray(labels[row]).max()), dtype=np.int64)
                     for row in range(labels.shape[0])]
-        return eligible_superpixels(labels, self.min_pixels)
+        out = []
+        for row in range(labels.shape[0]):
+            sizes = np.bincount(np.asarray(labels[row]).ravel().astype(np.int64))   # index 0 = outside body
+            ids = np.flatnonzero(sizes >= self.min_pixels)
+            out.append(ids[ids > 0])
+        return out
 
     def _open(self, pid: str) -> tuple[np.ndarray, np.ndarray]:
         """Memory maps (images N x S x S float32, superpixels N x S x S uint16) of one volume."""
@@ -150,8 +252,7 @@ class SelfSupEpisodeDataset(Dataset):
 
     def view(self, image: np.ndarray, mask: np.ndarray,
              rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-        """One random view: geometric warp of image (H x W, or the stack C x H x W) and mask (H x W), then
-        intensity augmentation."""
+        """One random view: warp of image ((C x) H x W) and mask H x W, then intensity augmentation."""
         image, mask = warp(image, mask, random_grid(self.input_size, self.warp, rng))
         image = np.clip(image, 0.0, 1.0) if self.clip else image
         if self.augment:
@@ -159,8 +260,7 @@ class SelfSupEpisodeDataset(Dataset):
         return image.astype(np.float32), mask
 
     def draw(self, rng: np.random.Generator) -> list[tuple[np.ndarray, np.ndarray]]:
-        """One draw: a slice, a superpixel, then K + Q views [(image H x W float32 (3 x H x W with 3 input
-        slices), fg H x W)]."""
+        """One draw: a slice, a superpixel, then K + Q views [(image (C x) H x W float32, fg H x W)]."""
         pid, row, ids = self.candidates[int(rng.integers(len(self.candidates)))]
         superpixel = int(ids[int(rng.integers(ids.size))])
         images, labels, neighbours = self._volume(pid)

@@ -1,20 +1,10 @@
-"""Superpixel pseudo-labels of prepared training slices, for self-supervised episodes.
+"""Superpixel pseudo-labels of prepared training slices, for self-supervised episodes (after SSL-ALPNet).
 
-Recipe (after SSL-ALPNet, Ouyang et al. ECCV 2020; our own code around scikit-image):
-  1. body mask of a slice (intensity-scaled, in [0, 1]): pixels > `body_threshold`, the largest
-     connected component, holes filled (lungs and bowel gas inside the body belong to it);
-  2. superpixels of the whole slice with scikit-image's `felzenszwalb` (graph segmentation, the
-     SSL-ALPNet choice) or `slic`; no hand-written segmentation;
-  3. superpixels clipped to the body; ids renumbered 1..M in raster order of first appearance,
-     0 = outside the body.
-Everything is a deterministic function of the slice and the parameters (neither algorithm draws
-random numbers), so the same prepared folder and parameters give the same bytes.
-
-Storage, next to the prepared slices (docs/DESIGN.md "Prepared data folder"):
-  PREP/superpixels/<pid>.npy   N x S x S uint16, row r = superpixels of row r of
-                               PREP/train/<pid>_image.npy (0 = outside the body)
-  PREP/superpixels/meta.json   {"format_version": 1, "params": {...}, "volumes": {pid: {...}}}
-The folder is built atomically (`dataloaders.nifti.atomic_folder`).
+Per slice in [0, 1]: the body (pixels > `body_threshold`, largest component, holes filled), scikit-image's
+`felzenszwalb` (SSL-ALPNet's choice) or `slic` superpixels clipped to it, ids renumbered 1..M in raster
+order of first appearance (0 = outside). Deterministic: same folder and parameters, same bytes. Stored as
+PREP/superpixels/<pid>.npy (N x S x S uint16, row r of train/<pid>_image.npy) + meta.json, built
+atomically (docs/DESIGN.md "Prepared data folder").
 """
 from __future__ import annotations
 
@@ -46,13 +36,9 @@ def make_hint(prep_dir: str | Path) -> str:
 
 @dataclass(frozen=True)
 class SuperpixelParams:
-    """How pseudo-labels are made. Sizes are in pixels of the prepared slice (prep_size S).
-
-    felzenszwalb: `scale` (higher: larger segments), `sigma` (Gaussian pre-smoothing), `min_size`
-    (segments below it are merged into a neighbour). slic: `n_segments`, `compactness` (for [0, 1]
-    grey images, ~0.05-0.5). `body_threshold`: scaled intensity above which a pixel may be body.
-    Defaults were chosen on the phantom at S = 256 (docs/selfsup_phantom.md shows the overlay).
-    """
+    """How pseudo-labels are made (sizes in pixels of the prepared slice). felzenszwalb: `scale` (larger
+    segments), `sigma` (pre-smoothing), `min_size` (smaller segments merged); slic: `n_segments`,
+    `compactness` (~0.05-0.5 for [0, 1] images). Defaults chosen on the phantom at S = 256."""
     method: str = "felzenszwalb"
     scale: float = 100.0
     sigma: float = 0.8

@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dataloaders.selfsup_episodes import alpnet_view
 from dataloaders.transforms import resize_image, resize_label
-from dataloaders.warp import alpnet_view
 from models.factory import PROTOTYPE, method_of, with_head_options
 from models.fewshot import PLUS_DEFAULTS
 

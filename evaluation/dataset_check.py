@@ -13,10 +13,10 @@ from pathlib import Path
 
 import numpy as np
 
-from dataloaders.intensity import validate_intensity
 from dataloaders.organs import INDEX_TO_NAME, NAME_TO_INDEX, TABLE_COLUMNS, TEST_ORGANS
 from dataloaders.prepare import NEIGHBOURS, is_case_id, train_file_case, train_file_name
 from dataloaders.prepared import default_support
+from dataloaders.transforms import validate_intensity
 from evaluation.protocols import dice, get_preset, mask_copy, preset_range
 from util.errors import UserError
 

@@ -16,9 +16,13 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from dataloaders.intensity import scale_intensity, volume_intensity
-from dataloaders.neighbours import neighbour_stack
-from dataloaders.transforms import resize_image, resize_label
+from dataloaders.transforms import (
+    neighbour_stack,
+    resize_image,
+    resize_label,
+    scale_intensity,
+    volume_intensity,
+)
 from models.factory import model_input_slices
 from util.device import resolve_device
 from util.errors import UserError

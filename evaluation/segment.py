@@ -16,22 +16,20 @@ import nibabel as nib
 import numpy as np
 import torch
 
-from dataloaders.intensity import needs_hounsfield
 from dataloaders.label_map import (
+    field_of_view_warning,
+    hounsfield_problem,
+    image_problems,
     mask_label_map,
+    mask_labels,
     read_label_map,
     resolve_support_label,
+    support_size_warning,
     visceral_mask_structure,
 )
 from dataloaders.nifti import NiftiVolume, check_same_grid, load_nifti, save_nifti_atomic, to_original
 from dataloaders.organs import INDEX_TO_NAME, canonical_name
-from dataloaders.plausibility import (
-    field_of_view_warning,
-    hounsfield_problem,
-    image_problems,
-    mask_labels,
-    support_size_warning,
-)
+from dataloaders.transforms import needs_hounsfield
 from evaluation.inference import run_chunks
 from evaluation.protocols import centre_offsets, chunk_plan
 from models.checkpoint import check_input_size, model_from_checkpoint, model_input

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
-from dataloaders import alpnet_layout as layout
-from dataloaders.alpnet_prepare import normalised_volume, prepare_alpnet
+from dataloaders import layouts as layout
 from dataloaders.nifti import _clean_stale, _pid_alive
+from dataloaders.prepare import normalised_volume, prepare_alpnet
 from dataloaders.prepared import load_volume, read_meta
 from evaluation.evaluate import evaluate
 from experiments.runner import ROOT, train_or_reuse
@@ -109,7 +109,7 @@ def prepared(data_dir: Path, out: Path, fold: int, setting: int, label_set: int 
              log: list, validation: bool = False) -> Path:
     """The prepared folder of (fold, setting, label set), made unless one with the same meta exists.
 
-    validation: the fold's validation scan is held out of training (dataloaders/alpnet_prepare.py)."""
+    validation: the fold's validation scan is held out of training (dataloaders/prepare.py)."""
     folder = out / "prepared" / tag(fold, setting, label_set, rule, validation)
     try:
         meta = read_meta(folder)["alpnet"]

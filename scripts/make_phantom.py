@@ -12,8 +12,8 @@ import argparse
 import time
 from pathlib import Path
 
-from dataloaders.phantom import generate_phantom
 from dataloaders.prepared import default_support
+from demo.phantom import generate_phantom
 from evaluation.dataset_check import format_mask_copy, mask_copy_dice
 from evaluation.protocols import get_preset
 from util.cli import run_cli

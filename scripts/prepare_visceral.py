@@ -83,8 +83,8 @@ def main(argv: list[str]) -> int:
 def prepare_alpnet_layout(args, out: Path) -> int:
     """--layout alpnet: SSL-ALPNet's normalisation (MR z-score, CT training statistics), never an HU
     window."""
-    from dataloaders.alpnet_layout import detect_dataset
-    from dataloaders.alpnet_prepare import prepare_alpnet
+    from dataloaders.layouts import detect_dataset
+    from dataloaders.prepare import prepare_alpnet
     dataset = detect_dataset(args.visceral_dir)
     if args.window:
         what = "an HU window on MR volumes (no Hounsfield units)" if dataset.modality == "MR" else \

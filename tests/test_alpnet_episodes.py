@@ -1,5 +1,5 @@
 """SSL-ALPNet's self-supervised episodes (selfsup.episodes 'alpnet'): its augmentation
-(dataloaders/warp.py alpnet_*) against slow literal versions written here from its rules, and the
+(dataloaders/selfsup_episodes.py alpnet_*) against slow literal versions written here from its rules, and the
 episode's pseudo-label draw (dataloaders/selfsup_episodes.py)."""
 from __future__ import annotations
 
@@ -10,8 +10,14 @@ import pytest
 import torch
 
 import dataloaders.selfsup_episodes as selfsup
+from dataloaders.selfsup_episodes import (
+    alpnet_affine_matrix,
+    alpnet_elastic,
+    alpnet_gamma,
+    alpnet_view,
+    apply_affine,
+)
 from dataloaders.superpixels import open_superpixels
-from dataloaders.warp import alpnet_affine_matrix, alpnet_elastic, alpnet_gamma, alpnet_view, apply_affine
 
 
 def _bilinear_zero_border(image, r, c):

@@ -1,5 +1,5 @@
-"""The SSL-ALPNet layout reader and its per-fold prepared folders (dataloaders/alpnet_layout.py,
-alpnet_prepare.py).
+"""The SSL-ALPNet layout reader and its per-fold prepared folders (dataloaders/layouts.py,
+prepare.prepare_alpnet).
 
 Synthetic folders in that layout are written here from tiny arrays (CHAOS-T2 values, or SABS with the BTCV
 ids); the real CHAOS-T2 folder is used when present ($CHAOS_T2_DIR or ../shared/data/chaos_mr_t2 beside the
@@ -15,9 +15,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from dataloaders import alpnet_layout as layout
-from dataloaders.alpnet_prepare import normalised_volume, prepare_alpnet
+from dataloaders import layouts as layout
 from dataloaders.organs import NAME_TO_INDEX
+from dataloaders.prepare import normalised_volume, prepare_alpnet
 from util.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]

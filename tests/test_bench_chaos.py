@@ -92,7 +92,7 @@ def test_bench_trains_evaluates_reports_and_reuses(tmp_path, capsys, monkeypatch
 def test_evaluations_are_keyed_by_what_they_depend_on(tmp_path):
     """A cached evaluation is reused for the same snapshot bytes, folder meta, organs and device, and
     recomputed when any of them changes."""
-    from dataloaders.alpnet_prepare import prepare_alpnet
+    from dataloaders.prepare import prepare_alpnet
     from experiments import chaos as steps
     data = write_alpnet_folder(tmp_path / "chaos", [1, 2, 3, 5, 8, 10], size=24, depth=8)
     folder = tmp_path / "prep"
@@ -208,7 +208,7 @@ def test_test_py_alpnet_preset_scores_as_the_benchmark(tmp_path):
     import torch
     from test_bad_inputs import run_sacred_cases
 
-    from dataloaders.alpnet_prepare import prepare_alpnet
+    from dataloaders.prepare import prepare_alpnet
     from experiments import chaos as steps
     from models.checkpoint import save_checkpoint
     from models.fewshot import FewShotSegNet

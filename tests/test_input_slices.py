@@ -19,16 +19,13 @@ import torch
 from conftest import resolve_config
 from test_alpnet_layout import write_alpnet_folder
 
-from dataloaders import alpnet_layout as layout
-from dataloaders.alpnet_prepare import prepare_alpnet
+from dataloaders import layouts as layout
 from dataloaders.episodes import EpisodeDataset
-from dataloaders.neighbours import neighbour_indices, neighbour_stack
-from dataloaders.prepare import prepare_dataset
+from dataloaders.prepare import prepare_alpnet, prepare_dataset
 from dataloaders.prepared import open_training_images, open_training_neighbours, open_training_volume
-from dataloaders.selfsup_episodes import SelfSupEpisodeDataset
+from dataloaders.selfsup_episodes import SelfSupEpisodeDataset, WarpParams, alpnet_view, random_grid, warp
 from dataloaders.superpixels import SuperpixelParams, make_superpixels
-from dataloaders.transforms import augment_intensity
-from dataloaders.warp import WarpParams, alpnet_view, random_grid, warp
+from dataloaders.transforms import augment_intensity, neighbour_indices, neighbour_stack
 from models.encoders import build_encoder
 from models.fewshot import FewShotSegNet
 from util.errors import UserError
@@ -95,9 +92,9 @@ def test_neighbour_stack_equals_a_slow_construction_at_the_first_middle_and_last
 
 
 def test_the_registries_agree():
-    from dataloaders import neighbours
+    from dataloaders import transforms
     from models import fewshot
-    assert neighbours.INPUT_SLICES == fewshot.INPUT_SLICES == (1, 3)
+    assert transforms.INPUT_SLICES == fewshot.INPUT_SLICES == (1, 3)
 
 
 # ------------------------------------------------------------------ what the writers store

@@ -1,5 +1,5 @@
-"""dataloaders/label_map.py (one label-map parser, how a mask's labels are known) and
-dataloaders/plausibility.py (swapped image/mask, soft masks, constant or all-air scans, field of view)."""
+"""dataloaders/label_map.py: one label-map parser, how a mask's labels are known, and plausibility
+(swapped image/mask, soft masks, constant or all-air scans, field of view)."""
 from __future__ import annotations
 
 import json
@@ -7,8 +7,16 @@ import json
 import numpy as np
 import pytest
 
-from dataloaders.label_map import mask_label_map, read_label_map, resolve_support_label, sidecar_path
-from dataloaders.plausibility import field_of_view_warning, image_problems, mask_labels, support_size_warning
+from dataloaders.label_map import (
+    field_of_view_warning,
+    image_problems,
+    mask_label_map,
+    mask_labels,
+    read_label_map,
+    resolve_support_label,
+    sidecar_path,
+    support_size_warning,
+)
 from util.errors import UserError
 
 TOTALSEG = {"description": "values of labels.nii.gz", "labels": {"1": "spleen", "2": "kidney_right",

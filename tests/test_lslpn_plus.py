@@ -163,8 +163,8 @@ def test_bad_plus_options_get_one_line(model, message):
 def test_validation_scan_is_held_out_of_training(tmp_path):
     from test_alpnet_layout import write_alpnet_folder
 
-    from dataloaders import alpnet_layout as layout
-    from dataloaders.alpnet_prepare import prepare_alpnet
+    from dataloaders import layouts as layout
+    from dataloaders.prepare import prepare_alpnet
     folder = write_alpnet_folder(tmp_path / "d", [1, 2, 3, 5, 8, 10, 13])
     ids = layout.scan_ids(folder)
     for fold in range(5):

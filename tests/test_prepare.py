@@ -10,10 +10,10 @@ import pytest
 from conftest import TINY_PHANTOM, TINY_PREP, load_script
 
 from dataloaders import prepare
-from dataloaders.intensity import scale_intensity
+from dataloaders.layouts import find_cases, load_case
 from dataloaders.nifti import load_nifti, to_original
 from dataloaders.prepare import Selection, prepare_dataset, select_slices
-from dataloaders.visceral import find_cases, load_case
+from dataloaders.transforms import scale_intensity
 from util.errors import UserError
 
 

@@ -12,7 +12,8 @@ import pytest
 from nibabel.orientations import axcodes2ornt, ornt_transform
 from scipy import ndimage
 
-from dataloaders import multilabel, visceral
+from dataloaders import layouts
+from dataloaders.label_map import read_label_map
 from dataloaders.nifti import load_nifti, save_nifti_atomic, to_original
 from dataloaders.organs import NAME_TO_INDEX
 from util.errors import UserError
@@ -30,13 +31,13 @@ def write(path: Path, array, affine=AFFINE) -> Path:
 def small_corpus(root: Path, pid: str = "10000100") -> Path:
     """A VISCERAL corpus with one 8 x 8 x 4 volume and liver + kidney_right masks."""
     image = np.arange(256, dtype=np.int16).reshape(8, 8, 4)
-    write(root / "Volumes" / visceral.volume_filename(pid), image)
+    write(root / "Volumes" / layouts.volume_filename(pid), image)
     liver = np.zeros((8, 8, 4), np.uint8)
     liver[:4] = 1
     kidney = np.zeros((8, 8, 4), np.uint8)
     kidney[6:, 6:] = 1
-    write(root / "Segmentations" / visceral.mask_filename(pid, 58), liver)
-    write(root / "Segmentations" / visceral.mask_filename(pid, 29662), kidney)
+    write(root / "Segmentations" / layouts.mask_filename(pid, 58), liver)
+    write(root / "Segmentations" / layouts.mask_filename(pid, 29662), kidney)
     return root
 
 
@@ -107,14 +108,14 @@ def test_nan_inf_2d_and_4d_images_are_refused(tmp_path):
     ("10000100_1_CTce_ThAb.nii.gz", None),
     ("notes.txt", None)])
 def test_mask_names_parse_both_variants(name, expected):
-    assert visceral.parse_mask_name(name) == expected
+    assert layouts.parse_mask_name(name) == expected
 
 
 def test_visceral_case_loads_and_merges(tmp_path):
     corpus = small_corpus(tmp_path / "Silver")
-    (case,) = visceral.find_cases(corpus)
+    (case,) = layouts.find_cases(corpus)
     assert set(case.mask_paths) == {NAME_TO_INDEX["liver"], NAME_TO_INDEX["kidney_right"]}
-    volume = visceral.load_case(case)
+    volume = layouts.load_case(case)
     assert volume.image.array.dtype == np.int16
     assert (volume.label == 1).sum() == 4 * 8 * 4 and (volume.label == 13).sum() == 2 * 2 * 4
     assert volume.overlap_voxels == 0
@@ -123,7 +124,7 @@ def test_visceral_case_loads_and_merges(tmp_path):
 def test_merge_overlap_rule_matches_reference():
     rng = np.random.default_rng(3)
     masks = {index: rng.random((6, 7, 5)) < p for index, p in ((1, 0.5), (2, 0.3), (13, 0.3), (17, 0.1))}
-    label, overlaps = visceral.merge_masks(masks)
+    label, overlaps = layouts.merge_masks(masks)
     counts = {index: int(mask.sum()) for index, mask in masks.items()}
     expected = np.zeros((6, 7, 5), np.uint8)
     n_overlap = 0
@@ -139,7 +140,7 @@ def test_unknown_radlex_id_is_skipped_with_a_warning(tmp_path):
     corpus = small_corpus(tmp_path / "Silver")
     write(corpus / "Segmentations" / "10000100_1_CTce_ThAb_99999_1.nii.gz", np.ones((8, 8, 4), np.uint8))
     with pytest.warns(UserWarning, match="RadLex id 99999 is not one of the 20"):
-        (case,) = visceral.find_cases(corpus)
+        (case,) = layouts.find_cases(corpus)
     assert len(case.mask_paths) == 2
 
 
@@ -147,33 +148,33 @@ def test_missing_folders_and_volume_without_masks(tmp_path):
     corpus = small_corpus(tmp_path / "Silver")
     shutil.rmtree(corpus / "Segmentations")
     with pytest.raises(UserError, match="Segmentations: folder missing"):
-        visceral.find_cases(corpus)
+        layouts.find_cases(corpus)
     corpus = small_corpus(tmp_path / "Gold")
-    write(corpus / "Volumes" / visceral.volume_filename("10000101"), np.zeros((8, 8, 4), np.int16))
+    write(corpus / "Volumes" / layouts.volume_filename("10000101"), np.zeros((8, 8, 4), np.int16))
     with pytest.raises(UserError, match="10000101_1_CTce_ThAb.nii.gz: no masks"):
-        visceral.find_cases(corpus)
+        layouts.find_cases(corpus)
 
 
 def test_mask_with_other_shape_or_affine_is_refused(tmp_path):
     corpus = small_corpus(tmp_path / "A")
-    write(corpus / "Segmentations" / visceral.mask_filename("10000100", 86), np.ones((8, 8, 5), np.uint8))
+    write(corpus / "Segmentations" / layouts.mask_filename("10000100", 86), np.ones((8, 8, 5), np.uint8))
     with pytest.raises(UserError, match="_86_1.nii.gz: mask shape"):
-        visceral.load_case(visceral.find_cases(corpus)[0])
+        layouts.load_case(layouts.find_cases(corpus)[0])
     corpus = small_corpus(tmp_path / "B")
     shifted = AFFINE.copy()
     shifted[0, 3] = 10
-    write(corpus / "Segmentations" / visceral.mask_filename("10000100", 86), np.ones((8, 8, 4), np.uint8),
+    write(corpus / "Segmentations" / layouts.mask_filename("10000100", 86), np.ones((8, 8, 4), np.uint8),
           shifted)
     with pytest.raises(UserError, match="_86_1.nii.gz: mask affine differs"):
-        visceral.load_case(visceral.find_cases(corpus)[0])
+        layouts.load_case(layouts.find_cases(corpus)[0])
 
 
 def test_corrupt_mask_is_a_one_line_error(tmp_path):
     corpus = small_corpus(tmp_path / "A")
-    path = corpus / "Segmentations" / visceral.mask_filename("10000100", 58)
+    path = corpus / "Segmentations" / layouts.mask_filename("10000100", 58)
     path.write_bytes(path.read_bytes()[:40])
     with pytest.raises(UserError, match="_58_1.nii.gz: cannot read NIfTI") as error:
-        visceral.load_case(visceral.find_cases(corpus)[0])
+        layouts.load_case(layouts.find_cases(corpus)[0])
     assert "\n" not in str(error.value)
 
 
@@ -190,15 +191,15 @@ def test_label_map_in_both_directions(tmp_path):
     (tmp_path / "a.json").write_text(json.dumps({"liver": 5, "iliopsoas_left": 7, "stomach": 9}))
     (tmp_path / "b.json").write_text(json.dumps({"labels": {"5": "liver", "7": "iliopsoas_left",
                                                             "9": "stomach"}}))
-    assert multilabel.read_label_map(tmp_path / "a.json") == multilabel.read_label_map(tmp_path / "b.json")
+    assert read_label_map(tmp_path / "a.json") == read_label_map(tmp_path / "b.json")
     image, label = multilabel_case(tmp_path / "case")
-    volume = multilabel.load_multilabel_case(image, label, multilabel.read_label_map(tmp_path / "a.json"))
+    volume = layouts.load_multilabel_case(image, label, read_label_map(tmp_path / "a.json"))
     assert (volume.label[1].max() == NAME_TO_INDEX["liver"]
             and volume.label[2].max() == NAME_TO_INDEX["psoas_left"])
     assert volume.label[3].max() == 0                              # stomach is not one of the 20
     (tmp_path / "bad.json").write_text("{not json")
     with pytest.raises(UserError, match="bad.json: not valid JSON"):
-        multilabel.read_label_map(tmp_path / "bad.json")
+        read_label_map(tmp_path / "bad.json")
 
 
 def test_label_map_naming_absent_labels_is_refused(tmp_path):
@@ -206,15 +207,15 @@ def test_label_map_naming_absent_labels_is_refused(tmp_path):
     names = {5: "liver", 7: "spleen"}
     with pytest.raises(UserError, match=r"labels.nii.gz: label map names values absent from this volume: 7 "
                                         r"\(spleen\)"):
-        multilabel.load_multilabel_case(image, label, names)
-    volume = multilabel.load_multilabel_case(image, label, names, allow_missing=True)
+        layouts.load_multilabel_case(image, label, names)
+    volume = layouts.load_multilabel_case(image, label, names, allow_missing=True)
     assert set(np.unique(volume.label)) == {0, 1}
 
 
 def test_multilabel_folder_layouts(tmp_path):
     multilabel_case(tmp_path / "train" / "case01")
     multilabel_case(tmp_path / "train" / "case02")
-    cases = multilabel.find_multilabel_cases(multilabel.find_split(tmp_path, "silver"))
+    cases = layouts.find_multilabel_cases(layouts.find_split(tmp_path, "silver"))
     assert [c[0] for c in cases] == ["case01", "case02"]
     for name in ("a", "b"):
         image, label = multilabel_case(tmp_path / "flat" / name)
@@ -222,17 +223,17 @@ def test_multilabel_folder_layouts(tmp_path):
         (tmp_path / "test" / "labels").mkdir(parents=True, exist_ok=True)
         shutil.copy(image, tmp_path / "test" / "images" / f"{name}.nii.gz")
         shutil.copy(label, tmp_path / "test" / "labels" / f"{name}.nii.gz")
-    cases = multilabel.find_multilabel_cases(multilabel.find_split(tmp_path, "gold"))
+    cases = layouts.find_multilabel_cases(layouts.find_split(tmp_path, "gold"))
     assert [c[0] for c in cases] == ["a", "b"]
     (tmp_path / "test" / "labels" / "b.nii.gz").unlink()
     with pytest.raises(UserError, match="b.nii.gz: no label file"):
-        multilabel.find_multilabel_cases(tmp_path / "test")
+        layouts.find_multilabel_cases(tmp_path / "test")
 
 
 @pytest.mark.skipif(not REAL_CT.is_dir(), reason=f"real CT sample not present at {REAL_CT}")
 def test_real_scan_loads_with_correct_left_and_right():
-    names = multilabel.read_label_map(REAL_CT / "labels.json")
-    volume = multilabel.load_multilabel_case(REAL_CT / "ct.nii.gz", REAL_CT / "labels.nii.gz", names)
+    names = read_label_map(REAL_CT / "labels.json")
+    volume = layouts.load_multilabel_case(REAL_CT / "ct.nii.gz", REAL_CT / "labels.nii.gz", names)
     assert volume.image.array.dtype == np.int16 and volume.image.original_axcodes == "RAS"
     x = {name: ndimage.center_of_mass(volume.label == NAME_TO_INDEX[name])[0]
          for name in ("kidney_right", "kidney_left", "psoas_right", "psoas_left", "liver", "spleen")}

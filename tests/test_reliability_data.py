@@ -43,8 +43,8 @@ import pytest
 from conftest import TINY_PHANTOM
 from test_bad_inputs import assert_one_line_error, mini_source, run_script, tree
 
+from dataloaders.layouts import find_cases, load_case
 from dataloaders.nifti import load_nifti, to_original
-from dataloaders.visceral import find_cases, load_case
 from evaluation.dataset_check import format_mask_copy, mask_copy_dice
 
 PREP_ARGS = ["--size", str(TINY_PHANTOM["size"]), "--n-val", "0", "--min-voxels", "5", "--workers", "1"]

@@ -405,7 +405,7 @@ def test_input_size_bound_on_the_command_line(scans, tmp_path, capsys):
 
 # ------------------------------------------------------------------------------------ 8 MR, zscore
 def test_zscore_uses_whole_volume_statistics_whatever_the_batches():
-    from dataloaders.intensity import scale_intensity, validate_intensity, volume_intensity
+    from dataloaders.transforms import scale_intensity, validate_intensity, volume_intensity
     from evaluation.inference import run_chunks
     rng = np.random.default_rng(0)
     volume = rng.uniform(0, 1300, size=(8, 8, 6))                               # X x Y x Z

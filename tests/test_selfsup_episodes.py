@@ -1,4 +1,4 @@
-"""Self-supervised superpixel episodes (dataloaders/selfsup_episodes.py), warps (dataloaders/warp.py)."""
+"""Self-supervised superpixel episodes (dataloaders/selfsup_episodes.py), with its warps."""
 from __future__ import annotations
 
 import math
@@ -10,10 +10,9 @@ import torch
 
 from dataloaders.episodes import EpisodeDataset
 from dataloaders.prepare import prepare_dataset
-from dataloaders.selfsup_episodes import SelfSupEpisodeDataset
+from dataloaders.selfsup_episodes import SelfSupEpisodeDataset, WarpParams, affine_matrix, random_grid, warp
 from dataloaders.superpixels import SuperpixelParams, make_superpixels, open_superpixels
 from dataloaders.transforms import resize_image, resize_label
-from dataloaders.warp import WarpParams, affine_matrix, random_grid, warp
 from util.errors import UserError
 
 AUGMENT = {"p": 0.5, "brightness": [0.5, 2.0], "contrast": [0.5, 2.0], "gamma": [0.5, 2.0]}

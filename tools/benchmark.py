@@ -38,8 +38,8 @@ from config import ex  # before sacred: config.py silences its import warning
 from sacred.initialize import create_run
 
 from dataloaders.organs import organ_index
-from dataloaders.phantom import generate_phantom, render_subject
 from dataloaders.prepare import Selection, prepare_dataset
+from demo.phantom import generate_phantom, render_subject
 from evaluation.inference import run_chunks
 from evaluation.protocols import chunk_plan, get_preset, organ_range
 from models.encoders import build_encoder
@@ -518,7 +518,7 @@ def render_section(name: str, results: dict, machine: dict, command: str, plan: 
               *[row(r["config"], r["encoder"], r["input_size"], " x ".join(map(str, r["volume_shape"])),
                     r["batch_size"], on[r["amp"]], f"{r['time'].median:.3f}", f"{r['slices_per_s']:.1f}")
                 for r in results["inference"]],
-              "", "Phantom volumes (`dataloaders.phantom.render_subject`); support range = the liver's, "
+              "", "Phantom volumes (`demo.phantom.render_subject`); support range = the liver's, "
               f"protocol preset 'inclusive' ({results['inference'][0]['n_chunks']} chunks); every axial "
               "slice of the query volume is segmented.", "",
               "### 6. Peak memory of one training step (`paper` config)", "",

@@ -17,11 +17,10 @@ from pathlib import Path
 
 import numpy as np
 
-from dataloaders.intensity import scale_intensity
+from dataloaders.layouts import find_cases, load_case
 from dataloaders.organs import NAME_TO_INDEX, TEST_ORGANS
 from dataloaders.superpixels import SuperpixelParams, body_mask, stack_superpixels
-from dataloaders.transforms import resize_image, resize_label
-from dataloaders.visceral import find_cases, load_case
+from dataloaders.transforms import resize_image, resize_label, scale_intensity
 from util.cli import run_cli
 
 WINDOW = {"mode": "window", "window": [-125.0, 275.0]}

@@ -1,0 +1,523 @@
+"""Readers of the source layouts, labels mapped onto the organ indices of dataloaders/organs.py.
+
+VISCERAL Anatomy3 (`find_cases`, `load_case`), generic multi-label data sets such as TotalSegmentator,
+BTCV or AMOS exports (`find_multilabel_cases`, `load_multilabel_case`; layout in the comment above them)
+and SSL-ALPNet's preprocessed CHAOS-T2 / SABS folders (`detect_dataset`, `load_scan`, `fold_scans`),
+read as its loaders read them. Layout values without a vocabulary entry become background (0).
+docs/DESIGN.md "Prepared data folder" says what prepare.py makes of them.
+"""
+from __future__ import annotations
+
+import json
+import re
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from dataloaders.nifti import NiftiVolume, check_same_grid, load_nifti
+from dataloaders.organs import NAME_TO_INDEX, RADLEX_TO_INDEX, canonical_name
+from util.errors import UserError
+
+# ------------------------------------------------------------------------------ VISCERAL Anatomy3
+# CORPUS/Volumes/<pid>_1_CTce_ThAb.nii.gz, CORPUS/Segmentations/<pid>_1_CTce_ThAb_<RadLexID>_<n>.nii.gz:
+# the RadLex id is the second-to-last field, the patient id the first (`<pid>_<RadLexID>_<n>` reads alike).
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+
+
+def volume_filename(pid: str) -> str:
+    """VISCERAL volume file name of patient `pid` (8 digits)."""
+    return f"{pid}_1_CTce_ThAb.nii.gz"
+
+
+def mask_filename(pid: str, radlex: int, annotator: int = 1) -> str:
+    """VISCERAL mask file name of structure `radlex` of patient `pid`."""
+    return f"{pid}_1_CTce_ThAb_{radlex}_{annotator}.nii.gz"
+
+
+def strip_nifti_suffix(name: str) -> str | None:
+    """File name without .nii.gz / .nii; None when it is not a NIfTI name."""
+    for suffix in NIFTI_SUFFIXES:
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return None
+
+
+def parse_mask_name(name: str) -> tuple[str, int] | None:
+    """(patient id, RadLex id) of a mask file name; None when the name does not fit the pattern."""
+    stem = strip_nifti_suffix(name)
+    fields = stem.split("_") if stem else []
+    if len(fields) < 3 or not fields[-2].isdigit() or not fields[-1].isdigit():
+        return None
+    return fields[0], int(fields[-2])
+
+
+@dataclass
+class Case:
+    """One patient of a VISCERAL corpus: its volume and its masks by label index (1-20)."""
+    pid: str
+    volume_path: Path
+    mask_paths: dict[int, Path] = field(default_factory=dict)
+
+
+@dataclass
+class LabeledVolume:
+    """A canonical volume (image.array X x Y x Z, RAS+, see `exact_image`) and its labels X x Y x Z uint8."""
+    pid: str
+    image: NiftiVolume
+    label: np.ndarray
+    overlap_voxels: int = 0
+
+
+def _nifti_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and strip_nifti_suffix(p.name))
+
+
+def find_cases(corpus_dir: str | Path) -> list[Case]:
+    """Cases of one corpus folder (e.g. ROOT/SilverCorpus), sorted by patient id; unknown RadLex ids and
+    masks without a volume are skipped with a warning."""
+    corpus_dir = Path(corpus_dir)
+    volume_dir, mask_dir = corpus_dir / "Volumes", corpus_dir / "Segmentations"
+    for folder in (volume_dir, mask_dir):
+        if not folder.is_dir():
+            raise UserError(f"{folder}: folder missing: a VISCERAL corpus needs Volumes/ and Segmentations/ "
+                            "(or generate a phantom with scripts/make_phantom.py)")
+    cases: dict[str, Case] = {}
+    for path in _nifti_files(volume_dir):
+        pid = strip_nifti_suffix(path.name).split("_")[0]
+        if pid in cases:
+            raise UserError(f"{path}: a second volume for patient {pid} ({cases[pid].volume_path.name}): "
+                            "keep one volume per patient in Volumes/")
+        cases[pid] = Case(pid, path)
+    if not cases:
+        raise UserError(f"{volume_dir}: no .nii.gz volumes: copy the corpus volumes here")
+    for path in _nifti_files(mask_dir):
+        parsed = parse_mask_name(path.name)
+        if parsed is None:
+            warnings.warn(f"{path}: not a VISCERAL mask name <pid>_..._<RadLexID>_<n>.nii.gz: skipped")
+            continue
+        pid, radlex = parsed
+        if radlex not in RADLEX_TO_INDEX:
+            warnings.warn(f"{path}: RadLex id {radlex} is not one of the 20 VISCERAL structures: skipped")
+            continue
+        if pid not in cases:
+            warnings.warn(f"{path}: no volume for patient {pid} in {volume_dir}: mask skipped")
+            continue
+        index = RADLEX_TO_INDEX[radlex]
+        if index in cases[pid].mask_paths:
+            warnings.warn(f"{path}: a second mask of RadLex {radlex} for {pid}: kept "
+                          f"{cases[pid].mask_paths[index].name}")
+            continue
+        cases[pid].mask_paths[index] = path
+    for case in cases.values():
+        if not case.mask_paths:
+            raise UserError(f"{case.volume_path}: no masks in {mask_dir} for patient {case.pid}: add its "
+                            f"{case.pid}_..._<RadLexID>_<n>.nii.gz masks or remove the volume")
+    return [cases[pid] for pid in sorted(cases)]
+
+
+def merge_masks(masks: dict[int, np.ndarray]) -> tuple[np.ndarray, int]:
+    """Binary masks {label index: X x Y x Z} -> (label X x Y x Z uint8, voxels covered twice or more).
+
+    Overlaps: the structure with fewer voxels wins (a small one is not erased by a large neighbour), ties
+    to the higher index."""
+    assert masks, "merge_masks needs at least one mask"
+    shape = next(iter(masks.values())).shape
+    label = np.zeros(int(np.prod(shape)), dtype=np.uint8)          # Fortran order, as NIfTI stores voxels
+    coverage = np.zeros(label.size, dtype=np.uint8)
+    voxels = {index: np.flatnonzero(np.ravel(mask, order="F")) for index, mask in masks.items()}
+    order = sorted(voxels, key=lambda index: (-voxels[index].size, index))  # large first, small last
+    for index in order:
+        label[voxels[index]] = index
+        coverage[voxels[index]] += 1
+    return label.reshape(shape, order="F"), int((coverage > 1).sum())
+
+
+def exact_image(volume: NiftiVolume) -> NiftiVolume:
+    """The volume with its array as int16 when int16 holds every voxel exactly (the usual CT file), else as
+    float32 (a [0, 1] image, fractional HU, uint16 above 32767), so stored values equal the file's."""
+    if volume.array.dtype != np.int16:
+        rounded = np.clip(np.rint(volume.array), -32768, 32767)
+        exact = np.array_equal(rounded, volume.array)
+        volume.array = rounded.astype(np.int16) if exact else np.asfortranarray(volume.array, np.float32)
+    return volume
+
+
+def load_case(case: Case) -> LabeledVolume:
+    """Load a VISCERAL case: canonical int16 image and merged uint8 label map (indices 1-20)."""
+    image = exact_image(load_nifti(case.volume_path))
+    masks = {}
+    for index, path in sorted(case.mask_paths.items()):
+        mask = load_nifti(path)
+        check_same_grid(mask, image)
+        masks[index] = mask.array
+    label, overlaps = merge_masks(masks)
+    return LabeledVolume(case.pid, image, label, overlaps)
+
+
+# ------------------------------------------------------------------------------ multi-label data sets
+# ROOT holds a training split (SilverCorpus, train, Tr or training) and a test split (GoldCorpus, test,
+# Ts or testing), each laid out as
+#   a) SPLIT/images/<case>.nii.gz + SPLIT/labels/<case>.nii.gz (nnU-Net / AMOS / BTCV; nnU-Net's
+#      imagesTr/ labelsTr/ with the _0000 suffix must be renamed first), or
+#   b) SPLIT/<case>/ct.nii.gz (image, img) + SPLIT/<case>/labels.nii.gz (label, seg, segmentation)
+#      (TotalSegmentator).
+# Case id: the file stem (a) or folder name (b), made a file name by dataloaders.prepare.case_id; unique
+# over both splits. Labels: integers >= 0 on the image's world grid (any storage orientation). The
+# label map (dataloaders/label_map.py) names values; names become indices by organs.canonical_name,
+# others background; every named value must occur in each volume unless --allow-missing-labels.
+IMAGE_NAMES = ("ct", "image", "img")
+LABEL_NAMES = ("labels", "label", "seg", "segmentation")
+SPLIT_NAMES = {"silver": ("SilverCorpus", "train", "Tr", "training"),
+               "gold": ("GoldCorpus", "test", "Ts", "testing")}
+
+
+def vocabulary_lookup(label_map: dict[int, str]) -> dict[int, int]:
+    """Label value -> project index (1-20) for the map entries that name one of the 20 structures."""
+    canonical = {value: canonical_name(name) for value, name in label_map.items()}
+    return {value: NAME_TO_INDEX[name] for value, name in canonical.items() if name is not None}
+
+
+def load_multilabel_case(image_path: str | Path, label_path: str | Path, label_map: dict[int, str],
+                         pid: str | None = None, allow_missing: bool = False) -> LabeledVolume:
+    """One image + multi-label pair, labels mapped onto the indices 1-20 (0: background or outside the
+    vocabulary); every value the map names must occur unless `allow_missing`."""
+    image = exact_image(load_nifti(image_path))
+    labels = load_nifti(label_path)
+    check_same_grid(labels, image)
+    values = labels.array
+    if np.issubdtype(values.dtype, np.floating) and not np.array_equal(values, np.rint(values)):
+        raise UserError(f"{label_path}: label volume holds non-integer values: export it as an integer "
+                        "multi-label map")
+    values = values.astype(np.int64)
+    present = set(np.unique(values).tolist())
+    missing = sorted(value for value in label_map if value not in present)
+    if missing and not allow_missing:
+        names = ", ".join(f"{value} ({label_map[value]})" for value in missing[:6])
+        raise UserError(f"{label_path}: label map names values absent from this volume: {names}: check that "
+                        "the map belongs to this data set (or pass --allow-missing-labels)")
+    lookup = vocabulary_lookup(label_map)
+    if not lookup:
+        raise UserError(f"{label_path}: the label map names none of the 20 structures (e.g. liver, spleen, "
+                        "kidney_right): fix the names in the map")
+    table = np.zeros(max(int(values.max()), max(lookup)) + 1, dtype=np.uint8)
+    table[list(lookup)] = list(lookup.values())
+    if values.min() < 0:
+        raise UserError(f"{label_path}: negative label values: export label values >= 0")
+    pid = pid or strip_nifti_suffix(Path(image_path).name)
+    return LabeledVolume(pid, image, table[values], 0)
+
+
+def find_multilabel_cases(split_dir: str | Path) -> list[tuple[str, Path, Path]]:
+    """(case id, image path, label path) of every case in a split folder, sorted by case id."""
+    split_dir = Path(split_dir)
+    if not split_dir.is_dir():
+        raise UserError(f"{split_dir}: folder missing: a multi-label data set needs train/ and test/ folders")
+    cases = []
+    if (split_dir / "images").is_dir() and (split_dir / "labels").is_dir():
+        for image in sorted((split_dir / "images").iterdir()):
+            stem = strip_nifti_suffix(image.name)
+            if stem is None:
+                continue
+            label = next((split_dir / "labels" / f"{stem}{s}" for s in (".nii.gz", ".nii")
+                          if (split_dir / "labels" / f"{stem}{s}").is_file()), None)
+            if label is None:
+                raise UserError(f"{image}: no label file {stem}.nii.gz in {split_dir / 'labels'}: add it or "
+                                "remove the image")
+            cases.append((stem, image, label))
+    else:
+        for folder in sorted(p for p in split_dir.iterdir() if p.is_dir()):
+            files = {strip_nifti_suffix(p.name): p for p in folder.iterdir() if strip_nifti_suffix(p.name)}
+            image = next((files[n] for n in IMAGE_NAMES if n in files), None)
+            label = next((files[n] for n in LABEL_NAMES if n in files), None)
+            if image is None or label is None:
+                raise UserError(f"{folder}: needs an image ({'/'.join(IMAGE_NAMES)}.nii.gz) and a label map "
+                                f"({'/'.join(LABEL_NAMES)}.nii.gz): add the missing file")
+            cases.append((folder.name, image, label))
+    if not cases:
+        raise UserError(f"{split_dir}: no cases found: use images/ + labels/ or one folder per case")
+    return cases
+
+
+def find_split(root: str | Path, split: str) -> Path:
+    """The folder of split 'silver' (training) or 'gold' (test) under a multi-label ROOT."""
+    root = Path(root)
+    for name in SPLIT_NAMES[split]:
+        if (root / name).is_dir():
+            return root / name
+    raise UserError(f"{root}: no {'/'.join(SPLIT_NAMES[split])} folder for the {split} split: create one "
+                    "(see dataloaders/layouts.py for the layout)")
+
+
+# ------------------------------------------------------------------------------ SSL-ALPNet's layout
+# image_<id>.nii.gz, label_<id>.nii.gz (the data set's own values), superpix-MIDDLE_<id>.nii.gz (optional),
+# classmap_1.json {class: {str(id): [slices holding it]}}; ids = last digit run, sorted as integers.
+# Read as SSL-ALPNet: nibabel's X x Y x Z with axes 0 and 1 swapped (its SimpleITK [Z, Y, X].T), no
+# reorientation or resize, cropped [:256, :256]; MR z-scored per volume, CT by the global mean and std of
+# the fold's training scans (`ct_statistics`). Nothing here assumes Hounsfield units.
+CROP = 256                                  # both loaders crop [:256, :256] (SABS is stored 257 x 257)
+CLASSMAP = "classmap_1.json"
+SUPERPIXELS = "superpix-MIDDLE"             # the only superpixel mode SSL-ALPNet has
+
+
+@dataclass(frozen=True)
+class AlpnetDataset:
+    """One data set of the SSL-ALPNet layout: modality, label values, folds and label sets."""
+    name: str
+    modality: str                               # 'MR' (z-score per volume) or 'CT' (global statistics)
+    class_names: dict[int, str]                 # label value -> classmap name (every value of the data set)
+    vocabulary: dict[int, str]                  # label value -> organ name of dataloaders/organs.py
+    separators: tuple[int, ...]                 # fold k = ids[sep[k] : sep[k + 1]] (+ the next id as support)
+    label_groups: tuple[tuple[int, ...], ...]   # label_sets g tests all evaluated values minus groups[g]
+    evaluated: tuple[int, ...] = field(default=())   # values ever tested
+
+    def test_values(self, label_set: int) -> list[int]:
+        """Label values tested under `label_set` (SSL-ALPNet: all evaluated minus label_groups[label_set])."""
+        if label_set not in range(len(self.label_groups)):
+            raise UserError(f"label set {label_set} does not exist for {self.name}: use 0 (kidneys) or "
+                            "1 (liver and spleen)")
+        return [v for v in self.evaluated if v not in self.label_groups[label_set]]
+
+    def test_organs(self, label_set: int) -> list[str]:
+        """Organ names (this project's vocabulary) tested under `label_set`."""
+        return [self.vocabulary[v] for v in self.test_values(label_set)]
+
+
+CHAOS_T2 = AlpnetDataset(
+    name="chaos_t2", modality="MR",
+    class_names={0: "BG", 1: "LIVER", 2: "RK", 3: "LK", 4: "SPLEEN"},
+    vocabulary={1: "liver", 2: "kidney_right", 3: "kidney_left", 4: "spleen"},
+    separators=(0, 4, 8, 12, 16, 20), label_groups=((1, 4), (2, 3)), evaluated=(1, 2, 3, 4))
+SABS = AlpnetDataset(
+    name="sabs", modality="CT",
+    class_names={0: "BGD", 1: "SPLEEN", 2: "KID_R", 3: "KID_l", 4: "GALLBLADDER", 5: "ESOPHAGUS", 6: "LIVER",
+                 7: "STOMACH", 8: "AORTA", 9: "IVC", 10: "PS_VEIN", 11: "PANCREAS", 12: "AG_R", 13: "AG_L"},
+    vocabulary={1: "spleen", 2: "kidney_right", 3: "kidney_left", 4: "gallbladder", 6: "liver", 8: "aorta",
+                11: "pancreas", 12: "adrenal_right", 13: "adrenal_left"},
+    separators=(0, 6, 12, 18, 24, 30), label_groups=((1, 6), (2, 3)), evaluated=(1, 2, 3, 6))
+DATASETS = {CHAOS_T2.name: CHAOS_T2, SABS.name: SABS}
+N_FOLDS = 5
+
+
+def _hint(folder: Path) -> str:
+    return (f"point --data at a folder in SSL-ALPNet's layout (image_<id>.nii.gz, label_<id>.nii.gz, "
+            f"{CLASSMAP}), e.g. its chaos_MR_T2_normalized or sabs_CT_normalized folder; {folder} is not one")
+
+
+def read_classmap(folder: str | Path) -> dict[str, dict[str, list[int]]]:
+    """classmap_1.json of the folder; one-line errors for a missing or malformed file."""
+    path = Path(folder) / CLASSMAP
+    if not path.is_file():
+        raise UserError(f"{path}: missing: {_hint(Path(folder))}")
+    try:
+        raw = json.loads(path.read_text())
+        return {str(name): {str(sid): [int(z) for z in zs] for sid, zs in scans.items()}
+                for name, scans in raw.items()}
+    except (ValueError, AttributeError, TypeError) as error:
+        raise UserError(f"{path}: unreadable ({type(error).__name__}: {error}): regenerate it with "
+                        "SSL-ALPNet's class_slice_index_gen notebook") from None
+
+
+def detect_dataset(folder: str | Path) -> AlpnetDataset:
+    """CHAOS-T2 or SABS, told apart by the class names of classmap_1.json."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"{folder}: data folder not found: {_hint(folder)}")
+    if not any(folder.glob("image_*.nii.gz")):
+        raise UserError(f"{folder}: no image_<id>.nii.gz files: {_hint(folder)}")
+    names = set(read_classmap(folder))
+    for dataset in DATASETS.values():
+        if {dataset.class_names[v] for v in dataset.evaluated} <= names:
+            return dataset
+    raise UserError(f"{folder / CLASSMAP}: class names {sorted(names)} are neither CHAOS-T2's "
+                    "(LIVER, RK, LK, SPLEEN) nor SABS's (SPLEEN, KID_R, KID_l, LIVER): "
+                    "use SSL-ALPNet's classmap of that data set")
+
+
+def _digits(path: Path) -> int:
+    """The last run of digits of a file name (SSL-ALPNet takes it from the full path)."""
+    runs = re.findall(r"\d+", path.name)
+    if not runs:
+        raise UserError(f"{path}: no scan id in the name: name it image_<id>.nii.gz")
+    return int(runs[-1])
+
+
+def scan_ids(folder: str | Path) -> list[int]:
+    """Scan ids of the folder, sorted as integers; every image must have its label and vice versa."""
+    folder = Path(folder)
+    images = {_digits(p): p for p in folder.glob("image_*.nii.gz")}
+    labels = {_digits(p): p for p in folder.glob("label_*.nii.gz")}
+    if not images:
+        raise UserError(f"{folder}: no image_<id>.nii.gz files: {_hint(folder)}")
+    lonely = sorted(set(images) - set(labels))
+    if lonely:
+        raise UserError(f"{images[lonely[0]]}: no label_{lonely[0]}.nii.gz beside it (ids without labels: "
+                        f"{lonely}): add the label volumes or remove those images")
+    orphans = sorted(set(labels) - set(images))
+    if orphans:
+        raise UserError(f"{labels[orphans[0]]}: no image_{orphans[0]}.nii.gz beside it "
+                        f"(labels without images: {orphans}): add the images or remove those labels")
+    return sorted(images)
+
+
+def _read(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(array Y x X x Z as SSL-ALPNet's transpose of SimpleITK's [Z, Y, X], affine) of one NIfTI file."""
+    if not path.is_file():
+        raise UserError(f"{path}: file not found: {_hint(path.parent)}")
+    try:
+        image = nib.load(str(path))
+        data = np.asarray(image.dataobj, dtype=np.float64)
+    except Exception as error:  # nibabel raises many kinds for corrupt files
+        raise UserError(f"{path}: cannot read NIfTI ({type(error).__name__}): "
+                        "copy or export it again") from None
+    if data.ndim != 3:
+        raise UserError(f"{path}: {data.ndim} dimensions {data.shape}, expected one 3D scan: export it again")
+    if not np.isfinite(data).all():
+        raise UserError(f"{path}: NaN/inf voxels: fix or re-export the scan")
+    return np.ascontiguousarray(data.transpose(1, 0, 2)), np.asarray(image.affine, dtype=np.float64)
+
+
+@dataclass
+class AlpnetScan:
+    """One scan as SSL-ALPNet reads it, before normalisation and crop (arrays Y x X x Z)."""
+    sid: int
+    image: np.ndarray               # Y x X x Z float64, stored intensities
+    label: np.ndarray               # Y x X x Z uint8, the data set's own label values
+    affine: np.ndarray              # 4 x 4, as stored
+    superpixels: np.ndarray | None  # Y x X x Z int32 or None
+
+
+def load_scan(folder: str | Path, sid: int, dataset: AlpnetDataset, superpixels: bool = False,
+              classmap: dict | None = None) -> AlpnetScan:
+    """Read and check one scan: label on the image's grid, known values, classmap agreeing with the label."""
+    folder = Path(folder)
+    image, affine = _read(folder / f"image_{sid}.nii.gz")
+    label_path = folder / f"label_{sid}.nii.gz"
+    label, label_affine = _read(label_path)
+    if label.shape != image.shape or not np.allclose(label_affine, affine, atol=1e-3):
+        raise UserError(f"{label_path}: on another grid than image_{sid}.nii.gz (shape {label.shape} vs "
+                        f"{image.shape}, or another affine): resample the label onto the image grid")
+    values = np.unique(label)
+    unknown = [v for v in values if v not in dataset.class_names or v != np.rint(v)]
+    if unknown:
+        raise UserError(f"{label_path}: label values {unknown[:5]} are not {dataset.name}'s "
+                        f"({sorted(dataset.class_names)}): use the data set's own label volumes")
+    label = label.astype(np.uint8)
+    scan = AlpnetScan(sid, image, label, affine, None)
+    if classmap is not None:
+        check_classmap(classmap, scan, dataset, folder / CLASSMAP)
+    if superpixels:
+        sp_path = folder / f"{SUPERPIXELS}_{sid}.nii.gz"
+        if not sp_path.is_file():
+            raise UserError(f"{sp_path}: missing, self-supervised training needs SSL-ALPNet's superpixels: "
+                            "make them with its pseudolabel_gen notebook, or train with labels")
+        sp, _ = _read(sp_path)
+        if sp.shape != image.shape:
+            raise UserError(f"{sp_path}: shape {sp.shape} differs from image_{sid}.nii.gz {image.shape}: "
+                            "make the superpixels again from that image")
+        scan.superpixels = np.rint(sp).astype(np.int32)
+    return scan
+
+
+def organ_slices(label: np.ndarray, value: int) -> np.ndarray:
+    """Ascending z of the slices of a Y x X x Z label volume holding >= 1 voxel of `value` (classmap_1)."""
+    return np.flatnonzero((label == value).any(axis=(0, 1)))
+
+
+def check_classmap(classmap: dict, scan: AlpnetScan, dataset: AlpnetDataset, path: Path) -> None:
+    """classmap_1[c][id] must list exactly the slices of the label volume holding class c (evaluated c)."""
+    for value in dataset.evaluated:
+        name = dataset.class_names[value]
+        listed = classmap.get(name, {}).get(str(scan.sid))
+        actual = organ_slices(scan.label, value).tolist()
+        if (listed is not None or actual) and listed != actual:
+            raise UserError(f"{path}: {name} of scan {scan.sid} lists slices {_span(listed)} but "
+                            f"label_{scan.sid}.nii.gz holds it in {_span(actual)}: "
+                            f"regenerate {CLASSMAP} from the labels "
+                            "(SSL-ALPNet's class_slice_index_gen notebook)")
+
+
+def _span(zs) -> str:
+    return f"{zs[0]}-{zs[-1]} ({len(zs)} slices)" if zs else "none"
+
+
+def zscore(image: np.ndarray) -> np.ndarray:
+    """MR: (x - mean) / std over the whole volume, no eps (SSL-ALPNet's get_normalize_op)."""
+    std = float(image.std())
+    if std == 0.0:
+        raise UserError("scan is constant (std 0): z-scoring is undefined: check the image file")
+    return ((image - image.mean()) / std).astype(np.float32)
+
+
+def ct_statistics(images: list[np.ndarray]) -> tuple[float, float]:
+    """CT: one mean and std over every voxel of the fold's training scans (full stored volumes)."""
+    total = sum(float(a.sum()) for a in images)
+    count = sum(a.size for a in images)
+    mean = total / count
+    var = sum(float(((a - mean) ** 2).sum()) for a in images) / count
+    return mean, float(np.sqrt(var))
+
+
+def normalise(image: np.ndarray, dataset: AlpnetDataset,
+              ct_stats: tuple[float, float] | None = None) -> np.ndarray:
+    """Normalised and cropped Y x X x Z float32: MR z-score per volume, CT by the training statistics."""
+    if dataset.modality == "MR":
+        return crop(zscore(image))
+    assert ct_stats is not None, "CT normalisation needs the training scans' ct_statistics"
+    return crop(((image - ct_stats[0]) / ct_stats[1]).astype(np.float32))
+
+
+def crop(volume: np.ndarray) -> np.ndarray:
+    """[:256, :256] in-plane (SSL-ALPNet's loaders)."""
+    return np.ascontiguousarray(volume[:CROP, :CROP])
+
+
+def to_vocabulary(label: np.ndarray, dataset: AlpnetDataset) -> np.ndarray:
+    """Data set label values -> this project's organ indices (unmapped values -> 0), uint8."""
+    table = np.zeros(max(dataset.class_names) + 1, dtype=np.uint8)
+    for value, organ in dataset.vocabulary.items():
+        table[value] = NAME_TO_INDEX[organ]
+    return table[label]
+
+
+def fold_scans(ids: list[int], fold: int, dataset: AlpnetDataset) -> tuple[list[int], int, list[int]]:
+    """(test ids, support id, training ids) of a fold: SSL-ALPNet's circular split.
+
+    Fold k = sorted ids[sep[k] : sep[k + 1] + 1] with wrap-around: its test scans plus the next scan as the
+    support; training is every other scan (not the support)."""
+    if not isinstance(fold, int) or fold not in range(N_FOLDS):
+        raise UserError(f"fold {fold!r} does not exist: use 0-{N_FOLDS - 1} (SSL-ALPNet's five folds)")
+    ordered = sorted(int(i) for i in ids)
+    sep, n = dataset.separators, len(ordered)
+    picked = [ordered[i % n] for i in range(sep[fold], sep[fold + 1] + 1)]   # CircularList slice
+    test, support = picked[:-1], picked[-1]
+    training = [i for i in ordered if i not in picked]
+    if len(set(picked)) < len(picked) or not training:
+        raise UserError(f"fold {fold} of {dataset.name} needs {sep[fold + 1] - sep[fold] + 2} distinct scans "
+                        f"(test, support, training), the folder has {n}: use the complete data set "
+                        f"({sep[-1]} scans) or fold 0")
+    return test, support, training
+
+
+def validation_scan(ids: list[int], fold: int, dataset: AlpnetDataset) -> int:
+    """This project's validation scan of a fold (not SSL-ALPNet's: it has none): the first training scan
+    after the support in circular sorted order. Options are chosen on it, never on the test scans."""
+    _, support, training = fold_scans(ids, fold, dataset)
+    ordered = sorted(int(i) for i in ids)
+    after = ordered.index(support) + 1
+    return next(sid for sid in ordered[after:] + ordered[:after] if sid in training)
+
+
+def kept_slices(label: np.ndarray, excluded: list[int], rule: str = "or") -> np.ndarray:
+    """Bool per z of a Y x X x Z label volume: may the slice train under Setting 2? 'or' (SSL-ALPNet): not
+    when ANY excluded value is in it; 'and' (Q-Net lineage): not when ALL are. None excluded: every slice."""
+    if not excluded:
+        return np.ones(label.shape[2], dtype=bool)
+    present = np.stack([(label == v).any(axis=(0, 1)) for v in excluded])                      # E x Z
+    if rule == "or":
+        return ~present.any(axis=0)
+    if rule == "and":
+        return ~present.all(axis=0)
+    raise UserError(f"exclusion rule '{rule}' is unknown: use 'or' (SSL-ALPNet) or 'and' (Q-Net lineage)")
