@@ -17,7 +17,7 @@ import importlib.metadata
 import os
 
 # first: config.py silences Sacred's pkg_resources warning before Sacred loads
-from config import differences_from_default, ex, run_sacred
+from config import default_config, differences_from_default, ex, run_sacred
 
 # isort: split
 from sacred.observers import FileStorageObserver
@@ -52,7 +52,8 @@ def check_and_observe(config, command_name, logger):
 def main(_config, _run):
     """Train one fold; returns the summary (steps, best validation Dice, seconds per step, ...)."""
     _run.info["differs_from_default"] = differences_from_default(_config)  # -> info.json
-    return train(_config, _run, checked=True)   # check_and_observe checked this config
+    # check_and_observe checked this config
+    return train(_config, _run, defaults=default_config(), checked=True)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from config import ex  # before sacred: config.py silences its import warning
+from config import default_config, ex  # before sacred: config.py silences its import warning
 
 # isort: split
 from sacred.arg_parser import get_config_updates
@@ -140,7 +140,7 @@ def resolved_hash(named: list[str], overrides: list[str]) -> tuple[str, int]:
     """(config_hash, n_steps) of the config `train.py with <named> <overrides>` resolves."""
     updates, more = get_config_updates(list(overrides))
     config = create_run(ex, "print_config", config_updates=updates, named_configs=[*named, *more]).config
-    return config_hash(config), int(config["n_steps"])
+    return config_hash(config, default_config()), int(config["n_steps"])
 
 
 def finished(log_dir: Path, name: str, wanted: str, n_steps: int) -> Path | None:

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from config import ex  # before sacred: config.py silences its import warning
+from config import default_config, ex  # before sacred: config.py silences its import warning
 
 # isort: split
 from sacred.arg_parser import get_config_updates
@@ -101,7 +101,7 @@ def training_hash(overrides: list[str], named: list[str] | tuple[str, ...]) -> s
     updates, more_named = get_config_updates(list(overrides))
     config = create_run(ex, "print_config", config_updates=updates,
                         named_configs=["demo", *named, *more_named]).config
-    return config_hash(config)
+    return config_hash(config, default_config())
 
 
 def demo_n_steps(named: list[str] | tuple[str, ...] = ()) -> int:

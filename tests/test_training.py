@@ -22,6 +22,7 @@ import pytest
 import torch
 from test_episodes import make_train_prep
 
+from config import default_config
 from models.checkpoint import check_compatible, load_checkpoint, load_model_state, save_checkpoint
 from training.config_check import check_config
 from training.runs import config_hash, run_name
@@ -118,10 +119,12 @@ def test_fold_without_training_slices_and_missing_val_volumes(tmp_path):
 
 def test_config_hash_ignores_bookkeeping_keys_only():
     base = resolve()
-    assert config_hash(base) == config_hash(resolve(n_steps=99, resume=True, save_every=7, val_every=0,
-                                                    path={"log_dir": "elsewhere"}, eval={"batch_size": 3}))
-    assert config_hash(base) != config_hash(resolve(lr=0.5))
-    assert config_hash(base) != config_hash(resolve(model={"n_grid": 4}))
+    def digest(config):
+        return config_hash(config, default_config())
+    assert digest(base) == digest(resolve(n_steps=99, resume=True, save_every=7, val_every=0,
+                                          path={"log_dir": "elsewhere"}, eval={"batch_size": 3}))
+    assert digest(base) != digest(resolve(lr=0.5))
+    assert digest(base) != digest(resolve(model={"n_grid": 4}))
     assert run_name(base) == "lslpn_all_structures_fold0"
     assert run_name(resolve(named=("tiny", "panet"), fold=2)) == "panet_all_structures_fold2"
 
@@ -165,11 +168,13 @@ def test_resume_continues_across_harmless_keys_only(tmp_path, prep):
     run_dir = write_run(tmp_path, name, 1, base)
     extended = resolve(n_steps=60, val_every=5, print_every=1, device="cpu", eval={"batch_size": 2},
                        path={"data_dir": str(prep), "log_dir": str(tmp_path)})
-    assert find_resume_checkpoint(str(tmp_path), name, config_hash(extended)) == str(run_dir / "last.pth")
+    defaults = default_config()
+    assert find_resume_checkpoint(str(tmp_path), name, config_hash(extended, defaults), defaults) == \
+        str(run_dir / "last.pth")
     changed = resolve(lr=0.5, seed=3, model={"n_grid": 4},
                       path={"data_dir": str(prep), "log_dir": str(tmp_path)})
-    assert find_resume_checkpoint(str(tmp_path), name, config_hash(changed)) is None
-    line = config_mismatch(changed, str(tmp_path), name)
+    assert find_resume_checkpoint(str(tmp_path), name, config_hash(changed, defaults), defaults) is None
+    line = config_mismatch(changed, str(tmp_path), name, defaults)
     assert "\n" not in line and str(run_dir) in line and "starting a new run at step 0" in line
     assert "lr: 0.01 -> 0.5" in line and "model.n_grid: 8 -> 4" in line and "seed: " in line
     assert "n_steps" not in line
@@ -179,7 +184,7 @@ def test_resume_after_a_config_change_says_so_and_starts_a_new_run(tmp_path, pre
     from training.loop import train
     paths = {"data_dir": str(prep), "log_dir": str(tmp_path)}
     write_run(tmp_path, "lslpn_all_structures_fold0", 1, resolve(lr=0.5, path=paths))
-    summary = train(resolve(resume=True, n_steps=1, val_every=0, path=paths), None)
+    summary = train(resolve(resume=True, n_steps=1, val_every=0, path=paths), None, defaults=default_config())
     out = capsys.readouterr().out
     assert "resume: the config differs from the latest run" in out and "lr: 0.5 -> 0.01" in out
     assert "continuing" not in out and summary["steps"] == 1
@@ -331,7 +336,7 @@ def test_non_finite_loss_names_its_step(tmp_path, prep, monkeypatch):
     monkeypatch.setattr(loop, "episode_loss", loss_nan_at_step_2)
     config = resolve(n_steps=4, val_every=0, path={"data_dir": str(prep), "log_dir": str(tmp_path)})
     with pytest.raises(UserError) as error:
-        loop.train(config, None)
+        loop.train(config, None, defaults=default_config())
     assert str(error.value) == ("training diverged at step 2 (loss nan): lower lr (now 0.01) or set "
                                 "grad_clip (e.g. 1.0); no checkpoint of this run was written")
     message = str(loop._divergence_error(dict(config, amp="fp16", grad_clip=1.0), Distributed(), 5,

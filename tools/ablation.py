@@ -28,7 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from config import ex  # noqa: E402  (before sacred: config.py silences its import warning)
+from config import default_config, ex  # noqa: E402  (before sacred: config.py silences its import warning)
 
 # isort: split
 from sacred.arg_parser import get_config_updates  # noqa: E402
@@ -80,7 +80,7 @@ def check_reusable(snapshot: Path, planned: dict) -> None:
     if stored is None:
         raise UserError(f"{snapshot}: its run has no readable config.json, so the settings it was trained "
                         f"under are unknown: {fix}")
-    differences = [line for line in trajectory_differences(stored, planned)
+    differences = [line for line in trajectory_differences(stored, planned, default_config())
                    if not line.startswith("name:")] + [
         f"{key}: {stored.get(key)} -> {planned.get(key)}" for key in ("n_steps", "val_every")
         if stored.get(key) != planned.get(key)]

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from bench_timing import dispatch_fraction, measure
 
-from config import ex  # before sacred: config.py silences its import warning
+from config import default_config, ex  # before sacred: config.py silences its import warning
 
 # isort: split
 from sacred.initialize import create_run
@@ -242,7 +242,7 @@ def training_throughput(named: str, device: torch.device, amp: bool, n_steps: in
         config = _training_config(named, workdir, device.type, amp, n_steps, input_size)
         for _ in range(runs):
             with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-                summary = train(config)
+                summary = train(config, defaults=default_config())
             per_run.append(float(summary["sec_per_step"]))
             waits.append(float(summary["data_wait_fraction"]))
     sec = statistics.median(per_run)
@@ -282,7 +282,7 @@ def _memory_child() -> None:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-            summary = train(config)
+            summary = train(config, defaults=default_config())
         out = {"config": args["named"], "input_size": config["input_size"],
                "batch_size": config["batch_size"],
                "encoder": config["model"]["encoder"], "amp": args["amp"],

@@ -64,8 +64,9 @@ from util.provenance import git_commit, weights_digest
 RANK_SEED_STRIDE = 100_003   # rank r's dropout stream starts from seed + r * stride
 
 
-def train(config: Mapping[str, Any], run=None, checked: bool = False) -> dict:
-    """Train one fold as configured; `run` is the Sacred Run (metrics, info, run folder) or None.
+def train(config: Mapping[str, Any], run=None, *, defaults: Mapping, checked: bool = False) -> dict:
+    """Train one fold as configured; `run` is the Sacred Run (metrics, info, run folder) or None;
+    `defaults`: the default config (config.default_config(): a run is hashed by its differences).
     checked=True: the caller ran check_config on this config already (train.py, once per command)."""
     if not checked:
         check_config(config, "train")
@@ -73,7 +74,7 @@ def train(config: Mapping[str, Any], run=None, checked: bool = False) -> dict:
     with _process_group(cfg["device"]) as (dist, device):
         # ---- build (same seed on every rank: identical initial weights)
         run_dir = run.observers[0].dir if (run is not None and run.observers and dist.is_main) else None
-        config_digest = config_hash(cfg)
+        config_digest = config_hash(cfg, defaults)
         if run is not None:
             run.info.update({"config_hash": config_digest, "git_commit": git_commit(),
                              "world_size": dist.world_size, "device": str(device),
@@ -91,7 +92,7 @@ def train(config: Mapping[str, Any], run=None, checked: bool = False) -> dict:
         _plan_validation(cfg, dist)
         start_step, best_dice, rng_state = 0, None, None
         if cfg["resume"]:
-            start_step, best_dice, rng_state = _resume(cfg, run, dist, device, config_digest,
+            start_step, best_dice, rng_state = _resume(cfg, run, dist, device, config_digest, defaults,
                                                        model, optimizer, scheduler, scaler)
         if rng_state is not None:  # dropout streams: restored on resume, else derived from (seed, rank)
             set_rng_state(rng_state)
@@ -211,20 +212,20 @@ def _load_initial_weights(path: str, model: torch.nn.Module, device: torch.devic
     _say(dist, f"initial weights from {path} (step {state.get('step')})")
 
 
-def _resume(cfg, run, dist, device, config_digest, model, optimizer, scheduler, scaler):
+def _resume(cfg, run, dist, device, config_digest, defaults, model, optimizer, scheduler, scaler):
     """resume=True: load last.pth of the latest run of this config into model, optimiser, schedule and
     scaler. Returns (start step, best Dice, this rank's RNG state or None); (0, None, None) when no
     run of this config exists (the line printed says why a new run starts)."""
     log_dir, name = cfg["path"]["log_dir"], run_name(cfg)
-    path = find_resume_checkpoint(log_dir, name, config_digest)
+    path = find_resume_checkpoint(log_dir, name, config_digest, defaults)
     if path is None:
-        _say(dist, config_mismatch(cfg, log_dir, name)
+        _say(dist, config_mismatch(cfg, log_dir, name, defaults)
              or f"resume: no earlier run of this config under {log_dir}/{name}; starting at step 0")
         return 0, None, None
     try:
         state = load_checkpoint(path, map_location=device)
     except UserError:
-        raise unreadable_resume_error(path, log_dir, name, config_digest) from None
+        raise unreadable_resume_error(path, log_dir, name, config_digest, defaults) from None
     check_compatible(state["config"], model.config, path)
     if state.get("config_hash") not in (None, config_digest):
         raise UserError(f"resume: {path} belongs to another config: start a new run (resume=False)")

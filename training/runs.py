@@ -11,14 +11,11 @@ best.pth. This module is the repository's one walker of those folders:
   read_run_config(run_dir)               the run's config.json (None when absent or unreadable)
   find_resume_checkpoint / unreadable_resume_error / config_mismatch   what resume=True continues
 
-"Same config" (resume, reuse of finished runs): `config_hash`, the SHA-256 of the resolved config
-without the keys that leave the trained weights' trajectory unchanged (HASH_EXCLUDED): resume,
-n_steps (so a run can be extended), the save / validation / print frequencies, num_workers, device,
-eval.* and path.log_dir. A resumed run takes the new values of those keys. Any other difference
-(lr, seed, model.*, data, boundary_weight, ...) means another run: resume=True then starts a new run at
-step 0 and says which keys differ from the latest run found (`config_mismatch`). A key added after runs
-existed whose off value trains as before it existed (HASH_ABSENT_WHEN_OFF) is hashed only when it is
-on, so the runs from before it keep their digest.
+"Same config" (resume, reuse of finished runs): `config_hash`, the SHA-256 of the keys whose values
+differ from the default config, without the keys that leave the trained weights' trajectory unchanged
+(HASH_EXCLUDED): resume, n_steps (so a run can be extended), the save / validation / print frequencies,
+num_workers, device, eval.* and path.log_dir. Any other difference means another run: resume=True then
+starts a new run at step 0 and says which keys differ from the latest run found (`config_mismatch`).
 """
 from __future__ import annotations
 
@@ -34,9 +31,7 @@ from util.errors import UserError
 
 HASH_EXCLUDED = ("resume", "n_steps", "save_every", "val_every", "print_every", "num_workers", "device",
                  "eval", "path.log_dir")
-# Keys hashed only when on: their off value trains exactly as the code before the key (runs from then
-# have no such key in config.json and keep their digest for resume and the reuse of finished runs).
-HASH_ABSENT_WHEN_OFF = {"boundary_weight": 0.0, "model.input_slices": 1}
+ABSENT = "(absent)"
 RUN_ID = re.compile(r"[0-9]+")
 SHOWN_DIFFERENCES = 6   # a mismatch line names at most this many keys (then "and N more")
 
@@ -54,23 +49,18 @@ def run_name(config: Mapping) -> str:
     return f"{method}_{config['class_setting']}_fold{config['fold']}"
 
 
-def _trajectory_config(config: Mapping) -> dict:
-    """The config as plain JSON types (a deep copy) without the HASH_EXCLUDED keys and without the
-    HASH_ABSENT_WHEN_OFF keys that hold their off value."""
-    kept = json.loads(json.dumps(dict(config), default=str))
-    for key in (*HASH_EXCLUDED, *HASH_ABSENT_WHEN_OFF):
-        *parents, leaf = key.split(".")
-        node = kept
-        for parent in parents:
-            node = node.get(parent, {})
-        if key in HASH_EXCLUDED or (leaf in node and node[leaf] == HASH_ABSENT_WHEN_OFF[key]):
-            node.pop(leaf, None)
-    return kept
+def trajectory_config(config: Mapping, defaults: Mapping) -> dict:
+    """{'a.b': value} of the keys whose values differ from `defaults` (the default config), without the
+    HASH_EXCLUDED keys: what identifies a run's trained weights."""
+    default = _flatten(_plain(defaults))
+    return {key: value for key, value in _flatten(_plain(config)).items()
+            if value != default.get(key, ABSENT) and not any(key == excluded or key.startswith(excluded + ".")
+                                                            for excluded in HASH_EXCLUDED)}
 
 
-def config_hash(config: Mapping) -> str:
-    """SHA-256 (16 hex digits) of the config minus HASH_EXCLUDED keys (dotted for nested ones)."""
-    blob = json.dumps(_trajectory_config(config), sort_keys=True, separators=(",", ":"))
+def config_hash(config: Mapping, defaults: Mapping) -> str:
+    """SHA-256 (16 hex digits) of `trajectory_config`."""
+    blob = json.dumps(trajectory_config(config, defaults), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -129,7 +119,7 @@ def finished_snapshot(log_dir: str | Path, name: str, n_steps: int, snapshot: st
 
 
 # ------------------------------------------------------------------------------- resume
-def find_resume_checkpoint(log_dir: str, name: str, wanted_hash: str,
+def find_resume_checkpoint(log_dir: str, name: str, wanted_hash: str, defaults: Mapping,
                            skip: tuple[str, ...] = ()) -> str | None:
     """last.pth of the latest (highest Sacred id) run under log_dir/name whose config hashes the same
     (runs whose last.pth is in `skip` are passed over)."""
@@ -137,15 +127,16 @@ def find_resume_checkpoint(log_dir: str, name: str, wanted_hash: str,
         path = os.path.join(str(run_dir), "last.pth")
         config = read_run_config(run_dir)
         return (os.path.isfile(path) and path not in skip and config is not None
-                and config_hash(config) == wanted_hash)
+                and config_hash(config, defaults) == wanted_hash)
 
     found = latest_run(log_dir, name, same_config)
     return None if found is None else os.path.join(str(found), "last.pth")
 
 
-def unreadable_resume_error(path: str, log_dir: str, name: str, wanted_hash: str) -> UserError:
+def unreadable_resume_error(path: str, log_dir: str, name: str, wanted_hash: str,
+                            defaults: Mapping) -> UserError:
     """The one-line error for a resume from an unreadable (e.g. truncated) last.pth, with the way out."""
-    earlier = find_resume_checkpoint(log_dir, name, wanted_hash, skip=(path,))
+    earlier = find_resume_checkpoint(log_dir, name, wanted_hash, defaults, skip=(path,))
     step = None
     if earlier is not None:
         try:
@@ -162,20 +153,20 @@ def unreadable_resume_error(path: str, log_dir: str, name: str, wanted_hash: str
     return UserError(f"resume: {path} is unreadable (truncated or corrupt): {how}")
 
 
-def trajectory_differences(stored: Mapping, requested: Mapping) -> list[str]:
-    """'key: stored -> requested' (dotted keys) for the trajectory keys whose values differ (an absent
-    HASH_ABSENT_WHEN_OFF key shows its off value)."""
-    old, new = _flatten(_trajectory_config(stored)), _flatten(_trajectory_config(requested))
-    missing = "(absent)"
+def trajectory_differences(stored: Mapping, requested: Mapping, defaults: Mapping) -> list[str]:
+    """'key: stored -> requested' (dotted keys) for the trajectory keys whose values differ (a key a
+    config lacks has its default value)."""
+    old, new = trajectory_config(stored, defaults), trajectory_config(requested, defaults)
+    default = _flatten(_plain(defaults))
 
     def value(flat: dict, key: str):
-        return flat.get(key, HASH_ABSENT_WHEN_OFF.get(key, missing))
+        return flat.get(key, default.get(key, ABSENT))
 
     return [f"{key}: {_short(value(old, key))} -> {_short(value(new, key))}"
             for key in sorted(set(old) | set(new)) if value(old, key) != value(new, key)]
 
 
-def config_mismatch(config: Mapping, log_dir: str, name: str) -> str | None:
+def config_mismatch(config: Mapping, log_dir: str, name: str, defaults: Mapping) -> str | None:
     """For resume=True when no run of this config exists: the one line that names the newest run with a
     last.pth under log_dir/name, the keys whose values differ, and that a new run starts; None when
     there is no such run."""
@@ -185,7 +176,7 @@ def config_mismatch(config: Mapping, log_dir: str, name: str) -> str | None:
     found = latest_run(log_dir, name, resumable)
     if found is None:
         return None
-    differences = trajectory_differences(read_run_config(found), config)
+    differences = trajectory_differences(read_run_config(found), config, defaults)
     shown = "; ".join(differences[:SHOWN_DIFFERENCES])
     if len(differences) > SHOWN_DIFFERENCES:
         shown += f"; and {len(differences) - SHOWN_DIFFERENCES} more"
@@ -203,6 +194,11 @@ def _flatten(node: Mapping, prefix: str = "") -> dict:
         else:
             flat[dotted] = value
     return flat
+
+
+def _plain(config: Mapping) -> dict:
+    """The config as plain JSON values (a deep copy)."""
+    return json.loads(json.dumps(dict(config), default=str))
 
 
 def _short(value, limit: int = 40) -> str:
