@@ -36,7 +36,7 @@ from sacred.initialize import create_run
 from dataloaders.organs import FOLD_ORGANS, TEST_ORGANS
 from dataloaders.prepared import read_meta
 from evaluation.evaluate import evaluate
-from training.runs import config_hash, finished_snapshot
+from training.loop import config_hash, finished_snapshot
 from util.atomic import write_text_atomic
 from util.errors import UserError
 
@@ -89,7 +89,7 @@ def prepared_as_demo() -> bool:
 def finished_run(log_dir: Path, name: str, n_steps: int, wanted_hash: str | None = None) -> Path | None:
     """best.pth of the latest run under log_dir/name whose last.pth reached n_steps, else None.
 
-    With `wanted_hash`, only a run trained with that config (`training.runs.config_hash`, as resume
+    With `wanted_hash`, only a run trained with that config (`training.loop.config_hash`, as resume
     uses) counts: a run left by an older config (other milestones, model options, data) is not reused.
     """
     return finished_snapshot(log_dir, name, n_steps, "best.pth", wanted_hash)

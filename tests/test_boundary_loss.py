@@ -21,8 +21,8 @@ from test_episodes import make_train_prep
 from config import default_config
 from models.alpnet_head import query_loss as alpnet_query_loss
 from models.boundary_loss import boundary_loss, class_distance_maps, signed_distance_maps
+from training.loop import config_hash, trajectory_differences
 from training.objective import episode_loss
-from training.runs import config_hash, trajectory_differences
 from util.config_schema import check_run_config, keys_for
 from util.errors import UserError
 

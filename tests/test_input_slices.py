@@ -449,7 +449,7 @@ def test_runs_made_before_the_option_keep_their_digest():
     """config_hash / trajectory_differences (resume, the benchmark's reuse of finished runs): a config
     without the key (written before it existed) is the same run as input_slices 1, not as 3."""
     from config import default_config
-    from training.runs import config_hash, trajectory_differences
+    from training.loop import config_hash, trajectory_differences
     defaults = default_config()
     for named in (("tiny",), ("official",), ("tiny", "senet")):
         config = resolve_config(named)

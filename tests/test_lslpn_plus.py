@@ -251,7 +251,7 @@ def test_lslpn_plus_trains_lslpn_with_the_boundary_loss_and_tests_with_its_optio
     loss, the plain head), `test.py with lslpn_plus` applies the test-time options to the snapshots."""
     from config import default_config
     from evaluation.adaptation import test_time_head_options
-    from training.runs import config_hash, trajectory_differences
+    from training.loop import config_hash, trajectory_differences
     from util.config_schema import check_run_config
     plain, plus = resolve_config(("demo",)), resolve_config(("demo", "lslpn_plus"))
     check_run_config(plus)
@@ -297,7 +297,7 @@ def test_lslpn_plus_holds_the_combination_that_docs_lslpn_plus_md_measured():
 
     from config import default_config
     from evaluation.adaptation import test_time_head_options
-    from training.runs import trajectory_differences
+    from training.loop import trajectory_differences
     doc = (Path(__file__).resolve().parents[1] / "docs" / "lslpn_plus.md").read_text()
     line = re.search(r"^- LSLPN\+: (.+)$", doc, flags=re.MULTILINE)
     assert line, "docs/lslpn_plus.md has no '- LSLPN+: ...' line in its Options list"

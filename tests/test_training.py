@@ -25,7 +25,7 @@ from test_episodes import make_train_prep
 from config import default_config
 from models.checkpoint import check_compatible, load_checkpoint, load_model_state, save_checkpoint
 from training.config_check import check_config
-from training.runs import config_hash, run_name
+from training.loop import config_hash, run_name
 from util.device import Distributed
 from util.errors import UserError
 
@@ -130,7 +130,7 @@ def test_config_hash_ignores_bookkeeping_keys_only():
 
 
 def test_run_folder_walker(tmp_path):
-    from training.runs import finished_snapshot, iter_runs, latest_run
+    from training.loop import finished_snapshot, iter_runs, latest_run
     for name, run_id in (("b", "10"), ("b", "2"), ("b", "1"), ("a", "3")):
         (tmp_path / name / run_id).mkdir(parents=True)
     (tmp_path / "b" / "_sources").mkdir()                     # Sacred's own folder: not a run
@@ -162,7 +162,7 @@ def write_run(log_dir: Path, name: str, run_id: int, config: dict) -> Path:
 def test_resume_continues_across_harmless_keys_only(tmp_path, prep):
     """Decision: keys outside the config hash (n_steps, frequencies, device, eval.*, ...) may change on
     resume; any other key (lr, seed, model.*, data) means another run, and the line says which keys."""
-    from training.runs import config_mismatch, find_resume_checkpoint
+    from training.loop import config_mismatch, find_resume_checkpoint
     base = resolve(path={"data_dir": str(prep), "log_dir": str(tmp_path)})
     name = run_name(base)
     run_dir = write_run(tmp_path, name, 1, base)
@@ -346,7 +346,7 @@ def test_non_finite_loss_names_its_step(tmp_path, prep, monkeypatch):
 
 
 def test_step_meter_against_hand_computed_times():
-    from training.meter import StepMeter
+    from training.loop import StepMeter
     clock = iter([0.0,              # created
                   1.0, 3.0, 3.5,    # step 1: data after 1 s, done at 3 s; restart at 3.5
                   3.6, 4.5, 5.0,    # step 2: wait 0.1, step 1.0

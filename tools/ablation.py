@@ -10,7 +10,7 @@ Variants (everything else from the Sacred overrides after `--`, given to train.p
   name `demo`). Snapshots are evaluated at the input size each was trained at.
 Each variant x fold is trained with train.py under OUT/<variant>/fold<F>/ (the script can be resumed: an
 existing best.pth/last.pth there is reused when its run's config.json equals the config train.py would run
-with now, up to the keys that leave the weights unchanged (training/runs.py: path.log_dir, device, eval.*,
+with now, up to the keys that leave the weights unchanged (training/loop.py: path.log_dir, device, eval.*,
 ...); a snapshot trained under other settings, or of unknown settings, is refused with the keys that differ),
 then all variants are evaluated in one run of evaluation.evaluate.evaluate next to the mask-copy baseline:
 OUT/eval/ holds results.json, results.csv and the table; OUT/ablation.md is the table in the paper's ablation
@@ -36,7 +36,7 @@ from sacred.utils import SacredError  # noqa: E402
 
 from dataloaders.organs import FOLD_ORGANS  # noqa: E402
 from evaluation.evaluate import evaluate  # noqa: E402
-from training.runs import iter_runs, read_run_config, trajectory_differences  # noqa: E402
+from training.loop import iter_runs, read_run_config, trajectory_differences  # noqa: E402
 from util.atomic import write_text_atomic  # noqa: E402
 from util.cli import run_cli  # noqa: E402
 from util.errors import UserError  # noqa: E402
@@ -73,7 +73,7 @@ def find_snapshot(log_dir: Path) -> Path | None:
 
 def check_reusable(snapshot: Path, planned: dict) -> None:
     """A one-line error unless the run of `snapshot` was trained with the `planned` config: the keys that
-    training/runs.py leaves out of a run's identity and the run name may differ; n_steps and val_every (they
+    training/loop.py leaves out of a run's identity and the run name may differ; n_steps and val_every (they
     decide which snapshot exists) may not."""
     stored = read_run_config(snapshot.parent)
     fix = f"delete {snapshot.parent} (or pass another --out) and re-run"

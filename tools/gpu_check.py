@@ -38,7 +38,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from training.runs import latest_run  # noqa: E402
+from training.loop import latest_run  # noqa: E402
 from util.atomic import write_text_atomic  # noqa: E402
 
 PAPER_FOLDS, PAPER_STEPS = 4, 10_000

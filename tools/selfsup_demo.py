@@ -41,7 +41,7 @@ from dataloaders.organs import FOLD_ORGANS, TEST_ORGANS  # noqa: E402
 from evaluation.metrics import dice  # noqa: E402
 from evaluation.protocol import mask_copy, support_offsets  # noqa: E402
 from models.checkpoint import load_checkpoint  # noqa: E402
-from training.runs import finished_snapshot  # noqa: E402
+from training.loop import finished_snapshot  # noqa: E402
 from util.atomic import write_text_atomic  # noqa: E402
 from util.cli import run_cli  # noqa: E402
 from util.errors import UserError  # noqa: E402

@@ -20,7 +20,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from training.runs import iter_runs  # noqa: E402
+from training.loop import iter_runs  # noqa: E402
 from util.atomic import atomic_path  # noqa: E402
 from util.cli import run_cli  # noqa: E402
 from util.errors import UserError  # noqa: E402
