@@ -190,9 +190,9 @@ def test_weight_zero_is_bit_equal_to_the_old_loss_and_a_weight_adds_the_term(hea
 
 def test_senet_ignores_the_weight():
     logits, labels = random_episode(3, n_ways=1)
-    model, aux = {"method": "senet"}, torch.zeros(())
-    assert torch.equal(episode_loss({"model": model, "boundary_weight": 1.0}, logits, labels, aux),
-                       episode_loss({"model": model}, logits, labels, aux))
+    cfg, aux = {"model": {"method": "senet"}, "senet": {"double_softmax": False}}, torch.zeros(())
+    assert torch.equal(episode_loss({**cfg, "boundary_weight": 1.0}, logits, labels, aux),
+                       episode_loss(cfg, logits, labels, aux))
 
 
 # ------------------------------------------------------------------ config: schema and hash

@@ -216,9 +216,8 @@ def _resume(t: Trainer, defaults: Mapping):
     check_compatible(state["config"], t.model.config, path)
     if state.get("config_hash") != t.digest:
         raise UserError(f"resume: {path} belongs to another config: start a new run (resume=False)")
-    t.model.load_state_dict(state["model"])
-    t.optimizer.load_state_dict(state["optimizer"])
-    t.scheduler.load_state_dict(state["scheduler"])
+    for part in ("model", "optimizer", "scheduler"):
+        getattr(t, part).load_state_dict(state[part])
     if t.scaler.is_enabled() and state.get("scaler"):
         t.scaler.load_state_dict(state["scaler"])
     t.step, t.best_dice = int(state["step"]), state.get("best_dice")
@@ -343,7 +342,7 @@ def _finish(t: Trainer, meter: StepMeter, start_step: int) -> dict:
     if summary["sec_per_step"] is not None:
         peak = f", peak CUDA {peak_mb:.0f} MB" if peak_mb is not None else ""
         waited = 100 * (summary["data_wait_fraction"] or 0)
-        t.say(f"done: {meter.steps} steps, {summary['sec_per_step']:.3f} s/step "
+        t.say(f"done: {len(meter.step_seconds)} steps, {summary['sec_per_step']:.3f} s/step "
               f"({summary['episodes_per_s']:.2f} episodes/s, data wait {waited:.0f}%{peak}) on {device}; "
               f"run folder {t.run_dir}")
     if t.run is not None:
@@ -357,11 +356,10 @@ class StepMeter:
     and checkpoints between steps are not timed; the first step (warm-up) is left out of the summary."""
 
     def __init__(self, clock: Callable[[], float] = time.perf_counter) -> None:
-        self._clock = clock
-        self.step_seconds: list[float] = []    # one entry per step
-        self.wait_seconds: list[float] = []    # time in the loader's next(), per step
-        self._window_loss, self._window_steps = 0.0, 0
-        self._tic = self._clock()
+        self._clock, self._tic = clock, clock()
+        self.step_seconds: list[float] = []    # per step: the wall time and the time in the loader's next()
+        self.wait_seconds: list[float] = []
+        self._losses: list[float] = []         # of the steps since the last window()
 
     def restart(self) -> None:
         """The next step starts now (call after the untimed work that follows a step)."""
@@ -372,21 +370,14 @@ class StepMeter:
 
     def step_finished(self, loss: float) -> None:
         self.step_seconds.append(self._clock() - self._tic)
-        self._window_loss += loss
-        self._window_steps += 1
-
-    @property
-    def steps(self) -> int:
-        return len(self.step_seconds)
+        self._losses.append(loss)
 
     def window(self) -> tuple[float, float, float]:
         """(mean loss, seconds per step, data-wait fraction) of the steps since the last call."""
-        n = self._window_steps
-        recent = self.step_seconds[-n:]
-        waited = sum(self.wait_seconds[-n:]) / max(sum(recent), 1e-12)
-        mean_loss, sec_per_step = self._window_loss / n, sum(recent) / len(recent)
-        self._window_loss, self._window_steps = 0.0, 0
-        return mean_loss, sec_per_step, waited
+        losses, self._losses = self._losses, []
+        recent = self.step_seconds[-len(losses):]
+        waited = sum(self.wait_seconds[-len(losses):]) / max(sum(recent), 1e-12)
+        return sum(losses) / len(losses), sum(recent) / len(recent), waited
 
     def summary(self, batch_size: int) -> dict:
         """sec_per_step, episodes_per_s, data_wait_fraction over steps 2..n (all when one; None when none)."""
