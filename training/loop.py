@@ -406,8 +406,8 @@ def run_name(config: Mapping) -> str:
 def trajectory_config(config: Mapping, defaults: Mapping) -> dict:
     """{'a.b': value} of the keys whose values differ from `defaults` (the default config), without the
     HASH_EXCLUDED keys: what identifies a run's trained weights."""
-    default = _flatten(_plain(defaults))
-    return {key: value for key, value in _flatten(_plain(config)).items()
+    default = _flat(defaults)
+    return {key: value for key, value in _flat(config).items()
             if value != default.get(key, ABSENT) and not any(key == excluded or key.startswith(excluded + ".")
                                                             for excluded in HASH_EXCLUDED)}
 
@@ -422,7 +422,7 @@ def trajectory_differences(stored: Mapping, requested: Mapping, defaults: Mappin
     """'key: stored -> requested' (dotted keys) for the trajectory keys whose values differ (a key a
     config lacks has its default value)."""
     old, new = trajectory_config(stored, defaults), trajectory_config(requested, defaults)
-    default = _flatten(_plain(defaults))
+    default = _flat(defaults)
 
     def value(flat: dict, key: str):
         return flat.get(key, default.get(key, ABSENT))
@@ -525,20 +525,15 @@ def config_mismatch(config: Mapping, log_dir: str, name: str, defaults: Mapping)
             "starting a new run at step 0 (set those options back to continue that run)")
 
 
-def _flatten(node: Mapping, prefix: str = "") -> dict:
-    """{'a.b': value} for the leaves of nested dicts (lists and empty dicts are leaves)."""
-    flat = {}
-    for key, value in node.items():
-        if isinstance(value, Mapping) and value:
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
-def _plain(config: Mapping) -> dict:
-    """The config as plain JSON values (a deep copy)."""
-    return json.loads(json.dumps(dict(config), default=str))
+def _flat(config: Mapping) -> dict:
+    """{'a.b': value} (plain JSON values) for the leaves of a nested config (lists, empty dicts: leaves)."""
+    def leaves(node: dict, prefix: str) -> Iterator[tuple[str, Any]]:
+        for key, value in node.items():
+            if isinstance(value, dict) and value:
+                yield from leaves(value, f"{prefix}{key}.")
+            else:
+                yield f"{prefix}{key}", value
+    return dict(leaves(json.loads(json.dumps(dict(config), default=str)), ""))
 
 
 def _short(value, limit: int = 40) -> str:
