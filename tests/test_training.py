@@ -324,6 +324,27 @@ def test_diverging_training_stops_with_one_line_and_keeps_the_last_good_checkpoi
     assert all(torch.isfinite(value).all() for value in state["model"].values() if value.is_floating_point())
 
 
+def test_best_pth_holds_the_highest_validation_dice_and_each_step_uses_the_milestones_rate(tmp_path, prep,
+                                                                                          monkeypatch):
+    """Loop bookkeeping: best.pth is the snapshot of the highest validation Dice (not the first, not the
+    last), and the rate of step t follows lr_milestones (the scheduler steps once after every step)."""
+    import types
+
+    import training.loop as loop
+    dice = iter([0.5, 0.7, 0.6])                                           # validations at steps 2, 4, 6
+    monkeypatch.setattr(loop, "validate", lambda *args, **kwargs: {"mean_dice": next(dice), "per_organ": {}})
+    rates = {}
+    run = types.SimpleNamespace(observers=[types.SimpleNamespace(dir=str(tmp_path / "run"))], info={},
+                                log_scalar=lambda key, value, step: rates.update({step: value}) if key == "lr"
+                                else None)
+    config = resolve(n_steps=6, val_every=2, save_every=6, lr_milestones=[2, 5],
+                     path={"data_dir": str(prep), "log_dir": str(tmp_path)})
+    summary = loop.train(config, run, defaults=default_config())
+    best = load_checkpoint(str(tmp_path / "run" / "best.pth"))
+    assert (best["step"], best["best_dice"], summary["best_dice"]) == (4, 0.7, 0.7)
+    assert [rates[step] for step in range(1, 7)] == pytest.approx([1e-2, 1e-2, 1e-3, 1e-3, 1e-3, 1e-4])
+
+
 def test_non_finite_loss_names_its_step(tmp_path, prep, monkeypatch):
     import training.loop as loop
     real_loss, calls = loop.episode_loss, []
