@@ -22,7 +22,6 @@ Named configs:
 Override anything on the command line, e.g.
   python train.py with demo fold=2 model.n_grid=4
 """
-import io
 import logging
 import os
 import shutil
@@ -39,7 +38,6 @@ from sacred.utils import SacredError, create_basic_stream_logger, ensure_wellfor
 
 from dataloaders.selfsup_episodes import WARP_DEFAULTS  # noqa: E402
 from models.fewshot import OFFICIAL_MODEL_CONFIG, PLUS_DEFAULTS  # noqa: E402
-from training.config_check import OPEN_MAPPINGS  # noqa: E402
 from training.objective import SENET_DEFAULTS  # noqa: E402
 from util.cli import exit_with_message  # noqa: E402
 from util.errors import UserError  # noqa: E402
@@ -307,45 +305,35 @@ def differences_from_default(config: dict) -> dict:
             if default.get(key) != current.get(key)}
 
 
-# Sacred's own `run_commandline` prints a traceback for any exception. The entry points call
-# `run_sacred(ex)` instead: the same command line (`python train.py with demo fold=2`), but a
-# `UserError` or a Sacred configuration error (unknown key, bad value) ends as `error: ...` on one
-# line with exit code 2. `--debug` keeps Sacred's behaviour (full traceback). It lives here, next to
-# `ex`, so that only the entry points import Sacred.
-# Sacred's own bookkeeping files in a run folder; a run folder holding nothing else produced nothing.
-SACRED_RECORD_FILES = {"config.json", "run.json", "cout.txt", "metrics.json", "info.json"}
+# Sacred's own `run_commandline` prints a traceback for any exception; the entry points call `run_sacred(ex)`
+# instead: the same command line, but bad input ends as one `error:` line, exit 2 (`--debug`: the
+# traceback). It lives here, next to `ex`, so that only the entry points import Sacred.
+SACRED_RECORD_FILES = {"config.json", "run.json", "cout.txt", "metrics.json", "info.json"}   # Sacred's own
 
 
-class _NoFailedBanner(logging.Filter):
-    """Drop Sacred's "Failed after 0:00:01!" log line (the one-line error that follows says what failed)."""
+class _QuietSacred(logging.Filter):
+    """Drops Sacred's "Failed after" banner (the `error:` line says what failed) and its warning for a new
+    entry under a captured section (eval.snapshots: the config check refused every other new key)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith("Failed after")
+        return not str(record.msg).startswith(("Failed after", "Added new config entry"))
 
 
-NO_FAILED_BANNER = _NoFailedBanner()
+QUIET_SACRED = _QuietSacred()
 
 
-class _CheckedEntries(logging.Filter):
-    """Drop Sacred's 'Added new config entry' warning for the entries of an open mapping (a method name
-    under eval.snapshots): training/config_check.py checked them before Sacred warns, and any
-    other new key has already stopped the run with a one-line error naming the nearest known key."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = str(record.msg)
-        return not any(message.startswith(f'Added new config entry: "{section}.')
-                       for section in OPEN_MAPPINGS)
-
-
-CHECKED_ENTRIES = _CheckedEntries()
+def install_log_filters(ex) -> None:
+    """Sacred logs warnings and errors only, so bad input shows its `error:` line alone (no 'Running
+    command' / 'Started run' line before it); the entry points print their run folder themselves."""
+    ex.logger = create_basic_stream_logger()   # the root logger with a stderr handler, as Sacred makes it
+    ex.logger.setLevel(logging.WARNING)
+    logging.getLogger("lslpn").setLevel(logging.ERROR)   # the models' notes (e.g. "random initialisation")
+    for logger in (ex.logger, logging.getLogger(ex.path)):
+        logger.addFilter(QUIET_SACRED)
 
 
 def _drop_unstarted_runs(ex) -> None:
-    """Remove the run folders of a run that failed with a bad-input error before it produced anything.
-
-    An error found before training or evaluation wrote a file (unreadable data, a truncated snapshot,
-    ...) leaves no FAILED record behind; a run that wrote a checkpoint or results keeps its folder.
-    """
+    """Remove the run folders that hold Sacred's files only (bad input found before the run wrote a file)."""
     for observer in ex.observers:
         folder = getattr(observer, "dir", None)
         if folder and os.path.isdir(folder) and set(os.listdir(folder)) <= SACRED_RECORD_FILES:
@@ -356,69 +344,9 @@ def _drop_unstarted_runs(ex) -> None:
                 shutil.rmtree(parent, ignore_errors=True)
 
 
-def install_log_filters(ex) -> None:
-    """Sacred's failure banner (the one-line error says it) and its warnings about checked entries go."""
-    logging.getLogger(ex.path).addFilter(NO_FAILED_BANNER)
-    logging.getLogger().addFilter(CHECKED_ENTRIES)    # Sacred's config warnings come from the root logger
-
-
-class _HeldLogLines:
-    """The log lines of a run (Sacred's "Running command" / "Started run with ID", the project's log
-    warnings), held back until the run prints something of its own (`release`), or dropped when bad input
-    stops it first (`drop`): such a run leaves its one `error:` line alone on stderr, as an error found
-    before the run started (and its run folder, holding Sacred's files only, is removed too).
-
-    The holding: the root logger's stream handlers (Sacred's basicConfig, made here if no run made it yet)
-    write to a buffer of their own meanwhile. `release` gives them their stream back and writes what they
-    held to it; a run's first print, progress bar or `warning:` line calls it (`_ReleasingStream`)."""
-
-    def __init__(self, ex):
-        if ex.logger is None:
-            create_basic_stream_logger()        # what ex.run does first (a no-op once the root has handlers)
-        self.held = []                          # (handler, its stream, the buffer it writes to meanwhile)
-        for handler in logging.getLogger().handlers:
-            if type(handler) is logging.StreamHandler:
-                buffer = io.StringIO()
-                self.held.append((handler, handler.setStream(buffer), buffer))
-
-    def release(self) -> None:
-        held, self.held = self.held, []
-        for handler, stream, buffer in held:
-            handler.setStream(stream)
-            if buffer.getvalue():
-                stream.write(buffer.getvalue())
-                stream.flush()
-
-    def drop(self) -> None:
-        held, self.held = self.held, []
-        for handler, stream, _ in held:
-            handler.setStream(stream)
-
-
-class _ReleasingStream:
-    """sys.stdout / sys.stderr during a run: the first write releases the held log lines, then writes."""
-
-    def __init__(self, stream, held: _HeldLogLines):
-        self._stream, self._held = stream, held
-
-    def write(self, text):
-        if text:
-            self._held.release()
-        return self._stream.write(text)
-
-    def writelines(self, lines):
-        self._held.release()
-        return self._stream.writelines(lines)
-
-    def __getattr__(self, name):
-        return getattr(self._stream, name)
-
-
 def run_sacred(ex, argv: list[str] | None = None):
-    """Parse `argv` as Sacred does and run the experiment's main command; returns the Run.
-
-    Bad input (UserError, an output OSError, a Sacred config error) ends as one `error:` line, exit 2:
-    the log lines held back so far are dropped (`_HeldLogLines`), a run folder without outputs removed."""
+    """Parse `argv` as Sacred does and run the experiment's main command; returns the Run. Bad input
+    (UserError, an output OSError, a Sacred config error) ends as one `error:` line, exit 2."""
     argv = ensure_wellformed_argv(sys.argv if argv is None else argv)
     short_usage, usage, internal_usage = ex.get_usage()
     args = docopt(internal_usage, [str(a) for a in argv[1:]], default_help=False)
@@ -430,31 +358,17 @@ def run_sacred(ex, argv: list[str] | None = None):
         exit_with_message(f"unknown command '{command}': use one of {', '.join(ex.commands)}")
     config_updates, named_configs = get_config_updates(args["UPDATE"])
     install_log_filters(ex)
-    held = _HeldLogLines(ex)
-    streams = sys.stdout, sys.stderr
-    sys.stdout, sys.stderr = _ReleasingStream(sys.stdout, held), _ReleasingStream(sys.stderr, held)
     try:
         return ex.run(command, config_updates, named_configs, info={}, meta_info={}, options=args)
-    except UserError as error:
-        if args.get("--debug"):
-            raise
-        held.drop()
-        _drop_unstarted_runs(ex)
-        exit_with_message(str(error))
-    except OSError as error:
-        message = output_error_message(error)
+    except (UserError, OSError) as error:
+        message = str(error) if isinstance(error, UserError) else output_error_message(error)
         if args.get("--debug") or message is None:
             raise
-        held.drop()
         _drop_unstarted_runs(ex)
         exit_with_message(message)
     except SacredError as error:
         if args.get("--debug"):
             raise
-        held.drop()
         exit_with_message(f"{type(error).__name__}: {error} (check the key against config.py)")
     except KeyboardInterrupt:
         exit_with_message("interrupted by the user", 130)
-    finally:
-        sys.stdout, sys.stderr = streams
-        held.release()              # a completed run, a traceback (a bug, --debug): every line shows

@@ -1,14 +1,11 @@
 """Train a few-shot segmentation model on one fold (Sacred entry point).
 
     python train.py with demo fold=2
-    python train.py with paper fold=0 path.data_dir=data/prepared
     python train.py with paper fold=0 resume=True            # continue the latest run of this config
     torchrun --nproc_per_node=2 train.py with paper fold=0  # DistributedDataParallel, one GPU per rank
 
-Each run is a Sacred FileStorageObserver folder path.log_dir/<name>/<id>/ (config.json, run.json
-with package versions and git commit, metrics.json, cout.txt, last.pth, best.pth); only rank 0
-writes. The config is checked once, before anything runs (training/config_check.py: unknown keys,
-types, ranges, the method's rules, then the data on disk). The loop is training/loop.py.
+Each run is a Sacred folder path.log_dir/<name>/<id>/ written by rank 0; the config is checked once,
+before anything runs (training/config_check.py); the loop is training/loop.py.
 """
 from __future__ import annotations
 
@@ -16,7 +13,7 @@ import importlib.metadata
 import os
 
 # first: config.py silences Sacred's pkg_resources warning before Sacred loads
-from config import differences_from_default, ex, run_sacred
+from config import default_config, differences_from_default, ex, run_sacred
 
 # isort: split
 from sacred.observers import FileStorageObserver
@@ -51,7 +48,10 @@ def check_and_observe(config, command_name, logger):
 def main(_config, _run):
     """Train one fold; returns the summary (steps, best validation Dice, seconds per step, ...)."""
     _run.info["differs_from_default"] = differences_from_default(_config)  # -> info.json
-    return train(_config, _run, checked=True)   # check_and_observe checked this config
+    if _run.observers:   # rank 0 (Sacred logs no 'Started run' line: config.install_log_filters)
+        print(f"run folder {_run.observers[0].dir}", flush=True)
+    # check_and_observe checked this config
+    return train(_config, _run, defaults=default_config(), checked=True)
 
 
 if __name__ == "__main__":

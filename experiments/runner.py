@@ -1,7 +1,7 @@
 """The experiment runner: train a set-up with train.py unless a finished run of the same config exists.
 
 One reuse rule: a run counts when its last.pth reached the config's n_steps and records the config digest
-(training.runs.config_hash) that the same train.py arguments resolve to now. Steps run as subprocesses,
+(training.loop.config_hash) that the same train.py arguments resolve to now. Steps run as subprocesses,
 the commands a user would type, so their progress shows; `log` collects (step, command, seconds).
 """
 from __future__ import annotations
@@ -14,14 +14,14 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from config import ex  # before sacred: config.py silences its import warning
+from config import default_config, ex  # before sacred: config.py silences its import warning
 
 # isort: split
 from sacred.arg_parser import get_config_updates
 from sacred.initialize import create_run
 from sacred.utils import SacredError
 
-from training.runs import config_hash, finished_snapshot, run_name
+from training.loop import config_hash, finished_snapshot, run_name
 from util.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,7 +65,7 @@ def finished(arguments: Sequence[str], snapshot: str = "best.pth") -> Path | Non
     """`snapshot` of the newest finished run of `train.py with <arguments>` (the reuse rule), else None."""
     config = resolved_config(arguments)
     return finished_snapshot(config["path"]["log_dir"], run_name(config), int(config["n_steps"]), snapshot,
-                             config_hash(config))
+                             config_hash(config, default_config()))
 
 
 def train_or_reuse(arguments: Sequence[str], *, snapshot: str = "best.pth", redo: bool = False,
@@ -79,7 +79,7 @@ def train_or_reuse(arguments: Sequence[str], *, snapshot: str = "best.pth", redo
     config = resolved_config(arguments)
     name, log_dir, n_steps = run_name(config), Path(config["path"]["log_dir"]), int(config["n_steps"])
     title = title or f"train {name}"
-    digest = config_hash(config)
+    digest = config_hash(config, default_config())
     found = None if redo else finished_snapshot(log_dir, name, n_steps, snapshot, digest)
     if found is not None:
         print(f"==> {title}: reusing {found}", flush=True)

@@ -22,9 +22,10 @@ ablation = load_script("ablation")
 STUB = f"""#!{sys.executable}
 import json, sys
 from pathlib import Path
+from config import default_config
 from experiments.runner import resolved_config
 from models.checkpoint import load_checkpoint, save_checkpoint
-from training.runs import config_hash, run_name
+from training.loop import config_hash, run_name
 config = resolved_config(sys.argv[3:])
 runs = Path(config["path"]["log_dir"]) / run_name(config)
 run = runs / str(len(list(runs.glob("*"))) + 1 if runs.is_dir() else 1)
@@ -32,7 +33,7 @@ run.mkdir(parents=True)
 (run / "config.json").write_text(json.dumps(config, default=str))
 (run / "argv.txt").write_text(" ".join(sys.argv[1:]))
 state = load_checkpoint(str(Path(TEMPLATES) / "fold0.pth"))
-state.update(step=config["n_steps"], config_hash=config_hash(config))
+state.update(step=config["n_steps"], config_hash=config_hash(config, default_config()))
 for name in ("last.pth", "best.pth"):
     save_checkpoint(str(run / name), state)
 """

@@ -18,11 +18,12 @@ import torch.nn.functional as F
 from conftest import resolve_config
 from test_episodes import make_train_prep
 
+from config import default_config
 from models.alpnet_head import query_loss as alpnet_query_loss
 from models.boundary_loss import boundary_loss, class_distance_maps, signed_distance_maps
 from training.config_check import check_run_config
+from training.loop import config_hash, trajectory_differences
 from training.objective import episode_loss
-from training.runs import config_hash, trajectory_differences
 from util.errors import UserError
 
 
@@ -189,9 +190,9 @@ def test_weight_zero_is_bit_equal_to_the_old_loss_and_a_weight_adds_the_term(hea
 
 def test_senet_ignores_the_weight():
     logits, labels = random_episode(3, n_ways=1)
-    model, aux = {"method": "senet"}, torch.zeros(())
-    assert torch.equal(episode_loss({"model": model, "boundary_weight": 1.0}, logits, labels, aux),
-                       episode_loss({"model": model}, logits, labels, aux))
+    cfg, aux = {"model": {"method": "senet"}, "senet": {"double_softmax": False}}, torch.zeros(())
+    assert torch.equal(episode_loss({**cfg, "boundary_weight": 1.0}, logits, labels, aux),
+                       episode_loss(cfg, logits, labels, aux))
 
 
 # ------------------------------------------------------------------ config: schema and hash
@@ -214,11 +215,13 @@ def test_the_weight_is_a_prototype_option_off_by_default():
 
 def test_the_weight_is_in_the_config_hash_only_when_on():
     off, on = resolve_config(), resolve_config(boundary_weight=0.5)
-    assert config_hash(on) != config_hash(off) != config_hash(resolve_config(boundary_weight=0.25))
+    defaults = default_config()
+    assert config_hash(on, defaults) != config_hash(off, defaults) != \
+        config_hash(resolve_config(boundary_weight=0.25), defaults)
     before_the_key = {key: value for key, value in off.items() if key != "boundary_weight"}
-    assert config_hash(off) == config_hash(before_the_key)            # earlier runs keep their digest
-    assert trajectory_differences(before_the_key, on) == ["boundary_weight: 0.0 -> 0.5"]
-    assert trajectory_differences(before_the_key, off) == []
+    assert config_hash(off, defaults) == config_hash(before_the_key, defaults)   # a missing key: its default
+    assert trajectory_differences(before_the_key, on, defaults) == ["boundary_weight: 0.0 -> 0.5"]
+    assert trajectory_differences(before_the_key, off, defaults) == []
 
 
 # ------------------------------------------------------------------ two training steps
@@ -229,7 +232,7 @@ def logged_losses(config: dict) -> list[float]:
     run = types.SimpleNamespace(observers=[], info={},
                                 log_scalar=lambda name, value, step: losses.append(value) if name == "loss"
                                 else None)
-    train(config, run)
+    train(config, run, defaults=default_config())
     return losses
 
 

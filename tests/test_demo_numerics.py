@@ -68,17 +68,19 @@ def test_pinned_training_is_bitwise_the_same_with_2_and_3_threads(tiny_prepared,
 
 def test_the_demo_reuses_only_runs_of_its_own_config(tmp_path):
     """A finished run left by an older config (other milestones, model options, data) is not reused."""
+    from config import default_config
     from demo.run import training_overrides
     from experiments.runner import finished, resolved_config
     from models.checkpoint import save_checkpoint
-    from training.runs import config_hash
+    from training.loop import config_hash
     arguments = ["demo", *training_overrides("LSLPN", 0), f"path.log_dir={tmp_path}"]
     config = resolved_config(arguments)
     run = tmp_path / "lslpn_fold0" / "1"
     run.mkdir(parents=True)
-    for digest_ in ("old", config_hash(config)):
+    for digest_ in ("old", config_hash(config, default_config())):
         for name in ("last.pth", "best.pth"):
             save_checkpoint(str(run / name), {"model": {}, "model_config": {}, "step": config["n_steps"],
                                               "config_hash": digest_})
         assert finished(arguments) == (None if digest_ == "old" else run / "best.pth")
-    assert config_hash(config) != config_hash(resolved_config(["demo", "panet", *arguments[1:]]))
+    panet = resolved_config(["demo", "panet", *arguments[1:]])
+    assert config_hash(config, default_config()) != config_hash(panet, default_config())

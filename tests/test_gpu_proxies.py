@@ -22,6 +22,7 @@ import pytest
 import torch
 from test_episodes import make_train_prep
 
+from config import default_config
 from models.checkpoint import load_checkpoint
 from training.config_check import check_config
 from training.loop import train
@@ -72,7 +73,7 @@ def train_tiny(prep, device, tmp_path, **updates) -> tuple[dict, ConvRecorder]:
                      path={"data_dir": str(prep), "log_dir": str(tmp_path)}, **updates)
     check_config(config, "train")
     with ConvRecorder() as recorder:
-        summary = train(config)
+        summary = train(config, defaults=default_config())
     return summary, recorder
 
 

@@ -391,11 +391,12 @@ def test_test_time_adaptation_of_a_3_slice_model_at_both_resolutions():
 
 
 def test_a_3_slice_model_trains_two_steps_and_validates_on_volumes(tiny_prepared, tmp_path, capsys):
+    from config import default_config
     from training.loop import train
     config = resolve_config(n_steps=2, val_every=2, val_split="gold", save_every=2, eval={"batch_size": 16},
                      model={"input_slices": 3, "n_grid": 4},
                      path={"data_dir": str(tiny_prepared), "log_dir": str(tmp_path)})
-    summary = train(config, None)
+    summary = train(config, None, defaults=default_config())
     assert summary["steps"] == 2 and np.isfinite(summary["best_dice"])
     assert "validation Dice" in capsys.readouterr().out
 
@@ -427,14 +428,17 @@ def test_schema_refuses_senet_and_values_other_than_1_and_3():
 def test_runs_made_before_the_option_keep_their_digest():
     """config_hash / trajectory_differences (resume, the benchmark's reuse of finished runs): a config
     without the key (written before it existed) is the same run as input_slices 1, not as 3."""
-    from training.runs import config_hash, trajectory_differences
+    from config import default_config
+    from training.loop import config_hash, trajectory_differences
+    defaults = default_config()
     for named in (("tiny",), ("official",), ("tiny", "senet")):
         config = resolve_config(named)
         before = {**config, "model": {k: v for k, v in config["model"].items() if k != "input_slices"}}
-        assert config_hash(config) == config_hash(before) and trajectory_differences(before, config) == []
+        assert config_hash(config, defaults) == config_hash(before, defaults)
+        assert trajectory_differences(before, config, defaults) == []
         three = resolve_config(named, model={"input_slices": 3})
-        assert config_hash(three) != config_hash(before)
-        assert trajectory_differences(before, three) == ['model.input_slices: 1 -> 3']  # absent: off value
+        assert config_hash(three, defaults) != config_hash(before, defaults)
+        assert trajectory_differences(before, three, defaults) == ['model.input_slices: 1 -> 3']
 
 
 def test_a_3_slice_run_on_a_folder_without_neighbours_is_one_line(without_neighbours, images_only, tmp_path):

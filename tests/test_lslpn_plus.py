@@ -250,14 +250,15 @@ def test_support_adapted_model_runs_the_volumetric_protocol_and_leaves_the_model
 def test_lslpn_plus_trains_lslpn_with_the_boundary_loss_and_tests_with_its_options():
     """`train.py with lslpn_plus` trains what docs/lslpn_plus.md measured (LSLPN's training plus the boundary
     loss, the plain head), `test.py with lslpn_plus` applies the test-time options to the snapshots."""
+    from config import default_config
     from evaluation.adaptation import test_time_head_options
     from training.config_check import check_run_config
-    from training.runs import config_hash, trajectory_differences
+    from training.loop import config_hash, trajectory_differences
     plain, plus = resolve_config(("demo",)), resolve_config(("demo", "lslpn_plus"))
     check_run_config(plus)
     assert plus["model"] == plain["model"]                                  # no head option in training
-    assert trajectory_differences(plain, plus) == ["boundary_weight: 0.0 -> 0.3"]
-    assert config_hash(plain) != config_hash(plus)
+    assert trajectory_differences(plain, plus, default_config()) == ["boundary_weight: 0.0 -> 0.3"]
+    assert config_hash(plain, default_config()) != config_hash(plus, default_config())
     assert test_time_head_options(plus["eval"]) == {"grids": [4, 8]}    # fusion: mean
     assert (plus["eval"]["adapt_steps"], plus["eval"]["adapt_lr"]) == (20, 1e-2)
     assert test_time_head_options(plain["eval"]) is None   # off by default
@@ -290,8 +291,9 @@ def test_lslpn_plus_holds_the_combination_that_docs_lslpn_plus_md_measured():
     import re
     from pathlib import Path
 
+    from config import default_config
     from evaluation.adaptation import test_time_head_options
-    from training.runs import trajectory_differences
+    from training.loop import trajectory_differences
     doc = (Path(__file__).resolve().parents[1] / "docs" / "lslpn_plus.md").read_text()
     line = re.search(r"^- LSLPN\+: (.+)$", doc, flags=re.MULTILINE)
     assert line, "docs/lslpn_plus.md has no '- LSLPN+: ...' line in its Options list"
@@ -299,7 +301,8 @@ def test_lslpn_plus_holds_the_combination_that_docs_lslpn_plus_md_measured():
     plain, plus = resolve_config(("demo",)), resolve_config(("demo", "lslpn_plus"))
     test_time = test_time_head_options(plus["eval"]) or {}
     head = {**plus["eval"]["head_options"], **test_time}
-    used = {key.split(":")[0].split(".")[-1] for key in trajectory_differences(plain, plus)}   # training
+    training = trajectory_differences(plain, plus, default_config())
+    used = {key.split(":")[0].split(".")[-1] for key in training}
     used |= set(test_time)
     used |= {"adapt_steps", "adapt_lr"} if plus["eval"]["adapt_steps"] else set()
     if "grids" in used:

@@ -1,4 +1,4 @@
-"""SENet (models/senet.py, training/senet_schedule.py) against references written from the released
+"""SENet (models/senet.py, training/objective.py) against references written from the released
 SENet code's layout and optimisation (docs/method.md, "The SENet volumetric protocol")."""
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from models.senet import N_POINTS, SENet, dice_loss, senet_loss
-from training.senet_schedule import build_senet_optimizer, build_senet_scheduler, epoch_of_step
+from training.objective import build_senet_optimizer, build_senet_scheduler, epoch_of_step
 from util.errors import UserError
 
 RELEASED_USED_PARAMETERS = 971_212     # parameters the released fold1 model uses in its forward pass

@@ -22,9 +22,10 @@ import pytest
 import torch
 from test_episodes import make_train_prep
 
+from config import default_config
 from models.checkpoint import check_compatible, load_checkpoint, model_from_checkpoint, save_checkpoint
 from training.config_check import check_config
-from training.runs import config_hash, run_name
+from training.loop import config_hash, run_name
 from util.device import Distributed
 from util.errors import UserError
 
@@ -117,16 +118,18 @@ def test_fold_without_training_slices_and_missing_val_volumes(tmp_path):
 
 def test_config_hash_ignores_bookkeeping_keys_only():
     base = resolve()
-    assert config_hash(base) == config_hash(resolve(n_steps=99, resume=True, save_every=7, val_every=0,
-                                                    path={"log_dir": "elsewhere"}, eval={"batch_size": 3}))
-    assert config_hash(base) != config_hash(resolve(lr=0.5))
-    assert config_hash(base) != config_hash(resolve(model={"n_grid": 4}))
+    def digest(config):
+        return config_hash(config, default_config())
+    assert digest(base) == digest(resolve(n_steps=99, resume=True, save_every=7, val_every=0,
+                                          path={"log_dir": "elsewhere"}, eval={"batch_size": 3}))
+    assert digest(base) != digest(resolve(lr=0.5))
+    assert digest(base) != digest(resolve(model={"n_grid": 4}))
     assert run_name(base) == "lslpn_all_structures_fold0"
     assert run_name(resolve(named=("tiny", "panet"), fold=2)) == "panet_all_structures_fold2"
 
 
 def test_run_folder_walker(tmp_path):
-    from training.runs import finished_snapshot, iter_runs, latest_run
+    from training.loop import finished_snapshot, iter_runs, latest_run
     for name, run_id in (("b", "10"), ("b", "2"), ("b", "1"), ("a", "3")):
         (tmp_path / name / run_id).mkdir(parents=True)
     (tmp_path / "b" / "_sources").mkdir()                     # Sacred's own folder: not a run
@@ -158,17 +161,19 @@ def write_run(log_dir: Path, name: str, run_id: int, config: dict) -> Path:
 def test_resume_continues_across_harmless_keys_only(tmp_path, prep):
     """Decision: keys outside the config hash (n_steps, frequencies, device, eval.*, ...) may change on
     resume; any other key (lr, seed, model.*, data) means another run, and the line says which keys."""
-    from training.runs import config_mismatch, find_resume_checkpoint
+    from training.loop import config_mismatch, find_resume_checkpoint
     base = resolve(path={"data_dir": str(prep), "log_dir": str(tmp_path)})
     name = run_name(base)
     run_dir = write_run(tmp_path, name, 1, base)
     extended = resolve(n_steps=60, val_every=5, print_every=1, device="cpu", eval={"batch_size": 2},
                        path={"data_dir": str(prep), "log_dir": str(tmp_path)})
-    assert find_resume_checkpoint(str(tmp_path), name, config_hash(extended)) == str(run_dir / "last.pth")
+    defaults = default_config()
+    assert find_resume_checkpoint(str(tmp_path), name, config_hash(extended, defaults), defaults) == \
+        str(run_dir / "last.pth")
     changed = resolve(lr=0.5, seed=3, model={"n_grid": 4},
                       path={"data_dir": str(prep), "log_dir": str(tmp_path)})
-    assert find_resume_checkpoint(str(tmp_path), name, config_hash(changed)) is None
-    line = config_mismatch(changed, str(tmp_path), name)
+    assert find_resume_checkpoint(str(tmp_path), name, config_hash(changed, defaults), defaults) is None
+    line = config_mismatch(changed, str(tmp_path), name, defaults)
     assert "\n" not in line and str(run_dir) in line and "starting a new run at step 0" in line
     assert "lr: 0.01 -> 0.5" in line and "model.n_grid: 8 -> 4" in line and "seed: " in line
     assert "n_steps" not in line
@@ -178,7 +183,7 @@ def test_resume_after_a_config_change_says_so_and_starts_a_new_run(tmp_path, pre
     from training.loop import train
     paths = {"data_dir": str(prep), "log_dir": str(tmp_path)}
     write_run(tmp_path, "lslpn_all_structures_fold0", 1, resolve(lr=0.5, path=paths))
-    summary = train(resolve(resume=True, n_steps=1, val_every=0, path=paths), None)
+    summary = train(resolve(resume=True, n_steps=1, val_every=0, path=paths), None, defaults=default_config())
     out = capsys.readouterr().out
     assert "resume: the config differs from the latest run" in out and "lr: 0.5 -> 0.01" in out
     assert "continuing" not in out and summary["steps"] == 1
@@ -323,6 +328,27 @@ def test_diverging_training_stops_with_one_line_and_keeps_the_last_good_checkpoi
     assert all(torch.isfinite(value).all() for value in state["model"].values() if value.is_floating_point())
 
 
+def test_best_pth_holds_the_highest_validation_dice_and_each_step_uses_the_milestones_rate(tmp_path, prep,
+                                                                                          monkeypatch):
+    """Loop bookkeeping: best.pth is the snapshot of the highest validation Dice (not the first, not the
+    last), and the rate of step t follows lr_milestones (the scheduler steps once after every step)."""
+    import types
+
+    import training.loop as loop
+    dice = iter([0.5, 0.7, 0.6])                                           # validations at steps 2, 4, 6
+    monkeypatch.setattr(loop, "validate", lambda *args, **kwargs: {"mean_dice": next(dice), "per_organ": {}})
+    rates = {}
+    run = types.SimpleNamespace(observers=[types.SimpleNamespace(dir=str(tmp_path / "run"))], info={},
+                                log_scalar=lambda key, value, step: rates.update({step: value}) if key == "lr"
+                                else None)
+    config = resolve(n_steps=6, val_every=2, save_every=6, lr_milestones=[2, 5],
+                     path={"data_dir": str(prep), "log_dir": str(tmp_path)})
+    summary = loop.train(config, run, defaults=default_config())
+    best = load_checkpoint(str(tmp_path / "run" / "best.pth"))
+    assert (best["step"], best["best_dice"], summary["best_dice"]) == (4, 0.7, 0.7)
+    assert [rates[step] for step in range(1, 7)] == pytest.approx([1e-2, 1e-2, 1e-3, 1e-3, 1e-3, 1e-4])
+
+
 def test_non_finite_loss_names_its_step(tmp_path, prep, monkeypatch):
     import training.loop as loop
     real_loss, calls = loop.episode_loss, []
@@ -335,7 +361,7 @@ def test_non_finite_loss_names_its_step(tmp_path, prep, monkeypatch):
     monkeypatch.setattr(loop, "episode_loss", loss_nan_at_step_2)
     config = resolve(n_steps=4, val_every=0, path={"data_dir": str(prep), "log_dir": str(tmp_path)})
     with pytest.raises(UserError) as error:
-        loop.train(config, None)
+        loop.train(config, None, defaults=default_config())
     assert str(error.value) == ("training diverged at step 2 (loss nan): lower lr (now 0.01) or set "
                                 "grad_clip (e.g. 1.0); no checkpoint of this run was written")
     message = str(loop._divergence_error(dict(config, amp="fp16", grad_clip=1.0), Distributed(), 5,
@@ -345,7 +371,7 @@ def test_non_finite_loss_names_its_step(tmp_path, prep, monkeypatch):
 
 
 def test_step_meter_against_hand_computed_times():
-    from training.meter import StepMeter
+    from training.loop import StepMeter
     clock = iter([0.0,              # created
                   1.0, 3.0, 3.5,    # step 1: data after 1 s, done at 3 s; restart at 3.5
                   3.6, 4.5, 5.0,    # step 2: wait 0.1, step 1.0

@@ -26,7 +26,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from training.runs import latest_run
+from training.loop import latest_run
 from util.atomic import write_text_atomic
 from util.provenance import git_commit
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from training.runs import iter_runs
+from training.loop import iter_runs
 from util.atomic import atomic_path
 from util.cli import run_cli
 from util.errors import UserError

@@ -1,31 +1,24 @@
-"""The training loop: train.py calls `train(config, run)`, which reads top to bottom.
+"""The training loop: train.py calls `train(config, run, defaults=...)`, which reads top to bottom.
 
-  build     check the config, join the torchrun process group if any, pick the device, seed; the
-            model, its optimiser and schedule (training/objective.py: SGD + MultiStepLR for the
-            prototype models, SENet's per-arm SGD + scaled StepLR for SENet) and one GradScaler
-            (enabled for fp16 autocast only)
-  restore   path.init_from: start from another run's weights (fine-tuning); resume=True: continue
-            last.pth of the latest run of the same config (training/runs.py says what "same" is and
-            names the differing keys when only another config's run exists: a new run starts)
-  loop      step t uses episodes t*B .. t*B+B-1 of `EpisodeDataset` (organ slices) or, with
-            episodes='superpixels', `SelfSupEpisodeDataset` (a function of seed and index); DDP rank
-            r of W takes episodes r, r+W, ... of them. Per step: the method's loss (cross-entropy on
-            the query logits (+ align_weight * align_loss when model.align), or SENet's Dice loss),
-            backward, optimiser step, scheduler step; a non-finite loss stops the run with one line
-  validate  every val_every steps (and at the end) rank 0 computes the volumetric Dice on the
-  / save    held-out silver volumes (`evaluation.evaluate.validate`, split 'val', the fold's test
-            organs) -> best.pth on improvement; every save_every steps (and at the end) last.pth.
-            Non-finite weights stop the run before either (the last good checkpoint stays).
-            Self-supervised runs on a folder without labeled held-out volumes skip validation (said
-            at start): their snapshot is last.pth.
+build (same seed on every rank) -> restore (path.init_from weights; resume=True: last.pth of the latest
+run of the same config) -> loop (step t takes episodes t*B .. t*B+B-1, DDP rank r of W every W-th) ->
+validate (rank 0, volumetric Dice on `val_split` -> best.pth) / save (last.pth, atomic). A run is a
+Sacred folder log_dir/<name>/<id>/; this module is their one walker, and `config_hash` (the keys that
+differ from the default config, minus HASH_EXCLUDED) says which runs are the same. docs/DESIGN.md.
 """
 from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
+import json
 import math
 import os
-from typing import Any, Iterator, Mapping
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
@@ -38,15 +31,7 @@ from dataloaders.selfsup_episodes import REDRAWS_KEY, SelfSupEpisodeDataset
 from evaluation.evaluate import validate
 from models.checkpoint import check_compatible, load_checkpoint, save_checkpoint
 from training.config_check import check_config, fold_training_classes, labeled_validation
-from training.meter import StepMeter
 from training.objective import build_model, build_optimisation, episode_loss
-from training.runs import (
-    config_hash,
-    config_mismatch,
-    find_resume_checkpoint,
-    run_name,
-    unreadable_resume_error,
-)
 from util.device import (
     Distributed,
     amp_dtype,
@@ -62,98 +47,108 @@ from util.errors import UserError
 from util.provenance import git_commit, weights_digest
 
 RANK_SEED_STRIDE = 100_003   # rank r's dropout stream starts from seed + r * stride
+# keys that leave the trained weights unchanged: a resumed run takes their new values
+HASH_EXCLUDED = ("resume", "n_steps", "save_every", "val_every", "print_every", "num_workers", "device",
+                 "eval", "path.log_dir")
+ABSENT = "(absent)"
+RUN_ID = re.compile(r"[0-9]+")
+SHOWN_DIFFERENCES = 6   # a mismatch line names at most this many keys (then "and N more")
 
 
-def train(config: Mapping[str, Any], run=None, checked: bool = False) -> dict:
-    """Train one fold as configured; `run` is the Sacred Run (metrics, info, run folder) or None.
-    checked=True: the caller ran check_config on this config already (train.py, once per command)."""
+@dataclass
+class Trainer:
+    """The loop's state: what `_build` made, where the run is, what it keeps."""
+    cfg: dict
+    dist: Distributed
+    device: torch.device
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: torch.amp.GradScaler
+    digest: str                              # config_hash
+    run: Any = None                          # Sacred's Run (metrics, info) or None
+    run_dir: str | None = None               # rank 0's run folder; None: no file is written
+    step: int = 0                            # steps done
+    best_dice: float | None = None
+    last_saved: tuple[str, int] | None = None   # (last.pth, its step)
+
+    def say(self, message: str) -> None:
+        if self.dist.is_main:
+            print(message, flush=True)
+
+    def checkpoint(self, rngs: list | None) -> dict:
+        """Everything a checkpoint holds (models/checkpoint.py lists the keys)."""
+        cfg, scaler = self.cfg, self.scaler
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "scaler": scaler.state_dict() if scaler.is_enabled() else None,
+                "step": self.step, "rng": rngs, "model_config": copy.deepcopy(self.model.config),
+                "fold": None if cfg["episodes"] == "superpixels" else cfg["fold"],   # selfsup: no organ seen
+                "seed": cfg["seed"], "config_hash": self.digest, "run_config": copy.deepcopy(cfg),
+                "best_dice": self.best_dice, "input_size": cfg["input_size"],
+                "intensity": prepared_intensity(cfg["path"]["data_dir"])}
+
+
+def train(config: Mapping[str, Any], run=None, *, defaults: Mapping, checked: bool = False) -> dict:
+    """Train one fold; `run`: Sacred's Run or None; `defaults`: the default config (config.default_config,
+    for config_hash). checked=True: the caller ran check_config on this config already (train.py)."""
     if not checked:
         check_config(config, "train")
     cfg = dict(config)
     with _process_group(cfg["device"]) as (dist, device):
-        # ---- build (same seed on every rank: identical initial weights)
-        run_dir = run.observers[0].dir if (run is not None and run.observers and dist.is_main) else None
-        config_digest = config_hash(cfg)
-        if run is not None:
-            run.info.update({"config_hash": config_digest, "git_commit": git_commit(),
-                             "world_size": dist.world_size, "device": str(device),
-                             "distributed_backend": dist.backend})
-        seed_everything(cfg["seed"])
-        model = build_model(cfg).to(device)
-        if cfg["channels_last"]:  # CPU too (tests/test_gpu_proxies.py checks it there)
-            model = model.to(memory_format=torch.channels_last)
-        optimizer, scheduler = build_optimisation(cfg, model)
-        scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype(device, cfg["amp"]) == torch.float16)
-
-        # ---- restore: initial weights, validation plan, resume, per-rank random streams
-        if cfg["path"].get("init_from"):  # weights only; a resumed run's last.pth replaces them
-            _load_initial_weights(cfg["path"]["init_from"], model, device, dist)
-        _plan_validation(cfg, dist)
-        start_step, best_dice, rng_state = 0, None, None
-        if cfg["resume"]:
-            start_step, best_dice, rng_state = _resume(cfg, run, dist, device, config_digest,
-                                                       model, optimizer, scheduler, scaler)
-        if rng_state is not None:  # dropout streams: restored on resume, else derived from (seed, rank)
-            set_rng_state(rng_state)
-        else:
-            seed_everything(cfg["seed"] + RANK_SEED_STRIDE * dist.rank)
-        net = model
-        if dist.enabled:
-            net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-        loader = _episode_loader(cfg, dist, device, start_step)
-
-        def checkpoint(step: int, rngs: list | None) -> dict:
-            return _state(cfg, model, optimizer, scheduler, scaler, step, rngs, config_digest, best_dice)
+        t = _build(cfg, run, dist, device, defaults)
+        _restore(t, defaults)
+        ids = [device.index] if device.type == "cuda" else None
+        net = DistributedDataParallel(t.model, device_ids=ids) if dist.enabled else t.model
+        loader = _episode_loader(cfg, dist, device, t.step)
 
         # ---- loop
-        n_steps = cfg["n_steps"]
+        start_step, n_steps = t.step, cfg["n_steps"]
         if start_step >= n_steps:
-            _say(dist, f"nothing to do: the run already has {start_step} >= n_steps={n_steps} steps")
+            t.say(f"nothing to do: the run already has {start_step} >= n_steps={n_steps} steps")
         bar = tqdm(total=n_steps, initial=start_step, disable=not dist.is_main, dynamic_ncols=True,
                    desc="train")
-        meter, last_saved = StepMeter(), None
-        redraws = 0   # self-supervised draws discarded because the support lost its superpixel
-        model.train()
+        meter, redraws = StepMeter(), 0   # redraws: self-supervised draws whose support lost its superpixel
+        t.model.train()
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         try:
             for step, batch in zip(range(start_step, n_steps), loader):
                 meter.batch_arrived()
                 redraws += int(batch.pop(REDRAWS_KEY).sum()) if REDRAWS_KEY in batch else 0
-                loss, lr = _optimisation_step(cfg, net, model, batch, device, optimizer, scheduler, scaler)
-                done = step + 1
+                loss, lr = _optimisation_step(t, net, batch)
+                t.step = done = step + 1
                 if not math.isfinite(loss):
-                    raise _divergence_error(cfg, dist, done, f"loss {loss}", last_saved)
+                    raise _divergence_error(cfg, dist, done, f"loss {loss}", t.last_saved)
                 meter.step_finished(loss)
-                _log_step(cfg, run, dist, bar, meter, done, loss, lr)
+                _log_step(t, bar, meter, loss, lr)
 
                 # ---- validate / save
                 validate_now = bool(cfg["val_every"]) and (done % cfg["val_every"] == 0 or done == n_steps)
                 save_now = done % cfg["save_every"] == 0 or done == n_steps
                 if validate_now or save_now:
-                    dist.broadcast_buffers(model)  # all ranks validate/save rank 0's BatchNorm statistics
-                    if not _weights_finite(model):
-                        raise _divergence_error(cfg, dist, done, "non-finite weights", last_saved)
+                    dist.broadcast_buffers(t.model)  # all ranks validate/save rank 0's BatchNorm statistics
+                    if not _weights_finite(t.model):
+                        raise _divergence_error(cfg, dist, done, "non-finite weights", t.last_saved)
                 if validate_now:
-                    best_dice = _validate(cfg, model, device, dist, run, run_dir, done, best_dice,
-                                          lambda: checkpoint(done, None))
+                    _validate(t)
                 if save_now:
                     rngs = dist.gather_objects(get_rng_state())  # collective: every rank takes part
-                    if run_dir is not None:
-                        save_checkpoint(os.path.join(run_dir, "last.pth"), checkpoint(done, rngs))
-                        last_saved = (os.path.join(run_dir, "last.pth"), done)
+                    if t.run_dir is not None:
+                        save_checkpoint(os.path.join(t.run_dir, "last.pth"), t.checkpoint(rngs))
+                        t.last_saved = (os.path.join(t.run_dir, "last.pth"), done)
                 meter.restart()
         finally:
             bar.close()   # an error line then starts on a line of its own
-        if cfg.get("episodes") == "superpixels":
-            _say(dist, f"episodes redrawn: {redraws} (the support lost its superpixel under resize or warp; "
-                       "dataloaders/selfsup_episodes.py)")
+        if cfg["episodes"] == "superpixels":
+            t.say(f"episodes redrawn: {redraws} (the support lost its superpixel under resize or warp; "
+                  "dataloaders/selfsup_episodes.py)")
             if run is not None:
                 run.info["episode_redraws"] = redraws
-        return _finish(cfg, run, dist, device, model, meter, start_step, best_dice, run_dir)
+        return _finish(t, meter, start_step)
 
 
-# ------------------------------------------------------------------------------- build
+# ------------------------------------------------------------------------------- build and restore
 @contextlib.contextmanager
 def _process_group(device_name: str) -> Iterator[tuple[Distributed, torch.device]]:
     """This process's place in a torchrun job (joined for the block) and its device."""
@@ -166,111 +161,123 @@ def _process_group(device_name: str) -> Iterator[tuple[Distributed, torch.device
         dist.close()
 
 
-def build_episodes(cfg: Mapping):
-    """The episode dataset of the config: organ slices ('labels') or superpixels ('superpixels'), with
-    model.input_slices channels per image (1, or 3 for 2.5D input)."""
-    input_slices = int(cfg["model"].get("input_slices", 1))
-    if cfg.get("episodes", "labels") == "superpixels":
-        return SelfSupEpisodeDataset(cfg["path"]["data_dir"], cfg["n_ways"], cfg["n_shots"], cfg["n_queries"],
-                                     cfg["input_size"], cfg["augment"], cfg["selfsup"]["warp"],
-                                     cfg["selfsup"]["min_pixels"], cfg["seed"],
-                                     recipe=cfg["selfsup"].get("episodes", "project"),
-                                     input_slices=input_slices)
-    return EpisodeDataset(cfg["path"]["data_dir"], fold_training_classes(cfg), cfg["n_ways"],
-                          cfg["n_shots"], cfg["n_queries"], cfg["input_size"], cfg["augment"], cfg["seed"],
-                          input_slices=input_slices)
+def _build(cfg: dict, run, dist: Distributed, device: torch.device, defaults: Mapping) -> Trainer:
+    """Model (the same initial weights on every rank), optimiser, schedule and GradScaler (fp16 only)."""
+    run_dir = run.observers[0].dir if (run is not None and run.observers and dist.is_main) else None
+    digest = config_hash(cfg, defaults)
+    if run is not None:
+        run.info.update({"config_hash": digest, "git_commit": git_commit(), "world_size": dist.world_size,
+                         "device": str(device), "distributed_backend": dist.backend})
+    seed_everything(cfg["seed"])
+    model = build_model(cfg).to(device)
+    if cfg["channels_last"]:  # CPU too (tests/test_gpu_proxies.py checks it there)
+        model = model.to(memory_format=torch.channels_last)
+    optimizer, scheduler = build_optimisation(cfg, model)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype(device, cfg["amp"]) == torch.float16)
+    return Trainer(cfg, dist, device, model, optimizer, scheduler, scaler, digest, run, run_dir)
+
+
+def _restore(t: Trainer, defaults: Mapping) -> None:
+    """Initial weights (path.init_from), the validation plan, resume, then each rank's random streams."""
+    cfg, path = t.cfg, t.cfg["path"].get("init_from")
+    if path:  # weights only; a resumed run's last.pth replaces them
+        state = load_checkpoint(path, map_location=t.device)
+        check_compatible(state["model_config"], t.model.config, path)
+        t.model.load_state_dict(state["model"])
+        t.say(f"initial weights from {path} (step {state.get('step')})")
+    if cfg["episodes"] == "superpixels" and cfg["val_every"] and cfg["val_split"] == "val" \
+            and not labeled_validation(cfg):
+        cfg["val_every"] = 0
+        t.say(f"validation off: {cfg['path']['data_dir']} has no labeled held-out volumes; the snapshot "
+              f"is last.pth after n_steps={cfg['n_steps']} (no best.pth)")
+    if cfg["val_every"] and cfg["val_split"] == "gold":
+        t.say("warning: val_split='gold' selects best.pth on the TEST volumes (test-set model "
+              "selection, as the official code); its test Dice is optimistic")
+    rng_state = _resume(t, defaults) if cfg["resume"] else None
+    if rng_state is not None:  # dropout streams: restored on resume, else derived from (seed, rank)
+        set_rng_state(rng_state)
+    else:
+        seed_everything(cfg["seed"] + RANK_SEED_STRIDE * t.dist.rank)
+
+
+def _resume(t: Trainer, defaults: Mapping):
+    """Load last.pth of the latest run of this config into `t`; returns this rank's RNG state or None
+    (also when no such run exists: the line printed says why a new run starts)."""
+    log_dir, name = t.cfg["path"]["log_dir"], run_name(t.cfg)
+    path = find_resume_checkpoint(log_dir, name, t.digest, defaults)
+    if path is None:
+        t.say(config_mismatch(t.cfg, log_dir, name, defaults)
+              or f"resume: no earlier run of this config under {log_dir}/{name}; starting at step 0")
+        return None
+    try:
+        state = load_checkpoint(path, map_location=t.device)
+    except UserError:
+        raise unreadable_resume_error(path, log_dir, name, t.digest, defaults) from None
+    check_compatible(state["model_config"], t.model.config, path)
+    if state.get("config_hash") != t.digest:
+        raise UserError(f"resume: {path} belongs to another config: start a new run (resume=False)")
+    for part in ("model", "optimizer", "scheduler"):
+        getattr(t, part).load_state_dict(state[part])
+    if t.scaler.is_enabled() and state.get("scaler"):
+        t.scaler.load_state_dict(state["scaler"])
+    t.step, t.best_dice = int(state["step"]), state.get("best_dice")
+    t.say(f"resume: continuing {path} at step {t.step}")
+    if t.run is not None:
+        t.run.info["resumed_from"] = path
+    rngs = state.get("rng") or []
+    return rngs[t.dist.rank] if len(rngs) == t.dist.world_size else None
 
 
 def _episode_loader(cfg: Mapping, dist: Distributed, device: torch.device, start_step: int) -> DataLoader:
-    """Episodes from `start_step` on: a deterministic function of (seed, index), sharded per step
-    across ranks."""
+    """Episodes from `start_step` on: a function of (seed, index), sharded per step across ranks;
+    organ slices ('labels') or superpixels, model.input_slices channels per image."""
     sampler = StepBatchSampler(start_step, cfg["n_steps"], cfg["batch_size"], dist.rank, dist.world_size)
-    return DataLoader(build_episodes(cfg), batch_sampler=sampler, num_workers=cfg["num_workers"],
+    input_slices = int(cfg["model"].get("input_slices", 1))
+    if cfg["episodes"] == "superpixels":
+        selfsup = cfg["selfsup"]
+        episodes = SelfSupEpisodeDataset(cfg["path"]["data_dir"], cfg["n_ways"], cfg["n_shots"],
+                                         cfg["n_queries"], cfg["input_size"], cfg["augment"], selfsup["warp"],
+                                         selfsup["min_pixels"], cfg["seed"], recipe=selfsup["episodes"],
+                                         input_slices=input_slices)
+    else:
+        episodes = EpisodeDataset(cfg["path"]["data_dir"], fold_training_classes(cfg), cfg["n_ways"],
+                                  cfg["n_shots"], cfg["n_queries"], cfg["input_size"], cfg["augment"],
+                                  cfg["seed"], input_slices=input_slices)
+    return DataLoader(episodes, batch_sampler=sampler, num_workers=cfg["num_workers"],
                       pin_memory=device.type == "cuda",
                       generator=torch.Generator().manual_seed(cfg["seed"]))  # spares the global RNG
 
 
-def _plan_validation(cfg: dict, dist: Distributed) -> None:
-    """Switch validation off for a self-supervised run without labeled held-out volumes; warn about 'gold'."""
-    if cfg.get("episodes") == "superpixels" and cfg["val_every"] and cfg.get("val_split", "val") == "val" \
-            and not labeled_validation(cfg):
-        cfg["val_every"] = 0
-        _say(dist, f"validation off: {cfg['path']['data_dir']} has no labeled held-out volumes; the snapshot "
-                   f"is last.pth after n_steps={cfg['n_steps']} (no best.pth)")
-    if cfg["val_every"] and cfg.get("val_split", "val") == "gold":
-        _say(dist, "warning: val_split='gold' selects best.pth on the TEST volumes (test-set model "
-                   "selection, as the official code); its test Dice is optimistic")
-
-
-# ------------------------------------------------------------------------------- restore
-def _load_initial_weights(path: str, model: torch.nn.Module, device: torch.device, dist: Distributed) -> None:
-    """path.init_from: the model weights of another run's checkpoint (optimiser and step start fresh)."""
-    state = load_checkpoint(path, map_location=device)
-    check_compatible(state["model_config"], model.config, path)
-    model.load_state_dict(state["model"])
-    _say(dist, f"initial weights from {path} (step {state.get('step')})")
-
-
-def _resume(cfg, run, dist, device, config_digest, model, optimizer, scheduler, scaler):
-    """resume=True: load last.pth of the latest run of this config into model, optimiser, schedule and
-    scaler. Returns (start step, best Dice, this rank's RNG state or None); (0, None, None) when no
-    run of this config exists (the line printed says why a new run starts)."""
-    log_dir, name = cfg["path"]["log_dir"], run_name(cfg)
-    path = find_resume_checkpoint(log_dir, name, config_digest)
-    if path is None:
-        _say(dist, config_mismatch(cfg, log_dir, name)
-             or f"resume: no earlier run of this config under {log_dir}/{name}; starting at step 0")
-        return 0, None, None
-    try:
-        state = load_checkpoint(path, map_location=device)
-    except UserError:
-        raise unreadable_resume_error(path, log_dir, name, config_digest) from None
-    check_compatible(state["model_config"], model.config, path)
-    if state.get("config_hash") not in (None, config_digest):
-        raise UserError(f"resume: {path} belongs to another config: start a new run (resume=False)")
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    if scaler.is_enabled() and state.get("scaler"):
-        scaler.load_state_dict(state["scaler"])
-    rngs = state.get("rng") or []
-    _say(dist, f"resume: continuing {path} at step {int(state['step'])}")
-    if run is not None:
-        run.info["resumed_from"] = path
-    rng_state = rngs[dist.rank] if len(rngs) == dist.world_size else None
-    return int(state["step"]), state.get("best_dice"), rng_state
-
-
 # ------------------------------------------------------------------------------- one step
-def _optimisation_step(cfg, net, model, batch, device, optimizer, scheduler, scaler) -> tuple[float, float]:
+def _optimisation_step(t: Trainer, net: torch.nn.Module, batch: dict) -> tuple[float, float]:
     """Forward, loss, backward, (clip,) optimiser and scheduler step; returns (loss, lr used)."""
-    batch = {key: value.to(device, non_blocking=True) for key, value in batch.items()}
-    with autocast(device, cfg["amp"]):
+    batch = {key: value.to(t.device, non_blocking=True) for key, value in batch.items()}
+    with autocast(t.device, t.cfg["amp"]):
         logits, align_loss = net(batch["support_images"], batch["support_fg"], batch["support_bg"],
                                  batch["query_images"])                     # B x Q x (1+N) x H x W
-    loss = episode_loss(cfg, logits, batch["query_labels"], align_loss)
-    optimizer.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()           # a disabled scaler passes the loss through unchanged
-    scaler.unscale_(optimizer)
-    if cfg["grad_clip"] > 0:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
-    scaler.step(optimizer)                   # disabled: optimizer.step()
-    scaler.update()
-    lr = optimizer.param_groups[0]["lr"]
-    scheduler.step()
+    loss = episode_loss(t.cfg, logits, batch["query_labels"], align_loss)
+    t.optimizer.zero_grad(set_to_none=True)
+    t.scaler.scale(loss).backward()         # a disabled scaler passes the loss through unchanged
+    t.scaler.unscale_(t.optimizer)
+    if t.cfg["grad_clip"] > 0:
+        torch.nn.utils.clip_grad_norm_(t.model.parameters(), t.cfg["grad_clip"])
+    t.scaler.step(t.optimizer)               # disabled: optimizer.step()
+    t.scaler.update()
+    lr = t.optimizer.param_groups[0]["lr"]
+    t.scheduler.step()
     return loss.item(), lr                   # .item() waits for the device: honest step times
 
 
-def _log_step(cfg, run, dist, bar, meter: StepMeter, done: int, loss: float, lr: float) -> None:
+def _log_step(t: Trainer, bar: tqdm, meter: StepMeter, loss: float, lr: float) -> None:
     """Progress bar, Sacred metrics (rank 0), and a summary line every print_every steps and at the end."""
     bar.update(1)
     bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
-    if run is not None and dist.is_main:
-        run.log_scalar("loss", loss, done)
-        run.log_scalar("lr", lr, done)
-    if done % cfg["print_every"] == 0 or done == cfg["n_steps"]:
+    if t.run is not None and t.dist.is_main:
+        t.run.log_scalar("loss", loss, t.step)
+        t.run.log_scalar("lr", lr, t.step)
+    if t.step % t.cfg["print_every"] == 0 or t.step == t.cfg["n_steps"]:
         mean_loss, sec_per_step, waited = meter.window()
-        bar.write(f"step {done}/{cfg['n_steps']}  loss {mean_loss:.4f}  lr {lr:.2e}  "
+        bar.write(f"step {t.step}/{t.cfg['n_steps']}  loss {mean_loss:.4f}  lr {lr:.2e}  "
                   f"{sec_per_step:.3f} s/step  data wait {100 * waited:.0f}%")
 
 
@@ -297,66 +304,238 @@ def _divergence_error(cfg: Mapping, dist: Distributed, step: int, what: str,
                      f"{' or ' if len(fixes) > 1 else ''}{fixes[-1]}; {kept}")
 
 
-# ------------------------------------------------------------------------------- validate / save
-def _state(cfg, model, optimizer, scheduler, scaler, step, rngs, config_digest, best_dice) -> dict:
-    """Everything a checkpoint holds (models/checkpoint.py lists the keys)."""
-    return {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict() if scaler.is_enabled() else None,
-            "step": step, "rng": rngs, "model_config": copy.deepcopy(model.config),
-            "fold": None if cfg.get("episodes") == "superpixels" else cfg["fold"],   # selfsup: no organ seen
-            "seed": cfg["seed"], "config_hash": config_digest, "run_config": copy.deepcopy(cfg),
-            "best_dice": best_dice, "input_size": cfg["input_size"],
-            "intensity": prepared_intensity(cfg["path"]["data_dir"])}
-
-
-def _validate(cfg, model, device, dist, run, run_dir, step, best_dice, make_state):
-    """Rank 0: volumetric Dice on the `val_split` split ('val': held-out silver volumes; 'gold': the
-    test volumes, as the official code); best.pth when it improves. Returns the best Dice."""
-    if dist.is_main:
-        organs = list(cfg["label_sets"][cfg["fold"]])
-        result = validate(model, cfg["path"]["data_dir"], split=cfg.get("val_split", "val"), organs=organs,
-                          preset=cfg["eval"]["preset"], input_size=cfg["input_size"], device=device,
-                          batch_size=cfg["eval"]["batch_size"])
+# ------------------------------------------------------------------------------- validate / finish
+def _validate(t: Trainer) -> None:
+    """Rank 0: volumetric Dice on `val_split` ('val': held-out silver volumes; 'gold': the test volumes,
+    as the official code); best.pth when it improves. Every rank ends with the same best Dice."""
+    cfg = t.cfg
+    if t.dist.is_main:
+        result = validate(t.model, cfg["path"]["data_dir"], split=cfg["val_split"],
+                          organs=list(cfg["label_sets"][cfg["fold"]]), preset=cfg["eval"]["preset"],
+                          input_size=cfg["input_size"], device=t.device, batch_size=cfg["eval"]["batch_size"])
         dice = float(result["mean_dice"])
-        if run is not None:
-            run.log_scalar("val_dice", dice, step)
+        if t.run is not None:
+            t.run.log_scalar("val_dice", dice, t.step)
             for organ, value in result["per_organ"].items():
-                run.log_scalar(f"val_dice_{organ}", float(value), step)
-        improved = math.isfinite(dice) and (best_dice is None or dice > best_dice)
+                t.run.log_scalar(f"val_dice_{organ}", float(value), t.step)
+        improved = math.isfinite(dice) and (t.best_dice is None or dice > t.best_dice)
         per_organ = ", ".join(f"{k} {v:.4f}" for k, v in result["per_organ"].items())
-        tqdm.write(f"step {step}: validation Dice {dice:.4f} ({per_organ})"
+        tqdm.write(f"step {t.step}: validation Dice {dice:.4f} ({per_organ})"
                    + ("  best so far" if improved else ""))
         if improved:
-            best_dice = dice
-            if run_dir is not None:
-                state = make_state()
-                state["best_dice"] = best_dice
-                save_checkpoint(os.path.join(run_dir, "best.pth"), state)
-    dist.barrier()
-    if dist.enabled:  # every rank keeps the same best value (it goes into each rank's checkpoints)
-        best_dice = dist.gather_objects(best_dice)[0]
-    return best_dice
+            t.best_dice = dice
+            if t.run_dir is not None:
+                save_checkpoint(os.path.join(t.run_dir, "best.pth"), t.checkpoint(None))
+    t.dist.barrier()
+    if t.dist.enabled:  # every rank keeps the same best value (it goes into each rank's checkpoints)
+        t.best_dice = t.dist.gather_objects(t.best_dice)[0]
 
 
-def _finish(cfg, run, dist, device, model, meter: StepMeter, start_step, best_dice, run_dir) -> dict:
+def _finish(t: Trainer, meter: StepMeter, start_step: int) -> dict:
     """The final weights' digest, the run's summary (Sacred's result and info.json) and the 'done' line."""
-    digest = weights_digest(model)
-    print(f"rank {dist.rank}: final weights sha256 {digest}", flush=True)
+    digest = weights_digest(t.model)
+    print(f"rank {t.dist.rank}: final weights sha256 {digest}", flush=True)
+    device = t.device
     peak_mb = torch.cuda.max_memory_allocated(device) / 2 ** 20 if device.type == "cuda" else None
-    summary = {"steps": max(start_step, cfg["n_steps"]), "best_dice": best_dice, "run_dir": run_dir,
-               **meter.summary(cfg["batch_size"]), "weights_sha256": digest, "cuda_peak_mb": peak_mb}
-    if dist.is_main and summary["sec_per_step"] is not None:
+    summary = {"steps": max(start_step, t.cfg["n_steps"]), "best_dice": t.best_dice, "run_dir": t.run_dir,
+               **meter.summary(t.cfg["batch_size"]), "weights_sha256": digest, "cuda_peak_mb": peak_mb}
+    if summary["sec_per_step"] is not None:
         peak = f", peak CUDA {peak_mb:.0f} MB" if peak_mb is not None else ""
         waited = 100 * (summary["data_wait_fraction"] or 0)
-        print(f"done: {meter.steps} steps, {summary['sec_per_step']:.3f} s/step "
+        t.say(f"done: {len(meter.step_seconds)} steps, {summary['sec_per_step']:.3f} s/step "
               f"({summary['episodes_per_s']:.2f} episodes/s, data wait {waited:.0f}%{peak}) on {device}; "
-              f"run folder {run_dir}", flush=True)
-    if run is not None:
-        run.info.update({k: v for k, v in summary.items() if k != "run_dir"})
+              f"run folder {t.run_dir}")
+    if t.run is not None:
+        t.run.info.update({k: v for k, v in summary.items() if k != "run_dir"})
     return summary
 
 
-def _say(dist: Distributed, message: str) -> None:
-    if dist.is_main:
-        print(message, flush=True)
+class StepMeter:
+    """Wall time per step (from asking the loader for a batch to `loss.item()`) and the share of it spent
+    waiting for data (above ~10% on a GPU the loader starves it: raise num_workers). Logging, validation
+    and checkpoints between steps are not timed; the first step (warm-up) is left out of the summary."""
+
+    def __init__(self, clock: Callable[[], float] = time.perf_counter) -> None:
+        self._clock, self._tic = clock, clock()
+        self.step_seconds: list[float] = []    # per step: the wall time and the time in the loader's next()
+        self.wait_seconds: list[float] = []
+        self._losses: list[float] = []         # of the steps since the last window()
+
+    def restart(self) -> None:
+        """The next step starts now (call after the untimed work that follows a step)."""
+        self._tic = self._clock()
+
+    def batch_arrived(self) -> None:
+        self.wait_seconds.append(self._clock() - self._tic)
+
+    def step_finished(self, loss: float) -> None:
+        self.step_seconds.append(self._clock() - self._tic)
+        self._losses.append(loss)
+
+    def window(self) -> tuple[float, float, float]:
+        """(mean loss, seconds per step, data-wait fraction) of the steps since the last call."""
+        losses, self._losses = self._losses, []
+        recent = self.step_seconds[-len(losses):]
+        waited = sum(self.wait_seconds[-len(losses):]) / max(sum(recent), 1e-12)
+        return sum(losses) / len(losses), sum(recent) / len(recent), waited
+
+    def summary(self, batch_size: int) -> dict:
+        """sec_per_step, episodes_per_s, data_wait_fraction over steps 2..n (all when one; None when none)."""
+        timed = self.step_seconds[1:] or self.step_seconds
+        waits = self.wait_seconds[1:] if len(self.step_seconds) > 1 else self.wait_seconds
+        sec_per_step = sum(timed) / len(timed) if timed else None
+        return {"sec_per_step": sec_per_step,
+                "episodes_per_s": batch_size / sec_per_step if sec_per_step else None,
+                "data_wait_fraction": min(1.0, sum(waits) / sum(timed)) if timed and sum(timed) > 0 else None}
+
+
+# ------------------------------------------------------------------------------- run folders
+def run_name(config: Mapping) -> str:
+    """Folder under path.log_dir that holds this set-up's Sacred runs, e.g. 'lslpn_six_organs_fold0'."""
+    if config.get("name"):
+        return str(config["name"])
+    if config["model"].get("method") == "senet":
+        method = "senet"
+    else:
+        method = "panet" if config["model"]["n_grid"] == 1 else "lslpn"
+    if config.get("episodes") == "superpixels":  # no organ is seen: one run serves every fold
+        return f"{method}_selfsup"
+    return f"{method}_{config['class_setting']}_fold{config['fold']}"
+
+
+def trajectory_config(config: Mapping, defaults: Mapping) -> dict:
+    """{'a.b': value} of the keys whose values differ from `defaults` (the default config), without the
+    HASH_EXCLUDED keys: what identifies a run's trained weights."""
+    default = _flat(defaults)
+    return {key: value for key, value in _flat(config).items()
+            if value != default.get(key, ABSENT) and not any(key == excluded or key.startswith(excluded + ".")
+                                                            for excluded in HASH_EXCLUDED)}
+
+
+def config_hash(config: Mapping, defaults: Mapping) -> str:
+    """SHA-256 (16 hex digits) of `trajectory_config`."""
+    blob = json.dumps(trajectory_config(config, defaults), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def trajectory_differences(stored: Mapping, requested: Mapping, defaults: Mapping) -> list[str]:
+    """'key: stored -> requested' (dotted keys) for the trajectory keys whose values differ (a key a
+    config lacks has its default value)."""
+    old, new = trajectory_config(stored, defaults), trajectory_config(requested, defaults)
+    default = _flat(defaults)
+
+    def value(flat: dict, key: str):
+        return flat.get(key, default.get(key, ABSENT))
+
+    return [f"{key}: {_short(value(old, key))} -> {_short(value(new, key))}"
+            for key in sorted(set(old) | set(new)) if value(old, key) != value(new, key)]
+
+
+def iter_runs(log_dir: str | Path, name: str | None = None) -> Iterator[Path]:
+    """Run folders `log_dir/<name>/<id>/`, lowest id first (name None: every name, alphabetically);
+    missing folders yield nothing, entries that are not numbered folders are skipped."""
+    def subfolders(folder: Path) -> list[Path]:
+        try:
+            return [p for p in folder.iterdir() if p.is_dir()]
+        except OSError:   # absent or unreadable: no runs there
+            return []
+
+    root = Path(log_dir)
+    for run_set in [name] if name is not None else sorted(p.name for p in subfolders(root)):
+        yield from sorted((p for p in subfolders(root / run_set) if RUN_ID.fullmatch(p.name)),
+                          key=lambda p: int(p.name))
+
+
+def latest_run(log_dir: str | Path, name: str, accept: Callable[[Path], bool] | None = None) -> Path | None:
+    """The newest run folder of log_dir/name for which `accept(run_dir)` is true (any when None)."""
+    for run_dir in reversed(list(iter_runs(log_dir, name))):
+        if accept is None or accept(run_dir):
+            return run_dir
+    return None
+
+
+def read_run_config(run_dir: str | Path) -> dict | None:
+    """The run's config.json, or None when it is absent or unreadable."""
+    try:
+        with open(Path(run_dir) / "config.json") as handle:
+            return json.load(handle)
+    except (OSError, ValueError):
+        return None
+
+
+def finished_snapshot(log_dir: str | Path, name: str, n_steps: int, snapshot: str = "best.pth",
+                      wanted_hash: str | None = None) -> Path | None:
+    """`snapshot` of the newest run of log_dir/name whose last.pth reached n_steps (and, given
+    `wanted_hash`, records that config_hash), else None."""
+    def finished(run_dir: Path) -> bool:
+        if not ((run_dir / "last.pth").is_file() and (run_dir / snapshot).is_file()):
+            return False
+        state = load_checkpoint(str(run_dir / "last.pth"))
+        return wanted_hash in (None, state.get("config_hash")) and int(state["step"]) >= n_steps
+
+    found = latest_run(log_dir, name, finished)
+    return None if found is None else found / snapshot
+
+
+def find_resume_checkpoint(log_dir: str, name: str, wanted_hash: str, defaults: Mapping,
+                           skip: tuple[str, ...] = ()) -> str | None:
+    """last.pth of the latest run under log_dir/name whose config.json hashes to `wanted_hash` (runs
+    whose last.pth is in `skip` are passed over)."""
+    def same_config(run_dir: Path) -> bool:
+        path, config = os.path.join(str(run_dir), "last.pth"), read_run_config(run_dir)
+        return (os.path.isfile(path) and path not in skip and config is not None
+                and config_hash(config, defaults) == wanted_hash)
+
+    found = latest_run(log_dir, name, same_config)
+    return None if found is None else os.path.join(str(found), "last.pth")
+
+
+def unreadable_resume_error(path: str, log_dir: str, name: str, wanted_hash: str,
+                            defaults: Mapping) -> UserError:
+    """The one-line error for a resume from an unreadable (e.g. truncated) last.pth, with the way out."""
+    earlier = find_resume_checkpoint(log_dir, name, wanted_hash, defaults, skip=(path,))
+    step = None
+    if earlier is not None:
+        try:
+            step = int(load_checkpoint(earlier)["step"])
+        except UserError:
+            earlier = None
+    moved = f"{path}.unreadable"
+    if earlier is not None:
+        how = (f"move it aside (mv {path} {moved}) and run again with resume=True: it then continues the "
+               f"earlier run {earlier} at step {step}")
+    else:
+        how = (f"no earlier readable last.pth of this config exists; move it aside (mv {path} {moved}) and "
+               "run again with resume=False to start fresh")
+    return UserError(f"resume: {path} is unreadable (truncated or corrupt): {how}")
+
+
+def config_mismatch(config: Mapping, log_dir: str, name: str, defaults: Mapping) -> str | None:
+    """The line for resume=True when no run of this config exists: the newest run with a last.pth under
+    log_dir/name, the keys that differ, and that a new run starts; None when there is no such run."""
+    found = latest_run(log_dir, name, lambda run_dir: (run_dir / "last.pth").is_file()
+                       and read_run_config(run_dir) is not None)
+    if found is None:
+        return None
+    differences = trajectory_differences(read_run_config(found), config, defaults)
+    shown = "; ".join(differences[:SHOWN_DIFFERENCES])
+    if len(differences) > SHOWN_DIFFERENCES:
+        shown += f"; and {len(differences) - SHOWN_DIFFERENCES} more"
+    return (f"resume: the config differs from the latest run {found} ({shown or 'another config digest'}): "
+            "starting a new run at step 0 (set those options back to continue that run)")
+
+
+def _flat(config: Mapping) -> dict:
+    """{'a.b': value} (plain JSON values) for the leaves of a nested config (lists, empty dicts: leaves)."""
+    def leaves(node: dict, prefix: str) -> Iterator[tuple[str, Any]]:
+        for key, value in node.items():
+            if isinstance(value, dict) and value:
+                yield from leaves(value, f"{prefix}{key}.")
+            else:
+                yield f"{prefix}{key}", value
+    return dict(leaves(json.loads(json.dumps(dict(config), default=str)), ""))
+
+
+def _short(value, limit: int = 40) -> str:
+    text = json.dumps(value, default=str)
+    return text if len(text) <= limit else text[:limit - 3] + "..."

@@ -1,19 +1,14 @@
-"""What the one training loop (training/loop.py) builds and minimises, per method.
+"""What the training loop builds and minimises, per method (docs/method.md).
 
-  prototype (LSLPN, PANet; model.method 'prototype'): SGD(lr, momentum, weight_decay) over all
-      trainable parameters, MultiStepLR(lr_milestones, lr_gamma), cross-entropy on the query logits
-      (model.head 'alpnet': SSL-ALPNet's, background weight 0.05) (+ boundary_weight x the boundary
-      loss of Kervadec et al., models/boundary_loss.py, when boundary_weight > 0; beyond the paper)
-      (+ model.align_weight x the alignment loss when model.align).
-  senet (model.method 'senet'): SENet's own optimisation (training/senet_schedule.py): per-arm
-      SGD parameter groups with lr, momentum, weight_decay, the 20-epoch StepLR schedule scaled to
-      n_steps (senet.epochs, senet.lr_step_epochs, senet.gamma_segmenter, senet.gamma_conditioner;
-      lr_milestones and lr_gamma unused), Dice loss on softmax(logits) (senet.double_softmax: on
-      softmax(softmax(logits)) as the official training).
-The loop calls `build_model`, `build_optimisation` and `episode_loss` and nothing method-specific.
+prototype (LSLPN, PANet): SGD + MultiStepLR(lr_milestones, lr_gamma); cross-entropy on the query logits
+(head 'alpnet': SSL-ALPNet's) + boundary_weight x boundary loss + model.align_weight x alignment loss.
+senet: SENet's released optimisation, one SGD with a parameter group per arm (the same update as its two
+optimisers) and its 20-epoch StepLR stepped at each epoch's start, scaled to n_steps; Dice loss. Not
+reproduced: from epoch 16 the official solver steps one arm only when the validation loss rose.
 """
 from __future__ import annotations
 
+import functools
 from typing import Mapping
 
 import torch
@@ -25,22 +20,19 @@ from models.boundary_loss import boundary_loss
 from models.factory import SENET, method_of
 from models.factory import build_model as _build
 from models.senet import senet_loss
-from training.senet_schedule import build_senet_optimizer, build_senet_scheduler
+from util.errors import UserError
 
+ARMS = ("segmenter", "conditioner")
+# SENet's released schedule and fidelity switches (config.py's `senet` section takes these defaults)
 SENET_DEFAULTS = {"official_bug": False, "double_softmax": False, "epochs": 20, "lr_step_epochs": 10,
                   "gamma_segmenter": 0.1, "gamma_conditioner": 0.001}
-
-
-def senet_options(cfg: Mapping) -> dict:
-    """The run config's `senet` dict with defaults for missing keys."""
-    return {**SENET_DEFAULTS, **dict(cfg.get("senet") or {})}
 
 
 def model_config(cfg: Mapping) -> dict:
     """The model config dict of a run config: `model`, plus senet.official_bug for SENet."""
     config = dict(cfg["model"])
     if method_of(config) == SENET:
-        config["official_bug"] = bool(senet_options(cfg)["official_bug"])
+        config["official_bug"] = bool(cfg["senet"]["official_bug"])
     return config
 
 
@@ -52,7 +44,7 @@ def build_model(cfg: Mapping) -> torch.nn.Module:
 def build_optimisation(cfg: Mapping, model: torch.nn.Module):
     """(optimizer, scheduler) of the run's method; the scheduler is stepped after every step."""
     if method_of(cfg["model"]) == SENET:
-        options = senet_options(cfg)
+        options = cfg["senet"]
         optimizer = build_senet_optimizer(model, cfg["lr"], cfg["momentum"], cfg["weight_decay"])
         scheduler = build_senet_scheduler(optimizer, cfg["n_steps"], options["epochs"],
                                           options["lr_step_epochs"],
@@ -68,7 +60,7 @@ def build_optimisation(cfg: Mapping, model: torch.nn.Module):
 def episode_loss(cfg: Mapping, logits: Tensor, labels: Tensor, aux_loss: Tensor) -> Tensor:
     """The training loss of one batch: logits B x Q x C x H x W, labels B x Q x H x W (int)."""
     if method_of(cfg["model"]) == SENET:
-        return senet_loss(logits, labels, bool(senet_options(cfg)["double_softmax"]))
+        return senet_loss(logits, labels, bool(cfg["senet"]["double_softmax"]))
     if cfg["model"].get("head") == "alpnet":   # SSL-ALPNet's query loss: background weight 0.05
         loss = alpnet_query_loss(logits, labels)
     else:  # ignore_index 255 as the official code (our query labels are 0..N: no pixel is ignored)
@@ -79,3 +71,39 @@ def episode_loss(cfg: Mapping, logits: Tensor, labels: Tensor, aux_loss: Tensor)
     if cfg["model"].get("align", False):
         loss = loss + float(cfg["model"].get("align_weight", 1.0)) * aux_loss.float()
     return loss
+
+
+# ------------------------------------------------------------------------------- SENet's schedule
+def build_senet_optimizer(model, lr: float, momentum: float, weight_decay: float) -> torch.optim.SGD:
+    """SGD with the parameter groups 'segmenter' and 'conditioner' (in that order)."""
+    arms = model.arm_parameters()
+    groups = [{"params": [p for p in arms[arm] if p.requires_grad], "name": arm} for arm in ARMS]
+    return torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay)
+
+
+def epoch_of_step(step: int, n_steps: int, epochs: int) -> int:
+    """1-based epoch of 0-based step `step` when `n_steps` steps make `epochs` epochs."""
+    return min(epochs, step * epochs // n_steps + 1)
+
+
+def lr_factor(step: int, n_steps: int, epochs: int, step_epochs: int, gamma: float) -> float:
+    """Multiplier of the base rate at 0-based step `step`: gamma ** floor(epoch / step_epochs) (StepLR
+    stepped at each epoch's start: epochs 1-9 lr, 10-19 lr * gamma, 20 lr * gamma**2)."""
+    return gamma ** (epoch_of_step(step, n_steps, epochs) // step_epochs)
+
+
+def build_senet_scheduler(optimizer: torch.optim.Optimizer, n_steps: int,
+                          epochs: int = SENET_DEFAULTS["epochs"],
+                          step_epochs: int = SENET_DEFAULTS["lr_step_epochs"],
+                          gamma_segmenter: float = SENET_DEFAULTS["gamma_segmenter"],
+                          gamma_conditioner: float = SENET_DEFAULTS["gamma_conditioner"]
+                          ) -> torch.optim.lr_scheduler.LambdaLR:
+    """Per-step scheduler (call .step() after every optimiser step) for `build_senet_optimizer`'s groups."""
+    if n_steps < 1 or epochs < 1 or step_epochs < 1:
+        raise UserError(f"senet schedule: n_steps {n_steps}, epochs {epochs}, lr_step_epochs {step_epochs}: "
+                        "all must be >= 1")
+    gammas = {"segmenter": gamma_segmenter, "conditioner": gamma_conditioner}
+    lambdas = [functools.partial(lr_factor, n_steps=n_steps, epochs=epochs, step_epochs=step_epochs,
+                                 gamma=gammas[group.get("name", "segmenter")])
+               for group in optimizer.param_groups]
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
