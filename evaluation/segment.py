@@ -340,7 +340,7 @@ def load_support(image_path, mask_path, support_label, label_map, min_voxels: in
     """One support pair: validated, canonical, the organ's mask and annotated slices. The label value comes
     from dataloaders.label_map.resolve_support_label; implausible pairs (swapped, constant image) are
     one-line errors, doubtful ones (soft mask, tiny organ) warnings."""
-    image = load_nifti(image_path)
+    image = read_volume(image_path)
     mask = load_nifti(mask_path)
     check_same_grid(mask, image)
     values, note = mask_labels(mask.array, mask_path)                        # X x Y x Z int labels
@@ -405,12 +405,14 @@ def segment_volume(checkpoint, supports: Sequence[tuple[str, str]], query, out=N
                    label_map=None, query_range: tuple[int, int] | str | None = None, n_chunks: int = 12,
                    device: str = "auto", batch_size: int = 16, progress: bool = True,
                    intensity=None, input_size: int | None = None, min_voxels: int = 0,
-                   vocabulary: str | None = None) -> tuple[np.ndarray, nib.Nifti1Image]:
+                   vocabulary: str | None = None, series: str | None = None
+                   ) -> tuple[np.ndarray, nib.Nifti1Image]:
     """(uint8 prediction in the query's original geometry, the NIfTI image written to `out` atomically) of
     `query` segmented from [(image, mask), ...] supports (k-shot) with a checkpoint. support_label: a mask
     value, an organ name (known labels: label_map, sidecar JSON, vocabulary='visceral') or None (single
     value); query_range: half-open stored indices, 'Z0:Z1', or None (`transfer_query_range`); intensity:
-    None (the checkpoint's), 'minmax', 'zscore' or 'window:LO,HI'. README "Segment your own scan"."""
+    None (the checkpoint's), 'minmax', 'zscore' or 'window:LO,HI'; query and support images: NIfTI or DICOM
+    series folders (series: the query's series UID). README "Segment your own scan"."""
     check_arguments(checkpoint, supports, query, out, support_label, label_map, query_range, n_chunks,
                     batch_size, min_voxels, input_size, intensity, device, vocabulary)
     if out is not None:   # before any compute: never an input (path, symlink, hard link), writable, a file
@@ -426,7 +428,7 @@ def segment_volume(checkpoint, supports: Sequence[tuple[str, str]], query, out=N
     device = resolve_device(device)
     if label_map is not None:
         read_label_map(label_map)                      # a malformed map fails before any volume is read
-    query_volume = load_nifti(query)
+    query_volume = read_volume(query, series)
     query_name = Path(str(query)).name
     query_warnings = image_problems(query_volume.array, query, "query")
     canonical_range = None

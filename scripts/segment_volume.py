@@ -112,7 +112,7 @@ def main(argv: list[str]) -> int:
                               query_range=args.query_range, n_chunks=args.n_chunks, device=args.device,
                               batch_size=args.batch_size, progress=not args.no_progress,
                               intensity=args.intensity, input_size=args.input_size,
-                              min_voxels=args.min_voxels, vocabulary=args.vocabulary)
+                              min_voxels=args.min_voxels, vocabulary=args.vocabulary, series=args.series)
     print(f"wrote {args.out}: {int(array.sum())} foreground voxels, shape {array.shape}")
     return 0
 
