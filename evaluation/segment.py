@@ -1,11 +1,10 @@
-"""Segment your own scan: few-shot segmentation of a new volume from annotated support volumes.
+"""Segment your own scan: few-shot segmentation of a new volume (NIfTI or DICOM) from annotated supports.
 
-`segment_volume(checkpoint, supports=[(image, mask), ...], query, out=...)` runs the volumetric protocol
-on a user's NIfTI files: loading and checks (dataloaders.nifti, label_map, plausibility), the support's
-annotated slices, the query's organ range (given, or transferred from the supports: `transfer_query_range`,
-same scan by physical z, else relative position in the body's axial extent, CT in HU only), the plan
-(`segment_plan`), evaluation.inference.run_chunks, and the prediction written in the query's geometry.
-README "Segment your own scan" has the rules."""
+`segment_volume`: one organ, the volumetric protocol (range given or `transfer_query_range`, `segment_plan`,
+evaluation.inference.run_chunks), the mask written in the query's geometry. `segment` / `segment_queries`:
+every organ of multi-label supports in one pass per query (`score_organs`: each slice encoded once), the
+range found without ground truth (`organ_window` + `largest_component`), one multi-label NIfTI + JSON
+sidecar. docs/usage.md "Segmenting a scan" has the rules."""
 from __future__ import annotations
 
 import json
@@ -697,16 +696,17 @@ def segment_queries(queries: Sequence, supports, organs=None, checkpoint=None, o
                     min_voxels: int = 0, progress: bool = False) -> list[tuple]:
     """`segment` for several queries: the supports, the model and the support prototypes are made once.
     Per query (labels, names, affine, ranges); outs: one .nii.gz per query (+ its .json sidecar) or None."""
+    loaded = isinstance(supports, list) and bool(supports) and isinstance(supports[0], LabelledScan)
     if outs is not None:
         inputs = [*queries] + ([checkpoint] if isinstance(checkpoint, (str, Path)) else [])
+        inputs += [] if loaded else [path for pair in support_pairs(supports) for path in pair]
         outs = [check_output_file(out, inputs, "--out", suffixes=(".nii.gz",)) for out in outs]
     for query in queries:
         if not Path(query).exists():
             raise UserError(f"{query}: query not found: check the path")
     if query_range is not None and isinstance(query_range, str):
         query_range = parse_query_range(query_range)
-    scans = supports if isinstance(supports, list) and supports and isinstance(supports[0], LabelledScan) \
-        else load_support_set(supports, label_map, min_voxels)
+    scans = supports if loaded else load_support_set(supports, label_map, min_voxels)
     by_organ = organ_supports(scans, organs, min_voxels)
     names = {value: name for value, (name, _) in by_organ.items()}
     device = resolve_device(device)
