@@ -700,7 +700,8 @@ def segment_queries(queries: Sequence, supports, organs=None, checkpoint=None, o
     if outs is not None:
         inputs = [*queries] + ([checkpoint] if isinstance(checkpoint, (str, Path)) else [])
         inputs += [] if loaded else [path for pair in support_pairs(supports) for path in pair]
-        outs = [check_output_file(out, inputs, "--out", suffixes=(".nii.gz",)) for out in outs]
+        outs = [check_output_file(out, inputs, "--out", suffixes=(".nii.gz",), create_parent=True)
+                for out in outs]
     for query in queries:
         if not Path(query).exists():
             raise UserError(f"{query}: query not found: check the path")
@@ -757,6 +758,7 @@ def segment_queries(queries: Sequence, supports, organs=None, checkpoint=None, o
             f"{name} {entry['found'][0]}:{entry['found'][1]}" if entry["found"] else f"{name} none"
             for name, entry in ranges.items()) + f" ({seconds:.1f} s)", flush=True)
         if outs is not None:
+            outs[index].parent.mkdir(parents=True, exist_ok=True)
             save_nifti_atomic(array, volume.original_affine, outs[index])
             sidecar = sidecar_path(outs[index])
             partial = sidecar.with_name(sidecar.name + ".partial")

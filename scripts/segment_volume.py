@@ -133,7 +133,6 @@ def several_organs(args) -> int:
         folder = Path(args.out)
         if folder.exists() and not folder.is_dir():
             raise UserError(f"--out {folder}: several queries need a folder, not a file")
-        folder.mkdir(parents=True, exist_ok=True)
         outs = [folder / (q.name.removesuffix(".nii.gz").removesuffix(".nii") + "_labels.nii.gz")
                 for q in queries]
     organs = None if args.organs is None else [name for name in args.organs.split(",") if name.strip()]

@@ -165,6 +165,13 @@ def test_bad_input(scans, tmp_path, monkeypatch, capsys):
     with pytest.raises(UserError, match="the query is MR but the supports are CT"):
         run(scans, query=mr, out=out)
     assert not out.exists()
+    many = tmp_path / "many"                                          # the command line: one line, no output
+    assert PHANTOM.run_main(["--checkpoint", str(scans["checkpoint"]), "--support-dir",
+                             str(scans["supports"]), "--organs", "liver,pancreas", "--query",
+                             str(scans["query"]), "--query", str(mr), "--out", str(many),
+                             "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and "pancreas" in err and not many.exists()
     import evaluation.segment as segment_module
     monkeypatch.setattr(segment_module, "score_organs", lambda model, plans, image, *a: {
         v: (0, np.full(image.shape, -1.0, np.float32)) for v in plans})
