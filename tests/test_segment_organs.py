@@ -190,3 +190,13 @@ def test_readme_example_runs(scans, tmp_path, monkeypatch):
     namespace = {}
     exec(compile(code, "README example", "exec"), namespace)
     assert namespace["names"] == {1: "liver", 2: "spleen"} and (tmp_path / "organs.nii.gz").is_file()
+
+
+def test_query_range_overrides_for_every_organ(scans):
+    from evaluation.segment import segment_queries
+    (labels, _, _, ranges), = segment_queries([scans["query"]], scans["supports"], ["liver", "spleen"],
+                                              scans["checkpoint"], query_range="6:12", n_chunks=6,
+                                              device="cpu")
+    assert labels[..., 6:12].any() and not labels[..., :6].any() and not labels[..., 12:].any()
+    assert all(entry["method"] == "given by --query-range" and entry["scored"] == [6, 12]
+               for entry in ranges.values())
