@@ -700,8 +700,12 @@ def segment_queries(queries: Sequence, supports, organs=None, checkpoint=None, o
     if outs is not None:
         inputs = [*queries] + ([checkpoint] if isinstance(checkpoint, (str, Path)) else [])
         inputs += [] if loaded else [path for pair in support_pairs(supports) for path in pair]
+        inputs += [label_map] if isinstance(label_map, (str, Path)) else []
+        inputs += [Path(supports) / "labels.json"] if isinstance(supports, (str, Path)) else []
         outs = [check_output_file(out, inputs, "--out", suffixes=(".nii.gz",), create_parent=True)
                 for out in outs]
+        for out in outs:                                   # its sidecar may not replace a label map either
+            check_output_file(sidecar_path(out), inputs, "--out's sidecar", create_parent=True)
     for query in queries:
         if not Path(query).exists():
             raise UserError(f"{query}: query not found: check the path")
