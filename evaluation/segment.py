@@ -114,16 +114,15 @@ def body_extent(image: np.ndarray, threshold: float = BODY_HU) -> tuple[int, int
 
 def default_query_range(supports: Sequence[Support], query_image: np.ndarray) -> tuple[int, int]:
     """Organ range of the query (canonical z, inclusive): the organ's relative position in the supports'
-    body extents (averaged) placed in the query's body extent. CT in HU, same body region (both checked
-    by `transfer_query_range`)."""
+    body extents (averaged) placed in the query's body extent (`body_threshold`: CT or MR)."""
     fractions = []
     for support in supports:
-        b0, b1 = body_extent(support.image)
+        b0, b1 = body_extent(support.image, body_threshold(support.image))
         length = b1 - b0 + 1
         s0, s1 = support.organ_range
         fractions.append(((s0 - b0) / length, (s1 + 1 - b0) / length))
     f0, f1 = np.clip(np.mean(fractions, axis=0), 0.0, 1.0)
-    q0, q1 = body_extent(query_image)
+    q0, q1 = body_extent(query_image, body_threshold(query_image))
     length = q1 - q0 + 1
     start = int(np.clip(np.floor(q0 + f0 * length + 0.5), q0, q1))
     stop = int(np.clip(np.floor(q0 + f1 * length + 0.5) - 1, start, q1))
@@ -601,16 +600,7 @@ def organ_window(supports: Sequence[Support], query: NiftiVolume, query_image: n
             how = f"same scan as {support.name} (physical z)"
             break
     else:
-        fractions = []
-        for support in supports:
-            b0, b1 = body_extent(support.image, body_threshold(support.image))
-            s0, s1 = support.organ_range
-            fractions.append(((s0 - b0) / (b1 - b0 + 1), (s1 + 1 - b0) / (b1 - b0 + 1)))
-        f0, f1 = np.clip(np.mean(fractions, axis=0), 0.0, 1.0)
-        q0, q1 = body_extent(query_image, body_threshold(query_image))
-        start = int(np.clip(np.floor(q0 + f0 * (q1 - q0 + 1) + 0.5), q0, q1))
-        core = (start, int(np.clip(np.floor(q0 + f1 * (q1 - q0 + 1) + 0.5) - 1, start, q1)))
-        how = "relative position in the body's axial extent"
+        core, how = default_query_range(supports, query_image), "relative position in the body's axial extent"
     if core[0] > core[1]:
         raise UserError(f"{query.path.name}: part of the same scan as {support.name}, but its slices do not "
                         "reach the support organ: give --query-range or a query that covers the organ")
