@@ -1,13 +1,15 @@
-"""Segment your own scan: few-shot segmentation of a new volume from annotated support volumes.
+"""Segment your own scan: few-shot segmentation of a new volume (NIfTI or DICOM) from annotated supports.
 
-`segment_volume(checkpoint, supports=[(image, mask), ...], query, out=...)` runs the volumetric protocol
-on a user's NIfTI files: loading and checks (dataloaders.nifti, label_map, plausibility), the support's
-annotated slices, the query's organ range (given, or transferred from the supports: `transfer_query_range`,
-same scan by physical z, else relative position in the body's axial extent, CT in HU only), the plan
-(`segment_plan`), evaluation.inference.run_chunks, and the prediction written in the query's geometry.
-README "Segment your own scan" has the rules."""
+`segment_volume`: one organ, the volumetric protocol (range given or `transfer_query_range`, `segment_plan`,
+evaluation.inference.run_chunks), the mask written in the query's geometry. `segment` / `segment_queries`:
+every organ of multi-label supports in one pass per query (`score_organs`: each slice encoded once), the
+range found without ground truth (`organ_window` + `largest_component`), one multi-label NIfTI + JSON
+sidecar. docs/usage.md "Segmenting a scan" has the rules."""
 from __future__ import annotations
 
+import json
+import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -15,7 +17,11 @@ from typing import Sequence
 import nibabel as nib
 import numpy as np
 import torch
+import torch.nn.functional as F
+from scipy import ndimage
+from tqdm import tqdm
 
+from dataloaders.dicom import is_dicom_path, read_dicom_series
 from dataloaders.label_map import (
     field_of_view_warning,
     hounsfield_problem,
@@ -24,15 +30,19 @@ from dataloaders.label_map import (
     mask_labels,
     read_label_map,
     resolve_support_label,
+    sidecar_path,
     support_size_warning,
+    value_of,
     visceral_mask_structure,
 )
 from dataloaders.nifti import NiftiVolume, check_same_grid, load_nifti, save_nifti_atomic, to_original
 from dataloaders.organs import INDEX_TO_NAME, canonical_name
-from dataloaders.transforms import needs_hounsfield
-from evaluation.inference import run_chunks
+from dataloaders.transforms import needs_hounsfield, neighbour_stack, volume_intensity
+from evaluation.inference import images_to_input, masks_to_input, run_chunks
 from evaluation.protocols import centre_offsets, chunk_plan
 from models.checkpoint import check_input_size, model_from_checkpoint, model_input
+from models.factory import model_input_slices
+from models.fewshot import FewShotSegNet
 from util.cli import warn
 from util.device import resolve_device
 from util.errors import UserError
@@ -89,10 +99,10 @@ def stored_range_to_canonical(query_range: tuple[int, int], query: NiftiVolume) 
 
 
 # ----------------------------------------------------------------------------- relative transfer
-def body_extent(image: np.ndarray) -> tuple[int, int]:
-    """First and last axial slice of the body: slices whose count of voxels > -500 HU is at least
-    10% of the fullest slice's count. image X x Y x Z HU. The whole volume when nothing is > -500 HU."""
-    counts = (image > BODY_HU).reshape(-1, image.shape[-1]).sum(axis=0)      # Z
+def body_extent(image: np.ndarray, threshold: float = BODY_HU) -> tuple[int, int]:
+    """First and last axial slice of the body: slices whose count of voxels > threshold (-500 HU) is at
+    least 10% of the fullest slice's count. image X x Y x Z. The whole volume when nothing is above."""
+    counts = (image > threshold).reshape(-1, image.shape[-1]).sum(axis=0)    # Z
     if counts.max() == 0:
         return 0, image.shape[-1] - 1
     slices = np.flatnonzero(counts >= BODY_SLICE_FRACTION * counts.max())
@@ -101,16 +111,15 @@ def body_extent(image: np.ndarray) -> tuple[int, int]:
 
 def default_query_range(supports: Sequence[Support], query_image: np.ndarray) -> tuple[int, int]:
     """Organ range of the query (canonical z, inclusive): the organ's relative position in the supports'
-    body extents (averaged) placed in the query's body extent. CT in HU, same body region (both checked
-    by `transfer_query_range`)."""
+    body extents (averaged) placed in the query's body extent (`body_threshold`: CT or MR)."""
     fractions = []
     for support in supports:
-        b0, b1 = body_extent(support.image)
+        b0, b1 = body_extent(support.image, body_threshold(support.image))
         length = b1 - b0 + 1
         s0, s1 = support.organ_range
         fractions.append(((s0 - b0) / length, (s1 + 1 - b0) / length))
     f0, f1 = np.clip(np.mean(fractions, axis=0), 0.0, 1.0)
-    q0, q1 = body_extent(query_image)
+    q0, q1 = body_extent(query_image, body_threshold(query_image))
     length = q1 - q0 + 1
     start = int(np.clip(np.floor(q0 + f0 * length + 0.5), q0, q1))
     stop = int(np.clip(np.floor(q0 + f1 * length + 0.5) - 1, start, q1))
@@ -326,7 +335,7 @@ def load_support(image_path, mask_path, support_label, label_map, min_voxels: in
     """One support pair: validated, canonical, the organ's mask and annotated slices. The label value comes
     from dataloaders.label_map.resolve_support_label; implausible pairs (swapped, constant image) are
     one-line errors, doubtful ones (soft mask, tiny organ) warnings."""
-    image = load_nifti(image_path)
+    image = read_volume(image_path)
     mask = load_nifti(mask_path)
     check_same_grid(mask, image)
     values, note = mask_labels(mask.array, mask_path)                        # X x Y x Z int labels
@@ -391,12 +400,14 @@ def segment_volume(checkpoint, supports: Sequence[tuple[str, str]], query, out=N
                    label_map=None, query_range: tuple[int, int] | str | None = None, n_chunks: int = 12,
                    device: str = "auto", batch_size: int = 16, progress: bool = True,
                    intensity=None, input_size: int | None = None, min_voxels: int = 0,
-                   vocabulary: str | None = None) -> tuple[np.ndarray, nib.Nifti1Image]:
+                   vocabulary: str | None = None, series: str | None = None
+                   ) -> tuple[np.ndarray, nib.Nifti1Image]:
     """(uint8 prediction in the query's original geometry, the NIfTI image written to `out` atomically) of
     `query` segmented from [(image, mask), ...] supports (k-shot) with a checkpoint. support_label: a mask
     value, an organ name (known labels: label_map, sidecar JSON, vocabulary='visceral') or None (single
     value); query_range: half-open stored indices, 'Z0:Z1', or None (`transfer_query_range`); intensity:
-    None (the checkpoint's), 'minmax', 'zscore' or 'window:LO,HI'. README "Segment your own scan"."""
+    None (the checkpoint's), 'minmax', 'zscore' or 'window:LO,HI'; query and support images: NIfTI or DICOM
+    series folders (series: the query's series UID). README "Segment your own scan"."""
     check_arguments(checkpoint, supports, query, out, support_label, label_map, query_range, n_chunks,
                     batch_size, min_voxels, input_size, intensity, device, vocabulary)
     if out is not None:   # before any compute: never an input (path, symlink, hard link), writable, a file
@@ -412,7 +423,7 @@ def segment_volume(checkpoint, supports: Sequence[tuple[str, str]], query, out=N
     device = resolve_device(device)
     if label_map is not None:
         read_label_map(label_map)                      # a malformed map fails before any volume is read
-    query_volume = load_nifti(query)
+    query_volume = read_volume(query, series)
     query_name = Path(str(query)).name
     query_warnings = image_problems(query_volume.array, query, "query")
     canonical_range = None
@@ -456,3 +467,306 @@ def segment_volume(checkpoint, supports: Sequence[tuple[str, str]], query, out=N
         warn(f"the output mask is empty: no voxel of {Path(str(query)).name} was segmented in query slices "
              f"{stored[0]}:{stored[1]}: check the support label, the query range and the checkpoint's organ")
     return array, image
+
+
+# ================================================================ several organs, one pass (issue 32)
+MR_BODY_FRACTION = 0.1   # a non-HU volume's body: voxels above this fraction of its 99th percentile
+RANGE_MARGIN = 0.5       # scored slices: the transferred organ range widened by this fraction of its length
+
+
+@dataclass
+class LabelledScan:
+    """One support scan, canonical: image X x Y x Z float32, labels X x Y x Z int, names {value: name}."""
+    image: np.ndarray
+    labels: np.ndarray
+    affine: np.ndarray
+    names: dict
+    name: str
+
+
+def read_volume(path, series: str | None = None) -> NiftiVolume:
+    """A NIfTI file or a DICOM series folder (dataloaders.dicom) as a canonical NiftiVolume."""
+    if not is_dicom_path(path):
+        return load_nifti(path)
+    array, affine = read_dicom_series(path, series)                           # X x Y x Z, RAS affine
+    canonical = nib.as_closest_canonical(nib.Nifti1Image(array, affine))
+    return NiftiVolume(array=np.asfortranarray(canonical.dataobj),
+                       affine=np.asarray(canonical.affine, dtype=np.float64), original_affine=affine,
+                       original_shape=tuple(int(s) for s in array.shape),
+                       original_axcodes="".join(nib.aff2axcodes(affine)), path=Path(path))
+
+
+def modality(image: np.ndarray) -> str:
+    """'CT' (air near -1000 HU present) or 'MR' (any volume without air in HU)."""
+    return "CT" if hounsfield_problem(image, "", "") is None else "MR"
+
+
+def body_threshold(image: np.ndarray) -> float:
+    """Body voxels lie above this: BODY_HU for CT in HU, else a fraction of the 99th percentile (MR)."""
+    return BODY_HU if modality(image) == "CT" else MR_BODY_FRACTION * float(np.percentile(image, 99))
+
+
+def support_pairs(supports) -> list[tuple[Path, Path]]:
+    """(image, labels) pairs: given, or a support folder's image_<id>.nii.gz (or image_<id>/, a DICOM
+    folder) with label_<id>.nii.gz."""
+    if not isinstance(supports, (str, Path)):
+        return [(Path(image), Path(labels)) for image, labels in supports]
+    folder = Path(supports)
+    if not folder.is_dir():
+        raise UserError(f"--support-dir {folder}: not a folder")
+    pairs = []
+    for image in sorted(folder.glob("image_*")):
+        scan_id = image.name[len("image_"):].removesuffix(".nii.gz").removesuffix(".nii")
+        labels = folder / f"label_{scan_id}.nii.gz"
+        if labels.is_file():
+            pairs.append((image, labels))
+    if not pairs:
+        raise UserError(f"--support-dir {folder}: no image_<id>.nii.gz (or image_<id>/ DICOM folder) with "
+                        "its label_<id>.nii.gz: put the annotated scans there under these names")
+    return pairs
+
+
+def load_support_set(supports, label_map=None, min_voxels: int = 0) -> list[LabelledScan]:
+    """Support scans with their label maps (given, <folder>/labels.json or each mask's sidecar), read once.
+    Maps that give one organ two values, or one value two organs, are a one-line error."""
+    if label_map is None and isinstance(supports, (str, Path)) and (Path(supports) / "labels.json").is_file():
+        label_map = Path(supports) / "labels.json"
+    scans, seen = [], {}
+    for image_path, labels_path in support_pairs(supports):
+        image, labels = read_volume(image_path), load_nifti(labels_path)
+        check_same_grid(labels, image)
+        names, how = mask_label_map(labels_path, label_map)
+        if not names:
+            raise UserError(f"{labels_path}: its labels are unknown: pass --label-map map.json, or put labels"
+                            f".json in the support folder or a sidecar {sidecar_path(labels_path).name}")
+        for value, name in names.items():
+            organ = canonical_name(name) or name.strip().lower()
+            for key, other in ((("organ", organ), value), (("value", value), organ)):
+                if seen.setdefault(key, (other, labels_path))[0] != other:
+                    raise UserError(f"support label maps disagree: {key[1]} is {other} in {labels_path.name} "
+                                    f"but {seen[key][0]} in {seen[key][1].name}: relabel the supports alike")
+        values, _ = mask_labels(labels.array, labels_path)
+        scans.append(LabelledScan(np.asarray(image.array, dtype=np.float32), values,
+                                  np.asarray(image.affine, dtype=float), names, Path(image_path).name))
+    kinds = {modality(scan.image) for scan in scans}
+    if len(kinds) > 1:
+        raise UserError(f"the supports mix CT and MR ({', '.join(s.name for s in scans)}): use one modality")
+    return scans
+
+
+def organ_supports(scans: Sequence[LabelledScan], organs, min_voxels: int = 0) -> dict[int, tuple[str, list]]:
+    """{value: (name, [Support of each scan annotating it])} for the organs asked (names or values;
+    None: all in the supports). An organ in no support is a one-line error."""
+    names = {value: name for scan in scans for value, name in scan.names.items()}
+    wanted = sorted(names) if organs is None else []
+    for organ in ([] if organs is None else organs):
+        value = int(organ) if str(organ).strip().isdigit() else value_of(str(organ), names)
+        if value is None or value not in names:
+            raise UserError(f"organ '{organ}' is in no support label map (they name "
+                            f"{', '.join(sorted(set(names.values())))}): pick one of those")
+        wanted.append(value)
+    result = {}
+    for value in dict.fromkeys(wanted):
+        found = []
+        for scan in scans:
+            mask = scan.labels == value                                          # X x Y x Z bool
+            annotated = np.flatnonzero(mask.reshape(-1, mask.shape[-1]).sum(axis=0) > min_voxels)
+            if annotated.size:
+                spacing = np.sqrt((scan.affine[:3, :3] ** 2).sum(axis=0))
+                found.append(Support(scan.image, mask, annotated, scan.name, spacing=spacing,
+                                     affine=scan.affine))
+        if not found:
+            if organs is None:
+                continue                                     # named in a map, annotated nowhere: skipped
+            raise UserError(f"organ '{names[value]}' (label {value}) is annotated in no support scan: "
+                            "annotate it in at least one support or leave it out")
+        result[value] = (names[value], found)
+    return result
+
+
+def organ_window(supports: Sequence[Support], query: NiftiVolume, query_image: np.ndarray, n_chunks: int):
+    """(plan over the scored slices, scored canonical range, how) without a given range: the organ's
+    range transferred (same scan by z, else its relative position in the body's axial extent, CT and MR
+    alike), widened by RANGE_MARGIN of its length each side; the largest 3D component is kept later."""
+    n = query_image.shape[2]
+    for support in supports:
+        k = same_scan_offset(support, query, query_image)
+        if k is not None:
+            s0, s1 = support.organ_range
+            core = (max(s0 - k, 0), min(s1 - k, n - 1))
+            how = f"same scan as {support.name} (physical z)"
+            break
+    else:
+        core, how = default_query_range(supports, query_image), "relative position in the body's axial extent"
+    if core[0] > core[1]:
+        raise UserError(f"{query.path.name}: part of the same scan as {support.name}, but its slices do not "
+                        "reach the support organ: give --query-range or a query that covers the organ")
+    margin = int(np.ceil(RANGE_MARGIN * (core[1] - core[0] + 1)))
+    scored = (max(core[0] - margin, 0), min(core[1] + margin, n - 1))
+    plan = segment_plan(supports, core, n_chunks)
+    plan[0] = (plan[0][0], np.concatenate([np.arange(scored[0], core[0]), plan[0][1]]))
+    plan[-1] = (plan[-1][0], np.concatenate([plan[-1][1], np.arange(core[1] + 1, scored[1] + 1)]))
+    return plan, scored, (f"scored slices around the range found by {how}, kept the organ's largest 3D "
+                          "connected component")
+
+
+def largest_component(mask: np.ndarray) -> np.ndarray:
+    """The largest 6-connected component of a bool volume (all False when empty)."""
+    components, count = ndimage.label(mask)
+    if count == 0:
+        return mask
+    sizes = np.bincount(components.ravel())[1:]
+    return components == 1 + int(sizes.argmax())
+
+
+def score_organs(model, organ_plans: dict, query_image: np.ndarray, input_size: int, intensity: dict,
+                 device, batch_size: int, prototypes: dict, progress: bool = False) -> dict:
+    """{value: (z0, X x Y x W float32 score of slices z0.. (foreground - background logit))}.
+
+    organ_plans: {value: (supports, plan)}. Each query slice goes through the encoder once for all organs
+    (in fixed blocks of batch_size slices, so an organ's result never depends on the others); each
+    organ's prototypes per support slice set are computed once into `prototypes` (shared across queries).
+    """
+    split = isinstance(model, FewShotSegNet)         # encoder once, then each organ's head
+    encode = (lambda x: model.encoder(x.flatten(0, 1)).unflatten(0, (1, -1))) if split else (lambda x: x)
+    score = model.head.score if split else model.segment
+    slices = model_input_slices(model)
+    query_scale = volume_intensity(query_image, intensity, "query image")
+    scales = prototypes.setdefault("scales", {})
+    windows = {value: (min(int(z.min()) for _, z in plan), max(int(z.max()) for _, z in plan))
+               for value, (_, plan) in organ_plans.items()}
+    scores = {value: np.full(query_image.shape[:2] + (z1 - z0 + 1,), -np.inf, dtype=np.float32)
+              for value, (z0, z1) in windows.items()}                             # X x Y x window
+    needed = sorted({int(z) for _, plan in organ_plans.values() for _, query_z in plan for z in query_z})
+    blocks = sorted({z // batch_size for z in needed})
+    with torch.inference_mode():
+        for block in tqdm(blocks, desc="segment", unit="block", disable=not progress, file=sys.stderr):
+            zs = np.arange(block * batch_size, min((block + 1) * batch_size, query_image.shape[2]))
+            feats = encode(images_to_input(neighbour_stack(query_image, zs, slices), query_scale,
+                                           input_size, device)[None])            # 1 x Q x ...
+            for value, (supports, plan) in organ_plans.items():
+                for support_z, query_z in plan:
+                    chosen = np.flatnonzero(np.isin(zs, query_z))
+                    if chosen.size == 0:
+                        continue
+                    key = (value, tuple(id(s.image) for s in supports), tuple(int(z) for z in support_z))
+                    if key not in prototypes:
+                        for s in supports:
+                            if id(s.image) not in scales:
+                                scales[id(s.image)] = volume_intensity(s.image, intensity, "support image")
+                        prototypes[key] = support_prototypes(model, supports, support_z, input_size,
+                                                             scales, device, slices)
+                    logits = score(prototypes[key], feats[:, chosen])
+                    logits = (logits[0] if isinstance(logits, (tuple, list)) else logits)[0]  # Q x 2 x S x S
+                    logits = F.interpolate(logits.float(), size=tuple(query_image.shape[:2]), mode="bilinear",
+                                           align_corners=False)                  # Q x 2 x X x Y
+                    difference = (logits[:, 1] - logits[:, 0]).permute(1, 2, 0)  # X x Y x Q
+                    scores[value][:, :, zs[chosen] - windows[value][0]] = difference.cpu().numpy()
+    return {value: (windows[value][0], score_window) for value, score_window in scores.items()}
+
+
+def support_prototypes(model, supports: Sequence[Support], support_z, input_size, scales: dict, device,
+                       slices):
+    """The model's prototypes of one support slice per support (k-shot), as run_chunks computes them;
+    scales: {id(image): its scaling}."""
+    shots = torch.cat([images_to_input(neighbour_stack(s.image, [z], slices), scales[id(s.image)], input_size,
+                                       device) for s, z in zip(supports, support_z)])     # K x C x S x S
+    fg = torch.cat([masks_to_input(s.mask[:, :, z][None], input_size, device)
+                    for s, z in zip(supports, support_z)])                         # K x S x S
+    fg, bg = fg[None, None], 1.0 - fg[None, None]                                  # 1 x 1 x K x S x S
+    return model.encode_support(shots[None, None], fg, bg)
+
+
+def segment_queries(queries: Sequence, supports, organs=None, checkpoint=None, outs: Sequence | None = None,
+                    label_map=None, query_range=None, series: str | None = None, n_chunks: int = 12,
+                    device: str = "auto", batch_size: int = 16, intensity=None, input_size: int | None = None,
+                    min_voxels: int = 0, progress: bool = False) -> list[tuple]:
+    """`segment` for several queries: the supports, the model and the support prototypes are made once.
+    Per query (labels, names, affine, ranges); outs: one .nii.gz per query (+ its .json sidecar) or None."""
+    loaded = isinstance(supports, list) and bool(supports) and isinstance(supports[0], LabelledScan)
+    if outs is not None:
+        inputs = [*queries] + ([checkpoint] if isinstance(checkpoint, (str, Path)) else [])
+        inputs += [] if loaded else [path for pair in support_pairs(supports) for path in pair]
+        inputs += [label_map] if isinstance(label_map, (str, Path)) else []
+        inputs += [Path(supports) / "labels.json"] if isinstance(supports, (str, Path)) else []
+        outs = [check_output_file(out, inputs, "--out", suffixes=(".nii.gz",), create_parent=True)
+                for out in outs]
+        for out in outs:                                   # its sidecar may not replace a label map either
+            check_output_file(sidecar_path(out), inputs, "--out's sidecar", create_parent=True)
+    for query in queries:
+        if not Path(query).exists():
+            raise UserError(f"{query}: query not found: check the path")
+    if query_range is not None and isinstance(query_range, str):
+        query_range = parse_query_range(query_range)
+    scans = supports if loaded else load_support_set(supports, label_map, min_voxels)
+    by_organ = organ_supports(scans, organs, min_voxels)
+    names = {value: name for value, (name, _) in by_organ.items()}
+    device = resolve_device(device)
+    model, input_size, intensity = load_model(checkpoint, device, input_size, parse_intensity(intensity))
+    support_kind, prototypes, results = modality(scans[0].image), {}, []
+    for index, query in enumerate(queries):
+        start = time.perf_counter()
+        volume = read_volume(query, series)
+        query_image = np.asarray(volume.array, dtype=np.float32)
+        if modality(query_image) != support_kind:
+            raise UserError(f"{query}: the query is {modality(query_image)} but the supports are "
+                            f"{support_kind} ({scans[0].name}; air near -1000 HU tells CT): give supports "
+                            "of the query's modality")
+        if needs_hounsfield(intensity):
+            check_hounsfield(intensity, [(query_image, query, "query")])
+        plans, ranges = {}, {}
+        for value, (name, organ_list) in by_organ.items():
+            if query_range is not None:
+                scored = stored_range_to_canonical(tuple(int(z) for z in query_range), volume)
+                plan, how = segment_plan(organ_list, scored, n_chunks), "given by --query-range"
+            else:
+                plan, scored, how = organ_window(organ_list, volume, query_image, n_chunks)
+            plans[value] = (organ_list, plan)
+            ranges[name] = {"value": value, "method": how,
+                            "scored": list(canonical_to_stored_range(scored, volume))}
+        scores = score_organs(model, plans, query_image, input_size, intensity, device, batch_size,
+                              prototypes, progress)
+        labels = np.zeros(query_image.shape, dtype=np.uint8 if max(names) < 256 else np.uint16)
+        best = np.full(query_image.shape, -np.inf, dtype=np.float32)
+        for value, (z0, score) in scores.items():
+            window = slice(z0, z0 + score.shape[2])
+            mask = score > 0                                                   # X x Y x W
+            mask = mask if query_range is not None else largest_component(mask)
+            take = mask & (score > best[:, :, window])                          # highest score wins
+            labels[:, :, window][take] = value
+            best[:, :, window][take] = score[take]
+            found = np.flatnonzero(mask.any(axis=(0, 1)))
+            entry = ranges[names[value]]
+            entry["found"] = (list(canonical_to_stored_range((z0 + int(found[0]), z0 + int(found[-1])),
+                                                             volume)) if found.size else None)
+            if not found.size:
+                warn(f"{Path(str(query)).name}: no {names[value]} found in slices {entry['scored'][0]}:"
+                     f"{entry['scored'][1]} (stored axial indices): the output has none; the query may not "
+                     "cover it, or the supports or the checkpoint do not fit this scan")
+        array = to_original(labels, volume.original_axcodes)
+        seconds = time.perf_counter() - start
+        print(f"{Path(str(query)).name}: " + "; ".join(
+            f"{name} {entry['found'][0]}:{entry['found'][1]}" if entry["found"] else f"{name} none"
+            for name, entry in ranges.items()) + f" ({seconds:.1f} s)", flush=True)
+        if outs is not None:
+            outs[index].parent.mkdir(parents=True, exist_ok=True)
+            save_nifti_atomic(array, volume.original_affine, outs[index])
+            sidecar = sidecar_path(outs[index])
+            partial = sidecar.with_name(sidecar.name + ".partial")
+            partial.write_text(json.dumps({"labels": {str(v): n for v, n in names.items()}, "organs": ranges,
+                                           "ranges_are": "stored axial slice indices Z0:Z1 (Z1 excluded)",
+                                           "seconds": round(seconds, 2)}, indent=1))
+            partial.replace(sidecar)
+        results.append((array, names, volume.original_affine, ranges))
+    return results
+
+
+def segment(query, supports, organs=None, checkpoint=None, out=None, **options
+            ) -> tuple[np.ndarray, dict, np.ndarray]:
+    """(labels in the query's stored geometry, {value: organ name}, its affine) of a NIfTI file or DICOM
+    series folder segmented for `organs` (names or values; None: every organ of the supports) in one pass.
+    supports: a folder (image_<id> + label_<id>.nii.gz [+ labels.json]), (image, labels) pairs, or
+    `load_support_set`'s result; options as `segment_queries`. docs/usage.md "Segmenting a scan"."""
+    labels, names, affine, _ = segment_queries([query], supports, organs, checkpoint,
+                                               None if out is None else [out], **options)[0]
+    return labels, names, affine

@@ -1,17 +1,20 @@
-"""Segment an organ in your own CT or MR volume from a few annotated support volumes or slices.
+"""Segment organs in your own CT or MR volume from a few annotated support volumes or slices.
 
     python scripts/segment_volume.py --checkpoint CKPT \
         --support-image S.nii.gz --support-mask M.nii.gz [--support-label N] \
         [--support-image S2.nii.gz --support-mask M2.nii.gz ...] \
         --query Q.nii.gz --out PRED.nii.gz [--query-range Z0:Z1] [--n-chunks N] [--device auto|cpu|cuda]
+    python scripts/segment_volume.py --checkpoint CKPT --support-dir SUPPORTS [--organs liver,spleen] \
+        --query Q.nii.gz|DICOM_FOLDER [--query Q2 ...] --out LABELS.nii.gz|OUT_FOLDER [--series UID]
 
-Library: evaluation/segment.py (`segment_volume`). See README.md, section "Segment your own scan".
+Library: evaluation/segment.py (`segment_volume`, `segment`). See README.md, section "Segment your own scan".
 """
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
-from evaluation.segment import segment_volume
+from evaluation.segment import segment_queries, segment_volume
 from util.cli import run_cli
 from util.errors import UserError
 
@@ -34,6 +37,17 @@ Supports: a full annotated volume or a volume with only a few annotated slices (
 slices are the ones holding the organ; each chunk uses the nearest annotated slice). With several
 --support-image/--support-mask pairs every chunk averages the supports' prototypes (k-shot).
 A query range shorter than --n-chunks gives each query slice the support chunk covering its centre.
+
+Several organs (--support-dir or --organs): multi-label supports (--support-dir holding image_<id>.nii.gz
+or image_<id>/ DICOM folders with label_<id>.nii.gz, or --support-image/--support-mask pairs) and their
+names (--label-map, SUPPORTS/labels.json or each mask's sidecar JSON; the maps must agree). Every organ
+asked for (default: all) is segmented in one pass per query, CT and MR alike, without a range: each
+organ's range is transferred by its relative position in the body's axial extent, widened by half its
+length, scored, and the organ's largest 3D connected component kept (--query-range overrides, for every
+organ). Out: one multi-label NIfTI per query with the supports' label values (a voxel claimed by several
+organs takes the highest score) and a JSON sidecar (names, method, scored and found ranges, seconds).
+Several queries (--query repeated, or a folder of .nii.gz): --out is a folder. --series UID picks the
+series of a query DICOM folder holding several.
 """
 
 
@@ -56,9 +70,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--vocabulary", default=None, choices=("visceral",),
                         help="the mask uses the project's label values 1-20 (liver=1, spleen=2, ...; "
                              "dataloaders/organs.py)")
-    parser.add_argument("--query", required=True, metavar="Q.nii.gz", help="CT or MR volume to segment")
+    parser.add_argument("--query", required=True, action="append", metavar="Q.nii.gz",
+                        help="CT or MR volume to segment (NIfTI or a DICOM series folder; several organs: "
+                             "repeat it, or give a folder of .nii.gz)")
     parser.add_argument("--out", required=True, metavar="PRED.nii.gz",
-                        help="output mask (uint8, the query's shape, affine and orientation)")
+                        help="output mask (uint8, the query's shape, affine and orientation); a folder for "
+                             "several queries")
+    parser.add_argument("--support-dir", default=None, metavar="SUPPORTS",
+                        help="annotated scans image_<id> + label_<id>.nii.gz (+ labels.json): several organs")
+    parser.add_argument("--organs", default=None, metavar="liver,spleen",
+                        help="organs to segment (names or values, comma-separated; default: all)")
+    parser.add_argument("--series", default=None, metavar="UID", help="series of a query DICOM folder")
     parser.add_argument("--query-range", default=None, metavar="Z0:Z1",
                         help="axial slices of the organ in the query (Z1 excluded); default: see below")
     parser.add_argument("--n-chunks", type=int, default=12, help="chunks of the protocol (default 12, LSLPN)")
@@ -77,6 +99,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
+    if args.support_dir is not None or args.organs is not None:
+        return several_organs(args)
+    if len(args.query) > 1:
+        raise UserError("several --query: give --support-dir or --organs (several organs mode)")
+    args.query = args.query[0]
     if len(args.support_image) != len(args.support_mask) or not args.support_image:
         raise UserError(f"got {len(args.support_image)} --support-image and {len(args.support_mask)} "
                         "--support-mask: give them in pairs, at least one pair")
@@ -85,8 +112,37 @@ def main(argv: list[str]) -> int:
                               query_range=args.query_range, n_chunks=args.n_chunks, device=args.device,
                               batch_size=args.batch_size, progress=not args.no_progress,
                               intensity=args.intensity, input_size=args.input_size,
-                              min_voxels=args.min_voxels, vocabulary=args.vocabulary)
+                              min_voxels=args.min_voxels, vocabulary=args.vocabulary, series=args.series)
     print(f"wrote {args.out}: {int(array.sum())} foreground voxels, shape {array.shape}")
+    return 0
+
+
+def several_organs(args) -> int:
+    """--support-dir / --organs: every organ asked for in one pass per query."""
+    supports = args.support_dir if args.support_dir is not None else list(zip(args.support_image,
+                                                                             args.support_mask))
+    if args.support_dir is None and (len(args.support_image) != len(args.support_mask) or not supports):
+        raise UserError("several organs: give --support-dir, or --support-image/--support-mask pairs")
+    queries = []
+    for query in map(Path, args.query):
+        from_folder = sorted(query.glob("*.nii.gz")) if query.is_dir() else []
+        queries += from_folder if from_folder else [query]
+    if len(queries) == 1 and args.out.endswith(".nii.gz"):
+        outs = [Path(args.out)]
+    else:
+        folder = Path(args.out)
+        if folder.exists() and not folder.is_dir():
+            raise UserError(f"--out {folder}: several queries need a folder, not a file")
+        outs = [folder / (q.name.removesuffix(".nii.gz").removesuffix(".nii") + "_labels.nii.gz")
+                for q in queries]
+    organs = None if args.organs is None else [name for name in args.organs.split(",") if name.strip()]
+    results = segment_queries(queries, supports, organs, args.checkpoint, outs, label_map=args.label_map,
+                              query_range=args.query_range, series=args.series, n_chunks=args.n_chunks,
+                              device=args.device, batch_size=args.batch_size, intensity=args.intensity,
+                              input_size=args.input_size, min_voxels=args.min_voxels,
+                              progress=not args.no_progress)
+    for out, (array, names, _, _) in zip(outs, results):
+        print(f"wrote {out}: {', '.join(f'{n} {int((array == v).sum())}' for v, n in names.items())} voxels")
     return 0
 
 
