@@ -112,3 +112,12 @@ def test_heavy_dependencies_are_imported_where_used(path):
              if module.split(".")[0] in HEAVY_AT_USE and line not in inner]
     assert not wrong, (f"{path.relative_to(ROOT)}: a module-level import of a heavy dependency ("
                        + "; ".join(wrong) + "): import it inside the function that needs it, with a comment")
+
+
+def test_only_conftest_edits_sys_path():
+    """The repository is an installed package (`make setup`: pip install -e .): no other file edits it."""
+    conftest = ROOT / "tests" / "conftest.py"
+    sources = [p for p in ROOT.rglob("*.py") if ".venv" not in p.parts and p != conftest]
+    editing = [str(p.relative_to(ROOT)) for p in sources
+               if any(f"sys.path.{verb}" in p.read_text() for verb in ("insert", "append", "extend"))]
+    assert not editing, f"sys.path edited in {editing}: import the installed packages instead"
