@@ -355,3 +355,29 @@ def test_snapshot_trained_on_other_intensity_scaling_is_refused(tmp_path):
     results = evaluate({"LSLPN": str(snapshot)}, ["liver"], prep, preset="thirds", input_size=32,
                        device="cpu", progress=False)
     assert results["results"]["LSLPN"]["liver"]["range"]["value"] is not None
+
+
+@pytest.mark.parametrize("preset", ["thirds", "alpnet"])
+def test_range_dice_scores_the_first_and_the_last_slice_of_the_range(tmp_path, preset):
+    """The query's organ moves away on the first and last slice of its range (3..11): mask copy misses
+    both, and the range Dice counts them: 2 * 7 / (9 + 9) slices' worth, by a loop over the slices."""
+    pids = ("10000100", "10000104")
+    prep = make_prepared(tmp_path, pids=pids)
+    here, away = (slice(2, 12), slice(3, 15)), (slice(12, 22), slice(3, 15))
+    for pid in pids:
+        volume = make_volume(0)
+        volume["label"][:] = 0
+        for z in range(3, 12):
+            x, y = away if (pid == pids[1] and z in (3, 11)) else here
+            volume["label"][x, y, z] = 1
+        np.savez(prep / "volumes" / "gold" / f"{pid}.npz", **volume)
+    results, _ = _run(tmp_path, prep=prep, preset=preset, methods={"mask copy": None}, organs=["liver"])
+    case = results["results"]["mask copy"]["liver"]["per_volume"][0]
+    assert tuple(case["query_range"]) == (3, 11)
+    query = np.load(prep / "volumes" / "gold" / f"{pids[1]}.npz")["label"] == 1
+    copied = np.zeros_like(query)
+    copied[here[0], here[1], 3:12] = True                 # the support's prism on every range slice
+    tp = sum(int((copied[..., z] & query[..., z]).sum()) for z in range(3, 12))
+    sizes = sum(int(copied[..., z].sum() + query[..., z].sum()) for z in range(3, 12))
+    assert case["dice_range"] == pytest.approx(2 * tp / sizes) == pytest.approx(14 / 18)
+    assert case["dice_volume"] == pytest.approx(14 / 18)
