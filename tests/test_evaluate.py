@@ -381,3 +381,32 @@ def test_range_dice_scores_the_first_and_the_last_slice_of_the_range(tmp_path, p
     sizes = sum(int(copied[..., z].sum() + query[..., z].sum()) for z in range(3, 12))
     assert case["dice_range"] == pytest.approx(2 * tp / sizes) == pytest.approx(14 / 18)
     assert case["dice_volume"] == pytest.approx(14 / 18)
+
+
+def _records(dice_by_support: dict) -> list[dict]:
+    return [{"method": "m", "organ": "liver", "support": support, "query": f"q{i}", "dice_range": value,
+             "dice_volume": value / 2, "support_range": (0, 1), "query_range": (0, 1), "skipped": None}
+            for support, values in dice_by_support.items() for i, value in enumerate(values)]
+
+
+def test_senet_aggregates_the_median_over_queries_per_support_then_the_mean_over_supports(tmp_path,
+                                                                                        monkeypatch):
+    import evaluation.evaluate as evaluation
+    from evaluation.protocol import PRESETS
+    from evaluation.results import summarise
+    dice_by_support = {"s1": [0.1, 0.9, 0.2], "s2": [0.6, 0.5, 0.6], "s3": [0.85, 0.0, 0.8]}
+    medians = [sorted(values)[1] for values in dice_by_support.values()]              # 0.2, 0.6, 0.8
+    means = [sum(values) / 3 for values in dice_by_support.values()]
+    senet = summarise(_records(dice_by_support), PRESETS["senet"])["m"]["liver"]
+    assert senet["range"]["value"] == pytest.approx(sum(medians) / 3)                 # not the median, 0.6
+    assert senet["range"]["std_over_supports"] == pytest.approx(np.std(medians))
+    assert senet["volume"]["value"] == pytest.approx(sum(medians) / 6)
+    thirds = summarise(_records(dice_by_support), PRESETS["thirds"])["m"]["liver"]
+    assert thirds["range"]["value"] == pytest.approx(sum(means) / 3)
+    # validate() during training: the preset's aggregate over the queries of its one support
+    monkeypatch.setattr(evaluation, "run_protocol", lambda *args, **kwargs: _records({"s1": [0.1, 0.9, 0.2]}))
+    prep = make_prepared(tmp_path, split="val")
+    for preset, expected in (("senet", 0.2), ("thirds", 0.4)):
+        result = evaluation.validate(IntensityModel(), prep, split="val", organs=["liver"], preset=preset,
+                                     input_size=32)
+        assert result["per_organ"]["liver"] == pytest.approx(expected) == result["mean_dice"]
