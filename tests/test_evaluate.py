@@ -274,10 +274,10 @@ def test_unknown_organ_and_missing_gold_are_clear_errors(tmp_path):
 @pytest.fixture(scope="module")
 def test_py_runs(tmp_path_factory) -> dict:
     """The test.py commands of the two tests below, in one process one after the other
-    (test_bad_inputs.run_sacred_cases: test.py's run_sacred once per command, stdout/stderr captured;
-    the real `python test.py` process contract is test_bad_inputs.test_real_processes_*):
+    (conftest.run_sacred_cases: test.py's run_sacred once per command, stdout/stderr captured;
+    the real `python test.py` process contract is test_errors.test_real_processes_*):
     {name: ({code, out, err}, its folder)}."""
-    from test_bad_inputs import run_sacred_cases
+    from conftest import run_sacred_cases
     roots = {name: tmp_path_factory.mktemp(name) for name in ("no_data", "missing_snapshot", "writes")}
     commands = {
         "no_data": [f"path.data_dir={roots['no_data'] / 'nothing'}", f"path.log_dir={roots['no_data']}"],

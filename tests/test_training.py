@@ -225,10 +225,10 @@ def test_snapshot_of_another_encoder_is_refused(tmp_path):
 @pytest.fixture(scope="module")
 def cli_runs(prep, tmp_path_factory) -> dict:
     """The train.py commands of the two tests below, in one process one after the other
-    (test_bad_inputs.run_sacred_cases: train.py's run_sacred once per command, stdout/stderr captured; the
-    real `python train.py` process contract is test_reliability's test_real_train_process_float_fold_*):
+    (conftest.run_sacred_cases: train.py's run_sacred once per command, stdout/stderr captured; the
+    real `python train.py` process contract is test_errors.test_real_processes_*):
     {name: ({code, out, err}, its log_dir)}."""
-    from test_bad_inputs import run_sacred_cases
+    from conftest import run_sacred_cases
     roots = {name: tmp_path_factory.mktemp(name) for name in ("bad_grid", "no_data", "diverging")}
     commands = {
         "bad_grid": [f"path.data_dir={prep}", "model.n_grid=0", f"path.log_dir={roots['bad_grid'] / 'runs'}"],
@@ -256,9 +256,9 @@ def _state_dicts_equal(a: dict, b: dict) -> bool:
 
 def train_then_resume(reference_log_dir, resumed_log_dir, prep_dir, *overrides) -> tuple[dict, dict]:
     """An uninterrupted reference run and the resume (resume=True) of a killed run, both `train.py with
-    tiny device=cpu ...`, in one process one after the other (test_bad_inputs.run_sacred_cases:
+    tiny device=cpu ...`, in one process one after the other (conftest.run_sacred_cases:
     train.py's run_sacred once per command); their results {code, out, err}."""
-    from test_bad_inputs import run_sacred_cases
+    from conftest import run_sacred_cases
     common = ["tiny", "device=cpu", f"path.data_dir={prep_dir}", *overrides]
     return run_sacred_cases("train", [common + [f"path.log_dir={reference_log_dir}"],
                                       common + ["resume=True", f"path.log_dir={resumed_log_dir}"]])
