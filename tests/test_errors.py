@@ -31,6 +31,7 @@ import torch
 from conftest import TINY_PHANTOM, assert_one_line_error, run_sacred_cases, run_script, script_output
 from test_training import train_cli, train_then_resume
 
+from dataloaders.intensity import validate_intensity, volume_intensity
 from dataloaders.nifti import load_nifti, to_original
 from dataloaders.visceral import find_cases, load_case
 from models.checkpoint import load_checkpoint
@@ -271,6 +272,13 @@ class Context:
     def __getattr__(self, name):
         self.used.add(name)
         return self.request.getfixturevalue(name)
+
+    @classmethod
+    def of(cls, tmp: Path, **fixtures) -> "Context":
+        """A Context outside a row: the given fixtures as attributes."""
+        c = cls(None, tmp)
+        c.__dict__.update(fixtures)
+        return c
 
     def inputs(self) -> dict:
         """The shared input files (when the row used them) as `tree` gives them."""
@@ -1049,16 +1057,6 @@ def loader(name: str):
                                                                                          load_checkpoint)
 
 
-def validate_intensity(intensity):
-    from dataloaders.intensity import validate_intensity as validate
-    return validate(intensity)
-
-
-def volume_intensity(*args):
-    from dataloaders.intensity import volume_intensity as resolve
-    return resolve(*args)
-
-
 def crop_affine() -> np.ndarray:
     """Slices 4.. of a SPACING volume: its origin 4 slices up."""
     affine = np.diag([*SPACING, 1.0])
@@ -1211,25 +1209,18 @@ def test_prepare_reads_empty_0_255_and_lps_masks_as_the_plain_ones(tiny_phantom,
 ])
 def test_check_dataset_accepts_what_prepare_wrote_with_underscore_ids(tiny_phantom, tmp_path, capsys, names,
                                                                       per_case_folder, ids):
-    code, err = run_script("prepare_visceral", multilabel_argv(_Plain(tiny_phantom, tmp_path), names,
-                                                               per_case_folder), capsys)
+    argv = multilabel_argv(Context.of(tmp_path, tiny_phantom=tiny_phantom), names, per_case_folder)
+    code, err = run_script("prepare_visceral", argv, capsys)
     assert code == 0, err
     assert (tmp_path / "prep" / "train" / f"{ids[0]}_image.npy").is_file()
     assert (tmp_path / "prep" / "volumes" / "gold" / f"{ids[1]}.npz").is_file()
     assert run_script("check_dataset", [tmp_path / "prep"], capsys)[0] == 0
 
 
-class _Plain:
-    """The two fields of a row Context that the argv builders above read."""
-
-    def __init__(self, tiny_phantom, tmp):
-        self.tiny_phantom, self.tmp = tiny_phantom, tmp
-
-
 def test_images_only_folder_hidden_files_and_the_readme_superpixels_example(tiny_phantom, tmp_path, capsys):
     """A hidden ._x.nii.gz is skipped; README's `--figure data/my_unlabeled/overlay.png --out
     data/my_unlabeled` (a figure inside the folder the run makes) works; check_dataset accepts both."""
-    images = images_dir(_Plain(tiny_phantom, tmp_path))
+    images = images_dir(Context.of(tmp_path, tiny_phantom=tiny_phantom))
     (images / "._image_1.nii.gz").write_bytes(b"\x00\x05\x16\x07 macOS metadata")    # an AppleDouble file
     code, err = run_script("prepare_visceral", ["--visceral-dir", images, "--out", tmp_path / "prep",
                                                 "--layout",
@@ -1283,8 +1274,7 @@ def test_segment_masks_in_other_forms_give_the_binary_result_and_warnings_name_d
                                                                                               capsys):
     """A 0/255 float, soft 0/0.5 or LPS-stored mask, or a labelled mask with its label map (two forms) or a
     sidecar JSON: the same output bytes as the plain liver mask. Doubtful input warns and goes on."""
-    c = Context(None, tmp_path)
-    c.files = files
+    c = Context.of(tmp_path, files=files)
 
     def run(name, **changes):
         argv = segment_argv(c, **{"--out": tmp_path / f"{name}.nii.gz", **changes})
@@ -1358,8 +1348,7 @@ def test_non_hu_volumes_run_with_minmax_and_new_checkpoints_store_plain_data(fil
     checkpoint holds plain data only (the RNG state as lists) and restores the RNG and the weights."""
     from models.checkpoint import model_from_checkpoint, save_checkpoint
     from util.device import get_rng_state, set_rng_state
-    c = Context(None, tmp_path)
-    c.files = files
+    c = Context.of(tmp_path, files=files)
     argv = segment_argv(c, True, **{"--query": "uint16_raw", "--intensity": "minmax", "--query-range": "5:16",
                                     "--out": tmp_path / "ok.nii.gz"})
     code, _, err = script_output("segment_volume", argv, capsys)
@@ -1385,8 +1374,7 @@ def test_non_hu_volumes_run_with_minmax_and_new_checkpoints_store_plain_data(fil
 
 
 def test_query_range_transfer_by_physical_z_and_coverage(files, tmp_path, capsys):
-    c = Context(None, tmp_path)
-    c.files = files
+    c = Context.of(tmp_path, files=files)
     common = dict(supports=[(files["support"], files["support_mask"])], device="cpu", progress=False,
                   input_size=24, n_chunks=3)
     from evaluation.segment import segment_volume
@@ -1580,8 +1568,7 @@ def test_real_processes_one_line_without_traceback_and_debug_shows_it(tiny_prepa
 
 @pytest.mark.parametrize("entry", ["segment_volume", "make_phantom", "train.py"])
 def test_disk_full_mid_write_is_one_line_and_leaves_no_partial_output(files, tiny_prepared, tmp_path, entry):
-    c = Context(None, tmp_path)
-    c.files = files
+    c = Context.of(tmp_path, files=files)
     limit = 600                             # any file beyond it fails with EFBIG, as a full disk with ENOSPC
     if entry == "segment_volume":
         argv = ["scripts/segment_volume.py", *segment_argv(c)]
@@ -1703,8 +1690,7 @@ SLOW_WRITE_DRIVER = textwrap.dedent("""
 
 
 def test_segment_killed_while_writing_keeps_the_old_output(files, tmp_path):
-    c = Context(None, tmp_path)
-    c.files = files
+    c = Context.of(tmp_path, files=files)
     out = made(tmp_path / "out") / "pred.nii.gz"
     out.write_bytes(b"old prediction")
     proc = subprocess.Popen([sys.executable, "-c", SLOW_WRITE_DRIVER, *segment_argv(c, **{"--out": out})],
