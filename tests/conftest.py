@@ -6,8 +6,11 @@ qualifies with more than 5 voxels so every class has slices) so every test that 
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
+import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 # One intra-op thread for the tests and the processes they start (set before torch is imported): their
@@ -50,6 +53,76 @@ def load_script(name: str):
     sys.modules[spec.name] = module   # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
+
+
+def script_output(name: str, argv: list, capsys) -> tuple[int, str, str]:
+    """Run scripts/<name>.py's main through util.cli.run_cli in-process: (exit code, stdout, stderr)."""
+    from util.cli import run_cli
+    module = load_script(name)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stop:
+        run_cli(module.main, [str(a) for a in argv])
+    captured = capsys.readouterr()
+    return stop.value.code, captured.out, captured.err
+
+
+def run_script(name: str, argv: list, capsys) -> tuple[int, str]:
+    """(exit code, stderr) of scripts/<name>.py run in-process (`script_output`)."""
+    code, _, err = script_output(name, argv, capsys)
+    return code, err
+
+
+def assert_one_line_error(code, err: str, *words: str) -> str:
+    """Exit code 2, exactly one non-empty stderr line starting 'error:', naming `words`, no traceback."""
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2, (code, err)
+    assert "Traceback" not in err
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    for word in words:
+        assert word in lines[0], (word, lines[0])
+    return lines[0]
+
+
+# train.py / test.py commands in ONE process (each `config.run_sacred` once, its output captured), so each
+# command costs no extra torch import; a {"python": code} entry runs that code in between (no result).
+SACRED_DRIVER = textwrap.dedent("""
+    import contextlib, importlib, io, json, logging, sys, traceback, warnings
+    warnings.filterwarnings("ignore")
+    entry, cases = sys.argv[1], json.loads(sys.argv[2])
+    module = importlib.import_module(entry)
+    from config import run_sacred
+    results = []
+    for case in cases:
+        if isinstance(case, dict):
+            exec(case["python"], {})
+            continue
+        err, out, code = io.StringIO(), io.StringIO(), None
+        # Sacred's log lines: the root logger's handler (made by the first run) writes to this err too
+        for handler in logging.getLogger().handlers:
+            if type(handler) is logging.StreamHandler:
+                handler.setStream(err)
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
+            try:
+                run_sacred(module.ex, [entry + ".py", "with", *case])
+                code = 0
+            except SystemExit as stop:
+                code = stop.code
+            except BaseException:
+                traceback.print_exc()
+                code = "exception"
+        results.append({"code": code, "err": err.getvalue(), "out": out.getvalue()[-20000:]})
+    print("RESULTS" + json.dumps(results))
+""")
+
+
+def run_sacred_cases(entry: str, cases: list) -> list[dict]:
+    """{code, out, err} of each command (the words after `with`) of `entry`.py, one after the other in one
+    process; each err holds what that command's own process would print on stderr (Sacred's log lines
+    included)."""
+    done = subprocess.run([sys.executable, "-c", SACRED_DRIVER, entry, json.dumps(cases)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert "RESULTS" in done.stdout, done.stderr[-3000:]
+    return json.loads(done.stdout.split("RESULTS", 1)[1])
 
 
 @pytest.fixture(scope="session")

@@ -175,8 +175,8 @@ def test_alpnet_item_layout_views_and_determinism(unlabeled_prep):
 def test_train_py_with_ssl_alpnet_episodes_and_head(unlabeled_prep, tmp_path):
     """`train.py with tiny selfsup selfsup.episodes=alpnet model.head=alpnet model.align=True`: two steps run
     and the loop reports the redraw count; an unknown recipe is one line. Both commands in one process
-    (test_bad_inputs.run_sacred_cases: train.py's run_sacred once per command, stdout/stderr captured)."""
-    from test_bad_inputs import run_sacred_cases
+    (conftest.run_sacred_cases: train.py's run_sacred once per command, stdout/stderr captured)."""
+    from conftest import run_sacred_cases
     common = ["tiny", "selfsup", "device=cpu", f"path.log_dir={tmp_path}", f"path.data_dir={unlabeled_prep}",
               "n_steps=2", "model.head=alpnet", "model.align=True"]
     bad, result = run_sacred_cases("train", [common + ["selfsup.episodes=ssl"],

@@ -167,24 +167,6 @@ def test_setting2_leaves_no_training_slice_with_a_test_organ(tmp_path):
     assert np.allclose(images, np.moveaxis((raw - raw.mean()) / raw.std(), 2, 0), atol=1e-5)   # MR z-score
 
 
-def test_ct_uses_the_training_scans_global_statistics(tmp_path):
-    folder = write_alpnet_folder(tmp_path / "sabs", range(8), dataset=layout.SABS)
-    meta = prepare_alpnet(folder, tmp_path / "p", fold=0, setting=1)
-    training = [int(s) for s in meta["splits"]["train"]]
-    assert training == [7]                                      # 0-5 test, 6 support
-    raws = [np.asarray(nib.load(str(folder / f"image_{s}.nii.gz")).dataobj).transpose(1, 0, 2)
-            for s in training]
-    mean, std = (np.concatenate([r.ravel() for r in raws]).mean(),
-                 np.concatenate([r.ravel() for r in raws]).std())
-    assert meta["intensity"]["mean"] == pytest.approx(mean) and meta["intensity"]["std"] == pytest.approx(std)
-    gold = np.load(tmp_path / "p" / "volumes" / "gold" / "0.npz")
-    raw0 = np.asarray(nib.load(str(folder / "image_0.nii.gz")).dataobj).transpose(1, 0, 2)
-    assert np.allclose(gold["image"], raw0, atol=1e-3)                  # evaluation volumes as stored
-    normalised = normalised_volume(gold["image"], meta["intensity"])
-    # test scans reuse the training statistics
-    assert np.allclose(normalised, (raw0 - mean) / std, atol=1e-4)
-
-
 def test_bad_input_leaves_nothing_half_written(tmp_path):
     folder = write_alpnet_folder(tmp_path / "d", [1, 2, 3, 5, 8, 10])
     label = np.asarray(nib.load(str(folder / "label_8.nii.gz")).dataobj).copy()
@@ -238,3 +220,34 @@ def test_prepare_script_alpnet_layout_refuses_an_hu_window_on_mr(tmp_path):
     assert meta["intensity"] == {"mode": "zscore"} and meta["alpnet"]["test_organs"] == ["liver", "spleen"]
     check = _script("check_dataset")
     assert check.main([str(tmp_path / "p")]) in (0, None)        # the checker accepts the folder
+
+
+def test_ct_training_and_test_scans_use_the_training_scans_pooled_statistics(tmp_path):
+    """Three training scans with different statistics (and test scans with others): every training slice
+    and every evaluation volume is scaled by the mean and std pooled over the training scans' voxels,
+    not by its own volume's, nor by statistics that include test scans."""
+    folder = write_alpnet_folder(tmp_path / "sabs", range(10), dataset=layout.SABS)
+    for sid in range(10):                                       # each scan scaled and shifted its own way
+        path = folder / f"image_{sid}.nii.gz"
+        scale, shift = 1 + (5 * sid) % 7, 400 * ((3 * sid) % 5) - 800
+        _save(np.asarray(nib.load(str(path)).dataobj) * scale + shift, path)
+    meta = prepare_alpnet(folder, tmp_path / "p", fold=0, setting=1, with_superpixels=False)
+    assert meta["splits"]["train"] == ["7", "8", "9"]           # 0-5 test, 6 support
+    raws = {sid: np.asarray(nib.load(str(folder / f"image_{sid}.nii.gz")).dataobj).transpose(1, 0, 2)
+            for sid in range(10)}                               # Y x X x Z
+    pooled = np.concatenate([raws[sid].ravel() for sid in (7, 8, 9)])
+    mean, std = pooled.mean(), pooled.std()
+    assert (meta["intensity"]["mean"], meta["intensity"]["std"]) == pytest.approx((mean, std), rel=1e-9)
+    for sid in (7, 8, 9):
+        stored = np.load(tmp_path / "p" / "train" / f"{sid}_image.npy")               # Z x Y x X
+        own = (raws[sid] - raws[sid].mean()) / raws[sid].std()
+        assert not np.allclose(np.moveaxis(own, 2, 0), stored, atol=0.1)             # the rules differ here
+        np.testing.assert_allclose(stored, np.moveaxis((raws[sid] - mean) / std, 2, 0), atol=1e-5)
+    for sid in (0, 6):                                          # a test scan and the support
+        gold = np.load(tmp_path / "p" / "volumes" / "gold" / f"{sid}.npz")["image"]
+        np.testing.assert_allclose(gold, raws[sid], atol=1e-3)                      # stored as read
+        np.testing.assert_allclose(normalised_volume(gold, meta["intensity"]), (raws[sid] - mean) / std,
+                                   atol=1e-4)
+    sizes = [np.arange(10.0), np.arange(30.0) * 3 + 7]          # unequal sizes: pooled != mean of means
+    both = np.concatenate(sizes)
+    assert layout.ct_statistics(sizes) == pytest.approx((both.mean(), both.std()), rel=1e-12)

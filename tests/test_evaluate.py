@@ -273,10 +273,10 @@ def test_unknown_organ_and_missing_gold_are_clear_errors(tmp_path):
 @pytest.fixture(scope="module")
 def test_py_runs(tmp_path_factory) -> dict:
     """The test.py commands of the two tests below, in one process one after the other
-    (test_bad_inputs.run_sacred_cases: test.py's run_sacred once per command, stdout/stderr captured;
-    the real `python test.py` process contract is test_bad_inputs.test_real_processes_*):
+    (conftest.run_sacred_cases: test.py's run_sacred once per command, stdout/stderr captured;
+    the real `python test.py` process contract is test_errors.test_real_processes_*):
     {name: ({code, out, err}, its folder)}."""
-    from test_bad_inputs import run_sacred_cases
+    from conftest import run_sacred_cases
     roots = {name: tmp_path_factory.mktemp(name) for name in ("no_data", "missing_snapshot", "writes")}
     commands = {
         "no_data": [f"path.data_dir={roots['no_data'] / 'nothing'}", f"path.log_dir={roots['no_data']}"],
@@ -354,3 +354,58 @@ def test_snapshot_trained_on_other_intensity_scaling_is_refused(tmp_path):
     results = evaluate({"LSLPN": str(snapshot)}, ["liver"], prep, preset="thirds", input_size=32,
                        device="cpu", progress=False)
     assert results["results"]["LSLPN"]["liver"]["range"]["value"] is not None
+
+
+@pytest.mark.parametrize("preset", ["thirds", "alpnet"])
+def test_range_dice_scores_the_first_and_the_last_slice_of_the_range(tmp_path, preset):
+    """The query's organ moves away on the first and last slice of its range (3..11): mask copy misses
+    both, and the range Dice counts them: 2 * 7 / (9 + 9) slices' worth, by a loop over the slices."""
+    pids = ("10000100", "10000104")
+    prep = make_prepared(tmp_path, pids=pids)
+    here, away = (slice(2, 12), slice(3, 15)), (slice(12, 22), slice(3, 15))
+    for pid in pids:
+        volume = make_volume(0)
+        volume["label"][:] = 0
+        for z in range(3, 12):
+            x, y = away if (pid == pids[1] and z in (3, 11)) else here
+            volume["label"][x, y, z] = 1
+        np.savez(prep / "volumes" / "gold" / f"{pid}.npz", **volume)
+    results, _ = _run(tmp_path, prep=prep, preset=preset, methods={"mask copy": None}, organs=["liver"])
+    case = results["results"]["mask copy"]["liver"]["per_volume"][0]
+    assert tuple(case["query_range"]) == (3, 11)
+    query = np.load(prep / "volumes" / "gold" / f"{pids[1]}.npz")["label"] == 1
+    copied = np.zeros_like(query)
+    copied[here[0], here[1], 3:12] = True                 # the support's prism on every range slice
+    tp = sum(int((copied[..., z] & query[..., z]).sum()) for z in range(3, 12))
+    sizes = sum(int(copied[..., z].sum() + query[..., z].sum()) for z in range(3, 12))
+    assert case["dice_range"] == pytest.approx(2 * tp / sizes) == pytest.approx(14 / 18)
+    assert case["dice_volume"] == pytest.approx(14 / 18)
+
+
+def _records(dice_by_support: dict) -> list[dict]:
+    return [{"method": "m", "organ": "liver", "support": support, "query": f"q{i}", "dice_range": value,
+             "dice_volume": value / 2, "support_range": (0, 1), "query_range": (0, 1), "skipped": None}
+            for support, values in dice_by_support.items() for i, value in enumerate(values)]
+
+
+def test_senet_aggregates_the_median_over_queries_per_support_then_the_mean_over_supports(tmp_path,
+                                                                                        monkeypatch):
+    import evaluation.evaluate as evaluation
+    from evaluation.protocol import PRESETS
+    from evaluation.results import summarise
+    dice_by_support = {"s1": [0.1, 0.9, 0.2], "s2": [0.6, 0.5, 0.6], "s3": [0.85, 0.0, 0.8]}
+    medians = [sorted(values)[1] for values in dice_by_support.values()]              # 0.2, 0.6, 0.8
+    means = [sum(values) / 3 for values in dice_by_support.values()]
+    senet = summarise(_records(dice_by_support), PRESETS["senet"])["m"]["liver"]
+    assert senet["range"]["value"] == pytest.approx(sum(medians) / 3)                 # not the median, 0.6
+    assert senet["range"]["std_over_supports"] == pytest.approx(np.std(medians))
+    assert senet["volume"]["value"] == pytest.approx(sum(medians) / 6)
+    thirds = summarise(_records(dice_by_support), PRESETS["thirds"])["m"]["liver"]
+    assert thirds["range"]["value"] == pytest.approx(sum(means) / 3)
+    # validate() during training: the preset's aggregate over the queries of its one support
+    monkeypatch.setattr(evaluation, "run_protocol", lambda *args, **kwargs: _records({"s1": [0.1, 0.9, 0.2]}))
+    prep = make_prepared(tmp_path, split="val")
+    for preset, expected in (("senet", 0.2), ("thirds", 0.4)):
+        result = evaluation.validate(IntensityModel(), prep, split="val", organs=["liver"], preset=preset,
+                                     input_size=32)
+        assert result["per_organ"]["liver"] == pytest.approx(expected) == result["mean_dice"]

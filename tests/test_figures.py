@@ -67,7 +67,7 @@ def test_figures_are_written_and_make_figures_merges_fold_runs(tmp_path):
 
 def test_make_figures_on_a_missing_run_is_one_line(tmp_path, capsys):
     """main in-process through run_cli, as the command line runs it (the test above runs the real process)."""
-    from test_bad_inputs import run_script
+    from conftest import run_script
     code, err = run_script("make_figures", [tmp_path], capsys)
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and "results.json is missing" in lines[0]

@@ -134,8 +134,8 @@ def train_cli(*overrides, log_dir, prep_dir, launcher=(sys.executable,)):
 @pytest.mark.parametrize("device", DEVICES)
 def test_fp16_grad_scaler_state_is_saved_and_resumed(prep, tmp_path, device):
     """The 2-step run and its resume to 4 steps: two train.py commands in one process, one after the other
-    (test_bad_inputs.run_sacred_cases)."""
-    from test_bad_inputs import run_sacred_cases
+    (conftest.run_sacred_cases)."""
+    from conftest import run_sacred_cases
     common = ["tiny", "val_every=0", "save_every=2", f"path.data_dir={prep}", f"path.log_dir={tmp_path}",
               f"device={device}", "amp=fp16"]
     first_run, resumed_run = run_sacred_cases("train", [common + ["n_steps=2"],

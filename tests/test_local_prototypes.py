@@ -354,3 +354,49 @@ def test_bad_input():
                    {"scale": 0}):
         with pytest.raises(AssertionError):
             LocalPrototypeHead(**kwargs)
+
+
+def _alignment_reference(head, sf, fg, bg, qf, query_logits):
+    """The local head's alignment loss by loops (float64): per episode b, the query argmax masks are the
+    shots of every way (background: the argmax-0 pixels); `official_cell_loop` scores each support image
+    (n, k) with those prototypes; cross-entropy of (background, way n) against its labelled pixels (fg 1,
+    bg 0, others ignored), averaged per image, then over all B x N x K images."""
+    B, N, K = sf.shape[:3]
+    H, W = query_logits.shape[-2:]
+    losses = []
+    for b in range(B):
+        pred = query_logits[b].argmax(1)                                     # Q x H x W
+        shots_fg = torch.stack([(pred == n + 1).double() for n in range(N)])  # N x Q x H x W
+        shots_bg = torch.stack([(pred == 0).double()] * N)
+        shots = torch.stack([qf[b]] * N)                                      # N x Q x C x h x w
+        scores = official_cell_loop(shots[None], shots_fg[None], shots_bg[None], sf[b].flatten(0, 1)[None],
+                                    (H, W), head.n_grid, head.overlap, head.vote, head.min_pixels,
+                                    head.scale)[0]                            # NK x (1 + N) x H x W
+        for n in range(N):
+            for k in range(K):
+                pair = scores[n * K + k][[0, n + 1]]                          # 2 x H x W
+                total, count = 0.0, 0
+                for x in range(H):
+                    for y in range(W):
+                        if fg[b, n, k, x, y] > 0.5:
+                            target = 1
+                        elif bg[b, n, k, x, y] > 0.5:
+                            target = 0
+                        else:
+                            continue
+                        total -= float(torch.log_softmax(pair[:, x, y], 0)[target])
+                        count += 1
+                losses.append(total / max(count, 1))
+    return sum(losses) / len(losses)
+
+
+@pytest.mark.parametrize("vote,N,K,Q", [("max", 2, 2, 2), ("mean", 1, 3, 1)])
+def test_alignment_loss_equals_the_loop(vote, N, K, Q):
+    image, feat = (16, 20), (4, 5)
+    sf, fg, bg, qf = _episode(11 + N, 2, N, K, Q, 6, feat, image)
+    g = torch.Generator().manual_seed(5)
+    logits = torch.randn(2, Q, 1 + N, *image, generator=g)                     # every class wins somewhere
+    logits[:, :, 1:, 4:12, 5:15] += 2.0
+    head = LocalPrototypeHead(2, True, vote, "image", min_pixels=3, scale=20.0)
+    got = head.alignment_loss(head.compute_prototypes(sf, fg, bg, image), logits, qf, sf, fg, bg)
+    assert float(got) == pytest.approx(_alignment_reference(head, sf, fg, bg, qf, logits), rel=1e-5)

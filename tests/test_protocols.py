@@ -426,3 +426,19 @@ def test_summarise_folds_mean_and_std_of_fold_means():
                                   1: {"liver": 0.7, "spleen": float("nan")}})
     assert summary["liver"] == {"mean": pytest.approx(0.6), "std": pytest.approx(0.1), "n_folds": 2}
     assert summary["spleen"]["n_folds"] == 1
+
+
+@pytest.mark.parametrize("rule, n_chunks", [("inclusive", 12), ("inclusive", 3), ("official", 12),
+                                            ("senet", 10), ("alpnet", 3)])
+def test_every_rule_plans_each_slice_of_the_query_range_once_first_and_last_included(rule, n_chunks):
+    for length in range(1, 27):
+        for support_length in (1, 5, 13, 30):
+            support_mask = _mask_with_counts([0] * 4 + [20] * support_length + [0] * 3)
+            support_range = (4, 3 + support_length)
+            query_range = (2, 1 + length)
+            plan = chunk_plan(support_range, query_range, n_chunks, rule=rule, support_mask=support_mask)
+            planned = np.concatenate([query_z for _, query_z in plan]).tolist()
+            assert sorted(planned) == list(range(query_range[0], query_range[1] + 1)), length
+            assert all(support_range[0] <= z <= support_range[1] for shots, _ in plan for z in shots)
+            sources = support_slices_for_query(support_range, query_range, n_chunks, rule, support_mask)
+            assert len(sources) == length

@@ -24,9 +24,9 @@ def resolve(named, **updates) -> dict:
 
 
 def test_one_selfsup_step_then_fine_tuning(unlabeled_prep, tiny_prepared, tmp_path):
-    """Both train.py commands in one process, one after the other (test_bad_inputs.run_sacred_cases:
+    """Both train.py commands in one process, one after the other (conftest.run_sacred_cases:
     train.py's run_sacred once per command); the second starts from the first one's last.pth."""
-    from test_bad_inputs import run_sacred_cases
+    from conftest import run_sacred_cases
     last = str(tmp_path / "lslpn_selfsup" / "1" / "last.pth")            # where the first run writes it
     common = ["tiny", "device=cpu", f"path.log_dir={tmp_path}"]
     selfsup_run, finetune_run = run_sacred_cases("train", [

@@ -234,10 +234,10 @@ def test_snapshot_of_another_encoder_is_refused(tmp_path):
 @pytest.fixture(scope="module")
 def cli_runs(prep, tmp_path_factory) -> dict:
     """The train.py commands of the two tests below, in one process one after the other
-    (test_bad_inputs.run_sacred_cases: train.py's run_sacred once per command, stdout/stderr captured; the
-    real `python train.py` process contract is test_reliability's test_real_train_process_float_fold_*):
+    (conftest.run_sacred_cases: train.py's run_sacred once per command, stdout/stderr captured; the
+    real `python train.py` process contract is test_errors.test_real_processes_*):
     {name: ({code, out, err}, its log_dir)}."""
-    from test_bad_inputs import run_sacred_cases
+    from conftest import run_sacred_cases
     roots = {name: tmp_path_factory.mktemp(name) for name in ("bad_grid", "no_data", "diverging")}
     commands = {
         "bad_grid": [f"path.data_dir={prep}", "model.n_grid=0", f"path.log_dir={roots['bad_grid'] / 'runs'}"],
@@ -265,9 +265,9 @@ def _state_dicts_equal(a: dict, b: dict) -> bool:
 
 def train_then_resume(reference_log_dir, resumed_log_dir, prep_dir, *overrides) -> tuple[dict, dict]:
     """An uninterrupted reference run and the resume (resume=True) of a killed run, both `train.py with
-    tiny device=cpu ...`, in one process one after the other (test_bad_inputs.run_sacred_cases:
+    tiny device=cpu ...`, in one process one after the other (conftest.run_sacred_cases:
     train.py's run_sacred once per command); their results {code, out, err}."""
-    from test_bad_inputs import run_sacred_cases
+    from conftest import run_sacred_cases
     common = ["tiny", "device=cpu", f"path.data_dir={prep_dir}", *overrides]
     return run_sacred_cases("train", [common + [f"path.log_dir={reference_log_dir}"],
                                       common + ["resume=True", f"path.log_dir={resumed_log_dir}"]])
@@ -421,3 +421,70 @@ def test_rng_state_round_trip():
     set_rng_state(state)
     second = (torch.rand(3), np.random.rand(), random.random())
     assert torch.equal(first[0], second[0]) and first[1:] == second[1:]
+
+
+# ------------------------------------------------------------------- bookkeeping of the loop, step by step
+class RecordingRun:
+    """The parts of a Sacred Run the loop uses: one observer's folder (with config.json as Sacred writes
+    it), info and the logged scalars."""
+
+    def __init__(self, run_dir: Path, config: dict):
+        from types import SimpleNamespace
+        run_dir.mkdir(parents=True)
+        (run_dir / "config.json").write_text(json.dumps(config, default=str))
+        self.observers, self.info, self.scalars = [SimpleNamespace(dir=str(run_dir))], {}, []
+
+    def log_scalar(self, name, value, step):
+        self.scalars.append((name, value, step))
+
+    def logged(self, name: str) -> list:
+        return [value for key, value, _ in self.scalars if key == name]
+
+
+def scripted_validation(monkeypatch, dices):
+    """The loop's validate() replaced by one returning these mean Dice values in turn."""
+    import training.loop as loop
+    values = iter(dices)
+    monkeypatch.setattr(loop, "validate", lambda *args, **kwargs: {"mean_dice": next(values),
+                                                                    "per_organ": {}})
+
+
+def test_best_snapshot_is_the_step_of_the_highest_validation_dice(tmp_path, prep, monkeypatch):
+    from training.loop import train
+    dices = [0.2, 0.5, float("nan"), 0.5, 0.3, 0.4]                   # steps 1..6 (val_every=1)
+    finite = [d for d in dices if d == d]
+    best = max(finite)
+    best_step = 1 + dices.index(best)                                  # the first of equal values stays
+    scripted_validation(monkeypatch, dices)
+    run_dir = tmp_path / "run"
+    paths = {"data_dir": str(prep), "log_dir": str(tmp_path)}
+    config = resolve(n_steps=6, val_every=1, save_every=6, path=paths)
+    summary = train(config, RecordingRun(run_dir, config))
+    snapshot = load_checkpoint(str(run_dir / "best.pth"))
+    assert (snapshot["step"], snapshot["best_dice"], summary["best_dice"]) == (best_step, best, best)
+    assert load_checkpoint(str(run_dir / "last.pth"))["best_dice"] == best
+
+    scripted_validation(monkeypatch, [0.6, 0.1, 0.7])                  # a lower value never replaces best
+    config = resolve(n_steps=3, val_every=1, save_every=3, path=paths)
+    summary = train(config, RecordingRun(tmp_path / "b", config))
+    assert load_checkpoint(str(tmp_path / "b" / "best.pth"))["step"] == 3 and summary["best_dice"] == 0.7
+
+
+def test_learning_rate_of_every_step_follows_lr_milestones_across_a_resume(tmp_path, prep, monkeypatch):
+    """MultiStepLR stepped once per step: step t (0-based) uses lr * gamma ** #(milestones <= t); a resumed
+    run continues the schedule where the killed one stopped."""
+    from training.loop import train
+    lr, gamma, milestones, n_steps = 0.01, 0.1, [2, 6], 8   # resumed at 3: a fresh schedule would drop at 5
+    expected = [lr * gamma ** sum(m <= t for m in milestones) for t in range(n_steps)]
+    scripted_validation(monkeypatch, [0.1] * n_steps)
+    paths = {"data_dir": str(prep), "log_dir": str(tmp_path)}
+    name = run_name(resolve(path=paths))
+    common = dict(lr=lr, lr_gamma=gamma, lr_milestones=milestones, val_every=0, save_every=1, path=paths)
+    configs = resolve(n_steps=3, **common), resolve(n_steps=n_steps, resume=True, **common)
+    first, resumed = (RecordingRun(tmp_path / name / str(i + 1), c) for i, c in enumerate(configs))
+    train(configs[0], first)
+    train(configs[1], resumed)
+    assert resumed.info["resumed_from"] == str(tmp_path / name / "1" / "last.pth")
+    assert first.logged("lr") + resumed.logged("lr") == pytest.approx(expected, rel=1e-12)
+    state = load_checkpoint(str(tmp_path / name / "2" / "last.pth"))
+    assert state["optimizer"]["param_groups"][0]["lr"] == pytest.approx(lr * gamma ** 2)   # after step 8

@@ -1,0 +1,1701 @@
+"""Bad input at every door, as tables of (command, input, expected line) rows; then crash safety.
+
+A row's command (a script run in-process through util.cli.run_cli, train.py / test.py through
+config.run_sacred, all of one entry in one process, or a library door) fed its bad input must end with
+ONE `error:` line holding the expected words, exit code 2, no traceback, and nothing written or changed
+(inputs byte-identical, no partial output, no FAILED run record). Legitimate unusual input (a 0/255 or
+LPS mask, a float CT, MR volumes, ...) must give the right answer instead: the tests after the tables.
+Last: SIGKILL at a random moment never leaves a partial output, and training resumes to the same weights.
+"""
+from __future__ import annotations
+
+import errno
+import glob
+import json
+import os
+import random
+import re
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from conftest import TINY_PHANTOM, assert_one_line_error, run_sacred_cases, run_script, script_output
+from test_training import train_cli, train_then_resume
+
+from dataloaders.layouts import find_cases, load_case
+from dataloaders.nifti import load_nifti, to_original
+from dataloaders.transforms import validate_intensity, volume_intensity
+from models.checkpoint import load_checkpoint
+from util.errors import UserError
+
+ROOT = Path(__file__).resolve().parents[1]
+CHAOS = ROOT.parent / "shared/data/chaos_mr_t2"
+WINDOW = {"mode": "window", "window": [-125.0, 275.0]}
+SPACING = (2.0, 2.0, 5.0)
+PREP_ARGS = ["--size", str(TINY_PHANTOM["size"]), "--n-val", "0", "--min-voxels", "5", "--workers", "1"]
+PHANTOM_ARGS = ["--size", "32", "--slices", "8", "--n-silver", "1", "--n-gold", "2", "--workers", "1"]
+SEED = int(os.environ.get("LSLPN_CRASH_SEED", time.time_ns() % 100_000))
+
+
+# ------------------------------------------------------------------------------------ helpers
+def tree(folder: Path) -> dict:
+    """Every path under `folder` (relative) with its bytes (None for a folder); {} when absent."""
+    if not folder.exists():
+        return {}
+    return {str(p.relative_to(folder)): (p.read_bytes() if p.is_file() else None)
+            for p in sorted(folder.rglob("*"))}
+
+
+def truncate(path: Path, keep: int | None = None) -> Path:
+    data = path.read_bytes()
+    path.unlink()
+    path.write_bytes(data[: len(data) // 2 if keep is None else keep])
+    return path
+
+
+def save(path: Path, array, affine=None) -> Path:
+    nib.save(nib.Nifti1Image(np.asarray(array), np.diag([*SPACING, 1.0]) if affine is None else affine),
+             str(path))
+    return path
+
+
+def rewrite_nifti(path: Path, change) -> None:
+    """Replace the NIfTI at `path` (possibly a symlink) by change(array, affine) -> (array, affine)."""
+    image = nib.load(str(path))
+    array, affine = change(np.asarray(image.dataobj), image.affine.copy())
+    path.unlink()
+    nib.save(nib.Nifti1Image(array, affine), str(path))
+
+
+def to_lps(array, affine):
+    """The same voxels stored with x and y flipped (LPS)."""
+    flip = np.diag([-1.0, -1.0, 1.0, 1.0])
+    flip[:3, 3] = [array.shape[0] - 1, array.shape[1] - 1, 0]
+    return array[::-1, ::-1].copy(), affine @ flip
+
+
+def mini_source(tiny_phantom: Path, root: Path, n_silver: int = 2) -> Path:
+    """A VISCERAL tree of symlinks to `n_silver` silver and 2 gold cases of the tiny phantom."""
+    for corpus, count in (("SilverCorpus", n_silver), ("GoldCorpus", 2)):
+        for sub in ("Volumes", "Segmentations"):
+            (root / corpus / sub).mkdir(parents=True)
+        for volume in sorted((tiny_phantom / corpus / "Volumes").iterdir())[:count]:
+            (root / corpus / "Volumes" / volume.name).symlink_to(volume)
+            for mask in (tiny_phantom / corpus / "Segmentations").glob(f"{volume.name.split('_')[0]}_*"):
+                (root / corpus / "Segmentations" / mask.name).symlink_to(mask)
+    return root
+
+
+def first_volume(root: Path) -> Path:
+    return sorted((root / "SilverCorpus" / "Volumes").iterdir())[0]
+
+
+def liver_mask(root: Path, radlex: int = 58) -> Path:
+    pid = first_volume(root).name.split("_")[0]
+    return root / "SilverCorpus" / "Segmentations" / f"{pid}_1_CTce_ThAb_{radlex}_1.nii.gz"
+
+
+def unwritable_folder(tmp_path: Path) -> Path:
+    """A folder this process cannot create files in (chmod 555; /sys as root); skip when there is none."""
+    folder = tmp_path / "readonly"
+    folder.mkdir(exist_ok=True)
+    folder.chmod(0o555)
+    for candidate in (folder, Path("/sys/kernel"), Path("/proc")):
+        try:
+            probe = candidate / f".t-{os.getpid()}"
+            open(probe, "wb").close()
+            probe.unlink()
+        except OSError:
+            return candidate
+    pytest.skip("no unwritable folder on this machine")
+
+
+def warnings_in(err: str) -> list[str]:
+    return [line for line in err.splitlines() if line.startswith("warning: ")]
+
+
+def only_error_line(err: str) -> str:
+    """stderr without tqdm bars, each line from its 'error: ' on."""
+    lines = [line.rsplit("\r", 1)[-1] for line in err.splitlines() if "it/s]" not in line or "error:" in line]
+    return "\n".join(line[line.index("error: "):] if "error: " in line else line
+                     for line in lines if line.strip())
+
+
+class Payload:
+    """Pickles as a call that creates `marker` when unpickled by a loader that runs code."""
+
+    def __init__(self, marker: Path, system: bool = False):
+        self.marker, self.system = str(marker), system
+
+    def __reduce__(self):
+        if self.system:
+            return (os.system, (f"touch {self.marker}",))
+        return (exec, (f"open({self.marker!r}, 'w').close()",))
+
+
+class Threshold(torch.nn.Module):
+    """Foreground where the model input exceeds `level` (all background: -inf); records its query batches."""
+
+    def __init__(self, level: float = 0.5):
+        super().__init__()
+        self.level, self.seen = level, []
+
+    def encode_support(self, images, fg, bg):
+        return None
+
+    def segment(self, prototypes, queries):              # 1 x Q x 1 x S x S -> 1 x Q x 2 x S x S
+        self.seen.append(queries[0, :, 0].clone())
+        fg = (queries[:, :, 0] > self.level).float()
+        return torch.stack([1 - fg, fg], dim=2)
+
+
+def ct_subject(seed: int, n_slices: int = 20, organ_z=(6, 14)) -> tuple[np.ndarray, np.ndarray]:
+    """Canonical (CT int16 HU, organ mask uint8) 24 x 24 x n_slices: air, a body, one organ of 130 HU."""
+    rng = np.random.default_rng(seed)
+    x, y = np.meshgrid(np.arange(24), np.arange(24), indexing="ij")
+    body = ((x - 12) / 10.5) ** 2 + ((y - 12) / 9.5) ** 2 < 1
+    organ2d = ((x - 9) / 4.0) ** 2 + ((y - 12) / 4.0) ** 2 < 1
+    image = np.full((24, 24, n_slices), -1000.0)
+    image[body] = -90.0
+    mask = np.zeros(image.shape, np.uint8)
+    mask[:, :, organ_z[0]:organ_z[1]][organ2d] = 1
+    image[mask.astype(bool)] = 130.0
+    image += rng.normal(0, 8, image.shape)
+    return np.rint(image).astype(np.int16), mask
+
+
+def small_model(path: Path, **records) -> Path:
+    """A random cnn_small FewShotSegNet checkpoint with `records`."""
+    from models.checkpoint import save_checkpoint
+    from models.fewshot import FewShotSegNet
+    torch.manual_seed(0)
+    model = FewShotSegNet(encoder="cnn_small", resolution="feature", n_grid=2)
+    save_checkpoint(str(path), {"model": model.state_dict(), "model_config": model.config, **records})
+    return path
+
+
+@pytest.fixture(scope="module")
+def files(tiny_phantom, tmp_path_factory) -> dict:
+    """Private input files: a phantom CT + liver mask with a cnn_small checkpoint (input 32), damaged and
+    unusual variants of them, label maps; a synthetic CT pair with window / min-max checkpoints (input 16)
+    and non-HU variants of its query."""
+    root = tmp_path_factory.mktemp("inputs")
+    f = {"root": root}
+    volume = sorted((tiny_phantom / "GoldCorpus" / "Volumes").iterdir())[0]
+    pid, segmentations = volume.name.split("_")[0], tiny_phantom / "GoldCorpus" / "Segmentations"
+    f["ct"], f["mask"] = root / "ct.nii.gz", root / "liver.nii.gz"
+    shutil.copyfile(volume, f["ct"])
+    shutil.copyfile(segmentations / f"{pid}_1_CTce_ThAb_58_1.nii.gz", f["mask"])
+    f["checkpoint"] = small_model(root / "model.pth", input_size=32, intensity={"mode": "minmax"})
+    f["truncated_checkpoint"] = truncate(shutil.copyfile(f["checkpoint"], root / "truncated.pth"), 5000)
+    f["truncated_image"] = truncate(shutil.copyfile(f["ct"], root / "truncated.nii.gz"), 3000)
+    f["folder"], f["absent"] = root / "folder.nii.gz", root / "absent.nii.gz"
+    f["folder"].mkdir()
+    image = nib.load(str(f["ct"]))
+    ct, affine = np.asarray(image.dataobj), image.affine
+    liver = np.asarray(nib.load(str(f["mask"])).dataobj) > 0
+    labels = np.zeros(ct.shape, np.uint8)  # TotalSegmentator style: spleen 1, right kidney 2
+    for radlex, value in ((86, 1), (29662, 2), (58, 5)):
+        organ = nib.load(str(segmentations / f"{pid}_1_CTce_ThAb_{radlex}_1.nii.gz"))
+        labels[np.asarray(organ.dataobj) > 0] \
+            = value
+    numbered = np.arange(ct.size).reshape(ct.shape)
+    few = np.zeros(ct.shape, np.uint8)
+    few[30, 30, 10:14] = 1                                    # a 'liver' of one voxel per slice
+    air = np.full(ct.shape, -1000, np.int16)
+    air[0, 0, 0] = -990
+    for name, array, where in (
+            ("empty_mask", np.zeros(ct.shape, np.uint8), affine), ("mask_255",
+                                                                   liver.astype(np.float32) * 255, affine),
+            ("nan_image", np.where(numbered == 5, np.nan, ct.astype(np.float32)), affine),
+            ("inf_image", np.where(numbered == 9, np.inf, ct.astype(np.float32)), affine),
+            ("ts_labels", labels, affine), ("soft", liver.astype(np.float32) * 0.5, affine),
+            ("constant", np.full(ct.shape, 40, np.int16), affine), ("air", air, affine),
+            ("liver_lps", *to_lps(liver.astype(np.uint8), affine)), ("narrow", ct[: ct.shape[0] // 2],
+                                                                     affine)):
+        f[name] = save(root / f"{name}.nii.gz", array, where)
+    f["few_liver"] = save(root / f"{pid}_1_CTce_ThAb_58_1.nii.gz", few, affine)  # VISCERAL name: organ known
+    for name, content in (("ts_map", {"labels": {"1": "spleen", "2": "kidney_right", "5": "liver"}}),
+                          ("name_map", {"spleen": 1, "kidney_right": 2, "liver": 5}),
+                          ("list_map", ["spleen", "kidney_right", "liver"])):
+        f[name] = root / f"{name}.json"
+        f[name].write_text(json.dumps(content))
+    # the synthetic CT pair (subject 1 support, subject 2 query) and its non-HU variants
+    f["support_array"], f["support_mask_array"] = ct_subject(1)
+    f["query_array"], _ = ct_subject(2, organ_z=(7, 15))
+    f["support"], f["support_mask"] = save(root / "support.nii.gz", f["support_array"]), \
+        save(root / "support_mask.nii.gz", f["support_mask_array"])
+    f["query"] = save(root / "query.nii.gz", f["query_array"])
+    f["window_ckpt"] = small_model(root / "window.pth", input_size=16, intensity=WINDOW, step=1, fold=0)
+    f["minmax_ckpt"] = small_model(root / "minmax.pth", input_size=16, intensity={"mode": "minmax"})
+    query = f["query_array"].astype(np.float64)
+    for name, array in (("float01", (query + 1024) / 4095.0), ("uint16_raw",
+                                                               (query + 1024).astype(np.uint16)),
+                        ("int8", np.clip(query / 16, -128, 127).astype(np.int8)),
+                        ("mr_like", np.where(query > -500, query + 400.0, 0.0))):
+        f[name] = save(root / f"{name}.nii.gz", array)
+    f["evil"] = root / "evil.pth"
+    torch.save({"model": {}, "model_config": {}, "step": Payload(root / "payload_ran")}, f["evil"])
+    return f
+
+
+def segment_argv(c, synthetic: bool = False, **changes) -> list[str]:
+    """segment_volume's argv: the phantom CT as support and query (or the synthetic pair with the window
+    checkpoint), out <tmp>/p.nii.gz, 3 chunks on the CPU; a change's string value names a file of `files`."""
+    f = c.files
+    args = {"--checkpoint": f["window_ckpt"], "--support-image": f["support"],
+            "--support-mask": f["support_mask"],
+            "--query": f["query"]} if synthetic else \
+        {"--checkpoint": f["checkpoint"], "--support-image": f["ct"], "--support-mask": f["mask"],
+         "--query": f["ct"], "--input-size": 32}
+    args.update({"--out": c.tmp / "p.nii.gz", "--device": "cpu", "--n-chunks": 3})
+    args.update({key: f.get(value, value) if isinstance(value, str) else value for key,
+                 value in changes.items()})
+    return [str(item) for pair in args.items() for item in pair] + ["--no-progress"]
+
+
+class Context:
+    """A row's view of the fixtures (requested lazily, by name) and its own tmp folder."""
+
+    def __init__(self, request, tmp: Path):
+        self.request, self.tmp, self.used = request, tmp, set()
+
+    def __getattr__(self, name):
+        self.used.add(name)
+        return self.request.getfixturevalue(name)
+
+    @classmethod
+    def of(cls, tmp: Path, **fixtures) -> "Context":
+        """A Context outside a row: the given fixtures as attributes."""
+        c = cls(None, tmp)
+        c.__dict__.update(fixtures)
+        return c
+
+    def inputs(self) -> dict:
+        """The shared input files (when the row used them) as `tree` gives them."""
+        return tree(self.files["root"]) if "files" in self.used else {}
+
+
+def linked(path: Path, target: Path, hard: bool = False) -> Path:
+    os.link(target, path) if hard else path.symlink_to(target)
+    return path
+
+
+def made(path: Path, kind: str = "folder") -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.mkdir(exist_ok=True) if kind == "folder" else path.write_text(kind)
+    return path
+
+
+# ----------------------------------------------------------------- prepared-folder and source damage
+def prepared_copy(c, damage=None) -> Path:
+    prep = Path(shutil.copytree(c.tiny_prepared, c.tmp / "prep"))
+    if damage is not None:
+        damage(prep)
+    return prep
+
+
+def edit_meta(prep: Path, **changes) -> None:
+    meta = json.loads((prep / "meta.json").read_text())
+    (prep / "meta.json").write_text(json.dumps({**meta, **changes}))
+
+
+def first(prep: Path, pattern: str) -> Path:
+    return sorted(prep.glob(pattern))[0]
+
+
+def gold_label_shape(prep: Path) -> None:
+    path = first(prep, "volumes/gold/*.npz")
+    with np.load(path) as data:
+        arrays = {key: data[key] for key in data.files}
+    arrays["label"] = arrays["label"][:-1]
+    np.savez(path, **arrays)
+
+
+def nan_in_train(prep: Path) -> None:
+    path = first(prep, "train/*_image.npy")
+    array = np.load(path)
+    array[0, 1, 1] = np.nan
+    np.save(path, array)
+
+
+def bad_id_in_meta(prep: Path) -> None:
+    meta = json.loads((prep / "meta.json").read_text())
+    meta["splits"]["val"].append("../evil")
+    (prep / "meta.json").write_text(json.dumps(meta))
+
+
+def as_zscore_folder(prep: Path, mode: str) -> None:
+    """Training slices and gold images stored normalised, not in [0, 1], as the SSL-ALPNet writer stores
+    them (dataloaders/alpnet_prepare.py), under meta intensity `mode`."""
+    edit_meta(prep, intensity={"mode": mode})
+    for path in (prep / "train").glob("*_image.npy"):
+        np.save(path, (np.load(path) * 4 - 2).astype(np.float32))              # z-like values in [-2, 2]
+    for path in (prep / "volumes" / "gold").glob("*.npz"):
+        with np.load(path) as data:
+            arrays = {key: data[key] for key in data.files}
+        arrays["image"] = (arrays["image"] / 500.0).astype(np.float32)
+        arrays["original_axcodes"] = np.asarray("as stored")
+        arrays["original_shape"] = np.asarray(arrays["image"].shape) + np.array([1, 1, 0])   # a crop
+        np.savez(path, **arrays)
+
+
+def damaged_source(c, damage, n_silver: int = 2) -> Path:
+    source = mini_source(c.tiny_phantom, c.tmp / "src", n_silver)
+    damage(source)
+    return source
+
+
+def prepare_argv(c, source, *extra, out=None) -> list:
+    out = c.tmp / "out" / "prep" if out is None else out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return ["--visceral-dir", source, "--out", out, *extra]
+
+
+def rewrite_volumes(root: Path, change) -> list[Path]:
+    """Replace every CT volume under root/*Corpus/Volumes by change(array, affine) (a NIfTI image)."""
+    paths = sorted(root.glob("*Corpus/Volumes/*.nii.gz"))
+    for path in paths:
+        source = nib.load(str(path))
+        image = change(np.asarray(source.dataobj), source.affine)
+        path.unlink()
+        nib.save(image, str(path))
+    return paths
+
+
+def to_unit(array, affine):
+    """A float32 CT in [0, 1] (the phantom's -1024..3071 HU rescaled): int16 rounding would make it 0/1."""
+    return nib.Nifti1Image(((array.astype(np.float32) + 1024) / 4095).astype(np.float32), affine)
+
+
+def with_nan(array, affine):
+    array = array.astype(np.float32)
+    array[2, 3, 4] = np.nan
+    return array, affine
+
+
+def shifted(array, affine):
+    affine[0, 3] += 7.5
+    return array, affine
+
+
+def multilabel_tree(tiny_phantom: Path, root: Path, names: dict, per_case_folder: bool) -> Path:
+    """A multi-label data set: names = {'train': [case names], 'test': [...]} made from phantom cases."""
+    cases = find_cases(tiny_phantom / "SilverCorpus") + find_cases(tiny_phantom / "GoldCorpus")
+    for split, case_names in names.items():
+        for name, case in zip(case_names, cases if split == "train" else cases[::-1]):
+            stored = nib.load(str(case.volume_path))
+            label = to_original(load_case(case).label, load_nifti(case.volume_path).original_axcodes)
+            folder = root / split / name if per_case_folder else root / split
+            image_path, label_path = (folder / "ct.nii.gz",
+                                      folder / "labels.nii.gz") if per_case_folder else \
+                (folder / "images" / f"{name}.nii.gz", folder / "labels" / f"{name}.nii.gz")
+            for path in (image_path, label_path):
+                path.parent.mkdir(parents=True, exist_ok=True)
+            image_path.symlink_to(case.volume_path)
+            nib.save(nib.Nifti1Image(label, stored.affine), str(label_path))
+    (root / "map.json").write_text(json.dumps({"liver": 1, "spleen": 2}))
+    return root
+
+
+def multilabel_argv(c, names, per_case_folder) -> list:
+    root = multilabel_tree(c.tiny_phantom, c.tmp / "src", names, per_case_folder)
+    return ["--visceral-dir", root, "--out", c.tmp / "prep", "--layout", "multilabel", "--label-map",
+            root / "map.json", *PREP_ARGS]
+
+
+def one_liver_multilabel(c) -> Path:
+    root = c.tmp / "ml"
+    for split, corpus in (("train", "SilverCorpus"), ("test", "GoldCorpus")):
+        for volume in sorted((c.tiny_phantom / corpus / "Volumes").iterdir())[:2]:
+            for sub, target in (("images", volume), ("labels", c.tiny_phantom / corpus / "Segmentations" /
+                                                     f"{volume.name.split('_')[0]}_1_CTce_ThAb_58_1.nii.gz")):
+                linked(made(root / split / sub) / volume.name, target)
+    (c.tmp / "map.json").write_text(json.dumps({"hepar": 1}))
+    return root
+
+
+def images_dir(c) -> Path:
+    root = c.tmp / "ct"
+    root.mkdir(exist_ok=True)
+    if not (root / "image_1.nii.gz").exists():
+        volumes = c.tiny_phantom / "SilverCorpus" / "Volumes"
+        (root / "image_1.nii.gz").symlink_to(sorted(volumes.iterdir())[0])
+    return root
+
+
+def superpixels_argv(c, *extra) -> list:
+    made(c.tmp / "FOLDER")
+    return ["--images", images_dir(c), "--out", c.tmp / "prep", "--size", "32", "--workers", "1",
+            *[c.tmp / x if x in ("FOLDER", "overlay.txt", "missing/overlay.png", "overlay.png") else x
+              for x in extra]]
+
+
+@pytest.fixture(scope="module")
+def evaluated_runs(tmp_path_factory):
+    """Two evaluation run folders (liver fold 0, spleen fold 1) written by evaluation.evaluate."""
+    from test_figures import _evaluated
+    root = tmp_path_factory.mktemp("figure_runs")
+    return _evaluated(root, ["liver"], 0, "a"), _evaluated(root, ["spleen"], 1, "b")
+
+
+def figure_runs(c, damage=None) -> tuple[Path, Path]:
+    """Copies A, B of the evaluated runs whose figures say 'an earlier run'; `damage`(B)."""
+    runs = tuple(Path(shutil.copytree(run, c.tmp / name)) for run, name in zip(c.evaluated_runs, "AB"))
+    for run in runs:
+        for name in ("results.png", "misalignment.png"):
+            (run / name).write_bytes(b"the figure of an earlier run")
+    if damage is not None:
+        damage(runs[1])
+    return runs
+
+
+def edit_results(run: Path, change) -> None:
+    results = json.loads((run / "results.json").read_text())
+    change(results)
+    (run / "results.json").write_text(json.dumps(results))
+
+
+def other_preset(results):
+    results["preset"]["n_chunks"] = 3 if results["preset"]["n_chunks"] != 3 else 5
+
+
+def malformed(results):
+    for organs in results["results"].values():
+        for entry in organs.values():
+            entry.pop("per_volume", None)
+            entry.pop("range", None)
+
+
+def results_run(c, text: str) -> list:
+    (made(c.tmp / "run") / "results.json").write_text(text)
+    return [c.tmp / "run"]
+
+
+# ======================================================================== the table of script rows
+# id: (script, argv(c), words of the one error line). Each row runs in a fresh tmp folder; nothing in
+# it (nor in the shared input files) may change.
+SCRIPT_ROWS = {
+    # make_phantom
+    "phantom size 0": ("make_phantom", lambda c: ["--out", c.tmp / "ph", *PHANTOM_ARGS, "--size", "0"],
+                       ["--size >= 32"]),
+    "phantom n-gold 1": ("make_phantom", lambda c: ["--out", c.tmp / "ph", *PHANTOM_ARGS, "--n-gold", "1"],
+                         ["n_gold 1"]),
+    "phantom slices 0": ("make_phantom", lambda c: ["--out", c.tmp / "ph", *PHANTOM_ARGS, "--slices", "0"],
+                         ["--slices >= 8"]),
+    "phantom n-silver -1": ("make_phantom", lambda c: ["--out", c.tmp / "ph", *PHANTOM_ARGS, "--n-silver",
+                                                       "-1"],
+                            ["n_silver -1"]),
+    "phantom seed -1": ("make_phantom", lambda c: ["--out", c.tmp / "ph", *PHANTOM_ARGS, "--seed", "-1"],
+                        ["seed -1"]),
+    "phantom preset": ("make_phantom", lambda c: ["--out", c.tmp / "ph", *PHANTOM_ARGS, "--preset", "bogus"],
+                       ["preset 'bogus'", "inclusive"]),
+    "phantom out an empty folder": ("make_phantom", lambda c: ["--out", made(c.tmp / "ph"), *PHANTOM_ARGS],
+                                    ["ph", "--overwrite"]),
+    "phantom out a file": ("make_phantom", lambda c: ["--out", made(c.tmp / "ph", "keep me"), *PHANTOM_ARGS],
+                           ["ph", "--overwrite"]),
+    "phantom --overwrite a file": ("make_phantom", lambda c: ["--out", made(c.tmp / "out", "keep me"),
+                                                              "--overwrite", *PHANTOM_ARGS],
+                                   ["is a file, not a folder", "--overwrite replaces only a folder"]),
+    # prepare_visceral: damaged sources
+    "prepare truncated volume": ("prepare_visceral", lambda c: prepare_argv(c, damaged_source(
+        c, lambda r: truncate(first_volume(r))), *PREP_ARGS), ["corrupt or truncated",
+                                                               "_1_CTce_ThAb.nii.gz"]),
+    "prepare truncated mask": ("prepare_visceral", lambda c: prepare_argv(c, damaged_source(
+        c, lambda r: truncate(liver_mask(r))), *PREP_ARGS), ["corrupt or truncated", "_58_1.nii.gz"]),
+    "prepare mask shape": ("prepare_visceral", lambda c: prepare_argv(c, damaged_source(
+        c, lambda r: rewrite_nifti(liver_mask(r), lambda a, f: (a[:-3], f))), *PREP_ARGS),
+        ["mask shape", "resample"]),
+    "prepare mask affine": ("prepare_visceral", lambda c: prepare_argv(c, damaged_source(
+        c, lambda r: rewrite_nifti(liver_mask(r), shifted)), *PREP_ARGS), ["mask affine", "resample"]),
+    "prepare NaN volume": ("prepare_visceral", lambda c: prepare_argv(c, damaged_source(
+        c, lambda r: rewrite_nifti(first_volume(r), with_nan)), *PREP_ARGS), ["1 NaN/inf voxels"]),
+    "prepare 2D volume": ("prepare_visceral", lambda c: prepare_argv(c, damaged_source(
+        c, lambda r: rewrite_nifti(first_volume(r), lambda a, f: (a[:, :, 0], f))), *PREP_ARGS),
+        ["2 dimensions"]),
+    "prepare 4D volume": ("prepare_visceral", lambda c: prepare_argv(c, damaged_source(
+        c, lambda r: rewrite_nifti(first_volume(r), lambda a, f: (np.stack([a, a], -1), f))), *PREP_ARGS),
+        ["4 dimensions"]),
+    "prepare HU window on a [0, 1] image": ("prepare_visceral", lambda c: prepare_argv(c, damaged_source(
+        c, lambda r: rewrite_volumes(r, to_unit)), *PREP_ARGS, "--window", "-125", "275"),
+        ["not Hounsfield units", "leave --window out"]),
+    "prepare HU window on a mask image": ("prepare_visceral", lambda c: prepare_argv(c, damaged_source(
+        c, lambda r: rewrite_volumes(r, lambda a, f: nib.Nifti1Image((a > 0).astype(np.uint8), f))),
+        *PREP_ARGS, "--window", "-125", "275"), ["not Hounsfield units", "convert the volume"]),
+    # prepare_visceral: missing source, options
+    "prepare source absent": ("prepare_visceral", lambda c: prepare_argv(c, c.tmp / "absent", "--workers",
+                                                                         "1"),
+                              ["data folder not found"]),
+    "prepare source empty": ("prepare_visceral", lambda c: prepare_argv(c, made(c.tmp / "empty")),
+                             ["SilverCorpus/Volumes: folder missing"]),
+    **{f"prepare {' '.join(extra)}": ("prepare_visceral", lambda c, extra=extra: prepare_argv(
+        c, c.tiny_phantom, "--workers", "1", *extra), words) for extra, words in [
+        (["--size", "0"], ["--size 0"]), (["--n-val", "-1"], ["--n-val -1"]), (["--many", "-1"],
+                                                                               ["--many -1"]),
+        (["--max-per-volume", "0"], ["--max-per-volume 0"]), (["--min-voxels", "-1"], ["--min-voxels -1"]),
+        (["--window", "5", "5"], ["window [5.0, 5.0]"]), (["--layout", "multilabel"], ["--label-map"])]},
+    "prepare label map without organ names": ("prepare_visceral", lambda c: prepare_argv(
+        c, one_liver_multilabel(c), "--layout", "multilabel", "--label-map", c.tmp / "map.json",
+        "--n-val", "0",
+        "--workers", "1", out=c.tmp / "p"), ["names none of the 20 structures"]),
+    "prepare label map a JSON list": ("prepare_visceral", lambda c: prepare_argv(
+        c, c.tiny_phantom, "--layout", "multilabel", "--label-map", c.files["list_map"]),
+        ["list_map.json", "JSON list"]),
+    "prepare --out is the source": ("prepare_visceral", lambda c: prepare_argv(
+        c, mini_source(c.tiny_phantom, c.tmp / "data" / "src", 1), "--overwrite", *PREP_ARGS,
+        out=c.tmp / "data" / "src"), ["input"]),
+    "prepare --out holds the source": ("prepare_visceral", lambda c: prepare_argv(
+        c, mini_source(c.tiny_phantom, c.tmp / "data" / "src", 1), "--overwrite", *PREP_ARGS,
+        out=c.tmp / "data"), ["input"]),
+    **{f"prepare --out inside the input ({where})": ("prepare_visceral", lambda c, where=where: inside_input(
+        c, where), ["lies inside the input folder", "give an --out outside"])
+       for where in ("root", "SilverCorpus/Volumes", "symlink", "images-only")},
+    "prepare --overwrite a foreign folder": ("prepare_visceral", lambda c: prepare_argv(
+        c, mini_source(c.tiny_phantom, c.tmp / "src"), "--overwrite", *PREP_ARGS,
+        out=made(made(c.tmp / "my_documents") / "thesis.txt", "keep me").parent),
+        ["--overwrite replaces only a prepared folder"]),
+    "prepare case id in both splits": ("prepare_visceral", lambda c: multilabel_argv(
+        c, {"train": ["c1", "c2"], "test": ["c2", "c3"]}, False), ["case id c2 names two volumes"]),
+    "prepare two names one case id": ("prepare_visceral", lambda c: multilabel_argv(
+        c, {"train": ["case 1", "case_1"], "test": ["c3"]}, True), ["case id case_1 names two volumes"]),
+    # check_dataset
+    **{f"check {name}": ("check_dataset", lambda c, damage=damage: [prepared_copy(c, damage), "--mask-copy"],
+                         [words, "re-run"]) for name, (damage, words) in {
+        "truncated npy": (lambda p: truncate(first(p, "train/*_image.npy")), "_image.npy: unreadable"),
+        "truncated npz": (lambda p: truncate(first(p, "volumes/gold/*.npz")), ".npz: unreadable"),
+        "gold label shape": (gold_label_shape, "expected int16 and uint8 volumes of one shape"),
+        "NaN in training image": (nan_in_train, "not finite"),
+        "unknown intensity mode": (lambda p: edit_meta(p, intensity={"mode": "bogus"}), "intensity"),
+        "prep_size 0": (lambda p: edit_meta(p, prep_size=0), "prep_size 0"),
+        "index.json a list": (lambda p: (p / "index.json").write_text("[1, 2]"),
+                              "index.json: not a JSON object"),
+        "stray train file": (lambda p: np.save(p / "train" / "notes.npy", np.zeros(3)), "not <id>_image.npy"),
+        "unusable id in meta": (bad_id_in_meta, "case id '../evil'"),
+        "normalised slices under minmax": (lambda p: as_zscore_folder(p, "minmax"),
+                                           "image values outside [0, 1]")}.items()},
+    "check absent": ("check_dataset", lambda c: [c.tmp / "absent"], ["folder not found"]),
+    "check empty": ("check_dataset", lambda c: [made(c.tmp / "empty")], ["meta.json: missing"]),
+    "check a file": ("check_dataset", lambda c: [made(c.tmp / "file", "x")], ["folder not found"]),
+    "check preset": ("check_dataset", lambda c: [c.tiny_prepared, "--mask-copy", "--preset", "bogus"],
+                     ["preset 'bogus'"]),
+    # segment_volume
+    **{f"segment {name}": ("segment_volume", lambda c, changes=changes: segment_argv(c, **changes), words)
+       for name, (changes, words) in {
+        "query absent": ({"--query": "absent"}, ["absent.nii.gz: file not found"]),
+        "query a folder": ({"--query": "folder"}, ["folder.nii.gz: file not found"]),
+        "truncated query": ({"--query": "truncated_image"}, ["corrupt or truncated"]),
+        "truncated checkpoint": ({"--checkpoint": "truncated_checkpoint"}, ["truncated.pth", "unreadable"]),
+        "empty support mask": ({"--support-mask": "empty_mask"}, ["mask is empty"]),
+        "NaN support image": ({"--support-image": "nan_image"}, ["1 NaN/inf voxels"]),
+        "inf query": ({"--query": "inf_image"}, ["inf_image.nii.gz: 1 NaN/inf voxels"]),
+        "0/255 mask, label 1": ({"--support-mask": "mask_255", "--support-label": "1"},
+                                ["labels present: 255"]),
+        "label 0": ({"--support-label": "0"}, ["0 is background"]),
+        "input size 0": ({"--input-size": 0}, ["--input-size 0"]),
+        "input size 7": ({"--input-size": 7}, ["--input-size 7"]),
+        "input size 2049": ({"--input-size": 2049}, ["--input-size 2049", "16..2048"]),
+        "input size 100000": ({"--input-size": 100000}, ["--input-size 100000", "16..2048"]),
+        "min-voxels -1": ({"--min-voxels": -1}, ["--min-voxels -1"]),
+        "n-chunks 0": ({"--n-chunks": 0}, ["--n-chunks 0"]),
+        "batch size 0": ({"--batch-size": 0}, ["--batch-size 0"]),
+        "out a folder": ({"--out": "folder"}, ["is a folder"]),
+        "out is the query": ({"--out": "ct"}, ["is the input", "destroy the input"]),
+        "out is the checkpoint": ({"--out": "checkpoint"}, ["is the input", "destroy the input"]),
+        "liver without known labels": ({"--support-mask": "ts_labels", "--support-label": "liver"},
+                                       ["ts_labels.nii.gz are unknown", "--label-map",
+                                        "--vocabulary visceral"]),
+        "kidney_right without known labels": ({"--support-mask": "ts_labels",
+                                               "--support-label": "kidney_right"},
+                                              ["ts_labels.nii.gz are unknown", "--label-map"]),
+        "label map a JSON list": ({"--support-mask": "ts_labels", "--support-label": "liver",
+                                   "--label-map": "list_map"}, ["list_map.json", "JSON list"]),
+        "image and mask swapped": ({"--support-image": "mask", "--support-mask": "ct"}, ["check the order"]),
+        "constant query": ({"--query": "constant"}, ["constant", "nothing to segment"])}.items()},
+    "segment out a symlink to the query": ("segment_volume", lambda c: segment_argv(
+        c, **{"--out": linked(c.tmp / "link.nii.gz", c.files["ct"])}), ["is the input", "destroy the input"]),
+    "segment out a hard link to the mask": ("segment_volume", lambda c: segment_argv(
+        c, **{"--out": linked(c.tmp / "hard.nii.gz", c.files["mask"], hard=True)}),
+        ["is the input", "destroy the input"]),
+    "segment unwritable out, checked before the checkpoint": ("segment_volume", lambda c: segment_argv(
+        c, **{"--out": unwritable_folder(c.tmp) / "p.nii.gz", "--checkpoint": "truncated_checkpoint"}),
+        ["cannot write in"]),
+    "segment pickled code in the checkpoint": ("segment_volume", lambda c: segment_argv(
+        c, True, **{"--checkpoint": "evil"}), ["pickled code, which was not run"]),
+    **{f"segment {name} as {role} under a CT window": (
+        "segment_volume", lambda c, name=name, role=role: segment_argv(c, True, **{role: name}),
+        [f"{name}.nii.gz", "not CT in Hounsfield units", "--intensity minmax"])
+       for name in ("float01", "uint16_raw", "int8", "mr_like") for role in ("--query", "--support-image")},
+    # make_superpixels
+    "superpixels --out inside --images": ("make_superpixels", lambda c: [
+        "--images", images_dir(c), "--out", images_dir(c) / "prep", "--size", "32", "--workers", "1"],
+        ["lies inside the input folder"]),
+    "superpixels scale -1": ("make_superpixels", lambda c: superpixels_argv(c, "--scale", "-1"),
+                             ["superpixel parameters", "scale > 0"]),
+    "superpixels figure a folder": ("make_superpixels", lambda c: superpixels_argv(c, "--figure", "FOLDER"),
+                                    ["--figure", "is a folder", ".png"]),
+    "superpixels figure not png": ("make_superpixels", lambda c: superpixels_argv(c, "--figure",
+                                                                                  "overlay.txt"),
+                                   ["--figure", "ending in .png"]),
+    "superpixels figure folder missing": ("make_superpixels", lambda c: superpixels_argv(
+        c, "--figure", "missing/overlay.png"), ["--figure", "does not exist"]),
+    "superpixels figure slices 0": ("make_superpixels", lambda c: superpixels_argv(
+        c, "--figure", "overlay.png", "--figure-slices", "0"), ["--figure-slices 0"]),
+    # make_figures: every input checked before any figure is replaced
+    "figures truncated results.json": ("make_figures", lambda c: results_run(c, '{"results": {"LSLPN"'),
+                                       ["results.json: unreadable", "corrupt or truncated"]),
+    "figures foreign results.json": ("make_figures", lambda c: results_run(c, "[1, 2]"),
+                                     ["not a results.json written by test.py"]),
+    "figures --table is results.json": ("make_figures", lambda c: [
+        *results_run(c, "[1, 2]"), "--table", c.tmp / "run" / "results.json"], []),
+    "figures second run's figure data truncated": ("make_figures", lambda c: [*figure_runs(
+        c, lambda run: truncate(run / "figure_data.npz", len((run / "figure_data.npz").read_bytes()) // 3))],
+        ["figure_data.npz", "corrupt or truncated"]),
+    "figures runs of two presets": ("make_figures", lambda c: [*figure_runs(
+        c, lambda run: edit_results(run, other_preset)), "--table", c.tmp / "table.md"],
+        ["different protocol presets"]),
+    "figures malformed results.json": ("make_figures", lambda c: [*figure_runs(
+        c, lambda run: edit_results(run, malformed))], ["unexpected form", "run test.py again"]),
+    "figures --table is a figure": ("make_figures", lambda c: [
+        *figure_runs(c), "--table", c.tmp / "A" / "results.png"], ["is the figure", "results.png"]),
+    "figures the same run twice": ("make_figures", lambda c: [
+        *figure_runs(c), c.tmp / "A", "--table", c.tmp / "table.md"], ["appears in two runs"]),
+}
+
+
+def inside_input(c, where: str) -> list:
+    """prepare_visceral's argv with an --out inside its input ('root', a sub-folder, through a symlink)."""
+    source = mini_source(c.tiny_phantom, c.tmp / "src")
+    if where == "images-only":
+        volumes = source / "SilverCorpus" / "Volumes"
+        return prepare_argv(c, volumes, "--layout", "images-only", *PREP_ARGS, out=volumes / "prep")
+    if where == "symlink":
+        return prepare_argv(c, source, *PREP_ARGS, out=linked(c.tmp / "link", source / "GoldCorpus") / "prep")
+    return prepare_argv(c, source, *PREP_ARGS,
+                        out=source / where / "prep" if where != "root" else source / "prep")
+
+
+@pytest.mark.parametrize("row", sorted(SCRIPT_ROWS))
+def test_script_row(row, request, tmp_path, capsys):
+    script, argv, words = SCRIPT_ROWS[row]
+    c = Context(request, tmp_path)
+    argv = argv(c)
+    before = (tree(tmp_path), c.inputs())
+    code, err = run_script(script, argv, capsys)
+    assert_one_line_error(code, err, *words)
+    assert (tree(tmp_path), c.inputs()) == before
+
+
+# ====================================================================== the tables of train.py / test.py
+# id: (the words after `with` (p: paths of the fixture below), words of the one error line). All rows of
+# an entry run in ONE process (conftest.run_sacred_cases); none may leave a run folder or Sacred banner.
+COMMON_SACRED_ROWS = {
+    "data_dir absent": (lambda p: [f"path.data_dir={p['absent']}"], ["does not exist"]),
+    "data_dir empty": (lambda p: [f"path.data_dir={p['empty']}"], ["not a prepared folder"]),
+    "meta.json truncated": (lambda p: [f"path.data_dir={p['bad_meta']}"], ["meta.json is unreadable"]),
+    "model.n_grid 0": (lambda p: ["model.n_grid=0"], ["model.n_grid = 0"]),
+    "fold 1.0": (lambda p: ["fold=1.0"], ["fold = 1.0: must be an integer"]),
+    "log_dir a file": (lambda p: [f"path.log_dir={p['a_file']}"], ["path.log_dir", "is a file"]),
+    "log_dir unwritable": (lambda p: [f"path.log_dir={p['locked']}"], ["path.log_dir", "cannot write"]),
+}
+TRAIN_ROWS = {
+    **COMMON_SACRED_ROWS,
+    "data_dir absent": (lambda p: [f"path.data_dir={p['absent']}"], ["does not exist",
+                                                                     "prepare_visceral.py"]),
+    "train .npy truncated": (lambda p: [f"path.data_dir={p['bad_npy']}"], ["_image.npy",
+                                                                           "truncated or corrupt"]),
+    "lr -0.1": (lambda p: ["lr=-0.1"], ["lr = -0.1"]),
+    "batch_size 0": (lambda p: ["batch_size=0"], ["batch_size = 0"]),
+    "input_size 8": (lambda p: ["input_size=8"], ["input_size = 8"]),
+    "lr nan": (lambda p: ["lr=nan"], ["lr = 'nan': must be a number, not a string"]),
+    "unknown organ in label_sets": (lambda p: ['label_sets=[["liver"], ["spleen"], ["kidney_left"], '
+                                               '["pancreas_tail"]]'], ["unknown organ 'pancreas_tail'"]),
+    "val_every with 1 validation volume": (lambda p: ["val_every=3"],
+                                           ["1 held-out validation volumes", "val_every=0"]),
+    "unknown model key": (lambda p: ["model.nonsense=1"], ["model.nonsense"]),
+    "model key typo": (lambda p: ["model.n_gird=4"], ["model.n_gird = 4: unknown key",
+                                                      "did you mean model.n_grid?"]),
+    "fold 1.0": (lambda p: ["fold=1.0"], ["fold = 1.0: must be an integer", "write 1"]),
+    "n_steps 4.0": (lambda p: ["n_steps=4.0"], ["n_steps = 4.0: must be an integer"]),
+    "n_steps text": (lambda p: ["n_steps='abc'"], ["n_steps = 'abc': must be an integer, not a string"]),
+    "fold text": (lambda p: ["fold='0'"], ["fold = '0': must be an integer, not a string", "fold=0"]),
+    "init_from pickled code": (lambda p: [f"path.init_from='{p['evil']}'", "n_steps=1"],
+                               ["pickled code, which was not run"]),
+    "init_path pickled code": (lambda p: ["model.encoder=vgg16", "model.pretrained=False",
+                                          f"path.init_path='{p['evil']}'", "n_steps=1"],
+                               ["pickled code, which was not run"]),
+}
+TEST_ROWS = {
+    **COMMON_SACRED_ROWS,
+    "gold .npz truncated": (lambda p: [f"path.data_dir={p['bad_npz']}"], [".npz cannot be read",
+                                                                          "BadZipFile"]),
+    "snapshot truncated": (lambda p: [f"eval.snapshots={{'LSLPN': '{p['truncated_checkpoint']}'}}"],
+                           ["truncated.pth", "unreadable"]),
+    "snapshot pickled code": (lambda p: [f"eval.snapshots={{'LSLPN': '{p['evil']}'}}"],
+                              ["pickled code, which was not run"]),
+    "unknown organ": (lambda p: ['eval.organs=["pancreas_tail"]'], ["unknown organ 'pancreas_tail'"]),
+    "organs a string": (lambda p: ['eval.organs="liver"'], ["eval.organs = 'liver'", "list"]),
+    "unknown support": (lambda p: ["eval.support=99999999"], ["eval.support", "99999999"]),
+    "eval.batch_size 0": (lambda p: ["eval.batch_size=0"], ["eval.batch_size = 0"]),
+    "eval.n_shots 0": (lambda p: ["eval.n_shots=0"], ["eval.n_shots = 0"]),
+    "unknown preset": (lambda p: ["eval.preset=bogus"], ["eval.preset = 'bogus'"]),
+    "eval key typo": (lambda p: ["eval.prest=official"], ["eval.prest = 'official': unknown key",
+                                                         "did you mean eval.preset?"]),
+    "eval.snapshot typo": (lambda p: [f"eval.snapshot={{'LSLPN': '{p['checkpoint']}'}}"],
+                           ["eval.snapshot = ", "did you mean eval.snapshots?"]),
+}
+
+
+@pytest.fixture(scope="module")
+def sacred_paths(tiny_prepared, files, tmp_path_factory) -> dict:
+    """Broken copies of the tiny prepared folder (truncated meta.json, train .npy, gold .npz), an empty and
+    an absent folder, a file and an unwritable folder as log_dir, and the files of `files`."""
+    root = tmp_path_factory.mktemp("sacred")
+    p = {**files, "root": root, "empty": made(root / "empty"), "absent": root / "absent",
+         "a_file": made(root / "a_file", "keep"), "locked": root / "readonly" / "runs"}
+    try:
+        p["locked"] = unwritable_folder(root) / "runs"
+    except pytest.skip.Exception:
+        p["locked"] = None
+    for name in ("bad_meta", "bad_npy", "bad_npz"):
+        p[name] = Path(shutil.copytree(tiny_prepared, root / name))
+    truncate(p["bad_meta"] / "meta.json")
+    for path in (p["bad_npy"] / "train").glob("*_image.npy"):
+        truncate(path)
+    truncate(first(p["bad_npz"], "volumes/gold/*.npz"))
+    return p
+
+
+@pytest.fixture(scope="module")
+def train_runs(sacred_paths, tiny_prepared) -> dict:
+    """{row id: result} of TRAIN_ROWS, and 'resume r' / 'resume fresh': train.py resume=True where the
+    newest last.pth of run r (a second run of r) and of run fresh (the only one) was truncated."""
+    p = sacred_paths
+    errors_log, log = p["root"] / "train_runs", p["root"] / "resumes"
+    base = ["tiny", "device=cpu", f"path.log_dir={errors_log}", "val_every=0",
+            f"path.data_dir={tiny_prepared}"]
+    ids = [row for row in sorted(TRAIN_ROWS) if p["locked"] or row != "log_dir unwritable"]
+    run = ["tiny", "device=cpu", f"path.data_dir={tiny_prepared}", "n_steps=2", "save_every=2", "val_every=0",
+           f"path.log_dir={log}"]
+    damage = (f"import pathlib, shutil\nlog = pathlib.Path({str(log)!r})\n"
+              "shutil.copytree(log / 'r' / '1', log / 'r' / '2')\n"
+              "for last in (log / 'r' / '2' / 'last.pth', log / 'fresh' / '1' / 'last.pth'):\n"
+              "    last.write_bytes(last.read_bytes()[:2000])\n")
+    results = run_sacred_cases("train", [base + TRAIN_ROWS[row][0](p) for row in ids] + [
+        run + ["name=r"], run + ["name=fresh"], {"python": damage}, run + ["name=r", "resume=True"],
+        run + ["name=fresh", "resume=True"]])
+    return {**dict(zip(ids + ["r", "fresh", "resume r", "resume fresh"], results)), "log": log,
+            "errors_log": errors_log}
+
+
+@pytest.fixture(scope="module")
+def test_runs(sacred_paths, tiny_prepared) -> dict:
+    """{row id: result} of TEST_ROWS, and two evaluations of the checkpoint (trained at 32) on the liver and
+    psoas_left: 'default' (the default config: the snapshot's input size) and 'tiny' (input_size 64)."""
+    p = sacred_paths
+    errors_log = p["root"] / "test_runs"
+    base = ["tiny", "device=cpu", f"path.log_dir={errors_log}", "eval.save_predictions=False",
+            f"path.data_dir={tiny_prepared}"]
+    ids = [row for row in sorted(TEST_ROWS) if p["locked"] or row != "log_dir unwritable"]
+    good = [f"path.data_dir={tiny_prepared}", "device=cpu", "eval.save_predictions=False",
+            f"eval.snapshots={{'LSLPN': '{p['checkpoint']}'}}", 'eval.organs=["liver", "psoas_left"]',
+            "eval.batch_size=8"]
+    results = run_sacred_cases("test", [base + TEST_ROWS[row][0](p) for row in ids] + [
+        good + [f"path.log_dir={p['root'] / 'default'}"], ["tiny", *good,
+                                                           f"path.log_dir={p['root'] / 'tiny'}"]])
+    return {**dict(zip(ids + ["default", "tiny"], results)), "errors_log": errors_log, "root": p["root"]}
+
+
+def assert_sacred_row(result: dict, words: list) -> None:
+    assert_one_line_error(result["code"], only_error_line(result["err"]), *words)
+    assert "Failed after" not in result["err"] and "pkg_resources" not in result["err"]
+
+
+@pytest.mark.parametrize("row", sorted(TRAIN_ROWS))
+def test_train_py_row(train_runs, sacred_paths, row):
+    if row not in train_runs:
+        pytest.skip("no unwritable folder on this machine")
+    assert_sacred_row(train_runs[row], TRAIN_ROWS[row][1])
+    assert sacred_paths["a_file"].read_text() == "keep"
+
+
+@pytest.mark.parametrize("row", sorted(TEST_ROWS))
+def test_test_py_row(test_runs, row):
+    if row not in test_runs:
+        pytest.skip("no unwritable folder on this machine")
+    assert_sacred_row(test_runs[row], TEST_ROWS[row][1])
+
+
+def test_sacred_errors_leave_no_run_and_a_truncated_last_pth_names_the_way_out(train_runs, test_runs, files):
+    # config and data errors stop before the run folder exists; an error found once the run started but
+    # before it wrote anything (a truncated .npy, .npz or snapshot) leaves no FAILED record either
+    for log in (train_runs["errors_log"], test_runs["errors_log"]):
+        assert not list(log.glob("*/[0-9]*")) and not list(log.rglob("*.pth"))
+    assert not (files["root"] / "payload_ran").exists()
+    log = train_runs["log"]
+    assert [train_runs[name]["code"] for name in ("r", "fresh")] == [0, 0]
+    assert (log / "r" / "2" / "last.pth").stat().st_size == 2000                     # the damage step ran
+    resumed = train_runs["resume r"]
+    errors = [line for line in resumed["err"].splitlines() if line.startswith("error: ")]
+    assert resumed["code"] == 2 and len(errors) == 1 and "Traceback" not in resumed["err"]
+    for word in (f"{log / 'r' / '2' / 'last.pth'} is unreadable", "move it aside", "at step 2", "resume=True",
+                 str(log / "r" / "1" / "last.pth")):
+        assert word in errors[0], (word, errors[0])
+    errors = [line for line in train_runs["resume fresh"]["err"].splitlines() if line.startswith("error: ")]
+    assert train_runs["resume fresh"]["code"] == 2 and len(errors) == 1
+    assert "no earlier readable last.pth" in errors[0] and "resume=False to start fresh" in errors[0]
+    assert sorted(p.name for p in (log / "r").iterdir() if p.name.isdigit()) == ["1", "2"]  # no FAILED record
+
+
+def test_test_py_snapshot_decides_input_size_and_unscored_organs_are_named(test_runs):
+    default, tiny = test_runs["default"], test_runs["tiny"]
+    assert [default["code"], tiny["code"]] == [0, 0], default["err"][-2000:] + tiny["err"][-2000:]
+    run = next((test_runs["root"] / "default" / "test").glob("[0-9]*"))
+    stored = json.loads((run / "results.json").read_text())
+    assert stored["methods"]["LSLPN"]["liver"]["input"]["input_size"] == 32          # the snapshot's, not 512
+    assert list(stored["results"]) == ["mask copy", "LSLPN"]
+    assert json.loads((run / "run.json").read_text())["status"] == "COMPLETED"
+    assert not warnings_in(default["err"])
+    overridden = [line for line in warnings_in(tiny["err"]) if "input size" in line]    # `tiny` sets 64
+    assert len(overridden) == 1 and "trained at input size 32, run at 64" in overridden[0]
+    assert "psoas_left: not scored" in default["out"]                    # console (test.py prints table.md)
+    table = (run / "table.md").read_text()
+    assert "psoas_left: not scored" in table and "no slice with > 200 voxels" in table
+    # `eval.snapshots={...}` on the command line adds no Sacred "Added new config entry" line; Sacred logs
+    # warnings only (config.install_log_filters): the run says where its outputs are itself
+    err = tiny["err"]
+    assert "config entry" not in err
+    assert "Started run with ID" not in err and "outputs: " in tiny["out"]
+
+
+# ========================================================================= the table of library doors
+def segment_api(c, **changes):
+    """evaluation.segment.segment_volume on the synthetic pair with a Threshold model; `changes` override."""
+    from evaluation.segment import segment_volume
+    f = c.files
+    arguments = dict(checkpoint=Threshold(), supports=[(f["support"], f["support_mask"])], query=f["query"],
+                     device="cpu", progress=False, input_size=24, n_chunks=3)
+    return segment_volume(**{**arguments, **changes})
+
+
+def mr_files(c) -> dict:
+    """Label volumes and MR-like images without Hounsfield units (24 x 24 x 20)."""
+    labels = np.zeros((24, 24, 20), np.float64)                          # MR-style float64 labels 0..4
+    labels[4:10, 4:10, 3:12], labels[12:18, 4:10, 5:9] = 1, 2
+    labels[4:10, 12:18, 5:9], labels[12:18, 12:18, 8:14] = 3, 4
+    mr = np.where(c.files["query_array"] > -500, c.files["query_array"] + 400.0, 0.0)
+    return {name: save(c.tmp / f"{name}.nii.gz", array) for name, array in {
+        "mr_labels": labels, "ct_labels": labels.astype(np.uint8) * 5, "body_mask": (mr > 0).astype(np.uint8),
+        "mr": mr, "mr8": np.clip(mr / 4, 0, 255).round()}.items()}
+
+
+SWAPPED = dict(query_range="5:15", intensity="minmax")
+
+
+def saved(c, name: str, content) -> str:
+    torch.save(content, c.tmp / name)
+    return str(c.tmp / name)
+
+
+def weights(damage: str | None = None) -> tuple[dict, dict]:
+    """(state dict, config) of a cnn_small model; damage 'nan' / 'inf' puts one in the first float tensor."""
+    from models.fewshot import FewShotSegNet
+    torch.manual_seed(0)
+    model = FewShotSegNet(encoder="cnn_small", resolution="feature", n_grid=2)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    if damage:
+        next(v for v in state.values() if v.is_floating_point()).view(-1)[0] = float(damage)
+    return state, model.config
+
+
+def official_partial(c) -> str:
+    from models.checkpoint import _official_encoder_keys
+    return saved(c, "partial.pth",
+                 {f"module.{key}": torch.zeros(1) for key in sorted(_official_encoder_keys())[:10]})
+
+
+def checkpoint_row(damage=None, **records):
+    def load(c):
+        from models.checkpoint import model_from_checkpoint
+        state, config = weights(damage)
+        content = state if records.pop("bare", False) else {"model": state, "model_config": config, **records}
+        return model_from_checkpoint(saved(c, "c.pth", content))
+    return load
+
+
+def paths_row(function: str, out, **kwargs):
+    def call(c):
+        import util.paths
+        (made(c.tmp / "dir.nii.gz"), made(c.tmp / "plain", "x"), made(c.tmp / "data" / "visceral"))
+        target = out(c)
+        extra = {key: value(c) if callable(value) else value for key, value in kwargs.items()}
+        return getattr(util.paths, function)(target, **extra)
+    return call
+
+
+# id: (call(c), regular expression the one-line UserError matches)
+API_ROWS = {
+    # pickled code in a checkpoint: refused before any of it runs (the payload would create a file)
+    **{f"pickled code: {name}": (lambda c, name=name, content=content: loader(name)(
+        saved(c, name, content(c))),
+        r"^.* is unreadable or refused \(UnpicklingError\): .*pickled code, which was not run")
+       for name, content in {"top.pth": lambda c: Payload(c.tmp / "payload_ran"),
+                             "system.pth": lambda c: Payload(c.tmp / "payload_ran", system=True),
+                             "in_state.pth": lambda c: {"model": {"w": Payload(c.tmp / "payload_ran")},
+                                                        "model_config": {}},
+                             "init_path.pth": lambda c: {"encoder.w": torch.ones(1),
+                                                         "x": Payload(c.tmp / "payload_ran")}}.items()},
+    # checkpoint records
+    "weights hold NaN": (checkpoint_row("nan"), "hold NaN/inf"),
+    "weights hold inf": (checkpoint_row("inf"), "hold NaN/inf"),
+    "bare state dict": (checkpoint_row(bare=True),
+                        "bare state dict.*not an official-code snapshot \\(every key"),
+    "input_size text": (checkpoint_row(input_size="512px"), "input_size"),
+    "input_size float": (checkpoint_row(input_size=12.5), "input_size"),
+    "input_size huge": (checkpoint_row(input_size=100000), "16..2048"),
+    "no model config": (lambda c: loader("in_state.pth")(saved(c, "n.pth", {"model": weights()[0]})),
+                        "not a train.py checkpoint"),
+    "part of the official layout": (lambda c: load_checkpoint(official_partial(c)),
+                                    r"bare state dict of 10 tensor\(s\)"),
+    # the Python API of segment_volume: wrong types and sizes, each naming its argument
+    **{f"segment_volume {name}": (lambda c, change=change: segment_api(c, **change),
+                                  r"^(query|supports|support_label|label_map|query_range|n_chunks|batch_size|"
+                                  r"input_size|min_voxels|out|checkpoint|intensity|vocabulary|"
+                                  r"--input-size 100000 is "
+                                  r"not a whole number in 16..2048)\b")
+       for name, change in {
+        "query as int": {"query": 5}, "query as array": {"query": np.zeros((4, 4, 4))},
+        "supports as one path": {"supports": "s.nii.gz"}, "supports flat list": {"supports": ["s.nii.gz",
+                                                                                              "m.nii.gz"]},
+        "support pair of arrays": {"supports": [(np.zeros(3), np.zeros(3))]},
+        "support triple": {"supports": [("a", "b", "c")]},
+        "label as float": {"support_label": 1.5}, "label as bool": {"support_label": True},
+        "label map as int": {"label_map": 3}, "query range int": {"query_range": 5},
+        "query range floats": {"query_range": (1.5, 3)}, "n_chunks float": {"n_chunks": 2.5},
+        "batch size None": {"batch_size": None}, "input size text": {"input_size": "x"},
+        "input size huge": {"input_size": 100000}, "min voxels text": {"min_voxels": "x"},
+        "out as int": {"out": 5}, "checkpoint as int": {"checkpoint": 5},
+        "checkpoint as array": {"checkpoint": np.zeros(3)},
+        "intensity as int": {"intensity": 3}, "vocabulary as int": {"vocabulary": 1}}.items()},
+    # swapped inputs without Hounsfield units
+    **{f"segment_volume {name} as the query": (lambda c, name=name: segment_api(
+        c, query=mr_files(c)[name], **SWAPPED), "looks like a mask") for name in ("mr_labels", "ct_labels",
+                                                                                  "body_mask")},
+    **{f"segment_volume {name} as the support image": (lambda c, name=name: segment_api(
+        c, supports=[(mr_files(c)[name], c.files["support_mask"])], **SWAPPED), "looks like a mask")
+       for name in ("mr_labels", "ct_labels", "body_mask")},
+    **{f"segment_volume {name} as the mask": (lambda c, name=name: segment_api(
+        c, supports=[(c.files["support"],
+                      mr_files(c)[name])], support_label=1, **SWAPPED), "looks like an image")
+       for name in ("mr", "mr8")},
+    # axial coverage
+    "another subject's crop": (lambda c: segment_api(c, query=save(c.tmp / "other.nii.gz",
+                                                                   c.files["query_array"][
+        :, :, 4:18], crop_affine())), "different body regions.*--query-range"),
+    "MR without --query-range": (lambda c: segment_api(c, query=mr_files(c)["mr"], intensity="zscore"),
+                                 "not CT in Hounsfield units.*give --query-range"),
+    # intensity records
+    "zscore with a mean only": (lambda c: validate_intensity({"mode": "zscore", "mean": 1.0}), "zscore"),
+    "zscore with std 0": (lambda c: validate_intensity({"mode": "zscore", "mean": 0, "std": 0}), "zscore"),
+    "zscore with a text mean": (lambda c: validate_intensity({"mode": "zscore", "mean": "a", "std": 1}),
+                                "zscore"),
+    "zscore of a constant volume": (lambda c: volume_intensity(np.ones((3, 3, 3)), {"mode": "zscore"},
+                                                               "flat.nii.gz"),
+                                    "constant"),
+    # the one output check (util/paths.py)
+    **{f"output is the input ({out})": (paths_row("check_output_file", lambda c, out=out: c.tmp / out,
+                                                  inputs=lambda c: [Path("elsewhere.nii.gz"),
+                                                                    input_files(c)]),
+                                        "is the input .*destroy the input")
+       for out in ("q.nii.gz", "link.nii.gz", "hard.nii.gz", "sub/../q.nii.gz")},
+    **{f"output file {case}": (paths_row("check_output_file", out, suffixes=(".nii.gz",)), words) for case,
+       (out, words)
+       in {"a folder": (lambda c: c.tmp / "dir.nii.gz", "is a folder"),
+           "in a missing folder": (lambda c: c.tmp / "no" / "m.nii.gz", "does not exist"),
+           "in a file": (lambda c: c.tmp / "plain" / "m.nii.gz", "is a file, not a folder"),
+           "suffix": (lambda c: c.tmp / "m.nrrd", "ending in .nii.gz")}.items()},
+    "output file unwritable": (paths_row("check_output_file",
+                                         lambda c: unwritable_folder(c.tmp) / "m.nii.gz"),
+                               "cannot write in"),
+    "output folder unwritable": (paths_row("check_output_folder",
+                                           lambda c: unwritable_folder(c.tmp) / "phantom"),
+                                 "cannot write in"),
+    "log_dir unwritable": (paths_row("check_writable_folder",
+                                     lambda c: unwritable_folder(c.tmp) / "runs" / "deeper",
+                                     what="path.log_dir"), "cannot write in"),
+    "log_dir a file": (paths_row("check_writable_folder", lambda c: c.tmp / "plain", what="path.log_dir"),
+                       "path.log_dir .*is a file"),
+    "output folder a file, --overwrite": (paths_row("check_output_folder", lambda c: c.tmp / "plain",
+                                                    overwrite=True),
+                                          "is a file, not a folder"),
+    "output folder is the input": (paths_row("check_output_folder", lambda c: c.tmp / "data" / "visceral",
+                                             inputs=lambda c: [c.tmp / "data" / "visceral"], overwrite=True),
+                                   "input"),
+    "output folder holds the input": (paths_row("check_output_folder", lambda c: c.tmp / "data",
+                                                overwrite=True,
+                                                inputs=lambda c: [c.tmp / "data" / "visceral"]), "input"),
+    "output folder exists": (paths_row("check_output_folder", lambda c: c.tmp / "data" / "visceral"),
+                             "--overwrite"),
+}
+
+
+def loader(name: str):
+    from models.checkpoint import model_from_checkpoint
+    from models.encoders import read_state_file
+    return {"in_state.pth": model_from_checkpoint, "init_path.pth": read_state_file}.get(name,
+                                                                                         load_checkpoint)
+
+
+def crop_affine() -> np.ndarray:
+    """Slices 4.. of a SPACING volume: its origin 4 slices up."""
+    affine = np.diag([*SPACING, 1.0])
+    affine[2, 3] = 4 * SPACING[2]
+    return affine
+
+
+def input_files(c) -> Path:
+    """q.nii.gz with a symlink and a hard link to it, and a folder sub/ (the output-is-input rows)."""
+    ct = made(c.tmp / "q.nii.gz", "ct")
+    linked(c.tmp / "link.nii.gz", ct)
+    linked(c.tmp / "hard.nii.gz", ct, hard=True)
+    made(c.tmp / "sub")
+    return ct
+
+
+@pytest.mark.parametrize("row", sorted(API_ROWS))
+def test_library_row(row, request, tmp_path):
+    call, pattern = API_ROWS[row]
+    with pytest.raises(UserError) as error:
+        call(Context(request, tmp_path))
+    assert "\n" not in str(error.value) and re.search(pattern, str(error.value)), str(error.value)
+    assert not (tmp_path / "payload_ran").exists()
+    if (tmp_path / "q.nii.gz").exists():
+        assert (tmp_path / "q.nii.gz").read_text() == "ct"
+
+
+# ============================================================ unusual but legitimate input: the right answer
+def reference_minmax(slice_xy: np.ndarray) -> np.ndarray:
+    """Slow, obviously correct per-slice min-max scaling of one slice (constant slice -> zeros)."""
+    values = slice_xy.astype(np.float64)
+    out = np.zeros(values.shape)
+    low, high = values.min(), values.max()
+    for i in range(values.shape[0]):
+        for j in range(values.shape[1]):
+            out[i, j] = (values[i, j] - low) / (high - low) if high > low else 0.0
+    return out
+
+
+def large_uint16(array, affine):
+    return nib.Nifti1Image((array.astype(np.int32) - int(array.min()) + 32000).astype(np.uint16), affine)
+
+
+def int16_half_slope(array, affine):
+    image = nib.Nifti1Image(array.astype(np.int16), affine)
+    image.header.set_slope_inter(0.5, 0.0)                                   # voxels = stored / 2
+    return image
+
+
+STORED = {  # name: (change, expected stored dtype)
+    "float32 CT in [0, 1]": (to_unit, np.float32),
+    "float64 non-integer HU": (lambda a, f: nib.Nifti1Image(
+        a.astype(np.float64) + np.random.default_rng(0).uniform(-0.45, 0.45, a.shape), f), np.float32),
+    "float64 holding integers": (lambda a, f: nib.Nifti1Image(a.astype(np.float64), f), np.int16),
+    "uint16 above 32767": (large_uint16, np.float32),
+    "int16 with scl_slope 0.5": (int16_half_slope, np.float32),
+}
+
+
+@pytest.mark.parametrize("case", sorted(STORED))
+def test_prepare_stores_every_image_exactly(tiny_phantom, tmp_path, capsys, case):
+    change, dtype = STORED[case]
+    paths = rewrite_volumes(mini_source(tiny_phantom, tmp_path / "src"), change)
+    out = tmp_path / "prep"
+    code, err = run_script("prepare_visceral", ["--visceral-dir", tmp_path / "src", "--out", out, *PREP_ARGS],
+                           capsys)
+    assert code == 0, err
+    meta = json.loads((out / "meta.json").read_text())
+    index = json.loads((out / "index.json").read_text())["slices"]
+    for path in paths:
+        pid, expected = path.name.split("_")[0], load_nifti(path).array   # canonical voxels as in the file
+        assert meta["volumes"][pid]["image_dtype"] == np.dtype(dtype).name
+        if pid in meta["splits"]["gold"]:
+            with np.load(out / "volumes" / "gold" / f"{pid}.npz") as data:
+                assert data["image"].dtype == dtype and np.array_equal(data["image"], expected.astype(dtype))
+                assert np.allclose(data["image"], expected, rtol=1e-6, atol=0)
+        else:
+            images = np.load(out / "train" / f"{pid}_image.npy")
+            rows = sorted({(row, z) for entries in index.values() for p, row, z in entries if p == pid})
+            for row, z in rows[:4]:                              # prep size = source size: no resize
+                assert np.allclose(images[row], reference_minmax(expected[:, :, z]), atol=1e-6)
+            assert rows and len(np.unique(images[rows[0][0]])) > 20   # grey levels, not a truncation's 0/1
+    assert run_script("check_dataset", [out], capsys)[0] == 0   # the checker accepts what prepare wrote
+
+
+@pytest.mark.parametrize("layout", ["multilabel", "images-only"])
+def test_a_unit_float_ct_is_kept_exact_in_the_other_layouts(tiny_phantom, tmp_path, capsys, layout):
+    root, sources = tmp_path / "src", {}
+    for split, corpus in (("train", "SilverCorpus"), ("test", "GoldCorpus")):
+        for case in find_cases(tiny_phantom / corpus)[:2]:
+            if layout == "images-only" and split == "test":
+                continue
+            stored = nib.load(str(case.volume_path))
+            path = made(root) / f"image_{case.pid}.nii.gz" if layout == "images-only" else \
+                made(root / split / case.pid) / "ct.nii.gz"
+            if layout == "multilabel":
+                label = to_original(load_case(case).label, load_nifti(case.volume_path).original_axcodes)
+                nib.save(nib.Nifti1Image(label, stored.affine), str(path.with_name("labels.nii.gz")))
+            nib.save(to_unit(np.asarray(stored.dataobj), stored.affine), str(path))
+            sources[f"image_{case.pid}" if layout == "images-only" else case.pid] = path
+    (tmp_path / "map.json").write_text(json.dumps({"liver": 1, "spleen": 2}))
+    extra = ["--label-map", tmp_path / "map.json"] if layout == "multilabel" else []
+    out = tmp_path / "prep"
+    code, err = run_script("prepare_visceral", ["--visceral-dir", root, "--out", out, "--layout", layout,
+                                                *extra,
+                                                *PREP_ARGS], capsys)
+    assert code == 0, err
+    meta = json.loads((out / "meta.json").read_text())
+    for pid, path in sources.items():
+        expected = load_nifti(path).array
+        if pid in meta["splits"]["gold"]:
+            with np.load(out / "volumes" / "gold" / f"{pid}.npz") as data:
+                assert data["image"].dtype == np.float32 and np.array_equal(data["image"], expected)
+        elif layout == "images-only":                            # every axial slice, row = z
+            images = np.load(out / "train" / f"{pid}_image.npy")
+            for z in (0, images.shape[0] // 2, images.shape[0] - 1):
+                assert np.allclose(images[z], reference_minmax(expected[:, :, z]), atol=1e-6)
+    assert run_script("check_dataset", [out], capsys)[0] == 0
+
+
+def test_prepare_reads_empty_0_255_and_lps_masks_as_the_plain_ones(tiny_phantom, tmp_path, capsys):
+    """An all-empty mask means 'structure absent'; a float 0/255 mask and a mask stored LPS give the same
+    labels as the plain 0/1 RAS mask."""
+    outputs = {}
+    for name in ("reference", "changed", "lps"):
+        source = mini_source(tiny_phantom, tmp_path / name, n_silver=1)
+        if name == "changed":
+            rewrite_nifti(liver_mask(source), lambda a, f: (a.astype(np.float32) * 255, f))
+            rewrite_nifti(liver_mask(source, 86), lambda a, f: (np.zeros_like(a), f))      # spleen absent
+        if name == "lps":
+            rewrite_nifti(liver_mask(source), to_lps)
+        code, err = run_script("prepare_visceral", ["--visceral-dir", source, "--out", tmp_path / f"p_{name}",
+                                                    *PREP_ARGS], capsys)
+        assert code == 0, err
+        pid = first_volume(source).name.split("_")[0]
+        outputs[name] = (np.load(tmp_path / f"p_{name}" / "train" / f"{pid}_label.npy"),
+                         json.loads((tmp_path / f"p_{name}" / "index.json").read_text())["slices"],
+                         json.loads((tmp_path / f"p_{name}" / "meta.json").read_text())["volumes"][pid])
+    (ref, ref_index, _), (new, new_index, new_meta) = outputs["reference"], outputs["changed"]
+    assert np.array_equal(ref, outputs["lps"][0])
+    assert 2 not in new_meta["structures"] and 1 in new_meta["structures"]
+    assert new_index["1"] == ref_index["1"]                  # liver: the same slices from the 0/255 mask
+    rows = [row for _, row, _ in ref_index["1"]]
+    assert np.array_equal(ref[rows] == 1, new[rows] == 1) and "2" not in new_index and not (new == 2).any()
+
+
+@pytest.mark.parametrize("names, per_case_folder, ids", [
+    ({"train": ["image_1", "image_2"], "test": ["image_3", "image_4"]}, False, ["image_1", "image_3"]),
+    ({"train": ["case 1", "case 2"], "test": ["case 3", "case 4"]}, True, ["case_1", "case_3"]),
+])
+def test_check_dataset_accepts_what_prepare_wrote_with_underscore_ids(tiny_phantom, tmp_path, capsys, names,
+                                                                      per_case_folder, ids):
+    argv = multilabel_argv(Context.of(tmp_path, tiny_phantom=tiny_phantom), names, per_case_folder)
+    code, err = run_script("prepare_visceral", argv, capsys)
+    assert code == 0, err
+    assert (tmp_path / "prep" / "train" / f"{ids[0]}_image.npy").is_file()
+    assert (tmp_path / "prep" / "volumes" / "gold" / f"{ids[1]}.npz").is_file()
+    assert run_script("check_dataset", [tmp_path / "prep"], capsys)[0] == 0
+
+
+def test_images_only_folder_hidden_files_and_the_readme_superpixels_example(tiny_phantom, tmp_path, capsys):
+    """A hidden ._x.nii.gz is skipped; README's `--figure data/my_unlabeled/overlay.png --out
+    data/my_unlabeled` (a figure inside the folder the run makes) works; check_dataset accepts both."""
+    images = images_dir(Context.of(tmp_path, tiny_phantom=tiny_phantom))
+    (images / "._image_1.nii.gz").write_bytes(b"\x00\x05\x16\x07 macOS metadata")    # an AppleDouble file
+    code, err = run_script("prepare_visceral", ["--visceral-dir", images, "--out", tmp_path / "prep",
+                                                "--layout",
+                                                "images-only", "--size", "32", "--workers", "1"], capsys)
+    assert code == 0, err
+    assert json.loads((tmp_path / "prep" / "meta.json").read_text())["splits"]["train"] == ["image_1"]
+    code, out, err = script_output("check_dataset", [tmp_path / "prep"], capsys)
+    assert code == 0 and "images only (no labels)" in out and "OK" in out, err
+    out = tmp_path / "unlabeled"
+    code, err = run_script("make_superpixels", ["--images", images, "--out", out, "--size", "32",
+                                                "--workers", "1",
+                                                "--min-size", "20", "--figure", out / "overlay.png",
+                                                "--figure-slices", "2"], capsys)
+    assert code == 0, err
+    assert (out / "overlay.png").read_bytes()[:4] == b"\x89PNG"
+    assert (out / "superpixels" / "image_1.npy").is_file()
+    assert run_script("check_dataset", [out], capsys)[0] == 0
+
+
+def test_check_dataset_accepts_zscored_slices_and_means_the_four_table_organs(tiny_prepared, tmp_path,
+                                                                           capsys):
+    from evaluation.dataset_check import format_mask_copy, mask_copy_dice
+    prep = Path(shutil.copytree(tiny_prepared, tmp_path / "prep"))
+    as_zscore_folder(prep, "zscore")
+    code, _, err = script_output("check_dataset", [prep], capsys)
+    assert code == 0, err
+    code, out, err = script_output("check_dataset", [tiny_prepared, "--mask-copy", "--preset", "alpnet"],
+                                   capsys)
+    assert code == 0, err
+    labels = {}
+    for path in sorted((tiny_prepared / "volumes" / "gold").glob("*.npz")):
+        with np.load(path) as data:
+            labels[path.stem] = data["label"]
+    side = {organ: result["mean"] for organ, result in mask_copy_dice(labels, preset="alpnet").items()}
+    four = [side["liver"], side["spleen"], (side["kidney_right"] + side["kidney_left"]) / 2,
+            (side["psoas_right"] + side["psoas_left"]) / 2]
+    mean_line = next(line for line in out.splitlines() if line.strip().startswith("mean "))
+    assert all(np.isfinite(four)) and float(mean_line.split()[1]) == pytest.approx(np.mean(four), abs=5e-4)
+    assert "preset alpnet" in out and "kidney, psoas: mean of right and left" in out
+    assert "mean of the 4 organs liver, spleen, kidney, psoas" in out
+    results = {"liver": {"mean": 0.5, "median": 0.5, "n": 2}, "spleen": {"mean": float("nan"), "median": 0,
+                                                                         "n": 0},
+               "kidney_right": {"mean": float("nan"), "median": 0, "n": 0},
+               "kidney_left": {"mean": 0.3, "median": 0.3, "n": 2}}      # a table organ with one side scored
+    text = format_mask_copy(results, "s", "inclusive")
+    assert "liver 0.500, kidney 0.300" in text and "spleen 0" not in text.split("README table")[1]
+    assert "0.400  (mean of the 2 organs liver, kidney" in text
+
+
+def test_segment_masks_in_other_forms_give_the_binary_result_and_warnings_name_doubtful_input(files, tmp_path,
+                                                                                              capsys):
+    """A 0/255 float, soft 0/0.5 or LPS-stored mask, or a labelled mask with its label map (two forms) or a
+    sidecar JSON: the same output bytes as the plain liver mask. Doubtful input warns and goes on."""
+    c = Context.of(tmp_path, files=files)
+
+    def run(name, **changes):
+        argv = segment_argv(c, **{"--out": tmp_path / f"{name}.nii.gz", **changes})
+        code, out, err = script_output("segment_volume", argv, capsys)
+        assert code == 0, err
+        return out, err, (tmp_path / f"{name}.nii.gz").read_bytes()
+
+    reference = run("binary")[2]
+    labelled = {"--support-mask": "ts_labels", "--support-label": "liver"}
+    for name, changes in {"mask_255": {"--support-mask": "mask_255"}, "soft": {"--support-mask": "soft"},
+                          "lps": {"--support-mask": "liver_lps"}, "ts_map": {**labelled,
+                                                                             "--label-map": "ts_map"},
+                          "name_map": {**labelled, "--label-map": "name_map"}}.items():
+        out, err, written = run(name, **changes)
+        assert written == reference, name
+        if name == "soft":
+            assert any("foreground = values >= 0.5" in line for line in warnings_in(err)), err
+        if name.endswith("map"):
+            assert "label 5 (liver" in out
+    sidecar = files["ts_labels"].with_name("ts_labels.json")
+    shutil.copyfile(files["ts_map"], sidecar)
+    try:
+        out, _, written = run("sidecar", **labelled)
+    finally:
+        sidecar.unlink()
+    assert written == reference and "sidecar ts_labels.json" in out and "label 5 (liver" in out
+    for name, changes, words in (("air", {"--query": "air", "--query-range": "2:6"}, "all air"),
+                                 ("narrow", {"--query": "narrow"}, "field of view"),
+                                 ("few", {"--support-mask": "few_liver"},
+                                  "far fewer than expected for a liver"),
+                                 ("size", {"--input-size": 48}, "trained at input size 32, run at 48")):
+        out, err, _ = run(name, **changes)
+        assert any(words in line for line in warnings_in(err)), (name, err)
+        if name == "size":
+            assert "query range" in out and "transferred from the support" in out
+    out, _, _ = run("range", **{"--query-range": "3:9"})
+    assert "query range 3:9" in out and "given by --query-range" in out
+
+
+class Background(torch.nn.Module):
+    """A model that never finds the organ."""
+
+    def encode_support(self, images, fg, bg):
+        return None
+
+    def segment(self, prototypes, queries):             # 1 x Q x 1 x S x S -> 1 x Q x 2 x S x S
+        logits = torch.zeros(*queries.shape[:2], 2, *queries.shape[-2:])
+        logits[:, :, 0] = 1.0
+        return logits
+
+
+def test_a_model_that_predicts_nothing_ends_with_a_warning(files, tiny_prepared, tmp_path, capsys):
+    from evaluation.evaluate import evaluate
+    from evaluation.segment import segment_volume
+    capsys.readouterr()
+    evaluate({"mask copy": None, "LSLPN": Background()}, ["liver"], tiny_prepared, input_size=32,
+             device="cpu",
+             progress=False, figures=False)
+    lines = warnings_in(capsys.readouterr().err)
+    assert len(lines) == 1 and "LSLPN predicted no liver voxel in 2 of 2 query volumes" in lines[0], lines
+    array, _ = segment_volume(Background(), [(files["ct"], files["mask"])], files["ct"],
+                              out=tmp_path / "e.nii.gz",
+                              input_size=32, n_chunks=3, device="cpu", progress=False)
+    err = capsys.readouterr().err
+    assert not array.any() and (tmp_path / "e.nii.gz").exists()
+    assert any("the output mask is empty" in line for line in warnings_in(err)), err
+
+
+def test_non_hu_volumes_run_with_minmax_and_new_checkpoints_store_plain_data(files, tmp_path, capsys):
+    """--intensity minmax handles a volume without HU explicitly (a warning names the override); a saved
+    checkpoint holds plain data only (the RNG state as lists) and restores the RNG and the weights."""
+    from models.checkpoint import model_from_checkpoint, save_checkpoint
+    from util.device import get_rng_state, set_rng_state
+    c = Context.of(tmp_path, files=files)
+    argv = segment_argv(c, True, **{"--query": "uint16_raw", "--intensity": "minmax", "--query-range": "5:16",
+                                    "--out": tmp_path / "ok.nii.gz"})
+    code, _, err = script_output("segment_volume", argv, capsys)
+    assert code == 0 and (tmp_path / "ok.nii.gz").exists(), err
+    assert "run with {'mode': 'minmax'} as requested" in err
+    state, config = weights()
+    np.random.seed(5)
+    snapshot = get_rng_state()
+    expected = np.random.rand()
+    save_checkpoint(str(tmp_path / "new.pth"), {"model": state, "model_config": config, "rng": [snapshot],
+                                                "step": 3})
+    raw = torch.load(tmp_path / "new.pth", weights_only=True)                    # plain data, no numpy needed
+    assert isinstance(raw["rng"][0]["numpy"][1], list)
+    set_rng_state(load_checkpoint(str(tmp_path / "new.pth"))["rng"][0])
+    assert np.random.rand() == expected
+    rebuilt, _ = model_from_checkpoint(str(tmp_path / "new.pth"))
+    assert all(torch.equal(a, b) for a, b in zip(rebuilt.state_dict().values(), state.values()))
+    from models.checkpoint import _official_encoder_keys
+    torch.save({f"module.{key}": torch.zeros(1) for key in _official_encoder_keys()},
+               tmp_path / "official.pth")
+    official = load_checkpoint(str(tmp_path / "official.pth"))
+    assert official["official_snapshot"] and official["model_config"]["encoder"] == "resnet50_lslpn"
+
+
+def test_query_range_transfer_by_physical_z_and_coverage(files, tmp_path, capsys):
+    c = Context.of(tmp_path, files=files)
+    common = dict(supports=[(files["support"], files["support_mask"])], device="cpu", progress=False,
+                  input_size=24, n_chunks=3)
+    from evaluation.segment import segment_volume
+    crop = save(tmp_path / "crop.nii.gz", files["support_array"][:, :, 4:18], crop_affine())
+    capsys.readouterr()
+    segment_volume(Threshold(), query=crop, **common)                  # a crop of the support's own scan
+    out = capsys.readouterr().out
+    assert "query range 2:10" in out and "physical z position" in out          # organ 6..13 -> 2..9
+    longer = np.concatenate([files["query_array"], files["query_array"][:, :, -3:]], axis=2)   # 23 slices
+    segment_volume(Threshold(), query=save(tmp_path / "longer.nii.gz", longer), **common)
+    err = capsys.readouterr().err
+    assert "115 mm axially" in err and "may be shifted" in err          # 10-25% apart: a warning
+    segment_volume(Threshold(), query=files["query"], **common)        # same coverage: silently
+    captured = capsys.readouterr()
+    assert "relative body position" in captured.out and "warning" not in captured.err
+    array, _ = segment_volume(Threshold(), query=mr_files(c)["mr"], intensity="zscore", query_range="7:15",
+                              **common)
+    assert not array[..., :7].any() and not array[..., 15:].any()
+
+
+def test_a_query_range_shorter_than_n_chunks_pairs_each_slice_with_the_chunk_covering_it(files):
+    from evaluation.protocols import chunk_plan
+    from evaluation.segment import Support, segment_plan, segment_volume
+
+    def support(first, last):
+        return Support(image=np.zeros((2, 2, 30), np.float32), mask=np.zeros((2, 2, 30), bool),
+                       annotated=np.arange(first, last + 1), name=f"s{first}")
+    # support 0..23, 12 chunks: chunk i's support slice is floor((i + 0.5) * 2) = 2i + 1. Query 10..12:
+    # slice j covers [j/3, (j+1)/3) of the range, its centre lies in chunk floor((j + 0.5) * 4) = 2, 6,
+    # 10 -> support slices 5, 13, 21
+    plan = segment_plan([support(0, 23)], (10, 12), 12)
+    assert [(int(s[0]), z.tolist()) for s, z in plan] == [(5, [10]), (13, [11]), (21, [12])]
+    assert [(int(s[0]), z.tolist()) for s, z in segment_plan([support(0, 23)], (7, 7), 12)] == [(13, [7])]
+    plan = segment_plan([support(0, 23), support(10, 21)], (0, 2), 12)   # the second: 10 + i -> 12, 16, 20
+    assert [s.tolist() for s, _ in plan] == [[5, 12], [13, 16], [21, 20]]
+    long = segment_plan([support(0, 23)], (0, 12), 12)                  # >= n_chunks slices: the protocol's
+    assert [(s.tolist(), z.tolist()) for s, z in long] == [(s.tolist(), z.tolist())
+                                                           for s, z in chunk_plan([(0, 23)], (0, 12), 12)]
+    model = Threshold()
+    array, _ = segment_volume(model, [(files["support"], files["support_mask"])], files["query"],
+                              query_range="8:10",
+                              n_chunks=12, device="cpu", progress=False, input_size=24,
+                              intensity="window:-125,275")
+    assert not array[..., :8].any() and not array[..., 10:].any() and array[..., 8:10].any()
+    assert sum(len(batch) for batch in model.seen) == 2                          # one chunk per query slice
+
+
+def test_zscore_uses_whole_volume_statistics_whatever_the_batches():
+    from dataloaders.transforms import scale_intensity
+    from evaluation.inference import run_chunks
+    volume = np.random.default_rng(0).uniform(0, 1300, size=(8, 8, 6))        # X x Y x Z
+    mean = sum(volume.flat) / volume.size
+    std = (sum((v - mean) ** 2 for v in volume.flat) / volume.size) ** 0.5
+    slow = np.empty_like(volume)
+    for index in np.ndindex(volume.shape):
+        slow[index] = (volume[index] - mean) / std
+    assert np.allclose(scale_intensity(np.moveaxis(volume, 2, 0), {"mode": "zscore"}), np.moveaxis(slow, 2,
+                                                                                                   0),
+                       atol=1e-5)
+    resolved = volume_intensity(volume, {"mode": "zscore"})
+    assert np.allclose(scale_intensity(volume[:, :, 2], resolved), slow[:, :, 2], atol=1e-5)   # one slice
+    for batch in (1, 4):
+        model = Threshold()
+        run_chunks(model, [(volume, volume > 650)], [(np.array([2]), np.arange(6))], volume, 8,
+                   {"mode": "zscore"},
+                   "cpu", batch)
+        assert np.allclose(torch.cat(model.seen).numpy(), np.moveaxis(slow, 2, 0), atol=1e-4), batch
+
+
+def test_synthetic_mr_las_float64_thick_slices_round_trip(tmp_path):
+    from evaluation.segment import segment_volume
+    rng = np.random.default_rng(3)
+    canonical = np.zeros((32, 32, 12))                                          # R A S
+    canonical[4:28, 4:28] = 300 + rng.normal(0, 10, (24, 24, 12))
+    labels = np.zeros(canonical.shape, np.float64)
+    labels[6:12, 8:20, 3:9] = 3                                                 # organ on the patient's right
+    canonical[labels == 3] = 900
+    affine = np.diag([-1.25, 1.25, 7.7, 1.0])                                   # stored LAS: x flipped
+    affine[0, 3] = 31 * 1.25
+    stored, stored_labels = canonical[::-1].copy(), labels[::-1].copy()
+    image, mask = save(tmp_path / "mr.nii.gz", stored, affine), save(tmp_path / "labels.nii.gz",
+                                                                     stored_labels, affine)
+    array, written = segment_volume(Threshold(1.5), [(image, mask)], image, support_label=3,
+                                    query_range="2:10",
+                                    intensity="zscore", device="cpu", progress=False, input_size=32,
+                                    n_chunks=3)
+    assert nib.aff2axcodes(written.affine) == ("L", "A", "S") and array.shape == stored.shape
+    expected = stored_labels == 3                                        # z-score of 900: far above 1.5
+    expected[..., :2] = expected[..., 10:] = False
+    assert np.array_equal(array.astype(bool), expected)
+
+
+@pytest.mark.skipif(not (CHAOS / "image_1.nii.gz").is_file(), reason=f"CHAOS-T2 volumes not found in {CHAOS}")
+def test_real_chaos_t2_volumes(tmp_path):
+    from evaluation.segment import segment_volume
+    support, query = (CHAOS / "image_1.nii.gz", CHAOS / "label_1.nii.gz"), CHAOS / "image_2.nii.gz"
+    common = dict(device="cpu", progress=False, input_size=32, n_chunks=3, support_label=3)   # 3: left kidney
+    with pytest.raises(UserError, match="not CT in Hounsfield units.*--query-range"):   # no HU: no transfer
+        segment_volume(Threshold(), [support], query, intensity="zscore", **common)
+    with pytest.raises(UserError, match="not CT in Hounsfield units.*--intensity minmax"):
+        segment_volume(Threshold(), [support], query, intensity="window:-125,275", query_range="3:17",
+                       **common)
+    array, written = segment_volume(Threshold(), [support], query, intensity="zscore", query_range="3:17",
+                                    out=tmp_path / "lk.nii.gz", **common)
+    stored = nib.load(str(query))
+    assert array.shape == stored.shape and nib.aff2axcodes(written.affine) == ("L", "A", "S")
+    assert np.allclose(nib.load(str(tmp_path / "lk.nii.gz")).affine, stored.affine)
+    assert array[..., 3:17].any() and not array[..., :3].any() and not array[..., 17:].any()
+    image = nib.load(str(support[0]))                  # a crop of the support's own scan: physical z
+    crop_affine_ = image.affine.copy()
+    crop_affine_[:3, 3] = image.affine[:3, :3] @ np.array([0, 0, 10]) + image.affine[:3, 3]
+    crop = save(tmp_path / "crop.nii.gz", np.asarray(image.dataobj)[:, :, 10:32], crop_affine_)
+    lk = np.flatnonzero((np.asarray(nib.load(str(support[1])).dataobj) == 3).any(axis=(0, 1)))
+    array, _ = segment_volume(Threshold(), [support], crop, intensity="zscore", **common)
+    assert array.any() and not array[..., :lk[0] - 10].any() and not array[..., lk[-1] - 10 + 1:].any()
+    with pytest.raises(UserError, match="looks like a mask"):
+        segment_volume(Threshold(), [support], support[1], intensity="zscore", query_range="3:17", **common)
+    with pytest.raises(UserError, match="looks like an image"):
+        segment_volume(Threshold(), [(support[0], support[0])], query, intensity="zscore", query_range="3:17",
+                       **common)
+
+
+def test_test_py_evaluation_of_mr_volumes_in_the_ssl_alpnet_layout(tmp_path):
+    """evaluate() on z-scored MR volumes held in SSL-ALPNet's Y x X x Z order ('as stored'): the per-volume
+    statistics reach the model, and predictions are written on the file's grid."""
+    from dataloaders.prepare import save_npz_deterministic
+    from evaluation.evaluate import evaluate
+    prep = tmp_path / "prep"
+    (prep / "volumes" / "gold").mkdir(parents=True)
+    (prep / "meta.json").write_text('{"format_version": 1, "intensity": {"mode": "zscore"}, "prep_size": 32}')
+    affine = np.diag([-1.25, 1.25, 7.7, 1.0])                                  # LAS, 7.7 mm slices
+    file_labels = {}
+    for pid, shift in (("1", 0), ("2", 3)):
+        label = np.zeros((32, 28, 10), np.uint8)                               # X x Y x Z of the file
+        label[4 + shift:20 + shift, 6:22, 2:8] = 1                             # liver, 256 voxels a slice
+        image = np.where(label == 1, 900.0, 300.0) + np.random.default_rng(int(pid)).normal(0, 10,
+                                                                                            label.shape)
+        file_labels[pid] = label.astype(bool)
+        save_npz_deterministic(prep / "volumes" / "gold" / f"{pid}.npz", {
+            "image": image.transpose(1, 0, 2).astype(np.float32), "label": label.transpose(1, 0, 2),
+            "affine": affine, "original_affine": affine, "original_shape": np.asarray(label.shape),
+            "original_axcodes": np.asarray("as stored"), "spacing": np.array([1.25, 1.25, 7.7])})
+    model = Threshold(1.5)                                                     # z-score of 900 among 300s: ~2
+    results = evaluate({"mask copy": None, "LSLPN": model}, ["liver"], prep, preset="inclusive",
+                       out_dir=tmp_path / "out", support="1", input_size=32, device="cpu", progress=False,
+                       figures=False)
+    assert results["table"]["range"]["LSLPN"]["liver"] == pytest.approx(100.0)
+    seen = torch.cat(model.seen)
+    assert seen.max() > 1.5 and seen.min() < 0                                 # z-scored, not [0, 1]
+    written = nib.load(str(tmp_path / "out" / "predictions" / "lslpn" / "2_liver.nii.gz"))
+    assert written.shape == (32, 28, 10) and np.allclose(written.affine, affine)
+    assert np.array_equal(np.asarray(written.dataobj).astype(bool), file_labels["2"])
+
+
+def test_output_checks_accept_new_outputs_and_name_write_failures(tmp_path):
+    from util.paths import check_output_file, check_output_folder, check_writable_folder, output_error_message
+    ct = made(tmp_path / "q.nii.gz", "ct")
+    before = sorted(os.listdir(tmp_path))
+    assert check_output_file(tmp_path / "mask.nii.gz", inputs=[ct],
+                             suffixes=(".nii.gz",)) == tmp_path / "mask.nii.gz"
+    assert sorted(os.listdir(tmp_path)) == before                         # the write probe is removed
+    assert check_output_folder(tmp_path / "new" / "prep", inputs=[ct]) == tmp_path / "new" / "prep"
+    assert check_writable_folder(tmp_path / "new" / "runs", "path.log_dir") == tmp_path / "new" / "runs"
+    assert not (tmp_path / "new").exists()                                 # checking creates nothing
+    for code, words in ((errno.ENOSPC, "disk is full"), (errno.EROFS, "read-only"), (errno.EFBIG,
+                                                                                     "size limit")):
+        message = output_error_message(OSError(code, os.strerror(code), "out.nii.gz"))
+        assert words in message and "out.nii.gz" in message and "\n" not in message
+    assert output_error_message(OSError(errno.ENOENT, "x")) is None          # not a write failure: a bug
+
+
+# ====================================================================== real processes, full disks, kills
+def test_real_processes_one_line_without_traceback_and_debug_shows_it(tiny_prepared, tmp_path):
+    """The process contract: exit 2, one 'error:' line, no traceback (no library warning either, without
+    PYTHONWARNINGS); --debug gives the traceback."""
+    done = subprocess.run([sys.executable, "scripts/check_dataset.py", str(tmp_path / "absent")], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert_one_line_error(done.returncode, done.stderr, "folder not found")
+    debug = subprocess.run([sys.executable, "scripts/check_dataset.py", str(tmp_path / "absent"), "--debug"],
+                           cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert debug.returncode != 0 and "Traceback" in debug.stderr and "UserError" in debug.stderr
+    done = subprocess.run([sys.executable, "test.py", "with", "tiny", f"path.data_dir={tmp_path}",
+                           f"path.log_dir={tmp_path / 'runs'}"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert_one_line_error(done.returncode, done.stderr, "not a prepared folder")
+    done = train_cli("fold=1.0", log_dir=tmp_path / "runs", prep_dir=tiny_prepared)
+    assert_one_line_error(done.returncode, done.stderr, "fold = 1.0: must be an integer")
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("entry", ["segment_volume", "make_phantom", "train.py"])
+def test_disk_full_mid_write_is_one_line_and_leaves_no_partial_output(files, tiny_prepared, tmp_path, entry):
+    c = Context.of(tmp_path, files=files)
+    limit = 600                             # any file beyond it fails with EFBIG, as a full disk with ENOSPC
+    if entry == "segment_volume":
+        argv = ["scripts/segment_volume.py", *segment_argv(c)]
+    elif entry == "make_phantom":
+        argv = ["scripts/make_phantom.py", "--out", str(tmp_path / "ph"), *PHANTOM_ARGS]
+    else:                                   # Sacred's small records fit, the checkpoint does not
+        limit = 60_000
+        argv = ["train.py", "with", "tiny", "device=cpu", f"path.data_dir={tiny_prepared}",
+                f"path.log_dir={tmp_path}",
+                "n_steps=2", "save_every=2", "val_every=0", "name=full"]
+    done = subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)),
+                          env=dict(os.environ, PYTHONDONTWRITEBYTECODE="1"))
+    errors = [line[line.index("error: "):] for line in done.stderr.splitlines() if "error: " in line]
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert len(errors) == 1 and "writing failed (the file size limit was reached)" in errors[0], errors
+    left = [name for name in tree(tmp_path) if "_sources" not in name]
+    assert left in ([], ["full"])          # no partial file, no .tmp-<pid>, no .partial, no FAILED run record
+
+
+def wait_for(predicate, proc, timeout: float = 240.0) -> bool:
+    """Poll `predicate` until true, `proc` exits or `timeout`; returns predicate()."""
+    deadline = time.time() + timeout
+    while not predicate() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    return predicate()
+
+
+def kill(proc) -> bool:
+    """SIGKILL `proc`; True when it was still running (the kill interrupted it)."""
+    running = proc.poll() is None
+    if running:
+        proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    return running
+
+
+def test_training_killed_at_a_random_moment_resumes_to_identical_weights(tmp_path, tiny_prepared):
+    """Killed anywhere (possibly inside a checkpoint write), resumed with resume=True: the weights of an
+    uninterrupted run. The random moment comes from a seed printed in the messages."""
+    rng = random.Random(SEED)
+    settings = ["n_steps=6", "save_every=1", "val_every=0", "print_every=1"]
+    log_dir = tmp_path / "killed"
+    # each step pauses 0.3 s after its checkpoint, so the 5 later steps outlast the random delay below
+    proc = train_cli(*settings, log_dir=log_dir, prep_dir=tiny_prepared, popen=True, pause_after_save=0.3)
+    pattern = str(log_dir / "*" / "1" / "last.pth")
+    assert wait_for(lambda: glob.glob(pattern), proc), f"seed {SEED}: no checkpoint before the run ended"
+    time.sleep(rng.uniform(0.0, 1.2))
+    interrupted = kill(proc)
+    killed = load_checkpoint(glob.glob(pattern)[0])           # never truncated: atomic replace
+    assert 1 <= killed["step"] <= 6, SEED
+    ref, resumed = train_then_resume(tmp_path / "ref", log_dir, tiny_prepared, *settings)
+    assert ref["code"] == 0 and resumed["code"] == 0, ref["err"][-2000:] + resumed["err"][-2000:]
+    reference = load_checkpoint(glob.glob(str(tmp_path / "ref" / "*" / "1" / "last.pth"))[0])
+    runs = sorted(glob.glob(str(log_dir / "*" / "*" / "last.pth")),
+                  key=lambda path: int(Path(path).parent.name))
+    final = load_checkpoint(runs[-1])                         # the resumed run (or run 1 if it had finished)
+    message = f"seed {SEED}: killed at step {killed['step']} (interrupted: {interrupted})"
+    assert final["step"] == reference["step"] == 6, message
+    assert final["model"].keys() == reference["model"].keys(), message
+    assert all(torch.equal(final["model"][k], reference["model"][k]) for k in reference["model"]), message
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_killed_prepare_leaves_the_old_output_or_none_never_a_partial_one(tiny_phantom, tmp_path):
+    """prepare_visceral killed at a random moment over an old output (--overwrite) and with none: PREP is
+    the old folder, absent, or complete; the next run cleans the dead run's .partial-<pid> folder."""
+    from dataloaders.prepare import Selection, prepare_dataset
+    from evaluation.dataset_check import check_prepared
+    rng = random.Random(SEED + 1)
+    old_out, new_out = tmp_path / "old" / "prep", tmp_path / "new" / "prep"
+    prepare_dataset(tiny_phantom, old_out, size=32, n_val=1, rule=Selection(min_voxels=5), workers=1)
+    old = snapshot(old_out)
+    for out, extra in ((old_out, ["--overwrite"]), (new_out, [])):
+        out.parent.mkdir(exist_ok=True)
+        proc = subprocess.Popen([sys.executable, "scripts/prepare_visceral.py", "--visceral-dir",
+                                 str(tiny_phantom),
+                                 "--out", str(out), "--size", "48", "--n-val", "1", "--min-voxels", "5",
+                                 "--workers", "1", *extra], cwd=ROOT, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE)
+        wait_for(lambda: any(p.name.startswith("prep.partial-") for p in out.parent.iterdir()), proc)
+        time.sleep(rng.uniform(0.0, 0.8))
+        message = f"seed {SEED}: {out} (interrupted: {kill(proc)})"
+        if out.exists() and snapshot(out) != old:
+            assert check_prepared(out)["prep_size"] == 48, message      # complete new folder
+        elif not out.exists() and out == old_out:   # killed between the two renames: restored next run
+            assert any(p.name.startswith("prep.old-") for p in out.parent.iterdir()), message
+        prepare_dataset(tiny_phantom, out, size=48, n_val=1, rule=Selection(min_voxels=5), workers=1,
+                        overwrite=True)
+        assert sorted(p.name for p in out.parent.iterdir()) == ["prep"], message
+        assert check_prepared(out)["prep_size"] == 48
+
+
+SLOW_WRITE_DRIVER = textwrap.dedent("""
+    import pathlib, sys, time
+    original = pathlib.Path.write_bytes
+    def slow_write_bytes(self, data):
+        if ".tmp-" not in self.name:
+            return original(self, data)
+        with open(self, "wb") as handle:                 # half the file, then a long pause
+            handle.write(data[: len(data) // 2])
+            handle.flush()
+            print("HALF-WRITTEN", flush=True)
+            time.sleep(120)
+            handle.write(data[len(data) // 2:])
+        return len(data)
+    pathlib.Path.write_bytes = slow_write_bytes
+    from util.cli import run_cli
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("segment_volume", "scripts/segment_volume.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    run_cli(module.main, sys.argv[1:])
+""")
+
+
+def test_segment_killed_while_writing_keeps_the_old_output(files, tmp_path):
+    c = Context.of(tmp_path, files=files)
+    out = made(tmp_path / "out") / "pred.nii.gz"
+    out.write_bytes(b"old prediction")
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_WRITE_DRIVER, *segment_argv(c, **{"--out": out})],
+                            cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    line = proc.stdout.readline()                          # blocks until the write is half done
+    while line.startswith("support organ:"):               # segment_volume's line on the label and range used
+        line = proc.stdout.readline()
+    assert line.strip() == "HALF-WRITTEN", proc.stderr.read()[-2000:]
+    temporaries = [p for p in out.parent.iterdir() if ".tmp-" in p.name]
+    assert len(temporaries) == 1 and temporaries[0].stat().st_size > 0
+    assert kill(proc)
+    assert out.read_bytes() == b"old prediction"            # the output path never held a partial file
