@@ -231,7 +231,7 @@ def test_ct_training_and_test_scans_use_the_training_scans_pooled_statistics(tmp
         path = folder / f"image_{sid}.nii.gz"
         scale, shift = 1 + (5 * sid) % 7, 400 * ((3 * sid) % 5) - 800
         _save(np.asarray(nib.load(str(path)).dataobj) * scale + shift, path)
-    meta = prepare_alpnet(folder, tmp_path / "p", fold=0, setting=1, with_superpixels=False)
+    meta = prepare_alpnet(folder, tmp_path / "p", fold=0, setting=1)
     assert meta["splits"]["train"] == ["7", "8", "9"]           # 0-5 test, 6 support
     raws = {sid: np.asarray(nib.load(str(folder / f"image_{sid}.nii.gz")).dataobj).transpose(1, 0, 2)
             for sid in range(10)}                               # Y x X x Z

@@ -391,7 +391,7 @@ def _records(dice_by_support: dict) -> list[dict]:
 def test_senet_aggregates_the_median_over_queries_per_support_then_the_mean_over_supports(tmp_path,
                                                                                         monkeypatch):
     import evaluation.evaluate as evaluation
-    from evaluation.protocol import PRESETS
+    from evaluation.protocols import PRESETS
     from evaluation.results import summarise
     dice_by_support = {"s1": [0.1, 0.9, 0.2], "s2": [0.6, 0.5, 0.6], "s3": [0.85, 0.0, 0.8]}
     medians = [sorted(values)[1] for values in dice_by_support.values()]              # 0.2, 0.6, 0.8

@@ -384,7 +384,7 @@ def test_mask_copy_matches_the_literal_loop_and_the_preset():
         assert value == pytest.approx(_literal_alpnet_mask_copy(support, query))
         assert (lo, hi) == tuple(organ_slice_list(query)[[0, -1]])
         assert not prediction[:, :, :lo].any() and not prediction[:, :, hi + 1:].any()   # only the range
-        # the same protocol through the project's planner (preset 'alpnet', evaluation/protocol.py)
+        # the same protocol through the project's planner (preset 'alpnet', evaluation/protocols.py)
         liver = NAME_TO_INDEX["liver"]
         labels = {"s": support.astype(np.uint8) * liver, "q": query.astype(np.uint8) * liver}
         assert mask_copy_dice(labels, "s", "alpnet",

@@ -459,14 +459,14 @@ def test_best_snapshot_is_the_step_of_the_highest_validation_dice(tmp_path, prep
     run_dir = tmp_path / "run"
     paths = {"data_dir": str(prep), "log_dir": str(tmp_path)}
     config = resolve(n_steps=6, val_every=1, save_every=6, path=paths)
-    summary = train(config, RecordingRun(run_dir, config))
+    summary = train(config, RecordingRun(run_dir, config), defaults=default_config())
     snapshot = load_checkpoint(str(run_dir / "best.pth"))
     assert (snapshot["step"], snapshot["best_dice"], summary["best_dice"]) == (best_step, best, best)
     assert load_checkpoint(str(run_dir / "last.pth"))["best_dice"] == best
 
     scripted_validation(monkeypatch, [0.6, 0.1, 0.7])                  # a lower value never replaces best
     config = resolve(n_steps=3, val_every=1, save_every=3, path=paths)
-    summary = train(config, RecordingRun(tmp_path / "b", config))
+    summary = train(config, RecordingRun(tmp_path / "b", config), defaults=default_config())
     assert load_checkpoint(str(tmp_path / "b" / "best.pth"))["step"] == 3 and summary["best_dice"] == 0.7
 
 
@@ -482,8 +482,8 @@ def test_learning_rate_of_every_step_follows_lr_milestones_across_a_resume(tmp_p
     common = dict(lr=lr, lr_gamma=gamma, lr_milestones=milestones, val_every=0, save_every=1, path=paths)
     configs = resolve(n_steps=3, **common), resolve(n_steps=n_steps, resume=True, **common)
     first, resumed = (RecordingRun(tmp_path / name / str(i + 1), c) for i, c in enumerate(configs))
-    train(configs[0], first)
-    train(configs[1], resumed)
+    train(configs[0], first, defaults=default_config())
+    train(configs[1], resumed, defaults=default_config())
     assert resumed.info["resumed_from"] == str(tmp_path / name / "1" / "last.pth")
     assert first.logged("lr") + resumed.logged("lr") == pytest.approx(expected, rel=1e-12)
     state = load_checkpoint(str(tmp_path / name / "2" / "last.pth"))
