@@ -1,4 +1,4 @@
-"""util/paths.py: the one pre-compute check of every output (never an input, writable, right kind)."""
+"""util/io.py: the one pre-compute check of every output (never an input, writable, right kind)."""
 from __future__ import annotations
 
 import errno
@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from util.errors import UserError
-from util.paths import (
+from util.io import (
     check_output_file,
     check_output_folder,
     check_writable_folder,

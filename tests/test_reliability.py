@@ -6,7 +6,7 @@ code 2, no traceback, nothing written; warnings are one `warning:` line and the 
 | class (root check)                                  | scripts (argparse)                               | Sacred (train.py / test.py)                  |
 |-----------------------------------------------------|--------------------------------------------------|----------------------------------------------|
 | 1 never write over an input                          | segment_volume --out = query / symlink / hard    | path.log_dir = a file (train, test)          |
-|   (util.paths.check_output_file/_folder)            | link / mask / checkpoint; make_phantom --out a   |                                              |
+|   (util.io.check_output_file/_folder)               | link / mask / checkpoint; make_phantom --out a   |                                              |
 |                                                     | file + --overwrite; prepare --out = / holds the  |                                              |
 |                                                     | source; make_figures --table = results.json      |                                              |
 | 2 the wrong organ, silently                          | segment: organ name without known labels (liver, | evaluation (test.py, validation): a model    |
@@ -14,7 +14,7 @@ code 2, no traceback, nothing written; warnings are one `warning:` line and the 
 |                                                     | JSON list; empty output and tiny organ warnings; | use the 1-20 indices: no names to resolve)   |
 |                                                     | prepare --label-map a JSON list                  |                                              |
 | 3 output and filesystem errors                       | segment: unwritable --out checked before the     | path.log_dir unwritable (train, test)        |
-|   (util.paths checks before compute; run_cli /      | checkpoint is read; disk full mid-write (segment,|                                              |
+|   (util.io checks before compute; run_cli /         | checkpoint is read; disk full mid-write (segment,|                                              |
 |   run_sacred turn write OSErrors into one line)     | make_phantom: no partial file/folder, no .tmp);  | disk full while train.py writes a checkpoint |
 |                                                     | make_figures: corrupt or foreign results.json    |                                              |
 | 4 implausible inputs (dataloaders.plausibility,     | segment: image/mask swapped, constant query,     | n/a                                          |
@@ -33,7 +33,7 @@ Counted: 44 cases here (a parametrized id or a case inside a test, each with its
 make_figures, train.py, test.py, evaluation.evaluate), plus 3 in tests/test_demo_numerics.py
 (demo/__main__.py). With tests/test_bad_inputs.py (90 cases, 6 entry points): 137 cases over 8 entry
 points (make_phantom, prepare_visceral, check_dataset, segment_volume, make_figures, train.py, test.py,
-demo.py). Unit tests of the root checks: tests/test_output_paths.py (util/paths.py), tests/test_label_map.py (label maps,
+demo.py). Unit tests of the root checks: tests/test_output_paths.py (util/io.py), tests/test_label_map.py (label maps,
 plausibility). benchmark's before-measuring output check: tests/test_benchmark.py.
 """  # noqa: E501  (the class table above)
 from __future__ import annotations
