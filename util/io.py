@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import errno
 import os
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -71,14 +71,11 @@ def _probe_writable(folder: Path) -> str | None:
     """None when a file can be created in `folder`; else the reason (e.g. 'permission denied')."""
     probe = folder / f".write-probe-{os.getpid()}"
     try:
-        with open(probe, "wb"):
-            pass
+        open(probe, "wb").close()
     except OSError as error:
         return WRITE_ERRNOS.get(error.errno, error.strerror or type(error).__name__)
-    try:
+    with suppress(OSError):
         probe.unlink()
-    except OSError:
-        pass
     return None
 
 
