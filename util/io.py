@@ -79,28 +79,26 @@ def _probe_writable(folder: Path) -> str | None:
     return None
 
 
-def _existing_ancestor(path: Path) -> Path:
-    path = Path(os.path.abspath(path))
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    return path
+def _check_writable(label: str, folder: Path, give: str) -> None:
+    """`folder`, or its nearest existing ancestor when missing, is a folder where a file can be created."""
+    anchor = folder
+    if not anchor.exists():
+        anchor = Path(os.path.abspath(folder))
+        while not anchor.exists() and anchor != anchor.parent:
+            anchor = anchor.parent
+    if not anchor.is_dir():
+        raise UserError(f"{label}: {anchor} is a file, not a folder: {give}")
+    reason = _probe_writable(anchor)
+    if reason is not None:
+        raise UserError(f"{label}: cannot write in {anchor} ({reason}): choose a writable location")
 
 
 def _check_parent(out: Path, what: str, create: bool) -> None:
     """The folder that will hold `out` exists (or can be created when `create`) and is writable."""
     parent = out.parent if str(out.parent) else Path(".")
-    if parent.exists() and not parent.is_dir():
-        raise UserError(f"{what} {out}: {parent} is a file, not a folder: give a path inside a folder")
-    if not parent.exists():
-        if not create:
-            raise UserError(f"{what} {out}: folder {parent} does not exist: create it first")
-        anchor = _existing_ancestor(parent)
-        if not anchor.is_dir():
-            raise UserError(f"{what} {out}: {anchor} is a file, not a folder: give a path inside a folder")
-        parent = anchor
-    reason = _probe_writable(parent)
-    if reason is not None:
-        raise UserError(f"{what} {out}: cannot write in {parent} ({reason}): choose a writable location")
+    if not parent.exists() and not create:
+        raise UserError(f"{what} {out}: folder {parent} does not exist: create it first")
+    _check_writable(f"{what} {out}", parent, "give a path inside a folder")
 
 
 def _check_not_input(out: Path, inputs: Iterable, what: str, folder: bool) -> None:
@@ -156,12 +154,7 @@ def check_writable_folder(folder: str | Path, what: str) -> Path:
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise UserError(f"{what} {folder}: is a file, not a folder: give a folder path")
-    anchor = folder if folder.is_dir() else _existing_ancestor(folder)
-    if not anchor.is_dir():
-        raise UserError(f"{what} {folder}: {anchor} is a file, not a folder: give a folder path")
-    reason = _probe_writable(anchor)
-    if reason is not None:
-        raise UserError(f"{what} {folder}: cannot write in {anchor} ({reason}): choose a writable location")
+    _check_writable(f"{what} {folder}", folder, "give a folder path")
     return folder
 
 
