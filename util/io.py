@@ -95,10 +95,9 @@ def _check_writable(label: str, folder: Path, give: str) -> None:
 
 def _check_parent(out: Path, what: str, create: bool) -> None:
     """The folder that will hold `out` exists (or can be created when `create`) and is writable."""
-    parent = out.parent if str(out.parent) else Path(".")
-    if not parent.exists() and not create:
-        raise UserError(f"{what} {out}: folder {parent} does not exist: create it first")
-    _check_writable(f"{what} {out}", parent, "give a path inside a folder")
+    if not out.parent.exists() and not create:
+        raise UserError(f"{what} {out}: folder {out.parent} does not exist: create it first")
+    _check_writable(f"{what} {out}", out.parent, "give a path inside a folder")
 
 
 def _check_not_input(out: Path, inputs: Iterable, what: str, folder: bool) -> None:
