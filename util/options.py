@@ -92,28 +92,21 @@ def _example(key: str, option: Option, fallback: str) -> str:
 
 
 # ------------------------------------------------------------------------------ one value
-def _check_integer(key: str, value: Any, option: Option) -> None:
-    kind = f"an integer {_bounds(option, True)}".strip()
+def _check_numeric(key: str, value: Any, option: Option) -> None:
+    integral = option.kind == INT
+    noun = "an integer" if integral else "a number"
+    kind = f"{noun} {_bounds(option, integral)}".strip()
     if not _is_number(value):
-        if isinstance(value, str) and value.strip().lstrip("+-").isdigit():
+        if integral and isinstance(value, str) and value.strip().lstrip("+-").isdigit():
             raise fail(key, value, "must be an integer, not a string",
                        f"write {key}={int(value)} (no quotes)")
-        raise fail(key, value, f"must be an integer, not {_type_word(value)}",
+        raise fail(key, value, f"must be {noun}, not {_type_word(value)}",
                    _example(key, option, f"use {kind}"))
-    if not isinstance(value, numbers.Integral):
+    if integral and not isinstance(value, numbers.Integral):
         if math.isfinite(value) and float(value).is_integer():
             raise fail(key, value, "must be an integer", f"write {int(value)} (no decimal point)")
         raise fail(key, value, "must be an integer", f"use {kind}")
-    if not _in_bounds(value, option):
-        raise fail(key, value, "out of range", f"use {kind}")
-
-
-def _check_number(key: str, value: Any, option: Option) -> None:
-    kind = f"a number {_bounds(option, False)}".strip()
-    if not _is_number(value):
-        raise fail(key, value, f"must be a number, not {_type_word(value)}",
-                   _example(key, option, f"use {kind}"))
-    if not math.isfinite(value):
+    if not integral and not math.isfinite(value):
         raise fail(key, value, "not a finite number", f"use {kind}")
     if not _in_bounds(value, option):
         raise fail(key, value, "out of range", f"use {kind}")
@@ -152,10 +145,8 @@ def check_value(key: str, value: Any, option: Option) -> None:
     if value is None and option.nullable:
         return
     kind = option.kind
-    if kind == INT:
-        _check_integer(key, value, option)
-    elif kind == NUMBER:
-        _check_number(key, value, option)
+    if kind in (INT, NUMBER):
+        _check_numeric(key, value, option)
     elif kind == BOOL:
         if not isinstance(value, bool):
             raise fail(key, value, "must be True or False", f"write {key}=True or {key}=False")
