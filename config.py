@@ -41,7 +41,7 @@ from models.fewshot import OFFICIAL_MODEL_CONFIG, PLUS_DEFAULTS  # noqa: E402
 from training.objective import SENET_DEFAULTS  # noqa: E402
 from util.cli import exit_with_message  # noqa: E402
 from util.errors import UserError  # noqa: E402
-from util.paths import output_error_message  # noqa: E402
+from util.io import output_error_message  # noqa: E402
 
 ex = Experiment("LSLPN", save_git_info=False)
 

@@ -20,9 +20,8 @@ import nibabel as nib
 import numpy as np
 from nibabel.orientations import apply_orientation, axcodes2ornt, ornt_transform
 
-from util.atomic import write_bytes_atomic
 from util.errors import UserError
-from util.paths import check_output_folder
+from util.io import check_output_folder, write_bytes_atomic
 
 CANONICAL_AXCODES = ("R", "A", "S")
 AFFINE_TOLERANCE_MM = 1e-3
@@ -172,7 +171,7 @@ def _clean_stale(out: Path) -> None:
 def atomic_folder(out: str | Path, overwrite: bool = False, inputs=()) -> Iterator[Path]:
     """Build a folder in `<out>.partial-<pid>` and rename it to `out` only when the block succeeds.
 
-    `out` is checked first (util.paths.check_output_folder; an existing folder only with `overwrite`, and
+    `out` is checked first (util.io.check_output_folder; an existing folder only with `overwrite`, and
     replaced only once the new one is complete); on any exception the partial folder is removed, and a
     killed run's leftovers are cleaned by the next run on the same `out`."""
     out = Path(out)

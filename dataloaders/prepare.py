@@ -47,9 +47,8 @@ from dataloaders.transforms import (
     validate_intensity,
     volume_intensity,
 )
-from util.atomic import write_bytes_atomic
 from util.errors import UserError
-from util.paths import check_output_folder
+from util.io import check_output_folder, write_bytes_atomic
 
 FORMAT_VERSION = 1
 TRAIN_FILE_KINDS = ("image", "label", NEIGHBOURS)

@@ -19,8 +19,8 @@ from skimage.segmentation import felzenszwalb, slic
 
 from dataloaders.nifti import atomic_folder
 from dataloaders.prepared import open_training_images, prepare_hint, read_meta
-from util.atomic import atomic_path, write_bytes_atomic
 from util.errors import UserError
+from util.io import atomic_path, write_bytes_atomic
 from util.options import options_from_mapping
 
 FORMAT_VERSION = 1

@@ -19,8 +19,8 @@ from dataloaders.organs import FOLD_ORGANS, TEST_ORGANS
 from dataloaders.prepared import read_meta
 from evaluation.evaluate import evaluate
 from experiments.runner import ROOT, python_command, resolved_config, run_step, train_or_reuse
-from util.atomic import write_text_atomic
 from util.errors import UserError
+from util.io import write_text_atomic
 
 PHANTOM_DIR = Path("data/phantom")
 PREP_DIR = Path("data/prepared_phantom")

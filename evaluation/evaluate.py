@@ -30,10 +30,10 @@ from evaluation.protocols import (
 )
 from evaluation.results import _jsonable, summarise, write_outputs
 from models.checkpoint import DEFAULT_INPUT_SIZE, model_from_checkpoint, model_input, trained_input
-from util.atomic import atomic_path
 from util.cli import warn
 from util.device import resolve_device
 from util.errors import UserError
+from util.io import atomic_path
 
 
 # ----------------------------------------------------------------------------------------- data

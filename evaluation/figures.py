@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 
 from evaluation.results import read_results
-from util.atomic import write_bytes_atomic
 from util.errors import UserError
+from util.io import write_bytes_atomic
 
 MASK_COPY = "mask copy"
 METHOD_ORDER = (MASK_COPY, "PANet", "SENet", "LSLPN")   # the published table's order; others after, by name

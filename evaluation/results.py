@@ -16,8 +16,8 @@ import numpy as np
 
 from dataloaders.organs import TABLE_COLUMNS
 from evaluation.protocols import ProtocolPreset, aggregate
-from util.atomic import write_text_atomic
 from util.errors import UserError
+from util.io import write_text_atomic
 
 METRICS = {"range": "dice_range", "volume": "dice_volume"}
 

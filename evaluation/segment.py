@@ -46,7 +46,7 @@ from models.fewshot import FewShotSegNet
 from util.cli import warn
 from util.device import resolve_device
 from util.errors import UserError
-from util.paths import check_output_file
+from util.io import check_output_file
 
 # ----------------------------------------------------------------- the query range and the plan
 BODY_HU = -500.0            # body voxels: above this HU (air and lung-free outside are below)

@@ -22,8 +22,8 @@ from dataloaders.prepared import load_volume, read_meta
 from evaluation.evaluate import evaluate
 from experiments.runner import ROOT, train_or_reuse
 from models.checkpoint import load_checkpoint
-from util.atomic import atomic_path, write_text_atomic
 from util.errors import UserError
+from util.io import atomic_path, write_text_atomic
 
 MASK_COPY = "mask copy"
 DATA_ENV = "CHAOS_T2_DIR"

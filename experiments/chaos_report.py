@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from util.atomic import atomic_path, write_text_atomic
+from util.io import atomic_path, write_text_atomic
 
 ORGANS = ["liver", "spleen", "kidney_left", "kidney_right"]      # the published tables' order
 HEAD = {"liver": "liver", "spleen": "spleen", "kidney_left": "LK", "kidney_right": "RK"}

@@ -21,10 +21,9 @@ import torch
 from models.encoders import ResNet50LSLPN
 from models.factory import METHOD_NAMES, build_model, check_model_config, method_of
 from models.fewshot import OFFICIAL_MODEL_CONFIG
-from util.atomic import atomic_path
 from util.cli import warn
 from util.errors import UserError
-from util.io import safe_torch_load
+from util.io import atomic_path, safe_torch_load
 
 WEIGHT_KEYS = ("encoder",)                # model-config keys that change the network's parameters
 DEFAULT_INPUT_SIZE = 512                  # the paper's input size (official-code snapshots, or unrecorded)

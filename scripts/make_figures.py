@@ -18,10 +18,9 @@ from pathlib import Path
 from evaluation.figures import FIGURE_NAMES, render_figures, write_figures
 from evaluation.protocols import ProtocolPreset
 from evaluation.results import markdown_table, read_results
-from util.atomic import write_text_atomic
 from util.cli import run_cli
 from util.errors import UserError
-from util.paths import check_output_file, check_writable_folder, same_file
+from util.io import check_output_file, check_writable_folder, same_file, write_text_atomic
 
 
 def merged_table(run_dirs: list[Path]) -> str:

@@ -33,10 +33,9 @@ from dataloaders.superpixels import (
     read_superpixel_meta,
 )
 from evaluation.figures import display
-from util.atomic import write_bytes_atomic
 from util.cli import run_cli
 from util.errors import UserError
-from util.paths import check_output_file
+from util.io import check_output_file, write_bytes_atomic
 
 
 def overlay_figure(prep_dir: Path, out: Path, n: int) -> None:

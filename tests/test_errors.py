@@ -933,11 +933,11 @@ def checkpoint_row(damage=None, **records):
 
 def paths_row(function: str, out, **kwargs):
     def call(c):
-        import util.paths
+        import util.io
         (made(c.tmp / "dir.nii.gz"), made(c.tmp / "plain", "x"), made(c.tmp / "data" / "visceral"))
         target = out(c)
         extra = {key: value(c) if callable(value) else value for key, value in kwargs.items()}
-        return getattr(util.paths, function)(target, **extra)
+        return getattr(util.io, function)(target, **extra)
     return call
 
 
@@ -1010,7 +1010,7 @@ API_ROWS = {
     "zscore of a constant volume": (lambda c: volume_intensity(np.ones((3, 3, 3)), {"mode": "zscore"},
                                                                "flat.nii.gz"),
                                     "constant"),
-    # the one output check (util/paths.py)
+    # the one output check (util/io.py)
     **{f"output is the input ({out})": (paths_row("check_output_file", lambda c, out=out: c.tmp / out,
                                                   inputs=lambda c: [Path("elsewhere.nii.gz"),
                                                                     input_files(c)]),
@@ -1527,7 +1527,7 @@ def test_test_py_evaluation_of_mr_volumes_in_the_ssl_alpnet_layout(tmp_path):
 
 
 def test_output_checks_accept_new_outputs_and_name_write_failures(tmp_path):
-    from util.paths import check_output_file, check_output_folder, check_writable_folder, output_error_message
+    from util.io import check_output_file, check_output_folder, check_writable_folder, output_error_message
     ct = made(tmp_path / "q.nii.gz", "ct")
     before = sorted(os.listdir(tmp_path))
     assert check_output_file(tmp_path / "mask.nii.gz", inputs=[ct],

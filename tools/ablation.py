@@ -23,9 +23,9 @@ from pathlib import Path
 from dataloaders.organs import FOLD_ORGANS
 from evaluation.evaluate import evaluate
 from experiments.runner import resolved_config, train_or_reuse
-from util.atomic import write_text_atomic
 from util.cli import run_cli
 from util.errors import UserError
+from util.io import write_text_atomic
 
 # variant name -> model overrides
 VARIANTS: dict[str, dict] = {

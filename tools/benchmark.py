@@ -46,11 +46,10 @@ from models.encoders import build_encoder
 from models.fewshot import FewShotSegNet
 from models.local_prototypes import LocalPrototypeHead, grid_cells, official_cell_loop
 from training.loop import train
-from util.atomic import write_text_atomic
 from util.cli import run_cli
 from util.device import autocast, resolve_device
 from util.errors import UserError
-from util.paths import check_output_file
+from util.io import check_output_file, write_text_atomic
 from util.provenance import git_commit
 
 IMAGE_TOLERANCE = 1e-3        # max |logit difference| allowed between the reference and 'image' mode

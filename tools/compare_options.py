@@ -24,8 +24,8 @@ from pathlib import Path
 
 from dataloaders.organs import FOLD_ORGANS
 from experiments.runner import train_or_reuse
-from util.atomic import write_text_atomic
 from util.cli import run_cli
+from util.io import write_text_atomic
 
 VGG_SMALL = ["model.encoder=vgg16", "model.pretrained=False", "input_size=64", "n_steps=100", "lr=1e-3",
              "lr_milestones=[80]", "val_every=50", "save_every=50", "eval.batch_size=16"]

@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from training.loop import latest_run
-from util.atomic import write_text_atomic
+from util.io import write_text_atomic
 from util.provenance import git_commit
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -22,9 +22,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from util.atomic import write_text_atomic
 from util.cli import run_cli
 from util.errors import UserError
+from util.io import write_text_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
 

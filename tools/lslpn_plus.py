@@ -16,10 +16,9 @@ import shlex
 import time
 from pathlib import Path
 
-from util.atomic import write_text_atomic
 from util.cli import run_cli
 from util.errors import UserError
-from util.paths import check_output_file, check_writable_folder
+from util.io import check_output_file, check_writable_folder, write_text_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -15,8 +15,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from util.atomic import write_text_atomic
 from util.cli import run_cli
+from util.io import write_text_atomic
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "lslpn_plus_phantom.md"
 ORGANS = ["liver", "spleen", "kidney", "psoas"]

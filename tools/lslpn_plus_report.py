@@ -8,7 +8,7 @@ import numpy as np
 from evaluation.protocols import summarise_folds
 from experiments.chaos_report import HEAD, ORGANS, _fmt  # the benchmark report's organ order, headers, format
 from experiments.chaos_report import fold_means as method_fold_means
-from util.atomic import write_text_atomic
+from util.io import write_text_atomic
 
 TARGET_GAIN, MAX_ORGAN_LOSS, MAX_TIME_RATIO = 5.0, 1.0, 2.0       # docs/lslpn_plus.md's target, Dice points
 

@@ -34,9 +34,9 @@ from demo import run as demo
 from evaluation.evaluate import evaluate
 from evaluation.protocols import dice, mask_copy, support_offsets
 from experiments.runner import ROOT, finished, python_command, run_step, train_or_reuse
-from util.atomic import write_text_atomic
 from util.cli import run_cli
 from util.errors import UserError
+from util.io import write_text_atomic
 
 WORK_DIR = Path("data/selfsup")
 RUN_DIR = Path("runs/selfsup_demo")

@@ -18,9 +18,9 @@ from pathlib import Path
 import numpy as np
 
 from training.loop import iter_runs
-from util.atomic import atomic_path
 from util.cli import run_cli
 from util.errors import UserError
+from util.io import atomic_path
 
 NAME = re.compile(r"^(?P<method>.+)_fold(?P<fold>\d+)$")
 LABELS = {"mask_copy": "mask copy", "panet": "PANet", "senet": "SENet", "lslpn": "LSLPN"}

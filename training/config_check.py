@@ -21,6 +21,7 @@ from models.encoders import IMAGENET_WEIGHTS
 from models.factory import MODEL_OPTIONS, SENET, check_model_rules
 from util.device import resolve_device
 from util.errors import UserError
+from util.io import check_writable_folder
 from util.options import (
     AMP,
     BOOL,
@@ -38,7 +39,6 @@ from util.options import (
     integer,
     number,
 )
-from util.paths import check_writable_folder
 
 # The run's own options (config.py's top level and augment / senet / path sections).
 RUN_OPTIONS: dict[str, Option] = {

@@ -2,7 +2,7 @@
 
 Sacred entry points (train.py, test.py) use `config.run_sacred` instead, which keeps Sacred out of the
 library. Both turn an OSError raised while writing an output (disk full, quota, read-only file system,
-permission; `util.paths.output_error_message`) into the same one-line error; the atomic writers have
+permission; `util.io.output_error_message`) into the same one-line error; the atomic writers have
 already removed their partial file. `warn` prints a one-line `warning: ...` (library code may call it).
 """
 from __future__ import annotations
@@ -11,7 +11,7 @@ import sys
 from typing import Callable
 
 from util.errors import UserError
-from util.paths import output_error_message
+from util.io import output_error_message
 
 
 def exit_with_message(message: str, code: int = 2) -> None:

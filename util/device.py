@@ -1,13 +1,10 @@
 """Devices, mixed precision, seeding, RNG state and torch.distributed set-up.
 
-- `resolve_device('auto' | 'cpu' | 'cuda')`: 'auto' picks CUDA when present.
-- `autocast(device, amp)`: the `amp` setting (AMP_MODES): False = full precision; True = bf16 where
-  the GPU supports it, else fp16, and off on CPU; 'bf16' / 'fp16' = that dtype on any device, CPU too
-  (the CPU runs the same code path as CUDA AMP). fp16 gets a GradScaler (`make_grad_scaler`).
-- `seed_everything`, `get_rng_state` / `set_rng_state`: Python, numpy and torch (CPU and CUDA)
-  generators, so a resumed run continues the same random streams (dropout, ...).
-- `Distributed`: RANK / WORLD_SIZE / LOCAL_RANK from torchrun; gloo on CPU, nccl on CUDA. Under
-  torchrun the process group starts even for one process (so one GPU exercises nccl and DDP).
+The `amp` setting: False = full precision; True = bf16 where the GPU supports it, else fp16, off on
+CPU; 'bf16' / 'fp16' = that dtype on any device, CPU too. fp16 gets a GradScaler. The RNG state covers
+Python, numpy and torch (CPU and CUDA), so a resumed run continues the same random streams.
+`Distributed` reads torchrun's RANK / WORLD_SIZE / LOCAL_RANK; gloo on CPU, nccl on CUDA; under
+torchrun the process group starts even for one process (so one GPU exercises nccl and DDP).
 """
 from __future__ import annotations
 
@@ -24,10 +21,7 @@ from util.errors import UserError
 
 
 def resolve_device(name: str | torch.device, local_rank: int = 0) -> torch.device:
-    """torch.device for 'auto' (CUDA when present, else CPU), 'cpu' or 'cuda' (error when absent).
-
-    The project's one device resolver; a torch.device is returned unchanged.
-    """
+    """torch.device for 'auto' (CUDA when present, else CPU), 'cpu' or 'cuda'; a torch.device as is."""
     if isinstance(name, torch.device):
         return name
     if name not in ("auto", "cpu", "cuda"):
@@ -39,15 +33,8 @@ def resolve_device(name: str | torch.device, local_rank: int = 0) -> torch.devic
     return torch.device("cuda", local_rank % torch.cuda.device_count())
 
 
-AMP_MODES = (False, True, "bf16", "fp16")
-
-
 def amp_dtype(device: torch.device, amp: bool | str) -> torch.dtype | None:
-    """The autocast dtype of the `amp` setting on `device`; None means full precision.
-
-    False: None. True: bf16 on a CUDA GPU that supports it, else fp16; None on CPU. 'bf16' / 'fp16':
-    that dtype on any device (CPU autocast too).
-    """
+    """The autocast dtype of the `amp` setting on `device`; None means full precision."""
     if amp is True:
         if device.type != "cuda":
             return None
@@ -64,16 +51,12 @@ def amp_dtype(device: torch.device, amp: bool | str) -> torch.dtype | None:
 def autocast(device: torch.device, amp: bool | str):
     """Autocast context for the forward pass (a null context when AMP does not apply)."""
     dtype = amp_dtype(device, amp)
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
+    return contextlib.nullcontext() if dtype is None else torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def make_grad_scaler(device: torch.device, amp: bool | str) -> torch.amp.GradScaler | None:
     """A GradScaler for fp16 autocast only (bf16 and fp32 need none); on CPU the CPU scaler."""
-    if amp_dtype(device, amp) == torch.float16:
-        return torch.amp.GradScaler(device.type)
-    return None
+    return torch.amp.GradScaler(device.type) if amp_dtype(device, amp) == torch.float16 else None
 
 
 def seed_everything(seed: int) -> None:
@@ -135,11 +118,8 @@ class Distributed:
         return out
 
     def broadcast_buffers(self, model: torch.nn.Module) -> None:
-        """Copy rank 0's buffers (BatchNorm running statistics) to every rank.
-
-        DDP keeps parameters identical but each rank's forward updates its own running statistics;
-        DDP itself re-broadcasts them only at the next forward. Call before saving and at the end.
-        """
+        """Copy rank 0's buffers (BatchNorm running statistics) to every rank, before saving and at the end
+        (each rank's forward updates its own; DDP re-broadcasts them only at the next forward)."""
         if self.enabled:
             for buffer in model.buffers():
                 dist.broadcast(buffer.data, src=0)

@@ -1,18 +1,177 @@
-"""File input helpers shared by the packages: weights-only torch.load."""
+"""File output and input at the doors: atomic writes, output-location checks, weights-only torch.load.
+
+Writes go to `<path>.tmp-<pid>` in the same folder and are renamed into place (never a truncated file).
+Entry points check every output location BEFORE reading data or building a model: never an input
+(same path, symlink or hard link; for folders also one that holds an input), the right kind of path,
+writable (probed by creating a file: `os.access` says yes to root on read-only mounts).
+`output_error_message` turns a failed write (disk full, permission) into the one-line error.
+"""
 from __future__ import annotations
 
+import errno
 import os
+from contextlib import contextmanager, suppress
+from pathlib import Path
+from typing import Iterable, Iterator
 
 import torch
 
 from util.errors import UserError
 
+# errno values of a write that failed for lack of space or permission (not a bug in our code)
+WRITE_ERRNOS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded",
+                errno.EFBIG: "the file size limit was reached", errno.EROFS: "the file system is read-only",
+                errno.EACCES: "permission denied", errno.EPERM: "operation not permitted"}
 
-def safe_torch_load(path: str, map_location: str | torch.device = "cpu", what: str = "checkpoint"):
-    """torch.load with weights_only=True: tensors and plain data only; nothing of the file runs.
 
-    One generic UserError line for a file torch cannot read that way (pickled code, corrupt, truncated).
+# ------------------------------------------------------------------------------ atomic writes
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temp path beside `path` to write; on success it replaces `path`, on error it is removed.
+
+    The parent folder is created when missing. Writers that pick a format from the file name
+    (np.savez, savefig) must be given an open handle or an explicit format.
     """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    try:
+        yield temporary
+        os.replace(temporary, path)
+    except OSError as error:          # e.g. a full disk: name the output in the one-line message
+        if error.filename is None:
+            error.filename = str(path)
+        raise
+    finally:
+        if temporary.exists():
+            temporary.unlink()
+
+
+def write_bytes_atomic(data: bytes, path: str | Path) -> None:
+    with atomic_path(path) as temporary:
+        temporary.write_bytes(data)
+
+
+def write_text_atomic(text: str, path: str | Path) -> None:
+    write_bytes_atomic(text.encode(), path)
+
+
+# ------------------------------------------------------------------------------ output locations
+def same_file(a: str | Path, b: str | Path) -> bool:
+    """True when `a` and `b` name one file: equal resolved paths, or the same inode (hard/sym links)."""
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:                                            # one of them does not exist
+        return False
+
+
+def _probe_writable(folder: Path) -> str | None:
+    """None when a file can be created in `folder`; else the reason (e.g. 'permission denied')."""
+    probe = folder / f".write-probe-{os.getpid()}"
+    try:
+        open(probe, "wb").close()
+    except OSError as error:
+        return WRITE_ERRNOS.get(error.errno, error.strerror or type(error).__name__)
+    with suppress(OSError):
+        probe.unlink()
+    return None
+
+
+def _check_writable(label: str, folder: Path, give: str) -> None:
+    """`folder`, or its nearest existing ancestor when missing, is a folder where a file can be created."""
+    anchor = folder
+    if not anchor.exists():
+        anchor = Path(os.path.abspath(folder))
+        while not anchor.exists() and anchor != anchor.parent:
+            anchor = anchor.parent
+    if not anchor.is_dir():
+        raise UserError(f"{label}: {anchor} is a file, not a folder: {give}")
+    reason = _probe_writable(anchor)
+    if reason is not None:
+        raise UserError(f"{label}: cannot write in {anchor} ({reason}): choose a writable location")
+
+
+def _check_parent(out: Path, what: str, create: bool) -> None:
+    """The folder that will hold `out` exists (or can be created when `create`) and is writable."""
+    if not out.parent.exists() and not create:
+        raise UserError(f"{what} {out}: folder {out.parent} does not exist: create it first")
+    _check_writable(f"{what} {out}", out.parent, "give a path inside a folder")
+
+
+def _check_not_input(out: Path, inputs: Iterable, what: str, folder: bool) -> None:
+    for source in (Path(s) for s in inputs if s is not None):
+        if same_file(out, source):
+            raise UserError(f"{what} {out} is the input {source}: writing it would destroy the input; "
+                            "give another output path")
+        real_out, real_source = Path(os.path.realpath(out)), Path(os.path.realpath(source))
+        if folder and source.exists() and (real_source == real_out or real_out in real_source.parents):
+            raise UserError(f"{what} {out} holds the input {source}: replacing it would delete the input; "
+                            "give another output folder")
+
+
+def check_output_file(out: str | Path, inputs: Iterable = (), what: str = "--out",
+                      suffixes: tuple[str, ...] = (), create_parent: bool = False) -> Path:
+    """Check a file output before any compute; an existing file is fine (replaced atomically).
+
+    Refused: an existing folder, the same file as an input, a name without one of `suffixes` (when
+    given), a parent that is missing (unless `create_parent`), not a folder, or not writable.
+    """
+    out = Path(out)
+    if out.is_dir():
+        raise UserError(f"{what} {out}: is a folder: give a file path"
+                        + (f" ending in {suffixes[0]}" if suffixes else ""))
+    _check_not_input(out, inputs, what, folder=False)
+    if suffixes and not out.name.endswith(tuple(suffixes)):
+        raise UserError(f"{what} {out}: give a path ending in {' or '.join(suffixes)}")
+    _check_parent(out, what, create_parent)
+    return out
+
+
+def check_output_folder(out: str | Path, inputs: Iterable = (), what: str = "--out", overwrite: bool = False,
+                        create_parent: bool = True) -> Path:
+    """Check a folder output (built in `<out>.partial-<pid>` and renamed) before any compute.
+
+    Refused: an existing file (even with `overwrite`), an existing folder without `overwrite`, an
+    output that is or holds an input, a location that cannot be written.
+    """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{what} {out}: is a file, not a folder: give a new folder path "
+                        "(--overwrite replaces only a folder)")
+    _check_not_input(out, inputs, what, folder=True)
+    if out.is_dir() and not overwrite:
+        raise UserError(f"{out}: already exists: pass --overwrite to replace it (or --skip-existing to keep "
+                        "it)")
+    _check_parent(out, what, create_parent)
+    return out
+
+
+def check_writable_folder(folder: str | Path, what: str) -> Path:
+    """A folder that receives files: it is a folder (or can be created) and a file can be created in it."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"{what} {folder}: is a file, not a folder: give a folder path")
+    _check_writable(f"{what} {folder}", folder, "give a folder path")
+    return folder
+
+
+def output_error_message(error: OSError, path: str | Path | None = None) -> str | None:
+    """One-line text for an OSError of a full disk or a denied access; None for any other OSError."""
+    reason = WRITE_ERRNOS.get(error.errno)
+    if reason is None:
+        return None
+    where = path or error.filename or "the output"
+    if error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return (f"{where}: writing failed ({reason}): free space or choose another location, then run again; "
+                "no partial output was kept")
+    return f"{where}: {reason}: check its permissions or choose a writable location"
+
+
+# ------------------------------------------------------------------------------ input
+def safe_torch_load(path: str, map_location: str | torch.device = "cpu", what: str = "checkpoint"):
+    """torch.load with weights_only=True: tensors and plain data only; nothing of the file runs."""
     if not os.path.isfile(path):
         raise UserError(f"{what} '{path}' does not exist: give the path of a best.pth/last.pth "
                         "written by train.py")

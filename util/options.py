@@ -57,11 +57,8 @@ def fail(key: str, value: Any, what: str, fix: str, source: str = "") -> UserErr
 
 
 def _type_word(value: Any) -> str:
-    if value is None:
-        return "None"
-    if isinstance(value, bool):
-        return "True/False"
-    for kind, word in ((str, "a string"), ((list, tuple), "a list"), (Mapping, "a mapping")):
+    for kind, word in ((type(None), "None"), (bool, "True/False"), (str, "a string"),
+                       ((list, tuple), "a list"), (Mapping, "a mapping")):
         if isinstance(value, kind):
             return word
     return type(value).__name__
@@ -95,28 +92,21 @@ def _example(key: str, option: Option, fallback: str) -> str:
 
 
 # ------------------------------------------------------------------------------ one value
-def _check_integer(key: str, value: Any, option: Option) -> None:
-    kind = f"an integer {_bounds(option, True)}".strip()
+def _check_numeric(key: str, value: Any, option: Option) -> None:
+    integral = option.kind == INT
+    noun = "an integer" if integral else "a number"
+    kind = f"{noun} {_bounds(option, integral)}".strip()
     if not _is_number(value):
-        if isinstance(value, str) and value.strip().lstrip("+-").isdigit():
+        if integral and isinstance(value, str) and value.strip().lstrip("+-").isdigit():
             raise fail(key, value, "must be an integer, not a string",
                        f"write {key}={int(value)} (no quotes)")
-        raise fail(key, value, f"must be an integer, not {_type_word(value)}",
+        raise fail(key, value, f"must be {noun}, not {_type_word(value)}",
                    _example(key, option, f"use {kind}"))
-    if not isinstance(value, numbers.Integral):
+    if integral and not isinstance(value, numbers.Integral):
         if math.isfinite(value) and float(value).is_integer():
             raise fail(key, value, "must be an integer", f"write {int(value)} (no decimal point)")
         raise fail(key, value, "must be an integer", f"use {kind}")
-    if not _in_bounds(value, option):
-        raise fail(key, value, "out of range", f"use {kind}")
-
-
-def _check_number(key: str, value: Any, option: Option) -> None:
-    kind = f"a number {_bounds(option, False)}".strip()
-    if not _is_number(value):
-        raise fail(key, value, f"must be a number, not {_type_word(value)}",
-                   _example(key, option, f"use {kind}"))
-    if not math.isfinite(value):
+    if not integral and not math.isfinite(value):
         raise fail(key, value, "not a finite number", f"use {kind}")
     if not _in_bounds(value, option):
         raise fail(key, value, "out of range", f"use {kind}")
@@ -145,15 +135,18 @@ def _check_organ_list(key: str, value: Any) -> None:
         raise fail(key, value, "must be a non-empty list of organ names", f"e.g. {key}='[\"liver\"]'")
 
 
+_SEQUENCES = {MILESTONES: ("must be increasing positive step numbers", "e.g. [2500, 5000, 7500]"),
+              GRIDS: ("must be increasing positive grid sizes (cells per side)",
+                      "e.g. [4, 8, 16], or [] for model.n_grid alone")}
+
+
 def check_value(key: str, value: Any, option: Option) -> None:
     """UserError (one line) when `value` is not valid for `option`."""
     if value is None and option.nullable:
         return
     kind = option.kind
-    if kind == INT:
-        _check_integer(key, value, option)
-    elif kind == NUMBER:
-        _check_number(key, value, option)
+    if kind in (INT, NUMBER):
+        _check_numeric(key, value, option)
     elif kind == BOOL:
         if not isinstance(value, bool):
             raise fail(key, value, "must be True or False", f"write {key}=True or {key}=False")
@@ -170,13 +163,9 @@ def check_value(key: str, value: Any, option: Option) -> None:
                 and value[0] <= value[1] and _in_bounds(value[0], option) and math.isfinite(value[1])):
             raise fail(key, value, "not a range [low, high]",
                        "use two numbers with 0 < low <= high, e.g. [0.5, 2.0]")
-    elif kind == MILESTONES:
+    elif kind in (MILESTONES, GRIDS):
         if not _increasing_positive(value):
-            raise fail(key, value, "must be increasing positive step numbers", "e.g. [2500, 5000, 7500]")
-    elif kind == GRIDS:
-        if not _increasing_positive(value):
-            raise fail(key, value, "must be increasing positive grid sizes (cells per side)",
-                       "e.g. [4, 8, 16], or [] for model.n_grid alone")
+            raise fail(key, value, *_SEQUENCES[kind])
     elif kind == ORGAN_SETS:
         if not isinstance(value, (list, tuple)) or len(value) != 4:
             raise fail(key, value, "must be four lists of organ names (fold 0-3)",
@@ -224,16 +213,6 @@ def nearest_key(key: str, known: list[str]) -> str | None:
     return leaves[match[0]] if match else None
 
 
-def unknown_key(key: str, value: Any, known: list[str], listed_in: str) -> UserError:
-    """"<key> = <value>: unknown key: did you mean <nearest>?", else the keys of its section."""
-    near = nearest_key(key, known)
-    section = key.rpartition(".")[0]
-    listed = sorted(k.rsplit(".", 1)[-1] for k in known if k.rpartition(".")[0] == section)
-    fix = f"did you mean {near}?" if near else \
-        f"the known {section or 'top-level'} keys are {', '.join(listed)}"
-    return fail(key, value, "unknown key", f"{fix} ({listed_in} lists every key)")
-
-
 def check_options(tree: Mapping, schema: Mapping[str, Option], listed_in: str, prefix: str = "",
                   nullable_sections: tuple = ()) -> None:
     """Every key of `tree` (under `prefix`) is a dotted key of `schema` or one of its sections, every
@@ -252,8 +231,12 @@ def check_options(tree: Mapping, schema: Mapping[str, Option], listed_in: str, p
                 if not isinstance(value, Mapping):
                     raise fail(key, value, f"must be a mapping of {key}.* options", f"see {listed_in}")
                 walk(value, f"{key}.")
-            else:
-                raise unknown_key(key, value, known, listed_in)
+            else:   # "unknown key: did you mean <nearest>?", else the keys of its section
+                near, section = nearest_key(key, known), key.rpartition(".")[0]
+                listed = sorted(k.rsplit(".", 1)[-1] for k in known if k.rpartition(".")[0] == section)
+                fix = f"did you mean {near}?" if near else \
+                    f"the known {section or 'top-level'} keys are {', '.join(listed)}"
+                raise fail(key, value, "unknown key", f"{fix} ({listed_in} lists every key)")
     walk(tree, prefix)
 
 
