@@ -76,8 +76,6 @@ class ALPNetHead(nn.Module):
 
     def __init__(self, scale: float = 20.0):
         super().__init__()
-        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
-            raise UserError(f"model.scale = {scale!r}: must be a number > 0")
         self.scale = float(scale)
 
     def extra_repr(self) -> str:

@@ -19,8 +19,7 @@ import numpy as np
 import torch
 
 from models.encoders import ResNet50LSLPN
-from models.factory import METHOD_NAMES, build_model, check_model_config, method_of
-from models.fewshot import OFFICIAL_MODEL_CONFIG
+from models.fewshot import METHOD_NAMES, OFFICIAL_MODEL_CONFIG, build_model, check_model_config, method_of
 from util.atomic import atomic_path
 from util.cli import warn
 from util.errors import UserError
@@ -126,8 +125,9 @@ def check_compatible(stored: Mapping, requested: Mapping, path: str, strict: boo
     only the keys that change the parameters (WEIGHT_KEYS: evaluating with, e.g., another vote)."""
     held, wanted = method_of(stored), method_of(requested)
     if held != wanted:
-        raise UserError(f"snapshot '{path}' holds a {METHOD_NAMES[held]} model, but a {METHOD_NAMES[wanted]} "
-                        f"model is requested: use a {METHOD_NAMES[wanted]} snapshot or model.method={held}")
+        name = METHOD_NAMES.get(wanted, wanted)
+        raise UserError(f"snapshot '{path}' holds a {METHOD_NAMES.get(held, repr(held))} model, but a {name} "
+                        f"model is requested: use a {name} snapshot or model.method={held}")
     keys = sorted(set(stored) | set(requested)) if strict else WEIGHT_KEYS
     diffs = [f"{key}: {stored.get(key)!r} in the snapshot vs {requested.get(key)!r} requested"
              for key in keys if stored.get(key) != requested.get(key)]

@@ -19,7 +19,6 @@ from torch import Tensor, nn
 from util.errors import UserError
 from util.io import safe_torch_load
 
-ENCODERS = ("vgg16", "resnet50_lslpn", "deeplabv3_resnet101", "cnn_small")
 log = logging.getLogger("lslpn")
 _MEAN = (0.485, 0.456, 0.406)
 _STD = (0.229, 0.224, 0.225)
@@ -82,9 +81,6 @@ def _check_hash(path: str) -> None:
 
 def imagenet_state(encoder: str) -> dict:
     """torchvision's ImageNet (COCO) state dict for `encoder` (cached, hash-checked); UserError offline."""
-    if encoder not in IMAGENET_WEIGHTS:
-        raise UserError(f"model.pretrained = True: encoder {encoder} has no pretrained weights: "
-                        "set model.pretrained=False")
     path = cached_weights_path(encoder)
     if not os.path.isfile(path):
         try:
@@ -137,10 +133,6 @@ class _Encoder(nn.Module):
                             "B x 3 x H x W slice stacks (2.5D)")
         x = x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x    # B x 3 x H x W
         return (x - self.mean) / self.std if self.imagenet_norm else x
-
-    def load_initial(self, state: dict, source: str) -> None:
-        """Load initial weights from a state dict (`source` names it in errors)."""
-        raise UserError(f"{source}: encoder {type(self).__name__} has no pretrained weights to load")
 
 
 class VGG16Encoder(_Encoder):
@@ -325,17 +317,8 @@ ENCODER_CLASSES = {"vgg16": VGG16Encoder, "resnet50_lslpn": ResNet50LSLPN,   # m
 
 
 def build_encoder(name: str, init_path: str | None = None, pretrained: bool = False) -> nn.Module:
-    """Encoder `name` (one of ENCODERS) with its initial weights.
-
-    `init_path` (a local state dict file) overrides `pretrained` (torchvision's ImageNet or COCO
-    weights). With neither, random initialisation (one warning line).
-    """
-    if name not in ENCODER_CLASSES:
-        raise UserError(f"model.encoder = {name!r}: unknown encoder: use one of {', '.join(ENCODERS)}")
-    if (init_path is not None or pretrained) and name not in IMAGENET_WEIGHTS:
-        which = f"path.init_path = {init_path}" if init_path is not None else "model.pretrained = True"
-        raise UserError(f"{which}: encoder {name} has no pretrained weights: set path.init_path to null "
-                        "and model.pretrained=False, or use vgg16 / resnet50_lslpn / deeplabv3_resnet101")
+    """Encoder `name` (a key of ENCODER_CLASSES) with its initial weights: `init_path` (a local state
+    dict file) overrides `pretrained` (torchvision's weights); with neither, random (one warning line)."""
     # the weights are read before the network is built: a missing file stops at once (no RNG is drawn)
     if init_path is not None:
         state, source = read_state_file(init_path), f"path.init_path = {init_path}"

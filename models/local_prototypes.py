@@ -138,10 +138,6 @@ class LocalPrototypeHead(nn.Module):
     def __init__(self, n_grid: int = 8, overlap: bool = True, vote: str = "max",
                  resolution: str = "image", min_pixels: float = 10, scale: float = 20.0):
         super().__init__()
-        # validated by the config check (training/config_check.py) before any model is built
-        assert isinstance(n_grid, int) and n_grid >= 1 and vote in VOTES and resolution in RESOLUTIONS, \
-            (n_grid, vote, resolution)
-        assert min_pixels >= 0 and scale > 0, (min_pixels, scale)
         self.n_grid, self.overlap, self.vote = n_grid, overlap, vote
         self.resolution, self.min_pixels, self.scale = resolution, float(min_pixels), float(scale)
 

@@ -70,9 +70,6 @@ class LSLPNPlusHead(nn.Module):
     def __init__(self, heads: list[LocalPrototypeHead], fusion: str = "mean", query_rounds: int = 0,
                  query_weight: float = 0.5, query_confidence: float = 0.0):
         super().__init__()
-        # validated by the config check (training/config_check.py) before any model is built
-        assert heads and fusion in FUSIONS and query_rounds >= 0 and 0 <= query_weight <= 1 \
-            and 0 <= query_confidence <= 1, (fusion, query_rounds, query_weight, query_confidence)
         self.heads = nn.ModuleList(heads)
         self.fusion, self.query_rounds = fusion, int(query_rounds)
         self.query_weight, self.query_confidence = float(query_weight), float(query_confidence)
