@@ -1,11 +1,10 @@
 """Checkpoints: atomic save, weights-only load with one-line errors, and rebuilding the model.
 
-A checkpoint is a dict (docs/DESIGN.md): model (state_dict), optimizer, scheduler, scaler, step, rng
-(one `util.device.get_rng_state()` per DDP rank), model_config (`FewShotSegNet.config` or
-`SENet.config`), fold, seed, config_hash, run_config, best_dice, input_size and intensity. A snapshot
-describes itself: `model_from_checkpoint` rebuilds the network, `model_input` says with which input
-size and intensity it runs. A raw state dict of the authors' code loads as an official-code snapshot.
-Loading never runs code from the file (util.io.safe_torch_load); NaN/inf weights are refused.
+A checkpoint is a dict (docs/DESIGN.md): model, optimizer, scheduler, scaler, step, rng (one per DDP
+rank), model_config (the model's `config`), fold, seed, config_hash, run_config, best_dice, input_size
+and intensity. `model_from_checkpoint` rebuilds the network, `model_input` gives its input size and
+intensity. A raw state dict of the authors' code loads as an official-code snapshot. Loading never runs
+code from the file (util.io.safe_torch_load); NaN/inf weights are refused.
 """
 from __future__ import annotations
 
@@ -32,8 +31,8 @@ MIN_INPUT_SIZE, MAX_INPUT_SIZE = 16, 2048  # model input sizes accepted (2048^2 
 
 
 def plain_data(value):
-    """`value` with numpy values as lists/numbers and mapping/sequence subclasses as dict/list/tuple
-    (tensors, Counter and OrderedDict kept): what a weights-only load reads back."""
+    """`value` as a weights-only load reads it back: numpy values as lists/numbers, mappings and sequences
+    as dict/list/tuple (tensors, Counter and OrderedDict kept)."""
     if isinstance(value, (torch.Tensor, Counter, OrderedDict)):
         return value
     if isinstance(value, np.ndarray):
@@ -42,10 +41,8 @@ def plain_data(value):
         return value.item()
     if isinstance(value, Mapping):
         return {key: plain_data(item) for key, item in value.items()}
-    if isinstance(value, tuple):
-        return tuple(plain_data(item) for item in value)
-    if isinstance(value, list):
-        return [plain_data(item) for item in value]
+    if isinstance(value, (tuple, list)):
+        return (tuple if isinstance(value, tuple) else list)(plain_data(item) for item in value)
     return value
 
 
@@ -137,8 +134,7 @@ def check_compatible(stored: Mapping, requested: Mapping, path: str, strict: boo
 
 
 def model_from_checkpoint(path: str, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict]:
-    """(FewShotSegNet or SENet in eval mode on `device`, checkpoint) from a train.py checkpoint; one-line
-    errors for a missing/unreadable file and for weights that do not fit the stored model config."""
+    """(model in eval mode on `device`, checkpoint) from a train.py checkpoint; one-line errors."""
     state = load_checkpoint(str(path))
     config = dict(state["model_config"])
     check_model_config(config, source=f"snapshot {path}")   # the config schema: the model trusts its options
@@ -170,8 +166,8 @@ def trained_input(state: Mapping, name: str = "snapshot") -> tuple[int | None, d
 
 def model_input(state: Mapping, input_size: int | None = None, intensity: dict | None = None,
                 fallback_intensity: dict | None = None, name: str = "snapshot") -> tuple[int, dict]:
-    """The input size and intensity to run a snapshot with: the caller's value, else the snapshot's
-    record (else `fallback_intensity`, 512, per-slice min-max); a warning when the caller overrides it."""
+    """(input size, intensity) to run a snapshot with: the caller's, else its record (else
+    `fallback_intensity`, 512, per-slice min-max); a warning when the caller overrides the record."""
     trained_size, trained_intensity = trained_input(state, name)
     input_size = check_input_size(input_size, "input size")
     if input_size and trained_size and int(input_size) != trained_size:

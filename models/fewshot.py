@@ -56,17 +56,14 @@ HEADS = {  # model.head -> the head built from the model options
 OFFICIAL_MODEL_CONFIG = {"encoder": "resnet50_lslpn", "head": "local", "n_grid": 8, "overlap": True,
                          "vote": "max", "resolution": "image", "min_pixels": 10, "scale": 20.0,
                          "align": False, "input_slices": 1, **PLUS_DEFAULTS}
-# config keys the network is built from
 _CONFIG_KEYS = ("encoder", "head", "n_grid", "overlap", "vote", "resolution", "min_pixels", "scale", "align",
-                "input_slices", *PLUS_DEFAULTS)
+                "input_slices", "pretrained", *PLUS_DEFAULTS)   # config keys the network is built from
 
 
 class FewShotSegNet(nn.Module):
-    """Few-shot segmentation network: forward(support_images B x N x K x C x H x W, support_fg and
-    support_bg B x N x K x H x W, query_images B x Q x C x H x W) -> (logits B x Q x (1 + N) x H x W,
-    align_loss scalar), C = input_slices. `pretrained`/`init_path` choose the encoder's initial
-    weights (not in `config`: a snapshot's weights replace them).
-    """
+    """forward(support_images B x N x K x C x H x W, support_fg and support_bg B x N x K x H x W,
+    query_images B x Q x C x H x W) -> (logits B x Q x (1 + N) x H x W, align_loss), C = input_slices.
+    `pretrained`/`init_path` choose initial weights (not in `config`: a snapshot's replace them)."""
 
     def __init__(self, encoder: str = "vgg16", init_path: str | None = None, n_grid: int = 8,
                  overlap: bool = True, vote: str = "max", resolution: str = "image",
@@ -86,8 +83,7 @@ class FewShotSegNet(nn.Module):
     @classmethod
     def from_config(cls, model_cfg: Mapping, init_path: str | None = None) -> "FewShotSegNet":
         """Build from config.py's `model` dict (keys it does not use, e.g. align_weight, ignored)."""
-        keys = _CONFIG_KEYS + ("pretrained",)
-        return cls(init_path=init_path, **{k: model_cfg[k] for k in keys if k in model_cfg})
+        return cls(init_path=init_path, **{k: model_cfg[k] for k in _CONFIG_KEYS if k in model_cfg})
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         """As nn.Module's; DataParallel's 'module.' prefixes are dropped."""
@@ -104,8 +100,7 @@ class FewShotSegNet(nn.Module):
     # ---- batched evaluation API -----------------------------------------------------------
     def encode_support(self, support_images: Tensor, support_fg: Tensor,
                        support_bg: Tensor) -> Prototypes:
-        """Prototypes of support images B x N x K x C x H x W (C = input_slices) with masks
-        B x N x K x H x W."""
+        """Prototypes of support images B x N x K x C x H x W with masks B x N x K x H x W."""
         self._check_images("support_images", support_images, 6)
         B, N, K, _, H, W = support_images.shape
         feats = self.encoder(support_images.flatten(0, 2))
@@ -114,8 +109,7 @@ class FewShotSegNet(nn.Module):
         return self.head.compute_prototypes(feats, support_fg, support_bg, (H, W))
 
     def segment(self, prototypes: Prototypes, query_images: Tensor) -> Tensor:
-        """Logits B x Q x (1 + N) x H x W of query images B x Q x C x H x W (C = input_slices); prototypes
-        of batch 1 are broadcast over any query batch."""
+        """Logits B x Q x (1 + N) x H x W of query images B x Q x C x H x W (prototype batch 1 broadcasts)."""
         self._check_images("query_images", query_images, 5)
         if tuple(query_images.shape[-2:]) != prototypes.image_size:
             raise UserError(f"query_images: size {tuple(query_images.shape[-2:])} differs from the "
@@ -147,8 +141,7 @@ class FewShotSegNet(nn.Module):
                                                 support_fg, support_bg)
 
     def _check_images(self, name: str, images: Tensor, dims: int) -> None:
-        """One line when `images` is not B x N x K x C x H x W (dims 6) / B x Q x C x H x W (dims 5),
-        C = input_slices."""
+        """One line unless `images` is B x N x K x C x H x W (dims 6) / B x Q x C x H x W (dims 5)."""
         C = self.input_slices
         shape = f"B x N x K x {C} x H x W" if dims == 6 else f"B x Q x {C} x H x W"
         if images.dim() != dims or images.shape[-3] != C:
@@ -176,8 +169,7 @@ def model_input_slices(model) -> int:
 
 
 def with_head_options(model: nn.Module, options: Mapping) -> nn.Module:
-    """A copy of a trained prototype model whose head is rebuilt with other head options (e.g. LSLPN+'s,
-    which have no parameters); the encoder weights are the model's."""
+    """A copy of a trained prototype model with its head rebuilt with other (parameter-free) options."""
     rebuilt = build_model({**model.config, **dict(options)})
     rebuilt.load_state_dict(model.state_dict())
     device = next(model.parameters()).device
@@ -210,9 +202,9 @@ SNAPSHOT_OPTIONS = {"official_bug": Option(BOOL)}   # SENet's switch, in a snaps
 
 
 def check_model_rules(model: Mapping, prefix: str = "model", input_size: int | None = None) -> None:
-    """The rules between the model's keys (values already checked; missing keys mean the defaults):
-    SENet takes one slice, the 'panet' head one cell, LSLPN+ options need the local head, pretrained
-    weights exist, and with `input_size` every grid fits the encoder's feature map."""
+    """The rules between the model's keys (values checked; missing keys are defaults): SENet takes one
+    slice, 'panet' one cell, LSLPN+ options need the local head, pretrained weights exist, and with
+    `input_size` every grid fits the feature map."""
     if model.get("method") == SENET:
         if model.get("input_slices", 1) != 1:
             raise fail(f"{prefix}.input_slices", model["input_slices"], "SENet takes one slice per image "
