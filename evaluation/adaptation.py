@@ -19,8 +19,7 @@ from torch import nn
 
 from dataloaders.selfsup_episodes import alpnet_view
 from dataloaders.transforms import resize_image, resize_label
-from models.factory import PROTOTYPE, method_of, with_head_options
-from models.fewshot import PLUS_DEFAULTS
+from models.fewshot import PLUS_DEFAULTS, PROTOTYPE, method_of, with_head_options
 
 MAX_VIEW_DRAWS = 20   # a view whose foreground left the field is redrawn, at most this often per view
 
@@ -159,7 +158,7 @@ def test_time_head_options(eval_settings: Mapping) -> dict | None:
 def test_time_model(model: nn.Module, head_options: dict | None = None, adapt_steps: int = 0,
                     adapt_lr: float = 1e-2, stored_views: bool = False) -> nn.Module:
     """The model a test run evaluates with LSLPN+ options: its head rebuilt with `head_options`
-    (models.factory.with_head_options), then wrapped for test-time adaptation when adapt_steps > 0.
+    (models.fewshot.with_head_options), then wrapped for test-time adaptation when adapt_steps > 0.
     SENet and heads other than 'local' are returned unchanged."""
     if method_of(model.config) != PROTOTYPE or model.config.get("head", "local") != "local":
         return model

@@ -23,7 +23,7 @@ from dataloaders.transforms import (
     scale_intensity,
     volume_intensity,
 )
-from models.factory import model_input_slices
+from models.fewshot import model_input_slices
 from util.device import resolve_device
 from util.errors import UserError
 

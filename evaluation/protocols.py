@@ -12,8 +12,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from models.factory import MODEL_OPTIONS
-from models.fewshot import PLUS_DEFAULTS
+from models.fewshot import MODEL_OPTIONS, PLUS_DEFAULTS
 from util.errors import UserError
 from util.options import BOOL, ORGANS, SNAPSHOTS, SUPPORT, Option, choice, integer, number
 

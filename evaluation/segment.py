@@ -41,8 +41,7 @@ from dataloaders.transforms import needs_hounsfield, neighbour_stack, volume_int
 from evaluation.inference import images_to_input, masks_to_input, run_chunks
 from evaluation.protocols import centre_offsets, chunk_plan
 from models.checkpoint import check_input_size, model_from_checkpoint, model_input
-from models.factory import model_input_slices
-from models.fewshot import FewShotSegNet
+from models.fewshot import FewShotSegNet, model_input_slices
 from util.cli import warn
 from util.device import resolve_device
 from util.errors import UserError

@@ -178,7 +178,7 @@ def gold_volume(folder: Path, pid: str) -> dict:
 
 def initial_model(snapshot: Path, device: str):
     """The model a run started from: its config built under its seed (as training.loop builds it)."""
-    from models.factory import build_model
+    from models.fewshot import build_model
     from util.device import seed_everything
     state = load_checkpoint(str(snapshot))
     seed_everything(int(state["seed"]))

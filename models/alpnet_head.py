@@ -1,10 +1,8 @@
 """SSL-ALPNet's adaptive local prototype head (Ouyang et al., ECCV 2020), vectorised.
 
-Its rules, as the official code computes them (pooled candidates kept above 0.95, 'gridconv+' /
-'mask' foreground, softmax-weighted scores at feature resolution, query loss with background weight
-0.05, alignment loss) are in docs/method.md, "SSL-ALPNet's head". Beyond the official code (1-way,
-1-query, batch 1): batches of episodes, N ways and Q queries; for 1 way, 1 query, batch 1 it is the
-official computation.
+The official code's rules (candidates kept above 0.95, 'gridconv+' / 'mask' foreground, softmax-weighted
+scores at feature resolution, query loss, alignment loss): docs/method.md, "SSL-ALPNet's head". Batches,
+N ways and Q queries beyond the official code; for 1 way, 1 query, batch 1 it is its computation.
 """
 from __future__ import annotations
 
@@ -15,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.local_prototypes import check_query_features
-from models.panet import support_cross_entropy
+from models.panet import IGNORE, MEAN_EPS, support_cross_entropy, upsample
 from util.errors import UserError
 
 THRESHOLD = 0.95        # FG_THRESH = BG_THRESH of the official code
@@ -23,19 +21,14 @@ TRAIN_WINDOW = 4        # pooling window of the candidates in training
 TEST_WINDOW = 2         # ... at test time (val_wsize)
 MODE_WINDOW = 4         # window of the 'gridconv+' / 'mask' decision, training and test
 NORM_EPS = 1e-4         # safe_norm's clamp
-MEAN_EPS = 1e-5         # masked average: sum(F m) / (sum(m) + 1e-5)
 BG_WEIGHT = 0.05        # query cross-entropy class weight of the background (foreground 1.0)
-IGNORE = 255
 
 
 @dataclass
 class ALPPrototypes:
-    """Prototype candidates of an episode batch (output of `ALPNetHead.compute_prototypes`).
-
-    vectors  B x (1 + N) x P x C   candidates per class (class 0 = background), zero-padded
-    present  B x (1 + N) x P       bool: the candidate takes part in its class's score
-    image_size (H, W) and feature_size (h, w) of the support it was computed from.
-    """
+    """Prototype candidates of an episode batch (`ALPNetHead.compute_prototypes`): vectors
+    B x (1 + N) x P x C (class 0 = background, zero-padded), present B x (1 + N) x P (bool: the candidate
+    takes part in its class's score), image_size (H, W) and feature_size (h, w) of the support."""
     vectors: Tensor
     present: Tensor
     image_size: tuple[int, int]
@@ -47,8 +40,8 @@ class ALPPrototypes:
 
 
 def query_loss(logits: Tensor, labels: Tensor) -> Tensor:
-    """ALPNet's query loss: logits B x Q x (1 + N) x H x W, labels B x Q x H x W (long, 255 ignored);
-    cross-entropy with class weights background 0.05, every foreground way 1.0."""
+    """Cross-entropy of logits B x Q x (1 + N) x H x W, labels B x Q x H x W (255 ignored), class weights
+    background 0.05, every way 1.0."""
     n_classes = logits.shape[2]
     weight = torch.ones(n_classes, dtype=torch.float32, device=logits.device)
     weight[0] = BG_WEIGHT
@@ -61,23 +54,13 @@ def _unit(x: Tensor, dim: int) -> Tensor:
     return x / x.norm(dim=dim, keepdim=True).clamp_min(NORM_EPS)
 
 
-def upsample(scores: Tensor, size: tuple[int, int]) -> Tensor:
-    """B x Q x L x h x w -> B x Q x L x H x W, bilinear, align_corners=False."""
-    return F.interpolate(scores.flatten(0, 1), size=size, mode="bilinear",
-                         align_corners=False).unflatten(0, scores.shape[:2])
-
-
 class ALPNetHead(nn.Module):
-    """ALPNet's head (no parameters), the interface of the other heads: `compute_prototypes(support
-    features B x N x K x C x h x w, masks B x N x K x H x W, image_size)` -> ALPPrototypes;
-    `score_features(prototypes, query features B x Q x C x h x w)` -> B x Q x (1 + N) x h x w, which
-    `score` upsamples. Candidate window: TRAIN_WINDOW in train(), TEST_WINDOW in eval().
-    """
+    """ALPNet's head (no parameters), the interface of the other heads; `score_features` gives
+    B x Q x (1 + N) x h x w, which `score` upsamples. Candidate window: TRAIN_WINDOW in train(),
+    TEST_WINDOW in eval()."""
 
     def __init__(self, scale: float = 20.0):
         super().__init__()
-        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
-            raise UserError(f"model.scale = {scale!r}: must be a number > 0")
         self.scale = float(scale)
 
     def extra_repr(self) -> str:
@@ -162,11 +145,9 @@ class ALPNetHead(nn.Module):
     # ---- alignment loss -------------------------------------------------------------------
     def alignment_loss(self, prototypes: ALPPrototypes, query_logits: Tensor, query_features: Tensor,
                        support_features: Tensor, support_fg: Tensor, support_bg: Tensor) -> Tensor:
-        """ALPNet's alignLoss averaged over the batch (docs/method.md); `query_logits` is unused: the
-        query mask is the argmax of the feature-resolution scores (no way skipped). The queries act as
-        shots (window 4); each support image (n, k) is scored against the background and way n,
-        upsampled, cross-entropy against its label; the mean over ways and shots.
-        """
+        """ALPNet's alignLoss averaged over the batch (docs/method.md): the query mask is the argmax of
+        the feature-resolution scores (`query_logits` unused), the queries act as shots (window 4), each
+        support image (n, k) is scored against the background and way n; mean over ways and shots."""
         with torch.autocast(query_features.device.type, enabled=False):
             B, N, K, C, h, w = support_features.shape
             H, W = support_fg.shape[-2:]

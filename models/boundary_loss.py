@@ -1,9 +1,7 @@
-"""Kervadec et al.'s boundary loss (MIDL 2019): beyond the paper, off by default (config
-`boundary_weight`, training/objective.py, prototype methods only).
+"""Kervadec et al.'s boundary loss (MIDL 2019): beyond the paper, off by default (`boundary_weight`).
 
 L_B = mean over queries, classes c and pixels p of phi_c(p) * softmax(logits)_c(p), phi_c the signed
-distance map of the class mask in pixels (outside >= 1, inside <= 0, boundary pixels 0; empty or full
-masks 0), divided by the image side H. docs/method.md, "Boundary loss", gives the full convention.
+distance map of the class mask in pixels / the image side H; docs/method.md, "Boundary loss".
 """
 from __future__ import annotations
 
@@ -14,12 +12,9 @@ from torch import Tensor
 
 
 def signed_distance_maps(masks: np.ndarray) -> np.ndarray:
-    """masks M x H x W (bool) -> phi M x H x W float64, each slice's signed distance map in pixels.
-
-    One exact distance transform for all slices: the slice axis is sampled at H + W pixels per step
-    (more than any in-slice distance), so the nearest pixel is always in the pixel's own slice; empty
-    and full slices are left out (phi 0).
-    """
+    """masks M x H x W (bool) -> phi M x H x W float64, each slice's signed distance map in pixels (empty
+    and full slices 0). One exact transform for all slices: the slice axis is sampled at H + W pixels
+    per step (more than any in-slice distance), so the nearest pixel is always in the own slice."""
     masks = np.asarray(masks, dtype=bool)
     n_slices, height, width = masks.shape
     phi = np.zeros(masks.shape, dtype=np.float64)                             # M x H x W
@@ -35,10 +30,8 @@ def signed_distance_maps(masks: np.ndarray) -> np.ndarray:
 
 
 def class_distance_maps(labels: Tensor, n_ways: int) -> Tensor:
-    """labels B x Q x H x W (int: 0 background, 1..n_ways the ways) -> phi B x Q x N x H x W float32
-    on the labels' device: the signed distance map of each way's mask divided by the image side H.
-
-    The transform runs on the CPU (scipy): labels on a GPU are copied there and phi back."""
+    """labels B x Q x H x W (0 background, 1..n_ways) -> phi B x Q x N x H x W float32 on the labels'
+    device: each way's signed distance map / the image side H (computed on the CPU by scipy)."""
     ways = torch.arange(1, n_ways + 1, device=labels.device).view(1, 1, n_ways, 1, 1)
     masks = labels.unsqueeze(2) == ways                                        # B x Q x N x H x W
     phi = signed_distance_maps(masks.flatten(0, 2).cpu().numpy())              # (B*Q*N) x H x W
@@ -47,8 +40,7 @@ def class_distance_maps(labels: Tensor, n_ways: int) -> Tensor:
 
 
 def boundary_loss(logits: Tensor, labels: Tensor) -> Tensor:
-    """L_B of the module docstring: logits B x Q x (1 + N) x H x W, labels B x Q x H x W (int) ->
-    scalar float32 tensor (gradient into the logits; phi is a constant)."""
+    """L_B: logits B x Q x (1 + N) x H x W, labels B x Q x H x W -> float32 scalar (phi is a constant)."""
     phi = class_distance_maps(labels, logits.shape[2] - 1)                    # B x Q x N x H x W
     foreground = logits.float().softmax(dim=2)[:, :, 1:]                       # B x Q x N x H x W
     return (phi * foreground).mean()

@@ -1,11 +1,10 @@
 """Checkpoints: atomic save, weights-only load with one-line errors, and rebuilding the model.
 
-A checkpoint is a dict (docs/DESIGN.md): model (state_dict), optimizer, scheduler, scaler, step, rng
-(one `util.device.get_rng_state()` per DDP rank), model_config (`FewShotSegNet.config` or
-`SENet.config`), fold, seed, config_hash, run_config, best_dice, input_size and intensity. A snapshot
-describes itself: `model_from_checkpoint` rebuilds the network, `model_input` says with which input
-size and intensity it runs. A raw state dict of the authors' code loads as an official-code snapshot.
-Loading never runs code from the file (util.io.safe_torch_load); NaN/inf weights are refused.
+A checkpoint is a dict (docs/DESIGN.md): model, optimizer, scheduler, scaler, step, rng (one per DDP
+rank), model_config (the model's `config`), fold, seed, config_hash, run_config, best_dice, input_size
+and intensity. `model_from_checkpoint` rebuilds the network, `model_input` gives its input size and
+intensity. A raw state dict of the authors' code loads as an official-code snapshot. Loading never runs
+code from the file (util.io.safe_torch_load); NaN/inf weights are refused.
 """
 from __future__ import annotations
 
@@ -19,8 +18,7 @@ import numpy as np
 import torch
 
 from models.encoders import ResNet50LSLPN
-from models.factory import METHOD_NAMES, build_model, check_model_config, method_of
-from models.fewshot import OFFICIAL_MODEL_CONFIG
+from models.fewshot import METHOD_NAMES, OFFICIAL_MODEL_CONFIG, build_model, check_model_config, method_of
 from util.cli import warn
 from util.errors import UserError
 from util.io import atomic_path, safe_torch_load
@@ -32,8 +30,8 @@ MIN_INPUT_SIZE, MAX_INPUT_SIZE = 16, 2048  # model input sizes accepted (2048^2 
 
 
 def plain_data(value):
-    """`value` with numpy values as lists/numbers and mapping/sequence subclasses as dict/list/tuple
-    (tensors, Counter and OrderedDict kept): what a weights-only load reads back."""
+    """`value` as a weights-only load reads it back: numpy values as lists/numbers, mappings and sequences
+    as dict/list/tuple (tensors, Counter and OrderedDict kept)."""
     if isinstance(value, (torch.Tensor, Counter, OrderedDict)):
         return value
     if isinstance(value, np.ndarray):
@@ -42,10 +40,8 @@ def plain_data(value):
         return value.item()
     if isinstance(value, Mapping):
         return {key: plain_data(item) for key, item in value.items()}
-    if isinstance(value, tuple):
-        return tuple(plain_data(item) for item in value)
-    if isinstance(value, list):
-        return [plain_data(item) for item in value]
+    if isinstance(value, (tuple, list)):
+        return (tuple if isinstance(value, tuple) else list)(plain_data(item) for item in value)
     return value
 
 
@@ -125,8 +121,9 @@ def check_compatible(stored: Mapping, requested: Mapping, path: str, strict: boo
     only the keys that change the parameters (WEIGHT_KEYS: evaluating with, e.g., another vote)."""
     held, wanted = method_of(stored), method_of(requested)
     if held != wanted:
-        raise UserError(f"snapshot '{path}' holds a {METHOD_NAMES[held]} model, but a {METHOD_NAMES[wanted]} "
-                        f"model is requested: use a {METHOD_NAMES[wanted]} snapshot or model.method={held}")
+        name = METHOD_NAMES.get(wanted, wanted)
+        raise UserError(f"snapshot '{path}' holds a {METHOD_NAMES.get(held, repr(held))} model, but a {name} "
+                        f"model is requested: use a {name} snapshot or model.method={held}")
     keys = sorted(set(stored) | set(requested)) if strict else WEIGHT_KEYS
     diffs = [f"{key}: {stored.get(key)!r} in the snapshot vs {requested.get(key)!r} requested"
              for key in keys if stored.get(key) != requested.get(key)]
@@ -136,8 +133,7 @@ def check_compatible(stored: Mapping, requested: Mapping, path: str, strict: boo
 
 
 def model_from_checkpoint(path: str, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict]:
-    """(FewShotSegNet or SENet in eval mode on `device`, checkpoint) from a train.py checkpoint; one-line
-    errors for a missing/unreadable file and for weights that do not fit the stored model config."""
+    """(model in eval mode on `device`, checkpoint) from a train.py checkpoint; one-line errors."""
     state = load_checkpoint(str(path))
     config = dict(state["model_config"])
     check_model_config(config, source=f"snapshot {path}")   # the config schema: the model trusts its options
@@ -169,8 +165,8 @@ def trained_input(state: Mapping, name: str = "snapshot") -> tuple[int | None, d
 
 def model_input(state: Mapping, input_size: int | None = None, intensity: dict | None = None,
                 fallback_intensity: dict | None = None, name: str = "snapshot") -> tuple[int, dict]:
-    """The input size and intensity to run a snapshot with: the caller's value, else the snapshot's
-    record (else `fallback_intensity`, 512, per-slice min-max); a warning when the caller overrides it."""
+    """(input size, intensity) to run a snapshot with: the caller's, else its record (else
+    `fallback_intensity`, 512, per-slice min-max); a warning when the caller overrides the record."""
     trained_size, trained_intensity = trained_input(state, name)
     input_size = check_input_size(input_size, "input size")
     if input_size and trained_size and int(input_size) != trained_size:

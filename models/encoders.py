@@ -1,10 +1,8 @@
 """Feature encoders, B x C_in x H x W slices in [0, 1] (C_in 1, or 3 for 2.5D) -> B x C x h x w, and
-their initial weights. 'vgg16' (PANet's, stride 8, 512 channels, ImageNet mean/std), 'resnet50_lslpn'
-(the authors' DeepLab ResNet-50, stride 8, 256 channels, BN affine frozen), 'deeplabv3_resnet101'
-(SSL-ALPNet's, stride 8, 256 channels, COCO weights) and 'cnn_small' (CPU demo, stride 4, 128
-channels); docs/method.md, "Encoders", gives their exact rules. A 1-channel input is repeated to 3
-channels here (the only place). Initial weights: `init_path` (a local torchvision checkpoint or, for
-resnet50_lslpn, an official-code snapshot) overrides `pretrained` (torchvision's weights, hash-checked).
+their initial weights: 'vgg16' (PANet's), 'resnet50_lslpn' (the authors' DeepLab ResNet-50),
+'deeplabv3_resnet101' (SSL-ALPNet's) and 'cnn_small' (CPU demo); docs/method.md, "Encoders". A 1-channel
+input is repeated to 3 channels here (the only place). `init_path` (a local torchvision checkpoint or an
+official-code snapshot) overrides `pretrained` (torchvision's weights, hash-checked).
 """
 from __future__ import annotations
 
@@ -19,7 +17,6 @@ from torch import Tensor, nn
 from util.errors import UserError
 from util.io import safe_torch_load
 
-ENCODERS = ("vgg16", "resnet50_lslpn", "deeplabv3_resnet101", "cnn_small")
 log = logging.getLogger("lslpn")
 _MEAN = (0.485, 0.456, 0.406)
 _STD = (0.229, 0.224, 0.225)
@@ -33,8 +30,7 @@ class _TorchvisionWeights:
         self.encoder = encoder
 
     def _weights(self):
-        # heavy optional dependency: importing torchvision loads torch._dynamo (~1.5-2 s of CPU per process),
-        # which a process that looks up no torchvision weights (cnn_small, a config error) need not pay
+        # heavy optional dependency: torchvision loads torch._dynamo (~1.5-2 s of CPU per process)
         from torchvision.models import ResNet50_Weights, VGG16_Weights
         from torchvision.models.segmentation import DeepLabV3_ResNet101_Weights  # torchvision: as above
         return {"vgg16": VGG16_Weights.IMAGENET1K_V1,
@@ -81,10 +77,7 @@ def _check_hash(path: str) -> None:
 
 
 def imagenet_state(encoder: str) -> dict:
-    """torchvision's ImageNet (COCO) state dict for `encoder` (cached, hash-checked); UserError offline."""
-    if encoder not in IMAGENET_WEIGHTS:
-        raise UserError(f"model.pretrained = True: encoder {encoder} has no pretrained weights: "
-                        "set model.pretrained=False")
+    """torchvision's ImageNet (COCO) state dict for `encoder` (cached, hash-checked); one line offline."""
     path = cached_weights_path(encoder)
     if not os.path.isfile(path):
         try:
@@ -92,9 +85,9 @@ def imagenet_state(encoder: str) -> dict:
         except (OSError, RuntimeError, ValueError) as error:  # URLError is an OSError
             raise UserError(f"model.pretrained = True: {weights_name(encoder)} weights "
                             f"{os.path.basename(path)} are not in {os.path.dirname(path)} and could not be "
-                            "downloaded "
-                            f"({type(error).__name__}): copy the file there, or set path.init_path to a "
-                            "local copy, or model.pretrained=False to train from random weights") from None
+                            f"downloaded ({type(error).__name__}): copy the file there, or set "
+                            "path.init_path to a local copy, or model.pretrained=False to train from random "
+                            "weights") from None
     _check_hash(path)
     return read_state_file(path, key="model.pretrained")
 
@@ -119,8 +112,7 @@ def strip_prefixes(state: dict) -> dict:
 
 # ---- encoders -------------------------------------------------------------------------------------
 class _Encoder(nn.Module):
-    """Common input handling: B x 1 x H x W (repeated) or B x 3 x H x W (2.5D, as is) in [0, 1] ->
-    B x 3 x H x W (optionally ImageNet-normalised)."""
+    """Common input handling: slices in [0, 1] -> B x 3 x H x W (optionally ImageNet-normalised)."""
     out_channels: int
     output_stride: int
 
@@ -138,10 +130,6 @@ class _Encoder(nn.Module):
         x = x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x    # B x 3 x H x W
         return (x - self.mean) / self.std if self.imagenet_norm else x
 
-    def load_initial(self, state: dict, source: str) -> None:
-        """Load initial weights from a state dict (`source` names it in errors)."""
-        raise UserError(f"{source}: encoder {type(self).__name__} has no pretrained weights to load")
-
 
 class VGG16Encoder(_Encoder):
     """PANet VGG-16, built on torchvision's layer list so that checkpoint keys match `features.*`."""
@@ -149,8 +137,7 @@ class VGG16Encoder(_Encoder):
 
     def __init__(self):
         super().__init__(imagenet_norm=True)
-        # heavy optional dependency: importing torchvision loads torch._dynamo (~1.5-2 s of CPU per process),
-        # which a process that never builds a torchvision-based encoder (cnn_small, a config error) skips
+        # heavy optional dependency (torchvision loads torch._dynamo: _TorchvisionWeights)
         from torchvision.models.vgg import cfgs, make_layers
         features = make_layers(cfgs["D"], batch_norm=False)  # torchvision's vgg16().features
         for i in (4, 9, 16):
@@ -238,8 +225,8 @@ class ResNet50LSLPN(_Encoder):
         return self.layer4(torch.cat([mid, deep], dim=1))         # B x 256 x h x w
 
     def load_initial(self, state: dict, source: str) -> None:
-        """A torchvision resnet50 ImageNet state dict (conv1, bn1, layer1-3; layer4 and fc are
-        skipped, as the official code) or an official-code snapshot (encoder.* keys)."""
+        """A torchvision resnet50 state dict (conv1, bn1, layer1-3; layer4 and fc skipped, as the official
+        code) or an official-code snapshot (encoder.* keys)."""
         state = strip_prefixes(state)
         if any(k.startswith("encoder.") for k in state):
             load_official_snapshot(self, state, source)
@@ -257,14 +244,13 @@ def load_official_snapshot(encoder: ResNet50LSLPN, state: dict, source: str) -> 
 
 
 class DeepLabV3ResNet101(_Encoder):
-    """SSL-ALPNet's encoder: deeplabv3_resnet101's dilated ResNet-101 + a 1x1 conv 2048 -> 256 (no bias).
-    BatchNorm trains as usual; no ImageNet mean/std (SSL-ALPNet feeds z-scored slices); initial weights:
-    torchvision's COCO weights, backbone.* only."""
+    """SSL-ALPNet's encoder: deeplabv3_resnet101's dilated ResNet-101 + a 1x1 conv 2048 -> 256 (no bias);
+    no ImageNet mean/std (SSL-ALPNet feeds z-scored slices); initial weights: COCO, backbone.* only."""
     out_channels, output_stride = 256, 8
 
     def __init__(self):
         super().__init__(imagenet_norm=False)
-        # heavy optional dependency (torchvision loads torch._dynamo; VGG16Encoder says more)
+        # heavy optional dependency (torchvision loads torch._dynamo: _TorchvisionWeights)
         from torchvision.models import resnet101
         from torchvision.models._utils import IntermediateLayerGetter  # torchvision: as above
         # torchvision's deeplabv3_resnet101 backbone: resnet101 with layer3 and layer4 dilated, up to layer4
@@ -277,8 +263,7 @@ class DeepLabV3ResNet101(_Encoder):
         return self.localconv(deep)                               # B x 256 x H/8 x W/8
 
     def load_initial(self, state: dict, source: str) -> None:
-        """The backbone.* weights of a torchvision deeplabv3_resnet101 state dict (its classifier.*
-        and aux_classifier.* are skipped); the 1x1 conv keeps its initialisation."""
+        """The backbone.* weights of a torchvision deeplabv3_resnet101 state dict (classifiers skipped)."""
         state = strip_prefixes(state)
         backbone = {k: v for k, v in self.state_dict().items() if k.startswith("backbone.")}
         _load_matching(self, {k: v for k, v in state.items() if k in backbone}, backbone, source,
@@ -325,17 +310,8 @@ ENCODER_CLASSES = {"vgg16": VGG16Encoder, "resnet50_lslpn": ResNet50LSLPN,   # m
 
 
 def build_encoder(name: str, init_path: str | None = None, pretrained: bool = False) -> nn.Module:
-    """Encoder `name` (one of ENCODERS) with its initial weights.
-
-    `init_path` (a local state dict file) overrides `pretrained` (torchvision's ImageNet or COCO
-    weights). With neither, random initialisation (one warning line).
-    """
-    if name not in ENCODER_CLASSES:
-        raise UserError(f"model.encoder = {name!r}: unknown encoder: use one of {', '.join(ENCODERS)}")
-    if (init_path is not None or pretrained) and name not in IMAGENET_WEIGHTS:
-        which = f"path.init_path = {init_path}" if init_path is not None else "model.pretrained = True"
-        raise UserError(f"{which}: encoder {name} has no pretrained weights: set path.init_path to null "
-                        "and model.pretrained=False, or use vgg16 / resnet50_lslpn / deeplabv3_resnet101")
+    """Encoder `name` (a key of ENCODER_CLASSES) with its initial weights: `init_path` (a local state
+    dict file) overrides `pretrained` (torchvision's weights); with neither, random (one warning line)."""
     # the weights are read before the network is built: a missing file stops at once (no RNG is drawn)
     if init_path is not None:
         state, source = read_state_file(init_path), f"path.init_path = {init_path}"

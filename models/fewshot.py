@@ -1,10 +1,10 @@
-"""FewShotSegNet: encoder + parameter-free prototype head (+ the head's alignment loss).
+"""FewShotSegNet (encoder + parameter-free prototype head), the model builder and the model's options.
 
-Heads (`model.head`, registry `HEADS`): 'local' (LSLPN, models/local_prototypes.py; LSLPN+ with
-grids / query_rounds, models/lslpn_plus.py), 'panet' (PANet's global prototypes, n_grid 1) and
-'alpnet' (SSL-ALPNet's adaptive local prototypes). A head has `compute_prototypes`, `score` and
-`alignment_loss` (docs/method.md). `input_slices` is 1 (one slice per image) or 3 (2.5D: z - 1,
-z, z + 1 as the encoder's channels). The options are checked before a model is built.
+`model.method` 'prototype' builds FewShotSegNet with head `model.head` (HEADS: 'local' = LSLPN, LSLPN+
+with grids / query_rounds; 'panet'; 'alpnet'); 'senet' builds SENet (models/senet.py). Both share
+forward, encode_support, segment and config. MODEL_OPTIONS declares the model.* options, checked once
+before a model is built (check_model_config; training/config_check.py for a run); the models trust
+what passed. The heads: docs/method.md.
 """
 from __future__ import annotations
 
@@ -14,13 +14,19 @@ import torch
 from torch import Tensor, nn
 
 from models.alpnet_head import ALPNetHead
-from models.encoders import ENCODERS, build_encoder, load_official_snapshot
-from models.local_prototypes import LocalPrototypeHead, Prototypes, check_episode
-from models.lslpn_plus import LSLPNPlusHead
+from models.encoders import ENCODER_CLASSES, IMAGENET_WEIGHTS, build_encoder, load_official_snapshot
+from models.local_prototypes import RESOLUTIONS, VOTES, LocalPrototypeHead, Prototypes, check_episode
+from models.lslpn_plus import FUSIONS, LSLPNPlusHead
 from models.panet import PANetHead
+from models.senet import METHOD as SENET
+from models.senet import SENet
 from util.errors import UserError
+from util.options import BOOL, GRIDS, Option, check_options, choice, fail, integer, number
 
-INPUT_SLICES = (1, 3)   # model.input_slices (dataloaders/neighbours.py builds the 3-slice stacks)
+PROTOTYPE = "prototype"
+METHODS = (PROTOTYPE, SENET)
+METHOD_NAMES = {PROTOTYPE: "prototype (LSLPN/PANet)", SENET: "SENet"}
+INPUT_SLICES = (1, 3)   # model.input_slices (dataloaders/transforms.py builds the 3-slice stacks)
 
 # LSLPN+ options of the local head (models/lslpn_plus.py) and their plain-head values
 PLUS_DEFAULTS = {"grids": [], "grid_fusion": "mean", "query_rounds": 0, "query_weight": 0.5,
@@ -50,28 +56,20 @@ HEADS = {  # model.head -> the head built from the model options
 OFFICIAL_MODEL_CONFIG = {"encoder": "resnet50_lslpn", "head": "local", "n_grid": 8, "overlap": True,
                          "vote": "max", "resolution": "image", "min_pixels": 10, "scale": 20.0,
                          "align": False, "input_slices": 1, **PLUS_DEFAULTS}
-
-
-# config keys the network is built from
 _CONFIG_KEYS = ("encoder", "head", "n_grid", "overlap", "vote", "resolution", "min_pixels", "scale", "align",
-                "input_slices", *PLUS_DEFAULTS)
+                "input_slices", "pretrained", *PLUS_DEFAULTS)   # config keys the network is built from
 
 
 class FewShotSegNet(nn.Module):
-    """Few-shot segmentation network: forward(support_images B x N x K x C x H x W, support_fg and
-    support_bg B x N x K x H x W, query_images B x Q x C x H x W) -> (logits B x Q x (1 + N) x H x W,
-    align_loss scalar), C = input_slices. `pretrained`/`init_path` choose the encoder's initial
-    weights (not in `config`: a snapshot's weights replace them).
-    """
+    """forward(support_images B x N x K x C x H x W, support_fg and support_bg B x N x K x H x W,
+    query_images B x Q x C x H x W) -> (logits B x Q x (1 + N) x H x W, align_loss), C = input_slices.
+    `pretrained`/`init_path` choose initial weights (not in `config`: a snapshot's replace them)."""
 
     def __init__(self, encoder: str = "vgg16", init_path: str | None = None, n_grid: int = 8,
                  overlap: bool = True, vote: str = "max", resolution: str = "image",
                  min_pixels: float = 10, scale: float = 20.0, align: bool = False,
                  head: str = "local", pretrained: bool = False, input_slices: int = 1, **plus):
         super().__init__()
-        assert set(plus) <= set(PLUS_DEFAULTS), sorted(set(plus) - set(PLUS_DEFAULTS))
-        assert encoder in ENCODERS and head in HEADS and input_slices in INPUT_SLICES
-        assert head != "panet" or n_grid == 1, "the 'panet' head has global prototypes (n_grid 1)"
         plus = {**PLUS_DEFAULTS, **plus}
         self.config = {"encoder": encoder, "head": head, "n_grid": n_grid, "overlap": overlap, "vote": vote,
                        "resolution": resolution, "min_pixels": min_pixels, "scale": float(scale),
@@ -85,8 +83,7 @@ class FewShotSegNet(nn.Module):
     @classmethod
     def from_config(cls, model_cfg: Mapping, init_path: str | None = None) -> "FewShotSegNet":
         """Build from config.py's `model` dict (keys it does not use, e.g. align_weight, ignored)."""
-        keys = _CONFIG_KEYS + ("pretrained",)
-        return cls(init_path=init_path, **{k: model_cfg[k] for k in keys if k in model_cfg})
+        return cls(init_path=init_path, **{k: model_cfg[k] for k in _CONFIG_KEYS if k in model_cfg})
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         """As nn.Module's; DataParallel's 'module.' prefixes are dropped."""
@@ -103,8 +100,7 @@ class FewShotSegNet(nn.Module):
     # ---- batched evaluation API -----------------------------------------------------------
     def encode_support(self, support_images: Tensor, support_fg: Tensor,
                        support_bg: Tensor) -> Prototypes:
-        """Prototypes of support images B x N x K x C x H x W (C = input_slices) with masks
-        B x N x K x H x W."""
+        """Prototypes of support images B x N x K x C x H x W with masks B x N x K x H x W."""
         self._check_images("support_images", support_images, 6)
         B, N, K, _, H, W = support_images.shape
         feats = self.encoder(support_images.flatten(0, 2))
@@ -113,10 +109,7 @@ class FewShotSegNet(nn.Module):
         return self.head.compute_prototypes(feats, support_fg, support_bg, (H, W))
 
     def segment(self, prototypes: Prototypes, query_images: Tensor) -> Tensor:
-        """Logits B x Q x (1 + N) x H x W of query images B x Q x C x H x W (C = input_slices).
-
-        Prototypes of batch 1 are broadcast over any query batch.
-        """
+        """Logits B x Q x (1 + N) x H x W of query images B x Q x C x H x W (prototype batch 1 broadcasts)."""
         self._check_images("query_images", query_images, 5)
         if tuple(query_images.shape[-2:]) != prototypes.image_size:
             raise UserError(f"query_images: size {tuple(query_images.shape[-2:])} differs from the "
@@ -148,11 +141,113 @@ class FewShotSegNet(nn.Module):
                                                 support_fg, support_bg)
 
     def _check_images(self, name: str, images: Tensor, dims: int) -> None:
-        """One line when `images` is not B x N x K x C x H x W (dims 6) / B x Q x C x H x W (dims 5),
-        C = input_slices."""
+        """One line unless `images` is B x N x K x C x H x W (dims 6) / B x Q x C x H x W (dims 5)."""
         C = self.input_slices
         shape = f"B x N x K x {C} x H x W" if dims == 6 else f"B x Q x {C} x H x W"
         if images.dim() != dims or images.shape[-3] != C:
             what = "one slice per image" if C == 1 else "3 slices per image (z - 1, z, z + 1)"
             raise UserError(f"{name}: shape {tuple(images.shape)}: expected {shape} ({what}: "
                             f"model.input_slices = {C})")
+
+
+# ---- building ------------------------------------------------------------------------------------
+def method_of(model_config: Mapping) -> str:
+    """'prototype' or 'senet' of a model config (a missing key means 'prototype')."""
+    return model_config.get("method") or PROTOTYPE
+
+
+def build_model(model_config: Mapping, init_path: str | None = None) -> nn.Module:
+    """A FewShotSegNet or SENet from a checked model config dict (keys the model does not use ignored)."""
+    if method_of(model_config) == SENET:
+        return SENet.from_config(dict(model_config))
+    return FewShotSegNet.from_config(dict(model_config), init_path)
+
+
+def model_input_slices(model) -> int:
+    """Slices per image a model takes: its config's input_slices, 1 where absent (SENet, test doubles)."""
+    return int((getattr(model, "config", None) or {}).get("input_slices", 1))
+
+
+def with_head_options(model: nn.Module, options: Mapping) -> nn.Module:
+    """A copy of a trained prototype model with its head rebuilt with other (parameter-free) options."""
+    rebuilt = build_model({**model.config, **dict(options)})
+    rebuilt.load_state_dict(model.state_dict())
+    device = next(model.parameters()).device
+    return rebuilt.to(device).train(model.training)
+
+
+# ---- the model's options: config.py's model.* keys ------------------------------------------------
+MODEL_OPTIONS = {
+    "method": choice(*METHODS),
+    "encoder": choice(*ENCODER_CLASSES),
+    "n_grid": integer(1, example="8"),
+    "overlap": Option(BOOL),
+    "vote": choice(*VOTES),
+    "resolution": choice(*RESOLUTIONS),
+    "min_pixels": number(0, example="10"),
+    "scale": number(0, low_open=True, example="20.0"),
+    "align": Option(BOOL),
+    "align_weight": number(0, example="1.0"),
+    "head": choice(*HEADS),
+    "pretrained": Option(BOOL),
+    "input_slices": choice(*INPUT_SLICES),
+    # LSLPN+ (models/lslpn_plus.py; defaults PLUS_DEFAULTS)
+    "grids": Option(GRIDS),
+    "grid_fusion": choice(*FUSIONS),
+    "query_rounds": integer(0, example="1"),
+    "query_weight": number(0, 1, example="0.5"),
+    "query_confidence": number(0, 1, example="0.0"),
+}
+SNAPSHOT_OPTIONS = {"official_bug": Option(BOOL)}   # SENet's switch, in a snapshot's model config
+
+
+def check_model_rules(model: Mapping, prefix: str = "model", input_size: int | None = None) -> None:
+    """The rules between the model's keys (values checked; missing keys are defaults): SENet takes one
+    slice, 'panet' one cell, LSLPN+ options need the local head, pretrained weights exist, and with
+    `input_size` every grid fits the feature map."""
+    if model.get("method") == SENET:
+        if model.get("input_slices", 1) != 1:
+            raise fail(f"{prefix}.input_slices", model["input_slices"], "SENet takes one slice per image "
+                       "(2.5D input is an option of the prototype methods)",
+                       f"set {prefix}.input_slices=1, or {prefix}.method=prototype")
+        return
+    head, encoder, n_grid = model.get("head", "local"), model.get("encoder", "vgg16"), model.get("n_grid", 8)
+    if head == "panet" and model.get("n_grid", 1) != 1:
+        raise fail(f"{prefix}.n_grid", model["n_grid"], "the 'panet' head has global prototypes",
+                   f"set {prefix}.n_grid=1")
+    if model.get("pretrained", False) and encoder not in IMAGENET_WEIGHTS:
+        raise fail(f"{prefix}.pretrained", True, f"encoder {encoder} has no ImageNet weights",
+                   f"set {prefix}.pretrained=False")
+    if isinstance(input_size, int):
+        side = input_size // ENCODER_CLASSES[encoder].output_stride
+        if n_grid > side:
+            raise fail(f"{prefix}.n_grid", n_grid, f"larger than the {side} x {side} feature map of encoder "
+                       f"{encoder} at input_size {input_size}",
+                       f"use {prefix}.n_grid <= {side} or a larger input_size")
+        grids = model.get("grids") or []
+        if grids and max(grids) > side:
+            raise fail(f"{prefix}.grids", list(grids), f"grid {max(grids)} is larger than the {side} x "
+                       f"{side} feature map of encoder {encoder} at input_size {input_size}",
+                       f"use grids <= {side} or a larger input_size")
+    for key in ("grids", "query_rounds"):
+        if head != "local" and model.get(key):
+            raise fail(f"{prefix}.{key}", model[key], f"an LSLPN+ option of the local head, not of the "
+                       f"'{head}' head", f"set {prefix}.head=local or {prefix}.{key}="
+                       f"{'[]' if key == 'grids' else '0'}")
+
+
+def check_model_config(model: Mapping, prefix: str = "model", input_size: int | None = None,
+                       source: str = "") -> None:
+    """Check a model section alone, e.g. the config a snapshot stores: its keys and values, then
+    `check_model_rules`. Messages name `prefix`.<key>, after "`source`: " when given."""
+    if not isinstance(model, Mapping):
+        raise fail(prefix, model, "must be a mapping of model options", "use a snapshot written by train.py",
+                   source)
+    schema = {f"{prefix}.{key}": option for key, option in {**MODEL_OPTIONS, **SNAPSHOT_OPTIONS}.items()}
+    try:
+        check_options(model, schema, "config.py", prefix=f"{prefix}.")
+        check_model_rules(model, prefix, input_size)
+    except UserError as error:
+        if not source:
+            raise
+        raise UserError(f"{source}: {error}") from None

@@ -1,10 +1,9 @@
 """Windowed grid geometry: the cells of the location-sensitive head and their vectorised kernels.
 
 Cells as the official code builds them (`grid_cells`). Bilinear upsampling is linear and separable
-(F_up = A F B^T), so every masked cell sum, dot product and per-pixel norm of the upsampled features
-is computed on the small feature window each cell depends on, never forming a C x H x W tensor; an
-`Axis` holds that geometry for one axis and the votes reduce over the covering cells separably.
-docs/method.md, "Vectorised cell kernels", has the details. No Python loop over cells.
+(F_up = A F B^T), so every masked cell sum, dot product and norm of the upsampled features is computed
+on the small feature window of each cell, never forming a C x H x W tensor; an `Axis` holds that
+geometry for one axis. docs/method.md, "Vectorised cell kernels". No Python loop over cells.
 """
 from __future__ import annotations
 
@@ -17,13 +16,9 @@ from torch import Tensor
 
 
 def grid_cells(size: int, n_grid: int, overlap: bool) -> list[tuple[int, int]]:
-    """Cells along one axis of `size` pixels: a list of (start, stop), stop exclusive.
-
-    Cell length `size // n_grid`; stride half a cell (at least 1) with `overlap`, else a cell;
-    one extra cell `(size - length, size)` when the regular cells stop short of the border.
-    """
-    # n_grid >= 1 and at most the feature map's side: the config check (training/config_check.py) and
-    # the head (LocalPrototypeHead._axes, for the input size of the run) refuse the rest in one line
+    """Cells (start, stop exclusive) along one axis of `size` pixels: length `size // n_grid`, stride half a
+    cell (at least 1) with `overlap`, else a cell; one extra cell `(size - length, size)` at the border."""
+    # the config check and LocalPrototypeHead._axes refuse other n_grid in one line
     assert 1 <= n_grid <= size, f"n_grid {n_grid} over {size} pixels"
     length = size // n_grid
     stride = max(length // 2, 1) if overlap else length
@@ -42,11 +37,8 @@ def interpolation_matrix(out_size: int, in_size: int) -> Tensor:
 
 @dataclass(frozen=True)
 class Axis:
-    """Precomputed geometry of one axis: `size` scoring pixels over `in_size` feature rows.
-
-    A cell depends on a window of `window` consecutive feature rows (those with a nonzero
-    bilinear weight on its pixels); cells are `length` pixels long.
-    """
+    """Precomputed geometry of one axis: `size` scoring pixels over `in_size` feature rows; a cell of
+    `length` pixels depends on `window` consecutive feature rows (nonzero bilinear weights on it)."""
     n_cells: int
     length: int
     window: int
@@ -93,8 +85,7 @@ def _build_axis(size: int, in_size: int, n_grid: int, overlap: bool) -> Axis:
 @functools.lru_cache(maxsize=64)
 def axis(size: int, in_size: int, n_grid: int, overlap: bool, device: str) -> Axis:
     """Cached `Axis` of `size` scoring pixels over `in_size` feature rows on `device`."""
-    # Built outside inference mode: the cached tensors are reused by later training steps, and
-    # tensors created under torch.inference_mode cannot be saved for backward.
+    # outside inference mode: cached tensors made under it could not be saved for a later backward
     with torch.inference_mode(False), torch.no_grad():
         built = _build_axis(size, in_size, n_grid, overlap)
         return Axis(**{k: (v.to(device) if isinstance(v, Tensor) else v) for k, v in vars(built).items()})
@@ -128,11 +119,8 @@ def cell_counts(masks: Tensor, rows: Axis, cols: Axis) -> Tensor:
 
 
 def cell_sums(masks: Tensor, features: Tensor, rows: Axis, cols: Axis) -> Tensor:
-    """sum over each cell of mask * (upsampled) features.
-
-    masks M x L x S_r x S_c (on the scoring pixels), features M x C x h x w
-    -> M x L x n_rows x n_cols x C.
-    """
+    """Sum over each cell of mask * (upsampled) features: masks M x L x S_r x S_c (on the scoring
+    pixels), features M x C x h x w -> M x L x n_rows x n_cols x C."""
     M, L = masks.shape[:2]
     nr, nc = rows.n_cells, cols.n_cells
     h, w = features.shape[-2:]
@@ -154,11 +142,8 @@ def cell_sums(masks: Tensor, features: Tensor, rows: Axis, cols: Axis) -> Tensor
 
 
 def cell_cosines(unit_vectors: Tensor, query: Tensor, rows: Axis, cols: Axis) -> Tensor:
-    """cosine(F_q_up(x, y), p_{c,g}) on every pixel of every cell.
-
-    unit_vectors Bp x L x nr x nc x C (unit or zero prototypes), query B x Q x C x h x w
-    -> B x Q x nr x nc x L x Lr x Lc, clamped to [-1, 1].
-    """
+    """cosine(F_q_up(x, y), p_{c,g}) on every pixel of every cell: unit_vectors Bp x L x nr x nc x C (unit
+    or zero prototypes), query B x Q x C x h x w -> B x Q x nr x nc x L x Lr x Lc, clamped to [-1, 1]."""
     B, Q, C, h, w = query.shape
     nr, nc, Lr, Lc, wr, wc = rows.n_cells, cols.n_cells, rows.length, cols.length, rows.window, cols.window
     L = unit_vectors.shape[1]
@@ -186,12 +171,9 @@ EPS = 1e-8  # norm floor of the cosine, as torch.nn.functional.cosine_similarity
 
 
 def query_norm(features: Tensor, rows: Axis, cols: Axis) -> Tensor:
-    """Norm of the upsampled features at every scoring pixel: M x C x h x w -> M x S_r x S_c.
-
-    With F_up(x, y) = sum_ij A[x, i] B[y, j] f_ij and at most two neighbouring rows (columns)
-    per pixel, |F_up|^2 needs only the Gram terms of neighbouring feature vectors (computed at
-    feature resolution), so nothing of size C x H x W is formed.
-    """
+    """Norm of the upsampled features at every scoring pixel: M x C x h x w -> M x S_r x S_c. With
+    F_up(x, y) = sum_ij A[x, i] B[y, j] f_ij and at most two neighbouring rows (columns) per pixel,
+    |F_up|^2 needs only Gram terms of neighbouring feature vectors: nothing of size C x H x W is formed."""
     if rows.identity and cols.identity:
         return features.norm(dim=1)
     f = features
@@ -207,8 +189,7 @@ def query_norm(features: Tensor, rows: Axis, cols: Axis) -> Tensor:
 
 # ---- votes: reductions over the cells covering each location ------------------------------
 def _by_rows(cell_values: Tensor, pad: float, rows: Axis) -> Tensor:
-    """B x Q x nr x nc x L x Lr x Lc -> B x Q x L x S_r x kr x (nc Lc): per scoring row, the
-    values of the (up to kr) row cells covering it; `pad` where fewer cells cover it."""
+    """B x Q x nr x nc x L x Lr x Lc -> B x Q x L x S_r x kr x (nc Lc): the row cells covering each row."""
     B, Q, nr, nc, L, Lr, Lc = cell_values.shape
     flat = cell_values.permute(0, 1, 4, 2, 5, 3, 6).reshape(B, Q, L, nr * Lr, nc * Lc)
     flat = F.pad(flat, (0, 0, 0, 1), value=pad)                 # pad slot: row nr * Lr
@@ -222,12 +203,9 @@ def _by_cols(values: Tensor, pad: float, cols: Axis) -> Tensor:
 
 
 def reduce_covering(cell_values: Tensor, pad: float, rows: Axis, cols: Axis, reduce) -> Tensor:
-    """`reduce(values, dim)` (torch.amax, torch.sum, ...) over the covering row cells, then columns.
-
-    cell_values B x Q x nr x nc x L x Lr x Lc -> B x Q x L x S_r x S_c. Slots are ordered by
-    decreasing cell index (slot 0: the last covering cell); `pad` (neutral for `reduce`) fills the
-    slots of locations covered by fewer cells.
-    """
+    """`reduce(values, dim)` (torch.amax, ...) over the covering row cells, then columns: B x Q x nr x nc x
+    L x Lr x Lc -> B x Q x L x S_r x S_c. Slot 0 is the last covering cell; `pad` (neutral for `reduce`)
+    fills the slots of locations covered by fewer cells."""
     return reduce(_by_cols(reduce(_by_rows(cell_values, pad, rows), 4), pad, cols), -1)
 
 

@@ -26,12 +26,10 @@ _IGNORE = 255
 # ---- the method, plainly (the reference the fast head equals) ------------------------------
 def official_cell_loop(support_features, support_fg, support_bg, query_features, image_size,
                        n_grid, overlap, vote, min_pixels=10, scale=20.0, dtype=torch.float64):
-    """Logits B x Q x (1 + N) x H x W, cell by cell in row-major order as the official code loops.
-
-    Shapes as `LocalPrototypeHead.forward`. <= min_pixels class pixels: a zero prototype (cosine 0,
-    the cell still votes); averages / (pixels + 1e-5); a way's prototype is the sum over shots / K,
-    the background's / (K * ways); the 'max' vote is a running maximum from -1.
-    """
+    """Logits B x Q x (1 + N) x H x W, cell by cell in row-major order as the official code loops (shapes
+    as `LocalPrototypeHead.forward`). <= min_pixels class pixels: a zero prototype (cosine 0, the cell
+    still votes); averages / (pixels + 1e-5); a way's prototype is the sum over shots / K, the
+    background's / (K * ways); the 'max' vote is a running maximum from -1."""
     B, N, K = support_features.shape[:3]
     H, W = image_size
 
@@ -70,11 +68,8 @@ def official_cell_loop(support_features, support_fg, support_bg, query_features,
 # ---- the vectorised head --------------------------------------------------------------------
 @dataclass
 class Prototypes:
-    """Prototypes of an episode batch (output of a head's `compute_prototypes`).
-
-    vectors  B x (1 + N) x n_rows x n_cols x C  local prototypes (class 0 = background)
-    image_size (H, W) and feature_size (h, w) of the support it was computed from.
-    """
+    """A head's `compute_prototypes`: vectors B x (1 + N) x n_rows x n_cols x C (class 0 = background),
+    image_size (H, W) and feature_size (h, w) of the support it was computed from."""
     vectors: Tensor
     image_size: tuple[int, int]
     feature_size: tuple[int, int]
@@ -103,8 +98,8 @@ VOTES = {"max": max_vote, "mean": mean_vote, "cover": cover_vote}
 
 
 def check_query_features(prototypes, query_features: Tensor) -> None:
-    """One-line error unless query_features B x Q x C x h x w fit the prototypes (vectors with batch 1 or
-    B and C channels last, computed on an h x w feature map): the local and the ALPNet head's check."""
+    """One line unless query_features B x Q x C x h x w fit the prototypes (batch 1 or B, C channels,
+    h x w feature map): the local and the ALPNet head's check."""
     Bq, Bp = query_features.shape[0], prototypes.vectors.shape[0]
     if query_features.dim() != 5 or tuple(query_features.shape[-2:]) != prototypes.feature_size \
             or query_features.shape[2] != prototypes.vectors.shape[-1] or Bp not in (1, Bq):
@@ -116,32 +111,22 @@ def check_query_features(prototypes, query_features: Tensor) -> None:
 class LocalPrototypeHead(nn.Module):
     """Local prototypes and voting (no parameters): the logits of `official_cell_loop`, fast.
 
-    forward(support_features B x N x K x C x h x w, support_fg B x N x K x H x W,
-            support_bg B x N x K x H x W, query_features B x Q x C x h x w, image_size (H, W))
-        -> logits B x Q x (1 + N) x H x W (channel 0 background).
-
-    resolution 'image' (the authors' semantics): the grid, the pixel counts and the scores live on
-    image pixels. Derivation: bilinear upsampling is linear and separable, F_up = A F B^T (A: H x h,
-    B: W x w, at most two nonzero weights per row), so on the pixels of a cell g
-      sum_g m F_up = <F, A_g^T m_g B_g>: the mask pulled back onto the cell's small feature
-                     window (grid.cell_sums);
-      p . F_up     = A_g (p . F) B_g^T: dot products on the window, upsampled onto the cell
-                     (grid.cell_cosines);
-      |F_up|^2     needs only Gram terms of neighbouring feature vectors (grid.query_norm);
-    and the vote over the (at most 2-3 per axis) cells covering a pixel is separable: over the
-    covering row cells, then the column cells (grid.reduce_covering). 'feature' (fast): the masks are
-    area-downsampled to the feature map (soft masks), the grid lives on feature cells, a cell's
-    pixel count is its soft mask sum times the image pixels per feature cell, and the logits are
-    bilinearly upsampled at the end. The head computes in float32 even under autocast.
+    forward(support_features B x N x K x C x h x w, support_fg / support_bg B x N x K x H x W,
+            query_features B x Q x C x h x w, image_size (H, W)) -> logits B x Q x (1 + N) x H x W.
+    resolution 'image' (the authors'): grid, pixel counts and scores on image pixels. With bilinear
+    upsampling F_up = A F B^T (at most two nonzero weights per row), on the pixels of a cell g
+      sum_g m F_up = <F, A_g^T m_g B_g>   the mask pulled back onto the cell's window (grid.cell_sums)
+      p . F_up     = A_g (p . F) B_g^T    dot products on the window, upsampled (grid.cell_cosines)
+      |F_up|^2     from Gram terms of neighbouring feature vectors (grid.query_norm)
+    and the vote over the covering cells is separable, rows then columns (grid.reduce_covering).
+    'feature' (fast): masks area-downsampled to the feature map (soft), the grid on feature cells, a
+    cell's pixel count = soft mask sum x image pixels per feature cell, logits upsampled at the end.
+    The head computes in float32 even under autocast.
     """
 
     def __init__(self, n_grid: int = 8, overlap: bool = True, vote: str = "max",
                  resolution: str = "image", min_pixels: float = 10, scale: float = 20.0):
         super().__init__()
-        # validated by the config check (training/config_check.py) before any model is built
-        assert isinstance(n_grid, int) and n_grid >= 1 and vote in VOTES and resolution in RESOLUTIONS, \
-            (n_grid, vote, resolution)
-        assert min_pixels >= 0 and scale > 0, (min_pixels, scale)
         self.n_grid, self.overlap, self.vote = n_grid, overlap, vote
         self.resolution, self.min_pixels, self.scale = resolution, float(min_pixels), float(scale)
 
@@ -152,9 +137,6 @@ class LocalPrototypeHead(nn.Module):
     def forward(self, support_features: Tensor, support_fg: Tensor, support_bg: Tensor,
                 query_features: Tensor, image_size: tuple[int, int]) -> Tensor:
         check_episode(support_features, support_fg, support_bg, image_size)
-        if query_features.dim() != 5 or query_features.shape[0] != support_features.shape[0]:
-            raise UserError(f"query_features: shape {tuple(query_features.shape)}: expected "
-                            f"B x Q x C x h x w with B = {support_features.shape[0]} as the support")
         prototypes = self.compute_prototypes(support_features, support_fg, support_bg, image_size)
         return self.score(prototypes, query_features)
 
@@ -190,10 +172,8 @@ class LocalPrototypeHead(nn.Module):
             return Prototypes(total / divisor.view(1, -1, 1, 1, 1), tuple(image_size), (h, w))
 
     def score(self, prototypes: Prototypes, query_features: Tensor) -> Tensor:
-        """Logits B x Q x (1 + N) x H x W of query features B x Q x C x h x w.
-
-        Prototypes with batch 1 are broadcast over a larger query batch.
-        """
+        """Logits B x Q x (1 + N) x H x W of query features B x Q x C x h x w (prototype batch 1
+        broadcasts)."""
         check_query_features(prototypes, query_features)
         with torch.autocast(query_features.device.type, enabled=False):
             query = query_features.float()
@@ -210,11 +190,9 @@ class LocalPrototypeHead(nn.Module):
 
     def alignment_loss(self, prototypes: Prototypes, query_logits: Tensor, query_features: Tensor,
                        support_features: Tensor, support_fg: Tensor, support_bg: Tensor) -> Tensor:
-        """This project's alignment loss on the local head (PANet's idea, not its exact rule): the
-        argmax of the query logits B x Q x (1 + N) x H x W builds local prototypes from the query
-        features B x Q x C x h x w (queries as the shots of every way); support image (n, k) is
-        scored against the background and way n; cross-entropy on its labelled pixels, averaged.
-        """
+        """This project's alignment loss (PANet's idea, not its rule): the argmax of the query logits
+        builds local prototypes from the query features (queries as the shots of every way); support
+        image (n, k) is scored against the background and way n; cross-entropy on its labelled pixels."""
         B, N, K = support_features.shape[:3]
         H, W = query_logits.shape[-2:]
         pred = query_logits.argmax(dim=2)                           # B x Q x H x W

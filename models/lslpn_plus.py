@@ -1,9 +1,7 @@
-"""LSLPN+: options on the local head beyond the paper (all off by default; docs/lslpn_plus.md).
-
-Multi-scale grids (`grids`, fused by `grid_fusion`) and query-informed prototypes (`query_rounds`,
-`query_weight`, `query_confidence`): docs/method.md, "LSLPN+ head options". Neither has parameters.
-`LSLPNPlusHead` has the interface of the other heads; with grids [n_grid] and query_rounds 0 it
-returns exactly the plain head's logits.
+"""LSLPN+: options on the local head beyond the paper, off by default, without parameters: multi-scale
+grids (`grids`, `grid_fusion`) and query-informed prototypes (`query_rounds`, `query_weight`,
+`query_confidence`); docs/method.md, "LSLPN+ head options", and docs/lslpn_plus.md. With grids [n_grid]
+and query_rounds 0 `LSLPNPlusHead` returns exactly the plain head's logits.
 """
 from __future__ import annotations
 
@@ -43,8 +41,8 @@ def fuse(logits: list[Tensor], fusion: str) -> Tensor:
 
 
 def query_masks(logits: Tensor, confidence: float) -> Tensor:
-    """Confident class masks B x Q x L x H x W (float 0/1) of logits B x Q x L x H x W: pixel of class c
-    when c is its argmax and its softmax probability is >= confidence."""
+    """Class masks B x Q x L x H x W (float 0/1) of logits B x Q x L x H x W: c where c is the argmax and
+    its softmax probability >= confidence."""
     probability = logits.float().softmax(dim=2)
     top, predicted = probability.max(dim=2)                          # B x Q x H x W
     classes = torch.arange(logits.shape[2], device=logits.device).view(1, 1, -1, 1, 1)
@@ -52,8 +50,8 @@ def query_masks(logits: Tensor, confidence: float) -> Tensor:
 
 
 def mix_prototypes(support: Tensor, own: Tensor, weight: float) -> Tensor:
-    """(1 - w) u_support + w u_own in the cells where the query has a prototype (a nonzero vector),
-    u_support elsewhere; u = unit vector (a zero vector stays zero). Shapes ... x C."""
+    """(1 - w) u_support + w u_own where the query has a (nonzero) prototype, else u_support; u: unit
+    vectors (zero stays zero), shapes ... x C."""
     unit_support = F.normalize(support, dim=-1, eps=grid.EPS)
     unit_own = F.normalize(own, dim=-1, eps=grid.EPS)
     present = own.abs().sum(dim=-1, keepdim=True) > 0
@@ -61,18 +59,12 @@ def mix_prototypes(support: Tensor, own: Tensor, weight: float) -> Tensor:
 
 
 class LSLPNPlusHead(nn.Module):
-    """Local prototype heads at several grid scales, fused, with query-informed prototype rounds.
-
-    heads: one `LocalPrototypeHead` per grid scale (same vote, resolution, min_pixels and scale).
-    Shapes as LocalPrototypeHead.forward; logits B x Q x (1 + N) x H x W.
-    """
+    """Local prototype heads at several grid scales (`heads`: same vote, resolution, min_pixels and
+    scale), fused, with query-informed prototype rounds; shapes as LocalPrototypeHead's."""
 
     def __init__(self, heads: list[LocalPrototypeHead], fusion: str = "mean", query_rounds: int = 0,
                  query_weight: float = 0.5, query_confidence: float = 0.0):
         super().__init__()
-        # validated by the config check (training/config_check.py) before any model is built
-        assert heads and fusion in FUSIONS and query_rounds >= 0 and 0 <= query_weight <= 1 \
-            and 0 <= query_confidence <= 1, (fusion, query_rounds, query_weight, query_confidence)
         self.heads = nn.ModuleList(heads)
         self.fusion, self.query_rounds = fusion, int(query_rounds)
         self.query_weight, self.query_confidence = float(query_weight), float(query_confidence)

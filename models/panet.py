@@ -1,9 +1,7 @@
-"""PANet's global-prototype head and its prototype alignment loss (Wang et al., ICCV 2019), as
-PANet's official code (kaixin96/PANet, models/fewshot.py) computes them: masked average pooling of
-the upsampled support features, sum(F_up m) / (sum(m) + 1e-5), computed as <F, A^T m B> without
-forming F_up; a way's prototype is the mean over its shots, the background's over ways and shots;
-scale x cosine at FEATURE resolution, then the logits upsampled (align_corners=False). Alignment
-loss: `PANetHead.alignment_loss` (docs/method.md, "Prototype alignment").
+"""PANet's global-prototype head and its alignment loss (Wang et al., ICCV 2019), as kaixin96/PANet
+computes them: masked average pooling of the upsampled support features, sum(F_up m) / (sum(m) + 1e-5),
+as <F, A^T m B> without forming F_up; scale x cosine at FEATURE resolution, then the logits upsampled.
+docs/method.md, "Prototype alignment".
 """
 from __future__ import annotations
 
@@ -14,13 +12,12 @@ from torch import Tensor, nn
 from models.grid import EPS, interpolation_matrix
 from models.local_prototypes import Prototypes
 
-IGNORE = 255
-MEAN_EPS = 1e-5
+IGNORE = 255      # label of pixels in neither mask (also SSL-ALPNet's)
+MEAN_EPS = 1e-5   # masked average: sum(F m) / (sum(m) + 1e-5) (also SSL-ALPNet's)
 
 
 class PANetHead(nn.Module):
-    """Global prototypes (no parameters); the same interface as LocalPrototypeHead (vectors
-    B x (1 + N) x 1 x 1 x C: one cell)."""
+    """Global prototypes (no parameters), LocalPrototypeHead's interface with one cell."""
 
     def __init__(self, scale: float = 20.0):
         super().__init__()
@@ -31,8 +28,7 @@ class PANetHead(nn.Module):
 
     def compute_prototypes(self, support_features: Tensor, support_fg: Tensor, support_bg: Tensor,
                            image_size: tuple[int, int]) -> Prototypes:
-        """support_features B x N x K x C x h x w, masks B x N x K x H x W -> Prototypes
-        (vectors B x (1 + N) x 1 x 1 x C)."""
+        """Features B x N x K x C x h x w, masks B x N x K x H x W -> vectors B x (1+N) x 1 x 1 x C."""
         with torch.autocast(support_features.device.type, enabled=False):
             feats = support_features.float()
             B, N, K, C, h, w = feats.shape
@@ -61,12 +57,9 @@ class PANetHead(nn.Module):
 
     def alignment_loss(self, prototypes: Prototypes, query_logits: Tensor, query_features: Tensor,
                        support_features: Tensor, support_fg: Tensor, support_bg: Tensor) -> Tensor:
-        """PANet's PAR per episode (its alignLoss), averaged over the batch; docs/method.md.
-
-        The query prediction is the argmax of the FEATURE-resolution scores (query_logits unused);
-        a way with an empty prediction is skipped; the loss is the sum over ways and shots / (K * N);
-        an image with no labelled pixel adds 0 (PANet would give NaN).
-        """
+        """PANet's alignLoss per episode, averaged over the batch: the query prediction is the argmax of
+        the FEATURE-resolution scores (query_logits unused); a way with an empty prediction is skipped;
+        sum over ways and shots / (K * N); an image with no labelled pixel adds 0 (PANet: NaN)."""
         with torch.autocast(query_features.device.type, enabled=False):
             B, N, K, C, h, w = support_features.shape
             H, W = support_fg.shape[-2:]
@@ -87,9 +80,8 @@ class PANetHead(nn.Module):
 
 
 def support_cross_entropy(scores: Tensor, support_fg: Tensor, support_bg: Tensor) -> Tensor:
-    """Mean cross-entropy per support image of the alignment step: scores B x N x K x 2 x h x w
-    (background, the way's foreground) upsampled bilinearly to the masks' B x N x K x H x W; pixels in
-    neither mask are ignored. Returns B x N x K."""
+    """Mean cross-entropy B x N x K per support image of scores B x N x K x 2 x h x w (background, way)
+    upsampled to the masks' B x N x K x H x W; pixels in neither mask are ignored."""
     B, N, K, H, W = support_fg.shape
     logits = F.interpolate(scores.flatten(0, 2), size=(H, W), mode="bilinear", align_corners=False)
     label = torch.full((B, N, K, H, W), IGNORE, dtype=torch.long, device=logits.device)

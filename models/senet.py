@@ -1,9 +1,8 @@
 """SENet few-shot segmentation (Roy et al., MedIA 2020): the comparison method of the paper's Table 1.
 
-Two arms as the released code (conditioner on support + mask, segmenter on the query; 4 encoder
-blocks, bottleneck, 4 decoder blocks) joined by 9 channel-squeeze & spatial-excitation gates; the
-layout, `official_bug` and k-shot rule are in docs/method.md, "SENet". 1-way only. The interface is
-FewShotSegNet's: forward -> (logits, 0), encode_support -> SupportGates, segment(gates, queries).
+Two arms as the released code (conditioner on support + mask, segmenter on the query) joined by 9
+squeeze & excitation gates; layout, `official_bug` and k-shot rule: docs/method.md, "SENet". 1-way
+only; FewShotSegNet's interface (forward, encode_support -> SupportGates, segment).
 """
 from __future__ import annotations
 
@@ -113,18 +112,14 @@ class Segmenter(nn.Module):
 
 @dataclass
 class SupportGates:
-    """What `encode_support` hands to `segment`: the 9 gates, each B x 1 x h x w, and the image size."""
+    """`encode_support`'s output: the 9 gates, each B x 1 x h x w, and the image size."""
     gates: tuple[Tensor, ...]
     image_size: tuple[int, int]
 
 
 class SENet(nn.Module):
-    """Few-shot segmenter with a conditioner arm (see the module docstring).
-
-    forward(support_images B x 1 x K x 1 x H x W, support_fg B x 1 x K x H x W,
-            support_bg B x 1 x K x H x W, query_images B x Q x 1 x H x W)
-        -> (logits B x Q x 2 x H x W, zero aux loss)
-    """
+    """forward(support_images B x 1 x K x 1 x H x W, support_fg and support_bg B x 1 x K x H x W,
+    query_images B x Q x 1 x H x W) -> (logits B x Q x 2 x H x W, zero aux loss)."""
 
     def __init__(self, official_bug: bool = False):
         super().__init__()
@@ -145,11 +140,8 @@ class SENet(nn.Module):
     # ---- evaluation API ---------------------------------------------------------------------
     def encode_support(self, support_images: Tensor, support_fg: Tensor,
                        support_bg: Tensor | None = None) -> SupportGates:
-        """Gates of support images B x 1 x K x 1 x H x W with foreground masks B x 1 x K x H x W.
-
-        support_bg is accepted for the shared interface and unused (the conditioner sees the
-        foreground mask only). K shots: gates averaged over the shots.
-        """
+        """Gates of support images B x 1 x K x 1 x H x W with foreground masks B x 1 x K x H x W, averaged
+        over the K shots (support_bg unused: the conditioner sees the foreground mask only)."""
         _check_support(support_images, support_fg)
         B, _, K, _, H, W = support_images.shape
         inputs = torch.cat([support_images[:, 0], support_fg[:, 0, :, None].to(support_images.dtype)],
@@ -207,11 +199,8 @@ IGNORE_LABEL = 255
 
 
 def dice_loss(probabilities: Tensor, labels: Tensor, eps: float = DICE_EPS) -> Tensor:
-    """SENet's Dice loss: mean over classes c of 1 - 2 sum(p_c g_c) / (sum(p_c + g_c) + eps).
-
-    probabilities M x C x H x W, labels M x H x W (int, 0..C-1); sums over batch and pixels.
-    Pixels labelled 255 take no part (as the training's cross-entropy ignore_index).
-    """
+    """SENet's Dice loss, mean over classes c of 1 - 2 sum(p_c g_c) / (sum(p_c + g_c) + eps), sums over
+    batch and pixels: probabilities M x C x H x W, labels M x H x W (0..C-1; 255 takes no part)."""
     labels = labels.long()
     valid = (labels != IGNORE_LABEL).unsqueeze(1).to(probabilities.dtype)  # M x 1 x H x W
     target = F.one_hot(labels.where(labels != IGNORE_LABEL, 0), probabilities.shape[1])
@@ -224,9 +213,8 @@ def dice_loss(probabilities: Tensor, labels: Tensor, eps: float = DICE_EPS) -> T
 
 
 def senet_loss(logits: Tensor, labels: Tensor, double_softmax: bool = False) -> Tensor:
-    """Dice loss on softmax(logits); double_softmax=True applies softmax twice as the official
-    training did (Softmax2d in the model, F.softmax before the loss). logits B x Q x 2 x H x W,
-    labels B x Q x H x W."""
+    """Dice loss on softmax(logits B x Q x 2 x H x W), labels B x Q x H x W; double_softmax applies it
+    twice as the official training did (Softmax2d in the model, F.softmax before the loss)."""
     probabilities = torch.softmax(logits.float().flatten(0, 1), dim=1)  # BQ x 2 x H x W
     if double_softmax:
         probabilities = torch.softmax(probabilities, dim=1)

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from config import ex
-from models.factory import check_model_config
+from models.fewshot import check_model_config
 from training.config_check import OPEN_MAPPINGS, SCHEMA, check_run_config, methods_of
 from util.errors import UserError
 from util.options import nearest_key, sections_of
@@ -159,7 +159,7 @@ def test_the_largest_n_grid_the_schema_accepts_runs_through_the_model():
     """The n_grid rule (input_size // output stride) never refuses a grid the head can run."""
     import torch
 
-    from models.factory import build_model
+    from models.fewshot import build_model
     config = resolve(["tiny"], model={"n_grid": 16})
     check_run_config(config)
     model = build_model(dict(config["model"])).eval()

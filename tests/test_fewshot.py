@@ -84,7 +84,7 @@ def test_autocast_bfloat16():
     assert logits.dtype == torch.float32 and torch.isfinite(logits).all()
 
 
-def test_config_errors_are_the_schemas_and_the_model_trusts_its_options():
+def test_config_errors_are_the_schemas():
     from sacred.initialize import create_run
 
     from config import ex
@@ -100,9 +100,6 @@ def test_config_errors_are_the_schemas_and_the_model_trusts_its_options():
         config = {**run_config, "model": {**run_config["model"], **kwargs}}
         with pytest.raises(UserError, match=message):
             check_run_config(config)
-        if "pretrained" not in kwargs:
-            with pytest.raises((AssertionError, UserError)):   # what passed the schema is trusted: asserts
-                _model(**kwargs)
 
 
 def test_bad_input():
@@ -144,7 +141,7 @@ def test_training_after_inference_mode_at_the_same_size():
 
 
 def test_the_schema_checks_model_options_naming_the_key():
-    from models.factory import check_model_config
+    from models.fewshot import check_model_config
     check_model_config({"encoder": "vgg16", "n_grid": 8, "pretrained": True})
     check_model_config(_model().config)                         # what a snapshot stores passes
     for cfg, message in (({"align_weight": -1}, "model.align_weight = -1"),

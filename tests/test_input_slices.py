@@ -292,7 +292,7 @@ def test_encoders_take_a_3_slice_stack_and_a_1_slice_model_is_unchanged():
 
 def test_snapshots_store_input_slices(tmp_path):
     from models.checkpoint import model_from_checkpoint, save_checkpoint
-    from models.factory import model_input_slices
+    from models.fewshot import model_input_slices
     three = FewShotSegNet("cnn_small", n_grid=4, input_slices=3)
     save_checkpoint(str(tmp_path / "three.pth"), {"model": three.state_dict(), "model_config": three.config})
     loaded, state = model_from_checkpoint(str(tmp_path / "three.pth"))

@@ -11,8 +11,7 @@ import torch
 import torch.nn.functional as F
 from conftest import resolve_config
 
-from models.factory import check_model_config, with_head_options
-from models.fewshot import FewShotSegNet, local_head
+from models.fewshot import FewShotSegNet, check_model_config, local_head, with_head_options
 from models.local_prototypes import MEAN_EPS, LocalPrototypeHead, grid_cells, official_cell_loop
 from models.lslpn_plus import LSLPNPlusHead, fuse, mix_prototypes
 from util.errors import UserError

@@ -229,8 +229,7 @@ def model_with(snapshot, options: dict, device: str):
     """(model in eval mode with the option set's head options, its input size); the set's other options
     (test-time adaptation, training options) are not the head's."""
     from evaluation.evaluate import load_snapshot
-    from models.factory import with_head_options
-    from models.fewshot import PLUS_DEFAULTS
+    from models.fewshot import PLUS_DEFAULTS, with_head_options
     model, info = load_snapshot(snapshot, device)
     head = {k: v for k, v in options.items() if k in PLUS_DEFAULTS}
     if head:

@@ -1,6 +1,6 @@
 """Validate a resolved Sacred config before anything runs: `check_config(config, command)`, once per
 command (train.py, test.py). It assembles the options each component declares (the run's own here,
-model.* from models/factory.py, selfsup.* from dataloaders/selfsup_episodes.py, eval.* from
+model.* from models/fewshot.py, selfsup.* from dataloaders/selfsup_episodes.py, eval.* from
 evaluation/protocols.py), checks them with util/options.py, then the rules between keys and the facts on
 disk the command needs (prepared data, files named, training classes, validation volumes, neighbour
 slices, eval.support). Every error is one line (`UserError`); models and loaders trust what passed.
@@ -18,7 +18,7 @@ from dataloaders.selfsup_episodes import SELFSUP_OPTIONS
 from dataloaders.superpixels import read_superpixel_meta
 from evaluation.protocols import EVAL_OPTIONS
 from models.encoders import IMAGENET_WEIGHTS
-from models.factory import MODEL_OPTIONS, SENET, check_model_rules
+from models.fewshot import MODEL_OPTIONS, SENET, check_model_rules
 from util.device import resolve_device
 from util.errors import UserError
 from util.io import check_writable_folder

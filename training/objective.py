@@ -17,8 +17,8 @@ from torch import Tensor
 
 from models.alpnet_head import query_loss as alpnet_query_loss
 from models.boundary_loss import boundary_loss
-from models.factory import SENET, method_of
-from models.factory import build_model as _build
+from models.fewshot import SENET, method_of
+from models.fewshot import build_model as _build
 from models.senet import senet_loss
 from util.errors import UserError
 
@@ -37,7 +37,7 @@ def model_config(cfg: Mapping) -> dict:
 
 
 def build_model(cfg: Mapping) -> torch.nn.Module:
-    """The run's model (models/factory.py), on the CPU."""
+    """The run's model (models/fewshot.py), on the CPU."""
     return _build(model_config(cfg), cfg["path"]["init_path"])
 
 
