@@ -229,8 +229,7 @@ def _resume(t: Trainer, defaults: Mapping):
 
 
 def _episode_loader(cfg: Mapping, dist: Distributed, device: torch.device, start_step: int) -> DataLoader:
-    """Episodes from `start_step` on: a function of (seed, index), sharded per step across ranks;
-    organ slices ('labels') or superpixels, model.input_slices channels per image."""
+    """Episodes from `start_step` on (a function of (seed, index)), sharded per step across ranks."""
     sampler = StepBatchSampler(start_step, cfg["n_steps"], cfg["batch_size"], dist.rank, dist.world_size)
     input_slices = int(cfg["model"].get("input_slices", 1))
     if cfg["episodes"] == "superpixels":
@@ -283,23 +282,18 @@ def _log_step(t: Trainer, bar: tqdm, meter: StepMeter, loss: float, lr: float) -
 
 def _weights_finite(model: torch.nn.Module) -> bool:
     """Every floating-point parameter and buffer is finite (one device sync)."""
-    tensors = [t for t in model.state_dict().values() if t.is_floating_point()]
-    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all()) if tensors else True
+    return bool(torch.stack([torch.isfinite(t).all() for t in model.state_dict().values()
+                             if t.is_floating_point()] or [torch.tensor(True)]).all())
 
 
 def _divergence_error(cfg: Mapping, dist: Distributed, step: int, what: str,
                       last_saved: tuple[str, int] | None) -> UserError:
     """The one line for a run whose loss or weights stopped being finite: the step, the fix, what stays."""
-    fixes = [f"lower lr (now {cfg['lr']:g})"]
-    if cfg["grad_clip"] <= 0:
-        fixes.append("set grad_clip (e.g. 1.0)")
-    if cfg["amp"]:
-        fixes.append("turn amp off")
-    if last_saved is not None:
-        kept = f"{last_saved[0]} (step {last_saved[1]}) stays the last good checkpoint"
-    else:
-        kept = ("no checkpoint of this run was written" if dist.is_main
-                else "rank 0 keeps its last good checkpoint")
+    fixes = [f"lower lr (now {cfg['lr']:g})", *["set grad_clip (e.g. 1.0)"] * (cfg["grad_clip"] <= 0),
+             *["turn amp off"] * bool(cfg["amp"])]
+    kept = (f"{last_saved[0]} (step {last_saved[1]}) stays the last good checkpoint" if last_saved else
+            "no checkpoint of this run was written" if dist.is_main else
+            "rank 0 keeps its last good checkpoint")
     return UserError(f"training diverged at step {step} ({what}): {', '.join(fixes[:-1])}"
                      f"{' or ' if len(fixes) > 1 else ''}{fixes[-1]}; {kept}")
 
@@ -351,9 +345,8 @@ def _finish(t: Trainer, meter: StepMeter, start_step: int) -> dict:
 
 
 class StepMeter:
-    """Wall time per step (from asking the loader for a batch to `loss.item()`) and the share of it spent
-    waiting for data (above ~10% on a GPU the loader starves it: raise num_workers). Logging, validation
-    and checkpoints between steps are not timed; the first step (warm-up) is left out of the summary."""
+    """Wall time per step (asking the loader for a batch .. `loss.item()`) and the share spent waiting for
+    data (above ~10% on a GPU: raise num_workers); work between steps is not timed (`restart`)."""
 
     def __init__(self, clock: Callable[[], float] = time.perf_counter) -> None:
         self._clock, self._tic = clock, clock()
@@ -362,7 +355,6 @@ class StepMeter:
         self._losses: list[float] = []         # of the steps since the last window()
 
     def restart(self) -> None:
-        """The next step starts now (call after the untimed work that follows a step)."""
         self._tic = self._clock()
 
     def batch_arrived(self) -> None:
