@@ -27,12 +27,8 @@ from util.device import autocast, resolve_device  # noqa: E402
 
 @ex.config_hook
 def attach_test_observer(config, command_name, logger):
-    """Check the config (once: training/config_check.py), then store this
-    command's runs under path.log_dir/test.
-
-    Runs before the observers start, so bad input ends as one line without an empty run folder, and
-    before Sacred's own key checks: a typo such as eval.snapshot is refused here, naming eval.snapshots.
-    """
+    """Check the config once (training/config_check.py: before the observers start and before Sacred's own
+    key checks, so eval.snapshot is refused naming eval.snapshots), then store runs in path.log_dir/test."""
     ex.observers[:] = [o for o in ex.observers if not getattr(o, "lslpn_test", False)]
     if command_name == "evaluate_snapshots":
         check_config(config, "test")
@@ -44,14 +40,9 @@ def attach_test_observer(config, command_name, logger):
 
 @ex.main
 def evaluate_snapshots(_config, _run, fold, label_sets, input_size, device, amp, path, eval):  # noqa: A002
-    """Run evaluation.evaluate.evaluate for the mask-copy baseline and every eval.snapshots entry.
-
-    `eval` is a captured argument so that Sacred accepts new keys inside eval.snapshots given on the
-    command line (`'eval.snapshots={"LSLPN": "runs/.../best.pth"}'`) instead of raising ConfigAddedError;
-    every other new key under eval was refused by the config check (config.run_sacred drops Sacred's
-    warning for the eval.snapshots entries).
-    `amp` (as in training) runs the models' forward passes under autocast.
-    """
+    """Evaluate the mask-copy baseline and every eval.snapshots entry (`amp`: forward passes under autocast).
+    `eval` is captured so that Sacred accepts the new keys inside eval.snapshots (the config check refused
+    every other new key under eval)."""
     settings = eval
     # The snapshot decides its input size; input_size set by the user (command line or a named config)
     # overrides it, with a warning when the two differ (models.checkpoint.model_input).

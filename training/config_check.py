@@ -1,9 +1,8 @@
-"""Validate a resolved Sacred config before anything runs: `check_config(config, command)`, once per
-command (train.py, test.py). It assembles the options each component declares (the run's own here,
-model.* from models/fewshot.py, selfsup.* from dataloaders/selfsup_episodes.py, eval.* from
-evaluation/protocols.py), checks them with util/options.py, then the rules between keys and the facts on
-disk the command needs (prepared data, files named, training classes, validation volumes, neighbour
-slices, eval.support). Every error is one line (`UserError`); models and loaders trust what passed.
+"""Validate a resolved Sacred config once, before anything runs: `check_config(config, command)`.
+
+The run's own options are declared here; model.*, selfsup.*, senet.* and eval.* by their owners
+(models/fewshot.py, dataloaders/selfsup_episodes.py, training/objective.py, evaluation/protocols.py).
+Then the rules between keys and the facts on disk the command needs. Every error is one line.
 """
 from __future__ import annotations
 
@@ -12,6 +11,7 @@ import shlex
 from pathlib import Path
 from typing import Mapping
 
+from dataloaders.layouts import NIFTI_SUFFIXES
 from dataloaders.organs import FOLD_ORGANS, INDEX_TO_NAME, organ_index, training_classes
 from dataloaders.prepared import check_training_neighbours, list_volumes, read_meta, read_slice_index
 from dataloaders.selfsup_episodes import SELFSUP_OPTIONS
@@ -19,6 +19,7 @@ from dataloaders.superpixels import read_superpixel_meta
 from evaluation.protocols import EVAL_OPTIONS
 from models.encoders import IMAGENET_WEIGHTS
 from models.fewshot import MODEL_OPTIONS, SENET, check_model_rules
+from training.objective import SENET_OPTIONS
 from util.device import resolve_device
 from util.errors import UserError
 from util.io import check_writable_folder
@@ -69,12 +70,6 @@ RUN_OPTIONS: dict[str, Option] = {
     "augment.contrast": Option(PAIR, 0, low_open=True),
     "augment.gamma": Option(PAIR, 0, low_open=True),
     "episodes": choice("labels", "superpixels"),
-    "senet.official_bug": Option(BOOL),
-    "senet.double_softmax": Option(BOOL),
-    "senet.epochs": integer(1, example="20"),
-    "senet.lr_step_epochs": integer(1, example="10"),
-    "senet.gamma_segmenter": number(0, 1, low_open=True, example="0.1"),
-    "senet.gamma_conditioner": number(0, 1, low_open=True, example="0.001"),
     "path.data_dir": Option(TEXT),
     "path.init_path": Option(FILE, nullable=True),
     "path.init_from": Option(FILE, nullable=True),
@@ -86,9 +81,10 @@ RUN_OPTIONS: dict[str, Option] = {
     "resume": Option(BOOL),
 }
 # Every key of config.py: the run's, then each owner's section.
-SCHEMA: dict[str, Option] = {**RUN_OPTIONS, **{f"model.{k}": o for k, o in MODEL_OPTIONS.items()},
-                             **{f"selfsup.{k}": o for k, o in SELFSUP_OPTIONS.items()},
-                             **{f"eval.{k}": o for k, o in EVAL_OPTIONS.items()}}
+OWNED = {"model": MODEL_OPTIONS, "selfsup": SELFSUP_OPTIONS, "senet": SENET_OPTIONS, "eval": EVAL_OPTIONS}
+SCHEMA: dict[str, Option] = {**RUN_OPTIONS, **{f"{section}.{key}": option
+                                               for section, options in OWNED.items()
+                                               for key, option in options.items()}}
 # Mappings whose entries the user names (method name -> checkpoint): their keys are not config keys.
 OPEN_MAPPINGS = tuple(key for key, option in SCHEMA.items() if option.kind == SNAPSHOTS)
 LSLPN, PANET, SELFSUP = "lslpn", "panet", "selfsup"
@@ -121,9 +117,6 @@ def check_run_config(config: Mapping) -> None:
                    "(a superpixel)", "set n_ways=1")
 
 
-NIFTI_SUFFIXES = (".nii", ".nii.gz")
-
-
 def fold_training_classes(config: Mapping) -> list[int]:
     """Training label indices of the configured fold: never one of its test organs (label_sets)."""
     fold = config["fold"]
@@ -131,11 +124,17 @@ def fold_training_classes(config: Mapping) -> list[int]:
     return [c for c in training_classes(fold, config["class_setting"]) if c not in held_out]
 
 
-def labeled_validation(config: Mapping) -> bool:
-    """path.data_dir has the >= 2 labeled held-out volumes that validation needs (a support and a query)."""
+def _held_out(config: Mapping, split: str) -> tuple[int, bool]:
+    """(volumes of `split` in path.data_dir's meta.json, whether validation on them can run: >= 2, a support
+    and a query, and volumes/<split> present)."""
     data_dir = config["path"]["data_dir"]
-    val = read_meta(data_dir, "path.data_dir").get("splits", {}).get("val", [])
-    return len(val) >= 2 and os.path.isdir(os.path.join(data_dir, "volumes", "val"))
+    count = len(read_meta(data_dir, "path.data_dir").get("splits", {}).get(split, []))
+    return count, count >= 2 and os.path.isdir(os.path.join(data_dir, "volumes", split))
+
+
+def labeled_validation(config: Mapping) -> bool:
+    """path.data_dir has the labeled held-out volumes that validation needs."""
+    return _held_out(config, "val")[1]
 
 
 def check_organ_names(config: Mapping) -> None:
@@ -213,11 +212,6 @@ def check_world_size(config: Mapping) -> None:
                    f"use a multiple of {world_size}")
 
 
-def check_selfsup_data(config: Mapping) -> None:
-    """Self-supervised episodes: PREP/superpixels present (the one-line error names make_superpixels.py)."""
-    read_superpixel_meta(config["path"]["data_dir"])
-
-
 def check_training_data(config: Mapping) -> None:
     """The fold has enough training classes with slices; validation volumes exist when needed; with
     model.input_slices=3 the training volumes' neighbour slices are stored."""
@@ -227,7 +221,7 @@ def check_training_data(config: Mapping) -> None:
         check_training_neighbours(data_dir, [str(pid) for pid in meta.get("splits", {}).get("train", [])],
                                   "path.data_dir")
     if config["episodes"] == "superpixels":
-        check_selfsup_data(config)   # validation is optional there (off without labeled volumes)
+        read_superpixel_meta(data_dir)   # its error names make_superpixels.py; validation is optional there
         return
     index = read_slice_index(data_dir, "path.data_dir")
     classes = fold_training_classes(config)
@@ -239,18 +233,15 @@ def check_training_data(config: Mapping) -> None:
             f"fold {config['fold']} ({config['class_setting']}): {len(usable)} of its training classes "
             f"({names}) have >= {need} slices in {data_dir}/index.json, {config['n_ways']}-way episodes "
             "need that many: use class_setting='all_structures', another fold, or data with these organs")
-    if config["val_every"] > 0 and config["val_split"] == "val":
-        val = meta.get("splits", {}).get("val", [])
-        if len(val) < 2 or not os.path.isdir(os.path.join(data_dir, "volumes", "val")):
-            raise UserError(f"path.data_dir '{data_dir}' has {len(val)} held-out validation volumes "
-                            "(volumes/val), validation needs 2 (a support and a query): re-prepare with "
-                            "--n-val 2 or more, or set val_every=0 to train without validation")
-    if config["val_every"] > 0 and config["val_split"] == "gold":
-        gold = meta.get("splits", {}).get("gold", [])
-        if len(gold) < 2 or not os.path.isdir(os.path.join(data_dir, "volumes", "gold")):
-            raise UserError(f"val_split='gold': path.data_dir '{data_dir}' has {len(gold)} gold volumes "
-                            "(volumes/gold), selection on them needs 2: use val_split='val' or prepared gold "
-                            "volumes")
+    count, enough = _held_out(config, config["val_split"])
+    if config["val_every"] > 0 and not enough and config["val_split"] == "val":
+        raise UserError(f"path.data_dir '{data_dir}' has {count} held-out validation volumes "
+                        "(volumes/val), validation needs 2 (a support and a query): re-prepare with "
+                        "--n-val 2 or more, or set val_every=0 to train without validation")
+    if config["val_every"] > 0 and not enough:
+        raise UserError(f"val_split='gold': path.data_dir '{data_dir}' has {count} gold volumes "
+                        "(volumes/gold), selection on them needs 2: use val_split='val' or prepared gold "
+                        "volumes")
 
 
 def check_snapshot_files(config: Mapping) -> None:

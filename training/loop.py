@@ -229,8 +229,7 @@ def _resume(t: Trainer, defaults: Mapping):
 
 
 def _episode_loader(cfg: Mapping, dist: Distributed, device: torch.device, start_step: int) -> DataLoader:
-    """Episodes from `start_step` on: a function of (seed, index), sharded per step across ranks;
-    organ slices ('labels') or superpixels, model.input_slices channels per image."""
+    """Episodes from `start_step` on (a function of (seed, index)), sharded per step across ranks."""
     sampler = StepBatchSampler(start_step, cfg["n_steps"], cfg["batch_size"], dist.rank, dist.world_size)
     input_slices = int(cfg["model"].get("input_slices", 1))
     if cfg["episodes"] == "superpixels":
@@ -283,23 +282,18 @@ def _log_step(t: Trainer, bar: tqdm, meter: StepMeter, loss: float, lr: float) -
 
 def _weights_finite(model: torch.nn.Module) -> bool:
     """Every floating-point parameter and buffer is finite (one device sync)."""
-    tensors = [t for t in model.state_dict().values() if t.is_floating_point()]
-    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all()) if tensors else True
+    return bool(torch.stack([torch.isfinite(t).all() for t in model.state_dict().values()
+                             if t.is_floating_point()] or [torch.tensor(True)]).all())
 
 
 def _divergence_error(cfg: Mapping, dist: Distributed, step: int, what: str,
                       last_saved: tuple[str, int] | None) -> UserError:
     """The one line for a run whose loss or weights stopped being finite: the step, the fix, what stays."""
-    fixes = [f"lower lr (now {cfg['lr']:g})"]
-    if cfg["grad_clip"] <= 0:
-        fixes.append("set grad_clip (e.g. 1.0)")
-    if cfg["amp"]:
-        fixes.append("turn amp off")
-    if last_saved is not None:
-        kept = f"{last_saved[0]} (step {last_saved[1]}) stays the last good checkpoint"
-    else:
-        kept = ("no checkpoint of this run was written" if dist.is_main
-                else "rank 0 keeps its last good checkpoint")
+    fixes = [f"lower lr (now {cfg['lr']:g})", *["set grad_clip (e.g. 1.0)"] * (cfg["grad_clip"] <= 0),
+             *["turn amp off"] * bool(cfg["amp"])]
+    kept = (f"{last_saved[0]} (step {last_saved[1]}) stays the last good checkpoint" if last_saved else
+            "no checkpoint of this run was written" if dist.is_main else
+            "rank 0 keeps its last good checkpoint")
     return UserError(f"training diverged at step {step} ({what}): {', '.join(fixes[:-1])}"
                      f"{' or ' if len(fixes) > 1 else ''}{fixes[-1]}; {kept}")
 
@@ -351,9 +345,8 @@ def _finish(t: Trainer, meter: StepMeter, start_step: int) -> dict:
 
 
 class StepMeter:
-    """Wall time per step (from asking the loader for a batch to `loss.item()`) and the share of it spent
-    waiting for data (above ~10% on a GPU the loader starves it: raise num_workers). Logging, validation
-    and checkpoints between steps are not timed; the first step (warm-up) is left out of the summary."""
+    """Wall time per step (asking the loader for a batch .. `loss.item()`) and the share spent waiting for
+    data (above ~10% on a GPU: raise num_workers); work between steps is not timed (`restart`)."""
 
     def __init__(self, clock: Callable[[], float] = time.perf_counter) -> None:
         self._clock, self._tic = clock, clock()
@@ -362,7 +355,6 @@ class StepMeter:
         self._losses: list[float] = []         # of the steps since the last window()
 
     def restart(self) -> None:
-        """The next step starts now (call after the untimed work that follows a step)."""
         self._tic = self._clock()
 
     def batch_arrived(self) -> None:
@@ -394,10 +386,8 @@ def run_name(config: Mapping) -> str:
     """Folder under path.log_dir that holds this set-up's Sacred runs, e.g. 'lslpn_six_organs_fold0'."""
     if config.get("name"):
         return str(config["name"])
-    if config["model"].get("method") == "senet":
-        method = "senet"
-    else:
-        method = "panet" if config["model"]["n_grid"] == 1 else "lslpn"
+    method = "senet" if config["model"].get("method") == "senet" else \
+        "panet" if config["model"]["n_grid"] == 1 else "lslpn"
     if config.get("episodes") == "superpixels":  # no organ is seen: one run serves every fold
         return f"{method}_selfsup"
     return f"{method}_{config['class_setting']}_fold{config['fold']}"
@@ -419,46 +409,38 @@ def config_hash(config: Mapping, defaults: Mapping) -> str:
 
 
 def trajectory_differences(stored: Mapping, requested: Mapping, defaults: Mapping) -> list[str]:
-    """'key: stored -> requested' (dotted keys) for the trajectory keys whose values differ (a key a
-    config lacks has its default value)."""
-    old, new = trajectory_config(stored, defaults), trajectory_config(requested, defaults)
-    default = _flat(defaults)
-
-    def value(flat: dict, key: str):
-        return flat.get(key, default.get(key, ABSENT))
-
-    return [f"{key}: {_short(value(old, key))} -> {_short(value(new, key))}"
-            for key in sorted(set(old) | set(new)) if value(old, key) != value(new, key)]
+    """'key: stored -> requested' (dotted keys) for the trajectory keys whose values differ."""
+    old, new, default = (trajectory_config(stored, defaults), trajectory_config(requested, defaults),
+                         _flat(defaults))
+    pairs = {key: [flat.get(key, default.get(key, ABSENT)) for flat in (old, new)]
+             for key in sorted({*old, *new})}
+    return [f"{key}: {_short(was)} -> {_short(now)}" for key, (was, now) in pairs.items() if was != now]
 
 
 def iter_runs(log_dir: str | Path, name: str | None = None) -> Iterator[Path]:
-    """Run folders `log_dir/<name>/<id>/`, lowest id first (name None: every name, alphabetically);
-    missing folders yield nothing, entries that are not numbered folders are skipped."""
-    def subfolders(folder: Path) -> list[Path]:
+    """Run folders log_dir/<name>/<id>/, lowest id first (name None: every name, alphabetically); absent
+    folders yield nothing, entries that are not numbered folders are skipped."""
+    def folders(at: Path) -> list[Path]:
         try:
-            return [p for p in folder.iterdir() if p.is_dir()]
+            return [p for p in at.iterdir() if p.is_dir()]
         except OSError:   # absent or unreadable: no runs there
             return []
 
-    root = Path(log_dir)
-    for run_set in [name] if name is not None else sorted(p.name for p in subfolders(root)):
-        yield from sorted((p for p in subfolders(root / run_set) if RUN_ID.fullmatch(p.name)),
+    for run_set in [name] if name is not None else sorted(p.name for p in folders(Path(log_dir))):
+        yield from sorted((p for p in folders(Path(log_dir, run_set)) if RUN_ID.fullmatch(p.name)),
                           key=lambda p: int(p.name))
 
 
-def latest_run(log_dir: str | Path, name: str, accept: Callable[[Path], bool] | None = None) -> Path | None:
-    """The newest run folder of log_dir/name for which `accept(run_dir)` is true (any when None)."""
-    for run_dir in reversed(list(iter_runs(log_dir, name))):
-        if accept is None or accept(run_dir):
-            return run_dir
-    return None
+def latest_run(log_dir: str | Path, name: str, accept: Callable[[Path], bool] = lambda run_dir: True
+               ) -> Path | None:
+    """The newest run folder of log_dir/name for which `accept(run_dir)` is true."""
+    return next((run_dir for run_dir in reversed(list(iter_runs(log_dir, name))) if accept(run_dir)), None)
 
 
-def read_run_config(run_dir: str | Path) -> dict | None:
-    """The run's config.json, or None when it is absent or unreadable."""
+def _run_config(run_dir: Path) -> dict | None:
+    """The run's config.json when it has a last.pth, else (or when unreadable) None."""
     try:
-        with open(Path(run_dir) / "config.json") as handle:
-            return json.load(handle)
+        return json.loads((run_dir / "config.json").read_text()) if (run_dir / "last.pth").is_file() else None
     except (OSError, ValueError):
         return None
 
@@ -481,43 +463,31 @@ def find_resume_checkpoint(log_dir: str, name: str, wanted_hash: str, defaults: 
                            skip: tuple[str, ...] = ()) -> str | None:
     """last.pth of the latest run under log_dir/name whose config.json hashes to `wanted_hash` (runs
     whose last.pth is in `skip` are passed over)."""
-    def same_config(run_dir: Path) -> bool:
-        path, config = os.path.join(str(run_dir), "last.pth"), read_run_config(run_dir)
-        return (os.path.isfile(path) and path not in skip and config is not None
-                and config_hash(config, defaults) == wanted_hash)
-
-    found = latest_run(log_dir, name, same_config)
-    return None if found is None else os.path.join(str(found), "last.pth")
+    found = latest_run(log_dir, name, lambda run_dir: str(run_dir / "last.pth") not in skip and (
+        config := _run_config(run_dir)) is not None and config_hash(config, defaults) == wanted_hash)
+    return None if found is None else str(found / "last.pth")
 
 
 def unreadable_resume_error(path: str, log_dir: str, name: str, wanted_hash: str,
                             defaults: Mapping) -> UserError:
     """The one-line error for a resume from an unreadable (e.g. truncated) last.pth, with the way out."""
-    earlier = find_resume_checkpoint(log_dir, name, wanted_hash, defaults, skip=(path,))
-    step = None
-    if earlier is not None:
-        try:
-            step = int(load_checkpoint(earlier)["step"])
-        except UserError:
-            earlier = None
-    moved = f"{path}.unreadable"
-    if earlier is not None:
-        how = (f"move it aside (mv {path} {moved}) and run again with resume=True: it then continues the "
-               f"earlier run {earlier} at step {step}")
-    else:
-        how = (f"no earlier readable last.pth of this config exists; move it aside (mv {path} {moved}) and "
-               "run again with resume=False to start fresh")
+    earlier, step = find_resume_checkpoint(log_dir, name, wanted_hash, defaults, skip=(path,)), None
+    with contextlib.suppress(UserError):
+        step = None if earlier is None else int(load_checkpoint(earlier)["step"])
+    aside = f"move it aside (mv {path} {path}.unreadable) and run again with"
+    how = (f"{aside} resume=True: it then continues the earlier run {earlier} at step {step}"
+           if step is not None else
+           f"no earlier readable last.pth of this config exists; {aside} resume=False to start fresh")
     return UserError(f"resume: {path} is unreadable (truncated or corrupt): {how}")
 
 
 def config_mismatch(config: Mapping, log_dir: str, name: str, defaults: Mapping) -> str | None:
     """The line for resume=True when no run of this config exists: the newest run with a last.pth under
     log_dir/name, the keys that differ, and that a new run starts; None when there is no such run."""
-    found = latest_run(log_dir, name, lambda run_dir: (run_dir / "last.pth").is_file()
-                       and read_run_config(run_dir) is not None)
+    found = latest_run(log_dir, name, lambda run_dir: _run_config(run_dir) is not None)
     if found is None:
         return None
-    differences = trajectory_differences(read_run_config(found), config, defaults)
+    differences = trajectory_differences(_run_config(found), config, defaults)
     shown = "; ".join(differences[:SHOWN_DIFFERENCES])
     if len(differences) > SHOWN_DIFFERENCES:
         shown += f"; and {len(differences) - SHOWN_DIFFERENCES} more"

@@ -21,11 +21,16 @@ from models.fewshot import SENET, method_of
 from models.fewshot import build_model as _build
 from models.senet import senet_loss
 from util.errors import UserError
+from util.options import BOOL, Option, integer, number
 
 ARMS = ("segmenter", "conditioner")
 # SENet's released schedule and fidelity switches (config.py's `senet` section takes these defaults)
 SENET_DEFAULTS = {"official_bug": False, "double_softmax": False, "epochs": 20, "lr_step_epochs": 10,
                   "gamma_segmenter": 0.1, "gamma_conditioner": 0.001}
+SENET_OPTIONS = {"official_bug": Option(BOOL), "double_softmax": Option(BOOL),
+                 "epochs": integer(1, example="20"), "lr_step_epochs": integer(1, example="10"),
+                 "gamma_segmenter": number(0, 1, low_open=True, example="0.1"),
+                 "gamma_conditioner": number(0, 1, low_open=True, example="0.001")}
 
 
 def model_config(cfg: Mapping) -> dict:
