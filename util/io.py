@@ -14,8 +14,6 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Iterable, Iterator
 
-import torch
-
 from util.errors import UserError
 
 # errno values of a write that failed for lack of space or permission (not a bug in our code)
@@ -170,8 +168,9 @@ def output_error_message(error: OSError, path: str | Path | None = None) -> str 
 
 
 # ------------------------------------------------------------------------------ input
-def safe_torch_load(path: str, map_location: str | torch.device = "cpu", what: str = "checkpoint"):
+def safe_torch_load(path: str, map_location="cpu", what: str = "checkpoint"):
     """torch.load with weights_only=True: tensors and plain data only; nothing of the file runs."""
+    import torch  # here, not at the top: util/cli.py imports this module and a script's error needs no torch
     if not os.path.isfile(path):
         raise UserError(f"{what} '{path}' does not exist: give the path of a best.pth/last.pth "
                         "written by train.py")
