@@ -203,7 +203,7 @@ def paper():
 @ex.named_config
 def lslpn_plus():
     # LSLPN+ (beyond the paper; docs/lslpn_plus.md): the options chosen on CHAOS-T2 validation scans by
-    # tools/lslpn_plus.py, used as they were measured. Training: LSLPN plus the boundary loss. test.py:
+    # `scripts/bench_chaos.py --lslpn-plus`, as measured. Training: LSLPN plus the boundary loss. test.py:
     # the multi-scale head (eval.head_options, applied to the snapshots it evaluates; not used in
     # training) and test-time adaptation on each support slice (eval.adapt_steps).
     boundary_weight = 0.3

@@ -1,4 +1,4 @@
-"""The steps of SSL-ALPNet's protocol benchmark (scripts/bench_chaos.py, tools/lslpn_plus.py), each reused
+"""The steps of SSL-ALPNet's protocol benchmark (scripts/bench_chaos.py, its --lslpn-plus sweep), each reused
 when finished with the same inputs (docs/bench_chaos.md says what each row is):
   prepare   one folder per fold and Setting (and label set in Setting 2)     OUT/prepared/<tag>
   train     every method through experiments.runner.train_or_reuse           OUT/train/<name>/<id>/
