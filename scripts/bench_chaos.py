@@ -3,10 +3,9 @@
     python scripts/bench_chaos.py --publish             # the committed docs/bench_chaos.md (make bench-chaos)
     python scripts/bench_chaos.py --data DIR --folds 0  # your folder: OUT/bench_chaos.md and .png
     python scripts/bench_chaos.py --full --device cuda  # the published settings (100k iterations, 256 x 256)
-    python scripts/bench_chaos.py --rule and            # Setting 2 with the Q-Net lineage's AND rule
     python scripts/bench_chaos.py --report-only         # rewrite the report from OUT/results.json
     python scripts/bench_chaos.py --lslpn-plus --publish  # the LSLPN+ sweep, docs/lslpn_plus.md
-Steps (prepare, train, evaluate; finished ones reused): experiments/chaos.py, lslpn_plus.py.
+Steps (finished ones reused): experiments/chaos.py, lslpn_plus.py. --rule and: the Q-Net lineage's rule.
 """
 from __future__ import annotations
 

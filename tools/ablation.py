@@ -1,17 +1,11 @@
-"""Ablation of the paper (docs/method.md, "VISCERAL data, folds and the paper's figures"): grid size, overlap
-and vote, trained and evaluated.
+"""Ablation of the paper (docs/method.md, "VISCERAL data, folds and the paper's figures"): n_grid 16, 8, 4,
+1, non-overlapping cells, mean vote, and SENet, trained and evaluated.
 
     python tools/ablation.py --folds 0 1 2 3 -- demo            # demo size on a CPU
     python tools/ablation.py --folds 0 1 2 3 -- paper class_setting=all_structures
 
-Variants (everything else from the Sacred overrides after `--`, given to train.py as they are):
-  n_grid 16, 8, 4, 1 (overlapping cells, max vote), n_grid 8 non-overlapping, n_grid 8 mean vote,
-  and SENet as the comparison method (named config `senet`, plus `senet_demo` when the overrides
-  name `demo`). Snapshots are evaluated at the input size each was trained at.
-Each variant x fold is trained with train.py under OUT/<variant>/fold<F>/ unless a finished run of the same
-config is there (experiments/runner.py: the script can be resumed), then all variants are evaluated in one
-run of evaluation.evaluate.evaluate next to the mask-copy baseline: OUT/eval/ holds results.json,
-results.csv and the table; OUT/ablation.md is the table in the paper's ablation layout (variants as rows).
+The overrides after `--` go to train.py; finished runs under OUT/<variant>/fold<F>/ are reused. All
+variants are evaluated beside mask copy (OUT/eval/), each at its training size; OUT/ablation.md: the table.
 """
 from __future__ import annotations
 

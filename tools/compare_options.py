@@ -2,19 +2,10 @@
 
     python tools/compare_options.py --out runs/compare --data data/prepared_phantom
 
-Trains, with train.py, each variant x fold below (a finished run of the same config under
-OUT/<variant>/fold<F> is reused, so the script can be resumed), then evaluates every snapshot next to the
-mask-copy baseline under preset 'inclusive' and under preset 'official' (the same snapshots). The empty-cell
-comparison it also made (rule 'skip' against 'zero') ended with the removal of 'skip' after commit
-b9c8bb5; its figures are in docs/fidelity_phantom.md.
-OUT/eval_<preset>/<variant>/ holds results.json/csv; OUT/compare.md is the table (variants as rows,
-Dice % per organ and mean, one block per preset).
-
-Variants (Sacred overrides on top of the named config `demo`, i.e. cnn_small from random weights,
-128 x 128, all-structures classes), shortened to fit 2 shared CPU cores:
-  cnn_small                              200 steps (lr x 0.1 at 150)
-  vgg16                                  vgg16 from random weights (no ImageNet file offline),
-                                         input 64 x 64, 100 steps, lr 1e-3: a short, small check
+Trains each variant x fold with train.py (finished runs under OUT/<variant>/fold<F> are reused) on top of
+`demo`, shortened for 2 CPU cores: cnn_small 200 steps; vgg16 from random weights at 64 x 64, 100 steps.
+Evaluates every snapshot beside mask copy under preset 'inclusive' and 'official' (OUT/eval_<preset>/);
+OUT/compare.md is the table. Results: docs/fidelity_phantom.md.
 """
 from __future__ import annotations
 

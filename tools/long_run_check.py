@@ -2,12 +2,9 @@
 
     python tools/long_run_check.py --steps 2000 --out docs/long_run_check.md
 
-Runs the real entry point, `python train.py with demo n_steps=STEPS print_every=100 ...`, in a
-subprocess, reads every "step N/STEPS  loss L ..." summary line it prints (the mean loss of the last
-100 steps) and at that moment samples the process's resident set size (VmRSS of /proc/<pid>/status).
-Fails (exit 1) when a loss is NaN/inf or the process fails; reports the RSS growth between the first
-sample and the last (the first samples include warm-up allocations). Writes a Markdown report with
-the command that made it. Linux only (/proc).
+Runs `python train.py with demo n_steps=STEPS print_every=100 ...` and samples the process's VmRSS at
+each printed summary line; fails (exit 1) on a NaN/inf loss or a failed process; reports the RSS growth
+from the first sample to the last. Linux only (/proc).
 """
 from __future__ import annotations
 

@@ -1,12 +1,7 @@
-"""The phantom demo's table with LSLPN+ (docs/lslpn_plus_phantom.md), evaluated as the demo evaluates
-(gold phantom volumes, preset inclusive, support 10000132):
-
-  LSLPN                    the demo's own LSLPN runs (`make demo` first), as published
-  LSLPN+ at test time      the same runs with the `lslpn_plus` config's test-time options (eval.head_options,
-                           test-time adaptation), as `test.py with lslpn_plus` applies them
-  LSLPN+                   runs trained `with demo lslpn_plus` (LSLPN plus the boundary loss; trained here
-                           unless finished, one per fold, runs/demo/train/lslpn_plus_fold<F>), with the same
-                           test-time options
+"""The phantom demo's table with LSLPN+ (docs/lslpn_plus_phantom.md), evaluated as the demo evaluates:
+the demo's LSLPN runs as published, the same runs with the `lslpn_plus` config's test-time options, and
+runs trained `with demo lslpn_plus` (runs/demo/train/lslpn_plus_fold<F>, trained unless finished) with
+the same test-time options.
 
     python tools/lslpn_plus_phantom.py          # in the folder where `make demo` ran
 """
