@@ -66,19 +66,17 @@ def clean_leftovers(out: Path) -> None:
             print(f"==> {path}: left by a stopped run: cleaned up", flush=True)
 
 
-def methods(include_alpnet: bool = True) -> dict[str, dict]:
+def methods() -> dict[str, dict]:
     """Table row -> how it trains: named configs and overrides on top of the budget's base.
     Self-supervised rows use SSL-ALPNet's episode recipe (selfsup.episodes=alpnet)."""
     recipe = ["selfsup.episodes=alpnet"]
-    rows = {"LSLPN": {"named": ["selfsup"], "overrides": [*recipe]},
-            "PANet head": {"named": ["selfsup", "panet"], "overrides": [*recipe]}}
-    if include_alpnet:
-        rows["ALPNet head"] = {"named": ["selfsup"],
-                               "overrides": ["model.head=alpnet", "model.align=True", *recipe]}
-    rows["LSLPN, untrained"] = {"untrained_of": "LSLPN"}      # the LSLPN run's initial weights (step 0)
-    rows["LSLPN, supervised"] = {"named": [], "overrides": ["class_setting=all_structures", "val_every=0"],
-                                 "supervised": True}
-    return rows
+    return {"LSLPN": {"named": ["selfsup"], "overrides": recipe},
+            "PANet head": {"named": ["selfsup", "panet"], "overrides": recipe},
+            "ALPNet head": {"named": ["selfsup"],
+                            "overrides": ["model.head=alpnet", "model.align=True", *recipe]},
+            "LSLPN, untrained": {"untrained_of": "LSLPN"},      # the LSLPN run's initial weights (step 0)
+            "LSLPN, supervised": {"named": [], "overrides": ["class_setting=all_structures", "val_every=0"],
+                                  "supervised": True}}
 
 
 def budget_overrides(steps: int, input_size: int, batch_size: int, full: bool) -> tuple[list[str], list[str]]:
@@ -243,7 +241,7 @@ def evaluate_cached(out: Path, snapshot: Path | None, folder: Path, organs: list
 
 
 def run_bench(data_dir: Path, out: Path, folds: list[int], settings: list[int], rule: str, budget: dict,
-              device: str, include_alpnet: bool = True, figure_hook=None, progress=None,
+              device: str, figure_hook=None, progress=None,
               label_sets: list[int] = (0, 1), only: list[str] | None = None) -> dict:
     """Every fold x setting x label set x method; returns (and writes OUT/results.json) the results.
 
@@ -254,7 +252,7 @@ def run_bench(data_dir: Path, out: Path, folds: list[int], settings: list[int], 
     clean_leftovers(out)
     named_base, base = budget_overrides(budget["steps"], budget["input_size"], budget["batch_size"],
                                         budget["full"])
-    rows = methods(include_alpnet)
+    rows = methods()
     if only is not None:
         unknown = [name for name in only if name not in rows]
         if unknown:

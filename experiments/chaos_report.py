@@ -85,30 +85,8 @@ def setting_tables(results: dict, setting: int) -> list[str]:
     return lines + [""]
 
 
-def rule_comparison(results: dict, other: dict) -> list[str]:
-    """Markdown: Setting-2 Dice of the methods both runs have, this run's rule against the other's, per
-    fold."""
-    lines = []
-    rule, other_rule = results["rule"].upper(), other["rule"].upper()
-    shared = [m for m in results["methods"] if m in other["methods"] and m != "mask copy"]
-    for method in shared:
-        mine, theirs = fold_means(results["cells"], method, 2), fold_means(other["cells"], method, 2)
-        for fold in sorted(set(mine) & set(theirs)):
-            a = [mine[fold].get(o, np.nan) for o in ORGANS]
-            b = [theirs[fold].get(o, np.nan) for o in ORGANS]
-            lines.append(f"| {method} | {fold} | "
-                         + " | ".join(f"{_fmt(x)} / {_fmt(y)}" for x, y in zip(a, b))
-                         + f" | {_fmt(float(np.nanmean(a)))} / {_fmt(float(np.nanmean(b)))} |")
-    if not lines:
-        return []
-    head = " | ".join(HEAD[o] for o in ORGANS)
-    return [f"Setting 2 Dice (%), {rule} rule / {other_rule} rule (`--rule {other['rule']}`, "
-            "same budget and seed; one run each, run-to-run spread not measured):", "",
-            f"| Method | fold | {head} | mean |", "|---" * (len(ORGANS) + 3) + "|", *lines, ""]
-
-
 def write_report(results: dict, doc: Path, figure: Path | None, seconds: float, command: str,
-                 exclusion: dict | None, environment: str, other_rule: dict | None = None) -> Path:
+                 exclusion: dict | None, environment: str) -> Path:
     """docs/bench_chaos.md from results.json."""
     budget = results["budget"]
     regime = ("the published settings (`--full`)" if budget["full"] else
@@ -170,8 +148,6 @@ def write_report(results: dict, doc: Path, figure: Path | None, seconds: float, 
             lines.append(f"| {fold} | {label_set} ({organs}) | {counts['all']} | {counts['or']} "
                          f"| {counts['and']} |")
         lines.append("")
-        if other_rule is not None:
-            lines += rule_comparison(results, other_rule)
     if figure is not None and figure.exists():
         lines += ["## Overlays", "", f"![support, query, ground truth and predictions]({figure.name})", "",
                   "Each row: the support slice with its mask, the query slice with the ground truth, "

@@ -66,7 +66,7 @@ class Bench:
         self.dataset = steps.layout.detect_dataset(data)
         self.named_base, self.base = steps.budget_overrides(budget["steps"], budget["input_size"],
                                                             budget["batch_size"], False)
-        self.how = steps.methods(include_alpnet=False)[LSLPN]
+        self.how = steps.methods()[LSLPN]
         self.budget, self.log = budget, []
         self.path = out / "lslpn_plus.json"
         self.saved = json.loads(self.path.read_text()) if self.path.is_file() else {"evaluations": {}}

@@ -37,15 +37,6 @@ def command_line(argv: list[str]) -> str:
     return shlex.join(["python", shown, *argv])
 
 
-def compared(path: Path | None) -> dict | None:
-    """The other rule's results.json (--compare), or None."""
-    if path is None:
-        return None
-    if not path.is_file():
-        raise UserError(f"--compare {path}: not found: run the benchmark with the other --rule first")
-    return json.loads(path.read_text())
-
-
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -69,16 +60,12 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--input-size", type=int, default=64, help="model input size of the CPU budget")
     parser.add_argument("--batch-size", type=int, default=2, help="episodes per step of the CPU budget")
     parser.add_argument("--full", action="store_true", help="SSL-ALPNet's published settings (GPU)")
-    parser.add_argument("--no-alpnet-head", action="store_true", help="leave the ALPNet head row out")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or auto")
     parser.add_argument("--publish", action="store_true",
                         help=f"write the committed report docs/{PUBLISHED_DOC.name} and its .png "
                         "(default: OUT/bench_chaos.md)")
     parser.add_argument("--doc", type=Path, default=None, help="write the report here instead (a .md file)")
     parser.add_argument("--report-only", action="store_true", help="rewrite the report from OUT/results.json")
-    parser.add_argument("--compare", type=Path, default=None,
-                        help="results.json of a run with the other --rule: "
-                        "the report adds the Dice of both rules")
     parser.add_argument("--lslpn-plus", action="store_true",
                         help="the LSLPN+ option sweep on the LSLPN runs (with --data, --out, --folds, "
                         "--device)")
@@ -129,7 +116,7 @@ def main(argv: list[str]) -> int:
     if args.report_only:
         saved = json.loads(results_path.read_text())
         report.write_report(saved, doc, doc.with_suffix(".png"), saved["seconds"], saved["command"],
-                            saved["exclusion"], saved["environment"], compared(args.compare))
+                            saved["exclusion"], saved["environment"])
         print(f"wrote {doc}")
         return 0
     data = args.data or steps.default_data()
@@ -137,7 +124,6 @@ def main(argv: list[str]) -> int:
     budget = {"steps": args.steps if args.steps is not None else (100000 if args.full else 100),
               "input_size": 256 if args.full else args.input_size,
               "batch_size": 1 if args.full else args.batch_size, "full": args.full}
-    other = compared(args.compare)
     start = time.perf_counter()
     collector = report.OverlayCollector(setting=2 if 2 in args.settings else 1)
     exclusion = steps.exclusion_counts(data, args.folds) if 2 in args.settings else None
@@ -150,11 +136,11 @@ def main(argv: list[str]) -> int:
         results.update({"seconds": seconds, "command": command, "exclusion": exclusion, "complete": final,
                         "commit": git_commit(), "environment": environment})
         write_text_atomic(json.dumps(results, indent=1), results_path)
-        report.write_report(results, doc, figure, seconds, command, exclusion, environment, other)
+        report.write_report(results, doc, figure, seconds, command, exclusion, environment)
 
     results = steps.run_bench(data, args.out, args.folds, sorted(args.settings), args.rule, budget,
                               args.device,
-                              include_alpnet=not args.no_alpnet_head, figure_hook=collector, progress=publish,
+                              figure_hook=collector, progress=publish,
                               label_sets=args.label_sets, only=args.methods)
     publish(results, final=True)
     seconds = results["seconds"]

@@ -230,7 +230,6 @@ def main(argv: list[str]) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     parser.add_argument("--publish", action="store_true", help="copy the finished report into docs/")
-    parser.add_argument("--skip-real", action="store_true", help="phantom only")
     parser.add_argument("--selfsup-steps", type=int, default=1200, help="the self-supervised run's steps")
     parser.add_argument("--finetune-steps", type=int, default=300, help="fine-tuning steps per fold")
     parser.add_argument("--real-steps", type=int, default=300, help="self-supervised steps on the real scan")
@@ -243,7 +242,7 @@ def main(argv: list[str]) -> int:
     log: list[dict] = []
     start = time.perf_counter()
     results, selfsup, supervised = phantom_part(log, args)
-    real = None if args.skip_real else real_part(log, supervised, selfsup, args)
+    real = real_part(log, supervised, selfsup, args)
     report = write_report(results, real, log, time.perf_counter() - start, argv, args)
     print("\n" + report.read_text())
     return 0
