@@ -11,11 +11,17 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
+from evaluation.adaptation import test_time_model
+from evaluation.evaluate import load_snapshot
 from evaluation.protocols import summarise_folds
 from experiments import chaos as steps
 from experiments.chaos_report import HEAD, ORGANS, _fmt
 from experiments.chaos_report import fold_means as method_fold_means
+from experiments.timing import measure
+from models.factory import with_head_options
+from models.fewshot import PLUS_DEFAULTS
 from util.atomic import write_text_atomic
 
 # option -> candidate settings tried on the validation scans (LSLPN+ model options, or adapt_* for
@@ -215,15 +221,16 @@ def timing_pass(bench: Bench, rows: dict[str, dict], cells: list[dict], retime: 
             "passes": TIMING_PASSES, "environment": steps.environment_note()}
 
 
-# ------------------------------------------- evaluation of an option set (torch loads here, after the pins)
+# ------------------------------------------------------------------------- evaluation of an option set
+def head_options(options: dict) -> dict:
+    """The option set's LSLPN+ head options (not test-time adaptation, not training options)."""
+    return {k: v for k, v in options.items() if k in PLUS_DEFAULTS}
+
+
 def model_with(snapshot, options: dict, device: str):
-    """(model in eval mode with the option set's head options, its input size); the set's other options
-    (test-time adaptation, training options) are not the head's."""
-    from evaluation.evaluate import load_snapshot
-    from models.factory import with_head_options
-    from models.fewshot import PLUS_DEFAULTS
+    """(model in eval mode with the option set's head options, its input size)."""
     model, info = load_snapshot(snapshot, device)
-    head = {k: v for k, v in options.items() if k in PLUS_DEFAULTS}
+    head = head_options(options)
     if head:
         model = with_head_options(model, head).eval()
     return model, int(info["input"]["input_size"])
@@ -232,10 +239,7 @@ def model_with(snapshot, options: dict, device: str):
 def evaluate_cell(options: dict, cell: dict, device: str) -> dict:
     """{dice: {organ: {query id: Dice}}, seconds (inference, all volumes), adapt_seconds, adaptations,
     volumes (query scans x organs)} of one option set on one cell (query ids of cell['queries'])."""
-    from evaluation.adaptation import test_time_model
-    from models.fewshot import PLUS_DEFAULTS
-    head = {k: v for k, v in options.items() if k in PLUS_DEFAULTS}
-    adapted = []
+    head, adapted = head_options(options), []
 
     def transform(model):   # the LSLPN+ test-time options, test-time adaptation on stored-resolution views
         model = test_time_model(model, head, options.get("adapt_steps", 0), options.get("adapt_lr", 1e-2),
@@ -253,9 +257,6 @@ def evaluate_cell(options: dict, cell: dict, device: str) -> dict:
 def head_share(snapshot, options: dict, device: str, n_queries: int = 16, repeats: int = 5) -> dict:
     """Median seconds of the encoder and of the head for 1 support + n_queries query slices, and the
     head's share of the two (the time of one inference step)."""
-    import torch
-
-    from experiments.timing import measure
     model, size = model_with(snapshot, options, device)
     generator = torch.Generator().manual_seed(0)
     support = torch.randn(1, 1, 1, 1, size, size, generator=generator).to(device)

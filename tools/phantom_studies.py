@@ -57,6 +57,12 @@ def slug(name: str) -> str:
     return "".join(ch if ch.isalnum() else "_" for ch in name).strip("_")
 
 
+def fold_snapshots(folds: list[int], train_fold) -> dict[str, str]:
+    """organ -> snapshot of the fold that held it out (train_fold(fold), fold by fold)."""
+    snapshots = {fold: str(train_fold(fold)) for fold in folds}
+    return {organ: snapshots[fold] for fold in folds for organ in FOLD_ORGANS[fold]}
+
+
 def dice_cells(row: dict, columns: list[str]) -> str:
     """Table cells of one Dice row (%, '–' where an organ was not evaluated)."""
     return " | ".join("–" if row[c] is None else f"{row[c]:.1f}" for c in columns)
@@ -108,12 +114,8 @@ def ablation(argv: list[str]) -> int:
     if bad:
         raise UserError(f"--folds {bad} do not exist: use 0 (liver), 1 (spleen), 2 (kidneys), 3 (psoas)")
     config = resolved_config(overrides, "overrides after --")
-    snapshots: dict[str, dict[str, str]] = {}
-    for variant in args.variants:
-        for fold in args.folds:
-            snapshot = train_variant(variant, fold, overrides, args.out.resolve(), args.python)
-            for organ in FOLD_ORGANS[fold]:
-                snapshots.setdefault(variant, {})[organ] = str(snapshot)
+    snapshots = {variant: fold_snapshots(args.folds, lambda fold: train_variant(
+        variant, fold, overrides, args.out.resolve(), args.python)) for variant in args.variants}
     organs = [organ for fold in args.folds for organ in FOLD_ORGANS[fold]]
     settings = config["eval"]
     results = evaluate({"mask copy": None, **snapshots}, organs, config["path"]["data_dir"],
@@ -156,12 +158,8 @@ def compare(argv: list[str]) -> int:
     parser.add_argument("--train-only", action="store_true")
     parser.add_argument("--python", default=sys.executable)
     args = parser.parse_args(argv)
-    snapshots: dict[str, dict[str, str]] = {}
-    for variant in args.variants:
-        for fold in args.folds:
-            snapshot = train_compared(variant, fold, args.data, args.out.resolve(), args.python)
-            for organ in FOLD_ORGANS[fold]:
-                snapshots.setdefault(variant, {})[organ] = str(snapshot)
+    snapshots = {variant: fold_snapshots(args.folds, lambda fold: train_compared(
+        variant, fold, args.data, args.out.resolve(), args.python)) for variant in args.variants}
     if args.train_only:
         return 0
     from evaluation.evaluate import evaluate
