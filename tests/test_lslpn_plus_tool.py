@@ -63,9 +63,8 @@ def timing(seconds: float, adapt: float = 0.0) -> dict:
             "head_share": {"share": 0.5}}
 
 
-@pytest.mark.parametrize("quiet", [True, False])
-def test_report_compares_each_row_with_lslpn_and_takes_timings_from_the_timing_pass(tmp_path, quiet):
-    results = {"command": "python scripts/bench_chaos.py --lslpn-plus", "commit": "abc", "seconds": 60.0,
+def sweep_results(quiet: bool) -> dict:
+    return {"command": "python scripts/bench_chaos.py --lslpn-plus", "commit": "abc", "seconds": 60.0,
                "environment": "test", "folds": [0, 1],
                "selection": {"baseline": 0.5, "candidates": [], "best": {}, "greedy": [], "chosen": []},
                "rows": {"LSLPN": row({}, 0.0), "+ test-time adaptation": row(ADAPT, 0.07),
@@ -74,8 +73,12 @@ def test_report_compares_each_row_with_lslpn_and_takes_timings_from_the_timing_p
                           "environment": "2 cores",
                           "rows": {"LSLPN": timing(2.0), "+ test-time adaptation": timing(1.0, 10.0),
                                    "LSLPN+": timing(5.0, 12.0)}}}
+
+
+@pytest.mark.parametrize("quiet", [True, False])
+def test_report_compares_each_row_with_lslpn_and_takes_timings_from_the_timing_pass(tmp_path, quiet):
     doc = tmp_path / "lslpn_plus.md"
-    tool.write_report(results, doc)
+    tool.write_report(sweep_results(quiet), doc)
     text = doc.read_text()
     # every organ up by 7 points: the +5 target is met on Dice, and the time ratios come from the timing pass
     assert "+ test-time adaptation, Setting 2, folds 0, 1: 63.3 against LSLPN 56.2 on the same folds: " \
@@ -87,6 +90,22 @@ def test_report_compares_each_row_with_lslpn_and_takes_timings_from_the_timing_p
     assert ("seconds and ratios are loose" in text) == (not quiet)
     setting1 = text.split("## Setting 1: test scans")[1]
     assert "| LSLPN+ | 0, 1 |" in setting1 and "| 5.000 | 12.00 (24.0 per support slice) | 50% |" in setting1
+
+
+def test_bench_chaos_lslpn_plus_rewrites_the_report_from_its_results(tmp_path, monkeypatch):
+    import json
+
+    from conftest import load_script
+
+    from util.errors import UserError
+    bench = load_script("bench_chaos")
+    monkeypatch.setattr(bench, "PINNED_NUMERICS", {})
+    with pytest.raises(UserError, match="lslpn_plus_results.json: no results yet"):
+        bench.main(["--lslpn-plus", "--report-only", "--out", str(tmp_path)])
+    (tmp_path / "lslpn_plus_results.json").write_text(json.dumps(sweep_results(True)))
+    assert bench.main(["--lslpn-plus", "--report-only", "--out", str(tmp_path)]) == 0
+    tool.write_report(sweep_results(True), tmp_path / "direct.md")
+    assert (tmp_path / "lslpn_plus.md").read_text() == (tmp_path / "direct.md").read_text()
 
 
 def test_timing_pass_warms_up_keeps_each_rows_fastest_pass_and_caches(tmp_path, monkeypatch):
