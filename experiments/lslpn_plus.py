@@ -17,8 +17,8 @@ from evaluation.adaptation import test_time_model
 from evaluation.evaluate import load_snapshot
 from evaluation.protocols import summarise_folds
 from experiments import chaos as steps
-from experiments.chaos_report import HEAD, ORGANS, _fmt
-from experiments.chaos_report import fold_means as method_fold_means
+from experiments.chaos import HEAD, ORGANS, _fmt
+from experiments.chaos import fold_means as method_fold_means
 from experiments.timing import measure
 from models.factory import with_head_options
 from models.fewshot import PLUS_DEFAULTS

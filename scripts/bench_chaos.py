@@ -99,7 +99,6 @@ def main(argv: list[str]) -> int:
         check_output_file(results_path, what="--out", create_parent=True)
     os.environ.update(PINNED_NUMERICS)
     from experiments import chaos as steps  # after the pins: torch loads here
-    from experiments import chaos_report as report
     from util.provenance import git_commit
     command = command_line(argv)
     if args.lslpn_plus:
@@ -115,7 +114,7 @@ def main(argv: list[str]) -> int:
         return 0
     if args.report_only:
         saved = json.loads(results_path.read_text())
-        report.write_report(saved, doc, doc.with_suffix(".png"), saved["seconds"], saved["command"],
+        steps.write_report(saved, doc, doc.with_suffix(".png"), saved["seconds"], saved["command"],
                             saved["exclusion"], saved["environment"])
         print(f"wrote {doc}")
         return 0
@@ -125,7 +124,7 @@ def main(argv: list[str]) -> int:
               "input_size": 256 if args.full else args.input_size,
               "batch_size": 1 if args.full else args.batch_size, "full": args.full}
     start = time.perf_counter()
-    collector = report.OverlayCollector(setting=2 if 2 in args.settings else 1)
+    collector = steps.OverlayCollector(setting=2 if 2 in args.settings else 1)
     exclusion = steps.exclusion_counts(data, args.folds) if 2 in args.settings else None
     environment = steps.environment_note()
 
@@ -136,7 +135,7 @@ def main(argv: list[str]) -> int:
         results.update({"seconds": seconds, "command": command, "exclusion": exclusion, "complete": final,
                         "commit": git_commit(), "environment": environment})
         write_text_atomic(json.dumps(results, indent=1), results_path)
-        report.write_report(results, doc, figure, seconds, command, exclusion, environment)
+        steps.write_report(results, doc, figure, seconds, command, exclusion, environment)
 
     results = steps.run_bench(data, args.out, args.folds, sorted(args.settings), args.rule, budget,
                               args.device,
