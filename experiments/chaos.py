@@ -20,6 +20,7 @@ from dataloaders.nifti import _clean_stale, _pid_alive
 from dataloaders.prepare import normalised_volume, prepare_alpnet
 from dataloaders.prepared import load_volume, read_meta
 from evaluation.evaluate import evaluate
+from evaluation.protocols import summarise_folds
 from experiments.runner import ROOT, train_or_reuse
 from models.checkpoint import load_checkpoint
 from util.atomic import atomic_path, write_text_atomic
@@ -400,14 +401,12 @@ def setting_tables(results: dict, setting: int) -> list[str]:
         per_fold = fold_means(results["cells"], method, setting)
         if not per_fold:
             continue
-        cells, organ_means = [], []
-        for organ in ORGANS:
-            values = np.array([per_fold.get(f, {}).get(organ, np.nan) for f in folds], float)
-            values = values[np.isfinite(values)]
-            mean = float(values.mean()) if values.size else float("nan")
-            organ_means.append(mean)
-            cells.append(f"{_fmt(mean)} ({_fmt(float(values.std()))})" if values.size > 1 else _fmt(mean))
-        lines.append(f"| {method} | " + " | ".join(cells) + f" | {_fmt(float(np.nanmean(organ_means)))} |")
+        summary = summarise_folds(per_fold)
+        stats = [summary.get(o, {"mean": float("nan"), "n_folds": 0}) for o in ORGANS]
+        cells = [f"{_fmt(s['mean'])} ({_fmt(s['std'])})" if s["n_folds"] > 1 else _fmt(s["mean"])
+                 for s in stats]
+        mean = float(np.nanmean([s["mean"] for s in stats]))
+        lines.append(f"| {method} | " + " | ".join(cells) + f" | {_fmt(mean)} |")
     published = published_row(results["data_set"], setting)
     if published is not None:
         lines.append("| *published SSL-ALPNet (pretrained ResNet-101, GPU, 100k iterations, 5 folds)* | "
