@@ -4,8 +4,7 @@
     python -m demo --redo train       # retrain (also: phantom, prepare)
     python -m demo --publish          # copy the finished table/figures into README.md, docs/
 
-CPU numerics are pinned for every step (PINNED_NUMERICS below, set before torch loads and inherited by the
-step subprocesses; README.md, "Reproducibility of these figures").
+CPU numerics are pinned for every step (PINNED_NUMERICS, inherited by the step subprocesses).
 """
 from __future__ import annotations
 

@@ -3,9 +3,9 @@
     python scripts/bench_chaos.py --publish             # the committed docs/bench_chaos.md (make bench-chaos)
     python scripts/bench_chaos.py --data DIR --folds 0  # your folder: OUT/bench_chaos.md and .png
     python scripts/bench_chaos.py --full --device cuda  # the published settings (100k iterations, 256 x 256)
-    python scripts/bench_chaos.py --rule and            # Setting 2 with the Q-Net lineage's AND rule
     python scripts/bench_chaos.py --report-only         # rewrite the report from OUT/results.json
-Steps (prepare, train, evaluate; finished ones reused): experiments/chaos.py; report: chaos_report.py.
+    python scripts/bench_chaos.py --lslpn-plus --publish  # the LSLPN+ sweep, docs/lslpn_plus.md
+Steps (finished ones reused): experiments/chaos.py, lslpn_plus.py. --rule and: the Q-Net lineage's rule.
 """
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ from util.io import check_output_file, check_writable_folder, write_text_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
 PUBLISHED_DOC = ROOT / "docs" / "bench_chaos.md"
+PUBLISHED_PLUS = ROOT / "docs" / "lslpn_plus.md"
 PINNED_NUMERICS = {"ONEDNN_MAX_CPU_ISA": "AVX2", "OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2"}
 
 
@@ -33,15 +34,6 @@ def command_line(argv: list[str]) -> str:
     except ValueError:
         shown = str(script)
     return shlex.join(["python", shown, *argv])
-
-
-def compared(path: Path | None) -> dict | None:
-    """The other rule's results.json (--compare), or None."""
-    if path is None:
-        return None
-    if not path.is_file():
-        raise UserError(f"--compare {path}: not found: run the benchmark with the other --rule first")
-    return json.loads(path.read_text())
 
 
 def main(argv: list[str]) -> int:
@@ -67,16 +59,18 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--input-size", type=int, default=64, help="model input size of the CPU budget")
     parser.add_argument("--batch-size", type=int, default=2, help="episodes per step of the CPU budget")
     parser.add_argument("--full", action="store_true", help="SSL-ALPNet's published settings (GPU)")
-    parser.add_argument("--no-alpnet-head", action="store_true", help="leave the ALPNet head row out")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or auto")
     parser.add_argument("--publish", action="store_true",
                         help=f"write the committed report docs/{PUBLISHED_DOC.name} and its .png "
                         "(default: OUT/bench_chaos.md)")
     parser.add_argument("--doc", type=Path, default=None, help="write the report here instead (a .md file)")
     parser.add_argument("--report-only", action="store_true", help="rewrite the report from OUT/results.json")
-    parser.add_argument("--compare", type=Path, default=None,
-                        help="results.json of a run with the other --rule: "
-                        "the report adds the Dice of both rules")
+    parser.add_argument("--lslpn-plus", action="store_true",
+                        help="the LSLPN+ option sweep on the LSLPN runs (with --data, --out, --folds, "
+                        "--device)")
+    parser.add_argument("--retime", action="store_true",
+                        help="--lslpn-plus: measure the timing pass again, on a quiet machine (nothing else "
+                        "on the cores: the report says the timings are quiet)")
     args = parser.parse_args(argv)
     bad = [f for f in args.folds if f not in range(5)]
     if bad:
@@ -87,8 +81,9 @@ def main(argv: list[str]) -> int:
     if args.publish and args.doc is not None:
         raise UserError(f"--publish writes docs/{PUBLISHED_DOC.name}: give --publish or --doc, "
                         "not both")
-    doc = PUBLISHED_DOC if args.publish else args.doc or args.out / "bench_chaos.md"
-    results_path = args.out / "results.json"
+    published, name = (PUBLISHED_PLUS, "lslpn_plus") if args.lslpn_plus else (PUBLISHED_DOC, "bench_chaos")
+    doc = published if args.publish else args.doc or args.out / f"{name}.md"
+    results_path = args.out / ("lslpn_plus_results.json" if args.lslpn_plus else "results.json")
     # every output location before any compute
     check_output_file(doc, what="--doc", suffixes=(".md",), create_parent=True)
     check_output_file(doc.with_suffix(".png"), what="--doc", create_parent=True)
@@ -103,13 +98,23 @@ def main(argv: list[str]) -> int:
         check_output_file(results_path, what="--out", create_parent=True)
     os.environ.update(PINNED_NUMERICS)
     from experiments import chaos as steps  # after the pins: torch loads here
-    from experiments import chaos_report as report
     from util.provenance import git_commit
     command = command_line(argv)
+    if args.lslpn_plus:
+        from experiments import lslpn_plus as plus
+        if args.report_only:
+            results = json.loads(results_path.read_text())
+        else:
+            results = plus.run_sweep(args.data or steps.default_data(), args.out, args.folds, args.device,
+                                     args.retime, command)
+            write_text_atomic(json.dumps(results, indent=1), results_path)
+        plus.write_report(results, doc)
+        print(f"wrote {doc} ({results['seconds'] / 60:.1f} min)")
+        return 0
     if args.report_only:
         saved = json.loads(results_path.read_text())
-        report.write_report(saved, doc, doc.with_suffix(".png"), saved["seconds"], saved["command"],
-                            saved["exclusion"], saved["environment"], compared(args.compare))
+        steps.write_report(saved, doc, doc.with_suffix(".png"), saved["seconds"], saved["command"],
+                            saved["exclusion"], saved["environment"])
         print(f"wrote {doc}")
         return 0
     data = args.data or steps.default_data()
@@ -117,9 +122,8 @@ def main(argv: list[str]) -> int:
     budget = {"steps": args.steps if args.steps is not None else (100000 if args.full else 100),
               "input_size": 256 if args.full else args.input_size,
               "batch_size": 1 if args.full else args.batch_size, "full": args.full}
-    other = compared(args.compare)
     start = time.perf_counter()
-    collector = report.OverlayCollector(setting=2 if 2 in args.settings else 1)
+    collector = steps.OverlayCollector(setting=2 if 2 in args.settings else 1)
     exclusion = steps.exclusion_counts(data, args.folds) if 2 in args.settings else None
     environment = steps.environment_note()
 
@@ -130,11 +134,11 @@ def main(argv: list[str]) -> int:
         results.update({"seconds": seconds, "command": command, "exclusion": exclusion, "complete": final,
                         "commit": git_commit(), "environment": environment})
         write_text_atomic(json.dumps(results, indent=1), results_path)
-        report.write_report(results, doc, figure, seconds, command, exclusion, environment, other)
+        steps.write_report(results, doc, figure, seconds, command, exclusion, environment)
 
     results = steps.run_bench(data, args.out, args.folds, sorted(args.settings), args.rule, budget,
                               args.device,
-                              include_alpnet=not args.no_alpnet_head, figure_hook=collector, progress=publish,
+                              figure_hook=collector, progress=publish,
                               label_sets=args.label_sets, only=args.methods)
     publish(results, final=True)
     seconds = results["seconds"]

@@ -2,11 +2,8 @@
 
     python scripts/check_dataset.py data/prepared_phantom
 
-Verifies files, shapes, dtypes, label values, splits and index.json consistency; exits 2 with a
-one-line message naming the defect and the fix. Every folder that scripts/prepare_visceral.py writes
-passes (case ids such as image_1, float32 images, images-only folders). --mask-copy also prints the
-mask-copy Dice per test organ on the gold volumes (the honesty check): each organ side, then the mean
-over the README table's 4 organs (liver, spleen, kidney, psoas; kidney and psoas = mean of right and left).
+Files, shapes, dtypes, label values, splits and index.json; exits 2 with one line naming the defect and
+the fix. --mask-copy also prints the mask-copy Dice per test organ on the gold volumes (the honesty check).
 """
 from __future__ import annotations
 

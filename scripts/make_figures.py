@@ -3,11 +3,8 @@
     python scripts/make_figures.py runs/test/1                         # results.png, misalignment.png
     python scripts/make_figures.py runs/test/1 runs/test/2 runs/test/3 runs/test/4 --table table.md
 
-With --table, the runs (e.g. one per fold) are merged into one table in the paper's Table 1 layout
-(organs as columns, methods as rows); they must share the protocol preset.
-
-Everything is read, checked and drawn before the first file is written: a bad run folder, a table
-that cannot be merged or an output that is one of the inputs leaves every existing file as it was.
+--table merges the runs (same preset) into one table in the paper's Table 1 layout. Everything is read,
+checked and drawn before the first file is written.
 """
 from __future__ import annotations
 

@@ -1,15 +1,10 @@
-"""Prepare a VISCERAL-layout (or multi-label) data set for training and evaluation.
+"""Prepare a VISCERAL-layout (multi-label, images-only or SSL-ALPNet) data set (docs/DESIGN.md, "Prepared
+data folder").
 
     python scripts/prepare_visceral.py --visceral-dir data/phantom --out data/prepared_phantom
-    python scripts/prepare_visceral.py --visceral-dir VISCERAL --out data/prepared --size 512
     python scripts/prepare_visceral.py --visceral-dir AMOS --layout multilabel --label-map map.json --out PREP
     python scripts/prepare_visceral.py --visceral-dir MY_CT_DIR --layout images-only --out PREP   # no labels
     python scripts/prepare_visceral.py --visceral-dir CHAOST2 --layout alpnet --fold 0 --setting 2 --out PREP
-        # SSL-ALPNet's layout (CHAOS-T2 MRI or SABS CT): one fold of its split (dataloaders/alpnet_prepare.py)
-
-Silver -> 2D training slices per class (official rule: > 150 organ voxels, at most 5 random slices
-per organ and volume when more than 20 qualify) plus held-out validation volumes; gold ->
-evaluation volumes. Layout of PREP: docs/DESIGN.md "Prepared data folder".
 """
 from __future__ import annotations
 

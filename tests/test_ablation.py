@@ -1,6 +1,6 @@
-"""tools/ablation.py: trains each variant through train.py (a stub here), reuses a finished run only when
-it records the config digest it would train with (experiments/runner.py), and turns a config typo or a
-missing interpreter into one line."""
+"""tools/phantom_studies.py ablation: trains each variant through train.py (a stub here), reuses a finished
+run only when it records the config digest it would train with (experiments/runner.py), and turns a config
+typo or a missing interpreter into one line."""
 from __future__ import annotations
 
 import sys
@@ -13,7 +13,7 @@ from test_notebook_eval import make_tiny_snapshot
 
 from util.errors import UserError
 
-ablation = load_script("ablation")
+studies = load_script("phantom_studies")
 
 # Stands in for `python train.py with ...`: writes the run's config.json as Sacred would (the config resolved
 # from the same overrides), the argv it saw and, as last.pth and best.pth, the fold-0 snapshot that
@@ -56,14 +56,14 @@ def stub(tmp_path, templates) -> Path:
 
 
 def argv(tmp_path, stub, *overrides) -> list[str]:
-    return ["--folds", "0", "--variants", "n_grid 8 mean vote", "--out", str(tmp_path / "ablation"),
-            "--python",
-            str(stub), "--", "tiny", f"path.data_dir={make_prepared(tmp_path)}", "device=cpu",
-            "eval.preset=thirds", "input_size=32", *overrides]
+    return ["ablation", "--folds", "0", "--variants", "n_grid 8 mean vote", "--out",
+            str(tmp_path / "ablation"), "--python", str(stub), "--", "tiny",
+            f"path.data_dir={make_prepared(tmp_path)}", "device=cpu", "eval.preset=thirds",
+            "input_size=32", *overrides]
 
 
 def test_trains_each_variant_writes_the_table_and_reuses_a_run_of_the_same_config(tmp_path, stub, capsys):
-    assert ablation.main(argv(tmp_path, stub)) == 0
+    assert studies.main(argv(tmp_path, stub)) == 0
     fold_dir = tmp_path / "ablation" / "n_grid_8_mean_vote" / "fold0"
     (argv_file,) = fold_dir.glob("*/1/argv.txt")
     argv_seen = argv_file.read_text()
@@ -71,7 +71,7 @@ def test_trains_each_variant_writes_the_table_and_reuses_a_run_of_the_same_confi
     table = (tmp_path / "ablation" / "ablation.md").read_text()
     assert "| n_grid 8 mean vote | 8 | True | mean |" in table and "| mask copy |" in table
     capsys.readouterr()
-    assert ablation.main(argv(tmp_path, stub, "device=cpu")) == 0      # same config (device does not count)
+    assert studies.main(argv(tmp_path, stub, "device=cpu")) == 0      # same config (device does not count)
     assert "reusing" in capsys.readouterr().out
     assert sorted(p.name for p in argv_file.parents[1].iterdir()) == ["1"]  # nothing retrained
 
@@ -79,7 +79,7 @@ def test_trains_each_variant_writes_the_table_and_reuses_a_run_of_the_same_confi
 def train(tmp_path, stub, *overrides) -> Path:
     """Only the training part of the ablation (no evaluation): the snapshot of n_grid 8 mean vote, fold 0."""
     base = ["tiny", f"path.data_dir={tmp_path / 'prep'}", "device=cpu", "input_size=32"]
-    return ablation.train_variant("n_grid 8 mean vote", 0, [*base, *overrides], tmp_path / "ablation",
+    return studies.train_variant("n_grid 8 mean vote", 0, [*base, *overrides], tmp_path / "ablation",
                                   str(stub))
 
 
@@ -96,13 +96,13 @@ def test_a_run_of_other_settings_is_not_reused(tmp_path, stub):
 @pytest.mark.parametrize("typo, message", [("n_stesp=5", r"n_stesp"), ("tinny", r"tinny")])
 def test_a_config_typo_is_one_line(tmp_path, stub, typo, message):
     with pytest.raises(UserError, match=rf"^overrides after --: .*{message}.*check the spelling") as error:
-        ablation.main(argv(tmp_path, stub, typo))
+        studies.main(argv(tmp_path, stub, typo))
     assert "\n" not in str(error.value)
 
 
 def test_a_missing_interpreter_is_one_line(tmp_path):
     with pytest.raises(UserError, match=r"^--python .*nope: no such executable"):
-        ablation.main(argv(tmp_path, tmp_path / "nope"))
+        studies.main(argv(tmp_path, tmp_path / "nope"))
 
 
 def test_a_failed_training_is_one_line(tmp_path):

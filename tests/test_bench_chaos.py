@@ -179,7 +179,7 @@ def fake_results(**data_set) -> dict:
     ("sabs", "CT", 30, "| *73.7* | *60.2* | *63.3* | *54.8* | *63.0* |"),
     ("sabs", "CT", 12, None)])
 def test_report_names_its_data_and_the_published_row_of_that_data_set(tmp_path, name, modality, scans, row):
-    from experiments import chaos_report as report
+    from experiments import chaos as report
     results = fake_results(name=name, modality=modality, scans=scans, queries_per_fold=[6] if scans else [4],
                            folder="/data/my folder", published=scans in (20, 30))
     text = report.write_report(results, tmp_path / "r.md", None, 60.0, "python x", None, "cpu").read_text()
@@ -194,7 +194,7 @@ def test_report_names_its_data_and_the_published_row_of_that_data_set(tmp_path, 
 
 
 def test_partial_report_and_fold_statistics(tmp_path):
-    from experiments import chaos_report as report
+    from experiments import chaos as report
     results = fake_results()
     text = report.write_report(results, tmp_path / "r.md", None, 60.0, "python x", None, "cpu").read_text()
     assert "**Partial**" in text

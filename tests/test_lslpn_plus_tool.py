@@ -1,12 +1,10 @@
-"""tools/lslpn_plus.py's ablation logic and its report (docs/lslpn_plus.md), on made-up evaluations: which
-rows exist, which need their own training runs, and what the report computes from the cells."""
+"""The LSLPN+ sweep's ablation logic and its report (experiments/lslpn_plus.py, docs/lslpn_plus.md), on
+made-up evaluations: which rows exist, which need their own training runs, what the report computes."""
 from __future__ import annotations
 
 import pytest
-from conftest import load_script
 
-tool = load_script("lslpn_plus")              # tools/lslpn_plus.py
-report = load_script("lslpn_plus_report")
+from experiments import lslpn_plus as tool
 
 ADAPT = {"adapt_steps": 20, "adapt_lr": 0.01}
 GRIDS = {"grids": [4, 8], "grid_fusion": "mean"}
@@ -65,9 +63,8 @@ def timing(seconds: float, adapt: float = 0.0) -> dict:
             "head_share": {"share": 0.5}}
 
 
-@pytest.mark.parametrize("quiet", [True, False])
-def test_report_compares_each_row_with_lslpn_and_takes_timings_from_the_timing_pass(tmp_path, quiet):
-    results = {"command": "python tools/lslpn_plus.py", "commit": "abc", "seconds": 60.0,
+def sweep_results(quiet: bool) -> dict:
+    return {"command": "python scripts/bench_chaos.py --lslpn-plus", "commit": "abc", "seconds": 60.0,
                "environment": "test", "folds": [0, 1],
                "selection": {"baseline": 0.5, "candidates": [], "best": {}, "greedy": [], "chosen": []},
                "rows": {"LSLPN": row({}, 0.0), "+ test-time adaptation": row(ADAPT, 0.07),
@@ -76,8 +73,12 @@ def test_report_compares_each_row_with_lslpn_and_takes_timings_from_the_timing_p
                           "environment": "2 cores",
                           "rows": {"LSLPN": timing(2.0), "+ test-time adaptation": timing(1.0, 10.0),
                                    "LSLPN+": timing(5.0, 12.0)}}}
+
+
+@pytest.mark.parametrize("quiet", [True, False])
+def test_report_compares_each_row_with_lslpn_and_takes_timings_from_the_timing_pass(tmp_path, quiet):
     doc = tmp_path / "lslpn_plus.md"
-    report.write(results, doc, tool.TRAINING_KEYS)
+    tool.write_report(sweep_results(quiet), doc)
     text = doc.read_text()
     # every organ up by 7 points: the +5 target is met on Dice, and the time ratios come from the timing pass
     assert "+ test-time adaptation, Setting 2, folds 0, 1: 63.3 against LSLPN 56.2 on the same folds: " \
@@ -91,19 +92,35 @@ def test_report_compares_each_row_with_lslpn_and_takes_timings_from_the_timing_p
     assert "| LSLPN+ | 0, 1 |" in setting1 and "| 5.000 | 12.00 (24.0 per support slice) | 50% |" in setting1
 
 
+def test_bench_chaos_lslpn_plus_rewrites_the_report_from_its_results(tmp_path, monkeypatch):
+    import json
+
+    from conftest import load_script
+
+    from util.errors import UserError
+    bench = load_script("bench_chaos")
+    monkeypatch.setattr(bench, "PINNED_NUMERICS", {})
+    with pytest.raises(UserError, match="lslpn_plus_results.json: no results yet"):
+        bench.main(["--lslpn-plus", "--report-only", "--out", str(tmp_path)])
+    (tmp_path / "lslpn_plus_results.json").write_text(json.dumps(sweep_results(True)))
+    assert bench.main(["--lslpn-plus", "--report-only", "--out", str(tmp_path)]) == 0
+    tool.write_report(sweep_results(True), tmp_path / "direct.md")
+    assert (tmp_path / "lslpn_plus.md").read_text() == (tmp_path / "direct.md").read_text()
+
+
 def test_timing_pass_warms_up_keeps_each_rows_fastest_pass_and_caches(tmp_path, monkeypatch):
     slow_first = iter([100.0, 4.0, 8.0, 6.0, 2.0])    # warm-up, then LSLPN and LSLPN+ in pass 1, pass 2
     calls = []
 
-    def fake_evaluate(steps, options, cell, device):
+    def fake_evaluate(options, cell, device):
         calls.append(dict(options))
         return {"seconds": next(slow_first), "adapt_seconds": 3.0 if options else 0.0, "adaptations": 2,
                 "volumes": 2, "dice": {}}
     monkeypatch.setattr(tool, "evaluate_cell", fake_evaluate)
     monkeypatch.setattr(tool, "head_share", lambda snapshot, options, device: {"share": 0.5})
+    monkeypatch.setattr(tool.steps, "environment_note", lambda: "test machine")
 
     class FakeBench:
-        steps = type("Steps", (), {"environment_note": staticmethod(lambda: "test machine")})
         device, path, saved = "cpu", tmp_path / "lslpn_plus.json", {"evaluations": {}}
 
         def snapshot(self, cell, training):
@@ -125,20 +142,19 @@ def test_report_names_the_rows_that_differ_only_in_training_as_the_timing_noise(
             "LSLPN+ without boundary loss": ADAPT, "+ multi-scale grids": GRIDS}
     results = {"rows": {name: {"options": options} for name, options in rows.items()},
                "timing": {"rows": {name: timing(1.0 + i / 10) for i, name in enumerate(rows)}}}
-    note = report.noise_note(results, tool.TRAINING_KEYS)
+    note = tool.noise_note(results)
     assert "LSLPN 1.000 s and + boundary loss 1.100 s" in note
     assert "LSLPN+ 1.200 s and LSLPN+ without boundary loss 1.300 s" in note
     assert "multi-scale" not in note
     del results["rows"]["+ boundary loss"], results["rows"]["LSLPN+ without boundary loss"]
-    assert report.noise_note(results, tool.TRAINING_KEYS) == ""
+    assert tool.noise_note(results) == ""
 
 
 def test_evaluations_are_reused_until_the_snapshot_or_the_prepared_folder_changes(tmp_path, monkeypatch):
-    from experiments import chaos as steps
     calls = []
     monkeypatch.setattr(tool, "evaluate_cell", lambda *args: calls.append(1) or {"dice": {}})
     bench = tool.Bench.__new__(tool.Bench)          # no data: only the cache is exercised
-    bench.steps, bench.device, bench.path = steps, "cpu", tmp_path / "plus.json"
+    bench.device, bench.path = "cpu", tmp_path / "plus.json"
     bench.saved = {"evaluations": {}}
     (tmp_path / "meta.json").write_text("{}")
     (tmp_path / "last.pth").write_bytes(b"weights")

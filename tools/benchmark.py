@@ -25,14 +25,14 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from config import ex  # before sacred: config.py silences its import warning
+from config import default_config, ex  # before sacred: config.py silences its import warning
 
 # isort: split
 from sacred.initialize import create_run
@@ -42,6 +42,7 @@ from dataloaders.prepare import Selection, prepare_dataset
 from demo.phantom import generate_phantom, render_subject
 from evaluation.inference import run_chunks
 from evaluation.protocols import chunk_plan, get_preset, organ_range
+from experiments.timing import Timing, measure, synchronize
 from models.encoders import build_encoder
 from models.fewshot import FewShotSegNet
 from models.local_prototypes import LocalPrototypeHead, grid_cells, official_cell_loop
@@ -63,36 +64,6 @@ INTRO = ("Made by `tools/benchmark.py` (its command is stated in each section). 
          "synchronise the device. Forward passes run under `torch.no_grad`. Times in milliseconds "
          "unless stated. Synthetic data (seeded): 1-way 1-shot 1-query episodes, random-weight encoders "
          "(speed does not depend on the weights).\n")
-
-
-# ----------------------------------------------------------------------------------------- timers
-@dataclass
-class Timing:
-    """Median and all timed runs (seconds) of one measurement."""
-    median: float
-    runs: list[float] = field(default_factory=list)
-    warmup: int = 0
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def measure(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int = 1,
-            min_seconds: float = 0.0, max_repeats: int = 25) -> Timing:
-    """Median wall time of `fn()` over at least `repeats` runs after `warmup` runs; cheap calls repeat until
-    `min_seconds` of timed runs (at most `max_repeats`), so that the median resists bursts of load."""
-    for _ in range(warmup):
-        fn()
-    runs: list[float] = []
-    while len(runs) < max(1, repeats) or (sum(runs) < min_seconds and len(runs) < max_repeats):
-        synchronize(device)
-        start = time.perf_counter()
-        fn()
-        synchronize(device)
-        runs.append(time.perf_counter() - start)
-    return Timing(statistics.median(runs), runs, warmup)
 
 
 def dispatch_fraction(fn: Callable[[], object], device: torch.device, repeats: int = 3) -> float:
@@ -267,7 +238,7 @@ def _training_config(named: str, workdir: str, device: str, amp: bool, n_steps: 
 
 def _quiet_train(config: dict) -> dict:
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        return train(config)
+        return train(config, defaults=default_config())
 
 
 def training_throughput(named: str, device: torch.device, amp: bool, n_steps: int, runs: int,

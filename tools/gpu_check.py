@@ -3,12 +3,8 @@
     tools/gpu_check.sh [--dry-run] [--quick] [--out DIR]   # the wrapper installs carried wheels first
     python tools/gpu_check.py [--dry-run] [--quick] [--out DIR] [--budget SECONDS] [--keep]
 
-Steps (docs/gpu_check.md; none stops the run, each prints PASS / FAIL / SKIP): 1. `pytest -m cuda`; 2. a
-phantom prepared at SIZE; 3. train.py `paper` and `official` x AMP off / bf16 / fp16 (a data wait > 10% runs
-paper bf16 again with num_workers=4); 4. tools/benchmark.py --device cuda; 5. targets and the GPU-hours of
-the paper's 4 folds x 10,000 steps. Outputs under --out (default $OUT, else runs/gpu_check): summary.md,
-results.json, log.txt, BENCHMARKS.md, benchmark.json; exit 1 when a check FAILs. --dry-run: CPU at 64 x 64,
-a few steps; --quick: no benchmark, no `official` runs.
+Steps and outputs: docs/gpu_check.md (each prints PASS / FAIL / SKIP; exit 1 when a check FAILs).
+--dry-run: CPU at 64 x 64, a few steps; --quick: no benchmark, no `official` runs.
 """
 from __future__ import annotations
 

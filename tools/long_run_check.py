@@ -2,12 +2,9 @@
 
     python tools/long_run_check.py --steps 2000 --out docs/long_run_check.md
 
-Runs the real entry point, `python train.py with demo n_steps=STEPS print_every=100 ...`, in a
-subprocess, reads every "step N/STEPS  loss L ..." summary line it prints (the mean loss of the last
-100 steps) and at that moment samples the process's resident set size (VmRSS of /proc/<pid>/status).
-Fails (exit 1) when a loss is NaN/inf or the process fails; reports the RSS growth between the first
-sample and the last (the first samples include warm-up allocations). Writes a Markdown report with
-the command that made it. Linux only (/proc).
+Runs `python train.py with demo n_steps=STEPS print_every=100 ...` and samples the process's VmRSS at
+each printed summary line; fails (exit 1) on a NaN/inf loss or a failed process; reports the RSS growth
+from the first sample to the last. Linux only (/proc).
 """
 from __future__ import annotations
 
@@ -50,8 +47,7 @@ def run_training(steps: int, data_dir: str, log_dir: str, extra: list[str], on_s
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True,
-                            bufsize=1)
+                            text=True, bufsize=1)
     samples, tail = [], []
     for raw in proc.stdout:
         for line in raw.replace("\r", "\n").splitlines():
@@ -59,8 +55,7 @@ def run_training(steps: int, data_dir: str, log_dir: str, extra: list[str], on_s
             match = STEP_LINE.search(line)
             if match:
                 sample = {"step": int(match.group(1)), "loss": float(match.group(3)),
-                          "rss_mb": rss_mb(proc.pid),
-                          "seconds": time.perf_counter() - start}
+                          "rss_mb": rss_mb(proc.pid), "seconds": time.perf_counter() - start}
                 samples.append(sample)
                 print(f"step {sample['step']:>5}  loss {sample['loss']:.4f}  RSS {sample['rss_mb']:.0f} MiB  "
                       f"{sample['seconds']:.0f} s", flush=True)
@@ -112,19 +107,15 @@ def main(argv: list[str]) -> int:
     command = "python tools/long_run_check.py " + " ".join(argv)
     out = Path(args.out)
 
-    def write(text: str) -> None:
-        write_text_atomic(text, out)
-
     def partial(samples, tail, seconds):  # the report so far, marked partial, after every sample
-        write(report(samples, -1, seconds, command, args.steps, tail)[0].replace(
-            "Result: exit code -1", "Result: STILL RUNNING (partial report)"))
+        write_text_atomic(report(samples, -1, seconds, command, args.steps, tail)[0].replace(
+            "Result: exit code -1", "Result: STILL RUNNING (partial report)"), out)
 
     with tempfile.TemporaryDirectory() as scratch:
         samples, code, tail, seconds = run_training(args.steps, args.data_dir, args.log_dir or scratch,
-                                                    args.extra,
-                                                    partial)
+                                                    args.extra, partial)
     text, ok = report(samples, code, seconds, command, args.steps, tail)
-    write(text)
+    write_text_atomic(text, out)
     print(f"wrote {out}: {'PASS' if ok else 'FAIL'}")
     return 0 if ok else 1
 

@@ -3,18 +3,9 @@
     python tools/selfsup_demo.py              # run (finished steps are reused), print the tables
     python tools/selfsup_demo.py --publish    # copy the report and figures into docs/
 
-Phantom (the demo's data, made as `make demo` makes it when missing):
-  1. images-only prepared folder of the 20 silver volumes + superpixels   data/selfsup/phantom_unlabeled
-  2. self-supervised LSLPN: ONE run on the unlabeled folder (no label, no labeled validation: the last
-     snapshot after a fixed number of steps), used for all four folds
-  3. self-supervised + supervised fine-tuning: per fold, the demo config started from 2's weights
-     (path.init_from), fewer steps, selected on the held-out silver volumes as the demo
-  4. evaluation on the gold volumes (preset inclusive) beside mask copy and the demo's supervised LSLPN
-     and PANet runs when they are finished (--train-supervised trains the LSLPN ones)  runs/selfsup_demo/
-Real scan (../shared/data/real_ct, when present): self-supervised training continued on that unlabeled
-volume, then liver, spleen and kidneys of the SAME scan segmented from 3 annotated slices each (organ
-range from the labels, 3 chunks), whole-volume Dice, beside the phantom-supervised snapshot of the fold
-that held the organ out. One patient, test-time adaptation: not a benchmark.
+Steps (docs/selfsup_phantom.md): superpixels of the unlabeled silver volumes, one self-supervised run,
+supervised fine-tuning per fold, evaluation on the gold volumes; on ../shared/data/real_ct, organs of one
+real scan segmented from 3 annotated slices each (one patient: not a benchmark).
 """
 from __future__ import annotations
 
@@ -239,7 +230,6 @@ def main(argv: list[str]) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     parser.add_argument("--publish", action="store_true", help="copy the finished report into docs/")
-    parser.add_argument("--skip-real", action="store_true", help="phantom only")
     parser.add_argument("--selfsup-steps", type=int, default=1200, help="the self-supervised run's steps")
     parser.add_argument("--finetune-steps", type=int, default=300, help="fine-tuning steps per fold")
     parser.add_argument("--real-steps", type=int, default=300, help="self-supervised steps on the real scan")
@@ -252,7 +242,7 @@ def main(argv: list[str]) -> int:
     log: list[dict] = []
     start = time.perf_counter()
     results, selfsup, supervised = phantom_part(log, args)
-    real = None if args.skip_real else real_part(log, supervised, selfsup, args)
+    real = real_part(log, supervised, selfsup, args)
     report = write_report(results, real, log, time.perf_counter() - start, argv, args)
     print("\n" + report.read_text())
     return 0

@@ -2,12 +2,9 @@
 
     python tools/superpixel_quality.py --phantom data/phantom --volumes 2
 
-For labeled gold phantom volumes (HU window [-125, 275], slices resized to --size as training does):
-per test organ and per axial slice holding more than 200 of its voxels, the Dice of the ONE superpixel
-that best matches the organ on that slice (an upper bound of how organ-like a pseudo-label can be),
-averaged; for 2D felzenszwalb and 2D slic (dataloaders/superpixels.py defaults) and 3D slic
-supervoxels (scikit-image slic on the whole volume, about as many supervoxels per slice as 2D slic;
-the best supervoxel's cross-section on that slice). Also the seconds per volume.
+Per test organ and slice of the gold phantom volumes (> 200 organ voxels), the Dice of the ONE superpixel
+that best matches the organ (an upper bound for a pseudo-label), for 2D felzenszwalb, 2D slic and 3D slic
+supervoxels; also the seconds per volume.
 """
 from __future__ import annotations
 

@@ -3,10 +3,8 @@ one line per method, read from the runs' Sacred metrics.json.
 
     python tools/training_curves.py runs/demo/train --out runs/demo/training_curves.png
 
-RUNS holds one folder per trained set-up named <method>_fold<F> (as `make demo` writes them, e.g.
-lslpn_fold0, panet_fold2, senet_fold3), each with Sacred run folders <id>/metrics.json. The runs of
-one set-up are joined in id order (a resumed run continues its predecessor's steps; a later run's
-value wins at a repeated step).
+RUNS holds one folder per set-up named <method>_fold<F> (as `make demo` writes them), each with Sacred
+run folders <id>/metrics.json, joined in id order (a later run's value wins at a repeated step).
 """
 from __future__ import annotations
 

@@ -1,29 +1,27 @@
-"""LSLPN+ on CHAOS-T2 (docs/lslpn_plus.md, which says how each step runs): every option chosen on each fold's
-validation scan (held out of training), combined greedily; then the ablation (LSLPN, each option alone, the
-combination, the combination without each option) on the test scans of the benchmark's own LSLPN runs
-(experiments/chaos.py; options that change training get their own runs); then a timing pass.
-
-    python tools/lslpn_plus.py                  # everything, reusing finished runs and evaluations
-    python tools/lslpn_plus.py --folds 0        # one fold (a quick look; the report says so)
-    python tools/lslpn_plus.py --report-only    # rewrite docs/lslpn_plus.md from OUT/lslpn_plus_results.json
+"""LSLPN+ on CHAOS-T2 (docs/lslpn_plus.md says how each step runs): every option chosen on each fold's
+validation scan, combined greedily; then the ablation (LSLPN, each option alone, the combination, the
+combination without each option) on the test scans of the benchmark's own LSLPN runs (experiments/chaos.py;
+options that change training get their own runs); then a timing pass; then the report.
+Run by `python scripts/bench_chaos.py --lslpn-plus`.
 """
 from __future__ import annotations
 
-import argparse
 import json
-import os
-import shlex
 import time
 from pathlib import Path
 
-from util.cli import run_cli
-from util.errors import UserError
-from util.io import check_output_file, check_writable_folder, write_text_atomic
+import numpy as np
+import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-
-PINNED_NUMERICS = {"ONEDNN_MAX_CPU_ISA": "AVX2", "OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2"}
-DOC = ROOT / "docs" / "lslpn_plus.md"
+from evaluation.adaptation import test_time_model
+from evaluation.evaluate import load_snapshot
+from evaluation.protocols import summarise_folds
+from experiments import chaos as steps
+from experiments.chaos import HEAD, ORGANS, _fmt
+from experiments.chaos import fold_means as method_fold_means
+from experiments.timing import measure
+from models.fewshot import PLUS_DEFAULTS, with_head_options
+from util.io import write_text_atomic
 
 # option -> candidate settings tried on the validation scans (LSLPN+ model options, or adapt_* for
 # test-time adaptation)
@@ -69,12 +67,11 @@ class Bench:
     evaluations (OUT/lslpn_plus.json)."""
 
     def __init__(self, data: Path, out: Path, folds: list[int], device: str, budget: dict):
-        from experiments import chaos as steps
-        self.steps, self.data, self.out, self.folds, self.device = steps, data, out, folds, device
+        self.data, self.out, self.folds, self.device = data, out, folds, device
         self.dataset = steps.layout.detect_dataset(data)
         self.named_base, self.base = steps.budget_overrides(budget["steps"], budget["input_size"],
                                                             budget["batch_size"], False)
-        self.how = steps.methods(include_alpnet=False)[LSLPN]
+        self.how = steps.methods()[LSLPN]
         self.budget, self.log = budget, []
         self.path = out / "lslpn_plus.json"
         self.saved = json.loads(self.path.read_text()) if self.path.is_file() else {"evaluations": {}}
@@ -86,7 +83,7 @@ class Bench:
             for fold in self.folds:
                 shared_snapshot = None
                 for label_set in (0, 1):
-                    folder = self.steps.prepared(self.data, self.out, fold, setting,
+                    folder = steps.prepared(self.data, self.out, fold, setting,
                                                  label_set if setting == 2 else None, "or", self.log,
                                                  validation=validation)
                     name = (f"lslpn_fold{fold}_setting{setting}"
@@ -94,7 +91,7 @@ class Bench:
                             + ("_validation" if validation else ""))
                     cell = {"fold": fold, "setting": setting, "label_set": label_set, "folder": folder,
                             "name": name, "organs": self.dataset.test_organs(label_set),
-                            "queries": self.steps.read_meta(folder)["alpnet"][
+                            "queries": steps.read_meta(folder)["alpnet"][
                                 "validation" if validation else "test"]}
                     # Setting 1: one run serves both label sets (no label is read in training)
                     cell["snapshot"] = shared_snapshot or self.snapshot(cell, {})
@@ -109,7 +106,7 @@ class Bench:
             return cell["snapshot"]
         overrides = [f"{TRAINING_KEYS[key]}={json.dumps(value)}"
                      for key, value in sorted(train_options.items())]
-        return self.steps.train(cell["name"] + run_suffix(train_options),
+        return steps.train(cell["name"] + run_suffix(train_options),
                                 [*self.named_base, *self.how["named"]],
                                 [*self.base, *self.how["overrides"], *overrides,
                                  f"path.data_dir={cell['folder']}"],
@@ -121,10 +118,10 @@ class Bench:
         meta.json and the device."""
         cell = {**cell, "snapshot": self.snapshot(cell, training_options(options))}
         key = "|".join([stage, key_of(options), str(cell["fold"]), str(cell["setting"]),
-                        str(cell["label_set"]), self.steps.file_digest(cell["snapshot"]),
-                        self.steps.file_digest(cell["folder"] / "meta.json"), self.device])
+                        str(cell["label_set"]), steps.file_digest(cell["snapshot"]),
+                        steps.file_digest(cell["folder"] / "meta.json"), self.device])
         if key not in self.saved["evaluations"]:
-            result = evaluate_cell(self.steps, options, cell, self.device)
+            result = evaluate_cell(options, cell, self.device)
             self.saved["evaluations"][key] = result
             write_text_atomic(json.dumps(self.saved, indent=1), self.path)
         return self.saved["evaluations"][key]
@@ -132,7 +129,6 @@ class Bench:
 
 def mean_dice(bench: Bench, options: dict, cells: list[dict], stage: str) -> float:
     """Mean over cells and organs of the mean Dice over the cell's query scans."""
-    import numpy as np
     values = []
     for cell in cells:
         for per_query in bench.evaluate(options, cell, stage)["dice"].values():
@@ -156,16 +152,16 @@ def select(bench: Bench, cells: list[dict]) -> dict:
                 best[option] = {"settings": candidate, "validation": value}
     order = sorted((o for o in best if best[o]["validation"] > baseline),
                    key=lambda o: -best[o]["validation"])
-    combination, combined, steps = {}, baseline, []
+    combination, combined, greedy = {}, baseline, []
     for option in order:
         trial = {**combination, **best[option]["settings"]}
         value = mean_dice(bench, trial, cells, "validation")
         kept = value > combined
-        steps.append({"option": option, "validation": value, "kept": kept})
+        greedy.append({"option": option, "validation": value, "kept": kept})
         if kept:
             combination, combined = trial, value
-    chosen = [s["option"] for s in steps if s["kept"]]
-    return {"baseline": baseline, "candidates": table, "best": best, "greedy": steps,
+    chosen = [s["option"] for s in greedy if s["kept"]]
+    return {"baseline": baseline, "candidates": table, "best": best, "greedy": greedy,
             "combination": combination, "combination_validation": combined, "chosen": chosen}
 
 
@@ -201,12 +197,12 @@ def timing_pass(bench: Bench, rows: dict[str, dict], cells: list[dict], retime: 
     if todo:
         saved["quiet"] = saved["quiet"] and retime           # a row timed by a plain run is not quiet
         warm_up = {**cell, "snapshot": bench.snapshot(cell, {})}        # untimed: one-time costs
-        evaluate_cell(bench.steps, {}, warm_up, bench.device)
+        evaluate_cell({}, warm_up, bench.device)
     fastest: dict[str, dict] = {}
     for _ in range(TIMING_PASSES if todo else 0):
         for row, options in todo.items():
             snapshot = bench.snapshot(cell, training_options(options))
-            result = evaluate_cell(bench.steps, options, {**cell, "snapshot": snapshot}, bench.device)
+            result = evaluate_cell(options, {**cell, "snapshot": snapshot}, bench.device)
             if row not in fastest or result["seconds"] < fastest[row]["seconds"]:
                 fastest[row] = result
     for row, result in fastest.items():
@@ -221,29 +217,28 @@ def timing_pass(bench: Bench, rows: dict[str, dict], cells: list[dict], retime: 
     for row in rows:
         print(f"    timing {row}: {saved['rows'][keys[row]]['seconds']:.3f} s per query volume", flush=True)
     return {"cell": where, "rows": {row: saved["rows"][keys[row]] for row in rows}, "quiet": saved["quiet"],
-            "passes": TIMING_PASSES, "environment": bench.steps.environment_note()}
+            "passes": TIMING_PASSES, "environment": steps.environment_note()}
 
 
-# ------------------------------------------- evaluation of an option set (torch loads here, after the pins)
+# ------------------------------------------------------------------------- evaluation of an option set
+def head_options(options: dict) -> dict:
+    """The option set's LSLPN+ head options (not test-time adaptation, not training options)."""
+    return {k: v for k, v in options.items() if k in PLUS_DEFAULTS}
+
+
 def model_with(snapshot, options: dict, device: str):
-    """(model in eval mode with the option set's head options, its input size); the set's other options
-    (test-time adaptation, training options) are not the head's."""
-    from evaluation.evaluate import load_snapshot
-    from models.fewshot import PLUS_DEFAULTS, with_head_options
+    """(model in eval mode with the option set's head options, its input size)."""
     model, info = load_snapshot(snapshot, device)
-    head = {k: v for k, v in options.items() if k in PLUS_DEFAULTS}
+    head = head_options(options)
     if head:
         model = with_head_options(model, head).eval()
     return model, int(info["input"]["input_size"])
 
 
-def evaluate_cell(steps, options: dict, cell: dict, device: str) -> dict:
+def evaluate_cell(options: dict, cell: dict, device: str) -> dict:
     """{dice: {organ: {query id: Dice}}, seconds (inference, all volumes), adapt_seconds, adaptations,
     volumes (query scans x organs)} of one option set on one cell (query ids of cell['queries'])."""
-    from evaluation.adaptation import test_time_model
-    from models.fewshot import PLUS_DEFAULTS
-    head = {k: v for k, v in options.items() if k in PLUS_DEFAULTS}
-    adapted = []
+    head, adapted = head_options(options), []
 
     def transform(model):   # the LSLPN+ test-time options, test-time adaptation on stored-resolution views
         model = test_time_model(model, head, options.get("adapt_steps", 0), options.get("adapt_lr", 1e-2),
@@ -259,10 +254,8 @@ def evaluate_cell(steps, options: dict, cell: dict, device: str) -> dict:
 
 
 def head_share(snapshot, options: dict, device: str, n_queries: int = 16, repeats: int = 5) -> dict:
-    """Median seconds (tools/benchmark.measure) of the encoder and of the head for 1 support +
-    n_queries query slices, and the head's share of the two (the time of one inference step)."""
-    import torch
-    from benchmark import measure  # tools/benchmark.py, beside this tool
+    """Median seconds of the encoder and of the head for 1 support + n_queries query slices, and the
+    head's share of the two (the time of one inference step)."""
     model, size = model_with(snapshot, options, device)
     generator = torch.Generator().manual_seed(0)
     support = torch.randn(1, 1, 1, 1, size, size, generator=generator).to(device)
@@ -285,41 +278,170 @@ def head_share(snapshot, options: dict, device: str, n_queries: int = 16, repeat
             "n_queries": n_queries, "input_size": size}
 
 
-def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", type=Path, default=None, help="SSL-ALPNet-layout folder "
-                        "(default $CHAOS_T2_DIR or ../shared/data/chaos_mr_t2 beside the repository)")
-    parser.add_argument("--out", type=Path, default=Path("runs/bench_chaos"),
-                        help="the benchmark's folder (its LSLPN runs are reused)")
-    parser.add_argument("--folds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--retime", action="store_true",
-                        help="measure the timing pass again, on a quiet machine (nothing else on the cores: "
-                             "the report says the timings are quiet)")
-    parser.add_argument("--doc", type=Path, default=DOC)
-    parser.add_argument("--report-only", action="store_true")
-    args = parser.parse_args(argv)
-    if any(f not in range(5) for f in args.folds):
-        raise UserError(f"--folds {args.folds}: SSL-ALPNet has folds 0-4: pick among them")
-    check_output_file(args.doc, what="--doc", suffixes=(".md",), create_parent=True)   # before any compute
-    if not args.report_only:
-        check_writable_folder(args.out, "--out")
-    os.environ.update(PINNED_NUMERICS)
-    import lslpn_plus_report as report  # beside this tool
+# ------------------------------------------------------------------------- report
+TARGET_GAIN, MAX_ORGAN_LOSS, MAX_TIME_RATIO = 5.0, 1.0, 2.0       # docs/lslpn_plus.md's target, Dice points
 
-    from experiments.chaos import default_data
-    results_path = args.out / "lslpn_plus_results.json"
-    if args.report_only:
-        if not results_path.is_file():
-            raise UserError(f"{results_path}: no results yet: run tools/lslpn_plus.py first")
-        report.write(json.loads(results_path.read_text()), args.doc, TRAINING_KEYS)
-        print(f"wrote {args.doc}")
-        return 0
-    data = args.data or default_data()
+
+def fold_means(cells: list[dict], setting: int) -> dict[int, dict[str, float]]:
+    """{fold: {organ: mean Dice over the fold's query scans}} of one row's cells in one setting."""
+    return method_fold_means([{**cell, "method": "row"} for cell in cells], "row", setting)
+
+
+def same_cells(row: dict, other: dict) -> dict:
+    """`other` restricted to the (fold, setting, label set) cells that `row` has."""
+    keys = {(c["fold"], c["setting"], c["label_set"]) for c in row["cells"]}
+    kept = [c for c in other["cells"] if (c["fold"], c["setting"], c["label_set"]) in keys]
+    return {**other, "cells": kept}
+
+
+def summary(row: dict, setting: int) -> dict | None:
+    """Per organ mean/std over folds and the mean of the organ means (None: no cell in that setting)."""
+    cells = [c for c in row["cells"] if c["setting"] == setting]
+    if not cells:
+        return None
+    folds = summarise_folds(fold_means(row["cells"], setting))
+    return {"organs": folds, "mean": float(np.mean([folds[o]["mean"] for o in ORGANS if o in folds])),
+            "folds": sorted({c["fold"] for c in cells})}
+
+
+def setting_table(results: dict, setting: int) -> list[str]:
+    rows, timing = results["rows"], results["timing"]["rows"]
+    cols = " | ".join(HEAD[o] for o in ORGANS)
+    lines = [f"| Method | folds | {cols} | mean | vs LSLPN (same folds) | s / query volume "
+             "| adaptation s / query volume | head share |", "|---" * 11 + "|"]
+    for name, row in rows.items():
+        s = summary(row, setting)
+        if s is None:
+            continue
+        base = summary(same_cells(row, rows["LSLPN"]), setting)
+        organs = " | ".join(f"{_fmt(s['organs'][o]['mean'])} ({_fmt(s['organs'][o]['std'])})" for o in ORGANS)
+        delta = 100 * (s["mean"] - base["mean"])
+        t = timing[name]
+        adapt = f"{t['adapt_seconds']:.2f} ({t['per_adaptation']:.1f} per support slice)" \
+            if t["adapt_seconds"] else "-"
+        folds = ", ".join(map(str, s["folds"]))
+        lines.append(f"| {name} | {folds} | {organs} | {_fmt(s['mean'])} | {delta:+.1f} | {t['seconds']:.3f} "
+                     f"| {adapt} | {100 * t['head_share']['share']:.0f}% |")
+    return lines
+
+
+def _against_lslpn(results: dict, name: str) -> str:
+    rows, timing = results["rows"], results["timing"]["rows"]
+    plus = summary(rows[name], 2)
+    base = summary(same_cells(rows[name], rows["LSLPN"]), 2)
+    gain = 100 * (plus["mean"] - base["mean"])
+    worst = min(100 * (plus["organs"][o]["mean"] - base["organs"][o]["mean"]) for o in ORGANS)
+    ratio = timing[name]["seconds"] / timing["LSLPN"]["seconds"]
+    met = gain >= TARGET_GAIN and worst >= -MAX_ORGAN_LOSS and ratio <= MAX_TIME_RATIO
+    return (f"- {name}, Setting 2, folds {', '.join(map(str, plus['folds']))}: {_fmt(plus['mean'])} against "
+            f"LSLPN {_fmt(base['mean'])} on the same folds: {gain:+.1f} Dice points "
+            f"(target +{TARGET_GAIN:.0f}); "
+            f"worst organ {worst:+.1f} (target >= -{MAX_ORGAN_LOSS:.0f}); inference {ratio:.2f}x LSLPN's "
+            f"time per query volume (target <= {MAX_TIME_RATIO:.0f}x)"
+            + (f", adaptation {timing[name]['adapt_seconds']:.1f} s per query volume on top"
+               if timing[name]["adapt_seconds"] else "")
+            + f". Target {'met' if met else 'not met'}.")
+
+
+def target_lines(results: dict) -> list[str]:
+    rows = results["rows"]
+    if "LSLPN+" not in rows:
+        return ["No option raised the validation Dice: there is no LSLPN+ combination to test."]
+    return [_against_lslpn(results, name) for name in rows if name.startswith(("LSLPN+", "+"))]
+
+
+def selection_lines(selection: dict) -> list[str]:
+    lines = [f"LSLPN on the validation scans: {_fmt(selection['baseline'])} mean Dice "
+             "(every fold, both settings).",
+             "", "| Option | settings | validation Dice | vs LSLPN |", "|---|---|---|---|"]
+    for entry in selection["candidates"]:
+        settings = ", ".join(f"{k}={v}" for k, v in sorted(entry["settings"].items()))
+        best = selection["best"][entry["option"]]["settings"] == entry["settings"]
+        mark = " **(chosen)**" if best else ""
+        lines.append(f"| {entry['option']} | {settings}{mark} | {_fmt(entry['validation'])} | "
+                     f"{100 * (entry['validation'] - selection['baseline']):+.1f} |")
+    lines += ["", "Greedy combination (options in order of their validation gain; kept when the combination "
+              "improves):", ""]
+    for step in selection["greedy"]:
+        lines.append(f"- {step['option']}: validation {_fmt(step['validation'])} -> "
+                     f"{'kept' if step['kept'] else 'dropped'}")
+    if not selection["greedy"]:
+        lines.append("- no option beat LSLPN on the validation scans")
+    return lines
+
+
+def timing_note(timing: dict) -> str:
+    """What the seconds and head-share columns are and where they were measured."""
+    cell = timing["cell"]
+    return ("seconds per query volume (inference of one organ in one scan; adaptation apart, in its own "
+            "column) and the head's share of one forward pass (1 support + 16 queries) were measured after "
+            f"one untimed warm-up evaluation, in {timing.get('passes', 1)} pass(es) over all rows, row after "
+            f"row (each row's fastest pass), on fold {cell['fold']}, Setting {cell['setting']}, label set "
+            f"{cell['label_set']} ({timing.get('environment', '2 CPU cores')}), "
+            + ("with nothing else running on the cores." if timing.get("quiet")
+               else "while other jobs shared the cores: seconds and ratios are loose."))
+
+
+def noise_note(results: dict) -> str:
+    """The timing pairs that run the same computation at test time (option sets that differ only in
+    TRAINING_KEYS): their differences show the noise of the seconds column; '' when there are none."""
+    timing, rows = results["timing"]["rows"], results["rows"]
+
+    def at_test_time(name: str) -> dict:
+        return {k: v for k, v in rows[name]["options"].items() if k not in TRAINING_KEYS}
+    names = list(rows)
+    pairs = [(a, b) for i, a in enumerate(names) for b in names[i + 1:] if at_test_time(a) == at_test_time(b)]
+    if not pairs:
+        return ""
+    text = "; ".join(f"{a} {timing[a]['seconds']:.3f} s and {b} {timing[b]['seconds']:.3f} s"
+                     for a, b in pairs)
+    return (" Rows that differ only in training run the same computation at test time; their seconds show "
+            f"the noise of the column: {text}.")
+
+
+def write_report(results: dict, doc: Path) -> None:
+    folds = results["folds"]
+    lines = ["# LSLPN+ on CHAOS-T2 MRI: options beyond the paper, chosen on validation scans", "",
+             f"Generated by `{results['command']}` at commit {results['commit']} "
+             f"({results['seconds'] / 60:.1f} min on {results['environment']}).", "",
+             "Budget and protocol: the LSLPN row of docs/bench_chaos.md (its runs, names and seeds: "
+             "`demo selfsup selfsup.episodes=alpnet`, cnn_small from random initialisation, 100 steps, "
+             "batch 2, 64 x 64 input), SSL-ALPNet's protocol (preset `alpnet`), "
+             f"folds {', '.join(map(str, folds))}, Settings 1 and 2, every row on every fold. Options that "
+             "act at test time (the head options have no parameters; test-time adaptation fine-tunes a copy "
+             "of the network per support slice) are applied to the LSLPN row's own runs; options that change "
+             "training (2.5D input, the boundary loss) have their own runs, trained exactly as the LSLPN row "
+             "plus that option.", "",
+             f"Timing: {timing_note(results['timing'])}{noise_note(results)}", "",
+             "Read with care: (1) the LSLPN runs were retrained for this report with the benchmark's config "
+             "and seeds; their means differ from docs/bench_chaos.md's by about a point (another machine "
+             "and checkout: README's paragraph 'Reproducibility of these figures' says what varies); "
+             "(2) every evaluation is cached in OUT/lslpn_plus.json and reused by later runs of the command, "
+             "so the wall time above is that of the last run, not of the whole measurement.", "",
+             "## Target", "", *target_lines(results), "",
+             "## Selection on validation scans (never the test scans)", "",
+             "Per fold, LSLPN was retrained with the fold's validation scan held out "
+             "(the first training scan "
+             "after the support); each candidate segmented that scan from the fold's support.", "",
+             *selection_lines(results["selection"]), ""]
+    for setting in (2, 1):
+        lines += [f"## Setting {setting}: test scans", "",
+                  "Mean (std over folds) of the per-fold mean Dice (%) over each fold's 4 query scans. "
+                  "`+ option`: the option alone on LSLPN; `LSLPN+ without option`: the combination "
+                  "minus it.", "",
+                  *setting_table(results, setting), ""]
+    lines += ["## Options", ""]
+    for name, row in results["rows"].items():
+        settings = ", ".join(f"{k}={v}" for k, v in sorted(row["options"].items())) or "none (the LSLPN row)"
+        lines.append(f"- {name}: {settings}")
+    write_text_atomic("\n".join(lines) + "\n", doc)
+
+
+def run_sweep(data: Path, out: Path, folds: list[int], device: str, retime: bool, command: str) -> dict:
+    """Selection on the validation scans, the test ablation and the timing pass: the results."""
+    from util.provenance import git_commit
     start = time.perf_counter()
-    bench = Bench(data, args.out, args.folds, args.device,
-                  {"steps": 100, "input_size": 64, "batch_size": 2})
+    bench = Bench(data, out, folds, device, {"steps": 100, "input_size": 64, "batch_size": 2})
     print("==> selection on the validation scans", flush=True)
     selection = select(bench, bench.cells(validation=True))
     print(f"==> chosen: {selection['chosen']} ({describe(selection['combination'])})", flush=True)
@@ -331,18 +453,7 @@ def main(argv: list[str]) -> int:
             {"fold": c["fold"], "setting": c["setting"], "label_set": c["label_set"],
              **bench.evaluate(options, c, "test")} for c in cells]}
         print(f"    test {row}: {100 * mean_dice(bench, options, cells, 'test'):.1f}", flush=True)
-    timing = timing_pass(bench, rows, cells, args.retime)
-    from util.provenance import git_commit
-    results = {"selection": selection, "rows": evaluations, "folds": args.folds, "timing": timing,
-               "seconds": time.perf_counter() - start, "commit": git_commit(),
-               "command": shlex.join(["python", "tools/lslpn_plus.py", *argv]),
-               "environment": bench.steps.environment_note(), "log": bench.log}
-    write_text_atomic(json.dumps(results, indent=1), results_path)
-    report.write(results, args.doc, TRAINING_KEYS)
-    print(f"\nwrote {args.doc} ({results['seconds'] / 60:.1f} min)")
-    print(args.doc.read_text())
-    return 0
-
-
-if __name__ == "__main__":
-    run_cli(main)
+    timing = timing_pass(bench, rows, cells, retime)
+    return {"selection": selection, "rows": evaluations, "folds": folds, "timing": timing,
+            "seconds": time.perf_counter() - start, "commit": git_commit(), "command": command,
+            "environment": steps.environment_note(), "log": bench.log}
