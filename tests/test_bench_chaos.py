@@ -206,7 +206,7 @@ def test_test_py_alpnet_preset_scores_as_the_benchmark(tmp_path):
     """test.py's preset 'alpnet' on an SSL-ALPNet-prepared folder: the folder's own support scan, test scans
     and test organs, and the benchmark's Dice to the last digit (mask copy and a snapshot)."""
     import torch
-    from test_bad_inputs import run_sacred_cases
+    from conftest import run_sacred_cases
 
     from dataloaders.prepare import prepare_alpnet
     from experiments import chaos as steps
