@@ -1,10 +1,10 @@
-"""Segment your own scan: few-shot segmentation of a new volume (NIfTI or DICOM) from annotated supports.
+"""Segment your own scan (NIfTI or DICOM) from annotated supports; docs/usage.md "Segmenting a scan".
 
-`segment_volume`: one organ, the volumetric protocol (range given or `transfer_query_range`, `segment_plan`,
-evaluation.inference.run_chunks), the mask written in the query's geometry. `segment` / `segment_queries`:
-every organ of multi-label supports in one pass per query (`score_organs`: each slice encoded once), the
-range found without ground truth (`organ_window` + `largest_component`), one multi-label NIfTI + JSON
-sidecar. docs/usage.md "Segmenting a scan" has the rules."""
+`segment_volume`: one organ of (image, mask) supports, the range given or `transfer_query_range`.
+`segment` / `segment_queries`: every organ of multi-label supports, the range found without ground truth
+(`organ_window` + `largest_component`), one multi-label NIfTI + JSON sidecar. Both plan with
+`segment_plan` and score with `score_organs` (each query slice encoded once for all organs).
+"""
 from __future__ import annotations
 
 import json
@@ -38,7 +38,7 @@ from dataloaders.label_map import (
 from dataloaders.nifti import NiftiVolume, check_same_grid, load_nifti, save_nifti_atomic, to_original
 from dataloaders.organs import INDEX_TO_NAME, canonical_name
 from dataloaders.transforms import needs_hounsfield, neighbour_stack, volume_intensity
-from evaluation.inference import images_to_input, masks_to_input, run_chunks
+from evaluation.inference import images_to_input, support_prototypes
 from evaluation.protocols import centre_offsets, chunk_plan
 from models.checkpoint import check_input_size, model_from_checkpoint, model_input
 from models.factory import model_input_slices
@@ -155,29 +155,34 @@ def same_scan_offset(support: Support, query: NiftiVolume, query_image: np.ndarr
     return k if same else None
 
 
-# ------------------------------------------------------------------------------ the transfer
-def transfer_query_range(supports: Sequence[Support], query: NiftiVolume, query_image: np.ndarray,
-                         query_name: str) -> tuple[tuple[int, int], str, list[str]]:
-    """(canonical inclusive range, how it was found, warnings) without --query-range; module docstring.
-
-    UserError when the transfer is not trustworthy: non-HU volumes, body extents too far apart, an organ
-    outside the query's coverage.
-    """
-    n_query = query_image.shape[2]
+def same_scan_range(supports: Sequence[Support], query: NiftiVolume, query_image: np.ndarray,
+                    query_name: str) -> tuple[tuple[int, int], tuple[int, int], Support] | None:
+    """(query range clipped to the query, unclipped, the support) when the query is part of a support's
+    scan (canonical z, inclusive); None otherwise. A query that misses the organ is a one-line error."""
     for support in supports:
         k = same_scan_offset(support, query, query_image)
         if k is None:
             continue
         s0, s1 = support.organ_range
-        start, stop = max(s0 - k, 0), min(s1 - k, n_query - 1)
+        start, stop = max(s0 - k, 0), min(s1 - k, query_image.shape[2] - 1)
         if start > stop:
             raise UserError(f"{query_name}: part of the same scan as {support.name}, but its slices do not "
                             f"reach the support organ (support slices {s0}..{s1}): give --query-range or a "
                             "query that covers the organ")
-        notes = []
-        if (start, stop) != (s0 - k, s1 - k):
-            notes.append(f"{query_name}: covers only part of the support organ's slices ({stop - start + 1} "
-                         f"of {s1 - s0 + 1}): the rest lies outside the query")
+        return (start, stop), (s0 - k, s1 - k), support
+    return None
+
+
+def transfer_query_range(supports: Sequence[Support], query: NiftiVolume, query_image: np.ndarray,
+                         query_name: str) -> tuple[tuple[int, int], str, list[str]]:
+    """(canonical inclusive range, how it was found, warnings) without --query-range. UserError when the
+    transfer is not trustworthy: non-HU volumes, body extents too far apart."""
+    same = same_scan_range(supports, query, query_image, query_name)
+    if same is not None:
+        (start, stop), (s0, s1), support = same
+        notes = [] if (start, stop) == (s0, s1) else [
+            f"{query_name}: covers only part of the support organ's slices ({stop - start + 1} of "
+            f"{s1 - s0 + 1}): the rest lies outside the query"]
         how = ("transferred from the support by physical z position: the query is part of the scan of "
                f"{support.name}")
         return (start, stop), how, notes
@@ -452,9 +457,11 @@ def segment_volume(checkpoint, supports: Sequence[tuple[str, str]], query, out=N
     print(f"support organ: {', '.join(f'{s.name}: {s.label}' for s in support_list)}; query range "
           f"{stored[0]}:{stored[1]} (slices along the query file's axial axis, {how})", flush=True)
     plan = segment_plan(support_list, canonical_range, int(n_chunks))
-    prediction = run_chunks(model, [(s.image, s.mask) for s in support_list], plan, query_image, input_size,
-                            intensity, device, int(batch_size), progress)
-    array = to_original(prediction.astype(np.uint8), query_volume.original_axcodes)
+    (z0, score), = score_organs(model, {1: (support_list, plan)}, query_image, input_size, intensity, device,
+                                int(batch_size), {}, progress).values()
+    prediction = np.zeros(query_image.shape, dtype=np.uint8)
+    prediction[:, :, z0:z0 + score.shape[2]] = score > 0                  # X x Y x Z, 0 outside the plan
+    array = to_original(prediction, query_volume.original_axcodes)
     if tuple(array.shape) != tuple(query_volume.original_shape):   # to_original must invert load_nifti
         raise UserError(f"{query}: internal reorientation error: got {array.shape}, expected "
                         f"{query_volume.original_shape}; please report it")
@@ -589,18 +596,11 @@ def organ_window(supports: Sequence[Support], query: NiftiVolume, query_image: n
     range transferred (same scan by z, else its relative position in the body's axial extent, CT and MR
     alike), widened by RANGE_MARGIN of its length each side; the largest 3D component is kept later."""
     n = query_image.shape[2]
-    for support in supports:
-        k = same_scan_offset(support, query, query_image)
-        if k is not None:
-            s0, s1 = support.organ_range
-            core = (max(s0 - k, 0), min(s1 - k, n - 1))
-            how = f"same scan as {support.name} (physical z)"
-            break
+    same = same_scan_range(supports, query, query_image, query.path.name)
+    if same is not None:
+        core, how = same[0], f"same scan as {same[2].name} (physical z)"
     else:
         core, how = default_query_range(supports, query_image), "relative position in the body's axial extent"
-    if core[0] > core[1]:
-        raise UserError(f"{query.path.name}: part of the same scan as {support.name}, but its slices do not "
-                        "reach the support organ: give --query-range or a query that covers the organ")
     margin = int(np.ceil(RANGE_MARGIN * (core[1] - core[0] + 1)))
     scored = (max(core[0] - margin, 0), min(core[1] + margin, n - 1))
     plan = segment_plan(supports, core, n_chunks)
@@ -654,8 +654,8 @@ def score_organs(model, organ_plans: dict, query_image: np.ndarray, input_size: 
                         for s in supports:
                             if id(s.image) not in scales:
                                 scales[id(s.image)] = volume_intensity(s.image, intensity, "support image")
-                        prototypes[key] = support_prototypes(model, supports, support_z, input_size,
-                                                             scales, device, slices)
+                        prototypes[key] = support_prototypes(model, [(s.image, s.mask) for s in supports],
+                                                             support_z, input_size, scales, device, slices)
                     logits = score(prototypes[key], feats[:, chosen])
                     logits = (logits[0] if isinstance(logits, (tuple, list)) else logits)[0]  # Q x 2 x S x S
                     logits = F.interpolate(logits.float(), size=tuple(query_image.shape[:2]), mode="bilinear",
@@ -663,18 +663,6 @@ def score_organs(model, organ_plans: dict, query_image: np.ndarray, input_size: 
                     difference = (logits[:, 1] - logits[:, 0]).permute(1, 2, 0)  # X x Y x Q
                     scores[value][:, :, zs[chosen] - windows[value][0]] = difference.cpu().numpy()
     return {value: (windows[value][0], score_window) for value, score_window in scores.items()}
-
-
-def support_prototypes(model, supports: Sequence[Support], support_z, input_size, scales: dict, device,
-                       slices):
-    """The model's prototypes of one support slice per support (k-shot), as run_chunks computes them;
-    scales: {id(image): its scaling}."""
-    shots = torch.cat([images_to_input(neighbour_stack(s.image, [z], slices), scales[id(s.image)], input_size,
-                                       device) for s, z in zip(supports, support_z)])     # K x C x S x S
-    fg = torch.cat([masks_to_input(s.mask[:, :, z][None], input_size, device)
-                    for s, z in zip(supports, support_z)])                         # K x S x S
-    fg, bg = fg[None, None], 1.0 - fg[None, None]                                  # 1 x 1 x K x S x S
-    return model.encode_support(shots[None, None], fg, bg)
 
 
 def segment_queries(queries: Sequence, supports, organs=None, checkpoint=None, outs: Sequence | None = None,
