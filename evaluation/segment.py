@@ -54,6 +54,8 @@ BODY_SLICE_FRACTION = 0.1   # a body slice has >= this fraction of the fullest s
 COVERAGE_WARN = 0.10        # body extents (mm) of query and support differ by more than this: warning
 COVERAGE_REFUSE = 0.25      # ... by more than this: the relative transfer is refused (give --query-range)
 GRID_TOLERANCE_MM = 1e-3    # same-scan test: world positions agree to this
+MR_BODY_FRACTION = 0.1      # a non-HU volume's body: voxels above this fraction of its 99th percentile
+RANGE_MARGIN = 0.5          # several organs: the transferred organ range widened by this fraction each side
 
 
 @dataclass
@@ -282,10 +284,43 @@ def _is_int(value) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
 
 
+def _is_pair(pair) -> bool:
+    return not isinstance(pair, PATH_TYPES) and isinstance(pair, Sequence) and len(pair) == 2 \
+        and all(isinstance(path, PATH_TYPES) for path in pair)
+
+
 def check_arguments(checkpoint, supports, query, out, support_label, label_map, query_range, n_chunks,
                     batch_size, min_voxels, input_size, intensity, device, vocabulary) -> None:
     """One-line UserError for an argument of `segment_volume` of the wrong type or value (before any I/O)."""
-    def refuse(name: str, value, wanted: str):
+    counts = (("n_chunks", n_chunks, 1), ("batch_size", batch_size, 1), ("min_voxels", min_voxels, 0))
+    listed = not isinstance(supports, PATH_TYPES) and isinstance(supports, Sequence)
+    bad_pair = next((pair for pair in supports if not _is_pair(pair)), None) if listed else None
+    rules = [
+        ("checkpoint", checkpoint, isinstance(checkpoint, PATH_TYPES + (torch.nn.Module,)),
+         "the path (str or Path) of a train.py checkpoint"),
+        ("supports", supports, listed, "a list of (image path, mask path) pairs"),
+        ("supports", bad_pair, bad_pair is None,
+         "(image path, mask path) pairs of str or Path, e.g. [('s.nii.gz', 'm.nii.gz')]"),
+        ("query", query, isinstance(query, PATH_TYPES), "the path (str or Path) of a NIfTI volume"),
+        ("out", out, out is None or isinstance(out, PATH_TYPES),
+         "the path (str or Path) of the .nii.gz to write, or None"),
+        ("support_label", support_label, support_label is None or _is_int(support_label)
+         or isinstance(support_label, str), "a label value (int), an organ name (str) or None"),
+        ("label_map", label_map, label_map is None or isinstance(label_map, PATH_TYPES + (dict,)),
+         "a JSON path or a dict such as {'liver': 5}"),
+        ("query_range", query_range, query_range is None or isinstance(query_range, str) or (
+            isinstance(query_range, Sequence) and len(query_range) == 2 and all(map(_is_int, query_range))),
+         "(Z0, Z1) integer slice indices or 'Z0:Z1'"),
+        *((name, value, _is_int(value), "an integer") for name, value, _ in counts),
+        ("input_size", input_size, input_size is None or _is_int(input_size),
+         "an integer slice size, or None for the checkpoint's"),
+        ("intensity", intensity, intensity is None or isinstance(intensity, (str, dict)),
+         "'minmax', 'zscore', 'window:LO,HI', a dict, or None"),
+        ("device", device, isinstance(device, (str, torch.device)), "'auto', 'cpu' or 'cuda'"),
+        ("vocabulary", vocabulary, vocabulary is None or isinstance(vocabulary, str), "'visceral' or None")]
+    for name, value, ok, wanted in rules:
+        if ok:
+            continue
         if isinstance(value, (list, tuple)) and any(isinstance(item, np.ndarray) for item in value):
             shown = "(" + ", ".join(type(item).__name__ for item in value) + ")"
         elif isinstance(value, np.ndarray):
@@ -294,44 +329,11 @@ def check_arguments(checkpoint, supports, query, out, support_label, label_map, 
             shown = " ".join(repr(value).split())
             shown = shown if len(shown) <= 60 else shown[:57] + "..."
         raise UserError(f"{name}: got {shown} ({type(value).__name__}): give {wanted}")
-
-    if not isinstance(checkpoint, PATH_TYPES + (torch.nn.Module,)):
-        refuse("checkpoint", checkpoint, "the path (str or Path) of a train.py checkpoint")
-    if isinstance(supports, PATH_TYPES) or not isinstance(supports, Sequence):
-        refuse("supports", supports, "a list of (image path, mask path) pairs")
-    for pair in supports:
-        if isinstance(pair, PATH_TYPES) or not isinstance(pair, Sequence) or len(pair) != 2 \
-                or not all(isinstance(path, PATH_TYPES) for path in pair):
-            refuse("supports", pair,
-                   "(image path, mask path) pairs of str or Path, e.g. [('s.nii.gz', 'm.nii.gz')]")
-    if not isinstance(query, PATH_TYPES):
-        refuse("query", query, "the path (str or Path) of a NIfTI volume")
-    if out is not None and not isinstance(out, PATH_TYPES):
-        refuse("out", out, "the path (str or Path) of the .nii.gz to write, or None")
-    if support_label is not None and not (_is_int(support_label) or isinstance(support_label, str)):
-        refuse("support_label", support_label, "a label value (int), an organ name (str) or None")
-    if label_map is not None and not isinstance(label_map, PATH_TYPES + (dict,)):
-        refuse("label_map", label_map, "a JSON path or a dict such as {'liver': 5}")
-    if query_range is not None and not isinstance(query_range, str) and not (
-            isinstance(query_range, Sequence) and len(query_range) == 2 and all(map(_is_int, query_range))):
-        refuse("query_range", query_range, "(Z0, Z1) integer slice indices or 'Z0:Z1'")
-    counts = (("n_chunks", n_chunks, 1), ("batch_size", batch_size, 1), ("min_voxels", min_voxels, 0))
     for name, value, low in counts:
-        if not _is_int(value):
-            refuse(name, value, "an integer")
         if value < low:
-            flag = name.replace("_", "-")
-            raise UserError(f"--{flag} {value}: must be >= {low}")
+            raise UserError(f"--{name.replace('_', '-')} {value}: must be >= {low}")
     if input_size is not None:
-        if not _is_int(input_size):
-            refuse("input_size", input_size, "an integer slice size, or None for the checkpoint's")
         check_input_size(input_size, "--input-size")
-    if intensity is not None and not isinstance(intensity, (str, dict)):
-        refuse("intensity", intensity, "'minmax', 'zscore', 'window:LO,HI', a dict, or None")
-    if not isinstance(device, (str, torch.device)):
-        refuse("device", device, "'auto', 'cpu' or 'cuda'")
-    if vocabulary is not None and not isinstance(vocabulary, str):
-        refuse("vocabulary", vocabulary, "'visceral' or None")
 
 
 # --------------------------------------------------------------------------------- loading
@@ -407,12 +409,10 @@ def segment_volume(checkpoint, supports: Sequence[tuple[str, str]], query, out=N
                    intensity=None, input_size: int | None = None, min_voxels: int = 0,
                    vocabulary: str | None = None, series: str | None = None
                    ) -> tuple[np.ndarray, nib.Nifti1Image]:
-    """(uint8 prediction in the query's original geometry, the NIfTI image written to `out` atomically) of
-    `query` segmented from [(image, mask), ...] supports (k-shot) with a checkpoint. support_label: a mask
-    value, an organ name (known labels: label_map, sidecar JSON, vocabulary='visceral') or None (single
-    value); query_range: half-open stored indices, 'Z0:Z1', or None (`transfer_query_range`); intensity:
-    None (the checkpoint's), 'minmax', 'zscore' or 'window:LO,HI'; query and support images: NIfTI or DICOM
-    series folders (series: the query's series UID). README "Segment your own scan"."""
+    """(uint8 prediction in the query's stored geometry, its NIfTI image, written to `out` atomically) of
+    `query` (NIfTI or DICOM folder) from [(image, mask), ...] supports. support_label: a mask value, an
+    organ name or None (single value); query_range: half-open stored indices, 'Z0:Z1' or None
+    (`transfer_query_range`); intensity: None (the checkpoint's), 'minmax', 'zscore' or 'window:LO,HI'."""
     check_arguments(checkpoint, supports, query, out, support_label, label_map, query_range, n_chunks,
                     batch_size, min_voxels, input_size, intensity, device, vocabulary)
     if out is not None:   # before any compute: never an input (path, symlink, hard link), writable, a file
@@ -476,9 +476,6 @@ def segment_volume(checkpoint, supports: Sequence[tuple[str, str]], query, out=N
     return array, image
 
 
-# ================================================================ several organs, one pass (issue 32)
-MR_BODY_FRACTION = 0.1   # a non-HU volume's body: voxels above this fraction of its 99th percentile
-RANGE_MARGIN = 0.5       # scored slices: the transferred organ range widened by this fraction of its length
 
 
 @dataclass
@@ -621,12 +618,9 @@ def largest_component(mask: np.ndarray) -> np.ndarray:
 
 def score_organs(model, organ_plans: dict, query_image: np.ndarray, input_size: int, intensity: dict,
                  device, batch_size: int, prototypes: dict, progress: bool = False) -> dict:
-    """{value: (z0, X x Y x W float32 score of slices z0.. (foreground - background logit))}.
-
-    organ_plans: {value: (supports, plan)}. Each query slice goes through the encoder once for all organs
-    (in fixed blocks of batch_size slices, so an organ's result never depends on the others); each
-    organ's prototypes per support slice set are computed once into `prototypes` (shared across queries).
-    """
+    """{value: (z0, X x Y x W float32 foreground - background logit of slices z0..)} of organ_plans
+    {value: (supports, plan)}. Query slices are encoded once for all organs, in fixed blocks of batch_size
+    (an organ's result never depends on the others); prototypes are cached in `prototypes` across queries."""
     split = isinstance(model, FewShotSegNet)         # encoder once, then each organ's head
     encode = (lambda x: model.encoder(x.flatten(0, 1)).unflatten(0, (1, -1))) if split else (lambda x: x)
     score = model.head.score if split else model.segment
