@@ -462,9 +462,7 @@ def segment_volume(checkpoint, supports: Sequence[tuple[str, str]], query, out=N
     prediction = np.zeros(query_image.shape, dtype=np.uint8)
     prediction[:, :, z0:z0 + score.shape[2]] = score > 0                  # X x Y x Z, 0 outside the plan
     array = to_original(prediction, query_volume.original_axcodes)
-    if tuple(array.shape) != tuple(query_volume.original_shape):   # to_original must invert load_nifti
-        raise UserError(f"{query}: internal reorientation error: got {array.shape}, expected "
-                        f"{query_volume.original_shape}; please report it")
+    assert tuple(array.shape) == tuple(query_volume.original_shape)    # to_original inverts load_nifti
     image = nib.Nifti1Image(array, query_volume.original_affine)
     image.set_qform(query_volume.original_affine, code=1)
     image.set_sform(query_volume.original_affine, code=1)
