@@ -1,9 +1,6 @@
-"""Dataset checks: the prepared-folder checker and the mask-copy honesty check.
-
-`check_prepared(prep_dir)` verifies a PREP folder (DESIGN.md "Prepared data folder": files, shapes, dtypes,
-labels, splits, index); a defect is a one-line UserError naming the file and the fix. `mask_copy_dice` is
-the no-model baseline (docs/method.md, "Mask copy"): a data set on which it scores high does not test
-few-shot segmentation; `format_mask_copy` prints it per organ and as the paper table's 4-organ mean.
+"""The prepared-folder checker (`check_prepared`, DESIGN.md "Prepared data folder") and the mask-copy
+honesty check (`mask_copy_dice`, docs/method.md "Mask copy"): a data set on which copying the support's
+mask scores high does not test few-shot segmentation. Each defect is one line naming the file and the fix.
 """
 from __future__ import annotations
 
@@ -15,22 +12,21 @@ import numpy as np
 
 from dataloaders.organs import INDEX_TO_NAME, NAME_TO_INDEX, TABLE_COLUMNS, TEST_ORGANS
 from dataloaders.prepare import NEIGHBOURS, is_case_id, train_file_case, train_file_name
-from dataloaders.prepared import default_support
+from dataloaders.prepared import default_support, load_volume
 from dataloaders.transforms import validate_intensity
 from evaluation.protocols import dice, get_preset, mask_copy, preset_range
 from util.errors import UserError
 
 VOLUME_KEYS = ("image", "label", "affine", "original_affine", "original_shape", "original_axcodes", "spacing")
-IMAGES_ONLY = "images-only"
 AS_STORED = "as stored"        # original_axcodes of a volume kept as read, not reoriented (SSL-ALPNet layout)
 DEFAULT_PRESET = "inclusive"
+RERUN = "re-run scripts/prepare_visceral.py"
 
 
 def mask_copy_dice(labels: dict[str, np.ndarray], support: str | None = None, preset: str = DEFAULT_PRESET,
                    organs: list[str] | None = None) -> dict[str, dict]:
-    """Mask-copy Dice per organ over the query volumes (all but the support), 3D over each query's organ
-    range. labels: {pid: X x Y x Z uint8}. Returns {organ: {"mean", "median", "n", "per_query": {pid:
-    dice}}}; a volume where the organ has no range is not scored."""
+    """{organ: {"mean", "median", "n", "per_query": {pid: dice}}} of copying the support's mask to each
+    other volume (labels: {pid: X x Y x Z uint8}), 3D over the query's organ range; no range: not scored."""
     rule = get_preset(preset)
     support = support or default_support(list(labels))
     if support not in labels:
@@ -42,10 +38,9 @@ def mask_copy_dice(labels: dict[str, np.ndarray], support: str | None = None, pr
         support_range = preset_range(support_mask, rule)
         per_query = {}
         for pid, label in sorted(labels.items()):
-            if pid == support or support_range is None:
-                continue
             query_mask = label == index
-            query_range = preset_range(query_mask, rule, role="query")
+            query_range = None if pid == support or support_range is None else \
+                preset_range(query_mask, rule, role="query")
             if query_range is None:
                 continue
             prediction = mask_copy(support_mask, support_range, query_mask.shape, query_range, rule.n_chunks,
@@ -59,25 +54,18 @@ def mask_copy_dice(labels: dict[str, np.ndarray], support: str | None = None, pr
     return results
 
 
-def table_organ_means(results: dict[str, dict]) -> dict[str, float]:
-    """Mask-copy Dice per organ of the README / paper table (liver, spleen, kidney, psoas): a column is
-    the mean of its scored sides (kidney, psoas: right and left); a column with no scored side is left out."""
+def format_mask_copy(results: dict[str, dict], support: str, preset: str) -> str:
+    """A `mask_copy_dice` result per organ side, then the README table's organs (kidney, psoas: the mean
+    of their scored sides) and their mean."""
+    lines = [f"mask-copy Dice (no model; support {support}, preset {preset}, mean over query volumes):"]
+    for organ, result in results.items():
+        lines.append(f"  {organ:<14} {result['mean']:.3f}  (median {result['median']:.3f}, n={result['n']})")
     columns = {}
     for column, sides in TABLE_COLUMNS.items():
         values = [results[side]["mean"] for side in sides
                   if side in results and np.isfinite(results[side]["mean"])]
         if values:
             columns[column] = float(np.mean(values))
-    return columns
-
-
-def format_mask_copy(results: dict[str, dict], support: str, preset: str) -> str:
-    """Human-readable lines of a `mask_copy_dice` result: each organ side, then the 4 table organs and
-    their mean (the README table's 'mean' column: kidney and psoas count once each, not per side)."""
-    lines = [f"mask-copy Dice (no model; support {support}, preset {preset}, mean over query volumes):"]
-    for organ, result in results.items():
-        lines.append(f"  {organ:<14} {result['mean']:.3f}  (median {result['median']:.3f}, n={result['n']})")
-    columns = table_organ_means(results)
     if columns:
         lines.append("  organs as in the README table (kidney, psoas: mean of right and left): "
                      + ", ".join(f"{column} {value:.3f}" for column, value in columns.items()))
@@ -87,37 +75,50 @@ def format_mask_copy(results: dict[str, dict], support: str, preset: str) -> str
     return "\n".join(lines)
 
 
+def prepared_mask_copy(prep_dir: str | Path, preset: str = DEFAULT_PRESET) -> str:
+    """`format_mask_copy` of the gold volumes of a prepared folder (test organs, default support)."""
+    get_preset(preset)                                       # an unknown preset before any volume is read
+    gold = Path(prep_dir) / "volumes" / "gold"
+    labels = {path.stem: load_volume(prep_dir, "gold", path.stem)["label"]
+              for path in sorted(gold.glob("*.npz"))}
+    if len(labels) < 2:
+        raise UserError(f"{gold}: fewer than 2 gold volumes: the mask-copy check needs a support and a query")
+    support = default_support(list(labels))
+    return format_mask_copy(mask_copy_dice(labels, support, preset), support, preset)
+
+
+# ------------------------------------------------------------------------------ the folder checker
 def _load_json(path: Path) -> dict:
     if not path.is_file():
-        raise UserError(f"{path}: missing: re-run scripts/prepare_visceral.py for this folder")
+        raise UserError(f"{path}: missing: {RERUN} for this folder")
     try:
         content = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise UserError(f"{path}: not valid JSON ({error}): re-run scripts/prepare_visceral.py") from None
+        raise UserError(f"{path}: not valid JSON ({error}): {RERUN}") from None
     if not isinstance(content, dict):
-        raise UserError(f"{path}: not a JSON object: re-run scripts/prepare_visceral.py")
+        raise UserError(f"{path}: not a JSON object: {RERUN}")
     return content
 
 
-def _layout(meta: dict) -> str | None:
-    """meta.json's source layout ('visceral', 'multilabel', 'images-only', ...); None when not recorded."""
-    source = meta.get("source")
-    return source.get("layout") if isinstance(source, dict) else None
+def _load_npy(path: Path) -> np.ndarray:
+    try:
+        return np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError, EOFError) as error:
+        raise UserError(f"{path}: unreadable ({error}): {RERUN}") from None
 
 
-def _check_meta(prep: Path, meta: dict) -> tuple[int, dict]:
-    """Validate meta.json's keys; returns (prep_size, splits)."""
-    path = prep / "meta.json"
+def _check_meta(path: Path, meta: dict, labeled: bool) -> dict:
+    """meta.json's keys; returns its splits."""
     missing = [k for k in ("format_version", "prep_size", "intensity", "splits", "seed") if k not in meta]
     if missing:
-        raise UserError(f"{path}: keys {', '.join(missing)} missing: re-run scripts/prepare_visceral.py")
+        raise UserError(f"{path}: keys {', '.join(missing)} missing: {RERUN}")
     if meta["format_version"] != 1:
-        raise UserError(f"{path}: format_version {meta['format_version']} is not 1: re-run "
-                        "scripts/prepare_visceral.py with this version of the code")
+        raise UserError(f"{path}: format_version {meta['format_version']} is not 1: {RERUN} with this "
+                        "version of the code")
     try:
         validate_intensity(meta["intensity"])
     except UserError as error:
-        raise UserError(f"{path}: {error}: re-run scripts/prepare_visceral.py") from None
+        raise UserError(f"{path}: {error}: {RERUN}") from None
     if not isinstance(meta["prep_size"], int) or meta["prep_size"] < 16:
         raise UserError(f"{path}: prep_size {meta['prep_size']!r} is not an integer >= 16: re-run the "
                         "preparation")
@@ -131,92 +132,69 @@ def _check_meta(prep: Path, meta: dict) -> tuple[int, dict]:
         for pid in pids:
             if not is_case_id(pid):
                 raise UserError(f"{path}: case id {pid!r} in splits.{split} cannot name prepared files "
-                                "(letters, digits, '.', '_', '-'): re-run scripts/prepare_visceral.py")
+                                f"(letters, digits, '.', '_', '-'): {RERUN}")
             if pid in seen:
                 raise UserError(f"{path}: patient {pid} is in both {seen[pid]} and {split}: re-run the "
                                 "preparation")
             seen[pid] = split
     if not splits["train"]:
         raise UserError(f"{path}: the train split is empty: prepare a data set with training volumes")
-    if not splits["gold"] and _layout(meta) != IMAGES_ONLY:
+    if not splits["gold"] and labeled:
         raise UserError(f"{path}: the gold split is empty: prepare a data set with silver and gold volumes")
-    return int(meta["prep_size"]), splits
+    return splits
 
 
-def _scaled_to_unit(meta: dict) -> bool:
-    """True when meta.json's intensity puts training slices in [0, 1] (minmax, window); a z-score
-    (SSL-ALPNet's normalisation, stored as such) gives any finite value."""
-    return meta["intensity"].get("mode") != "zscore"
-
-
-def _check_train(prep: Path, pid: str, size: int, labeled: bool = True, unit: bool = True) -> np.ndarray:
-    """Validate train/<pid>_{image,label}.npy (and _neighbours.npy when present); returns the label stack
-    N x S x S (0 when not `labeled`).
-
-    `unit`: image values must lie in [0, 1] (else only finite)."""
+def _check_train(prep: Path, pid: str, size: int, labeled: bool, unit: bool) -> np.ndarray:
+    """train/<pid>_{image,label,neighbours}.npy; returns the labels N x S x S (0 when not `labeled`).
+    unit: the images lie in [0, 1] (minmax, window), else (zscore) only finite."""
     image_path, label_path = (prep / "train" / train_file_name(pid, kind) for kind in ("image", "label"))
     arrays = []
     for path, dtype in ((image_path, np.float32), (label_path, np.uint8))[: 2 if labeled else 1]:
         if not path.is_file():
-            raise UserError(f"{path}: missing training file: re-run scripts/prepare_visceral.py")
-        try:
-            array = np.load(path, mmap_mode="r", allow_pickle=False)
-        except (ValueError, OSError, EOFError) as error:
-            raise UserError(f"{path}: unreadable ({error}): re-run scripts/prepare_visceral.py") from None
+            raise UserError(f"{path}: missing training file: {RERUN}")
+        array = _load_npy(path)
         if array.dtype != dtype or array.ndim != 3 or array.shape[1:] != (size, size):
             raise UserError(f"{path}: {array.dtype} {tuple(array.shape)}, expected {np.dtype(dtype)} "
-                            f"N x {size} x {size}: re-run scripts/prepare_visceral.py")
+                            f"N x {size} x {size}: {RERUN}")
         arrays.append(array)
-    if not labeled:
-        arrays.append(np.zeros(arrays[0].shape, np.uint8))
-    image, label = arrays
+    image, label = arrays if labeled else (arrays[0], np.zeros(arrays[0].shape, np.uint8))
     if image.shape[0] != label.shape[0]:
         raise UserError(f"{label_path}: {label.shape[0]} label slices for {image.shape[0]} image slices: "
                         "re-run the preparation")
-    values = np.asarray(image)
-    if not np.isfinite(values).all():
-        raise UserError(f"{image_path}: image values not finite: re-run the preparation")
-    if unit and (values.min(initial=0) < 0 or values.max(initial=0) > 1):
-        raise UserError(f"{image_path}: image values outside [0, 1] (intensity scaled to [0, 1] in "
-                        "meta.json): re-run the preparation")
+    _check_values(image_path, np.asarray(image), unit, "image")
     if label.size and int(label.max()) > 20:
         raise UserError(f"{label_path}: label value {int(label.max())} > 20: re-run the preparation")
-    _check_neighbours(prep / "train" / train_file_name(pid, NEIGHBOURS), image.shape, unit)
+    path = prep / "train" / train_file_name(pid, NEIGHBOURS)         # 2.5D input, optional
+    if path.is_file():
+        neighbours, expected = _load_npy(path), (image.shape[0], 2, *image.shape[1:])
+        if neighbours.dtype != np.float32 or neighbours.shape != expected:
+            raise UserError(f"{path}: {neighbours.dtype} {tuple(neighbours.shape)}, expected float32 "
+                            f"{expected} (the z - 1 and z + 1 slices of each image row): {RERUN}")
+        _check_values(path, np.asarray(neighbours), unit, "neighbour")
     return np.asarray(label)
 
 
-def _check_neighbours(path: Path, image_shape: tuple, unit: bool) -> None:
-    """train/<pid>_neighbours.npy (2.5D input, optional: folders prepared before it lack it) is N x 2 x S x S
-    float32 for the N x S x S images, finite, in [0, 1] where the images are."""
-    if not path.is_file():
-        return
-    try:
-        array = np.load(path, mmap_mode="r", allow_pickle=False)
-    except (ValueError, OSError, EOFError) as error:
-        raise UserError(f"{path}: unreadable ({error}): re-run the preparation") from None
-    expected = (image_shape[0], 2, *image_shape[1:])
-    if array.dtype != np.float32 or array.shape != expected:
-        raise UserError(f"{path}: {array.dtype} {tuple(array.shape)}, expected float32 {expected} (the z - 1 "
-                        "and z + 1 slices of each image row): re-run the preparation")
-    values = np.asarray(array)
-    if not np.isfinite(values).all() or (unit and (values.min(initial=0) < 0 or values.max(initial=0) > 1)):
-        raise UserError(f"{path}: neighbour values not finite{' or outside [0, 1]' if unit else ''}: re-run "
-                        "the preparation")
+def _check_values(path: Path, values: np.ndarray, unit: bool, what: str) -> None:
+    if not np.isfinite(values).all():
+        raise UserError(f"{path}: {what} values not finite: re-run the preparation")
+    if unit and (values.min(initial=0) < 0 or values.max(initial=0) > 1):
+        raise UserError(f"{path}: {what} values outside [0, 1] (intensity scaled to [0, 1] in meta.json): "
+                        "re-run the preparation")
 
 
 def _check_volume(path: Path) -> set[int]:
-    """Validate one val/gold npz; returns the label values present."""
+    """One val/gold npz; returns the label values present."""
     if not path.is_file():
-        raise UserError(f"{path}: missing evaluation volume: re-run scripts/prepare_visceral.py")
+        raise UserError(f"{path}: missing evaluation volume: {RERUN}")
     try:
         with np.load(path, allow_pickle=False) as data:
             missing = [key for key in VOLUME_KEYS if key not in data.files]
             if missing:
                 raise UserError(f"{path}: keys {', '.join(missing)} missing: re-run the preparation")
-            image, label = data["image"], data["label"]
-            affine, original_affine = data["affine"], data["original_affine"]
-            axcodes, spacing = str(data["original_axcodes"]), data["spacing"]
-            original_shape = data["original_shape"]
+            image, label, affine, original_affine, axcodes, spacing, original_shape = (
+                data[key] for key in ("image", "label", "affine", "original_affine", "original_axcodes",
+                                      "spacing", "original_shape"))
+            axcodes = str(axcodes)
     except UserError:
         raise
     except (ValueError, OSError, EOFError, KeyError, zipfile.BadZipFile) as error:
@@ -242,20 +220,21 @@ def _check_volume(path: Path) -> set[int]:
 
 
 def check_prepared(prep_dir: str | Path) -> dict:
-    """Verify a prepared folder; returns {"rows": per-class table rows, "splits": sizes}.
-
-    Raises a one-line UserError on the first defect found.
-    """
+    """{"rows": per-class table rows, "splits": sizes, ...} of a prepared folder; a one-line UserError on
+    the first defect found."""
     prep = Path(prep_dir)
     if not prep.is_dir():
         raise UserError(f"{prep}: folder not found: run scripts/prepare_visceral.py --out {prep}")
     meta = _load_json(prep / "meta.json")
-    size, splits = _check_meta(prep, meta)
+    source = meta.get("source")
+    labeled = not (isinstance(source, dict) and source.get("layout") == "images-only")
+    splits = _check_meta(prep / "meta.json", meta, labeled)
+    size = int(meta["prep_size"])
     index = _load_json(prep / "index.json")
     if not isinstance(index.get("slices"), dict):
         raise UserError(f"{prep / 'index.json'}: no 'slices' object: re-run the preparation")
-    labeled = _layout(meta) != IMAGES_ONLY
-    labels = {pid: _check_train(prep, pid, size, labeled, _scaled_to_unit(meta)) for pid in splits["train"]}
+    unit = meta["intensity"].get("mode") != "zscore"        # SSL-ALPNet's z-score: any finite value
+    labels = {pid: _check_train(prep, pid, size, labeled, unit) for pid in splits["train"]}
     volumes = {split: {pid: _check_volume(prep / "volumes" / split / f"{pid}.npz") for pid in splits[split]}
                for split in ("val", "gold")}
     rows = []
@@ -298,26 +277,11 @@ def check_prepared(prep_dir: str | Path) -> dict:
 def format_table(report: dict) -> str:
     """Per-class table of a `check_prepared` report."""
     lines = [f"{'index':>5}  {'class':<24} {'slices':>6} {'volumes':>7} {'val vol':>7} {'gold vol':>8}"]
-    for row in report["rows"]:
-        lines.append(f"{row['index']:>5}  {row['name']:<24} {row['slices']:>6} {row['volumes']:>7} "
-                     f"{row['val']:>7} {row['gold']:>8}")
-    sizes = report["splits"]
-    if not report.get("labeled", True):
+    lines += [f"{row['index']:>5}  {row['name']:<24} {row['slices']:>6} {row['volumes']:>7} "
+              f"{row['val']:>7} {row['gold']:>8}" for row in report["rows"]]
+    if not report["labeled"]:
         lines.append("images only (no labels): for self-supervised training (scripts/make_superpixels.py)")
+    sizes = report["splits"]
     lines.append(f"train {sizes['train']} volumes, val {sizes['val']}, gold {sizes['gold']}; "
                  f"prep size {report['prep_size']}")
     return "\n".join(lines)
-
-
-def prepared_mask_copy(prep_dir: str | Path, preset: str = DEFAULT_PRESET) -> str:
-    """Mask-copy Dice per test organ on the gold volumes of a prepared folder, formatted."""
-    get_preset(preset)                                       # an unknown preset before any volume is read
-    gold = Path(prep_dir) / "volumes" / "gold"
-    labels = {}
-    for path in sorted(gold.glob("*.npz")):
-        with np.load(path, allow_pickle=False) as data:
-            labels[path.stem] = data["label"]
-    if len(labels) < 2:
-        raise UserError(f"{gold}: fewer than 2 gold volumes: the mask-copy check needs a support and a query")
-    support = default_support(list(labels))
-    return format_mask_copy(mask_copy_dice(labels, support, preset), support, preset)

@@ -241,16 +241,20 @@ def _slug(name: str) -> str:
 
 
 class _Collector:
-    """Saves NIfTI predictions in original geometry and keeps one slice per organ for the figure."""
+    """Saves NIfTI predictions in original geometry, keeps one slice per organ for the figure and hands
+    each prediction on to the caller's `on_prediction`."""
 
-    def __init__(self, out_dir: Path | None, save_predictions: bool, many_supports: bool):
+    def __init__(self, out_dir: Path | None, save_predictions: bool, many_supports: bool, on_prediction=None):
         self.out_dir, self.save, self.many = out_dir, save_predictions and out_dir is not None, many_supports
         self.figure: dict[str, dict] = {}
+        self.on_prediction = on_prediction
 
     def __call__(self, record: dict, support: dict, query: dict, prediction: np.ndarray) -> None:
         if self.save:
             self._save_nifti(record, query, prediction)
         self._keep_slice(record, support, query, prediction)
+        if self.on_prediction is not None:
+            self.on_prediction(record, support, query, prediction)
 
     def _save_nifti(self, record, query, prediction) -> None:
         for key in ("original_affine", "original_axcodes"):
@@ -344,13 +348,9 @@ def evaluate(methods: dict, organs: list[str], prep_dir: str | Path, preset: str
                     for name, per_organ in prepared.items()}
     check_intensity(prepared, intensity)
     out = Path(out_dir) if out_dir is not None else None
-    collector = _Collector(out, save_predictions, len(supports) > 1)
-    def collect(*args) -> None:
-        collector(*args)
-        if on_prediction is not None:
-            on_prediction(*args)
+    collector = _Collector(out, save_predictions, len(supports) > 1, on_prediction)
     records = run_protocol(prepared, organs, prep_dir, split, supports, protocol, input_size, device,
-                           batch_size, n_shots, intensity, collect, progress, queries)
+                           batch_size, n_shots, intensity, collector, progress, queries)
     warn_empty_predictions(records)
     header = {"fold": fold, "split": split, "supports": supports, "n_shots": n_shots, "organs": organs,
               "input_size": input_size, "prep_dir": str(prep_dir),

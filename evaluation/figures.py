@@ -111,12 +111,6 @@ def qualitative_png(data: dict[str, dict]) -> bytes:
     return _png(fig)
 
 
-def qualitative_figure(data: dict[str, dict], path: str | Path) -> Path:
-    """Write results.png (`qualitative_png`) atomically at `path`."""
-    write_bytes_atomic(qualitative_png(data), Path(path))
-    return Path(path)
-
-
 def misalignment_pairs(results: dict, method: str) -> dict[str, tuple[list[float], list[float]]]:
     """organ -> (alignment Dice of mask copy, segmentation Dice of `method`) over shared query volumes."""
     table = results["results"]

@@ -49,6 +49,19 @@ def masks_to_input(masks: np.ndarray, input_size: int, device: torch.device) -> 
     return resize_label(masks, input_size)                                         # N x S x S
 
 
+def support_prototypes(model, supports: Sequence[tuple[np.ndarray, np.ndarray]], support_z, input_size: int,
+                       scales: dict, device, slices: int, **stored):
+    """The model's prototypes of slice support_z[j] of each shot j (image, mask); scales: {id(image):
+    its `volume_intensity`}; stored: the adaptation's stored view (run_chunks)."""
+    shots = torch.cat([images_to_input(neighbour_stack(image, [z], slices), scales[id(image)], input_size,
+                                       device)
+                       for (image, _), z in zip(supports, support_z)])                 # K x C x S x S
+    fg = torch.cat([masks_to_input(mask[:, :, z][None], input_size, device)
+                    for (_, mask), z in zip(supports, support_z)])                 # K x S x S
+    fg, bg = fg[None, None], 1.0 - fg[None, None]                                  # 1 x 1 x K x S x S
+    return model.encode_support(shots[None, None], fg, bg, **stored)
+
+
 def run_chunks(model, supports: Sequence[tuple[np.ndarray, np.ndarray]], plan, query_image: np.ndarray,
                input_size: int, intensity: dict, device: str | torch.device = "cpu", batch_size: int = 16,
                progress: bool = False) -> np.ndarray:
@@ -70,19 +83,14 @@ def run_chunks(model, supports: Sequence[tuple[np.ndarray, np.ndarray]], plan, q
                file=sys.stderr, dynamic_ncols=True)
     with torch.inference_mode():
         for support_z, query_z in plan:
-            shots = torch.cat([images_to_input(neighbour_stack(image, [z], slices), by_volume[id(image)],
-                                               input_size, device)
-                               for (image, _), z in zip(supports, support_z)])     # K x C x S x S
-            fg = torch.cat([masks_to_input(mask[:, :, z][None], input_size, device)
-                            for (_, mask), z in zip(supports, support_z)])        # K x S x S
             stored = {}
             if getattr(model, "stored_views", False):     # test-time adaptation on the stored slice
                 (image, mask), z = supports[0], support_z[0]
                 stack = scale_intensity(neighbour_stack(image, [z], slices)[0],
                                         by_volume[id(image)])                          # C x X x Y
                 stored = {"stored": (stack[0] if slices == 1 else stack, mask[:, :, z].astype(bool))}
-            fg, bg = fg[None, None], 1.0 - fg[None, None]                            # 1 x 1 x K x S x S
-            prototypes = model.encode_support(shots[None, None], fg, bg, **stored)
+            prototypes = support_prototypes(model, supports, support_z, input_size, by_volume, device, slices,
+                                            **stored)
             for start in range(0, len(query_z), batch_size):
                 batch_z = query_z[start:start + batch_size]
                 queries = neighbour_stack(query_image, batch_z, slices)          # Q x C x X x Y

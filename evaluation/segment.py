@@ -1,10 +1,10 @@
-"""Segment your own scan: few-shot segmentation of a new volume (NIfTI or DICOM) from annotated supports.
+"""Segment your own scan (NIfTI or DICOM) from annotated supports; docs/usage.md "Segmenting a scan".
 
-`segment_volume`: one organ, the volumetric protocol (range given or `transfer_query_range`, `segment_plan`,
-evaluation.inference.run_chunks), the mask written in the query's geometry. `segment` / `segment_queries`:
-every organ of multi-label supports in one pass per query (`score_organs`: each slice encoded once), the
-range found without ground truth (`organ_window` + `largest_component`), one multi-label NIfTI + JSON
-sidecar. docs/usage.md "Segmenting a scan" has the rules."""
+`segment_volume`: one organ of (image, mask) supports, the range given or `transfer_query_range`.
+`segment` / `segment_queries`: every organ of multi-label supports, the range found without ground truth
+(`organ_window` + `largest_component`), one multi-label NIfTI + JSON sidecar. Both plan with
+`segment_plan` and score with `score_organs` (each query slice encoded once for all organs).
+"""
 from __future__ import annotations
 
 import json
@@ -38,7 +38,7 @@ from dataloaders.label_map import (
 from dataloaders.nifti import NiftiVolume, check_same_grid, load_nifti, save_nifti_atomic, to_original
 from dataloaders.organs import INDEX_TO_NAME, canonical_name
 from dataloaders.transforms import needs_hounsfield, neighbour_stack, volume_intensity
-from evaluation.inference import images_to_input, masks_to_input, run_chunks
+from evaluation.inference import images_to_input, support_prototypes
 from evaluation.protocols import centre_offsets, chunk_plan
 from models.checkpoint import check_input_size, model_from_checkpoint, model_input
 from models.fewshot import FewShotSegNet, model_input_slices
@@ -53,6 +53,8 @@ BODY_SLICE_FRACTION = 0.1   # a body slice has >= this fraction of the fullest s
 COVERAGE_WARN = 0.10        # body extents (mm) of query and support differ by more than this: warning
 COVERAGE_REFUSE = 0.25      # ... by more than this: the relative transfer is refused (give --query-range)
 GRID_TOLERANCE_MM = 1e-3    # same-scan test: world positions agree to this
+MR_BODY_FRACTION = 0.1      # a non-HU volume's body: voxels above this fraction of its 99th percentile
+RANGE_MARGIN = 0.5          # several organs: the transferred organ range widened by this fraction each side
 
 
 @dataclass
@@ -154,29 +156,34 @@ def same_scan_offset(support: Support, query: NiftiVolume, query_image: np.ndarr
     return k if same else None
 
 
-# ------------------------------------------------------------------------------ the transfer
-def transfer_query_range(supports: Sequence[Support], query: NiftiVolume, query_image: np.ndarray,
-                         query_name: str) -> tuple[tuple[int, int], str, list[str]]:
-    """(canonical inclusive range, how it was found, warnings) without --query-range; module docstring.
-
-    UserError when the transfer is not trustworthy: non-HU volumes, body extents too far apart, an organ
-    outside the query's coverage.
-    """
-    n_query = query_image.shape[2]
+def same_scan_range(supports: Sequence[Support], query: NiftiVolume, query_image: np.ndarray,
+                    query_name: str) -> tuple[tuple[int, int], tuple[int, int], Support] | None:
+    """(query range clipped to the query, unclipped, the support) when the query is part of a support's
+    scan (canonical z, inclusive); None otherwise. A query that misses the organ is a one-line error."""
     for support in supports:
         k = same_scan_offset(support, query, query_image)
         if k is None:
             continue
         s0, s1 = support.organ_range
-        start, stop = max(s0 - k, 0), min(s1 - k, n_query - 1)
+        start, stop = max(s0 - k, 0), min(s1 - k, query_image.shape[2] - 1)
         if start > stop:
             raise UserError(f"{query_name}: part of the same scan as {support.name}, but its slices do not "
                             f"reach the support organ (support slices {s0}..{s1}): give --query-range or a "
                             "query that covers the organ")
-        notes = []
-        if (start, stop) != (s0 - k, s1 - k):
-            notes.append(f"{query_name}: covers only part of the support organ's slices ({stop - start + 1} "
-                         f"of {s1 - s0 + 1}): the rest lies outside the query")
+        return (start, stop), (s0 - k, s1 - k), support
+    return None
+
+
+def transfer_query_range(supports: Sequence[Support], query: NiftiVolume, query_image: np.ndarray,
+                         query_name: str) -> tuple[tuple[int, int], str, list[str]]:
+    """(canonical inclusive range, how it was found, warnings) without --query-range. UserError when the
+    transfer is not trustworthy: non-HU volumes, body extents too far apart."""
+    same = same_scan_range(supports, query, query_image, query_name)
+    if same is not None:
+        (start, stop), (s0, s1), support = same
+        notes = [] if (start, stop) == (s0, s1) else [
+            f"{query_name}: covers only part of the support organ's slices ({stop - start + 1} of "
+            f"{s1 - s0 + 1}): the rest lies outside the query"]
         how = ("transferred from the support by physical z position: the query is part of the scan of "
                f"{support.name}")
         return (start, stop), how, notes
@@ -276,10 +283,43 @@ def _is_int(value) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
 
 
+def _is_pair(pair) -> bool:
+    return not isinstance(pair, PATH_TYPES) and isinstance(pair, Sequence) and len(pair) == 2 \
+        and all(isinstance(path, PATH_TYPES) for path in pair)
+
+
 def check_arguments(checkpoint, supports, query, out, support_label, label_map, query_range, n_chunks,
                     batch_size, min_voxels, input_size, intensity, device, vocabulary) -> None:
     """One-line UserError for an argument of `segment_volume` of the wrong type or value (before any I/O)."""
-    def refuse(name: str, value, wanted: str):
+    counts = (("n_chunks", n_chunks, 1), ("batch_size", batch_size, 1), ("min_voxels", min_voxels, 0))
+    listed = not isinstance(supports, PATH_TYPES) and isinstance(supports, Sequence)
+    bad_pair = next((pair for pair in supports if not _is_pair(pair)), None) if listed else None
+    rules = [
+        ("checkpoint", checkpoint, isinstance(checkpoint, PATH_TYPES + (torch.nn.Module,)),
+         "the path (str or Path) of a train.py checkpoint"),
+        ("supports", supports, listed, "a list of (image path, mask path) pairs"),
+        ("supports", bad_pair, bad_pair is None,
+         "(image path, mask path) pairs of str or Path, e.g. [('s.nii.gz', 'm.nii.gz')]"),
+        ("query", query, isinstance(query, PATH_TYPES), "the path (str or Path) of a NIfTI volume"),
+        ("out", out, out is None or isinstance(out, PATH_TYPES),
+         "the path (str or Path) of the .nii.gz to write, or None"),
+        ("support_label", support_label, support_label is None or _is_int(support_label)
+         or isinstance(support_label, str), "a label value (int), an organ name (str) or None"),
+        ("label_map", label_map, label_map is None or isinstance(label_map, PATH_TYPES + (dict,)),
+         "a JSON path or a dict such as {'liver': 5}"),
+        ("query_range", query_range, query_range is None or isinstance(query_range, str) or (
+            isinstance(query_range, Sequence) and len(query_range) == 2 and all(map(_is_int, query_range))),
+         "(Z0, Z1) integer slice indices or 'Z0:Z1'"),
+        *((name, value, _is_int(value), "an integer") for name, value, _ in counts),
+        ("input_size", input_size, input_size is None or _is_int(input_size),
+         "an integer slice size, or None for the checkpoint's"),
+        ("intensity", intensity, intensity is None or isinstance(intensity, (str, dict)),
+         "'minmax', 'zscore', 'window:LO,HI', a dict, or None"),
+        ("device", device, isinstance(device, (str, torch.device)), "'auto', 'cpu' or 'cuda'"),
+        ("vocabulary", vocabulary, vocabulary is None or isinstance(vocabulary, str), "'visceral' or None")]
+    for name, value, ok, wanted in rules:
+        if ok:
+            continue
         if isinstance(value, (list, tuple)) and any(isinstance(item, np.ndarray) for item in value):
             shown = "(" + ", ".join(type(item).__name__ for item in value) + ")"
         elif isinstance(value, np.ndarray):
@@ -288,44 +328,11 @@ def check_arguments(checkpoint, supports, query, out, support_label, label_map, 
             shown = " ".join(repr(value).split())
             shown = shown if len(shown) <= 60 else shown[:57] + "..."
         raise UserError(f"{name}: got {shown} ({type(value).__name__}): give {wanted}")
-
-    if not isinstance(checkpoint, PATH_TYPES + (torch.nn.Module,)):
-        refuse("checkpoint", checkpoint, "the path (str or Path) of a train.py checkpoint")
-    if isinstance(supports, PATH_TYPES) or not isinstance(supports, Sequence):
-        refuse("supports", supports, "a list of (image path, mask path) pairs")
-    for pair in supports:
-        if isinstance(pair, PATH_TYPES) or not isinstance(pair, Sequence) or len(pair) != 2 \
-                or not all(isinstance(path, PATH_TYPES) for path in pair):
-            refuse("supports", pair,
-                   "(image path, mask path) pairs of str or Path, e.g. [('s.nii.gz', 'm.nii.gz')]")
-    if not isinstance(query, PATH_TYPES):
-        refuse("query", query, "the path (str or Path) of a NIfTI volume")
-    if out is not None and not isinstance(out, PATH_TYPES):
-        refuse("out", out, "the path (str or Path) of the .nii.gz to write, or None")
-    if support_label is not None and not (_is_int(support_label) or isinstance(support_label, str)):
-        refuse("support_label", support_label, "a label value (int), an organ name (str) or None")
-    if label_map is not None and not isinstance(label_map, PATH_TYPES + (dict,)):
-        refuse("label_map", label_map, "a JSON path or a dict such as {'liver': 5}")
-    if query_range is not None and not isinstance(query_range, str) and not (
-            isinstance(query_range, Sequence) and len(query_range) == 2 and all(map(_is_int, query_range))):
-        refuse("query_range", query_range, "(Z0, Z1) integer slice indices or 'Z0:Z1'")
-    counts = (("n_chunks", n_chunks, 1), ("batch_size", batch_size, 1), ("min_voxels", min_voxels, 0))
     for name, value, low in counts:
-        if not _is_int(value):
-            refuse(name, value, "an integer")
         if value < low:
-            flag = name.replace("_", "-")
-            raise UserError(f"--{flag} {value}: must be >= {low}")
+            raise UserError(f"--{name.replace('_', '-')} {value}: must be >= {low}")
     if input_size is not None:
-        if not _is_int(input_size):
-            refuse("input_size", input_size, "an integer slice size, or None for the checkpoint's")
         check_input_size(input_size, "--input-size")
-    if intensity is not None and not isinstance(intensity, (str, dict)):
-        refuse("intensity", intensity, "'minmax', 'zscore', 'window:LO,HI', a dict, or None")
-    if not isinstance(device, (str, torch.device)):
-        refuse("device", device, "'auto', 'cpu' or 'cuda'")
-    if vocabulary is not None and not isinstance(vocabulary, str):
-        refuse("vocabulary", vocabulary, "'visceral' or None")
 
 
 # --------------------------------------------------------------------------------- loading
@@ -401,12 +408,10 @@ def segment_volume(checkpoint, supports: Sequence[tuple[str, str]], query, out=N
                    intensity=None, input_size: int | None = None, min_voxels: int = 0,
                    vocabulary: str | None = None, series: str | None = None
                    ) -> tuple[np.ndarray, nib.Nifti1Image]:
-    """(uint8 prediction in the query's original geometry, the NIfTI image written to `out` atomically) of
-    `query` segmented from [(image, mask), ...] supports (k-shot) with a checkpoint. support_label: a mask
-    value, an organ name (known labels: label_map, sidecar JSON, vocabulary='visceral') or None (single
-    value); query_range: half-open stored indices, 'Z0:Z1', or None (`transfer_query_range`); intensity:
-    None (the checkpoint's), 'minmax', 'zscore' or 'window:LO,HI'; query and support images: NIfTI or DICOM
-    series folders (series: the query's series UID). README "Segment your own scan"."""
+    """(uint8 prediction in the query's stored geometry, its NIfTI image, written to `out` atomically) of
+    `query` (NIfTI or DICOM folder) from [(image, mask), ...] supports. support_label: a mask value, an
+    organ name or None (single value); query_range: half-open stored indices, 'Z0:Z1' or None
+    (`transfer_query_range`); intensity: None (the checkpoint's), 'minmax', 'zscore' or 'window:LO,HI'."""
     check_arguments(checkpoint, supports, query, out, support_label, label_map, query_range, n_chunks,
                     batch_size, min_voxels, input_size, intensity, device, vocabulary)
     if out is not None:   # before any compute: never an input (path, symlink, hard link), writable, a file
@@ -451,12 +456,12 @@ def segment_volume(checkpoint, supports: Sequence[tuple[str, str]], query, out=N
     print(f"support organ: {', '.join(f'{s.name}: {s.label}' for s in support_list)}; query range "
           f"{stored[0]}:{stored[1]} (slices along the query file's axial axis, {how})", flush=True)
     plan = segment_plan(support_list, canonical_range, int(n_chunks))
-    prediction = run_chunks(model, [(s.image, s.mask) for s in support_list], plan, query_image, input_size,
-                            intensity, device, int(batch_size), progress)
-    array = to_original(prediction.astype(np.uint8), query_volume.original_axcodes)
-    if tuple(array.shape) != tuple(query_volume.original_shape):   # to_original must invert load_nifti
-        raise UserError(f"{query}: internal reorientation error: got {array.shape}, expected "
-                        f"{query_volume.original_shape}; please report it")
+    (z0, score), = score_organs(model, {1: (support_list, plan)}, query_image, input_size, intensity, device,
+                                int(batch_size), {}, progress).values()
+    prediction = np.zeros(query_image.shape, dtype=np.uint8)
+    prediction[:, :, z0:z0 + score.shape[2]] = score > 0                  # X x Y x Z, 0 outside the plan
+    array = to_original(prediction, query_volume.original_axcodes)
+    assert tuple(array.shape) == tuple(query_volume.original_shape)    # to_original inverts load_nifti
     image = nib.Nifti1Image(array, query_volume.original_affine)
     image.set_qform(query_volume.original_affine, code=1)
     image.set_sform(query_volume.original_affine, code=1)
@@ -468,9 +473,6 @@ def segment_volume(checkpoint, supports: Sequence[tuple[str, str]], query, out=N
     return array, image
 
 
-# ================================================================ several organs, one pass (issue 32)
-MR_BODY_FRACTION = 0.1   # a non-HU volume's body: voxels above this fraction of its 99th percentile
-RANGE_MARGIN = 0.5       # scored slices: the transferred organ range widened by this fraction of its length
 
 
 @dataclass
@@ -588,18 +590,11 @@ def organ_window(supports: Sequence[Support], query: NiftiVolume, query_image: n
     range transferred (same scan by z, else its relative position in the body's axial extent, CT and MR
     alike), widened by RANGE_MARGIN of its length each side; the largest 3D component is kept later."""
     n = query_image.shape[2]
-    for support in supports:
-        k = same_scan_offset(support, query, query_image)
-        if k is not None:
-            s0, s1 = support.organ_range
-            core = (max(s0 - k, 0), min(s1 - k, n - 1))
-            how = f"same scan as {support.name} (physical z)"
-            break
+    same = same_scan_range(supports, query, query_image, query.path.name)
+    if same is not None:
+        core, how = same[0], f"same scan as {same[2].name} (physical z)"
     else:
         core, how = default_query_range(supports, query_image), "relative position in the body's axial extent"
-    if core[0] > core[1]:
-        raise UserError(f"{query.path.name}: part of the same scan as {support.name}, but its slices do not "
-                        "reach the support organ: give --query-range or a query that covers the organ")
     margin = int(np.ceil(RANGE_MARGIN * (core[1] - core[0] + 1)))
     scored = (max(core[0] - margin, 0), min(core[1] + margin, n - 1))
     plan = segment_plan(supports, core, n_chunks)
@@ -620,12 +615,9 @@ def largest_component(mask: np.ndarray) -> np.ndarray:
 
 def score_organs(model, organ_plans: dict, query_image: np.ndarray, input_size: int, intensity: dict,
                  device, batch_size: int, prototypes: dict, progress: bool = False) -> dict:
-    """{value: (z0, X x Y x W float32 score of slices z0.. (foreground - background logit))}.
-
-    organ_plans: {value: (supports, plan)}. Each query slice goes through the encoder once for all organs
-    (in fixed blocks of batch_size slices, so an organ's result never depends on the others); each
-    organ's prototypes per support slice set are computed once into `prototypes` (shared across queries).
-    """
+    """{value: (z0, X x Y x W float32 foreground - background logit of slices z0..)} of organ_plans
+    {value: (supports, plan)}. Query slices are encoded once for all organs, in fixed blocks of batch_size
+    (an organ's result never depends on the others); prototypes are cached in `prototypes` across queries."""
     split = isinstance(model, FewShotSegNet)         # encoder once, then each organ's head
     encode = (lambda x: model.encoder(x.flatten(0, 1)).unflatten(0, (1, -1))) if split else (lambda x: x)
     score = model.head.score if split else model.segment
@@ -653,8 +645,8 @@ def score_organs(model, organ_plans: dict, query_image: np.ndarray, input_size: 
                         for s in supports:
                             if id(s.image) not in scales:
                                 scales[id(s.image)] = volume_intensity(s.image, intensity, "support image")
-                        prototypes[key] = support_prototypes(model, supports, support_z, input_size,
-                                                             scales, device, slices)
+                        prototypes[key] = support_prototypes(model, [(s.image, s.mask) for s in supports],
+                                                             support_z, input_size, scales, device, slices)
                     logits = score(prototypes[key], feats[:, chosen])
                     logits = (logits[0] if isinstance(logits, (tuple, list)) else logits)[0]  # Q x 2 x S x S
                     logits = F.interpolate(logits.float(), size=tuple(query_image.shape[:2]), mode="bilinear",
@@ -662,18 +654,6 @@ def score_organs(model, organ_plans: dict, query_image: np.ndarray, input_size: 
                     difference = (logits[:, 1] - logits[:, 0]).permute(1, 2, 0)  # X x Y x Q
                     scores[value][:, :, zs[chosen] - windows[value][0]] = difference.cpu().numpy()
     return {value: (windows[value][0], score_window) for value, score_window in scores.items()}
-
-
-def support_prototypes(model, supports: Sequence[Support], support_z, input_size, scales: dict, device,
-                       slices):
-    """The model's prototypes of one support slice per support (k-shot), as run_chunks computes them;
-    scales: {id(image): its scaling}."""
-    shots = torch.cat([images_to_input(neighbour_stack(s.image, [z], slices), scales[id(s.image)], input_size,
-                                       device) for s, z in zip(supports, support_z)])     # K x C x S x S
-    fg = torch.cat([masks_to_input(s.mask[:, :, z][None], input_size, device)
-                    for s, z in zip(supports, support_z)])                         # K x S x S
-    fg, bg = fg[None, None], 1.0 - fg[None, None]                                  # 1 x 1 x K x S x S
-    return model.encode_support(shots[None, None], fg, bg)
 
 
 def segment_queries(queries: Sequence, supports, organs=None, checkpoint=None, outs: Sequence | None = None,

@@ -74,6 +74,6 @@ def test_make_figures_on_a_missing_run_is_one_line(tmp_path, capsys):
 
 
 def test_qualitative_figure_without_scored_organs_is_a_clear_error(tmp_path):
-    from evaluation.figures import qualitative_figure
+    from evaluation.figures import qualitative_png
     with pytest.raises(UserError, match="nothing to draw"):
-        qualitative_figure({}, tmp_path / "x.png")
+        qualitative_png({})
