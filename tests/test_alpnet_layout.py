@@ -105,6 +105,27 @@ def test_reading_follows_simpleitk_order_and_checks_grid_and_classmap(tmp_path):
         layout.load_scan(folder, 1, layout.CHAOS_T2, classmap=classmap)
 
 
+
+def test_classmap_is_computed_from_the_labels_when_absent(tmp_path):
+    folder = write_alpnet_folder(tmp_path / "d", [1, 2, 3, 5, 8, 10])
+    shipped = layout.read_classmap(folder)
+    assert layout.compute_classmap(folder, layout.CHAOS_T2) == shipped
+    with_file = prepare_alpnet(folder, tmp_path / "a", fold=0, setting=2, label_set=0)
+    (folder / "classmap_1.json").unlink()
+    assert layout.read_classmap(folder) is None and layout.detect_dataset(folder) is layout.CHAOS_T2
+    without = prepare_alpnet(folder, tmp_path / "b", fold=0, setting=2, label_set=0)
+    assert without["alpnet"] == with_file["alpnet"]
+    assert (tmp_path / "a" / "index.json").read_text() == (tmp_path / "b" / "index.json").read_text()
+    sabs = write_alpnet_folder(tmp_path / "sabs", range(3), dataset=layout.SABS)
+    (sabs / "classmap_1.json").unlink()
+    assert layout.detect_dataset(sabs) is layout.SABS                 # told apart by the label values
+    assert layout.compute_classmap(sabs, layout.SABS)["BGD"]["0"] == list(range(12))   # every slice
+
+
+@needs_real
+def test_computed_classmap_equals_the_shipped_chaos_t2_one():
+    assert layout.compute_classmap(REAL, layout.CHAOS_T2) == layout.read_classmap(REAL)
+
 def test_fold_split_is_circular_with_the_next_scan_as_support():
     chaos = [1, 2, 3, 5, 8, 10, 13, 15, 19, 20, 21, 22, 31, 32, 33, 34, 36, 37, 38, 39]
     assert layout.fold_scans(chaos, 0, layout.CHAOS_T2)[:2] == ([1, 2, 3, 5], 8)
