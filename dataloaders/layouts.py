@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -439,13 +440,18 @@ def load_scan(folder: str | Path, sid: int, dataset: AlpnetDataset, superpixels:
         sp_path = folder / f"{SUPERPIXELS}_{sid}.nii.gz"
         if not sp_path.is_file():
             raise UserError(f"{sp_path}: missing, self-supervised training needs SSL-ALPNet's superpixels: "
-                            "make them with its pseudolabel_gen notebook, or train with labels")
+                            f"{make_superpixels_command(folder)}")
         sp, _ = _read(sp_path)
         if sp.shape != image.shape:
             raise UserError(f"{sp_path}: shape {sp.shape} differs from image_{sid}.nii.gz {image.shape}: "
                             "make the superpixels again from that image")
         scan.superpixels = np.rint(sp).astype(np.int32)
     return scan
+
+
+def make_superpixels_command(folder: str | Path) -> str:
+    """The command that adds SSL-ALPNet's superpixels to a folder of its layout (for error messages)."""
+    return f"make them with `python scripts/make_superpixels.py --alpnet {shlex.quote(str(folder))}`"
 
 
 def organ_slices(label: np.ndarray, value: int) -> np.ndarray:

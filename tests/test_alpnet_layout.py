@@ -122,6 +122,23 @@ def test_classmap_is_computed_from_the_labels_when_absent(tmp_path):
     assert layout.compute_classmap(sabs, layout.SABS)["BGD"]["0"] == list(range(12))   # every slice
 
 
+
+def test_labels_only_folder_prepares_without_superpixels(tmp_path):
+    from dataloaders.superpixels import read_superpixel_meta
+    folder = write_alpnet_folder(tmp_path / "d", [1, 2, 3, 5, 8, 10, 13])
+    for path in [*folder.glob("superpix-MIDDLE_*"), folder / "classmap_1.json"]:
+        path.unlink()                                       # only image_<id> and label_<id> are left
+    meta = prepare_alpnet(folder, tmp_path / "p", fold=0, setting=2, label_set=0)
+    assert meta["alpnet"]["superpixels"] is False and not (tmp_path / "p" / "superpixels").exists()
+    assert (tmp_path / "p" / "train" / "10_label.npy").is_file()
+    with pytest.raises(UserError, match=r"no superpixels .*superpixels\.py --alpnet .*/d` in the source"):
+        read_superpixel_meta(tmp_path / "p")
+    write_alpnet_folder(tmp_path / "partial", [1, 2, 3, 5, 8, 10, 13])
+    (tmp_path / "partial" / "superpix-MIDDLE_13.nii.gz").unlink()
+    with pytest.raises(UserError, match=r"superpix-MIDDLE_13\.nii\.gz: missing .*\[13\].*--alpnet"):
+        prepare_alpnet(tmp_path / "partial", tmp_path / "q", fold=0, setting=2, label_set=0)
+    assert not (tmp_path / "q").exists()
+
 @needs_real
 def test_computed_classmap_equals_the_shipped_chaos_t2_one():
     assert layout.compute_classmap(REAL, layout.CHAOS_T2) == layout.read_classmap(REAL)
