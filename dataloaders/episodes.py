@@ -4,7 +4,8 @@ N distinct training classes ("ways"); per way K support slices and its share of 
 belongs to way q mod N), all DIFFERENT slices holding the class (PREP/index.json). Item i is a function
 of (seed, i) alone (`default_rng([seed, i])`), so resume and DDP sharding give the episodes of one
 uninterrupted process. Slices are memory-mapped lazily per process; with 3 input slices an image is the
-stored (z - 1, z, z + 1) stack, labelled and augmented as its centre slice (same random stream).
+stored (z - 1, z, z + 1) stack, labelled and augmented as its centre slice (same random stream). A slice
+whose class has no pixel left at input_size is left out of that class's draw (`vanished`).
 """
 from __future__ import annotations
 
@@ -48,19 +49,54 @@ class EpisodeDataset(Dataset):
         self.seed = int(seed)
         self.length = int(length)
         index = read_slice_index(prep_dir)
+        index, vanished = self._visible(index, [int(c) for c in classes])
+        self.vanished = {INDEX_TO_NAME.get(c, str(c)): n for c, n in sorted(vanished.items())}  # name: count
         # A way needs its K supports plus at most ceil(Q / N) queries, all different slices.
         queries_per_way = -(-self.n_queries // self.n_ways)
         self.min_slices = self.n_shots + queries_per_way
         self.classes = [int(c) for c in classes if len(index.get(int(c), ())) >= self.min_slices]
+        # classes left out because too few of their slices keep them at input_size
+        self.dropped = [INDEX_TO_NAME.get(int(c), str(c)) for c in classes
+                        if int(c) not in self.classes and int(c) in vanished]
         if len(self.classes) < self.n_ways:
             names = ", ".join(INDEX_TO_NAME.get(int(c), str(c)) for c in classes)
+            shrunk = f" (at input_size {self.input_size}: {self.vanish_report()})" if self.vanished else ""
             raise UserError(
                 f"prepared data '{prep_dir}': only {len(self.classes)} of the training classes "
-                f"({names}) have >= {self.min_slices} slices in index.json, {self.n_ways}-way episodes "
-                f"need {self.n_ways}: use another fold/class_setting or re-prepare the data")
+                f"({names}) have >= {self.min_slices} slices in index.json{shrunk}, {self.n_ways}-way "
+                f"episodes need {self.n_ways}: use another fold/class_setting or re-prepare the data")
         self.slices = {c: index[c] for c in self.classes}
         self._arrays: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray | None]] = {}
         self._check_files()
+
+    def _visible(self, index: dict, classes: list[int]) -> tuple[dict, dict[int, int]]:
+        """index.json's slices of `classes` that keep >= 1 pixel of their class when the label is resized to
+        input_size, and per class the number of slices left out (only classes that lost some)."""
+        rows: dict[str, set] = {}
+        for c in classes:
+            for pid, row, _ in index.get(c, ()):
+                rows.setdefault(pid, set()).add(int(row))
+        present: dict[tuple[str, int], np.ndarray] = {}        # (pid, row) -> label values at input_size
+        for pid, wanted in rows.items():
+            labels = open_training_volume(self.prep_dir, pid)[1]                            # N x S x S
+            if labels.shape[-1] == self.input_size:
+                continue                                        # nothing is resized, nothing vanishes
+            ordered = sorted(wanted)
+            small = resize_label(np.asarray(labels[ordered]), self.input_size)                # R x H x W
+            present.update({(pid, r): np.unique(s) for r, s in zip(ordered, small)})
+        visible, vanished = dict(index), {}
+        for c in classes:
+            entries = index.get(c, [])
+            kept = [e for e in entries if (e[0], int(e[1])) not in present or c in present[(e[0], int(e[1]))]]
+            if len(kept) < len(entries):
+                visible[c], vanished[c] = kept, len(entries) - len(kept)
+        return visible, vanished
+
+    def vanish_report(self) -> str:
+        """One line: per class, the training slices left out because it vanishes at input_size."""
+        parts = [f"{name} {n} slices" for name, n in self.vanished.items()]
+        dropped = f"; classes left out of every draw: {', '.join(self.dropped)}" if self.dropped else ""
+        return ", ".join(parts) + dropped
 
     def _check_files(self) -> None:
         """Every volume the index names has readable image and label arrays, and its neighbours with 3

@@ -7,6 +7,7 @@ the tests can tell which slices an episode used.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -213,3 +214,66 @@ def test_clear_errors_for_missing_or_classless_data(tmp_path, prep):
     (broken / "train" / f"{PIDS[1]}_label.npy").unlink()
     with pytest.raises(UserError, match="missing"):
         EpisodeDataset(str(broken), [1], 1, 1, 1, S, None, 0)
+
+
+def _episode_hash(dataset: EpisodeDataset, items=range(6)) -> str:
+    digest = hashlib.sha256()
+    for i in items:
+        for key, value in sorted(dataset[i].items()):
+            digest.update(key.encode())
+            digest.update(value.numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def test_episodes_unchanged_when_no_class_vanishes(prep):
+    """Hashes taken before slices of vanishing classes were left out: data without them draws the same."""
+    for size, expected in ((S, "e66f4658f739ac06"), (S // 2, "198e404f01577abc")):
+        dataset = EpisodeDataset(str(prep), [1, 2, 3, 13, 14, 17, 18], n_ways=2, n_shots=2, n_queries=2,
+                                 input_size=size, augment={"p": 0.5, "brightness": [0.9, 1.1]}, seed=7)
+        assert dataset.vanished == {} and _episode_hash(dataset) == expected
+
+
+def make_tiny_structure_prep(root: Path, size: int = 256) -> Path:
+    """Two volumes of 4 slices at 256 px: liver a large box in every slice; psoas_right 2 x 2 pixels in the
+    corner that 64 px sampling never hits, except one 16 x 16 box in volume 1, slice 0."""
+    prep = Path(root) / "tiny"
+    (prep / "train").mkdir(parents=True)
+    index: dict[str, list] = {"1": [], "17": []}
+    for v, pid in enumerate(("a", "b")):
+        labels = np.zeros((4, size, size), np.uint8)
+        labels[:, 64:192, 64:192] = 1
+        labels[:, 0:2, 0:2] = 17
+        if v == 1:
+            labels[0, 200:216, 200:216] = 17
+        np.save(prep / "train" / f"{pid}_image.npy", np.where(labels > 0, 0.8, 0.1).astype(np.float32))
+        np.save(prep / "train" / f"{pid}_label.npy", labels)
+        for row in range(4):
+            index["1"].append([pid, row, row])
+            index["17"].append([pid, row, row])
+    (prep / "index.json").write_text(json.dumps({"slices": index}))
+    meta = {"format_version": 1, "prep_size": size, "intensity": {"mode": "minmax"}, "seed": 0,
+            "splits": {"train": ["a", "b"], "val": [], "gold": []}}
+    (prep / "meta.json").write_text(json.dumps(meta))
+    return prep
+
+
+def test_a_class_that_vanishes_at_input_size_leaves_the_draw(tmp_path):
+    prep = make_tiny_structure_prep(tmp_path)
+    full = EpisodeDataset(str(prep), [1, 17], n_ways=1, n_shots=1, n_queries=1, input_size=256,
+                          augment=None, seed=3)
+    assert full.classes == [1, 17] and full.vanished == {}
+    small = EpisodeDataset(str(prep), [1, 17], n_ways=1, n_shots=1, n_queries=1, input_size=64,
+                           augment=None, seed=3)
+    # 7 of psoas_right's 8 slices lose it at 64 px; 1 slice is too few for a support and a query
+    assert small.vanished == {"psoas_right": 7} and small.dropped == ["psoas_right"]
+    assert small.classes == [1] and "psoas_right 7 slices" in small.vanish_report()
+    for i in range(20):
+        episode = small[i]
+        assert episode["support_fg"].flatten(2).sum(-1).min() > 0          # no way with an empty mask
+    assert _episode_hash(small, range(3)) == _episode_hash(
+        EpisodeDataset(str(prep), [1, 17], 1, 1, 1, 64, None, seed=3), range(3))   # deterministic
+    partial = EpisodeDataset(str(prep), [17], n_ways=1, n_shots=1, n_queries=0, input_size=64,
+                             augment=None, seed=3)
+    assert partial.slices[17] == [("b", 0, 0)]           # the one slice that keeps it
+    with pytest.raises(UserError, match=r"at input_size 64: psoas_right 7 slices; classes left out"):
+        EpisodeDataset(str(prep), [17], 1, 1, 1, 64, None, seed=3)

@@ -145,6 +145,12 @@ def train(config: Mapping[str, Any], run=None, *, defaults: Mapping, checked: bo
                   "dataloaders/selfsup_episodes.py)")
             if run is not None:
                 run.info["episode_redraws"] = redraws
+        elif loader.dataset.vanished:
+            t.say(f"training slices left out of the draw, their organ vanishing at input_size "
+                  f"{cfg['input_size']}: {loader.dataset.vanish_report()}")
+            if run is not None:
+                run.info["vanished_slices"] = loader.dataset.vanished
+                run.info["vanished_classes"] = loader.dataset.dropped
         return _finish(t, meter, start_step)
 
 
