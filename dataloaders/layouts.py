@@ -418,8 +418,9 @@ class AlpnetScan:
 
 
 def load_scan(folder: str | Path, sid: int, dataset: AlpnetDataset, superpixels: bool = False,
-              classmap: dict | None = None) -> AlpnetScan:
-    """Read and check one scan: label on the image's grid, known values, classmap agreeing with the label."""
+              classmap: dict | None = None, superpixel_dir: str | Path | None = None) -> AlpnetScan:
+    """Read and check one scan: label on the image's grid, known values, classmap agreeing with the label;
+    superpixels from `superpixel_dir` (default: the folder itself)."""
     folder = Path(folder)
     image, affine = _read(folder / f"image_{sid}.nii.gz")
     label_path = folder / f"label_{sid}.nii.gz"
@@ -437,7 +438,7 @@ def load_scan(folder: str | Path, sid: int, dataset: AlpnetDataset, superpixels:
     if classmap is not None:
         check_classmap(classmap, scan, dataset, folder / CLASSMAP)
     if superpixels:
-        sp_path = folder / f"{SUPERPIXELS}_{sid}.nii.gz"
+        sp_path = Path(superpixel_dir or folder) / f"{SUPERPIXELS}_{sid}.nii.gz"
         if not sp_path.is_file():
             raise UserError(f"{sp_path}: missing, self-supervised training needs SSL-ALPNet's superpixels: "
                             f"{make_superpixels_command(folder)}")

@@ -383,8 +383,12 @@ def normalised_volume(image: np.ndarray, intensity: dict) -> np.ndarray:
 
 
 def prepare_alpnet(data_dir: str | Path, out: str | Path, fold: int, setting: int = 2, label_set: int = 0,
-                   rule: str = "or", overwrite: bool = False, validation: bool = False) -> dict:
+                   rule: str = "or", overwrite: bool = False, validation: bool = False,
+                   superpixel_dir: str | Path | None = None) -> dict:
     """Write the prepared folder of one (fold, setting, label set); returns its meta.json content.
+
+    superpixel_dir: where the superpix-MIDDLE files are (default data_dir; superpixels.make_alpnet_superpixels
+    can write them elsewhere, leaving data_dir untouched); without them the folder has no superpixels/.
 
     validation: hold the fold's validation scan (layouts.validation_scan) out of training and store it
     with the evaluation volumes (meta alpnet.validation), for choosing options without the test scans."""
@@ -404,14 +408,15 @@ def prepare_alpnet(data_dir: str | Path, out: str | Path, fold: int, setting: in
     test_values = dataset.test_values(label_set) if setting == 2 else list(dataset.evaluated)
     excluded = test_values if setting == 2 else []
     # superpixels: for self-supervised training, all training scans or none (supervised rows, mask copy)
-    missing = [sid for sid in training if not (data_dir / f"{layouts.SUPERPIXELS}_{sid}.nii.gz").is_file()]
+    sp_dir = Path(superpixel_dir or data_dir)
+    missing = [sid for sid in training if not (sp_dir / f"{layouts.SUPERPIXELS}_{sid}.nii.gz").is_file()]
     if 0 < len(missing) < len(training):
-        raise UserError(f"{data_dir / f'{layouts.SUPERPIXELS}_{missing[0]}.nii.gz'}: missing (training scans "
+        raise UserError(f"{sp_dir / f'{layouts.SUPERPIXELS}_{missing[0]}.nii.gz'}: missing (training scans "
                         f"without superpixels: {missing}): {layouts.make_superpixels_command(data_dir)}")
     with_superpixels = not missing
     scans = {sid: layouts.load_scan(data_dir, sid, dataset, superpixels=with_superpixels and sid in training,
-                                   classmap=classmap) for sid in ids if sid in training or sid in test
-             or sid == support or sid in held_out}
+                                   classmap=classmap, superpixel_dir=sp_dir)
+             for sid in ids if sid in training or sid in test or sid == support or sid in held_out}
     for value in test_values:                          # the support must show every test organ
         if not layouts.organ_slices(scans[support].label, value).size:
             raise UserError(f"{data_dir / f'label_{support}.nii.gz'}: the support scan of fold {fold} "

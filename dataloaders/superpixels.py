@@ -249,28 +249,31 @@ def alpnet_superpixels(image: np.ndarray, threshold: float) -> np.ndarray:
 
 def _alpnet_scan_task(task: tuple) -> str:
     """Worker: write superpix-MIDDLE_<id>.nii.gz of one scan beside its image (atomic)."""
-    folder, sid, threshold = task
+    folder, out, sid, threshold = task
     source = nib.load(str(Path(folder) / f"image_{sid}.nii.gz"))
     image = np.asarray(source.dataobj, dtype=np.float64).transpose(1, 0, 2)                  # Y x X x Z
     labels = alpnet_superpixels(image, threshold).transpose(1, 0, 2).astype(np.float64)     # X x Y x Z
     header = source.header.copy()
     header.set_data_dtype(np.float64)
-    path = Path(folder) / f"{layouts.SUPERPIXELS}_{sid}.nii.gz"
+    path = Path(out) / f"{layouts.SUPERPIXELS}_{sid}.nii.gz"
     data = nib.Nifti1Image(labels, source.affine, header).to_bytes()
     write_bytes_atomic(gzip.compress(data, compresslevel=6, mtime=0), path)
     return path.name
 
 
 def make_alpnet_superpixels(folder: str | Path, overwrite: bool = False, workers: int = 2,
-                            progress: bool = True) -> dict:
-    """The missing superpix-MIDDLE_<id>.nii.gz (all with `overwrite`) and classmap_1.json (when absent) of
-    an SSL-ALPNet-layout folder; returns {"dataset", "written", "kept", "classmap"}."""
+                            progress: bool = True, out: str | Path | None = None) -> dict:
+    """The missing superpix-MIDDLE_<id>.nii.gz (all with `overwrite`) of an SSL-ALPNet-layout folder, into
+    `out` (default: the folder, then with classmap_1.json when absent); returns {"dataset", "written",
+    "kept", "classmap"}."""
     from tqdm import tqdm  # progress bar of the command line only
     folder = Path(folder)
+    target = Path(out or folder)
     dataset = layouts.detect_dataset(folder)
     ids = layouts.scan_ids(folder)
-    todo = [sid for sid in ids if overwrite or not (folder / f"{layouts.SUPERPIXELS}_{sid}.nii.gz").is_file()]
-    tasks = [(str(folder), sid, ALPNET_BODY_THRESHOLD[dataset.name]) for sid in todo]
+    target.mkdir(parents=True, exist_ok=True)
+    todo = [sid for sid in ids if overwrite or not (target / f"{layouts.SUPERPIXELS}_{sid}.nii.gz").is_file()]
+    tasks = [(str(folder), str(target), sid, ALPNET_BODY_THRESHOLD[dataset.name]) for sid in todo]
     written = []
     with tqdm(total=len(tasks), desc="superpixels", unit="scan", disable=not progress) as bar:
         if workers > 1 and len(tasks) > 1:
@@ -283,7 +286,7 @@ def make_alpnet_superpixels(folder: str | Path, overwrite: bool = False, workers
                 written.append(_alpnet_scan_task(task))
                 bar.update(1)
     classmap = None
-    if layouts.read_classmap(folder) is None:
+    if out is None and layouts.read_classmap(folder) is None:
         classmap = folder / layouts.CLASSMAP
         write_bytes_atomic(json.dumps(layouts.compute_classmap(folder, dataset)).encode(), classmap)
     return {"dataset": dataset.name, "written": written, "kept": len(ids) - len(todo),

@@ -133,6 +133,13 @@ def test_labels_only_folder_prepares_without_superpixels(tmp_path):
     assert (tmp_path / "p" / "train" / "10_label.npy").is_file()
     with pytest.raises(UserError, match=r"no superpixels .*superpixels\.py --alpnet .*/d` in the source"):
         read_superpixel_meta(tmp_path / "p")
+    from dataloaders.superpixels import make_alpnet_superpixels
+    before = sorted(path.name for path in folder.iterdir())
+    make_alpnet_superpixels(folder, workers=1, progress=False, out=tmp_path / "sp")   # the data untouched
+    assert sorted(path.name for path in folder.iterdir()) == before
+    meta = prepare_alpnet(folder, tmp_path / "with", fold=0, setting=2, label_set=0,
+                          superpixel_dir=tmp_path / "sp")
+    assert meta["alpnet"]["superpixels"] and read_superpixel_meta(tmp_path / "with")["volumes"]
     write_alpnet_folder(tmp_path / "partial", [1, 2, 3, 5, 8, 10, 13])
     (tmp_path / "partial" / "superpix-MIDDLE_13.nii.gz").unlink()
     with pytest.raises(UserError, match=r"superpix-MIDDLE_13\.nii\.gz: missing .*\[13\].*--alpnet"):
