@@ -38,6 +38,7 @@ class EpisodeDataset(Dataset):
         query_images    Q x C x H x W      float32 in [0, 1]
         query_labels    Q x H x W          int64, 0 = background, n + 1 = way n
         classes         N                  int64 label indices (dataloaders/organs.py)
+        redraws         ()                 int64 ways redrawn (their class vanished in every support shot)
     """
 
     def __init__(self, prep_dir: str, classes: Sequence[int], n_ways: int, n_shots: int,
@@ -155,8 +156,11 @@ class EpisodeDataset(Dataset):
                 if others:
                     classes[n] = others[rng.integers(len(others))]
                     entries = self.slices[int(classes[n])]
-                else:
+                elif entries is not self.visible[int(classes[n])]:
                     entries = self.visible[int(classes[n])]
+                else:                                   # only an index.json naming slices without the class
+                    raise UserError(f"prepared data '{self.prep_dir}': index.json lists slices without "
+                                    f"{INDEX_TO_NAME.get(int(classes[n]))}: re-prepare the data")
             for j, (image, label) in enumerate(reads):
                 if j < K:
                     support_images.append(image)
