@@ -421,3 +421,16 @@ def test_rng_state_round_trip():
     set_rng_state(state)
     second = (torch.rand(3), np.random.rand(), random.random())
     assert torch.equal(first[0], second[0]) and first[1:] == second[1:]
+
+
+def test_training_reports_organs_that_vanish_at_input_size(tmp_path, capsys):
+    from test_episodes import make_tiny_structure_prep
+
+    from training.loop import train
+    prep = make_tiny_structure_prep(tmp_path)          # psoas_right vanishes from 6 of 8 slices at 64 px
+    paths = {"data_dir": str(prep), "log_dir": str(tmp_path / "logs")}
+    config = resolve(n_steps=6, val_every=0, input_size=64, class_setting="all_structures", path=paths)
+    summary = train(config, None, defaults=default_config())
+    out = capsys.readouterr().out
+    assert summary["steps"] == 6
+    assert re.search(r"ways redrawn: \d+ \(their organ vanished at input_size 64 .*psoas_right 6 slices", out)
