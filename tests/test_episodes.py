@@ -286,3 +286,13 @@ def test_a_class_that_vanishes_at_input_size_is_dropped_from_the_episode(tmp_pat
     assert all(alone[i]["support_fg"].sum() > 0 for i in range(10))
     with pytest.raises(UserError, match=r"at input_size 64: psoas_left 8 slices; classes left out"):
         EpisodeDataset(str(prep), [18], 1, 1, 1, 64, None, seed=3)
+
+
+def test_an_index_naming_slices_without_their_class_is_one_line(tmp_path):
+    prep = make_tiny_structure_prep(tmp_path)
+    index = json.loads((prep / "index.json").read_text())
+    index["slices"]["2"] = index["slices"]["1"]                 # spleen listed where there is none
+    (prep / "index.json").write_text(json.dumps(index))
+    dataset = EpisodeDataset(str(prep), [2], 1, 1, 1, 256, None, seed=0)
+    with pytest.raises(UserError, match="index.json lists slices without spleen: re-prepare"):
+        dataset[0]
