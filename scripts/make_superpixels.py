@@ -98,8 +98,15 @@ def alpnet_folder(args: argparse.Namespace, params: SuperpixelParams) -> int:
     if params != SuperpixelParams() or args.out or args.figure or args.window or args.size != 256:
         raise UserError("--alpnet uses SSL-ALPNet's own parameters and writes into DATA: leave out --out, "
                         "--figure, --window, --size and the superpixel parameters")
+    folder = Path(args.alpnet)
+    if not folder.is_dir() or not any(folder.glob("image_*.nii.gz")):
+        raise UserError(f"--alpnet {folder}: not a folder with image_<id>.nii.gz files: give a folder in "
+                        "SSL-ALPNet's layout (image_<id>.nii.gz, label_<id>.nii.gz)")
+    if not os.access(folder, os.W_OK):
+        raise UserError(f"--alpnet {folder}: not writable, the superpixel files go beside the scans: make it "
+                        "writable or work on a copy")
     start = time.perf_counter()
-    done = make_alpnet_superpixels(args.alpnet, args.overwrite, args.workers)
+    done = make_alpnet_superpixels(folder, args.overwrite, args.workers)
     print(f"{args.alpnet} ({done['dataset']}): wrote {len(done['written'])} superpixel files in "
           f"{time.perf_counter() - start:.1f} s, kept {done['kept']} existing"
           + (f"; wrote {done['classmap']}" if done["classmap"] else ""))

@@ -185,6 +185,8 @@ def test_make_superpixels_alpnet_writes_the_missing_files_and_classmap(tmp_path)
     with pytest.raises(UserError, match="--alpnet uses SSL-ALPNet's own parameters"):
         script.main(["--alpnet", str(folder), "--min-size", "10"])
     assert not list(folder.glob("superpix-MIDDLE_*"))
+    with pytest.raises(UserError, match=r"^--alpnet .*: not a folder with image_<id>"):
+        script.main(["--alpnet", str(folder / "image_1.nii.gz")])
     assert script.main(["--alpnet", str(folder), "--workers", "1"]) == 0
     assert json.loads((folder / "classmap_1.json").read_text()) == shipped
     scan = layouts.load_scan(folder, 10, layouts.CHAOS_T2, superpixels=True)
