@@ -4,7 +4,9 @@ N distinct training classes ("ways"); per way K support slices and its share of 
 belongs to way q mod N), all DIFFERENT slices holding the class (PREP/index.json). Item i is a function
 of (seed, i) alone (`default_rng([seed, i])`), so resume and DDP sharding give the episodes of one
 uninterrupted process. Slices are memory-mapped lazily per process; with 3 input slices an image is the
-stored (z - 1, z, z + 1) stack, labelled and augmented as its centre slice (same random stream).
+stored (z - 1, z, z + 1) stack, labelled and augmented as its centre slice (same random stream). A way
+whose class has no pixel left at input_size in any support shot is redrawn with another class (else from
+the slices that keep it), counted in the item's "redraws"; other episodes are drawn as without the check.
 """
 from __future__ import annotations
 
@@ -24,6 +26,8 @@ from dataloaders.prepared import (
 from dataloaders.transforms import INPUT_SLICES, augment_intensity, resize_image, resize_label
 from util.errors import UserError
 
+REDRAWS_KEY = "redraws"       # item key: ways (or superpixel draws) redrawn before the episode was complete
+
 
 class EpisodeDataset(Dataset):
     """Few-shot episodes; item i is a dict of tensors (H = W = input_size, C = input_slices, 1 or 3):
@@ -34,6 +38,7 @@ class EpisodeDataset(Dataset):
         query_images    Q x C x H x W      float32 in [0, 1]
         query_labels    Q x H x W          int64, 0 = background, n + 1 = way n
         classes         N                  int64 label indices (dataloaders/organs.py)
+        redraws         ()                 int64 ways redrawn (their class vanished in every support shot)
     """
 
     def __init__(self, prep_dir: str, classes: Sequence[int], n_ways: int, n_shots: int,
@@ -48,19 +53,55 @@ class EpisodeDataset(Dataset):
         self.seed = int(seed)
         self.length = int(length)
         index = read_slice_index(prep_dir)
+        visible, vanished = self._visible(index, [int(c) for c in classes])
+        self.vanished = {INDEX_TO_NAME.get(c, str(c)): n for c, n in sorted(vanished.items())}  # name: count
         # A way needs its K supports plus at most ceil(Q / N) queries, all different slices.
         queries_per_way = -(-self.n_queries // self.n_ways)
         self.min_slices = self.n_shots + queries_per_way
-        self.classes = [int(c) for c in classes if len(index.get(int(c), ())) >= self.min_slices]
+        self.classes = [int(c) for c in classes if len(visible.get(int(c), ())) >= self.min_slices]
+        # classes left out because too few of their slices keep them at input_size
+        self.dropped = [INDEX_TO_NAME.get(int(c), str(c)) for c in classes
+                        if int(c) not in self.classes and int(c) in vanished]
         if len(self.classes) < self.n_ways:
             names = ", ".join(INDEX_TO_NAME.get(int(c), str(c)) for c in classes)
+            shrunk = f" (at input_size {self.input_size}: {self.vanish_report()})" if self.vanished else ""
             raise UserError(
                 f"prepared data '{prep_dir}': only {len(self.classes)} of the training classes "
-                f"({names}) have >= {self.min_slices} slices in index.json, {self.n_ways}-way episodes "
-                f"need {self.n_ways}: use another fold/class_setting or re-prepare the data")
+                f"({names}) have >= {self.min_slices} slices in index.json{shrunk}, {self.n_ways}-way "
+                f"episodes need {self.n_ways}: use another fold/class_setting or re-prepare the data")
         self.slices = {c: index[c] for c in self.classes}
+        self.visible = {c: visible[c] for c in self.classes}     # the slices that keep c at input_size
         self._arrays: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray | None]] = {}
         self._check_files()
+
+    def _visible(self, index: dict, classes: list[int]) -> tuple[dict, dict[int, int]]:
+        """index.json's slices of `classes` that keep >= 1 pixel of their class when the label is resized to
+        input_size, and per class the number of slices that lose it (only classes that lose some)."""
+        rows: dict[str, set] = {}
+        for c in classes:
+            for pid, row, _ in index.get(c, ()):
+                rows.setdefault(pid, set()).add(int(row))
+        present: dict[tuple[str, int], np.ndarray] = {}        # (pid, row) -> label values at input_size
+        for pid, wanted in rows.items():
+            labels = open_training_volume(self.prep_dir, pid)[1]                            # N x S x S
+            if labels.shape[-1] == self.input_size:
+                continue                                        # nothing is resized, nothing vanishes
+            ordered = sorted(wanted)
+            small = resize_label(np.asarray(labels[ordered]), self.input_size)                # R x H x W
+            present.update({(pid, r): np.unique(s) for r, s in zip(ordered, small)})
+        visible, vanished = dict(index), {}
+        for c in classes:
+            entries = index.get(c, [])
+            kept = [e for e in entries if (e[0], int(e[1])) not in present or c in present[(e[0], int(e[1]))]]
+            if len(kept) < len(entries):
+                visible[c], vanished[c] = kept, len(entries) - len(kept)
+        return visible, vanished
+
+    def vanish_report(self) -> str:
+        """One line: per class, the training slices where it vanishes at input_size."""
+        parts = [f"{name} {n} slices" for name, n in self.vanished.items()]
+        dropped = f"; classes left out of every draw: {', '.join(self.dropped)}" if self.dropped else ""
+        return ", ".join(parts) + dropped
 
     def _check_files(self) -> None:
         """Every volume the index names has readable image and label arrays, and its neighbours with 3
@@ -100,12 +141,27 @@ class EpisodeDataset(Dataset):
         ways = rng.choice(len(self.classes), size=N, replace=False)
         classes = np.array([self.classes[w] for w in ways], dtype=np.int64)  # N
 
-        support_images, support_labels, queries = [], [], [None] * Q
-        for n, cls in enumerate(classes):
-            entries = self.slices[int(cls)]             # way n draws its supports, then queries n, n + N, ...
-            picks = rng.choice(len(entries), size=K + len(range(n, Q, N)), replace=False)
-            for j, pick in enumerate(picks):
-                image, label = self._read(entries[pick], rng)
+        support_images, support_labels, queries, redraws, left_out = [], [], [None] * Q, 0, set()
+        for n in range(N):
+            entries = self.slices[int(classes[n])]      # way n draws its supports, then queries n, n + N, ...
+            while True:
+                picks = rng.choice(len(entries), size=K + len(range(n, Q, N)), replace=False)
+                reads = [self._read(entries[pick], rng) for pick in picks]
+                if any((label == classes[n]).any() for _, label in reads[:K]):
+                    break
+                # the class vanished at input_size in every shot: dropped from this episode's draw
+                redraws += 1
+                left_out.add(int(classes[n]))
+                others = [c for c in self.classes if c not in classes and c not in left_out]
+                if others:
+                    classes[n] = others[rng.integers(len(others))]
+                    entries = self.slices[int(classes[n])]
+                elif entries is not self.visible[int(classes[n])]:
+                    entries = self.visible[int(classes[n])]
+                else:                                   # only an index.json naming slices without the class
+                    raise UserError(f"prepared data '{self.prep_dir}': index.json lists slices without "
+                                    f"{INDEX_TO_NAME.get(int(classes[n]))}: re-prepare the data")
+            for j, (image, label) in enumerate(reads):
                 if j < K:
                     support_images.append(image)
                     support_labels.append(label)
@@ -128,6 +184,7 @@ class EpisodeDataset(Dataset):
             "query_images": torch.from_numpy(np.stack(query_images).reshape(Q, C, size, size)),
             "query_labels": torch.from_numpy(episode_labels),
             "classes": torch.from_numpy(classes),
+            REDRAWS_KEY: torch.tensor(redraws, dtype=torch.int64),
         }
 
 

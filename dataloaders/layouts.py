@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -252,8 +253,9 @@ def find_split(root: str | Path, split: str) -> Path:
 
 
 # ------------------------------------------------------------------------------ SSL-ALPNet's layout
-# image_<id>.nii.gz, label_<id>.nii.gz (the data set's own values), superpix-MIDDLE_<id>.nii.gz (optional),
-# classmap_1.json {class: {str(id): [slices holding it]}}; ids = last digit run, sorted as integers.
+# image_<id>.nii.gz, label_<id>.nii.gz (the data set's own values), superpix-MIDDLE_<id>.nii.gz (optional,
+# made by scripts/make_superpixels.py --alpnet), classmap_1.json {class: {str(id): [slices holding it]}}
+# (optional: `compute_classmap` derives it from the labels); ids = last digit run, sorted as integers.
 # Read as SSL-ALPNet: nibabel's X x Y x Z with axes 0 and 1 swapped (its SimpleITK [Z, Y, X].T), no
 # reorientation or resize, cropped [:256, :256]; MR z-scored per volume, CT by the global mean and std of
 # the fold's training scans (`ct_statistics`). Nothing here assumes Hounsfield units.
@@ -272,6 +274,7 @@ class AlpnetDataset:
     separators: tuple[int, ...]                 # fold k = ids[sep[k] : sep[k + 1]] (+ the next id as support)
     label_groups: tuple[tuple[int, ...], ...]   # label_sets g tests all evaluated values minus groups[g]
     evaluated: tuple[int, ...] = field(default=())   # values ever tested
+    background_is_foreground: bool = False      # classmap's class 0 lists the slices with any foreground
 
     def test_values(self, label_set: int) -> list[int]:
         """Label values tested under `label_set` (SSL-ALPNet: all evaluated minus label_groups[label_set])."""
@@ -289,7 +292,8 @@ CHAOS_T2 = AlpnetDataset(
     name="chaos_t2", modality="MR",
     class_names={0: "BG", 1: "LIVER", 2: "RK", 3: "LK", 4: "SPLEEN"},
     vocabulary={1: "liver", 2: "kidney_right", 3: "kidney_left", 4: "spleen"},
-    separators=(0, 4, 8, 12, 16, 20), label_groups=((1, 4), (2, 3)), evaluated=(1, 2, 3, 4))
+    separators=(0, 4, 8, 12, 16, 20), label_groups=((1, 4), (2, 3)), evaluated=(1, 2, 3, 4),
+    background_is_foreground=True)
 SABS = AlpnetDataset(
     name="sabs", modality="CT",
     class_names={0: "BGD", 1: "SPLEEN", 2: "KID_R", 3: "KID_l", 4: "GALLBLADDER", 5: "ESOPHAGUS", 6: "LIVER",
@@ -302,38 +306,62 @@ N_FOLDS = 5
 
 
 def _hint(folder: Path) -> str:
-    return (f"point --data at a folder in SSL-ALPNet's layout (image_<id>.nii.gz, label_<id>.nii.gz, "
-            f"{CLASSMAP}), e.g. its chaos_MR_T2_normalized or sabs_CT_normalized folder; {folder} is not one")
+    return (f"point --data at a folder in SSL-ALPNet's layout (image_<id>.nii.gz, label_<id>.nii.gz), "
+            f"e.g. its chaos_MR_T2_normalized or sabs_CT_normalized folder; {folder} is not one")
 
 
-def read_classmap(folder: str | Path) -> dict[str, dict[str, list[int]]]:
-    """classmap_1.json of the folder; one-line errors for a missing or malformed file."""
+def read_classmap(folder: str | Path) -> dict[str, dict[str, list[int]]] | None:
+    """classmap_1.json of the folder, None when absent; one-line error for a malformed file."""
     path = Path(folder) / CLASSMAP
     if not path.is_file():
-        raise UserError(f"{path}: missing: {_hint(Path(folder))}")
+        return None
     try:
         raw = json.loads(path.read_text())
         return {str(name): {str(sid): [int(z) for z in zs] for sid, zs in scans.items()}
                 for name, scans in raw.items()}
     except (ValueError, AttributeError, TypeError) as error:
-        raise UserError(f"{path}: unreadable ({type(error).__name__}: {error}): regenerate it with "
-                        "SSL-ALPNet's class_slice_index_gen notebook") from None
+        raise UserError(f"{path}: unreadable ({type(error).__name__}: {error}): move it away, it is then "
+                        "computed from the labels") from None
+
+
+def compute_classmap(folder: str | Path, dataset: AlpnetDataset) -> dict[str, dict[str, list[int]]]:
+    """classmap_1.json from the label volumes by SSL-ALPNet's rule (alpnet.md section 1): per class name and
+    scan, the ascending z holding >= 1 voxel of the class; class 0 of CHAOS-T2 the slices with foreground."""
+    classmap: dict[str, dict[str, list[int]]] = {name: {} for name in dataset.class_names.values()}
+    for sid in scan_ids(folder):
+        label, _ = _read(Path(folder) / f"label_{sid}.nii.gz")                              # Y x X x Z
+        for value, name in dataset.class_names.items():
+            if value == 0 and dataset.background_is_foreground:
+                classmap[name][str(sid)] = np.flatnonzero((label > 0).any(axis=(0, 1))).tolist()
+            else:
+                classmap[name][str(sid)] = organ_slices(label, value).tolist()
+    return classmap
 
 
 def detect_dataset(folder: str | Path) -> AlpnetDataset:
-    """CHAOS-T2 or SABS, told apart by the class names of classmap_1.json."""
+    """CHAOS-T2 or SABS, told apart by the class names of classmap_1.json, else by the label values of the
+    first scan (CHAOS-T2: 0-4; SABS: up to 13, liver is 6)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise UserError(f"{folder}: data folder not found: {_hint(folder)}")
     if not any(folder.glob("image_*.nii.gz")):
         raise UserError(f"{folder}: no image_<id>.nii.gz files: {_hint(folder)}")
-    names = set(read_classmap(folder))
+    classmap = read_classmap(folder)
+    if classmap is None:
+        first = scan_ids(folder)[0]
+        values = set(np.unique(_read(folder / f"label_{first}.nii.gz")[0]).tolist())
+        for dataset in DATASETS.values():
+            if values <= set(dataset.class_names):
+                return dataset
+        raise UserError(f"{folder / f'label_{first}.nii.gz'}: label values {sorted(values)[:8]} are neither "
+                        "CHAOS-T2's (0-4) nor SABS's (0-13): use the data set's own label volumes")
+    names = set(classmap)
     for dataset in DATASETS.values():
         if {dataset.class_names[v] for v in dataset.evaluated} <= names:
             return dataset
     raise UserError(f"{folder / CLASSMAP}: class names {sorted(names)} are neither CHAOS-T2's "
                     "(LIVER, RK, LK, SPLEEN) nor SABS's (SPLEEN, KID_R, KID_l, LIVER): "
-                    "use SSL-ALPNet's classmap of that data set")
+                    "use SSL-ALPNet's classmap of that data set, or move it away (computed from the labels)")
 
 
 def _digits(path: Path) -> int:
@@ -390,8 +418,9 @@ class AlpnetScan:
 
 
 def load_scan(folder: str | Path, sid: int, dataset: AlpnetDataset, superpixels: bool = False,
-              classmap: dict | None = None) -> AlpnetScan:
-    """Read and check one scan: label on the image's grid, known values, classmap agreeing with the label."""
+              classmap: dict | None = None, superpixel_dir: str | Path | None = None) -> AlpnetScan:
+    """Read and check one scan: label on the image's grid, known values, classmap agreeing with the label;
+    superpixels from `superpixel_dir` (default: the folder itself)."""
     folder = Path(folder)
     image, affine = _read(folder / f"image_{sid}.nii.gz")
     label_path = folder / f"label_{sid}.nii.gz"
@@ -409,16 +438,21 @@ def load_scan(folder: str | Path, sid: int, dataset: AlpnetDataset, superpixels:
     if classmap is not None:
         check_classmap(classmap, scan, dataset, folder / CLASSMAP)
     if superpixels:
-        sp_path = folder / f"{SUPERPIXELS}_{sid}.nii.gz"
+        sp_path = Path(superpixel_dir or folder) / f"{SUPERPIXELS}_{sid}.nii.gz"
         if not sp_path.is_file():
             raise UserError(f"{sp_path}: missing, self-supervised training needs SSL-ALPNet's superpixels: "
-                            "make them with its pseudolabel_gen notebook, or train with labels")
+                            f"{make_superpixels_command(folder)}")
         sp, _ = _read(sp_path)
         if sp.shape != image.shape:
             raise UserError(f"{sp_path}: shape {sp.shape} differs from image_{sid}.nii.gz {image.shape}: "
                             "make the superpixels again from that image")
         scan.superpixels = np.rint(sp).astype(np.int32)
     return scan
+
+
+def make_superpixels_command(folder: str | Path) -> str:
+    """The command that adds SSL-ALPNet's superpixels to a folder of its layout (for error messages)."""
+    return f"make them with `python scripts/make_superpixels.py --alpnet {shlex.quote(str(folder))}`"
 
 
 def organ_slices(label: np.ndarray, value: int) -> np.ndarray:
@@ -435,8 +469,7 @@ def check_classmap(classmap: dict, scan: AlpnetScan, dataset: AlpnetDataset, pat
         if (listed is not None or actual) and listed != actual:
             raise UserError(f"{path}: {name} of scan {scan.sid} lists slices {_span(listed)} but "
                             f"label_{scan.sid}.nii.gz holds it in {_span(actual)}: "
-                            f"regenerate {CLASSMAP} from the labels "
-                            "(SSL-ALPNet's class_slice_index_gen notebook)")
+                            f"move {CLASSMAP} away, it is then computed from the labels")
 
 
 def _span(zs) -> str:

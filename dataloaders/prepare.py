@@ -382,8 +382,12 @@ def normalised_volume(image: np.ndarray, intensity: dict) -> np.ndarray:
 
 
 def prepare_alpnet(data_dir: str | Path, out: str | Path, fold: int, setting: int = 2, label_set: int = 0,
-                   rule: str = "or", overwrite: bool = False, validation: bool = False) -> dict:
+                   rule: str = "or", overwrite: bool = False, validation: bool = False,
+                   superpixel_dir: str | Path | None = None) -> dict:
     """Write the prepared folder of one (fold, setting, label set); returns its meta.json content.
+
+    superpixel_dir: where the superpix-MIDDLE files are (default data_dir; superpixels.make_alpnet_superpixels
+    can write them elsewhere, leaving data_dir untouched); without them the folder has no superpixels/.
 
     validation: hold the fold's validation scan (layouts.validation_scan) out of training and store it
     with the evaluation volumes (meta alpnet.validation), for choosing options without the test scans."""
@@ -402,9 +406,16 @@ def prepare_alpnet(data_dir: str | Path, out: str | Path, fold: int, setting: in
     # Setting 1 trains one model for both label sets: every evaluated organ is a test organ of it
     test_values = dataset.test_values(label_set) if setting == 2 else list(dataset.evaluated)
     excluded = test_values if setting == 2 else []
-    scans = {sid: layouts.load_scan(data_dir, sid, dataset, superpixels=sid in training,
-                                   classmap=classmap) for sid in ids if sid in training or sid in test
-             or sid == support or sid in held_out}
+    # superpixels: for self-supervised training, all training scans or none (supervised rows, mask copy)
+    sp_dir = Path(superpixel_dir or data_dir)
+    missing = [sid for sid in training if not (sp_dir / f"{layouts.SUPERPIXELS}_{sid}.nii.gz").is_file()]
+    if 0 < len(missing) < len(training):
+        raise UserError(f"{sp_dir / f'{layouts.SUPERPIXELS}_{missing[0]}.nii.gz'}: missing (training scans "
+                        f"without superpixels: {missing}): {layouts.make_superpixels_command(data_dir)}")
+    with_superpixels = not missing
+    scans = {sid: layouts.load_scan(data_dir, sid, dataset, superpixels=with_superpixels and sid in training,
+                                   classmap=classmap, superpixel_dir=sp_dir)
+             for sid in ids if sid in training or sid in test or sid == support or sid in held_out}
     for value in test_values:                          # the support must show every test organ
         if not layouts.organ_slices(scans[support].label, value).size:
             raise UserError(f"{data_dir / f'label_{support}.nii.gz'}: the support scan of fold {fold} "
@@ -419,7 +430,7 @@ def prepare_alpnet(data_dir: str | Path, out: str | Path, fold: int, setting: in
                                                              "std": ct_stats[1]}
     kept_counts, index = {}, {}
     with atomic_folder(out, overwrite, inputs=[data_dir]) as partial:
-        for sub in ("train", "volumes/gold", "superpixels"):
+        for sub in ("train", "volumes/gold") + (("superpixels",) if with_superpixels else ()):
             (partial / sub).mkdir(parents=True)
         for sid in training:
             scan = scans[sid]
@@ -432,8 +443,10 @@ def prepare_alpnet(data_dir: str | Path, out: str | Path, fold: int, setting: in
             save_npy(partial / "train" / train_file_name(str(sid), NEIGHBOURS),
                      np.ascontiguousarray(neighbour_stack(image, rows, 3, available=keep)[:, [0, 2]]))
             save_npy(partial / "train" / f"{sid}_label.npy", np.moveaxis(label[:, :, rows], 2, 0).copy())
-            sp = layouts.crop(scan.superpixels)[:, :, rows]
-            save_npy(partial / "superpixels" / f"{sid}.npy", np.moveaxis(sp, 2, 0).astype(np.uint16).copy())
+            if with_superpixels:
+                sp = layouts.crop(scan.superpixels)[:, :, rows]
+                save_npy(partial / "superpixels" / f"{sid}.npy",
+                         np.moveaxis(sp, 2, 0).astype(np.uint16).copy())
             kept_counts[str(sid)] = {"slices": int(keep.size), "kept": int(rows.size)}
             for organ_index in np.setdiff1d(label[:, :, rows], [0]):
                 present = np.flatnonzero((label[:, :, rows] == organ_index).any(axis=(0, 1)))
@@ -447,9 +460,10 @@ def prepare_alpnet(data_dir: str | Path, out: str | Path, fold: int, setting: in
                 "affine": scan.affine, "original_affine": scan.affine,
                 "original_shape": np.asarray(scan.image.shape, dtype=np.int64),
                 "original_axcodes": np.asarray("as stored"), "spacing": np.abs(np.diag(scan.affine)[:3])})
-        superpixel_meta = {"format_version": 1, "params": {"method": "ssl-alpnet superpix-MIDDLE"},
-                           "volumes": {str(s): {} for s in training}}
-        write_bytes_atomic(json.dumps(superpixel_meta).encode(), partial / "superpixels" / "meta.json")
+        if with_superpixels:
+            superpixel_meta = {"format_version": 1, "params": {"method": "ssl-alpnet superpix-MIDDLE"},
+                               "volumes": {str(s): {} for s in training}}
+            write_bytes_atomic(json.dumps(superpixel_meta).encode(), partial / "superpixels" / "meta.json")
         index = {key: index[key] for key in sorted(index, key=int)}
         test_organs = [dataset.vocabulary[v] for v in test_values]
         meta = {"format_version": FORMAT_VERSION,
@@ -464,6 +478,7 @@ def prepare_alpnet(data_dir: str | Path, out: str | Path, fold: int, setting: in
                            "test": [str(s) for s in test], "support": str(support),
                            "validation": [str(s) for s in held_out],
                            "test_organs": test_organs, "excluded": [dataset.vocabulary[v] for v in excluded],
+                           "superpixels": with_superpixels,
                            "kept": kept_counts}}
         write_bytes_atomic(json.dumps({"slices": index}).encode(), partial / "index.json")
         write_bytes_atomic(json.dumps(meta, indent=1).encode(), partial / "meta.json")

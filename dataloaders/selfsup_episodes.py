@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from scipy import ndimage
 from torch.utils.data import Dataset
 
+from dataloaders.episodes import REDRAWS_KEY
 from dataloaders.prepared import (
     check_training_neighbours,
     open_training_images,
@@ -174,7 +175,6 @@ def alpnet_view(image: np.ndarray, fg: np.ndarray, rng: np.random.Generator) -> 
 PSEUDO_CLASS = -1
 RECIPES = ("project", "alpnet")
 MAX_DRAWS = 50          # draws per item before giving up (an empty support is redrawn)
-REDRAWS_KEY = "redraws"
 
 
 class SelfSupEpisodeDataset(Dataset):

@@ -8,15 +8,18 @@ atomically (docs/DESIGN.md "Prepared data folder").
 """
 from __future__ import annotations
 
+import gzip
 import json
 import multiprocessing
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 from scipy import ndimage
 from skimage.segmentation import felzenszwalb, slic
 
+from dataloaders import layouts
 from dataloaders.nifti import atomic_folder
 from dataloaders.prepared import open_training_images, prepare_hint, read_meta
 from util.errors import UserError
@@ -30,7 +33,15 @@ MAX_LABEL = np.iinfo(np.uint16).max
 
 
 def make_hint(prep_dir: str | Path) -> str:
-    """The command that adds superpixels to a prepared folder (for error messages)."""
+    """The command that adds superpixels to a prepared folder (for error messages); a folder prepared from
+    SSL-ALPNet's layout gets them from its source folder, then is prepared again."""
+    try:
+        source = read_meta(prep_dir)["source"]
+    except (UserError, KeyError, TypeError):
+        source = {}
+    if source.get("layout") == "alpnet":
+        return (f"{layouts.make_superpixels_command(source['dir'])} in the source folder, then prepare "
+                f"{prep_dir} again (prepare_visceral.py --layout alpnet ... --overwrite)")
     return f"run `python scripts/make_superpixels.py --images {prep_dir}`"
 
 
@@ -62,10 +73,11 @@ class SuperpixelParams:
         return options_from_mapping(cls, values, "superpixel parameters")
 
 
-def body_mask(image: np.ndarray, threshold: float) -> np.ndarray:
-    """H x W bool: the largest connected region of pixels > threshold, holes filled; all False if none."""
+def body_mask(image: np.ndarray, threshold: float, structure: np.ndarray | None = None) -> np.ndarray:
+    """H x W bool: the largest connected region of pixels > threshold (4-connected, or by `structure`),
+    holes filled; all False if none."""
     above = image > threshold                                                    # H x W
-    components, count = ndimage.label(above)
+    components, count = ndimage.label(above, structure)
     if count == 0:
         return np.zeros(image.shape, dtype=bool)
     sizes = np.bincount(components.ravel())[1:]                                  # count
@@ -198,3 +210,84 @@ def overlay_slices(prep_dir: str | Path, n: int) -> list[tuple[str, int, np.ndar
         row = min(images.shape[0] - 1, int(images.shape[0] * (k + 1) / (n + 1)))
         chosen.append((pid, row, np.asarray(images[row]), np.asarray(labels[row])))
     return chosen
+
+
+# ------------------------------------------------------------------------------ SSL-ALPNet's superpix-MIDDLE
+# pseudolabel_gen.ipynb (alpnet.md section 1): per axial slice felzenszwalb(scale 1, sigma 1, min_size 400)
+# on the stored intensities, the body mask (> threshold, largest 8-connected component, holes filled; an
+# empty slice keeps its empty mask), then `superpix_masking`'s renumbering. Stored float64 on the image grid.
+ALPNET_FELZENSZWALB = {"scale": 1.0, "sigma": 1.0, "min_size": 400}
+ALPNET_BODY_THRESHOLD = {"chaos_t2": 50 + 1e-4, "sabs": 1e-4}        # by data set (layouts.DATASETS)
+
+
+def alpnet_renumber(raw: np.ndarray, body: np.ndarray) -> np.ndarray:
+    """SSL-ALPNet's superpix_masking of one slice: the k-th nonzero raw id becomes k inside the body, the
+    top id k + 1 (it is visited twice), raw id 0 and everything outside the body 0."""
+    ids = np.unique(raw)
+    nonzero = ids[ids != 0]
+    out = np.zeros(raw.shape, dtype=np.int32)
+    if not nonzero.size:
+        return out
+    kept = body & (raw != 0)
+    out[kept] = np.searchsorted(nonzero, raw[kept]) + 1
+    out[kept & (raw == nonzero[-1])] = nonzero.size + 1
+    return out
+
+
+def alpnet_superpixels(image: np.ndarray, threshold: float) -> np.ndarray:
+    """superpix-MIDDLE of a stored volume Y x X x Z (layouts' reading order) -> Y x X x Z int32."""
+    out = np.zeros(image.shape, dtype=np.int32)
+    for z in range(image.shape[2]):
+        slice_ = np.asarray(image[:, :, z], dtype=np.float64)                                 # Y x X
+        body = np.zeros(slice_.shape, dtype=bool)
+        if (slice_ > threshold).any():
+            body = body_mask(slice_, threshold, structure=np.ones((3, 3), bool))
+        raw = felzenszwalb(slice_, channel_axis=None, **ALPNET_FELZENSZWALB)
+        out[:, :, z] = alpnet_renumber(raw, body)
+    return out
+
+
+def _alpnet_scan_task(task: tuple) -> str:
+    """Worker: write superpix-MIDDLE_<id>.nii.gz of one scan beside its image (atomic)."""
+    folder, out, sid, threshold = task
+    source = nib.load(str(Path(folder) / f"image_{sid}.nii.gz"))
+    image = np.asarray(source.dataobj, dtype=np.float64).transpose(1, 0, 2)                  # Y x X x Z
+    labels = alpnet_superpixels(image, threshold).transpose(1, 0, 2).astype(np.float64)     # X x Y x Z
+    header = source.header.copy()
+    header.set_data_dtype(np.float64)
+    path = Path(out) / f"{layouts.SUPERPIXELS}_{sid}.nii.gz"
+    data = nib.Nifti1Image(labels, source.affine, header).to_bytes()
+    write_bytes_atomic(gzip.compress(data, compresslevel=6, mtime=0), path)
+    return path.name
+
+
+def make_alpnet_superpixels(folder: str | Path, overwrite: bool = False, workers: int = 2,
+                            progress: bool = True, out: str | Path | None = None) -> dict:
+    """The missing superpix-MIDDLE_<id>.nii.gz (all with `overwrite`) of an SSL-ALPNet-layout folder, into
+    `out` (default: the folder, then with classmap_1.json when absent); returns {"dataset", "written",
+    "kept", "classmap"}."""
+    from tqdm import tqdm  # progress bar of the command line only
+    folder = Path(folder)
+    target = Path(out or folder)
+    dataset = layouts.detect_dataset(folder)
+    ids = layouts.scan_ids(folder)
+    target.mkdir(parents=True, exist_ok=True)
+    todo = [sid for sid in ids if overwrite or not (target / f"{layouts.SUPERPIXELS}_{sid}.nii.gz").is_file()]
+    tasks = [(str(folder), str(target), sid, ALPNET_BODY_THRESHOLD[dataset.name]) for sid in todo]
+    written = []
+    with tqdm(total=len(tasks), desc="superpixels", unit="scan", disable=not progress) as bar:
+        if workers > 1 and len(tasks) > 1:
+            with multiprocessing.get_context("fork").Pool(min(workers, len(tasks))) as pool:
+                for name in pool.imap(_alpnet_scan_task, tasks, chunksize=1):
+                    written.append(name)
+                    bar.update(1)
+        else:
+            for task in tasks:
+                written.append(_alpnet_scan_task(task))
+                bar.update(1)
+    classmap = None
+    if out is None and layouts.read_classmap(folder) is None:
+        classmap = folder / layouts.CLASSMAP
+        write_bytes_atomic(json.dumps(layouts.compute_classmap(folder, dataset)).encode(), classmap)
+    return {"dataset": dataset.name, "written": written, "kept": len(ids) - len(todo),
+            "classmap": str(classmap) if classmap else None}

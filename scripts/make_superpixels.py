@@ -3,6 +3,11 @@
     python scripts/make_superpixels.py --images PREP                       # a prepared folder
     python scripts/make_superpixels.py --images MY_CT_DIR --out PREP       # NIfTI volumes, no labels
     python scripts/make_superpixels.py --images PREP --figure-only --figure overlay.png  # judge them
+    python scripts/make_superpixels.py --alpnet DATA       # an SSL-ALPNet-layout folder, its own format
+
+With --alpnet, the missing superpix-MIDDLE_<id>.nii.gz files (all with --overwrite) and classmap_1.json
+(when absent) are written into DATA exactly as SSL-ALPNet's preprocessing makes them (its parameters;
+dataloaders/superpixels.py `make_alpnet_superpixels`); existing files are kept.
 
 With a prepared folder, superpixels of its training slices go to PREP/superpixels/. With a folder of
 NIfTI CT volumes, it first prepares it as `prepare_visceral.py --layout images-only` would (all
@@ -28,6 +33,7 @@ import numpy as np
 from dataloaders.prepare import prepare_dataset
 from dataloaders.superpixels import (
     SuperpixelParams,
+    make_alpnet_superpixels,
     make_superpixels,
     overlay_slices,
     read_superpixel_meta,
@@ -86,11 +92,34 @@ def check_options(args: argparse.Namespace) -> SuperpixelParams:
     return params
 
 
+def alpnet_folder(args: argparse.Namespace, params: SuperpixelParams) -> int:
+    """--alpnet DATA: SSL-ALPNet's own superpixels and classmap, written beside the scans."""
+    if params != SuperpixelParams() or args.out or args.figure or args.window or args.size != 256:
+        raise UserError("--alpnet uses SSL-ALPNet's own parameters and writes into DATA: leave out --out, "
+                        "--figure, --window, --size and the superpixel parameters")
+    folder = Path(args.alpnet)
+    if not folder.is_dir() or not any(folder.glob("image_*.nii.gz")):
+        raise UserError(f"--alpnet {folder}: not a folder with image_<id>.nii.gz files: give a folder in "
+                        "SSL-ALPNet's layout (image_<id>.nii.gz, label_<id>.nii.gz)")
+    if not os.access(folder, os.W_OK):
+        raise UserError(f"--alpnet {folder}: not writable, the superpixel files go beside the scans: make it "
+                        "writable or work on a copy")
+    start = time.perf_counter()
+    done = make_alpnet_superpixels(folder, args.overwrite, args.workers)
+    print(f"{args.alpnet} ({done['dataset']}): wrote {len(done['written'])} superpixel files in "
+          f"{time.perf_counter() - start:.1f} s, kept {done['kept']} existing"
+          + (f"; wrote {done['classmap']}" if done["classmap"] else ""))
+    return 0
+
+
 def main(argv: list[str]) -> int:
     defaults = SuperpixelParams()
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--images", required=True, help="a prepared folder, or a folder of NIfTI CT volumes")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--images", help="a prepared folder, or a folder of NIfTI CT volumes")
+    source.add_argument("--alpnet", metavar="DATA",
+                        help="an SSL-ALPNet-layout folder: add its superpix-MIDDLE files and classmap_1.json")
     parser.add_argument("--out",
                         help="prepared folder to create from --images NIfTI volumes (default: --images)")
     parser.add_argument("--method", default=defaults.method, choices=["felzenszwalb", "slic"])
@@ -113,6 +142,8 @@ def main(argv: list[str]) -> int:
                         help="only draw --figure from existing superpixels")
     args = parser.parse_args(argv)
     params = check_options(args)
+    if args.alpnet:
+        return alpnet_folder(args, params)
     if args.figure_only:
         overlay_figure(Path(args.images), Path(args.figure), args.figure_slices)
         print(f"overlay figure: {args.figure}")

@@ -105,6 +105,51 @@ def test_reading_follows_simpleitk_order_and_checks_grid_and_classmap(tmp_path):
         layout.load_scan(folder, 1, layout.CHAOS_T2, classmap=classmap)
 
 
+
+def test_classmap_is_computed_from_the_labels_when_absent(tmp_path):
+    folder = write_alpnet_folder(tmp_path / "d", [1, 2, 3, 5, 8, 10])
+    shipped = layout.read_classmap(folder)
+    assert layout.compute_classmap(folder, layout.CHAOS_T2) == shipped
+    with_file = prepare_alpnet(folder, tmp_path / "a", fold=0, setting=2, label_set=0)
+    (folder / "classmap_1.json").unlink()
+    assert layout.read_classmap(folder) is None and layout.detect_dataset(folder) is layout.CHAOS_T2
+    without = prepare_alpnet(folder, tmp_path / "b", fold=0, setting=2, label_set=0)
+    assert without["alpnet"] == with_file["alpnet"]
+    assert (tmp_path / "a" / "index.json").read_text() == (tmp_path / "b" / "index.json").read_text()
+    sabs = write_alpnet_folder(tmp_path / "sabs", range(3), dataset=layout.SABS)
+    (sabs / "classmap_1.json").unlink()
+    assert layout.detect_dataset(sabs) is layout.SABS                 # told apart by the label values
+    assert layout.compute_classmap(sabs, layout.SABS)["BGD"]["0"] == list(range(12))   # every slice
+
+
+
+def test_labels_only_folder_prepares_without_superpixels(tmp_path):
+    from dataloaders.superpixels import read_superpixel_meta
+    folder = write_alpnet_folder(tmp_path / "d", [1, 2, 3, 5, 8, 10, 13])
+    for path in [*folder.glob("superpix-MIDDLE_*"), folder / "classmap_1.json"]:
+        path.unlink()                                       # only image_<id> and label_<id> are left
+    meta = prepare_alpnet(folder, tmp_path / "p", fold=0, setting=2, label_set=0)
+    assert meta["alpnet"]["superpixels"] is False and not (tmp_path / "p" / "superpixels").exists()
+    assert (tmp_path / "p" / "train" / "10_label.npy").is_file()
+    with pytest.raises(UserError, match=r"no superpixels .*superpixels\.py --alpnet .*/d` in the source"):
+        read_superpixel_meta(tmp_path / "p")
+    from dataloaders.superpixels import make_alpnet_superpixels
+    before = sorted(path.name for path in folder.iterdir())
+    make_alpnet_superpixels(folder, workers=1, progress=False, out=tmp_path / "sp")   # the data untouched
+    assert sorted(path.name for path in folder.iterdir()) == before
+    meta = prepare_alpnet(folder, tmp_path / "with", fold=0, setting=2, label_set=0,
+                          superpixel_dir=tmp_path / "sp")
+    assert meta["alpnet"]["superpixels"] and read_superpixel_meta(tmp_path / "with")["volumes"]
+    write_alpnet_folder(tmp_path / "partial", [1, 2, 3, 5, 8, 10, 13])
+    (tmp_path / "partial" / "superpix-MIDDLE_13.nii.gz").unlink()
+    with pytest.raises(UserError, match=r"superpix-MIDDLE_13\.nii\.gz: missing .*\[13\].*--alpnet"):
+        prepare_alpnet(tmp_path / "partial", tmp_path / "q", fold=0, setting=2, label_set=0)
+    assert not (tmp_path / "q").exists()
+
+@needs_real
+def test_computed_classmap_equals_the_shipped_chaos_t2_one():
+    assert layout.compute_classmap(REAL, layout.CHAOS_T2) == layout.read_classmap(REAL)
+
 def test_fold_split_is_circular_with_the_next_scan_as_support():
     chaos = [1, 2, 3, 5, 8, 10, 13, 15, 19, 20, 21, 22, 31, 32, 33, 34, 36, 37, 38, 39]
     assert layout.fold_scans(chaos, 0, layout.CHAOS_T2)[:2] == ([1, 2, 3, 5], 8)

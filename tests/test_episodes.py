@@ -7,6 +7,7 @@ the tests can tell which slices an episode used.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from dataloaders.episodes import EpisodeDataset, StepBatchSampler
+from dataloaders.episodes import REDRAWS_KEY, EpisodeDataset, StepBatchSampler
 from dataloaders.organs import training_classes
 from util.errors import UserError
 
@@ -213,3 +214,85 @@ def test_clear_errors_for_missing_or_classless_data(tmp_path, prep):
     (broken / "train" / f"{PIDS[1]}_label.npy").unlink()
     with pytest.raises(UserError, match="missing"):
         EpisodeDataset(str(broken), [1], 1, 1, 1, S, None, 0)
+
+
+def _episode_hash(dataset: EpisodeDataset, items=range(6)) -> str:
+    digest = hashlib.sha256()
+    for i in items:
+        for key, value in sorted(dataset[i].items()):
+            if key != REDRAWS_KEY:                      # the episode's tensors, as before the count existed
+                digest.update(key.encode())
+                digest.update(value.numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def test_episodes_unchanged_when_no_class_vanishes(prep):
+    """Hashes taken before vanishing classes were redrawn: data where nothing vanishes draws the same."""
+    for size, expected in ((S, "e66f4658f739ac06"), (S // 2, "198e404f01577abc")):
+        dataset = EpisodeDataset(str(prep), [1, 2, 3, 13, 14, 17, 18], n_ways=2, n_shots=2, n_queries=2,
+                                 input_size=size, augment={"p": 0.5, "brightness": [0.9, 1.1]}, seed=7)
+        assert dataset.vanished == {} and _episode_hash(dataset) == expected
+        assert all(int(dataset[i][REDRAWS_KEY]) == 0 for i in range(6))
+
+
+def make_tiny_structure_prep(root: Path, size: int = 256) -> Path:
+    """Two volumes of 4 slices at 256 px: liver a large box in every slice; psoas_right and psoas_left
+    2 x 2 pixels in a corner that 64 px sampling never hits, except psoas_right's 16 x 16 box in the
+    first two slices of volume b."""
+    prep = Path(root) / "tiny"
+    (prep / "train").mkdir(parents=True)
+    index: dict[str, list] = {"1": [], "17": [], "18": []}
+    for v, pid in enumerate(("a", "b")):
+        labels = np.zeros((4, size, size), np.uint8)
+        labels[:, 64:192, 64:192] = 1
+        labels[:, 0:2, 0:2] = 17
+        labels[:, 0:2, 250:252] = 18
+        if v == 1:
+            labels[0:2, 200:216, 200:216] = 17
+        np.save(prep / "train" / f"{pid}_image.npy", np.where(labels > 0, 0.8, 0.1).astype(np.float32))
+        np.save(prep / "train" / f"{pid}_label.npy", labels)
+        for key in index:
+            index[key] += [[pid, row, row] for row in range(4)]
+    (prep / "index.json").write_text(json.dumps({"slices": index}))
+    meta = {"format_version": 1, "prep_size": size, "intensity": {"mode": "minmax"}, "seed": 0,
+            "splits": {"train": ["a", "b"], "val": [], "gold": []}}
+    (prep / "meta.json").write_text(json.dumps(meta))
+    return prep
+
+
+def test_a_class_that_vanishes_at_input_size_is_dropped_from_the_episode(tmp_path):
+    prep = make_tiny_structure_prep(tmp_path)
+    full = EpisodeDataset(str(prep), [1, 17, 18], n_ways=1, n_shots=1, n_queries=1, input_size=256,
+                          augment=None, seed=3)
+    assert full.classes == [1, 17, 18] and full.vanished == {}
+    small = EpisodeDataset(str(prep), [1, 17, 18], n_ways=1, n_shots=1, n_queries=1, input_size=64,
+                           augment=None, seed=3)
+    # psoas_right keeps 2 of its 8 slices at 64 px; psoas_left none, so it leaves every draw
+    assert small.vanished == {"psoas_right": 6, "psoas_left": 8} and small.dropped == ["psoas_left"]
+    assert small.classes == [1, 17] and "psoas_right 6 slices" in small.vanish_report()
+    redraws = 0
+    for i in range(30):
+        episode = small[i]
+        assert episode["support_fg"].flatten(2).sum(-1).min() > 0          # never a way with an empty mask
+        redraws += int(episode[REDRAWS_KEY])
+        if int(episode[REDRAWS_KEY]):
+            assert episode["classes"].tolist() == [1]                       # psoas_right dropped, liver drawn
+    assert redraws > 0
+    assert _episode_hash(small, range(8)) == _episode_hash(
+        EpisodeDataset(str(prep), [1, 17, 18], 1, 1, 1, 64, None, seed=3), range(8))   # deterministic
+    alone = EpisodeDataset(str(prep), [17], n_ways=1, n_shots=1, n_queries=1, input_size=64, augment=None,
+                           seed=3)               # no other class: the way draws from the slices keeping it
+    assert alone.visible[17] == [("b", 0, 0), ("b", 1, 1)]
+    assert all(alone[i]["support_fg"].sum() > 0 for i in range(10))
+    with pytest.raises(UserError, match=r"at input_size 64: psoas_left 8 slices; classes left out"):
+        EpisodeDataset(str(prep), [18], 1, 1, 1, 64, None, seed=3)
+
+
+def test_an_index_naming_slices_without_their_class_is_one_line(tmp_path):
+    prep = make_tiny_structure_prep(tmp_path)
+    index = json.loads((prep / "index.json").read_text())
+    index["slices"]["2"] = index["slices"]["1"]                 # spleen listed where there is none
+    (prep / "index.json").write_text(json.dumps(index))
+    dataset = EpisodeDataset(str(prep), [2], 1, 1, 1, 256, None, seed=0)
+    with pytest.raises(UserError, match="index.json lists slices without spleen: re-prepare"):
+        dataset[0]

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -11,7 +13,10 @@ from conftest import load_script
 
 from dataloaders.prepare import prepare_dataset
 from dataloaders.superpixels import (
+    ALPNET_BODY_THRESHOLD,
     SuperpixelParams,
+    alpnet_renumber,
+    alpnet_superpixels,
     body_mask,
     make_superpixels,
     read_superpixel_meta,
@@ -20,6 +25,8 @@ from dataloaders.superpixels import (
 )
 from util.errors import UserError
 
+REAL = Path(os.environ.get("CHAOS_T2_DIR") or Path(__file__).resolve().parents[2] / "shared" / "data"
+            / "chaos_mr_t2")
 SMALL = SuperpixelParams(scale=100.0, sigma=0.8, min_size=30)
 
 
@@ -142,3 +149,67 @@ def test_cli_from_nifti_folder_with_figure(tiny_phantom, tmp_path):
                         "--workers", "1", "--figure", str(figure), "--figure-slices", "2"]) == 0
     assert len(read_superpixel_meta(prep)["volumes"]) == 2
     assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ------------------------------------------------------------------------------ SSL-ALPNet's superpix-MIDDLE
+def adjusted_rand_index(a: np.ndarray, b: np.ndarray) -> float:
+    """Adjusted Rand index of two labelings of the same voxels (1.0: the same partition)."""
+    a = np.unique(a.ravel(), return_inverse=True)[1].ravel()
+    b = np.unique(b.ravel(), return_inverse=True)[1].ravel()
+    pairs = np.unique(a.astype(np.int64) * (b.max() + 1) + b, return_counts=True)[1]
+
+    def comb(n):
+        return float((np.asarray(n, float) * (np.asarray(n, float) - 1) / 2).sum())
+    index, in_a, in_b, total = comb(pairs), comb(np.bincount(a)), comb(np.bincount(b)), comb([a.size])
+    expected = in_a * in_b / total
+    return (index - expected) / ((in_a + in_b) / 2 - expected)
+
+
+def test_alpnet_renumbering_follows_superpix_masking():
+    raw = np.array([[0, 0, 1, 1], [2, 2, 3, 3], [4, 4, 5, 5], [4, 4, 5, 5]])
+    body = np.ones((4, 4), bool)
+    body[1, 0:2] = False
+    assert alpnet_renumber(raw, body).tolist() == [[0, 0, 1, 1], [0, 0, 3, 3], [4, 4, 6, 6], [4, 4, 6, 6]]
+    assert not alpnet_renumber(np.zeros((3, 3), int), np.ones((3, 3), bool)).any()
+
+
+def test_make_superpixels_alpnet_writes_the_missing_files_and_classmap(tmp_path):
+    from test_alpnet_layout import write_alpnet_folder
+
+    from dataloaders import layouts
+    folder = write_alpnet_folder(tmp_path / "d", [1, 2, 3, 5, 8, 10], size=32, depth=4)
+    shipped = layouts.compute_classmap(folder, layouts.CHAOS_T2)
+    for path in [*folder.glob("superpix-MIDDLE_*"), folder / "classmap_1.json"]:
+        path.unlink()
+    script = load_script("make_superpixels")
+    with pytest.raises(UserError, match="--alpnet uses SSL-ALPNet's own parameters"):
+        script.main(["--alpnet", str(folder), "--min-size", "10"])
+    assert not list(folder.glob("superpix-MIDDLE_*"))
+    with pytest.raises(UserError, match=r"^--alpnet .*: not a folder with image_<id>"):
+        script.main(["--alpnet", str(folder / "image_1.nii.gz")])
+    assert script.main(["--alpnet", str(folder), "--workers", "1"]) == 0
+    assert json.loads((folder / "classmap_1.json").read_text()) == shipped
+    scan = layouts.load_scan(folder, 10, layouts.CHAOS_T2, superpixels=True)
+    threshold = ALPNET_BODY_THRESHOLD["chaos_t2"]
+    assert np.array_equal(scan.superpixels, alpnet_superpixels(scan.image, threshold))
+    stored = nib.load(str(folder / "superpix-MIDDLE_10.nii.gz"))
+    assert np.allclose(stored.affine, nib.load(str(folder / "image_10.nii.gz")).affine)
+    before = (folder / "superpix-MIDDLE_1.nii.gz").stat().st_mtime_ns
+    (folder / "superpix-MIDDLE_2.nii.gz").unlink()
+    assert script.main(["--alpnet", str(folder), "--workers", "1"]) == 0      # only the missing one
+    assert (folder / "superpix-MIDDLE_1.nii.gz").stat().st_mtime_ns == before
+    assert (folder / "superpix-MIDDLE_2.nii.gz").is_file()
+
+
+@pytest.mark.skipif(not (REAL / "superpix-MIDDLE_1.nii.gz").is_file(),
+                    reason=f"CHAOS-T2 in SSL-ALPNet's layout not found at {REAL} (set CHAOS_T2_DIR)")
+def test_alpnet_superpixels_equal_the_shipped_chaos_t2_ones():
+    from dataloaders import layouts
+    threshold = ALPNET_BODY_THRESHOLD["chaos_t2"]
+    for sid, zs in ((1, [5, 20, 30]), (2, [0, 15])):      # an empty top slice, organ slices, an edge slice
+        scan = layouts.load_scan(REAL, sid, layouts.CHAOS_T2, superpixels=True)
+        ours = alpnet_superpixels(scan.image[:, :, zs], threshold)                        # Y x X x 3
+        theirs = scan.superpixels[:, :, zs]
+        assert np.array_equal(ours, theirs)
+        per_slice = 1000 * np.arange(len(zs))                      # ids of different slices kept apart
+        assert adjusted_rand_index(ours + per_slice, theirs + per_slice) == 1.0

@@ -488,3 +488,16 @@ def test_learning_rate_of_every_step_follows_lr_milestones_across_a_resume(tmp_p
     assert first.logged("lr") + resumed.logged("lr") == pytest.approx(expected, rel=1e-12)
     state = load_checkpoint(str(tmp_path / name / "2" / "last.pth"))
     assert state["optimizer"]["param_groups"][0]["lr"] == pytest.approx(lr * gamma ** 2)   # after step 8
+
+
+def test_training_reports_organs_that_vanish_at_input_size(tmp_path, capsys):
+    from test_episodes import make_tiny_structure_prep
+
+    from training.loop import train
+    prep = make_tiny_structure_prep(tmp_path)          # psoas_right vanishes from 6 of 8 slices at 64 px
+    paths = {"data_dir": str(prep), "log_dir": str(tmp_path / "logs")}
+    config = resolve(n_steps=6, val_every=0, input_size=64, class_setting="all_structures", path=paths)
+    summary = train(config, None, defaults=default_config())
+    out = capsys.readouterr().out
+    assert summary["steps"] == 6
+    assert re.search(r"ways redrawn: \d+ \(their organ vanished at input_size 64 .*psoas_right 6 slices", out)

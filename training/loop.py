@@ -25,9 +25,9 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from dataloaders.episodes import EpisodeDataset, StepBatchSampler
+from dataloaders.episodes import REDRAWS_KEY, EpisodeDataset, StepBatchSampler
 from dataloaders.prepared import prepared_intensity
-from dataloaders.selfsup_episodes import REDRAWS_KEY, SelfSupEpisodeDataset
+from dataloaders.selfsup_episodes import SelfSupEpisodeDataset
 from evaluation.evaluate import validate
 from models.checkpoint import check_compatible, load_checkpoint, save_checkpoint
 from training.config_check import check_config, fold_training_classes, labeled_validation
@@ -108,7 +108,7 @@ def train(config: Mapping[str, Any], run=None, *, defaults: Mapping, checked: bo
             t.say(f"nothing to do: the run already has {start_step} >= n_steps={n_steps} steps")
         bar = tqdm(total=n_steps, initial=start_step, disable=not dist.is_main, dynamic_ncols=True,
                    desc="train")
-        meter, redraws = StepMeter(), 0   # redraws: self-supervised draws whose support lost its superpixel
+        meter, redraws = StepMeter(), 0   # redraws: draws whose support lost its superpixel or organ
         t.model.train()
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
@@ -145,6 +145,12 @@ def train(config: Mapping[str, Any], run=None, *, defaults: Mapping, checked: bo
                   "dataloaders/selfsup_episodes.py)")
             if run is not None:
                 run.info["episode_redraws"] = redraws
+        elif loader.dataset.vanished:
+            t.say(f"ways redrawn: {redraws} (their organ vanished at input_size {cfg['input_size']} in every "
+                  f"support shot; slices where it vanishes: {loader.dataset.vanish_report()})")
+            if run is not None:
+                run.info.update(episode_redraws=redraws, vanished_slices=loader.dataset.vanished,
+                                vanished_classes=loader.dataset.dropped)
         return _finish(t, meter, start_step)
 
 
