@@ -19,6 +19,7 @@ from dataloaders import layouts as layout
 from dataloaders.nifti import _clean_stale, _pid_alive
 from dataloaders.prepare import normalised_volume, prepare_alpnet
 from dataloaders.prepared import load_volume, read_meta
+from dataloaders.superpixels import make_alpnet_superpixels
 from evaluation.evaluate import evaluate
 from evaluation.protocols import summarise_folds
 from experiments.runner import ROOT, train_or_reuse
@@ -115,17 +116,36 @@ def prepared(data_dir: Path, out: Path, fold: int, setting: int, label_set: int 
         held = bool(meta.get("validation"))
         if (meta["fold"], meta["setting"], meta["rule"], meta.get("gold_image"), held) \
                 == (fold, setting, rule, "as stored", validation) \
-                and (setting == 1 or meta["label_set"] == label_set) and \
+                and (setting == 1 or meta["label_set"] == label_set) and meta.get("superpixels") and \
                 read_meta(folder)["source"]["dir"] == str(data_dir.resolve()):
             return folder
     except (UserError, KeyError, TypeError):
         pass
+    superpixels = superpixel_source(data_dir, out, log)
     start = time.perf_counter()
     prepare_alpnet(data_dir, folder, fold, setting, label_set or 0, rule, overwrite=True,
-                   validation=validation)
+                   validation=validation, superpixel_dir=superpixels)
     log.append({"step": f"prepare {folder.name}", "seconds": round(time.perf_counter() - start, 1)})
     print(f"==> prepared {folder} ({log[-1]['seconds']} s)", flush=True)
     return folder
+
+
+def superpixel_source(data_dir: Path, out: Path, log: list) -> Path:
+    """The folder of the superpix-MIDDLE files: the data folder when it holds every scan's, else
+    OUT/superpixels, made once with SSL-ALPNet's parameters (the data folder is never written)."""
+    ids = layout.scan_ids(data_dir)
+
+    def complete(folder: Path) -> bool:
+        return all((folder / f"{layout.SUPERPIXELS}_{sid}.nii.gz").is_file() for sid in ids)
+    target = out / "superpixels"
+    if complete(data_dir) or complete(target):
+        return data_dir if complete(data_dir) else target
+    start = time.perf_counter()
+    made = make_alpnet_superpixels(data_dir, out=target, progress=False)
+    log.append({"step": f"superpixels of {len(made['written'])} scans (SSL-ALPNet's parameters) into "
+                        f"{target}", "seconds": round(time.perf_counter() - start, 1)})
+    print(f"==> {log[-1]['step']} ({log[-1]['seconds']} s)", flush=True)
+    return target
 
 
 def supervised_fold(dataset: layout.AlpnetDataset, label_set: int) -> list[str]:
