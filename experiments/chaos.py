@@ -42,9 +42,12 @@ def describe_data(data_dir: Path, folds: list[int]) -> dict:
     the folder, and whether it is the whole data set of the published figures (all its scans)."""
     dataset = layout.detect_dataset(data_dir)
     ids = layout.scan_ids(data_dir)
+    shipped = all((Path(data_dir) / f"{layout.SUPERPIXELS}_{sid}.nii.gz").is_file() for sid in ids)
     return {"name": dataset.name, "modality": dataset.modality, "scans": len(ids),
             "queries_per_fold": sorted({len(layout.fold_scans(ids, fold, dataset)[0]) for fold in folds}),
-            "folder": str(Path(data_dir).resolve()), "published": len(ids) == dataset.separators[-1]}
+            "folder": str(Path(data_dir).resolve()), "published": len(ids) == dataset.separators[-1],
+            "superpixels": "the folder's" if shipped else "made by this project",
+            "classmap": (Path(data_dir) / layout.CLASSMAP).is_file()}
 
 
 def clean_leftovers(out: Path) -> None:
@@ -469,7 +472,9 @@ def write_report(results: dict, doc: Path, figure: Path | None, seconds: float, 
                 " **Partial**: written while the run was still going (or after it stopped); "
                 "only the cells below were finished."), "",
              f"Data: {title} ({data_set['modality']}), {data_set['scans']} scans in `{data_set['folder']}`, "
-             "SSL-ALPNet's preprocessed layout (image / label / superpix-MIDDLE / classmap_1.json), read as "
+             "SSL-ALPNet's preprocessed layout (image / label / superpix-MIDDLE / classmap_1.json"
+             + ("" if data_set.get("classmap", True) else "; the classmap computed from the labels")
+             + "), read as "
              f"its loader: {NORMALISATION[data_set['modality']]}, slices as stored, [:256, :256]. Protocol "
              "(evaluation/protocols.py, preset `alpnet`): SSL-ALPNet's 5-fold circular split "
              f"({queries_text(data_set)} query scans per fold, the next scan in sorted order as the support, "
@@ -480,7 +485,11 @@ def write_report(results: dict, doc: Path, figure: Path | None, seconds: float, 
              "tests the kidneys, 1 liver and spleen. Setting 1: training slices may show the test organs; "
              "Setting 2: every training slice "
              f"holding ANY test organ is dropped ({results['rule'].upper()} rule).", "",
-             f"Training: {regime}. Self-supervised rows train on SSL-ALPNet's own superpixels through "
+             f"Training: {regime}. Self-supervised rows train on "
+             + ("SSL-ALPNet's own superpixels" if data_set.get("superpixels") != "made by this project"
+                else "superpixels made by this project with SSL-ALPNet's parameters (make_superpixels.py "
+                     "--alpnet; on CHAOS-T2, 19 of 20 scans identical to SSL-ALPNet's own files)")
+             + " through "
              "the same loop (train.py, `selfsup`: one superpixel of a random training slice as the "
              "foreground, "
              f"two random views) with {episodes}; 'LSLPN, supervised' trains on the other label set's organ "
