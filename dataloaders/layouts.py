@@ -264,6 +264,16 @@ CLASSMAP = "classmap_1.json"
 SUPERPIXELS = "superpix-MIDDLE"             # the only superpixel mode SSL-ALPNet has
 
 
+def superpixel_path(folder: str | Path, sid: int) -> Path:
+    """SSL-ALPNet's superpixel file of scan `sid` in `folder`."""
+    return Path(folder) / f"{SUPERPIXELS}_{sid}.nii.gz"
+
+
+def missing_superpixels(folder: str | Path, ids) -> list[int]:
+    """The scans of `ids` without a superpixel file in `folder`."""
+    return [sid for sid in ids if not superpixel_path(folder, sid).is_file()]
+
+
 @dataclass(frozen=True)
 class AlpnetDataset:
     """One data set of the SSL-ALPNet layout: modality, label values, folds and label sets."""
@@ -438,7 +448,7 @@ def load_scan(folder: str | Path, sid: int, dataset: AlpnetDataset, superpixels:
     if classmap is not None:
         check_classmap(classmap, scan, dataset, folder / CLASSMAP)
     if superpixels:
-        sp_path = Path(superpixel_dir or folder) / f"{SUPERPIXELS}_{sid}.nii.gz"
+        sp_path = superpixel_path(superpixel_dir or folder, sid)
         if not sp_path.is_file():
             raise UserError(f"{sp_path}: missing, self-supervised training needs SSL-ALPNet's superpixels: "
                             f"{make_superpixels_command(folder)}")

@@ -408,9 +408,9 @@ def prepare_alpnet(data_dir: str | Path, out: str | Path, fold: int, setting: in
     excluded = test_values if setting == 2 else []
     # superpixels: for self-supervised training, all training scans or none (supervised rows, mask copy)
     sp_dir = Path(superpixel_dir or data_dir)
-    missing = [sid for sid in training if not (sp_dir / f"{layouts.SUPERPIXELS}_{sid}.nii.gz").is_file()]
+    missing = layouts.missing_superpixels(sp_dir, training)
     if 0 < len(missing) < len(training):
-        raise UserError(f"{sp_dir / f'{layouts.SUPERPIXELS}_{missing[0]}.nii.gz'}: missing (training scans "
+        raise UserError(f"{layouts.superpixel_path(sp_dir, missing[0])}: missing (training scans "
                         f"without superpixels: {missing}): {layouts.make_superpixels_command(data_dir)}")
     with_superpixels = not missing
     scans = {sid: layouts.load_scan(data_dir, sid, dataset, superpixels=with_superpixels and sid in training,

@@ -255,7 +255,7 @@ def _alpnet_scan_task(task: tuple) -> str:
     labels = alpnet_superpixels(image, threshold).transpose(1, 0, 2).astype(np.float64)     # X x Y x Z
     header = source.header.copy()
     header.set_data_dtype(np.float64)
-    path = Path(out) / f"{layouts.SUPERPIXELS}_{sid}.nii.gz"
+    path = layouts.superpixel_path(out, sid)
     data = nib.Nifti1Image(labels, source.affine, header).to_bytes()
     write_bytes_atomic(gzip.compress(data, compresslevel=6, mtime=0), path)
     return path.name
@@ -272,7 +272,7 @@ def make_alpnet_superpixels(folder: str | Path, overwrite: bool = False, workers
     dataset = layouts.detect_dataset(folder)
     ids = layouts.scan_ids(folder)
     target.mkdir(parents=True, exist_ok=True)
-    todo = [sid for sid in ids if overwrite or not (target / f"{layouts.SUPERPIXELS}_{sid}.nii.gz").is_file()]
+    todo = list(ids) if overwrite else layouts.missing_superpixels(target, ids)
     tasks = [(str(folder), str(target), sid, ALPNET_BODY_THRESHOLD[dataset.name]) for sid in todo]
     written = []
     with tqdm(total=len(tasks), desc="superpixels", unit="scan", disable=not progress) as bar:

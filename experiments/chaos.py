@@ -42,7 +42,7 @@ def describe_data(data_dir: Path, folds: list[int]) -> dict:
     the folder, and whether it is the whole data set of the published figures (all its scans)."""
     dataset = layout.detect_dataset(data_dir)
     ids = layout.scan_ids(data_dir)
-    shipped = all((Path(data_dir) / f"{layout.SUPERPIXELS}_{sid}.nii.gz").is_file() for sid in ids)
+    shipped = not layout.missing_superpixels(data_dir, ids)
     return {"name": dataset.name, "modality": dataset.modality, "scans": len(ids),
             "queries_per_fold": sorted({len(layout.fold_scans(ids, fold, dataset)[0]) for fold in folds}),
             "folder": str(Path(data_dir).resolve()), "published": len(ids) == dataset.separators[-1],
@@ -137,12 +137,10 @@ def superpixel_source(data_dir: Path, out: Path, log: list) -> Path:
     """The folder of the superpix-MIDDLE files: the data folder when it holds every scan's, else
     OUT/superpixels, made once with SSL-ALPNet's parameters (the data folder is never written)."""
     ids = layout.scan_ids(data_dir)
-
-    def complete(folder: Path) -> bool:
-        return all((folder / f"{layout.SUPERPIXELS}_{sid}.nii.gz").is_file() for sid in ids)
     target = out / "superpixels"
-    if complete(data_dir) or complete(target):
-        return data_dir if complete(data_dir) else target
+    for folder in (data_dir, target):
+        if not layout.missing_superpixels(folder, ids):
+            return folder
     start = time.perf_counter()
     made = make_alpnet_superpixels(data_dir, out=target, progress=False)
     log.append({"step": f"superpixels of {len(made['written'])} scans (SSL-ALPNet's parameters) into "
