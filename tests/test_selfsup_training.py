@@ -68,11 +68,13 @@ def test_selfsup_config_errors(unlabeled_prep, tiny_prepared):
 
 
 def test_real_scan_support_and_mask_copy():
-    """tools/selfsup_demo.py: 3 annotated slices at the chunk middles; mask copy fills each chunk from
-    its slice."""
+    """tools/phantom_studies.py selfsup: 3 annotated slices at the chunk middles; mask copy fills each chunk
+    from its slice."""
     import numpy as np
     from conftest import load_script
-    demo = load_script("selfsup_demo")
+
+    from evaluation.protocols import dice
+    demo = load_script("phantom_studies")
     labels = np.zeros((4, 4, 12), dtype=np.int64)
     labels[1:3, 1:3, 2:11] = 5                     # organ on slices 2..10 (range 2:11, 9 slices)
     # slice-specific pixel values (other labels) to trace copies
@@ -85,4 +87,4 @@ def test_real_scan_support_and_mask_copy():
     for z in range(12):
         expected = labels[:, :, [3, 6, 9][(z - 2) // 3]] == 5 if 2 <= z < 11 else np.zeros((4, 4), bool)
         assert np.array_equal(copy[:, :, z], expected)
-    assert demo.dice(copy, labels == 5) == 1.0
+    assert dice(copy, labels == 5) == 1.0
