@@ -1,20 +1,12 @@
-"""Check a prepared data folder and print its per-class table.
+"""Check a prepared folder (files, shapes, dtypes, labels, splits, index.json) and print its per-class table.
 
-    python scripts/check_dataset.py data/prepared_phantom
-
-Files, shapes, dtypes, label values, splits and index.json; exits 2 with one line naming the defect and
-the fix. --mask-copy also prints the mask-copy Dice per test organ on the gold volumes (the honesty check).
+    python scripts/check_dataset.py data/prepared_phantom [--mask-copy]   # + mask-copy Dice on gold
 """
 from __future__ import annotations
 
 import argparse
 
-from evaluation.dataset_check import (
-    DEFAULT_PRESET,
-    check_prepared,
-    format_table,
-    prepared_mask_copy,
-)
+from evaluation.dataset_check import DEFAULT_PRESET, check_prepared, format_table, prepared_mask_copy
 from evaluation.protocols import get_preset
 from util.cli import run_cli
 
@@ -27,11 +19,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--preset", default=DEFAULT_PRESET,
                         help="protocol preset of the mask-copy check (evaluation/protocols.py)")
     args = parser.parse_args(argv)
-
     if args.mask_copy:
         get_preset(args.preset)                    # an unknown preset before the folder is read
-    report = check_prepared(args.prep)
-    print(format_table(report))
+    print(format_table(check_prepared(args.prep)))
     if args.mask_copy:
         print(prepared_mask_copy(args.prep, args.preset))
     print(f"{args.prep}: OK")

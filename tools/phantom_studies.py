@@ -29,6 +29,7 @@ from util.cli import run_cli
 from util.errors import UserError
 from util.io import write_text_atomic
 
+# each study imports what it runs inside its function: lslpn-plus pins the CPU numerics before torch loads
 ROOT = Path(__file__).resolve().parents[1]
 ORGANS = ["liver", "spleen", "kidney", "psoas"]
 COLUMNS = [*ORGANS, "mean"]
@@ -74,12 +75,6 @@ def dice_cells(row: dict, columns: list[str] = COLUMNS, dash: str = "–") -> st
     return " | ".join(dash if row.get(c) is None else f"{row[c]:.1f}" for c in columns)
 
 
-def check_python(python: str) -> None:
-    if shutil.which(python) is None:
-        raise UserError(f"--python {python}: no such executable: pass the interpreter that has this "
-                        "project's requirements (e.g. .venv/bin/python)")
-
-
 def train_variant(variant: str, fold: int, overrides: list[str], out: Path, python: str) -> Path:
     """best.pth of one ablation variant on one fold (trained unless a finished run of its config exists)."""
     from experiments.runner import train_or_reuse
@@ -102,7 +97,9 @@ def ablation(argv: list[str]) -> int:
     parser.add_argument("--out", type=Path, default=Path("runs/ablation"))
     parser.add_argument("--python", default=sys.executable, help="interpreter that runs train.py")
     args = parser.parse_args(argv)
-    check_python(args.python)
+    if shutil.which(args.python) is None:
+        raise UserError(f"--python {args.python}: no such executable: pass the interpreter that has this "
+                        "project's requirements (e.g. .venv/bin/python)")
     bad = [fold for fold in args.folds if fold not in range(len(FOLD_ORGANS))]
     if bad:
         raise UserError(f"--folds {bad} do not exist: use 0 (liver), 1 (spleen), 2 (kidneys), 3 (psoas)")
