@@ -284,7 +284,7 @@ def test_py_runs(tmp_path_factory) -> dict:
                              f"path.log_dir={roots['missing_snapshot']}",
                              f"eval.snapshots={{'LSLPN': '{roots['missing_snapshot'] / 'missing.pth'}'}}"],
         "writes": [f"path.data_dir={make_prepared(roots['writes'])}",
-                   f"path.log_dir={roots['writes'] / 'runs'}", "eval.preset=senet", "fold=1", "device=cpu"]}
+                   f"path.log_dir={roots['writes'] / 'runs'}", "eval.preset=senet", "fold=1", "device=cpu", "amp=bf16"]}
     results = run_sacred_cases("test", [["tiny", *words] for words in commands.values()])
     return {name: (result, roots[name]) for name, result in zip(commands, results)}
 
