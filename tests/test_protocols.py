@@ -9,7 +9,6 @@ import pytest
 from dataloaders.organs import NAME_TO_INDEX
 from evaluation.dataset_check import mask_copy_dice
 from evaluation.protocols import (
-    PRESETS,
     aggregate,
     centre_offsets,
     chunk_of_offsets,
@@ -51,14 +50,14 @@ def _mask_with_counts(counts, shape_xy=(8, 8)):
 
 
 def test_presets_match_the_papers():
-    assert (PRESETS["inclusive"].n_chunks, PRESETS["inclusive"].threshold, PRESETS["inclusive"].aggregate) \
-        == (12, 200, "mean")
-    assert ((PRESETS["senet"].n_chunks, PRESETS["senet"].threshold, PRESETS["senet"].aggregate)
-            == (10, 10, "median"))
-    assert ((PRESETS["alpnet"].n_chunks, PRESETS["alpnet"].threshold, PRESETS["alpnet"].rule)
-            == (3, 0, "alpnet"))
-    assert ((PRESETS["thirds"].n_chunks, PRESETS["thirds"].threshold, PRESETS["thirds"].aggregate)
-            == (3, 1, "mean"))
+    def fields(name, *keys):
+        return tuple(getattr(get_preset(name), key) for key in keys)
+    rules = ("n_chunks", "threshold", "aggregate", "rule")
+    assert fields("inclusive", *rules, "dice_smooth") == (12, 200, "mean", "inclusive", 0.0)
+    assert fields("official", *rules, "dice_smooth") == (12, 200, "mean", "official", 0.001)
+    assert fields("senet", *rules, "dice_eps") == (10, 10, "median", "senet", 1e-4)
+    assert fields("alpnet", "n_chunks", "threshold", "rule") == (3, 0, "alpnet")
+    assert fields("thirds", "n_chunks", "threshold", "aggregate") == (3, 1, "mean")
     with pytest.raises(UserError, match="inclusive"):
         get_preset("nnunet")
 
@@ -173,14 +172,6 @@ def test_aggregate_mean_and_median():
 
 
 # -------------------------------------------------------------------------------------- 'official'
-def test_presets_name_their_rule():
-    official, inclusive = get_preset("official"), get_preset("inclusive")
-    assert (official.n_chunks, official.threshold, official.aggregate) == (12, 200, "mean")
-    assert (official.rule, official.dice_smooth) == ("official", 0.001)
-    assert ((inclusive.rule, inclusive.dice_smooth, inclusive.n_chunks, inclusive.threshold)
-            == ("inclusive", 0.0, 12, 200))
-
-
 def test_official_chunks_of_24_slices():
     # floor(i * 24 / 12) = 2i: chunks of two slices, the support slice is element 2 // 2 = 1
     assert official_bounds(24, 12).tolist() == list(range(0, 25, 2))
@@ -312,6 +303,13 @@ def test_plan_pairs_chunks_with_support_slices():
     assert [(int(s[0]), q.tolist()) for s, q in pairs] == [
         (kept[1], [20]), (kept[3], [21]), (kept[5], [22]), (kept[7], [23]), (kept[9], [24])]
     assert preset_range(_senet_mask({}, 40), preset, role="query") is None
+    copied = mask_copy(support, support_range, query.shape, crop, preset.n_chunks, preset.rule)
+    for (z_support,), z_query in pairs:
+        assert (copied[..., z_query[0]] == support[..., z_support]).all()
+    assert not copied[..., :20].any() and not copied[..., 25:].any()
+    p, g = np.zeros(10, bool), np.zeros(10, bool)                             # 2|P.G| / (|P| + |G| + 1e-4)
+    p[:4], g[2:6] = True, True
+    assert dice(p, g, preset.dice_smooth, preset.dice_eps) == pytest.approx(2 * 2 / (8 + 1e-4), rel=1e-12)
 
 
 # ---------------------------------------------------------------------------------------- 'alpnet'
