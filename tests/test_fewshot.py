@@ -76,14 +76,6 @@ def test_alignment_loss():
         assert float(model(si, fg, bg, qi)[1]) == 0          # eval: no alignment loss
 
 
-def test_autocast_bfloat16():
-    model = _model(resolution="feature").train()
-    si, fg, bg, qi = _episode()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        logits, _ = model(si, fg, bg, qi)
-    assert logits.dtype == torch.float32 and torch.isfinite(logits).all()
-
-
 def test_bad_input():
     model = _model(n_grid=4).eval()
     si, fg, bg, qi = _episode()

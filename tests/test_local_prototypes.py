@@ -137,15 +137,6 @@ def test_cell_loop_equals_the_pixel_loop(vote):
         assert torch.allclose(loop, pixels, atol=1e-9)
 
 
-@pytest.mark.parametrize("overlap,vote", [(True, "max"), (False, "cover")])
-def test_non_dividing_size_100x120(overlap, vote):
-    """100 x 120 with n_grid 8: cells of 12 x 15 pixels and a border cell on both axes."""
-    sf, fg, bg, qf = _episode(7, 1, 1, 1, 1, 8, (25, 30), (100, 120))
-    head = LocalPrototypeHead(8, overlap, vote, "image")
-    ref = official_cell_loop(sf, fg, bg, qf, (100, 120), 8, overlap, vote)
-    assert torch.allclose(head(sf, fg, bg, qf, (100, 120)).double(), ref, atol=1e-4, rtol=0)
-
-
 ZERO_CASES = [  # image, feature map, n_grid, overlap, vote, K, ReLU features
     ((512, 512), (64, 64), 8, True, "max", 1, False),
     ((512, 512), (64, 64), 16, True, "mean", 3, True),

@@ -322,30 +322,3 @@ def test_schedule_scaled_to_n_steps():
         else:
             assert (seg, cond) == pytest.approx((1e-5, 1e-9))
         assert lrs[step + 100] == lrs[step]                 # constant within an epoch
-
-
-def test_one_training_step_lowers_the_loss_on_a_tiny_phantom():
-    """A bright disc on noise; the support mask is the disc; one SGD step on the Dice loss."""
-    torch.manual_seed(0)
-    size = 32
-    yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
-
-    def disc(cy, cx, r):
-        return (((yy - cy) ** 2 + (xx - cx) ** 2) <= r * r).float()
-
-    g = torch.Generator().manual_seed(0)
-    masks = torch.stack([disc(12, 14, 6), disc(18, 16, 7)])          # 2 x H x W
-    images = 0.2 * torch.rand(2, size, size, generator=g) + 0.7 * masks
-    support, fg = (images[:1, None, None, None].repeat(2, 1, 1, 1, 1, 1),
-                   masks[:1, None, None].repeat(2, 1, 1, 1, 1))
-    query, labels = images[:, None, None], masks[:, None].long()
-    model = SENet().train()
-    optimizer = build_senet_optimizer(model, lr=1e-2, momentum=0.99, weight_decay=1e-4)
-    loss = senet_loss(model(support, fg, 1 - fg, query)[0], labels)
-    optimizer.zero_grad()
-    loss.backward()
-    before = float(loss.detach())
-    optimizer.step()
-    with torch.no_grad():
-        after = senet_loss(model(support, fg, 1 - fg, query)[0], labels)
-    assert float(after) < before
