@@ -38,7 +38,7 @@ def test_forward_shapes_and_loss(resolution, vote):
         assert p.grad.abs().sum() > 0, name
 
 
-def test_config_round_trip():
+def test_config_round_trip_and_the_evaluation_api_matches_forward():
     cfg = ex.configurations[0]()["model"]                    # config.py's model dict (has align_weight)
     cfg = {**cfg, "encoder": "cnn_small", "n_grid": 2, "vote": "mean", "align": True,
            "head": "local", "pretrained": False}
@@ -49,10 +49,7 @@ def test_config_round_trip():
     again = FewShotSegNet.from_config(model.config)
     assert again.config == model.config
     again.load_state_dict(model.state_dict())                # same architecture
-
-
-def test_encode_support_and_segment_match_forward():
-    """Evaluation path: prototypes once (batch 1), a query batch of several slices."""
+    # Evaluation path: prototypes once (batch 1), a query batch of several slices.
     model = _model().eval()
     si, fg, bg, qi = _episode(B=1, Q=3)
     with torch.no_grad():
