@@ -193,13 +193,10 @@ def test_senet_ignores_the_weight():
 
 
 # ------------------------------------------------------------------ config: schema and hash
-def test_the_weight_is_a_prototype_option_off_by_default():
+def test_the_weight_is_a_prototype_option_off_by_default_and_in_the_config_hash_only_when_on():
     for named in [(), ("official",), ("paper",), ("panet",), ("tiny",)]:
         assert resolve_config(named)["boundary_weight"] == 0.0
     check_run_config(resolve_config(boundary_weight=0.5))
-
-
-def test_the_weight_is_in_the_config_hash_only_when_on():
     off, on = resolve_config(), resolve_config(boundary_weight=0.5)
     defaults = default_config()
     assert config_hash(on, defaults) != config_hash(off, defaults) != \
