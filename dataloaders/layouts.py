@@ -165,7 +165,7 @@ def load_case(case: Case) -> LabeledVolume:
 #      imagesTr/ labelsTr/ with the _0000 suffix must be renamed first), or
 #   b) SPLIT/<case>/ct.nii.gz (image, img) + SPLIT/<case>/labels.nii.gz (label, seg, segmentation)
 #      (TotalSegmentator).
-# Case id: the file stem (a) or folder name (b), made a file name by dataloaders.prepare.case_id; unique
+# Case id: the file stem (a) or folder name (b), made a file name by dataloaders.prepared.case_id; unique
 # over both splits. Labels: integers >= 0 on the image's world grid (any storage orientation). The
 # label map (dataloaders/label_map.py) names values; names become indices by organs.canonical_name,
 # others background; every named value must occur in each volume unless --allow-missing-labels.

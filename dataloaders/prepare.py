@@ -12,7 +12,6 @@ import io
 import json
 import multiprocessing
 import os
-import re
 import zipfile
 import zlib
 from dataclasses import asdict, dataclass
@@ -36,7 +35,7 @@ from dataloaders.layouts import (
 )
 from dataloaders.nifti import atomic_folder, load_nifti
 from dataloaders.organs import INDEX_TO_NAME
-from dataloaders.prepared import NEIGHBOURS
+from dataloaders.prepared import NEIGHBOURS, case_id, is_case_id, train_file_name
 from dataloaders.transforms import (
     DEFAULT_INTENSITY,
     neighbour_indices,
@@ -51,34 +50,7 @@ from util.errors import UserError
 from util.io import check_output_folder, write_bytes_atomic
 
 FORMAT_VERSION = 1
-TRAIN_FILE_KINDS = ("image", "label", NEIGHBOURS)
 MIN_WINDOW_COVER = 0.05                   # a volume must fill at least 5% of [0, 1] under an HU window
-
-
-def case_id(name: str) -> str:
-    """The id of a source case as prepared file names use it: characters other than letters, digits,
-    '.', '_' and '-' become '_' (e.g. 'case 1' -> 'case_1'; 'image_1' stays 'image_1')."""
-    return re.sub(r"[^A-Za-z0-9._-]", "_", name)
-
-
-def is_case_id(pid: str) -> bool:
-    """True when `pid` can name prepared files: non-empty, unchanged by `case_id`, not hidden ('.x')."""
-    return isinstance(pid, str) and bool(pid) and case_id(pid) == pid and not pid.startswith(".")
-
-
-def train_file_name(pid: str, kind: str) -> str:
-    """File name of a training volume's images ('image') or labels ('label') in PREP/train."""
-    return f"{pid}_{kind}.npy"
-
-
-def train_file_case(name: str) -> str | None:
-    """The case id of a PREP/train file name (inverse of `train_file_name`, only the LAST suffix counts:
-    'image_1_image.npy' is case 'image_1'); None for other names."""
-    for kind in TRAIN_FILE_KINDS:
-        suffix = f"_{kind}.npy"
-        if name.endswith(suffix) and len(name) > len(suffix):
-            return name[: -len(suffix)]
-    return None
 
 
 @dataclass(frozen=True)

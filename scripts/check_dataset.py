@@ -9,14 +9,23 @@ from __future__ import annotations
 
 import argparse
 
-from evaluation.dataset_check import (
-    DEFAULT_PRESET,
-    check_prepared,
-    format_table,
-    prepared_mask_copy,
-)
+from dataloaders.prepared import check_folder
+from evaluation.dataset_check import DEFAULT_PRESET, prepared_mask_copy
 from evaluation.protocols import get_preset
 from util.cli import run_cli
+
+
+def format_table(report: dict) -> str:
+    """Per-class table of a `check_folder` report."""
+    lines = [f"{'index':>5}  {'class':<24} {'slices':>6} {'volumes':>7} {'val vol':>7} {'gold vol':>8}"]
+    lines += [f"{row['index']:>5}  {row['name']:<24} {row['slices']:>6} {row['volumes']:>7} "
+              f"{row['val']:>7} {row['gold']:>8}" for row in report["rows"]]
+    if not report["labeled"]:
+        lines.append("images only (no labels): for self-supervised training (scripts/make_superpixels.py)")
+    sizes = report["splits"]
+    lines.append(f"train {sizes['train']} volumes, val {sizes['val']}, gold {sizes['gold']}; "
+                 f"prep size {report['prep_size']}")
+    return "\n".join(lines)
 
 
 def main(argv: list[str]) -> int:
@@ -30,7 +39,7 @@ def main(argv: list[str]) -> int:
 
     if args.mask_copy:
         get_preset(args.preset)                    # an unknown preset before the folder is read
-    report = check_prepared(args.prep)
+    report = check_folder(args.prep)
     print(format_table(report))
     if args.mask_copy:
         print(prepared_mask_copy(args.prep, args.preset))
