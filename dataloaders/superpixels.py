@@ -24,7 +24,6 @@ from dataloaders.nifti import atomic_folder
 from dataloaders.prepared import open_training_images, prepare_hint, read_meta
 from util.errors import UserError
 from util.io import atomic_path, write_bytes_atomic
-from util.options import options_from_mapping
 
 FORMAT_VERSION = 1
 FOLDER = "superpixels"
@@ -67,10 +66,6 @@ class SuperpixelParams:
             raise UserError(f"superpixel parameters {asdict(self)} are out of range: use scale > 0, "
                             "sigma >= 0, min_size >= 1, n_segments >= 2, compactness > 0, "
                             "0 <= body_threshold < 1")
-
-    @classmethod
-    def from_dict(cls, values: dict) -> "SuperpixelParams":
-        return options_from_mapping(cls, values, "superpixel parameters")
 
 
 def body_mask(image: np.ndarray, threshold: float, structure: np.ndarray | None = None) -> np.ndarray:
@@ -197,19 +192,6 @@ def open_superpixels(prep_dir: str | Path, pid: str) -> np.ndarray:
     except (OSError, ValueError, EOFError) as error:
         raise UserError(f"{path} is unreadable ({type(error).__name__}): {make_hint(prep_dir)} "
                         "--overwrite") from None
-
-
-def overlay_slices(prep_dir: str | Path, n: int) -> list[tuple[str, int, np.ndarray, np.ndarray]]:
-    """(pid, row, image S x S, superpixels S x S) of `n` slices: volumes in turn, rows spread evenly."""
-    pids = sorted(read_superpixel_meta(prep_dir)["volumes"])
-    chosen = []
-    for k in range(n):
-        pid = pids[k % len(pids)]
-        images = open_training_images(prep_dir, pid)                                        # N x S x S
-        labels = open_superpixels(prep_dir, pid)
-        row = min(images.shape[0] - 1, int(images.shape[0] * (k + 1) / (n + 1)))
-        chosen.append((pid, row, np.asarray(images[row]), np.asarray(labels[row])))
-    return chosen
 
 
 # ------------------------------------------------------------------------------ SSL-ALPNet's superpix-MIDDLE

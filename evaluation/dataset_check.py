@@ -3,12 +3,10 @@ mask scores high does not test few-shot segmentation (the folder itself: dataloa
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 
 from dataloaders.organs import NAME_TO_INDEX, TABLE_COLUMNS, TEST_ORGANS
-from dataloaders.prepared import default_support, load_volume
+from dataloaders.prepared import default_support
 from evaluation.protocols import dice, get_preset, mask_copy, preset_range
 from util.errors import UserError
 
@@ -65,14 +63,3 @@ def format_mask_copy(results: dict[str, dict], support: str, preset: str) -> str
         lines.append(f"  {'mean':<14} {mean:.3f}  (mean of the {len(columns)} organs {', '.join(columns)}, "
                      "each side pair counted once)")
     return "\n".join(lines)
-
-
-def prepared_mask_copy(prep_dir: str | Path, preset: str = DEFAULT_PRESET) -> str:
-    """`format_mask_copy` of the gold volumes of a prepared folder (test organs, default support)."""
-    gold = Path(prep_dir) / "volumes" / "gold"
-    labels = {path.stem: load_volume(prep_dir, "gold", path.stem)["label"]
-              for path in sorted(gold.glob("*.npz"))}
-    if len(labels) < 2:
-        raise UserError(f"{gold}: fewer than 2 gold volumes: the mask-copy check needs a support and a query")
-    support = default_support(list(labels))
-    return format_mask_copy(mask_copy_dice(labels, support, preset), support, preset)

@@ -8,11 +8,13 @@ the fix. --mask-copy also prints the mask-copy Dice per test organ on the gold v
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
-from dataloaders.prepared import check_folder
-from evaluation.dataset_check import DEFAULT_PRESET, prepared_mask_copy
+from dataloaders.prepared import check_folder, default_support, load_volume
+from evaluation.dataset_check import DEFAULT_PRESET, format_mask_copy, mask_copy_dice
 from evaluation.protocols import get_preset
 from util.cli import run_cli
+from util.errors import UserError
 
 
 def format_table(report: dict) -> str:
@@ -41,8 +43,15 @@ def main(argv: list[str]) -> int:
         get_preset(args.preset)                    # an unknown preset before the folder is read
     report = check_folder(args.prep)
     print(format_table(report))
-    if args.mask_copy:
-        print(prepared_mask_copy(args.prep, args.preset))
+    if args.mask_copy:                 # on the gold volumes: test organs, default support
+        gold = Path(args.prep) / "volumes" / "gold"
+        labels = {path.stem: load_volume(args.prep, "gold", path.stem)["label"]
+                  for path in sorted(gold.glob("*.npz"))}
+        if len(labels) < 2:
+            raise UserError(f"{gold}: fewer than 2 gold volumes: the mask-copy check needs a support and a "
+                            "query")
+        support = default_support(list(labels))
+        print(format_mask_copy(mask_copy_dice(labels, support, args.preset), support, args.preset))
     print(f"{args.prep}: OK")
     return 0
 
