@@ -7,7 +7,9 @@ one-line UserError and returns the array in canonical RAS+ (DESIGN.md: axis 0 le
 """
 from __future__ import annotations
 
+import contextlib
 import gzip
+import multiprocessing
 import os
 import shutil
 import zlib
@@ -193,3 +195,21 @@ def atomic_folder(out: str | Path, overwrite: bool = False, inputs=()) -> Iterat
         shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
     else:
         os.replace(partial, out)
+
+
+def _star(item: tuple):
+    function, arguments = item
+    return function(*arguments)
+
+
+def parallel_map(function, tasks: list[tuple], workers: int, progress: dict | None = None) -> list:
+    """[function(*task) for task in tasks] in order, in `workers` forked processes when more than one;
+    progress: tqdm's keywords (desc, unit, disable) for a bar that advances per finished task."""
+    from tqdm import tqdm  # progress bar of the command line only
+    items, results, processes = [(function, task) for task in tasks], [], min(workers, len(tasks))
+    pool = multiprocessing.get_context("fork").Pool(processes) if processes > 1 else None
+    with tqdm(total=len(tasks), **(progress or {"disable": True})) as bar, pool or contextlib.nullcontext():
+        for result in pool.imap(_star, items, chunksize=1) if pool else map(_star, items):
+            results.append(result)
+            bar.update(1)
+    return results

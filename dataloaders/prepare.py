@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import io
 import json
-import multiprocessing
 import os
 import zipfile
 import zlib
@@ -33,7 +32,7 @@ from dataloaders.layouts import (
     load_multilabel_case,
     strip_nifti_suffix,
 )
-from dataloaders.nifti import atomic_folder, load_nifti
+from dataloaders.nifti import atomic_folder, load_nifti, parallel_map
 from dataloaders.organs import INDEX_TO_NAME
 from dataloaders.prepared import NEIGHBOURS, case_id, is_case_id, train_file_name
 from dataloaders.transforms import (
@@ -316,11 +315,7 @@ def prepare_dataset(source_dir: str | Path, out: str | Path, layout: str = "visc
             (partial_dir / sub).mkdir(parents=True)
         tasks = [(c, split_of[c.pid], partial_dir, size, intensity, rule, seed) for c in silver]
         tasks += [(c, "gold", partial_dir, size, intensity, rule, seed) for c in gold]
-        if workers > 1 and len(tasks) > 1:
-            with multiprocessing.get_context("fork").Pool(min(workers, len(tasks))) as pool:
-                summaries = pool.starmap(process_case, tasks, chunksize=1)
-        else:
-            summaries = [process_case(*task) for task in tasks]
+        summaries = parallel_map(process_case, tasks, workers)
         index: dict[str, list] = {}
         for summary in summaries:
             for label, entries in summary.pop("slices", {}).items():
