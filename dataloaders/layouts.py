@@ -486,14 +486,6 @@ def _span(zs) -> str:
     return f"{zs[0]}-{zs[-1]} ({len(zs)} slices)" if zs else "none"
 
 
-def zscore(image: np.ndarray) -> np.ndarray:
-    """MR: (x - mean) / std over the whole volume, no eps (SSL-ALPNet's get_normalize_op)."""
-    std = float(image.std())
-    if std == 0.0:
-        raise UserError("scan is constant (std 0): z-scoring is undefined: check the image file")
-    return ((image - image.mean()) / std).astype(np.float32)
-
-
 def ct_statistics(images: list[np.ndarray]) -> tuple[float, float]:
     """CT: one mean and std over every voxel of the fold's training scans (full stored volumes)."""
     total = sum(float(a.sum()) for a in images)
@@ -501,15 +493,6 @@ def ct_statistics(images: list[np.ndarray]) -> tuple[float, float]:
     mean = total / count
     var = sum(float(((a - mean) ** 2).sum()) for a in images) / count
     return mean, float(np.sqrt(var))
-
-
-def normalise(image: np.ndarray, dataset: AlpnetDataset,
-              ct_stats: tuple[float, float] | None = None) -> np.ndarray:
-    """Normalised and cropped Y x X x Z float32: MR z-score per volume, CT by the training statistics."""
-    if dataset.modality == "MR":
-        return crop(zscore(image))
-    assert ct_stats is not None, "CT normalisation needs the training scans' ct_statistics"
-    return crop(((image - ct_stats[0]) / ct_stats[1]).astype(np.float32))
 
 
 def crop(volume: np.ndarray) -> np.ndarray:

@@ -342,9 +342,10 @@ SETTINGS = (1, 2)
 RULES = ("or", "and")
 
 
-def normalised_volume(image: np.ndarray, intensity: dict) -> np.ndarray:
-    """An evaluation volume (Y x X x Z as stored) normalised by meta.json's `intensity`, float32."""
-    resolved = volume_intensity(image, intensity, "evaluation volume")
+def normalised_volume(image: np.ndarray, intensity: dict, name: str = "evaluation volume") -> np.ndarray:
+    """A volume (Y x X x Z as stored) normalised by meta.json's `intensity` (SSL-ALPNet's: MR z-scored
+    per volume, no eps; CT by the training scans' statistics), float32."""
+    resolved = volume_intensity(image, intensity, name)
     return ((np.asarray(image, np.float64) - resolved["mean"]) / resolved["std"]).astype(np.float32)
 
 
@@ -403,7 +404,7 @@ def prepare_alpnet(data_dir: str | Path, out: str | Path, fold: int, setting: in
             scan = scans[sid]
             keep = layouts.kept_slices(scan.label, excluded, rule)                           # Z
             rows = np.flatnonzero(keep)
-            image = layouts.normalise(scan.image, dataset, ct_stats)                          # 256 x 256 x Z
+            image = layouts.crop(normalised_volume(scan.image, intensity, f"{data_dir}/image_{sid}.nii.gz"))
             label = layouts.crop(layouts.to_vocabulary(scan.label, dataset))                   # 256 x 256 x Z
             save_npy(partial / "train" / f"{sid}_image.npy", np.moveaxis(image[:, :, rows], 2, 0).copy())
             # 2.5D input: each kept row's (z - 1, z + 1), a dropped slice replaced by the centre itself
