@@ -1,10 +1,8 @@
 """Any source layout -> the prepared folder of docs/DESIGN.md ("Prepared data folder"), built atomically.
 
-`prepare_dataset` (VISCERAL, multi-label, images-only): silver volumes split into training and validation
-(seeded); training volumes become axial slices chosen per class by `Selection` (the official rule),
-intensity-scaled then resized, stored with their (z - 1, z + 1) neighbours; validation and gold volumes
-are stored whole and exactly (int16 when int16 holds every voxel, else float32). `prepare_alpnet`: one
-fold, setting and label set of an SSL-ALPNet folder, normalised as its loader. `case_id` names the files.
+`prepare_dataset` (VISCERAL, multi-label, images-only): training slices chosen per class by `Selection`
+(the official rule), scaled, resized and stored with their neighbours; validation and gold volumes stored
+whole and exactly. `prepare_alpnet`: one fold, setting and label set of an SSL-ALPNet folder.
 """
 from __future__ import annotations
 
@@ -142,11 +140,6 @@ def select_slices(label: np.ndarray, index: int, rng: np.random.Generator, rule:
     return np.sort(rng.choice(qualifying, size=rule.max_per_volume, replace=False))
 
 
-def volume_rng(seed: int, pid: str) -> np.random.Generator:
-    """Generator for one volume: depends on (seed, pid) only, not on processing order."""
-    return np.random.default_rng([seed, zlib.crc32(pid.encode())])
-
-
 def save_npz_deterministic(path: Path, arrays: dict[str, np.ndarray]) -> None:
     """np.savez_compressed equivalent with fixed zip timestamps (same content -> same bytes), atomic."""
     buffer = io.BytesIO()
@@ -165,22 +158,6 @@ def save_npy(path: Path, array: np.ndarray) -> None:
     buffer = io.BytesIO()
     np.save(buffer, array, allow_pickle=False)
     write_bytes_atomic(buffer.getvalue(), path)
-
-
-def check_window(volume: LabeledVolume, intensity: dict) -> LabeledVolume:
-    """Refuse an HU window that maps the volume into less than 5% of [0, 1] (not Hounsfield units)."""
-    if intensity["mode"] != "window":
-        return volume
-    low, high = intensity["window"]
-    values = volume.image.array
-    vmin, vmax = float(values.min()), float(values.max())
-    covered = (min(vmax, high) - max(vmin, low)) / (high - low)
-    if covered < MIN_WINDOW_COVER:
-        raise UserError(f"{volume.image.path}: voxel values span [{vmin:g}, {vmax:g}], which the HU window "
-                        f"[{low:g}, {high:g}] maps into less than {MIN_WINDOW_COVER:.0%} of [0, 1] (not "
-                        "Hounsfield units?): leave --window out (per-slice min-max scaling) or convert the "
-                        "volume to HU")
-    return volume
 
 
 def volume_arrays(volume: LabeledVolume) -> dict[str, np.ndarray]:
@@ -216,7 +193,15 @@ def training_images(image: np.ndarray, rows: np.ndarray, intensity: dict,
 def process_case(case: SourceCase, split: str, out: Path, size: int, intensity: dict, rule: Selection,
                  seed: int) -> dict:
     """Load one case and write its prepared files; returns its summary (and slices for training)."""
-    volume = check_window(case.load(), intensity)
+    volume = case.load()
+    if intensity["mode"] == "window":     # refused: a window that maps the volume into < 5% of [0, 1]
+        (low, high), values = intensity["window"], volume.image.array
+        vmin, vmax = float(values.min()), float(values.max())
+        if (min(vmax, high) - max(vmin, low)) / (high - low) < MIN_WINDOW_COVER:
+            raise UserError(f"{volume.image.path}: voxel values span [{vmin:g}, {vmax:g}], which the HU "
+                            f"window [{low:g}, {high:g}] maps into less than {MIN_WINDOW_COVER:.0%} of "
+                            "[0, 1] (not Hounsfield units?): leave --window out (per-slice min-max scaling) "
+                            "or convert the volume to HU")
     present = [int(v) for v in np.unique(volume.label) if v > 0]
     summary = {"pid": case.pid, "split": split, "shape": list(volume.label.shape), "structures": present,
                "image_dtype": "int16" if volume.image.array.dtype == np.int16 else "float32",
@@ -224,7 +209,7 @@ def process_case(case: SourceCase, split: str, out: Path, size: int, intensity: 
     if split != "train":
         save_npz_deterministic(out / "volumes" / split / f"{case.pid}.npz", volume_arrays(volume))
         return summary
-    rng = volume_rng(seed, case.pid)
+    rng = np.random.default_rng([seed, zlib.crc32(case.pid.encode())])   # (seed, pid) only, not the order
     chosen = {index: select_slices(volume.label, index, rng, rule) for index in present}
     chosen = {index: zs for index, zs in chosen.items() if zs.size}
     rows = np.unique(np.concatenate([np.zeros(0, int)] + list(chosen.values()))).astype(int)   # z of each row
@@ -276,20 +261,6 @@ def check_out_location(out: str | Path, source_dir: str | Path, label_map: str |
                         "yourself")
 
 
-def check_case_ids(source_dir: str | Path, silver: list[SourceCase], gold: list[SourceCase]) -> None:
-    """Every case id can name prepared files (`is_case_id`) and names one case only, over both splits."""
-    seen: dict[str, str] = {}
-    for split, cases in (("silver (training)", silver), ("gold (test)", gold)):
-        for case in cases:
-            if not is_case_id(case.pid):
-                raise UserError(f"{source_dir}: case id {case.pid!r} cannot name prepared files: rename the "
-                                "case with letters, digits, '.', '_' or '-' only")
-            if case.pid in seen:
-                raise UserError(f"{source_dir}: case id {case.pid} names two volumes ({seen[case.pid]} and "
-                                f"{split}): give every case its own id")
-            seen[case.pid] = split
-
-
 def prepare_dataset(source_dir: str | Path, out: str | Path, layout: str = "visceral",
                     label_map: str | Path | None = None, size: int = 256, intensity: dict | None = None,
                     n_val: int | None = None, seed: int = 1234, rule: Selection = Selection(),
@@ -302,7 +273,16 @@ def prepare_dataset(source_dir: str | Path, out: str | Path, layout: str = "visc
     rule.check()
     check_out_location(out, source_dir, label_map, overwrite)
     silver, gold = list_sources(source_dir, layout, label_map, allow_missing)
-    check_case_ids(source_dir, silver, gold)
+    seen: dict[str, str] = {}               # every case id names prepared files, and one case only
+    for split, cases in (("silver (training)", silver), ("gold (test)", gold)):
+        for case in cases:
+            if not is_case_id(case.pid):
+                raise UserError(f"{source_dir}: case id {case.pid!r} cannot name prepared files: rename the "
+                                "case with letters, digits, '.', '_' or '-' only")
+            if case.pid in seen:
+                raise UserError(f"{source_dir}: case id {case.pid} names two volumes ({seen[case.pid]} and "
+                                f"{split}): give every case its own id")
+            seen[case.pid] = split
     if layout == "images-only":
         if n_val:
             raise UserError(f"--n-val {n_val}: the images-only layout has no labels to validate on: leave "
