@@ -1,10 +1,6 @@
-"""Superpixel pseudo-labels of prepared training slices, for self-supervised episodes (after SSL-ALPNet).
-
-Per slice in [0, 1]: the body (pixels > `body_threshold`, largest component, holes filled), scikit-image's
-`felzenszwalb` (SSL-ALPNet's choice) or `slic` superpixels clipped to it, ids renumbered 1..M in raster
-order of first appearance (0 = outside). Deterministic: same folder and parameters, same bytes. Stored as
-PREP/superpixels/<pid>.npy (N x S x S uint16, row r of train/<pid>_image.npy) + meta.json, built
-atomically (docs/DESIGN.md "Prepared data folder").
+"""Superpixel pseudo-labels for self-supervised episodes (after SSL-ALPNet; docs/DESIGN.md "Prepared data
+folder"): per prepared slice, `felzenszwalb` or `slic` superpixels clipped to the body, in
+PREP/superpixels/; SSL-ALPNet's own superpix-MIDDLE files for a folder of its layout. Deterministic.
 """
 from __future__ import annotations
 
