@@ -120,10 +120,8 @@ def find_cases(corpus_dir: str | Path) -> list[Case]:
 
 
 def merge_masks(masks: dict[int, np.ndarray]) -> tuple[np.ndarray, int]:
-    """Binary masks {label index: X x Y x Z} -> (label X x Y x Z uint8, voxels covered twice or more).
-
-    Overlaps: the structure with fewer voxels wins (a small one is not erased by a large neighbour), ties
-    to the higher index."""
+    """Binary masks {label index: X x Y x Z} -> (label X x Y x Z uint8, voxels covered twice or more); an
+    overlap goes to the structure with fewer voxels (ties: the higher index)."""
     assert masks, "merge_masks needs at least one mask"
     shape = next(iter(masks.values())).shape
     label = np.zeros(int(np.prod(shape)), dtype=np.uint8)          # Fortran order, as NIfTI stores voxels
@@ -509,10 +507,8 @@ def to_vocabulary(label: np.ndarray, dataset: AlpnetDataset) -> np.ndarray:
 
 
 def fold_scans(ids: list[int], fold: int, dataset: AlpnetDataset) -> tuple[list[int], int, list[int]]:
-    """(test ids, support id, training ids) of a fold: SSL-ALPNet's circular split.
-
-    Fold k = sorted ids[sep[k] : sep[k + 1] + 1] with wrap-around: its test scans plus the next scan as the
-    support; training is every other scan (not the support)."""
+    """(test ids, support id, training ids) of a fold, SSL-ALPNet's circular split: sorted ids[sep[k] :
+    sep[k + 1] + 1] with wrap-around are the test scans and the support (the last); training the others."""
     if not isinstance(fold, int) or fold not in range(N_FOLDS):
         raise UserError(f"fold {fold!r} does not exist: use 0-{N_FOLDS - 1} (SSL-ALPNet's five folds)")
     ordered = sorted(int(i) for i in ids)

@@ -156,10 +156,8 @@ def _clean_stale(out: Path) -> None:
 
 @contextmanager
 def atomic_folder(out: str | Path, overwrite: bool = False, inputs=()) -> Iterator[Path]:
-    """Build a folder in `<out>.partial-<pid>` and rename it to `out` only when the block succeeds.
-
-    `out` is checked first (util.io.check_output_folder; an existing folder only with `overwrite`, and
-    replaced only once the new one is complete); on any exception the partial folder is removed, and a
+    """Build a folder in `<out>.partial-<pid>` and rename it to `out` only when the block succeeds (`out`
+    checked first by util.io.check_output_folder); on any exception the partial folder is removed, and a
     killed run's leftovers are cleaned by the next run on the same `out`."""
     out = Path(out)
     _clean_stale(out)

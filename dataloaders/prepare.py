@@ -333,12 +333,8 @@ def prepare_alpnet(data_dir: str | Path, out: str | Path, fold: int, setting: in
                    rule: str = "or", overwrite: bool = False, validation: bool = False,
                    superpixel_dir: str | Path | None = None) -> dict:
     """Write the prepared folder of one (fold, setting, label set); returns its meta.json content.
-
-    superpixel_dir: where the superpix-MIDDLE files are (default data_dir; superpixels.make_alpnet_superpixels
-    can write them elsewhere, leaving data_dir untouched); without them the folder has no superpixels/.
-
-    validation: hold the fold's validation scan (layouts.validation_scan) out of training and store it
-    with the evaluation volumes (meta alpnet.validation), for choosing options without the test scans."""
+    superpixel_dir: the superpix-MIDDLE files (default data_dir; none: no superpixels/); validation: hold
+    the fold's validation scan (layouts.validation_scan) out of training, stored with the gold volumes."""
     data_dir = Path(data_dir)
     if setting not in SETTINGS:
         raise UserError(f"setting {setting!r} does not exist: use 1 (test organs in training slices) or 2 "
