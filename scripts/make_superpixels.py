@@ -19,11 +19,12 @@ from pathlib import Path
 import numpy as np
 
 from dataloaders.prepare import prepare_dataset
+from dataloaders.prepared import open_training_images
 from dataloaders.superpixels import (
     SuperpixelParams,
     make_alpnet_superpixels,
     make_superpixels,
-    overlay_slices,
+    open_superpixels,
     read_superpixel_meta,
 )
 from evaluation.figures import display
@@ -39,7 +40,13 @@ def overlay_figure(prep_dir: Path, out: Path, n: int) -> None:
     import matplotlib.pyplot as plt
     from skimage.segmentation import find_boundaries
     params = read_superpixel_meta(prep_dir)["params"]
-    slices = overlay_slices(prep_dir, n)
+    pids = sorted(read_superpixel_meta(prep_dir)["volumes"])
+    slices = []                               # n slices: volumes in turn, rows spread evenly
+    for k in range(n):
+        pid = pids[k % len(pids)]
+        images, labels = open_training_images(prep_dir, pid), open_superpixels(prep_dir, pid)  # N x S x S
+        row = min(images.shape[0] - 1, int(images.shape[0] * (k + 1) / (n + 1)))
+        slices.append((pid, row, np.asarray(images[row]), np.asarray(labels[row])))
     columns = min(4, n)
     rows = -(-n // columns)
     figure, axes = plt.subplots(rows, columns, figsize=(3 * columns, 3.2 * rows), squeeze=False)
