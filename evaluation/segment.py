@@ -45,7 +45,7 @@ from models.fewshot import FewShotSegNet, model_input_slices
 from util.cli import warn
 from util.device import resolve_device
 from util.errors import UserError
-from util.io import check_output_file
+from util.io import check_output_file, write_text_atomic
 
 # ----------------------------------------------------------------- the query range and the plan
 BODY_HU = -500.0            # body voxels: above this HU (air and lung-free outside are below)
@@ -471,8 +471,6 @@ def segment_volume(checkpoint, supports: Sequence[tuple[str, str]], query, out=N
     return array, image
 
 
-
-
 @dataclass
 class LabelledScan:
     """One support scan, canonical: image X x Y x Z float32, labels X x Y x Z int, names {value: name}."""
@@ -749,12 +747,9 @@ def segment_queries(queries: Sequence, supports, organs=None, checkpoint=None, o
         if outs is not None:
             outs[index].parent.mkdir(parents=True, exist_ok=True)
             save_nifti_atomic(array, volume.original_affine, outs[index])
-            sidecar = sidecar_path(outs[index])
-            partial = sidecar.with_name(sidecar.name + ".partial")
-            partial.write_text(json.dumps({"labels": {str(v): n for v, n in names.items()}, "organs": ranges,
-                                           "ranges_are": "stored axial slice indices Z0:Z1 (Z1 excluded)",
-                                           "seconds": round(seconds, 2)}, indent=1))
-            partial.replace(sidecar)
+            write_text_atomic(json.dumps({"labels": {str(v): n for v, n in names.items()}, "organs": ranges,
+                                          "ranges_are": "stored axial slice indices Z0:Z1 (Z1 excluded)",
+                                          "seconds": round(seconds, 2)}, indent=1), sidecar_path(outs[index]))
         results.append((array, names, volume.original_affine, ranges))
     return results
 

@@ -271,7 +271,7 @@ def evaluate_no_oracle(snapshot: Path | None, folder: Path, organs: list[str], d
     names = {NAME_TO_INDEX[organ]: organ for organ in organs}
     scan = LabelledScan(np.asarray(support["image"], dtype=np.float32), support["label"], support["affine"],
                         names, meta["support"])
-    by_organ, prototypes = organ_supports([scan], list(names)), {}
+    by_organ, prototypes = organ_supports([scan], None), {}       # an organ absent from the support: NaN
     scores = {"dice": {organ: {} for organ in organs}, "hd95": {organ: {} for organ in organs}}
     for qid in meta["test"]:
         query = load_volume(folder, "gold", qid)
@@ -281,7 +281,7 @@ def evaluate_no_oracle(snapshot: Path | None, folder: Path, organs: list[str], d
                                  NO_ORACLE_CHUNKS, prototypes)
         for value, organ in names.items():
             predicted, truth = labels == value, query["label"] == value
-            scores["dice"][organ][qid] = dice_score(predicted, truth)
+            scores["dice"][organ][qid] = dice_score(predicted, truth) if value in by_organ else float("nan")
             scores["hd95"][organ][qid] = surface_distance_95(predicted, truth, query["spacing"])
     return scores["dice"], scores["hd95"], time.perf_counter() - start
 

@@ -28,11 +28,13 @@ from util.io import write_text_atomic
 MARKERS = ("<!-- begin segment -->", "<!-- end segment -->")
 
 
-def measure(checkpoint: Path, data_dir: Path, supports: list[int], queries: list[int], work: Path) -> dict:
+def measure(checkpoint: Path, data_dir: Path, supports: list[int], queries: list[int], work: Path,
+            out: Path) -> dict:
     """{'queries': [{'id', 'seconds', 'dice': {organ: value}}], 'wall', 'peak_mib'} of one checkpoint: the
-    supports linked (never copied) into work/supports with their label names, one segment_volume.py call."""
+    supports linked (never copied) into work/supports with their label names, one segment_volume.py call
+    writing into `out`."""
     dataset = layout.detect_dataset(data_dir)
-    folder, out = work / "supports", work / f"out_{len(list(work.glob('out_*')))}"
+    folder = work / "supports"
     folder.mkdir(parents=True, exist_ok=True)
     for sid in supports:
         for kind in ("image", "label"):
@@ -79,7 +81,8 @@ def speed_section(checkpoints: list[Path], data_dir: Path, work: Path, command: 
     test, support, training = layout.fold_scans(layout.scan_ids(data_dir), 0, dataset)
     supports, queries = [support, training[0]], test[:3]
     load = [os.getloadavg()]
-    results = {str(c): measure(Path(c), data_dir, supports, queries, work) for c in checkpoints}
+    results = {str(c): measure(Path(c), data_dir, supports, queries, work, work / f"out_{i}")
+               for i, c in enumerate(checkpoints)}
     load.append(os.getloadavg())
     cols, shown = " | ".join(HEAD[o] for o in ORGANS), ", ".join(map(str, queries))
     when = "; ".join(", ".join(f"{v:.2f}" for v in a) + f" ({w})" for a, w in zip(load, ("start", "end")))
