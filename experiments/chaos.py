@@ -581,7 +581,7 @@ def rule_tables(results: dict) -> list[str]:
     for rule in rules[1:]:
         lines += ["", f"Cost of the {rule.upper()}-rule rows: "
                   f"{logged_seconds(results, rule=rule) / 60:.1f} min of training and evaluation (the log's "
-                  f"'{rule.upper()} rule' and '_{rule}' steps)."]
+                  f"'{rule.upper()} rule' and '_{rule}' steps; reused ones at the seconds they took)."]
     return lines + [""]
 
 
@@ -622,7 +622,8 @@ def no_oracle_tables(results: dict) -> list[str]:
                    if e["step"].startswith("evaluate") and e.get("rule") is None)
     lines += [f"Cost: {logged_seconds(results, no_oracle=True) / 60:.1f} min for these evaluations, "
               f"{protocol / 60:.1f} min for the protocol's evaluations of the same cells (the log's "
-              "'no oracle' and 'evaluate' steps).", ""]
+              "'no oracle' and 'evaluate' steps; a reused step counts the seconds it took when computed).",
+              ""]
     return lines
 
 
