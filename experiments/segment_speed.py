@@ -30,9 +30,9 @@ MARKERS = ("<!-- begin segment -->", "<!-- end segment -->")
 
 def measure(checkpoint: Path, data_dir: Path, supports: list[int], queries: list[int], work: Path,
             out: Path) -> dict:
-    """{'queries': [{'id', 'seconds', 'dice': {organ: value}}], 'wall', 'peak_mib'} of one checkpoint: the
-    supports linked (never copied) into work/supports with their label names, one segment_volume.py call
-    writing into `out`."""
+    """{'queries': [{'id', 'seconds', 'dice': {organ: value}}], 'wall', 'cpu', 'peak_mib'} of one
+    checkpoint: the supports linked (never copied) into work/supports with their label names, one
+    segment_volume.py call writing into `out`."""
     dataset = layout.detect_dataset(data_dir)
     folder = work / "supports"
     folder.mkdir(parents=True, exist_ok=True)
@@ -65,7 +65,8 @@ def measure(checkpoint: Path, data_dir: Path, supports: list[int], queries: list
         rows.append({"id": qid, "seconds": json.loads(sidecar_path(labels).read_text())["seconds"],
                      "dice": {name: dice(predicted == value, truth == value)
                               for value, name in dataset.vocabulary.items()}})
-    return {"queries": rows, "wall": wall, "peak_mib": usage.ru_maxrss / 1024}
+    return {"queries": rows, "wall": wall, "cpu": usage.ru_utime + usage.ru_stime,
+            "peak_mib": usage.ru_maxrss / 1024}
 
 
 def describe(checkpoint: Path) -> str:
@@ -94,7 +95,8 @@ def speed_section(checkpoints: list[Path], data_dir: Path, work: Path, command: 
              f"{supports[1]} as the supports segments liver, spleen and both kidneys of scans {shown} in "
              "one call, no range given (found from the images). Seconds per query: its sidecar's (read the"
              " volume, find each organ's range, score, write; the first query also encodes the support "
-             "slices). Wall: the whole process (Python start, model and supports loaded). Peak memory: the"
+             "slices). Wall: the whole process (Python start, model and supports loaded); CPU: its user + "
+             "system seconds (less sensitive to other work on the cores). Peak memory: the"
              " process's peak resident set size (ru_maxrss from os.wait4), MiB. Dice (%) over the whole "
              "volume, a sanity check of the output.", "",
              f"| checkpoint | query | seconds | {cols} |", "|---" * (len(ORGANS) + 3) + "|"]
@@ -102,12 +104,12 @@ def speed_section(checkpoints: list[Path], data_dir: Path, work: Path, command: 
         for row in result["queries"]:
             lines.append(f"| `{checkpoint}` | {row['id']} | {row['seconds']:.1f} | "
                          + " | ".join(f"{100 * row['dice'][o]:.1f}" for o in ORGANS) + " |")
-    lines += ["", "| checkpoint | model | seconds per query (mean) | wall s | peak MiB |",
-              "|---|---|---|---|---|"]
+    lines += ["", "| checkpoint | model | seconds per query (mean) | wall s | CPU s (user + sys) | "
+              "peak MiB |", "|---|---|---|---|---|---|"]
     for checkpoint, result in results.items():
         mean = float(np.mean([row["seconds"] for row in result["queries"]]))
         lines.append(f"| `{checkpoint}` | {describe(Path(checkpoint))} | {mean:.1f} | {result['wall']:.1f} | "
-                     f"{result['peak_mib']:.0f} |")
+                     f"{result['cpu']:.1f} | {result['peak_mib']:.0f} |")
     return "\n".join(lines + ["", MARKERS[1]])
 
 
