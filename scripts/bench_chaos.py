@@ -121,6 +121,9 @@ def main(argv: list[str]) -> int:
         return 0
     if args.report_only:
         saved = json.loads(results_path.read_text())
+        if any("rule" not in cell for cell in saved.get("cells", [])):
+            raise UserError(f"{results_path}: written by an earlier version of the benchmark (cells without "
+                            "'rule'): run it again without --report-only (finished runs are reused)")
         steps.write_report(saved, doc, doc.with_suffix(".png"), saved["seconds"], saved["command"],
                             saved["exclusion"], saved["environment"])
         print(f"wrote {doc}")
