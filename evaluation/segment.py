@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from dataloaders.dicom import is_dicom_path, read_dicom_series
 from dataloaders.label_map import (
+    AIR_HU,
     field_of_view_warning,
     hounsfield_problem,
     image_problems,
@@ -48,7 +49,7 @@ from util.errors import UserError
 from util.io import check_output_file, write_text_atomic
 
 # ----------------------------------------------------------------- the query range and the plan
-BODY_HU = -500.0            # body voxels: above this HU (air and lung-free outside are below)
+
 BODY_SLICE_FRACTION = 0.1   # a body slice has >= this fraction of the fullest slice's body voxels
 COVERAGE_WARN = 0.10        # body extents (mm) of query and support differ by more than this: warning
 COVERAGE_REFUSE = 0.25      # ... by more than this: the relative transfer is refused (give --query-range)
@@ -100,7 +101,7 @@ def stored_range_to_canonical(query_range: tuple[int, int], query: NiftiVolume) 
 
 
 # ----------------------------------------------------------------------------- relative transfer
-def body_extent(image: np.ndarray, threshold: float = BODY_HU) -> tuple[int, int]:
+def body_extent(image: np.ndarray, threshold: float = AIR_HU) -> tuple[int, int]:
     """First and last axial slice of the body: slices whose count of voxels > threshold (-500 HU) is at
     least 10% of the fullest slice's count. image X x Y x Z. The whole volume when nothing is above."""
     counts = (image > threshold).reshape(-1, image.shape[-1]).sum(axis=0)    # Z
@@ -192,7 +193,7 @@ def transfer_query_range(supports: Sequence[Support], query: NiftiVolume, query_
         problem = hounsfield_problem(image, name, role)
         if problem:
             raise UserError(f"{problem}: the default query range is found from the body's axial extent "
-                            f"(voxels above {BODY_HU:g} HU), which needs CT in HU, and fields of view differ "
+                            f"(voxels above {AIR_HU:g} HU), which needs CT in HU, and fields of view differ "
                             "from scan to scan: give --query-range Z0:Z1 (the organ's slices in the "
                             "query file)")
     query_spacing_z = float(np.sqrt((query.affine[:3, 2] ** 2).sum()))
@@ -499,8 +500,8 @@ def modality(image: np.ndarray) -> str:
 
 
 def body_threshold(image: np.ndarray) -> float:
-    """Body voxels lie above this: BODY_HU for CT in HU, else a fraction of the 99th percentile (MR)."""
-    return BODY_HU if modality(image) == "CT" else MR_BODY_FRACTION * float(np.percentile(image, 99))
+    """Body voxels lie above this: AIR_HU for CT in HU, else a fraction of the 99th percentile (MR)."""
+    return AIR_HU if modality(image) == "CT" else MR_BODY_FRACTION * float(np.percentile(image, 99))
 
 
 def support_pairs(supports) -> list[tuple[Path, Path]]:
