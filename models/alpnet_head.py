@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.local_prototypes import check_query_features
-from models.panet import IGNORE, MEAN_EPS, support_cross_entropy, upsample
+from models.local_prototypes import IGNORE, MEAN_EPS, check_query_features
+from models.panet import support_cross_entropy, upsample
 from util.errors import UserError
 
 THRESHOLD = 0.95        # FG_THRESH = BG_THRESH of the official code
@@ -33,10 +33,6 @@ class ALPPrototypes:
     present: Tensor
     image_size: tuple[int, int]
     feature_size: tuple[int, int]
-
-    def to(self, device) -> "ALPPrototypes":
-        return ALPPrototypes(self.vectors.to(device), self.present.to(device), self.image_size,
-                             self.feature_size)
 
 
 def query_loss(logits: Tensor, labels: Tensor) -> Tensor:

@@ -1,10 +1,8 @@
-"""FewShotSegNet (encoder + parameter-free prototype head), the model builder and the model's options.
+"""FewShotSegNet (encoder + parameter-free prototype head), build_model and the model's options.
 
-`model.method` 'prototype' builds FewShotSegNet with head `model.head` (HEADS: 'local' = LSLPN, LSLPN+
-with grids / query_rounds; 'panet'; 'alpnet'); 'senet' builds SENet (models/senet.py). Both share
-forward, encode_support, segment and config. MODEL_OPTIONS declares the model.* options, checked once
-before a model is built (check_model_config; training/config_check.py for a run); the models trust
-what passed. The heads: docs/method.md.
+`model.method` 'prototype' builds FewShotSegNet with head `model.head` (HEADS); 'senet' builds SENet.
+Both share forward, encode_support, segment and config. MODEL_OPTIONS declares the model.* options,
+checked once before a model is built; the models trust what passed. The heads: docs/method.md.
 """
 from __future__ import annotations
 
@@ -14,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from models.alpnet_head import ALPNetHead
-from models.encoders import ENCODER_CLASSES, IMAGENET_WEIGHTS, build_encoder, load_official_snapshot
+from models.encoders import ENCODER_CLASSES, IMAGENET_WEIGHTS, build_encoder
 from models.local_prototypes import RESOLUTIONS, VOTES, LocalPrototypeHead, Prototypes, check_episode
 from models.lslpn_plus import FUSIONS, LSLPNPlusHead
 from models.panet import PANetHead
@@ -85,18 +83,6 @@ class FewShotSegNet(nn.Module):
         """Build from config.py's `model` dict (keys it does not use, e.g. align_weight, ignored)."""
         return cls(init_path=init_path, **{k: model_cfg[k] for k in _CONFIG_KEYS if k in model_cfg})
 
-    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        """As nn.Module's; DataParallel's 'module.' prefixes are dropped."""
-        state_dict = {k.removeprefix("module."): v for k, v in state_dict.items()}
-        return super().load_state_dict(state_dict, strict=strict, assign=assign)
-
-    def load_official_snapshot(self, state_dict: dict, source: str) -> None:
-        """Encoder weights of a snapshot saved by the official code (resnet50_lslpn only)."""
-        if self.config["encoder"] != "resnet50_lslpn":
-            raise UserError(f"{source}: an official-code snapshot holds the resnet50_lslpn encoder: "
-                            "set model.encoder=resnet50_lslpn")
-        load_official_snapshot(self.encoder, state_dict, source)
-
     # ---- batched evaluation API -----------------------------------------------------------
     def encode_support(self, support_images: Tensor, support_fg: Tensor,
                        support_bg: Tensor) -> Prototypes:
@@ -159,8 +145,8 @@ def method_of(model_config: Mapping) -> str:
 def build_model(model_config: Mapping, init_path: str | None = None) -> nn.Module:
     """A FewShotSegNet or SENet from a checked model config dict (keys the model does not use ignored)."""
     if method_of(model_config) == SENET:
-        return SENet.from_config(dict(model_config))
-    return FewShotSegNet.from_config(dict(model_config), init_path)
+        return SENet.from_config(model_config)
+    return FewShotSegNet.from_config(model_config, init_path)
 
 
 def model_input_slices(model) -> int:
@@ -202,9 +188,8 @@ SNAPSHOT_OPTIONS = {"official_bug": Option(BOOL)}   # SENet's switch, in a snaps
 
 
 def check_model_rules(model: Mapping, prefix: str = "model", input_size: int | None = None) -> None:
-    """The rules between the model's keys (values checked; missing keys are defaults): SENet takes one
-    slice, 'panet' one cell, LSLPN+ options need the local head, pretrained weights exist, and with
-    `input_size` every grid fits the feature map."""
+    """The rules between the model's keys (missing keys are defaults): SENet takes one slice, 'panet' one
+    cell, LSLPN+ options need the local head, pretrained weights exist; every grid fits `input_size`."""
     if model.get("method") == SENET:
         if model.get("input_slices", 1) != 1:
             raise fail(f"{prefix}.input_slices", model["input_slices"], "SENet takes one slice per image "
@@ -238,8 +223,8 @@ def check_model_rules(model: Mapping, prefix: str = "model", input_size: int | N
 
 def check_model_config(model: Mapping, prefix: str = "model", input_size: int | None = None,
                        source: str = "") -> None:
-    """Check a model section alone, e.g. the config a snapshot stores: its keys and values, then
-    `check_model_rules`. Messages name `prefix`.<key>, after "`source`: " when given."""
+    """A model section alone (e.g. a snapshot's): keys, values, then `check_model_rules`; messages name
+    `prefix`.<key>, after "`source`: " when given."""
     if not isinstance(model, Mapping):
         raise fail(prefix, model, "must be a mapping of model options", "use a snapshot written by train.py",
                    source)

@@ -19,8 +19,8 @@ from util.errors import UserError
 
 RESOLUTIONS = ("image", "feature")
 MAX_VOTE_FLOOR = -1.0         # the official running maximum starts at -1
-MEAN_EPS = 1e-5               # the official masked averages divide by (pixel count + 1e-5)
-_IGNORE = 255
+MEAN_EPS = 1e-5               # masked averages divide by (pixel count + 1e-5), as PANet's and SSL-ALPNet's
+IGNORE = 255                  # label of pixels that take no part in a loss (PANet's, SSL-ALPNet's, SENet's)
 
 
 # ---- the method, plainly (the reference the fast head equals) ------------------------------
@@ -73,9 +73,6 @@ class Prototypes:
     vectors: Tensor
     image_size: tuple[int, int]
     feature_size: tuple[int, int]
-
-    def to(self, device) -> "Prototypes":
-        return Prototypes(self.vectors.to(device), self.image_size, self.feature_size)
 
 
 # ---- votes: cell scores B x Q x nr x nc x L x Lr x Lc -> B x Q x L x S_r x S_c -------------
@@ -206,12 +203,12 @@ class LocalPrototypeHead(nn.Module):
         fg_channel = torch.arange(1, N + 1, device=pred.device).view(1, N, 1, 1, 1, 1)
         fg_logits = supp_logits.gather(3, fg_channel.expand(B, N, K, 1, H, W))
         pair = torch.cat([supp_logits[:, :, :, :1], fg_logits], dim=3)  # B x N x K x 2 x H x W
-        target = torch.full(support_fg.shape, _IGNORE, dtype=torch.long, device=pred.device)
+        target = torch.full(support_fg.shape, IGNORE, dtype=torch.long, device=pred.device)
         target[support_bg > 0.5] = 0
         target[support_fg > 0.5] = 1
         loss = F.cross_entropy(pair.flatten(0, 2).float(), target.flatten(0, 2),
-                               ignore_index=_IGNORE, reduction="none")  # BNK x H x W
-        counted = (target.flatten(0, 2) != _IGNORE).flatten(1).sum(1).clamp_min(1)
+                               ignore_index=IGNORE, reduction="none")  # BNK x H x W
+        counted = (target.flatten(0, 2) != IGNORE).flatten(1).sum(1).clamp_min(1)
         return (loss.flatten(1).sum(1) / counted).mean()            # mean over BNK images
 
 

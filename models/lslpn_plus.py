@@ -30,9 +30,6 @@ class ScalePrototypes:
     def feature_size(self) -> tuple[int, int]:
         return self.scales[0].feature_size
 
-    def to(self, device) -> "ScalePrototypes":
-        return ScalePrototypes([p.to(device) for p in self.scales])
-
 
 def fuse(logits: list[Tensor], fusion: str) -> Tensor:
     """Logits of several grid scales (each B x Q x L x H x W) -> their mean or element-wise maximum."""

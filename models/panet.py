@@ -10,10 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.grid import EPS, interpolation_matrix
-from models.local_prototypes import Prototypes
-
-IGNORE = 255      # label of pixels in neither mask (also SSL-ALPNet's)
-MEAN_EPS = 1e-5   # masked average: sum(F m) / (sum(m) + 1e-5) (also SSL-ALPNet's)
+from models.local_prototypes import IGNORE, MEAN_EPS, Prototypes
 
 
 class PANetHead(nn.Module):

@@ -7,17 +7,18 @@ only; FewShotSegNet's interface (forward, encode_support -> SupportGates, segmen
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from models.local_prototypes import IGNORE
 from util.errors import UserError
 
 METHOD = "senet"
 N_POINTS = 9                     # interaction points: e1 e2 e3 e4 bn d4 d3 d2 d1
 _DEPTH = 4                       # encoder/decoder levels; H and W must be divisible by 2**_DEPTH
-_CONFIG_KEYS = ("official_bug",)
 
 
 class ConvBlock(nn.Module):
@@ -128,9 +129,9 @@ class SENet(nn.Module):
         self.segmenter = Segmenter(64, 2)
 
     @classmethod
-    def from_config(cls, model_cfg: dict, init_path: str | None = None) -> "SENet":
-        """Build from a model config dict (keys it does not use ignored; SENet has no pretrained init)."""
-        return cls(**{k: model_cfg[k] for k in _CONFIG_KEYS if k in model_cfg})
+    def from_config(cls, model_cfg: Mapping) -> "SENet":
+        """Build from a model config dict (keys it does not use ignored)."""
+        return cls(bool(model_cfg.get("official_bug", False)))
 
     def arm_parameters(self) -> dict[str, list[nn.Parameter]]:
         """Parameters per arm (SENet trains each arm with its own optimiser settings)."""
@@ -194,16 +195,12 @@ def _check_support(support_images: Tensor, support_fg: Tensor) -> None:
 
 
 # ---- loss -------------------------------------------------------------------------------------
-DICE_EPS = 1e-4
-IGNORE_LABEL = 255
-
-
-def dice_loss(probabilities: Tensor, labels: Tensor, eps: float = DICE_EPS) -> Tensor:
+def dice_loss(probabilities: Tensor, labels: Tensor, eps: float = 1e-4) -> Tensor:
     """SENet's Dice loss, mean over classes c of 1 - 2 sum(p_c g_c) / (sum(p_c + g_c) + eps), sums over
     batch and pixels: probabilities M x C x H x W, labels M x H x W (0..C-1; 255 takes no part)."""
     labels = labels.long()
-    valid = (labels != IGNORE_LABEL).unsqueeze(1).to(probabilities.dtype)  # M x 1 x H x W
-    target = F.one_hot(labels.where(labels != IGNORE_LABEL, 0), probabilities.shape[1])
+    valid = (labels != IGNORE).unsqueeze(1).to(probabilities.dtype)  # M x 1 x H x W
+    target = F.one_hot(labels.where(labels != IGNORE, 0), probabilities.shape[1])
     target = target.permute(0, 3, 1, 2).to(probabilities.dtype) * valid  # M x C x H x W
     probabilities = probabilities * valid
     dims = (0, 2, 3)

@@ -8,6 +8,7 @@ import torch
 import torchvision
 
 from models import encoders
+from models.checkpoint import model_from_checkpoint
 from models.encoders import DeepLabV3ResNet101, ResNet50LSLPN, build_encoder
 from models.fewshot import FewShotSegNet
 from util.errors import UserError
@@ -123,8 +124,7 @@ def test_official_snapshot_loads_as_init_path_and_as_model_weights(tmp_path):
     encoder = build_encoder("resnet50_lslpn", path)
     assert torch.equal(encoder.layer4[0].weight, encoder_state["layer4.0.weight"])
     assert torch.equal(encoder.layer3[1].bn2.running_mean, encoder_state["layer3.1.bn2.running_mean"])
-    model = FewShotSegNet(encoder="resnet50_lslpn")
-    model.load_state_dict(torch.load(path))                  # the whole snapshot, as test.py would
+    model, _ = model_from_checkpoint(path)                    # the whole snapshot, as test.py reads it
     assert torch.equal(model.encoder.layer4[0].bias, encoder_state["layer4.0.bias"])
 
 
