@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import functools
 import io
-import logging
 from collections import Counter, OrderedDict
 from typing import Mapping
 
@@ -31,10 +30,8 @@ def plain_data(value):
     as dict/list/tuple (tensors, Counter and OrderedDict kept)."""
     if isinstance(value, (torch.Tensor, Counter, OrderedDict)):
         return value
-    if isinstance(value, np.ndarray):
+    if isinstance(value, (np.ndarray, np.generic)):
         return value.tolist()
-    if isinstance(value, np.generic):
-        return value.item()
     if isinstance(value, Mapping):
         return {key: plain_data(item) for key, item in value.items()}
     if isinstance(value, (tuple, list)):
@@ -103,17 +100,15 @@ def check_input_size(size, what: str) -> int | None:
     return int(size)
 
 
-def check_compatible(stored: Mapping, requested: Mapping, path: str, strict: bool = True) -> None:
-    """UserError when a snapshot's model config does not match the requested one: every key (strict) or
-    only the encoder, which fixes the parameters (evaluating with, e.g., another vote)."""
+def check_compatible(stored: Mapping, requested: Mapping, path: str) -> None:
+    """UserError when a snapshot's model config does not match the requested one."""
     held, wanted = method_of(stored), method_of(requested)
     if held != wanted:
         name = METHOD_NAMES.get(wanted, wanted)
         raise UserError(f"snapshot '{path}' holds a {METHOD_NAMES.get(held, repr(held))} model, but a {name} "
                         f"model is requested: use a {name} snapshot or model.method={held}")
-    keys = sorted(set(stored) | set(requested)) if strict else ("encoder",)
     diffs = [f"{key}: {stored.get(key)!r} in the snapshot vs {requested.get(key)!r} requested"
-             for key in keys if stored.get(key) != requested.get(key)]
+             for key in sorted(set(stored) | set(requested)) if stored.get(key) != requested.get(key)]
     if diffs:
         raise UserError(f"snapshot '{path}' was trained with another model config ({'; '.join(diffs)}): "
                         "use a matching snapshot or set model.* to the snapshot's values")
@@ -124,9 +119,6 @@ def model_from_checkpoint(path: str, device: str | torch.device = "cpu") -> tupl
     state = load_checkpoint(str(path))
     config = dict(state["model_config"])
     check_model_config(config, source=f"snapshot {path}")   # the config schema: the model trusts its options
-    log = logging.getLogger("lslpn")        # "starting from random initialisation" is moot: weights load next
-    level = log.level
-    log.setLevel(logging.ERROR)
     try:
         model = build_model(config, None)
         if state.get("official_snapshot"):
@@ -141,8 +133,6 @@ def model_from_checkpoint(path: str, device: str | torch.device = "cpu") -> tupl
         raise UserError(f"checkpoint {path} does not fit its model config (encoder "
                         f"'{config.get('encoder')}'; {first}): it is from another encoder or code version; "
                         "pass a checkpoint written by this project's train.py") from None
-    finally:
-        log.setLevel(level)
     return model.to(device).eval(), state
 
 

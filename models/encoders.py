@@ -1,13 +1,10 @@
-"""Feature encoders, B x C_in x H x W slices in [0, 1] (C_in 1, or 3 for 2.5D) -> B x C x h x w, and
-their initial weights: 'vgg16' (PANet's), 'resnet50_lslpn' (the authors' DeepLab ResNet-50),
-'deeplabv3_resnet101' (SSL-ALPNet's) and 'cnn_small' (CPU demo); docs/method.md, "Encoders". A 1-channel
-input is repeated to 3 channels here (the only place). `init_path` (a local torchvision checkpoint or an
-official-code snapshot) overrides `pretrained` (torchvision's weights, hash-checked).
+"""Feature encoders, B x C_in x H x W slices in [0, 1] (C_in 1, repeated to 3 here, or 3 for 2.5D) ->
+B x C x h x w, and their initial weights (a local file, an official-code snapshot or torchvision's,
+hash-checked): 'vgg16', 'resnet50_lslpn', 'deeplabv3_resnet101', 'cnn_small'; docs/method.md, "Encoders".
 """
 from __future__ import annotations
 
 import hashlib
-import logging
 import os
 import re
 
@@ -17,7 +14,6 @@ from torch import Tensor, nn
 from util.errors import UserError
 from util.io import safe_torch_load
 
-log = logging.getLogger("lslpn")
 _MEAN = (0.485, 0.456, 0.406)
 _STD = (0.229, 0.224, 0.225)
 
@@ -50,11 +46,6 @@ IMAGENET_WEIGHTS = {encoder: _TorchvisionWeights(encoder)
 _HASH = re.compile(r"-([a-f0-9]+)\.")
 
 
-def weights_name(encoder: str) -> str:
-    """'ImageNet' or 'COCO': what the encoder's torchvision weights were trained on."""
-    return "COCO" if encoder == "deeplabv3_resnet101" else "ImageNet"
-
-
 def cached_weights_path(encoder: str) -> str:
     """Where torch.hub keeps (or would keep) the weights file of `encoder`."""
     url = IMAGENET_WEIGHTS[encoder].url
@@ -82,7 +73,8 @@ def imagenet_state(encoder: str) -> dict:
         try:
             return IMAGENET_WEIGHTS[encoder].get_state_dict(progress=False, check_hash=True)
         except (OSError, RuntimeError, ValueError) as error:  # URLError is an OSError
-            raise UserError(f"model.pretrained = True: {weights_name(encoder)} weights "
+            trained_on = "COCO" if encoder == "deeplabv3_resnet101" else "ImageNet"
+            raise UserError(f"model.pretrained = True: {trained_on} weights "
                             f"{os.path.basename(path)} are not in {os.path.dirname(path)} and could not be "
                             f"downloaded ({type(error).__name__}): copy the file there, or set "
                             "path.init_path to a local copy, or model.pretrained=False to train from random "
@@ -310,7 +302,7 @@ ENCODER_CLASSES = {cls.name: cls for cls in (VGG16Encoder, ResNet50LSLPN, DeepLa
 
 def build_encoder(name: str, init_path: str | None = None, pretrained: bool = False) -> nn.Module:
     """Encoder `name` (a key of ENCODER_CLASSES) with its initial weights: `init_path` (a local state
-    dict file) overrides `pretrained` (torchvision's weights); with neither, random (one warning line)."""
+    dict file) overrides `pretrained` (torchvision's weights); with neither, random."""
     # the weights are read before the network is built: a missing file stops at once (no RNG is drawn)
     if init_path is not None:
         state, source = read_state_file(init_path), f"path.init_path = {init_path}"
@@ -319,9 +311,4 @@ def build_encoder(name: str, init_path: str | None = None, pretrained: bool = Fa
     encoder = ENCODER_CLASSES[name]()
     if init_path is not None or pretrained:
         encoder.load_initial(state, source)
-        log.info("encoder %s: initial weights loaded from %s", name, init_path if init_path is not None
-                 else f"torchvision's {weights_name(name)} weights")
-    else:
-        log.warning("encoder %s: no init_path and pretrained=False: starting from random initialisation",
-                    name)
     return encoder

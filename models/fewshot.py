@@ -24,7 +24,7 @@ from util.options import BOOL, GRIDS, Option, check_options, choice, fail, integ
 PROTOTYPE = "prototype"
 METHODS = (PROTOTYPE, SENET)
 METHOD_NAMES = {PROTOTYPE: "prototype (LSLPN/PANet)", SENET: "SENet"}
-INPUT_SLICES = (1, 3)   # model.input_slices (dataloaders/transforms.py builds the 3-slice stacks)
+INPUT_SLICES = (1, 3)   # model.input_slices: the slice, or z - 1, z, z + 1 (dataloaders/transforms.py)
 
 # LSLPN+ options of the local head (models/lslpn_plus.py) and their plain-head values
 PLUS_DEFAULTS = {"grids": [], "grid_fusion": "mean", "query_rounds": 0, "query_weight": 0.5,

@@ -19,16 +19,9 @@ FUSIONS = ("mean", "max")
 
 @dataclass
 class ScalePrototypes:
-    """The local prototypes of every grid scale (`Prototypes` of each, in the head's grid order)."""
+    """The local prototypes of every grid scale (in the head's grid order) and the support's image size."""
     scales: list[Prototypes]
-
-    @property
-    def image_size(self) -> tuple[int, int]:
-        return self.scales[0].image_size
-
-    @property
-    def feature_size(self) -> tuple[int, int]:
-        return self.scales[0].feature_size
+    image_size: tuple[int, int]
 
 
 def fuse(logits: list[Tensor], fusion: str) -> Tensor:
@@ -66,15 +59,10 @@ class LSLPNPlusHead(nn.Module):
         self.fusion, self.query_rounds = fusion, int(query_rounds)
         self.query_weight, self.query_confidence = float(query_weight), float(query_confidence)
 
-    def extra_repr(self) -> str:
-        return (f"grids={[h.n_grid for h in self.heads]}, fusion={self.fusion!r}, "
-                f"query_rounds={self.query_rounds}, query_weight={self.query_weight}, "
-                f"query_confidence={self.query_confidence}")
-
     def compute_prototypes(self, support_features: Tensor, support_fg: Tensor, support_bg: Tensor,
                            image_size: tuple[int, int]) -> ScalePrototypes:
         return ScalePrototypes([head.compute_prototypes(support_features, support_fg, support_bg, image_size)
-                                for head in self.heads])
+                                for head in self.heads], tuple(image_size))
 
     def score(self, prototypes: ScalePrototypes, query_features: Tensor) -> Tensor:
         """Logits B x Q x (1 + N) x H x W of query features B x Q x C x h x w."""

@@ -65,15 +65,12 @@ class Conditioner(nn.Module):
         self.decoders = nn.ModuleList(DecoderBlock(width, width) for _ in range(_DEPTH))  # [i]: level i+1
         self.squeeze = nn.ModuleList(nn.Conv2d(width, 1, 1) for _ in range(N_POINTS))
 
-    def encoder_of_level(self, level: int) -> EncoderBlock:
-        """Level 0..3. official_bug: level 3 reuses level 2's block (encode3 called twice)."""
-        return self.encoders[min(level, len(self.encoders) - 1)]
-
     def forward(self, x: Tensor) -> tuple[Tensor, ...]:
         features, indices = [], []
         h = x
         for level in range(_DEPTH):
-            h, _, idx = self.encoder_of_level(level)(h)
+            # official_bug: level 3 reuses level 2's block (encode3 called twice)
+            h, _, idx = self.encoders[min(level, len(self.encoders) - 1)](h)
             features.append(h)
             indices.append(idx)
         h = self.bottleneck(h)
@@ -132,11 +129,6 @@ class SENet(nn.Module):
     def from_config(cls, model_cfg: Mapping) -> "SENet":
         """Build from a model config dict (keys it does not use ignored)."""
         return cls(bool(model_cfg.get("official_bug", False)))
-
-    def arm_parameters(self) -> dict[str, list[nn.Parameter]]:
-        """Parameters per arm (SENet trains each arm with its own optimiser settings)."""
-        return {"segmenter": list(self.segmenter.parameters()),
-                "conditioner": list(self.conditioner.parameters())}
 
     # ---- evaluation API ---------------------------------------------------------------------
     def encode_support(self, support_images: Tensor, support_fg: Tensor,

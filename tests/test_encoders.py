@@ -1,6 +1,5 @@
 """Encoders: shapes, the official DeepLab ResNet-50 layout, SSL-ALPNet's DeepLabv3 ResNet-101, initial
 weights (fabricated files, torchvision's cache, offline), frozen BatchNorm, gradients. Nothing downloaded."""
-import logging
 import urllib.error
 
 import pytest
@@ -68,13 +67,6 @@ def test_official_resnet_batchnorm_affine_frozen_statistics_update():
     with torch.no_grad():
         encoder(torch.rand(2, 1, 16, 16))
     assert all(torch.equal(b, m.running_mean) for b, m in zip(frozen, bns))
-
-
-def test_random_init_log(caplog):
-    with caplog.at_level(logging.WARNING, logger="lslpn"):
-        build_encoder("cnn_small")
-    lines = [r for r in caplog.records if r.name == "lslpn"]
-    assert len(lines) == 1 and "random initialisation" in lines[0].getMessage()
 
 
 def _vgg_checkpoint(path):

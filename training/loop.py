@@ -1,10 +1,7 @@
-"""The training loop: train.py calls `train(config, run, defaults=...)`, which reads top to bottom.
-
-build (same seed on every rank) -> restore (path.init_from weights; resume=True: last.pth of the latest
-run of the same config) -> loop (step t takes episodes t*B .. t*B+B-1, DDP rank r of W every W-th) ->
-validate (rank 0, volumetric Dice on `val_split` -> best.pth) / save (last.pth, atomic). A run is a
-Sacred folder log_dir/<name>/<id>/; this module is their one walker, and `config_hash` (the keys that
-differ from the default config, minus HASH_EXCLUDED) says which runs are the same. docs/DESIGN.md.
+"""The training loop, `train(config, run, defaults=...)`: build -> restore (init_from, resume) -> loop
+(step t takes episodes t*B .. t*B+B-1, DDP rank r every W-th) -> validate (best.pth) / save (last.pth).
+Below it the one walker of run folders log_dir/<name>/<id>/ and `config_hash` (which runs are the
+same). docs/DESIGN.md, "Training".
 """
 from __future__ import annotations
 
@@ -90,8 +87,8 @@ class Trainer:
 
 
 def train(config: Mapping[str, Any], run=None, *, defaults: Mapping, checked: bool = False) -> dict:
-    """Train one fold; `run`: Sacred's Run or None; `defaults`: the default config (config.default_config,
-    for config_hash). checked=True: the caller ran check_config on this config already (train.py)."""
+    """Train one fold; `run`: Sacred's Run or None; `defaults`: config.default_config() (for config_hash);
+    checked: the caller (train.py) ran check_config already."""
     if not checked:
         check_config(config, "train")
     cfg = dict(config)
@@ -356,9 +353,8 @@ class StepMeter:
 
     def __init__(self, clock: Callable[[], float] = time.perf_counter) -> None:
         self._clock, self._tic = clock, clock()
-        self.step_seconds: list[float] = []    # per step: the wall time and the time in the loader's next()
-        self.wait_seconds: list[float] = []
-        self._losses: list[float] = []         # of the steps since the last window()
+        # per step: the wall time and the time in the loader's next(); the losses since the last window()
+        self.step_seconds, self.wait_seconds, self._losses = [], [], []
 
     def restart(self) -> None:
         self._tic = self._clock()

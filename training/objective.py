@@ -71,8 +71,7 @@ def episode_loss(cfg: Mapping, logits: Tensor, labels: Tensor, aux_loss: Tensor)
 # ------------------------------------------------------------------------------- SENet's schedule
 def build_senet_optimizer(model, lr: float, momentum: float, weight_decay: float) -> torch.optim.SGD:
     """SGD with the parameter groups 'segmenter' and 'conditioner' (in that order)."""
-    arms = model.arm_parameters()
-    groups = [{"params": [p for p in arms[arm] if p.requires_grad], "name": arm}
+    groups = [{"params": [p for p in getattr(model, arm).parameters() if p.requires_grad], "name": arm}
               for arm in ("segmenter", "conditioner")]
     return torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay)
 
