@@ -126,8 +126,6 @@ def model_from_checkpoint(path: str, device: str | torch.device = "cpu") -> tupl
                                    "snapshot)")
         else:
             model.load_state_dict(state["model"])
-    except UserError:
-        raise
     except (RuntimeError, KeyError, TypeError, ValueError) as error:
         first = " ".join(str(error).split())[:160]
         raise UserError(f"checkpoint {path} does not fit its model config (encoder "

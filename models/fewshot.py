@@ -73,10 +73,8 @@ class FewShotSegNet(nn.Module):
                        "resolution": resolution, "min_pixels": min_pixels, "scale": float(scale),
                        "align": bool(align), "input_slices": int(input_slices),
                        **plus, "grids": list(plus["grids"])}
-        self.input_slices = int(input_slices)
         self.encoder = build_encoder(encoder, init_path, pretrained)
         self.head = HEADS[head](self.config)
-        self.align = bool(align)
 
     @classmethod
     def from_config(cls, model_cfg: Mapping, init_path: str | None = None) -> "FewShotSegNet":
@@ -121,14 +119,14 @@ class FewShotSegNet(nn.Module):
         check_episode(support_feats, support_fg, support_bg, (H, W))
         prototypes = self.head.compute_prototypes(support_feats, support_fg, support_bg, (H, W))
         logits = self.head.score(prototypes, query_feats)           # B x Q x (1+N) x H x W
-        if not (self.align and self.training):
+        if not (self.config["align"] and self.training):
             return logits, logits.new_zeros(())
         return logits, self.head.alignment_loss(prototypes, logits, query_feats, support_feats,
                                                 support_fg, support_bg)
 
     def _check_images(self, name: str, images: Tensor, dims: int) -> None:
         """One line unless `images` is B x N x K x C x H x W (dims 6) / B x Q x C x H x W (dims 5)."""
-        C = self.input_slices
+        C = self.config["input_slices"]
         shape = f"B x N x K x {C} x H x W" if dims == 6 else f"B x Q x {C} x H x W"
         if images.dim() != dims or images.shape[-3] != C:
             what = "one slice per image" if C == 1 else "3 slices per image (z - 1, z, z + 1)"
@@ -223,11 +221,8 @@ def check_model_rules(model: Mapping, prefix: str = "model", input_size: int | N
 
 def check_model_config(model: Mapping, prefix: str = "model", input_size: int | None = None,
                        source: str = "") -> None:
-    """A model section alone (e.g. a snapshot's): keys, values, then `check_model_rules`; messages name
-    `prefix`.<key>, after "`source`: " when given."""
-    if not isinstance(model, Mapping):
-        raise fail(prefix, model, "must be a mapping of model options", "use a snapshot written by train.py",
-                   source)
+    """A model section alone (a mapping, e.g. a snapshot's): keys, values, then `check_model_rules`;
+    messages name `prefix`.<key>, after "`source`: " when given."""
     schema = {f"{prefix}.{key}": option for key, option in {**MODEL_OPTIONS, **SNAPSHOT_OPTIONS}.items()}
     try:
         check_options(model, schema, "config.py", prefix=f"{prefix}.")

@@ -92,7 +92,10 @@ def train(config: Mapping[str, Any], run=None, *, defaults: Mapping, checked: bo
     if not checked:
         check_config(config, "train")
     cfg = dict(config)
-    with _process_group(cfg["device"]) as (dist, device):
+    dist = distributed_from_env()                      # this process's place in a torchrun job
+    device = resolve_device(cfg["device"], dist.local_rank)
+    init_distributed(dist, device)
+    try:
         t = _build(cfg, run, dist, device, defaults)
         _restore(t, defaults)
         ids = [device.index] if device.type == "cuda" else None
@@ -149,20 +152,11 @@ def train(config: Mapping[str, Any], run=None, *, defaults: Mapping, checked: bo
                 run.info.update(episode_redraws=redraws, vanished_slices=loader.dataset.vanished,
                                 vanished_classes=loader.dataset.dropped)
         return _finish(t, meter, start_step)
-
-
-# ------------------------------------------------------------------------------- build and restore
-@contextlib.contextmanager
-def _process_group(device_name: str) -> Iterator[tuple[Distributed, torch.device]]:
-    """This process's place in a torchrun job (joined for the block) and its device."""
-    dist = distributed_from_env()
-    device = resolve_device(device_name, dist.local_rank)
-    init_distributed(dist, device)
-    try:
-        yield dist, device
     finally:
         dist.close()
 
+
+# ------------------------------------------------------------------------------- build and restore
 
 def _build(cfg: dict, run, dist: Distributed, device: torch.device, defaults: Mapping) -> Trainer:
     """Model (the same initial weights on every rank), optimiser, schedule and GradScaler (fp16 only)."""

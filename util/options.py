@@ -1,8 +1,6 @@
-"""The generic option checker: `Option` (kind, range, choices), `check_value` and `check_options` (every
-key of a config tree known, every value valid; an unknown key is named with the nearest known one).
-It knows no registry: each component declares its options and passes them in (training/config_check.py
-assembles them). Every error is one line, "<key> = <value>: <what is wrong>: <fix>"; a wrong type is
-said as such ("must be an integer, not a string"), never as "out of range".
+"""The generic option checker: `Option` (kind, range, choices) and `check_options` (every key of a config
+tree known, else the nearest one named; every value valid). It knows no registry: the owners pass theirs.
+Every error is one line, "<key> = <value>: <what is wrong>: <fix>"; a wrong type is said as such.
 """
 from __future__ import annotations
 
