@@ -152,9 +152,7 @@ class SENet(nn.Module):
         if tuple(query_images.shape[-2:]) != support.image_size:
             raise UserError(f"query_images: size {tuple(query_images.shape[-2:])} differs from the "
                             f"support size {support.image_size}: resize both to input_size")
-        Bs = support.gates[0].shape[0]
-        if Bs not in (1, B):
-            raise UserError(f"query_images: batch {B} does not match the support batch {Bs}")
+        assert support.gates[0].shape[0] in (1, B), "the support batch is 1 or the query batch"
         gates = tuple(g.expand(B, *g.shape[1:]).repeat_interleave(Q, dim=0) for g in support.gates)
         logits = self.segmenter(query_images.flatten(0, 1), gates)      # BQ x 2 x H x W
         return logits.unflatten(0, (B, Q))
@@ -162,11 +160,7 @@ class SENet(nn.Module):
     # ---- training forward -------------------------------------------------------------------
     def forward(self, support_images: Tensor, support_fg: Tensor, support_bg: Tensor,
                 query_images: Tensor) -> tuple[Tensor, Tensor]:
-        support = self.encode_support(support_images, support_fg, support_bg)
-        if query_images.shape[0] != support_images.shape[0]:
-            raise UserError(f"query_images: batch {query_images.shape[0]} differs from the support "
-                            f"batch {support_images.shape[0]}")
-        logits = self.segment(support, query_images)
+        logits = self.segment(self.encode_support(support_images, support_fg, support_bg), query_images)
         return logits, logits.new_zeros(())
 
 

@@ -215,7 +215,7 @@ def check_training_data(config: Mapping) -> None:
     model.input_slices=3 the training volumes' neighbour slices are stored."""
     data_dir = config["path"]["data_dir"]
     meta = read_meta(data_dir, "path.data_dir")
-    if int(config["model"].get("input_slices", 1)) == 3:   # 2.5D input: the stored neighbour slices
+    if config["model"]["input_slices"] == 3:   # 2.5D input: the stored neighbour slices
         check_training_neighbours(data_dir, [str(pid) for pid in meta.get("splits", {}).get("train", [])],
                                   "path.data_dir")
     if config["episodes"] == "superpixels":

@@ -228,17 +228,16 @@ def _resume(t: Trainer, defaults: Mapping):
 def _episode_loader(cfg: Mapping, dist: Distributed, device: torch.device, start_step: int) -> DataLoader:
     """Episodes from `start_step` on (a function of (seed, index)), sharded per step across ranks."""
     sampler = StepBatchSampler(start_step, cfg["n_steps"], cfg["batch_size"], dist.rank, dist.world_size)
-    input_slices = int(cfg["model"].get("input_slices", 1))
     if cfg["episodes"] == "superpixels":
         selfsup = cfg["selfsup"]
         episodes = SelfSupEpisodeDataset(cfg["path"]["data_dir"], cfg["n_ways"], cfg["n_shots"],
                                          cfg["n_queries"], cfg["input_size"], cfg["augment"], selfsup["warp"],
                                          selfsup["min_pixels"], cfg["seed"], recipe=selfsup["episodes"],
-                                         input_slices=input_slices)
+                                         input_slices=cfg["model"]["input_slices"])
     else:
         episodes = EpisodeDataset(cfg["path"]["data_dir"], fold_training_classes(cfg), cfg["n_ways"],
                                   cfg["n_shots"], cfg["n_queries"], cfg["input_size"], cfg["augment"],
-                                  cfg["seed"], input_slices=input_slices)
+                                  cfg["seed"], input_slices=cfg["model"]["input_slices"])
     return DataLoader(episodes, batch_sampler=sampler, num_workers=cfg["num_workers"],
                       pin_memory=device.type == "cuda",
                       generator=torch.Generator().manual_seed(cfg["seed"]))  # spares the global RNG
