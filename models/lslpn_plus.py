@@ -30,15 +30,6 @@ def fuse(logits: list[Tensor], fusion: str) -> Tensor:
     return stacked.mean(0) if fusion == "mean" else stacked.amax(0)
 
 
-def query_masks(logits: Tensor, confidence: float) -> Tensor:
-    """Class masks B x Q x L x H x W (float 0/1) of logits B x Q x L x H x W: c where c is the argmax and
-    its softmax probability >= confidence."""
-    probability = logits.float().softmax(dim=2)
-    top, predicted = probability.max(dim=2)                          # B x Q x H x W
-    classes = torch.arange(logits.shape[2], device=logits.device).view(1, 1, -1, 1, 1)
-    return ((predicted.unsqueeze(2) == classes) & (top >= confidence).unsqueeze(2)).float()
-
-
 def mix_prototypes(support: Tensor, own: Tensor, weight: float) -> Tensor:
     """(1 - w) u_support + w u_own where the query has a (nonzero) prototype, else u_support; u: unit
     vectors (zero stays zero), shapes ... x C."""
@@ -76,7 +67,10 @@ class LSLPNPlusHead(nn.Module):
         """One round: every query scored against its own mixed prototypes (module docstring)."""
         B, Q, C, h, w = query_features.shape
         L = logits.shape[2]
-        masks = query_masks(logits.detach(), self.query_confidence)     # B x Q x L x H x W
+        # class masks: c where c is the argmax and its softmax probability >= query_confidence
+        top, predicted = logits.detach().float().softmax(dim=2).max(dim=2)  # B x Q x H x W
+        classes = torch.arange(L, device=logits.device).view(1, 1, -1, 1, 1)
+        masks = ((predicted.unsqueeze(2) == classes) & (top >= self.query_confidence).unsqueeze(2)).float()
         H, W = masks.shape[-2:]
         own_fg = masks[:, :, 1:].flatten(0, 1).unsqueeze(2)             # BQ x N x 1 x H x W
         own_bg = masks[:, :, :1].flatten(0, 1).unsqueeze(2).expand_as(own_fg)

@@ -412,24 +412,19 @@ def trajectory_differences(stored: Mapping, requested: Mapping, defaults: Mappin
     return [f"{key}: {_short(was)} -> {_short(now)}" for key, (was, now) in pairs.items() if was != now]
 
 
-def iter_runs(log_dir: str | Path, name: str | None = None) -> Iterator[Path]:
-    """Run folders log_dir/<name>/<id>/, lowest id first (name None: every name, alphabetically); absent
-    folders yield nothing, entries that are not numbered folders are skipped."""
-    def folders(at: Path) -> list[Path]:
-        try:
-            return [p for p in at.iterdir() if p.is_dir()]
-        except OSError:   # absent or unreadable: no runs there
-            return []
-
-    for run_set in [name] if name is not None else sorted(p.name for p in folders(Path(log_dir))):
-        yield from sorted((p for p in folders(Path(log_dir, run_set)) if RUN_ID.fullmatch(p.name)),
-                          key=lambda p: int(p.name))
+def iter_runs(log_dir: str | Path, name: str) -> list[Path]:
+    """Run folders log_dir/<name>/<id>/, lowest id first (entries that are not numbered folders skipped)."""
+    try:
+        runs = [p for p in Path(log_dir, name).iterdir() if p.is_dir() and RUN_ID.fullmatch(p.name)]
+    except OSError:   # absent or unreadable: no runs there
+        return []
+    return sorted(runs, key=lambda p: int(p.name))
 
 
 def latest_run(log_dir: str | Path, name: str, accept: Callable[[Path], bool] = lambda run_dir: True
                ) -> Path | None:
     """The newest run folder of log_dir/name for which `accept(run_dir)` is true."""
-    return next((run_dir for run_dir in reversed(list(iter_runs(log_dir, name))) if accept(run_dir)), None)
+    return next((run_dir for run_dir in reversed(iter_runs(log_dir, name)) if accept(run_dir)), None)
 
 
 def _run_config(run_dir: Path) -> dict | None:
@@ -440,15 +435,15 @@ def _run_config(run_dir: Path) -> dict | None:
         return None
 
 
-def finished_snapshot(log_dir: str | Path, name: str, n_steps: int, snapshot: str = "best.pth",
-                      wanted_hash: str | None = None) -> Path | None:
-    """`snapshot` of the newest run of log_dir/name whose last.pth reached n_steps (and, given
-    `wanted_hash`, records that config_hash), else None."""
+def finished_snapshot(log_dir: str | Path, name: str, n_steps: int, snapshot: str, wanted_hash: str
+                      ) -> Path | None:
+    """`snapshot` of the newest run of log_dir/name whose last.pth reached n_steps and records the
+    config_hash `wanted_hash`, else None."""
     def finished(run_dir: Path) -> bool:
         if not ((run_dir / "last.pth").is_file() and (run_dir / snapshot).is_file()):
             return False
         state = load_checkpoint(str(run_dir / "last.pth"))
-        return wanted_hash in (None, state.get("config_hash")) and int(state["step"]) >= n_steps
+        return state.get("config_hash") == wanted_hash and int(state["step"]) >= n_steps
 
     found = latest_run(log_dir, name, finished)
     return None if found is None else found / snapshot
