@@ -43,27 +43,12 @@ class _TorchvisionWeights:
 
 IMAGENET_WEIGHTS = {encoder: _TorchvisionWeights(encoder)
                     for encoder in ("vgg16", "resnet50_lslpn", "deeplabv3_resnet101")}
-_HASH = re.compile(r"-([a-f0-9]+)\.")
 
 
 def cached_weights_path(encoder: str) -> str:
     """Where torch.hub keeps (or would keep) the weights file of `encoder`."""
     url = IMAGENET_WEIGHTS[encoder].url
     return os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url))
-
-
-def _check_hash(path: str) -> None:
-    """The file's SHA-256 starts with the hex digits in its name (torch.hub's convention)."""
-    match = _HASH.search(os.path.basename(path))
-    if match is None:
-        return
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(block)
-    if not digest.hexdigest().startswith(match.group(1)):
-        raise UserError(f"{path}: SHA-256 does not match the hash in its name (corrupt or partial "
-                        "download): delete it and retry, or set path.init_path to a good copy")
 
 
 def imagenet_state(encoder: str) -> dict:
@@ -79,7 +64,15 @@ def imagenet_state(encoder: str) -> dict:
                             f"downloaded ({type(error).__name__}): copy the file there, or set "
                             "path.init_path to a local copy, or model.pretrained=False to train from random "
                             "weights") from None
-    _check_hash(path)
+    match = re.search(r"-([a-f0-9]+)\.", os.path.basename(path))   # torch.hub's name-<SHA-256 prefix>.pth
+    if match is not None:
+        digest = hashlib.sha256()
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 22), b""):
+                digest.update(block)
+        if not digest.hexdigest().startswith(match.group(1)):
+            raise UserError(f"{path}: SHA-256 does not match the hash in its name (corrupt or partial "
+                            "download): delete it and retry, or set path.init_path to a good copy")
     return read_state_file(path, key="model.pretrained")
 
 
