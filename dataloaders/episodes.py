@@ -20,7 +20,7 @@ from dataloaders.prepared import (
     read_slice_index,
     training_slices,
 )
-from dataloaders.transforms import INPUT_SLICES, augment_intensity, resize_image, resize_label
+from dataloaders.transforms import augment_intensity, resize_image, resize_label
 from util.errors import UserError
 
 REDRAWS_KEY = "redraws"       # item key: ways (or superpixel draws) redrawn before the episode was complete
@@ -41,7 +41,6 @@ class EpisodeDataset(Dataset):
     def __init__(self, prep_dir: str, classes: Sequence[int], n_ways: int, n_shots: int,
                  n_queries: int, input_size: int, augment: Mapping | None, seed: int,
                  length: int = 2 ** 31 - 1, input_slices: int = 1):
-        assert input_slices in INPUT_SLICES, input_slices   # checked by the config schema
         self.prep_dir = prep_dir
         self.input_slices = int(input_slices)
         self.n_ways, self.n_shots, self.n_queries = int(n_ways), int(n_shots), int(n_queries)

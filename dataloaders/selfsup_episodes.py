@@ -25,7 +25,7 @@ from dataloaders.prepared import (
     training_slices,
 )
 from dataloaders.superpixels import make_hint, open_superpixels, read_superpixel_meta, training_volumes
-from dataloaders.transforms import INPUT_SLICES, augment_intensity, resize_image, resize_label
+from dataloaders.transforms import augment_intensity, resize_image, resize_label
 from util.errors import UserError
 from util.options import options_from_mapping
 
@@ -177,8 +177,8 @@ class SelfSupEpisodeDataset(Dataset):
     def __init__(self, prep_dir: str, n_ways: int, n_shots: int, n_queries: int, input_size: int,
                  augment: Mapping | None, warp_params: Mapping, min_pixels: int, seed: int,
                  length: int = 2 ** 31 - 1, recipe: str = "project", input_slices: int = 1):
-        # checked by the config check: one of the recipes, one pseudo-class, 1 or 3 input slices
-        assert recipe in RECIPES and int(n_ways) == 1 and input_slices in INPUT_SLICES, (recipe, n_ways)
+        # checked by the config check: one of the recipes, one pseudo-class
+        assert recipe in RECIPES and int(n_ways) == 1, (recipe, n_ways)
         self.recipe, self.input_slices = recipe, int(input_slices)
         self.prep_dir = str(prep_dir)
         self.n_shots, self.n_queries = int(n_shots), int(n_queries)

@@ -86,9 +86,6 @@ def scale_intensity(slice_hu: np.ndarray, intensity: dict) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------ 2.5D input
-INPUT_SLICES = (1, 3)        # model.input_slices: one slice, or the slice and its two neighbours
-
-
 def neighbour_indices(zs: np.ndarray, n_slices: int, available: np.ndarray | None = None) -> np.ndarray:
     """The slices (z - 1, z, z + 1) that stand for each slice z of `zs` (n,), as an n x 3 int64 array.
 
@@ -109,7 +106,6 @@ def neighbour_stack(volume: np.ndarray, zs: np.ndarray, input_slices: int = 3,
                     available: np.ndarray | None = None) -> np.ndarray:
     """Model-input stacks n x C x X x Y of slices `zs` (n,) of a volume X x Y x Z: channels (z - 1, z, z + 1)
     by `neighbour_indices` (input_slices 3) or the slice alone (1); same dtype as `volume`."""
-    assert input_slices in INPUT_SLICES, input_slices
     zs = np.asarray(zs, dtype=np.int64).reshape(-1)
     index = zs[:, None] if input_slices == 1 else neighbour_indices(zs, volume.shape[2], available)   # n x C
     return np.moveaxis(np.asarray(volume[:, :, index]), (2, 3), (0, 1))             # n x C x X x Y

@@ -12,8 +12,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.local_prototypes import check_query_features
-from models.panet import IGNORE, MEAN_EPS, support_cross_entropy, upsample
+from models.local_prototypes import (
+    IGNORE,
+    MEAN_EPS,
+    check_query_features,
+    query_as_support,
+    support_cross_entropy,
+    upsample,
+    way_pairs,
+)
 from util.errors import UserError
 
 THRESHOLD = 0.95        # FG_THRESH = BG_THRESH of the official code
@@ -33,10 +40,6 @@ class ALPPrototypes:
     present: Tensor
     image_size: tuple[int, int]
     feature_size: tuple[int, int]
-
-    def to(self, device) -> "ALPPrototypes":
-        return ALPPrototypes(self.vectors.to(device), self.present.to(device), self.image_size,
-                             self.feature_size)
 
 
 def query_loss(logits: Tensor, labels: Tensor) -> Tensor:
@@ -63,13 +66,6 @@ class ALPNetHead(nn.Module):
         super().__init__()
         self.scale = float(scale)
 
-    def extra_repr(self) -> str:
-        return f"scale={self.scale}, windows train {TRAIN_WINDOW} / test {TEST_WINDOW}, threshold {THRESHOLD}"
-
-    @property
-    def window(self) -> int:
-        return TRAIN_WINDOW if self.training else TEST_WINDOW
-
     # ---- prototypes -----------------------------------------------------------------------
     def compute_prototypes(self, support_features: Tensor, support_fg: Tensor, support_bg: Tensor,
                            image_size: tuple[int, int]) -> ALPPrototypes:
@@ -81,7 +77,8 @@ class ALPNetHead(nn.Module):
             small = F.interpolate(masks.flatten(0, 2), size=(h, w), mode="bilinear",
                                   align_corners=False).unflatten(0, masks.shape[:3])  # B x N x K x 2 x h x w
             return self.prototypes_from_feature_masks(feats, small[:, :, :, 1], small[:, :, :, 0],
-                                                      tuple(image_size), self.window)
+                                                      tuple(image_size),
+                                                      TRAIN_WINDOW if self.training else TEST_WINDOW)
 
     def prototypes_from_feature_masks(self, feats: Tensor, fg: Tensor, bg: Tensor,
                                       image_size: tuple[int, int], window: int) -> ALPPrototypes:
@@ -149,18 +146,11 @@ class ALPNetHead(nn.Module):
         the feature-resolution scores (`query_logits` unused), the queries act as shots (window 4), each
         support image (n, k) is scored against the background and way n; mean over ways and shots."""
         with torch.autocast(query_features.device.type, enabled=False):
-            B, N, K, C, h, w = support_features.shape
-            H, W = support_fg.shape[-2:]
+            N, K = support_features.shape[1:3]
             pred = self.score_features(prototypes, query_features).argmax(dim=2)  # B x Q x h x w
-            ways = torch.arange(1, N + 1, device=pred.device).view(1, N, 1, 1, 1)
-            query_fg = (pred.unsqueeze(1) == ways).float()                      # B x N x Q x h x w
-            query_bg = (pred == 0).float().unsqueeze(1).expand_as(query_fg)
-            qfeats = query_features.float().unsqueeze(1).expand(B, N, *query_features.shape[1:])
-            prototypes = self.prototypes_from_feature_masks(qfeats, query_fg, query_bg, (H, W), TRAIN_WINDOW)
+            qfeats, query_fg, query_bg = query_as_support(pred, query_features.float(), N)
+            prototypes = self.prototypes_from_feature_masks(qfeats, query_fg, query_bg, support_fg.shape[-2:],
+                                                            TRAIN_WINDOW)
             support = support_features.float().flatten(1, 2)                   # B x NK x C x h x w
             scores = self.score_features(prototypes, support)                   # B x NK x L x h x w
-            scores = scores.unflatten(1, (N, K))                                # B x N x K x L x h x w
-            fg_channel = torch.arange(1, N + 1, device=pred.device).view(1, N, 1, 1, 1, 1)
-            fg_scores = scores.gather(3, fg_channel.expand(B, N, K, 1, h, w))
-            pair = torch.cat([scores[:, :, :, :1], fg_scores], dim=3)           # B x N x K x 2 x h x w
-            return support_cross_entropy(pair, support_fg, support_bg).mean()  # mean over B, N, K
+            return support_cross_entropy(way_pairs(scores, N, K), support_fg, support_bg).mean()

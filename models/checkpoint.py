@@ -1,29 +1,25 @@
 """Checkpoints: atomic save, weights-only load with one-line errors, and rebuilding the model.
 
-A checkpoint is a dict (docs/DESIGN.md): model, optimizer, scheduler, scaler, step, rng (one per DDP
-rank), model_config (the model's `config`), fold, seed, config_hash, run_config, best_dice, input_size
-and intensity. `model_from_checkpoint` rebuilds the network, `model_input` gives its input size and
-intensity. A raw state dict of the authors' code loads as an official-code snapshot. Loading never runs
-code from the file (util.io.safe_torch_load); NaN/inf weights are refused.
+A checkpoint is a dict (its keys: docs/DESIGN.md). `model_from_checkpoint` rebuilds the network,
+`model_input` gives its input size and intensity. A raw state dict of the authors' code loads as an
+official-code snapshot. Loading never runs code from the file; NaN/inf weights are refused.
 """
 from __future__ import annotations
 
 import functools
 import io
-import logging
 from collections import Counter, OrderedDict
 from typing import Mapping
 
 import numpy as np
 import torch
 
-from models.encoders import ResNet50LSLPN
+from models.encoders import ResNet50LSLPN, load_official_snapshot
 from models.fewshot import METHOD_NAMES, OFFICIAL_MODEL_CONFIG, build_model, check_model_config, method_of
 from util.cli import warn
 from util.errors import UserError
 from util.io import atomic_path, safe_torch_load
 
-WEIGHT_KEYS = ("encoder",)                # model-config keys that change the network's parameters
 DEFAULT_INPUT_SIZE = 512                  # the paper's input size (official-code snapshots, or unrecorded)
 DEFAULT_INTENSITY = {"mode": "minmax"}    # the official per-slice min-max scaling, likewise
 MIN_INPUT_SIZE, MAX_INPUT_SIZE = 16, 2048  # model input sizes accepted (2048^2 slices: ~16 MB per image)
@@ -34,10 +30,8 @@ def plain_data(value):
     as dict/list/tuple (tensors, Counter and OrderedDict kept)."""
     if isinstance(value, (torch.Tensor, Counter, OrderedDict)):
         return value
-    if isinstance(value, np.ndarray):
+    if isinstance(value, (np.ndarray, np.generic)):
         return value.tolist()
-    if isinstance(value, np.generic):
-        return value.item()
     if isinstance(value, Mapping):
         return {key: plain_data(item) for key, item in value.items()}
     if isinstance(value, (tuple, list)):
@@ -55,13 +49,6 @@ def save_checkpoint(path: str, state: Mapping) -> None:
             handle.write(buffer.getbuffer())
 
 
-def is_official_snapshot(state) -> bool:
-    """A raw state dict saved by the official code: tensors under encoder.* (or module.encoder.*)."""
-    return isinstance(state, dict) and bool(state) \
-        and all(isinstance(v, torch.Tensor) for v in state.values()) \
-        and all(k.removeprefix("module.").startswith("encoder.") for k in state)
-
-
 @functools.lru_cache(maxsize=1)
 def _official_encoder_keys() -> frozenset:
     """encoder.* parameter keys of the authors' resnet50_lslpn (built on the meta device: no memory)."""
@@ -75,9 +62,9 @@ def load_checkpoint(path: str, map_location: str | torch.device = "cpu") -> dict
     path = str(path)
     state = safe_torch_load(path, map_location)
     if isinstance(state, dict) and state and all(isinstance(v, torch.Tensor) for v in state.values()):
-        keys = {k.removeprefix("module.") for k in state}
+        keys = {k.removeprefix("module.") for k in state}    # the official code saved DataParallel's keys
         official = _official_encoder_keys()
-        if not (is_official_snapshot(state) and len(official & keys) >= len(official) // 2):
+        if not (all(k.startswith("encoder.") for k in keys) and len(official & keys) >= len(official) // 2):
             raise UserError(f"checkpoint '{path}' is a bare state dict of {len(keys)} tensor(s) (keys "
                             f"{', '.join(sorted(keys)[:3])}, ...): not a train.py checkpoint (a dict with "
                             "'model' and 'model_config'), and not an official-code snapshot (every key of "
@@ -87,14 +74,11 @@ def load_checkpoint(path: str, map_location: str | torch.device = "cpu") -> dict
         state = {"model": {k.removeprefix("module."): v for k, v in state.items()},
                  "model_config": dict(OFFICIAL_MODEL_CONFIG), "official_snapshot": True,
                  "input_size": DEFAULT_INPUT_SIZE, "intensity": dict(DEFAULT_INTENSITY)}
-    if not isinstance(state, dict) or "model" not in state or "model_config" not in state:
+    if not (isinstance(state, dict) and isinstance(state.get("model"), Mapping)
+            and isinstance(state.get("model_config"), Mapping)):
         found = ", ".join(sorted(map(str, state))[:6]) if isinstance(state, dict) else type(state).__name__
-        raise UserError(f"checkpoint '{path}' is not a train.py checkpoint (no model/model_config entries; "
+        raise UserError(f"checkpoint '{path}' is not a train.py checkpoint (no model/model_config dicts; "
                         f"found {found or 'nothing'}): pass best.pth/last.pth of train.py")
-    if not isinstance(state["model_config"], Mapping) or not isinstance(state["model"], Mapping):
-        raise UserError(f"checkpoint '{path}': 'model_config' and 'model' must be dicts, got "
-                        f"{type(state['model_config']).__name__} and {type(state['model']).__name__}: the "
-                        "file is not a train.py checkpoint")
     bad = [key for key, value in state["model"].items() if isinstance(value, torch.Tensor)
            and value.is_floating_point() and not bool(torch.isfinite(value).all())]
     if bad:
@@ -116,17 +100,15 @@ def check_input_size(size, what: str) -> int | None:
     return int(size)
 
 
-def check_compatible(stored: Mapping, requested: Mapping, path: str, strict: bool = True) -> None:
-    """UserError when a snapshot's model config does not match the requested one: every key (strict) or
-    only the keys that change the parameters (WEIGHT_KEYS: evaluating with, e.g., another vote)."""
+def check_compatible(stored: Mapping, requested: Mapping, path: str) -> None:
+    """UserError when a snapshot's model config does not match the requested one."""
     held, wanted = method_of(stored), method_of(requested)
     if held != wanted:
         name = METHOD_NAMES.get(wanted, wanted)
         raise UserError(f"snapshot '{path}' holds a {METHOD_NAMES.get(held, repr(held))} model, but a {name} "
                         f"model is requested: use a {name} snapshot or model.method={held}")
-    keys = sorted(set(stored) | set(requested)) if strict else WEIGHT_KEYS
     diffs = [f"{key}: {stored.get(key)!r} in the snapshot vs {requested.get(key)!r} requested"
-             for key in keys if stored.get(key) != requested.get(key)]
+             for key in sorted(set(stored) | set(requested)) if stored.get(key) != requested.get(key)]
     if diffs:
         raise UserError(f"snapshot '{path}' was trained with another model config ({'; '.join(diffs)}): "
                         "use a matching snapshot or set model.* to the snapshot's values")
@@ -137,24 +119,18 @@ def model_from_checkpoint(path: str, device: str | torch.device = "cpu") -> tupl
     state = load_checkpoint(str(path))
     config = dict(state["model_config"])
     check_model_config(config, source=f"snapshot {path}")   # the config schema: the model trusts its options
-    log = logging.getLogger("lslpn")        # "starting from random initialisation" is moot: weights load next
-    level = log.level
-    log.setLevel(logging.ERROR)
     try:
         model = build_model(config, None)
         if state.get("official_snapshot"):
-            model.load_official_snapshot(state["model"], f"checkpoint {path} (official-code snapshot)")
+            load_official_snapshot(model.encoder, state["model"], f"checkpoint {path} (official-code "
+                                   "snapshot)")
         else:
             model.load_state_dict(state["model"])
-    except UserError:
-        raise
     except (RuntimeError, KeyError, TypeError, ValueError) as error:
         first = " ".join(str(error).split())[:160]
         raise UserError(f"checkpoint {path} does not fit its model config (encoder "
                         f"'{config.get('encoder')}'; {first}): it is from another encoder or code version; "
                         "pass a checkpoint written by this project's train.py") from None
-    finally:
-        log.setLevel(level)
     return model.to(device).eval(), state
 
 

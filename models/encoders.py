@@ -1,13 +1,10 @@
-"""Feature encoders, B x C_in x H x W slices in [0, 1] (C_in 1, or 3 for 2.5D) -> B x C x h x w, and
-their initial weights: 'vgg16' (PANet's), 'resnet50_lslpn' (the authors' DeepLab ResNet-50),
-'deeplabv3_resnet101' (SSL-ALPNet's) and 'cnn_small' (CPU demo); docs/method.md, "Encoders". A 1-channel
-input is repeated to 3 channels here (the only place). `init_path` (a local torchvision checkpoint or an
-official-code snapshot) overrides `pretrained` (torchvision's weights, hash-checked).
+"""Feature encoders, B x C_in x H x W slices in [0, 1] (C_in 1, repeated to 3 here, or 3 for 2.5D) ->
+B x C x h x w, and their initial weights (a local file, an official-code snapshot or torchvision's,
+hash-checked): 'vgg16', 'resnet50_lslpn', 'deeplabv3_resnet101', 'cnn_small'; docs/method.md, "Encoders".
 """
 from __future__ import annotations
 
 import hashlib
-import logging
 import os
 import re
 
@@ -17,7 +14,6 @@ from torch import Tensor, nn
 from util.errors import UserError
 from util.io import safe_torch_load
 
-log = logging.getLogger("lslpn")
 _MEAN = (0.485, 0.456, 0.406)
 _STD = (0.229, 0.224, 0.225)
 
@@ -47,33 +43,12 @@ class _TorchvisionWeights:
 
 IMAGENET_WEIGHTS = {encoder: _TorchvisionWeights(encoder)
                     for encoder in ("vgg16", "resnet50_lslpn", "deeplabv3_resnet101")}
-_TRAINED_ON = {"deeplabv3_resnet101": "COCO"}   # the others: ImageNet
-_HASH = re.compile(r"-([a-f0-9]+)\.")
-
-
-def weights_name(encoder: str) -> str:
-    """'ImageNet' or 'COCO': what the encoder's torchvision weights were trained on."""
-    return _TRAINED_ON.get(encoder, "ImageNet")
 
 
 def cached_weights_path(encoder: str) -> str:
     """Where torch.hub keeps (or would keep) the weights file of `encoder`."""
     url = IMAGENET_WEIGHTS[encoder].url
     return os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url))
-
-
-def _check_hash(path: str) -> None:
-    """The file's SHA-256 starts with the hex digits in its name (torch.hub's convention)."""
-    match = _HASH.search(os.path.basename(path))
-    if match is None:
-        return
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(block)
-    if not digest.hexdigest().startswith(match.group(1)):
-        raise UserError(f"{path}: SHA-256 does not match the hash in its name (corrupt or partial "
-                        "download): delete it and retry, or set path.init_path to a good copy")
 
 
 def imagenet_state(encoder: str) -> dict:
@@ -83,12 +58,21 @@ def imagenet_state(encoder: str) -> dict:
         try:
             return IMAGENET_WEIGHTS[encoder].get_state_dict(progress=False, check_hash=True)
         except (OSError, RuntimeError, ValueError) as error:  # URLError is an OSError
-            raise UserError(f"model.pretrained = True: {weights_name(encoder)} weights "
+            trained_on = "COCO" if encoder == "deeplabv3_resnet101" else "ImageNet"
+            raise UserError(f"model.pretrained = True: {trained_on} weights "
                             f"{os.path.basename(path)} are not in {os.path.dirname(path)} and could not be "
                             f"downloaded ({type(error).__name__}): copy the file there, or set "
                             "path.init_path to a local copy, or model.pretrained=False to train from random "
                             "weights") from None
-    _check_hash(path)
+    match = re.search(r"-([a-f0-9]+)\.", os.path.basename(path))   # torch.hub's name-<SHA-256 prefix>.pth
+    if match is not None:
+        digest = hashlib.sha256()
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 22), b""):
+                digest.update(block)
+        if not digest.hexdigest().startswith(match.group(1)):
+            raise UserError(f"{path}: SHA-256 does not match the hash in its name (corrupt or partial "
+                            "download): delete it and retry, or set path.init_path to a good copy")
     return read_state_file(path, key="model.pretrained")
 
 
@@ -112,7 +96,9 @@ def strip_prefixes(state: dict) -> dict:
 
 # ---- encoders -------------------------------------------------------------------------------------
 class _Encoder(nn.Module):
-    """Common input handling: slices in [0, 1] -> B x 3 x H x W (optionally ImageNet-normalised)."""
+    """Common input handling: slices in [0, 1] -> B x 3 x H x W (optionally ImageNet-normalised), and
+    initial weights: the keys `_initial` picks from a torchvision state dict (the rest stays random)."""
+    name: str                 # model.encoder
     out_channels: int
     output_stride: int
 
@@ -130,10 +116,17 @@ class _Encoder(nn.Module):
         x = x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x    # B x 3 x H x W
         return (x - self.mean) / self.std if self.imagenet_norm else x
 
+    @staticmethod
+    def _initial(key: str) -> bool:
+        return True
+
+    def load_initial(self, state: dict, source: str) -> None:
+        _load_matching(self, strip_prefixes(state), source, self.name, self._initial)
+
 
 class VGG16Encoder(_Encoder):
     """PANet VGG-16, built on torchvision's layer list so that checkpoint keys match `features.*`."""
-    out_channels, output_stride = 512, 8
+    name, out_channels, output_stride = "vgg16", 512, 8
 
     def __init__(self):
         super().__init__(imagenet_norm=True)
@@ -154,11 +147,6 @@ class VGG16Encoder(_Encoder):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.features(self.to_rgb(x))                      # B x 512 x H/8 x W/8
-
-    def load_initial(self, state: dict, source: str) -> None:
-        """The conv weights of a torchvision vgg16 state dict (features.*)."""
-        mine = {f"features.{k}": v for k, v in self.features.state_dict().items()}
-        _load_matching(self, {k: v for k, v in state.items() if k in mine}, mine, source, "vgg16")
 
 
 class _DeepLabBottleneck(nn.Module):
@@ -186,8 +174,9 @@ class _DeepLabBottleneck(nn.Module):
 
 
 class ResNet50LSLPN(_Encoder):
-    """The authors' DeepLab-style ResNet-50 (layer2 + dilated layer3 -> 256 channels, stride ~8)."""
-    out_channels, output_stride = 256, 8
+    """The authors' DeepLab-style ResNet-50 (layer2 + dilated layer3 -> 256 channels, stride ~8); initial
+    weights: torchvision's resnet50 (layer4 and fc skipped, as the official code) or an official snapshot."""
+    name, out_channels, output_stride = "resnet50_lslpn", 256, 8
 
     def __init__(self):
         super().__init__(imagenet_norm=False)
@@ -224,29 +213,28 @@ class ResNet50LSLPN(_Encoder):
         deep = self.layer3(mid)                                   # B x 1024 x h x w
         return self.layer4(torch.cat([mid, deep], dim=1))         # B x 256 x h x w
 
+    @staticmethod
+    def _initial(key: str) -> bool:
+        return not key.startswith("layer4.")
+
     def load_initial(self, state: dict, source: str) -> None:
-        """A torchvision resnet50 state dict (conv1, bn1, layer1-3; layer4 and fc skipped, as the official
-        code) or an official-code snapshot (encoder.* keys)."""
-        state = strip_prefixes(state)
-        if any(k.startswith("encoder.") for k in state):
+        if any(k.removeprefix("module.").startswith("encoder.") for k in state):
             load_official_snapshot(self, state, source)
-            return
-        backbone = {k: v for k, v in self.state_dict().items() if not k.startswith("layer4.")}
-        _load_matching(self, {k: v for k, v in state.items() if k in backbone}, backbone, source,
-                       "resnet50_lslpn")
+        else:
+            super().load_initial(state, source)
 
 
 def load_official_snapshot(encoder: ResNet50LSLPN, state: dict, source: str) -> None:
     """Every encoder.* weight of an official-code snapshot into `encoder` (missing keys: error)."""
     given = {k.removeprefix("encoder."): v for k, v in strip_prefixes(state).items()
              if k.startswith("encoder.")}
-    _load_matching(encoder, given, encoder.state_dict(), source, "resnet50_lslpn (official-code snapshot)")
+    _load_matching(encoder, given, source, "resnet50_lslpn (official-code snapshot)")
 
 
 class DeepLabV3ResNet101(_Encoder):
     """SSL-ALPNet's encoder: deeplabv3_resnet101's dilated ResNet-101 + a 1x1 conv 2048 -> 256 (no bias);
     no ImageNet mean/std (SSL-ALPNet feeds z-scored slices); initial weights: COCO, backbone.* only."""
-    out_channels, output_stride = 256, 8
+    name, out_channels, output_stride = "deeplabv3_resnet101", 256, 8
 
     def __init__(self):
         super().__init__(imagenet_norm=False)
@@ -262,17 +250,14 @@ class DeepLabV3ResNet101(_Encoder):
         deep = self.backbone(self.to_rgb(x))["out"]                # B x 2048 x H/8 x W/8
         return self.localconv(deep)                               # B x 256 x H/8 x W/8
 
-    def load_initial(self, state: dict, source: str) -> None:
-        """The backbone.* weights of a torchvision deeplabv3_resnet101 state dict (classifiers skipped)."""
-        state = strip_prefixes(state)
-        backbone = {k: v for k, v in self.state_dict().items() if k.startswith("backbone.")}
-        _load_matching(self, {k: v for k, v in state.items() if k in backbone}, backbone, source,
-                       "deeplabv3_resnet101")
+    @staticmethod
+    def _initial(key: str) -> bool:
+        return key.startswith("backbone.")
 
 
 class SmallCNN(_Encoder):
     """Compact conv-BN-ReLU encoder for CPU demos: stride 4, 128 channels, random init."""
-    out_channels, output_stride = 128, 4
+    name, out_channels, output_stride = "cnn_small", 128, 4
 
     def __init__(self):
         super().__init__(imagenet_norm=False)
@@ -291,27 +276,26 @@ class SmallCNN(_Encoder):
         return self.features(self.to_rgb(x))                      # B x 128 x H/4 x W/4
 
 
-def _load_matching(target: nn.Module, given: dict, expected: dict, source: str, what: str) -> None:
-    """Copy `given` into `target` when it has every key of `expected` with the same shapes."""
-    expected = {k: v for k, v in expected.items() if not k.endswith("num_batches_tracked")}
-    missing = sorted(k for k in expected if k not in given)
+def _load_matching(target: nn.Module, given: dict, source: str, what: str, keep=lambda key: True) -> None:
+    """Copy the weights of `target` that `keep` picks from `given`: every one there, with its shape."""
+    expected = {k: v for k, v in target.state_dict().items() if keep(k)}
+    checked = [k for k in expected if not k.endswith("num_batches_tracked")]
+    missing = sorted(k for k in checked if k not in given)
     wrong = sorted(f"{k} (shape {tuple(given[k].shape)} != {tuple(expected[k].shape)})"
-                   for k in expected if k in given and tuple(given[k].shape) != tuple(expected[k].shape))
+                   for k in checked if k in given and tuple(given[k].shape) != tuple(expected[k].shape))
     if missing or wrong:
         problems = missing + wrong
         raise UserError(f"{source}: does not match encoder {what}: {len(problems)} missing or "
                         f"mismatched keys, e.g. {', '.join(problems[:4])}")
-    own = target.state_dict()                                      # once: it is rebuilt on every call
-    target.load_state_dict({k: given[k] for k in given if k in own}, strict=False)
+    target.load_state_dict({k: given[k] for k in expected if k in given}, strict=False)
 
 
-ENCODER_CLASSES = {"vgg16": VGG16Encoder, "resnet50_lslpn": ResNet50LSLPN,   # model.encoder -> class
-                   "deeplabv3_resnet101": DeepLabV3ResNet101, "cnn_small": SmallCNN}
+ENCODER_CLASSES = {cls.name: cls for cls in (VGG16Encoder, ResNet50LSLPN, DeepLabV3ResNet101, SmallCNN)}
 
 
 def build_encoder(name: str, init_path: str | None = None, pretrained: bool = False) -> nn.Module:
     """Encoder `name` (a key of ENCODER_CLASSES) with its initial weights: `init_path` (a local state
-    dict file) overrides `pretrained` (torchvision's weights); with neither, random (one warning line)."""
+    dict file) overrides `pretrained` (torchvision's weights); with neither, random."""
     # the weights are read before the network is built: a missing file stops at once (no RNG is drawn)
     if init_path is not None:
         state, source = read_state_file(init_path), f"path.init_path = {init_path}"
@@ -320,9 +304,4 @@ def build_encoder(name: str, init_path: str | None = None, pretrained: bool = Fa
     encoder = ENCODER_CLASSES[name]()
     if init_path is not None or pretrained:
         encoder.load_initial(state, source)
-        log.info("encoder %s: initial weights loaded from %s", name, init_path if init_path is not None
-                 else f"torchvision's {weights_name(name)} weights")
-    else:
-        log.warning("encoder %s: no init_path and pretrained=False: starting from random initialisation",
-                    name)
     return encoder

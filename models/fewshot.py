@@ -1,10 +1,8 @@
-"""FewShotSegNet (encoder + parameter-free prototype head), the model builder and the model's options.
+"""FewShotSegNet (encoder + parameter-free prototype head), build_model and the model's options.
 
-`model.method` 'prototype' builds FewShotSegNet with head `model.head` (HEADS: 'local' = LSLPN, LSLPN+
-with grids / query_rounds; 'panet'; 'alpnet'); 'senet' builds SENet (models/senet.py). Both share
-forward, encode_support, segment and config. MODEL_OPTIONS declares the model.* options, checked once
-before a model is built (check_model_config; training/config_check.py for a run); the models trust
-what passed. The heads: docs/method.md.
+`model.method` 'prototype' builds FewShotSegNet with head `model.head` (HEADS); 'senet' builds SENet.
+Both share forward, encode_support, segment and config. MODEL_OPTIONS declares the model.* options,
+checked once before a model is built; the models trust what passed. The heads: docs/method.md.
 """
 from __future__ import annotations
 
@@ -14,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from models.alpnet_head import ALPNetHead
-from models.encoders import ENCODER_CLASSES, IMAGENET_WEIGHTS, build_encoder, load_official_snapshot
+from models.encoders import ENCODER_CLASSES, IMAGENET_WEIGHTS, build_encoder
 from models.local_prototypes import RESOLUTIONS, VOTES, LocalPrototypeHead, Prototypes, check_episode
 from models.lslpn_plus import FUSIONS, LSLPNPlusHead
 from models.panet import PANetHead
@@ -26,7 +24,7 @@ from util.options import BOOL, GRIDS, Option, check_options, choice, fail, integ
 PROTOTYPE = "prototype"
 METHODS = (PROTOTYPE, SENET)
 METHOD_NAMES = {PROTOTYPE: "prototype (LSLPN/PANet)", SENET: "SENet"}
-INPUT_SLICES = (1, 3)   # model.input_slices (dataloaders/transforms.py builds the 3-slice stacks)
+INPUT_SLICES = (1, 3)   # model.input_slices: the slice, or z - 1, z, z + 1 (dataloaders/transforms.py)
 
 # LSLPN+ options of the local head (models/lslpn_plus.py) and their plain-head values
 PLUS_DEFAULTS = {"grids": [], "grid_fusion": "mean", "query_rounds": 0, "query_weight": 0.5,
@@ -75,27 +73,13 @@ class FewShotSegNet(nn.Module):
                        "resolution": resolution, "min_pixels": min_pixels, "scale": float(scale),
                        "align": bool(align), "input_slices": int(input_slices),
                        **plus, "grids": list(plus["grids"])}
-        self.input_slices = int(input_slices)
         self.encoder = build_encoder(encoder, init_path, pretrained)
         self.head = HEADS[head](self.config)
-        self.align = bool(align)
 
     @classmethod
     def from_config(cls, model_cfg: Mapping, init_path: str | None = None) -> "FewShotSegNet":
         """Build from config.py's `model` dict (keys it does not use, e.g. align_weight, ignored)."""
         return cls(init_path=init_path, **{k: model_cfg[k] for k in _CONFIG_KEYS if k in model_cfg})
-
-    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        """As nn.Module's; DataParallel's 'module.' prefixes are dropped."""
-        state_dict = {k.removeprefix("module."): v for k, v in state_dict.items()}
-        return super().load_state_dict(state_dict, strict=strict, assign=assign)
-
-    def load_official_snapshot(self, state_dict: dict, source: str) -> None:
-        """Encoder weights of a snapshot saved by the official code (resnet50_lslpn only)."""
-        if self.config["encoder"] != "resnet50_lslpn":
-            raise UserError(f"{source}: an official-code snapshot holds the resnet50_lslpn encoder: "
-                            "set model.encoder=resnet50_lslpn")
-        load_official_snapshot(self.encoder, state_dict, source)
 
     # ---- batched evaluation API -----------------------------------------------------------
     def encode_support(self, support_images: Tensor, support_fg: Tensor,
@@ -135,14 +119,14 @@ class FewShotSegNet(nn.Module):
         check_episode(support_feats, support_fg, support_bg, (H, W))
         prototypes = self.head.compute_prototypes(support_feats, support_fg, support_bg, (H, W))
         logits = self.head.score(prototypes, query_feats)           # B x Q x (1+N) x H x W
-        if not (self.align and self.training):
+        if not (self.config["align"] and self.training):
             return logits, logits.new_zeros(())
         return logits, self.head.alignment_loss(prototypes, logits, query_feats, support_feats,
                                                 support_fg, support_bg)
 
     def _check_images(self, name: str, images: Tensor, dims: int) -> None:
         """One line unless `images` is B x N x K x C x H x W (dims 6) / B x Q x C x H x W (dims 5)."""
-        C = self.input_slices
+        C = self.config["input_slices"]
         shape = f"B x N x K x {C} x H x W" if dims == 6 else f"B x Q x {C} x H x W"
         if images.dim() != dims or images.shape[-3] != C:
             what = "one slice per image" if C == 1 else "3 slices per image (z - 1, z, z + 1)"
@@ -159,8 +143,8 @@ def method_of(model_config: Mapping) -> str:
 def build_model(model_config: Mapping, init_path: str | None = None) -> nn.Module:
     """A FewShotSegNet or SENet from a checked model config dict (keys the model does not use ignored)."""
     if method_of(model_config) == SENET:
-        return SENet.from_config(dict(model_config))
-    return FewShotSegNet.from_config(dict(model_config), init_path)
+        return SENet.from_config(model_config)
+    return FewShotSegNet.from_config(model_config, init_path)
 
 
 def model_input_slices(model) -> int:
@@ -202,9 +186,8 @@ SNAPSHOT_OPTIONS = {"official_bug": Option(BOOL)}   # SENet's switch, in a snaps
 
 
 def check_model_rules(model: Mapping, prefix: str = "model", input_size: int | None = None) -> None:
-    """The rules between the model's keys (values checked; missing keys are defaults): SENet takes one
-    slice, 'panet' one cell, LSLPN+ options need the local head, pretrained weights exist, and with
-    `input_size` every grid fits the feature map."""
+    """The rules between the model's keys (missing keys are defaults): SENet takes one slice, 'panet' one
+    cell, LSLPN+ options need the local head, pretrained weights exist; every grid fits `input_size`."""
     if model.get("method") == SENET:
         if model.get("input_slices", 1) != 1:
             raise fail(f"{prefix}.input_slices", model["input_slices"], "SENet takes one slice per image "
@@ -238,11 +221,8 @@ def check_model_rules(model: Mapping, prefix: str = "model", input_size: int | N
 
 def check_model_config(model: Mapping, prefix: str = "model", input_size: int | None = None,
                        source: str = "") -> None:
-    """Check a model section alone, e.g. the config a snapshot stores: its keys and values, then
-    `check_model_rules`. Messages name `prefix`.<key>, after "`source`: " when given."""
-    if not isinstance(model, Mapping):
-        raise fail(prefix, model, "must be a mapping of model options", "use a snapshot written by train.py",
-                   source)
+    """A model section alone (a mapping, e.g. a snapshot's): keys, values, then `check_model_rules`;
+    messages name `prefix`.<key>, after "`source`: " when given."""
     schema = {f"{prefix}.{key}": option for key, option in {**MODEL_OPTIONS, **SNAPSHOT_OPTIONS}.items()}
     try:
         check_options(model, schema, "config.py", prefix=f"{prefix}.")

@@ -1,9 +1,8 @@
 """Location-sensitive local prototypes (Yu et al., ISBI 2021): the head of LSLPN.
 
-The method with the rules of the authors' code is `official_cell_loop` below, a plain loop over grid
-cells (docs/method.md: cells, local prototypes, scale x cosine, vote). `LocalPrototypeHead` computes
-the same logits without the loop and without forming the upsampled features (derivation in its
-docstring, kernels in models/grid.py); the tests hold the two equal on every pixel.
+`official_cell_loop`, a plain loop over grid cells with the rules of the authors' code (docs/method.md),
+is the method; `LocalPrototypeHead` computes the same logits without the loop and without forming the
+upsampled features (kernels in models/grid.py). The tests hold the two equal on every pixel.
 """
 from __future__ import annotations
 
@@ -19,8 +18,8 @@ from util.errors import UserError
 
 RESOLUTIONS = ("image", "feature")
 MAX_VOTE_FLOOR = -1.0         # the official running maximum starts at -1
-MEAN_EPS = 1e-5               # the official masked averages divide by (pixel count + 1e-5)
-_IGNORE = 255
+MEAN_EPS = 1e-5               # masked averages divide by (pixel count + 1e-5), as PANet's and SSL-ALPNet's
+IGNORE = 255                  # label of pixels that take no part in a loss (PANet's, SSL-ALPNet's, SENet's)
 
 
 # ---- the method, plainly (the reference the fast head equals) ------------------------------
@@ -74,9 +73,6 @@ class Prototypes:
     image_size: tuple[int, int]
     feature_size: tuple[int, int]
 
-    def to(self, device) -> "Prototypes":
-        return Prototypes(self.vectors.to(device), self.image_size, self.feature_size)
-
 
 # ---- votes: cell scores B x Q x nr x nc x L x Lr x Lc -> B x Q x L x S_r x S_c -------------
 def max_vote(scores: Tensor, rows: grid.Axis, cols: grid.Axis, scale: float) -> Tensor:
@@ -109,19 +105,11 @@ def check_query_features(prototypes, query_features: Tensor) -> None:
 
 
 class LocalPrototypeHead(nn.Module):
-    """Local prototypes and voting (no parameters): the logits of `official_cell_loop`, fast.
-
-    forward(support_features B x N x K x C x h x w, support_fg / support_bg B x N x K x H x W,
-            query_features B x Q x C x h x w, image_size (H, W)) -> logits B x Q x (1 + N) x H x W.
-    resolution 'image' (the authors'): grid, pixel counts and scores on image pixels. With bilinear
-    upsampling F_up = A F B^T (at most two nonzero weights per row), on the pixels of a cell g
-      sum_g m F_up = <F, A_g^T m_g B_g>   the mask pulled back onto the cell's window (grid.cell_sums)
-      p . F_up     = A_g (p . F) B_g^T    dot products on the window, upsampled (grid.cell_cosines)
-      |F_up|^2     from Gram terms of neighbouring feature vectors (grid.query_norm)
-    and the vote over the covering cells is separable, rows then columns (grid.reduce_covering).
-    'feature' (fast): masks area-downsampled to the feature map (soft), the grid on feature cells, a
-    cell's pixel count = soft mask sum x image pixels per feature cell, logits upsampled at the end.
-    The head computes in float32 even under autocast.
+    """Local prototypes and voting (no parameters): the logits of `official_cell_loop`, fast, in float32
+    even under autocast. forward(support_features B x N x K x C x h x w, support_fg / support_bg
+    B x N x K x H x W, query_features B x Q x C x h x w, image_size (H, W)) -> B x Q x (1 + N) x H x W.
+    resolution 'image' (the authors'): cells on image pixels, computed on feature windows (models/grid.py);
+    'feature' (fast): masks area-downsampled, cells on the feature map, logits upsampled at the end.
     """
 
     def __init__(self, n_grid: int = 8, overlap: bool = True, vote: str = "max",
@@ -129,10 +117,6 @@ class LocalPrototypeHead(nn.Module):
         super().__init__()
         self.n_grid, self.overlap, self.vote = n_grid, overlap, vote
         self.resolution, self.min_pixels, self.scale = resolution, float(min_pixels), float(scale)
-
-    def extra_repr(self) -> str:
-        return (f"n_grid={self.n_grid}, overlap={self.overlap}, vote={self.vote!r}, "
-                f"resolution={self.resolution!r}, min_pixels={self.min_pixels}, scale={self.scale}")
 
     def forward(self, support_features: Tensor, support_fg: Tensor, support_bg: Tensor,
                 query_features: Tensor, image_size: tuple[int, int]) -> Tensor:
@@ -184,8 +168,7 @@ class LocalPrototypeHead(nn.Module):
             scores = self.scale * grid.cell_cosines(unit, query, rows, cols)  # B x Q x nr x nc x L x Lr x Lc
             voted = VOTES[self.vote](scores, rows, cols, self.scale)        # B x Q x L x S_r x S_c
             if self.resolution == "feature":
-                voted = F.interpolate(voted.flatten(0, 1), size=prototypes.image_size, mode="bilinear",
-                                      align_corners=False).unflatten(0, (B, Q))
+                voted = upsample(voted, prototypes.image_size)
             return voted                                               # B x Q x L x H x W
 
     def alignment_loss(self, prototypes: Prototypes, query_logits: Tensor, query_features: Tensor,
@@ -193,26 +176,52 @@ class LocalPrototypeHead(nn.Module):
         """This project's alignment loss (PANet's idea, not its rule): the argmax of the query logits
         builds local prototypes from the query features (queries as the shots of every way); support
         image (n, k) is scored against the background and way n; cross-entropy on its labelled pixels."""
-        B, N, K = support_features.shape[:3]
-        H, W = query_logits.shape[-2:]
-        pred = query_logits.argmax(dim=2)                           # B x Q x H x W
-        ways = torch.arange(1, N + 1, device=pred.device).view(1, N, 1, 1, 1)
-        query_fg = (pred.unsqueeze(1) == ways).float()              # B x N x Q x H x W
-        query_bg = (pred == 0).float().unsqueeze(1).expand_as(query_fg)
-        qfeats = query_features.unsqueeze(1).expand(B, N, *query_features.shape[1:])  # B x N x Q x C x h x w
-        query_prototypes = self.compute_prototypes(qfeats, query_fg, query_bg, (H, W))
-        supp_logits = self.score(query_prototypes, support_features.flatten(1, 2))  # B x NK x (1+N) x H x W
-        supp_logits = supp_logits.unflatten(1, (N, K))              # B x N x K x (1+N) x H x W
-        fg_channel = torch.arange(1, N + 1, device=pred.device).view(1, N, 1, 1, 1, 1)
-        fg_logits = supp_logits.gather(3, fg_channel.expand(B, N, K, 1, H, W))
-        pair = torch.cat([supp_logits[:, :, :, :1], fg_logits], dim=3)  # B x N x K x 2 x H x W
-        target = torch.full(support_fg.shape, _IGNORE, dtype=torch.long, device=pred.device)
-        target[support_bg > 0.5] = 0
-        target[support_fg > 0.5] = 1
-        loss = F.cross_entropy(pair.flatten(0, 2).float(), target.flatten(0, 2),
-                               ignore_index=_IGNORE, reduction="none")  # BNK x H x W
-        counted = (target.flatten(0, 2) != _IGNORE).flatten(1).sum(1).clamp_min(1)
-        return (loss.flatten(1).sum(1) / counted).mean()            # mean over BNK images
+        N, K = support_features.shape[1:3]
+        qfeats, query_fg, query_bg = query_as_support(query_logits.argmax(dim=2), query_features, N)
+        query_prototypes = self.compute_prototypes(qfeats, query_fg, query_bg, query_logits.shape[-2:])
+        logits = self.score(query_prototypes, support_features.flatten(1, 2))  # B x NK x (1+N) x H x W
+        return support_cross_entropy(way_pairs(logits, N, K).float(), support_fg, support_bg).mean()
+
+
+# ---- shared by the heads' alignment losses --------------------------------------------------
+def query_as_support(pred: Tensor, query_features: Tensor, n_ways: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The queries as the shots of every way: predicted labels B x Q x h x w, features B x Q x C x h' x w'
+    -> features B x N x Q x C x h' x w', foreground (pred = way) and background masks B x N x Q x h x w."""
+    ways = torch.arange(1, n_ways + 1, device=pred.device).view(1, n_ways, 1, 1, 1)
+    fg = (pred.unsqueeze(1) == ways).float()
+    bg = (pred == 0).float().unsqueeze(1).expand_as(fg)
+    return query_features.unsqueeze(1).expand(-1, n_ways, *query_features.shape[1:]), fg, bg
+
+
+def way_pairs(scores: Tensor, n_ways: int, n_shots: int) -> Tensor:
+    """Scores B x NK x (1 + N) x h x w of the support images -> B x N x K x 2 x h x w: background and the
+    image's own way."""
+    scores = scores.unflatten(1, (n_ways, n_shots))                  # B x N x K x (1+N) x h x w
+    B, h, w = scores.shape[0], *scores.shape[-2:]
+    own = torch.arange(1, n_ways + 1, device=scores.device).view(1, n_ways, 1, 1, 1, 1)
+    return torch.cat([scores[:, :, :, :1], scores.gather(3, own.expand(B, n_ways, n_shots, 1, h, w))], dim=3)
+
+
+def support_cross_entropy(scores: Tensor, support_fg: Tensor, support_bg: Tensor) -> Tensor:
+    """Mean cross-entropy B x N x K per support image of scores B x N x K x 2 x h x w (background, way),
+    upsampled to the masks' B x N x K x H x W; pixels in neither mask are ignored."""
+    B, N, K, H, W = support_fg.shape
+    logits = scores.flatten(0, 2)
+    if tuple(logits.shape[-2:]) != (H, W):
+        logits = F.interpolate(logits, size=(H, W), mode="bilinear", align_corners=False)
+    label = torch.full((B, N, K, H, W), IGNORE, dtype=torch.long, device=logits.device)
+    label[support_fg > 0.5] = 1
+    label[support_bg > 0.5] = 0
+    label = label.flatten(0, 2)                                                      # BNK x H x W
+    per_pixel = F.cross_entropy(logits, label, ignore_index=IGNORE, reduction="none")
+    counted = (label != IGNORE).flatten(1).sum(1).clamp_min(1)
+    return (per_pixel.flatten(1).sum(1) / counted).view(B, N, K)
+
+
+def upsample(scores: Tensor, size: tuple[int, int]) -> Tensor:
+    """B x Q x L x h x w -> B x Q x L x H x W, bilinear, align_corners=False."""
+    return F.interpolate(scores.flatten(0, 1), size=size, mode="bilinear",
+                         align_corners=False).unflatten(0, scores.shape[:2])
 
 
 def check_episode(support_features: Tensor, support_fg: Tensor, support_bg: Tensor,

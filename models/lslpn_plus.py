@@ -19,34 +19,15 @@ FUSIONS = ("mean", "max")
 
 @dataclass
 class ScalePrototypes:
-    """The local prototypes of every grid scale (`Prototypes` of each, in the head's grid order)."""
+    """The local prototypes of every grid scale (in the head's grid order) and the support's image size."""
     scales: list[Prototypes]
-
-    @property
-    def image_size(self) -> tuple[int, int]:
-        return self.scales[0].image_size
-
-    @property
-    def feature_size(self) -> tuple[int, int]:
-        return self.scales[0].feature_size
-
-    def to(self, device) -> "ScalePrototypes":
-        return ScalePrototypes([p.to(device) for p in self.scales])
+    image_size: tuple[int, int]
 
 
 def fuse(logits: list[Tensor], fusion: str) -> Tensor:
     """Logits of several grid scales (each B x Q x L x H x W) -> their mean or element-wise maximum."""
     stacked = torch.stack(logits)                                   # S x B x Q x L x H x W
     return stacked.mean(0) if fusion == "mean" else stacked.amax(0)
-
-
-def query_masks(logits: Tensor, confidence: float) -> Tensor:
-    """Class masks B x Q x L x H x W (float 0/1) of logits B x Q x L x H x W: c where c is the argmax and
-    its softmax probability >= confidence."""
-    probability = logits.float().softmax(dim=2)
-    top, predicted = probability.max(dim=2)                          # B x Q x H x W
-    classes = torch.arange(logits.shape[2], device=logits.device).view(1, 1, -1, 1, 1)
-    return ((predicted.unsqueeze(2) == classes) & (top >= confidence).unsqueeze(2)).float()
 
 
 def mix_prototypes(support: Tensor, own: Tensor, weight: float) -> Tensor:
@@ -69,15 +50,10 @@ class LSLPNPlusHead(nn.Module):
         self.fusion, self.query_rounds = fusion, int(query_rounds)
         self.query_weight, self.query_confidence = float(query_weight), float(query_confidence)
 
-    def extra_repr(self) -> str:
-        return (f"grids={[h.n_grid for h in self.heads]}, fusion={self.fusion!r}, "
-                f"query_rounds={self.query_rounds}, query_weight={self.query_weight}, "
-                f"query_confidence={self.query_confidence}")
-
     def compute_prototypes(self, support_features: Tensor, support_fg: Tensor, support_bg: Tensor,
                            image_size: tuple[int, int]) -> ScalePrototypes:
         return ScalePrototypes([head.compute_prototypes(support_features, support_fg, support_bg, image_size)
-                                for head in self.heads])
+                                for head in self.heads], tuple(image_size))
 
     def score(self, prototypes: ScalePrototypes, query_features: Tensor) -> Tensor:
         """Logits B x Q x (1 + N) x H x W of query features B x Q x C x h x w."""
@@ -91,7 +67,10 @@ class LSLPNPlusHead(nn.Module):
         """One round: every query scored against its own mixed prototypes (module docstring)."""
         B, Q, C, h, w = query_features.shape
         L = logits.shape[2]
-        masks = query_masks(logits.detach(), self.query_confidence)     # B x Q x L x H x W
+        # class masks: c where c is the argmax and its softmax probability >= query_confidence
+        top, predicted = logits.detach().float().softmax(dim=2).max(dim=2)  # B x Q x H x W
+        classes = torch.arange(L, device=logits.device).view(1, 1, -1, 1, 1)
+        masks = ((predicted.unsqueeze(2) == classes) & (top >= self.query_confidence).unsqueeze(2)).float()
         H, W = masks.shape[-2:]
         own_fg = masks[:, :, 1:].flatten(0, 1).unsqueeze(2)             # BQ x N x 1 x H x W
         own_bg = masks[:, :, :1].flatten(0, 1).unsqueeze(2).expand_as(own_fg)

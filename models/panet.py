@@ -10,10 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.grid import EPS, interpolation_matrix
-from models.local_prototypes import Prototypes
-
-IGNORE = 255      # label of pixels in neither mask (also SSL-ALPNet's)
-MEAN_EPS = 1e-5   # masked average: sum(F m) / (sum(m) + 1e-5) (also SSL-ALPNet's)
+from models.local_prototypes import MEAN_EPS, Prototypes, support_cross_entropy, upsample
 
 
 class PANetHead(nn.Module):
@@ -22,9 +19,6 @@ class PANetHead(nn.Module):
     def __init__(self, scale: float = 20.0):
         super().__init__()
         self.scale = float(scale)
-
-    def extra_repr(self) -> str:
-        return f"scale={self.scale}"
 
     def compute_prototypes(self, support_features: Tensor, support_fg: Tensor, support_bg: Tensor,
                            image_size: tuple[int, int]) -> Prototypes:
@@ -61,8 +55,7 @@ class PANetHead(nn.Module):
         the FEATURE-resolution scores (query_logits unused); a way with an empty prediction is skipped;
         sum over ways and shots / (K * N); an image with no labelled pixel adds 0 (PANet: NaN)."""
         with torch.autocast(query_features.device.type, enabled=False):
-            B, N, K, C, h, w = support_features.shape
-            H, W = support_fg.shape[-2:]
+            B, N, K, C = support_features.shape[:4]
             L = 1 + N
             with torch.no_grad():  # only the argmax is used
                 pred = self.score_features(prototypes, query_features).argmax(dim=2)  # B x Q x h x w
@@ -77,23 +70,3 @@ class PANetHead(nn.Module):
             per_image = support_cross_entropy(scores, support_fg, support_bg)       # B x N x K
             per_image = per_image * used.unsqueeze(-1)
             return (per_image.sum((1, 2)) / (K * N)).mean()
-
-
-def support_cross_entropy(scores: Tensor, support_fg: Tensor, support_bg: Tensor) -> Tensor:
-    """Mean cross-entropy B x N x K per support image of scores B x N x K x 2 x h x w (background, way)
-    upsampled to the masks' B x N x K x H x W; pixels in neither mask are ignored."""
-    B, N, K, H, W = support_fg.shape
-    logits = F.interpolate(scores.flatten(0, 2), size=(H, W), mode="bilinear", align_corners=False)
-    label = torch.full((B, N, K, H, W), IGNORE, dtype=torch.long, device=logits.device)
-    label[support_fg > 0.5] = 1
-    label[support_bg > 0.5] = 0
-    label = label.flatten(0, 2)                                                      # BNK x H x W
-    per_pixel = F.cross_entropy(logits, label, ignore_index=IGNORE, reduction="none")
-    counted = (label != IGNORE).flatten(1).sum(1).clamp_min(1)
-    return (per_pixel.flatten(1).sum(1) / counted).view(B, N, K)
-
-
-def upsample(scores: Tensor, size: tuple[int, int]) -> Tensor:
-    """B x Q x L x h x w -> B x Q x L x H x W, bilinear, align_corners=False."""
-    return F.interpolate(scores.flatten(0, 1), size=size, mode="bilinear",
-                         align_corners=False).unflatten(0, scores.shape[:2])

@@ -7,17 +7,18 @@ only; FewShotSegNet's interface (forward, encode_support -> SupportGates, segmen
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from models.local_prototypes import IGNORE
 from util.errors import UserError
 
 METHOD = "senet"
 N_POINTS = 9                     # interaction points: e1 e2 e3 e4 bn d4 d3 d2 d1
 _DEPTH = 4                       # encoder/decoder levels; H and W must be divisible by 2**_DEPTH
-_CONFIG_KEYS = ("official_bug",)
 
 
 class ConvBlock(nn.Module):
@@ -64,15 +65,12 @@ class Conditioner(nn.Module):
         self.decoders = nn.ModuleList(DecoderBlock(width, width) for _ in range(_DEPTH))  # [i]: level i+1
         self.squeeze = nn.ModuleList(nn.Conv2d(width, 1, 1) for _ in range(N_POINTS))
 
-    def encoder_of_level(self, level: int) -> EncoderBlock:
-        """Level 0..3. official_bug: level 3 reuses level 2's block (encode3 called twice)."""
-        return self.encoders[min(level, len(self.encoders) - 1)]
-
     def forward(self, x: Tensor) -> tuple[Tensor, ...]:
         features, indices = [], []
         h = x
         for level in range(_DEPTH):
-            h, _, idx = self.encoder_of_level(level)(h)
+            # official_bug: level 3 reuses level 2's block (encode3 called twice)
+            h, _, idx = self.encoders[min(level, len(self.encoders) - 1)](h)
             features.append(h)
             indices.append(idx)
         h = self.bottleneck(h)
@@ -128,14 +126,9 @@ class SENet(nn.Module):
         self.segmenter = Segmenter(64, 2)
 
     @classmethod
-    def from_config(cls, model_cfg: dict, init_path: str | None = None) -> "SENet":
-        """Build from a model config dict (keys it does not use ignored; SENet has no pretrained init)."""
-        return cls(**{k: model_cfg[k] for k in _CONFIG_KEYS if k in model_cfg})
-
-    def arm_parameters(self) -> dict[str, list[nn.Parameter]]:
-        """Parameters per arm (SENet trains each arm with its own optimiser settings)."""
-        return {"segmenter": list(self.segmenter.parameters()),
-                "conditioner": list(self.conditioner.parameters())}
+    def from_config(cls, model_cfg: Mapping) -> "SENet":
+        """Build from a model config dict (keys it does not use ignored)."""
+        return cls(bool(model_cfg.get("official_bug", False)))
 
     # ---- evaluation API ---------------------------------------------------------------------
     def encode_support(self, support_images: Tensor, support_fg: Tensor,
@@ -159,9 +152,7 @@ class SENet(nn.Module):
         if tuple(query_images.shape[-2:]) != support.image_size:
             raise UserError(f"query_images: size {tuple(query_images.shape[-2:])} differs from the "
                             f"support size {support.image_size}: resize both to input_size")
-        Bs = support.gates[0].shape[0]
-        if Bs not in (1, B):
-            raise UserError(f"query_images: batch {B} does not match the support batch {Bs}")
+        assert support.gates[0].shape[0] in (1, B), "the support batch is 1 or the query batch"
         gates = tuple(g.expand(B, *g.shape[1:]).repeat_interleave(Q, dim=0) for g in support.gates)
         logits = self.segmenter(query_images.flatten(0, 1), gates)      # BQ x 2 x H x W
         return logits.unflatten(0, (B, Q))
@@ -169,11 +160,7 @@ class SENet(nn.Module):
     # ---- training forward -------------------------------------------------------------------
     def forward(self, support_images: Tensor, support_fg: Tensor, support_bg: Tensor,
                 query_images: Tensor) -> tuple[Tensor, Tensor]:
-        support = self.encode_support(support_images, support_fg, support_bg)
-        if query_images.shape[0] != support_images.shape[0]:
-            raise UserError(f"query_images: batch {query_images.shape[0]} differs from the support "
-                            f"batch {support_images.shape[0]}")
-        logits = self.segment(support, query_images)
+        logits = self.segment(self.encode_support(support_images, support_fg, support_bg), query_images)
         return logits, logits.new_zeros(())
 
 
@@ -194,16 +181,12 @@ def _check_support(support_images: Tensor, support_fg: Tensor) -> None:
 
 
 # ---- loss -------------------------------------------------------------------------------------
-DICE_EPS = 1e-4
-IGNORE_LABEL = 255
-
-
-def dice_loss(probabilities: Tensor, labels: Tensor, eps: float = DICE_EPS) -> Tensor:
+def dice_loss(probabilities: Tensor, labels: Tensor, eps: float = 1e-4) -> Tensor:
     """SENet's Dice loss, mean over classes c of 1 - 2 sum(p_c g_c) / (sum(p_c + g_c) + eps), sums over
     batch and pixels: probabilities M x C x H x W, labels M x H x W (0..C-1; 255 takes no part)."""
     labels = labels.long()
-    valid = (labels != IGNORE_LABEL).unsqueeze(1).to(probabilities.dtype)  # M x 1 x H x W
-    target = F.one_hot(labels.where(labels != IGNORE_LABEL, 0), probabilities.shape[1])
+    valid = (labels != IGNORE).unsqueeze(1).to(probabilities.dtype)  # M x 1 x H x W
+    target = F.one_hot(labels.where(labels != IGNORE, 0), probabilities.shape[1])
     target = target.permute(0, 3, 1, 2).to(probabilities.dtype) * valid  # M x C x H x W
     probabilities = probabilities * valid
     dims = (0, 2, 3)

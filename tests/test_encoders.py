@@ -1,6 +1,5 @@
 """Encoders: shapes, the official DeepLab ResNet-50 layout, SSL-ALPNet's DeepLabv3 ResNet-101, initial
 weights (fabricated files, torchvision's cache, offline), frozen BatchNorm, gradients. Nothing downloaded."""
-import logging
 import urllib.error
 
 import pytest
@@ -8,6 +7,7 @@ import torch
 import torchvision
 
 from models import encoders
+from models.checkpoint import model_from_checkpoint
 from models.encoders import DeepLabV3ResNet101, ResNet50LSLPN, build_encoder
 from models.fewshot import FewShotSegNet
 from util.errors import UserError
@@ -69,13 +69,6 @@ def test_official_resnet_batchnorm_affine_frozen_statistics_update():
     assert all(torch.equal(b, m.running_mean) for b, m in zip(frozen, bns))
 
 
-def test_random_init_log(caplog):
-    with caplog.at_level(logging.WARNING, logger="lslpn"):
-        build_encoder("cnn_small")
-    lines = [r for r in caplog.records if r.name == "lslpn"]
-    assert len(lines) == 1 and "random initialisation" in lines[0].getMessage()
-
-
 def _vgg_checkpoint(path):
     """The key layout of vgg16-397923af.pth (conv layers of torchvision's vgg16 plus a classifier
     entry), without building the 100M-parameter classifier."""
@@ -133,8 +126,7 @@ def test_official_snapshot_loads_as_init_path_and_as_model_weights(official):
     encoder = build_encoder("resnet50_lslpn", path)
     assert torch.equal(encoder.layer4[0].weight, encoder_state["layer4.0.weight"])
     assert torch.equal(encoder.layer3[1].bn2.running_mean, encoder_state["layer3.1.bn2.running_mean"])
-    model = FewShotSegNet(encoder="resnet50_lslpn")
-    model.load_state_dict(torch.load(path))                  # the whole snapshot, as test.py would
+    model, _ = model_from_checkpoint(path)                    # the whole snapshot, as test.py reads it
     assert torch.equal(model.encoder.layer4[0].bias, encoder_state["layer4.0.bias"])
 
 

@@ -91,12 +91,6 @@ def test_neighbour_stack_equals_a_slow_construction_at_the_first_middle_and_last
     np.testing.assert_array_equal(neighbour_stack(single, [0])[0], np.stack([single[:, :, 0]] * 3))
 
 
-def test_the_registries_agree():
-    from dataloaders import transforms
-    from models import fewshot
-    assert transforms.INPUT_SLICES == fewshot.INPUT_SLICES == (1, 3)
-
-
 # ------------------------------------------------------------------ what the writers store
 def test_visceral_writer_stores_each_row_s_neighbours(images_only, tiny_prepared):
     # images-only: row = z, so row r's neighbours are rows r - 1 and r + 1 (the first / last row: itself)

@@ -1,8 +1,6 @@
-"""Validate a resolved Sacred config once, before anything runs: `check_config(config, command)`.
-
-The run's own options are declared here; model.*, selfsup.*, senet.* and eval.* by their owners
-(models/fewshot.py, dataloaders/selfsup_episodes.py, training/objective.py, evaluation/protocols.py).
-Then the rules between keys and the facts on disk the command needs. Every error is one line.
+"""Validate a resolved Sacred config once, before anything runs: `check_config(config, command)`: the
+run's own options (declared here) and their owners' (model, selfsup, senet, eval), the rules between
+keys, the facts on disk the command needs. Every error is one line.
 """
 from __future__ import annotations
 
@@ -26,13 +24,12 @@ from util.io import check_writable_folder
 from util.options import (
     AMP,
     BOOL,
-    FILE,
     MILESTONES,
     NAME,
     ORGAN_SETS,
     PAIR,
+    PATH,
     SNAPSHOTS,
-    TEXT,
     Option,
     check_options,
     choice,
@@ -70,10 +67,10 @@ RUN_OPTIONS: dict[str, Option] = {
     "augment.contrast": Option(PAIR, 0, low_open=True),
     "augment.gamma": Option(PAIR, 0, low_open=True),
     "episodes": choice("labels", "superpixels"),
-    "path.data_dir": Option(TEXT),
-    "path.init_path": Option(FILE, nullable=True),
-    "path.init_from": Option(FILE, nullable=True),
-    "path.log_dir": Option(TEXT),
+    "path.data_dir": Option(PATH),
+    "path.init_path": Option(PATH, nullable=True),
+    "path.init_from": Option(PATH, nullable=True),
+    "path.log_dir": Option(PATH),
     "save_every": integer(1, example="1000"),
     "val_every": integer(0, example="1000"),
     "val_split": choice("val", "gold"),
@@ -177,30 +174,31 @@ def check_data_dir(config: Mapping) -> None:
     read_meta(data_dir, "path.data_dir")   # missing folder, unreadable meta.json: one line naming the command
 
 
-def check_files(config: Mapping) -> None:
-    """The log folder is writable and the files the config names exist."""
-    paths = config["path"]
-    check_writable_folder(paths["log_dir"], "config path.log_dir")   # before any run folder or compute
-    if paths.get("init_from") is not None and not os.path.isfile(paths["init_from"]):
-        raise fail("path.init_from", paths["init_from"], "does not exist",
-                   "give a last.pth/best.pth written by train.py, or None")
-    if paths.get("init_path") is not None and not os.path.isfile(paths["init_path"]):
-        raise fail("path.init_path", paths["init_path"], "does not exist", "give a local ImageNet checkpoint "
-                   "of the encoder or None (weights are never downloaded)")
+def check_files(files: Mapping[str, str | None], fix: str) -> None:
+    """Every file of {key: path or None} exists (its contents are checked when it is read)."""
+    for key, path in files.items():
+        if path is not None and not os.path.isfile(path):
+            raise fail(key, path, "does not exist", fix)
 
 
 def check_config(config: Mapping, command: str = "train") -> None:
     """Validate the resolved config for `command` ('train' or 'test'); raise UserError on bad input."""
     check_run_config(config)
     check_organ_names(config)
-    check_files(config)
+    paths = config["path"]
+    check_writable_folder(paths["log_dir"], "config path.log_dir")   # before any run folder or compute
+    check_files({"path.init_from": paths["init_from"]},
+                "give a last.pth/best.pth written by train.py, or None")
+    check_files({"path.init_path": paths["init_path"]}, "give a local ImageNet checkpoint of the encoder or "
+                "None (weights are never downloaded)")
     resolve_device(config["device"])  # 'cuda' without a GPU: the one resolver's one-line error
     check_data_dir(config)
     if command == "train":
         check_world_size(config)
         check_training_data(config)
     else:
-        check_snapshot_files(config)
+        check_files({f"eval.snapshots['{name}']": path for name, path in config["eval"]["snapshots"].items()},
+                    "give a best.pth/last.pth written by train.py")
         check_eval_support(config)
 
 
@@ -217,7 +215,7 @@ def check_training_data(config: Mapping) -> None:
     model.input_slices=3 the training volumes' neighbour slices are stored."""
     data_dir = config["path"]["data_dir"]
     meta = read_meta(data_dir, "path.data_dir")
-    if int(config["model"].get("input_slices", 1)) == 3:   # 2.5D input: the stored neighbour slices
+    if config["model"]["input_slices"] == 3:   # 2.5D input: the stored neighbour slices
         check_training_neighbours(data_dir, [str(pid) for pid in meta.get("splits", {}).get("train", [])],
                                   "path.data_dir")
     if config["episodes"] == "superpixels":
@@ -242,14 +240,6 @@ def check_training_data(config: Mapping) -> None:
         raise UserError(f"val_split='gold': path.data_dir '{data_dir}' has {count} gold volumes "
                         "(volumes/gold), selection on them needs 2: use val_split='val' or prepared gold "
                         "volumes")
-
-
-def check_snapshot_files(config: Mapping) -> None:
-    """Every eval.snapshots entry names an existing file (its contents are checked when it is loaded)."""
-    for name, path in config["eval"]["snapshots"].items():
-        if not os.path.isfile(path):
-            raise fail(f"eval.snapshots['{name}']", path, "does not exist",
-                       "give a best.pth/last.pth written by train.py")
 
 
 def check_eval_support(config: Mapping) -> None:

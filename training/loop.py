@@ -1,10 +1,7 @@
-"""The training loop: train.py calls `train(config, run, defaults=...)`, which reads top to bottom.
-
-build (same seed on every rank) -> restore (path.init_from weights; resume=True: last.pth of the latest
-run of the same config) -> loop (step t takes episodes t*B .. t*B+B-1, DDP rank r of W every W-th) ->
-validate (rank 0, volumetric Dice on `val_split` -> best.pth) / save (last.pth, atomic). A run is a
-Sacred folder log_dir/<name>/<id>/; this module is their one walker, and `config_hash` (the keys that
-differ from the default config, minus HASH_EXCLUDED) says which runs are the same. docs/DESIGN.md.
+"""The training loop, `train(config, run, defaults=...)`: build -> restore (init_from, resume) -> loop
+(step t takes episodes t*B .. t*B+B-1, DDP rank r every W-th) -> validate (best.pth) / save (last.pth).
+Below it the one walker of run folders log_dir/<name>/<id>/ and `config_hash` (which runs are the
+same). docs/DESIGN.md, "Training".
 """
 from __future__ import annotations
 
@@ -90,12 +87,15 @@ class Trainer:
 
 
 def train(config: Mapping[str, Any], run=None, *, defaults: Mapping, checked: bool = False) -> dict:
-    """Train one fold; `run`: Sacred's Run or None; `defaults`: the default config (config.default_config,
-    for config_hash). checked=True: the caller ran check_config on this config already (train.py)."""
+    """Train one fold; `run`: Sacred's Run or None; `defaults`: config.default_config() (for config_hash);
+    checked: the caller (train.py) ran check_config already."""
     if not checked:
         check_config(config, "train")
     cfg = dict(config)
-    with _process_group(cfg["device"]) as (dist, device):
+    dist = distributed_from_env()                      # this process's place in a torchrun job
+    device = resolve_device(cfg["device"], dist.local_rank)
+    init_distributed(dist, device)
+    try:
         t = _build(cfg, run, dist, device, defaults)
         _restore(t, defaults)
         ids = [device.index] if device.type == "cuda" else None
@@ -152,20 +152,11 @@ def train(config: Mapping[str, Any], run=None, *, defaults: Mapping, checked: bo
                 run.info.update(episode_redraws=redraws, vanished_slices=loader.dataset.vanished,
                                 vanished_classes=loader.dataset.dropped)
         return _finish(t, meter, start_step)
-
-
-# ------------------------------------------------------------------------------- build and restore
-@contextlib.contextmanager
-def _process_group(device_name: str) -> Iterator[tuple[Distributed, torch.device]]:
-    """This process's place in a torchrun job (joined for the block) and its device."""
-    dist = distributed_from_env()
-    device = resolve_device(device_name, dist.local_rank)
-    init_distributed(dist, device)
-    try:
-        yield dist, device
     finally:
         dist.close()
 
+
+# ------------------------------------------------------------------------------- build and restore
 
 def _build(cfg: dict, run, dist: Distributed, device: torch.device, defaults: Mapping) -> Trainer:
     """Model (the same initial weights on every rank), optimiser, schedule and GradScaler (fp16 only)."""
@@ -237,17 +228,16 @@ def _resume(t: Trainer, defaults: Mapping):
 def _episode_loader(cfg: Mapping, dist: Distributed, device: torch.device, start_step: int) -> DataLoader:
     """Episodes from `start_step` on (a function of (seed, index)), sharded per step across ranks."""
     sampler = StepBatchSampler(start_step, cfg["n_steps"], cfg["batch_size"], dist.rank, dist.world_size)
-    input_slices = int(cfg["model"].get("input_slices", 1))
     if cfg["episodes"] == "superpixels":
         selfsup = cfg["selfsup"]
         episodes = SelfSupEpisodeDataset(cfg["path"]["data_dir"], cfg["n_ways"], cfg["n_shots"],
                                          cfg["n_queries"], cfg["input_size"], cfg["augment"], selfsup["warp"],
                                          selfsup["min_pixels"], cfg["seed"], recipe=selfsup["episodes"],
-                                         input_slices=input_slices)
+                                         input_slices=cfg["model"]["input_slices"])
     else:
         episodes = EpisodeDataset(cfg["path"]["data_dir"], fold_training_classes(cfg), cfg["n_ways"],
                                   cfg["n_shots"], cfg["n_queries"], cfg["input_size"], cfg["augment"],
-                                  cfg["seed"], input_slices=input_slices)
+                                  cfg["seed"], input_slices=cfg["model"]["input_slices"])
     return DataLoader(episodes, batch_sampler=sampler, num_workers=cfg["num_workers"],
                       pin_memory=device.type == "cuda",
                       generator=torch.Generator().manual_seed(cfg["seed"]))  # spares the global RNG
@@ -356,9 +346,8 @@ class StepMeter:
 
     def __init__(self, clock: Callable[[], float] = time.perf_counter) -> None:
         self._clock, self._tic = clock, clock()
-        self.step_seconds: list[float] = []    # per step: the wall time and the time in the loader's next()
-        self.wait_seconds: list[float] = []
-        self._losses: list[float] = []         # of the steps since the last window()
+        # per step: the wall time and the time in the loader's next(); the losses since the last window()
+        self.step_seconds, self.wait_seconds, self._losses = [], [], []
 
     def restart(self) -> None:
         self._tic = self._clock()
@@ -423,24 +412,19 @@ def trajectory_differences(stored: Mapping, requested: Mapping, defaults: Mappin
     return [f"{key}: {_short(was)} -> {_short(now)}" for key, (was, now) in pairs.items() if was != now]
 
 
-def iter_runs(log_dir: str | Path, name: str | None = None) -> Iterator[Path]:
-    """Run folders log_dir/<name>/<id>/, lowest id first (name None: every name, alphabetically); absent
-    folders yield nothing, entries that are not numbered folders are skipped."""
-    def folders(at: Path) -> list[Path]:
-        try:
-            return [p for p in at.iterdir() if p.is_dir()]
-        except OSError:   # absent or unreadable: no runs there
-            return []
-
-    for run_set in [name] if name is not None else sorted(p.name for p in folders(Path(log_dir))):
-        yield from sorted((p for p in folders(Path(log_dir, run_set)) if RUN_ID.fullmatch(p.name)),
-                          key=lambda p: int(p.name))
+def iter_runs(log_dir: str | Path, name: str) -> list[Path]:
+    """Run folders log_dir/<name>/<id>/, lowest id first (entries that are not numbered folders skipped)."""
+    try:
+        runs = [p for p in Path(log_dir, name).iterdir() if p.is_dir() and RUN_ID.fullmatch(p.name)]
+    except OSError:   # absent or unreadable: no runs there
+        return []
+    return sorted(runs, key=lambda p: int(p.name))
 
 
 def latest_run(log_dir: str | Path, name: str, accept: Callable[[Path], bool] = lambda run_dir: True
                ) -> Path | None:
     """The newest run folder of log_dir/name for which `accept(run_dir)` is true."""
-    return next((run_dir for run_dir in reversed(list(iter_runs(log_dir, name))) if accept(run_dir)), None)
+    return next((run_dir for run_dir in reversed(iter_runs(log_dir, name)) if accept(run_dir)), None)
 
 
 def _run_config(run_dir: Path) -> dict | None:
@@ -451,15 +435,15 @@ def _run_config(run_dir: Path) -> dict | None:
         return None
 
 
-def finished_snapshot(log_dir: str | Path, name: str, n_steps: int, snapshot: str = "best.pth",
-                      wanted_hash: str | None = None) -> Path | None:
-    """`snapshot` of the newest run of log_dir/name whose last.pth reached n_steps (and, given
-    `wanted_hash`, records that config_hash), else None."""
+def finished_snapshot(log_dir: str | Path, name: str, n_steps: int, snapshot: str, wanted_hash: str
+                      ) -> Path | None:
+    """`snapshot` of the newest run of log_dir/name whose last.pth reached n_steps and records the
+    config_hash `wanted_hash`, else None."""
     def finished(run_dir: Path) -> bool:
         if not ((run_dir / "last.pth").is_file() and (run_dir / snapshot).is_file()):
             return False
         state = load_checkpoint(str(run_dir / "last.pth"))
-        return wanted_hash in (None, state.get("config_hash")) and int(state["step"]) >= n_steps
+        return state.get("config_hash") == wanted_hash and int(state["step"]) >= n_steps
 
     found = latest_run(log_dir, name, finished)
     return None if found is None else found / snapshot

@@ -19,11 +19,10 @@ from models.alpnet_head import query_loss as alpnet_query_loss
 from models.boundary_loss import boundary_loss
 from models.fewshot import SENET, method_of
 from models.fewshot import build_model as _build
+from models.local_prototypes import IGNORE
 from models.senet import senet_loss
-from util.errors import UserError
 from util.options import BOOL, Option, integer, number
 
-ARMS = ("segmenter", "conditioner")
 # SENet's released schedule and fidelity switches (config.py's `senet` section takes these defaults)
 SENET_DEFAULTS = {"official_bug": False, "double_softmax": False, "epochs": 20, "lr_step_epochs": 10,
                   "gamma_segmenter": 0.1, "gamma_conditioner": 0.001}
@@ -33,28 +32,19 @@ SENET_OPTIONS = {"official_bug": Option(BOOL), "double_softmax": Option(BOOL),
                  "gamma_conditioner": number(0, 1, low_open=True, example="0.001")}
 
 
-def model_config(cfg: Mapping) -> dict:
-    """The model config dict of a run config: `model`, plus senet.official_bug for SENet."""
-    config = dict(cfg["model"])
-    if method_of(config) == SENET:
-        config["official_bug"] = bool(cfg["senet"]["official_bug"])
-    return config
-
-
 def build_model(cfg: Mapping) -> torch.nn.Module:
-    """The run's model (models/fewshot.py), on the CPU."""
-    return _build(model_config(cfg), cfg["path"]["init_path"])
+    """The run's model (models/fewshot.py) on the CPU; SENet takes senet.official_bug."""
+    return _build({**cfg["model"], "official_bug": cfg["senet"]["official_bug"]}, cfg["path"]["init_path"])
 
 
 def build_optimisation(cfg: Mapping, model: torch.nn.Module):
     """(optimizer, scheduler) of the run's method; the scheduler is stepped after every step."""
     if method_of(cfg["model"]) == SENET:
-        options = cfg["senet"]
+        senet = cfg["senet"]
         optimizer = build_senet_optimizer(model, cfg["lr"], cfg["momentum"], cfg["weight_decay"])
-        scheduler = build_senet_scheduler(optimizer, cfg["n_steps"], options["epochs"],
-                                          options["lr_step_epochs"],
-                                          options["gamma_segmenter"], options["gamma_conditioner"])
-        return optimizer, scheduler
+        return optimizer, build_senet_scheduler(optimizer, cfg["n_steps"], senet["epochs"],
+                                                senet["lr_step_epochs"], senet["gamma_segmenter"],
+                                                senet["gamma_conditioner"])
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=cfg["lr"],
                                 momentum=cfg["momentum"], weight_decay=cfg["weight_decay"])
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(cfg["lr_milestones"]),
@@ -68,8 +58,8 @@ def episode_loss(cfg: Mapping, logits: Tensor, labels: Tensor, aux_loss: Tensor)
         return senet_loss(logits, labels, bool(cfg["senet"]["double_softmax"]))
     if cfg["model"].get("head") == "alpnet":   # SSL-ALPNet's query loss: background weight 0.05
         loss = alpnet_query_loss(logits, labels)
-    else:  # ignore_index 255 as the official code (our query labels are 0..N: no pixel is ignored)
-        loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(0, 1), ignore_index=255)
+    else:  # ignore_index as the official code (our query labels are 0..N: no pixel is ignored)
+        loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(0, 1), ignore_index=IGNORE)
     boundary_weight = float(cfg.get("boundary_weight", 0.0))
     if boundary_weight:      # 0 (the default): not computed, the loss is bit-equal to the loss without it
         loss = loss + boundary_weight * boundary_loss(logits, labels)
@@ -81,8 +71,8 @@ def episode_loss(cfg: Mapping, logits: Tensor, labels: Tensor, aux_loss: Tensor)
 # ------------------------------------------------------------------------------- SENet's schedule
 def build_senet_optimizer(model, lr: float, momentum: float, weight_decay: float) -> torch.optim.SGD:
     """SGD with the parameter groups 'segmenter' and 'conditioner' (in that order)."""
-    arms = model.arm_parameters()
-    groups = [{"params": [p for p in arms[arm] if p.requires_grad], "name": arm} for arm in ARMS]
+    groups = [{"params": [p for p in getattr(model, arm).parameters() if p.requires_grad], "name": arm}
+              for arm in ("segmenter", "conditioner")]
     return torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay)
 
 
@@ -104,11 +94,8 @@ def build_senet_scheduler(optimizer: torch.optim.Optimizer, n_steps: int,
                           gamma_conditioner: float = SENET_DEFAULTS["gamma_conditioner"]
                           ) -> torch.optim.lr_scheduler.LambdaLR:
     """Per-step scheduler (call .step() after every optimiser step) for `build_senet_optimizer`'s groups."""
-    if n_steps < 1 or epochs < 1 or step_epochs < 1:
-        raise UserError(f"senet schedule: n_steps {n_steps}, epochs {epochs}, lr_step_epochs {step_epochs}: "
-                        "all must be >= 1")
     gammas = {"segmenter": gamma_segmenter, "conditioner": gamma_conditioner}
     lambdas = [functools.partial(lr_factor, n_steps=n_steps, epochs=epochs, step_epochs=step_epochs,
-                                 gamma=gammas[group.get("name", "segmenter")])
+                                 gamma=gammas[group["name"]])
                for group in optimizer.param_groups]
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)

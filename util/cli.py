@@ -1,9 +1,5 @@
-"""Command-line runner of the argparse entry points (scripts/): one-line errors, `--debug` tracebacks.
-
-Sacred entry points (train.py, test.py) use `config.run_sacred` instead, which keeps Sacred out of the
-library. Both turn an OSError raised while writing an output (disk full, quota, read-only file system,
-permission; `util.io.output_error_message`) into the same one-line error; the atomic writers have
-already removed their partial file. `warn` prints a one-line `warning: ...` (library code may call it).
+"""Command-line runner of the argparse entry points (scripts/): one-line errors (a failed write too),
+`--debug` tracebacks; `warn` prints one `warning: ...` line. Sacred entry points use `config.run_sacred`.
 """
 from __future__ import annotations
 
@@ -26,10 +22,8 @@ def warn(message: str) -> None:
 
 
 def run_cli(main: Callable[[list[str]], int | None], argv: list[str] | None = None) -> None:
-    """Run an argparse-style `main(argv)`; `UserError` becomes a one-line message and exit 2.
-
-    `--debug` anywhere in argv re-raises instead, with the full traceback.
-    """
+    """Run an argparse-style `main(argv)`; `UserError` becomes a one-line message and exit 2 (`--debug`
+    anywhere in argv: the traceback instead)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     if debug:

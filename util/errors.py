@@ -1,9 +1,4 @@
-"""Errors the user can fix, and how entry points report them.
-
-Library code raises `UserError` with one sentence that names the offending thing and the fix.
-Entry points catch it (util/cli.py, config.run_sacred) and print that sentence alone (no traceback)
-unless `--debug` is given.
-"""
+"""Errors the user can fix: entry points (util/cli.py, config.run_sacred) print the message alone."""
 from __future__ import annotations
 
 

@@ -1,10 +1,5 @@
-"""File output and input at the doors: atomic writes, output-location checks, weights-only torch.load.
-
-Writes go to `<path>.tmp-<pid>` in the same folder and are renamed into place (never a truncated file).
-Entry points check every output location BEFORE reading data or building a model: never an input
-(same path, symlink or hard link; for folders also one that holds an input), the right kind of path,
-writable (probed by creating a file: `os.access` says yes to root on read-only mounts).
-`output_error_message` turns a failed write (disk full, permission) into the one-line error.
+"""File output and input at the doors: atomic writes, output-location checks (before any compute),
+the one-line message of a failed write, weights-only torch.load. docs/DESIGN.md, "Conventions".
 """
 from __future__ import annotations
 
@@ -25,11 +20,8 @@ WRITE_ERRNOS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota 
 # ------------------------------------------------------------------------------ atomic writes
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temp path beside `path` to write; on success it replaces `path`, on error it is removed.
-
-    The parent folder is created when missing. Writers that pick a format from the file name
-    (np.savez, savefig) must be given an open handle or an explicit format.
-    """
+    """Yield a temp path beside `path` (parent created) to write; on success it replaces `path`, on error
+    it is removed. Writers that pick a format from the file name need a handle or an explicit format."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f"{path.name}.tmp-{os.getpid()}")
@@ -65,30 +57,22 @@ def same_file(a: str | Path, b: str | Path) -> bool:
         return False
 
 
-def _probe_writable(folder: Path) -> str | None:
-    """None when a file can be created in `folder`; else the reason (e.g. 'permission denied')."""
-    probe = folder / f".write-probe-{os.getpid()}"
+def _check_writable(label: str, folder: Path, give: str) -> None:
+    """`folder`, or its nearest existing ancestor, is a folder where a file can be created (probed by
+    creating one: `os.access` says yes to root on read-only mounts)."""
+    anchor = folder if folder.exists() else Path(os.path.abspath(folder))
+    while not anchor.exists() and anchor != anchor.parent:
+        anchor = anchor.parent
+    if not anchor.is_dir():
+        raise UserError(f"{label}: {anchor} is a file, not a folder: {give}")
+    probe = anchor / f".write-probe-{os.getpid()}"
     try:
         open(probe, "wb").close()
     except OSError as error:
-        return WRITE_ERRNOS.get(error.errno, error.strerror or type(error).__name__)
+        reason = WRITE_ERRNOS.get(error.errno, error.strerror or type(error).__name__)
+        raise UserError(f"{label}: cannot write in {anchor} ({reason}): choose a writable location") from None
     with suppress(OSError):
         probe.unlink()
-    return None
-
-
-def _check_writable(label: str, folder: Path, give: str) -> None:
-    """`folder`, or its nearest existing ancestor when missing, is a folder where a file can be created."""
-    anchor = folder
-    if not anchor.exists():
-        anchor = Path(os.path.abspath(folder))
-        while not anchor.exists() and anchor != anchor.parent:
-            anchor = anchor.parent
-    if not anchor.is_dir():
-        raise UserError(f"{label}: {anchor} is a file, not a folder: {give}")
-    reason = _probe_writable(anchor)
-    if reason is not None:
-        raise UserError(f"{label}: cannot write in {anchor} ({reason}): choose a writable location")
 
 
 def _check_parent(out: Path, what: str, create: bool) -> None:
@@ -111,11 +95,8 @@ def _check_not_input(out: Path, inputs: Iterable, what: str, folder: bool) -> No
 
 def check_output_file(out: str | Path, inputs: Iterable = (), what: str = "--out",
                       suffixes: tuple[str, ...] = (), create_parent: bool = False) -> Path:
-    """Check a file output before any compute; an existing file is fine (replaced atomically).
-
-    Refused: an existing folder, the same file as an input, a name without one of `suffixes` (when
-    given), a parent that is missing (unless `create_parent`), not a folder, or not writable.
-    """
+    """Check a file output before any compute (an existing file is replaced atomically): not a folder, not
+    an input, one of `suffixes` (when given), a parent that exists (or `create_parent`) and is writable."""
     out = Path(out)
     if out.is_dir():
         raise UserError(f"{what} {out}: is a folder: give a file path"
@@ -129,11 +110,8 @@ def check_output_file(out: str | Path, inputs: Iterable = (), what: str = "--out
 
 def check_output_folder(out: str | Path, inputs: Iterable = (), what: str = "--out", overwrite: bool = False,
                         create_parent: bool = True) -> Path:
-    """Check a folder output (built in `<out>.partial-<pid>` and renamed) before any compute.
-
-    Refused: an existing file (even with `overwrite`), an existing folder without `overwrite`, an
-    output that is or holds an input, a location that cannot be written.
-    """
+    """Check a folder output (built in `<out>.partial-<pid>`, then renamed) before any compute: not a
+    file, not an existing folder without `overwrite`, not (holding) an input, a writable location."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise UserError(f"{what} {out}: is a file, not a folder: give a new folder path "

@@ -1,8 +1,6 @@
-"""The generic option checker: `Option` (kind, range, choices), `check_value` and `check_options` (every
-key of a config tree known, every value valid; an unknown key is named with the nearest known one).
-It knows no registry: each component declares its options and passes them in (training/config_check.py
-assembles them). Every error is one line, "<key> = <value>: <what is wrong>: <fix>"; a wrong type is
-said as such ("must be an integer, not a string"), never as "out of range".
+"""The generic option checker: `Option` (kind, range, choices) and `check_options` (every key of a config
+tree known, else the nearest one named; every value valid). It knows no registry: the owners pass theirs.
+Every error is one line, "<key> = <value>: <what is wrong>: <fix>"; a wrong type is said as such.
 """
 from __future__ import annotations
 
@@ -10,12 +8,12 @@ import difflib
 import math
 import numbers
 from dataclasses import dataclass, fields
-from typing import Any, Mapping, TypeVar
+from typing import Any, Mapping
 
 from util.errors import UserError
 
 # Kinds of value
-INT, NUMBER, BOOL, CHOICE, TEXT, NAME, FILE = "int", "number", "bool", "choice", "text", "name", "file"
+INT, NUMBER, BOOL, CHOICE, PATH, NAME = "int", "number", "bool", "choice", "path", "name"
 PAIR, MILESTONES, ORGAN_SETS, ORGANS, AMP, SUPPORT, SNAPSHOTS, GRIDS = (
     "pair", "milestones", "organ_sets", "organs", "amp", "support", "snapshots", "grids")
 
@@ -46,14 +44,10 @@ def choice(*choices, **kw) -> Option:
 
 
 # ------------------------------------------------------------------------------ messages
-def _show(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
-
-
 def fail(key: str, value: Any, what: str, fix: str, source: str = "") -> UserError:
     """The one message shape: "<key> = <value>: <what is wrong>: <fix>" (after "<source>: " when given)."""
-    return UserError(f"{source + ': ' if source else ''}{key} = {_show(value)}: {what}: {fix}")
+    shown = repr(value) if len(repr(value)) <= 80 else repr(value)[:77] + "..."
+    return UserError(f"{source + ': ' if source else ''}{key} = {shown}: {what}: {fix}")
 
 
 def _type_word(value: Any) -> str:
@@ -87,10 +81,6 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
-def _example(key: str, option: Option, fallback: str) -> str:
-    return f"e.g. {key}={option.example}" if option.example else fallback
-
-
 # ------------------------------------------------------------------------------ one value
 def _check_numeric(key: str, value: Any, option: Option) -> None:
     integral = option.kind == INT
@@ -101,7 +91,7 @@ def _check_numeric(key: str, value: Any, option: Option) -> None:
             raise fail(key, value, "must be an integer, not a string",
                        f"write {key}={int(value)} (no quotes)")
         raise fail(key, value, f"must be {noun}, not {_type_word(value)}",
-                   _example(key, option, f"use {kind}"))
+                   f"e.g. {key}={option.example}" if option.example else f"use {kind}")
     if integral and not isinstance(value, numbers.Integral):
         if math.isfinite(value) and float(value).is_integer():
             raise fail(key, value, "must be an integer", f"write {int(value)} (no decimal point)")
@@ -123,11 +113,6 @@ def _check_choice(key: str, value: Any, option: Option) -> None:
     hint = f" (did you mean {near[0]!r}?)" if near else ""
     what = "unknown" if all(isinstance(c, str) for c in option.choices) else "not one of the choices"
     raise fail(key, value, what, f"use one of {', '.join(map(repr, option.choices))}{hint}")
-
-
-def _increasing_positive(value: Any) -> bool:
-    return isinstance(value, (list, tuple)) and list(value) == sorted(set(value)) \
-        and not any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in value)
 
 
 def _check_organ_list(key: str, value: Any) -> None:
@@ -152,7 +137,7 @@ def check_value(key: str, value: Any, option: Option) -> None:
             raise fail(key, value, "must be True or False", f"write {key}=True or {key}=False")
     elif kind == CHOICE:
         _check_choice(key, value, option)
-    elif kind in (TEXT, FILE):
+    elif kind == PATH:
         if not isinstance(value, str) or not value:
             raise fail(key, value, "must name a path", f"give a path{' or None' if option.nullable else ''}")
     elif kind == NAME:
@@ -163,8 +148,9 @@ def check_value(key: str, value: Any, option: Option) -> None:
                 and value[0] <= value[1] and _in_bounds(value[0], option) and math.isfinite(value[1])):
             raise fail(key, value, "not a range [low, high]",
                        "use two numbers with 0 < low <= high, e.g. [0.5, 2.0]")
-    elif kind in (MILESTONES, GRIDS):
-        if not _increasing_positive(value):
+    elif kind in (MILESTONES, GRIDS):   # increasing positive integers
+        if not (isinstance(value, (list, tuple)) and list(value) == sorted(set(value))
+                and not any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in value)):
             raise fail(key, value, *_SEQUENCES[kind])
     elif kind == ORGAN_SETS:
         if not isinstance(value, (list, tuple)) or len(value) != 4:
@@ -241,10 +227,7 @@ def check_options(tree: Mapping, schema: Mapping[str, Option], listed_in: str, p
 
 
 # ------------------------------------------------------------------------------ dataclass options
-Options = TypeVar("Options")
-
-
-def options_from_mapping(cls: type[Options], values: Mapping[str, Any], name: str) -> Options:
+def options_from_mapping(cls: type, values: Mapping[str, Any], name: str):
     """`cls(**values)` for a dataclass `cls`; UserError naming `name` and the known keys on an unknown key."""
     known = {f.name for f in fields(cls)}
     unknown = set(values) - known
