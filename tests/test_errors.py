@@ -173,13 +173,14 @@ def ct_subject(seed: int, n_slices: int = 20, organ_z=(6, 14)) -> tuple[np.ndarr
     return np.rint(image).astype(np.int16), mask
 
 
-def small_model(path: Path, **records) -> Path:
-    """A random cnn_small FewShotSegNet checkpoint with `records`."""
+def small_model(path: Path, encoder: str | None = None, **records) -> Path:
+    """A random cnn_small FewShotSegNet checkpoint with `records` (its config naming `encoder` if given)."""
     from models.checkpoint import save_checkpoint
     from models.fewshot import FewShotSegNet
     torch.manual_seed(0)
     model = FewShotSegNet(encoder="cnn_small", resolution="feature", n_grid=2)
-    save_checkpoint(str(path), {"model": model.state_dict(), "model_config": model.config, **records})
+    config = {**model.config, "encoder": encoder} if encoder else model.config
+    save_checkpoint(str(path), {"model": model.state_dict(), "model_config": config, **records})
     return path
 
 
@@ -196,6 +197,7 @@ def files(tiny_phantom, tmp_path_factory) -> dict:
     shutil.copyfile(volume, f["ct"])
     shutil.copyfile(segmentations / f"{pid}_1_CTce_ThAb_58_1.nii.gz", f["mask"])
     f["checkpoint"] = small_model(root / "model.pth", input_size=32, intensity={"mode": "minmax"})
+    f["vgg_checkpoint"] = small_model(root / "vgg.pth", input_size=32, encoder="vgg16")
     f["truncated_checkpoint"] = truncate(shutil.copyfile(f["checkpoint"], root / "truncated.pth"), 5000)
     f["truncated_image"] = truncate(shutil.copyfile(f["ct"], root / "truncated.nii.gz"), 3000)
     f["folder"], f["absent"] = root / "folder.nii.gz", root / "absent.nii.gz"
@@ -206,22 +208,25 @@ def files(tiny_phantom, tmp_path_factory) -> dict:
     labels = np.zeros(ct.shape, np.uint8)  # TotalSegmentator style: spleen 1, right kidney 2
     for radlex, value in ((86, 1), (29662, 2), (58, 5)):
         organ = nib.load(str(segmentations / f"{pid}_1_CTce_ThAb_{radlex}_1.nii.gz"))
-        labels[np.asarray(organ.dataobj) > 0] \
-            = value
+        labels[np.asarray(organ.dataobj) > 0] = value
     numbered = np.arange(ct.size).reshape(ct.shape)
     few = np.zeros(ct.shape, np.uint8)
     few[30, 30, 10:14] = 1                                    # a 'liver' of one voxel per slice
     air = np.full(ct.shape, -1000, np.int16)
     air[0, 0, 0] = -990
+    moved = affine.copy()
+    moved[0, 3] += 15.0
     for name, array, where in (
-            ("empty_mask", np.zeros(ct.shape, np.uint8), affine), ("mask_255",
-                                                                   liver.astype(np.float32) * 255, affine),
+            ("empty_mask", np.zeros(ct.shape, np.uint8), affine), ("mask_255", liver * np.float32(255),
+                                                                   affine),
             ("nan_image", np.where(numbered == 5, np.nan, ct.astype(np.float32)), affine),
             ("inf_image", np.where(numbered == 9, np.inf, ct.astype(np.float32)), affine),
-            ("ts_labels", labels, affine), ("soft", liver.astype(np.float32) * 0.5, affine),
+            ("ts_labels", labels, affine), ("soft", liver * np.float32(0.5), affine),
             ("constant", np.full(ct.shape, 40, np.int16), affine), ("air", air, affine),
-            ("liver_lps", *to_lps(liver.astype(np.uint8), affine)), ("narrow", ct[: ct.shape[0] // 2],
-                                                                     affine)):
+            ("liver_lps", *to_lps(liver.astype(np.uint8), affine)), ("narrow", ct[: len(ct) // 2], affine),
+            ("small_mask", liver[:-2].astype(np.uint8), affine),
+            ("shifted_mask", liver.astype(np.uint8), moved),
+            ("image_2d", ct[:, :, 0], affine), ("image_4d", np.stack([ct, ct], -1), affine)):
         f[name] = save(root / f"{name}.nii.gz", array, where)
     f["few_liver"] = save(root / f"{pid}_1_CTce_ThAb_58_1.nii.gz", few, affine)  # VISCERAL name: organ known
     for name, content in (("ts_map", {"labels": {"1": "spleen", "2": "kidney_right", "5": "liver"}}),
@@ -232,14 +237,14 @@ def files(tiny_phantom, tmp_path_factory) -> dict:
     # the synthetic CT pair (subject 1 support, subject 2 query) and its non-HU variants
     f["support_array"], f["support_mask_array"] = ct_subject(1)
     f["query_array"], _ = ct_subject(2, organ_z=(7, 15))
-    f["support"], f["support_mask"] = save(root / "support.nii.gz", f["support_array"]), \
-        save(root / "support_mask.nii.gz", f["support_mask_array"])
+    f["support"] = save(root / "support.nii.gz", f["support_array"])
+    f["support_mask"] = save(root / "support_mask.nii.gz", f["support_mask_array"])
     f["query"] = save(root / "query.nii.gz", f["query_array"])
     f["window_ckpt"] = small_model(root / "window.pth", input_size=16, intensity=WINDOW, step=1, fold=0)
     f["minmax_ckpt"] = small_model(root / "minmax.pth", input_size=16, intensity={"mode": "minmax"})
     query = f["query_array"].astype(np.float64)
-    for name, array in (("float01", (query + 1024) / 4095.0), ("uint16_raw",
-                                                               (query + 1024).astype(np.uint16)),
+    for name, array in (("float01", (query + 1024) / 4095.0),
+                        ("uint16_raw", (query + 1024).astype(np.uint16)),
                         ("int8", np.clip(query / 16, -128, 127).astype(np.int8)),
                         ("mr_like", np.where(query > -500, query + 400.0, 0.0))):
         f[name] = save(root / f"{name}.nii.gz", array)
@@ -250,17 +255,18 @@ def files(tiny_phantom, tmp_path_factory) -> dict:
 
 def segment_argv(c, synthetic: bool = False, **changes) -> list[str]:
     """segment_volume's argv: the phantom CT as support and query (or the synthetic pair with the window
-    checkpoint), out <tmp>/p.nii.gz, 3 chunks on the CPU; a change's string value names a file of `files`."""
+    checkpoint), out <tmp>/p.nii.gz, 3 chunks on the CPU; a change's string value names a file of `files`,
+    None drops the option."""
     f = c.files
     args = {"--checkpoint": f["window_ckpt"], "--support-image": f["support"],
-            "--support-mask": f["support_mask"],
-            "--query": f["query"]} if synthetic else \
+            "--support-mask": f["support_mask"], "--query": f["query"]} if synthetic else \
         {"--checkpoint": f["checkpoint"], "--support-image": f["ct"], "--support-mask": f["mask"],
          "--query": f["ct"], "--input-size": 32}
     args.update({"--out": c.tmp / "p.nii.gz", "--device": "cpu", "--n-chunks": 3})
-    args.update({key: f.get(value, value) if isinstance(value, str) else value for key,
-                 value in changes.items()})
-    return [str(item) for pair in args.items() for item in pair] + ["--no-progress"]
+    args.update({key: f.get(value, value) if isinstance(value, str) else value
+                 for key, value in changes.items()})
+    return [str(item) for key, value in args.items() if value is not None for item in (key, value)] + \
+        ["--no-progress"]
 
 
 class Context:
@@ -318,6 +324,33 @@ def gold_label_shape(prep: Path) -> None:
     with np.load(path) as data:
         arrays = {key: data[key] for key in data.files}
     arrays["label"] = arrays["label"][:-1]
+    np.savez(path, **arrays)
+
+
+def edit_json(path: Path, change) -> None:
+    content = json.loads(path.read_text())
+    change(content)
+    path.write_text(json.dumps(content))
+
+
+def index_row_without_class(prep: Path) -> None:
+    index = json.loads((prep / "index.json").read_text())
+    pid = index["slices"]["1"][0][0]
+    label = np.load(prep / "train" / f"{pid}_label.npy")
+    index["slices"]["1"][0][1] = int(next(r for r in range(label.shape[0]) if not (label[r] == 1).any()))
+    (prep / "index.json").write_text(json.dumps(index))
+
+
+def label_42(prep: Path) -> None:
+    label = np.load(first(prep, "train/*_label.npy"))
+    label[0, 0, 0] = 42
+    np.save(first(prep, "train/*_label.npy"), label)
+
+
+def drop_gold_key(prep: Path, key: str) -> None:
+    path = first(prep, "volumes/gold/*.npz")
+    with np.load(path) as data:
+        arrays = {name: data[name] for name in data.files if name != key}
     np.savez(path, **arrays)
 
 
@@ -581,8 +614,27 @@ SCRIPT_ROWS = {
         "stray train file": (lambda p: np.save(p / "train" / "notes.npy", np.zeros(3)), "not <id>_image.npy"),
         "unusable id in meta": (bad_id_in_meta, "case id '../evil'"),
         "normalised slices under minmax": (lambda p: as_zscore_folder(p, "minmax"),
-                                           "image values outside [0, 1]")}.items()},
-    "check absent": ("check_dataset", lambda c: [c.tmp / "absent"], ["folder not found"]),
+                                           "image values outside [0, 1]"),
+        "meta.json missing": (lambda p: (p / "meta.json").unlink(), "meta.json: missing"),
+        "a volume in train and val": (lambda p: edit_json(p / "meta.json", lambda m: m["splits"][
+            "val"].append(m["splits"]["train"][0])), "is in both train and val"),
+        "index.json not JSON": (lambda p: (p / "index.json").write_text("{"), "index.json: not valid JSON"),
+        "index row out of range": (lambda p: edit_json(p / "index.json", lambda i: i["slices"]["1"][
+            0].__setitem__(1, 999)), "row out of range"),
+        "index row without its class": (index_row_without_class, "has no voxel of class 1"),
+        "label value 42": (label_42, "label value 42 > 20"),
+        "image shape": (lambda p: np.save(first(p, "train/*_image.npy"), np.load(first(
+            p, "train/*_image.npy"))[:, :10]), "_image.npy: float32"),
+        "training label missing": (lambda p: first(p, "train/*_label.npy").unlink(),
+                                   "_label.npy: missing training file"),
+        "gold volume missing": (lambda p: first(p, "volumes/gold/*.npz").unlink(),
+                                ".npz: missing evaluation volume"),
+        "gold key missing": (lambda p: drop_gold_key(p, "original_affine"), "keys original_affine missing"),
+        "training file of no split": (lambda p: shutil.copy(first(p, "train/*_image.npy"),
+                                                            p / "train" / "99999999_image.npy"),
+                                      "99999999 which is not in splits.train")}.items()},
+    "check absent": ("check_dataset", lambda c: [c.tmp / "absent"],
+                     ["folder not found: run scripts/prepare_visceral.py"]),
     "check empty": ("check_dataset", lambda c: [made(c.tmp / "empty")], ["meta.json: missing"]),
     "check a file": ("check_dataset", lambda c: [made(c.tmp / "file", "x")], ["folder not found"]),
     "check preset": ("check_dataset", lambda c: [c.tiny_prepared, "--mask-copy", "--preset", "bogus"],
@@ -619,7 +671,21 @@ SCRIPT_ROWS = {
         "label map a JSON list": ({"--support-mask": "ts_labels", "--support-label": "liver",
                                    "--label-map": "list_map"}, ["list_map.json", "JSON list"]),
         "image and mask swapped": ({"--support-image": "mask", "--support-mask": "ct"}, ["check the order"]),
-        "constant query": ({"--query": "constant"}, ["constant", "nothing to segment"])}.items()},
+        "constant query": ({"--query": "constant"}, ["constant", "nothing to segment"]),
+        "absent label": ({"--support-mask": "ts_labels", "--support-label": "12"}, ["label 12", "no slice"]),
+        "unknown organ name": ({"--support-label": "pancreas_tail"}, ["support-label"]),
+        "mask shape": ({"--support-mask": "small_mask"}, ["mask shape"]),
+        "mask affine": ({"--support-mask": "shifted_mask"}, ["affine"]),
+        "range outside": ({"--query-range": "10:99"}, ["outside the query"]),
+        "range malformed": ({"--query-range": "ten"}, ["Z0:Z1"]),
+        "2D query": ({"--query": "image_2d"}, ["2 dimensions"]),
+        "4D support": ({"--support-image": "image_4d"}, ["4 dimensions"]),
+        "other encoder": ({"--checkpoint": "vgg_checkpoint"}, ["encoder"]),
+        "missing checkpoint": ({"--checkpoint": "nothing.pth"}, ["does not exist"]),
+        "bad intensity": ({"--intensity": "window:5"}, ["intensity"]),
+        "unpaired support files": ({"--support-mask": None}, ["pairs"])}.items()},
+    "segment out not .nii.gz": ("segment_volume", lambda c: segment_argv(c, **{"--out": c.tmp / "p.nii"}),
+                                [".nii.gz"]),
     "segment out a symlink to the query": ("segment_volume", lambda c: segment_argv(
         c, **{"--out": linked(c.tmp / "link.nii.gz", c.files["ct"])}), ["is the input", "destroy the input"]),
     "segment out a hard link to the mask": ("segment_volume", lambda c: segment_argv(
@@ -1239,7 +1305,13 @@ def test_images_only_folder_hidden_files_and_the_readme_superpixels_example(tiny
 
 def test_check_dataset_accepts_zscored_slices_and_means_the_four_table_organs(tiny_prepared, tmp_path,
                                                                            capsys):
-    from evaluation.dataset_check import format_mask_copy, mask_copy_dice
+    from evaluation.dataset_check import check_prepared, format_mask_copy, format_table, mask_copy_dice
+    code, out, err = script_output("check_dataset", [tiny_prepared], capsys)       # a per-class table
+    assert code == 0 and err == "" and "liver" in out and "kidney_left" in out and "OK" in out
+    report, index = check_prepared(tiny_prepared), json.loads((tiny_prepared / "index.json").read_text())
+    rows = {row["index"]: row for row in report["rows"]}
+    assert rows[1]["slices"] == len(index["slices"]["1"]) and "gold vol" in format_table(report)
+    assert rows[1]["volumes"] == len({entry[0] for entry in index["slices"]["1"]})
     prep = Path(shutil.copytree(tiny_prepared, tmp_path / "prep"))
     as_zscore_folder(prep, "zscore")
     code, _, err = script_output("check_dataset", [prep], capsys)
