@@ -15,7 +15,6 @@ import json
 import os
 import random
 import re
-import resource
 import shutil
 import signal
 import subprocess
@@ -855,10 +854,20 @@ def train_runs(sacred_paths, tiny_prepared) -> dict:
               "shutil.copytree(log / 'r' / '1', log / 'r' / '2')\n"
               "for last in (log / 'r' / '2' / 'last.pth', log / 'fresh' / '1' / 'last.pth'):\n"
               "    last.write_bytes(last.read_bytes()[:2000])\n")
+    count = textwrap.dedent(f"""
+        import train, training.loop
+        from training import config_check
+        original = config_check.check_config
+        def counting(config, command="train"):
+            with open({str(log / 'calls')!r}, "a") as calls:
+                calls.write(command + " ")
+            return original(config, command)
+        train.check_config = config_check.check_config = training.loop.check_config = counting
+    """)
     results = run_sacred_cases("train", [base + TRAIN_ROWS[row][0](p) for row in ids] + [
         run + ["name=r"], run + ["name=fresh"], {"python": damage}, run + ["name=r", "resume=True"],
-        run + ["name=fresh", "resume=True"]])
-    return {**dict(zip(ids + ["r", "fresh", "resume r", "resume fresh"], results)), "log": log,
+        run + ["name=fresh", "resume=True"], {"python": count}, run + ["name=once"]])
+    return {**dict(zip(ids + ["r", "fresh", "resume r", "resume fresh", "once"], results)), "log": log,
             "errors_log": errors_log}
 
 
@@ -919,6 +928,8 @@ def test_sacred_errors_leave_no_run_and_a_truncated_last_pth_names_the_way_out(t
     assert train_runs["resume fresh"]["code"] == 2 and len(errors) == 1
     assert "no earlier readable last.pth" in errors[0] and "resume=False to start fresh" in errors[0]
     assert sorted(p.name for p in (log / "r").iterdir() if p.name.isdigit()) == ["1", "2"]  # no FAILED record
+    assert train_runs["once"]["code"] == 0 and list((log / "once").rglob("last.pth"))
+    assert (log / "calls").read_text() == "train "                       # train.py checks its config once
 
 
 def test_test_py_snapshot_decides_input_size_and_unscored_organs_are_named(test_runs):
@@ -1618,43 +1629,66 @@ def test_output_checks_accept_new_outputs_and_name_write_failures(tmp_path):
 # ====================================================================== real processes, full disks, kills
 def test_real_processes_one_line_without_traceback_and_debug_shows_it(tiny_prepared, tmp_path):
     """The process contract: exit 2, one 'error:' line, no traceback (no library warning either, without
-    PYTHONWARNINGS); --debug gives the traceback."""
+    PYTHONWARNINGS); --debug gives the traceback. (test.py ends through the same config.run_sacred.)"""
     done = subprocess.run([sys.executable, "scripts/check_dataset.py", str(tmp_path / "absent")], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
     assert_one_line_error(done.returncode, done.stderr, "folder not found")
     debug = subprocess.run([sys.executable, "scripts/check_dataset.py", str(tmp_path / "absent"), "--debug"],
                            cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert debug.returncode != 0 and "Traceback" in debug.stderr and "UserError" in debug.stderr
-    done = subprocess.run([sys.executable, "test.py", "with", "tiny", f"path.data_dir={tmp_path}",
-                           f"path.log_dir={tmp_path / 'runs'}"], cwd=ROOT, capture_output=True, text=True,
-                          timeout=300)
-    assert_one_line_error(done.returncode, done.stderr, "not a prepared folder")
     done = train_cli("fold=1.0", log_dir=tmp_path / "runs", prep_dir=tiny_prepared)
     assert_one_line_error(done.returncode, done.stderr, "fold = 1.0: must be an integer")
     assert not (tmp_path / "runs").exists()
 
 
-@pytest.mark.parametrize("entry", ["segment_volume", "make_phantom", "train.py"])
-def test_disk_full_mid_write_is_one_line_and_leaves_no_partial_output(files, tiny_prepared, tmp_path, entry):
-    c = Context.of(tmp_path, files=files)
-    limit = 600                             # any file beyond it fails with EFBIG, as a full disk with ENOSPC
-    if entry == "segment_volume":
-        argv = ["scripts/segment_volume.py", *segment_argv(c)]
-    elif entry == "make_phantom":
-        argv = ["scripts/make_phantom.py", "--out", str(tmp_path / "ph"), *PHANTOM_ARGS]
-    else:                                   # Sacred's small records fit, the checkpoint does not
-        limit = 60_000
-        argv = ["train.py", "with", "tiny", "device=cpu", f"path.data_dir={tiny_prepared}",
-                f"path.log_dir={tmp_path}",
-                "n_steps=2", "save_every=2", "val_every=0", "name=full"]
-    done = subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True, timeout=300,
-                          preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)),
-                          env=dict(os.environ, PYTHONDONTWRITEBYTECODE="1"))
-    errors = [line[line.index("error: "):] for line in done.stderr.splitlines() if "error: " in line]
-    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
-    assert len(errors) == 1 and "writing failed (the file size limit was reached)" in errors[0], errors
-    left = [name for name in tree(tmp_path) if "_sources" not in name]
-    assert left in ([], ["full"])          # no partial file, no .tmp-<pid>, no .partial, no FAILED run record
+# Each (entry, argv, file size limit) in one process: beyond the limit a write fails with EFBIG, as a full
+# disk fails with ENOSPC (Python ignores SIGXFSZ); the limit is lifted again between entries.
+DISK_FULL_DRIVER = textwrap.dedent("""
+    import contextlib, importlib.util, io, json, resource, sys, traceback
+    import train
+    from config import run_sacred
+    from util.cli import run_cli
+    hard, results = resource.getrlimit(resource.RLIMIT_FSIZE)[1], []
+    for entry, argv, limit in json.loads(sys.argv[1]):
+        if entry != "train.py":
+            spec = importlib.util.spec_from_file_location(entry, f"scripts/{entry}.py")
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+        err, code = io.StringIO(), None
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+            try:
+                run_sacred(train.ex, argv) if entry == "train.py" else run_cli(module.main, argv)
+            except SystemExit as stop:
+                code = stop.code
+            except BaseException:
+                traceback.print_exc()
+            finally:
+                resource.setrlimit(resource.RLIMIT_FSIZE, (hard, hard))
+        results.append({"code": code, "err": err.getvalue()})
+    print("RESULTS" + json.dumps(results))
+""")
+
+
+def test_disk_full_mid_write_is_one_line_and_leaves_no_partial_output(files, tiny_prepared, tmp_path):
+    c = Context.of(tmp_path / "segment_volume", files=files)
+    train = ["train.py", "with", "tiny", "device=cpu", f"path.data_dir={tiny_prepared}", "n_steps=2",
+             f"path.log_dir={tmp_path / 'train.py'}", "save_every=2", "val_every=0", "name=full"]
+    cases = [("segment_volume", segment_argv(c), 600),
+             ("make_phantom", ["--out", str(tmp_path / "make_phantom" / "ph"), *PHANTOM_ARGS], 600),
+             ("train.py", train, 60_000)]             # Sacred's small records fit, the checkpoint does not
+    for entry, _, _ in cases:
+        (tmp_path / entry).mkdir()
+    done = subprocess.run([sys.executable, "-c", DISK_FULL_DRIVER, json.dumps(cases)], cwd=ROOT, timeout=600,
+                          capture_output=True, text=True, env=dict(os.environ, PYTHONDONTWRITEBYTECODE="1"))
+    assert "RESULTS" in done.stdout, done.stderr[-3000:]
+    for (entry, _, _), result in zip(cases, json.loads(done.stdout.split("RESULTS", 1)[1])):
+        err = result["err"]
+        errors = [line[line.index("error: "):] for line in err.splitlines() if "error: " in line]
+        assert result["code"] == 2 and "Traceback" not in err, (entry, err[-2000:])
+        assert len(errors) == 1 and "writing failed (the file size limit was reached)" in errors[0], errors
+        left = [name for name in tree(tmp_path / entry) if "_sources" not in name]
+        assert left in ([], ["full"]), entry   # no partial file, no .tmp-<pid>, .partial, FAILED run record
 
 
 def wait_for(predicate, proc, timeout: float = 240.0) -> bool:
