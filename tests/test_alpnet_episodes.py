@@ -170,18 +170,3 @@ def test_alpnet_item_layout_views_and_determinism(unlabeled_prep):
     assert not torch.equal(item["support_images"][0, 0, 0], item["query_images"][0, 0])
     again = alpnet_dataset(unlabeled_prep)[0]
     assert all(torch.equal(value, again[key]) for key, value in item.items())
-
-
-def test_train_py_with_ssl_alpnet_episodes_and_head(unlabeled_prep, tmp_path):
-    """`train.py with tiny selfsup selfsup.episodes=alpnet model.head=alpnet model.align=True`: two steps run
-    and the loop reports the redraw count; an unknown recipe is one line. Both commands in one process
-    (conftest.run_sacred_cases: train.py's run_sacred once per command, stdout/stderr captured)."""
-    from conftest import run_sacred_cases
-    common = ["tiny", "selfsup", "device=cpu", f"path.log_dir={tmp_path}", f"path.data_dir={unlabeled_prep}",
-              "n_steps=2", "model.head=alpnet", "model.align=True"]
-    bad, result = run_sacred_cases("train", [common + ["selfsup.episodes=ssl"],
-                                             common + ["selfsup.episodes=alpnet"]])
-    assert result["code"] == 0, result["out"] + result["err"][-3000:]
-    assert "episodes redrawn: " in result["out"]
-    assert bad["code"] != 0 and "selfsup.episodes" in bad["err"]
-    assert len(bad["err"].strip().splitlines()) == 1

@@ -794,6 +794,7 @@ TRAIN_ROWS = {
     "fold text": (lambda p: ["fold='0'"], ["fold = '0': must be an integer, not a string", "fold=0"]),
     "init_from pickled code": (lambda p: [f"path.init_from='{p['evil']}'", "n_steps=1"],
                                ["pickled code, which was not run"]),
+    "unknown episode recipe": (lambda p: ["selfsup", "selfsup.episodes=ssl"], ["selfsup.episodes = 'ssl'"]),
     "init_path pickled code": (lambda p: ["model.encoder=vgg16", "model.pretrained=False",
                                           f"path.init_path='{p['evil']}'", "n_steps=1"],
                                ["pickled code, which was not run"]),
@@ -840,9 +841,10 @@ def sacred_paths(tiny_prepared, files, tmp_path_factory) -> dict:
 
 
 @pytest.fixture(scope="module")
-def train_runs(sacred_paths, tiny_prepared) -> dict:
+def train_runs(sacred_paths, tiny_prepared, unlabeled_prep) -> dict:
     """{row id: result} of TRAIN_ROWS, and 'resume r' / 'resume fresh': train.py resume=True where the
-    newest last.pth of run r (a second run of r) and of run fresh (the only one) was truncated."""
+    newest last.pth of run r (a second run of r) and of run fresh (the only one) was truncated; 'once':
+    a run counting its config checks; 'alpnet': SSL-ALPNet's episodes and head on unlabeled_prep."""
     p = sacred_paths
     errors_log, log = p["root"] / "train_runs", p["root"] / "resumes"
     base = ["tiny", "device=cpu", f"path.log_dir={errors_log}", "val_every=0",
@@ -864,11 +866,13 @@ def train_runs(sacred_paths, tiny_prepared) -> dict:
             return original(config, command)
         train.check_config = config_check.check_config = training.loop.check_config = counting
     """)
+    alpnet = ["tiny", "selfsup", "device=cpu", f"path.log_dir={log}", f"path.data_dir={unlabeled_prep}",
+              "n_steps=2", "model.head=alpnet", "model.align=True", "selfsup.episodes=alpnet"]
     results = run_sacred_cases("train", [base + TRAIN_ROWS[row][0](p) for row in ids] + [
         run + ["name=r"], run + ["name=fresh"], {"python": damage}, run + ["name=r", "resume=True"],
-        run + ["name=fresh", "resume=True"], {"python": count}, run + ["name=once"]])
-    return {**dict(zip(ids + ["r", "fresh", "resume r", "resume fresh", "once"], results)), "log": log,
-            "errors_log": errors_log}
+        run + ["name=fresh", "resume=True"], alpnet, {"python": count}, run + ["name=once"]])
+    names = ["r", "fresh", "resume r", "resume fresh", "alpnet", "once"]
+    return {**dict(zip(ids + names, results)), "log": log, "errors_log": errors_log}
 
 
 @pytest.fixture(scope="module")
@@ -930,6 +934,8 @@ def test_sacred_errors_leave_no_run_and_a_truncated_last_pth_names_the_way_out(t
     assert sorted(p.name for p in (log / "r").iterdir() if p.name.isdigit()) == ["1", "2"]  # no FAILED record
     assert train_runs["once"]["code"] == 0 and list((log / "once").rglob("last.pth"))
     assert (log / "calls").read_text() == "train "                       # train.py checks its config once
+    alpnet = train_runs["alpnet"]              # SSL-ALPNet's episodes and head: two steps, redraws reported
+    assert alpnet["code"] == 0 and "episodes redrawn: " in alpnet["out"], alpnet["err"][-3000:]
 
 
 def test_test_py_snapshot_decides_input_size_and_unscored_organs_are_named(test_runs):
