@@ -32,6 +32,7 @@ from test_training import train_cli, train_then_resume
 
 from dataloaders.layouts import find_cases, load_case
 from dataloaders.nifti import load_nifti, to_original
+from dataloaders.superpixels import read_superpixel_meta
 from dataloaders.transforms import validate_intensity, volume_intensity
 from models.checkpoint import load_checkpoint
 from util.errors import UserError
@@ -703,6 +704,12 @@ SCRIPT_ROWS = {
     "superpixels --out inside --images": ("make_superpixels", lambda c: [
         "--images", images_dir(c), "--out", images_dir(c) / "prep", "--size", "32", "--workers", "1"],
         ["lies inside the input folder"]),
+    **{f"superpixels {name}": ("make_superpixels", argv, words) for name, argv, words in [
+        ("no volumes", lambda c: ["--images", made(c.tmp / "e"), "--out", c.tmp / "p", "--workers", "1"],
+         ["no CT volumes"]),
+        ("no --out", lambda c: ["--images", made(c.tmp / "empty")], ["--out PREP"]),
+        ("over a prepared folder", lambda c: ["--images", c.unlabeled_prep, "--workers", "1"],
+         ["already exists"])]},
     "superpixels scale -1": ("make_superpixels", lambda c: superpixels_argv(c, "--scale", "-1"),
                              ["superpixel parameters", "scale > 0"]),
     "superpixels figure a folder": ("make_superpixels", lambda c: superpixels_argv(c, "--figure", "FOLDER"),
@@ -1079,6 +1086,7 @@ API_ROWS = {
         c, supports=[(c.files["support"],
                       mr_files(c)[name])], support_label=1, **SWAPPED), "looks like an image")
        for name in ("mr", "mr8")},
+    "no superpixels": (lambda c: read_superpixel_meta(c.tmp), "has no superpixels.*make_superpixels.py"),
     # axial coverage
     "another subject's crop": (lambda c: segment_api(c, query=save(c.tmp / "other.nii.gz",
                                                                    c.files["query_array"][
