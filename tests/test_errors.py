@@ -518,88 +518,73 @@ def results_run(c, text: str) -> list:
 # id: (script, argv(c), words of the one error line). Each row runs in a fresh tmp folder; nothing in
 # it (nor in the shared input files) may change.
 SCRIPT_ROWS = {
-    # make_phantom
-    "phantom size 0": ("make_phantom", lambda c: ["--out", c.tmp / "ph", *PHANTOM_ARGS, "--size", "0"],
-                       ["--size >= 32"]),
-    "phantom n-gold 1": ("make_phantom", lambda c: ["--out", c.tmp / "ph", *PHANTOM_ARGS, "--n-gold", "1"],
-                         ["n_gold 1"]),
-    "phantom slices 0": ("make_phantom", lambda c: ["--out", c.tmp / "ph", *PHANTOM_ARGS, "--slices", "0"],
-                         ["--slices >= 8"]),
-    "phantom n-silver -1": ("make_phantom", lambda c: ["--out", c.tmp / "ph", *PHANTOM_ARGS, "--n-silver",
-                                                       "-1"],
-                            ["n_silver -1"]),
-    "phantom seed -1": ("make_phantom", lambda c: ["--out", c.tmp / "ph", *PHANTOM_ARGS, "--seed", "-1"],
-                        ["seed -1"]),
-    "phantom preset": ("make_phantom", lambda c: ["--out", c.tmp / "ph", *PHANTOM_ARGS, "--preset", "bogus"],
-                       ["preset 'bogus'", "inclusive"]),
-    "phantom out an empty folder": ("make_phantom", lambda c: ["--out", made(c.tmp / "ph"), *PHANTOM_ARGS],
-                                    ["ph", "--overwrite"]),
-    "phantom out a file": ("make_phantom", lambda c: ["--out", made(c.tmp / "ph", "keep me"), *PHANTOM_ARGS],
-                           ["ph", "--overwrite"]),
-    "phantom --overwrite a file": ("make_phantom", lambda c: ["--out", made(c.tmp / "out", "keep me"),
-                                                              "--overwrite", *PHANTOM_ARGS],
-                                   ["is a file, not a folder", "--overwrite replaces only a folder"]),
+    **{f"phantom {' '.join(extra)}": ("make_phantom", lambda c, extra=extra: [
+        "--out", c.tmp / "ph", *PHANTOM_ARGS, *extra], words) for extra, words in [
+        (["--size", "0"], ["--size >= 32"]), (["--n-gold", "1"], ["n_gold 1"]),
+        (["--slices", "0"], ["--slices >= 8"]),
+        (["--n-silver", "-1"], ["n_silver -1"]), (["--seed", "-1"], ["seed -1"]),
+        (["--preset", "bogus"], ["preset 'bogus'", "inclusive"])]},
+    **{f"phantom {name}": ("make_phantom", lambda c, out=out: ["--out", *out(c), *PHANTOM_ARGS], words)
+       for name, out, words in [
+        ("out an empty folder", lambda c: [made(c.tmp / "ph")], ["ph", "--overwrite"]),
+        ("out a file", lambda c: [made(c.tmp / "ph", "keep me")], ["ph", "--overwrite"]),
+        ("--overwrite a file", lambda c: [made(c.tmp / "out", "keep me"), "--overwrite"],
+         ["is a file, not a folder", "--overwrite replaces only a folder"])]},
     # prepare_visceral: damaged sources
-    "prepare truncated volume": ("prepare_visceral", lambda c: prepare_argv(c, damaged_source(
-        c, lambda r: truncate(first_volume(r))), *PREP_ARGS), ["corrupt or truncated",
-                                                               "_1_CTce_ThAb.nii.gz"]),
-    "prepare truncated mask": ("prepare_visceral", lambda c: prepare_argv(c, damaged_source(
-        c, lambda r: truncate(liver_mask(r))), *PREP_ARGS), ["corrupt or truncated", "_58_1.nii.gz"]),
-    "prepare mask shape": ("prepare_visceral", lambda c: prepare_argv(c, damaged_source(
-        c, lambda r: rewrite_nifti(liver_mask(r), lambda a, f: (a[:-3], f))), *PREP_ARGS),
-        ["mask shape", "resample"]),
-    "prepare mask affine": ("prepare_visceral", lambda c: prepare_argv(c, damaged_source(
-        c, lambda r: rewrite_nifti(liver_mask(r), shifted)), *PREP_ARGS), ["mask affine", "resample"]),
-    "prepare NaN volume": ("prepare_visceral", lambda c: prepare_argv(c, damaged_source(
-        c, lambda r: rewrite_nifti(first_volume(r), with_nan)), *PREP_ARGS), ["1 NaN/inf voxels"]),
-    "prepare 2D volume": ("prepare_visceral", lambda c: prepare_argv(c, damaged_source(
-        c, lambda r: rewrite_nifti(first_volume(r), lambda a, f: (a[:, :, 0], f))), *PREP_ARGS),
-        ["2 dimensions"]),
-    "prepare 4D volume": ("prepare_visceral", lambda c: prepare_argv(c, damaged_source(
-        c, lambda r: rewrite_nifti(first_volume(r), lambda a, f: (np.stack([a, a], -1), f))), *PREP_ARGS),
-        ["4 dimensions"]),
-    "prepare HU window on a [0, 1] image": ("prepare_visceral", lambda c: prepare_argv(c, damaged_source(
-        c, lambda r: rewrite_volumes(r, to_unit)), *PREP_ARGS, "--window", "-125", "275"),
-        ["not Hounsfield units", "leave --window out"]),
-    "prepare HU window on a mask image": ("prepare_visceral", lambda c: prepare_argv(c, damaged_source(
-        c, lambda r: rewrite_volumes(r, lambda a, f: nib.Nifti1Image((a > 0).astype(np.uint8), f))),
-        *PREP_ARGS, "--window", "-125", "275"), ["not Hounsfield units", "convert the volume"]),
-    # prepare_visceral: missing source, options
-    "prepare source absent": ("prepare_visceral", lambda c: prepare_argv(c, c.tmp / "absent", "--workers",
-                                                                         "1"),
-                              ["data folder not found"]),
-    "prepare source empty": ("prepare_visceral", lambda c: prepare_argv(c, made(c.tmp / "empty")),
-                             ["SilverCorpus/Volumes: folder missing"]),
+    **{f"prepare {name}": ("prepare_visceral", lambda c, damage=damage, extra=extra: prepare_argv(
+        c, damaged_source(c, damage), *PREP_ARGS, *extra), words) for name, damage, extra, words in [
+        ("truncated volume", lambda r: truncate(first_volume(r)), [],
+         ["corrupt or truncated", "_1_CTce_ThAb.nii.gz"]),
+        ("truncated mask", lambda r: truncate(liver_mask(r)), [], ["corrupt or truncated", "_58_1.nii.gz"]),
+        ("mask shape", lambda r: rewrite_nifti(liver_mask(r), lambda a, f: (a[:-3], f)), [],
+         ["mask shape", "resample"]),
+        ("mask affine", lambda r: rewrite_nifti(liver_mask(r), shifted), [], ["mask affine", "resample"]),
+        ("NaN volume", lambda r: rewrite_nifti(first_volume(r), with_nan), [], ["1 NaN/inf voxels"]),
+        ("2D volume", lambda r: rewrite_nifti(first_volume(r), lambda a, f: (a[:, :, 0], f)), [],
+         ["2 dimensions"]),
+        ("4D volume", lambda r: rewrite_nifti(first_volume(r), lambda a, f: (np.stack([a, a], -1), f)), [],
+         ["4 dimensions"]),
+        ("HU window on a [0, 1] image", lambda r: rewrite_volumes(r, to_unit), ["--window", "-125", "275"],
+         ["not Hounsfield units", "leave --window out"]),
+        ("HU window on a mask image", lambda r: rewrite_volumes(r, lambda a, f: nib.Nifti1Image(
+            (a > 0).astype(np.uint8), f)), ["--window", "-125", "275"],
+         ["not Hounsfield units", "convert the volume"])]},
+    # prepare_visceral: missing source, options, outputs, case ids
+    **{f"prepare {name}": ("prepare_visceral", argv, words) for name, argv, words in [
+        ("source absent", lambda c: prepare_argv(c, c.tmp / "absent", "--workers", "1"),
+         ["data folder not found"]),
+        ("source empty", lambda c: prepare_argv(c, made(c.tmp / "empty")),
+         ["SilverCorpus/Volumes: folder missing"]),
+        ("label map without organ names", lambda c: prepare_argv(
+            c, one_liver_multilabel(c), "--layout", "multilabel", "--label-map", c.tmp / "map.json",
+            "--n-val", "0", "--workers", "1", out=c.tmp / "p"), ["names none of the 20 structures"]),
+        ("label map a JSON list", lambda c: prepare_argv(
+            c, c.tiny_phantom, "--layout", "multilabel", "--label-map", c.files["list_map"]),
+         ["list_map.json", "JSON list"]),
+        ("--out is the source", lambda c: prepare_argv(
+            c, mini_source(c.tiny_phantom, c.tmp / "data" / "src", 1), "--overwrite", *PREP_ARGS,
+            out=c.tmp / "data" / "src"), ["input"]),
+        ("--out holds the source", lambda c: prepare_argv(
+            c, mini_source(c.tiny_phantom, c.tmp / "data" / "src", 1), "--overwrite", *PREP_ARGS,
+            out=c.tmp / "data"), ["input"]),
+        ("--overwrite a foreign folder", lambda c: prepare_argv(
+            c, mini_source(c.tiny_phantom, c.tmp / "src"), "--overwrite", *PREP_ARGS,
+            out=made(made(c.tmp / "my_documents") / "thesis.txt", "keep me").parent),
+         ["--overwrite replaces only a prepared folder"]),
+        ("case id in both splits", lambda c: multilabel_argv(
+            c, {"train": ["c1", "c2"], "test": ["c2", "c3"]}, False), ["case id c2 names two volumes"]),
+        ("two names one case id", lambda c: multilabel_argv(
+            c, {"train": ["case 1", "case_1"], "test": ["c3"]}, True),
+         ["case id case_1 names two volumes"])]},
     **{f"prepare {' '.join(extra)}": ("prepare_visceral", lambda c, extra=extra: prepare_argv(
         c, c.tiny_phantom, "--workers", "1", *extra), words) for extra, words in [
-        (["--size", "0"], ["--size 0"]), (["--n-val", "-1"], ["--n-val -1"]), (["--many", "-1"],
-                                                                               ["--many -1"]),
-        (["--max-per-volume", "0"], ["--max-per-volume 0"]), (["--min-voxels", "-1"], ["--min-voxels -1"]),
-        (["--window", "5", "5"], ["window [5.0, 5.0]"]), (["--layout", "multilabel"], ["--label-map"])]},
-    "prepare label map without organ names": ("prepare_visceral", lambda c: prepare_argv(
-        c, one_liver_multilabel(c), "--layout", "multilabel", "--label-map", c.tmp / "map.json",
-        "--n-val", "0",
-        "--workers", "1", out=c.tmp / "p"), ["names none of the 20 structures"]),
-    "prepare label map a JSON list": ("prepare_visceral", lambda c: prepare_argv(
-        c, c.tiny_phantom, "--layout", "multilabel", "--label-map", c.files["list_map"]),
-        ["list_map.json", "JSON list"]),
-    "prepare --out is the source": ("prepare_visceral", lambda c: prepare_argv(
-        c, mini_source(c.tiny_phantom, c.tmp / "data" / "src", 1), "--overwrite", *PREP_ARGS,
-        out=c.tmp / "data" / "src"), ["input"]),
-    "prepare --out holds the source": ("prepare_visceral", lambda c: prepare_argv(
-        c, mini_source(c.tiny_phantom, c.tmp / "data" / "src", 1), "--overwrite", *PREP_ARGS,
-        out=c.tmp / "data"), ["input"]),
+        (["--size", "0"], ["--size 0"]), (["--n-val", "-1"], ["--n-val -1"]),
+        (["--many", "-1"], ["--many -1"]), (["--max-per-volume", "0"], ["--max-per-volume 0"]),
+        (["--min-voxels", "-1"], ["--min-voxels -1"]), (["--window", "5", "5"], ["window [5.0, 5.0]"]),
+        (["--layout", "multilabel"], ["--label-map"])]},
     **{f"prepare --out inside the input ({where})": ("prepare_visceral", lambda c, where=where: inside_input(
         c, where), ["lies inside the input folder", "give an --out outside"])
        for where in ("root", "SilverCorpus/Volumes", "symlink", "images-only")},
-    "prepare --overwrite a foreign folder": ("prepare_visceral", lambda c: prepare_argv(
-        c, mini_source(c.tiny_phantom, c.tmp / "src"), "--overwrite", *PREP_ARGS,
-        out=made(made(c.tmp / "my_documents") / "thesis.txt", "keep me").parent),
-        ["--overwrite replaces only a prepared folder"]),
-    "prepare case id in both splits": ("prepare_visceral", lambda c: multilabel_argv(
-        c, {"train": ["c1", "c2"], "test": ["c2", "c3"]}, False), ["case id c2 names two volumes"]),
-    "prepare two names one case id": ("prepare_visceral", lambda c: multilabel_argv(
-        c, {"train": ["case 1", "case_1"], "test": ["c3"]}, True), ["case id case_1 names two volumes"]),
     # check_dataset
     **{f"check {name}": ("check_dataset", lambda c, damage=damage: [prepared_copy(c, damage), "--mask-copy"],
                          [words, "re-run"]) for name, (damage, words) in {
@@ -1032,22 +1017,20 @@ def paths_row(function: str, out, **kwargs):
 
 
 # id: (call(c), regular expression the one-line UserError matches)
+PAYLOAD = r"^.* is unreadable or refused \(UnpicklingError\): .*pickled code, which was not run"
 API_ROWS = {
     # pickled code in a checkpoint: refused before any of it runs (the payload would create a file)
     **{f"pickled code: {name}": (lambda c, name=name, content=content: loader(name)(
-        saved(c, name, content(c))),
-        r"^.* is unreadable or refused \(UnpicklingError\): .*pickled code, which was not run")
-       for name, content in {"top.pth": lambda c: Payload(c.tmp / "payload_ran"),
-                             "system.pth": lambda c: Payload(c.tmp / "payload_ran", system=True),
-                             "in_state.pth": lambda c: {"model": {"w": Payload(c.tmp / "payload_ran")},
-                                                        "model_config": {}},
-                             "init_path.pth": lambda c: {"encoder.w": torch.ones(1),
-                                                         "x": Payload(c.tmp / "payload_ran")}}.items()},
+        saved(c, name, content(c))), PAYLOAD) for name, content in {
+        "top.pth": lambda c: Payload(c.tmp / "payload_ran"),
+        "system.pth": lambda c: Payload(c.tmp / "payload_ran", system=True),
+        "in_state.pth": lambda c: {"model": {"w": Payload(c.tmp / "payload_ran")}, "model_config": {}},
+        "init_path.pth": lambda c: {"encoder.w": torch.ones(1), "x": Payload(c.tmp / "payload_ran")},
+    }.items()},
     # checkpoint records
     "weights hold NaN": (checkpoint_row("nan"), "hold NaN/inf"),
     "weights hold inf": (checkpoint_row("inf"), "hold NaN/inf"),
-    "bare state dict": (checkpoint_row(bare=True),
-                        "bare state dict.*not an official-code snapshot \\(every key"),
+    "bare state dict": (checkpoint_row(bare=True), "bare state dict.*not an official-code snapshot \\(every"),
     "input_size text": (checkpoint_row(input_size="512px"), "input_size"),
     "input_size float": (checkpoint_row(input_size=12.5), "input_size"),
     "input_size huge": (checkpoint_row(input_size=100000), "16..2048"),
@@ -1059,12 +1042,11 @@ API_ROWS = {
     **{f"segment_volume {name}": (lambda c, change=change: segment_api(c, **change),
                                   r"^(query|supports|support_label|label_map|query_range|n_chunks|batch_size|"
                                   r"input_size|min_voxels|out|checkpoint|intensity|vocabulary|"
-                                  r"--input-size 100000 is "
-                                  r"not a whole number in 16..2048)\b")
+                                  r"--input-size 100000 is not a whole number in 16..2048)\b")
        for name, change in {
         "query as int": {"query": 5}, "query as array": {"query": np.zeros((4, 4, 4))},
-        "supports as one path": {"supports": "s.nii.gz"}, "supports flat list": {"supports": ["s.nii.gz",
-                                                                                              "m.nii.gz"]},
+        "supports as one path": {"supports": "s.nii.gz"},
+        "supports flat list": {"supports": ["s.nii.gz", "m.nii.gz"]},
         "support pair of arrays": {"supports": [(np.zeros(3), np.zeros(3))]},
         "support triple": {"supports": [("a", "b", "c")]},
         "label as float": {"support_label": 1.5}, "label as bool": {"support_label": True},
@@ -1083,56 +1065,49 @@ API_ROWS = {
         c, supports=[(mr_files(c)[name], c.files["support_mask"])], **SWAPPED), "looks like a mask")
        for name in ("mr_labels", "ct_labels", "body_mask")},
     **{f"segment_volume {name} as the mask": (lambda c, name=name: segment_api(
-        c, supports=[(c.files["support"],
-                      mr_files(c)[name])], support_label=1, **SWAPPED), "looks like an image")
-       for name in ("mr", "mr8")},
+        c, supports=[(c.files["support"], mr_files(c)[name])], support_label=1, **SWAPPED),
+        "looks like an image") for name in ("mr", "mr8")},
     "no superpixels": (lambda c: read_superpixel_meta(c.tmp), "has no superpixels.*make_superpixels.py"),
     # axial coverage
-    "another subject's crop": (lambda c: segment_api(c, query=save(c.tmp / "other.nii.gz",
-                                                                   c.files["query_array"][
-        :, :, 4:18], crop_affine())), "different body regions.*--query-range"),
+    "another subject's crop": (lambda c: segment_api(c, query=save(
+        c.tmp / "other.nii.gz", c.files["query_array"][:, :, 4:18], crop_affine())),
+        "different body regions.*--query-range"),
     "MR without --query-range": (lambda c: segment_api(c, query=mr_files(c)["mr"], intensity="zscore"),
                                  "not CT in Hounsfield units.*give --query-range"),
     # intensity records
-    "zscore with a mean only": (lambda c: validate_intensity({"mode": "zscore", "mean": 1.0}), "zscore"),
-    "zscore with std 0": (lambda c: validate_intensity({"mode": "zscore", "mean": 0, "std": 0}), "zscore"),
-    "zscore with a text mean": (lambda c: validate_intensity({"mode": "zscore", "mean": "a", "std": 1}),
-                                "zscore"),
+    **{f"zscore {name}": (lambda c, record=record: validate_intensity({"mode": "zscore", **record}),
+                          "zscore") for name, record in {
+        "with a mean only": {"mean": 1.0}, "with std 0": {"mean": 0, "std": 0},
+        "with a text mean": {"mean": "a", "std": 1}}.items()},
     "zscore of a constant volume": (lambda c: volume_intensity(np.ones((3, 3, 3)), {"mode": "zscore"},
-                                                               "flat.nii.gz"),
-                                    "constant"),
+                                                               "flat.nii.gz"), "constant"),
     # the one output check (util/io.py)
     **{f"output is the input ({out})": (paths_row("check_output_file", lambda c, out=out: c.tmp / out,
                                                   inputs=lambda c: [Path("elsewhere.nii.gz"),
                                                                     input_files(c)]),
                                         "is the input .*destroy the input")
        for out in ("q.nii.gz", "link.nii.gz", "hard.nii.gz", "sub/../q.nii.gz")},
-    **{f"output file {case}": (paths_row("check_output_file", out, suffixes=(".nii.gz",)), words) for case,
-       (out, words)
-       in {"a folder": (lambda c: c.tmp / "dir.nii.gz", "is a folder"),
-           "in a missing folder": (lambda c: c.tmp / "no" / "m.nii.gz", "does not exist"),
-           "in a file": (lambda c: c.tmp / "plain" / "m.nii.gz", "is a file, not a folder"),
-           "suffix": (lambda c: c.tmp / "m.nrrd", "ending in .nii.gz")}.items()},
-    "output file unwritable": (paths_row("check_output_file",
-                                         lambda c: unwritable_folder(c.tmp) / "m.nii.gz"),
-                               "cannot write in"),
-    "output folder unwritable": (paths_row("check_output_folder",
-                                           lambda c: unwritable_folder(c.tmp) / "phantom"),
-                                 "cannot write in"),
-    "log_dir unwritable": (paths_row("check_writable_folder",
-                                     lambda c: unwritable_folder(c.tmp) / "runs" / "deeper",
-                                     what="path.log_dir"), "cannot write in"),
+    **{f"output file {case}": (paths_row("check_output_file", out, suffixes=(".nii.gz",)), words)
+       for case, (out, words) in {
+        "a folder": (lambda c: c.tmp / "dir.nii.gz", "is a folder"),
+        "in a missing folder": (lambda c: c.tmp / "no" / "m.nii.gz", "does not exist"),
+        "in a file": (lambda c: c.tmp / "plain" / "m.nii.gz", "is a file, not a folder"),
+        "suffix": (lambda c: c.tmp / "m.nrrd", "ending in .nii.gz")}.items()},
+    **{f"{case} unwritable": (paths_row(function, lambda c, out=out: unwritable_folder(c.tmp) / out, **kw),
+                              "cannot write in") for case, function, out, kw in [
+        ("output file", "check_output_file", "m.nii.gz", {}),
+        ("output folder", "check_output_folder", "phantom", {}),
+        ("log_dir", "check_writable_folder", "runs/deeper", {"what": "path.log_dir"})]},
     "log_dir a file": (paths_row("check_writable_folder", lambda c: c.tmp / "plain", what="path.log_dir"),
                        "path.log_dir .*is a file"),
     "output folder a file, --overwrite": (paths_row("check_output_folder", lambda c: c.tmp / "plain",
-                                                    overwrite=True),
-                                          "is a file, not a folder"),
+                                                    overwrite=True), "is a file, not a folder"),
     "output folder is the input": (paths_row("check_output_folder", lambda c: c.tmp / "data" / "visceral",
                                              inputs=lambda c: [c.tmp / "data" / "visceral"], overwrite=True),
                                    "input"),
     "output folder holds the input": (paths_row("check_output_folder", lambda c: c.tmp / "data",
-                                                overwrite=True,
-                                                inputs=lambda c: [c.tmp / "data" / "visceral"]), "input"),
+                                                inputs=lambda c: [c.tmp / "data" / "visceral"],
+                                                overwrite=True), "input"),
     "output folder exists": (paths_row("check_output_folder", lambda c: c.tmp / "data" / "visceral"),
                              "--overwrite"),
 }

@@ -7,7 +7,6 @@ segmented (liver), as few-shot training does.
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -16,9 +15,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import run_script
 
 from evaluation.protocols import dice
-from util.cli import run_cli
 from util.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -72,19 +71,6 @@ def save(path: Path, canonical: np.ndarray, lps: bool = False, flip_z: bool = Fa
 def organ_slices(mask: np.ndarray) -> tuple[int, int]:
     z = np.flatnonzero(mask.any(axis=(0, 1)))
     return int(z[0]), int(z[-1])
-
-
-def load_cli():
-    spec = importlib.util.spec_from_file_location("segment_volume_cli", ROOT / "scripts/segment_volume.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def run_main(argv: list[str]) -> int:
-    with pytest.raises(SystemExit) as exit_info:
-        run_cli(load_cli().main, argv)
-    return exit_info.value.code
 
 
 def train_tiny(steps: int = 40, seed: int = 0):
@@ -200,13 +186,13 @@ def test_multilabel_support_by_value_by_name_and_by_label_map(work, tmp_path):
         segment_volume(work["checkpoint"], [(work["support"], work["support_mask"])], **common)
 
 
-def test_cli_multilabel_support_label_writes_lps(work, tmp_path):
+def test_cli_multilabel_support_label_writes_lps(work, tmp_path, capsys):
     out = tmp_path / "pred.nii.gz"
-    code = run_main(["--checkpoint", str(work["checkpoint"]), "--support-image", str(work["support"]),
-                     "--support-mask", str(work["support_mask"]), "--support-label", "1",
-                     "--query", str(work["query_lps"]), "--out", str(out), "--n-chunks", "6",
-                     "--device", "cpu", "--no-progress"])
-    assert code == 0
+    code, err = run_script("segment_volume", [
+        "--checkpoint", work["checkpoint"], "--support-image", work["support"], "--support-label", "1",
+        "--support-mask", work["support_mask"], "--query", work["query_lps"], "--out", out, "--n-chunks", "6",
+        "--device", "cpu", "--no-progress"], capsys)
+    assert code == 0, err
     written = nib.load(str(out))
     assert nib.aff2axcodes(written.affine) == ("L", "P", "S") and written.shape == SHAPE
     assert written.get_data_dtype() == np.uint8 and set(np.unique(np.asarray(written.dataobj))) <= {0, 1}
