@@ -520,7 +520,7 @@ def results_run(c, text: str) -> list:
 SCRIPT_ROWS = {
     **{f"phantom {' '.join(extra)}": ("make_phantom", lambda c, extra=extra: [
         "--out", c.tmp / "ph", *PHANTOM_ARGS, *extra], words) for extra, words in [
-        (["--size", "0"], ["--size >= 32"]), (["--n-gold", "1"], ["n_gold 1"]),
+        (["--size", "0"], ["--size >= 32"]), (["--n-gold", "1"], ["n_gold 1", "and 2 gold"]),
         (["--slices", "0"], ["--slices >= 8"]),
         (["--n-silver", "-1"], ["n_silver -1"]), (["--seed", "-1"], ["seed -1"]),
         (["--preset", "bogus"], ["preset 'bogus'", "inclusive"])]},
@@ -571,6 +571,10 @@ SCRIPT_ROWS = {
             c, mini_source(c.tiny_phantom, c.tmp / "src"), "--overwrite", *PREP_ARGS,
             out=made(made(c.tmp / "my_documents") / "thesis.txt", "keep me").parent),
          ["--overwrite replaces only a prepared folder"]),
+        ("--out exists", lambda c: prepare_argv(c, c.tiny_phantom, "--workers", "1", out=made(c.tmp / "p")),
+         ["already exists", "--overwrite"]),
+        ("--n-val 6", lambda c: prepare_argv(c, c.tiny_phantom, "--n-val", "6", "--workers", "1"),
+         ["--n-val 6 leaves no training volume"]),
         ("case id in both splits", lambda c: multilabel_argv(
             c, {"train": ["c1", "c2"], "test": ["c2", "c3"]}, False), ["case id c2 names two volumes"]),
         ("two names one case id", lambda c: multilabel_argv(
