@@ -142,15 +142,16 @@ def test_pseudo_label_drawn_below_the_top_id(unlabeled_prep, monkeypatch):
     for pid, row, ids in data.candidates:
         top = int(np.asarray(open_superpixels(unlabeled_prep, pid)[row]).max())
         assert ids.tolist() == list(range(1, top))
-    drawn = []
+    drawn, pids = [], {pid for pid, _, _ in data.candidates}
+    images = {pid: np.load(unlabeled_prep / "train" / f"{pid}_image.npy") for pid in pids}
+    superpixels = {pid: np.asarray(open_superpixels(unlabeled_prep, pid)) for pid in pids}
     for i in range(40):
         item = data[i]
         fg = item["support_fg"][0, 0].numpy().astype(bool)
         assert torch.equal(item["query_labels"][0].bool(), item["support_fg"][0, 0].bool())
         for pid, row, _ in data.candidates:
-            labels = np.asarray(open_superpixels(unlabeled_prep, pid)[row])
-            image = np.load(unlabeled_prep / "train" / f"{pid}_image.npy")[row]
-            if np.allclose(image, item["query_images"][0, 0].numpy(), atol=1e-6):
+            labels = superpixels[pid][row]
+            if np.allclose(images[pid][row], item["query_images"][0, 0].numpy(), atol=1e-6):
                 values = np.unique(labels[fg])
                 if values.size == 1 and np.array_equal(labels == values[0], fg):
                     drawn.append((int(values[0]), int(labels.max())))

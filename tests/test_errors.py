@@ -1228,8 +1228,7 @@ def test_a_unit_float_ct_is_kept_exact_in_the_other_layouts(tiny_phantom, tmp_pa
     extra = ["--label-map", tmp_path / "map.json"] if layout == "multilabel" else []
     out = tmp_path / "prep"
     code, err = run_script("prepare_visceral", ["--visceral-dir", root, "--out", out, "--layout", layout,
-                                                *extra,
-                                                *PREP_ARGS], capsys)
+                                                *extra, *PREP_ARGS], capsys)
     assert code == 0, err
     meta = json.loads((out / "meta.json").read_text())
     for pid, path in sources.items():
@@ -1404,8 +1403,7 @@ def test_a_model_that_predicts_nothing_ends_with_a_warning(files, tiny_prepared,
     from evaluation.segment import segment_volume
     capsys.readouterr()
     evaluate({"mask copy": None, "LSLPN": Background()}, ["liver"], tiny_prepared, input_size=32,
-             device="cpu",
-             progress=False, figures=False)
+             device="cpu", progress=False, figures=False)
     lines = warnings_in(capsys.readouterr().err)
     assert len(lines) == 1 and "LSLPN predicted no liver voxel in 2 of 2 query volumes" in lines[0], lines
     array, _ = segment_volume(Background(), [(files["ct"], files["mask"])], files["ct"],
@@ -1504,16 +1502,14 @@ def test_zscore_uses_whole_volume_statistics_whatever_the_batches():
     slow = np.empty_like(volume)
     for index in np.ndindex(volume.shape):
         slow[index] = (volume[index] - mean) / std
-    assert np.allclose(scale_intensity(np.moveaxis(volume, 2, 0), {"mode": "zscore"}), np.moveaxis(slow, 2,
-                                                                                                   0),
-                       atol=1e-5)
+    stacked = scale_intensity(np.moveaxis(volume, 2, 0), {"mode": "zscore"})              # Z x X x Y
+    assert np.allclose(stacked, np.moveaxis(slow, 2, 0), atol=1e-5)
     resolved = volume_intensity(volume, {"mode": "zscore"})
     assert np.allclose(scale_intensity(volume[:, :, 2], resolved), slow[:, :, 2], atol=1e-5)   # one slice
     for batch in (1, 4):
         model = Threshold()
         run_chunks(model, [(volume, volume > 650)], [(np.array([2]), np.arange(6))], volume, 8,
-                   {"mode": "zscore"},
-                   "cpu", batch)
+                   {"mode": "zscore"}, "cpu", batch)
         assert np.allclose(torch.cat(model.seen).numpy(), np.moveaxis(slow, 2, 0), atol=1e-4), batch
 
 
@@ -1583,8 +1579,8 @@ def test_test_py_evaluation_of_mr_volumes_in_the_ssl_alpnet_layout(tmp_path):
     for pid, shift in (("1", 0), ("2", 3)):
         label = np.zeros((32, 28, 10), np.uint8)                               # X x Y x Z of the file
         label[4 + shift:20 + shift, 6:22, 2:8] = 1                             # liver, 256 voxels a slice
-        image = np.where(label == 1, 900.0, 300.0) + np.random.default_rng(int(pid)).normal(0, 10,
-                                                                                            label.shape)
+        noise = np.random.default_rng(int(pid)).normal(0, 10, label.shape)
+        image = np.where(label == 1, 900.0, 300.0) + noise
         file_labels[pid] = label.astype(bool)
         save_npz_deterministic(prep / "volumes" / "gold" / f"{pid}.npz", {
             "image": image.transpose(1, 0, 2).astype(np.float32), "label": label.transpose(1, 0, 2),
