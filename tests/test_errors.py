@@ -526,7 +526,7 @@ SCRIPT_ROWS = {
         (["--preset", "bogus"], ["preset 'bogus'", "inclusive"])]},
     **{f"phantom {name}": ("make_phantom", lambda c, out=out: ["--out", *out(c), *PHANTOM_ARGS], words)
        for name, out, words in [
-        ("out an empty folder", lambda c: [made(c.tmp / "ph")], ["ph", "--overwrite"]),
+        ("out an empty folder", lambda c: [made(c.tmp / "ph")], ["ph", "already exists", "--overwrite"]),
         ("out a file", lambda c: [made(c.tmp / "ph", "keep me")], ["ph", "--overwrite"]),
         ("--overwrite a file", lambda c: [made(c.tmp / "out", "keep me"), "--overwrite"],
          ["is a file, not a folder", "--overwrite replaces only a folder"])]},
