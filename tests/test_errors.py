@@ -27,7 +27,14 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_PHANTOM, assert_one_line_error, run_sacred_cases, run_script, script_output
+from conftest import (
+    TINY_PHANTOM,
+    assert_one_line_error,
+    load_script,
+    run_sacred_cases,
+    run_script,
+    script_output,
+)
 from test_training import train_cli, train_then_resume
 
 from dataloaders.layouts import find_cases, load_case
@@ -1618,13 +1625,14 @@ def test_output_checks_accept_new_outputs_and_name_write_failures(tmp_path):
 # ====================================================================== real processes, full disks, kills
 def test_real_processes_one_line_without_traceback_and_debug_shows_it(tiny_prepared, tmp_path):
     """The process contract: exit 2, one 'error:' line, no traceback (no library warning either, without
-    PYTHONWARNINGS); --debug gives the traceback. (test.py ends through the same config.run_sacred.)"""
+    PYTHONWARNINGS); --debug lets the UserError through, so Python prints its traceback. (test.py ends
+    through the same config.run_sacred as train.py.)"""
+    from util.cli import run_cli
     done = subprocess.run([sys.executable, "scripts/check_dataset.py", str(tmp_path / "absent")], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
     assert_one_line_error(done.returncode, done.stderr, "folder not found")
-    debug = subprocess.run([sys.executable, "scripts/check_dataset.py", str(tmp_path / "absent"), "--debug"],
-                           cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert debug.returncode != 0 and "Traceback" in debug.stderr and "UserError" in debug.stderr
+    with pytest.raises(UserError, match="folder not found"):
+        run_cli(load_script("check_dataset").main, [str(tmp_path / "absent"), "--debug"])
     done = train_cli("fold=1.0", log_dir=tmp_path / "runs", prep_dir=tiny_prepared)
     assert_one_line_error(done.returncode, done.stderr, "fold = 1.0: must be an integer")
     assert not (tmp_path / "runs").exists()
