@@ -318,26 +318,38 @@ def prepared_copy(c, damage=None) -> Path:
 
 
 def edit_meta(prep: Path, **changes) -> None:
-    meta = json.loads((prep / "meta.json").read_text())
-    (prep / "meta.json").write_text(json.dumps({**meta, **changes}))
+    edit_json(prep / "meta.json", lambda meta: meta.update(changes))
 
 
 def first(prep: Path, pattern: str) -> Path:
     return sorted(prep.glob(pattern))[0]
 
 
-def gold_label_shape(prep: Path) -> None:
-    path = first(prep, "volumes/gold/*.npz")
-    with np.load(path) as data:
-        arrays = {key: data[key] for key in data.files}
-    arrays["label"] = arrays["label"][:-1]
-    np.savez(path, **arrays)
-
-
 def edit_json(path: Path, change) -> None:
     content = json.loads(path.read_text())
     change(content)
     path.write_text(json.dumps(content))
+
+
+def edit_arrays(path: Path, change) -> None:
+    """Rewrite the .npy or .npz at `path`: change(array) returns the new array, change(arrays) edits the
+    dict of an .npz in place."""
+    if path.suffix == ".npy":
+        np.save(path, change(np.load(path)))
+        return
+    with np.load(path) as data:
+        arrays = {key: data[key] for key in data.files}
+    change(arrays)
+    np.savez(path, **arrays)
+
+
+def with_voxel(index, value):
+    """change(array) for edit_arrays: a copy with array[index] = value."""
+    def change(array):
+        array = array.copy()
+        array[index] = value
+        return array
+    return change
 
 
 def index_row_without_class(prep: Path) -> None:
@@ -348,32 +360,6 @@ def index_row_without_class(prep: Path) -> None:
     (prep / "index.json").write_text(json.dumps(index))
 
 
-def label_42(prep: Path) -> None:
-    label = np.load(first(prep, "train/*_label.npy"))
-    label[0, 0, 0] = 42
-    np.save(first(prep, "train/*_label.npy"), label)
-
-
-def drop_gold_key(prep: Path, key: str) -> None:
-    path = first(prep, "volumes/gold/*.npz")
-    with np.load(path) as data:
-        arrays = {name: data[name] for name in data.files if name != key}
-    np.savez(path, **arrays)
-
-
-def nan_in_train(prep: Path) -> None:
-    path = first(prep, "train/*_image.npy")
-    array = np.load(path)
-    array[0, 1, 1] = np.nan
-    np.save(path, array)
-
-
-def bad_id_in_meta(prep: Path) -> None:
-    meta = json.loads((prep / "meta.json").read_text())
-    meta["splits"]["val"].append("../evil")
-    (prep / "meta.json").write_text(json.dumps(meta))
-
-
 def as_zscore_folder(prep: Path, mode: str) -> None:
     """Training slices and gold images stored normalised, not in [0, 1], as the SSL-ALPNet writer stores
     them (dataloaders/alpnet_prepare.py), under meta intensity `mode`."""
@@ -381,12 +367,9 @@ def as_zscore_folder(prep: Path, mode: str) -> None:
     for path in (prep / "train").glob("*_image.npy"):
         np.save(path, (np.load(path) * 4 - 2).astype(np.float32))              # z-like values in [-2, 2]
     for path in (prep / "volumes" / "gold").glob("*.npz"):
-        with np.load(path) as data:
-            arrays = {key: data[key] for key in data.files}
-        arrays["image"] = (arrays["image"] / 500.0).astype(np.float32)
-        arrays["original_axcodes"] = np.asarray("as stored")
-        arrays["original_shape"] = np.asarray(arrays["image"].shape) + np.array([1, 1, 0])   # a crop
-        np.savez(path, **arrays)
+        edit_arrays(path, lambda a: a.update(image=(a["image"] / 500.0).astype(np.float32),
+                                             original_axcodes=np.asarray("as stored"),
+                                             original_shape=np.asarray(a["image"].shape) + [1, 1, 0]))  # crop
 
 
 def damaged_source(c, damage, n_silver: int = 2) -> Path:
@@ -601,14 +584,17 @@ SCRIPT_ROWS = {
                          [words, "re-run"]) for name, (damage, words) in {
         "truncated npy": (lambda p: truncate(first(p, "train/*_image.npy")), "_image.npy: unreadable"),
         "truncated npz": (lambda p: truncate(first(p, "volumes/gold/*.npz")), ".npz: unreadable"),
-        "gold label shape": (gold_label_shape, "expected int16 and uint8 volumes of one shape"),
-        "NaN in training image": (nan_in_train, "not finite"),
+        "gold label shape": (lambda p: edit_arrays(first(p, "volumes/gold/*.npz"), lambda a: a.update(
+            label=a["label"][:-1])), "expected int16 and uint8 volumes of one shape"),
+        "NaN in training image": (lambda p: edit_arrays(first(p, "train/*_image.npy"), with_voxel(
+            (0, 1, 1), np.nan)), "not finite"),
         "unknown intensity mode": (lambda p: edit_meta(p, intensity={"mode": "bogus"}), "intensity"),
         "prep_size 0": (lambda p: edit_meta(p, prep_size=0), "prep_size 0"),
         "index.json a list": (lambda p: (p / "index.json").write_text("[1, 2]"),
                               "index.json: not a JSON object"),
         "stray train file": (lambda p: np.save(p / "train" / "notes.npy", np.zeros(3)), "not <id>_image.npy"),
-        "unusable id in meta": (bad_id_in_meta, "case id '../evil'"),
+        "unusable id in meta": (lambda p: edit_json(p / "meta.json", lambda m: m["splits"]["val"].append(
+            "../evil")), "case id '../evil'"),
         "normalised slices under minmax": (lambda p: as_zscore_folder(p, "minmax"),
                                            "image values outside [0, 1]"),
         "meta.json missing": (lambda p: (p / "meta.json").unlink(), "meta.json: missing"),
@@ -618,14 +604,16 @@ SCRIPT_ROWS = {
         "index row out of range": (lambda p: edit_json(p / "index.json", lambda i: i["slices"]["1"][
             0].__setitem__(1, 999)), "row out of range"),
         "index row without its class": (index_row_without_class, "has no voxel of class 1"),
-        "label value 42": (label_42, "label value 42 > 20"),
-        "image shape": (lambda p: np.save(first(p, "train/*_image.npy"), np.load(first(
-            p, "train/*_image.npy"))[:, :10]), "_image.npy: float32"),
+        "label value 42": (lambda p: edit_arrays(first(p, "train/*_label.npy"), with_voxel((0, 0, 0), 42)),
+                           "label value 42 > 20"),
+        "image shape": (lambda p: edit_arrays(first(p, "train/*_image.npy"), lambda a: a[:, :10]),
+                        "_image.npy: float32"),
         "training label missing": (lambda p: first(p, "train/*_label.npy").unlink(),
                                    "_label.npy: missing training file"),
         "gold volume missing": (lambda p: first(p, "volumes/gold/*.npz").unlink(),
                                 ".npz: missing evaluation volume"),
-        "gold key missing": (lambda p: drop_gold_key(p, "original_affine"), "keys original_affine missing"),
+        "gold key missing": (lambda p: edit_arrays(first(p, "volumes/gold/*.npz"), lambda a: a.pop(
+            "original_affine")), "keys original_affine missing"),
         "training file of no split": (lambda p: shutil.copy(first(p, "train/*_image.npy"),
                                                             p / "train" / "99999999_image.npy"),
                                       "99999999 which is not in splits.train")}.items()},
