@@ -14,6 +14,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from conftest import load_script
 
 from dataloaders import layouts as layout
 from dataloaders.organs import NAME_TO_INDEX
@@ -243,17 +244,9 @@ def test_real_scan_1_or_and_counts_and_classmap():
     assert (~layout.kept_slices(scan.label, [1, 4], "and")).sum() == 14
 
 
-def _script(name: str):
-    import importlib.util
-    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_prepare_script_alpnet_layout_refuses_an_hu_window_on_mr(tmp_path):
     folder = write_alpnet_folder(tmp_path / "d", [1, 2, 3, 5, 8, 10])
-    prepare = _script("prepare_visceral")
+    prepare = load_script("prepare_visceral")
     with pytest.raises(UserError, match="HU window on MR"):
         prepare.main(["--visceral-dir", str(folder), "--layout", "alpnet", "--window", "-125", "275",
                       "--out", str(tmp_path / "p")])
@@ -263,7 +256,7 @@ def test_prepare_script_alpnet_layout_refuses_an_hu_window_on_mr(tmp_path):
                          "--out", str(tmp_path / "p")]) == 0
     meta = json.loads((tmp_path / "p" / "meta.json").read_text())
     assert meta["intensity"] == {"mode": "zscore"} and meta["alpnet"]["test_organs"] == ["liver", "spleen"]
-    check = _script("check_dataset")
+    check = load_script("check_dataset")
     assert check.main([str(tmp_path / "p")]) in (0, None)        # the checker accepts the folder
 
 

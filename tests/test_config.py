@@ -5,16 +5,7 @@ import shlex
 from pathlib import Path
 
 import pytest
-
-from config import ex
-
-
-def _resolve(named=(), updates=None):
-    # Resolve the Sacred config without running anything.
-    from sacred.initialize import create_run
-    command = ex.default_command or "print_config"
-    run = create_run(ex, command, config_updates=updates or {}, named_configs=list(named))
-    return run.config
+from conftest import resolve_config
 
 
 # Each module of each library package imports without side effects (docs/DESIGN.md draws the map).
@@ -28,7 +19,7 @@ def test_every_module_imports(package):
 
 
 def test_defaults_grid_and_folds():
-    config = _resolve()
+    config = resolve_config(())
     assert config["input_size"] == 512
     assert (config["n_ways"], config["n_shots"], config["n_queries"]) == (1, 1, 1)
     assert config["batch_size"] == 4
@@ -49,7 +40,7 @@ def test_defaults_grid_and_folds():
 
 def test_named_configs_override_only_what_they_say():
     from config import differences_from_default
-    official, paper = _resolve(["official"]), _resolve(["paper"])
+    official, paper = resolve_config(["official"]), resolve_config(["paper"])
     # 'paper' is the authors' code with the paper's text where they differ: the milestones only
     assert differences_from_default(paper) == {k: v for k, v in differences_from_default(official).items()
                                                if k != "lr_milestones"}
@@ -60,27 +51,12 @@ def test_named_configs_override_only_what_they_say():
     assert official["eval"]["preset"] == "official" and official["val_split"] == "val"
     assert set(differences_from_default(official)) <= {"model.encoder", "lr_milestones",
                                                        "eval.preset"}
-    panet = _resolve(["panet"])
+    panet = resolve_config(["panet"])
     assert panet["model"]["n_grid"] == 1 and panet["model"]["align"] is True
     assert panet["model"]["head"] == "panet"
     assert panet["model"]["vote"] == "max"  # untouched keys keep their defaults
-    demo = _resolve(["demo"])
+    demo = resolve_config(["demo"])
     assert demo["input_size"] < 512 and demo["n_steps"] < 10000
-
-
-def test_unknown_config_key_is_rejected():
-    from sacred.utils import ConfigAddedError
-    with pytest.raises(ConfigAddedError):
-        _resolve(updates={"n_gird": 4})
-
-
-def test_check_config_refuses_a_typo_before_sacred_does():
-    from training.config_check import check_config
-    from util.errors import UserError
-    config = dict(_resolve(["tiny"]))
-    config["eval"] = {**config["eval"], "snapshot": {"LSLPN": "a.pth"}}   # as test.py would receive it
-    with pytest.raises(UserError, match=r"^eval\.snapshot = .*unknown key: did you mean eval\.snapshots\?"):
-        check_config(config, "test")
 
 
 @pytest.mark.parametrize("layout, episodes, command", [
@@ -102,7 +78,7 @@ def test_a_raw_data_dir_gets_a_prepare_command_that_writes_beside_it(tmp_path, l
         raw.mkdir()
         (raw / "notes.txt").write_text("keep")
     before = sorted(p.relative_to(raw) for p in raw.rglob("*"))
-    config = _resolve(["tiny"], {"episodes": episodes, "device": "cpu",
+    config = resolve_config(["tiny"], **{"episodes": episodes, "device": "cpu",
                                  "path": {"data_dir": str(raw), "log_dir": str(tmp_path / "runs")}})
     with pytest.raises(UserError) as caught:
         check_config(config, "train")

@@ -3,7 +3,8 @@
 The assembled options describe config.py exactly (both directions), every key's bad value is a one-line
 "<key> = <value>: ..." error, unknown keys name the nearest known key, the cross-key rules hold for
 their methods only, and the train.py / test.py command lines of README.md and docs/usage.md resolve
-without Sacred "Added new config entry" / "Changed type of config entry" warnings.
+without Sacred "Added new config entry" / "Changed type of config entry" warnings. (train.py checks its
+config once: tests/test_errors.py.)
 """
 import copy
 import json
@@ -200,31 +201,33 @@ def test_a_snapshot_is_checked_through_the_schema_when_it_is_loaded(tmp_path):
 README_DRIVER = r"""
 import importlib, json, logging, shlex, sys, warnings
 warnings.filterwarnings("ignore")
-entry, commands = sys.argv[1], json.loads(sys.argv[2])
-module = importlib.import_module(entry)
 from sacred.arg_parser import get_config_updates
 from sacred.initialize import create_run
 from config import install_log_filters
 from training.config_check import check_run_config
-module.check_config = lambda config, command: check_run_config(config)   # the options, not the disk
-install_log_filters(module.ex)
-records = []
+records, results = [], {}
 class Keep(logging.Handler):
     def emit(self, record):
         records.append(record.getMessage())
 logging.getLogger().addHandler(Keep())
-results = []
-for words in commands:
-    del records[:]
-    updates, named = get_config_updates(words)
-    try:
-        create_run(module.ex, module.ex.default_command, config_updates=updates, named_configs=named)
-        error = None
-    except Exception as caught:
-        error = f"{type(caught).__name__}: {caught}"
-    results.append({"error": error, "warnings": [r for r in records if "config entry" in r]})
+for entry, commands in json.loads(sys.argv[1]).items():
+    module = importlib.import_module(entry)
+    module.check_config = lambda config, command: check_run_config(config)   # the options, not the disk
+    install_log_filters(module.ex)
+    results[entry] = []
+    for words in commands:
+        del records[:]
+        updates, named = get_config_updates(words)
+        try:
+            create_run(module.ex, module.ex.default_command, config_updates=updates, named_configs=named)
+            error = None
+        except Exception as caught:
+            error = f"{type(caught).__name__}: {caught}"
+        results[entry].append({"error": error, "warnings": [r for r in records if "config entry" in r]})
 print("RESULTS" + json.dumps(results))
 """
+# controls: a type change is seen by the capture; a typo stops with the schema's line
+CONTROLS = [["eval.support=99999999"], ["eval.snapshot={'LSLPN': 'a.pth'}"]]
 
 
 def readme_commands(entry: str) -> list[list[str]]:
@@ -238,56 +241,22 @@ def readme_commands(entry: str) -> list[list[str]]:
     return commands
 
 
-def run_readme_driver(entry: str, commands: list[list[str]]) -> list[dict]:
-    done = subprocess.run([sys.executable, "-c", README_DRIVER, entry, json.dumps(commands)], cwd=ROOT,
+@pytest.fixture(scope="module")
+def readme_results() -> dict:
+    """{entry: result of each README command, then of CONTROLS}, train.py's and test.py's in one process."""
+    commands = {entry: readme_commands(entry) + CONTROLS for entry in ("train", "test")}
+    done = subprocess.run([sys.executable, "-c", README_DRIVER, json.dumps(commands)], cwd=ROOT,
                           capture_output=True, text=True, timeout=600)
     assert "RESULTS" in done.stdout, done.stderr[-3000:]
     return json.loads(done.stdout.split("RESULTS", 1)[1])
 
 
 @pytest.mark.parametrize("entry", ["train", "test"])
-def test_readme_commands_resolve_without_sacred_config_warnings(entry):
-    commands = readme_commands(entry)
-    assert len(commands) >= 3
-    # controls: a type change is seen by the capture; a typo stops with the schema's line
-    controls = [["eval.support=99999999"], ["eval.snapshot={'LSLPN': 'a.pth'}"]]
-    results = run_readme_driver(entry, commands + controls)
+def test_readme_commands_resolve_without_sacred_config_warnings(entry, readme_results):
+    commands, results = readme_commands(entry), readme_results[entry]
+    assert len(commands) >= 3 and len(results) == len(commands) + len(CONTROLS)
     for words, result in zip(commands, results):
         assert result == {"error": None, "warnings": []}, (words, result)
     type_change, typo = results[len(commands):]
     assert any("Changed type of config entry" in w for w in type_change["warnings"])
     assert "eval.snapshot = {'LSLPN': 'a.pth'}: unknown key: did you mean eval.snapshots?" in typo["error"]
-
-
-ONCE_DRIVER = r"""
-import json, sys, warnings
-warnings.filterwarnings("ignore")
-import train
-from config import run_sacred
-from training import config_check
-calls = []
-original = config_check.check_config
-def counting(config, command="train"):
-    calls.append(command)
-    return original(config, command)
-train.check_config = config_check.check_config = counting
-import training.loop
-training.loop.check_config = counting
-try:
-    run_sacred(train.ex, ["train.py", "with", *sys.argv[1:]])
-except SystemExit as stop:
-    print("EXIT", stop.code)
-print("CALLS" + json.dumps(calls))
-"""
-
-
-def test_train_py_checks_the_config_once(tiny_prepared, tmp_path):
-    words = ["tiny", "device=cpu", "n_steps=1", "val_every=0", "save_every=1",
-             f"path.data_dir={tiny_prepared}",
-             f"path.log_dir={tmp_path / 'runs'}"]
-    done = subprocess.run([sys.executable, "-c", ONCE_DRIVER, *words], cwd=ROOT, capture_output=True,
-                          text=True,
-                          timeout=600)
-    assert "CALLS" in done.stdout, done.stderr[-3000:]
-    assert json.loads(done.stdout.split("CALLS", 1)[1]) == ["train"], done.stdout[-2000:]
-    assert list((tmp_path / "runs").rglob("last.pth"))        # the run did train

@@ -174,36 +174,11 @@ def test_several_series_are_listed_and_one_is_chosen(tmp_path):
     expect_error(tmp_path, "no DICOM series 9.9.*--series", series_uid="9.9")
 
 
-def test_missing_slice_is_an_error(tmp_path):
-    paths = write_series(tmp_path, ct_volume(), affine_of((0, 10, 0)))
-    paths[3].unlink()
-    expect_error(tmp_path, "missing or unevenly spaced.*step 5 mm after slice 3 of 6, spacing 2.5 mm")
-
-
-def test_uneven_spacing_is_an_error(tmp_path):
-    affine = affine_of()
-    paths = write_series(tmp_path, ct_volume(), affine)
-    edit(paths[4], ImagePositionPatient=ds_text((LPS_TO_RAS @ affine)[:3, 3] + [0, 0, 4 * 2.5 + 0.5]))
-    expect_error(tmp_path, "missing or unevenly spaced")
-
-
 def test_spacing_within_tolerance_is_read(tmp_path):
     affine = affine_of()
     paths = write_series(tmp_path, ct_volume(), affine)
-    edit(paths[4], ImagePositionPatient=ds_text((LPS_TO_RAS @ affine)[:3, 3] + [0, 0, 4 * 2.5 + 0.01]))
+    shift_slice_4(paths, affine, 0.01)
     assert read_dicom_series(tmp_path)[0].shape == SHAPE
-
-
-def test_duplicate_positions_mixed_sizes_and_orientations_are_errors(tmp_path):
-    paths = write_series(tmp_path / "dup", ct_volume(), affine_of())
-    edit(paths[2], ImagePositionPatient=pydicom.dcmread(paths[1]).ImagePositionPatient)
-    expect_error(tmp_path / "dup", "share one position")
-    paths = write_series(tmp_path / "size", ct_volume(), affine_of())
-    edit(paths[2], PixelSpacing=["0.9", "0.7"])
-    expect_error(tmp_path / "size", "mixes slice sizes or pixel spacings")
-    paths = write_series(tmp_path / "orient", ct_volume(), affine_of())
-    edit(paths[2], ImageOrientationPatient=ds_text([1, 0, 0, 0, 0, -1]))       # a coronal slice
-    expect_error(tmp_path / "orient", "mixes slice orientations")
 
 
 def test_folders_without_a_dicom_image_are_errors(tmp_path):
@@ -224,19 +199,36 @@ def test_folders_without_a_dicom_image_are_errors(tmp_path):
     expect_error(report, "no image")
     write_series(report, ct_volume(), affine_of())                 # beside an image series it is skipped
     assert np.array_equal(read_dicom_series(report)[0], ct_volume())
-    paths = write_series(tmp_path / "screenshot", ct_volume(), affine_of())
-    edit(paths[0], ImagePositionPatient=None)
-    expect_error(tmp_path / "screenshot", "ImagePositionPatient holds 0 values, not 3: no usable patient")
+
+
+def shift_slice_4(paths, affine, mm):
+    edit(paths[4], ImagePositionPatient=ds_text((LPS_TO_RAS @ affine)[:3, 3] + [0, 0, 4 * 2.5 + mm]))
+
+
+DAMAGED = {  # name: (damage(paths, affine), the error's pattern); the missing slice in a tilted series
+    "missing slice": (lambda p, a: p[3].unlink(),
+                      "missing or unevenly spaced.*step 5 mm after slice 3 of 6, spacing 2.5 mm"),
+    "uneven spacing": (lambda p, a: shift_slice_4(p, a, 0.5), "missing or unevenly spaced"),
+    "duplicate positions": (lambda p, a: edit(p[2], ImagePositionPatient=pydicom.dcmread(p[1])
+                                              .ImagePositionPatient), "share one position"),
+    "mixed sizes": (lambda p, a: edit(p[2], PixelSpacing=["0.9", "0.7"]),
+                    "mixes slice sizes or pixel spacings"),
+    "a coronal slice": (lambda p, a: edit(p[2], ImageOrientationPatient=ds_text([1, 0, 0, 0, 0, -1])),
+                        "mixes slice orientations"),
+    "no position": (lambda p, a: edit(p[0], ImagePositionPatient=None),
+                    "ImagePositionPatient holds 0 values, not 3: no usable patient"),
+    "not DICOM": (lambda p, a: p[2].write_text("not DICOM at all"), "IM0002.dcm: not a DICOM object"),
+    "cut inside the header": (lambda p, a: p[2].write_bytes(p[2].read_bytes()[:450]),
+                              "IM0002.dcm: image header without SeriesInstanceUID, Rows or Columns"),
+    "cut inside the pixel data": (lambda p, a: p[2].write_bytes(p[2].read_bytes()[:-60]),
+                                  "IM0002.dcm: cannot decode the pixel data.*truncated"),
+}
 
 
 @pytest.mark.filterwarnings("ignore:Expected implicit VR")
-def test_corrupt_or_truncated_files_are_errors(tmp_path):
-    paths = write_series(tmp_path / "junk", ct_volume(), affine_of())
-    paths[2].write_text("not DICOM at all")
-    expect_error(tmp_path / "junk", "IM0002.dcm: not a DICOM object")
-    paths = write_series(tmp_path / "header", ct_volume(), affine_of())
-    paths[2].write_bytes(paths[2].read_bytes()[:450])                       # cut inside the header
-    expect_error(tmp_path / "header", "IM0002.dcm: image header without SeriesInstanceUID, Rows or Columns")
-    paths = write_series(tmp_path / "pixels", ct_volume(), affine_of())
-    paths[2].write_bytes(paths[2].read_bytes()[:-60])                       # cut inside the pixel data
-    expect_error(tmp_path / "pixels", "IM0002.dcm: cannot decode the pixel data.*truncated")
+@pytest.mark.parametrize("case", sorted(DAMAGED))
+def test_a_damaged_series_is_one_line_naming_the_folder(tmp_path, case):
+    damage, pattern = DAMAGED[case]
+    affine = affine_of((0, 10, 0) if case == "missing slice" else (0, 0, 0))
+    damage(write_series(tmp_path, ct_volume(), affine), affine)
+    expect_error(tmp_path, pattern)

@@ -15,7 +15,6 @@ import json
 import os
 import random
 import re
-import resource
 import shutil
 import signal
 import subprocess
@@ -28,11 +27,19 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_PHANTOM, assert_one_line_error, run_sacred_cases, run_script, script_output
+from conftest import (
+    TINY_PHANTOM,
+    assert_one_line_error,
+    load_script,
+    run_sacred_cases,
+    run_script,
+    script_output,
+)
 from test_training import train_cli, train_then_resume
 
 from dataloaders.layouts import find_cases, load_case
 from dataloaders.nifti import load_nifti, to_original
+from dataloaders.superpixels import read_superpixel_meta
 from dataloaders.transforms import validate_intensity, volume_intensity
 from models.checkpoint import load_checkpoint
 from util.errors import UserError
@@ -173,13 +180,14 @@ def ct_subject(seed: int, n_slices: int = 20, organ_z=(6, 14)) -> tuple[np.ndarr
     return np.rint(image).astype(np.int16), mask
 
 
-def small_model(path: Path, **records) -> Path:
-    """A random cnn_small FewShotSegNet checkpoint with `records`."""
+def small_model(path: Path, encoder: str | None = None, **records) -> Path:
+    """A random cnn_small FewShotSegNet checkpoint with `records` (its config naming `encoder` if given)."""
     from models.checkpoint import save_checkpoint
     from models.fewshot import FewShotSegNet
     torch.manual_seed(0)
     model = FewShotSegNet(encoder="cnn_small", resolution="feature", n_grid=2)
-    save_checkpoint(str(path), {"model": model.state_dict(), "model_config": model.config, **records})
+    config = {**model.config, "encoder": encoder} if encoder else model.config
+    save_checkpoint(str(path), {"model": model.state_dict(), "model_config": config, **records})
     return path
 
 
@@ -196,6 +204,7 @@ def files(tiny_phantom, tmp_path_factory) -> dict:
     shutil.copyfile(volume, f["ct"])
     shutil.copyfile(segmentations / f"{pid}_1_CTce_ThAb_58_1.nii.gz", f["mask"])
     f["checkpoint"] = small_model(root / "model.pth", input_size=32, intensity={"mode": "minmax"})
+    f["vgg_checkpoint"] = small_model(root / "vgg.pth", input_size=32, encoder="vgg16")
     f["truncated_checkpoint"] = truncate(shutil.copyfile(f["checkpoint"], root / "truncated.pth"), 5000)
     f["truncated_image"] = truncate(shutil.copyfile(f["ct"], root / "truncated.nii.gz"), 3000)
     f["folder"], f["absent"] = root / "folder.nii.gz", root / "absent.nii.gz"
@@ -206,22 +215,25 @@ def files(tiny_phantom, tmp_path_factory) -> dict:
     labels = np.zeros(ct.shape, np.uint8)  # TotalSegmentator style: spleen 1, right kidney 2
     for radlex, value in ((86, 1), (29662, 2), (58, 5)):
         organ = nib.load(str(segmentations / f"{pid}_1_CTce_ThAb_{radlex}_1.nii.gz"))
-        labels[np.asarray(organ.dataobj) > 0] \
-            = value
+        labels[np.asarray(organ.dataobj) > 0] = value
     numbered = np.arange(ct.size).reshape(ct.shape)
     few = np.zeros(ct.shape, np.uint8)
     few[30, 30, 10:14] = 1                                    # a 'liver' of one voxel per slice
     air = np.full(ct.shape, -1000, np.int16)
     air[0, 0, 0] = -990
+    moved = affine.copy()
+    moved[0, 3] += 15.0
     for name, array, where in (
-            ("empty_mask", np.zeros(ct.shape, np.uint8), affine), ("mask_255",
-                                                                   liver.astype(np.float32) * 255, affine),
+            ("empty_mask", np.zeros(ct.shape, np.uint8), affine), ("mask_255", liver * np.float32(255),
+                                                                   affine),
             ("nan_image", np.where(numbered == 5, np.nan, ct.astype(np.float32)), affine),
             ("inf_image", np.where(numbered == 9, np.inf, ct.astype(np.float32)), affine),
-            ("ts_labels", labels, affine), ("soft", liver.astype(np.float32) * 0.5, affine),
+            ("ts_labels", labels, affine), ("soft", liver * np.float32(0.5), affine),
             ("constant", np.full(ct.shape, 40, np.int16), affine), ("air", air, affine),
-            ("liver_lps", *to_lps(liver.astype(np.uint8), affine)), ("narrow", ct[: ct.shape[0] // 2],
-                                                                     affine)):
+            ("liver_lps", *to_lps(liver.astype(np.uint8), affine)), ("narrow", ct[: len(ct) // 2], affine),
+            ("small_mask", liver[:-2].astype(np.uint8), affine),
+            ("shifted_mask", liver.astype(np.uint8), moved),
+            ("image_2d", ct[:, :, 0], affine), ("image_4d", np.stack([ct, ct], -1), affine)):
         f[name] = save(root / f"{name}.nii.gz", array, where)
     f["few_liver"] = save(root / f"{pid}_1_CTce_ThAb_58_1.nii.gz", few, affine)  # VISCERAL name: organ known
     for name, content in (("ts_map", {"labels": {"1": "spleen", "2": "kidney_right", "5": "liver"}}),
@@ -232,14 +244,14 @@ def files(tiny_phantom, tmp_path_factory) -> dict:
     # the synthetic CT pair (subject 1 support, subject 2 query) and its non-HU variants
     f["support_array"], f["support_mask_array"] = ct_subject(1)
     f["query_array"], _ = ct_subject(2, organ_z=(7, 15))
-    f["support"], f["support_mask"] = save(root / "support.nii.gz", f["support_array"]), \
-        save(root / "support_mask.nii.gz", f["support_mask_array"])
+    f["support"] = save(root / "support.nii.gz", f["support_array"])
+    f["support_mask"] = save(root / "support_mask.nii.gz", f["support_mask_array"])
     f["query"] = save(root / "query.nii.gz", f["query_array"])
     f["window_ckpt"] = small_model(root / "window.pth", input_size=16, intensity=WINDOW, step=1, fold=0)
     f["minmax_ckpt"] = small_model(root / "minmax.pth", input_size=16, intensity={"mode": "minmax"})
     query = f["query_array"].astype(np.float64)
-    for name, array in (("float01", (query + 1024) / 4095.0), ("uint16_raw",
-                                                               (query + 1024).astype(np.uint16)),
+    for name, array in (("float01", (query + 1024) / 4095.0),
+                        ("uint16_raw", (query + 1024).astype(np.uint16)),
                         ("int8", np.clip(query / 16, -128, 127).astype(np.int8)),
                         ("mr_like", np.where(query > -500, query + 400.0, 0.0))):
         f[name] = save(root / f"{name}.nii.gz", array)
@@ -250,17 +262,18 @@ def files(tiny_phantom, tmp_path_factory) -> dict:
 
 def segment_argv(c, synthetic: bool = False, **changes) -> list[str]:
     """segment_volume's argv: the phantom CT as support and query (or the synthetic pair with the window
-    checkpoint), out <tmp>/p.nii.gz, 3 chunks on the CPU; a change's string value names a file of `files`."""
+    checkpoint), out <tmp>/p.nii.gz, 3 chunks on the CPU; a change's string value names a file of `files`,
+    None drops the option."""
     f = c.files
     args = {"--checkpoint": f["window_ckpt"], "--support-image": f["support"],
-            "--support-mask": f["support_mask"],
-            "--query": f["query"]} if synthetic else \
+            "--support-mask": f["support_mask"], "--query": f["query"]} if synthetic else \
         {"--checkpoint": f["checkpoint"], "--support-image": f["ct"], "--support-mask": f["mask"],
          "--query": f["ct"], "--input-size": 32}
     args.update({"--out": c.tmp / "p.nii.gz", "--device": "cpu", "--n-chunks": 3})
-    args.update({key: f.get(value, value) if isinstance(value, str) else value for key,
-                 value in changes.items()})
-    return [str(item) for pair in args.items() for item in pair] + ["--no-progress"]
+    args.update({key: f.get(value, value) if isinstance(value, str) else value
+                 for key, value in changes.items()})
+    return [str(item) for key, value in args.items() if value is not None for item in (key, value)] + \
+        ["--no-progress"]
 
 
 class Context:
@@ -305,33 +318,46 @@ def prepared_copy(c, damage=None) -> Path:
 
 
 def edit_meta(prep: Path, **changes) -> None:
-    meta = json.loads((prep / "meta.json").read_text())
-    (prep / "meta.json").write_text(json.dumps({**meta, **changes}))
+    edit_json(prep / "meta.json", lambda meta: meta.update(changes))
 
 
 def first(prep: Path, pattern: str) -> Path:
     return sorted(prep.glob(pattern))[0]
 
 
-def gold_label_shape(prep: Path) -> None:
-    path = first(prep, "volumes/gold/*.npz")
+def edit_json(path: Path, change) -> None:
+    content = json.loads(path.read_text())
+    change(content)
+    path.write_text(json.dumps(content))
+
+
+def edit_arrays(path: Path, change) -> None:
+    """Rewrite the .npy or .npz at `path`: change(array) returns the new array, change(arrays) edits the
+    dict of an .npz in place."""
+    if path.suffix == ".npy":
+        np.save(path, change(np.load(path)))
+        return
     with np.load(path) as data:
         arrays = {key: data[key] for key in data.files}
-    arrays["label"] = arrays["label"][:-1]
+    change(arrays)
     np.savez(path, **arrays)
 
 
-def nan_in_train(prep: Path) -> None:
-    path = first(prep, "train/*_image.npy")
-    array = np.load(path)
-    array[0, 1, 1] = np.nan
-    np.save(path, array)
+def with_voxel(index, value):
+    """change(array) for edit_arrays: a copy with array[index] = value."""
+    def change(array):
+        array = array.copy()
+        array[index] = value
+        return array
+    return change
 
 
-def bad_id_in_meta(prep: Path) -> None:
-    meta = json.loads((prep / "meta.json").read_text())
-    meta["splits"]["val"].append("../evil")
-    (prep / "meta.json").write_text(json.dumps(meta))
+def index_row_without_class(prep: Path) -> None:
+    index = json.loads((prep / "index.json").read_text())
+    pid = index["slices"]["1"][0][0]
+    label = np.load(prep / "train" / f"{pid}_label.npy")
+    index["slices"]["1"][0][1] = int(next(r for r in range(label.shape[0]) if not (label[r] == 1).any()))
+    (prep / "index.json").write_text(json.dumps(index))
 
 
 def as_zscore_folder(prep: Path, mode: str) -> None:
@@ -341,12 +367,9 @@ def as_zscore_folder(prep: Path, mode: str) -> None:
     for path in (prep / "train").glob("*_image.npy"):
         np.save(path, (np.load(path) * 4 - 2).astype(np.float32))              # z-like values in [-2, 2]
     for path in (prep / "volumes" / "gold").glob("*.npz"):
-        with np.load(path) as data:
-            arrays = {key: data[key] for key in data.files}
-        arrays["image"] = (arrays["image"] / 500.0).astype(np.float32)
-        arrays["original_axcodes"] = np.asarray("as stored")
-        arrays["original_shape"] = np.asarray(arrays["image"].shape) + np.array([1, 1, 0])   # a crop
-        np.savez(path, **arrays)
+        edit_arrays(path, lambda a: a.update(image=(a["image"] / 500.0).astype(np.float32),
+                                             original_axcodes=np.asarray("as stored"),
+                                             original_shape=np.asarray(a["image"].shape) + [1, 1, 0]))  # crop
 
 
 def damaged_source(c, damage, n_silver: int = 2) -> Path:
@@ -485,104 +508,117 @@ def results_run(c, text: str) -> list:
 # id: (script, argv(c), words of the one error line). Each row runs in a fresh tmp folder; nothing in
 # it (nor in the shared input files) may change.
 SCRIPT_ROWS = {
-    # make_phantom
-    "phantom size 0": ("make_phantom", lambda c: ["--out", c.tmp / "ph", *PHANTOM_ARGS, "--size", "0"],
-                       ["--size >= 32"]),
-    "phantom n-gold 1": ("make_phantom", lambda c: ["--out", c.tmp / "ph", *PHANTOM_ARGS, "--n-gold", "1"],
-                         ["n_gold 1"]),
-    "phantom slices 0": ("make_phantom", lambda c: ["--out", c.tmp / "ph", *PHANTOM_ARGS, "--slices", "0"],
-                         ["--slices >= 8"]),
-    "phantom n-silver -1": ("make_phantom", lambda c: ["--out", c.tmp / "ph", *PHANTOM_ARGS, "--n-silver",
-                                                       "-1"],
-                            ["n_silver -1"]),
-    "phantom seed -1": ("make_phantom", lambda c: ["--out", c.tmp / "ph", *PHANTOM_ARGS, "--seed", "-1"],
-                        ["seed -1"]),
-    "phantom preset": ("make_phantom", lambda c: ["--out", c.tmp / "ph", *PHANTOM_ARGS, "--preset", "bogus"],
-                       ["preset 'bogus'", "inclusive"]),
-    "phantom out an empty folder": ("make_phantom", lambda c: ["--out", made(c.tmp / "ph"), *PHANTOM_ARGS],
-                                    ["ph", "--overwrite"]),
-    "phantom out a file": ("make_phantom", lambda c: ["--out", made(c.tmp / "ph", "keep me"), *PHANTOM_ARGS],
-                           ["ph", "--overwrite"]),
-    "phantom --overwrite a file": ("make_phantom", lambda c: ["--out", made(c.tmp / "out", "keep me"),
-                                                              "--overwrite", *PHANTOM_ARGS],
-                                   ["is a file, not a folder", "--overwrite replaces only a folder"]),
+    **{f"phantom {' '.join(extra)}": ("make_phantom", lambda c, extra=extra: [
+        "--out", c.tmp / "ph", *PHANTOM_ARGS, *extra], words) for extra, words in [
+        (["--size", "0"], ["--size >= 32"]), (["--n-gold", "1"], ["n_gold 1", "and 2 gold"]),
+        (["--slices", "0"], ["--slices >= 8"]),
+        (["--n-silver", "-1"], ["n_silver -1"]), (["--seed", "-1"], ["seed -1"]),
+        (["--preset", "bogus"], ["preset 'bogus'", "inclusive"])]},
+    **{f"phantom {name}": ("make_phantom", lambda c, out=out: ["--out", *out(c), *PHANTOM_ARGS], words)
+       for name, out, words in [
+        ("out an empty folder", lambda c: [made(c.tmp / "ph")], ["ph", "already exists", "--overwrite"]),
+        ("out a file", lambda c: [made(c.tmp / "ph", "keep me")], ["ph", "--overwrite"]),
+        ("--overwrite a file", lambda c: [made(c.tmp / "out", "keep me"), "--overwrite"],
+         ["is a file, not a folder", "--overwrite replaces only a folder"])]},
     # prepare_visceral: damaged sources
-    "prepare truncated volume": ("prepare_visceral", lambda c: prepare_argv(c, damaged_source(
-        c, lambda r: truncate(first_volume(r))), *PREP_ARGS), ["corrupt or truncated",
-                                                               "_1_CTce_ThAb.nii.gz"]),
-    "prepare truncated mask": ("prepare_visceral", lambda c: prepare_argv(c, damaged_source(
-        c, lambda r: truncate(liver_mask(r))), *PREP_ARGS), ["corrupt or truncated", "_58_1.nii.gz"]),
-    "prepare mask shape": ("prepare_visceral", lambda c: prepare_argv(c, damaged_source(
-        c, lambda r: rewrite_nifti(liver_mask(r), lambda a, f: (a[:-3], f))), *PREP_ARGS),
-        ["mask shape", "resample"]),
-    "prepare mask affine": ("prepare_visceral", lambda c: prepare_argv(c, damaged_source(
-        c, lambda r: rewrite_nifti(liver_mask(r), shifted)), *PREP_ARGS), ["mask affine", "resample"]),
-    "prepare NaN volume": ("prepare_visceral", lambda c: prepare_argv(c, damaged_source(
-        c, lambda r: rewrite_nifti(first_volume(r), with_nan)), *PREP_ARGS), ["1 NaN/inf voxels"]),
-    "prepare 2D volume": ("prepare_visceral", lambda c: prepare_argv(c, damaged_source(
-        c, lambda r: rewrite_nifti(first_volume(r), lambda a, f: (a[:, :, 0], f))), *PREP_ARGS),
-        ["2 dimensions"]),
-    "prepare 4D volume": ("prepare_visceral", lambda c: prepare_argv(c, damaged_source(
-        c, lambda r: rewrite_nifti(first_volume(r), lambda a, f: (np.stack([a, a], -1), f))), *PREP_ARGS),
-        ["4 dimensions"]),
-    "prepare HU window on a [0, 1] image": ("prepare_visceral", lambda c: prepare_argv(c, damaged_source(
-        c, lambda r: rewrite_volumes(r, to_unit)), *PREP_ARGS, "--window", "-125", "275"),
-        ["not Hounsfield units", "leave --window out"]),
-    "prepare HU window on a mask image": ("prepare_visceral", lambda c: prepare_argv(c, damaged_source(
-        c, lambda r: rewrite_volumes(r, lambda a, f: nib.Nifti1Image((a > 0).astype(np.uint8), f))),
-        *PREP_ARGS, "--window", "-125", "275"), ["not Hounsfield units", "convert the volume"]),
-    # prepare_visceral: missing source, options
-    "prepare source absent": ("prepare_visceral", lambda c: prepare_argv(c, c.tmp / "absent", "--workers",
-                                                                         "1"),
-                              ["data folder not found"]),
-    "prepare source empty": ("prepare_visceral", lambda c: prepare_argv(c, made(c.tmp / "empty")),
-                             ["SilverCorpus/Volumes: folder missing"]),
+    **{f"prepare {name}": ("prepare_visceral", lambda c, damage=damage, extra=extra: prepare_argv(
+        c, damaged_source(c, damage), *PREP_ARGS, *extra), words) for name, damage, extra, words in [
+        ("truncated volume", lambda r: truncate(first_volume(r)), [],
+         ["corrupt or truncated", "_1_CTce_ThAb.nii.gz"]),
+        ("truncated mask", lambda r: truncate(liver_mask(r)), [], ["corrupt or truncated", "_58_1.nii.gz"]),
+        ("mask shape", lambda r: rewrite_nifti(liver_mask(r), lambda a, f: (a[:-3], f)), [],
+         ["mask shape", "resample"]),
+        ("mask affine", lambda r: rewrite_nifti(liver_mask(r), shifted), [], ["mask affine", "resample"]),
+        ("NaN volume", lambda r: rewrite_nifti(first_volume(r), with_nan), [], ["1 NaN/inf voxels"]),
+        ("2D volume", lambda r: rewrite_nifti(first_volume(r), lambda a, f: (a[:, :, 0], f)), [],
+         ["2 dimensions"]),
+        ("4D volume", lambda r: rewrite_nifti(first_volume(r), lambda a, f: (np.stack([a, a], -1), f)), [],
+         ["4 dimensions"]),
+        ("HU window on a [0, 1] image", lambda r: rewrite_volumes(r, to_unit), ["--window", "-125", "275"],
+         ["not Hounsfield units", "leave --window out"]),
+        ("HU window on a mask image", lambda r: rewrite_volumes(r, lambda a, f: nib.Nifti1Image(
+            (a > 0).astype(np.uint8), f)), ["--window", "-125", "275"],
+         ["not Hounsfield units", "convert the volume"])]},
+    # prepare_visceral: missing source, options, outputs, case ids
+    **{f"prepare {name}": ("prepare_visceral", argv, words) for name, argv, words in [
+        ("source absent", lambda c: prepare_argv(c, c.tmp / "absent", "--workers", "1"),
+         ["data folder not found"]),
+        ("source empty", lambda c: prepare_argv(c, made(c.tmp / "empty")),
+         ["SilverCorpus/Volumes: folder missing"]),
+        ("label map without organ names", lambda c: prepare_argv(
+            c, one_liver_multilabel(c), "--layout", "multilabel", "--label-map", c.tmp / "map.json",
+            "--n-val", "0", "--workers", "1", out=c.tmp / "p"), ["names none of the 20 structures"]),
+        ("label map a JSON list", lambda c: prepare_argv(
+            c, c.tiny_phantom, "--layout", "multilabel", "--label-map", c.files["list_map"]),
+         ["list_map.json", "JSON list"]),
+        ("--out is the source", lambda c: prepare_argv(
+            c, mini_source(c.tiny_phantom, c.tmp / "data" / "src", 1), "--overwrite", *PREP_ARGS,
+            out=c.tmp / "data" / "src"), ["input"]),
+        ("--out holds the source", lambda c: prepare_argv(
+            c, mini_source(c.tiny_phantom, c.tmp / "data" / "src", 1), "--overwrite", *PREP_ARGS,
+            out=c.tmp / "data"), ["input"]),
+        ("--overwrite a foreign folder", lambda c: prepare_argv(
+            c, mini_source(c.tiny_phantom, c.tmp / "src"), "--overwrite", *PREP_ARGS,
+            out=made(made(c.tmp / "my_documents") / "thesis.txt", "keep me").parent),
+         ["--overwrite replaces only a prepared folder"]),
+        ("--out exists", lambda c: prepare_argv(c, c.tiny_phantom, "--workers", "1", out=made(c.tmp / "p")),
+         ["already exists", "--overwrite"]),
+        ("--n-val 6", lambda c: prepare_argv(c, c.tiny_phantom, "--n-val", "6", "--workers", "1"),
+         ["--n-val 6 leaves no training volume"]),
+        ("case id in both splits", lambda c: multilabel_argv(
+            c, {"train": ["c1", "c2"], "test": ["c2", "c3"]}, False), ["case id c2 names two volumes"]),
+        ("two names one case id", lambda c: multilabel_argv(
+            c, {"train": ["case 1", "case_1"], "test": ["c3"]}, True),
+         ["case id case_1 names two volumes"])]},
     **{f"prepare {' '.join(extra)}": ("prepare_visceral", lambda c, extra=extra: prepare_argv(
         c, c.tiny_phantom, "--workers", "1", *extra), words) for extra, words in [
-        (["--size", "0"], ["--size 0"]), (["--n-val", "-1"], ["--n-val -1"]), (["--many", "-1"],
-                                                                               ["--many -1"]),
-        (["--max-per-volume", "0"], ["--max-per-volume 0"]), (["--min-voxels", "-1"], ["--min-voxels -1"]),
-        (["--window", "5", "5"], ["window [5.0, 5.0]"]), (["--layout", "multilabel"], ["--label-map"])]},
-    "prepare label map without organ names": ("prepare_visceral", lambda c: prepare_argv(
-        c, one_liver_multilabel(c), "--layout", "multilabel", "--label-map", c.tmp / "map.json",
-        "--n-val", "0",
-        "--workers", "1", out=c.tmp / "p"), ["names none of the 20 structures"]),
-    "prepare label map a JSON list": ("prepare_visceral", lambda c: prepare_argv(
-        c, c.tiny_phantom, "--layout", "multilabel", "--label-map", c.files["list_map"]),
-        ["list_map.json", "JSON list"]),
-    "prepare --out is the source": ("prepare_visceral", lambda c: prepare_argv(
-        c, mini_source(c.tiny_phantom, c.tmp / "data" / "src", 1), "--overwrite", *PREP_ARGS,
-        out=c.tmp / "data" / "src"), ["input"]),
-    "prepare --out holds the source": ("prepare_visceral", lambda c: prepare_argv(
-        c, mini_source(c.tiny_phantom, c.tmp / "data" / "src", 1), "--overwrite", *PREP_ARGS,
-        out=c.tmp / "data"), ["input"]),
+        (["--size", "0"], ["--size 0"]), (["--n-val", "-1"], ["--n-val -1"]),
+        (["--many", "-1"], ["--many -1"]), (["--max-per-volume", "0"], ["--max-per-volume 0"]),
+        (["--min-voxels", "-1"], ["--min-voxels -1"]), (["--window", "5", "5"], ["window [5.0, 5.0]"]),
+        (["--layout", "multilabel"], ["--label-map"])]},
     **{f"prepare --out inside the input ({where})": ("prepare_visceral", lambda c, where=where: inside_input(
         c, where), ["lies inside the input folder", "give an --out outside"])
        for where in ("root", "SilverCorpus/Volumes", "symlink", "images-only")},
-    "prepare --overwrite a foreign folder": ("prepare_visceral", lambda c: prepare_argv(
-        c, mini_source(c.tiny_phantom, c.tmp / "src"), "--overwrite", *PREP_ARGS,
-        out=made(made(c.tmp / "my_documents") / "thesis.txt", "keep me").parent),
-        ["--overwrite replaces only a prepared folder"]),
-    "prepare case id in both splits": ("prepare_visceral", lambda c: multilabel_argv(
-        c, {"train": ["c1", "c2"], "test": ["c2", "c3"]}, False), ["case id c2 names two volumes"]),
-    "prepare two names one case id": ("prepare_visceral", lambda c: multilabel_argv(
-        c, {"train": ["case 1", "case_1"], "test": ["c3"]}, True), ["case id case_1 names two volumes"]),
     # check_dataset
     **{f"check {name}": ("check_dataset", lambda c, damage=damage: [prepared_copy(c, damage), "--mask-copy"],
                          [words, "re-run"]) for name, (damage, words) in {
         "truncated npy": (lambda p: truncate(first(p, "train/*_image.npy")), "_image.npy: unreadable"),
         "truncated npz": (lambda p: truncate(first(p, "volumes/gold/*.npz")), ".npz: unreadable"),
-        "gold label shape": (gold_label_shape, "expected int16 and uint8 volumes of one shape"),
-        "NaN in training image": (nan_in_train, "not finite"),
+        "gold label shape": (lambda p: edit_arrays(first(p, "volumes/gold/*.npz"), lambda a: a.update(
+            label=a["label"][:-1])), "expected int16 and uint8 volumes of one shape"),
+        "NaN in training image": (lambda p: edit_arrays(first(p, "train/*_image.npy"), with_voxel(
+            (0, 1, 1), np.nan)), "not finite"),
         "unknown intensity mode": (lambda p: edit_meta(p, intensity={"mode": "bogus"}), "intensity"),
         "prep_size 0": (lambda p: edit_meta(p, prep_size=0), "prep_size 0"),
         "index.json a list": (lambda p: (p / "index.json").write_text("[1, 2]"),
                               "index.json: not a JSON object"),
         "stray train file": (lambda p: np.save(p / "train" / "notes.npy", np.zeros(3)), "not <id>_image.npy"),
-        "unusable id in meta": (bad_id_in_meta, "case id '../evil'"),
+        "unusable id in meta": (lambda p: edit_json(p / "meta.json", lambda m: m["splits"]["val"].append(
+            "../evil")), "case id '../evil'"),
         "normalised slices under minmax": (lambda p: as_zscore_folder(p, "minmax"),
-                                           "image values outside [0, 1]")}.items()},
-    "check absent": ("check_dataset", lambda c: [c.tmp / "absent"], ["folder not found"]),
+                                           "image values outside [0, 1]"),
+        "meta.json missing": (lambda p: (p / "meta.json").unlink(), "meta.json: missing"),
+        "a volume in train and val": (lambda p: edit_json(p / "meta.json", lambda m: m["splits"][
+            "val"].append(m["splits"]["train"][0])), "is in both train and val"),
+        "index.json not JSON": (lambda p: (p / "index.json").write_text("{"), "index.json: not valid JSON"),
+        "index row out of range": (lambda p: edit_json(p / "index.json", lambda i: i["slices"]["1"][
+            0].__setitem__(1, 999)), "row out of range"),
+        "index row without its class": (index_row_without_class, "has no voxel of class 1"),
+        "label value 42": (lambda p: edit_arrays(first(p, "train/*_label.npy"), with_voxel((0, 0, 0), 42)),
+                           "label value 42 > 20"),
+        "image shape": (lambda p: edit_arrays(first(p, "train/*_image.npy"), lambda a: a[:, :10]),
+                        "_image.npy: float32"),
+        "training label missing": (lambda p: first(p, "train/*_label.npy").unlink(),
+                                   "_label.npy: missing training file"),
+        "gold volume missing": (lambda p: first(p, "volumes/gold/*.npz").unlink(),
+                                ".npz: missing evaluation volume"),
+        "gold key missing": (lambda p: edit_arrays(first(p, "volumes/gold/*.npz"), lambda a: a.pop(
+            "original_affine")), "keys original_affine missing"),
+        "training file of no split": (lambda p: shutil.copy(first(p, "train/*_image.npy"),
+                                                            p / "train" / "99999999_image.npy"),
+                                      "99999999 which is not in splits.train")}.items()},
+    "check absent": ("check_dataset", lambda c: [c.tmp / "absent"],
+                     ["folder not found: run scripts/prepare_visceral.py"]),
     "check empty": ("check_dataset", lambda c: [made(c.tmp / "empty")], ["meta.json: missing"]),
     "check a file": ("check_dataset", lambda c: [made(c.tmp / "file", "x")], ["folder not found"]),
     "check preset": ("check_dataset", lambda c: [c.tiny_prepared, "--mask-copy", "--preset", "bogus"],
@@ -619,7 +655,21 @@ SCRIPT_ROWS = {
         "label map a JSON list": ({"--support-mask": "ts_labels", "--support-label": "liver",
                                    "--label-map": "list_map"}, ["list_map.json", "JSON list"]),
         "image and mask swapped": ({"--support-image": "mask", "--support-mask": "ct"}, ["check the order"]),
-        "constant query": ({"--query": "constant"}, ["constant", "nothing to segment"])}.items()},
+        "constant query": ({"--query": "constant"}, ["constant", "nothing to segment"]),
+        "absent label": ({"--support-mask": "ts_labels", "--support-label": "12"}, ["label 12", "no slice"]),
+        "unknown organ name": ({"--support-label": "pancreas_tail"}, ["support-label"]),
+        "mask shape": ({"--support-mask": "small_mask"}, ["mask shape"]),
+        "mask affine": ({"--support-mask": "shifted_mask"}, ["affine"]),
+        "range outside": ({"--query-range": "10:99"}, ["outside the query"]),
+        "range malformed": ({"--query-range": "ten"}, ["Z0:Z1"]),
+        "2D query": ({"--query": "image_2d"}, ["2 dimensions"]),
+        "4D support": ({"--support-image": "image_4d"}, ["4 dimensions"]),
+        "other encoder": ({"--checkpoint": "vgg_checkpoint"}, ["encoder"]),
+        "missing checkpoint": ({"--checkpoint": "nothing.pth"}, ["does not exist"]),
+        "bad intensity": ({"--intensity": "window:5"}, ["intensity"]),
+        "unpaired support files": ({"--support-mask": None}, ["pairs"])}.items()},
+    "segment out not .nii.gz": ("segment_volume", lambda c: segment_argv(c, **{"--out": c.tmp / "p.nii"}),
+                                [".nii.gz"]),
     "segment out a symlink to the query": ("segment_volume", lambda c: segment_argv(
         c, **{"--out": linked(c.tmp / "link.nii.gz", c.files["ct"])}), ["is the input", "destroy the input"]),
     "segment out a hard link to the mask": ("segment_volume", lambda c: segment_argv(
@@ -638,6 +688,12 @@ SCRIPT_ROWS = {
     "superpixels --out inside --images": ("make_superpixels", lambda c: [
         "--images", images_dir(c), "--out", images_dir(c) / "prep", "--size", "32", "--workers", "1"],
         ["lies inside the input folder"]),
+    **{f"superpixels {name}": ("make_superpixels", argv, words) for name, argv, words in [
+        ("no volumes", lambda c: ["--images", made(c.tmp / "e"), "--out", c.tmp / "p", "--workers", "1"],
+         ["no CT volumes"]),
+        ("no --out", lambda c: ["--images", made(c.tmp / "empty")], ["--out PREP"]),
+        ("over a prepared folder", lambda c: ["--images", c.unlabeled_prep, "--workers", "1"],
+         ["already exists"])]},
     "superpixels scale -1": ("make_superpixels", lambda c: superpixels_argv(c, "--scale", "-1"),
                              ["superpixel parameters", "scale > 0"]),
     "superpixels figure a folder": ("make_superpixels", lambda c: superpixels_argv(c, "--figure", "FOLDER"),
@@ -729,6 +785,7 @@ TRAIN_ROWS = {
     "fold text": (lambda p: ["fold='0'"], ["fold = '0': must be an integer, not a string", "fold=0"]),
     "init_from pickled code": (lambda p: [f"path.init_from='{p['evil']}'", "n_steps=1"],
                                ["pickled code, which was not run"]),
+    "unknown episode recipe": (lambda p: ["selfsup", "selfsup.episodes=ssl"], ["selfsup.episodes = 'ssl'"]),
     "init_path pickled code": (lambda p: ["model.encoder=vgg16", "model.pretrained=False",
                                           f"path.init_path='{p['evil']}'", "n_steps=1"],
                                ["pickled code, which was not run"]),
@@ -775,9 +832,10 @@ def sacred_paths(tiny_prepared, files, tmp_path_factory) -> dict:
 
 
 @pytest.fixture(scope="module")
-def train_runs(sacred_paths, tiny_prepared) -> dict:
+def train_runs(sacred_paths, tiny_prepared, unlabeled_prep) -> dict:
     """{row id: result} of TRAIN_ROWS, and 'resume r' / 'resume fresh': train.py resume=True where the
-    newest last.pth of run r (a second run of r) and of run fresh (the only one) was truncated."""
+    newest last.pth of run r (a second run of r) and of run fresh (the only one) was truncated; 'once':
+    a run counting its config checks; 'alpnet': SSL-ALPNet's episodes and head on unlabeled_prep."""
     p = sacred_paths
     errors_log, log = p["root"] / "train_runs", p["root"] / "resumes"
     base = ["tiny", "device=cpu", f"path.log_dir={errors_log}", "val_every=0",
@@ -789,11 +847,23 @@ def train_runs(sacred_paths, tiny_prepared) -> dict:
               "shutil.copytree(log / 'r' / '1', log / 'r' / '2')\n"
               "for last in (log / 'r' / '2' / 'last.pth', log / 'fresh' / '1' / 'last.pth'):\n"
               "    last.write_bytes(last.read_bytes()[:2000])\n")
+    count = textwrap.dedent(f"""
+        import train, training.loop
+        from training import config_check
+        original = config_check.check_config
+        def counting(config, command="train"):
+            with open({str(log / 'calls')!r}, "a") as calls:
+                calls.write(command + " ")
+            return original(config, command)
+        train.check_config = config_check.check_config = training.loop.check_config = counting
+    """)
+    alpnet = ["tiny", "selfsup", "device=cpu", f"path.log_dir={log}", f"path.data_dir={unlabeled_prep}",
+              "n_steps=2", "model.head=alpnet", "model.align=True", "selfsup.episodes=alpnet"]
     results = run_sacred_cases("train", [base + TRAIN_ROWS[row][0](p) for row in ids] + [
         run + ["name=r"], run + ["name=fresh"], {"python": damage}, run + ["name=r", "resume=True"],
-        run + ["name=fresh", "resume=True"]])
-    return {**dict(zip(ids + ["r", "fresh", "resume r", "resume fresh"], results)), "log": log,
-            "errors_log": errors_log}
+        run + ["name=fresh", "resume=True"], alpnet, {"python": count}, run + ["name=once"]])
+    names = ["r", "fresh", "resume r", "resume fresh", "alpnet", "once"]
+    return {**dict(zip(ids + names, results)), "log": log, "errors_log": errors_log}
 
 
 @pytest.fixture(scope="module")
@@ -853,6 +923,10 @@ def test_sacred_errors_leave_no_run_and_a_truncated_last_pth_names_the_way_out(t
     assert train_runs["resume fresh"]["code"] == 2 and len(errors) == 1
     assert "no earlier readable last.pth" in errors[0] and "resume=False to start fresh" in errors[0]
     assert sorted(p.name for p in (log / "r").iterdir() if p.name.isdigit()) == ["1", "2"]  # no FAILED record
+    assert train_runs["once"]["code"] == 0 and list((log / "once").rglob("last.pth"))
+    assert (log / "calls").read_text() == "train "                       # train.py checks its config once
+    alpnet = train_runs["alpnet"]              # SSL-ALPNet's episodes and head: two steps, redraws reported
+    assert alpnet["code"] == 0 and "episodes redrawn: " in alpnet["out"], alpnet["err"][-3000:]
 
 
 def test_test_py_snapshot_decides_input_size_and_unscored_organs_are_named(test_runs):
@@ -942,22 +1016,20 @@ def paths_row(function: str, out, **kwargs):
 
 
 # id: (call(c), regular expression the one-line UserError matches)
+PAYLOAD = r"^.* is unreadable or refused \(UnpicklingError\): .*pickled code, which was not run"
 API_ROWS = {
     # pickled code in a checkpoint: refused before any of it runs (the payload would create a file)
     **{f"pickled code: {name}": (lambda c, name=name, content=content: loader(name)(
-        saved(c, name, content(c))),
-        r"^.* is unreadable or refused \(UnpicklingError\): .*pickled code, which was not run")
-       for name, content in {"top.pth": lambda c: Payload(c.tmp / "payload_ran"),
-                             "system.pth": lambda c: Payload(c.tmp / "payload_ran", system=True),
-                             "in_state.pth": lambda c: {"model": {"w": Payload(c.tmp / "payload_ran")},
-                                                        "model_config": {}},
-                             "init_path.pth": lambda c: {"encoder.w": torch.ones(1),
-                                                         "x": Payload(c.tmp / "payload_ran")}}.items()},
+        saved(c, name, content(c))), PAYLOAD) for name, content in {
+        "top.pth": lambda c: Payload(c.tmp / "payload_ran"),
+        "system.pth": lambda c: Payload(c.tmp / "payload_ran", system=True),
+        "in_state.pth": lambda c: {"model": {"w": Payload(c.tmp / "payload_ran")}, "model_config": {}},
+        "init_path.pth": lambda c: {"encoder.w": torch.ones(1), "x": Payload(c.tmp / "payload_ran")},
+    }.items()},
     # checkpoint records
     "weights hold NaN": (checkpoint_row("nan"), "hold NaN/inf"),
     "weights hold inf": (checkpoint_row("inf"), "hold NaN/inf"),
-    "bare state dict": (checkpoint_row(bare=True),
-                        "bare state dict.*not an official-code snapshot \\(every key"),
+    "bare state dict": (checkpoint_row(bare=True), "bare state dict.*not an official-code snapshot \\(every"),
     "input_size text": (checkpoint_row(input_size="512px"), "input_size"),
     "input_size float": (checkpoint_row(input_size=12.5), "input_size"),
     "input_size huge": (checkpoint_row(input_size=100000), "16..2048"),
@@ -969,12 +1041,11 @@ API_ROWS = {
     **{f"segment_volume {name}": (lambda c, change=change: segment_api(c, **change),
                                   r"^(query|supports|support_label|label_map|query_range|n_chunks|batch_size|"
                                   r"input_size|min_voxels|out|checkpoint|intensity|vocabulary|"
-                                  r"--input-size 100000 is "
-                                  r"not a whole number in 16..2048)\b")
+                                  r"--input-size 100000 is not a whole number in 16..2048)\b")
        for name, change in {
         "query as int": {"query": 5}, "query as array": {"query": np.zeros((4, 4, 4))},
-        "supports as one path": {"supports": "s.nii.gz"}, "supports flat list": {"supports": ["s.nii.gz",
-                                                                                              "m.nii.gz"]},
+        "supports as one path": {"supports": "s.nii.gz"},
+        "supports flat list": {"supports": ["s.nii.gz", "m.nii.gz"]},
         "support pair of arrays": {"supports": [(np.zeros(3), np.zeros(3))]},
         "support triple": {"supports": [("a", "b", "c")]},
         "label as float": {"support_label": 1.5}, "label as bool": {"support_label": True},
@@ -993,55 +1064,49 @@ API_ROWS = {
         c, supports=[(mr_files(c)[name], c.files["support_mask"])], **SWAPPED), "looks like a mask")
        for name in ("mr_labels", "ct_labels", "body_mask")},
     **{f"segment_volume {name} as the mask": (lambda c, name=name: segment_api(
-        c, supports=[(c.files["support"],
-                      mr_files(c)[name])], support_label=1, **SWAPPED), "looks like an image")
-       for name in ("mr", "mr8")},
+        c, supports=[(c.files["support"], mr_files(c)[name])], support_label=1, **SWAPPED),
+        "looks like an image") for name in ("mr", "mr8")},
+    "no superpixels": (lambda c: read_superpixel_meta(c.tmp), "has no superpixels.*make_superpixels.py"),
     # axial coverage
-    "another subject's crop": (lambda c: segment_api(c, query=save(c.tmp / "other.nii.gz",
-                                                                   c.files["query_array"][
-        :, :, 4:18], crop_affine())), "different body regions.*--query-range"),
+    "another subject's crop": (lambda c: segment_api(c, query=save(
+        c.tmp / "other.nii.gz", c.files["query_array"][:, :, 4:18], crop_affine())),
+        "different body regions.*--query-range"),
     "MR without --query-range": (lambda c: segment_api(c, query=mr_files(c)["mr"], intensity="zscore"),
                                  "not CT in Hounsfield units.*give --query-range"),
     # intensity records
-    "zscore with a mean only": (lambda c: validate_intensity({"mode": "zscore", "mean": 1.0}), "zscore"),
-    "zscore with std 0": (lambda c: validate_intensity({"mode": "zscore", "mean": 0, "std": 0}), "zscore"),
-    "zscore with a text mean": (lambda c: validate_intensity({"mode": "zscore", "mean": "a", "std": 1}),
-                                "zscore"),
+    **{f"zscore {name}": (lambda c, record=record: validate_intensity({"mode": "zscore", **record}),
+                          "zscore") for name, record in {
+        "with a mean only": {"mean": 1.0}, "with std 0": {"mean": 0, "std": 0},
+        "with a text mean": {"mean": "a", "std": 1}}.items()},
     "zscore of a constant volume": (lambda c: volume_intensity(np.ones((3, 3, 3)), {"mode": "zscore"},
-                                                               "flat.nii.gz"),
-                                    "constant"),
+                                                               "flat.nii.gz"), "constant"),
     # the one output check (util/io.py)
     **{f"output is the input ({out})": (paths_row("check_output_file", lambda c, out=out: c.tmp / out,
                                                   inputs=lambda c: [Path("elsewhere.nii.gz"),
                                                                     input_files(c)]),
                                         "is the input .*destroy the input")
        for out in ("q.nii.gz", "link.nii.gz", "hard.nii.gz", "sub/../q.nii.gz")},
-    **{f"output file {case}": (paths_row("check_output_file", out, suffixes=(".nii.gz",)), words) for case,
-       (out, words)
-       in {"a folder": (lambda c: c.tmp / "dir.nii.gz", "is a folder"),
-           "in a missing folder": (lambda c: c.tmp / "no" / "m.nii.gz", "does not exist"),
-           "in a file": (lambda c: c.tmp / "plain" / "m.nii.gz", "is a file, not a folder"),
-           "suffix": (lambda c: c.tmp / "m.nrrd", "ending in .nii.gz")}.items()},
-    "output file unwritable": (paths_row("check_output_file",
-                                         lambda c: unwritable_folder(c.tmp) / "m.nii.gz"),
-                               "cannot write in"),
-    "output folder unwritable": (paths_row("check_output_folder",
-                                           lambda c: unwritable_folder(c.tmp) / "phantom"),
-                                 "cannot write in"),
-    "log_dir unwritable": (paths_row("check_writable_folder",
-                                     lambda c: unwritable_folder(c.tmp) / "runs" / "deeper",
-                                     what="path.log_dir"), "cannot write in"),
+    **{f"output file {case}": (paths_row("check_output_file", out, suffixes=(".nii.gz",)), words)
+       for case, (out, words) in {
+        "a folder": (lambda c: c.tmp / "dir.nii.gz", "is a folder"),
+        "in a missing folder": (lambda c: c.tmp / "no" / "m.nii.gz", "does not exist"),
+        "in a file": (lambda c: c.tmp / "plain" / "m.nii.gz", "is a file, not a folder"),
+        "suffix": (lambda c: c.tmp / "m.nrrd", "ending in .nii.gz")}.items()},
+    **{f"{case} unwritable": (paths_row(function, lambda c, out=out: unwritable_folder(c.tmp) / out, **kw),
+                              "cannot write in") for case, function, out, kw in [
+        ("output file", "check_output_file", "m.nii.gz", {}),
+        ("output folder", "check_output_folder", "phantom", {}),
+        ("log_dir", "check_writable_folder", "runs/deeper", {"what": "path.log_dir"})]},
     "log_dir a file": (paths_row("check_writable_folder", lambda c: c.tmp / "plain", what="path.log_dir"),
                        "path.log_dir .*is a file"),
     "output folder a file, --overwrite": (paths_row("check_output_folder", lambda c: c.tmp / "plain",
-                                                    overwrite=True),
-                                          "is a file, not a folder"),
+                                                    overwrite=True), "is a file, not a folder"),
     "output folder is the input": (paths_row("check_output_folder", lambda c: c.tmp / "data" / "visceral",
                                              inputs=lambda c: [c.tmp / "data" / "visceral"], overwrite=True),
                                    "input"),
     "output folder holds the input": (paths_row("check_output_folder", lambda c: c.tmp / "data",
-                                                overwrite=True,
-                                                inputs=lambda c: [c.tmp / "data" / "visceral"]), "input"),
+                                                inputs=lambda c: [c.tmp / "data" / "visceral"],
+                                                overwrite=True), "input"),
     "output folder exists": (paths_row("check_output_folder", lambda c: c.tmp / "data" / "visceral"),
                              "--overwrite"),
 }
@@ -1158,8 +1223,7 @@ def test_a_unit_float_ct_is_kept_exact_in_the_other_layouts(tiny_phantom, tmp_pa
     extra = ["--label-map", tmp_path / "map.json"] if layout == "multilabel" else []
     out = tmp_path / "prep"
     code, err = run_script("prepare_visceral", ["--visceral-dir", root, "--out", out, "--layout", layout,
-                                                *extra,
-                                                *PREP_ARGS], capsys)
+                                                *extra, *PREP_ARGS], capsys)
     assert code == 0, err
     meta = json.loads((out / "meta.json").read_text())
     for pid, path in sources.items():
@@ -1239,7 +1303,15 @@ def test_images_only_folder_hidden_files_and_the_readme_superpixels_example(tiny
 
 def test_check_dataset_accepts_zscored_slices_and_means_the_four_table_organs(tiny_prepared, tmp_path,
                                                                            capsys):
+    from dataloaders.prepared import check_folder as check_prepared
     from evaluation.dataset_check import format_mask_copy, mask_copy_dice
+    format_table = load_script("check_dataset").format_table
+    code, out, err = script_output("check_dataset", [tiny_prepared], capsys)       # a per-class table
+    assert code == 0 and err == "" and "liver" in out and "kidney_left" in out and "OK" in out
+    report, index = check_prepared(tiny_prepared), json.loads((tiny_prepared / "index.json").read_text())
+    rows = {row["index"]: row for row in report["rows"]}
+    assert rows[1]["slices"] == len(index["slices"]["1"]) and "gold vol" in format_table(report)
+    assert rows[1]["volumes"] == len({entry[0] for entry in index["slices"]["1"]})
     prep = Path(shutil.copytree(tiny_prepared, tmp_path / "prep"))
     as_zscore_folder(prep, "zscore")
     code, _, err = script_output("check_dataset", [prep], capsys)
@@ -1328,8 +1400,7 @@ def test_a_model_that_predicts_nothing_ends_with_a_warning(files, tiny_prepared,
     from evaluation.segment import segment_volume
     capsys.readouterr()
     evaluate({"mask copy": None, "LSLPN": Background()}, ["liver"], tiny_prepared, input_size=32,
-             device="cpu",
-             progress=False, figures=False)
+             device="cpu", progress=False, figures=False)
     lines = warnings_in(capsys.readouterr().err)
     assert len(lines) == 1 and "LSLPN predicted no liver voxel in 2 of 2 query volumes" in lines[0], lines
     array, _ = segment_volume(Background(), [(files["ct"], files["mask"])], files["ct"],
@@ -1428,16 +1499,14 @@ def test_zscore_uses_whole_volume_statistics_whatever_the_batches():
     slow = np.empty_like(volume)
     for index in np.ndindex(volume.shape):
         slow[index] = (volume[index] - mean) / std
-    assert np.allclose(scale_intensity(np.moveaxis(volume, 2, 0), {"mode": "zscore"}), np.moveaxis(slow, 2,
-                                                                                                   0),
-                       atol=1e-5)
+    stacked = scale_intensity(np.moveaxis(volume, 2, 0), {"mode": "zscore"})              # Z x X x Y
+    assert np.allclose(stacked, np.moveaxis(slow, 2, 0), atol=1e-5)
     resolved = volume_intensity(volume, {"mode": "zscore"})
     assert np.allclose(scale_intensity(volume[:, :, 2], resolved), slow[:, :, 2], atol=1e-5)   # one slice
     for batch in (1, 4):
         model = Threshold()
         run_chunks(model, [(volume, volume > 650)], [(np.array([2]), np.arange(6))], volume, 8,
-                   {"mode": "zscore"},
-                   "cpu", batch)
+                   {"mode": "zscore"}, "cpu", batch)
         assert np.allclose(torch.cat(model.seen).numpy(), np.moveaxis(slow, 2, 0), atol=1e-4), batch
 
 
@@ -1507,8 +1576,8 @@ def test_test_py_evaluation_of_mr_volumes_in_the_ssl_alpnet_layout(tmp_path):
     for pid, shift in (("1", 0), ("2", 3)):
         label = np.zeros((32, 28, 10), np.uint8)                               # X x Y x Z of the file
         label[4 + shift:20 + shift, 6:22, 2:8] = 1                             # liver, 256 voxels a slice
-        image = np.where(label == 1, 900.0, 300.0) + np.random.default_rng(int(pid)).normal(0, 10,
-                                                                                            label.shape)
+        noise = np.random.default_rng(int(pid)).normal(0, 10, label.shape)
+        image = np.where(label == 1, 900.0, 300.0) + noise
         file_labels[pid] = label.astype(bool)
         save_npz_deterministic(prep / "volumes" / "gold" / f"{pid}.npz", {
             "image": image.transpose(1, 0, 2).astype(np.float32), "label": label.transpose(1, 0, 2),
@@ -1546,43 +1615,67 @@ def test_output_checks_accept_new_outputs_and_name_write_failures(tmp_path):
 # ====================================================================== real processes, full disks, kills
 def test_real_processes_one_line_without_traceback_and_debug_shows_it(tiny_prepared, tmp_path):
     """The process contract: exit 2, one 'error:' line, no traceback (no library warning either, without
-    PYTHONWARNINGS); --debug gives the traceback."""
+    PYTHONWARNINGS); --debug lets the UserError through, so Python prints its traceback. (test.py ends
+    through the same config.run_sacred as train.py.)"""
+    from util.cli import run_cli
     done = subprocess.run([sys.executable, "scripts/check_dataset.py", str(tmp_path / "absent")], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
     assert_one_line_error(done.returncode, done.stderr, "folder not found")
-    debug = subprocess.run([sys.executable, "scripts/check_dataset.py", str(tmp_path / "absent"), "--debug"],
-                           cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert debug.returncode != 0 and "Traceback" in debug.stderr and "UserError" in debug.stderr
-    done = subprocess.run([sys.executable, "test.py", "with", "tiny", f"path.data_dir={tmp_path}",
-                           f"path.log_dir={tmp_path / 'runs'}"], cwd=ROOT, capture_output=True, text=True,
-                          timeout=300)
-    assert_one_line_error(done.returncode, done.stderr, "not a prepared folder")
+    with pytest.raises(UserError, match="folder not found"):
+        run_cli(load_script("check_dataset").main, [str(tmp_path / "absent"), "--debug"])
     done = train_cli("fold=1.0", log_dir=tmp_path / "runs", prep_dir=tiny_prepared)
     assert_one_line_error(done.returncode, done.stderr, "fold = 1.0: must be an integer")
     assert not (tmp_path / "runs").exists()
 
 
-@pytest.mark.parametrize("entry", ["segment_volume", "make_phantom", "train.py"])
-def test_disk_full_mid_write_is_one_line_and_leaves_no_partial_output(files, tiny_prepared, tmp_path, entry):
-    c = Context.of(tmp_path, files=files)
-    limit = 600                             # any file beyond it fails with EFBIG, as a full disk with ENOSPC
-    if entry == "segment_volume":
-        argv = ["scripts/segment_volume.py", *segment_argv(c)]
-    elif entry == "make_phantom":
-        argv = ["scripts/make_phantom.py", "--out", str(tmp_path / "ph"), *PHANTOM_ARGS]
-    else:                                   # Sacred's small records fit, the checkpoint does not
-        limit = 60_000
-        argv = ["train.py", "with", "tiny", "device=cpu", f"path.data_dir={tiny_prepared}",
-                f"path.log_dir={tmp_path}",
-                "n_steps=2", "save_every=2", "val_every=0", "name=full"]
-    done = subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True, timeout=300,
-                          preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)),
-                          env=dict(os.environ, PYTHONDONTWRITEBYTECODE="1"))
-    errors = [line[line.index("error: "):] for line in done.stderr.splitlines() if "error: " in line]
-    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
-    assert len(errors) == 1 and "writing failed (the file size limit was reached)" in errors[0], errors
-    left = [name for name in tree(tmp_path) if "_sources" not in name]
-    assert left in ([], ["full"])          # no partial file, no .tmp-<pid>, no .partial, no FAILED run record
+# Each (entry, argv, file size limit) in one process: beyond the limit a write fails with EFBIG, as a full
+# disk fails with ENOSPC (Python ignores SIGXFSZ); the limit is lifted again between entries.
+DISK_FULL_DRIVER = textwrap.dedent("""
+    import contextlib, importlib.util, io, json, resource, sys, traceback
+    import train
+    from config import run_sacred
+    from util.cli import run_cli
+    hard, results = resource.getrlimit(resource.RLIMIT_FSIZE)[1], []
+    for entry, argv, limit in json.loads(sys.argv[1]):
+        if entry != "train.py":
+            spec = importlib.util.spec_from_file_location(entry, f"scripts/{entry}.py")
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+        err, code = io.StringIO(), None
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+            try:
+                run_sacred(train.ex, argv) if entry == "train.py" else run_cli(module.main, argv)
+            except SystemExit as stop:
+                code = stop.code
+            except BaseException:
+                traceback.print_exc()
+            finally:
+                resource.setrlimit(resource.RLIMIT_FSIZE, (hard, hard))
+        results.append({"code": code, "err": err.getvalue()})
+    print("RESULTS" + json.dumps(results))
+""")
+
+
+def test_disk_full_mid_write_is_one_line_and_leaves_no_partial_output(files, tiny_prepared, tmp_path):
+    c = Context.of(tmp_path / "segment_volume", files=files)
+    train = ["train.py", "with", "tiny", "device=cpu", f"path.data_dir={tiny_prepared}", "n_steps=2",
+             f"path.log_dir={tmp_path / 'train.py'}", "save_every=2", "val_every=0", "name=full"]
+    cases = [("segment_volume", segment_argv(c), 600),
+             ("make_phantom", ["--out", str(tmp_path / "make_phantom" / "ph"), *PHANTOM_ARGS], 600),
+             ("train.py", train, 60_000)]             # Sacred's small records fit, the checkpoint does not
+    for entry, _, _ in cases:
+        (tmp_path / entry).mkdir()
+    done = subprocess.run([sys.executable, "-c", DISK_FULL_DRIVER, json.dumps(cases)], cwd=ROOT, timeout=600,
+                          capture_output=True, text=True, env=dict(os.environ, PYTHONDONTWRITEBYTECODE="1"))
+    assert "RESULTS" in done.stdout, done.stderr[-3000:]
+    for (entry, _, _), result in zip(cases, json.loads(done.stdout.split("RESULTS", 1)[1])):
+        err = result["err"]
+        errors = [line[line.index("error: "):] for line in err.splitlines() if "error: " in line]
+        assert result["code"] == 2 and "Traceback" not in err, (entry, err[-2000:])
+        assert len(errors) == 1 and "writing failed (the file size limit was reached)" in errors[0], errors
+        left = [name for name in tree(tmp_path / entry) if "_sources" not in name]
+        assert left in ([], ["full"]), entry   # no partial file, no .tmp-<pid>, .partial, FAILED run record
 
 
 def wait_for(predicate, proc, timeout: float = 240.0) -> bool:

@@ -21,10 +21,9 @@ from test_alpnet_layout import write_alpnet_folder
 
 from dataloaders import layouts as layout
 from dataloaders.episodes import EpisodeDataset
-from dataloaders.prepare import prepare_alpnet, prepare_dataset
+from dataloaders.prepare import prepare_alpnet
 from dataloaders.prepared import open_training_images, open_training_neighbours, open_training_volume
 from dataloaders.selfsup_episodes import SelfSupEpisodeDataset, WarpParams, alpnet_view, random_grid, warp
-from dataloaders.superpixels import SuperpixelParams, make_superpixels
 from dataloaders.transforms import augment_intensity, neighbour_indices, neighbour_stack
 from models.encoders import build_encoder
 from models.fewshot import FewShotSegNet
@@ -32,8 +31,6 @@ from util.errors import UserError
 
 AUGMENT = {"p": 0.5, "brightness": [0.5, 2.0], "contrast": [0.5, 2.0], "gamma": [0.5, 2.0]}
 CLASSES = [2, 3, 11, 12, 13, 14]     # training classes of fold 0 present in the tiny phantom
-
-
 
 
 def slow_stack(volume: np.ndarray, z: int, available=None) -> np.ndarray:
@@ -44,16 +41,6 @@ def slow_stack(volume: np.ndarray, z: int, available=None) -> np.ndarray:
     below = volume[:, :, z - 1] if usable(z - 1) else volume[:, :, z]
     above = volume[:, :, z + 1] if usable(z + 1) else volume[:, :, z]
     return np.stack([below, volume[:, :, z], above])
-
-
-@pytest.fixture(scope="module")
-def images_only(tiny_phantom, tmp_path_factory):
-    """The tiny phantom's silver volumes, every slice a row (row = z), 64 px, with superpixels."""
-    prep = tmp_path_factory.mktemp("input_slices") / "prep"
-    prepare_dataset(tiny_phantom / "SilverCorpus" / "Volumes", prep, "images-only", size=64,
-                    intensity={"mode": "window", "window": [-125, 275]}, workers=1)
-    make_superpixels(prep, SuperpixelParams(min_size=30), workers=1, progress=False)
-    return prep
 
 
 @pytest.fixture(scope="module")
@@ -92,12 +79,12 @@ def test_neighbour_stack_equals_a_slow_construction_at_the_first_middle_and_last
 
 
 # ------------------------------------------------------------------ what the writers store
-def test_visceral_writer_stores_each_row_s_neighbours(images_only, tiny_prepared):
+def test_visceral_writer_stores_each_row_s_neighbours(unlabeled_prep, tiny_prepared):
     # images-only: row = z, so row r's neighbours are rows r - 1 and r + 1 (the first / last row: itself)
-    for path in sorted((images_only / "train").glob("*_image.npy")):
+    for path in sorted((unlabeled_prep / "train").glob("*_image.npy")):
         pid = path.name[: -len("_image.npy")]
-        images = open_training_images(images_only, pid)
-        neighbours = open_training_neighbours(images_only, pid)
+        images = open_training_images(unlabeled_prep, pid)
+        neighbours = open_training_neighbours(unlabeled_prep, pid)
         last = images.shape[0] - 1
         assert neighbours.shape == (images.shape[0], 2, 64, 64) and neighbours.dtype == np.float32
         for row in range(images.shape[0]):
@@ -182,9 +169,9 @@ def test_supervised_episode_channels_are_a_stored_row_and_its_neighbours(tiny_pr
 
 
 @pytest.mark.parametrize("recipe", ["project", "alpnet"])
-def test_selfsup_episode_centre_channel_is_the_one_slice_view(images_only, recipe):
+def test_selfsup_episode_centre_channel_is_the_one_slice_view(unlabeled_prep, recipe):
     def dataset(slices):
-        return SelfSupEpisodeDataset(str(images_only), 1, 2, 2, 48, AUGMENT, {}, 20, seed=7, recipe=recipe,
+        return SelfSupEpisodeDataset(str(unlabeled_prep), 1, 2, 2, 48, AUGMENT, {}, 20, seed=7, recipe=recipe,
                                      input_slices=slices)
     one, three = dataset(1), dataset(3)
     for i in range(3):
@@ -435,7 +422,8 @@ def test_runs_made_before_the_option_keep_their_digest():
         assert trajectory_differences(before, three, defaults) == ['model.input_slices: 1 -> 3']
 
 
-def test_a_3_slice_run_on_a_folder_without_neighbours_is_one_line(without_neighbours, images_only, tmp_path):
+def test_a_3_slice_run_on_a_folder_without_neighbours_is_one_line(without_neighbours, unlabeled_prep,
+                                                                  tmp_path):
     from training.config_check import check_config
     config = resolve_config(model={"input_slices": 3}, val_split="gold",
                      path={"data_dir": str(without_neighbours), "log_dir": str(tmp_path)})
@@ -447,8 +435,8 @@ def test_a_3_slice_run_on_a_folder_without_neighbours_is_one_line(without_neighb
     assert "no neighbour slices" in message
     EpisodeDataset(str(without_neighbours), CLASSES, 1, 1, 1, 32, None, 0)       # 1 slice: still readable
     check_config({**config, "model": {**config["model"], "input_slices": 1}}, "train")
-    old = tmp_path / "images_only"
-    shutil.copytree(images_only, old)
+    old = tmp_path / "unlabeled_prep"
+    shutil.copytree(unlabeled_prep, old)
     for path in (old / "train").glob("*_neighbours.npy"):
         path.unlink()
     message = one_line(SelfSupEpisodeDataset, str(old), 1, 1, 1, 32, None, {}, 20, 0, input_slices=3)

@@ -67,35 +67,16 @@ def test_save_nifti_atomic_is_deterministic_and_leaves_no_temporary(tmp_path):
     assert np.array_equal(np.asarray(loaded.dataobj), array) and np.allclose(loaded.affine, AFFINE)
 
 
-def test_missing_corrupt_and_truncated_files(tmp_path):
-    with pytest.raises(UserError, match="file not found"):
-        load_nifti(tmp_path / "nope.nii.gz")
+def test_unreadable_files_and_images_that_are_not_3d(tmp_path):
+    """Beyond the error table's rows (a missing, truncated, NaN/inf, 2D or 4D image through the scripts):
+    bytes that are no NIfTI, a gzip stream cut inside the header, and a 4D image of one frame (read)."""
     (tmp_path / "junk.nii.gz").write_bytes(b"this is not a nifti file")
     with pytest.raises(UserError, match="junk.nii.gz.*corrupt or truncated"):
         load_nifti(tmp_path / "junk.nii.gz")
-    good = write(tmp_path / "good.nii.gz",
-                 np.random.default_rng(0).normal(size=(20, 20, 20)).astype(np.float32))
-    data = good.read_bytes()
-    (tmp_path / "cut.nii.gz").write_bytes(data[: len(data) // 2])
-    with pytest.raises(UserError, match="cut.nii.gz.*corrupt or truncated"):
-        load_nifti(tmp_path / "cut.nii.gz")
+    data = write(tmp_path / "good.nii.gz", np.zeros((20, 20, 20), np.float32)).read_bytes()
     (tmp_path / "plain.nii.gz").write_bytes(gzip.compress(gzip.decompress(data)[:200]))
     with pytest.raises(UserError, match="plain.nii.gz"):
         load_nifti(tmp_path / "plain.nii.gz")
-
-
-def test_nan_inf_2d_and_4d_images_are_refused(tmp_path):
-    bad = np.zeros((4, 4, 4), np.float32)
-    bad[1, 1, 1] = np.nan
-    with pytest.raises(UserError, match="nan.nii.gz: 1 NaN/inf voxels"):
-        load_nifti(write(tmp_path / "nan.nii.gz", bad))
-    bad[1, 1, 1] = np.inf
-    with pytest.raises(UserError, match="NaN/inf"):
-        load_nifti(write(tmp_path / "inf.nii.gz", bad))
-    with pytest.raises(UserError, match="flat.nii.gz: image has 2 dimensions"):
-        load_nifti(write(tmp_path / "flat.nii.gz", np.zeros((4, 4), np.int16)))
-    with pytest.raises(UserError, match="time.nii.gz: image has 4 dimensions"):
-        load_nifti(write(tmp_path / "time.nii.gz", np.zeros((4, 4, 4, 2), np.int16)))
     assert (load_nifti(write(tmp_path / "single.nii.gz", np.zeros((4, 4, 4, 1), np.int16))).array.shape
             == (4, 4, 4))
 
@@ -153,20 +134,6 @@ def test_missing_folders_and_volume_without_masks(tmp_path):
     write(corpus / "Volumes" / layouts.volume_filename("10000101"), np.zeros((8, 8, 4), np.int16))
     with pytest.raises(UserError, match="10000101_1_CTce_ThAb.nii.gz: no masks"):
         layouts.find_cases(corpus)
-
-
-def test_mask_with_other_shape_or_affine_is_refused(tmp_path):
-    corpus = small_corpus(tmp_path / "A")
-    write(corpus / "Segmentations" / layouts.mask_filename("10000100", 86), np.ones((8, 8, 5), np.uint8))
-    with pytest.raises(UserError, match="_86_1.nii.gz: mask shape"):
-        layouts.load_case(layouts.find_cases(corpus)[0])
-    corpus = small_corpus(tmp_path / "B")
-    shifted = AFFINE.copy()
-    shifted[0, 3] = 10
-    write(corpus / "Segmentations" / layouts.mask_filename("10000100", 86), np.ones((8, 8, 4), np.uint8),
-          shifted)
-    with pytest.raises(UserError, match="_86_1.nii.gz: mask affine differs"):
-        layouts.load_case(layouts.find_cases(corpus)[0])
 
 
 def test_corrupt_mask_is_a_one_line_error(tmp_path):

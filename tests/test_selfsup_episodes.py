@@ -42,6 +42,9 @@ def test_item_has_the_supervised_layout(unlabeled_prep, tiny_prepared):
 def test_foreground_is_one_superpixel(unlabeled_prep):
     """Without warp and augmentation the support and query are the slice and one whole superpixel."""
     data = dataset(unlabeled_prep, IDENTITY, augment=None)
+    pids = {pid for pid, _, _ in data.candidates}
+    images = {pid: np.load(unlabeled_prep / "train" / f"{pid}_image.npy") for pid in pids}
+    superpixels = {pid: np.asarray(open_superpixels(unlabeled_prep, pid)) for pid in pids}
     for i in range(6):
         item = data[i]
         fg = item["support_fg"][0, 0].numpy().astype(bool)
@@ -49,9 +52,8 @@ def test_foreground_is_one_superpixel(unlabeled_prep):
         assert torch.equal(item["query_images"][0], item["support_images"][0, 0])
         matches = []
         for pid, row, ids in data.candidates:
-            labels = np.asarray(open_superpixels(unlabeled_prep, pid)[row])
-            image = np.load(unlabeled_prep / "train" / f"{pid}_image.npy")[row]
-            if np.allclose(image, item["query_images"][0, 0].numpy(), atol=1e-6):
+            labels = superpixels[pid][row]
+            if np.allclose(images[pid][row], item["query_images"][0, 0].numpy(), atol=1e-6):
                 values = np.unique(labels[fg])
                 if values.size == 1 and values[0] > 0 and np.array_equal(labels == values[0], fg):
                     matches.append(values[0])

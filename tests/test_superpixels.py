@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 from conftest import load_script
 
-from dataloaders.prepare import prepare_dataset
 from dataloaders.superpixels import (
     ALPNET_BODY_THRESHOLD,
     SuperpixelParams,
@@ -88,16 +87,6 @@ def test_params_are_checked():
         SuperpixelParams(min_size=0).check()
 
 
-@pytest.fixture(scope="module")
-def unlabeled_prep(tiny_phantom, tmp_path_factory):
-    """The tiny phantom's silver volumes prepared images-only at 64 px, with superpixels."""
-    prep = tmp_path_factory.mktemp("unlabeled") / "prep"
-    prepare_dataset(tiny_phantom / "SilverCorpus" / "Volumes", prep, "images-only", size=64,
-                    intensity={"mode": "window", "window": [-125, 275]}, workers=1)
-    make_superpixels(prep, SMALL, workers=1, progress=False)
-    return prep
-
-
 def test_images_only_layout(unlabeled_prep, tiny_phantom):
     meta = json.loads((unlabeled_prep / "meta.json").read_text())
     assert meta["source"]["layout"] == "images-only"
@@ -122,33 +111,6 @@ def test_make_superpixels_deterministic_and_parallel(unlabeled_prep, tmp_path):
         images = np.load(copy / "train" / f"{pid}_image.npy")
         assert labels.shape == images.shape and labels.dtype == np.uint16
         assert np.array_equal(labels[3], slice_superpixels(images[3], SMALL))
-
-
-def test_cli_bad_inputs(tmp_path, unlabeled_prep):
-    script = load_script("make_superpixels")
-    empty = tmp_path / "empty"
-    empty.mkdir()
-    with pytest.raises(UserError, match="no CT volumes"):
-        script.main(["--images", str(empty), "--out", str(tmp_path / "prep"), "--workers", "1"])
-    with pytest.raises(UserError, match="--out PREP"):
-        script.main(["--images", str(empty)])
-    with pytest.raises(UserError, match="already exists"):
-        script.main(["--images", str(unlabeled_prep), "--workers", "1"])
-    with pytest.raises(UserError, match="has no superpixels.*make_superpixels.py"):
-        read_superpixel_meta(tmp_path)
-
-
-def test_cli_from_nifti_folder_with_figure(tiny_phantom, tmp_path):
-    script = load_script("make_superpixels")
-    volumes = tmp_path / "volumes"
-    volumes.mkdir()
-    for path in sorted((tiny_phantom / "GoldCorpus" / "Volumes").glob("*.nii.gz"))[:2]:
-        (volumes / path.name).symlink_to(path)
-    prep, figure = tmp_path / "prep", tmp_path / "overlay.png"
-    assert script.main(["--images", str(volumes), "--out", str(prep), "--size", "48", "--min-size", "20",
-                        "--workers", "1", "--figure", str(figure), "--figure-slices", "2"]) == 0
-    assert len(read_superpixel_meta(prep)["volumes"]) == 2
-    assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 # ------------------------------------------------------------------------------ SSL-ALPNet's superpix-MIDDLE
