@@ -16,6 +16,7 @@ from dataloaders.prepared import default_support, load_volume
 from dataloaders.transforms import validate_intensity
 from evaluation.protocols import dice, get_preset, mask_copy, preset_range
 from util.errors import UserError
+from util.io import check_input_folder
 
 VOLUME_KEYS = ("image", "label", "affine", "original_affine", "original_shape", "original_axcodes", "spacing")
 AS_STORED = "as stored"        # original_axcodes of a volume kept as read, not reoriented (SSL-ALPNet layout)
@@ -222,9 +223,12 @@ def _check_volume(path: Path) -> set[int]:
 def check_prepared(prep_dir: str | Path) -> dict:
     """{"rows": per-class table rows, "splits": sizes, ...} of a prepared folder; a one-line UserError on
     the first defect found."""
-    prep = Path(prep_dir)
-    if not prep.is_dir():
-        raise UserError(f"{prep}: folder not found: run scripts/prepare_visceral.py --out {prep}")
+    prep = check_input_folder(prep_dir, "", "give a folder written by scripts/prepare_visceral.py --out")
+    alpnet = any(prep.glob("image_*.nii*"))
+    if not (prep / "meta.json").exists() and (alpnet or any(prep.glob("*/Volumes"))):
+        layout = " --layout alpnet" if alpnet else ""
+        raise UserError(f"{prep}: a data folder, not a prepared one: prepare it first: python "
+                        f"scripts/prepare_visceral.py --visceral-dir {prep} --out NEW_FOLDER{layout}")
     meta = _load_json(prep / "meta.json")
     source = meta.get("source")
     labeled = not (isinstance(source, dict) and source.get("layout") == "images-only")

@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import argparse
 
+import util.interrupt  # noqa: F401  (first: a Ctrl-C during the imports below is one line, exit 130)
+
+# isort: split
 from evaluation.dataset_check import DEFAULT_PRESET, check_prepared, format_table, prepared_mask_copy
 from evaluation.protocols import get_preset
 from util.cli import run_cli

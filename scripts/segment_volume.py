@@ -14,6 +14,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import util.interrupt  # noqa: F401  (first: a Ctrl-C during the imports below is one line, exit 130)
+
+# isort: split
 from evaluation.segment import segment_queries, segment_volume
 from util.cli import run_cli
 from util.errors import UserError
