@@ -22,7 +22,7 @@ from models.fewshot import MODEL_OPTIONS, SENET, check_model_rules
 from training.objective import SENET_OPTIONS
 from util.device import resolve_device
 from util.errors import UserError
-from util.io import check_writable_folder
+from util.io import check_input_folder, check_writable_folder
 from util.options import (
     AMP,
     BOOL,
@@ -157,12 +157,19 @@ def check_data_dir(config: Mapping) -> None:
     volumes, anything else) gets a prepare command whose --out lies beside it, never the folder itself."""
     data_dir = config["path"]["data_dir"]
     folder = Path(data_dir)
+    if folder.exists():           # a file, or DICOM: the right diagnosis, never a prepare command onto it
+        check_input_folder(folder, "path.data_dir = ",
+                           "give a folder written by scripts/prepare_visceral.py")
     if folder.is_dir() and not (folder / "meta.json").exists():
         beside = shlex.quote(str(folder.resolve().parent / f"{folder.resolve().name}_prepared"))
         source = shlex.quote(data_dir)
         if (folder / "SilverCorpus").is_dir() or (folder / "GoldCorpus").is_dir():
             what = "it holds raw VISCERAL data (SilverCorpus/, GoldCorpus/)"
             command = f"python scripts/prepare_visceral.py --visceral-dir {source} --out {beside}"
+        elif any(folder.glob("image_*.nii.gz")) and any(folder.glob("label_*.nii.gz")):
+            what = "it holds scans in SSL-ALPNet's layout"
+            command = (f"python scripts/prepare_visceral.py --layout alpnet --visceral-dir {source} "
+                       f"--out {beside}")
         elif _holds_nifti(folder):
             what = "it holds NIfTI volumes, not prepared slices"
             command = (f"python scripts/make_superpixels.py --images {source} --out {beside}"
@@ -237,7 +244,8 @@ def check_training_data(config: Mapping) -> None:
     if config["val_every"] > 0 and not enough and config["val_split"] == "val":
         raise UserError(f"path.data_dir '{data_dir}' has {count} held-out validation volumes "
                         "(volumes/val), validation needs 2 (a support and a query): re-prepare with "
-                        "--n-val 2 or more, or set val_every=0 to train without validation")
+                        "scripts/prepare_visceral.py --n-val 2 or more, or set val_every=0 to train without "
+                        "validation")
     if config["val_every"] > 0 and not enough:
         raise UserError(f"val_split='gold': path.data_dir '{data_dir}' has {count} gold volumes "
                         "(volumes/gold), selection on them needs 2: use val_split='val' or prepared gold "
@@ -248,7 +256,8 @@ def check_snapshot_files(config: Mapping) -> None:
     """Every eval.snapshots entry names an existing file (its contents are checked when it is loaded)."""
     for name, path in config["eval"]["snapshots"].items():
         if not os.path.isfile(path):
-            raise fail(f"eval.snapshots['{name}']", path, "does not exist",
+            found = "is a folder" if os.path.isdir(path) else "does not exist"
+            raise fail(f"eval.snapshots['{name}']", path, found,
                        "give a best.pth/last.pth written by train.py")
 
 
