@@ -223,7 +223,10 @@ def _check_volume(path: Path) -> set[int]:
 def check_prepared(prep_dir: str | Path) -> dict:
     """{"rows": per-class table rows, "splits": sizes, ...} of a prepared folder; a one-line UserError on
     the first defect found."""
-    prep = check_input_folder(prep_dir, "", "give a folder written by scripts/prepare_visceral.py --out")
+    prep = Path(prep_dir)
+    if not prep.exists():
+        raise UserError(f"{prep}: folder not found: run scripts/prepare_visceral.py --out {prep}")
+    check_input_folder(prep, "", "give a folder written by scripts/prepare_visceral.py --out")
     alpnet = any(prep.glob("image_*.nii*"))
     if not (prep / "meta.json").exists() and (alpnet or any(prep.glob("*/Volumes"))):
         layout = " --layout alpnet" if alpnet else ""

@@ -10,4 +10,7 @@ def on_interrupt(signum, frame) -> None:
     sys.exit(130)
 
 
-signal.signal(signal.SIGINT, on_interrupt)
+try:
+    signal.signal(signal.SIGINT, on_interrupt)
+except ValueError:          # imported outside the main thread (not an entry point): Python's handler stays
+    pass

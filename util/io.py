@@ -180,7 +180,7 @@ def check_input_folder(folder: str | Path, what: str, give: str) -> Path:
     if folder.is_dir() and any(p.suffix.lower() == ".dcm" for p in folder.iterdir()):
         raise UserError(f"{what}{folder}: holds DICOM files: {dicom_fix(folder)}")
     if not folder.is_dir():
-        found = "is a file, not a folder" if folder.exists() else "folder not found"
+        found = "is a file, not a folder" if folder.exists() else "data folder not found"
         raise UserError(f"{what}{folder}: {found}: {give}")
     return folder
 
