@@ -735,6 +735,12 @@ def segment_queries(queries: Sequence, supports, organs=None, checkpoint=None, o
                             "of the query's modality")
         if needs_hounsfield(intensity):
             check_hounsfield(intensity, [(query_image, query, "query")])
+        where, oblique = slice_axis_text(volume)
+        notes = [outlier_warning(query_image, query, "query", intensity["mode"])
+                 if intensity["mode"] != "window" else None,
+                 f"{query}: oblique or rotated: its slices are taken along {where}" if oblique else None]
+        for note in filter(None, notes):
+            warn(note)
         plans, ranges = {}, {}
         for value, (name, organ_list) in by_organ.items():
             if query_range is not None:

@@ -78,9 +78,8 @@ def main(argv: list[str]) -> int:
     bad = [s for s in args.settings if s not in (1, 2)]
     if bad:
         raise UserError(f"--settings {bad[0]}: use 1 and/or 2")
-    for name, value, high in (("--steps", args.steps or 1, None), ("--batch-size", args.batch_size, 1024)):
-        if value < 1 or value > (high or value):
-            raise UserError(f"{name} {value}: give a whole number from 1" + (f" to {high}" if high else ""))
+    if min(args.steps or 1, args.batch_size) < 1:
+        raise UserError(f"--steps {args.steps} / --batch-size {args.batch_size}: give whole numbers from 1")
     if args.publish and args.doc is not None:
         raise UserError(f"--publish writes docs/{PUBLISHED_DOC.name}: give --publish or --doc, "
                         "not both")
@@ -103,8 +102,11 @@ def main(argv: list[str]) -> int:
     os.environ.update(PINNED_NUMERICS)
     from experiments import chaos as steps  # after the pins: torch loads here
     from models.checkpoint import check_input_size
+    from training.config_check import MAX_BATCH_SIZE
     from util.provenance import git_commit
     check_input_size(args.input_size, "--input-size")
+    if args.batch_size > MAX_BATCH_SIZE:
+        raise UserError(f"--batch-size {args.batch_size}: at most {MAX_BATCH_SIZE} episodes per step")
     source = os.path.realpath(args.data or steps.default_data())
     for what, path in (("--out", args.out), ("--doc", doc)):     # the data folder is never written
         if not args.report_only and (os.path.realpath(path) + os.sep).startswith(source + os.sep):

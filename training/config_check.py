@@ -17,6 +17,7 @@ from dataloaders.prepared import check_training_neighbours, list_volumes, read_m
 from dataloaders.selfsup_episodes import SELFSUP_OPTIONS
 from dataloaders.superpixels import read_superpixel_meta
 from evaluation.protocols import EVAL_OPTIONS
+from models.checkpoint import MAX_INPUT_SIZE, MIN_INPUT_SIZE
 from models.encoders import IMAGENET_WEIGHTS
 from models.fewshot import MODEL_OPTIONS, SENET, check_model_rules
 from training.objective import SENET_OPTIONS
@@ -41,6 +42,8 @@ from util.options import (
     number,
 )
 
+MAX_BATCH_SIZE = 1024      # episodes per step; above: memory for nothing, and hours before the first step
+
 # The run's own options (config.py's top level and augment / senet / path sections).
 RUN_OPTIONS: dict[str, Option] = {
     "name": Option(NAME, nullable=True),
@@ -48,15 +51,15 @@ RUN_OPTIONS: dict[str, Option] = {
     "device": choice("auto", "cpu", "cuda"),
     "amp": Option(AMP),
     "channels_last": Option(BOOL),
-    "num_workers": integer(0, example="0"),
+    "num_workers": integer(0, 256, example="0"),
     "fold": integer(0, len(FOLD_ORGANS) - 1, example="0"),
     "label_sets": Option(ORGAN_SETS),
     "class_setting": choice("six_organs", "all_structures"),
-    "input_size": integer(16, example="512"),
+    "input_size": integer(MIN_INPUT_SIZE, MAX_INPUT_SIZE, example="512"),
     "n_ways": integer(1, example="1"),
     "n_shots": integer(1, example="1"),
     "n_queries": integer(1, example="1"),
-    "batch_size": integer(1, example="4"),
+    "batch_size": integer(1, MAX_BATCH_SIZE, example="4"),
     "n_steps": integer(1, example="10000"),
     "lr": number(0, low_open=True, example="1e-3"),
     "momentum": number(0, 1, example="0.9"),
