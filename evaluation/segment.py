@@ -473,7 +473,9 @@ def segment_volume(checkpoint, supports: Sequence[tuple[str, str]], query, out=N
     model, input_size, intensity = load_model(checkpoint, device, input_size, intensity)
     query_image = np.asarray(query_volume.array, dtype=np.float32)
     if intensity["mode"] != "window":                  # a CT window clips outliers; min-max, z-score do not
-        query_warnings += [m for m in [outlier_warning(query_image, query, "query", intensity["mode"])] if m]
+        query_warnings += [m for m in [outlier_warning(query_image, query, "query", intensity["mode"])] + [
+            outlier_warning(s.image, path, "support image", intensity["mode"])
+            for s, (path, _) in zip(support_list, supports)] if m]
     if needs_hounsfield(intensity):                    # a CT window on non-HU data is never applied silently
         check_hounsfield(intensity, [(query_image, query, "query")]
                          + [(s.image, path, "support image") for s, (path, _) in zip(support_list, supports)])
