@@ -140,8 +140,7 @@ def check_output_folder(out: str | Path, inputs: Iterable = (), what: str = "--o
                         "(--overwrite replaces only a folder)")
     _check_not_input(out, inputs, what, folder=True)
     if out.is_dir() and not overwrite:
-        raise UserError(f"{out}: already exists: pass --overwrite to replace it (or --skip-existing to keep "
-                        "it)")
+        raise UserError(f"{out}: already exists: pass --overwrite to replace it, or give a new folder")
     _check_parent(out, what, create_parent)
     return out
 
