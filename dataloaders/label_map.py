@@ -247,8 +247,10 @@ def image_problems(array: np.ndarray, path: str | Path, role: str = "image") -> 
     return []
 
 
-def outlier_warning(array: np.ndarray, path: str | Path, role: str, mode: str) -> str | None:
-    """A warning when a few extreme voxels stretch the value range that `mode` (minmax, zscore) scales by."""
+def outlier_warning(array: np.ndarray, path: str | Path, role: str, mode: str,
+                    window: str = "--intensity window:LO,HI") -> str | None:
+    """A warning when a few extreme voxels stretch the value range that `mode` (minmax, zscore) scales by;
+    `window`: the option of the command that scales by a CT window instead."""
     flat = np.asarray(array).reshape(-1)
     lo, hi = np.percentile(flat[::max(1, flat.size // _SAMPLE)], [0.1, 99.9])
     low, high = float(flat.min()), float(flat.max())
@@ -256,7 +258,7 @@ def outlier_warning(array: np.ndarray, path: str | Path, role: str, mode: str) -
         return None
     return (f"{path}: extreme intensity outliers in the {role} (values {low:g} .. {high:g}, 99.8% of them in "
             f"{lo:g} .. {hi:g}): {mode} scaling squeezes the anatomy into a few grey levels and the result "
-            "will be poor: clip the outliers, or pass --intensity window:LO,HI for CT")
+            f"will be poor: clip the outliers, or pass {window} for CT")
 
 
 def label_values(values: np.ndarray) -> np.ndarray | None:

@@ -23,7 +23,7 @@ from typing import Callable
 import numpy as np
 
 from dataloaders import layouts
-from dataloaders.label_map import read_label_map
+from dataloaders.label_map import outlier_warning, read_label_map
 from dataloaders.layouts import (
     LabeledVolume,
     exact_image,
@@ -47,6 +47,7 @@ from dataloaders.transforms import (
     validate_intensity,
     volume_intensity,
 )
+from util.cli import warn
 from util.errors import UserError
 from util.io import check_input_folder, check_output_folder, write_bytes_atomic
 
@@ -195,8 +196,13 @@ def save_npy(path: Path, array: np.ndarray) -> None:
 
 
 def check_window(volume: LabeledVolume, intensity: dict) -> LabeledVolume:
-    """Refuse an HU window that maps the volume into less than 5% of [0, 1] (not Hounsfield units)."""
+    """Refuse an HU window that maps the volume into less than 5% of [0, 1] (not Hounsfield units); warn
+    about extreme outliers under min-max or z-score scaling."""
     if intensity["mode"] != "window":
+        problem = outlier_warning(volume.image.array, volume.image.path, "volume", intensity["mode"],
+                                  "--window LO HI")
+        if problem:
+            warn(problem)
         return volume
     low, high = intensity["window"]
     values = volume.image.array
