@@ -396,9 +396,9 @@ def load_support(image_path, mask_path, support_label, label_map, min_voxels: in
                                  Path(mask_path).name, how)
     if small:
         warn(small)
-    body = image.array[..., annotated] > body_threshold(image.array)
+    body = image.array[..., annotated] > BODY_HU                 # CT in HU only: MR has no reliable body
     share = float((organ[..., annotated] & body).sum()) / max(int(body.sum()), 1)
-    if share > BODY_SHARE_WARN:
+    if share > BODY_SHARE_WARN and modality(image.array) == "CT":
         warn(f"{Path(mask_path).name}: {how} covers {100 * share:.0f}% of the body in its slices, more than "
              "any organ: a background or off-by-one label value? check --support-label / the mask")
     return Support(image=np.asarray(image.array, dtype=np.float32), mask=organ, annotated=annotated,
@@ -465,11 +465,6 @@ def segment_volume(checkpoint, supports: Sequence[tuple[str, str]], query, out=N
         canonical_range = stored_range_to_canonical(tuple(int(z) for z in query_range), query_volume)
     support_list = [load_support(image, mask, support_label, label_map, min_voxels, vocabulary)
                     for image, mask in supports]
-    kinds = {modality(s.image) for s in support_list}    # CT has air near -1000 HU, MR none: never mixed
-    if kinds != {modality(query_volume.array)}:
-        raise UserError(f"{query_name}: the query is {modality(query_volume.array)} but the supports are "
-                        f"{'/'.join(sorted(kinds))} ({support_list[0].name}; air near -1000 HU tells CT): "
-                        "give supports of the query's modality")
     model, input_size, intensity = load_model(checkpoint, device, input_size, intensity)
     query_image = np.asarray(query_volume.array, dtype=np.float32)
     if intensity["mode"] != "window":                  # a CT window clips outliers; min-max, z-score do not
@@ -492,6 +487,12 @@ def segment_volume(checkpoint, supports: Sequence[tuple[str, str]], query, out=N
         for message in notes:
             warn(message)
     stored = canonical_to_stored_range(canonical_range, query_volume)
+    kinds = {modality(s.image) for s in support_list}   # CT in HU has air near -1000 HU, MR none
+    if kinds != {modality(query_image)}:
+        names = {"CT": "CT in HU", "MR": "MR (or CT not in HU)"}
+        warn(f"{query_name}: the query is {names[modality(query_image)]} but the supports are "
+             f"{' and '.join(names[k] for k in sorted(kinds))} ({support_list[0].name}; air near -1000 HU "
+             "tells CT): across modalities the result means nothing; give supports of the query's modality")
     where, oblique = slice_axis_text(query_volume)
     if oblique:
         warn(f"{query_name}: oblique or rotated ({where}): its slices are taken along that stored axis; "
@@ -530,6 +531,9 @@ class LabelledScan:
 
 def read_volume(path, series: str | None = None) -> NiftiVolume:
     """A NIfTI file or a DICOM series folder (dataloaders.dicom) as a canonical NiftiVolume."""
+    if Path(path).is_dir() and not is_dicom_path(path):
+        raise UserError(f"{path}: a folder without DICOM files (.dcm or DICM header): give a NIfTI file or "
+                        "a DICOM series folder")
     if not is_dicom_path(path):
         return load_nifti(path)
     array, affine = read_dicom_series(path, series)                           # X x Y x Z, RAS affine
