@@ -21,7 +21,7 @@ from sacred.utils import SacredError, create_basic_stream_logger, ensure_wellfor
 from dataloaders.selfsup_episodes import WARP_DEFAULTS  # noqa: E402
 from models.fewshot import OFFICIAL_MODEL_CONFIG, PLUS_DEFAULTS  # noqa: E402
 from training.objective import SENET_DEFAULTS  # noqa: E402
-from util.cli import exit_with_message  # noqa: E402
+from util.cli import exit_with_message, restore_interrupt  # noqa: E402
 from util.errors import UserError  # noqa: E402
 from util.io import output_error_message  # noqa: E402
 
@@ -266,6 +266,7 @@ def run_sacred(ex, argv: list[str] | None = None):
         exit_with_message(f"unknown command '{command}': use one of {', '.join(ex.commands)}")
     config_updates, named_configs = get_config_updates(args["UPDATE"])
     install_log_filters(ex)
+    restore_interrupt()
     try:
         return ex.run(command, config_updates, named_configs, info={}, meta_info={}, options=args)
     except (UserError, OSError) as error:

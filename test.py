@@ -10,6 +10,9 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import util.interrupt  # noqa: F401  (first: a Ctrl-C during the imports below is one line, exit 130)
+
+# isort: split
 # first: config.py silences Sacred's pkg_resources warning before Sacred loads
 from config import differences_from_default, ex, run_sacred
 

@@ -9,6 +9,9 @@ from __future__ import annotations
 import importlib.metadata
 import os
 
+import util.interrupt  # noqa: F401  (first: a Ctrl-C during the imports below is one line, exit 130)
+
+# isort: split
 # first: config.py silences Sacred's pkg_resources warning before Sacred loads
 from config import default_config, differences_from_default, ex, run_sacred
 

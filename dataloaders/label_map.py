@@ -27,6 +27,8 @@ def _as_value(item) -> int | None:
         return int(item)
     if isinstance(item, str) and item.strip().lstrip("-").isdigit():
         return int(item.strip())
+    if isinstance(item, str) and item.strip().replace(".", "", 1).isdigit() and float(item).is_integer():
+        return int(float(item))                                          # '1.0': value 1
     return None
 
 
@@ -171,6 +173,7 @@ IMAGE_FOREGROUND_FRACTION = 0.5  # (more than this fraction non-zero) is an imag
 MAX_IMAGE_LABELS = 64           # an "image" of at most this many distinct whole values >= 0 is a label volume
 AIR_HU = -500.0                 # CT: body voxels above this, air below
 _SAMPLE = 200_000               # voxels looked at first (a strided sample) before a full count
+OUTLIER_SPREAD = 10.0           # value range above this many times the 0.1-99.9 percentile spread: outliers
 FOV_RATIO = 0.6                 # query in-plane extent below this fraction of the support's: warning
 # Largest support slice below this area (mm^2): warning. About a tenth of the organ's largest cross-section
 # on the real CT sample the project was checked on; 50 mm^2 for any other structure.
@@ -202,6 +205,8 @@ def mask_labels(array: np.ndarray, path: str | Path) -> tuple[np.ndarray, str | 
                             f"(foreground >= {SOFT_MASK_THRESHOLD:g})")
         values = rounded
     if values.size and values.min() < 0:
+        if np.array_equal(np.unique(values), [-1, 1]):
+            return (values > 0).astype(np.int64), f"{name}: a -1/1 mask: foreground = the voxels of value 1"
         raise UserError(f"{path}: negative values (min {values.min():g}): this looks like an image (CT in "
                         "HU), not a mask: check the order of the image and mask arguments")
     distinct = np.unique(values).size
@@ -241,6 +246,20 @@ def image_problems(array: np.ndarray, path: str | Path, role: str = "image") -> 
         return [f"{path}: no voxel above {AIR_HU:g} HU (max {high:g}): the {role} is all air, or not CT in "
                 "Hounsfield units; the result will not mean much"]
     return []
+
+
+def outlier_warning(array: np.ndarray, path: str | Path, role: str, mode: str,
+                    window: str = "--intensity window:LO,HI") -> str | None:
+    """A warning when a few extreme voxels stretch the value range that `mode` (minmax, zscore) scales by;
+    `window`: the option of the command that scales by a CT window instead."""
+    flat = np.asarray(array).reshape(-1)
+    lo, hi = np.percentile(flat[::max(1, flat.size // _SAMPLE)], [0.1, 99.9])
+    low, high = float(flat.min()), float(flat.max())
+    if high - low <= OUTLIER_SPREAD * max(float(hi - lo), 1e-6):
+        return None
+    return (f"{path}: extreme intensity outliers in the {role} (values {low:g} .. {high:g}, 99.8% of them in "
+            f"{lo:g} .. {hi:g}): {mode} scaling squeezes the anatomy into a few grey levels and the result "
+            f"will be poor: clip the outliers, or pass {window} for CT")
 
 
 def hounsfield_problem(array: np.ndarray, path: str | Path, role: str = "image") -> str | None:

@@ -21,6 +21,7 @@ import numpy as np
 from dataloaders.nifti import NiftiVolume, check_same_grid, load_nifti
 from dataloaders.organs import NAME_TO_INDEX, RADLEX_TO_INDEX, canonical_name
 from util.errors import UserError
+from util.io import check_input_folder
 
 # ------------------------------------------------------------------------------ VISCERAL Anatomy3
 # CORPUS/Volumes/<pid>_1_CTce_ThAb.nii.gz, CORPUS/Segmentations/<pid>_1_CTce_ThAb_<RadLexID>_<n>.nii.gz:
@@ -314,7 +315,7 @@ N_FOLDS = 5
 
 
 def _hint(folder: Path) -> str:
-    return (f"point --data at a folder in SSL-ALPNet's layout (image_<id>.nii.gz, label_<id>.nii.gz), "
+    return (f"give a folder in SSL-ALPNet's layout (image_<id>.nii.gz, label_<id>.nii.gz), "
             f"e.g. its chaos_MR_T2_normalized or sabs_CT_normalized folder; {folder} is not one")
 
 
@@ -349,9 +350,7 @@ def compute_classmap(folder: str | Path, dataset: AlpnetDataset) -> dict[str, di
 def detect_dataset(folder: str | Path) -> AlpnetDataset:
     """CHAOS-T2 or SABS, told apart by the class names of classmap_1.json, else by the label values of the
     first scan (CHAOS-T2: 0-4; SABS: up to 13, liver is 6)."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise UserError(f"{folder}: data folder not found: {_hint(folder)}")
+    folder = check_input_folder(folder, "", _hint(folder))
     if not any(folder.glob("image_*.nii.gz")):
         raise UserError(f"{folder}: no image_<id>.nii.gz files: {_hint(folder)}")
     classmap = read_classmap(folder)

@@ -18,8 +18,9 @@ import nibabel as nib
 import numpy as np
 from nibabel.orientations import apply_orientation, axcodes2ornt, ornt_transform
 
+from util.cli import warn
 from util.errors import UserError
-from util.io import check_output_folder, write_bytes_atomic
+from util.io import check_output_folder, dicom_fix, write_bytes_atomic
 
 CANONICAL_AXCODES = ("R", "A", "S")
 AFFINE_TOLERANCE_MM = 1e-3
@@ -34,6 +35,7 @@ class NiftiVolume:
     original_shape: tuple[int, int, int]    # as stored
     original_axcodes: str                   # storage orientation, e.g. "LPS"
     path: Path
+    codes: tuple[int, int] = (1, 1)        # the file's (qform, sform) codes, kept by outputs in its geometry
 
     @property
     def spacing(self) -> np.ndarray:
@@ -41,14 +43,41 @@ class NiftiVolume:
         return np.sqrt((self.affine[:3, :3] ** 2).sum(axis=0))
 
 
+def _named_right(path: Path) -> bool:
+    """False for a gzip file named .nii, or an uncompressed NIfTI named .nii.gz (nibabel goes by the name)."""
+    with open(path, "rb") as file:
+        head = file.read(348)
+    if path.name.endswith(".nii"):
+        return head[:2] != b"\x1f\x8b"
+    return not (path.name.endswith(".nii.gz") and (head[344:347] == b"n+1" or head[4:7] == b"n+2"))
+
+
+def _load_misnamed(path: Path) -> nib.Nifti1Image:
+    data = path.read_bytes()
+    zipped = data[:2] == b"\x1f\x8b"
+    data = gzip.decompress(data) if zipped else data
+    image = (nib.Nifti2Image if data[4:7] == b"n+2" else nib.Nifti1Image).from_bytes(data)
+    kind = "gzip-compressed but named .nii" if zipped else "not gzip-compressed but named .nii.gz"
+    warn(f"{path}: {kind}: read by its content; tools that go by the name will fail on it: rename it")
+    return image
+
+
+def _dicom_hint(folder: Path) -> str:
+    """': give the file' text for a folder or DICOM where a NIfTI file is expected (DICOM: a converter)."""
+    dicom = folder.is_dir() and any(p.suffix.lower() == ".dcm" for p in folder.iterdir())
+    return f": {dicom_fix(folder)}" if dicom else ": give the path of a .nii.gz file"
+
+
 def load_nifti(path: str | Path) -> NiftiVolume:
     """A 3D NIfTI (X x Y x Z, or X x Y x Z x 1), validated and reoriented to canonical RAS+; one-line
     UserErrors for missing/corrupt files, 2D/4D or empty data, NaN/inf voxels, bad affines."""
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{path}: is a folder, not a NIfTI file{_dicom_hint(path)}")
     if not path.is_file():
         raise UserError(f"{path}: file not found: check the path or regenerate the data set")
     try:
-        image = nib.load(str(path))
+        image = nib.load(str(path)) if _named_right(path) else _load_misnamed(path)
         if not isinstance(image, (nib.Nifti1Image, nib.Nifti2Image)):
             raise UserError(f"{path}: not a NIfTI file ({type(image).__name__}): convert it to .nii.gz")
         data = np.asanyarray(image.dataobj)  # forces decompression: truncation shows up here
@@ -56,9 +85,14 @@ def load_nifti(path: str | Path) -> NiftiVolume:
         raise
     except (EOFError, zlib.error, gzip.BadGzipFile, OSError, ValueError,
             nib.filebasedimages.ImageFileError) as error:
+        with open(path, "rb") as file:
+            head = file.read(132)
+        if head[128:] == b"DICM" or path.suffix.lower() == ".dcm":
+            raise UserError(f"{path}: a DICOM file, not NIfTI{_dicom_hint(path.parent)}") from None
         reason = " ".join(f"{type(error).__name__}: {error}".split())[:90]
         raise UserError(f"{path}: cannot read NIfTI ({reason}): the file is corrupt or truncated; "
                         "copy or export it again") from None
+    codes = (int(image.header["qform_code"]), int(image.header["sform_code"]))
     affine = np.asarray(image.affine, dtype=np.float64)
     if data.ndim == 4 and data.shape[3] == 1:
         data = data[..., 0]
@@ -77,7 +111,7 @@ def load_nifti(path: str | Path) -> NiftiVolume:
     array = np.asfortranarray(canonical.dataobj)   # NIfTI voxel order: cheap z slabs, cheap flat views
     return NiftiVolume(array=array, affine=np.asarray(canonical.affine, dtype=np.float64),
                        original_affine=affine, original_shape=tuple(int(s) for s in data.shape),
-                       original_axcodes=original_axcodes, path=path)
+                       original_axcodes=original_axcodes, path=path, codes=codes)
 
 
 def check_same_grid(mask: NiftiVolume, volume: NiftiVolume) -> None:
@@ -106,9 +140,9 @@ def to_original(array_canonical: np.ndarray, original_axcodes: str | tuple[str, 
     return np.ascontiguousarray(apply_orientation(np.asarray(array_canonical), transform))
 
 
-def save_nifti_atomic(array: np.ndarray, affine: np.ndarray, path: str | Path) -> None:
-    """Save `array` (X x Y x Z) with `affine` as `.nii.gz` at `path`, atomically and deterministically (gzip
-    mtime 0): nibabel's header, then the voxels in one Fortran-order copy (nibabel's writer is slower)."""
+def save_nifti_atomic(array: np.ndarray, affine: np.ndarray, path: str | Path, codes=(1, 1)) -> None:
+    """Save `array` (X x Y x Z) with `affine` and (qform, sform) `codes` as `.nii.gz` at `path`, atomically
+    and deterministically (gzip mtime 0): nibabel's header, then the voxels in one Fortran-order copy."""
     path = Path(path)
     if not path.name.endswith(".nii.gz"):
         raise UserError(f"{path}: NIfTI output must end in .nii.gz: rename the output path")
@@ -118,8 +152,8 @@ def save_nifti_atomic(array: np.ndarray, affine: np.ndarray, path: str | Path) -
     header.set_data_dtype(array.dtype)
     header.set_xyzt_units("mm", "sec")
     affine = np.asarray(affine, dtype=np.float64)
-    header.set_qform(affine, code=1)
-    header.set_sform(affine, code=1)
+    header.set_qform(affine, code=int(codes[0]))
+    header.set_sform(affine, code=int(codes[1]))
     header["vox_offset"] = 352
     header["scl_slope"], header["scl_inter"] = 1.0, 0.0
     raw = header.binaryblock + b"\x00" * 4 + array.tobytes(order="F")

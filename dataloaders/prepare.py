@@ -19,7 +19,7 @@ from typing import Callable
 import numpy as np
 
 from dataloaders import layouts
-from dataloaders.label_map import read_label_map
+from dataloaders.label_map import outlier_warning, read_label_map
 from dataloaders.layouts import (
     LabeledVolume,
     exact_image,
@@ -43,8 +43,9 @@ from dataloaders.transforms import (
     validate_intensity,
     volume_intensity,
 )
+from util.cli import warn
 from util.errors import UserError
-from util.io import check_output_folder, write_bytes_atomic
+from util.io import check_input_folder, check_output_folder, write_bytes_atomic
 
 FORMAT_VERSION = 1
 MIN_WINDOW_COVER = 0.05                   # a volume must fill at least 5% of [0, 1] under an HU window
@@ -83,8 +84,8 @@ def find_image_volumes(root: Path) -> list[tuple[str, Path]]:
         if paths:
             break
     if not paths:
-        raise UserError(f"{root}: no CT volumes (.nii.gz / .nii) in it or in its Volumes/ folder: point "
-                        "--visceral-dir at a folder of NIfTI CT volumes")
+        raise UserError(f"{root}: no CT volumes (.nii.gz / .nii) in it or in its Volumes/ folder: give a "
+                        "folder of NIfTI CT volumes")
     found: dict[str, Path] = {}
     for path in paths:
         pid = case_id(strip_nifti_suffix(path.name))
@@ -104,10 +105,8 @@ def load_unlabeled(path: Path, pid: str) -> LabeledVolume:
 def list_sources(source_dir: str | Path, layout: str = "visceral", label_map: str | Path | None = None,
                  allow_missing: bool = False) -> tuple[list[SourceCase], list[SourceCase]]:
     """(silver cases, gold cases) of a data set in the 'visceral' or 'multilabel' layout."""
-    root = Path(source_dir)
-    if not root.is_dir():
-        raise UserError(f"{root}: data folder not found: pass --visceral-dir (make a phantom with "
-                        "scripts/make_phantom.py --out DIR)")
+    root = check_input_folder(source_dir, "", "give the data folder (or make a phantom with "
+                              "scripts/make_phantom.py --out NEW_FOLDER)")
     if layout == "visceral":
         silver, gold = (find_cases(root / name) for name in ("SilverCorpus", "GoldCorpus"))
         return ([SourceCase(c.pid, partial(load_case, c)) for c in silver],
@@ -194,7 +193,12 @@ def process_case(case: SourceCase, split: str, out: Path, size: int, intensity: 
                  seed: int) -> dict:
     """Load one case and write its prepared files; returns its summary (and slices for training)."""
     volume = case.load()
-    if intensity["mode"] == "window":     # refused: a window that maps the volume into < 5% of [0, 1]
+    if intensity["mode"] != "window":     # warned: a few extreme voxels that stretch the scaled range
+        problem = outlier_warning(volume.image.array, volume.image.path, "volume", intensity["mode"],
+                                  "--window LO HI")
+        if problem:
+            warn(problem)
+    else:                                 # refused: a window that maps the volume into < 5% of [0, 1]
         (low, high), values = intensity["window"], volume.image.array
         vmin, vmax = float(values.min()), float(values.max())
         if (min(vmax, high) - max(vmin, low)) / (high - low) < MIN_WINDOW_COVER:
@@ -267,9 +271,8 @@ def prepare_dataset(source_dir: str | Path, out: str | Path, layout: str = "visc
                     workers: int = 2, overwrite: bool = False, allow_missing: bool = False) -> dict:
     """Write PREP (DESIGN.md "Prepared data folder") atomically; returns meta.json's content."""
     intensity = validate_intensity(intensity or DEFAULT_INTENSITY)
-    if size < 16:
-        raise UserError(f"--size {size} is too small: use at least 16 (256 for the phantom, 512 for "
-                        "VISCERAL)")
+    if not 16 <= size <= 2048:
+        raise UserError(f"--size {size}: use 16 .. 2048 (256 for the phantom, 512 for VISCERAL)")
     rule.check()
     check_out_location(out, source_dir, label_map, overwrite)
     silver, gold = list_sources(source_dir, layout, label_map, allow_missing)

@@ -17,6 +17,7 @@ import numpy as np
 from dataloaders.organs import INDEX_TO_NAME
 from dataloaders.transforms import validate_intensity
 from util.errors import UserError
+from util.io import check_input_folder
 
 # the support volume of the official evaluation (docs/method.md, "The SENet volumetric protocol")
 OFFICIAL_SUPPORT = "10000132"
@@ -334,8 +335,14 @@ def check_folder(prep_dir: str | Path) -> dict:
     """{"rows": per-class table rows, "splits": sizes, "prep_size", "labeled"} of a prepared folder after
     reading every file; a one-line UserError on the first defect found."""
     prep = Path(prep_dir)
-    if not prep.is_dir():
+    if not prep.exists():
         raise UserError(f"{prep}: folder not found: run scripts/prepare_visceral.py --out {prep}")
+    check_input_folder(prep, "", "give a folder written by scripts/prepare_visceral.py --out")
+    alpnet = any(prep.glob("image_*.nii*"))
+    if not (prep / "meta.json").exists() and (alpnet or any(prep.glob("*/Volumes"))):
+        layout = " --layout alpnet" if alpnet else ""
+        raise UserError(f"{prep}: a data folder, not a prepared one: prepare it first: python "
+                        f"scripts/prepare_visceral.py --visceral-dir {prep} --out NEW_FOLDER{layout}")
     meta = _json(prep / "meta.json")
     source = meta.get("source")
     labeled = not (isinstance(source, dict) and source.get("layout") == "images-only")

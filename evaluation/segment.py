@@ -29,6 +29,7 @@ from dataloaders.label_map import (
     image_problems,
     mask_label_map,
     mask_labels,
+    outlier_warning,
     read_label_map,
     resolve_support_label,
     sidecar_path,
@@ -56,6 +57,9 @@ COVERAGE_REFUSE = 0.25      # ... by more than this: the relative transfer is re
 GRID_TOLERANCE_MM = 1e-3    # same-scan test: world positions agree to this
 MR_BODY_FRACTION = 0.1      # a non-HU volume's body: voxels above this fraction of its 99th percentile
 RANGE_MARGIN = 0.5          # several organs: the transferred organ range widened by this fraction each side
+OBLIQUE_DEGREES = 30.0      # the stored slice axis further than this from superior-inferior: oblique
+MAX_CHUNKS = 1000           # --n-chunks above this: more chunks than any scan has slices
+BODY_SHARE_WARN = 0.6       # a support organ over more than this share of the body in its slices: warning
 
 
 @dataclass
@@ -83,6 +87,15 @@ def _axial_axis(query: NiftiVolume) -> tuple[int, int, bool]:
     return axis, int(query.original_shape[axis]), bool(ornt[axis, 1] < 0)
 
 
+def slice_axis_text(query: NiftiVolume) -> tuple[str, bool]:
+    """('stored axis k[, N degrees from superior-inferior]', oblique: more than OBLIQUE_DEGREES off)."""
+    axis = _axial_axis(query)[0]
+    column = query.original_affine[:3, axis]
+    degrees = float(np.degrees(np.arccos(min(1.0, abs(column[2]) / np.linalg.norm(column)))))
+    tilt = f", {degrees:.0f} degrees from superior-inferior" if degrees >= 1 else ""
+    return f"stored axis {axis}{tilt}", degrees > OBLIQUE_DEGREES
+
+
 def canonical_to_stored_range(canonical_range: tuple[int, int], query: NiftiVolume) -> tuple[int, int]:
     """Inclusive canonical z range -> half-open range along the query file's axial axis (as --query-range)."""
     _, n, reversed_z = _axial_axis(query)
@@ -94,6 +107,11 @@ def stored_range_to_canonical(query_range: tuple[int, int], query: NiftiVolume) 
     """Half-open slice range along the query file's axial axis (as stored) -> canonical z, inclusive."""
     axis, n, reversed_z = _axial_axis(query)
     z0, z1 = query_range
+    where, oblique = slice_axis_text(query)
+    if oblique:
+        raise UserError(f"--query-range {z0}:{z1}: the query is oblique or rotated (slices along {where}), "
+                        "so which stored axis is axial is ambiguous: reslice the query onto an axial grid "
+                        "first")
     if not (0 <= z0 < z1 <= n):
         raise UserError(f"--query-range {z0}:{z1} is outside the query volume ({n} axial slices along "
                         f"stored axis {axis}): use 0 <= Z0 < Z1 <= {n}")
@@ -289,6 +307,12 @@ def _is_pair(pair) -> bool:
         and all(isinstance(path, PATH_TYPES) for path in pair)
 
 
+def check_chunks(n_chunks: int) -> None:
+    if n_chunks > MAX_CHUNKS:
+        raise UserError(f"--n-chunks {n_chunks}: at most {MAX_CHUNKS} (one chunk per slice is the finest "
+                        "plan)")
+
+
 def check_arguments(checkpoint, supports, query, out, support_label, label_map, query_range, n_chunks,
                     batch_size, min_voxels, input_size, intensity, device, vocabulary) -> None:
     """One-line UserError for an argument of `segment_volume` of the wrong type or value (before any I/O)."""
@@ -332,6 +356,7 @@ def check_arguments(checkpoint, supports, query, out, support_label, label_map, 
     for name, value, low in counts:
         if value < low:
             raise UserError(f"--{name.replace('_', '-')} {value}: must be >= {low}")
+    check_chunks(n_chunks)
     if input_size is not None:
         check_input_size(input_size, "--input-size")
 
@@ -372,6 +397,11 @@ def load_support(image_path, mask_path, support_label, label_map, min_voxels: in
                                  Path(mask_path).name, how)
     if small:
         warn(small)
+    body = image.array[..., annotated] > AIR_HU                 # CT in HU only: MR has no reliable body
+    share = float((organ[..., annotated] & body).sum()) / max(int(body.sum()), 1)
+    if share > BODY_SHARE_WARN and modality(image.array) == "CT":
+        warn(f"{Path(mask_path).name}: {how} covers {100 * share:.0f}% of the body in its slices, more than "
+             "any organ: a background or off-by-one label value? check --support-label / the mask")
     return Support(image=np.asarray(image.array, dtype=np.float32), mask=organ, annotated=annotated,
                    name=Path(image_path).name, label=how, spacing=np.asarray(spacing, dtype=float),
                    affine=np.asarray(image.affine, dtype=float))
@@ -438,6 +468,10 @@ def segment_volume(checkpoint, supports: Sequence[tuple[str, str]], query, out=N
                     for image, mask in supports]
     model, input_size, intensity = load_model(checkpoint, device, input_size, intensity)
     query_image = np.asarray(query_volume.array, dtype=np.float32)
+    if intensity["mode"] != "window":                  # a CT window clips outliers; min-max, z-score do not
+        query_warnings += [m for m in [outlier_warning(query_image, query, "query", intensity["mode"])] + [
+            outlier_warning(s.image, path, "support image", intensity["mode"])
+            for s, (path, _) in zip(support_list, supports)] if m]
     if needs_hounsfield(intensity):                    # a CT window on non-HU data is never applied silently
         check_hounsfield(intensity, [(query_image, query, "query")]
                          + [(s.image, path, "support image") for s, (path, _) in zip(support_list, supports)])
@@ -454,18 +488,28 @@ def segment_volume(checkpoint, supports: Sequence[tuple[str, str]], query, out=N
         for message in notes:
             warn(message)
     stored = canonical_to_stored_range(canonical_range, query_volume)
+    kinds = {modality(s.image) for s in support_list}   # CT in HU has air near -1000 HU, MR none
+    if kinds != {modality(query_image)}:
+        names = {"CT": "CT in HU", "MR": "MR (or CT not in HU)"}
+        warn(f"{query_name}: the query is {names[modality(query_image)]} but the supports are "
+             f"{' and '.join(names[k] for k in sorted(kinds))} ({support_list[0].name}; air near -1000 HU "
+             "tells CT): across modalities the result means nothing; give supports of the query's modality")
+    where, oblique = slice_axis_text(query_volume)
+    if oblique:
+        warn(f"{query_name}: oblique or rotated ({where}): its slices are taken along that stored axis; "
+             "check the result, or reslice the query onto an axial grid")
     print(f"support organ: {', '.join(f'{s.name}: {s.label}' for s in support_list)}; query range "
-          f"{stored[0]}:{stored[1]} (slices along the query file's axial axis, {how})", flush=True)
+          f"{stored[0]}:{stored[1]} (slices along the query file's axial axis, {where}; {how})", flush=True)
     prediction, _ = segment_scan(model, {1: ("organ", support_list)}, query_volume, query_image, input_size,
                                  intensity, device, int(batch_size), int(n_chunks), {}, canonical_range,
                                  progress)                               # X x Y x Z, 0 outside the plan
     array = to_original(prediction, query_volume.original_axcodes)
     assert tuple(array.shape) == tuple(query_volume.original_shape)    # to_original inverts load_nifti
     image = nib.Nifti1Image(array, query_volume.original_affine)
-    image.set_qform(query_volume.original_affine, code=1)
-    image.set_sform(query_volume.original_affine, code=1)
+    image.set_qform(query_volume.original_affine, code=query_volume.codes[0])
+    image.set_sform(query_volume.original_affine, code=query_volume.codes[1])
     if out is not None:
-        save_nifti_atomic(array, query_volume.original_affine, out)
+        save_nifti_atomic(array, query_volume.original_affine, out, query_volume.codes)
     if not array.any():
         warn(f"the output mask is empty: no voxel of {Path(str(query)).name} was segmented in query slices "
              f"{stored[0]}:{stored[1]}: check the support label, the query range and the checkpoint's organ")
@@ -484,6 +528,9 @@ class LabelledScan:
 
 def read_volume(path, series: str | None = None) -> NiftiVolume:
     """A NIfTI file or a DICOM series folder (dataloaders.dicom) as a canonical NiftiVolume."""
+    if Path(path).is_dir() and not is_dicom_path(path):
+        raise UserError(f"{path}: a folder without DICOM files (.dcm or DICM header): give a NIfTI file or "
+                        "a DICOM series folder")
     if not is_dicom_path(path):
         return load_nifti(path)
     array, affine = read_dicom_series(path, series)                           # X x Y x Z, RAS affine
@@ -712,6 +759,7 @@ def segment_queries(queries: Sequence, supports, organs=None, checkpoint=None, o
             raise UserError(f"{query}: query not found: check the path")
     if query_range is not None and isinstance(query_range, str):
         query_range = parse_query_range(query_range)
+    check_chunks(n_chunks)
     scans = supports if loaded else load_support_set(supports, label_map, min_voxels)
     by_organ = organ_supports(scans, organs, min_voxels)
     names = {value: name for value, (name, _) in by_organ.items()}
@@ -728,6 +776,12 @@ def segment_queries(queries: Sequence, supports, organs=None, checkpoint=None, o
                             "of the query's modality")
         if needs_hounsfield(intensity):
             check_hounsfield(intensity, [(query_image, query, "query")])
+        where, oblique = slice_axis_text(volume)
+        notes = [outlier_warning(query_image, query, "query", intensity["mode"])
+                 if intensity["mode"] != "window" else None,
+                 f"{query}: oblique or rotated: its slices are taken along {where}" if oblique else None]
+        for note in filter(None, notes):
+            warn(note)
         scored = query_range and stored_range_to_canonical(tuple(map(int, query_range)), volume)
         labels, found = segment_scan(model, by_organ, volume, query_image, input_size, intensity, device,
                                      batch_size, n_chunks, prototypes, scored, progress)
@@ -747,7 +801,7 @@ def segment_queries(queries: Sequence, supports, organs=None, checkpoint=None, o
             for name, entry in ranges.items()) + f" ({seconds:.1f} s)", flush=True)
         if outs is not None:
             outs[index].parent.mkdir(parents=True, exist_ok=True)
-            save_nifti_atomic(array, volume.original_affine, outs[index])
+            save_nifti_atomic(array, volume.original_affine, outs[index], volume.codes)
             write_text_atomic(json.dumps({"labels": {str(v): n for v, n in names.items()}, "organs": ranges,
                                           "ranges_are": "stored axial slice indices Z0:Z1 (Z1 excluded)",
                                           "seconds": round(seconds, 2)}, indent=1), sidecar_path(outs[index]))

@@ -7,6 +7,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import util.interrupt  # noqa: F401  (first: a Ctrl-C during the imports below is one line, exit 130)
+
+# isort: split
 from dataloaders.prepared import check_folder, default_support, load_volume
 from evaluation.dataset_check import DEFAULT_PRESET, format_mask_copy, mask_copy_dice
 from evaluation.protocols import get_preset

@@ -16,6 +16,9 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+import util.interrupt  # noqa: F401  (first: a Ctrl-C during the imports below is one line, exit 130)
+
+# isort: split
 import numpy as np
 
 from dataloaders.prepare import prepare_dataset
@@ -30,7 +33,7 @@ from dataloaders.superpixels import (
 from evaluation.figures import display
 from util.cli import run_cli
 from util.errors import UserError
-from util.io import check_output_file, write_bytes_atomic
+from util.io import check_input_folder, check_output_file, write_bytes_atomic
 
 
 def overlay_figure(prep_dir: Path, out: Path, n: int) -> None:
@@ -140,9 +143,7 @@ def main(argv: list[str]) -> int:
         overlay_figure(prep, Path(args.figure), args.figure_slices)
         print(f"overlay figure: {args.figure}")
         return 0
-    if not source.is_dir():
-        raise UserError(f"--images {source}: folder not found: give a prepared folder or a folder of NIfTI "
-                        "CT volumes")
+    check_input_folder(source, "--images ", "give a prepared folder or a folder of NIfTI CT volumes")
     start = time.perf_counter()
     if not (source / "meta.json").is_file():  # raw NIfTI volumes: prepare them first (images only)
         if not args.out:

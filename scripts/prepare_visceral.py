@@ -11,6 +11,9 @@ import argparse
 import time
 from pathlib import Path
 
+import util.interrupt  # noqa: F401  (first: a Ctrl-C during the imports below is one line, exit 130)
+
+# isort: split
 from dataloaders.prepare import Selection, prepare_dataset
 from util.cli import run_cli
 from util.errors import UserError
@@ -56,6 +59,12 @@ def main(argv: list[str]) -> int:
     if args.skip_existing and out.exists():
         print(f"{out}: exists, kept (--skip-existing)")
         return 0
+    source = Path(args.visceral_dir)       # the layout that fits the folder, named before any work
+    alpnet = any(source.glob("image_*.nii.gz")) and any(source.glob("label_*.nii.gz"))
+    if (args.layout == "alpnet") != alpnet and (alpnet or (source / "SilverCorpus").is_dir()):
+        fits = "--layout alpnet" if alpnet else "--layout visceral (the default)"
+        raise UserError(f"--visceral-dir {source} is in {'SSL-ALPNet' if alpnet else 'VISCERAL'}'s layout, "
+                        f"not '{args.layout}': pass {fits}")
     if args.layout == "alpnet":
         return prepare_alpnet_layout(args, out)
     intensity = {"mode": "window", "window": list(args.window)} if args.window else {"mode": "minmax"}

@@ -14,13 +14,17 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import util.interrupt  # noqa: F401  (first: a Ctrl-C during the imports below is one line, exit 130)
+
+# isort: split
 from evaluation.segment import segment_queries, segment_volume
 from util.cli import run_cli
 from util.errors import UserError
 
 EPILOG = """\
 Query range: --query-range Z0:Z1 gives the organ's axial slices in the query (half-open, like a
-Python slice: Z0 .. Z1-1, indices along the query file's axial array axis as stored). Without it
+Python slice: Z0 .. Z1-1, indices along the query file's axial array axis as stored; refused on an
+oblique query, whose stored slice axis is more than 30 degrees from superior-inferior). Without it
 the range is transferred from the supports: by physical z position when the query is part of a
 support's scan (a crop of it, or the scan itself); otherwise the organ's relative position inside
 the support's body extent (slices with voxels > -500 HU) is placed in the query's body extent.

@@ -620,14 +620,14 @@ SCRIPT_ROWS = {
     "check absent": ("check_dataset", lambda c: [c.tmp / "absent"],
                      ["folder not found: run scripts/prepare_visceral.py"]),
     "check empty": ("check_dataset", lambda c: [made(c.tmp / "empty")], ["meta.json: missing"]),
-    "check a file": ("check_dataset", lambda c: [made(c.tmp / "file", "x")], ["folder not found"]),
+    "check a file": ("check_dataset", lambda c: [made(c.tmp / "file", "x")], ["is a file, not a folder"]),
     "check preset": ("check_dataset", lambda c: [c.tiny_prepared, "--mask-copy", "--preset", "bogus"],
                      ["preset 'bogus'"]),
     # segment_volume
     **{f"segment {name}": ("segment_volume", lambda c, changes=changes: segment_argv(c, **changes), words)
        for name, (changes, words) in {
         "query absent": ({"--query": "absent"}, ["absent.nii.gz: file not found"]),
-        "query a folder": ({"--query": "folder"}, ["folder.nii.gz: file not found"]),
+        "query a folder": ({"--query": "folder"}, ["folder.nii.gz: a folder without DICOM files"]),
         "truncated query": ({"--query": "truncated_image"}, ["corrupt or truncated"]),
         "truncated checkpoint": ({"--checkpoint": "truncated_checkpoint"}, ["truncated.pth", "unreadable"]),
         "empty support mask": ({"--support-mask": "empty_mask"}, ["mask is empty"]),

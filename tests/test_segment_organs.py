@@ -29,6 +29,16 @@ def load_test_module(name: str):
 PHANTOM = load_test_module("test_segment_volume")
 
 
+def run_main(argv: list[str]) -> int:
+    """segment_volume.py's exit status, run in this process."""
+    from conftest import load_script
+
+    from util.cli import run_cli
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(load_script("segment_volume").main, argv)
+    return exit_info.value.code
+
+
 @pytest.fixture(scope="module")
 def scans(tmp_path_factory):
     """A support folder of two multi-label scans (labels.json), two queries (one stored LPS), a checkpoint."""
@@ -102,11 +112,11 @@ def test_support_dir_for_several_queries_computes_prototypes_once(scans, tmp_pat
     monkeypatch.setattr(segment_module, "support_prototypes", lambda *a: calls.append(1) or original(*a))
     common = ["--checkpoint", str(scans["checkpoint"]), "--support-dir", str(scans["supports"]),
               "--n-chunks", "6", "--device", "cpu", "--no-progress"]
-    code = PHANTOM.run_main(common + ["--query", str(scans["query"]), "--out", str(tmp_path / "one.nii.gz")])
+    code = run_main(common + ["--query", str(scans["query"]), "--out", str(tmp_path / "one.nii.gz")])
     assert code == 0 and (tmp_path / "one.json").is_file()
     once = len(calls)
     out = tmp_path / "many"
-    assert PHANTOM.run_main(common + ["--query", str(scans["query"]), "--query", str(scans["query_lps"]),
+    assert run_main(common + ["--query", str(scans["query"]), "--query", str(scans["query_lps"]),
                                       "--out", str(out)]) == 0
     assert len(calls) == 2 * once
     first, second = (np.asarray(nib.load(str(out / f"{name}_labels.nii.gz")).dataobj)
@@ -166,7 +176,7 @@ def test_bad_input(scans, tmp_path, monkeypatch, capsys):
         run(scans, query=mr, out=out)
     assert not out.exists()
     many = tmp_path / "many"                                          # the command line: one line, no output
-    assert PHANTOM.run_main(["--checkpoint", str(scans["checkpoint"]), "--support-dir",
+    assert run_main(["--checkpoint", str(scans["checkpoint"]), "--support-dir",
                              str(scans["supports"]), "--organs", "liver,pancreas", "--query",
                              str(scans["query"]), "--query", str(mr), "--out", str(many),
                              "--device", "cpu"]) == 2

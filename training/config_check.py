@@ -15,12 +15,13 @@ from dataloaders.prepared import check_training_neighbours, list_volumes, read_m
 from dataloaders.selfsup_episodes import SELFSUP_OPTIONS
 from dataloaders.superpixels import read_superpixel_meta
 from evaluation.protocols import EVAL_OPTIONS
+from models.checkpoint import MAX_INPUT_SIZE, MIN_INPUT_SIZE
 from models.encoders import IMAGENET_WEIGHTS
 from models.fewshot import MODEL_OPTIONS, SENET, check_model_rules
 from training.objective import SENET_OPTIONS
 from util.device import resolve_device
 from util.errors import UserError
-from util.io import check_writable_folder
+from util.io import check_input_folder, check_writable_folder
 from util.options import (
     AMP,
     BOOL,
@@ -38,6 +39,8 @@ from util.options import (
     number,
 )
 
+MAX_BATCH_SIZE = 1024      # episodes per step; above: memory for nothing, and hours before the first step
+
 # The run's own options (config.py's top level and augment / senet / path sections).
 RUN_OPTIONS: dict[str, Option] = {
     "name": Option(NAME, nullable=True),
@@ -45,15 +48,15 @@ RUN_OPTIONS: dict[str, Option] = {
     "device": choice("auto", "cpu", "cuda"),
     "amp": Option(AMP),
     "channels_last": Option(BOOL),
-    "num_workers": integer(0, example="0"),
+    "num_workers": integer(0, 256, example="0"),
     "fold": integer(0, len(FOLD_ORGANS) - 1, example="0"),
     "label_sets": Option(ORGAN_SETS),
     "class_setting": choice(*CLASS_SETTINGS),
-    "input_size": integer(16, example="512"),
+    "input_size": integer(MIN_INPUT_SIZE, MAX_INPUT_SIZE, example="512"),
     "n_ways": integer(1, example="1"),
     "n_shots": integer(1, example="1"),
     "n_queries": integer(1, example="1"),
-    "batch_size": integer(1, example="4"),
+    "batch_size": integer(1, MAX_BATCH_SIZE, example="4"),
     "n_steps": integer(1, example="10000"),
     "lr": number(0, low_open=True, example="1e-3"),
     "momentum": number(0, 1, example="0.9"),
@@ -154,12 +157,19 @@ def check_data_dir(config: Mapping) -> None:
     volumes, anything else) gets a prepare command whose --out lies beside it, never the folder itself."""
     data_dir = config["path"]["data_dir"]
     folder = Path(data_dir)
+    if folder.exists():           # a file, or DICOM: the right diagnosis, never a prepare command onto it
+        check_input_folder(folder, "path.data_dir = ",
+                           "give a folder written by scripts/prepare_visceral.py")
     if folder.is_dir() and not (folder / "meta.json").exists():
         beside = shlex.quote(str(folder.resolve().parent / f"{folder.resolve().name}_prepared"))
         source = shlex.quote(data_dir)
         if (folder / "SilverCorpus").is_dir() or (folder / "GoldCorpus").is_dir():
             what = "it holds raw VISCERAL data (SilverCorpus/, GoldCorpus/)"
             command = f"python scripts/prepare_visceral.py --visceral-dir {source} --out {beside}"
+        elif any(folder.glob("image_*.nii.gz")) and any(folder.glob("label_*.nii.gz")):
+            what = "it holds scans in SSL-ALPNet's layout"
+            command = (f"python scripts/prepare_visceral.py --layout alpnet --visceral-dir {source} "
+                       f"--out {beside}")
         elif _holds_nifti(folder):
             what = "it holds NIfTI volumes, not prepared slices"
             command = (f"python scripts/make_superpixels.py --images {source} --out {beside}"
@@ -178,7 +188,7 @@ def check_files(files: Mapping[str, str | None], fix: str) -> None:
     """Every file of {key: path or None} exists (its contents are checked when it is read)."""
     for key, path in files.items():
         if path is not None and not os.path.isfile(path):
-            raise fail(key, path, "does not exist", fix)
+            raise fail(key, path, "is a folder" if os.path.isdir(path) else "does not exist", fix)
 
 
 def check_config(config: Mapping, command: str = "train") -> None:
@@ -235,7 +245,8 @@ def check_training_data(config: Mapping) -> None:
     if config["val_every"] > 0 and not enough and config["val_split"] == "val":
         raise UserError(f"path.data_dir '{data_dir}' has {count} held-out validation volumes "
                         "(volumes/val), validation needs 2 (a support and a query): re-prepare with "
-                        "--n-val 2 or more, or set val_every=0 to train without validation")
+                        "scripts/prepare_visceral.py --n-val 2 or more, or set val_every=0 to train without "
+                        "validation")
     if config["val_every"] > 0 and not enough:
         raise UserError(f"val_split='gold': path.data_dir '{data_dir}' has {count} gold volumes "
                         "(volumes/gold), selection on them needs 2: use val_split='val' or prepared gold "

@@ -3,6 +3,7 @@
 """
 from __future__ import annotations
 
+import signal
 import sys
 from typing import Callable
 
@@ -21,6 +22,12 @@ def warn(message: str) -> None:
     print(f"warning: {' '.join(str(message).split())}", file=sys.stderr, flush=True)
 
 
+def restore_interrupt() -> None:
+    """Ctrl-C raises KeyboardInterrupt again once the command starts (util/interrupt.py: imports)."""
+    if signal.getsignal(signal.SIGINT) is getattr(sys.modules.get("util.interrupt"), "on_interrupt", None):
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def run_cli(main: Callable[[list[str]], int | None], argv: list[str] | None = None) -> None:
     """Run an argparse-style `main(argv)`; `UserError` becomes a one-line message and exit 2 (`--debug`
     anywhere in argv: the traceback instead)."""
@@ -28,6 +35,7 @@ def run_cli(main: Callable[[list[str]], int | None], argv: list[str] | None = No
     debug = "--debug" in argv
     if debug:
         argv.remove("--debug")
+    restore_interrupt()
     try:
         code = main(argv)
     except UserError as error:

@@ -118,8 +118,7 @@ def check_output_folder(out: str | Path, inputs: Iterable = (), what: str = "--o
                         "(--overwrite replaces only a folder)")
     _check_not_input(out, inputs, what, folder=True)
     if out.is_dir() and not overwrite:
-        raise UserError(f"{out}: already exists: pass --overwrite to replace it (or --skip-existing to keep "
-                        "it)")
+        raise UserError(f"{out}: already exists: pass --overwrite to replace it, or give a new folder")
     _check_parent(out, what, create_parent)
     return out
 
@@ -146,6 +145,23 @@ def output_error_message(error: OSError, path: str | Path | None = None) -> str 
 
 
 # ------------------------------------------------------------------------------ input
+def dicom_fix(folder: str | Path) -> str:
+    """The fix for DICOM where NIfTI is read: name a converter that writes into a new folder."""
+    return ("NIfTI is read here, not DICOM: convert the series first "
+            f"(e.g. dcm2niix -z y -o NEW_FOLDER {folder})")
+
+
+def check_input_folder(folder: str | Path, what: str, give: str) -> Path:
+    """An existing folder of NIfTI data, else a one-line error (not found, a file, DICOM); `give`: the fix."""
+    folder = Path(folder)
+    if folder.is_dir() and any(p.suffix.lower() == ".dcm" for p in folder.iterdir()):
+        raise UserError(f"{what}{folder}: holds DICOM files: {dicom_fix(folder)}")
+    if not folder.is_dir():
+        found = "is a file, not a folder" if folder.exists() else "data folder not found"
+        raise UserError(f"{what}{folder}: {found}: {give}")
+    return folder
+
+
 def safe_torch_load(path: str, map_location="cpu", what: str = "checkpoint"):
     """torch.load with weights_only=True: tensors and plain data only; nothing of the file runs."""
     import torch  # here, not at the top: util/cli.py imports this module and a script's error needs no torch
