@@ -94,7 +94,17 @@ def main(argv: list[str]) -> int:
     published, name = (PUBLISHED_PLUS, "lslpn_plus") if args.lslpn_plus else (PUBLISHED_DOC, "bench_chaos")
     doc = published if args.publish else args.doc or args.out / f"{name}.md"
     results_path = args.out / ("lslpn_plus_results.json" if args.lslpn_plus else "results.json")
-    # every output location before any compute (--out first: --doc defaults to a file inside it)
+    os.environ.update(PINNED_NUMERICS)
+    from experiments import chaos as steps  # after the pins: torch loads here
+    from models.checkpoint import check_input_size
+    from training.config_check import MAX_BATCH_SIZE
+    from util.provenance import git_commit
+    # every output location before any compute: never inside the data folder (checked before any write
+    # probe), then --out (--doc defaults to a file inside it)
+    source = os.path.realpath(args.data or steps.default_data())
+    for what, path in (("--out", args.out), ("--doc", doc)):
+        if not args.report_only and (os.path.realpath(path) + os.sep).startswith(source + os.sep):
+            raise UserError(f"{what} {path} is inside the data folder {source}: give a location outside it")
     if not args.report_only:
         check_writable_folder(args.out, "--out")
     check_output_file(doc, what="--doc", suffixes=(".md",), create_parent=True)
@@ -107,18 +117,9 @@ def main(argv: list[str]) -> int:
         for folder in ("prepared", "train", "evaluations"):
             check_writable_folder(args.out / folder, "--out")
         check_output_file(results_path, what="--out", create_parent=True)
-    os.environ.update(PINNED_NUMERICS)
-    from experiments import chaos as steps  # after the pins: torch loads here
-    from models.checkpoint import check_input_size
-    from training.config_check import MAX_BATCH_SIZE
-    from util.provenance import git_commit
     check_input_size(args.input_size, "--input-size")
     if args.batch_size > MAX_BATCH_SIZE:
         raise UserError(f"--batch-size {args.batch_size}: at most {MAX_BATCH_SIZE} episodes per step")
-    source = os.path.realpath(args.data or steps.default_data())
-    for what, path in (("--out", args.out), ("--doc", doc)):     # the data folder is never written
-        if not args.report_only and (os.path.realpath(path) + os.sep).startswith(source + os.sep):
-            raise UserError(f"{what} {path} is inside the data folder {source}: give a location outside it")
     command = command_line(argv)
     if args.lslpn_plus:
         from experiments import lslpn_plus as plus
