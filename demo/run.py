@@ -17,8 +17,10 @@ import torch
 
 from dataloaders.organs import FOLD_ORGANS, TEST_ORGANS
 from dataloaders.prepared import read_meta
+from demo.__main__ import PINNED_NUMERICS
 from evaluation.evaluate import evaluate
 from experiments.runner import ROOT, python_command, resolved_config, run_step, train_or_reuse
+from util.device import cpu_has_native_bf16
 from util.errors import UserError
 from util.io import write_text_atomic
 
@@ -125,14 +127,15 @@ def write_report(results: dict, log: list[dict], seconds: float) -> Path:
              "Produced by `make demo` (`python -m demo`). Steps:", "",
              "| step | command | seconds |", "|---|---|---|"]
     lines += [f"| {entry['step']} | `{entry['command']}` | {entry['seconds']} |" for entry in log]
-    numerics = ", ".join(f"{key}={os.environ.get(key, 'unset')}" for key in
-                         ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY", "MKL_CBWR", "OMP_NUM_THREADS",
-                          "MKL_NUM_THREADS"))
+    numerics = ", ".join(f"{key}={os.environ.get(key, 'unset')}" for key in PINNED_NUMERICS)
+    bf16 = "with" if cpu_has_native_bf16() else "without"
     lines += ["", f"Total wall time of this invocation: {seconds / 60:.1f} min (reused steps take no time).",
-              f"CPU numerics (pinned by demo/__main__.py for bit-reproducible runs): {numerics}; torch "
-              f"{torch.__version__}, {torch.get_num_threads()} intra-op threads.",
+              f"CPU numerics: {numerics} (pinned by demo/__main__.py), kernels "
+              f"{torch.backends.cpu.get_cpu_capability()}, {bf16} native bf16 (amp=True: bf16 autocast "
+              f"only with it); torch {torch.__version__}, {torch.get_num_threads()} intra-op threads.",
               "Figures: results.png (qualitative), misalignment.png (alignment vs segmentation Dice),",
               "training_curves.png (loss and validation Dice against step, per fold and method).", "",
+              schedule(), "",
               "SENet runs `with demo senet senet_demo`: its own architecture, Dice loss and per-arm SGD, "
               "but its",
               "20-epoch schedule squeezed into 200 steps of 2 episodes at 64 x 64 slices with lr 1e-2 "
@@ -149,6 +152,15 @@ def write_report(results: dict, log: list[dict], seconds: float) -> Path:
     path = RUN_DIR / "report.md"
     write_text_atomic("\n".join(lines) + "\n", path)
     return path
+
+
+def schedule() -> str:
+    """The training schedule of PANet and LSLPN (config.py `demo`), in one sentence for the report."""
+    c = resolved_config(["demo"])
+    return (f"PANet and LSLPN train `with demo` (config.py): {c['n_steps']} steps of {c['batch_size']} "
+            f"episodes at {c['input_size']} x {c['input_size']}, SGD lr {c['lr']:g} x {c['lr_gamma']:g} at "
+            f"steps {', '.join(map(str, c['lr_milestones']))}, validation every {c['val_every']} steps, "
+            f"channels_last {'on' if c['channels_last'] else 'off'}, amp={c['amp']}.")
 
 
 def replace_block(path: Path, marker: str, body: str) -> None:
