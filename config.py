@@ -181,7 +181,7 @@ def senet_demo():
 @ex.named_config
 def demo():
     # Sized for 2 CPU cores and the synthetic phantom (make demo, about 10 minutes with the install):
-    # 300 steps of 2 episodes (issue 31; before: 600 of 4); channels_last and bf16 autocast where the
+    # 300 steps of 2 episodes (before: 600 of 4); channels_last and bf16 autocast where the
     # CPU has native bf16 (amp=True) measured faster (BENCHMARKS.md, "Training step against the peak").
     input_size = 128
     batch_size = 2

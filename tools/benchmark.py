@@ -42,6 +42,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from dataloaders.episodes import REDRAWS_KEY, EpisodeDataset
 from dataloaders.organs import organ_index
 from dataloaders.prepare import Selection, prepare_dataset
+from dataloaders.prepared import read_meta
 from demo.__main__ import PINNED_NUMERICS
 from demo.phantom import generate_phantom, render_subject
 from evaluation.inference import run_chunks
@@ -242,7 +243,10 @@ def _training_config(named: str, workdir: str, device: str, amp: bool, n_steps: 
 
 def tiny_prepared(workdir: str, size: int) -> str:
     """workdir/prep: a small seeded phantom (2 silver + 2 gold volumes of 64 x 64 x 16) prepared at `size`
-    by dataloaders.prepare, as real data is."""
+    by dataloaders.prepare, as real data is (made once per workdir and size)."""
+    prep = os.path.join(workdir, "prep")
+    if os.path.isdir(prep) and read_meta(prep).get("prep_size") == size:
+        return prep
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         phantom = os.path.join(workdir, "phantom")
         generate_phantom(phantom, n_silver=2, n_gold=2, seed=0, size=64, n_slices=16, workers=1)
@@ -257,12 +261,11 @@ def _quiet_train(config: dict) -> dict:
 
 
 def training_throughput(named: str, device: torch.device, amp: bool, n_steps: int, runs: int,
-                        input_size: int | None = None) -> dict:
+                        input_size: int | None, workdir: str) -> dict:
     """Median over `runs` short runs of training.loop.train of its own s/step timer (steps 2..n, each ended
-    by loss.item(), data loading included)."""
-    with tempfile.TemporaryDirectory(prefix="lslpn-bench-") as workdir:
-        config = _training_config(named, workdir, device.type, amp, n_steps, input_size)
-        summaries = [_quiet_train(config) for _ in range(runs)]
+    by loss.item(), data loading included), on the tiny phantom under `workdir`."""
+    config = _training_config(named, workdir, device.type, amp, n_steps, input_size)
+    summaries = [_quiet_train(config) for _ in range(runs)]
     per_run = [float(s["sec_per_step"]) for s in summaries]
     sec = statistics.median(per_run)
     return {"config": named, "input_size": config["input_size"], "batch_size": config["batch_size"],
@@ -374,7 +377,7 @@ PHASES = ("data", "encoder", "head", "loss", "backward", "optimiser")
 
 def peak_flops(dtype: torch.dtype, quick: bool, repeats: int) -> dict:
     """FLOP/s of a large matmul and a large 3 x 3 convolution in `dtype` on this process's threads."""
-    n, (b, c, s) = (256, (2, 32, 32)) if quick else (2048, (8, 128, 64))
+    n, (b, c, s) = (512, (2, 64, 32)) if quick else (2048, (8, 128, 64))
     g = torch.Generator().manual_seed(0)
     a, m = (torch.randn(n, n, generator=g).to(dtype) for _ in range(2))
     x, w = torch.randn(b, c, s, s, generator=g).to(dtype), torch.randn(c, c, 3, 3, generator=g).to(dtype)
@@ -398,11 +401,11 @@ def _encoder_clock(model: torch.nn.Module) -> dict:
     return clock
 
 
-def step_profile(named: list[str], options: dict, data_dir: str, steps: int,
+def step_profile(named: list[str], options: dict, data_dir: str, steps: int, warmup: int,
                  input_size: int | None = None) -> dict:
     """The training step of `named` (+ options: amp, channels_last, compile) on episodes of `data_dir`:
-    median seconds of each phase over `steps` timed steps (after 2 warm-up steps), and the FLOPs of one
-    forward and one backward (torch.utils.flop_counter, eager)."""
+    median seconds of each phase over `steps` timed steps (after a FLOP-counting step and `warmup` more),
+    and the FLOPs of one forward and one backward (torch.utils.flop_counter, eager)."""
     updates = {key: options[key] for key in ("amp", "channels_last") if key in options}
     config = resolve_config(named, {**updates, **({"input_size": input_size} if input_size else {}),
                                     "path": {"data_dir": data_dir}})
@@ -451,8 +454,7 @@ def step_profile(named: list[str], options: dict, data_dir: str, steps: int,
         return times
 
     step(0, count=True)
-    step(1)
-    timed = [step(k) for k in range(2, 2 + steps)]
+    timed = [step(k) for k in range(1, 1 + warmup + steps)][warmup:]
     phases = {phase: None if timed[0][phase] is None else statistics.median(t[phase] for t in timed)
               for phase in PHASES}
     return {"config": " ".join(named), "input_size": config["input_size"], "batch_size": B,
@@ -473,13 +475,13 @@ def compiled(model: torch.nn.Module) -> torch.nn.Module:
         return model
 
 
-def step_methods(options: dict, data_dir: str, steps: int, input_size: int | None) -> dict:
+def step_methods(options: dict, data_dir: str, steps: int, warmup: int, input_size: int | None) -> dict:
     """step_profile of every demo method (STEP_METHODS) under `options`."""
-    return {method: step_profile(named, options, data_dir, steps, input_size)
+    return {method: step_profile(named, options, data_dir, steps, warmup, input_size)
             for method, named in STEP_METHODS.items()}
 
 
-def candidate_steps(data_dir: str, steps: int, rounds: int, input_size: int | None,
+def candidate_steps(data_dir: str, steps: int, warmup: int, rounds: int, input_size: int | None,
                     timeout: float = 1800) -> dict:
     """Each CANDIDATES entry in a fresh process (its environment set before torch loads), the candidates
     interleaved for `rounds` rounds; per candidate and method the median over rounds of the step
@@ -487,7 +489,7 @@ def candidate_steps(data_dir: str, steps: int, rounds: int, input_size: int | No
     out: dict = {name: {"rounds": {m: [] for m in STEP_METHODS}} for name in CANDIDATES}
     for _ in range(rounds):
         for name, (environ, options) in CANDIDATES.items():
-            args = json.dumps({"options": options, "data_dir": data_dir, "steps": steps,
+            args = json.dumps({"options": options, "data_dir": data_dir, "steps": steps, "warmup": warmup,
                                "input_size": input_size})
             done = subprocess.run([sys.executable, os.path.abspath(__file__), "--step-child", args],
                                   capture_output=True, text=True, timeout=timeout,
@@ -520,12 +522,19 @@ class Plan:
         self.scaling_sizes, self.grids = [size // 4, size // 2, size], [1, 4, 8, 16]
         self.demo_size = None if size >= 128 else size      # None: the demo config's own input_size
         self.demo_steps, self.demo_runs = (3, 1) if q else (6, 3)
-        self.volume_size, self.n_slices = min(size, 128 if q else 256), 32 if (q or size < 256) else 64
-        self.step_steps, self.candidate_rounds = (1, 0) if q else (8, 3)   # quick: no candidates
+        self.volume_size, self.n_slices = min(size, 128 if q else 256), 16 if q else 32 if size < 256 else 64
+        # the demo step: timed steps, warm-up steps after the FLOP-counting one, candidate rounds
+        self.step_steps, self.step_warmup, self.candidate_rounds = (1, 0, 0) if q else (8, 1, 3)
 
 
 def run_measurements(plan: Plan, device: torch.device, log: Callable[[str], None] = print) -> dict:
     """All figures of one section (CPU or GPU)."""
+    with contextlib.ExitStack() as stack:   # the tiny phantom's folder, shared by sections 4 and 7
+        return _measurements(plan, device, log, stack)
+
+
+def _measurements(plan: Plan, device: torch.device, log: Callable[[str], None],
+                  stack: contextlib.ExitStack) -> dict:
     torch.manual_seed(0)
     cpu, out = device.type == "cpu", {}
     reference = functools.partial(official_cell_loop, dtype=torch.float32)  # the head's precision
@@ -538,26 +547,26 @@ def run_measurements(plan: Plan, device: torch.device, log: Callable[[str], None
     out["scaling"] = head_scaling(plan.scaling_sizes, plan.grids, device, plan.repeats, plan.head_seconds)
     log("4/7 training throughput")
     named, size, amps = ("demo", plan.demo_size, (False,)) if cpu else ("paper", plan.size, (False, True))
-    out["training"] = [training_throughput(named, device, amp, plan.demo_steps, plan.demo_runs, size)
+    workdir = stack.enter_context(tempfile.TemporaryDirectory(prefix="lslpn-bench-"))
+    out["training"] = [training_throughput(named, device, amp, plan.demo_steps, plan.demo_runs, size, workdir)
                        for amp in amps]
     if not cpu:  # before inference: run_chunks's inference_mode would fill the head's cache
         out["dispatch"] = gpu_dispatch("paper", device, plan.size)
     log("5/7 volumetric inference throughput")
     out["inference"] = [inference_throughput(named, device, plan.repeats, plan.volume_size, plan.n_slices,
                                              size, amp) for amp in amps]
-    log("6/7 peak memory of one training step (paper config, fresh process)")
     if not plan.quick:
+        log("6/7 peak memory of one training step (paper config, fresh process)")
         out["memory"] = [training_step_memory("paper", device, amp, plan.size) for amp in amps]
     if cpu:
         log("7/7 the demo's training step against the machine's peak")
         out["peak"] = [peak_flops(dtype, plan.quick, plan.repeats) for dtype in (torch.float32,
                                                                                  torch.bfloat16)]
-        with tempfile.TemporaryDirectory(prefix="lslpn-bench-step-") as workdir:
-            data_dir = tiny_prepared(workdir, plan.demo_size or resolve_config("demo", {})["input_size"])
-            out["step"] = step_methods({}, data_dir, plan.step_steps, plan.demo_size)
-            if plan.candidate_rounds:
-                out["candidates"] = candidate_steps(data_dir, plan.step_steps, plan.candidate_rounds,
-                                                    plan.demo_size)
+        data_dir = tiny_prepared(workdir, plan.demo_size or resolve_config("demo", {})["input_size"])
+        out["step"] = step_methods({}, data_dir, plan.step_steps, plan.step_warmup, plan.demo_size)
+        if plan.candidate_rounds:
+            out["candidates"] = candidate_steps(data_dir, plan.step_steps, plan.step_warmup,
+                                                plan.candidate_rounds, plan.demo_size)
     return out
 
 
@@ -707,7 +716,7 @@ def render_step(results: dict, plan: Plan) -> list[str]:
         value = profile["phases"][phase]
         return "-" if value is None else f"{ms(value)} ({100 * value / profile['seconds']:.0f}%)"
     lines += ["The demo config as set in config.py, in this process (episodes of a small prepared phantom; "
-              f"median of {plan.step_steps} timed steps after 2 warm-up steps). FLOPs: "
+              f"median of {plan.step_steps} timed steps after {1 + plan.step_warmup} warm-up steps). FLOPs: "
               "`torch.utils.flop_counter` (matmuls and convolutions) of one forward and one backward; "
               "% of peak against the step's dtype. Times in ms (share of the step).", "",
               *table("method", "input, episodes", "AMP / channels_last", "s / step", "forward GFLOP/s",
@@ -823,6 +832,6 @@ if __name__ == "__main__":
     elif sys.argv[1:2] == ["--step-child"]:   # candidate_steps's fresh process
         child = json.loads(sys.argv[2])
         print("BENCH_JSON " + json.dumps(step_methods(child["options"], child["data_dir"], child["steps"],
-                                                      child["input_size"])), flush=True)
+                                                      child["warmup"], child["input_size"])), flush=True)
     else:
         run_cli(main)
