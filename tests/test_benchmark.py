@@ -162,3 +162,18 @@ def test_missing_out_folder_or_a_folder_as_out_is_a_user_error_before_measuring(
         benchmark.main(["--quick", "--out", str(tmp_path / "absent" / "B.md")])
     with pytest.raises(UserError, match="is a folder"):
         benchmark.main(["--quick", "--out", str(tmp_path)])
+
+
+def test_compile_unavailable_falls_back_in_one_logged_line(monkeypatch, caplog):
+    from util.device import say_once
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no compiler")
+    monkeypatch.setattr(torch, "compile", broken)
+    model = torch.nn.Linear(2, 2)
+    say_once.cache_clear()
+    with caplog.at_level("WARNING", logger="lslpn"):
+        assert benchmark.compiled(model) is model and benchmark.compiled(model) is model
+    assert [r.getMessage() for r in caplog.records] == [
+        "torch.compile unavailable here (RuntimeError): eager mode"]
+    say_once.cache_clear()

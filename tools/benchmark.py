@@ -454,6 +454,12 @@ def step_profile(named: list[str], options: dict, data_dir: str, steps: int, war
         return times
 
     step(0, count=True)
+    if net is not model:
+        try:
+            step(1)   # compiles the forward and the backward
+        except Exception as error:  # noqa: BLE001 (compile fails in many ways: a fallback, not a crash)
+            say_once(f"torch.compile failed here ({type(error).__name__}): eager mode")
+            net = model
     timed = [step(k) for k in range(1, 1 + warmup + steps)][warmup:]
     phases = {phase: None if timed[0][phase] is None else statistics.median(t[phase] for t in timed)
               for phase in PHASES}
@@ -467,10 +473,11 @@ def step_profile(named: list[str], options: dict, data_dir: str, steps: int, war
 
 
 def compiled(model: torch.nn.Module) -> torch.nn.Module:
-    """torch.compile(model), or `model` with one logged line where this machine cannot compile."""
+    """torch.compile(model), or `model` with one logged line where torch cannot compile at all (a failure
+    at the first call falls back in step_profile)."""
     try:
         return torch.compile(model)
-    except Exception as error:  # noqa: BLE001 (compile's failures have many types: a fallback, not a crash)
+    except Exception as error:  # noqa: BLE001 (compile fails in many ways: a fallback, not a crash)
         say_once(f"torch.compile unavailable here ({type(error).__name__}): eager mode")
         return model
 
