@@ -118,8 +118,9 @@ def test_merge_keeps_the_other_section():
     assert "cpu figures" in first and "Not measured yet" in first
     both = benchmark.merge(first, "gpu", "## GPU\n\ngpu figures\n")
     assert "cpu figures" in both and "gpu figures" in both and "Not measured yet" not in both
-    again = benchmark.merge(both, "cpu", "## CPU\n\nnew cpu figures\n")
+    again = benchmark.merge(both + "\n## Notes\nkept\n", "cpu", "## CPU\n\nnew cpu figures\n")
     assert "new cpu figures" in again and "gpu figures" in again and again.count("## CPU") == 1
+    assert again.endswith("<!-- end gpu -->\n\n## Notes\nkept\n")          # notes after the sections stay
 
 
 def test_near_boundary_band():

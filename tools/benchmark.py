@@ -765,7 +765,8 @@ def gpu_not_measured() -> str:
 
 
 def merge(existing: str | None, name: str, text: str) -> str:
-    """The report with section `name` set to `text`; the other section kept from `existing`."""
+    """The report with section `name` set to `text`; the other section, and any text after the GPU
+    section (hand-written notes), kept from `existing`."""
     def block(section: str, body: str) -> str:
         return f"<!-- begin {section} -->\n{body}<!-- end {section} -->\n"
     sections = {"cpu": "## CPU\n\nNot measured yet.\n", "gpu": gpu_not_measured()}
@@ -774,7 +775,9 @@ def merge(existing: str | None, name: str, text: str) -> str:
         if found:
             sections[section] = found.group(1)
     sections[name] = text
-    return TITLE + "\n" + INTRO + "\n" + block("cpu", sections["cpu"]) + "\n" + block("gpu", sections["gpu"])
+    notes = (existing or "").partition("<!-- end gpu -->\n")[2]
+    return (TITLE + "\n" + INTRO + "\n" + block("cpu", sections["cpu"]) + "\n" + block("gpu", sections["gpu"])
+            + notes)
 
 
 def plain(value):
