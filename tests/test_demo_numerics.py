@@ -112,3 +112,13 @@ def test_the_demo_reuses_only_runs_of_its_own_config(tmp_path):
         assert finished(arguments) == (None if digest_ == "old" else run / "best.pth")
     panet = resolved_config(["demo", "panet", *arguments[1:]])
     assert config_hash(config, default_config()) != config_hash(panet, default_config())
+
+
+def test_the_report_states_the_schedule_and_the_numerics(tmp_path, monkeypatch):
+    from demo import run
+    monkeypatch.setattr(run, "RUN_DIR", tmp_path)
+    (tmp_path / "table.md").write_text("| Method | liver |\n")
+    text = run.write_report({}, [{"step": "s", "command": "c", "seconds": 1.0}], 60.0).read_text()
+    assert "PANet and LSLPN train `with demo` (config.py): 300 steps of 2 episodes at 128 x 128, SGD lr " \
+           "0.01 x 0.1 at steps 225, validation every 100 steps, channels_last on, amp=True." in text
+    assert "OMP_NUM_THREADS=" in text and "native bf16" in text and "| Method | liver |" in text
