@@ -40,11 +40,12 @@ def test_the_demo_asks_for_the_fast_path_that_falls_back_in_one_line(monkeypatch
     """amp=True: bf16 autocast on a CPU with native bf16, else full precision with one logged line (once
     per process); an explicit amp='bf16' is honoured, and an emulated one says it is slow."""
     from config import default_config
+    from demo.run import CONFIGS
     from experiments.runner import resolved_config
     from util import device as dev
-    config = resolved_config(["demo"])
+    config = resolved_config(CONFIGS)
     assert config["amp"] is True and config["channels_last"] is True
-    assert default_config()["amp"] is False                             # only the demo turns it on
+    assert default_config()["amp"] is False and resolved_config(["demo"])["amp"] is False  # make demo's only
     cpu = torch.device("cpu")
     for native, dtype in ((True, torch.bfloat16), (False, None)):
         monkeypatch.setattr(dev, "cpu_has_native_bf16", lambda native=native: native)
@@ -97,11 +98,11 @@ def test_pinned_training_is_bitwise_the_same_with_2_and_3_threads(tiny_prepared,
 def test_the_demo_reuses_only_runs_of_its_own_config(tmp_path):
     """A finished run left by an older config (other milestones, model options, data) is not reused."""
     from config import default_config
-    from demo.run import training_overrides
+    from demo.run import CONFIGS, training_overrides
     from experiments.runner import finished, resolved_config
     from models.checkpoint import save_checkpoint
     from training.loop import config_hash
-    arguments = ["demo", *training_overrides("LSLPN", 0), f"path.log_dir={tmp_path}"]
+    arguments = [*CONFIGS, *training_overrides("LSLPN", 0), f"path.log_dir={tmp_path}"]
     config = resolved_config(arguments)
     run = tmp_path / "lslpn_fold0" / "1"
     run.mkdir(parents=True)
@@ -110,7 +111,7 @@ def test_the_demo_reuses_only_runs_of_its_own_config(tmp_path):
             save_checkpoint(str(run / name), {"model": {}, "model_config": {}, "step": config["n_steps"],
                                               "config_hash": digest_})
         assert finished(arguments) == (None if digest_ == "old" else run / "best.pth")
-    panet = resolved_config(["demo", "panet", *arguments[1:]])
+    panet = resolved_config([*CONFIGS, "panet", *arguments[len(CONFIGS):]])
     assert config_hash(config, default_config()) != config_hash(panet, default_config())
 
 
@@ -119,6 +120,6 @@ def test_the_report_states_the_schedule_and_the_numerics(tmp_path, monkeypatch):
     monkeypatch.setattr(run, "RUN_DIR", tmp_path)
     (tmp_path / "table.md").write_text("| Method | liver |\n")
     text = run.write_report({}, [{"step": "s", "command": "c", "seconds": 1.0}], 60.0).read_text()
-    assert "PANet and LSLPN train `with demo` (config.py): 300 steps of 2 episodes at 128 x 128, SGD lr " \
-           "0.01 x 0.1 at steps 225, validation every 100 steps, channels_last on, amp=True." in text
+    assert "PANet and LSLPN train `with demo make_demo` (config.py): 300 steps of 2 episodes at 128 x 128, " \
+           "SGD lr 0.01 x 0.1 at steps 225, validation every 100 steps, channels_last on, amp=True." in text
     assert "OMP_NUM_THREADS=" in text and "native bf16" in text and "| Method | liver |" in text

@@ -45,6 +45,8 @@ from dataloaders.prepare import Selection, prepare_dataset
 from dataloaders.prepared import read_meta
 from demo.__main__ import PINNED_NUMERICS
 from demo.phantom import generate_phantom, render_subject
+from demo.run import CONFIGS as DEMO_CONFIGS
+from demo.run import METHODS as DEMO_METHODS
 from evaluation.inference import run_chunks
 from evaluation.protocols import chunk_plan, get_preset, organ_range
 from experiments.timing import Timing, measure, synchronize
@@ -361,7 +363,7 @@ def gpu_dispatch(named: str, device: torch.device, input_size: int) -> dict:
 
 
 # ------------------------------------------------------------ 7. the training step against the peak
-STEP_METHODS = {"PANet": ["demo", "panet"], "SENet": ["demo", "senet", "senet_demo"], "LSLPN": ["demo"]}
+STEP_METHODS = {method: [*DEMO_CONFIGS, *named] for method, named in DEMO_METHODS.items()}  # as make demo
 AVX2_CAP = {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2"}
 FP32 = {"amp": False, "channels_last": False}
 CANDIDATES = {  # name -> (environment on top of the demo's thread pins, step options); the first is the base
@@ -371,7 +373,7 @@ CANDIDATES = {  # name -> (environment on top of the demo's thread pins, step op
     "fp32, channels_last": ({}, {**FP32, "channels_last": True}),
     "fp32, torch.compile": ({}, {**FP32, "compile": True}),
     "bf16 autocast (amp='bf16'), channels_last": ({}, {"amp": "bf16", "channels_last": True}),
-    "the demo config (amp=True, channels_last)": ({}, {}),
+    "make demo's config (amp=True, channels_last)": ({}, {}),
 }
 PHASES = ("data", "encoder", "head", "loss", "backward", "optimiser")
 
@@ -572,7 +574,7 @@ def _measurements(plan: Plan, device: torch.device, log: Callable[[str], None],
         log("7/7 the demo's training step against the machine's peak")
         out["peak"] = [peak_flops(dtype, plan.quick, plan.repeats) for dtype in (torch.float32,
                                                                                  torch.bfloat16)]
-        data_dir = tiny_prepared(workdir, plan.demo_size or resolve_config("demo", {})["input_size"])
+        data_dir = tiny_prepared(workdir, plan.demo_size or resolve_config(DEMO_CONFIGS, {})["input_size"])
         out["step"] = step_methods({}, data_dir, plan.step_steps, plan.step_warmup, plan.demo_size)
         if plan.candidate_rounds:
             out["candidates"] = candidate_steps(data_dir, plan.step_steps, plan.step_warmup,
