@@ -1,9 +1,7 @@
-"""Experiment configuration (Sacred), shared by train.py and test.py.
+"""The Sacred experiment `ex` of train.py and test.py: defaults, named configs and run_sacred.
 
-The default is the local prototype head on PANet's VGG-16 (ImageNet weights); REPRODUCTION.md lists how
-it differs from the authors' code and which option switches each difference. Named configs (below):
-official, paper, lslpn_plus, panet, senet, senet_demo, demo, make_demo, tiny, selfsup. Override anything on
-the command line, e.g. `python train.py with demo fold=2 model.n_grid=4`.
+The default is the local prototype head on PANet's VGG-16 (ImageNet weights); REPRODUCTION.md lists how it
+differs from the authors' code. Override anything, e.g. `python train.py with demo fold=2 model.n_grid=4`.
 """
 import copy
 import logging
@@ -18,7 +16,6 @@ from docopt import docopt  # noqa: E402
 from sacred import Experiment  # noqa: E402
 from sacred.arg_parser import get_config_updates  # noqa: E402
 from sacred.config.config_dict import ConfigDict  # noqa: E402
-from sacred.observers import FileStorageObserver  # noqa: E402,F401  (attached by the entry points)
 from sacred.utils import SacredError, create_basic_stream_logger, ensure_wellformed_argv  # noqa: E402
 
 from dataloaders.selfsup_episodes import WARP_DEFAULTS  # noqa: E402
@@ -123,8 +120,7 @@ def default_config():
 
 
 def _named_dict(name: str, values: dict) -> None:
-    """Named config `name` from a dict; each use gets a copy (Sacred hands out its nested dicts, which later
-    named configs then update in place)."""
+    """Named config from a dict; each use gets a copy (later named configs update Sacred's dicts in place)."""
     ex.named_configs[name] = lambda **kwargs: ConfigDict(copy.deepcopy(values))(**kwargs)
 
 
@@ -139,10 +135,8 @@ _named_dict("paper", {**OFFICIAL, "lr_milestones": [2500, 5000, 7500]})
 
 @ex.named_config
 def lslpn_plus():
-    # LSLPN+ (beyond the paper; docs/lslpn_plus.md): the options chosen on CHAOS-T2 validation scans by
-    # `scripts/bench_chaos.py --lslpn-plus`, as measured. Training: LSLPN plus the boundary loss. test.py:
-    # the multi-scale head (eval.head_options, applied to the snapshots it evaluates; not used in
-    # training) and test-time adaptation on each support slice (eval.adapt_steps).
+    # LSLPN+ (docs/lslpn_plus.md), chosen on CHAOS-T2 validation scans: training with the boundary loss;
+    # test.py applies the multi-scale head (eval.head_options) and test-time adaptation (eval.adapt_steps).
     boundary_weight = 0.3
     eval = {"head_options": {"grids": [4, 8], "grid_fusion": "mean"}, "adapt_steps": 20, "adapt_lr": 1e-2}
 
@@ -231,37 +225,29 @@ def selfsup():
 
 
 def differences_from_default(config: dict) -> dict:
-    """{'a.b': [default value, this run's value]} for every option that differs from the default
-    config (flattened keys; a key only one side has shows None on the other). The entry points
-    store it in the run folder's info.json as `differs_from_default`."""
-    def flat(tree: dict, prefix: str = "") -> dict:
-        out = {}
-        for key, value in tree.items():
-            if isinstance(value, dict):       # an empty dict adds no key (its entries would show)
-                out.update(flat(value, f"{prefix}{key}."))
-            else:   # Sacred's read-only containers as plain JSON values
-                out[f"{prefix}{key}"] = list(value) if isinstance(value, (list, tuple)) else value
-        return out
+    """{'a.b': [default, this run's value]} of every option that differs from the default config (a key one
+    side lacks shows None); the entry points store it in info.json as `differs_from_default`."""
+    def flat(tree: dict, prefix: str = "") -> dict:   # an empty dict adds no key; Sacred's lists as lists
+        return {k: v for key, value in tree.items() for k, v in (
+            flat(value, f"{prefix}{key}.").items() if isinstance(value, dict)
+            else [(f"{prefix}{key}", list(value) if isinstance(value, (list, tuple)) else value)])}
     default, current = flat(ex.configurations[0]()), flat(dict(config))
     return {key: [default.get(key), current.get(key)] for key in sorted(set(default) | set(current))
             if default.get(key) != current.get(key)}
 
 
-# Sacred's own `run_commandline` prints a traceback for any exception; the entry points call `run_sacred(ex)`
-# instead: the same command line, but bad input ends as one `error:` line, exit 2 (`--debug`: the
-# traceback). It lives here, next to `ex`, so that only the entry points import Sacred.
 SACRED_RECORD_FILES = {"config.json", "run.json", "cout.txt", "metrics.json", "info.json"}   # Sacred's own
 
 
 def _quiet_sacred(record: logging.LogRecord) -> bool:
-    """Drops Sacred's "Failed after" banner (the `error:` line says what failed) and its warning for a new
-    entry under a captured section (eval.snapshots: the config check refused every other new key)."""
+    """Drops Sacred's "Failed after" banner (the `error:` line says what failed) and its note on a new
+    entry under eval.snapshots (the config check refused every other new key)."""
     return not str(record.msg).startswith(("Failed after", "Added new config entry"))
 
 
 def install_log_filters(ex) -> None:
-    """Sacred logs warnings and errors only, so bad input shows its `error:` line alone (no 'Running
-    command' / 'Started run' line before it); the entry points print their run folder themselves."""
+    """Sacred logs warnings and errors only, so bad input shows its `error:` line alone; the entry points
+    print their run folder themselves."""
     ex.logger = create_basic_stream_logger()   # the root logger with a stderr handler, as Sacred makes it
     ex.logger.setLevel(logging.WARNING)
     logging.getLogger("lslpn").setLevel(logging.ERROR)   # the models' notes (e.g. "random initialisation")
@@ -271,21 +257,19 @@ def install_log_filters(ex) -> None:
 
 def _drop_unstarted_runs(ex) -> None:
     """Remove the run folders that hold Sacred's files only (bad input found before the run wrote a file)."""
-    for observer in ex.observers:
-        folder = getattr(observer, "dir", None)
+    for folder in (getattr(observer, "dir", None) for observer in ex.observers):
         if folder and os.path.isdir(folder) and set(os.listdir(folder)) <= SACRED_RECORD_FILES:
             shutil.rmtree(folder, ignore_errors=True)
             parent = os.path.dirname(folder)
-            leftovers = set(os.listdir(parent)) if os.path.isdir(parent) else {"?"}
-            if leftovers <= {"_sources"}:                        # nothing else ever ran there
+            if os.path.isdir(parent) and set(os.listdir(parent)) <= {"_sources"}:   # nothing else ran there
                 shutil.rmtree(parent, ignore_errors=True)
 
 
 def run_sacred(ex, argv: list[str] | None = None):
-    """Parse `argv` as Sacred does and run the experiment's main command; returns the Run. Bad input
-    (UserError, an output OSError, a Sacred config error) ends as one `error:` line, exit 2."""
+    """Sacred's command line for the entry points, without its tracebacks: bad input (UserError, an output
+    OSError, a Sacred config error) ends as one `error:` line, exit 2 (`--debug`: the traceback)."""
     argv = ensure_wellformed_argv(sys.argv if argv is None else argv)
-    short_usage, usage, internal_usage = ex.get_usage()
+    _, usage, internal_usage = ex.get_usage()
     args = docopt(internal_usage, [str(a) for a in argv[1:]], default_help=False)
     if args["help"] or args["--help"]:
         print(usage)

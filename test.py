@@ -1,34 +1,31 @@
-"""Evaluate few-shot snapshots on the gold volumes with the SENet volumetric protocol.
+"""Evaluate snapshots beside mask copy on the fold's test organs (or eval.organs), volumetric protocol.
 
     python test.py with fold=0 'eval.snapshots={"LSLPN": "runs/train/1/best.pth"}'
     python test.py with demo fold=2 eval.preset=senet eval.support=all
 
-Every run evaluates the mask-copy baseline ("alignment Dice", no model) next to the given
-snapshots, on the fold's test organs (label_sets[fold]) or `eval.organs` when set. Outputs go to
-the Sacred run folder path.log_dir/test/<id>/: results.json, results.csv, table.md, results.png,
-misalignment.png and predictions/<method>/<query>_<organ>.nii.gz in each query's original geometry.
+Outputs in path.log_dir/test/<id>/: results.json / .csv, table.md, figures, predictions/ (docs/usage.md).
 """
 from __future__ import annotations
 
 import time
-import warnings
 from pathlib import Path
 
-warnings.filterwarnings("ignore", message="pkg_resources is deprecated")  # sacred 0.8.7 on setuptools 80
+# first: config.py silences Sacred's pkg_resources warning before Sacred loads
+from config import differences_from_default, ex, run_sacred
 
-from sacred.observers import FileStorageObserver  # noqa: E402
+# isort: split
+from sacred.observers import FileStorageObserver
 
-from config import differences_from_default, ex, run_sacred  # noqa: E402
-from evaluation.adaptation import test_time_head_options, test_time_model  # noqa: E402
-from evaluation.evaluate import evaluate, own_split  # noqa: E402
-from training.config_check import check_config  # noqa: E402
-from util.device import autocast, resolve_device  # noqa: E402
+from evaluation.adaptation import test_time_head_options, test_time_model
+from evaluation.evaluate import evaluate, own_split
+from training.config_check import check_config
+from util.device import autocast, resolve_device
 
 
 @ex.config_hook
 def attach_test_observer(config, command_name, logger):
-    """Check the config once (training/config_check.py: before the observers start and before Sacred's own
-    key checks, so eval.snapshot is refused naming eval.snapshots), then store runs in path.log_dir/test."""
+    """Check the config once (before Sacred's own key checks: eval.snapshot is refused naming
+    eval.snapshots), then store runs in path.log_dir/test."""
     ex.observers[:] = [o for o in ex.observers if not getattr(o, "lslpn_test", False)]
     if command_name == "evaluate_snapshots":
         check_config(config, "test")
@@ -40,12 +37,10 @@ def attach_test_observer(config, command_name, logger):
 
 @ex.main
 def evaluate_snapshots(_config, _run, fold, label_sets, input_size, device, amp, path, eval):  # noqa: A002
-    """Evaluate the mask-copy baseline and every eval.snapshots entry (`amp`: forward passes under autocast).
-    `eval` is captured so that Sacred accepts the new keys inside eval.snapshots (the config check refused
-    every other new key under eval)."""
+    """Mask copy and every eval.snapshots entry (`amp`: under autocast). `eval` is captured so that Sacred
+    accepts the new keys inside eval.snapshots."""
     settings = eval
-    # The snapshot decides its input size; input_size set by the user (command line or a named config)
-    # overrides it, with a warning when the two differ (models.checkpoint.model_input).
+    # the snapshot's input size unless the user set input_size (models.checkpoint.model_input warns)
     requested_size = input_size if "input_size" in _run.config_modifications.modified else None
     _run.info["differs_from_default"] = differences_from_default(_config)  # -> info.json
     own = own_split(path["data_dir"])   # an SSL-ALPNet folder: its own test organs, support and queries

@@ -1,11 +1,8 @@
-"""Train a few-shot segmentation model on one fold (Sacred entry point).
+"""Train a few-shot segmentation model on one fold into path.log_dir/<name>/<id>/ (training/loop.py).
 
     python train.py with demo fold=2
     python train.py with paper fold=0 resume=True            # continue the latest run of this config
     torchrun --nproc_per_node=2 train.py with paper fold=0  # DistributedDataParallel, one GPU per rank
-
-Each run is a Sacred folder path.log_dir/<name>/<id>/ written by rank 0; the config is checked once,
-before anything runs (training/config_check.py); the loop is training/loop.py.
 """
 from __future__ import annotations
 
@@ -32,7 +29,7 @@ for _package in ("torch", "torchvision", "numpy", "scipy", "nibabel", "tqdm"):  
 
 @ex.config_hook
 def check_and_observe(config, command_name, logger):
-    """Training only: validate the resolved config, then attach the run folder's observer (rank 0)."""
+    """Training only: check the resolved config once, then attach the run folder's observer (rank 0)."""
     ex.observers[:] = [o for o in ex.observers if not getattr(o, "lslpn_train", False)]
     if command_name != "main":  # print_config etc.: nothing to check, nothing to record
         return {}
@@ -50,8 +47,7 @@ def main(_config, _run):
     _run.info["differs_from_default"] = differences_from_default(_config)  # -> info.json
     if _run.observers:   # rank 0 (Sacred logs no 'Started run' line: config.install_log_filters)
         print(f"run folder {_run.observers[0].dir}", flush=True)
-    # check_and_observe checked this config
-    return train(_config, _run, defaults=default_config(), checked=True)
+    return train(_config, _run, defaults=default_config(), checked=True)   # checked by check_and_observe
 
 
 if __name__ == "__main__":

@@ -76,11 +76,9 @@ def _floats(path: Path, header: pydicom.Dataset, tag: str, count: int) -> np.nda
 
 
 def read_dicom_series(path: str | Path, series_uid: str | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Volume (int16, or float32 where the rescale is not integral) X x Y x Z and its 4 x 4 RAS affine.
-
-    `path` is a series folder (not searched recursively), or one of its files: then the series of that
-    file is read. Non-image DICOM objects in the folder (structure sets, reports, DICOMDIR) are skipped.
-    """
+    """Volume (int16, or float32 where the rescale is not integral) X x Y x Z and its 4 x 4 RAS affine of
+    a series folder (not searched recursively) or of the series of one of its files; non-image objects
+    (structure sets, reports, DICOMDIR) are skipped."""
     path = Path(path)
     if not path.exists():
         raise UserError(f"{path}: folder not found: check the path of the DICOM series")

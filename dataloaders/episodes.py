@@ -1,12 +1,9 @@
-"""Training episodes drawn from a prepared data folder (docs/DESIGN.md "Training", docs/method.md "Episodes").
+"""Training episodes drawn from a prepared data folder (docs/method.md "Episodes", docs/DESIGN.md).
 
-N distinct training classes ("ways"); per way K support slices and its share of the Q queries (query q
-belongs to way q mod N), all DIFFERENT slices holding the class (PREP/index.json). Item i is a function
-of (seed, i) alone (`default_rng([seed, i])`), so resume and DDP sharding give the episodes of one
-uninterrupted process. Slices are memory-mapped lazily per process; with 3 input slices an image is the
-stored (z - 1, z, z + 1) stack, labelled and augmented as its centre slice (same random stream). A way
-whose class has no pixel left at input_size in any support shot is redrawn with another class (else from
-the slices that keep it), counted in the item's "redraws"; other episodes are drawn as without the check.
+N ways, each with K support slices and its share of the Q queries (query q belongs to way q mod N), all
+different slices holding the class (PREP/index.json). Item i is a function of (seed, i) alone, so resume
+and DDP sharding give the episodes of one process. A way whose class vanished at input_size in every
+support shot is redrawn with another class (counted in the item's "redraws").
 """
 from __future__ import annotations
 
@@ -72,11 +69,13 @@ class EpisodeDataset(Dataset):
         self.slices = {c: index[c] for c in self.classes}
         self.visible = {c: visible[c] for c in self.classes}     # the slices that keep c at input_size
         self._arrays: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray | None]] = {}
-        self._check_files()
+        for pid in sorted({pid for entries in self.slices.values() for pid, _, _ in entries}):
+            self._volume(pid)         # a missing or truncated file fails before training
+        self._arrays.clear()          # maps are opened again in each process (DataLoader workers)
 
     def _visible(self, index: dict, classes: list[int]) -> tuple[dict, dict[int, int]]:
-        """index.json's slices of `classes` that keep >= 1 pixel of their class when the label is resized to
-        input_size, and per class the number of slices that lose it (only classes that lose some)."""
+        """index.json's slices of `classes` that keep their class at input_size, and per class the number
+        of slices that lose it (only classes that lose some)."""
         rows: dict[str, set] = {}
         for c in classes:
             for pid, row, _ in index.get(c, ()):
@@ -103,28 +102,18 @@ class EpisodeDataset(Dataset):
         dropped = f"; classes left out of every draw: {', '.join(self.dropped)}" if self.dropped else ""
         return ", ".join(parts) + dropped
 
-    def _check_files(self) -> None:
-        """Every volume the index names has readable image and label arrays, and its neighbours with 3
-        input slices (maps not kept)."""
-        for pid in sorted({pid for entries in self.slices.values() for pid, _, _ in entries}):
-            open_training_volume(self.prep_dir, pid)  # a missing or truncated file fails before training
-            if self.input_slices == 3:                # a folder prepared before neighbours were stored too
-                open_training_neighbours(self.prep_dir, pid)
-
     def __len__(self) -> int:
         return self.length
 
     def _volume(self, pid: str) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-        """The cached memory maps of one training volume (images N x S x S, labels N x S x S, neighbours
-        N x 2 x S x S with 3 input slices, else None)."""
+        """Cached memory maps of one volume: images, labels N x S x S, neighbours N x 2 x S x S or None."""
         if pid not in self._arrays:
             neighbours = open_training_neighbours(self.prep_dir, pid) if self.input_slices == 3 else None
             self._arrays[pid] = (*open_training_volume(self.prep_dir, pid), neighbours)
         return self._arrays[pid]
 
     def _read(self, entry: tuple[str, int, int], rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-        """One slice at input_size: (image H x W float32, or the 3 x H x W stack with 3 input slices,
-        possibly augmented; label H x W int64 of the centre slice)."""
+        """One slice at input_size: (image (3 x) H x W float32, possibly augmented; label H x W int64)."""
         pid, row, _ = entry
         images, labels, neighbours = self._volume(pid)
         image = resize_image(training_slices(images, neighbours, row), self.input_size)
@@ -189,11 +178,8 @@ class EpisodeDataset(Dataset):
 
 
 class StepBatchSampler(Sampler):
-    """Episode indices per training step: step t's global batch is t*B .. t*B + B - 1.
-
-    Rank r of W takes episodes r, r + W, ... of each global batch, so ranks together see exactly
-    the episodes of a single process. Yields steps start_step .. n_steps - 1.
-    """
+    """Episode indices per training step start_step .. n_steps - 1: step t's global batch is t*B .. t*B +
+    B - 1, of which rank r of W takes r, r + W, ... (together the episodes of a single process)."""
 
     def __init__(self, start_step: int, n_steps: int, batch_size: int, rank: int = 0, world_size: int = 1):
         # the config check refuses such a batch_size for torchrun's WORLD_SIZE (training/config_check.py)

@@ -1,11 +1,9 @@
 """Which mask value is which organ (label maps), and is an input what it claims to be (plausibility).
 
-A label map is {"liver": 5} (name -> value), {"5": "liver"} (value -> name), either optionally wrapped as
-{"labels": {...}}; value 0 / 'background' is dropped. A support mask's labels come from, in this order,
---label-map, a sidecar `<mask stem>.json`, --vocabulary visceral (indices 1-20) or a VISCERAL mask file
-name; else an organ NAME as --support-label is an error (a VALUE still works). Plausibility: UserErrors
-where a result would be meaningless (image and mask swapped, a constant volume), one-line warnings
-(returned strings) where it would be doubtful."""
+A label map is {"liver": 5}, {"5": "liver"} or either wrapped as {"labels": {...}}; background is dropped.
+A support mask's labels come from --label-map, a sidecar `<mask stem>.json`, --vocabulary visceral or a
+VISCERAL mask file name, in this order (docs/DESIGN.md "Conventions"). Plausibility: UserErrors where a
+result would be meaningless (image and mask swapped, a constant volume), warning strings where doubtful."""
 from __future__ import annotations
 
 import json
@@ -32,15 +30,31 @@ def _as_value(item) -> int | None:
     return None
 
 
-def parse_label_map(content, source: str = "--label-map") -> dict[int, str]:
-    """Label value -> name from parsed JSON content (any accepted form); UserError naming `source`."""
+def read_label_map(source, what: str = "--label-map") -> dict[int, str]:
+    """Label value -> name from a JSON file path or already parsed content (any accepted form)."""
+    content = source
+    if not isinstance(source, (dict, list)):
+        path = Path(source)
+        try:
+            content = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise UserError(f"{what} {path}: label map not found: check the path") from None
+        except IsADirectoryError:
+            raise UserError(f"{what} {path}: is a folder: give the JSON label map file") from None
+        except ValueError as error:
+            reason = " ".join(f"{type(error).__name__}: {error}".split())[:80]
+            raise UserError(f"{what} {path}: not valid JSON ({reason}): fix the label map file") from None
+        except OSError as error:
+            raise UserError(f"{what} {path}: cannot read it ({error.strerror}): "
+                            "check the path and permissions") from None
+        what = f"{what} {path}"
     example = 'write it as {"liver": 5, "spleen": 1} or {"labels": {"5": "liver"}}'
     if isinstance(content, dict) and isinstance(content.get("labels"), (dict, list)):
         content = content["labels"]
     if isinstance(content, list):
-        raise UserError(f"{source}: the label map is a JSON list, not an object: {example}")
+        raise UserError(f"{what}: the label map is a JSON list, not an object: {example}")
     if not isinstance(content, dict) or not content:
-        raise UserError(f"{source}: the label map must be a non-empty JSON object: {example}")
+        raise UserError(f"{what}: the label map must be a non-empty JSON object: {example}")
     keys_are_values = all(_as_value(key) is not None for key in content)
     values_are_values = all(_as_value(value) is not None for value in content.values())
     if keys_are_values and all(isinstance(name, str) for name in content.values()):
@@ -48,41 +62,21 @@ def parse_label_map(content, source: str = "--label-map") -> dict[int, str]:
     elif values_are_values and not keys_are_values:
         pairs = [(_as_value(value), str(name)) for name, value in content.items()]
     else:
-        raise UserError(f"{source}: the label map mixes names and values (or has non-integer values): "
+        raise UserError(f"{what}: the label map mixes names and values (or has non-integer values): "
                         f"{example}")
     result: dict[int, str] = {}
     for value, name in pairs:
         if value == 0 or name.strip().lower() in BACKGROUND_NAMES:
             continue                                             # background: not a structure
         if value < 0:
-            raise UserError(f"{source}: label value {value} ({name}) is negative: label values are >= 1")
+            raise UserError(f"{what}: label value {value} ({name}) is negative: label values are >= 1")
         if value in result and result[value] != name:
-            raise UserError(f"{source}: label value {value} is named twice ({result[value]}, {name}): "
+            raise UserError(f"{what}: label value {value} is named twice ({result[value]}, {name}): "
                             "give each value one name")
         result[value] = name
     if not result:
-        raise UserError(f"{source}: the label map names only background: {example}")
+        raise UserError(f"{what}: the label map names only background: {example}")
     return result
-
-
-def read_label_map(source, what: str = "--label-map") -> dict[int, str]:
-    """Label value -> name from a JSON file path or an already parsed dict/list."""
-    if isinstance(source, (dict, list)):
-        return parse_label_map(source, what)
-    path = Path(source)
-    try:
-        content = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise UserError(f"{what} {path}: label map not found: check the path") from None
-    except IsADirectoryError:
-        raise UserError(f"{what} {path}: is a folder: give the JSON label map file") from None
-    except ValueError as error:
-        reason = " ".join(f"{type(error).__name__}: {error}".split())[:80]
-        raise UserError(f"{what} {path}: not valid JSON ({reason}): fix the label map file") from None
-    except OSError as error:
-        raise UserError(f"{what} {path}: cannot read it ({error.strerror}): "
-                        "check the path and permissions") from None
-    return parse_label_map(content, f"{what} {path}")
 
 
 def value_of(name: str, label_map: dict[int, str]) -> int | None:
@@ -175,7 +169,7 @@ MAX_MASK_LABELS = 256           # a mask with more distinct values than this is 
 MANY_LABELS = 8                 # a "mask" with more distinct values than this over most of its voxels:
 IMAGE_FOREGROUND_FRACTION = 0.5  # (more than this fraction non-zero) is an image
 MAX_IMAGE_LABELS = 64           # an "image" of at most this many distinct whole values >= 0 is a label volume
-AIR_HU = -500.0                 # CT: body voxels above this, air below (as evaluation/query_range.BODY_HU)
+AIR_HU = -500.0                 # CT: body voxels above this, air below
 _SAMPLE = 200_000               # voxels looked at first (a strided sample) before a full count
 FOV_RATIO = 0.6                 # query in-plane extent below this fraction of the support's: warning
 # Largest support slice below this area (mm^2): warning. About a tenth of the organ's largest cross-section
@@ -230,7 +224,14 @@ def image_problems(array: np.ndarray, path: str | Path, role: str = "image") -> 
     if low == high:
         raise UserError(f"{path}: the {role} is constant (every voxel {low:g}): nothing to segment; give "
                         "the CT or MR volume")
-    labels = label_values(values) if low >= 0 else None
+    labels = None                 # a label volume: at most MAX_IMAGE_LABELS distinct whole values >= 0
+    if low >= 0:
+        flat = values.reshape(-1)
+        for part in (flat[::max(1, flat.size // _SAMPLE)], flat):     # a strided sample first (cheap)
+            labels = np.unique(part) if np.array_equal(part, np.rint(part)) else None
+            if labels is None or labels.size > MAX_IMAGE_LABELS:
+                labels = None
+                break
     if labels is not None:
         shown = ", ".join(f"{v:g}" for v in labels[:8]) + (", ..." if labels.size > 8 else "")
         raise UserError(f"{path}: the {role} holds only {labels.size} distinct whole values ({shown}): "
@@ -240,20 +241,6 @@ def image_problems(array: np.ndarray, path: str | Path, role: str = "image") -> 
         return [f"{path}: no voxel above {AIR_HU:g} HU (max {high:g}): the {role} is all air, or not CT in "
                 "Hounsfield units; the result will not mean much"]
     return []
-
-
-def label_values(values: np.ndarray) -> np.ndarray | None:
-    """The sorted distinct values when `values` holds at most MAX_IMAGE_LABELS distinct whole numbers >= 0
-    (a label volume), else None. A strided sample is looked at first, so an image costs little."""
-    flat = np.asarray(values).reshape(-1)
-    sample = flat[::max(1, flat.size // _SAMPLE)]
-    for part in (sample, flat):
-        if part.size and (part.min() < 0 or not np.array_equal(part, np.rint(part))):
-            return None
-        distinct = np.unique(part)
-        if distinct.size > MAX_IMAGE_LABELS:
-            return None
-    return distinct
 
 
 def hounsfield_problem(array: np.ndarray, path: str | Path, role: str = "image") -> str | None:

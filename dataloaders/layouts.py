@@ -120,10 +120,8 @@ def find_cases(corpus_dir: str | Path) -> list[Case]:
 
 
 def merge_masks(masks: dict[int, np.ndarray]) -> tuple[np.ndarray, int]:
-    """Binary masks {label index: X x Y x Z} -> (label X x Y x Z uint8, voxels covered twice or more).
-
-    Overlaps: the structure with fewer voxels wins (a small one is not erased by a large neighbour), ties
-    to the higher index."""
+    """Binary masks {label index: X x Y x Z} -> (label X x Y x Z uint8, voxels covered twice or more); an
+    overlap goes to the structure with fewer voxels (ties: the higher index)."""
     assert masks, "merge_masks needs at least one mask"
     shape = next(iter(masks.values())).shape
     label = np.zeros(int(np.prod(shape)), dtype=np.uint8)          # Fortran order, as NIfTI stores voxels
@@ -165,7 +163,7 @@ def load_case(case: Case) -> LabeledVolume:
 #      imagesTr/ labelsTr/ with the _0000 suffix must be renamed first), or
 #   b) SPLIT/<case>/ct.nii.gz (image, img) + SPLIT/<case>/labels.nii.gz (label, seg, segmentation)
 #      (TotalSegmentator).
-# Case id: the file stem (a) or folder name (b), made a file name by dataloaders.prepare.case_id; unique
+# Case id: the file stem (a) or folder name (b), made a file name by dataloaders.prepared.case_id; unique
 # over both splits. Labels: integers >= 0 on the image's world grid (any storage orientation). The
 # label map (dataloaders/label_map.py) names values; names become indices by organs.canonical_name,
 # others background; every named value must occur in each volume unless --allow-missing-labels.
@@ -486,14 +484,6 @@ def _span(zs) -> str:
     return f"{zs[0]}-{zs[-1]} ({len(zs)} slices)" if zs else "none"
 
 
-def zscore(image: np.ndarray) -> np.ndarray:
-    """MR: (x - mean) / std over the whole volume, no eps (SSL-ALPNet's get_normalize_op)."""
-    std = float(image.std())
-    if std == 0.0:
-        raise UserError("scan is constant (std 0): z-scoring is undefined: check the image file")
-    return ((image - image.mean()) / std).astype(np.float32)
-
-
 def ct_statistics(images: list[np.ndarray]) -> tuple[float, float]:
     """CT: one mean and std over every voxel of the fold's training scans (full stored volumes)."""
     total = sum(float(a.sum()) for a in images)
@@ -501,15 +491,6 @@ def ct_statistics(images: list[np.ndarray]) -> tuple[float, float]:
     mean = total / count
     var = sum(float(((a - mean) ** 2).sum()) for a in images) / count
     return mean, float(np.sqrt(var))
-
-
-def normalise(image: np.ndarray, dataset: AlpnetDataset,
-              ct_stats: tuple[float, float] | None = None) -> np.ndarray:
-    """Normalised and cropped Y x X x Z float32: MR z-score per volume, CT by the training statistics."""
-    if dataset.modality == "MR":
-        return crop(zscore(image))
-    assert ct_stats is not None, "CT normalisation needs the training scans' ct_statistics"
-    return crop(((image - ct_stats[0]) / ct_stats[1]).astype(np.float32))
 
 
 def crop(volume: np.ndarray) -> np.ndarray:
@@ -526,10 +507,8 @@ def to_vocabulary(label: np.ndarray, dataset: AlpnetDataset) -> np.ndarray:
 
 
 def fold_scans(ids: list[int], fold: int, dataset: AlpnetDataset) -> tuple[list[int], int, list[int]]:
-    """(test ids, support id, training ids) of a fold: SSL-ALPNet's circular split.
-
-    Fold k = sorted ids[sep[k] : sep[k + 1] + 1] with wrap-around: its test scans plus the next scan as the
-    support; training is every other scan (not the support)."""
+    """(test ids, support id, training ids) of a fold, SSL-ALPNet's circular split: sorted ids[sep[k] :
+    sep[k + 1] + 1] with wrap-around are the test scans and the support (the last); training the others."""
     if not isinstance(fold, int) or fold not in range(N_FOLDS):
         raise UserError(f"fold {fold!r} does not exist: use 0-{N_FOLDS - 1} (SSL-ALPNet's five folds)")
     ordered = sorted(int(i) for i in ids)

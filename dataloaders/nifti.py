@@ -1,13 +1,11 @@
-"""Load, validate, reorient and save NIfTI volumes; build output folders atomically.
-
-`load_nifti` turns every way a file can be wrong (missing, corrupt, truncated, 2D/4D, NaN/inf) into a
-one-line UserError and returns the array in canonical RAS+ (DESIGN.md: axis 0 left -> right, 1 posterior
--> anterior, 2 inferior -> superior); `to_original` maps it back to the file's storage orientation;
-`save_nifti_atomic` writes a `.nii.gz` deterministically (gzip mtime 0) and atomically.
+"""Load, validate, reorient (canonical RAS+, docs/DESIGN.md "Conventions") and save NIfTI volumes; build
+output folders atomically, with a pool of worker processes.
 """
 from __future__ import annotations
 
+import contextlib
 import gzip
+import multiprocessing
 import os
 import shutil
 import zlib
@@ -43,8 +41,9 @@ class NiftiVolume:
         return np.sqrt((self.affine[:3, :3] ** 2).sum(axis=0))
 
 
-def read_nifti(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
-    """Voxels (as stored, scaling applied) and affine of a NIfTI file; failures are one-line UserErrors."""
+def load_nifti(path: str | Path) -> NiftiVolume:
+    """A 3D NIfTI (X x Y x Z, or X x Y x Z x 1), validated and reoriented to canonical RAS+; one-line
+    UserErrors for missing/corrupt files, 2D/4D or empty data, NaN/inf voxels, bad affines."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: file not found: check the path or regenerate the data set")
@@ -60,14 +59,7 @@ def read_nifti(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
         reason = " ".join(f"{type(error).__name__}: {error}".split())[:90]
         raise UserError(f"{path}: cannot read NIfTI ({reason}): the file is corrupt or truncated; "
                         "copy or export it again") from None
-    return data, np.asarray(image.affine, dtype=np.float64)
-
-
-def load_nifti(path: str | Path) -> NiftiVolume:
-    """A 3D NIfTI (X x Y x Z, or X x Y x Z x 1), validated and reoriented to canonical RAS+; one-line
-    UserErrors for missing/corrupt files, 2D/4D or empty data, NaN/inf voxels, bad affines."""
-    path = Path(path)
-    data, affine = read_nifti(path)
+    affine = np.asarray(image.affine, dtype=np.float64)
     if data.ndim == 4 and data.shape[3] == 1:
         data = data[..., 0]
     if data.ndim != 3:
@@ -114,9 +106,12 @@ def to_original(array_canonical: np.ndarray, original_axcodes: str | tuple[str, 
     return np.ascontiguousarray(apply_orientation(np.asarray(array_canonical), transform))
 
 
-def nifti_bytes(array: np.ndarray, affine: np.ndarray) -> bytes:
-    """Gzipped single-file NIfTI-1 bytes of `array` (X x Y x Z) with `affine`; deterministic (gzip mtime 0).
-    nibabel's header, then the voxels in one Fortran-order copy (nibabel's writer is several times slower)."""
+def save_nifti_atomic(array: np.ndarray, affine: np.ndarray, path: str | Path) -> None:
+    """Save `array` (X x Y x Z) with `affine` as `.nii.gz` at `path`, atomically and deterministically (gzip
+    mtime 0): nibabel's header, then the voxels in one Fortran-order copy (nibabel's writer is slower)."""
+    path = Path(path)
+    if not path.name.endswith(".nii.gz"):
+        raise UserError(f"{path}: NIfTI output must end in .nii.gz: rename the output path")
     array = np.asarray(array)
     header = nib.Nifti1Header()
     header.set_data_shape(array.shape)
@@ -128,15 +123,7 @@ def nifti_bytes(array: np.ndarray, affine: np.ndarray) -> bytes:
     header["vox_offset"] = 352
     header["scl_slope"], header["scl_inter"] = 1.0, 0.0
     raw = header.binaryblock + b"\x00" * 4 + array.tobytes(order="F")
-    return gzip.compress(raw, compresslevel=1, mtime=0)
-
-
-def save_nifti_atomic(array: np.ndarray, affine: np.ndarray, path: str | Path) -> None:
-    """Save `array` with `affine` as `.nii.gz` at `path`, atomically and byte-deterministically."""
-    path = Path(path)
-    if not path.name.endswith(".nii.gz"):
-        raise UserError(f"{path}: NIfTI output must end in .nii.gz: rename the output path")
-    write_bytes_atomic(nifti_bytes(array, affine), path)
+    write_bytes_atomic(gzip.compress(raw, compresslevel=1, mtime=0), path)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -169,10 +156,8 @@ def _clean_stale(out: Path) -> None:
 
 @contextmanager
 def atomic_folder(out: str | Path, overwrite: bool = False, inputs=()) -> Iterator[Path]:
-    """Build a folder in `<out>.partial-<pid>` and rename it to `out` only when the block succeeds.
-
-    `out` is checked first (util.io.check_output_folder; an existing folder only with `overwrite`, and
-    replaced only once the new one is complete); on any exception the partial folder is removed, and a
+    """Build a folder in `<out>.partial-<pid>` and rename it to `out` only when the block succeeds (`out`
+    checked first by util.io.check_output_folder); on any exception the partial folder is removed, and a
     killed run's leftovers are cleaned by the next run on the same `out`."""
     out = Path(out)
     _clean_stale(out)
@@ -193,3 +178,21 @@ def atomic_folder(out: str | Path, overwrite: bool = False, inputs=()) -> Iterat
         shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
     else:
         os.replace(partial, out)
+
+
+def _star(item: tuple):
+    function, arguments = item
+    return function(*arguments)
+
+
+def parallel_map(function, tasks: list[tuple], workers: int, progress: dict | None = None) -> list:
+    """[function(*task) for task in tasks] in order, in `workers` forked processes when more than one;
+    progress: tqdm's keywords (desc, unit, disable) for a bar that advances per finished task."""
+    from tqdm import tqdm  # progress bar of the command line only
+    items, results, processes = [(function, task) for task in tasks], [], min(workers, len(tasks))
+    pool = multiprocessing.get_context("fork").Pool(processes) if processes > 1 else None
+    with tqdm(total=len(tasks), **(progress or {"disable": True})) as bar, pool or contextlib.nullcontext():
+        for result in pool.imap(_star, items, chunksize=1) if pool else map(_star, items):
+            results.append(result)
+            bar.update(1)
+    return results

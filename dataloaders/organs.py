@@ -1,9 +1,6 @@
-"""One organ vocabulary for the whole project.
-
-The official LSLPN code numbers the 20 VISCERAL Anatomy3 structures 1-20
-(docs/method.md, "VISCERAL data, folds and the paper's figures").
-Every reader maps its own names or RadLex ids onto these indices, so prepared data, models and
-evaluation speak the same language whatever layout the data came from.
+"""One organ vocabulary for the whole project: the 20 VISCERAL Anatomy3 structures numbered 1-20 as the
+official LSLPN code (docs/method.md, "VISCERAL data, folds and the paper's figures"); every reader maps
+its own names or RadLex ids onto these indices.
 """
 from __future__ import annotations
 
@@ -79,16 +76,15 @@ def organ_index(name: str) -> int:
     return NAME_TO_INDEX[canonical]
 
 
+CLASS_SETTINGS = ("six_organs", "all_structures")     # config class_setting: the pool of training classes
+
+
 def training_classes(fold: int, class_setting: str) -> list[int]:
     """Label indices a model of `fold` may train on (docs/method.md, "VISCERAL data, folds and the paper's
     figures"): 'six_organs' the other folds' test organs, 'all_structures' all 20 minus the fold's."""
     if fold not in range(len(FOLD_ORGANS)):
         raise UserError(f"fold {fold} does not exist: use 0 (liver), 1 (spleen), 2 (kidneys) or 3 (psoas)")
-    test = {NAME_TO_INDEX[name] for name in FOLD_ORGANS[fold]}
-    if class_setting == "six_organs":
-        pool = [NAME_TO_INDEX[name] for name in TEST_ORGANS]
-    elif class_setting == "all_structures":
-        pool = sorted(STRUCTURES)
-    else:
+    if class_setting not in CLASS_SETTINGS:
         raise UserError(f"class_setting '{class_setting}' is unknown: use 'six_organs' or 'all_structures'")
-    return [index for index in pool if index not in test]
+    pool = [NAME_TO_INDEX[name] for name in TEST_ORGANS] if class_setting == "six_organs" else STRUCTURES
+    return [index for index in sorted(pool) if INDEX_TO_NAME[index] not in FOLD_ORGANS[fold]]

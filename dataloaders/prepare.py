@@ -1,18 +1,14 @@
 """Any source layout -> the prepared folder of docs/DESIGN.md ("Prepared data folder"), built atomically.
 
-`prepare_dataset` (VISCERAL, multi-label, images-only): silver volumes split into training and validation
-(seeded); training volumes become axial slices chosen per class by `Selection` (the official rule),
-intensity-scaled then resized, stored with their (z - 1, z + 1) neighbours; validation and gold volumes
-are stored whole and exactly (int16 when int16 holds every voxel, else float32). `prepare_alpnet`: one
-fold, setting and label set of an SSL-ALPNet folder, normalised as its loader. `case_id` names the files.
+`prepare_dataset` (VISCERAL, multi-label, images-only): training slices chosen per class by `Selection`
+(the official rule), scaled, resized and stored with their neighbours; validation and gold volumes stored
+whole and exactly. `prepare_alpnet`: one fold, setting and label set of an SSL-ALPNet folder.
 """
 from __future__ import annotations
 
 import io
 import json
-import multiprocessing
 import os
-import re
 import zipfile
 import zlib
 from dataclasses import asdict, dataclass
@@ -34,9 +30,9 @@ from dataloaders.layouts import (
     load_multilabel_case,
     strip_nifti_suffix,
 )
-from dataloaders.nifti import atomic_folder, load_nifti
+from dataloaders.nifti import atomic_folder, load_nifti, parallel_map
 from dataloaders.organs import INDEX_TO_NAME
-from dataloaders.prepared import NEIGHBOURS
+from dataloaders.prepared import NEIGHBOURS, case_id, is_case_id, train_file_name
 from dataloaders.transforms import (
     DEFAULT_INTENSITY,
     neighbour_indices,
@@ -51,34 +47,7 @@ from util.errors import UserError
 from util.io import check_output_folder, write_bytes_atomic
 
 FORMAT_VERSION = 1
-TRAIN_FILE_KINDS = ("image", "label", NEIGHBOURS)
 MIN_WINDOW_COVER = 0.05                   # a volume must fill at least 5% of [0, 1] under an HU window
-
-
-def case_id(name: str) -> str:
-    """The id of a source case as prepared file names use it: characters other than letters, digits,
-    '.', '_' and '-' become '_' (e.g. 'case 1' -> 'case_1'; 'image_1' stays 'image_1')."""
-    return re.sub(r"[^A-Za-z0-9._-]", "_", name)
-
-
-def is_case_id(pid: str) -> bool:
-    """True when `pid` can name prepared files: non-empty, unchanged by `case_id`, not hidden ('.x')."""
-    return isinstance(pid, str) and bool(pid) and case_id(pid) == pid and not pid.startswith(".")
-
-
-def train_file_name(pid: str, kind: str) -> str:
-    """File name of a training volume's images ('image') or labels ('label') in PREP/train."""
-    return f"{pid}_{kind}.npy"
-
-
-def train_file_case(name: str) -> str | None:
-    """The case id of a PREP/train file name (inverse of `train_file_name`, only the LAST suffix counts:
-    'image_1_image.npy' is case 'image_1'); None for other names."""
-    for kind in TRAIN_FILE_KINDS:
-        suffix = f"_{kind}.npy"
-        if name.endswith(suffix) and len(name) > len(suffix):
-            return name[: -len(suffix)]
-    return None
 
 
 @dataclass(frozen=True)
@@ -171,11 +140,6 @@ def select_slices(label: np.ndarray, index: int, rng: np.random.Generator, rule:
     return np.sort(rng.choice(qualifying, size=rule.max_per_volume, replace=False))
 
 
-def volume_rng(seed: int, pid: str) -> np.random.Generator:
-    """Generator for one volume: depends on (seed, pid) only, not on processing order."""
-    return np.random.default_rng([seed, zlib.crc32(pid.encode())])
-
-
 def save_npz_deterministic(path: Path, arrays: dict[str, np.ndarray]) -> None:
     """np.savez_compressed equivalent with fixed zip timestamps (same content -> same bytes), atomic."""
     buffer = io.BytesIO()
@@ -194,22 +158,6 @@ def save_npy(path: Path, array: np.ndarray) -> None:
     buffer = io.BytesIO()
     np.save(buffer, array, allow_pickle=False)
     write_bytes_atomic(buffer.getvalue(), path)
-
-
-def check_window(volume: LabeledVolume, intensity: dict) -> LabeledVolume:
-    """Refuse an HU window that maps the volume into less than 5% of [0, 1] (not Hounsfield units)."""
-    if intensity["mode"] != "window":
-        return volume
-    low, high = intensity["window"]
-    values = volume.image.array
-    vmin, vmax = float(values.min()), float(values.max())
-    covered = (min(vmax, high) - max(vmin, low)) / (high - low)
-    if covered < MIN_WINDOW_COVER:
-        raise UserError(f"{volume.image.path}: voxel values span [{vmin:g}, {vmax:g}], which the HU window "
-                        f"[{low:g}, {high:g}] maps into less than {MIN_WINDOW_COVER:.0%} of [0, 1] (not "
-                        "Hounsfield units?): leave --window out (per-slice min-max scaling) or convert the "
-                        "volume to HU")
-    return volume
 
 
 def volume_arrays(volume: LabeledVolume) -> dict[str, np.ndarray]:
@@ -245,7 +193,15 @@ def training_images(image: np.ndarray, rows: np.ndarray, intensity: dict,
 def process_case(case: SourceCase, split: str, out: Path, size: int, intensity: dict, rule: Selection,
                  seed: int) -> dict:
     """Load one case and write its prepared files; returns its summary (and slices for training)."""
-    volume = check_window(case.load(), intensity)
+    volume = case.load()
+    if intensity["mode"] == "window":     # refused: a window that maps the volume into < 5% of [0, 1]
+        (low, high), values = intensity["window"], volume.image.array
+        vmin, vmax = float(values.min()), float(values.max())
+        if (min(vmax, high) - max(vmin, low)) / (high - low) < MIN_WINDOW_COVER:
+            raise UserError(f"{volume.image.path}: voxel values span [{vmin:g}, {vmax:g}], which the HU "
+                            f"window [{low:g}, {high:g}] maps into less than {MIN_WINDOW_COVER:.0%} of "
+                            "[0, 1] (not Hounsfield units?): leave --window out (per-slice min-max scaling) "
+                            "or convert the volume to HU")
     present = [int(v) for v in np.unique(volume.label) if v > 0]
     summary = {"pid": case.pid, "split": split, "shape": list(volume.label.shape), "structures": present,
                "image_dtype": "int16" if volume.image.array.dtype == np.int16 else "float32",
@@ -253,7 +209,7 @@ def process_case(case: SourceCase, split: str, out: Path, size: int, intensity: 
     if split != "train":
         save_npz_deterministic(out / "volumes" / split / f"{case.pid}.npz", volume_arrays(volume))
         return summary
-    rng = volume_rng(seed, case.pid)
+    rng = np.random.default_rng([seed, zlib.crc32(case.pid.encode())])   # (seed, pid) only, not the order
     chosen = {index: select_slices(volume.label, index, rng, rule) for index in present}
     chosen = {index: zs for index, zs in chosen.items() if zs.size}
     rows = np.unique(np.concatenate([np.zeros(0, int)] + list(chosen.values()))).astype(int)   # z of each row
@@ -305,20 +261,6 @@ def check_out_location(out: str | Path, source_dir: str | Path, label_map: str |
                         "yourself")
 
 
-def check_case_ids(source_dir: str | Path, silver: list[SourceCase], gold: list[SourceCase]) -> None:
-    """Every case id can name prepared files (`is_case_id`) and names one case only, over both splits."""
-    seen: dict[str, str] = {}
-    for split, cases in (("silver (training)", silver), ("gold (test)", gold)):
-        for case in cases:
-            if not is_case_id(case.pid):
-                raise UserError(f"{source_dir}: case id {case.pid!r} cannot name prepared files: rename the "
-                                "case with letters, digits, '.', '_' or '-' only")
-            if case.pid in seen:
-                raise UserError(f"{source_dir}: case id {case.pid} names two volumes ({seen[case.pid]} and "
-                                f"{split}): give every case its own id")
-            seen[case.pid] = split
-
-
 def prepare_dataset(source_dir: str | Path, out: str | Path, layout: str = "visceral",
                     label_map: str | Path | None = None, size: int = 256, intensity: dict | None = None,
                     n_val: int | None = None, seed: int = 1234, rule: Selection = Selection(),
@@ -331,7 +273,16 @@ def prepare_dataset(source_dir: str | Path, out: str | Path, layout: str = "visc
     rule.check()
     check_out_location(out, source_dir, label_map, overwrite)
     silver, gold = list_sources(source_dir, layout, label_map, allow_missing)
-    check_case_ids(source_dir, silver, gold)
+    seen: dict[str, str] = {}               # every case id names prepared files, and one case only
+    for split, cases in (("silver (training)", silver), ("gold (test)", gold)):
+        for case in cases:
+            if not is_case_id(case.pid):
+                raise UserError(f"{source_dir}: case id {case.pid!r} cannot name prepared files: rename the "
+                                "case with letters, digits, '.', '_' or '-' only")
+            if case.pid in seen:
+                raise UserError(f"{source_dir}: case id {case.pid} names two volumes ({seen[case.pid]} and "
+                                f"{split}): give every case its own id")
+            seen[case.pid] = split
     if layout == "images-only":
         if n_val:
             raise UserError(f"--n-val {n_val}: the images-only layout has no labels to validate on: leave "
@@ -344,11 +295,7 @@ def prepare_dataset(source_dir: str | Path, out: str | Path, layout: str = "visc
             (partial_dir / sub).mkdir(parents=True)
         tasks = [(c, split_of[c.pid], partial_dir, size, intensity, rule, seed) for c in silver]
         tasks += [(c, "gold", partial_dir, size, intensity, rule, seed) for c in gold]
-        if workers > 1 and len(tasks) > 1:
-            with multiprocessing.get_context("fork").Pool(min(workers, len(tasks))) as pool:
-                summaries = pool.starmap(process_case, tasks, chunksize=1)
-        else:
-            summaries = [process_case(*task) for task in tasks]
+        summaries = parallel_map(process_case, tasks, workers)
         index: dict[str, list] = {}
         for summary in summaries:
             for label, entries in summary.pop("slices", {}).items():
@@ -375,9 +322,10 @@ SETTINGS = (1, 2)
 RULES = ("or", "and")
 
 
-def normalised_volume(image: np.ndarray, intensity: dict) -> np.ndarray:
-    """An evaluation volume (Y x X x Z as stored) normalised by meta.json's `intensity`, float32."""
-    resolved = volume_intensity(image, intensity, "evaluation volume")
+def normalised_volume(image: np.ndarray, intensity: dict, name: str = "evaluation volume") -> np.ndarray:
+    """A volume (Y x X x Z as stored) normalised by meta.json's `intensity` (SSL-ALPNet's: MR z-scored
+    per volume, no eps; CT by the training scans' statistics), float32."""
+    resolved = volume_intensity(image, intensity, name)
     return ((np.asarray(image, np.float64) - resolved["mean"]) / resolved["std"]).astype(np.float32)
 
 
@@ -385,12 +333,8 @@ def prepare_alpnet(data_dir: str | Path, out: str | Path, fold: int, setting: in
                    rule: str = "or", overwrite: bool = False, validation: bool = False,
                    superpixel_dir: str | Path | None = None) -> dict:
     """Write the prepared folder of one (fold, setting, label set); returns its meta.json content.
-
-    superpixel_dir: where the superpix-MIDDLE files are (default data_dir; superpixels.make_alpnet_superpixels
-    can write them elsewhere, leaving data_dir untouched); without them the folder has no superpixels/.
-
-    validation: hold the fold's validation scan (layouts.validation_scan) out of training and store it
-    with the evaluation volumes (meta alpnet.validation), for choosing options without the test scans."""
+    superpixel_dir: the superpix-MIDDLE files (default data_dir; none: no superpixels/); validation: hold
+    the fold's validation scan (layouts.validation_scan) out of training, stored with the gold volumes."""
     data_dir = Path(data_dir)
     if setting not in SETTINGS:
         raise UserError(f"setting {setting!r} does not exist: use 1 (test organs in training slices) or 2 "
@@ -436,7 +380,7 @@ def prepare_alpnet(data_dir: str | Path, out: str | Path, fold: int, setting: in
             scan = scans[sid]
             keep = layouts.kept_slices(scan.label, excluded, rule)                           # Z
             rows = np.flatnonzero(keep)
-            image = layouts.normalise(scan.image, dataset, ct_stats)                          # 256 x 256 x Z
+            image = layouts.crop(normalised_volume(scan.image, intensity, f"{data_dir}/image_{sid}.nii.gz"))
             label = layouts.crop(layouts.to_vocabulary(scan.label, dataset))                   # 256 x 256 x Z
             save_npy(partial / "train" / f"{sid}_image.npy", np.moveaxis(image[:, :, rows], 2, 0).copy())
             # 2.5D input: each kept row's (z - 1, z + 1), a dropped slice replaced by the centre itself

@@ -1,22 +1,56 @@
 """The one reader of a prepared folder (docs/DESIGN.md, "Prepared data folder").
 
-meta.json, index.json, the training slices (and their stored neighbours for 2.5D input), the evaluation
-volumes, the intensity the folder was scaled with and the default support volume. Every error is one
-line that names the folder and the prepare command.
+meta.json, index.json, the training arrays (with their 2.5D neighbours), the evaluation volumes, the file
+names of case ids and the default support volume; every error is one line naming the file and the prepare
+command. `check_folder` reads the whole folder and reports its first defect (scripts/check_dataset.py).
 """
 from __future__ import annotations
 
 import json
+import re
 import zipfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from dataloaders.organs import INDEX_TO_NAME
+from dataloaders.transforms import validate_intensity
 from util.errors import UserError
 
 # the support volume of the official evaluation (docs/method.md, "The SENet volumetric protocol")
 OFFICIAL_SUPPORT = "10000132"
+NEIGHBOURS = "neighbours"    # PREP/train/<pid>_neighbours.npy: N x 2 x S x S, each row's (z - 1, z + 1)
+TRAIN_FILE_KINDS = ("image", "label", NEIGHBOURS)
+VOLUME_KEYS = ("image", "label", "affine", "original_affine", "original_shape", "original_axcodes", "spacing")
+AS_STORED = "as stored"      # original_axcodes of a volume kept as read, not reoriented (SSL-ALPNet layout)
+RERUN = "re-run scripts/prepare_visceral.py"
+
+
+def case_id(name: str) -> str:
+    """A source case name as prepared file names use it: characters other than letters, digits, '.', '_'
+    and '-' become '_' ('case 1' -> 'case_1')."""
+    return re.sub(r"[^A-Za-z0-9._-]", "_", name)
+
+
+def is_case_id(pid: str) -> bool:
+    """True when `pid` can name prepared files: non-empty, unchanged by `case_id`, not hidden ('.x')."""
+    return isinstance(pid, str) and bool(pid) and case_id(pid) == pid and not pid.startswith(".")
+
+
+def train_file_name(pid: str, kind: str) -> str:
+    """File name of a training volume's 'image', 'label' or 'neighbours' array in PREP/train."""
+    return f"{pid}_{kind}.npy"
+
+
+def train_file_case(name: str) -> str | None:
+    """The case id of a PREP/train file name (only the LAST suffix counts: 'image_1_image.npy' is case
+    'image_1'); None for other names."""
+    for kind in TRAIN_FILE_KINDS:
+        suffix = f"_{kind}.npy"
+        if name.endswith(suffix) and len(name) > len(suffix):
+            return name[: -len(suffix)]
+    return None
 
 
 def prepare_hint(prep_dir: str | Path) -> str:
@@ -80,8 +114,7 @@ def list_volumes(prep_dir: str | Path, split: str) -> list[str]:
 
 
 def _read_volume(prep_dir: str | Path, split: str, pid: str, arrays: bool) -> dict[str, Any]:
-    """PREP/volumes/<split>/<pid>.npz: its arrays (arrays=True), else only its list of entries (the
-    archive's directory: no array is read); one-line errors for an unreadable file or a missing entry."""
+    """PREP/volumes/<split>/<pid>.npz: its arrays, else (arrays=False) only the names of its entries."""
     path = Path(prep_dir) / "volumes" / split / f"{pid}.npz"
     try:
         with np.load(path, allow_pickle=False) as data:
@@ -97,14 +130,12 @@ def _read_volume(prep_dir: str | Path, split: str, pid: str, arrays: bool) -> di
 
 def load_volume(prep_dir: str | Path, split: str, pid: str) -> dict[str, Any]:
     """One prepared volume: image X x Y x Z (HU), label X x Y x Z (uint8), geometry fields, 'pid'."""
-    volume = _read_volume(prep_dir, split, pid, arrays=True)
-    volume["pid"] = pid
-    return volume
+    return {**_read_volume(prep_dir, split, pid, arrays=True), "pid": pid}
 
 
 def check_volumes(prep_dir: str | Path, split: str, pids: list[str]) -> None:
-    """Every volume of `pids` opens and holds an image and a label (load_volume's one-line errors), found
-    before a long evaluation starts instead of at the volume's turn; reads each archive's directory only."""
+    """Every volume of `pids` opens and holds an image and a label, found before a long evaluation starts
+    (reads each archive's directory only)."""
     for pid in pids:
         _read_volume(prep_dir, split, pid, arrays=False)
 
@@ -114,35 +145,26 @@ def default_support(pids: list[str]) -> str:
     return OFFICIAL_SUPPORT if OFFICIAL_SUPPORT in pids else sorted(pids)[0]
 
 
-def open_training_volume(prep_dir: str | Path, pid: str) -> tuple[np.ndarray, np.ndarray]:
-    """Memory maps of PREP/train/<pid>_{image,label}.npy: images N x S x S float32, labels N x S x S uint8."""
-    base = Path(prep_dir) / "train" / pid
-    for kind in ("image", "label"):
-        if not Path(f"{base}_{kind}.npy").is_file():
-            raise UserError(f"prepared data '{prep_dir}': index.json names {base}_{kind}.npy which is "
-                            f"missing: {prepare_hint(prep_dir)}")
-    try:
-        return (np.load(f"{base}_image.npy", mmap_mode="r", allow_pickle=False),
-                np.load(f"{base}_label.npy", mmap_mode="r", allow_pickle=False))
-    except (OSError, ValueError, EOFError) as error:
-        raise UserError(f"prepared data '{prep_dir}': {base}_image.npy / _label.npy unreadable "
-                        f"({type(error).__name__}: {error}): the file is truncated or corrupt; "
-                        f"{prepare_hint(prep_dir)}") from None
-
-
-def open_training_images(prep_dir: str | Path, pid: str) -> np.ndarray:
-    """Memory map of PREP/train/<pid>_image.npy alone, N x S x S float32 (images-only folders: no labels)."""
-    path = Path(prep_dir) / "train" / f"{pid}_image.npy"
+def _open_npy(prep_dir: str | Path, pid: str, kind: str, hint: str) -> np.ndarray:
+    """Memory map of PREP/train/<pid>_<kind>.npy; one line for a missing or unreadable file."""
+    path = Path(prep_dir) / "train" / train_file_name(pid, kind)
     if not path.is_file():
-        raise UserError(f"prepared data '{prep_dir}': {path} is missing: {prepare_hint(prep_dir)}")
+        raise UserError(f"prepared data '{prep_dir}': {path} is missing: {hint}")
     try:
         return np.load(path, mmap_mode="r", allow_pickle=False)
     except (OSError, ValueError, EOFError) as error:
         raise UserError(f"prepared data '{prep_dir}': {path} unreadable ({type(error).__name__}: {error}): "
-                        f"the file is truncated or corrupt; {prepare_hint(prep_dir)}") from None
+                        f"the file is truncated or corrupt; {hint}") from None
 
 
-NEIGHBOURS = "neighbours"    # PREP/train/<pid>_neighbours.npy: N x 2 x S x S, each row's (z - 1, z + 1)
+def open_training_images(prep_dir: str | Path, pid: str) -> np.ndarray:
+    """Memory map of PREP/train/<pid>_image.npy, N x S x S float32 (images-only folders: no labels)."""
+    return _open_npy(prep_dir, pid, "image", prepare_hint(prep_dir))
+
+
+def open_training_volume(prep_dir: str | Path, pid: str) -> tuple[np.ndarray, np.ndarray]:
+    """Memory maps of PREP/train/<pid>_{image,label}.npy: images N x S x S float32, labels N x S x S uint8."""
+    return open_training_images(prep_dir, pid), _open_npy(prep_dir, pid, "label", prepare_hint(prep_dir))
 
 
 def reprepare_hint(prep_dir: str | Path) -> str:
@@ -167,14 +189,10 @@ def reprepare_hint(prep_dir: str | Path) -> str:
             "it)")
 
 
-def _neighbours_path(prep_dir: str | Path, pid: str) -> Path:
-    return Path(prep_dir) / "train" / f"{pid}_{NEIGHBOURS}.npy"
-
-
 def check_training_neighbours(prep_dir: str | Path, pids: list[str], what: str = "prepared data") -> None:
     """Every training volume of `pids` has its stored neighbours (2.5D input, model.input_slices = 3);
     a folder written before they were stored gets one line naming the command that writes it again."""
-    missing = [pid for pid in pids if not _neighbours_path(prep_dir, pid).is_file()]
+    missing = [pid for pid in pids if not Path(prep_dir, "train", train_file_name(pid, NEIGHBOURS)).is_file()]
     if missing:
         raise UserError(f"{what} '{prep_dir}' has no neighbour slices (train/{missing[0]}_{NEIGHBOURS}.npy "
                         "missing; the folder predates them), which model.input_slices=3 needs: "
@@ -185,17 +203,12 @@ def open_training_neighbours(prep_dir: str | Path, pid: str) -> np.ndarray:
     """Memory map of PREP/train/<pid>_neighbours.npy: N x 2 x S x S float32, row r's (z - 1, z + 1) after
     `transforms.neighbour_indices`' rule."""
     check_training_neighbours(prep_dir, [pid])
-    path = _neighbours_path(prep_dir, pid)
-    try:
-        neighbours = np.load(path, mmap_mode="r", allow_pickle=False)
-    except (OSError, ValueError, EOFError) as error:
-        raise UserError(f"prepared data '{prep_dir}': {path} unreadable ({type(error).__name__}: {error}): "
-                        f"the file is truncated or corrupt; {reprepare_hint(prep_dir)}") from None
+    neighbours = _open_npy(prep_dir, pid, NEIGHBOURS, reprepare_hint(prep_dir))
     images = open_training_images(prep_dir, pid)
     if neighbours.shape != (images.shape[0], 2, *images.shape[1:]):
-        raise UserError(f"prepared data '{prep_dir}': {path} has shape {neighbours.shape}, expected "
-                        f"{(images.shape[0], 2, *images.shape[1:])} (N x 2 x S x S for {images.shape[0]} "
-                        f"rows): {reprepare_hint(prep_dir)}")
+        raise UserError(f"prepared data '{prep_dir}': {neighbours.filename} has shape {neighbours.shape}, "
+                        f"expected {(images.shape[0], 2, *images.shape[1:])} (N x 2 x S x S for "
+                        f"{images.shape[0]} rows): {reprepare_hint(prep_dir)}")
     return neighbours
 
 
@@ -205,3 +218,173 @@ def training_slices(images: np.ndarray, neighbours: np.ndarray | None, row: int)
     if neighbours is None:
         return np.array(images[row], dtype=np.float32)                               # S x S
     return np.stack([neighbours[row, 0], images[row], neighbours[row, 1]]).astype(np.float32)   # 3 x S x S
+
+
+# ------------------------------------------------------------------------------ the folder check
+def _json(path: Path) -> dict:
+    if not path.is_file():
+        raise UserError(f"{path}: missing: {RERUN} for this folder")
+    try:
+        content = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise UserError(f"{path}: not valid JSON ({error}): {RERUN}") from None
+    if not isinstance(content, dict):
+        raise UserError(f"{path}: not a JSON object: {RERUN}")
+    return content
+
+
+def _check_meta(path: Path, meta: dict, labeled: bool) -> dict:
+    """meta.json's keys; returns its splits."""
+    missing = [k for k in ("format_version", "prep_size", "intensity", "splits", "seed") if k not in meta]
+    if missing:
+        raise UserError(f"{path}: keys {', '.join(missing)} missing: {RERUN}")
+    if meta["format_version"] != 1:
+        raise UserError(f"{path}: format_version {meta['format_version']} is not 1: {RERUN} with this "
+                        "version of the code")
+    try:
+        validate_intensity(meta["intensity"])
+    except UserError as error:
+        raise UserError(f"{path}: {error}: {RERUN}") from None
+    if not isinstance(meta["prep_size"], int) or meta["prep_size"] < 16:
+        raise UserError(f"{path}: prep_size {meta['prep_size']!r} is not an integer >= 16: {RERUN}")
+    splits = meta["splits"]
+    if not isinstance(splits, dict) or set(splits) != {"train", "val", "gold"}:
+        raise UserError(f"{path}: splits must have exactly train, val and gold: {RERUN}")
+    seen: dict[str, str] = {}
+    for split, pids in splits.items():
+        if not isinstance(pids, list):
+            raise UserError(f"{path}: splits.{split} is not a list of case ids: {RERUN}")
+        for pid in pids:
+            if not is_case_id(pid):
+                raise UserError(f"{path}: case id {pid!r} in splits.{split} cannot name prepared files "
+                                f"(letters, digits, '.', '_', '-'): {RERUN}")
+            if pid in seen:
+                raise UserError(f"{path}: patient {pid} is in both {seen[pid]} and {split}: {RERUN}")
+            seen[pid] = split
+    if not splits["train"]:
+        raise UserError(f"{path}: the train split is empty: prepare a data set with training volumes")
+    if not splits["gold"] and labeled:
+        raise UserError(f"{path}: the gold split is empty: prepare a data set with silver and gold volumes")
+    return splits
+
+
+def _check_array(path: Path, dtype, shape: tuple, unit: bool, what: str = "") -> np.ndarray:
+    """A PREP/train array of `dtype` and `shape` (None: any length). `what` names image values: finite,
+    with `unit` in [0, 1] (minmax, window; not zscore); else labels, at most 20."""
+    if not path.is_file():
+        raise UserError(f"{path}: missing training file: {RERUN}")
+    try:
+        array = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError, EOFError) as error:
+        raise UserError(f"{path}: unreadable ({error}): {RERUN}") from None
+    if array.dtype != dtype or len(array.shape) != len(shape) or any(
+            e is not None and e != n for e, n in zip(shape, array.shape)):
+        expected = " x ".join("N" if e is None else str(e) for e in shape) + (
+            " (the z - 1 and z + 1 slices of each image row)" if len(shape) == 4 else "")
+        raise UserError(f"{path}: {array.dtype} {tuple(array.shape)}, expected {np.dtype(dtype)} {expected}: "
+                        f"{RERUN}")
+    array = np.asarray(array)
+    if what and not np.isfinite(array).all():
+        raise UserError(f"{path}: {what} values not finite: {RERUN}")
+    if what and unit and (array.min(initial=0) < 0 or array.max(initial=0) > 1):
+        raise UserError(f"{path}: {what} values outside [0, 1] (intensity scaled to [0, 1] in meta.json): "
+                        f"{RERUN}")
+    if not what and array.size and int(array.max()) > 20:
+        raise UserError(f"{path}: label value {int(array.max())} > 20: {RERUN}")
+    return array
+
+
+def _check_volume(path: Path) -> set[int]:
+    """One val/gold npz; returns the label values present."""
+    if not path.is_file():
+        raise UserError(f"{path}: missing evaluation volume: {RERUN}")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            missing = [key for key in VOLUME_KEYS if key not in data.files]
+            if missing:
+                raise UserError(f"{path}: keys {', '.join(missing)} missing: {RERUN}")
+            v = {key: data[key] for key in VOLUME_KEYS}
+    except UserError:
+        raise
+    except (ValueError, OSError, EOFError, KeyError, zipfile.BadZipFile) as error:
+        raise UserError(f"{path}: unreadable ({type(error).__name__}): {RERUN}") from None
+    image, label, shape, axcodes = v["image"], v["label"], v["original_shape"], str(v["original_axcodes"])
+    if image.dtype not in (np.int16, np.float32) or image.ndim != 3 or label.dtype != np.uint8 \
+            or label.shape != image.shape:
+        raise UserError(f"{path}: image {image.dtype} {image.shape} / label {label.dtype} {label.shape}: "
+                        "expected int16 and uint8 volumes of one shape (a float32 image where int16 was "
+                        f"inexact): {RERUN}")
+    if image.dtype == np.float32 and not np.isfinite(image).all():
+        raise UserError(f"{path}: image values not finite: {RERUN}")
+    if axcodes == AS_STORED:     # kept as read (possibly cropped): each stored size >= the volume's
+        shape_ok = len(shape) == 3 and all(int(o) >= s for o, s in zip(shape, image.shape))
+    else:
+        shape_ok = sorted(shape.tolist()) == sorted(image.shape) and len(axcodes) == 3
+    if v["affine"].shape != (4, 4) or v["original_affine"].shape != (4, 4) or v["spacing"].shape != (3,) \
+            or not shape_ok:
+        raise UserError(f"{path}: geometry keys (affine, original_affine, original_shape, original_axcodes, "
+                        f"spacing) are inconsistent: {RERUN}")
+    values = set(np.unique(label).tolist())
+    if max(values) > 20:
+        raise UserError(f"{path}: label value {max(values)} > 20: {RERUN}")
+    return values - {0}
+
+
+def check_folder(prep_dir: str | Path) -> dict:
+    """{"rows": per-class table rows, "splits": sizes, "prep_size", "labeled"} of a prepared folder after
+    reading every file; a one-line UserError on the first defect found."""
+    prep = Path(prep_dir)
+    if not prep.is_dir():
+        raise UserError(f"{prep}: folder not found: run scripts/prepare_visceral.py --out {prep}")
+    meta = _json(prep / "meta.json")
+    source = meta.get("source")
+    labeled = not (isinstance(source, dict) and source.get("layout") == "images-only")
+    splits = _check_meta(prep / "meta.json", meta, labeled)
+    size = int(meta["prep_size"])
+    index = _json(prep / "index.json")
+    if not isinstance(index.get("slices"), dict):
+        raise UserError(f"{prep / 'index.json'}: no 'slices' object: {RERUN}")
+    unit = meta["intensity"].get("mode") != "zscore"        # SSL-ALPNet's z-score: any finite value
+    labels = {}
+    for pid in splits["train"]:
+        image = _check_array(prep / "train" / train_file_name(pid, "image"), np.float32, (None, size, size),
+                             unit, "image")
+        labels[pid] = np.zeros(image.shape, np.uint8)
+        if labeled:
+            labels[pid] = _check_array(prep / "train" / train_file_name(pid, "label"), np.uint8,
+                                       (image.shape[0], size, size), unit)
+        if (prep / "train" / train_file_name(pid, NEIGHBOURS)).is_file():       # 2.5D input, optional
+            _check_array(prep / "train" / train_file_name(pid, NEIGHBOURS), np.float32,
+                         (image.shape[0], 2, size, size), unit, "neighbour")
+    volumes = {split: {pid: _check_volume(prep / "volumes" / split / f"{pid}.npz") for pid in splits[split]}
+               for split in ("val", "gold")}
+    rows = []
+    for key, entries in index["slices"].items():
+        if not key.isdigit() or not 1 <= int(key) <= 20:
+            raise UserError(f"{prep / 'index.json'}: class '{key}' is not a label index 1-20: {RERUN}")
+        klass = int(key)
+        for entry in entries:
+            if not (isinstance(entry, list) and len(entry) == 3 and entry[0] in labels):
+                raise UserError(f"{prep / 'index.json'}: entry {entry} of class {klass} does not name a "
+                                f"training volume as [pid, row, z]: {RERUN}")
+            pid, row, z = entry
+            if not (isinstance(row, int) and 0 <= row < len(labels[pid]) and isinstance(z, int) and z >= 0):
+                raise UserError(f"{prep / 'index.json'}: entry {entry}: row out of range for "
+                                f"{pid} ({labels[pid].shape[0]} slices): {RERUN}")
+            if not (labels[pid][row] == klass).any():
+                raise UserError(f"{prep / 'train' / train_file_name(pid, 'label')}: row {row} has no voxel "
+                                f"of class {klass} listed in index.json: {RERUN}")
+        rows.append({"index": klass, "name": INDEX_TO_NAME[klass], "slices": len(entries),
+                     "volumes": len({entry[0] for entry in entries}),
+                     **{split: sum(klass in v for v in found.values()) for split, found in volumes.items()}})
+    for path in sorted((prep / "train").glob("*.npy")):
+        pid = train_file_case(path.name)
+        if pid not in labels:
+            what = (f"files of {pid} which is not in splits.train" if pid
+                    else "a file that is not <id>_image.npy / <id>_label.npy / <id>_neighbours.npy")
+            raise UserError(f"{prep / 'train'}: {path.name}: {what}: re-run the preparation into an empty "
+                            "folder")
+    if not labeled and index["slices"]:
+        raise UserError(f"{prep / 'index.json'}: an images-only folder lists training slices: {RERUN}")
+    return {"rows": sorted(rows, key=lambda r: r["index"]), "prep_size": size, "labeled": labeled,
+            "splits": {split: len(pids) for split, pids in splits.items()}}

@@ -1,10 +1,8 @@
 """Self-supervised episodes from superpixels (after SSL-ALPNet; docs/DESIGN.md "Training").
 
-One random training slice, one superpixel of it as the foreground; support shots and queries are
-independent random views of that slice (recipe 'project': `random_grid` warp + intensity augmentation;
-'alpnet': SSL-ALPNet's own pipeline, `alpnet_view`; REPRODUCTION.md lists how both differ from it). A
-support that lost its superpixel is redrawn from the same stream (at most MAX_DRAWS). Warps never flip
-(determinant > 0). Item i is a function of (seed, i); with 3 input slices the stack shares one draw.
+One random training slice, one superpixel of it as the foreground; support shots and queries are random
+views of that slice (recipe 'project': `random_grid` warp + intensity augmentation; 'alpnet': SSL-ALPNet's
+pipeline, `alpnet_view`). Item i is a function of (seed, i); a 2.5D stack shares one draw.
 """
 from __future__ import annotations
 
@@ -43,12 +41,6 @@ class WarpParams:
     translate: float = 0.05
     elastic_alpha: float = 30.0
     elastic_sigma: float = 5.0
-
-    @classmethod
-    def from_mapping(cls, values: Mapping) -> "WarpParams":
-        """The `selfsup.warp` config (its ranges checked by the config check) as WarpParams."""
-        return options_from_mapping(cls, {k: (tuple(v) if k == "scale" else v) for k, v in values.items()},
-                                    "config selfsup.warp")
 
 
 def affine_matrix(angle: float, scale: float, shear: float) -> np.ndarray:
@@ -192,20 +184,22 @@ class SelfSupEpisodeDataset(Dataset):
         self.n_shots, self.n_queries = int(n_shots), int(n_queries)
         self.input_size = int(input_size)
         self.augment = dict(augment) if augment else None
-        self.warp = WarpParams.from_mapping(dict(warp_params))
+        warp_params = {k: (tuple(v) if k == "scale" else v) for k, v in dict(warp_params).items()}
+        self.warp = options_from_mapping(WarpParams, warp_params, "config selfsup.warp")   # a checked config
         self.min_pixels = int(min_pixels)
         self.seed, self.length = int(seed), int(length)
         meta = read_superpixel_meta(prep_dir)
         # z-scored slices (SSL-ALPNet layout, prepare.prepare_alpnet) are not in [0, 1]: no clip
         self.clip = (read_meta(prep_dir).get("intensity") or {}).get("mode") != "zscore"
         self.candidates: list[tuple[str, int, np.ndarray]] = []    # (pid, row, eligible superpixel ids)
+        pids = training_volumes(prep_dir)
         if self.input_slices == 3:     # a folder prepared before neighbours were stored: one line, at once
-            check_training_neighbours(prep_dir, training_volumes(prep_dir))
-        for pid in training_volumes(prep_dir):
+            check_training_neighbours(prep_dir, pids)
+        for pid in pids:
             if pid not in meta.get("volumes", {}):
                 raise UserError(f"prepared data '{prep_dir}': volume {pid} has no superpixels (made before "
                                 f"it was added?): {make_hint(prep_dir)} --overwrite")
-            images, labels = self._open(pid)
+            images, labels = open_training_images(prep_dir, pid), open_superpixels(prep_dir, pid)
             if images.shape != labels.shape:
                 raise UserError(f"prepared data '{prep_dir}': superpixels of {pid} {labels.shape} do not "
                                 f"match its slices {images.shape}: {make_hint(prep_dir)} --overwrite")
@@ -239,15 +233,12 @@ class SelfSupEpisodeDataset(Dataset):
             out.append(ids[ids > 0])
         return out
 
-    def _open(self, pid: str) -> tuple[np.ndarray, np.ndarray]:
-        """Memory maps (images N x S x S float32, superpixels N x S x S uint16) of one volume."""
-        return open_training_images(self.prep_dir, pid), open_superpixels(self.prep_dir, pid)
-
     def _volume(self, pid: str) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """Memory maps (images, superpixels, neighbours N x 2 x S x S with 3 input slices else None)."""
         if pid not in self._arrays:  # opened lazily in each process (fork-safe for DataLoader workers)
             neighbours = open_training_neighbours(self.prep_dir, pid) if self.input_slices == 3 else None
-            self._arrays[pid] = (*self._open(pid), neighbours)
+            images, labels = open_training_images(self.prep_dir, pid), open_superpixels(self.prep_dir, pid)
+            self._arrays[pid] = (images, labels, neighbours)
         return self._arrays[pid]
 
     def view(self, image: np.ndarray, mask: np.ndarray,

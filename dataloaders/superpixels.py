@@ -1,16 +1,11 @@
-"""Superpixel pseudo-labels of prepared training slices, for self-supervised episodes (after SSL-ALPNet).
-
-Per slice in [0, 1]: the body (pixels > `body_threshold`, largest component, holes filled), scikit-image's
-`felzenszwalb` (SSL-ALPNet's choice) or `slic` superpixels clipped to it, ids renumbered 1..M in raster
-order of first appearance (0 = outside). Deterministic: same folder and parameters, same bytes. Stored as
-PREP/superpixels/<pid>.npy (N x S x S uint16, row r of train/<pid>_image.npy) + meta.json, built
-atomically (docs/DESIGN.md "Prepared data folder").
+"""Superpixel pseudo-labels for self-supervised episodes (after SSL-ALPNet; docs/DESIGN.md "Prepared data
+folder"): per prepared slice, `felzenszwalb` or `slic` superpixels clipped to the body, in
+PREP/superpixels/; SSL-ALPNet's own superpix-MIDDLE files for a folder of its layout. Deterministic.
 """
 from __future__ import annotations
 
 import gzip
 import json
-import multiprocessing
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -20,11 +15,10 @@ from scipy import ndimage
 from skimage.segmentation import felzenszwalb, slic
 
 from dataloaders import layouts
-from dataloaders.nifti import atomic_folder
+from dataloaders.nifti import atomic_folder, parallel_map
 from dataloaders.prepared import open_training_images, prepare_hint, read_meta
 from util.errors import UserError
 from util.io import atomic_path, write_bytes_atomic
-from util.options import options_from_mapping
 
 FORMAT_VERSION = 1
 FOLDER = "superpixels"
@@ -67,10 +61,6 @@ class SuperpixelParams:
             raise UserError(f"superpixel parameters {asdict(self)} are out of range: use scale > 0, "
                             "sigma >= 0, min_size >= 1, n_segments >= 2, compactness > 0, "
                             "0 <= body_threshold < 1")
-
-    @classmethod
-    def from_dict(cls, values: dict) -> "SuperpixelParams":
-        return options_from_mapping(cls, values, "superpixel parameters")
 
 
 def body_mask(image: np.ndarray, threshold: float, structure: np.ndarray | None = None) -> np.ndarray:
@@ -139,9 +129,8 @@ def training_volumes(prep_dir: str | Path) -> list[str]:
     return pids
 
 
-def _volume_task(task: tuple) -> tuple[str, dict]:
+def _volume_task(prep_dir: str, out_dir: str, pid: str, params: SuperpixelParams) -> tuple[str, dict]:
     """Worker: superpixels of one training volume, written to the partial folder."""
-    prep_dir, out_dir, pid, params = task
     labels = stack_superpixels(open_training_images(prep_dir, pid), params)          # N x S x S
     with atomic_path(Path(out_dir) / f"{pid}.npy") as temporary, open(temporary, "wb") as handle:
         np.save(handle, labels, allow_pickle=False)
@@ -152,25 +141,13 @@ def _volume_task(task: tuple) -> tuple[str, dict]:
 def make_superpixels(prep_dir: str | Path, params: SuperpixelParams = SuperpixelParams(), workers: int = 2,
                      overwrite: bool = False, progress: bool = True) -> dict:
     """Write PREP/superpixels/ for every training volume of `prep_dir`; returns its meta.json content."""
-    from tqdm import tqdm  # progress bar of the command line only
     params.check()
     prep_dir = Path(prep_dir)
     pids = training_volumes(prep_dir)
-    volumes: dict[str, dict] = {}
     with atomic_folder(prep_dir / FOLDER, overwrite) as partial:
         tasks = [(str(prep_dir), str(partial), pid, params) for pid in pids]
-        bar = tqdm(total=len(tasks), desc="superpixels", unit="volume", disable=not progress)
-        if workers > 1 and len(tasks) > 1:
-            with multiprocessing.get_context("fork").Pool(min(workers, len(tasks))) as pool:
-                for pid, info in pool.imap_unordered(_volume_task, tasks, chunksize=1):
-                    volumes[pid] = info
-                    bar.update(1)
-        else:
-            for task in tasks:
-                pid, info = _volume_task(task)
-                volumes[pid] = info
-                bar.update(1)
-        bar.close()
+        volumes = dict(parallel_map(_volume_task, tasks, workers,
+                                    {"desc": "superpixels", "unit": "volume", "disable": not progress}))
         meta = {"format_version": FORMAT_VERSION, "params": asdict(params),
                 "volumes": {pid: volumes[pid] for pid in sorted(volumes)}}
         write_bytes_atomic(json.dumps(meta, indent=1).encode(), partial / "meta.json")
@@ -197,19 +174,6 @@ def open_superpixels(prep_dir: str | Path, pid: str) -> np.ndarray:
     except (OSError, ValueError, EOFError) as error:
         raise UserError(f"{path} is unreadable ({type(error).__name__}): {make_hint(prep_dir)} "
                         "--overwrite") from None
-
-
-def overlay_slices(prep_dir: str | Path, n: int) -> list[tuple[str, int, np.ndarray, np.ndarray]]:
-    """(pid, row, image S x S, superpixels S x S) of `n` slices: volumes in turn, rows spread evenly."""
-    pids = sorted(read_superpixel_meta(prep_dir)["volumes"])
-    chosen = []
-    for k in range(n):
-        pid = pids[k % len(pids)]
-        images = open_training_images(prep_dir, pid)                                        # N x S x S
-        labels = open_superpixels(prep_dir, pid)
-        row = min(images.shape[0] - 1, int(images.shape[0] * (k + 1) / (n + 1)))
-        chosen.append((pid, row, np.asarray(images[row]), np.asarray(labels[row])))
-    return chosen
 
 
 # ------------------------------------------------------------------------------ SSL-ALPNet's superpix-MIDDLE
@@ -247,9 +211,8 @@ def alpnet_superpixels(image: np.ndarray, threshold: float) -> np.ndarray:
     return out
 
 
-def _alpnet_scan_task(task: tuple) -> str:
-    """Worker: write superpix-MIDDLE_<id>.nii.gz of one scan beside its image (atomic)."""
-    folder, out, sid, threshold = task
+def _alpnet_scan_task(folder: str, out: str, sid: int, threshold: float) -> str:
+    """Worker: write superpix-MIDDLE_<id>.nii.gz of one scan into `out` (atomic)."""
     source = nib.load(str(Path(folder) / f"image_{sid}.nii.gz"))
     image = np.asarray(source.dataobj, dtype=np.float64).transpose(1, 0, 2)                  # Y x X x Z
     labels = alpnet_superpixels(image, threshold).transpose(1, 0, 2).astype(np.float64)     # X x Y x Z
@@ -266,7 +229,6 @@ def make_alpnet_superpixels(folder: str | Path, overwrite: bool = False, workers
     """The missing superpix-MIDDLE_<id>.nii.gz (all with `overwrite`) of an SSL-ALPNet-layout folder, into
     `out` (default: the folder, then with classmap_1.json when absent); returns {"dataset", "written",
     "kept", "classmap"}."""
-    from tqdm import tqdm  # progress bar of the command line only
     folder = Path(folder)
     target = Path(out or folder)
     dataset = layouts.detect_dataset(folder)
@@ -274,17 +236,8 @@ def make_alpnet_superpixels(folder: str | Path, overwrite: bool = False, workers
     target.mkdir(parents=True, exist_ok=True)
     todo = list(ids) if overwrite else layouts.missing_superpixels(target, ids)
     tasks = [(str(folder), str(target), sid, ALPNET_BODY_THRESHOLD[dataset.name]) for sid in todo]
-    written = []
-    with tqdm(total=len(tasks), desc="superpixels", unit="scan", disable=not progress) as bar:
-        if workers > 1 and len(tasks) > 1:
-            with multiprocessing.get_context("fork").Pool(min(workers, len(tasks))) as pool:
-                for name in pool.imap(_alpnet_scan_task, tasks, chunksize=1):
-                    written.append(name)
-                    bar.update(1)
-        else:
-            for task in tasks:
-                written.append(_alpnet_scan_task(task))
-                bar.update(1)
+    written = parallel_map(_alpnet_scan_task, tasks, workers,
+                           {"desc": "superpixels", "unit": "scan", "disable": not progress})
     classmap = None
     if out is None and layouts.read_classmap(folder) is None:
         classmap = folder / layouts.CLASSMAP

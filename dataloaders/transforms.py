@@ -1,10 +1,6 @@
 """Slice transforms shared by training and evaluation: intensity scaling, 2.5D neighbours, resizing and
-intensity augmentation (docs/method.md, "Training setup").
-
-`intensity` is meta.json's dict: {"mode": "minmax"} (each slice to [0, 1], the official rule),
-{"mode": "window", "window": [lo, hi]} (CT in Hounsfield units only) or {"mode": "zscore"} (SSL-ALPNet:
-whole-volume mean and std, no eps; with "mean" and "std" given they are used as they are). 2.5D input
-stacks (z - 1, z, z + 1), the centre in the middle. Randomness comes only from the Generator passed in.
+intensity augmentation (docs/method.md, "Training setup"; `intensity` as in docs/DESIGN.md). Randomness
+comes only from the Generator passed in.
 """
 from __future__ import annotations
 

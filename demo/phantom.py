@@ -1,10 +1,9 @@
 """Synthetic contrast CT of thorax and abdomen in the VISCERAL Anatomy3 layout (the demo's data).
 
-`render_subject` draws one subject: an analytic body model (organ layout measured on one real abdominal
-CT, contrast-CT Hounsfield units; body frame in mm: x left -> right, y back -> front, z up from the
-pelvic floor) with variation between subjects in body, organs, elastic shape, contrast, noise, field of
-view, spacing and storage orientation (RAS or LPS). `generate_phantom` writes a whole folder atomically
-in VISCERAL file names. Same seed -> same bytes.
+`render_subject` draws one subject from an analytic body model (organ layout measured on one real abdominal
+CT; body frame in mm: x left -> right, y back -> front, z up from the pelvic floor), varied in body, organs,
+shape, contrast, noise, field of view, spacing and storage orientation; `generate_phantom` writes a folder
+atomically. Same seed -> same bytes.
 """
 from __future__ import annotations
 
@@ -56,26 +55,18 @@ class Grid:
         corners = np.array([[a, b] for a in x for b in y], dtype=float)
         c, s = np.cos(self.angle), np.sin(self.angle)
         grid_xy = corners @ np.array([[c, s], [-s, c]]) + self.offset        # inverse rotation
-        pad = self.margin + 2 * self.spacing[:2].max()
-        shape = self.tissue.shape
-        bounds = []
-        for axis, (lo, hi) in enumerate([(grid_xy[:, 0].min(), grid_xy[:, 0].max()),
-                                         (grid_xy[:, 1].min(), grid_xy[:, 1].max())]):
-            centre = (shape[axis] - 1) / 2
-            bounds.append((lo - pad) / self.spacing[axis] + centre)
-            bounds.append((hi + pad) / self.spacing[axis] + centre)
+        pad, centre = self.margin + 2 * self.spacing[:2].max(), (np.array(self.tissue.shape[:2]) - 1) / 2
         pad_z = self.margin + 40.0 + self.spacing[2]  # tilt moves z by up to ~35 mm at the body edge
-        bounds += [(z[0] - pad_z - self.z0) / self.spacing[2], (z[1] + pad_z - self.z0) / self.spacing[2]]
-        return tuple(slice(int(np.clip(np.floor(bounds[2 * a]), 0, shape[a])),
-                           int(np.clip(np.ceil(bounds[2 * a + 1]) + 1, 0, shape[a]))) for a in range(3))
+        sp = self.spacing
+        lo = [*((grid_xy.min(axis=0) - pad) / sp[:2] + centre), (z[0] - pad_z - self.z0) / sp[2]]
+        hi = [*((grid_xy.max(axis=0) + pad) / sp[:2] + centre), (z[1] + pad_z - self.z0) / sp[2]]
+        return tuple(slice(int(np.clip(np.floor(a), 0, n)), int(np.clip(np.ceil(b) + 1, 0, n)))
+                     for a, b, n in zip(lo, hi, self.tissue.shape))
 
     def paint(self, level: np.ndarray, box: tuple, tissue: int, label: int = 0,
               allowed: tuple[int, ...] | None = None, threshold: float = 1.0) -> np.ndarray:
-        """Set tissue (and label) where level < threshold inside `box`, optionally only over `allowed`
-        tissues.
-
-        level: array of the box's shape (implicit shape, inside < 1). Returns the painted boolean mask.
-        """
+        """Set tissue (and label) where level (the box's shape) < threshold, only over `allowed` tissues
+        when given; returns the painted mask."""
         inside = level < threshold
         sub_tissue = self.tissue[box]
         if allowed is not None:
@@ -88,15 +79,12 @@ class Grid:
 
 
 def shape_modulation(rng: np.random.Generator, amplitude: float) -> np.ndarray:
-    """Random coefficients of a smooth angular radius modulation (9 low-order terms)."""
-    return rng.normal(0.0, amplitude, size=9).astype(np.float32)
+    return rng.normal(0.0, amplitude, size=9).astype(np.float32)   # 9 low-order angular terms
 
 
 def blob_level(g: Grid, box: tuple, centre, radii, angle: float = 0.0, modulation=None) -> np.ndarray:
-    """Implicit ellipsoid with a smooth angular modulation: |u| / (1 + m(u/|u|)); inside < 1.
-
-    centre, radii: (3,) mm in body frame; angle: in-plane rotation (rad). Returns the box's shape.
-    """
+    """Implicit ellipsoid |u| / (1 + m(u/|u|)) with a smooth angular modulation m; inside < 1 (box's shape).
+    centre, radii: (3,) mm in body frame; angle: in-plane rotation (rad)."""
     dx, dy, dz = g.px[box] - centre[0], g.py[box] - centre[1], g.pz[box] - centre[2]
     c, s = np.float32(np.cos(angle)), np.float32(np.sin(angle))
     u = (c * dx + s * dy) / radii[0]
@@ -112,10 +100,8 @@ def blob_level(g: Grid, box: tuple, centre, radii, angle: float = 0.0, modulatio
 
 
 def tube_level(g: Grid, box: tuple, knots_z, cx, cy, rx, ry, roundness: float = 4.0) -> np.ndarray:
-    """Elliptic tube whose centre and radii follow knots along z (linear), with rounded ends.
-
-    knots_z increasing (mm); cx, cy, rx, ry values at the knots. Inside < 1. Returns the box's shape.
-    """
+    """Elliptic tube with rounded ends, centre and radii (cx, cy, rx, ry) linear between increasing knots_z
+    (mm); inside < 1 (box's shape)."""
     pz = g.pz[box]
     flat = pz.reshape(-1)
     ex = ((g.px[box] - np.interp(flat, knots_z, cx).reshape(pz.shape))
@@ -130,10 +116,8 @@ def tube_level(g: Grid, box: tuple, knots_z, cx, cy, rx, ry, roundness: float = 
 
 def smooth_field(rng: np.random.Generator, shape: tuple[int, int, int], cell: int, sigma: float,
                  sigma_z: float) -> np.ndarray:
-    """Smooth random field (unit sd) on `shape`, built at 1/cell in-plane resolution and upsampled.
-
-    sigma: in-plane smoothing in low-resolution cells; sigma_z: along z in slices. Returns X x Y x Z float32.
-    """
+    """Smooth random field (unit sd, X x Y x Z float32) built at 1/cell in-plane resolution and upsampled;
+    sigma: in-plane smoothing in low-resolution cells, sigma_z: along z in slices."""
     low = rng.standard_normal((max(2, shape[0] // cell + 2), max(2, shape[1] // cell + 2), shape[2] + 2),
                               dtype=np.float32)
     low = ndimage.gaussian_filter(low, sigma=(sigma, sigma, sigma_z), mode="wrap")
@@ -289,11 +273,8 @@ def paint_thorax(g: Grid, s: Subject, depth: np.ndarray, domes, y_spine: float) 
 
 def paint_blobs(g: Grid, s: Subject, parts, tissue: int, label: int, allowed, domes=None,
                 modulation: float = 0.1, shift=(8.0, 7.0, 12.0)) -> tuple[tuple, np.ndarray]:
-    """Paint a union of jittered blobs [(centre, radii, angle), ...] sharing one organ translation.
-
-    Returns (box, level) so callers can add shells or sub-regions. `domes` clips the organ below the
-    diaphragm. The first part's jitter moves the whole organ; the others get small extra offsets.
-    """
+    """Paint a union of jittered blobs [(centre, radii, angle), ...] sharing one organ translation (the
+    others get small extra offsets), clipped below the diaphragm when `domes`; returns (box, level)."""
     rng = s.rng
     shift = rng.normal(0, shift).astype(np.float32)
     placed = []
@@ -474,11 +455,8 @@ CORPORA = {"SilverCorpus": (0, SILVER_FIRST_PID), "GoldCorpus": (1, GOLD_FIRST_P
 
 
 def write_subject(task: tuple) -> tuple[str, str, np.ndarray | None, dict]:
-    """Render and write one subject in VISCERAL naming; returns (corpus, pid, canonical label or None, info).
-
-    task = (root, corpus, index, seed, size, n_slices, keep_label). The subject depends only on
-    (seed, corpus, index), so adding subjects never changes existing ones.
-    """
+    """Render and write one subject, task = (root, corpus, index, seed, size, n_slices, keep_label); returns
+    (corpus, pid, canonical label or None, info). It depends only on (seed, corpus, index)."""
     root, corpus, index, seed, size, n_slices, keep_label = task
     code, first = CORPORA[corpus]
     rng = np.random.default_rng([seed, code, index])
@@ -499,10 +477,8 @@ def write_subject(task: tuple) -> tuple[str, str, np.ndarray | None, dict]:
 
 def generate_phantom(out: str | Path, n_silver: int, n_gold: int, seed: int, size: int = 256,
                      n_slices: int = 64, workers: int = 2, overwrite: bool = False) -> dict:
-    """Write a VISCERAL-layout phantom to `out` atomically; returns a summary with the gold label volumes.
-
-    Returns {"cases": {pid: info}, "gold_labels": {pid: X x Y x Z uint8 canonical}}.
-    """
+    """Write a VISCERAL-layout phantom to `out` atomically; returns {"cases": {pid: info}, "gold_labels":
+    {pid: X x Y x Z uint8 canonical}}."""
     if n_silver < 1 or n_gold < 2:
         raise UserError(f"phantom: n_silver {n_silver} / n_gold {n_gold}: need at least 1 silver and 2 gold "
                         "volumes (one support, one query)")

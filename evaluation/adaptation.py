@@ -1,10 +1,6 @@
-"""Test-time adaptation on the support (an LSLPN+ option, docs/lslpn_plus.md).
-
-Before a support slice segments its queries, a copy of the model is fine-tuned for `steps` SGD steps on
-two random SSL-ALPNet views of that slice (dataloaders/warp.alpnet_view), one as support and one as
-query (cross-entropy, BatchNorm statistics kept). The model passed in is never changed. A 2.5D model is
-adapted on views of the slice's stack, every channel through the same draw; the mask is the centre's.
-"""
+"""Test-time adaptation on the support (an LSLPN+ option, docs/lslpn_plus.md): before a support slice
+segments its queries, a copy of the model is fine-tuned on pairs of SSL-ALPNet views of that slice
+(`selfsup_episodes.alpnet_view`); the model passed in is never changed."""
 from __future__ import annotations
 
 import copy
@@ -54,81 +50,42 @@ def support_views(image: np.ndarray, mask: np.ndarray, count: int, input_size: i
 def adapt_to_support(model: nn.Module, image: np.ndarray, mask: np.ndarray, input_size: int, steps: int,
                      lr: float = 1e-2, batch_size: int = 2, seed: int = 0,
                      device: str | torch.device = "cpu") -> nn.Module:
-    """A fine-tuned copy of `model` (eval mode) after `steps` steps on views of one support slice:
-    image H x W (C x H x W for a 2.5D model, scaled as the model's input), mask H x W (bool)."""
+    """A copy of `model` (eval mode) fine-tuned for `steps` steps on views of one support slice: image
+    H x W (C x H x W for a 2.5D model, scaled as the model's input), mask H x W (bool)."""
     # outside inference mode even when called under it: the copy's weights must be trainable tensors
     with torch.inference_mode(False), torch.enable_grad():
         adapted = copy.deepcopy(model).to(device).eval()     # BatchNorm statistics stay as trained
-        if steps > 0:
-            _fine_tune(adapted, image, mask, input_size, steps, lr, batch_size, seed, device)
+        optimiser = torch.optim.SGD([p for p in adapted.parameters() if p.requires_grad], lr=lr, momentum=0.9)
+        rng = np.random.default_rng(slice_seed(seed, image, mask))
+        for _ in range(steps):
+            images, masks = support_views(image, mask, 2 * batch_size, input_size, rng)  # 2B (x C) x S x S
+            images = images if images.dim() == 4 else images[:, None]                  # 2B x C x S x S
+            images, masks = images.to(device), masks.to(device)
+            support_fg = masks[:batch_size, None, None]                                # B x 1 x 1 x S x S
+            logits, _ = adapted(images[:batch_size, None, None], support_fg, 1.0 - support_fg,
+                                images[batch_size:, None])                             # B x 1 x 2 x S x S
+            loss = F.cross_entropy(logits[:, 0].float(), masks[batch_size:].long())
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            optimiser.step()
     return adapted.eval()
 
 
-def _fine_tune(adapted: nn.Module, image: np.ndarray, mask: np.ndarray, input_size: int, steps: int,
-               lr: float, batch_size: int, seed: int, device) -> None:
-    optimiser = torch.optim.SGD([p for p in adapted.parameters() if p.requires_grad], lr=lr, momentum=0.9)
-    rng = np.random.default_rng(slice_seed(seed, image, mask))
-    for _ in range(steps):
-        images, masks = support_views(image, mask, 2 * batch_size, input_size, rng)   # 2B (x C) x S x S
-        images = images if images.dim() == 4 else images[:, None]                   # 2B x C x S x S
-        images, masks = images.to(device), masks.to(device)
-        support_images = images[:batch_size, None, None]                            # B x 1 x 1 x C x S x S
-        support_fg = masks[:batch_size, None, None]                                 # B x 1 x 1 x S x S
-        query_images = images[batch_size:, None]                                    # B x 1 x C x S x S
-        target = masks[batch_size:].long()                                          # B x S x S
-        logits, _ = adapted(support_images, support_fg, 1.0 - support_fg, query_images)
-        loss = F.cross_entropy(logits[:, 0].float(), target)                        # B x 2 x S x S
-        optimiser.zero_grad(set_to_none=True)
-        loss.backward()
-        optimiser.step()
-
-
-class AdaptedCopies:
-    """Adapted copies of one model, one per distinct support slice (`slice_seed`), kept for reuse (a
-    protocol meets a support slice once per query scan); at most `max_copies`, the oldest dropped first.
-    seconds_adapting: total fine-tuning time; adaptations: how many copies were made."""
-
-    def __init__(self, model: nn.Module, steps: int, lr: float, batch_size: int = 2, seed: int = 0,
-                 max_copies: int = 96):
-        self.model, self.steps, self.lr = model, int(steps), float(lr)
-        self.batch_size, self.seed, self.max_copies = int(batch_size), int(seed), int(max_copies)
-        self._copies: dict[int, nn.Module] = {}
-        self.seconds_adapting, self.adaptations = 0.0, 0
-
-    def get(self, image: np.ndarray, mask: np.ndarray, input_size: int, device) -> nn.Module:
-        """The copy adapted to this slice H x W (or stack C x H x W) and mask H x W (made on first use)."""
-        key = slice_seed(self.seed, image, mask)
-        if key not in self._copies:
-            start = time.perf_counter()
-            self._copies[key] = adapt_to_support(self.model, image, mask, input_size, self.steps, self.lr,
-                                                 self.batch_size, self.seed, device)
-            self.seconds_adapting += time.perf_counter() - start
-            self.adaptations += 1
-            if len(self._copies) > self.max_copies:
-                self._copies.pop(next(iter(self._copies)))
-        return self._copies[key]
-
-
 class SupportAdaptedModel(nn.Module):
-    """A prototype model that segments with a copy of itself adapted to each support it is given (the
-    model interface of evaluation/inference.run_chunks). Views are drawn from the shot at the model's
-    input size (the middle of k shots), or with `stored_views` from the slice at the stored resolution
-    that run_chunks passes (then resized to the input). One way only; one copy per distinct slice."""
+    """A prototype model that segments with a copy of itself adapted to each support slice it is given
+    (`adapt_to_support`; the model interface of evaluation/inference.run_chunks), one copy per distinct
+    slice (`slice_seed`), at most `max_copies` kept. Views come from the middle shot at the input size,
+    or with `stored_views` from the slice at the stored resolution that run_chunks passes."""
 
     def __init__(self, model: nn.Module, steps: int, lr: float = 1e-2, batch_size: int = 2, seed: int = 0,
-                 stored_views: bool = False):
+                 stored_views: bool = False, max_copies: int = 96):
         super().__init__()
         self.model, self.config, self.stored_views = model, model.config, stored_views
-        self.copies = AdaptedCopies(model, steps, lr, batch_size, seed)
+        self.steps, self.lr, self.batch_size, self.seed = int(steps), float(lr), int(batch_size), int(seed)
+        self.max_copies = int(max_copies)
+        self._copies: dict[int, nn.Module] = {}
         self._adapted: nn.Module | None = None
-
-    @property
-    def seconds_adapting(self) -> float:
-        return self.copies.seconds_adapting
-
-    @property
-    def adaptations(self) -> int:
-        return self.copies.adaptations
+        self.seconds_adapting, self.adaptations = 0.0, 0
 
     def encode_support(self, support_images, support_fg, support_bg, stored=None):
         """As FewShotSegNet.encode_support (B x N x K x C x S x S), with the copy adapted to the shot;
@@ -139,7 +96,16 @@ class SupportAdaptedModel(nn.Module):
             shot = support_images[0, 0, K // 2]                                    # C x S x S
             image = (shot[0] if shot.shape[0] == 1 else shot).float().cpu().numpy()  # S x S, or C x S x S
             stored = (image, support_fg[0, 0, K // 2].float().cpu().numpy() > 0.5)
-        self._adapted = self.copies.get(*stored, support_images.shape[-1], support_images.device)
+        key = slice_seed(self.seed, *stored)
+        if key not in self._copies:
+            start = time.perf_counter()
+            self._copies[key] = adapt_to_support(self.model, *stored, support_images.shape[-1], self.steps,
+                                                 self.lr, self.batch_size, self.seed, support_images.device)
+            self.seconds_adapting += time.perf_counter() - start
+            self.adaptations += 1
+            if len(self._copies) > self.max_copies:
+                self._copies.pop(next(iter(self._copies)))
+        self._adapted = self._copies[key]
         return self._adapted.encode_support(support_images, support_fg, support_bg)
 
     def segment(self, prototypes, query_images):

@@ -1,10 +1,6 @@
-"""The volumetric protocol over organs x query volumes x methods, and validation during training.
-
-`evaluate(...)` runs every method (mask copy, snapshots, models in memory) on every organ of every query
-volume of a prepared split (PREP/volumes/<split>/<pid>.npz, docs/DESIGN.md) against one support or each in
-turn, and writes results.json, results.csv, table.md, figures and NIfTI predictions (evaluation/results.py).
-`validate(...)` is the same protocol on the held-out split, returning the mean Dice.
-"""
+"""The volumetric protocol over organs x query volumes x methods of a prepared split (docs/DESIGN.md):
+`evaluate` writes results.json / .csv, table.md, figures and NIfTI predictions; `validate` is the same
+protocol on the held-out split during training, returning the mean Dice."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -47,8 +43,7 @@ def choose_supports(pids: list[str], support: str | int | list) -> list[str]:
 
 
 def own_split(prep_dir: str | Path) -> dict | None:
-    """An SSL-ALPNet-prepared folder's own split (dataloaders/alpnet_prepare.py): its support scan, test
-    scans and test organs, as SSL-ALPNet evaluates it; None for any other prepared folder."""
+    """An SSL-ALPNet-prepared folder's support scan, test scans and test organs; None for other folders."""
     meta = read_meta(prep_dir).get("alpnet")
     if meta is None:
         return None
@@ -57,17 +52,14 @@ def own_split(prep_dir: str | Path) -> dict | None:
 
 def organ_names(organs: list[str]) -> list[str]:
     """Canonical organ names (clear error for unknown ones), order kept."""
-    for name in organs:
-        organ_index(name)
-    return [canonical_name(name) for name in organs]
+    return [canonical_name(name) for name in organs if organ_index(name)]
 
 
 # -------------------------------------------------------------------------------------- methods
 def load_snapshot(path: str | Path, device: str | torch.device = "cpu", input_size: int | None = None,
                   intensity: dict | None = None) -> tuple[torch.nn.Module, dict]:
-    """(model in eval mode, info) of a checkpoint (FewShotSegNet or SENet). info['input']: the input size
-    and intensity it is run with (models.checkpoint.model_input); info['input_size'] / ['intensity']: its
-    training's. One-line errors: missing file, not a checkpoint of this project, weights that do not fit."""
+    """(model in eval mode, info) of a checkpoint. info['input']: the input size and intensity it is run
+    with (models.checkpoint.model_input); info['input_size'] / ['intensity']: its training's."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"snapshot {path} does not exist: pass the best.pth or last.pth of a training run")
@@ -100,10 +92,8 @@ def check_intensity(prepared: dict, intensity: dict) -> None:
 
 def prepare_method(spec, organs: list[str], device, input_size: int | None = None,
                    intensity: dict | None = None) -> dict[str, tuple[Any, dict]]:
-    """organ -> (model or None for mask copy, info). spec: None, a path, a module, or {organ: spec}.
-
-    input_size, intensity: what the evaluation runs snapshots with (see `load_snapshot`).
-    """
+    """organ -> (model or None for mask copy, info). spec: None, a path, a module, or {organ: spec};
+    input_size, intensity: what the evaluation runs snapshots with (see `load_snapshot`)."""
     if isinstance(spec, dict):
         unknown = [organ for organ in organs if canonical_name(organ) not in
                    {canonical_name(key) for key in spec}]
@@ -116,33 +106,18 @@ def prepare_method(spec, organs: list[str], device, input_size: int | None = Non
         entry = (None, {"snapshot": None})
     elif isinstance(spec, torch.nn.Module):
         entry = (spec, {"snapshot": "<in memory>"})
-    else:
+    else:   # a snapshot may only be tested on its own fold's organs (others were training classes)
         entry = load_snapshot(spec, device, input_size, intensity)
-        check_fold(entry[1], organs)
+        fold, own = entry[1]["snapshot_fold"], entry[1]["snapshot_organs"]
+        leaked = [organ for organ in organs if own is not None and organ not in own]
+        if leaked:
+            raise UserError(f"snapshot {entry[1]['snapshot']} was trained for fold {fold} and may have seen "
+                            f"{', '.join(leaked)} in training: evaluate it with fold={fold} "
+                            f"({', '.join(own)}) or pass that organ's fold snapshot")
     return {organ: entry for organ in organs}
 
 
-def check_fold(info: dict, organs: list[str]) -> None:
-    """A snapshot may only be tested on its own fold's organs (others were training classes)."""
-    fold, own = info.get("snapshot_fold"), info.get("snapshot_organs")
-    leaked = [organ for organ in organs if own is not None and organ not in own]
-    if leaked:
-        raise UserError(f"snapshot {info['snapshot']} was trained for fold {fold} and may have seen "
-                        f"{', '.join(leaked)} in training: evaluate it with fold={fold} "
-                        f"({', '.join(own)}) or pass that organ's fold snapshot")
-
-
 # ------------------------------------------------------------------------------------ protocol
-def predict(model, support: dict, query: dict, organ_label: int, support_range, query_range,
-            preset, input_size: int, intensity: dict, device, batch_size: int, n_shots: int) -> np.ndarray:
-    """Protocol prediction (X x Y x Z bool) of one method; model None = mask copy."""
-    support_mask = support["label"] == organ_label
-    if model is None:
-        return mask_copy(support_mask, support_range, query["label"].shape, query_range, preset.n_chunks,
-                         preset.rule)
-    plan = chunk_plan(support_range, query_range, preset.n_chunks, n_shots, preset.rule, support_mask)
-    return run_chunks(model, [(support["image"], support_mask)] * n_shots, plan, query["image"], input_size,
-                      intensity, device, batch_size)
 
 
 def run_protocol(methods: dict[str, dict], organs: list[str], prep_dir, split: str, supports: list[str],
@@ -150,8 +125,7 @@ def run_protocol(methods: dict[str, dict], organs: list[str], prep_dir, split: s
                  on_prediction=None, progress: bool = False, queries: list[str] | None = None) -> list[dict]:
     """Records {method, organ, support, query, dice_range, dice_volume, ranges, skipped} of every case.
     methods: name -> organ -> (model or None, info); on_prediction(record, support, query, prediction) is
-    called for every scored prediction; queries: the query ids (None: the split's volumes but the support).
-    """
+    called for every scored prediction; queries: the query ids (None: the split's volumes but the support)."""
     pids = list_volumes(prep_dir, split) if queries is None else list(queries)
     records = []
     cases = [(sid, qid) for sid in supports for qid in pids if qid != sid]
@@ -187,12 +161,19 @@ def run_protocol(methods: dict[str, dict], organs: list[str], prep_dir, split: s
                 model, info = per_organ[organ]
                 run = info.get("input", {"input_size": input_size or DEFAULT_INPUT_SIZE,
                                          "intensity": intensity})
-                prediction = predict(model, support, query, label, support_range, query_range, preset,
-                                     run["input_size"], run["intensity"], device, batch_size, n_shots)
+                support_mask = support["label"] == label
+                if model is None:
+                    prediction = mask_copy(support_mask, support_range, query["label"].shape, query_range,
+                                           preset.n_chunks, preset.rule)
+                else:
+                    plan = chunk_plan(support_range, query_range, preset.n_chunks, n_shots, preset.rule,
+                                      support_mask)
+                    prediction = run_chunks(model, [(support["image"], support_mask)] * n_shots, plan,
+                                            query["image"], run["input_size"], run["intensity"], device,
+                                            batch_size)
                 target = query["label"] == label
                 lo, hi = query_range
                 record["dice_range"] = dice(prediction[:, :, lo:hi + 1], target[:, :, lo:hi + 1],
-                                            # 'official'/'senet': smoothed
                                             preset.dice_smooth, preset.dice_eps)
                 record["dice_volume"] = dice(prediction, target)
                 record["empty"] = not prediction.any()
@@ -208,10 +189,8 @@ def validate(model: torch.nn.Module, prep_dir: str | Path, split: str = "val",
              device="cpu", batch_size: int = 16,
              n_shots: int = 1) -> dict:
     """{'mean_dice', 'per_organ', 'preset'} of `model` on a prepared split, for model selection: support
-    the split's first volume ('gold': 10000132 when present, as the official code), queries the others;
-    mean over organs of the preset's aggregate of range Dice, NaN organs left out. Mode restored after."""
-    if not organs:
-        raise UserError("validate: no organs given: pass the fold's test organs")
+    the split's first volume ('gold': 10000132 when present), queries the others; mean over organs of the
+    preset's aggregate of range Dice, NaN organs left out. Mode restored after."""
     organs = organ_names(organs)
     protocol = get_preset(preset)
     intensity = read_meta(prep_dir)["intensity"]
@@ -240,59 +219,39 @@ def _slug(name: str) -> str:
     return "".join(ch if ch.isalnum() else "_" for ch in name.strip().lower()).strip("_") or "method"
 
 
-class _Collector:
-    """Saves NIfTI predictions in original geometry, keeps one slice per organ for the figure and hands
-    each prediction on to the caller's `on_prediction`."""
+def save_prediction(folder: Path, record: dict, query: dict, prediction: np.ndarray) -> None:
+    """One prediction as <folder>/<query>_<organ>.nii.gz in the query's original geometry."""
+    for key in ("original_affine", "original_axcodes"):
+        if key not in query:
+            raise UserError(f"prepared volume {query['pid']} lacks '{key}': re-run "
+                            "scripts/prepare_visceral.py, or set eval.save_predictions=False")
+    folder.mkdir(parents=True, exist_ok=True)
+    axcodes, labels = str(query["original_axcodes"]), prediction.astype(np.uint8)
+    # 'as stored': an SSL-ALPNet-layout volume, held in SSL-ALPNet's Y x X x Z transpose of the file's
+    # array: transposed back, it lies on the file's grid again
+    array = labels.transpose(1, 0, 2) if axcodes == "as stored" else to_original(labels, axcodes)
+    save_nifti_atomic(array, query["original_affine"], folder / f"{record['query']}_{record['organ']}.nii.gz")
 
-    def __init__(self, out_dir: Path | None, save_predictions: bool, many_supports: bool, on_prediction=None):
-        self.out_dir, self.save, self.many = out_dir, save_predictions and out_dir is not None, many_supports
-        self.figure: dict[str, dict] = {}
-        self.on_prediction = on_prediction
 
-    def __call__(self, record: dict, support: dict, query: dict, prediction: np.ndarray) -> None:
-        if self.save:
-            self._save_nifti(record, query, prediction)
-        self._keep_slice(record, support, query, prediction)
-        if self.on_prediction is not None:
-            self.on_prediction(record, support, query, prediction)
-
-    def _save_nifti(self, record, query, prediction) -> None:
-        for key in ("original_affine", "original_axcodes"):
-            if key not in query:
-                raise UserError(f"prepared volume {query['pid']} lacks '{key}': re-run "
-                                "scripts/prepare_visceral.py, or set eval.save_predictions=False")
-        folder = self.out_dir / "predictions" / _slug(record["method"])
-        if self.many:
-            folder = folder / f"support_{record['support']}"
-        folder.mkdir(parents=True, exist_ok=True)
-        axcodes = str(query["original_axcodes"])
-        labels = prediction.astype(np.uint8)
-        # 'as stored': an SSL-ALPNet-layout volume (dataloaders/alpnet_prepare.py), held in SSL-ALPNet's
-        # Y x X x Z transpose of the file's array: transposed back, it lies on the file's grid again
-        array = labels.transpose(1, 0, 2) if axcodes == "as stored" else to_original(labels, axcodes)
-        save_nifti_atomic(array, query["original_affine"],
-                          folder / f"{record['query']}_{record['organ']}.nii.gz")
-
-    def _keep_slice(self, record, support, query, prediction) -> None:
-        """First scored (support, query) pair of each organ: the middle slice of the query range."""
-        organ = record["organ"]
-        entry = self.figure.get(organ)
-        if entry is None:
-            lo, hi = record["query_range"]
-            z = (lo + hi) // 2
-            preset = get_preset(record["preset"])
-            support_z = int(support_slices_for_query(record["support_range"], record["query_range"],
-                                                     preset.n_chunks, preset.rule,
-                                                     support["label"] == organ_index(organ))[z - lo])
-            label = organ_index(organ)
-            entry = self.figure[organ] = {
-                "support": record["support"], "query": record["query"], "query_z": z, "support_z": support_z,
-                "support_image": support["image"][:, :, support_z],
-                "support_mask": support["label"][:, :, support_z] == label,
-                "query_image": query["image"][:, :, z], "query_mask": query["label"][:, :, z] == label,
-                "predictions": {}}
-        if (record["support"], record["query"]) == (entry["support"], entry["query"]):
-            entry["predictions"][record["method"]] = prediction[:, :, entry["query_z"]]
+def keep_slice(figure: dict, record: dict, support: dict, query: dict, prediction: np.ndarray) -> None:
+    """For results.png: the middle query slice of each organ's first scored (support, query) pair."""
+    organ, label = record["organ"], organ_index(record["organ"])
+    entry = figure.get(organ)
+    if entry is None:
+        lo, hi = record["query_range"]
+        z = (lo + hi) // 2
+        preset = get_preset(record["preset"])
+        sources = support_slices_for_query(record["support_range"], record["query_range"], preset.n_chunks,
+                                           preset.rule, support["label"] == label)
+        support_z = int(sources[z - lo])
+        entry = figure[organ] = {
+            "support": record["support"], "query": record["query"], "query_z": z, "support_z": support_z,
+            "support_image": support["image"][:, :, support_z],
+            "support_mask": support["label"][:, :, support_z] == label,
+            "query_image": query["image"][:, :, z], "query_mask": query["label"][:, :, z] == label,
+            "predictions": {}}
+    if (record["support"], record["query"]) == (entry["support"], entry["query"]):
+        entry["predictions"][record["method"]] = prediction[:, :, entry["query_z"]]
 
 
 def warn_empty_predictions(records: list[dict]) -> None:
@@ -348,9 +307,19 @@ def evaluate(methods: dict, organs: list[str], prep_dir: str | Path, preset: str
                     for name, per_organ in prepared.items()}
     check_intensity(prepared, intensity)
     out = Path(out_dir) if out_dir is not None else None
-    collector = _Collector(out, save_predictions, len(supports) > 1, on_prediction)
+    figure: dict[str, dict] = {}
+
+    def collect(record: dict, support: dict, query: dict, prediction: np.ndarray) -> None:
+        if save_predictions and out is not None:
+            folder = out / "predictions" / _slug(record["method"])
+            save_prediction(folder / f"support_{record['support']}" if len(supports) > 1 else folder, record,
+                            query, prediction)
+        keep_slice(figure, record, support, query, prediction)
+        if on_prediction is not None:
+            on_prediction(record, support, query, prediction)
+
     records = run_protocol(prepared, organs, prep_dir, split, supports, protocol, input_size, device,
-                           batch_size, n_shots, intensity, collector, progress, queries)
+                           batch_size, n_shots, intensity, collect, progress, queries)
     warn_empty_predictions(records)
     header = {"fold": fold, "split": split, "supports": supports, "n_shots": n_shots, "organs": organs,
               "input_size": input_size, "prep_dir": str(prep_dir),
@@ -360,7 +329,7 @@ def evaluate(methods: dict, organs: list[str], prep_dir: str | Path, preset: str
     if out is None:
         return _jsonable({**header, "preset": protocol.as_dict(), "results": summarise(records, protocol)})
     results = write_outputs(out, records, protocol, header)
-    save_figure_data(collector.figure, out / "figure_data.npz")
+    save_figure_data(figure, out / "figure_data.npz")
     if figures:
         make_figures(out)
     return results

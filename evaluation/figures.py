@@ -1,10 +1,6 @@
-"""Figures of an evaluation run folder (written by evaluation.evaluate.evaluate).
-
-results.png: per test organ, the support slice with its mask and every method's query slice with truth
-(green) and prediction (red) outlines; misalignment.png: per query volume, alignment Dice (mask copy)
-against each model's Dice. Canonical `X x Y` slices are shown radiologically (`display`). Check first,
-then write: `render_figures` draws every PNG in memory (bad input: one-line UserError before any file is
-touched), `make_figures` writes them atomically.
+"""Figures of an evaluation run folder: results.png (per organ, the support slice and every method's query
+slice, truth green, prediction red) and misalignment.png (alignment Dice of mask copy against each
+model's Dice). All are drawn in memory first (`render_figures`), then written (`make_figures`).
 """
 from __future__ import annotations
 

@@ -67,11 +67,8 @@ def organ_range(organ_mask: np.ndarray, threshold: int) -> tuple[int, int] | Non
 
 def preset_range(organ_mask: np.ndarray, preset: ProtocolPreset,
                  role: str = "support") -> tuple[int, int] | None:
-    """The organ range (first, last), inclusive, under the preset's rule; None when empty.
-
-    'official': slices z = 0 .. Z-2 qualify, cropped to [first, last); 'senet' role 'query': SENet's
-    query crop (`query_crop`); otherwise `organ_range`.
-    """
+    """The organ range (first, last), inclusive, under the preset's rule; None when empty. 'official':
+    slices z = 0 .. Z-2 qualify, cropped to [first, last); 'senet' query: `query_crop`; else `organ_range`."""
     if preset.rule == "senet" and role == "query":
         return query_crop(organ_mask, preset.threshold)
     if preset.rule != "official":
@@ -83,26 +80,18 @@ def preset_range(organ_mask: np.ndarray, preset: ProtocolPreset,
 
 
 # ------------------------------------------------------------------- 'inclusive' and 'official'
-def _check_lengths(length: int, n_chunks: int) -> None:
-    if length < 1 or n_chunks < 1:
-        raise ValueError(f"range length {length} and n_chunks {n_chunks} must both be >= 1")
-
-
 def official_bounds(length: int, n_chunks: int) -> np.ndarray:
     """Chunk boundaries floor(i * L / n), i = 0..n, of the official eval.py. Shape: (n + 1,)."""
-    _check_lengths(length, n_chunks)
     return (np.arange(n_chunks + 1) * length) // n_chunks
 
 
 def chunk_of_offsets(length: int, n_chunks: int) -> np.ndarray:
     """Chunk index of every offset 0..length-1 of a range: floor(j * n / L). Shape: (length,)."""
-    _check_lengths(length, n_chunks)
     return (np.arange(length) * n_chunks) // length
 
 
 def support_offsets(length: int, n_chunks: int) -> np.ndarray:
     """Offset of the middle slice of each support chunk: min(L-1, floor((i+0.5) L / n)). Shape: (n,)."""
-    _check_lengths(length, n_chunks)
     middles = np.floor((np.arange(n_chunks) + 0.5) * length / n_chunks).astype(int)
     return np.minimum(middles, length - 1)
 
@@ -317,11 +306,7 @@ def aggregate(values, how: str) -> float:
     values = np.asarray(list(values), dtype=float)
     if values.size == 0:
         return float("nan")
-    if how == "mean":
-        return float(values.mean())
-    if how == "median":
-        return float(np.median(values))
-    raise UserError(f"aggregate '{how}' is unknown: use 'mean' or 'median'")
+    return float(values.mean()) if how == "mean" else float(np.median(values))
 
 
 def summarise_folds(per_fold: dict[int, dict[str, float]]) -> dict[str, dict[str, float]]:

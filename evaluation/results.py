@@ -1,8 +1,6 @@
-"""Summaries and files of an evaluation: results.json, results.csv and the paper's Table 1 (table.md).
-
-A record is one (method, organ, support, query) case from `evaluation.evaluate.run_protocol`:
-{method, organ, support, query, preset, support_range, query_range, dice_range, dice_volume, skipped}.
-Dice values are fractions in [0, 1] in the files; the markdown table shows percentages as the paper.
+"""Summaries and files of an evaluation: results.json, results.csv and the paper's Table 1 (table.md), from
+the records of `evaluation.evaluate.run_protocol` (one per method, organ, support and query). Dice values
+are fractions in the files; the markdown table shows percentages as the paper.
 """
 from __future__ import annotations
 
@@ -59,11 +57,8 @@ def summarise(records: list[dict], preset: ProtocolPreset) -> dict:
 
 
 def table_rows(summary: dict, metric: str = "range") -> dict[str, dict[str, float | None]]:
-    """method -> Table 1 column (liver, spleen, kidney, psoas, mean) -> Dice % (None when not evaluated).
-
-    A column is the mean of its organs that were evaluated (kidney, psoas: left and right);
-    'mean' is the mean of the available columns, as the paper's mean over its four columns.
-    """
+    """method -> Table 1 column (liver, spleen, kidney, psoas, mean) -> Dice % (None when not evaluated):
+    the mean of the column's evaluated organs (kidney, psoas: both sides); 'mean' that of the columns."""
     rows = {}
     for method, organs in summary.items():
         row = {}
@@ -117,11 +112,8 @@ def markdown_table(summary: dict, preset: ProtocolPreset, metric: str = "range",
 
 
 def unscored_notes(summary: dict) -> list[str]:
-    """Why an organ has no score ('–' in the table) or fewer volumes than the others: one line per organ.
-
-    Skips do not depend on the method (the organ's slices decide), so the first method that has the
-    organ speaks for all.
-    """
+    """Why an organ has no score ('–' in the table) or fewer volumes than the others: one line per organ
+    (skips depend on the organ's slices, not the method: the first method speaks for all)."""
     notes, seen = [], set()
     for organs in summary.values():
         for organ, entry in organs.items():
@@ -189,10 +181,8 @@ def read_results(run_dir: str | Path) -> dict:
 
 
 def write_outputs(out_dir: str | Path, records: list[dict], preset: ProtocolPreset, header: dict) -> dict:
-    """Write results.json, results.csv and table.md under out_dir; returns the results dict.
-
-    header: fold, split, supports, n_shots, config and methods (name -> snapshot info).
-    """
+    """Write results.json, results.csv and table.md under out_dir; returns the results dict (header: fold,
+    split, supports, n_shots, config and methods)."""
     out_dir = Path(out_dir)
     summary = summarise(records, preset)
     results = _jsonable({**header, "preset": preset.as_dict(), "results": summary,

@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from dataloaders.dicom import is_dicom_path, read_dicom_series
 from dataloaders.label_map import (
+    AIR_HU,
     field_of_view_warning,
     hounsfield_problem,
     image_problems,
@@ -39,16 +40,16 @@ from dataloaders.nifti import NiftiVolume, check_same_grid, load_nifti, save_nif
 from dataloaders.organs import INDEX_TO_NAME, canonical_name
 from dataloaders.transforms import needs_hounsfield, neighbour_stack, volume_intensity
 from evaluation.inference import images_to_input, support_prototypes
-from evaluation.protocols import centre_offsets, chunk_plan
+from evaluation.protocols import centre_offsets, chunk_plan, resize_nearest
 from models.checkpoint import check_input_size, model_from_checkpoint, model_input
 from models.fewshot import FewShotSegNet, model_input_slices
 from util.cli import warn
 from util.device import resolve_device
 from util.errors import UserError
-from util.io import check_output_file
+from util.io import check_output_file, write_text_atomic
 
 # ----------------------------------------------------------------- the query range and the plan
-BODY_HU = -500.0            # body voxels: above this HU (air and lung-free outside are below)
+
 BODY_SLICE_FRACTION = 0.1   # a body slice has >= this fraction of the fullest slice's body voxels
 COVERAGE_WARN = 0.10        # body extents (mm) of query and support differ by more than this: warning
 COVERAGE_REFUSE = 0.25      # ... by more than this: the relative transfer is refused (give --query-range)
@@ -100,7 +101,7 @@ def stored_range_to_canonical(query_range: tuple[int, int], query: NiftiVolume) 
 
 
 # ----------------------------------------------------------------------------- relative transfer
-def body_extent(image: np.ndarray, threshold: float = BODY_HU) -> tuple[int, int]:
+def body_extent(image: np.ndarray, threshold: float = AIR_HU) -> tuple[int, int]:
     """First and last axial slice of the body: slices whose count of voxels > threshold (-500 HU) is at
     least 10% of the fullest slice's count. image X x Y x Z. The whole volume when nothing is above."""
     counts = (image > threshold).reshape(-1, image.shape[-1]).sum(axis=0)    # Z
@@ -192,7 +193,7 @@ def transfer_query_range(supports: Sequence[Support], query: NiftiVolume, query_
         problem = hounsfield_problem(image, name, role)
         if problem:
             raise UserError(f"{problem}: the default query range is found from the body's axial extent "
-                            f"(voxels above {BODY_HU:g} HU), which needs CT in HU, and fields of view differ "
+                            f"(voxels above {AIR_HU:g} HU), which needs CT in HU, and fields of view differ "
                             "from scan to scan: give --query-range Z0:Z1 (the organ's slices in the "
                             "query file)")
     query_spacing_z = float(np.sqrt((query.affine[:3, 2] ** 2).sum()))
@@ -455,11 +456,9 @@ def segment_volume(checkpoint, supports: Sequence[tuple[str, str]], query, out=N
     stored = canonical_to_stored_range(canonical_range, query_volume)
     print(f"support organ: {', '.join(f'{s.name}: {s.label}' for s in support_list)}; query range "
           f"{stored[0]}:{stored[1]} (slices along the query file's axial axis, {how})", flush=True)
-    plan = segment_plan(support_list, canonical_range, int(n_chunks))
-    (z0, score), = score_organs(model, {1: (support_list, plan)}, query_image, input_size, intensity, device,
-                                int(batch_size), {}, progress).values()
-    prediction = np.zeros(query_image.shape, dtype=np.uint8)
-    prediction[:, :, z0:z0 + score.shape[2]] = score > 0                  # X x Y x Z, 0 outside the plan
+    prediction, _ = segment_scan(model, {1: ("organ", support_list)}, query_volume, query_image, input_size,
+                                 intensity, device, int(batch_size), int(n_chunks), {}, canonical_range,
+                                 progress)                               # X x Y x Z, 0 outside the plan
     array = to_original(prediction, query_volume.original_axcodes)
     assert tuple(array.shape) == tuple(query_volume.original_shape)    # to_original inverts load_nifti
     image = nib.Nifti1Image(array, query_volume.original_affine)
@@ -471,8 +470,6 @@ def segment_volume(checkpoint, supports: Sequence[tuple[str, str]], query, out=N
         warn(f"the output mask is empty: no voxel of {Path(str(query)).name} was segmented in query slices "
              f"{stored[0]}:{stored[1]}: check the support label, the query range and the checkpoint's organ")
     return array, image
-
-
 
 
 @dataclass
@@ -503,8 +500,8 @@ def modality(image: np.ndarray) -> str:
 
 
 def body_threshold(image: np.ndarray) -> float:
-    """Body voxels lie above this: BODY_HU for CT in HU, else a fraction of the 99th percentile (MR)."""
-    return BODY_HU if modality(image) == "CT" else MR_BODY_FRACTION * float(np.percentile(image, 99))
+    """Body voxels lie above this: AIR_HU for CT in HU, else a fraction of the 99th percentile (MR)."""
+    return AIR_HU if modality(image) == "CT" else MR_BODY_FRACTION * float(np.percentile(image, 99))
 
 
 def support_pairs(supports) -> list[tuple[Path, Path]]:
@@ -617,17 +614,25 @@ def score_organs(model, organ_plans: dict, query_image: np.ndarray, input_size: 
                  device, batch_size: int, prototypes: dict, progress: bool = False) -> dict:
     """{value: (z0, X x Y x W float32 foreground - background logit of slices z0..)} of organ_plans
     {value: (supports, plan)}. Query slices are encoded once for all organs, in fixed blocks of batch_size
-    (an organ's result never depends on the others); prototypes are cached in `prototypes` across queries."""
+    (an organ's result never depends on the others); prototypes are cached in `prototypes` across queries.
+    model None: mask copy, the score is the fraction of the plan's support masks covering a voxel - 0.5."""
+    windows = {value: (min(int(z.min()) for _, z in plan), max(int(z.max()) for _, z in plan))
+               for value, (_, plan) in organ_plans.items()}
+    scores = {value: np.full(query_image.shape[:2] + (z1 - z0 + 1,), -np.inf, dtype=np.float32)
+              for value, (z0, z1) in windows.items()}                             # X x Y x window
+    if model is None:
+        for value, (supports, plan) in organ_plans.items():
+            for support_z, query_z in plan:
+                votes = np.mean([resize_nearest(s.mask[:, :, z], query_image.shape[:2])
+                                 for s, z in zip(supports, support_z)], axis=0)          # X x Y
+                scores[value][:, :, query_z - windows[value][0]] = (votes - 0.5)[:, :, None]
+        return {value: (windows[value][0], score_window) for value, score_window in scores.items()}
     split = isinstance(model, FewShotSegNet)         # encoder once, then each organ's head
     encode = (lambda x: model.encoder(x.flatten(0, 1)).unflatten(0, (1, -1))) if split else (lambda x: x)
     score = model.head.score if split else model.segment
     slices = model_input_slices(model)
     query_scale = volume_intensity(query_image, intensity, "query image")
     scales = prototypes.setdefault("scales", {})
-    windows = {value: (min(int(z.min()) for _, z in plan), max(int(z.max()) for _, z in plan))
-               for value, (_, plan) in organ_plans.items()}
-    scores = {value: np.full(query_image.shape[:2] + (z1 - z0 + 1,), -np.inf, dtype=np.float32)
-              for value, (z0, z1) in windows.items()}                             # X x Y x window
     needed = sorted({int(z) for _, plan in organ_plans.values() for _, query_z in plan for z in query_z})
     blocks = sorted({z // batch_size for z in needed})
     with torch.inference_mode():
@@ -654,6 +659,36 @@ def score_organs(model, organ_plans: dict, query_image: np.ndarray, input_size: 
                     difference = (logits[:, 1] - logits[:, 0]).permute(1, 2, 0)  # X x Y x Q
                     scores[value][:, :, zs[chosen] - windows[value][0]] = difference.cpu().numpy()
     return {value: (windows[value][0], score_window) for value, score_window in scores.items()}
+
+
+def segment_scan(model, by_organ: dict, volume: NiftiVolume, query_image: np.ndarray, input_size: int,
+                 intensity: dict, device, batch_size: int, n_chunks: int, prototypes: dict,
+                 query_range: tuple[int, int] | None = None, progress: bool = False) -> tuple:
+    """(X x Y x Z labels, {value: (how, scored range, found range or None)}, canonical z inclusive) of one
+    query: every organ of by_organ {value: (name, supports)} in one `score_organs` pass, a voxel claimed by
+    several organs to the highest score. Without query_range: `organ_window`, the largest 3D component."""
+    plans, ranges = {}, {}
+    for value, (_, supports) in by_organ.items():
+        if query_range is not None:
+            plan, scored = segment_plan(supports, query_range, n_chunks), query_range
+            how = "given by --query-range"
+        else:
+            plan, scored, how = organ_window(supports, volume, query_image, n_chunks)
+        plans[value], ranges[value] = (supports, plan), (how, scored)
+    scores = score_organs(model, plans, query_image, input_size, intensity, device, batch_size, prototypes,
+                          progress)
+    labels = np.zeros(query_image.shape, dtype=np.uint8 if max(by_organ) < 256 else np.uint16)
+    best = np.full(query_image.shape, -np.inf, dtype=np.float32)
+    for value, (z0, score) in scores.items():
+        window = slice(z0, z0 + score.shape[2])
+        mask = score > 0                                                       # X x Y x W
+        mask = mask if query_range is not None else largest_component(mask)
+        take = mask & (score > best[:, :, window])                              # highest score wins
+        labels[:, :, window][take] = value
+        best[:, :, window][take] = score[take]
+        found = np.flatnonzero(mask.any(axis=(0, 1)))
+        ranges[value] += ((z0 + int(found[0]), z0 + int(found[-1])) if found.size else None,)
+    return labels, ranges
 
 
 def segment_queries(queries: Sequence, supports, organs=None, checkpoint=None, outs: Sequence | None = None,
@@ -693,32 +728,15 @@ def segment_queries(queries: Sequence, supports, organs=None, checkpoint=None, o
                             "of the query's modality")
         if needs_hounsfield(intensity):
             check_hounsfield(intensity, [(query_image, query, "query")])
-        plans, ranges = {}, {}
-        for value, (name, organ_list) in by_organ.items():
-            if query_range is not None:
-                scored = stored_range_to_canonical(tuple(int(z) for z in query_range), volume)
-                plan, how = segment_plan(organ_list, scored, n_chunks), "given by --query-range"
-            else:
-                plan, scored, how = organ_window(organ_list, volume, query_image, n_chunks)
-            plans[value] = (organ_list, plan)
-            ranges[name] = {"value": value, "method": how,
-                            "scored": list(canonical_to_stored_range(scored, volume))}
-        scores = score_organs(model, plans, query_image, input_size, intensity, device, batch_size,
-                              prototypes, progress)
-        labels = np.zeros(query_image.shape, dtype=np.uint8 if max(names) < 256 else np.uint16)
-        best = np.full(query_image.shape, -np.inf, dtype=np.float32)
-        for value, (z0, score) in scores.items():
-            window = slice(z0, z0 + score.shape[2])
-            mask = score > 0                                                   # X x Y x W
-            mask = mask if query_range is not None else largest_component(mask)
-            take = mask & (score > best[:, :, window])                          # highest score wins
-            labels[:, :, window][take] = value
-            best[:, :, window][take] = score[take]
-            found = np.flatnonzero(mask.any(axis=(0, 1)))
-            entry = ranges[names[value]]
-            entry["found"] = (list(canonical_to_stored_range((z0 + int(found[0]), z0 + int(found[-1])),
-                                                             volume)) if found.size else None)
-            if not found.size:
+        scored = query_range and stored_range_to_canonical(tuple(map(int, query_range)), volume)
+        labels, found = segment_scan(model, by_organ, volume, query_image, input_size, intensity, device,
+                                     batch_size, n_chunks, prototypes, scored, progress)
+        ranges = {}
+        for value, (how, window, span) in found.items():
+            entry = ranges[names[value]] = {
+                "value": value, "method": how, "scored": list(canonical_to_stored_range(window, volume)),
+                "found": None if span is None else list(canonical_to_stored_range(span, volume))}
+            if span is None:
                 warn(f"{Path(str(query)).name}: no {names[value]} found in slices {entry['scored'][0]}:"
                      f"{entry['scored'][1]} (stored axial indices): the output has none; the query may not "
                      "cover it, or the supports or the checkpoint do not fit this scan")
@@ -730,12 +748,9 @@ def segment_queries(queries: Sequence, supports, organs=None, checkpoint=None, o
         if outs is not None:
             outs[index].parent.mkdir(parents=True, exist_ok=True)
             save_nifti_atomic(array, volume.original_affine, outs[index])
-            sidecar = sidecar_path(outs[index])
-            partial = sidecar.with_name(sidecar.name + ".partial")
-            partial.write_text(json.dumps({"labels": {str(v): n for v, n in names.items()}, "organs": ranges,
-                                           "ranges_are": "stored axial slice indices Z0:Z1 (Z1 excluded)",
-                                           "seconds": round(seconds, 2)}, indent=1))
-            partial.replace(sidecar)
+            write_text_atomic(json.dumps({"labels": {str(v): n for v, n in names.items()}, "organs": ranges,
+                                          "ranges_are": "stored axial slice indices Z0:Z1 (Z1 excluded)",
+                                          "seconds": round(seconds, 2)}, indent=1), sidecar_path(outs[index]))
         results.append((array, names, volume.original_affine, ranges))
     return results
 

@@ -3,6 +3,7 @@ when finished with the same inputs (docs/bench_chaos.md says what each row is):
   prepare   one folder per fold and Setting (and label set in Setting 2)     OUT/prepared/<tag>
   train     every method through experiments.runner.train_or_reuse           OUT/train/<name>/<id>/
   evaluate  test.py's `evaluate` (preset 'alpnet') on the fold's query scans  OUT/evaluations/<digest>.json
+  no oracle the same scans segmented as evaluation/segment.py does (range found, whole volume scored)
 Results per cell in OUT/results.json; the report (docs/bench_chaos.md) and its overlay figure below.
 """
 from __future__ import annotations
@@ -14,20 +15,25 @@ import time
 from pathlib import Path
 
 import numpy as np
+from scipy import ndimage
 
 from dataloaders import layouts as layout
-from dataloaders.nifti import _clean_stale, _pid_alive
+from dataloaders.nifti import NiftiVolume, _clean_stale, _pid_alive
+from dataloaders.organs import NAME_TO_INDEX
 from dataloaders.prepare import normalised_volume, prepare_alpnet
 from dataloaders.prepared import load_volume, read_meta
 from dataloaders.superpixels import make_alpnet_superpixels
 from evaluation.evaluate import evaluate
+from evaluation.protocols import dice as dice_score
 from evaluation.protocols import summarise_folds
+from evaluation.segment import LabelledScan, load_model, organ_supports, segment_scan
 from experiments.runner import ROOT, train_or_reuse
-from models.checkpoint import load_checkpoint
+from models.checkpoint import load_checkpoint, model_input
 from util.errors import UserError
 from util.io import atomic_path, write_text_atomic
 
 MASK_COPY = "mask copy"
+NO_ORACLE_CHUNKS = 3        # support slices per query without the oracle, as the protocol's (1/6, 1/2, 5/6)
 DATA_ENV = "CHAOS_T2_DIR"
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "chaos_mr_t2"   # a checkout next to the shared data folder
 
@@ -197,12 +203,14 @@ def gold_volume(folder: Path, pid: str) -> dict:
 
 
 def initial_model(snapshot: Path, device: str):
-    """The model a run started from: its config built under its seed (as training.loop builds it)."""
+    """(model, input size, intensity) a run started from: its config built under its seed (as training.loop
+    builds it)."""
     from models.fewshot import build_model
     from util.device import seed_everything
     state = load_checkpoint(str(snapshot))
     seed_everything(int(state["seed"]))
-    return build_model(dict(state["model_config"])).to(device).eval(), int(state["input_size"])
+    return (build_model(dict(state["model_config"])).to(device).eval(), int(state["input_size"]),
+            model_input(state)[1])
 
 
 def evaluate_method(snapshot: Path | None, folder: Path, organs: list[str], device: str,
@@ -215,7 +223,7 @@ def evaluate_method(snapshot: Path | None, folder: Path, organs: list[str], devi
     start = time.perf_counter()
     spec, size = snapshot, None
     if untrained:
-        spec, size = initial_model(snapshot, device)
+        spec, size, _ = initial_model(snapshot, device)
     queries = list(queries or read_meta(folder)["alpnet"]["test"])
     predictions: dict[str, dict] = {organ: {} for organ in organs}
 
@@ -232,9 +240,80 @@ def evaluate_method(snapshot: Path | None, folder: Path, organs: list[str], devi
     return dice, predictions, time.perf_counter() - start
 
 
+def surface_distance_95(prediction: np.ndarray, target: np.ndarray, spacing) -> float:
+    """95th percentile (mm) of the distances from each surface voxel of either mask to the other's surface,
+    both directions pooled (medpy's hd95); surface: voxels with a 6-neighbour outside the mask or the
+    volume. NaN when either mask is empty. Masks X x Y x Z bool, spacing (3,) mm."""
+    if not prediction.any() or not target.any():
+        return float("nan")
+    box, = ndimage.find_objects((prediction | target).astype(np.uint8))          # both surfaces lie inside
+    a, b = (np.pad(mask[box], 1) for mask in (prediction, target))
+    a, b = (mask ^ ndimage.binary_erosion(mask, ndimage.generate_binary_structure(3, 1)) for mask in (a, b))
+    distances = [ndimage.distance_transform_edt(~to, sampling=spacing)[source]      # mm, per surface voxel
+                 for source, to in ((a, b), (b, a))]
+    return float(np.percentile(np.concatenate(distances), 95))
+
+
+def evaluate_no_oracle(snapshot: Path | None, folder: Path, organs: list[str], device: str,
+                       untrained: bool = False) -> tuple[dict, dict, float]:
+    """({organ: {query id: Dice}}, {organ: {query id: HD95 mm}}, seconds): each query scan segmented for
+    every organ at once as evaluation/segment.py does (`segment_scan`: the range found from the images,
+    the largest 3D component kept), no ground truth used, scored over the whole volume. None: mask copy."""
+    from util.device import resolve_device
+    start, device = time.perf_counter(), resolve_device(device)
+    model, size, intensity = None, None, None
+    if untrained:
+        model, size, intensity = initial_model(snapshot, device)
+    elif snapshot is not None:
+        model, size, intensity = load_model(snapshot, device, None, None)
+    meta = read_meta(folder)["alpnet"]
+    support = load_volume(folder, "gold", meta["support"])
+    names = {NAME_TO_INDEX[organ]: organ for organ in organs}
+    scan = LabelledScan(np.asarray(support["image"], dtype=np.float32), support["label"], support["affine"],
+                        names, meta["support"])
+    by_organ, prototypes = organ_supports([scan], None), {}       # an organ absent from the support: NaN
+    scores = {"dice": {organ: {} for organ in organs}, "hd95": {organ: {} for organ in organs}}
+    for qid in meta["test"]:
+        query = load_volume(folder, "gold", qid)
+        image = np.asarray(query["image"], dtype=np.float32)                       # X x Y x Z as stored
+        volume = NiftiVolume(image, query["affine"], query["affine"], image.shape, "as stored", Path(qid))
+        labels, _ = segment_scan(model, by_organ, volume, image, size, intensity, device, 16,
+                                 NO_ORACLE_CHUNKS, prototypes)
+        for value, organ in names.items():
+            predicted, truth = labels == value, query["label"] == value
+            scores["dice"][organ][qid] = dice_score(predicted, truth) if value in by_organ else float("nan")
+            scores["hd95"][organ][qid] = surface_distance_95(predicted, truth, query["spacing"])
+    return scores["dice"], scores["hd95"], time.perf_counter() - start
+
+
 def file_digest(path: Path) -> str:
     """SHA-256 (16 hex digits) of a file's bytes."""
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+
+
+def cache_entry(out: Path, snapshot: Path | None, folder: Path, organs: list[str], device: str,
+                untrained: bool, preset: str) -> tuple[dict, Path]:
+    """(inputs, OUT/evaluations/<digest of the inputs>.json) of one evaluation."""
+    inputs = {"snapshot": None if snapshot is None else file_digest(snapshot), "untrained": untrained,
+              "preset": preset, "meta": file_digest(folder / "meta.json"), "organs": list(organs),
+              "queries": list(read_meta(folder)["alpnet"]["test"]), "device": device}
+    if preset != "alpnet":
+        inputs["n_chunks"] = NO_ORACLE_CHUNKS
+    digest = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
+    return inputs, out / "evaluations" / f"{digest}.json"
+
+
+def no_oracle_cached(out: Path, snapshot: Path | None, folder: Path, organs: list[str], device: str,
+                     untrained: bool = False) -> tuple[dict, dict, float, bool]:
+    """(Dice, HD95, seconds, reused) of `evaluate_no_oracle`, reused as `evaluate_cached`'s."""
+    inputs, path = cache_entry(out, snapshot, folder, organs, device, untrained, "no oracle")
+    if path.is_file():
+        saved = json.loads(path.read_text())
+        return saved["dice"], saved["hd95"], saved["seconds"], True
+    dice, hd95, seconds = evaluate_no_oracle(snapshot, folder, organs, device, untrained)
+    saved = {"inputs": inputs, "dice": dice, "hd95": hd95, "seconds": seconds}
+    write_text_atomic(json.dumps(saved, indent=1), path)
+    return dice, hd95, seconds, False
 
 
 def evaluate_cached(out: Path, snapshot: Path | None, folder: Path, organs: list[str], device: str,
@@ -243,11 +322,7 @@ def evaluate_cached(out: Path, snapshot: Path | None, folder: Path, organs: list
     OUT/evaluations/<digest>.json when one exists for the same inputs: the snapshot's bytes, untrained,
     the preset, the prepared folder's meta.json, organs, query scans and device."""
     queries = list(read_meta(folder)["alpnet"]["test"])
-    inputs = {"snapshot": None if snapshot is None else file_digest(snapshot), "untrained": untrained,
-              "preset": "alpnet", "meta": file_digest(folder / "meta.json"), "organs": list(organs),
-              "queries": queries, "device": device}
-    path = out / "evaluations" / (hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
-                                  + ".json")
+    inputs, path = cache_entry(out, snapshot, folder, organs, device, untrained, "alpnet")
     if path.is_file():             # written last: a complete evaluation
         saved = json.loads(path.read_text())
         with np.load(path.with_suffix(".npz")) as arrays:
@@ -262,13 +337,14 @@ def evaluate_cached(out: Path, snapshot: Path | None, folder: Path, organs: list
     return dice, first, seconds, False
 
 
-def run_bench(data_dir: Path, out: Path, folds: list[int], settings: list[int], rule: str, budget: dict,
-              device: str, figure_hook=None, progress=None,
+def run_bench(data_dir: Path, out: Path, folds: list[int], settings: list[int], rules: list[str],
+              budget: dict, device: str, figure_hook=None, progress=None,
               label_sets: list[int] = (0, 1), only: list[str] | None = None) -> dict:
     """Every fold x setting x label set x method; returns (and writes OUT/results.json) the results.
 
-    Order (what a short budget finishes first): Setting 2 before Setting 1, fold by fold; each method is
-    evaluated right after its training; `progress(results)` runs after every evaluated cell.
+    Order (what a short budget finishes first): Setting 2 under rules[0] before Setting 1, fold by fold,
+    then Setting 2 under the other rules (protocol Dice only); each method is evaluated right after its
+    training, under the protocol and without the oracle; `progress(results)` runs after every cell.
     """
     dataset = layout.detect_dataset(data_dir)
     clean_leftovers(out)
@@ -282,14 +358,19 @@ def run_bench(data_dir: Path, out: Path, folds: list[int], settings: list[int], 
         rows = {name: how for name, how in rows.items() if name in only
                 or how.get("untrained_of") in only}
     log: list[dict] = []
+    rule = rules[0]
     results = {"data_set": describe_data(data_dir, folds), "rule": rule, "budget": budget,
                "methods": [MASK_COPY, *rows], "cells": [], "log": log}
-    for setting in sorted(settings, reverse=True):
+    passes = [(2, rule)] * (2 in settings) + [(1, None)] * (1 in settings) + [(2, r) for r in rules[1:]
+                                                                               if 2 in settings]
+    for setting, cell_rule in passes:
+        extra = cell_rule not in (None, rule)        # another rule's Setting 2: protocol Dice only
+        where = " " + cell_rule.upper() + " rule" if extra else ""
         for fold in folds:
             shared = prepared(data_dir, out, fold, setting, None, rule, log) if setting == 1 else None
             selfsup_snapshots: dict[str, Path] = {}
             for label_set in label_sets:
-                folder = shared or prepared(data_dir, out, fold, setting, label_set, rule, log)
+                folder = shared or prepared(data_dir, out, fold, setting, label_set, cell_rule, log)
                 organs = dataset.test_organs(label_set)
                 kept = read_meta(folder)["alpnet"]["kept"]
                 done: dict[str, Path | None] = {}
@@ -308,27 +389,38 @@ def run_bench(data_dir: Path, out: Path, folds: list[int], settings: list[int], 
                     else:
                         supervised = how.get("supervised", False)
                         name = f"{key}_fold{fold}_setting{setting}" + (
-                            f"_labels{label_set}" if setting == 2 or supervised else "")
-                        extra = supervised_fold(dataset, label_set) if supervised else []
+                            f"_labels{label_set}" if setting == 2 or supervised else "") + (
+                            f"_{cell_rule}" if cell_rule not in (None, "or") else "")
+                        labels = supervised_fold(dataset, label_set) if supervised else []
                         snapshot = train(name, [*named_base, *how["named"]],
-                                         [*base, *how["overrides"], *extra, f"path.data_dir={folder}"],
+                                         [*base, *how["overrides"], *labels, f"path.data_dir={folder}"],
                                          out / "train", log, device)
+                        log[-1].update({"rule": cell_rule} if extra else {})
                         if setting == 1 and not supervised:
                             selfsup_snapshots[row] = snapshot
                     done[row] = snapshot
-                    dice, predictions, seconds, reused = evaluate_cached(
-                        out, snapshot, folder, organs, device, untrained="untrained_of" in how)
-                    log.append({"step": f"evaluate {row} fold {fold} setting {setting} labels {label_set}"
-                                + (" (reused)" if reused else ""), "seconds": round(seconds, 1)}
-                               | ({"reused": True} if reused else {}))
-                    results["cells"].append({"method": row, "fold": fold, "setting": setting,
-                                             "label_set": label_set,
-                                             "snapshot": str(snapshot) if snapshot else None, "dice": dice,
-                                             "kept_slices": sum(v["kept"] for v in kept.values()),
-                                             "all_slices": sum(v["slices"] for v in kept.values())})
-                    if figure_hook is not None:
+                    untrained, logged = "untrained_of" in how, len(log)
+                    cell_name = f"{row} fold {fold} setting {setting} labels {label_set}{where}"
+                    dice, predictions, seconds, reused = evaluate_cached(out, snapshot, folder, organs,
+                                                                         device, untrained)
+                    log.append({"step": f"evaluate {cell_name}" + (" (reused)" if reused else ""),
+                                "seconds": round(seconds, 1)} | ({"reused": True} if reused else {}))
+                    cell = {"method": row, "fold": fold, "setting": setting, "rule": cell_rule,
+                            "label_set": label_set, "snapshot": str(snapshot) if snapshot else None,
+                            "dice": dice, "kept_slices": sum(v["kept"] for v in kept.values()),
+                            "all_slices": sum(v["slices"] for v in kept.values())}
+                    results["cells"].append(cell)
+                    if not extra:
+                        cell["no_oracle_dice"], cell["no_oracle_hd95"], seconds, reused = no_oracle_cached(
+                            out, snapshot, folder, organs, device, untrained)
+                        log.append({"step": f"no oracle {cell_name}" + (" (reused)" if reused else ""),
+                                    "seconds": round(seconds, 1), "no_oracle": True}
+                                   | ({"reused": True} if reused else {}))
+                    for entry in log[logged:] if extra else []:
+                        entry["rule"] = cell_rule
+                    if figure_hook is not None and not extra:
                         figure_hook(row, fold, setting, label_set, folder, predictions)
-                    print(f"    {row:18s} fold {fold} setting {setting} labels {label_set}: " + ", ".join(
+                    print(f"    {row:18s} {cell_name[len(row) + 1:]}: " + ", ".join(
                         f"{o} {100 * np.nanmean(list(d.values())):.1f}" for o, d in dice.items()), flush=True)
                     write_text_atomic(json.dumps(results, indent=1), out / "results.json")
                     if progress is not None:
@@ -386,12 +478,13 @@ def queries_text(data_set: dict) -> str:
     return str(counts[0]) if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
 
 
-def fold_means(cells: list[dict], method: str, setting: int) -> dict[int, dict[str, float]]:
-    """{fold: {organ: mean Dice over the fold's query scans}} of one method and setting (both label sets)."""
+def fold_means(cells: list[dict], method: str, setting: int, key: str = "dice") -> dict[int, dict]:
+    """{fold: {organ: mean over the fold's query scans}} of one method and setting (both label sets), of the
+    cells' `key` scores ({organ: {query: value}}; NaN values left out)."""
     out: dict[int, dict[str, float]] = {}
     for cell in cells:
-        if cell["method"] == method and cell["setting"] == setting:
-            for organ, per_query in cell["dice"].items():
+        if cell["method"] == method and cell["setting"] == setting and key in cell:
+            for organ, per_query in cell[key].items():
                 values = [v for v in per_query.values() if v is not None and np.isfinite(v)]
                 out.setdefault(cell["fold"], {})[organ] = float(np.mean(values)) if values else float("nan")
     return out
@@ -399,6 +492,29 @@ def fold_means(cells: list[dict], method: str, setting: int) -> dict[int, dict[s
 
 def _fmt(value: float) -> str:
     return "-" if value is None or not np.isfinite(value) else f"{100 * value:.1f}"
+
+
+def _mm(value: float) -> str:
+    return "-" if value is None or not np.isfinite(value) else f"{value:.1f}"
+
+
+def summary_cells(per_fold: dict[int, dict[str, float]], fmt=_fmt) -> list[str]:
+    """Per organ of ORGANS 'mean (std over folds)' (the std with several folds only), then their mean."""
+    summary = summarise_folds(per_fold)
+    stats = [summary.get(o, {"mean": float("nan"), "n_folds": 0}) for o in ORGANS]
+    cells = [f"{fmt(s['mean'])} ({fmt(s['std'])})" if s["n_folds"] > 1 else fmt(s["mean"]) for s in stats]
+    return cells + [fmt(float(np.nanmean([s["mean"] for s in stats])))]
+
+
+def main_cells(results: dict) -> list[dict]:
+    """The cells of the main tables: Setting 1, and Setting 2 under the main rule."""
+    return [cell for cell in results["cells"] if cell["rule"] in (None, results["rule"])]
+
+
+def logged_seconds(results: dict, **where) -> float:
+    """Total seconds of the log's steps whose fields match `where` (a missing field counts as None)."""
+    return sum(entry["seconds"] or 0.0 for entry in results["log"]
+               if all(entry.get(key) == value for key, value in where.items()))
 
 
 def published_row(data_set: dict, setting: int) -> list[float] | None:
@@ -410,7 +526,7 @@ def published_row(data_set: dict, setting: int) -> list[float] | None:
 def setting_tables(results: dict, setting: int) -> list[str]:
     """Markdown: over the folds (mean and std of fold means) and per fold, one row per method."""
     lines = []
-    folds = sorted({c["fold"] for c in results["cells"] if c["setting"] == setting})
+    folds = sorted({c["fold"] for c in main_cells(results) if c["setting"] == setting})
     if not folds:
         return lines
     cols = " | ".join(HEAD[o] for o in ORGANS)
@@ -418,28 +534,97 @@ def setting_tables(results: dict, setting: int) -> list[str]:
               f"per-fold mean Dice (%) over each fold's {queries_text(results['data_set'])} query scans.", "",
               f"| Method | {cols} | mean |",
               "|---" * (len(ORGANS) + 2) + "|"]
+    cells = main_cells(results)
     for method in results["methods"]:
-        per_fold = fold_means(results["cells"], method, setting)
-        if not per_fold:
-            continue
-        summary = summarise_folds(per_fold)
-        stats = [summary.get(o, {"mean": float("nan"), "n_folds": 0}) for o in ORGANS]
-        cells = [f"{_fmt(s['mean'])} ({_fmt(s['std'])})" if s["n_folds"] > 1 else _fmt(s["mean"])
-                 for s in stats]
-        mean = float(np.nanmean([s["mean"] for s in stats]))
-        lines.append(f"| {method} | " + " | ".join(cells) + f" | {_fmt(mean)} |")
+        per_fold = fold_means(cells, method, setting)
+        if per_fold:
+            lines.append(f"| {method} | " + " | ".join(summary_cells(per_fold)) + " |")
     published = published_row(results["data_set"], setting)
     if published is not None:
         lines.append("| *published SSL-ALPNet (pretrained ResNet-101, GPU, 100k iterations, 5 folds)* | "
                      + " | ".join(f"*{v:.1f}*" for v in published[:4]) + f" | *{published[4]:.1f}* |")
     lines += ["", "Per fold (Dice %):", "", f"| Method | fold | {cols} |", "|---" * (len(ORGANS) + 2) + "|"]
     for method in results["methods"]:
-        per_fold = fold_means(results["cells"], method, setting)
+        per_fold = fold_means(cells, method, setting)
         for fold in sorted(per_fold):
             lines.append(f"| {method} | {fold} | "
                          + " | ".join(_fmt(per_fold[fold].get(o, np.nan)) for o in ORGANS)
                          + " |")
     return lines + [""]
+
+
+def rule_tables(results: dict) -> list[str]:
+    """Markdown: Setting 2's protocol Dice under each exclusion rule run, and what the other rules cost."""
+    rules = list(dict.fromkeys(c["rule"] for c in results["cells"] if c["setting"] == 2))
+    if len(rules) < 2:
+        return []
+    main, cols = results["rule"], " | ".join(HEAD[o] for o in ORGANS)
+    lines = ["## Setting 2 under the OR rule (SSL-ALPNet) and the AND rule (Q-Net lineage)", "",
+             "Protocol Dice (%) as in the Setting 2 table, mean (std over folds). The AND rule drops only "
+             "the training slices holding ALL test organs, so the others stay in training: the difference "
+             "is what that leak is worth. Mask copy and the untrained network read no training slice (the "
+             "same figures under both rules).", "", f"| Method | rule | {cols} | mean |",
+             "|---" * (len(ORGANS) + 3) + "|"]
+    for method in results["methods"]:
+        means = {}
+        for rule in rules:
+            per_fold = fold_means([c for c in results["cells"] if c["rule"] == rule], method, 2)
+            if per_fold:
+                lines.append(f"| {method} | {rule.upper()} | " + " | ".join(summary_cells(per_fold)) + " |")
+                summary = summarise_folds(per_fold)
+                means[rule] = [summary.get(o, {"mean": float("nan")})["mean"] for o in ORGANS]
+        for rule in [r for r in rules if r != main and r in means and main in means]:
+            change = [100 * (a - b) for a, b in zip(means[rule], means[main])]
+            shown = [f"{v:+.1f}" if np.isfinite(v) else "-" for v in change + [float(np.nanmean(change))]]
+            lines.append(f"| {method} | {rule.upper()} - {main.upper()} (points) | " + " | ".join(shown)
+                         + " |")
+    for rule in rules[1:]:
+        lines += ["", f"Cost of the {rule.upper()}-rule rows: "
+                  f"{logged_seconds(results, rule=rule) / 60:.1f} min of training and evaluation (the log's "
+                  f"'{rule.upper()} rule' and '_{rule}' steps; reused ones at the seconds they took)."]
+    return lines + [""]
+
+
+def no_oracle_tables(results: dict) -> list[str]:
+    """Markdown: Dice and HD95 of every method segmenting the query scans without the ground-truth range."""
+    cells = [c for c in main_cells(results) if "no_oracle_dice" in c]
+    if not cells:
+        return []
+    cols = " | ".join(HEAD[o] for o in ORGANS)
+    empty = sum(int(not np.isfinite(v)) for c in cells for per_query in c["no_oracle_hd95"].values()
+                for v in per_query.values())
+    scored = sum(len(per_query) for c in cells for per_query in c["no_oracle_hd95"].values())
+    lines = ["## No oracle: the organ's range found from the images, the whole volume scored", "",
+             "The protocol above takes each query's scored slices and its chunks from the query's own "
+             "ground truth. Here every method segments each query scan as `scripts/segment_volume.py` does"
+             " for a new patient (evaluation/segment.py, `segment_scan`): the label set's test organs in "
+             "one call from the fold's support scan, each organ's axial range found from the images (the "
+             "support organ's relative position in the body's axial extent, widened by half its length "
+             f"each side), {NO_ORACLE_CHUNKS} support slices per range as the protocol's, the organ's "
+             "largest 3D connected component kept, a voxel claimed by two organs to the higher score; mask"
+             " copy copies the support's masks along the same plan. Scored over the whole query volume: 3D"
+             " Dice (%), and HD95 (mm, the scan's voxel spacing): the 95th percentile of the distances "
+             "from each surface voxel of prediction and ground truth to the other's surface, both "
+             f"directions pooled (medpy's hd95). {empty} of {scored} scored (query, organ, method) cases "
+             "had an empty prediction: no HD95, left out of its mean (Dice 0 counted).", ""]
+    for setting in (1, 2):
+        if not any(c["setting"] == setting for c in cells):
+            continue
+        for key, what, fmt in (("no_oracle_dice", "Dice (%)", _fmt), ("no_oracle_hd95", "HD95 (mm)", _mm)):
+            lines += [f"Setting {setting}, {what}, mean (std over folds) of the per-fold means:", "",
+                      f"| Method | {cols} | mean |", "|---" * (len(ORGANS) + 2) + "|"]
+            for method in results["methods"]:
+                per_fold = fold_means(cells, method, setting, key)
+                if per_fold:
+                    lines.append(f"| {method} | " + " | ".join(summary_cells(per_fold, fmt)) + " |")
+            lines.append("")
+    protocol = sum(e["seconds"] or 0.0 for e in results["log"]
+                   if e["step"].startswith("evaluate") and e.get("rule") is None)
+    lines += [f"Cost: {logged_seconds(results, no_oracle=True) / 60:.1f} min for these evaluations, "
+              f"{protocol / 60:.1f} min for the protocol's evaluations of the same cells (the log's "
+              "'no oracle' and 'evaluate' steps; a reused step counts the seconds it took when computed).",
+              ""]
+    return lines
 
 
 def write_report(results: dict, doc: Path, figure: Path | None, seconds: float, command: str,
@@ -511,6 +696,7 @@ def write_report(results: dict, doc: Path, figure: Path | None, seconds: float, 
             lines.append(f"| {fold} | {label_set} ({organs}) | {counts['all']} | {counts['or']} "
                          f"| {counts['and']} |")
         lines.append("")
+    lines += rule_tables(results) + no_oracle_tables(results)
     if figure is not None and figure.exists():
         lines += ["## Overlays", "", f"![support, query, ground truth and predictions]({figure.name})", "",
                   "Each row: the support slice with its mask, the query slice with the ground truth, "

@@ -1,8 +1,7 @@
 """The experiment runner: train a set-up with train.py unless a finished run of the same config exists.
 
-One reuse rule: a run counts when its last.pth reached the config's n_steps and records the config digest
-(training.loop.config_hash) that the same train.py arguments resolve to now. Steps run as subprocesses,
-the commands a user would type, so their progress shows; `log` collects (step, command, seconds).
+A run counts when its last.pth reached n_steps and records the config digest (training.loop.config_hash)
+that the same train.py arguments resolve to now. Steps run as the subprocesses a user would type.
 """
 from __future__ import annotations
 
@@ -35,8 +34,8 @@ def python_command(script: str, *args: str, python: str = sys.executable) -> lis
 
 
 def run_step(title: str, command: list[str], log: list[dict] | None = None, failed: str = FAILED) -> None:
-    """Run one command with its output streaming; a failure is the one line `failed` (title, code).
-    The command is shown and logged as a shell line that runs when pasted (shlex quoting)."""
+    """Run one command, its output streaming, shown and logged (`log`: step, command, seconds) as a shell
+    line that runs when pasted; a failure is the one line `failed` (title, code)."""
     shown = shlex.join(["python", *(os.path.relpath(part, Path.cwd()) if part.startswith(str(ROOT)) else part
                                     for part in command[1:])])
     print(f"\n==> {title}\n$ {shown}", flush=True)
@@ -61,33 +60,32 @@ def resolved_config(arguments: Sequence[str], what: str = "train.py settings") -
                         "print_config)") from None
 
 
-def finished(arguments: Sequence[str], snapshot: str = "best.pth") -> Path | None:
-    """`snapshot` of the newest finished run of `train.py with <arguments>` (the reuse rule), else None."""
-    config = resolved_config(arguments)
+def _finished(config: dict, snapshot: str) -> Path | None:
     return finished_snapshot(config["path"]["log_dir"], run_name(config), int(config["n_steps"]), snapshot,
                              config_hash(config, default_config()))
+
+
+def finished(arguments: Sequence[str], snapshot: str = "best.pth") -> Path | None:
+    """`snapshot` of the newest finished run of `train.py with <arguments>` (the reuse rule), else None."""
+    return _finished(resolved_config(arguments), snapshot)
 
 
 def train_or_reuse(arguments: Sequence[str], *, snapshot: str = "best.pth", redo: bool = False,
                    title: str | None = None, log: list[dict] | None = None, failed: str = FAILED,
                    python: str = sys.executable) -> Path:
-    """`snapshot` of a finished run of `train.py with <arguments>`, trained here first unless one exists.
-
-    The run's folder is path.log_dir/<run name> of the resolved config. redo=True trains a new run from
-    step 0; otherwise train.py resumes an unfinished run of the same config (resume=True).
-    """
+    """`snapshot` of a finished run of `train.py with <arguments>` (path.log_dir/<run name>), trained here
+    first unless one exists: redo=True trains from step 0, else train.py resumes an unfinished run."""
     config = resolved_config(arguments)
-    name, log_dir, n_steps = run_name(config), Path(config["path"]["log_dir"]), int(config["n_steps"])
+    name = run_name(config)
     title = title or f"train {name}"
-    digest = config_hash(config, default_config())
-    found = None if redo else finished_snapshot(log_dir, name, n_steps, snapshot, digest)
+    found = None if redo else _finished(config, snapshot)
     if found is not None:
         print(f"==> {title}: reusing {found}", flush=True)
         return found
     run_step(title, python_command("train.py", "with", *arguments, *([] if redo else ["resume=True"]),
                                    python=python), log, failed)
-    found = finished_snapshot(log_dir, name, n_steps, snapshot, digest)
+    found = _finished(config, snapshot)
     if found is None:
-        raise UserError(f"training {name} ended without {snapshot} at step {n_steps} under {log_dir / name}: "
-                        "see its cout.txt")
+        raise UserError(f"training {name} ended without {snapshot} at step {config['n_steps']} under "
+                        f"{Path(config['path']['log_dir']) / name}: see its cout.txt")
     return found

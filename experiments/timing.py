@@ -1,5 +1,4 @@
-"""Median wall time of a callable after warm-up, device-synchronised on CUDA (tools/benchmark.py, the LSLPN+
-sweep's head share)."""
+"""Median wall time of a callable after warm-up, device-synchronised on CUDA."""
 from __future__ import annotations
 
 import statistics
@@ -26,7 +25,7 @@ def synchronize(device: torch.device) -> None:
 def measure(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int = 1,
             min_seconds: float = 0.0, max_repeats: int = 25) -> Timing:
     """Median wall time of `fn()` over at least `repeats` runs after `warmup` runs; cheap calls repeat until
-    `min_seconds` of timed runs (at most `max_repeats`), so that the median resists bursts of load."""
+    `min_seconds` of timed runs (at most `max_repeats`), a median that resists bursts of load."""
     for _ in range(warmup):
         fn()
     runs: list[float] = []

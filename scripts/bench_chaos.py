@@ -5,7 +5,8 @@
     python scripts/bench_chaos.py --full --device cuda  # the published settings (100k iterations, 256 x 256)
     python scripts/bench_chaos.py --report-only         # rewrite the report from OUT/results.json
     python scripts/bench_chaos.py --lslpn-plus --publish  # the LSLPN+ sweep, docs/lslpn_plus.md
-Steps (finished ones reused): experiments/chaos.py, lslpn_plus.py. --rule and: the Q-Net lineage's rule.
+    python scripts/bench_chaos.py --speed A.pth B.pth     # seconds per scan, 4 organs: BENCHMARKS.md
+Steps (finished ones reused): experiments/chaos.py, lslpn_plus.py. --rules or: without the AND-rule table.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from util.errors import UserError
 from util.io import check_output_file, check_writable_folder, write_text_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
+BENCHMARKS = ROOT / "BENCHMARKS.md"
 PUBLISHED_DOC = ROOT / "docs" / "bench_chaos.md"
 PUBLISHED_PLUS = ROOT / "docs" / "lslpn_plus.md"
 PINNED_NUMERICS = {"ONEDNN_MAX_CPU_ISA": "AVX2", "OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2"}
@@ -51,9 +53,10 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--methods", nargs="+", default=None,
                         help="table rows to train (default all), e.g. LSLPN 'PANet head'; "
                         "mask copy always runs")
-    parser.add_argument("--rule", choices=["or", "and"], default="or",
-                        help="Setting 2 exclusion: 'or' (SSL-ALPNet: any test organ) "
-                        "or 'and' (Q-Net lineage)")
+    parser.add_argument("--rules", choices=["or", "and"], nargs="+", default=["or", "and"],
+                        help="Setting 2 exclusion rules, the first for the main tables: 'or' (SSL-ALPNet: "
+                        "any test organ), 'and' (Q-Net lineage: all of them); the others are trained and "
+                        "scored again beside it (default: or and)")
     parser.add_argument("--steps", type=int, default=None,
                         help="training steps per run (CPU default 100, the committed table)")
     parser.add_argument("--input-size", type=int, default=64, help="model input size of the CPU budget")
@@ -71,6 +74,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--retime", action="store_true",
                         help="--lslpn-plus: measure the timing pass again, on a quiet machine (nothing else "
                         "on the cores: the report says the timings are quiet)")
+    parser.add_argument("--speed", type=Path, nargs="+", default=None, metavar="CHECKPOINT",
+                        help="seconds per query scan and peak memory of scripts/segment_volume.py (4 organs, "
+                        "2 threads) for each checkpoint: the 'segment' section of BENCHMARKS.md (or --doc)")
     args = parser.parse_args(argv)
     bad = [f for f in args.folds if f not in range(5)]
     if bad:
@@ -81,6 +87,8 @@ def main(argv: list[str]) -> int:
     if args.publish and args.doc is not None:
         raise UserError(f"--publish writes docs/{PUBLISHED_DOC.name}: give --publish or --doc, "
                         "not both")
+    if args.speed:
+        return speed(args, command_line(argv))
     published, name = (PUBLISHED_PLUS, "lslpn_plus") if args.lslpn_plus else (PUBLISHED_DOC, "bench_chaos")
     doc = published if args.publish else args.doc or args.out / f"{name}.md"
     results_path = args.out / ("lslpn_plus_results.json" if args.lslpn_plus else "results.json")
@@ -113,6 +121,9 @@ def main(argv: list[str]) -> int:
         return 0
     if args.report_only:
         saved = json.loads(results_path.read_text())
+        if any("rule" not in cell for cell in saved.get("cells", [])):
+            raise UserError(f"{results_path}: written by an earlier version of the benchmark (cells without "
+                            "'rule'): run it again without --report-only (finished runs are reused)")
         steps.write_report(saved, doc, doc.with_suffix(".png"), saved["seconds"], saved["command"],
                             saved["exclusion"], saved["environment"])
         print(f"wrote {doc}")
@@ -136,14 +147,31 @@ def main(argv: list[str]) -> int:
         write_text_atomic(json.dumps(results, indent=1), results_path)
         steps.write_report(results, doc, figure, seconds, command, exclusion, environment)
 
-    results = steps.run_bench(data, args.out, args.folds, sorted(args.settings), args.rule, budget,
-                              args.device,
+    rules = list(dict.fromkeys(args.rules))
+    results = steps.run_bench(data, args.out, args.folds, sorted(args.settings), rules, budget, args.device,
                               figure_hook=collector, progress=publish,
                               label_sets=args.label_sets, only=args.methods)
     publish(results, final=True)
     seconds = results["seconds"]
     print(f"\nwrote {doc} ({seconds / 60:.1f} min)")
     print(doc.read_text())
+    return 0
+
+
+def speed(args, command: str) -> int:
+    """--speed: measure each checkpoint (experiments/segment_speed.py), write its BENCHMARKS.md section."""
+    doc = check_output_file(args.doc or BENCHMARKS, what="--doc", suffixes=(".md",))
+    for checkpoint in args.speed:
+        if not checkpoint.is_file():
+            raise UserError(f"--speed {checkpoint}: no such checkpoint file: give a train.py best.pth or "
+                            "last.pth")
+    check_writable_folder(args.out / "speed", "--out")
+    os.environ.update(PINNED_NUMERICS)
+    from experiments import chaos, segment_speed
+    section = segment_speed.speed_section(args.speed, args.data or chaos.default_data(), args.out / "speed",
+                                          command)
+    segment_speed.write_section(section, doc)
+    print(section)
     return 0
 
 

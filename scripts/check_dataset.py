@@ -1,22 +1,30 @@
-"""Check a prepared data folder and print its per-class table.
+"""Check a prepared folder (files, shapes, dtypes, labels, splits, index.json) and print its per-class table.
 
-    python scripts/check_dataset.py data/prepared_phantom
-
-Files, shapes, dtypes, label values, splits and index.json; exits 2 with one line naming the defect and
-the fix. --mask-copy also prints the mask-copy Dice per test organ on the gold volumes (the honesty check).
+    python scripts/check_dataset.py data/prepared_phantom [--mask-copy]   # + mask-copy Dice on gold
 """
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
-from evaluation.dataset_check import (
-    DEFAULT_PRESET,
-    check_prepared,
-    format_table,
-    prepared_mask_copy,
-)
+from dataloaders.prepared import check_folder, default_support, load_volume
+from evaluation.dataset_check import DEFAULT_PRESET, format_mask_copy, mask_copy_dice
 from evaluation.protocols import get_preset
 from util.cli import run_cli
+from util.errors import UserError
+
+
+def format_table(report: dict) -> str:
+    """Per-class table of a `check_folder` report."""
+    lines = [f"{'index':>5}  {'class':<24} {'slices':>6} {'volumes':>7} {'val vol':>7} {'gold vol':>8}"]
+    lines += [f"{row['index']:>5}  {row['name']:<24} {row['slices']:>6} {row['volumes']:>7} "
+              f"{row['val']:>7} {row['gold']:>8}" for row in report["rows"]]
+    if not report["labeled"]:
+        lines.append("images only (no labels): for self-supervised training (scripts/make_superpixels.py)")
+    sizes = report["splits"]
+    lines.append(f"train {sizes['train']} volumes, val {sizes['val']}, gold {sizes['gold']}; "
+                 f"prep size {report['prep_size']}")
+    return "\n".join(lines)
 
 
 def main(argv: list[str]) -> int:
@@ -30,10 +38,17 @@ def main(argv: list[str]) -> int:
 
     if args.mask_copy:
         get_preset(args.preset)                    # an unknown preset before the folder is read
-    report = check_prepared(args.prep)
+    report = check_folder(args.prep)
     print(format_table(report))
-    if args.mask_copy:
-        print(prepared_mask_copy(args.prep, args.preset))
+    if args.mask_copy:                 # on the gold volumes: test organs, default support
+        gold = Path(args.prep) / "volumes" / "gold"
+        labels = {path.stem: load_volume(args.prep, "gold", path.stem)["label"]
+                  for path in sorted(gold.glob("*.npz"))}
+        if len(labels) < 2:
+            raise UserError(f"{gold}: fewer than 2 gold volumes: the mask-copy check needs a support and a "
+                            "query")
+        support = default_support(list(labels))
+        print(format_mask_copy(mask_copy_dice(labels, support, args.preset), support, args.preset))
     print(f"{args.prep}: OK")
     return 0
 

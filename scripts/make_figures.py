@@ -1,10 +1,8 @@
-"""Figures and a combined Table 1 from evaluation run folders written by test.py.
+"""Figures, and with --table one Table 1 over the runs (same preset), from test.py's run folders; everything
+is read, checked and drawn before the first file is written.
 
     python scripts/make_figures.py runs/test/1                         # results.png, misalignment.png
     python scripts/make_figures.py runs/test/1 runs/test/2 runs/test/3 runs/test/4 --table table.md
-
---table merges the runs (same preset) into one table in the paper's Table 1 layout. Everything is read,
-checked and drawn before the first file is written.
 """
 from __future__ import annotations
 
@@ -22,8 +20,7 @@ from util.io import check_output_file, check_writable_folder, same_file, write_t
 
 def merged_table(run_dirs: list[Path]) -> str:
     """One Table 1 (range and whole-volume Dice) over several runs' results.json."""
-    summary: dict = {}
-    presets = set()
+    summary, presets = {}, set()
     for run in run_dirs:
         results = read_results(run)
         presets.add(json.dumps(results["preset"], sort_keys=True))

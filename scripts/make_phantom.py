@@ -1,10 +1,7 @@
-"""Generate a synthetic thorax-abdomen CT data set in the VISCERAL Anatomy3 layout.
+"""Generate the synthetic thorax-abdomen CT phantom (demo/phantom.py) in the VISCERAL Anatomy3 layout, then
+print the mask-copy Dice per test organ on its gold volumes (the data set does not solve itself).
 
     python scripts/make_phantom.py --out data/phantom --n-silver 20 --n-gold 6 --seed 2021
-
-Writes ROOT/{SilverCorpus,GoldCorpus}/{Volumes,Segmentations}/ with VISCERAL file names, then
-prints the mask-copy Dice (no model, support chunk copied onto each query chunk) per test organ on
-the gold volumes: the honesty check that the data set does not solve itself. Same seed -> same bytes.
 """
 from __future__ import annotations
 
@@ -34,7 +31,6 @@ def main(argv: list[str]) -> int:
     existing.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
     existing.add_argument("--skip-existing", action="store_true", help="do nothing when --out exists")
     args = parser.parse_args(argv)
-
     get_preset(args.preset)  # an unknown preset fails before anything is written
     out = Path(args.out)
     if args.skip_existing and out.exists():
@@ -43,12 +39,10 @@ def main(argv: list[str]) -> int:
     start = time.perf_counter()
     result = generate_phantom(out, args.n_silver, args.n_gold, args.seed, args.size, args.slices,
                               args.workers, args.overwrite)
-    seconds = time.perf_counter() - start
     cases = result["cases"].values()
-    lps = sum(case["orientation"] == "LPS" for case in cases)
-    slices = [case["shape"][2] for case in cases]
+    slices, lps = [case["shape"][2] for case in cases], sum(case["orientation"] == "LPS" for case in cases)
     print(f"wrote {out}: {args.n_silver} silver + {args.n_gold} gold volumes of {args.size} x {args.size} x "
-          f"{min(slices)}-{max(slices)} slices ({lps} stored LPS) in {seconds:.1f} s")
+          f"{min(slices)}-{max(slices)} slices ({lps} stored LPS) in {time.perf_counter() - start:.1f} s")
     labels = result["gold_labels"]
     support = default_support(list(labels))
     print(format_mask_copy(mask_copy_dice(labels, support, args.preset), support, args.preset))

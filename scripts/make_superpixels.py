@@ -1,23 +1,11 @@
-"""Superpixel pseudo-labels for self-supervised training (docs/DESIGN.md "Prepared data folder").
+"""Superpixel pseudo-labels for self-supervised training (docs/usage.md, docs/DESIGN.md).
 
     python scripts/make_superpixels.py --images PREP                       # a prepared folder
-    python scripts/make_superpixels.py --images MY_CT_DIR --out PREP       # NIfTI volumes, no labels
+    python scripts/make_superpixels.py --images MY_CT_DIR --out PREP       # NIfTI volumes: images-only first
     python scripts/make_superpixels.py --images PREP --figure-only --figure overlay.png  # judge them
-    python scripts/make_superpixels.py --alpnet DATA       # an SSL-ALPNet-layout folder, its own format
+    python scripts/make_superpixels.py --alpnet DATA       # SSL-ALPNet's own files, written into DATA
 
-With --alpnet, the missing superpix-MIDDLE_<id>.nii.gz files (all with --overwrite) and classmap_1.json
-(when absent) are written into DATA exactly as SSL-ALPNet's preprocessing makes them (its parameters;
-dataloaders/superpixels.py `make_alpnet_superpixels`); existing files are kept.
-
-With a prepared folder, superpixels of its training slices go to PREP/superpixels/. With a folder of
-NIfTI CT volumes, it first prepares it as `prepare_visceral.py --layout images-only` would (all
-axial slices, no labels), then adds the superpixels. Per axial slice: body mask, then scikit-image
-felzenszwalb (default) or slic, clipped to the body (dataloaders/superpixels.py). Deterministic;
-parallel over volumes (--workers).
-
-Every option is checked before anything is read or written (`check_options`): superpixel parameters,
---figure (a .png file in an existing folder, or in the --out folder about to be made), --figure-slices,
---out; so a bad option never leaves a half-made prepared folder behind.
+Every option is checked before anything is read or written.
 """
 from __future__ import annotations
 
@@ -31,11 +19,12 @@ from pathlib import Path
 import numpy as np
 
 from dataloaders.prepare import prepare_dataset
+from dataloaders.prepared import open_training_images
 from dataloaders.superpixels import (
     SuperpixelParams,
     make_alpnet_superpixels,
     make_superpixels,
-    overlay_slices,
+    open_superpixels,
     read_superpixel_meta,
 )
 from evaluation.figures import display
@@ -51,7 +40,13 @@ def overlay_figure(prep_dir: Path, out: Path, n: int) -> None:
     import matplotlib.pyplot as plt
     from skimage.segmentation import find_boundaries
     params = read_superpixel_meta(prep_dir)["params"]
-    slices = overlay_slices(prep_dir, n)
+    pids = sorted(read_superpixel_meta(prep_dir)["volumes"])
+    slices = []                               # n slices: volumes in turn, rows spread evenly
+    for k in range(n):
+        pid = pids[k % len(pids)]
+        images, labels = open_training_images(prep_dir, pid), open_superpixels(prep_dir, pid)  # N x S x S
+        row = min(images.shape[0] - 1, int(images.shape[0] * (k + 1) / (n + 1)))
+        slices.append((pid, row, np.asarray(images[row]), np.asarray(labels[row])))
     columns = min(4, n)
     rows = -(-n // columns)
     figure, axes = plt.subplots(rows, columns, figsize=(3 * columns, 3.2 * rows), squeeze=False)
@@ -70,13 +65,9 @@ def overlay_figure(prep_dir: Path, out: Path, n: int) -> None:
     write_bytes_atomic(buffer.getvalue(), out)
 
 
-def _inside(path: Path, folder: Path) -> bool:
-    """True when `path` lies in `folder` (or below it), by resolved paths."""
-    return Path(os.path.realpath(folder)) in Path(os.path.realpath(path)).parents
-
-
 def check_options(args: argparse.Namespace) -> SuperpixelParams:
-    """Every option checked before any compute; returns the superpixel parameters."""
+    """Every option checked before any compute (a bad one never leaves a half-made folder); returns the
+    superpixel parameters."""
     params = SuperpixelParams(args.method, args.scale, args.sigma, args.min_size, args.n_segments,
                               args.compactness, args.body_threshold)
     params.check()
@@ -87,7 +78,7 @@ def check_options(args: argparse.Namespace) -> SuperpixelParams:
     if args.figure:
         # the overlay may go into the prepared folder this run creates (--out): its folder appears then
         new_folder = bool(args.out) and not Path(args.out).is_dir() \
-            and _inside(Path(args.figure), Path(args.out))
+            and Path(os.path.realpath(args.out)) in Path(os.path.realpath(args.figure)).parents
         check_output_file(args.figure, [], "--figure", suffixes=(".png",), create_parent=new_folder)
     return params
 
@@ -144,16 +135,14 @@ def main(argv: list[str]) -> int:
     params = check_options(args)
     if args.alpnet:
         return alpnet_folder(args, params)
+    source = prep = Path(args.images)
     if args.figure_only:
-        overlay_figure(Path(args.images), Path(args.figure), args.figure_slices)
+        overlay_figure(prep, Path(args.figure), args.figure_slices)
         print(f"overlay figure: {args.figure}")
         return 0
-
-    source = Path(args.images)
     if not source.is_dir():
         raise UserError(f"--images {source}: folder not found: give a prepared folder or a folder of NIfTI "
                         "CT volumes")
-    prep = source
     start = time.perf_counter()
     if not (source / "meta.json").is_file():  # raw NIfTI volumes: prepare them first (images only)
         if not args.out:

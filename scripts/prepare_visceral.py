@@ -1,5 +1,4 @@
-"""Prepare a VISCERAL-layout (multi-label, images-only or SSL-ALPNet) data set (docs/DESIGN.md, "Prepared
-data folder").
+"""Prepare a VISCERAL, multi-label, images-only or SSL-ALPNet data set (docs/DESIGN.md, "Prepared data").
 
     python scripts/prepare_visceral.py --visceral-dir data/phantom --out data/prepared_phantom
     python scripts/prepare_visceral.py --visceral-dir AMOS --layout multilabel --label-map map.json --out PREP
@@ -53,7 +52,6 @@ def main(argv: list[str]) -> int:
     existing.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
     existing.add_argument("--skip-existing", action="store_true", help="do nothing when --out exists")
     args = parser.parse_args(argv)
-
     out = Path(args.out)
     if args.skip_existing and out.exists():
         print(f"{out}: exists, kept (--skip-existing)")
@@ -76,8 +74,7 @@ def main(argv: list[str]) -> int:
 
 
 def prepare_alpnet_layout(args, out: Path) -> int:
-    """--layout alpnet: SSL-ALPNet's normalisation (MR z-score, CT training statistics), never an HU
-    window."""
+    """--layout alpnet: SSL-ALPNet's normalisation (MR z-score, CT training statistics), no HU window."""
     from dataloaders.layouts import detect_dataset
     from dataloaders.prepare import prepare_alpnet
     dataset = detect_dataset(args.visceral_dir)

@@ -1,4 +1,6 @@
-"""Shared fixtures: a tiny VISCERAL-layout phantom and its prepared folder (built once per session).
+"""Shared fixtures: a tiny VISCERAL-layout phantom and its prepared folder (built once per session), and
+the ways to run the entry points: train.py's loop in-process (train_in_process), their mains through
+run_cli (script_output), train.py / test.py commands in one subprocess (run_sacred_cases).
 
 Kept small on purpose (6 silver + 3 gold volumes of 64 x 64 x ~24 slices, prepared at 64, a slice
 qualifies with more than 5 voxels so every class has slices) so every test that reuses them stays fast.
@@ -158,6 +160,40 @@ def unlabeled_prep(tiny_phantom, tmp_path_factory) -> Path:
                     intensity={"mode": "window", "window": [-125, 275]}, workers=1)
     make_superpixels(prep, SuperpixelParams(min_size=30), workers=1, progress=False)
     return prep
+
+
+@pytest.fixture(scope="session")
+def train_prep(tmp_path_factory) -> Path:
+    """tests/test_episodes.make_train_prep's folder (4 training volumes, 2 validation volumes; read only)."""
+    from test_episodes import make_train_prep
+    return make_train_prep(tmp_path_factory.mktemp("train_prep"))
+
+
+class RecordingRun:
+    """The parts of a Sacred Run that training.loop.train uses: one observer's folder (with config.json as
+    Sacred writes it), info and the logged scalars."""
+
+    def __init__(self, run_dir: Path, config: dict):
+        from types import SimpleNamespace
+        run_dir.mkdir(parents=True)
+        (run_dir / "config.json").write_text(json.dumps(config, default=str))
+        self.observers, self.info, self.scalars = [SimpleNamespace(dir=str(run_dir))], {}, []
+
+    def log_scalar(self, name, value, step):
+        self.scalars.append((name, value, step))
+
+    def logged(self, name: str) -> list:
+        return [value for key, value, _ in self.scalars if key == name]
+
+
+def train_in_process(run_dir: Path | None = None, **updates) -> tuple[dict, RecordingRun | None]:
+    """training.loop.train on the `tiny` config plus `updates` (nested dicts merge), recorded in `run_dir`
+    (None: no file is written): (its summary, the run)."""
+    from config import default_config
+    from training.loop import train
+    config = resolve_config(**updates)
+    run = RecordingRun(run_dir, config) if run_dir is not None else None
+    return train(config, run, defaults=default_config()), run
 
 
 def pytest_collection_modifyitems(config, items):

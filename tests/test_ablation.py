@@ -1,9 +1,9 @@
-"""tools/phantom_studies.py ablation: trains each variant through train.py (a stub here), reuses a finished
-run only when it records the config digest it would train with (experiments/runner.py), and turns a config
-typo or a missing interpreter into one line."""
+"""tools/phantom_studies.py ablation: trains each variant through train.py (a stand-in here), reuses a
+finished run only when it records the config digest it would train with (experiments/runner.py), and turns a
+config typo, a missing interpreter or a failed training into one line."""
 from __future__ import annotations
 
-import sys
+import json
 from pathlib import Path
 
 import pytest
@@ -15,43 +15,45 @@ from util.errors import UserError
 
 studies = load_script("phantom_studies")
 
-# Stands in for `python train.py with ...`: writes the run's config.json as Sacred would (the config resolved
-# from the same overrides), the argv it saw and, as last.pth and best.pth, the fold-0 snapshot that
-# make_tiny_snapshot made in the test process (TEMPLATES/fold0.pth) with the step and config digest train.py
-# would record. The test process's PYTHONPATH (conftest.py) finds the packages.
-STUB = f"""#!{sys.executable}
-import json, sys
-from pathlib import Path
-from config import default_config
-from experiments.runner import resolved_config
-from models.checkpoint import load_checkpoint, save_checkpoint
-from training.loop import config_hash, run_name
-config = resolved_config(sys.argv[3:])
-runs = Path(config["path"]["log_dir"]) / run_name(config)
-run = runs / str(len(list(runs.glob("*"))) + 1 if runs.is_dir() else 1)
-run.mkdir(parents=True)
-(run / "config.json").write_text(json.dumps(config, default=str))
-(run / "argv.txt").write_text(" ".join(sys.argv[1:]))
-state = load_checkpoint(str(Path(TEMPLATES) / "fold0.pth"))
-state.update(step=config["n_steps"], config_hash=config_hash(config, default_config()))
-for name in ("last.pth", "best.pth"):
-    save_checkpoint(str(run / name), state)
-"""
-
 
 @pytest.fixture(scope="module")
-def templates(tmp_path_factory) -> Path:
-    """make_tiny_snapshot's fold-0 snapshot, made once: the stub copies it."""
-    folder = tmp_path_factory.mktemp("ablation_templates")
-    make_tiny_snapshot(folder / "fold0.pth", fold=0)
-    return folder
+def template(tmp_path_factory) -> Path:
+    """make_tiny_snapshot's fold-0 snapshot, made once: the stand-in training copies it."""
+    return make_tiny_snapshot(tmp_path_factory.mktemp("ablation_templates") / "fold0.pth", fold=0)
 
 
 @pytest.fixture
-def stub(tmp_path, templates) -> Path:
+def stub(tmp_path, template, monkeypatch) -> Path:
+    """An executable --python whose `train.py with ...` runs in this process (experiments/runner.py's
+    subprocess.run patched): it writes the run's config.json as Sacred would (the config resolved from the
+    same overrides), the argv it saw and, as last.pth and best.pth, the template with the step and config
+    digest train.py would record."""
+    import subprocess
+
+    from config import default_config
+    from experiments import runner
+    from models.checkpoint import load_checkpoint, save_checkpoint
+    from training.loop import config_hash, run_name
     path = tmp_path / "fake_python"
-    path.write_text(STUB.replace("Path(TEMPLATES)", f"Path({str(templates)!r})"))
+    path.write_text("#!/bin/sh\nexit 9\n")
     path.chmod(0o755)
+    real_run = subprocess.run
+
+    def train_here(command, *args, **kwargs):
+        if command[0] != str(path):
+            return real_run(command, *args, **kwargs)
+        config = runner.resolved_config(command[3:])
+        runs = Path(config["path"]["log_dir"]) / run_name(config)
+        run = runs / str(len(list(runs.glob("*"))) + 1 if runs.is_dir() else 1)
+        run.mkdir(parents=True)
+        (run / "config.json").write_text(json.dumps(config, default=str))
+        (run / "argv.txt").write_text(" ".join(command[1:]))
+        state = load_checkpoint(str(template))
+        state.update(step=config["n_steps"], config_hash=config_hash(config, default_config()))
+        for name in ("last.pth", "best.pth"):
+            save_checkpoint(str(run / name), state)
+        return subprocess.CompletedProcess(command, 0)
+    monkeypatch.setattr(runner.subprocess, "run", train_here)
     return path
 
 

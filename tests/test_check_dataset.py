@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from conftest import load_script
 
-from evaluation.dataset_check import check_prepared, format_table
+from dataloaders.prepared import check_folder as check_prepared
 from util.errors import UserError
 
 
@@ -37,7 +37,7 @@ def test_good_folder_passes_with_a_per_class_table(tiny_prepared, capsys):
     rows = {row["index"]: row for row in report["rows"]}
     assert rows[1]["slices"] == len(index["1"])
     assert rows[1]["volumes"] == len({entry[0] for entry in index["1"]})
-    assert "gold vol" in format_table(report)
+    assert "gold vol" in load_script("check_dataset").format_table(report)
 
 
 def damage_meta(prep):

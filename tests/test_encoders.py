@@ -109,17 +109,27 @@ def test_resnet50_loads_torchvision_imagenet_checkpoint(tmp_path):
     assert abs(official.layer4[0].weight.std().item() - 0.01) < 1e-3   # fusion conv not loaded
 
 
-def _official_snapshot(tmp_path, drop=None):
-    """A state dict with the official code's keys: DataParallel's module., the model's encoder."""
+@pytest.fixture(scope="module")
+def official(tmp_path_factory) -> tuple[dict, str]:
+    """(encoder state, path) of a state dict with the official code's keys: DataParallel's module., the
+    model's encoder (random weights, made once)."""
     torch.manual_seed(1)
     encoder_state = _randomised(ResNet50LSLPN().state_dict())
-    state = {f"module.encoder.{k}": v for k, v in encoder_state.items() if k != drop}
+    path = tmp_path_factory.mktemp("official") / "official.pth"
+    torch.save({f"module.encoder.{k}": v for k, v in encoder_state.items()}, path)
+    return encoder_state, str(path)
+
+
+def _without(official, key, tmp_path) -> str:
+    """The official snapshot without `key`, saved as tmp_path/official.pth."""
+    state = torch.load(official[1])
+    del state[f"module.encoder.{key}"]
     torch.save(state, tmp_path / "official.pth")
-    return encoder_state, str(tmp_path / "official.pth")
+    return str(tmp_path / "official.pth")
 
 
-def test_official_snapshot_loads_as_init_path_and_as_model_weights(tmp_path):
-    encoder_state, path = _official_snapshot(tmp_path)
+def test_official_snapshot_loads_as_init_path_and_as_model_weights(official):
+    encoder_state, path = official
     encoder = build_encoder("resnet50_lslpn", path)
     assert torch.equal(encoder.layer4[0].weight, encoder_state["layer4.0.weight"])
     assert torch.equal(encoder.layer3[1].bn2.running_mean, encoder_state["layer3.1.bn2.running_mean"])
@@ -128,7 +138,7 @@ def test_official_snapshot_loads_as_init_path_and_as_model_weights(tmp_path):
     assert torch.equal(model.encoder.layer4[0].bias, encoder_state["layer4.0.bias"])
 
 
-def test_bad_snapshots_and_checkpoints(tmp_path):
+def test_bad_snapshots_and_checkpoints(tmp_path, official):
     with pytest.raises(UserError, match="file not found"):
         build_encoder("vgg16", str(tmp_path / "missing.pth"))
     state = _vgg_checkpoint(tmp_path / "vgg16.pth")
@@ -141,7 +151,7 @@ def test_bad_snapshots_and_checkpoints(tmp_path):
     (tmp_path / "junk.pth").write_text("not a checkpoint")
     with pytest.raises(UserError, match="cannot read"):
         build_encoder("vgg16", str(tmp_path / "junk.pth"))
-    _, path = _official_snapshot(tmp_path, drop="layer4.0.weight")   # official snapshot, a key missing
+    path = _without(official, "layer4.0.weight", tmp_path)           # official snapshot, a key missing
     with pytest.raises(UserError, match=r"official.pth: does not match .*layer4.0.weight"):
         build_encoder("resnet50_lslpn", path)
 
@@ -198,14 +208,14 @@ def test_gradients_reach_trainable_parameters(name):
         assert any(not torch.equal(b, m.running_mean) for b, m in zip(before, bns))  # BN trains
 
 
-def test_official_snapshot_as_a_test_snapshot(tmp_path):
+def test_official_snapshot_as_a_test_snapshot(tmp_path, official):
     """test.py / evaluate load a raw official-code state dict with the official model config."""
     from models.checkpoint import model_from_checkpoint
-    encoder_state, path = _official_snapshot(tmp_path)
+    encoder_state, path = official
     model, state = model_from_checkpoint(path)
     assert state["official_snapshot"] and model.config["encoder"] == "resnet50_lslpn"
     assert torch.equal(model.encoder.layer4[0].weight, encoder_state["layer4.0.weight"])
-    _, partial = _official_snapshot(tmp_path, drop="layer2.1.conv2.weight")
+    partial = _without(official, "layer2.1.conv2.weight", tmp_path)
     partial_error = r"official.pth \(official-code snapshot\): does not match .*layer2.1.conv2"
     with pytest.raises(UserError, match=partial_error):
         model_from_checkpoint(partial)

@@ -1636,7 +1636,7 @@ def test_killed_prepare_leaves_the_old_output_or_none_never_a_partial_one(tiny_p
     """prepare_visceral killed at a random moment over an old output (--overwrite) and with none: PREP is
     the old folder, absent, or complete; the next run cleans the dead run's .partial-<pid> folder."""
     from dataloaders.prepare import Selection, prepare_dataset
-    from evaluation.dataset_check import check_prepared
+    from dataloaders.prepared import check_folder as check_prepared
     rng = random.Random(SEED + 1)
     old_out, new_out = tmp_path / "old" / "prep", tmp_path / "new" / "prep"
     prepare_dataset(tiny_phantom, old_out, size=32, n_val=1, rule=Selection(min_voxels=5), workers=1)

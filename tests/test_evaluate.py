@@ -80,7 +80,7 @@ class IntensityModel(torch.nn.Module):
         return -self.scale * (query_images - prototypes[:, None, :, None, None]).abs()
 
 
-def test_validate_returns_mean_and_per_organ_and_restores_mode(tmp_path):
+def test_validate_returns_mean_and_per_organ_restores_mode_and_needs_prepared_data(tmp_path):
     from evaluation.evaluate import validate
     prep = make_prepared(tmp_path, split="val")
     model = IntensityModel().train()
@@ -92,10 +92,6 @@ def test_validate_returns_mean_and_per_organ_and_restores_mode(tmp_path):
     # the stand-in separates the bright organs from the dark body, but liver and spleen are both bright
     assert 0.0 < result["per_organ"]["liver"] <= 1.0
     assert result["mean_dice"] == pytest.approx(np.mean(list(result["per_organ"].values())))
-
-
-def test_validate_needs_prepared_data(tmp_path):
-    from evaluation.evaluate import validate
     with pytest.raises(UserError, match="prepare_visceral"):
         validate(IntensityModel(), tmp_path / "nothing", organs=["liver"], input_size=32)
 
@@ -137,9 +133,12 @@ def test_evaluate_writes_every_output(tmp_path):
     assert f"| {expected:.1f} |" in mask_copy_row
 
 
-def test_mask_copy_dice_matches_a_direct_computation(tmp_path):
+def test_mask_copy_dice_and_its_nifti_prediction_in_the_original_geometry(tmp_path):
+    import nibabel as nib
+
+    from dataloaders.nifti import load_nifti
     from evaluation.protocols import dice, mask_copy, organ_range
-    results, _ = _run(tmp_path, methods={"mask copy": None})
+    results, out = _run(tmp_path, methods={"mask copy": None}, organs=["liver"])
     support, query = make_volume(0), make_volume(2)
     s_range, q_range = organ_range(support["label"] == 1, 1), organ_range(query["label"] == 1, 1)
     copied = mask_copy(support["label"] == 1, s_range, SHAPE, q_range, 3)
@@ -147,6 +146,12 @@ def test_mask_copy_dice_matches_a_direct_computation(tmp_path):
     assert case["dice_range"] == pytest.approx(dice(copied[..., q_range[0]:q_range[1] + 1],
                                                    query["label"][..., q_range[0]:q_range[1] + 1] == 1))
     assert case["dice_volume"] == pytest.approx(dice(copied, query["label"] == 1))
+    path = out / "predictions" / "mask_copy" / "10000105_liver.nii.gz"
+    image = nib.load(str(path))
+    assert image.shape == SHAPE
+    np.testing.assert_allclose(image.affine, LPS_AFFINE)
+    assert (np.asarray(image.dataobj) == copied[::-1, ::-1, :]).all()   # LPS storage: RAS flipped in x, y
+    assert (load_nifti(path).array.astype(bool) == copied).all()
 
 
 def test_whole_volume_dice_counts_organ_outside_the_range(tmp_path):
@@ -165,29 +170,16 @@ def test_whole_volume_dice_counts_organ_outside_the_range(tmp_path):
     assert case["dice_volume"] == pytest.approx(2 * 1200 / (1200 + 1225))
 
 
-def test_predictions_are_nifti_in_the_original_geometry(tmp_path):
-    import nibabel as nib
-
-    from dataloaders.nifti import load_nifti
-    from evaluation.protocols import mask_copy, organ_range
-    _run(tmp_path, methods={"mask copy": None}, organs=["liver"])
-    path = tmp_path / "out" / "predictions" / "mask_copy" / "10000105_liver.nii.gz"
-    image = nib.load(str(path))
-    assert image.shape == SHAPE
-    np.testing.assert_allclose(image.affine, LPS_AFFINE)
-    support, query = make_volume(0), make_volume(2)
-    expected = mask_copy(support["label"] == 1, organ_range(support["label"] == 1, 1), SHAPE,
-                         organ_range(query["label"] == 1, 1), 3)
-    stored = np.asarray(image.dataobj)
-    assert (stored == expected[::-1, ::-1, :]).all()           # LPS storage = canonical RAS flipped in x, y
-    assert (load_nifti(path).array.astype(bool) == expected).all()
-
-
-def test_batching_does_not_change_the_prediction_and_support_is_encoded_once_per_chunk(tmp_path):
+def test_batching_does_not_change_the_prediction_and_support_is_encoded_once_per_chunk_with_k_shots():
     from evaluation.inference import run_chunks
     from evaluation.protocols import chunk_plan
     support, query = make_volume(0), make_volume(1)
-    predictions = []
+    predictions, seen = [], []
+
+    class Recording(IntensityModel):
+        def encode_support(self, images, fg, bg):
+            seen.append(tuple(images.shape))
+            return super().encode_support(images, fg, bg)
     for batch_size in (1, 3, 64):
         model = IntensityModel()
         predictions.append(run_chunks(model, [(support["image"], support["label"] == 1)],
@@ -197,26 +189,13 @@ def test_batching_does_not_change_the_prediction_and_support_is_encoded_once_per
         assert model.calls == {"encode": 3, "segment": 3 * -(-3 // batch_size)}
     assert all((p == predictions[0]).all() for p in predictions)
     assert not predictions[0][..., :4].any() and not predictions[0][..., 13:].any()
-
-
-def test_k_shot_uses_k_support_slices(tmp_path):
-    from evaluation.inference import run_chunks
-    from evaluation.protocols import chunk_plan
-    seen = []
-
-    class Recording(IntensityModel):
-        def encode_support(self, images, fg, bg):
-            seen.append(tuple(images.shape))
-            return super().encode_support(images, fg, bg)
-
-    support, query = make_volume(0), make_volume(1)
     shots = [(support["image"], support["label"] == 1)] * 3
     run_chunks(Recording(), shots, chunk_plan((3, 11), (4, 12), 3, 3), query["image"], 32, {"mode": "minmax"},
                "cpu", 8)
-    assert seen == [(1, 1, 3, 1, 32, 32)] * 3
+    assert seen == [(1, 1, 3, 1, 32, 32)] * 3                       # k = 3 support slices per chunk
 
 
-def test_support_all_reports_mean_and_std_over_supports(tmp_path):
+def test_support_all_reports_mean_and_std_over_supports_and_the_default_support(tmp_path):
     results, out = _run(tmp_path, support="all", methods={"mask copy": None}, organs=["liver"])
     liver = results["results"]["mask copy"]["liver"]
     per_support = {}
@@ -228,11 +207,8 @@ def test_support_all_reports_mean_and_std_over_supports(tmp_path):
     assert liver["range"]["std_over_supports"] == pytest.approx(np.std(means))
     assert "±" in (out / "table.md").read_text()
     assert (out / "predictions" / "mask_copy" / "support_10000104" / "10000100_liver.nii.gz").is_file()
-
-
-def test_official_support_is_the_default_when_present(tmp_path):
     from evaluation.evaluate import choose_supports
-    assert choose_supports(["10000100", "10000132"], "default") == ["10000132"]
+    assert choose_supports(["10000100", "10000132"], "default") == ["10000132"]    # the official support
     assert choose_supports(["10000100", "10000104"], "default") == ["10000100"]
     assert choose_supports(["10000100", "10000104"], 10000104) == ["10000104"]
 
@@ -248,18 +224,11 @@ def test_organ_absent_from_support_or_query_is_reported_not_a_crash(tmp_path):
     spleen = results["results"]["mask copy"]["spleen"]
     assert [c["query"] for c in spleen["per_volume"]] == ["10000105"]
     assert "absent from query 10000104" in spleen["skipped"][0]["skipped"]
-
-
-def test_bad_snapshots_are_one_line_errors(tmp_path):
-    from evaluation.evaluate import load_snapshot
-    with pytest.raises(UserError, match="does not exist"):
-        load_snapshot(tmp_path / "missing.pth")
-    torch.save({"features.0.weight": torch.zeros(1)}, tmp_path / "imagenet.pth")
-    with pytest.raises(UserError, match="not a train.py checkpoint"):
-        load_snapshot(tmp_path / "imagenet.pth")
-    (tmp_path / "garbage.pth").write_bytes(b"not a checkpoint")
-    with pytest.raises(UserError, match="unreadable"):
-        load_snapshot(tmp_path / "garbage.pth")
+    prep3 = make_prepared(tmp_path / "c", absent={pid: ("liver",) for pid in ("10000100", "10000104",
+                                                                               "10000105")})
+    results, out = _run(tmp_path / "c", prep=prep3, organs=["spleen"])       # every query skipped: outputs
+    assert results["results"]["toy"]["spleen"]["range"]["value"] is None
+    assert "| toy | – | – |" in (out / "table.md").read_text()
 
 
 def test_unknown_organ_and_missing_gold_are_clear_errors(tmp_path):
@@ -284,7 +253,8 @@ def test_py_runs(tmp_path_factory) -> dict:
                              f"path.log_dir={roots['missing_snapshot']}",
                              f"eval.snapshots={{'LSLPN': '{roots['missing_snapshot'] / 'missing.pth'}'}}"],
         "writes": [f"path.data_dir={make_prepared(roots['writes'])}",
-                   f"path.log_dir={roots['writes'] / 'runs'}", "eval.preset=senet", "fold=1", "device=cpu"]}
+                   f"path.log_dir={roots['writes'] / 'runs'}", "eval.preset=senet", "fold=1", "device=cpu",
+                   "amp=bf16"]}
     results = run_sacred_cases("test", [["tiny", *words] for words in commands.values()])
     return {name: (result, roots[name]) for name, result in zip(commands, results)}
 
@@ -310,47 +280,38 @@ def test_test_py_bad_input_is_one_line(test_py_runs):
     assert done["code"] == 2 and len(lines) == 1 and "missing.pth" in lines[0], done["err"]
 
 
-def test_snapshot_from_another_fold_or_encoder_is_refused(tmp_path):
+def test_snapshots_unreadable_of_another_fold_encoder_or_intensity_scaling_are_refused(tmp_path):
+    """A checkpoint records its fold and its training data's intensity scaling; evaluating it on another
+    fold's training organs or on data scaled otherwise would be a silent wrong answer: one-line errors."""
     from test_notebook_eval import make_tiny_snapshot
 
     from evaluation.evaluate import evaluate, load_snapshot
     from models.checkpoint import load_checkpoint, save_checkpoint
-    prep = make_prepared(tmp_path)
+    with pytest.raises(UserError, match="does not exist"):
+        load_snapshot(tmp_path / "missing.pth")
+    torch.save({"features.0.weight": torch.zeros(1)}, tmp_path / "imagenet.pth")
+    with pytest.raises(UserError, match="not a train.py checkpoint"):
+        load_snapshot(tmp_path / "imagenet.pth")
+    (tmp_path / "garbage.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(UserError, match="unreadable"):
+        load_snapshot(tmp_path / "garbage.pth")
+    prep = make_prepared(tmp_path)                       # meta.json: per-slice min-max
     snapshot = make_tiny_snapshot(tmp_path / "fold1.pth", fold=1)
     with pytest.raises(UserError, match="trained for fold 1 .* liver"):
         evaluate({"LSLPN": str(snapshot)}, ["liver"], prep, preset="thirds", input_size=32, device="cpu",
                  progress=False)
     state = load_checkpoint(str(snapshot))
-    state["model"] = {("encoder.other." + k): v for k, v in state["model"].items()}
-    save_checkpoint(str(tmp_path / "other.pth"), state)
+    save_checkpoint(str(tmp_path / "other.pth"), {**state, "model": {("encoder.other." + k): v
+                                                                     for k, v in state["model"].items()}})
     with pytest.raises(UserError, match="another encoder"):
         load_snapshot(tmp_path / "other.pth")
-
-
-def test_all_queries_skipped_still_writes_outputs(tmp_path):
-    prep = make_prepared(tmp_path, absent={pid: ("liver",) for pid in ("10000100", "10000104", "10000105")})
-    results, out = _run(tmp_path, prep=prep, organs=["spleen"])
-    assert results["results"]["toy"]["spleen"]["range"]["value"] is None
-    assert "| toy | – | – |" in (out / "table.md").read_text()
-
-
-def test_snapshot_trained_on_other_intensity_scaling_is_refused(tmp_path):
-    """A checkpoint records its training data's intensity scaling; evaluating it on data scaled
-    otherwise would be a silent wrong answer, so it is a one-line error instead."""
-    from test_notebook_eval import make_tiny_snapshot
-
-    from evaluation.evaluate import evaluate
-    from models.checkpoint import load_checkpoint, save_checkpoint
-    prep = make_prepared(tmp_path)                       # meta.json: per-slice min-max
     snapshot = make_tiny_snapshot(tmp_path / "fold0.pth", fold=0)
     state = load_checkpoint(str(snapshot))
-    state["intensity"] = {"mode": "window", "window": [-125.0, 275.0]}
-    save_checkpoint(str(snapshot), state)
+    save_checkpoint(str(snapshot), {**state, "intensity": {"mode": "window", "window": [-125.0, 275.0]}})
     with pytest.raises(UserError, match="trained on slices scaled .*window"):
         evaluate({"LSLPN": str(snapshot)}, ["liver"], prep, preset="thirds", input_size=32, device="cpu",
                  progress=False)
-    state["intensity"] = {"mode": "minmax"}              # the same scaling: accepted
-    save_checkpoint(str(snapshot), state)
+    save_checkpoint(str(snapshot), {**state, "intensity": {"mode": "minmax"}})   # the same scaling: accepted
     results = evaluate({"LSLPN": str(snapshot)}, ["liver"], prep, preset="thirds", input_size=32,
                        device="cpu", progress=False)
     assert results["results"]["LSLPN"]["liver"]["range"]["value"] is not None

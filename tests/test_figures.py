@@ -2,18 +2,14 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import run_script
 from test_evaluate import IntensityModel, make_prepared
 
 from evaluation.figures import display, misalignment_pairs
 from util.errors import UserError
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_display_puts_anterior_up_and_patient_right_on_the_left():
@@ -45,15 +41,14 @@ def _evaluated(tmp_path, organs, fold, name="out"):
     return tmp_path / name / "run"
 
 
-def test_figures_are_written_and_make_figures_merges_fold_runs(tmp_path):
+def test_figures_are_written_and_make_figures_merges_fold_runs(tmp_path, capsys):
+    """scripts/make_figures.py's main in-process through run_cli, as its command line runs it."""
     import matplotlib.image
     liver, spleen = _evaluated(tmp_path, ["liver"], 0, "a"), _evaluated(tmp_path, ["spleen"], 1, "b")
     for run in (liver, spleen):
         (run / "results.png").unlink()
-    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "make_figures.py"), str(liver), str(spleen),
-                           "--table", str(tmp_path / "table.md")], capture_output=True, text=True,
-                          timeout=120)
-    assert done.returncode == 0, done.stderr
+    code, err = run_script("make_figures", [liver, spleen, "--table", tmp_path / "table.md"], capsys)
+    assert code == 0, err
     image = matplotlib.image.imread(liver / "results.png")
     assert image.shape[0] > 100 and image.std() > 0.01
     table = (tmp_path / "table.md").read_text()
@@ -66,8 +61,6 @@ def test_figures_are_written_and_make_figures_merges_fold_runs(tmp_path):
 
 
 def test_make_figures_on_a_missing_run_is_one_line(tmp_path, capsys):
-    """main in-process through run_cli, as the command line runs it (the test above runs the real process)."""
-    from conftest import run_script
     code, err = run_script("make_figures", [tmp_path], capsys)
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and "results.json is missing" in lines[0]

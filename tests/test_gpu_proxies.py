@@ -3,15 +3,14 @@
 The training loop's GPU options run on CPU through the same code (util/device.py, training/loop.py):
 bf16 and fp16 autocast (`amp='bf16'|'fp16'`), the fp16 GradScaler (torch.amp.GradScaler('cpu') on CPU),
 channels_last, torchrun entering the distributed path (on CPU: tests/test_ddp.py's two gloo ranks; here one
-process per GPU with nccl on CUDA), test.py under autocast and scripts/segment_volume.py on the device.
-What only CUDA can break is listed in tools/gpu_check.sh's header; `pytest -m cuda` runs the cuda
-variants there.
+process per GPU with nccl on CUDA), evaluation under autocast (test.py's `amp`) and
+scripts/segment_volume.py on the device. What only CUDA can break is listed in tools/gpu_check.sh's header;
+`pytest -m cuda` runs the cuda variants there.
 """
 from __future__ import annotations
 
 import glob
 import json
-import os
 import re
 import subprocess
 import sys
@@ -20,30 +19,14 @@ from pathlib import Path
 import nibabel as nib
 import pytest
 import torch
-from test_episodes import make_train_prep
+from conftest import resolve_config, train_in_process
 
-from config import default_config
 from models.checkpoint import load_checkpoint
-from training.config_check import check_config
-from training.loop import train
+from training.loop import run_name
 from util.device import amp_dtype, autocast, make_grad_scaler
-from util.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
-
-
-def resolve(**updates) -> dict:
-    """The resolved `tiny` config of config.py plus updates (nothing is run)."""
-    from sacred.initialize import create_run
-
-    from config import ex
-    return dict(create_run(ex, "print_config", config_updates=updates, named_configs=["tiny"]).config)
-
-
-@pytest.fixture(scope="module")
-def prep(tmp_path_factory):
-    return make_train_prep(tmp_path_factory.mktemp("gpu_proxies"))
 
 
 class ConvRecorder:
@@ -68,12 +51,11 @@ class ConvRecorder:
         self.handle.remove()
 
 
-def train_tiny(prep, device, tmp_path, **updates) -> tuple[dict, ConvRecorder]:
-    config = resolve(device=device, n_steps=2, val_every=0, save_every=2, print_every=2,
-                     path={"data_dir": str(prep), "log_dir": str(tmp_path)}, **updates)
-    check_config(config, "train")
+def train_tiny(prep, device, run_dir=None, **updates) -> tuple[dict, ConvRecorder]:
     with ConvRecorder() as recorder:
-        summary = train(config, defaults=default_config())
+        summary, _ = train_in_process(run_dir, device=device, n_steps=2, val_every=0, save_every=2,
+                                      print_every=2, path={"data_dir": str(prep), "log_dir": str(prep)},
+                                      **updates)
     return summary, recorder
 
 
@@ -91,29 +73,38 @@ def test_amp_setting_picks_the_autocast_dtype_and_scaler():
         assert torch.nn.functional.linear(torch.ones(2, 3), torch.ones(4, 3)).dtype == torch.float32
 
 
-@pytest.mark.parametrize("amp", ["fp8", "on", 1])
-def test_unknown_amp_setting_is_one_clear_line(prep, amp):
-    with pytest.raises(UserError, match=r"^amp = "):
-        check_config(resolve(amp=amp, path={"data_dir": str(prep)}), "train")
-
-
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("amp, dtype", [("False", torch.float32), ("bf16", torch.bfloat16),
                                         ("fp16", torch.float16)])
-def test_training_step_runs_under_the_requested_autocast(prep, tmp_path, device, amp, dtype):
-    summary, recorder = train_tiny(prep, device, tmp_path, amp=False if amp == "False" else amp)
+def test_training_step_runs_under_the_requested_autocast(train_prep, device, amp, dtype):
+    summary, recorder = train_tiny(train_prep, device, amp=False if amp == "False" else amp)
     assert recorder.out_dtypes == {dtype}          # every conv of the real training step ran in `dtype`
     assert summary["steps"] == 2 and summary["sec_per_step"] > 0
     assert 0.0 <= summary["data_wait_fraction"] <= 1.0
     assert (summary["cuda_peak_mb"] is None) == (device == "cpu")
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_fp16_grad_scaler_state_is_saved_and_resumed(train_prep, tmp_path, device):
+    common = dict(device=device, amp="fp16", val_every=0, save_every=2,
+                  path={"data_dir": str(train_prep), "log_dir": str(tmp_path)})
+    name = run_name(resolve_config(**common))
+    train_in_process(tmp_path / name / "1", n_steps=2, **common)
+    first = load_checkpoint(str(tmp_path / name / "1" / "last.pth"))
+    assert first["step"] == 2                                        # run 1 stopped at 2 (resume: run 2)
+    assert first["scaler"] and first["scaler"]["scale"] > 0          # the GradScaler's state travels
+    _, run = train_in_process(tmp_path / name / "2", n_steps=4, resume=True, **common)
+    assert run.info["resumed_from"] == str(tmp_path / name / "1" / "last.pth")
+    resumed = load_checkpoint(str(tmp_path / name / "2" / "last.pth"), map_location=device)
+    assert resumed["step"] == 4 and resumed["scaler"]
+
+
 # -------------------------------------------------------------------------------- channels_last
 @pytest.mark.parametrize("device", DEVICES)
-def test_channels_last_trains_to_the_same_weights_as_contiguous(prep, tmp_path, device, monkeypatch):
+def test_channels_last_trains_to_the_same_weights_as_contiguous(train_prep, device, monkeypatch):
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # TF32 convs would differ by ~1e-3
-    _, contiguous = train_tiny(prep, device, tmp_path / "a", channels_last=False)
-    _, last = train_tiny(prep, device, tmp_path / "b", channels_last=True)
+    _, contiguous = train_tiny(train_prep, device, channels_last=False)
+    _, last = train_tiny(train_prep, device, channels_last=True)
     assert {plain for _, plain in contiguous.formats} == {True}
     assert {cl for cl, _ in last.formats} == {True} and (True, False) in last.formats
     assert len(contiguous.modules) == len(last.modules) > 0
@@ -121,78 +112,50 @@ def test_channels_last_trains_to_the_same_weights_as_contiguous(prep, tmp_path, 
         torch.testing.assert_close(a.weight.contiguous(), b.weight.contiguous(), rtol=1e-4, atol=1e-5)
 
 
-# ------------------------------------------------------------------ fp16 GradScaler and resume
-def train_cli(*overrides, log_dir, prep_dir, launcher=(sys.executable,)):
-    cmd = [*launcher, "train.py", "with", "tiny", "val_every=0", "save_every=2", f"path.data_dir={prep_dir}",
-           f"path.log_dir={log_dir}", *overrides]
-    result = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True,
-                            text=True, timeout=300)
-    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
-    return result.stdout + result.stderr
-
-
-@pytest.mark.parametrize("device", DEVICES)
-def test_fp16_grad_scaler_state_is_saved_and_resumed(prep, tmp_path, device):
-    """The 2-step run and its resume to 4 steps: two train.py commands in one process, one after the other
-    (conftest.run_sacred_cases)."""
-    from conftest import run_sacred_cases
-    common = ["tiny", "val_every=0", "save_every=2", f"path.data_dir={prep}", f"path.log_dir={tmp_path}",
-              f"device={device}", "amp=fp16"]
-    first_run, resumed_run = run_sacred_cases("train", [common + ["n_steps=2"],
-                                                        common + ["n_steps=4", "resume=True"]])
-    for result in (first_run, resumed_run):
-        assert result["code"] == 0, (result["out"] + result["err"])[-3000:]
-    first = load_checkpoint(glob.glob(str(tmp_path / "*" / "1" / "last.pth"))[0])
-    assert first["step"] == 2                                        # run 1 stopped at 2 (resume: run 2)
-    assert first["scaler"] and first["scaler"]["scale"] > 0          # the GradScaler's state travels
-    assert "at step 2" in resumed_run["out"] + resumed_run["err"]
-    resumed = load_checkpoint(glob.glob(str(tmp_path / "*" / "2" / "last.pth"))[0], map_location=device)
-    assert resumed["step"] == 4 and resumed["scaler"]
-
-
 # -------------------------------------------------------------------------------- torchrun on CUDA
 @pytest.mark.parametrize("device", [pytest.param("cuda", marks=pytest.mark.cuda)])
-def test_torchrun_uses_the_distributed_path_and_ranks_agree(prep, tmp_path, device):
+def test_torchrun_uses_the_distributed_path_and_ranks_agree(train_prep, tmp_path, device):
     """One process per GPU (nccl) in bf16 with channels_last, as a paper run. The CPU proxy (gloo: ranks
     agree, run.info's world size and backend) is tests/test_ddp.py's two-rank run."""
-    gpus = torch.cuda.device_count() if device == "cuda" else 1
-    torchrun = (sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}")
-    extra = ("amp=bf16", "channels_last=True") if device == "cuda" else ()
-    out = train_cli(f"device={device}", "n_steps=2", *extra, log_dir=tmp_path, prep_dir=prep,
-                    launcher=torchrun)
+    gpus = torch.cuda.device_count()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}",
+           "train.py", "with", "tiny", "val_every=0", "save_every=2", f"path.data_dir={train_prep}",
+           f"path.log_dir={tmp_path}", f"device={device}", "n_steps=2", "amp=bf16", "channels_last=True"]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    out = done.stdout + done.stderr
+    assert done.returncode == 0, out[-3000:]
     digests = dict(re.findall(r"rank (\d+): final weights sha256 ([0-9a-f]+)", out))  # tqdm may precede it
     assert len(digests) == gpus and len(set(digests.values())) == 1, out[-2000:]
-    # Sacred's run.info
-    info = json.loads(Path(glob.glob(str(tmp_path / "*" / "1" / "info.json"))[0]).read_text())
-    assert info["world_size"] == gpus
-    assert info["distributed_backend"] == ("nccl" if device == "cuda" else "gloo")
+    info = json.loads(Path(glob.glob(str(tmp_path / "*" / "1" / "info.json"))[0]).read_text())  # run.info
+    assert info["world_size"] == gpus and info["distributed_backend"] == "nccl"
 
 
 # --------------------------------------------------- evaluation and segment_volume on the device
 @pytest.mark.parametrize("device", DEVICES)
-def test_test_py_and_segment_volume_run_on_the_device_under_autocast(tiny_phantom, tiny_prepared, tmp_path,
-                                                                     device):
-    train_cli(f"device={device}", "n_steps=2", log_dir=tmp_path / "runs", prep_dir=tiny_prepared)
-    snapshot = glob.glob(str(tmp_path / "runs" / "*" / "1" / "last.pth"))[0]
-    done = subprocess.run([sys.executable, "test.py", "with", "tiny", "fold=0", f"device={device}",
-                           "amp=bf16",
-                           f"eval.snapshots={json.dumps({'LSLPN': snapshot})}", "eval.save_predictions=False",
-                           f"path.data_dir={tiny_prepared}", f"path.log_dir={tmp_path / 'runs'}"], cwd=ROOT,
-                          env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
-                          timeout=300)
-    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
-    rows = (Path(glob.glob(str(tmp_path / "runs" / "test" / "*" / "results.csv"))[0])
-            .read_text()).splitlines()
+def test_evaluation_and_segment_volume_run_on_the_device_under_autocast(tiny_phantom, tiny_prepared, tmp_path,
+                                                                        device):
+    """test.py's evaluation under `amp=bf16` (its `with autocast(device, amp)`; test.py itself runs in
+    tests/test_evaluate.py) and scripts/segment_volume.py's main in-process, as its command line runs it
+    (run_cli; its real process: tests/test_segment_volume.py)."""
+    from conftest import load_script
+
+    from evaluation.evaluate import evaluate
+    from util.cli import run_cli
+    train_in_process(tmp_path / "run", device=device, n_steps=2, val_every=0, save_every=2,
+                     path={"data_dir": str(tiny_prepared), "log_dir": str(tmp_path)})
+    snapshot = str(tmp_path / "run" / "last.pth")
+    with ConvRecorder() as recorder, autocast(torch.device(device), "bf16"):
+        results = evaluate({"mask copy": None, "LSLPN": snapshot}, ["liver"], tiny_prepared,
+                           out_dir=tmp_path / "eval", device=device, batch_size=8, save_predictions=False,
+                           fold=0, progress=False, figures=False)
+    assert recorder.out_dtypes == {torch.bfloat16}
+    assert results["results"]["LSLPN"]["liver"]["per_volume"]
+    rows = (tmp_path / "eval" / "results.csv").read_text().splitlines()
     assert any(row.startswith("LSLPN,") or ",LSLPN," in row for row in rows[1:]), rows[:3]
     gold = tiny_phantom / "GoldCorpus"
     volumes = sorted((gold / "Volumes").glob("*.nii.gz"))
     support_pid = volumes[0].name.split("_")[0]
     liver = sorted((gold / "Segmentations").glob(f"{support_pid}_*_58_*.nii.gz"))[0]   # RadLex 58: liver
-    # scripts/segment_volume.py's main in-process, as its command line runs it (run_cli); its real process
-    # is tests/test_segment_volume.py's test_cli_subprocess_reports_one_line
-    from conftest import load_script
-
-    from util.cli import run_cli
     out_file = tmp_path / "pred.nii.gz"
     with pytest.raises(SystemExit) as stop:
         run_cli(load_script("segment_volume").main,

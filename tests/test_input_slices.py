@@ -462,7 +462,7 @@ def test_a_3_slice_run_on_a_folder_without_neighbours_is_one_line(without_neighb
 
 
 def test_the_data_set_checker_accepts_stored_neighbours_and_refuses_broken_ones(tiny_prepared, tmp_path):
-    from evaluation.dataset_check import check_prepared
+    from dataloaders.prepared import check_folder as check_prepared
     check_prepared(tiny_prepared)
     broken = tmp_path / "prep"
     shutil.copytree(tiny_prepared, broken)

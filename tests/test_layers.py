@@ -36,19 +36,6 @@ def library_files() -> list[Path]:
     return sorted(path for package in LEVEL for path in (ROOT / package).glob("*.py"))
 
 
-@pytest.mark.parametrize("path", library_files(), ids=lambda p: str(p.relative_to(ROOT)))
-def test_library_imports_point_down(path):
-    package = path.parent.name
-    wrong = []
-    for line, module in imported_modules(path):
-        top = module.split(".")[0]
-        if top in FORBIDDEN_IN_LIBRARY or top in TEST_MODULES:
-            wrong.append(f"line {line}: {module} (library code may not import it)")
-        elif top in LEVEL and top != package and LEVEL[top] >= LEVEL[package]:
-            wrong.append(f"line {line}: {module} (not below {package}/)")
-    assert not wrong, f"{path.relative_to(ROOT)}: " + "; ".join(wrong)
-
-
 def test_nothing_outside_tests_imports_a_test_module():
     outside = [path for path in ROOT.glob("*.py")] + TOP_FILES + library_files()
     wrong = [f"{path.relative_to(ROOT)} line {line}: {module}" for path in outside
@@ -91,22 +78,27 @@ def inner_imports(path: Path) -> list[int]:
     return sorted(set(lines))
 
 
-@pytest.mark.parametrize("path", library_files(), ids=lambda p: str(p.relative_to(ROOT)))
-def test_an_import_inside_a_function_says_why(path):
-    source = path.read_text().splitlines()
-    silent = [line for line in inner_imports(path)
-              if "#" not in source[line - 1] and not source[line - 2].strip().startswith("#")]
-    assert not silent, (f"{path.relative_to(ROOT)}: imports inside functions at lines {silent} without a "
-                        "comment saying why (a cycle, or a heavy optional dependency): move them to the top")
-
-
 # imported only where used: torchvision loads torch._dynamo (~1.5-2 s of CPU per process), which test.py,
 # scripts/segment_volume.py and any config error would pay without building a torchvision network
 HEAVY_AT_USE = {"torchvision", "matplotlib"}
 
 
 @pytest.mark.parametrize("path", library_files(), ids=lambda p: str(p.relative_to(ROOT)))
-def test_heavy_dependencies_are_imported_where_used(path):
+def test_library_imports_point_down_say_why_inside_functions_and_load_heavy_modules_where_used(path):
+    package = path.parent.name
+    wrong = []
+    for line, module in imported_modules(path):
+        top = module.split(".")[0]
+        if top in FORBIDDEN_IN_LIBRARY or top in TEST_MODULES:
+            wrong.append(f"line {line}: {module} (library code may not import it)")
+        elif top in LEVEL and top != package and LEVEL[top] >= LEVEL[package]:
+            wrong.append(f"line {line}: {module} (not below {package}/)")
+    assert not wrong, f"{path.relative_to(ROOT)}: " + "; ".join(wrong)
+    source = path.read_text().splitlines()
+    silent = [line for line in inner_imports(path)
+              if "#" not in source[line - 1] and not source[line - 2].strip().startswith("#")]
+    assert not silent, (f"{path.relative_to(ROOT)}: imports inside functions at lines {silent} without a "
+                        "comment saying why (a cycle, or a heavy optional dependency): move them to the top")
     inner = set(inner_imports(path))
     wrong = [f"line {line}: {module}" for line, module in imported_modules(path)
              if module.split(".")[0] in HEAVY_AT_USE and line not in inner]

@@ -246,9 +246,13 @@ def test_support_adapted_model_runs_the_volumetric_protocol_and_leaves_the_model
 
 
 # ---- the named config and eval.head_options ------------------------------------------------------------
-def test_lslpn_plus_trains_lslpn_with_the_boundary_loss_and_tests_with_its_options():
-    """`train.py with lslpn_plus` trains what docs/lslpn_plus.md measured (LSLPN's training plus the boundary
-    loss, the plain head), `test.py with lslpn_plus` applies the test-time options to the snapshots."""
+def test_lslpn_plus_is_lslpn_with_the_boundary_loss_and_the_test_time_options_docs_lslpn_plus_md_measured():
+    """`train.py with lslpn_plus` trains LSLPN plus the boundary loss (the plain head), `test.py with
+    lslpn_plus` applies the test-time options to the snapshots: the 'LSLPN+' row of the committed report
+    (its Options list), nothing more."""
+    import re
+    from pathlib import Path
+
     from config import default_config
     from evaluation.adaptation import test_time_head_options
     from training.config_check import check_run_config
@@ -256,11 +260,26 @@ def test_lslpn_plus_trains_lslpn_with_the_boundary_loss_and_tests_with_its_optio
     plain, plus = resolve_config(("demo",)), resolve_config(("demo", "lslpn_plus"))
     check_run_config(plus)
     assert plus["model"] == plain["model"]                                  # no head option in training
-    assert trajectory_differences(plain, plus, default_config()) == ["boundary_weight: 0.0 -> 0.3"]
+    training = trajectory_differences(plain, plus, default_config())
+    assert training == ["boundary_weight: 0.0 -> 0.3"]
     assert config_hash(plain, default_config()) != config_hash(plus, default_config())
-    assert test_time_head_options(plus["eval"]) == {"grids": [4, 8]}    # fusion: mean
+    test_time = test_time_head_options(plus["eval"])
+    assert test_time == {"grids": [4, 8]}                                  # fusion: mean
     assert (plus["eval"]["adapt_steps"], plus["eval"]["adapt_lr"]) == (20, 1e-2)
-    assert test_time_head_options(plain["eval"]) is None   # off by default
+    assert test_time_head_options(plain["eval"]) is None                   # off by default
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "lslpn_plus.md").read_text()
+    line = re.search(r"^- LSLPN\+: (.+)$", doc, flags=re.MULTILINE)
+    assert line, "docs/lslpn_plus.md has no '- LSLPN+: ...' line in its Options list"
+    measured = dict(item.split("=", 1) for item in re.split(r", (?=\w+=)", line.group(1)))
+    used = {key.split(":")[0].split(".")[-1] for key in training} | set(test_time)
+    used |= {"adapt_steps", "adapt_lr"} if plus["eval"]["adapt_steps"] else set()
+    if "grids" in used:
+        used.add("grid_fusion")                  # the report names the fusion of the grids it used
+    assert used == set(measured)
+    values = {"boundary_weight": plus["boundary_weight"], "input_slices": plus["model"].get("input_slices"),
+              "adapt_steps": plus["eval"]["adapt_steps"], "adapt_lr": plus["eval"]["adapt_lr"],
+              **plus["eval"]["head_options"], **test_time}
+    assert {key: str(values[key]) for key in measured} == measured
 
 
 def test_test_time_head_options_are_the_eval_entries_that_differ_from_the_plain_head():
@@ -283,30 +302,3 @@ def test_head_options_are_checked_as_the_model_keys_they_name(update, message):
     with pytest.raises(UserError) as caught:
         check_run_config(config)
     assert str(caught.value).startswith(message) and "\n" not in str(caught.value)
-
-
-def test_lslpn_plus_holds_the_combination_that_docs_lslpn_plus_md_measured():
-    """The named config is the 'LSLPN+' row of the committed report (its Options list), nothing more."""
-    import re
-    from pathlib import Path
-
-    from config import default_config
-    from evaluation.adaptation import test_time_head_options
-    from training.loop import trajectory_differences
-    doc = (Path(__file__).resolve().parents[1] / "docs" / "lslpn_plus.md").read_text()
-    line = re.search(r"^- LSLPN\+: (.+)$", doc, flags=re.MULTILINE)
-    assert line, "docs/lslpn_plus.md has no '- LSLPN+: ...' line in its Options list"
-    measured = dict(item.split("=", 1) for item in re.split(r", (?=\w+=)", line.group(1)))
-    plain, plus = resolve_config(("demo",)), resolve_config(("demo", "lslpn_plus"))
-    test_time = test_time_head_options(plus["eval"]) or {}
-    head = {**plus["eval"]["head_options"], **test_time}
-    training = trajectory_differences(plain, plus, default_config())
-    used = {key.split(":")[0].split(".")[-1] for key in training}
-    used |= set(test_time)
-    used |= {"adapt_steps", "adapt_lr"} if plus["eval"]["adapt_steps"] else set()
-    if "grids" in used:
-        used.add("grid_fusion")                  # the report names the fusion of the grids it used
-    assert used == set(measured)
-    values = {"boundary_weight": plus["boundary_weight"], "input_slices": plus["model"].get("input_slices"),
-              "adapt_steps": plus["eval"]["adapt_steps"], "adapt_lr": plus["eval"]["adapt_lr"], **head}
-    assert {key: str(values[key]) for key in measured} == measured

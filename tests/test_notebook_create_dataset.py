@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -28,37 +29,31 @@ def test_create_dataset_notebook_executes(tmp_path, monkeypatch):
     assert len(meta["splits"]["gold"]) == 2 and meta["prep_size"] == 32
 
 
-def _settings_cell() -> str:
-    notebook = json.loads((ROOT / "notebooks" / "create_Visceral_dataset.ipynb").read_text())
-    return "".join(next(c for c in notebook["cells"] if c["cell_type"] == "code")["source"])
-
-
 @pytest.mark.parametrize("work_dir, allowed", [(None, True), ("data", True), ("notebooks/x", False),
                                                ("", False)])
-def test_create_dataset_notebook_writes_outside_the_repository_unless_data_is_chosen(tmp_path, work_dir,
-                                                                                      allowed):
-    """The settings cell alone: default WORK_DIR outside the repository; under data/ only when chosen;
-    anywhere else inside the repository refused before anything is written."""
-    import os
-    import subprocess
-    import sys
-    env = {key: value for key, value in os.environ.items() if not key.startswith("LSLPN_")}
-    env["TMPDIR"] = str(tmp_path)
+def test_create_dataset_notebook_writes_outside_the_repository_unless_data_is_chosen(tmp_path, monkeypatch,
+                                                                                      work_dir, allowed):
+    """The settings cell alone, run here as the notebook runs it (from notebooks/): default WORK_DIR outside
+    the repository; under data/ only when chosen; anywhere else inside it refused before anything is
+    written."""
+    import tempfile
+
+    from util.errors import UserError
+    notebook = json.loads((ROOT / "notebooks" / "create_Visceral_dataset.ipynb").read_text())
+    cell = "".join(next(c for c in notebook["cells"] if c["cell_type"] == "code")["source"])
+    for key in [key for key in os.environ if key.startswith("LSLPN_")]:
+        monkeypatch.delenv(key)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     if work_dir is not None:
-        env["LSLPN_WORK_DIR"] = str(ROOT / work_dir)
-    code = _settings_cell() + "\nprint('PATHS', SOURCE.resolve(), PREP.resolve())\n"
-    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT / "notebooks", env=env, capture_output=True,
-                          text=True, timeout=60)
+        monkeypatch.setenv("LSLPN_WORK_DIR", str(ROOT / work_dir))
+    monkeypatch.chdir(ROOT / "notebooks")
+    names = {}
     if not allowed:
-        assert done.returncode != 0 and "inside the repository" in done.stderr, done.stderr
+        with pytest.raises(UserError, match="inside the repository"):
+            exec(cell, names)
+        assert not (ROOT / "notebooks" / "x").exists()
         return
-    assert done.returncode == 0, done.stderr
-    source, prep = (Path(p) for p in done.stdout.split("PATHS")[1].split())
-    for path in (source, prep):
-        inside_repo = ROOT.resolve() in path.parents
-        assert inside_repo == (work_dir == "data"), path
-        if work_dir is None:
-            assert Path(tmp_path).resolve() in path.parents
-        else:
-            assert (ROOT / "data").resolve() in path.parents
-    assert not (ROOT / "notebooks" / "x").exists()
+    exec(cell, names)
+    for path in (names["SOURCE"].resolve(), names["PREP"].resolve()):
+        assert (ROOT.resolve() in path.parents) == (work_dir == "data"), path
+        assert (Path(tmp_path).resolve() if work_dir is None else (ROOT / "data").resolve()) in path.parents

@@ -9,7 +9,6 @@ import pytest
 from dataloaders.organs import NAME_TO_INDEX
 from evaluation.dataset_check import mask_copy_dice
 from evaluation.protocols import (
-    PRESETS,
     aggregate,
     centre_offsets,
     chunk_of_offsets,
@@ -51,32 +50,29 @@ def _mask_with_counts(counts, shape_xy=(8, 8)):
 
 
 def test_presets_match_the_papers():
-    assert (PRESETS["inclusive"].n_chunks, PRESETS["inclusive"].threshold, PRESETS["inclusive"].aggregate) \
-        == (12, 200, "mean")
-    assert ((PRESETS["senet"].n_chunks, PRESETS["senet"].threshold, PRESETS["senet"].aggregate)
-            == (10, 10, "median"))
-    assert ((PRESETS["alpnet"].n_chunks, PRESETS["alpnet"].threshold, PRESETS["alpnet"].rule)
-            == (3, 0, "alpnet"))
-    assert ((PRESETS["thirds"].n_chunks, PRESETS["thirds"].threshold, PRESETS["thirds"].aggregate)
-            == (3, 1, "mean"))
+    def fields(name, *keys):
+        return tuple(getattr(get_preset(name), key) for key in keys)
+    rules = ("n_chunks", "threshold", "aggregate", "rule")
+    assert fields("inclusive", *rules, "dice_smooth") == (12, 200, "mean", "inclusive", 0.0)
+    assert fields("official", *rules, "dice_smooth") == (12, 200, "mean", "official", 0.001)
+    assert fields("senet", *rules, "dice_eps") == (10, 10, "median", "senet", 1e-4)
+    assert fields("alpnet", "n_chunks", "threshold", "rule") == (3, 0, "alpnet")
+    assert fields("thirds", "n_chunks", "threshold", "aggregate") == (3, 1, "mean")
     with pytest.raises(UserError, match="inclusive"):
         get_preset("nnunet")
 
 
-def test_organ_range_threshold_is_strict_and_gaps_are_inside():
+def test_organ_range_threshold_is_strict_gaps_inside_and_the_first_and_last_slice():
     # slice counts:       z=0 1  2  3  4  5  6  7
     mask = _mask_with_counts([0, 3, 5, 0, 0, 6, 2, 0])
     assert organ_range(mask, threshold=2) == (1, 5)    # 3, 5, 6 > 2; the gap at 3-4 is in the range
     assert organ_range(mask, threshold=5) == (5, 5)    # only 6 > 5 (5 is not MORE than 5)
     assert organ_range(mask, threshold=6) is None      # absent
-
-
-def test_organ_range_touching_first_and_last_slice():
     mask = _mask_with_counts([4, 0, 0, 0, 4])
     assert organ_range(mask, threshold=1) == (0, 4)
 
 
-def test_chunks_and_support_offsets_hand_worked():
+def test_chunks_support_offsets_and_chunk_plans_hand_worked():
     # L = 6, n = 3: floor(j * 3 / 6) = 0 0 1 1 2 2
     assert chunk_of_offsets(6, 3).tolist() == [0, 0, 1, 1, 2, 2]
     # L = 12, n = 3: floor((i + 0.5) * 4) = 2, 6, 10
@@ -86,16 +82,10 @@ def test_chunks_and_support_offsets_hand_worked():
     # support range shorter than n_chunks: floor((i + 0.5) * 5 / 12), neighbours share slices
     assert support_offsets(5, 12).tolist() == [0, 0, 1, 1, 1, 2, 2, 3, 3, 3, 4, 4]
     assert support_offsets(1, 12).tolist() == [0] * 12
-
-
-def test_support_slices_for_query_hand_worked():
     # support range 10..21 (L 12), query range 0..5 (L 6), 3 chunks: support z 12, 16, 20
     assert support_slices_for_query((10, 21), (0, 5), 3).tolist() == [12, 12, 16, 16, 20, 20]
     # query shorter than n: query 7..8 (L 2), support 0..11 (L 12), n 12: chunks 0 and 6 -> z 0 and 6
     assert support_slices_for_query((0, 11), (7, 8), 12).tolist() == [0, 6]
-
-
-def test_chunk_plan_skips_empty_chunks_and_groups_query_slices():
     plan = chunk_plan((0, 11), (7, 8), 12)
     assert [(s.tolist(), q.tolist()) for s, q in plan] == [([0], [7]), ([6], [8])]
     plan = chunk_plan((10, 21), (0, 5), 3)
@@ -126,7 +116,7 @@ def test_k_shot_offsets_around_chunk_centres_clipped():
         support_shot_offsets(12, 3, 0)
 
 
-def test_dice_against_a_hand_count():
+def test_dice_against_a_hand_count_and_smoothed():
     prediction = np.zeros((3, 3, 2), dtype=bool)
     target = np.zeros((3, 3, 2), dtype=bool)
     prediction[0, 0, 0] = prediction[1, 1, 0] = prediction[2, 2, 1] = True        # 3 voxels
@@ -151,7 +141,7 @@ def test_mask_copy_of_a_volume_onto_itself_gives_dice_one():
     assert dice(mask_copy(blob, (0, 6), blob.shape, (0, 6), 7), blob) == 1.0
 
 
-def test_mask_copy_hand_worked_and_zero_outside_range():
+def test_mask_copy_hand_worked_zero_outside_range_and_nearest_resize():
     support = np.zeros((4, 4, 6), dtype=bool)
     support[0, 0, 1] = True        # chunk 0 of support range 0..5 (n 2): middle offset floor(1.5) = 1
     support[3, 3, 4] = True        # chunk 1: middle offset floor(4.5) = 4
@@ -159,9 +149,6 @@ def test_mask_copy_hand_worked_and_zero_outside_range():
     assert copied[0, 0, [2, 3]].all() and copied[3, 3, [4, 5]].all()
     assert copied.sum() == 4
     assert not copied[..., [0, 1, 6, 7]].any()
-
-
-def test_resize_nearest_hand_worked():
     mask = np.array([[1, 0], [0, 1]], dtype=bool)
     assert resize_nearest(mask, (4, 4)).tolist() == np.kron(mask, np.ones((2, 2), dtype=bool)).tolist()
 
@@ -173,31 +160,17 @@ def test_aggregate_mean_and_median():
 
 
 # -------------------------------------------------------------------------------------- 'official'
-def test_presets_name_their_rule():
-    official, inclusive = get_preset("official"), get_preset("inclusive")
-    assert (official.n_chunks, official.threshold, official.aggregate) == (12, 200, "mean")
-    assert (official.rule, official.dice_smooth) == ("official", 0.001)
-    assert ((inclusive.rule, inclusive.dice_smooth, inclusive.n_chunks, inclusive.threshold)
-            == ("inclusive", 0.0, 12, 200))
-
-
-def test_official_chunks_of_24_slices():
+def test_official_chunks_of_24_30_and_fewer_than_12_slices():
     # floor(i * 24 / 12) = 2i: chunks of two slices, the support slice is element 2 // 2 = 1
     assert official_bounds(24, 12).tolist() == list(range(0, 25, 2))
     assert chunk_offsets(24, 12, "official").tolist() == [j // 2 for j in range(24)]
     assert centre_offsets(24, 12, "official").tolist() == [2 * i + 1 for i in range(12)]
-
-
-def test_official_chunks_of_30_slices_differ_from_inclusive():
     # bounds floor(2.5 i) = 0 2 5 7 10 12 15 17 20 22 25 27 30
     assert official_bounds(30, 12).tolist() == [0, 2, 5, 7, 10, 12, 15, 17, 20, 22, 25, 27, 30]
     assert chunk_offsets(30, 12, "official")[:8].tolist() == [0, 0, 1, 1, 1, 2, 2, 3]
     assert chunk_offsets(30, 12, "inclusive")[:8].tolist() == [0, 0, 0, 1, 1, 2, 2, 2]  # floor(12 j / 30)
     # middle element len // 2: [0,2) -> 1, [2,5) -> 3, [5,7) -> 6, [7,10) -> 8
     assert centre_offsets(30, 12, "official")[:4].tolist() == [1, 3, 6, 8]
-
-
-def test_official_chunks_of_a_range_shorter_than_12():
     # L = 5: bounds floor(5 i / 12) = 0 0 0 1 1 2 2 2 3 3 4 4 5; non-empty chunks 2, 4, 7, 9, 11
     assert official_bounds(5, 12).tolist() == [0, 0, 0, 1, 1, 2, 2, 2, 3, 3, 4, 4, 5]
     assert chunk_offsets(5, 12, "official").tolist() == [2, 4, 7, 9, 11]
@@ -263,16 +236,13 @@ def _senet_mask(counts: dict[int, int], n_slices: int = 40) -> np.ndarray:
     return mask
 
 
-def test_support_indices_by_hand():
+def test_senet_support_indices_and_shots_by_hand():
     # Ns = 25: linspace(0, 24, 11) = 0 2.4 4.8 7.2 9.6 12 14.4 16.8 19.2 21.6 24 -> round 0 2 5 7 10 12 14 17
     # 19 22 24;
     # + (25 // 10) // 2 = 1; first 10 kept.
     assert support_indices(25).tolist() == [1, 3, 6, 8, 11, 13, 15, 18, 20, 23]
     # Ns = 6: 0 .5 1 1.5 2 2.5 3 3.5 4 4.5 5 -> np.round (halves to even) 0 0 1 2 2 2 3 4 4 4 5; + 0.
     assert support_indices(6).tolist() == [0, 0, 1, 2, 2, 2, 3, 4, 4, 4]
-
-
-def test_support_keeps_only_qualifying_slices():
     # Qualifying (> 10 voxels): z 10..14 and 17..21; z 15 has 10 voxels (not more), z 16 none.
     counts = {z: 30 for z in list(range(10, 15)) + list(range(17, 22))}
     counts[15] = 10
@@ -283,16 +253,13 @@ def test_support_keeps_only_qualifying_slices():
     assert support_shots(_senet_mask({3: 10})) is None
 
 
-def test_query_crop_by_hand():
+def test_senet_query_crop_and_chunks_by_hand():
     # qualifying 5..9, a gap at 10, again 11..12; z 3 has 5 voxels -> crop 4 .. 9
     counts = {3: 5, **{z: 20 for z in range(5, 10)}, 11: 20, 12: 20}
     assert query_crop(_senet_mask(counts)) == (4, 9)
     assert query_crop(_senet_mask({0: 20, 1: 20})) == (0, 1)          # no slice before 0
     assert query_crop(_senet_mask({4: 11})) == (3, 4)
     assert query_crop(_senet_mask({4: 10})) is None
-
-
-def test_query_chunks_by_hand():
     # Nq = 23: linspace(0, 22, 10) = 0 2.44 4.89 7.33 9.78 12.2 14.7 17.1 19.6 22 -> 0 2 5 7 10 12 15 17 20 22
     chunks = [c.tolist() for c in query_chunks(23)]
     assert chunks == [[0, 1], [2, 3, 4], [5, 6], [7, 8, 9], [10, 11], [12, 13, 14], [15, 16], [17, 18, 19],
@@ -312,6 +279,13 @@ def test_plan_pairs_chunks_with_support_slices():
     assert [(int(s[0]), q.tolist()) for s, q in pairs] == [
         (kept[1], [20]), (kept[3], [21]), (kept[5], [22]), (kept[7], [23]), (kept[9], [24])]
     assert preset_range(_senet_mask({}, 40), preset, role="query") is None
+    copied = mask_copy(support, support_range, query.shape, crop, preset.n_chunks, preset.rule)
+    for (z_support,), z_query in pairs:
+        assert (copied[..., z_query[0]] == support[..., z_support]).all()
+    assert not copied[..., :20].any() and not copied[..., 25:].any()
+    p, g = np.zeros(10, bool), np.zeros(10, bool)                             # 2|P.G| / (|P| + |G| + 1e-4)
+    p[:4], g[2:6] = True, True
+    assert dice(p, g, preset.dice_smooth, preset.dice_eps) == pytest.approx(2 * 2 / (8 + 1e-4), rel=1e-12)
 
 
 # ---------------------------------------------------------------------------------------- 'alpnet'

@@ -200,3 +200,21 @@ def test_query_range_overrides_for_every_organ(scans):
     assert labels[..., 6:12].any() and not labels[..., :6].any() and not labels[..., 12:].any()
     assert all(entry["method"] == "given by --query-range" and entry["scored"] == [6, 12]
                for entry in ranges.values())
+
+
+def test_mask_copy_scores_the_support_masks_along_the_plan():
+    """score_organs without a model (the CHAOS benchmark's no-oracle mask copy): each planned query slice
+    gets the majority of its chunk's support masks, nearest-resized to the query's grid."""
+    from evaluation.protocols import resize_nearest
+    from evaluation.segment import Support, score_organs
+    rng = np.random.default_rng(0)
+    masks = [rng.random((8, 6, 5)) < 0.5 for _ in range(3)]
+    supports = [Support(np.zeros((8, 6, 5), np.float32), mask, np.arange(5), f"s{i}")
+                for i, mask in enumerate(masks)]
+    plan = [(np.array([0, 1, 2]), np.array([3, 4])), (np.array([4, 4, 3]), np.array([5]))]
+    (z0, score), = score_organs(None, {1: (supports, plan)}, np.zeros((16, 12, 9), np.float32), 0, None,
+                                "cpu", 4, {}).values()
+    assert z0 == 3 and score.shape == (16, 12, 3)
+    for columns, (support_z, _) in zip(([0, 1], [2]), plan):
+        votes = sum(resize_nearest(mask[:, :, z], (16, 12)).astype(int) for mask, z in zip(masks, support_z))
+        assert all(np.array_equal(score[:, :, c] > 0, votes >= 2) for c in columns)

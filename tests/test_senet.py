@@ -118,7 +118,7 @@ def _used_parameters(model) -> int:
     return sum(p.numel() for p in model.parameters() if p.grad is not None)
 
 
-def test_parameter_count():
+def test_parameter_count_single_deepest_skip_and_widths():
     buggy = SENet(official_bug=True)
     assert _used_parameters(buggy) == RELEASED_USED_PARAMETERS
     assert sum(p.numel() for p in buggy.parameters()) == RELEASED_USED_PARAMETERS  # nothing dead is built
@@ -128,9 +128,6 @@ def test_parameter_count():
     assert abs(used / RELEASED_USED_PARAMETERS - 1) < 0.01
     assert sum(p.numel() for p in fixed.segmenter.parameters()) == 925_067
     assert sum(p.numel() for p in fixed.conditioner.parameters()) == 52_628 - 34  # no unused classifier
-
-
-def test_single_deepest_skip_and_widths():
     model = SENet()
     seg, cond = model.segmenter, model.conditioner
     assert [d.conv.in_channels for d in seg.decoders] == [64, 64, 64, 128]
@@ -198,7 +195,7 @@ def test_shapes_kshot_and_broadcast():
             torch.testing.assert_close(gates.gates[point], sum(s[point] for s in single) / 3)
 
 
-def test_bad_inputs_are_one_line_errors():
+def test_bad_inputs_are_one_line_errors_and_the_config_round_trips():
     model = SENet().eval()
     support, fg, bg, query = _episode(B=1, size=32)
     with pytest.raises(UserError, match="n_ways"):
@@ -207,9 +204,6 @@ def test_bad_inputs_are_one_line_errors():
         model(support[..., :24, :24], fg[..., :24, :24], bg[..., :24, :24], query[..., :24, :24])
     with pytest.raises(UserError, match="differs from the support size"):
         model(support, fg, bg, torch.rand(1, 1, 1, 48, 48))
-
-
-def test_config_round_trip():
     model = SENet(official_bug=True)
     assert model.config == {"method": "senet", "official_bug": True}
     rebuilt = SENet.from_config({**model.config, "encoder": "ignored"})
@@ -233,15 +227,12 @@ def _dice_loss_loops(probabilities: np.ndarray, labels: np.ndarray, eps=1e-4) ->
     return float(np.mean(per_channel))
 
 
-def test_dice_loss_matches_the_loop_reference():
+def test_dice_loss_matches_the_loop_reference_and_ignores_label_255():
     g = torch.Generator().manual_seed(0)
     probabilities = torch.softmax(torch.randn(3, 2, 5, 6, generator=g, dtype=torch.float64), dim=1)
     labels = (torch.rand(3, 5, 6, generator=g) > 0.6).long()
     expected = _dice_loss_loops(probabilities.numpy(), labels.numpy())
     assert float(dice_loss(probabilities, labels)) == pytest.approx(expected, rel=1e-12)
-
-
-def test_dice_loss_ignores_label_255():
     g = torch.Generator().manual_seed(2)
     probabilities = torch.softmax(torch.randn(2, 2, 4, 5, generator=g, dtype=torch.float64), dim=1)
     labels = (torch.rand(2, 4, 5, generator=g) > 0.5).long()
@@ -322,30 +313,3 @@ def test_schedule_scaled_to_n_steps():
         else:
             assert (seg, cond) == pytest.approx((1e-5, 1e-9))
         assert lrs[step + 100] == lrs[step]                 # constant within an epoch
-
-
-def test_one_training_step_lowers_the_loss_on_a_tiny_phantom():
-    """A bright disc on noise; the support mask is the disc; one SGD step on the Dice loss."""
-    torch.manual_seed(0)
-    size = 32
-    yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
-
-    def disc(cy, cx, r):
-        return (((yy - cy) ** 2 + (xx - cx) ** 2) <= r * r).float()
-
-    g = torch.Generator().manual_seed(0)
-    masks = torch.stack([disc(12, 14, 6), disc(18, 16, 7)])          # 2 x H x W
-    images = 0.2 * torch.rand(2, size, size, generator=g) + 0.7 * masks
-    support, fg = (images[:1, None, None, None].repeat(2, 1, 1, 1, 1, 1),
-                   masks[:1, None, None].repeat(2, 1, 1, 1, 1))
-    query, labels = images[:, None, None], masks[:, None].long()
-    model = SENet().train()
-    optimizer = build_senet_optimizer(model, lr=1e-2, momentum=0.99, weight_decay=1e-4)
-    loss = senet_loss(model(support, fg, 1 - fg, query)[0], labels)
-    optimizer.zero_grad()
-    loss.backward()
-    before = float(loss.detach())
-    optimizer.step()
-    with torch.no_grad():
-        after = senet_loss(model(support, fg, 1 - fg, query)[0], labels)
-    assert float(after) < before

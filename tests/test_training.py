@@ -1,26 +1,25 @@
-"""Training: config checks, checkpoints, the train.py entry point, and bitwise resume after kill -9.
+"""Training: config checks, checkpoints, the loop's bookkeeping (best snapshot, learning rate, resume), and
+train.py's run folder and one-line errors.
 
-train.py runs in subprocesses (the `tiny` named config on a tiny prepared folder), so its Sacred
-config hook never touches other tests' in-process experiment.
+The loop runs in-process (conftest.train_in_process); train.py's commands run in one subprocess
+(conftest.run_sacred_cases), so its Sacred config hook never touches other tests' in-process experiment.
+The real kill -9 at a random moment is tests/test_errors.py's; train_cli and train_then_resume serve it.
 """
 from __future__ import annotations
 
-import glob
 import json
 import os
 import random
 import re
-import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from test_episodes import make_train_prep
+from conftest import resolve_config, train_in_process
 
 from config import default_config
 from models.checkpoint import check_compatible, load_checkpoint, model_from_checkpoint, save_checkpoint
@@ -30,20 +29,6 @@ from util.device import Distributed
 from util.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def resolve(named=("tiny",), **updates) -> dict:
-    """The resolved Sacred config of config.py, without running anything."""
-    from sacred.initialize import create_run
-
-    from config import ex
-    return dict(create_run(ex, "print_config", config_updates=updates, named_configs=list(named)).config)
-
-
-@pytest.fixture(scope="module")
-def prep(tmp_path_factory):
-    return make_train_prep(tmp_path_factory.mktemp("training"))
-
 
 # train.py with models.checkpoint.save_checkpoint patched (before anything imports it) to sleep after
 # each last.pth write, so a test can kill the process at a known step.
@@ -74,58 +59,89 @@ def train_cli(*overrides, log_dir, prep_dir, env=None, popen=False, pause_after_
     return subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=300)
 
 
+def train_then_resume(reference_log_dir, resumed_log_dir, prep_dir, *overrides) -> tuple[dict, dict]:
+    """An uninterrupted reference run and the resume (resume=True) of a killed run, both `train.py with
+    tiny device=cpu ...`, in one process one after the other (conftest.run_sacred_cases); their results
+    {code, out, err}."""
+    from conftest import run_sacred_cases
+    common = ["tiny", "device=cpu", f"path.data_dir={prep_dir}", *overrides]
+    return run_sacred_cases("train", [common + [f"path.log_dir={reference_log_dir}"],
+                                      common + ["resume=True", f"path.log_dir={resumed_log_dir}"]])
+
+
 # ------------------------------------------------------------------------------- config checks
-@pytest.mark.parametrize("updates, key", [
-    ({"model": {"n_grid": 0}}, "model.n_grid"), ({"lr": -0.1}, "lr"), ({"batch_size": 0}, "batch_size"),
-    ({"n_steps": 0}, "n_steps"), ({"fold": 4}, "fold"), ({"model": {"encoder": "resnet18"}}, "model.encoder"),
-    ({"model": {"vote": "median"}}, "model.vote"), ({"model": {"resolution": "half"}}, "model.resolution"),
-    ({"class_setting": "some"}, "class_setting"), ({"augment": {"p": 2.0}}, "augment.p"),
-    ({"augment": {"p": 0.5, "gamma": [2.0, 0.5]}}, "augment.gamma"), ({"lr_milestones": [5, 2]},
-                                                                      "lr_milestones"),
-    ({"momentum": 1.5}, "momentum"), ({"n_shots": 0}, "n_shots"), ({"label_sets": [["liver"]]}, "label_sets"),
-    ({"path": {"init_path": "/nonexistent/vgg16.pth"}}, "path.init_path"), ({"device": "tpu"}, "device"),
-    ({"name": "a/b"}, "name"),
-])
-def test_config_out_of_range_is_one_clear_line(prep, updates, key):
-    path = {"data_dir": str(prep), **updates.pop("path", {})}
-    config = resolve(**updates, path=path)
-    with pytest.raises(UserError) as error:
-        check_config(config, "train")
-    message = str(error.value)
-    assert key in message and "\n" not in message
+# (named configs, updates, regex of the one line); checked against the training prep (conftest.train_prep)
+BAD_CONFIGS = [
+    ((), {"lr": -0.1}, "lr"), ((), {"batch_size": 0}, "batch_size"), ((), {"n_steps": 0}, "n_steps"),
+    ((), {"fold": 4}, "fold"), ((), {"class_setting": "some"}, "class_setting"),
+    ((), {"augment": {"p": 2.0}}, "augment.p"),
+    ((), {"augment": {"p": 0.5, "gamma": [2.0, 0.5]}}, "augment.gamma"),
+    ((), {"lr_milestones": [5, 2]}, "lr_milestones"), ((), {"momentum": 1.5}, "momentum"),
+    ((), {"n_shots": 0}, "n_shots"), ((), {"label_sets": [["liver"]]}, "label_sets"),
+    ((), {"path": {"init_path": "/nonexistent/vgg16.pth"}}, "path.init_path"),
+    ((), {"device": "tpu"}, "device"),
+    ((), {"name": "a/b"}, "name"), ((), {"val_split": "test"}, "val_split = 'test'"),
+    ((), {"model": {"n_grid": 0}}, "model.n_grid = 0: out of range"),
+    ((), {"model": {"vote": "median"}}, "model.vote = 'median'"),
+    ((), {"model": {"vote": "none"}}, "model.vote = 'none'"),
+    ((), {"model": {"resolution": "pixel"}}, "model.resolution = 'pixel'"),
+    ((), {"model": {"encoder": "alexnet"}}, "model.encoder = 'alexnet'"),
+    ((), {"model": {"head": "global"}}, "model.head = 'global'"),
+    ((), {"model": {"head": "panet", "n_grid": 4}}, "model.n_grid = 4: the 'panet' head"),
+    ((), {"model": {"head": "panet"}}, "model.n_grid = 8: the 'panet' head"),
+    ((), {"model": {"pretrained": True}}, "model.pretrained = True: encoder cnn_small"),
+    ((), {"amp": "fp8"}, "^amp = "), ((), {"amp": "on"}, "^amp = "), ((), {"amp": 1}, "^amp = "),
+    ((), {"boundary_weight": -0.5}, r"^boundary_weight = -0\.5: out of range: use a number >= 0$"),
+    ((), {"boundary_weight": "0.5"},
+     r"^boundary_weight = '0\.5': must be a number, not a string: e\.g\. boundary_weight=0\.5$"),
+    ((), {"boundary_weight": float("inf")},
+     r"^boundary_weight = inf: not a finite number: use a number >= 0$"),
+    (("senet",), {"n_ways": 2}, "n_ways = 2: SENet segments one class"),
+    (("senet",), {"input_size": 100}, "input_size = 100: SENet needs a multiple of 16"),
+    (("senet",), {"senet": {"epochs": 0}}, "senet.epochs = 0"),
+    (("senet",), {"senet": {"official_bug": "yes"}}, "senet.official_bug = 'yes'"),
+    (("senet",), {"model": {"method": "unet"}}, "model.method = 'unet'"),
+]
 
 
-def test_tiny_config_on_prepared_data_passes(prep):
-    check_config(resolve(path={"data_dir": str(prep)}), "train")
+@pytest.mark.parametrize("named, updates, expected", BAD_CONFIGS,
+                         ids=[f"{' '.join(n)} {u}"[:60] for n, u, _ in BAD_CONFIGS])
+def test_a_bad_option_is_one_clear_line(train_prep, named, updates, expected):
+    path = {"data_dir": str(train_prep), **updates.get("path", {})}
+    with pytest.raises(UserError, match=expected) as error:
+        check_config(resolve_config(("tiny", *named), **{**updates, "path": path}), "train")
+    assert "\n" not in str(error.value)
 
 
-def test_missing_or_unprepared_data_names_the_prepare_command(tmp_path):
+def test_data_checks_name_the_prepare_command_the_fold_and_val_every(tmp_path, train_prep):
+    from test_episodes import make_train_prep
+    check_config(resolve_config(path={"data_dir": str(train_prep)}), "train")
     for data_dir in (tmp_path / "absent", tmp_path):
         with pytest.raises(UserError, match=r"scripts/prepare_visceral\.py"):
-            check_config(resolve(path={"data_dir": str(data_dir)}), "train")
-
-
-def test_fold_without_training_slices_and_missing_val_volumes(tmp_path):
+            check_config(resolve_config(path={"data_dir": str(data_dir)}), "train")
     only_liver = make_train_prep(tmp_path / "liver", classes=(1,))
     with pytest.raises(UserError, match="fold 0 .*training classes"):
-        check_config(resolve(class_setting="six_organs", fold=0, path={"data_dir": str(only_liver)}), "train")
-    check_config(resolve(class_setting="six_organs", fold=1, path={"data_dir": str(only_liver)}), "train")
+        check_config(resolve_config(class_setting="six_organs", fold=0, path={"data_dir": str(only_liver)}),
+                     "train")
+    check_config(resolve_config(class_setting="six_organs", fold=1, path={"data_dir": str(only_liver)}),
+                 "train")
     no_val = make_train_prep(tmp_path / "noval", val_pids=())
     with pytest.raises(UserError, match="val_every=0"):
-        check_config(resolve(path={"data_dir": str(no_val)}), "train")
-    check_config(resolve(val_every=0, path={"data_dir": str(no_val)}), "train")
+        check_config(resolve_config(path={"data_dir": str(no_val)}), "train")
+    check_config(resolve_config(val_every=0, path={"data_dir": str(no_val)}), "train")
 
 
 def test_config_hash_ignores_bookkeeping_keys_only():
-    base = resolve()
+    base = resolve_config()
+
     def digest(config):
         return config_hash(config, default_config())
-    assert digest(base) == digest(resolve(n_steps=99, resume=True, save_every=7, val_every=0,
-                                          path={"log_dir": "elsewhere"}, eval={"batch_size": 3}))
-    assert digest(base) != digest(resolve(lr=0.5))
-    assert digest(base) != digest(resolve(model={"n_grid": 4}))
+    assert digest(base) == digest(resolve_config(n_steps=99, resume=True, save_every=7, val_every=0,
+                                                 path={"log_dir": "elsewhere"}, eval={"batch_size": 3}))
+    assert digest(base) != digest(resolve_config(lr=0.5))
+    assert digest(base) != digest(resolve_config(model={"n_grid": 4}))
     assert run_name(base) == "lslpn_all_structures_fold0"
-    assert run_name(resolve(named=("tiny", "panet"), fold=2)) == "panet_all_structures_fold2"
+    assert run_name(resolve_config(named=("tiny", "panet"), fold=2)) == "panet_all_structures_fold2"
 
 
 def test_run_folder_walker(tmp_path):
@@ -149,41 +165,29 @@ def test_run_folder_walker(tmp_path):
     assert finished_snapshot(tmp_path, "b", 7) is None
 
 
-def write_run(log_dir: Path, name: str, run_id: int, config: dict) -> Path:
-    """A run folder as train.py leaves it: config.json and a last.pth (content unread here)."""
-    run_dir = log_dir / name / str(run_id)
-    run_dir.mkdir(parents=True)
-    (run_dir / "config.json").write_text(json.dumps(config, default=str))
-    (run_dir / "last.pth").write_bytes(b"not read")
-    return run_dir
-
-
-def test_resume_continues_across_harmless_keys_only(tmp_path, prep):
-    """Decision: keys outside the config hash (n_steps, frequencies, device, eval.*, ...) may change on
-    resume; any other key (lr, seed, model.*, data) means another run, and the line says which keys."""
-    from training.loop import config_mismatch, find_resume_checkpoint
-    base = resolve(path={"data_dir": str(prep), "log_dir": str(tmp_path)})
+def test_resume_continues_across_harmless_keys_only_and_says_which_keys_differ(tmp_path, train_prep, capsys):
+    """Keys outside the config hash (n_steps, frequencies, device, eval.*, ...) may change on resume; any
+    other key (lr, seed, model.*, data) means another run, and the line says which keys."""
+    from training.loop import config_mismatch, find_resume_checkpoint, train
+    paths = {"data_dir": str(train_prep), "log_dir": str(tmp_path)}
+    base, defaults = resolve_config(path=paths), default_config()
     name = run_name(base)
-    run_dir = write_run(tmp_path, name, 1, base)
-    extended = resolve(n_steps=60, val_every=5, print_every=1, device="cpu", eval={"batch_size": 2},
-                       path={"data_dir": str(prep), "log_dir": str(tmp_path)})
-    defaults = default_config()
+    run_dir = tmp_path / name / "1"                       # a run folder as train.py leaves it
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.json").write_text(json.dumps(base, default=str))
+    (run_dir / "last.pth").write_bytes(b"not read")
+    extended = resolve_config(n_steps=60, val_every=5, print_every=1, device="cpu", eval={"batch_size": 2},
+                              path=paths)
     assert find_resume_checkpoint(str(tmp_path), name, config_hash(extended, defaults), defaults) == \
         str(run_dir / "last.pth")
-    changed = resolve(lr=0.5, seed=3, model={"n_grid": 4},
-                      path={"data_dir": str(prep), "log_dir": str(tmp_path)})
+    changed = resolve_config(lr=0.5, seed=3, model={"n_grid": 4}, path=paths)
     assert find_resume_checkpoint(str(tmp_path), name, config_hash(changed, defaults), defaults) is None
     line = config_mismatch(changed, str(tmp_path), name, defaults)
     assert "\n" not in line and str(run_dir) in line and "starting a new run at step 0" in line
     assert "lr: 0.01 -> 0.5" in line and "model.n_grid: 8 -> 4" in line and "seed: " in line
     assert "n_steps" not in line
-
-
-def test_resume_after_a_config_change_says_so_and_starts_a_new_run(tmp_path, prep, capsys):
-    from training.loop import train
-    paths = {"data_dir": str(prep), "log_dir": str(tmp_path)}
-    write_run(tmp_path, "lslpn_all_structures_fold0", 1, resolve(lr=0.5, path=paths))
-    summary = train(resolve(resume=True, n_steps=1, val_every=0, path=paths), None, defaults=default_config())
+    (run_dir / "config.json").write_text(json.dumps(resolve_config(lr=0.5, path=paths), default=str))
+    summary = train(resolve_config(resume=True, n_steps=1, val_every=0, path=paths), None, defaults=defaults)
     out = capsys.readouterr().out
     assert "resume: the config differs from the latest run" in out and "lr: 0.5 -> 0.01" in out
     assert "continuing" not in out and summary["steps"] == 1
@@ -201,155 +205,98 @@ def test_checkpoint_save_is_atomic_and_loads_back(tmp_path):
     assert os.listdir(path.parent) == ["last.pth"] and load_checkpoint(str(path))["step"] == 4
 
 
-def test_checkpoint_errors_are_clear(tmp_path):
+def test_unreadable_checkpoints_and_snapshots_of_another_model_are_refused(tmp_path):
+    from models.fewshot import FewShotSegNet
     with pytest.raises(UserError, match="does not exist"):
         load_checkpoint(str(tmp_path / "none.pth"))
     (tmp_path / "bad.pth").write_bytes(b"not a checkpoint")
     with pytest.raises(UserError, match="unreadable"):
         load_checkpoint(str(tmp_path / "bad.pth"))
-    stored = {"encoder": "cnn_small", "n_grid": 8, "vote": "max"}
-    with pytest.raises(UserError, match="n_grid: 8 in the snapshot vs 4 requested"):
-        check_compatible(stored, dict(stored, n_grid=4), "x.pth")
-    check_compatible(stored, dict(stored, vote="mean"), "x.pth", strict=False)
-    with pytest.raises(UserError, match="encoder"):
-        check_compatible(stored, dict(stored, encoder="vgg16"), "x.pth", strict=False)
-
-
-def test_snapshot_of_another_encoder_is_refused(tmp_path):
-    from models.fewshot import FewShotSegNet
-    small = FewShotSegNet.from_config({"encoder": "cnn_small", "n_grid": 2}, None)
+    small = FewShotSegNet.from_config({"encoder": "cnn_small", "n_grid": 8}, None)
     save_checkpoint(str(tmp_path / "s.pth"), {"model": small.state_dict(), "model_config": small.config})
     other = FewShotSegNet.from_config({"encoder": "cnn_small", "n_grid": 4}, None)
     loaded, state = model_from_checkpoint(str(tmp_path / "s.pth"))
-    with pytest.raises(UserError, match="n_grid"):
+    with pytest.raises(UserError, match="n_grid: 8 in the snapshot vs 4 requested"):
         check_compatible(state["model_config"], other.config, str(tmp_path / "s.pth"))
-    check_compatible(state["model_config"], other.config, str(tmp_path / "s.pth"), strict=False)
+    check_compatible(state["model_config"], dict(other.config, vote="mean"), "x.pth", strict=False)
     other.load_state_dict(loaded.state_dict())                                   # same weights: loads
-    vgg = dict(small.config, encoder="vgg16")
     with pytest.raises(UserError, match="encoder"):
-        check_compatible(state["model_config"], vgg, str(tmp_path / "s.pth"), strict=False)
+        check_compatible(state["model_config"], dict(small.config, encoder="vgg16"), "x.pth", strict=False)
 
 
-# ------------------------------------------------------------------------------- train.py runs
-@pytest.fixture(scope="module")
-def cli_runs(prep, tmp_path_factory) -> dict:
-    """The train.py commands of the two tests below, in one process one after the other
-    (conftest.run_sacred_cases: train.py's run_sacred once per command, stdout/stderr captured; the
-    real `python train.py` process contract is test_errors.test_real_processes_*):
-    {name: ({code, out, err}, its log_dir)}."""
-    from conftest import run_sacred_cases
-    roots = {name: tmp_path_factory.mktemp(name) for name in ("bad_grid", "no_data", "diverging")}
-    commands = {
-        "bad_grid": [f"path.data_dir={prep}", "model.n_grid=0", f"path.log_dir={roots['bad_grid'] / 'runs'}"],
-        "no_data": [f"path.data_dir={roots['no_data'] / 'nothing'}",
-                    f"path.log_dir={roots['no_data'] / 'runs'}"],
-        "diverging": [f"path.data_dir={prep}", f"path.log_dir={roots['diverging']}", "lr=1e6", "n_steps=8",
-                      "save_every=1", "val_every=0", "print_every=1"]}
-    results = run_sacred_cases("train", [["tiny", "device=cpu", *words] for words in commands.values()])
-    return {name: (result, roots[name]) for name, result in zip(commands, results)}
-
-
-def test_bad_config_on_the_command_line_fails_before_any_run(cli_runs):
-    result, root = cli_runs["bad_grid"]
-    assert result["code"] == 2
-    lines = [line for line in result["err"].splitlines() if line.startswith("error:")]
-    assert len(lines) == 1 and "model.n_grid" in lines[0]
-    assert "Traceback" not in result["err"] and not (root / "runs").exists()
-    no_data, root = cli_runs["no_data"]
-    assert no_data["code"] == 2 and "prepare_visceral.py" in no_data["err"] and not (root / "runs").exists()
-
-
-def _state_dicts_equal(a: dict, b: dict) -> bool:
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-
-
-def train_then_resume(reference_log_dir, resumed_log_dir, prep_dir, *overrides) -> tuple[dict, dict]:
-    """An uninterrupted reference run and the resume (resume=True) of a killed run, both `train.py with
-    tiny device=cpu ...`, in one process one after the other (conftest.run_sacred_cases:
-    train.py's run_sacred once per command); their results {code, out, err}."""
-    from conftest import run_sacred_cases
-    common = ["tiny", "device=cpu", f"path.data_dir={prep_dir}", *overrides]
-    return run_sacred_cases("train", [common + [f"path.log_dir={reference_log_dir}"],
-                                      common + ["resume=True", f"path.log_dir={resumed_log_dir}"]])
-
-
-def test_killed_run_resumes_to_bitwise_identical_weights(tmp_path, prep):
-    # The run, killed with SIGKILL right after its step-2 checkpoint.
-    log_dir = tmp_path / "killed"
-    proc = train_cli(log_dir=log_dir, prep_dir=prep, pause_after_save=120, popen=True)
-    deadline = time.time() + 120
-    pattern = str(log_dir / "*" / "*" / "last.pth")
-    while not glob.glob(pattern) and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=30)
-    assert proc.returncode == -signal.SIGKILL
-    killed_dir = log_dir / "lslpn_all_structures_fold0" / "1"
-    assert load_checkpoint(str(killed_dir / "last.pth"))["step"] == 2
-    assert not glob.glob(str(killed_dir / "*.tmp-*"))
-
-    # An uninterrupted reference run, and the killed run resumed.
-    ref, resumed = train_then_resume(tmp_path / "ref", log_dir, prep)
-    assert ref["code"] == 0, ref["err"][-2000:]
-    ref_dir = tmp_path / "ref" / "lslpn_all_structures_fold0" / "1"
-    for name in ("config.json", "run.json", "metrics.json", "last.pth", "best.pth"):
-        assert (ref_dir / name).is_file(), name
-    info = json.loads((ref_dir / "info.json").read_text())
-    assert info["config_hash"] and "git_commit" in info
-    assert any(dep.startswith("torch==") for dep in json.loads((ref_dir / "run.json").read_text())
-               ["experiment"]["dependencies"])
-    metrics = json.loads((ref_dir / "metrics.json").read_text())
-    assert metrics["loss"]["steps"] == [1, 2, 3, 4, 5, 6] and metrics["val_dice"]["steps"] == [3, 6]
-
-    assert resumed["code"] == 0, resumed["err"][-2000:]
-    assert "continuing" in resumed["out"] and "at step 2" in resumed["out"]
-    final = load_checkpoint(str(log_dir / "lslpn_all_structures_fold0" / "2" / "last.pth"))
-    reference = load_checkpoint(str(ref_dir / "last.pth"))
-    assert final["step"] == reference["step"] == 6
-    assert _state_dicts_equal(final["model"], reference["model"])
-    assert final["best_dice"] == reference["best_dice"]
-    momentum = [s["momentum_buffer"] for s in final["optimizer"]["state"].values()]
-    ref_momentum = [s["momentum_buffer"] for s in reference["optimizer"]["state"].values()]
-    assert all(torch.equal(a, b) for a, b in zip(momentum, ref_momentum))
-
-
-def test_diverging_training_stops_with_one_line_and_keeps_the_last_good_checkpoint(cli_runs):
-    result, log_dir = cli_runs["diverging"]
-    assert result["code"] == 2, result["out"] + result["err"][-2000:]
-    errors = [line for line in result["err"].replace("\r", "\n").splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "Traceback" not in result["err"], result["err"][-2000:]
-    match = re.match(r"error: training diverged at step (\d+) \((loss nan|loss inf|non-finite weights)\): "
-                     r"lower lr \(now 1e\+06\)", errors[0])
-    assert match, errors[0]
-    assert "done:" not in result["out"] and "final weights" not in result["out"]
-    last = log_dir / "lslpn_all_structures_fold0" / "1" / "last.pth"
-    state = load_checkpoint(str(last))
-    assert state["step"] == int(match[1]) - 1 and f"{last} (step {state['step']})" in errors[0]
-    assert all(torch.isfinite(value).all() for value in state["model"].values() if value.is_floating_point())
-
-
-def test_best_pth_holds_the_highest_validation_dice_and_each_step_uses_the_milestones_rate(tmp_path, prep,
-                                                                                          monkeypatch):
-    """Loop bookkeeping: best.pth is the snapshot of the highest validation Dice (not the first, not the
-    last), and the rate of step t follows lr_milestones (the scheduler steps once after every step)."""
-    import types
-
+# ------------------------------------------------------------------- bookkeeping of the loop, step by step
+def scripted_validation(monkeypatch, dices):
+    """The loop's validate() replaced by one returning these mean Dice values in turn."""
     import training.loop as loop
-    dice = iter([0.5, 0.7, 0.6])                                           # validations at steps 2, 4, 6
-    monkeypatch.setattr(loop, "validate", lambda *args, **kwargs: {"mean_dice": next(dice), "per_organ": {}})
-    rates = {}
-    run = types.SimpleNamespace(observers=[types.SimpleNamespace(dir=str(tmp_path / "run"))], info={},
-                                log_scalar=lambda key, value, step: rates.update({step: value}) if key == "lr"
-                                else None)
-    config = resolve(n_steps=6, val_every=2, save_every=6, lr_milestones=[2, 5],
-                     path={"data_dir": str(prep), "log_dir": str(tmp_path)})
-    summary = loop.train(config, run, defaults=default_config())
-    best = load_checkpoint(str(tmp_path / "run" / "best.pth"))
-    assert (best["step"], best["best_dice"], summary["best_dice"]) == (4, 0.7, 0.7)
-    assert [rates[step] for step in range(1, 7)] == pytest.approx([1e-2, 1e-2, 1e-3, 1e-3, 1e-3, 1e-4])
+    values = iter(dices)
+    monkeypatch.setattr(loop, "validate", lambda *args, **kwargs: {"mean_dice": next(values),
+                                                                    "per_organ": {}})
 
 
-def test_non_finite_loss_names_its_step(tmp_path, prep, monkeypatch):
+def test_best_snapshot_is_the_step_of_the_highest_validation_dice(tmp_path, train_prep, monkeypatch):
+    dices = [0.2, 0.5, float("nan"), 0.5, 0.3, 0.4]                   # steps 1..6 (val_every=1)
+    best = max(d for d in dices if d == d)
+    best_step = 1 + dices.index(best)                                  # the first of equal values stays
+    scripted_validation(monkeypatch, dices)
+    paths = {"data_dir": str(train_prep), "log_dir": str(tmp_path)}
+    summary, _ = train_in_process(tmp_path / "a", n_steps=6, val_every=1, save_every=6, path=paths)
+    snapshot = load_checkpoint(str(tmp_path / "a" / "best.pth"))
+    assert (snapshot["step"], snapshot["best_dice"], summary["best_dice"]) == (best_step, best, best)
+    assert load_checkpoint(str(tmp_path / "a" / "last.pth"))["best_dice"] == best
+    scripted_validation(monkeypatch, [0.6, 0.1, 0.7])                  # a lower value never replaces best
+    summary, _ = train_in_process(tmp_path / "b", n_steps=3, val_every=1, save_every=3, path=paths)
+    assert load_checkpoint(str(tmp_path / "b" / "best.pth"))["step"] == 3 and summary["best_dice"] == 0.7
+
+
+class Died(Exception):
+    """Stands in for kill -9 right after a checkpoint write."""
+
+
+def test_a_run_dying_after_a_checkpoint_resumes_to_the_uninterrupted_weights_and_learning_rates(
+        tmp_path, train_prep, monkeypatch):
+    """A run that dies right after its step-2 last.pth, resumed (resume=True): the weights, momentum, best
+    Dice and the learning rate of every step of an uninterrupted run. MultiStepLR stepped once per step:
+    step t (0-based) uses lr * gamma ** #(milestones <= t); a fresh schedule after the resume would not."""
+    import training.loop as loop
+    lr, gamma, milestones, n_steps = 0.01, 0.1, [1, 4], 6
+    expected = [lr * gamma ** sum(m <= t for m in milestones) for t in range(n_steps)]
+    common = dict(lr=lr, lr_gamma=gamma, lr_milestones=milestones, val_every=3, save_every=1, n_steps=n_steps)
+    scripted_validation(monkeypatch, [0.4, 0.3])
+    _, reference = train_in_process(tmp_path / "ref" / "run", **common,
+                                    path={"data_dir": str(train_prep), "log_dir": str(tmp_path / "ref")})
+    paths = {"data_dir": str(train_prep), "log_dir": str(tmp_path)}
+    name = run_name(resolve_config(path=paths))
+    real_save = loop.save_checkpoint
+
+    def save_then_die(path, state):
+        real_save(path, state)
+        if path.endswith("last.pth") and state["step"] == 2:
+            raise Died
+    monkeypatch.setattr(loop, "save_checkpoint", save_then_die)
+    with pytest.raises(Died):
+        train_in_process(tmp_path / name / "1", **common, path=paths)
+    monkeypatch.setattr(loop, "save_checkpoint", real_save)
+    scripted_validation(monkeypatch, [0.4, 0.3])
+    _, resumed = train_in_process(tmp_path / name / "2", **common, resume=True, path=paths)
+    assert resumed.info["resumed_from"] == str(tmp_path / name / "1" / "last.pth")
+    died = load_checkpoint(str(tmp_path / name / "1" / "last.pth"))
+    assert died["step"] == 2 and died["best_dice"] is None
+    assert resumed.logged("lr") == pytest.approx(expected[2:], rel=1e-12)
+    assert reference.logged("lr") == pytest.approx(expected, rel=1e-12)
+    assert died["scheduler"]["last_epoch"] == 2
+    final = load_checkpoint(str(tmp_path / name / "2" / "last.pth"))
+    ref = load_checkpoint(str(tmp_path / "ref" / "run" / "last.pth"))
+    assert final["step"] == ref["step"] == n_steps and final["best_dice"] == ref["best_dice"] == 0.4
+    assert final["model"].keys() == ref["model"].keys()
+    assert all(torch.equal(final["model"][k], ref["model"][k]) for k in ref["model"])
+    momentum = [s["momentum_buffer"] for s in final["optimizer"]["state"].values()]
+    ref_momentum = [s["momentum_buffer"] for s in ref["optimizer"]["state"].values()]
+    assert len(momentum) == len(ref_momentum) > 0
+    assert all(torch.equal(a, b) for a, b in zip(momentum, ref_momentum))
+    assert final["optimizer"]["param_groups"][0]["lr"] == pytest.approx(lr * gamma ** 2)   # after step 6
+
+
+def test_non_finite_loss_names_its_step(tmp_path, train_prep, monkeypatch):
     import training.loop as loop
     real_loss, calls = loop.episode_loss, []
 
@@ -359,15 +306,24 @@ def test_non_finite_loss_names_its_step(tmp_path, prep, monkeypatch):
         return loss * float("nan") if len(calls) == 2 else loss
 
     monkeypatch.setattr(loop, "episode_loss", loss_nan_at_step_2)
-    config = resolve(n_steps=4, val_every=0, path={"data_dir": str(prep), "log_dir": str(tmp_path)})
     with pytest.raises(UserError) as error:
-        loop.train(config, None, defaults=default_config())
+        train_in_process(n_steps=4, val_every=0, path={"data_dir": str(train_prep), "log_dir": str(tmp_path)})
     assert str(error.value) == ("training diverged at step 2 (loss nan): lower lr (now 0.01) or set "
                                 "grad_clip (e.g. 1.0); no checkpoint of this run was written")
-    message = str(loop._divergence_error(dict(config, amp="fp16", grad_clip=1.0), Distributed(), 5,
+    message = str(loop._divergence_error(dict(resolve_config(), amp="fp16", grad_clip=1.0), Distributed(), 5,
                                          "loss inf", ("run/last.pth", 4)))
     assert message == ("training diverged at step 5 (loss inf): lower lr (now 0.01) or turn amp off; "
                        "run/last.pth (step 4) stays the last good checkpoint")
+
+
+def test_training_reports_organs_that_vanish_at_input_size(tmp_path, capsys):
+    from test_episodes import make_tiny_structure_prep
+    prep = make_tiny_structure_prep(tmp_path)          # psoas_right vanishes from 6 of 8 slices at 64 px
+    summary, _ = train_in_process(n_steps=6, val_every=0, input_size=64, class_setting="all_structures",
+                                  path={"data_dir": str(prep), "log_dir": str(tmp_path / "logs")})
+    assert summary["steps"] == 6
+    out = capsys.readouterr().out
+    assert re.search(r"ways redrawn: \d+ \(their organ vanished at input_size 64 .*psoas_right 6 slices", out)
 
 
 def test_step_meter_against_hand_computed_times():
@@ -423,81 +379,52 @@ def test_rng_state_round_trip():
     assert torch.equal(first[0], second[0]) and first[1:] == second[1:]
 
 
-# ------------------------------------------------------------------- bookkeeping of the loop, step by step
-class RecordingRun:
-    """The parts of a Sacred Run the loop uses: one observer's folder (with config.json as Sacred writes
-    it), info and the logged scalars."""
-
-    def __init__(self, run_dir: Path, config: dict):
-        from types import SimpleNamespace
-        run_dir.mkdir(parents=True)
-        (run_dir / "config.json").write_text(json.dumps(config, default=str))
-        self.observers, self.info, self.scalars = [SimpleNamespace(dir=str(run_dir))], {}, []
-
-    def log_scalar(self, name, value, step):
-        self.scalars.append((name, value, step))
-
-    def logged(self, name: str) -> list:
-        return [value for key, value, _ in self.scalars if key == name]
-
-
-def scripted_validation(monkeypatch, dices):
-    """The loop's validate() replaced by one returning these mean Dice values in turn."""
-    import training.loop as loop
-    values = iter(dices)
-    monkeypatch.setattr(loop, "validate", lambda *args, **kwargs: {"mean_dice": next(values),
-                                                                    "per_organ": {}})
+# ------------------------------------------------------------------------------- train.py runs
+@pytest.fixture(scope="module")
+def cli_runs(train_prep, tiny_prepared, tmp_path_factory) -> dict:
+    """train.py's commands in one process, one after the other (conftest.run_sacred_cases; the real
+    `python train.py` process contract is test_errors.test_real_processes_*): {name: ({code, out, err},
+    its log_dir)}."""
+    from conftest import run_sacred_cases
+    roots = {name: tmp_path_factory.mktemp(name) for name in ("diverging", "recorded")}
+    commands = {
+        "diverging": [f"path.data_dir={train_prep}", f"path.log_dir={roots['diverging']}", "lr=1e6",
+                      "n_steps=8", "save_every=1", "val_every=0", "print_every=1"],
+        "recorded": [f"path.data_dir={tiny_prepared}", f"path.log_dir={roots['recorded']}", "n_steps=2",
+                     "val_every=2", "save_every=2", "print_every=1", "val_split=gold", "model.vote=mean"]}
+    results = run_sacred_cases("train", [["tiny", "device=cpu", *words] for words in commands.values()])
+    return {name: (result, roots[name]) for name, result in zip(commands, results)}
 
 
-def test_best_snapshot_is_the_step_of_the_highest_validation_dice(tmp_path, prep, monkeypatch):
-    from training.loop import train
-    dices = [0.2, 0.5, float("nan"), 0.5, 0.3, 0.4]                   # steps 1..6 (val_every=1)
-    finite = [d for d in dices if d == d]
-    best = max(finite)
-    best_step = 1 + dices.index(best)                                  # the first of equal values stays
-    scripted_validation(monkeypatch, dices)
-    run_dir = tmp_path / "run"
-    paths = {"data_dir": str(prep), "log_dir": str(tmp_path)}
-    config = resolve(n_steps=6, val_every=1, save_every=6, path=paths)
-    summary = train(config, RecordingRun(run_dir, config), defaults=default_config())
-    snapshot = load_checkpoint(str(run_dir / "best.pth"))
-    assert (snapshot["step"], snapshot["best_dice"], summary["best_dice"]) == (best_step, best, best)
-    assert load_checkpoint(str(run_dir / "last.pth"))["best_dice"] == best
-
-    scripted_validation(monkeypatch, [0.6, 0.1, 0.7])                  # a lower value never replaces best
-    config = resolve(n_steps=3, val_every=1, save_every=3, path=paths)
-    summary = train(config, RecordingRun(tmp_path / "b", config), defaults=default_config())
-    assert load_checkpoint(str(tmp_path / "b" / "best.pth"))["step"] == 3 and summary["best_dice"] == 0.7
+def test_a_run_folder_records_config_code_metrics_and_differences_and_test_set_selection_warns(cli_runs):
+    result, log_dir = cli_runs["recorded"]
+    assert result["code"] == 0, result["err"][-2000:]
+    warnings = [line for line in (result["out"] + result["err"]).splitlines() if "TEST volumes" in line]
+    assert len(warnings) == 1 and "test-set model selection" in warnings[0]
+    run_dir = log_dir / "lslpn_all_structures_fold0" / "1"
+    for name in ("config.json", "run.json", "metrics.json", "last.pth", "best.pth"):
+        assert (run_dir / name).is_file(), name
+    info = json.loads((run_dir / "info.json").read_text())
+    assert info["config_hash"] and "git_commit" in info
+    differs = info["differs_from_default"]
+    assert differs["val_split"] == ["val", "gold"] and differs["model.vote"] == ["max", "mean"]
+    assert differs["model.encoder"] == ["vgg16", "cnn_small"] and "model.n_grid" not in differs
+    assert any(dep.startswith("torch==") for dep in json.loads((run_dir / "run.json").read_text())
+               ["experiment"]["dependencies"])
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["loss"]["steps"] == [1, 2] and metrics["val_dice"]["steps"] == [2]
 
 
-def test_learning_rate_of_every_step_follows_lr_milestones_across_a_resume(tmp_path, prep, monkeypatch):
-    """MultiStepLR stepped once per step: step t (0-based) uses lr * gamma ** #(milestones <= t); a resumed
-    run continues the schedule where the killed one stopped."""
-    from training.loop import train
-    lr, gamma, milestones, n_steps = 0.01, 0.1, [2, 6], 8   # resumed at 3: a fresh schedule would drop at 5
-    expected = [lr * gamma ** sum(m <= t for m in milestones) for t in range(n_steps)]
-    scripted_validation(monkeypatch, [0.1] * n_steps)
-    paths = {"data_dir": str(prep), "log_dir": str(tmp_path)}
-    name = run_name(resolve(path=paths))
-    common = dict(lr=lr, lr_gamma=gamma, lr_milestones=milestones, val_every=0, save_every=1, path=paths)
-    configs = resolve(n_steps=3, **common), resolve(n_steps=n_steps, resume=True, **common)
-    first, resumed = (RecordingRun(tmp_path / name / str(i + 1), c) for i, c in enumerate(configs))
-    train(configs[0], first, defaults=default_config())
-    train(configs[1], resumed, defaults=default_config())
-    assert resumed.info["resumed_from"] == str(tmp_path / name / "1" / "last.pth")
-    assert first.logged("lr") + resumed.logged("lr") == pytest.approx(expected, rel=1e-12)
-    state = load_checkpoint(str(tmp_path / name / "2" / "last.pth"))
-    assert state["optimizer"]["param_groups"][0]["lr"] == pytest.approx(lr * gamma ** 2)   # after step 8
-
-
-def test_training_reports_organs_that_vanish_at_input_size(tmp_path, capsys):
-    from test_episodes import make_tiny_structure_prep
-
-    from training.loop import train
-    prep = make_tiny_structure_prep(tmp_path)          # psoas_right vanishes from 6 of 8 slices at 64 px
-    paths = {"data_dir": str(prep), "log_dir": str(tmp_path / "logs")}
-    config = resolve(n_steps=6, val_every=0, input_size=64, class_setting="all_structures", path=paths)
-    summary = train(config, None, defaults=default_config())
-    out = capsys.readouterr().out
-    assert summary["steps"] == 6
-    assert re.search(r"ways redrawn: \d+ \(their organ vanished at input_size 64 .*psoas_right 6 slices", out)
+def test_diverging_training_stops_with_one_line_and_keeps_the_last_good_checkpoint(cli_runs):
+    result, log_dir = cli_runs["diverging"]
+    assert result["code"] == 2, result["out"] + result["err"][-2000:]
+    errors = [line for line in result["err"].replace("\r", "\n").splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in result["err"], result["err"][-2000:]
+    match = re.match(r"error: training diverged at step (\d+) \((loss nan|loss inf|non-finite weights)\): "
+                     r"lower lr \(now 1e\+06\)", errors[0])
+    assert match, errors[0]
+    assert "done:" not in result["out"] and "final weights" not in result["out"]
+    last = log_dir / "lslpn_all_structures_fold0" / "1" / "last.pth"
+    state = load_checkpoint(str(last))
+    assert state["step"] == int(match[1]) - 1 and f"{last} (step {state['step']})" in errors[0]
+    assert all(torch.isfinite(value).all() for value in state["model"].values() if value.is_floating_point())

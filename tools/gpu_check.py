@@ -47,8 +47,8 @@ class Plan:
 
 
 def make_plan(dry_run: bool, quick: bool, budget: float | None) -> Plan:
-    if dry_run:  # the set-ups' code paths with a small encoder: vgg16 in fp16 crawls on a CPU
-        return Plan(True, quick, budget or 600, "cpu", 64, (64, 24, 5), 3,
+    if dry_run:  # every step's code path, smallest: a small encoder (vgg16 in fp16 crawls on a CPU), 2 steps
+        return Plan(True, quick, budget or 600, "cpu", 64, (64, 12, 5), 2,
                     ("model.encoder=cnn_small", "model.resolution=feature", "batch_size=2"))
     return Plan(False, quick, budget or 480)
 

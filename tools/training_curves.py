@@ -1,10 +1,7 @@
-"""Training curves of a set of runs: loss and validation Dice against step, one panel per fold,
-one line per method, read from the runs' Sacred metrics.json.
+"""Training curves (loss and validation Dice against step; one panel per fold, one line per method) from
+RUNS/<method>_fold<F>/<id>/metrics.json (as `make demo` writes them), runs joined in id order.
 
     python tools/training_curves.py runs/demo/train --out runs/demo/training_curves.png
-
-RUNS holds one folder per set-up named <method>_fold<F> (as `make demo` writes them), each with Sacred
-run folders <id>/metrics.json, joined in id order (a later run's value wins at a repeated step).
 """
 from __future__ import annotations
 
@@ -27,7 +24,7 @@ METRICS = (("loss", "training loss\n(each method's own)"), ("val_dice", "validat
 
 
 def read_metric(run_dirs: list[Path], metric: str) -> tuple[np.ndarray, np.ndarray]:
-    """(steps, values) of `metric` joined over run folders in id order; empty arrays when absent."""
+    """(steps, values) of `metric` joined over run folders in id order (a later run wins at a step)."""
     by_step: dict[int, float] = {}
     for run_dir in run_dirs:
         path = run_dir / "metrics.json"
@@ -94,13 +91,11 @@ def plot(curves: dict, out: str | Path, command: str) -> Path:
             if row == len(METRICS) - 1:
                 ax.set_xlabel("step")
             ax.grid(alpha=0.3)
-    handles, labels = axes[0][0].get_legend_handles_labels()
+    legend: dict = {}
     for ax in np.ravel(axes):
-        for h, lab in zip(*ax.get_legend_handles_labels()):
-            if lab not in labels:
-                handles.append(h)
-                labels.append(lab)
-    fig.legend(handles, labels, loc="upper center", ncol=len(labels), frameon=False)
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            legend.setdefault(label, handle)
+    fig.legend(list(legend.values()), list(legend), loc="upper center", ncol=len(legend), frameon=False)
     fig.text(0.5, -0.01, f"made by: {command}", ha="center", fontsize=7, color="grey")
     fig.tight_layout(rect=(0, 0, 1, 0.94))
     out = Path(out)
@@ -120,8 +115,7 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     out = Path(args.out) if args.out else Path(args.runs).parent / "training_curves.png"
     command = f"python tools/training_curves.py {args.runs} --out {out}"
-    path = plot(collect(args.runs), out, command)
-    print(f"wrote {path}")
+    print(f"wrote {plot(collect(args.runs), out, command)}")
     return 0
 
 

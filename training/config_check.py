@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Mapping
 
 from dataloaders.layouts import NIFTI_SUFFIXES
-from dataloaders.organs import FOLD_ORGANS, INDEX_TO_NAME, organ_index, training_classes
+from dataloaders.organs import CLASS_SETTINGS, FOLD_ORGANS, INDEX_TO_NAME, organ_index, training_classes
 from dataloaders.prepared import check_training_neighbours, list_volumes, read_meta, read_slice_index
 from dataloaders.selfsup_episodes import SELFSUP_OPTIONS
 from dataloaders.superpixels import read_superpixel_meta
@@ -51,7 +51,7 @@ RUN_OPTIONS: dict[str, Option] = {
     "num_workers": integer(0, example="0"),
     "fold": integer(0, len(FOLD_ORGANS) - 1, example="0"),
     "label_sets": Option(ORGAN_SETS),
-    "class_setting": choice("six_organs", "all_structures"),
+    "class_setting": choice(*CLASS_SETTINGS),
     "input_size": integer(16, example="512"),
     "n_ways": integer(1, example="1"),
     "n_shots": integer(1, example="1"),
