@@ -1,5 +1,5 @@
 """The demo's CPU numerics (demo/__main__.py PINNED_NUMERICS: 2 threads) and its speed settings
-(config.py `demo`: channels_last, amp=True = bf16 autocast only where the CPU has native bf16).
+(config.py `make_demo`: amp=True = bf16 autocast only where the CPU has native bf16).
 
 Measured (README "Reproducibility of the demo"): the same tiny training gives different weights with 1
 thread than with 2+, and on an AVX-512 machine than on an AVX2 one (oneDNN kernels). Here: under the pins,
@@ -44,7 +44,7 @@ def test_the_demo_asks_for_the_fast_path_that_falls_back_in_one_line(monkeypatch
     from experiments.runner import resolved_config
     from util import device as dev
     config = resolved_config(CONFIGS)
-    assert config["amp"] is True and config["channels_last"] is True
+    assert config["amp"] is True
     assert default_config()["amp"] is False and resolved_config(["demo"])["amp"] is False  # make demo's only
     cpu = torch.device("cpu")
     for native, dtype in ((True, torch.bfloat16), (False, None)):
@@ -85,7 +85,7 @@ def test_pinned_training_is_bitwise_the_same_with_2_and_3_threads(tiny_prepared,
     for threads in ("2", "3"):                                  # both at once: the wall time of one
         env = {**demo.PINNED_NUMERICS, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
         procs[threads] = train_cli("n_steps=3", "val_every=0", "save_every=3", "model.resolution=image",
-                                   "channels_last=True", "amp=True", "name=pin",
+                                   "amp=True", "name=pin",
                                    log_dir=tmp_path / threads, prep_dir=tiny_prepared, env=env, popen=True)
     for proc in procs.values():
         output = proc.communicate(timeout=600)[0]
@@ -121,5 +121,5 @@ def test_the_report_states_the_schedule_and_the_numerics(tmp_path, monkeypatch):
     (tmp_path / "table.md").write_text("| Method | liver |\n")
     text = run.write_report({}, [{"step": "s", "command": "c", "seconds": 1.0}], 60.0).read_text()
     assert "PANet and LSLPN train `with demo make_demo` (config.py): 300 steps of 2 episodes at 128 x 128, " \
-           "SGD lr 0.01 x 0.1 at steps 225, validation every 100 steps, channels_last on, amp=True." in text
+           "SGD lr 0.01 x 0.1 at steps 225, validation every 100 steps, channels_last off, amp=True." in text
     assert "OMP_NUM_THREADS=" in text and "native bf16" in text and "| Method | liver |" in text

@@ -373,7 +373,7 @@ CANDIDATES = {  # name -> (environment on top of the demo's thread pins, step op
     "fp32, channels_last": ({}, {**FP32, "channels_last": True}),
     "fp32, torch.compile": ({}, {**FP32, "compile": True}),
     "bf16 autocast (amp='bf16'), channels_last": ({}, {"amp": "bf16", "channels_last": True}),
-    "make demo's config (amp=True, channels_last)": ({}, {}),
+    "make demo's config (amp=True)": ({}, {}),
 }
 PHASES = ("data", "encoder", "head", "loss", "backward", "optimiser")
 
