@@ -174,7 +174,8 @@ def senet_demo():
 
 @ex.named_config
 def demo():
-    # Sized for 2 CPU cores and the synthetic phantom (make demo).
+    # Sized for 2 CPU cores and the synthetic phantom (the phantom studies, the CHAOS CPU budget; `make demo`
+    # adds make_demo).
     input_size = 128
     n_steps = 600
     lr = 1e-2
@@ -186,6 +187,18 @@ def demo():
     model = {"encoder": "cnn_small", "pretrained": False}
     path = {"data_dir": "data/prepared_phantom"}
     eval = {"batch_size": 64}
+
+
+@ex.named_config
+def make_demo():
+    # After `demo` (make demo, about 10 minutes with the install on 2 cores): 300 steps of 2 episodes
+    # (`demo`: 600 of 4); bf16 autocast where the CPU has native bf16 (amp=True). SENet's schedule stays
+    # senet_demo's. channels_last: not faster on a 2-core AVX2 EPYC (0.95-1.17x), so off. BENCHMARKS.md
+    # section 7 measures the step and the candidates.
+    batch_size = 2
+    n_steps = 300
+    lr_milestones = [225]
+    amp = True
 
 
 @ex.named_config

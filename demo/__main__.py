@@ -4,7 +4,7 @@
     python -m demo --redo train       # retrain (also: phantom, prepare)
     python -m demo --publish          # copy the finished table/figures into README.md, docs/
 
-CPU numerics are pinned for every step (PINNED_NUMERICS, inherited by the step subprocesses).
+Threads are pinned for every step (PINNED_NUMERICS, inherited by the step subprocesses).
 """
 from __future__ import annotations
 
@@ -13,12 +13,10 @@ import os
 
 from util.cli import run_cli
 
-# Kernel choice capped at AVX2 (every x86-64 CPU of the last decade has it) in oneDNN, ATen and MKL
-# (MKL_CBWR: MKL's conditional numerical reproducibility, the same code path on Intel and AMD CPUs),
-# and 2 intra-op threads (1 thread takes other kernels; 2 or more give identical bits). The
-# measurements behind this choice are in BENCHMARKS.md; tests/test_demo_numerics.py checks the pins.
-PINNED_NUMERICS = {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2",
-                   "OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2"}
+# 2 intra-op threads (1 thread takes other kernels; 2 or more give identical bits): two runs on one
+# machine give the same bits. Kernel choice follows the CPU (an AVX2 cap cost 14% on AVX-512 and did not
+# make the table reproduce across CPU kinds; BENCHMARKS.md, README). tests/test_demo_numerics.py checks it.
+PINNED_NUMERICS = {"OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2"}
 
 
 def pin_cpu_numerics(environ=os.environ) -> dict:
@@ -42,7 +40,7 @@ def main(argv: list[str]) -> int:
     if args.publish:
         demo.publish()
         return 0
-    print("demo: CPU numerics pinned for bit-reproducible runs: "
+    print("demo: threads pinned for bit-reproducible runs: "
           + ", ".join(f"{key}={value}" for key, value in pinned.items()), flush=True)
     demo.run_demo(set(args.redo), args.overrides, args.device)
     print("\n" + (demo.RUN_DIR / "report.md").read_text())

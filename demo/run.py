@@ -1,6 +1,6 @@
 """The end-to-end demo on the synthetic phantom (`make demo`, `python -m demo`), step by step: generate
 the phantom (data/phantom), prepare and check it (data/prepared_phantom), train PANet, SENet (`senet
-senet_demo`, 64 x 64) and LSLPN on the four folds with the `demo` config (runs/demo/train/<name>/<id>/),
+senet_demo`, 64 x 64) and LSLPN on the four folds with `demo make_demo` (runs/demo/train/<name>/<id>/),
 evaluate them beside mask copy on the gold volumes (preset inclusive, each snapshot at its training size),
 draw the training curves and write runs/demo/report.md in the paper's Table 1 layout. Finished steps are
 reused (experiments/runner.py); `redo` names steps to run again. Every step runs the command a user would
@@ -17,8 +17,10 @@ import torch
 
 from dataloaders.organs import FOLD_ORGANS, TEST_ORGANS
 from dataloaders.prepared import read_meta
+from demo.__main__ import PINNED_NUMERICS
 from evaluation.evaluate import evaluate
 from experiments.runner import ROOT, python_command, resolved_config, run_step, train_or_reuse
+from util.device import cpu_has_native_bf16
 from util.errors import UserError
 from util.io import write_text_atomic
 
@@ -26,7 +28,8 @@ PHANTOM_DIR = Path("data/phantom")
 PREP_DIR = Path("data/prepared_phantom")
 RUN_DIR = Path("runs/demo")
 PHANTOM = {"n_silver": 20, "n_gold": 6, "seed": 2021}
-METHODS = {  # table row -> Sacred named configs / overrides on top of `demo`
+CONFIGS = ["demo", "make_demo"]   # the named configs of every demo run (config.py)
+METHODS = {  # table row -> Sacred named configs / overrides on top of CONFIGS
     "PANet": ["panet"],
     "SENet": ["senet", "senet_demo"],      # config.py senet_demo: SENet's schedule shortened for the CPU
     "LSLPN": [],
@@ -59,13 +62,13 @@ def prepared_as_demo() -> bool:
 
 def train_all(log: list[dict], redo: bool, extra: list[str],
               methods: dict[str, list[str]] = METHODS) -> dict[str, dict[str, str]]:
-    """Train every method (table row -> named configs on top of `demo`) on every fold, reusing finished
+    """Train every method (table row -> named configs on top of CONFIGS) on every fold, reusing finished
     runs (run name: <row in lower case>_fold<F>); returns method -> organ -> best.pth."""
     snapshots: dict[str, dict[str, str]] = {}
     for method, named in methods.items():
         snapshots[method] = {}
         for fold, organs in enumerate(FOLD_ORGANS):
-            best = train_or_reuse(["demo", *named, *training_overrides(method, fold), *extra], redo=redo,
+            best = train_or_reuse([*CONFIGS, *named, *training_overrides(method, fold), *extra], redo=redo,
                                   title=f"train {method} fold {fold} ({', '.join(organs)})", log=log,
                                   failed=FAILED)
             for organ in organs:
@@ -105,7 +108,7 @@ def run_demo(redo: set[str], extra: list[str], device: str = "auto") -> dict:
 
     print(f"\n==> evaluate mask copy, {', '.join(METHODS)} on the gold volumes (preset inclusive)",
           flush=True)
-    config = resolved_config(["demo"])
+    config = resolved_config(CONFIGS)
     eval_start = time.perf_counter()
     results = evaluate({"mask copy": None, **snapshots}, TEST_ORGANS, PREP_DIR, preset="inclusive",
                        out_dir=RUN_DIR, split="gold", support="default", input_size=None,  # each its own
@@ -125,16 +128,17 @@ def write_report(results: dict, log: list[dict], seconds: float) -> Path:
              "Produced by `make demo` (`python -m demo`). Steps:", "",
              "| step | command | seconds |", "|---|---|---|"]
     lines += [f"| {entry['step']} | `{entry['command']}` | {entry['seconds']} |" for entry in log]
-    numerics = ", ".join(f"{key}={os.environ.get(key, 'unset')}" for key in
-                         ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY", "MKL_CBWR", "OMP_NUM_THREADS",
-                          "MKL_NUM_THREADS"))
+    numerics = ", ".join(f"{key}={os.environ.get(key, 'unset')}" for key in PINNED_NUMERICS)
+    bf16 = "with" if cpu_has_native_bf16() else "without"
     lines += ["", f"Total wall time of this invocation: {seconds / 60:.1f} min (reused steps take no time).",
-              f"CPU numerics (pinned by demo/__main__.py for bit-reproducible runs): {numerics}; torch "
-              f"{torch.__version__}, {torch.get_num_threads()} intra-op threads.",
+              f"CPU numerics: {numerics} (pinned by demo/__main__.py), kernels "
+              f"{torch.backends.cpu.get_cpu_capability()}, {bf16} native bf16 (amp=True: bf16 autocast "
+              f"only with it); torch {torch.__version__}, {torch.get_num_threads()} intra-op threads.",
               "Figures: results.png (qualitative), misalignment.png (alignment vs segmentation Dice),",
               "training_curves.png (loss and validation Dice against step, per fold and method).", "",
-              "SENet runs `with demo senet senet_demo`: its own architecture, Dice loss and per-arm SGD, "
-              "but its",
+              schedule(), "",
+              "SENet runs `with demo make_demo senet senet_demo`: its own architecture, Dice loss and "
+              "per-arm SGD, but its",
               "20-epoch schedule squeezed into 200 steps of 2 episodes at 64 x 64 slices with lr 1e-2 "
               "(config.py",
               "senet_demo), about a tenth of its full schedule: on 2 CPU cores the full one takes hours. "
@@ -149,6 +153,15 @@ def write_report(results: dict, log: list[dict], seconds: float) -> Path:
     path = RUN_DIR / "report.md"
     write_text_atomic("\n".join(lines) + "\n", path)
     return path
+
+
+def schedule() -> str:
+    """The training schedule of PANet and LSLPN (config.py `demo make_demo`), a sentence of the report."""
+    c = resolved_config(CONFIGS)
+    return (f"PANet and LSLPN train `with {' '.join(CONFIGS)}` (config.py): {c['n_steps']} steps of "
+            f"{c['batch_size']} episodes at {c['input_size']} x {c['input_size']}, SGD lr {c['lr']:g} x "
+            f"{c['lr_gamma']:g} at steps {', '.join(map(str, c['lr_milestones']))}, validation every "
+            f"{c['val_every']} steps, channels_last {'on' if c['channels_last'] else 'off'}, amp={c['amp']}.")
 
 
 def replace_block(path: Path, marker: str, body: str) -> None:

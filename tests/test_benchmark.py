@@ -42,8 +42,42 @@ def test_quick_report_has_every_section_and_the_machine(report):
     assert "Not measured yet" in report.split("<!-- begin gpu -->")[1]   # no GPU figures invented
     for encoder in benchmark.ENCODER_SHAPES:
         assert f"| {encoder} |" in report
-    # the `paper` config trains the authors' ResNet-50 (config.py)
-    assert "| demo | cnn_small" in report and "| 64 | resnet50_lslpn | 4 | off |" in report
+    assert "| demo | cnn_small" in report
+    assert "Measured in full runs only" in report.split("### 6.")[1]     # no fresh process in a quick run
+
+
+def test_quick_report_has_the_step_against_the_peak(report):
+    """Section 7: a peak per dtype, and each demo method's step with its FLOP/s, share of the peak and
+    phases (the encoder phase absent for SENet, which has none)."""
+    section = report.split("### 7. The demo's training step against the machine's peak")[1]
+    peaks = re.findall(r"^\| (float32|bfloat16) \| ([0-9.]+) \| ([0-9.]+) \| ([0-9.]+) \|$", section, re.M)
+    assert [p[0] for p in peaks] == ["float32", "bfloat16"]
+    assert all(float(p[3]) == max(float(p[1]), float(p[2])) > 0 for p in peaks)
+    steps = {r[0]: r for r in re.findall(r"^\| (PANet|SENet|LSLPN) \| (\d+), (\d+) \| .+? \| ([0-9.]+) \| "
+                                          r"([0-9.]+) \((\d+)%\) \| ([0-9.]+) \((\d+)%\) \| (\d+)% \|(.*)$",
+                                          section, re.M)}
+    assert set(steps) == {"PANet", "SENet", "LSLPN"}
+    assert steps["LSLPN"][1] == "64" and steps["SENet"][1] == "64"
+    for method, r in steps.items():
+        assert float(r[3]) > 0 and float(r[4]) > 0 and float(r[6]) > 0
+        phases = [cell.strip() for cell in r[9].strip(" |").split("|")]
+        assert len(phases) == len(benchmark.PHASES)
+        assert (phases[1] == "-") == (method == "SENet")
+    assert "Candidates side by side: full runs only." in section
+
+
+def test_candidates_render_their_speed_up_against_the_first(monkeypatch):
+    """The candidates table divides the first candidate's step by each one's, per method."""
+    names = list(benchmark.CANDIDATES)
+    profile = {"seconds": 0.2, "kernels": "AVX2"}
+    results = {"peak": [{"dtype": "float32", "matmul": 1e11, "conv": 2e11, "peak": 2e11, "matmul_n": 8,
+                         "conv_shape": [1, 2, 3, 3]}], "step": {},
+               "candidates": {name: {m: dict(profile) for m in benchmark.STEP_METHODS} for name in names}}
+    results["candidates"][names[1]]["LSLPN"]["seconds"] = 0.1
+    lines = benchmark.render_step(results, benchmark.Plan(False, 64))
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in lines if line.startswith("| ")}
+    assert rows[names[1]].split(" | ")[3] == "0.100 (2.00x)" and "0.200 (1.00x)" in rows[names[0]]
+    assert rows["float32"] == "| float32 | 100.0 | 200.0 | 200.0 |"
 
 
 def test_quick_report_agreement_checks_pass(report):
@@ -84,8 +118,9 @@ def test_merge_keeps_the_other_section():
     assert "cpu figures" in first and "Not measured yet" in first
     both = benchmark.merge(first, "gpu", "## GPU\n\ngpu figures\n")
     assert "cpu figures" in both and "gpu figures" in both and "Not measured yet" not in both
-    again = benchmark.merge(both, "cpu", "## CPU\n\nnew cpu figures\n")
+    again = benchmark.merge(both + "\n## Notes\nkept\n", "cpu", "## CPU\n\nnew cpu figures\n")
     assert "new cpu figures" in again and "gpu figures" in again and again.count("## CPU") == 1
+    assert again.endswith("<!-- end gpu -->\n\n## Notes\nkept\n")          # notes after the sections stay
 
 
 def test_near_boundary_band():
@@ -128,3 +163,18 @@ def test_missing_out_folder_or_a_folder_as_out_is_a_user_error_before_measuring(
         benchmark.main(["--quick", "--out", str(tmp_path / "absent" / "B.md")])
     with pytest.raises(UserError, match="is a folder"):
         benchmark.main(["--quick", "--out", str(tmp_path)])
+
+
+def test_compile_unavailable_falls_back_in_one_logged_line(monkeypatch, caplog):
+    from util.device import say_once
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no compiler")
+    monkeypatch.setattr(torch, "compile", broken)
+    model = torch.nn.Linear(2, 2)
+    say_once.cache_clear()
+    with caplog.at_level("WARNING", logger="lslpn"):
+        assert benchmark.compiled(model) is model and benchmark.compiled(model) is model
+    assert [r.getMessage() for r in caplog.records] == [
+        "torch.compile unavailable here (RuntimeError): eager mode"]
+    say_once.cache_clear()

@@ -36,19 +36,28 @@ from config import default_config, ex  # before sacred: config.py silences its i
 
 # isort: split
 from sacred.initialize import create_run
+from torch.utils.data import default_collate
+from torch.utils.flop_counter import FlopCounterMode
 
+from dataloaders.episodes import REDRAWS_KEY, EpisodeDataset
 from dataloaders.organs import organ_index
 from dataloaders.prepare import Selection, prepare_dataset
+from dataloaders.prepared import read_meta
+from demo.__main__ import PINNED_NUMERICS
 from demo.phantom import generate_phantom, render_subject
+from demo.run import CONFIGS as DEMO_CONFIGS
+from demo.run import METHODS as DEMO_METHODS
 from evaluation.inference import run_chunks
 from evaluation.protocols import chunk_plan, get_preset, organ_range
 from experiments.timing import Timing, measure, synchronize
 from models.encoders import build_encoder
 from models.fewshot import FewShotSegNet
 from models.local_prototypes import LocalPrototypeHead, grid_cells, official_cell_loop
+from training.config_check import fold_training_classes
 from training.loop import train
+from training.objective import build_model, build_optimisation, episode_loss
 from util.cli import run_cli
-from util.device import autocast, resolve_device
+from util.device import amp_dtype, autocast, cpu_has_native_bf16, resolve_device, say_once
 from util.errors import UserError
 from util.io import check_output_file, write_text_atomic
 from util.provenance import git_commit
@@ -214,10 +223,12 @@ def head_scaling(sizes: list[int], grids: list[int], device: torch.device, repea
 
 
 # ------------------------------------------------------------------ figures 4 to 6 and the GPU check
-def resolve_config(named: str, updates: dict) -> dict:
-    """config.py's named config plus updates, random-weight encoders (speed does not depend on weights)."""
+def resolve_config(named: str | list[str], updates: dict) -> dict:
+    """config.py's named config(s) plus updates, random-weight encoders (speed does not depend on
+    weights)."""
     updates = {**updates, "model": {**updates.get("model", {}), "pretrained": False}}
-    return dict(create_run(ex, "print_config", config_updates=updates, named_configs=[named]).config)
+    named = [named] if isinstance(named, str) else named
+    return dict(create_run(ex, "print_config", config_updates=updates, named_configs=named).config)
 
 
 def _training_config(named: str, workdir: str, device: str, amp: bool, n_steps: int,
@@ -228,12 +239,22 @@ def _training_config(named: str, workdir: str, device: str, amp: bool, n_steps: 
                "print_every": n_steps, "num_workers": 0,
                "path": {"data_dir": os.path.join(workdir, "prep"), "log_dir": os.path.join(workdir, "runs")}}
     config = resolve_config(named, {**updates, **({"input_size": input_size} if input_size else {})})
+    tiny_prepared(workdir, config["input_size"])
+    return config
+
+
+def tiny_prepared(workdir: str, size: int) -> str:
+    """workdir/prep: a small seeded phantom (2 silver + 2 gold volumes of 64 x 64 x 16) prepared at `size`
+    by dataloaders.prepare, as real data is (made once per workdir and size)."""
+    prep = os.path.join(workdir, "prep")
+    if os.path.isdir(prep) and read_meta(prep).get("prep_size") == size:
+        return prep
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         phantom = os.path.join(workdir, "phantom")
         generate_phantom(phantom, n_silver=2, n_gold=2, seed=0, size=64, n_slices=16, workers=1)
-        prepare_dataset(phantom, config["path"]["data_dir"], size=config["input_size"], n_val=0, seed=0,
+        prepare_dataset(phantom, os.path.join(workdir, "prep"), size=size, n_val=0, seed=0,
                         rule=Selection(min_voxels=5), workers=1)
-    return config
+    return os.path.join(workdir, "prep")
 
 
 def _quiet_train(config: dict) -> dict:
@@ -242,12 +263,11 @@ def _quiet_train(config: dict) -> dict:
 
 
 def training_throughput(named: str, device: torch.device, amp: bool, n_steps: int, runs: int,
-                        input_size: int | None = None) -> dict:
+                        input_size: int | None, workdir: str) -> dict:
     """Median over `runs` short runs of training.loop.train of its own s/step timer (steps 2..n, each ended
-    by loss.item(), data loading included)."""
-    with tempfile.TemporaryDirectory(prefix="lslpn-bench-") as workdir:
-        config = _training_config(named, workdir, device.type, amp, n_steps, input_size)
-        summaries = [_quiet_train(config) for _ in range(runs)]
+    by loss.item(), data loading included), on the tiny phantom under `workdir`."""
+    config = _training_config(named, workdir, device.type, amp, n_steps, input_size)
+    summaries = [_quiet_train(config) for _ in range(runs)]
     per_run = [float(s["sec_per_step"]) for s in summaries]
     sec = statistics.median(per_run)
     return {"config": named, "input_size": config["input_size"], "batch_size": config["batch_size"],
@@ -342,10 +362,169 @@ def gpu_dispatch(named: str, device: torch.device, input_size: int) -> dict:
     return out
 
 
+# ------------------------------------------------------------ 7. the training step against the peak
+STEP_METHODS = {method: [*DEMO_CONFIGS, *named] for method, named in DEMO_METHODS.items()}  # as make demo
+AVX2_CAP = {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2"}
+FP32 = {"amp": False, "channels_last": False}
+CANDIDATES = {  # name -> (environment on top of the demo's thread pins, step options); the first is the base
+    "the demo's step before: fp32, kernels capped at AVX2, 4 episodes": (AVX2_CAP, {**FP32, "batch_size": 4}),
+    "fp32, kernels capped at AVX2": (AVX2_CAP, FP32),
+    "fp32": ({}, FP32),
+    "fp32, channels_last": ({}, {**FP32, "channels_last": True}),
+    "fp32, torch.compile": ({}, {**FP32, "compile": True}),
+    "bf16 autocast (amp='bf16'), channels_last": ({}, {"amp": "bf16", "channels_last": True}),
+    "make demo's config (amp=True)": ({}, {}),
+}
+PHASES = ("data", "encoder", "head", "loss", "backward", "optimiser")
+
+
+def peak_flops(dtype: torch.dtype, quick: bool, repeats: int) -> dict:
+    """FLOP/s of a large matmul and a large 3 x 3 convolution in `dtype` on this process's threads."""
+    n, (b, c, s) = (512, (2, 64, 32)) if quick else (2048, (8, 128, 64))
+    g = torch.Generator().manual_seed(0)
+    a, m = (torch.randn(n, n, generator=g).to(dtype) for _ in range(2))
+    x, w = torch.randn(b, c, s, s, generator=g).to(dtype), torch.randn(c, c, 3, 3, generator=g).to(dtype)
+    with torch.no_grad():
+        mm = measure(lambda: a @ m, torch.device("cpu"), repeats)
+        conv = measure(lambda: F.conv2d(x, w, padding=1), torch.device("cpu"), repeats)
+    out = {"dtype": str(dtype).removeprefix("torch."), "matmul": 2 * n ** 3 / mm.median,
+           "conv": 2 * b * c * c * 9 * s * s / conv.median, "matmul_n": n, "conv_shape": [b, c, s, s]}
+    out["peak"] = max(out["matmul"], out["conv"])
+    return out
+
+
+def _encoder_clock(model: torch.nn.Module) -> dict:
+    """{'seconds': time in model.encoder's forwards since reset}; no encoder (SENet): stays None."""
+    clock: dict = {"seconds": None}
+    encoder = getattr(model, "encoder", None)
+    if encoder is not None:
+        encoder.register_forward_pre_hook(lambda *_: clock.update(start=time.perf_counter()))
+        encoder.register_forward_hook(lambda *_: clock.update(
+            seconds=(clock["seconds"] or 0.0) + time.perf_counter() - clock["start"]))
+    return clock
+
+
+def step_profile(named: list[str], options: dict, data_dir: str, steps: int, warmup: int,
+                 input_size: int | None = None) -> dict:
+    """The training step of `named` (+ options: amp, channels_last, compile) on episodes of `data_dir`:
+    median seconds of each phase over `steps` timed steps (after a FLOP-counting step and `warmup` more),
+    and the FLOPs of one forward and one backward (torch.utils.flop_counter, eager)."""
+    updates = {key: options[key] for key in ("amp", "channels_last", "batch_size") if key in options}
+    if "senet" in named:   # SENet's step has 2 episodes (config `senet`), before and now
+        updates.pop("batch_size", None)
+    config = resolve_config(named, {**updates, **({"input_size": input_size} if input_size else {}),
+                                    "path": {"data_dir": data_dir}})
+    device = torch.device("cpu")
+    torch.manual_seed(0)
+    with contextlib.redirect_stderr(io.StringIO()):
+        model = build_model(config)
+    if config["channels_last"]:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer, _ = build_optimisation(config, model)
+    episodes = EpisodeDataset(data_dir, fold_training_classes(config), config["n_ways"], config["n_shots"],
+                              config["n_queries"], config["input_size"], config["augment"], config["seed"])
+    B, clock, net = config["batch_size"], _encoder_clock(model), model
+    if options.get("compile"):
+        net = compiled(model)
+    counter = {}
+
+    def step(k: int, count: bool = False) -> dict:
+        times, start = {}, time.perf_counter()
+        batch = default_collate([episodes[i] for i in range(k * B, (k + 1) * B)])
+        batch.pop(REDRAWS_KEY, None)
+        times["data"], clock["seconds"] = time.perf_counter() - start, None
+        flops = FlopCounterMode(display=False) if count else contextlib.nullcontext()
+        start = time.perf_counter()
+        with flops, autocast(device, config["amp"]):
+            logits, align_loss = (model if count else net)(
+                batch["support_images"], batch["support_fg"], batch["support_bg"], batch["query_images"])
+        forward = time.perf_counter() - start
+        times["encoder"] = clock["seconds"]
+        times["head"] = forward - (clock["seconds"] or 0.0)
+        if count:
+            counter["forward"] = flops.get_total_flops()
+        start = time.perf_counter()
+        loss = episode_loss(config, logits, batch["query_labels"], align_loss)
+        times["loss"], start = time.perf_counter() - start, time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        flops = FlopCounterMode(display=False) if count else contextlib.nullcontext()
+        with flops:
+            loss.backward()
+        times["backward"], start = time.perf_counter() - start, time.perf_counter()
+        if count:
+            counter["backward"] = flops.get_total_flops()
+        optimizer.step()
+        loss.item()
+        times["optimiser"] = time.perf_counter() - start
+        return times
+
+    step(0, count=True)
+    if net is not model:
+        try:
+            step(1)   # compiles the forward and the backward
+        except Exception as error:  # noqa: BLE001 (compile fails in many ways: a fallback, not a crash)
+            say_once(f"torch.compile failed here ({type(error).__name__}): eager mode")
+            net = model
+    timed = [step(k) for k in range(1, 1 + warmup + steps)][warmup:]
+    phases = {phase: None if timed[0][phase] is None else statistics.median(t[phase] for t in timed)
+              for phase in PHASES}
+    return {"config": " ".join(named), "input_size": config["input_size"], "batch_size": B,
+            "amp": config["amp"], "channels_last": config["channels_last"],
+            "autocast_dtype": str(amp_dtype(device, config["amp"]) or torch.float32).removeprefix("torch."),
+            "compile": bool(options.get("compile")), "phases": phases,
+            "seconds": statistics.median(sum(v or 0.0 for v in t.values()) for t in timed),
+            "forward_flops": counter["forward"], "backward_flops": counter["backward"],
+            "kernels": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads()}
+
+
+def compiled(model: torch.nn.Module) -> torch.nn.Module:
+    """torch.compile(model), or `model` with one logged line where torch cannot compile at all (a failure
+    at the first call falls back in step_profile)."""
+    try:
+        return torch.compile(model)
+    except Exception as error:  # noqa: BLE001 (compile fails in many ways: a fallback, not a crash)
+        say_once(f"torch.compile unavailable here ({type(error).__name__}): eager mode")
+        return model
+
+
+def step_methods(options: dict, data_dir: str, steps: int, warmup: int, input_size: int | None) -> dict:
+    """step_profile of every demo method (STEP_METHODS) under `options`."""
+    return {method: step_profile(named, options, data_dir, steps, warmup, input_size)
+            for method, named in STEP_METHODS.items()}
+
+
+def candidate_steps(data_dir: str, steps: int, warmup: int, rounds: int, input_size: int | None,
+                    timeout: float = 1800) -> dict:
+    """Each CANDIDATES entry in a fresh process (its environment set before torch loads), the candidates
+    interleaved for `rounds` rounds; per candidate and method the median over rounds of the step
+    seconds, and the last round's profile."""
+    out: dict = {name: {"rounds": {m: [] for m in STEP_METHODS}} for name in CANDIDATES}
+    for _ in range(rounds):
+        for name, (environ, options) in CANDIDATES.items():
+            args = json.dumps({"options": options, "data_dir": data_dir, "steps": steps, "warmup": warmup,
+                               "input_size": input_size})
+            done = subprocess.run([sys.executable, os.path.abspath(__file__), "--step-child", args],
+                                  capture_output=True, text=True, timeout=timeout,
+                                  env={**os.environ, **PINNED_NUMERICS, **environ})
+            lines = [line for line in done.stdout.splitlines() if line.startswith("BENCH_JSON ")]
+            if done.returncode != 0 or not lines:
+                tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+                raise UserError(f"training-step subprocess ({name}) failed (exit {done.returncode}): {tail}")
+            result = json.loads(lines[-1][len("BENCH_JSON "):])
+            for method, profile in result.items():
+                out[name]["rounds"][method].append(profile["seconds"])
+                out[name][method] = profile
+    for name in CANDIDATES:
+        for method in STEP_METHODS:
+            out[name][method]["seconds"] = statistics.median(out[name]["rounds"][method])
+    return out
+
+
 # ------------------------------------------------------------------------------------ plan, run
 @dataclass
 class Plan:
-    """What a run measures: full (512 x 512, 5 timed runs, reference 2) or --quick (256 or --size, 2, 1)."""
+    """What a run measures: full (512 x 512, 5 timed runs, reference 2, candidates 3 rounds) or --quick
+    (256 or --size, 2, 1; no step candidates, no memory process)."""
     quick: bool
     size: int
 
@@ -355,32 +534,51 @@ class Plan:
         self.scaling_sizes, self.grids = [size // 4, size // 2, size], [1, 4, 8, 16]
         self.demo_size = None if size >= 128 else size      # None: the demo config's own input_size
         self.demo_steps, self.demo_runs = (3, 1) if q else (6, 3)
-        self.volume_size, self.n_slices = min(size, 128 if q else 256), 32 if (q or size < 256) else 64
+        self.volume_size, self.n_slices = min(size, 128 if q else 256), 16 if q else 32 if size < 256 else 64
+        # the demo step: timed steps, warm-up steps after the FLOP-counting one, candidate rounds
+        self.step_steps, self.step_warmup, self.candidate_rounds = (1, 0, 0) if q else (8, 1, 3)
 
 
 def run_measurements(plan: Plan, device: torch.device, log: Callable[[str], None] = print) -> dict:
     """All figures of one section (CPU or GPU)."""
+    with contextlib.ExitStack() as stack:   # the tiny phantom's folder, shared by sections 4 and 7
+        return _measurements(plan, device, log, stack)
+
+
+def _measurements(plan: Plan, device: torch.device, log: Callable[[str], None],
+                  stack: contextlib.ExitStack) -> dict:
     torch.manual_seed(0)
     cpu, out = device.type == "cpu", {}
     reference = functools.partial(official_cell_loop, dtype=torch.float32)  # the head's precision
-    log("1/6 head: reference vs 'image' vs 'feature'")
+    log("1/7 head: reference vs 'image' vs 'feature'")
     out["head"] = head_comparison(reference, plan.size, 256, 8, 8, device, plan.repeats,
                                   plan.reference_repeats, plan.head_seconds)
-    log("2/6 head share of the encoder forward")
+    log("2/7 head share of the encoder forward")
     out["encoders"] = encoder_share(plan.size, 8, device, plan.repeats, plan.head_seconds)
-    log("3/6 head scaling with n_grid and input size")
+    log("3/7 head scaling with n_grid and input size")
     out["scaling"] = head_scaling(plan.scaling_sizes, plan.grids, device, plan.repeats, plan.head_seconds)
-    log("4/6 training throughput")
+    log("4/7 training throughput")
     named, size, amps = ("demo", plan.demo_size, (False,)) if cpu else ("paper", plan.size, (False, True))
-    out["training"] = [training_throughput(named, device, amp, plan.demo_steps, plan.demo_runs, size)
+    workdir = stack.enter_context(tempfile.TemporaryDirectory(prefix="lslpn-bench-"))
+    out["training"] = [training_throughput(named, device, amp, plan.demo_steps, plan.demo_runs, size, workdir)
                        for amp in amps]
     if not cpu:  # before inference: run_chunks's inference_mode would fill the head's cache
         out["dispatch"] = gpu_dispatch("paper", device, plan.size)
-    log("5/6 volumetric inference throughput")
+    log("5/7 volumetric inference throughput")
     out["inference"] = [inference_throughput(named, device, plan.repeats, plan.volume_size, plan.n_slices,
                                              size, amp) for amp in amps]
-    log("6/6 peak memory of one training step (paper config, fresh process)")
-    out["memory"] = [training_step_memory("paper", device, amp, plan.size) for amp in amps]
+    if not plan.quick:
+        log("6/7 peak memory of one training step (paper config, fresh process)")
+        out["memory"] = [training_step_memory("paper", device, amp, plan.size) for amp in amps]
+    if cpu:
+        log("7/7 the demo's training step against the machine's peak")
+        out["peak"] = [peak_flops(dtype, plan.quick, plan.repeats) for dtype in (torch.float32,
+                                                                                 torch.bfloat16)]
+        data_dir = tiny_prepared(workdir, plan.demo_size or resolve_config(DEMO_CONFIGS, {})["input_size"])
+        out["step"] = step_methods({}, data_dir, plan.step_steps, plan.step_warmup, plan.demo_size)
+        if plan.candidate_rounds:
+            out["candidates"] = candidate_steps(data_dir, plan.step_steps, plan.step_warmup,
+                                                plan.candidate_rounds, plan.demo_size)
     return out
 
 
@@ -491,8 +689,11 @@ def render_section(name: str, results: dict, machine: dict, command: str, plan: 
               "", "Phantom volumes (`demo.phantom.render_subject`); support range = the liver's, "
               f"protocol preset 'inclusive' ({results['inference'][0]['n_chunks']} chunks); every axial "
               "slice of the query volume is segmented.", "",
-              "### 6. Peak memory of one training step (`paper` config)", "",
-              *table("input", "encoder", "episodes / step", "AMP", "process max RSS MB",
+              "### 6. Peak memory of one training step (`paper` config)", ""]
+    if "memory" not in results:
+        lines += ["Measured in full runs only (a fresh process)."]
+    else:
+        lines += [*table("input", "encoder", "episodes / step", "AMP", "process max RSS MB",
                      "RSS before the step MB", "CUDA max allocated MB", "step s"),
               *[row(r["input_size"], r["encoder"], r["batch_size"], on[r["amp"]], f"{r['peak_rss_mb']:.0f}",
                     f"{r['baseline_rss_mb']:.0f}",
@@ -501,7 +702,60 @@ def render_section(name: str, results: dict, machine: dict, command: str, plan: 
               "", "Measured in a fresh Python process that runs exactly one step of `training.loop.train` "
               "(`resource.getrusage` ru_maxrss, so the RSS includes the interpreter and torch; the column "
               "before it is the same process's peak before the step). Step s is that single, cold step."]
+    if "step" in results:
+        lines += ["", *render_step(results, plan)]
     return "\n".join(lines) + "\n"
+
+
+def gflops(value: float) -> str:
+    return f"{value / 1e9:.1f}"
+
+
+def render_step(results: dict, plan: Plan) -> list[str]:
+    """Section 7: the peak per dtype, the demo step's phases and FLOP/s, the candidates side by side."""
+    peak = {p["dtype"]: p["peak"] for p in results["peak"]}
+    p0 = results["peak"][0]
+    lines = ["### 7. The demo's training step against the machine's peak", "",
+             f"Peak: a {p0['matmul_n']} x {p0['matmul_n']} matmul and a 3 x 3 convolution on "
+             f"{' x '.join(map(str, p0['conv_shape']))} (B x C x H x W), on this process's "
+             f"{torch.get_num_threads()} threads; this CPU {'has' if cpu_has_native_bf16() else 'lacks'} "
+             "native bf16 (flags avx512_bf16 / amx_bf16).", "",
+             *table("dtype", "matmul GFLOP/s", "convolution GFLOP/s", "peak GFLOP/s"),
+             *[row(p["dtype"], gflops(p["matmul"]), gflops(p["conv"]), gflops(p["peak"]))
+               for p in results["peak"]], ""]
+
+    def share(profile: dict, phase: str) -> str:
+        value = profile["phases"][phase]
+        return "-" if value is None else f"{ms(value)} ({100 * value / profile['seconds']:.0f}%)"
+    lines += ["The demo config as set in config.py, in this process (episodes of a small prepared phantom; "
+              f"median of {plan.step_steps} timed steps after {1 + plan.step_warmup} warm-up steps). FLOPs: "
+              "`torch.utils.flop_counter` (matmuls and convolutions) of one forward and one backward; "
+              "% of peak against the step's dtype. Times in ms (share of the step).", "",
+              *table("method", "input, episodes", "AMP / channels_last", "s / step", "forward GFLOP/s",
+                     "backward GFLOP/s", "step % of peak", *PHASES)]
+    for method, p in results["step"].items():
+        top, forward = peak[p["autocast_dtype"]], (p["phases"]["encoder"] or 0.0) + p["phases"]["head"]
+        rates = [p["forward_flops"] / forward, p["backward_flops"] / p["phases"]["backward"],
+                 (p["forward_flops"] + p["backward_flops"]) / p["seconds"]]
+        lines.append(row(method, f"{p['input_size']}, {p['batch_size']}",
+                         f"{p['autocast_dtype']} / {'on' if p['channels_last'] else 'off'}",
+                         f"{p['seconds']:.3f}", *[f"{gflops(r)} ({100 * r / top:.0f}%)" for r in rates[:2]],
+                         f"{100 * rates[2] / top:.0f}%", *[share(p, phase) for phase in PHASES]))
+    if "candidates" not in results:
+        return lines + ["", "Candidates side by side: full runs only."]
+    names = list(CANDIDATES)
+    base = results["candidates"][names[0]]
+    pins = ", ".join(f"{key}={value}" for key, value in PINNED_NUMERICS.items())
+    lines += ["", f"Candidates side by side: each in a fresh process (the demo's thread pins {pins} plus the "
+              "candidate's environment), "
+              f"the candidates interleaved for {plan.candidate_rounds} rounds; s / step is the median over "
+              "rounds of each process's median step; speed-up against the first row.", "",
+              *table("candidate", *[f"{m} s / step (speed-up)" for m in STEP_METHODS], "kernels")]
+    for name in names:
+        c = results["candidates"][name]
+        lines.append(row(name, *[f"{c[m]['seconds']:.3f} ({base[m]['seconds'] / c[m]['seconds']:.2f}x)"
+                                 for m in STEP_METHODS], c["LSLPN"]["kernels"]))
+    return lines
 
 
 def gpu_not_measured() -> str:
@@ -513,7 +767,8 @@ def gpu_not_measured() -> str:
 
 
 def merge(existing: str | None, name: str, text: str) -> str:
-    """The report with section `name` set to `text`; the other section kept from `existing`."""
+    """The report with section `name` set to `text`; the other section, and any text after the GPU
+    section (hand-written notes), kept from `existing`."""
     def block(section: str, body: str) -> str:
         return f"<!-- begin {section} -->\n{body}<!-- end {section} -->\n"
     sections = {"cpu": "## CPU\n\nNot measured yet.\n", "gpu": gpu_not_measured()}
@@ -522,7 +777,9 @@ def merge(existing: str | None, name: str, text: str) -> str:
         if found:
             sections[section] = found.group(1)
     sections[name] = text
-    return TITLE + "\n" + INTRO + "\n" + block("cpu", sections["cpu"]) + "\n" + block("gpu", sections["gpu"])
+    notes = (existing or "").partition("<!-- end gpu -->\n")[2]
+    return (TITLE + "\n" + INTRO + "\n" + block("cpu", sections["cpu"]) + "\n" + block("gpu", sections["gpu"])
+            + notes)
 
 
 def plain(value):
@@ -587,5 +844,9 @@ def main(argv: list[str] | None = None) -> int:
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--memory-child"]:   # training_step_memory's fresh process
         _memory_child(json.loads(sys.argv[2]))
+    elif sys.argv[1:2] == ["--step-child"]:   # candidate_steps's fresh process
+        child = json.loads(sys.argv[2])
+        print("BENCH_JSON " + json.dumps(step_methods(child["options"], child["data_dir"], child["steps"],
+                                                      child["warmup"], child["input_size"])), flush=True)
     else:
         run_cli(main)

@@ -1,7 +1,8 @@
 """Devices, mixed precision, seeding, RNG state and torch.distributed set-up.
 
-The `amp` setting: False = full precision; True = bf16 where the GPU supports it, else fp16, off on
-CPU; 'bf16' / 'fp16' = that dtype on any device, CPU too. fp16 gets a GradScaler. The RNG state covers
+The `amp` setting: False = full precision; True = the fast path where the hardware has it: CUDA bf16 (else
+fp16), CPU bf16 only with native bf16 instructions (else full precision, one logged line); 'bf16' / 'fp16'
+= that dtype on any device (an emulated CPU bf16 says so once). fp16 gets a GradScaler. The RNG state covers
 Python, numpy and torch (CPU and CUDA), so a resumed run continues the same random streams.
 `Distributed` reads torchrun's RANK / WORLD_SIZE / LOCAL_RANK; gloo on CPU, nccl on CUDA; under
 torchrun the process group starts even for one process (so one GPU exercises nccl and DDP).
@@ -9,6 +10,8 @@ torchrun the process group starts even for one process (so one GPU exercises ncc
 from __future__ import annotations
 
 import contextlib
+import functools
+import logging
 import os
 import random
 from dataclasses import dataclass
@@ -18,6 +21,9 @@ import torch
 import torch.distributed as dist
 
 from util.errors import UserError
+
+log = logging.getLogger("lslpn")
+CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")   # /proc/cpuinfo flags of native bf16 arithmetic (x86)
 
 
 def resolve_device(name: str | torch.device, local_rank: int = 0) -> torch.device:
@@ -33,15 +39,39 @@ def resolve_device(name: str | torch.device, local_rank: int = 0) -> torch.devic
     return torch.device("cuda", local_rank % torch.cuda.device_count())
 
 
+@functools.lru_cache(maxsize=None)
+def cpu_has_native_bf16() -> bool:
+    """This CPU computes bf16 natively (AVX-512 BF16 or AMX: oneDNN's fast path), per /proc/cpuinfo;
+    False where unreadable (not Linux x86)."""
+    try:
+        with open("/proc/cpuinfo") as handle:
+            flags = next((line.split(":", 1)[1].split() for line in handle if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return any(flag in flags for flag in CPU_BF16_FLAGS)
+
+
+@functools.lru_cache(maxsize=None)
+def say_once(message: str) -> None:
+    """Log `message` (a fallback or slow path) once per process."""
+    log.warning(message)
+
+
 def amp_dtype(device: torch.device, amp: bool | str) -> torch.dtype | None:
     """The autocast dtype of the `amp` setting on `device`; None means full precision."""
     if amp is True:
-        if device.type != "cuda":
-            return None
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        if cpu_has_native_bf16():
+            return torch.bfloat16
+        say_once("amp=True: this CPU has no native bf16 (flags avx512_bf16 / amx_bf16): full precision")
+        return None
     if amp == "bf16":
         if device.type == "cuda" and not torch.cuda.is_bf16_supported():
             raise UserError("amp='bf16': this GPU does not support bf16: use amp='fp16' or amp=True")
+        if device.type == "cpu" and not cpu_has_native_bf16():
+            say_once("amp='bf16': this CPU has no native bf16 (flags avx512_bf16 / amx_bf16): emulated, "
+                     "slower than full precision (amp=True picks bf16 only where it is fast)")
         return torch.bfloat16
     if amp == "fp16":
         return torch.float16
