@@ -60,9 +60,11 @@ def train_tiny(prep, device, run_dir=None, **updates) -> tuple[dict, ConvRecorde
 
 
 # ------------------------------------------------------------------------------------ AMP modes
-def test_amp_setting_picks_the_autocast_dtype_and_scaler():
+def test_amp_setting_picks_the_autocast_dtype_and_scaler(monkeypatch):
+    import util.device
     cpu = torch.device("cpu")
-    assert amp_dtype(cpu, False) is None and amp_dtype(cpu, True) is None   # True: CUDA only ('auto')
+    monkeypatch.setattr(util.device, "cpu_has_native_bf16", lambda: False)   # True: bf16 on such a CPU only
+    assert amp_dtype(cpu, False) is None and amp_dtype(cpu, True) is None
     assert amp_dtype(cpu, "bf16") == torch.bfloat16 and amp_dtype(cpu, "fp16") == torch.float16
     assert make_grad_scaler(cpu, "bf16") is None and make_grad_scaler(cpu, False) is None
     scaler = make_grad_scaler(cpu, "fp16")

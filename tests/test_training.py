@@ -354,6 +354,7 @@ def test_device_resolution_and_amp(monkeypatch):
         dev.resolve_device("cuda")
     with pytest.raises(UserError, match="unknown"):
         dev.resolve_device("gpu")
+    monkeypatch.setattr(dev, "cpu_has_native_bf16", lambda: False)
     assert dev.amp_dtype(torch.device("cpu"), True) is None and dev.make_grad_scaler(torch.device("cpu"),
                                                                                      True) is None
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
