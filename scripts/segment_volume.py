@@ -19,6 +19,7 @@ import util.interrupt  # noqa: F401  (first: a Ctrl-C during the imports below i
 # isort: split
 from evaluation.segment import segment_queries, segment_volume
 from util.cli import run_cli
+from util.device import DEVICES
 from util.errors import UserError
 
 EPILOG = """\
@@ -88,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--query-range", default=None, metavar="Z0:Z1",
                         help="axial slices of the organ in the query (Z1 excluded); default: see below")
     parser.add_argument("--n-chunks", type=int, default=12, help="chunks of the protocol (default 12, LSLPN)")
-    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--device", default="auto", choices=DEVICES)
     parser.add_argument("--batch-size", type=int, default=16, help="query slices per forward pass")
     parser.add_argument("--intensity", default=None, metavar="minmax|zscore|window:LO,HI",
                         help="intensity scaling (default: the checkpoint's training data, else "

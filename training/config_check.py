@@ -19,7 +19,7 @@ from models.checkpoint import MAX_INPUT_SIZE, MIN_INPUT_SIZE
 from models.encoders import IMAGENET_WEIGHTS
 from models.fewshot import MODEL_OPTIONS, SENET, check_model_rules
 from training.objective import SENET_OPTIONS
-from util.device import resolve_device
+from util.device import DEVICES, resolve_device
 from util.errors import UserError
 from util.io import check_input_folder, check_writable_folder
 from util.options import (
@@ -45,7 +45,7 @@ MAX_BATCH_SIZE = 1024      # episodes per step; above: memory for nothing, and h
 RUN_OPTIONS: dict[str, Option] = {
     "name": Option(NAME, nullable=True),
     "seed": integer(0, example="1234"),
-    "device": choice("auto", "cpu", "cuda"),
+    "device": choice(*DEVICES),
     "amp": Option(AMP),
     "channels_last": Option(BOOL),
     "num_workers": integer(0, 256, example="0"),

@@ -22,6 +22,8 @@ import torch.distributed as dist
 
 from util.errors import UserError
 
+DEVICES = ("auto", "cpu", "cuda")   # the device setting: CUDA when present (auto), or that device
+
 log = logging.getLogger("lslpn")
 CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")   # /proc/cpuinfo flags of native bf16 arithmetic (x86)
 
@@ -30,7 +32,7 @@ def resolve_device(name: str | torch.device, local_rank: int = 0) -> torch.devic
     """torch.device for 'auto' (CUDA when present, else CPU), 'cpu' or 'cuda'; a torch.device as is."""
     if isinstance(name, torch.device):
         return name
-    if name not in ("auto", "cpu", "cuda"):
+    if name not in DEVICES:
         raise UserError(f"device '{name}' is unknown: use 'auto', 'cpu' or 'cuda'")
     if name == "cuda" and not torch.cuda.is_available():
         raise UserError("device 'cuda' requested but no CUDA GPU is available: use device=cpu or device=auto")
