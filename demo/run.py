@@ -17,7 +17,7 @@ import torch
 
 from dataloaders.organs import FOLD_ORGANS, TEST_ORGANS
 from dataloaders.prepared import read_meta
-from demo.__main__ import PINNED_NUMERICS
+from demo import PINNED_NUMERICS
 from evaluation.evaluate import evaluate
 from experiments.runner import ROOT, python_command, resolved_config, run_step, train_or_reuse
 from util.device import cpu_has_native_bf16

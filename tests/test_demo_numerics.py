@@ -1,4 +1,4 @@
-"""The demo's CPU numerics (demo/__main__.py PINNED_NUMERICS: 2 threads) and its speed settings
+"""The demo's CPU numerics (demo/__init__.py PINNED_NUMERICS: 2 threads) and its speed settings
 (config.py `make_demo`: amp=True = bf16 autocast only where the CPU has native bf16).
 
 Measured (README "Reproducibility of the demo"): the same tiny training gives different weights with 1
@@ -16,7 +16,7 @@ import os
 import torch
 from test_training import train_cli
 
-import demo.__main__ as demo
+import demo
 from models.checkpoint import load_checkpoint
 
 

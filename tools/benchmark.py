@@ -43,7 +43,7 @@ from dataloaders.episodes import REDRAWS_KEY, EpisodeDataset
 from dataloaders.organs import organ_index
 from dataloaders.prepare import Selection, prepare_dataset
 from dataloaders.prepared import read_meta
-from demo.__main__ import PINNED_NUMERICS
+from demo import PINNED_NUMERICS
 from demo.phantom import generate_phantom, render_subject
 from demo.run import CONFIGS as DEMO_CONFIGS
 from demo.run import METHODS as DEMO_METHODS

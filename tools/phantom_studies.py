@@ -165,7 +165,7 @@ def compare(argv: list[str]) -> int:
 
 
 def lslpn_plus(argv: list[str]) -> int:
-    from demo.__main__ import pin_cpu_numerics
+    from demo import pin_cpu_numerics
     pin_cpu_numerics()  # the demo's pins, set before torch loads
     from demo import run as demo
     from evaluation.adaptation import test_time_head_options, test_time_model
