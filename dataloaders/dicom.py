@@ -21,6 +21,7 @@ from pydicom.multival import MultiValue
 from pydicom.uid import UID
 
 from util.errors import UserError
+from util.io import looks_dicom
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])   # DICOM patient space is LPS, NIfTI's is RAS
 SPACING_TOLERANCE = 0.01                        # a slice step may differ from the spacing by 1 %
@@ -29,23 +30,10 @@ READ_ERRORS = (InvalidDicomError, struct.error, OSError, EOFError, ValueError, K
                AttributeError)
 
 
-def _looks_dicom(path: Path) -> bool:
-    """A .dcm file, or a file with the DICOM part 10 magic 'DICM' after its 128-byte preamble."""
-    if not path.is_file() or path.name.startswith("."):
-        return False
-    if path.suffix.lower() == ".dcm":
-        return True
-    try:
-        with open(path, "rb") as file:
-            return file.read(132)[128:] == b"DICM"
-    except OSError:
-        return False
-
-
 def is_dicom_path(path: str | Path) -> bool:
     """True for a DICOM file, or a folder holding at least one DICOM file (not searched recursively)."""
     path = Path(path)
-    return any(_looks_dicom(p) for p in path.iterdir()) if path.is_dir() else _looks_dicom(path)
+    return any(looks_dicom(p) for p in path.iterdir()) if path.is_dir() else looks_dicom(path)
 
 
 def _read(path: Path, pixels: bool) -> pydicom.Dataset:
@@ -82,12 +70,12 @@ def read_dicom_series(path: str | Path, series_uid: str | None = None) -> tuple[
     path = Path(path)
     if not path.exists():
         raise UserError(f"{path}: folder not found: check the path of the DICOM series")
-    if path.is_file() and not _looks_dicom(path):
+    if path.is_file() and not looks_dicom(path):
         raise UserError(f"{path}: not a DICOM file: give a DICOM series folder or one of its .dcm files")
     folder = path.parent if path.is_file() else path
     if path.is_file():
         series_uid = series_uid or str(_read(path, pixels=False).get("SeriesInstanceUID", ""))
-    files = sorted(p for p in folder.iterdir() if _looks_dicom(p))
+    files = sorted(p for p in folder.iterdir() if looks_dicom(p))
     if not files:
         raise UserError(f"{folder}: no DICOM file (.dcm or DICM header) in this folder: give the folder "
                         "that holds the series' slice files")

@@ -20,7 +20,7 @@ from nibabel.orientations import apply_orientation, axcodes2ornt, ornt_transform
 
 from util.cli import warn
 from util.errors import UserError
-from util.io import check_output_folder, dicom_fix, write_bytes_atomic
+from util.io import check_output_folder, dicom_fix, holds_dcm_files, looks_dicom, write_bytes_atomic
 
 CANONICAL_AXCODES = ("R", "A", "S")
 AFFINE_TOLERANCE_MM = 1e-3
@@ -64,8 +64,7 @@ def _load_misnamed(path: Path) -> nib.Nifti1Image:
 
 def _dicom_hint(folder: Path) -> str:
     """': give the file' text for a folder or DICOM where a NIfTI file is expected (DICOM: a converter)."""
-    dicom = folder.is_dir() and any(p.suffix.lower() == ".dcm" for p in folder.iterdir())
-    return f": {dicom_fix(folder)}" if dicom else ": give the path of a .nii.gz file"
+    return f": {dicom_fix(folder)}" if holds_dcm_files(folder) else ": give the path of a .nii.gz file"
 
 
 def load_nifti(path: str | Path) -> NiftiVolume:
@@ -85,9 +84,7 @@ def load_nifti(path: str | Path) -> NiftiVolume:
         raise
     except (EOFError, zlib.error, gzip.BadGzipFile, OSError, ValueError,
             nib.filebasedimages.ImageFileError) as error:
-        with open(path, "rb") as file:
-            head = file.read(132)
-        if head[128:] == b"DICM" or path.suffix.lower() == ".dcm":
+        if looks_dicom(path):
             raise UserError(f"{path}: a DICOM file, not NIfTI{_dicom_hint(path.parent)}") from None
         reason = " ".join(f"{type(error).__name__}: {error}".split())[:90]
         raise UserError(f"{path}: cannot read NIfTI ({reason}): the file is corrupt or truncated; "

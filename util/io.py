@@ -151,10 +151,30 @@ def dicom_fix(folder: str | Path) -> str:
             f"(e.g. dcm2niix -z y -o NEW_FOLDER {folder})")
 
 
+def looks_dicom(path: str | Path) -> bool:
+    """A .dcm file, or a file with the DICOM part 10 magic 'DICM' after its 128-byte preamble."""
+    path = Path(path)
+    if not path.is_file() or path.name.startswith("."):
+        return False
+    if path.suffix.lower() == ".dcm":
+        return True
+    try:
+        with open(path, "rb") as file:
+            return file.read(132)[128:] == b"DICM"
+    except OSError:
+        return False
+
+
+def holds_dcm_files(folder: str | Path) -> bool:
+    """`folder` is a folder with .dcm files in it."""
+    folder = Path(folder)
+    return folder.is_dir() and any(p.suffix.lower() == ".dcm" for p in folder.iterdir())
+
+
 def check_input_folder(folder: str | Path, what: str, give: str) -> Path:
     """An existing folder of NIfTI data, else a one-line error (not found, a file, DICOM); `give`: the fix."""
     folder = Path(folder)
-    if folder.is_dir() and any(p.suffix.lower() == ".dcm" for p in folder.iterdir()):
+    if holds_dcm_files(folder):
         raise UserError(f"{what}{folder}: holds DICOM files: {dicom_fix(folder)}")
     if not folder.is_dir():
         found = "is a file, not a folder" if folder.exists() else "data folder not found"
