@@ -96,6 +96,13 @@ def slice_axis_text(query: NiftiVolume) -> tuple[str, bool]:
     return f"stored axis {axis}{tilt}", degrees > OBLIQUE_DEGREES
 
 
+def oblique_warning(volume: NiftiVolume, name: str) -> str | None:
+    """The warning for an oblique or rotated query (its slices are taken along a tilted stored axis)."""
+    where, oblique = slice_axis_text(volume)
+    return (f"{name}: oblique or rotated ({where}): its slices are taken along that stored axis; check the "
+            "result, or reslice the query onto an axial grid") if oblique else None
+
+
 def canonical_to_stored_range(canonical_range: tuple[int, int], query: NiftiVolume) -> tuple[int, int]:
     """Inclusive canonical z range -> half-open range along the query file's axial axis (as --query-range)."""
     _, n, reversed_z = _axial_axis(query)
@@ -494,10 +501,9 @@ def segment_volume(checkpoint, supports: Sequence[tuple[str, str]], query, out=N
         warn(f"{query_name}: the query is {names[modality(query_image)]} but the supports are "
              f"{' and '.join(names[k] for k in sorted(kinds))} ({support_list[0].name}; air near -1000 HU "
              "tells CT): across modalities the result means nothing; give supports of the query's modality")
-    where, oblique = slice_axis_text(query_volume)
-    if oblique:
-        warn(f"{query_name}: oblique or rotated ({where}): its slices are taken along that stored axis; "
-             "check the result, or reslice the query onto an axial grid")
+    where, _ = slice_axis_text(query_volume)
+    for note in filter(None, [oblique_warning(query_volume, query_name)]):
+        warn(note)
     print(f"support organ: {', '.join(f'{s.name}: {s.label}' for s in support_list)}; query range "
           f"{stored[0]}:{stored[1]} (slices along the query file's axial axis, {where}; {how})", flush=True)
     prediction, _ = segment_scan(model, {1: ("organ", support_list)}, query_volume, query_image, input_size,
@@ -776,10 +782,8 @@ def segment_queries(queries: Sequence, supports, organs=None, checkpoint=None, o
                             "of the query's modality")
         if needs_hounsfield(intensity):
             check_hounsfield(intensity, [(query_image, query, "query")])
-        where, oblique = slice_axis_text(volume)
         notes = [outlier_warning(query_image, query, "query", intensity["mode"])
-                 if intensity["mode"] != "window" else None,
-                 f"{query}: oblique or rotated: its slices are taken along {where}" if oblique else None]
+                 if intensity["mode"] != "window" else None, oblique_warning(volume, str(query))]
         for note in filter(None, notes):
             warn(note)
         scored = query_range and stored_range_to_canonical(tuple(map(int, query_range)), volume)
