@@ -277,17 +277,21 @@ def training_throughput(named: str, device: torch.device, amp: bool, n_steps: in
             "data_wait_fraction": statistics.median(float(s["data_wait_fraction"]) for s in summaries)}
 
 
-def training_step_memory(named: str, device: torch.device, amp: bool, input_size: int | None,
-                         timeout: float = 1200) -> dict:
-    """Peak memory of ONE training step of `named` in a fresh process (this script with --memory-child)."""
-    args = json.dumps({"named": named, "device": device.type, "amp": amp, "input_size": input_size})
-    done = subprocess.run([sys.executable, os.path.abspath(__file__), "--memory-child", args],
-                          capture_output=True, text=True, timeout=timeout)
+def fresh_process(flag: str, payload: dict, what: str, env: dict | None = None, timeout: float = 1800):
+    """The BENCH_JSON line of this script run as `flag payload` in a fresh process; a failure is one line."""
+    done = subprocess.run([sys.executable, os.path.abspath(__file__), flag, json.dumps(payload)],
+                          capture_output=True, text=True, timeout=timeout, env=env)
     lines = [line for line in done.stdout.splitlines() if line.startswith("BENCH_JSON ")]
     if done.returncode != 0 or not lines:
         tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
-        raise UserError(f"training-step memory subprocess failed (exit {done.returncode}): {tail}")
+        raise UserError(f"{what} failed (exit {done.returncode}): {tail}")
     return json.loads(lines[-1][len("BENCH_JSON "):])
+
+
+def training_step_memory(named: str, device: torch.device, amp: bool, input_size: int | None) -> dict:
+    """Peak memory of ONE training step of `named` in a fresh process (this script with --memory-child)."""
+    payload = {"named": named, "device": device.type, "amp": amp, "input_size": input_size}
+    return fresh_process("--memory-child", payload, "training-step memory subprocess", timeout=1200)
 
 
 def _memory_child(args: dict) -> None:
@@ -493,24 +497,17 @@ def step_methods(options: dict, data_dir: str, steps: int, warmup: int, input_si
             for method, named in STEP_METHODS.items()}
 
 
-def candidate_steps(data_dir: str, steps: int, warmup: int, rounds: int, input_size: int | None,
-                    timeout: float = 1800) -> dict:
+def candidate_steps(data_dir: str, steps: int, warmup: int, rounds: int, input_size: int | None) -> dict:
     """Each CANDIDATES entry in a fresh process (its environment set before torch loads), the candidates
     interleaved for `rounds` rounds; per candidate and method the median over rounds of the step
     seconds, and the last round's profile."""
     out: dict = {name: {"rounds": {m: [] for m in STEP_METHODS}} for name in CANDIDATES}
     for _ in range(rounds):
         for name, (environ, options) in CANDIDATES.items():
-            args = json.dumps({"options": options, "data_dir": data_dir, "steps": steps, "warmup": warmup,
-                               "input_size": input_size})
-            done = subprocess.run([sys.executable, os.path.abspath(__file__), "--step-child", args],
-                                  capture_output=True, text=True, timeout=timeout,
-                                  env={**os.environ, **PINNED_NUMERICS, **environ})
-            lines = [line for line in done.stdout.splitlines() if line.startswith("BENCH_JSON ")]
-            if done.returncode != 0 or not lines:
-                tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
-                raise UserError(f"training-step subprocess ({name}) failed (exit {done.returncode}): {tail}")
-            result = json.loads(lines[-1][len("BENCH_JSON "):])
+            payload = {"options": options, "data_dir": data_dir, "steps": steps, "warmup": warmup,
+                       "input_size": input_size}
+            result = fresh_process("--step-child", payload, f"training-step subprocess ({name})",
+                                   {**os.environ, **PINNED_NUMERICS, **environ})
             for method, profile in result.items():
                 out[name]["rounds"][method].append(profile["seconds"])
                 out[name][method] = profile
@@ -541,12 +538,11 @@ class Plan:
 
 def run_measurements(plan: Plan, device: torch.device, log: Callable[[str], None] = print) -> dict:
     """All figures of one section (CPU or GPU)."""
-    with contextlib.ExitStack() as stack:   # the tiny phantom's folder, shared by sections 4 and 7
-        return _measurements(plan, device, log, stack)
+    with tempfile.TemporaryDirectory(prefix="lslpn-bench-") as workdir:  # the tiny phantom: sections 4 and 7
+        return _measurements(plan, device, log, workdir)
 
 
-def _measurements(plan: Plan, device: torch.device, log: Callable[[str], None],
-                  stack: contextlib.ExitStack) -> dict:
+def _measurements(plan: Plan, device: torch.device, log: Callable[[str], None], workdir: str) -> dict:
     torch.manual_seed(0)
     cpu, out = device.type == "cpu", {}
     reference = functools.partial(official_cell_loop, dtype=torch.float32)  # the head's precision
@@ -559,7 +555,6 @@ def _measurements(plan: Plan, device: torch.device, log: Callable[[str], None],
     out["scaling"] = head_scaling(plan.scaling_sizes, plan.grids, device, plan.repeats, plan.head_seconds)
     log("4/7 training throughput")
     named, size, amps = ("demo", plan.demo_size, (False,)) if cpu else ("paper", plan.size, (False, True))
-    workdir = stack.enter_context(tempfile.TemporaryDirectory(prefix="lslpn-bench-"))
     out["training"] = [training_throughput(named, device, amp, plan.demo_steps, plan.demo_runs, size, workdir)
                        for amp in amps]
     if not cpu:  # before inference: run_chunks's inference_mode would fill the head's cache
@@ -758,12 +753,12 @@ def render_step(results: dict, plan: Plan) -> list[str]:
     return lines
 
 
-def gpu_not_measured() -> str:
-    return ("## GPU\n\nNot measured yet: no GPU was available to the run that wrote this report. On a GPU "
-            "machine, `python tools/benchmark.py --device cuda --out BENCHMARKS.md` measures this section "
-            "(head, encoders, scaling, `paper` training and 512 x 512 inference with AMP off and on, CUDA "
-            "peak memory, GPU-bound check) and replaces it, keeping the CPU section; `tools/gpu_check.sh` "
-            "runs it with the other GPU checks (docs/gpu_check.md).\n")
+GPU_NOT_MEASURED = (
+    "## GPU\n\nNot measured yet: no GPU was available to the run that wrote this report. On a GPU machine, "
+    "`python tools/benchmark.py --device cuda --out BENCHMARKS.md` measures this section (head, encoders, "
+    "scaling, `paper` training and 512 x 512 inference with AMP off and on, CUDA peak memory, GPU-bound "
+    "check) and replaces it, keeping the CPU section; `tools/gpu_check.sh` runs it with the other GPU checks "
+    "(docs/gpu_check.md).\n")
 
 
 def merge(existing: str | None, name: str, text: str) -> str:
@@ -771,7 +766,7 @@ def merge(existing: str | None, name: str, text: str) -> str:
     section (hand-written notes), kept from `existing`."""
     def block(section: str, body: str) -> str:
         return f"<!-- begin {section} -->\n{body}<!-- end {section} -->\n"
-    sections = {"cpu": "## CPU\n\nNot measured yet.\n", "gpu": gpu_not_measured()}
+    sections = {"cpu": "## CPU\n\nNot measured yet.\n", "gpu": GPU_NOT_MEASURED}
     for section in sections:
         found = re.search(rf"<!-- begin {section} -->\n(.*?)<!-- end {section} -->", existing or "", re.S)
         if found:
@@ -783,14 +778,10 @@ def merge(existing: str | None, name: str, text: str) -> str:
 
 
 def plain(value):
-    """Measurement results as JSON types: a Timing becomes {median_s, runs_s, warmup}."""
+    """json.dumps default: a Timing becomes {median_s, runs_s, warmup}, anything else its str."""
     if isinstance(value, Timing):
         return {"median_s": value.median, "runs_s": list(value.runs), "warmup": value.warmup}
-    if isinstance(value, dict):
-        return {str(key): plain(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [plain(item) for item in value]
-    return value if value is None or isinstance(value, (bool, int, float, str)) else str(value)
+    return str(value)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -832,8 +823,8 @@ def main(argv: list[str] | None = None) -> int:
     existing = open(args.out).read() if os.path.isfile(args.out) else None
     write_text_atomic(merge(existing, section, text), args.out)
     if args.json:
-        write_text_atomic(json.dumps({"device": device.type, "size": plan.size, "quick": plan.quick,
-                                      "machine": machine, **plain(results)}, indent=1) + "\n", args.json)
+        raw = {"device": device.type, "size": plan.size, "quick": plan.quick, "machine": machine, **results}
+        write_text_atomic(json.dumps(raw, indent=1, default=plain) + "\n", args.json)
     h = results["head"]
     print(f"wrote {args.out}: 'image' {h['speedup_image']:.1f}x, 'feature' {h['speedup_feature']:.1f}x "
           f"faster than the literal reference; checks image {'PASS' if h['image_ok'] else 'FAIL'}, "

@@ -1,7 +1,6 @@
 """Studies on the synthetic phantom; training runs through experiments/runner.py (finished runs reused):
 
     python tools/phantom_studies.py ablation --folds 0 1 2 3 -- demo      # docs/ablation_phantom.md
-    python tools/phantom_studies.py compare --folds 0 --data data/prepared_phantom --out runs/compare
     python tools/phantom_studies.py lslpn-plus      # after `make demo`: docs/lslpn_plus_phantom.md
     python tools/phantom_studies.py selfsup         # self-supervised LSLPN: docs/selfsup_phantom.md
     python tools/phantom_studies.py superpixels --volumes 2           # best single-superpixel Dice, 2D vs 3D
@@ -36,9 +35,6 @@ COLUMNS = [*ORGANS, "mean"]
 ABLATION = """Ablation of the paper (docs/method.md, "VISCERAL data, folds and the paper's figures"): n_grid
 16, 8, 4, 1, non-overlapping cells, mean vote, and SENet. The overrides after `--` go to train.py (runs under
 OUT/<variant>/fold<F>/); every variant is evaluated beside mask copy at its training size; OUT/ablation.md."""
-COMPARE = """Measured effect of the fidelity options (REPRODUCTION.md's difference table): variants on top of
-`demo` shortened for 2 CPU cores, each evaluated beside mask copy under preset 'inclusive' and 'official'
-(OUT/eval_<preset>/); OUT/compare.md."""
 ABLATION_VARIANTS: dict[str, dict] = {   # variant -> model overrides (SENet: senet [senet_demo])
     "n_grid 16": {"n_grid": 16, "overlap": True, "vote": "max"},
     "n_grid 8": {"n_grid": 8, "overlap": True, "vote": "max"},
@@ -47,12 +43,6 @@ ABLATION_VARIANTS: dict[str, dict] = {   # variant -> model overrides (SENet: se
     "n_grid 8 non-overlapping": {"n_grid": 8, "overlap": False, "vote": "max"},
     "n_grid 8 mean vote": {"n_grid": 8, "overlap": True, "vote": "mean"},
     "SENet": {},
-}
-COMPARE_VARIANTS: dict[str, list[str]] = {
-    "cnn_small (200 steps)": ["n_steps=200", "lr_milestones=[150]", "val_every=50", "save_every=50"],
-    "vgg16 (64 px, 100 steps)": ["model.encoder=vgg16", "model.pretrained=False", "input_size=64",
-                                 "n_steps=100", "lr=1e-3", "lr_milestones=[80]", "val_every=50",
-                                 "save_every=50", "eval.batch_size=16"],
 }
 SELFSUP_WORK, SELFSUP_RUNS = Path("data/selfsup"), Path("runs/selfsup_demo")
 REAL_CT = ROOT.parent / "shared" / "data" / "real_ct"
@@ -124,43 +114,6 @@ def ablation(argv: list[str]) -> int:
     write_text_atomic("\n".join(lines) + "\n", args.out / "ablation.md")
     print("\n".join(lines) + "\n")
     print(f"wrote {args.out / 'ablation.md'}")
-    return 0
-
-
-def compare(argv: list[str]) -> int:
-    from evaluation.evaluate import evaluate
-    from experiments.runner import train_or_reuse
-    parser = argparse.ArgumentParser(prog="phantom_studies.py compare", description=COMPARE)
-    parser.add_argument("--folds", type=int, nargs="+", default=[0, 2])
-    parser.add_argument("--variants", nargs="+", default=list(COMPARE_VARIANTS),
-                        choices=list(COMPARE_VARIANTS))
-    parser.add_argument("--data", default="data/prepared_phantom", help="prepared phantom folder")
-    parser.add_argument("--out", type=Path, default=Path("runs/compare"))
-    parser.add_argument("--train-only", action="store_true")
-    parser.add_argument("--python", default=sys.executable)
-    args = parser.parse_args(argv)
-    snapshots = {variant: by_organ({fold: train_or_reuse(
-        ["demo", *COMPARE_VARIANTS[variant], f"fold={fold}", f"path.data_dir={args.data}",
-         f"path.log_dir={args.out.resolve() / slug(variant) / f'fold{fold}'}"],
-        title=f"train {variant}, fold {fold}", python=args.python) for fold in args.folds})
-        for variant in args.variants}
-    if args.train_only:
-        return 0
-    organs = [organ for fold in args.folds for organ in FOLD_ORGANS[fold]]
-    blocks = [f"Command: python tools/phantom_studies.py compare {' '.join(argv)}", ""]
-    for preset in ("inclusive", "official"):  # the same snapshots under this project's and the authors' eval
-        lines = [f"Preset '{preset}', Dice (%) over the organ slice range.", "",
-                 "| Variant | " + " | ".join(COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
-        for name, spec in {"mask copy": None, **snapshots}.items():
-            size = 64 if name.startswith("vgg16") else 128        # each variant at its training size
-            row = evaluate({name: spec}, organs, args.data, preset=preset, out_dir=args.out / f"eval_{preset}"
-                           / slug(name), split="gold", support="default", input_size=size, device="cpu",
-                           batch_size=32, save_predictions=False, config={"argv": argv},
-                           figures=False)["table"]["range"][name]
-            lines.append(f"| {name} | {dice_cells(row)} |")
-        blocks.append("\n".join(lines) + "\n")
-    write_text_atomic("\n".join(blocks), args.out / "compare.md")
-    print("\n".join(blocks))
     return 0
 
 
@@ -566,7 +519,7 @@ def long_run(argv: list[str]) -> int:
     return 0 if ok else 1
 
 
-STUDIES = {"ablation": ablation, "compare": compare, "lslpn-plus": lslpn_plus, "selfsup": selfsup,
+STUDIES = {"ablation": ablation, "lslpn-plus": lslpn_plus, "selfsup": selfsup,
            "superpixels": superpixels, "long-run": long_run}
 
 
