@@ -56,7 +56,7 @@ def make_plan(dry_run: bool, quick: bool, budget: float | None) -> Plan:
 
 class Runner:
     """Runs commands under the check's deadline, logs them to log.txt and collects the checks
-    ({step, name, status PASS | FAIL | SKIP, figures, data})."""
+    ({step, name, status PASS | FAIL | SKIP, figures})."""
 
     def __init__(self, plan: Plan, out: Path, work: Path):
         self.plan, self.out, self.work, self.runs = plan, out, work, work / "runs"
@@ -65,10 +65,9 @@ class Runner:
     def left(self) -> float:
         return self.plan.budget - (time.perf_counter() - self.start)
 
-    def add(self, step: str, name: str, ok: bool | str, figures: str = "", data: dict | None = None) -> None:
+    def add(self, step: str, name: str, ok: bool | str, figures: str = "") -> None:
         status = ok if isinstance(ok, str) else ("PASS" if ok else "FAIL")
-        self.checks.append({"step": step, "name": name, "status": status, "figures": figures,
-                            "data": data or {}})
+        self.checks.append({"step": step, "name": name, "status": status, "figures": figures})
         line = f"{status:4s} {step} {name}" + (f": {figures}" if figures else "")
         print(line, flush=True)
         self.write(f"### {line}\n")
@@ -193,7 +192,7 @@ def training(r: Runner, prep: Path, setups: list[str]) -> dict:
             note = "" if falling else (" (loss not falling: expected in a few-step dry-run)" if r.plan.dry_run
                                        else " (loss not falling)")
             results[(setup, amp)] = result
-            r.add("3", label, falling or r.plan.dry_run, describe(result) + note, result)
+            r.add("3", label, falling or r.plan.dry_run, describe(result) + note)
     starved = [f"{setup} amp={amp}" for (setup, amp), res in results.items()
                if (res.get("data_wait_fraction") or 0) > MAX_DATA_WAIT and not r.plan.dry_run]
     if starved:
@@ -204,7 +203,7 @@ def training(r: Runner, prep: Path, setups: list[str]) -> dict:
             res := train(r, prep, "paper", "bf16", label, "num_workers=4")):
         ok = (res.get("data_wait_fraction") or 0.0) <= MAX_DATA_WAIT or r.plan.dry_run
         results[("paper", "bf16, num_workers=4")] = res
-        r.add("3", label, ok, describe(res) + ("" if ok else f": still > {100 * MAX_DATA_WAIT:.0f}%"), res)
+        r.add("3", label, ok, describe(res) + ("" if ok else f": still > {100 * MAX_DATA_WAIT:.0f}%"))
     return results
 
 

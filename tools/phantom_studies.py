@@ -50,10 +50,6 @@ REAL_ORGANS, REAL_SUPPORT_SLICES = ["liver", "spleen", "kidney_right", "kidney_l
 STEP_LINE = re.compile(r"step (\d+)/(\d+)\s+loss (\S+)")
 
 
-def slug(name: str) -> str:
-    return "".join(ch if ch.isalnum() else "_" for ch in name).strip("_")
-
-
 def by_organ(snapshots: dict[int, object]) -> dict[str, str]:
     """organ -> snapshot of the fold that held it out, from {fold: snapshot} (None: the fold is left out)."""
     return {organ: str(path) for fold, path in snapshots.items() if path is not None
@@ -70,8 +66,9 @@ def train_variant(variant: str, fold: int, overrides: list[str], out: Path, pyth
     from experiments.runner import train_or_reuse
     model = [f"model.{key}={value}" for key, value in ABLATION_VARIANTS[variant].items()]
     named = ["senet", *(["senet_demo"] if "demo" in overrides else [])] if variant == "SENet" else []
+    slug = "".join(ch if ch.isalnum() else "_" for ch in variant).strip("_")
     return train_or_reuse([*overrides, *named, f"fold={fold}", *model,
-                           f"path.log_dir={out / slug(variant) / f'fold{fold}'}"],
+                           f"path.log_dir={out / slug / f'fold{fold}'}"],
                           title=f"train {variant}, fold {fold}", python=python)
 
 
@@ -202,10 +199,10 @@ def phantom_part(log: list, args) -> tuple[dict, Path, dict]:
                      demo.PHANTOM_DIR / "SilverCorpus" / "Volumes", unlabeled)
 
     def demo_runs(method: str, train: bool = False) -> dict[str, str]:   # finished runs only, unless `train`
-        arguments = {fold: ["demo", *demo.METHODS[method], *demo.training_overrides(method, fold)]
-                     for fold in range(len(FOLD_ORGANS))}
-        return by_organ({fold: train_or_reuse(a, title=f"supervised {method} fold {fold}") if train
-                         else finished(a) for fold, a in arguments.items()})
+        if train:
+            return demo.train_all(log, False, [], {method: demo.METHODS[method]})[method]
+        return by_organ({fold: finished([*demo.CONFIGS, *demo.METHODS[method], *demo.training_overrides(
+            method, fold)]) for fold in range(len(FOLD_ORGANS))})
     supervised, panet = demo_runs("LSLPN", args.train_supervised), demo_runs("PANet")
     selfsup = selfsup_run(log, "self-supervised LSLPN (no labels)", "selfsup", unlabeled, args.selfsup_steps)
     n = args.finetune_steps
@@ -451,16 +448,17 @@ def rss_mb(pid: int) -> float | None:
         return None
 
 
-def long_run_report(samples: list[dict], code: int, seconds: float, command: str, steps: int,
+def long_run_report(samples: list[dict], code: int | None, seconds: float, command: str, steps: int,
                     tail: str) -> tuple[str, bool]:
-    """Markdown report and whether the check passed."""
+    """Markdown report (code None: the run goes on, a partial report) and whether the check passed."""
     finite = all(math.isfinite(s["loss"]) for s in samples)
     complete = code == 0 and bool(samples) and samples[-1]["step"] == steps
     rss = [s["rss_mb"] for s in samples if s["rss_mb"] is not None]
     lines = ["# Long-run check: demo training, memory and loss", "", f"Command: `{command}`", "",
              f"Machine: {platform.platform()}, Python {platform.python_version()}, {os.cpu_count()} CPUs "
              "(shared with other work while it ran).", "",
-             f"Result: exit code {code}; {samples[-1]['step'] if samples else 0} of {steps} steps in "
+             f"Result: {'STILL RUNNING (partial report)' if code is None else f'exit code {code}'}; "
+             f"{samples[-1]['step'] if samples else 0} of {steps} steps in "
              f"{seconds:.0f} s; losses {'all finite' if finite else 'NOT all finite'}.", ""]
     if len(rss) >= 2:
         after_warmup = rss[2:] if len(rss) >= 4 else rss
@@ -507,10 +505,8 @@ def long_run(argv: list[str]) -> int:
                 samples.append(sample)
                 print(f"step {sample['step']:>5}  loss {sample['loss']:.4f}  RSS {sample['rss_mb']:.0f} MiB  "
                       f"{sample['seconds']:.0f} s", flush=True)
-                text = long_run_report(samples, -1, time.perf_counter() - start, command, args.steps,
-                                       "\n".join(tail))[0]      # the report so far, marked partial
-                write_text_atomic(text.replace("Result: exit code -1", "Result: STILL RUNNING (partial "
-                                               "report)"), args.out)
+                write_text_atomic(long_run_report(samples, None, time.perf_counter() - start, command,
+                                                  args.steps, "\n".join(tail))[0], args.out)
         code = proc.wait()
     text, ok = long_run_report(samples, code, time.perf_counter() - start, command, args.steps,
                                "\n".join(tail))
