@@ -224,8 +224,7 @@ def head_scaling(sizes: list[int], grids: list[int], device: torch.device, repea
 
 # ------------------------------------------------------------------ figures 4 to 6 and the GPU check
 def resolve_config(named: str | list[str], updates: dict) -> dict:
-    """config.py's named config(s) plus updates, random-weight encoders (speed does not depend on
-    weights)."""
+    """config.py's named config(s) plus updates, random-weight encoders (speed does not depend on them)."""
     updates = {**updates, "model": {**updates.get("model", {}), "pretrained": False}}
     named = [named] if isinstance(named, str) else named
     return dict(create_run(ex, "print_config", config_updates=updates, named_configs=named).config)
@@ -233,8 +232,7 @@ def resolve_config(named: str | list[str], updates: dict) -> dict:
 
 def _training_config(named: str, workdir: str, device: str, amp: bool, n_steps: int,
                      input_size: int | None) -> dict:
-    """The named config for a short run (no validation, no saving) on a small seeded phantom (2 silver + 2
-    gold volumes of 64 x 64 x 16) prepared under `workdir` by dataloaders.prepare, as real data is."""
+    """The named config for a short run (no validation, no saving) on tiny_prepared(workdir)."""
     updates = {"device": device, "amp": amp, "n_steps": n_steps, "val_every": 0, "save_every": n_steps,
                "print_every": n_steps, "num_workers": 0,
                "path": {"data_dir": os.path.join(workdir, "prep"), "log_dir": os.path.join(workdir, "runs")}}
@@ -252,9 +250,8 @@ def tiny_prepared(workdir: str, size: int) -> str:
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         phantom = os.path.join(workdir, "phantom")
         generate_phantom(phantom, n_silver=2, n_gold=2, seed=0, size=64, n_slices=16, workers=1)
-        prepare_dataset(phantom, os.path.join(workdir, "prep"), size=size, n_val=0, seed=0,
-                        rule=Selection(min_voxels=5), workers=1)
-    return os.path.join(workdir, "prep")
+        prepare_dataset(phantom, prep, size=size, n_val=0, seed=0, rule=Selection(min_voxels=5), workers=1)
+    return prep
 
 
 def _quiet_train(config: dict) -> dict:
