@@ -24,7 +24,7 @@ from evaluation.protocols import (
     preset_range,
     support_slices_for_query,
 )
-from evaluation.results import _jsonable, summarise, write_outputs
+from evaluation.results import write_outputs
 from models.checkpoint import DEFAULT_INPUT_SIZE, model_from_checkpoint, model_input, trained_input
 from util.cli import warn
 from util.device import resolve_device
@@ -320,9 +320,9 @@ def evaluate(methods: dict, organs: list[str], prep_dir: str | Path, preset: str
               "methods": {name: {organ: info for organ, (_, info) in per_organ.items()}
                           for name, per_organ in prepared.items()},
               "config": config or {}}
-    if out is None:
-        return _jsonable({**header, "preset": protocol.as_dict(), "results": summarise(records, protocol)})
     results = write_outputs(out, records, protocol, header)
+    if out is None:
+        return results
     save_figure_data(figure, out / "figure_data.npz")
     if figures:
         make_figures(out)

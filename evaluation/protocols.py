@@ -8,7 +8,7 @@ SSL-ALPNet protocol"). Volumes are `X x Y x Z` (or SSL-ALPNet's `Y x X x Z`) wit
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -27,9 +27,6 @@ class ProtocolPreset:
     rule: str = "inclusive"  # a key of PLANS: organ range, chunks, support slices
     dice_smooth: float = 0.0  # added to numerator and denominator of the Dice
     dice_eps: float = 0.0     # added to the denominator only (SENet's evaluator: 1e-4)
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 PRESETS: dict[str, ProtocolPreset] = {
