@@ -24,7 +24,7 @@ from evaluation.protocols import (
     preset_range,
     support_slices_for_query,
 )
-from evaluation.results import _jsonable, summarise, write_outputs
+from evaluation.results import write_outputs
 from models.checkpoint import DEFAULT_INPUT_SIZE, model_from_checkpoint, model_input, trained_input
 from util.cli import warn
 from util.device import resolve_device
@@ -64,7 +64,6 @@ def load_snapshot(path: str | Path, device: str | torch.device = "cpu", input_si
     if not path.is_file():
         raise UserError(f"snapshot {path} does not exist: pass the best.pth or last.pth of a training run")
     model, state = model_from_checkpoint(str(path), resolve_device(device))
-    config = dict(state["model_config"])
     trained_size, trained_intensity = trained_input(state)
     # the data's intensity is a fallback here, not an override: a snapshot trained otherwise is refused
     # by check_intensity with one line (no warning first)
@@ -72,9 +71,9 @@ def load_snapshot(path: str | Path, device: str | torch.device = "cpu", input_si
     fold = state.get("fold")
     fold_sets = (state.get("run_config") or {}).get("label_sets", FOLD_ORGANS)   # the run's test organs
     own = list(fold_sets[fold]) if isinstance(fold, int) and fold in range(len(fold_sets)) else None
-    info = {"snapshot": str(path), "snapshot_fold": fold, "model_config": config, "snapshot_organs": own,
-            "step": state.get("step"), "input_size": trained_size, "intensity": trained_intensity,
-            "input": {"input_size": run_size, "intensity": run_intensity}}
+    info = {"snapshot": str(path), "snapshot_fold": fold, "model_config": dict(state["model_config"]),
+            "snapshot_organs": own, "step": state.get("step"), "input_size": trained_size,
+            "intensity": trained_intensity, "input": {"input_size": run_size, "intensity": run_intensity}}
     return model, info
 
 
@@ -85,9 +84,9 @@ def check_intensity(prepared: dict, intensity: dict) -> None:
             trained = info.get("intensity")
             if trained is not None and trained != intensity:
                 raise UserError(f"snapshot {info['snapshot']} ({name}) was trained on slices scaled "
-                                f"{trained} but the prepared data uses {intensity}: "
-                                "evaluate on data prepared the "
-                                "same way (scripts/prepare_visceral.py --window / default min-max)")
+                                f"{trained} but the prepared data uses {intensity}: evaluate on data "
+                                "prepared the same way (scripts/prepare_visceral.py --window / default "
+                                "min-max)")
 
 
 def prepare_method(spec, organs: list[str], device, input_size: int | None = None,
@@ -118,8 +117,6 @@ def prepare_method(spec, organs: list[str], device, input_size: int | None = Non
 
 
 # ------------------------------------------------------------------------------------ protocol
-
-
 def run_protocol(methods: dict[str, dict], organs: list[str], prep_dir, split: str, supports: list[str],
                  preset, input_size: int, device, batch_size: int, n_shots: int, intensity: dict,
                  on_prediction=None, progress: bool = False, queries: list[str] | None = None) -> list[dict]:
@@ -184,9 +181,8 @@ def run_protocol(methods: dict[str, dict], organs: list[str], prep_dir, split: s
 
 
 # --------------------------------------------------------------------------------- validation
-def validate(model: torch.nn.Module, prep_dir: str | Path, split: str = "val",
-             organs: list[str] | None = None, preset: str = "inclusive", input_size: int = 512,
-             device="cpu", batch_size: int = 16,
+def validate(model: torch.nn.Module, prep_dir: str | Path, split: str = "val", organs: list | None = None,
+             preset: str = "inclusive", input_size: int = 512, device="cpu", batch_size: int = 16,
              n_shots: int = 1) -> dict:
     """{'mean_dice', 'per_organ', 'preset'} of `model` on a prepared split, for model selection: support
     the split's first volume ('gold': 10000132 when present), queries the others; mean over organs of the
@@ -272,11 +268,9 @@ def warn_empty_predictions(records: list[dict]) -> None:
 
 def evaluate(methods: dict, organs: list[str], prep_dir: str | Path, preset: str = "inclusive",
              out_dir: str | Path | None = None, split: str = "gold", support="default", n_shots: int = 1,
-             input_size: int | None = None, device="auto", batch_size: int = 16,
-             save_predictions: bool = True,
-             fold: int | None = None, config: dict | None = None, progress: bool = True,
-             figures: bool = True, model_transform=None, queries: list[str] | None = None,
-             on_prediction=None) -> dict:
+             input_size: int | None = None, device="auto", batch_size: int = 16, save_predictions=True,
+             fold: int | None = None, config: dict | None = None, progress: bool = True, figures: bool = True,
+             model_transform=None, queries: list[str] | None = None, on_prediction=None) -> dict:
     """Run the protocol for every method (name -> None for mask copy, a snapshot path, a model, or {organ:
     either}) and organ; returns results.json's content, written with table.md, figures and predictions
     under out_dir when given. support: an id, 'default' (10000132, else the first) or 'all'; an SSL-ALPNet
@@ -326,9 +320,9 @@ def evaluate(methods: dict, organs: list[str], prep_dir: str | Path, preset: str
               "methods": {name: {organ: info for organ, (_, info) in per_organ.items()}
                           for name, per_organ in prepared.items()},
               "config": config or {}}
-    if out is None:
-        return _jsonable({**header, "preset": protocol.as_dict(), "results": summarise(records, protocol)})
     results = write_outputs(out, records, protocol, header)
+    if out is None:
+        return results
     save_figure_data(figure, out / "figure_data.npz")
     if figures:
         make_figures(out)

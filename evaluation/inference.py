@@ -1,10 +1,6 @@
-"""The one chunk runner: segment a query volume with a few-shot model, chunk by chunk.
-
-`run_chunks` executes a plan of `evaluation.protocols.chunk_plan` (evaluation, any preset) or of
-evaluation/segment.py (the user's scans). Slices are scaled as in training (`scale_intensity`, a
-per-volume z-score with the whole volume's statistics), resized to the model's input (bilinear images,
-nearest masks), logits resized back bilinearly, foreground = argmax == 1. A 2.5D model gets each slice
-as its (z - 1, z, z + 1) stack (`neighbour_stack`). docs/DESIGN.md has the data flow.
+"""The one chunk runner: `run_chunks` segments a query volume with a few-shot model along a plan of
+`evaluation.protocols.chunk_plan`, slices scaled and resized as in training, logits resized back
+bilinearly, foreground = argmax == 1; a 2.5D model gets (z - 1, z, z + 1) stacks. docs/DESIGN.md.
 """
 from __future__ import annotations
 
@@ -25,7 +21,6 @@ from dataloaders.transforms import (
 )
 from models.fewshot import model_input_slices
 from util.device import resolve_device
-from util.errors import UserError
 
 
 def images_to_input(slices_hu: np.ndarray, intensity: dict, input_size: int,
@@ -70,8 +65,6 @@ def run_chunks(model, supports: Sequence[tuple[np.ndarray, np.ndarray]], plan, q
     (m,)) per chunk. Per chunk the prototypes are computed once, the queries go in batches. A model with
     `stored_views` (evaluation/adaptation.py) is also given the first shot at the stored resolution."""
     device = resolve_device(device)
-    if batch_size < 1:
-        raise UserError(f"eval batch_size {batch_size} must be >= 1")
     by_volume: dict[int, dict] = {}                    # id(volume) -> its scaling (k shots share a volume)
     for role, image in [("query", query_image)] + [("support", image) for image, _ in supports]:
         if id(image) not in by_volume:

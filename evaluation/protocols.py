@@ -8,7 +8,7 @@ SSL-ALPNet protocol"). Volumes are `X x Y x Z` (or SSL-ALPNet's `Y x X x Z`) wit
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -27,9 +27,6 @@ class ProtocolPreset:
     rule: str = "inclusive"  # a key of PLANS: organ range, chunks, support slices
     dice_smooth: float = 0.0  # added to numerator and denominator of the Dice
     dice_eps: float = 0.0     # added to the denominator only (SENet's evaluator: 1e-4)
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 PRESETS: dict[str, ProtocolPreset] = {
@@ -85,11 +82,6 @@ def official_bounds(length: int, n_chunks: int) -> np.ndarray:
     return (np.arange(n_chunks + 1) * length) // n_chunks
 
 
-def chunk_of_offsets(length: int, n_chunks: int) -> np.ndarray:
-    """Chunk index of every offset 0..length-1 of a range: floor(j * n / L). Shape: (length,)."""
-    return (np.arange(length) * n_chunks) // length
-
-
 def support_offsets(length: int, n_chunks: int) -> np.ndarray:
     """Offset of the middle slice of each support chunk: min(L-1, floor((i+0.5) L / n)). Shape: (n,)."""
     middles = np.floor((np.arange(n_chunks) + 0.5) * length / n_chunks).astype(int)
@@ -97,9 +89,9 @@ def support_offsets(length: int, n_chunks: int) -> np.ndarray:
 
 
 def chunk_offsets(length: int, n_chunks: int, rule: str = "inclusive") -> np.ndarray:
-    """Chunk index of every offset 0..L-1 of a query range under `rule`. Shape: (L,)."""
+    """Chunk index of every offset 0..L-1 of a query range under `rule` (inclusive: floor(j n / L)). (L,)"""
     if rule != "official":
-        return chunk_of_offsets(length, n_chunks)
+        return (np.arange(length) * n_chunks) // length
     return np.searchsorted(official_bounds(length, n_chunks), np.arange(length), side="right") - 1
 
 
@@ -128,9 +120,7 @@ def _range_plan(rule: str):
             first, last = ranges
             shots = first + support_shot_offsets(last - first + 1, n_chunks, n_shots, rule)   # n x k
         else:                                                                            # one shot a volume
-            if n_shots != 1:
-                raise UserError(f"n_shots {n_shots} with {len(ranges)} support volumes: give one volume per "
-                                "shot or one volume with n_shots")
+            assert n_shots == 1, "several support volumes: one shot each"
             shots = np.stack([first + centre_offsets(last - first + 1, n_chunks, rule)
                               for first, last in ranges], axis=1)                          # n x r
         chunk = chunk_offsets(query_range[1] - query_range[0] + 1, n_chunks, rule)       # query offsets
@@ -148,8 +138,6 @@ SENET_THRESHOLD = 10
 
 def support_indices(n_kept: int, n: int = 10) -> np.ndarray:
     """Indices into the kept support slices: round(linspace(0, Ns-1, n+1)) + (Ns//n)//2, first n."""
-    if n_kept < 1:
-        raise ValueError("the support has no qualifying slice")
     indices = np.round(np.linspace(0, n_kept - 1, n + 1)).astype(int) + (n_kept // n) // 2
     return np.minimum(indices[:n], n_kept - 1)
 
@@ -176,16 +164,12 @@ def query_crop(mask: np.ndarray, threshold: int = SENET_THRESHOLD) -> tuple[int,
 
 def query_chunks(length: int, n: int = 10) -> list[np.ndarray]:
     """Offsets 0..length-1 of the cropped query in n chunks: [q_i, q_{i+1}) and the last = [length-1]."""
-    if length < 1:
-        raise ValueError("the query crop is empty")
     q = np.round(np.linspace(0, length - 1, n)).astype(int)
     return [np.arange(q[i], q[i + 1]) for i in range(n - 1)] + [np.array([length - 1])]
 
 
 def senet_plan(support_ranges, query_range, n_chunks, n_shots=1, support_mask=None):
     """Rule 'senet': support slices by linspace over its qualifying slices, linspace query chunks."""
-    if support_mask is None:
-        raise UserError("protocol rule 'senet' needs the support mask: pass support_mask to chunk_plan")
     shots = support_shots(support_mask, n_chunks, SENET_THRESHOLD, n_shots)        # n x k
     if shots is None:
         raise UserError(f"protocol rule 'senet': the support has no slice with more than {SENET_THRESHOLD} "
@@ -230,8 +214,6 @@ def query_parts(z_min: int, z_max: int, n_part: int = 3) -> np.ndarray:
 
 def alpnet_plan(support_ranges, query_range, n_chunks, n_shots=1, support_mask=None):
     """Rule 'alpnet': percentile support slices, thirds of the query's own range; 1 shot of one volume."""
-    if support_mask is None:
-        raise UserError("protocol rule 'alpnet' needs the support mask: pass support_mask to chunk_plan")
     if n_shots != 1 or np.asarray(support_ranges).ndim != 1:
         raise UserError("protocol preset 'alpnet' is 1-shot from one support volume (SSL-ALPNet): set "
                         "eval.n_shots=1 and one eval.support")

@@ -8,6 +8,7 @@ import csv
 import io
 import json
 import math
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -180,13 +181,15 @@ def read_results(run_dir: str | Path) -> dict:
     return results
 
 
-def write_outputs(out_dir: str | Path, records: list[dict], preset: ProtocolPreset, header: dict) -> dict:
-    """Write results.json, results.csv and table.md under out_dir; returns the results dict (header: fold,
-    split, supports, n_shots, config and methods)."""
-    out_dir = Path(out_dir)
+def write_outputs(out_dir: str | Path | None, records: list, preset: ProtocolPreset, header: dict) -> dict:
+    """The results dict (header: fold, split, supports, n_shots, config and methods), written as
+    results.json with results.csv and table.md under out_dir (None: not written)."""
     summary = summarise(records, preset)
-    results = _jsonable({**header, "preset": preset.as_dict(), "results": summary,
+    results = _jsonable({**header, "preset": asdict(preset), "results": summary,
                          "table": {m: table_rows(summary, m) for m in METRICS}})
+    if out_dir is None:
+        return results
+    out_dir = Path(out_dir)
     write_text_atomic(json.dumps(results, indent=1, sort_keys=False) + "\n", out_dir / "results.json")
     write_text_atomic(records_csv(records), out_dir / "results.csv")
     fold = header.get("fold")

@@ -1,13 +1,12 @@
 """Segment your own scan (NIfTI or DICOM) from annotated supports; docs/usage.md "Segmenting a scan".
 
-`segment_volume`: one organ of (image, mask) supports, the range given or `transfer_query_range`.
-`segment` / `segment_queries`: every organ of multi-label supports, the range found without ground truth
-(`organ_window` + `largest_component`), one multi-label NIfTI + JSON sidecar. Both plan with
-`segment_plan` and score with `score_organs` (each query slice encoded once for all organs).
+`segment_volume`: one organ of (image, mask) supports; `segment` / `segment_queries`: every organ of
+multi-label supports in one pass, the range found without labels. Both run `segment_scan`.
 """
 from __future__ import annotations
 
 import json
+import reprlib
 import sys
 import time
 from dataclasses import dataclass
@@ -64,10 +63,9 @@ BODY_SHARE_WARN = 0.6       # a support organ over more than this share of the b
 
 @dataclass
 class Support:
-    """One support volume, canonical.  image X x Y x Z float32; mask X x Y x Z bool (the organ);
-    annotated: sorted z of the annotated slices (> min_voxels organ voxels)."""
-    image: np.ndarray
-    mask: np.ndarray
+    """One support volume, canonical; annotated: sorted z of the slices with > min_voxels organ voxels."""
+    image: np.ndarray                   # X x Y x Z float32
+    mask: np.ndarray                    # X x Y x Z bool, the organ
     annotated: np.ndarray
     name: str
     label: str = ""                     # how the organ's label value was found (printed)
@@ -110,8 +108,10 @@ def canonical_to_stored_range(canonical_range: tuple[int, int], query: NiftiVolu
     return (n - 1 - z1, n - z0) if reversed_z else (z0, z1 + 1)
 
 
-def stored_range_to_canonical(query_range: tuple[int, int], query: NiftiVolume) -> tuple[int, int]:
+def stored_range_to_canonical(query_range: tuple[int, int] | None, query: NiftiVolume):
     """Half-open slice range along the query file's axial axis (as stored) -> canonical z, inclusive."""
+    if query_range is None:
+        return None
     axis, n, reversed_z = _axial_axis(query)
     z0, z1 = query_range
     where, oblique = slice_axis_text(query)
@@ -127,8 +127,7 @@ def stored_range_to_canonical(query_range: tuple[int, int], query: NiftiVolume) 
 
 # ----------------------------------------------------------------------------- relative transfer
 def body_extent(image: np.ndarray, threshold: float = AIR_HU) -> tuple[int, int]:
-    """First and last axial slice of the body: slices whose count of voxels > threshold (-500 HU) is at
-    least 10% of the fullest slice's count. image X x Y x Z. The whole volume when nothing is above."""
+    """First and last axial slice with >= BODY_SLICE_FRACTION of the fullest slice's voxels > threshold."""
     counts = (image > threshold).reshape(-1, image.shape[-1]).sum(axis=0)    # Z
     if counts.max() == 0:
         return 0, image.shape[-1] - 1
@@ -153,18 +152,10 @@ def default_query_range(supports: Sequence[Support], query_image: np.ndarray) ->
     return start, stop
 
 
-def _extent_mm(image: np.ndarray, spacing_z: float) -> float:
-    b0, b1 = body_extent(image)
-    return (b1 - b0 + 1) * float(spacing_z)
-
-
 # ----------------------------------------------------------------------------- same scan
 def same_scan_offset(support: Support, query: NiftiVolume, query_image: np.ndarray) -> int | None:
-    """k such that query slice z is support slice z + k of the same scan, or None.
-
-    Same scan: identical in-plane grid and axis directions, origins apart by a whole number of axial
-    slices, and a shared slice identical voxel for voxel (a crop of the scan, or the scan itself).
-    """
+    """k such that query slice z is support slice z + k of the same scan (same grid and axes, origins a
+    whole number of slices apart, a shared slice identical voxel for voxel), or None."""
     if support.affine is None or support.image.shape[:2] != query_image.shape[:2]:
         return None
     if not np.allclose(support.affine[:3, :3], query.affine[:3, :3], atol=1e-6, rtol=1e-6):
@@ -221,12 +212,12 @@ def transfer_query_range(supports: Sequence[Support], query: NiftiVolume, query_
                             f"(voxels above {AIR_HU:g} HU), which needs CT in HU, and fields of view differ "
                             "from scan to scan: give --query-range Z0:Z1 (the organ's slices in the "
                             "query file)")
-    query_spacing_z = float(np.sqrt((query.affine[:3, 2] ** 2).sum()))
-    query_mm = _extent_mm(query_image, query_spacing_z)
+    b0, b1 = body_extent(query_image)
+    query_mm = (b1 - b0 + 1) * float(np.sqrt((query.affine[:3, 2] ** 2).sum()))
     warnings = []
     for support in supports:
-        spacing_z = float(support.spacing[2]) if support.spacing is not None else query_spacing_z
-        support_mm = _extent_mm(support.image, spacing_z)
+        b0, b1 = body_extent(support.image)
+        support_mm = (b1 - b0 + 1) * float(support.spacing[2])
         difference = abs(query_mm - support_mm) / max(query_mm, support_mm)
         text = (f"{query_name}: its body covers {query_mm:.0f} mm axially, {support.name}'s "
                 f"{support_mm:.0f} mm ({100 * difference:.0f}% apart)")
@@ -256,7 +247,8 @@ def segment_plan(supports: Sequence[Support], canonical_range: tuple[int, int],
                             for first, last in ranges], axis=1)                        # n x k
         chunks = ((2 * np.arange(length) + 1) * n_chunks) // (2 * length)             # L
         plan = [(centres[chunk], np.array([q0 + j])) for j, chunk in enumerate(chunks)]
-    return snap_to_annotated(plan, supports)
+    return [(np.array([nearest_annotated(s.annotated, z[None])[0] for s, z in zip(supports, support_z)]),
+             query_z) for support_z, query_z in plan]
 
 
 def nearest_annotated(annotated: np.ndarray, targets: np.ndarray) -> np.ndarray:
@@ -265,17 +257,15 @@ def nearest_annotated(annotated: np.ndarray, targets: np.ndarray) -> np.ndarray:
     return annotated[distance.argmin(axis=1)]
 
 
-def snap_to_annotated(plan, supports: Sequence[Support]) -> list[tuple[np.ndarray, np.ndarray]]:
-    """A plan with each support's chunk centre moved to its nearest annotated slice."""
-    return [(np.array([nearest_annotated(support.annotated, z[None])[0]
-                       for support, z in zip(supports, support_z)]), query_z) for support_z, query_z in plan]
-
-
 # ---------------------------------------------------------------------------------- parsing
-def parse_query_range(text: str) -> tuple[int, int]:
-    """'Z0:Z1' -> (Z0, Z1), half-open slice indices (Z1 excluded, as a Python slice)."""
+def parse_query_range(text) -> tuple[int, int] | None:
+    """'Z0:Z1' (or a pair, or None) -> (Z0, Z1), half-open slice indices (Z1 excluded, as a Python slice)."""
+    if text is None:
+        return None
+    if not isinstance(text, str):
+        return int(text[0]), int(text[1])
     try:
-        z0, z1 = (int(part) for part in str(text).split(":"))
+        z0, z1 = (int(part) for part in text.split(":"))
     except ValueError:
         raise UserError(f"--query-range '{text}': expected Z0:Z1 with integer slice indices, e.g. "
                         "40:95") from None
@@ -283,9 +273,7 @@ def parse_query_range(text: str) -> tuple[int, int]:
 
 
 def parse_intensity(spec) -> dict | None:
-    """None | dict | 'minmax' | 'zscore' | 'window:LO,HI' -> the `scale_intensity` dict.
-
-    None: the checkpoint's own scaling."""
+    """None (the checkpoint's) | dict | 'minmax' | 'zscore' | 'window:LO,HI' -> the `scale_intensity` dict."""
     if spec is None or isinstance(spec, dict):
         return spec
     text = str(spec).strip().lower()
@@ -309,29 +297,34 @@ def _is_int(value) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
 
 
-def _is_pair(pair) -> bool:
-    return not isinstance(pair, PATH_TYPES) and isinstance(pair, Sequence) and len(pair) == 2 \
-        and all(isinstance(path, PATH_TYPES) for path in pair)
+def _refuse(name: str, value, wanted: str) -> UserError:
+    shown = " ".join(reprlib.repr(value).split())                       # short and on one line
+    return UserError(f"{name}: got {shown} ({type(value).__name__}): give {wanted}")
 
 
-def check_chunks(n_chunks: int) -> None:
+def check_counts(n_chunks, batch_size, min_voxels) -> None:
+    """n_chunks, batch_size (>= 1) and min_voxels (>= 0) as integers in range; one line otherwise."""
+    for name, value, low in (("n_chunks", n_chunks, 1), ("batch_size", batch_size, 1),
+                             ("min_voxels", min_voxels, 0)):
+        if not _is_int(value):
+            raise _refuse(name, value, "an integer")
+        if value < low:
+            raise UserError(f"--{name.replace('_', '-')} {value}: must be >= {low}")
     if n_chunks > MAX_CHUNKS:
         raise UserError(f"--n-chunks {n_chunks}: at most {MAX_CHUNKS} (one chunk per slice is the finest "
                         "plan)")
 
 
-def check_arguments(checkpoint, supports, query, out, support_label, label_map, query_range, n_chunks,
-                    batch_size, min_voxels, input_size, intensity, device, vocabulary) -> None:
+def check_arguments(checkpoint, supports, query, out, support_label, label_map, query_range,
+                    input_size, intensity, device, vocabulary) -> None:
     """One-line UserError for an argument of `segment_volume` of the wrong type or value (before any I/O)."""
-    counts = (("n_chunks", n_chunks, 1), ("batch_size", batch_size, 1), ("min_voxels", min_voxels, 0))
-    listed = not isinstance(supports, PATH_TYPES) and isinstance(supports, Sequence)
-    bad_pair = next((pair for pair in supports if not _is_pair(pair)), None) if listed else None
+    pairs = not isinstance(supports, PATH_TYPES) and isinstance(supports, Sequence) and all(
+        isinstance(pair, (list, tuple)) and len(pair) == 2 and all(isinstance(p, PATH_TYPES) for p in pair)
+        for pair in supports)
     rules = [
         ("checkpoint", checkpoint, isinstance(checkpoint, PATH_TYPES + (torch.nn.Module,)),
          "the path (str or Path) of a train.py checkpoint"),
-        ("supports", supports, listed, "a list of (image path, mask path) pairs"),
-        ("supports", bad_pair, bad_pair is None,
-         "(image path, mask path) pairs of str or Path, e.g. [('s.nii.gz', 'm.nii.gz')]"),
+        ("supports", supports, pairs, "a list of (image, mask) path pairs, e.g. [('s.nii.gz', 'm.nii.gz')]"),
         ("query", query, isinstance(query, PATH_TYPES), "the path (str or Path) of a NIfTI volume"),
         ("out", out, out is None or isinstance(out, PATH_TYPES),
          "the path (str or Path) of the .nii.gz to write, or None"),
@@ -342,7 +335,6 @@ def check_arguments(checkpoint, supports, query, out, support_label, label_map, 
         ("query_range", query_range, query_range is None or isinstance(query_range, str) or (
             isinstance(query_range, Sequence) and len(query_range) == 2 and all(map(_is_int, query_range))),
          "(Z0, Z1) integer slice indices or 'Z0:Z1'"),
-        *((name, value, _is_int(value), "an integer") for name, value, _ in counts),
         ("input_size", input_size, input_size is None or _is_int(input_size),
          "an integer slice size, or None for the checkpoint's"),
         ("intensity", intensity, intensity is None or isinstance(intensity, (str, dict)),
@@ -350,20 +342,8 @@ def check_arguments(checkpoint, supports, query, out, support_label, label_map, 
         ("device", device, isinstance(device, (str, torch.device)), "'auto', 'cpu' or 'cuda'"),
         ("vocabulary", vocabulary, vocabulary is None or isinstance(vocabulary, str), "'visceral' or None")]
     for name, value, ok, wanted in rules:
-        if ok:
-            continue
-        if isinstance(value, (list, tuple)) and any(isinstance(item, np.ndarray) for item in value):
-            shown = "(" + ", ".join(type(item).__name__ for item in value) + ")"
-        elif isinstance(value, np.ndarray):
-            shown = f"an array of shape {value.shape}"
-        else:
-            shown = " ".join(repr(value).split())
-            shown = shown if len(shown) <= 60 else shown[:57] + "..."
-        raise UserError(f"{name}: got {shown} ({type(value).__name__}): give {wanted}")
-    for name, value, low in counts:
-        if value < low:
-            raise UserError(f"--{name.replace('_', '-')} {value}: must be >= {low}")
-    check_chunks(n_chunks)
+        if not ok:
+            raise _refuse(name, value, wanted)
     if input_size is not None:
         check_input_size(input_size, "--input-size")
 
@@ -371,9 +351,8 @@ def check_arguments(checkpoint, supports, query, out, support_label, label_map, 
 # --------------------------------------------------------------------------------- loading
 def load_support(image_path, mask_path, support_label, label_map, min_voxels: int,
                  vocabulary: str | None = None) -> Support:
-    """One support pair: validated, canonical, the organ's mask and annotated slices. The label value comes
-    from dataloaders.label_map.resolve_support_label; implausible pairs (swapped, constant image) are
-    one-line errors, doubtful ones (soft mask, tiny organ) warnings."""
+    """One (image, mask) pair, canonical, its organ chosen by `resolve_support_label`; implausible pairs
+    are one-line errors, doubtful ones (soft mask, tiny organ) warnings."""
     image = read_volume(image_path)
     mask = load_nifti(mask_path)
     check_same_grid(mask, image)
@@ -415,22 +394,19 @@ def load_support(image_path, mask_path, support_label, label_map, min_voxels: in
 
 
 def load_model(checkpoint, device: torch.device, input_size: int | None, intensity: dict | None):
-    """(model in eval mode on device, input_size, intensity) from a train.py checkpoint (or a module).
-
-    input_size and intensity: given, else what the checkpoint records (`models.checkpoint.model_input`).
-    """
+    """(model in eval mode on device, input_size, intensity) of a train.py checkpoint or a module;
+    input_size, intensity: given, else the checkpoint's (`models.checkpoint.model_input`)."""
     if isinstance(checkpoint, torch.nn.Module):
         return (checkpoint.to(device).eval(),) + model_input({}, input_size, intensity)
     model, state = model_from_checkpoint(str(checkpoint), device)
     return (model,) + model_input(state, input_size, intensity)
 
 
-def check_hounsfield(intensity: dict, volumes) -> None:
-    """UserError when a volume that a CT window would scale is not in Hounsfield units.
-
-    volumes: (array, path, role) triples. Float CT in [0, 1], uint16 stored without rescale, int8 or
-    MR would be clipped to a constant by the window, and the model would see nothing.
-    """
+def intensity_warnings(intensity: dict, volumes) -> list[str]:
+    """Outlier warnings of (array, path, role) volumes under min-max or z-score; under a CT window (which
+    clips outliers) a volume not in HU is a one-line error: the window would make it a constant."""
+    if not needs_hounsfield(intensity):
+        return [m for m in (outlier_warning(a, p, r, intensity["mode"]) for a, p, r in volumes) if m]
     lo, hi = intensity["window"]
     for array, path, role in volumes:
         problem = hounsfield_problem(array, path, role)
@@ -438,6 +414,7 @@ def check_hounsfield(intensity: dict, volumes) -> None:
             raise UserError(f"{problem}: the checkpoint scales its input by the CT window [{lo:g}, {hi:g}] "
                             "HU; convert the volume to HU (apply the DICOM rescale slope and intercept), or "
                             "pass --intensity minmax to scale each slice by its own range instead")
+    return []
 
 
 def segment_volume(checkpoint, supports: Sequence[tuple[str, str]], query, out=None, support_label=None,
@@ -447,11 +424,11 @@ def segment_volume(checkpoint, supports: Sequence[tuple[str, str]], query, out=N
                    vocabulary: str | None = None, series: str | None = None
                    ) -> tuple[np.ndarray, nib.Nifti1Image]:
     """(uint8 prediction in the query's stored geometry, its NIfTI image, written to `out` atomically) of
-    `query` (NIfTI or DICOM folder) from [(image, mask), ...] supports. support_label: a mask value, an
-    organ name or None (single value); query_range: half-open stored indices, 'Z0:Z1' or None
-    (`transfer_query_range`); intensity: None (the checkpoint's), 'minmax', 'zscore' or 'window:LO,HI'."""
-    check_arguments(checkpoint, supports, query, out, support_label, label_map, query_range, n_chunks,
-                    batch_size, min_voxels, input_size, intensity, device, vocabulary)
+    one organ of `query` (NIfTI or DICOM folder) from [(image, mask), ...] supports; the options are
+    scripts/segment_volume.py's (query_range None: `transfer_query_range`)."""
+    check_arguments(checkpoint, supports, query, out, support_label, label_map, query_range, input_size,
+                    intensity, device, vocabulary)
+    check_counts(n_chunks, batch_size, min_voxels)
     if out is not None:   # before any compute: never an input (path, symlink, hard link), writable, a file
         inputs = [query, *(path for pair in supports for path in pair)]
         inputs += [checkpoint] if isinstance(checkpoint, (str, Path)) else []
@@ -459,8 +436,7 @@ def segment_volume(checkpoint, supports: Sequence[tuple[str, str]], query, out=N
         out = check_output_file(out, inputs, "--out", suffixes=(".nii.gz",))
     if not supports:
         raise UserError("no support given: pass --support-image S.nii.gz --support-mask M.nii.gz")
-    if isinstance(query_range, str):
-        query_range = parse_query_range(query_range)
+    query_range = parse_query_range(query_range)
     intensity = parse_intensity(intensity)
     device = resolve_device(device)
     if label_map is not None:
@@ -468,20 +444,13 @@ def segment_volume(checkpoint, supports: Sequence[tuple[str, str]], query, out=N
     query_volume = read_volume(query, series)
     query_name = Path(str(query)).name
     query_warnings = image_problems(query_volume.array, query, "query")
-    canonical_range = None
-    if query_range is not None:                        # a range outside the query: before the supports load
-        canonical_range = stored_range_to_canonical(tuple(int(z) for z in query_range), query_volume)
+    canonical_range = stored_range_to_canonical(query_range, query_volume)   # before the supports load
     support_list = [load_support(image, mask, support_label, label_map, min_voxels, vocabulary)
                     for image, mask in supports]
     model, input_size, intensity = load_model(checkpoint, device, input_size, intensity)
     query_image = np.asarray(query_volume.array, dtype=np.float32)
-    if intensity["mode"] != "window":                  # a CT window clips outliers; min-max, z-score do not
-        query_warnings += [m for m in [outlier_warning(query_image, query, "query", intensity["mode"])] + [
-            outlier_warning(s.image, path, "support image", intensity["mode"])
-            for s, (path, _) in zip(support_list, supports)] if m]
-    if needs_hounsfield(intensity):                    # a CT window on non-HU data is never applied silently
-        check_hounsfield(intensity, [(query_image, query, "query")]
-                         + [(s.image, path, "support image") for s, (path, _) in zip(support_list, supports)])
+    query_warnings += intensity_warnings(intensity, [(query_image, query, "query")] + [
+        (s.image, path, "support image") for s, (path, _) in zip(support_list, supports)])
     fov = field_of_view_warning(query_volume.array.shape, query_volume.spacing,
                                 [s.image.shape for s in support_list], [s.spacing for s in support_list],
                                 query_name)
@@ -507,10 +476,9 @@ def segment_volume(checkpoint, supports: Sequence[tuple[str, str]], query, out=N
     print(f"support organ: {', '.join(f'{s.name}: {s.label}' for s in support_list)}; query range "
           f"{stored[0]}:{stored[1]} (slices along the query file's axial axis, {where}; {how})", flush=True)
     prediction, _ = segment_scan(model, {1: ("organ", support_list)}, query_volume, query_image, input_size,
-                                 intensity, device, int(batch_size), int(n_chunks), {}, canonical_range,
+                                 intensity, device, batch_size, n_chunks, {}, canonical_range,
                                  progress)                               # X x Y x Z, 0 outside the plan
     array = to_original(prediction, query_volume.original_axcodes)
-    assert tuple(array.shape) == tuple(query_volume.original_shape)    # to_original inverts load_nifti
     image = nib.Nifti1Image(array, query_volume.original_affine)
     image.set_qform(query_volume.original_affine, code=query_volume.codes[0])
     image.set_sform(query_volume.original_affine, code=query_volume.codes[1])
@@ -577,9 +545,9 @@ def support_pairs(supports) -> list[tuple[Path, Path]]:
     return pairs
 
 
-def load_support_set(supports, label_map=None, min_voxels: int = 0) -> list[LabelledScan]:
-    """Support scans with their label maps (given, <folder>/labels.json or each mask's sidecar), read once.
-    Maps that give one organ two values, or one value two organs, are a one-line error."""
+def load_support_set(supports, label_map=None) -> list[LabelledScan]:
+    """Support scans with their label maps (given, <folder>/labels.json or each mask's sidecar), read once;
+    maps that disagree are a one-line error."""
     if label_map is None and isinstance(supports, (str, Path)) and (Path(supports) / "labels.json").is_file():
         label_map = Path(supports) / "labels.json"
     scans, seen = [], {}
@@ -666,9 +634,8 @@ def largest_component(mask: np.ndarray) -> np.ndarray:
 def score_organs(model, organ_plans: dict, query_image: np.ndarray, input_size: int, intensity: dict,
                  device, batch_size: int, prototypes: dict, progress: bool = False) -> dict:
     """{value: (z0, X x Y x W float32 foreground - background logit of slices z0..)} of organ_plans
-    {value: (supports, plan)}. Query slices are encoded once for all organs, in fixed blocks of batch_size
-    (an organ's result never depends on the others); prototypes are cached in `prototypes` across queries.
-    model None: mask copy, the score is the fraction of the plan's support masks covering a voxel - 0.5."""
+    {value: (supports, plan)}; query slices encoded once for all organs, in fixed blocks of batch_size;
+    prototypes cached across queries. model None: mask copy (support masks' vote fraction - 0.5)."""
     windows = {value: (min(int(z.min()) for _, z in plan), max(int(z.max()) for _, z in plan))
                for value, (_, plan) in organ_plans.items()}
     scores = {value: np.full(query_image.shape[:2] + (z1 - z0 + 1,), -np.inf, dtype=np.float32)
@@ -718,8 +685,8 @@ def segment_scan(model, by_organ: dict, volume: NiftiVolume, query_image: np.nda
                  intensity: dict, device, batch_size: int, n_chunks: int, prototypes: dict,
                  query_range: tuple[int, int] | None = None, progress: bool = False) -> tuple:
     """(X x Y x Z labels, {value: (how, scored range, found range or None)}, canonical z inclusive) of one
-    query: every organ of by_organ {value: (name, supports)} in one `score_organs` pass, a voxel claimed by
-    several organs to the highest score. Without query_range: `organ_window`, the largest 3D component."""
+    query: every organ of by_organ {value: (name, supports)} in one `score_organs` pass, the highest score
+    winning. Without query_range: `organ_window`, the largest 3D component."""
     plans, ranges = {}, {}
     for value, (_, supports) in by_organ.items():
         if query_range is not None:
@@ -763,10 +730,9 @@ def segment_queries(queries: Sequence, supports, organs=None, checkpoint=None, o
     for query in queries:
         if not Path(query).exists():
             raise UserError(f"{query}: query not found: check the path")
-    if query_range is not None and isinstance(query_range, str):
-        query_range = parse_query_range(query_range)
-    check_chunks(n_chunks)
-    scans = supports if loaded else load_support_set(supports, label_map, min_voxels)
+    query_range = parse_query_range(query_range)
+    check_counts(n_chunks, batch_size, min_voxels)
+    scans = supports if loaded else load_support_set(supports, label_map)
     by_organ = organ_supports(scans, organs, min_voxels)
     names = {value: name for value, (name, _) in by_organ.items()}
     device = resolve_device(device)
@@ -780,13 +746,10 @@ def segment_queries(queries: Sequence, supports, organs=None, checkpoint=None, o
             raise UserError(f"{query}: the query is {modality(query_image)} but the supports are "
                             f"{support_kind} ({scans[0].name}; air near -1000 HU tells CT): give supports "
                             "of the query's modality")
-        if needs_hounsfield(intensity):
-            check_hounsfield(intensity, [(query_image, query, "query")])
-        notes = [outlier_warning(query_image, query, "query", intensity["mode"])
-                 if intensity["mode"] != "window" else None, oblique_warning(volume, str(query))]
-        for note in filter(None, notes):
+        notes = intensity_warnings(intensity, [(query_image, query, "query")])
+        for note in filter(None, notes + [oblique_warning(volume, str(query))]):
             warn(note)
-        scored = query_range and stored_range_to_canonical(tuple(map(int, query_range)), volume)
+        scored = stored_range_to_canonical(query_range, volume)
         labels, found = segment_scan(model, by_organ, volume, query_image, input_size, intensity, device,
                                      batch_size, n_chunks, prototypes, scored, progress)
         ranges = {}

@@ -3,40 +3,21 @@ the same labels per organ as one call per organ, no ground-truth range, a suppor
 several queries, DICOM queries, the README example, and bad input. Phantoms: tests/test_segment_volume.py."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
-import time
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
+import test_segment_volume as PHANTOM
+from conftest import assert_one_line_error, run_script
+from test_dicom import write_series
 
 from util.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 NAMES = {1: "liver", 2: "spleen", 14: "kidney_left", 17: "gallbladder"}
-
-
-def load_test_module(name: str):
-    spec = importlib.util.spec_from_file_location(f"_{name}", ROOT / "tests" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-PHANTOM = load_test_module("test_segment_volume")
-
-
-def run_main(argv: list[str]) -> int:
-    """segment_volume.py's exit status, run in this process."""
-    from conftest import load_script
-
-    from util.cli import run_cli
-    with pytest.raises(SystemExit) as exit_info:
-        run_cli(load_script("segment_volume").main, argv)
-    return exit_info.value.code
 
 
 @pytest.fixture(scope="module")
@@ -67,16 +48,12 @@ def run(scans, organs=None, **options):
 
 
 def test_several_organs_equal_one_call_per_organ(scans):
-    single, start = {}, time.perf_counter()
+    single = {}
     for value, name in NAMES.items():
         alone, alone_names, _ = run(scans, [name])
         assert alone_names == {value: name} and set(np.unique(alone)) <= {0, value}
         single[value] = alone == value
-    apart = time.perf_counter() - start
-    start = time.perf_counter()
     labels, names, affine = run(scans)
-    print(f"\n{len(NAMES)} organs: one call {time.perf_counter() - start:.2f} s, one call per organ "
-          f"{apart:.2f} s")
     assert names == NAMES and labels.dtype == np.uint8
     assert np.array_equal(affine, nib.load(str(scans["query"])).affine)
     assert labels.any()
@@ -110,14 +87,14 @@ def test_support_dir_for_several_queries_computes_prototypes_once(scans, tmp_pat
     calls = []
     original = segment_module.support_prototypes
     monkeypatch.setattr(segment_module, "support_prototypes", lambda *a: calls.append(1) or original(*a))
-    common = ["--checkpoint", str(scans["checkpoint"]), "--support-dir", str(scans["supports"]),
-              "--n-chunks", "6", "--device", "cpu", "--no-progress"]
-    code = run_main(common + ["--query", str(scans["query"]), "--out", str(tmp_path / "one.nii.gz")])
-    assert code == 0 and (tmp_path / "one.json").is_file()
+    common = ["--checkpoint", scans["checkpoint"], "--support-dir", scans["supports"], "--n-chunks", "6",
+              "--device", "cpu", "--no-progress", "--query", scans["query"]]
+    code, err = run_script("segment_volume", common + ["--out", tmp_path / "one.nii.gz"], capsys)
+    assert code == 0 and (tmp_path / "one.json").is_file(), err
     once = len(calls)
     out = tmp_path / "many"
-    assert run_main(common + ["--query", str(scans["query"]), "--query", str(scans["query_lps"]),
-                                      "--out", str(out)]) == 0
+    code, err = run_script("segment_volume", common + ["--query", scans["query_lps"], "--out", out], capsys)
+    assert code == 0, err
     assert len(calls) == 2 * once
     first, second = (np.asarray(nib.load(str(out / f"{name}_labels.nii.gz")).dataobj)
                      for name in ("query", "query_lps"))
@@ -126,17 +103,16 @@ def test_support_dir_for_several_queries_computes_prototypes_once(scans, tmp_pat
 
 
 def test_dicom_query_gives_the_nifti_result_in_the_series_geometry(scans, tmp_path):
-    dicom = load_test_module("test_dicom")
     affine = nib.load(str(scans["query"])).affine
     folder = tmp_path / "series"
-    dicom.write_series(folder, scans["query_image"].astype(np.float32), affine)
+    write_series(folder, scans["query_image"].astype(np.float32), affine)
     from_nifti, _, _ = run(scans)
     labels, _, dicom_affine = run(scans, query=folder)
     assert np.allclose(dicom_affine, affine, atol=1e-4) and np.array_equal(labels, from_nifti)
     supports = tmp_path / "supports"                                 # a support scan as a DICOM series
     supports.mkdir()
     image = nib.load(str(scans["supports"] / "image_1.nii.gz"))
-    dicom.write_series(supports / "image_1", np.asarray(image.dataobj, np.float32), image.affine)
+    write_series(supports / "image_1", np.asarray(image.dataobj, np.float32), image.affine)
     for name in ("label_1.nii.gz", "labels.json"):
         (supports / name).symlink_to(scans["supports"] / name)
     from evaluation.segment import segment, segment_volume
@@ -152,7 +128,7 @@ def test_dicom_query_gives_the_nifti_result_in_the_series_geometry(scans, tmp_pa
     pair = [(supports / "image_1", scans["supports"] / "label_1.nii.gz")]
     assert np.array_equal(segment_volume(scans["checkpoint"], pair, folder, **one)[0],
                           segment_volume(scans["checkpoint"], pair, scans["query"], **one)[0])
-    dicom.write_series(folder, scans["query_image"].astype(np.float32), affine, prefix="B")   # 2nd series
+    write_series(folder, scans["query_image"].astype(np.float32), affine, prefix="B")   # 2nd series
     with pytest.raises(UserError, match="series"):
         run(scans, query=folder)
 
@@ -176,12 +152,10 @@ def test_bad_input(scans, tmp_path, monkeypatch, capsys):
         run(scans, query=mr, out=out)
     assert not out.exists()
     many = tmp_path / "many"                                          # the command line: one line, no output
-    assert run_main(["--checkpoint", str(scans["checkpoint"]), "--support-dir",
-                             str(scans["supports"]), "--organs", "liver,pancreas", "--query",
-                             str(scans["query"]), "--query", str(mr), "--out", str(many),
-                             "--device", "cpu"]) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error: ") and "\n" not in err and "pancreas" in err and not many.exists()
+    assert_one_line_error(*run_script("segment_volume", [
+        "--checkpoint", scans["checkpoint"], "--support-dir", scans["supports"], "--organs", "liver,pancreas",
+        "--query", scans["query"], "--query", mr, "--out", many, "--device", "cpu"], capsys), "pancreas")
+    assert not many.exists()
     import evaluation.segment as segment_module
     monkeypatch.setattr(segment_module, "score_organs", lambda model, plans, image, *a: {
         v: (0, np.full(image.shape, -1.0, np.float32)) for v in plans})

@@ -193,8 +193,7 @@ def test_cli_multilabel_support_label_writes_lps(work, tmp_path, capsys):
 
 
 def test_sparse_support_uses_only_annotated_slices():
-    from evaluation.protocols import chunk_plan
-    from evaluation.segment import Support, nearest_annotated, snap_to_annotated
+    from evaluation.segment import Support, nearest_annotated, segment_plan
     annotated = np.array([4, 9, 10, 20])
     targets = np.arange(0, 25)
     slow = np.array([min(annotated, key=lambda a: (abs(a - t), a)) for t in targets])
@@ -202,7 +201,7 @@ def test_sparse_support_uses_only_annotated_slices():
     mask = np.zeros((4, 4, 24), dtype=bool)
     mask[:, :, annotated] = True
     support = Support(image=np.zeros(mask.shape, np.float32), mask=mask, annotated=annotated, name="s")
-    plan = snap_to_annotated(chunk_plan([support.organ_range] * 2, (30, 52), n_chunks=5), [support, support])
+    plan = segment_plan([support, support], (30, 52), n_chunks=5)
     assert [len(z) for _, z in plan] == [5, 5, 4, 5, 4]              # the chunk rule on 23 query slices
     assert np.array_equal(np.concatenate([z for _, z in plan]), np.arange(30, 53))
     for support_z, _ in plan:
