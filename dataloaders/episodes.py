@@ -113,8 +113,6 @@ class EpisodeDataset(Dataset):
         return image, label
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        if i < 0:
-            raise IndexError(i)
         rng = np.random.default_rng([self.seed, int(i)])
         N, K, Q = self.n_ways, self.n_shots, self.n_queries
         ways = rng.choice(len(self.classes), size=N, replace=False)

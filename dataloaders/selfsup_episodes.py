@@ -257,8 +257,6 @@ class SelfSupEpisodeDataset(Dataset):
         return [self.view(image, mask, rng) for _ in range(self.n_shots + self.n_queries)]
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        if i < 0:
-            raise IndexError(i)
         rng = np.random.default_rng([self.seed, int(i)])
         for redraws in range(MAX_DRAWS):
             views = self.draw(rng)

@@ -13,7 +13,6 @@ from dataloaders.episodes import EpisodeDataset
 from dataloaders.prepare import prepare_dataset
 from dataloaders.selfsup_episodes import SelfSupEpisodeDataset, WarpParams, affine_matrix, random_grid, warp
 from dataloaders.superpixels import SuperpixelParams, make_superpixels, open_superpixels
-from dataloaders.transforms import resize_image, resize_label
 from util.errors import UserError
 
 AUGMENT = {"p": 0.5, "brightness": [0.5, 2.0], "contrast": [0.5, 2.0], "gamma": [0.5, 2.0]}
@@ -121,8 +120,26 @@ def test_bad_inputs(unlabeled_prep, tiny_prepared, tmp_path):
         dataset(tiny_prepared)
 
 
+def test_a_draw_that_lost_the_superpixel_is_redrawn_and_counted(unlabeled_prep, monkeypatch):
+    """A draw whose support views lost the superpixel is discarded: the item comes from the next draw, with
+    redraws = 1; if every draw is lost, one line names the fix."""
+    data = dataset(unlabeled_prep, augment=None)
+    original, calls = data.draw, []
+    empty = (np.zeros((64, 64), np.float32), np.zeros((64, 64), np.uint8))
+
+    def first_draw_lost(rng):
+        calls.append(1)
+        return [empty, empty] if len(calls) == 1 else original(rng)
+    monkeypatch.setattr(data, "draw", first_draw_lost)
+    item = data[0]
+    assert int(item["redraws"]) == 1 and item["support_fg"].sum() > 0 and len(calls) == 2
+    monkeypatch.setattr(data, "draw", lambda rng: [empty, empty])
+    with pytest.raises(UserError, match="50 draws in a row lost the superpixel"):
+        data[0]
+
+
 CHAOS = Path("/work/shared/data/chaos_mr_t2")
-BORDER_VOLUME = "image_38"   # slice 3: a 404-pixel superpixel in rows 0-7 (the body touches the border)
+BORDER_VOLUME = "image_38"   # the body touches the border: superpixels there can leave the field
 
 
 @pytest.fixture(scope="module")
@@ -159,31 +176,3 @@ def test_real_mri_episodes_never_have_an_empty_support(chaos_prep, recipe):
         assert redraws > 0                                       # seed 1234: items 19 and 33 are redrawn
     again = SelfSupEpisodeDataset(str(chaos_prep), 1, 1, 1, 128, AUGMENT, wide, 400, 1234, recipe=recipe)
     assert all(torch.equal(value, again[0][key]) for key, value in data[0].items())
-
-
-def test_border_superpixel_draw_is_redrawn_and_counted(chaos_prep, monkeypatch):
-    """Force the first draw onto the border superpixel of slice 3 with a shift that moves it out: the item is
-    the next draw of the same stream, with redraws = 1; if every draw is lost, one line names the fix."""
-    data = SelfSupEpisodeDataset(str(chaos_prep), 1, 1, 1, 128, None, DEMO_WARP, 400, 1234)
-    labels = np.asarray(open_superpixels(chaos_prep, BORDER_VOLUME)[3])
-    border = [int(v) for v in np.unique(labels[:4]) if v and (labels == v).sum() >= 400
-              and np.flatnonzero((labels == v).any(axis=1)).max() < 12]
-    assert border, "the real slice no longer has a border superpixel"
-    original, calls = data.draw, []
-
-    def first_draw_on_the_border(rng):
-        calls.append(1)
-        if len(calls) > 1:
-            return original(rng)
-        image = np.asarray(resize_image(np.array(data._volume(BORDER_VOLUME)[0][3], dtype=np.float32), 128))
-        mask = np.asarray(resize_label((labels == border[0]).astype(np.uint8), 128))
-        shifted = np.zeros_like(mask)
-        shifted[:-20] = mask[20:]                                # the superpixel moves 20 rows up: out
-        return [(image, shifted), (image, shifted)]
-    monkeypatch.setattr(data, "draw", first_draw_on_the_border)
-    item = data[0]
-    assert int(item["redraws"]) == 1 and item["support_fg"].sum() > 0 and len(calls) == 2
-    empty = (np.zeros((128, 128), np.float32), np.zeros((128, 128), np.uint8))
-    monkeypatch.setattr(data, "draw", lambda rng: [empty, empty])
-    with pytest.raises(UserError, match="50 draws in a row lost the superpixel"):
-        data[0]

@@ -80,13 +80,6 @@ def test_slice_superpixels_deterministic_and_inside_body(method):
     assert first.max() >= 3                     # the organs are separate superpixels
 
 
-def test_params_are_checked():
-    with pytest.raises(UserError, match="unknown"):
-        SuperpixelParams(method="watershed").check()
-    with pytest.raises(UserError, match="out of range"):
-        SuperpixelParams(min_size=0).check()
-
-
 def test_images_only_layout(unlabeled_prep, tiny_phantom):
     meta = json.loads((unlabeled_prep / "meta.json").read_text())
     assert meta["source"]["layout"] == "images-only"
