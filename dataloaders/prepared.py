@@ -139,16 +139,16 @@ def default_support(pids: list[str]) -> str:
     return OFFICIAL_SUPPORT if OFFICIAL_SUPPORT in pids else sorted(pids)[0]
 
 
-def _open_npy(prep_dir: str | Path, pid: str, kind: str, hint: str) -> np.ndarray:
+def _open_npy(prep_dir: str | Path, pid: str, kind: str, fix: str) -> np.ndarray:
     """Memory map of PREP/train/<pid>_<kind>.npy; one line for a missing or unreadable file."""
     path = Path(prep_dir) / "train" / train_file_name(pid, kind)
     if not path.is_file():
-        raise UserError(f"prepared data '{prep_dir}': {path} is missing: {hint}")
+        raise UserError(f"{path}: missing training file: {fix}")
     try:
         return np.load(path, mmap_mode="r", allow_pickle=False)
     except (OSError, ValueError, EOFError) as error:
-        raise UserError(f"prepared data '{prep_dir}': {path} unreadable ({type(error).__name__}: {error}): "
-                        f"the file is truncated or corrupt; {hint}") from None
+        raise UserError(f"{path}: unreadable ({type(error).__name__}: {error}; the file is truncated or "
+                        f"corrupt): {fix}") from None
 
 
 def open_training_images(prep_dir: str | Path, pid: str) -> np.ndarray:
@@ -260,15 +260,10 @@ def _check_meta(path: Path, meta: dict, labeled: bool) -> dict:
     return splits
 
 
-def _check_array(path: Path, dtype, shape: tuple, unit: bool, what: str = "") -> np.ndarray:
-    """A PREP/train array of `dtype` and `shape` (None: any length). `what` names image values: finite,
-    with `unit` in [0, 1] (minmax, window; not zscore); else labels, at most 20."""
-    if not path.is_file():
-        raise UserError(f"{path}: missing training file: {RERUN}")
-    try:
-        array = np.load(path, mmap_mode="r", allow_pickle=False)
-    except (ValueError, OSError, EOFError) as error:
-        raise UserError(f"{path}: unreadable ({error}): {RERUN}") from None
+def _check_array(prep: Path, pid: str, kind: str, dtype, shape: tuple, unit: bool, what: str = ""):
+    """PREP/train/<pid>_<kind>.npy of `dtype` and `shape` (None: any length). `what` names image values:
+    finite, with `unit` in [0, 1] (minmax, window; not zscore); else labels, at most 20."""
+    array, path = _open_npy(prep, pid, kind, RERUN), prep / "train" / train_file_name(pid, kind)
     if array.dtype != dtype or len(array.shape) != len(shape) or any(
             e is not None and e != n for e, n in zip(shape, array.shape)):
         expected = " x ".join("N" if e is None else str(e) for e in shape) + (
@@ -343,13 +338,11 @@ def check_folder(prep_dir: str | Path) -> dict:
     unit = meta["intensity"].get("mode") != "zscore"        # SSL-ALPNet's z-score: any finite value
     labels = {}
     for pid in splits["train"]:
-        image = _check_array(prep / "train" / train_file_name(pid, "image"), np.float32, (None, size, size),
-                             unit, "image")
+        image = _check_array(prep, pid, "image", np.float32, (None, size, size), unit, "image")
         labels[pid] = np.zeros(image.shape, np.uint8) if not labeled else _check_array(
-            prep / "train" / train_file_name(pid, "label"), np.uint8, (image.shape[0], size, size), unit)
+            prep, pid, "label", np.uint8, (image.shape[0], size, size), unit)
         if (prep / "train" / train_file_name(pid, NEIGHBOURS)).is_file():       # 2.5D input, optional
-            _check_array(prep / "train" / train_file_name(pid, NEIGHBOURS), np.float32,
-                         (image.shape[0], 2, size, size), unit, "neighbour")
+            _check_array(prep, pid, NEIGHBOURS, np.float32, (len(image), 2, size, size), unit, "neighbour")
     volumes = {split: {pid: _check_volume(prep / "volumes" / split / f"{pid}.npz") for pid in splits[split]}
                for split in ("val", "gold")}
     rows = []
