@@ -15,17 +15,6 @@ from dataloaders.selfsup_episodes import (
 )
 
 
-def _bilinear_zero_border(image, r, c):
-    """image[r, c] at a real position, bilinear, 0 outside (OpenCV's BORDER_CONSTANT)."""
-    r0, c0 = math.floor(r), math.floor(c)
-    total = 0.0
-    for rr, wr in ((r0, 1 - (r - r0)), (r0 + 1, r - r0)):
-        for cc, wc in ((c0, 1 - (c - c0)), (c0 + 1, c - c0)):
-            if 0 <= rr < image.shape[0] and 0 <= cc < image.shape[1]:
-                total += wr * wc * image[rr, cc]
-    return total
-
-
 def _reflect(index, n):
     """scipy's 'reflect' (half-sample symmetric: d c b a | a b c d | d c b a)."""
     period = 2 * n
@@ -33,12 +22,16 @@ def _reflect(index, n):
     return index if index < n else period - 1 - index
 
 
-def _bilinear_reflect(image, r, c):
+def _bilinear(image, r, c, reflect=False):
+    """image[r, c] at a real position, bilinear; outside: 0 (OpenCV's BORDER_CONSTANT) or `_reflect`."""
     r0, c0 = math.floor(r), math.floor(c)
     total = 0.0
     for rr, wr in ((r0, 1 - (r - r0)), (r0 + 1, r - r0)):
         for cc, wc in ((c0, 1 - (c - c0)), (c0 + 1, c - c0)):
-            total += wr * wc * image[_reflect(rr, image.shape[0]), _reflect(cc, image.shape[1])]
+            if reflect:
+                total += wr * wc * image[_reflect(rr, image.shape[0]), _reflect(cc, image.shape[1])]
+            elif 0 <= rr < image.shape[0] and 0 <= cc < image.shape[1]:
+                total += wr * wc * image[rr, cc]
     return total
 
 
@@ -70,7 +63,7 @@ def test_affine_warp_matches_a_pixel_loop():
     for r in range(12):
         for c in range(14):
             x, y, _ = inverse @ np.array([c, r, 1.0])            # OpenCV: dst(p) = src(M^-1 p), p = (x, y)
-            want[r, c] = _bilinear_zero_border(image, y, x)
+            want[r, c] = _bilinear(image, y, x)
     np.testing.assert_allclose(got, want, atol=1e-9)
 
 
@@ -91,7 +84,7 @@ def test_elastic_matches_a_pixel_loop():
         return out
     dx = blur(replay.uniform(-1, 1, image.shape)) * 10
     dy = blur(replay.uniform(-1, 1, image.shape)) * 10
-    want = np.array([[_bilinear_reflect(image, r + dy[r, c], c + dx[r, c]) for c in range(18)]
+    want = np.array([[_bilinear(image, r + dy[r, c], c + dx[r, c], True) for c in range(18)]
                      for r in range(16)])
     np.testing.assert_allclose(got, want, atol=1e-9)
     assert np.abs(dx).max() > 0.05                               # the field does move pixels
