@@ -1,9 +1,7 @@
-"""Training episodes drawn from a prepared data folder (docs/method.md "Episodes", docs/DESIGN.md).
+"""Training episodes drawn from a prepared data folder (docs/method.md "Episodes", docs/DESIGN.md "Training").
 
-N ways, each with K support slices and its share of the Q queries (query q belongs to way q mod N), all
-different slices holding the class (PREP/index.json). Item i is a function of (seed, i) alone, so resume
-and DDP sharding give the episodes of one process. A way whose class vanished at input_size in every
-support shot is redrawn with another class (counted in the item's "redraws").
+Item i is a function of (seed, i) alone, so resume and DDP sharding give the episodes of one process. A
+way whose class vanished at input_size in every support shot is redrawn with another class.
 """
 from __future__ import annotations
 
@@ -27,16 +25,9 @@ REDRAWS_KEY = "redraws"       # item key: ways (or superpixel draws) redrawn bef
 
 
 class EpisodeDataset(Dataset):
-    """Few-shot episodes; item i is a dict of tensors (H = W = input_size, C = input_slices, 1 or 3):
-
-        support_images  N x K x C x H x W  float32 in [0, 1] (C = 3: slices z - 1, z, z + 1)
-        support_fg      N x K x H x W      float32 0/1, pixels of way n's class
-        support_bg      N x K x H x W      float32 0/1, pixels of none of the episode's classes
-        query_images    Q x C x H x W      float32 in [0, 1]
-        query_labels    Q x H x W          int64, 0 = background, n + 1 = way n
-        classes         N                  int64 label indices (dataloaders/organs.py)
-        redraws         ()                 int64 ways redrawn (their class vanished in every support shot)
-    """
+    """Few-shot episodes (layout: docs/DESIGN.md "Training"); item i is a dict of tensors: support_images
+    N x K x C x H x W, support_fg / support_bg N x K x H x W (float 0/1), query_images Q x C x H x W,
+    query_labels Q x H x W (int64, n + 1 = way n; query q belongs to way q mod N), classes N, redraws ()."""
 
     def __init__(self, prep_dir: str, classes: Sequence[int], n_ways: int, n_shots: int,
                  n_queries: int, input_size: int, augment: Mapping | None, seed: int,
@@ -122,8 +113,6 @@ class EpisodeDataset(Dataset):
         return image, label
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        if i < 0:
-            raise IndexError(i)
         rng = np.random.default_rng([self.seed, int(i)])
         N, K, Q = self.n_ways, self.n_shots, self.n_queries
         ways = rng.choice(len(self.classes), size=N, replace=False)

@@ -29,8 +29,7 @@ RERUN = "re-run scripts/prepare_visceral.py"
 
 
 def case_id(name: str) -> str:
-    """A source case name as prepared file names use it: characters other than letters, digits, '.', '_'
-    and '-' become '_' ('case 1' -> 'case_1')."""
+    """A source case name as prepared file names use it: other characters than [A-Za-z0-9._-] become '_'."""
     return re.sub(r"[^A-Za-z0-9._-]", "_", name)
 
 
@@ -45,8 +44,7 @@ def train_file_name(pid: str, kind: str) -> str:
 
 
 def train_file_case(name: str) -> str | None:
-    """The case id of a PREP/train file name (only the LAST suffix counts: 'image_1_image.npy' is case
-    'image_1'); None for other names."""
+    """The case id of a PREP/train file name by its LAST suffix ('image_1_image.npy': 'image_1'), or None."""
     for kind in TRAIN_FILE_KINDS:
         suffix = f"_{kind}.npy"
         if name.endswith(suffix) and len(name) > len(suffix):
@@ -60,8 +58,8 @@ def prepare_hint(prep_dir: str | Path) -> str:
             "(or `make demo` for the phantom)")
 
 
-def _read_json(prep_dir: str | Path, name: str, what: str) -> Any:
-    """PREP/<name> parsed; one-line errors for a missing folder, a missing file or bad JSON."""
+def _read_json(prep_dir: str | Path, name: str, what: str) -> dict:
+    """PREP/<name>, a JSON object; one-line errors for a missing folder, a missing file or bad JSON."""
     folder = Path(prep_dir)
     if not folder.is_dir():
         raise UserError(f"{what} '{prep_dir}' does not exist: {prepare_hint(prep_dir)}, or point to "
@@ -70,19 +68,19 @@ def _read_json(prep_dir: str | Path, name: str, what: str) -> Any:
     if not path.is_file():
         raise UserError(f"{what} '{prep_dir}' is not a prepared folder (no {name}): {prepare_hint(prep_dir)}")
     try:
-        return json.loads(path.read_text())
+        content = json.loads(path.read_text())
     except (ValueError, UnicodeDecodeError) as error:
         raise UserError(f"{what} '{prep_dir}': {name} is unreadable ({error}): "
                         f"{prepare_hint(prep_dir)}") from None
+    if not isinstance(content, dict):
+        raise UserError(f"{what} '{prep_dir}': {name} is unreadable (not a JSON object): "
+                        f"{prepare_hint(prep_dir)}")
+    return content
 
 
 def read_meta(prep_dir: str | Path, what: str = "prepared data") -> dict:
     """PREP/meta.json. `what` names the folder in messages (e.g. 'path.data_dir')."""
-    meta = _read_json(prep_dir, "meta.json", what)
-    if not isinstance(meta, dict):
-        raise UserError(f"{what} '{prep_dir}': meta.json is unreadable (not a JSON object): "
-                        f"{prepare_hint(prep_dir)}")
-    return meta
+    return _read_json(prep_dir, "meta.json", what)
 
 
 def read_slice_index(prep_dir: str | Path,
@@ -114,8 +112,9 @@ def list_volumes(prep_dir: str | Path, split: str) -> list[str]:
     return pids
 
 
-def _read_volume(prep_dir: str | Path, split: str, pid: str, arrays: bool) -> dict[str, Any]:
-    """PREP/volumes/<split>/<pid>.npz: its arrays, else (arrays=False) only the names of its entries."""
+def load_volume(prep_dir: str | Path, split: str, pid: str, arrays: bool = True) -> dict[str, Any]:
+    """One prepared volume: image X x Y x Z (HU), label X x Y x Z (uint8), geometry fields, 'pid'; with
+    arrays=False only the names of its entries (each None)."""
     path = Path(prep_dir) / "volumes" / split / f"{pid}.npz"
     try:
         with np.load(path, allow_pickle=False) as data:
@@ -126,19 +125,13 @@ def _read_volume(prep_dir: str | Path, split: str, pid: str, arrays: bool) -> di
     for key in ("image", "label"):
         if key not in volume:
             raise UserError(f"prepared volume {path} has no '{key}': {prepare_hint(prep_dir)}")
-    return volume
-
-
-def load_volume(prep_dir: str | Path, split: str, pid: str) -> dict[str, Any]:
-    """One prepared volume: image X x Y x Z (HU), label X x Y x Z (uint8), geometry fields, 'pid'."""
-    return {**_read_volume(prep_dir, split, pid, arrays=True), "pid": pid}
+    return {**volume, "pid": pid}
 
 
 def check_volumes(prep_dir: str | Path, split: str, pids: list[str]) -> None:
-    """Every volume of `pids` opens and holds an image and a label, found before a long evaluation starts
-    (reads each archive's directory only)."""
+    """Every volume of `pids` opens and holds an image and a label (reads each archive's directory only)."""
     for pid in pids:
-        _read_volume(prep_dir, split, pid, arrays=False)
+        load_volume(prep_dir, split, pid, arrays=False)
 
 
 def default_support(pids: list[str]) -> str:
@@ -146,16 +139,16 @@ def default_support(pids: list[str]) -> str:
     return OFFICIAL_SUPPORT if OFFICIAL_SUPPORT in pids else sorted(pids)[0]
 
 
-def _open_npy(prep_dir: str | Path, pid: str, kind: str, hint: str) -> np.ndarray:
+def _open_npy(prep_dir: str | Path, pid: str, kind: str, fix: str) -> np.ndarray:
     """Memory map of PREP/train/<pid>_<kind>.npy; one line for a missing or unreadable file."""
     path = Path(prep_dir) / "train" / train_file_name(pid, kind)
     if not path.is_file():
-        raise UserError(f"prepared data '{prep_dir}': {path} is missing: {hint}")
+        raise UserError(f"{path}: missing training file: {fix}")
     try:
         return np.load(path, mmap_mode="r", allow_pickle=False)
     except (OSError, ValueError, EOFError) as error:
-        raise UserError(f"prepared data '{prep_dir}': {path} unreadable ({type(error).__name__}: {error}): "
-                        f"the file is truncated or corrupt; {hint}") from None
+        raise UserError(f"{path}: unreadable ({type(error).__name__}: {error}; the file is truncated or "
+                        f"corrupt): {fix}") from None
 
 
 def open_training_images(prep_dir: str | Path, pid: str) -> np.ndarray:
@@ -191,8 +184,7 @@ def reprepare_hint(prep_dir: str | Path) -> str:
 
 
 def check_training_neighbours(prep_dir: str | Path, pids: list[str], what: str = "prepared data") -> None:
-    """Every training volume of `pids` has its stored neighbours (2.5D input, model.input_slices = 3);
-    a folder written before they were stored gets one line naming the command that writes it again."""
+    """Every training volume of `pids` has its stored neighbours (2.5D input, model.input_slices = 3)."""
     missing = [pid for pid in pids if not Path(prep_dir, "train", train_file_name(pid, NEIGHBOURS)).is_file()]
     if missing:
         raise UserError(f"{what} '{prep_dir}' has no neighbour slices (train/{missing[0]}_{NEIGHBOURS}.npy "
@@ -201,8 +193,7 @@ def check_training_neighbours(prep_dir: str | Path, pids: list[str], what: str =
 
 
 def open_training_neighbours(prep_dir: str | Path, pid: str) -> np.ndarray:
-    """Memory map of PREP/train/<pid>_neighbours.npy: N x 2 x S x S float32, row r's (z - 1, z + 1) after
-    `transforms.neighbour_indices`' rule."""
+    """Memory map of PREP/train/<pid>_neighbours.npy: N x 2 x S x S float32, row r's (z - 1, z + 1)."""
     check_training_neighbours(prep_dir, [pid])
     neighbours = _open_npy(prep_dir, pid, NEIGHBOURS, reprepare_hint(prep_dir))
     images = open_training_images(prep_dir, pid)
@@ -269,15 +260,10 @@ def _check_meta(path: Path, meta: dict, labeled: bool) -> dict:
     return splits
 
 
-def _check_array(path: Path, dtype, shape: tuple, unit: bool, what: str = "") -> np.ndarray:
-    """A PREP/train array of `dtype` and `shape` (None: any length). `what` names image values: finite,
-    with `unit` in [0, 1] (minmax, window; not zscore); else labels, at most 20."""
-    if not path.is_file():
-        raise UserError(f"{path}: missing training file: {RERUN}")
-    try:
-        array = np.load(path, mmap_mode="r", allow_pickle=False)
-    except (ValueError, OSError, EOFError) as error:
-        raise UserError(f"{path}: unreadable ({error}): {RERUN}") from None
+def _check_array(prep: Path, pid: str, kind: str, dtype, shape: tuple, unit: bool, what: str = ""):
+    """PREP/train/<pid>_<kind>.npy of `dtype` and `shape` (None: any length). `what` names image values:
+    finite, with `unit` in [0, 1] (minmax, window; not zscore); else labels, at most 20."""
+    array, path = _open_npy(prep, pid, kind, RERUN), prep / "train" / train_file_name(pid, kind)
     if array.dtype != dtype or len(array.shape) != len(shape) or any(
             e is not None and e != n for e, n in zip(shape, array.shape)):
         expected = " x ".join("N" if e is None else str(e) for e in shape) + (
@@ -302,13 +288,11 @@ def _check_volume(path: Path) -> set[int]:
     try:
         with np.load(path, allow_pickle=False) as data:
             missing = [key for key in VOLUME_KEYS if key not in data.files]
-            if missing:
-                raise UserError(f"{path}: keys {', '.join(missing)} missing: {RERUN}")
-            v = {key: data[key] for key in VOLUME_KEYS}
-    except UserError:
-        raise
-    except (ValueError, OSError, EOFError, KeyError, zipfile.BadZipFile) as error:
+            v = {} if missing else {key: data[key] for key in VOLUME_KEYS}
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as error:
         raise UserError(f"{path}: unreadable ({type(error).__name__}): {RERUN}") from None
+    if missing:
+        raise UserError(f"{path}: keys {', '.join(missing)} missing: {RERUN}")
     image, label, shape, axcodes = v["image"], v["label"], v["original_shape"], str(v["original_axcodes"])
     if image.dtype not in (np.int16, np.float32) or image.ndim != 3 or label.dtype != np.uint8 \
             or label.shape != image.shape:
@@ -354,15 +338,11 @@ def check_folder(prep_dir: str | Path) -> dict:
     unit = meta["intensity"].get("mode") != "zscore"        # SSL-ALPNet's z-score: any finite value
     labels = {}
     for pid in splits["train"]:
-        image = _check_array(prep / "train" / train_file_name(pid, "image"), np.float32, (None, size, size),
-                             unit, "image")
-        labels[pid] = np.zeros(image.shape, np.uint8)
-        if labeled:
-            labels[pid] = _check_array(prep / "train" / train_file_name(pid, "label"), np.uint8,
-                                       (image.shape[0], size, size), unit)
+        image = _check_array(prep, pid, "image", np.float32, (None, size, size), unit, "image")
+        labels[pid] = np.zeros(image.shape, np.uint8) if not labeled else _check_array(
+            prep, pid, "label", np.uint8, (image.shape[0], size, size), unit)
         if (prep / "train" / train_file_name(pid, NEIGHBOURS)).is_file():       # 2.5D input, optional
-            _check_array(prep / "train" / train_file_name(pid, NEIGHBOURS), np.float32,
-                         (image.shape[0], 2, size, size), unit, "neighbour")
+            _check_array(prep, pid, NEIGHBOURS, np.float32, (len(image), 2, size, size), unit, "neighbour")
     volumes = {split: {pid: _check_volume(prep / "volumes" / split / f"{pid}.npz") for pid in splits[split]}
                for split in ("val", "gold")}
     rows = []

@@ -27,7 +27,7 @@ from dataloaders.prepared import (
 from dataloaders.superpixels import make_hint, open_superpixels, read_superpixel_meta, training_volumes
 from dataloaders.transforms import augment_intensity, resize_image, resize_label
 from util.errors import UserError
-from util.options import options_from_mapping
+from util.options import PAIR, Option, choice, integer, number
 
 
 # ------------------------------------------------------------------------------ warps
@@ -184,8 +184,7 @@ class SelfSupEpisodeDataset(Dataset):
         self.n_shots, self.n_queries = int(n_shots), int(n_queries)
         self.input_size = int(input_size)
         self.augment = dict(augment) if augment else None
-        warp_params = {k: (tuple(v) if k == "scale" else v) for k, v in dict(warp_params).items()}
-        self.warp = options_from_mapping(WarpParams, warp_params, "config selfsup.warp")   # a checked config
+        self.warp = WarpParams(**{k: (tuple(v) if k == "scale" else v) for k, v in warp_params.items()})
         self.min_pixels = int(min_pixels)
         self.seed, self.length = int(seed), int(length)
         meta = read_superpixel_meta(prep_dir)
@@ -203,7 +202,13 @@ class SelfSupEpisodeDataset(Dataset):
             if images.shape != labels.shape:
                 raise UserError(f"prepared data '{prep_dir}': superpixels of {pid} {labels.shape} do not "
                                 f"match its slices {images.shape}: {make_hint(prep_dir)} --overwrite")
-            for row, ids in enumerate(self._eligible(labels)):
+            for row in range(labels.shape[0]):      # the ids a draw picks from (uniformly)
+                superpixels = np.asarray(labels[row])                                          # S x S
+                if recipe == "alpnet":   # SSL-ALPNet: randint(1, max_id), i.e. {1, ..., max_id - 1}
+                    ids = np.arange(1, int(superpixels.max()), dtype=np.int64)
+                else:                    # ids >= 1 of >= min_pixels pixels (bincount's 0: outside the body)
+                    ids = np.flatnonzero(np.bincount(superpixels.ravel().astype(np.int64)) >= self.min_pixels)
+                    ids = ids[ids > 0]
                 if ids.size:
                     self.candidates.append((pid, row, ids))
         if not self.candidates and recipe == "alpnet":
@@ -220,19 +225,6 @@ class SelfSupEpisodeDataset(Dataset):
     def __len__(self) -> int:
         return self.length
 
-    def _eligible(self, labels: np.ndarray) -> list[np.ndarray]:
-        """Per slice of a superpixel stack N x S x S, the ids a draw picks from (uniformly): 'project' those
-        (>= 1) with at least min_pixels pixels."""
-        if self.recipe == "alpnet":   # SSL-ALPNet: randint(1, max_id), i.e. {1, ..., max_id - 1}
-            return [np.arange(1, int(np.asarray(labels[row]).max()), dtype=np.int64)
-                    for row in range(labels.shape[0])]
-        out = []
-        for row in range(labels.shape[0]):
-            sizes = np.bincount(np.asarray(labels[row]).ravel().astype(np.int64))   # index 0 = outside body
-            ids = np.flatnonzero(sizes >= self.min_pixels)
-            out.append(ids[ids > 0])
-        return out
-
     def _volume(self, pid: str) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """Memory maps (images, superpixels, neighbours N x 2 x S x S with 3 input slices else None)."""
         if pid not in self._arrays:  # opened lazily in each process (fork-safe for DataLoader workers)
@@ -243,7 +235,10 @@ class SelfSupEpisodeDataset(Dataset):
 
     def view(self, image: np.ndarray, mask: np.ndarray,
              rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-        """One random view: warp of image ((C x) H x W) and mask H x W, then intensity augmentation."""
+        """One random view of image ((C x) H x W) and mask H x W: SSL-ALPNet's (`alpnet_view`), or a warp
+        then intensity augmentation."""
+        if self.recipe == "alpnet":
+            return alpnet_view(image, mask, rng)
         image, mask = warp(image, mask, random_grid(self.input_size, self.warp, rng))
         image = np.clip(image, 0.0, 1.0) if self.clip else image
         if self.augment:
@@ -259,13 +254,9 @@ class SelfSupEpisodeDataset(Dataset):
         image = np.asarray(resize_image(image, self.input_size))                        # (C x) H x W
         mask = np.asarray(resize_label((np.asarray(labels[row]) == superpixel).astype(np.uint8),
                                        self.input_size))                                               # H x W
-        view = (lambda: alpnet_view(image, mask, rng)) if self.recipe == "alpnet" else \
-            (lambda: self.view(image, mask, rng))
-        return [view() for _ in range(self.n_shots + self.n_queries)]
+        return [self.view(image, mask, rng) for _ in range(self.n_shots + self.n_queries)]
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        if i < 0:
-            raise IndexError(i)
         rng = np.random.default_rng([self.seed, int(i)])
         for redraws in range(MAX_DRAWS):
             views = self.draw(rng)
@@ -290,9 +281,7 @@ class SelfSupEpisodeDataset(Dataset):
 
 
 # ------------------------------------------------------------------------------ the options (selfsup.*)
-# config.py's selfsup.* keys, checked once by training/config_check.py (imports kept with the block).
-from util.options import PAIR, Option, choice, integer, number  # noqa: E402
-
+# config.py's selfsup.* keys, checked once by training/config_check.py
 WARP_DEFAULTS = {name: list(value) if isinstance(value, tuple) else value   # config.py's selfsup.warp
                  for name, value in asdict(WarpParams()).items()}
 SELFSUP_OPTIONS = {

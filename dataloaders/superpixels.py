@@ -22,13 +22,11 @@ from util.io import atomic_path, write_bytes_atomic
 
 FORMAT_VERSION = 1
 FOLDER = "superpixels"
-METHODS = ("felzenszwalb", "slic")
 MAX_LABEL = np.iinfo(np.uint16).max
 
 
 def make_hint(prep_dir: str | Path) -> str:
-    """The command that adds superpixels to a prepared folder (for error messages); a folder prepared from
-    SSL-ALPNet's layout gets them from its source folder, then is prepared again."""
+    """The command that adds superpixels to a prepared folder (SSL-ALPNet's layout: to its source folder)."""
     try:
         source = read_meta(prep_dir)["source"]
     except (UserError, KeyError, TypeError):
@@ -53,9 +51,7 @@ class SuperpixelParams:
     body_threshold: float = 0.05
 
     def check(self) -> None:
-        """One-line UserError for an unknown method or an out-of-range parameter."""
-        if self.method not in METHODS:
-            raise UserError(f"superpixel method '{self.method}' is unknown: use {' or '.join(METHODS)}")
+        """One-line UserError for an out-of-range parameter (make_superpixels.py: --method has choices)."""
         if self.scale <= 0 or self.sigma < 0 or self.min_size < 1 or self.n_segments < 2 \
                 or self.compactness <= 0 or not 0 <= self.body_threshold < 1:
             raise UserError(f"superpixel parameters {asdict(self)} are out of range: use scale > 0, "
@@ -141,7 +137,6 @@ def _volume_task(prep_dir: str, out_dir: str, pid: str, params: SuperpixelParams
 def make_superpixels(prep_dir: str | Path, params: SuperpixelParams = SuperpixelParams(), workers: int = 2,
                      overwrite: bool = False, progress: bool = True) -> dict:
     """Write PREP/superpixels/ for every training volume of `prep_dir`; returns its meta.json content."""
-    params.check()
     prep_dir = Path(prep_dir)
     pids = training_volumes(prep_dir)
     with atomic_folder(prep_dir / FOLDER, overwrite) as partial:

@@ -117,52 +117,40 @@ ArrayLike = np.ndarray | torch.Tensor
 AUGMENTATIONS = ("brightness", "contrast", "gamma")
 
 
-def _as_stack(array: ArrayLike) -> tuple[torch.Tensor, bool, bool]:
-    """View `H x W` or `N x H x W` as a `N x 1 x H x W` tensor; also report numpy-ness and 2D-ness."""
+def _resize(array: ArrayLike, size: int, label: bool) -> ArrayLike:
+    """A slice H x W or stack N x H x W at size x size, as `resize_image` / `resize_label` say."""
     is_numpy = isinstance(array, np.ndarray)
     tensor = torch.from_numpy(np.ascontiguousarray(array)) if is_numpy else array
     if tensor.ndim not in (2, 3):
         raise ValueError(f"expected a slice H x W or a stack N x H x W, got shape {tuple(tensor.shape)}")
-    is_2d = tensor.ndim == 2
-    stack = tensor[None, None] if is_2d else tensor[:, None]  # N x 1 x H x W
-    return stack, is_numpy, is_2d
-
-
-def _restore(stack: torch.Tensor, is_numpy: bool, is_2d: bool) -> ArrayLike:
-    """Undo `_as_stack`: `N x 1 x S x S` -> `S x S` or `N x S x S`, numpy when the input was."""
-    out = stack[0, 0] if is_2d else stack[:, 0]
+    stack = tensor[None, None] if tensor.ndim == 2 else tensor[:, None]                 # N x 1 x H x W
+    if not label:
+        stack = stack.float()
+    if tuple(stack.shape[-2:]) != (size, size):
+        # labels: float32 represents every label index exactly; interpolate does not take integer input
+        mode = dict(mode="nearest-exact") if label else dict(mode="bilinear", align_corners=False,
+                                                              antialias=True)
+        stack = F.interpolate(stack.float(), size=(size, size), **mode).to(stack.dtype)
+    out = stack[0, 0] if tensor.ndim == 2 else stack[:, 0]
     return out.numpy() if is_numpy else out
 
 
 def resize_image(image: ArrayLike, size: int) -> ArrayLike:
-    """Bilinear resize of an image slice `H x W` or stack `N x H x W` to `size x size` (float32);
-    antialiased when shrinking (like PIL's bilinear resize), identity when already at `size`."""
-    stack, is_numpy, is_2d = _as_stack(image)
-    stack = stack.float()
-    if tuple(stack.shape[-2:]) != (size, size):
-        stack = F.interpolate(stack, size=(size, size), mode="bilinear", align_corners=False,
-                              antialias=True)
-    return _restore(stack, is_numpy, is_2d)
+    """Bilinear resize to size x size (float32); antialiased when shrinking (like PIL), identity at `size`."""
+    return _resize(image, size, label=False)
 
 
 def resize_label(label: ArrayLike, size: int) -> ArrayLike:
-    """Nearest-neighbour resize of a label slice `H x W` or stack `N x H x W` to `size x size`, same dtype;
-    pixel centres aligned ('nearest-exact'), so a label and its image stay registered."""
-    stack, is_numpy, is_2d = _as_stack(label)
-    if tuple(stack.shape[-2:]) != (size, size):
-        dtype = stack.dtype
-        # float32 represents every label index exactly; interpolate does not take integer input.
-        stack = F.interpolate(stack.float(), size=(size, size), mode="nearest-exact").to(dtype)
-    return _restore(stack, is_numpy, is_2d)
+    """Nearest-neighbour resize to size x size, same dtype; pixel centres aligned ('nearest-exact'), so a
+    label and its image stay registered."""
+    return _resize(label, size, label=True)
 
 
 def augment_intensity(image: np.ndarray, params: Mapping[str, Sequence[float] | float],
                       rng: np.random.Generator) -> np.ndarray:
     """Brightness x * f, contrast (x - mean) * f + mean, gamma x ** f (in this order, each with probability
-    params["p"], f ~ U(params[name]), clipped to [0, 1]) of an image H x W or a 2.5D stack C x H x W.
-
-    Two draws per transform (coin, factor) whatever the outcome; a stack gets ONE draw for every channel,
-    so its centre channel equals the single slice's augmentation. Returns float32, same shape."""
+    params["p"], f ~ U(params[name]), clipped to [0, 1]) of an image H x W or a 2.5D stack C x H x W. Two
+    draws per transform (coin, factor) whatever the outcome; ONE draw for every channel of a stack."""
     draws = []                                                  # (transform, factor) to apply, in order
     p = float(params.get("p", 0.0))
     for name in AUGMENTATIONS:
@@ -173,22 +161,16 @@ def augment_intensity(image: np.ndarray, params: Mapping[str, Sequence[float] | 
         if coin < p:
             draws.append((name, factor))
     image = np.asarray(image, dtype=np.float32)
-    if image.ndim == 3:
-        channels = [np.ascontiguousarray(channel) for channel in image]                # C x (H x W)
-        return np.stack([_apply_intensity(channel, draws) for channel in channels])    # C x H x W
-    return _apply_intensity(image, draws)
-
-
-def _apply_intensity(image: np.ndarray, draws: list[tuple[str, float]]) -> np.ndarray:
-    """`augment_intensity`'s drawn transforms applied to one image H x W (float32)."""
-    out = np.asarray(image, dtype=np.float32)
-    for name, factor in draws:
-        if name == "brightness":
-            out = out * np.float32(factor)
-        elif name == "contrast":
-            mean = out.mean(dtype=np.float64)
-            out = (out - np.float32(mean)) * np.float32(factor) + np.float32(mean)
-        else:  # gamma
-            out = np.power(np.clip(out, 0.0, 1.0), np.float32(factor))
-        out = np.clip(out, 0.0, 1.0).astype(np.float32, copy=False)
-    return out
+    channels = [np.ascontiguousarray(channel) for channel in image] if image.ndim == 3 else [image]
+    for c, out in enumerate(channels):                                                  # C x (H x W)
+        for name, factor in draws:
+            if name == "brightness":
+                out = out * np.float32(factor)
+            elif name == "contrast":
+                mean = out.mean(dtype=np.float64)
+                out = (out - np.float32(mean)) * np.float32(factor) + np.float32(mean)
+            else:  # gamma
+                out = np.power(np.clip(out, 0.0, 1.0), np.float32(factor))
+            out = np.clip(out, 0.0, 1.0).astype(np.float32, copy=False)
+        channels[c] = out
+    return np.stack(channels) if image.ndim == 3 else channels[0]

@@ -1,15 +1,11 @@
-"""SSL-ALPNet's self-supervised episodes (selfsup.episodes 'alpnet'): its augmentation
-(dataloaders/selfsup_episodes.py alpnet_*) against slow literal versions written here from its rules, and the
-episode's pseudo-label draw (dataloaders/selfsup_episodes.py)."""
+"""SSL-ALPNet's augmentation for self-supervised episodes (dataloaders/selfsup_episodes.py alpnet_*) against
+slow literal versions written here from its rules (its pseudo-label draw: tests/test_selfsup_episodes.py)."""
 from __future__ import annotations
 
 import math
 
 import numpy as np
-import pytest
-import torch
 
-import dataloaders.selfsup_episodes as selfsup
 from dataloaders.selfsup_episodes import (
     alpnet_affine_matrix,
     alpnet_elastic,
@@ -17,18 +13,6 @@ from dataloaders.selfsup_episodes import (
     alpnet_view,
     apply_affine,
 )
-from dataloaders.superpixels import open_superpixels
-
-
-def _bilinear_zero_border(image, r, c):
-    """image[r, c] at a real position, bilinear, 0 outside (OpenCV's BORDER_CONSTANT)."""
-    r0, c0 = math.floor(r), math.floor(c)
-    total = 0.0
-    for rr, wr in ((r0, 1 - (r - r0)), (r0 + 1, r - r0)):
-        for cc, wc in ((c0, 1 - (c - c0)), (c0 + 1, c - c0)):
-            if 0 <= rr < image.shape[0] and 0 <= cc < image.shape[1]:
-                total += wr * wc * image[rr, cc]
-    return total
 
 
 def _reflect(index, n):
@@ -38,12 +22,16 @@ def _reflect(index, n):
     return index if index < n else period - 1 - index
 
 
-def _bilinear_reflect(image, r, c):
+def _bilinear(image, r, c, reflect=False):
+    """image[r, c] at a real position, bilinear; outside: 0 (OpenCV's BORDER_CONSTANT) or `_reflect`."""
     r0, c0 = math.floor(r), math.floor(c)
     total = 0.0
     for rr, wr in ((r0, 1 - (r - r0)), (r0 + 1, r - r0)):
         for cc, wc in ((c0, 1 - (c - c0)), (c0 + 1, c - c0)):
-            total += wr * wc * image[_reflect(rr, image.shape[0]), _reflect(cc, image.shape[1])]
+            if reflect:
+                total += wr * wc * image[_reflect(rr, image.shape[0]), _reflect(cc, image.shape[1])]
+            elif 0 <= rr < image.shape[0] and 0 <= cc < image.shape[1]:
+                total += wr * wc * image[rr, cc]
     return total
 
 
@@ -75,7 +63,7 @@ def test_affine_warp_matches_a_pixel_loop():
     for r in range(12):
         for c in range(14):
             x, y, _ = inverse @ np.array([c, r, 1.0])            # OpenCV: dst(p) = src(M^-1 p), p = (x, y)
-            want[r, c] = _bilinear_zero_border(image, y, x)
+            want[r, c] = _bilinear(image, y, x)
     np.testing.assert_allclose(got, want, atol=1e-9)
 
 
@@ -96,7 +84,7 @@ def test_elastic_matches_a_pixel_loop():
         return out
     dx = blur(replay.uniform(-1, 1, image.shape)) * 10
     dy = blur(replay.uniform(-1, 1, image.shape)) * 10
-    want = np.array([[_bilinear_reflect(image, r + dy[r, c], c + dx[r, c]) for c in range(18)]
+    want = np.array([[_bilinear(image, r + dy[r, c], c + dx[r, c], True) for c in range(18)]
                      for r in range(16)])
     np.testing.assert_allclose(got, want, atol=1e-9)
     assert np.abs(dx).max() > 0.05                               # the field does move pixels
@@ -124,50 +112,3 @@ def test_gamma_formula_and_labels():
     lost = sum(int(alpnet_view(np.ones((32, 32)), edge, np.random.default_rng(s))[1].sum() == 0)
                for s in range(20))
     assert lost > 0                                              # why episodes are redrawn
-
-
-# unlabeled_prep: tests/conftest.py (session fixture)
-
-
-def alpnet_dataset(prep, seed=5, shots=1, queries=1):
-    return selfsup.SelfSupEpisodeDataset(str(prep), 1, shots, queries, 64, None, {}, 10 ** 6, seed,
-                                         recipe="alpnet")
-
-
-def test_pseudo_label_drawn_below_the_top_id(unlabeled_prep, monkeypatch):
-    """id uniform over {1, ..., max_id - 1}: with the views made identities, the support is exactly
-    that superpixel; the top id never appears; min_pixels is not used (10**6 here)."""
-    monkeypatch.setattr(selfsup, "alpnet_view", lambda image, mask, rng: (image.astype(np.float32), mask))
-    data = alpnet_dataset(unlabeled_prep)
-    for pid, row, ids in data.candidates:
-        top = int(np.asarray(open_superpixels(unlabeled_prep, pid)[row]).max())
-        assert ids.tolist() == list(range(1, top))
-    drawn, pids = [], {pid for pid, _, _ in data.candidates}
-    images = {pid: np.load(unlabeled_prep / "train" / f"{pid}_image.npy") for pid in pids}
-    superpixels = {pid: np.asarray(open_superpixels(unlabeled_prep, pid)) for pid in pids}
-    for i in range(40):
-        item = data[i]
-        fg = item["support_fg"][0, 0].numpy().astype(bool)
-        assert torch.equal(item["query_labels"][0].bool(), item["support_fg"][0, 0].bool())
-        for pid, row, _ in data.candidates:
-            labels = superpixels[pid][row]
-            if np.allclose(images[pid][row], item["query_images"][0, 0].numpy(), atol=1e-6):
-                values = np.unique(labels[fg])
-                if values.size == 1 and np.array_equal(labels == values[0], fg):
-                    drawn.append((int(values[0]), int(labels.max())))
-                    break
-        else:
-            pytest.fail(f"item {i}: the foreground is not one superpixel of its slice")
-    assert all(1 <= sp < top for sp, top in drawn)
-    assert len({sp for sp, _ in drawn}) > 5
-
-
-def test_alpnet_item_layout_views_and_determinism(unlabeled_prep):
-    data = alpnet_dataset(unlabeled_prep)
-    item = data[0]
-    assert item["support_images"].shape == (1, 1, 1, 64, 64) and item["query_images"].shape == (1, 1, 64, 64)
-    assert torch.equal(item["support_bg"], 1 - item["support_fg"])
-    assert item["support_fg"].sum() > 0                          # the model refuses an empty support
-    assert not torch.equal(item["support_images"][0, 0, 0], item["query_images"][0, 0])
-    again = alpnet_dataset(unlabeled_prep)[0]
-    assert all(torch.equal(value, again[key]) for key, value in item.items())

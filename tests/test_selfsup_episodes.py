@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
+import dataloaders.selfsup_episodes as selfsup
 from dataloaders.episodes import EpisodeDataset
 from dataloaders.prepare import prepare_dataset
 from dataloaders.selfsup_episodes import SelfSupEpisodeDataset, WarpParams, affine_matrix, random_grid, warp
 from dataloaders.superpixels import SuperpixelParams, make_superpixels, open_superpixels
-from dataloaders.transforms import resize_image, resize_label
 from util.errors import UserError
 
 AUGMENT = {"p": 0.5, "brightness": [0.5, 2.0], "contrast": [0.5, 2.0], "gamma": [0.5, 2.0]}
@@ -23,13 +23,16 @@ MIN_PIXELS = 40
 # unlabeled_prep: tests/conftest.py (session fixture)
 
 
-def dataset(prep, warp_params=None, augment=AUGMENT, shots=1, queries=1, seed=5, min_pixels=MIN_PIXELS):
+def dataset(prep, warp_params=None, augment=AUGMENT, shots=1, queries=1, seed=5, min_pixels=MIN_PIXELS,
+            recipe="project"):
     return SelfSupEpisodeDataset(str(prep), 1, shots, queries, 64, augment, warp_params or {}, min_pixels,
-                                 seed)
+                                 seed, recipe=recipe)
 
 
-def test_item_has_the_supervised_layout(unlabeled_prep, tiny_prepared):
-    item = dataset(unlabeled_prep, shots=2, queries=3)[0]
+@pytest.mark.parametrize("recipe", selfsup.RECIPES)
+def test_item_layout_and_determinism(unlabeled_prep, tiny_prepared, recipe):
+    data = dataset(unlabeled_prep, shots=2, queries=3, recipe=recipe)
+    item = data[3]
     supervised = EpisodeDataset(str(tiny_prepared), [1, 2, 3], 1, 2, 3, 64, None, 0)[0]
     assert set(item) == set(supervised) | {"redraws"}            # + the count of discarded draws
     assert item["redraws"].dtype == torch.int64 and item["redraws"].shape == ()
@@ -37,28 +40,48 @@ def test_item_has_the_supervised_layout(unlabeled_prep, tiny_prepared):
         assert item[key].shape == supervised[key].shape and item[key].dtype == supervised[key].dtype, key
     assert torch.equal(item["support_bg"], 1 - item["support_fg"])
     assert set(torch.unique(item["query_labels"]).tolist()) <= {0, 1}
+    assert item["support_fg"].sum() > 0                          # the model refuses an empty support
+    assert not torch.equal(item["support_images"][0, 0, 0], item["query_images"][0, 0])
+    again = dataset(unlabeled_prep, shots=2, queries=3, recipe=recipe)[3]
+    assert all(torch.equal(value, again[key]) for key, value in item.items())
+    assert not torch.equal(item["query_images"], data[4]["query_images"])
+    other = dataset(unlabeled_prep, shots=2, queries=3, seed=6, recipe=recipe)
+    assert not torch.equal(item["query_images"], other[3]["query_images"])
 
 
-def test_foreground_is_one_superpixel(unlabeled_prep):
-    """Without warp and augmentation the support and query are the slice and one whole superpixel."""
-    data = dataset(unlabeled_prep, IDENTITY, augment=None)
+@pytest.mark.parametrize("recipe", selfsup.RECIPES)
+def test_foreground_is_one_superpixel(unlabeled_prep, recipe, monkeypatch):
+    """With the views made identities, support and query are the slice and one whole superpixel: 'project'
+    one of >= min_pixels pixels; 'alpnet' one uniform over {1, ..., max_id - 1}, never the top id, whatever
+    min_pixels is (10**6 here)."""
+    monkeypatch.setattr(selfsup, "alpnet_view", lambda image, mask, rng: (image.astype(np.float32), mask))
+    data = dataset(unlabeled_prep, IDENTITY, augment=None, recipe=recipe,
+                   min_pixels=MIN_PIXELS if recipe == "project" else 10 ** 6)
     pids = {pid for pid, _, _ in data.candidates}
     images = {pid: np.load(unlabeled_prep / "train" / f"{pid}_image.npy") for pid in pids}
     superpixels = {pid: np.asarray(open_superpixels(unlabeled_prep, pid)) for pid in pids}
-    for i in range(6):
+    if recipe == "alpnet":
+        for pid, row, ids in data.candidates:
+            assert ids.tolist() == list(range(1, int(superpixels[pid][row].max())))
+    drawn = []                                  # (superpixel, its slice's top id, its pixels)
+    for i in range(6 if recipe == "project" else 40):
         item = data[i]
         fg = item["support_fg"][0, 0].numpy().astype(bool)
         assert torch.equal(item["query_labels"][0].bool(), item["support_fg"][0, 0].bool())
         assert torch.equal(item["query_images"][0], item["support_images"][0, 0])
-        matches = []
-        for pid, row, ids in data.candidates:
+        for pid, row, _ in data.candidates:
             labels = superpixels[pid][row]
             if np.allclose(images[pid][row], item["query_images"][0, 0].numpy(), atol=1e-6):
                 values = np.unique(labels[fg])
                 if values.size == 1 and values[0] > 0 and np.array_equal(labels == values[0], fg):
-                    matches.append(values[0])
-                    assert (labels == values[0]).sum() >= MIN_PIXELS
-        assert matches, f"item {i}: foreground is not one superpixel of its slice"
+                    drawn.append((int(values[0]), int(labels.max()), int((labels == values[0]).sum())))
+                    break
+        else:
+            pytest.fail(f"item {i}: the foreground is not one superpixel of its slice")
+    if recipe == "project":
+        assert all(pixels >= MIN_PIXELS for _, _, pixels in drawn)
+    else:
+        assert all(1 <= sp < top for sp, top, _ in drawn) and len({sp for sp, _, _ in drawn}) > 5
 
 
 def test_views_are_transformed_independently(unlabeled_prep):
@@ -74,14 +97,6 @@ def test_views_are_transformed_independently(unlabeled_prep):
         fg = original["support_fg"][0, 0].bool()
         for view in (item["support_fg"][0, 0].bool(), item["query_labels"][0].bool()):
             assert (view & fg).sum() > 0.3 * fg.sum()
-
-
-def test_episodes_are_deterministic(unlabeled_prep):
-    a, b = dataset(unlabeled_prep), dataset(unlabeled_prep)
-    for key, value in a[3].items():
-        assert torch.equal(value, b[3][key])
-    assert not torch.equal(a[3]["query_images"], a[4]["query_images"])
-    assert not torch.equal(a[3]["query_images"], dataset(unlabeled_prep, seed=6)[3]["query_images"])
 
 
 def test_affine_part_never_flips():
@@ -103,12 +118,28 @@ def test_bad_inputs(unlabeled_prep, tiny_prepared, tmp_path):
         dataset(unlabeled_prep, min_pixels=10 ** 6)
     with pytest.raises(UserError, match="has no superpixels.*make_superpixels.py --images"):
         dataset(tiny_prepared)
-    with pytest.raises(UserError, match="unknown keys"):
-        dataset(unlabeled_prep, {"flip": True})
+
+
+def test_a_draw_that_lost_the_superpixel_is_redrawn_and_counted(unlabeled_prep, monkeypatch):
+    """A draw whose support views lost the superpixel is discarded: the item comes from the next draw, with
+    redraws = 1; if every draw is lost, one line names the fix."""
+    data = dataset(unlabeled_prep, augment=None)
+    original, calls = data.draw, []
+    empty = (np.zeros((64, 64), np.float32), np.zeros((64, 64), np.uint8))
+
+    def first_draw_lost(rng):
+        calls.append(1)
+        return [empty, empty] if len(calls) == 1 else original(rng)
+    monkeypatch.setattr(data, "draw", first_draw_lost)
+    item = data[0]
+    assert int(item["redraws"]) == 1 and item["support_fg"].sum() > 0 and len(calls) == 2
+    monkeypatch.setattr(data, "draw", lambda rng: [empty, empty])
+    with pytest.raises(UserError, match="50 draws in a row lost the superpixel"):
+        data[0]
 
 
 CHAOS = Path("/work/shared/data/chaos_mr_t2")
-BORDER_VOLUME = "image_38"   # slice 3: a 404-pixel superpixel in rows 0-7 (the body touches the border)
+BORDER_VOLUME = "image_38"   # the body touches the border: superpixels there can leave the field
 
 
 @pytest.fixture(scope="module")
@@ -145,31 +176,3 @@ def test_real_mri_episodes_never_have_an_empty_support(chaos_prep, recipe):
         assert redraws > 0                                       # seed 1234: items 19 and 33 are redrawn
     again = SelfSupEpisodeDataset(str(chaos_prep), 1, 1, 1, 128, AUGMENT, wide, 400, 1234, recipe=recipe)
     assert all(torch.equal(value, again[0][key]) for key, value in data[0].items())
-
-
-def test_border_superpixel_draw_is_redrawn_and_counted(chaos_prep, monkeypatch):
-    """Force the first draw onto the border superpixel of slice 3 with a shift that moves it out: the item is
-    the next draw of the same stream, with redraws = 1; if every draw is lost, one line names the fix."""
-    data = SelfSupEpisodeDataset(str(chaos_prep), 1, 1, 1, 128, None, DEMO_WARP, 400, 1234)
-    labels = np.asarray(open_superpixels(chaos_prep, BORDER_VOLUME)[3])
-    border = [int(v) for v in np.unique(labels[:4]) if v and (labels == v).sum() >= 400
-              and np.flatnonzero((labels == v).any(axis=1)).max() < 12]
-    assert border, "the real slice no longer has a border superpixel"
-    original, calls = data.draw, []
-
-    def first_draw_on_the_border(rng):
-        calls.append(1)
-        if len(calls) > 1:
-            return original(rng)
-        image = np.asarray(resize_image(np.array(data._volume(BORDER_VOLUME)[0][3], dtype=np.float32), 128))
-        mask = np.asarray(resize_label((labels == border[0]).astype(np.uint8), 128))
-        shifted = np.zeros_like(mask)
-        shifted[:-20] = mask[20:]                                # the superpixel moves 20 rows up: out
-        return [(image, shifted), (image, shifted)]
-    monkeypatch.setattr(data, "draw", first_draw_on_the_border)
-    item = data[0]
-    assert int(item["redraws"]) == 1 and item["support_fg"].sum() > 0 and len(calls) == 2
-    empty = (np.zeros((128, 128), np.float32), np.zeros((128, 128), np.uint8))
-    monkeypatch.setattr(data, "draw", lambda rng: [empty, empty])
-    with pytest.raises(UserError, match="50 draws in a row lost the superpixel"):
-        data[0]

@@ -7,7 +7,7 @@ from __future__ import annotations
 import difflib
 import math
 import numbers
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 from util.errors import UserError
@@ -225,12 +225,3 @@ def check_options(tree: Mapping, schema: Mapping[str, Option], listed_in: str, p
                 raise fail(key, value, "unknown key", f"{fix} ({listed_in} lists every key)")
     walk(tree, prefix)
 
-
-# ------------------------------------------------------------------------------ dataclass options
-def options_from_mapping(cls: type, values: Mapping[str, Any], name: str):
-    """`cls(**values)` for a dataclass `cls`; UserError naming `name` and the known keys on an unknown key."""
-    known = {f.name for f in fields(cls)}
-    unknown = set(values) - known
-    if unknown:
-        raise UserError(f"{name} has unknown keys {sorted(unknown)}: use {sorted(known)}")
-    return cls(**values)
