@@ -1,8 +1,5 @@
-"""FewShotSegNet (encoder + parameter-free prototype head), build_model and the model's options.
-
-`model.method` 'prototype' builds FewShotSegNet with head `model.head` (HEADS); 'senet' builds SENet.
-Both share forward, encode_support, segment and config. MODEL_OPTIONS declares the model.* options,
-checked once before a model is built; the models trust what passed. The heads: docs/method.md.
+"""FewShotSegNet (encoder + parameter-free head `model.head`), build_model ('prototype' or 'senet') and
+MODEL_OPTIONS, the model.* options checked once before a model is built. The heads: docs/method.md.
 """
 from __future__ import annotations
 
@@ -85,7 +82,7 @@ class FewShotSegNet(nn.Module):
     def encode_support(self, support_images: Tensor, support_fg: Tensor,
                        support_bg: Tensor) -> Prototypes:
         """Prototypes of support images B x N x K x C x H x W with masks B x N x K x H x W."""
-        self._check_images("support_images", support_images, 6)
+        assert support_images.dim() == 6 and support_images.shape[3] == self.config["input_slices"]
         B, N, K, _, H, W = support_images.shape
         feats = self.encoder(support_images.flatten(0, 2))
         feats = feats.unflatten(0, (B, N, K))                     # B x N x K x C x h x w
@@ -94,10 +91,8 @@ class FewShotSegNet(nn.Module):
 
     def segment(self, prototypes: Prototypes, query_images: Tensor) -> Tensor:
         """Logits B x Q x (1 + N) x H x W of query images B x Q x C x H x W (prototype batch 1 broadcasts)."""
-        self._check_images("query_images", query_images, 5)
-        if tuple(query_images.shape[-2:]) != prototypes.image_size:
-            raise UserError(f"query_images: size {tuple(query_images.shape[-2:])} differs from the "
-                            f"support size {prototypes.image_size}: resize both to input_size")
+        shape = (self.config["input_slices"], *prototypes.image_size)    # the support's C x H x W
+        assert query_images.dim() == 5 and query_images.shape[2:] == shape, tuple(query_images.shape)
         B, Q = query_images.shape[:2]
         feats = self.encoder(query_images.flatten(0, 1)).unflatten(0, (B, Q))
         return self.head.score(prototypes, feats)
@@ -105,13 +100,11 @@ class FewShotSegNet(nn.Module):
     # ---- training forward -----------------------------------------------------------------
     def forward(self, support_images: Tensor, support_fg: Tensor, support_bg: Tensor,
                 query_images: Tensor) -> tuple[Tensor, Tensor]:
-        self._check_images("support_images", support_images, 6)
-        self._check_images("query_images", query_images, 5)
+        C = self.config["input_slices"]
+        assert support_images.dim() == 6 and support_images.shape[3] == C
         B, N, K, _, H, W = support_images.shape
-        Bq, Q = query_images.shape[:2]
-        if Bq != B or tuple(query_images.shape[-2:]) != (H, W):
-            raise UserError(f"query_images: shape {tuple(query_images.shape)}: expected B x Q x C x H x W "
-                            f"with B = {B} and H x W = {H} x {W} as the support images")
+        Q = query_images.shape[1]
+        assert query_images.shape == (B, Q, C, H, W), tuple(query_images.shape)
         # One encoder pass over support and query images (PANet), shared BatchNorm statistics.
         feats = self.encoder(torch.cat([support_images.flatten(0, 2), query_images.flatten(0, 1)]))
         support_feats = feats[: B * N * K].unflatten(0, (B, N, K))  # B x N x K x C x h x w
@@ -123,15 +116,6 @@ class FewShotSegNet(nn.Module):
             return logits, logits.new_zeros(())
         return logits, self.head.alignment_loss(prototypes, logits, query_feats, support_feats,
                                                 support_fg, support_bg)
-
-    def _check_images(self, name: str, images: Tensor, dims: int) -> None:
-        """One line unless `images` is B x N x K x C x H x W (dims 6) / B x Q x C x H x W (dims 5)."""
-        C = self.config["input_slices"]
-        shape = f"B x N x K x {C} x H x W" if dims == 6 else f"B x Q x {C} x H x W"
-        if images.dim() != dims or images.shape[-3] != C:
-            what = "one slice per image" if C == 1 else "3 slices per image (z - 1, z, z + 1)"
-            raise UserError(f"{name}: shape {tuple(images.shape)}: expected {shape} ({what}: "
-                            f"model.input_slices = {C})")
 
 
 # ---- building ------------------------------------------------------------------------------------
