@@ -1,9 +1,5 @@
-"""SSL-ALPNet's adaptive local prototype head (Ouyang et al., ECCV 2020), vectorised.
-
-The official code's rules (candidates kept above 0.95, 'gridconv+' / 'mask' foreground, softmax-weighted
-scores at feature resolution, query loss, alignment loss): docs/method.md, "SSL-ALPNet's head". Batches,
-N ways and Q queries beyond the official code; for 1 way, 1 query, batch 1 it is its computation.
-"""
+"""SSL-ALPNet's adaptive local prototype head (Ouyang et al., ECCV 2020), vectorised over batches, ways
+and queries (for 1 of each, the official computation); its rules: docs/method.md, "SSL-ALPNet's head"."""
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -1,6 +1,5 @@
 """FewShotSegNet (encoder + parameter-free head `model.head`), build_model ('prototype' or 'senet') and
-MODEL_OPTIONS, the model.* options checked once before a model is built. The heads: docs/method.md.
-"""
+MODEL_OPTIONS, the model.* options checked once before a model is built. The heads: docs/method.md."""
 from __future__ import annotations
 
 from typing import Mapping
@@ -187,15 +186,11 @@ def check_model_rules(model: Mapping, prefix: str = "model", input_size: int | N
                    f"set {prefix}.pretrained=False")
     if isinstance(input_size, int):
         side = input_size // ENCODER_CLASSES[encoder].output_stride
-        if n_grid > side:
-            raise fail(f"{prefix}.n_grid", n_grid, f"larger than the {side} x {side} feature map of encoder "
-                       f"{encoder} at input_size {input_size}",
-                       f"use {prefix}.n_grid <= {side} or a larger input_size")
-        grids = model.get("grids") or []
-        if grids and max(grids) > side:
-            raise fail(f"{prefix}.grids", list(grids), f"grid {max(grids)} is larger than the {side} x "
-                       f"{side} feature map of encoder {encoder} at input_size {input_size}",
-                       f"use grids <= {side} or a larger input_size")
+        for key, largest in (("n_grid", n_grid), ("grids", max(model.get("grids") or [0]))):
+            if largest > side:
+                raise fail(f"{prefix}.{key}", model.get(key, n_grid), f"larger than the {side} x {side} "
+                           f"feature map of encoder {encoder} at input_size {input_size}",
+                           f"use {prefix}.{key} <= {side} or a larger input_size")
     for key in ("grids", "query_rounds"):
         if head != "local" and model.get(key):
             raise fail(f"{prefix}.{key}", model[key], f"an LSLPN+ option of the local head, not of the "

@@ -1,9 +1,5 @@
-"""Location-sensitive local prototypes (Yu et al., ISBI 2021): the head of LSLPN.
-
-`official_cell_loop`, a plain loop over grid cells with the rules of the authors' code (docs/method.md),
-is the method; `LocalPrototypeHead` computes the same logits without the loop and without forming the
-upsampled features (kernels in models/grid.py). The tests hold the two equal on every pixel.
-"""
+"""LSLPN's head (Yu et al., ISBI 2021): `official_cell_loop`, the method as the authors' code loops, and
+`LocalPrototypeHead`, the same logits vectorised (models/grid.py); the tests hold the two equal."""
 from __future__ import annotations
 
 from dataclasses import dataclass

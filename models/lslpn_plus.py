@@ -1,8 +1,5 @@
-"""LSLPN+: options on the local head beyond the paper, off by default, without parameters: multi-scale
-grids (`grids`, `grid_fusion`) and query-informed prototypes (`query_rounds`, `query_weight`,
-`query_confidence`); docs/method.md, "LSLPN+ head options", and docs/lslpn_plus.md. With grids [n_grid]
-and query_rounds 0 `LSLPNPlusHead` returns exactly the plain head's logits.
-"""
+"""LSLPN+ (beyond the paper, off by default, no parameters): multi-scale grids and query-informed prototypes
+on the local head; docs/method.md, "LSLPN+ head options", and docs/lslpn_plus.md."""
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -1,8 +1,5 @@
-"""PANet's global-prototype head and its alignment loss (Wang et al., ICCV 2019), as kaixin96/PANet
-computes them: masked average pooling of the upsampled support features, sum(F_up m) / (sum(m) + 1e-5),
-as <F, A^T m B> without forming F_up; scale x cosine at FEATURE resolution, then the logits upsampled.
-docs/method.md, "Prototype alignment".
-"""
+"""PANet's global-prototype head and alignment loss (Wang et al., ICCV 2019) as kaixin96/PANet computes
+them, without forming the upsampled features; docs/method.md, "Prototype alignment"."""
 from __future__ import annotations
 
 import torch

@@ -1,9 +1,5 @@
-"""SENet few-shot segmentation (Roy et al., MedIA 2020): the comparison method of the paper's Table 1.
-
-Two arms as the released code (conditioner on support + mask, segmenter on the query) joined by 9
-squeeze & excitation gates; layout, `official_bug` and k-shot rule: docs/method.md, "SENet". 1-way
-only; FewShotSegNet's interface (forward, encode_support -> SupportGates, segment).
-"""
+"""SENet (Roy et al., MedIA 2020), the paper's comparison method: conditioner and segmenter joined by 9
+squeeze & excitation gates, 1-way, FewShotSegNet's interface; docs/method.md, "SENet"."""
 from __future__ import annotations
 
 from dataclasses import dataclass
