@@ -76,11 +76,6 @@ def read_state_file(path: str, key: str = "path.init_path") -> dict:
     return state
 
 
-def strip_prefixes(state: dict) -> dict:
-    """Drop DataParallel's 'module.' prefix from every key."""
-    return {k.removeprefix("module."): v for k, v in state.items()}
-
-
 # ---- encoders -------------------------------------------------------------------------------------
 class _Encoder(nn.Module):
     """Common input handling: slices in [0, 1] -> B x 3 x H x W (optionally ImageNet-normalised), and
@@ -104,7 +99,7 @@ class _Encoder(nn.Module):
     initial = staticmethod(lambda key: True)   # the keys load_initial takes from a torchvision state dict
 
     def load_initial(self, state: dict, source: str) -> None:
-        _load_matching(self, strip_prefixes(state), source, self.name, self.initial)
+        _load_matching(self, state, source, self.name, self.initial)
 
 
 class VGG16Encoder(_Encoder):
@@ -207,9 +202,7 @@ class ResNet50LSLPN(_Encoder):
 
 def load_official_snapshot(encoder: ResNet50LSLPN, state: dict, source: str) -> None:
     """Every encoder.* weight of an official-code snapshot into `encoder` (missing keys: error)."""
-    given = {k.removeprefix("encoder."): v for k, v in strip_prefixes(state).items()
-             if k.startswith("encoder.")}
-    _load_matching(encoder, given, source, "resnet50_lslpn (official-code snapshot)")
+    _load_matching(encoder, state, source, "resnet50_lslpn (official-code snapshot)", prefix="encoder.")
 
 
 class DeepLabV3ResNet101(_Encoder):
@@ -255,8 +248,12 @@ class SmallCNN(_Encoder):
         return self.features(self.to_rgb(x))                      # B x 128 x H/4 x W/4
 
 
-def _load_matching(target: nn.Module, given: dict, source: str, what: str, keep=lambda key: True) -> None:
-    """Copy the weights of `target` that `keep` picks from `given`: every one there, with its shape."""
+def _load_matching(target: nn.Module, state: dict, source: str, what: str, keep=lambda key: True,
+                   prefix: str = "") -> None:
+    """Copy the weights of `target` that `keep` picks from `state` (keys `prefix`<key>, DataParallel's
+    'module.' dropped): every one there, with its shape."""
+    plain = {k.removeprefix("module."): v for k, v in state.items()}
+    given = {k.removeprefix(prefix): v for k, v in plain.items() if k.startswith(prefix)}
     expected = {k: v for k, v in target.state_dict().items() if keep(k)}
     checked = [k for k in expected if not k.endswith("num_batches_tracked")]
     missing = sorted(k for k in checked if k not in given)

@@ -126,7 +126,7 @@ def method_of(model_config: Mapping) -> str:
 def build_model(model_config: Mapping, init_path: str | None = None) -> nn.Module:
     """A FewShotSegNet or SENet from a checked model config dict (keys the model does not use ignored)."""
     if method_of(model_config) == SENET:
-        return SENet.from_config(model_config)
+        return SENet(bool(model_config.get("official_bug", False)))
     return FewShotSegNet.from_config(model_config, init_path)
 
 

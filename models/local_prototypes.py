@@ -96,7 +96,9 @@ def check_query_features(prototypes, query_features: Tensor) -> None:
 
 
 class Head(nn.Module):
-    """A parameter-free head: `compute_prototypes` of the support, then `score` of the queries."""
+    """A parameter-free head: `compute_prototypes` of the support, then `score` of the queries. forward(
+    support_features B x N x K x C x h x w, support_fg / support_bg B x N x K x H x W, query_features
+    B x Q x C x h x w, image_size (H, W)) -> logits B x Q x (1 + N) x H x W."""
 
     def forward(self, support_features: Tensor, support_fg: Tensor, support_bg: Tensor,
                 query_features: Tensor, image_size: tuple[int, int]) -> Tensor:
@@ -118,12 +120,9 @@ class FeatureResolutionHead(Head):
 
 
 class LocalPrototypeHead(Head):
-    """Local prototypes and voting (no parameters): the logits of `official_cell_loop`, fast, in float32
-    even under autocast. forward(support_features B x N x K x C x h x w, support_fg / support_bg
-    B x N x K x H x W, query_features B x Q x C x h x w, image_size (H, W)) -> B x Q x (1 + N) x H x W.
-    resolution 'image' (the authors'): cells on image pixels, computed on feature windows (models/grid.py);
-    'feature' (fast): masks area-downsampled, cells on the feature map, logits upsampled at the end.
-    """
+    """The logits of `official_cell_loop`, fast, in float32 even under autocast. resolution 'image' (the
+    authors'): cells on image pixels, computed on feature windows (models/grid.py); 'feature' (fast): masks
+    area-downsampled, cells on the feature map, logits upsampled at the end."""
 
     def __init__(self, n_grid: int = 8, overlap: bool = True, vote: str = "max",
                  resolution: str = "image", min_pixels: float = 10, scale: float = 20.0):
@@ -163,8 +162,7 @@ class LocalPrototypeHead(Head):
             return Prototypes(total / divisor.view(1, -1, 1, 1, 1), tuple(image_size), (h, w))
 
     def score(self, prototypes: Prototypes, query_features: Tensor) -> Tensor:
-        """Logits B x Q x (1 + N) x H x W of query features B x Q x C x h x w (prototype batch 1
-        broadcasts)."""
+        """Logits B x Q x (1 + N) x H x W of query features B x Q x C x h x w (prototypes of batch 1 or B)."""
         check_query_features(prototypes, query_features)
         with torch.autocast(query_features.device.type, enabled=False):
             query = query_features.float()

@@ -3,7 +3,6 @@ squeeze & excitation gates, 1-way, FewShotSegNet's interface; docs/method.md, "S
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping
 
 import torch
 import torch.nn.functional as F
@@ -120,11 +119,6 @@ class SENet(nn.Module):
         self.config = {"method": METHOD, "official_bug": bool(official_bug)}
         self.conditioner = Conditioner(16, official_bug)
         self.segmenter = Segmenter(64, 2)
-
-    @classmethod
-    def from_config(cls, model_cfg: Mapping) -> "SENet":
-        """Build from a model config dict (keys it does not use ignored)."""
-        return cls(bool(model_cfg.get("official_bug", False)))
 
     # ---- evaluation API ---------------------------------------------------------------------
     def encode_support(self, support_images: Tensor, support_fg: Tensor,

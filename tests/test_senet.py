@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from models.fewshot import build_model
 from models.senet import N_POINTS, SENet, dice_loss, senet_loss
 from training.objective import build_senet_optimizer, build_senet_scheduler, epoch_of_step
 from util.errors import UserError
@@ -202,7 +203,7 @@ def test_bad_inputs_are_one_line_errors_and_the_config_round_trips():
         model(support[..., :24, :24], fg[..., :24, :24], bg[..., :24, :24], query[..., :24, :24])
     model = SENet(official_bug=True)
     assert model.config == {"method": "senet", "official_bug": True}
-    rebuilt = SENet.from_config({**model.config, "encoder": "ignored"})
+    rebuilt = build_model({**model.config, "encoder": "ignored"})
     rebuilt.load_state_dict(model.state_dict())
 
 
