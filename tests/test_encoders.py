@@ -121,15 +121,6 @@ def _without(official, key, tmp_path) -> str:
     return str(tmp_path / "official.pth")
 
 
-def test_official_snapshot_loads_as_init_path_and_as_model_weights(official):
-    encoder_state, path = official
-    encoder = build_encoder("resnet50_lslpn", path)
-    assert torch.equal(encoder.layer4[0].weight, encoder_state["layer4.0.weight"])
-    assert torch.equal(encoder.layer3[1].bn2.running_mean, encoder_state["layer3.1.bn2.running_mean"])
-    model, _ = model_from_checkpoint(path)                    # the whole snapshot, as test.py reads it
-    assert torch.equal(model.encoder.layer4[0].bias, encoder_state["layer4.0.bias"])
-
-
 def test_bad_snapshots_and_checkpoints(tmp_path, official):
     with pytest.raises(UserError, match="file not found"):
         build_encoder("vgg16", str(tmp_path / "missing.pth"))
@@ -200,13 +191,16 @@ def test_gradients_reach_trainable_parameters(name):
         assert any(not torch.equal(b, m.running_mean) for b, m in zip(before, bns))  # BN trains
 
 
-def test_official_snapshot_as_a_test_snapshot(tmp_path, official):
-    """test.py / evaluate load a raw official-code state dict with the official model config."""
-    from models.checkpoint import model_from_checkpoint
+def test_official_snapshot_as_init_path_and_as_a_test_snapshot(tmp_path, official):
+    """path.init_path, and test.py / evaluate (a raw official-code state dict with the official model
+    config), load every weight of an official-code snapshot."""
     encoder_state, path = official
+    encoder = build_encoder("resnet50_lslpn", path)
+    assert torch.equal(encoder.layer4[0].weight, encoder_state["layer4.0.weight"])
+    assert torch.equal(encoder.layer3[1].bn2.running_mean, encoder_state["layer3.1.bn2.running_mean"])
     model, state = model_from_checkpoint(path)
     assert state["official_snapshot"] and model.config["encoder"] == "resnet50_lslpn"
-    assert torch.equal(model.encoder.layer4[0].weight, encoder_state["layer4.0.weight"])
+    assert torch.equal(model.encoder.layer4[0].bias, encoder_state["layer4.0.bias"])
     partial = _without(official, "layer2.1.conv2.weight", tmp_path)
     partial_error = r"official.pth \(official-code snapshot\): does not match .*layer2.1.conv2"
     with pytest.raises(UserError, match=partial_error):
