@@ -50,8 +50,7 @@ HEADS = {  # model.head -> the head built from the model options
 OFFICIAL_MODEL_CONFIG = {"encoder": "resnet50_lslpn", "head": "local", "n_grid": 8, "overlap": True,
                          "vote": "max", "resolution": "image", "min_pixels": 10, "scale": 20.0,
                          "align": False, "input_slices": 1, **PLUS_DEFAULTS}
-_CONFIG_KEYS = ("encoder", "head", "n_grid", "overlap", "vote", "resolution", "min_pixels", "scale", "align",
-                "input_slices", "pretrained", *PLUS_DEFAULTS)   # config keys the network is built from
+_CONFIG_KEYS = (*OFFICIAL_MODEL_CONFIG, "pretrained")   # the config keys a FewShotSegNet is built from
 
 
 class FewShotSegNet(nn.Module):
