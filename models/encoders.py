@@ -53,11 +53,9 @@ def imagenet_state(encoder: str) -> dict:
                             "weights") from None
     match = re.search(r"-([a-f0-9]+)\.", os.path.basename(path))   # torch.hub's name-<SHA-256 prefix>.pth
     if match is not None:
-        digest = hashlib.sha256()
         with open(path, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 22), b""):
-                digest.update(block)
-        if not digest.hexdigest().startswith(match.group(1)):
+            digest = hashlib.file_digest(handle, "sha256").hexdigest()
+        if not digest.startswith(match.group(1)):
             raise UserError(f"{path}: SHA-256 does not match the hash in its name (corrupt or partial "
                             "download): delete it and retry, or set path.init_path to a good copy")
     return read_state_file(path, key="model.pretrained")

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models import grid
-from models.local_prototypes import LocalPrototypeHead, Prototypes
+from models.local_prototypes import Head, LocalPrototypeHead, Prototypes
 
 FUSIONS = ("mean", "max")
 
@@ -36,7 +36,7 @@ def mix_prototypes(support: Tensor, own: Tensor, weight: float) -> Tensor:
     return torch.where(present, (1.0 - weight) * unit_support + weight * unit_own, unit_support)
 
 
-class LSLPNPlusHead(nn.Module):
+class LSLPNPlusHead(Head):
     """Local prototype heads at several grid scales (`heads`: same vote, resolution, min_pixels and
     scale), fused, with query-informed prototype rounds; shapes as LocalPrototypeHead's."""
 
