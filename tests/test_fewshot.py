@@ -89,9 +89,6 @@ def test_bad_input():
 
 def test_training_after_inference_mode_at_the_same_size():
     """Geometry cached during an inference_mode evaluation must not break a later training step."""
-    import torch
-
-    from models.fewshot import FewShotSegNet
     torch.manual_seed(0)
     model = FewShotSegNet(encoder="cnn_small", n_grid=2)
     support = torch.rand(1, 1, 1, 1, 36, 36)
