@@ -77,7 +77,7 @@ def read_state_file(path: str, key: str = "path.init_path") -> dict:
 # ---- encoders -------------------------------------------------------------------------------------
 class _Encoder(nn.Module):
     """Common input handling: slices in [0, 1] -> B x 3 x H x W (optionally ImageNet-normalised), and
-    initial weights: the keys `initial` picks from a torchvision state dict (the rest stays random)."""
+    initial weights: the keys `_initial` picks from a torchvision state dict (the rest stays random)."""
     name: str                 # model.encoder
     out_channels: int
     output_stride: int
@@ -94,10 +94,10 @@ class _Encoder(nn.Module):
         x = x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x    # B x 3 x H x W
         return (x - self.mean) / self.std if self.imagenet_norm else x
 
-    initial = staticmethod(lambda key: True)   # the keys load_initial takes from a torchvision state dict
+    _initial = staticmethod(lambda key: True)   # the keys load_initial takes from a torchvision state dict
 
     def load_initial(self, state: dict, source: str) -> None:
-        _load_matching(self, state, source, self.name, self.initial)
+        _load_matching(self, state, source, self.name, self._initial)
 
 
 class VGG16Encoder(_Encoder):
@@ -189,7 +189,7 @@ class ResNet50LSLPN(_Encoder):
         deep = self.layer3(mid)                                   # B x 1024 x h x w
         return self.layer4(torch.cat([mid, deep], dim=1))         # B x 256 x h x w
 
-    initial = staticmethod(lambda key: not key.startswith("layer4."))
+    _initial = staticmethod(lambda key: not key.startswith("layer4."))
 
     def load_initial(self, state: dict, source: str) -> None:
         if any(k.removeprefix("module.").startswith("encoder.") for k in state):
@@ -222,7 +222,7 @@ class DeepLabV3ResNet101(_Encoder):
         deep = self.backbone(self.to_rgb(x))["out"]                # B x 2048 x H/8 x W/8
         return self.localconv(deep)                               # B x 256 x H/8 x W/8
 
-    initial = staticmethod(lambda key: key.startswith("backbone."))
+    _initial = staticmethod(lambda key: key.startswith("backbone."))
 
 
 class SmallCNN(_Encoder):

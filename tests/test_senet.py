@@ -196,7 +196,7 @@ def test_shapes_kshot_and_broadcast():
             torch.testing.assert_close(gates.gates[point], sum(s[point] for s in single) / 3)
 
 
-def test_bad_inputs_are_one_line_errors_and_the_config_round_trips():
+def test_a_side_not_divisible_by_16_is_one_line_and_the_config_round_trips():
     model = SENet().eval()
     support, fg, bg, query = _episode(B=1, size=32)
     with pytest.raises(UserError, match="divisible by 16"):
