@@ -18,9 +18,7 @@ from util.errors import UserError
 from util.options import BOOL, GRIDS, Option, check_options, choice, fail, integer, number
 
 PROTOTYPE = "prototype"
-METHODS = (PROTOTYPE, SENET)
-METHOD_NAMES = {PROTOTYPE: "prototype (LSLPN/PANet)", SENET: "SENet"}
-INPUT_SLICES = (1, 3)   # model.input_slices: the slice, or z - 1, z, z + 1 (dataloaders/transforms.py)
+METHOD_NAMES = {PROTOTYPE: "prototype (LSLPN/PANet)", SENET: "SENet"}   # model.method
 
 # LSLPN+ options of the local head (models/lslpn_plus.py) and their plain-head values
 PLUS_DEFAULTS = {"grids": [], "grid_fusion": "mean", "query_rounds": 0, "query_weight": 0.5,
@@ -144,7 +142,7 @@ def with_head_options(model: nn.Module, options: Mapping) -> nn.Module:
 
 # ---- the model's options: config.py's model.* keys ------------------------------------------------
 MODEL_OPTIONS = {
-    "method": choice(*METHODS),
+    "method": choice(*METHOD_NAMES),
     "encoder": choice(*ENCODER_CLASSES),
     "n_grid": integer(1, example="8"),
     "overlap": Option(BOOL),
@@ -156,7 +154,7 @@ MODEL_OPTIONS = {
     "align_weight": number(0, example="1.0"),
     "head": choice(*HEADS),
     "pretrained": Option(BOOL),
-    "input_slices": choice(*INPUT_SLICES),
+    "input_slices": choice(1, 3),   # the slice, or z - 1, z, z + 1 (dataloaders/transforms.py)
     # LSLPN+ (models/lslpn_plus.py; defaults PLUS_DEFAULTS)
     "grids": Option(GRIDS),
     "grid_fusion": choice(*FUSIONS),
