@@ -1,24 +1,20 @@
-"""SSL-ALPNet's adaptive local prototype head (Ouyang et al., ECCV 2020), vectorised.
-
-The official code's rules (candidates kept above 0.95, 'gridconv+' / 'mask' foreground, softmax-weighted
-scores at feature resolution, query loss, alignment loss): docs/method.md, "SSL-ALPNet's head". Batches,
-N ways and Q queries beyond the official code; for 1 way, 1 query, batch 1 it is its computation.
-"""
+"""SSL-ALPNet's adaptive local prototype head (Ouyang et al., ECCV 2020), vectorised over batches, ways
+and queries (for 1 of each, the official computation); its rules: docs/method.md, "SSL-ALPNet's head"."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from models.local_prototypes import (
     IGNORE,
     MEAN_EPS,
+    FeatureResolutionHead,
     check_query_features,
     query_as_support,
     support_cross_entropy,
-    upsample,
     way_pairs,
 )
 from util.errors import UserError
@@ -57,14 +53,8 @@ def _unit(x: Tensor, dim: int) -> Tensor:
     return x / x.norm(dim=dim, keepdim=True).clamp_min(NORM_EPS)
 
 
-class ALPNetHead(nn.Module):
-    """ALPNet's head (no parameters), the interface of the other heads; `score_features` gives
-    B x Q x (1 + N) x h x w, which `score` upsamples. Candidate window: TRAIN_WINDOW in train(),
-    TEST_WINDOW in eval()."""
-
-    def __init__(self, scale: float = 20.0):
-        super().__init__()
-        self.scale = float(scale)
+class ALPNetHead(FeatureResolutionHead):
+    """ALPNet's head (no parameters). Candidate window: TRAIN_WINDOW in train(), TEST_WINDOW in eval()."""
 
     # ---- prototypes -----------------------------------------------------------------------
     def compute_prototypes(self, support_features: Tensor, support_fg: Tensor, support_bg: Tensor,
@@ -129,15 +119,6 @@ class ALPNetHead(nn.Module):
             weights = torch.softmax(sims.masked_fill(~present, lowest), dim=3)
             weights = torch.where(present, weights, torch.zeros_like(weights))
             return (weights * sims).sum(3)                                      # B x Q x L x h x w
-
-    def score(self, prototypes: ALPPrototypes, query_features: Tensor) -> Tensor:
-        """Logits B x Q x (1 + N) x H x W: feature-resolution scores upsampled bilinearly."""
-        return upsample(self.score_features(prototypes, query_features), prototypes.image_size)
-
-    def forward(self, support_features: Tensor, support_fg: Tensor, support_bg: Tensor,
-                query_features: Tensor, image_size: tuple[int, int]) -> Tensor:
-        prototypes = self.compute_prototypes(support_features, support_fg, support_bg, image_size)
-        return self.score(prototypes, query_features)
 
     # ---- alignment loss -------------------------------------------------------------------
     def alignment_loss(self, prototypes: ALPPrototypes, query_logits: Tensor, query_features: Tensor,

@@ -1,8 +1,5 @@
-"""Kervadec et al.'s boundary loss (MIDL 2019): beyond the paper, off by default (`boundary_weight`).
-
-L_B = mean over queries, classes c and pixels p of phi_c(p) * softmax(logits)_c(p), phi_c the signed
-distance map of the class mask in pixels / the image side H; docs/method.md, "Boundary loss".
-"""
+"""Kervadec et al.'s boundary loss (MIDL 2019), beyond the paper, off by default (`boundary_weight`): the
+mean of phi_c * softmax_c, phi_c the class's signed distance map / H; docs/method.md, "Boundary loss"."""
 from __future__ import annotations
 
 import numpy as np

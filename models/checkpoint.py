@@ -1,9 +1,5 @@
-"""Checkpoints: atomic save, weights-only load with one-line errors, and rebuilding the model.
-
-A checkpoint is a dict (its keys: docs/DESIGN.md). `model_from_checkpoint` rebuilds the network,
-`model_input` gives its input size and intensity. A raw state dict of the authors' code loads as an
-official-code snapshot. Loading never runs code from the file; NaN/inf weights are refused.
-"""
+"""Checkpoints (keys: docs/DESIGN.md): atomic save, weights-only load with one-line errors (the authors' raw
+state dict loads as an official-code snapshot; NaN/inf refused), model_from_checkpoint, model_input."""
 from __future__ import annotations
 
 import functools

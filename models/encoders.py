@@ -19,35 +19,22 @@ _STD = (0.229, 0.224, 0.225)
 
 
 # ---- initial weights ------------------------------------------------------------------------------
-class _TorchvisionWeights:
-    """One of torchvision's weights enums (its `url` and `get_state_dict`), looked up when first used."""
-
-    def __init__(self, encoder: str):
-        self.encoder = encoder
-
-    def _weights(self):
-        # heavy optional dependency: torchvision loads torch._dynamo (~1.5-2 s of CPU per process)
-        from torchvision.models import ResNet50_Weights, VGG16_Weights
-        from torchvision.models.segmentation import DeepLabV3_ResNet101_Weights  # torchvision: as above
-        return {"vgg16": VGG16_Weights.IMAGENET1K_V1,
-                "resnet50_lslpn": ResNet50_Weights.IMAGENET1K_V1,
-                "deeplabv3_resnet101": DeepLabV3_ResNet101_Weights.COCO_WITH_VOC_LABELS_V1}[self.encoder]
-
-    @property
-    def url(self) -> str:
-        return self._weights().url
-
-    def get_state_dict(self, *args, **kwargs) -> dict:
-        return self._weights().get_state_dict(*args, **kwargs)
+# torchvision's weights of each encoder, looked up by name when used (torchvision.models.get_weight)
+IMAGENET_WEIGHTS = {"vgg16": "VGG16_Weights.IMAGENET1K_V1",
+                    "resnet50_lslpn": "ResNet50_Weights.IMAGENET1K_V1",
+                    "deeplabv3_resnet101": "DeepLabV3_ResNet101_Weights.COCO_WITH_VOC_LABELS_V1"}
 
 
-IMAGENET_WEIGHTS = {encoder: _TorchvisionWeights(encoder)
-                    for encoder in ("vgg16", "resnet50_lslpn", "deeplabv3_resnet101")}
+def torchvision_weights(encoder: str):
+    """torchvision's weights enum of `encoder` (its `url` and `get_state_dict`)."""
+    # heavy optional dependency: torchvision loads torch._dynamo (~1.5-2 s of CPU per process)
+    from torchvision.models import get_weight
+    return get_weight(IMAGENET_WEIGHTS[encoder])
 
 
 def cached_weights_path(encoder: str) -> str:
     """Where torch.hub keeps (or would keep) the weights file of `encoder`."""
-    url = IMAGENET_WEIGHTS[encoder].url
+    url = torchvision_weights(encoder).url
     return os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url))
 
 
@@ -56,7 +43,7 @@ def imagenet_state(encoder: str) -> dict:
     path = cached_weights_path(encoder)
     if not os.path.isfile(path):
         try:
-            return IMAGENET_WEIGHTS[encoder].get_state_dict(progress=False, check_hash=True)
+            return torchvision_weights(encoder).get_state_dict(progress=False, check_hash=True)
         except (OSError, RuntimeError, ValueError) as error:  # URLError is an OSError
             trained_on = "COCO" if encoder == "deeplabv3_resnet101" else "ImageNet"
             raise UserError(f"model.pretrained = True: {trained_on} weights "
@@ -66,11 +53,9 @@ def imagenet_state(encoder: str) -> dict:
                             "weights") from None
     match = re.search(r"-([a-f0-9]+)\.", os.path.basename(path))   # torch.hub's name-<SHA-256 prefix>.pth
     if match is not None:
-        digest = hashlib.sha256()
         with open(path, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 22), b""):
-                digest.update(block)
-        if not digest.hexdigest().startswith(match.group(1)):
+            digest = hashlib.file_digest(handle, "sha256").hexdigest()
+        if not digest.startswith(match.group(1)):
             raise UserError(f"{path}: SHA-256 does not match the hash in its name (corrupt or partial "
                             "download): delete it and retry, or set path.init_path to a good copy")
     return read_state_file(path, key="model.pretrained")
@@ -89,11 +74,6 @@ def read_state_file(path: str, key: str = "path.init_path") -> dict:
     return state
 
 
-def strip_prefixes(state: dict) -> dict:
-    """Drop DataParallel's 'module.' prefix from every key."""
-    return {k.removeprefix("module."): v for k, v in state.items()}
-
-
 # ---- encoders -------------------------------------------------------------------------------------
 class _Encoder(nn.Module):
     """Common input handling: slices in [0, 1] -> B x 3 x H x W (optionally ImageNet-normalised), and
@@ -109,19 +89,15 @@ class _Encoder(nn.Module):
         self.register_buffer("std", torch.tensor(_STD).view(1, 3, 1, 1), persistent=False)
 
     def to_rgb(self, x: Tensor) -> Tensor:
-        """B x 1 x H x W or B x 3 x H x W -> B x 3 x H x W (the network's input)."""
-        if x.dim() != 4 or x.shape[1] not in (1, 3):
-            raise UserError(f"encoder input: shape {tuple(x.shape)}: expected B x 1 x H x W slices or "
-                            "B x 3 x H x W slice stacks (2.5D)")
+        """B x 1 x H x W or B x 3 x H x W (2.5D) -> B x 3 x H x W (the network's input)."""
+        assert x.dim() == 4 and x.shape[1] in (1, 3), tuple(x.shape)
         x = x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x    # B x 3 x H x W
         return (x - self.mean) / self.std if self.imagenet_norm else x
 
-    @staticmethod
-    def _initial(key: str) -> bool:
-        return True
+    _initial = staticmethod(lambda key: True)   # the keys load_initial takes from a torchvision state dict
 
     def load_initial(self, state: dict, source: str) -> None:
-        _load_matching(self, strip_prefixes(state), source, self.name, self._initial)
+        _load_matching(self, state, source, self.name, self._initial)
 
 
 class VGG16Encoder(_Encoder):
@@ -130,7 +106,7 @@ class VGG16Encoder(_Encoder):
 
     def __init__(self):
         super().__init__(imagenet_norm=True)
-        # heavy optional dependency (torchvision loads torch._dynamo: _TorchvisionWeights)
+        # heavy optional dependency (torchvision loads torch._dynamo: torchvision_weights)
         from torchvision.models.vgg import cfgs, make_layers
         features = make_layers(cfgs["D"], batch_norm=False)  # torchvision's vgg16().features
         for i in (4, 9, 16):
@@ -213,9 +189,7 @@ class ResNet50LSLPN(_Encoder):
         deep = self.layer3(mid)                                   # B x 1024 x h x w
         return self.layer4(torch.cat([mid, deep], dim=1))         # B x 256 x h x w
 
-    @staticmethod
-    def _initial(key: str) -> bool:
-        return not key.startswith("layer4.")
+    _initial = staticmethod(lambda key: not key.startswith("layer4."))
 
     def load_initial(self, state: dict, source: str) -> None:
         if any(k.removeprefix("module.").startswith("encoder.") for k in state):
@@ -226,9 +200,7 @@ class ResNet50LSLPN(_Encoder):
 
 def load_official_snapshot(encoder: ResNet50LSLPN, state: dict, source: str) -> None:
     """Every encoder.* weight of an official-code snapshot into `encoder` (missing keys: error)."""
-    given = {k.removeprefix("encoder."): v for k, v in strip_prefixes(state).items()
-             if k.startswith("encoder.")}
-    _load_matching(encoder, given, source, "resnet50_lslpn (official-code snapshot)")
+    _load_matching(encoder, state, source, "resnet50_lslpn (official-code snapshot)", prefix="encoder.")
 
 
 class DeepLabV3ResNet101(_Encoder):
@@ -238,7 +210,7 @@ class DeepLabV3ResNet101(_Encoder):
 
     def __init__(self):
         super().__init__(imagenet_norm=False)
-        # heavy optional dependency (torchvision loads torch._dynamo: _TorchvisionWeights)
+        # heavy optional dependency (torchvision loads torch._dynamo: torchvision_weights)
         from torchvision.models import resnet101
         from torchvision.models._utils import IntermediateLayerGetter  # torchvision: as above
         # torchvision's deeplabv3_resnet101 backbone: resnet101 with layer3 and layer4 dilated, up to layer4
@@ -250,9 +222,7 @@ class DeepLabV3ResNet101(_Encoder):
         deep = self.backbone(self.to_rgb(x))["out"]                # B x 2048 x H/8 x W/8
         return self.localconv(deep)                               # B x 256 x H/8 x W/8
 
-    @staticmethod
-    def _initial(key: str) -> bool:
-        return key.startswith("backbone.")
+    _initial = staticmethod(lambda key: key.startswith("backbone."))
 
 
 class SmallCNN(_Encoder):
@@ -276,8 +246,12 @@ class SmallCNN(_Encoder):
         return self.features(self.to_rgb(x))                      # B x 128 x H/4 x W/4
 
 
-def _load_matching(target: nn.Module, given: dict, source: str, what: str, keep=lambda key: True) -> None:
-    """Copy the weights of `target` that `keep` picks from `given`: every one there, with its shape."""
+def _load_matching(target: nn.Module, state: dict, source: str, what: str, keep=lambda key: True,
+                   prefix: str = "") -> None:
+    """Copy the weights of `target` that `keep` picks from `state` (keys `prefix`<key>, DataParallel's
+    'module.' dropped): every one there, with its shape."""
+    plain = {k.removeprefix("module."): v for k, v in state.items()}
+    given = {k.removeprefix(prefix): v for k, v in plain.items() if k.startswith(prefix)}
     expected = {k: v for k, v in target.state_dict().items() if keep(k)}
     checked = [k for k in expected if not k.endswith("num_batches_tracked")]
     missing = sorted(k for k in checked if k not in given)
@@ -300,7 +274,7 @@ def build_encoder(name: str, init_path: str | None = None, pretrained: bool = Fa
     if init_path is not None:
         state, source = read_state_file(init_path), f"path.init_path = {init_path}"
     elif pretrained:
-        state, source = imagenet_state(name), f"model.pretrained ({IMAGENET_WEIGHTS[name].url})"
+        state, source = imagenet_state(name), f"model.pretrained ({torchvision_weights(name).url})"
     encoder = ENCODER_CLASSES[name]()
     if init_path is not None or pretrained:
         encoder.load_initial(state, source)

@@ -1,9 +1,5 @@
-"""FewShotSegNet (encoder + parameter-free prototype head), build_model and the model's options.
-
-`model.method` 'prototype' builds FewShotSegNet with head `model.head` (HEADS); 'senet' builds SENet.
-Both share forward, encode_support, segment and config. MODEL_OPTIONS declares the model.* options,
-checked once before a model is built; the models trust what passed. The heads: docs/method.md.
-"""
+"""FewShotSegNet (encoder + parameter-free head `model.head`), build_model ('prototype' or 'senet') and
+MODEL_OPTIONS, the model.* options checked once before a model is built. The heads: docs/method.md."""
 from __future__ import annotations
 
 from typing import Mapping
@@ -22,9 +18,7 @@ from util.errors import UserError
 from util.options import BOOL, GRIDS, Option, check_options, choice, fail, integer, number
 
 PROTOTYPE = "prototype"
-METHODS = (PROTOTYPE, SENET)
-METHOD_NAMES = {PROTOTYPE: "prototype (LSLPN/PANet)", SENET: "SENet"}
-INPUT_SLICES = (1, 3)   # model.input_slices: the slice, or z - 1, z, z + 1 (dataloaders/transforms.py)
+METHOD_NAMES = {PROTOTYPE: "prototype (LSLPN/PANet)", SENET: "SENet"}   # model.method
 
 # LSLPN+ options of the local head (models/lslpn_plus.py) and their plain-head values
 PLUS_DEFAULTS = {"grids": [], "grid_fusion": "mean", "query_rounds": 0, "query_weight": 0.5,
@@ -54,8 +48,7 @@ HEADS = {  # model.head -> the head built from the model options
 OFFICIAL_MODEL_CONFIG = {"encoder": "resnet50_lslpn", "head": "local", "n_grid": 8, "overlap": True,
                          "vote": "max", "resolution": "image", "min_pixels": 10, "scale": 20.0,
                          "align": False, "input_slices": 1, **PLUS_DEFAULTS}
-_CONFIG_KEYS = ("encoder", "head", "n_grid", "overlap", "vote", "resolution", "min_pixels", "scale", "align",
-                "input_slices", "pretrained", *PLUS_DEFAULTS)   # config keys the network is built from
+_CONFIG_KEYS = (*OFFICIAL_MODEL_CONFIG, "pretrained")   # the config keys a FewShotSegNet is built from
 
 
 class FewShotSegNet(nn.Module):
@@ -85,7 +78,7 @@ class FewShotSegNet(nn.Module):
     def encode_support(self, support_images: Tensor, support_fg: Tensor,
                        support_bg: Tensor) -> Prototypes:
         """Prototypes of support images B x N x K x C x H x W with masks B x N x K x H x W."""
-        self._check_images("support_images", support_images, 6)
+        assert support_images.dim() == 6 and support_images.shape[3] == self.config["input_slices"]
         B, N, K, _, H, W = support_images.shape
         feats = self.encoder(support_images.flatten(0, 2))
         feats = feats.unflatten(0, (B, N, K))                     # B x N x K x C x h x w
@@ -94,10 +87,8 @@ class FewShotSegNet(nn.Module):
 
     def segment(self, prototypes: Prototypes, query_images: Tensor) -> Tensor:
         """Logits B x Q x (1 + N) x H x W of query images B x Q x C x H x W (prototype batch 1 broadcasts)."""
-        self._check_images("query_images", query_images, 5)
-        if tuple(query_images.shape[-2:]) != prototypes.image_size:
-            raise UserError(f"query_images: size {tuple(query_images.shape[-2:])} differs from the "
-                            f"support size {prototypes.image_size}: resize both to input_size")
+        shape = (self.config["input_slices"], *prototypes.image_size)    # the support's C x H x W
+        assert query_images.dim() == 5 and query_images.shape[2:] == shape, tuple(query_images.shape)
         B, Q = query_images.shape[:2]
         feats = self.encoder(query_images.flatten(0, 1)).unflatten(0, (B, Q))
         return self.head.score(prototypes, feats)
@@ -105,13 +96,11 @@ class FewShotSegNet(nn.Module):
     # ---- training forward -----------------------------------------------------------------
     def forward(self, support_images: Tensor, support_fg: Tensor, support_bg: Tensor,
                 query_images: Tensor) -> tuple[Tensor, Tensor]:
-        self._check_images("support_images", support_images, 6)
-        self._check_images("query_images", query_images, 5)
+        C = self.config["input_slices"]
+        assert support_images.dim() == 6 and support_images.shape[3] == C
         B, N, K, _, H, W = support_images.shape
-        Bq, Q = query_images.shape[:2]
-        if Bq != B or tuple(query_images.shape[-2:]) != (H, W):
-            raise UserError(f"query_images: shape {tuple(query_images.shape)}: expected B x Q x C x H x W "
-                            f"with B = {B} and H x W = {H} x {W} as the support images")
+        Q = query_images.shape[1]
+        assert query_images.shape == (B, Q, C, H, W), tuple(query_images.shape)
         # One encoder pass over support and query images (PANet), shared BatchNorm statistics.
         feats = self.encoder(torch.cat([support_images.flatten(0, 2), query_images.flatten(0, 1)]))
         support_feats = feats[: B * N * K].unflatten(0, (B, N, K))  # B x N x K x C x h x w
@@ -124,15 +113,6 @@ class FewShotSegNet(nn.Module):
         return logits, self.head.alignment_loss(prototypes, logits, query_feats, support_feats,
                                                 support_fg, support_bg)
 
-    def _check_images(self, name: str, images: Tensor, dims: int) -> None:
-        """One line unless `images` is B x N x K x C x H x W (dims 6) / B x Q x C x H x W (dims 5)."""
-        C = self.config["input_slices"]
-        shape = f"B x N x K x {C} x H x W" if dims == 6 else f"B x Q x {C} x H x W"
-        if images.dim() != dims or images.shape[-3] != C:
-            what = "one slice per image" if C == 1 else "3 slices per image (z - 1, z, z + 1)"
-            raise UserError(f"{name}: shape {tuple(images.shape)}: expected {shape} ({what}: "
-                            f"model.input_slices = {C})")
-
 
 # ---- building ------------------------------------------------------------------------------------
 def method_of(model_config: Mapping) -> str:
@@ -143,7 +123,7 @@ def method_of(model_config: Mapping) -> str:
 def build_model(model_config: Mapping, init_path: str | None = None) -> nn.Module:
     """A FewShotSegNet or SENet from a checked model config dict (keys the model does not use ignored)."""
     if method_of(model_config) == SENET:
-        return SENet.from_config(model_config)
+        return SENet(bool(model_config.get("official_bug", False)))
     return FewShotSegNet.from_config(model_config, init_path)
 
 
@@ -162,7 +142,7 @@ def with_head_options(model: nn.Module, options: Mapping) -> nn.Module:
 
 # ---- the model's options: config.py's model.* keys ------------------------------------------------
 MODEL_OPTIONS = {
-    "method": choice(*METHODS),
+    "method": choice(*METHOD_NAMES),
     "encoder": choice(*ENCODER_CLASSES),
     "n_grid": integer(1, example="8"),
     "overlap": Option(BOOL),
@@ -174,7 +154,7 @@ MODEL_OPTIONS = {
     "align_weight": number(0, example="1.0"),
     "head": choice(*HEADS),
     "pretrained": Option(BOOL),
-    "input_slices": choice(*INPUT_SLICES),
+    "input_slices": choice(1, 3),   # the slice, or z - 1, z, z + 1 (dataloaders/transforms.py)
     # LSLPN+ (models/lslpn_plus.py; defaults PLUS_DEFAULTS)
     "grids": Option(GRIDS),
     "grid_fusion": choice(*FUSIONS),
@@ -203,15 +183,11 @@ def check_model_rules(model: Mapping, prefix: str = "model", input_size: int | N
                    f"set {prefix}.pretrained=False")
     if isinstance(input_size, int):
         side = input_size // ENCODER_CLASSES[encoder].output_stride
-        if n_grid > side:
-            raise fail(f"{prefix}.n_grid", n_grid, f"larger than the {side} x {side} feature map of encoder "
-                       f"{encoder} at input_size {input_size}",
-                       f"use {prefix}.n_grid <= {side} or a larger input_size")
-        grids = model.get("grids") or []
-        if grids and max(grids) > side:
-            raise fail(f"{prefix}.grids", list(grids), f"grid {max(grids)} is larger than the {side} x "
-                       f"{side} feature map of encoder {encoder} at input_size {input_size}",
-                       f"use grids <= {side} or a larger input_size")
+        for key, largest in (("n_grid", n_grid), ("grids", max(model.get("grids") or [0]))):
+            if largest > side:
+                raise fail(f"{prefix}.{key}", model.get(key, n_grid), f"larger than the {side} x {side} "
+                           f"feature map of encoder {encoder} at input_size {input_size}",
+                           f"use {prefix}.{key} <= {side} or a larger input_size")
     for key in ("grids", "query_rounds"):
         if head != "local" and model.get(key):
             raise fail(f"{prefix}.{key}", model[key], f"an LSLPN+ option of the local head, not of the "

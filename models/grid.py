@@ -1,10 +1,6 @@
-"""Windowed grid geometry: the cells of the location-sensitive head and their vectorised kernels.
-
-Cells as the official code builds them (`grid_cells`). Bilinear upsampling is linear and separable
-(F_up = A F B^T), so every masked cell sum, dot product and norm of the upsampled features is computed
-on the small feature window of each cell, never forming a C x H x W tensor; an `Axis` holds that
-geometry for one axis. docs/method.md, "Vectorised cell kernels". No Python loop over cells.
-"""
+"""The local head's windowed cell geometry (`grid_cells`, as the official code) and its vectorised kernels:
+cell sums, dots and norms of the upsampled features computed on each cell's feature window, never forming a
+C x H x W tensor; docs/method.md, "Vectorised cell kernels"."""
 from __future__ import annotations
 
 import functools

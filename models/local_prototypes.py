@@ -1,9 +1,5 @@
-"""Location-sensitive local prototypes (Yu et al., ISBI 2021): the head of LSLPN.
-
-`official_cell_loop`, a plain loop over grid cells with the rules of the authors' code (docs/method.md),
-is the method; `LocalPrototypeHead` computes the same logits without the loop and without forming the
-upsampled features (kernels in models/grid.py). The tests hold the two equal on every pixel.
-"""
+"""LSLPN's head (Yu et al., ISBI 2021): `official_cell_loop`, the method as the authors' code loops, and
+`LocalPrototypeHead`, the same logits vectorised (models/grid.py); the tests hold the two equal."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -94,35 +90,45 @@ VOTES = {"max": max_vote, "mean": mean_vote, "cover": cover_vote}
 
 
 def check_query_features(prototypes, query_features: Tensor) -> None:
-    """One line unless query_features B x Q x C x h x w fit the prototypes (batch 1 or B, C channels,
-    h x w feature map): the local and the ALPNet head's check."""
-    Bq, Bp = query_features.shape[0], prototypes.vectors.shape[0]
-    if query_features.dim() != 5 or tuple(query_features.shape[-2:]) != prototypes.feature_size \
-            or query_features.shape[2] != prototypes.vectors.shape[-1] or Bp not in (1, Bq):
-        raise UserError(f"query_features: shape {tuple(query_features.shape)} does not match the "
-                        f"prototypes (batch {Bp}, {prototypes.vectors.shape[-1]} channels, "
-                        f"feature map {prototypes.feature_size}): expected B x Q x C x h x w")
+    """query_features B x Q x C x h x w fit the prototypes: batch 1 or B, C channels, the h x w map."""
+    C, Bp = prototypes.vectors.shape[-1], prototypes.vectors.shape[0]
+    assert query_features.shape[2:] == (C, *prototypes.feature_size) and Bp in (1, query_features.shape[0])
 
 
-class LocalPrototypeHead(nn.Module):
-    """Local prototypes and voting (no parameters): the logits of `official_cell_loop`, fast, in float32
-    even under autocast. forward(support_features B x N x K x C x h x w, support_fg / support_bg
-    B x N x K x H x W, query_features B x Q x C x h x w, image_size (H, W)) -> B x Q x (1 + N) x H x W.
-    resolution 'image' (the authors'): cells on image pixels, computed on feature windows (models/grid.py);
-    'feature' (fast): masks area-downsampled, cells on the feature map, logits upsampled at the end.
-    """
-
-    def __init__(self, n_grid: int = 8, overlap: bool = True, vote: str = "max",
-                 resolution: str = "image", min_pixels: float = 10, scale: float = 20.0):
-        super().__init__()
-        self.n_grid, self.overlap, self.vote = n_grid, overlap, vote
-        self.resolution, self.min_pixels, self.scale = resolution, float(min_pixels), float(scale)
+class Head(nn.Module):
+    """A parameter-free head: `compute_prototypes` of the support, then `score` of the queries. forward(
+    support_features B x N x K x C x h x w, support_fg / support_bg B x N x K x H x W, query_features
+    B x Q x C x h x w, image_size (H, W)) -> logits B x Q x (1 + N) x H x W."""
 
     def forward(self, support_features: Tensor, support_fg: Tensor, support_bg: Tensor,
                 query_features: Tensor, image_size: tuple[int, int]) -> Tensor:
         check_episode(support_features, support_fg, support_bg, image_size)
         prototypes = self.compute_prototypes(support_features, support_fg, support_bg, image_size)
         return self.score(prototypes, query_features)
+
+
+class FeatureResolutionHead(Head):
+    """A head that scores at feature resolution (`score_features`) and upsamples (PANet's, ALPNet's)."""
+
+    def __init__(self, scale: float = 20.0):
+        super().__init__()
+        self.scale = float(scale)
+
+    def score(self, prototypes, query_features: Tensor) -> Tensor:
+        """Logits B x Q x (1 + N) x H x W: the feature-resolution scores upsampled bilinearly."""
+        return upsample(self.score_features(prototypes, query_features), prototypes.image_size)
+
+
+class LocalPrototypeHead(Head):
+    """The logits of `official_cell_loop`, fast, in float32 even under autocast. resolution 'image' (the
+    authors'): cells on image pixels, computed on feature windows (models/grid.py); 'feature' (fast): masks
+    area-downsampled, cells on the feature map, logits upsampled at the end."""
+
+    def __init__(self, n_grid: int = 8, overlap: bool = True, vote: str = "max",
+                 resolution: str = "image", min_pixels: float = 10, scale: float = 20.0):
+        super().__init__()
+        self.n_grid, self.overlap, self.vote = n_grid, overlap, vote
+        self.resolution, self.min_pixels, self.scale = resolution, float(min_pixels), float(scale)
 
     def _axes(self, image_size, feature_size, device) -> tuple[grid.Axis, grid.Axis]:
         (H, W), (h, w) = image_size, feature_size
@@ -156,8 +162,7 @@ class LocalPrototypeHead(nn.Module):
             return Prototypes(total / divisor.view(1, -1, 1, 1, 1), tuple(image_size), (h, w))
 
     def score(self, prototypes: Prototypes, query_features: Tensor) -> Tensor:
-        """Logits B x Q x (1 + N) x H x W of query features B x Q x C x h x w (prototype batch 1
-        broadcasts)."""
+        """Logits B x Q x (1 + N) x H x W of query features B x Q x C x h x w (prototypes of batch 1 or B)."""
         check_query_features(prototypes, query_features)
         with torch.autocast(query_features.device.type, enabled=False):
             query = query_features.float()
@@ -226,15 +231,9 @@ def upsample(scores: Tensor, size: tuple[int, int]) -> Tensor:
 
 def check_episode(support_features: Tensor, support_fg: Tensor, support_bg: Tensor,
                   image_size: tuple[int, int]) -> None:
-    """UserError for inconsistent episode tensors or a way whose support masks are all empty."""
-    if support_features.dim() != 6:
-        raise UserError(f"support_features: shape {tuple(support_features.shape)}: expected "
-                        "B x N x K x C x h x w")
-    B, N, K = support_features.shape[:3]
-    want = (B, N, K, *image_size)
-    for name, mask in (("support_fg", support_fg), ("support_bg", support_bg)):
-        if tuple(mask.shape) != want:
-            raise UserError(f"{name}: shape {tuple(mask.shape)}: expected B x N x K x H x W = {want}")
+    """UserError for a way whose support masks are all empty (a tiny organ resized away)."""
+    want = (*support_features.shape[:3], *image_size)                # B x N x K x H x W
+    assert support_features.dim() == 6 and support_fg.shape == support_bg.shape == want
     empty = support_fg.flatten(2).sum(-1) <= 0                   # B x N
     if bool(empty.any()):
         b, n = (int(i) for i in empty.nonzero()[0])

@@ -1,8 +1,5 @@
-"""LSLPN+: options on the local head beyond the paper, off by default, without parameters: multi-scale
-grids (`grids`, `grid_fusion`) and query-informed prototypes (`query_rounds`, `query_weight`,
-`query_confidence`); docs/method.md, "LSLPN+ head options", and docs/lslpn_plus.md. With grids [n_grid]
-and query_rounds 0 `LSLPNPlusHead` returns exactly the plain head's logits.
-"""
+"""LSLPN+ (beyond the paper, off by default, no parameters): multi-scale grids and query-informed prototypes
+on the local head; docs/method.md, "LSLPN+ head options", and docs/lslpn_plus.md."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -12,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models import grid
-from models.local_prototypes import LocalPrototypeHead, Prototypes
+from models.local_prototypes import Head, LocalPrototypeHead, Prototypes
 
 FUSIONS = ("mean", "max")
 
@@ -39,7 +36,7 @@ def mix_prototypes(support: Tensor, own: Tensor, weight: float) -> Tensor:
     return torch.where(present, (1.0 - weight) * unit_support + weight * unit_own, unit_support)
 
 
-class LSLPNPlusHead(nn.Module):
+class LSLPNPlusHead(Head):
     """Local prototype heads at several grid scales (`heads`: same vote, resolution, min_pixels and
     scale), fused, with query-informed prototype rounds; shapes as LocalPrototypeHead's."""
 

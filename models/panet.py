@@ -1,24 +1,17 @@
-"""PANet's global-prototype head and its alignment loss (Wang et al., ICCV 2019), as kaixin96/PANet
-computes them: masked average pooling of the upsampled support features, sum(F_up m) / (sum(m) + 1e-5),
-as <F, A^T m B> without forming F_up; scale x cosine at FEATURE resolution, then the logits upsampled.
-docs/method.md, "Prototype alignment".
-"""
+"""PANet's global-prototype head and alignment loss (Wang et al., ICCV 2019) as kaixin96/PANet computes
+them, without forming the upsampled features; docs/method.md, "Prototype alignment"."""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from models.grid import EPS, interpolation_matrix
-from models.local_prototypes import MEAN_EPS, Prototypes, support_cross_entropy, upsample
+from models.local_prototypes import MEAN_EPS, FeatureResolutionHead, Prototypes, support_cross_entropy
 
 
-class PANetHead(nn.Module):
+class PANetHead(FeatureResolutionHead):
     """Global prototypes (no parameters), LocalPrototypeHead's interface with one cell."""
-
-    def __init__(self, scale: float = 20.0):
-        super().__init__()
-        self.scale = float(scale)
 
     def compute_prototypes(self, support_features: Tensor, support_fg: Tensor, support_bg: Tensor,
                            image_size: tuple[int, int]) -> Prototypes:
@@ -44,10 +37,6 @@ class PANetHead(nn.Module):
             protos = prototypes.vectors[:, :, 0, 0]                              # Bp x L x C
             return self.scale * F.cosine_similarity(query.unsqueeze(2), protos[:, None, :, :, None, None],
                                                     dim=3, eps=EPS)
-
-    def score(self, prototypes: Prototypes, query_features: Tensor) -> Tensor:
-        """Logits B x Q x (1 + N) x H x W: feature-resolution scores upsampled bilinearly."""
-        return upsample(self.score_features(prototypes, query_features), prototypes.image_size)
 
     def alignment_loss(self, prototypes: Prototypes, query_logits: Tensor, query_features: Tensor,
                        support_features: Tensor, support_fg: Tensor, support_bg: Tensor) -> Tensor:

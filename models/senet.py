@@ -1,13 +1,8 @@
-"""SENet few-shot segmentation (Roy et al., MedIA 2020): the comparison method of the paper's Table 1.
-
-Two arms as the released code (conditioner on support + mask, segmenter on the query) joined by 9
-squeeze & excitation gates; layout, `official_bug` and k-shot rule: docs/method.md, "SENet". 1-way
-only; FewShotSegNet's interface (forward, encode_support -> SupportGates, segment).
-"""
+"""SENet (Roy et al., MedIA 2020), the paper's comparison method: conditioner and segmenter joined by 9
+squeeze & excitation gates, 1-way, FewShotSegNet's interface; docs/method.md, "SENet"."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping
 
 import torch
 import torch.nn.functional as F
@@ -125,11 +120,6 @@ class SENet(nn.Module):
         self.conditioner = Conditioner(16, official_bug)
         self.segmenter = Segmenter(64, 2)
 
-    @classmethod
-    def from_config(cls, model_cfg: Mapping) -> "SENet":
-        """Build from a model config dict (keys it does not use ignored)."""
-        return cls(bool(model_cfg.get("official_bug", False)))
-
     # ---- evaluation API ---------------------------------------------------------------------
     def encode_support(self, support_images: Tensor, support_fg: Tensor,
                        support_bg: Tensor | None = None) -> SupportGates:
@@ -145,13 +135,8 @@ class SENet(nn.Module):
 
     def segment(self, support: SupportGates, query_images: Tensor) -> Tensor:
         """Logits B x Q x 2 x H x W of query images B x Q x 1 x H x W; gates of batch 1 broadcast."""
-        if query_images.dim() != 5 or query_images.shape[2] != 1:
-            raise UserError(f"query_images: shape {tuple(query_images.shape)}: expected B x Q x 1 x H x W "
-                            "(one channel)")
+        assert query_images.dim() == 5 and query_images.shape[2:] == (1, *support.image_size)
         B, Q = query_images.shape[:2]
-        if tuple(query_images.shape[-2:]) != support.image_size:
-            raise UserError(f"query_images: size {tuple(query_images.shape[-2:])} differs from the "
-                            f"support size {support.image_size}: resize both to input_size")
         assert support.gates[0].shape[0] in (1, B), "the support batch is 1 or the query batch"
         gates = tuple(g.expand(B, *g.shape[1:]).repeat_interleave(Q, dim=0) for g in support.gates)
         logits = self.segmenter(query_images.flatten(0, 1), gates)      # BQ x 2 x H x W
@@ -165,19 +150,13 @@ class SENet(nn.Module):
 
 
 def _check_support(support_images: Tensor, support_fg: Tensor) -> None:
-    if support_images.dim() != 6 or support_images.shape[3] != 1:
-        raise UserError(f"support_images: shape {tuple(support_images.shape)}: expected "
-                        "B x N x K x 1 x H x W (one channel)")
-    if support_images.shape[1] != 1:
-        raise UserError(f"n_ways = {support_images.shape[1]}: SENet segments one class at a time: "
-                        "set n_ways=1")
-    H, W = support_images.shape[-2:]
+    """One way, one channel (the config checker refuses n_ways > 1); sides a multiple of 16 (one line:
+    an evaluation's input size may be any)."""
+    B, N, K, C, H, W = support_images.shape
+    assert N == C == 1 and support_fg.shape == (B, N, K, H, W), tuple(support_images.shape)
     if H % 2 ** _DEPTH or W % 2 ** _DEPTH:
         raise UserError(f"input size {H} x {W}: SENet needs sides divisible by {2 ** _DEPTH}: "
                         "choose input_size accordingly")
-    if tuple(support_fg.shape) != tuple(support_images.shape[:3]) + (H, W):
-        raise UserError(f"support_fg: shape {tuple(support_fg.shape)}: expected "
-                        f"{tuple(support_images.shape[:3]) + (H, W)}")
 
 
 # ---- loss -------------------------------------------------------------------------------------

@@ -239,24 +239,3 @@ def test_fewshot_network_with_the_alpnet_head():
         batched = model.segment(model.encode_support(support, fg, 1 - fg), query)
     assert float(zero) == 0.0
     torch.testing.assert_close(direct, batched)
-
-
-@pytest.mark.parametrize("head_name", ["alpnet", "local"])
-@pytest.mark.parametrize("bad", ["channels", "feature map", "batch", "dims"])
-def test_query_features_that_do_not_fit_the_prototypes_get_one_line(head_name, bad):
-    """Both heads share one check (models.local_prototypes.check_query_features)."""
-    from models.local_prototypes import LocalPrototypeHead
-    from util.errors import UserError
-    head = ALPNetHead().eval() if head_name == "alpnet" else LocalPrototypeHead(n_grid=2, min_pixels=1)
-    C = 4
-    fg = torch.zeros(2, 1, 1, H, W)
-    fg[..., : H // 2, : W // 2] = 1
-    protos = head.compute_prototypes(torch.randn(2, 1, 1, C, h, w), fg, 1 - fg, (H, W))
-    query = {"channels": torch.randn(2, 1, C + 1, h, w), "feature map": torch.randn(2, 1, C, h + 1, w),
-             "batch": torch.randn(3, 1, C, h, w), "dims": torch.randn(2, C, h, w)}[bad]
-    with pytest.raises(UserError) as caught:
-        head.score(protos, query)
-    message = str(caught.value)
-    assert message.startswith(f"query_features: shape {tuple(query.shape)} does not match the prototypes")
-    assert "\n" not in message
-    assert head.score(protos, torch.randn(2, 1, C, h, w)).shape == (2, 1, 2, H, W)   # a fitting query

@@ -99,23 +99,6 @@ def test_the_sign_and_offset_convention_on_a_square():
     assert not signed_distance_maps(np.ones((2, 4, 4), dtype=bool)).any()
 
 
-def test_class_distance_maps_of_a_label_batch():
-    """B x Q x H x W labels with two ways -> B x Q x 2 x H x W maps of each way's mask, divided by H."""
-    rng = np.random.default_rng(2)
-    labels = torch.from_numpy(rng.integers(0, 3, size=(2, 2, 10, 10)))
-    labels[0, 1] = 1                                                  # way 1 fills it, way 2 absent
-    labels[1, 0] = 0                                                  # no foreground at all
-    labels[1, 1, 4, 4] = 2                                            # one pixel of way 2
-    phi = class_distance_maps(labels, n_ways=2)
-    assert phi.shape == (2, 2, 2, 10, 10) and phi.dtype == torch.float32
-    for b in range(2):
-        for q in range(2):
-            for way in (1, 2):
-                expected = reference_signed_distance(labels[b, q].numpy() == way) / 10
-                np.testing.assert_allclose(phi[b, q, way - 1].numpy(), expected, rtol=1e-6, atol=1e-7)
-    assert not phi[0, 1].any() and not phi[1, 0].any()
-
-
 # ------------------------------------------------------------------ the loss
 def random_episode(seed: int, n_ways: int = 2, size: int = 9):
     generator = torch.Generator().manual_seed(seed)

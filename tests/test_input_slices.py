@@ -265,9 +265,9 @@ def test_encoders_take_a_3_slice_stack_and_a_1_slice_model_is_unchanged():
         logits, _ = one(support, fg, 1 - fg, query)
         stacked, _ = three(support.repeat(1, 1, 1, 3, 1, 1), fg, 1 - fg, query.repeat(1, 1, 3, 1, 1))
         assert torch.equal(logits, stacked)
-        with pytest.raises(UserError, match=r"expected B x Q x 3 x H x W .*model.input_slices = 3"):
+        with pytest.raises(AssertionError):
             three.segment(three.encode_support(support.repeat(1, 1, 1, 3, 1, 1), fg, 1 - fg), query)
-        with pytest.raises(UserError, match=r"expected B x N x K x 1 x H x W"):
+        with pytest.raises(AssertionError):
             one(support.repeat(1, 1, 1, 3, 1, 1), fg, 1 - fg, query)
 
 

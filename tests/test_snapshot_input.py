@@ -19,17 +19,13 @@ from models.fewshot import FewShotSegNet
 WINDOW = {"mode": "window", "window": [-125.0, 275.0]}
 
 
-def test_recorded_values_win_over_defaults_and_requested_values_win_over_recorded():
+def test_requested_values_win_over_recorded_then_the_fallback_then_defaults():
     state = {"input_size": 128, "intensity": WINDOW}
     assert trained_input(state) == (128, WINDOW)
     assert model_input(state) == (128, WINDOW)
     requested = model_input(state, input_size=96, intensity={"mode": "minmax"}, name="s.pth")   # own warning
     assert requested == (96, {"mode": "minmax"})
-    # a record beats a guess
-    assert model_input(state, fallback_intensity={"mode": "minmax"}) == (128, WINDOW)
-
-
-def test_a_snapshot_without_records_uses_the_fallback_then_defaults():
+    assert model_input(state, fallback_intensity={"mode": "minmax"}) == (128, WINDOW)  # a record wins
     assert trained_input({}) == (None, None)
     assert model_input({}, fallback_intensity=WINDOW) == (512, WINDOW)
     assert model_input({}) == (512, {"mode": "minmax"})
