@@ -19,6 +19,7 @@ from dataloaders.organs import FOLD_ORGANS, TEST_ORGANS
 from dataloaders.prepared import read_meta
 from demo import PINNED_NUMERICS
 from evaluation.evaluate import evaluate
+from experiments import runner
 from experiments.runner import ROOT, python_command, resolved_config, run_step, train_or_reuse
 from util.device import cpu_has_native_bf16
 from util.errors import UserError
@@ -164,16 +165,6 @@ def schedule() -> str:
             f"{c['val_every']} steps, channels_last {'on' if c['channels_last'] else 'off'}, amp={c['amp']}.")
 
 
-def replace_block(path: Path, marker: str, body: str) -> None:
-    """Replace the text between <!-- marker:begin --> and <!-- marker:end --> in `path` (atomic)."""
-    begin, end = f"<!-- {marker}:begin -->", f"<!-- {marker}:end -->"
-    text = path.read_text()
-    if begin not in text or end not in text:
-        raise UserError(f"{path} has no {begin} ... {end} block: restore the markers")
-    head, rest = text.split(begin, 1)
-    write_text_atomic(head + begin + "\n" + body.strip() + "\n" + end + rest.split(end, 1)[1], path)
-
-
 def publish(docs: Path = ROOT / "docs") -> None:
     """Copy the finished demo's table and figures into README.md, REPRODUCTION.md and docs/ (maintainers)."""
     report = RUN_DIR / "report.md"
@@ -186,8 +177,9 @@ def publish(docs: Path = ROOT / "docs") -> None:
     made = ("Volumetric Dice on the gold phantom volumes (preset `inclusive`), produced by `make demo` on 2 "
             "CPU cores and copied here by `python -m demo --publish`; the full report with the "
             "commands and run times of every step is [docs/demo_report.md](docs/demo_report.md).")
-    replace_block(ROOT / "README.md", "demo", "\n\n".join([
-        made, table, "![Support and query slices with outlines](docs/demo_results.png)"]))
-    replace_block(ROOT / "REPRODUCTION.md", "demo", "\n\n".join([
-        made, table, "![Alignment Dice against segmentation Dice](docs/demo_misalignment.png)"]))
+    for doc, figure in (("README.md", "![Support and query slices with outlines](docs/demo_results.png)"),
+                        ("REPRODUCTION.md",
+                         "![Alignment Dice against segmentation Dice](docs/demo_misalignment.png)")):
+        runner.replace_between(ROOT / doc, "<!-- demo:begin -->", "<!-- demo:end -->",
+                               "\n" + "\n\n".join([made, table, figure]) + "\n")
     print(f"published the demo table into README.md and REPRODUCTION.md, figures into {docs}")

@@ -172,7 +172,7 @@ def main(argv: list[str]) -> int:
 
 
 def speed(args, command: str) -> int:
-    """--speed: measure each checkpoint (experiments/segment_speed.py), write its BENCHMARKS.md section."""
+    """--speed: measure each checkpoint (experiments/chaos.py), write its BENCHMARKS.md section."""
     doc = check_output_file(args.doc or BENCHMARKS, what="--doc", suffixes=(".md",))
     for checkpoint in args.speed:
         if not checkpoint.is_file():
@@ -180,10 +180,10 @@ def speed(args, command: str) -> int:
                             "last.pth")
     check_writable_folder(args.out / "speed", "--out")
     os.environ.update(PINNED_NUMERICS)
-    from experiments import chaos, segment_speed
-    section = segment_speed.speed_section(args.speed, args.data or chaos.default_data(), args.out / "speed",
-                                          command)
-    segment_speed.write_section(section, doc)
+    from experiments import chaos
+    from experiments.runner import replace_between
+    section = chaos.speed_section(args.speed, args.data or chaos.default_data(), args.out / "speed", command)
+    replace_between(doc, *chaos.SPEED_MARKERS, section, append=True)
     print(section)
     return 0
 

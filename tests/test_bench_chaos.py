@@ -308,15 +308,18 @@ def test_test_py_alpnet_preset_scores_as_the_benchmark(tmp_path):
 
 def test_speed_section_replaces_its_markers_only(tmp_path, monkeypatch):
     """--speed: a missing checkpoint is one line; the section goes between its markers (appended once)."""
-    from experiments.segment_speed import MARKERS, write_section
+    from experiments.chaos import SPEED_MARKERS
+    from experiments.runner import replace_between
     bench = load_bench()
     monkeypatch.setattr(bench, "PINNED_NUMERICS", {})
     with pytest.raises(UserError, match="--speed .*none.pth: no such checkpoint file"):
         bench.main(["--speed", str(tmp_path / "none.pth"), "--doc", str(tmp_path / "B.md")])
     doc = tmp_path / "B.md"
     doc.write_text("# Benchmarks\n\n<!-- begin cpu -->\nkept\n<!-- end cpu -->\n")
-    write_section(f"{MARKERS[0]}\nfirst\n{MARKERS[1]}", doc)
-    write_section(f"{MARKERS[0]}\nsecond\n{MARKERS[1]}", doc)
+    replace_between(doc, *SPEED_MARKERS, "\nfirst\n", append=True)
+    replace_between(doc, *SPEED_MARKERS, "\nsecond\n", append=True)
     text = doc.read_text()
     assert text.startswith("# Benchmarks\n\n<!-- begin cpu -->\nkept\n<!-- end cpu -->\n")
-    assert "second" in text and "first" not in text and text.count(MARKERS[0]) == 1
+    assert "second" in text and "first" not in text and text.count(SPEED_MARKERS[0]) == 1
+    with pytest.raises(UserError, match="has no <!-- demo:begin --> ... <!-- demo:end --> block"):
+        replace_between(doc, "<!-- demo:begin -->", "<!-- demo:end -->", "table")
