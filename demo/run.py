@@ -46,11 +46,6 @@ FAILED = ("demo step '{title}' failed (exit {code}): fix the message above and r
           "finished steps are reused")
 
 
-def step(title: str, command: list[str], log: list[dict]) -> None:
-    """Run one step of the demo (a failure says to run `make demo` again)."""
-    run_step(title, command, log, FAILED)
-
-
 def prepared_as_demo() -> bool:
     """PREP_DIR exists and was prepared with the demo's intensity window (a stale folder is prepared
     again)."""
@@ -86,15 +81,15 @@ def training_overrides(method: str, fold: int) -> list[str]:
 def make_data(log: list[dict], redo: set[str] = frozenset()) -> None:
     """The demo's phantom and its prepared folder, unless they exist (and `redo` does not name them)."""
     if "phantom" in redo or not PHANTOM_DIR.exists():
-        step("generate the phantom", python_command(
+        run_step("generate the phantom", python_command(
             "scripts/make_phantom.py", "--out", str(PHANTOM_DIR), "--n-silver", str(PHANTOM["n_silver"]),
-            "--n-gold", str(PHANTOM["n_gold"]), "--seed", str(PHANTOM["seed"]), "--overwrite"), log)
+            "--n-gold", str(PHANTOM["n_gold"]), "--seed", str(PHANTOM["seed"]), "--overwrite"), log, FAILED)
     else:
         print(f"==> phantom: reusing {PHANTOM_DIR}")
     if {"phantom", "prepare"} & redo or not prepared_as_demo():
-        step("prepare the phantom", python_command(
+        run_step("prepare the phantom", python_command(
             "scripts/prepare_visceral.py", "--visceral-dir", str(PHANTOM_DIR), "--out", str(PREP_DIR),
-            *PREPARE_OPTIONS, "--overwrite"), log)
+            *PREPARE_OPTIONS, "--overwrite"), log, FAILED)
     else:
         print(f"==> prepare: reusing {PREP_DIR}")
 
@@ -104,7 +99,8 @@ def run_demo(redo: set[str], extra: list[str], device: str = "auto") -> dict:
     log: list[dict] = []
     start = time.perf_counter()
     make_data(log, redo)
-    step("check the prepared data", python_command("scripts/check_dataset.py", str(PREP_DIR)), log)
+    run_step("check the prepared data", python_command("scripts/check_dataset.py", str(PREP_DIR)), log,
+             FAILED)
     snapshots = train_all(log, bool({"phantom", "prepare", "train"} & redo), extra)
 
     print(f"\n==> evaluate mask copy, {', '.join(METHODS)} on the gold volumes (preset inclusive)",
@@ -116,8 +112,8 @@ def run_demo(redo: set[str], extra: list[str], device: str = "auto") -> dict:
                        device=device, batch_size=config["eval"]["batch_size"], config=dict(config))
     log.append({"step": "evaluate", "command": "evaluation.evaluate.evaluate (see demo/run.py)",
                 "seconds": round(time.perf_counter() - eval_start, 1)})
-    step("training curves", python_command("tools/training_curves.py", str(RUN_DIR / "train"),
-                                           "--out", str(RUN_DIR / "training_curves.png")), log)
+    run_step("training curves", python_command("tools/training_curves.py", str(RUN_DIR / "train"), "--out",
+                                               str(RUN_DIR / "training_curves.png")), log, FAILED)
     write_report(results, log, time.perf_counter() - start)
     return results
 

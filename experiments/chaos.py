@@ -336,12 +336,10 @@ def evaluate_cached(out: Path, snapshot: Path | None, folder: Path, organs: list
 def run_bench(data_dir: Path, out: Path, folds: list[int], settings: list[int], rules: list[str],
               budget: dict, device: str, figure_hook=None, progress=None,
               label_sets: list[int] = (0, 1), only: list[str] | None = None) -> dict:
-    """Every fold x setting x label set x method; returns (and writes OUT/results.json) the results.
-
-    Order (what a short budget finishes first): Setting 2 under rules[0] before Setting 1, fold by fold,
-    then Setting 2 under the other rules (protocol Dice only); each method is evaluated right after its
-    training, under the protocol and without the oracle; `progress(results)` runs after every cell.
-    """
+    """Every fold x setting x label set x method; returns (and writes OUT/results.json) the results. Order
+    (a short budget finishes the first): Setting 2 under rules[0], Setting 1, then Setting 2 under the other
+    rules (protocol Dice only); each method is evaluated right after its training, under the protocol and
+    without the oracle; `progress(results)` runs after every cell."""
     dataset = layout.detect_dataset(data_dir)
     clean_leftovers(out)
     named_base, base = budget_overrides(budget["steps"], budget["input_size"], budget["batch_size"],

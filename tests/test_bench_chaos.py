@@ -15,8 +15,12 @@ from test_alpnet_layout import write_alpnet_folder
 from util.errors import UserError
 
 
-def load_bench():
-    return load_script("bench_chaos")
+@pytest.fixture
+def bench(monkeypatch):
+    """scripts/bench_chaos.py, its pins off (they would leak into later tests' subprocesses)."""
+    script = load_script("bench_chaos")
+    monkeypatch.setattr(script, "PINNED_NUMERICS", {})
+    return script
 
 
 def dead_pid() -> int:
@@ -26,10 +30,7 @@ def dead_pid() -> int:
     return child.pid
 
 
-def test_bench_trains_evaluates_reports_and_reuses(tmp_path, capsys, monkeypatch):
-    bench = load_bench()
-    # the pins would leak into later tests' subprocesses
-    monkeypatch.setattr(bench, "PINNED_NUMERICS", {})
+def test_bench_trains_evaluates_reports_and_reuses(bench, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(bench, "PUBLISHED_DOC", tmp_path / "committed" / "bench_chaos.md")
     # paths with spaces: every recorded command must run when pasted
     data = write_alpnet_folder(tmp_path / "my chaos", [1, 2, 3, 5, 8, 10], size=48, depth=10, cell=24)
@@ -124,9 +125,7 @@ def test_evaluations_are_keyed_by_what_they_depend_on(tmp_path):
     assert len(list((tmp_path / "evaluations").glob("*.json"))) == 3
 
 
-def test_bench_refuses_bad_arguments_in_one_line(tmp_path, monkeypatch):
-    bench = load_bench()
-    monkeypatch.setattr(bench, "PINNED_NUMERICS", {})
+def test_bench_refuses_bad_arguments_in_one_line(bench, tmp_path):
     with pytest.raises(UserError, match="folds 7"):
         bench.main(["--folds", "7"])
     with pytest.raises(UserError, match="not one"):
@@ -137,15 +136,11 @@ def test_bench_refuses_bad_arguments_in_one_line(tmp_path, monkeypatch):
                     "--doc", str(tmp_path / "d.md")])
     with pytest.raises(UserError, match="no results yet"):
         bench.main(["--report-only", "--out", str(tmp_path / "none")])
-
-
     with pytest.raises(UserError, match="give --publish or --doc, not both"):
         bench.main(["--publish", "--doc", str(tmp_path / "d.md")])
 
 
-def test_every_output_location_is_checked_before_any_compute(tmp_path, monkeypatch):
-    bench = load_bench()
-    monkeypatch.setattr(bench, "PINNED_NUMERICS", {})
+def test_every_output_location_is_checked_before_any_compute(bench, tmp_path):
     data = write_alpnet_folder(tmp_path / "chaos", [1, 2, 3, 5, 8, 10], size=24, depth=8)
     (tmp_path / "folder.md").mkdir()
     (tmp_path / "a file").write_text("keep me")
@@ -161,9 +156,7 @@ def test_every_output_location_is_checked_before_any_compute(tmp_path, monkeypat
     assert (tmp_path / "a file").read_text() == "keep me"
 
 
-def test_publish_writes_the_committed_report_only_on_purpose(tmp_path, monkeypatch):
-    bench = load_bench()
-    monkeypatch.setattr(bench, "PINNED_NUMERICS", {})
+def test_publish_writes_the_committed_report_only_on_purpose(bench, tmp_path, monkeypatch):
     committed = tmp_path / "docs" / "bench_chaos.md"
     monkeypatch.setattr(bench, "PUBLISHED_DOC", committed)
     out = tmp_path / "out"
@@ -306,12 +299,10 @@ def test_test_py_alpnet_preset_scores_as_the_benchmark(tmp_path):
             assert {c["query"]: c["dice_range"] for c in cases} == bench[organ]
 
 
-def test_speed_section_replaces_its_markers_only(tmp_path, monkeypatch):
+def test_speed_section_replaces_its_markers_only(bench, tmp_path):
     """--speed: a missing checkpoint is one line; the section goes between its markers (appended once)."""
     from experiments.chaos import SPEED_MARKERS
     from experiments.runner import replace_between
-    bench = load_bench()
-    monkeypatch.setattr(bench, "PINNED_NUMERICS", {})
     with pytest.raises(UserError, match="--speed .*none.pth: no such checkpoint file"):
         bench.main(["--speed", str(tmp_path / "none.pth"), "--doc", str(tmp_path / "B.md")])
     doc = tmp_path / "B.md"
