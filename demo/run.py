@@ -39,7 +39,8 @@ METHODS = {  # table row -> Sacred named configs / overrides on top of CONFIGS
 # lets bone and air set the range and leaves them a few grey levels apart, which the demo's short
 # training from random initialisation cannot separate. The demo therefore prepares with the
 # abdominal HU window [-125, 275] (REPRODUCTION.md lists this difference).
-PREPARE_OPTIONS = ["--window", "-125", "275"]
+WINDOW = (-125, 275)
+PREPARE_OPTIONS = ["--window", *map(str, WINDOW)]
 
 
 FAILED = ("demo step '{title}' failed (exit {code}): fix the message above and run `make demo` again; "
@@ -49,9 +50,8 @@ FAILED = ("demo step '{title}' failed (exit {code}): fix the message above and r
 def prepared_as_demo() -> bool:
     """PREP_DIR exists and was prepared with the demo's intensity window (a stale folder is prepared
     again)."""
-    window = [float(v) for v in PREPARE_OPTIONS[PREPARE_OPTIONS.index("--window") + 1:][:2]]
     try:
-        return read_meta(PREP_DIR).get("intensity") == {"mode": "window", "window": window}
+        return read_meta(PREP_DIR).get("intensity") == {"mode": "window", "window": list(WINDOW)}
     except UserError:
         return False
 

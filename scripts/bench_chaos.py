@@ -101,7 +101,8 @@ def main(argv: list[str]) -> int:
     from util.provenance import git_commit
     # every output location before any compute: never inside the data folder (checked before any write
     # probe), then --out (--doc defaults to a file inside it)
-    source = os.path.realpath(args.data or steps.default_data())
+    data = args.data or steps.default_data()
+    source = os.path.realpath(data)
     for what, path in (("--out", args.out), ("--doc", doc)):
         if not args.report_only and (os.path.realpath(path) + os.sep).startswith(source + os.sep):
             raise UserError(f"{what} {path} is inside the data folder {source}: give a location outside it")
@@ -126,19 +127,15 @@ def main(argv: list[str]) -> int:
         if args.report_only:
             results = json.loads(results_path.read_text())
         else:
-            results = plus.run_sweep(args.data or steps.default_data(), args.out, args.folds, args.device,
-                                     args.retime, command)
+            results = plus.run_sweep(data, args.out, args.folds, args.device, args.retime, command)
             write_text_atomic(json.dumps(results, indent=1), results_path)
         plus.write_report(results, doc)
         print(f"wrote {doc} ({results['seconds'] / 60:.1f} min)")
         return 0
     if args.report_only:
-        saved = json.loads(results_path.read_text())
-        steps.write_report(saved, doc, doc.with_suffix(".png"), saved["seconds"], saved["command"],
-                            saved["exclusion"], saved["environment"])
+        steps.write_report(json.loads(results_path.read_text()), doc, doc.with_suffix(".png"))
         print(f"wrote {doc}")
         return 0
-    data = args.data or steps.default_data()
     steps.layout.detect_dataset(data)       # one line for a folder that is not in the layout
     budget = {"steps": args.steps if args.steps is not None else (100000 if args.full else 100),
               "input_size": 256 if args.full else args.input_size,
@@ -155,15 +152,14 @@ def main(argv: list[str]) -> int:
         results.update({"seconds": seconds, "command": command, "exclusion": exclusion, "complete": final,
                         "commit": git_commit(), "environment": environment})
         write_text_atomic(json.dumps(results, indent=1), results_path)
-        steps.write_report(results, doc, figure, seconds, command, exclusion, environment)
+        steps.write_report(results, doc, figure)
 
     rules = list(dict.fromkeys(args.rules))
     results = steps.run_bench(data, args.out, args.folds, sorted(args.settings), rules, budget, args.device,
                               figure_hook=collector, progress=publish,
                               label_sets=args.label_sets, only=args.methods)
     publish(results, final=True)
-    seconds = results["seconds"]
-    print(f"\nwrote {doc} ({seconds / 60:.1f} min)")
+    print(f"\nwrote {doc} ({results['seconds'] / 60:.1f} min)")
     print(doc.read_text())
     return 0
 

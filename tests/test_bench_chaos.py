@@ -161,9 +161,7 @@ def test_publish_writes_the_committed_report_only_on_purpose(bench, tmp_path, mo
     monkeypatch.setattr(bench, "PUBLISHED_DOC", committed)
     out = tmp_path / "out"
     out.mkdir()
-    results = {**fake_results(), "seconds": 60.0, "command": "python scripts/bench_chaos.py",
-               "exclusion": None, "environment": "cpu"}
-    (out / "results.json").write_text(json.dumps(results))
+    (out / "results.json").write_text(json.dumps(fake_results()))
     assert bench.main(["--report-only", "--out", str(out)]) == 0
     assert (out / "bench_chaos.md").is_file() and not committed.exists()
     assert bench.main(["--report-only", "--out", str(out), "--publish"]) == 0
@@ -176,6 +174,7 @@ def fake_results(**data_set) -> dict:
     cells.append({"method": "LSLPN", "fold": 0, "setting": 2, "rule": "or", "label_set": 0,
                   "dice": {"kidney_left": {"1": 0.9}}})
     return {"methods": ["mask copy", "LSLPN"], "cells": cells, "rule": "or", "complete": False, "log": [],
+            "seconds": 60.0, "command": "python x", "exclusion": None, "environment": "cpu",
             "budget": {"full": False, "steps": 2, "batch_size": 1, "input_size": 32},
             "data_set": {"name": "chaos_t2", "modality": "MR", "scans": 6, "queries_per_fold": [4],
                          "folder": "/data/x", "published": False, **data_set}}
@@ -189,7 +188,7 @@ def test_report_names_its_data_and_the_published_row_of_that_data_set(tmp_path, 
     from experiments import chaos as report
     results = fake_results(name=name, modality=modality, scans=scans, queries_per_fold=[6] if scans else [4],
                            folder="/data/my folder", published=scans in (20, 30))
-    text = report.write_report(results, tmp_path / "r.md", None, 60.0, "python x", None, "cpu").read_text()
+    text = report.write_report(results, tmp_path / "r.md", None).read_text()
     title = {"chaos_t2": "# CHAOS-T2 abdominal MRI", "sabs": "# SABS (BTCV) abdominal CT"}[name]
     assert text.startswith(title) and f"({modality}), {scans} scans in `/data/my folder`" in text
     assert "6 query scans per fold" in text and "over each fold's 6 query scans" in text
@@ -203,7 +202,7 @@ def test_report_names_its_data_and_the_published_row_of_that_data_set(tmp_path, 
 def test_partial_report_and_fold_statistics(tmp_path):
     from experiments import chaos as report
     results = fake_results()
-    text = report.write_report(results, tmp_path / "r.md", None, 60.0, "python x", None, "cpu").read_text()
+    text = report.write_report(results, tmp_path / "r.md", None).read_text()
     assert "**Partial**" in text
     assert "| mask copy | - | - | 55.0 (5.0) | - |" in text      # fold means 50 and 60: mean 55, std 5
     assert "| LSLPN | - | - | 90.0 | - |" in text                 # one fold so far: no std
@@ -223,7 +222,7 @@ def test_report_tables_without_the_oracle_and_under_the_and_rule(tmp_path):
         {"step": "evaluate LSLPN fold 0 setting 2 labels 0 AND rule", "seconds": 30.0, "rule": "and"},
         {"step": "evaluate mask copy fold 0 setting 2 labels 0", "seconds": 6.0},
         {"step": "no oracle mask copy fold 0 setting 2 labels 0", "seconds": 12.0, "no_oracle": True}]
-    text = report.write_report(results, tmp_path / "r.md", None, 60.0, "python x", None, "cpu").read_text()
+    text = report.write_report(results, tmp_path / "r.md", None).read_text()
     assert "| LSLPN | - | - | 90.0 | - | 90.0 |" in text                # the main table: OR only
     assert "| LSLPN | AND | - | - | 95.0 | - | 95.0 |" in text
     assert "| LSLPN | AND - OR (points) | - | - | +5.0 | - | +5.0 |" in text
