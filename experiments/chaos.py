@@ -382,9 +382,8 @@ def run_bench(data_dir: Path, out: Path, folds: list[int], settings: list[int], 
                         snapshot = selfsup_snapshots[row]
                     else:
                         supervised = how.get("supervised", False)
-                        name = f"{key}_fold{fold}_setting{setting}" + (
-                            f"_labels{label_set}" if setting == 2 or supervised else "") + (
-                            f"_{cell_rule}" if cell_rule not in (None, "or") else "")
+                        name = f"{key}_{folder.name}" + (            # run names: the folders' tags
+                            f"_labels{label_set}" if setting == 1 and supervised else "")
                         labels = supervised_fold(dataset, label_set) if supervised else []
                         snapshot = train(name, [*named_base, *how["named"]],
                                          [*base, *how["overrides"], *labels, f"path.data_dir={folder}"],
