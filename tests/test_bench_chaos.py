@@ -184,7 +184,7 @@ def fake_results(**data_set) -> dict:
     ("chaos_t2", "MR", 20, "| *73.0* | *67.0* | *73.6* | *78.4* | *73.0* |"),
     ("sabs", "CT", 30, "| *73.7* | *60.2* | *63.3* | *54.8* | *63.0* |"),
     ("sabs", "CT", 12, None)])
-def test_report_names_its_data_and_the_published_row_of_that_data_set(tmp_path, name, modality, scans, row):
+def test_report_names_its_data_the_published_row_and_fold_statistics(tmp_path, name, modality, scans, row):
     from experiments import chaos as report
     results = fake_results(name=name, modality=modality, scans=scans, queries_per_fold=[6] if scans else [4],
                            folder="/data/my folder", published=scans in (20, 30))
@@ -197,12 +197,6 @@ def test_report_names_its_data_and_the_published_row_of_that_data_set(tmp_path, 
         assert "published SSL-ALPNet (" not in text and "No published row" in text
     else:
         assert row in text
-
-
-def test_partial_report_and_fold_statistics(tmp_path):
-    from experiments import chaos as report
-    results = fake_results()
-    text = report.write_report(results, tmp_path / "r.md", None).read_text()
     assert "**Partial**" in text
     assert "| mask copy | - | - | 55.0 (5.0) | - |" in text      # fold means 50 and 60: mean 55, std 5
     assert "| LSLPN | - | - | 90.0 | - |" in text                 # one fold so far: no std
