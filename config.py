@@ -133,95 +133,39 @@ _named_dict("official", OFFICIAL)
 _named_dict("paper", {**OFFICIAL, "lr_milestones": [2500, 5000, 7500]})
 
 
-@ex.named_config
-def lslpn_plus():
-    # LSLPN+ (docs/lslpn_plus.md), chosen on CHAOS-T2 validation scans: training with the boundary loss;
-    # test.py applies the multi-scale head (eval.head_options) and test-time adaptation (eval.adapt_steps).
-    boundary_weight = 0.3
-    eval = {"head_options": {"grids": [4, 8], "grid_fusion": "mean"}, "adapt_steps": 20, "adapt_lr": 1e-2}
-
-
-@ex.named_config
-def panet():
-    # PANet's code: global prototypes with PANet's prototype alignment loss.
-    model = {"head": "panet", "n_grid": 1, "align": True}
-
-
-@ex.named_config
-def senet():
-    # SENet (Roy et al. 2020, docs/method.md): 20 epochs x 101 batches of 2 one-shot episodes, SGD lr 1e-3,
-    # momentum 0.99, weight decay 1e-4 per arm, StepLR per `senet`, Dice loss, no augmentation. VISCERAL: the
-    # released models saw 256 x 256 slices (add input_size=256).
-    model = {"method": "senet"}
-    batch_size = 2
-    n_steps = 2020
-    lr = 1e-3
-    momentum = 0.99
-    weight_decay = 1e-4
-    augment = {"p": 0.0}
-
-
-@ex.named_config
-def senet_demo():
-    # After `demo senet` (make demo): SENet's 20 epochs squeezed into 200 steps at 64 x 64, lr 1e-2
-    # (REPRODUCTION.md has the sizing measurements).
-    input_size = 64
-    n_steps = 200
-    lr = 1e-2
-    val_every = 100
-    save_every = 100
-
-
-@ex.named_config
-def demo():
-    # Sized for 2 CPU cores and the synthetic phantom (the phantom studies, the CHAOS CPU budget; `make demo`
-    # adds make_demo).
-    input_size = 128
-    n_steps = 600
-    lr = 1e-2
-    lr_milestones = [450]
-    save_every = 100
-    val_every = 100
-    print_every = 50
-    class_setting = "all_structures"
-    model = {"encoder": "cnn_small", "pretrained": False}
-    path = {"data_dir": "data/prepared_phantom"}
-    eval = {"batch_size": 64}
-
-
-@ex.named_config
-def make_demo():
-    # After `demo` (make demo, about 10 minutes with the install on 2 cores): 300 steps of 2 episodes
-    # (`demo`: 600 of 4); bf16 autocast where the CPU has native bf16 (amp=True). SENet's schedule stays
-    # senet_demo's. channels_last: not faster on a 2-core AVX2 EPYC (0.95-1.17x), so off. BENCHMARKS.md
-    # section 7 measures the step and the candidates.
-    batch_size = 2
-    n_steps = 300
-    lr_milestones = [225]
-    amp = True
-
-
-@ex.named_config
-def tiny():
-    # A seconds-long run for the tests.
-    input_size = 64
-    n_steps = 6
-    batch_size = 2
-    lr = 1e-2
-    lr_milestones = [4]
-    save_every = 2
-    val_every = 3
-    print_every = 2
-    class_setting = "all_structures"
-    model = {"encoder": "cnn_small", "resolution": "feature", "pretrained": False}
-    eval = {"batch_size": 8}
-
-
-@ex.named_config
-def selfsup():
-    # Self-supervised episodes from superpixels (no label is read); add to a size config, e.g.
-    # `with demo selfsup path.data_dir=PREP`, PREP made by scripts/make_superpixels.py.
-    episodes = "superpixels"
+# LSLPN+ (docs/lslpn_plus.md), chosen on CHAOS-T2 validation scans: training with the boundary loss; test.py
+# applies the multi-scale head (eval.head_options) and test-time adaptation (eval.adapt_steps).
+_named_dict("lslpn_plus", {"boundary_weight": 0.3, "eval": {
+    "head_options": {"grids": [4, 8], "grid_fusion": "mean"}, "adapt_steps": 20, "adapt_lr": 1e-2}})
+# PANet's code: global prototypes with PANet's prototype alignment loss.
+_named_dict("panet", {"model": {"head": "panet", "n_grid": 1, "align": True}})
+# SENet (Roy et al. 2020, docs/method.md): 20 epochs x 101 batches of 2 one-shot episodes, SGD lr 1e-3,
+# momentum 0.99, weight decay 1e-4 per arm, StepLR per `senet`, Dice loss, no augmentation. VISCERAL: the
+# released models saw 256 x 256 slices (add input_size=256).
+_named_dict("senet", {"model": {"method": "senet"}, "batch_size": 2, "n_steps": 2020, "lr": 1e-3,
+                      "momentum": 0.99, "weight_decay": 1e-4, "augment": {"p": 0.0}})
+# After `demo senet` (make demo): SENet's 20 epochs squeezed into 200 steps at 64 x 64, lr 1e-2
+# (REPRODUCTION.md has the sizing measurements).
+_named_dict("senet_demo", {"input_size": 64, "n_steps": 200, "lr": 1e-2, "val_every": 100, "save_every": 100})
+# Sized for 2 CPU cores and the synthetic phantom (the phantom studies, the CHAOS CPU budget; `make demo` adds
+# make_demo).
+_named_dict("demo", {"input_size": 128, "n_steps": 600, "lr": 1e-2, "lr_milestones": [450], "save_every": 100,
+                     "val_every": 100, "print_every": 50, "class_setting": "all_structures",
+                     "model": {"encoder": "cnn_small", "pretrained": False},
+                     "path": {"data_dir": "data/prepared_phantom"}, "eval": {"batch_size": 64}})
+# After `demo` (make demo, about 10 minutes with the install on 2 cores): 300 steps of 2 episodes (`demo`: 600
+# of 4); bf16 autocast where the CPU has native bf16 (amp=True). SENet's schedule stays senet_demo's.
+# channels_last: not faster on a 2-core AVX2 EPYC (0.95-1.17x), so off. BENCHMARKS.md section 7 measures the
+# step and the candidates.
+_named_dict("make_demo", {"batch_size": 2, "n_steps": 300, "lr_milestones": [225], "amp": True})
+# A seconds-long run for the tests.
+_named_dict("tiny", {"input_size": 64, "n_steps": 6, "batch_size": 2, "lr": 1e-2, "lr_milestones": [4],
+                     "save_every": 2, "val_every": 3, "print_every": 2, "class_setting": "all_structures",
+                     "model": {"encoder": "cnn_small", "resolution": "feature", "pretrained": False},
+                     "eval": {"batch_size": 8}})
+# Self-supervised episodes from superpixels (no label is read); add to a size config, e.g. `with demo selfsup
+# path.data_dir=PREP`, PREP made by scripts/make_superpixels.py.
+_named_dict("selfsup", {"episodes": "superpixels"})
 
 
 def differences_from_default(config: dict) -> dict:

@@ -31,7 +31,6 @@ TISSUES = [("air", -1000, 0), ("subcut_fat", -100, 8), ("muscle", 45, 9), ("cavi
            ("psoas", 47, 9)]
 T = {name: index for index, (name, _, _) in enumerate(TISSUES)}
 BONE = (T["cortical_bone"], T["marrow"])
-SOFT_CAVITY = (T["cavity_fat"], T["bowel_wall"], T["bowel_content"], T["gas"])
 # tissues an organ may paint over: everything inside the cavity except bone and the body wall
 INTERIOR = tuple(i for i in range(len(TISSUES)) if i not in (T["air"], T["subcut_fat"], T["muscle"]) + BONE)
 

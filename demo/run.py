@@ -19,6 +19,7 @@ from dataloaders.organs import FOLD_ORGANS, TEST_ORGANS
 from dataloaders.prepared import read_meta
 from demo import PINNED_NUMERICS
 from evaluation.evaluate import evaluate
+from experiments import runner
 from experiments.runner import ROOT, python_command, resolved_config, run_step, train_or_reuse
 from util.device import cpu_has_native_bf16
 from util.errors import UserError
@@ -38,24 +39,19 @@ METHODS = {  # table row -> Sacred named configs / overrides on top of CONFIGS
 # lets bone and air set the range and leaves them a few grey levels apart, which the demo's short
 # training from random initialisation cannot separate. The demo therefore prepares with the
 # abdominal HU window [-125, 275] (REPRODUCTION.md lists this difference).
-PREPARE_OPTIONS = ["--window", "-125", "275"]
+WINDOW = (-125, 275)
+PREPARE_OPTIONS = ["--window", *map(str, WINDOW)]
 
 
 FAILED = ("demo step '{title}' failed (exit {code}): fix the message above and run `make demo` again; "
           "finished steps are reused")
 
 
-def step(title: str, command: list[str], log: list[dict]) -> None:
-    """Run one step of the demo (a failure says to run `make demo` again)."""
-    run_step(title, command, log, FAILED)
-
-
 def prepared_as_demo() -> bool:
     """PREP_DIR exists and was prepared with the demo's intensity window (a stale folder is prepared
     again)."""
-    window = [float(v) for v in PREPARE_OPTIONS[PREPARE_OPTIONS.index("--window") + 1:][:2]]
     try:
-        return read_meta(PREP_DIR).get("intensity") == {"mode": "window", "window": window}
+        return read_meta(PREP_DIR).get("intensity") == {"mode": "window", "window": list(WINDOW)}
     except UserError:
         return False
 
@@ -85,15 +81,15 @@ def training_overrides(method: str, fold: int) -> list[str]:
 def make_data(log: list[dict], redo: set[str] = frozenset()) -> None:
     """The demo's phantom and its prepared folder, unless they exist (and `redo` does not name them)."""
     if "phantom" in redo or not PHANTOM_DIR.exists():
-        step("generate the phantom", python_command(
+        run_step("generate the phantom", python_command(
             "scripts/make_phantom.py", "--out", str(PHANTOM_DIR), "--n-silver", str(PHANTOM["n_silver"]),
-            "--n-gold", str(PHANTOM["n_gold"]), "--seed", str(PHANTOM["seed"]), "--overwrite"), log)
+            "--n-gold", str(PHANTOM["n_gold"]), "--seed", str(PHANTOM["seed"]), "--overwrite"), log, FAILED)
     else:
         print(f"==> phantom: reusing {PHANTOM_DIR}")
     if {"phantom", "prepare"} & redo or not prepared_as_demo():
-        step("prepare the phantom", python_command(
+        run_step("prepare the phantom", python_command(
             "scripts/prepare_visceral.py", "--visceral-dir", str(PHANTOM_DIR), "--out", str(PREP_DIR),
-            *PREPARE_OPTIONS, "--overwrite"), log)
+            *PREPARE_OPTIONS, "--overwrite"), log, FAILED)
     else:
         print(f"==> prepare: reusing {PREP_DIR}")
 
@@ -103,7 +99,8 @@ def run_demo(redo: set[str], extra: list[str], device: str = "auto") -> dict:
     log: list[dict] = []
     start = time.perf_counter()
     make_data(log, redo)
-    step("check the prepared data", python_command("scripts/check_dataset.py", str(PREP_DIR)), log)
+    run_step("check the prepared data", python_command("scripts/check_dataset.py", str(PREP_DIR)), log,
+             FAILED)
     snapshots = train_all(log, bool({"phantom", "prepare", "train"} & redo), extra)
 
     print(f"\n==> evaluate mask copy, {', '.join(METHODS)} on the gold volumes (preset inclusive)",
@@ -115,8 +112,8 @@ def run_demo(redo: set[str], extra: list[str], device: str = "auto") -> dict:
                        device=device, batch_size=config["eval"]["batch_size"], config=dict(config))
     log.append({"step": "evaluate", "command": "evaluation.evaluate.evaluate (see demo/run.py)",
                 "seconds": round(time.perf_counter() - eval_start, 1)})
-    step("training curves", python_command("tools/training_curves.py", str(RUN_DIR / "train"),
-                                           "--out", str(RUN_DIR / "training_curves.png")), log)
+    run_step("training curves", python_command("tools/training_curves.py", str(RUN_DIR / "train"), "--out",
+                                               str(RUN_DIR / "training_curves.png")), log, FAILED)
     write_report(results, log, time.perf_counter() - start)
     return results
 
@@ -164,16 +161,6 @@ def schedule() -> str:
             f"{c['val_every']} steps, channels_last {'on' if c['channels_last'] else 'off'}, amp={c['amp']}.")
 
 
-def replace_block(path: Path, marker: str, body: str) -> None:
-    """Replace the text between <!-- marker:begin --> and <!-- marker:end --> in `path` (atomic)."""
-    begin, end = f"<!-- {marker}:begin -->", f"<!-- {marker}:end -->"
-    text = path.read_text()
-    if begin not in text or end not in text:
-        raise UserError(f"{path} has no {begin} ... {end} block: restore the markers")
-    head, rest = text.split(begin, 1)
-    write_text_atomic(head + begin + "\n" + body.strip() + "\n" + end + rest.split(end, 1)[1], path)
-
-
 def publish(docs: Path = ROOT / "docs") -> None:
     """Copy the finished demo's table and figures into README.md, REPRODUCTION.md and docs/ (maintainers)."""
     report = RUN_DIR / "report.md"
@@ -186,8 +173,9 @@ def publish(docs: Path = ROOT / "docs") -> None:
     made = ("Volumetric Dice on the gold phantom volumes (preset `inclusive`), produced by `make demo` on 2 "
             "CPU cores and copied here by `python -m demo --publish`; the full report with the "
             "commands and run times of every step is [docs/demo_report.md](docs/demo_report.md).")
-    replace_block(ROOT / "README.md", "demo", "\n\n".join([
-        made, table, "![Support and query slices with outlines](docs/demo_results.png)"]))
-    replace_block(ROOT / "REPRODUCTION.md", "demo", "\n\n".join([
-        made, table, "![Alignment Dice against segmentation Dice](docs/demo_misalignment.png)"]))
+    for doc, figure in (("README.md", "![Support and query slices with outlines](docs/demo_results.png)"),
+                        ("REPRODUCTION.md",
+                         "![Alignment Dice against segmentation Dice](docs/demo_misalignment.png)")):
+        runner.replace_between(ROOT / doc, "<!-- demo:begin -->", "<!-- demo:end -->",
+                               "\n" + "\n\n".join([made, table, figure]) + "\n")
     print(f"published the demo table into README.md and REPRODUCTION.md, figures into {docs}")

@@ -8,16 +8,23 @@ Results per cell in OUT/results.json; the report (docs/bench_chaos.md) and its o
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
+import platform
+import subprocess
+import sys
 import time
+from datetime import datetime
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
 from dataloaders import layouts as layout
+from dataloaders.label_map import sidecar_path
 from dataloaders.nifti import NiftiVolume, _clean_stale, _pid_alive
 from dataloaders.organs import NAME_TO_INDEX
 from dataloaders.prepare import normalised_volume, prepare_alpnet
@@ -25,10 +32,12 @@ from dataloaders.prepared import load_volume, read_meta
 from dataloaders.superpixels import make_alpnet_superpixels
 from evaluation.evaluate import evaluate
 from evaluation.protocols import dice as dice_score
-from evaluation.protocols import summarise_folds
+from evaluation.protocols import organ_slice_list, summarise_folds, support_slices
 from evaluation.segment import LabelledScan, load_model, organ_supports, segment_scan
 from experiments.runner import ROOT, train_or_reuse
 from models.checkpoint import load_checkpoint, model_input
+from models.fewshot import build_model
+from util.device import resolve_device, seed_everything
 from util.errors import UserError
 from util.io import atomic_path, write_text_atomic
 
@@ -99,11 +108,9 @@ def budget_overrides(steps: int, input_size: int, batch_size: int, full: bool) -
         return [], [f"n_steps={steps or 100000}", "input_size=256", "batch_size=1", "lr=1e-3",
                     f"lr_milestones={milestones}", "lr_gamma=0.95", "save_every=25000", "val_every=0",
                     "augment.p=0.0"]
-    n = steps
-    return ["demo"], [f"n_steps={n}", f"input_size={input_size}", f"batch_size={batch_size}",
-                      f"lr_milestones=[{max(1, (3 * n) // 4)}]", f"save_every={n}",
-                      f"print_every={max(1, n // 4)}",
-                      "val_every=0", "augment.p=0.0"]
+    return ["demo"], [f"n_steps={steps}", f"input_size={input_size}", f"batch_size={batch_size}",
+                      f"lr_milestones=[{max(1, (3 * steps) // 4)}]", f"save_every={steps}",
+                      f"print_every={max(1, steps // 4)}", "val_every=0", "augment.p=0.0"]
 
 
 def tag(fold: int, setting: int, label_set: int | None, rule: str, validation: bool = False) -> str:
@@ -116,17 +123,16 @@ def tag(fold: int, setting: int, label_set: int | None, rule: str, validation: b
 
 def prepared(data_dir: Path, out: Path, fold: int, setting: int, label_set: int | None, rule: str,
              log: list, validation: bool = False) -> Path:
-    """The prepared folder of (fold, setting, label set), made unless one with the same meta exists.
-
-    validation: the fold's validation scan is held out of training (dataloaders/prepare.py)."""
+    """The prepared folder of (fold, setting, label set), made unless one with the same meta exists
+    (validation: the fold's validation scan held out of training, dataloaders/prepare.py)."""
     folder = out / "prepared" / tag(fold, setting, label_set, rule, validation)
     try:
-        meta = read_meta(folder)["alpnet"]
-        held = bool(meta.get("validation"))
+        whole = read_meta(folder)
+        meta, held = whole["alpnet"], bool(whole["alpnet"].get("validation"))
         if (meta["fold"], meta["setting"], meta["rule"], meta.get("gold_image"), held) \
                 == (fold, setting, rule, "as stored", validation) \
                 and (setting == 1 or meta["label_set"] == label_set) and meta.get("superpixels") and \
-                read_meta(folder)["source"]["dir"] == str(data_dir.resolve()):
+                whole["source"]["dir"] == str(data_dir.resolve()):
             return folder
     except (UserError, KeyError, TypeError):
         pass
@@ -167,7 +173,6 @@ def supervised_fold(dataset: layout.AlpnetDataset, label_set: int) -> list[str]:
 
 def run_seconds(run_dir: Path) -> float | None:
     """Wall time of a finished Sacred run (run.json start_time .. stop_time), None when not recorded."""
-    from datetime import datetime
     try:
         record = json.loads((run_dir / "run.json").read_text())
         start, stop = (datetime.fromisoformat(record[key]) for key in ("start_time", "stop_time"))
@@ -188,25 +193,17 @@ def train(name: str, named: list[str], overrides: list[str], log_dir: Path, log:
     return snapshot
 
 
-_VOLUMES: dict[tuple[str, str], dict] = {}
-
-
+@functools.cache
 def gold_volume(folder: Path, pid: str) -> dict:
-    """A prepared evaluation volume, read once per process (every method and organ reuses it)."""
-    key = (str(folder), str(pid))
-    if key not in _VOLUMES:
-        volume = load_volume(folder, "gold", pid)
-        # as SSL-ALPNet's loader
-        volume["image"] = normalised_volume(volume["image"], read_meta(folder)["intensity"])
-        _VOLUMES[key] = volume
-    return _VOLUMES[key]
+    """A prepared evaluation volume, normalised as SSL-ALPNet's loader, read once per process."""
+    volume = load_volume(folder, "gold", pid)
+    volume["image"] = normalised_volume(volume["image"], read_meta(folder)["intensity"])
+    return volume
 
 
 def initial_model(snapshot: Path, device: str):
     """(model, input size, intensity) a run started from: its config built under its seed (as training.loop
     builds it)."""
-    from models.fewshot import build_model
-    from util.device import seed_everything
     state = load_checkpoint(str(snapshot))
     seed_everything(int(state["seed"]))
     return (build_model(dict(state["model_config"])).to(device).eval(), int(state["input_size"]),
@@ -259,7 +256,6 @@ def evaluate_no_oracle(snapshot: Path | None, folder: Path, organs: list[str], d
     """({organ: {query id: Dice}}, {organ: {query id: HD95 mm}}, seconds): each query scan segmented for
     every organ at once as evaluation/segment.py does (`segment_scan`: the range found from the images,
     the largest 3D component kept), no ground truth used, scored over the whole volume. None: mask copy."""
-    from util.device import resolve_device
     start, device = time.perf_counter(), resolve_device(device)
     model, size, intensity = None, None, None
     if untrained:
@@ -340,12 +336,10 @@ def evaluate_cached(out: Path, snapshot: Path | None, folder: Path, organs: list
 def run_bench(data_dir: Path, out: Path, folds: list[int], settings: list[int], rules: list[str],
               budget: dict, device: str, figure_hook=None, progress=None,
               label_sets: list[int] = (0, 1), only: list[str] | None = None) -> dict:
-    """Every fold x setting x label set x method; returns (and writes OUT/results.json) the results.
-
-    Order (what a short budget finishes first): Setting 2 under rules[0] before Setting 1, fold by fold,
-    then Setting 2 under the other rules (protocol Dice only); each method is evaluated right after its
-    training, under the protocol and without the oracle; `progress(results)` runs after every cell.
-    """
+    """Every fold x setting x label set x method; returns (and writes OUT/results.json) the results. Order
+    (a short budget finishes the first): Setting 2 under rules[0], Setting 1, then Setting 2 under the other
+    rules (protocol Dice only); each method is evaluated right after its training, under the protocol and
+    without the oracle; `progress(results)` runs after every cell."""
     dataset = layout.detect_dataset(data_dir)
     clean_leftovers(out)
     named_base, base = budget_overrides(budget["steps"], budget["input_size"], budget["batch_size"],
@@ -388,9 +382,8 @@ def run_bench(data_dir: Path, out: Path, folds: list[int], settings: list[int], 
                         snapshot = selfsup_snapshots[row]
                     else:
                         supervised = how.get("supervised", False)
-                        name = f"{key}_fold{fold}_setting{setting}" + (
-                            f"_labels{label_set}" if setting == 2 or supervised else "") + (
-                            f"_{cell_rule}" if cell_rule not in (None, "or") else "")
+                        name = f"{key}_{folder.name}" + (            # run names: the folders' tags
+                            f"_labels{label_set}" if setting == 1 and supervised else "")
                         labels = supervised_fold(dataset, label_set) if supervised else []
                         snapshot = train(name, [*named_base, *how["named"]],
                                          [*base, *how["overrides"], *labels, f"path.data_dir={folder}"],
@@ -399,12 +392,13 @@ def run_bench(data_dir: Path, out: Path, folds: list[int], settings: list[int], 
                         if setting == 1 and not supervised:
                             selfsup_snapshots[row] = snapshot
                     done[row] = snapshot
-                    untrained, logged = "untrained_of" in how, len(log)
+                    untrained = "untrained_of" in how
                     cell_name = f"{row} fold {fold} setting {setting} labels {label_set}{where}"
                     dice, predictions, seconds, reused = evaluate_cached(out, snapshot, folder, organs,
                                                                          device, untrained)
                     log.append({"step": f"evaluate {cell_name}" + (" (reused)" if reused else ""),
-                                "seconds": round(seconds, 1)} | ({"reused": True} if reused else {}))
+                                "seconds": round(seconds, 1)} | ({"reused": True} if reused else {})
+                               | ({"rule": cell_rule} if extra else {}))
                     cell = {"method": row, "fold": fold, "setting": setting, "rule": cell_rule,
                             "label_set": label_set, "snapshot": str(snapshot) if snapshot else None,
                             "dice": dice, "kept_slices": sum(v["kept"] for v in kept.values()),
@@ -416,10 +410,8 @@ def run_bench(data_dir: Path, out: Path, folds: list[int], settings: list[int], 
                         log.append({"step": f"no oracle {cell_name}" + (" (reused)" if reused else ""),
                                     "seconds": round(seconds, 1), "no_oracle": True}
                                    | ({"reused": True} if reused else {}))
-                    for entry in log[logged:] if extra else []:
-                        entry["rule"] = cell_rule
-                    if figure_hook is not None and not extra:
-                        figure_hook(row, fold, setting, label_set, folder, predictions)
+                        if figure_hook is not None:
+                            figure_hook(row, fold, setting, label_set, folder, predictions)
                     print(f"    {row:18s} {cell_name[len(row) + 1:]}: " + ", ".join(
                         f"{o} {100 * np.nanmean(list(d.values())):.1f}" for o, d in dice.items()), flush=True)
                     write_text_atomic(json.dumps(results, indent=1), out / "results.json")
@@ -450,8 +442,6 @@ def exclusion_counts(data_dir: Path, folds: list[int]) -> dict:
 
 def environment_note() -> str:
     """One line on the machine the benchmark ran on."""
-    import platform
-
     import torch
     return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores visible, "
             f"torch {torch.__version__}, "
@@ -627,10 +617,9 @@ def no_oracle_tables(results: dict) -> list[str]:
     return lines
 
 
-def write_report(results: dict, doc: Path, figure: Path | None, seconds: float, command: str,
-                 exclusion: dict | None, environment: str) -> Path:
+def write_report(results: dict, doc: Path, figure: Path | None) -> Path:
     """docs/bench_chaos.md from results.json."""
-    budget = results["budget"]
+    budget, exclusion = results["budget"], results["exclusion"]
     regime = ("the published settings (`--full`)" if budget["full"] else
               "a CPU budget: `demo` config (cnn_small encoder from random initialisation), "
               f"{budget['steps']} steps, "
@@ -648,9 +637,9 @@ def write_report(results: dict, doc: Path, figure: Path | None, seconds: float, 
         scale = (f"No published row: SSL-ALPNet's figures are for the whole data set ({title}), and this "
                  f"folder holds {data_set['scans']} scans.")
     lines = [f"# {title} under SSL-ALPNet's protocol", "",
-             f"Generated by `{command}` (scripts/bench_chaos.py)"
+             f"Generated by `{results['command']}` (scripts/bench_chaos.py)"
              + (f" at commit {results['commit']}" if results.get("commit") else "")
-             + f"; total wall time {seconds / 60:.1f} min on {environment}."
+             + f"; total wall time {results['seconds'] / 60:.1f} min on {results['environment']}."
              + ("" if results.get("complete", True) else
                 " **Partial**: written while the run was still going (or after it stopped); "
                 "only the cells below were finished."), "",
@@ -717,9 +706,6 @@ class OverlayCollector:
         self.rows: dict[str, dict] = {}
 
     def __call__(self, method: str, fold: int, setting: int, label_set: int, folder: Path, predictions: dict):
-        from dataloaders.organs import NAME_TO_INDEX
-        from dataloaders.prepared import read_meta
-        from evaluation.protocols import organ_slice_list, support_slices
         if setting != self.setting:
             return
         meta = read_meta(folder)["alpnet"]
@@ -765,7 +751,7 @@ class OverlayCollector:
                 if c >= 2:
                     ax.contour(row["truth"].astype(float), levels=[0.5], colors=["tab:green"], linewidths=0.6,
                                linestyles="dotted")
-                ax.set_title(f"{title}" if r else f"{title}", fontsize=8)
+                ax.set_title(title, fontsize=8)
                 ax.set_xticks([]), ax.set_yticks([])
             axes[r, 0].set_ylabel(f"{organ}\nscan {row['qid']} z {row['z']}", fontsize=8)
         fig.tight_layout()
@@ -773,3 +759,93 @@ class OverlayCollector:
             fig.savefig(tmp, dpi=80, format="png")
         plt.close(fig)
         return path
+
+
+# ------------------------------------------------------------------ --speed: seconds per query scan
+SPEED_MARKERS = ("<!-- begin segment -->", "<!-- end segment -->")
+
+
+def measure_segment(checkpoint: Path, data_dir: Path, supports: list[int], queries: list[int], work: Path,
+                    out: Path) -> dict:
+    """{'queries': [{'id', 'seconds', 'dice': {organ: value}}], 'wall', 'cpu', 'peak_mib'} of one
+    checkpoint: the supports linked (never copied) into work/supports with their label names, one
+    segment_volume.py call writing into `out`."""
+    dataset = layout.detect_dataset(data_dir)
+    folder = work / "supports"
+    folder.mkdir(parents=True, exist_ok=True)
+    for sid in supports:
+        for kind in ("image", "label"):
+            link = folder / f"{kind}_{sid}.nii.gz"
+            if not link.is_symlink():
+                link.symlink_to(Path(data_dir).resolve() / f"{kind}_{sid}.nii.gz")
+    names = {str(value): name for value, name in dataset.vocabulary.items()}
+    (folder / "labels.json").write_text(json.dumps({"labels": names}))
+    images = [Path(data_dir) / f"image_{qid}.nii.gz" for qid in queries]
+    command = [sys.executable, str(ROOT / "scripts" / "segment_volume.py"), "--checkpoint", str(checkpoint),
+               "--support-dir", str(folder), *(a for image in images for a in ("--query", str(image))),
+               "--out", str(out), "--device", "cpu", "--no-progress"]
+    log = work / f"{out.name}.log"
+    start = time.perf_counter()
+    with open(log, "w") as handle:
+        process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT,
+                                   env={**os.environ, "OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2"})
+        _, status, usage = os.wait4(process.pid, 0)
+    process.returncode = os.waitstatus_to_exitcode(status)
+    wall = time.perf_counter() - start
+    if process.returncode:
+        raise UserError(f"segment_volume.py failed on {checkpoint} (exit {process.returncode}): see {log}")
+    rows = []
+    for qid, image in zip(queries, images):
+        labels = out / image.name.replace(".nii.gz", "_labels.nii.gz")
+        predicted = np.asarray(nib.load(labels).dataobj)
+        truth = np.asarray(nib.load(Path(data_dir) / f"label_{qid}.nii.gz").dataobj)
+        rows.append({"id": qid, "seconds": json.loads(sidecar_path(labels).read_text())["seconds"],
+                     "dice": {name: dice_score(predicted == value, truth == value)
+                              for value, name in dataset.vocabulary.items()}})
+    return {"queries": rows, "wall": wall, "cpu": usage.ru_utime + usage.ru_stime,
+            "peak_mib": usage.ru_maxrss / 1024}
+
+
+def describe_checkpoint(checkpoint: Path) -> str:
+    """'encoder, input S x S, step N' of a train.py checkpoint."""
+    state = load_checkpoint(str(checkpoint))
+    size = state.get("input_size")
+    return f"{state['model_config'].get('encoder')}, input {size} x {size}, step {state.get('step')}"
+
+
+def speed_section(checkpoints: list[Path], data_dir: Path, work: Path, command: str) -> str:
+    """The markdown section of every checkpoint on fold 0's query scans (BENCHMARKS.md, between
+    SPEED_MARKERS)."""
+    dataset = layout.detect_dataset(data_dir)
+    test, support, training = layout.fold_scans(layout.scan_ids(data_dir), 0, dataset)
+    supports, queries = [support, training[0]], test[:3]
+    load = [os.getloadavg()]
+    results = {str(c): measure_segment(Path(c), data_dir, supports, queries, work, work / f"out_{i}")
+               for i, c in enumerate(checkpoints)}
+    load.append(os.getloadavg())
+    cols, shown = " | ".join(HEAD[o] for o in ORGANS), ", ".join(map(str, queries))
+    when = "; ".join(", ".join(f"{v:.2f}" for v in a) + f" ({w})" for a, w in zip(load, ("start", "end")))
+    lines = ["", "## Segmenting a scan: seconds per query volume", "", f"Command: `{command}`  ",
+             f"Date: {time.strftime('%Y-%m-%d')}; {platform.processor() or 'cpu'}, {os.cpu_count()} cores "
+             f"visible, 2 threads; load average (1, 5, 15 min) {when} (above 2: other work shared the cores, "
+             "the seconds are upper bounds).", "",
+             f"`scripts/segment_volume.py --support-dir` with {dataset.name} scans {supports[0]} and "
+             f"{supports[1]} as the supports segments liver, spleen and both kidneys of scans {shown} in "
+             "one call, no range given (found from the images). Seconds per query: its sidecar's (read the"
+             " volume, find each organ's range, score, write; the first query also encodes the support "
+             "slices). Wall: the whole process (Python start, model and supports loaded); CPU: its user + "
+             "system seconds (less sensitive to other work on the cores). Peak memory: the"
+             " process's peak resident set size (ru_maxrss from os.wait4), MiB. Dice (%) over the whole "
+             "volume, a sanity check of the output.", "",
+             f"| checkpoint | query | seconds | {cols} |", "|---" * (len(ORGANS) + 3) + "|"]
+    for checkpoint, result in results.items():
+        for row in result["queries"]:
+            lines.append(f"| `{checkpoint}` | {row['id']} | {row['seconds']:.1f} | "
+                         + " | ".join(f"{100 * row['dice'][o]:.1f}" for o in ORGANS) + " |")
+    lines += ["", "| checkpoint | model | seconds per query (mean) | wall s | CPU s (user + sys) | "
+              "peak MiB |", "|---|---|---|---|---|---|"]
+    for checkpoint, result in results.items():
+        mean = float(np.mean([row["seconds"] for row in result["queries"]]))
+        lines.append(f"| `{checkpoint}` | {describe_checkpoint(Path(checkpoint))} | {mean:.1f} | "
+                     f"{result['wall']:.1f} | {result['cpu']:.1f} | {result['peak_mib']:.0f} |")
+    return "\n".join(lines + ["", ""])

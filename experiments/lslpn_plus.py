@@ -81,10 +81,8 @@ class Bench:
                 for label_set in (0, 1):
                     folder = steps.prepared(self.data, self.out, fold, setting, label_set if setting == 2
                                             else None, "or", self.log, validation=validation)
-                    name = (f"lslpn_fold{fold}_setting{setting}" + (f"_labels{label_set}" if setting == 2
-                            else "") + ("_validation" if validation else ""))
                     cell = {"fold": fold, "setting": setting, "label_set": label_set, "folder": folder,
-                            "name": name, "organs": self.dataset.test_organs(label_set),
+                            "name": f"lslpn_{folder.name}", "organs": self.dataset.test_organs(label_set),
                             "queries": steps.read_meta(folder)["alpnet"]["validation" if validation
                                                                           else "test"]}
                     # Setting 1: one run serves both label sets (no label is read in training)

@@ -22,6 +22,7 @@ from sacred.utils import SacredError
 
 from training.loop import config_hash, finished_snapshot, run_name
 from util.errors import UserError
+from util.io import write_text_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
 FAILED = ("step '{title}' failed (exit {code}): fix the message above and run it again; finished steps are "
@@ -89,3 +90,17 @@ def train_or_reuse(arguments: Sequence[str], *, snapshot: str = "best.pth", redo
         raise UserError(f"training {name} ended without {snapshot} at step {config['n_steps']} under "
                         f"{Path(config['path']['log_dir']) / name}: see its cout.txt")
     return found
+
+
+def replace_between(path: Path, begin: str, end: str, body: str, append: bool = False) -> None:
+    """Write `body` between the markers `begin` and `end` of `path` (atomic); absent markers: the block is
+    appended when `append`, else one line asks to restore them."""
+    text = path.read_text() if path.is_file() else ""
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        text = head + begin + body + end + rest.split(end, 1)[1]
+    elif append:
+        text = text.rstrip("\n") + "\n\n" + begin + body + end + "\n"
+    else:
+        raise UserError(f"{path} has no {begin} ... {end} block: restore the markers")
+    write_text_atomic(text, path)

@@ -6,7 +6,7 @@
     python scripts/bench_chaos.py --report-only         # rewrite the report from OUT/results.json
     python scripts/bench_chaos.py --lslpn-plus --publish  # the LSLPN+ sweep, docs/lslpn_plus.md
     python scripts/bench_chaos.py --speed A.pth B.pth     # seconds per scan, 4 organs: BENCHMARKS.md
-Steps (finished ones reused): experiments/chaos.py, lslpn_plus.py. --rules or: without the AND-rule table.
+Steps (finished ones reused): experiments/chaos.py, lslpn_plus.py.
 """
 from __future__ import annotations
 
@@ -101,7 +101,8 @@ def main(argv: list[str]) -> int:
     from util.provenance import git_commit
     # every output location before any compute: never inside the data folder (checked before any write
     # probe), then --out (--doc defaults to a file inside it)
-    source = os.path.realpath(args.data or steps.default_data())
+    data = args.data or steps.default_data()
+    source = os.path.realpath(data)
     for what, path in (("--out", args.out), ("--doc", doc)):
         if not args.report_only and (os.path.realpath(path) + os.sep).startswith(source + os.sep):
             raise UserError(f"{what} {path} is inside the data folder {source}: give a location outside it")
@@ -126,22 +127,15 @@ def main(argv: list[str]) -> int:
         if args.report_only:
             results = json.loads(results_path.read_text())
         else:
-            results = plus.run_sweep(args.data or steps.default_data(), args.out, args.folds, args.device,
-                                     args.retime, command)
+            results = plus.run_sweep(data, args.out, args.folds, args.device, args.retime, command)
             write_text_atomic(json.dumps(results, indent=1), results_path)
         plus.write_report(results, doc)
         print(f"wrote {doc} ({results['seconds'] / 60:.1f} min)")
         return 0
     if args.report_only:
-        saved = json.loads(results_path.read_text())
-        if any("rule" not in cell for cell in saved.get("cells", [])):
-            raise UserError(f"{results_path}: written by an earlier version of the benchmark (cells without "
-                            "'rule'): run it again without --report-only (finished runs are reused)")
-        steps.write_report(saved, doc, doc.with_suffix(".png"), saved["seconds"], saved["command"],
-                            saved["exclusion"], saved["environment"])
+        steps.write_report(json.loads(results_path.read_text()), doc, doc.with_suffix(".png"))
         print(f"wrote {doc}")
         return 0
-    data = args.data or steps.default_data()
     steps.layout.detect_dataset(data)       # one line for a folder that is not in the layout
     budget = {"steps": args.steps if args.steps is not None else (100000 if args.full else 100),
               "input_size": 256 if args.full else args.input_size,
@@ -158,21 +152,20 @@ def main(argv: list[str]) -> int:
         results.update({"seconds": seconds, "command": command, "exclusion": exclusion, "complete": final,
                         "commit": git_commit(), "environment": environment})
         write_text_atomic(json.dumps(results, indent=1), results_path)
-        steps.write_report(results, doc, figure, seconds, command, exclusion, environment)
+        steps.write_report(results, doc, figure)
 
     rules = list(dict.fromkeys(args.rules))
     results = steps.run_bench(data, args.out, args.folds, sorted(args.settings), rules, budget, args.device,
                               figure_hook=collector, progress=publish,
                               label_sets=args.label_sets, only=args.methods)
     publish(results, final=True)
-    seconds = results["seconds"]
-    print(f"\nwrote {doc} ({seconds / 60:.1f} min)")
+    print(f"\nwrote {doc} ({results['seconds'] / 60:.1f} min)")
     print(doc.read_text())
     return 0
 
 
 def speed(args, command: str) -> int:
-    """--speed: measure each checkpoint (experiments/segment_speed.py), write its BENCHMARKS.md section."""
+    """--speed: measure each checkpoint (experiments/chaos.py), write its BENCHMARKS.md section."""
     doc = check_output_file(args.doc or BENCHMARKS, what="--doc", suffixes=(".md",))
     for checkpoint in args.speed:
         if not checkpoint.is_file():
@@ -180,10 +173,10 @@ def speed(args, command: str) -> int:
                             "last.pth")
     check_writable_folder(args.out / "speed", "--out")
     os.environ.update(PINNED_NUMERICS)
-    from experiments import chaos, segment_speed
-    section = segment_speed.speed_section(args.speed, args.data or chaos.default_data(), args.out / "speed",
-                                          command)
-    segment_speed.write_section(section, doc)
+    from experiments import chaos
+    from experiments.runner import replace_between
+    section = chaos.speed_section(args.speed, args.data or chaos.default_data(), args.out / "speed", command)
+    replace_between(doc, *chaos.SPEED_MARKERS, section, append=True)
     print(section)
     return 0
 

@@ -21,21 +21,18 @@ from util.io import check_output_file, check_writable_folder, same_file, write_t
 def merged_table(run_dirs: list[Path]) -> str:
     """One Table 1 (range and whole-volume Dice) over several runs' results.json."""
     summary, presets = {}, set()
-    for run in run_dirs:
-        results = read_results(run)
-        presets.add(json.dumps(results["preset"], sort_keys=True))
-        for method, organs in results["results"].items():
-            if not isinstance(organs, dict):
-                raise UserError(f"{run / 'results.json'}: method '{method}' holds no organ entries: run "
-                                "test.py again for this folder")
-            for organ, entry in organs.items():
-                if organ in summary.setdefault(method, {}):
-                    raise UserError(f"{organ} of '{method}' appears in two runs (second: {run}): "
-                                    "pass one run per fold")
-                summary[method][organ] = entry
-    if len(presets) != 1:
-        raise UserError("the runs use different protocol presets: merge runs of one preset only")
     try:
+        for run in run_dirs:
+            results = read_results(run)
+            presets.add(json.dumps(results["preset"], sort_keys=True))
+            for method, organs in results["results"].items():
+                for organ, entry in organs.items():
+                    if organ in summary.setdefault(method, {}):
+                        raise UserError(f"{organ} of '{method}' appears in two runs (second: {run}): "
+                                        "pass one run per fold")
+                    summary[method][organ] = entry
+        if len(presets) != 1:
+            raise UserError("the runs use different protocol presets: merge runs of one preset only")
         preset = ProtocolPreset(**json.loads(presets.pop()))
         return markdown_table(summary, preset, "range") + "\n" + markdown_table(summary, preset, "volume")
     except (KeyError, TypeError, ValueError, AttributeError) as error:

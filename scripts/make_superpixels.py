@@ -4,8 +4,6 @@
     python scripts/make_superpixels.py --images MY_CT_DIR --out PREP       # NIfTI volumes: images-only first
     python scripts/make_superpixels.py --images PREP --figure-only --figure overlay.png  # judge them
     python scripts/make_superpixels.py --alpnet DATA       # SSL-ALPNet's own files, written into DATA
-
-Every option is checked before anything is read or written.
 """
 from __future__ import annotations
 

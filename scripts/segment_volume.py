@@ -22,38 +22,8 @@ from util.cli import run_cli
 from util.device import DEVICES
 from util.errors import UserError
 
-EPILOG = """\
-Query range: --query-range Z0:Z1 gives the organ's axial slices in the query (half-open, like a
-Python slice: Z0 .. Z1-1, indices along the query file's axial array axis as stored; refused on an
-oblique query, whose stored slice axis is more than 30 degrees from superior-inferior). Without it
-the range is transferred from the supports: by physical z position when the query is part of a
-support's scan (a crop of it, or the scan itself); otherwise the organ's relative position inside
-the support's body extent (slices with voxels > -500 HU) is placed in the query's body extent.
-That needs CT in Hounsfield units and scans of the same body region: for MR (or other non-HU
-volumes), and when the body extents differ by more than 25% in mm, it is refused (give
---query-range); more than 10% apart gives a warning. Slices outside the range are 0 in the output.
-
-Intensity: the checkpoint's scaling unless --intensity is given. A CT window (window:LO,HI) needs CT
-in HU: a volume without air voxels (float CT in [0, 1], uint16 stored without rescale, int8, MR) is
-refused; --intensity minmax scales each slice by its own range (any modality), --intensity zscore
-each volume by its mean and standard deviation (SSL-ALPNet's MR rule).
-
-Supports: a full annotated volume or a volume with only a few annotated slices (its annotated
-slices are the ones holding the organ; each chunk uses the nearest annotated slice). With several
---support-image/--support-mask pairs every chunk averages the supports' prototypes (k-shot).
-A query range shorter than --n-chunks gives each query slice the support chunk covering its centre.
-
-Several organs (--support-dir or --organs): multi-label supports (--support-dir holding image_<id>.nii.gz
-or image_<id>/ DICOM folders with label_<id>.nii.gz, or --support-image/--support-mask pairs) and their
-names (--label-map, SUPPORTS/labels.json or each mask's sidecar JSON; the maps must agree). Every organ
-asked for (default: all) is segmented in one pass per query, CT and MR alike, without a range: each
-organ's range is transferred by its relative position in the body's axial extent, widened by half its
-length, scored, and the organ's largest 3D connected component kept (--query-range overrides, for every
-organ). Out: one multi-label NIfTI per query with the supports' label values (a voxel claimed by several
-organs takes the highest score) and a JSON sidecar (names, method, scored and found ranges, seconds).
-Several queries (--query repeated, or a folder of .nii.gz): --out is a folder. --series UID picks the
-series of a query DICOM folder holding several.
-"""
+EPILOG = ("Query range, intensity, supports, several organs and every error: docs/usage.md, section "
+          "\"Segmenting a scan\".")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -15,8 +15,12 @@ from test_alpnet_layout import write_alpnet_folder
 from util.errors import UserError
 
 
-def load_bench():
-    return load_script("bench_chaos")
+@pytest.fixture
+def bench(monkeypatch):
+    """scripts/bench_chaos.py, its pins off (they would leak into later tests' subprocesses)."""
+    script = load_script("bench_chaos")
+    monkeypatch.setattr(script, "PINNED_NUMERICS", {})
+    return script
 
 
 def dead_pid() -> int:
@@ -26,10 +30,7 @@ def dead_pid() -> int:
     return child.pid
 
 
-def test_bench_trains_evaluates_reports_and_reuses(tmp_path, capsys, monkeypatch):
-    bench = load_bench()
-    # the pins would leak into later tests' subprocesses
-    monkeypatch.setattr(bench, "PINNED_NUMERICS", {})
+def test_bench_trains_evaluates_reports_and_reuses(bench, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(bench, "PUBLISHED_DOC", tmp_path / "committed" / "bench_chaos.md")
     # paths with spaces: every recorded command must run when pasted
     data = write_alpnet_folder(tmp_path / "my chaos", [1, 2, 3, 5, 8, 10], size=48, depth=10, cell=24)
@@ -124,9 +125,7 @@ def test_evaluations_are_keyed_by_what_they_depend_on(tmp_path):
     assert len(list((tmp_path / "evaluations").glob("*.json"))) == 3
 
 
-def test_bench_refuses_bad_arguments_in_one_line(tmp_path, monkeypatch):
-    bench = load_bench()
-    monkeypatch.setattr(bench, "PINNED_NUMERICS", {})
+def test_bench_refuses_bad_arguments_in_one_line(bench, tmp_path):
     with pytest.raises(UserError, match="folds 7"):
         bench.main(["--folds", "7"])
     with pytest.raises(UserError, match="not one"):
@@ -137,15 +136,11 @@ def test_bench_refuses_bad_arguments_in_one_line(tmp_path, monkeypatch):
                     "--doc", str(tmp_path / "d.md")])
     with pytest.raises(UserError, match="no results yet"):
         bench.main(["--report-only", "--out", str(tmp_path / "none")])
-
-
     with pytest.raises(UserError, match="give --publish or --doc, not both"):
         bench.main(["--publish", "--doc", str(tmp_path / "d.md")])
 
 
-def test_every_output_location_is_checked_before_any_compute(tmp_path, monkeypatch):
-    bench = load_bench()
-    monkeypatch.setattr(bench, "PINNED_NUMERICS", {})
+def test_every_output_location_is_checked_before_any_compute(bench, tmp_path):
     data = write_alpnet_folder(tmp_path / "chaos", [1, 2, 3, 5, 8, 10], size=24, depth=8)
     (tmp_path / "folder.md").mkdir()
     (tmp_path / "a file").write_text("keep me")
@@ -161,16 +156,12 @@ def test_every_output_location_is_checked_before_any_compute(tmp_path, monkeypat
     assert (tmp_path / "a file").read_text() == "keep me"
 
 
-def test_publish_writes_the_committed_report_only_on_purpose(tmp_path, monkeypatch):
-    bench = load_bench()
-    monkeypatch.setattr(bench, "PINNED_NUMERICS", {})
+def test_publish_writes_the_committed_report_only_on_purpose(bench, tmp_path, monkeypatch):
     committed = tmp_path / "docs" / "bench_chaos.md"
     monkeypatch.setattr(bench, "PUBLISHED_DOC", committed)
     out = tmp_path / "out"
     out.mkdir()
-    results = {**fake_results(), "seconds": 60.0, "command": "python scripts/bench_chaos.py",
-               "exclusion": None, "environment": "cpu"}
-    (out / "results.json").write_text(json.dumps(results))
+    (out / "results.json").write_text(json.dumps(fake_results()))
     assert bench.main(["--report-only", "--out", str(out)]) == 0
     assert (out / "bench_chaos.md").is_file() and not committed.exists()
     assert bench.main(["--report-only", "--out", str(out), "--publish"]) == 0
@@ -183,6 +174,7 @@ def fake_results(**data_set) -> dict:
     cells.append({"method": "LSLPN", "fold": 0, "setting": 2, "rule": "or", "label_set": 0,
                   "dice": {"kidney_left": {"1": 0.9}}})
     return {"methods": ["mask copy", "LSLPN"], "cells": cells, "rule": "or", "complete": False, "log": [],
+            "seconds": 60.0, "command": "python x", "exclusion": None, "environment": "cpu",
             "budget": {"full": False, "steps": 2, "batch_size": 1, "input_size": 32},
             "data_set": {"name": "chaos_t2", "modality": "MR", "scans": 6, "queries_per_fold": [4],
                          "folder": "/data/x", "published": False, **data_set}}
@@ -192,11 +184,11 @@ def fake_results(**data_set) -> dict:
     ("chaos_t2", "MR", 20, "| *73.0* | *67.0* | *73.6* | *78.4* | *73.0* |"),
     ("sabs", "CT", 30, "| *73.7* | *60.2* | *63.3* | *54.8* | *63.0* |"),
     ("sabs", "CT", 12, None)])
-def test_report_names_its_data_and_the_published_row_of_that_data_set(tmp_path, name, modality, scans, row):
+def test_report_names_its_data_the_published_row_and_fold_statistics(tmp_path, name, modality, scans, row):
     from experiments import chaos as report
     results = fake_results(name=name, modality=modality, scans=scans, queries_per_fold=[6] if scans else [4],
                            folder="/data/my folder", published=scans in (20, 30))
-    text = report.write_report(results, tmp_path / "r.md", None, 60.0, "python x", None, "cpu").read_text()
+    text = report.write_report(results, tmp_path / "r.md", None).read_text()
     title = {"chaos_t2": "# CHAOS-T2 abdominal MRI", "sabs": "# SABS (BTCV) abdominal CT"}[name]
     assert text.startswith(title) and f"({modality}), {scans} scans in `/data/my folder`" in text
     assert "6 query scans per fold" in text and "over each fold's 6 query scans" in text
@@ -205,12 +197,6 @@ def test_report_names_its_data_and_the_published_row_of_that_data_set(tmp_path, 
         assert "published SSL-ALPNet (" not in text and "No published row" in text
     else:
         assert row in text
-
-
-def test_partial_report_and_fold_statistics(tmp_path):
-    from experiments import chaos as report
-    results = fake_results()
-    text = report.write_report(results, tmp_path / "r.md", None, 60.0, "python x", None, "cpu").read_text()
     assert "**Partial**" in text
     assert "| mask copy | - | - | 55.0 (5.0) | - |" in text      # fold means 50 and 60: mean 55, std 5
     assert "| LSLPN | - | - | 90.0 | - |" in text                 # one fold so far: no std
@@ -230,7 +216,7 @@ def test_report_tables_without_the_oracle_and_under_the_and_rule(tmp_path):
         {"step": "evaluate LSLPN fold 0 setting 2 labels 0 AND rule", "seconds": 30.0, "rule": "and"},
         {"step": "evaluate mask copy fold 0 setting 2 labels 0", "seconds": 6.0},
         {"step": "no oracle mask copy fold 0 setting 2 labels 0", "seconds": 12.0, "no_oracle": True}]
-    text = report.write_report(results, tmp_path / "r.md", None, 60.0, "python x", None, "cpu").read_text()
+    text = report.write_report(results, tmp_path / "r.md", None).read_text()
     assert "| LSLPN | - | - | 90.0 | - | 90.0 |" in text                # the main table: OR only
     assert "| LSLPN | AND | - | - | 95.0 | - | 95.0 |" in text
     assert "| LSLPN | AND - OR (points) | - | - | +5.0 | - | +5.0 |" in text
@@ -306,17 +292,18 @@ def test_test_py_alpnet_preset_scores_as_the_benchmark(tmp_path):
             assert {c["query"]: c["dice_range"] for c in cases} == bench[organ]
 
 
-def test_speed_section_replaces_its_markers_only(tmp_path, monkeypatch):
+def test_speed_section_replaces_its_markers_only(bench, tmp_path):
     """--speed: a missing checkpoint is one line; the section goes between its markers (appended once)."""
-    from experiments.segment_speed import MARKERS, write_section
-    bench = load_bench()
-    monkeypatch.setattr(bench, "PINNED_NUMERICS", {})
+    from experiments.chaos import SPEED_MARKERS
+    from experiments.runner import replace_between
     with pytest.raises(UserError, match="--speed .*none.pth: no such checkpoint file"):
         bench.main(["--speed", str(tmp_path / "none.pth"), "--doc", str(tmp_path / "B.md")])
     doc = tmp_path / "B.md"
     doc.write_text("# Benchmarks\n\n<!-- begin cpu -->\nkept\n<!-- end cpu -->\n")
-    write_section(f"{MARKERS[0]}\nfirst\n{MARKERS[1]}", doc)
-    write_section(f"{MARKERS[0]}\nsecond\n{MARKERS[1]}", doc)
+    replace_between(doc, *SPEED_MARKERS, "\nfirst\n", append=True)
+    replace_between(doc, *SPEED_MARKERS, "\nsecond\n", append=True)
     text = doc.read_text()
     assert text.startswith("# Benchmarks\n\n<!-- begin cpu -->\nkept\n<!-- end cpu -->\n")
-    assert "second" in text and "first" not in text and text.count(MARKERS[0]) == 1
+    assert "second" in text and "first" not in text and text.count(SPEED_MARKERS[0]) == 1
+    with pytest.raises(UserError, match="has no <!-- demo:begin --> ... <!-- demo:end --> block"):
+        replace_between(doc, "<!-- demo:begin -->", "<!-- demo:end -->", "table")

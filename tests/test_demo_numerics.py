@@ -1,12 +1,6 @@
-"""The demo's CPU numerics (demo/__init__.py PINNED_NUMERICS: 2 threads) and its speed settings
-(config.py `make_demo`: amp=True = bf16 autocast only where the CPU has native bf16).
-
-Measured (README "Reproducibility of the demo"): the same tiny training gives different weights with 1
-thread than with 2+, and on an AVX-512 machine than on an AVX2 one (oneDNN kernels). Here: under the pins,
-with the demo's speed settings, 2 and 3 threads train to identical weights (so two runs on one machine
-agree), the pins reach the demo's step subprocesses, a speed setting this CPU cannot honour falls back
-with one logged line, and the demo reuses a finished run only when it has the config it would train now.
-"""
+"""The demo's CPU numerics (demo/__init__.py PINNED_NUMERICS) and speed settings (config.py `make_demo`):
+2 and 3 threads train to identical weights, the pins reach the step subprocesses, amp=True falls back in one
+logged line, and a finished run is reused only under the config the demo would train now."""
 from __future__ import annotations
 
 import hashlib
