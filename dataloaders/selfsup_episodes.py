@@ -167,6 +167,8 @@ def alpnet_view(image: np.ndarray, fg: np.ndarray, rng: np.random.Generator) -> 
 PSEUDO_CLASS = -1
 RECIPES = ("project", "alpnet")
 MAX_DRAWS = 50          # draws per item before giving up (an empty support is redrawn)
+REDRAW_REASONS = ("its id is empty in that slice", "smaller than one pixel at input_size",
+                  "lost under the warp")   # why a draw's support views hold no superpixel pixel
 
 
 class SelfSupEpisodeDataset(Dataset):
@@ -245,23 +247,29 @@ class SelfSupEpisodeDataset(Dataset):
             image = augment_intensity(image, self.augment, rng)
         return image.astype(np.float32), mask
 
-    def draw(self, rng: np.random.Generator) -> list[tuple[np.ndarray, np.ndarray]]:
-        """One draw: a slice, a superpixel, then K + Q views [(image (C x) H x W float32, fg H x W)]."""
+    def draw(self, rng: np.random.Generator) -> tuple[list[tuple[np.ndarray, np.ndarray]], int | None]:
+        """One draw: a slice, a superpixel, then K + Q views [(image (C x) H x W float32, fg H x W)], and
+        why it is discarded (an index of REDRAW_REASONS; None: kept, a support view holds the superpixel)."""
         pid, row, ids = self.candidates[int(rng.integers(len(self.candidates)))]
         superpixel = int(ids[int(rng.integers(ids.size))])
         images, labels, neighbours = self._volume(pid)
         image = training_slices(images, neighbours, row)                                # (C x) S x S
         image = np.asarray(resize_image(image, self.input_size))                        # (C x) H x W
-        mask = np.asarray(resize_label((np.asarray(labels[row]) == superpixel).astype(np.uint8),
-                                       self.input_size))                                               # H x W
-        return [self.view(image, mask, rng) for _ in range(self.n_shots + self.n_queries)]
+        fg = np.asarray(labels[row]) == superpixel                                      # S x S
+        mask = np.asarray(resize_label(fg.astype(np.uint8), self.input_size))           # H x W
+        views = [self.view(image, mask, rng) for _ in range(self.n_shots + self.n_queries)]
+        if any(m.any() for _, m in views[: self.n_shots]):    # the model refuses an empty support
+            return views, None
+        return views, (0 if not fg.any() else 1 if not mask.any() else 2)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         rng = np.random.default_rng([self.seed, int(i)])
-        for redraws in range(MAX_DRAWS):
-            views = self.draw(rng)
-            if any(mask.any() for _, mask in views[: self.n_shots]):   # the model refuses an empty support
+        redraws = np.zeros(len(REDRAW_REASONS), dtype=np.int64)
+        for _ in range(MAX_DRAWS):
+            views, reason = self.draw(rng)
+            if reason is None:
                 break
+            redraws[reason] += 1
         else:
             raise UserError(f"self-supervised episode {i}: {MAX_DRAWS} draws in a row lost the superpixel "
                             f"from every support view (prepared data '{self.prep_dir}'): raise "
@@ -276,7 +284,7 @@ class SelfSupEpisodeDataset(Dataset):
             "query_images": torch.from_numpy(np.stack([v for v, _ in views[K:]]).reshape(Q, C, size, size)),
             "query_labels": torch.from_numpy(np.stack([m for _, m in views[K:]]).astype(np.int64)),
             "classes": torch.tensor([PSEUDO_CLASS], dtype=torch.int64),
-            REDRAWS_KEY: torch.tensor(redraws, dtype=torch.int64),   # draws discarded before this one
+            REDRAWS_KEY: torch.from_numpy(redraws),   # draws discarded before this one, by REDRAW_REASONS
         }
 
 

@@ -13,6 +13,7 @@ from dataloaders.episodes import EpisodeDataset
 from dataloaders.prepare import prepare_dataset
 from dataloaders.selfsup_episodes import SelfSupEpisodeDataset, WarpParams, affine_matrix, random_grid, warp
 from dataloaders.superpixels import SuperpixelParams, make_superpixels, open_superpixels
+from dataloaders.transforms import resize_label
 from util.errors import UserError
 
 AUGMENT = {"p": 0.5, "brightness": [0.5, 2.0], "contrast": [0.5, 2.0], "gamma": [0.5, 2.0]}
@@ -34,9 +35,9 @@ def test_item_layout_and_determinism(unlabeled_prep, tiny_prepared, recipe):
     data = dataset(unlabeled_prep, shots=2, queries=3, recipe=recipe)
     item = data[3]
     supervised = EpisodeDataset(str(tiny_prepared), [1, 2, 3], 1, 2, 3, 64, None, 0)[0]
-    assert set(item) == set(supervised) | {"redraws"}            # + the count of discarded draws
-    assert item["redraws"].dtype == torch.int64 and item["redraws"].shape == ()
-    for key in supervised:
+    assert set(item) == set(supervised)
+    assert item["redraws"].dtype == torch.int64 and item["redraws"].shape == (len(selfsup.REDRAW_REASONS),)
+    for key in set(supervised) - {"redraws"}:                    # redraws: by reason here, a count there
         assert item[key].shape == supervised[key].shape and item[key].dtype == supervised[key].dtype, key
     assert torch.equal(item["support_bg"], 1 - item["support_fg"])
     assert set(torch.unique(item["query_labels"]).tolist()) <= {0, 1}
@@ -120,20 +121,27 @@ def test_bad_inputs(unlabeled_prep, tiny_prepared, tmp_path):
         dataset(tiny_prepared)
 
 
-def test_a_draw_that_lost_the_superpixel_is_redrawn_and_counted(unlabeled_prep, monkeypatch):
-    """A draw whose support views lost the superpixel is discarded: the item comes from the next draw, with
-    redraws = 1; if every draw is lost, one line names the fix."""
-    data = dataset(unlabeled_prep, augment=None)
-    original, calls = data.draw, []
-    empty = (np.zeros((64, 64), np.float32), np.zeros((64, 64), np.uint8))
-
-    def first_draw_lost(rng):
-        calls.append(1)
-        return [empty, empty] if len(calls) == 1 else original(rng)
-    monkeypatch.setattr(data, "draw", first_draw_lost)
-    item = data[0]
-    assert int(item["redraws"]) == 1 and item["support_fg"].sum() > 0 and len(calls) == 2
-    monkeypatch.setattr(data, "draw", lambda rng: [empty, empty])
+def test_a_discarded_draw_is_redrawn_and_counted_by_its_reason(unlabeled_prep, monkeypatch):
+    """A draw whose support views hold no superpixel pixel is discarded and counted by why: its id is empty
+    in the slice, it vanishes at input_size, or the warp moved it out; 50 lost draws are one line."""
+    data = SelfSupEpisodeDataset(str(unlabeled_prep), 1, 1, 1, 16, None, {}, 1, 0)
+    labels = np.zeros((1, 64, 64), np.int64)                     # one 64 px slice, input_size 16
+    labels[0, 16:48, 16:48], labels[0, 0, 0] = 1, 2              # a block; one pixel nearest resize skips
+    assert not resize_label((labels[0] == 2).astype(np.uint8), 16).any()
+    monkeypatch.setattr(data, "_volume", lambda pid: (np.zeros((1, 64, 64), np.float32), labels, None))
+    reasons = {}
+    for superpixel in (1, 2, 3):                                 # 3: an id with no pixel in the slice
+        data.candidates = [("v", 0, np.array([superpixel]))]
+        reasons[superpixel] = data.draw(np.random.default_rng(0))[1]
+    assert reasons == {1: None, 2: 1, 3: 0}
+    data.candidates = [("v", 0, np.array([3])), ("v", 0, np.array([1]))]
+    items = [data[i] for i in range(8)]
+    assert all(item["support_fg"].sum() > 0 and item["redraws"][1:].tolist() == [0, 0] for item in items)
+    assert sum(int(item["redraws"][0]) for item in items) > 0
+    empty = (np.zeros((16, 16), np.float32), np.zeros((16, 16), np.uint8))
+    monkeypatch.setattr(data, "view", lambda image, mask, rng: empty)
+    data.candidates = [("v", 0, np.array([1]))]
+    assert data.draw(np.random.default_rng(0))[1] == 2
     with pytest.raises(UserError, match="50 draws in a row lost the superpixel"):
         data[0]
 
@@ -171,7 +179,7 @@ def test_real_mri_episodes_never_have_an_empty_support(chaos_prep, recipe):
     for i in range(40 if recipe == "project" else 20):
         item = data[i]
         assert item["support_fg"].sum() > 0, i
-        redraws += int(item["redraws"])
+        redraws += int(item["redraws"].sum())
     if recipe == "project":
         assert redraws > 0                                       # seed 1234: items 19 and 33 are redrawn
     again = SelfSupEpisodeDataset(str(chaos_prep), 1, 1, 1, 128, AUGMENT, wide, 400, 1234, recipe=recipe)
