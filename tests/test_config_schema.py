@@ -18,7 +18,7 @@ import pytest
 
 from config import ex
 from models.fewshot import check_model_config
-from training.config_check import OPEN_MAPPINGS, SCHEMA, check_run_config, methods_of
+from training.config_check import OPEN_MAPPINGS, SCHEMA, check_run_config
 from util.errors import UserError
 from util.options import nearest_key, sections_of
 
@@ -133,12 +133,6 @@ def test_snapshot_names_are_free_but_their_paths_are_checked():
 
 
 # ------------------------------------------------------------------ cross-key rules, per method
-def test_methods_of_a_config():
-    assert methods_of(resolve()) == {"lslpn"} and methods_of(resolve(["panet"])) == {"panet"}
-    assert methods_of(resolve(["demo", "senet", "senet_demo"])) == {"senet"}
-    assert methods_of(resolve(["tiny", "selfsup"])) == {"lslpn", "selfsup"}
-
-
 @pytest.mark.parametrize("named, updates, expected", [
     (["panet"], {"model": {"n_grid": 4}}, "model.n_grid = 4: the 'panet' head has global prototypes"),
     (["senet"], {"n_ways": 2}, "n_ways = 2: SENet segments one class at a time: set n_ways=1"),

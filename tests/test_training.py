@@ -15,6 +15,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -308,8 +309,9 @@ def test_non_finite_loss_names_its_step(tmp_path, train_prep, monkeypatch):
         train_in_process(n_steps=4, val_every=0, path={"data_dir": str(train_prep), "log_dir": str(tmp_path)})
     assert str(error.value) == ("training diverged at step 2 (loss nan): lower lr (now 0.01) or set "
                                 "grad_clip (e.g. 1.0); no checkpoint of this run was written")
-    message = str(loop._divergence_error(dict(resolve_config(), amp="fp16", grad_clip=1.0), Distributed(), 5,
-                                         "loss inf", ("run/last.pth", 4)))
+    state = SimpleNamespace(cfg=dict(resolve_config(), amp="fp16", grad_clip=1.0), dist=Distributed(), step=5,
+                            last_saved=("run/last.pth", 4))
+    message = str(loop._divergence_error(state, "loss inf"))
     assert message == ("training diverged at step 5 (loss inf): lower lr (now 0.01) or turn amp off; "
                        "run/last.pth (step 4) stays the last good checkpoint")
 

@@ -17,13 +17,12 @@ from dataloaders.superpixels import read_superpixel_meta
 from evaluation.protocols import EVAL_OPTIONS
 from models.checkpoint import MAX_INPUT_SIZE, MIN_INPUT_SIZE
 from models.encoders import IMAGENET_WEIGHTS
-from models.fewshot import MODEL_OPTIONS, SENET, check_model_rules
+from models.fewshot import MODEL_OPTIONS, SENET, check_model_rules, method_of
 from training.objective import SENET_OPTIONS
-from util.device import DEVICES, resolve_device
+from util.device import AMP_FIX, AMP_SETTINGS, DEVICES, resolve_device
 from util.errors import UserError
 from util.io import check_input_folder, check_writable_folder
 from util.options import (
-    AMP,
     BOOL,
     MILESTONES,
     NAME,
@@ -46,7 +45,7 @@ RUN_OPTIONS: dict[str, Option] = {
     "name": Option(NAME, nullable=True),
     "seed": integer(0, example="1234"),
     "device": choice(*DEVICES),
-    "amp": Option(AMP),
+    "amp": choice(*AMP_SETTINGS, example=AMP_FIX),
     "channels_last": Option(BOOL),
     "num_workers": integer(0, 256, example="0"),
     "fold": integer(0, len(FOLD_ORGANS) - 1, example="0"),
@@ -87,34 +86,25 @@ SCHEMA: dict[str, Option] = {**RUN_OPTIONS, **{f"{section}.{key}": option
                                                for key, option in options.items()}}
 # Mappings whose entries the user names (method name -> checkpoint): their keys are not config keys.
 OPEN_MAPPINGS = tuple(key for key, option in SCHEMA.items() if option.kind == SNAPSHOTS)
-LSLPN, PANET, SELFSUP = "lslpn", "panet", "selfsup"
-
-
-def methods_of(config: Mapping) -> frozenset:
-    """The methods a run config uses: one of lslpn / panet / senet, plus selfsup for superpixel episodes."""
-    model = config.get("model") or {}
-    method = SENET if model.get("method") == SENET else PANET if model.get("head") == "panet" else LSLPN
-    return frozenset({method} | ({SELFSUP} if config.get("episodes") == "superpixels" else set()))
 
 
 def check_run_config(config: Mapping) -> None:
     """The one pass over a resolved run config: known keys, types, ranges, then the rules between keys."""
     check_options(config, SCHEMA, "config.py", nullable_sections=("augment",))
-    model, methods = config["model"], methods_of(config)
-    check_model_rules(model, "model", config["input_size"])
-    init_path = config["path"]["init_path"]
-    if SENET not in methods and init_path is not None and model["encoder"] not in IMAGENET_WEIGHTS:
+    model, n_ways, size = config["model"], config["n_ways"], config["input_size"]
+    check_model_rules(model, "model", size)
+    init_path, senet = config["path"]["init_path"], method_of(model) == SENET
+    if not senet and init_path is not None and model["encoder"] not in IMAGENET_WEIGHTS:
         raise fail("path.init_path", init_path, f"encoder {model['encoder']} has no ImageNet layout to load",
                    "set path.init_path=None, or use vgg16 / resnet50_lslpn")
-    if SENET in methods:
-        if config["n_ways"] != 1:
-            raise fail("n_ways", config["n_ways"], "SENet segments one class at a time", "set n_ways=1")
-        if config["input_size"] % 16:
-            raise fail("input_size", config["input_size"], "SENet needs a multiple of 16 (4 poolings)",
-                       f"e.g. input_size={max(16, config['input_size'] // 16 * 16)}")
-    if SELFSUP in methods and config["n_ways"] != 1:
-        raise fail("n_ways", config["n_ways"], "self-supervised episodes have one pseudo-class "
-                   "(a superpixel)", "set n_ways=1")
+    if senet and n_ways != 1:
+        raise fail("n_ways", n_ways, "SENet segments one class at a time", "set n_ways=1")
+    if senet and size % 16:
+        raise fail("input_size", size, "SENet needs a multiple of 16 (4 poolings)",
+                   f"e.g. input_size={max(16, size // 16 * 16)}")
+    if config["episodes"] == "superpixels" and n_ways != 1:
+        raise fail("n_ways", n_ways, "self-supervised episodes have one pseudo-class (a superpixel)",
+                   "set n_ways=1")
 
 
 def fold_training_classes(config: Mapping) -> list[int]:
