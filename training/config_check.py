@@ -29,7 +29,6 @@ from util.options import (
     ORGAN_SETS,
     PAIR,
     PATH,
-    SNAPSHOTS,
     Option,
     check_options,
     choice,
@@ -84,8 +83,6 @@ OWNED = {"model": MODEL_OPTIONS, "selfsup": SELFSUP_OPTIONS, "senet": SENET_OPTI
 SCHEMA: dict[str, Option] = {**RUN_OPTIONS, **{f"{section}.{key}": option
                                                for section, options in OWNED.items()
                                                for key, option in options.items()}}
-# Mappings whose entries the user names (method name -> checkpoint): their keys are not config keys.
-OPEN_MAPPINGS = tuple(key for key, option in SCHEMA.items() if option.kind == SNAPSHOTS)
 
 
 def check_run_config(config: Mapping) -> None:

@@ -31,11 +31,11 @@ from training.config_check import check_config, fold_training_classes, labeled_v
 from training.objective import build_model, build_optimisation, episode_loss
 from util.device import (
     Distributed,
-    amp_dtype,
     autocast,
     distributed_from_env,
     get_rng_state,
     init_distributed,
+    make_grad_scaler,
     resolve_device,
     seed_everything,
     set_rng_state,
@@ -159,7 +159,7 @@ def _build(cfg: dict, run, dist: Distributed, device: torch.device, defaults: Ma
     if cfg["channels_last"]:  # CPU too (tests/test_gpu_proxies.py checks it there)
         model = model.to(memory_format=torch.channels_last)
     optimizer, scheduler = build_optimisation(cfg, model)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype(device, cfg["amp"]) == torch.float16)
+    scaler = make_grad_scaler(device, cfg["amp"])
     return Trainer(cfg, dist, device, model, optimizer, scheduler, scaler, digest, run, run_dir)
 
 
@@ -200,8 +200,6 @@ def _resume(t: Trainer, defaults: Mapping):
     except UserError:
         raise unreadable_resume_error(path, log_dir, name, t.digest, defaults) from None
     check_compatible(state["model_config"], t.model.config, path)
-    if state.get("config_hash") != t.digest:
-        raise UserError(f"resume: {path} belongs to another config: start a new run (resume=False)")
     for part in ("model", "optimizer", "scheduler"):
         getattr(t, part).load_state_dict(state[part])
     if t.scaler.is_enabled() and state.get("scaler"):

@@ -88,9 +88,10 @@ def autocast(device: torch.device, amp: bool | str):
     return contextlib.nullcontext() if dtype is None else torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def make_grad_scaler(device: torch.device, amp: bool | str) -> torch.amp.GradScaler | None:
-    """A GradScaler for fp16 autocast only (bf16 and fp32 need none); on CPU the CPU scaler."""
-    return torch.amp.GradScaler(device.type) if amp_dtype(device, amp) == torch.float16 else None
+def make_grad_scaler(device: torch.device, amp: bool | str) -> torch.amp.GradScaler:
+    """The device's GradScaler, enabled for fp16 autocast only (bf16 and fp32 need none; disabled, it passes
+    the loss and the optimiser step through unchanged)."""
+    return torch.amp.GradScaler(device.type, enabled=amp_dtype(device, amp) == torch.float16)
 
 
 def seed_everything(seed: int) -> None:
