@@ -200,13 +200,8 @@ def test_checkpoint_save_is_atomic_and_loads_back(tmp_path):
     assert os.listdir(path.parent) == ["last.pth"] and load_checkpoint(str(path))["step"] == 4
 
 
-def test_unreadable_checkpoints_and_snapshots_of_another_model_are_refused(tmp_path):
+def test_a_snapshot_of_another_model_is_refused(tmp_path):   # (missing, truncated: tests/test_errors.py)
     from models.fewshot import FewShotSegNet
-    with pytest.raises(UserError, match="does not exist"):
-        load_checkpoint(str(tmp_path / "none.pth"))
-    (tmp_path / "bad.pth").write_bytes(b"not a checkpoint")
-    with pytest.raises(UserError, match="unreadable"):
-        load_checkpoint(str(tmp_path / "bad.pth"))
     small = FewShotSegNet.from_config({"encoder": "cnn_small", "n_grid": 8}, None)
     save_checkpoint(str(tmp_path / "s.pth"), {"model": small.state_dict(), "model_config": small.config})
     other = FewShotSegNet.from_config({"encoder": "cnn_small", "n_grid": 4}, None)

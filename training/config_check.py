@@ -111,17 +111,12 @@ def fold_training_classes(config: Mapping) -> list[int]:
     return [c for c in training_classes(fold, config["class_setting"]) if c not in held_out]
 
 
-def _held_out(config: Mapping, split: str) -> tuple[int, bool]:
+def held_out(config: Mapping, split: str) -> tuple[int, bool]:
     """(volumes of `split` in path.data_dir's meta.json, whether validation on them can run: >= 2, a support
     and a query, and volumes/<split> present)."""
     data_dir = config["path"]["data_dir"]
     count = len(read_meta(data_dir, "path.data_dir").get("splits", {}).get(split, []))
     return count, count >= 2 and os.path.isdir(os.path.join(data_dir, "volumes", split))
-
-
-def labeled_validation(config: Mapping) -> bool:
-    """path.data_dir has the labeled held-out volumes that validation needs."""
-    return _held_out(config, "val")[1]
 
 
 def check_organ_names(config: Mapping) -> None:
@@ -149,23 +144,19 @@ def check_data_dir(config: Mapping) -> None:
                            "give a folder written by scripts/prepare_visceral.py")
     if folder.is_dir() and not (folder / "meta.json").exists():
         beside = shlex.quote(str(folder.resolve().parent / f"{folder.resolve().name}_prepared"))
-        source = shlex.quote(data_dir)
+
+        def prepare(layout: str = "", source: str = shlex.quote(data_dir)) -> str:
+            return f"python scripts/prepare_visceral.py{layout} --visceral-dir {source} --out {beside}"
         if (folder / "SilverCorpus").is_dir() or (folder / "GoldCorpus").is_dir():
-            what = "it holds raw VISCERAL data (SilverCorpus/, GoldCorpus/)"
-            command = f"python scripts/prepare_visceral.py --visceral-dir {source} --out {beside}"
+            what, command = "it holds raw VISCERAL data (SilverCorpus/, GoldCorpus/)", prepare()
         elif any(folder.glob("image_*.nii.gz")) and any(folder.glob("label_*.nii.gz")):
-            what = "it holds scans in SSL-ALPNet's layout"
-            command = (f"python scripts/prepare_visceral.py --layout alpnet --visceral-dir {source} "
-                       f"--out {beside}")
+            what, command = "it holds scans in SSL-ALPNet's layout", prepare(" --layout alpnet")
         elif _holds_nifti(folder):
             what = "it holds NIfTI volumes, not prepared slices"
-            command = (f"python scripts/make_superpixels.py --images {source} --out {beside}"
-                       if config.get("episodes") == "superpixels" else
-                       f"python scripts/prepare_visceral.py --layout multilabel --visceral-dir {source} "
-                       f"--out {beside}")
+            command = (f"python scripts/make_superpixels.py --images {shlex.quote(data_dir)} --out {beside}"
+                       if config["episodes"] == "superpixels" else prepare(" --layout multilabel"))
         else:
-            what = "no meta.json"
-            command = f"python scripts/prepare_visceral.py --visceral-dir <VISCERAL dir> --out {beside}"
+            what, command = "no meta.json", prepare(source="<VISCERAL dir>")
         raise fail("path.data_dir", data_dir, f"not a prepared folder ({what})",
                    f"prepare it into a new folder beside it, `{command}`, then set path.data_dir={beside}")
     read_meta(data_dir, "path.data_dir")   # missing folder, unreadable meta.json: one line naming the command
@@ -228,7 +219,7 @@ def check_training_data(config: Mapping) -> None:
             f"fold {config['fold']} ({config['class_setting']}): {len(usable)} of its training classes "
             f"({names}) have >= {need} slices in {data_dir}/index.json, {config['n_ways']}-way episodes "
             "need that many: use class_setting='all_structures', another fold, or data with these organs")
-    count, enough = _held_out(config, config["val_split"])
+    count, enough = held_out(config, config["val_split"])
     if config["val_every"] > 0 and not enough and config["val_split"] == "val":
         raise UserError(f"path.data_dir '{data_dir}' has {count} held-out validation volumes "
                         "(volumes/val), validation needs 2 (a support and a query): re-prepare with "

@@ -27,7 +27,7 @@ from dataloaders.prepared import prepared_intensity
 from dataloaders.selfsup_episodes import SelfSupEpisodeDataset
 from evaluation.evaluate import validate
 from models.checkpoint import check_compatible, load_checkpoint, save_checkpoint
-from training.config_check import check_config, fold_training_classes, labeled_validation
+from training.config_check import check_config, fold_training_classes, held_out
 from training.objective import build_model, build_optimisation, episode_loss
 from util.device import (
     Distributed,
@@ -115,7 +115,7 @@ def train(config: Mapping[str, Any], run=None, *, defaults: Mapping, checked: bo
         try:
             for step, batch in zip(range(start_step, n_steps), loader):
                 meter.batch_arrived()
-                t.redraws += int(batch.pop(REDRAWS_KEY).sum()) if REDRAWS_KEY in batch else 0
+                t.redraws += int(batch.pop(REDRAWS_KEY).sum())
                 loss, lr = _optimisation_step(t, net, batch)
                 t.step = done = step + 1
                 if not math.isfinite(loss):
@@ -172,7 +172,7 @@ def _restore(t: Trainer, defaults: Mapping) -> None:
         t.model.load_state_dict(state["model"])
         t.say(f"initial weights from {path} (step {state.get('step')})")
     if cfg["episodes"] == "superpixels" and cfg["val_every"] and cfg["val_split"] == "val" \
-            and not labeled_validation(cfg):
+            and not held_out(cfg, "val")[1]:
         cfg["val_every"] = 0
         t.say(f"validation off: {cfg['path']['data_dir']} has no labeled held-out volumes; the snapshot "
               f"is last.pth after n_steps={cfg['n_steps']} (no best.pth)")
