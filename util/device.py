@@ -125,11 +125,7 @@ class Distributed:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
-    launched: bool = False      # started by torchrun (WORLD_SIZE set): a process group even for 1 rank
-
-    @property
-    def enabled(self) -> bool:
-        return self.world_size > 1 or self.launched
+    enabled: bool = False       # started by torchrun (WORLD_SIZE set): a process group even for 1 rank
 
     @property
     def backend(self) -> str | None:
@@ -170,7 +166,7 @@ def distributed_from_env() -> Distributed:
         return Distributed(rank=int(os.environ.get("RANK", 0)),
                            world_size=int(os.environ.get("WORLD_SIZE", 1)),
                            local_rank=int(os.environ.get("LOCAL_RANK", 0)),
-                           launched="WORLD_SIZE" in os.environ)
+                           enabled="WORLD_SIZE" in os.environ)
     except ValueError as error:
         raise UserError(f"torchrun environment (RANK/WORLD_SIZE/LOCAL_RANK) is malformed: {error}")
 
