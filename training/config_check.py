@@ -19,7 +19,7 @@ from models.checkpoint import MAX_INPUT_SIZE, MIN_INPUT_SIZE
 from models.encoders import IMAGENET_WEIGHTS
 from models.fewshot import MODEL_OPTIONS, SENET, check_model_rules, method_of
 from training.objective import SENET_OPTIONS
-from util.device import AMP_FIX, AMP_SETTINGS, DEVICES, resolve_device
+from util.device import AMP_FIX, AMP_SETTINGS, DEVICES, distributed_from_env, resolve_device
 from util.errors import UserError
 from util.io import check_input_folder, check_writable_folder
 from util.options import (
@@ -192,7 +192,7 @@ def check_config(config: Mapping, command: str = "train") -> None:
 
 def check_world_size(config: Mapping) -> None:
     """Under torchrun, batch_size splits evenly over the processes (WORLD_SIZE)."""
-    world_size = int(os.environ.get("WORLD_SIZE", 1) or 1)
+    world_size = distributed_from_env().world_size
     if config["batch_size"] % world_size:
         raise fail("batch_size", config["batch_size"], f"not divisible by the {world_size} processes",
                    f"use a multiple of {world_size}")
