@@ -18,9 +18,9 @@ import pytest
 
 from config import ex
 from models.fewshot import check_model_config
-from training.config_check import OPEN_MAPPINGS, SCHEMA, check_run_config, methods_of
+from training.config_check import SCHEMA, check_run_config
 from util.errors import UserError
-from util.options import nearest_key, sections_of
+from util.options import flatten, nearest_key, sections_of
 
 ROOT = Path(__file__).resolve().parent.parent
 NAMED = [(), ("official",), ("paper",), ("panet",), ("senet",), ("demo",), ("tiny",), ("demo", "panet"),
@@ -30,18 +30,6 @@ NAMED = [(), ("official",), ("paper",), ("panet",), ("senet",), ("demo",), ("tin
 def resolve(named=(), **updates):
     from sacred.initialize import create_run
     return create_run(ex, "print_config", config_updates=updates, named_configs=list(named)).config
-
-
-def flat_keys(tree, prefix=""):
-    """Dotted keys of a config tree; the entries of an open mapping are not keys."""
-    keys = []
-    for name, value in tree.items():
-        key = f"{prefix}{name}"
-        if isinstance(value, dict) and key not in OPEN_MAPPINGS and key not in SCHEMA:
-            keys += flat_keys(value, key + ".")
-        else:
-            keys.append(key)
-    return keys
 
 
 def with_value(config, key, value):
@@ -66,9 +54,9 @@ def one_line_error(config):
 
 # ------------------------------------------------------------------ the schema is config.py's
 def test_schema_describes_every_key_of_config_py_and_nothing_else():
-    assert sorted(flat_keys(resolve())) == sorted(SCHEMA)
+    assert sorted(flatten(resolve())) == sorted(SCHEMA)
     for named in NAMED:
-        assert set(flat_keys(resolve(named))) <= set(SCHEMA), named
+        assert set(flatten(resolve(named))) <= set(SCHEMA), named
 
 
 @pytest.mark.parametrize("named", NAMED, ids=lambda n: "+".join(n) or "default")
@@ -133,12 +121,6 @@ def test_snapshot_names_are_free_but_their_paths_are_checked():
 
 
 # ------------------------------------------------------------------ cross-key rules, per method
-def test_methods_of_a_config():
-    assert methods_of(resolve()) == {"lslpn"} and methods_of(resolve(["panet"])) == {"panet"}
-    assert methods_of(resolve(["demo", "senet", "senet_demo"])) == {"senet"}
-    assert methods_of(resolve(["tiny", "selfsup"])) == {"lslpn", "selfsup"}
-
-
 @pytest.mark.parametrize("named, updates, expected", [
     (["panet"], {"model": {"n_grid": 4}}, "model.n_grid = 4: the 'panet' head has global prototypes"),
     (["senet"], {"n_ways": 2}, "n_ways = 2: SENet segments one class at a time: set n_ways=1"),

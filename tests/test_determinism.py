@@ -1,11 +1,7 @@
-"""Determinism across processes: same config and seed -> identical prepared data, episodes, results.json.
-
-In-process repeatability is tested elsewhere (tests/test_prepare.py same bytes, tests/test_episodes.py
-items as a function of (seed, index), tests/test_ddp.py). Here the SAME pipeline runs in two separate
-processes at once with different PYTHONHASHSEED (set/dict-order or hash-seeded bugs show up there) and
-different worker counts for the preparation: prepare the tiny phantom, draw episodes, evaluate a fixed
-cnn_small snapshot and the mask copy on CPU. Every prepared file, the episode tensors and
-results.json / results.csv / table.md must be byte-identical.
+"""Determinism across processes: the same pipeline (prepare the tiny phantom, draw episodes, evaluate a
+fixed cnn_small snapshot and the mask copy on CPU) in two processes at once, with different PYTHONHASHSEED
+and preparation workers, gives byte-identical prepared files, episode tensors and results.json / .csv /
+table.md. (In-process repeatability: tests/test_prepare.py, tests/test_episodes.py, tests/test_ddp.py.)
 """
 from __future__ import annotations
 

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -71,13 +72,12 @@ def train_then_resume(reference_log_dir, resumed_log_dir, prep_dir, *overrides) 
 
 # ------------------------------------------------------------------------------- config checks
 # (named configs, updates, regex of the one line); checked against the training prep (conftest.train_prep)
+# (tests/test_config_schema.py holds the exact lines of more keys)
 BAD_CONFIGS = [
-    ((), {"lr": -0.1}, "lr"), ((), {"batch_size": 0}, "batch_size"), ((), {"n_steps": 0}, "n_steps"),
-    ((), {"fold": 4}, "fold"), ((), {"class_setting": "some"}, "class_setting"),
-    ((), {"augment": {"p": 2.0}}, "augment.p"),
-    ((), {"augment": {"p": 0.5, "gamma": [2.0, 0.5]}}, "augment.gamma"),
-    ((), {"lr_milestones": [5, 2]}, "lr_milestones"), ((), {"momentum": 1.5}, "momentum"),
-    ((), {"n_shots": 0}, "n_shots"), ((), {"label_sets": [["liver"]]}, "label_sets"),
+    ((), {"batch_size": 0}, "batch_size"), ((), {"n_steps": 0}, "n_steps"),
+    ((), {"class_setting": "some"}, "class_setting"), ((), {"augment": {"p": 2.0}}, "augment.p"),
+    ((), {"lr_milestones": [5, 2]}, "lr_milestones"), ((), {"n_shots": 0}, "n_shots"),
+    ((), {"label_sets": [["liver"]]}, "label_sets"),
     ((), {"path": {"init_path": "/nonexistent/vgg16.pth"}}, "path.init_path"),
     ((), {"device": "tpu"}, "device"),
     ((), {"name": "a/b"}, "name"), ((), {"val_split": "test"}, "val_split = 'test'"),
@@ -87,17 +87,13 @@ BAD_CONFIGS = [
     ((), {"model": {"resolution": "pixel"}}, "model.resolution = 'pixel'"),
     ((), {"model": {"encoder": "alexnet"}}, "model.encoder = 'alexnet'"),
     ((), {"model": {"head": "global"}}, "model.head = 'global'"),
-    ((), {"model": {"head": "panet", "n_grid": 4}}, "model.n_grid = 4: the 'panet' head"),
     ((), {"model": {"head": "panet"}}, "model.n_grid = 8: the 'panet' head"),
-    ((), {"model": {"pretrained": True}}, "model.pretrained = True: encoder cnn_small"),
-    ((), {"amp": "fp8"}, "^amp = "), ((), {"amp": "on"}, "^amp = "), ((), {"amp": 1}, "^amp = "),
+    ((), {"amp": "on"}, "^amp = 'on': unknown: use False, True"), ((), {"amp": 1}, "^amp = 1: unknown"),
     ((), {"boundary_weight": -0.5}, r"^boundary_weight = -0\.5: out of range: use a number >= 0$"),
     ((), {"boundary_weight": "0.5"},
      r"^boundary_weight = '0\.5': must be a number, not a string: e\.g\. boundary_weight=0\.5$"),
     ((), {"boundary_weight": float("inf")},
      r"^boundary_weight = inf: not a finite number: use a number >= 0$"),
-    (("senet",), {"n_ways": 2}, "n_ways = 2: SENet segments one class"),
-    (("senet",), {"input_size": 100}, "input_size = 100: SENet needs a multiple of 16"),
     (("senet",), {"senet": {"epochs": 0}}, "senet.epochs = 0"),
     (("senet",), {"senet": {"official_bug": "yes"}}, "senet.official_bug = 'yes'"),
     (("senet",), {"model": {"method": "unet"}}, "model.method = 'unet'"),
@@ -204,13 +200,8 @@ def test_checkpoint_save_is_atomic_and_loads_back(tmp_path):
     assert os.listdir(path.parent) == ["last.pth"] and load_checkpoint(str(path))["step"] == 4
 
 
-def test_unreadable_checkpoints_and_snapshots_of_another_model_are_refused(tmp_path):
+def test_a_snapshot_of_another_model_is_refused(tmp_path):   # (missing, truncated: tests/test_errors.py)
     from models.fewshot import FewShotSegNet
-    with pytest.raises(UserError, match="does not exist"):
-        load_checkpoint(str(tmp_path / "none.pth"))
-    (tmp_path / "bad.pth").write_bytes(b"not a checkpoint")
-    with pytest.raises(UserError, match="unreadable"):
-        load_checkpoint(str(tmp_path / "bad.pth"))
     small = FewShotSegNet.from_config({"encoder": "cnn_small", "n_grid": 8}, None)
     save_checkpoint(str(tmp_path / "s.pth"), {"model": small.state_dict(), "model_config": small.config})
     other = FewShotSegNet.from_config({"encoder": "cnn_small", "n_grid": 4}, None)
@@ -308,8 +299,9 @@ def test_non_finite_loss_names_its_step(tmp_path, train_prep, monkeypatch):
         train_in_process(n_steps=4, val_every=0, path={"data_dir": str(train_prep), "log_dir": str(tmp_path)})
     assert str(error.value) == ("training diverged at step 2 (loss nan): lower lr (now 0.01) or set "
                                 "grad_clip (e.g. 1.0); no checkpoint of this run was written")
-    message = str(loop._divergence_error(dict(resolve_config(), amp="fp16", grad_clip=1.0), Distributed(), 5,
-                                         "loss inf", ("run/last.pth", 4)))
+    state = SimpleNamespace(cfg=dict(resolve_config(), amp="fp16", grad_clip=1.0), dist=Distributed(), step=5,
+                            last_saved=("run/last.pth", 4))
+    message = str(loop._divergence_error(state, "loss inf"))
     assert message == ("training diverged at step 5 (loss inf): lower lr (now 0.01) or turn amp off; "
                        "run/last.pth (step 4) stays the last good checkpoint")
 
@@ -355,8 +347,8 @@ def test_device_resolution_and_amp(monkeypatch):
     with pytest.raises(UserError, match="unknown"):
         dev.resolve_device("gpu")
     monkeypatch.setattr(dev, "cpu_has_native_bf16", lambda: False)
-    assert dev.amp_dtype(torch.device("cpu"), True) is None and dev.make_grad_scaler(torch.device("cpu"),
-                                                                                     True) is None
+    assert dev.amp_dtype(torch.device("cpu"), True) is None
+    assert not dev.make_grad_scaler(torch.device("cpu"), True).is_enabled()
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     assert dev.resolve_device("auto", local_rank=3) == torch.device("cuda", 1)   # rank -> its GPU

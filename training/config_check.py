@@ -17,20 +17,18 @@ from dataloaders.superpixels import read_superpixel_meta
 from evaluation.protocols import EVAL_OPTIONS
 from models.checkpoint import MAX_INPUT_SIZE, MIN_INPUT_SIZE
 from models.encoders import IMAGENET_WEIGHTS
-from models.fewshot import MODEL_OPTIONS, SENET, check_model_rules
+from models.fewshot import MODEL_OPTIONS, SENET, check_model_rules, method_of
 from training.objective import SENET_OPTIONS
-from util.device import DEVICES, resolve_device
+from util.device import AMP_FIX, AMP_SETTINGS, DEVICES, distributed_from_env, resolve_device
 from util.errors import UserError
 from util.io import check_input_folder, check_writable_folder
 from util.options import (
-    AMP,
     BOOL,
     MILESTONES,
     NAME,
     ORGAN_SETS,
     PAIR,
     PATH,
-    SNAPSHOTS,
     Option,
     check_options,
     choice,
@@ -46,7 +44,7 @@ RUN_OPTIONS: dict[str, Option] = {
     "name": Option(NAME, nullable=True),
     "seed": integer(0, example="1234"),
     "device": choice(*DEVICES),
-    "amp": Option(AMP),
+    "amp": choice(*AMP_SETTINGS, example=AMP_FIX),
     "channels_last": Option(BOOL),
     "num_workers": integer(0, 256, example="0"),
     "fold": integer(0, len(FOLD_ORGANS) - 1, example="0"),
@@ -85,36 +83,25 @@ OWNED = {"model": MODEL_OPTIONS, "selfsup": SELFSUP_OPTIONS, "senet": SENET_OPTI
 SCHEMA: dict[str, Option] = {**RUN_OPTIONS, **{f"{section}.{key}": option
                                                for section, options in OWNED.items()
                                                for key, option in options.items()}}
-# Mappings whose entries the user names (method name -> checkpoint): their keys are not config keys.
-OPEN_MAPPINGS = tuple(key for key, option in SCHEMA.items() if option.kind == SNAPSHOTS)
-LSLPN, PANET, SELFSUP = "lslpn", "panet", "selfsup"
-
-
-def methods_of(config: Mapping) -> frozenset:
-    """The methods a run config uses: one of lslpn / panet / senet, plus selfsup for superpixel episodes."""
-    model = config.get("model") or {}
-    method = SENET if model.get("method") == SENET else PANET if model.get("head") == "panet" else LSLPN
-    return frozenset({method} | ({SELFSUP} if config.get("episodes") == "superpixels" else set()))
 
 
 def check_run_config(config: Mapping) -> None:
     """The one pass over a resolved run config: known keys, types, ranges, then the rules between keys."""
     check_options(config, SCHEMA, "config.py", nullable_sections=("augment",))
-    model, methods = config["model"], methods_of(config)
-    check_model_rules(model, "model", config["input_size"])
-    init_path = config["path"]["init_path"]
-    if SENET not in methods and init_path is not None and model["encoder"] not in IMAGENET_WEIGHTS:
+    model, n_ways, size = config["model"], config["n_ways"], config["input_size"]
+    check_model_rules(model, "model", size)
+    init_path, senet = config["path"]["init_path"], method_of(model) == SENET
+    if not senet and init_path is not None and model["encoder"] not in IMAGENET_WEIGHTS:
         raise fail("path.init_path", init_path, f"encoder {model['encoder']} has no ImageNet layout to load",
                    "set path.init_path=None, or use vgg16 / resnet50_lslpn")
-    if SENET in methods:
-        if config["n_ways"] != 1:
-            raise fail("n_ways", config["n_ways"], "SENet segments one class at a time", "set n_ways=1")
-        if config["input_size"] % 16:
-            raise fail("input_size", config["input_size"], "SENet needs a multiple of 16 (4 poolings)",
-                       f"e.g. input_size={max(16, config['input_size'] // 16 * 16)}")
-    if SELFSUP in methods and config["n_ways"] != 1:
-        raise fail("n_ways", config["n_ways"], "self-supervised episodes have one pseudo-class "
-                   "(a superpixel)", "set n_ways=1")
+    if senet and n_ways != 1:
+        raise fail("n_ways", n_ways, "SENet segments one class at a time", "set n_ways=1")
+    if senet and size % 16:
+        raise fail("input_size", size, "SENet needs a multiple of 16 (4 poolings)",
+                   f"e.g. input_size={max(16, size // 16 * 16)}")
+    if config["episodes"] == "superpixels" and n_ways != 1:
+        raise fail("n_ways", n_ways, "self-supervised episodes have one pseudo-class (a superpixel)",
+                   "set n_ways=1")
 
 
 def fold_training_classes(config: Mapping) -> list[int]:
@@ -124,17 +111,12 @@ def fold_training_classes(config: Mapping) -> list[int]:
     return [c for c in training_classes(fold, config["class_setting"]) if c not in held_out]
 
 
-def _held_out(config: Mapping, split: str) -> tuple[int, bool]:
+def held_out(config: Mapping, split: str) -> tuple[int, bool]:
     """(volumes of `split` in path.data_dir's meta.json, whether validation on them can run: >= 2, a support
     and a query, and volumes/<split> present)."""
     data_dir = config["path"]["data_dir"]
     count = len(read_meta(data_dir, "path.data_dir").get("splits", {}).get(split, []))
     return count, count >= 2 and os.path.isdir(os.path.join(data_dir, "volumes", split))
-
-
-def labeled_validation(config: Mapping) -> bool:
-    """path.data_dir has the labeled held-out volumes that validation needs."""
-    return _held_out(config, "val")[1]
 
 
 def check_organ_names(config: Mapping) -> None:
@@ -162,23 +144,19 @@ def check_data_dir(config: Mapping) -> None:
                            "give a folder written by scripts/prepare_visceral.py")
     if folder.is_dir() and not (folder / "meta.json").exists():
         beside = shlex.quote(str(folder.resolve().parent / f"{folder.resolve().name}_prepared"))
-        source = shlex.quote(data_dir)
+
+        def prepare(layout: str = "", source: str = shlex.quote(data_dir)) -> str:
+            return f"python scripts/prepare_visceral.py{layout} --visceral-dir {source} --out {beside}"
         if (folder / "SilverCorpus").is_dir() or (folder / "GoldCorpus").is_dir():
-            what = "it holds raw VISCERAL data (SilverCorpus/, GoldCorpus/)"
-            command = f"python scripts/prepare_visceral.py --visceral-dir {source} --out {beside}"
+            what, command = "it holds raw VISCERAL data (SilverCorpus/, GoldCorpus/)", prepare()
         elif any(folder.glob("image_*.nii.gz")) and any(folder.glob("label_*.nii.gz")):
-            what = "it holds scans in SSL-ALPNet's layout"
-            command = (f"python scripts/prepare_visceral.py --layout alpnet --visceral-dir {source} "
-                       f"--out {beside}")
+            what, command = "it holds scans in SSL-ALPNet's layout", prepare(" --layout alpnet")
         elif _holds_nifti(folder):
             what = "it holds NIfTI volumes, not prepared slices"
-            command = (f"python scripts/make_superpixels.py --images {source} --out {beside}"
-                       if config.get("episodes") == "superpixels" else
-                       f"python scripts/prepare_visceral.py --layout multilabel --visceral-dir {source} "
-                       f"--out {beside}")
+            command = (f"python scripts/make_superpixels.py --images {shlex.quote(data_dir)} --out {beside}"
+                       if config["episodes"] == "superpixels" else prepare(" --layout multilabel"))
         else:
-            what = "no meta.json"
-            command = f"python scripts/prepare_visceral.py --visceral-dir <VISCERAL dir> --out {beside}"
+            what, command = "no meta.json", prepare(source="<VISCERAL dir>")
         raise fail("path.data_dir", data_dir, f"not a prepared folder ({what})",
                    f"prepare it into a new folder beside it, `{command}`, then set path.data_dir={beside}")
     read_meta(data_dir, "path.data_dir")   # missing folder, unreadable meta.json: one line naming the command
@@ -214,7 +192,7 @@ def check_config(config: Mapping, command: str = "train") -> None:
 
 def check_world_size(config: Mapping) -> None:
     """Under torchrun, batch_size splits evenly over the processes (WORLD_SIZE)."""
-    world_size = int(os.environ.get("WORLD_SIZE", 1) or 1)
+    world_size = distributed_from_env().world_size
     if config["batch_size"] % world_size:
         raise fail("batch_size", config["batch_size"], f"not divisible by the {world_size} processes",
                    f"use a multiple of {world_size}")
@@ -241,7 +219,7 @@ def check_training_data(config: Mapping) -> None:
             f"fold {config['fold']} ({config['class_setting']}): {len(usable)} of its training classes "
             f"({names}) have >= {need} slices in {data_dir}/index.json, {config['n_ways']}-way episodes "
             "need that many: use class_setting='all_structures', another fold, or data with these organs")
-    count, enough = _held_out(config, config["val_split"])
+    count, enough = held_out(config, config["val_split"])
     if config["val_every"] > 0 and not enough and config["val_split"] == "val":
         raise UserError(f"path.data_dir '{data_dir}' has {count} held-out validation volumes "
                         "(volumes/val), validation needs 2 (a support and a query): re-prepare with "

@@ -1,7 +1,7 @@
 """The training loop, `train(config, run, defaults=...)`: build -> restore (init_from, resume) -> loop
 (step t takes episodes t*B .. t*B+B-1, DDP rank r every W-th) -> validate (best.pth) / save (last.pth).
-Below it the one walker of run folders log_dir/<name>/<id>/ and `config_hash` (which runs are the
-same). docs/DESIGN.md, "Training".
+Its state is one `Trainer`; below it the step meter, the walker of run folders log_dir/<name>/<id>/ and
+`config_hash` (which runs are the same). docs/DESIGN.md, "Training".
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
@@ -27,20 +27,21 @@ from dataloaders.prepared import prepared_intensity
 from dataloaders.selfsup_episodes import SelfSupEpisodeDataset
 from evaluation.evaluate import validate
 from models.checkpoint import check_compatible, load_checkpoint, save_checkpoint
-from training.config_check import check_config, fold_training_classes, labeled_validation
+from training.config_check import check_config, fold_training_classes, held_out
 from training.objective import build_model, build_optimisation, episode_loss
 from util.device import (
     Distributed,
-    amp_dtype,
     autocast,
     distributed_from_env,
     get_rng_state,
     init_distributed,
+    make_grad_scaler,
     resolve_device,
     seed_everything,
     set_rng_state,
 )
 from util.errors import UserError
+from util.options import flatten
 from util.provenance import git_commit, weights_digest
 
 RANK_SEED_STRIDE = 100_003   # rank r's dropout stream starts from seed + r * stride
@@ -68,6 +69,7 @@ class Trainer:
     step: int = 0                            # steps done
     best_dice: float | None = None
     last_saved: tuple[str, int] | None = None   # (last.pth, its step)
+    redraws: int = 0                         # draws whose support lost its superpixel or organ
 
     def say(self, message: str) -> None:
         if self.dist.is_main:
@@ -101,25 +103,23 @@ def train(config: Mapping[str, Any], run=None, *, defaults: Mapping, checked: bo
         ids = [device.index] if device.type == "cuda" else None
         net = DistributedDataParallel(t.model, device_ids=ids) if dist.enabled else t.model
         loader = _episode_loader(cfg, dist, device, t.step)
-
-        # ---- loop
         start_step, n_steps = t.step, cfg["n_steps"]
         if start_step >= n_steps:
             t.say(f"nothing to do: the run already has {start_step} >= n_steps={n_steps} steps")
         bar = tqdm(total=n_steps, initial=start_step, disable=not dist.is_main, dynamic_ncols=True,
                    desc="train")
-        meter, redraws = StepMeter(), 0   # redraws: draws whose support lost its superpixel or organ
+        meter = StepMeter()
         t.model.train()
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         try:
             for step, batch in zip(range(start_step, n_steps), loader):
                 meter.batch_arrived()
-                redraws += int(batch.pop(REDRAWS_KEY).sum()) if REDRAWS_KEY in batch else 0
+                t.redraws += int(batch.pop(REDRAWS_KEY).sum())
                 loss, lr = _optimisation_step(t, net, batch)
                 t.step = done = step + 1
                 if not math.isfinite(loss):
-                    raise _divergence_error(cfg, dist, done, f"loss {loss}", t.last_saved)
+                    raise _divergence_error(t, f"loss {loss}")
                 meter.step_finished(loss)
                 _log_step(t, bar, meter, loss, lr)
 
@@ -129,35 +129,24 @@ def train(config: Mapping[str, Any], run=None, *, defaults: Mapping, checked: bo
                 if validate_now or save_now:
                     dist.broadcast_buffers(t.model)  # all ranks validate/save rank 0's BatchNorm statistics
                     if not _weights_finite(t.model):
-                        raise _divergence_error(cfg, dist, done, "non-finite weights", t.last_saved)
+                        raise _divergence_error(t, "non-finite weights")
                 if validate_now:
                     _validate(t)
                 if save_now:
                     rngs = dist.gather_objects(get_rng_state())  # collective: every rank takes part
                     if t.run_dir is not None:
-                        save_checkpoint(os.path.join(t.run_dir, "last.pth"), t.checkpoint(rngs))
-                        t.last_saved = (os.path.join(t.run_dir, "last.pth"), done)
+                        path = os.path.join(t.run_dir, "last.pth")
+                        save_checkpoint(path, t.checkpoint(rngs))
+                        t.last_saved = (path, done)
                 meter.restart()
         finally:
             bar.close()   # an error line then starts on a line of its own
-        if cfg["episodes"] == "superpixels":
-            t.say(f"episodes redrawn: {redraws} (the support lost its superpixel under resize or warp; "
-                  "dataloaders/selfsup_episodes.py)")
-            if run is not None:
-                run.info["episode_redraws"] = redraws
-        elif loader.dataset.vanished:
-            t.say(f"ways redrawn: {redraws} (their organ vanished at input_size {cfg['input_size']} in every "
-                  f"support shot; slices where it vanishes: {loader.dataset.vanish_report()})")
-            if run is not None:
-                run.info.update(episode_redraws=redraws, vanished_slices=loader.dataset.vanished,
-                                vanished_classes=loader.dataset.dropped)
-        return _finish(t, meter, start_step)
+        return _finish(t, meter, start_step, loader.dataset)
     finally:
         dist.close()
 
 
 # ------------------------------------------------------------------------------- build and restore
-
 def _build(cfg: dict, run, dist: Distributed, device: torch.device, defaults: Mapping) -> Trainer:
     """Model (the same initial weights on every rank), optimiser, schedule and GradScaler (fp16 only)."""
     run_dir = run.observers[0].dir if (run is not None and run.observers and dist.is_main) else None
@@ -170,7 +159,7 @@ def _build(cfg: dict, run, dist: Distributed, device: torch.device, defaults: Ma
     if cfg["channels_last"]:  # CPU too (tests/test_gpu_proxies.py checks it there)
         model = model.to(memory_format=torch.channels_last)
     optimizer, scheduler = build_optimisation(cfg, model)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype(device, cfg["amp"]) == torch.float16)
+    scaler = make_grad_scaler(device, cfg["amp"])
     return Trainer(cfg, dist, device, model, optimizer, scheduler, scaler, digest, run, run_dir)
 
 
@@ -183,7 +172,7 @@ def _restore(t: Trainer, defaults: Mapping) -> None:
         t.model.load_state_dict(state["model"])
         t.say(f"initial weights from {path} (step {state.get('step')})")
     if cfg["episodes"] == "superpixels" and cfg["val_every"] and cfg["val_split"] == "val" \
-            and not labeled_validation(cfg):
+            and not held_out(cfg, "val")[1]:
         cfg["val_every"] = 0
         t.say(f"validation off: {cfg['path']['data_dir']} has no labeled held-out volumes; the snapshot "
               f"is last.pth after n_steps={cfg['n_steps']} (no best.pth)")
@@ -198,8 +187,8 @@ def _restore(t: Trainer, defaults: Mapping) -> None:
 
 
 def _resume(t: Trainer, defaults: Mapping):
-    """Load last.pth of the latest run of this config into `t`; returns this rank's RNG state or None
-    (also when no such run exists: the line printed says why a new run starts)."""
+    """Load last.pth of the latest run of this config into `t`; this rank's RNG state, or None (also when
+    there is no such run: the line printed says why a new run starts)."""
     log_dir, name = t.cfg["path"]["log_dir"], run_name(t.cfg)
     path = find_resume_checkpoint(log_dir, name, t.digest, defaults)
     if path is None:
@@ -211,8 +200,6 @@ def _resume(t: Trainer, defaults: Mapping):
     except UserError:
         raise unreadable_resume_error(path, log_dir, name, t.digest, defaults) from None
     check_compatible(state["model_config"], t.model.config, path)
-    if state.get("config_hash") != t.digest:
-        raise UserError(f"resume: {path} belongs to another config: start a new run (resume=False)")
     for part in ("model", "optimizer", "scheduler"):
         getattr(t, part).load_state_dict(state[part])
     if t.scaler.is_enabled() and state.get("scaler"):
@@ -282,15 +269,15 @@ def _weights_finite(model: torch.nn.Module) -> bool:
                              if t.is_floating_point()] or [torch.tensor(True)]).all())
 
 
-def _divergence_error(cfg: Mapping, dist: Distributed, step: int, what: str,
-                      last_saved: tuple[str, int] | None) -> UserError:
+def _divergence_error(t: Trainer, what: str) -> UserError:
     """The one line for a run whose loss or weights stopped being finite: the step, the fix, what stays."""
+    cfg = t.cfg
     fixes = [f"lower lr (now {cfg['lr']:g})", *["set grad_clip (e.g. 1.0)"] * (cfg["grad_clip"] <= 0),
              *["turn amp off"] * bool(cfg["amp"])]
-    kept = (f"{last_saved[0]} (step {last_saved[1]}) stays the last good checkpoint" if last_saved else
-            "no checkpoint of this run was written" if dist.is_main else
+    kept = (f"{t.last_saved[0]} (step {t.last_saved[1]}) stays the last good checkpoint" if t.last_saved else
+            "no checkpoint of this run was written" if t.dist.is_main else
             "rank 0 keeps its last good checkpoint")
-    return UserError(f"training diverged at step {step} ({what}): {', '.join(fixes[:-1])}"
+    return UserError(f"training diverged at step {t.step} ({what}): {', '.join(fixes[:-1])}"
                      f"{' or ' if len(fixes) > 1 else ''}{fixes[-1]}; {kept}")
 
 
@@ -321,22 +308,32 @@ def _validate(t: Trainer) -> None:
         t.best_dice = t.dist.gather_objects(t.best_dice)[0]
 
 
-def _finish(t: Trainer, meter: StepMeter, start_step: int) -> dict:
-    """The final weights' digest, the run's summary (Sacred's result and info.json) and the 'done' line."""
+def _finish(t: Trainer, meter: StepMeter, start_step: int, episodes) -> dict:
+    """The redraw report, the final weights' digest, the run's summary (Sacred's result and info.json) and
+    the 'done' line."""
+    cfg, run, info = t.cfg, t.run, {}
+    if cfg["episodes"] == "superpixels":
+        t.say(f"episodes redrawn: {t.redraws} (the support lost its superpixel under resize or warp; "
+              "dataloaders/selfsup_episodes.py)")
+        info = {"episode_redraws": t.redraws}
+    elif episodes.vanished:
+        t.say(f"ways redrawn: {t.redraws} (their organ vanished at input_size {cfg['input_size']} in every "
+              f"support shot; slices where it vanishes: {episodes.vanish_report()})")
+        info = {"episode_redraws": t.redraws, "vanished_slices": episodes.vanished,
+                "vanished_classes": episodes.dropped}
     digest = weights_digest(t.model)
     print(f"rank {t.dist.rank}: final weights sha256 {digest}", flush=True)
-    device = t.device
-    peak_mb = torch.cuda.max_memory_allocated(device) / 2 ** 20 if device.type == "cuda" else None
-    summary = {"steps": max(start_step, t.cfg["n_steps"]), "best_dice": t.best_dice, "run_dir": t.run_dir,
-               **meter.summary(t.cfg["batch_size"]), "weights_sha256": digest, "cuda_peak_mb": peak_mb}
+    peak_mb = torch.cuda.max_memory_allocated(t.device) / 2 ** 20 if t.device.type == "cuda" else None
+    summary = {"steps": max(start_step, cfg["n_steps"]), "best_dice": t.best_dice, "run_dir": t.run_dir,
+               **meter.summary(cfg["batch_size"]), "weights_sha256": digest, "cuda_peak_mb": peak_mb}
     if summary["sec_per_step"] is not None:
         peak = f", peak CUDA {peak_mb:.0f} MB" if peak_mb is not None else ""
         waited = 100 * (summary["data_wait_fraction"] or 0)
         t.say(f"done: {len(meter.step_seconds)} steps, {summary['sec_per_step']:.3f} s/step "
-              f"({summary['episodes_per_s']:.2f} episodes/s, data wait {waited:.0f}%{peak}) on {device}; "
+              f"({summary['episodes_per_s']:.2f} episodes/s, data wait {waited:.0f}%{peak}) on {t.device}; "
               f"run folder {t.run_dir}")
-    if t.run is not None:
-        t.run.info.update({k: v for k, v in summary.items() if k != "run_dir"})
+    if run is not None:
+        run.info.update({**info, **{k: v for k, v in summary.items() if k != "run_dir"}})
     return summary
 
 
@@ -389,10 +386,10 @@ def run_name(config: Mapping) -> str:
 
 
 def trajectory_config(config: Mapping, defaults: Mapping) -> dict:
-    """{'a.b': value} of the keys whose values differ from `defaults` (the default config), without the
-    HASH_EXCLUDED keys: what identifies a run's trained weights."""
-    default = _flat(defaults)
-    return {key: value for key, value in _flat(config).items()
+    """{'a.b': value} of the keys that differ from `defaults`, less HASH_EXCLUDED: what identifies a run's
+    trained weights."""
+    default = flatten(defaults)
+    return {key: value for key, value in flatten(config).items()
             if value != default.get(key, ABSENT) and not any(key == excluded or key.startswith(excluded + ".")
                                                             for excluded in HASH_EXCLUDED)}
 
@@ -406,7 +403,7 @@ def config_hash(config: Mapping, defaults: Mapping) -> str:
 def trajectory_differences(stored: Mapping, requested: Mapping, defaults: Mapping) -> list[str]:
     """'key: stored -> requested' (dotted keys) for the trajectory keys whose values differ."""
     old, new, default = (trajectory_config(stored, defaults), trajectory_config(requested, defaults),
-                         _flat(defaults))
+                         flatten(defaults))
     pairs = {key: [flat.get(key, default.get(key, ABSENT)) for flat in (old, new)]
              for key in sorted({*old, *new})}
     return [f"{key}: {_short(was)} -> {_short(now)}" for key, (was, now) in pairs.items() if was != now]
@@ -437,8 +434,8 @@ def _run_config(run_dir: Path) -> dict | None:
 
 def finished_snapshot(log_dir: str | Path, name: str, n_steps: int, snapshot: str, wanted_hash: str
                       ) -> Path | None:
-    """`snapshot` of the newest run of log_dir/name whose last.pth reached n_steps and records the
-    config_hash `wanted_hash`, else None."""
+    """`snapshot` of the newest run of log_dir/name whose last.pth reached n_steps with config_hash
+    `wanted_hash`, else None."""
     def finished(run_dir: Path) -> bool:
         if not ((run_dir / "last.pth").is_file() and (run_dir / snapshot).is_file()):
             return False
@@ -483,17 +480,6 @@ def config_mismatch(config: Mapping, log_dir: str, name: str, defaults: Mapping)
         shown += f"; and {len(differences) - SHOWN_DIFFERENCES} more"
     return (f"resume: the config differs from the latest run {found} ({shown or 'another config digest'}): "
             "starting a new run at step 0 (set those options back to continue that run)")
-
-
-def _flat(config: Mapping) -> dict:
-    """{'a.b': value} (plain JSON values) for the leaves of a nested config (lists, empty dicts: leaves)."""
-    def leaves(node: dict, prefix: str) -> Iterator[tuple[str, Any]]:
-        for key, value in node.items():
-            if isinstance(value, dict) and value:
-                yield from leaves(value, f"{prefix}{key}.")
-            else:
-                yield f"{prefix}{key}", value
-    return dict(leaves(json.loads(json.dumps(dict(config), default=str)), ""))
 
 
 def _short(value, limit: int = 40) -> str:

@@ -1,11 +1,7 @@
-"""Devices, mixed precision, seeding, RNG state and torch.distributed set-up.
-
-The `amp` setting: False = full precision; True = the fast path where the hardware has it: CUDA bf16 (else
-fp16), CPU bf16 only with native bf16 instructions (else full precision, one logged line); 'bf16' / 'fp16'
-= that dtype on any device (an emulated CPU bf16 says so once). fp16 gets a GradScaler. The RNG state covers
-Python, numpy and torch (CPU and CUDA), so a resumed run continues the same random streams.
-`Distributed` reads torchrun's RANK / WORLD_SIZE / LOCAL_RANK; gloo on CPU, nccl on CUDA; under
-torchrun the process group starts even for one process (so one GPU exercises nccl and DDP).
+"""Devices, mixed precision (`amp_dtype`: AMP_SETTINGS), seeding, RNG state (Python, numpy, torch CPU and
+CUDA: a resumed run continues the same random streams) and torch.distributed set-up (`Distributed` reads
+torchrun's RANK / WORLD_SIZE / LOCAL_RANK; gloo on CPU, nccl on CUDA; under torchrun the process group
+starts even for one process, so one GPU exercises nccl and DDP).
 """
 from __future__ import annotations
 
@@ -24,6 +20,12 @@ from util.errors import UserError
 
 DEVICES = ("auto", "cpu", "cuda")   # the device setting: CUDA when present (auto), or that device
 
+# The amp setting: False = full precision; True = the fast path where the hardware has it: CUDA bf16 (else
+# fp16), CPU bf16 only with native bf16 instructions (else full precision, one logged line); 'bf16' / 'fp16'
+# = that dtype on any device (an emulated CPU bf16 says so once). fp16 gets a GradScaler.
+AMP_SETTINGS = (False, True, "bf16", "fp16")
+AMP_FIX = ("use False, True (bf16 where the hardware has it, else fp16 on a GPU, full precision on a CPU), "
+           "'bf16' or 'fp16' (these two on CPU too)")
 log = logging.getLogger("lslpn")
 CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")   # /proc/cpuinfo flags of native bf16 arithmetic (x86)
 
@@ -86,9 +88,10 @@ def autocast(device: torch.device, amp: bool | str):
     return contextlib.nullcontext() if dtype is None else torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def make_grad_scaler(device: torch.device, amp: bool | str) -> torch.amp.GradScaler | None:
-    """A GradScaler for fp16 autocast only (bf16 and fp32 need none); on CPU the CPU scaler."""
-    return torch.amp.GradScaler(device.type) if amp_dtype(device, amp) == torch.float16 else None
+def make_grad_scaler(device: torch.device, amp: bool | str) -> torch.amp.GradScaler:
+    """The device's GradScaler, enabled for fp16 autocast only (bf16 and fp32 need none; disabled, it passes
+    the loss and the optimiser step through unchanged)."""
+    return torch.amp.GradScaler(device.type, enabled=amp_dtype(device, amp) == torch.float16)
 
 
 def seed_everything(seed: int) -> None:
@@ -122,11 +125,7 @@ class Distributed:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
-    launched: bool = False      # started by torchrun (WORLD_SIZE set): a process group even for 1 rank
-
-    @property
-    def enabled(self) -> bool:
-        return self.world_size > 1 or self.launched
+    enabled: bool = False       # started by torchrun (WORLD_SIZE set): a process group even for 1 rank
 
     @property
     def backend(self) -> str | None:
@@ -167,7 +166,7 @@ def distributed_from_env() -> Distributed:
         return Distributed(rank=int(os.environ.get("RANK", 0)),
                            world_size=int(os.environ.get("WORLD_SIZE", 1)),
                            local_rank=int(os.environ.get("LOCAL_RANK", 0)),
-                           launched="WORLD_SIZE" in os.environ)
+                           enabled="WORLD_SIZE" in os.environ)
     except ValueError as error:
         raise UserError(f"torchrun environment (RANK/WORLD_SIZE/LOCAL_RANK) is malformed: {error}")
 

@@ -5,6 +5,7 @@ Every error is one line, "<key> = <value>: <what is wrong>: <fix>"; a wrong type
 from __future__ import annotations
 
 import difflib
+import json
 import math
 import numbers
 from dataclasses import dataclass
@@ -14,8 +15,8 @@ from util.errors import UserError
 
 # Kinds of value
 INT, NUMBER, BOOL, CHOICE, PATH, NAME = "int", "number", "bool", "choice", "path", "name"
-PAIR, MILESTONES, ORGAN_SETS, ORGANS, AMP, SUPPORT, SNAPSHOTS, GRIDS = (
-    "pair", "milestones", "organ_sets", "organs", "amp", "support", "snapshots", "grids")
+PAIR, MILESTONES, ORGAN_SETS, ORGANS, SUPPORT, SNAPSHOTS, GRIDS = (
+    "pair", "milestones", "organ_sets", "organs", "support", "snapshots", "grids")
 
 
 @dataclass(frozen=True)
@@ -28,7 +29,7 @@ class Option:
     high_open: bool = False
     choices: tuple = ()
     nullable: bool = False
-    example: str = ""          # a valid value for the fix text, e.g. "10000"
+    example: str = ""          # a valid value for the fix text, e.g. "10000" (choices: the whole fix)
 
 
 def integer(low=None, high=None, **kw) -> Option:
@@ -103,16 +104,17 @@ def _check_numeric(key: str, value: Any, option: Option) -> None:
 
 
 def _check_choice(key: str, value: Any, option: Option) -> None:
-    """Choices are strings or integers (e.g. model.input_slices: 1 or 3); True/False is never an integer."""
-    integral = isinstance(value, numbers.Integral) and not isinstance(value, bool)
-    if (isinstance(value, str) or integral) and value in option.choices:
+    """Choices are strings, integers (model.input_slices: 1 or 3) or True/False, each matched by its own
+    type (True is never 1)."""
+    if any(type(value) is type(c) and value == c for c in option.choices):
         return
-    if isinstance(value, str) and value in [str(c) for c in option.choices if not isinstance(c, str)]:
+    if isinstance(value, str) and value in [str(c) for c in option.choices if type(c) is int]:
         raise fail(key, value, "must be an integer, not a string", f"write {key}={value} (no quotes)")
     near = difflib.get_close_matches(str(value), [str(c) for c in option.choices], n=1, cutoff=0.6)
     hint = f" (did you mean {near[0]!r}?)" if near else ""
-    what = "unknown" if all(isinstance(c, str) for c in option.choices) else "not one of the choices"
-    raise fail(key, value, what, f"use one of {', '.join(map(repr, option.choices))}{hint}")
+    what = "unknown" if all(isinstance(c, (str, bool)) for c in option.choices) else "not one of the choices"
+    raise fail(key, value, what, (option.example or f"use one of {', '.join(map(repr, option.choices))}")
+               + hint)
 
 
 def _check_organ_list(key: str, value: Any) -> None:
@@ -161,10 +163,6 @@ def check_value(key: str, value: Any, option: Option) -> None:
             _check_organ_list(f"{key}[{fold}]", organs)
     elif kind == ORGANS:
         _check_organ_list(key, value)
-    elif kind == AMP:
-        if not (isinstance(value, bool) or value in ("bf16", "fp16")):
-            raise fail(key, value, "unknown", "use False, True (bf16 on GPUs that support it, else fp16; "
-                       "off on CPU), 'bf16' or 'fp16' (these two on CPU too)")
     elif kind == SUPPORT:
         items = value if isinstance(value, (list, tuple)) else [value]
         if not items or not all(isinstance(v, (str, int)) and not isinstance(v, bool) for v in items):
@@ -224,4 +222,15 @@ def check_options(tree: Mapping, schema: Mapping[str, Option], listed_in: str, p
                     f"the known {section or 'top-level'} keys are {', '.join(listed)}"
                 raise fail(key, value, "unknown key", f"{fix} ({listed_in} lists every key)")
     walk(tree, prefix)
+
+
+def flatten(tree: Mapping) -> dict:
+    """{'a.b': value} (plain JSON values) for the leaves of a nested config (lists, empty dicts: leaves)."""
+    def leaves(node: dict, prefix: str):
+        for key, value in node.items():
+            if isinstance(value, dict) and value:
+                yield from leaves(value, f"{prefix}{key}.")
+            else:
+                yield f"{prefix}{key}", value
+    return dict(leaves(json.loads(json.dumps(dict(tree), default=str)), ""))
 
