@@ -167,7 +167,7 @@ def alpnet_view(image: np.ndarray, fg: np.ndarray, rng: np.random.Generator) -> 
 PSEUDO_CLASS = -1
 RECIPES = ("project", "alpnet")
 MAX_DRAWS = 50          # draws per item before giving up (an empty support is redrawn)
-REDRAW_REASONS = ("its id is empty in that slice", "smaller than one pixel at input_size",
+REDRAW_REASONS = ("its id is empty in that slice", "lost when resized to input_size",
                   "lost under the warp")   # why a draw's support views hold no superpixel pixel
 
 

@@ -1,6 +1,8 @@
 """Self-supervised training end to end: the `tiny selfsup` config on a tiny unlabeled phantom."""
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from conftest import resolve_config, train_in_process
@@ -17,7 +19,10 @@ def test_one_selfsup_step_then_fine_tuning(unlabeled_prep, tiny_prepared, tmp_pa
     last = tmp_path / "lslpn_selfsup" / "1" / "last.pth"
     train_in_process(last.parent, named=("tiny", "selfsup"), n_steps=1, selfsup={"min_pixels": 40},
                      path={"data_dir": str(unlabeled_prep), "log_dir": str(tmp_path)})
-    assert "validation off" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "validation off" in out
+    assert re.search(r"episodes redrawn: \d+ \(no support view kept its superpixel: its id is empty in that "
+                     r"slice \d+, lost when resized to input_size \d+, lost under the warp \d+", out), out
     assert not (last.parent / "best.pth").exists()
     state = load_checkpoint(str(last))
     assert state["step"] == 1 and state["run_config"]["episodes"] == "superpixels"

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from dataloaders.episodes import REDRAWS_KEY, EpisodeDataset, StepBatchSampler
 from dataloaders.prepared import prepared_intensity
-from dataloaders.selfsup_episodes import SelfSupEpisodeDataset
+from dataloaders.selfsup_episodes import REDRAW_REASONS, SelfSupEpisodeDataset
 from evaluation.evaluate import validate
 from models.checkpoint import check_compatible, load_checkpoint, save_checkpoint
 from training.config_check import check_config, fold_training_classes, held_out
@@ -69,7 +69,8 @@ class Trainer:
     step: int = 0                            # steps done
     best_dice: float | None = None
     last_saved: tuple[str, int] | None = None   # (last.pth, its step)
-    redraws: int = 0                         # draws whose support lost its superpixel or organ
+    redraws: Any = 0                         # draws whose support lost its organ (a count) or superpixel
+                                             # (a tensor of counts by REDRAW_REASONS)
 
     def say(self, message: str) -> None:
         if self.dist.is_main:
@@ -115,7 +116,7 @@ def train(config: Mapping[str, Any], run=None, *, defaults: Mapping, checked: bo
         try:
             for step, batch in zip(range(start_step, n_steps), loader):
                 meter.batch_arrived()
-                t.redraws += int(batch.pop(REDRAWS_KEY).sum())
+                t.redraws = t.redraws + batch.pop(REDRAWS_KEY).sum(0)
                 loss, lr = _optimisation_step(t, net, batch)
                 t.step = done = step + 1
                 if not math.isfinite(loss):
@@ -313,13 +314,14 @@ def _finish(t: Trainer, meter: StepMeter, start_step: int, episodes) -> dict:
     the 'done' line."""
     cfg, run, info = t.cfg, t.run, {}
     if cfg["episodes"] == "superpixels":
-        t.say(f"episodes redrawn: {t.redraws} (the support lost its superpixel under resize or warp; "
-              "dataloaders/selfsup_episodes.py)")
-        info = {"episode_redraws": t.redraws}
+        by_reason = dict(zip(REDRAW_REASONS, torch.as_tensor(t.redraws).expand(len(REDRAW_REASONS)).tolist()))
+        t.say(f"episodes redrawn: {sum(by_reason.values())} (no support view kept its superpixel: "
+              + ", ".join(f"{reason} {n}" for reason, n in by_reason.items()) + "; docs/usage.md)")
+        info = {"episode_redraws": sum(by_reason.values()), "episode_redraw_reasons": by_reason}
     elif episodes.vanished:
-        t.say(f"ways redrawn: {t.redraws} (their organ vanished at input_size {cfg['input_size']} in every "
-              f"support shot; slices where it vanishes: {episodes.vanish_report()})")
-        info = {"episode_redraws": t.redraws, "vanished_slices": episodes.vanished,
+        t.say(f"ways redrawn: {int(t.redraws)} (their organ vanished at input_size {cfg['input_size']} in "
+              f"every support shot; slices where it vanishes: {episodes.vanish_report()})")
+        info = {"episode_redraws": int(t.redraws), "vanished_slices": episodes.vanished,
                 "vanished_classes": episodes.dropped}
     digest = weights_digest(t.model)
     print(f"rank {t.dist.rank}: final weights sha256 {digest}", flush=True)
