@@ -1,10 +1,6 @@
-"""Readers of the source layouts, labels mapped onto the organ indices of dataloaders/organs.py.
-
-VISCERAL Anatomy3 (`find_cases`, `load_case`), generic multi-label data sets such as TotalSegmentator,
-BTCV or AMOS exports (`find_multilabel_cases`, `load_multilabel_case`; layout in the comment above them)
-and SSL-ALPNet's preprocessed CHAOS-T2 / SABS folders (`detect_dataset`, `load_scan`, `fold_scans`),
-read as its loaders read them. Layout values without a vocabulary entry become background (0).
-docs/DESIGN.md "Prepared data folder" says what prepare.py makes of them.
+"""Readers of the source layouts (VISCERAL Anatomy3, multi-label exports, SSL-ALPNet's CHAOS-T2 / SABS
+folders), labels mapped onto the organ indices of dataloaders/organs.py (others: background). The layouts:
+docs/usage.md "Data"; what prepare.py makes of them: docs/DESIGN.md "Prepared data folder".
 """
 from __future__ import annotations
 
@@ -158,26 +154,12 @@ def load_case(case: Case) -> LabeledVolume:
 
 
 # ------------------------------------------------------------------------------ multi-label data sets
-# ROOT holds a training split (SilverCorpus, train, Tr or training) and a test split (GoldCorpus, test,
-# Ts or testing), each laid out as
-#   a) SPLIT/images/<case>.nii.gz + SPLIT/labels/<case>.nii.gz (nnU-Net / AMOS / BTCV; nnU-Net's
-#      imagesTr/ labelsTr/ with the _0000 suffix must be renamed first), or
-#   b) SPLIT/<case>/ct.nii.gz (image, img) + SPLIT/<case>/labels.nii.gz (label, seg, segmentation)
-#      (TotalSegmentator).
-# Case id: the file stem (a) or folder name (b), made a file name by dataloaders.prepared.case_id; unique
-# over both splits. Labels: integers >= 0 on the image's world grid (any storage orientation). The
-# label map (dataloaders/label_map.py) names values; names become indices by organs.canonical_name,
-# others background; every named value must occur in each volume unless --allow-missing-labels.
+# ROOT/<split>/images/<case>.nii.gz + labels/<case>.nii.gz, or ROOT/<split>/<case>/ct.nii.gz + labels.nii.gz
+# (docs/usage.md "Multi-label layout"); names of the label map become indices by organs.canonical_name.
 IMAGE_NAMES = ("ct", "image", "img")
 LABEL_NAMES = ("labels", "label", "seg", "segmentation")
 SPLIT_NAMES = {"silver": ("SilverCorpus", "train", "Tr", "training"),
                "gold": ("GoldCorpus", "test", "Ts", "testing")}
-
-
-def vocabulary_lookup(label_map: dict[int, str]) -> dict[int, int]:
-    """Label value -> project index (1-20) for the map entries that name one of the 20 structures."""
-    canonical = {value: canonical_name(name) for value, name in label_map.items()}
-    return {value: NAME_TO_INDEX[name] for value, name in canonical.items() if name is not None}
 
 
 def load_multilabel_case(image_path: str | Path, label_path: str | Path, label_map: dict[int, str],
@@ -198,7 +180,8 @@ def load_multilabel_case(image_path: str | Path, label_path: str | Path, label_m
         names = ", ".join(f"{value} ({label_map[value]})" for value in missing[:6])
         raise UserError(f"{label_path}: label map names values absent from this volume: {names}: check that "
                         "the map belongs to this data set (or pass --allow-missing-labels)")
-    lookup = vocabulary_lookup(label_map)
+    canonical = {value: canonical_name(name) for value, name in label_map.items()}
+    lookup = {value: NAME_TO_INDEX[name] for value, name in canonical.items() if name is not None}
     if not lookup:
         raise UserError(f"{label_path}: the label map names none of the 20 structures (e.g. liver, spleen, "
                         "kidney_right): fix the names in the map")
@@ -252,12 +235,9 @@ def find_split(root: str | Path, split: str) -> Path:
 
 
 # ------------------------------------------------------------------------------ SSL-ALPNet's layout
-# image_<id>.nii.gz, label_<id>.nii.gz (the data set's own values), superpix-MIDDLE_<id>.nii.gz (optional,
-# made by scripts/make_superpixels.py --alpnet), classmap_1.json {class: {str(id): [slices holding it]}}
-# (optional: `compute_classmap` derives it from the labels); ids = last digit run, sorted as integers.
-# Read as SSL-ALPNet: nibabel's X x Y x Z with axes 0 and 1 swapped (its SimpleITK [Z, Y, X].T), no
-# reorientation or resize, cropped [:256, :256]; MR z-scored per volume, CT by the global mean and std of
-# the fold's training scans (`ct_statistics`). Nothing here assumes Hounsfield units.
+# image_<id>.nii.gz, label_<id>.nii.gz, optional superpix-MIDDLE_<id>.nii.gz and classmap_1.json
+# {class: {str(id): [slices holding it]}}; ids = last digit run, sorted as integers. Read as SSL-ALPNet:
+# nibabel's X x Y x Z with axes 0 and 1 swapped, no reorientation or resize, cropped [:256, :256].
 CROP = 256                                  # both loaders crop [:256, :256] (SABS is stored 257 x 257)
 CLASSMAP = "classmap_1.json"
 SUPERPIXELS = "superpix-MIDDLE"             # the only superpixel mode SSL-ALPNet has
@@ -334,8 +314,7 @@ def read_classmap(folder: str | Path) -> dict[str, dict[str, list[int]]] | None:
 
 
 def compute_classmap(folder: str | Path, dataset: AlpnetDataset) -> dict[str, dict[str, list[int]]]:
-    """classmap_1.json from the label volumes by SSL-ALPNet's rule (alpnet.md section 1): per class name and
-    scan, the ascending z holding >= 1 voxel of the class; class 0 of CHAOS-T2 the slices with foreground."""
+    """classmap_1.json from the label volumes by SSL-ALPNet's rule (class 0 of CHAOS-T2: any foreground)."""
     classmap: dict[str, dict[str, list[int]]] = {name: {} for name in dataset.class_names.values()}
     for sid in scan_ids(folder):
         label, _ = _read(Path(folder) / f"label_{sid}.nii.gz")                              # Y x X x Z
@@ -348,8 +327,7 @@ def compute_classmap(folder: str | Path, dataset: AlpnetDataset) -> dict[str, di
 
 
 def detect_dataset(folder: str | Path) -> AlpnetDataset:
-    """CHAOS-T2 or SABS, told apart by the class names of classmap_1.json, else by the label values of the
-    first scan (CHAOS-T2: 0-4; SABS: up to 13, liver is 6)."""
+    """CHAOS-T2 or SABS, by the class names of classmap_1.json, else by the first scan's label values."""
     folder = check_input_folder(folder, "", _hint(folder))
     if not any(folder.glob("image_*.nii.gz")):
         raise UserError(f"{folder}: no image_<id>.nii.gz files: {_hint(folder)}")
@@ -426,8 +404,7 @@ class AlpnetScan:
 
 def load_scan(folder: str | Path, sid: int, dataset: AlpnetDataset, superpixels: bool = False,
               classmap: dict | None = None, superpixel_dir: str | Path | None = None) -> AlpnetScan:
-    """Read and check one scan: label on the image's grid, known values, classmap agreeing with the label;
-    superpixels from `superpixel_dir` (default: the folder itself)."""
+    """Read and check one scan (grid, label values, classmap); superpixels from `superpixel_dir`/`folder`."""
     folder = Path(folder)
     image, affine = _read(folder / f"image_{sid}.nii.gz")
     label_path = folder / f"label_{sid}.nii.gz"
@@ -506,8 +483,7 @@ def to_vocabulary(label: np.ndarray, dataset: AlpnetDataset) -> np.ndarray:
 
 
 def fold_scans(ids: list[int], fold: int, dataset: AlpnetDataset) -> tuple[list[int], int, list[int]]:
-    """(test ids, support id, training ids) of a fold, SSL-ALPNet's circular split: sorted ids[sep[k] :
-    sep[k + 1] + 1] with wrap-around are the test scans and the support (the last); training the others."""
+    """(test ids, support id, training ids): SSL-ALPNet's circular split of the sorted ids (method.md)."""
     if not isinstance(fold, int) or fold not in range(N_FOLDS):
         raise UserError(f"fold {fold!r} does not exist: use 0-{N_FOLDS - 1} (SSL-ALPNet's five folds)")
     ordered = sorted(int(i) for i in ids)
@@ -523,8 +499,8 @@ def fold_scans(ids: list[int], fold: int, dataset: AlpnetDataset) -> tuple[list[
 
 
 def validation_scan(ids: list[int], fold: int, dataset: AlpnetDataset) -> int:
-    """This project's validation scan of a fold (not SSL-ALPNet's: it has none): the first training scan
-    after the support in circular sorted order. Options are chosen on it, never on the test scans."""
+    """This project's validation scan of a fold (SSL-ALPNet has none): the first training scan after the
+    support in circular sorted order."""
     _, support, training = fold_scans(ids, fold, dataset)
     ordered = sorted(int(i) for i in ids)
     after = ordered.index(support) + 1
@@ -537,8 +513,5 @@ def kept_slices(label: np.ndarray, excluded: list[int], rule: str = "or") -> np.
     if not excluded:
         return np.ones(label.shape[2], dtype=bool)
     present = np.stack([(label == v).any(axis=(0, 1)) for v in excluded])                      # E x Z
-    if rule == "or":
-        return ~present.any(axis=0)
-    if rule == "and":
-        return ~present.all(axis=0)
-    raise UserError(f"exclusion rule '{rule}' is unknown: use 'or' (SSL-ALPNet) or 'and' (Q-Net lineage)")
+    assert rule in ("or", "and"), rule
+    return ~present.any(axis=0) if rule == "or" else ~present.all(axis=0)

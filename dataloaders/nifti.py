@@ -68,8 +68,7 @@ def _dicom_hint(folder: Path) -> str:
 
 
 def load_nifti(path: str | Path) -> NiftiVolume:
-    """A 3D NIfTI (X x Y x Z, or X x Y x Z x 1), validated and reoriented to canonical RAS+; one-line
-    UserErrors for missing/corrupt files, 2D/4D or empty data, NaN/inf voxels, bad affines."""
+    """A 3D NIfTI (X x Y x Z, or X x Y x Z x 1), validated and reoriented to canonical RAS+."""
     path = Path(path)
     if path.is_dir():
         raise UserError(f"{path}: is a folder, not a NIfTI file{_dicom_hint(path)}")
@@ -112,8 +111,7 @@ def load_nifti(path: str | Path) -> NiftiVolume:
 
 
 def check_same_grid(mask: NiftiVolume, volume: NiftiVolume) -> None:
-    """A mask must lie on its volume's voxel grid in world space (compared after reorientation, so another
-    storage orientation, e.g. LPS next to RAS, is accepted); else a one-line error."""
+    """A mask must lie on its volume's voxel grid in world space (any storage orientation)."""
     if tuple(mask.array.shape) == tuple(volume.array.shape) and np.allclose(
             mask.affine, volume.affine, atol=AFFINE_TOLERANCE_MM):
         return                                              # same world grid (any storage orientation)
@@ -127,8 +125,7 @@ def check_same_grid(mask: NiftiVolume, volume: NiftiVolume) -> None:
 
 
 def to_original(array_canonical: np.ndarray, original_axcodes: str | tuple[str, ...]) -> np.ndarray:
-    """A canonical RAS+ array X x Y x Z in the storage orientation `original_axcodes` (inverse of
-    `load_nifti`'s reorientation; save it with the volume's `original_affine`)."""
+    """A canonical RAS+ array X x Y x Z in the storage orientation `original_axcodes` (undoes load_nifti)."""
     codes = tuple(original_axcodes)
     if len(codes) != 3:
         raise UserError(f"orientation '{''.join(codes)}' is not three axis codes like 'LPS': use the "
@@ -138,11 +135,10 @@ def to_original(array_canonical: np.ndarray, original_axcodes: str | tuple[str, 
 
 
 def save_nifti_atomic(array: np.ndarray, affine: np.ndarray, path: str | Path, codes=(1, 1)) -> None:
-    """Save `array` (X x Y x Z) with `affine` and (qform, sform) `codes` as `.nii.gz` at `path`, atomically
-    and deterministically (gzip mtime 0): nibabel's header, then the voxels in one Fortran-order copy."""
+    """Save `array` (X x Y x Z) with `affine` and (qform, sform) `codes` as `.nii.gz`, atomically and
+    deterministically (gzip mtime 0)."""
     path = Path(path)
-    if not path.name.endswith(".nii.gz"):
-        raise UserError(f"{path}: NIfTI output must end in .nii.gz: rename the output path")
+    assert path.name.endswith(".nii.gz"), path
     array = np.asarray(array)
     header = nib.Nifti1Header()
     header.set_data_shape(array.shape)
@@ -168,9 +164,8 @@ def _pid_alive(pid: int) -> bool:
 
 
 def _clean_stale(out: Path) -> None:
-    """Leftovers of a killed `atomic_folder` run on `out` (its process is gone): remove
-    `<out>.partial-<pid>`; put back `<out>.old-<pid>` when `out` itself is missing (killed between the
-    two renames), else remove it."""
+    """Leftovers of a killed `atomic_folder` run on `out`: remove `<out>.partial-<pid>`; put back
+    `<out>.old-<pid>` when `out` is missing (killed between the two renames), else remove it."""
     if not out.parent.is_dir():
         return
     for kind in ("partial", "old"):
@@ -187,8 +182,7 @@ def _clean_stale(out: Path) -> None:
 
 @contextmanager
 def atomic_folder(out: str | Path, overwrite: bool = False, inputs=()) -> Iterator[Path]:
-    """Build a folder in `<out>.partial-<pid>` and rename it to `out` only when the block succeeds (`out`
-    checked first by util.io.check_output_folder); on any exception the partial folder is removed, and a
+    """Build a folder in `<out>.partial-<pid>` and rename it to `out` only when the block succeeds; a
     killed run's leftovers are cleaned by the next run on the same `out`."""
     out = Path(out)
     _clean_stale(out)
@@ -218,7 +212,7 @@ def _star(item: tuple):
 
 def parallel_map(function, tasks: list[tuple], workers: int, progress: dict | None = None) -> list:
     """[function(*task) for task in tasks] in order, in `workers` forked processes when more than one;
-    progress: tqdm's keywords (desc, unit, disable) for a bar that advances per finished task."""
+    progress: tqdm's keywords for a bar."""
     from tqdm import tqdm  # progress bar of the command line only
     items, results, processes = [(function, task) for task in tasks], [], min(workers, len(tasks))
     pool = multiprocessing.get_context("fork").Pool(processes) if processes > 1 else None

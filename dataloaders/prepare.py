@@ -1,8 +1,6 @@
-"""Any source layout -> the prepared folder of docs/DESIGN.md ("Prepared data folder"), built atomically.
-
-`prepare_dataset` (VISCERAL, multi-label, images-only): training slices chosen per class by `Selection`
-(the official rule), scaled, resized and stored with their neighbours; validation and gold volumes stored
-whole and exactly. `prepare_alpnet`: one fold, setting and label set of an SSL-ALPNet folder.
+"""Any source layout -> the prepared folder of docs/DESIGN.md ("Prepared data folder"), built atomically:
+`prepare_dataset` (VISCERAL, multi-label, images-only; the official slice rule `Selection`) and
+`prepare_alpnet` (one fold, setting and label set of an SSL-ALPNet folder).
 """
 from __future__ import annotations
 
@@ -61,7 +59,6 @@ class Selection:
     skip_last: bool = False   # True: the official notebook, axial slices 0 .. Z-2 only (never the last)
 
     def check(self) -> None:
-        """Raise a one-line UserError for an out-of-range rule (the official one is 150 / 5 / 20)."""
         if self.min_voxels < 0 or not 1 <= self.max_per_volume <= self.many:
             raise UserError(f"slice selection --min-voxels {self.min_voxels} / --max-per-volume "
                             f"{self.max_per_volume} / --many {self.many} is out of range: use "
@@ -104,7 +101,7 @@ def load_unlabeled(path: Path, pid: str) -> LabeledVolume:
 
 def list_sources(source_dir: str | Path, layout: str = "visceral", label_map: str | Path | None = None,
                  allow_missing: bool = False) -> tuple[list[SourceCase], list[SourceCase]]:
-    """(silver cases, gold cases) of a data set in the 'visceral' or 'multilabel' layout."""
+    """(silver cases, gold cases) of a data set in the 'visceral', 'multilabel' or 'images-only' layout."""
     root = check_input_folder(source_dir, "", "give the data folder (or make a phantom with "
                               "scripts/make_phantom.py --out NEW_FOLDER)")
     if layout == "visceral":
@@ -122,10 +119,9 @@ def list_sources(source_dir: str | Path, layout: str = "visceral", label_map: st
             splits.append([SourceCase(pid, partial(load_multilabel_case, image, label, names, pid,
                                                    allow_missing)) for pid, image, label in cases])
         return splits[0], splits[1]
-    if layout == "images-only":  # every volume trains (self-supervised); no validation or test volumes
-        return [SourceCase(pid, partial(load_unlabeled, path, pid), unlabeled=True)
-                for pid, path in find_image_volumes(root)], []
-    raise UserError(f"layout '{layout}' is unknown: use 'visceral', 'multilabel' or 'images-only'")
+    assert layout == "images-only", layout   # every volume trains (self-supervised); no validation or test
+    return [SourceCase(pid, partial(load_unlabeled, path, pid), unlabeled=True)
+            for pid, path in find_image_volumes(root)], []
 
 
 def select_slices(label: np.ndarray, index: int, rng: np.random.Generator, rule: Selection) -> np.ndarray:
@@ -171,9 +167,8 @@ def volume_arrays(volume: LabeledVolume) -> dict[str, np.ndarray]:
 
 def training_images(image: np.ndarray, rows: np.ndarray, intensity: dict,
                     size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Training slices `rows` (z, (N,)) of a volume X x Y x Z and their (z - 1, z + 1) neighbours (edge rule
-    only), scaled, resized to size x size and clipped to [0, 1]: (N x S x S, N x 2 x S x S float32). Each
-    needed slice is scaled once; a per-volume z-score without statistics takes the training rows'."""
+    """Training slices `rows` (z) of a volume X x Y x Z and their (z - 1, z + 1) neighbours, scaled, resized
+    and clipped to [0, 1]; a per-volume z-score without statistics takes the training rows'."""
     rows = np.asarray(rows, dtype=int)
     if not rows.size:
         return np.zeros((0, size, size), np.float32), np.zeros((0, 2, size, size), np.float32)
@@ -251,9 +246,8 @@ def split_silver(pids: list[str], n_val: int | None, seed: int) -> tuple[list[st
 
 def check_out_location(out: str | Path, source_dir: str | Path, label_map: str | Path | None,
                        overwrite: bool) -> None:
-    """Before anything is read: `out` is not the source, does not hold it and does not lie inside it
-    (prepared files in the source tree would be read as cases by a later run), and `--overwrite`
-    replaces only a prepared folder (one with meta.json) or an empty one, never another folder."""
+    """Before anything is read: `out` is not the source, neither holds nor lies in it, and `--overwrite`
+    replaces only a prepared folder (one with meta.json) or an empty one."""
     out, source = Path(out), Path(source_dir)
     if source.is_dir() and Path(os.path.realpath(source)) in Path(os.path.realpath(out)).parents:
         raise UserError(f"--out {out} lies inside the input folder {source}: prepared files would mix with "
@@ -318,16 +312,13 @@ def prepare_dataset(source_dir: str | Path, out: str | Path, layout: str = "visc
 
 
 # ------------------------------------------------------------------------------ SSL-ALPNet folders
-# Training slices (the kept slices of Setting 1 or 2) are stored normalised as SSL-ALPNet's loader and
-# cropped to 256 x 256 (not in [0, 1]), with its own superpix-MIDDLE superpixels; the fold's test, support
-# (and validation) scans are stored as stored, cropped, and normalised at evaluation (`normalised_volume`).
-SETTINGS = (1, 2)
-RULES = ("or", "and")
+# Training slices normalised as SSL-ALPNet's loader and cropped to 256 x 256 (not in [0, 1]); the fold's
+# test, support (and validation) scans as stored, cropped, and normalised at evaluation.
 
 
 def normalised_volume(image: np.ndarray, intensity: dict, name: str = "evaluation volume") -> np.ndarray:
-    """A volume (Y x X x Z as stored) normalised by meta.json's `intensity` (SSL-ALPNet's: MR z-scored
-    per volume, no eps; CT by the training scans' statistics), float32."""
+    """A volume (Y x X x Z) normalised by meta.json's `intensity` (MR per volume, no eps; CT the training
+    scans' statistics), float32."""
     resolved = volume_intensity(image, intensity, name)
     return ((np.asarray(image, np.float64) - resolved["mean"]) / resolved["std"]).astype(np.float32)
 
@@ -336,13 +327,12 @@ def prepare_alpnet(data_dir: str | Path, out: str | Path, fold: int, setting: in
                    rule: str = "or", overwrite: bool = False, validation: bool = False,
                    superpixel_dir: str | Path | None = None) -> dict:
     """Write the prepared folder of one (fold, setting, label set); returns its meta.json content.
-    superpixel_dir: the superpix-MIDDLE files (default data_dir; none: no superpixels/); validation: hold
-    the fold's validation scan (layouts.validation_scan) out of training, stored with the gold volumes."""
+    validation: the fold's validation scan is stored with the gold volumes, not trained on."""
     data_dir = Path(data_dir)
-    if setting not in SETTINGS:
+    if setting not in (1, 2):
         raise UserError(f"setting {setting!r} does not exist: use 1 (test organs in training slices) or 2 "
                         "(every slice holding a test organ dropped)")
-    if rule not in RULES:
+    if rule not in ("or", "and"):
         raise UserError(f"exclusion rule '{rule}' is unknown: use 'or' (SSL-ALPNet) or 'and' (Q-Net lineage)")
     dataset = layouts.detect_dataset(data_dir)
     classmap = layouts.read_classmap(data_dir)

@@ -10,7 +10,6 @@ import pytest
 from dataloaders.label_map import (
     field_of_view_warning,
     image_problems,
-    mask_label_map,
     mask_labels,
     read_label_map,
     resolve_support_label,
@@ -87,8 +86,6 @@ def test_names_resolve_through_map_sidecar_or_explicit_vocabulary(tmp_path):
     assert value == 2 and "sidecar labels.json" in how
     other = tmp_path / "prepared_label.nii.gz"
     assert resolve_support_label("kidney_right", other, PRESENT, vocabulary="visceral")[0] == 13
-    with pytest.raises(UserError, match="--vocabulary totalseg"):
-        mask_label_map(other, vocabulary="totalseg")
 
 
 def test_visceral_binary_mask_names_its_organ_and_a_wrong_name_is_refused(tmp_path):
