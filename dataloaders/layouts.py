@@ -11,10 +11,9 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 
-from dataloaders.nifti import NiftiVolume, check_same_grid, load_nifti
+from dataloaders.nifti import NiftiVolume, check_same_grid, load_nifti, read_nifti
 from dataloaders.organs import NAME_TO_INDEX, RADLEX_TO_INDEX, canonical_name
 from util.errors import UserError
 from util.io import check_input_folder
@@ -329,11 +328,9 @@ def compute_classmap(folder: str | Path, dataset: AlpnetDataset) -> dict[str, di
 def detect_dataset(folder: str | Path) -> AlpnetDataset:
     """CHAOS-T2 or SABS, by the class names of classmap_1.json, else by the first scan's label values."""
     folder = check_input_folder(folder, "", _hint(folder))
-    if not any(folder.glob("image_*.nii.gz")):
-        raise UserError(f"{folder}: no image_<id>.nii.gz files: {_hint(folder)}")
+    first = scan_ids(folder)[0]
     classmap = read_classmap(folder)
     if classmap is None:
-        first = scan_ids(folder)[0]
         values = set(np.unique(_read(folder / f"label_{first}.nii.gz")[0]).tolist())
         for dataset in DATASETS.values():
             if values <= set(dataset.class_names):
@@ -379,17 +376,8 @@ def _read(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """(array Y x X x Z as SSL-ALPNet's transpose of SimpleITK's [Z, Y, X], affine) of one NIfTI file."""
     if not path.is_file():
         raise UserError(f"{path}: file not found: {_hint(path.parent)}")
-    try:
-        image = nib.load(str(path))
-        data = np.asarray(image.dataobj, dtype=np.float64)
-    except Exception as error:  # nibabel raises many kinds for corrupt files
-        raise UserError(f"{path}: cannot read NIfTI ({type(error).__name__}): "
-                        "copy or export it again") from None
-    if data.ndim != 3:
-        raise UserError(f"{path}: {data.ndim} dimensions {data.shape}, expected one 3D scan: export it again")
-    if not np.isfinite(data).all():
-        raise UserError(f"{path}: NaN/inf voxels: fix or re-export the scan")
-    return np.ascontiguousarray(data.transpose(1, 0, 2)), np.asarray(image.affine, dtype=np.float64)
+    data, affine, _ = read_nifti(path, np.float64)
+    return np.ascontiguousarray(data.transpose(1, 0, 2)), affine
 
 
 @dataclass

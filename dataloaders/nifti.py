@@ -67,9 +67,9 @@ def _dicom_hint(folder: Path) -> str:
     return f": {dicom_fix(folder)}" if holds_dcm_files(folder) else ": give the path of a .nii.gz file"
 
 
-def load_nifti(path: str | Path) -> NiftiVolume:
-    """A 3D NIfTI (X x Y x Z, or X x Y x Z x 1), validated and reoriented to canonical RAS+."""
-    path = Path(path)
+def read_nifti(path: Path, dtype=None) -> tuple[np.ndarray, np.ndarray, tuple[int, int]]:
+    """(data X x Y x Z as stored, as `dtype`; affine; (qform, sform) codes) of a 3D NIfTI (or X x Y x Z x 1),
+    every defect of the file a one-line UserError."""
     if path.is_dir():
         raise UserError(f"{path}: is a folder, not a NIfTI file{_dicom_hint(path)}")
     if not path.is_file():
@@ -78,7 +78,7 @@ def load_nifti(path: str | Path) -> NiftiVolume:
         image = nib.load(str(path)) if _named_right(path) else _load_misnamed(path)
         if not isinstance(image, (nib.Nifti1Image, nib.Nifti2Image)):
             raise UserError(f"{path}: not a NIfTI file ({type(image).__name__}): convert it to .nii.gz")
-        data = np.asanyarray(image.dataobj)  # forces decompression: truncation shows up here
+        data = np.asanyarray(image.dataobj, dtype=dtype)  # forces decompression: truncation shows up here
     except UserError:
         raise
     except (EOFError, zlib.error, gzip.BadGzipFile, OSError, ValueError,
@@ -102,6 +102,13 @@ def load_nifti(path: str | Path) -> NiftiVolume:
                         "volume (e.g. replace them with the background value)")
     if not np.isfinite(affine).all() or abs(np.linalg.det(affine[:3, :3])) < 1e-9:
         raise UserError(f"{path}: affine is not invertible or not finite: fix the NIfTI header (sform/qform)")
+    return data, affine, codes
+
+
+def load_nifti(path: str | Path) -> NiftiVolume:
+    """A 3D NIfTI, validated (`read_nifti`) and reoriented to canonical RAS+."""
+    path = Path(path)
+    data, affine, codes = read_nifti(path)
     original_axcodes = "".join(nib.aff2axcodes(affine))
     canonical = nib.as_closest_canonical(nib.Nifti1Image(data, affine))
     array = np.asfortranarray(canonical.dataobj)   # NIfTI voxel order: cheap z slabs, cheap flat views
