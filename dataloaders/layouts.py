@@ -15,6 +15,7 @@ import numpy as np
 
 from dataloaders.nifti import NiftiVolume, check_same_grid, load_nifti, read_nifti
 from dataloaders.organs import NAME_TO_INDEX, RADLEX_TO_INDEX, canonical_name
+from dataloaders.prepared import case_id
 from util.errors import UserError
 from util.io import check_input_folder
 
@@ -29,9 +30,9 @@ def volume_filename(pid: str) -> str:
     return f"{pid}_1_CTce_ThAb.nii.gz"
 
 
-def mask_filename(pid: str, radlex: int, annotator: int = 1) -> str:
-    """VISCERAL mask file name of structure `radlex` of patient `pid`."""
-    return f"{pid}_1_CTce_ThAb_{radlex}_{annotator}.nii.gz"
+def mask_filename(pid: str, radlex: int) -> str:
+    """VISCERAL mask file name of structure `radlex` of patient `pid` (first annotator)."""
+    return f"{pid}_1_CTce_ThAb_{radlex}_1.nii.gz"
 
 
 def strip_nifti_suffix(name: str) -> str | None:
@@ -161,8 +162,8 @@ SPLIT_NAMES = {"silver": ("SilverCorpus", "train", "Tr", "training"),
                "gold": ("GoldCorpus", "test", "Ts", "testing")}
 
 
-def load_multilabel_case(image_path: str | Path, label_path: str | Path, label_map: dict[int, str],
-                         pid: str | None = None, allow_missing: bool = False) -> LabeledVolume:
+def load_multilabel_case(image_path: str | Path, label_path: str | Path, label_map: dict[int, str], pid: str,
+                         allow_missing: bool = False) -> LabeledVolume:
     """One image + multi-label pair, labels mapped onto the indices 1-20 (0: background or outside the
     vocabulary); every value the map names must occur unless `allow_missing`."""
     image = exact_image(load_nifti(image_path))
@@ -188,15 +189,16 @@ def load_multilabel_case(image_path: str | Path, label_path: str | Path, label_m
     table[list(lookup)] = list(lookup.values())
     if values.min() < 0:
         raise UserError(f"{label_path}: negative label values: export label values >= 0")
-    pid = pid or strip_nifti_suffix(Path(image_path).name)
     return LabeledVolume(pid, image, table[values], 0)
 
 
-def find_multilabel_cases(split_dir: str | Path) -> list[tuple[str, Path, Path]]:
-    """(case id, image path, label path) of every case in a split folder, sorted by case id."""
-    split_dir = Path(split_dir)
-    if not split_dir.is_dir():
-        raise UserError(f"{split_dir}: folder missing: a multi-label data set needs train/ and test/ folders")
+def find_multilabel_cases(root: str | Path, split: str) -> list[tuple[str, Path, Path]]:
+    """(case id, image path, label path) of every case of split 'silver' (training) or 'gold' (test) under a
+    multi-label ROOT, sorted by name; the id is the name made file-safe (`prepared.case_id`)."""
+    split_dir = next((Path(root) / name for name in SPLIT_NAMES[split] if (Path(root) / name).is_dir()), None)
+    if split_dir is None:
+        raise UserError(f"{root}: no {'/'.join(SPLIT_NAMES[split])} folder for the {split} split: create one "
+                        "(see docs/usage.md for the layout)")
     cases = []
     if (split_dir / "images").is_dir() and (split_dir / "labels").is_dir():
         for image in sorted((split_dir / "images").iterdir()):
@@ -208,7 +210,7 @@ def find_multilabel_cases(split_dir: str | Path) -> list[tuple[str, Path, Path]]
             if label is None:
                 raise UserError(f"{image}: no label file {stem}.nii.gz in {split_dir / 'labels'}: add it or "
                                 "remove the image")
-            cases.append((stem, image, label))
+            cases.append((case_id(stem), image, label))
     else:
         for folder in sorted(p for p in split_dir.iterdir() if p.is_dir()):
             files = {strip_nifti_suffix(p.name): p for p in folder.iterdir() if strip_nifti_suffix(p.name)}
@@ -217,20 +219,37 @@ def find_multilabel_cases(split_dir: str | Path) -> list[tuple[str, Path, Path]]
             if image is None or label is None:
                 raise UserError(f"{folder}: needs an image ({'/'.join(IMAGE_NAMES)}.nii.gz) and a label map "
                                 f"({'/'.join(LABEL_NAMES)}.nii.gz): add the missing file")
-            cases.append((folder.name, image, label))
+            cases.append((case_id(folder.name), image, label))
     if not cases:
         raise UserError(f"{split_dir}: no cases found: use images/ + labels/ or one folder per case")
     return cases
 
 
-def find_split(root: str | Path, split: str) -> Path:
-    """The folder of split 'silver' (training) or 'gold' (test) under a multi-label ROOT."""
-    root = Path(root)
-    for name in SPLIT_NAMES[split]:
-        if (root / name).is_dir():
-            return root / name
-    raise UserError(f"{root}: no {'/'.join(SPLIT_NAMES[split])} folder for the {split} split: create one "
-                    "(see dataloaders/layouts.py for the layout)")
+# ------------------------------------------------------------------------------ images-only
+def find_image_volumes(root: Path) -> list[tuple[str, Path]]:
+    """(pid, path) of the NIfTI volumes directly in `root` (else in root/Volumes); pid = file stem."""
+    for folder in (root, root / "Volumes"):
+        paths = sorted(p for p in folder.glob("*") if p.is_file() and strip_nifti_suffix(p.name)
+                       and not p.name.startswith(".")) if folder.is_dir() else []   # '._x.nii.gz': macOS
+        if paths:
+            break
+    if not paths:
+        raise UserError(f"{root}: no CT volumes (.nii.gz / .nii) in it or in its Volumes/ folder: give a "
+                        "folder of NIfTI CT volumes")
+    found: dict[str, Path] = {}
+    for path in paths:
+        pid = case_id(strip_nifti_suffix(path.name))
+        if pid in found:
+            raise UserError(f"{path}: same name as {found[pid].name} once made a file name: rename one of "
+                            "them")
+        found[pid] = path
+    return list(found.items())
+
+
+def load_unlabeled(path: Path, pid: str) -> LabeledVolume:
+    """A CT volume without labels (canonical, `exact_image`; the label map is all background)."""
+    image = exact_image(load_nifti(path))
+    return LabeledVolume(pid, image, np.zeros(image.array.shape, dtype=np.uint8))
 
 
 # ------------------------------------------------------------------------------ SSL-ALPNet's layout

@@ -18,19 +18,10 @@ import numpy as np
 
 from dataloaders import layouts
 from dataloaders.label_map import outlier_warning, read_label_map
-from dataloaders.layouts import (
-    LabeledVolume,
-    exact_image,
-    find_cases,
-    find_multilabel_cases,
-    find_split,
-    load_case,
-    load_multilabel_case,
-    strip_nifti_suffix,
-)
-from dataloaders.nifti import atomic_folder, load_nifti, parallel_map
+from dataloaders.layouts import LabeledVolume
+from dataloaders.nifti import atomic_folder, parallel_map
 from dataloaders.organs import INDEX_TO_NAME
-from dataloaders.prepared import NEIGHBOURS, case_id, is_case_id, train_file_name
+from dataloaders.prepared import NEIGHBOURS, is_case_id, train_file_name
 from dataloaders.transforms import (
     DEFAULT_INTENSITY,
     neighbour_indices,
@@ -73,55 +64,27 @@ class SourceCase:
     unlabeled: bool = False
 
 
-def find_image_volumes(root: Path) -> list[tuple[str, Path]]:
-    """(pid, path) of the NIfTI volumes directly in `root` (else in root/Volumes); pid = file stem."""
-    for folder in (root, root / "Volumes"):
-        paths = sorted(p for p in folder.glob("*") if p.is_file() and strip_nifti_suffix(p.name)
-                       and not p.name.startswith(".")) if folder.is_dir() else []   # '._x.nii.gz': macOS
-        if paths:
-            break
-    if not paths:
-        raise UserError(f"{root}: no CT volumes (.nii.gz / .nii) in it or in its Volumes/ folder: give a "
-                        "folder of NIfTI CT volumes")
-    found: dict[str, Path] = {}
-    for path in paths:
-        pid = case_id(strip_nifti_suffix(path.name))
-        if pid in found:
-            raise UserError(f"{path}: same name as {found[pid].name} once made a file name: rename one of "
-                            "them")
-        found[pid] = path
-    return list(found.items())
-
-
-def load_unlabeled(path: Path, pid: str) -> LabeledVolume:
-    """A CT volume without labels (canonical, `exact_image`; the label map is all background)."""
-    image = exact_image(load_nifti(path))
-    return LabeledVolume(pid, image, np.zeros(image.array.shape, dtype=np.uint8))
-
-
 def list_sources(source_dir: str | Path, layout: str = "visceral", label_map: str | Path | None = None,
                  allow_missing: bool = False) -> tuple[list[SourceCase], list[SourceCase]]:
     """(silver cases, gold cases) of a data set in the 'visceral', 'multilabel' or 'images-only' layout."""
     root = check_input_folder(source_dir, "", "give the data folder (or make a phantom with "
                               "scripts/make_phantom.py --out NEW_FOLDER)")
     if layout == "visceral":
-        silver, gold = (find_cases(root / name) for name in ("SilverCorpus", "GoldCorpus"))
-        return ([SourceCase(c.pid, partial(load_case, c)) for c in silver],
-                [SourceCase(c.pid, partial(load_case, c)) for c in gold])
+        silver, gold = (layouts.find_cases(root / name) for name in ("SilverCorpus", "GoldCorpus"))
+        return ([SourceCase(c.pid, partial(layouts.load_case, c)) for c in silver],
+                [SourceCase(c.pid, partial(layouts.load_case, c)) for c in gold])
     if layout == "multilabel":
         if label_map is None:
             raise UserError("--layout multilabel needs --label-map map.json (label name -> value)")
         names = read_label_map(label_map)
-        splits = []
-        for split in ("silver", "gold"):
-            cases = [(case_id(name), image, label) for name, image, label in find_multilabel_cases(
-                find_split(root, split))]                       # 'case 1' -> 'case_1': the id of the files
-            splits.append([SourceCase(pid, partial(load_multilabel_case, image, label, names, pid,
-                                                   allow_missing)) for pid, image, label in cases])
-        return splits[0], splits[1]
+        silver, gold = ([SourceCase(pid, partial(layouts.load_multilabel_case, image, label, names, pid,
+                                                 allow_missing))
+                         for pid, image, label in layouts.find_multilabel_cases(root, split)]
+                        for split in ("silver", "gold"))
+        return silver, gold
     assert layout == "images-only", layout   # every volume trains (self-supervised); no validation or test
-    return [SourceCase(pid, partial(load_unlabeled, path, pid), unlabeled=True)
-            for pid, path in find_image_volumes(root)], []
+    return [SourceCase(pid, partial(layouts.load_unlabeled, path, pid), unlabeled=True)
+            for pid, path in layouts.find_image_volumes(root)], []
 
 
 def select_slices(label: np.ndarray, index: int, rng: np.random.Generator, rule: Selection) -> np.ndarray:

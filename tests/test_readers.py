@@ -146,7 +146,7 @@ def multilabel_case(folder: Path, values=(0, 5, 7, 9)) -> tuple[Path, Path]:
 
 def test_multilabel_values_map_onto_the_vocabulary(tmp_path):
     image, label = multilabel_case(tmp_path / "case")
-    volume = layouts.load_multilabel_case(image, label, {5: "liver", 7: "iliopsoas_left", 9: "stomach"})
+    volume = layouts.load_multilabel_case(image, label, {5: "liver", 7: "iliopsoas_left", 9: "stomach"}, "c")
     assert (volume.label[1].max() == NAME_TO_INDEX["liver"]
             and volume.label[2].max() == NAME_TO_INDEX["psoas_left"])
     assert volume.label[3].max() == 0                              # stomach is not one of the 20
@@ -157,15 +157,15 @@ def test_label_map_naming_absent_labels_is_refused(tmp_path):
     names = {5: "liver", 7: "spleen"}
     with pytest.raises(UserError, match=r"labels.nii.gz: label map names values absent from this volume: 7 "
                                         r"\(spleen\)"):
-        layouts.load_multilabel_case(image, label, names)
-    volume = layouts.load_multilabel_case(image, label, names, allow_missing=True)
+        layouts.load_multilabel_case(image, label, names, "c")
+    volume = layouts.load_multilabel_case(image, label, names, "c", allow_missing=True)
     assert set(np.unique(volume.label)) == {0, 1}
 
 
 def test_multilabel_folder_layouts(tmp_path):
     multilabel_case(tmp_path / "train" / "case01")
     multilabel_case(tmp_path / "train" / "case02")
-    cases = layouts.find_multilabel_cases(layouts.find_split(tmp_path, "silver"))
+    cases = layouts.find_multilabel_cases(tmp_path, "silver")
     assert [c[0] for c in cases] == ["case01", "case02"]
     for name in ("a", "b"):
         image, label = multilabel_case(tmp_path / "flat" / name)
@@ -173,17 +173,17 @@ def test_multilabel_folder_layouts(tmp_path):
         (tmp_path / "test" / "labels").mkdir(parents=True, exist_ok=True)
         shutil.copy(image, tmp_path / "test" / "images" / f"{name}.nii.gz")
         shutil.copy(label, tmp_path / "test" / "labels" / f"{name}.nii.gz")
-    cases = layouts.find_multilabel_cases(layouts.find_split(tmp_path, "gold"))
+    cases = layouts.find_multilabel_cases(tmp_path, "gold")
     assert [c[0] for c in cases] == ["a", "b"]
     (tmp_path / "test" / "labels" / "b.nii.gz").unlink()
     with pytest.raises(UserError, match="b.nii.gz: no label file"):
-        layouts.find_multilabel_cases(tmp_path / "test")
+        layouts.find_multilabel_cases(tmp_path, "gold")
 
 
 @pytest.mark.skipif(not REAL_CT.is_dir(), reason=f"real CT sample not present at {REAL_CT}")
 def test_real_scan_loads_with_correct_left_and_right():
     names = read_label_map(REAL_CT / "labels.json")
-    volume = layouts.load_multilabel_case(REAL_CT / "ct.nii.gz", REAL_CT / "labels.nii.gz", names)
+    volume = layouts.load_multilabel_case(REAL_CT / "ct.nii.gz", REAL_CT / "labels.nii.gz", names, "ct")
     assert volume.image.array.dtype == np.int16 and volume.image.original_axcodes == "RAS"
     x = {name: ndimage.center_of_mass(volume.label == NAME_TO_INDEX[name])[0]
          for name in ("kidney_right", "kidney_left", "psoas_right", "psoas_left", "liver", "spleen")}
