@@ -34,14 +34,11 @@ def test_official_selection_rule(n_qualifying):
         z_qualifying.tolist()
 
 
-def test_minmax_and_window_scaling_match_a_reference():
+def test_window_scaling_matches_a_reference():
+    """Min-max scaling is held against a slow reference in test_errors (prepared images stored exactly)."""
     stack = np.random.default_rng(0).normal(0, 300, (3, 5, 6)).astype(np.float32)
     stack[2] = 7.0                                                 # a constant slice
     scaled = scale_intensity(stack, {"mode": "minmax"})
-    for i in range(2):
-        reference = (stack[i] - stack[i].min()) / (stack[i].max() - stack[i].min())
-        assert np.allclose(scaled[i], reference, atol=1e-6)
-        assert np.allclose(scale_intensity(stack[i], {"mode": "minmax"}), reference, atol=1e-6)
     assert (scaled[2] == 0).all() and scaled.dtype == np.float32
     window = scale_intensity(stack, {"mode": "window", "window": [-125, 275]})
     assert np.allclose(window, (np.clip(stack, -125, 275) + 125) / 400, atol=1e-6)

@@ -124,11 +124,7 @@ def test_unknown_radlex_id_is_skipped_with_a_warning(tmp_path):
     assert len(case.mask_paths) == 2
 
 
-def test_missing_folders_and_volume_without_masks(tmp_path):
-    corpus = small_corpus(tmp_path / "Silver")
-    shutil.rmtree(corpus / "Segmentations")
-    with pytest.raises(UserError, match="Segmentations: folder missing"):
-        layouts.find_cases(corpus)
+def test_volume_without_masks(tmp_path):
     corpus = small_corpus(tmp_path / "Gold")
     write(corpus / "Volumes" / layouts.volume_filename("10000101"), np.zeros((8, 8, 4), np.int16))
     with pytest.raises(UserError, match="10000101_1_CTce_ThAb.nii.gz: no masks"):
