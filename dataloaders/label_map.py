@@ -175,8 +175,7 @@ DEFAULT_MIN_SLICE_AREA_MM2 = 50.0
 
 
 def mask_labels(array: np.ndarray, path: str | Path) -> tuple[np.ndarray, str | None]:
-    """(integer label array of the mask's shape, note or None); a UserError for image-like content. A float
-    mask in [0, 1] is soft: foreground >= 0.5."""
+    """(integer labels, note or None); a UserError for image-like content; a soft mask: foreground >= 0.5."""
     values = np.asarray(array)
     name = Path(path).name
     if np.issubdtype(values.dtype, np.floating):
@@ -241,8 +240,7 @@ def image_problems(array: np.ndarray, path: str | Path, role: str = "image") -> 
 
 def outlier_warning(array: np.ndarray, path: str | Path, role: str, mode: str,
                     window: str = "--intensity window:LO,HI") -> str | None:
-    """A warning when a few extreme voxels stretch the range that `mode` scales by; `window`: the option
-    that scales by a CT window instead."""
+    """A warning when a few extreme voxels stretch the range that `mode` scales by (`window`: the fix)."""
     flat = np.asarray(array).reshape(-1)
     lo, hi = np.percentile(flat[::max(1, flat.size // _SAMPLE)], [0.1, 99.9])
     low, high = float(flat.min()), float(flat.max())

@@ -74,8 +74,7 @@ def _nifti_files(folder: Path) -> list[Path]:
 
 
 def find_cases(corpus_dir: str | Path) -> list[Case]:
-    """Cases of one corpus folder (e.g. ROOT/SilverCorpus), sorted by patient id; unknown RadLex ids and
-    masks without a volume are skipped with a warning."""
+    """Cases of one corpus folder (e.g. ROOT/SilverCorpus), sorted by patient id; stray masks warned of."""
     corpus_dir = Path(corpus_dir)
     volume_dir, mask_dir = corpus_dir / "Volumes", corpus_dir / "Segmentations"
     for folder in (volume_dir, mask_dir):
@@ -132,8 +131,7 @@ def merge_masks(masks: dict[int, np.ndarray]) -> tuple[np.ndarray, int]:
 
 
 def exact_image(volume: NiftiVolume) -> NiftiVolume:
-    """The volume with its array as int16 when int16 holds every voxel exactly (the usual CT file), else as
-    float32 (a [0, 1] image, fractional HU, uint16 above 32767), so stored values equal the file's."""
+    """The volume with its array as int16 when int16 holds every voxel exactly, else as float32."""
     if volume.array.dtype != np.int16:
         rounded = np.clip(np.rint(volume.array), -32768, 32767)
         exact = np.array_equal(rounded, volume.array)
@@ -164,8 +162,7 @@ SPLIT_NAMES = {"silver": ("SilverCorpus", "train", "Tr", "training"),
 
 def load_multilabel_case(image_path: str | Path, label_path: str | Path, label_map: dict[int, str], pid: str,
                          allow_missing: bool = False) -> LabeledVolume:
-    """One image + multi-label pair, labels mapped onto the indices 1-20 (0: background or outside the
-    vocabulary); every value the map names must occur unless `allow_missing`."""
+    """One image + multi-label pair, labels mapped onto the indices 1-20 (others: background)."""
     image = exact_image(load_nifti(image_path))
     labels = load_nifti(label_path)
     check_same_grid(labels, image)
@@ -193,8 +190,7 @@ def load_multilabel_case(image_path: str | Path, label_path: str | Path, label_m
 
 
 def find_multilabel_cases(root: str | Path, split: str) -> list[tuple[str, Path, Path]]:
-    """(case id, image path, label path) of every case of split 'silver' (training) or 'gold' (test) under a
-    multi-label ROOT, sorted by name; the id is the name made file-safe (`prepared.case_id`)."""
+    """(file-safe case id, image, label) of each case of split 'silver' or 'gold' under a multi-label ROOT."""
     split_dir = next((Path(root) / name for name in SPLIT_NAMES[split] if (Path(root) / name).is_dir()), None)
     if split_dir is None:
         raise UserError(f"{root}: no {'/'.join(SPLIT_NAMES[split])} folder for the {split} split: create one "
@@ -506,8 +502,7 @@ def fold_scans(ids: list[int], fold: int, dataset: AlpnetDataset) -> tuple[list[
 
 
 def validation_scan(ids: list[int], fold: int, dataset: AlpnetDataset) -> int:
-    """This project's validation scan of a fold (SSL-ALPNet has none): the first training scan after the
-    support in circular sorted order."""
+    """This project's validation scan of a fold (SSL-ALPNet has none): the training scan after the support."""
     _, support, training = fold_scans(ids, fold, dataset)
     ordered = sorted(int(i) for i in ids)
     after = ordered.index(support) + 1

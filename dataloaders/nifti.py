@@ -142,8 +142,7 @@ def to_original(array_canonical: np.ndarray, original_axcodes: str | tuple[str, 
 
 
 def save_nifti_atomic(array: np.ndarray, affine: np.ndarray, path: str | Path, codes=(1, 1)) -> None:
-    """Save `array` (X x Y x Z) with `affine` and (qform, sform) `codes` as `.nii.gz`, atomically and
-    deterministically (gzip mtime 0)."""
+    """Save `array` (X x Y x Z) with `affine` and (qform, sform) `codes` atomically and deterministically."""
     path = Path(path)
     assert path.name.endswith(".nii.gz"), path
     array = np.asarray(array)
@@ -218,8 +217,7 @@ def _star(item: tuple):
 
 
 def parallel_map(function, tasks: list[tuple], workers: int, progress: dict | None = None) -> list:
-    """[function(*task) for task in tasks] in order, in `workers` forked processes when more than one;
-    progress: tqdm's keywords for a bar."""
+    """[function(*task) for task in tasks] in order, in `workers` forked processes (`progress`: tqdm's)."""
     from tqdm import tqdm  # progress bar of the command line only
     items, results, processes = [(function, task) for task in tasks], [], min(workers, len(tasks))
     pool = multiprocessing.get_context("fork").Pool(processes) if processes > 1 else None

@@ -78,7 +78,6 @@ CLASS_SETTINGS = ("six_organs", "all_structures")     # config class_setting: th
 
 
 def training_classes(fold: int, class_setting: str) -> list[int]:
-    """Label indices a model of `fold` may train on: 'six_organs' the other folds' test organs,
-    'all_structures' all 20 minus the fold's (fold and class_setting checked by the config)."""
+    """Label indices a model of `fold` may train on (other folds' test organs, or all 20 minus the fold's)."""
     pool = [NAME_TO_INDEX[name] for name in TEST_ORGANS] if class_setting == "six_organs" else STRUCTURES
     return [index for index in sorted(pool) if INDEX_TO_NAME[index] not in FOLD_ORGANS[fold]]

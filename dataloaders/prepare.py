@@ -16,22 +16,12 @@ from typing import Callable
 
 import numpy as np
 
-from dataloaders import layouts
+from dataloaders import layouts, transforms
 from dataloaders.label_map import outlier_warning, read_label_map
 from dataloaders.layouts import LabeledVolume
 from dataloaders.nifti import atomic_folder, parallel_map
 from dataloaders.organs import INDEX_TO_NAME
 from dataloaders.prepared import NEIGHBOURS, is_case_id, train_file_name
-from dataloaders.transforms import (
-    DEFAULT_INTENSITY,
-    neighbour_indices,
-    neighbour_stack,
-    resize_image,
-    resize_label,
-    scale_intensity,
-    validate_intensity,
-    volume_intensity,
-)
 from util.cli import warn
 from util.errors import UserError
 from util.io import check_input_folder, check_output_folder, write_bytes_atomic
@@ -119,10 +109,9 @@ def save_npy(path: Path, array: np.ndarray) -> None:
 
 
 def volume_arrays(volume: LabeledVolume) -> dict[str, np.ndarray]:
-    """The keys of a prepared evaluation volume (DESIGN.md); image int16, or float32 when int16 is inexact."""
+    """The keys of a prepared evaluation volume (DESIGN.md); the image as `exact_image` left it."""
     image = volume.image
-    stored = image.array if image.array.dtype == np.int16 else image.array.astype(np.float32)
-    return {"image": stored, "label": volume.label.astype(np.uint8),
+    return {"image": image.array, "label": volume.label.astype(np.uint8),
             "affine": image.affine, "original_affine": image.original_affine,
             "original_shape": np.asarray(image.original_shape, dtype=np.int64),
             "original_axcodes": np.asarray(image.original_axcodes), "spacing": image.spacing}
@@ -135,15 +124,15 @@ def training_images(image: np.ndarray, rows: np.ndarray, intensity: dict,
     rows = np.asarray(rows, dtype=int)
     if not rows.size:
         return np.zeros((0, size, size), np.float32), np.zeros((0, 2, size, size), np.float32)
-    around = neighbour_indices(rows, image.shape[2])                                    # N x 3
+    around = transforms.neighbour_indices(rows, image.shape[2])                         # N x 3
     needed, position = np.unique(around, return_inverse=True)                           # M, N*3
     position = position.reshape(around.shape)                                           # N x 3
     scaling = intensity
     if intensity.get("mode") == "zscore" and "mean" not in intensity:
-        scaling = volume_intensity(np.asarray(np.moveaxis(image[:, :, rows], 2, 0), np.float32), intensity,
-                                   "training slices")
-    slices = scale_intensity(np.moveaxis(image[:, :, needed], 2, 0), scaling)          # M x X x Y
-    slices = np.asarray(resize_image(slices, size), dtype=np.float32).clip(0, 1)        # M x S x S
+        rows_xy = np.asarray(np.moveaxis(image[:, :, rows], 2, 0), np.float32)        # N x X x Y
+        scaling = transforms.volume_intensity(rows_xy, intensity, "training slices")
+    slices = transforms.scale_intensity(np.moveaxis(image[:, :, needed], 2, 0), scaling)  # M x X x Y
+    slices = np.asarray(transforms.resize_image(slices, size), dtype=np.float32).clip(0, 1)  # M x S x S
     return slices[position[:, 1]], slices[position[:, [0, 2]]]      # N x S x S, N x 2 x S x S
 
 
@@ -180,7 +169,8 @@ def process_case(case: SourceCase, split: str, out: Path, size: int, intensity: 
     images, neighbours = training_images(volume.image.array, rows, intensity, size)  # N(x 2) x S x S
     labels = np.zeros((0, size, size), np.uint8)                                              # N x S x S
     if rows.size:
-        labels = np.asarray(resize_label(np.moveaxis(volume.label[:, :, rows], 2, 0), size), dtype=np.uint8)
+        labels = transforms.resize_label(np.moveaxis(volume.label[:, :, rows], 2, 0), size)
+        labels = np.asarray(labels, dtype=np.uint8)
     save_npy(out / "train" / train_file_name(case.pid, "image"), images)
     save_npy(out / "train" / train_file_name(case.pid, NEIGHBOURS), neighbours)
     if case.unlabeled:
@@ -209,8 +199,7 @@ def split_silver(pids: list[str], n_val: int | None, seed: int) -> tuple[list[st
 
 def check_out_location(out: str | Path, source_dir: str | Path, label_map: str | Path | None,
                        overwrite: bool) -> None:
-    """Before anything is read: `out` is not the source, neither holds nor lies in it, and `--overwrite`
-    replaces only a prepared folder (one with meta.json) or an empty one."""
+    """`out` is not, holds not and lies not in the source; `--overwrite` replaces only a prepared folder."""
     out, source = Path(out), Path(source_dir)
     if source.is_dir() and Path(os.path.realpath(source)) in Path(os.path.realpath(out)).parents:
         raise UserError(f"--out {out} lies inside the input folder {source}: prepared files would mix with "
@@ -227,7 +216,7 @@ def prepare_dataset(source_dir: str | Path, out: str | Path, layout: str = "visc
                     n_val: int | None = None, seed: int = 1234, rule: Selection = Selection(),
                     workers: int = 2, overwrite: bool = False, allow_missing: bool = False) -> dict:
     """Write PREP (DESIGN.md "Prepared data folder") atomically; returns meta.json's content."""
-    intensity = validate_intensity(intensity or DEFAULT_INTENSITY)
+    intensity = transforms.validate_intensity(intensity or transforms.DEFAULT_INTENSITY)
     if not 16 <= size <= 2048:
         raise UserError(f"--size {size}: use 16 .. 2048 (256 for the phantom, 512 for VISCERAL)")
     rule.check()
@@ -280,9 +269,8 @@ def prepare_dataset(source_dir: str | Path, out: str | Path, layout: str = "visc
 
 
 def normalised_volume(image: np.ndarray, intensity: dict, name: str = "evaluation volume") -> np.ndarray:
-    """A volume (Y x X x Z) normalised by meta.json's `intensity` (MR per volume, no eps; CT the training
-    scans' statistics), float32."""
-    resolved = volume_intensity(image, intensity, name)
+    """A volume (Y x X x Z) normalised by meta.json's `intensity` (SSL-ALPNet's, no eps), float32."""
+    resolved = transforms.volume_intensity(image, intensity, name)
     return ((np.asarray(image, np.float64) - resolved["mean"]) / resolved["std"]).astype(np.float32)
 
 
@@ -341,7 +329,7 @@ def prepare_alpnet(data_dir: str | Path, out: str | Path, fold: int, setting: in
             save_npy(partial / "train" / f"{sid}_image.npy", np.moveaxis(image[:, :, rows], 2, 0).copy())
             # 2.5D input: each kept row's (z - 1, z + 1), a dropped slice replaced by the centre itself
             save_npy(partial / "train" / train_file_name(str(sid), NEIGHBOURS),
-                     np.ascontiguousarray(neighbour_stack(image, rows, 3, available=keep)[:, [0, 2]]))
+                     np.ascontiguousarray(transforms.neighbour_stack(image, rows, 3, keep)[:, [0, 2]]))
             save_npy(partial / "train" / f"{sid}_label.npy", np.moveaxis(label[:, :, rows], 2, 0).copy())
             if with_superpixels:
                 sp = layouts.crop(scan.superpixels)[:, :, rows]
@@ -365,7 +353,6 @@ def prepare_alpnet(data_dir: str | Path, out: str | Path, fold: int, setting: in
                                "volumes": {str(s): {} for s in training}}
             write_bytes_atomic(json.dumps(superpixel_meta).encode(), partial / "superpixels" / "meta.json")
         index = {key: index[key] for key in sorted(index, key=int)}
-        test_organs = [dataset.vocabulary[v] for v in test_values]
         meta = {"format_version": FORMAT_VERSION,
                 "source": {"dir": str(data_dir.resolve()), "layout": "alpnet", "dataset": dataset.name},
                 "prep_size": next(iter(sizes))[0], "intensity": intensity,
@@ -377,7 +364,8 @@ def prepare_alpnet(data_dir: str | Path, out: str | Path, fold: int, setting: in
                            "label_set": label_set if setting == 2 else None, "rule": rule,
                            "test": [str(s) for s in test], "support": str(support),
                            "validation": [str(s) for s in held_out],
-                           "test_organs": test_organs, "excluded": [dataset.vocabulary[v] for v in excluded],
+                           "test_organs": [dataset.vocabulary[v] for v in test_values],
+                           "excluded": [dataset.vocabulary[v] for v in excluded],
                            "superpixels": with_superpixels,
                            "kept": kept_counts}}
         write_bytes_atomic(json.dumps({"slices": index}).encode(), partial / "index.json")
