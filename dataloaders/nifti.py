@@ -134,9 +134,7 @@ def check_same_grid(mask: NiftiVolume, volume: NiftiVolume) -> None:
 def to_original(array_canonical: np.ndarray, original_axcodes: str | tuple[str, ...]) -> np.ndarray:
     """A canonical RAS+ array X x Y x Z in the storage orientation `original_axcodes` (undoes load_nifti)."""
     codes = tuple(original_axcodes)
-    if len(codes) != 3:
-        raise UserError(f"orientation '{''.join(codes)}' is not three axis codes like 'LPS': use the "
-                        "original_axcodes stored with the volume")
+    assert len(codes) == 3, codes           # the prepared-folder reader checks stored axis codes
     transform = ornt_transform(axcodes2ornt(CANONICAL_AXCODES), axcodes2ornt(codes))
     return np.ascontiguousarray(apply_orientation(np.asarray(array_canonical), transform))
 
