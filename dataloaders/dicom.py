@@ -1,10 +1,5 @@
-"""Read a DICOM series folder as a volume with its geometry.
-
-`read_dicom_series` returns voxels X x Y x Z (X along a row, Y down the columns, Z along the slice
-normal; rescale slope and intercept applied) and a 4 x 4 affine in nibabel's RAS convention, so that
-`nib.Nifti1Image(volume, affine)` has the series' geometry. Every way a folder can be wrong (no DICOM,
-no image, several series, missing or unevenly spaced slices, mixed sizes or orientations) is a
-one-line UserError naming the folder (or file) and the fix. `is_dicom_path` says whether a path is DICOM.
+"""Read a DICOM series folder as voxels X x Y x Z (X along a row, Y down the columns, Z along the slice
+normal; rescale applied) and a 4 x 4 RAS affine, so that `nib.Nifti1Image(volume, affine)` has its geometry.
 """
 from __future__ import annotations
 
@@ -12,9 +7,6 @@ import struct
 from pathlib import Path
 
 import numpy as np
-
-# pydicom: pure Python with no compiled dependency, well kept, and it reads the geometry tags as stored;
-# the volume and its affine are built below from ImagePositionPatient / ImageOrientationPatient.
 import pydicom
 from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
@@ -65,8 +57,7 @@ def _floats(path: Path, header: pydicom.Dataset, tag: str, count: int) -> np.nda
 
 def read_dicom_series(path: str | Path, series_uid: str | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Volume (int16, or float32 where the rescale is not integral) X x Y x Z and its 4 x 4 RAS affine of
-    a series folder (not searched recursively) or of the series of one of its files; non-image objects
-    (structure sets, reports, DICOMDIR) are skipped."""
+    a series folder (not recursive) or of the series of one of its files; non-image objects skipped."""
     path = Path(path)
     if not path.exists():
         raise UserError(f"{path}: folder not found: check the path of the DICOM series")

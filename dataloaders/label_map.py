@@ -1,9 +1,6 @@
-"""Which mask value is which organ (label maps), and is an input what it claims to be (plausibility).
-
-A label map is {"liver": 5}, {"5": "liver"} or either wrapped as {"labels": {...}}; background is dropped.
-A support mask's labels come from --label-map, a sidecar `<mask stem>.json`, --vocabulary visceral or a
-VISCERAL mask file name, in this order (docs/DESIGN.md "Conventions"). Plausibility: UserErrors where a
-result would be meaningless (image and mask swapped, a constant volume), warning strings where doubtful."""
+"""Which mask value is which organ (label maps; sources and their order: docs/DESIGN.md "Conventions"), and
+is an input what it claims to be (plausibility: UserErrors where a result would be meaningless, warning
+strings where doubtful)."""
 from __future__ import annotations
 
 import json
@@ -15,7 +12,6 @@ from dataloaders.layouts import strip_nifti_suffix
 from dataloaders.organs import INDEX_TO_NAME, RADLEX_TO_INDEX, canonical_name
 from util.errors import UserError
 
-VOCABULARIES = ("visceral",)
 BACKGROUND_NAMES = {"background", "bg", "clear label", "clear_label"}
 
 
@@ -109,10 +105,8 @@ def visceral_mask_structure(mask_path: str | Path) -> int | None:
 
 def mask_label_map(mask_path: str | Path, label_map=None, vocabulary: str | None = None
                    ) -> tuple[dict[int, str] | None, str]:
-    """(value -> name map or None, how it is known) for a support mask (the order of the module docstring)."""
-    if vocabulary is not None and vocabulary not in VOCABULARIES:
-        raise UserError(f"--vocabulary {vocabulary}: unknown: use {' or '.join(VOCABULARIES)} "
-                        "(or give --label-map)")
+    """(value -> name map or None, how it is known) for a support mask: --label-map, a sidecar
+    `<mask stem>.json`, --vocabulary visceral (the CLI's only choice), in this order."""
     if label_map is not None:
         return read_label_map(label_map), "the --label-map"
     sidecar = sidecar_path(mask_path)
@@ -125,10 +119,8 @@ def mask_label_map(mask_path: str | Path, label_map=None, vocabulary: str | None
 
 def resolve_support_label(support_label, mask_path: str | Path, present: np.ndarray, label_map=None,
                           vocabulary: str | None = None) -> tuple[int, str]:
-    """(mask value of the support organ, a description for the console) or a one-line UserError.
-
-    present: the mask's sorted non-zero values. support_label: None (binary mask), a label value (int or
-    digit string) or an organ name, which needs known labels."""
+    """(mask value of the support organ, a description for the console); `present`: the mask's sorted
+    non-zero values; `support_label`: None (binary mask), a label value or an organ name."""
     present = np.asarray(present, dtype=np.int64)
     shown = ", ".join(map(str, present[:12])) + (" ..." if len(present) > 12 else "")
     mapping, how = mask_label_map(mask_path, label_map, vocabulary)
@@ -183,8 +175,7 @@ DEFAULT_MIN_SLICE_AREA_MM2 = 50.0
 
 
 def mask_labels(array: np.ndarray, path: str | Path) -> tuple[np.ndarray, str | None]:
-    """(integer label array of the mask's shape, note or None); a UserError for image-like content
-    (negative values, too many distinct values). A float mask in [0, 1] is soft: foreground >= 0.5."""
+    """(integer labels, note or None); a UserError for image-like content; a soft mask: foreground >= 0.5."""
     values = np.asarray(array)
     name = Path(path).name
     if np.issubdtype(values.dtype, np.floating):
@@ -222,8 +213,7 @@ def mask_labels(array: np.ndarray, path: str | Path) -> tuple[np.ndarray, str | 
 
 
 def image_problems(array: np.ndarray, path: str | Path, role: str = "image") -> list[str]:
-    """Warnings about a CT volume (all air); UserError when it cannot be an image at all (constant, or at
-    most MAX_IMAGE_LABELS distinct whole values >= 0: a label volume)."""
+    """Warnings about a CT volume (all air); UserError when it cannot be an image (constant, labels)."""
     values = np.asarray(array)
     low, high = float(values.min()), float(values.max())
     if low == high:
@@ -250,8 +240,7 @@ def image_problems(array: np.ndarray, path: str | Path, role: str = "image") -> 
 
 def outlier_warning(array: np.ndarray, path: str | Path, role: str, mode: str,
                     window: str = "--intensity window:LO,HI") -> str | None:
-    """A warning when a few extreme voxels stretch the value range that `mode` (minmax, zscore) scales by;
-    `window`: the option of the command that scales by a CT window instead."""
+    """A warning when a few extreme voxels stretch the range that `mode` scales by (`window`: the fix)."""
     flat = np.asarray(array).reshape(-1)
     lo, hi = np.percentile(flat[::max(1, flat.size // _SAMPLE)], [0.1, 99.9])
     low, high = float(flat.min()), float(flat.max())
@@ -263,8 +252,7 @@ def outlier_warning(array: np.ndarray, path: str | Path, role: str, mode: str,
 
 
 def hounsfield_problem(array: np.ndarray, path: str | Path, role: str = "image") -> str | None:
-    """Why the volume is not CT in Hounsfield units (one clause naming its value range), or None: CT in HU
-    always holds air, so no voxel at or below AIR_HU means [0, 1] CT, uint16 without its rescale, MR..."""
+    """Why the volume is not CT in Hounsfield units (no voxel at or below AIR_HU: no air), or None."""
     values = np.asarray(array)
     low, high = float(values.min()), float(values.max())
     return None if low <= AIR_HU else (f"{path}: the {role} is not CT in Hounsfield units (values {low:g} .. "

@@ -1,10 +1,6 @@
-"""Readers of the source layouts, labels mapped onto the organ indices of dataloaders/organs.py.
-
-VISCERAL Anatomy3 (`find_cases`, `load_case`), generic multi-label data sets such as TotalSegmentator,
-BTCV or AMOS exports (`find_multilabel_cases`, `load_multilabel_case`; layout in the comment above them)
-and SSL-ALPNet's preprocessed CHAOS-T2 / SABS folders (`detect_dataset`, `load_scan`, `fold_scans`),
-read as its loaders read them. Layout values without a vocabulary entry become background (0).
-docs/DESIGN.md "Prepared data folder" says what prepare.py makes of them.
+"""Readers of the source layouts (VISCERAL Anatomy3, multi-label exports, SSL-ALPNet's CHAOS-T2 / SABS
+folders), labels mapped onto the organ indices of dataloaders/organs.py (others: background). The layouts:
+docs/usage.md "Data"; what prepare.py makes of them: docs/DESIGN.md "Prepared data folder".
 """
 from __future__ import annotations
 
@@ -15,11 +11,11 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 
-from dataloaders.nifti import NiftiVolume, check_same_grid, load_nifti
+from dataloaders.nifti import NiftiVolume, check_same_grid, load_nifti, read_nifti
 from dataloaders.organs import NAME_TO_INDEX, RADLEX_TO_INDEX, canonical_name
+from dataloaders.prepared import case_id
 from util.errors import UserError
 from util.io import check_input_folder
 
@@ -34,9 +30,9 @@ def volume_filename(pid: str) -> str:
     return f"{pid}_1_CTce_ThAb.nii.gz"
 
 
-def mask_filename(pid: str, radlex: int, annotator: int = 1) -> str:
-    """VISCERAL mask file name of structure `radlex` of patient `pid`."""
-    return f"{pid}_1_CTce_ThAb_{radlex}_{annotator}.nii.gz"
+def mask_filename(pid: str, radlex: int) -> str:
+    """VISCERAL mask file name of structure `radlex` of patient `pid` (first annotator)."""
+    return f"{pid}_1_CTce_ThAb_{radlex}_1.nii.gz"
 
 
 def strip_nifti_suffix(name: str) -> str | None:
@@ -78,8 +74,7 @@ def _nifti_files(folder: Path) -> list[Path]:
 
 
 def find_cases(corpus_dir: str | Path) -> list[Case]:
-    """Cases of one corpus folder (e.g. ROOT/SilverCorpus), sorted by patient id; unknown RadLex ids and
-    masks without a volume are skipped with a warning."""
+    """Cases of one corpus folder (e.g. ROOT/SilverCorpus), sorted by patient id; stray masks warned of."""
     corpus_dir = Path(corpus_dir)
     volume_dir, mask_dir = corpus_dir / "Volumes", corpus_dir / "Segmentations"
     for folder in (volume_dir, mask_dir):
@@ -136,8 +131,7 @@ def merge_masks(masks: dict[int, np.ndarray]) -> tuple[np.ndarray, int]:
 
 
 def exact_image(volume: NiftiVolume) -> NiftiVolume:
-    """The volume with its array as int16 when int16 holds every voxel exactly (the usual CT file), else as
-    float32 (a [0, 1] image, fractional HU, uint16 above 32767), so stored values equal the file's."""
+    """The volume with its array as int16 when int16 holds every voxel exactly, else as float32."""
     if volume.array.dtype != np.int16:
         rounded = np.clip(np.rint(volume.array), -32768, 32767)
         exact = np.array_equal(rounded, volume.array)
@@ -158,32 +152,17 @@ def load_case(case: Case) -> LabeledVolume:
 
 
 # ------------------------------------------------------------------------------ multi-label data sets
-# ROOT holds a training split (SilverCorpus, train, Tr or training) and a test split (GoldCorpus, test,
-# Ts or testing), each laid out as
-#   a) SPLIT/images/<case>.nii.gz + SPLIT/labels/<case>.nii.gz (nnU-Net / AMOS / BTCV; nnU-Net's
-#      imagesTr/ labelsTr/ with the _0000 suffix must be renamed first), or
-#   b) SPLIT/<case>/ct.nii.gz (image, img) + SPLIT/<case>/labels.nii.gz (label, seg, segmentation)
-#      (TotalSegmentator).
-# Case id: the file stem (a) or folder name (b), made a file name by dataloaders.prepared.case_id; unique
-# over both splits. Labels: integers >= 0 on the image's world grid (any storage orientation). The
-# label map (dataloaders/label_map.py) names values; names become indices by organs.canonical_name,
-# others background; every named value must occur in each volume unless --allow-missing-labels.
+# ROOT/<split>/images/<case>.nii.gz + labels/<case>.nii.gz, or ROOT/<split>/<case>/ct.nii.gz + labels.nii.gz
+# (docs/usage.md "Multi-label layout"); names of the label map become indices by organs.canonical_name.
 IMAGE_NAMES = ("ct", "image", "img")
 LABEL_NAMES = ("labels", "label", "seg", "segmentation")
 SPLIT_NAMES = {"silver": ("SilverCorpus", "train", "Tr", "training"),
                "gold": ("GoldCorpus", "test", "Ts", "testing")}
 
 
-def vocabulary_lookup(label_map: dict[int, str]) -> dict[int, int]:
-    """Label value -> project index (1-20) for the map entries that name one of the 20 structures."""
-    canonical = {value: canonical_name(name) for value, name in label_map.items()}
-    return {value: NAME_TO_INDEX[name] for value, name in canonical.items() if name is not None}
-
-
-def load_multilabel_case(image_path: str | Path, label_path: str | Path, label_map: dict[int, str],
-                         pid: str | None = None, allow_missing: bool = False) -> LabeledVolume:
-    """One image + multi-label pair, labels mapped onto the indices 1-20 (0: background or outside the
-    vocabulary); every value the map names must occur unless `allow_missing`."""
+def load_multilabel_case(image_path: str | Path, label_path: str | Path, label_map: dict[int, str], pid: str,
+                         allow_missing: bool = False) -> LabeledVolume:
+    """One image + multi-label pair, labels mapped onto the indices 1-20 (others: background)."""
     image = exact_image(load_nifti(image_path))
     labels = load_nifti(label_path)
     check_same_grid(labels, image)
@@ -198,7 +177,8 @@ def load_multilabel_case(image_path: str | Path, label_path: str | Path, label_m
         names = ", ".join(f"{value} ({label_map[value]})" for value in missing[:6])
         raise UserError(f"{label_path}: label map names values absent from this volume: {names}: check that "
                         "the map belongs to this data set (or pass --allow-missing-labels)")
-    lookup = vocabulary_lookup(label_map)
+    canonical = {value: canonical_name(name) for value, name in label_map.items()}
+    lookup = {value: NAME_TO_INDEX[name] for value, name in canonical.items() if name is not None}
     if not lookup:
         raise UserError(f"{label_path}: the label map names none of the 20 structures (e.g. liver, spleen, "
                         "kidney_right): fix the names in the map")
@@ -206,15 +186,15 @@ def load_multilabel_case(image_path: str | Path, label_path: str | Path, label_m
     table[list(lookup)] = list(lookup.values())
     if values.min() < 0:
         raise UserError(f"{label_path}: negative label values: export label values >= 0")
-    pid = pid or strip_nifti_suffix(Path(image_path).name)
     return LabeledVolume(pid, image, table[values], 0)
 
 
-def find_multilabel_cases(split_dir: str | Path) -> list[tuple[str, Path, Path]]:
-    """(case id, image path, label path) of every case in a split folder, sorted by case id."""
-    split_dir = Path(split_dir)
-    if not split_dir.is_dir():
-        raise UserError(f"{split_dir}: folder missing: a multi-label data set needs train/ and test/ folders")
+def find_multilabel_cases(root: str | Path, split: str) -> list[tuple[str, Path, Path]]:
+    """(file-safe case id, image, label) of each case of split 'silver' or 'gold' under a multi-label ROOT."""
+    split_dir = next((Path(root) / name for name in SPLIT_NAMES[split] if (Path(root) / name).is_dir()), None)
+    if split_dir is None:
+        raise UserError(f"{root}: no {'/'.join(SPLIT_NAMES[split])} folder for the {split} split: create one "
+                        "(see docs/usage.md for the layout)")
     cases = []
     if (split_dir / "images").is_dir() and (split_dir / "labels").is_dir():
         for image in sorted((split_dir / "images").iterdir()):
@@ -226,7 +206,7 @@ def find_multilabel_cases(split_dir: str | Path) -> list[tuple[str, Path, Path]]
             if label is None:
                 raise UserError(f"{image}: no label file {stem}.nii.gz in {split_dir / 'labels'}: add it or "
                                 "remove the image")
-            cases.append((stem, image, label))
+            cases.append((case_id(stem), image, label))
     else:
         for folder in sorted(p for p in split_dir.iterdir() if p.is_dir()):
             files = {strip_nifti_suffix(p.name): p for p in folder.iterdir() if strip_nifti_suffix(p.name)}
@@ -235,29 +215,43 @@ def find_multilabel_cases(split_dir: str | Path) -> list[tuple[str, Path, Path]]
             if image is None or label is None:
                 raise UserError(f"{folder}: needs an image ({'/'.join(IMAGE_NAMES)}.nii.gz) and a label map "
                                 f"({'/'.join(LABEL_NAMES)}.nii.gz): add the missing file")
-            cases.append((folder.name, image, label))
+            cases.append((case_id(folder.name), image, label))
     if not cases:
         raise UserError(f"{split_dir}: no cases found: use images/ + labels/ or one folder per case")
     return cases
 
 
-def find_split(root: str | Path, split: str) -> Path:
-    """The folder of split 'silver' (training) or 'gold' (test) under a multi-label ROOT."""
-    root = Path(root)
-    for name in SPLIT_NAMES[split]:
-        if (root / name).is_dir():
-            return root / name
-    raise UserError(f"{root}: no {'/'.join(SPLIT_NAMES[split])} folder for the {split} split: create one "
-                    "(see dataloaders/layouts.py for the layout)")
+# ------------------------------------------------------------------------------ images-only
+def find_image_volumes(root: Path) -> list[tuple[str, Path]]:
+    """(pid, path) of the NIfTI volumes directly in `root` (else in root/Volumes); pid = file stem."""
+    for folder in (root, root / "Volumes"):
+        paths = sorted(p for p in folder.glob("*") if p.is_file() and strip_nifti_suffix(p.name)
+                       and not p.name.startswith(".")) if folder.is_dir() else []   # '._x.nii.gz': macOS
+        if paths:
+            break
+    if not paths:
+        raise UserError(f"{root}: no CT volumes (.nii.gz / .nii) in it or in its Volumes/ folder: give a "
+                        "folder of NIfTI CT volumes")
+    found: dict[str, Path] = {}
+    for path in paths:
+        pid = case_id(strip_nifti_suffix(path.name))
+        if pid in found:
+            raise UserError(f"{path}: same name as {found[pid].name} once made a file name: rename one of "
+                            "them")
+        found[pid] = path
+    return list(found.items())
+
+
+def load_unlabeled(path: Path, pid: str) -> LabeledVolume:
+    """A CT volume without labels (canonical, `exact_image`; the label map is all background)."""
+    image = exact_image(load_nifti(path))
+    return LabeledVolume(pid, image, np.zeros(image.array.shape, dtype=np.uint8))
 
 
 # ------------------------------------------------------------------------------ SSL-ALPNet's layout
-# image_<id>.nii.gz, label_<id>.nii.gz (the data set's own values), superpix-MIDDLE_<id>.nii.gz (optional,
-# made by scripts/make_superpixels.py --alpnet), classmap_1.json {class: {str(id): [slices holding it]}}
-# (optional: `compute_classmap` derives it from the labels); ids = last digit run, sorted as integers.
-# Read as SSL-ALPNet: nibabel's X x Y x Z with axes 0 and 1 swapped (its SimpleITK [Z, Y, X].T), no
-# reorientation or resize, cropped [:256, :256]; MR z-scored per volume, CT by the global mean and std of
-# the fold's training scans (`ct_statistics`). Nothing here assumes Hounsfield units.
+# image_<id>.nii.gz, label_<id>.nii.gz, optional superpix-MIDDLE_<id>.nii.gz and classmap_1.json
+# {class: {str(id): [slices holding it]}}; ids = last digit run, sorted as integers. Read as SSL-ALPNet:
+# nibabel's X x Y x Z with axes 0 and 1 swapped, no reorientation or resize, cropped [:256, :256].
 CROP = 256                                  # both loaders crop [:256, :256] (SABS is stored 257 x 257)
 CLASSMAP = "classmap_1.json"
 SUPERPIXELS = "superpix-MIDDLE"             # the only superpixel mode SSL-ALPNet has
@@ -334,8 +328,7 @@ def read_classmap(folder: str | Path) -> dict[str, dict[str, list[int]]] | None:
 
 
 def compute_classmap(folder: str | Path, dataset: AlpnetDataset) -> dict[str, dict[str, list[int]]]:
-    """classmap_1.json from the label volumes by SSL-ALPNet's rule (alpnet.md section 1): per class name and
-    scan, the ascending z holding >= 1 voxel of the class; class 0 of CHAOS-T2 the slices with foreground."""
+    """classmap_1.json from the label volumes by SSL-ALPNet's rule (class 0 of CHAOS-T2: any foreground)."""
     classmap: dict[str, dict[str, list[int]]] = {name: {} for name in dataset.class_names.values()}
     for sid in scan_ids(folder):
         label, _ = _read(Path(folder) / f"label_{sid}.nii.gz")                              # Y x X x Z
@@ -348,14 +341,11 @@ def compute_classmap(folder: str | Path, dataset: AlpnetDataset) -> dict[str, di
 
 
 def detect_dataset(folder: str | Path) -> AlpnetDataset:
-    """CHAOS-T2 or SABS, told apart by the class names of classmap_1.json, else by the label values of the
-    first scan (CHAOS-T2: 0-4; SABS: up to 13, liver is 6)."""
+    """CHAOS-T2 or SABS, by the class names of classmap_1.json, else by the first scan's label values."""
     folder = check_input_folder(folder, "", _hint(folder))
-    if not any(folder.glob("image_*.nii.gz")):
-        raise UserError(f"{folder}: no image_<id>.nii.gz files: {_hint(folder)}")
+    first = scan_ids(folder)[0]
     classmap = read_classmap(folder)
     if classmap is None:
-        first = scan_ids(folder)[0]
         values = set(np.unique(_read(folder / f"label_{first}.nii.gz")[0]).tolist())
         for dataset in DATASETS.values():
             if values <= set(dataset.class_names):
@@ -401,17 +391,8 @@ def _read(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """(array Y x X x Z as SSL-ALPNet's transpose of SimpleITK's [Z, Y, X], affine) of one NIfTI file."""
     if not path.is_file():
         raise UserError(f"{path}: file not found: {_hint(path.parent)}")
-    try:
-        image = nib.load(str(path))
-        data = np.asarray(image.dataobj, dtype=np.float64)
-    except Exception as error:  # nibabel raises many kinds for corrupt files
-        raise UserError(f"{path}: cannot read NIfTI ({type(error).__name__}): "
-                        "copy or export it again") from None
-    if data.ndim != 3:
-        raise UserError(f"{path}: {data.ndim} dimensions {data.shape}, expected one 3D scan: export it again")
-    if not np.isfinite(data).all():
-        raise UserError(f"{path}: NaN/inf voxels: fix or re-export the scan")
-    return np.ascontiguousarray(data.transpose(1, 0, 2)), np.asarray(image.affine, dtype=np.float64)
+    data, affine, _ = read_nifti(path, np.float64)
+    return np.ascontiguousarray(data.transpose(1, 0, 2)), affine
 
 
 @dataclass
@@ -426,8 +407,7 @@ class AlpnetScan:
 
 def load_scan(folder: str | Path, sid: int, dataset: AlpnetDataset, superpixels: bool = False,
               classmap: dict | None = None, superpixel_dir: str | Path | None = None) -> AlpnetScan:
-    """Read and check one scan: label on the image's grid, known values, classmap agreeing with the label;
-    superpixels from `superpixel_dir` (default: the folder itself)."""
+    """Read and check one scan (grid, label values, classmap); superpixels from `superpixel_dir`/`folder`."""
     folder = Path(folder)
     image, affine = _read(folder / f"image_{sid}.nii.gz")
     label_path = folder / f"label_{sid}.nii.gz"
@@ -506,8 +486,7 @@ def to_vocabulary(label: np.ndarray, dataset: AlpnetDataset) -> np.ndarray:
 
 
 def fold_scans(ids: list[int], fold: int, dataset: AlpnetDataset) -> tuple[list[int], int, list[int]]:
-    """(test ids, support id, training ids) of a fold, SSL-ALPNet's circular split: sorted ids[sep[k] :
-    sep[k + 1] + 1] with wrap-around are the test scans and the support (the last); training the others."""
+    """(test ids, support id, training ids): SSL-ALPNet's circular split of the sorted ids (method.md)."""
     if not isinstance(fold, int) or fold not in range(N_FOLDS):
         raise UserError(f"fold {fold!r} does not exist: use 0-{N_FOLDS - 1} (SSL-ALPNet's five folds)")
     ordered = sorted(int(i) for i in ids)
@@ -523,8 +502,7 @@ def fold_scans(ids: list[int], fold: int, dataset: AlpnetDataset) -> tuple[list[
 
 
 def validation_scan(ids: list[int], fold: int, dataset: AlpnetDataset) -> int:
-    """This project's validation scan of a fold (not SSL-ALPNet's: it has none): the first training scan
-    after the support in circular sorted order. Options are chosen on it, never on the test scans."""
+    """This project's validation scan of a fold (SSL-ALPNet has none): the training scan after the support."""
     _, support, training = fold_scans(ids, fold, dataset)
     ordered = sorted(int(i) for i in ids)
     after = ordered.index(support) + 1
@@ -537,8 +515,5 @@ def kept_slices(label: np.ndarray, excluded: list[int], rule: str = "or") -> np.
     if not excluded:
         return np.ones(label.shape[2], dtype=bool)
     present = np.stack([(label == v).any(axis=(0, 1)) for v in excluded])                      # E x Z
-    if rule == "or":
-        return ~present.any(axis=0)
-    if rule == "and":
-        return ~present.all(axis=0)
-    raise UserError(f"exclusion rule '{rule}' is unknown: use 'or' (SSL-ALPNet) or 'and' (Q-Net lineage)")
+    assert rule in ("or", "and"), rule
+    return ~present.any(axis=0) if rule == "or" else ~present.all(axis=0)

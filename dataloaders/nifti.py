@@ -67,10 +67,9 @@ def _dicom_hint(folder: Path) -> str:
     return f": {dicom_fix(folder)}" if holds_dcm_files(folder) else ": give the path of a .nii.gz file"
 
 
-def load_nifti(path: str | Path) -> NiftiVolume:
-    """A 3D NIfTI (X x Y x Z, or X x Y x Z x 1), validated and reoriented to canonical RAS+; one-line
-    UserErrors for missing/corrupt files, 2D/4D or empty data, NaN/inf voxels, bad affines."""
-    path = Path(path)
+def read_nifti(path: Path, dtype=None) -> tuple[np.ndarray, np.ndarray, tuple[int, int]]:
+    """(data X x Y x Z as stored, as `dtype`; affine; (qform, sform) codes) of a 3D NIfTI (or X x Y x Z x 1),
+    every defect of the file a one-line UserError."""
     if path.is_dir():
         raise UserError(f"{path}: is a folder, not a NIfTI file{_dicom_hint(path)}")
     if not path.is_file():
@@ -79,7 +78,7 @@ def load_nifti(path: str | Path) -> NiftiVolume:
         image = nib.load(str(path)) if _named_right(path) else _load_misnamed(path)
         if not isinstance(image, (nib.Nifti1Image, nib.Nifti2Image)):
             raise UserError(f"{path}: not a NIfTI file ({type(image).__name__}): convert it to .nii.gz")
-        data = np.asanyarray(image.dataobj)  # forces decompression: truncation shows up here
+        data = np.asanyarray(image.dataobj, dtype=dtype)  # forces decompression: truncation shows up here
     except UserError:
         raise
     except (EOFError, zlib.error, gzip.BadGzipFile, OSError, ValueError,
@@ -103,6 +102,13 @@ def load_nifti(path: str | Path) -> NiftiVolume:
                         "volume (e.g. replace them with the background value)")
     if not np.isfinite(affine).all() or abs(np.linalg.det(affine[:3, :3])) < 1e-9:
         raise UserError(f"{path}: affine is not invertible or not finite: fix the NIfTI header (sform/qform)")
+    return data, affine, codes
+
+
+def load_nifti(path: str | Path) -> NiftiVolume:
+    """A 3D NIfTI, validated (`read_nifti`) and reoriented to canonical RAS+."""
+    path = Path(path)
+    data, affine, codes = read_nifti(path)
     original_axcodes = "".join(nib.aff2axcodes(affine))
     canonical = nib.as_closest_canonical(nib.Nifti1Image(data, affine))
     array = np.asfortranarray(canonical.dataobj)   # NIfTI voxel order: cheap z slabs, cheap flat views
@@ -112,8 +118,7 @@ def load_nifti(path: str | Path) -> NiftiVolume:
 
 
 def check_same_grid(mask: NiftiVolume, volume: NiftiVolume) -> None:
-    """A mask must lie on its volume's voxel grid in world space (compared after reorientation, so another
-    storage orientation, e.g. LPS next to RAS, is accepted); else a one-line error."""
+    """A mask must lie on its volume's voxel grid in world space (any storage orientation)."""
     if tuple(mask.array.shape) == tuple(volume.array.shape) and np.allclose(
             mask.affine, volume.affine, atol=AFFINE_TOLERANCE_MM):
         return                                              # same world grid (any storage orientation)
@@ -127,22 +132,17 @@ def check_same_grid(mask: NiftiVolume, volume: NiftiVolume) -> None:
 
 
 def to_original(array_canonical: np.ndarray, original_axcodes: str | tuple[str, ...]) -> np.ndarray:
-    """A canonical RAS+ array X x Y x Z in the storage orientation `original_axcodes` (inverse of
-    `load_nifti`'s reorientation; save it with the volume's `original_affine`)."""
+    """A canonical RAS+ array X x Y x Z in the storage orientation `original_axcodes` (undoes load_nifti)."""
     codes = tuple(original_axcodes)
-    if len(codes) != 3:
-        raise UserError(f"orientation '{''.join(codes)}' is not three axis codes like 'LPS': use the "
-                        "original_axcodes stored with the volume")
+    assert len(codes) == 3, codes           # the prepared-folder reader checks stored axis codes
     transform = ornt_transform(axcodes2ornt(CANONICAL_AXCODES), axcodes2ornt(codes))
     return np.ascontiguousarray(apply_orientation(np.asarray(array_canonical), transform))
 
 
 def save_nifti_atomic(array: np.ndarray, affine: np.ndarray, path: str | Path, codes=(1, 1)) -> None:
-    """Save `array` (X x Y x Z) with `affine` and (qform, sform) `codes` as `.nii.gz` at `path`, atomically
-    and deterministically (gzip mtime 0): nibabel's header, then the voxels in one Fortran-order copy."""
+    """Save `array` (X x Y x Z) with `affine` and (qform, sform) `codes` atomically and deterministically."""
     path = Path(path)
-    if not path.name.endswith(".nii.gz"):
-        raise UserError(f"{path}: NIfTI output must end in .nii.gz: rename the output path")
+    assert path.name.endswith(".nii.gz"), path
     array = np.asarray(array)
     header = nib.Nifti1Header()
     header.set_data_shape(array.shape)
@@ -168,9 +168,8 @@ def _pid_alive(pid: int) -> bool:
 
 
 def _clean_stale(out: Path) -> None:
-    """Leftovers of a killed `atomic_folder` run on `out` (its process is gone): remove
-    `<out>.partial-<pid>`; put back `<out>.old-<pid>` when `out` itself is missing (killed between the
-    two renames), else remove it."""
+    """Leftovers of a killed `atomic_folder` run on `out`: remove `<out>.partial-<pid>`; put back
+    `<out>.old-<pid>` when `out` is missing (killed between the two renames), else remove it."""
     if not out.parent.is_dir():
         return
     for kind in ("partial", "old"):
@@ -187,8 +186,7 @@ def _clean_stale(out: Path) -> None:
 
 @contextmanager
 def atomic_folder(out: str | Path, overwrite: bool = False, inputs=()) -> Iterator[Path]:
-    """Build a folder in `<out>.partial-<pid>` and rename it to `out` only when the block succeeds (`out`
-    checked first by util.io.check_output_folder); on any exception the partial folder is removed, and a
+    """Build a folder in `<out>.partial-<pid>` and rename it to `out` only when the block succeeds; a
     killed run's leftovers are cleaned by the next run on the same `out`."""
     out = Path(out)
     _clean_stale(out)
@@ -217,8 +215,7 @@ def _star(item: tuple):
 
 
 def parallel_map(function, tasks: list[tuple], workers: int, progress: dict | None = None) -> list:
-    """[function(*task) for task in tasks] in order, in `workers` forked processes when more than one;
-    progress: tqdm's keywords (desc, unit, disable) for a bar that advances per finished task."""
+    """[function(*task) for task in tasks] in order, in `workers` forked processes (`progress`: tqdm's)."""
     from tqdm import tqdm  # progress bar of the command line only
     items, results, processes = [(function, task) for task in tasks], [], min(workers, len(tasks))
     pool = multiprocessing.get_context("fork").Pool(processes) if processes > 1 else None

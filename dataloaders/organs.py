@@ -1,6 +1,5 @@
-"""One organ vocabulary for the whole project: the 20 VISCERAL Anatomy3 structures numbered 1-20 as the
-official LSLPN code (docs/method.md, "VISCERAL data, folds and the paper's figures"); every reader maps
-its own names or RadLex ids onto these indices.
+"""The project's organ vocabulary: the 20 VISCERAL Anatomy3 structures numbered 1-20 as the official code
+(docs/method.md, "VISCERAL data, folds and the paper's figures"); every reader maps onto these indices.
 """
 from __future__ import annotations
 
@@ -34,8 +33,7 @@ NAME_TO_INDEX: dict[str, int] = {name: index for index, (name, _) in STRUCTURES.
 INDEX_TO_NAME: dict[int, str] = {index: name for index, (name, _) in STRUCTURES.items()}
 RADLEX_TO_INDEX: dict[int, int] = {radlex: index for index, (_, radlex) in STRUCTURES.items()}
 
-# The six test organs of the paper, in Table 1 order, and the four folds
-# (docs/method.md, "VISCERAL data, folds and the paper's figures").
+# The six test organs of the paper, in Table 1 order, and the four folds.
 TEST_ORGANS: list[str] = ["liver", "spleen", "kidney_right", "kidney_left", "psoas_right", "psoas_left"]
 FOLD_ORGANS: list[list[str]] = [["liver"], ["spleen"], ["kidney_right", "kidney_left"],
                                 ["psoas_right", "psoas_left"]]
@@ -80,11 +78,6 @@ CLASS_SETTINGS = ("six_organs", "all_structures")     # config class_setting: th
 
 
 def training_classes(fold: int, class_setting: str) -> list[int]:
-    """Label indices a model of `fold` may train on (docs/method.md, "VISCERAL data, folds and the paper's
-    figures"): 'six_organs' the other folds' test organs, 'all_structures' all 20 minus the fold's."""
-    if fold not in range(len(FOLD_ORGANS)):
-        raise UserError(f"fold {fold} does not exist: use 0 (liver), 1 (spleen), 2 (kidneys) or 3 (psoas)")
-    if class_setting not in CLASS_SETTINGS:
-        raise UserError(f"class_setting '{class_setting}' is unknown: use 'six_organs' or 'all_structures'")
+    """Label indices a model of `fold` may train on (other folds' test organs, or all 20 minus the fold's)."""
     pool = [NAME_TO_INDEX[name] for name in TEST_ORGANS] if class_setting == "six_organs" else STRUCTURES
     return [index for index in sorted(pool) if INDEX_TO_NAME[index] not in FOLD_ORGANS[fold]]

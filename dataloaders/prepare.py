@@ -1,8 +1,6 @@
-"""Any source layout -> the prepared folder of docs/DESIGN.md ("Prepared data folder"), built atomically.
-
-`prepare_dataset` (VISCERAL, multi-label, images-only): training slices chosen per class by `Selection`
-(the official rule), scaled, resized and stored with their neighbours; validation and gold volumes stored
-whole and exactly. `prepare_alpnet`: one fold, setting and label set of an SSL-ALPNet folder.
+"""Any source layout -> the prepared folder of docs/DESIGN.md ("Prepared data folder"), built atomically:
+`prepare_dataset` (VISCERAL, multi-label, images-only; the official slice rule `Selection`) and
+`prepare_alpnet` (one fold, setting and label set of an SSL-ALPNet folder).
 """
 from __future__ import annotations
 
@@ -18,31 +16,12 @@ from typing import Callable
 
 import numpy as np
 
-from dataloaders import layouts
+from dataloaders import layouts, transforms
 from dataloaders.label_map import outlier_warning, read_label_map
-from dataloaders.layouts import (
-    LabeledVolume,
-    exact_image,
-    find_cases,
-    find_multilabel_cases,
-    find_split,
-    load_case,
-    load_multilabel_case,
-    strip_nifti_suffix,
-)
-from dataloaders.nifti import atomic_folder, load_nifti, parallel_map
+from dataloaders.layouts import LabeledVolume
+from dataloaders.nifti import atomic_folder, parallel_map
 from dataloaders.organs import INDEX_TO_NAME
-from dataloaders.prepared import NEIGHBOURS, case_id, is_case_id, train_file_name
-from dataloaders.transforms import (
-    DEFAULT_INTENSITY,
-    neighbour_indices,
-    neighbour_stack,
-    resize_image,
-    resize_label,
-    scale_intensity,
-    validate_intensity,
-    volume_intensity,
-)
+from dataloaders.prepared import NEIGHBOURS, is_case_id, train_file_name
 from util.cli import warn
 from util.errors import UserError
 from util.io import check_input_folder, check_output_folder, write_bytes_atomic
@@ -61,7 +40,6 @@ class Selection:
     skip_last: bool = False   # True: the official notebook, axial slices 0 .. Z-2 only (never the last)
 
     def check(self) -> None:
-        """Raise a one-line UserError for an out-of-range rule (the official one is 150 / 5 / 20)."""
         if self.min_voxels < 0 or not 1 <= self.max_per_volume <= self.many:
             raise UserError(f"slice selection --min-voxels {self.min_voxels} / --max-per-volume "
                             f"{self.max_per_volume} / --many {self.many} is out of range: use "
@@ -76,56 +54,27 @@ class SourceCase:
     unlabeled: bool = False
 
 
-def find_image_volumes(root: Path) -> list[tuple[str, Path]]:
-    """(pid, path) of the NIfTI volumes directly in `root` (else in root/Volumes); pid = file stem."""
-    for folder in (root, root / "Volumes"):
-        paths = sorted(p for p in folder.glob("*") if p.is_file() and strip_nifti_suffix(p.name)
-                       and not p.name.startswith(".")) if folder.is_dir() else []   # '._x.nii.gz': macOS
-        if paths:
-            break
-    if not paths:
-        raise UserError(f"{root}: no CT volumes (.nii.gz / .nii) in it or in its Volumes/ folder: give a "
-                        "folder of NIfTI CT volumes")
-    found: dict[str, Path] = {}
-    for path in paths:
-        pid = case_id(strip_nifti_suffix(path.name))
-        if pid in found:
-            raise UserError(f"{path}: same name as {found[pid].name} once made a file name: rename one of "
-                            "them")
-        found[pid] = path
-    return list(found.items())
-
-
-def load_unlabeled(path: Path, pid: str) -> LabeledVolume:
-    """A CT volume without labels (canonical, `exact_image`; the label map is all background)."""
-    image = exact_image(load_nifti(path))
-    return LabeledVolume(pid, image, np.zeros(image.array.shape, dtype=np.uint8))
-
-
 def list_sources(source_dir: str | Path, layout: str = "visceral", label_map: str | Path | None = None,
                  allow_missing: bool = False) -> tuple[list[SourceCase], list[SourceCase]]:
-    """(silver cases, gold cases) of a data set in the 'visceral' or 'multilabel' layout."""
+    """(silver cases, gold cases) of a data set in the 'visceral', 'multilabel' or 'images-only' layout."""
     root = check_input_folder(source_dir, "", "give the data folder (or make a phantom with "
                               "scripts/make_phantom.py --out NEW_FOLDER)")
     if layout == "visceral":
-        silver, gold = (find_cases(root / name) for name in ("SilverCorpus", "GoldCorpus"))
-        return ([SourceCase(c.pid, partial(load_case, c)) for c in silver],
-                [SourceCase(c.pid, partial(load_case, c)) for c in gold])
+        silver, gold = (layouts.find_cases(root / name) for name in ("SilverCorpus", "GoldCorpus"))
+        return ([SourceCase(c.pid, partial(layouts.load_case, c)) for c in silver],
+                [SourceCase(c.pid, partial(layouts.load_case, c)) for c in gold])
     if layout == "multilabel":
         if label_map is None:
             raise UserError("--layout multilabel needs --label-map map.json (label name -> value)")
         names = read_label_map(label_map)
-        splits = []
-        for split in ("silver", "gold"):
-            cases = [(case_id(name), image, label) for name, image, label in find_multilabel_cases(
-                find_split(root, split))]                       # 'case 1' -> 'case_1': the id of the files
-            splits.append([SourceCase(pid, partial(load_multilabel_case, image, label, names, pid,
-                                                   allow_missing)) for pid, image, label in cases])
-        return splits[0], splits[1]
-    if layout == "images-only":  # every volume trains (self-supervised); no validation or test volumes
-        return [SourceCase(pid, partial(load_unlabeled, path, pid), unlabeled=True)
-                for pid, path in find_image_volumes(root)], []
-    raise UserError(f"layout '{layout}' is unknown: use 'visceral', 'multilabel' or 'images-only'")
+        silver, gold = ([SourceCase(pid, partial(layouts.load_multilabel_case, image, label, names, pid,
+                                                 allow_missing))
+                         for pid, image, label in layouts.find_multilabel_cases(root, split)]
+                        for split in ("silver", "gold"))
+        return silver, gold
+    assert layout == "images-only", layout   # every volume trains (self-supervised); no validation or test
+    return [SourceCase(pid, partial(layouts.load_unlabeled, path, pid), unlabeled=True)
+            for pid, path in layouts.find_image_volumes(root)], []
 
 
 def select_slices(label: np.ndarray, index: int, rng: np.random.Generator, rule: Selection) -> np.ndarray:
@@ -160,10 +109,9 @@ def save_npy(path: Path, array: np.ndarray) -> None:
 
 
 def volume_arrays(volume: LabeledVolume) -> dict[str, np.ndarray]:
-    """The keys of a prepared evaluation volume (DESIGN.md); image int16, or float32 when int16 is inexact."""
+    """The keys of a prepared evaluation volume (DESIGN.md); the image as `exact_image` left it."""
     image = volume.image
-    stored = image.array if image.array.dtype == np.int16 else image.array.astype(np.float32)
-    return {"image": stored, "label": volume.label.astype(np.uint8),
+    return {"image": image.array, "label": volume.label.astype(np.uint8),
             "affine": image.affine, "original_affine": image.original_affine,
             "original_shape": np.asarray(image.original_shape, dtype=np.int64),
             "original_axcodes": np.asarray(image.original_axcodes), "spacing": image.spacing}
@@ -171,21 +119,20 @@ def volume_arrays(volume: LabeledVolume) -> dict[str, np.ndarray]:
 
 def training_images(image: np.ndarray, rows: np.ndarray, intensity: dict,
                     size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Training slices `rows` (z, (N,)) of a volume X x Y x Z and their (z - 1, z + 1) neighbours (edge rule
-    only), scaled, resized to size x size and clipped to [0, 1]: (N x S x S, N x 2 x S x S float32). Each
-    needed slice is scaled once; a per-volume z-score without statistics takes the training rows'."""
+    """Training slices `rows` (z) of a volume X x Y x Z and their (z - 1, z + 1) neighbours, scaled, resized
+    and clipped to [0, 1]; a per-volume z-score without statistics takes the training rows'."""
     rows = np.asarray(rows, dtype=int)
     if not rows.size:
         return np.zeros((0, size, size), np.float32), np.zeros((0, 2, size, size), np.float32)
-    around = neighbour_indices(rows, image.shape[2])                                    # N x 3
+    around = transforms.neighbour_indices(rows, image.shape[2])                         # N x 3
     needed, position = np.unique(around, return_inverse=True)                           # M, N*3
     position = position.reshape(around.shape)                                           # N x 3
     scaling = intensity
     if intensity.get("mode") == "zscore" and "mean" not in intensity:
-        scaling = volume_intensity(np.asarray(np.moveaxis(image[:, :, rows], 2, 0), np.float32), intensity,
-                                   "training slices")
-    slices = scale_intensity(np.moveaxis(image[:, :, needed], 2, 0), scaling)          # M x X x Y
-    slices = np.asarray(resize_image(slices, size), dtype=np.float32).clip(0, 1)        # M x S x S
+        rows_xy = np.asarray(np.moveaxis(image[:, :, rows], 2, 0), np.float32)        # N x X x Y
+        scaling = transforms.volume_intensity(rows_xy, intensity, "training slices")
+    slices = transforms.scale_intensity(np.moveaxis(image[:, :, needed], 2, 0), scaling)  # M x X x Y
+    slices = np.asarray(transforms.resize_image(slices, size), dtype=np.float32).clip(0, 1)  # M x S x S
     return slices[position[:, 1]], slices[position[:, [0, 2]]]      # N x S x S, N x 2 x S x S
 
 
@@ -222,7 +169,8 @@ def process_case(case: SourceCase, split: str, out: Path, size: int, intensity: 
     images, neighbours = training_images(volume.image.array, rows, intensity, size)  # N(x 2) x S x S
     labels = np.zeros((0, size, size), np.uint8)                                              # N x S x S
     if rows.size:
-        labels = np.asarray(resize_label(np.moveaxis(volume.label[:, :, rows], 2, 0), size), dtype=np.uint8)
+        labels = transforms.resize_label(np.moveaxis(volume.label[:, :, rows], 2, 0), size)
+        labels = np.asarray(labels, dtype=np.uint8)
     save_npy(out / "train" / train_file_name(case.pid, "image"), images)
     save_npy(out / "train" / train_file_name(case.pid, NEIGHBOURS), neighbours)
     if case.unlabeled:
@@ -251,9 +199,7 @@ def split_silver(pids: list[str], n_val: int | None, seed: int) -> tuple[list[st
 
 def check_out_location(out: str | Path, source_dir: str | Path, label_map: str | Path | None,
                        overwrite: bool) -> None:
-    """Before anything is read: `out` is not the source, does not hold it and does not lie inside it
-    (prepared files in the source tree would be read as cases by a later run), and `--overwrite`
-    replaces only a prepared folder (one with meta.json) or an empty one, never another folder."""
+    """`out` is not, holds not and lies not in the source; `--overwrite` replaces only a prepared folder."""
     out, source = Path(out), Path(source_dir)
     if source.is_dir() and Path(os.path.realpath(source)) in Path(os.path.realpath(out)).parents:
         raise UserError(f"--out {out} lies inside the input folder {source}: prepared files would mix with "
@@ -270,7 +216,7 @@ def prepare_dataset(source_dir: str | Path, out: str | Path, layout: str = "visc
                     n_val: int | None = None, seed: int = 1234, rule: Selection = Selection(),
                     workers: int = 2, overwrite: bool = False, allow_missing: bool = False) -> dict:
     """Write PREP (DESIGN.md "Prepared data folder") atomically; returns meta.json's content."""
-    intensity = validate_intensity(intensity or DEFAULT_INTENSITY)
+    intensity = transforms.validate_intensity(intensity or transforms.DEFAULT_INTENSITY)
     if not 16 <= size <= 2048:
         raise UserError(f"--size {size}: use 16 .. 2048 (256 for the phantom, 512 for VISCERAL)")
     rule.check()
@@ -318,17 +264,13 @@ def prepare_dataset(source_dir: str | Path, out: str | Path, layout: str = "visc
 
 
 # ------------------------------------------------------------------------------ SSL-ALPNet folders
-# Training slices (the kept slices of Setting 1 or 2) are stored normalised as SSL-ALPNet's loader and
-# cropped to 256 x 256 (not in [0, 1]), with its own superpix-MIDDLE superpixels; the fold's test, support
-# (and validation) scans are stored as stored, cropped, and normalised at evaluation (`normalised_volume`).
-SETTINGS = (1, 2)
-RULES = ("or", "and")
+# Training slices normalised as SSL-ALPNet's loader and cropped to 256 x 256 (not in [0, 1]); the fold's
+# test, support (and validation) scans as stored, cropped, and normalised at evaluation.
 
 
 def normalised_volume(image: np.ndarray, intensity: dict, name: str = "evaluation volume") -> np.ndarray:
-    """A volume (Y x X x Z as stored) normalised by meta.json's `intensity` (SSL-ALPNet's: MR z-scored
-    per volume, no eps; CT by the training scans' statistics), float32."""
-    resolved = volume_intensity(image, intensity, name)
+    """A volume (Y x X x Z) normalised by meta.json's `intensity` (SSL-ALPNet's, no eps), float32."""
+    resolved = transforms.volume_intensity(image, intensity, name)
     return ((np.asarray(image, np.float64) - resolved["mean"]) / resolved["std"]).astype(np.float32)
 
 
@@ -336,13 +278,12 @@ def prepare_alpnet(data_dir: str | Path, out: str | Path, fold: int, setting: in
                    rule: str = "or", overwrite: bool = False, validation: bool = False,
                    superpixel_dir: str | Path | None = None) -> dict:
     """Write the prepared folder of one (fold, setting, label set); returns its meta.json content.
-    superpixel_dir: the superpix-MIDDLE files (default data_dir; none: no superpixels/); validation: hold
-    the fold's validation scan (layouts.validation_scan) out of training, stored with the gold volumes."""
+    validation: the fold's validation scan is stored with the gold volumes, not trained on."""
     data_dir = Path(data_dir)
-    if setting not in SETTINGS:
+    if setting not in (1, 2):
         raise UserError(f"setting {setting!r} does not exist: use 1 (test organs in training slices) or 2 "
                         "(every slice holding a test organ dropped)")
-    if rule not in RULES:
+    if rule not in ("or", "and"):
         raise UserError(f"exclusion rule '{rule}' is unknown: use 'or' (SSL-ALPNet) or 'and' (Q-Net lineage)")
     dataset = layouts.detect_dataset(data_dir)
     classmap = layouts.read_classmap(data_dir)
@@ -388,7 +329,7 @@ def prepare_alpnet(data_dir: str | Path, out: str | Path, fold: int, setting: in
             save_npy(partial / "train" / f"{sid}_image.npy", np.moveaxis(image[:, :, rows], 2, 0).copy())
             # 2.5D input: each kept row's (z - 1, z + 1), a dropped slice replaced by the centre itself
             save_npy(partial / "train" / train_file_name(str(sid), NEIGHBOURS),
-                     np.ascontiguousarray(neighbour_stack(image, rows, 3, available=keep)[:, [0, 2]]))
+                     np.ascontiguousarray(transforms.neighbour_stack(image, rows, 3, keep)[:, [0, 2]]))
             save_npy(partial / "train" / f"{sid}_label.npy", np.moveaxis(label[:, :, rows], 2, 0).copy())
             if with_superpixels:
                 sp = layouts.crop(scan.superpixels)[:, :, rows]
@@ -412,7 +353,6 @@ def prepare_alpnet(data_dir: str | Path, out: str | Path, fold: int, setting: in
                                "volumes": {str(s): {} for s in training}}
             write_bytes_atomic(json.dumps(superpixel_meta).encode(), partial / "superpixels" / "meta.json")
         index = {key: index[key] for key in sorted(index, key=int)}
-        test_organs = [dataset.vocabulary[v] for v in test_values]
         meta = {"format_version": FORMAT_VERSION,
                 "source": {"dir": str(data_dir.resolve()), "layout": "alpnet", "dataset": dataset.name},
                 "prep_size": next(iter(sizes))[0], "intensity": intensity,
@@ -424,7 +364,8 @@ def prepare_alpnet(data_dir: str | Path, out: str | Path, fold: int, setting: in
                            "label_set": label_set if setting == 2 else None, "rule": rule,
                            "test": [str(s) for s in test], "support": str(support),
                            "validation": [str(s) for s in held_out],
-                           "test_organs": test_organs, "excluded": [dataset.vocabulary[v] for v in excluded],
+                           "test_organs": [dataset.vocabulary[v] for v in test_values],
+                           "excluded": [dataset.vocabulary[v] for v in excluded],
                            "superpixels": with_superpixels,
                            "kept": kept_counts}}
         write_bytes_atomic(json.dumps({"slices": index}).encode(), partial / "index.json")

@@ -13,10 +13,9 @@ from pydicom.dataset import FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 from scipy.spatial.transform import Rotation
 
-from dataloaders.dicom import is_dicom_path, read_dicom_series
+from dataloaders.dicom import LPS_TO_RAS, is_dicom_path, read_dicom_series
 from util.errors import UserError
 
-LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 PYDICOM_FILES = Path(pydicom.__file__).parent / "data" / "test_files"
 SHAPE = (12, 10, 7)                                   # X != Y != Z: a transposed axis shows
 
@@ -35,11 +34,8 @@ def ds_text(values) -> list[str]:
 def write_series(folder: Path, volume: np.ndarray, affine: np.ndarray, slope: float = 1.0,
                  intercept: float = 0.0, series_uid: str | None = None, description: str = "axial",
                  order=None, prefix: str = "IM") -> list[Path]:
-    """Write a NIfTI volume X x Y x Z (RAS affine) as a CT Image Storage series, one file per slice.
-
-    Slice k goes to a file whose sorted position is order[k] (shuffled file order), with stored values
-    (volume - intercept) / slope as int16.
-    """
+    """Write a volume X x Y x Z (RAS affine) as a CT series, slice k to the file sorted at order[k], stored
+    values (volume - intercept) / slope as int16."""
     folder.mkdir(parents=True, exist_ok=True)
     lps = LPS_TO_RAS @ affine
     spacing = np.linalg.norm(lps[:3, :2], axis=0)                 # along X (a row), along Y (a column)

@@ -36,10 +36,3 @@ def test_fold_test_organs_are_never_training_classes(fold):
     assert not test & set(six) and not test & set(every)
     assert len(six) == 6 - len(test) and len(every) == 20 - len(test)
     assert set(six) <= set(every)
-
-
-def test_bad_fold_and_class_setting():
-    with pytest.raises(UserError, match="fold 4"):
-        organs.training_classes(4, "six_organs")
-    with pytest.raises(UserError, match="class_setting"):
-        organs.training_classes(0, "everything")

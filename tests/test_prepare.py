@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 from conftest import TINY_PHANTOM, TINY_PREP, load_script
 
-from dataloaders import prepare
 from dataloaders.layouts import find_cases, load_case
 from dataloaders.nifti import load_nifti, to_original
 from dataloaders.prepare import Selection, prepare_dataset, select_slices
@@ -35,14 +34,11 @@ def test_official_selection_rule(n_qualifying):
         z_qualifying.tolist()
 
 
-def test_minmax_and_window_scaling_match_a_reference():
+def test_window_scaling_matches_a_reference():
+    """Min-max scaling is held against a slow reference in test_errors (prepared images stored exactly)."""
     stack = np.random.default_rng(0).normal(0, 300, (3, 5, 6)).astype(np.float32)
     stack[2] = 7.0                                                 # a constant slice
     scaled = scale_intensity(stack, {"mode": "minmax"})
-    for i in range(2):
-        reference = (stack[i] - stack[i].min()) / (stack[i].max() - stack[i].min())
-        assert np.allclose(scaled[i], reference, atol=1e-6)
-        assert np.allclose(scale_intensity(stack[i], {"mode": "minmax"}), reference, atol=1e-6)
     assert (scaled[2] == 0).all() and scaled.dtype == np.float32
     window = scale_intensity(stack, {"mode": "window", "window": [-125, 275]})
     assert np.allclose(window, (np.clip(stack, -125, 275) + 125) / 400, atol=1e-6)
@@ -99,29 +95,6 @@ def test_gold_volumes_keep_the_original_geometry(tiny_phantom, tiny_prepared):
             assert np.array_equal(original == 1, np.asarray(nib.load(str(liver_file)).dataobj) > 0)
 
 
-def test_options_window_keep_all_and_resize(tiny_phantom, tmp_path):
-    rule = Selection(min_voxels=TINY_PREP["min_voxels"], keep_all=True)
-    meta = prepare_dataset(tiny_phantom, tmp_path / "p", size=32,
-                           intensity={"mode": "window", "window": [-125, 275]},
-                           n_val=2, rule=rule, workers=1)
-    assert (meta["intensity"] == {"mode": "window", "window": [-125.0, 275.0]}
-            and len(meta["splits"]["val"]) == 2)
-    pid = meta["splits"]["train"][0]
-    image = np.load(tmp_path / "p" / "train" / f"{pid}_image.npy")
-    assert image.shape[1:] == (32, 32) and 0 <= image.min() and image.max() <= 1
-    kept = json.loads((tmp_path / "p" / "index.json").read_text())["slices"]
-    assert all(len(kept[k]) >= 1 for k in ("1", "13"))
-
-
-def test_same_seed_same_prepared_bytes(tiny_phantom, tmp_path):
-    for name in ("a", "b"):
-        prepare_dataset(tiny_phantom, tmp_path / name, size=32, n_val=1, seed=5, rule=Selection(min_voxels=5),
-                        workers=1)
-    for path in sorted((tmp_path / "a").rglob("*")):
-        if path.is_file() and path.name != "meta.json":
-            assert path.read_bytes() == (tmp_path / "b" / path.relative_to(tmp_path / "a")).read_bytes(), path
-
-
 def test_multilabel_layout_gives_the_same_labels(tiny_phantom, tmp_path):
     root = tmp_path / "multi"
     values = {1: 11, 2: 12, 13: 21, 14: 22, 17: 31, 18: 32}
@@ -151,22 +124,15 @@ def test_multilabel_layout_gives_the_same_labels(tiny_phantom, tmp_path):
         assert np.array_equal(data["label"], expected)
 
 
-def test_a_failure_leaves_nothing(tiny_phantom, tmp_path):
-    broken = tmp_path / "broken"
-    shutil.copytree(tiny_phantom, broken)
-    gold = find_cases(broken / "GoldCorpus")[-1]
-    gold.volume_path.write_bytes(gold.volume_path.read_bytes()[:100])
-    with pytest.raises(UserError, match="corrupt or truncated"):
-        prepare_dataset(broken, tmp_path / "new", size=32, workers=1)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["broken"]
-
-
-def test_script_runs_and_reports(tiny_phantom, tmp_path, capsys):
+def test_script_options_window_keep_all_and_resize(tiny_phantom, tmp_path, capsys):
     script = load_script("prepare_visceral")
     out = tmp_path / "p"
     args = ["--visceral-dir", str(tiny_phantom), "--out", str(out), "--size", "32", "--min-voxels", "5",
-            "--workers", "1", "--window", "-125", "275"]
+            "--workers", "1", "--window", "-125", "275", "--keep-all-slices", "--n-val", "2"]
     assert script.main(args) == 0
-    assert "train 5, val 1, gold 3" in capsys.readouterr().out
+    assert "train 4, val 2, gold 3" in capsys.readouterr().out
     assert script.main(args + ["--skip-existing"]) == 0
-    assert prepare.FORMAT_VERSION == 1
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["selection"]["keep_all"] and meta["intensity"]["window"] == [-125.0, 275.0]
+    image = np.load(out / "train" / f"{meta['splits']['train'][0]}_image.npy")
+    assert image.shape[1:] == (32, 32) and 0 <= image.min() and image.max() <= 1
