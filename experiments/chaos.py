@@ -770,9 +770,9 @@ DEMO_PHANTOM = ROOT / PHANTOM_DIR       # `make demo`'s CT phantom, else one gen
 PHANTOM_ORGANS = {NAME_TO_INDEX[organ]: organ for organ in ORGANS}     # label value -> organ
 
 
-def phantom_scans(work: Path) -> tuple[Path, str]:
-    """(work/phantom_scans, where its scans come from): the CT phantom's gold scans as image_<i>.nii.gz
-    (linked) + label_<i>.nii.gz (the masks of ORGANS merged), i = 0, 1, ... in patient order."""
+def phantom_scans(work: Path) -> tuple[Path, str, list[str]]:
+    """(work/phantom_scans, where its scans come from, patient ids): the CT phantom's gold scans as
+    image_<id>.nii.gz (linked) + label_<id>.nii.gz (the masks of ORGANS merged)."""
     phantom, source = DEMO_PHANTOM, f"`{PHANTOM_DIR}` of `make demo`"
     if not (phantom / "GoldCorpus").is_dir():
         phantom, source = work / "phantom", f"generated with `make demo`'s seed {PHANTOM['seed']}"
@@ -780,22 +780,23 @@ def phantom_scans(work: Path) -> tuple[Path, str]:
             generate_phantom(phantom, n_silver=1, n_gold=5, seed=PHANTOM["seed"])
     folder = work / "phantom_scans"
     folder.mkdir(parents=True, exist_ok=True)
-    for i, case in enumerate(layout.find_cases(phantom / "GoldCorpus")):
-        link = folder / f"image_{i}.nii.gz"
+    cases = layout.find_cases(phantom / "GoldCorpus")
+    for case in cases:
+        link = folder / f"image_{case.pid}.nii.gz"
         link.unlink(missing_ok=True)
         link.symlink_to(case.volume_path.resolve())
         masks = {value: np.asarray(nib.load(case.mask_paths[value]).dataobj) > 0 for value in PHANTOM_ORGANS}
         label, _ = layout.merge_masks(masks)
-        save_nifti_atomic(label, nib.load(case.volume_path).affine, folder / f"label_{i}.nii.gz")
-    return folder, source
+        save_nifti_atomic(label, nib.load(case.volume_path).affine, folder / f"label_{case.pid}.nii.gz")
+    return folder, source, [case.pid for case in cases]
 
 
 def speed_scans(checkpoint: Path, data_dir: Path | None, work: Path) -> tuple[str, Path, dict, list, list]:
-    """(data as the section names it, folder, vocabulary, support ids, query ids) of a checkpoint: with a CT
-    window the CT phantom's scans 0-1 | 2-4, else the MR folder's fold-0 support + training scan | tests."""
+    """(data as the section names it, folder, vocabulary, support ids, query ids) of a checkpoint: with a
+    CT window the CT phantom's gold scans 1-2 | 3-5, else the MR folder's fold-0 support + training scan |
+    its first 3 tests."""
     if needs_hounsfield(model_input(load_checkpoint(str(checkpoint)))[1]):
-        folder, source = phantom_scans(work)
-        ids = layout.scan_ids(folder)
+        folder, source, ids = phantom_scans(work)
         return f"CT phantom (synthetic; {source})", folder, PHANTOM_ORGANS, ids[:2], ids[2:5]
     data_dir = data_dir or default_data()
     dataset = layout.detect_dataset(data_dir)
