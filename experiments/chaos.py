@@ -25,11 +25,14 @@ from scipy import ndimage
 
 from dataloaders import layouts as layout
 from dataloaders.label_map import sidecar_path
-from dataloaders.nifti import NiftiVolume, _clean_stale, _pid_alive
+from dataloaders.nifti import NiftiVolume, _clean_stale, _pid_alive, save_nifti_atomic
 from dataloaders.organs import NAME_TO_INDEX
 from dataloaders.prepare import normalised_volume, prepare_alpnet
 from dataloaders.prepared import load_volume, read_meta
 from dataloaders.superpixels import make_alpnet_superpixels
+from dataloaders.transforms import needs_hounsfield
+from demo.phantom import generate_phantom
+from demo.run import PHANTOM, PHANTOM_DIR
 from evaluation.evaluate import evaluate
 from evaluation.protocols import dice as dice_score
 from evaluation.protocols import organ_slice_list, summarise_folds, support_slices
@@ -763,22 +766,58 @@ class OverlayCollector:
 
 # ------------------------------------------------------------------ --speed: seconds per query scan
 SPEED_MARKERS = ("<!-- begin segment -->", "<!-- end segment -->")
+DEMO_PHANTOM = ROOT / PHANTOM_DIR       # `make demo`'s CT phantom, else one generated with its seed
+PHANTOM_ORGANS = {NAME_TO_INDEX[organ]: organ for organ in ORGANS}     # label value -> organ
 
 
-def measure_segment(checkpoint: Path, data_dir: Path, supports: list[int], queries: list[int], work: Path,
-                    out: Path) -> dict:
-    """{'queries': [{'id', 'seconds', 'dice': {organ: value}}], 'wall', 'cpu', 'peak_mib'} of one
-    checkpoint: the supports linked (never copied) into work/supports with their label names, one
-    segment_volume.py call writing into `out`."""
+def phantom_scans(work: Path) -> tuple[Path, str, list[str]]:
+    """(work/phantom_scans, where its scans come from, patient ids): the CT phantom's gold scans as
+    image_<id>.nii.gz (linked) + label_<id>.nii.gz (the masks of ORGANS merged)."""
+    phantom, source = DEMO_PHANTOM, f"`{PHANTOM_DIR}` of `make demo`"
+    if not (phantom / "GoldCorpus").is_dir():
+        phantom, source = work / "phantom", f"generated with `make demo`'s seed {PHANTOM['seed']}"
+        if not phantom.is_dir():
+            generate_phantom(phantom, n_silver=1, n_gold=5, seed=PHANTOM["seed"])
+    folder = work / "phantom_scans"
+    folder.mkdir(parents=True, exist_ok=True)
+    cases = layout.find_cases(phantom / "GoldCorpus")
+    for case in cases:
+        link = folder / f"image_{case.pid}.nii.gz"
+        link.unlink(missing_ok=True)
+        link.symlink_to(case.volume_path.resolve())
+        masks = {value: np.asarray(nib.load(case.mask_paths[value]).dataobj) > 0 for value in PHANTOM_ORGANS}
+        label, _ = layout.merge_masks(masks)
+        save_nifti_atomic(label, nib.load(case.volume_path).affine, folder / f"label_{case.pid}.nii.gz")
+    return folder, source, [case.pid for case in cases]
+
+
+def speed_scans(checkpoint: Path, data_dir: Path | None, work: Path) -> tuple[str, Path, dict, list, list]:
+    """(data as the section names it, folder, vocabulary, support ids, query ids) of a checkpoint: with a
+    CT window the CT phantom's gold scans 1-2 | 3-5, else the MR folder's fold-0 support + training scan |
+    its first 3 tests."""
+    if needs_hounsfield(model_input(load_checkpoint(str(checkpoint)))[1]):
+        folder, source, ids = phantom_scans(work)
+        return f"CT phantom (synthetic; {source})", folder, PHANTOM_ORGANS, ids[:2], ids[2:5]
+    data_dir = data_dir or default_data()
     dataset = layout.detect_dataset(data_dir)
-    folder = work / "supports"
+    test, support, training = layout.fold_scans(layout.scan_ids(data_dir), 0, dataset)
+    data = f"{dataset.name} ({dataset.modality})"
+    return data, data_dir, dataset.vocabulary, [support, training[0]], test[:3]
+
+
+def measure_segment(checkpoint: Path, data_dir: Path, vocabulary: dict, supports: list[int],
+                    queries: list[int], work: Path, out: Path) -> dict:
+    """{'queries': [{'id', 'seconds', 'dice': {organ: value}}], 'wall', 'cpu', 'peak_mib'} of one
+    checkpoint: the supports linked (never copied) into <out>_supports with their label names, one
+    segment_volume.py call writing into `out`."""
+    folder = work / f"{out.name}_supports"
     folder.mkdir(parents=True, exist_ok=True)
     for sid in supports:
         for kind in ("image", "label"):
             link = folder / f"{kind}_{sid}.nii.gz"
-            if not link.is_symlink():
-                link.symlink_to(Path(data_dir).resolve() / f"{kind}_{sid}.nii.gz")
-    names = {str(value): name for value, name in dataset.vocabulary.items()}
+            link.unlink(missing_ok=True)
+            link.symlink_to(Path(data_dir).resolve() / f"{kind}_{sid}.nii.gz")
+    names = {str(value): name for value, name in vocabulary.items()}
     (folder / "labels.json").write_text(json.dumps({"labels": names}))
     images = [Path(data_dir) / f"image_{qid}.nii.gz" for qid in queries]
     command = [sys.executable, str(ROOT / "scripts" / "segment_volume.py"), "--checkpoint", str(checkpoint),
@@ -801,7 +840,7 @@ def measure_segment(checkpoint: Path, data_dir: Path, supports: list[int], queri
         truth = np.asarray(nib.load(Path(data_dir) / f"label_{qid}.nii.gz").dataobj)
         rows.append({"id": qid, "seconds": json.loads(sidecar_path(labels).read_text())["seconds"],
                      "dice": {name: dice_score(predicted == value, truth == value)
-                              for value, name in dataset.vocabulary.items()}})
+                              for value, name in vocabulary.items()}})
     return {"queries": rows, "wall": wall, "cpu": usage.ru_utime + usage.ru_stime,
             "peak_mib": usage.ru_maxrss / 1024}
 
@@ -813,39 +852,44 @@ def describe_checkpoint(checkpoint: Path) -> str:
     return f"{state['model_config'].get('encoder')}, input {size} x {size}, step {state.get('step')}"
 
 
-def speed_section(checkpoints: list[Path], data_dir: Path, work: Path, command: str) -> str:
-    """The markdown section of every checkpoint on fold 0's query scans (BENCHMARKS.md, between
-    SPEED_MARKERS)."""
-    dataset = layout.detect_dataset(data_dir)
-    test, support, training = layout.fold_scans(layout.scan_ids(data_dir), 0, dataset)
-    supports, queries = [support, training[0]], test[:3]
+def speed_section(checkpoints: list[Path], data_dir: Path | None, work: Path, command: str) -> str:
+    """The markdown section of every checkpoint on query scans of its own kind (`speed_scans`; BENCHMARKS.md,
+    between SPEED_MARKERS)."""
     load = [os.getloadavg()]
-    results = {str(c): measure_segment(Path(c), data_dir, supports, queries, work, work / f"out_{i}")
-               for i, c in enumerate(checkpoints)}
+    results = {}
+    for i, checkpoint in enumerate(checkpoints):
+        data, folder, vocabulary, supports, queries = speed_scans(checkpoint, data_dir, work)
+        result = measure_segment(checkpoint, folder, vocabulary, supports, queries, work, work / f"out_{i}")
+        results[str(checkpoint)] = dict(result, data=data, supports=supports)
     load.append(os.getloadavg())
-    cols, shown = " | ".join(HEAD[o] for o in ORGANS), ", ".join(map(str, queries))
+    cols = " | ".join(HEAD[o] for o in ORGANS)
     when = "; ".join(", ".join(f"{v:.2f}" for v in a) + f" ({w})" for a, w in zip(load, ("start", "end")))
     lines = ["", "## Segmenting a scan: seconds per query volume", "", f"Command: `{command}`  ",
              f"Date: {time.strftime('%Y-%m-%d')}; {platform.processor() or 'cpu'}, {os.cpu_count()} cores "
              f"visible, 2 threads; load average (1, 5, 15 min) {when} (above 2: other work shared the cores, "
              "the seconds are upper bounds).", "",
-             f"`scripts/segment_volume.py --support-dir` with {dataset.name} scans {supports[0]} and "
-             f"{supports[1]} as the supports segments liver, spleen and both kidneys of scans {shown} in "
-             "one call, no range given (found from the images). Seconds per query: its sidecar's (read the"
-             " volume, find each organ's range, score, write; the first query also encodes the support "
+             "`scripts/segment_volume.py --support-dir` with two annotated scans as the supports segments "
+             "liver, spleen and both kidneys of each query scan in one call, no range given (found from the "
+             "images). Each checkpoint runs on scans of its own kind: one trained with a CT window on the CT "
+             "phantom's gold scans (synthetic: its Dice checks the output, it says nothing of patients), "
+             "the others on the MR folder's fold-0 support and first training scan (supports) and its first "
+             "three test scans (queries); the data column names them. Seconds per query: its sidecar's (read "
+             "the volume, find each organ's range, score, write; the first query also encodes the support "
              "slices). Wall: the whole process (Python start, model and supports loaded); CPU: its user + "
              "system seconds (less sensitive to other work on the cores). Peak memory: the"
              " process's peak resident set size (ru_maxrss from os.wait4), MiB. Dice (%) over the whole "
              "volume, a sanity check of the output.", "",
-             f"| checkpoint | query | seconds | {cols} |", "|---" * (len(ORGANS) + 3) + "|"]
+             f"| checkpoint | data | supports | query | seconds | {cols} |", "|---" * (len(ORGANS) + 5) + "|"]
     for checkpoint, result in results.items():
         for row in result["queries"]:
-            lines.append(f"| `{checkpoint}` | {row['id']} | {row['seconds']:.1f} | "
+            lines.append(f"| `{checkpoint}` | {result['data']} | {', '.join(map(str, result['supports']))} | "
+                         f"{row['id']} | {row['seconds']:.1f} | "
                          + " | ".join(f"{100 * row['dice'][o]:.1f}" for o in ORGANS) + " |")
-    lines += ["", "| checkpoint | model | seconds per query (mean) | wall s | CPU s (user + sys) | "
-              "peak MiB |", "|---|---|---|---|---|---|"]
+    lines += ["", "| checkpoint | data | organs | model | seconds per query (mean) | wall s | "
+              "CPU s (user + sys) | peak MiB |", "|---" * 8 + "|"]
     for checkpoint, result in results.items():
         mean = float(np.mean([row["seconds"] for row in result["queries"]]))
-        lines.append(f"| `{checkpoint}` | {describe_checkpoint(Path(checkpoint))} | {mean:.1f} | "
+        lines.append(f"| `{checkpoint}` | {result['data']} | {len(ORGANS)} | "
+                     f"{describe_checkpoint(Path(checkpoint))} | {mean:.1f} | "
                      f"{result['wall']:.1f} | {result['cpu']:.1f} | {result['peak_mib']:.0f} |")
     return "\n".join(lines + ["", ""])

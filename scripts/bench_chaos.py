@@ -5,7 +5,7 @@
     python scripts/bench_chaos.py --full --device cuda  # the published settings (100k iterations, 256 x 256)
     python scripts/bench_chaos.py --report-only         # rewrite the report from OUT/results.json
     python scripts/bench_chaos.py --lslpn-plus --publish  # the LSLPN+ sweep, docs/lslpn_plus.md
-    python scripts/bench_chaos.py --speed A.pth B.pth     # seconds per scan, 4 organs: BENCHMARKS.md
+    python scripts/bench_chaos.py --speed A.pth B.pth     # s per scan, 4 organs (CT: phantom): BENCHMARKS.md
 Steps (finished ones reused): experiments/chaos.py, lslpn_plus.py.
 """
 from __future__ import annotations
@@ -76,7 +76,9 @@ def main(argv: list[str]) -> int:
                         "on the cores: the report says the timings are quiet)")
     parser.add_argument("--speed", type=Path, nargs="+", default=None, metavar="CHECKPOINT",
                         help="seconds per query scan and peak memory of scripts/segment_volume.py (4 organs, "
-                        "2 threads) for each checkpoint: the 'segment' section of BENCHMARKS.md (or --doc)")
+                        "2 threads) for each checkpoint, on scans of its kind (a CT window: the CT phantom, "
+                        "`make demo`'s or generated; else --data): the 'segment' section of BENCHMARKS.md "
+                        "(or --doc)")
     args = parser.parse_args(argv)
     bad = [f for f in args.folds if f not in range(5)]
     if bad:
@@ -175,7 +177,7 @@ def speed(args, command: str) -> int:
     os.environ.update(PINNED_NUMERICS)
     from experiments import chaos
     from experiments.runner import replace_between
-    section = chaos.speed_section(args.speed, args.data or chaos.default_data(), args.out / "speed", command)
+    section = chaos.speed_section(args.speed, args.data, args.out / "speed", command)
     replace_between(doc, *chaos.SPEED_MARKERS, section, append=True)
     print(section)
     return 0

@@ -292,12 +292,32 @@ def test_test_py_alpnet_preset_scores_as_the_benchmark(tmp_path):
             assert {c["query"]: c["dice_range"] for c in cases} == bench[organ]
 
 
-def test_speed_section_replaces_its_markers_only(bench, tmp_path):
-    """--speed: a missing checkpoint is one line; the section goes between its markers (appended once)."""
+def test_speed_section_replaces_its_markers_only(bench, tmp_path, tiny_phantom, monkeypatch):
+    """--speed: a missing checkpoint is one line; a CT-window checkpoint runs on the CT phantom, a min-max
+    one on the MR folder, one row each; the section goes between its markers (appended once)."""
+    import torch
+
+    from experiments import chaos
     from experiments.chaos import SPEED_MARKERS
     from experiments.runner import replace_between
+    from models.checkpoint import save_checkpoint
+    from models.fewshot import FewShotSegNet
     with pytest.raises(UserError, match="--speed .*none.pth: no such checkpoint file"):
         bench.main(["--speed", str(tmp_path / "none.pth"), "--doc", str(tmp_path / "B.md")])
+    monkeypatch.setattr(chaos, "DEMO_PHANTOM", tiny_phantom)
+    data = write_alpnet_folder(tmp_path / "chaos", [1, 2, 3, 5, 8, 10], size=32, depth=12)
+    torch.manual_seed(0)
+    model = FewShotSegNet.from_config({"encoder": "cnn_small", "n_grid": 2, "resolution": "feature"})
+    checkpoints = {"ct.pth": {"intensity": {"mode": "window", "window": [-125, 275]}}, "mr.pth": {}}
+    for name, extra in checkpoints.items():
+        save_checkpoint(str(tmp_path / name), {"model": model.state_dict(), "model_config": model.config,
+                                               "fold": None, "step": 0, "input_size": 32, **extra})
+    doc = tmp_path / "speed.md"
+    assert bench.main(["--speed", str(tmp_path / "ct.pth"), str(tmp_path / "mr.pth"), "--data", str(data),
+                       "--doc", str(doc), "--out", str(tmp_path / "out")]) == 0
+    rows = [line for line in doc.read_text().splitlines() if line.startswith("| `")]
+    ct, mr = "CT phantom (synthetic; `data/phantom` of `make demo`)", "chaos_t2 (MR)"
+    assert [row.split(" | ")[1] for row in rows] == [ct, mr, mr, mr, ct, mr]     # per query; per checkpoint
     doc = tmp_path / "B.md"
     doc.write_text("# Benchmarks\n\n<!-- begin cpu -->\nkept\n<!-- end cpu -->\n")
     replace_between(doc, *SPEED_MARKERS, "\nfirst\n", append=True)
