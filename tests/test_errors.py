@@ -42,15 +42,16 @@ from dataloaders.nifti import load_nifti, to_original
 from dataloaders.superpixels import read_superpixel_meta
 from dataloaders.transforms import validate_intensity, volume_intensity
 from models.checkpoint import load_checkpoint
+from training.config_check import check_data_dir
 from util.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
-CHAOS = ROOT.parent / "shared/data/chaos_mr_t2"
 WINDOW = {"mode": "window", "window": [-125.0, 275.0]}
 SPACING = (2.0, 2.0, 5.0)
 PREP_ARGS = ["--size", str(TINY_PHANTOM["size"]), "--n-val", "0", "--min-voxels", "5", "--workers", "1"]
 PHANTOM_ARGS = ["--size", "32", "--slices", "8", "--n-silver", "1", "--n-gold", "2", "--workers", "1"]
 SEED = int(os.environ.get("LSLPN_CRASH_SEED", time.time_ns() % 100_000))
+HOSTILE_SHAPE = (40, 36, 14)
 
 
 # ------------------------------------------------------------------------------------ helpers
@@ -276,6 +277,65 @@ def segment_argv(c, synthetic: bool = False, **changes) -> list[str]:
         ["--no-progress"]
 
 
+def hostile_ct(seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(image int16 HU, organ mask uint8) 40 x 36 x 14: air, a body ellipse, one organ blob."""
+    rng = np.random.default_rng(seed)
+    x, y, z = np.meshgrid(*(np.arange(n) for n in HOSTILE_SHAPE), indexing="ij")
+    body = ((x - 20) / 18) ** 2 + ((y - 18) / 16) ** 2 < 1
+    organ = body & (((x - 12) / 6) ** 2 + ((y - 17) / 7) ** 2 + ((z - 7) / 4) ** 2 < 1)
+    image = np.where(body, -60.0, -1000.0) + np.where(organ, 190.0, 0.0) + rng.normal(0, 10, HOSTILE_SHAPE)
+    return np.rint(image).astype(np.int16), organ.astype(np.uint8)
+
+
+def save_coded(path: Path, array: np.ndarray, affine=None, codes=(1, 1)) -> Path:
+    """A NIfTI of 2 x 2 x 4 mm voxels (or `affine`) with these qform and sform codes."""
+    image = nib.Nifti1Image(array, np.diag([2.0, 2.0, 4.0, 1.0]) if affine is None else affine)
+    image.header.set_qform(image.affine, code=codes[0])
+    image.header.set_sform(image.affine, code=codes[1])
+    nib.save(image, str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def hostile(tmp_path_factory) -> dict:
+    """Hostile inputs: a CT pair and query with damaged, unusual or misnamed variants, DICOM where NIfTI is
+    expected, an SSL-ALPNet folder, an empty folder and an untrained cnn_small checkpoint (input 48)."""
+    from models.fewshot import FewShotSegNet
+    root = tmp_path_factory.mktemp("hostile")
+    image, mask = hostile_ct(1)
+    query, _ = hostile_ct(2)
+    rotate = np.eye(4)
+    rotate[1:3, 1:3] = [[np.sqrt(0.5), -np.sqrt(0.5)], [np.sqrt(0.5), np.sqrt(0.5)]]
+    outlier = query.astype(np.float32)
+    outlier[5, 5, :] = 1e6
+    model = FewShotSegNet(encoder="cnn_small", resolution="feature", n_grid=4)
+    torch.save({"model": model.state_dict(), "model_config": model.config, "step": 0, "fold": 0,
+                "input_size": 48}, root / "tiny.pth")
+    (made(root / "dicom") / "1.dcm").write_bytes(b"\0" * 128 + b"DICM" + b"\0" * 64)
+    save_coded(made(root / "alpnet") / "image_1.nii.gz", image)
+    save_coded(root / "alpnet" / "label_1.nii.gz", mask)
+    f = {"root": root, "ckpt": root / "tiny.pth", "s": save_coded(root / "s.nii.gz", image),
+         "m": save_coded(root / "m.nii.gz", mask), "q": save_coded(root / "q.nii.gz", query, codes=(1, 4)),
+         "m_body": save_coded(root / "m_body.nii.gz", (image > -500).astype(np.uint8)),
+         "m_pm1": save_coded(root / "m_pm1.nii.gz", np.where(mask > 0, 1, -1).astype(np.int16)),
+         "m_float": save_coded(root / "m_float.nii.gz", mask.astype(np.float32)),
+         "q_mr": save_coded(root / "q_mr.nii.gz", (query.astype(np.float32) + 1000) / 2.5),
+         "q_outlier": save_coded(root / "q_outlier.nii.gz", outlier),
+         "q_oblique": save_coded(root / "q_oblique.nii.gz", query, rotate @ np.diag([2.0, 2.0, 4.0, 1.0])),
+         "q_gz": root / "q_gz.nii", "dcm": root / "dicom" / "1.dcm", "dicom": root / "dicom",
+         "alpnet": root / "alpnet", "empty": made(root / "empty")}
+    f["q_gz"].write_bytes(f["q"].read_bytes())
+    return f
+
+
+def hostile_argv(c, *extra, support=("s", "m"), query="q") -> list:
+    """segment_volume's argv on the hostile files, out <tmp>/p.nii.gz."""
+    f = c.hostile
+    return ["--checkpoint", f["ckpt"], "--support-image", f[support[0]], "--support-mask", f[support[1]],
+            "--query", f[query], "--out", c.tmp / "p.nii.gz", "--device", "cpu", "--no-progress",
+            "--n-chunks", "3", *extra]
+
+
 class Context:
     """A row's view of the fixtures (requested lazily, by name) and its own tmp folder."""
 
@@ -295,7 +355,7 @@ class Context:
 
     def inputs(self) -> dict:
         """The shared input files (when the row used them) as `tree` gives them."""
-        return tree(self.files["root"]) if "files" in self.used else {}
+        return {name: tree(getattr(self, name)["root"]) for name in ("files", "hostile") if name in self.used}
 
 
 def linked(path: Path, target: Path, hard: bool = False) -> Path:
@@ -724,6 +784,35 @@ SCRIPT_ROWS = {
         *figure_runs(c), "--table", c.tmp / "A" / "results.png"], ["is the figure", "results.png"]),
     "figures the same run twice": ("make_figures", lambda c: [
         *figure_runs(c), c.tmp / "A", "--table", c.tmp / "table.md"], ["appears in two runs"]),
+    # hostile input (issue 30); a 4th item: words the line must not hold
+    "hostile oblique range": ("segment_volume", lambda c: hostile_argv(c, "--query-range", "3:9",
+                                                                     query="q_oblique"),
+                              ["oblique", "stored axis", "reslice"]),
+    "hostile dcm file": ("segment_volume", lambda c: hostile_argv(c, support=("s", "dcm")),
+                         ["DICOM file, not NIfTI", "dcm2niix"]),
+    "hostile dicom folder": ("segment_volume", lambda c: hostile_argv(c, support=("s", "dicom")),
+                             ["is a folder", "dcm2niix"]),
+    "hostile file as folder": ("check_dataset", lambda c: [c.hostile["q"]], ["is a file, not a folder"],
+                               ["--out /"]),
+    "hostile folder as file": ("segment_volume", lambda c: [*hostile_argv(c), "--out", c.hostile["empty"]],
+                               ["is a folder"]),
+    "hostile layout fit": ("prepare_visceral", lambda c: ["--visceral-dir", c.hostile["alpnet"], "--out",
+                                                          c.tmp / "new"], ["--layout alpnet"]),
+    "hostile own options": ("make_superpixels", lambda c: ["--images", c.hostile["empty"], "--out",
+                                                           c.tmp / "new"], ["give a folder of NIfTI"],
+                            ["--visceral-dir"]),
+    "hostile raw data to check": ("check_dataset", lambda c: [c.hostile["alpnet"]],
+                                  ["--out NEW_FOLDER --layout alpnet"]),
+    "hostile output first": ("bench_chaos", lambda c: ["--data", c.hostile["alpnet"], "--out",
+                                                       c.hostile["alpnet"] / "runs", "--folds", "0"],
+                             ["inside the data"]),
+    "hostile n-chunks": ("segment_volume", lambda c: hostile_argv(c, "--n-chunks", "1000000000000"),
+                         ["--n-chunks", "at most 1000"]),
+    "hostile size": ("prepare_visceral", lambda c: ["--visceral-dir", c.hostile["empty"], "--out",
+                                                    c.tmp / "new", "--layout", "images-only", "--size",
+                                                    "1000000000"], ["--size", "2048"]),
+    "hostile batch": ("bench_chaos", lambda c: ["--batch-size", "1000000000", "--out", c.tmp / "b"],
+                      ["--batch-size 1000000000"]),
 }
 
 
@@ -741,13 +830,42 @@ def inside_input(c, where: str) -> list:
 
 @pytest.mark.parametrize("row", sorted(SCRIPT_ROWS))
 def test_script_row(row, request, tmp_path, capsys):
-    script, argv, words = SCRIPT_ROWS[row]
+    script, argv, words, *absent = SCRIPT_ROWS[row]
     c = Context(request, tmp_path)
     argv = argv(c)
     before = (tree(tmp_path), c.inputs())
     code, err = run_script(script, argv, capsys)
-    assert_one_line_error(code, err, *words)
+    line = assert_one_line_error(code, err, *words)
     assert (tree(tmp_path), c.inputs()) == before
+    assert not any(word in line for word in (absent or [[]])[0]), line
+
+
+# id: (argv of segment_volume on the hostile files, words of one warning or output line); exit 0
+WARNING_ROWS = {
+    "modality": (lambda c: hostile_argv(c, "--query-range", "3:9", query="q_mr"),
+                 ["query is MR", "supports are CT", "means nothing"]),
+    "body label": (lambda c: hostile_argv(c, support=("s", "m_body")), ["% of the body", "--support-label"]),
+    "outliers": (lambda c: hostile_argv(c, "--intensity", "minmax", query="q_outlier"),
+                 ["extreme intensity outliers", "minmax", "window"]),
+    "oblique": (lambda c: hostile_argv(c, query="q_oblique"), ["oblique", "stored axis 2"]),
+    "gzip named .nii": (lambda c: hostile_argv(c, query="q_gz"), ["gzip-compressed but named .nii"]),
+    "label 1.0": (lambda c: hostile_argv(c, "--support-label", "1.0", support=("s", "m_float")), ["label 1"]),
+    "-1/1 mask": (lambda c: hostile_argv(c, support=("s", "m_pm1")), ["-1/1 mask", "value 1"]),
+}
+
+
+@pytest.mark.parametrize("row", sorted(WARNING_ROWS))
+def test_warning_row(row, hostile, request, tmp_path, capsys):
+    argv, words = WARNING_ROWS[row]
+    c = Context(request, tmp_path)
+    before = tree(hostile["root"])
+    code, out, err = script_output("segment_volume", argv(c), capsys)
+    assert code == 0 and "Traceback" not in err, err
+    assert any(all(w in line for w in words) for line in (err + out).splitlines()), (err, out)
+    assert tree(hostile["root"]) == before
+    if row == "body label":                                 # the output keeps the query's qform/sform codes
+        header = nib.load(str(tmp_path / "p.nii.gz")).header
+        assert (int(header["qform_code"]), int(header["sform_code"])) == (1, 4)
 
 
 # ====================================================================== the tables of train.py / test.py
@@ -1067,6 +1185,12 @@ API_ROWS = {
         c, supports=[(c.files["support"], mr_files(c)[name])], support_label=1, **SWAPPED),
         "looks like an image") for name in ("mr", "mr8")},
     "no superpixels": (lambda c: read_superpixel_meta(c.tmp), "has no superpixels.*make_superpixels.py"),
+    # train.py / test.py's data_dir: a file, DICOM, raw data (a prepare command never --out the folder)
+    **{f"data_dir {name}": (lambda c, name=name: check_data_dir(
+        {"path": {"data_dir": str(c.hostile[name])}, "episodes": "labels"}),
+        rf"^(?!.*--out \S*/{file} ).*{words}") for name, file, words in (
+        ("q", r"q\.nii\.gz", "is a file, not a folder"), ("dicom", "dicom", "DICOM.*dcm2niix"),
+        ("alpnet", "alpnet", "--layout alpnet"))},
     # axial coverage
     "another subject's crop": (lambda c: segment_api(c, query=save(
         c.tmp / "other.nii.gz", c.files["query_array"][:, :, 4:18], crop_affine())),
@@ -1434,11 +1558,6 @@ def test_non_hu_volumes_run_with_minmax_and_new_checkpoints_store_plain_data(fil
     assert np.random.rand() == expected
     rebuilt, _ = model_from_checkpoint(str(tmp_path / "new.pth"))
     assert all(torch.equal(a, b) for a, b in zip(rebuilt.state_dict().values(), state.values()))
-    from models.checkpoint import _official_encoder_keys
-    torch.save({f"module.{key}": torch.zeros(1) for key in _official_encoder_keys()},
-               tmp_path / "official.pth")
-    official = load_checkpoint(str(tmp_path / "official.pth"))
-    assert official["official_snapshot"] and official["model_config"]["encoder"] == "resnet50_lslpn"
 
 
 def test_query_range_transfer_by_physical_z_and_coverage(files, tmp_path, capsys):
@@ -1533,36 +1652,6 @@ def test_synthetic_mr_las_float64_thick_slices_round_trip(tmp_path):
     assert np.array_equal(array.astype(bool), expected)
 
 
-@pytest.mark.skipif(not (CHAOS / "image_1.nii.gz").is_file(), reason=f"CHAOS-T2 volumes not found in {CHAOS}")
-def test_real_chaos_t2_volumes(tmp_path):
-    from evaluation.segment import segment_volume
-    support, query = (CHAOS / "image_1.nii.gz", CHAOS / "label_1.nii.gz"), CHAOS / "image_2.nii.gz"
-    common = dict(device="cpu", progress=False, input_size=32, n_chunks=3, support_label=3)   # 3: left kidney
-    with pytest.raises(UserError, match="not CT in Hounsfield units.*--query-range"):   # no HU: no transfer
-        segment_volume(Threshold(), [support], query, intensity="zscore", **common)
-    with pytest.raises(UserError, match="not CT in Hounsfield units.*--intensity minmax"):
-        segment_volume(Threshold(), [support], query, intensity="window:-125,275", query_range="3:17",
-                       **common)
-    array, written = segment_volume(Threshold(), [support], query, intensity="zscore", query_range="3:17",
-                                    out=tmp_path / "lk.nii.gz", **common)
-    stored = nib.load(str(query))
-    assert array.shape == stored.shape and nib.aff2axcodes(written.affine) == ("L", "A", "S")
-    assert np.allclose(nib.load(str(tmp_path / "lk.nii.gz")).affine, stored.affine)
-    assert array[..., 3:17].any() and not array[..., :3].any() and not array[..., 17:].any()
-    image = nib.load(str(support[0]))                  # a crop of the support's own scan: physical z
-    crop_affine_ = image.affine.copy()
-    crop_affine_[:3, 3] = image.affine[:3, :3] @ np.array([0, 0, 10]) + image.affine[:3, 3]
-    crop = save(tmp_path / "crop.nii.gz", np.asarray(image.dataobj)[:, :, 10:32], crop_affine_)
-    lk = np.flatnonzero((np.asarray(nib.load(str(support[1])).dataobj) == 3).any(axis=(0, 1)))
-    array, _ = segment_volume(Threshold(), [support], crop, intensity="zscore", **common)
-    assert array.any() and not array[..., :lk[0] - 10].any() and not array[..., lk[-1] - 10 + 1:].any()
-    with pytest.raises(UserError, match="looks like a mask"):
-        segment_volume(Threshold(), [support], support[1], intensity="zscore", query_range="3:17", **common)
-    with pytest.raises(UserError, match="looks like an image"):
-        segment_volume(Threshold(), [(support[0], support[0])], query, intensity="zscore", query_range="3:17",
-                       **common)
-
-
 def test_test_py_evaluation_of_mr_volumes_in_the_ssl_alpnet_layout(tmp_path):
     """evaluate() on z-scored MR volumes held in SSL-ALPNet's Y x X x Z order ('as stored'): the per-volume
     statistics reach the model, and predictions are written on the file's grid."""
@@ -1614,13 +1703,9 @@ def test_output_checks_accept_new_outputs_and_name_write_failures(tmp_path):
 
 # ====================================================================== real processes, full disks, kills
 def test_real_processes_one_line_without_traceback_and_debug_shows_it(tiny_prepared, tmp_path):
-    """The process contract: exit 2, one 'error:' line, no traceback (no library warning either, without
-    PYTHONWARNINGS); --debug lets the UserError through, so Python prints its traceback. (test.py ends
-    through the same config.run_sacred as train.py.)"""
+    """The process contract: exit 2, one 'error:' line, no traceback and no library warning (test.py and the
+    scripts end the same way: config.run_sacred, util.cli.run_cli); --debug lets the UserError through."""
     from util.cli import run_cli
-    done = subprocess.run([sys.executable, "scripts/check_dataset.py", str(tmp_path / "absent")], cwd=ROOT,
-                          capture_output=True, text=True, timeout=120)
-    assert_one_line_error(done.returncode, done.stderr, "folder not found")
     with pytest.raises(UserError, match="folder not found"):
         run_cli(load_script("check_dataset").main, [str(tmp_path / "absent"), "--debug"])
     done = train_cli("fold=1.0", log_dir=tmp_path / "runs", prep_dir=tiny_prepared)
@@ -1792,3 +1877,36 @@ def test_segment_killed_while_writing_keeps_the_old_output(files, tmp_path):
     assert len(temporaries) == 1 and temporaries[0].stat().st_size > 0
     assert kill(proc)
     assert out.read_bytes() == b"old prediction"            # the output path never held a partial file
+
+
+ENTRY_POINTS = ["train.py", "test.py"] + [f"scripts/{n}.py" for n in (
+    "segment_volume", "check_dataset", "prepare_visceral", "make_superpixels", "bench_chaos")]
+# bench_chaos imports torch in main, under run_cli: its Ctrl-C comes at `experiments`
+DRIVER = """
+import contextlib, io, json, os, runpy, signal, sys
+class CtrlC:                                   # a Ctrl-C at the first import after util/interrupt.py
+    def find_spec(self, name, path=None, target=None):
+        if "util.interrupt" in sys.modules or name == "experiments":
+            os.kill(os.getpid(), signal.SIGINT)
+sys.meta_path.insert(0, CtrlC())
+results, (scripts, out) = [], sys.argv[1:]
+for script in json.loads(scripts):
+    sys.modules.pop("util.interrupt", None)
+    signal.signal(signal.SIGINT, signal.default_int_handler)        # as in a fresh process
+    err, code = io.StringIO(), None
+    with contextlib.redirect_stderr(err):
+        try:
+            sys.argv = [script, "--out", out, "--folds", "0"] if "bench" in script else [script, "-h"]
+            runpy.run_path(script, run_name="__main__")
+        except SystemExit as stop:
+            code = stop.code
+    results.append([script, code, err.getvalue()])
+print(json.dumps(results))
+"""
+
+
+def test_ctrl_c_during_start_up_imports(tmp_path):
+    done = subprocess.run([sys.executable, "-c", DRIVER, json.dumps(ENTRY_POINTS), str(tmp_path)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    for script, code, err in json.loads(done.stdout.strip().splitlines()[-1]):
+        assert (code, err) == (130, "error: interrupted by the user\n"), (script, code, err)
