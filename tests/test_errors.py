@@ -34,8 +34,9 @@ from conftest import (
     run_sacred_cases,
     run_script,
     script_output,
+    train_in_process,
 )
-from test_training import train_cli, train_then_resume
+from test_training import train_cli
 
 from dataloaders.layouts import find_cases, load_case
 from dataloaders.nifti import load_nifti, to_original
@@ -249,7 +250,6 @@ def files(tiny_phantom, tmp_path_factory) -> dict:
     f["support_mask"] = save(root / "support_mask.nii.gz", f["support_mask_array"])
     f["query"] = save(root / "query.nii.gz", f["query_array"])
     f["window_ckpt"] = small_model(root / "window.pth", input_size=16, intensity=WINDOW, step=1, fold=0)
-    f["minmax_ckpt"] = small_model(root / "minmax.pth", input_size=16, intensity={"mode": "minmax"})
     query = f["query_array"].astype(np.float64)
     for name, array in (("float01", (query + 1024) / 4095.0),
                         ("uint16_raw", (query + 1024).astype(np.uint16)),
@@ -1781,22 +1781,25 @@ def kill(proc) -> bool:
 
 
 def test_training_killed_at_a_random_moment_resumes_to_identical_weights(tmp_path, tiny_prepared):
-    """Killed anywhere (possibly inside a checkpoint write), resumed with resume=True: the weights of an
-    uninterrupted run. The random moment comes from a seed printed in the messages."""
+    """Killed anywhere (possibly inside a checkpoint write), resumed (in-process) with resume=True: the
+    weights of an uninterrupted run. The random moment comes from a seed printed in the messages."""
     rng = random.Random(SEED)
-    settings = ["n_steps=6", "save_every=1", "val_every=0", "print_every=1"]
+    settings = dict(n_steps=6, save_every=1, val_every=0, print_every=1, name="killed", device="cpu")
     log_dir = tmp_path / "killed"
     # each step pauses 0.3 s after its checkpoint, so the 5 later steps outlast the random delay below
-    proc = train_cli(*settings, log_dir=log_dir, prep_dir=tiny_prepared, popen=True, pause_after_save=0.3)
-    pattern = str(log_dir / "*" / "1" / "last.pth")
-    assert wait_for(lambda: glob.glob(pattern), proc), f"seed {SEED}: no checkpoint before the run ended"
+    proc = train_cli(*(f"{key}={value}" for key, value in settings.items()), log_dir=log_dir,
+                     prep_dir=tiny_prepared, popen=True, pause_after_save=0.3)
+    first = log_dir / "killed" / "1" / "last.pth"
+    assert wait_for(first.is_file, proc), f"seed {SEED}: no checkpoint before the run ended"
     time.sleep(rng.uniform(0.0, 1.2))
     interrupted = kill(proc)
-    killed = load_checkpoint(glob.glob(pattern)[0])           # never truncated: atomic replace
+    killed = load_checkpoint(str(first))                      # never truncated: atomic replace
     assert 1 <= killed["step"] <= 6, SEED
-    ref, resumed = train_then_resume(tmp_path / "ref", log_dir, tiny_prepared, *settings)
-    assert ref["code"] == 0 and resumed["code"] == 0, ref["err"][-2000:] + resumed["err"][-2000:]
-    reference = load_checkpoint(glob.glob(str(tmp_path / "ref" / "*" / "1" / "last.pth"))[0])
+    train_in_process(tmp_path / "ref" / "1", **settings, path={"data_dir": str(tiny_prepared),
+                                                               "log_dir": str(tmp_path / "ref")})
+    train_in_process(log_dir / "killed" / "2", **settings, resume=True,
+                     path={"data_dir": str(tiny_prepared), "log_dir": str(log_dir)})
+    reference = load_checkpoint(str(tmp_path / "ref" / "1" / "last.pth"))
     runs = sorted(glob.glob(str(log_dir / "*" / "*" / "last.pth")),
                   key=lambda path: int(Path(path).parent.name))
     final = load_checkpoint(runs[-1])                         # the resumed run (or run 1 if it had finished)
