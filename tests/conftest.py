@@ -86,7 +86,8 @@ def assert_one_line_error(code, err: str, *words: str) -> str:
 
 
 # train.py / test.py commands in ONE process (each `config.run_sacred` once, its output captured), so each
-# command costs no extra torch import; a {"python": code} entry runs that code in between (no result).
+# command costs no extra torch import; a {"python": code} entry runs that code in between, {"entry": name}
+# makes the following commands name.py's (neither has a result).
 SACRED_DRIVER = textwrap.dedent("""
     import contextlib, importlib, io, json, logging, sys, traceback, warnings
     warnings.filterwarnings("ignore")
@@ -95,6 +96,9 @@ SACRED_DRIVER = textwrap.dedent("""
     from config import run_sacred
     results = []
     for case in cases:
+        if isinstance(case, dict) and "entry" in case:
+            entry, module = case["entry"], importlib.import_module(case["entry"])
+            continue
         if isinstance(case, dict):
             exec(case["python"], {})
             continue

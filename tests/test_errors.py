@@ -950,17 +950,26 @@ def sacred_paths(tiny_prepared, files, tmp_path_factory) -> dict:
 
 
 @pytest.fixture(scope="module")
-def train_runs(sacred_paths, tiny_prepared, unlabeled_prep) -> dict:
-    """{row id: result} of TRAIN_ROWS, and 'resume r' / 'resume fresh': train.py resume=True where the
-    newest last.pth of run r (a second run of r) and of run fresh (the only one) was truncated; 'once':
-    a run counting its config checks; 'alpnet': SSL-ALPNet's episodes and head on unlabeled_prep."""
-    p = sacred_paths
-    errors_log, log = p["root"] / "train_runs", p["root"] / "resumes"
-    base = ["tiny", "device=cpu", f"path.log_dir={errors_log}", "val_every=0",
-            f"path.data_dir={tiny_prepared}"]
-    ids = [row for row in sorted(TRAIN_ROWS) if p["locked"] or row != "log_dir unwritable"]
-    run = ["tiny", "device=cpu", f"path.data_dir={tiny_prepared}", "n_steps=2", "save_every=2", "val_every=0",
-           f"path.log_dir={log}"]
+def sacred_runs(sacred_paths, tiny_prepared, unlabeled_prep) -> dict:
+    """test.py's then train.py's commands in one process: {"test": {row id: result} of TEST_ROWS, 'default'
+    and 'tiny': the checkpoint (trained at 32) evaluated on the liver and psoas_left with the default config
+    (the snapshot's input size) and with `tiny` (input_size 64)}, {"train": {row id: result} of TRAIN_ROWS,
+    'resume r' / 'resume fresh': resume=True where the newest last.pth of run r (a second run of r) and of
+    run fresh (the only one) was truncated; 'once': a run counting its config checks; 'alpnet': SSL-ALPNet's
+    episodes and head on unlabeled_prep}."""
+    p, log = sacred_paths, sacred_paths["root"] / "resumes"
+    errors_log = {entry: p["root"] / f"{entry}_runs" for entry in ("train", "test")}
+    ids = {entry: [row for row in sorted(rows) if p["locked"] or row != "log_dir unwritable"]
+           for entry, rows in (("train", TRAIN_ROWS), ("test", TEST_ROWS))}
+    common = ["tiny", "device=cpu", f"path.data_dir={tiny_prepared}"]
+    good = [f"path.data_dir={tiny_prepared}", "device=cpu", "eval.save_predictions=False",
+            f"eval.snapshots={{'LSLPN': '{p['checkpoint']}'}}", 'eval.organs=["liver", "psoas_left"]',
+            "eval.batch_size=8"]
+    test_cases = [[*common, f"path.log_dir={errors_log['test']}", "eval.save_predictions=False",
+                   *TEST_ROWS[row][0](p)] for row in ids["test"]] + [
+        [*good, f"path.log_dir={p['root'] / 'default'}"],
+        ["tiny", *good, f"path.log_dir={p['root'] / 'tiny'}"]]
+    run = [*common, "n_steps=2", "save_every=2", "val_every=0", f"path.log_dir={log}"]
     damage = (f"import pathlib, shutil\nlog = pathlib.Path({str(log)!r})\n"
               "shutil.copytree(log / 'r' / '1', log / 'r' / '2')\n"
               "for last in (log / 'r' / '2' / 'last.pth', log / 'fresh' / '1' / 'last.pth'):\n"
@@ -977,29 +986,16 @@ def train_runs(sacred_paths, tiny_prepared, unlabeled_prep) -> dict:
     """)
     alpnet = ["tiny", "selfsup", "device=cpu", f"path.log_dir={log}", f"path.data_dir={unlabeled_prep}",
               "n_steps=2", "model.head=alpnet", "model.align=True", "selfsup.episodes=alpnet"]
-    results = run_sacred_cases("train", [base + TRAIN_ROWS[row][0](p) for row in ids] + [
+    train_cases = [[*common, f"path.log_dir={errors_log['train']}", "val_every=0", *TRAIN_ROWS[row][0](p)]
+                   for row in ids["train"]] + [
         run + ["name=r"], run + ["name=fresh"], {"python": damage}, run + ["name=r", "resume=True"],
-        run + ["name=fresh", "resume=True"], alpnet, {"python": count}, run + ["name=once"]])
-    names = ["r", "fresh", "resume r", "resume fresh", "alpnet", "once"]
-    return {**dict(zip(ids + names, results)), "log": log, "errors_log": errors_log}
-
-
-@pytest.fixture(scope="module")
-def test_runs(sacred_paths, tiny_prepared) -> dict:
-    """{row id: result} of TEST_ROWS, and two evaluations of the checkpoint (trained at 32) on the liver and
-    psoas_left: 'default' (the default config: the snapshot's input size) and 'tiny' (input_size 64)."""
-    p = sacred_paths
-    errors_log = p["root"] / "test_runs"
-    base = ["tiny", "device=cpu", f"path.log_dir={errors_log}", "eval.save_predictions=False",
-            f"path.data_dir={tiny_prepared}"]
-    ids = [row for row in sorted(TEST_ROWS) if p["locked"] or row != "log_dir unwritable"]
-    good = [f"path.data_dir={tiny_prepared}", "device=cpu", "eval.save_predictions=False",
-            f"eval.snapshots={{'LSLPN': '{p['checkpoint']}'}}", 'eval.organs=["liver", "psoas_left"]',
-            "eval.batch_size=8"]
-    results = run_sacred_cases("test", [base + TEST_ROWS[row][0](p) for row in ids] + [
-        good + [f"path.log_dir={p['root'] / 'default'}"], ["tiny", *good,
-                                                           f"path.log_dir={p['root'] / 'tiny'}"]])
-    return {**dict(zip(ids + ["default", "tiny"], results)), "errors_log": errors_log, "root": p["root"]}
+        run + ["name=fresh", "resume=True"], alpnet, {"python": count}, run + ["name=once"]]
+    results = run_sacred_cases("test", [*test_cases, {"entry": "train"}, *train_cases])
+    names = {"test": ids["test"] + ["default", "tiny"],
+             "train": ids["train"] + ["r", "fresh", "resume r", "resume fresh", "alpnet", "once"]}
+    return {"test": {**dict(zip(names["test"], results)), "errors_log": errors_log["test"]},
+            "train": {**dict(zip(names["train"], results[len(names["test"]):])), "log": log,
+                      "errors_log": errors_log["train"]}}
 
 
 def assert_sacred_row(result: dict, words: list) -> None:
@@ -1008,7 +1004,8 @@ def assert_sacred_row(result: dict, words: list) -> None:
 
 
 @pytest.mark.parametrize("row", sorted(TRAIN_ROWS))
-def test_train_py_row(train_runs, sacred_paths, row):
+def test_train_py_row(sacred_runs, sacred_paths, row):
+    train_runs = sacred_runs["train"]
     if row not in train_runs:
         pytest.skip("no unwritable folder on this machine")
     assert_sacred_row(train_runs[row], TRAIN_ROWS[row][1])
@@ -1016,13 +1013,15 @@ def test_train_py_row(train_runs, sacred_paths, row):
 
 
 @pytest.mark.parametrize("row", sorted(TEST_ROWS))
-def test_test_py_row(test_runs, row):
+def test_test_py_row(sacred_runs, row):
+    test_runs = sacred_runs["test"]
     if row not in test_runs:
         pytest.skip("no unwritable folder on this machine")
     assert_sacred_row(test_runs[row], TEST_ROWS[row][1])
 
 
-def test_sacred_errors_leave_no_run_and_a_truncated_last_pth_names_the_way_out(train_runs, test_runs, files):
+def test_sacred_errors_leave_no_run_and_a_truncated_last_pth_names_the_way_out(sacred_runs, files):
+    train_runs, test_runs = sacred_runs["train"], sacred_runs["test"]
     # config and data errors stop before the run folder exists; an error found once the run started but
     # before it wrote anything (a truncated .npy, .npz or snapshot) leaves no FAILED record either
     for log in (train_runs["errors_log"], test_runs["errors_log"]):
@@ -1047,10 +1046,10 @@ def test_sacred_errors_leave_no_run_and_a_truncated_last_pth_names_the_way_out(t
     assert alpnet["code"] == 0 and "episodes redrawn: " in alpnet["out"], alpnet["err"][-3000:]
 
 
-def test_test_py_snapshot_decides_input_size_and_unscored_organs_are_named(test_runs):
-    default, tiny = test_runs["default"], test_runs["tiny"]
+def test_test_py_snapshot_decides_input_size_and_unscored_organs_are_named(sacred_runs, sacred_paths):
+    default, tiny = sacred_runs["test"]["default"], sacred_runs["test"]["tiny"]
     assert [default["code"], tiny["code"]] == [0, 0], default["err"][-2000:] + tiny["err"][-2000:]
-    run = next((test_runs["root"] / "default" / "test").glob("[0-9]*"))
+    run = next((sacred_paths["root"] / "default" / "test").glob("[0-9]*"))
     stored = json.loads((run / "results.json").read_text())
     assert stored["methods"]["LSLPN"]["liver"]["input"]["input_size"] == 32          # the snapshot's, not 512
     assert list(stored["results"]) == ["mask copy", "LSLPN"]
