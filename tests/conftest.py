@@ -1,9 +1,6 @@
-"""Shared fixtures: a tiny VISCERAL-layout phantom and its prepared folder (built once per session), and
-the ways to run the entry points: train.py's loop in-process (train_in_process), their mains through
-run_cli (script_output), train.py / test.py commands in one subprocess (run_sacred_cases).
-
-Kept small on purpose (6 silver + 3 gold volumes of 64 x 64 x ~24 slices, prepared at 64, a slice
-qualifies with more than 5 voxels so every class has slices) so every test that reuses them stays fast.
+"""Shared fixtures: a tiny VISCERAL-layout phantom (6 silver + 3 gold volumes of 64 x 64 x ~24 slices) and
+its prepared folders, built once per session; the ways to run the entry points in-process (train_in_process,
+script_output) and train.py / test.py commands in one subprocess (run_sacred_cases).
 """
 from __future__ import annotations
 

@@ -152,7 +152,8 @@ class Payload:
 
 
 class Threshold(torch.nn.Module):
-    """Foreground where the model input exceeds `level` (all background: -inf); records its query batches."""
+    """Foreground where the model input exceeds `level` (inf: a model that never finds the organ); records
+    its query batches."""
 
     def __init__(self, level: float = 0.5):
         super().__init__()
@@ -1506,27 +1507,15 @@ def test_segment_masks_in_other_forms_give_the_binary_result_and_warnings_name_d
     assert "query range 3:9" in out and "given by --query-range" in out
 
 
-class Background(torch.nn.Module):
-    """A model that never finds the organ."""
-
-    def encode_support(self, images, fg, bg):
-        return None
-
-    def segment(self, prototypes, queries):             # 1 x Q x 1 x S x S -> 1 x Q x 2 x S x S
-        logits = torch.zeros(*queries.shape[:2], 2, *queries.shape[-2:])
-        logits[:, :, 0] = 1.0
-        return logits
-
-
 def test_a_model_that_predicts_nothing_ends_with_a_warning(files, tiny_prepared, tmp_path, capsys):
     from evaluation.evaluate import evaluate
     from evaluation.segment import segment_volume
     capsys.readouterr()
-    evaluate({"mask copy": None, "LSLPN": Background()}, ["liver"], tiny_prepared, input_size=32,
+    evaluate({"mask copy": None, "LSLPN": Threshold(float("inf"))}, ["liver"], tiny_prepared, input_size=32,
              device="cpu", progress=False, figures=False)
     lines = warnings_in(capsys.readouterr().err)
     assert len(lines) == 1 and "LSLPN predicted no liver voxel in 2 of 2 query volumes" in lines[0], lines
-    array, _ = segment_volume(Background(), [(files["ct"], files["mask"])], files["ct"],
+    array, _ = segment_volume(Threshold(float("inf")), [(files["ct"], files["mask"])], files["ct"],
                               out=tmp_path / "e.nii.gz",
                               input_size=32, n_chunks=3, device="cpu", progress=False)
     err = capsys.readouterr().err

@@ -12,7 +12,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import resolve_config
+from conftest import resolve_config, train_in_process
 from test_alpnet_layout import write_alpnet_folder
 
 from dataloaders import layouts as layout
@@ -349,12 +349,9 @@ def test_test_time_adaptation_of_a_3_slice_model_at_both_resolutions():
 
 
 def test_a_3_slice_model_trains_two_steps_and_validates_on_volumes(tiny_prepared, tmp_path, capsys):
-    from config import default_config
-    from training.loop import train
-    config = resolve_config(n_steps=2, val_every=2, val_split="gold", save_every=2, eval={"batch_size": 16},
-                     model={"input_slices": 3, "n_grid": 4},
-                     path={"data_dir": str(tiny_prepared), "log_dir": str(tmp_path)})
-    summary = train(config, None, defaults=default_config())
+    summary, _ = train_in_process(n_steps=2, val_every=2, val_split="gold", save_every=2,
+                                  eval={"batch_size": 16}, model={"input_slices": 3, "n_grid": 4},
+                                  path={"data_dir": str(tiny_prepared), "log_dir": str(tmp_path)})
     assert summary["steps"] == 2 and np.isfinite(summary["best_dice"])
     assert "validation Dice" in capsys.readouterr().out
 
