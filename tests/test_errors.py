@@ -445,9 +445,9 @@ def prepare_argv(c, source, *extra, out=None) -> list:
     return ["--visceral-dir", source, "--out", out, *extra]
 
 
-def rewrite_volumes(root: Path, change) -> list[Path]:
-    """Replace every CT volume under root/*Corpus/Volumes by change(array, affine) (a NIfTI image)."""
-    paths = sorted(root.glob("*Corpus/Volumes/*.nii.gz"))
+def rewrite_volumes(root: Path, change, paths=None) -> list[Path]:
+    """Replace every CT volume under root/*Corpus/Volumes (or `paths`) by change(array, affine) (a NIfTI)."""
+    paths = sorted(root.glob("*Corpus/Volumes/*.nii.gz")) if paths is None else paths
     for path in paths:
         source = nib.load(str(path))
         image = change(np.asarray(source.dataobj), source.affine)
@@ -952,12 +952,9 @@ def sacred_paths(tiny_prepared, files, tmp_path_factory) -> dict:
 
 @pytest.fixture(scope="module")
 def sacred_runs(sacred_paths, tiny_prepared, unlabeled_prep) -> dict:
-    """test.py's then train.py's commands in one process: {"test": {row id: result} of TEST_ROWS, 'default'
-    and 'tiny': the checkpoint (trained at 32) evaluated on the liver and psoas_left with the default config
-    (the snapshot's input size) and with `tiny` (input_size 64)}, {"train": {row id: result} of TRAIN_ROWS,
-    'resume r' / 'resume fresh': resume=True where the newest last.pth of run r (a second run of r) and of
-    run fresh (the only one) was truncated; 'once': a run counting its config checks; 'alpnet': SSL-ALPNet's
-    episodes and head on unlabeled_prep}."""
+    """test.py's, then train.py's commands in one process: {"test": TEST_ROWS, 'default' / 'tiny' (the
+    checkpoint on the default config / `tiny`)}, {"train": TRAIN_ROWS, 'resume r' / 'resume fresh' (newest
+    last.pth truncated; r has an earlier one), 'once' (counts config checks), 'alpnet' (SSL-ALPNet head)}."""
     p, log = sacred_paths, sacred_paths["root"] / "resumes"
     errors_log = {entry: p["root"] / f"{entry}_runs" for entry in ("train", "test")}
     ids = {entry: [row for row in sorted(rows) if p["locked"] or row != "log_dir unwritable"]
@@ -1330,24 +1327,14 @@ def test_prepare_stores_every_image_exactly(tiny_phantom, tmp_path, capsys, case
 
 @pytest.mark.parametrize("layout", ["multilabel", "images-only"])
 def test_a_unit_float_ct_is_kept_exact_in_the_other_layouts(tiny_phantom, tmp_path, capsys, layout):
-    root, sources = tmp_path / "src", {}
-    for split, corpus in (("train", "SilverCorpus"), ("test", "GoldCorpus")):
-        for case in find_cases(tiny_phantom / corpus)[:2]:
-            if layout == "images-only" and split == "test":
-                continue
-            stored = nib.load(str(case.volume_path))
-            path = made(root) / f"image_{case.pid}.nii.gz" if layout == "images-only" else \
-                made(root / split / case.pid) / "ct.nii.gz"
-            if layout == "multilabel":
-                label = to_original(load_case(case).label, load_nifti(case.volume_path).original_axcodes)
-                nib.save(nib.Nifti1Image(label, stored.affine), str(path.with_name("labels.nii.gz")))
-            nib.save(to_unit(np.asarray(stored.dataobj), stored.affine), str(path))
-            sources[f"image_{case.pid}" if layout == "images-only" else case.pid] = path
-    (tmp_path / "map.json").write_text(json.dumps({"liver": 1, "spleen": 2}))
-    extra = ["--label-map", tmp_path / "map.json"] if layout == "multilabel" else []
-    out = tmp_path / "prep"
-    code, err = run_script("prepare_visceral", ["--visceral-dir", root, "--out", out, "--layout", layout,
-                                                *extra, *PREP_ARGS], capsys)
+    c, out = Context.of(tmp_path, tiny_phantom=tiny_phantom), tmp_path / "prep"
+    argv = multilabel_argv(c, {"train": ["a", "b"], "test": ["c", "d"]}, True) if layout == "multilabel" \
+        else ["--visceral-dir", images_dir(c), "--out", out, "--layout", layout, *PREP_ARGS]
+    sources = {path.parent.name if layout == "multilabel" else path.name[: -len(".nii.gz")]: path
+               for path in [*tmp_path.glob("src/*/*/ct.nii.gz"), *tmp_path.glob("ct/image_*.nii.gz")]}
+    assert sorted(sources) == (["a", "b", "c", "d"] if layout == "multilabel" else ["image_1"])
+    rewrite_volumes(tmp_path, to_unit, sorted(sources.values()))
+    code, err = run_script("prepare_visceral", argv, capsys)
     assert code == 0, err
     meta = json.loads((out / "meta.json").read_text())
     for pid, path in sources.items():
