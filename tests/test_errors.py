@@ -1328,15 +1328,17 @@ def test_prepare_stores_every_image_exactly(tiny_phantom, tmp_path, capsys, case
 @pytest.mark.parametrize("layout", ["multilabel", "images-only"])
 def test_a_unit_float_ct_is_kept_exact_in_the_other_layouts(tiny_phantom, tmp_path, capsys, layout):
     c, out = Context.of(tmp_path, tiny_phantom=tiny_phantom), tmp_path / "prep"
-    argv = multilabel_argv(c, {"train": ["a", "b"], "test": ["c", "d"]}, True) if layout == "multilabel" \
+    names = {"train": ["case 1", "case 2"], "test": ["case 3", "case 4"]}      # ids case_1, ...
+    argv = multilabel_argv(c, names, True) if layout == "multilabel" \
         else ["--visceral-dir", images_dir(c), "--out", out, "--layout", layout, *PREP_ARGS]
-    sources = {path.parent.name if layout == "multilabel" else path.name[: -len(".nii.gz")]: path
-               for path in [*tmp_path.glob("src/*/*/ct.nii.gz"), *tmp_path.glob("ct/image_*.nii.gz")]}
-    assert sorted(sources) == (["a", "b", "c", "d"] if layout == "multilabel" else ["image_1"])
+    sources = {path.parent.name.replace(" ", "_") if layout == "multilabel" else path.name[: -len(".nii.gz")]:
+               path for path in [*tmp_path.glob("src/*/*/ct.nii.gz"), *tmp_path.glob("ct/image_*.nii.gz")]}
     rewrite_volumes(tmp_path, to_unit, sorted(sources.values()))
     code, err = run_script("prepare_visceral", argv, capsys)
     assert code == 0, err
     meta = json.loads((out / "meta.json").read_text())
+    assert len(sources) in (1, 4) and sorted(sources) == sorted(meta["splits"]["train"] +
+                                                                meta["splits"]["gold"])
     for pid, path in sources.items():
         expected = load_nifti(path).array
         if pid in meta["splits"]["gold"]:
@@ -1346,6 +1348,8 @@ def test_a_unit_float_ct_is_kept_exact_in_the_other_layouts(tiny_phantom, tmp_pa
             images = np.load(out / "train" / f"{pid}_image.npy")
             for z in (0, images.shape[0] // 2, images.shape[0] - 1):
                 assert np.allclose(images[z], reference_minmax(expected[:, :, z]), atol=1e-6)
+        else:
+            assert (out / "train" / f"{pid}_image.npy").is_file()
     assert run_script("check_dataset", [out], capsys)[0] == 0
 
 
@@ -1375,17 +1379,13 @@ def test_prepare_reads_empty_0_255_and_lps_masks_as_the_plain_ones(tiny_phantom,
     assert np.array_equal(ref[rows] == 1, new[rows] == 1) and "2" not in new_index and not (new == 2).any()
 
 
-@pytest.mark.parametrize("names, per_case_folder, ids", [
-    ({"train": ["image_1", "image_2"], "test": ["image_3", "image_4"]}, False, ["image_1", "image_3"]),
-    ({"train": ["case 1", "case 2"], "test": ["case 3", "case 4"]}, True, ["case_1", "case_3"]),
-])
-def test_check_dataset_accepts_what_prepare_wrote_with_underscore_ids(tiny_phantom, tmp_path, capsys, names,
-                                                                      per_case_folder, ids):
-    argv = multilabel_argv(Context.of(tmp_path, tiny_phantom=tiny_phantom), names, per_case_folder)
+def test_check_dataset_accepts_what_prepare_wrote_with_underscore_ids(tiny_phantom, tmp_path, capsys):
+    names = {"train": ["image_1", "image_2"], "test": ["image_3", "image_4"]}   # ("case 1": the test above)
+    argv = multilabel_argv(Context.of(tmp_path, tiny_phantom=tiny_phantom), names, False)
     code, err = run_script("prepare_visceral", argv, capsys)
     assert code == 0, err
-    assert (tmp_path / "prep" / "train" / f"{ids[0]}_image.npy").is_file()
-    assert (tmp_path / "prep" / "volumes" / "gold" / f"{ids[1]}.npz").is_file()
+    assert (tmp_path / "prep" / "train" / "image_1_image.npy").is_file()
+    assert (tmp_path / "prep" / "volumes" / "gold" / "image_3.npz").is_file()
     assert run_script("check_dataset", [tmp_path / "prep"], capsys)[0] == 0
 
 
