@@ -1334,6 +1334,8 @@ def test_a_unit_float_ct_is_kept_exact_in_the_other_layouts(tiny_phantom, tmp_pa
     sources = {path.parent.name.replace(" ", "_") if layout == "multilabel" else path.name[: -len(".nii.gz")]:
                path for path in [*tmp_path.glob("src/*/*/ct.nii.gz"), *tmp_path.glob("ct/image_*.nii.gz")]}
     rewrite_volumes(tmp_path, to_unit, sorted(sources.values()))
+    if layout == "images-only":                                   # an AppleDouble file: skipped
+        (tmp_path / "ct" / "._image_1.nii.gz").write_bytes(b"\x00\x05\x16\x07 macOS metadata")
     code, err = run_script("prepare_visceral", argv, capsys)
     assert code == 0, err
     meta = json.loads((out / "meta.json").read_text())
@@ -1350,7 +1352,9 @@ def test_a_unit_float_ct_is_kept_exact_in_the_other_layouts(tiny_phantom, tmp_pa
                 assert np.allclose(images[z], reference_minmax(expected[:, :, z]), atol=1e-6)
         else:
             assert (out / "train" / f"{pid}_image.npy").is_file()
-    assert run_script("check_dataset", [out], capsys)[0] == 0
+    code, text, err = script_output("check_dataset", [out], capsys)
+    assert code == 0 and "OK" in text, err
+    assert ("images only (no labels)" in text) == (layout == "images-only")
 
 
 def test_prepare_reads_empty_0_255_and_lps_masks_as_the_plain_ones(tiny_phantom, tmp_path, capsys):
@@ -1389,18 +1393,10 @@ def test_check_dataset_accepts_what_prepare_wrote_with_underscore_ids(tiny_phant
     assert run_script("check_dataset", [tmp_path / "prep"], capsys)[0] == 0
 
 
-def test_images_only_folder_hidden_files_and_the_readme_superpixels_example(tiny_phantom, tmp_path, capsys):
-    """A hidden ._x.nii.gz is skipped; README's `--figure data/my_unlabeled/overlay.png --out
-    data/my_unlabeled` (a figure inside the folder the run makes) works; check_dataset accepts both."""
+def test_the_readme_superpixels_example(tiny_phantom, tmp_path, capsys):
+    """README's `--figure data/my_unlabeled/overlay.png --out data/my_unlabeled` (a figure inside the folder
+    the run makes) works; check_dataset accepts the folder."""
     images = images_dir(Context.of(tmp_path, tiny_phantom=tiny_phantom))
-    (images / "._image_1.nii.gz").write_bytes(b"\x00\x05\x16\x07 macOS metadata")    # an AppleDouble file
-    code, err = run_script("prepare_visceral", ["--visceral-dir", images, "--out", tmp_path / "prep",
-                                                "--layout",
-                                                "images-only", "--size", "32", "--workers", "1"], capsys)
-    assert code == 0, err
-    assert json.loads((tmp_path / "prep" / "meta.json").read_text())["splits"]["train"] == ["image_1"]
-    code, out, err = script_output("check_dataset", [tmp_path / "prep"], capsys)
-    assert code == 0 and "images only (no labels)" in out and "OK" in out, err
     out = tmp_path / "unlabeled"
     code, err = run_script("make_superpixels", ["--images", images, "--out", out, "--size", "32",
                                                 "--workers", "1",
