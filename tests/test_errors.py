@@ -1814,7 +1814,7 @@ def test_killed_prepare_leaves_the_old_output_or_none_never_a_partial_one(tiny_p
 
 
 SLOW_WRITE_DRIVER = textwrap.dedent("""
-    import pathlib, sys, time
+    import pathlib, runpy, time
     original = pathlib.Path.write_bytes
     def slow_write_bytes(self, data):
         if ".tmp-" not in self.name:
@@ -1827,12 +1827,7 @@ SLOW_WRITE_DRIVER = textwrap.dedent("""
             handle.write(data[len(data) // 2:])
         return len(data)
     pathlib.Path.write_bytes = slow_write_bytes
-    from util.cli import run_cli
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("segment_volume", "scripts/segment_volume.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    run_cli(module.main, sys.argv[1:])
+    runpy.run_path("scripts/segment_volume.py", run_name="__main__")
 """)
 
 
