@@ -34,9 +34,8 @@ from conftest import (
     run_sacred_cases,
     run_script,
     script_output,
-    train_in_process,
 )
-from test_training import train_cli
+from test_training import train_cli, train_then_resume
 
 from dataloaders.layouts import find_cases, load_case
 from dataloaders.nifti import load_nifti, to_original
@@ -841,7 +840,7 @@ def test_script_row(row, request, tmp_path, capsys):
     assert not any(word in line for word in (absent or [[]])[0]), line
 
 
-# id: (argv of segment_volume on the hostile files, words of one warning or output line); exit 0
+# id: (argv of segment_volume, words of one warning or output line); exit 0
 WARNING_ROWS = {
     "modality": (lambda c: hostile_argv(c, "--query-range", "3:9", query="q_mr"),
                  ["query is MR", "supports are CT", "means nothing"]),
@@ -852,18 +851,29 @@ WARNING_ROWS = {
     "gzip named .nii": (lambda c: hostile_argv(c, query="q_gz"), ["gzip-compressed but named .nii"]),
     "label 1.0": (lambda c: hostile_argv(c, "--support-label", "1.0", support=("s", "m_float")), ["label 1"]),
     "-1/1 mask": (lambda c: hostile_argv(c, support=("s", "m_pm1")), ["-1/1 mask", "value 1"]),
+    "all-air query range": (lambda c: segment_argv(c, **{"--query": "air", "--query-range": "2:6"}),
+                            ["warning: ", "all air"]),
+    "narrow query": (lambda c: segment_argv(c, **{"--query": "narrow"}), ["warning: ", "field of view"]),
+    "few liver voxels": (lambda c: segment_argv(c, **{"--support-mask": "few_liver"}),
+                         ["warning: ", "far fewer than expected for a liver"]),
+    "other input size": (lambda c: segment_argv(c, **{"--input-size": 48}),
+                         ["warning: ", "trained at input size 32, run at 48"]),
+    "query range transferred": (lambda c: segment_argv(c), ["query range", "transferred from the support"]),
+    "query range given": (lambda c: segment_argv(c, **{"--query-range": "3:9"}),
+                          ["query range 3:9", "given by --query-range"]),
 }
 
 
 @pytest.mark.parametrize("row", sorted(WARNING_ROWS))
-def test_warning_row(row, hostile, request, tmp_path, capsys):
+def test_warning_row(row, request, tmp_path, capsys):
     argv, words = WARNING_ROWS[row]
     c = Context(request, tmp_path)
-    before = tree(hostile["root"])
-    code, out, err = script_output("segment_volume", argv(c), capsys)
+    argv = argv(c)
+    before = c.inputs()
+    code, out, err = script_output("segment_volume", argv, capsys)
     assert code == 0 and "Traceback" not in err, err
     assert any(all(w in line for w in words) for line in (err + out).splitlines()), (err, out)
-    assert tree(hostile["root"]) == before
+    assert c.inputs() == before
     if row == "body label":                                 # the output keeps the query's qform/sform codes
         header = nib.load(str(tmp_path / "p.nii.gz")).header
         assert (int(header["qform_code"]), int(header["sform_code"])) == (1, 4)
@@ -1446,10 +1456,9 @@ def test_check_dataset_accepts_zscored_slices_and_means_the_four_table_organs(ti
     assert "0.400  (mean of the 2 organs liver, kidney" in text
 
 
-def test_segment_masks_in_other_forms_give_the_binary_result_and_warnings_name_doubtful_input(files, tmp_path,
-                                                                                              capsys):
+def test_segment_masks_in_other_forms_give_the_binary_result(files, tmp_path, capsys):
     """A 0/255 float, soft 0/0.5 or LPS-stored mask, or a labelled mask with its label map (two forms) or a
-    sidecar JSON: the same output bytes as the plain liver mask. Doubtful input warns and goes on."""
+    sidecar JSON: the same output bytes as the plain liver mask (doubtful input: WARNING_ROWS)."""
     c = Context.of(tmp_path, files=files)
 
     def run(name, **changes):
@@ -1477,17 +1486,6 @@ def test_segment_masks_in_other_forms_give_the_binary_result_and_warnings_name_d
     finally:
         sidecar.unlink()
     assert written == reference and "sidecar ts_labels.json" in out and "label 5 (liver" in out
-    for name, changes, words in (("air", {"--query": "air", "--query-range": "2:6"}, "all air"),
-                                 ("narrow", {"--query": "narrow"}, "field of view"),
-                                 ("few", {"--support-mask": "few_liver"},
-                                  "far fewer than expected for a liver"),
-                                 ("size", {"--input-size": 48}, "trained at input size 32, run at 48")):
-        out, err, _ = run(name, **changes)
-        assert any(words in line for line in warnings_in(err)), (name, err)
-        if name == "size":
-            assert "query range" in out and "transferred from the support" in out
-    out, _, _ = run("range", **{"--query-range": "3:9"})
-    assert "query range 3:9" in out and "given by --query-range" in out
 
 
 def test_a_model_that_predicts_nothing_ends_with_a_warning(files, tiny_prepared, tmp_path, capsys):
@@ -1752,25 +1750,22 @@ def kill(proc) -> bool:
 
 
 def test_training_killed_at_a_random_moment_resumes_to_identical_weights(tmp_path, tiny_prepared):
-    """Killed anywhere (possibly inside a checkpoint write), resumed (in-process) with resume=True: the
-    weights of an uninterrupted run. The random moment comes from a seed printed in the messages."""
+    """Killed anywhere (possibly inside a checkpoint write), resumed with resume=True: the weights of an
+    uninterrupted run. The random moment comes from a seed printed in the messages."""
     rng = random.Random(SEED)
-    settings = dict(n_steps=6, save_every=1, val_every=0, print_every=1, name="killed", device="cpu")
+    settings = ["n_steps=6", "save_every=1", "val_every=0", "print_every=1"]
     log_dir = tmp_path / "killed"
     # each step pauses 0.3 s after its checkpoint, so the 5 later steps outlast the random delay below
-    proc = train_cli(*(f"{key}={value}" for key, value in settings.items()), log_dir=log_dir,
-                     prep_dir=tiny_prepared, popen=True, pause_after_save=0.3)
-    first = log_dir / "killed" / "1" / "last.pth"
-    assert wait_for(first.is_file, proc), f"seed {SEED}: no checkpoint before the run ended"
+    proc = train_cli(*settings, log_dir=log_dir, prep_dir=tiny_prepared, popen=True, pause_after_save=0.3)
+    pattern = str(log_dir / "*" / "1" / "last.pth")
+    assert wait_for(lambda: glob.glob(pattern), proc), f"seed {SEED}: no checkpoint before the run ended"
     time.sleep(rng.uniform(0.0, 1.2))
     interrupted = kill(proc)
-    killed = load_checkpoint(str(first))                      # never truncated: atomic replace
+    killed = load_checkpoint(glob.glob(pattern)[0])           # never truncated: atomic replace
     assert 1 <= killed["step"] <= 6, SEED
-    train_in_process(tmp_path / "ref" / "1", **settings, path={"data_dir": str(tiny_prepared),
-                                                               "log_dir": str(tmp_path / "ref")})
-    train_in_process(log_dir / "killed" / "2", **settings, resume=True,
-                     path={"data_dir": str(tiny_prepared), "log_dir": str(log_dir)})
-    reference = load_checkpoint(str(tmp_path / "ref" / "1" / "last.pth"))
+    ref, resumed = train_then_resume(tmp_path / "ref", log_dir, tiny_prepared, *settings)
+    assert ref["code"] == 0 and resumed["code"] == 0, ref["err"][-2000:] + resumed["err"][-2000:]
+    reference = load_checkpoint(glob.glob(str(tmp_path / "ref" / "*" / "1" / "last.pth"))[0])
     runs = sorted(glob.glob(str(log_dir / "*" / "*" / "last.pth")),
                   key=lambda path: int(Path(path).parent.name))
     final = load_checkpoint(runs[-1])                         # the resumed run (or run 1 if it had finished)
