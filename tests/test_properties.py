@@ -124,7 +124,7 @@ def mask_pairs(draw):
     return a.astype(dtype) * scale, b.astype(dtype) * scale
 
 
-@settings(max_examples=200, deadline=None, derandomize=True)
+@settings(max_examples=100, deadline=None, derandomize=True)
 @given(mask_pairs())
 def test_dice_bounded_symmetric_and_matches_a_set_count(pair):
     a, b = pair
