@@ -883,21 +883,19 @@ def test_warning_row(row, request, tmp_path, capsys):
 # id: (the words after `with` (p: paths of the fixture below), words of the one error line). All rows of
 # an entry run in ONE process (conftest.run_sacred_cases); none may leave a run folder or Sacred banner.
 COMMON_SACRED_ROWS = {
-    "data_dir absent": (lambda p: [f"path.data_dir={p['absent']}"], ["does not exist"]),
+    "data_dir absent": (lambda p: [f"path.data_dir={p['absent']}"], ["does not exist",
+                                                                     "prepare_visceral.py"]),
     "data_dir empty": (lambda p: [f"path.data_dir={p['empty']}"], ["not a prepared folder"]),
     "meta.json truncated": (lambda p: [f"path.data_dir={p['bad_meta']}"], ["meta.json is unreadable"]),
     "model.n_grid 0": (lambda p: ["model.n_grid=0"], ["model.n_grid = 0"]),
-    "fold 1.0": (lambda p: ["fold=1.0"], ["fold = 1.0: must be an integer"]),
+    "fold 1.0": (lambda p: ["fold=1.0"], ["fold = 1.0: must be an integer", "write 1"]),
     "log_dir a file": (lambda p: [f"path.log_dir={p['a_file']}"], ["path.log_dir", "is a file"]),
     "log_dir unwritable": (lambda p: [f"path.log_dir={p['locked']}"], ["path.log_dir", "cannot write"]),
 }
 TRAIN_ROWS = {
     **COMMON_SACRED_ROWS,
-    "data_dir absent": (lambda p: [f"path.data_dir={p['absent']}"], ["does not exist",
-                                                                     "prepare_visceral.py"]),
     "train .npy truncated": (lambda p: [f"path.data_dir={p['bad_npy']}"], ["_image.npy",
                                                                            "truncated or corrupt"]),
-    "lr -0.1": (lambda p: ["lr=-0.1"], ["lr = -0.1"]),
     "batch_size 0": (lambda p: ["batch_size=0"], ["batch_size = 0"]),
     "input_size 8": (lambda p: ["input_size=8"], ["input_size = 8"]),
     "lr nan": (lambda p: ["lr=nan"], ["lr = 'nan': must be a number, not a string"]),
@@ -908,7 +906,6 @@ TRAIN_ROWS = {
     "unknown model key": (lambda p: ["model.nonsense=1"], ["model.nonsense"]),
     "model key typo": (lambda p: ["model.n_gird=4"], ["model.n_gird = 4: unknown key",
                                                       "did you mean model.n_grid?"]),
-    "fold 1.0": (lambda p: ["fold=1.0"], ["fold = 1.0: must be an integer", "write 1"]),
     "n_steps 4.0": (lambda p: ["n_steps=4.0"], ["n_steps = 4.0: must be an integer"]),
     "n_steps text": (lambda p: ["n_steps='abc'"], ["n_steps = 'abc': must be an integer, not a string"]),
     "fold text": (lambda p: ["fold='0'"], ["fold = '0': must be an integer, not a string", "fold=0"]),
