@@ -896,6 +896,7 @@ TRAIN_ROWS = {
     **COMMON_SACRED_ROWS,
     "train .npy truncated": (lambda p: [f"path.data_dir={p['bad_npy']}"], ["_image.npy",
                                                                            "truncated or corrupt"]),
+    "lr -0.1": (lambda p: ["lr=-0.1"], ["lr = -0.1"]),
     "batch_size 0": (lambda p: ["batch_size=0"], ["batch_size = 0"]),
     "input_size 8": (lambda p: ["input_size=8"], ["input_size = 8"]),
     "lr nan": (lambda p: ["lr=nan"], ["lr = 'nan': must be a number, not a string"]),
