@@ -1,11 +1,11 @@
 """Bad input at every door, as tables of (command, input, expected line) rows; then crash safety.
 
 A row's command (a script run in-process through util.cli.run_cli, train.py / test.py through
-config.run_sacred, all of one entry in one process, or a library door) fed its bad input must end with
-ONE `error:` line holding the expected words, exit code 2, no traceback, and nothing written or changed
-(inputs byte-identical, no partial output, no FAILED run record). Legitimate unusual input (a 0/255 or
-LPS mask, a float CT, MR volumes, ...) must give the right answer instead: the tests after the tables.
-Last: SIGKILL at a random moment never leaves a partial output, and training resumes to the same weights.
+config.run_sacred, all in one process, or a library door) fed its bad input must end with ONE `error:`
+line holding the expected words, exit code 2, no traceback, and nothing written or changed. Doubtful
+input warns and goes on (WARNING_ROWS); legitimate unusual input (a 0/255 or LPS mask, a float CT, MR
+volumes, ...) gives the right answer: the tests after the tables. Last: SIGKILL, a full disk or Ctrl-C
+never leaves a partial output, and training resumes to the same weights.
 """
 from __future__ import annotations
 
