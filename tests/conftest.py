@@ -1,9 +1,6 @@
-"""Shared fixtures: a tiny VISCERAL-layout phantom and its prepared folder (built once per session), and
-the ways to run the entry points: train.py's loop in-process (train_in_process), their mains through
-run_cli (script_output), train.py / test.py commands in one subprocess (run_sacred_cases).
-
-Kept small on purpose (6 silver + 3 gold volumes of 64 x 64 x ~24 slices, prepared at 64, a slice
-qualifies with more than 5 voxels so every class has slices) so every test that reuses them stays fast.
+"""Shared fixtures: a tiny VISCERAL-layout phantom (6 silver + 3 gold volumes of 64 x 64 x ~24 slices) and
+its prepared folders, built once per session; the ways to run the entry points in-process (train_in_process,
+script_output) and train.py / test.py commands in one subprocess (run_sacred_cases).
 """
 from __future__ import annotations
 
@@ -86,7 +83,8 @@ def assert_one_line_error(code, err: str, *words: str) -> str:
 
 
 # train.py / test.py commands in ONE process (each `config.run_sacred` once, its output captured), so each
-# command costs no extra torch import; a {"python": code} entry runs that code in between (no result).
+# command costs no extra torch import; a {"python": code} entry runs that code in between, {"entry": name}
+# makes the following commands name.py's (neither has a result).
 SACRED_DRIVER = textwrap.dedent("""
     import contextlib, importlib, io, json, logging, sys, traceback, warnings
     warnings.filterwarnings("ignore")
@@ -95,6 +93,9 @@ SACRED_DRIVER = textwrap.dedent("""
     from config import run_sacred
     results = []
     for case in cases:
+        if isinstance(case, dict) and "entry" in case:
+            entry, module = case["entry"], importlib.import_module(case["entry"])
+            continue
         if isinstance(case, dict):
             exec(case["python"], {})
             continue

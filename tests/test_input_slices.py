@@ -1,11 +1,7 @@
 """2.5D input (`model.input_slices` = 3): each model image is a slice and its neighbours z - 1, z + 1.
 
-The neighbour rule against a slow construction (edge replicate; a slice not available for training is
-replaced by the centre), the neighbours both writers store (VISCERAL layout, SSL-ALPNet's Setting 2),
-episodes of both datasets (one random draw for the 3 channels: the centre channel IS the 1-slice item),
-the model, the evaluation paths (volumetric chunk loop, SSL-ALPNet's protocol, test-time adaptation), a
-2-step training run with validation, the config schema and the one-line errors. The 1-slice path is
-checked against explicit references of its old behaviour.
+The neighbour rule against a slow construction, what both writers store, episodes (the centre channel IS
+the 1-slice item), the model, the evaluation paths, a 2-step training run, the config check and errors.
 """
 from __future__ import annotations
 
@@ -16,7 +12,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import resolve_config
+from conftest import resolve_config, train_in_process
 from test_alpnet_layout import write_alpnet_folder
 
 from dataloaders import layouts as layout
@@ -330,25 +326,6 @@ def test_the_chunk_loop_feeds_neighbour_stacks_of_the_whole_volume():
     assert torch.equal(model.supports[0][0, 0], images_to_input(support[:, :, 3][None], intensity, 16, cpu))
 
 
-def test_ssl_alpnet_protocol_runs_a_3_slice_model():
-    from evaluation.inference import run_chunks
-    from evaluation.protocols import chunk_plan, organ_range
-    rng = np.random.default_rng(2)
-    support = rng.normal(0, 1, (24, 24, 9)).astype(np.float32)
-    query = rng.normal(0, 1, (24, 24, 7)).astype(np.float32)
-    support_mask = np.zeros(support.shape, bool)
-    support_mask[6:18, 6:18, 1:8] = True
-    query_mask = np.zeros(query.shape, bool)
-    query_mask[6:18, 6:18, 0:7] = True                                  # the scored range reaches both edges
-    plan = chunk_plan(organ_range(support_mask, 0), organ_range(query_mask, 0), 3, rule="alpnet",
-                      support_mask=support_mask)
-    assert [s.tolist() for s, _ in plan] == [[2], [4], [6]]
-    torch.manual_seed(0)
-    model = FewShotSegNet("cnn_small", n_grid=2, min_pixels=3, input_slices=3).eval()
-    prediction = run_chunks(model, [(support, support_mask)], plan, query, 32, {"mode": "zscore"}, "cpu")
-    assert prediction.shape == query.shape
-
-
 def test_test_time_adaptation_of_a_3_slice_model_at_both_resolutions():
     from evaluation.adaptation import support_views, test_time_model
     from evaluation.inference import run_chunks
@@ -372,12 +349,9 @@ def test_test_time_adaptation_of_a_3_slice_model_at_both_resolutions():
 
 
 def test_a_3_slice_model_trains_two_steps_and_validates_on_volumes(tiny_prepared, tmp_path, capsys):
-    from config import default_config
-    from training.loop import train
-    config = resolve_config(n_steps=2, val_every=2, val_split="gold", save_every=2, eval={"batch_size": 16},
-                     model={"input_slices": 3, "n_grid": 4},
-                     path={"data_dir": str(tiny_prepared), "log_dir": str(tmp_path)})
-    summary = train(config, None, defaults=default_config())
+    summary, _ = train_in_process(n_steps=2, val_every=2, val_split="gold", save_every=2,
+                                  eval={"batch_size": 16}, model={"input_slices": 3, "n_grid": 4},
+                                  path={"data_dir": str(tiny_prepared), "log_dir": str(tmp_path)})
     assert summary["steps"] == 2 and np.isfinite(summary["best_dice"])
     assert "validation Dice" in capsys.readouterr().out
 
@@ -404,22 +378,6 @@ def test_schema_refuses_senet_and_values_other_than_1_and_3():
     assert one_line(check_run_config, senet_3).startswith(
         "model.input_slices = 3: SENet takes one slice per image")
     check_run_config(resolve_config(("tiny", "senet")))                 # the default (1) is fine for SENet
-
-
-def test_runs_made_before_the_option_keep_their_digest():
-    """config_hash / trajectory_differences (resume, the benchmark's reuse of finished runs): a config
-    without the key (written before it existed) is the same run as input_slices 1, not as 3."""
-    from config import default_config
-    from training.loop import config_hash, trajectory_differences
-    defaults = default_config()
-    for named in (("tiny",), ("official",), ("tiny", "senet")):
-        config = resolve_config(named)
-        before = {**config, "model": {k: v for k, v in config["model"].items() if k != "input_slices"}}
-        assert config_hash(config, defaults) == config_hash(before, defaults)
-        assert trajectory_differences(before, config, defaults) == []
-        three = resolve_config(named, model={"input_slices": 3})
-        assert config_hash(three, defaults) != config_hash(before, defaults)
-        assert trajectory_differences(before, three, defaults) == ['model.input_slices: 1 -> 3']
 
 
 def test_a_3_slice_run_on_a_folder_without_neighbours_is_one_line(without_neighbours, unlabeled_prep,
