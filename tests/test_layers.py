@@ -1,7 +1,7 @@
 """The package layering of docs/DESIGN.md ("Module map"), read from the source with `ast`.
 
-Every import points down: training -> evaluation -> models / dataloaders -> util; no library module
-imports config.py, Sacred, demo/, experiments/, scripts/, tools/ or tests/ (they are the top of the
+Every import points down: training -> evaluation -> models / dataloaders -> util; no circle anywhere; no
+library module imports config.py, Sacred, demo/, experiments/, scripts/, tools/ or tests/ (the top of the
 graph, beside the entry points); nothing outside tests/ imports a tests/ module; an import inside a function
 says why; torchvision and matplotlib are imported only inside the functions that use them.
 """
@@ -44,10 +44,18 @@ def test_nothing_outside_tests_imports_a_test_module():
     assert not wrong, "; ".join(wrong)
 
 
-def test_no_import_circle_in_the_library():
-    """Module-level and inner imports between library modules form no circle (e.g. models.checkpoint <->
-    models.encoders once did, through a weights-only loader)."""
-    names = {f"{path.parent.name}.{path.stem}": path for path in library_files()}
+def module_name(path: Path) -> str:
+    """The dotted name a file is imported by: util/io.py -> util.io, demo/__init__.py -> demo, config.py."""
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def test_no_import_circle():
+    """Module-level and inner imports between the repository's modules (library, entry points, demo/,
+    experiments/, scripts/, tools/) form no circle (e.g. models.checkpoint <-> models.encoders once did,
+    through a weights-only loader; demo.run <-> demo.__main__ through the thread pins)."""
+    files = library_files() + TOP_FILES + sorted(ROOT.glob("*.py"))
+    names = {module_name(path): path for path in files}
     graph = {name: sorted({module for _, module in imported_modules(path)} & set(names) - {name})
              for name, path in names.items()}
     done = set()
