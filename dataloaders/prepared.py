@@ -188,13 +188,12 @@ def check_training_neighbours(prep_dir: str | Path, pids: list[str], what: str =
     missing = [pid for pid in pids if not Path(prep_dir, "train", train_file_name(pid, NEIGHBOURS)).is_file()]
     if missing:
         raise UserError(f"{what} '{prep_dir}' has no neighbour slices (train/{missing[0]}_{NEIGHBOURS}.npy "
-                        "missing; the folder predates them), which model.input_slices=3 needs: "
+                        "missing), which model.input_slices=3 needs: "
                         f"{reprepare_hint(prep_dir)}, or set model.input_slices=1")
 
 
 def open_training_neighbours(prep_dir: str | Path, pid: str) -> np.ndarray:
     """Memory map of PREP/train/<pid>_neighbours.npy: N x 2 x S x S float32, row r's (z - 1, z + 1)."""
-    check_training_neighbours(prep_dir, [pid])
     neighbours = _open_npy(prep_dir, pid, NEIGHBOURS, reprepare_hint(prep_dir))
     images = open_training_images(prep_dir, pid)
     if neighbours.shape != (images.shape[0], 2, *images.shape[1:]):

@@ -18,7 +18,6 @@ from torch.utils.data import Dataset
 
 from dataloaders.episodes import REDRAWS_KEY
 from dataloaders.prepared import (
-    check_training_neighbours,
     open_training_images,
     open_training_neighbours,
     read_meta,
@@ -194,8 +193,6 @@ class SelfSupEpisodeDataset(Dataset):
         self.clip = (read_meta(prep_dir).get("intensity") or {}).get("mode") != "zscore"
         self.candidates: list[tuple[str, int, np.ndarray]] = []    # (pid, row, eligible superpixel ids)
         pids = training_volumes(prep_dir)
-        if self.input_slices == 3:     # a folder prepared before neighbours were stored: one line, at once
-            check_training_neighbours(prep_dir, pids)
         for pid in pids:
             if pid not in meta.get("volumes", {}):
                 raise UserError(f"prepared data '{prep_dir}': volume {pid} has no superpixels (made before "

@@ -390,15 +390,16 @@ def test_a_3_slice_run_on_a_folder_without_neighbours_is_one_line(without_neighb
     assert "model.input_slices=3" in message and "re-run the prepare command" in message
     assert f"--out {without_neighbours} --overwrite" in message
     message = one_line(EpisodeDataset, str(without_neighbours), CLASSES, 1, 1, 1, 32, None, 0, input_slices=3)
-    assert "no neighbour slices" in message
+    assert "_neighbours.npy: missing training file" in message
     EpisodeDataset(str(without_neighbours), CLASSES, 1, 1, 1, 32, None, 0)       # 1 slice: still readable
     check_config({**config, "model": {**config["model"], "input_slices": 1}}, "train")
     old = tmp_path / "unlabeled_prep"
     shutil.copytree(unlabeled_prep, old)
     for path in (old / "train").glob("*_neighbours.npy"):
         path.unlink()
-    message = one_line(SelfSupEpisodeDataset, str(old), 1, 1, 1, 32, None, {}, 20, 0, input_slices=3)
-    assert "no neighbour slices" in message and "make_superpixels.py" in message
+    data = SelfSupEpisodeDataset(str(old), 1, 1, 1, 32, None, {}, 20, 0, input_slices=3)
+    message = one_line(data.__getitem__, 0)
+    assert "_neighbours.npy: missing training file" in message and "make_superpixels.py" in message
 
 
 def test_the_data_set_checker_accepts_stored_neighbours_and_refuses_broken_ones(tiny_prepared, tmp_path):
