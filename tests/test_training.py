@@ -243,9 +243,10 @@ class Died(Exception):
 
 def test_a_run_dying_after_a_checkpoint_resumes_to_the_uninterrupted_weights_and_learning_rates(
         tmp_path, train_prep, monkeypatch):
-    """A run that dies right after its step-2 last.pth, resumed (resume=True): the weights, momentum, best
-    Dice and the learning rate of every step of an uninterrupted run. MultiStepLR stepped once per step:
-    step t (0-based) uses lr * gamma ** #(milestones <= t); a fresh schedule after the resume would not."""
+    """A run that dies right after its step-4 last.pth, resumed (resume=True): the weights, momentum, best
+    Dice, best.pth (step 3's, carried into the new run folder) and the learning rate of every step of an
+    uninterrupted run. MultiStepLR stepped once per step: step t (0-based) uses lr * gamma ** #(milestones
+    <= t); a fresh schedule after the resume would not."""
     import training.loop as loop
     lr, gamma, milestones, n_steps = 0.01, 0.1, [1, 4], 6
     expected = [lr * gamma ** sum(m <= t for m in milestones) for t in range(n_steps)]
@@ -259,20 +260,24 @@ def test_a_run_dying_after_a_checkpoint_resumes_to_the_uninterrupted_weights_and
 
     def save_then_die(path, state):
         real_save(path, state)
-        if path.endswith("last.pth") and state["step"] == 2:
+        if path.endswith("last.pth") and state["step"] == 4:
             raise Died
     monkeypatch.setattr(loop, "save_checkpoint", save_then_die)
+    scripted_validation(monkeypatch, [0.4])                      # step 3: best.pth in run 1
     with pytest.raises(Died):
         train_in_process(tmp_path / name / "1", **common, path=paths)
     monkeypatch.setattr(loop, "save_checkpoint", real_save)
-    scripted_validation(monkeypatch, [0.4, 0.3])
+    scripted_validation(monkeypatch, [0.3])                      # step 6 does not beat step 3's 0.4
     _, resumed = train_in_process(tmp_path / name / "2", **common, resume=True, path=paths)
     assert resumed.info["resumed_from"] == str(tmp_path / name / "1" / "last.pth")
     died = load_checkpoint(str(tmp_path / name / "1" / "last.pth"))
-    assert died["step"] == 2 and died["best_dice"] is None
-    assert resumed.logged("lr") == pytest.approx(expected[2:], rel=1e-12)
+    assert died["step"] == 4 and died["best_dice"] == 0.4
+    assert resumed.logged("lr") == pytest.approx(expected[4:], rel=1e-12)
     assert reference.logged("lr") == pytest.approx(expected, rel=1e-12)
-    assert died["scheduler"]["last_epoch"] == 2
+    assert died["scheduler"]["last_epoch"] == 4
+    best, ref_best = (load_checkpoint(str(tmp_path / run / "best.pth")) for run in (f"{name}/2", "ref/run"))
+    assert best["step"] == ref_best["step"] == 3
+    assert all(torch.equal(best["model"][k], ref_best["model"][k]) for k in ref_best["model"])
     final = load_checkpoint(str(tmp_path / name / "2" / "last.pth"))
     ref = load_checkpoint(str(tmp_path / "ref" / "run" / "last.pth"))
     assert final["step"] == ref["step"] == n_steps and final["best_dice"] == ref["best_dice"] == 0.4

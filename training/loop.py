@@ -41,6 +41,7 @@ from util.device import (
     set_rng_state,
 )
 from util.errors import UserError
+from util.io import write_bytes_atomic
 from util.options import flatten
 from util.provenance import git_commit, weights_digest
 
@@ -206,6 +207,9 @@ def _resume(t: Trainer, defaults: Mapping):
     if t.scaler.is_enabled() and state.get("scaler"):
         t.scaler.load_state_dict(state["scaler"])
     t.step, t.best_dice = int(state["step"]), state.get("best_dice")
+    earlier_best = Path(path).with_name("best.pth")
+    if t.run_dir is not None and earlier_best.is_file():   # the best snapshot so far moves on with the run
+        write_bytes_atomic(earlier_best.read_bytes(), Path(t.run_dir, "best.pth"))
     t.say(f"resume: continuing {path} at step {t.step}")
     if t.run is not None:
         t.run.info["resumed_from"] = path
