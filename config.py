@@ -153,11 +153,12 @@ _named_dict("demo", {"input_size": 128, "n_steps": 600, "lr": 1e-2, "lr_mileston
                      "val_every": 100, "print_every": 50, "class_setting": "all_structures",
                      "model": {"encoder": "cnn_small", "pretrained": False},
                      "path": {"data_dir": "data/prepared_phantom"}, "eval": {"batch_size": 64}})
-# After `demo` (make demo, about 10 minutes with the install on 2 cores): 300 steps of 2 episodes (`demo`: 600
-# of 4); bf16 autocast where the CPU has native bf16 (amp=True). SENet's schedule stays senet_demo's.
+# After `demo` (make demo, about 10 minutes with the install on 2 cores): 150 steps of 2 episodes (`demo`: 600
+# of 4); bf16 autocast where the CPU has native bf16 (amp=True). SENet: senet_demo's schedule in 100 steps
+# (demo/run.py).
 # channels_last: not faster on a 2-core AVX2 EPYC (0.95-1.17x), so off. BENCHMARKS.md section 7 measures the
 # step and the candidates.
-_named_dict("make_demo", {"batch_size": 2, "n_steps": 300, "lr_milestones": [225], "amp": True})
+_named_dict("make_demo", {"batch_size": 2, "n_steps": 150, "lr_milestones": [112], "amp": True})
 # A seconds-long run for the tests.
 _named_dict("tiny", {"input_size": 64, "n_steps": 6, "batch_size": 2, "lr": 1e-2, "lr_milestones": [4],
                      "save_every": 2, "val_every": 3, "print_every": 2, "class_setting": "all_structures",

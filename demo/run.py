@@ -32,7 +32,7 @@ PHANTOM = {"n_silver": 20, "n_gold": 6, "seed": 2021}
 CONFIGS = ["demo", "make_demo"]   # the named configs of every demo run (config.py)
 METHODS = {  # table row -> Sacred named configs / overrides on top of CONFIGS
     "PANet": ["panet"],
-    "SENet": ["senet", "senet_demo"],      # config.py senet_demo: SENet's schedule shortened for the CPU
+    "SENet": ["senet", "senet_demo", "n_steps=100"],   # senet_demo's schedule (config.py) in 100 steps
     "LSLPN": [],
 }
 # The phantom's soft tissues differ by tens of HU; per-slice min-max scaling (the official default)
@@ -126,6 +126,7 @@ def write_report(results: dict, log: list[dict], seconds: float) -> Path:
              "| step | command | seconds |", "|---|---|---|"]
     lines += [f"| {entry['step']} | `{entry['command']}` | {entry['seconds']} |" for entry in log]
     numerics = ", ".join(f"{key}={os.environ.get(key, 'unset')}" for key in PINNED_NUMERICS)
+    senet = resolved_config(CONFIGS + METHODS["SENet"])
     bf16 = "with" if cpu_has_native_bf16() else "without"
     lines += ["", f"Total wall time of this invocation: {seconds / 60:.1f} min (reused steps take no time).",
               f"CPU numerics: {numerics} (pinned by demo/__main__.py), kernels "
@@ -134,13 +135,13 @@ def write_report(results: dict, log: list[dict], seconds: float) -> Path:
               "Figures: results.png (qualitative), misalignment.png (alignment vs segmentation Dice),",
               "training_curves.png (loss and validation Dice against step, per fold and method).", "",
               schedule(), "",
-              "SENet runs `with demo make_demo senet senet_demo`: its own architecture, Dice loss and "
-              "per-arm SGD, but its",
-              "20-epoch schedule squeezed into 200 steps of 2 episodes at 64 x 64 slices with lr 1e-2 "
-              "(config.py",
-              "senet_demo), about a tenth of its full schedule: on 2 CPU cores the full one takes hours. "
-              "It is",
-              "evaluated at 64 x 64, the others at 128 x 128 (each snapshot at its training size).", "",
+              f"SENet runs `with {' '.join(CONFIGS + METHODS['SENet'])}`: its own architecture, Dice loss "
+              "and per-arm SGD, but its",
+              f"20-epoch schedule squeezed into {senet['n_steps']} steps of {senet['batch_size']} episodes "
+              f"at {senet['input_size']} x {senet['input_size']} slices with lr {senet['lr']:g} (config.py",
+              "senet_demo): on 2 CPU cores the full one takes hours. It is",
+              f"evaluated at {senet['input_size']} x {senet['input_size']}, the others at 128 x 128 (each "
+              "snapshot at its training size).", "",
               "Volumetric Dice (preset `inclusive`: 12 chunks, organ range = first to last slice with "
               "> 200 voxels, mean over",
               "query volumes) on the gold phantom volumes, one fixed support volume. Kidney and psoas are",

@@ -114,6 +114,8 @@ def test_the_report_states_the_schedule_and_the_numerics(tmp_path, monkeypatch):
     monkeypatch.setattr(run, "RUN_DIR", tmp_path)
     (tmp_path / "table.md").write_text("| Method | liver |\n")
     text = run.write_report({}, [{"step": "s", "command": "c", "seconds": 1.0}], 60.0).read_text()
-    assert "PANet and LSLPN train `with demo make_demo` (config.py): 300 steps of 2 episodes at 128 x 128, " \
-           "SGD lr 0.01 x 0.1 at steps 225, validation every 100 steps, channels_last off, amp=True." in text
+    assert "PANet and LSLPN train `with demo make_demo` (config.py): 150 steps of 2 episodes at 128 x 128, " \
+           "SGD lr 0.01 x 0.1 at steps 112, validation every 100 steps, channels_last off, amp=True." in text
+    assert "SENet runs `with demo make_demo senet senet_demo n_steps=100`" in text
+    assert "squeezed into 100 steps of 2 episodes at 64 x 64 slices with lr 0.01" in text
     assert "OMP_NUM_THREADS=" in text and "native bf16" in text and "| Method | liver |" in text
