@@ -1,4 +1,4 @@
-"""The end-to-end demo on the synthetic phantom (demo/run.py) and its data generator (demo/phantom.py).
+"""The end-to-end demo on the synthetic phantom (demo/run.py; the data generator is the phantom package).
 The CPU pins live here, importable before torch loads."""
 from __future__ import annotations
 

@@ -21,14 +21,14 @@ from demo import PINNED_NUMERICS
 from evaluation.evaluate import evaluate
 from experiments import runner
 from experiments.runner import ROOT, python_command, resolved_config, run_step, train_or_reuse
+from phantom import DEMO as PHANTOM
+from phantom import DEMO_DIR as PHANTOM_DIR
 from util.device import cpu_has_native_bf16
 from util.errors import UserError
 from util.io import write_text_atomic
 
-PHANTOM_DIR = Path("data/phantom")
 PREP_DIR = Path("data/prepared_phantom")
 RUN_DIR = Path("runs/demo")
-PHANTOM = {"n_silver": 20, "n_gold": 6, "seed": 2021}
 CONFIGS = ["demo", "make_demo"]   # the named configs of every demo run (config.py)
 METHODS = {  # table row -> Sacred named configs / overrides on top of CONFIGS
     "PANet": ["panet"],

@@ -31,8 +31,6 @@ from dataloaders.prepare import normalised_volume, prepare_alpnet
 from dataloaders.prepared import load_volume, read_meta
 from dataloaders.superpixels import make_alpnet_superpixels
 from dataloaders.transforms import needs_hounsfield
-from demo.phantom import generate_phantom
-from demo.run import PHANTOM, PHANTOM_DIR
 from evaluation.evaluate import evaluate
 from evaluation.protocols import dice as dice_score
 from evaluation.protocols import organ_slice_list, summarise_folds, support_slices
@@ -40,6 +38,9 @@ from evaluation.segment import LabelledScan, load_model, organ_supports, segment
 from experiments.runner import ROOT, train_or_reuse
 from models.checkpoint import load_checkpoint, model_input
 from models.fewshot import build_model
+from phantom import DEMO as PHANTOM
+from phantom import DEMO_DIR as PHANTOM_DIR
+from phantom import generate_phantom
 from util.device import resolve_device, seed_everything
 from util.errors import UserError
 from util.io import atomic_path, write_text_atomic

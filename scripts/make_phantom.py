@@ -1,4 +1,4 @@
-"""Generate the synthetic thorax-abdomen CT phantom (demo/phantom.py) in the VISCERAL Anatomy3 layout, then
+"""Generate the synthetic thorax-abdomen CT phantom (phantom/) in the VISCERAL Anatomy3 layout, then
 print the mask-copy Dice per test organ on its gold volumes (the data set does not solve itself).
 
     python scripts/make_phantom.py --out data/phantom --n-silver 20 --n-gold 6 --seed 2021
@@ -10,9 +10,9 @@ import time
 from pathlib import Path
 
 from dataloaders.prepared import default_support
-from demo.phantom import generate_phantom
 from evaluation.dataset_check import format_mask_copy, mask_copy_dice
 from evaluation.protocols import get_preset
+from phantom import generate_phantom
 from util.cli import run_cli
 
 

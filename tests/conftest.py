@@ -131,7 +131,7 @@ def run_sacred_cases(entry: str, cases: list) -> list[dict]:
 @pytest.fixture(scope="session")
 def tiny_phantom(tmp_path_factory) -> Path:
     """ROOT of a tiny phantom: ROOT/{SilverCorpus,GoldCorpus}/{Volumes,Segmentations}/."""
-    from demo.phantom import generate_phantom
+    from phantom import generate_phantom
     root = tmp_path_factory.mktemp("tiny_phantom") / "phantom"
     generate_phantom(root, TINY_PHANTOM["n_silver"], TINY_PHANTOM["n_gold"], TINY_PHANTOM["seed"],
                      TINY_PHANTOM["size"], TINY_PHANTOM["n_slices"], workers=1)

@@ -15,9 +15,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 LEVEL = {"util": 0, "dataloaders": 1, "models": 1, "evaluation": 2, "training": 3}
 FORBIDDEN_IN_LIBRARY = {"config", "sacred", "train", "test", "tests", "scripts", "tools", "demo",
-                        "experiments"}
+                        "experiments", "phantom"}
 TEST_MODULES = {path.stem for path in (ROOT / "tests").glob("*.py")}
-TOP_FILES = sorted(path for folder in ("demo", "experiments", "scripts", "tools") for path in
+TOP_FILES = sorted(path for folder in ("phantom", "demo", "experiments", "scripts", "tools") for path in
                    (ROOT / folder).glob("*.py"))
 
 

@@ -9,10 +9,10 @@ import pytest
 from conftest import TINY_PHANTOM, load_script
 from scipy import ndimage
 
+import phantom
 from dataloaders.layouts import find_cases, load_case, parse_mask_name
 from dataloaders.nifti import load_nifti
 from dataloaders.organs import NAME_TO_INDEX, RADLEX_TO_INDEX, TEST_ORGANS
-from demo import phantom
 from evaluation.dataset_check import mask_copy_dice
 from evaluation.protocols import dice, organ_range
 

@@ -44,7 +44,6 @@ from dataloaders.organs import organ_index
 from dataloaders.prepare import Selection, prepare_dataset
 from dataloaders.prepared import read_meta
 from demo import PINNED_NUMERICS
-from demo.phantom import generate_phantom, render_subject
 from demo.run import CONFIGS as DEMO_CONFIGS
 from demo.run import METHODS as DEMO_METHODS
 from evaluation.inference import run_chunks
@@ -53,6 +52,7 @@ from experiments.timing import Timing, measure, synchronize
 from models.encoders import build_encoder
 from models.fewshot import FewShotSegNet
 from models.local_prototypes import LocalPrototypeHead, grid_cells, official_cell_loop
+from phantom import generate_phantom, render_subject
 from training.config_check import fold_training_classes
 from training.loop import train
 from training.objective import build_model, build_optimisation, episode_loss
@@ -680,7 +680,7 @@ def render_section(name: str, results: dict, machine: dict, command: str, plan: 
               *[row(r["config"], r["encoder"], r["input_size"], " x ".join(map(str, r["volume_shape"])),
                     r["batch_size"], on[r["amp"]], f"{r['time'].median:.3f}", f"{r['slices_per_s']:.1f}")
                 for r in results["inference"]],
-              "", "Phantom volumes (`demo.phantom.render_subject`); support range = the liver's, "
+              "", "Phantom volumes (`phantom.render_subject`); support range = the liver's, "
               f"protocol preset 'inclusive' ({results['inference'][0]['n_chunks']} chunks); every axial "
               "slice of the query volume is segmented.", "",
               "### 6. Peak memory of one training step (`paper` config)", ""]

@@ -127,7 +127,7 @@ def cuda_tests(r: Runner) -> None:
 def phantom(r: Runner) -> Path | None:
     """The phantom made and prepared in this process, as make_phantom.py and prepare_visceral.py do."""
     from dataloaders.prepare import Selection, prepare_dataset
-    from demo.phantom import generate_phantom
+    from phantom import generate_phantom
     (pixels, slices, min_voxels), phantom_dir, prep = r.plan.phantom, r.work / "phantom", r.work / "prepared"
     workers, tic = max(1, min(8, (os.cpu_count() or 2) // 2)), time.perf_counter()
     label = f"phantom 6 silver + 3 gold ({pixels} px) prepared at {r.plan.size}"

@@ -474,6 +474,9 @@ def write_subject(task: tuple) -> tuple[str, str, np.ndarray | None, dict]:
     return corpus, pid, (label if keep_label else None), info
 
 
+DEMO_DIR = Path("data/phantom")                      # the phantom `make demo` writes and other tools reuse
+DEMO = {"n_silver": 20, "n_gold": 6, "seed": 2021}   # its scans and seed
+
 def generate_phantom(out: str | Path, n_silver: int, n_gold: int, seed: int, size: int = 256,
                      n_slices: int = 64, workers: int = 2, overwrite: bool = False) -> dict:
     """Write a VISCERAL-layout phantom to `out` atomically; returns {"cases": {pid: info}, "gold_labels":
