@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from config import default_config, ex  # before sacred: config.py silences its import warning
 
 # isort: split
+from sacred.arg_parser import get_config_updates
 from sacred.initialize import create_run
 from torch.utils.data import default_collate
 from torch.utils.flop_counter import FlopCounterMode
@@ -223,10 +224,12 @@ def head_scaling(sizes: list[int], grids: list[int], device: torch.device, repea
 
 
 # ------------------------------------------------------------------ figures 4 to 6 and the GPU check
-def resolve_config(named: str | list[str], updates: dict) -> dict:
-    """config.py's named config(s) plus updates, random-weight encoders (speed does not depend on them)."""
-    updates = {**updates, "model": {**updates.get("model", {}), "pretrained": False}}
-    named = [named] if isinstance(named, str) else named
+def resolve_config(arguments: str | list[str], updates: dict) -> dict:
+    """`train.py with <arguments>` (named configs, key=value) plus updates, random-weight encoders (speed
+    does not depend on them)."""
+    given, named = get_config_updates([arguments] if isinstance(arguments, str) else list(arguments))
+    updates = {**given, **updates, "model": {**given.get("model", {}), **updates.get("model", {}),
+                                             "pretrained": False}}
     return dict(create_run(ex, "print_config", config_updates=updates, named_configs=named).config)
 
 
@@ -364,9 +367,7 @@ def gpu_dispatch(named: str, device: torch.device, input_size: int) -> dict:
 
 
 # ------------------------------------------------------------ 7. the training step against the peak
-# as make demo; its overrides (SENet's n_steps=100) set the schedule's length, not a step's work
-STEP_METHODS = {method: [*DEMO_CONFIGS, *(n for n in named if "=" not in n)]
-                for method, named in DEMO_METHODS.items()}
+STEP_METHODS = {method: [*DEMO_CONFIGS, *named] for method, named in DEMO_METHODS.items()}  # as make demo
 AVX2_CAP = {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2"}
 FP32 = {"amp": False, "channels_last": False}
 CANDIDATES = {  # name -> (environment on top of the demo's thread pins, step options); the first is the base

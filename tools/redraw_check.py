@@ -20,7 +20,7 @@ from util.cli import run_cli
 BANDS = [0, 1, 2, 4, 8, 16, 64, np.inf]   # superpixel size in pixels at input_size
 
 
-def draws_of(data: SelfSupEpisodeDataset, i: int) -> list[tuple[tuple, int, int | None]]:
+def draws_of(data: SelfSupEpisodeDataset, i: int) -> list[tuple[tuple, float, int | None]]:
     """Item i's draws as the dataset makes them: [((pid, row, superpixel), size at input_size, reason)]."""
     rng, out = np.random.default_rng([data.seed, i]), []
     for _ in range(MAX_DRAWS):
@@ -29,8 +29,8 @@ def draws_of(data: SelfSupEpisodeDataset, i: int) -> list[tuple[tuple, int, int 
         superpixel = int(ids[int(rng.integers(ids.size))])
         rng.bit_generator.state = state
         reason = data.draw(rng)[1]
-        size = int((np.asarray(data._volume(pid)[1][row]) == superpixel).sum())
-        out.append(((pid, row, superpixel), size * (data.input_size / data.prepared_size) ** 2, reason))
+        share = (np.asarray(data._volume(pid)[1][row]) == superpixel).mean()   # of the slice's area
+        out.append(((pid, row, superpixel), share * data.input_size ** 2, reason))
         if reason is None:
             return out
     return out
@@ -58,13 +58,13 @@ def main(argv: list[str]) -> int:
                                  cfg["input_size"], cfg["augment"], cfg["selfsup"]["warp"],
                                  cfg["selfsup"]["min_pixels"], cfg["seed"], recipe=cfg["selfsup"]["episodes"],
                                  input_slices=cfg["model"].get("input_slices", 1))
-    data.prepared_size = np.asarray(data._volume(data.candidates[0][0])[1]).shape[-1]
+    prepared_size = np.asarray(data._volume(data.candidates[0][0])[1]).shape[-1]
     items = [draws_of(data, i) for i in range(args.items)]
     draws = [d for item in items for d in item]
     redrawn = [i for i, item in enumerate(items) if len(item) > 1]
     rescued = sum(kept_by_rewarping(data, items[i][0][0], i) for i in redrawn)
     reasons = np.bincount([r for _, _, r in draws if r is not None], minlength=len(REDRAW_REASONS))
-    print(f"{cfg['path']['data_dir']}: {args.items} items ({data.recipe} recipe, {data.prepared_size} px -> "
+    print(f"{cfg['path']['data_dir']}: {args.items} items ({data.recipe} recipe, {prepared_size} px -> "
           f"{data.input_size} px), {len(draws)} draws; items redrawn {len(redrawn)} "
           f"({100 * len(redrawn) / args.items:.1f}%); discarded draws: "
           + ", ".join(f"{reason} {n}" for reason, n in zip(REDRAW_REASONS, reasons)))
